@@ -1,0 +1,3 @@
+from cubefs.cli import main
+
+raise SystemExit(main())

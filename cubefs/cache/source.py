@@ -1,0 +1,276 @@
+"""The tiered chunk source the filesystem reads through: memory → disk → store.
+
+Runs on trio (the FUSE daemon's loop).  Invariants:
+
+* **Single flight.**  A digest being loaded has one :class:`_Flight`; every
+  other reader of it waits on that flight's event instead of fetching again.
+  The flight is created and resolved on the trio thread only, so no lock.
+* **Nothing unverified.**  Bytes from the disk tier or the store reach a
+  reader only after their SHA-256 matches the digest (and their length the
+  plaintext length).  A mismatch drops the bytes and fails that read with
+  :class:`ChunkUnavailable` (→ ``EIO``); nothing corrupt is cached.
+* **Few round trips.**  Missing chunks are grouped by pack and neighbouring
+  ones merged into one ranged GET (gap ≤ ``merge_gap``, range ≤
+  ``max_range``); all ranges go out at once.  Ranges holding only read-ahead
+  chunks run in the background, so a reader waits only for what it asked.
+* CPU work (decompression, hashing, disk I/O) runs in worker threads via
+  ``trio.to_thread``; the C libraries release the GIL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import trio
+import zstandard
+
+from cubefs.cache.tiers import DiskTier, MemoryTier, TierStats
+from cubefs.errors import CubefsError
+from cubefs.format.packs import CODEC_RAW, CODEC_ZSTD, pack_key
+from cubefs.remote.base import Store
+from cubefs.remote.loop import LoopThread
+
+log = logging.getLogger(__name__)
+
+
+class ChunkUnavailable(CubefsError):
+    """A chunk could not be read correctly from any tier."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkRef:
+    digest: bytes
+    pack: str
+    offset: int
+    stored_len: int
+    plain_len: int
+    codec: int
+
+
+@dataclass
+class _Flight:
+    event: trio.Event = field(default_factory=trio.Event)
+    data: bytes | None = None
+    error: str = ""
+
+
+def decode_chunk(ref: ChunkRef, stored: bytes) -> bytes:
+    """Decompress and verify one chunk; raises ChunkUnavailable naming the chunk."""
+    name = f"chunk {ref.digest.hex()[:16]} in pack {ref.pack[:12]}@{ref.offset}"
+    if len(stored) != ref.stored_len:
+        raise ChunkUnavailable(f"{name}: truncated ({len(stored)} of {ref.stored_len} bytes)")
+    if ref.codec == CODEC_ZSTD:
+        try:
+            data = zstandard.ZstdDecompressor().decompress(stored, max_output_size=ref.plain_len)
+        except zstandard.ZstdError as err:
+            raise ChunkUnavailable(f"{name}: corrupt zstd frame ({err})") from None
+    elif ref.codec == CODEC_RAW:
+        data = stored
+    else:
+        raise ChunkUnavailable(f"{name}: unknown codec {ref.codec}")
+    if len(data) != ref.plain_len or hashlib.sha256(data).digest() != ref.digest:
+        raise ChunkUnavailable(f"{name}: content does not match its SHA-256")
+    return data
+
+
+class ChunkSource:
+    def __init__(
+        self,
+        store: Store,
+        loop: LoopThread,
+        memory: MemoryTier,
+        disk: DiskTier | None,
+        label: str = "",
+        merge_gap: int = 256 * 1024,
+        max_range: int = 8 * 1024 * 1024,
+        max_requests: int = 32,
+    ) -> None:
+        self.store = store
+        self.loop = loop
+        self.memory = memory
+        self.disk = disk
+        self.label = label
+        self.merge_gap = merge_gap
+        self.max_range = max_range
+        self.store_stats = TierStats()
+        self._flights: dict[bytes, _Flight] = {}
+        self._requests = trio.Semaphore(max_requests)
+        self._nursery: trio.Nursery | None = None
+
+    def start(self, nursery: trio.Nursery) -> None:
+        """Background (read-ahead) fetches run in ``nursery``."""
+        self._nursery = nursery
+
+    def stats(self) -> dict[str, dict[str, float]]:
+        out = {"memory": self.memory.stats.as_dict(), "store": self.store_stats.as_dict()}
+        out["memory"]["used_bytes"] = self.memory.used_bytes
+        if self.disk is not None:
+            out["disk"] = self.disk.stats.as_dict()
+            out["disk"]["used_bytes"] = self.disk.used_bytes
+        return out
+
+    async def get_many(self, refs: list[ChunkRef], ahead: list[ChunkRef] | None = None) -> list[bytes]:
+        """The plaintext of every ref in ``refs``; ``ahead`` refs are fetched opportunistically."""
+        found: dict[bytes, bytes] = {}
+        waits: dict[bytes, _Flight] = {}
+        mine: dict[bytes, tuple[ChunkRef, _Flight]] = {}
+        wanted = {r.digest for r in refs}
+        for ref in [*refs, *(ahead or [])]:
+            d = ref.digest
+            if d in found or d in waits or d in mine:
+                continue
+            data = self.memory.get(d)
+            if data is not None:
+                if d in wanted:
+                    self.memory.stats.hits += 1
+                    self.memory.stats.bytes += len(data)
+                    found[d] = data
+                continue
+            if d in wanted:
+                self.memory.stats.misses += 1
+            flight = self._flights.get(d)
+            if flight is None:
+                flight = self._flights[d] = _Flight()
+                mine[d] = (ref, flight)
+            if d in wanted:
+                waits[d] = flight
+        if mine:
+            await self._load(mine, wanted)
+        for d, flight in waits.items():
+            await flight.event.wait()
+            if flight.data is None:
+                raise ChunkUnavailable(flight.error or f"chunk {d.hex()[:16]} unavailable")
+            found[d] = flight.data
+        return [found[r.digest] for r in refs]
+
+    def _resolve(self, flight: _Flight, digest: bytes, data: bytes | None, error: str = "") -> None:
+        if self._flights.get(digest) is flight:
+            del self._flights[digest]
+        if flight.event.is_set():
+            return
+        if data is not None:
+            self.memory.put(digest, data)
+        flight.data = data
+        flight.error = error
+        flight.event.set()
+
+    async def _load(self, mine: dict[bytes, tuple[ChunkRef, _Flight]], wanted: set[bytes]) -> None:
+        background: list[list[tuple[ChunkRef, _Flight]]] = []
+        try:
+            missing = await self._from_disk(mine, wanted)
+            foreground, background = self._plan(missing, wanted)
+            if self._nursery is None:
+                foreground, background = foreground + background, []
+            for rng in background:
+                self._nursery.start_soon(self._fetch_quietly, rng)  # type: ignore[union-attr]
+            if foreground:
+                async with trio.open_nursery() as n:
+                    for rng in foreground:
+                        n.start_soon(self._fetch_quietly, rng)
+        finally:
+            # A flight still open here was cut short (cancelled): fail it, don't orphan its waiters.
+            later = {r.digest for rng in background for r, _f in rng}
+            for d, (_r, flight) in mine.items():
+                if d not in later:
+                    self._resolve(flight, d, None, f"chunk {d.hex()[:16]}: read was cancelled")
+
+    async def _from_disk(
+        self, mine: dict[bytes, tuple[ChunkRef, _Flight]], wanted: set[bytes]
+    ) -> list[tuple[ChunkRef, _Flight]]:
+        if self.disk is None:
+            return list(mine.values())
+        disk = self.disk
+        t0 = time.monotonic()
+        digests = list(mine)
+        results = await trio.to_thread.run_sync(lambda: [disk.get(d) for d in digests])
+        disk.stats.seconds += time.monotonic() - t0
+        missing = []
+        for d, data in zip(digests, results):
+            if data is None:
+                if d in wanted:
+                    disk.stats.misses += 1
+                missing.append(mine[d])
+            else:
+                if d in wanted:
+                    disk.stats.hits += 1
+                    disk.stats.bytes += len(data)
+                self._resolve(mine[d][1], d, data)
+        return missing
+
+    def _plan(
+        self, items: list[tuple[ChunkRef, _Flight]], wanted: set[bytes]
+    ) -> tuple[list[list[tuple[ChunkRef, _Flight]]], list[list[tuple[ChunkRef, _Flight]]]]:
+        """Merge chunks into ranges per pack; split them into awaited and background."""
+        by_pack: dict[str, list[tuple[ChunkRef, _Flight]]] = defaultdict(list)
+        for item in items:
+            by_pack[item[0].pack].append(item)
+        fg: list[list[tuple[ChunkRef, _Flight]]] = []
+        bg: list[list[tuple[ChunkRef, _Flight]]] = []
+        for pack_items in by_pack.values():
+            pack_items.sort(key=lambda it: it[0].offset)
+            cur: list[tuple[ChunkRef, _Flight]] = []
+            for item in pack_items:
+                r = item[0]
+                if cur:
+                    start = cur[0][0].offset
+                    end = cur[-1][0].offset + cur[-1][0].stored_len
+                    if r.offset - end > self.merge_gap or r.offset + r.stored_len - start > self.max_range:
+                        (fg if any(c.digest in wanted for c, _f in cur) else bg).append(cur)
+                        cur = []
+                cur.append(item)
+            if cur:
+                (fg if any(c.digest in wanted for c, _f in cur) else bg).append(cur)
+        return fg, bg
+
+    async def _fetch_quietly(self, rng: list[tuple[ChunkRef, _Flight]]) -> None:
+        try:
+            await self._fetch(rng)
+        except BaseException as err:
+            msg = str(err) or type(err).__name__
+            for r, flight in rng:
+                self._resolve(flight, r.digest, None, msg)
+            if not isinstance(err, Exception):
+                raise
+            log.warning("image %s: tier store: %s", self.label, msg)
+
+    async def _fetch(self, rng: list[tuple[ChunkRef, _Flight]]) -> None:
+        first = rng[0][0]
+        start = first.offset
+        end = max(r.offset + r.stored_len for r, _f in rng)
+        key = pack_key(first.pack)
+        t0 = time.monotonic()
+        async with self._requests:
+            self.store_stats.requests += 1
+            try:
+                blob = await self.loop.trio_run(self.store.get_range(key, start, end - start))
+            except CubefsError as err:
+                self.store_stats.errors += 1
+                raise ChunkUnavailable(f"store read of {key} [{start}+{end - start}] failed: {err}") from None
+        self.store_stats.seconds += time.monotonic() - t0
+        self.store_stats.bytes += len(blob)
+        disk = self.disk
+
+        def decode_all() -> list[tuple[bytes | None, str]]:
+            out: list[tuple[bytes | None, str]] = []
+            for r, _f in rng:
+                try:
+                    data = decode_chunk(r, blob[r.offset - start : r.offset - start + r.stored_len])
+                except ChunkUnavailable as err:
+                    out.append((None, str(err)))
+                    continue
+                if disk is not None:
+                    disk.put(r.digest, data)
+                out.append((data, ""))
+            return out
+
+        for (r, flight), (data, error) in zip(rng, await trio.to_thread.run_sync(decode_all)):
+            if data is None:
+                self.store_stats.errors += 1
+                log.error("image %s: tier store: %s", self.label, error)
+            else:
+                self.store_stats.hits += 1
+            self._resolve(flight, r.digest, data, error)

@@ -1,0 +1,152 @@
+"""The memory and local-disk tiers of the chunk cache, and the counters they keep.
+
+Both hold plaintext chunks keyed by SHA-256 digest.  The memory tier is an
+LRU bounded in bytes.  The disk tier is one file per chunk under
+``DIR/chunks/xx/<hex>``, written to a temporary name and renamed, so a crash
+never leaves a partial entry under a real name; every read is re-hashed, so a
+flipped bit on disk is detected, the entry dropped, and the chunk refetched.
+Neither tier knows about files or inodes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from cachetools import LRUCache
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TierStats:
+    hits: int = 0
+    misses: int = 0
+    bytes: int = 0  # bytes served from this tier
+    requests: int = 0  # requests sent (store tier: ranged GETs)
+    errors: int = 0  # corrupt entries, failed requests
+    seconds: float = 0.0  # time spent waiting on this tier
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(self.__dict__)
+
+
+class MemoryTier:
+    def __init__(self, max_bytes: int) -> None:
+        self._lru: LRUCache[bytes, bytes] = LRUCache(maxsize=max_bytes, getsizeof=len)
+        self.stats = TierStats()
+
+    def get(self, digest: bytes) -> bytes | None:
+        return self._lru.get(digest)
+
+    def put(self, digest: bytes, data: bytes) -> None:
+        if len(data) <= self._lru.maxsize:
+            self._lru[digest] = data
+
+    @property
+    def used_bytes(self) -> int:
+        return int(self._lru.currsize)
+
+
+class DiskTier:
+    """Thread-safe: reads and writes run in worker threads, never on the event loop."""
+
+    def __init__(self, directory: str, max_bytes: int) -> None:
+        self.dir = os.path.join(directory, "chunks")
+        self.max_bytes = max_bytes
+        self.stats = TierStats()
+        self._lock = threading.Lock()
+        self._index: OrderedDict[bytes, int] = OrderedDict()  # digest -> size, LRU order
+        self._used = 0
+        os.makedirs(self.dir, exist_ok=True)
+        self._scan()
+
+    def _path(self, digest: bytes) -> str:
+        h = digest.hex()
+        return os.path.join(self.dir, h[:2], h)
+
+    def _scan(self) -> None:
+        """Rebuild the LRU index from the directory, oldest access first."""
+        found = []
+        for sub in os.scandir(self.dir):
+            if not sub.is_dir():
+                continue
+            for entry in os.scandir(sub.path):
+                if entry.name.startswith(".tmp-"):
+                    os.unlink(entry.path)
+                    continue
+                try:
+                    st = entry.stat()
+                    found.append((st.st_atime_ns, bytes.fromhex(entry.name), st.st_size))
+                except (OSError, ValueError):
+                    continue
+        for _t, digest, size in sorted(found):
+            self._index[digest] = size
+            self._used += size
+
+    def get(self, digest: bytes) -> bytes | None:
+        path = self._path(digest)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            with self._lock:
+                self._drop(digest)
+            return None
+        if hashlib.sha256(data).digest() != digest:
+            log.warning("disk cache: chunk %s is corrupt on disk (%s); dropping it", digest.hex()[:16], path)
+            self.stats.errors += 1
+            with self._lock:
+                self._drop(digest)
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+            return None
+        with self._lock:
+            if digest in self._index:
+                self._index.move_to_end(digest)
+        return data
+
+    def put(self, digest: bytes, data: bytes) -> None:
+        path = self._path(digest)
+        with self._lock:
+            if digest in self._index:
+                return
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.rename(tmp, path)
+        except OSError as err:  # a full disk makes the cache smaller, not the mount fail
+            log.warning("disk cache: cannot store chunk %s: %s", digest.hex()[:16], err)
+            self.stats.errors += 1
+            return
+        with self._lock:
+            self._index[digest] = len(data)
+            self._used += len(data)
+            victims = []
+            while self._used > self.max_bytes and self._index:
+                victim, size = self._index.popitem(last=False)
+                self._used -= size
+                victims.append(victim)
+        for victim in victims:
+            try:
+                os.unlink(self._path(victim))
+            except OSError:
+                pass
+
+    def _drop(self, digest: bytes) -> None:
+        size = self._index.pop(digest, None)
+        if size is not None:
+            self._used -= size
+
+    @property
+    def used_bytes(self) -> int:
+        return self._used

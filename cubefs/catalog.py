@@ -1,0 +1,37 @@
+"""Reading what a store holds: manifests, and an image with its chunk map."""
+
+from __future__ import annotations
+
+import asyncio
+
+from cubefs.errors import NotFoundError, ObjectNotFoundError
+from cubefs.format.image import Image
+from cubefs.format.manifest import Manifest, manifest_key, parse_ref, ref_from_key
+from cubefs.format.packs import ChunkMap, chunkmap_key, image_key
+from cubefs.remote.base import Store
+
+
+async def load_manifest(store: Store, ref: str) -> Manifest:
+    name, tag = parse_ref(ref)
+    try:
+        data = await store.get(manifest_key(name, tag))
+    except ObjectNotFoundError:
+        raise NotFoundError(f"image {name}:{tag} not found in store {store.url}") from None
+    return Manifest.decode(data, f"{name}:{tag}")
+
+
+async def list_manifests(store: Store) -> list[Manifest]:
+    keys = await store.list("manifests/")
+    blobs = await asyncio.gather(*(store.get(k) for k in keys))
+    return [Manifest.decode(b, ref_from_key(k)) for k, b in zip(keys, blobs)]
+
+
+async def load_image(store: Store, manifest: Manifest) -> tuple[Image, ChunkMap]:
+    """Fetch the image metadata and its chunk map together (two GETs in flight)."""
+    digest = manifest.image
+    try:
+        blob, cmap = await asyncio.gather(store.get(image_key(digest)), store.get(chunkmap_key(digest)))
+    except ObjectNotFoundError as err:
+        raise NotFoundError(f"image {manifest.ref}: {err}") from None
+    image = Image.from_blob(blob, digest)
+    return image, ChunkMap(cmap, digest, image.nchunks)

@@ -1,0 +1,143 @@
+"""The daemon's control socket and the per-node registry of live mounts.
+
+Each mount daemon listens on a unix socket and answers two HTTP GETs:
+``/stats`` (JSON, for ``cubefs stats``) and ``/metrics`` (Prometheus text).
+A small JSON file per mount (``RUNDIR/mounts/<key>.json``) records the
+mountpoint, pid, image and socket, so ``cubefs stats``/``umount`` can find the
+daemon from the mountpoint alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from cubefs.errors import NotFoundError
+
+
+def run_dir() -> str:
+    if os.geteuid() == 0:
+        return "/run/cubefs"
+    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/cubefs-{os.getuid()}"
+    return os.path.join(base, "cubefs")
+
+
+def mount_key(mountpoint: str) -> str:
+    # abspath, not realpath: realpath would lstat the mount root, and the daemon
+    # calling this on its own mount would wait on itself.
+    return hashlib.sha256(os.path.abspath(mountpoint).encode()).hexdigest()[:16]
+
+
+def registry_path(mountpoint: str) -> str:
+    return os.path.join(run_dir(), "mounts", mount_key(mountpoint) + ".json")
+
+
+def socket_path(mountpoint: str) -> str:
+    return os.path.join(run_dir(), "mounts", mount_key(mountpoint) + ".sock")
+
+
+def write_registry(mountpoint: str, info: dict[str, Any]) -> None:
+    path = registry_path(mountpoint)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(info, f)
+    os.rename(tmp, path)
+
+
+def read_registry(mountpoint: str) -> dict[str, Any]:
+    try:
+        with open(registry_path(mountpoint)) as f:
+            return dict(json.load(f))
+    except FileNotFoundError:
+        raise NotFoundError(f"no cubefs mount at {mountpoint}") from None
+
+
+def remove_registry(mountpoint: str) -> None:
+    for path in (registry_path(mountpoint), socket_path(mountpoint)):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def _metric_lines(stats: dict[str, Any], labels: str) -> list[str]:
+    lines = []
+    for tier, counters in stats.get("tiers", {}).items():
+        for name, value in counters.items():
+            metric = f"cubefs_cache_{name}"
+            lines.append(f'{metric}{{{labels},tier="{tier}"}} {value}')
+    for name in ("read_errors", "reads", "read_bytes"):
+        if name in stats:
+            lines.append(f"cubefs_{name}_total{{{labels}}} {stats[name]}")
+    return lines
+
+
+def prometheus_text(stats: dict[str, Any]) -> str:
+    labels = f'image="{stats.get("image", "")}",mountpoint="{stats.get("mountpoint", "")}"'
+    return "\n".join(_metric_lines(stats, labels)) + "\n"
+
+
+async def serve_control(path: str, get_stats: Callable[[], dict[str, Any]]) -> None:
+    """Serve /stats and /metrics on a unix socket until cancelled."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.bind(path)
+    os.chmod(path, 0o600)
+    sock.listen(16)
+    listener = trio.SocketListener(sock)
+
+    async def handle(stream: trio.SocketStream) -> None:
+        try:
+            with trio.move_on_after(5):
+                request = b""
+                while b"\r\n\r\n" not in request and len(request) < 8192:
+                    data = await stream.receive_some(4096)
+                    if not data:
+                        break
+                    request += data
+                line = request.split(b"\r\n", 1)[0].decode("latin-1").split()
+                target = line[1] if len(line) > 1 else "/"
+                if target == "/stats":
+                    body, ctype, status = json.dumps(get_stats()).encode(), "application/json", "200 OK"
+                elif target == "/metrics":
+                    body, ctype, status = prometheus_text(get_stats()).encode(), "text/plain; version=0.0.4", "200 OK"
+                else:
+                    body, ctype, status = b"not found\n", "text/plain", "404 Not Found"
+                head = f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n\r\n"
+                await stream.send_all(head.encode() + body)
+        finally:
+            await stream.aclose()
+
+    await trio.serve_listeners(handle, [listener])
+
+
+def query(mountpoint: str, target: str = "/stats", timeout: float = 5.0) -> bytes:
+    """GET ``target`` from the daemon serving ``mountpoint`` (blocking client)."""
+    path = socket_path(mountpoint)
+    if not os.path.exists(path):
+        raise NotFoundError(f"no cubefs mount at {mountpoint} (no control socket {path})")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect(path)
+        except OSError as err:
+            raise NotFoundError(f"cubefs mount at {mountpoint} does not answer: {err.strerror}") from None
+        s.sendall(f"GET {target} HTTP/1.0\r\n\r\n".encode())
+        chunks = []
+        while True:
+            data = s.recv(65536)
+            if not data:
+                break
+            chunks.append(data)
+    raw = b"".join(chunks)
+    return raw.split(b"\r\n\r\n", 1)[1] if b"\r\n\r\n" in raw else b""

@@ -1,0 +1,310 @@
+"""Build sources: a directory tree or a tarball, turned into a :class:`Node` tree.
+
+Both read without ever following a symlink or writing anything: a directory
+is walked with ``lstat`` and ``O_NOFOLLOW``, a tarball is read as a stream and
+its members placed into the in-memory tree.  Hostile input is refused with a
+one-line :class:`BadInputError` naming the member: a ``..`` component, a hard
+link to something outside (or not earlier in) the archive, or a member that
+would be written *through* a symlink.  A symlink's target is data and is kept
+verbatim, absolute or not (root filesystems are full of absolute symlinks);
+it can never pull content from outside the tree into the image, because the
+build never resolves it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import tarfile
+from collections.abc import Callable
+from decimal import Decimal
+from typing import IO
+
+import zstandard
+
+from cubefs.dedup.ingest import Ingest
+from cubefs.dedup.tree import Node, new_dir
+from cubefs.errors import BadInputError, NotFoundError
+
+Tick = Callable[[int, int], None]  # (files, bytes) progress callback
+
+
+def _xattrs(path: bytes) -> list[tuple[bytes, bytes]]:
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError as err:
+        if err.errno in (errno.ENOTSUP, errno.EPERM):
+            return []
+        raise
+    out = []
+    for name in names:
+        try:
+            out.append((name.encode(), os.getxattr(path, name, follow_symlinks=False)))
+        except OSError as err:
+            if err.errno != errno.ENODATA:
+                raise
+    return out
+
+
+def _node_from_stat(st: os.stat_result) -> Node:
+    return Node(
+        mode=st.st_mode,
+        uid=st.st_uid,
+        gid=st.st_gid,
+        atime_ns=st.st_atime_ns,
+        mtime_ns=st.st_mtime_ns,
+        ctime_ns=st.st_ctime_ns,
+        rdev=st.st_rdev if (stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)) else 0,
+        size=st.st_size if stat.S_ISREG(st.st_mode) else 0,
+    )
+
+
+_NOATIME = getattr(os, "O_NOATIME", 0)
+
+
+def _open_nofollow(path: bytes) -> int:
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(path, flags | _NOATIME)
+    except PermissionError:  # O_NOATIME needs ownership (or CAP_FOWNER)
+        return os.open(path, flags)
+
+
+def _list_dir(path: bytes) -> list[bytes]:
+    """List a directory without touching its atime, so a rebuild sees the same tree."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags | _NOATIME)
+    except PermissionError:
+        fd = os.open(path, flags)
+    try:
+        return [os.fsencode(n) for n in os.listdir(fd)]
+    finally:
+        os.close(fd)
+
+
+def scan_directory(src: str, ingest: Ingest, tick: Tick) -> Node:
+    """Walk ``src`` depth first; file data goes to ``ingest`` as it is read."""
+    root_path = os.fsencode(os.path.abspath(src))
+    try:
+        st = os.lstat(root_path)
+    except FileNotFoundError:
+        raise NotFoundError(f"source directory {src} does not exist") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise BadInputError(f"source {src} is not a directory or a tarball")
+    root = _node_from_stat(st)
+    root.children = {}
+    root.xattrs = _xattrs(root_path)
+    hardlinks: dict[tuple[int, int], Node] = {}
+    stack: list[tuple[bytes, Node]] = [(root_path, root)]
+    files = nbytes = 0
+    while stack:
+        dpath, dnode = stack.pop()
+        assert dnode.children is not None
+        try:
+            names = sorted(_list_dir(dpath))
+        except OSError as err:
+            raise BadInputError(f"cannot list {os.fsdecode(dpath)}: {err.strerror}") from None
+        for name in names:
+            path = dpath + b"/" + name
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue  # vanished while we walked
+            key = (st.st_dev, st.st_ino)
+            if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1 and key in hardlinks:
+                dnode.children[name] = hardlinks[key]
+                continue
+            node = _node_from_stat(st)
+            node.xattrs = _xattrs(path)
+            if stat.S_ISDIR(st.st_mode):
+                node.children = {}
+                stack.append((path, node))
+            elif stat.S_ISLNK(st.st_mode):
+                node.target = os.readlink(path)
+            elif stat.S_ISREG(st.st_mode):
+                fd = _open_nofollow(path)
+                try:
+                    ingest.add_fd(fd, st.st_size, node.extents)
+                finally:
+                    os.close(fd)
+                files += 1
+                nbytes += st.st_size
+                tick(files, nbytes)
+            if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
+                hardlinks[key] = node
+            dnode.children[name] = node
+    return root
+
+
+# -- tarballs ---------------------------------------------------------------
+
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def _open_tar_stream(path: str) -> tuple[IO[bytes], tarfile.TarFile]:
+    raw = open(path, "rb")
+    head = raw.peek(4)[:4] if hasattr(raw, "peek") else b""
+    stream: IO[bytes] = raw
+    if head == _ZSTD_MAGIC:
+        stream = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)  # type: ignore[assignment]
+    try:
+        tf = tarfile.open(fileobj=stream, mode="r|*")
+    except tarfile.TarError as err:
+        raw.close()
+        raise BadInputError(f"tarball {path}: not a readable tar archive ({err})") from None
+    return raw, tf
+
+
+def _member_parts(name: str, tarball: str, what: str = "member") -> list[bytes]:
+    raw = name.encode("utf-8", "surrogateescape")
+    parts = [p for p in raw.split(b"/") if p not in (b"", b".")]
+    if b".." in parts:
+        raise BadInputError(f"tarball {tarball}: {what} {name!r} escapes the tree ('..' component)")
+    return parts
+
+
+def _pax_ns(member: tarfile.TarInfo, key: str, default: int) -> int:
+    value = member.pax_headers.get(key)
+    if value is None:
+        return default
+    try:
+        return int(Decimal(value) * 1_000_000_000)
+    except ArithmeticError:
+        return default
+
+
+def _tar_node(m: tarfile.TarInfo) -> Node:
+    if m.isdir():
+        kind = stat.S_IFDIR
+    elif m.issym():
+        kind = stat.S_IFLNK
+    elif m.ischr():
+        kind = stat.S_IFCHR
+    elif m.isblk():
+        kind = stat.S_IFBLK
+    elif m.isfifo():
+        kind = stat.S_IFIFO
+    else:
+        kind = stat.S_IFREG
+    mtime = _pax_ns(m, "mtime", int(m.mtime) * 1_000_000_000)
+    node = Node(
+        mode=kind | (m.mode & 0o7777),
+        uid=m.uid,
+        gid=m.gid,
+        atime_ns=_pax_ns(m, "atime", mtime),
+        mtime_ns=mtime,
+        ctime_ns=_pax_ns(m, "ctime", mtime),
+    )
+    if m.ischr() or m.isblk():
+        node.rdev = os.makedev(m.devmajor, m.devminor)
+    for key, value in m.pax_headers.items():
+        if key.startswith("SCHILY.xattr."):
+            node.xattrs.append((key[13:].encode("utf-8", "surrogateescape"), value.encode("utf-8", "surrogateescape")))
+    if m.issym():
+        node.target = m.linkname.encode("utf-8", "surrogateescape")
+    if m.isdir():
+        node.children = {}
+    return node
+
+
+def scan_tarball(path: str, ingest: Ingest, tick: Tick) -> Node:
+    """Read a tar stream (plain, gzip, bzip2, xz or zstd) into a tree."""
+    if not os.path.exists(path):
+        raise NotFoundError(f"source {path} does not exist")
+    raw, tf = _open_tar_stream(path)
+    root = new_dir()
+    files = nbytes = 0
+    try:
+        while True:
+            try:
+                m = tf.next()
+            except (tarfile.TarError, EOFError, zstandard.ZstdError, OSError) as err:
+                raise BadInputError(f"tarball {path}: corrupt or truncated archive ({err})") from None
+            if m is None:
+                break
+            parts = _member_parts(m.name, path)
+            if not parts:  # "./": the root itself
+                if m.isdir():
+                    fresh = _tar_node(m)
+                    fresh.children = root.children
+                    root = fresh
+                continue
+            parent = _parent_dir(root, parts, m.name, path)
+            leaf = parts[-1]
+            if m.islnk():
+                target_parts = _member_parts(m.linkname, path, what=f"hard link {m.name!r} →")
+                target = _resolve(root, target_parts)
+                if target is None or target.is_dir:
+                    raise BadInputError(
+                        f"tarball {path}: hard link {m.name!r} points to {m.linkname!r}, "
+                        "which is not an earlier file in the archive"
+                    )
+                parent.children[leaf] = target  # type: ignore[index]
+                continue
+            node = _tar_node(m)
+            old = parent.children.get(leaf)  # type: ignore[union-attr]
+            if node.is_dir and old is not None and old.is_dir:
+                node.children = old.children  # a repeated directory updates metadata only
+            if m.isreg():
+                node.size = m.size
+                f = tf.extractfile(m)
+                assert f is not None
+                try:
+                    got = ingest.add_stream(f.read, 0, node.extents)
+                except (tarfile.TarError, EOFError, zstandard.ZstdError, OSError) as err:
+                    raise BadInputError(f"tarball {path}: member {m.name!r} is truncated ({err})") from None
+                if got != m.size:
+                    raise BadInputError(f"tarball {path}: member {m.name!r} is truncated")
+                files += 1
+                nbytes += m.size
+                tick(files, nbytes)
+            parent.children[leaf] = node  # type: ignore[index]
+    finally:
+        tf.close()
+        raw.close()
+    return root
+
+
+def _resolve(root: Node, parts: list[bytes]) -> Node | None:
+    node = root
+    for p in parts:
+        if node.children is None:
+            return None
+        nxt = node.children.get(p)
+        if nxt is None:
+            return None
+        node = nxt
+    return node
+
+
+def _parent_dir(root: Node, parts: list[bytes], name: str, tarball: str) -> Node:
+    """The directory a member goes into, creating missing parents like tar does."""
+    node = root
+    for i, p in enumerate(parts[:-1]):
+        assert node.children is not None
+        nxt = node.children.get(p)
+        if nxt is None:
+            nxt = node.children[p] = new_dir()
+        elif not nxt.is_dir:
+            kind = "a symlink" if stat.S_ISLNK(nxt.mode) else "not a directory"
+            where = b"/".join(parts[: i + 1]).decode("utf-8", "replace")
+            raise BadInputError(
+                f"tarball {tarball}: member {name!r} would be written through {where!r}, which is {kind}"
+            )
+        node = nxt
+    return node
+
+
+def is_tarball(path: str) -> bool:
+    if os.path.isdir(path):
+        return False
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return False
+    if head[:4] == _ZSTD_MAGIC or head[:2] == b"\x1f\x8b" or head[:3] == b"BZh" or head[:6] == b"\xfd7zXZ\x00":
+        return True
+    return tarfile.is_tarfile(path)

@@ -1,0 +1,206 @@
+"""The filesystem operations on an image, independent of any transport.
+
+This is the one dispatcher behind every way an image is served: the pyfuse3
+mount today (:mod:`cubefs.fuse_mount`), the vhost-user-fs backend for VMs
+later.  Operations take inode numbers and return plain values or raise
+:class:`FsError` with an errno; transports translate both.
+
+Read path: a ``read`` maps the byte range to the file's chunk extents and
+asks the chunk source for them, plus up to ``readahead`` bytes of the chunks
+that follow in the same file, which the source fetches in the same merged
+GETs or in the background.  Holes in sparse files read as zeros without a
+fetch.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from dataclasses import dataclass
+
+import trio
+
+from cubefs.cache.source import ChunkRef, ChunkSource, ChunkUnavailable
+from cubefs.format.image import (
+    F_ATIME,
+    F_CTIME,
+    F_GID,
+    F_MODE,
+    F_MTIME,
+    F_NLINK,
+    F_PAYLOAD,
+    F_RDEV,
+    F_SIZE,
+    F_UID,
+    F_XATTRS,
+    Image,
+)
+from cubefs.format.packs import ChunkMap
+
+log = logging.getLogger(__name__)
+
+
+class FsError(Exception):
+    def __init__(self, err: int) -> None:
+        super().__init__(os.strerror(err))
+        self.errno = err
+
+
+@dataclass(slots=True)
+class Attr:
+    ino: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    rdev: int
+    size: int
+    blocks: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+
+
+class ImageFS:
+    """Read-only operations over one image."""
+
+    def __init__(
+        self,
+        image: Image,
+        chunkmap: ChunkMap,
+        source: ChunkSource,
+        label: str,
+        readahead: int = 4 * 1024 * 1024,
+        read_timeout: float = 60.0,
+    ) -> None:
+        self.image = image
+        self.chunkmap = chunkmap
+        self.source = source
+        self.label = label
+        self.readahead = readahead
+        self.read_timeout = read_timeout
+        self.read_errors = 0
+
+    def _record(self, ino: int) -> list:  # type: ignore[type-arg]
+        if ino < 1 or ino > len(self.image):
+            raise FsError(errno.ENOENT)
+        return self.image.record(ino)
+
+    def getattr(self, ino: int) -> Attr:
+        r = self._record(ino)
+        mode = r[F_MODE]
+        size = r[F_SIZE]
+        if stat.S_ISREG(mode):
+            offs, idxs = self.image.extents(ino)
+            data = sum(self.image.chunk(i)[1] for i in idxs) if len(offs) < 4096 else size
+            blocks = (min(data, size) + 4095) // 4096 * 8
+        else:
+            blocks = (size + 511) // 512
+        return Attr(
+            ino, mode, r[F_NLINK], r[F_UID], r[F_GID], r[F_RDEV], size, blocks, r[F_ATIME], r[F_MTIME], r[F_CTIME]
+        )
+
+    def lookup(self, parent: int, name: bytes) -> Attr:
+        r = self._record(parent)
+        if not stat.S_ISDIR(r[F_MODE]):
+            raise FsError(errno.ENOTDIR)
+        if name == b".":
+            return self.getattr(parent)
+        ino = self.image.lookup(parent, name)
+        if ino is None:
+            raise FsError(errno.ENOENT)
+        return self.getattr(ino)
+
+    def readdir(self, ino: int, start: int) -> list[tuple[bytes, int, int]]:
+        """Entries from index ``start``: (name, ino, next offset)."""
+        r = self._record(ino)
+        if not stat.S_ISDIR(r[F_MODE]):
+            raise FsError(errno.ENOTDIR)
+        entries = r[F_PAYLOAD]
+        return [(entries[i][0], entries[i][1], i + 1) for i in range(start, len(entries))]
+
+    def readlink(self, ino: int) -> bytes:
+        r = self._record(ino)
+        if not stat.S_ISLNK(r[F_MODE]):
+            raise FsError(errno.EINVAL)
+        return r[F_PAYLOAD]
+
+    def open(self, ino: int, flags: int) -> None:
+        r = self._record(ino)
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise FsError(errno.EROFS)
+        if stat.S_ISDIR(r[F_MODE]):
+            raise FsError(errno.EISDIR)
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        return [k for k, _v in self._record(ino)[F_XATTRS]]
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        for k, v in self._record(ino)[F_XATTRS]:
+            if k == name:
+                return v
+        raise FsError(errno.ENODATA)
+
+    def statfs(self) -> dict[str, int]:
+        used = self.chunkmap.stored_bytes()
+        return {
+            "bsize": 4096,
+            "blocks": (used + 4095) // 4096,
+            "bfree": 0,
+            "files": len(self.image),
+            "ffree": 0,
+            "namemax": 255,
+        }
+
+    def _ref(self, idx: int) -> ChunkRef:
+        digest, plain = self.image.chunk(idx)
+        pack, off, slen, codec = self.chunkmap.get(idx)
+        return ChunkRef(digest, pack, off, slen, plain, codec)
+
+    async def read(self, ino: int, offset: int, size: int) -> bytes:
+        r = self._record(ino)
+        if not stat.S_ISREG(r[F_MODE]):
+            raise FsError(errno.EISDIR if stat.S_ISDIR(r[F_MODE]) else errno.EINVAL)
+        fsize = r[F_SIZE]
+        if offset >= fsize or size <= 0:
+            return b""
+        size = min(size, fsize - offset)
+        extents = self.image.chunks_for_range(ino, offset, size)
+        refs = [self._ref(idx) for _off, idx in extents]
+        ahead = self._readahead(ino, offset + size)
+        try:
+            with trio.fail_after(self.read_timeout):
+                datas = await self.source.get_many(refs, ahead)
+        except (ChunkUnavailable, trio.TooSlowError) as err:
+            self.read_errors += 1
+            what = str(err) or f"timed out after {self.read_timeout:.0f}s"
+            log.error("image %s: read of inode %d [%d+%d] failed: %s", self.label, ino, offset, size, what)
+            raise FsError(errno.EIO) from None
+        if len(extents) == 1 and extents[0][0] <= offset and extents[0][0] + len(datas[0]) >= offset + size:
+            start = offset - extents[0][0]
+            return datas[0][start : start + size]
+        buf = bytearray(size)  # holes stay zero
+        for (foff, _idx), data in zip(extents, datas):
+            lo = max(foff, offset)
+            hi = min(foff + len(data), offset + size)
+            if hi > lo:
+                buf[lo - offset : hi - offset] = data[lo - foff : hi - foff]
+        return bytes(buf)
+
+    def _readahead(self, ino: int, end: int) -> list[ChunkRef]:
+        if self.readahead <= 0:
+            return []
+        offs, idxs = self.image.extents(ino)
+        from bisect import bisect_left
+
+        out = []
+        budget = self.readahead
+        for i in range(bisect_left(offs, end), len(offs)):
+            ref = self._ref(idxs[i])
+            out.append(ref)
+            budget -= ref.plain_len
+            if budget <= 0:
+                break
+        return out
