@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Install everything cubefs and its tests need on a fresh Debian 12 machine (as root):
+# Debian packages, then the project with its test extras in ./.venv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=0
+for cmd in fusermount3 pkg-config debootstrap zstd tar chroot; do
+  command -v "$cmd" >/dev/null 2>&1 || need_apt=1
+done
+dpkg -s libfuse3-dev >/dev/null 2>&1 || need_apt=1
+if [ "$need_apt" = 1 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq fuse3 libfuse3-dev pkg-config debootstrap zstd tar attr gcc python3-venv >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
+.venv/bin/pip install -q -e '.[test]'
+echo "setup: ok ($(.venv/bin/cubefs --version))"
