@@ -18,11 +18,12 @@ import errno
 import logging
 import os
 import stat
+from bisect import bisect_left
 from dataclasses import dataclass
 
 import trio
 
-from cubefs.cache.source import ChunkRef, ChunkSource, ChunkUnavailable
+from cubefs.cache.source import ChunkSource, ChunkUnavailable
 from cubefs.format.image import (
     F_ATIME,
     F_CTIME,
@@ -37,7 +38,7 @@ from cubefs.format.image import (
     F_XATTRS,
     Image,
 )
-from cubefs.format.packs import ChunkMap
+from cubefs.format.packs import ChunkLocation, ChunkMap
 
 log = logging.getLogger(__name__)
 
@@ -154,10 +155,10 @@ class ImageFS:
             "namemax": 255,
         }
 
-    def _ref(self, idx: int) -> ChunkRef:
+    def _ref(self, idx: int) -> ChunkLocation:
         digest, plain = self.image.chunk(idx)
         pack, off, slen, codec = self.chunkmap.get(idx)
-        return ChunkRef(digest, pack, off, slen, plain, codec)
+        return ChunkLocation(digest, pack, off, slen, plain, codec)
 
     async def read(self, ino: int, offset: int, size: int) -> bytes:
         r = self._record(ino)
@@ -189,12 +190,10 @@ class ImageFS:
                 buf[lo - offset : hi - offset] = data[lo - foff : hi - foff]
         return bytes(buf)
 
-    def _readahead(self, ino: int, end: int) -> list[ChunkRef]:
+    def _readahead(self, ino: int, end: int) -> list[ChunkLocation]:
         if self.readahead <= 0:
             return []
         offs, idxs = self.image.extents(ino)
-        from bisect import bisect_left
-
         out = []
         budget = self.readahead
         for i in range(bisect_left(offs, end), len(offs)):

@@ -152,7 +152,7 @@ class MountOptions:
     read_timeout: float = 60.0
     store_attempts: int = 4
     store_timeout: float = 10.0
-    allow_other: bool = True
+    allow_other: bool = os.geteuid() == 0  # non-root needs user_allow_other in /etc/fuse.conf
 
 
 def run_daemon(opts: MountOptions, notify: Any = None) -> int:

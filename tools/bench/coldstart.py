@@ -314,8 +314,12 @@ class Ctx:
     mode: str
 
 
-def mount(ctx: Ctx, mnt: Path, cache_dir: Path) -> tuple[float, int]:
-    """``cubefs mount``; returns (seconds, daemon pid) and registers the mount for cleanup."""
+def mount(ctx: Ctx, mnt: Path, cache_dir: Path) -> float:
+    """``cubefs mount``; returns its seconds and registers the mount for cleanup.
+
+    The daemon's pid is learnt later from ``cubefs stats`` (:func:`sample_stats`), after the timed run, so
+    that nothing but the command itself runs between the mount and the run.
+    """
     mnt.mkdir(parents=True, exist_ok=True)
     argv = [*cubefs_argv(), "mount", REF, str(mnt), "--store", ctx.store, "--s3-endpoint", ctx.endpoint,
                             "--cache-dir", str(cache_dir), *ctx.mount_args]
@@ -325,13 +329,19 @@ def mount(ctx: Ctx, mnt: Path, cache_dir: Path) -> tuple[float, int]:
     dt = time.perf_counter() - t0
     if res.returncode != 0 or not os.path.ismount(mnt):
         raise RuntimeError(f"cubefs mount exited {res.returncode}: {res.stderr.strip()}")
-    stats = mount_stats(mnt)
-    ctx.cleanup.mounts[mnt] = int(stats.get("pid", 0))
-    return dt, ctx.cleanup.mounts[mnt]
+    return dt
 
 
 def mount_stats(mnt: Path) -> dict[str, Any]:
     return dict(json.loads(run([*cubefs_argv(), "stats", str(mnt), "--json"]).stdout))
+
+
+def sample_stats(ctx: Ctx, mnt: Path) -> dict[str, Any]:
+    """``cubefs stats`` figures; also records the daemon pid so cleanup can make sure it exits."""
+    stats = mount_stats(mnt)
+    if mnt in ctx.cleanup.mounts:
+        ctx.cleanup.mounts[mnt] = int(stats.get("pid", 0))
+    return store_figures(stats)
 
 
 def store_figures(stats: dict[str, Any]) -> dict[str, Any]:
@@ -371,6 +381,18 @@ def proxy_window(ctx: Ctx, since: float, until: float) -> dict[str, Any] | None:
     return summarize(snap)
 
 
+def request_log(ctx: Ctx, since: float, until: float) -> list[dict[str, Any]] | None:
+    """Every request the proxy saw in a window, times in ms from ``since``: for finding sequential misses."""
+    if ctx.proxy is None:
+        return None
+    return [
+        {"t_ms": round(1000 * (r.start - since), 2), "server_ms": round(1000 * (r.first_response - r.forwarded), 2)
+         if r.first_response else None, "end_ms": round(1000 * (r.end - since), 2), "conn": r.conn,
+         "request": r.line, "range": r.range, "bytes_down": r.bytes_down}
+        for r in ctx.proxy.snapshot().requests if since <= r.start <= until
+    ]
+
+
 def lazy_sample(ctx: Ctx, i: int) -> dict[str, Any]:
     """Cold mount + run on an empty cache, warm runs, then a remount on the warm disk cache."""
     mnt = ctx.workdir / f"mnt-{ctx.mode}-{i}"
@@ -380,7 +402,7 @@ def lazy_sample(ctx: Ctx, i: int) -> dict[str, Any]:
 
     drop_caches()
     m0 = time.monotonic()
-    mount_s, _pid = mount(ctx, mnt, cache_dir)
+    mount_s = mount(ctx, mnt, cache_dir)
     m1 = time.monotonic()
     run_s = run_in(mnt, ctx.cmd)
     m2 = time.monotonic()
@@ -391,25 +413,32 @@ def lazy_sample(ctx: Ctx, i: int) -> dict[str, Any]:
     out["cold_proxy_mount"] = proxy_window(ctx, m0, m1)
     out["cold_proxy_run"] = proxy_window(ctx, m1, m2)
     out["cold_proxy_total"] = proxy_window(ctx, m0, m2)
-    out["cold_store"] = store_figures(mount_stats(mnt))
+    out["cold_store"] = sample_stats(ctx, mnt)
+    out["cold_requests"] = request_log(ctx, m0, m2)
+    if out["cold_requests"]:
+        # Local start-up cost of the mount: nothing crosses the wire before the daemon has imported its
+        # libraries; metadata_done is when the image and chunk map GETs have both finished.
+        meta = [q for q in out["cold_requests"] if any(f"/{k}/" in q["request"] for k in ("images", "chunkmaps"))]
+        out["cold_first_request_s"] = out["cold_requests"][0]["t_ms"] / 1000
+        out["cold_metadata_done_s"] = max(q["end_ms"] for q in meta) / 1000 if meta else None
 
     warm = [run_in(mnt, ctx.cmd) for _ in range(WARM_RUNS)]
     out["warm_run_s"] = statistics.median(warm)
     out["warm_runs"] = warm
     time.sleep(0.2)  # let background read-ahead land in the disk cache before reading the final counters
-    out["after_warm_store"] = store_figures(mount_stats(mnt))
+    out["after_warm_store"] = sample_stats(ctx, mnt)
     ctx.cleanup.umount(mnt)
 
     drop_caches()
     w0 = time.monotonic()
-    mount_s, _pid = mount(ctx, mnt, cache_dir)
+    mount_s = mount(ctx, mnt, cache_dir)
     run_s = run_in(mnt, ctx.cmd)
     w1 = time.monotonic()
     out["warmdisk_mount_s"] = mount_s
     out["warmdisk_run_s"] = run_s
     out["warmdisk_total_s"] = mount_s + run_s
     out["warmdisk_proxy"] = proxy_window(ctx, w0, w1)
-    out["warmdisk_store"] = store_figures(mount_stats(mnt))
+    out["warmdisk_store"] = sample_stats(ctx, mnt)
     ctx.cleanup.umount(mnt)
     return out
 
@@ -478,7 +507,8 @@ def run_mode(ctx: Ctx, client: Any, stored_bytes: int) -> dict[str, Any]:
             f"(mount {s['cold_mount_s']:.3f} + run {s['cold_run_s']:.3f}, "
             f"{s['cold_store']['chunk_requests']} chunk GETs), full pull {s['pull_total_s']:.3f} s, "
             f"warm {s['warm_run_s']:.4f} vs native {s['native_warm_s']:.4f} s  [{time.monotonic() - t0:.0f} s]")
-    keys = ["cold_mount_s", "cold_run_s", "cold_total_s", "cold_metadata_s", "warm_run_s", "warmdisk_mount_s",
+    keys = ["cold_mount_s", "cold_run_s", "cold_total_s", "cold_metadata_s", "cold_first_request_s",
+            "cold_metadata_done_s", "warm_run_s", "warmdisk_mount_s",
             "warmdisk_run_s", "warmdisk_total_s", "pull_download_s", "pull_extract_s", "pull_run_s",
             "pull_total_s", "native_warm_s"]
     med: dict[str, Any] = {k: median_of(samples, k) for k in keys}
@@ -531,6 +561,9 @@ def print_mode(name: str, res: dict[str, Any], image: dict[str, Any]) -> None:
         print(f"  {label:42} {med[key]:>9.4f}  {spread(samples, key):>13}")
     if med.get("cold_metadata_s") is not None:
         print(f"  {'  (mount: metadata load, from mount log)':42} {med['cold_metadata_s']:>9.4f}")
+    if med.get("cold_first_request_s") is not None:
+        print(f"  {'  (mount: first store request at)':42} {med['cold_first_request_s']:>9.4f}")
+        print(f"  {'  (mount: metadata GETs done at)':42} {med['cold_metadata_done_s']:>9.4f}")
     cs, aw, wd = med["cold_store"], med["after_warm_store"], med["warmdisk_store"]
     print("  store traffic (cubefs stats --json, medians)")
     print(f"    lazy cold: {cs['chunk_requests']:.0f} chunk GETs ({cs['chunks_fetched']:.0f} chunks, "
@@ -547,7 +580,8 @@ def print_mode(name: str, res: dict[str, Any], image: dict[str, Any]) -> None:
         if p:
             print(f"    proxy, {label:20}: {p['requests']:.0f} requests on {p['connections_used']:.0f} connections, "
                   f"max sequential chain {p['max_sequential_chain']:.0f}, {p['busy_periods']:.0f} busy periods, "
-                  f"busy {p['busy_seconds']:.3f} s, parallelism {p['mean_parallelism']:.2f}")
+                  f"busy {p['busy_seconds']:.3f} s, parallelism {p['mean_parallelism']:.2f}, "
+                  f"server {p['median_server_ms']:.1f} ms/req, idle gap {p['median_idle_gap_ms']:.1f} ms")
     stored = image["stored_bytes"]
     print("  ratios")
     rc, rw = ratios["lazy_cold_over_full_pull"], ratios["lazy_warm_over_native_warm"]

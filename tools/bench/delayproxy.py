@@ -38,6 +38,7 @@ import argparse
 import asyncio
 import contextlib
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -58,6 +59,8 @@ class RequestRecord:
     last_response: float = 0.0  # last response byte seen before the next request / close
     bytes_up: int = 0
     bytes_down: int = 0
+    line: str = ""  # "GET /bucket/key" when the burst parses as HTTP/1.x
+    range: str = ""  # the Range header's value, if any
 
     @property
     def end(self) -> float:
@@ -187,8 +190,9 @@ class DelayProxy:
         with self._lock:
             self._stats = ProxyStats()
 
-    def _new_request(self, conn: int) -> RequestRecord:
+    def _new_request(self, conn: int, head: bytes) -> RequestRecord:
         rec = RequestRecord(conn=conn, start=time.monotonic())
+        rec.line, rec.range = parse_head(head)
         with self._lock:
             self._stats.requests.append(rec)
         return rec
@@ -249,7 +253,7 @@ class DelayProxy:
                 return
             rec: RequestRecord
             if state["turn"]:
-                rec = self._new_request(conn)
+                rec = self._new_request(conn, data)
                 state["turn"] = False
                 state["current"] = rec
                 if self.delay:
@@ -280,6 +284,21 @@ class DelayProxy:
             await writer.drain()
             if rec is not None:
                 rec.last_response = time.monotonic()
+
+
+def parse_head(data: bytes) -> tuple[str, str]:
+    """("METHOD /path", Range value) from the start of an HTTP/1.x request; empty strings if it is not one."""
+    head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1", "replace")
+    lines = head.split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+        return "", ""
+    rng = ""
+    for h in lines[1:]:
+        name, _, value = h.partition(":")
+        if name.strip().lower() == "range":
+            rng = value.strip()
+    return f"{parts[0]} {parts[1].split('?', 1)[0]}", rng
 
 
 def max_sequential_chain(intervals: list[tuple[float, float]]) -> int:
@@ -322,6 +341,12 @@ def summarize(stats: ProxyStats, since: float = 0.0) -> dict[str, Any]:
     periods, busy = busy_periods(intervals)
     span = (max(r.end for r in reqs) - min(r.start for r in reqs)) if reqs else 0.0
     in_flight = sum(e - s for s, e in intervals)
+    server = [r.first_response - r.forwarded for r in reqs if r.first_response and r.forwarded]
+    gaps, last_end = [], None
+    for start, end in sorted(intervals):
+        if last_end is not None and start > last_end:
+            gaps.append(start - last_end)
+        last_end = end if last_end is None else max(last_end, end)
     return {
         "requests": len(reqs),
         "connections_used": len({r.conn for r in reqs}),
@@ -332,6 +357,10 @@ def summarize(stats: ProxyStats, since: float = 0.0) -> dict[str, Any]:
         "busy_seconds": round(busy, 4),
         "span_seconds": round(span, 4),
         "mean_parallelism": round(in_flight / busy, 2) if busy else 0.0,
+        # forwarded -> first response byte: the server's own time per request, without the added delay
+        "median_server_ms": round(1000 * statistics.median(server), 2) if server else 0.0,
+        # idle time between one request's last response byte and the next request: client-side work per step
+        "median_idle_gap_ms": round(1000 * statistics.median(gaps), 2) if gaps else 0.0,
     }
 
 
