@@ -68,6 +68,13 @@ class FuseOps(pyfuse3.Operations):
         try:
             return _entry(self.fs.lookup(parent_inode, name))
         except FsError as err:
+            if err.errno == errno.ENOENT:
+                # A negative entry (ino 0) the kernel caches: Python probes many
+                # paths that do not exist, and the image never changes.
+                neg = pyfuse3.EntryAttributes()
+                neg.st_ino = 0  # type: ignore[assignment]
+                neg.entry_timeout = CACHE_TIMEOUT
+                return neg
             raise pyfuse3.FUSEError(err.errno) from None
 
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:  # type: ignore[override]

@@ -33,6 +33,10 @@ def test_directory_round_trip_is_exact(awkward_tree: tuple[Path, dict], tmp_path
         after = snapshot(tmp_path / "mnt")
         problems = diff(before, after)
         assert not problems, "\n".join(problems)
+        # Missing names stay missing (the kernel caches the negative answer).
+        for _ in range(2):
+            assert not (tmp_path / "mnt" / "no-such-file").exists()
+            assert not (tmp_path / "mnt" / "names" / "no-such-file").exists()
         # Mounted read-only: writes are refused, not silently dropped.
         with pytest.raises(OSError) as err:
             (tmp_path / "mnt" / "new-file").write_bytes(b"x")

@@ -102,7 +102,7 @@ class Ingest:
     # -- the source thread -------------------------------------------------
     def add_stream(self, read: Callable[[int], bytes], base: int, extents: list[tuple[int, PendingChunk]]) -> int:
         """Cut a stream into chunks starting at file offset ``base``; returns bytes read."""
-        total = 0
+        total = count = 0
 
         class _Reader:
             def read(self, n: int) -> bytes:
@@ -116,7 +116,8 @@ class Ingest:
             fut.add_done_callback(lambda _f: self._inflight.release())
             extents.append((base + c.offset, fut))
             total += len(data)
-        self.stats.chunk_refs += len(extents)
+            count += 1
+        self.stats.chunk_refs += count
         return total
 
     def add_fd(self, fd: int, size: int, extents: list[tuple[int, PendingChunk]]) -> None:

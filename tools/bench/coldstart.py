@@ -671,11 +671,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 @contextlib.contextmanager
 def signals_raise() -> Iterator[None]:
-    """SIGTERM/SIGHUP become KeyboardInterrupt so that ``finally`` blocks clean up as on Ctrl-C."""
+    """SIGTERM (and SIGHUP unless ignored, as under nohup) become KeyboardInterrupt, so ``finally`` blocks
+    clean up as on Ctrl-C.  SIGINT keeps Python's handler (it is ignored in background jobs of a
+    non-interactive shell; stop those with SIGTERM)."""
     def handler(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
-    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    sigs = [signal.SIGTERM] + ([signal.SIGHUP] if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN else [])
+    old = {s: signal.signal(s, handler) for s in sigs}
     try:
         yield
     finally:

@@ -1,0 +1,168 @@
+"""The format codecs and the chunk source, exercised directly (no FUSE)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import trio
+import zstandard
+
+from cubefs.cache.source import ChunkSource, ChunkUnavailable, decode_chunk
+from cubefs.cache.tiers import DiskTier, MemoryTier
+from cubefs.errors import CorruptDataError, FormatVersionError, UsageError
+from cubefs.format.image import Image, InodeSpec, encode_image
+from cubefs.format.manifest import Manifest, manifest_key, parse_ref, ref_from_key
+from cubefs.format.packs import (
+    CODEC_RAW,
+    CODEC_ZSTD,
+    PACK_HEADER,
+    ChunkLocation,
+    ChunkMap,
+    decode_index,
+    encode_chunkmap,
+    encode_index,
+    pack_key,
+)
+from cubefs.remote import make_store
+from cubefs.remote.loop import LoopThread
+
+
+def _tiny_image() -> tuple[bytes, str]:
+    d = hashlib.sha256(b"x").digest()
+    inodes = [
+        InodeSpec(stat.S_IFDIR | 0o755, 0, 0, 1, 2, 3, entries=[(b"f", 2), (b"l", 3)], nlink=2),
+        InodeSpec(stat.S_IFREG | 0o644, 5, 6, 7, 8, 9, size=1, extents=[(0, 0)], xattrs=[(b"user.a", b"1")]),
+        InodeSpec(stat.S_IFLNK | 0o777, 0, 0, 1, 1, 1, target=b"/abs/target"),
+    ]
+    return encode_image(inodes, [(d, 1)], {"algorithm": "test"})
+
+
+def test_image_round_trip_and_digest_is_stable() -> None:
+    raw, digest = _tiny_image()
+    raw2, digest2 = _tiny_image()
+    assert (raw, digest) == (raw2, digest2)
+    img = Image(raw, digest)
+    assert img.lookup(1, b"f") == 2 and img.lookup(1, b"nope") is None
+    assert img.chunks_for_range(2, 0, 1) == [(0, 0)]
+    assert [p for p, _ in img.walk()] == [b"", b"/f", b"/l"]
+
+
+def test_image_readers_reject_what_they_do_not_understand() -> None:
+    import msgpack
+
+    raw, digest = _tiny_image()
+    with pytest.raises(CorruptDataError, match="does not match its digest"):
+        Image(raw, "0" * 64)
+    doc = msgpack.unpackb(raw, raw=False)
+    doc["version"] = 7
+    raw7 = msgpack.packb(doc, use_bin_type=True)
+    with pytest.raises(FormatVersionError, match="version 7"):
+        Image(raw7, hashlib.sha256(raw7).hexdigest())
+    doc["magic"] = "something-else"
+    rawm = msgpack.packb(doc, use_bin_type=True)
+    with pytest.raises(CorruptDataError, match="not a cubefs-image"):
+        Image(rawm, hashlib.sha256(rawm).hexdigest())
+    with pytest.raises(CorruptDataError, match="zstd"):
+        Image.from_blob(b"not zstd", digest)
+
+
+def test_pack_index_and_chunkmap_round_trip() -> None:
+    locs = [ChunkLocation(hashlib.sha256(bytes([i])).digest(), "ab" * 32, 8 + i * 10, 10, 20, CODEC_ZSTD)
+            for i in range(5)]
+    assert decode_index(encode_index("ab" * 32, 58, locs), "indexes/x") == locs
+    cmap = ChunkMap(encode_chunkmap("cd" * 32, locs), "cd" * 32, 5)
+    assert cmap.get(3) == ("ab" * 32, 38, 10, CODEC_ZSTD)
+    with pytest.raises(CorruptDataError, match="belongs to image"):
+        ChunkMap(encode_chunkmap("cd" * 32, locs), "ef" * 32, 5)
+    with pytest.raises(CorruptDataError, match="entries"):
+        ChunkMap(encode_chunkmap("cd" * 32, locs), "cd" * 32, 6)
+
+
+def test_manifest_refs() -> None:
+    assert parse_ref("debian:12") == ("debian", "12")
+    assert parse_ref("library/debian") == ("library/debian", "latest")
+    assert ref_from_key(manifest_key("a/b", "c")) == "a/b:c"
+    for bad in ("Debian:12", "a//b", "../etc:x", "a:" + "t" * 200, ""):
+        with pytest.raises(UsageError):
+            parse_ref(bad)
+    m = Manifest("a/b", "c", "0" * 64, "now")
+    assert Manifest.decode(m.encode(), "a/b:c").image == "0" * 64
+
+
+def test_decode_chunk_verifies_everything() -> None:
+    data = os.urandom(1000) + b"z" * 5000
+    digest = hashlib.sha256(data).digest()
+    packed = zstandard.ZstdCompressor().compress(data)
+    ref = ChunkLocation(digest, "p" * 64, 8, len(packed), len(data), CODEC_ZSTD)
+    assert decode_chunk(ref, packed) == data
+    with pytest.raises(ChunkUnavailable, match="truncated"):
+        decode_chunk(ref, packed[:-1])
+    flipped = bytearray(packed)
+    flipped[len(flipped) // 2] ^= 1
+    with pytest.raises(ChunkUnavailable):
+        decode_chunk(ref, bytes(flipped))
+    raw_ref = ChunkLocation(digest, "p" * 64, 8, len(data), len(data), CODEC_RAW)
+    with pytest.raises(ChunkUnavailable, match="SHA-256"):
+        decode_chunk(raw_ref, b"y" + data[1:])
+    with pytest.raises(ChunkUnavailable, match="codec"):
+        decode_chunk(ChunkLocation(digest, "p" * 64, 8, len(data), len(data), 9), data)
+
+
+def _write_pack(root: Path, chunks: list[bytes]) -> list[ChunkLocation]:
+    body = bytearray(PACK_HEADER)
+    locs = []
+    for c in chunks:
+        locs.append(ChunkLocation(hashlib.sha256(c).digest(), "9" * 64, len(body), len(c), len(c), CODEC_RAW))
+        body += c
+    path = root / pack_key("9" * 64)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(bytes(body))
+    return locs
+
+
+def test_single_flight_and_range_merging(tmp_path: Path) -> None:
+    """50 readers of the same chunks cause one ranged GET; neighbours merge into it."""
+    chunks = [os.urandom(50_000) for _ in range(8)]
+    locs = _write_pack(tmp_path / "store", chunks)
+    loop = LoopThread()
+    store = make_store(f"file://{tmp_path / 'store'}")
+    source = ChunkSource(store, loop, MemoryTier(64 << 20), DiskTier(str(tmp_path / "cache"), 64 << 20))
+
+    async def main() -> list[list[bytes]]:
+        results: list[list[bytes]] = []
+
+        async def reader() -> None:
+            results.append(await source.get_many(locs[:4], locs[4:]))
+
+        async with trio.open_nursery() as n:
+            source.start(n)
+            for _ in range(50):
+                n.start_soon(reader)
+        return results
+
+    try:
+        results = trio.run(main)
+    finally:
+        loop.close()
+    assert all(r == chunks[:4] for r in results) and len(results) == 50
+    assert source.store_stats.requests == 1  # one merged GET for all 8 chunks
+    assert store.stats.gets == 1
+    assert source.memory.get(locs[7].digest) == chunks[7]  # read-ahead landed in memory
+    assert source.disk is not None and source.disk.get(locs[5].digest) == chunks[5]
+
+
+def test_disk_tier_is_bounded_and_survives_restart(tmp_path: Path) -> None:
+    tier = DiskTier(str(tmp_path), max_bytes=300_000)
+    blobs = [os.urandom(100_000) for _ in range(5)]
+    for b in blobs:
+        tier.put(hashlib.sha256(b).digest(), b)
+    assert tier.used_bytes <= 300_000
+    assert tier.get(hashlib.sha256(blobs[0]).digest()) is None  # oldest evicted
+    assert tier.get(hashlib.sha256(blobs[4]).digest()) == blobs[4]
+    again = DiskTier(str(tmp_path), max_bytes=300_000)
+    assert again.used_bytes == tier.used_bytes
+    assert again.get(hashlib.sha256(blobs[4]).digest()) == blobs[4]
