@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import zstandard
 from pyfastcdc import FastCDC
 
-from cubefs.dedup.tree import PendingChunk
+from cubefs.dedup.tree import ChunkBatch
 from cubefs.errors import CubefsError
 from cubefs.format.packs import (
     CODEC_RAW,
@@ -49,6 +49,8 @@ CHUNK_MAX = 256 * 1024
 PACK_TARGET = 8 * 1024 * 1024
 ZSTD_LEVEL = 3
 IN_FLIGHT_BYTES = 128 * 1024 * 1024
+BATCH_BYTES = 4 * 1024 * 1024  # chunks handed to a worker at once (fewer hand-offs)
+WHOLE_READ = 16 * 1024 * 1024  # files up to this size are read with one pread
 MAX_UPLOADS = 4
 
 
@@ -70,13 +72,18 @@ class IngestStats:
 
 
 class _PackWriter:
+    """Collects payloads by reference; one join at seal time (growing a bytearray
+    would copy megabytes while holding the GIL)."""
+
     def __init__(self) -> None:
-        self.buf = bytearray(PACK_HEADER)
+        self.parts: list[bytes] = [PACK_HEADER]
+        self.size = len(PACK_HEADER)
         self.entries: list[tuple[bytes, int, int, int, int]] = []
 
     def add(self, digest: bytes, plain_len: int, codec: int, payload: bytes) -> tuple[int, int]:
-        off = len(self.buf)
-        self.buf += payload
+        off = self.size
+        self.parts.append(payload)
+        self.size += len(payload)
         self.entries.append((digest, off, len(payload), plain_len, codec))
         return off, len(payload)
 
@@ -91,49 +98,88 @@ class Ingest:
         self._lock = threading.Lock()
         self._pack = _PackWriter()
         self._pool = ThreadPoolExecutor(max_workers=workers or max(2, os.cpu_count() or 2), thread_name_prefix="chunk")
-        self._inflight = threading.BoundedSemaphore(IN_FLIGHT_BYTES // CHUNK_MAX)
+        self._budget = _ByteBudget(IN_FLIGHT_BYTES)
         self._uploads: list[Future[None]] = []
         self._upload_slots = threading.BoundedSemaphore(MAX_UPLOADS)
         self._tls = threading.local()
         self._error: BaseException | None = None
         self._cdc = FastCDC(CHUNK_AVG, min_size=CHUNK_MIN, max_size=CHUNK_MAX)
-        self.progress: Callable[[], None] | None = None
 
     # -- the source thread -------------------------------------------------
-    def add_stream(self, read: Callable[[int], bytes], base: int, extents: list[tuple[int, PendingChunk]]) -> int:
-        """Cut a stream into chunks starting at file offset ``base``; returns bytes read."""
-        total = count = 0
+    def add_file(self, path: bytes, st_size: int, st_blocks: int, extents: list[ChunkBatch]) -> None:
+        """Queue a regular file.  Small dense files are read, cut and hashed in a worker
+        (syscalls are slow here, and the walk must not wait on them); large or sparse
+        ones are streamed from this thread, data regions only."""
+        if st_size == 0:
+            return
+        if st_size <= WHOLE_READ and st_blocks * 512 >= st_size:
+            self._budget.take(st_size)
+            fut = self._pool.submit(self._file_job, path, st_size)
+            fut.add_done_callback(lambda _f: self._budget.give(st_size))
+            extents.append(fut)
+            return
+        fd = open_nofollow(path)
+        try:
+            for start, end in data_regions(fd, st_size):
+                if end - start <= WHOLE_READ:
+                    self.add_buffer(_pread_all(fd, end - start, start), start, extents)
+                    continue
+                pos = [start]
 
-        class _Reader:
-            def read(self, n: int) -> bytes:
-                return read(n)
+                def read(n: int, pos: list[int] = pos, end: int = end) -> bytes:
+                    n = min(n, end - pos[0])
+                    if n <= 0:
+                        return b""
+                    data = os.pread(fd, n, pos[0])
+                    pos[0] += len(data)
+                    return data
 
-        for c in self._cdc.cut_stream(_Reader()):
-            self._check_failed()
-            data = bytes(c.data)
-            self._inflight.acquire()
-            fut = self._pool.submit(self._process, data)
-            fut.add_done_callback(lambda _f: self._inflight.release())
-            extents.append((base + c.offset, fut))
+                self.add_stream(read, start, extents)
+        finally:
+            os.close(fd)
+
+    def add_buffer(self, buf: bytes, base: int, extents: list[ChunkBatch]) -> None:
+        """Cut an in-memory region (file offset ``base``) and queue its chunks."""
+        batch: list[tuple[int, bytes | memoryview]] = []
+        size = 0
+        for off, part in self._cut(buf, base):
+            batch.append((off, part))
+            size += len(part)
+            if size >= BATCH_BYTES:
+                self._submit(batch, size, extents)
+                batch, size = [], 0
+        if batch:
+            self._submit(batch, size, extents)
+
+    def add_stream(self, read: Callable[[int], bytes], base: int, extents: list[ChunkBatch]) -> int:
+        """Cut a stream of unknown length (file offset ``base``); returns bytes read."""
+        total = 0
+        batch: list[tuple[int, bytes | memoryview]] = []
+        size = 0
+        for c in self._cdc.cut_stream(_ReadOnly(read)):
+            data = bytes(c.data)  # the view is only valid until the next chunk
+            batch.append((base + c.offset, data))
+            size += len(data)
             total += len(data)
-            count += 1
-        self.stats.chunk_refs += count
+            if size >= BATCH_BYTES:
+                self._submit(batch, size, extents)
+                batch, size = [], 0
+        if batch:
+            self._submit(batch, size, extents)
         return total
 
-    def add_fd(self, fd: int, size: int, extents: list[tuple[int, PendingChunk]]) -> None:
-        """Chunk a regular file's data regions (holes of sparse files are skipped)."""
-        for start, end in data_regions(fd, size):
-            pos = [start]
+    def _cut(self, buf: bytes, base: int) -> list[tuple[int, bytes | memoryview]]:
+        if len(buf) <= CHUNK_MIN:  # FastCDC never cuts below the minimum: one chunk
+            return [(base, buf)]
+        view = memoryview(buf)
+        return [(base + c.offset, view[c.offset : c.offset + c.length]) for c in self._cdc.cut_buf(view)]
 
-            def read(n: int, pos: list[int] = pos, end: int = end) -> bytes:
-                n = min(n, end - pos[0])
-                if n <= 0:
-                    return b""
-                data = os.pread(fd, n, pos[0])
-                pos[0] += len(data)
-                return data
-
-            self.add_stream(read, start, extents)
+    def _submit(self, batch: list[tuple[int, bytes | memoryview]], nbytes: int, extents: list[ChunkBatch]) -> None:
+        self._check_failed()
+        self._budget.take(nbytes)
+        fut = self._pool.submit(self._process, batch)
+        fut.add_done_callback(lambda _f: self._budget.give(nbytes))
+        extents.append(fut)
 
     def _check_failed(self) -> None:
         if self._error is not None:
@@ -146,7 +192,20 @@ class Ingest:
             z = self._tls.z = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
         return z
 
-    def _process(self, data: bytes) -> tuple[bytes, int]:
+    def _file_job(self, path: bytes, size: int) -> list[tuple[int, bytes, int]]:
+        fd = open_nofollow(path)
+        try:
+            data = _pread_all(fd, size, 0)
+        finally:
+            os.close(fd)
+        return self._process(self._cut(data, 0))
+
+    def _process(self, batch: list[tuple[int, bytes | memoryview]]) -> list[tuple[int, bytes, int]]:
+        with self._lock:
+            self.stats.chunk_refs += len(batch)
+        return [(off, *self._process_one(part)) for off, part in batch]
+
+    def _process_one(self, data: bytes | memoryview) -> tuple[bytes, int]:
         digest = hashlib.sha256(data).digest()
         with self._lock:
             if digest in self.known or digest in self._claimed:
@@ -156,21 +215,21 @@ class Ingest:
         payload = self._compressor().compress(data)
         codec = CODEC_ZSTD
         if len(payload) >= len(data):
-            payload, codec = data, CODEC_RAW
+            payload, codec = bytes(data), CODEC_RAW
         sealed = None
         with self._lock:
             _off, slen = self._pack.add(digest, len(data), codec, payload)
             self.stats.new_chunks += 1
             self.stats.new_plain_bytes += len(data)
             self.stats.new_stored_bytes += slen
-            if len(self._pack.buf) >= PACK_TARGET:
+            if self._pack.size >= PACK_TARGET:
                 sealed, self._pack = self._pack, _PackWriter()
         if sealed is not None:
             self._seal(sealed)
         return digest, len(data)
 
     def _seal(self, pack: _PackWriter) -> None:
-        data = bytes(pack.buf)
+        data = b"".join(pack.parts)
         name = pack_digest(data)
         locs = [ChunkLocation(d, name, o, s, p, c) for d, o, s, p, c in pack.entries]
         self._upload_slots.acquire()
@@ -213,6 +272,55 @@ class Ingest:
                 fut.result(timeout=max(0.0, deadline - time.monotonic()))
             except (Exception, CubefsError):
                 pass
+
+
+class _ReadOnly:
+    """pyfastcdc's stream reader protocol over a plain ``read(n)`` function."""
+
+    def __init__(self, read: Callable[[int], bytes]) -> None:
+        self.read = read
+
+
+class _ByteBudget:
+    """Bounds the bytes queued for workers, so a huge input never piles up in RAM."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._cv = threading.Condition()
+
+    def take(self, n: int) -> None:
+        with self._cv:
+            while self.used and self.used + n > self.limit:
+                self._cv.wait()
+            self.used += n
+
+    def give(self, n: int) -> None:
+        with self._cv:
+            self.used -= n
+            self._cv.notify_all()
+
+
+NOATIME = getattr(os, "O_NOATIME", 0)
+
+
+def open_nofollow(path: bytes) -> int:
+    """Open for reading without following a symlink or touching the atime."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(path, flags | NOATIME)
+    except PermissionError:  # O_NOATIME needs ownership (or CAP_FOWNER)
+        return os.open(path, flags)
+
+
+def _pread_all(fd: int, n: int, offset: int) -> bytes:
+    data = os.pread(fd, n, offset)
+    while len(data) < n:  # short reads are legal; a shrinking file ends the loop
+        more = os.pread(fd, n - len(data), offset + len(data))
+        if not more:
+            break
+        data += more
+    return data
 
 
 def data_regions(fd: int, size: int) -> list[tuple[int, int]]:

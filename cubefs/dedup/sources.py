@@ -23,7 +23,7 @@ from typing import IO
 
 import zstandard
 
-from cubefs.dedup.ingest import Ingest
+from cubefs.dedup.ingest import NOATIME, WHOLE_READ, Ingest
 from cubefs.dedup.tree import Node, new_dir
 from cubefs.errors import BadInputError, NotFoundError
 
@@ -60,22 +60,11 @@ def _node_from_stat(st: os.stat_result) -> Node:
     )
 
 
-_NOATIME = getattr(os, "O_NOATIME", 0)
-
-
-def _open_nofollow(path: bytes) -> int:
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        return os.open(path, flags | _NOATIME)
-    except PermissionError:  # O_NOATIME needs ownership (or CAP_FOWNER)
-        return os.open(path, flags)
-
-
 def _list_dir(path: bytes) -> list[bytes]:
     """List a directory without touching its atime, so a rebuild sees the same tree."""
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        fd = os.open(path, flags | _NOATIME)
+        fd = os.open(path, flags | NOATIME)
     except PermissionError:
         fd = os.open(path, flags)
     try:
@@ -124,11 +113,7 @@ def scan_directory(src: str, ingest: Ingest, tick: Tick) -> Node:
             elif stat.S_ISLNK(st.st_mode):
                 node.target = os.readlink(path)
             elif stat.S_ISREG(st.st_mode):
-                fd = _open_nofollow(path)
-                try:
-                    ingest.add_fd(fd, st.st_size, node.extents)
-                finally:
-                    os.close(fd)
+                ingest.add_file(path, st.st_size, st.st_blocks, node.extents)
                 files += 1
                 nbytes += st.st_size
                 tick(files, nbytes)
@@ -252,7 +237,13 @@ def scan_tarball(path: str, ingest: Ingest, tick: Tick) -> Node:
                 f = tf.extractfile(m)
                 assert f is not None
                 try:
-                    got = ingest.add_stream(f.read, 0, node.extents)
+                    if m.size <= WHOLE_READ:
+                        data = f.read()
+                        got = len(data)
+                        if got == m.size:
+                            ingest.add_buffer(data, 0, node.extents)
+                    else:
+                        got = ingest.add_stream(f.read, 0, node.extents)
                 except (tarfile.TarError, EOFError, zstandard.ZstdError, OSError) as err:
                     raise BadInputError(f"tarball {path}: member {m.name!r} is truncated ({err})") from None
                 if got != m.size:

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 
 from cubefs.format.image import InodeSpec
 
-# A chunk reference while the build runs: its digest and length arrive later.
-PendingChunk = Future  # Future[tuple[bytes, int]]
+# Chunks of one file queued together: a future that resolves, once a worker
+# has hashed them, to their (file offset, digest, plaintext length).
+ChunkBatch = Future  # Future[list[tuple[int, bytes, int]]]
 
 
 @dataclass(eq=False)
@@ -33,7 +34,7 @@ class Node:
     xattrs: list[tuple[bytes, bytes]] = field(default_factory=list)
     target: bytes | None = None
     children: dict[bytes, Node] | None = None
-    extents: list[tuple[int, PendingChunk]] = field(default_factory=list)
+    extents: list[ChunkBatch] = field(default_factory=list)
 
     @property
     def is_dir(self) -> bool:
@@ -98,13 +99,13 @@ def number_tree(root: Node) -> NumberedTree:
             spec.size = node.size
             logical += node.size
             extents = []
-            for off, pending in node.extents:
-                digest, ulen = pending.result()
-                idx = chunk_index.get(digest)
-                if idx is None:
-                    idx = chunk_index[digest] = len(chunks)
-                    chunks.append((digest, ulen))
-                extents.append((off, idx))
+            for pending in node.extents:
+                for off, digest, ulen in pending.result():
+                    idx = chunk_index.get(digest)
+                    if idx is None:
+                        idx = chunk_index[digest] = len(chunks)
+                        chunks.append((digest, ulen))
+                    extents.append((off, idx))
             spec.extents = extents
         inodes.append(spec)
     return NumberedTree(inodes, chunks, logical, files)

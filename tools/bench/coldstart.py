@@ -20,8 +20,9 @@ multiplies.
 What one run does (all against one local SeaweedFS S3 server, as root):
 
 1. tar + ``zstd -3`` the root filesystem once and upload it as a "layer";
-   ``cubefs build`` it once into a fresh bucket, plus ``--build-repeats - 1``
-   more fresh buckets to measure build throughput (MB/s of input).
+   ``cubefs build`` it into a fresh bucket (the image measured below), and
+   into more fresh buckets for ``--build-repeats`` builds in all, for the
+   build throughput (MB/s of input, from ``cubefs build --json``).
 2. For each mode (direct, delayed) and each of ``--repeat`` samples:
 
    * *lazy cold*: empty ``--cache-dir``, ``sync; echo 3 > drop_caches``, then
