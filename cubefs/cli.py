@@ -111,7 +111,6 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--store-timeout", type=float, default=10.0, help="seconds per store request attempt (default 10)")
     p.add_argument("--store-attempts", type=int, default=4, help="attempts per store request (default 4)")
     p.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground, log to stderr")
-    p.add_argument("--notify-fd", type=int, default=None, help=argparse.SUPPRESS)
 
     p = sub.add_parser("umount", help="unmount a cubefs mount and stop its daemon")
     p.add_argument("mountpoint")
@@ -127,7 +126,7 @@ def make_parser() -> argparse.ArgumentParser:
 def _setup_logging(verbose: int, daemon: bool = False) -> None:
     level = logging.WARNING - 10 * verbose if not daemon else (logging.DEBUG if verbose > 1 else logging.INFO)
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s" if daemon else "cubefs: %(message)s"
-    logging.basicConfig(level=max(level, logging.DEBUG), format=fmt, stream=sys.stderr)
+    logging.basicConfig(level=max(level, logging.DEBUG), format=fmt, stream=sys.stderr, force=True)
 
 
 def _with_store(args: argparse.Namespace, fn: Any) -> Any:
@@ -137,7 +136,7 @@ def _with_store(args: argparse.Namespace, fn: Any) -> Any:
     loop = LoopThread()
     store = make_store(args.store, args.s3_endpoint)
     try:
-        loop.run(store.open())
+        loop.run(store.open(create=False))
         return loop.run(fn(store))
     finally:
         loop.run(store.close())
@@ -258,48 +257,84 @@ def _notifier(fd: int | None) -> Any:
     return notify
 
 
-def cmd_mount(args: argparse.Namespace) -> int:
+def _mount_options(args: argparse.Namespace, mp: str, cache_dir: str) -> Any:
     from cubefs.fuse_mount import MountOptions
 
+    return MountOptions(
+        ref=args.ref, mountpoint=mp, store_url=args.store, s3_endpoint=args.s3_endpoint, cache_dir=cache_dir,
+        memory_cache=args.memory_cache, disk_cache=args.cache_size, readahead=args.readahead,
+        read_timeout=args.read_timeout, store_timeout=args.store_timeout, store_attempts=args.store_attempts,
+    )
+
+
+def _serve(args: argparse.Namespace, mp: str, cache_dir: str, notify: Any) -> int:
+    """Run the daemon in this process; report errors that happen before 'ready' to ``notify``."""
+    from cubefs.fuse_mount import run_daemon
+
+    try:
+        return run_daemon(_mount_options(args, mp, cache_dir), notify)
+    except CubefsError as err:
+        if notify:
+            notify(f"error {err.exit_code} {err}")
+        raise
+    except Exception as err:
+        if notify:
+            notify(f"error {EXIT_ERROR} {type(err).__name__}: {err}")
+        raise
+
+
+def _daemon_child(args: argparse.Namespace, mp: str, cache_dir: str, notify_fd: int, log_path: str) -> int:
+    """The forked daemon: own session, stdio to the log, then serve until unmounted."""
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    logfd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(logfd, 1)
+    os.dup2(logfd, 2)
+    os.close(devnull)
+    os.close(logfd)
+    _setup_logging(args.verbose, daemon=True)
+    try:
+        return _serve(args, mp, cache_dir, _notifier(notify_fd))
+    except CubefsError as err:
+        log.error("%s", err)
+        return err.exit_code
+    except BaseException:
+        log.exception("mount daemon failed")
+        return EXIT_ERROR
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
     mp = os.path.abspath(args.mountpoint)
     if not os.path.isdir(mp):
         raise UsageError(f"mountpoint {args.mountpoint} is not a directory")
     if os.path.ismount(mp):
         raise UsageError(f"{args.mountpoint} is already a mount point")
     cache_dir = args.cache_dir or default_cache_dir()
-    opts = MountOptions(
-        ref=args.ref, mountpoint=mp, store_url=args.store, s3_endpoint=args.s3_endpoint, cache_dir=cache_dir,
-        memory_cache=args.memory_cache, disk_cache=args.cache_size, readahead=args.readahead,
-        read_timeout=args.read_timeout, store_timeout=args.store_timeout, store_attempts=args.store_attempts,
-    )
     if args.foreground:
-        from cubefs.fuse_mount import run_daemon
-
-        notify = _notifier(args.notify_fd)
-        try:
-            return run_daemon(opts, notify)
-        except CubefsError as err:
-            if notify:
-                notify(f"error {err.exit_code} {err}")
-            raise
-        except Exception as err:
-            if notify:
-                notify(f"error {EXIT_ERROR} {type(err).__name__}: {err}")
-            raise
+        return _serve(args, mp, cache_dir, None)
 
     logs = os.path.join(cache_dir, "logs")
     os.makedirs(logs, exist_ok=True)
     log_path = os.path.join(logs, f"mount-{control.mount_key(mp)}.log")
+    # fork, not exec: the daemon inherits this interpreter instead of starting and
+    # importing everything a second time (measured: ~0.9 s of a cold start).
+    # Safe because this process has started no threads yet.
     r, w = os.pipe()
-    argv = [sys.executable, "-m", "cubefs", *sys.argv[1:], "--foreground", "--notify-fd", str(w)]
-    with open(log_path, "ab") as logf:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(w,),
-                                start_new_session=True, close_fds=True)
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        code = 1
+        try:
+            code = _daemon_child(args, mp, cache_dir, w, log_path)
+        finally:
+            os._exit(code)
     os.close(w)
     msg = b""
     deadline = time.monotonic() + 300
+    exited = False
     while time.monotonic() < deadline:
-        ready, _, _ = select.select([r], [], [], 1.0)
+        ready, _, _ = select.select([r], [], [], 0.5)
         if ready:
             data = os.read(r, 4096)
             if not data:
@@ -307,18 +342,23 @@ def cmd_mount(args: argparse.Namespace) -> int:
             msg += data
             if msg.endswith(b"\n"):
                 break
-        elif proc.poll() is not None:
+        elif os.waitpid(pid, os.WNOHANG)[0] != 0:
+            exited = True
             break
     os.close(r)
     text = msg.decode(errors="replace").strip()
     if text == "ready":
-        log.info("mounted %s at %s (daemon pid %d, log %s)", args.ref, mp, proc.pid, log_path)
+        log.info("mounted %s at %s (daemon pid %d, log %s)", args.ref, mp, pid, log_path)
         return EXIT_OK
+    if not exited:
+        try:
+            os.waitpid(pid, 0) if text.startswith("error ") else os.kill(pid, 9)
+        except (ChildProcessError, ProcessLookupError):
+            pass
     if text.startswith("error "):
         _, code, message = text.split(" ", 2)
         print(f"cubefs: {message}", file=sys.stderr)
         return int(code)
-    proc.kill()
     print(f"cubefs: mount daemon exited before the mount was live; see {log_path}", file=sys.stderr)
     return EXIT_ERROR
 

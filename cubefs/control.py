@@ -14,9 +14,10 @@ import json
 import os
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import trio
+if TYPE_CHECKING:
+    import trio
 
 from cubefs.errors import NotFoundError
 
@@ -86,6 +87,7 @@ def prometheus_text(stats: dict[str, Any]) -> str:
 
 async def serve_control(path: str, get_stats: Callable[[], dict[str, Any]]) -> None:
     """Serve /stats and /metrics on a unix socket until cancelled."""
+    import trio  # here, not at the top: the CLI imports this module and must start fast
     try:
         os.unlink(path)
     except FileNotFoundError:

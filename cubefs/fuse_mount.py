@@ -173,7 +173,7 @@ def run_daemon(opts: MountOptions, notify: Any = None) -> int:
     )
     t0 = time.monotonic()
     try:
-        loop.run(store.open())
+        loop.run(store.open(create=False))
         manifest = loop.run(load_manifest(store, opts.ref))
         image, chunkmap = loop.run(load_image(store, manifest))
     except BaseException:

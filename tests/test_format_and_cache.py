@@ -166,3 +166,20 @@ def test_disk_tier_is_bounded_and_survives_restart(tmp_path: Path) -> None:
     again = DiskTier(str(tmp_path), max_bytes=300_000)
     assert again.used_bytes == tier.used_bytes
     assert again.get(hashlib.sha256(blobs[4]).digest()) == blobs[4]
+
+
+def test_sigv4_matches_the_aws_documentation_example() -> None:
+    """The GET Object example of the S3 SigV4 documentation (range bytes=0-9)."""
+    import datetime
+
+    from cubefs.remote.s3 import EMPTY_SHA256, Credentials, sign_v4
+
+    creds = Credentials("AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY")
+    when = datetime.datetime(2013, 5, 24, tzinfo=datetime.UTC)
+    headers = sign_v4("GET", "examplebucket.s3.amazonaws.com", "/test.txt", {}, {"range": "bytes=0-9"},
+                      EMPTY_SHA256, creds, "us-east-1", now=when)
+    assert headers["authorization"] == (
+        "AWS4-HMAC-SHA256 Credential=AKIAIOSFODNN7EXAMPLE/20130524/us-east-1/s3/aws4_request, "
+        "SignedHeaders=host;range;x-amz-content-sha256;x-amz-date, "
+        "Signature=f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c6036bdb41"
+    )

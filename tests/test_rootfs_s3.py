@@ -61,3 +61,11 @@ def test_s3_store_round_trip_and_prefix_isolation(s3: S3Server, tmp_path: Path) 
     assert [i["ref"] for i in one] == ["p-one:1"]
     with mounted("p-two:1", tmp_path / "m", s3.store("iso", "two"), tmp_path / "c", s3_endpoint=s3.endpoint):
         assert (tmp_path / "m" / "f").read_bytes() == (src / "f").read_bytes()
+
+
+def test_s3_wrong_credentials_are_refused(s3: S3Server) -> None:
+    """The test server checks signatures, so a wrong secret must fail clearly (and fast)."""
+    res = run_cubefs("images", "--store", s3.store("creds"), "--s3-endpoint", s3.endpoint, check=False,
+                     env={"AWS_SECRET_ACCESS_KEY": "wrong-secret"})
+    assert res.returncode == 5, res.stderr
+    assert "access denied" in res.stderr and len(res.stderr.strip().splitlines()) == 1

@@ -175,11 +175,13 @@ class ChunkSource:
             return list(mine.values())
         disk = self.disk
         t0 = time.monotonic()
-        digests = list(mine)
-        results = await trio.to_thread.run_sync(lambda: [disk.get(d) for d in digests])
+        digests = [d for d in mine if disk.contains(d)]  # no thread hop for a certain miss
+        found = await trio.to_thread.run_sync(lambda: [disk.get(d) for d in digests]) if digests else []
+        results = dict(zip(digests, found))
         disk.stats.seconds += time.monotonic() - t0
         missing = []
-        for d, data in zip(digests, results):
+        for d in mine:
+            data = results.get(d)
             if data is None:
                 if d in wanted:
                     disk.stats.misses += 1
@@ -242,25 +244,29 @@ class ChunkSource:
                 raise ChunkUnavailable(f"store read of {key} [{start}+{end - start}] failed: {err}") from None
         self.store_stats.seconds += time.monotonic() - t0
         self.store_stats.bytes += len(blob)
-        disk = self.disk
 
         def decode_all() -> list[tuple[bytes | None, str]]:
             out: list[tuple[bytes | None, str]] = []
             for r, _f in rng:
                 try:
-                    data = decode_chunk(r, blob[r.offset - start : r.offset - start + r.stored_len])
+                    out.append((decode_chunk(r, blob[r.offset - start : r.offset - start + r.stored_len]), ""))
                 except ChunkUnavailable as err:
                     out.append((None, str(err)))
-                    continue
-                if disk is not None:
-                    disk.put(r.digest, data)
-                out.append((data, ""))
             return out
 
+        verified: list[tuple[bytes, bytes]] = []
         for (r, flight), (data, error) in zip(rng, await trio.to_thread.run_sync(decode_all)):
             if data is None:
                 self.store_stats.errors += 1
                 log.error("image %s: tier store: %s", self.label, error)
             else:
                 self.store_stats.hits += 1
+                verified.append((r.digest, data))
             self._resolve(flight, r.digest, data, error)
+        # Readers are already woken; the disk copy is written off their path.
+        if verified and self.disk is not None:
+            disk = self.disk
+            if self._nursery is not None:
+                self._nursery.start_soon(trio.to_thread.run_sync, lambda: [disk.put(d, b) for d, b in verified])
+            else:
+                await trio.to_thread.run_sync(lambda: [disk.put(d, b) for d, b in verified])

@@ -89,6 +89,10 @@ class DiskTier:
             self._index[digest] = size
             self._used += size
 
+    def contains(self, digest: bytes) -> bool:
+        with self._lock:
+            return digest in self._index
+
     def get(self, digest: bytes) -> bytes | None:
         path = self._path(digest)
         try:

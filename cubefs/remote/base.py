@@ -2,8 +2,8 @@
 
 Everything above ``remote/`` (the builder, the chunk cache) talks to a store
 only through :class:`Store`, so a backend is four operations on opaque keys:
-whole and ranged GET, PUT, LIST and DELETE.  Backends are asyncio-native
-(aiobotocore is); callers on trio reach them through :mod:`cubefs.aioloop`.
+whole and ranged GET, PUT, LIST and DELETE.  Backends are asyncio-native;
+callers on trio reach them through :mod:`cubefs.remote.loop`.
 
 Backends raise :class:`~cubefs.errors.ObjectNotFoundError` for a missing key,
 :class:`~cubefs.errors.StoreUnavailableError` for anything a retry may fix and
@@ -76,8 +76,11 @@ class Store(abc.ABC):
             return False
         return True
 
-    async def open(self) -> None:
-        """Connect (and create the bucket or directory if missing); idempotent."""
+    async def open(self, create: bool = True) -> None:
+        """Get ready; with ``create``, make the bucket or directory if missing.  Idempotent.
+
+        Readers pass ``create=False``: a mount must not create buckets, and it
+        saves a round trip before the first useful request."""
 
     async def close(self) -> None:
         """Release connections; the store may not be used afterwards."""
@@ -165,8 +168,8 @@ class RetryingStore(Store):
     async def exists(self, key: str) -> bool:
         return await self._call(f"HEAD {key}", lambda: self.backend.exists(key))
 
-    async def open(self) -> None:
-        await self._call("connect", self.backend.open)
+    async def open(self, create: bool = True) -> None:
+        await self._call("connect", lambda: self.backend.open(create))
 
     async def close(self) -> None:
         await self.backend.close()

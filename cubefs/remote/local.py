@@ -42,11 +42,9 @@ class LocalStore(Store):
                 raise StoreError(f"store {self.url}: no space left writing {key}") from None
             raise StoreError(f"store {self.url}: {key}: {err.strerror}") from None
 
-    async def open(self) -> None:
-        def mk() -> None:
-            os.makedirs(self.root, exist_ok=True)
-
-        await self._run(mk, "")
+    async def open(self, create: bool = True) -> None:
+        if create:
+            await self._run(lambda: os.makedirs(self.root, exist_ok=True), "")
 
     async def get(self, key: str) -> bytes:
         path = self._path(key)

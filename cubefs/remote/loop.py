@@ -3,8 +3,8 @@
 Invariants (see docs/design.md, "Concurrency"):
 
 * Every store coroutine runs on exactly one asyncio event loop, owned by one
-  daemon thread (:class:`LoopThread`).  aiobotocore's client and its
-  connection pool are bound to that loop and are never touched elsewhere.
+  daemon thread (:class:`LoopThread`).  The S3 client's connection pool is
+  bound to that loop and is never touched elsewhere.
 * Threads (the builder's workers) call :meth:`LoopThread.run` and block.
 * Trio tasks (the FUSE daemon) call :meth:`LoopThread.trio_run`, which parks
   the *task*, not a thread: the asyncio future's done-callback hands the
