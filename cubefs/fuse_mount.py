@@ -21,6 +21,7 @@ from typing import Any
 
 import pyfuse3
 import trio
+from cachetools import LRUCache
 
 from cubefs import control
 from cubefs.cache.source import ChunkSource
@@ -63,10 +64,20 @@ class FuseOps(pyfuse3.Operations):
         self.fs = fs
         self.reads = 0
         self.read_bytes = 0
+        # The image never changes, so an inode's reply is built once; a directory
+        # listing (readdirplus) would otherwise rebuild hundreds per request.
+        self._entries: LRUCache[int, pyfuse3.EntryAttributes] = LRUCache(maxsize=65536)
+
+    def _entry_of(self, ino: int) -> pyfuse3.EntryAttributes:
+        e = self._entries.get(ino)
+        if e is None:
+            e = self._entries[ino] = _entry(self.fs.getattr(ino))
+        return e
 
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:  # type: ignore[override]
         try:
-            return _entry(self.fs.lookup(parent_inode, name))
+            ino = self.fs.lookup_ino(parent_inode, name)
+            return self._entry_of(ino)
         except FsError as err:
             if err.errno == errno.ENOENT:
                 # A negative entry (ino 0) the kernel caches: Python probes many
@@ -79,7 +90,7 @@ class FuseOps(pyfuse3.Operations):
 
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:  # type: ignore[override]
         try:
-            return _entry(self.fs.getattr(inode))
+            return self._entry_of(inode)
         except FsError as err:
             raise pyfuse3.FUSEError(err.errno) from None
 
@@ -98,7 +109,7 @@ class FuseOps(pyfuse3.Operations):
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:  # type: ignore[override]
         for name, ino, nxt in self.fs.readdir(fh, start_id):
-            if not pyfuse3.readdir_reply(token, name, _entry(self.fs.getattr(ino)), nxt):  # type: ignore[arg-type]
+            if not pyfuse3.readdir_reply(token, name, self._entry_of(ino), nxt):  # type: ignore[arg-type]
                 break
 
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:  # type: ignore[override]
@@ -156,6 +167,7 @@ class MountOptions:
     memory_cache: int = 256 * 1024 * 1024
     disk_cache: int = 10 * 1024 * 1024 * 1024
     readahead: int = 4 * 1024 * 1024
+    pack_readahead: int = 0
     read_timeout: float = 60.0
     store_attempts: int = 4
     store_timeout: float = 10.0
@@ -187,7 +199,8 @@ def run_daemon(opts: MountOptions, notify: Any = None) -> int:
     memory = MemoryTier(opts.memory_cache)
     disk = DiskTier(opts.cache_dir, opts.disk_cache) if opts.disk_cache > 0 else None
     source = ChunkSource(store, loop, memory, disk, label=manifest.ref)
-    fs = ImageFS(image, chunkmap, source, manifest.ref, readahead=opts.readahead, read_timeout=opts.read_timeout)
+    fs = ImageFS(image, chunkmap, source, manifest.ref, readahead=opts.readahead, read_timeout=opts.read_timeout,
+                 pack_readahead=opts.pack_readahead)
     ops = FuseOps(fs)
 
     options = set(pyfuse3.default_options)

@@ -61,6 +61,11 @@ class S3Server:
     def store(self, bucket: str, prefix: str = "") -> str:
         return f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
 
+    @property
+    def hostport(self) -> tuple[str, int]:
+        host, port = self.endpoint.removeprefix("http://").rsplit(":", 1)
+        return host, int(port)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)

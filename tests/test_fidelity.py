@@ -97,3 +97,22 @@ def test_directory_and_tarball_give_same_digest(tmp_path: Path) -> None:
     from_dir = json.loads(run_cubefs("build", str(src), "--tag", "t:dir", "--store", store, "--json").stdout)
     assert from_dir["new_chunks"] == 0
     assert from_dir["unique_chunks"] == from_tar["unique_chunks"]
+
+
+def test_pack_readahead_fetches_neighbours_in_one_request(tmp_path: Path) -> None:
+    """With --pack-readahead, reading one small file brings its directory neighbours
+    in the same ranged GET; without it, each file costs a request of its own."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(30):
+        (src / f"mod{i:02d}.py").write_bytes(os.urandom(3000))
+    store = f"file://{tmp_path / 'store'}"
+    run_cubefs("build", str(src), "--tag", "mods:1", "--store", store)
+    requests = {}
+    for window in ("0", "1M"):
+        mnt = tmp_path / f"mnt-{window}"
+        with mounted("mods:1", mnt, store, tmp_path / f"cache-{window}", "--pack-readahead", window) as m:
+            for i in range(30):
+                assert (mnt / f"mod{i:02d}.py").read_bytes() == (src / f"mod{i:02d}.py").read_bytes()
+            requests[window] = m.stats()["tiers"]["store"]["requests"]
+    assert requests["1M"] <= 2 < 25 <= requests["0"], requests

@@ -103,6 +103,18 @@ class ChunkSource:
             out["disk"]["used_bytes"] = self.disk.used_bytes
         return out
 
+    def from_memory(self, refs: list[ChunkLocation]) -> list[bytes] | None:
+        """All of ``refs`` from the memory tier, or None if any is missing."""
+        out = []
+        for ref in refs:
+            data = self.memory.get(ref.digest)
+            if data is None:
+                return None
+            out.append(data)
+        self.memory.stats.hits += len(out)
+        self.memory.stats.bytes += sum(len(d) for d in out)
+        return out
+
     async def get_many(self, refs: list[ChunkLocation], ahead: list[ChunkLocation] | None = None) -> list[bytes]:
         """The plaintext of every ref in ``refs``; ``ahead`` refs are fetched opportunistically."""
         found: dict[bytes, bytes] = {}

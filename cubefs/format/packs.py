@@ -115,10 +115,32 @@ class ChunkMap:
         self._locs: bytes = doc["locs"]
         if len(self._locs) != nchunks * MAP_RECORD.size:
             raise CorruptDataError(f"{key}: has {len(self._locs) // MAP_RECORD.size} entries, image has {nchunks}")
+        self._by_pack: dict[int, tuple[list[int], list[int]]] | None = None
+        self._pack_numbers: dict[str, int] | None = None
 
     def get(self, idx: int) -> tuple[str, int, int, int]:
         n, off, slen, codec = MAP_RECORD.unpack_from(self._locs, idx * MAP_RECORD.size)
         return self.packs[n], off, slen, codec
+
+    def by_pack(self) -> dict[int, tuple[list[int], list[int]]]:
+        """Per pack number: the image's chunks in pack order, as (offsets, chunk indices).
+
+        Built once, on first use: what lies next to a chunk in its pack is what
+        the builder wrote next to it, usually the neighbouring files of a directory."""
+        if self._by_pack is None:
+            rows = sorted((n, off, i) for i, (n, off, _s, _c) in enumerate(MAP_RECORD.iter_unpack(self._locs)))
+            out: dict[int, tuple[list[int], list[int]]] = {}
+            for n, off, i in rows:
+                offs, idxs = out.setdefault(n, ([], []))
+                offs.append(off)
+                idxs.append(i)
+            self._by_pack = out
+        return self._by_pack
+
+    def pack_number(self, pack: str) -> int:
+        if self._pack_numbers is None:
+            self._pack_numbers = {p: n for n, p in enumerate(self.packs)}
+        return self._pack_numbers[pack]
 
     def stored_bytes(self) -> int:
         return sum(slen for _n, _o, slen, _c in MAP_RECORD.iter_unpack(self._locs))

