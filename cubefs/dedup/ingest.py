@@ -103,7 +103,6 @@ class Ingest:
         self._upload_slots = threading.BoundedSemaphore(MAX_UPLOADS)
         self._tls = threading.local()
         self._error: BaseException | None = None
-        self._cdc = FastCDC(CHUNK_AVG, min_size=CHUNK_MIN, max_size=CHUNK_MAX)
 
     # -- the source thread -------------------------------------------------
     def add_file(self, path: bytes, st_size: int, st_blocks: int, extents: list[ChunkBatch]) -> None:
@@ -156,7 +155,7 @@ class Ingest:
         total = 0
         batch: list[tuple[int, bytes | memoryview]] = []
         size = 0
-        for c in self._cdc.cut_stream(_ReadOnly(read)):
+        for c in self._chunker().cut_stream(_ReadOnly(read)):
             data = bytes(c.data)  # the view is only valid until the next chunk
             batch.append((base + c.offset, data))
             size += len(data)
@@ -172,7 +171,7 @@ class Ingest:
         if len(buf) <= CHUNK_MIN:  # FastCDC never cuts below the minimum: one chunk
             return [(base, buf)]
         view = memoryview(buf)
-        return [(base + c.offset, view[c.offset : c.offset + c.length]) for c in self._cdc.cut_buf(view)]
+        return [(base + c.offset, view[c.offset : c.offset + c.length]) for c in self._chunker().cut_buf(view)]
 
     def _submit(self, batch: list[tuple[int, bytes | memoryview]], nbytes: int, extents: list[ChunkBatch]) -> None:
         self._check_failed()
@@ -186,6 +185,13 @@ class Ingest:
             raise self._error
 
     # -- worker threads ----------------------------------------------------
+    def _chunker(self) -> FastCDC:
+        """One FastCDC per thread: the object is documented as not safe to share."""
+        cdc = getattr(self._tls, "cdc", None)
+        if cdc is None:
+            cdc = self._tls.cdc = FastCDC(CHUNK_AVG, min_size=CHUNK_MIN, max_size=CHUNK_MAX)
+        return cdc
+
     def _compressor(self) -> zstandard.ZstdCompressor:
         z = getattr(self._tls, "z", None)
         if z is None:
