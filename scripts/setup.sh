@@ -21,4 +21,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/pip install -q -e '.[test]'
+# Byte-compile now: the environment may forbid writing .pyc at run time
+# (PYTHONDONTWRITEBYTECODE), and recompiling on every start slows mounts.
+.venv/bin/python -m compileall -q cubefs >/dev/null
 echo "setup: ok ($(.venv/bin/cubefs --version))"

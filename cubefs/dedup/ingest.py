@@ -103,6 +103,9 @@ class Ingest:
         self._upload_slots = threading.BoundedSemaphore(MAX_UPLOADS)
         self._tls = threading.local()
         self._error: BaseException | None = None
+        self._batch: list[tuple[bytes, int]] = []
+        self._batch_bytes = 0
+        self._batch_future: Future[list[list[tuple[int, bytes, int]]]] = Future()
 
     # -- the source thread -------------------------------------------------
     def add_file(self, path: bytes, st_size: int, st_blocks: int, extents: list[ChunkBatch]) -> None:
@@ -112,10 +115,13 @@ class Ingest:
         if st_size == 0:
             return
         if st_size <= WHOLE_READ and st_blocks * 512 >= st_size:
-            self._budget.take(st_size)
-            fut = self._pool.submit(self._file_job, path, st_size)
-            fut.add_done_callback(lambda _f: self._budget.give(st_size))
-            extents.append(fut)
+            # Small files travel in batches: one job per ~4 MiB, not one per file,
+            # so the hand-off cost (futures, locks, GIL switches) is paid rarely.
+            extents.append(_FileResult(self._batch_future, len(self._batch)))
+            self._batch.append((path, st_size))
+            self._batch_bytes += st_size
+            if self._batch_bytes >= BATCH_BYTES or len(self._batch) >= 256:
+                self.flush_files()
             return
         fd = open_nofollow(path)
         try:
@@ -136,6 +142,25 @@ class Ingest:
                 self.add_stream(read, start, extents)
         finally:
             os.close(fd)
+
+    def flush_files(self) -> None:
+        """Submit the pending batch of small files."""
+        if not self._batch:
+            return
+        batch, nbytes, fut = self._batch, self._batch_bytes, self._batch_future
+        self._batch, self._batch_bytes, self._batch_future = [], 0, Future()
+        self._check_failed()
+        self._budget.take(nbytes)
+        job = self._pool.submit(self._files_job, batch)
+
+        def done(f: Future[list[list[tuple[int, bytes, int]]]]) -> None:
+            self._budget.give(nbytes)
+            if f.exception() is not None:
+                fut.set_exception(f.exception())  # type: ignore[arg-type]
+            else:
+                fut.set_result(f.result())
+
+        job.add_done_callback(done)
 
     def add_buffer(self, buf: bytes, base: int, extents: list[ChunkBatch]) -> None:
         """Cut an in-memory region (file offset ``base``) and queue its chunks."""
@@ -198,41 +223,51 @@ class Ingest:
             z = self._tls.z = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
         return z
 
-    def _file_job(self, path: bytes, size: int) -> list[tuple[int, bytes, int]]:
-        fd = open_nofollow(path)
-        try:
-            data = _pread_all(fd, size, 0)
-        finally:
-            os.close(fd)
-        return self._process(self._cut(data, 0))
+    def _files_job(self, files: list[tuple[bytes, int]]) -> list[list[tuple[int, bytes, int]]]:
+        out = []
+        for path, size in files:
+            fd = open_nofollow(path)
+            try:
+                data = _pread_all(fd, size, 0)
+            finally:
+                os.close(fd)
+            out.append(self._process(self._cut(data, 0)))
+        return out
 
     def _process(self, batch: list[tuple[int, bytes | memoryview]]) -> list[tuple[int, bytes, int]]:
+        """Hash a batch; under one lock claim the chunks nobody has; compress those
+        outside the lock; under one more lock append them to the open pack."""
+        digests = [hashlib.sha256(part).digest() for _off, part in batch]
         with self._lock:
             self.stats.chunk_refs += len(batch)
-        return [(off, *self._process_one(part)) for off, part in batch]
-
-    def _process_one(self, data: bytes | memoryview) -> tuple[bytes, int]:
-        digest = hashlib.sha256(data).digest()
-        with self._lock:
-            if digest in self.known or digest in self._claimed:
-                self.stats.reused_chunks += digest in self.known
-                return digest, len(data)
-            self._claimed.add(digest)
-        payload = self._compressor().compress(data)
-        codec = CODEC_ZSTD
-        if len(payload) >= len(data):
-            payload, codec = bytes(data), CODEC_RAW
-        sealed = None
-        with self._lock:
-            _off, slen = self._pack.add(digest, len(data), codec, payload)
-            self.stats.new_chunks += 1
-            self.stats.new_plain_bytes += len(data)
-            self.stats.new_stored_bytes += slen
-            if self._pack.size >= PACK_TARGET:
-                sealed, self._pack = self._pack, _PackWriter()
-        if sealed is not None:
-            self._seal(sealed)
-        return digest, len(data)
+            mine = []
+            for i, d in enumerate(digests):
+                if d in self.known:
+                    self.stats.reused_chunks += 1
+                elif d not in self._claimed:
+                    self._claimed.add(d)
+                    mine.append(i)
+        z = self._compressor()
+        payloads = []
+        for i in mine:
+            data = batch[i][1]
+            payload = z.compress(data)
+            payloads.append((payload, CODEC_ZSTD) if len(payload) < len(data) else (bytes(data), CODEC_RAW))
+        sealed = []
+        if mine:
+            with self._lock:
+                for i, (payload, codec) in zip(mine, payloads, strict=True):
+                    plain = len(batch[i][1])
+                    self._pack.add(digests[i], plain, codec, payload)
+                    self.stats.new_chunks += 1
+                    self.stats.new_plain_bytes += plain
+                    self.stats.new_stored_bytes += len(payload)
+                    if self._pack.size >= PACK_TARGET:
+                        sealed.append(self._pack)
+                        self._pack = _PackWriter()
+        for pack in sealed:
+            self._seal(pack)
+        return [(off, d, len(part)) for (off, part), d in zip(batch, digests, strict=True)]
 
     def _seal(self, pack: _PackWriter) -> None:
         data = b"".join(pack.parts)
@@ -262,6 +297,7 @@ class Ingest:
     # -- end of the build ----------------------------------------------------
     def finish(self) -> None:
         """Wait for every chunk job, upload the last pack, wait for every upload."""
+        self.flush_files()
         self._pool.shutdown(wait=True)
         if len(self._pack.entries):
             self._seal(self._pack)
@@ -278,6 +314,19 @@ class Ingest:
                 fut.result(timeout=max(0.0, deadline - time.monotonic()))
             except (Exception, CubefsError):
                 pass
+
+
+class _FileResult:
+    """One file's share of a batch job: ``result()`` is that file's chunk list."""
+
+    __slots__ = ("_fut", "_i")
+
+    def __init__(self, fut: Future[list[list[tuple[int, bytes, int]]]], i: int) -> None:
+        self._fut = fut
+        self._i = i
+
+    def result(self) -> list[tuple[int, bytes, int]]:
+        return self._fut.result()[self._i]
 
 
 class _ReadOnly:

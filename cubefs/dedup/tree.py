@@ -11,14 +11,17 @@ from the source.
 from __future__ import annotations
 
 import stat
-from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from cubefs.format.image import InodeSpec
 
-# Chunks of one file queued together: a future that resolves, once a worker
-# has hashed them, to their (file offset, digest, plaintext length).
-ChunkBatch = Future  # Future[list[tuple[int, bytes, int]]]
+
+class ChunkBatch(Protocol):
+    """Chunks of one file queued together; ``result()`` waits until a worker has
+    hashed them and gives their (file offset, digest, plaintext length)."""
+
+    def result(self) -> list[tuple[int, bytes, int]]: ...
 
 
 @dataclass(eq=False)
