@@ -12,7 +12,7 @@ dpkg -s libfuse3-dev >/dev/null 2>&1 || need_apt=1
 if [ "$need_apt" = 1 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq fuse3 libfuse3-dev pkg-config debootstrap zstd tar attr gcc python3-venv >/dev/null
+  apt-get install -y -qq fuse3 libfuse3-dev pkg-config debootstrap zstd tar attr gcc >/dev/null
 fi
 
 PY=${PYTHON:-python3}
