@@ -207,26 +207,22 @@ class ImageFS:
             return []
         last = max(refs, key=lambda r: (r.pack, r.offset))
         offs, idxs = self.chunkmap.by_pack()[self.chunkmap.pack_number(last.pack)]
-        out = []
-        budget = self.pack_readahead
-        for i in range(bisect_right(offs, last.offset), len(offs)):
-            ref = self._ref(idxs[i])
-            out.append(ref)
-            budget -= ref.stored_len
-            if budget <= 0:
-                break
-        return out
+        return self._take(idxs[bisect_right(offs, last.offset) :], self.pack_readahead, stored=True)
 
     def _readahead(self, ino: int, end: int) -> list[ChunkLocation]:
+        """The file's chunks after ``end``, up to ``readahead`` plaintext bytes."""
         if self.readahead <= 0:
             return []
         offs, idxs = self.image.extents(ino)
+        return self._take(idxs[bisect_left(offs, end) :], self.readahead, stored=False)
+
+    def _take(self, idxs: list[int], budget: int, stored: bool) -> list[ChunkLocation]:
+        """Refs for chunk indices in order until ``budget`` bytes (stored or plain)."""
         out = []
-        budget = self.readahead
-        for i in range(bisect_left(offs, end), len(offs)):
-            ref = self._ref(idxs[i])
+        for idx in idxs:
+            ref = self._ref(idx)
             out.append(ref)
-            budget -= ref.plain_len
+            budget -= ref.stored_len if stored else ref.plain_len
             if budget <= 0:
                 break
         return out

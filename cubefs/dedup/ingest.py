@@ -20,7 +20,7 @@ import hashlib
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -164,9 +164,27 @@ class Ingest:
 
     def add_buffer(self, buf: bytes, base: int, extents: list[ChunkBatch]) -> None:
         """Cut an in-memory region (file offset ``base``) and queue its chunks."""
+        self._submit_batched(self._cut(buf, base), extents)
+
+    def add_stream(self, read: Callable[[int], bytes], base: int, extents: list[ChunkBatch]) -> int:
+        """Cut a stream of unknown length (file offset ``base``); returns bytes read."""
+        total = 0
+
+        def chunks() -> Iterator[tuple[int, bytes]]:
+            nonlocal total
+            for c in self._chunker().cut_stream(_ReadOnly(read)):
+                data = bytes(c.data)  # the view is only valid until the next chunk
+                total += len(data)
+                yield base + c.offset, data
+
+        self._submit_batched(chunks(), extents)
+        return total
+
+    def _submit_batched(self, chunks: Iterable[tuple[int, bytes | memoryview]], extents: list[ChunkBatch]) -> None:
+        """Queue chunks to the workers ~BATCH_BYTES at a time."""
         batch: list[tuple[int, bytes | memoryview]] = []
         size = 0
-        for off, part in self._cut(buf, base):
+        for off, part in chunks:
             batch.append((off, part))
             size += len(part)
             if size >= BATCH_BYTES:
@@ -174,23 +192,6 @@ class Ingest:
                 batch, size = [], 0
         if batch:
             self._submit(batch, size, extents)
-
-    def add_stream(self, read: Callable[[int], bytes], base: int, extents: list[ChunkBatch]) -> int:
-        """Cut a stream of unknown length (file offset ``base``); returns bytes read."""
-        total = 0
-        batch: list[tuple[int, bytes | memoryview]] = []
-        size = 0
-        for c in self._chunker().cut_stream(_ReadOnly(read)):
-            data = bytes(c.data)  # the view is only valid until the next chunk
-            batch.append((base + c.offset, data))
-            size += len(data)
-            total += len(data)
-            if size >= BATCH_BYTES:
-                self._submit(batch, size, extents)
-                batch, size = [], 0
-        if batch:
-            self._submit(batch, size, extents)
-        return total
 
     def _cut(self, buf: bytes, base: int) -> list[tuple[int, bytes | memoryview]]:
         if len(buf) <= CHUNK_MIN:  # FastCDC never cuts below the minimum: one chunk
