@@ -74,6 +74,8 @@ def _metric_lines(stats: dict[str, Any], labels: str) -> list[str]:
         for name, value in counters.items():
             metric = f"cubefs_cache_{name}"
             lines.append(f'{metric}{{{labels},tier="{tier}"}} {value}')
+    for op, count in sorted(stats.get("requests", {}).items()):
+        lines.append(f'cubefs_fuse_requests_total{{{labels},op="{op}"}} {count}')
     for name in ("read_errors", "reads", "read_bytes"):
         if name in stats:
             lines.append(f"cubefs_{name}_total{{{labels}}} {stats[name]}")

@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +65,7 @@ class FuseOps(pyfuse3.Operations):
         self.fs = fs
         self.reads = 0
         self.read_bytes = 0
+        self.ops: Counter[str] = Counter()  # requests by operation, for stats and metrics
         # The image never changes, so an inode's reply is built once; a directory
         # listing (readdirplus) would otherwise rebuild hundreds per request.
         self._entries: LRUCache[int, pyfuse3.EntryAttributes] = LRUCache(maxsize=65536)
@@ -75,6 +77,7 @@ class FuseOps(pyfuse3.Operations):
         return e
 
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:  # type: ignore[override]
+        self.ops["lookup"] += 1
         try:
             ino = self.fs.lookup_ino(parent_inode, name)
             return self._entry_of(ino)
@@ -89,18 +92,21 @@ class FuseOps(pyfuse3.Operations):
             raise pyfuse3.FUSEError(err.errno) from None
 
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:  # type: ignore[override]
+        self.ops["getattr"] += 1
         try:
             return self._entry_of(inode)
         except FsError as err:
             raise pyfuse3.FUSEError(err.errno) from None
 
     async def readlink(self, inode: int, ctx: Any) -> bytes:  # type: ignore[override]
+        self.ops["readlink"] += 1
         try:
             return self.fs.readlink(inode)
         except FsError as err:
             raise pyfuse3.FUSEError(err.errno) from None
 
     async def opendir(self, inode: int, ctx: Any) -> int:  # type: ignore[override]
+        self.ops["opendir"] += 1
         try:
             self.fs.readdir(inode, 0)
         except FsError as err:
@@ -108,11 +114,13 @@ class FuseOps(pyfuse3.Operations):
         return inode
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:  # type: ignore[override]
+        self.ops["readdir"] += 1
         for name, ino, nxt in self.fs.readdir(fh, start_id):
             if not pyfuse3.readdir_reply(token, name, self._entry_of(ino), nxt):  # type: ignore[arg-type]
                 break
 
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:  # type: ignore[override]
+        self.ops["open"] += 1
         try:
             self.fs.open(inode, flags)
         except FsError as err:
@@ -120,6 +128,7 @@ class FuseOps(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)  # type: ignore[arg-type]
 
     async def read(self, fh: int, off: int, size: int) -> bytes:  # type: ignore[override]
+        self.ops["read"] += 1
         try:
             data = await self.fs.read(fh, off, size)
         except FsError as err:
@@ -129,18 +138,21 @@ class FuseOps(pyfuse3.Operations):
         return data
 
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:  # type: ignore[override]
+        self.ops["getxattr"] += 1
         try:
             return self.fs.getxattr(inode, name)
         except FsError as err:
             raise pyfuse3.FUSEError(err.errno) from None
 
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:  # type: ignore[override]
+        self.ops["listxattr"] += 1
         try:
             return self.fs.listxattr(inode)
         except FsError as err:
             raise pyfuse3.FUSEError(err.errno) from None
 
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:  # type: ignore[override]
+        self.ops["statfs"] += 1
         s = self.fs.statfs()
         st = pyfuse3.StatvfsData()
         st.f_bsize = st.f_frsize = s["bsize"]
@@ -151,7 +163,20 @@ class FuseOps(pyfuse3.Operations):
         st.f_namemax = s["namemax"]
         return st
 
+    async def flush(self, fh: int) -> None:  # type: ignore[override]
+        # ENOSYS once makes the kernel stop sending FLUSH on every close(): a
+        # read-only image has nothing to flush, and each request is a round trip.
+        self.ops["flush"] += 1
+        raise pyfuse3.FUSEError(errno.ENOSYS)
+
+    async def release(self, fh: int) -> None:  # type: ignore[override]
+        self.ops["release"] += 1
+
+    async def releasedir(self, fh: int) -> None:  # type: ignore[override]
+        self.ops["releasedir"] += 1
+
     async def access(self, inode: int, mode: int, ctx: Any) -> bool:  # type: ignore[override]
+        self.ops["access"] += 1
         if mode & os.W_OK:
             raise pyfuse3.FUSEError(errno.EROFS)
         return True
@@ -219,6 +244,7 @@ def run_daemon(opts: MountOptions, notify: Any = None) -> int:
             "reads": ops.reads,
             "read_bytes": ops.read_bytes,
             "read_errors": fs.read_errors,
+            "requests": dict(ops.ops),
             "tiers": source.stats(),
             "store_requests": store.stats.as_dict(),
         }

@@ -34,6 +34,15 @@ def test_debian_rootfs_from_s3_runs_python_lazily(rootfs: Path, s3: S3Server, tm
         assert 0 < fetched < 0.25 * info["stored_bytes"], (fetched, info["stored_bytes"])
         assert after["read_errors"] == 0
 
+        # The same counters for Prometheus, and for people.
+        metrics = run_cubefs("stats", str(mnt), "--prometheus").stdout
+        store_bytes = [ln for ln in metrics.splitlines()
+                       if ln.startswith("cubefs_cache_bytes{") and 'tier="store"' in ln]
+        assert store_bytes and float(store_bytes[0].rsplit(" ", 1)[1]) == fetched
+        assert 'op="read"' in metrics and 'image="debian:bookworm"' in metrics
+        human = run_cubefs("stats", str(mnt)).stdout
+        assert "debian:bookworm" in human and "store" in human and "memory" in human
+
         # Byte-exact: a binary read through the mount equals the source.
         for rel in ("usr/bin/python3.11", "etc/os-release", "usr/lib/x86_64-linux-gnu/libc.so.6"):
             assert (mnt / rel).read_bytes() == (rootfs / rel).read_bytes(), rel
