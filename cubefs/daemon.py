@@ -1,0 +1,275 @@
+"""Starting mount daemons: forked by ``cubefs mount`` itself, or by a warm mount server.
+
+A mount daemon is one process per mount (pyfuse3 keeps one FUSE session per
+process).  Starting one costs an interpreter start-up and the imports of
+trio, pyfuse3 and the store client, ~0.5 s of a cold start that is only
+~1 s in all.  So there are two ways to get one:
+
+* **Local fork** (always works): ``cubefs mount`` forks; the child becomes the
+  daemon; the parent waits on a pipe for ``ready`` or ``error CODE MESSAGE``.
+* **Mount server** (``cubefs serve``): a long-running process that imported
+  everything once and forks a daemon per request.  ``cubefs mount`` sends its
+  arguments, working directory and store-related environment over a unix
+  socket; the forked daemon answers on that same connection.
+
+Both fork from a process that runs no threads (the server runs no event loop
+either), which is what makes ``fork`` safe here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from cubefs import control
+from cubefs.errors import EXIT_ERROR, EXIT_OK, CubefsError
+
+log = logging.getLogger("cubefs")
+
+READY_TIMEOUT = 300.0
+# What a mount inherits from the caller's environment when a server forks it.
+_ENV_PREFIXES = ("AWS_", "CUBEFS_", "XDG_")
+_ENV_NAMES = ("HOME",)
+
+
+def default_server_socket() -> str:
+    return os.environ.get("CUBEFS_SERVER") or os.path.join(control.run_dir(), "serve.sock")
+
+
+def _notifier(fd: int) -> Callable[[str], None]:
+    def notify(msg: str) -> None:
+        try:
+            os.write(fd, (msg + "\n").encode())
+            os.close(fd)
+        except OSError:
+            pass
+
+    return notify
+
+
+def serve_mount(args: argparse.Namespace, mp: str, cache_dir: str, notify: Callable[[str], None] | None) -> int:
+    """Run the daemon in this process; errors before 'ready' also go to ``notify``."""
+    from cubefs.fuse_mount import MountOptions, run_daemon
+
+    opts = MountOptions(
+        ref=args.ref, mountpoint=mp, store_url=args.store, s3_endpoint=args.s3_endpoint, cache_dir=cache_dir,
+        memory_cache=args.memory_cache, disk_cache=args.cache_size, readahead=args.readahead,
+        pack_readahead=args.pack_readahead, read_timeout=args.read_timeout, store_timeout=args.store_timeout,
+        store_attempts=args.store_attempts,
+    )
+    try:
+        return run_daemon(opts, notify)
+    except CubefsError as err:
+        if notify:
+            notify(f"error {err.exit_code} {err}")
+        raise
+    except Exception as err:
+        if notify:
+            notify(f"error {EXIT_ERROR} {type(err).__name__}: {err}")
+        raise
+
+
+def _log_path(cache_dir: str, mp: str) -> str:
+    logs = os.path.join(cache_dir, "logs")
+    os.makedirs(logs, exist_ok=True)
+    return os.path.join(logs, f"mount-{control.mount_key(mp)}.log")
+
+
+def _become_daemon(args: argparse.Namespace, mp: str, cache_dir: str, notify_fd: int) -> int:
+    """In a freshly forked child: own session, stdio to the log, serve until unmounted."""
+    from cubefs.cli import setup_logging
+
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    logfd = os.open(_log_path(cache_dir, mp), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(logfd, 1)
+    os.dup2(logfd, 2)
+    os.close(devnull)
+    os.close(logfd)
+    setup_logging(args.verbose, daemon=True)
+    try:
+        return serve_mount(args, mp, cache_dir, _notifier(notify_fd))
+    except CubefsError as err:
+        log.error("%s", err)
+        return err.exit_code
+    except BaseException:
+        log.exception("mount daemon failed")
+        return EXIT_ERROR
+
+
+def _fork_daemon(args: argparse.Namespace, mp: str, cache_dir: str, notify_fd: int) -> int:
+    """Fork; the child never returns.  Returns the child's pid."""
+    pid = os.fork()
+    if pid == 0:
+        code = EXIT_ERROR
+        try:
+            code = _become_daemon(args, mp, cache_dir, notify_fd)
+        finally:
+            os._exit(code)
+    return pid
+
+
+def _await_ready(fd: int, alive: Callable[[], bool]) -> str:
+    """Read the daemon's one-line report from ``fd``; '' if it died without one."""
+    msg = b""
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            data = os.read(fd, 4096)
+            if not data:
+                break
+            msg += data
+            if msg.endswith(b"\n"):
+                break
+        elif not alive():
+            break
+    return msg.decode(errors="replace").strip()
+
+
+def _report(text: str, args: argparse.Namespace, mp: str, log_path: str, how: str) -> int:
+    if text == "ready":
+        log.info("mounted %s at %s (%s, log %s)", args.ref, mp, how, log_path)
+        return EXIT_OK
+    if text.startswith("error "):
+        _, code, message = text.split(" ", 2)
+        print(f"cubefs: {message}", file=sys.stderr)
+        return int(code)
+    print(f"cubefs: mount daemon exited before the mount was live; see {log_path}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def start_mount(args: argparse.Namespace, mp: str, cache_dir: str) -> int:
+    """Start a detached daemon for ``args`` and return once the mount is live."""
+    log_path = _log_path(cache_dir, mp)
+    server = default_server_socket()
+    if os.path.exists(server):
+        text = _via_server(server, args, mp, cache_dir)
+        if text is not None:
+            return _report(text, args, mp, log_path, f"daemon forked by the mount server {server}")
+        log.info("mount server %s does not answer; starting a daemon here", server)
+    r, w = os.pipe()
+    pid = _fork_daemon(args, mp, cache_dir, w)
+    os.close(w)
+
+    def alive() -> bool:
+        return os.waitpid(pid, os.WNOHANG)[0] == 0
+
+    text = _await_ready(r, alive)
+    os.close(r)
+    if text != "ready":
+        try:  # reap the child (it exits after reporting an error) or kill a silent one
+            os.waitpid(pid, 0) if text.startswith("error ") else os.kill(pid, signal.SIGKILL)
+        except (ChildProcessError, ProcessLookupError):
+            pass
+    return _report(text, args, mp, log_path, f"daemon pid {pid}")
+
+
+def _via_server(path: str, args: argparse.Namespace, mp: str, cache_dir: str) -> str | None:
+    """Ask the mount server to fork the daemon; None if no server answers."""
+    env = {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES) or k in _ENV_NAMES}
+    request = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "mountpoint": mp,
+               "cache_dir": cache_dir, "cwd": os.getcwd(), "env": env}
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+        sock.sendall(json.dumps(request).encode() + b"\n")
+    except OSError:
+        sock.close()
+        return None
+    try:
+        return _await_ready(sock.fileno(), lambda: True)
+    finally:
+        sock.close()
+
+
+def run_mount_server(path: str) -> int:
+    """Serve mount requests on ``path`` until SIGTERM/SIGINT."""
+    import cubefs.catalog
+    import cubefs.fuse_mount
+    import cubefs.remote.local
+    import cubefs.remote.s3  # noqa: F401
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    os.chmod(path, 0o600)  # whoever can connect can mount as this user
+    srv.listen(64)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # daemons are reaped by the kernel
+    stopping = False
+
+    def stop(*_a: object) -> None:
+        nonlocal stopping
+        stopping = True
+        srv.close()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    log.info("mount server listening on %s (pid %d)", path, os.getpid())
+    while not stopping:
+        try:
+            conn, _ = srv.accept()
+        except OSError:
+            break
+        try:
+            request = _read_request(conn)
+        except (OSError, ValueError) as err:
+            log.warning("bad mount request: %s", err)
+            conn.close()
+            continue
+        pid = os.fork()
+        if pid == 0:
+            srv.close()
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            code = EXIT_ERROR
+            try:
+                code = _server_child(request, conn.detach())
+            finally:
+                os._exit(code)
+        log.info("forked mount daemon %d for %s at %s", pid, request["args"].get("ref"), request["mountpoint"])
+        conn.close()
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    return EXIT_OK
+
+
+def _read_request(conn: socket.socket) -> dict[str, Any]:
+    conn.settimeout(10)
+    data = b""
+    while not data.endswith(b"\n"):
+        part = conn.recv(65536)
+        if not part:
+            raise ValueError("connection closed before a complete request")
+        data += part
+        if len(data) > 1 << 20:
+            raise ValueError("request too large")
+    conn.settimeout(None)
+    request = json.loads(data)
+    if not isinstance(request, dict) or "args" not in request or "mountpoint" not in request:
+        raise ValueError("not a mount request")
+    return request
+
+
+def _server_child(request: dict[str, Any], notify_fd: int) -> int:
+    os.chdir(request.get("cwd") or "/")
+    os.environ.update(request.get("env") or {})
+    args = argparse.Namespace(**request["args"])
+    return _become_daemon(args, request["mountpoint"], request["cache_dir"], notify_fd)

@@ -1,0 +1,65 @@
+"""The warm mount server: `cubefs mount` hands the daemon start to `cubefs serve`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import S3_ENV, run_cubefs
+
+
+def _start_server(sock: Path, log: Path) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen([sys.executable, "-m", "cubefs", "serve", "--socket", str(sock)],
+                            stdout=open(log, "wb"), stderr=subprocess.STDOUT, env={**os.environ, **S3_ENV})
+    deadline = time.monotonic() + 30
+    while not sock.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+    return proc
+
+
+def test_mounts_through_the_server_and_without_it(tmp_path: Path, local_store: str) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "hello").write_bytes(b"hello from the mount server\n")
+    run_cubefs("build", str(src), "--tag", "srv:1", "--store", local_store)
+    sock = tmp_path / "serve.sock"
+    server = _start_server(sock, tmp_path / "serve.log")
+    env = {"CUBEFS_SERVER": str(sock)}
+    try:
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        run_cubefs("mount", "srv:1", str(mnt), "--store", local_store, "--cache-dir", str(tmp_path / "c"), env=env)
+        try:
+            assert (mnt / "hello").read_bytes() == b"hello from the mount server\n"
+            daemon_pid = json.loads(run_cubefs("stats", str(mnt), "--json").stdout)["pid"]
+            assert daemon_pid != server.pid
+            assert f"forked mount daemon {daemon_pid}" in (tmp_path / "serve.log").read_text()
+        finally:
+            run_cubefs("umount", str(mnt))
+        # Errors come back with their exit code and one line, as from a local start.
+        res = run_cubefs("mount", "nope:1", str(mnt), "--store", local_store, "--cache-dir", str(tmp_path / "c"),
+                         env=env, check=False)
+        assert res.returncode == 3 and "nope:1 not found" in res.stderr
+        assert not os.path.ismount(mnt)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+    # The server removed its socket; a stale socket (server killed) falls back to a local start.
+    assert not sock.exists()
+    killed = _start_server(sock, tmp_path / "serve2.log")
+    killed.kill()
+    killed.wait()
+    assert sock.exists()
+    (tmp_path / "mnt3").mkdir()
+    run_cubefs("mount", "srv:1", str(tmp_path / "mnt3"), "--store", local_store, "--cache-dir",
+               str(tmp_path / "c3"), env=env)
+    try:
+        assert (tmp_path / "mnt3" / "hello").exists()
+    finally:
+        run_cubefs("umount", str(tmp_path / "mnt3"))
