@@ -36,6 +36,8 @@ from cubefs.remote.loop import LoopThread
 
 log = logging.getLogger(__name__)
 
+INLINE_DECODE = 512 * 1024  # stored bytes of a fetched range decoded on the event loop itself
+
 
 class ChunkUnavailable(CubefsError):
     """A chunk could not be read correctly from any tier."""
@@ -267,7 +269,10 @@ class ChunkSource:
             return out
 
         verified: list[tuple[bytes, bytes]] = []
-        for (r, flight), (data, error) in zip(rng, await trio.to_thread.run_sync(decode_all)):
+        # A small range decodes faster here than a hop to a worker thread and back
+        # (~0.1 ms per 64 KiB chunk vs two thread switches on the critical path).
+        decoded = decode_all() if len(blob) <= INLINE_DECODE else await trio.to_thread.run_sync(decode_all)
+        for (r, flight), (data, error) in zip(rng, decoded):
             if data is None:
                 self.store_stats.errors += 1
                 log.error("image %s: tier store: %s", self.label, error)

@@ -140,6 +140,7 @@ class Cleanup:
     mounts: dict[Path, int] = field(default_factory=dict)  # mountpoint -> daemon pid (0 if unknown)
     proxies: list[DelayProxy] = field(default_factory=list)
     server: S3Server | None = None
+    mount_server: subprocess.Popen[bytes] | None = None
     workdir: Path | None = None
     keep: bool = False
 
@@ -164,6 +165,11 @@ class Cleanup:
             with contextlib.suppress(Exception):
                 proxy.stop()
         self.proxies.clear()
+        if self.mount_server is not None:
+            with contextlib.suppress(Exception):
+                self.mount_server.terminate()
+                self.mount_server.wait(timeout=30)
+            self.mount_server = None
         if self.server is not None:
             with contextlib.suppress(Exception):
                 self.server.stop()
@@ -527,7 +533,8 @@ def print_mode(name: str, res: dict[str, Any], image: dict[str, Any]) -> None:
 
 def print_report(result: dict[str, Any]) -> None:
     image, cfg = result["image"], result["config"]
-    print(f"cubefs cold-start benchmark: {cfg['cmd']!r} in {cfg['rootfs']}")
+    how = "through the warm mount server (cubefs serve)" if cfg.get("mount_server") else "bare cubefs mount"
+    print(f"cubefs cold-start benchmark: {cfg['cmd']!r} in {cfg['rootfs']}; mounts: {how}")
     print(f"  image {image['ref']}: {image['files']} files, {mb(image['logical_bytes'])} logical, "
           f"{mb(image['stored_bytes'])} stored in {image['packs']} packs, {image['unique_chunks']} chunks; "
           f"layer {mb(result['layer_bytes'])} (tar | zstd -3)")
@@ -593,6 +600,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--build-repeats", type=int, default=3,
                     help="builds into fresh buckets for the throughput figure, the benchmark image's included "
                     "(default 3)")
+    ap.add_argument("--mount-server", action="store_true",
+                    help="run 'cubefs serve' (the warm mount server a node keeps) so mounts skip the "
+                    "daemon's interpreter start-up; the default measures a bare 'cubefs mount'")
     ap.add_argument("--mount-args", default="", help="extra 'cubefs mount' options, e.g. '--readahead 8M'")
     ap.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: a new one in /var/tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (mount logs, caches, weed log)")
@@ -656,6 +666,16 @@ def benchmark(args: argparse.Namespace, cmd: list[str], workdir: Path, cleanup: 
     log(f"uploading the layer ({mb(layer_bytes)})")
     client.put(BUCKET, LAYER_KEY, layer.read_bytes())
     layer.unlink()
+    if args.mount_server:
+        sock = workdir / "serve.sock"
+        log(f"starting the mount server on {sock}")
+        logf = open(workdir / "serve.log", "ab")
+        cleanup.mount_server = subprocess.Popen([*cubefs_argv(), "serve", "--socket", str(sock)], stdout=logf,
+                                                stderr=logf, env={**os.environ, **S3_ENV})
+        deadline = time.monotonic() + 30
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.environ["CUBEFS_SERVER"] = str(sock)
 
     builds = []
     for i in range(max(1, args.build_repeats)):
@@ -666,6 +686,7 @@ def benchmark(args: argparse.Namespace, cmd: list[str], workdir: Path, cleanup: 
                                                  server.endpoint, "--json"]).stdout))
     result: dict[str, Any] = {
         "config": {"rootfs": str(args.rootfs), "cmd": args.cmd, "repeat": args.repeat, "delay_ms": args.delay_ms,
+                   "mount_server": bool(args.mount_server),
                    "connect_delay_ms": args.connect_delay_ms, "mount_args": args.mount_args,
                    "warm_runs_per_sample": WARM_RUNS, "cpus": os.cpu_count()},
         "image": image,
