@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 from cubefs import __version__, control
-from cubefs.errors import EXIT_OK, CubefsError, NotFoundError, UsageError
+from cubefs.errors import EXIT_ERROR, EXIT_OK, CubefsError, NotFoundError, UsageError
 from cubefs.humanize import Progress, parse_size, size
 
 log = logging.getLogger("cubefs")
@@ -344,3 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cubefs: interrupted", file=sys.stderr)
         return 130
+    except OSError as err:  # an unexpected system error still gets one line, not a traceback
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"cubefs: {where}{err.strerror or err}", file=sys.stderr)
+        return EXIT_ERROR

@@ -9,8 +9,10 @@ daemon from the mountpoint alone.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import socket
 from collections.abc import Callable
@@ -20,6 +22,8 @@ if TYPE_CHECKING:
     import trio
 
 from cubefs.errors import NotFoundError
+
+log = logging.getLogger(__name__)
 
 
 def run_dir() -> str:
@@ -101,13 +105,15 @@ async def serve_control(path: str, get_stats: Callable[[], dict[str, Any]]) -> N
     listener = trio.SocketListener(sock)
 
     async def handle(stream: trio.SocketStream) -> None:
+        # A client that hangs up, stalls or sends garbage must never reach the
+        # daemon's nursery: an exception there would unmount the filesystem.
         try:
             with trio.move_on_after(5):
                 request = b""
                 while b"\r\n\r\n" not in request and len(request) < 8192:
                     data = await stream.receive_some(4096)
                     if not data:
-                        break
+                        return
                     request += data
                 line = request.split(b"\r\n", 1)[0].decode("latin-1").split()
                 target = line[1] if len(line) > 1 else "/"
@@ -119,8 +125,11 @@ async def serve_control(path: str, get_stats: Callable[[], dict[str, Any]]) -> N
                     body, ctype, status = b"not found\n", "text/plain", "404 Not Found"
                 head = f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n\r\n"
                 await stream.send_all(head.encode() + body)
+        except Exception as err:
+            log.debug("control client dropped: %s", err)
         finally:
-            await stream.aclose()
+            with contextlib.suppress(Exception):
+                await stream.aclose()
 
     await trio.serve_listeners(handle, [listener])
 

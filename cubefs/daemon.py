@@ -89,6 +89,9 @@ def _become_daemon(args: argparse.Namespace, mp: str, cache_dir: str, notify_fd:
     from cubefs.cli import setup_logging
 
     os.setsid()
+    # Keep nothing the caller had open (pipes a CI step may wait on for EOF) but the report fd.
+    os.closerange(3, notify_fd)
+    os.closerange(notify_fd + 1, 65536)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     logfd = os.open(_log_path(cache_dir, mp), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -269,7 +272,14 @@ def _read_request(conn: socket.socket) -> dict[str, Any]:
 
 
 def _server_child(request: dict[str, Any], notify_fd: int) -> int:
-    os.chdir(request.get("cwd") or "/")
+    # The client's store settings replace the server's; they must not mix (a
+    # server's session token with a client's key, the server's default store...).
+    for key in [k for k in os.environ if k.startswith(_ENV_PREFIXES) or k in _ENV_NAMES]:
+        del os.environ[key]
     os.environ.update(request.get("env") or {})
+    try:
+        os.chdir(request.get("cwd") or "/")
+    except OSError:
+        os.chdir("/")
     args = argparse.Namespace(**request["args"])
     return _become_daemon(args, request["mountpoint"], request["cache_dir"], notify_fd)

@@ -19,6 +19,7 @@ import logging
 import os
 import stat
 from bisect import bisect_left, bisect_right
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import trio
@@ -119,13 +120,14 @@ class ImageFS:
     def lookup(self, parent: int, name: bytes) -> Attr:
         return self.getattr(self.lookup_ino(parent, name))
 
-    def readdir(self, ino: int, start: int) -> list[tuple[bytes, int, int]]:
-        """Entries from index ``start``: (name, ino, next offset)."""
+    def readdir(self, ino: int, start: int) -> Iterator[tuple[bytes, int, int]]:
+        """Entries from index ``start``: (name, ino, next offset), lazily: a transport
+        stops when its reply buffer is full, so a listing stays linear in its size."""
         r = self._record(ino)
         if not stat.S_ISDIR(r[F_MODE]):
             raise FsError(errno.ENOTDIR)
         entries = r[F_PAYLOAD]
-        return [(entries[i][0], entries[i][1], i + 1) for i in range(start, len(entries))]
+        return ((entries[i][0], entries[i][1], i + 1) for i in range(start, len(entries)))
 
     def readlink(self, ino: int) -> bytes:
         r = self._record(ino)

@@ -12,6 +12,7 @@ attributes are cached for an hour and file pages survive ``open`` (keep_cache).
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import signal
@@ -57,6 +58,23 @@ def _entry(a: Attr) -> pyfuse3.EntryAttributes:
     return e
 
 
+def _never_fatal(method: Any) -> Any:
+    """pyfuse3 ends its main loop on any exception but FUSEError, which unmounts the
+    filesystem: turn every unexpected error into EIO for that one request."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, *args: Any) -> Any:
+        try:
+            return await method(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception:
+            log.exception("FUSE %s%r failed; answering EIO", method.__name__, args[:2])
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
 class FuseOps(pyfuse3.Operations):
     """Thin: every method translates types and errors, nothing more."""
 
@@ -76,6 +94,7 @@ class FuseOps(pyfuse3.Operations):
             e = self._entries[ino] = _entry(self.fs.getattr(ino))
         return e
 
+    @_never_fatal
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:  # type: ignore[override]
         self.ops["lookup"] += 1
         try:
@@ -91,6 +110,7 @@ class FuseOps(pyfuse3.Operations):
                 return neg
             raise pyfuse3.FUSEError(err.errno) from None
 
+    @_never_fatal
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:  # type: ignore[override]
         self.ops["getattr"] += 1
         try:
@@ -98,6 +118,7 @@ class FuseOps(pyfuse3.Operations):
         except FsError as err:
             raise pyfuse3.FUSEError(err.errno) from None
 
+    @_never_fatal
     async def readlink(self, inode: int, ctx: Any) -> bytes:  # type: ignore[override]
         self.ops["readlink"] += 1
         try:
@@ -105,6 +126,7 @@ class FuseOps(pyfuse3.Operations):
         except FsError as err:
             raise pyfuse3.FUSEError(err.errno) from None
 
+    @_never_fatal
     async def opendir(self, inode: int, ctx: Any) -> int:  # type: ignore[override]
         self.ops["opendir"] += 1
         try:
@@ -113,12 +135,14 @@ class FuseOps(pyfuse3.Operations):
             raise pyfuse3.FUSEError(err.errno) from None
         return inode
 
+    @_never_fatal
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:  # type: ignore[override]
         self.ops["readdir"] += 1
         for name, ino, nxt in self.fs.readdir(fh, start_id):
             if not pyfuse3.readdir_reply(token, name, self._entry_of(ino), nxt):  # type: ignore[arg-type]
                 break
 
+    @_never_fatal
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:  # type: ignore[override]
         self.ops["open"] += 1
         try:
@@ -127,6 +151,7 @@ class FuseOps(pyfuse3.Operations):
             raise pyfuse3.FUSEError(err.errno) from None
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)  # type: ignore[arg-type]
 
+    @_never_fatal
     async def read(self, fh: int, off: int, size: int) -> bytes:  # type: ignore[override]
         self.ops["read"] += 1
         try:
@@ -137,6 +162,7 @@ class FuseOps(pyfuse3.Operations):
         self.read_bytes += len(data)
         return data
 
+    @_never_fatal
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:  # type: ignore[override]
         self.ops["getxattr"] += 1
         try:
@@ -144,6 +170,7 @@ class FuseOps(pyfuse3.Operations):
         except FsError as err:
             raise pyfuse3.FUSEError(err.errno) from None
 
+    @_never_fatal
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:  # type: ignore[override]
         self.ops["listxattr"] += 1
         try:
@@ -151,6 +178,7 @@ class FuseOps(pyfuse3.Operations):
         except FsError as err:
             raise pyfuse3.FUSEError(err.errno) from None
 
+    @_never_fatal
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:  # type: ignore[override]
         self.ops["statfs"] += 1
         s = self.fs.statfs()
@@ -169,12 +197,15 @@ class FuseOps(pyfuse3.Operations):
         self.ops["flush"] += 1
         raise pyfuse3.FUSEError(errno.ENOSYS)
 
+    @_never_fatal
     async def release(self, fh: int) -> None:  # type: ignore[override]
         self.ops["release"] += 1
 
+    @_never_fatal
     async def releasedir(self, fh: int) -> None:  # type: ignore[override]
         self.ops["releasedir"] += 1
 
+    @_never_fatal
     async def access(self, inode: int, mode: int, ctx: Any) -> bool:  # type: ignore[override]
         self.ops["access"] += 1
         if mode & os.W_OK:

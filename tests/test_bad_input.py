@@ -171,6 +171,7 @@ HOSTILE = {
     "dotdot-inner": ([(_member("a/../../evil"), b"pwned")], "escapes the tree"),
     "hardlink-out": ([(_member("link", tarfile.LNKTYPE, "../../etc/passwd"), None)], "escapes the tree"),
     "hardlink-missing": ([(_member("link", tarfile.LNKTYPE, "etc/passwd"), None)], "not an earlier file"),
+    "long-name": ([(_member("d/" + "n" * 300), b"x")], "over 255 bytes"),
     "through-symlink": (
         [(_member("etc", tarfile.SYMTYPE, "/etc"), None), (_member("etc/passwd"), b"root::0:0::/:/bin/sh\n")],
         "which is a symlink",
@@ -280,3 +281,53 @@ def test_store_down_during_mount_gives_eio_then_recovers(tmp_path: Path) -> None
             assert (tmp_path / "mnt" / "read-after").read_bytes() == (src / "read-after").read_bytes()
     finally:
         server.stop()
+
+
+def test_control_clients_that_hang_up_do_not_kill_the_mount(tmp_path: Path, local_store: str) -> None:
+    import socket
+
+    from cubefs.control import socket_path
+
+    src = _small_tree(tmp_path)
+    run_cubefs("build", str(src), "--tag", "ctl:1", "--store", local_store)
+    mnt = tmp_path / "mnt"
+    with mounted("ctl:1", mnt, local_store, tmp_path / "cache") as m:
+        for payload in (b"", b"GET /sta", b"GET /stats HTTP/1.0\r\n\r\n", b"\xff" * 10000):
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(socket_path(str(mnt)))
+                if payload:
+                    s.sendall(payload)
+            time.sleep(0.2)
+            assert os.path.ismount(mnt)
+        assert (mnt / "bystander.txt").read_bytes() == b"still fine\n" * 1000
+        assert m.stats()["read_errors"] == 0
+
+
+def test_unreadable_disk_cache_entry_is_a_miss_not_a_dead_mount(tmp_path: Path, local_store: str) -> None:
+    src = _small_tree(tmp_path)
+    run_cubefs("build", str(src), "--tag", "dc:1", "--store", local_store)
+    with mounted("dc:1", tmp_path / "mnt", local_store, tmp_path / "cache"):
+        (tmp_path / "mnt" / "victim.bin").read_bytes()
+    for entry in [p for p in (tmp_path / "cache" / "chunks").rglob("*") if p.is_file()]:
+        entry.unlink()
+        entry.mkdir()  # reading it now fails with EISDIR
+    with mounted("dc:1", tmp_path / "mnt", local_store, tmp_path / "cache") as m:
+        assert (tmp_path / "mnt" / "victim.bin").read_bytes() == (src / "victim.bin").read_bytes()
+        stats = m.stats()
+        assert stats["tiers"]["disk"]["errors"] >= 1 and stats["read_errors"] == 0
+
+
+def test_unreadable_source_file_fails_the_build_in_one_line(tmp_path: Path, local_store: str) -> None:
+    """A source whose file read fails (here: EIO from a cubefs mount over a damaged
+    pack) stops the build with the path and the reason, and no manifest."""
+    src = _small_tree(tmp_path)
+    inner = f"file://{tmp_path / 'inner'}"
+    run_cubefs("build", str(src), "--tag", "inner:1", "--store", inner)
+    pack = _only_pack(inner)
+    pack.write_bytes(pack.read_bytes()[:100])  # truncate: victim.bin can no longer be read
+    with mounted("inner:1", tmp_path / "mnt", inner, tmp_path / "cache"):
+        res = run_cubefs("build", str(tmp_path / "mnt"), "--tag", "outer:1", "--store", local_store, check=False)
+    assert res.returncode == 4, res.stderr
+    assert "cannot read" in res.stderr and "victim.bin" in res.stderr and "Input/output error" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert json.loads(run_cubefs("images", "--store", local_store, "--json").stdout) == []

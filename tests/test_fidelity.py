@@ -29,14 +29,17 @@ def test_directory_round_trip_is_exact(awkward_tree: tuple[Path, dict], tmp_path
     assert summary["stored_bytes"] < 12 * 1024 * 1024, summary
     assert summary["logical_bytes"] > BIG_SPARSE
 
-    with mounted("awkward:1", tmp_path / "mnt", store, tmp_path / "cache"):
+    with mounted("awkward:1", tmp_path / "mnt", store, tmp_path / "cache") as m:
         after = snapshot(tmp_path / "mnt")
         problems = diff(before, after)
         assert not problems, "\n".join(problems)
-        # Missing names stay missing (the kernel caches the negative answer).
-        for _ in range(2):
+        # Missing names stay missing, and the kernel caches the negative answer.
+        lookups = []
+        for _ in range(3):
             assert not (tmp_path / "mnt" / "no-such-file").exists()
             assert not (tmp_path / "mnt" / "names" / "no-such-file").exists()
+            lookups.append(m.stats()["requests"].get("lookup", 0))
+        assert lookups[0] == lookups[1] == lookups[2], lookups
         # Mounted read-only: writes are refused, not silently dropped.
         with pytest.raises(OSError) as err:
             (tmp_path / "mnt" / "new-file").write_bytes(b"x")
@@ -79,7 +82,7 @@ def test_tarball_round_trip(tmp_path: Path) -> None:
         assert not problems, f"{suffix}:\n" + "\n".join(problems)
 
 
-def test_directory_and_tarball_give_same_digest(tmp_path: Path) -> None:
+def test_directory_and_tarball_of_one_tree_share_every_chunk(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
     (src / "a").write_bytes(b"alpha\n")
@@ -138,3 +141,17 @@ def test_files_larger_than_one_read_are_streamed_identically(tmp_path: Path) -> 
     for tag in ("dir", "tar"):
         with mounted(f"big:{tag}", tmp_path / f"mnt-{tag}", store, tmp_path / f"cache-{tag}"):
             assert (tmp_path / f"mnt-{tag}" / "big.bin").read_bytes() == big
+
+
+def test_fresh_tree_builds_to_the_same_digest_twice(tmp_path: Path) -> None:
+    """No walk beforehand: the build itself must not change what it records
+    (reading files, listing directories and reading symlink targets)."""
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f").write_bytes(b"data\n" * 1000)
+    os.symlink("d/f", src / "link")
+    os.symlink("/abs/target", src / "d" / "abs")
+    store = f"file://{tmp_path / 'store'}"
+    digests = {json.loads(run_cubefs("build", str(src), "--tag", f"fresh:{i}", "--store", store, "--json").stdout)
+               ["image"] for i in range(3)}
+    assert len(digests) == 1, digests

@@ -183,3 +183,44 @@ def test_sigv4_matches_the_aws_documentation_example() -> None:
         "SignedHeaders=host;range;x-amz-content-sha256;x-amz-date, "
         "Signature=f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c6036bdb41"
     )
+
+
+def test_a_reader_giving_up_does_not_fail_others_waiting_on_the_same_chunk(tmp_path: Path) -> None:
+    """Fault injection: a store that answers after 1.5 s.  Reader A gives up at 0.5 s;
+    reader B, waiting on the same in-flight chunk with a longer deadline, gets it."""
+    from cubefs.remote.base import RetryingStore
+
+    chunk = os.urandom(10_000)
+    locs = _write_pack(tmp_path / "store", [chunk])
+    slow = make_store(f"file://{tmp_path / 'store'}")
+
+    class SlowStore(RetryingStore):
+        async def get_range(self, key: str, start: int, length: int) -> bytes:
+            import asyncio
+
+            await asyncio.sleep(1.5)
+            return await slow.get_range(key, start, length)
+
+    loop = LoopThread()
+    source = ChunkSource(SlowStore(slow.backend), loop, MemoryTier(1 << 20), None)
+    results: dict[str, object] = {}
+
+    async def reader(name: str, deadline: float) -> None:
+        try:
+            with trio.fail_after(deadline):
+                results[name] = await source.get_many(locs)
+        except trio.TooSlowError:
+            results[name] = "timeout"
+
+    async def main() -> None:
+        async with trio.open_nursery() as n:
+            source.start(n)
+            n.start_soon(reader, "a", 0.5)
+            await trio.sleep(0.2)
+            n.start_soon(reader, "b", 10.0)
+
+    try:
+        trio.run(main)
+    finally:
+        loop.close()
+    assert results == {"a": "timeout", "b": [chunk]}

@@ -63,3 +63,33 @@ def test_mounts_through_the_server_and_without_it(tmp_path: Path, local_store: s
         assert (tmp_path / "mnt3" / "hello").exists()
     finally:
         run_cubefs("umount", str(tmp_path / "mnt3"))
+
+
+def test_server_environment_does_not_leak_into_mounts(tmp_path: Path) -> None:
+    """The server was started with CUBEFS_STORE pointing at a store that has the image;
+    a client without CUBEFS_STORE must get its own default store (where it is not)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"x")
+    server_store = f"file://{tmp_path / 'server-store'}"
+    run_cubefs("build", str(src), "--tag", "leak:1", "--store", server_store)
+    sock = tmp_path / "serve.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "cubefs", "serve", "--socket", str(sock)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, **S3_ENV, "CUBEFS_STORE": server_store})
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        env = {k: v for k, v in os.environ.items() if k != "CUBEFS_STORE"}
+        env.update({"CUBEFS_SERVER": str(sock), "HOME": str(tmp_path / "home"), "XDG_DATA_HOME": ""})
+        res = subprocess.run([sys.executable, "-m", "cubefs", "mount", "leak:1", str(mnt), "--cache-dir",
+                              str(tmp_path / "c")], capture_output=True, text=True, env=env, timeout=60)
+        assert res.returncode == 3, res.stderr
+        assert str(tmp_path / "home") in res.stderr
+        assert not os.path.ismount(mnt)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -11,8 +11,10 @@ Runs on trio (the FUSE daemon's loop).  Invariants:
   :class:`ChunkUnavailable` (→ ``EIO``); nothing corrupt is cached.
 * **Few round trips.**  Missing chunks are grouped by pack and neighbouring
   ones merged into one ranged GET (gap ≤ ``merge_gap``, range ≤
-  ``max_range``); all ranges go out at once.  Ranges holding only read-ahead
-  chunks run in the background, so a reader waits only for what it asked.
+  ``max_range``); all ranges go out at once, in the source's long-lived
+  nursery.  A reader waits only on the flights of the chunks it asked for,
+  under its own deadline; giving up cancels its wait, never a fetch that
+  other readers share.
 * CPU work (decompression, hashing, disk I/O) runs in worker threads via
   ``trio.to_thread``; the C libraries release the GIL.
 """
@@ -163,23 +165,26 @@ class ChunkSource:
         flight.event.set()
 
     async def _load(self, mine: dict[bytes, tuple[ChunkLocation, _Flight]], wanted: set[bytes]) -> None:
-        background: list[list[tuple[ChunkLocation, _Flight]]] = []
+        handed: set[bytes] = set()
         try:
             missing = await self._from_disk(mine, wanted)
             foreground, background = self._plan(missing, wanted)
-            if self._nursery is None:
-                foreground, background = foreground + background, []
-            for rng in background:
-                self._nursery.start_soon(self._fetch_quietly, rng)  # type: ignore[union-attr]
-            if foreground:
+            if self._nursery is not None:
+                # Fetches run in the long-lived nursery, not in this reader's task: a
+                # reader that gives up (its own deadline) must not fail the other
+                # readers waiting on the same flights.  Readers wait on the events.
+                for rng in foreground + background:
+                    self._nursery.start_soon(self._fetch_quietly, rng)
+                    handed.update(r.digest for r, _f in rng)
+            elif foreground or background:
                 async with trio.open_nursery() as n:
-                    for rng in foreground:
+                    for rng in foreground + background:
                         n.start_soon(self._fetch_quietly, rng)
         finally:
-            # A flight still open here was cut short (cancelled): fail it, don't orphan its waiters.
-            later = {r.digest for rng in background for r, _f in rng}
+            # A flight neither resolved nor handed to a fetch was cut short: fail it,
+            # never orphan its waiters.
             for d, (_r, flight) in mine.items():
-                if d not in later:
+                if d not in handed:
                     self._resolve(flight, d, None, f"chunk {d.hex()[:16]}: read was cancelled")
 
     async def _from_disk(

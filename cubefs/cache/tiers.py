@@ -98,7 +98,10 @@ class DiskTier:
         try:
             with open(path, "rb") as f:
                 data = f.read()
-        except FileNotFoundError:
+        except OSError as err:  # gone, unreadable, replaced by a directory...: a miss
+            if not isinstance(err, FileNotFoundError):
+                log.warning("disk cache: cannot read chunk %s (%s): %s", digest.hex()[:16], path, err)
+                self.stats.errors += 1
             with self._lock:
                 self._drop(digest)
             return None

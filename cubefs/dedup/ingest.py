@@ -28,7 +28,7 @@ import zstandard
 from pyfastcdc import FastCDC
 
 from cubefs.dedup.tree import ChunkBatch
-from cubefs.errors import CubefsError
+from cubefs.errors import BadInputError, CubefsError
 from cubefs.format.packs import (
     CODEC_RAW,
     CODEC_ZSTD,
@@ -123,7 +123,10 @@ class Ingest:
             if self._batch_bytes >= BATCH_BYTES or len(self._batch) >= 256:
                 self.flush_files()
             return
-        fd = open_nofollow(path)
+        try:
+            fd = open_nofollow(path)
+        except OSError as err:
+            raise BadInputError(f"cannot read {os.fsdecode(path)}: {err.strerror}") from None
         try:
             for start, end in data_regions(fd, st_size):
                 if end - start <= WHOLE_READ:
@@ -155,8 +158,10 @@ class Ingest:
 
         def done(f: Future[list[list[tuple[int, bytes, int]]]]) -> None:
             self._budget.give(nbytes)
-            if f.exception() is not None:
-                fut.set_exception(f.exception())  # type: ignore[arg-type]
+            err = f.exception()
+            if err is not None:
+                self._fail(err)
+                fut.set_exception(err)
             else:
                 fut.set_result(f.result())
 
@@ -203,8 +208,19 @@ class Ingest:
         self._check_failed()
         self._budget.take(nbytes)
         fut = self._pool.submit(self._process, batch)
-        fut.add_done_callback(lambda _f: self._budget.give(nbytes))
+
+        def done(f: Future[list[tuple[int, bytes, int]]]) -> None:
+            self._budget.give(nbytes)
+            if f.exception() is not None:
+                self._fail(f.exception())  # type: ignore[arg-type]
+
+        fut.add_done_callback(done)
         extents.append(fut)
+
+    def _fail(self, err: BaseException) -> None:
+        """Remember the first failure; the source thread raises it at its next step."""
+        if self._error is None:
+            self._error = err
 
     def _check_failed(self) -> None:
         if self._error is not None:
@@ -227,11 +243,14 @@ class Ingest:
     def _files_job(self, files: list[tuple[bytes, int]]) -> list[list[tuple[int, bytes, int]]]:
         out = []
         for path, size in files:
-            fd = open_nofollow(path)
             try:
-                data = _pread_all(fd, size, 0)
-            finally:
-                os.close(fd)
+                fd = open_nofollow(path)
+                try:
+                    data = _pread_all(fd, size, 0)
+                finally:
+                    os.close(fd)
+            except OSError as err:
+                raise BadInputError(f"cannot read {os.fsdecode(path)}: {err.strerror}") from None
             out.append(self._process(self._cut(data, 0)))
         return out
 
@@ -279,8 +298,8 @@ class Ingest:
 
         def done(f: Future[None]) -> None:
             self._upload_slots.release()
-            if f.exception() is not None and self._error is None:
-                self._error = f.exception()
+            if f.exception() is not None:
+                self._fail(f.exception())  # type: ignore[arg-type]
 
         fut.add_done_callback(done)
         with self._lock:
@@ -300,6 +319,7 @@ class Ingest:
         """Wait for every chunk job, upload the last pack, wait for every upload."""
         self.flush_files()
         self._pool.shutdown(wait=True)
+        self._check_failed()
         if len(self._pack.entries):
             self._seal(self._pack)
             self._pack = _PackWriter()

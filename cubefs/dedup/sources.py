@@ -13,6 +13,7 @@ build never resolves it.
 
 from __future__ import annotations
 
+import base64
 import errno
 import os
 import stat
@@ -20,6 +21,7 @@ import tarfile
 from collections.abc import Callable
 from decimal import Decimal
 from typing import IO
+from urllib.parse import unquote_to_bytes
 
 import zstandard
 
@@ -112,6 +114,9 @@ def scan_directory(src: str, ingest: Ingest, tick: Tick) -> Node:
                 stack.append((path, node))
             elif stat.S_ISLNK(st.st_mode):
                 node.target = os.readlink(path)
+                # readlink updates the link's atime (relatime) and no flag prevents it:
+                # record the atime it leaves, so building the tree again sees the same.
+                node.atime_ns = os.lstat(path).st_atime_ns
             elif stat.S_ISREG(st.st_mode):
                 ingest.add_file(path, st.st_size, st.st_blocks, node.extents)
                 files += 1
@@ -147,6 +152,8 @@ def _member_parts(name: str, tarball: str, what: str = "member") -> list[bytes]:
     parts = [p for p in raw.split(b"/") if p not in (b"", b".")]
     if b".." in parts:
         raise BadInputError(f"tarball {tarball}: {what} {name!r} escapes the tree ('..' component)")
+    if any(len(p) > 255 or b"\0" in p for p in parts):
+        raise BadInputError(f"tarball {tarball}: {what} {name[:80]!r}... has a name over 255 bytes or a NUL")
     return parts
 
 
@@ -185,8 +192,12 @@ def _tar_node(m: tarfile.TarInfo) -> Node:
     if m.ischr() or m.isblk():
         node.rdev = os.makedev(m.devmajor, m.devminor)
     for key, value in m.pax_headers.items():
-        if key.startswith("SCHILY.xattr."):
+        if key.startswith("SCHILY.xattr."):  # GNU tar, star
             node.xattrs.append((key[13:].encode("utf-8", "surrogateescape"), value.encode("utf-8", "surrogateescape")))
+        elif key.startswith("LIBARCHIVE.xattr."):  # bsdtar: URL-encoded name, base64 value
+            name = unquote_to_bytes(key[17:])
+            if all(n != name for n, _v in node.xattrs):
+                node.xattrs.append((name, base64.b64decode(value + "=" * (-len(value) % 4))))
     if m.issym():
         node.target = m.linkname.encode("utf-8", "surrogateescape")
     if m.isdir():

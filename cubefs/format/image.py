@@ -110,7 +110,7 @@ def check_header(doc: Any, magic: str, supported: int, what: str) -> None:
     if not isinstance(doc, dict) or doc.get("magic") != magic:
         raise CorruptDataError(f"{what}: not a {magic} object")
     version = doc.get("version")
-    if version != supported:
+    if type(version) is not int or version != supported:
         raise FormatVersionError(
             f"{what}: format version {version!r} is not supported (this cubefs reads version {supported}); "
             "upgrade cubefs"

@@ -144,7 +144,8 @@ class HttpPool:
         self.host = u.hostname
         self.port = u.port or (443 if self.tls else 80)
         default_port = (self.tls and self.port == 443) or (not self.tls and self.port == 80)
-        self.host_header = self.host if default_port else f"{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host  # IPv6 literal
+        self.host_header = host if default_port else f"{host}:{self.port}"
         self.base_path = u.path.rstrip("/")
         self._idle: deque[_Conn] = deque()
         self._slots = asyncio.Semaphore(size)
@@ -196,13 +197,17 @@ class HttpPool:
         elif "chunked" in resp_headers.get("transfer-encoding", "").lower():
             chunks = []
             while True:
-                size = int((await conn.reader.readline()).split(b";")[0].strip() or b"0", 16)
+                line = await conn.reader.readline()
+                if not line.endswith(b"\n"):  # EOF mid-body: a truncated response, never a short success
+                    raise asyncio.IncompleteReadError(line, None)
+                size = int(line.split(b";")[0].strip() or b"0", 16)
                 if size == 0:
                     while (await conn.reader.readline()) not in (b"\r\n", b"\n", b""):
                         pass
                     break
                 chunks.append(await conn.reader.readexactly(size))
-                await conn.reader.readexactly(2)
+                if await conn.reader.readexactly(2) != b"\r\n":
+                    raise ValueError("malformed chunked encoding")
             data = b"".join(chunks)
         elif "content-length" in resp_headers:
             data = await conn.reader.readexactly(int(resp_headers["content-length"]))
