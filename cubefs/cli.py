@@ -80,6 +80,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", required=True, metavar="NAME:TAG", help="name of the image, e.g. debian:12")
     _store_args(p)
     p.add_argument("--workers", type=int, default=0, help="hash/compress threads (default: one per core)")
+    p.add_argument("--level", type=int, default=3, choices=range(-7, 20), metavar="N",
+                   help="zstd level for new chunks, -7..19 (default 3; 1 builds ~15%% faster for ~2.5%% more bytes)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress line even on a terminal")
 
@@ -159,7 +161,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     progress = Progress(f"building {args.tag}", enabled=None if not args.no_progress else False)
     try:
-        result = build(args.src, args.tag, args.store, args.s3_endpoint, tick=progress.tick, workers=args.workers)
+        result = build(args.src, args.tag, args.store, args.s3_endpoint, tick=progress.tick,
+                       workers=args.workers, level=args.level)
     finally:
         progress.done()
     if args.json:

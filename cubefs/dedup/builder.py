@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
-from cubefs.dedup.ingest import Ingest, chunker_params
+from cubefs.dedup.ingest import ZSTD_LEVEL, Ingest, chunker_params
 from cubefs.dedup.sources import Tick, is_tarball, scan_directory, scan_tarball
 from cubefs.dedup.tree import number_tree
 from cubefs.errors import CorruptDataError, ObjectNotFoundError
@@ -97,6 +97,7 @@ def build(
     s3_endpoint: str | None = None,
     tick: Tick | None = None,
     workers: int = 0,
+    level: int = ZSTD_LEVEL,
 ) -> BuildResult:
     name, tag = parse_ref(ref)
     t0 = time.monotonic()
@@ -105,7 +106,7 @@ def build(
     try:
         loop.run(store.open())
         known = loop.run(load_known_chunks(store))
-        ingest = Ingest(store, loop, known, workers=workers)
+        ingest = Ingest(store, loop, known, workers=workers, level=level)
         try:
             scan = scan_tarball if is_tarball(src) else scan_directory
             root = scan(src, ingest, tick or (lambda _f, _b: None))

@@ -89,10 +89,18 @@ class _PackWriter:
 
 
 class Ingest:
-    def __init__(self, store: Store, loop: LoopThread, known: dict[bytes, ChunkLocation], workers: int = 0) -> None:
+    def __init__(
+        self,
+        store: Store,
+        loop: LoopThread,
+        known: dict[bytes, ChunkLocation],
+        workers: int = 0,
+        level: int = ZSTD_LEVEL,
+    ) -> None:
         self.store = store
         self.loop = loop
         self.known = known
+        self.level = level
         self.stats = IngestStats()
         self._claimed: set[bytes] = set()
         self._lock = threading.Lock()
@@ -237,7 +245,7 @@ class Ingest:
     def _compressor(self) -> zstandard.ZstdCompressor:
         z = getattr(self._tls, "z", None)
         if z is None:
-            z = self._tls.z = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+            z = self._tls.z = zstandard.ZstdCompressor(level=self.level)
         return z
 
     def _files_job(self, files: list[tuple[bytes, int]]) -> list[list[tuple[int, bytes, int]]]:
