@@ -91,7 +91,9 @@ def prometheus_text(stats: dict[str, Any]) -> str:
     return "\n".join(_metric_lines(stats, labels)) + "\n"
 
 
-async def serve_control(path: str, get_stats: Callable[[], dict[str, Any]]) -> None:
+async def serve_control(
+    path: str, get_stats: Callable[[], dict[str, Any]], *, task_status: Any = None
+) -> None:
     """Serve /stats and /metrics on a unix socket until cancelled."""
     import trio  # here, not at the top: the CLI imports this module and must start fast
     try:
@@ -131,6 +133,8 @@ async def serve_control(path: str, get_stats: Callable[[], dict[str, Any]]) -> N
             with contextlib.suppress(Exception):
                 await stream.aclose()
 
+    if task_status is not None:
+        task_status.started()  # bound and listening: 'cubefs stats' works from here on
     await trio.serve_listeners(handle, [listener])
 
 

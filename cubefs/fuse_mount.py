@@ -289,7 +289,7 @@ def run_daemon(opts: MountOptions, notify: Any = None) -> int:
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             source.start(nursery)
-            nursery.start_soon(control.serve_control, control.socket_path(mountpoint), get_stats)
+            await nursery.start(control.serve_control, control.socket_path(mountpoint), get_stats)
 
             def stop(*_a: object) -> None:
                 pyfuse3.terminate()

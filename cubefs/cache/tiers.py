@@ -136,6 +136,8 @@ class DiskTier:
             self.stats.errors += 1
             return
         with self._lock:
+            if digest in self._index:  # another thread stored it meanwhile: count it once
+                return
             self._index[digest] = len(data)
             self._used += len(data)
             victims = []
