@@ -117,9 +117,6 @@ class ImageFS:
             raise FsError(errno.ENOENT)
         return ino
 
-    def lookup(self, parent: int, name: bytes) -> Attr:
-        return self.getattr(self.lookup_ino(parent, name))
-
     def readdir(self, ino: int, start: int) -> Iterator[tuple[bytes, int, int]]:
         """Entries from index ``start``: (name, ino, next offset), lazily: a transport
         stops when its reply buffer is full, so a listing stays linear in its size."""
