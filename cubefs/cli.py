@@ -143,17 +143,10 @@ def setup_logging(verbose: int, daemon: bool = False) -> None:
 
 
 def _with_store(args: argparse.Namespace, fn: Any) -> Any:
-    from cubefs.remote import make_store
-    from cubefs.remote.loop import LoopThread
+    from cubefs.remote import store_session
 
-    loop = LoopThread()
-    store = make_store(args.store, args.s3_endpoint)
-    try:
-        loop.run(store.open(create=False))
+    with store_session(args.store, args.s3_endpoint) as (loop, store):
         return loop.run(fn(store))
-    finally:
-        loop.run(store.close())
-        loop.close()
 
 
 def cmd_build(args: argparse.Namespace) -> int:

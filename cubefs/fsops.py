@@ -117,6 +117,10 @@ class ImageFS:
             raise FsError(errno.ENOENT)
         return ino
 
+    def opendir(self, ino: int) -> None:
+        if not stat.S_ISDIR(self._record(ino)[F_MODE]):
+            raise FsError(errno.ENOTDIR)
+
     def readdir(self, ino: int, start: int) -> Iterator[tuple[bytes, int, int]]:
         """Entries from index ``start``: (name, ino, next offset), lazily: a transport
         stops when its reply buffer is full, so a listing stays linear in its size."""

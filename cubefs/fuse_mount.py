@@ -30,7 +30,7 @@ from cubefs.cache.source import ChunkSource
 from cubefs.cache.tiers import DiskTier, MemoryTier
 from cubefs.catalog import load_image, load_manifest
 from cubefs.fsops import Attr, FsError, ImageFS
-from cubefs.remote import RetryPolicy, make_store
+from cubefs.remote import RetryingStore, RetryPolicy, store_session
 from cubefs.remote.loop import LoopThread
 
 log = logging.getLogger(__name__)
@@ -58,30 +58,34 @@ def _entry(a: Attr) -> pyfuse3.EntryAttributes:
     return e
 
 
-def _never_fatal(method: Any) -> Any:
-    """pyfuse3 ends its main loop on any exception but FUSEError, which unmounts the
-    filesystem: turn every unexpected error into EIO for that one request."""
+def _request(method: Any) -> Any:
+    """Every FUSE handler goes through here: count it by operation, turn FsError into
+    its errno, and any other exception into EIO for that one request -- pyfuse3
+    ends its main loop (unmounting the filesystem) on anything but FUSEError."""
+    name = method.__name__
 
     @functools.wraps(method)
-    async def wrapper(self: Any, *args: Any) -> Any:
+    async def wrapper(self: FuseOps, *args: Any) -> Any:
+        self.ops[name] += 1
         try:
             return await method(self, *args)
         except pyfuse3.FUSEError:
             raise
+        except FsError as err:
+            raise pyfuse3.FUSEError(err.errno) from None
         except Exception:
-            log.exception("FUSE %s%r failed; answering EIO", method.__name__, args[:2])
+            log.exception("FUSE %s%r failed; answering EIO", name, args[:2])
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     return wrapper
 
 
 class FuseOps(pyfuse3.Operations):
-    """Thin: every method translates types and errors, nothing more."""
+    """Thin: every method translates types; ``_request`` translates errors."""
 
     def __init__(self, fs: ImageFS) -> None:
         super().__init__()
         self.fs = fs
-        self.reads = 0
         self.read_bytes = 0
         self.ops: Counter[str] = Counter()  # requests by operation, for stats and metrics
         # The image never changes, so an inode's reply is built once; a directory
@@ -94,93 +98,60 @@ class FuseOps(pyfuse3.Operations):
             e = self._entries[ino] = _entry(self.fs.getattr(ino))
         return e
 
-    @_never_fatal
+    @_request
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:  # type: ignore[override]
-        self.ops["lookup"] += 1
         try:
-            ino = self.fs.lookup_ino(parent_inode, name)
-            return self._entry_of(ino)
+            return self._entry_of(self.fs.lookup_ino(parent_inode, name))
         except FsError as err:
-            if err.errno == errno.ENOENT:
-                # A negative entry (ino 0) the kernel caches: Python probes many
-                # paths that do not exist, and the image never changes.
-                neg = pyfuse3.EntryAttributes()
-                neg.st_ino = 0  # type: ignore[assignment]
-                neg.entry_timeout = CACHE_TIMEOUT
-                return neg
-            raise pyfuse3.FUSEError(err.errno) from None
+            if err.errno != errno.ENOENT:
+                raise
+            # A negative entry (ino 0) the kernel caches: Python probes many
+            # paths that do not exist, and the image never changes.
+            neg = pyfuse3.EntryAttributes()
+            neg.st_ino = 0  # type: ignore[assignment]
+            neg.entry_timeout = CACHE_TIMEOUT
+            return neg
 
-    @_never_fatal
+    @_request
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:  # type: ignore[override]
-        self.ops["getattr"] += 1
-        try:
-            return self._entry_of(inode)
-        except FsError as err:
-            raise pyfuse3.FUSEError(err.errno) from None
+        return self._entry_of(inode)
 
-    @_never_fatal
+    @_request
     async def readlink(self, inode: int, ctx: Any) -> bytes:  # type: ignore[override]
-        self.ops["readlink"] += 1
-        try:
-            return self.fs.readlink(inode)
-        except FsError as err:
-            raise pyfuse3.FUSEError(err.errno) from None
+        return self.fs.readlink(inode)
 
-    @_never_fatal
+    @_request
     async def opendir(self, inode: int, ctx: Any) -> int:  # type: ignore[override]
-        self.ops["opendir"] += 1
-        try:
-            self.fs.readdir(inode, 0)
-        except FsError as err:
-            raise pyfuse3.FUSEError(err.errno) from None
+        self.fs.opendir(inode)
         return inode
 
-    @_never_fatal
+    @_request
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:  # type: ignore[override]
-        self.ops["readdir"] += 1
         for name, ino, nxt in self.fs.readdir(fh, start_id):
             if not pyfuse3.readdir_reply(token, name, self._entry_of(ino), nxt):  # type: ignore[arg-type]
                 break
 
-    @_never_fatal
+    @_request
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:  # type: ignore[override]
-        self.ops["open"] += 1
-        try:
-            self.fs.open(inode, flags)
-        except FsError as err:
-            raise pyfuse3.FUSEError(err.errno) from None
+        self.fs.open(inode, flags)
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)  # type: ignore[arg-type]
 
-    @_never_fatal
+    @_request
     async def read(self, fh: int, off: int, size: int) -> bytes:  # type: ignore[override]
-        self.ops["read"] += 1
-        try:
-            data = await self.fs.read(fh, off, size)
-        except FsError as err:
-            raise pyfuse3.FUSEError(err.errno) from None
-        self.reads += 1
+        data = await self.fs.read(fh, off, size)
         self.read_bytes += len(data)
         return data
 
-    @_never_fatal
+    @_request
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:  # type: ignore[override]
-        self.ops["getxattr"] += 1
-        try:
-            return self.fs.getxattr(inode, name)
-        except FsError as err:
-            raise pyfuse3.FUSEError(err.errno) from None
+        return self.fs.getxattr(inode, name)
 
-    @_never_fatal
+    @_request
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:  # type: ignore[override]
-        self.ops["listxattr"] += 1
-        try:
-            return self.fs.listxattr(inode)
-        except FsError as err:
-            raise pyfuse3.FUSEError(err.errno) from None
+        return self.fs.listxattr(inode)
 
-    @_never_fatal
+    @_request
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:  # type: ignore[override]
-        self.ops["statfs"] += 1
         s = self.fs.statfs()
         st = pyfuse3.StatvfsData()
         st.f_bsize = st.f_frsize = s["bsize"]
@@ -191,23 +162,22 @@ class FuseOps(pyfuse3.Operations):
         st.f_namemax = s["namemax"]
         return st
 
+    @_request
     async def flush(self, fh: int) -> None:  # type: ignore[override]
         # ENOSYS once makes the kernel stop sending FLUSH on every close(): a
         # read-only image has nothing to flush, and each request is a round trip.
-        self.ops["flush"] += 1
         raise pyfuse3.FUSEError(errno.ENOSYS)
 
-    @_never_fatal
+    @_request
     async def release(self, fh: int) -> None:  # type: ignore[override]
-        self.ops["release"] += 1
+        pass
 
-    @_never_fatal
+    @_request
     async def releasedir(self, fh: int) -> None:  # type: ignore[override]
-        self.ops["releasedir"] += 1
+        pass
 
-    @_never_fatal
+    @_request
     async def access(self, inode: int, mode: int, ctx: Any) -> bool:  # type: ignore[override]
-        self.ops["access"] += 1
         if mode & os.W_OK:
             raise pyfuse3.FUSEError(errno.EROFS)
         return True
@@ -232,22 +202,16 @@ class MountOptions:
 
 def run_daemon(opts: MountOptions, notify: Any = None) -> int:
     """Mount and serve until unmounted; ``notify(msg)`` reports ready or an error."""
+    policy = RetryPolicy(attempts=opts.store_attempts, timeout=opts.store_timeout, max_backoff=1.0)
+    with store_session(opts.store_url, opts.s3_endpoint, policy=policy) as (loop, store):
+        return _serve_image(opts, notify, loop, store)
+
+
+def _serve_image(opts: MountOptions, notify: Any, loop: LoopThread, store: RetryingStore) -> int:
     mountpoint = os.path.abspath(opts.mountpoint)
-    loop = LoopThread()
-    store = make_store(
-        opts.store_url,
-        opts.s3_endpoint,
-        RetryPolicy(attempts=opts.store_attempts, timeout=opts.store_timeout, max_backoff=1.0),
-    )
     t0 = time.monotonic()
-    try:
-        loop.run(store.open(create=False))
-        manifest = loop.run(load_manifest(store, opts.ref))
-        image, chunkmap = loop.run(load_image(store, manifest))
-    except BaseException:
-        loop.run(store.close())
-        loop.close()
-        raise
+    manifest = loop.run(load_manifest(store, opts.ref))
+    image, chunkmap = loop.run(load_image(store, manifest))
     log.info(
         "image %s (sha256:%s): %d inodes, metadata loaded in %.3fs from %s",
         manifest.ref, image.digest[:12], len(image), time.monotonic() - t0, store.url,
@@ -272,7 +236,7 @@ def run_daemon(opts: MountOptions, notify: Any = None) -> int:
             "mountpoint": mountpoint,
             "store": store.url,
             "pid": os.getpid(),
-            "reads": ops.reads,
+            "reads": ops.ops["read"] - fs.read_errors,
             "read_bytes": ops.read_bytes,
             "read_errors": fs.read_errors,
             "requests": dict(ops.ops),
@@ -302,7 +266,6 @@ def run_daemon(opts: MountOptions, notify: Any = None) -> int:
             await pyfuse3.main(max_tasks=128)
             nursery.cancel_scope.cancel()
 
-    unmount = True
     try:
         trio.run(main)
     except BaseException:
@@ -310,10 +273,8 @@ def run_daemon(opts: MountOptions, notify: Any = None) -> int:
         raise
     finally:
         try:
-            pyfuse3.close(unmount=unmount)
+            pyfuse3.close(unmount=True)
         finally:
             control.remove_registry(mountpoint)
-            loop.run(store.close())
-            loop.close()
             log.info("unmounted %s", mountpoint)
     return 0

@@ -167,18 +167,17 @@ class ChunkSource:
     async def _load(self, mine: dict[bytes, tuple[ChunkLocation, _Flight]], wanted: set[bytes]) -> None:
         handed: set[bytes] = set()
         try:
-            missing = await self._from_disk(mine, wanted)
-            foreground, background = self._plan(missing, wanted)
+            ranges = self._plan(await self._from_disk(mine, wanted))
             if self._nursery is not None:
                 # Fetches run in the long-lived nursery, not in this reader's task: a
                 # reader that gives up (its own deadline) must not fail the other
                 # readers waiting on the same flights.  Readers wait on the events.
-                for rng in foreground + background:
+                for rng in ranges:
                     self._nursery.start_soon(self._fetch_quietly, rng)
                     handed.update(r.digest for r, _f in rng)
-            elif foreground or background:
+            elif ranges:
                 async with trio.open_nursery() as n:
-                    for rng in foreground + background:
+                    for rng in ranges:
                         n.start_soon(self._fetch_quietly, rng)
         finally:
             # A flight neither resolved nor handed to a fetch was cut short: fail it,
@@ -212,15 +211,12 @@ class ChunkSource:
                 self._resolve(mine[d][1], d, data)
         return missing
 
-    def _plan(
-        self, items: list[tuple[ChunkLocation, _Flight]], wanted: set[bytes]
-    ) -> tuple[list[list[tuple[ChunkLocation, _Flight]]], list[list[tuple[ChunkLocation, _Flight]]]]:
-        """Merge chunks into ranges per pack; split them into awaited and background."""
+    def _plan(self, items: list[tuple[ChunkLocation, _Flight]]) -> list[list[tuple[ChunkLocation, _Flight]]]:
+        """Merge chunks into ranges per pack: one ranged GET each."""
         by_pack: dict[str, list[tuple[ChunkLocation, _Flight]]] = defaultdict(list)
         for item in items:
             by_pack[item[0].pack].append(item)
-        fg: list[list[tuple[ChunkLocation, _Flight]]] = []
-        bg: list[list[tuple[ChunkLocation, _Flight]]] = []
+        ranges: list[list[tuple[ChunkLocation, _Flight]]] = []
         for pack_items in by_pack.values():
             pack_items.sort(key=lambda it: it[0].offset)
             cur: list[tuple[ChunkLocation, _Flight]] = []
@@ -230,12 +226,12 @@ class ChunkSource:
                     start = cur[0][0].offset
                     end = cur[-1][0].offset + cur[-1][0].stored_len
                     if r.offset - end > self.merge_gap or r.offset + r.stored_len - start > self.max_range:
-                        (fg if any(c.digest in wanted for c, _f in cur) else bg).append(cur)
+                        ranges.append(cur)
                         cur = []
                 cur.append(item)
             if cur:
-                (fg if any(c.digest in wanted for c, _f in cur) else bg).append(cur)
-        return fg, bg
+                ranges.append(cur)
+        return ranges
 
     async def _fetch_quietly(self, rng: list[tuple[ChunkLocation, _Flight]]) -> None:
         try:

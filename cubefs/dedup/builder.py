@@ -28,9 +28,8 @@ from cubefs.format.packs import (
     encode_chunkmap,
     image_key,
 )
-from cubefs.remote import make_store
+from cubefs.remote import store_session
 from cubefs.remote.base import Store
-from cubefs.remote.loop import LoopThread
 
 log = logging.getLogger(__name__)
 
@@ -101,10 +100,7 @@ def build(
 ) -> BuildResult:
     name, tag = parse_ref(ref)
     t0 = time.monotonic()
-    loop = LoopThread()
-    store = make_store(store_url, s3_endpoint)
-    try:
-        loop.run(store.open())
+    with store_session(store_url, s3_endpoint, create=True) as (loop, store):
         known = loop.run(load_known_chunks(store))
         ingest = Ingest(store, loop, known, workers=workers, level=level)
         try:
@@ -153,8 +149,3 @@ def build(
         result.bytes_uploaded = uploaded
         result.seconds = time.monotonic() - t0
         return result
-    finally:
-        try:
-            loop.run(store.close())
-        finally:
-            loop.close()

@@ -1,9 +1,10 @@
 """The chunk pipeline of a build: cut, hash, dedup, compress, pack, upload.
 
-The source thread reads file data and cuts it (FastCDC, ~5 GB/s); each chunk
-becomes a job for a worker thread, which hashes it (SHA-256) and, if neither
-the store nor this build has it yet, compresses it (zstd) and appends it to
-the open pack.  hashlib and zstandard release the GIL, so the workers use
+The source thread walks the tree.  Small files go to worker threads in
+batches of ~4 MiB, which read, cut (FastCDC), hash (SHA-256) and, for chunks
+neither the store nor this build has yet, compress (zstd) and append them to
+the open pack; large or sparse files are read and cut by the source thread
+and their chunks handed over in batches the same way.  hashlib and zstandard release the GIL, so the workers use
 both cores.  Full packs are uploaded on the store's loop thread while the
 workers go on; a pack's index is written only after the pack itself, so an
 index never names a pack that is not there.
@@ -60,14 +61,9 @@ def chunker_params() -> dict[str, object]:
 
 @dataclass
 class IngestStats:
-    files: int = 0
-    logical_bytes: int = 0
     chunk_refs: int = 0
     new_chunks: int = 0
-    new_plain_bytes: int = 0
     new_stored_bytes: int = 0
-    reused_chunks: int = 0
-    packs_uploaded: int = 0
     bytes_uploaded: int = 0
 
 
@@ -270,9 +266,7 @@ class Ingest:
             self.stats.chunk_refs += len(batch)
             mine = []
             for i, d in enumerate(digests):
-                if d in self.known:
-                    self.stats.reused_chunks += 1
-                elif d not in self._claimed:
+                if d not in self.known and d not in self._claimed:
                     self._claimed.add(d)
                     mine.append(i)
         z = self._compressor()
@@ -288,7 +282,6 @@ class Ingest:
                     plain = len(batch[i][1])
                     self._pack.add(digests[i], plain, codec, payload)
                     self.stats.new_chunks += 1
-                    self.stats.new_plain_bytes += plain
                     self.stats.new_stored_bytes += len(payload)
                     if self._pack.size >= PACK_TARGET:
                         sealed.append(self._pack)
@@ -319,7 +312,6 @@ class Ingest:
         await self.store.put(pack_key(name), data)
         index = encode_index(name, len(data), locs)
         await self.store.put(index_key(name), index)
-        self.stats.packs_uploaded += 1
         self.stats.bytes_uploaded += len(data) + len(index)
 
     # -- end of the build ----------------------------------------------------

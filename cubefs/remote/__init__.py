@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from cubefs.errors import UsageError
 from cubefs.remote.base import RetryingStore, RetryPolicy, Store, StoreStats
 
-__all__ = ["RetryPolicy", "RetryingStore", "Store", "StoreStats", "default_store_url", "make_store"]
+if TYPE_CHECKING:
+    from cubefs.remote.loop import LoopThread
+
+__all__ = ["RetryPolicy", "RetryingStore", "Store", "StoreStats", "default_store_url", "make_store", "store_session"]
 
 
 def default_store_url() -> str:
@@ -40,3 +46,24 @@ def make_store(url: str | None, s3_endpoint: str | None = None, policy: RetryPol
     else:
         raise UsageError(f"unknown store URL {url!r}: use file:///abs/dir or s3://bucket/prefix")
     return RetryingStore(backend, policy)
+
+
+@contextlib.contextmanager
+def store_session(
+    url: str | None, s3_endpoint: str | None = None, *, create: bool = False, policy: RetryPolicy | None = None
+) -> Iterator[tuple[LoopThread, RetryingStore]]:
+    """An opened store and the loop thread it runs on, both closed on exit.
+
+    ``create`` makes a missing bucket or directory (writers); readers leave it off."""
+    from cubefs.remote.loop import LoopThread
+
+    loop = LoopThread()
+    store = make_store(url, s3_endpoint, policy)
+    try:
+        loop.run(store.open(create=create))
+        yield loop, store
+    finally:
+        try:
+            loop.run(store.close())
+        finally:
+            loop.close()
