@@ -3,7 +3,6 @@ and helpers that drive the real ``cubefs`` CLI and real FUSE mounts."""
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import os
@@ -179,8 +178,4 @@ def local_store(tmp_path: Path) -> str:
     return f"file://{tmp_path / 'store'}"
 
 
-@contextlib.contextmanager
-def mounted(ref: str, mountpoint: Path, store: str, cache_dir: Path, *extra: str,
-            s3_endpoint: str | None = None) -> Iterator[Mount]:
-    with Mount(ref, mountpoint, store, cache_dir, *extra, s3_endpoint=s3_endpoint) as m:
-        yield m
+mounted = Mount  # `with mounted(ref, mnt, store, cache, *options) as m:` in the tests

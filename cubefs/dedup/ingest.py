@@ -380,9 +380,9 @@ class _ByteBudget:
 NOATIME = getattr(os, "O_NOATIME", 0)
 
 
-def open_nofollow(path: bytes) -> int:
+def open_nofollow(path: bytes, extra: int = 0) -> int:
     """Open for reading without following a symlink or touching the atime."""
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | extra
     try:
         return os.open(path, flags | NOATIME)
     except PermissionError:  # O_NOATIME needs ownership (or CAP_FOWNER)

@@ -25,7 +25,7 @@ from urllib.parse import unquote_to_bytes
 
 import zstandard
 
-from cubefs.dedup.ingest import NOATIME, WHOLE_READ, Ingest
+from cubefs.dedup.ingest import WHOLE_READ, Ingest, open_nofollow
 from cubefs.dedup.tree import Node, new_dir
 from cubefs.errors import BadInputError, NotFoundError
 
@@ -64,11 +64,7 @@ def _node_from_stat(st: os.stat_result) -> Node:
 
 def _list_dir(path: bytes) -> list[bytes]:
     """List a directory without touching its atime, so a rebuild sees the same tree."""
-    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        fd = os.open(path, flags | NOATIME)
-    except PermissionError:
-        fd = os.open(path, flags)
+    fd = open_nofollow(path, os.O_DIRECTORY)
     try:
         return [os.fsencode(n) for n in os.listdir(fd)]
     finally:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import configparser
 import datetime
+import functools
 import hashlib
 import hmac
 import os
@@ -87,22 +88,19 @@ def sign_v4(
     now = now or datetime.datetime.now(datetime.UTC)
     amz_date = now.strftime("%Y%m%dT%H%M%SZ")
     day = amz_date[:8]
-    out = dict(headers)
+    out = {k.lower(): v for k, v in headers.items()}
     out["host"] = host
     out["x-amz-date"] = amz_date
     out["x-amz-content-sha256"] = payload_hash
     if creds.token:
         out["x-amz-security-token"] = creds.token
-    signed = sorted(k.lower() for k in out)
-    canon_headers = "".join(f"{k}:{' '.join(str(out[_orig(out, k)]).split())}\n" for k in signed)
+    signed = sorted(out)
+    canon_headers = "".join(f"{k}:{' '.join(str(out[k]).split())}\n" for k in signed)
     canon_query = _query_string(query)
     canonical = "\n".join([method, _uri_encode(path), canon_query, canon_headers, ";".join(signed), payload_hash])
     scope = f"{day}/{region}/s3/aws4_request"
     to_sign = "\n".join(["AWS4-HMAC-SHA256", amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()])
-    key = ("AWS4" + creds.secret_key).encode()
-    for part in (day, region, "s3", "aws4_request"):
-        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
-    signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+    signature = hmac.new(_signing_key(creds.secret_key, day, region), to_sign.encode(), hashlib.sha256).hexdigest()
     out["authorization"] = (
         f"AWS4-HMAC-SHA256 Credential={creds.access_key}/{scope}, SignedHeaders={';'.join(signed)}, "
         f"Signature={signature}"
@@ -110,11 +108,13 @@ def sign_v4(
     return out
 
 
-def _orig(headers: dict[str, str], lower: str) -> str:
-    for k in headers:
-        if k.lower() == lower:
-            return k
-    raise KeyError(lower)
+@functools.lru_cache(maxsize=8)
+def _signing_key(secret: str, day: str, region: str) -> bytes:
+    """The SigV4 key changes once a day: derive it once, not on every chunk GET."""
+    key = ("AWS4" + secret).encode()
+    for part in (day, region, "s3", "aws4_request"):
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    return key
 
 
 @dataclass
