@@ -157,6 +157,7 @@ def test_single_flight_and_range_merging(tmp_path: Path) -> None:
 
 def test_disk_tier_is_bounded_and_survives_restart(tmp_path: Path) -> None:
     tier = DiskTier(str(tmp_path), max_bytes=300_000)
+    assert tier.wait_scanned(10)
     blobs = [os.urandom(100_000) for _ in range(5)]
     for b in blobs:
         tier.put(hashlib.sha256(b).digest(), b)
@@ -164,6 +165,7 @@ def test_disk_tier_is_bounded_and_survives_restart(tmp_path: Path) -> None:
     assert tier.get(hashlib.sha256(blobs[0]).digest()) is None  # oldest evicted
     assert tier.get(hashlib.sha256(blobs[4]).digest()) == blobs[4]
     again = DiskTier(str(tmp_path), max_bytes=300_000)
+    assert again.wait_scanned(10)  # the index is rebuilt in the background
     assert again.used_bytes == tier.used_bytes
     assert again.get(hashlib.sha256(blobs[4]).digest()) == blobs[4]
 

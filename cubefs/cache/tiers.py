@@ -64,7 +64,10 @@ class DiskTier:
         self._index: OrderedDict[bytes, int] = OrderedDict()  # digest -> size, LRU order
         self._used = 0
         os.makedirs(self.dir, exist_ok=True)
-        self._scan()
+        # The index is rebuilt in the background: a mount must not wait for a scan of
+        # a large cache.  Until it is done, every digest may be on disk (see contains).
+        self._scanned = threading.Event()
+        threading.Thread(target=self._scan, name="disk-cache-scan", daemon=True).start()
 
     def _path(self, digest: bytes) -> str:
         h = digest.hex()
@@ -85,11 +88,23 @@ class DiskTier:
                     found.append((st.st_atime_ns, bytes.fromhex(entry.name), st.st_size))
                 except (OSError, ValueError):
                     continue
-        for _t, digest, size in sorted(found):
-            self._index[digest] = size
-            self._used += size
+        with self._lock:
+            old = self._index
+            self._index = OrderedDict()
+            for _t, digest, size in sorted(found):
+                if digest not in old:
+                    self._index[digest] = size
+                    self._used += size
+            self._index.update(old)  # what this process touched meanwhile is the most recent
+        self._scanned.set()
+
+    def wait_scanned(self, timeout: float | None = None) -> bool:
+        return self._scanned.wait(timeout)
 
     def contains(self, digest: bytes) -> bool:
+        """False only when the chunk is certainly not on disk (saves a thread hop)."""
+        if not self._scanned.is_set():
+            return True
         with self._lock:
             return digest in self._index
 
