@@ -114,6 +114,10 @@ def make_parser() -> argparse.ArgumentParser:
                    help="seconds before a read that cannot be served fails with EIO (default 60)")
     p.add_argument("--store-timeout", type=float, default=10.0, help="seconds per store request attempt (default 10)")
     p.add_argument("--store-attempts", type=int, default=4, help="attempts per store request (default 4)")
+    p.add_argument("--transport", choices=("kernel", "pyfuse3"), default="kernel",
+                   help="how FUSE is spoken: 'kernel' (default) talks to /dev/fuse directly and has the kernel "
+                   "cache symlinks, directory listings and open files, so a warm re-run makes almost no requests; "
+                   "'pyfuse3' goes through libfuse")
     p.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground, log to stderr")
 
     p = sub.add_parser("serve", help="keep a warm mount server: mounts start in a fraction of the time",

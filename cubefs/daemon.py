@@ -64,7 +64,7 @@ def serve_mount(args: argparse.Namespace, mp: str, cache_dir: str, notify: Calla
         ref=args.ref, mountpoint=mp, store_url=args.store, s3_endpoint=args.s3_endpoint, cache_dir=cache_dir,
         memory_cache=args.memory_cache, disk_cache=args.cache_size, readahead=args.readahead,
         pack_readahead=args.pack_readahead, read_timeout=args.read_timeout, store_timeout=args.store_timeout,
-        store_attempts=args.store_attempts,
+        store_attempts=args.store_attempts, transport=getattr(args, "transport", "kernel"),
     )
     try:
         return run_daemon(opts, notify)
@@ -199,6 +199,7 @@ def _via_server(path: str, args: argparse.Namespace, mp: str, cache_dir: str) ->
 def run_mount_server(path: str) -> int:
     """Serve mount requests on ``path`` until SIGTERM/SIGINT."""
     import cubefs.catalog
+    import cubefs.fuse.kernel
     import cubefs.fuse_mount
     import cubefs.remote.local
     import cubefs.remote.s3  # noqa: F401

@@ -168,16 +168,30 @@ class ImageFS:
         pack, off, slen, codec = self.chunkmap.get(idx)
         return ChunkLocation(digest, pack, off, slen, plain, codec)
 
-    async def read(self, ino: int, offset: int, size: int) -> bytes:
+    def _read_plan(self, ino: int, offset: int, size: int) -> tuple[int, list[tuple[int, int]], list[ChunkLocation]]:
+        """(size clipped to EOF, overlapping extents, their chunk refs) of a read."""
         r = self._record(ino)
         if not stat.S_ISREG(r[F_MODE]):
             raise FsError(errno.EISDIR if stat.S_ISDIR(r[F_MODE]) else errno.EINVAL)
         fsize = r[F_SIZE]
         if offset >= fsize or size <= 0:
-            return b""
+            return 0, [], []
         size = min(size, fsize - offset)
         extents = self.image.chunks_for_range(ino, offset, size)
-        refs = [self._ref(idx) for _off, idx in extents]
+        return size, extents, [self._ref(idx) for _off, idx in extents]
+
+    def read_now(self, ino: int, offset: int, size: int) -> bytes | None:
+        """The read answered without waiting (memory hits, holes, EOF), else None.
+        Lets a transport reply inline instead of starting a task: most reads of
+        a warm mount are this."""
+        size, extents, refs = self._read_plan(ino, offset, size)
+        datas = self.source.from_memory(refs)
+        if datas is None:
+            return None
+        return _assemble(offset, size, extents, datas)
+
+    async def read(self, ino: int, offset: int, size: int) -> bytes:
+        size, extents, refs = self._read_plan(ino, offset, size)
         datas = self.source.from_memory(refs)  # the common case: no read-ahead work at all
         try:
             if datas is None:
@@ -190,16 +204,31 @@ class ImageFS:
             what = str(err) or f"timed out after {self.read_timeout:.0f}s"
             log.error("image %s: read of inode %d [%d+%d] failed: %s", self.label, ino, offset, size, what)
             raise FsError(errno.EIO) from None
-        if len(extents) == 1 and extents[0][0] <= offset and extents[0][0] + len(datas[0]) >= offset + size:
-            start = offset - extents[0][0]
-            return datas[0][start : start + size]
-        buf = bytearray(size)  # holes stay zero
-        for (foff, _idx), data in zip(extents, datas):
-            lo = max(foff, offset)
-            hi = min(foff + len(data), offset + size)
-            if hi > lo:
-                buf[lo - offset : hi - offset] = data[lo - foff : hi - foff]
-        return bytes(buf)
+        return _assemble(offset, size, extents, datas)
+
+    def lseek(self, ino: int, offset: int, whence: int) -> int:
+        """SEEK_DATA / SEEK_HOLE over the file's extents, so ``cp --sparse`` and
+        backup tools skip the holes of a sparse file instead of reading zeros."""
+        r = self._record(ino)
+        fsize = r[F_SIZE]
+        if offset < 0 or offset >= fsize:
+            raise FsError(errno.ENXIO)
+        offs, idxs = self.image.extents(ino) if stat.S_ISREG(r[F_MODE]) else ([], [])
+        i = max(bisect_right(offs, offset) - 1, 0)
+        if whence == os.SEEK_DATA:
+            for j in range(i, len(offs)):
+                end = offs[j] + self.image.chunk(idxs[j])[1]
+                if end > offset:
+                    return max(offs[j], offset)
+            raise FsError(errno.ENXIO)
+        if whence == os.SEEK_HOLE:
+            pos = offset
+            for j in range(i, len(offs)):
+                if offs[j] > pos:
+                    break
+                pos = max(pos, offs[j] + self.image.chunk(idxs[j])[1])
+            return min(pos, fsize)
+        raise FsError(errno.EINVAL)
 
     def _pack_neighbours(self, refs: list[ChunkLocation]) -> list[ChunkLocation]:
         """Chunks that follow the last of ``refs`` in its pack, up to ``pack_readahead``
@@ -229,3 +258,19 @@ class ImageFS:
             if budget <= 0:
                 break
         return out
+
+
+def _assemble(offset: int, size: int, extents: list[tuple[int, int]], datas: list[bytes]) -> bytes:
+    """The ``size`` bytes at ``offset`` from the chunks that overlap them; holes are zeros."""
+    if size == 0:
+        return b""
+    if len(extents) == 1 and extents[0][0] <= offset and extents[0][0] + len(datas[0]) >= offset + size:
+        start = offset - extents[0][0]
+        return datas[0][start : start + size]
+    buf = bytearray(size)
+    for (foff, _idx), data in zip(extents, datas):
+        lo = max(foff, offset)
+        hi = min(foff + len(data), offset + size)
+        if hi > lo:
+            buf[lo - offset : hi - offset] = data[lo - foff : hi - foff]
+    return bytes(buf)

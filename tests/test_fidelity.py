@@ -20,7 +20,8 @@ def awkward_tree(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     return root, snapshot(root)
 
 
-def test_directory_round_trip_is_exact(awkward_tree: tuple[Path, dict], tmp_path: Path) -> None:  # type: ignore[type-arg]
+@pytest.mark.parametrize("transport", ["kernel", "pyfuse3"])
+def test_directory_round_trip_is_exact(awkward_tree: tuple[Path, dict], tmp_path: Path, transport: str) -> None:  # type: ignore[type-arg]
     src, before = awkward_tree
     store = f"file://{tmp_path / 'store'}"
     res = run_cubefs("build", str(src), "--tag", "awkward:1", "--store", store, "--json")
@@ -29,10 +30,17 @@ def test_directory_round_trip_is_exact(awkward_tree: tuple[Path, dict], tmp_path
     assert summary["stored_bytes"] < 12 * 1024 * 1024, summary
     assert summary["logical_bytes"] > BIG_SPARSE
 
-    with mounted("awkward:1", tmp_path / "mnt", store, tmp_path / "cache") as m:
+    with mounted("awkward:1", tmp_path / "mnt", store, tmp_path / "cache", "--transport", transport) as m:
         after = snapshot(tmp_path / "mnt")
         problems = diff(before, after)
         assert not problems, "\n".join(problems)
+        if transport == "kernel":
+            # Holes are holes: SEEK_DATA/SEEK_HOLE skip the 1 GiB hole of the sparse file.
+            with open(tmp_path / "mnt" / "sparse-3g", "rb") as f:
+                assert os.lseek(f.fileno(), 0, os.SEEK_HOLE) == 0
+                data_at = os.lseek(f.fileno(), 0, os.SEEK_DATA)
+                assert 1024**3 - 256 * 1024 <= data_at <= 1024**3
+                assert 1024**3 + 100000 <= os.lseek(f.fileno(), data_at, os.SEEK_HOLE) < BIG_SPARSE
         # Missing names stay missing, and the kernel caches the negative answer.
         lookups = []
         for _ in range(3):
@@ -47,6 +55,23 @@ def test_directory_round_trip_is_exact(awkward_tree: tuple[Path, dict], tmp_path
 
     # The source was only read: its atimes and everything else are unchanged.
     assert not diff(before, snapshot(src))
+
+
+def test_warm_mount_asks_the_daemon_for_nothing_but_xattrs(tmp_path: Path) -> None:
+    """Warm, the kernel has every entry, attribute, page, listing and symlink target
+    of a mount, so walking and reading the whole tree again sends the daemon no
+    request but xattr reads (which the kernel never caches): that is what makes a
+    warm re-run as fast as on a local disk."""
+    make_tree(tmp_path / "src", big_sparse=False)  # 3 GiB of pages would be partly evicted
+    store = f"file://{tmp_path / 'store'}"
+    run_cubefs("build", str(tmp_path / "src"), "--tag", "warm:1", "--store", store)
+    with mounted("warm:1", tmp_path / "mnt", store, tmp_path / "cache") as m:
+        first = snapshot(tmp_path / "mnt")
+        before = m.stats()["requests"]
+        assert snapshot(tmp_path / "mnt") == first
+        after = m.stats()["requests"]
+    again = {op: n - before.get(op, 0) for op, n in after.items()}
+    assert {op: n for op, n in again.items() if n and op not in ("getxattr", "listxattr")} == {}, again
 
 
 def test_same_tree_twice_same_digest_nothing_uploaded(awkward_tree: tuple[Path, dict], tmp_path: Path) -> None:  # type: ignore[type-arg]

@@ -1,0 +1,118 @@
+"""The FUSE wire protocol: the message layouts of ``linux/fuse.h`` that cubefs speaks.
+
+A FUSE request is a 40-byte ``fuse_in_header`` followed by an operation's
+argument struct (and, for some, NUL-terminated names); a reply is a 16-byte
+``fuse_out_header`` (length, negative errno, the request's ``unique``)
+followed by the operation's result struct.  The same messages travel over
+``/dev/fuse`` (:mod:`cubefs.fuse.kernel`) and over a virtio-fs queue, so this
+module knows nothing about either.
+
+We answer INIT with protocol 7.31 at most: every struct below has its 7.31
+size, and nothing newer (extension headers, STATX) is ever sent to us.
+"""
+
+from __future__ import annotations
+
+import struct
+
+KERNEL_MAJOR = 7
+MAX_MINOR = 31  # what we implement; the kernel then speaks exactly this
+MIN_MINOR = 27  # 4.18+: everything below is laid out as here
+
+ROOT_ID = 1
+
+# Opcodes (the ones we answer or must know not to answer).
+LOOKUP = 1
+FORGET = 2
+GETATTR = 3
+SETATTR = 4
+READLINK = 5
+OPEN = 14
+READ = 15
+STATFS = 17
+RELEASE = 18
+GETXATTR = 22
+LISTXATTR = 23
+FLUSH = 25
+INIT = 26
+OPENDIR = 27
+READDIR = 28
+RELEASEDIR = 29
+ACCESS = 34
+INTERRUPT = 36
+DESTROY = 38
+BATCH_FORGET = 42
+READDIRPLUS = 44
+LSEEK = 46
+
+OPCODE_NAMES = {
+    1: "lookup", 2: "forget", 3: "getattr", 4: "setattr", 5: "readlink", 6: "symlink", 8: "mknod",
+    9: "mkdir", 10: "unlink", 11: "rmdir", 12: "rename", 13: "link", 14: "open", 15: "read",
+    16: "write", 17: "statfs", 18: "release", 20: "fsync", 21: "setxattr", 22: "getxattr",
+    23: "listxattr", 24: "removexattr", 25: "flush", 26: "init", 27: "opendir", 28: "readdir",
+    29: "releasedir", 30: "fsyncdir", 31: "getlk", 32: "setlk", 33: "setlkw", 34: "access",
+    35: "create", 36: "interrupt", 37: "bmap", 38: "destroy", 39: "ioctl", 40: "poll",
+    41: "notify_reply", 42: "batch_forget", 43: "fallocate", 44: "readdirplus", 45: "rename2",
+    46: "lseek", 47: "copy_file_range", 48: "setupmapping", 49: "removemapping", 50: "syncfs",
+    51: "tmpfile", 52: "statx",
+}
+
+# INIT flags (fuse_init_in.flags / fuse_init_out.flags).
+ASYNC_READ = 1 << 0
+BIG_WRITES = 1 << 5
+DO_READDIRPLUS = 1 << 13
+READDIRPLUS_AUTO = 1 << 14
+NO_OPEN_SUPPORT = 1 << 17
+PARALLEL_DIROPS = 1 << 18
+MAX_PAGES = 1 << 22
+CACHE_SYMLINKS = 1 << 23
+NO_OPENDIR_SUPPORT = 1 << 24
+
+# fuse_open_out.open_flags
+FOPEN_KEEP_CACHE = 1 << 1
+FOPEN_CACHE_DIR = 1 << 3
+
+IN_HEADER = struct.Struct("<IIQQIIIHH")  # len opcode unique nodeid uid gid pid total_extlen padding
+OUT_HEADER = struct.Struct("<IiQ")  # len error unique
+INIT_IN = struct.Struct("<IIII")  # major minor max_readahead flags
+# major minor max_readahead flags max_background congestion_threshold max_write
+# time_gran max_pages map_alignment flags2 unused[7]
+INIT_OUT = struct.Struct("<IIIIHHIIHHI28x")
+# ino size blocks atime mtime ctime atimensec mtimensec ctimensec mode nlink uid gid rdev blksize flags
+ATTR = struct.Struct("<QQQqqqIIIIIIIIII")  # times are signed: before 1970 is negative
+ENTRY_OUT = struct.Struct("<QQQQII")  # nodeid generation entry_valid attr_valid (+nsec); then ATTR
+ATTR_OUT = struct.Struct("<QII")  # attr_valid attr_valid_nsec dummy; then ATTR
+OPEN_IN = struct.Struct("<II")  # flags open_flags
+OPEN_OUT = struct.Struct("<QII")  # fh open_flags padding
+READ_IN = struct.Struct("<QQIIQII")  # fh offset size read_flags lock_owner flags padding
+GETXATTR_IN = struct.Struct("<II")  # size padding; then name\0
+GETXATTR_OUT = struct.Struct("<II")  # size padding
+ACCESS_IN = struct.Struct("<II")  # mask padding
+INTERRUPT_IN = struct.Struct("<Q")
+KSTATFS = struct.Struct("<QQQQQIIII24x")  # blocks bfree bavail files ffree bsize namelen frsize padding spare[6]
+DIRENT = struct.Struct("<QQII")  # ino off namelen type; then name, padded to 8 bytes
+LSEEK_IN = struct.Struct("<QQII")  # fh offset whence padding
+LSEEK_OUT = struct.Struct("<Q")
+
+assert IN_HEADER.size == 40 and OUT_HEADER.size == 16 and INIT_OUT.size == 64
+assert ATTR.size == 88 and ENTRY_OUT.size + ATTR.size == 128 and KSTATFS.size == 80
+
+
+def reply(unique: int, payload: bytes = b"") -> bytes:
+    return OUT_HEADER.pack(OUT_HEADER.size + len(payload), 0, unique) + payload
+
+
+def error_reply(unique: int, err: int) -> bytes:
+    return OUT_HEADER.pack(OUT_HEADER.size, -err, unique)
+
+
+def dirent(ino: int, next_off: int, name: bytes, dtype: int) -> bytes:
+    rec = DIRENT.pack(ino, next_off, len(name), dtype) + name
+    return rec + b"\0" * (-len(rec) % 8)
+
+
+def cstring(body: bytes | memoryview, start: int = 0) -> bytes:
+    """The NUL-terminated string at ``start`` of a request body."""
+    raw = bytes(body[start:])
+    end = raw.find(b"\0")
+    return raw if end < 0 else raw[:end]

@@ -1,0 +1,255 @@
+"""FUSE requests → :class:`cubefs.fsops.ImageFS`, message in, message out.
+
+Transport-independent: :mod:`cubefs.fuse.kernel` feeds it requests read from
+``/dev/fuse``; a vhost-user-fs backend feeds it the same messages from a
+virtio queue.  ``handle`` answers at once whenever it can (every metadata
+operation, and reads the memory tier holds) and returns a coroutine only for
+a read that must wait for chunks; the transport runs that as a task.
+
+What makes a warm mount as fast as a local disk is asking the kernel to cache
+everything, because an image never changes:
+
+* OPEN and OPENDIR answer ``ENOSYS`` when the kernel supports "no open": it
+  then never sends them again, keeps file pages across opens (keep_cache) and
+  caches directory listings in the page cache (cache_dir);
+* symlink targets are cached (``CACHE_SYMLINKS``), entries, negative entries
+  and attributes for ``cache_timeout``; FLUSH answers ``ENOSYS`` once.
+
+So a program re-run on a warm mount makes almost no FUSE requests at all.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from collections import Counter
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from cachetools import LRUCache
+
+from cubefs.fsops import FsError, ImageFS
+from cubefs.fuse import protocol as p
+
+log = logging.getLogger(__name__)
+
+Reply = bytes | None  # None: the request takes no reply (FORGET)
+Handler = Callable[[int, int, memoryview], "bytes | Coroutine[Any, Any, bytes]"]
+
+# What we ask for at INIT, if the kernel offers it.
+WANTED_FLAGS = (
+    p.ASYNC_READ | p.BIG_WRITES | p.DO_READDIRPLUS | p.READDIRPLUS_AUTO | p.PARALLEL_DIROPS | p.MAX_PAGES
+    | p.CACHE_SYMLINKS
+)
+MAX_WRITE = 128 * 1024  # a read-only filesystem: only the kernel's minimum matters
+MAX_PAGES = 256  # reads of up to 1 MiB per request
+REQUEST_BUFFER = MAX_PAGES * 4096 + 4096  # what a transport must be able to receive
+
+
+def _encode_rdev(rdev: int) -> int:
+    """The kernel's 32-bit ``new_encode_dev`` of a device number."""
+    major, minor = os.major(rdev), os.minor(rdev)
+    return ((minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12)) & 0xFFFFFFFF
+
+
+class FuseServer:
+    def __init__(self, fs: ImageFS, cache_timeout: float = 3600.0) -> None:
+        self.fs = fs
+        self.timeout = int(cache_timeout)
+        self.ops: Counter[str] = Counter()  # requests by operation, for stats and metrics
+        self.read_bytes = 0
+        self.minor = 0  # negotiated protocol minor; 0 until INIT
+        self.no_open = False
+        self.no_opendir = False
+        self.destroyed = False
+        # An image never changes, so an inode's packed attributes are built once;
+        # a READDIRPLUS would otherwise rebuild hundreds per request.
+        self._attrs: LRUCache[int, bytes] = LRUCache(maxsize=65536)
+        self._handlers: dict[int, Handler] = {
+            p.INIT: self._init,
+            p.DESTROY: self._destroy,
+            p.LOOKUP: self._lookup,
+            p.GETATTR: self._getattr,
+            p.READLINK: self._readlink,
+            p.OPEN: self._open,
+            p.OPENDIR: self._opendir,
+            p.READ: self._read,
+            p.READDIR: self._readdir,
+            p.READDIRPLUS: self._readdirplus,
+            p.RELEASE: self._ok,
+            p.RELEASEDIR: self._ok,
+            p.STATFS: self._statfs,
+            p.GETXATTR: self._getxattr,
+            p.LISTXATTR: self._listxattr,
+            p.ACCESS: self._access,
+            p.LSEEK: self._lseek,
+        }
+
+    def handle(self, request: bytes) -> Reply | Coroutine[Any, Any, bytes]:
+        """The reply to one request, or a coroutine that produces it."""
+        _len, opcode, unique, nodeid, _uid, _gid, _pid, _ext, _pad = p.IN_HEADER.unpack_from(request)
+        self.ops[p.OPCODE_NAMES.get(opcode, str(opcode))] += 1
+        if opcode in (p.FORGET, p.BATCH_FORGET):
+            return None  # inodes of an image live as long as the mount
+        handler = self._handlers.get(opcode)
+        if handler is None or (not self.minor and opcode != p.INIT):
+            # FLUSH and INTERRUPT among them: ENOSYS makes the kernel stop sending them.
+            return p.error_reply(unique, errno.ENOSYS if self.minor or opcode == p.INIT else errno.EIO)
+        try:
+            out = handler(unique, nodeid, memoryview(request)[p.IN_HEADER.size :])
+        except FsError as err:
+            return p.error_reply(unique, err.errno)
+        except Exception:
+            log.exception("FUSE %s of inode %d failed; answering EIO", p.OPCODE_NAMES.get(opcode), nodeid)
+            return p.error_reply(unique, errno.EIO)
+        return out
+
+    # -- replies ------------------------------------------------------------
+
+    def _attr(self, ino: int) -> bytes:
+        packed = self._attrs.get(ino)
+        if packed is None:
+            a = self.fs.getattr(ino)
+            at, atn = divmod(a.atime_ns, 10**9)
+            mt, mtn = divmod(a.mtime_ns, 10**9)
+            ct, ctn = divmod(a.ctime_ns, 10**9)
+            packed = p.ATTR.pack(
+                ino, a.size, a.blocks, at, mt, ct, atn, mtn, ctn, a.mode, a.nlink, a.uid, a.gid,
+                _encode_rdev(a.rdev), 65536, 0,
+            )
+            self._attrs[ino] = packed
+        return packed
+
+    def _entry(self, ino: int) -> bytes:
+        return p.ENTRY_OUT.pack(ino, 0, self.timeout, self.timeout, 0, 0) + self._attr(ino)
+
+    # -- operations ---------------------------------------------------------
+
+    def _init(self, unique: int, _nodeid: int, body: memoryview) -> bytes:
+        major, minor, max_readahead, flags = p.INIT_IN.unpack_from(body)
+        if major > p.KERNEL_MAJOR:  # the kernel retries INIT with our major
+            return p.reply(unique, p.INIT_OUT.pack(p.KERNEL_MAJOR, p.MAX_MINOR, 0, 0, 0, 0, 0, 0, 0, 0, 0))
+        if major < p.KERNEL_MAJOR or minor < p.MIN_MINOR:
+            log.error("FUSE protocol %d.%d is too old (need %d.%d)", major, minor, p.KERNEL_MAJOR, p.MIN_MINOR)
+            raise FsError(errno.EPROTO)
+        self.minor = min(minor, p.MAX_MINOR)
+        self.no_open = bool(flags & p.NO_OPEN_SUPPORT)
+        self.no_opendir = bool(flags & p.NO_OPENDIR_SUPPORT)
+        log.info("FUSE protocol 7.%d (kernel 7.%d), flags %#x", self.minor, minor, flags & WANTED_FLAGS)
+        return p.reply(unique, p.INIT_OUT.pack(
+            p.KERNEL_MAJOR, self.minor, max_readahead, flags & WANTED_FLAGS,
+            64, 48, MAX_WRITE, 1, MAX_PAGES, 0, 0,
+        ))
+
+    def _destroy(self, unique: int, _nodeid: int, _body: memoryview) -> bytes:
+        self.destroyed = True
+        return p.reply(unique)
+
+    def _ok(self, unique: int, _nodeid: int, _body: memoryview) -> bytes:
+        return p.reply(unique)
+
+    def _lookup(self, unique: int, parent: int, body: memoryview) -> bytes:
+        try:
+            return p.reply(unique, self._entry(self.fs.lookup_ino(parent, p.cstring(body))))
+        except FsError as err:
+            if err.errno != errno.ENOENT:
+                raise
+            # A negative entry (nodeid 0) the kernel caches: Python probes many
+            # paths that do not exist, and the image never changes.
+            return p.reply(unique, p.ENTRY_OUT.pack(0, 0, self.timeout, 0, 0, 0) + bytes(p.ATTR.size))
+
+    def _getattr(self, unique: int, ino: int, _body: memoryview) -> bytes:
+        return p.reply(unique, p.ATTR_OUT.pack(self.timeout, 0, 0) + self._attr(ino))
+
+    def _readlink(self, unique: int, ino: int, _body: memoryview) -> bytes:
+        return p.reply(unique, self.fs.readlink(ino))
+
+    def _open(self, unique: int, ino: int, body: memoryview) -> bytes:
+        if self.no_open:
+            return p.error_reply(unique, errno.ENOSYS)  # never again: see the module docstring
+        flags, _ = p.OPEN_IN.unpack_from(body)
+        self.fs.open(ino, flags)
+        return p.reply(unique, p.OPEN_OUT.pack(0, p.FOPEN_KEEP_CACHE, 0))
+
+    def _opendir(self, unique: int, ino: int, _body: memoryview) -> bytes:
+        if self.no_opendir:
+            return p.error_reply(unique, errno.ENOSYS)
+        self.fs.opendir(ino)
+        return p.reply(unique, p.OPEN_OUT.pack(0, p.FOPEN_KEEP_CACHE | p.FOPEN_CACHE_DIR, 0))
+
+    def _read(self, unique: int, ino: int, body: memoryview) -> bytes | Coroutine[Any, Any, bytes]:
+        # The inode comes from the header: with "no open" there is no file handle.
+        _fh, offset, size, *_ = p.READ_IN.unpack_from(body)
+        data = self.fs.read_now(ino, offset, size)
+        if data is None:
+            return self._read_later(unique, ino, offset, size)
+        self.read_bytes += len(data)
+        return p.reply(unique, data)
+
+    async def _read_later(self, unique: int, ino: int, offset: int, size: int) -> bytes:
+        try:
+            data = await self.fs.read(ino, offset, size)
+        except FsError as err:
+            return p.error_reply(unique, err.errno)
+        except Exception:
+            log.exception("FUSE read of inode %d [%d+%d] failed; answering EIO", ino, offset, size)
+            return p.error_reply(unique, errno.EIO)
+        self.read_bytes += len(data)
+        return p.reply(unique, data)
+
+    def _listing(self, unique: int, ino: int, body: memoryview, plus: bool) -> bytes:
+        _fh, offset, size, *_ = p.READ_IN.unpack_from(body)
+        parts: list[bytes] = []
+        used = 0
+        for name, child, nxt in self.fs.readdir(ino, offset):
+            attr = self._attr(child)
+            mode = p.ATTR.unpack_from(attr)[9]
+            rec = p.dirent(child, nxt, name, stat.S_IFMT(mode) >> 12)
+            if plus:
+                rec = self._entry(child) + rec
+            if used + len(rec) > size:
+                break
+            parts.append(rec)
+            used += len(rec)
+        return p.reply(unique, b"".join(parts))
+
+    def _readdir(self, unique: int, ino: int, body: memoryview) -> bytes:
+        return self._listing(unique, ino, body, plus=False)
+
+    def _readdirplus(self, unique: int, ino: int, body: memoryview) -> bytes:
+        return self._listing(unique, ino, body, plus=True)
+
+    def _statfs(self, unique: int, _nodeid: int, _body: memoryview) -> bytes:
+        s = self.fs.statfs()
+        return p.reply(unique, p.KSTATFS.pack(
+            s["blocks"], s["bfree"], s["bfree"], s["files"], s["ffree"], s["bsize"], s["namemax"], s["bsize"], 0,
+        ))
+
+    def _sized(self, unique: int, value: bytes, size: int) -> bytes:
+        """getxattr/listxattr: size 0 asks how big; too small a buffer is ERANGE."""
+        if size == 0:
+            return p.reply(unique, p.GETXATTR_OUT.pack(len(value), 0))
+        if len(value) > size:
+            raise FsError(errno.ERANGE)
+        return p.reply(unique, value)
+
+    def _getxattr(self, unique: int, ino: int, body: memoryview) -> bytes:
+        size, _ = p.GETXATTR_IN.unpack_from(body)
+        return self._sized(unique, self.fs.getxattr(ino, p.cstring(body, p.GETXATTR_IN.size)), size)
+
+    def _listxattr(self, unique: int, ino: int, body: memoryview) -> bytes:
+        size, _ = p.GETXATTR_IN.unpack_from(body)
+        return self._sized(unique, b"".join(n + b"\0" for n in self.fs.listxattr(ino)), size)
+
+    def _access(self, unique: int, ino: int, body: memoryview) -> bytes:
+        (mask, _) = p.ACCESS_IN.unpack_from(body)
+        self.fs.getattr(ino)
+        if mask & os.W_OK:
+            raise FsError(errno.EROFS)
+        return p.reply(unique)
+
+    def _lseek(self, unique: int, ino: int, body: memoryview) -> bytes:
+        _fh, offset, whence, _ = p.LSEEK_IN.unpack_from(body)
+        return p.reply(unique, p.LSEEK_OUT.pack(self.fs.lseek(ino, offset, whence)))
