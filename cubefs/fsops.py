@@ -196,9 +196,9 @@ class ImageFS:
         try:
             if datas is None:
                 ahead = self._readahead(ino, offset + size)
-                ahead += self._pack_neighbours(refs + ahead)
+                neighbours = self._pack_neighbours(refs + ahead)
                 with trio.fail_after(self.read_timeout):
-                    datas = await self.source.get_many(refs, ahead)
+                    datas = await self.source.get_many(refs, ahead, neighbours)
         except (ChunkUnavailable, trio.TooSlowError) as err:
             self.read_errors += 1
             what = str(err) or f"timed out after {self.read_timeout:.0f}s"
@@ -233,8 +233,9 @@ class ImageFS:
     def _pack_neighbours(self, refs: list[ChunkLocation]) -> list[ChunkLocation]:
         """Chunks that follow the last of ``refs`` in its pack, up to ``pack_readahead``
         stored bytes.  The builder packs a directory's files together, so these are
-        the files read next (a package's other modules); they arrive in the same
-        ranged GET and save the round trips that importing them one by one costs."""
+        the files read next (a package's other modules); fetched in ranges of
+        their own, in parallel, they save the round trips that importing them one
+        by one costs without delaying the read that asked."""
         if self.pack_readahead <= 0 or not refs:
             return []
         last = max(refs, key=lambda r: (r.pack, r.offset))

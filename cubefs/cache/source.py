@@ -119,13 +119,20 @@ class ChunkSource:
         self.memory.stats.bytes += sum(len(d) for d in out)
         return out
 
-    async def get_many(self, refs: list[ChunkLocation], ahead: list[ChunkLocation] | None = None) -> list[bytes]:
-        """The plaintext of every ref in ``refs``; ``ahead`` refs are fetched opportunistically."""
+    async def get_many(
+        self,
+        refs: list[ChunkLocation],
+        ahead: list[ChunkLocation] | None = None,
+        background: list[ChunkLocation] | None = None,
+    ) -> list[bytes]:
+        """The plaintext of every ref in ``refs``.  ``ahead`` refs are fetched
+        opportunistically, merged into the same ranges; ``background`` refs in
+        ranges of their own, so a reader never waits for their bytes."""
         found: dict[bytes, bytes] = {}
         waits: dict[bytes, _Flight] = {}
         mine: dict[bytes, tuple[ChunkLocation, _Flight]] = {}
         wanted = {r.digest for r in refs}
-        for ref in [*refs, *(ahead or [])]:
+        for ref in [*refs, *(ahead or []), *(background or [])]:
             d = ref.digest
             if d in found or d in waits or d in mine:
                 continue
@@ -145,7 +152,7 @@ class ChunkSource:
             if d in wanted:
                 waits[d] = flight
         if mine:
-            await self._load(mine, wanted)
+            await self._load(mine, wanted, {r.digest for r in background or ()})
         for d, flight in waits.items():
             await flight.event.wait()
             if flight.data is None:
@@ -164,10 +171,14 @@ class ChunkSource:
         flight.error = error
         flight.event.set()
 
-    async def _load(self, mine: dict[bytes, tuple[ChunkLocation, _Flight]], wanted: set[bytes]) -> None:
+    async def _load(
+        self, mine: dict[bytes, tuple[ChunkLocation, _Flight]], wanted: set[bytes], apart: set[bytes]
+    ) -> None:
         handed: set[bytes] = set()
         try:
-            ranges = self._plan(await self._from_disk(mine, wanted))
+            missing = await self._from_disk(mine, wanted)
+            ranges = self._plan([it for it in missing if it[0].digest not in apart])
+            ranges += self._plan([it for it in missing if it[0].digest in apart])
             if self._nursery is not None:
                 # Fetches run in the long-lived nursery, not in this reader's task: a
                 # reader that gives up (its own deadline) must not fail the other
