@@ -138,6 +138,15 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("mountpoint")
     p.add_argument("--json", action="store_true")
     p.add_argument("--prometheus", action="store_true", help="Prometheus text format")
+
+    p = sub.add_parser("cache", help="inspect or shrink the node's disk cache",
+                       description="The disk cache is shared by every mount that uses the same --cache-dir. "
+                       "'stats' shows what it holds; 'trim --to SIZE' evicts (least recently used first, CLOCK) "
+                       "down to SIZE; 'clear' empties it. All are safe while mounts are running.")
+    p.add_argument("action", choices=("stats", "trim", "clear"))
+    p.add_argument("--cache-dir", default=None, help="default: $CUBEFS_CACHE_DIR or ~/.cache/cubefs")
+    p.add_argument("--to", type=_size_arg, default=None, metavar="SIZE", help="trim: the size to shrink to")
+    p.add_argument("--json", action="store_true")
     return parser
 
 
@@ -319,7 +328,40 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    from cubefs.cache.disk import DiskCache
+
+    directory = os.path.abspath(args.cache_dir or default_cache_dir())
+    if not os.path.isdir(os.path.join(directory, "chunks.lmdb")):
+        raise NotFoundError(f"no disk cache in {directory}")
+    cache = DiskCache(directory, max_bytes=1 << 62)  # the limit is each mount's; trimming uses --to
+    try:
+        freed = 0
+        if args.action == "trim":
+            if args.to is None:
+                raise UsageError("cache trim needs --to SIZE, e.g. --to 5G")
+            freed = cache.trim(args.to)
+        elif args.action == "clear":
+            freed = cache.used_bytes
+            cache.clear()
+        info = cache.info()
+    finally:
+        cache.close()
+    info.pop("limit_bytes")
+    if args.action != "stats":
+        info["freed_bytes"] = freed
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return EXIT_OK
+    if args.action != "stats":
+        print(f"freed {size(freed)}")
+    print(f"{info['path']}: {info['entries']} chunks, {size(int(info['used_bytes']))} "
+          f"(file {size(int(info['file_bytes']))})")
+    return EXIT_OK
+
+
 COMMANDS = {
+    "cache": cmd_cache,
     "serve": cmd_serve,
     "build": cmd_build,
     "images": cmd_images,

@@ -21,11 +21,13 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import lmdb
 import trio
 
 from cubefs import control
+from cubefs.cache.disk import DiskCache
 from cubefs.cache.source import ChunkSource
-from cubefs.cache.tiers import DiskTier, MemoryTier
+from cubefs.cache.tiers import MemoryTier
 from cubefs.catalog import load_image, load_manifest
 from cubefs.fsops import ImageFS
 from cubefs.remote import RetryingStore, RetryPolicy, store_session
@@ -69,7 +71,7 @@ def _serve_image(opts: MountOptions, notify: Any, loop: LoopThread, store: Retry
         manifest.ref, image.digest[:12], len(image), time.monotonic() - t0, store.url,
     )
     memory = MemoryTier(opts.memory_cache)
-    disk = DiskTier(opts.cache_dir, opts.disk_cache) if opts.disk_cache > 0 else None
+    disk = _open_disk_cache(opts.cache_dir, opts.disk_cache)
     source = ChunkSource(store, loop, memory, disk, label=manifest.ref)
     fs = ImageFS(image, chunkmap, source, manifest.ref, readahead=opts.readahead, read_timeout=opts.read_timeout,
                  pack_readahead=opts.pack_readahead)
@@ -118,10 +120,23 @@ def _serve_image(opts: MountOptions, notify: Any, loop: LoopThread, store: Retry
     finally:
         try:
             transport.close()
+            if disk is not None:
+                disk.close()
         finally:
             control.remove_registry(mountpoint)
             log.info("unmounted %s", mountpoint)
     return 0
+
+
+def _open_disk_cache(directory: str, limit: int) -> DiskCache | None:
+    """The node's disk cache, or None (reads go on without it) if it cannot be opened."""
+    if limit <= 0:
+        return None
+    try:
+        return DiskCache(directory, limit)
+    except (OSError, lmdb.Error) as err:  # a full or read-only disk, a file where the cache should be
+        log.error("disk cache in %s cannot be used (%s); serving without it", directory, err)
+        return None
 
 
 class Transport(Protocol):

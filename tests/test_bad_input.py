@@ -17,6 +17,7 @@ import pytest
 import zstandard
 from conftest import free_ports, mounted, run_cubefs, start_s3_server
 
+from cubefs.cache.disk import DiskCache
 from cubefs.format.packs import chunkmap_key
 
 
@@ -77,9 +78,10 @@ def test_damaged_pack_gives_eio_and_mount_survives(tmp_path: Path, local_store: 
         stats = m.stats()
         assert stats["read_errors"] >= 1
     # Nothing corrupt was cached: the disk cache holds only verified chunks.
-    for entry in (tmp_path / "cache" / "chunks").rglob("*"):
-        if entry.is_file():
-            assert hashlib.sha256(entry.read_bytes()).hexdigest() == entry.name
+    cache = DiskCache(str(tmp_path / "cache"), 1 << 30)
+    for digest, chunk in cache.get_many(cache.digests()).items():
+        assert hashlib.sha256(zstandard.decompress(chunk.data) if chunk.codec else chunk.data).digest() == digest
+    cache.close()
 
 
 def test_corrupt_disk_cache_entry_is_refetched(tmp_path: Path, local_store: str) -> None:
@@ -87,12 +89,18 @@ def test_corrupt_disk_cache_entry_is_refetched(tmp_path: Path, local_store: str)
     run_cubefs("build", str(src), "--tag", "c:1", "--store", local_store)
     with mounted("c:1", tmp_path / "mnt", local_store, tmp_path / "cache"):
         assert (tmp_path / "mnt" / "victim.bin").read_bytes() == (src / "victim.bin").read_bytes()
-    entries = [p for p in (tmp_path / "cache" / "chunks").rglob("*") if p.is_file()]
-    assert entries
-    for entry in entries:
-        raw = bytearray(entry.read_bytes())
-        raw[len(raw) // 2] ^= 0xFF
-        entry.write_bytes(bytes(raw))
+    # Flip one byte of every cached chunk where it lies in the cache file: bit rot.
+    cache = DiskCache(str(tmp_path / "cache"), 1 << 30)
+    stored = [c.data for c in cache.get_many(cache.digests()).values()]
+    cache.close()
+    assert stored
+    data_file = tmp_path / "cache" / "chunks.lmdb" / "data.mdb"
+    raw = bytearray(data_file.read_bytes())
+    for data in stored:
+        at = raw.find(data[len(data) // 2 : len(data) // 2 + 16])
+        assert at > 0
+        raw[at] ^= 0xFF
+    data_file.write_bytes(bytes(raw))
     with mounted("c:1", tmp_path / "mnt", local_store, tmp_path / "cache") as m:
         assert (tmp_path / "mnt" / "victim.bin").read_bytes() == (src / "victim.bin").read_bytes()
         stats = m.stats()
@@ -309,18 +317,19 @@ def test_control_clients_that_hang_up_do_not_kill_the_mount(tmp_path: Path, loca
         assert m.stats()["read_errors"] == 0
 
 
-def test_unreadable_disk_cache_entry_is_a_miss_not_a_dead_mount(tmp_path: Path, local_store: str) -> None:
+def test_unusable_disk_cache_is_not_a_dead_mount(tmp_path: Path, local_store: str) -> None:
+    """A file where the cache environment should be: the mount serves from the
+    store without a disk tier, and says so in its log."""
     src = _small_tree(tmp_path)
     run_cubefs("build", str(src), "--tag", "dc:1", "--store", local_store)
-    with mounted("dc:1", tmp_path / "mnt", local_store, tmp_path / "cache"):
-        (tmp_path / "mnt" / "victim.bin").read_bytes()
-    for entry in [p for p in (tmp_path / "cache" / "chunks").rglob("*") if p.is_file()]:
-        entry.unlink()
-        entry.mkdir()  # reading it now fails with EISDIR
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "chunks.lmdb").write_bytes(b"in the way")
     with mounted("dc:1", tmp_path / "mnt", local_store, tmp_path / "cache") as m:
         assert (tmp_path / "mnt" / "victim.bin").read_bytes() == (src / "victim.bin").read_bytes()
         stats = m.stats()
-        assert stats["tiers"]["disk"]["errors"] >= 1 and stats["read_errors"] == 0
+        assert "disk" not in stats["tiers"] and stats["read_errors"] == 0
+    logs = "".join(p.read_text() for p in (tmp_path / "cache" / "logs").iterdir())
+    assert "disk cache in" in logs and "serving without it" in logs
 
 
 def test_unreadable_source_file_fails_the_build_in_one_line(tmp_path: Path, local_store: str) -> None:
