@@ -164,7 +164,7 @@ def test_mounts_share_the_node_cache_and_the_cli_manages_it(tmp_path: Path) -> N
         info = json.loads(run_cubefs("cache", "stats", "--cache-dir", str(cache), "--json").stdout)
         assert info["entries"] >= 10 and 3_000_000 <= info["used_bytes"] < 4_000_000, info
         trimmed = json.loads(run_cubefs("cache", "trim", "--to", "1M", "--cache-dir", str(cache), "--json").stdout)
-        assert trimmed["used_bytes"] <= 1 << 20 and trimmed["freed_bytes"] > 2_000_000
+        assert trimmed["used_bytes"] <= 1 << 20 and trimmed["freed_bytes"] >= info["used_bytes"] - (1 << 20)
         cleared = json.loads(run_cubefs("cache", "clear", "--cache-dir", str(cache), "--json").stdout)
         assert cleared["entries"] == 0 and cleared["used_bytes"] == 0
     res = run_cubefs("cache", "trim", "--cache-dir", str(cache), check=False)
