@@ -119,6 +119,11 @@ def make_parser() -> argparse.ArgumentParser:
                    help="how FUSE is spoken: 'kernel' (default) talks to /dev/fuse directly and has the kernel "
                    "cache symlinks, directory listings and open files, so a warm re-run makes almost no requests; "
                    "'pyfuse3' goes through libfuse")
+    p.add_argument("--record-trace", action="store_true",
+                   help="note the order in which chunks are first read; 'cubefs trace push' stores it with the "
+                   "image, and later mounts prefetch it")
+    p.add_argument("--no-prefetch", dest="prefetch", action="store_false",
+                   help="do not prefetch the image's trace even if it has one")
     p.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground, log to stderr")
 
     p = sub.add_parser("serve", help="keep a warm mount server: mounts start in a fraction of the time",
@@ -138,6 +143,15 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("mountpoint")
     p.add_argument("--json", action="store_true")
     p.add_argument("--prometheus", action="store_true", help="Prometheus text format")
+
+    p = sub.add_parser("trace", help="store a mount's start-up trace with its image, for prefetching",
+                       description="'cubefs trace push MOUNTPOINT' stores the order in which the mount (started "
+                       "with --record-trace) first read its chunks as the image's trace. Every later mount of the "
+                       "image fetches those chunks in the background, in that order, as soon as it is live: run "
+                       "the workload once, push, and its next cold starts find their data already arriving.")
+    p.add_argument("action", choices=("push",))
+    p.add_argument("mountpoint")
+    p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("cache", help="inspect or shrink the node's disk cache",
                        description="The disk cache is shared by every mount that uses the same --cache-dir. "
@@ -328,6 +342,15 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_trace(args: argparse.Namespace) -> int:
+    result = control.call(os.path.abspath(args.mountpoint), "/trace/push")
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(f"pushed a trace of {result['chunks']} chunks ({size(result['stored_bytes'])}) for {result['image']}")
+    return EXIT_OK
+
+
 def cmd_cache(args: argparse.Namespace) -> int:
     from cubefs.cache.disk import DiskCache
 
@@ -362,6 +385,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "cache": cmd_cache,
+    "trace": cmd_trace,
     "serve": cmd_serve,
     "build": cmd_build,
     "images": cmd_images,

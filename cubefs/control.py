@@ -1,7 +1,8 @@
 """The daemon's control socket and the per-node registry of live mounts.
 
-Each mount daemon listens on a unix socket and answers two HTTP GETs:
-``/stats`` (JSON, for ``cubefs stats``) and ``/metrics`` (Prometheus text).
+Each mount daemon listens on a unix socket and answers two HTTP GETs,
+``/stats`` (JSON, for ``cubefs stats``) and ``/metrics`` (Prometheus text),
+and POSTs to its actions (``/trace/push``), answered in JSON.
 A small JSON file per mount (``RUNDIR/mounts/<key>.json``) records the
 mountpoint, pid, image and socket, so ``cubefs stats``/``umount`` can find the
 daemon from the mountpoint alone.
@@ -15,13 +16,13 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import trio
 
-from cubefs.errors import NotFoundError
+from cubefs.errors import CubefsError, NotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +93,13 @@ def prometheus_text(stats: dict[str, Any]) -> str:
 
 
 async def serve_control(
-    path: str, get_stats: Callable[[], dict[str, Any]], *, task_status: Any = None
+    path: str,
+    get_stats: Callable[[], dict[str, Any]],
+    actions: dict[str, Callable[[], Awaitable[dict[str, Any]]]] | None = None,
+    *,
+    task_status: Any = None,
 ) -> None:
-    """Serve /stats and /metrics on a unix socket until cancelled."""
+    """Serve /stats, /metrics and ``actions`` (POST, JSON answers) on a unix socket until cancelled."""
     import trio  # here, not at the top: the CLI imports this module and must start fast
     try:
         os.unlink(path)
@@ -123,6 +128,9 @@ async def serve_control(
                     body, ctype, status = json.dumps(get_stats()).encode(), "application/json", "200 OK"
                 elif target == "/metrics":
                     body, ctype, status = prometheus_text(get_stats()).encode(), "text/plain; version=0.0.4", "200 OK"
+                elif actions and target in actions and line[0] == "POST":
+                    status, answer = await _run_action(target, actions[target])
+                    body, ctype = json.dumps(answer).encode(), "application/json"
                 else:
                     body, ctype, status = b"not found\n", "text/plain", "404 Not Found"
                 head = f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n\r\n"
@@ -138,8 +146,28 @@ async def serve_control(
     await trio.serve_listeners(handle, [listener])
 
 
-def query(mountpoint: str, target: str = "/stats", timeout: float = 5.0) -> bytes:
-    """GET ``target`` from the daemon serving ``mountpoint`` (blocking client)."""
+async def _run_action(target: str, action: Callable[[], Awaitable[dict[str, Any]]]) -> tuple[str, dict[str, Any]]:
+    try:
+        return "200 OK", await action()
+    except CubefsError as err:
+        return "409 Conflict", {"error": str(err), "exit_code": err.exit_code}
+    except Exception as err:
+        log.exception("control action %s failed", target)
+        return "500 Internal Server Error", {"error": f"internal error: {err}"}
+
+
+def call(mountpoint: str, target: str, timeout: float = 60.0) -> dict[str, Any]:
+    """POST to an action of the daemon serving ``mountpoint``; its error as a CubefsError."""
+    answer = json.loads(query(mountpoint, target, timeout, method="POST") or b"{}")
+    if "error" in answer:
+        err = CubefsError(answer["error"])
+        err.exit_code = int(answer.get("exit_code", 1))
+        raise err
+    return answer
+
+
+def query(mountpoint: str, target: str = "/stats", timeout: float = 5.0, method: str = "GET") -> bytes:
+    """``method`` ``target`` of the daemon serving ``mountpoint`` (blocking client)."""
     path = socket_path(mountpoint)
     if not os.path.exists(path):
         raise NotFoundError(f"no cubefs mount at {mountpoint} (no control socket {path})")
@@ -149,7 +177,7 @@ def query(mountpoint: str, target: str = "/stats", timeout: float = 5.0) -> byte
             s.connect(path)
         except OSError as err:
             raise NotFoundError(f"cubefs mount at {mountpoint} does not answer: {err.strerror}") from None
-        s.sendall(f"GET {target} HTTP/1.0\r\n\r\n".encode())
+        s.sendall(f"{method} {target} HTTP/1.0\r\n\r\n".encode())
         chunks = []
         while True:
             data = s.recv(65536)

@@ -1,9 +1,9 @@
 """Starting mount daemons: forked by ``cubefs mount`` itself, or by a warm mount server.
 
-A mount daemon is one process per mount (pyfuse3 keeps one FUSE session per
-process).  Starting one costs an interpreter start-up and the imports of
-trio, pyfuse3 and the store client, ~0.5 s of a cold start that is only
-~1 s in all.  So there are two ways to get one:
+A mount daemon is one process per mount (a crash or a hung store costs one
+mount, and pyfuse3, when chosen, keeps one FUSE session per process).
+Starting one costs an interpreter start-up and the imports of trio and the
+store client, ~0.5 s of a cold start that is only ~1 s in all.  So there are two ways to get one:
 
 * **Local fork** (always works): ``cubefs mount`` forks; the child becomes the
   daemon; the parent waits on a pipe for ``ready`` or ``error CODE MESSAGE``.
@@ -65,6 +65,7 @@ def serve_mount(args: argparse.Namespace, mp: str, cache_dir: str, notify: Calla
         memory_cache=args.memory_cache, disk_cache=args.cache_size, readahead=args.readahead,
         pack_readahead=args.pack_readahead, read_timeout=args.read_timeout, store_timeout=args.store_timeout,
         store_attempts=args.store_attempts, transport=getattr(args, "transport", "kernel"),
+        record_trace=getattr(args, "record_trace", False), prefetch=getattr(args, "prefetch", True),
     )
     try:
         return run_daemon(opts, notify)

@@ -1,8 +1,8 @@
 """The filesystem operations on an image, independent of any transport.
 
-This is the one dispatcher behind every way an image is served: the pyfuse3
-mount today (:mod:`cubefs.fuse_mount`), the vhost-user-fs backend for VMs
-later.  Operations take inode numbers and return plain values or raise
+This is the one dispatcher behind every way an image is served: FUSE
+mounts (:mod:`cubefs.fuse`), and the vhost-user-fs backend for VMs later.
+Operations take inode numbers and return plain values or raise
 :class:`FsError` with an errno; transports translate both.
 
 Read path: a ``read`` maps the byte range to the file's chunk extents and
@@ -86,6 +86,12 @@ class ImageFS:
         self.pack_readahead = pack_readahead
         self.read_timeout = read_timeout
         self.read_errors = 0
+        self.trace: list[int] | None = None  # chunk indices in first-read order, when recording
+        self._traced: set[int] = set()
+
+    def record_trace(self) -> None:
+        """From now on, note every chunk the first time a read touches it."""
+        self.trace = []
 
     def _record(self, ino: int) -> list:  # type: ignore[type-arg]
         if ino < 1 or ino > len(self.image):
@@ -163,6 +169,9 @@ class ImageFS:
             "namemax": 255,
         }
 
+    def chunk_refs(self, indices: list[int]) -> list[ChunkLocation]:
+        return [self._ref(i) for i in indices]
+
     def _ref(self, idx: int) -> ChunkLocation:
         digest, plain = self.image.chunk(idx)
         pack, off, slen, codec = self.chunkmap.get(idx)
@@ -178,6 +187,11 @@ class ImageFS:
             return 0, [], []
         size = min(size, fsize - offset)
         extents = self.image.chunks_for_range(ino, offset, size)
+        if self.trace is not None:
+            for _off, idx in extents:
+                if idx not in self._traced:
+                    self._traced.add(idx)
+                    self.trace.append(idx)
         return size, extents, [self._ref(idx) for _off, idx in extents]
 
     def read_now(self, ino: int, offset: int, size: int) -> bytes | None:

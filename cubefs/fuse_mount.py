@@ -28,7 +28,9 @@ from cubefs import control
 from cubefs.cache.disk import DiskCache
 from cubefs.cache.source import ChunkSource
 from cubefs.cache.tiers import MemoryTier
-from cubefs.catalog import load_image, load_manifest
+from cubefs.catalog import load_for_mount, load_manifest
+from cubefs.errors import UsageError
+from cubefs.format.trace import encode_trace, trace_key
 from cubefs.fsops import ImageFS
 from cubefs.remote import RetryingStore, RetryPolicy, store_session
 from cubefs.remote.loop import LoopThread
@@ -52,6 +54,8 @@ class MountOptions:
     store_timeout: float = 10.0
     allow_other: bool = os.geteuid() == 0  # non-root needs user_allow_other in /etc/fuse.conf
     transport: str = "kernel"  # or "pyfuse3"
+    record_trace: bool = False
+    prefetch: bool = True  # prefetch the image's pushed trace, if it has one
 
 
 def run_daemon(opts: MountOptions, notify: Any = None) -> int:
@@ -65,16 +69,18 @@ def _serve_image(opts: MountOptions, notify: Any, loop: LoopThread, store: Retry
     mountpoint = os.path.abspath(opts.mountpoint)
     t0 = time.monotonic()
     manifest = loop.run(load_manifest(store, opts.ref))
-    image, chunkmap = loop.run(load_image(store, manifest))
+    image, chunkmap, trace = loop.run(load_for_mount(store, manifest))
     log.info(
-        "image %s (sha256:%s): %d inodes, metadata loaded in %.3fs from %s",
-        manifest.ref, image.digest[:12], len(image), time.monotonic() - t0, store.url,
+        "image %s (sha256:%s): %d inodes, trace of %d chunks, metadata loaded in %.3fs from %s",
+        manifest.ref, image.digest[:12], len(image), len(trace), time.monotonic() - t0, store.url,
     )
     memory = MemoryTier(opts.memory_cache)
     disk = _open_disk_cache(opts.cache_dir, opts.disk_cache)
     source = ChunkSource(store, loop, memory, disk, label=manifest.ref)
     fs = ImageFS(image, chunkmap, source, manifest.ref, readahead=opts.readahead, read_timeout=opts.read_timeout,
                  pack_readahead=opts.pack_readahead)
+    if opts.record_trace:
+        fs.record_trace()
     transport = _transport(opts.transport, fs, mountpoint, f"cubefs:{manifest.ref}", opts.allow_other)
     transport.mount()
 
@@ -92,7 +98,20 @@ def _serve_image(opts: MountOptions, notify: Any, loop: LoopThread, store: Retry
             "requests": dict(transport.ops),
             "tiers": source.stats(),
             "store_requests": store.stats.as_dict(),
+            "trace_recorded": len(fs.trace) if fs.trace is not None else None,
         }
+
+    async def push_trace() -> dict[str, Any]:
+        """Store the chunks read so far, in first-read order, as the image's trace."""
+        if fs.trace is None:
+            raise UsageError(f"{mountpoint} was not mounted with --record-trace")
+        chunks = list(fs.trace)
+        key = trace_key(image.digest)
+        await loop.trio_run(store.put(key, encode_trace(image.digest, chunks)))
+        stored = sum(ref.stored_len for ref in fs.chunk_refs(chunks))
+        log.info("image %s: pushed a trace of %d chunks (%d bytes stored) to %s", manifest.ref, len(chunks),
+                 stored, key)
+        return {"image": manifest.ref, "key": key, "chunks": len(chunks), "stored_bytes": stored}
 
     control.write_registry(
         mountpoint,
@@ -103,12 +122,15 @@ def _serve_image(opts: MountOptions, notify: Any, loop: LoopThread, store: Retry
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             source.start(nursery)
-            await nursery.start(control.serve_control, control.socket_path(mountpoint), get_stats)
+            await nursery.start(control.serve_control, control.socket_path(mountpoint), get_stats,
+                                {"/trace/push": push_trace})
             token = trio.lowlevel.current_trio_token()
             signal.signal(signal.SIGTERM, lambda *_a: token.run_sync_soon(transport.stop))
             signal.signal(signal.SIGINT, lambda *_a: token.run_sync_soon(transport.stop))
             if notify is not None:
                 notify("ready")
+            if trace and opts.prefetch:
+                nursery.start_soon(source.prefetch, fs.chunk_refs(trace))
             await transport.serve()
             nursery.cancel_scope.cancel()
 

@@ -89,6 +89,7 @@ class ChunkSource:
         merge_gap: int = 256 * 1024,
         max_range: int = 8 * 1024 * 1024,
         max_requests: int = 32,
+        background_requests: int = 8,
     ) -> None:
         self.store = store
         self.loop = loop
@@ -100,14 +101,19 @@ class ChunkSource:
         self.store_stats = TierStats()
         self._flights: dict[bytes, _Flight] = {}
         self._requests = trio.Semaphore(max_requests)
+        # Background ranges (pack neighbours, trace prefetch) have their own, smaller
+        # allowance, so they never hold up a reader's GET behind them.
+        self._background_requests = trio.Semaphore(background_requests)
         self._nursery: trio.Nursery | None = None
+        self.prefetch_stats: dict[str, float] = {"chunks": 0, "done": 0, "seconds": 0.0}
 
     def start(self, nursery: trio.Nursery) -> None:
         """Background (read-ahead) fetches run in ``nursery``."""
         self._nursery = nursery
 
     def stats(self) -> dict[str, dict[str, float]]:
-        out = {"memory": self.memory.stats.as_dict(), "store": self.store_stats.as_dict()}
+        out = {"memory": self.memory.stats.as_dict(), "store": self.store_stats.as_dict(),
+               "prefetch": dict(self.prefetch_stats)}
         out["memory"]["used_bytes"] = self.memory.used_bytes
         if self.disk is not None:
             out["disk"] = self.disk.stats.as_dict()
@@ -167,6 +173,30 @@ class ChunkSource:
             found[d] = flight.data
         return [found[r.digest] for r in refs]
 
+    async def prefetch(self, refs: list[ChunkLocation], window: int = 16 * 1024 * 1024) -> None:
+        """Fetch ``refs`` in their order, in the background, a window of ranges at a
+        time (so the first chunks of a trace arrive first), and stop when done.
+        Chunks already cached or in flight are skipped; failures are left to the
+        reads that need the chunks."""
+        t0 = time.monotonic()
+        self.prefetch_stats["chunks"] = len(refs)
+        i = 0
+        while i < len(refs):
+            batch: list[ChunkLocation] = []
+            size = 0
+            while i < len(refs) and size < window:
+                batch.append(refs[i])
+                size += refs[i].stored_len
+                i += 1
+            await self.get_many([], background=batch)
+            for flight in [self._flights.get(r.digest) for r in batch]:
+                if flight is not None:
+                    await flight.event.wait()
+        self.prefetch_stats["done"] = 1
+        self.prefetch_stats["seconds"] = round(time.monotonic() - t0, 3)
+        log.info("image %s: prefetched %d chunks of its trace in %.2fs", self.label, len(refs),
+                 time.monotonic() - t0)
+
     def _resolve(self, flight: _Flight, digest: bytes, data: bytes | None, error: str = "") -> None:
         if self._flights.get(digest) is flight:
             del self._flights[digest]
@@ -184,19 +214,20 @@ class ChunkSource:
         handed: set[bytes] = set()
         try:
             missing = await self._from_disk(mine, wanted)
-            ranges = self._plan([it for it in missing if it[0].digest not in apart])
-            ranges += self._plan([it for it in missing if it[0].digest in apart])
+            ranges = [(rng, self._requests) for rng in self._plan([it for it in missing if it[0].digest not in apart])]
+            ranges += [(rng, self._background_requests)
+                       for rng in self._plan([it for it in missing if it[0].digest in apart])]
             if self._nursery is not None:
                 # Fetches run in the long-lived nursery, not in this reader's task: a
                 # reader that gives up (its own deadline) must not fail the other
                 # readers waiting on the same flights.  Readers wait on the events.
-                for rng in ranges:
-                    self._nursery.start_soon(self._fetch_quietly, rng)
+                for rng, limit in ranges:
+                    self._nursery.start_soon(self._fetch_quietly, rng, limit)
                     handed.update(r.digest for r, _f in rng)
             elif ranges:
                 async with trio.open_nursery() as n:
-                    for rng in ranges:
-                        n.start_soon(self._fetch_quietly, rng)
+                    for rng, limit in ranges:
+                        n.start_soon(self._fetch_quietly, rng, limit)
         finally:
             # A flight neither resolved nor handed to a fetch was cut short: fail it,
             # never orphan its waiters.
@@ -263,9 +294,9 @@ class ChunkSource:
                 ranges.append(cur)
         return ranges
 
-    async def _fetch_quietly(self, rng: list[tuple[ChunkLocation, _Flight]]) -> None:
+    async def _fetch_quietly(self, rng: list[tuple[ChunkLocation, _Flight]], limit: trio.Semaphore) -> None:
         try:
-            await self._fetch(rng)
+            await self._fetch(rng, limit)
         except BaseException as err:
             msg = str(err) or type(err).__name__
             for r, flight in rng:
@@ -274,13 +305,13 @@ class ChunkSource:
                 raise
             log.warning("image %s: tier store: %s", self.label, msg)
 
-    async def _fetch(self, rng: list[tuple[ChunkLocation, _Flight]]) -> None:
+    async def _fetch(self, rng: list[tuple[ChunkLocation, _Flight]], limit: trio.Semaphore) -> None:
         first = rng[0][0]
         start = first.offset
         end = max(r.offset + r.stored_len for r, _f in rng)
         key = pack_key(first.pack)
         t0 = time.monotonic()
-        async with self._requests:
+        async with limit:
             self.store_stats.requests += 1
             try:
                 blob = await self.loop.trio_run(self.store.get_range(key, start, end - start))

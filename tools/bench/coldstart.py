@@ -252,7 +252,7 @@ class Ctx:
     mode: str
 
 
-def mount(ctx: Ctx, mnt: Path, cache_dir: Path) -> float:
+def mount(ctx: Ctx, mnt: Path, cache_dir: Path, extra: tuple[str, ...] = ()) -> float:
     """``cubefs mount``; returns its seconds and registers the mount for cleanup.
 
     The daemon's pid is learnt later from ``cubefs stats`` (:func:`sample_stats`), after the timed run, so
@@ -260,7 +260,7 @@ def mount(ctx: Ctx, mnt: Path, cache_dir: Path) -> float:
     """
     mnt.mkdir(parents=True, exist_ok=True)
     argv = [*cubefs_argv(), "mount", REF, str(mnt), "--store", ctx.store, "--s3-endpoint", ctx.endpoint,
-                            "--cache-dir", str(cache_dir), *ctx.mount_args]
+                            "--cache-dir", str(cache_dir), *ctx.mount_args, *extra]
     ctx.cleanup.mounts[mnt] = 0  # registered first: an interrupt mid-mount must still unmount it
     t0 = time.perf_counter()
     res = run(argv, check=False, timeout=300)
@@ -338,9 +338,11 @@ def lazy_sample(ctx: Ctx, i: int) -> dict[str, Any]:
     cache_dir.mkdir(parents=True)
     out: dict[str, Any] = {}
 
+    if ctx.args.trace:
+        out.update(traced_sample(ctx, i))
     drop_caches()
     m0 = time.monotonic()
-    mount_s = mount(ctx, mnt, cache_dir)
+    mount_s = mount(ctx, mnt, cache_dir, ("--no-prefetch",) if ctx.args.trace else ())
     m1 = time.monotonic()
     run_s = run_in(mnt, ctx.cmd)
     m2 = time.monotonic()
@@ -379,6 +381,37 @@ def lazy_sample(ctx: Ctx, i: int) -> dict[str, Any]:
     out["warmdisk_store"] = sample_stats(ctx, mnt)
     ctx.cleanup.umount(mnt)
     return out
+
+
+def traced_sample(ctx: Ctx, i: int) -> dict[str, Any]:
+    """Cold mount + run on an empty cache while the mount prefetches the image's pushed trace."""
+    mnt = ctx.workdir / f"mnt-trace-{ctx.mode}-{i}"
+    cache_dir = ctx.workdir / f"cache-trace-{ctx.mode}-{i}"
+    cache_dir.mkdir(parents=True)
+    drop_caches()
+    m0 = time.monotonic()
+    mount_s = mount(ctx, mnt, cache_dir)
+    run_s = run_in(mnt, ctx.cmd)
+    m1 = time.monotonic()
+    out = {"trace_mount_s": mount_s, "trace_run_s": run_s, "trace_total_s": mount_s + run_s,
+           "trace_proxy": proxy_window(ctx, m0, m1), "trace_store": sample_stats(ctx, mnt)}
+    ctx.cleanup.umount(mnt)
+    return out
+
+
+def record_trace(args: argparse.Namespace, cmd: list[str], workdir: Path, endpoint: str, store: str,
+                 cleanup: Cleanup) -> dict[str, Any]:
+    """Mount with --record-trace, run the command once, push the trace."""
+    ctx = Ctx(args, cleanup, workdir, cmd, endpoint, store, None, shlex.split(args.mount_args), "record")
+    mnt = workdir / "mnt-record"
+    cache_dir = workdir / "cache-record"
+    cache_dir.mkdir(parents=True)
+    drop_caches()
+    mount(ctx, mnt, cache_dir, ("--record-trace", "--no-prefetch"))
+    run_in(mnt, cmd)
+    pushed = json.loads(run([*cubefs_argv(), "trace", "push", str(mnt), "--json"]).stdout)
+    cleanup.umount(mnt)
+    return dict(pushed)
 
 
 def pull_sample(ctx: Ctx, client: LayerClient, i: int) -> dict[str, Any]:
@@ -449,10 +482,13 @@ def run_mode(ctx: Ctx, client: LayerClient, stored_bytes: int) -> dict[str, Any]
             "cold_metadata_done_s", "warm_run_s", "warmdisk_mount_s",
             "warmdisk_run_s", "warmdisk_total_s", "pull_download_s", "pull_extract_s", "pull_run_s",
             "pull_total_s", "native_warm_s"]
+    if ctx.args.trace:
+        keys += ["trace_mount_s", "trace_run_s", "trace_total_s"]
     med: dict[str, Any] = {k: median_of(samples, k) for k in keys}
     for k in ("cold_store", "after_warm_store", "warmdisk_store", "cold_proxy_mount", "cold_proxy_run",
-              "cold_proxy_total", "warmdisk_proxy", "pull_proxy"):
-        med[k] = median_nested(samples, k)
+              "cold_proxy_total", "warmdisk_proxy", "pull_proxy", "trace_proxy", "trace_store"):
+        if all(k in s for s in samples):
+            med[k] = median_nested(samples, k)
     ratios = {
         "lazy_cold_over_full_pull": med["cold_total_s"] / med["pull_total_s"],
         "lazy_warm_over_native_warm": med["warm_run_s"] / med["native_warm_s"],
@@ -461,6 +497,9 @@ def run_mode(ctx: Ctx, client: LayerClient, stored_bytes: int) -> dict[str, Any]
         "fetched_after_warm_over_stored": (med["after_warm_store"]["chunk_bytes"] / stored_bytes
                                            if stored_bytes else None),
     }
+    if ctx.args.trace:
+        ratios["trace_cold_over_cold"] = med["trace_total_s"] / med["cold_total_s"]
+        ratios["trace_cold_over_full_pull"] = med["trace_total_s"] / med["pull_total_s"]
     return {"samples": samples, "medians": med, "ratios": ratios,
             "floors": {"lazy_cold_over_full_pull": FLOOR_COLD, "lazy_warm_over_native_warm": FLOOR_WARM}}
 
@@ -494,6 +533,10 @@ def print_mode(name: str, res: dict[str, Any], image: dict[str, Any]) -> None:
         ("full pull: total", "pull_total_s"),
         ("native warm: run", "native_warm_s"),
     ]
+    if "trace_total_s" in med:
+        rows[3:3] = [("lazy cold + trace prefetch: cubefs mount", "trace_mount_s"),
+                     ("lazy cold + trace prefetch: chroot run", "trace_run_s"),
+                     ("lazy cold + trace prefetch: total", "trace_total_s")]
     print(f"  {'measurement':42} {'seconds':>9}  {'range':>13}")
     for label, key in rows:
         print(f"  {label:42} {med[key]:>9.4f}  {spread(samples, key):>13}")
@@ -511,9 +554,12 @@ def print_mode(name: str, res: dict[str, Any], image: dict[str, Any]) -> None:
     print(f"    after warm runs (read-ahead landed): {aw['chunk_requests']:.0f} chunk GETs, {mb(aw['chunk_bytes'])}")
     print(f"    warm-disk remount: {wd['chunk_requests']:.0f} chunk GETs, {wd['disk_hits']:.0f} disk hits, "
           f"{wd['all_gets']:.0f} GETs in all")
+    if med.get("trace_store"):
+        ts = med["trace_store"]
+        print(f"    lazy cold + trace: {ts['chunk_requests']:.0f} chunk GETs ({mb(ts['chunk_bytes'])})")
     for label, key in (("lazy cold, mount", "cold_proxy_mount"), ("lazy cold, run", "cold_proxy_run"),
                        ("lazy cold, total", "cold_proxy_total"), ("warm-disk mount+run", "warmdisk_proxy"),
-                       ("full pull", "pull_proxy")):
+                       ("full pull", "pull_proxy"), ("cold + trace, total", "trace_proxy")):
         p = med.get(key)
         if p:
             print(f"    proxy, {label:20}: {p['requests']:.0f} requests on {p['connections_used']:.0f} connections, "
@@ -526,6 +572,11 @@ def print_mode(name: str, res: dict[str, Any], image: dict[str, Any]) -> None:
     print(f"    lazy cold / full pull        {rc:6.3f}   floor <= {FLOOR_COLD}  {'ok' if rc <= FLOOR_COLD else 'FAIL'}")
     print(f"    lazy warm / native warm      {rw:6.3f}   floor <= {FLOOR_WARM}  {'ok' if rw <= FLOOR_WARM else 'FAIL'}")
     print(f"    lazy warm-disk / full pull   {ratios['warmdisk_over_full_pull']:6.3f}")
+    if "trace_cold_over_cold" in ratios:
+        rt = ratios["trace_cold_over_cold"]
+        print(f"    cold + trace / cold          {rt:6.3f}   floor <= 0.7 (issue 3)  {'ok' if rt <= 0.7 else 'FAIL'}")
+        rp = ratios["trace_cold_over_full_pull"]
+        print(f"    cold + trace / full pull     {rp:6.3f}   floor < 1 (issue 3)  {'ok' if rp < 1 else 'FAIL'}")
     print(f"    fetched / stored             {ratios['fetched_over_stored']:6.3f}   "
           f"({mb(cs['chunk_bytes'])} of {mb(stored)} during the cold run; "
           f"{ratios['fetched_after_warm_over_stored']:.3f} once read-ahead finished)")
@@ -603,6 +654,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--mount-server", action="store_true",
                     help="run 'cubefs serve' (the warm mount server a node keeps) so mounts skip the "
                     "daemon's interpreter start-up; the default measures a bare 'cubefs mount'")
+    ap.add_argument("--trace", action="store_true",
+                    help="also record the command's trace once (--record-trace, trace push) and measure cold "
+                    "starts that prefetch it; plain cold starts then run with --no-prefetch")
     ap.add_argument("--mount-args", default="", help="extra 'cubefs mount' options, e.g. '--readahead 8M'")
     ap.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: a new one in /var/tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (mount logs, caches, weed log)")
@@ -684,10 +738,13 @@ def benchmark(args: argparse.Namespace, cmd: list[str], workdir: Path, cleanup: 
         builds.append(build_image(args.rootfs, server.endpoint, bucket, REF))
     image = dict(json.loads(run([*cubefs_argv(), "inspect", REF, "--store", store, "--s3-endpoint",
                                                  server.endpoint, "--json"]).stdout))
+    if args.trace:
+        pushed = record_trace(args, cmd, workdir, server.endpoint, store, cleanup)
+        log(f"recorded and pushed a trace: {pushed['chunks']} chunks, {mb(pushed['stored_bytes'])} stored")
     result: dict[str, Any] = {
         "config": {"rootfs": str(args.rootfs), "cmd": args.cmd, "repeat": args.repeat, "delay_ms": args.delay_ms,
                    "mount_server": bool(args.mount_server),
-                   "connect_delay_ms": args.connect_delay_ms, "mount_args": args.mount_args,
+                   "connect_delay_ms": args.connect_delay_ms, "mount_args": args.mount_args, "trace": args.trace,
                    "warm_runs_per_sample": WARM_RUNS, "cpus": os.cpu_count()},
         "image": image,
         "layer_bytes": layer_bytes,
