@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -119,6 +120,11 @@ def make_parser() -> argparse.ArgumentParser:
                    help="how FUSE is spoken: 'kernel' (default) talks to /dev/fuse directly and has the kernel "
                    "cache symlinks, directory listings and open files, so a warm re-run makes almost no requests; "
                    "'pyfuse3' goes through libfuse")
+    p.add_argument("--peers", default="", metavar="HOST:PORT,...",
+                   help="peer chunk servers ('cubefs serve --listen') asked before the store, this node's own "
+                   "included; each chunk is asked of the one peer that owns it")
+    p.add_argument("--peer-timeout", type=float, default=3.0,
+                   help="seconds a peer may take before its chunks are read from the store (default 3)")
     p.add_argument("--record-trace", action="store_true",
                    help="note the order in which chunks are first read; 'cubefs trace push' stores it with the "
                    "image, and later mounts prefetch it")
@@ -126,14 +132,23 @@ def make_parser() -> argparse.ArgumentParser:
                    help="do not prefetch the image's trace even if it has one")
     p.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground, log to stderr")
 
-    p = sub.add_parser("serve", help="keep a warm mount server: mounts start in a fraction of the time",
+    p = sub.add_parser("serve", help="the node daemon: a warm mount server, and (--listen) a peer chunk server",
                        description="Run (in the foreground) a mount server on a unix socket. It has already "
                        "imported everything a mount daemon needs, and forks one per 'cubefs mount', which then "
                        "skips the interpreter start-up and imports (~0.4 s). 'cubefs mount' uses the server "
                        "when its socket exists ($CUBEFS_SERVER, default /run/cubefs/serve.sock for root) and "
-                       "starts its own daemon otherwise.")
+                       "starts its own daemon otherwise. With --listen HOST:PORT it also serves this node's disk "
+                       "cache (--cache-dir) to other nodes over HTTP: mounts started with --peers ask the node "
+                       "that owns a chunk before the store, and the owner fetches and keeps what it lacks. "
+                       "GET /metrics there gives Prometheus text.")
     p.add_argument("--socket", default=None, help="unix socket path (default: $CUBEFS_SERVER or "
                    "/run/cubefs/serve.sock)")
+    p.add_argument("--listen", metavar="HOST:PORT", default=None, help="serve chunks to peers on this address")
+    _store_args(p)
+    p.add_argument("--cache-dir", default=None, help="the node's disk cache (default: $CUBEFS_CACHE_DIR or "
+                   "~/.cache/cubefs); give mounts the same one")
+    p.add_argument("--cache-size", type=_size_arg, default="10G", help="disk cache limit (default 10G)")
+    p.add_argument("--memory-cache", type=_size_arg, default="256M", help="memory cache limit (default 256M)")
 
     p = sub.add_parser("umount", help="unmount a cubefs mount and stop its daemon")
     p.add_argument("mountpoint")
@@ -295,7 +310,38 @@ def cmd_mount(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from cubefs import daemon
 
-    return daemon.run_mount_server(args.socket or daemon.default_server_socket())
+    socket_path = args.socket or daemon.default_server_socket()
+    if not args.listen:
+        return daemon.run_mount_server(socket_path)
+    from cubefs.node import parse_listen, run_node
+
+    try:
+        parse_listen(args.listen)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    cache_dir = os.path.abspath(args.cache_dir or default_cache_dir())
+    # The peer server runs threads and an event loop; the mount server must fork
+    # daemons from a process that has neither.  So they are two processes.
+    pid = os.fork()
+    if pid == 0:
+        code = EXIT_ERROR
+        try:
+            code = run_node(args.listen, cache_dir, args.cache_size, args.memory_cache, args.store, args.s3_endpoint)
+        except CubefsError as err:
+            print(f"cubefs: {err}", file=sys.stderr)
+            code = err.exit_code
+        except BaseException:
+            log.exception("peer server failed")
+        finally:
+            os._exit(code)
+    try:
+        return daemon.run_mount_server(socket_path)
+    finally:
+        try:
+            os.kill(pid, signal.SIGTERM)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
@@ -333,7 +379,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     print(f"{stats['image']} at {stats['mountpoint']} (pid {stats['pid']}, store {stats['store']})")
     print(f"  reads        {stats['reads']} ({size(stats['read_bytes'])}), {stats['read_errors']} failed")
     print(f"  {'TIER':8} {'HITS':>8} {'MISSES':>8} {'BYTES':>11} {'REQUESTS':>9} {'ERRORS':>7}")
-    for tier in ("memory", "disk", "store"):
+    for tier in ("memory", "disk", "peers", "store"):
         t = stats["tiers"].get(tier)
         if t is None:
             continue

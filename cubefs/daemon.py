@@ -66,6 +66,8 @@ def serve_mount(args: argparse.Namespace, mp: str, cache_dir: str, notify: Calla
         pack_readahead=args.pack_readahead, read_timeout=args.read_timeout, store_timeout=args.store_timeout,
         store_attempts=args.store_attempts, transport=getattr(args, "transport", "kernel"),
         record_trace=getattr(args, "record_trace", False), prefetch=getattr(args, "prefetch", True),
+        peers=tuple(p.strip() for p in (getattr(args, "peers", "") or "").split(",") if p.strip()),
+        peer_timeout=getattr(args, "peer_timeout", 3.0),
     )
     try:
         return run_daemon(opts, notify)

@@ -26,6 +26,7 @@ import trio
 
 from cubefs import control
 from cubefs.cache.disk import DiskCache
+from cubefs.cache.peers import PeerSet
 from cubefs.cache.source import ChunkSource
 from cubefs.cache.tiers import MemoryTier
 from cubefs.catalog import load_for_mount, load_manifest
@@ -54,6 +55,8 @@ class MountOptions:
     store_timeout: float = 10.0
     allow_other: bool = os.geteuid() == 0  # non-root needs user_allow_other in /etc/fuse.conf
     transport: str = "kernel"  # or "pyfuse3"
+    peers: tuple[str, ...] = ()
+    peer_timeout: float = 3.0
     record_trace: bool = False
     prefetch: bool = True  # prefetch the image's pushed trace, if it has one
 
@@ -76,7 +79,8 @@ def _serve_image(opts: MountOptions, notify: Any, loop: LoopThread, store: Retry
     )
     memory = MemoryTier(opts.memory_cache)
     disk = _open_disk_cache(opts.cache_dir, opts.disk_cache)
-    source = ChunkSource(store, loop, memory, disk, label=manifest.ref)
+    peers = PeerSet(list(opts.peers), store.url, timeout=opts.peer_timeout) if opts.peers else None
+    source = ChunkSource(store, loop, memory, disk, label=manifest.ref, peers=peers)
     fs = ImageFS(image, chunkmap, source, manifest.ref, readahead=opts.readahead, read_timeout=opts.read_timeout,
                  pack_readahead=opts.pack_readahead)
     if opts.record_trace:
@@ -97,6 +101,7 @@ def _serve_image(opts: MountOptions, notify: Any, loop: LoopThread, store: Retry
             "read_errors": fs.read_errors,
             "requests": dict(transport.ops),
             "tiers": source.stats(),
+            "peers": peers.stats() if peers is not None else {},
             "store_requests": store.stats.as_dict(),
             "trace_recorded": len(fs.trace) if fs.trace is not None else None,
         }

@@ -26,11 +26,13 @@ import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 import zstandard
 
 from cubefs.cache.disk import DiskCache, StoredChunk
+from cubefs.cache.peers import Peer, PeerSet
 from cubefs.cache.tiers import MemoryTier, TierStats
 from cubefs.errors import CubefsError
 from cubefs.format.packs import CODEC_RAW, CODEC_ZSTD, ChunkLocation, pack_key
@@ -90,6 +92,7 @@ class ChunkSource:
         max_range: int = 8 * 1024 * 1024,
         max_requests: int = 32,
         background_requests: int = 8,
+        peers: PeerSet | None = None,
     ) -> None:
         self.store = store
         self.loop = loop
@@ -99,6 +102,7 @@ class ChunkSource:
         self.merge_gap = merge_gap
         self.max_range = max_range
         self.store_stats = TierStats()
+        self.peers = peers
         self._flights: dict[bytes, _Flight] = {}
         self._requests = trio.Semaphore(max_requests)
         # Background ranges (pack neighbours, trace prefetch) have their own, smaller
@@ -118,6 +122,10 @@ class ChunkSource:
         if self.disk is not None:
             out["disk"] = self.disk.stats.as_dict()
             out["disk"]["used_bytes"] = self.disk.used_bytes
+        if self.peers is not None:
+            per_peer = self.peers.stats()
+            out["peers"] = {k: float(sum(p[k] for p in per_peer.values()))
+                            for k in ("hits", "misses", "bytes", "requests", "errors", "seconds", "lies", "timeouts")}
         return out
 
     def from_memory(self, refs: list[ChunkLocation]) -> list[bytes] | None:
@@ -166,12 +174,23 @@ class ChunkSource:
                 waits[d] = flight
         if mine:
             await self._load(mine, wanted, {r.digest for r in background or ()})
-        for d, flight in waits.items():
+        for flight in waits.values():
             await flight.event.wait()
+        for d, flight in waits.items():
             if flight.data is None:
                 raise ChunkUnavailable(flight.error or f"chunk {d.hex()[:16]} unavailable")
             found[d] = flight.data
         return [found[r.digest] for r in refs]
+
+    async def get_each(self, refs: list[ChunkLocation]) -> list[bytes | None]:
+        """Like get_many, but a chunk that cannot be had is None instead of failing all."""
+        try:
+            return list(await self.get_many(refs))
+        except ChunkUnavailable:
+            pass
+        # get_many fails only once all its chunks have settled: what arrived is in
+        # memory now (unless the memory tier is too small to hold it: then None).
+        return [self.memory.get(r.digest) for r in refs]
 
     async def prefetch(self, refs: list[ChunkLocation], window: int = 16 * 1024 * 1024) -> None:
         """Fetch ``refs`` in their order, in the background, a window of ranges at a
@@ -214,26 +233,101 @@ class ChunkSource:
         handed: set[bytes] = set()
         try:
             missing = await self._from_disk(mine, wanted)
-            ranges = [(rng, self._requests) for rng in self._plan([it for it in missing if it[0].digest not in apart])]
-            ranges += [(rng, self._background_requests)
-                       for rng in self._plan([it for it in missing if it[0].digest in apart])]
+            groups: list[tuple[list[tuple[ChunkLocation, _Flight]], trio.Semaphore]] = [
+                ([it for it in missing if it[0].digest not in apart], self._requests),
+                ([it for it in missing if it[0].digest in apart], self._background_requests),
+            ]
+            work: list[tuple[Any, tuple[Any, ...], list[tuple[ChunkLocation, _Flight]]]] = []
+            for items, limit in groups:
+                for owner, owned in self._by_peer(items).items():
+                    if owner is None:
+                        work += [(self._fetch_quietly, (rng, limit), rng) for rng in self._plan(owned)]
+                    else:
+                        work.append((self._via_peer, (owner, owned, limit), owned))
             if self._nursery is not None:
                 # Fetches run in the long-lived nursery, not in this reader's task: a
                 # reader that gives up (its own deadline) must not fail the other
                 # readers waiting on the same flights.  Readers wait on the events.
-                for rng, limit in ranges:
-                    self._nursery.start_soon(self._fetch_quietly, rng, limit)
-                    handed.update(r.digest for r, _f in rng)
-            elif ranges:
+                for fn, args, covered in work:
+                    self._nursery.start_soon(fn, *args)
+                    handed.update(r.digest for r, _f in covered)
+            elif work:
                 async with trio.open_nursery() as n:
-                    for rng, limit in ranges:
-                        n.start_soon(self._fetch_quietly, rng, limit)
+                    for fn, args, _covered in work:
+                        n.start_soon(fn, *args)
         finally:
             # A flight neither resolved nor handed to a fetch was cut short: fail it,
             # never orphan its waiters.
             for d, (_r, flight) in mine.items():
                 if d not in handed:
                     self._resolve(flight, d, None, f"chunk {d.hex()[:16]}: read was cancelled")
+
+    def _by_peer(
+        self, items: list[tuple[ChunkLocation, _Flight]]
+    ) -> dict[Peer | None, list[tuple[ChunkLocation, _Flight]]]:
+        """Items grouped by the live peer that owns them; None: straight to the store."""
+        groups: dict[Peer | None, list[tuple[ChunkLocation, _Flight]]] = defaultdict(list)
+        for item in items:
+            owner = self.peers.owner(item[0]) if self.peers is not None else None
+            groups[owner if owner is not None and self.peers.alive(owner) else None].append(item)  # type: ignore[union-attr]
+        return groups
+
+    async def _via_peer(self, peer: Peer, items: list[tuple[ChunkLocation, _Flight]], limit: trio.Semaphore) -> None:
+        """Ask the owner; what it does not send, or sends wrong, comes from the store."""
+        assert self.peers is not None
+        rest = items
+        try:
+            t0 = time.monotonic()
+            peer.stats.requests += 1
+            try:
+                got = await self.loop.trio_run(self.peers.fetch(peer, [r for r, _f in items]))
+            except Exception as err:  # refused, reset, timed out, garbage: the store it is
+                peer.stats.errors += 1
+                if isinstance(err, TimeoutError):
+                    peer.timeouts += 1
+                self.peers.mark_down(peer, f"{type(err).__name__}: {err}" if str(err) else type(err).__name__)
+                got = {}
+            peer.stats.seconds += time.monotonic() - t0
+
+            def verify() -> list[tuple[bytes, StoredChunk, bytes | None, str]]:
+                out = []
+                for ref, _f in items:
+                    chunk = got.get(ref.digest)
+                    if chunk is None:
+                        continue
+                    try:
+                        data = decode_stored(ref.digest, ref.plain_len, chunk, f"chunk {ref.digest.hex()[:16]}")
+                        out.append((ref.digest, chunk, data, ""))
+                    except ChunkUnavailable as err:
+                        out.append((ref.digest, chunk, None, str(err)))
+                return out
+
+            size = sum(len(c.data) for c in got.values())
+            checked = verify() if size <= INLINE_DECODE else await trio.to_thread.run_sync(verify)
+            good: list[tuple[bytes, StoredChunk]] = []
+            flights = {r.digest: f for r, f in items}
+            for digest, chunk, data, error in checked:
+                if data is None:
+                    peer.lies += 1
+                    log.error("image %s: tier peer %s sent a bad chunk: %s", self.label, peer.address, error)
+                    continue
+                peer.stats.hits += 1
+                peer.stats.bytes += len(data)
+                good.append((digest, chunk))
+                self._resolve(flights[digest], digest, data)
+            resolved = {d for d, _c in good}
+            rest = [it for it in items if it[0].digest not in resolved]
+            peer.stats.misses += len(rest)
+            if good and self.disk is not None and self._nursery is not None:
+                self._nursery.start_soon(trio.to_thread.run_sync, self.disk.put_many, good)
+        finally:
+            # Whatever the peer did not deliver goes to the store, even if we were cancelled.
+            if rest and self._nursery is not None:
+                for rng in self._plan(rest):
+                    self._nursery.start_soon(self._fetch_quietly, rng, limit)
+            elif rest:
+                for rng in self._plan(rest):
+                    await self._fetch_quietly(rng, limit)
 
     async def _from_disk(
         self, mine: dict[bytes, tuple[ChunkLocation, _Flight]], wanted: set[bytes]

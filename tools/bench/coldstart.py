@@ -61,6 +61,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -76,7 +77,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from delayproxy import DelayProxy, summarize
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
-from conftest import S3_ENV, S3Server, start_s3_server
+from conftest import S3_ENV, S3Server, free_ports, start_s3_server
 
 from cubefs.remote.loop import LoopThread
 from cubefs.remote.s3 import S3Store
@@ -141,6 +142,7 @@ class Cleanup:
     proxies: list[DelayProxy] = field(default_factory=list)
     server: S3Server | None = None
     mount_server: subprocess.Popen[bytes] | None = None
+    peer: subprocess.Popen[bytes] | None = None
     workdir: Path | None = None
     keep: bool = False
 
@@ -165,11 +167,12 @@ class Cleanup:
             with contextlib.suppress(Exception):
                 proxy.stop()
         self.proxies.clear()
-        if self.mount_server is not None:
-            with contextlib.suppress(Exception):
-                self.mount_server.terminate()
-                self.mount_server.wait(timeout=30)
-            self.mount_server = None
+        for proc in (self.mount_server, self.peer):
+            if proc is not None:
+                with contextlib.suppress(Exception):
+                    os.killpg(proc.pid, signal.SIGTERM) if proc is self.peer else proc.terminate()
+                    proc.wait(timeout=30)
+        self.mount_server = self.peer = None
         if self.server is not None:
             with contextlib.suppress(Exception):
                 self.server.stop()
@@ -339,7 +342,9 @@ def lazy_sample(ctx: Ctx, i: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
 
     if ctx.args.trace:
-        out.update(traced_sample(ctx, i))
+        out.update(variant_sample(ctx, i, "trace", ()))
+    if ctx.args.peer_address:
+        out.update(variant_sample(ctx, i, "peer", ("--peers", ctx.args.peer_address, "--no-prefetch")))
     drop_caches()
     m0 = time.monotonic()
     mount_s = mount(ctx, mnt, cache_dir, ("--no-prefetch",) if ctx.args.trace else ())
@@ -371,7 +376,7 @@ def lazy_sample(ctx: Ctx, i: int) -> dict[str, Any]:
 
     drop_caches()
     w0 = time.monotonic()
-    mount_s = mount(ctx, mnt, cache_dir)
+    mount_s = mount(ctx, mnt, cache_dir, ("--no-prefetch",) if ctx.args.trace else ())
     run_s = run_in(mnt, ctx.cmd)
     w1 = time.monotonic()
     out["warmdisk_mount_s"] = mount_s
@@ -383,20 +388,47 @@ def lazy_sample(ctx: Ctx, i: int) -> dict[str, Any]:
     return out
 
 
-def traced_sample(ctx: Ctx, i: int) -> dict[str, Any]:
-    """Cold mount + run on an empty cache while the mount prefetches the image's pushed trace."""
-    mnt = ctx.workdir / f"mnt-trace-{ctx.mode}-{i}"
-    cache_dir = ctx.workdir / f"cache-trace-{ctx.mode}-{i}"
+def variant_sample(ctx: Ctx, i: int, prefix: str, extra: tuple[str, ...]) -> dict[str, Any]:
+    """Cold mount (with ``extra`` options) + run on an empty cache: the trace and peer variants."""
+    mnt = ctx.workdir / f"mnt-{prefix}-{ctx.mode}-{i}"
+    cache_dir = ctx.workdir / f"cache-{prefix}-{ctx.mode}-{i}"
     cache_dir.mkdir(parents=True)
     drop_caches()
     m0 = time.monotonic()
-    mount_s = mount(ctx, mnt, cache_dir)
+    mount_s = mount(ctx, mnt, cache_dir, extra)
     run_s = run_in(mnt, ctx.cmd)
     m1 = time.monotonic()
-    out = {"trace_mount_s": mount_s, "trace_run_s": run_s, "trace_total_s": mount_s + run_s,
-           "trace_proxy": proxy_window(ctx, m0, m1), "trace_store": sample_stats(ctx, mnt)}
+    out = {f"{prefix}_mount_s": mount_s, f"{prefix}_run_s": run_s, f"{prefix}_total_s": mount_s + run_s,
+           f"{prefix}_proxy": proxy_window(ctx, m0, m1), f"{prefix}_store": sample_stats(ctx, mnt)}
     ctx.cleanup.umount(mnt)
     return out
+
+
+def start_peer(args: argparse.Namespace, cmd: list[str], workdir: Path, endpoint: str, store: str,
+               cleanup: Cleanup) -> str:
+    """A node daemon (``cubefs serve --listen``) whose cache one mount+run has warmed."""
+    port = free_ports(1)[0]
+    address = f"127.0.0.1:{port}"
+    logf = open(workdir / "peer.log", "ab")
+    proc = subprocess.Popen([*cubefs_argv(), "serve", "--listen", address, "--socket", str(workdir / "peer.sock"),
+                             "--cache-dir", str(workdir / "cache-peer"), "--store", store, "--s3-endpoint", endpoint],
+                            stdout=logf, stderr=logf, env={**os.environ, **S3_ENV}, start_new_session=True)
+    cleanup.peer = proc
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            time.sleep(0.1)
+    ctx = Ctx(args, cleanup, workdir, cmd, endpoint, store, None, shlex.split(args.mount_args), "peerwarm")
+    mnt = workdir / "mnt-peerwarm"
+    cache_dir = workdir / "cache-peerwarm"
+    cache_dir.mkdir(parents=True)
+    mount(ctx, mnt, cache_dir, ("--peers", address, "--no-prefetch"))
+    run_in(mnt, cmd)
+    cleanup.umount(mnt)
+    return address
 
 
 def record_trace(args: argparse.Namespace, cmd: list[str], workdir: Path, endpoint: str, store: str,
@@ -484,9 +516,12 @@ def run_mode(ctx: Ctx, client: LayerClient, stored_bytes: int) -> dict[str, Any]
             "pull_total_s", "native_warm_s"]
     if ctx.args.trace:
         keys += ["trace_mount_s", "trace_run_s", "trace_total_s"]
+    if ctx.args.peer_address:
+        keys += ["peer_mount_s", "peer_run_s", "peer_total_s"]
     med: dict[str, Any] = {k: median_of(samples, k) for k in keys}
     for k in ("cold_store", "after_warm_store", "warmdisk_store", "cold_proxy_mount", "cold_proxy_run",
-              "cold_proxy_total", "warmdisk_proxy", "pull_proxy", "trace_proxy", "trace_store"):
+              "cold_proxy_total", "warmdisk_proxy", "pull_proxy", "trace_proxy", "trace_store", "peer_proxy",
+              "peer_store"):
         if all(k in s for s in samples):
             med[k] = median_nested(samples, k)
     ratios = {
@@ -497,6 +532,8 @@ def run_mode(ctx: Ctx, client: LayerClient, stored_bytes: int) -> dict[str, Any]
         "fetched_after_warm_over_stored": (med["after_warm_store"]["chunk_bytes"] / stored_bytes
                                            if stored_bytes else None),
     }
+    if ctx.args.peer_address:
+        ratios["peer_cold_over_cold"] = med["peer_total_s"] / med["cold_total_s"]
     if ctx.args.trace:
         ratios["trace_cold_over_cold"] = med["trace_total_s"] / med["cold_total_s"]
         ratios["trace_cold_over_full_pull"] = med["trace_total_s"] / med["pull_total_s"]
@@ -533,6 +570,10 @@ def print_mode(name: str, res: dict[str, Any], image: dict[str, Any]) -> None:
         ("full pull: total", "pull_total_s"),
         ("native warm: run", "native_warm_s"),
     ]
+    if "peer_total_s" in med:
+        rows[3:3] = [("lazy cold from a warm peer: cubefs mount", "peer_mount_s"),
+                     ("lazy cold from a warm peer: chroot run", "peer_run_s"),
+                     ("lazy cold from a warm peer: total", "peer_total_s")]
     if "trace_total_s" in med:
         rows[3:3] = [("lazy cold + trace prefetch: cubefs mount", "trace_mount_s"),
                      ("lazy cold + trace prefetch: chroot run", "trace_run_s"),
@@ -554,6 +595,9 @@ def print_mode(name: str, res: dict[str, Any], image: dict[str, Any]) -> None:
     print(f"    after warm runs (read-ahead landed): {aw['chunk_requests']:.0f} chunk GETs, {mb(aw['chunk_bytes'])}")
     print(f"    warm-disk remount: {wd['chunk_requests']:.0f} chunk GETs, {wd['disk_hits']:.0f} disk hits, "
           f"{wd['all_gets']:.0f} GETs in all")
+    if med.get("peer_store"):
+        ps = med["peer_store"]
+        print(f"    lazy cold from a warm peer: {ps['chunk_requests']:.0f} chunk GETs from the store")
     if med.get("trace_store"):
         ts = med["trace_store"]
         print(f"    lazy cold + trace: {ts['chunk_requests']:.0f} chunk GETs ({mb(ts['chunk_bytes'])})")
@@ -572,6 +616,9 @@ def print_mode(name: str, res: dict[str, Any], image: dict[str, Any]) -> None:
     print(f"    lazy cold / full pull        {rc:6.3f}   floor <= {FLOOR_COLD}  {'ok' if rc <= FLOOR_COLD else 'FAIL'}")
     print(f"    lazy warm / native warm      {rw:6.3f}   floor <= {FLOOR_WARM}  {'ok' if rw <= FLOOR_WARM else 'FAIL'}")
     print(f"    lazy warm-disk / full pull   {ratios['warmdisk_over_full_pull']:6.3f}")
+    if "peer_cold_over_cold" in ratios:
+        rq = ratios["peer_cold_over_cold"]
+        print(f"    cold from peer / cold        {rq:6.3f}   floor <= 0.6 (issue 3)  {'ok' if rq <= 0.6 else 'FAIL'}")
     if "trace_cold_over_cold" in ratios:
         rt = ratios["trace_cold_over_cold"]
         print(f"    cold + trace / cold          {rt:6.3f}   floor <= 0.7 (issue 3)  {'ok' if rt <= 0.7 else 'FAIL'}")
@@ -657,6 +704,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--trace", action="store_true",
                     help="also record the command's trace once (--record-trace, trace push) and measure cold "
                     "starts that prefetch it; plain cold starts then run with --no-prefetch")
+    ap.add_argument("--peer", action="store_true",
+                    help="also run a node daemon (cubefs serve --listen) with a warm cache and measure cold starts "
+                    "of fresh mounts that ask it (--peers) before the store")
     ap.add_argument("--mount-args", default="", help="extra 'cubefs mount' options, e.g. '--readahead 8M'")
     ap.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: a new one in /var/tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (mount logs, caches, weed log)")
@@ -738,6 +788,9 @@ def benchmark(args: argparse.Namespace, cmd: list[str], workdir: Path, cleanup: 
         builds.append(build_image(args.rootfs, server.endpoint, bucket, REF))
     image = dict(json.loads(run([*cubefs_argv(), "inspect", REF, "--store", store, "--s3-endpoint",
                                                  server.endpoint, "--json"]).stdout))
+    args.peer_address = start_peer(args, cmd, workdir, server.endpoint, store, cleanup) if args.peer else None
+    if args.peer:
+        log(f"peer node daemon on {args.peer_address}, cache warmed by one run")
     if args.trace:
         pushed = record_trace(args, cmd, workdir, server.endpoint, store, cleanup)
         log(f"recorded and pushed a trace: {pushed['chunks']} chunks, {mb(pushed['stored_bytes'])} stored")
@@ -745,6 +798,7 @@ def benchmark(args: argparse.Namespace, cmd: list[str], workdir: Path, cleanup: 
         "config": {"rootfs": str(args.rootfs), "cmd": args.cmd, "repeat": args.repeat, "delay_ms": args.delay_ms,
                    "mount_server": bool(args.mount_server),
                    "connect_delay_ms": args.connect_delay_ms, "mount_args": args.mount_args, "trace": args.trace,
+                   "peer": args.peer,
                    "warm_runs_per_sample": WARM_RUNS, "cpus": os.cpu_count()},
         "image": image,
         "layer_bytes": layer_bytes,

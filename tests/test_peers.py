@@ -1,0 +1,203 @@
+"""Peers: nodes ask the chunk's owner before the store, and survive peers that
+die, stall or lie.  Three real node daemons and one real SeaweedFS S3."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from conftest import S3_ENV, S3Server, free_ports, mounted, run_cubefs
+
+from cubefs.cache.disk import StoredChunk
+from cubefs.cache.peers import decode_request, encode_response
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    files = {f"lib/m{i:02d}.so": os.urandom(120_000) for i in range(30)}
+    files |= {f"py/t{i:02d}.py": (f"# module {i}\n" + "x = 1\n" * 20000).encode() for i in range(10)}
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return files
+
+
+WORKLOAD = [f"lib/m{i:02d}.so" for i in range(0, 30, 2)] + [f"py/t{i:02d}.py" for i in range(0, 10, 3)]
+
+
+@contextmanager
+def node_daemon(tmp_path: Path, name: str, store: str, endpoint: str, port: int) -> Iterator[subprocess.Popen[bytes]]:
+    """``cubefs serve --listen`` with its own cache dir and mount-server socket."""
+    log = open(tmp_path / f"{name}.log", "ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cubefs", "serve", "--listen", f"127.0.0.1:{port}", "--socket",
+         str(tmp_path / f"{name}.sock"), "--cache-dir", str(tmp_path / f"cache-{name}"), "--store", store,
+         "--s3-endpoint", endpoint],
+        stdout=log, stderr=log, env={**os.environ, **S3_ENV}, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                _node_stats(port)
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise AssertionError(f"node {name} did not come up; see {tmp_path / f'{name}.log'}") from None
+                time.sleep(0.1)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+
+
+def _node_stats(port: int) -> dict:  # type: ignore[type-arg]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+def _run_workload(mnt: Path, files: dict[str, bytes]) -> None:
+    for rel in WORKLOAD:
+        assert (mnt / rel).read_bytes() == files[rel], rel
+
+
+def test_three_nodes_read_each_chunk_from_the_store_about_once(s3: S3Server, tmp_path: Path) -> None:
+    files = _tree(tmp_path / "src")
+    store = s3.store("peers")
+    run_cubefs("build", str(tmp_path / "src"), "--tag", "app:1", "--store", store, "--s3-endpoint", s3.endpoint)
+
+    # One node alone, no peers: what a cold start reads from the store.
+    with mounted("app:1", tmp_path / "alone", store, tmp_path / "cache-alone", s3_endpoint=s3.endpoint) as m:
+        _run_workload(tmp_path / "alone", files)
+        alone = m.stats()["tiers"]["store"]["bytes"]
+    assert alone > 1_000_000
+
+    ports = free_ports(3)
+    peers = ",".join(f"127.0.0.1:{p}" for p in ports)
+    with node_daemon(tmp_path, "n1", store, s3.endpoint, ports[0]), \
+            node_daemon(tmp_path, "n2", store, s3.endpoint, ports[1]), \
+            node_daemon(tmp_path, "n3", store, s3.endpoint, ports[2]):
+        mount_store_bytes = 0
+        shares = []
+        for i, name in enumerate(("n1", "n2", "n3")):
+            mnt = tmp_path / f"mnt-{name}"
+            with mounted("app:1", mnt, store, tmp_path / f"cache-{name}", "--peers", peers,
+                         s3_endpoint=s3.endpoint) as m:
+                _run_workload(mnt, files)
+                tiers = m.stats()["tiers"]
+            mount_store_bytes += tiers["store"]["bytes"]
+            misses = tiers["peers"]["hits"] + tiers["store"]["hits"]
+            shares.append(tiers["peers"]["hits"] / misses if misses else 1.0)
+            if i > 0:
+                assert tiers["store"]["requests"] == 0, (name, tiers)
+        daemons = [_node_stats(p) for p in ports]
+    node_store_bytes = sum(d["tiers"]["store"]["bytes"] for d in daemons)
+    total = mount_store_bytes + node_store_bytes
+    assert total <= 1.3 * alone, (total, alone, [d["peer_requests"] for d in daemons])
+    assert shares[1] >= 0.9 and shares[2] >= 0.9, shares
+    # Ownership is spread: more than one node served chunks.
+    assert sum(d["peer_requests"].get("chunks_asked", 0) > 0 for d in daemons) >= 2, daemons
+
+
+class _FakePeer:
+    """Fault injection beside the real-daemon test: a peer that lies or stalls."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self.requests = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        with conn:
+            while True:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    part = conn.recv(65536)
+                    if not part:
+                        return
+                    data += part
+                head, _, body = data.partition(b"\r\n\r\n")
+                lengths = [ln.split(b":")[1] for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length")]
+                length = int(lengths[0])
+                while len(body) < length:
+                    body += conn.recv(65536)
+                self.requests += 1
+                if self.mode == "stall":
+                    time.sleep(30)
+                    return
+                refs = decode_request(body)  # well-formed answers, wrong bytes
+                payload = encode_response([(r.digest, StoredChunk(0, r.plain_len, os.urandom(r.plain_len)))
+                                           for r in refs])
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(payload) + payload)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_dead_stalled_and_lying_peers_cost_time_not_bytes(tmp_path: Path) -> None:
+    files = _tree(tmp_path / "src")
+    store = f"file://{tmp_path / 'store'}"
+    run_cubefs("build", str(tmp_path / "src"), "--tag", "app:1", "--store", store)
+    dead = f"127.0.0.1:{free_ports(1)[0]}"
+    for label, peer in (("dead", None), ("stall", _FakePeer("stall")), ("lie", _FakePeer("lie"))):
+        address = peer.address if peer else dead
+        t0 = time.monotonic()
+        with mounted("app:1", tmp_path / f"mnt-{label}", store, tmp_path / f"cache-{label}", "--peers", address,
+                     "--peer-timeout", "1") as m:
+            _run_workload(tmp_path / f"mnt-{label}", files)
+            stats = m.stats()
+        elapsed = time.monotonic() - t0
+        peers = stats["tiers"]["peers"]
+        assert stats["read_errors"] == 0
+        assert peers["hits"] == 0 and stats["tiers"]["store"]["hits"] > 0, (label, stats["tiers"])
+        if label == "lie":
+            assert peers["lies"] > 0
+        else:
+            assert peers["errors"] >= 1
+            # Marked down after its first failure: one timeout, not one per read.
+            assert elapsed < 20, elapsed
+        if label == "stall":
+            assert peers["timeouts"] == 1
+        if peer:
+            peer.close()
+
+
+def test_a_peer_killed_mid_run(s3: S3Server, tmp_path: Path) -> None:
+    files = _tree(tmp_path / "src")
+    store = s3.store("killed")
+    run_cubefs("build", str(tmp_path / "src"), "--tag", "app:1", "--store", store, "--s3-endpoint", s3.endpoint)
+    port = free_ports(1)[0]
+    with node_daemon(tmp_path, "victim", store, s3.endpoint, port) as proc, \
+            mounted("app:1", tmp_path / "mnt", store, tmp_path / "cache", "--peers", f"127.0.0.1:{port}",
+                    "--peer-timeout", "2", s3_endpoint=s3.endpoint) as m:
+        half = len(WORKLOAD) // 2
+        for rel in WORKLOAD[:half]:
+            assert (tmp_path / "mnt" / rel).read_bytes() == files[rel]
+        assert m.stats()["tiers"]["peers"]["hits"] > 0
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        for rel in WORKLOAD[half:]:
+            assert (tmp_path / "mnt" / rel).read_bytes() == files[rel]
+        stats = m.stats()
+    assert stats["read_errors"] == 0 and stats["tiers"]["peers"]["errors"] >= 1
