@@ -21,6 +21,7 @@ import stat
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TypeAlias
 
 import trio
 
@@ -42,6 +43,8 @@ from cubefs.format.image import (
 from cubefs.format.packs import ChunkLocation, ChunkMap
 
 log = logging.getLogger(__name__)
+
+Buffer: TypeAlias = bytes | memoryview
 
 
 class FsError(Exception):
@@ -194,17 +197,32 @@ class ImageFS:
                     self.trace.append(idx)
         return size, extents, [self._ref(idx) for _off, idx in extents]
 
-    def read_now(self, ino: int, offset: int, size: int) -> bytes | None:
+    def read_now(self, ino: int, offset: int, size: int) -> list[Buffer] | None:
         """The read answered without waiting (memory hits, holes, EOF), else None.
         Lets a transport reply inline instead of starting a task: most reads of
-        a warm mount are this."""
+        a warm mount are this.  The answer is a list of buffers (views of cached
+        chunks, zeros for holes) for the transport to write with one writev: a
+        1 MiB read assembled into one new object cost 2 ms in page faults and
+        copies here, more than everything else in a warm read."""
         size, extents, refs = self._read_plan(ino, offset, size)
         datas = self.source.from_memory(refs)
         if datas is None:
             return None
+        if refs and self.readahead > 0:
+            self._keep_ahead(ino, offset + size)
         return _assemble(offset, size, extents, datas)
 
-    async def read(self, ino: int, offset: int, size: int) -> bytes:
+    def _keep_ahead(self, ino: int, end: int) -> None:
+        """Asynchronous read-ahead: when a reader served from memory gets within half
+        a window of the end of what is loaded or loading, start the next window
+        in the background, so a sequential reader never stops to wait for it."""
+        offs, idxs = self.image.extents(ino)
+        i = bisect_left(offs, end + self.readahead // 2)
+        if i < len(idxs) and not self.source.has(self._ref(idxs[i]).digest):
+            self.source.fetch_in_background(self._readahead(ino, end))
+
+    async def read(self, ino: int, offset: int, size: int) -> list[Buffer]:
+        """The read, as a list of buffers (see read_now)."""
         size, extents, refs = self._read_plan(ino, offset, size)
         datas = self.source.from_memory(refs)  # the common case: no read-ahead work at all
         try:
@@ -275,17 +293,28 @@ class ImageFS:
         return out
 
 
-def _assemble(offset: int, size: int, extents: list[tuple[int, int]], datas: list[bytes]) -> bytes:
-    """The ``size`` bytes at ``offset`` from the chunks that overlap them; holes are zeros."""
-    if size == 0:
-        return b""
-    if len(extents) == 1 and extents[0][0] <= offset and extents[0][0] + len(datas[0]) >= offset + size:
-        start = offset - extents[0][0]
-        return datas[0][start : start + size]
-    buf = bytearray(size)
+_ZEROS = memoryview(bytes(1 << 20))
+
+
+def _assemble(offset: int, size: int, extents: list[tuple[int, int]], datas: list[bytes]) -> list[Buffer]:
+    """The ``size`` bytes at ``offset``, as views of the chunks that overlap them
+    and zeros for holes, in order."""
+    parts: list[Buffer] = []
+    pos = offset
+    end = offset + size
     for (foff, _idx), data in zip(extents, datas):
-        lo = max(foff, offset)
-        hi = min(foff + len(data), offset + size)
-        if hi > lo:
-            buf[lo - offset : hi - offset] = data[lo - foff : hi - foff]
-    return bytes(buf)
+        lo = max(foff, pos)
+        hi = min(foff + len(data), end)
+        if hi <= lo:
+            continue
+        if lo > pos:
+            parts.append(_zeros(lo - pos))
+        parts.append(memoryview(data)[lo - foff : hi - foff])
+        pos = hi
+    if pos < end:
+        parts.append(_zeros(end - pos))
+    return parts
+
+
+def _zeros(n: int) -> Buffer:
+    return _ZEROS[:n] if n <= len(_ZEROS) else bytes(n)

@@ -1,14 +1,20 @@
-"""The tiered chunk source the filesystem reads through: memory → disk → store.
+"""The tiered chunk source the filesystem reads through: memory → disk → peers → store.
 
-Runs on trio (the FUSE daemon's loop).  Invariants:
+Runs on trio (the FUSE daemon's loop, or the node daemon's peer server).
+Invariants:
 
 * **Single flight.**  A digest being loaded has one :class:`_Flight`; every
   other reader of it waits on that flight's event instead of fetching again.
   The flight is created and resolved on the trio thread only, so no lock.
-* **Nothing unverified.**  Bytes from the disk tier or the store reach a
-  reader only after their SHA-256 matches the digest (and their length the
-  plaintext length).  A mismatch drops the bytes and fails that read with
-  :class:`ChunkUnavailable` (→ ``EIO``); nothing corrupt is cached.
+* **Nothing unverified.**  Bytes from the disk tier, a peer or the store
+  reach a reader only after their SHA-256 matches the digest (and their
+  length the plaintext length).  A mismatch from the disk or the store drops
+  the bytes and fails that read with :class:`ChunkUnavailable` (→ ``EIO``);
+  from a peer, the chunk is read from the store instead.  Nothing corrupt is
+  cached.
+* **Priorities.**  Reads' ranges run under ``max_requests``; background ones
+  (pack neighbours, trace prefetch) under their own ``background_requests``,
+  so a read never queues behind them.
 * **Few round trips.**  Missing chunks are grouped by pack and neighbouring
   ones merged into one ranged GET (gap ≤ ``merge_gap``, range ≤
   ``max_range``); all ranges go out at once, in the source's long-lived
@@ -63,9 +69,23 @@ def decode_chunk(ref: ChunkLocation, stored: bytes) -> bytes:
     return decode_stored(ref.digest, ref.plain_len, StoredChunk(ref.codec, ref.plain_len, stored), name)
 
 
+def decode_cached(digest: bytes, plain_len: int, chunk: StoredChunk) -> bytes:
+    """The plaintext of a disk-cache entry.  Its xxh64 was checked on the way out
+    of the cache and its SHA-256 before it went in, so the length is what is left
+    to check: hashing it again would cost 40% of a warm sequential read."""
+    return _decompress(chunk, plain_len, f"chunk {digest.hex()[:16]} in the disk cache")
+
+
 def decode_stored(digest: bytes, plain_len: int, chunk: StoredChunk, name: str) -> bytes:
-    """The plaintext of a stored chunk, whatever pack or tier it came from, once its
-    length and SHA-256 match; else ChunkUnavailable."""
+    """The plaintext of a stored chunk from a pack or a peer, once its length and
+    SHA-256 match; else ChunkUnavailable."""
+    data = _decompress(chunk, plain_len, name)
+    if hashlib.sha256(data).digest() != digest:
+        raise ChunkUnavailable(f"{name}: content does not match its SHA-256")
+    return data
+
+
+def _decompress(chunk: StoredChunk, plain_len: int, name: str) -> bytes:
     if chunk.codec == CODEC_ZSTD:
         try:
             data = zstandard.ZstdDecompressor().decompress(chunk.data, max_output_size=plain_len)
@@ -75,8 +95,8 @@ def decode_stored(digest: bytes, plain_len: int, chunk: StoredChunk, name: str) 
         data = chunk.data
     else:
         raise ChunkUnavailable(f"{name}: unknown codec {chunk.codec}")
-    if len(data) != plain_len or hashlib.sha256(data).digest() != digest:
-        raise ChunkUnavailable(f"{name}: content does not match its SHA-256")
+    if len(data) != plain_len:
+        raise ChunkUnavailable(f"{name}: decodes to {len(data)} bytes, not {plain_len}")
     return data
 
 
@@ -182,6 +202,21 @@ class ChunkSource:
             found[d] = flight.data
         return [found[r.digest] for r in refs]
 
+    def has(self, digest: bytes) -> bool:
+        """In memory or on its way there."""
+        return digest in self._flights or self.memory.get(digest) is not None
+
+    def fetch_in_background(self, refs: list[ChunkLocation]) -> None:
+        """Load ``refs`` (disk, peers, store) into memory without anyone waiting."""
+        if self._nursery is not None and refs:
+            self._nursery.start_soon(self._fetch_background, refs)
+
+    async def _fetch_background(self, refs: list[ChunkLocation]) -> None:
+        try:
+            await self.get_many([], background=refs)
+        except Exception as err:  # nobody waits: failures are for the reads that need the chunks
+            log.debug("image %s: background fetch failed: %s", self.label, err)
+
     async def get_each(self, refs: list[ChunkLocation]) -> list[bytes | None]:
         """Like get_many, but a chunk that cannot be had is None instead of failing all."""
         try:
@@ -233,6 +268,7 @@ class ChunkSource:
         handed: set[bytes] = set()
         try:
             missing = await self._from_disk(mine, wanted)
+            handed.update(mine.keys() - {r.digest for r, _f in missing})  # resolved, or being decoded
             groups: list[tuple[list[tuple[ChunkLocation, _Flight]], trio.Semaphore]] = [
                 ([it for it in missing if it[0].digest not in apart], self._requests),
                 ([it for it in missing if it[0].digest in apart], self._background_requests),
@@ -332,38 +368,62 @@ class ChunkSource:
     async def _from_disk(
         self, mine: dict[bytes, tuple[ChunkLocation, _Flight]], wanted: set[bytes]
     ) -> list[tuple[ChunkLocation, _Flight]]:
+        """Resolve what the disk cache holds; return the rest.  The chunks a reader
+        waits for are decoded before this returns, the others (read-ahead) in the
+        background, so a sequential reader's next window decodes on the other core
+        while it consumes this one."""
         if self.disk is None:
             return list(mine.values())
         disk = self.disk
         t0 = time.monotonic()
-        digests = [d for d in mine if disk.contains(d)]  # no thread hop for a certain miss
 
-        def load() -> dict[bytes, bytes | None]:
-            out: dict[bytes, bytes | None] = {}
-            for d, chunk in disk.get_many(digests).items():
-                ref = mine[d][0]
+        def decode(items: list[tuple[bytes, StoredChunk]]) -> list[tuple[bytes, bytes | None]]:
+            out: list[tuple[bytes, bytes | None]] = []
+            for d, chunk in items:
                 try:
-                    out[d] = decode_stored(d, ref.plain_len, chunk, f"chunk {d.hex()[:16]} in the disk cache")
+                    out.append((d, decode_cached(d, mine[d][0].plain_len, chunk)))
                 except ChunkUnavailable as err:
                     log.warning("image %s: tier disk: %s; dropping it", self.label, err)
                     disk.stats.errors += 1
                     disk.delete([d])
+                    out.append((d, None))
             return out
 
-        results = await trio.to_thread.run_sync(load) if digests else {}
+        def load() -> tuple[list[tuple[bytes, bytes | None]], list[tuple[bytes, StoredChunk]]]:
+            # One thread hop for the lookup: an LMDB read may fault pages in from
+            # disk, which must never happen on the event loop.
+            found = disk.get_many(list(mine))
+            now = [(d, c) for d, c in found.items() if d in wanted]
+            return decode(now), [(d, c) for d, c in found.items() if d not in wanted]
+
+        decoded, later = await trio.to_thread.run_sync(load)
         disk.stats.seconds += time.monotonic() - t0
-        missing = []
-        for d in mine:
-            data = results.get(d)
-            if data is None:
-                if d in wanted:
-                    disk.stats.misses += 1
-                missing.append(mine[d])
-            else:
-                if d in wanted:
-                    disk.stats.hits += 1
-                    disk.stats.bytes += len(data)
+        settled = set()
+        for d, data in decoded:
+            if data is not None:
+                disk.stats.hits += 1
+                disk.stats.bytes += len(data)
                 self._resolve(mine[d][1], d, data)
+                settled.add(d)
+        if later:
+            settled.update(d for d, _c in later)
+
+            async def decode_later() -> None:
+                results: list[tuple[bytes, bytes | None]] = []
+                try:
+                    results = await trio.to_thread.run_sync(decode, later)
+                finally:
+                    done = dict(results)
+                    for d, _c in later:
+                        # A damaged entry resolves as failed: its reader (if any) retries.
+                        self._resolve(mine[d][1], d, done.get(d), f"chunk {d.hex()[:16]}: damaged in the disk cache")
+
+            if self._nursery is not None:
+                self._nursery.start_soon(decode_later)
+            else:
+                await decode_later()
+        missing = [mine[d] for d in mine if d not in settled]
+        disk.stats.misses += sum(1 for d, _ in ((r.digest, f) for r, f in missing) if d in wanted)
         return missing
 
     def _plan(self, items: list[tuple[ChunkLocation, _Flight]]) -> list[list[tuple[ChunkLocation, _Flight]]]:

@@ -102,6 +102,12 @@ def reply(unique: int, payload: bytes = b"") -> bytes:
     return OUT_HEADER.pack(OUT_HEADER.size + len(payload), 0, unique) + payload
 
 
+def reply_parts(unique: int, parts: list[bytes | memoryview]) -> list[bytes | memoryview]:
+    """A reply as buffers for one writev: the header, then ``parts`` uncopied."""
+    size = OUT_HEADER.size + sum(len(x) for x in parts)
+    return [OUT_HEADER.pack(size, 0, unique), *parts]
+
+
 def error_reply(unique: int, err: int) -> bytes:
     return OUT_HEADER.pack(OUT_HEADER.size, -err, unique)
 

@@ -125,7 +125,7 @@ class FuseOps(pyfuse3.Operations):
 
     @_request
     async def read(self, fh: int, off: int, size: int) -> bytes:  # type: ignore[override]
-        data = await self.fs.read(fh, off, size)
+        data = b"".join(await self.fs.read(fh, off, size))
         self.read_bytes += len(data)
         return data
 

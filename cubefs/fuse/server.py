@@ -35,8 +35,8 @@ from cubefs.fuse import protocol as p
 
 log = logging.getLogger(__name__)
 
-Reply = bytes | None  # None: the request takes no reply (FORGET)
-Handler = Callable[[int, int, memoryview], "bytes | Coroutine[Any, Any, bytes]"]
+Reply = bytes | list[bytes | memoryview] | None  # a list goes out in one writev; None: no reply (FORGET)
+Handler = Callable[[int, int, memoryview], "Reply | Coroutine[Any, Any, Reply]"]
 
 # What we ask for at INIT, if the kernel offers it.
 WANTED_FLAGS = (
@@ -46,6 +46,7 @@ WANTED_FLAGS = (
 MAX_WRITE = 128 * 1024  # a read-only filesystem: only the kernel's minimum matters
 MAX_PAGES = 256  # reads of up to 1 MiB per request
 REQUEST_BUFFER = MAX_PAGES * 4096 + 4096  # what a transport must be able to receive
+MAX_READAHEAD = 4 * 1024 * 1024
 
 
 def _encode_rdev(rdev: int) -> int:
@@ -87,7 +88,7 @@ class FuseServer:
             p.LSEEK: self._lseek,
         }
 
-    def handle(self, request: bytes) -> Reply | Coroutine[Any, Any, bytes]:
+    def handle(self, request: bytes) -> Reply | Coroutine[Any, Any, Reply]:
         """The reply to one request, or a coroutine that produces it."""
         _len, opcode, unique, nodeid, _uid, _gid, _pid, _ext, _pad = p.IN_HEADER.unpack_from(request)
         self.ops[p.OPCODE_NAMES.get(opcode, str(opcode))] += 1
@@ -138,8 +139,10 @@ class FuseServer:
         self.no_open = bool(flags & p.NO_OPEN_SUPPORT)
         self.no_opendir = bool(flags & p.NO_OPENDIR_SUPPORT)
         log.info("FUSE protocol 7.%d (kernel 7.%d), flags %#x", self.minor, minor, flags & WANTED_FLAGS)
+        # The kernel keeps the smaller of this and its device's read-ahead, which the
+        # transport may have raised (see kernel.KernelSession): offer what we like.
         return p.reply(unique, p.INIT_OUT.pack(
-            p.KERNEL_MAJOR, self.minor, max_readahead, flags & WANTED_FLAGS,
+            p.KERNEL_MAJOR, self.minor, max(max_readahead, MAX_READAHEAD), flags & WANTED_FLAGS,
             64, 48, MAX_WRITE, 1, MAX_PAGES, 0, 0,
         ))
 
@@ -179,25 +182,27 @@ class FuseServer:
         self.fs.opendir(ino)
         return p.reply(unique, p.OPEN_OUT.pack(0, p.FOPEN_KEEP_CACHE | p.FOPEN_CACHE_DIR, 0))
 
-    def _read(self, unique: int, ino: int, body: memoryview) -> bytes | Coroutine[Any, Any, bytes]:
+    def _read(self, unique: int, ino: int, body: memoryview) -> Reply | Coroutine[Any, Any, Reply]:
         # The inode comes from the header: with "no open" there is no file handle.
         _fh, offset, size, *_ = p.READ_IN.unpack_from(body)
-        data = self.fs.read_now(ino, offset, size)
-        if data is None:
+        parts = self.fs.read_now(ino, offset, size)
+        if parts is None:
             return self._read_later(unique, ino, offset, size)
-        self.read_bytes += len(data)
-        return p.reply(unique, data)
+        return self._read_reply(unique, parts)
 
-    async def _read_later(self, unique: int, ino: int, offset: int, size: int) -> bytes:
+    def _read_reply(self, unique: int, parts: list[bytes | memoryview]) -> Reply:
+        self.read_bytes += sum(len(x) for x in parts)
+        return p.reply_parts(unique, parts)
+
+    async def _read_later(self, unique: int, ino: int, offset: int, size: int) -> Reply:
         try:
-            data = await self.fs.read(ino, offset, size)
+            parts = await self.fs.read(ino, offset, size)
         except FsError as err:
             return p.error_reply(unique, err.errno)
         except Exception:
             log.exception("FUSE read of inode %d [%d+%d] failed; answering EIO", ino, offset, size)
             return p.error_reply(unique, errno.EIO)
-        self.read_bytes += len(data)
-        return p.reply(unique, data)
+        return self._read_reply(unique, parts)
 
     def _listing(self, unique: int, ino: int, body: memoryview, plus: bool) -> bytes:
         _fh, offset, size, *_ = p.READ_IN.unpack_from(body)
