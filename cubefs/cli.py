@@ -111,7 +111,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="bytes of a file fetched ahead of a read (default 4M)")
     p.add_argument("--pack-readahead", type=_size_arg, default="0",
                    help="stored bytes fetched after a read's chunks in the same pack, i.e. the files built next "
-                   "to it (default 0: off; it cuts round trips but, measured, costs more per chunk than it saves)")
+                   "to it (default 0: off; with a store ~10 ms away, 1M halves the chain of round trips of a "
+                   "cold start and saves ~20%% of it, on loopback it costs ~10%%)")
     p.add_argument("--read-timeout", type=float, default=60.0,
                    help="seconds before a read that cannot be served fails with EIO (default 60)")
     p.add_argument("--store-timeout", type=float, default=10.0, help="seconds per store request attempt (default 10)")

@@ -147,6 +147,7 @@ def _serve_image(opts: MountOptions, notify: Any, loop: LoopThread, store: Retry
     finally:
         try:
             transport.close()
+            source.flush()
             if disk is not None:
                 disk.close()
         finally:

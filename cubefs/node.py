@@ -192,5 +192,6 @@ def run_node(listen: str, cache_dir: str, cache_size: int, memory: int, store_ur
         try:
             trio.run(main)
         finally:
+            source.flush()
             disk.close()
     return 0

@@ -36,6 +36,7 @@ from typing import Any
 
 import trio
 import zstandard
+from cachetools import LRUCache
 
 from cubefs.cache.disk import DiskCache, StoredChunk
 from cubefs.cache.peers import Peer, PeerSet
@@ -48,6 +49,7 @@ from cubefs.remote.loop import LoopThread
 log = logging.getLogger(__name__)
 
 INLINE_DECODE = 512 * 1024  # stored bytes of a fetched range decoded on the event loop itself
+DISK_BATCH_SECONDS = 0.05  # chunks to write to disk gather this long into one transaction
 
 
 class ChunkUnavailable(CubefsError):
@@ -59,6 +61,7 @@ class _Flight:
     event: trio.Event = field(default_factory=trio.Event)
     data: bytes | None = None
     error: str = ""
+    waited: bool = False  # a reader waits for it: decode on arrival (else it is staged)
 
 
 def decode_chunk(ref: ChunkLocation, stored: bytes) -> bytes:
@@ -113,6 +116,7 @@ class ChunkSource:
         max_requests: int = 32,
         background_requests: int = 8,
         peers: PeerSet | None = None,
+        staged_bytes: int = 128 * 1024 * 1024,
     ) -> None:
         self.store = store
         self.loop = loop
@@ -123,7 +127,15 @@ class ChunkSource:
         self.max_range = max_range
         self.store_stats = TierStats()
         self.peers = peers
+        # Chunks fetched for nobody yet (read-ahead, pack neighbours, a trace), kept
+        # as stored: decoding, hashing and writing them to disk on arrival cost a
+        # cold start more CPU than the round trips they save; they are decoded on
+        # first use, and most never are.
+        self._staged: LRUCache[bytes, tuple[ChunkLocation, bytes]] = LRUCache(
+            maxsize=staged_bytes, getsizeof=lambda item: len(item[1]))
         self._flights: dict[bytes, _Flight] = {}
+        self._disk_pending: list[tuple[bytes, StoredChunk]] = []
+        self._disk_flushing = False
         self._requests = trio.Semaphore(max_requests)
         # Background ranges (pack neighbours, trace prefetch) have their own, smaller
         # allowance, so they never hold up a reader's GET behind them.
@@ -149,12 +161,14 @@ class ChunkSource:
         return out
 
     def from_memory(self, refs: list[ChunkLocation]) -> list[bytes] | None:
-        """All of ``refs`` from the memory tier, or None if any is missing."""
+        """All of ``refs`` from the memory tier (or staged), or None if any is missing."""
         out = []
         for ref in refs:
             data = self.memory.get(ref.digest)
             if data is None:
-                return None
+                data = self._unstage(ref.digest)
+                if data is None:
+                    return None
             out.append(data)
         self.memory.stats.hits += len(out)
         self.memory.stats.bytes += sum(len(d) for d in out)
@@ -178,11 +192,15 @@ class ChunkSource:
             if d in found or d in waits or d in mine:
                 continue
             data = self.memory.get(d)
+            if data is None and d in wanted:
+                data = self._unstage(d)
             if data is not None:
                 if d in wanted:
                     self.memory.stats.hits += 1
                     self.memory.stats.bytes += len(data)
                     found[d] = data
+                continue
+            if d in self._staged:  # fetched already, for read-ahead: nothing to do
                 continue
             if d in wanted:
                 self.memory.stats.misses += 1
@@ -191,6 +209,7 @@ class ChunkSource:
                 flight = self._flights[d] = _Flight()
                 mine[d] = (ref, flight)
             if d in wanted:
+                flight.waited = True
                 waits[d] = flight
         if mine:
             await self._load(mine, wanted, {r.digest for r in background or ()})
@@ -203,8 +222,50 @@ class ChunkSource:
         return [found[r.digest] for r in refs]
 
     def has(self, digest: bytes) -> bool:
-        """In memory or on its way there."""
-        return digest in self._flights or self.memory.get(digest) is not None
+        """In memory, staged or on its way there."""
+        return digest in self._flights or digest in self._staged or self.memory.get(digest) is not None
+
+    def _unstage(self, digest: bytes) -> bytes | None:
+        """Decode a staged chunk on first use: into memory, and to disk."""
+        item = self._staged.pop(digest, None)
+        if item is None:
+            return None
+        ref, stored = item
+        try:
+            data = decode_chunk(ref, stored)
+        except ChunkUnavailable as err:
+            self.store_stats.errors += 1
+            log.error("image %s: tier store: %s", self.label, err)
+            return None
+        self.memory.put(digest, data)
+        self._to_disk([(digest, StoredChunk(ref.codec, ref.plain_len, stored))])
+        return data
+
+    def _to_disk(self, items: list[tuple[bytes, StoredChunk]]) -> None:
+        """Write verified chunks to the disk cache off every reader's path, batched:
+        each LMDB commit syncs the file, and a cold start uses chunks one by one."""
+        if not items or self.disk is None or self._nursery is None:
+            return
+        self._disk_pending += items
+        if not self._disk_flushing:
+            self._disk_flushing = True
+            self._nursery.start_soon(self._flush_disk)
+
+    def flush(self) -> None:
+        """Write what waits for the disk cache now (blocking); for shutdown."""
+        batch, self._disk_pending = self._disk_pending, []
+        if batch and self.disk is not None:
+            self.disk.put_many(batch)
+
+    async def _flush_disk(self) -> None:
+        assert self.disk is not None
+        try:
+            while self._disk_pending:
+                await trio.sleep(DISK_BATCH_SECONDS)
+                batch, self._disk_pending = self._disk_pending, []
+                await trio.to_thread.run_sync(self.disk.put_many, batch)
+        finally:
+            self._disk_flushing = False
 
     def fetch_in_background(self, refs: list[ChunkLocation]) -> None:
         """Load ``refs`` (disk, peers, store) into memory without anyone waiting."""
@@ -354,8 +415,7 @@ class ChunkSource:
             resolved = {d for d, _c in good}
             rest = [it for it in items if it[0].digest not in resolved]
             peer.stats.misses += len(rest)
-            if good and self.disk is not None and self._nursery is not None:
-                self._nursery.start_soon(trio.to_thread.run_sync, self.disk.put_many, good)
+            self._to_disk(good)
         finally:
             # Whatever the peer did not deliver goes to the store, even if we were cancelled.
             if rest and self._nursery is not None:
@@ -475,32 +535,44 @@ class ChunkSource:
         self.store_stats.seconds += time.monotonic() - t0
         self.store_stats.bytes += len(blob)
 
-        def decode_all() -> list[tuple[bytes | None, str]]:
+        def stored_of(r: ChunkLocation) -> bytes:
+            return blob[r.offset - start : r.offset - start + r.stored_len]
+
+        # Chunks nobody waits for are staged as they are; see _staged.
+        for r, flight in rng:
+            if not flight.waited and len(stored_of(r)) == r.stored_len:
+                self._staged[r.digest] = (r, stored_of(r))
+
+        def decode_all(items: list[tuple[ChunkLocation, _Flight]]) -> list[tuple[bytes | None, str]]:
             out: list[tuple[bytes | None, str]] = []
-            for r, _f in rng:
+            for r, _f in items:
                 try:
-                    out.append((decode_chunk(r, blob[r.offset - start : r.offset - start + r.stored_len]), ""))
+                    out.append((decode_chunk(r, stored_of(r)), ""))
                 except ChunkUnavailable as err:
                     out.append((None, str(err)))
             return out
 
-        verified: list[tuple[bytes, StoredChunk]] = []
+        now = [(r, f) for r, f in rng if f.waited or r.digest not in self._staged]
         # A small range decodes faster here than a hop to a worker thread and back
         # (~0.1 ms per 64 KiB chunk vs two thread switches on the critical path).
-        decoded = decode_all() if len(blob) <= INLINE_DECODE else await trio.to_thread.run_sync(decode_all)
-        for (r, flight), (data, error) in zip(rng, decoded):
+        size = sum(r.stored_len for r, _f in now)
+        decoded = decode_all(now) if size <= INLINE_DECODE else await trio.to_thread.run_sync(decode_all, now)
+        verified: list[tuple[bytes, StoredChunk]] = []
+        for (r, flight), (data, error) in zip(now, decoded):
             if data is None:
                 self.store_stats.errors += 1
                 log.error("image %s: tier store: %s", self.label, error)
             else:
                 self.store_stats.hits += 1
-                stored = blob[r.offset - start : r.offset - start + r.stored_len]
-                verified.append((r.digest, StoredChunk(r.codec, r.plain_len, stored)))
+                verified.append((r.digest, StoredChunk(r.codec, r.plain_len, stored_of(r))))
+            self._staged.pop(r.digest, None)
             self._resolve(flight, r.digest, data, error)
+        for r, flight in rng:
+            if r.digest in self._staged:
+                self.store_stats.hits += 1
+                # Someone may have started waiting while the others decoded.
+                self._resolve(flight, r.digest, self._unstage(r.digest) if flight.waited else None)
         # Readers are already woken; the disk copy is written off their path.
-        if verified and self.disk is not None:
-            disk = self.disk
-            if self._nursery is not None:
-                self._nursery.start_soon(trio.to_thread.run_sync, disk.put_many, verified)
-            else:
-                await trio.to_thread.run_sync(disk.put_many, verified)
+        self._to_disk(verified)
+        if self._nursery is None and verified and self.disk is not None:
+            await trio.to_thread.run_sync(self.disk.put_many, verified)
