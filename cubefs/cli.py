@@ -314,12 +314,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     socket_path = args.socket or daemon.default_server_socket()
     if not args.listen:
         return daemon.run_mount_server(socket_path)
+    import socket
+
     from cubefs.node import parse_listen, run_node
 
     try:
-        parse_listen(args.listen)
+        host, port = parse_listen(args.listen)
     except ValueError as err:
         raise UsageError(str(err)) from None
+    try:  # bound here, so a taken port is this command's one-line error, not a child's traceback
+        listener = socket.create_server((host, port), backlog=128)
+    except OSError as err:
+        raise CubefsError(f"cannot listen on {args.listen}: {os.strerror(err.errno or 0)}") from None
     cache_dir = os.path.abspath(args.cache_dir or default_cache_dir())
     # The peer server runs threads and an event loop; the mount server must fork
     # daemons from a process that has neither.  So they are two processes.
@@ -327,7 +333,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if pid == 0:
         code = EXIT_ERROR
         try:
-            code = run_node(args.listen, cache_dir, args.cache_size, args.memory_cache, args.store, args.s3_endpoint)
+            code = run_node(listener, cache_dir, args.cache_size, args.memory_cache, args.store, args.s3_endpoint)
         except CubefsError as err:
             print(f"cubefs: {err}", file=sys.stderr)
             code = err.exit_code
@@ -335,6 +341,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             log.exception("peer server failed")
         finally:
             os._exit(code)
+    listener.close()
     try:
         return daemon.run_mount_server(socket_path)
     finally:

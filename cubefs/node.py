@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import socket
 import time
 from collections import Counter
 from typing import Any
@@ -169,10 +170,10 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-def run_node(listen: str, cache_dir: str, cache_size: int, memory: int, store_url: str | None,
+def run_node(listener: socket.socket, cache_dir: str, cache_size: int, memory: int, store_url: str | None,
              s3_endpoint: str | None) -> int:
-    """Serve this node's chunks to peers until SIGTERM/SIGINT."""
-    host, port = parse_listen(listen)
+    """Serve this node's chunks to peers on ``listener`` (bound, listening) until SIGTERM/SIGINT."""
+    host, port = listener.getsockname()[:2]
     policy = RetryPolicy(attempts=4, timeout=10.0, max_backoff=1.0)
     with store_session(store_url, s3_endpoint, policy=policy) as (loop, store):
         disk = DiskCache(cache_dir, cache_size)
@@ -185,9 +186,9 @@ def run_node(listen: str, cache_dir: str, cache_size: int, memory: int, store_ur
                 token = trio.lowlevel.current_trio_token()
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     signal.signal(sig, lambda *_a: token.run_sync_soon(nursery.cancel_scope.cancel))
-                listeners = await trio.open_tcp_listeners(port, host=host)
                 log.info("peer server on %s:%d for %s (cache %s)", host, port, store.url, cache_dir)
-                await trio.serve_listeners(server.handle, listeners)
+                tcp = trio.SocketListener(trio.socket.from_stdlib_socket(listener))
+                await trio.serve_listeners(server.handle, [tcp])
 
         try:
             trio.run(main)

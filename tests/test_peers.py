@@ -201,3 +201,17 @@ def test_a_peer_killed_mid_run(s3: S3Server, tmp_path: Path) -> None:
             assert (tmp_path / "mnt" / rel).read_bytes() == files[rel]
         stats = m.stats()
     assert stats["read_errors"] == 0 and stats["tiers"]["peers"]["errors"] >= 1
+
+
+def test_a_taken_port_is_a_one_line_error(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        res = run_cubefs("serve", "--listen", f"127.0.0.1:{port}", "--socket", str(tmp_path / "s.sock"),
+                         "--cache-dir", str(tmp_path / "cache"), "--store", f"file://{tmp_path / 'store'}",
+                         check=False, timeout=30)
+    assert res.returncode == 1, res.stderr
+    assert res.stderr.strip() == f"cubefs: cannot listen on 127.0.0.1:{port}: Address already in use"
+    res = run_cubefs("serve", "--listen", "nonsense", "--socket", str(tmp_path / "s.sock"), check=False, timeout=30)
+    assert res.returncode == 2 and "HOST:PORT" in res.stderr
