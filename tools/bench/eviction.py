@@ -49,12 +49,14 @@ def workload(starts: int, seed: int) -> Iterator[int]:
             scan_id += 3200
 
 
-def lru(capacity: int) -> Callable[[int], bool]:
+def lru(capacity: int, promote: bool = True) -> Callable[[int], bool]:
+    """LRU; with ``promote=False``, FIFO (a hit does not move the entry)."""
     cache: OrderedDict[int, None] = OrderedDict()
 
     def access(key: int) -> bool:
         if key in cache:
-            cache.move_to_end(key)
+            if promote:
+                cache.move_to_end(key)
             return True
         cache[key] = None
         if len(cache) > capacity:
@@ -65,17 +67,7 @@ def lru(capacity: int) -> Callable[[int], bool]:
 
 
 def fifo(capacity: int) -> Callable[[int], bool]:
-    cache: OrderedDict[int, None] = OrderedDict()
-
-    def access(key: int) -> bool:
-        if key in cache:
-            return True
-        cache[key] = None
-        if len(cache) > capacity:
-            cache.popitem(last=False)
-        return False
-
-    return access
+    return lru(capacity, promote=False)
 
 
 def clock(capacity: int) -> Callable[[int], bool]:
