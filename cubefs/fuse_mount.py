@@ -49,7 +49,7 @@ class MountOptions:
     memory_cache: int = 256 * 1024 * 1024
     disk_cache: int = 10 * 1024 * 1024 * 1024
     readahead: int = 4 * 1024 * 1024
-    pack_readahead: int = 0
+    pack_readahead: int = 512 * 1024
     read_timeout: float = 60.0
     store_attempts: int = 4
     store_timeout: float = 10.0

@@ -178,7 +178,9 @@ def test_dead_stalled_and_lying_peers_cost_time_not_bytes(tmp_path: Path) -> Non
             # Marked down after its first failure: one timeout, not one per read.
             assert elapsed < 20, elapsed
         if label == "stall":
-            assert peers["timeouts"] == 1
+            # Only the requests already in flight when it first timed out (a read and
+            # its background neighbours) waited on it; every later read skipped it.
+            assert 1 <= peers["timeouts"] <= 3, peers
         if peer:
             peer.close()
 

@@ -330,6 +330,11 @@ class ChunkSource:
         try:
             missing = await self._from_disk(mine, wanted)
             handed.update(mine.keys() - {r.digest for r, _f in missing})  # resolved, or being decoded
+            if wanted and not any(r.digest in wanted for r, _f in missing):
+                # The reader's chunks were all on disk: this node has run this before,
+                # and speculating on pack neighbours would only re-fetch what it did
+                # not need then.  (A read-ahead of the same file still goes ahead.)
+                missing = [it for it in missing if it[0].digest not in apart or it[1].waited]
             groups: list[tuple[list[tuple[ChunkLocation, _Flight]], trio.Semaphore]] = [
                 ([it for it in missing if it[0].digest not in apart], self._requests),
                 ([it for it in missing if it[0].digest in apart], self._background_requests),
