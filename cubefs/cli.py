@@ -391,8 +391,18 @@ def cmd_stats(args: argparse.Namespace) -> int:
         t = stats["tiers"].get(tier)
         if t is None:
             continue
-        print(f"  {tier:8} {t['hits']:>8} {t['misses']:>8} {size(t['bytes']):>11} {t['requests']:>9} "
-              f"{t['errors']:>7}")
+        print(f"  {tier:8} {int(t['hits']):>8} {int(t['misses']):>8} {size(int(t['bytes'])):>11} "
+              f"{int(t['requests']):>9} {int(t['errors']):>7}")
+    for address, p in sorted(stats.get("peers", {}).items()):
+        state = "down" if p["down"] else "up"
+        print(f"  peer {address}: {state}, {int(p['hits'])} chunks, {int(p['errors'])} errors "
+              f"({int(p['timeouts'])} timeouts), {int(p['lies'])} bad chunks")
+    prefetch = stats["tiers"].get("prefetch", {})
+    if prefetch.get("chunks"):
+        done = f"done in {prefetch['seconds']:.2f} s" if prefetch["done"] else "running"
+        print(f"  trace prefetch: {int(prefetch['chunks'])} chunks, {done}")
+    if stats.get("trace_recorded") is not None:
+        print(f"  recording a trace: {stats['trace_recorded']} chunks so far ('cubefs trace push' stores it)")
     return EXIT_OK
 
 
