@@ -73,7 +73,8 @@ def remove_registry(mountpoint: str) -> None:
             pass
 
 
-def _metric_lines(stats: dict[str, Any], labels: str) -> list[str]:
+def metric_lines(stats: dict[str, Any], labels: str) -> list[str]:
+    """Prometheus lines for a daemon's stats: per-tier cache counters, FUSE requests."""
     lines = []
     for tier, counters in stats.get("tiers", {}).items():
         for name, value in counters.items():
@@ -89,7 +90,7 @@ def _metric_lines(stats: dict[str, Any], labels: str) -> list[str]:
 
 def prometheus_text(stats: dict[str, Any]) -> str:
     labels = f'image="{stats.get("image", "")}",mountpoint="{stats.get("mountpoint", "")}"'
-    return "\n".join(_metric_lines(stats, labels)) + "\n"
+    return "\n".join(metric_lines(stats, labels)) + "\n"
 
 
 async def serve_control(
@@ -101,6 +102,8 @@ async def serve_control(
 ) -> None:
     """Serve /stats, /metrics and ``actions`` (POST, JSON answers) on a unix socket until cancelled."""
     import trio  # here, not at the top: the CLI imports this module and must start fast
+
+    from cubefs.minihttp import parse_head, read_head
     try:
         os.unlink(path)
     except FileNotFoundError:
@@ -116,19 +119,15 @@ async def serve_control(
         # daemon's nursery: an exception there would unmount the filesystem.
         try:
             with trio.move_on_after(5):
-                request = b""
-                while b"\r\n\r\n" not in request and len(request) < 8192:
-                    data = await stream.receive_some(4096)
-                    if not data:
-                        return
-                    request += data
-                line = request.split(b"\r\n", 1)[0].decode("latin-1").split()
-                target = line[1] if len(line) > 1 else "/"
+                head, _rest = await read_head(stream, b"", 8192)
+                if head is None:
+                    return
+                method, target, _headers = parse_head(head)
                 if target == "/stats":
                     body, ctype, status = json.dumps(get_stats()).encode(), "application/json", "200 OK"
                 elif target == "/metrics":
                     body, ctype, status = prometheus_text(get_stats()).encode(), "text/plain; version=0.0.4", "200 OK"
-                elif actions and target in actions and line[0] == "POST":
+                elif actions and target in actions and method == "POST":
                     status, answer = await _run_action(target, actions[target])
                     body, ctype = json.dumps(answer).encode(), "application/json"
                 else:

@@ -26,12 +26,14 @@ from typing import Any
 
 import trio
 
+from cubefs import control
 from cubefs.cache.disk import DiskCache, StoredChunk
 from cubefs.cache.peers import MAX_CHUNKS as MAX_CHUNKS_PER_REQUEST
 from cubefs.cache.peers import PATH, REQUEST, PeerProtocolError, decode_request, encode_response
 from cubefs.cache.source import ChunkSource
 from cubefs.cache.tiers import MemoryTier
 from cubefs.format.packs import CODEC_RAW
+from cubefs.minihttp import BadRequest, parse_head, read_head
 from cubefs.remote import RetryPolicy, store_session
 
 log = logging.getLogger(__name__)
@@ -52,13 +54,11 @@ class PeerServer:
                 "peer_requests": dict(self.counts), "tiers": self.source.stats()}
 
     def metrics(self) -> str:
-        lines = []
-        for name, value in sorted(self.counts.items()):
-            lines.append(f"cubefs_node_{name}_total {value}")
-        for tier, counters in self.source.stats().items():
-            for name, value in counters.items():
-                lines.append(f'cubefs_node_cache_{name}{{tier="{tier}"}} {value}')
-        return "\n".join(lines) + "\n"
+        """The cache counters as the mounts export them (``cubefs_cache_*``, labelled
+        ``role="node"``), and the peer requests served."""
+        labels = f'role="node",store="{self.store_url}"'
+        lines = [f"cubefs_node_{name}_total{{{labels}}} {value}" for name, value in sorted(self.counts.items())]
+        return "\n".join(lines + control.metric_lines({"tiers": self.source.stats()}, labels)) + "\n"
 
     async def chunks(self, body: bytes) -> list[tuple[bytes, StoredChunk | None]]:
         refs = decode_request(body)
@@ -87,13 +87,13 @@ class PeerServer:
         try:
             while True:
                 with trio.fail_after(REQUEST_DEADLINE):
-                    head, buf = await _read_head(stream, buf)
+                    head, buf = await read_head(stream, buf, MAX_HEAD)
                     if head is None:
                         return
-                    method, target, headers = _parse_head(head)
+                    method, target, headers = parse_head(head)
                     length = int(headers.get("content-length", "0"))
                     if length < 0 or length > MAX_CHUNKS_PER_REQUEST * REQUEST.size:
-                        raise PeerProtocolError(f"body of {length} bytes is too large")
+                        raise BadRequest(f"body of {length} bytes is too large")
                     while len(buf) < length:
                         data = await stream.receive_some(1 << 20)
                         if not data:
@@ -109,7 +109,7 @@ class PeerServer:
                     await stream.send_all(resp)
                     if close:
                         return
-        except (PeerProtocolError, ValueError, UnicodeDecodeError) as err:
+        except (PeerProtocolError, ValueError, UnicodeDecodeError) as err:  # ValueError: a BadRequest, a bad length
             self.counts["bad_requests"] += 1
             log.warning("peer server: bad request: %s", err)
             try:
@@ -135,32 +135,6 @@ class PeerServer:
         if method == "GET" and target == "/stats":
             return "200 OK", "application/json", json.dumps(self.stats()).encode()
         return "404 Not Found", "text/plain", b"not found\n"
-
-
-async def _read_head(stream: trio.SocketStream, buf: bytes) -> tuple[bytes | None, bytes]:
-    while b"\r\n\r\n" not in buf:
-        if len(buf) > MAX_HEAD:
-            raise PeerProtocolError("request head too large")
-        data = await stream.receive_some(65536)
-        if not data:
-            return None, b""
-        buf += data
-    head, _, rest = buf.partition(b"\r\n\r\n")
-    return head, rest
-
-
-def _parse_head(head: bytes) -> tuple[str, str, dict[str, str]]:
-    lines = head.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-        raise PeerProtocolError(f"not an HTTP request line: {lines[0][:80]!r}")
-    headers = {}
-    for line in lines[1:]:
-        k, sep, v = line.partition(":")
-        if not sep:
-            raise PeerProtocolError(f"malformed header line {line[:80]!r}")
-        headers[k.strip().lower()] = v.strip()
-    return parts[0], parts[1], headers
 
 
 def parse_listen(text: str) -> tuple[str, int]:

@@ -100,6 +100,10 @@ def test_three_nodes_read_each_chunk_from_the_store_about_once(s3: S3Server, tmp
             if i > 0:
                 assert tiers["store"]["requests"] == 0, (name, tiers)
         daemons = [_node_stats(p) for p in ports]
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/metrics", timeout=5) as resp:
+            metrics = resp.read().decode()
+        assert 'cubefs_node_requests_total{role="node"' in metrics
+        assert 'cubefs_cache_bytes{role="node",store="s3://peers",tier="disk"}' in metrics
     node_store_bytes = sum(d["tiers"]["store"]["bytes"] for d in daemons)
     total = mount_store_bytes + node_store_bytes
     assert total <= 1.3 * alone, (total, alone, [d["peer_requests"] for d in daemons])

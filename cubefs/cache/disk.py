@@ -160,7 +160,7 @@ class DiskCache:
             with self.env.begin(write=True) as txn:
                 book = self._book(txn)
                 for digest, chunk in items:
-                    if txn.get(digest, db=self._chunks) is not None:
+                    if txn.get(digest, db=self._where) is not None:  # 13 bytes, not the chunk
                         continue
                     header = ENTRY.pack(ENTRY_VERSION, chunk.codec, 0, chunk.plain_len,
                                         xxhash.xxh64_intdigest(chunk.data))
@@ -310,7 +310,10 @@ class DiskCache:
                 txn.delete(key, db=self._queues)
                 self._enqueue(txn, book, MAIN, digest, size, hits - 1)
             else:
-                self._remove(txn, book, digest) if where is not None else txn.delete(key, db=self._queues)
+                if where is not None:
+                    self._remove(txn, book, digest)
+                else:  # a queue entry without its record: drop it
+                    txn.delete(key, db=self._queues)
                 if key[:1] == SMALL:
                     self._remember(txn, book, digest)
 

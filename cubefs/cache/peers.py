@@ -150,6 +150,15 @@ class PeerSet:
     def stats(self) -> dict[str, dict[str, float]]:
         return {p.address: p.as_dict() for p in self.peers}
 
+    def totals(self) -> dict[str, float]:
+        """The counters of all peers added up: the peer tier's line in the stats."""
+        total: dict[str, float] = {}
+        for p in self.peers:
+            for k, v in p.as_dict().items():
+                if k != "down":
+                    total[k] = total.get(k, 0) + v
+        return total
+
     def close(self) -> None:
         for p in self.peers:
             p.pool.close()
