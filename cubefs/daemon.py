@@ -10,7 +10,18 @@ store client, ~0.5 s of a cold start that is only ~1 s in all.  So there are two
 * **Mount server** (``cubefs serve``): a long-running process that imported
   everything once and forks a daemon per request.  ``cubefs mount`` sends its
   arguments, working directory and store-related environment over a unix
-  socket; the forked daemon answers on that same connection.
+  socket; the forked daemon answers on that same connection.  When no server
+  answers, ``cubefs mount`` starts one (detached, exiting after
+  ``AUTO_IDLE_EXIT`` seconds without requests) and mounts through it, the way
+  Bazel or Gradle keep a warm server: the first mount on a node pays the
+  start-up, every later one skips it.
+
+A server only serves clients of the same code: each request carries a
+fingerprint of the installed package (its version and the size and mtime of
+every module), and a server that sees another answers ``stale`` and exits, so
+an upgrade never mounts through the old code.  One server per socket: it holds
+an exclusive ``flock`` on ``SOCKET.lock`` for its lifetime (daemons it forks
+close their copy), so two mounts racing to start one end up sharing one.
 
 Both fork from a process that runs no threads (the server runs no event loop
 either), which is what makes ``fork`` safe here.
@@ -19,6 +30,7 @@ either), which is what makes ``fork`` safe here.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import logging
 import os
@@ -36,6 +48,8 @@ from cubefs.errors import EXIT_ERROR, EXIT_OK, CubefsError
 log = logging.getLogger("cubefs")
 
 READY_TIMEOUT = 300.0
+AUTO_IDLE_EXIT = 900.0  # seconds an auto-started server waits for a request before it exits
+SERVER_START_TIMEOUT = 30.0
 # What a mount inherits from the caller's environment when a server forks it.
 _ENV_PREFIXES = ("AWS_", "CUBEFS_", "XDG_")
 _ENV_NAMES = ("HOME",)
@@ -43,6 +57,27 @@ _ENV_NAMES = ("HOME",)
 
 def default_server_socket() -> str:
     return os.environ.get("CUBEFS_SERVER") or os.path.join(control.run_dir(), "serve.sock")
+
+
+def code_fingerprint() -> str:
+    """Identify the installed code cheaply (stat calls, no reads): ~1 ms."""
+    import hashlib
+
+    import cubefs
+
+    root = os.path.dirname(os.path.abspath(cubefs.__file__))
+    h = hashlib.sha256(cubefs.__version__.encode())
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
+        for name in sorted(filenames):
+            if name.endswith(".py"):
+                st = os.stat(os.path.join(dirpath, name))
+                h.update(f"{os.path.relpath(dirpath, root)}/{name} {st.st_size} {st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def auto_server_wanted(args: argparse.Namespace) -> bool:
+    return not getattr(args, "no_server", False) and os.environ.get("CUBEFS_NO_SERVER", "") in ("", "0")
 
 
 def _notifier(fd: int) -> Callable[[str], None]:
@@ -159,9 +194,14 @@ def start_mount(args: argparse.Namespace, mp: str, cache_dir: str) -> int:
     """Start a detached daemon for ``args`` and return once the mount is live."""
     log_path = _log_path(cache_dir, mp)
     server = default_server_socket()
-    if os.path.exists(server):
-        text = _via_server(server, args, mp, cache_dir)
-        if text is not None:
+    if auto_server_wanted(args):
+        fingerprint = code_fingerprint()
+        text = _via_server(server, args, mp, cache_dir, fingerprint)
+        if text in (None, "stale"):
+            log.info("no mount server of this version on %s; starting one", server)
+            if _start_server(server):
+                text = _via_server(server, args, mp, cache_dir, fingerprint)
+        if text not in (None, "stale"):
             return _report(text, args, mp, log_path, f"daemon forked by the mount server {server}")
         log.info("mount server %s does not answer; starting a daemon here", server)
     r, w = os.pipe()
@@ -181,11 +221,49 @@ def start_mount(args: argparse.Namespace, mp: str, cache_dir: str) -> int:
     return _report(text, args, mp, log_path, f"daemon pid {pid}")
 
 
-def _via_server(path: str, args: argparse.Namespace, mp: str, cache_dir: str) -> str | None:
-    """Ask the mount server to fork the daemon; None if no server answers."""
+def _start_server(path: str) -> bool:
+    """Start a detached ``cubefs serve`` on ``path``; True once it accepts connections.
+
+    Exec'd, not forked from here: the server must be a process of its own
+    (own session, stdio to its log), and exec gives it a clean interpreter.
+    """
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    log_path = path + ".log"
+    pid = os.fork()
+    if pid == 0:  # double fork: the server is nobody's child but init's
+        try:
+            os.setsid()
+            if os.fork() == 0:
+                fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                null = os.open(os.devnull, os.O_RDONLY)
+                os.dup2(null, 0)
+                os.dup2(fd, 1)
+                os.dup2(fd, 2)
+                os.closerange(3, 65536)
+                os.execv(sys.executable, [sys.executable, "-m", "cubefs", "serve", "--socket", path,
+                                          "--idle-exit", str(AUTO_IDLE_EXIT)])
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    deadline = time.monotonic() + SERVER_START_TIMEOUT
+    while time.monotonic() < deadline:
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+            return True
+        except OSError:
+            time.sleep(0.01)
+        finally:
+            probe.close()
+    log.warning("the mount server did not start in %.0f s; see %s", SERVER_START_TIMEOUT, log_path)
+    return False
+
+
+def _via_server(path: str, args: argparse.Namespace, mp: str, cache_dir: str, fingerprint: str) -> str | None:
+    """Ask the mount server to fork the daemon; None if no server answers, 'stale' if it runs other code."""
     env = {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES) or k in _ENV_NAMES}
     request = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "mountpoint": mp,
-               "cache_dir": cache_dir, "cwd": os.getcwd(), "env": env}
+               "cache_dir": cache_dir, "cwd": os.getcwd(), "env": env, "fingerprint": fingerprint}
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(path)
@@ -199,8 +277,9 @@ def _via_server(path: str, args: argparse.Namespace, mp: str, cache_dir: str) ->
         sock.close()
 
 
-def run_mount_server(path: str) -> int:
-    """Serve mount requests on ``path`` until SIGTERM/SIGINT."""
+def run_mount_server(path: str, idle_exit: float | None = None) -> int:
+    """Serve mount requests on ``path`` until SIGTERM/SIGINT, a stale client, or ``idle_exit`` seconds idle."""
+    fingerprint = code_fingerprint()  # before the imports: what the rest of this process will run
     import cubefs.catalog
     import cubefs.fuse.kernel
     import cubefs.fuse_mount
@@ -208,6 +287,12 @@ def run_mount_server(path: str) -> int:
     import cubefs.remote.s3  # noqa: F401
 
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    lock_fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    if not _take_server_lock(lock_fd, path, wait=idle_exit is None):
+        log.info("another mount server holds %s.lock; leaving it be", path)
+        return EXIT_OK
+    os.ftruncate(lock_fd, 0)
+    os.pwrite(lock_fd, f"{os.getpid()}\n".encode(), 0)  # who serves: for 'kill', tests and humans
     try:
         os.unlink(path)
     except FileNotFoundError:
@@ -216,6 +301,8 @@ def run_mount_server(path: str) -> int:
     srv.bind(path)
     os.chmod(path, 0o600)  # whoever can connect can mount as this user
     srv.listen(64)
+    if idle_exit is not None:
+        srv.settimeout(idle_exit)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # daemons are reaped by the kernel
     stopping = False
 
@@ -226,10 +313,13 @@ def run_mount_server(path: str) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    log.info("mount server listening on %s (pid %d)", path, os.getpid())
+    log.info("mount server listening on %s (pid %d, code %s)", path, os.getpid(), fingerprint)
     while not stopping:
         try:
             conn, _ = srv.accept()
+        except TimeoutError:
+            log.info("no mount request for %.0f s; exiting", idle_exit)
+            break
         except OSError:
             break
         try:
@@ -238,9 +328,19 @@ def run_mount_server(path: str) -> int:
             log.warning("bad mount request: %s", err)
             conn.close()
             continue
+        if request is None:  # a client checking that we are up
+            conn.close()
+            continue
+        if request.get("stop") or request.get("fingerprint") != fingerprint:
+            why = "asked to stop" if request.get("stop") else f"a client runs other code ({request.get('fingerprint')})"
+            log.info("%s; exiting so that a current server takes over", why)
+            conn.sendall(b"stale\n")
+            conn.close()
+            break
         pid = os.fork()
         if pid == 0:
             srv.close()
+            os.close(lock_fd)  # the lock is the server's alone; a daemon must not keep it past the server
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -251,18 +351,50 @@ def run_mount_server(path: str) -> int:
                 os._exit(code)
         log.info("forked mount daemon %d for %s at %s", pid, request["args"].get("ref"), request["mountpoint"])
         conn.close()
-    try:
+    srv.close()
+    try:  # ours to remove: nobody else binds it while we hold the lock
         os.unlink(path)
     except FileNotFoundError:
         pass
+    os.close(lock_fd)
     return EXIT_OK
 
 
-def _read_request(conn: socket.socket) -> dict[str, Any]:
+def _take_server_lock(lock_fd: int, path: str, wait: bool) -> bool:
+    """Take the one-server lock; an explicit server (``wait``) first asks a running one to stop."""
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        if not wait:
+            return False
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+        sock.sendall(b'{"stop": true, "args": {}, "mountpoint": ""}\n')
+        sock.recv(64)
+    except OSError:
+        pass
+    finally:
+        sock.close()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            time.sleep(0.05)
+    raise CubefsError(f"another mount server holds {path}.lock and does not stop")
+
+
+def _read_request(conn: socket.socket) -> dict[str, Any] | None:
+    """The request on ``conn``; None if the client closed without sending anything."""
     conn.settimeout(10)
     data = b""
     while not data.endswith(b"\n"):
         part = conn.recv(65536)
+        if not part and not data:
+            return None
         if not part:
             raise ValueError("connection closed before a complete request")
         data += part

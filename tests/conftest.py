@@ -51,6 +51,21 @@ def run_cubefs(*args: str, check: bool = True, timeout: float = 300, env: dict[s
     return res
 
 
+@pytest.fixture(scope="session", autouse=True)
+def mount_server_of_this_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Mounts go through the mount server the first one starts, as on a node; this run's
+    own (not the machine's), stopped at the end so that nothing outlives the run."""
+    sock = tmp_path_factory.mktemp("run") / "serve.sock"
+    os.environ["CUBEFS_SERVER"] = str(sock)
+    yield sock
+    lock = Path(f"{sock}.lock")
+    if lock.exists() and lock.read_text().strip():
+        try:
+            os.kill(int(lock.read_text()), signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+
 @dataclass
 class S3Server:
     endpoint: str

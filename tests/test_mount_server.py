@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -50,7 +51,8 @@ def test_mounts_through_the_server_and_without_it(tmp_path: Path, local_store: s
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)
-    # The server removed its socket; a stale socket (server killed) falls back to a local start.
+    # The server removed its socket.  One killed leaves its socket behind: the
+    # next mount starts a fresh server there, as it does when there is none.
     assert not sock.exists()
     killed = _start_server(sock, tmp_path / "serve2.log")
     killed.kill()
@@ -61,10 +63,69 @@ def test_mounts_through_the_server_and_without_it(tmp_path: Path, local_store: s
                str(tmp_path / "c3"), env=env)
     try:
         assert (tmp_path / "mnt3" / "hello").exists()
+        started = int((tmp_path / "serve.sock.lock").read_text())
+        assert started != killed.pid
+        assert "mount server listening" in (tmp_path / "serve.sock.log").read_text()
     finally:
         run_cubefs("umount", str(tmp_path / "mnt3"))
+        _stop_auto_server(sock)
 
 
+def _stop_auto_server(sock: Path) -> None:
+    pid = int(Path(f"{sock}.lock").read_text())
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while sock.exists():
+        assert time.monotonic() < deadline, "the mount server did not stop on SIGTERM"
+        time.sleep(0.05)
+
+
+def test_mount_starts_a_server_that_later_mounts_share(tmp_path: Path, local_store: str) -> None:
+    """No server: the first mount starts one; the next is forked by that same one and starts
+    without a start-up of its own; a client of other code replaces it; --no-server starts locally."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"auto\n")
+    run_cubefs("build", str(src), "--tag", "auto:1", "--store", local_store)
+    sock = tmp_path / "serve.sock"
+    env = {"CUBEFS_SERVER": str(sock)}
+    mnts = [tmp_path / f"m{i}" for i in range(4)]
+    for m in mnts:
+        m.mkdir()
+
+    def mount(i: int, *extra: str) -> int:
+        run_cubefs("mount", "auto:1", str(mnts[i]), "--store", local_store, "--cache-dir", str(tmp_path / "c"),
+                   *extra, env=env)
+        assert (mnts[i] / "f").read_bytes() == b"auto\n"
+        return int(json.loads(run_cubefs("stats", str(mnts[i]), "--json").stdout)["pid"])
+
+    try:
+        d0 = mount(0)
+        server = int(Path(f"{sock}.lock").read_text())
+        d1 = mount(1)
+        assert int(Path(f"{sock}.lock").read_text()) == server
+        log = Path(f"{sock}.log").read_text()
+        assert f"forked mount daemon {d0} " in log and f"forked mount daemon {d1} " in log
+        # A client of other code (an upgrade) makes the server step down; the mount still works.
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.connect(str(sock))
+        client.sendall(json.dumps({"args": {}, "mountpoint": "x", "fingerprint": "other"}).encode() + b"\n")
+        assert client.recv(64) == b"stale\n"
+        client.close()
+        deadline = time.monotonic() + 30
+        while sock.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        mount(2)
+        assert int(Path(f"{sock}.lock").read_text()) != server
+        assert (mnts[0] / "f").read_bytes() == b"auto\n"  # mounts outlive the server that forked them
+        d3 = mount(3, "--no-server")
+        assert f"forked mount daemon {d3} " not in Path(f"{sock}.log").read_text()
+    finally:
+        for m in mnts:
+            if os.path.ismount(m):
+                run_cubefs("umount", str(m))
+        _stop_auto_server(sock)
 def test_server_environment_does_not_leak_into_mounts(tmp_path: Path) -> None:
     """The server was started with CUBEFS_STORE pointing at a store that has the image;
     a client without CUBEFS_STORE must get its own default store (where it is not)."""

@@ -141,7 +141,6 @@ class Cleanup:
     mounts: dict[Path, int] = field(default_factory=dict)  # mountpoint -> daemon pid (0 if unknown)
     proxies: list[DelayProxy] = field(default_factory=list)
     server: S3Server | None = None
-    mount_server: subprocess.Popen[bytes] | None = None
     peer: subprocess.Popen[bytes] | None = None
     workdir: Path | None = None
     keep: bool = False
@@ -167,12 +166,14 @@ class Cleanup:
             with contextlib.suppress(Exception):
                 proxy.stop()
         self.proxies.clear()
-        for proc in (self.mount_server, self.peer):
-            if proc is not None:
-                with contextlib.suppress(Exception):
-                    os.killpg(proc.pid, signal.SIGTERM) if proc is self.peer else proc.terminate()
-                    proc.wait(timeout=30)
-        self.mount_server = self.peer = None
+        if self.peer is not None:
+            with contextlib.suppress(Exception):
+                os.killpg(self.peer.pid, signal.SIGTERM)
+                self.peer.wait(timeout=30)
+        self.peer = None
+        if self.workdir is not None:  # the mount server the first mount started
+            with contextlib.suppress(Exception):
+                os.kill(int((self.workdir / "serve.sock.lock").read_text()), signal.SIGTERM)
         if self.server is not None:
             with contextlib.suppress(Exception):
                 self.server.stop()
@@ -631,7 +632,8 @@ def print_mode(name: str, res: dict[str, Any], image: dict[str, Any]) -> None:
 
 def print_report(result: dict[str, Any]) -> None:
     image, cfg = result["image"], result["config"]
-    how = "through the warm mount server (cubefs serve)" if cfg.get("mount_server") else "bare cubefs mount"
+    how = ("forked by the node's mount server (the first mount started it)" if cfg.get("mount_server")
+           else "cubefs mount --no-server")
     print(f"cubefs cold-start benchmark: {cfg['cmd']!r} in {cfg['rootfs']}; mounts: {how}")
     print(f"  image {image['ref']}: {image['files']} files, {mb(image['logical_bytes'])} logical, "
           f"{mb(image['stored_bytes'])} stored in {image['packs']} packs, {image['unique_chunks']} chunks; "
@@ -698,9 +700,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--build-repeats", type=int, default=3,
                     help="builds into fresh buckets for the throughput figure, the benchmark image's included "
                     "(default 3)")
-    ap.add_argument("--mount-server", action="store_true",
-                    help="run 'cubefs serve' (the warm mount server a node keeps) so mounts skip the "
-                    "daemon's interpreter start-up; the default measures a bare 'cubefs mount'")
+    ap.add_argument("--no-server", action="store_true",
+                    help="mount with 'cubefs mount --no-server', every daemon paying its own interpreter start-up; "
+                    "the default is what a node gets: the first mount starts the node's mount server, which "
+                    "forks the daemons of all later ones")
     ap.add_argument("--trace", action="store_true",
                     help="also record the command's trace once (--record-trace, trace push) and measure cold "
                     "starts that prefetch it; plain cold starts then run with --no-prefetch")
@@ -770,16 +773,9 @@ def benchmark(args: argparse.Namespace, cmd: list[str], workdir: Path, cleanup: 
     log(f"uploading the layer ({mb(layer_bytes)})")
     client.put(BUCKET, LAYER_KEY, layer.read_bytes())
     layer.unlink()
-    if args.mount_server:
-        sock = workdir / "serve.sock"
-        log(f"starting the mount server on {sock}")
-        logf = open(workdir / "serve.log", "ab")
-        cleanup.mount_server = subprocess.Popen([*cubefs_argv(), "serve", "--socket", str(sock)], stdout=logf,
-                                                stderr=logf, env={**os.environ, **S3_ENV})
-        deadline = time.monotonic() + 30
-        while not sock.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        os.environ["CUBEFS_SERVER"] = str(sock)
+    os.environ["CUBEFS_SERVER"] = str(workdir / "serve.sock")  # this run's own server, not the node's
+    if args.no_server:
+        args.mount_args = f"{args.mount_args} --no-server"
 
     builds = []
     for i in range(max(1, args.build_repeats)):
@@ -796,7 +792,7 @@ def benchmark(args: argparse.Namespace, cmd: list[str], workdir: Path, cleanup: 
         log(f"recorded and pushed a trace: {pushed['chunks']} chunks, {mb(pushed['stored_bytes'])} stored")
     result: dict[str, Any] = {
         "config": {"rootfs": str(args.rootfs), "cmd": args.cmd, "repeat": args.repeat, "delay_ms": args.delay_ms,
-                   "mount_server": bool(args.mount_server),
+                   "mount_server": not args.no_server,
                    "connect_delay_ms": args.connect_delay_ms, "mount_args": args.mount_args, "trace": args.trace,
                    "peer": args.peer,
                    "warm_runs_per_sample": WARM_RUNS, "cpus": os.cpu_count()},
