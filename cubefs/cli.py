@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Any
 
-from cubefs import __version__, control
+from cubefs import __version__, cli_volume, control
 from cubefs.errors import EXIT_ERROR, EXIT_OK, CubefsError, NotFoundError, UsageError
 from cubefs.humanize import Progress, parse_size, size
 
@@ -96,12 +96,16 @@ def make_parser() -> argparse.ArgumentParser:
     _store_args(p)
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("mount", help="mount an image read-only, fetching data lazily",
-                       description="Mount NAME:TAG at MOUNTPOINT. Only the image metadata is fetched up front; file "
-                       "data is fetched on first read, chunk by chunk, through a memory cache and a disk cache "
-                       "(--cache-dir) that survives remounts. Detaches once the mount is live unless --foreground.")
-    p.add_argument("ref", metavar="NAME:TAG")
-    p.add_argument("mountpoint")
+    p = sub.add_parser("mount", help="mount an image read-only, or a volume read-write, fetching data lazily",
+                       description="Mount NAME:TAG at MOUNTPOINT, read-only, or (--volume NAME MOUNTPOINT) a volume "
+                       "read-write. Only the image metadata is fetched up front; file data is fetched on first "
+                       "read, chunk by chunk, through a memory cache and a disk cache (--cache-dir) that survives "
+                       "remounts. Detaches once the mount is live unless --foreground.")
+    p.add_argument("targets", nargs="+", metavar="NAME:TAG MOUNTPOINT | MOUNTPOINT")
+    p.add_argument("--volume", default=None, metavar="NAME",
+                   help="mount this volume read-write ('cubefs volume create'); its store is the one it was "
+                   "created with unless --store says otherwise")
+    cli_volume.volume_dir_arg(p)
     _store_args(p)
     p.add_argument("--cache-dir", default=None, help="disk cache directory (default: $CUBEFS_CACHE_DIR or "
                    "~/.cache/cubefs)")
@@ -136,6 +140,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="start the daemon from this process instead of through the node's mount server (which "
                    "'cubefs mount' otherwise starts when none runs, and which spares later mounts ~0.4 s of "
                    "start-up); also $CUBEFS_NO_SERVER=1")
+
+    cli_volume.add_parsers(sub, _store_args)
 
     p = sub.add_parser("serve", help="the node daemon: a warm mount server, and (--listen) a peer chunk server",
                        description="Run (in the foreground) a mount server on a unix socket. It has already "
@@ -304,6 +310,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_mount(args: argparse.Namespace) -> int:
     from cubefs import daemon
 
+    want = 1 if args.volume else 2
+    if len(args.targets) != want:
+        raise UsageError("usage: cubefs mount NAME:TAG MOUNTPOINT, or cubefs mount --volume NAME MOUNTPOINT")
+    args.ref = f"volume:{args.volume}" if args.volume else args.targets[0]
+    args.mountpoint = args.targets[-1]
+    args.volume_dir = os.path.abspath(args.volume_dir or cli_volume.default_volume_dir())
     mp = os.path.abspath(args.mountpoint)
     if not os.path.isdir(mp):
         raise UsageError(f"mountpoint {args.mountpoint} is not a directory")
@@ -464,6 +476,7 @@ COMMANDS = {
     "mount": cmd_mount,
     "umount": cmd_umount,
     "stats": cmd_stats,
+    **cli_volume.COMMANDS,
 }
 
 

@@ -96,11 +96,12 @@ def prometheus_text(stats: dict[str, Any]) -> str:
 async def serve_control(
     path: str,
     get_stats: Callable[[], dict[str, Any]],
-    actions: dict[str, Callable[[], Awaitable[dict[str, Any]]]] | None = None,
+    actions: dict[str, Callable[[str], Awaitable[dict[str, Any]]]] | None = None,
     *,
     task_status: Any = None,
 ) -> None:
-    """Serve /stats, /metrics and ``actions`` (POST, JSON answers) on a unix socket until cancelled."""
+    """Serve /stats, /metrics and ``actions`` (POST, JSON answers) on a unix socket until cancelled.
+    An action named with a trailing '/' takes the rest of the path, unquoted, as its argument."""
     import trio  # here, not at the top: the CLI imports this module and must start fast
 
     from cubefs.minihttp import parse_head, read_head
@@ -127,8 +128,8 @@ async def serve_control(
                     body, ctype, status = json.dumps(get_stats()).encode(), "application/json", "200 OK"
                 elif target == "/metrics":
                     body, ctype, status = prometheus_text(get_stats()).encode(), "text/plain; version=0.0.4", "200 OK"
-                elif actions and target in actions and method == "POST":
-                    status, answer = await _run_action(target, actions[target])
+                elif method == "POST" and (found := _find_action(actions or {}, target)) is not None:
+                    status, answer = await _run_action(target, *found)
                     body, ctype = json.dumps(answer).encode(), "application/json"
                 else:
                     body, ctype, status = b"not found\n", "text/plain", "404 Not Found"
@@ -145,9 +146,23 @@ async def serve_control(
     await trio.serve_listeners(handle, [listener])
 
 
-async def _run_action(target: str, action: Callable[[], Awaitable[dict[str, Any]]]) -> tuple[str, dict[str, Any]]:
+def _find_action(
+    actions: dict[str, Callable[[str], Awaitable[dict[str, Any]]]], target: str
+) -> tuple[Callable[[str], Awaitable[dict[str, Any]]], str] | None:
+    from urllib.parse import unquote
+
+    if target in actions:
+        return actions[target], ""
+    head, sep, arg = target.rpartition("/")
+    action = actions.get(head + sep)
+    return None if action is None or not arg else (action, unquote(arg))
+
+
+async def _run_action(
+    target: str, action: Callable[[str], Awaitable[dict[str, Any]]], arg: str
+) -> tuple[str, dict[str, Any]]:
     try:
-        return "200 OK", await action()
+        return "200 OK", await action(arg)
     except CubefsError as err:
         return "409 Conflict", {"error": str(err), "exit_code": err.exit_code}
     except Exception as err:

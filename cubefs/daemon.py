@@ -103,6 +103,7 @@ def serve_mount(args: argparse.Namespace, mp: str, cache_dir: str, notify: Calla
         record_trace=getattr(args, "record_trace", False), prefetch=getattr(args, "prefetch", True),
         peers=tuple(p.strip() for p in (getattr(args, "peers", "") or "").split(",") if p.strip()),
         peer_timeout=getattr(args, "peer_timeout", 3.0),
+        volume=getattr(args, "volume", None), volume_dir=getattr(args, "volume_dir", "") or "",
     )
     try:
         return run_daemon(opts, notify)

@@ -31,6 +31,7 @@ from cubefs.cache.source import ChunkSource
 from cubefs.cache.tiers import MemoryTier
 from cubefs.catalog import load_for_mount, load_manifest
 from cubefs.errors import UsageError
+from cubefs.format.manifest import Manifest
 from cubefs.format.trace import encode_trace, trace_key
 from cubefs.fsops import ImageFS
 from cubefs.remote import RetryingStore, RetryPolicy, store_session
@@ -59,83 +60,149 @@ class MountOptions:
     peer_timeout: float = 3.0
     record_trace: bool = False
     prefetch: bool = True  # prefetch the image's pushed trace, if it has one
+    volume: str | None = None  # mount this volume (read-write) instead of the image ``ref``
+    volume_dir: str = ""
 
 
 def run_daemon(opts: MountOptions, notify: Any = None) -> int:
     """Mount and serve until unmounted; ``notify(msg)`` reports ready or an error."""
     policy = RetryPolicy(attempts=opts.store_attempts, timeout=opts.store_timeout, max_backoff=1.0)
-    with store_session(opts.store_url, opts.s3_endpoint, policy=policy) as (loop, store):
-        return _serve_image(opts, notify, loop, store)
+    if opts.volume is None:
+        with store_session(opts.store_url, opts.s3_endpoint, policy=policy) as (loop, store):
+            return _serve(opts, notify, loop, store, None)
+    if opts.transport != "kernel":
+        raise UsageError("volumes are served by the kernel transport only (not --transport pyfuse3)")
+    from cubefs.cow.index import VolumeIndex
+    from cubefs.cow.lock import VolumeLock
+
+    index = VolumeIndex(opts.volume_dir)
+    try:
+        lock = VolumeLock.take(index, opts.volume, os.path.abspath(opts.mountpoint))
+        try:
+            with index.read() as txn:
+                base = index.volume(txn, opts.volume).base
+            if base is None:
+                return _serve(opts, notify, None, None, index)
+            url, endpoint = opts.store_url or base.store, opts.s3_endpoint or base.s3_endpoint
+            with store_session(url, endpoint, policy=policy) as (loop, store):
+                return _serve(opts, notify, loop, store, index)
+        finally:
+            lock.release()
+    finally:
+        index.close()
 
 
-def _serve_image(opts: MountOptions, notify: Any, loop: LoopThread, store: RetryingStore) -> int:
+def _serve(
+    opts: MountOptions, notify: Any, loop: LoopThread | None, store: RetryingStore | None, index: Any
+) -> int:
+    """Serve an image (``index`` None) or the volume ``opts.volume`` of ``index`` (whose base
+    image, if it has one, is in ``store``)."""
     mountpoint = os.path.abspath(opts.mountpoint)
-    t0 = time.monotonic()
-    manifest = loop.run(load_manifest(store, opts.ref))
-    image, chunkmap, trace = loop.run(load_for_mount(store, manifest))
-    log.info(
-        "image %s (sha256:%s): %d inodes, trace of %d chunks, metadata loaded in %.3fs from %s",
-        manifest.ref, image.digest[:12], len(image), len(trace), time.monotonic() - t0, store.url,
-    )
-    memory = MemoryTier(opts.memory_cache)
-    disk = _open_disk_cache(opts.cache_dir, opts.disk_cache)
-    peers = PeerSet(list(opts.peers), store.url, timeout=opts.peer_timeout) if opts.peers else None
-    source = ChunkSource(store, loop, memory, disk, label=manifest.ref, peers=peers)
-    fs = ImageFS(image, chunkmap, source, manifest.ref, readahead=opts.readahead, read_timeout=opts.read_timeout,
-                 pack_readahead=opts.pack_readahead)
-    if opts.record_trace:
-        fs.record_trace()
-    transport = _transport(opts.transport, fs, mountpoint, f"cubefs:{manifest.ref}", opts.allow_other)
+    image_fs: ImageFS | None = None
+    source = disk = peers = None
+    trace: list[int] = []
+    ref = ""
+    if store is not None and loop is not None:
+        t0 = time.monotonic()
+        if index is None:
+            manifest = loop.run(load_manifest(store, opts.ref))
+        else:
+            with index.read() as txn:
+                base = index.volume(txn, opts.volume).base
+            name, _, tag = base.ref.rpartition(":")
+            manifest = Manifest(name, tag, base.digest, "")
+        ref = manifest.ref
+        image, chunkmap, trace = loop.run(load_for_mount(store, manifest))
+        log.info(
+            "image %s (sha256:%s): %d inodes, trace of %d chunks, metadata loaded in %.3fs from %s",
+            ref, image.digest[:12], len(image), len(trace), time.monotonic() - t0, store.url,
+        )
+        memory = MemoryTier(opts.memory_cache)
+        disk = _open_disk_cache(opts.cache_dir, opts.disk_cache)
+        peers = PeerSet(list(opts.peers), store.url, timeout=opts.peer_timeout) if opts.peers else None
+        source = ChunkSource(store, loop, memory, disk, label=ref, peers=peers)
+        image_fs = ImageFS(image, chunkmap, source, ref, readahead=opts.readahead, read_timeout=opts.read_timeout,
+                           pack_readahead=opts.pack_readahead)
+    fs: Any = image_fs
+    actions: dict[str, Any] = {}
+    if index is not None:
+        from cubefs.cow.volumefs import VolumeFS
+
+        fs = VolumeFS(index, str(opts.volume), image_fs, f"volume {opts.volume}")
+        label = f"volume:{opts.volume}"
+    else:
+        assert image_fs is not None
+        label = ref
+        if opts.record_trace:
+            image_fs.record_trace()
+    transport = _transport(opts.transport, fs, mountpoint, f"cubefs:{label}", opts.allow_other)
     transport.mount()
 
     def get_stats() -> dict[str, Any]:
-        return {
-            "image": manifest.ref,
-            "digest": f"sha256:{image.digest}",
+        stats = {
+            "image": ref or None,
+            "digest": f"sha256:{image_fs.image.digest}" if image_fs is not None else None,
             "mountpoint": mountpoint,
-            "store": store.url,
+            "store": store.url if store is not None else None,
             "pid": os.getpid(),
             "transport": opts.transport,
             "reads": transport.ops["read"] - fs.read_errors,
             "read_bytes": transport.read_bytes,
             "read_errors": fs.read_errors,
             "requests": dict(transport.ops),
-            "tiers": source.stats(),
+            "tiers": source.stats() if source is not None else {},
             "peers": peers.stats() if peers is not None else {},
-            "store_requests": store.stats.as_dict(),
+            "store_requests": store.stats.as_dict() if store is not None else {},
             "trace_recorded": len(fs.trace) if fs.trace is not None else None,
         }
+        if index is not None:
+            stats["volume"] = {"name": opts.volume, "written_bytes": fs.files.written_bytes}
+        return stats
 
-    async def push_trace() -> dict[str, Any]:
+    async def push_trace(_arg: str) -> dict[str, Any]:
         """Store the chunks read so far, in first-read order, as the image's trace."""
-        if fs.trace is None:
+        if image_fs is None or image_fs.trace is None or store is None or loop is None:
             raise UsageError(f"{mountpoint} was not mounted with --record-trace")
-        chunks = list(fs.trace)
-        key = trace_key(image.digest)
-        await loop.trio_run(store.put(key, encode_trace(image.digest, chunks)))
-        stored = sum(ref.stored_len for ref in fs.chunk_refs(chunks))
-        log.info("image %s: pushed a trace of %d chunks (%d bytes stored) to %s", manifest.ref, len(chunks),
-                 stored, key)
-        return {"image": manifest.ref, "key": key, "chunks": len(chunks), "stored_bytes": stored}
+        chunks = list(image_fs.trace)
+        key = trace_key(image_fs.image.digest)
+        await loop.trio_run(store.put(key, encode_trace(image_fs.image.digest, chunks)))
+        stored = sum(r.stored_len for r in image_fs.chunk_refs(chunks))
+        log.info("image %s: pushed a trace of %d chunks (%d bytes stored) to %s", ref, len(chunks), stored, key)
+        return {"image": ref, "key": key, "chunks": len(chunks), "stored_bytes": stored}
 
+    async def rollback(snap: str) -> dict[str, Any]:
+        """Show snapshot ``snap``: new state in the index, then the kernel told to forget the old."""
+        t0 = time.perf_counter()
+        layer = index.rollback(str(opts.volume), snap)
+        fs.rolled_back()
+        sent = await transport.invalidate()  # type: ignore[attr-defined]
+        took = time.perf_counter() - t0
+        log.info("volume %s: rolled back to snapshot %s (layer %d) in %.1f ms, %d cache invalidations",
+                 opts.volume, snap, layer, took * 1000, sent)
+        return {"volume": opts.volume, "snapshot": snap, "layer": layer, "invalidations": sent,
+                "seconds": took}
+
+    actions["/trace/push"] = push_trace
+    if index is not None:
+        actions["/volume/rollback/"] = rollback
     control.write_registry(
         mountpoint,
-        {"mountpoint": mountpoint, "pid": os.getpid(), "image": manifest.ref, "store": store.url,
-         "socket": control.socket_path(mountpoint)},
+        {"mountpoint": mountpoint, "pid": os.getpid(), "image": ref or None, "volume": opts.volume,
+         "store": store.url if store is not None else None, "socket": control.socket_path(mountpoint)},
     )
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            source.start(nursery)
-            await nursery.start(control.serve_control, control.socket_path(mountpoint), get_stats,
-                                {"/trace/push": push_trace})
+            if source is not None:
+                source.start(nursery)
+            await nursery.start(control.serve_control, control.socket_path(mountpoint), get_stats, actions)
             token = trio.lowlevel.current_trio_token()
             signal.signal(signal.SIGTERM, lambda *_a: token.run_sync_soon(transport.stop))
             signal.signal(signal.SIGINT, lambda *_a: token.run_sync_soon(transport.stop))
             if notify is not None:
                 notify("ready")
-            if trace and opts.prefetch:
-                nursery.start_soon(source.prefetch, fs.chunk_refs(trace))
+            if trace and opts.prefetch and source is not None and image_fs is not None:
+                nursery.start_soon(source.prefetch, image_fs.chunk_refs(trace))
             await transport.serve()
             nursery.cancel_scope.cancel()
 
@@ -147,7 +214,10 @@ def _serve_image(opts: MountOptions, notify: Any, loop: LoopThread, store: Retry
     finally:
         try:
             transport.close()
-            source.flush()
+            if index is not None:
+                fs.close()
+            if source is not None:
+                source.flush()
             if disk is not None:
                 disk.close()
         finally:
@@ -179,7 +249,7 @@ class Transport(Protocol):
     def close(self) -> None: ...  # after serve(): unmount if still mounted, release everything
 
 
-def _transport(name: str, fs: ImageFS, mountpoint: str, fsname: str, allow_other: bool) -> Transport:
+def _transport(name: str, fs: Any, mountpoint: str, fsname: str, allow_other: bool) -> Transport:
     if name == "pyfuse3":
         from cubefs.fuse.pyfuse3_ops import Pyfuse3Transport
 

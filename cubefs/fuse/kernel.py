@@ -37,7 +37,6 @@ from typing import Any
 import trio
 
 from cubefs.errors import CubefsError
-from cubefs.fsops import ImageFS
 from cubefs.fuse.server import MAX_READAHEAD, REQUEST_BUFFER, FuseServer, Reply
 
 log = logging.getLogger(__name__)
@@ -65,10 +64,11 @@ def _option_value(text: str) -> str:
 class KernelSession:
     """One FUSE mount: the ``/dev/fuse`` descriptor and the mountpoint it serves."""
 
-    def __init__(self, mountpoint: str, fsname: str, allow_other: bool = False) -> None:
+    def __init__(self, mountpoint: str, fsname: str, allow_other: bool = False, read_only: bool = True) -> None:
         self.mountpoint = mountpoint
         self.fsname = _option_value(fsname)
         self.allow_other = allow_other
+        self.read_only = read_only
         self.fd = -1
         self._mounted = False
 
@@ -108,7 +108,7 @@ class KernelSession:
         libc = _libc()
         rc = libc.mount(
             self.fsname.encode(), self.mountpoint.encode(), b"fuse.cubefs",
-            ctypes.c_ulong(MS_RDONLY | MS_NOSUID | MS_NODEV), data.encode(),
+            ctypes.c_ulong((MS_RDONLY if self.read_only else 0) | MS_NOSUID | MS_NODEV), data.encode(),
         )
         if rc != 0:
             err = ctypes.get_errno()
@@ -120,7 +120,8 @@ class KernelSession:
         tool = shutil.which("fusermount3") or shutil.which("fusermount")
         if tool is None:
             raise MountError("mounting as a non-root user needs fusermount3 (Debian: apt-get install fuse3)")
-        opts = f"ro,nosuid,nodev,default_permissions,fsname={self.fsname},subtype=cubefs"
+        mode = "ro" if self.read_only else "rw"
+        opts = f"{mode},nosuid,nodev,default_permissions,fsname={self.fsname},subtype=cubefs"
         if self.allow_other:
             opts += ",allow_other"
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -205,12 +206,29 @@ class KernelSession:
 
 
 class KernelTransport:
-    """An ImageFS served on its own ``/dev/fuse`` session (the daemon's Transport)."""
+    """An ImageFS or a VolumeFS served on its own ``/dev/fuse`` session (the daemon's Transport)."""
 
-    def __init__(self, fs: ImageFS, mountpoint: str, fsname: str, allow_other: bool) -> None:
+    def __init__(self, fs: Any, mountpoint: str, fsname: str, allow_other: bool) -> None:
         self.server = FuseServer(fs)
         self.ops = self.server.ops
-        self.session = KernelSession(mountpoint, fsname, allow_other)
+        self.session = KernelSession(mountpoint, fsname, allow_other, read_only=not self.server.writable)
+
+    async def invalidate(self) -> int:
+        """Make the kernel drop everything it cached of the filesystem (after a rollback).
+        From a worker thread: an entry invalidation waits for the directory's lock, which
+        a request this loop must answer may hold.  Returns the notifications sent."""
+        msgs = self.server.invalidations()
+
+        def send() -> None:
+            for msg in msgs:
+                try:
+                    os.write(self.session.fd, msg)
+                except OSError as err:  # ENOENT: the kernel had not cached it
+                    if err.errno != errno.ENOENT:
+                        log.warning("cache invalidation failed: %s", err)
+
+        await trio.to_thread.run_sync(send)
+        return len(msgs)
 
     @property
     def read_bytes(self) -> int:

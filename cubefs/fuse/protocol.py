@@ -27,22 +27,37 @@ FORGET = 2
 GETATTR = 3
 SETATTR = 4
 READLINK = 5
+SYMLINK = 6
+MKNOD = 8
+MKDIR = 9
+UNLINK = 10
+RMDIR = 11
+RENAME = 12
+LINK = 13
 OPEN = 14
 READ = 15
+WRITE = 16
 STATFS = 17
 RELEASE = 18
+FSYNC = 20
+SETXATTR = 21
 GETXATTR = 22
 LISTXATTR = 23
+REMOVEXATTR = 24
 FLUSH = 25
 INIT = 26
 OPENDIR = 27
 READDIR = 28
 RELEASEDIR = 29
+FSYNCDIR = 30
 ACCESS = 34
+CREATE = 35
 INTERRUPT = 36
 DESTROY = 38
 BATCH_FORGET = 42
+FALLOCATE = 43
 READDIRPLUS = 44
+RENAME2 = 45
 LSEEK = 46
 
 OPCODE_NAMES = {
@@ -93,6 +108,26 @@ KSTATFS = struct.Struct("<QQQQQIIII24x")  # blocks bfree bavail files ffree bsiz
 DIRENT = struct.Struct("<QQII")  # ino off namelen type; then name, padded to 8 bytes
 LSEEK_IN = struct.Struct("<QQII")  # fh offset whence padding
 LSEEK_OUT = struct.Struct("<Q")
+FORGET_IN = struct.Struct("<Q")  # nlookup
+BATCH_FORGET_IN = struct.Struct("<II")  # count dummy; then count x FORGET_ONE
+FORGET_ONE = struct.Struct("<QQ")  # nodeid nlookup
+# valid padding fh size lock_owner atime mtime ctime atimensec mtimensec ctimensec mode unused4 uid gid unused5
+SETATTR_IN = struct.Struct("<IIQQQQQQIIIIIIII")
+MKNOD_IN = struct.Struct("<IIII")  # mode rdev umask padding; then name\0
+MKDIR_IN = struct.Struct("<II")  # mode umask; then name\0
+RENAME_IN = struct.Struct("<Q")  # newdir; then oldname\0 newname\0
+RENAME2_IN = struct.Struct("<QII")  # newdir flags padding; then oldname\0 newname\0
+LINK_IN = struct.Struct("<Q")  # oldnodeid; then newname\0
+CREATE_IN = struct.Struct("<IIII")  # flags mode umask open_flags; then name\0
+WRITE_IN = struct.Struct("<QQIIQII")  # fh offset size write_flags lock_owner flags padding; then data
+WRITE_OUT = struct.Struct("<II")  # size padding
+FSYNC_IN = struct.Struct("<QII")  # fh fsync_flags padding
+SETXATTR_IN = struct.Struct("<II")  # size flags; then name\0 value
+FALLOCATE_IN = struct.Struct("<QQQII")  # fh offset length mode padding
+NOTIFY_INVAL_INODE = 2
+NOTIFY_INVAL_ENTRY = 3
+INVAL_INODE_OUT = struct.Struct("<Qqq")  # ino offset length
+INVAL_ENTRY_OUT = struct.Struct("<QII")  # parent namelen padding; then name\0
 
 assert IN_HEADER.size == 40 and OUT_HEADER.size == 16 and INIT_OUT.size == 64
 assert ATTR.size == 88 and ENTRY_OUT.size + ATTR.size == 128 and KSTATFS.size == 80
@@ -115,6 +150,28 @@ def error_reply(unique: int, err: int) -> bytes:
 def dirent(ino: int, next_off: int, name: bytes, dtype: int) -> bytes:
     rec = DIRENT.pack(ino, next_off, len(name), dtype) + name
     return rec + b"\0" * (-len(rec) % 8)
+
+
+def notify(code: int, payload: bytes) -> bytes:
+    """An unsolicited message to the kernel: unique 0, the notification code as the error."""
+    return OUT_HEADER.pack(OUT_HEADER.size + len(payload), code, 0) + payload
+
+
+def inval_inode(ino: int) -> bytes:
+    """Drop the kernel's cached attributes and pages of ``ino``."""
+    return notify(NOTIFY_INVAL_INODE, INVAL_INODE_OUT.pack(ino, 0, 0))
+
+
+def inval_entry(parent: int, name: bytes) -> bytes:
+    """Drop the kernel's cached lookup of ``name`` in ``parent``."""
+    return notify(NOTIFY_INVAL_ENTRY, INVAL_ENTRY_OUT.pack(parent, len(name), 0) + name + b"\0")
+
+
+def cstrings(body: bytes | memoryview, start: int = 0) -> tuple[bytes, bytes]:
+    """The two NUL-terminated strings at ``start`` (RENAME, SYMLINK)."""
+    raw = bytes(body[start:])
+    a, _, rest = raw.partition(b"\0")
+    return a, rest.partition(b"\0")[0]
 
 
 def cstring(body: bytes | memoryview, start: int = 0) -> bytes:

@@ -16,6 +16,13 @@ everything, because an image never changes:
   and attributes for ``cache_timeout``; FLUSH answers ``ENOSYS`` once.
 
 So a program re-run on a warm mount makes almost no FUSE requests at all.
+
+A writable filesystem (a volume, :class:`cubefs.cow.volumefs.VolumeFS`)
+gets the writing operations too, and keeps all of the above: the daemon is
+its only writer, so every change the kernel caches passes through it, and a
+rollback (the one change that does not) invalidates what the kernel was
+told (:meth:`FuseServer.invalidations`).  Only packed attributes are not
+cached here for it, since they change.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from typing import Any
 
 from cachetools import LRUCache
 
-from cubefs.fsops import FsError, ImageFS
+from cubefs.fsops import FsError
 from cubefs.fuse import protocol as p
 
 log = logging.getLogger(__name__)
@@ -43,8 +50,8 @@ WANTED_FLAGS = (
     p.ASYNC_READ | p.BIG_WRITES | p.DO_READDIRPLUS | p.READDIRPLUS_AUTO | p.PARALLEL_DIROPS | p.MAX_PAGES
     | p.CACHE_SYMLINKS
 )
-MAX_WRITE = 128 * 1024  # a read-only filesystem: only the kernel's minimum matters
-MAX_PAGES = 256  # reads of up to 1 MiB per request
+MAX_PAGES = 256  # reads and writes of up to 1 MiB per request
+MAX_WRITE = MAX_PAGES * 4096
 REQUEST_BUFFER = MAX_PAGES * 4096 + 4096  # what a transport must be able to receive
 MAX_READAHEAD = 4 * 1024 * 1024
 
@@ -56,8 +63,10 @@ def _encode_rdev(rdev: int) -> int:
 
 
 class FuseServer:
-    def __init__(self, fs: ImageFS, cache_timeout: float = 3600.0) -> None:
-        self.fs = fs
+    def __init__(self, fs: Any, cache_timeout: float = 3600.0) -> None:
+        self.fs = fs  # an ImageFS, or a VolumeFS (writable)
+        self.writable = bool(getattr(fs, "writable", False))
+        self.caller = (0, 0)  # uid, gid of the request being handled
         self.timeout = int(cache_timeout)
         self.ops: Counter[str] = Counter()  # requests by operation, for stats and metrics
         self.read_bytes = 0
@@ -87,13 +96,35 @@ class FuseServer:
             p.ACCESS: self._access,
             p.LSEEK: self._lseek,
         }
+        if self.writable:
+            self._handlers.update({
+                p.SETATTR: self._setattr,
+                p.SYMLINK: self._symlink,
+                p.MKNOD: self._mknod,
+                p.MKDIR: self._mkdir,
+                p.UNLINK: self._unlink,
+                p.RMDIR: self._rmdir,
+                p.RENAME: self._rename,
+                p.RENAME2: self._rename2,
+                p.LINK: self._link,
+                p.CREATE: self._create,
+                p.WRITE: self._write,
+                p.FSYNC: self._fsync,
+                p.FSYNCDIR: self._fsync,
+                p.SETXATTR: self._setxattr,
+                p.REMOVEXATTR: self._removexattr,
+                p.FALLOCATE: self._fallocate,
+            })
 
     def handle(self, request: bytes) -> Reply | Coroutine[Any, Any, Reply]:
         """The reply to one request, or a coroutine that produces it."""
-        _len, opcode, unique, nodeid, _uid, _gid, _pid, _ext, _pad = p.IN_HEADER.unpack_from(request)
+        _len, opcode, unique, nodeid, uid, gid, _pid, _ext, _pad = p.IN_HEADER.unpack_from(request)
         self.ops[p.OPCODE_NAMES.get(opcode, str(opcode))] += 1
         if opcode in (p.FORGET, p.BATCH_FORGET):
-            return None  # inodes of an image live as long as the mount
+            if self.writable:  # an image's inodes live as long as the mount; a volume's may be unlinked
+                self._forget(opcode, nodeid, memoryview(request)[p.IN_HEADER.size :])
+            return None
+        self.caller = (uid, gid)
         handler = self._handlers.get(opcode)
         if handler is None or (not self.minor and opcode != p.INIT):
             # FLUSH and INTERRUPT among them: ENOSYS makes the kernel stop sending them.
@@ -110,7 +141,7 @@ class FuseServer:
     # -- replies ------------------------------------------------------------
 
     def _attr(self, ino: int) -> bytes:
-        packed = self._attrs.get(ino)
+        packed = None if self.writable else self._attrs.get(ino)
         if packed is None:
             a = self.fs.getattr(ino)
             at, atn = divmod(a.atime_ns, 10**9)
@@ -120,11 +151,15 @@ class FuseServer:
                 ino, a.size, a.blocks, at, mt, ct, atn, mtn, ctn, a.mode, a.nlink, a.uid, a.gid,
                 _encode_rdev(a.rdev), 65536, 0,
             )
-            self._attrs[ino] = packed
+            if not self.writable:
+                self._attrs[ino] = packed
         return packed
 
     def _entry(self, ino: int) -> bytes:
-        return p.ENTRY_OUT.pack(ino, 0, self.timeout, self.timeout, 0, 0) + self._attr(ino)
+        out = p.ENTRY_OUT.pack(ino, 0, self.timeout, self.timeout, 0, 0) + self._attr(ino)
+        if self.writable:
+            self.fs.remember(ino)  # the kernel now holds a reference until it FORGETs
+        return out
 
     # -- operations ---------------------------------------------------------
 
@@ -205,17 +240,27 @@ class FuseServer:
         return self._read_reply(unique, parts)
 
     def _listing(self, unique: int, ino: int, body: memoryview, plus: bool) -> bytes:
+        """Offsets 1 and 2 are '.' and '..' (which the kernel never looks up from a
+        READDIRPLUS, so they carry no entry and count no reference); entry i of the
+        filesystem's listing is offset i + 3."""
         _fh, offset, size, *_ = p.READ_IN.unpack_from(body)
         parts: list[bytes] = []
         used = 0
-        for name, child, nxt in self.fs.readdir(ino, offset):
+        dots = [(b".", ino, 1), (b"..", ino, 2)][offset:] if offset < 2 else []
+        for name, child, nxt in dots:
+            rec = p.dirent(child, nxt, name, stat.S_IFDIR >> 12)
+            if plus:
+                rec = bytes(p.ENTRY_OUT.size + p.ATTR.size) + rec
+            parts.append(rec)
+            used += len(rec)
+        for name, child, nxt in self.fs.readdir(ino, max(offset - 2, 0)):
             attr = self._attr(child)
             mode = p.ATTR.unpack_from(attr)[9]
-            rec = p.dirent(child, nxt, name, stat.S_IFMT(mode) >> 12)
-            if plus:
-                rec = self._entry(child) + rec
-            if used + len(rec) > size:
+            rec = p.dirent(child, nxt + 2, name, stat.S_IFMT(mode) >> 12)
+            if used + len(rec) + (p.ENTRY_OUT.size + p.ATTR.size if plus else 0) > size:
                 break
+            if plus:
+                rec = self._entry(child) + rec  # after the size check: an entry sent is a reference held
             parts.append(rec)
             used += len(rec)
         return p.reply(unique, b"".join(parts))
@@ -251,10 +296,132 @@ class FuseServer:
     def _access(self, unique: int, ino: int, body: memoryview) -> bytes:
         (mask, _) = p.ACCESS_IN.unpack_from(body)
         self.fs.getattr(ino)
-        if mask & os.W_OK:
+        if mask & os.W_OK and not self.writable:
             raise FsError(errno.EROFS)
         return p.reply(unique)
 
     def _lseek(self, unique: int, ino: int, body: memoryview) -> bytes:
         _fh, offset, whence, _ = p.LSEEK_IN.unpack_from(body)
         return p.reply(unique, p.LSEEK_OUT.pack(self.fs.lseek(ino, offset, whence)))
+
+    # -- writing (volumes) ------------------------------------------------------
+
+    def invalidations(self) -> list[bytes]:
+        """Notifications that make the kernel forget everything it cached of the
+        filesystem: every name it looked up (found or not) and every inode it holds."""
+        msgs = [p.inval_entry(parent, name) for parent, name in self.fs.dentries]
+        msgs += [p.inval_inode(ino) for ino in self.fs.known_inodes()]
+        return msgs
+
+    def _forget(self, opcode: int, nodeid: int, body: memoryview) -> None:
+        if opcode == p.FORGET:
+            self.fs.forget(nodeid, p.FORGET_IN.unpack_from(body)[0])
+            return
+        count, _ = p.BATCH_FORGET_IN.unpack_from(body)
+        for i in range(count):
+            ino, n = p.FORGET_ONE.unpack_from(body, p.BATCH_FORGET_IN.size + i * p.FORGET_ONE.size)
+            self.fs.forget(ino, n)
+
+    async def _later(self, unique: int, work: Coroutine[Any, Any, bytes]) -> Reply:
+        try:
+            return p.reply(unique, await work)
+        except FsError as err:
+            return p.error_reply(unique, err.errno)
+        except Exception:
+            log.exception("FUSE request %d failed; answering EIO", unique)
+            return p.error_reply(unique, errno.EIO)
+
+    def _setattr(self, unique: int, ino: int, body: memoryview) -> Reply | Coroutine[Any, Any, Reply]:
+        (valid, _pad, _fh, size, _lo, atime, mtime, _ctime, atimensec, mtimensec, _ctimensec, mode, _u4, uid, gid,
+         _u5) = p.SETATTR_IN.unpack_from(body)
+        fields = {"size": size, "mode": mode, "uid": uid, "gid": gid, "atime_ns": atime * 10**9 + atimensec,
+                  "mtime_ns": mtime * 10**9 + mtimensec}
+
+        async def work() -> bytes:
+            await self.fs.setattr(ino, valid, fields)
+            return p.ATTR_OUT.pack(self.timeout, 0, 0) + self._attr(ino)
+
+        return self._later(unique, work())
+
+    def _mknod(self, unique: int, parent: int, body: memoryview) -> bytes:
+        mode, rdev, _umask, _ = p.MKNOD_IN.unpack_from(body)
+        ino = self.fs.mknod(parent, p.cstring(body, p.MKNOD_IN.size), mode, _decode_rdev(rdev), *self.caller)
+        return p.reply(unique, self._entry(ino))
+
+    def _mkdir(self, unique: int, parent: int, body: memoryview) -> bytes:
+        mode, _umask = p.MKDIR_IN.unpack_from(body)
+        return p.reply(unique, self._entry(self.fs.mkdir(parent, p.cstring(body, p.MKDIR_IN.size), mode,
+                                                         *self.caller)))
+
+    def _symlink(self, unique: int, parent: int, body: memoryview) -> bytes:
+        name, target = p.cstrings(body)
+        return p.reply(unique, self._entry(self.fs.symlink(parent, name, target, *self.caller)))
+
+    def _create(self, unique: int, parent: int, body: memoryview) -> bytes:
+        _flags, mode, _umask, _ = p.CREATE_IN.unpack_from(body)
+        ino = self.fs.create(parent, p.cstring(body, p.CREATE_IN.size), mode, *self.caller)
+        return p.reply(unique, self._entry(ino) + p.OPEN_OUT.pack(0, p.FOPEN_KEEP_CACHE, 0))
+
+    def _link(self, unique: int, ino: int, body: memoryview) -> bytes:
+        (old,) = p.LINK_IN.unpack_from(body)
+        return p.reply(unique, self._entry(self.fs.link(old, ino, p.cstring(body, p.LINK_IN.size))))
+
+    def _unlink(self, unique: int, parent: int, body: memoryview) -> bytes:
+        self.fs.unlink(parent, p.cstring(body))
+        return p.reply(unique)
+
+    def _rmdir(self, unique: int, parent: int, body: memoryview) -> bytes:
+        self.fs.rmdir(parent, p.cstring(body))
+        return p.reply(unique)
+
+    def _rename(self, unique: int, parent: int, body: memoryview) -> bytes:
+        (newdir,) = p.RENAME_IN.unpack_from(body)
+        old, new = p.cstrings(body, p.RENAME_IN.size)
+        self.fs.rename(parent, old, newdir, new, 0)
+        return p.reply(unique)
+
+    def _rename2(self, unique: int, parent: int, body: memoryview) -> bytes:
+        newdir, flags, _ = p.RENAME2_IN.unpack_from(body)
+        old, new = p.cstrings(body, p.RENAME2_IN.size)
+        self.fs.rename(parent, old, newdir, new, flags)
+        return p.reply(unique)
+
+    def _write(self, unique: int, ino: int, body: memoryview) -> Coroutine[Any, Any, Reply]:
+        _fh, offset, size, *_ = p.WRITE_IN.unpack_from(body)
+        data = body[p.WRITE_IN.size : p.WRITE_IN.size + size]
+
+        async def work() -> bytes:
+            return p.WRITE_OUT.pack(await self.fs.write(ino, offset, data), 0)
+
+        return self._later(unique, work())
+
+    def _fsync(self, unique: int, ino: int, _body: memoryview) -> bytes:
+        self.fs.fsync(ino)
+        return p.reply(unique)
+
+    def _setxattr(self, unique: int, ino: int, body: memoryview) -> bytes:
+        size, flags = p.SETXATTR_IN.unpack_from(body)
+        name = p.cstring(body, p.SETXATTR_IN.size)
+        start = p.SETXATTR_IN.size + len(name) + 1
+        self.fs.setxattr(ino, name, bytes(body[start : start + size]), flags)
+        return p.reply(unique)
+
+    def _removexattr(self, unique: int, ino: int, body: memoryview) -> bytes:
+        self.fs.removexattr(ino, p.cstring(body))
+        return p.reply(unique)
+
+    def _fallocate(self, unique: int, ino: int, body: memoryview) -> Coroutine[Any, Any, Reply]:
+        _fh, offset, length, mode, _ = p.FALLOCATE_IN.unpack_from(body)
+
+        async def work() -> bytes:
+            await self.fs.fallocate(ino, offset, length, mode)
+            return b""
+
+        return self._later(unique, work())
+
+
+def _decode_rdev(rdev: int) -> int:
+    """The inverse of :func:`_encode_rdev`."""
+    major = (rdev & 0xFFF00) >> 8
+    minor = (rdev & 0xFF) | ((rdev >> 12) & 0xFFF00)
+    return os.makedev(major, minor)

@@ -1,0 +1,243 @@
+"""The volume commands: volume create/list/rm, snapshot, snapshots, rollback, clone.
+
+Snapshots and clones are transactions on the volume index and work whether
+or not the volume is mounted (LMDB serializes them with the daemon's
+writes).  A rollback of a mounted volume goes through its daemon, which must
+also make the kernel forget what it cached of the old state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import stat
+import time
+from typing import Any
+from urllib.parse import quote
+
+from cubefs import control
+from cubefs.errors import EXIT_OK, UsageError
+
+
+def default_volume_dir() -> str:
+    env = os.environ.get("CUBEFS_VOLUME_DIR")
+    if env:
+        return env
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "cubefs", "volumes")
+
+
+def volume_dir_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--volume-dir", default=None, metavar="DIR",
+                   help="where volumes live: their index and written blocks (default: $CUBEFS_VOLUME_DIR or "
+                   "~/.local/share/cubefs/volumes)")
+
+
+def add_parsers(sub: Any, store_args: Any) -> None:
+    p = sub.add_parser("volume", help="create, list and remove writable volumes",
+                       description="A volume is a writable filesystem over an image: 'cubefs mount --volume NAME "
+                       "MOUNTPOINT' mounts it read-write, fetching the image lazily; what is written stays local "
+                       "(--volume-dir). 'create NAME --from NAME:TAG' (or with no --from: an empty volume), "
+                       "'list', 'rm NAME'.")
+    p.add_argument("action", choices=("create", "list", "rm"))
+    p.add_argument("name", nargs="?", help="the volume (create, rm)")
+    p.add_argument("--from", dest="image", metavar="NAME:TAG", help="create: the image it starts as")
+    store_args(p)
+    volume_dir_arg(p)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("snapshot", help="a point-in-time snapshot of a volume, in O(1); 'snapshot rm V@S' drops one",
+                       description="'cubefs snapshot VOLUME [--name N]' freezes the volume's current state, "
+                       "mounted and being written or not, in one small index transaction whatever its size. "
+                       "'cubefs snapshot rm VOLUME@SNAPSHOT' forgets a snapshot.")
+    p.add_argument("args", nargs="+", metavar="VOLUME | rm VOLUME@SNAPSHOT")
+    p.add_argument("--name", default=None, help="the snapshot's name (default: the UTC time)")
+    volume_dir_arg(p)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("snapshots", help="list a volume's snapshots")
+    p.add_argument("volume")
+    volume_dir_arg(p)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("rollback", help="make a volume show one of its snapshots again",
+                       description="The volume shows SNAPSHOT's state; what was written since is dropped (take a "
+                       "snapshot first to keep it). On a mounted volume this is immediate: the kernel's caches are "
+                       "invalidated, open files read the snapshot's version of their file, and one created after "
+                       "the snapshot fails with ENOENT: it no longer exists.")
+    p.add_argument("volume")
+    p.add_argument("snapshot")
+    volume_dir_arg(p)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("clone", help="N new volumes from one snapshot, in one transaction",
+                       description="'cubefs clone VOLUME@SNAPSHOT --count N --prefix P' makes volumes P-0 .. P-(N-1), "
+                       "each starting as the snapshot and diverging independently; all can be mounted at once.")
+    p.add_argument("source", metavar="VOLUME@SNAPSHOT")
+    p.add_argument("--count", type=int, default=1)
+    p.add_argument("--prefix", required=True)
+    volume_dir_arg(p)
+    p.add_argument("--json", action="store_true")
+
+
+def _index(args: argparse.Namespace) -> Any:
+    from cubefs.cow.index import VolumeIndex
+
+    return VolumeIndex(os.path.abspath(args.volume_dir or default_volume_dir()))
+
+
+def _when(ns: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ns / 1e9))
+
+
+def cmd_volume(args: argparse.Namespace) -> int:
+    index = _index(args)
+    try:
+        if args.action == "list":
+            vols = index.volumes()
+            if args.json:
+                print(json.dumps([{"name": v.name, "image": v.base.ref if v.base else None,
+                                   "digest": f"sha256:{v.base.digest}" if v.base else None,
+                                   "store": v.base.store if v.base else None, "created_ns": v.created_ns}
+                                  for v in vols], indent=1))
+            elif not vols:
+                print("no volumes")
+            else:
+                print(f"{'VOLUME':24} {'IMAGE':28} CREATED")
+                for v in vols:
+                    print(f"{v.name:24} {v.base.ref if v.base else '(empty)':28} {_when(v.created_ns)}")
+            return EXIT_OK
+        if not args.name:
+            raise UsageError(f"cubefs volume {args.action} needs a volume name")
+        if args.action == "rm":
+            from cubefs.cow.lock import holder_of
+
+            holder = holder_of(index, args.name)
+            if holder is not None:
+                raise UsageError(f"volume {args.name} is mounted at {holder.get('mountpoint', '?')}; unmount it first")
+            index.remove_volume(args.name)
+            print(json.dumps({"removed": args.name}) if args.json else f"removed volume {args.name}")
+            return EXIT_OK
+        vol = _create(index, args)
+        if args.json:
+            print(json.dumps({"name": vol.name, "image": vol.base.ref if vol.base else None}))
+        else:
+            print(f"created volume {vol.name}" + (f" from {vol.base.ref}" if vol.base else " (empty)"))
+        return EXIT_OK
+    finally:
+        index.close()
+
+
+def _create(index: Any, args: argparse.Namespace) -> Any:
+    from cubefs.cow.index import BaseImage, Inode
+
+    if not args.image:
+        now = time.time_ns()
+        root = Inode(stat.S_IFDIR | 0o755, os.getuid(), os.getgid(), now, now, now, 0, 2)
+        return index.create_volume(args.name, None, root, 2)
+    from cubefs.catalog import load_image, load_manifest
+    from cubefs.remote import store_session
+
+    with store_session(args.store, args.s3_endpoint) as (loop, store):
+        manifest = loop.run(load_manifest(store, args.image))
+        image, _chunkmap = loop.run(load_image(store, manifest))
+        url = store.url
+    base = BaseImage(manifest.ref, manifest.image, url, args.s3_endpoint or os.environ.get("AWS_ENDPOINT_URL"))
+    return index.create_volume(args.name, base, None, len(image) + 1)
+
+
+def _split(text: str) -> tuple[str, str]:
+    volume, sep, snap = text.partition("@")
+    if not sep or not volume or not snap:
+        raise UsageError(f"expected VOLUME@SNAPSHOT, got {text!r}")
+    return volume, snap
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    index = _index(args)
+    try:
+        if args.args[0] == "rm" and len(args.args) == 2:
+            volume, snap = _split(args.args[1])
+            index.remove_snapshot(volume, snap)
+            print(json.dumps({"removed": f"{volume}@{snap}"}) if args.json else f"removed snapshot {volume}@{snap}")
+            return EXIT_OK
+        if len(args.args) != 1:
+            raise UsageError("usage: cubefs snapshot VOLUME [--name N] | cubefs snapshot rm VOLUME@SNAPSHOT")
+        t0 = time.perf_counter()
+        s = index.snapshot(args.args[0], args.name)
+        took = time.perf_counter() - t0
+        if args.json:
+            print(json.dumps({"volume": s.volume, "snapshot": s.name, "layer": s.layer, "seconds": took}))
+        else:
+            print(f"{s.volume}@{s.name} ({took * 1000:.1f} ms)")
+        return EXIT_OK
+    finally:
+        index.close()
+
+
+def cmd_snapshots(args: argparse.Namespace) -> int:
+    index = _index(args)
+    try:
+        snaps = index.snapshots(args.volume)
+    finally:
+        index.close()
+    if args.json:
+        print(json.dumps([{"volume": s.volume, "snapshot": s.name, "layer": s.layer, "created_ns": s.created_ns}
+                          for s in snaps], indent=1))
+    elif not snaps:
+        print(f"volume {args.volume} has no snapshots")
+    else:
+        for s in snaps:
+            print(f"{s.volume}@{s.name:32} {_when(s.created_ns)}")
+    return EXIT_OK
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from cubefs.cow.lock import holder_of
+
+    index = _index(args)
+    try:
+        holder = holder_of(index, args.volume)
+        if holder is None:
+            t0 = time.perf_counter()
+            layer = index.rollback(args.volume, args.snapshot)
+            result = {"volume": args.volume, "snapshot": args.snapshot, "layer": layer, "invalidations": 0,
+                      "seconds": time.perf_counter() - t0}
+        else:
+            result = control.call(holder["mountpoint"], "/volume/rollback/" + quote(args.snapshot, safe=""))
+    finally:
+        index.close()
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{args.volume} now shows snapshot {args.snapshot} ({result['seconds'] * 1000:.1f} ms)")
+    return EXIT_OK
+
+
+def cmd_clone(args: argparse.Namespace) -> int:
+    volume, snap = _split(args.source)
+    if args.count < 1:
+        raise UsageError("--count must be at least 1")
+    names = [f"{args.prefix}-{i}" for i in range(args.count)]
+    index = _index(args)
+    try:
+        t0 = time.perf_counter()
+        index.clone(volume, snap, names)
+        took = time.perf_counter() - t0
+    finally:
+        index.close()
+    if args.json:
+        print(json.dumps({"source": args.source, "volumes": names, "seconds": took}))
+    else:
+        print(f"{len(names)} volumes from {args.source}: {names[0]} .. {names[-1]} ({took * 1000:.1f} ms)")
+    return EXIT_OK
+
+
+COMMANDS = {
+    "volume": cmd_volume,
+    "snapshot": cmd_snapshot,
+    "snapshots": cmd_snapshots,
+    "rollback": cmd_rollback,
+    "clone": cmd_clone,
+}

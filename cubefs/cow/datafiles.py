@@ -1,0 +1,77 @@
+"""The local files that hold a volume's written blocks.
+
+Blocks are appended to the current data file of the writing process (a new
+file per mount session, and after ``ROLL_AT`` bytes), so that two daemons
+writing two clones never share a file, and each block is a (file, offset)
+pair that never moves.  A block the active layer already owns is private to
+it (snapshots freeze layers, clones start new ones), so it is overwritten in
+place; every other write is copy-on-write into a new block.
+
+Bytes are written before the index record that points at them is committed,
+so a crash leaves at worst unreferenced bytes at the end of a file, never a
+record pointing at nothing.
+"""
+
+from __future__ import annotations
+
+import os
+
+import lmdb
+
+from cubefs.cow.index import VolumeIndex
+
+ROLL_AT = 1 << 30
+
+
+class DataFiles:
+    def __init__(self, index: VolumeIndex, block_size: int) -> None:
+        self.index = index
+        self.block_size = block_size
+        self._fds: dict[int, int] = {}
+        self._current = 0  # file id appended to, 0: none yet
+        self._end = 0
+        self._dirty: set[int] = set()
+        self.written_bytes = 0
+
+    def _fd(self, file_id: int) -> int:
+        fd = self._fds.get(file_id)
+        if fd is None:
+            fd = os.open(self.index.data_path(file_id), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._fds[file_id] = fd
+        return fd
+
+    def append(self, txn: lmdb.Transaction, block: bytes | bytearray | memoryview) -> tuple[int, int]:
+        """Write a new block (exactly ``block_size`` bytes); its (file, offset)."""
+        if not self._current or self._end >= ROLL_AT:
+            self._current = self.index.next_data_file(txn)
+            self._end = 0
+        loc = (self._current, self._end)
+        n = os.pwrite(self._fd(self._current), block, self._end)
+        if n != len(block):
+            raise OSError(f"short write to {self.index.data_path(self._current)}")
+        self._end += len(block)
+        self._dirty.add(self._current)
+        self.written_bytes += len(block)
+        return loc
+
+    def overwrite(self, loc: tuple[int, int], within: int, data: bytes | memoryview) -> None:
+        n = os.pwrite(self._fd(loc[0]), data, loc[1] + within)
+        if n != len(data):
+            raise OSError(f"short write to {self.index.data_path(loc[0])}")
+        self._dirty.add(loc[0])
+        self.written_bytes += len(data)
+
+    def read(self, loc: tuple[int, int], within: int, size: int) -> bytes:
+        data = os.pread(self._fd(loc[0]), size, loc[1] + within)
+        return data if len(data) == size else data + bytes(size - len(data))
+
+    def sync(self) -> None:
+        """Make every written block durable (before the index is synced)."""
+        for file_id in sorted(self._dirty):
+            os.fdatasync(self._fds[file_id])
+        self._dirty.clear()
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()

@@ -1,0 +1,721 @@
+"""Read-write filesystem operations on a volume: layers of changes over a lazy image.
+
+The same operation set as :class:`cubefs.fsops.ImageFS` (which serves the
+base image's bytes) plus the writing ones, so the one FUSE server in
+:mod:`cubefs.fuse.server` serves both.  Operations take inode numbers and
+raise :class:`FsError`.
+
+Concurrency invariants (one trio thread runs every operation):
+
+* Every operation that changes something is one LMDB write transaction, and
+  no transaction is ever held across an ``await`` (LMDB allows one write
+  transaction per thread; a second would wait on the first forever).  So a
+  snapshot taken by another process always falls between two operations.
+* A write that must first read a block it does not own (a partial write of a
+  block of the image or of a frozen layer) fetches it *before* its
+  transaction, then re-checks ownership inside it: a snapshot in between
+  only turns "owned" into "not owned", whose old bytes are then local.
+* Writes, truncations and fallocate of one inode are serialized by a
+  per-inode lock, so a read-modify-write never loses a concurrent write.
+* The caches here (resolved inodes, directory listings, which files have no
+  blocks in any layer) hold only what this process changed itself; a
+  snapshot never changes what a volume shows; a rollback clears them.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import lmdb
+import trio
+
+from cubefs.cow.datafiles import DataFiles
+from cubefs.cow.index import Inode, VolumeIndex
+from cubefs.format.image import (
+    F_ATIME,
+    F_CTIME,
+    F_GID,
+    F_MODE,
+    F_MTIME,
+    F_NLINK,
+    F_PAYLOAD,
+    F_RDEV,
+    F_SIZE,
+    F_UID,
+    F_XATTRS,
+)
+from cubefs.fsops import Attr, Buffer, FsError, ImageFS
+
+log = logging.getLogger(__name__)
+
+NAME_MAX = 255
+XATTR_CREATE = 1
+XATTR_REPLACE = 2
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+FALLOC_FL_KEEP_SIZE = 1
+FALLOC_FL_PUNCH_HOLE = 2
+# setattr "valid" bits (linux/fuse.h FATTR_*)
+SET_MODE, SET_UID, SET_GID, SET_SIZE, SET_ATIME, SET_MTIME = 1, 2, 4, 8, 16, 32
+SET_ATIME_NOW, SET_MTIME_NOW, SET_CTIME = 128, 256, 1024
+
+
+class VolumeFS:
+    """A mounted volume (one writer: the daemon that holds the volume's lock)."""
+
+    writable = True
+
+    def __init__(self, index: VolumeIndex, volume: str, base: ImageFS | None, label: str) -> None:
+        self.index = index
+        self.name = volume
+        self.base = base
+        self.label = label
+        self.image_inodes = len(base.image) if base is not None else 0
+        with index.read() as txn:
+            vol = index.volume(txn, volume)
+        self.block_size = vol.block_size
+        self.files = DataFiles(index, self.block_size)
+        self.read_errors = 0
+        self.trace = None  # traces are an image mount's business
+        self._inodes: dict[int, Inode] = {}
+        self._listings: dict[int, list[tuple[bytes, int]]] = {}
+        self._plain: dict[int, bool] = {}  # no layer has blocks or a cut for this inode: reads go to the image
+        self._locks: dict[int, trio.Lock] = {}
+        self._lookups: dict[int, int] = {}  # kernel references (lookups minus forgets)
+        self.dentries: set[tuple[int, bytes]] = set()  # names the kernel may cache, to invalidate on rollback
+
+    # -- resolution ---------------------------------------------------------------
+
+    def _chain(self, txn: lmdb.Transaction) -> tuple[int, ...]:
+        return self.index.chain(txn, self.index.volume(txn, self.name).layer)
+
+    def _image_inode(self, ino: int) -> Inode | None:
+        if self.base is None or ino > self.image_inodes or ino < 1:
+            return None
+        r = self.base.image.record(ino)
+        target = r[F_PAYLOAD] if stat.S_ISLNK(r[F_MODE]) else b""
+        return Inode(r[F_MODE], r[F_UID], r[F_GID], r[F_ATIME], r[F_MTIME], r[F_CTIME], r[F_SIZE], r[F_NLINK],
+                     r[F_RDEV], {k: v for k, v in r[F_XATTRS]}, target)
+
+    def _inode(self, txn: lmdb.Transaction, ino: int, chain: tuple[int, ...] | None = None) -> Inode:
+        cached = self._inodes.get(ino)
+        if cached is not None:
+            return cached
+        found = None
+        for layer in chain or self._chain(txn):
+            found = self.index.get_inode(txn, layer, ino)
+            if found is not None:
+                break
+        else:
+            found = self._image_inode(ino)
+        if found is None or found.mode == 0:
+            raise FsError(errno.ENOENT)
+        self._inodes[ino] = found
+        return found
+
+    def _put(self, txn: lmdb.Transaction, layer: int, ino: int, inode: Inode) -> None:
+        self.index.put_inode(txn, layer, ino, inode)
+        self._inodes[ino] = inode
+
+    def _dir(self, txn: lmdb.Transaction, ino: int) -> Inode:
+        inode = self._inode(txn, ino)
+        if not stat.S_ISDIR(inode.mode):
+            raise FsError(errno.ENOTDIR)
+        return inode
+
+    def _child(self, txn: lmdb.Transaction, chain: tuple[int, ...], parent: int, name: bytes) -> int | None:
+        for layer in chain:
+            child = self.index.get_dirent(txn, layer, parent, name)
+            if child is not None:
+                return child or None
+        if self.base is not None and parent <= self.image_inodes:
+            return self.base.image.lookup(parent, name)
+        return None
+
+    def _listing(self, txn: lmdb.Transaction, ino: int) -> list[tuple[bytes, int]]:
+        cached = self._listings.get(ino)
+        if cached is not None:
+            return cached
+        entries: dict[bytes, int] = {}
+        if self.base is not None and ino <= self.image_inodes:
+            entries = {bytes(name): child for name, child in self.base.image.entries(ino)}
+        for layer in reversed(self._chain(txn)):
+            for name, child in self.index.dirents(txn, layer, ino):
+                if child:
+                    entries[name] = child
+                else:
+                    entries.pop(name, None)
+        listing = sorted(entries.items())
+        self._listings[ino] = listing
+        return listing
+
+    # -- reading ----------------------------------------------------------------------
+
+    def getattr(self, ino: int) -> Attr:
+        with self.index.read() as txn:
+            i = self._inode(txn, ino)
+        blocks = (i.size + 511) // 512
+        return Attr(ino, i.mode, i.nlink, i.uid, i.gid, i.rdev, i.size, blocks, i.atime_ns, i.mtime_ns, i.ctime_ns)
+
+    def lookup_ino(self, parent: int, name: bytes) -> int:
+        with self.index.read() as txn:
+            self._dir(txn, parent)
+            self.dentries.add((parent, name))
+            if name == b".":
+                return parent
+            child = self._child(txn, self._chain(txn), parent, name)
+        if child is None:
+            raise FsError(errno.ENOENT)
+        return child
+
+    def remember(self, ino: int) -> None:
+        """The kernel got a reference to ``ino`` (an entry reply)."""
+        self._lookups[ino] = self._lookups.get(ino, 0) + 1
+
+    def known_inodes(self) -> list[int]:
+        return list(self._lookups)
+
+    def forget(self, ino: int, n: int) -> None:
+        left = self._lookups.get(ino, 0) - n
+        if left > 0:
+            self._lookups[ino] = left
+            return
+        self._lookups.pop(ino, None)
+        inode = self._inodes.get(ino)
+        if inode is not None and inode.nlink == 0 and inode.mode:
+            self._purge(ino)
+
+    def _purge(self, ino: int) -> None:
+        """An unlinked inode nobody holds any more: drop its blocks in the active layer."""
+        with self.index.write() as txn:
+            layer = self.index.volume(txn, self.name).layer
+            inode = self._inode(txn, ino).copy()
+            self.index.drop_blocks(txn, layer, ino, 0)
+            inode.mode = 0  # a tombstone: the inode is gone in this layer and above
+            inode.size = 0
+            inode.xattrs = {}
+            self._put(txn, layer, ino, inode)
+        self._inodes.pop(ino, None)
+        self._plain.pop(ino, None)
+
+    def opendir(self, ino: int) -> None:
+        with self.index.read() as txn:
+            self._dir(txn, ino)
+
+    def readdir(self, ino: int, start: int) -> Iterator[tuple[bytes, int, int]]:
+        with self.index.read() as txn:
+            self._dir(txn, ino)
+            listing = self._listing(txn, ino)
+        return ((listing[i][0], listing[i][1], i + 1) for i in range(start, len(listing)))
+
+    def readlink(self, ino: int) -> bytes:
+        with self.index.read() as txn:
+            i = self._inode(txn, ino)
+        if not stat.S_ISLNK(i.mode):
+            raise FsError(errno.EINVAL)
+        return i.target
+
+    def open(self, ino: int, flags: int) -> None:
+        with self.index.read() as txn:
+            i = self._inode(txn, ino)
+        if stat.S_ISDIR(i.mode) and flags & (os.O_WRONLY | os.O_RDWR):
+            raise FsError(errno.EISDIR)
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        with self.index.read() as txn:
+            return sorted(self._inode(txn, ino).xattrs)
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        with self.index.read() as txn:
+            value = self._inode(txn, ino).xattrs.get(name)
+        if value is None:
+            raise FsError(errno.ENODATA)
+        return value
+
+    def statfs(self) -> dict[str, int]:
+        st = os.statvfs(self.index.directory)
+        return {"bsize": st.f_frsize, "blocks": st.f_blocks, "bfree": st.f_bavail, "files": st.f_files,
+                "ffree": st.f_favail, "namemax": NAME_MAX}
+
+    def lseek(self, ino: int, offset: int, whence: int) -> int:
+        """SEEK_DATA/SEEK_HOLE without hole tracking: all of a file is data (allowed by POSIX)."""
+        with self.index.read() as txn:
+            size = self._inode(txn, ino).size
+        if offset < 0 or offset >= size:
+            raise FsError(errno.ENXIO)
+        if whence == os.SEEK_DATA:
+            return offset
+        if whence == os.SEEK_HOLE:
+            return size
+        raise FsError(errno.EINVAL)
+
+    def _is_plain(self, txn: lmdb.Transaction, chain: tuple[int, ...], ino: int) -> bool:
+        plain = self._plain.get(ino)
+        if plain is None:
+            plain = ino <= self.image_inodes and not any(
+                self.index.has_blocks(txn, layer, ino)
+                or ((i := self.index.get_inode(txn, layer, ino)) is not None and i.cut >= 0)
+                for layer in chain)
+            self._plain[ino] = plain
+        return plain
+
+    def _block_source(self, txn: lmdb.Transaction, chain: tuple[int, ...], ino: int, block: int) -> Any:
+        """Where block ``block`` of ``ino`` is: (file, offset), "zero", or "image"."""
+        for layer in chain:
+            loc = self.index.get_block(txn, layer, ino, block)
+            if loc is not None:
+                return loc if loc[0] else "zero"
+            i = self.index.get_inode(txn, layer, ino)
+            if i is not None and 0 <= i.cut <= block:
+                return "zero"
+        return "image" if ino <= self.image_inodes else "zero"
+
+    def _plan(self, ino: int, offset: int, size: int) -> tuple[int, list[tuple[Any, int, int]]]:
+        """(size clipped to EOF, [(source, offset, length)]) with adjacent image ranges merged."""
+        with self.index.read() as txn:
+            chain = self._chain(txn)
+            inode = self._inode(txn, ino, chain)
+            if not stat.S_ISREG(inode.mode):
+                raise FsError(errno.EISDIR if stat.S_ISDIR(inode.mode) else errno.EINVAL)
+            if offset >= inode.size or size <= 0:
+                return 0, []
+            size = min(size, inode.size - offset)
+            if self._is_plain(txn, chain, ino):
+                return size, [("image", offset, size)]
+            bs = self.block_size
+            plan: list[tuple[Any, int, int]] = []
+            pos, end = offset, offset + size
+            while pos < end:
+                block = pos // bs
+                hi = min(end, (block + 1) * bs)
+                src = self._block_source(txn, chain, ino, block)
+                if plan and src == "image" and plan[-1][0] == "image":
+                    plan[-1] = ("image", plan[-1][1], plan[-1][2] + hi - pos)
+                else:
+                    plan.append((src, pos, hi - pos))
+                pos = hi
+        return size, plan
+
+    def _local(self, src: Any, pos: int, length: int) -> Buffer:
+        if src == "zero":
+            return bytes(length)
+        return self.files.read(src, pos % self.block_size, length)
+
+    def read_now(self, ino: int, offset: int, size: int) -> list[Buffer] | None:
+        size, plan = self._plan(ino, offset, size)
+        out: list[Buffer] = []
+        for src, pos, length in plan:
+            if src != "image":
+                out.append(self._local(src, pos, length))
+                continue
+            assert self.base is not None
+            got = self.base.read_now(ino, pos, length)
+            if got is None:
+                return None
+            out.extend(_padded(got, length))
+        return out
+
+    async def read(self, ino: int, offset: int, size: int) -> list[Buffer]:
+        size, plan = self._plan(ino, offset, size)
+        out: list[Buffer] = []
+        for src, pos, length in plan:
+            if src != "image":
+                out.append(self._local(src, pos, length))
+                continue
+            assert self.base is not None
+            out.extend(_padded(await self.base.read(ino, pos, length), length))
+        return out
+
+    # -- creating and removing names ------------------------------------------------------
+
+    def _begin(self) -> tuple[lmdb.Transaction, Any, tuple[int, ...]]:
+        txn = self.index.write()
+        vol = self.index.volume(txn, self.name)
+        return txn, vol, self.index.chain(txn, vol.layer)
+
+    def _new_entry(self, parent: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0,
+                   target: bytes = b"") -> int:
+        if len(name) > NAME_MAX:
+            raise FsError(errno.ENAMETOOLONG)
+        txn, vol, chain = self._begin()
+        with txn:
+            pdir = self._dir(txn, parent)
+            if self._child(txn, chain, parent, name) is not None:
+                raise FsError(errno.EEXIST)
+            now = time.time_ns()
+            if pdir.mode & stat.S_ISGID:  # BSD group semantics, and directories inherit the bit
+                gid = pdir.gid
+                if stat.S_ISDIR(mode):
+                    mode |= stat.S_ISGID
+            ino = vol.next_ino
+            vol.next_ino += 1
+            self.index.put_volume(txn, vol)
+            is_dir = stat.S_ISDIR(mode)
+            inode = Inode(mode, uid, gid, now, now, now, len(target) if target else 0, 2 if is_dir else 1, rdev,
+                          target=target)
+            self._put(txn, vol.layer, ino, inode)
+            self.index.put_dirent(txn, vol.layer, parent, name, ino)
+            pdir = pdir.copy()
+            pdir.mtime_ns = pdir.ctime_ns = now
+            if is_dir:
+                pdir.nlink += 1
+            self._put(txn, vol.layer, parent, pdir)
+        self._listings.pop(parent, None)
+        self._plain[ino] = False
+        self.dentries.add((parent, name))
+        return ino
+
+    def mknod(self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int) -> int:
+        if stat.S_IFMT(mode) == 0:
+            mode |= stat.S_IFREG
+        if stat.S_ISDIR(mode) or stat.S_ISLNK(mode):
+            raise FsError(errno.EINVAL)
+        return self._new_entry(parent, name, mode, uid, gid, rdev if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else 0)
+
+    def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> int:
+        return self._new_entry(parent, name, stat.S_IFDIR | (mode & 0o7777), uid, gid)
+
+    def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> int:
+        return self._new_entry(parent, name, stat.S_IFLNK | 0o777, uid, gid, target=target)
+
+    def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> int:
+        return self._new_entry(parent, name, stat.S_IFREG | (mode & 0o7777), uid, gid)
+
+    def link(self, ino: int, parent: int, name: bytes) -> int:
+        if len(name) > NAME_MAX:
+            raise FsError(errno.ENAMETOOLONG)
+        txn, vol, chain = self._begin()
+        with txn:
+            inode = self._inode(txn, ino, chain)
+            if stat.S_ISDIR(inode.mode):
+                raise FsError(errno.EPERM)
+            pdir = self._dir(txn, parent)
+            if self._child(txn, chain, parent, name) is not None:
+                raise FsError(errno.EEXIST)
+            now = time.time_ns()
+            inode = inode.copy()
+            inode.nlink += 1
+            inode.ctime_ns = now
+            self._put(txn, vol.layer, ino, inode)
+            self.index.put_dirent(txn, vol.layer, parent, name, ino)
+            pdir = pdir.copy()
+            pdir.mtime_ns = pdir.ctime_ns = now
+            self._put(txn, vol.layer, parent, pdir)
+        self._listings.pop(parent, None)
+        self.dentries.add((parent, name))
+        return ino
+
+    def unlink(self, parent: int, name: bytes) -> None:
+        self._remove(parent, name, want_dir=False)
+
+    def rmdir(self, parent: int, name: bytes) -> None:
+        self._remove(parent, name, want_dir=True)
+
+    def _remove(self, parent: int, name: bytes, want_dir: bool) -> None:
+        txn, vol, chain = self._begin()
+        with txn:
+            pdir = self._dir(txn, parent)
+            child = self._child(txn, chain, parent, name)
+            if child is None:
+                raise FsError(errno.ENOENT)
+            inode = self._inode(txn, child, chain)
+            is_dir = stat.S_ISDIR(inode.mode)
+            if want_dir and not is_dir:
+                raise FsError(errno.ENOTDIR)
+            if not want_dir and is_dir:
+                raise FsError(errno.EISDIR)
+            if is_dir and self._listing(txn, child):
+                raise FsError(errno.ENOTEMPTY)
+            now = time.time_ns()
+            self.index.put_dirent(txn, vol.layer, parent, name, 0)
+            inode = inode.copy()
+            inode.nlink = 0 if is_dir else inode.nlink - 1
+            inode.ctime_ns = now
+            self._put(txn, vol.layer, child, inode)
+            pdir = pdir.copy()
+            pdir.mtime_ns = pdir.ctime_ns = now
+            if is_dir:
+                pdir.nlink -= 1
+            self._put(txn, vol.layer, parent, pdir)
+        self._listings.pop(parent, None)
+        if inode.nlink == 0 and not self._lookups.get(child):
+            self._purge(child)
+
+    def rename(self, parent: int, name: bytes, newparent: int, newname: bytes, flags: int) -> None:
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
+            raise FsError(errno.EINVAL)
+        if len(newname) > NAME_MAX:
+            raise FsError(errno.ENAMETOOLONG)
+        txn, vol, chain = self._begin()
+        layer = vol.layer
+        victim = None
+        with txn:
+            src_dir = self._dir(txn, parent)
+            dst_dir = self._dir(txn, newparent)
+            src = self._child(txn, chain, parent, name)
+            if src is None:
+                raise FsError(errno.ENOENT)
+            dst = self._child(txn, chain, newparent, newname)
+            s = self._inode(txn, src, chain)
+            now = time.time_ns()
+            dirs = {parent: src_dir.copy(), newparent: dst_dir.copy()} if parent != newparent else {
+                parent: src_dir.copy()}
+            if flags & RENAME_EXCHANGE:
+                if dst is None:
+                    raise FsError(errno.ENOENT)
+                d = self._inode(txn, dst, chain)
+                self.index.put_dirent(txn, layer, parent, name, dst)
+                self.index.put_dirent(txn, layer, newparent, newname, src)
+                if parent != newparent and stat.S_ISDIR(s.mode) != stat.S_ISDIR(d.mode):
+                    moved = 1 if stat.S_ISDIR(s.mode) else -1
+                    dirs[parent].nlink -= moved
+                    dirs[newparent].nlink += moved
+                for ino, i in ((src, s), (dst, d)):
+                    i = i.copy()
+                    i.ctime_ns = now
+                    self._put(txn, layer, ino, i)
+            else:
+                if dst == src:
+                    return  # two names of one inode: POSIX says do nothing
+                if dst is not None:
+                    if flags & RENAME_NOREPLACE:
+                        raise FsError(errno.EEXIST)
+                    d = self._inode(txn, dst, chain)
+                    if stat.S_ISDIR(s.mode) and not stat.S_ISDIR(d.mode):
+                        raise FsError(errno.ENOTDIR)
+                    if not stat.S_ISDIR(s.mode) and stat.S_ISDIR(d.mode):
+                        raise FsError(errno.EISDIR)
+                    if stat.S_ISDIR(d.mode):
+                        if self._listing(txn, dst):
+                            raise FsError(errno.ENOTEMPTY)
+                        dirs[newparent].nlink -= 1
+                    d = d.copy()
+                    d.nlink = 0 if stat.S_ISDIR(d.mode) else d.nlink - 1
+                    d.ctime_ns = now
+                    self._put(txn, layer, dst, d)
+                    victim = (dst, d)
+                self.index.put_dirent(txn, layer, newparent, newname, src)
+                self.index.put_dirent(txn, layer, parent, name, 0)
+                if stat.S_ISDIR(s.mode) and parent != newparent:
+                    dirs[parent].nlink -= 1
+                    dirs[newparent].nlink += 1
+                s = s.copy()
+                s.ctime_ns = now
+                self._put(txn, layer, src, s)
+            for ino, i in dirs.items():
+                i.mtime_ns = i.ctime_ns = now
+                self._put(txn, layer, ino, i)
+        self._listings.pop(parent, None)
+        self._listings.pop(newparent, None)
+        self.dentries.add((newparent, newname))
+        if victim is not None and victim[1].nlink == 0 and not self._lookups.get(victim[0]):
+            self._purge(victim[0])
+
+    # -- attributes -------------------------------------------------------------------------
+
+    def _change(self, ino: int, fn: Any) -> Inode:
+        """Apply ``fn`` to a copy of the inode and record it in the active layer."""
+        txn, vol, chain = self._begin()
+        with txn:
+            inode = self._inode(txn, ino, chain).copy()
+            fn(inode)
+            inode.ctime_ns = time.time_ns()
+            self._put(txn, vol.layer, ino, inode)
+        return inode
+
+    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int) -> None:
+        def change(i: Inode) -> None:
+            if flags & XATTR_CREATE and name in i.xattrs:
+                raise FsError(errno.EEXIST)
+            if flags & XATTR_REPLACE and name not in i.xattrs:
+                raise FsError(errno.ENODATA)
+            i.xattrs[name] = value
+
+        self._change(ino, change)
+
+    def removexattr(self, ino: int, name: bytes) -> None:
+        def change(i: Inode) -> None:
+            if i.xattrs.pop(name, None) is None:
+                raise FsError(errno.ENODATA)
+
+        self._change(ino, change)
+
+    async def setattr(self, ino: int, valid: int, a: dict[str, int]) -> Attr:
+        if valid & SET_SIZE:
+            async with self._lock(ino):
+                with self.index.read() as txn:
+                    inode = self._inode(txn, ino)
+                if stat.S_ISDIR(inode.mode):
+                    raise FsError(errno.EISDIR)
+                if not stat.S_ISREG(inode.mode):
+                    raise FsError(errno.EINVAL)
+                await self._resize(ino, a["size"])
+        now = time.time_ns()
+
+        def change(i: Inode) -> None:
+            if valid & SET_MODE:
+                i.mode = stat.S_IFMT(i.mode) | (a["mode"] & 0o7777)
+            if valid & SET_UID:
+                i.uid = a["uid"]
+            if valid & SET_GID:
+                i.gid = a["gid"]
+            if valid & SET_ATIME_NOW:
+                i.atime_ns = now
+            elif valid & SET_ATIME:
+                i.atime_ns = a["atime_ns"]
+            if valid & SET_MTIME_NOW:
+                i.mtime_ns = now
+            elif valid & SET_MTIME:
+                i.mtime_ns = a["mtime_ns"]
+
+        if valid & ~SET_SIZE:
+            self._change(ino, change)
+        return self.getattr(ino)
+
+    # -- data ----------------------------------------------------------------------------------
+
+    def _lock(self, ino: int) -> trio.Lock:
+        lock = self._locks.get(ino)
+        if lock is None:
+            lock = self._locks[ino] = trio.Lock()
+        return lock
+
+    async def _old_block(self, ino: int, block: int) -> bytes:
+        """The current bytes of a whole block, from wherever they are."""
+        bs = self.block_size
+        with self.index.read() as txn:
+            chain = self._chain(txn)
+            src = "image" if self._is_plain(txn, chain, ino) else self._block_source(txn, chain, ino, block)
+        if src != "image":
+            return bytes(self._local(src, 0, bs))
+        assert self.base is not None
+        parts = await self.base.read(ino, block * bs, bs)
+        return b"".join(_padded(parts, bs))
+
+    async def write(self, ino: int, offset: int, data: bytes | memoryview) -> int:
+        if not data:
+            return 0
+        async with self._lock(ino):
+            with self.index.read() as txn:
+                inode = self._inode(txn, ino)
+            if not stat.S_ISREG(inode.mode):
+                raise FsError(errno.EINVAL)
+            if offset > inode.size and inode.size % self.block_size:
+                await self._zero_tail(ino, inode.size, offset)
+            await self._write_blocks(ino, offset, data)
+        return len(data)
+
+    async def _zero_tail(self, ino: int, size: int, upto: int) -> None:
+        """Zero [size, end of its block) before the file grows past ``size``: the block
+        may hold bytes a truncation cut off, which must read as zeros now."""
+        end = min(upto, (size // self.block_size + 1) * self.block_size)
+        if end > size:
+            await self._write_blocks(ino, size, bytes(end - size), grow=False)
+
+    async def _write_blocks(self, ino: int, offset: int, data: bytes | memoryview, grow: bool = True) -> None:
+        bs = self.block_size
+        end = offset + len(data)
+        first, last = offset // bs, (end - 1) // bs
+        partial = {b for b in (first, last) if max(offset, b * bs) > b * bs or min(end, (b + 1) * bs) < (b + 1) * bs}
+        with self.index.read() as txn:
+            layer = self.index.volume(txn, self.name).layer
+            need = [b for b in sorted(partial) if self.index.get_block(txn, layer, ino, b) in (None, (0, 0))]
+        old = {b: await self._old_block(ino, b) for b in need}
+        view = memoryview(data)
+        txn, vol, chain = self._begin()
+        with txn:
+            layer = vol.layer
+            for b in range(first, last + 1):
+                lo, hi = max(offset, b * bs), min(end, (b + 1) * bs)
+                piece = view[lo - offset : hi - offset]
+                loc = self.index.get_block(txn, layer, ino, b)
+                if loc is not None and loc[0]:
+                    self.files.overwrite(loc, lo - b * bs, piece)
+                    continue
+                if b not in partial:
+                    block: Any = piece
+                else:
+                    base = old.get(b)
+                    if base is None:  # owned before our transaction, frozen by a snapshot since: local
+                        src = self._block_source(txn, chain[1:], ino, b)
+                        base = bytes(self._local(src, 0, bs)) if src != "image" else bytes(bs)
+                    block = bytearray(base)
+                    block[lo - b * bs : hi - b * bs] = piece
+                self.index.put_block(txn, layer, ino, b, self.files.append(txn, block))
+            inode = self._inode(txn, ino, chain).copy()
+            now = time.time_ns()
+            if grow and end > inode.size:
+                inode.size = end
+            inode.mtime_ns = inode.ctime_ns = now
+            if inode.mode & (stat.S_ISUID | stat.S_ISGID):  # a write drops set-id bits, as on any Unix
+                inode.mode &= ~(stat.S_ISUID | (stat.S_ISGID if inode.mode & stat.S_IXGRP else 0))
+            self._put(txn, layer, ino, inode)
+        self._plain[ino] = False
+
+    async def _resize(self, ino: int, size: int) -> None:
+        with self.index.read() as txn:
+            old = self._inode(txn, ino).size
+        bs = self.block_size
+        if size > old and old % bs:
+            await self._zero_tail(ino, old, size)
+        txn, vol, chain = self._begin()
+        with txn:
+            inode = self._inode(txn, ino, chain).copy()
+            if size < inode.size:
+                gone = -(-size // bs)  # first block wholly past the new end
+                self.index.drop_blocks(txn, vol.layer, ino, gone)
+                inode.cut = gone if inode.cut < 0 else min(inode.cut, gone)
+            inode.size = size
+            inode.mtime_ns = inode.ctime_ns = time.time_ns()
+            self._put(txn, vol.layer, ino, inode)
+        self._plain[ino] = False
+
+    async def fallocate(self, ino: int, offset: int, length: int, mode: int) -> None:
+        if offset < 0 or length <= 0:
+            raise FsError(errno.EINVAL)
+        async with self._lock(ino):
+            with self.index.read() as txn:
+                inode = self._inode(txn, ino)
+            if not stat.S_ISREG(inode.mode):
+                raise FsError(errno.ENODEV if stat.S_ISDIR(inode.mode) else errno.EINVAL)
+            if mode == 0:  # reserve: nothing to reserve in a copy-on-write store; the size grows
+                if offset + length > inode.size:
+                    await self._resize(ino, offset + length)
+                return
+            if mode == FALLOC_FL_KEEP_SIZE:
+                return
+            if mode == FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE:
+                end = min(offset + length, inode.size)
+                if end > offset:
+                    await self._write_blocks(ino, offset, bytes(end - offset), grow=False)
+                return
+        raise FsError(errno.EOPNOTSUPP)
+
+    def fsync(self, ino: int) -> None:
+        """Durable against power loss, not only a crash: the blocks, then the index."""
+        self.files.sync()
+        self.index.sync()
+
+    # -- snapshots ------------------------------------------------------------------------------
+
+    def rolled_back(self) -> None:
+        """The index now shows another state: forget every cached view of the old one."""
+        self._inodes.clear()
+        self._listings.clear()
+        self._plain.clear()
+
+    def close(self) -> None:
+        self.files.close()
+
+
+def _padded(parts: list[Buffer], length: int) -> list[Buffer]:
+    """An image read clipped at the image file's end, padded with zeros to ``length``
+    (a volume file can be longer than the image's version of it)."""
+    got = sum(len(p) for p in parts)
+    return parts if got >= length else [*parts, bytes(length - got)]
