@@ -1,0 +1,362 @@
+"""Copy-on-write volumes on real FUSE mounts: writes over a lazy image, snapshots,
+rollback, clones, and what survives a daemon killed with SIGKILL."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import stat
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import run_cubefs
+
+
+class Volumes:
+    """One volume directory, one store, one cache: the CLI as a user drives it."""
+
+    def __init__(self, tmp: Path, store: str) -> None:
+        self.dir = tmp / "volumes"
+        self.store = store
+        self.cache = tmp / "cache"
+        self.tmp = tmp
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return run_cubefs(*args, "--volume-dir", str(self.dir), check=check)
+
+    def mount(self, name: str, mnt: Path | None = None) -> Path:
+        mnt = mnt or self.tmp / f"mnt-{name}"
+        mnt.mkdir(exist_ok=True)
+        run_cubefs("mount", "--volume", name, str(mnt), "--volume-dir", str(self.dir), "--cache-dir",
+                   str(self.cache), timeout=120)
+        assert os.path.ismount(mnt)
+        return mnt
+
+    def umount(self, mnt: Path) -> None:
+        res = run_cubefs("umount", str(mnt), check=False, timeout=60)
+        if res.returncode != 0 and os.path.ismount(mnt):
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.fixture
+def image(tmp_path: Path, local_store: str) -> Path:
+    """A small image with a big random file, a hard-linked pair and a subdirectory."""
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "big").write_bytes(os.urandom(300_000))
+    (src / "small").write_text("image text\n")
+    os.link(src / "small", src / "hl")
+    (src / "sub" / "f").write_text("in sub\n")
+    os.symlink("small", src / "link")
+    run_cubefs("build", str(src), "--tag", "base:1", "--store", local_store)
+    return src
+
+
+@pytest.fixture
+def vols(tmp_path: Path, local_store: str, image: Path) -> Volumes:
+    v = Volumes(tmp_path, local_store)
+    v.cli("volume", "create", "vol", "--from", "base:1", "--store", local_store)
+    return v
+
+
+def tree_state(root: Path) -> dict[str, tuple[object, ...]]:
+    """What a user would compare: every name's type, mode, owner, size, link count,
+    content hash, link target and xattrs."""
+    out: dict[str, tuple[object, ...]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            content: object = None
+            if stat.S_ISREG(st.st_mode):
+                content = hashlib.sha256(Path(p).read_bytes()).hexdigest()
+            elif stat.S_ISLNK(st.st_mode):
+                content = os.readlink(p)
+            xattrs = sorted((k, os.getxattr(p, k, follow_symlinks=False))
+                            for k in os.listxattr(p, follow_symlinks=False))
+            out[os.path.relpath(p, root)] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid,
+                                             st.st_gid, st.st_size if not stat.S_ISDIR(st.st_mode) else None,
+                                             st.st_nlink if not stat.S_ISDIR(st.st_mode) else None, content,
+                                             tuple(xattrs))
+    return out
+
+
+def test_writes_over_the_image_read_back_and_survive_a_remount(vols: Volumes, image: Path) -> None:
+    mnt = vols.mount("vol")
+    try:
+        assert (mnt / "big").read_bytes() == (image / "big").read_bytes()  # lazily from the image
+        expect = bytearray((image / "big").read_bytes())
+        with open(mnt / "big", "r+b") as f:  # a partial write into the middle of an image block
+            f.seek(100_000)
+            f.write(b"X" * 10)
+        expect[100_000:100_010] = b"X" * 10
+        assert (mnt / "big").read_bytes() == expect
+        os.truncate(mnt / "big", 70_000)  # shrink, then grow: the cut-off bytes must come back as zeros
+        os.truncate(mnt / "big", 200_000)
+        expect = expect[:70_000] + bytes(130_000)
+        assert (mnt / "big").read_bytes() == expect
+        with open(mnt / "small", "a") as f:  # O_APPEND on an image file, seen through its hard link
+            f.write("more\n")
+        assert (mnt / "hl").read_text() == "image text\nmore\n"
+        assert os.stat(mnt / "hl").st_nlink == 2
+        with open(mnt / "sparse", "wb") as f:  # a hole in the middle of a new file
+            f.write(b"head")
+            f.seek(5_000_000)
+            f.write(b"tail")
+        data = (mnt / "sparse").read_bytes()
+        assert len(data) == 5_000_004 and data[:4] == b"head" and data[-4:] == b"tail" and not any(data[4:-4])
+        os.rename(mnt / "sub" / "f", mnt / "g")
+        os.rmdir(mnt / "sub")
+        (mnt / "d" / "e").mkdir(parents=True)
+        os.rename(mnt / "d", mnt / "d2")  # a directory, with its subtree
+        (mnt / "d2" / "e" / "x").write_bytes(b"deep")
+        os.replace(mnt / "g", mnt / "small")  # rename over an existing file
+        os.chmod(mnt / "big", 0o600)
+        os.chown(mnt / "big", 1234, 5678)
+        os.utime(mnt / "big", ns=(1_000_000_000_123, 2_000_000_000_456))
+        os.setxattr(mnt / "big", "user.note", b"kept")
+        os.mkfifo(mnt / "fifo")
+        os.symlink("/etc/passwd", mnt / "abs")
+        st = os.statvfs(mnt)
+        assert st.f_bavail > 0 and st.f_namemax == 255
+        fd = os.open(mnt / "big", os.O_RDWR)
+        os.fsync(fd)
+        os.close(fd)
+        before = tree_state(mnt)
+        assert before["big"][1:4] == (0o600, 1234, 5678)
+        assert os.stat(mnt / "big").st_mtime_ns == 2_000_000_000_456
+        assert sorted(os.listdir(mnt)) == ["abs", "big", "d2", "fifo", "hl", "link", "small", "sparse"]
+    finally:
+        vols.umount(mnt)
+    mnt = vols.mount("vol")
+    try:
+        assert tree_state(mnt) == before
+        assert (mnt / "small").read_text() == "in sub\n"
+    finally:
+        vols.umount(mnt)
+
+
+def test_unlinked_file_stays_readable_while_open(vols: Volumes) -> None:
+    mnt = vols.mount("vol")
+    try:
+        with open(mnt / "tmp", "w+b") as f:
+            f.write(b"still here")
+            f.flush()
+            os.unlink(mnt / "tmp")
+            assert not (mnt / "tmp").exists()
+            f.seek(0)
+            assert f.read() == b"still here"
+            f.write(b" and more")
+            f.seek(0)
+            assert f.read() == b"still here and more"
+        with open(mnt / "big", "rb") as f:  # an image file, unlinked while open
+            head = f.read(1000)
+            os.unlink(mnt / "big")
+            f.seek(0)
+            assert f.read(1000) == head
+    finally:
+        vols.umount(mnt)
+
+
+def test_errors_match_what_posix_says(vols: Volumes) -> None:
+    mnt = vols.mount("vol")
+    try:
+        import errno
+
+        def err(fn: object, *a: object) -> int:
+            try:
+                fn(*a)  # type: ignore[operator]
+            except OSError as e:
+                return e.errno or 0
+            return 0
+
+        assert err(os.mkdir, mnt / "sub") == errno.EEXIST
+        assert err(os.rmdir, mnt / "sub") == errno.ENOTEMPTY
+        assert err(os.rmdir, mnt / "small") == errno.ENOTDIR
+        assert err(os.unlink, mnt / "sub") == errno.EISDIR
+        assert err(os.unlink, mnt / "nope") == errno.ENOENT
+        assert err(os.link, mnt / "sub", mnt / "sub2") == errno.EPERM
+        assert err(os.rename, mnt / "small", mnt / "sub") == errno.EISDIR
+        assert err(os.rename, mnt / "sub", mnt / "small") == errno.ENOTDIR
+        assert err(os.open, mnt / ("n" * 256), os.O_CREAT | os.O_WRONLY) == errno.ENAMETOOLONG
+        assert err(os.getxattr, mnt / "small", "user.none") == errno.ENODATA
+        assert err(os.rename, mnt / "sub", mnt / "sub" / "inside") == errno.EINVAL
+    finally:
+        vols.umount(mnt)
+
+
+def test_snapshot_during_writes_then_rollback_shows_exactly_the_snapshot(vols: Volumes) -> None:
+    """A writer creates numbered files (each written in many pieces) while a snapshot is
+    taken from another process; a clone of the snapshot and the rolled-back volume must
+    show the same tree, and it must be a state the writer passed through."""
+    mnt = vols.mount("vol")
+    stop = threading.Event()
+    piece = os.urandom(64 * 1024)
+
+    def writer() -> None:
+        i = 0
+        while not stop.is_set():
+            with open(mnt / f"w{i:05d}", "wb") as f:
+                for _ in range(8):
+                    f.write(piece)
+            i += 1
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        time.sleep(1.0)
+        vols.cli("snapshot", "vol", "--name", "mid")
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        t.join()
+    try:
+        vols.cli("clone", "vol@mid", "--count", "1", "--prefix", "check")
+        check = vols.mount("check-0")
+        try:
+            expected = tree_state(check)
+        finally:
+            vols.umount(check)
+        written = sorted(n for n in expected if n.startswith("w"))
+        assert written, "the snapshot caught no writes"
+        full = hashlib.sha256(piece * 8).hexdigest()
+        # Every file but the last is complete; the last is whole pieces of one.
+        assert all(expected[n][6] == full for n in written[:-1])
+        assert expected[written[-1]][4] % len(piece) == 0
+        assert len(tree_state(mnt)) > len(expected)  # the volume went on past the snapshot
+        res = json.loads(vols.cli("rollback", "vol", "mid", "--json").stdout)
+        assert res["seconds"] < 1.0
+        assert tree_state(mnt) == expected  # through the same mount: the kernel's caches were dropped
+    finally:
+        vols.umount(mnt)
+
+
+def test_open_file_across_a_rollback(vols: Volumes) -> None:
+    """Open files keep their inode: it reads the snapshot's version of the file; a file
+    created after the snapshot is gone (ENOENT)."""
+    mnt = vols.mount("vol")
+    try:
+        (mnt / "kept").write_bytes(b"version 1")
+        vols.cli("snapshot", "vol", "--name", "s")
+        (mnt / "kept").write_bytes(b"version 2, longer")
+        f = open(mnt / "kept", "rb")
+        g = open(mnt / "later", "w+b")
+        g.write(b"new")
+        g.flush()
+        assert f.read() == b"version 2, longer"
+        vols.cli("rollback", "vol", "s")
+        f.seek(0)
+        assert f.read() == b"version 1"
+        with pytest.raises(OSError) as e:
+            g.seek(0)
+            g.read()
+            os.fstat(g.fileno())
+        assert e.value.errno in (2, 116)  # ENOENT or ESTALE
+        f.close()
+        g.close()
+        assert not (mnt / "later").exists()
+    finally:
+        vols.umount(mnt)
+
+
+def test_a_hundred_clones_diverge_independently(vols: Volumes) -> None:
+    mnt = vols.mount("vol")
+    try:
+        (mnt / "state").write_text("base")
+        vols.cli("snapshot", "vol", "--name", "s")
+    finally:
+        vols.umount(mnt)
+    res = json.loads(vols.cli("clone", "vol@s", "--count", "100", "--prefix", "c", "--json").stdout)
+    assert len(res["volumes"]) == 100 and res["seconds"] < 1.0
+    listed = {v["name"] for v in json.loads(vols.cli("volume", "list", "--json").stdout)}
+    assert {f"c-{i}" for i in range(100)} <= listed
+    mounts = [vols.mount(f"c-{i}") for i in (0, 42, 99)]  # mounted at once
+    try:
+        for i, m in zip((0, 42, 99), mounts):
+            assert (m / "state").read_text() == "base"
+            (m / "state").write_text(f"clone {i}")
+            (m / f"only-{i}").write_text("x")
+        for i, m in zip((0, 42, 99), mounts):
+            assert (m / "state").read_text() == f"clone {i}"
+            assert sorted(p.name for p in m.glob("only-*")) == [f"only-{i}"]
+    finally:
+        for m in mounts:
+            vols.umount(m)
+    mnt = vols.mount("vol")  # the source volume never saw any of it
+    try:
+        assert (mnt / "state").read_text() == "base" and not list(mnt.glob("only-*"))
+    finally:
+        vols.umount(mnt)
+
+
+def test_sigkill_loses_nothing_fsynced_or_snapshotted(vols: Volumes) -> None:
+    mnt = vols.mount("vol")
+    pid = json.loads(run_cubefs("stats", str(mnt), "--json").stdout)["pid"]
+    data = os.urandom(3_000_000)
+    with open(mnt / "synced", "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    (mnt / "snapped").write_text("in the snapshot")
+    vols.cli("snapshot", "vol", "--name", "before-kill")
+    (mnt / "after").write_text("written, not synced")
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(0.5)
+    vols.umount(mnt)
+    assert not os.path.ismount(mnt)
+    mnt = vols.mount("vol")  # the lock died with the daemon
+    try:
+        assert (mnt / "synced").read_bytes() == data
+        assert (mnt / "snapped").read_text() == "in the snapshot"
+        # Every completed operation is committed, synced or not: a killed process loses none.
+        assert (mnt / "after").read_text() == "written, not synced"
+        tree_state(mnt)  # every name resolves and every file reads
+    finally:
+        vols.umount(mnt)
+    snaps = [s["snapshot"] for s in json.loads(vols.cli("snapshots", "vol", "--json").stdout)]
+    assert snaps == ["before-kill"]
+
+
+def test_volume_commands_fail_clearly(vols: Volumes, local_store: str) -> None:
+    res = vols.cli("volume", "create", "x", "--from", "nope:1", "--store", local_store, check=False)
+    assert res.returncode == 3 and "nope:1 not found" in res.stderr
+    res = vols.cli("volume", "create", "vol", "--from", "base:1", "--store", local_store, check=False)
+    assert res.returncode == 2 and "already exists" in res.stderr
+    res = vols.cli("volume", "create", "../evil", check=False)
+    assert res.returncode == 2 and "invalid volume" in res.stderr
+    res = vols.cli("rollback", "vol", "never", check=False)
+    assert res.returncode == 3 and "no snapshot never" in res.stderr
+    res = vols.cli("clone", "vol", "--prefix", "p", check=False)
+    assert res.returncode == 2 and "VOLUME@SNAPSHOT" in res.stderr
+    mnt = vols.mount("vol")
+    try:
+        other = vols.tmp / "other"
+        other.mkdir()
+        res = run_cubefs("mount", "--volume", "vol", str(other), "--volume-dir", str(vols.dir), "--cache-dir",
+                         str(vols.cache), check=False)
+        assert res.returncode != 0 and f"already mounted at {mnt}" in res.stderr
+        res = vols.cli("volume", "rm", "vol", check=False)
+        assert res.returncode == 2 and "unmount it first" in res.stderr
+    finally:
+        vols.umount(mnt)
+    res = run_cubefs("mount", "--volume", "ghost", str(mnt), "--volume-dir", str(vols.dir), check=False)
+    assert res.returncode == 3 and "volume ghost not found" in res.stderr
+
+
+def test_empty_volume(tmp_path: Path) -> None:
+    v = Volumes(tmp_path, "")
+    v.cli("volume", "create", "blank")
+    mnt = v.mount("blank")
+    try:
+        assert os.listdir(mnt) == []
+        (mnt / "a").write_text("first file")
+        assert os.stat(mnt).st_nlink == 2
+        (mnt / "dir").mkdir()
+        assert os.stat(mnt).st_nlink == 3
+    finally:
+        v.umount(mnt)
