@@ -40,19 +40,20 @@ class DataFiles:
             self._fds[file_id] = fd
         return fd
 
-    def append(self, txn: lmdb.Transaction, block: bytes | bytearray | memoryview) -> tuple[int, int]:
-        """Write a new block (exactly ``block_size`` bytes); its (file, offset)."""
+    def append(self, txn: lmdb.Transaction, blocks: list[bytes | bytearray | memoryview]) -> list[tuple[int, int]]:
+        """Write new blocks (``block_size`` bytes each) with one system call; their (file, offset)s."""
         if not self._current or self._end >= ROLL_AT:
             self._current = self.index.next_data_file(txn)
             self._end = 0
-        loc = (self._current, self._end)
-        n = os.pwrite(self._fd(self._current), block, self._end)
-        if n != len(block):
+        start = self._end
+        size = sum(len(b) for b in blocks)
+        n = os.pwritev(self._fd(self._current), blocks, start)
+        if n != size:
             raise OSError(f"short write to {self.index.data_path(self._current)}")
-        self._end += len(block)
+        self._end += size
         self._dirty.add(self._current)
-        self.written_bytes += len(block)
-        return loc
+        self.written_bytes += size
+        return [(self._current, start + i * self.block_size) for i in range(len(blocks))]
 
     def overwrite(self, loc: tuple[int, int], within: int, data: bytes | memoryview) -> None:
         n = os.pwrite(self._fd(loc[0]), data, loc[1] + within)

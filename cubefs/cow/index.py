@@ -31,7 +31,7 @@ import os
 import struct
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import lmdb
@@ -161,6 +161,7 @@ class VolumeIndex:
                 raise FormatVersionError(f"volume index {directory} has version {v.decode(errors='replace')}, "
                                          f"this cubefs reads version {VERSION}")
         self._chains: dict[int, tuple[int, ...]] = {}
+        self._volumes: dict[str, tuple[bytes, Volume]] = {}
 
     def close(self) -> None:
         self.env.close()
@@ -214,10 +215,17 @@ class VolumeIndex:
         return chain
 
     def volume(self, txn: lmdb.Transaction, name: str) -> Volume:
+        """The volume's record as of ``txn``.  Decoded once per version (every operation
+        reads it): the answer is shared, so change a ``replace``d copy, never it."""
         raw = txn.get(name.encode(), db=self.db["volumes"])
         if raw is None:
             raise NotFoundError(f"volume {name} not found in {self.directory}")
-        return Volume.decode(name, raw)
+        memo = self._volumes.get(name)
+        if memo is not None and memo[0] == raw:
+            return memo[1]
+        vol = Volume.decode(name, raw)
+        self._volumes[name] = (bytes(raw), vol)
+        return vol
 
     def put_volume(self, txn: lmdb.Transaction, vol: Volume) -> None:
         txn.put(vol.name.encode(), vol.encode(), db=self.db["volumes"])
@@ -256,7 +264,7 @@ class VolumeIndex:
             info = self.layer_info(txn, frozen)
             info["frozen"] = True
             self._set_layer(txn, frozen, info)
-            vol.layer = self._new_layer(txn, frozen)
+            vol = replace(vol, layer=self._new_layer(txn, frozen))
             self.put_volume(txn, vol)
             s = Snapshot(name, snap, frozen, vol.next_ino, time.time_ns())
             txn.put(key, msgpack.packb({"layer": s.layer, "next_ino": s.next_ino, "created_ns": s.created_ns}),
@@ -289,8 +297,7 @@ class VolumeIndex:
         with self.write() as txn:
             vol = self.volume(txn, name)
             s = self.get_snapshot(txn, name, snap)
-            vol.layer = self._new_layer(txn, s.layer)
-            vol.next_ino = max(vol.next_ino, s.next_ino)
+            vol = replace(vol, layer=self._new_layer(txn, s.layer), next_ino=max(vol.next_ino, s.next_ino))
             self.put_volume(txn, vol)
         return vol.layer
 

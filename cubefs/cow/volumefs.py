@@ -30,6 +30,7 @@ import os
 import stat
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import lmdb
@@ -354,7 +355,7 @@ class VolumeFS:
                 if stat.S_ISDIR(mode):
                     mode |= stat.S_ISGID
             ino = vol.next_ino
-            vol.next_ino += 1
+            vol = replace(vol, next_ino=ino + 1)
             self.index.put_volume(txn, vol)
             is_dir = stat.S_ISDIR(mode)
             inode = Inode(mode, uid, gid, now, now, now, len(target) if target else 0, 2 if is_dir else 1, rdev,
@@ -546,16 +547,25 @@ class VolumeFS:
 
         self._change(ino, change)
 
+    def setattr_now(self, ino: int, valid: int, a: dict[str, int]) -> Attr | None:
+        """The change made without waiting, or None: a size change must wait for the
+        inode's lock or fetch a block of the image (use :meth:`setattr`)."""
+        if valid & SET_SIZE:
+            if self._lock(ino).locked():
+                return None
+            try:
+                self._resize(ino, a["size"], {})
+            except _NeedImage:
+                return None
+        return self._set_fields(ino, valid, a)
+
     async def setattr(self, ino: int, valid: int, a: dict[str, int]) -> Attr:
         if valid & SET_SIZE:
             async with self._lock(ino):
-                with self.index.read() as txn:
-                    inode = self._inode(txn, ino)
-                if stat.S_ISDIR(inode.mode):
-                    raise FsError(errno.EISDIR)
-                if not stat.S_ISREG(inode.mode):
-                    raise FsError(errno.EINVAL)
-                await self._resize(ino, a["size"])
+                await self._retrying(ino, lambda old: self._resize(ino, a["size"], old))
+        return self._set_fields(ino, valid, a)
+
+    def _set_fields(self, ino: int, valid: int, a: dict[str, int]) -> Attr:
         now = time.time_ns()
 
         def change(i: Inode) -> None:
@@ -579,6 +589,11 @@ class VolumeFS:
         return self.getattr(ino)
 
     # -- data ----------------------------------------------------------------------------------
+    #
+    # Every data change is one synchronous transaction (``_write``, ``_resize``) given
+    # the image blocks it needs, ``old``; when it finds it needs one it lacks it raises
+    # _NeedImage before changing anything, and the caller fetches that block (without
+    # a transaction) and tries again.  Most writes need none and complete at once.
 
     def _lock(self, ino: int) -> trio.Lock:
         lock = self._locks.get(ino)
@@ -586,88 +601,116 @@ class VolumeFS:
             lock = self._locks[ino] = trio.Lock()
         return lock
 
-    async def _old_block(self, ino: int, block: int) -> bytes:
-        """The current bytes of a whole block, from wherever they are."""
-        bs = self.block_size
-        with self.index.read() as txn:
-            chain = self._chain(txn)
-            src = "image" if self._is_plain(txn, chain, ino) else self._block_source(txn, chain, ino, block)
-        if src != "image":
-            return bytes(self._local(src, 0, bs))
-        assert self.base is not None
-        parts = await self.base.read(ino, block * bs, bs)
-        return b"".join(_padded(parts, bs))
+    async def _retrying(self, ino: int, change: Any) -> Any:
+        old: dict[int, bytes] = {}
+        while True:
+            try:
+                return change(old)
+            except _NeedImage as need:
+                assert self.base is not None
+                bs = self.block_size
+                old[need.block] = b"".join(_padded(await self.base.read(ino, need.block * bs, bs), bs))
+
+    def write_now(self, ino: int, offset: int, data: bytes | memoryview) -> int | None:
+        """The write done without waiting, or None (see :meth:`setattr_now`)."""
+        if self._lock(ino).locked():
+            return None
+        try:
+            return self._write(ino, offset, data, {})
+        except _NeedImage:
+            return None
 
     async def write(self, ino: int, offset: int, data: bytes | memoryview) -> int:
+        async with self._lock(ino):
+            return int(await self._retrying(ino, lambda old: self._write(ino, offset, data, old)))
+
+    def _write(self, ino: int, offset: int, data: bytes | memoryview, old: dict[int, bytes]) -> int:
         if not data:
             return 0
-        async with self._lock(ino):
-            with self.index.read() as txn:
-                inode = self._inode(txn, ino)
+        txn, vol, chain = self._begin()
+        with txn:
+            inode = self._inode(txn, ino, chain)
             if not stat.S_ISREG(inode.mode):
                 raise FsError(errno.EINVAL)
-            if offset > inode.size and inode.size % self.block_size:
-                await self._zero_tail(ino, inode.size, offset)
-            await self._write_blocks(ino, offset, data)
-        return len(data)
-
-    async def _zero_tail(self, ino: int, size: int, upto: int) -> None:
-        """Zero [size, end of its block) before the file grows past ``size``: the block
-        may hold bytes a truncation cut off, which must read as zeros now."""
-        end = min(upto, (size // self.block_size + 1) * self.block_size)
-        if end > size:
-            await self._write_blocks(ino, size, bytes(end - size), grow=False)
-
-    async def _write_blocks(self, ino: int, offset: int, data: bytes | memoryview, grow: bool = True) -> None:
-        bs = self.block_size
-        end = offset + len(data)
-        first, last = offset // bs, (end - 1) // bs
-        partial = {b for b in (first, last) if max(offset, b * bs) > b * bs or min(end, (b + 1) * bs) < (b + 1) * bs}
-        with self.index.read() as txn:
-            layer = self.index.volume(txn, self.name).layer
-            need = [b for b in sorted(partial) if self.index.get_block(txn, layer, ino, b) in (None, (0, 0))]
-        old = {b: await self._old_block(ino, b) for b in need}
-        view = memoryview(data)
-        txn, vol, chain = self._begin()
-        with txn:
-            layer = vol.layer
-            for b in range(first, last + 1):
-                lo, hi = max(offset, b * bs), min(end, (b + 1) * bs)
-                piece = view[lo - offset : hi - offset]
-                loc = self.index.get_block(txn, layer, ino, b)
-                if loc is not None and loc[0]:
-                    self.files.overwrite(loc, lo - b * bs, piece)
-                    continue
-                if b not in partial:
-                    block: Any = piece
-                else:
-                    base = old.get(b)
-                    if base is None:  # owned before our transaction, frozen by a snapshot since: local
-                        src = self._block_source(txn, chain[1:], ino, b)
-                        base = bytes(self._local(src, 0, bs)) if src != "image" else bytes(bs)
-                    block = bytearray(base)
-                    block[lo - b * bs : hi - b * bs] = piece
-                self.index.put_block(txn, layer, ino, b, self.files.append(txn, block))
-            inode = self._inode(txn, ino, chain).copy()
-            now = time.time_ns()
-            if grow and end > inode.size:
-                inode.size = end
-            inode.mtime_ns = inode.ctime_ns = now
+            pieces = [*self._tail_zeros(inode.size, offset), (offset, data)]
+            self._check_old(txn, vol.layer, chain, ino, pieces, old)
+            for off, piece in pieces:
+                self._put_range(txn, vol.layer, chain, ino, off, piece, old)
+            inode = inode.copy()
+            inode.size = max(inode.size, offset + len(data))
+            inode.mtime_ns = inode.ctime_ns = time.time_ns()
             if inode.mode & (stat.S_ISUID | stat.S_ISGID):  # a write drops set-id bits, as on any Unix
                 inode.mode &= ~(stat.S_ISUID | (stat.S_ISGID if inode.mode & stat.S_IXGRP else 0))
-            self._put(txn, layer, ino, inode)
+            self._put(txn, vol.layer, ino, inode)
         self._plain[ino] = False
+        return len(data)
 
-    async def _resize(self, ino: int, size: int) -> None:
-        with self.index.read() as txn:
-            old = self._inode(txn, ino).size
+    def _tail_zeros(self, size: int, upto: int) -> list[tuple[int, bytes]]:
+        """Zeros for [size, end of its block) before a file grows past ``size`` to ``upto``:
+        the block may hold bytes a truncation cut off, which must read as zeros now."""
+        end = min(upto, (size // self.block_size + 1) * self.block_size)
+        return [(size, bytes(end - size))] if end > size and size % self.block_size else []
+
+    def _partial_blocks(self, offset: int, length: int) -> list[int]:
         bs = self.block_size
-        if size > old and old % bs:
-            await self._zero_tail(ino, old, size)
+        end = offset + length
+        return [b for b in {offset // bs, (end - 1) // bs}
+                if max(offset, b * bs) > b * bs or min(end, (b + 1) * bs) < (b + 1) * bs]
+
+    def _check_old(self, txn: lmdb.Transaction, layer: int, chain: tuple[int, ...], ino: int,
+                   pieces: list[tuple[int, bytes | memoryview]], old: dict[int, bytes]) -> None:
+        """Raise _NeedImage for the first image block a partial write needs and ``old`` lacks."""
+        for off, piece in pieces:
+            for b in self._partial_blocks(off, len(piece)):
+                if b in old:
+                    continue
+                loc = self.index.get_block(txn, layer, ino, b)
+                if (loc is None or not loc[0]) and self._block_source(txn, chain, ino, b) == "image":
+                    raise _NeedImage(b)
+
+    def _put_range(self, txn: lmdb.Transaction, layer: int, chain: tuple[int, ...], ino: int, offset: int,
+                   data: bytes | memoryview, old: dict[int, bytes]) -> None:
+        """Write ``data`` at ``offset``: in place into blocks the active layer owns, as new
+        blocks (copied from the old ones where only partly written) into the others."""
+        bs = self.block_size
+        view = memoryview(data)
+        end = offset + len(data)
+        partial = self._partial_blocks(offset, len(data))
+        new: list[tuple[int, Any]] = []  # blocks to append, written together
+        for b in range(offset // bs, (end - 1) // bs + 1):
+            lo, hi = max(offset, b * bs), min(end, (b + 1) * bs)
+            piece = view[lo - offset : hi - offset]
+            loc = self.index.get_block(txn, layer, ino, b)
+            if loc is not None and loc[0]:
+                self.files.overwrite(loc, lo - b * bs, piece)
+                continue
+            block: Any = piece
+            if b in partial:
+                base = old.get(b)
+                if base is None:
+                    src = self._block_source(txn, chain, ino, b)
+                    base = bytes(self._local(src, 0, bs)) if src != "image" else bytes(bs)
+                block = bytearray(base)
+                block[lo - b * bs : hi - b * bs] = piece
+            new.append((b, block))
+        if new:
+            for (b, _), loc in zip(new, self.files.append(txn, [blk for _, blk in new])):
+                self.index.put_block(txn, layer, ino, b, loc)
+
+    def _resize(self, ino: int, size: int, old: dict[int, bytes]) -> None:
+        bs = self.block_size
         txn, vol, chain = self._begin()
         with txn:
-            inode = self._inode(txn, ino, chain).copy()
-            if size < inode.size:
+            inode = self._inode(txn, ino, chain)
+            if not stat.S_ISREG(inode.mode):
+                raise FsError(errno.EISDIR if stat.S_ISDIR(inode.mode) else errno.EINVAL)
+            inode = inode.copy()
+            if size > inode.size:
+                pieces: list[tuple[int, bytes | memoryview]] = list(self._tail_zeros(inode.size, size))
+                self._check_old(txn, vol.layer, chain, ino, pieces, old)
+                for off, piece in pieces:
+                    self._put_range(txn, vol.layer, chain, ino, off, piece, old)
+            elif size < inode.size:
                 gone = -(-size // bs)  # first block wholly past the new end
                 self.index.drop_blocks(txn, vol.layer, ino, gone)
                 inode.cut = gone if inode.cut < 0 else min(inode.cut, gone)
@@ -686,16 +729,27 @@ class VolumeFS:
                 raise FsError(errno.ENODEV if stat.S_ISDIR(inode.mode) else errno.EINVAL)
             if mode == 0:  # reserve: nothing to reserve in a copy-on-write store; the size grows
                 if offset + length > inode.size:
-                    await self._resize(ino, offset + length)
+                    await self._retrying(ino, lambda old: self._resize(ino, offset + length, old))
                 return
             if mode == FALLOC_FL_KEEP_SIZE:
                 return
             if mode == FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE:
                 end = min(offset + length, inode.size)
                 if end > offset:
-                    await self._write_blocks(ino, offset, bytes(end - offset), grow=False)
+                    zeros = bytes(end - offset)
+                    await self._retrying(ino, lambda old: self._punch(ino, offset, zeros, old))
                 return
         raise FsError(errno.EOPNOTSUPP)
+
+    def _punch(self, ino: int, offset: int, zeros: bytes, old: dict[int, bytes]) -> None:
+        txn, vol, chain = self._begin()
+        with txn:
+            self._check_old(txn, vol.layer, chain, ino, [(offset, zeros)], old)
+            self._put_range(txn, vol.layer, chain, ino, offset, zeros, old)
+            inode = self._inode(txn, ino, chain).copy()
+            inode.mtime_ns = inode.ctime_ns = time.time_ns()
+            self._put(txn, vol.layer, ino, inode)
+        self._plain[ino] = False
 
     def fsync(self, ino: int) -> None:
         """Durable against power loss, not only a crash: the blocks, then the index."""
@@ -712,6 +766,14 @@ class VolumeFS:
 
     def close(self) -> None:
         self.files.close()
+
+
+class _NeedImage(Exception):
+    """A partial write needs this block of the image, which must be fetched first."""
+
+    def __init__(self, block: int) -> None:
+        super().__init__(block)
+        self.block = block
 
 
 def _padded(parts: list[Buffer], length: int) -> list[Buffer]:

@@ -193,7 +193,7 @@ class KernelSession:
                     if err.errno == errno.ENODEV:  # unmounted
                         break
                     raise
-                out = server.handle(bytes(view[:n]))
+                out = server.handle(view[:n])  # valid until the next read: see FuseServer.handle
                 if isinstance(out, bytes | list):
                     self._send(out)
                 elif out is not None:
