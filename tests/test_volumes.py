@@ -360,3 +360,132 @@ def test_empty_volume(tmp_path: Path) -> None:
         assert os.stat(mnt).st_nlink == 3
     finally:
         v.umount(mnt)
+
+
+def test_posix_sweep_matches_ext4(vols: Volumes, tmp_path: Path) -> None:
+    """The same ~130 operations, on the volume and on a local ext4 directory: the same
+    results and the same errno values, line for line (tests/posix_sweep.py)."""
+    from posix_sweep import sweep
+
+    native = tmp_path / "native"
+    native.mkdir()
+    assert subprocess.run(["stat", "-f", "-c", "%T", str(native)], capture_output=True,
+                          text=True).stdout.strip() in ("ext2/ext3", "ext4")
+    cwd = os.getcwd()
+    mnt = vols.mount("vol")
+    try:
+        (mnt / "sweep").mkdir()
+        on_ext4 = sweep(str(native))
+        on_volume = sweep(str(mnt / "sweep"))
+    finally:
+        os.chdir(cwd)
+        vols.umount(mnt)
+    assert len(on_ext4) > 120
+    assert [(a, b) for a, b in zip(on_ext4, on_volume) if a != b] == []
+    assert len(on_volume) == len(on_ext4)
+
+
+def _make_deb(tmp: Path) -> Path:
+    pkg = tmp / "pkg"
+    (pkg / "DEBIAN").mkdir(parents=True)
+    (pkg / "usr" / "share" / "cubefs-demo").mkdir(parents=True)
+    (pkg / "usr" / "bin").mkdir(parents=True)
+    (pkg / "DEBIAN" / "control").write_text(
+        "Package: cubefs-demo\nVersion: 1.0\nArchitecture: all\nMaintainer: cubefs <dev@cubefs.invalid>\n"
+        "Description: a package the volume tests install\n")
+    postinst = pkg / "DEBIAN" / "postinst"
+    postinst.write_text("#!/bin/sh\nset -e\necho installed > /var/lib/cubefs-demo.state\n")
+    postinst.chmod(0o755)
+    for i in range(40):
+        (pkg / "usr" / "share" / "cubefs-demo" / f"f{i}").write_bytes(os.urandom(20_000))
+    tool = pkg / "usr" / "bin" / "cubefs-demo"
+    tool.write_text("#!/bin/sh\necho demo ran\n")
+    tool.chmod(0o755)
+    deb = tmp / "cubefs-demo.deb"
+    subprocess.run(["dpkg-deb", "--build", "--root-owner-group", str(pkg), str(deb)], check=True,
+                   capture_output=True)
+    return deb
+
+
+def test_real_workloads_on_a_debian_volume(rootfs: Path, tmp_path: Path, local_store: str) -> None:
+    """apt-get installs a local .deb (dpkg: renames, fsyncs, hard links), git commits and
+    gcs, SQLite takes concurrent writes in WAL and rollback-journal modes, tar unpacks
+    a big tarball; afterwards everything checks out, and still does after a remount."""
+    import sqlite3
+
+    run_cubefs("build", str(rootfs), "--tag", "debian:12", "--store", local_store, timeout=600)
+    vols = Volumes(tmp_path, local_store)
+    vols.cli("volume", "create", "deb", "--from", "debian:12", "--store", local_store)
+    deb = _make_deb(tmp_path)
+    tarball = tmp_path / "usr-lib.tar"
+    subprocess.run(["tar", "-cf", str(tarball), "-C", str(rootfs), "usr/lib"], check=True)
+    mnt = vols.mount("deb")
+    try:
+        (mnt / "tmp" / deb.name).write_bytes(deb.read_bytes())
+        res = subprocess.run(["chroot", str(mnt), "apt-get", "install", "-y", f"/tmp/{deb.name}"],
+                             capture_output=True, text=True, timeout=300,
+                             env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "DEBIAN_FRONTEND": "noninteractive"})
+        assert res.returncode == 0, res.stdout + res.stderr
+        for check in (["dpkg", "--verify", "cubefs-demo"], ["dpkg", "--audit"]):
+            res = subprocess.run(["chroot", str(mnt), *check], capture_output=True, text=True)
+            assert res.returncode == 0 and res.stdout == "", res.stdout + res.stderr
+        assert subprocess.run(["chroot", str(mnt), "cubefs-demo"], capture_output=True,
+                              text=True).stdout == "demo ran\n"
+        assert (mnt / "var" / "lib" / "cubefs-demo.state").read_text() == "installed\n"
+
+        repo = mnt / "root" / "repo"
+        git = ["git", "-C", str(repo), "-c", "user.email=t@cubefs.invalid", "-c", "user.name=t"]
+        subprocess.run(["git", "init", "-q", str(repo)], check=True)
+        subprocess.run(["cp", "-r", str(Path(__file__).parent), str(repo / "tests")], check=True)
+        subprocess.run([*git, "add", "-A"], check=True)
+        subprocess.run([*git, "commit", "-qm", "first"], check=True)
+        for i in range(5):
+            with open(repo / "tests" / "conftest.py", "a") as f:
+                f.write(f"# change {i}\n")
+            subprocess.run([*git, "commit", "-qam", f"change {i}"], check=True)
+        subprocess.run([*git, "gc", "-q"], check=True)
+        subprocess.run([*git, "fsck", "--full", "--strict"], check=True, capture_output=True)
+        log = subprocess.run([*git, "log", "--oneline"], capture_output=True, text=True, check=True).stdout
+        assert len(log.splitlines()) == 6
+
+        for mode in ("wal", "delete"):
+            db = mnt / "root" / f"load-{mode}.db"
+            con = sqlite3.connect(db)
+            con.execute(f"pragma journal_mode={mode}")
+            con.execute("create table t(id integer primary key, who int, v blob)")
+            con.commit()
+            con.close()
+
+            def load(who: int, db: Path = db) -> None:
+                c = sqlite3.connect(db, timeout=60)
+                for _ in range(60):
+                    with c:
+                        c.execute("insert into t(who, v) values (?, ?)", (who, os.urandom(300)))
+                c.close()
+
+            threads = [threading.Thread(target=load, args=(w,)) for w in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            con = sqlite3.connect(db)
+            assert con.execute("pragma integrity_check").fetchone() == ("ok",)
+            assert con.execute("select who, count(*) from t group by who").fetchall() == [(w, 60) for w in range(4)]
+            con.close()
+
+        native = tmp_path / "native-untar"
+        native.mkdir()
+        subprocess.run(["tar", "-xf", str(tarball), "-C", str(native)], check=True)
+        (mnt / "root" / "untar").mkdir()
+        subprocess.run(["tar", "-xf", str(tarball), "-C", str(mnt / "root" / "untar")], check=True)
+        assert tree_state(mnt / "root" / "untar") == tree_state(native)
+        before = tree_state(mnt / "root")
+    finally:
+        vols.umount(mnt)
+    mnt = vols.mount("deb")
+    try:
+        assert tree_state(mnt / "root") == before
+        res = subprocess.run(["chroot", str(mnt), "dpkg", "--verify", "cubefs-demo"], capture_output=True, text=True)
+        assert res.returncode == 0 and res.stdout == ""
+    finally:
+        vols.umount(mnt)

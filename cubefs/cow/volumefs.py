@@ -639,8 +639,8 @@ class VolumeFS:
             inode = inode.copy()
             inode.size = max(inode.size, offset + len(data))
             inode.mtime_ns = inode.ctime_ns = time.time_ns()
-            if inode.mode & (stat.S_ISUID | stat.S_ISGID):  # a write drops set-id bits, as on any Unix
-                inode.mode &= ~(stat.S_ISUID | (stat.S_ISGID if inode.mode & stat.S_IXGRP else 0))
+            # Set-id bits are the kernel's business: it clears them with a SETATTR when the
+            # writer lacks CAP_FSETID, and keeps them for root, as ext4 does.
             self._put(txn, vol.layer, ino, inode)
         self._plain[ino] = False
         return len(data)

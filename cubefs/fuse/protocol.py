@@ -112,7 +112,7 @@ FORGET_IN = struct.Struct("<Q")  # nlookup
 BATCH_FORGET_IN = struct.Struct("<II")  # count dummy; then count x FORGET_ONE
 FORGET_ONE = struct.Struct("<QQ")  # nodeid nlookup
 # valid padding fh size lock_owner atime mtime ctime atimensec mtimensec ctimensec mode unused4 uid gid unused5
-SETATTR_IN = struct.Struct("<IIQQQQQQIIIIIIII")
+SETATTR_IN = struct.Struct("<IIQQQqqqIIIIIIII")  # times are signed, as in ATTR
 MKNOD_IN = struct.Struct("<IIII")  # mode rdev umask padding; then name\0
 MKDIR_IN = struct.Struct("<II")  # mode umask; then name\0
 RENAME_IN = struct.Struct("<Q")  # newdir; then oldname\0 newname\0
