@@ -201,7 +201,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         holder = holder_of(index, args.volume)
         if holder is None:
             t0 = time.perf_counter()
-            layer = index.rollback(args.volume, args.snapshot)
+            layer = index.rollback(args.volume, args.snapshot)[0]
             result = {"volume": args.volume, "snapshot": args.snapshot, "layer": layer, "invalidations": 0,
                       "seconds": time.perf_counter() - t0}
         else:

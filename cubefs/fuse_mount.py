@@ -173,9 +173,9 @@ def _serve(
     async def rollback(snap: str) -> dict[str, Any]:
         """Show snapshot ``snap``: new state in the index, then the kernel told to forget the old."""
         t0 = time.perf_counter()
-        layer = index.rollback(str(opts.volume), snap)
+        layer, inodes, names = index.rollback(str(opts.volume), snap)
         fs.rolled_back()
-        sent = await transport.invalidate()  # type: ignore[attr-defined]
+        sent = await transport.invalidate(inodes, names)  # type: ignore[attr-defined]
         took = time.perf_counter() - t0
         log.info("volume %s: rolled back to snapshot %s (layer %d) in %.1f ms, %d cache invalidations",
                  opts.volume, snap, layer, took * 1000, sent)

@@ -291,15 +291,37 @@ class VolumeIndex:
                     out.append(self.get_snapshot(txn, volume, k[len(prefix):].decode()))
         return sorted(out, key=lambda s: s.created_ns)
 
-    def rollback(self, name: str, snap: str) -> int:
+    def rollback(self, name: str, snap: str) -> tuple[int, set[int], set[tuple[int, bytes]]]:
         """Make the volume show snapshot ``snap``: a new empty active layer on the snapshot's.
-        Inode numbers keep counting up, so none the kernel still caches is reused."""
+        Inode numbers keep counting up, so none the kernel still caches is reused.
+
+        Returns the new layer and what differs between the two states: the inodes
+        and the (directory, name) entries that either side changed since their
+        common layer, which is all a mount must make the kernel forget."""
         with self.write() as txn:
             vol = self.volume(txn, name)
             s = self.get_snapshot(txn, name, snap)
+            before = self.chain(txn, vol.layer)
             vol = replace(vol, layer=self._new_layer(txn, s.layer), next_ino=max(vol.next_ino, s.next_ino))
             self.put_volume(txn, vol)
-        return vol.layer
+            after = self.chain(txn, vol.layer)
+            common = set(before) & set(after)
+            inodes: set[int] = set()
+            names: set[tuple[int, bytes]] = set()
+            for layer in (x for x in before + after if x not in common):
+                inodes.update(self._layer_keys(txn, "inodes", layer, lambda k: LAYER_INO.unpack(k)[1]))
+                names.update(self._layer_keys(txn, "dirents", layer, lambda k: (U64.unpack(k[8:16])[0], k[16:])))
+        return vol.layer, inodes, names
+
+    def _layer_keys(self, txn: lmdb.Transaction, db: str, layer: int, decode: Any) -> Iterator[Any]:
+        prefix = U64.pack(layer)
+        cur = txn.cursor(db=self.db[db])
+        if not cur.set_range(prefix):
+            return
+        for k in cur.iternext(values=False):
+            if not k.startswith(prefix):
+                return
+            yield decode(bytes(k))
 
     def clone(self, name: str, snap: str, names: list[str]) -> list[Volume]:
         """New volumes ``names``, each an empty active layer on snapshot ``snap``: one transaction."""

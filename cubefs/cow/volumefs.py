@@ -179,8 +179,8 @@ class VolumeFS:
         """The kernel got a reference to ``ino`` (an entry reply)."""
         self._lookups[ino] = self._lookups.get(ino, 0) + 1
 
-    def known_inodes(self) -> list[int]:
-        return list(self._lookups)
+    def known_inodes(self) -> dict[int, int]:
+        return self._lookups
 
     def forget(self, ino: int, n: int) -> None:
         left = self._lookups.get(ino, 0) - n

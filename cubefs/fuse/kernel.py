@@ -213,11 +213,11 @@ class KernelTransport:
         self.ops = self.server.ops
         self.session = KernelSession(mountpoint, fsname, allow_other, read_only=not self.server.writable)
 
-    async def invalidate(self) -> int:
-        """Make the kernel drop everything it cached of the filesystem (after a rollback).
+    async def invalidate(self, inodes: set[int], names: set[tuple[int, bytes]]) -> int:
+        """Make the kernel drop what it cached of ``inodes`` and ``names`` (after a rollback).
         From a worker thread: an entry invalidation waits for the directory's lock, which
         a request this loop must answer may hold.  Returns the notifications sent."""
-        msgs = self.server.invalidations()
+        msgs = self.server.invalidations(inodes, names)
 
         def send() -> None:
             for msg in msgs:

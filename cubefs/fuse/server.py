@@ -309,11 +309,12 @@ class FuseServer:
 
     # -- writing (volumes) ------------------------------------------------------
 
-    def invalidations(self) -> list[bytes]:
-        """Notifications that make the kernel forget everything it cached of the
-        filesystem: every name it looked up (found or not) and every inode it holds."""
-        msgs = [p.inval_entry(parent, name) for parent, name in self.fs.dentries]
-        msgs += [p.inval_inode(ino) for ino in self.fs.known_inodes()]
+    def invalidations(self, inodes: set[int], names: set[tuple[int, bytes]]) -> list[bytes]:
+        """Notifications that make the kernel forget ``inodes`` and ``names``; only those
+        it may have cached (it looked them up, or holds the inode) are worth sending."""
+        known = self.fs.known_inodes()
+        msgs = [p.inval_entry(parent, name) for parent, name in names if (parent, name) in self.fs.dentries]
+        msgs += [p.inval_inode(ino) for ino in inodes if ino in known]
         return msgs
 
     def _forget(self, opcode: int, nodeid: int, body: memoryview) -> None:
