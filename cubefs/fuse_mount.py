@@ -40,6 +40,9 @@ from cubefs.remote.loop import LoopThread
 log = logging.getLogger(__name__)
 
 
+SYNC_INTERVAL = 5.0  # seconds between a volume's background flushes (power-loss window)
+
+
 @dataclass
 class MountOptions:
     ref: str
@@ -126,7 +129,7 @@ def _serve(
     fs: Any = image_fs
     actions: dict[str, Any] = {}
     if index is not None:
-        from cubefs.cow.volumefs import VolumeFS
+        from cubefs.volumefs import VolumeFS
 
         fs = VolumeFS(index, str(opts.volume), image_fs, f"volume {opts.volume}")
         label = f"volume:{opts.volume}"
@@ -195,6 +198,8 @@ def _serve(
         async with trio.open_nursery() as nursery:
             if source is not None:
                 source.start(nursery)
+            if index is not None:
+                nursery.start_soon(fs.sync_every, SYNC_INTERVAL)
             await nursery.start(control.serve_control, control.socket_path(mountpoint), get_stats, actions)
             token = trio.lowlevel.current_trio_token()
             signal.signal(signal.SIGTERM, lambda *_a: token.run_sync_soon(transport.stop))

@@ -66,11 +66,21 @@ class DataFiles:
         data = os.pread(self._fd(loc[0]), size, loc[1] + within)
         return data if len(data) == size else data + bytes(size - len(data))
 
-    def sync(self) -> None:
-        """Make every written block durable (before the index is synced)."""
-        for file_id in sorted(self._dirty):
-            os.fdatasync(self._fds[file_id])
+    def written(self) -> list[int]:
+        """Every file this process wrote: an fsync flushes them all, since a background
+        flush may have taken a file off the dirty list and not finished yet."""
+        return sorted(self._fds)
+
+    def take_dirty(self) -> list[int]:
+        """The files written since the last call (for :meth:`sync`, maybe in another thread)."""
+        dirty = sorted(self._dirty)
         self._dirty.clear()
+        return dirty
+
+    def sync(self, files: list[int]) -> None:
+        """Make the blocks written to ``files`` durable (before the index is synced)."""
+        for file_id in files:
+            os.fdatasync(self._fds[file_id])
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -170,6 +170,19 @@ class VolumeIndex:
         """Make every committed transaction durable (power loss included)."""
         self.env.sync(True)
 
+    def sync_all(self) -> None:
+        """Make everything in the volume directory durable, whoever wrote it: the
+        data files (a mounted volume's daemon's included), then the index."""
+        import ctypes
+
+        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if ctypes.CDLL(None, use_errno=True).syncfs(fd) != 0:
+                raise OSError(ctypes.get_errno(), f"syncfs {self.directory}")
+        finally:
+            os.close(fd)
+        self.env.sync(True)
+
     def read(self) -> lmdb.Transaction:
         return self.env.begin()
 
