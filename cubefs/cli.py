@@ -102,9 +102,9 @@ def make_parser() -> argparse.ArgumentParser:
                        "read, chunk by chunk, through a memory cache and a disk cache (--cache-dir) that survives "
                        "remounts. Detaches once the mount is live unless --foreground.")
     p.add_argument("targets", nargs="+", metavar="NAME:TAG MOUNTPOINT | MOUNTPOINT")
-    p.add_argument("--volume", default=None, metavar="NAME",
-                   help="mount this volume read-write ('cubefs volume create'); its store is the one it was "
-                   "created with unless --store says otherwise")
+    p.add_argument("--volume", default=None, metavar="NAME[@SNAPSHOT]",
+                   help="mount this volume read-write ('cubefs volume create'), or one of its snapshots "
+                   "read-only; its store is the one it was created with unless --store says otherwise")
     cli_volume.volume_dir_arg(p)
     _store_args(p)
     p.add_argument("--cache-dir", default=None, help="disk cache directory (default: $CUBEFS_CACHE_DIR or "

@@ -76,6 +76,20 @@ def add_parsers(sub: Any, store_args: Any) -> None:
     volume_dir_arg(p)
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("commit", help="push a volume's state, or a snapshot's, to a store as a new image",
+                       description="'cubefs commit VOLUME --tag NAME:TAG' snapshots the volume (the snapshot stays, "
+                       "named commit-TIME) and builds that state as an image; 'cubefs commit VOLUME@SNAPSHOT' "
+                       "commits a snapshot. Files the volume never changed are not read again and only chunks the "
+                       "store lacks are uploaded. The store is the volume's base image's unless --store says "
+                       "otherwise.")
+    p.add_argument("source", metavar="VOLUME[@SNAPSHOT]")
+    p.add_argument("--tag", required=True, metavar="NAME:TAG")
+    store_args(p)
+    p.add_argument("--cache-dir", default=None, help="disk cache for reading the base image (default: "
+                   "$CUBEFS_CACHE_DIR or ~/.cache/cubefs)")
+    volume_dir_arg(p)
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("clone", help="N new volumes from one snapshot, in one transaction",
                        description="'cubefs clone VOLUME@SNAPSHOT --count N --prefix P' makes volumes P-0 .. P-(N-1), "
                        "each starting as the snapshot and diverging independently; all can be mounted at once.")
@@ -241,7 +255,33 @@ def cmd_clone(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_commit(args: argparse.Namespace) -> int:
+    from cubefs.cli import default_cache_dir
+    from cubefs.commit import commit
+    from cubefs.format.manifest import parse_ref
+    from cubefs.humanize import size
+
+    parse_ref(args.tag)
+    volume, _, snap = args.source.partition("@")
+    index = _index(args)
+    try:
+        r = commit(index, volume, snap or None, args.tag, args.store, args.s3_endpoint,
+                   os.path.abspath(args.cache_dir or default_cache_dir()))
+    finally:
+        index.close()
+    b = r.build
+    if args.json:
+        print(json.dumps({"volume": r.volume, "snapshot": r.snapshot, "files_reused": r.files_reused,
+                          **b.as_dict()}))
+    else:
+        print(f"committed {r.volume}@{r.snapshot} as {b.ref} → sha256:{b.image[:16]} in {b.store}")
+        print(f"  files    {b.files} ({r.files_reused} unchanged since the base image, not read again)")
+        print(f"  chunks   {b.new_chunks} new of {b.unique_chunks}; uploaded {size(b.bytes_uploaded)}")
+    return EXIT_OK
+
+
 COMMANDS = {
+    "commit": cmd_commit,
     "volume": cmd_volume,
     "snapshot": cmd_snapshot,
     "snapshots": cmd_snapshots,

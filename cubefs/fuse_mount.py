@@ -79,18 +79,23 @@ def run_daemon(opts: MountOptions, notify: Any = None) -> int:
     from cubefs.cow.lock import VolumeLock
 
     index = VolumeIndex(opts.volume_dir)
+    volume, _, snapshot = opts.volume.partition("@")
     try:
-        lock = VolumeLock.take(index, opts.volume, os.path.abspath(opts.mountpoint))
+        # A snapshot's layers never change: any number of read-only mounts, no lock.
+        lock = VolumeLock.take(index, volume, os.path.abspath(opts.mountpoint)) if not snapshot else None
         try:
             with index.read() as txn:
-                base = index.volume(txn, opts.volume).base
+                base = index.volume(txn, volume).base
+                if snapshot:
+                    index.get_snapshot(txn, volume, snapshot)
             if base is None:
                 return _serve(opts, notify, None, None, index)
             url, endpoint = opts.store_url or base.store, opts.s3_endpoint or base.s3_endpoint
             with store_session(url, endpoint, policy=policy) as (loop, store):
                 return _serve(opts, notify, loop, store, index)
         finally:
-            lock.release()
+            if lock is not None:
+                lock.release()
     finally:
         index.close()
 
@@ -111,7 +116,7 @@ def _serve(
             manifest = loop.run(load_manifest(store, opts.ref))
         else:
             with index.read() as txn:
-                base = index.volume(txn, opts.volume).base
+                base = index.volume(txn, str(opts.volume).partition("@")[0]).base
             name, _, tag = base.ref.rpartition(":")
             manifest = Manifest(name, tag, base.digest, "")
         ref = manifest.ref
@@ -131,7 +136,8 @@ def _serve(
     if index is not None:
         from cubefs.volumefs import VolumeFS
 
-        fs = VolumeFS(index, str(opts.volume), image_fs, f"volume {opts.volume}")
+        volume, _, snapshot = str(opts.volume).partition("@")
+        fs = VolumeFS(index, volume, image_fs, f"volume {opts.volume}", snapshot or None)
         label = f"volume:{opts.volume}"
     else:
         assert image_fs is not None
@@ -186,7 +192,7 @@ def _serve(
                 "seconds": took}
 
     actions["/trace/push"] = push_trace
-    if index is not None:
+    if index is not None and fs.writable:
         actions["/volume/rollback/"] = rollback
     control.write_registry(
         mountpoint,
@@ -198,7 +204,7 @@ def _serve(
         async with trio.open_nursery() as nursery:
             if source is not None:
                 source.start(nursery)
-            if index is not None:
+            if index is not None and fs.writable:
                 nursery.start_soon(fs.sync_every, SYNC_INTERVAL)
             await nursery.start(control.serve_control, control.socket_path(mountpoint), get_stats, actions)
             token = trio.lowlevel.current_trio_token()

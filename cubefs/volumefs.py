@@ -68,13 +68,18 @@ SET_ATIME_NOW, SET_MTIME_NOW, SET_CTIME = 128, 256, 1024
 
 
 class VolumeFS:
-    """A mounted volume (one writer: the daemon that holds the volume's lock)."""
+    """A mounted volume (one writer: the daemon that holds the volume's lock), or, with
+    ``snapshot``, one of its snapshots, read-only (its layers never change)."""
 
-    writable = True
-
-    def __init__(self, index: VolumeIndex, volume: str, base: ImageFS | None, label: str) -> None:
+    def __init__(self, index: VolumeIndex, volume: str, base: ImageFS | None, label: str,
+                 snapshot: str | None = None) -> None:
         self.index = index
         self.name = volume
+        self.writable = snapshot is None
+        self._top = 0
+        if snapshot is not None:
+            with index.read() as txn:
+                self._top = index.get_snapshot(txn, volume, snapshot).layer
         self.base = base
         self.label = label
         self.image_inodes = len(base.image) if base is not None else 0
@@ -94,7 +99,7 @@ class VolumeFS:
     # -- resolution ---------------------------------------------------------------
 
     def _chain(self, txn: lmdb.Transaction) -> tuple[int, ...]:
-        return self.index.chain(txn, self.index.volume(txn, self.name).layer)
+        return self.index.chain(txn, self._top or self.index.volume(txn, self.name).layer)
 
     def _image_inode(self, ino: int) -> Inode | None:
         if self.base is None or ino > self.image_inodes or ino < 1:

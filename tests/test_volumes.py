@@ -489,3 +489,39 @@ def test_real_workloads_on_a_debian_volume(rootfs: Path, tmp_path: Path, local_s
         assert res.returncode == 0 and res.stdout == ""
     finally:
         vols.umount(mnt)
+
+
+def test_commit_pushes_the_snapshot_as_an_image(vols: Volumes, local_store: str, image: Path) -> None:
+    mnt = vols.mount("vol")
+    try:
+        (mnt / "new").write_bytes(os.urandom(200_000))
+        with open(mnt / "big", "r+b") as f:
+            f.write(b"changed head")
+        os.unlink(mnt / "sub" / "f")
+        os.setxattr(mnt / "small", "user.k", b"v")
+        res = json.loads(vols.cli("commit", "vol", "--tag", "base:2", "--cache-dir", str(vols.cache),
+                                  "--json").stdout)
+        (mnt / "after-commit").write_text("not in the image")
+    finally:
+        vols.umount(mnt)
+    assert res["ref"] == "base:2" and res["snapshot"].startswith("commit-")
+    assert res["files_reused"] >= 1  # 'hl'/'small' content unchanged: not read again
+    snap = vols.tmp / "snap"
+    snap.mkdir()
+    run_cubefs("mount", "--volume", f"vol@{res['snapshot']}", str(snap), "--volume-dir", str(vols.dir),
+               "--cache-dir", str(vols.cache))
+    img = vols.tmp / "img"
+    img.mkdir()
+    run_cubefs("mount", "base:2", str(img), "--store", local_store, "--cache-dir", str(vols.cache))
+    try:
+        assert tree_state(img) == tree_state(snap)  # the image is exactly the snapshot
+        assert not (img / "after-commit").exists() and not (img / "sub" / "f").exists()
+        with pytest.raises(OSError) as e:  # a snapshot mounts read-only
+            (snap / "new").write_text("x")
+        assert e.value.errno == 30  # EROFS
+    finally:
+        vols.umount(img)
+        vols.umount(snap)
+    again = json.loads(vols.cli("commit", f"vol@{res['snapshot']}", "--tag", "base:3", "--cache-dir",
+                                str(vols.cache), "--json").stdout)
+    assert again["image"] == res["image"] and again["new_chunks"] == 0

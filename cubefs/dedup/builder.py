@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
 from cubefs.dedup.ingest import ZSTD_LEVEL, Ingest, chunker_params
 from cubefs.dedup.sources import Tick, is_tarball, scan_directory, scan_tarball
-from cubefs.dedup.tree import number_tree
+from cubefs.dedup.tree import Node, number_tree
 from cubefs.errors import CorruptDataError, ObjectNotFoundError
 from cubefs.format.image import compress_blob, encode_image
 from cubefs.format.manifest import Manifest, manifest_key, parse_ref
@@ -97,15 +98,21 @@ def build(
     tick: Tick | None = None,
     workers: int = 0,
     level: int = ZSTD_LEVEL,
+    scan: Callable[[str, Ingest, Tick, dict[bytes, ChunkLocation]], Node] | None = None,
 ) -> BuildResult:
+    """Build ``src`` (a directory or a tarball; or whatever ``scan`` makes of it, given
+    the chunks the store has) into the image ``ref``."""
     name, tag = parse_ref(ref)
     t0 = time.monotonic()
     with store_session(store_url, s3_endpoint, create=True) as (loop, store):
         known = loop.run(load_known_chunks(store))
         ingest = Ingest(store, loop, known, workers=workers, level=level)
         try:
-            scan = scan_tarball if is_tarball(src) else scan_directory
-            root = scan(src, ingest, tick or (lambda _f, _b: None))
+            progress = tick or (lambda _f, _b: None)
+            if scan is not None:
+                root = scan(src, ingest, progress, known)
+            else:
+                root = (scan_tarball if is_tarball(src) else scan_directory)(src, ingest, progress)
             ingest.finish()
         except BaseException:
             ingest.abort()

@@ -71,8 +71,22 @@ def _list_dir(path: bytes) -> list[bytes]:
         os.close(fd)
 
 
-def scan_directory(src: str, ingest: Ingest, tick: Tick) -> Node:
-    """Walk ``src`` depth first; file data goes to ``ingest`` as it is read."""
+class KnownChunks:
+    """A file's chunks known without reading it (a ChunkBatch that is already done)."""
+
+    def __init__(self, chunks: list[tuple[int, bytes, int]]) -> None:
+        self.chunks = chunks
+
+    def result(self) -> list[tuple[int, bytes, int]]:
+        return self.chunks
+
+
+Reuse = Callable[[bytes, os.stat_result], "list[tuple[int, bytes, int]] | None"]
+
+
+def scan_directory(src: str, ingest: Ingest, tick: Tick, reuse: Reuse | None = None) -> Node:
+    """Walk ``src`` depth first; file data goes to ``ingest`` as it is read, except for
+    files whose chunks ``reuse`` already knows (a commit's files the volume never changed)."""
     root_path = os.fsencode(os.path.abspath(src))
     try:
         st = os.lstat(root_path)
@@ -114,7 +128,11 @@ def scan_directory(src: str, ingest: Ingest, tick: Tick) -> Node:
                 # record the atime it leaves, so building the tree again sees the same.
                 node.atime_ns = os.lstat(path).st_atime_ns
             elif stat.S_ISREG(st.st_mode):
-                pending.append((path, st.st_size, st.st_blocks, node.extents))
+                known = reuse(path, st) if reuse is not None else None
+                if known is not None:
+                    node.extents.append(KnownChunks(known))
+                else:
+                    pending.append((path, st.st_size, st.st_blocks, node.extents))
             if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
                 hardlinks[key] = node
             dnode.children[name] = node

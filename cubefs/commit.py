@@ -1,0 +1,106 @@
+"""``cubefs commit``: a volume's state (or a snapshot's) pushed to a store as a new image.
+
+The state committed is a snapshot, so it is one point in time even while the
+volume is being written: ``VOLUME`` alone takes one first (it stays, named
+``commit-<time>``).  The snapshot is mounted read-only in a private
+directory and built like any directory, with one difference that makes a
+commit cost what changed rather than what the image holds: a file the volume
+never touched (no block or truncation in any of the snapshot's layers, the
+base image's size) is not read at all; its chunk list is the base image's,
+whose chunks the store has.  Only chunks the store lacks are uploaded.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from cubefs.catalog import load_image
+from cubefs.cow.index import VolumeIndex
+from cubefs.dedup.builder import BuildResult, build
+from cubefs.dedup.ingest import Ingest
+from cubefs.dedup.sources import Tick, scan_directory
+from cubefs.dedup.tree import Node
+from cubefs.errors import CubefsError
+from cubefs.format.image import F_SIZE, Image
+from cubefs.format.manifest import Manifest
+from cubefs.format.packs import ChunkLocation
+from cubefs.remote import store_session
+
+
+@dataclass
+class CommitResult:
+    build: BuildResult
+    volume: str
+    snapshot: str
+    files_reused: int
+
+
+def commit(index: VolumeIndex, volume: str, snapshot: str | None, ref: str, store_url: str | None,
+           s3_endpoint: str | None, cache_dir: str, tick: Tick | None = None) -> CommitResult:
+    with index.read() as txn:
+        vol = index.volume(txn, volume)
+        if snapshot is not None:
+            index.get_snapshot(txn, volume, snapshot)
+    if snapshot is None:
+        snapshot = index.snapshot(volume, time.strftime("commit-%Y%m%dT%H%M%S", time.gmtime())).name
+    with index.read() as txn:
+        chain = index.chain(txn, index.get_snapshot(txn, volume, snapshot).layer)
+    base = vol.base
+    store_url = store_url or (base.store if base else None)
+    s3_endpoint = s3_endpoint or (base.s3_endpoint if base else None)
+    image = _base_image(base.store, base.s3_endpoint, base.ref, base.digest) if base else None
+    reused = [0]
+
+    def untouched(ino: int, size: int) -> bool:
+        if image is None or ino > len(image) or size != image.record(ino)[F_SIZE]:
+            return False
+        with index.read() as txn:
+            return not any(index.has_blocks(txn, layer, ino) or
+                           ((i := index.get_inode(txn, layer, ino)) is not None and i.cut >= 0) for layer in chain)
+
+    def scan(src: str, ingest: Ingest, progress: Tick, known: dict[bytes, ChunkLocation]) -> Node:
+        def reuse(_path: bytes, st: os.stat_result) -> list[tuple[int, bytes, int]] | None:
+            if image is None or not untouched(st.st_ino, st.st_size):
+                return None
+            offs, idxs = image.extents(st.st_ino)
+            chunks = [(off, *image.chunk(idx)) for off, idx in zip(offs, idxs)]
+            if not all(digest in known for _off, digest, _n in chunks):
+                return None  # another store than the base's: read and upload them
+            reused[0] += 1
+            return chunks
+
+        return scan_directory(src, ingest, progress, reuse=reuse)
+
+    mnt = tempfile.mkdtemp(prefix="cubefs-commit-")
+    try:
+        _cubefs("mount", "--volume", f"{volume}@{snapshot}", mnt, "--volume-dir", index.directory, "--cache-dir",
+                cache_dir, "--no-server", *(["--store", base.store] if base else []),
+                *(["--s3-endpoint", base.s3_endpoint] if base and base.s3_endpoint else []))
+        try:
+            result = build(mnt, ref, store_url, s3_endpoint, tick=tick, scan=scan)
+        finally:
+            _cubefs("umount", mnt)
+    finally:
+        shutil.rmtree(mnt, ignore_errors=True)
+    return CommitResult(result, volume, snapshot, reused[0])
+
+
+def _base_image(store_url: str, s3_endpoint: str | None, ref: str, digest: str) -> Image:
+    name, _, tag = ref.rpartition(":")
+    with store_session(store_url, s3_endpoint) as (loop, store):
+        image, _chunkmap = loop.run(load_image(store, Manifest(name, tag, digest, "")))
+    return image
+
+
+def _cubefs(*args: str) -> Any:
+    res = subprocess.run([sys.executable, "-m", "cubefs", *args], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise CubefsError(f"cubefs {args[0]} of the snapshot to commit failed: {res.stderr.strip()}")
+    return res
