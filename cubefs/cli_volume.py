@@ -39,8 +39,9 @@ def add_parsers(sub: Any, store_args: Any) -> None:
                        description="A volume is a writable filesystem over an image: 'cubefs mount --volume NAME "
                        "MOUNTPOINT' mounts it read-write, fetching the image lazily; what is written stays local "
                        "(--volume-dir). 'create NAME --from NAME:TAG' (or with no --from: an empty volume), "
-                       "'list', 'rm NAME'.")
-    p.add_argument("action", choices=("create", "list", "rm"))
+                       "'list', 'rm NAME', 'gc': flatten long snapshot chains and delete layers and data files "
+                       "nothing refers to any more (safe while volumes are mounted).")
+    p.add_argument("action", choices=("create", "list", "rm", "gc"))
     p.add_argument("name", nargs="?", help="the volume (create, rm)")
     p.add_argument("--from", dest="image", metavar="NAME:TAG", help="create: the image it starts as")
     store_args(p)
@@ -126,6 +127,18 @@ def cmd_volume(args: argparse.Namespace) -> int:
                 print(f"{'VOLUME':24} {'IMAGE':28} CREATED")
                 for v in vols:
                     print(f"{v.name:24} {v.base.ref if v.base else '(empty)':28} {_when(v.created_ns)}")
+            return EXIT_OK
+        if args.action == "gc":
+            from cubefs.cow.gc import collect
+            from cubefs.humanize import size
+
+            st = collect(index)
+            if args.json:
+                print(json.dumps(st.as_dict()))
+            else:
+                print(f"deleted {st.layers_deleted} layers ({st.records_deleted} records) and {st.files_deleted} "
+                      f"data files ({size(st.bytes_freed)}); flattened {st.chains_flattened} chains; "
+                      f"{size(st.live_bytes)} live, {size(st.dead_bytes_left)} dead in partly live files")
             return EXIT_OK
         if not args.name:
             raise UsageError(f"cubefs volume {args.action} needs a volume name")

@@ -525,3 +525,78 @@ def test_commit_pushes_the_snapshot_as_an_image(vols: Volumes, local_store: str,
     again = json.loads(vols.cli("commit", f"vol@{res['snapshot']}", "--tag", "base:3", "--cache-dir",
                                 str(vols.cache), "--json").stdout)
     assert again["image"] == res["image"] and again["new_chunks"] == 0
+
+
+def _depth(vols: Volumes, volume: str) -> int:
+    from cubefs.cow.index import VolumeIndex
+
+    index = VolumeIndex(str(vols.dir))
+    try:
+        with index.read() as txn:
+            return len(index.chain(txn, index.volume(txn, volume).layer))
+    finally:
+        index.close()
+
+
+def test_long_snapshot_chains_are_flattened_without_changing_anything(vols: Volumes) -> None:
+    """40 snapshots, each after a change (writes, truncations, renames, deletes): the
+    mounted daemon keeps the chain short; every state stays exactly as it was."""
+    mnt = vols.mount("vol")
+    states = {}
+    try:
+        for i in range(40):
+            with open(mnt / "big", "r+b") as f:
+                f.seek(i * 7000)
+                f.write(bytes([i]) * 5000)
+            if i % 5 == 0:
+                os.truncate(mnt / "big", 300_000 - i * 1000)
+            (mnt / f"step-{i}").write_text(str(i))
+            if i % 3 == 0 and i:
+                os.unlink(mnt / f"step-{i - 1}")
+            if i == 20:
+                os.rename(mnt / "sub", mnt / "sub-moved")
+            vols.cli("snapshot", "vol", "--name", f"s{i}")
+            if i in (0, 19, 39):
+                states[i] = tree_state(mnt)
+        deadline = time.monotonic() + 30
+        while _depth(vols, "vol") > 17:  # the daemon flattens every 5 s
+            assert time.monotonic() < deadline, f"chain still {_depth(vols, 'vol')} deep"
+            time.sleep(0.5)
+        assert tree_state(mnt) == states[39]
+    finally:
+        vols.umount(mnt)
+    for i in (0, 19, 39):  # the snapshots still show their own states
+        snap = vols.tmp / f"snap-{i}"
+        snap.mkdir()
+        run_cubefs("mount", "--volume", f"vol@s{i}", str(snap), "--volume-dir", str(vols.dir), "--cache-dir",
+                   str(vols.cache))
+        try:
+            assert tree_state(snap) == states[i]
+        finally:
+            vols.umount(snap)
+    mnt = vols.mount("vol")
+    try:
+        assert tree_state(mnt) == states[39]
+    finally:
+        vols.umount(mnt)
+
+
+def test_gc_frees_what_nothing_refers_to(vols: Volumes) -> None:
+    mnt = vols.mount("vol")
+    try:
+        (mnt / "keep").write_bytes(b"k" * 100_000)
+        vols.cli("snapshot", "vol", "--name", "clean")
+        (mnt / "junk").write_bytes(os.urandom(8_000_000))
+        vols.cli("rollback", "vol", "clean")
+        assert not (mnt / "junk").exists()
+        # Mounted: the daemon still appends to its data file, which gc must leave alone.
+        st = json.loads(vols.cli("volume", "gc", "--json").stdout)
+        assert st["files_deleted"] == 0 and st["layers_deleted"] >= 1
+        assert (mnt / "keep").read_bytes() == b"k" * 100_000
+    finally:
+        vols.umount(mnt)
+    vols.cli("snapshot", "rm", "vol@clean")
+    vols.cli("volume", "rm", "vol")
+    st = json.loads(vols.cli("volume", "gc", "--json").stdout)
+    assert st["bytes_freed"] >= 8_000_000 and st["live_bytes"] == 0
+    assert not list((vols.dir / "data").iterdir())

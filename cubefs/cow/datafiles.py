@@ -14,6 +14,7 @@ record pointing at nothing.
 
 from __future__ import annotations
 
+import fcntl
 import os
 
 import lmdb
@@ -45,6 +46,8 @@ class DataFiles:
         if not self._current or self._end >= ROLL_AT:
             self._current = self.index.next_data_file(txn)
             self._end = 0
+            # Held while this process lives: the collector never deletes a file being appended to.
+            fcntl.flock(self._fd(self._current), fcntl.LOCK_SH)
         start = self._end
         size = sum(len(b) for b in blocks)
         n = os.pwritev(self._fd(self._current), blocks, start)

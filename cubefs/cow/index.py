@@ -214,9 +214,11 @@ class VolumeIndex:
 
     def chain(self, txn: lmdb.Transaction, top: int) -> tuple[int, ...]:
         """The layers from ``top`` down to the bottom one.  Below the top every layer is
-        frozen, so a chain is cached by its top layer."""
+        frozen and keeps its parent, so a chain is cached by its top layer, checked
+        against the top's parent (which a flatten changes: see cow/gc.py)."""
         cached = self._chains.get(top)
-        if cached is not None:
+        parent = self.layer_info(txn, top)["parent"]
+        if cached is not None and (cached[1] if len(cached) > 1 else 0) == parent:
             return cached
         out = []
         layer = top
