@@ -315,28 +315,34 @@ class VolumeFS:
         return self.files.read(src, pos % self.block_size, length)
 
     def read_now(self, ino: int, offset: int, size: int) -> list[Buffer] | None:
-        size, plan = self._plan(ino, offset, size)
-        out: list[Buffer] = []
-        for src, pos, length in plan:
-            if src != "image":
-                out.append(self._local(src, pos, length))
-                continue
-            assert self.base is not None
-            got = self.base.read_now(ino, pos, length)
-            if got is None:
-                return None
-            out.extend(_padded(got, length))
-        return out
+        _size, plan = self._plan(ino, offset, size)
+        fetched: dict[int, list[Buffer]] = {}
+        for i, (src, pos, length) in enumerate(plan):
+            if src == "image":
+                assert self.base is not None
+                got = self.base.read_now(ino, pos, length)
+                if got is None:
+                    return None
+                fetched[i] = got
+        return self._assemble(plan, fetched)
 
     async def read(self, ino: int, offset: int, size: int) -> list[Buffer]:
-        size, plan = self._plan(ino, offset, size)
+        _size, plan = self._plan(ino, offset, size)
+        fetched: dict[int, list[Buffer]] = {}
+        for i, (src, pos, length) in enumerate(plan):
+            if src == "image":
+                assert self.base is not None
+                fetched[i] = await self.base.read(ino, pos, length)
+        return self._assemble(plan, fetched)
+
+    def _assemble(self, plan: list[tuple[Any, int, int]], fetched: dict[int, list[Buffer]]) -> list[Buffer]:
+        """The read's buffers in order: the image's parts as fetched, the rest local."""
         out: list[Buffer] = []
-        for src, pos, length in plan:
-            if src != "image":
+        for i, (src, pos, length) in enumerate(plan):
+            if src == "image":
+                out.extend(_padded(fetched[i], length))
+            else:
                 out.append(self._local(src, pos, length))
-                continue
-            assert self.base is not None
-            out.extend(_padded(await self.base.read(ino, pos, length), length))
         return out
 
     # -- creating and removing names ------------------------------------------------------
