@@ -96,6 +96,19 @@ class VolumeFS:
         self._locks: dict[int, trio.Lock] = {}
         self._lookups: dict[int, int] = {}  # kernel references (lookups minus forgets)
         self.dentries: set[tuple[int, bytes]] = set()  # names the kernel may cache, to invalidate on rollback
+        if self.writable:
+            self._purge_orphans()
+
+    def _purge_orphans(self) -> None:
+        """Inodes unlinked while open when the last daemon died: nobody can reach them
+        now (no name, no kernel reference), so their blocks go."""
+        with self.index.read() as txn:
+            layer = self.index.volume(txn, self.name).layer
+            orphans = [ino for ino, inode in self.index.inodes_of(txn, layer) if inode.nlink == 0 and inode.mode]
+        for ino in orphans:
+            self._purge(ino)
+        if orphans:
+            log.info("%s: dropped %d unlinked inodes a previous daemon left open", self.label, len(orphans))
 
     # -- resolution ---------------------------------------------------------------
 

@@ -305,11 +305,23 @@ def test_sigkill_loses_nothing_fsynced_or_snapshotted(vols: Volumes) -> None:
     (mnt / "snapped").write_text("in the snapshot")
     vols.cli("snapshot", "vol", "--name", "before-kill")
     (mnt / "after").write_text("written, not synced")
+    held = open(mnt / "unlinked-but-open", "wb")  # an orphan the killed daemon cannot drop
+    held.write(os.urandom(1_000_000))
+    held.flush()
+    orphan = os.fstat(held.fileno()).st_ino
+    os.unlink(mnt / "unlinked-but-open")
     os.kill(pid, signal.SIGKILL)
     time.sleep(0.5)
+    held.close()
     vols.umount(mnt)
     assert not os.path.ismount(mnt)
-    mnt = vols.mount("vol")  # the lock died with the daemon
+    mnt = vols.mount("vol")  # the lock died with the daemon; the new one drops the orphan's blocks
+    from cubefs.cow.index import VolumeIndex
+
+    index = VolumeIndex(str(vols.dir))
+    with index.read() as txn:
+        assert not index.has_blocks(txn, index.volume(txn, "vol").layer, orphan)
+    index.close()
     try:
         assert (mnt / "synced").read_bytes() == data
         assert (mnt / "snapped").read_text() == "in the snapshot"

@@ -384,6 +384,16 @@ class VolumeIndex:
         raw = txn.get(LAYER_INO.pack(layer, ino), db=self.db["inodes"])
         return None if raw is None else Inode.decode(raw)
 
+    def inodes_of(self, txn: lmdb.Transaction, layer: int) -> Iterator[tuple[int, Inode]]:
+        prefix = U64.pack(layer)
+        cur = txn.cursor(db=self.db["inodes"])
+        if not cur.set_range(prefix):
+            return
+        for k, v in cur:
+            if not k.startswith(prefix):
+                return
+            yield LAYER_INO.unpack(k)[1], Inode.decode(v)
+
     def put_inode(self, txn: lmdb.Transaction, layer: int, ino: int, inode: Inode) -> None:
         txn.put(LAYER_INO.pack(layer, ino), inode.encode(), db=self.db["inodes"])
 
