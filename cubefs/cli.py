@@ -87,6 +87,23 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress line even on a terminal")
 
+    p = sub.add_parser("convert", help="turn an OCI or Docker image into a cubefs image",
+                       description="Read an image's layers in order, with OCI semantics (whiteouts, opaque "
+                       "directories, hard links into earlier layers, replaced types), into one tree, and build it "
+                       "like 'cubefs build'; the config's env, entrypoint, cmd, working dir and user are kept in "
+                       "the manifest ('cubefs inspect'). Layers are streamed and checked against their digests.")
+    p.add_argument("src", metavar="SOURCE", help="oci:DIR[:REF] (an OCI image layout), docker-archive:FILE "
+                   "('docker save'), or docker://HOST[:PORT]/REPO[:TAG|@sha256:DIGEST] (a registry)")
+    p.add_argument("--tag", required=True, metavar="NAME:TAG", help="name of the cubefs image")
+    _store_args(p)
+    p.add_argument("--platform", default=None, metavar="OS/ARCH[/VARIANT]",
+                   help="which image of a multi-platform index (default: this host's, e.g. linux/amd64)")
+    p.add_argument("--insecure", action="store_true", help="talk plain HTTP to the registry (a local one)")
+    p.add_argument("--workers", type=int, default=0, help="hash/compress threads (default: one per core)")
+    p.add_argument("--level", type=int, default=1, choices=range(-7, 20), metavar="N", help="zstd level (default 1)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress line even on a terminal")
+
     p = sub.add_parser("images", help="list the images in a store")
     _store_args(p)
     p.add_argument("--json", action="store_true")
@@ -215,6 +232,27 @@ def cmd_build(args: argparse.Namespace) -> int:
                        workers=args.workers, level=args.level)
     finally:
         progress.done()
+    return _print_build(result, args)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from cubefs.dedup.builder import build
+    from cubefs.dedup.oci import open_image, scan_image
+    from cubefs.format.manifest import parse_ref
+
+    parse_ref(args.tag)
+    image = open_image(args.src, args.platform, args.insecure)
+    progress = Progress(f"converting {args.src}", enabled=None if not args.no_progress else False)
+    try:
+        result = build(args.src, args.tag, args.store, args.s3_endpoint, tick=progress.tick, workers=args.workers,
+                       level=args.level, scan=lambda _src, ingest, tick, _known: scan_image(image, ingest, tick),
+                       config=image.runtime_config())
+    finally:
+        progress.done()
+    return _print_build(result, args)
+
+
+def _print_build(result: Any, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.as_dict(), indent=1))
         return EXIT_OK
@@ -288,6 +326,7 @@ def inspect_image(args: argparse.Namespace) -> dict[str, Any]:
         "dedup_ratio": round(logical / unique_plain, 3) if unique_plain else 1.0,
         "compression_ratio": round(unique_plain / stored, 3) if stored else 1.0,
         "chunker": image.chunker,
+        "config": m.config,
     }
 
 
@@ -304,6 +343,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
           f"(dedup {info['dedup_ratio']:.2f}x)")
     print(f"  stored       {size(info['stored_bytes'])} in {info['packs']} packs "
           f"(compression {info['compression_ratio']:.2f}x)")
+    for key, value in (info.get("config") or {}).items():
+        print(f"  {key:12} {json.dumps(value)}")
     return EXIT_OK
 
 
@@ -471,6 +512,7 @@ COMMANDS = {
     "trace": cmd_trace,
     "serve": cmd_serve,
     "build": cmd_build,
+    "convert": cmd_convert,
     "images": cmd_images,
     "inspect": cmd_inspect,
     "mount": cmd_mount,

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from cubefs.dedup.ingest import ZSTD_LEVEL, Ingest, chunker_params
 from cubefs.dedup.sources import Tick, is_tarball, scan_directory, scan_tarball
@@ -99,6 +100,7 @@ def build(
     workers: int = 0,
     level: int = ZSTD_LEVEL,
     scan: Callable[[str, Ingest, Tick, dict[bytes, ChunkLocation]], Node] | None = None,
+    config: dict[str, Any] | None = None,
 ) -> BuildResult:
     """Build ``src`` (a directory or a tarball; or whatever ``scan`` makes of it, given
     the chunks the store has) into the image ``ref``."""
@@ -146,12 +148,12 @@ def build(
         created = datetime.now(UTC).isoformat(timespec="seconds")
         try:
             old = Manifest.decode(loop.run(store.get(key)), result.ref)
-            if old.image == digest:
+            if old.image == digest and old.config == (config or {}):
                 created = old.created
         except (ObjectNotFoundError, CorruptDataError):
             pass
         stats = {k: result.as_dict()[k] for k in ("files", "inodes", "logical_bytes", "unique_chunks", "stored_bytes")}
-        manifest = Manifest(name, tag, digest, created, stats)
+        manifest = Manifest(name, tag, digest, created, stats, config or {})
         uploaded += loop.run(_put_if_changed(store, key, manifest.encode()))
         result.bytes_uploaded = uploaded
         result.seconds = time.monotonic() - t0

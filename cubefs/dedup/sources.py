@@ -166,13 +166,13 @@ def _open_tar_stream(path: str) -> tuple[IO[bytes], tarfile.TarFile]:
     return raw, tf
 
 
-def _member_parts(name: str, tarball: str, what: str = "member") -> list[bytes]:
+def _member_parts(name: str, where: str, what: str = "member") -> list[bytes]:
     raw = name.encode("utf-8", "surrogateescape")
     parts = [p for p in raw.split(b"/") if p not in (b"", b".")]
     if b".." in parts:
-        raise BadInputError(f"tarball {tarball}: {what} {name!r} escapes the tree ('..' component)")
+        raise BadInputError(f"{where}: {what} {name!r} escapes the tree ('..' component)")
     if any(len(p) > 255 or b"\0" in p for p in parts):
-        raise BadInputError(f"tarball {tarball}: {what} {name[:80]!r}... has a name over 255 bytes or a NUL")
+        raise BadInputError(f"{where}: {what} {name[:80]!r}... has a name over 255 bytes or a NUL")
     return parts
 
 
@@ -201,7 +201,8 @@ def _tar_node(m: tarfile.TarInfo) -> Node:
         kind = stat.S_IFREG
     mtime = _pax_ns(m, "mtime", int(m.mtime) * 1_000_000_000)
     node = Node(
-        mode=kind | (m.mode & 0o7777),
+        # Linux symlinks are always 0777, whatever the archive says: as extracted, so mounted.
+        mode=kind | (0o777 if kind == stat.S_IFLNK else m.mode & 0o7777),
         uid=m.uid,
         gid=m.gid,
         atime_ns=_pax_ns(m, "atime", mtime),
@@ -229,63 +230,109 @@ def scan_tarball(path: str, ingest: Ingest, tick: Tick) -> Node:
     if not os.path.exists(path):
         raise NotFoundError(f"source {path} does not exist")
     raw, tf = _open_tar_stream(path)
-    root = new_dir()
-    files = nbytes = 0
     try:
-        while True:
-            try:
-                m = tf.next()
-            except (tarfile.TarError, EOFError, zstandard.ZstdError, OSError) as err:
-                raise BadInputError(f"tarball {path}: corrupt or truncated archive ({err})") from None
-            if m is None:
-                break
-            parts = _member_parts(m.name, path)
-            if not parts:  # "./": the root itself
-                if m.isdir():
-                    fresh = _tar_node(m)
-                    fresh.children = root.children
-                    root = fresh
-                continue
-            parent = _parent_dir(root, parts, m.name, path)
-            leaf = parts[-1]
-            if m.islnk():
-                target_parts = _member_parts(m.linkname, path, what=f"hard link {m.name!r} →")
-                target = _resolve(root, target_parts)
-                if target is None or target.is_dir:
-                    raise BadInputError(
-                        f"tarball {path}: hard link {m.name!r} points to {m.linkname!r}, "
-                        "which is not an earlier file in the archive"
-                    )
-                parent.children[leaf] = target  # type: ignore[index]
-                continue
-            node = _tar_node(m)
-            old = parent.children.get(leaf)  # type: ignore[union-attr]
-            if node.is_dir and old is not None and old.is_dir:
-                node.children = old.children  # a repeated directory updates metadata only
-            if m.isreg():
-                node.size = m.size
-                f = tf.extractfile(m)
-                assert f is not None
-                try:
-                    if m.size <= WHOLE_READ:
-                        data = f.read()
-                        got = len(data)
-                        if got == m.size:
-                            ingest.add_buffer(data, 0, node.extents)
-                    else:
-                        got = ingest.add_stream(f.read, 0, node.extents)
-                except (tarfile.TarError, EOFError, zstandard.ZstdError, OSError) as err:
-                    raise BadInputError(f"tarball {path}: member {m.name!r} is truncated ({err})") from None
-                if got != m.size:
-                    raise BadInputError(f"tarball {path}: member {m.name!r} is truncated")
-                files += 1
-                nbytes += m.size
-                tick(files, nbytes)
-            parent.children[leaf] = node  # type: ignore[index]
+        return apply_tar(tf, new_dir(), ingest, _Progress(tick), f"tarball {path}")
     finally:
         tf.close()
         raw.close()
+
+
+class _Progress:
+    """Files and bytes ingested so far, across the layers of an image."""
+
+    def __init__(self, tick: Tick) -> None:
+        self.tick = tick
+        self.files = 0
+        self.bytes = 0
+
+    def add(self, n: int) -> None:
+        self.files += 1
+        self.bytes += n
+        self.tick(self.files, self.bytes)
+
+
+WHITEOUT = b".wh."
+OPAQUE = b".wh..wh..opq"
+
+
+def apply_tar(tf: tarfile.TarFile, root: Node, ingest: Ingest, progress: _Progress, where: str,
+              layer: bool = False) -> Node:
+    """Apply a tar stream onto the tree ``root``; returns the (maybe replaced) root.
+
+    With ``layer``, the stream is an OCI layer over what earlier layers built:
+    ``DIR/.wh.NAME`` deletes NAME, ``DIR/.wh..wh..opq`` hides everything earlier
+    layers put in DIR (this layer's entries stay, wherever the marker comes), an
+    entry replaces one of another type (a directory with its subtree), and a
+    hard link may point at a file of an earlier layer.  ``where`` names the
+    stream in errors.
+    """
+    # Keyed by a directory's children dict, which a repeated directory entry keeps.
+    added: dict[int, set[bytes]] = {}  # names this stream put in the directory
+    opaque: list[dict[bytes, Node]] = []
+    while True:
+        try:
+            m = tf.next()
+        except (tarfile.TarError, EOFError, zstandard.ZstdError, OSError) as err:
+            raise BadInputError(f"{where}: corrupt or truncated archive ({err})") from None
+        if m is None:
+            break
+        parts = _member_parts(m.name, where)
+        if not parts:  # "./": the root itself
+            if m.isdir():
+                fresh = _tar_node(m)
+                fresh.children = root.children
+                root = fresh
+            continue
+        parent = _parent_dir(root, parts, m.name, where)
+        assert parent.children is not None
+        leaf = parts[-1]
+        if layer and leaf.startswith(WHITEOUT):
+            if leaf == OPAQUE:
+                opaque.append(parent.children)
+            else:
+                parent.children.pop(leaf[len(WHITEOUT):], None)
+            continue
+        added.setdefault(id(parent.children), set()).add(leaf)
+        if m.islnk():
+            target_parts = _member_parts(m.linkname, where, what=f"hard link {m.name!r} →")
+            target = _resolve(root, target_parts)
+            if target is None or target.is_dir:
+                raise BadInputError(
+                    f"{where}: hard link {m.name!r} points to {m.linkname!r}, which is not an earlier file"
+                )
+            parent.children[leaf] = target
+            continue
+        node = _tar_node(m)
+        old = parent.children.get(leaf)
+        if node.is_dir and old is not None and old.is_dir:
+            node.children = old.children  # a repeated directory updates metadata only
+        if m.isreg():
+            node.size = m.size
+            _ingest_member(tf, m, node, ingest, where)
+            progress.add(m.size)
+        parent.children[leaf] = node
+    for children in opaque:
+        keep = added.get(id(children), set())
+        for name in [n for n in children if n not in keep]:
+            del children[name]
     return root
+
+
+def _ingest_member(tf: tarfile.TarFile, m: tarfile.TarInfo, node: Node, ingest: Ingest, where: str) -> None:
+    f = tf.extractfile(m)
+    assert f is not None
+    try:
+        if m.size <= WHOLE_READ:
+            data = f.read()
+            got = len(data)
+            if got == m.size:
+                ingest.add_buffer(data, 0, node.extents)
+        else:
+            got = ingest.add_stream(f.read, 0, node.extents)
+    except (tarfile.TarError, EOFError, zstandard.ZstdError, OSError) as err:
+        raise BadInputError(f"{where}: member {m.name!r} is truncated ({err})") from None
+    if got != m.size:
+        raise BadInputError(f"{where}: member {m.name!r} is truncated")
 
 
 def _resolve(root: Node, parts: list[bytes]) -> Node | None:
@@ -300,7 +347,7 @@ def _resolve(root: Node, parts: list[bytes]) -> Node | None:
     return node
 
 
-def _parent_dir(root: Node, parts: list[bytes], name: str, tarball: str) -> Node:
+def _parent_dir(root: Node, parts: list[bytes], name: str, where: str) -> Node:
     """The directory a member goes into, creating missing parents like tar does."""
     node = root
     for i, p in enumerate(parts[:-1]):
@@ -310,10 +357,8 @@ def _parent_dir(root: Node, parts: list[bytes], name: str, tarball: str) -> Node
             nxt = node.children[p] = new_dir()
         elif not nxt.is_dir:
             kind = "a symlink" if stat.S_ISLNK(nxt.mode) else "not a directory"
-            where = b"/".join(parts[: i + 1]).decode("utf-8", "replace")
-            raise BadInputError(
-                f"tarball {tarball}: member {name!r} would be written through {where!r}, which is {kind}"
-            )
+            path = b"/".join(parts[: i + 1]).decode("utf-8", "replace")
+            raise BadInputError(f"{where}: member {name!r} would be written through {path!r}, which is {kind}")
         node = nxt
     return node
 

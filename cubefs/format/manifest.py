@@ -52,6 +52,7 @@ class Manifest:
     image: str  # hex sha256 of the image metadata
     created: str
     stats: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)  # a converted image's runtime config
 
     @property
     def ref(self) -> str:
@@ -67,6 +68,8 @@ class Manifest:
             "created": self.created,
             "stats": self.stats,
         }
+        if self.config:
+            doc["config"] = self.config
         return json.dumps(doc, indent=1, sort_keys=True).encode()
 
     @classmethod
@@ -86,4 +89,7 @@ class Manifest:
         image = str(doc.get("image", ""))
         if not re.match(r"^sha256:[0-9a-f]{64}$", image):
             raise CorruptDataError(f"{what}: bad image digest {image!r}")
-        return cls(doc["name"], doc["tag"], image[7:], doc.get("created", ""), doc.get("stats", {}))
+        config = doc.get("config") or {}
+        if not isinstance(config, dict):
+            raise CorruptDataError(f"{what}: 'config' is not an object")
+        return cls(doc["name"], doc["tag"], image[7:], doc.get("created", ""), doc.get("stats", {}), config)

@@ -1,0 +1,268 @@
+"""OCI and Docker images as build sources: ``oci:DIR[:REF]``, ``docker-archive:FILE``,
+``docker://HOST/REPO[:TAG|@DIGEST]`` (see :mod:`cubefs.dedup.registry`).
+
+An image is a config and an ordered list of layers; each layer is a tar
+stream (gzip, zstd or plain) applied over the ones before it with OCI
+semantics (:func:`cubefs.dedup.sources.apply_tar`), into one tree that is
+built like any other.  Layers are streamed from wherever they are, never held
+whole in memory, and each is checked against its digest as it is read: a
+layer whose bytes do not match is refused, naming it.  The parts of the
+config a runtime needs (env, entrypoint, cmd, working dir, user, labels,
+exposed ports, stop signal, platform) go into the cubefs manifest.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import platform
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import zstandard
+
+from cubefs.dedup.ingest import Ingest
+from cubefs.dedup.sources import Tick, _Progress, apply_tar
+from cubefs.dedup.tree import Node, new_dir
+from cubefs.errors import BadInputError, NotFoundError, UsageError
+
+INDEX_TYPES = ("application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json")
+MANIFEST_TYPES = ("application/vnd.oci.image.manifest.v1+json",
+                  "application/vnd.docker.distribution.manifest.v2+json")
+RUNTIME_KEYS = ("Env", "Entrypoint", "Cmd", "WorkingDir", "User", "Labels", "ExposedPorts", "StopSignal")
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+@dataclass
+class Layer:
+    digest: str  # "sha256:<hex>" of the bytes ``open`` gives (or, digest_of_tar, of the plain tar)
+    size: int
+    open: Callable[[], IO[bytes]]
+    digest_of_tar: bool = False
+
+
+@dataclass
+class OciImage:
+    source: str
+    config: dict[str, Any]
+    layers: list[Layer] = field(default_factory=list)
+
+    def runtime_config(self) -> dict[str, Any]:
+        """What a runtime needs of the config, for the cubefs manifest."""
+        inner = self.config.get("config") or {}
+        out = {k: inner[k] for k in RUNTIME_KEYS if inner.get(k) not in (None, "", [], {})}
+        for k in ("architecture", "os", "variant"):
+            if self.config.get(k):
+                out[k] = self.config[k]
+        return out
+
+
+def host_platform() -> str:
+    machine = platform.machine().lower()
+    arch = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le",
+            "s390x": "s390x", "riscv64": "riscv64"}.get(machine, machine)
+    return f"linux/{arch}"
+
+
+def pick_platform(index: dict[str, Any], wanted: str | None, where: str) -> dict[str, Any]:
+    """The index entry for ``wanted`` (``os/arch[/variant]``, default: this host)."""
+    want = (wanted or host_platform()).split("/")
+    entries = [m for m in index.get("manifests") or [] if m.get("mediaType", MANIFEST_TYPES[0]) not in INDEX_TYPES]
+    for m in entries:
+        p = m.get("platform") or {}
+        have = [p.get("os", ""), p.get("architecture", ""), p.get("variant", "")]
+        if have[:2] == want[:2] and (len(want) < 3 or have[2] == want[2]):
+            return dict(m)
+    offered = ", ".join(f"{(m.get('platform') or {}).get('os')}/{(m.get('platform') or {}).get('architecture')}"
+                        for m in entries)
+    raise NotFoundError(f"{where}: no image for platform {'/'.join(want)} (it has: {offered or 'none'})")
+
+
+def parse_source(src: str) -> tuple[str, str]:
+    for prefix in ("oci:", "docker-archive:", "docker://"):
+        if src.startswith(prefix):
+            return prefix.rstrip(":/"), src[len(prefix):]
+    raise UsageError(f"unknown image source {src!r}: use oci:DIR[:REF], docker-archive:FILE or "
+                     "docker://HOST/REPO:TAG")
+
+
+def open_image(src: str, wanted_platform: str | None = None, insecure: bool = False) -> OciImage:
+    kind, rest = parse_source(src)
+    if kind == "oci":
+        return _oci_layout(rest, wanted_platform)
+    if kind == "docker-archive":
+        return _docker_archive(rest)
+    from cubefs.dedup.registry import open_registry_image
+
+    return open_registry_image(rest, wanted_platform, insecure)
+
+
+# -- applying layers -------------------------------------------------------------------
+
+
+class _Verified:
+    """A file object that hashes what is read through it, for a digest check at the end."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw = raw
+        self.sha = hashlib.sha256()
+        self.count = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.sha.update(data)
+        self.count += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
+def _decompressed(raw: _Verified, head: bytes) -> IO[bytes]:
+    if head[:2] == b"\x1f\x8b":
+        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[arg-type]
+    if head[:4] == _ZSTD_MAGIC:
+        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)  # type: ignore[return-value]
+    return raw  # type: ignore[return-value]
+
+
+def scan_image(image: OciImage, ingest: Ingest, tick: Tick) -> Node:
+    """Apply the image's layers in order into one tree."""
+    root = new_dir()
+    progress = _Progress(tick)
+    for i, layer in enumerate(image.layers, 1):
+        where = f"{image.source}: layer {i} ({layer.digest[:19]})"
+        f = _buffered(layer.open())
+        raw = _Verified(f)
+        try:
+            stream = _decompressed(raw, f.peek(4)[:4])  # type: ignore[attr-defined]
+            # A layer's digest is of its bytes as stored; docker save's of the plain tar.
+            tar: Any = _Verified(stream) if layer.digest_of_tar else stream
+            checked = tar if layer.digest_of_tar else raw
+            try:
+                tf = tarfile.open(fileobj=tar, mode="r|")
+            except (tarfile.TarError, OSError, zstandard.ZstdError, EOFError) as err:
+                raise BadInputError(f"{where}: not a readable tar stream ({err})") from None
+            root = apply_tar(tf, root, ingest, progress, where, layer=True)
+            try:
+                if tar is checked:
+                    checked.drain()
+                while stream.read(1 << 20):  # the compressed stream's trailer and padding
+                    pass
+                raw.drain()
+            except (OSError, zstandard.ZstdError, EOFError) as err:
+                raise BadInputError(f"{where}: corrupt compressed stream ({err})") from None
+        finally:
+            f.close()
+        got = f"sha256:{checked.sha.hexdigest()}"
+        if layer.digest and got != layer.digest:
+            raise BadInputError(f"{where}: content does not match its digest (got {got[:19]})")
+    if root.children is None:
+        root.children = {}
+    return root
+
+
+def _buffered(f: IO[bytes]) -> IO[bytes]:
+    import io
+
+    return f if hasattr(f, "peek") else io.BufferedReader(f, 1 << 20)  # type: ignore[arg-type]
+
+
+# -- oci:DIR[:REF] -----------------------------------------------------------------------
+
+
+def _load_json(data: bytes, what: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        raise BadInputError(f"{what}: not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise BadInputError(f"{what}: not a JSON object")
+    return doc
+
+
+def _oci_layout(spec: str, wanted_platform: str | None) -> OciImage:
+    path, ref = spec, None
+    if not os.path.isdir(path) and ":" in spec:
+        path, _, ref = spec.rpartition(":")
+    where = f"oci:{spec}"
+    if not os.path.isfile(os.path.join(path, "oci-layout")):
+        raise NotFoundError(f"{where}: {path} is not an OCI image layout (no oci-layout file)")
+
+    def blob(digest: str, what: str) -> str:
+        algo, _, hexdigest = digest.partition(":")
+        if algo != "sha256" or len(hexdigest) != 64 or not all(c in "0123456789abcdef" for c in hexdigest):
+            raise BadInputError(f"{where}: {what} has an unsupported digest {digest[:80]!r}")
+        p = os.path.join(path, "blobs", "sha256", hexdigest)
+        if not os.path.isfile(p):
+            raise BadInputError(f"{where}: {what} {digest[:19]} is missing from the layout")
+        return p
+
+    def read_verified(digest: str, what: str) -> bytes:
+        with open(blob(digest, what), "rb") as f:
+            data = f.read(64 << 20)
+        if f"sha256:{hashlib.sha256(data).hexdigest()}" != digest:
+            raise BadInputError(f"{where}: {what} {digest[:19]} does not match its digest")
+        return data
+
+    with open(os.path.join(path, "index.json"), "rb") as f:
+        index = _load_json(f.read(), f"{where}: index.json")
+    entries = index.get("manifests") or []
+    if ref is not None:
+        entries = [m for m in entries if (m.get("annotations") or {}).get("org.opencontainers.image.ref.name") == ref]
+        if not entries:
+            raise NotFoundError(f"{where}: no image tagged {ref!r} in the layout")
+    if not entries:
+        raise NotFoundError(f"{where}: the layout holds no image")
+    desc = entries[0]
+    if len(entries) > 1 and ref is None:
+        desc = pick_platform({"manifests": entries}, wanted_platform, where)
+    while desc.get("mediaType") in INDEX_TYPES:
+        nested = _load_json(read_verified(desc["digest"], "image index"), f"{where}: image index")
+        desc = pick_platform(nested, wanted_platform, where)
+    manifest = _load_json(read_verified(desc["digest"], "manifest"), f"{where}: manifest")
+    config = _load_json(read_verified(manifest["config"]["digest"], "config"), f"{where}: config")
+    layers = [Layer(layer["digest"], int(layer.get("size", 0)),
+                    lambda p=blob(layer["digest"], "layer"): open(p, "rb"))  # type: ignore[misc]
+              for layer in manifest.get("layers") or []]
+    return OciImage(where, config, layers)
+
+
+# -- docker-archive:FILE ------------------------------------------------------------------
+
+
+def _docker_archive(path: str) -> OciImage:
+    where = f"docker-archive:{path}"
+    if not os.path.isfile(path):
+        raise NotFoundError(f"{where}: no such file")
+    try:
+        outer = tarfile.open(path, mode="r:")
+    except tarfile.TarError as err:
+        raise BadInputError(f"{where}: not a docker save archive ({err})") from None
+
+    def member(name: str) -> IO[bytes]:
+        try:
+            f = outer.extractfile(name)
+        except KeyError:
+            f = None
+        if f is None:
+            raise BadInputError(f"{where}: {name!r} is missing from the archive")
+        return f
+
+    items = json.loads(member("manifest.json").read())
+    if not isinstance(items, list) or not items:
+        raise BadInputError(f"{where}: manifest.json lists no image")
+    item = items[0]
+    config = _load_json(member(item["Config"]).read(), f"{where}: config")
+    diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
+    layers = []
+    for i, name in enumerate(item.get("Layers") or []):
+        # docker save writes layers uncompressed: their digest is the config's diff_id
+        digest = diff_ids[i] if i < len(diff_ids) else ""
+        layers.append(Layer(digest, 0, lambda n=name: member(n), digest_of_tar=True))  # type: ignore[misc]
+    return OciImage(where, config, layers)
