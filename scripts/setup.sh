@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=0
-for cmd in fusermount3 pkg-config debootstrap zstd tar chroot git dpkg-deb docker-registry skopeo umoci curl; do
+for cmd in fusermount3 pkg-config debootstrap zstd tar chroot git dpkg-deb docker-registry skopeo umoci; do
   command -v "$cmd" >/dev/null 2>&1 || need_apt=1
 done
 dpkg -s libfuse3-dev >/dev/null 2>&1 || need_apt=1
@@ -13,7 +13,7 @@ if [ "$need_apt" = 1 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq fuse3 libfuse3-dev pkg-config debootstrap zstd tar attr gcc git \
-    docker-registry skopeo umoci curl >/dev/null
+    docker-registry skopeo umoci >/dev/null
 fi
 
 PY=${PYTHON:-python3}

@@ -11,6 +11,8 @@ import os
 import subprocess
 import tarfile
 import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -140,7 +142,7 @@ def test_convert_an_oci_layout_equals_umoci_unpack(tmp_path: Path, local_store: 
 
 
 @pytest.fixture
-def registry(tmp_path: Path) -> str:
+def registry(tmp_path: Path) -> Iterator[str]:
     """Debian's docker-registry on a loopback port of its own."""
     port = free_ports(1)[0]
     cfg = tmp_path / "registry.yml"
@@ -149,9 +151,13 @@ def registry(tmp_path: Path) -> str:
     proc = subprocess.Popen(["docker-registry", "serve", str(cfg)], stdout=subprocess.DEVNULL,
                             stderr=open(tmp_path / "registry.log", "wb"))
     deadline = time.monotonic() + 30
-    while subprocess.run(["curl", "-sf", f"http://127.0.0.1:{port}/v2/"], capture_output=True).returncode != 0:
-        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "registry.log").read_text()
-        time.sleep(0.1)
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=5).close()
+            break
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "registry.log").read_text()
+            time.sleep(0.1)
     yield f"127.0.0.1:{port}"
     proc.terminate()
     proc.wait(timeout=30)
