@@ -104,6 +104,19 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress line even on a terminal")
 
+    p = sub.add_parser("export", help="write an image out as an OCI image layout",
+                       description="Write NAME:TAG to the OCI image layout DIR (created, or added to) as one gzip "
+                       "layer and a config with the runtime settings 'cubefs convert' kept, so any OCI tool "
+                       "(skopeo, umoci, podman) can take it. 'cubefs convert oci:DIR:TAG' gives back the same "
+                       "image digest.")
+    p.add_argument("ref", metavar="NAME:TAG")
+    p.add_argument("--oci", required=True, metavar="DIR", help="the OCI layout to write")
+    p.add_argument("--name", default=None, help="its ref name in the layout (default: the tag)")
+    _store_args(p)
+    p.add_argument("--cache-dir", default=None, help="disk cache for reading the image (default: $CUBEFS_CACHE_DIR "
+                   "or ~/.cache/cubefs)")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("images", help="list the images in a store")
     _store_args(p)
     p.add_argument("--json", action="store_true")
@@ -250,6 +263,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
     finally:
         progress.done()
     return _print_build(result, args)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from cubefs.export import export_oci
+
+    out = export_oci(args.ref, os.path.abspath(args.oci), args.store, args.s3_endpoint,
+                     os.path.abspath(args.cache_dir or default_cache_dir()), args.name)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"exported {out['ref']} to oci:{out['layout']}:{out['name']} (one layer, {size(out['layer_bytes'])})")
+    return EXIT_OK
 
 
 def _print_build(result: Any, args: argparse.Namespace) -> int:
@@ -513,6 +538,7 @@ COMMANDS = {
     "serve": cmd_serve,
     "build": cmd_build,
     "convert": cmd_convert,
+    "export": cmd_export,
     "images": cmd_images,
     "inspect": cmd_inspect,
     "mount": cmd_mount,

@@ -13,13 +13,8 @@ whose chunks the store has.  Only chunks the store lacks are uploaded.
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from cubefs.catalog import load_image
 from cubefs.cow.index import VolumeIndex
@@ -27,10 +22,10 @@ from cubefs.dedup.builder import BuildResult, build
 from cubefs.dedup.ingest import Ingest
 from cubefs.dedup.sources import Tick, scan_directory
 from cubefs.dedup.tree import Node
-from cubefs.errors import CubefsError
 from cubefs.format.image import F_SIZE, Image
 from cubefs.format.manifest import Manifest
 from cubefs.format.packs import ChunkLocation
+from cubefs.private_mount import private_mount
 from cubefs.remote import store_session
 
 
@@ -78,17 +73,11 @@ def commit(index: VolumeIndex, volume: str, snapshot: str | None, ref: str, stor
 
         return scan_directory(src, ingest, progress, reuse=reuse)
 
-    mnt = tempfile.mkdtemp(prefix="cubefs-commit-")
-    try:
-        _cubefs("mount", "--volume", f"{volume}@{snapshot}", mnt, "--volume-dir", index.directory, "--cache-dir",
-                cache_dir, "--no-server", *(["--store", base.store] if base else []),
-                *(["--s3-endpoint", base.s3_endpoint] if base and base.s3_endpoint else []))
-        try:
-            result = build(mnt, ref, store_url, s3_endpoint, tick=tick, scan=scan)
-        finally:
-            _cubefs("umount", mnt)
-    finally:
-        shutil.rmtree(mnt, ignore_errors=True)
+    with private_mount(f"commit of {volume}@{snapshot}", None, "--volume", f"{volume}@{snapshot}", "--volume-dir",
+                       index.directory, "--cache-dir", cache_dir, "--no-server",
+                       *(["--store", base.store] if base else []),
+                       *(["--s3-endpoint", base.s3_endpoint] if base and base.s3_endpoint else [])) as mnt:
+        result = build(mnt, ref, store_url, s3_endpoint, tick=tick, scan=scan)
     return CommitResult(result, volume, snapshot, reused[0])
 
 
@@ -97,10 +86,3 @@ def _base_image(store_url: str, s3_endpoint: str | None, ref: str, digest: str) 
     with store_session(store_url, s3_endpoint) as (loop, store):
         image, _chunkmap = loop.run(load_image(store, Manifest(name, tag, digest, "")))
     return image
-
-
-def _cubefs(*args: str) -> Any:
-    res = subprocess.run([sys.executable, "-m", "cubefs", *args], capture_output=True, text=True)
-    if res.returncode != 0:
-        raise CubefsError(f"cubefs {args[0]} of the snapshot to commit failed: {res.stderr.strip()}")
-    return res

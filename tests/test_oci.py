@@ -238,3 +238,21 @@ def test_a_zero_bomb_is_stored_as_what_it_is(tmp_path: Path, local_store: str) -
     res = json.loads(run_cubefs("convert", f"oci:{path}", "--tag", "bomb:1", "--store", local_store,
                                 "--json").stdout)
     assert res["logical_bytes"] == 512 << 20 and res["stored_bytes"] < 1 << 20
+
+
+def test_export_round_trips_through_oci_tools(tmp_path: Path, local_store: str, layout: Path,
+                                              reference: Path) -> None:
+    """An image exported to an OCI layout unpacks (umoci) to the same tree, and converting
+    the export gives back the same image digest."""
+    first = json.loads(run_cubefs("convert", f"oci:{layout}:test", "--tag", "conv:1", "--store", local_store,
+                                  "--json").stdout)
+    out = tmp_path / "exported"
+    run_cubefs("export", "conv:1", "--oci", str(out), "--store", local_store, "--cache-dir", str(tmp_path / "c"))
+    bundle = tmp_path / "unpacked"
+    subprocess.run(["umoci", "unpack", "--image", f"{out}:1", str(bundle)], check=True, capture_output=True)
+    assert tree_state(bundle / "rootfs") == tree_state(reference)
+    again = json.loads(run_cubefs("convert", f"oci:{out}:1", "--tag", "conv:2", "--store", local_store,
+                                  "--json").stdout)
+    assert again["image"] == first["image"] and again["new_chunks"] == 0
+    info = json.loads(run_cubefs("inspect", "conv:2", "--store", local_store, "--json").stdout)
+    assert info["config"]["Cmd"] == ["/bin/app", "--serve"]
