@@ -117,6 +117,20 @@ def make_parser() -> argparse.ArgumentParser:
                    "or ~/.cache/cubefs)")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("rm", help="remove an image's name (its data goes at the next gc runs)")
+    p.add_argument("refs", nargs="+", metavar="NAME:TAG")
+    _store_args(p)
+
+    p = sub.add_parser("gc", help="delete what no image in the store needs",
+                       description="Two-phase and safe while builds and conversions run: a run hides the packs no "
+                       "image references from new builds and deletes those the previous run hid, unless a build "
+                       "that started before then still runs (builds hold a lease in the store) or an image now "
+                       "uses them again. So run it twice, or periodically, to reclaim space. Packs that are "
+                       "partly used are kept whole; the report says how many bytes in them are dead.")
+    _store_args(p)
+    p.add_argument("--dry-run", action="store_true", help="report, change nothing")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("images", help="list the images in a store")
     _store_args(p)
     p.add_argument("--json", action="store_true")
@@ -274,6 +288,38 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(json.dumps(out))
     else:
         print(f"exported {out['ref']} to oci:{out['layout']}:{out['name']} (one layer, {size(out['layer_bytes'])})")
+    return EXIT_OK
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    from cubefs.store_gc import remove_image
+
+    async def go(store: Any) -> list[str]:
+        return [await remove_image(store, ref) for ref in args.refs]
+
+    for ref in _with_store(args, go):
+        print(f"removed {ref}")
+    return EXIT_OK
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from cubefs.store_gc import collect
+
+    async def go(store: Any) -> Any:
+        return await collect(store, dry_run=args.dry_run)
+
+    r = _with_store(args, go)
+    if args.json:
+        print(json.dumps(r.as_dict()))
+        return EXIT_OK
+    what = "would delete" if args.dry_run else "deleted"
+    print(f"{what} {r.packs_deleted} packs ({size(r.bytes_freed)}) and {r.images_deleted} images; "
+          f"{r.packs_restored} packs in use again")
+    print(f"hid {len(r.packs_marked)} unused packs ({size(r.bytes_marked)}) and marked {len(r.images_marked)} images "
+          f"for the next run; {r.images_live} images and {r.packs_live} packs in use, "
+          f"{size(r.dead_bytes_in_live_packs)} dead in packs partly in use")
+    if r.waiting_for_leases:
+        print(f"waiting for {r.waiting_for_leases} builds that started before the last run")
     return EXIT_OK
 
 
@@ -539,6 +585,8 @@ COMMANDS = {
     "build": cmd_build,
     "convert": cmd_convert,
     "export": cmd_export,
+    "rm": cmd_rm,
+    "gc": cmd_gc,
     "images": cmd_images,
     "inspect": cmd_inspect,
     "mount": cmd_mount,

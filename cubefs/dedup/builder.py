@@ -32,6 +32,8 @@ from cubefs.format.packs import (
 )
 from cubefs.remote import store_session
 from cubefs.remote.base import Store
+from cubefs.remote.loop import LoopThread
+from cubefs.store_gc import Lease
 
 log = logging.getLogger(__name__)
 
@@ -107,54 +109,66 @@ def build(
     name, tag = parse_ref(ref)
     t0 = time.monotonic()
     with store_session(store_url, s3_endpoint, create=True) as (loop, store):
-        known = loop.run(load_known_chunks(store))
-        ingest = Ingest(store, loop, known, workers=workers, level=level)
+        # Held from before we learn which chunks exist until our manifest names the ones
+        # we reuse: garbage collection leaves them alone meanwhile (cubefs/store_gc.py).
+        lease = Lease(store)
+        loop.run(lease.take())
         try:
-            progress = tick or (lambda _f, _b: None)
-            if scan is not None:
-                root = scan(src, ingest, progress, known)
-            else:
-                root = (scan_tarball if is_tarball(src) else scan_directory)(src, ingest, progress)
-            ingest.finish()
-        except BaseException:
-            ingest.abort()
-            raise
-        tree = number_tree(root)
-        raw, digest = encode_image(tree.inodes, tree.chunks, chunker_params())
-        locations = [known[d] for d, _ in tree.chunks]
-        uploaded = ingest.stats.bytes_uploaded
-        uploaded += loop.run(_put_if_changed(store, chunkmap_key(digest), encode_chunkmap(digest, locations)))
-        if not loop.run(store.exists(image_key(digest))):
-            blob = compress_blob(raw)
-            loop.run(store.put(image_key(digest), blob))
-            uploaded += len(blob)
-        stored = sum(loc.stored_len for loc in locations)
-        result = BuildResult(
-            ref=f"{name}:{tag}",
-            image=digest,
-            store=store.url,
-            files=tree.files,
-            inodes=len(tree.inodes),
-            logical_bytes=tree.logical_bytes,
-            chunk_refs=ingest.stats.chunk_refs,
-            unique_chunks=len(tree.chunks),
-            new_chunks=ingest.stats.new_chunks,
-            new_stored_bytes=ingest.stats.new_stored_bytes,
-            stored_bytes=stored,
-            bytes_uploaded=0,
-            seconds=0.0,
-        )
-        key = manifest_key(name, tag)
-        created = datetime.now(UTC).isoformat(timespec="seconds")
-        try:
-            old = Manifest.decode(loop.run(store.get(key)), result.ref)
-            if old.image == digest and old.config == (config or {}):
-                created = old.created
-        except (ObjectNotFoundError, CorruptDataError):
-            pass
-        stats = {k: result.as_dict()[k] for k in ("files", "inodes", "logical_bytes", "unique_chunks", "stored_bytes")}
-        manifest = Manifest(name, tag, digest, created, stats, config or {})
-        uploaded += loop.run(_put_if_changed(store, key, manifest.encode()))
-        result.bytes_uploaded = uploaded
-        result.seconds = time.monotonic() - t0
-        return result
+            return _build(loop, store, src, name, tag, t0, tick, workers, level, scan, config)
+        finally:
+            loop.run(lease.release())
+
+
+def _build(loop: LoopThread, store: Store, src: str, name: str, tag: str, t0: float, tick: Tick | None,
+           workers: int, level: int, scan: Any, config: dict[str, Any] | None) -> BuildResult:
+    known = loop.run(load_known_chunks(store))
+    ingest = Ingest(store, loop, known, workers=workers, level=level)
+    try:
+        progress = tick or (lambda _f, _b: None)
+        if scan is not None:
+            root = scan(src, ingest, progress, known)
+        else:
+            root = (scan_tarball if is_tarball(src) else scan_directory)(src, ingest, progress)
+        ingest.finish()
+    except BaseException:
+        ingest.abort()
+        raise
+    tree = number_tree(root)
+    raw, digest = encode_image(tree.inodes, tree.chunks, chunker_params())
+    locations = [known[d] for d, _ in tree.chunks]
+    uploaded = ingest.stats.bytes_uploaded
+    uploaded += loop.run(_put_if_changed(store, chunkmap_key(digest), encode_chunkmap(digest, locations)))
+    if not loop.run(store.exists(image_key(digest))):
+        blob = compress_blob(raw)
+        loop.run(store.put(image_key(digest), blob))
+        uploaded += len(blob)
+    stored = sum(loc.stored_len for loc in locations)
+    result = BuildResult(
+        ref=f"{name}:{tag}",
+        image=digest,
+        store=store.url,
+        files=tree.files,
+        inodes=len(tree.inodes),
+        logical_bytes=tree.logical_bytes,
+        chunk_refs=ingest.stats.chunk_refs,
+        unique_chunks=len(tree.chunks),
+        new_chunks=ingest.stats.new_chunks,
+        new_stored_bytes=ingest.stats.new_stored_bytes,
+        stored_bytes=stored,
+        bytes_uploaded=0,
+        seconds=0.0,
+    )
+    key = manifest_key(name, tag)
+    created = datetime.now(UTC).isoformat(timespec="seconds")
+    try:
+        old = Manifest.decode(loop.run(store.get(key)), result.ref)
+        if old.image == digest and old.config == (config or {}):
+            created = old.created
+    except (ObjectNotFoundError, CorruptDataError):
+        pass
+    stats = {k: result.as_dict()[k] for k in ("files", "inodes", "logical_bytes", "unique_chunks", "stored_bytes")}
+    manifest = Manifest(name, tag, digest, created, stats, config or {})
+    uploaded += loop.run(_put_if_changed(store, key, manifest.encode()))
+    result.bytes_uploaded = uploaded
+    result.seconds = time.monotonic() - t0
+    return result

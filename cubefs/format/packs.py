@@ -102,7 +102,9 @@ def encode_chunkmap(image: str, locations: list[ChunkLocation]) -> bytes:
 class ChunkMap:
     """Decoded chunk map: chunk-table index → (pack, offset, stored length, codec)."""
 
-    def __init__(self, blob: bytes, image: str, nchunks: int) -> None:
+    def __init__(self, blob: bytes, image: str, nchunks: int | None) -> None:
+        """``nchunks``: the image's chunk-table size, which the map must match (None:
+        unchecked, for readers that only want every location, like the collector)."""
         key = chunkmap_key(image)
         try:
             doc = msgpack.unpackb(decompress_blob(blob, key), raw=False)
@@ -113,10 +115,13 @@ class ChunkMap:
             raise CorruptDataError(f"{key}: belongs to image {doc.get('image')!r}")
         self.packs: list[str] = doc["packs"]
         self._locs: bytes = doc["locs"]
-        if len(self._locs) != nchunks * MAP_RECORD.size:
+        if len(self._locs) % MAP_RECORD.size or (nchunks is not None and len(self._locs) != nchunks * MAP_RECORD.size):
             raise CorruptDataError(f"{key}: has {len(self._locs) // MAP_RECORD.size} entries, image has {nchunks}")
         self._by_pack: dict[int, tuple[list[int], list[int]]] | None = None
         self._pack_numbers: dict[str, int] | None = None
+
+    def __len__(self) -> int:
+        return len(self._locs) // MAP_RECORD.size
 
     def get(self, idx: int) -> tuple[str, int, int, int]:
         n, off, slen, codec = MAP_RECORD.unpack_from(self._locs, idx * MAP_RECORD.size)
