@@ -131,6 +131,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="report, change nothing")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("du", help="what the store's images take, together and each, vs layer-level dedup",
+                       description="Logical bytes of every image, stored bytes (each chunk once), what each image "
+                       "adds that no other has (what 'cubefs rm' + 'gc' of it would free), and what a registry "
+                       "storing the same images as deduplicated layers would hold.")
+    _store_args(p)
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("images", help="list the images in a store")
     _store_args(p)
     p.add_argument("--json", action="store_true")
@@ -273,7 +280,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     try:
         result = build(args.src, args.tag, args.store, args.s3_endpoint, tick=progress.tick, workers=args.workers,
                        level=args.level, scan=lambda _src, ingest, tick, _known: scan_image(image, ingest, tick),
-                       config=image.runtime_config())
+                       config=image.runtime_config(),
+                       source={"from": args.src, "layers": [[x.digest, x.size] for x in image.layers]})
     finally:
         progress.done()
     return _print_build(result, args)
@@ -288,6 +296,24 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(json.dumps(out))
     else:
         print(f"exported {out['ref']} to oci:{out['layout']}:{out['name']} (one layer, {size(out['layer_bytes'])})")
+    return EXIT_OK
+
+
+def cmd_du(args: argparse.Namespace) -> int:
+    from cubefs.du import disk_usage
+
+    out = _with_store(args, disk_usage)
+    if args.json:
+        print(json.dumps(out, indent=1))
+        return EXIT_OK
+    print(f"{'IMAGE':32} {'LOGICAL':>11} {'STORED':>11} {'ADDS':>11}")
+    for i in out["images"]:
+        print(f"{i['ref']:32} {size(i['logical_bytes']):>11} {size(i['stored_bytes']):>11} "
+              f"{size(i['unique_bytes']):>11}")
+    ratio = out["stored_over_layer_dedup"]
+    print(f"{'total':32} {size(out['logical_bytes']):>11} {size(out['stored_bytes']):>11}   "
+          f"(layer-level dedup: {size(out['layer_dedup_bytes'])}; cubefs stores "
+          f"{ratio if ratio is not None else '-'} of that)")
     return EXIT_OK
 
 
@@ -586,6 +612,7 @@ COMMANDS = {
     "convert": cmd_convert,
     "export": cmd_export,
     "rm": cmd_rm,
+    "du": cmd_du,
     "gc": cmd_gc,
     "images": cmd_images,
     "inspect": cmd_inspect,

@@ -256,3 +256,21 @@ def test_export_round_trips_through_oci_tools(tmp_path: Path, local_store: str, 
     assert again["image"] == first["image"] and again["new_chunks"] == 0
     info = json.loads(run_cubefs("inspect", "conv:2", "--store", local_store, "--json").stdout)
     assert info["config"]["Cmd"] == ["/bin/app", "--serve"]
+
+
+def test_du_counts_shared_chunks_once_and_compares_with_layer_dedup(tmp_path: Path, local_store: str) -> None:
+    l1, l2, l3 = layer(layer1), layer(layer2), layer(layer3)
+    write_layout(tmp_path / "one", [l1, l2])
+    write_layout(tmp_path / "two", [l1, l3])
+    for name, tag in (("one", "fam:1"), ("two", "fam:2")):
+        run_cubefs("convert", f"oci:{tmp_path / name}", "--tag", tag, "--store", local_store)
+    du = json.loads(run_cubefs("du", "--store", local_store, "--json").stdout)
+    assert du["layer_dedup_bytes"] == len(l1) + len(l2) + len(l3)  # the shared layer once, as a registry would
+    one, two = du["images"]
+    assert one["ref"] == "fam:1" and two["ref"] == "fam:2"
+    # BASE (200 kB, in both through layer 1) is stored once: the total is less than the sum.
+    assert du["stored_bytes"] <= one["stored_bytes"] + two["stored_bytes"] - len(BASE)
+    assert 0 < one["unique_bytes"] < one["stored_bytes"] and 0 < two["unique_bytes"] < two["stored_bytes"]
+    run_cubefs("rm", "fam:1", "--store", local_store)
+    du = json.loads(run_cubefs("du", "--store", local_store, "--json").stdout)
+    assert [i["ref"] for i in du["images"]] == ["fam:2"] and du["images"][0]["unique_bytes"] == du["stored_bytes"]

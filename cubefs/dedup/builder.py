@@ -103,6 +103,7 @@ def build(
     level: int = ZSTD_LEVEL,
     scan: Callable[[str, Ingest, Tick, dict[bytes, ChunkLocation]], Node] | None = None,
     config: dict[str, Any] | None = None,
+    source: dict[str, Any] | None = None,
 ) -> BuildResult:
     """Build ``src`` (a directory or a tarball; or whatever ``scan`` makes of it, given
     the chunks the store has) into the image ``ref``."""
@@ -114,13 +115,14 @@ def build(
         lease = Lease(store)
         loop.run(lease.take())
         try:
-            return _build(loop, store, src, name, tag, t0, tick, workers, level, scan, config)
+            return _build(loop, store, src, name, tag, t0, tick, workers, level, scan, config, source)
         finally:
             loop.run(lease.release())
 
 
 def _build(loop: LoopThread, store: Store, src: str, name: str, tag: str, t0: float, tick: Tick | None,
-           workers: int, level: int, scan: Any, config: dict[str, Any] | None) -> BuildResult:
+           workers: int, level: int, scan: Any, config: dict[str, Any] | None,
+           source: dict[str, Any] | None) -> BuildResult:
     known = loop.run(load_known_chunks(store))
     ingest = Ingest(store, loop, known, workers=workers, level=level)
     try:
@@ -167,7 +169,7 @@ def _build(loop: LoopThread, store: Store, src: str, name: str, tag: str, t0: fl
     except (ObjectNotFoundError, CorruptDataError):
         pass
     stats = {k: result.as_dict()[k] for k in ("files", "inodes", "logical_bytes", "unique_chunks", "stored_bytes")}
-    manifest = Manifest(name, tag, digest, created, stats, config or {})
+    manifest = Manifest(name, tag, digest, created, stats, config or {}, source or {})
     uploaded += loop.run(_put_if_changed(store, key, manifest.encode()))
     result.bytes_uploaded = uploaded
     result.seconds = time.monotonic() - t0

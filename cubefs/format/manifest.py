@@ -53,6 +53,7 @@ class Manifest:
     created: str
     stats: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)  # a converted image's runtime config
+    source: dict[str, Any] = field(default_factory=dict)  # a converted image's origin: its layers
 
     @property
     def ref(self) -> str:
@@ -70,6 +71,8 @@ class Manifest:
         }
         if self.config:
             doc["config"] = self.config
+        if self.source:
+            doc["source"] = self.source
         return json.dumps(doc, indent=1, sort_keys=True).encode()
 
     @classmethod
@@ -92,4 +95,7 @@ class Manifest:
         config = doc.get("config") or {}
         if not isinstance(config, dict):
             raise CorruptDataError(f"{what}: 'config' is not an object")
-        return cls(doc["name"], doc["tag"], image[7:], doc.get("created", ""), doc.get("stats", {}), config)
+        source = doc.get("source") or {}
+        if not isinstance(source, dict):
+            raise CorruptDataError(f"{what}: 'source' is not an object")
+        return cls(doc["name"], doc["tag"], image[7:], doc.get("created", ""), doc.get("stats", {}), config, source)
