@@ -162,6 +162,9 @@ class Ingest:
 
         def done(f: Future[list[list[tuple[int, bytes, int]]]]) -> None:
             self._budget.give(nbytes)
+            if f.cancelled():  # an aborted build
+                fut.cancel()
+                return
             err = f.exception()
             if err is not None:
                 self._fail(err)
@@ -215,7 +218,7 @@ class Ingest:
 
         def done(f: Future[list[tuple[int, bytes, int]]]) -> None:
             self._budget.give(nbytes)
-            if f.exception() is not None:
+            if not f.cancelled() and f.exception() is not None:  # cancelled: an aborted build
                 self._fail(f.exception())  # type: ignore[arg-type]
 
         fut.add_done_callback(done)
@@ -304,7 +307,7 @@ class Ingest:
 
         def done(f: Future[None]) -> None:
             self._upload_slots.release()
-            if f.exception() is not None:
+            if not f.cancelled() and f.exception() is not None:
                 self._fail(f.exception())  # type: ignore[arg-type]
 
         fut.add_done_callback(done)
