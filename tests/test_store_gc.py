@@ -71,11 +71,14 @@ def test_gc_during_a_real_build_never_deletes_what_it_reuses(tmp_path: Path, loc
     while it runs. c must still read back whole, and its reused packs get their index back."""
     big = os.urandom(20_000_000)
     a = _tree(tmp_path / "a", {"big": big})
-    c = _tree(tmp_path / "c", {"big": big, **{f"filler/{i}": os.urandom(10_000_000) for i in range(40)}})
+    c = _tree(tmp_path / "c", {"big": big, **{f"filler/{i}": os.urandom(10_000_000) for i in range(4)}})
     run_cubefs("build", str(a), "--tag", "a:1", "--store", local_store)
     run_cubefs("rm", "a:1", "--store", local_store)
     build = subprocess.Popen([sys.executable, "-m", "cubefs", "build", str(c), "--tag", "c:1", "--store", local_store,
-                              "--workers", "1", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              # zstd level 19 on one worker: ~10 s for the 40 MB of new data,
+                              # long enough for two gc runs to race it on any machine
+                              "--workers", "1", "--level", "19", "--json"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE,
                              env={**os.environ, **S3_ENV})
     time.sleep(1.0)  # it has its lease and has read the indexes
     assert build.poll() is None, "the build finished before gc could race it; give it more to do"
@@ -84,7 +87,7 @@ def test_gc_during_a_real_build_never_deletes_what_it_reuses(tmp_path: Path, loc
     out, err = build.communicate(timeout=600)
     assert build.returncode == 0, err
     assert first["packs_marked"] >= 2 and second["waiting_for_leases"] == 1 and second["packs_deleted"] == 0
-    assert json.loads(out)["new_stored_bytes"] < 410_000_000  # 400 MB of filler: a's big file was reused
+    assert json.loads(out)["new_stored_bytes"] < 41_000_000  # 40 MB of filler: a's big file was reused
     third = gc(local_store)
     assert third["packs_restored"] >= 2 and third["packs_deleted"] == 0
     with mounted("c:1", tmp_path / "mnt", local_store, tmp_path / "cache"):
