@@ -107,7 +107,7 @@ class Ingest:
         self._upload_slots = threading.BoundedSemaphore(MAX_UPLOADS)
         self._tls = threading.local()
         self._error: BaseException | None = None
-        self._batch: list[tuple[bytes, int]] = []
+        self._batch: list[tuple[bytes | Data, int]] = []
         self._batch_bytes = 0
         self._batch_future: Future[list[list[tuple[int, bytes, int]]]] = Future()
 
@@ -121,11 +121,7 @@ class Ingest:
         if st_size <= WHOLE_READ and st_blocks * 512 >= st_size:
             # Small files travel in batches: one job per ~4 MiB, not one per file,
             # so the hand-off cost (futures, locks, GIL switches) is paid rarely.
-            extents.append(_FileResult(self._batch_future, len(self._batch)))
-            self._batch.append((path, st_size))
-            self._batch_bytes += st_size
-            if self._batch_bytes >= BATCH_BYTES or len(self._batch) >= 256:
-                self.flush_files()
+            self._queue_small(path, st_size, extents)
             return
         try:
             fd = open_nofollow(path)
@@ -149,6 +145,21 @@ class Ingest:
                 self.add_stream(read, start, extents)
         finally:
             os.close(fd)
+
+    def add_data(self, data: bytes, extents: list[ChunkBatch]) -> None:
+        """Queue a small file already in memory (a tar member): cut and hashed in a worker,
+        like a small file on disk, so the thread parsing the archive never cuts."""
+        if data:
+            self._queue_small(Data(data), len(data), extents)
+
+    def _queue_small(self, source: bytes | Data, size: int, extents: list[ChunkBatch]) -> None:
+        # Small files travel in batches: one job per ~4 MiB, not one per file,
+        # so the hand-off cost (futures, locks, GIL switches) is paid rarely.
+        extents.append(_FileResult(self._batch_future, len(self._batch)))
+        self._batch.append((source, size))
+        self._batch_bytes += size
+        if self._batch_bytes >= BATCH_BYTES or len(self._batch) >= 256:
+            self.flush_files()
 
     def flush_files(self) -> None:
         """Submit the pending batch of small files."""
@@ -247,20 +258,23 @@ class Ingest:
             z = self._tls.z = zstandard.ZstdCompressor(level=self.level)
         return z
 
-    def _files_job(self, files: list[tuple[bytes, int]]) -> list[list[tuple[int, bytes, int]]]:
+    def _files_job(self, files: list[tuple[bytes | Data, int]]) -> list[list[tuple[int, bytes, int]]]:
         """Read and cut a batch of small files, then hash, claim and pack all their
         chunks in one ``_process`` (two lock round trips per batch, not per file)."""
         parts: list[tuple[int, bytes | memoryview]] = []
         bounds = [0]
-        for path, size in files:
-            try:
-                fd = open_nofollow(path)
+        for source, size in files:
+            if isinstance(source, Data):
+                data = source.data
+            else:
                 try:
-                    data = _pread_all(fd, size, 0)
-                finally:
-                    os.close(fd)
-            except OSError as err:
-                raise BadInputError(f"cannot read {os.fsdecode(path)}: {err.strerror}") from None
+                    fd = open_nofollow(source)
+                    try:
+                        data = _pread_all(fd, size, 0)
+                    finally:
+                        os.close(fd)
+                except OSError as err:
+                    raise BadInputError(f"cannot read {os.fsdecode(source)}: {err.strerror}") from None
             parts += self._cut(data, 0)
             bounds.append(len(parts))
         done = self._process(parts)
@@ -343,6 +357,15 @@ class Ingest:
                 fut.result(timeout=max(0.0, deadline - time.monotonic()))
             except (Exception, CubefsError):
                 pass
+
+
+class Data:
+    """A small file's bytes, queued with the paths of small files on disk."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
 
 
 class _FileResult:

@@ -326,7 +326,7 @@ def _ingest_member(tf: tarfile.TarFile, m: tarfile.TarInfo, node: Node, ingest: 
             data = f.read()
             got = len(data)
             if got == m.size:
-                ingest.add_buffer(data, 0, node.extents)
+                ingest.add_data(data, node.extents)
         else:
             got = ingest.add_stream(f.read, 0, node.extents)
     except (tarfile.TarError, EOFError, zstandard.ZstdError, OSError) as err:
