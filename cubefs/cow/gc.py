@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import lmdb
 import msgpack
 
-from cubefs.cow.index import LAYER_INO, LAYER_INO_BLOCK, U64, Inode, VolumeIndex
+from cubefs.cow.index import LAYER_INO, LAYER_INO_BLOCK, U64, Inode, VolumeIndex, prefixed
 
 log = logging.getLogger(__name__)
 
@@ -90,13 +90,13 @@ def _merge(index: VolumeIndex, txn: lmdb.Transaction, layers: tuple[int, ...]) -
     blocks: dict[tuple[int, int], bytes] = {}
     for layer in layers:
         prefix = U64.pack(layer)
-        for key, raw in _prefixed(txn, index.db["blocks"], prefix):
+        for key, raw in prefixed(txn, index.db["blocks"], prefix):
             _layer, ino, block = LAYER_INO_BLOCK.unpack(key)
             if (ino, block) not in blocks and block < cuts.get(ino, 1 << 63):
                 blocks[(ino, block)] = raw
-        for key, child in _prefixed(txn, index.db["dirents"], prefix):
+        for key, child in prefixed(txn, index.db["dirents"], prefix):
             dirents.setdefault(key[8:], child)
-        for key, raw in _prefixed(txn, index.db["inodes"], prefix):
+        for key, raw in prefixed(txn, index.db["inodes"], prefix):
             ino = LAYER_INO.unpack(key)[1]
             cut = Inode.decode(raw).cut
             if ino not in inodes:
@@ -108,17 +108,6 @@ def _merge(index: VolumeIndex, txn: lmdb.Transaction, layers: tuple[int, ...]) -
         inode.cut = cut
         inodes[ino] = inode.encode()
     return inodes, dirents, blocks
-
-
-def _prefixed(txn: lmdb.Transaction, db: lmdb._Database, prefix: bytes) -> list[tuple[bytes, bytes]]:
-    cur = txn.cursor(db=db)
-    out = []
-    if cur.set_range(prefix):
-        for k, v in cur:
-            if not k.startswith(prefix):
-                break
-            out.append((bytes(k), bytes(v)))
-    return out
 
 
 def collect(index: VolumeIndex, max_depth: int = MAX_DEPTH) -> GcStats:
@@ -136,7 +125,7 @@ def collect(index: VolumeIndex, max_depth: int = MAX_DEPTH) -> GcStats:
         for layer in dead:
             prefix = U64.pack(layer)
             for db in ("inodes", "dirents", "blocks"):
-                for key, _v in _prefixed(txn, index.db[db], prefix):
+                for key, _v in list(prefixed(txn, index.db[db], prefix)):
                     txn.delete(key, db=index.db[db])
                     stats.records_deleted += 1
             txn.delete(prefix, db=index.db["layers"])

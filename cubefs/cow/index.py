@@ -135,6 +135,17 @@ class Snapshot:
     created_ns: int
 
 
+def prefixed(txn: lmdb.Transaction, db: Any, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """The (key, value) records of ``db`` whose keys start with ``prefix``, in key order."""
+    cur = txn.cursor(db=db)
+    if not cur.set_range(prefix):
+        return
+    for k, v in cur:
+        if not k.startswith(prefix):
+            return
+        yield bytes(k), bytes(v)
+
+
 def _volume_name(name: str) -> str:
     if not name or len(name) > 200 or "\0" in name or "/" in name or "@" in name or name.startswith("."):
         raise UsageError(f"invalid volume or snapshot name {name!r}: no '/', '@', NUL or leading '.'")
@@ -295,15 +306,10 @@ class VolumeIndex:
 
     def snapshots(self, volume: str) -> list[Snapshot]:
         prefix = f"{volume}\0".encode()
-        out = []
         with self.read() as txn:
             self.volume(txn, volume)
-            cur = txn.cursor(db=self.db["snapshots"])
-            if cur.set_range(prefix):
-                for k, _v in cur:
-                    if not k.startswith(prefix):
-                        break
-                    out.append(self.get_snapshot(txn, volume, k[len(prefix):].decode()))
+            out = [self.get_snapshot(txn, volume, k[len(prefix):].decode())
+                   for k, _v in prefixed(txn, self.db["snapshots"], prefix)]
         return sorted(out, key=lambda s: s.created_ns)
 
     def rollback(self, name: str, snap: str) -> tuple[int, set[int], set[tuple[int, bytes]]]:
@@ -329,14 +335,8 @@ class VolumeIndex:
         return vol.layer, inodes, names
 
     def _layer_keys(self, txn: lmdb.Transaction, db: str, layer: int, decode: Any) -> Iterator[Any]:
-        prefix = U64.pack(layer)
-        cur = txn.cursor(db=self.db[db])
-        if not cur.set_range(prefix):
-            return
-        for k in cur.iternext(values=False):
-            if not k.startswith(prefix):
-                return
-            yield decode(bytes(k))
+        for k, _v in prefixed(txn, self.db[db], U64.pack(layer)):
+            yield decode(k)
 
     def clone(self, name: str, snap: str, names: list[str]) -> list[Volume]:
         """New volumes ``names``, each an empty active layer on snapshot ``snap``: one transaction."""
@@ -368,15 +368,7 @@ class VolumeIndex:
                 txn.delete(s, db=self.db["snapshots"])
 
     def _snapshot_keys(self, txn: lmdb.Transaction, volume: str) -> list[bytes]:
-        prefix = f"{volume}\0".encode()
-        cur = txn.cursor(db=self.db["snapshots"])
-        keys = []
-        if cur.set_range(prefix):
-            for k in cur.iternext(values=False):
-                if not k.startswith(prefix):
-                    break
-                keys.append(bytes(k))
-        return keys
+        return [k for k, _v in prefixed(txn, self.db["snapshots"], f"{volume}\0".encode())]
 
     # -- records of a layer -----------------------------------------------------------
 
@@ -385,13 +377,7 @@ class VolumeIndex:
         return None if raw is None else Inode.decode(raw)
 
     def inodes_of(self, txn: lmdb.Transaction, layer: int) -> Iterator[tuple[int, Inode]]:
-        prefix = U64.pack(layer)
-        cur = txn.cursor(db=self.db["inodes"])
-        if not cur.set_range(prefix):
-            return
-        for k, v in cur:
-            if not k.startswith(prefix):
-                return
+        for k, v in prefixed(txn, self.db["inodes"], U64.pack(layer)):
             yield LAYER_INO.unpack(k)[1], Inode.decode(v)
 
     def put_inode(self, txn: lmdb.Transaction, layer: int, ino: int, inode: Inode) -> None:
@@ -407,13 +393,8 @@ class VolumeIndex:
 
     def dirents(self, txn: lmdb.Transaction, layer: int, parent: int) -> Iterator[tuple[bytes, int]]:
         prefix = LAYER_INO.pack(layer, parent)
-        cur = txn.cursor(db=self.db["dirents"])
-        if not cur.set_range(prefix):
-            return
-        for k, v in cur:
-            if not k.startswith(prefix):
-                return
-            yield bytes(k[len(prefix):]), U64.unpack(v)[0]
+        for k, v in prefixed(txn, self.db["dirents"], prefix):
+            yield k[len(prefix):], U64.unpack(v)[0]
 
     def get_block(self, txn: lmdb.Transaction, layer: int, ino: int, block: int) -> tuple[int, int] | None:
         """(file, offset) of a block, (0, 0) for a block of zeros, None if the layer lacks it."""
