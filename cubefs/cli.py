@@ -99,6 +99,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--platform", default=None, metavar="OS/ARCH[/VARIANT]",
                    help="which image of a multi-platform index (default: this host's, e.g. linux/amd64)")
     p.add_argument("--insecure", action="store_true", help="talk plain HTTP to the registry (a local one)")
+    p.add_argument("--allow-devices", action="store_true",
+                   help="keep character and block device nodes the layers contain (refused by default)")
     p.add_argument("--workers", type=int, default=0, help="hash/compress threads (default: one per core)")
     p.add_argument("--level", type=int, default=1, choices=range(-7, 20), metavar="N", help="zstd level (default 1)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -279,7 +281,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     progress = Progress(f"converting {args.src}", enabled=None if not args.no_progress else False)
     try:
         result = build(args.src, args.tag, args.store, args.s3_endpoint, tick=progress.tick, workers=args.workers,
-                       level=args.level, scan=lambda _src, ingest, tick, _known: scan_image(image, ingest, tick),
+                       level=args.level,
+                       scan=lambda _src, ingest, tick, _known: scan_image(image, ingest, tick, args.allow_devices),
                        config=image.runtime_config(),
                        source={"from": args.src, "layers": [[x.digest, x.size] for x in image.layers]})
     finally:

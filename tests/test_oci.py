@@ -36,6 +36,13 @@ def _member(tf: tarfile.TarFile, name: str, kind: bytes = tarfile.REGTYPE, data:
     tf.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
 
 
+def _add_device(tf: tarfile.TarFile, name: str) -> None:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.BLKTYPE
+    info.devmajor, info.devminor = 8, 0
+    tf.addfile(info)
+
+
 def layer(build: object) -> bytes:
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tf:
@@ -202,6 +209,8 @@ def test_hostile_layers_are_refused_with_one_line(tmp_path: Path, local_store: s
     err = _hostile(tmp_path, local_store, lambda tf: (_member(tf, "up", tarfile.SYMTYPE, link="/etc"),
                                                      _member(tf, "up/passwd", data=b"owned")), "through")
     assert "written through 'up'" in err
+    err = _hostile(tmp_path, local_store, lambda tf: _add_device(tf, "sda"), "device")
+    assert "'sda' is a device node (8:0)" in err and "--allow-devices" in err
     # A blob whose bytes are not what its digest says.
     path = tmp_path / "tampered"
     write_layout(path, [layer(layer1), layer(layer2)])

@@ -203,7 +203,7 @@ class _Inflater:
         self.f.close()
 
 
-def scan_image(image: OciImage, ingest: Ingest, tick: Tick) -> Node:
+def scan_image(image: OciImage, ingest: Ingest, tick: Tick, allow_devices: bool = False) -> Node:
     """Apply the image's layers in order into one tree."""
     root = new_dir()
     progress = _Progress(tick)
@@ -216,7 +216,7 @@ def scan_image(image: OciImage, ingest: Ingest, tick: Tick) -> Node:
                 tf = tarfile.open(fileobj=stream, mode="r|")  # type: ignore[arg-type]
             except (tarfile.TarError, OSError, EOFError) as err:
                 raise BadInputError(f"{where}: not a readable tar stream ({err})") from None
-            root = apply_tar(tf, root, ingest, progress, where, layer=True)
+            root = apply_tar(tf, root, ingest, progress, where, layer=True, allow_devices=allow_devices)
             try:
                 stream.finish()
             except OSError as err:
