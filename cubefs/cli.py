@@ -100,7 +100,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="which image of a multi-platform index (default: this host's, e.g. linux/amd64)")
     p.add_argument("--insecure", action="store_true", help="talk plain HTTP to the registry (a local one)")
     p.add_argument("--allow-devices", action="store_true",
-                   help="keep character and block device nodes the layers contain (refused by default)")
+                   help="keep the character and block device nodes layers contain (left out, with a warning, "
+                   "by default: a runtime makes /dev)")
     p.add_argument("--workers", type=int, default=0, help="hash/compress threads (default: one per core)")
     p.add_argument("--level", type=int, default=1, choices=range(-7, 20), metavar="N", help="zstd level (default 1)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")

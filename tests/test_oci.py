@@ -209,8 +209,16 @@ def test_hostile_layers_are_refused_with_one_line(tmp_path: Path, local_store: s
     err = _hostile(tmp_path, local_store, lambda tf: (_member(tf, "up", tarfile.SYMTYPE, link="/etc"),
                                                      _member(tf, "up/passwd", data=b"owned")), "through")
     assert "written through 'up'" in err
-    err = _hostile(tmp_path, local_store, lambda tf: _add_device(tf, "sda"), "device")
-    assert "'sda' is a device node (8:0)" in err and "--allow-devices" in err
+    # A device node: left out, with one line that says so; kept on request.
+    path = tmp_path / "device"
+    write_layout(path, [layer(layer1), layer(lambda tf: _add_device(tf, "sda"))])
+    res = run_cubefs("convert", f"oci:{path}", "--tag", "dev:1", "--store", local_store)
+    assert "left out 1 device nodes (sda (8:0))" in res.stderr and "--allow-devices" in res.stderr
+    with mounted("dev:1", tmp_path / "dev-mnt", local_store, tmp_path / "dev-cache"):
+        assert not (tmp_path / "dev-mnt" / "sda").exists() and (tmp_path / "dev-mnt" / "base").exists()
+    run_cubefs("convert", f"oci:{path}", "--tag", "dev:2", "--store", local_store, "--allow-devices")
+    with mounted("dev:2", tmp_path / "dev-mnt", local_store, tmp_path / "dev-cache"):
+        assert os.stat(tmp_path / "dev-mnt" / "sda", follow_symlinks=False).st_rdev == os.makedev(8, 0)
     # A blob whose bytes are not what its digest says.
     path = tmp_path / "tampered"
     write_layout(path, [layer(layer1), layer(layer2)])

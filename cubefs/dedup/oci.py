@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import platform
 import queue
@@ -37,6 +38,7 @@ MANIFEST_TYPES = ("application/vnd.oci.image.manifest.v1+json",
                   "application/vnd.docker.distribution.manifest.v2+json")
 RUNTIME_KEYS = ("Env", "Entrypoint", "Cmd", "WorkingDir", "User", "Labels", "ExposedPorts", "StopSignal")
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+log = logging.getLogger("cubefs")
 
 
 @dataclass
@@ -207,6 +209,7 @@ def scan_image(image: OciImage, ingest: Ingest, tick: Tick, allow_devices: bool 
     """Apply the image's layers in order into one tree."""
     root = new_dir()
     progress = _Progress(tick)
+    dropped: list[str] = []
     for i, layer in enumerate(image.layers, 1):
         where = f"{image.source}: layer {i} ({layer.digest[:19]})"
         # A layer's digest is of its bytes as stored; docker save's, of the plain tar.
@@ -216,7 +219,8 @@ def scan_image(image: OciImage, ingest: Ingest, tick: Tick, allow_devices: bool 
                 tf = tarfile.open(fileobj=stream, mode="r|")  # type: ignore[arg-type]
             except (tarfile.TarError, OSError, EOFError) as err:
                 raise BadInputError(f"{where}: not a readable tar stream ({err})") from None
-            root = apply_tar(tf, root, ingest, progress, where, layer=True, allow_devices=allow_devices)
+            root = apply_tar(tf, root, ingest, progress, where, layer=True,
+                             dropped=None if allow_devices else dropped)
             try:
                 stream.finish()
             except OSError as err:
@@ -227,6 +231,9 @@ def scan_image(image: OciImage, ingest: Ingest, tick: Tick, allow_devices: bool 
         got = f"sha256:{sha.hexdigest()}"
         if layer.digest and got != layer.digest:
             raise BadInputError(f"{where}: content does not match its digest (got {got[:19]})")
+    if dropped:
+        log.warning("%s: left out %d device nodes (%s%s); --allow-devices keeps them", image.source, len(dropped),
+                    ", ".join(dropped[:3]), ", ..." if len(dropped) > 3 else "")
     if root.children is None:
         root.children = {}
     return root

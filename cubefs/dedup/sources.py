@@ -256,7 +256,7 @@ OPAQUE = b".wh..wh..opq"
 
 
 def apply_tar(tf: tarfile.TarFile, root: Node, ingest: Ingest, progress: _Progress, where: str,
-              layer: bool = False, allow_devices: bool = True) -> Node:
+              layer: bool = False, dropped: list[str] | None = None) -> Node:
     """Apply a tar stream onto the tree ``root``; returns the (maybe replaced) root.
 
     With ``layer``, the stream is an OCI layer over what earlier layers built:
@@ -264,9 +264,9 @@ def apply_tar(tf: tarfile.TarFile, root: Node, ingest: Ingest, progress: _Progre
     layers put in DIR (this layer's entries stay, wherever the marker comes), an
     entry replaces one of another type (a directory with its subtree), and a
     hard link may point at a file of an earlier layer.  ``where`` names the
-    stream in errors.  Without ``allow_devices`` a character or block device is
-    refused: an image from elsewhere has no business shipping a way into the
-    host's devices (a runtime makes /dev itself).
+    stream in errors.  With a ``dropped`` list, character and block devices are
+    left out and named there: an image from elsewhere has no business shipping
+    a way into the host's devices (a runtime makes /dev itself).
     """
     # Keyed by a directory's children dict, which a repeated directory entry keeps.
     added: dict[int, set[bytes]] = {}  # names this stream put in the directory
@@ -304,9 +304,9 @@ def apply_tar(tf: tarfile.TarFile, root: Node, ingest: Ingest, progress: _Progre
                 )
             parent.children[leaf] = target
             continue
-        if not allow_devices and (m.ischr() or m.isblk()):
-            raise BadInputError(f"{where}: member {m.name!r} is a device node ({m.devmajor}:{m.devminor}); "
-                                "refused (--allow-devices to keep it)")
+        if dropped is not None and (m.ischr() or m.isblk()):
+            dropped.append(f"{m.name} ({m.devmajor}:{m.devminor})")
+            continue
         node = _tar_node(m)
         old = parent.children.get(leaf)
         if node.is_dir and old is not None and old.is_dir:
