@@ -33,6 +33,9 @@ examples:
   chroot /mnt/debian python3 -c 'import json'
   cubefs stats /mnt/debian                          # bytes served by memory, disk, store
   cubefs umount /mnt/debian
+  cubefs convert docker://127.0.0.1:5000/app:1 --insecure --tag app:1   # from a registry (or oci:DIR)
+  cubefs volume create box --from debian:12; cubefs mount --volume box /mnt/box   # read-write
+  cubefs snapshot box --name s1; cubefs rollback box s1; cubefs clone box@s1 --count 10 --prefix t
 
 The default store is file://~/.local/share/cubefs/store (or $CUBEFS_STORE).
 Exit codes: 0 ok, 1 internal error, 2 usage, 3 not found, 4 bad or corrupt input,
