@@ -291,3 +291,38 @@ def test_du_counts_shared_chunks_once_and_compares_with_layer_dedup(tmp_path: Pa
     run_cubefs("rm", "fam:1", "--store", local_store)
     du = json.loads(run_cubefs("du", "--store", local_store, "--json").stdout)
     assert [i["ref"] for i in du["images"]] == ["fam:2"] and du["images"][0]["unique_bytes"] == du["stored_bytes"]
+
+
+def test_multi_platform_index_picks_the_host_or_platform(tmp_path: Path, local_store: str) -> None:
+    """An image index with an amd64 and an arm64 image: the host's is taken unless
+    --platform says otherwise; a platform the index lacks is a clear error."""
+    path = tmp_path / "multi"
+    write_layout(path, [layer(lambda tf: _member(tf, "arch", data=b"amd64"))])
+    index = json.loads((path / "index.json").read_text())
+    amd = dict(index["manifests"][0], platform={"os": "linux", "architecture": "amd64"})
+    other = tmp_path / "other"
+    write_layout(other, [layer(lambda tf: _member(tf, "arch", data=b"arm64"))])
+    for blob in (other / "blobs" / "sha256").iterdir():
+        (path / "blobs" / "sha256" / blob.name).write_bytes(blob.read_bytes())
+    arm = dict(json.loads((other / "index.json").read_text())["manifests"][0],
+               platform={"os": "linux", "architecture": "arm64", "variant": "v8"})
+    for desc in (amd, arm):
+        desc.pop("annotations", None)
+    nested = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                         "manifests": [arm, amd]}).encode()
+    digest = hashlib.sha256(nested).hexdigest()
+    (path / "blobs" / "sha256" / digest).write_bytes(nested)
+    (path / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
+        {"mediaType": "application/vnd.oci.image.index.v1+json", "digest": f"sha256:{digest}", "size": len(nested),
+         "annotations": {"org.opencontainers.image.ref.name": "multi"}}]}))
+    from cubefs.dedup.oci import host_platform
+
+    host = b"arm64" if host_platform() == "linux/arm64" else b"amd64"  # the machines this runs on are amd64
+    for tag, extra, want in (("m:host", (), host), ("m:arm", ("--platform", "linux/arm64"), b"arm64"),
+                             ("m:amd", ("--platform", "linux/amd64"), b"amd64")):
+        run_cubefs("convert", f"oci:{path}:multi", "--tag", tag, "--store", local_store, *extra)
+        with mounted(tag, tmp_path / "mnt", local_store, tmp_path / "cache"):
+            assert (tmp_path / "mnt" / "arch").read_bytes() == want
+    res = run_cubefs("convert", f"oci:{path}:multi", "--tag", "m:s390", "--store", local_store, "--platform",
+                     "linux/s390x", check=False)
+    assert res.returncode == 3 and "no image for platform linux/s390x" in res.stderr and "linux/arm64" in res.stderr
