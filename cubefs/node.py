@@ -42,11 +42,17 @@ MAX_HEAD = 16 * 1024
 REQUEST_DEADLINE = 60.0
 
 
+COUNTERS = ("requests", "chunks_asked", "chunks_from_disk", "chunks_fetched", "chunks_unavailable", "bytes_sent",
+            "bad_requests", "wrong_store")
+
+
 class PeerServer:
     def __init__(self, source: ChunkSource, store_url: str) -> None:
         self.source = source
         self.store_url = store_url
-        self.counts: Counter[str] = Counter()
+        # Every counter from the start, at 0: a node no mount has asked yet still
+        # exports them (a missing series reads as "no data", not "none").
+        self.counts: Counter[str] = Counter({name: 0 for name in COUNTERS})
         self.started = time.time()
 
     def stats(self) -> dict[str, Any]:
