@@ -326,3 +326,19 @@ def test_multi_platform_index_picks_the_host_or_platform(tmp_path: Path, local_s
     res = run_cubefs("convert", f"oci:{path}:multi", "--tag", "m:s390", "--store", local_store, "--platform",
                      "linux/s390x", check=False)
     assert res.returncode == 3 and "no image for platform linux/s390x" in res.stderr and "linux/arm64" in res.stderr
+
+
+def test_layers_read_like_tar_reads_them(tmp_path: Path, local_store: str, rootfs: Path) -> None:
+    """A Debian root filesystem as GNU tar writes it (long names, hard links, devices,
+    xattrs), built as a tarball (Python's tarfile) and converted as a layer (our
+    stream reader): the same image, digest for digest."""
+    tarball = tmp_path / "rootfs.tar"
+    subprocess.run(["tar", "--xattrs", "--numeric-owner", "-C", str(rootfs), "-cf", str(tarball), "."],
+                   check=True)
+    built = json.loads(run_cubefs("build", str(tarball), "--tag", "viatar:1", "--store", local_store,
+                                  "--json").stdout)
+    write_layout(tmp_path / "lay", [gzip.compress(tarball.read_bytes(), compresslevel=1, mtime=0)])
+    tarball.unlink()
+    converted = json.loads(run_cubefs("convert", f"oci:{tmp_path / 'lay'}", "--tag", "viaoci:1", "--allow-devices",
+                                      "--store", local_store, "--json").stdout)
+    assert converted["image"] == built["image"] and converted["files"] == built["files"] > 6000

@@ -30,6 +30,7 @@ import zstandard
 
 from cubefs.dedup.ingest import Ingest
 from cubefs.dedup.sources import Tick, _Progress, apply_tar
+from cubefs.dedup.tarstream import TarStream
 from cubefs.dedup.tree import Node, new_dir
 from cubefs.errors import BadInputError, NotFoundError, UsageError
 
@@ -215,11 +216,8 @@ def scan_image(image: OciImage, ingest: Ingest, tick: Tick, allow_devices: bool 
         # A layer's digest is of its bytes as stored; docker save's, of the plain tar.
         stream = _Inflater(layer.open(), hash_plain=layer.digest_of_tar)
         try:
-            try:
-                tf = tarfile.open(fileobj=stream, mode="r|")  # type: ignore[arg-type]
-            except (tarfile.TarError, OSError, EOFError) as err:
-                raise BadInputError(f"{where}: not a readable tar stream ({err})") from None
-            root = apply_tar(tf, root, ingest, progress, where, layer=True,
+            tf = TarStream(stream)  # type: ignore[arg-type]
+            root = apply_tar(tf, root, ingest, progress, where, layer=True,  # type: ignore[arg-type]
                              dropped=None if allow_devices else dropped)
             try:
                 stream.finish()
