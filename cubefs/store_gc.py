@@ -132,19 +132,21 @@ async def collect(store: Store, dry_run: bool = False, stale_lease: float = STAL
     report.packs_live = len(used)
     now = time.time()
     try:
-        state = json.loads(await store.get(STATE_KEY))
+        batches = json.loads(await store.get(STATE_KEY))["batches"]
     except ObjectNotFoundError:
-        state = {"marked_at": 0, "packs": [], "images": []}
-    # Phase 2: the previous run's marks, once no build that could have reused them runs.
-    swept = False
-    if state["packs"] or state["images"]:
-        blocking = [t for t in await _leases(store) if t <= state["marked_at"] and now - t < stale_lease]
+        batches = []
+    # Phase 2: each earlier run's marks, once no build that could have reused them runs.
+    # Batches keep their own time, so builds that started later never hold back older marks.
+    leases = await _leases(store)
+    kept = []
+    for batch in batches:
+        blocking = [t for t in leases if t <= batch["marked_at"] and now - t < stale_lease]
         if blocking:
-            report.waiting_for_leases = len(blocking)
+            report.waiting_for_leases = max(report.waiting_for_leases, len(blocking))
+            kept.append(batch)
         else:
-            await _sweep(store, state, images, used, report, dry_run)
-            state = {"marked_at": 0, "packs": [], "images": []}
-            swept = True
+            await _sweep(store, batch, images, used, report, dry_run)
+    state = {"packs": [p for b in kept for p in b["packs"]], "images": [d for b in kept for d in b["images"]]}
     # Phase 1: what is garbage now (and not already marked).  Moving an index (an
     # image's metadata) out of sight is what stops new builds from reusing it.
     marked = set(state["packs"])
@@ -170,17 +172,16 @@ async def collect(store: Store, dry_run: bool = False, stale_lease: float = STAL
         except (CorruptDataError, ObjectNotFoundError):
             continue
         report.dead_bytes_in_live_packs += sum(e.stored_len for e in entries if (e.offset, e.stored_len) not in spans)
-    if not dry_run and (swept or report.packs_marked or report.images_marked):
+    if not dry_run and (len(kept) != len(batches) or report.packs_marked or report.images_marked):
         if report.packs_marked or report.images_marked:
-            state = {"marked_at": now, "packs": state["packs"] + report.packs_marked,
-                     "images": state["images"] + report.images_marked}
-        await store.put(STATE_KEY, json.dumps(state).encode())
+            kept.append({"marked_at": now, "packs": report.packs_marked, "images": report.images_marked})
+        await store.put(STATE_KEY, json.dumps({"batches": kept}).encode())
     return report
 
 
-async def _sweep(store: Store, state: dict[str, Any], images: set[str], used: dict[str, Any], report: GcReport,
+async def _sweep(store: Store, batch: dict[str, Any], images: set[str], used: dict[str, Any], report: GcReport,
                  dry_run: bool) -> None:
-    for pack in state["packs"]:
+    for pack in batch["packs"]:
         moved = f"gc/{index_key(pack)}"
         if pack in used:  # a build that was running reused it: it lives
             report.packs_restored += 1
@@ -200,9 +201,9 @@ async def _sweep(store: Store, state: dict[str, Any], images: set[str], used: di
     # not yet its manifest would be left pointing at nothing), so it goes only while no
     # build at all runs: one starting now finds it present or uploads it again.
     if await store.list("leases/"):
-        report.images_kept_for_builds = len([d for d in state["images"] if d not in images])
+        report.images_kept_for_builds = len([d for d in batch["images"] if d not in images])
         return
-    for digest in state["images"]:
+    for digest in batch["images"]:
         if digest in images:
             continue
         report.images_deleted += 1

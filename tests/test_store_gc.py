@@ -62,8 +62,21 @@ def test_a_running_build_holds_gc_back(tmp_path: Path, local_store: str) -> None
     assert gc(local_store)["packs_marked"] >= 1
     held = gc(local_store)
     assert held["waiting_for_leases"] == 1 and held["packs_deleted"] == 0
+    # Another image goes, while a build that started after the first marks runs: it
+    # holds back only what was marked after it started.
+    b = _tree(tmp_path / "b", {"only-b": os.urandom(20_000_000)})
+    run_cubefs("build", str(b), "--tag", "b:1", "--store", local_store)
+    run_cubefs("rm", "b:1", "--store", local_store)
+    time.sleep(0.05)
+    (leases / "later").write_text(json.dumps({"started": time.time()}))
+    time.sleep(0.05)
+    assert gc(local_store)["packs_marked"] >= 1  # b's packs, a second batch
     (leases / "someone").unlink()
-    assert gc(local_store)["bytes_freed"] >= 16_000_000
+    freed = gc(local_store)
+    assert 16_000_000 <= freed["bytes_freed"] < 30_000_000  # a's batch, not b's
+    assert freed["waiting_for_leases"] == 1
+    (leases / "later").unlink()
+    assert gc(local_store)["bytes_freed"] >= 16_000_000  # now b's
 
 
 def test_gc_during_a_real_build_never_deletes_what_it_reuses(tmp_path: Path, local_store: str) -> None:
