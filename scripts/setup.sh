@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=0
-for cmd in fusermount3 pkg-config debootstrap zstd tar chroot git dpkg-deb docker-registry skopeo umoci; do
+for cmd in fusermount3 pkg-config debootstrap zstd tar chroot git dpkg-deb docker-registry skopeo umoci \
+           qemu-system-x86_64; do
   command -v "$cmd" >/dev/null 2>&1 || need_apt=1
 done
 dpkg -s libfuse3-dev >/dev/null 2>&1 || need_apt=1
@@ -13,7 +14,7 @@ if [ "$need_apt" = 1 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq fuse3 libfuse3-dev pkg-config debootstrap zstd tar attr gcc git \
-    docker-registry skopeo umoci >/dev/null
+    docker-registry skopeo umoci qemu-system-x86 >/dev/null
 fi
 
 PY=${PYTHON:-python3}

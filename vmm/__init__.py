@@ -1,0 +1,1 @@
+"""Micro-VMs whose root filesystem is served over virtio-fs (see ARCHITECTURE.md)."""
