@@ -178,10 +178,11 @@ def make_parser() -> argparse.ArgumentParser:
                    help="seconds before a read that cannot be served fails with EIO (default 60)")
     p.add_argument("--store-timeout", type=float, default=10.0, help="seconds per store request attempt (default 10)")
     p.add_argument("--store-attempts", type=int, default=4, help="attempts per store request (default 4)")
-    p.add_argument("--transport", choices=("kernel", "pyfuse3"), default="kernel",
+    p.add_argument("--transport", choices=("kernel", "pyfuse3", "virtiofs"), default="kernel",
                    help="how FUSE is spoken: 'kernel' (default) talks to /dev/fuse directly and has the kernel "
                    "cache symlinks, directory listings and open files, so a warm re-run makes almost no requests; "
-                   "'pyfuse3' goes through libfuse")
+                   "'pyfuse3' goes through libfuse; 'virtiofs' serves a VM instead: MOUNTPOINT is then the "
+                   "vhost-user socket QEMU's vhost-user-fs device connects to, and the daemon ends with the VM")
     p.add_argument("--peers", default="", metavar="HOST:PORT,...",
                    help="peer chunk servers ('cubefs serve --listen') asked before the store, this node's own "
                    "included; each chunk is asked of the one peer that owns it")
@@ -462,9 +463,13 @@ def cmd_mount(args: argparse.Namespace) -> int:
     args.mountpoint = args.targets[-1]
     args.volume_dir = os.path.abspath(args.volume_dir or cli_volume.default_volume_dir())
     mp = os.path.abspath(args.mountpoint)
-    if not os.path.isdir(mp):
+    if args.transport == "virtiofs":
+        if os.path.isdir(mp) or not os.path.isdir(os.path.dirname(mp)):
+            raise UsageError(f"with --transport virtiofs, {args.mountpoint} must be a socket path in an existing "
+                             "directory")
+    elif not os.path.isdir(mp):
         raise UsageError(f"mountpoint {args.mountpoint} is not a directory")
-    if os.path.ismount(mp):
+    elif os.path.ismount(mp):
         raise UsageError(f"{args.mountpoint} is already a mount point")
     cache_dir = os.path.abspath(args.cache_dir or default_cache_dir())
     if args.foreground:
@@ -524,6 +529,9 @@ def cmd_umount(args: argparse.Namespace) -> int:
         info = {}
         if not os.path.ismount(mp):
             raise
+    if info and not os.path.ismount(mp):  # a daemon serving a VM (virtio-fs): no mount to detach
+        os.kill(int(info["pid"]), signal.SIGTERM)
+        return EXIT_OK
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
     cmd = [tool, "-u", *(["-z"] if args.lazy else []), mp] if tool else ["umount", *(["-l"] if args.lazy else []), mp]
     res = subprocess.run(cmd, capture_output=True, text=True)

@@ -58,7 +58,7 @@ class MountOptions:
     store_attempts: int = 4
     store_timeout: float = 10.0
     allow_other: bool = os.geteuid() == 0  # non-root needs user_allow_other in /etc/fuse.conf
-    transport: str = "kernel"  # or "pyfuse3"
+    transport: str = "kernel"  # or "pyfuse3", or "virtiofs" (mountpoint: the vhost-user socket)
     peers: tuple[str, ...] = ()
     peer_timeout: float = 3.0
     record_trace: bool = False
@@ -73,8 +73,8 @@ def run_daemon(opts: MountOptions, notify: Any = None) -> int:
     if opts.volume is None:
         with store_session(opts.store_url, opts.s3_endpoint, policy=policy) as (loop, store):
             return _serve(opts, notify, loop, store, None)
-    if opts.transport != "kernel":
-        raise UsageError("volumes are served by the kernel transport only (not --transport pyfuse3)")
+    if opts.transport == "pyfuse3":
+        raise UsageError("volumes are served by the kernel and virtiofs transports (not --transport pyfuse3)")
     from cubefs.cow.index import VolumeIndex
     from cubefs.cow.lock import VolumeLock
 
@@ -261,6 +261,10 @@ class Transport(Protocol):
 
 
 def _transport(name: str, fs: Any, mountpoint: str, fsname: str, allow_other: bool) -> Transport:
+    if name == "virtiofs":  # mountpoint: the vhost-user socket QEMU connects to
+        from vmm.vhost_user_fs import VirtioFsTransport
+
+        return VirtioFsTransport(fs, mountpoint)
     if name == "pyfuse3":
         from cubefs.fuse.pyfuse3_ops import Pyfuse3Transport
 

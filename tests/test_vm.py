@@ -3,6 +3,8 @@ with QEMU's own virtiofsd as the reference backend."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import time
@@ -43,3 +45,28 @@ def test_a_vm_runs_python_from_its_virtio_fs_root(kernel: Path, virtiofsd: str) 
     res = run_once(kernel, virtiofsd, "python3 -c 'import json; print(42)'; echo to-stderr >&2; exit 3",
                    read_only=True)
     assert res.stdout == b"42\n" and res.stderr == b"to-stderr\n" and res.exit_code == 3, res.console[-2000:]
+
+
+def test_a_vm_boots_from_a_cubefs_image_over_our_virtio_fs_backend(kernel: Path, rootfs: Path, tmp_path: Path,
+                                                                   local_store: str) -> None:
+    """No host FUSE mount in between: QEMU's vhost-user-fs device talks to the cubefs
+    daemon, which serves the image lazily from the store, and python3 runs in the guest."""
+    from conftest import run_cubefs
+
+    run_cubefs("build", str(rootfs), "--tag", "debian:12", "--store", local_store)
+    sock = tmp_path / "rootfs.sock"
+    run_cubefs("mount", "debian:12", str(sock), "--transport", "virtiofs", "--store", local_store, "--cache-dir",
+               str(tmp_path / "cache"))
+    stats = json.loads(run_cubefs("stats", str(sock), "--json").stdout)
+    res = run_once(kernel, str(sock), "python3 -c 'import json; print(42)'")
+    assert res.exit_code == 0 and res.stdout == b"42\n", res.console[-2000:]
+    deadline = time.monotonic() + 30
+    while True:  # the daemon ends with the VM
+        try:
+            os.kill(stats["pid"], 0)
+        except ProcessLookupError:
+            break
+        assert time.monotonic() < deadline, "the daemon outlived its VM"
+        time.sleep(0.1)
+    log = next((tmp_path / "cache" / "logs").glob("mount-*.log")).read_text()
+    assert "QEMU connected" in log and "FUSE protocol 7.31" in log

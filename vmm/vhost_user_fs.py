@@ -1,0 +1,436 @@
+"""A vhost-user-fs backend: QEMU's virtio-fs device, served by cubefs's FUSE server.
+
+QEMU connects to our unix socket and speaks vhost-user (a 12-byte header,
+a payload, file descriptors as SCM_RIGHTS): it hands us the guest's RAM as
+memfd regions, the addresses of each virtqueue's rings, and an eventfd per
+queue to kick us and one to call (interrupt) the guest.  Each request in a
+request queue is a descriptor chain: the device-readable part is a FUSE
+request exactly as /dev/fuse would give it, the writable part takes the
+reply; :class:`cubefs.fuse.server.FuseServer` answers it, the one dispatcher
+for both transports.  Queue 0 (hiprio) carries FORGETs, which get no reply.
+
+Invariants: every guest address is checked against the memory table before
+use (a bad one fails that request, never the backend); used entries are
+written before the used index (x86 keeps stores in order; EVENT_IDX is not
+offered, so no full fence is ever needed and every batch signals).
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import logging
+import mmap
+import os
+import socket
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from cubefs.fuse import protocol as p
+from cubefs.fuse.server import FuseServer
+
+log = logging.getLogger(__name__)
+
+HEADER = struct.Struct("<III")
+U64 = struct.Struct("<Q")
+STATE = struct.Struct("<II")
+ADDR = struct.Struct("<IIQQQQ")
+REGION = struct.Struct("<QQQQ")
+DESC = struct.Struct("<QIHH")
+VERSION, REPLY, NEED_REPLY = 0x1, 0x4, 0x8
+F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4
+
+GET_FEATURES, SET_FEATURES, SET_OWNER, RESET_OWNER = 1, 2, 3, 4
+SET_MEM_TABLE, SET_LOG_BASE, SET_LOG_FD = 5, 6, 7
+SET_VRING_NUM, SET_VRING_ADDR, SET_VRING_BASE, GET_VRING_BASE = 8, 9, 10, 11
+SET_VRING_KICK, SET_VRING_CALL, SET_VRING_ERR = 12, 13, 14
+GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES, GET_QUEUE_NUM, SET_VRING_ENABLE = 15, 16, 17, 18
+
+FEATURES = (1 << 32) | (1 << 30)  # VIRTIO_F_VERSION_1, VHOST_USER_F_PROTOCOL_FEATURES
+PROTOCOL_FEATURES = (1 << 0) | (1 << 3)  # MQ, REPLY_ACK
+NUM_QUEUES = 2  # hiprio + one request queue (Linux 6.1 uses one)
+
+
+class RingError(Exception):
+    """The guest gave us something we cannot use: that request (or queue) fails."""
+
+
+@dataclass
+class Region:
+    gpa: int
+    size: int
+    uva: int
+    mm: mmap.mmap
+    view: memoryview
+    base: int  # mmap_offset: where the region starts in the mapping
+
+
+class GuestMemory:
+    def __init__(self) -> None:
+        self.regions: list[Region] = []
+
+    def replace(self, regions: list[tuple[int, int, int, int]], fds: list[int]) -> None:
+        self.close()
+        for (gpa, size, uva, offset), fd in zip(regions, fds):
+            mm = mmap.mmap(fd, size + offset, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            os.close(fd)
+            self.regions.append(Region(gpa, size, uva, mm, memoryview(mm), offset))
+
+    def _find(self, addr: int, length: int, by_uva: bool) -> tuple[memoryview, int]:
+        for r in self.regions:
+            start = r.uva if by_uva else r.gpa
+            if start <= addr and addr + length <= start + r.size:
+                return r.view, r.base + addr - start
+        raise RingError(f"address {addr:#x}+{length} is outside guest memory")
+
+    def gpa(self, addr: int, length: int) -> memoryview:
+        view, off = self._find(addr, length, by_uva=False)
+        return view[off : off + length]
+
+    def uva(self, addr: int, length: int) -> tuple[memoryview, int]:
+        return self._find(addr, length, by_uva=True)
+
+    def close(self) -> None:
+        for r in self.regions:
+            r.view.release()
+            r.mm.close()
+        self.regions = []
+
+
+class Virtqueue:
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.num = 0
+        self.last_avail = 0
+        self.used_idx = 0
+        self.desc: tuple[memoryview, int] | None = None
+        self.avail: tuple[memoryview, int] | None = None
+        self.used: tuple[memoryview, int] | None = None
+        self.kick = -1
+        self.call = -1
+        self.enabled = False
+        self.started = False
+
+    def pending(self) -> bool:
+        assert self.avail is not None
+        view, off = self.avail
+        return bool(struct.unpack_from("<H", view, off + 2)[0] != self.last_avail)
+
+    def pop(self, mem: GuestMemory) -> tuple[int, list[memoryview], list[memoryview]]:
+        assert self.avail is not None and self.desc is not None
+        view, off = self.avail
+        head = struct.unpack_from("<H", view, off + 4 + 2 * (self.last_avail % self.num))[0]
+        self.last_avail = (self.last_avail + 1) & 0xFFFF
+        if head >= self.num:
+            raise RingError(f"queue {self.index}: head {head} out of range")
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        table, tbase, size = self.desc[0], self.desc[1], self.num
+        i, seen = head, 0
+        while True:
+            seen += 1
+            if seen > size:
+                raise RingError(f"queue {self.index}: descriptor loop")
+            addr, length, flags, nxt = DESC.unpack_from(table, tbase + 16 * i)
+            if flags & F_INDIRECT:
+                if length % 16 or not length:
+                    raise RingError(f"queue {self.index}: bad indirect table")
+                itable = mem.gpa(addr, length)
+                table, tbase, size, i, seen = itable, 0, length // 16, 0, 0
+                continue
+            buf = mem.gpa(addr, length)
+            if flags & F_WRITE:
+                writable.append(buf)
+            elif writable:
+                raise RingError(f"queue {self.index}: a readable descriptor after a writable one")
+            else:
+                readable.append(buf)
+            if not flags & F_NEXT:
+                break
+            i = nxt
+            if i >= size:
+                raise RingError(f"queue {self.index}: next {i} out of range")
+        return head, readable, writable
+
+    def push(self, head: int, written: int) -> None:
+        assert self.used is not None
+        view, off = self.used
+        struct.pack_into("<II", view, off + 4 + 8 * (self.used_idx % self.num), head, written)
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        struct.pack_into("<H", view, off + 2, self.used_idx)  # after the entry: x86 keeps stores in order
+
+    def notify(self) -> None:
+        if self.call >= 0:
+            try:
+                os.write(self.call, U64.pack(1))
+            except OSError as err:
+                log.warning("queue %d: cannot signal the guest: %s", self.index, err)
+
+
+def _scatter(parts: list[bytes | memoryview], buffers: list[memoryview]) -> int:
+    """Copy the reply ``parts`` into the chain's writable ``buffers``; bytes written."""
+    written = 0
+    bi, boff = 0, 0
+    for part in parts:
+        src = memoryview(part).cast("B")
+        while len(src):
+            if bi >= len(buffers):
+                raise RingError("the reply does not fit the request's writable buffers")
+            dst = buffers[bi]
+            n = min(len(src), len(dst) - boff)
+            dst[boff : boff + n] = src[:n]
+            src, boff, written = src[n:], boff + n, written + n
+            if boff == len(dst):
+                bi, boff = bi + 1, 0
+    return written
+
+
+class VhostUserFs:
+    """One QEMU connection: the vhost-user messages, and the queues they describe."""
+
+    def __init__(self, server: FuseServer) -> None:
+        self.server = server
+        self.mem = GuestMemory()
+        self.queues = [Virtqueue(i) for i in range(NUM_QUEUES)]
+        self.features = 0
+        self.protocol_features = 0
+        self.nursery: trio.Nursery | None = None
+        self.requests = 0
+        self.bad_requests = 0
+
+    async def serve(self, conn: socket.socket) -> None:
+        conn.setblocking(False)
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            while True:
+                msg = await self._recv(conn)
+                if msg is None:
+                    break
+                request, flags, payload, fds = msg
+                reply = self._message(request, payload, fds)
+                if reply is None and flags & NEED_REPLY and self.protocol_features & (1 << 3):
+                    reply = U64.pack(0)
+                if reply is not None:
+                    conn.send(HEADER.pack(request, VERSION | REPLY, len(reply)) + reply)
+            nursery.cancel_scope.cancel()
+        self.mem.close()
+
+    async def _recv(self, conn: socket.socket) -> tuple[int, int, bytes, list[int]] | None:
+        while True:
+            try:
+                data, anc, _flags, _addr = conn.recvmsg(HEADER.size, socket.CMSG_SPACE(8 * 4))
+                break
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(conn)
+        if not data:
+            return None
+        fds: list[int] = []
+        for level, kind, cdata in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                arr = array.array("i")
+                arr.frombytes(cdata[: len(cdata) - len(cdata) % arr.itemsize])
+                fds.extend(arr)
+        request, flags, size = HEADER.unpack(data)
+        payload = b""
+        while len(payload) < size:
+            try:
+                chunk = conn.recv(size - len(payload))
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(conn)
+                continue
+            if not chunk:
+                return None
+            payload += chunk
+        return request, flags, payload, fds
+
+    def _message(self, request: int, payload: bytes, fds: list[int]) -> bytes | None:
+        if request == GET_FEATURES:
+            return U64.pack(FEATURES)
+        if request == SET_FEATURES:
+            self.features = U64.unpack_from(payload)[0]
+            if not self.features & (1 << 30):  # no ring states: every ring is enabled
+                for q in self.queues:
+                    q.enabled = True
+            return None
+        if request == GET_PROTOCOL_FEATURES:
+            return U64.pack(PROTOCOL_FEATURES)
+        if request == SET_PROTOCOL_FEATURES:
+            self.protocol_features = U64.unpack_from(payload)[0]
+            return None
+        if request == GET_QUEUE_NUM:
+            return U64.pack(NUM_QUEUES)
+        if request in (SET_OWNER, RESET_OWNER, SET_LOG_BASE, SET_LOG_FD):
+            for fd in fds:
+                os.close(fd)
+            return None
+        if request == SET_MEM_TABLE:
+            n = struct.unpack_from("<I", payload)[0]
+            regions = [REGION.unpack_from(payload, 8 + 32 * i) for i in range(n)]
+            self.mem.replace(regions, fds)
+            for q in self.queues:  # ring pointers must be translated again
+                q.desc = q.avail = q.used = None
+            return None
+        index, num = STATE.unpack_from(payload) if len(payload) >= 8 else (0, 0)
+        if request == SET_VRING_NUM:
+            self.queues[index].num = num
+            return None
+        if request == SET_VRING_BASE:
+            self.queues[index].last_avail = num
+            return None
+        if request == SET_VRING_ADDR:
+            index, _flags, desc, used, avail, _log = ADDR.unpack_from(payload)
+            q = self.queues[index]
+            q.desc = self.mem.uva(desc, 16 * q.num)
+            q.used = self.mem.uva(used, 4 + 8 * q.num)
+            q.avail = self.mem.uva(avail, 4 + 2 * q.num)
+            q.used_idx = struct.unpack_from("<H", q.used[0], q.used[1] + 2)[0]
+            return None
+        if request in (SET_VRING_KICK, SET_VRING_CALL, SET_VRING_ERR):
+            (value,) = U64.unpack_from(payload)
+            q = self.queues[value & 0xFF]
+            fd = -1 if value & 0x100 or not fds else fds[0]
+            if request == SET_VRING_KICK:
+                if q.kick >= 0:
+                    os.close(q.kick)
+                q.kick = fd
+                if fd >= 0 and self.nursery is not None:
+                    q.started = True
+                    self.nursery.start_soon(self._kicks, q, fd)
+            elif request == SET_VRING_CALL:
+                if q.call >= 0:
+                    os.close(q.call)
+                q.call = fd
+            elif fd >= 0:
+                os.close(fd)
+            return None
+        if request == SET_VRING_ENABLE:
+            self.queues[index].enabled = bool(num)
+            if num:
+                self._drain(self.queues[index])
+            return None
+        if request == GET_VRING_BASE:
+            q = self.queues[index]
+            q.started = q.enabled = False
+            if q.kick >= 0:
+                os.close(q.kick)
+                q.kick = -1
+            return STATE.pack(index, q.last_avail)
+        log.warning("vhost-user: ignoring request %d", request)
+        for fd in fds:
+            os.close(fd)
+        return None
+
+    async def _kicks(self, q: Virtqueue, fd: int) -> None:
+        while q.kick == fd:
+            try:
+                await trio.lowlevel.wait_readable(fd)
+                os.read(fd, 8)
+            except (OSError, trio.ClosedResourceError):
+                return
+            self._drain(q)
+
+    def _drain(self, q: Virtqueue) -> None:
+        if not q.enabled or q.avail is None or q.desc is None or q.used is None:
+            return
+        done = False
+        try:
+            while q.pending():
+                head, readable, writable = q.pop(self.mem)
+                self._request(q, head, readable, writable)
+                done = True
+        except RingError as err:
+            log.error("virtio-fs: %s; the queue stops", err)
+            self.bad_requests += 1
+            q.enabled = False
+        if done:
+            q.notify()
+
+    def _request(self, q: Virtqueue, head: int, readable: list[memoryview], writable: list[memoryview]) -> None:
+        self.requests += 1
+        request = b"".join(readable)
+        if len(request) < p.IN_HEADER.size:
+            self.bad_requests += 1
+            q.push(head, 0)
+            return
+        out: Any = self.server.handle(request)
+        if out is None:  # FORGET: no reply
+            q.push(head, 0)
+            return
+        if isinstance(out, bytes | list):
+            q.push(head, self._reply(out, writable, request))
+            return
+        assert self.nursery is not None
+        self.nursery.start_soon(self._later, q, head, out, writable, request)
+
+    async def _later(self, q: Virtqueue, head: int, work: Any, writable: list[memoryview], request: bytes) -> None:
+        out = await work
+        q.push(head, self._reply(out, writable, request) if out is not None else 0)
+        q.notify()
+
+    def _reply(self, out: bytes | list[bytes | memoryview], writable: list[memoryview], request: bytes) -> int:
+        parts = out if isinstance(out, list) else [out]
+        try:
+            return _scatter(parts, writable)
+        except RingError:
+            unique = p.IN_HEADER.unpack_from(request)[2]
+            self.bad_requests += 1
+            return _scatter([p.error_reply(unique, errno.EIO)], writable) if writable else 0
+
+
+class VirtioFsTransport:
+    """The daemon's Transport for a VM: a unix socket QEMU connects to, instead of /dev/fuse."""
+
+    def __init__(self, fs: Any, socket_path: str) -> None:
+        self.server = FuseServer(fs)
+        self.ops = self.server.ops
+        self.path = socket_path
+        self.listener: socket.socket | None = None
+        self.conn: socket.socket | None = None
+
+    @property
+    def read_bytes(self) -> int:
+        return self.server.read_bytes
+
+    def mount(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(self.path)
+        self.listener.listen(1)
+        self.listener.setblocking(False)
+
+    async def serve(self) -> None:
+        assert self.listener is not None
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+                break
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self.listener)
+        log.info("virtio-fs: QEMU connected on %s", self.path)
+        self.conn = conn
+        await VhostUserFs(self.server).serve(conn)
+        conn.close()
+        log.info("virtio-fs: QEMU went away")
+
+    def stop(self) -> None:
+        """Stop serving: the listener closes, and a connected VM loses its root."""
+        if self.listener is not None:
+            self.listener.close()
+        if self.conn is not None:
+            try:
+                self.conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.stop()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
