@@ -529,8 +529,11 @@ def cmd_umount(args: argparse.Namespace) -> int:
         info = {}
         if not os.path.ismount(mp):
             raise
-    if info and not os.path.ismount(mp):  # a daemon serving a VM (virtio-fs): no mount to detach
-        os.kill(int(info["pid"]), signal.SIGTERM)
+    if info.get("transport") == "virtiofs":  # a daemon serving a VM: no mount to detach
+        try:
+            os.kill(int(info["pid"]), signal.SIGTERM)
+        except ProcessLookupError:
+            control.remove_registry(mp)
         return EXIT_OK
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
     cmd = [tool, "-u", *(["-z"] if args.lazy else []), mp] if tool else ["umount", *(["-l"] if args.lazy else []), mp]

@@ -197,6 +197,7 @@ def _serve(
     control.write_registry(
         mountpoint,
         {"mountpoint": mountpoint, "pid": os.getpid(), "image": ref or None, "volume": opts.volume,
+         "transport": opts.transport,
          "store": store.url if store is not None else None, "socket": control.socket_path(mountpoint)},
     )
 

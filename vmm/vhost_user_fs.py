@@ -58,6 +58,14 @@ class RingError(Exception):
     """The guest gave us something we cannot use: that request (or queue) fails."""
 
 
+class BadChain(RingError):
+    """A descriptor chain we cannot use, whose head is valid: only that request fails."""
+
+    def __init__(self, head: int, why: str) -> None:
+        super().__init__(why)
+        self.head = head
+
+
 @dataclass
 class Region:
     gpa: int
@@ -126,6 +134,13 @@ class Virtqueue:
         self.last_avail = (self.last_avail + 1) & 0xFFFF
         if head >= self.num:
             raise RingError(f"queue {self.index}: head {head} out of range")
+        try:
+            return head, *self._chain(mem, head)
+        except RingError as err:
+            raise BadChain(head, str(err)) from None
+
+    def _chain(self, mem: GuestMemory, head: int) -> tuple[list[memoryview], list[memoryview]]:
+        assert self.desc is not None
         readable: list[memoryview] = []
         writable: list[memoryview] = []
         table, tbase, size = self.desc[0], self.desc[1], self.num
@@ -153,7 +168,7 @@ class Virtqueue:
             i = nxt
             if i >= size:
                 raise RingError(f"queue {self.index}: next {i} out of range")
-        return head, readable, writable
+        return readable, writable
 
     def push(self, head: int, written: int) -> None:
         assert self.used is not None
@@ -333,18 +348,29 @@ class VhostUserFs:
             self._drain(q)
 
     def _drain(self, q: Virtqueue) -> None:
+        """Answer every request the guest has made available.  A chain that points
+        outside guest memory or loops fails alone (used with length 0, which the
+        guest's driver sees as an error); only a ring that names no valid chain at
+        all stops its queue."""
         if not q.enabled or q.avail is None or q.desc is None or q.used is None:
             return
         done = False
-        try:
-            while q.pending():
+        while q.pending():
+            try:
                 head, readable, writable = q.pop(self.mem)
-                self._request(q, head, readable, writable)
+            except BadChain as err:
+                log.error("virtio-fs: %s; that request fails", err)
+                self.bad_requests += 1
+                q.push(err.head, 0)
                 done = True
-        except RingError as err:
-            log.error("virtio-fs: %s; the queue stops", err)
-            self.bad_requests += 1
-            q.enabled = False
+                continue
+            except RingError as err:
+                log.error("virtio-fs: %s; the queue stops", err)
+                self.bad_requests += 1
+                q.enabled = False
+                break
+            self._request(q, head, readable, writable)
+            done = True
         if done:
             q.notify()
 
@@ -375,9 +401,12 @@ class VhostUserFs:
         try:
             return _scatter(parts, writable)
         except RingError:
-            unique = p.IN_HEADER.unpack_from(request)[2]
             self.bad_requests += 1
-            return _scatter([p.error_reply(unique, errno.EIO)], writable) if writable else 0
+            unique = p.IN_HEADER.unpack_from(request)[2]
+            try:
+                return _scatter([p.error_reply(unique, errno.EIO)], writable)
+            except RingError:
+                return 0  # not even room for an error: the used length says so
 
 
 class VirtioFsTransport:
