@@ -71,7 +71,10 @@ def test_warm_mount_asks_the_daemon_for_nothing_but_xattrs(tmp_path: Path) -> No
         assert snapshot(tmp_path / "mnt") == first
         after = m.stats()["requests"]
     again = {op: n - before.get(op, 0) for op, n in after.items()}
-    assert {op: n for op, n in again.items() if n and op not in ("getxattr", "listxattr")} == {}, again
+    # The kernel may reclaim a clean page at any moment (a CI machine under load did,
+    # once in a dozen runs): a READ or two is its right, any other request a regression.
+    assert again.get("read", 0) <= 2, again
+    assert {op: n for op, n in again.items() if n and op not in ("getxattr", "listxattr", "read")} == {}, again
 
 
 def test_same_tree_twice_same_digest_nothing_uploaded(awkward_tree: tuple[Path, dict], tmp_path: Path) -> None:  # type: ignore[type-arg]
