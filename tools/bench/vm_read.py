@@ -1,0 +1,123 @@
+#!/usr/bin/env python3
+"""File reads in a micro-VM over virtio-fs: cubefs's backend vs QEMU's C virtiofsd (issue 6).
+
+Same tree for both: a directory with one ``--size`` file (half random, half
+text) next to the Debian test root filesystem's python3, built into a local
+cubefs store.  Each sample boots a VM (q35, TCG here) whose root is served
+either by ``cubefs mount IMAGE SOCKET --transport virtiofs`` (lazily, from an
+empty cache: the cold case a VM meets) or by virtiofsd on the directory, and
+times ``dd`` of the file inside the guest, plus the whole boot-to-exit.
+Prints medians and the ratio.
+
+    sudo .venv/bin/python tools/bench/vm_read.py --size 256M --repeat 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+
+from make_vm_kernel import DEFAULT, make_kernel
+
+from cubefs.humanize import parse_size
+from vmm.qemu import run_once
+
+VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
+DD = "dd if=/data/blob of=/dev/null bs=1M 2>&1 | tail -1"
+
+
+def cubefs(*args: str) -> str:
+    res = subprocess.run([sys.executable, "-m", "cubefs", *args], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"cubefs {' '.join(args)}: {res.stderr.strip()}")
+    return res.stdout
+
+
+def rate(dd_line: str) -> float:
+    """MB/s from dd's summary line."""
+    m = re.search(r"([\d.]+) s, ([\d.]+) ([kMG]?B)/s", dd_line)
+    if not m:
+        raise RuntimeError(f"cannot read dd's output: {dd_line!r}")
+    return float(m[2]) * {"kB": 1e-3, "MB": 1.0, "GB": 1e3, "B": 1e-6}[m[3]]
+
+
+def wait_for(path: Path) -> None:
+    deadline = time.monotonic() + 30
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{path} did not appear")
+        time.sleep(0.05)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rootfs", type=Path, default=Path("/var/tmp/cubefs-test/rootfs"))
+    ap.add_argument("--size", default="256M")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--workdir", type=Path, default=Path("/var/tmp/cubefs-bench"))
+    args = ap.parse_args()
+    kernel = make_kernel(Path(DEFAULT))
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="vmread-", dir=args.workdir))
+    try:
+        tree = work / "tree"
+        # cp -a, not copytree: the tree has device nodes (copytree would read /dev/zero forever)
+        subprocess.run(["cp", "-a", str(args.rootfs), str(tree)], check=True)
+        (tree / "data").mkdir()
+        size = parse_size(args.size)
+        with open(tree / "data" / "blob", "wb") as f:
+            for i in range(size // (1 << 20)):
+                block = os.urandom(1 << 19) + ((b"cubefs %08d\n" % i) * 40000)[: 1 << 19]
+                f.write(block)
+        store = f"file://{work / 'store'}"
+        cubefs("build", str(tree), "--tag", "vmread:1", "--store", store)
+        results: dict[str, list[float]] = {"cubefs": [], "virtiofsd": []}
+        totals: dict[str, list[float]] = {"cubefs": [], "virtiofsd": []}
+        for i in range(args.repeat):
+            for backend in ("cubefs", "virtiofsd"):
+                sock = work / f"{backend}-{i}.sock"
+                if backend == "cubefs":
+                    cubefs("mount", "vmread:1", str(sock), "--transport", "virtiofs", "--store", store,
+                           "--cache-dir", str(work / f"cache-{i}"))
+                    proc = None
+                else:
+                    proc = subprocess.Popen([VIRTIOFSD, f"--socket-path={sock}", "-o", f"source={tree}",
+                                             "-o", "cache=auto"], stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.DEVNULL)
+                    wait_for(sock)
+                subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], check=True)
+                res = run_once(kernel, str(sock), DD, read_only=True, timeout=600)
+                if proc is not None:
+                    proc.terminate()
+                    proc.wait(timeout=30)
+                results[backend].append(rate(res.stdout.decode()))
+                totals[backend].append(res.seconds)
+                print(f"[vm_read] {backend} sample {i + 1}: {results[backend][-1]:.1f} MB/s, VM run "
+                      f"{res.seconds:.1f} s", file=sys.stderr, flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    med = {k: statistics.median(v) for k, v in results.items()}
+    print(f"file read in a TCG guest over virtio-fs, {args.size}, {args.repeat} samples (medians)")
+    print(f"  cubefs backend, cold cache  {med['cubefs']:8.1f} MB/s   VM run "
+          f"{statistics.median(totals['cubefs']):.1f} s")
+    print(f"  QEMU virtiofsd (C)          {med['virtiofsd']:8.1f} MB/s   VM run "
+          f"{statistics.median(totals['virtiofsd']):.1f} s")
+    print(f"  ratio cubefs / virtiofsd    {med['cubefs'] / med['virtiofsd']:8.2f}")
+    print(json.dumps({"cubefs_mb_s": results["cubefs"], "virtiofsd_mb_s": results["virtiofsd"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
