@@ -57,8 +57,7 @@ def commit(index: VolumeIndex, volume: str, snapshot: str | None, ref: str, stor
         if image is None or ino > len(image) or size != image.record(ino)[F_SIZE]:
             return False
         with index.read() as txn:
-            return not any(index.has_blocks(txn, layer, ino) or
-                           ((i := index.get_inode(txn, layer, ino)) is not None and i.cut >= 0) for layer in chain)
+            return bool(index.bytes_untouched(txn, chain, ino))
 
     def scan(src: str, ingest: Ingest, progress: Tick, known: dict[bytes, ChunkLocation]) -> Node:
         def reuse(_path: bytes, st: os.stat_result) -> list[tuple[int, bytes, int]] | None:

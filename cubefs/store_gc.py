@@ -91,7 +91,7 @@ async def remove_image(store: Store, ref: str) -> str:
     return f"{name}:{tag}"
 
 
-async def _live(store: Store) -> tuple[set[str], dict[str, set[tuple[int, int]]], int]:
+async def _live(store: Store) -> tuple[set[str], dict[str, set[tuple[int, int]]]]:
     """Images the manifests name, the (offset, length) of every chunk they use per pack."""
     manifests = await list_manifests(store)
     images = {m.image for m in manifests}
@@ -107,7 +107,7 @@ async def _live(store: Store) -> tuple[set[str], dict[str, set[tuple[int, int]]]
             used.setdefault(pack, set()).add((off, slen))
 
     await asyncio.gather(*(one(d) for d in images))
-    return images, used, len(manifests)
+    return images, used
 
 
 async def _leases(store: Store) -> list[float]:
@@ -127,7 +127,7 @@ async def _move(store: Store, src: str, dst: str) -> None:
 
 async def collect(store: Store, dry_run: bool = False, stale_lease: float = STALE_LEASE) -> GcReport:
     report = GcReport(dry_run=dry_run)
-    images, used, _n = await _live(store)
+    images, used = await _live(store)
     report.images_live = len(images)
     report.packs_live = len(used)
     now = time.time()

@@ -278,10 +278,7 @@ class VolumeFS:
     def _is_plain(self, txn: lmdb.Transaction, chain: tuple[int, ...], ino: int) -> bool:
         plain = self._plain.get(ino)
         if plain is None:
-            plain = ino <= self.image_inodes and not any(
-                self.index.has_blocks(txn, layer, ino)
-                or ((i := self.index.get_inode(txn, layer, ino)) is not None and i.cut >= 0)
-                for layer in chain)
+            plain = ino <= self.image_inodes and self.index.bytes_untouched(txn, chain, ino)
             self._plain[ino] = plain
         return plain
 

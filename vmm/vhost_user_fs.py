@@ -120,7 +120,6 @@ class Virtqueue:
         self.kick = -1
         self.call = -1
         self.enabled = False
-        self.started = False
 
     def pending(self) -> bool:
         assert self.avail is not None
@@ -312,7 +311,6 @@ class VhostUserFs:
                     os.close(q.kick)
                 q.kick = fd
                 if fd >= 0 and self.nursery is not None:
-                    q.started = True
                     self.nursery.start_soon(self._kicks, q, fd)
             elif request == SET_VRING_CALL:
                 if q.call >= 0:
@@ -328,7 +326,7 @@ class VhostUserFs:
             return None
         if request == GET_VRING_BASE:
             q = self.queues[index]
-            q.started = q.enabled = False
+            q.enabled = False
             if q.kick >= 0:
                 os.close(q.kick)
                 q.kick = -1

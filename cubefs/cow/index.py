@@ -412,6 +412,11 @@ class VolumeIndex:
         cur = txn.cursor(db=self.db["blocks"])
         return bool(cur.set_range(prefix)) and cur.key()[:16] == prefix
 
+    def bytes_untouched(self, txn: lmdb.Transaction, chain: tuple[int, ...], ino: int) -> bool:
+        """No layer of ``chain`` holds a block of ``ino`` or cut it: its bytes are the base image's."""
+        return not any(self.has_blocks(txn, layer, ino)
+                       or ((i := self.get_inode(txn, layer, ino)) is not None and i.cut >= 0) for layer in chain)
+
     def drop_blocks(self, txn: lmdb.Transaction, layer: int, ino: int, first: int) -> None:
         """Delete the layer's block records of ``ino`` from block ``first`` on."""
         start = LAYER_INO_BLOCK.pack(layer, ino, first)
