@@ -87,6 +87,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--level", type=int, default=1, choices=range(-7, 20), metavar="N",
                    help="zstd level for new chunks, -7..19 (default 1; 3 stores ~2.5%% fewer bytes but compresses "
                    "~40%% slower, which on 2 cores is most of a build's time)")
+    _delta_arg(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress line even on a terminal")
 
@@ -107,6 +108,7 @@ def make_parser() -> argparse.ArgumentParser:
                    "by default: a runtime makes /dev)")
     p.add_argument("--workers", type=int, default=0, help="hash/compress threads (default: one per core)")
     p.add_argument("--level", type=int, default=1, choices=range(-7, 20), metavar="N", help="zstd level (default 1)")
+    _delta_arg(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress line even on a terminal")
 
@@ -257,6 +259,13 @@ def setup_logging(verbose: int, daemon: bool = False) -> None:
     logging.basicConfig(level=max(level, logging.DEBUG), format=fmt, stream=sys.stderr, force=True)
 
 
+def _delta_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--delta-from", default="auto", metavar="NAME:TAG|auto|none",
+                   help="store new chunks as zstd deltas against the same files in this image where that is "
+                   "much smaller, so nodes that have it fetch only the difference (default auto: the image the "
+                   "tag names now, else the newest tag of the same name; none: never)")
+
+
 def _with_store(args: argparse.Namespace, fn: Any) -> Any:
     from cubefs.remote import store_session
 
@@ -270,7 +279,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     progress = Progress(f"building {args.tag}", enabled=None if not args.no_progress else False)
     try:
         result = build(args.src, args.tag, args.store, args.s3_endpoint, tick=progress.tick,
-                       workers=args.workers, level=args.level)
+                       workers=args.workers, level=args.level, delta=args.delta_from)
     finally:
         progress.done()
     return _print_build(result, args)
@@ -286,7 +295,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     progress = Progress(f"converting {args.src}", enabled=None if not args.no_progress else False)
     try:
         result = build(args.src, args.tag, args.store, args.s3_endpoint, tick=progress.tick, workers=args.workers,
-                       level=args.level,
+                       level=args.level, delta=args.delta_from,
                        scan=lambda _src, ingest, tick, _known: scan_image(image, ingest, tick, args.allow_devices),
                        config=image.runtime_config(),
                        source={"from": args.src, "layers": [[x.digest, x.size] for x in image.layers]})
@@ -366,6 +375,8 @@ def _print_build(result: Any, args: argparse.Namespace) -> int:
     print(f"  files        {result.files} ({result.inodes} inodes), {size(result.logical_bytes)}")
     print(f"  chunks       {result.unique_chunks} unique of {result.chunk_refs}; {result.new_chunks} new, "
           f"{reused} already stored")
+    if result.delta_chunks:
+        print(f"  deltas       {result.delta_chunks} new chunks stored as deltas against {result.delta_base}")
     print(f"  stored       {size(result.stored_bytes)} for this image; uploaded {size(result.bytes_uploaded)}")
     print(f"  time         {result.seconds:.1f} s, {result.mb_per_s:.0f} MB/s")
     return EXIT_OK

@@ -39,8 +39,7 @@ async def disk_usage(store: Store) -> dict[str, Any]:
         chunks[digest] = {}
         async with sem:
             cmap = ChunkMap(await store.get(chunkmap_key(digest)), digest, None)
-        for i in range(len(cmap)):
-            pack, off, slen, _codec = cmap.get(i)
+        for pack, off, slen in cmap.places():
             chunks[digest][(pack, off)] = slen
 
     await asyncio.gather(*(one(m.image) for m in manifests))

@@ -178,7 +178,10 @@ class ImageFS:
     def _ref(self, idx: int) -> ChunkLocation:
         digest, plain = self.image.chunk(idx)
         pack, off, slen, codec = self.chunkmap.get(idx)
-        return ChunkLocation(digest, pack, off, slen, plain, codec)
+        base = self.chunkmap.base_of(idx)
+        if isinstance(base, int):
+            base = self._ref(base)  # stored whole (ChunkMap checks): no deeper
+        return ChunkLocation(digest, pack, off, slen, plain, codec, base)
 
     def _read_plan(self, ino: int, offset: int, size: int) -> tuple[int, list[tuple[int, int]], list[ChunkLocation]]:
         """(size clipped to EOF, overlapping extents, their chunk refs) of a read."""

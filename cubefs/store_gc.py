@@ -102,8 +102,7 @@ async def _live(store: Store) -> tuple[set[str], dict[str, set[tuple[int, int]]]
         async with sem:
             blob = await store.get(chunkmap_key(digest))
         cmap = ChunkMap(blob, digest, None)
-        for i in range(len(cmap)):
-            pack, off, slen, _codec = cmap.get(i)
+        for pack, off, slen in cmap.places():
             used.setdefault(pack, set()).add((off, slen))
 
     await asyncio.gather(*(one(d) for d in images))

@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import struct
 from pathlib import Path
 
+import msgpack
 import pytest
 import trio
 import zstandard
@@ -18,6 +20,7 @@ from cubefs.errors import CorruptDataError, FormatVersionError, UsageError
 from cubefs.format.image import Image, InodeSpec, encode_image
 from cubefs.format.manifest import Manifest, manifest_key, parse_ref, ref_from_key
 from cubefs.format.packs import (
+    CODEC_DELTA,
     CODEC_RAW,
     CODEC_ZSTD,
     PACK_HEADER,
@@ -27,6 +30,7 @@ from cubefs.format.packs import (
     encode_chunkmap,
     encode_index,
     pack_key,
+    resolve_bases,
 )
 from cubefs.remote import make_store
 from cubefs.remote.loop import LoopThread
@@ -53,8 +57,6 @@ def test_image_round_trip_and_digest_is_stable() -> None:
 
 
 def test_image_readers_reject_what_they_do_not_understand() -> None:
-    import msgpack
-
     raw, digest = _tiny_image()
     with pytest.raises(CorruptDataError, match="does not match its digest"):
         Image(raw, "0" * 64)
@@ -81,6 +83,45 @@ def test_pack_index_and_chunkmap_round_trip() -> None:
         ChunkMap(encode_chunkmap("cd" * 32, locs), "ef" * 32, 5)
     with pytest.raises(CorruptDataError, match="entries"):
         ChunkMap(encode_chunkmap("cd" * 32, locs), "cd" * 32, 6)
+
+
+def test_deltas_in_indexes_and_chunkmaps_name_their_bases() -> None:
+    whole = [ChunkLocation(hashlib.sha256(bytes([i])).digest(), "ab" * 32, 8 + i * 10, 10, 20, CODEC_ZSTD)
+             for i in range(3)]
+    outside = ChunkLocation(hashlib.sha256(b"old").digest(), "ef" * 32, 8, 30, 40, CODEC_RAW)
+    d_in = ChunkLocation(hashlib.sha256(b"d1").digest(), "ab" * 32, 38, 5, 20, CODEC_DELTA, whole[0])
+    d_out = ChunkLocation(hashlib.sha256(b"d2").digest(), "ab" * 32, 43, 5, 40, CODEC_DELTA, outside)
+    entries = decode_index(encode_index("ab" * 32, 48, [*whole, d_in, d_out]), "indexes/x")
+    assert [e.base.digest if e.base else None for e in entries] == [None] * 3 + [whole[0].digest, outside.digest]
+    known = {e.digest: e for e in entries} | {outside.digest: outside}
+    resolve_bases(known)
+    assert known[d_in.digest] == d_in and known[d_out.digest] == d_out
+    resolve_bases(lost := {e.digest: e for e in entries[3:]})  # bases nowhere in the store: unusable
+    assert lost == {}
+
+    image = "cd" * 32
+    blob = encode_chunkmap(image, [*whole, d_in, d_out])
+    assert msgpack.unpackb(zstandard.decompress(blob), raw=False)["version"] == 2
+    assert msgpack.unpackb(zstandard.decompress(encode_chunkmap(image, whole)), raw=False)["version"] == 1
+    cmap = ChunkMap(blob, image, 5)
+    assert cmap.base_of(3) == 0 and cmap.base_of(4) == outside and cmap.base_of(1) is None
+    assert sorted(cmap.places()) == sorted([(loc.pack, loc.offset, loc.stored_len)
+                                            for loc in [*whole, d_in, d_out, outside]])
+
+    def tampered(**change: object) -> bytes:
+        doc = msgpack.unpackb(zstandard.decompress(blob), raw=False)
+        doc.update(change)
+        return zstandard.compress(msgpack.packb(doc, use_bin_type=True))
+
+    with pytest.raises(CorruptDataError, match="names no base"):
+        ChunkMap(tampered(deltas=b""), image, 5)
+    with pytest.raises(CorruptDataError, match="bad delta record"):  # a delta as a base: chains
+        ChunkMap(tampered(deltas=struct.pack("<IIII", 3, 4, 4, 5)), image, 5)
+    with pytest.raises(FormatVersionError, match="version 3"):
+        ChunkMap(tampered(version=3), image, 5)
+    ref = ChunkLocation(d_in.digest, "ab" * 32, 38, 5, 20, CODEC_DELTA)
+    with pytest.raises(ChunkUnavailable, match="base chunk is not loaded"):
+        decode_chunk(ref, b"x" * 5)
 
 
 def test_manifest_refs() -> None:

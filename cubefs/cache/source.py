@@ -23,6 +23,14 @@ Invariants:
   other readers share.
 * CPU work (decompression, hashing, disk I/O) runs in worker threads via
   ``trio.to_thread``; the C libraries release the GIL.
+* **Deltas after their bases.**  A delta chunk (codec 2) decodes against its
+  base's plaintext, so ``get_many`` loads the bases first and pins each under
+  the delta's digest in ``_bases`` until that delta's flight resolves (or, for
+  one decoded from the staging area, until the call returns).  Every decode
+  path reads the pin; a delta with no pin fails to decode, it is never
+  guessed.  Read-ahead of deltas runs in a task of its own, so a reader never
+  waits for bases it did not ask for, and deltas skip the peer tier (an owner
+  could not verify them without their base; they are small).
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ from cubefs.cache.disk import DiskCache, StoredChunk
 from cubefs.cache.peers import Peer, PeerSet
 from cubefs.cache.tiers import MemoryTier, TierStats
 from cubefs.errors import CubefsError
-from cubefs.format.packs import CODEC_RAW, CODEC_ZSTD, ChunkLocation, pack_key
+from cubefs.format.packs import CODEC_DELTA, CODEC_RAW, CODEC_ZSTD, ChunkLocation, delta_dictionary, pack_key
 from cubefs.remote.base import Store
 from cubefs.remote.loop import LoopThread
 
@@ -64,34 +72,39 @@ class _Flight:
     waited: bool = False  # a reader waits for it: decode on arrival (else it is staged)
 
 
-def decode_chunk(ref: ChunkLocation, stored: bytes) -> bytes:
-    """Decompress and verify one chunk fetched from its pack; raises ChunkUnavailable naming it."""
+def decode_chunk(ref: ChunkLocation, stored: bytes, base: bytes | None = None) -> bytes:
+    """Decompress and verify one chunk fetched from its pack (``base``: a delta's
+    base plaintext); raises ChunkUnavailable naming it."""
     name = f"chunk {ref.digest.hex()[:16]} in pack {ref.pack[:12]}@{ref.offset}"
     if len(stored) != ref.stored_len:
         raise ChunkUnavailable(f"{name}: truncated ({len(stored)} of {ref.stored_len} bytes)")
-    return decode_stored(ref.digest, ref.plain_len, StoredChunk(ref.codec, ref.plain_len, stored), name)
+    return decode_stored(ref.digest, ref.plain_len, StoredChunk(ref.codec, ref.plain_len, stored), name, base)
 
 
-def decode_cached(digest: bytes, plain_len: int, chunk: StoredChunk) -> bytes:
+def decode_cached(digest: bytes, plain_len: int, chunk: StoredChunk, base: bytes | None = None) -> bytes:
     """The plaintext of a disk-cache entry.  Its xxh64 was checked on the way out
     of the cache and its SHA-256 before it went in, so the length is what is left
     to check: hashing it again would cost 40% of a warm sequential read."""
-    return _decompress(chunk, plain_len, f"chunk {digest.hex()[:16]} in the disk cache")
+    return _decompress(chunk, plain_len, f"chunk {digest.hex()[:16]} in the disk cache", base)
 
 
-def decode_stored(digest: bytes, plain_len: int, chunk: StoredChunk, name: str) -> bytes:
+def decode_stored(digest: bytes, plain_len: int, chunk: StoredChunk, name: str, base: bytes | None = None) -> bytes:
     """The plaintext of a stored chunk from a pack or a peer, once its length and
     SHA-256 match; else ChunkUnavailable."""
-    data = _decompress(chunk, plain_len, name)
+    data = _decompress(chunk, plain_len, name, base)
     if hashlib.sha256(data).digest() != digest:
         raise ChunkUnavailable(f"{name}: content does not match its SHA-256")
     return data
 
 
-def _decompress(chunk: StoredChunk, plain_len: int, name: str) -> bytes:
-    if chunk.codec == CODEC_ZSTD:
+def _decompress(chunk: StoredChunk, plain_len: int, name: str, base: bytes | None) -> bytes:
+    if chunk.codec == CODEC_ZSTD or chunk.codec == CODEC_DELTA:
+        if chunk.codec == CODEC_DELTA and base is None:
+            raise ChunkUnavailable(f"{name}: a delta, and its base chunk is not loaded")
         try:
-            data = zstandard.ZstdDecompressor().decompress(chunk.data, max_output_size=plain_len)
+            zd = zstandard.ZstdDecompressor(dict_data=delta_dictionary(base)) if chunk.codec == CODEC_DELTA \
+                else zstandard.ZstdDecompressor()
+            data = zd.decompress(chunk.data, max_output_size=plain_len)
         except zstandard.ZstdError as err:
             raise ChunkUnavailable(f"{name}: corrupt zstd frame ({err})") from None
     elif chunk.codec == CODEC_RAW:
@@ -134,6 +147,7 @@ class ChunkSource:
         self._staged: LRUCache[bytes, tuple[ChunkLocation, bytes]] = LRUCache(
             maxsize=staged_bytes, getsizeof=lambda item: len(item[1]))
         self._flights: dict[bytes, _Flight] = {}
+        self._bases: dict[bytes, bytes] = {}  # delta digest -> its base's plaintext, while it loads
         self._disk_pending: list[tuple[bytes, StoredChunk]] = []
         self._disk_flushing = False
         self._requests = trio.Semaphore(max_requests)
@@ -181,6 +195,50 @@ class ChunkSource:
         """The plaintext of every ref in ``refs``.  ``ahead`` refs are fetched
         opportunistically, merged into the same ranges; ``background`` refs in
         ranges of their own, so a reader never waits for their bytes."""
+        pinned: list[bytes] = []
+        if any(r.base is not None for r in [*refs, *(ahead or ()), *(background or ())]):
+            ahead, background = self._deltas_apart(ahead or [], background or [])
+            pinned = await self._pin_bases(refs)
+        try:
+            return await self._get_many(refs, ahead, background)
+        finally:
+            for d in pinned:
+                if d not in self._flights:
+                    self._bases.pop(d, None)
+
+    def _deltas_apart(
+        self, ahead: list[ChunkLocation], background: list[ChunkLocation]
+    ) -> tuple[list[ChunkLocation], list[ChunkLocation]]:
+        """Speculative deltas go to a task of their own (which loads their bases), so
+        the reader never waits for bases it did not ask for."""
+        spec = [r for r in [*ahead, *background] if r.base is not None and not self.has(r.digest)]
+        if spec and self._nursery is not None:
+            self._nursery.start_soon(self._get_quietly, spec)
+        return [r for r in ahead if r.base is None], [r for r in background if r.base is None]
+
+    async def _get_quietly(self, refs: list[ChunkLocation]) -> None:
+        try:
+            await self.get_many(refs)
+        except ChunkUnavailable as err:  # nobody waits: the reads that need them will say
+            log.debug("image %s: read-ahead of deltas failed: %s", self.label, err)
+
+    async def _pin_bases(self, refs: list[ChunkLocation]) -> list[bytes]:
+        """Load the bases of the deltas in ``refs`` that are not in memory and pin each
+        under its delta's digest; returns the digests pinned."""
+        todo = [r for r in refs if r.base is not None and r.digest not in self._bases
+                and self.memory.get(r.digest) is None]
+        if not todo:
+            return []
+        bases = {r.base.digest: r.base for r in todo if r.base is not None}
+        plain = dict(zip(bases, await self.get_many(list(bases.values())), strict=True))
+        for r in todo:
+            assert r.base is not None
+            self._bases[r.digest] = plain[r.base.digest]
+        return [r.digest for r in todo]
+
+    async def _get_many(
+        self, refs: list[ChunkLocation], ahead: list[ChunkLocation] | None, background: list[ChunkLocation] | None
+    ) -> list[bytes]:
         found: dict[bytes, bytes] = {}
         waits: dict[bytes, _Flight] = {}
         mine: dict[bytes, tuple[ChunkLocation, _Flight]] = {}
@@ -230,7 +288,7 @@ class ChunkSource:
             return None
         ref, stored = item
         try:
-            data = decode_chunk(ref, stored)
+            data = decode_chunk(ref, stored, self._bases.get(digest))
         except ChunkUnavailable as err:
             self.store_stats.errors += 1
             log.error("image %s: tier store: %s", self.label, err)
@@ -316,6 +374,7 @@ class ChunkSource:
     def _resolve(self, flight: _Flight, digest: bytes, data: bytes | None, error: str = "") -> None:
         if self._flights.get(digest) is flight:
             del self._flights[digest]
+            self._bases.pop(digest, None)
         if flight.event.is_set():
             return
         if data is not None:
@@ -371,7 +430,7 @@ class ChunkSource:
         """Items grouped by the live peer that owns them; None: straight to the store."""
         groups: dict[Peer | None, list[tuple[ChunkLocation, _Flight]]] = defaultdict(list)
         for item in items:
-            owner = self.peers.owner(item[0]) if self.peers is not None else None
+            owner = self.peers.owner(item[0]) if self.peers is not None and item[0].base is None else None
             groups[owner if owner is not None and self.peers.alive(owner) else None].append(item)  # type: ignore[union-attr]
         return groups
 
@@ -433,7 +492,7 @@ class ChunkSource:
             out: list[tuple[bytes, bytes | None]] = []
             for d, chunk in items:
                 try:
-                    out.append((d, decode_cached(d, mine[d][0].plain_len, chunk)))
+                    out.append((d, decode_cached(d, mine[d][0].plain_len, chunk, self._bases.get(d))))
                 except ChunkUnavailable as err:
                     log.warning("image %s: tier disk: %s; dropping it", self.label, err)
                     disk.stats.errors += 1
@@ -568,8 +627,9 @@ class ChunkSource:
             out: list[tuple[bytes | None, str]] = []
             for ref, chunk in items:
                 try:
-                    data = (decode_chunk(ref, chunk.data) if from_pack else
-                            decode_stored(ref.digest, ref.plain_len, chunk, f"chunk {ref.digest.hex()[:16]}"))
+                    base = self._bases.get(ref.digest)
+                    data = (decode_chunk(ref, chunk.data, base) if from_pack else
+                            decode_stored(ref.digest, ref.plain_len, chunk, f"chunk {ref.digest.hex()[:16]}", base))
                     out.append((data, ""))
                 except ChunkUnavailable as err:
                     out.append((None, str(err)))

@@ -5,6 +5,11 @@ indexes, then the chunk map and image metadata, and the manifest last.  A
 reader that finds a manifest therefore finds everything it points to; a build
 that dies leaves only unreferenced packs behind, which a later build reuses
 (they are in the indexes) and ``gc`` removes.
+
+New chunks may be stored as deltas against the previous version of the image
+(``delta``: by default the image the tag names now, else the newest tag of
+the same name), so that a node moving from one version to the next fetches
+little more than what changed (cubefs/dedup/delta.py).
 """
 
 from __future__ import annotations
@@ -17,10 +22,12 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from cubefs.catalog import list_manifests, load_image, load_manifest
+from cubefs.dedup.delta import DeltaBases
 from cubefs.dedup.ingest import ZSTD_LEVEL, Ingest, chunker_params
 from cubefs.dedup.sources import Tick, is_tarball, scan_directory, scan_tarball
 from cubefs.dedup.tree import Node, number_tree
-from cubefs.errors import CorruptDataError, ObjectNotFoundError
+from cubefs.errors import CorruptDataError, CubefsError, ObjectNotFoundError
 from cubefs.format.image import compress_blob, encode_image
 from cubefs.format.manifest import Manifest, manifest_key, parse_ref
 from cubefs.format.packs import (
@@ -29,6 +36,7 @@ from cubefs.format.packs import (
     decode_index,
     encode_chunkmap,
     image_key,
+    resolve_bases,
 )
 from cubefs.remote import store_session
 from cubefs.remote.base import Store
@@ -49,6 +57,8 @@ class BuildResult:
     chunk_refs: int
     unique_chunks: int
     new_chunks: int
+    delta_chunks: int
+    delta_base: str
     new_stored_bytes: int
     stored_bytes: int
     bytes_uploaded: int
@@ -80,7 +90,31 @@ async def load_known_chunks(store: Store) -> dict[bytes, ChunkLocation]:
                 log.warning("ignoring unreadable pack index: %s", err)
 
     await asyncio.gather(*(one(k) for k in keys))
+    resolve_bases(known)
     return known
+
+
+async def delta_source(store: Store, loop: LoopThread, name: str, tag: str, delta: str) -> DeltaBases | None:
+    """The previous version to store new chunks against: ``delta`` is a NAME:TAG,
+    ``none``, or ``auto`` (the image NAME:TAG names now, else the newest NAME:*)."""
+    if delta == "none":
+        return None
+    if delta == "auto":
+        same = [m for m in await list_manifests(store) if m.name == name]
+        if not same:
+            return None
+        prev = next((m for m in same if m.tag == tag), None) or max(same, key=lambda m: m.created)
+    else:
+        prev = await load_manifest(store, delta)
+    try:
+        image, cmap = await load_image(store, prev)
+    except CubefsError as err:
+        if delta != "auto":
+            raise
+        log.warning("storing without deltas: the previous version %s is unreadable: %s", prev.ref, err)
+        return None
+    log.info("new chunks may be stored as deltas against %s (sha256:%s)", prev.ref, prev.image[:16])
+    return DeltaBases(store, loop, image, cmap, prev.ref)
 
 
 async def _put_if_changed(store: Store, key: str, data: bytes) -> int:
@@ -104,9 +138,10 @@ def build(
     scan: Callable[[str, Ingest, Tick, dict[bytes, ChunkLocation]], Node] | None = None,
     config: dict[str, Any] | None = None,
     source: dict[str, Any] | None = None,
+    delta: str = "auto",
 ) -> BuildResult:
     """Build ``src`` (a directory or a tarball; or whatever ``scan`` makes of it, given
-    the chunks the store has) into the image ``ref``."""
+    the chunks the store has) into the image ``ref``; ``delta``: see delta_source."""
     name, tag = parse_ref(ref)
     t0 = time.monotonic()
     with store_session(store_url, s3_endpoint, create=True) as (loop, store):
@@ -115,16 +150,17 @@ def build(
         lease = Lease(store)
         loop.run(lease.take())
         try:
-            return _build(loop, store, src, name, tag, t0, tick, workers, level, scan, config, source)
+            bases = loop.run(delta_source(store, loop, name, tag, delta))
+            return _build(loop, store, src, name, tag, t0, tick, workers, level, scan, config, source, bases)
         finally:
             loop.run(lease.release())
 
 
 def _build(loop: LoopThread, store: Store, src: str, name: str, tag: str, t0: float, tick: Tick | None,
            workers: int, level: int, scan: Any, config: dict[str, Any] | None,
-           source: dict[str, Any] | None) -> BuildResult:
+           source: dict[str, Any] | None, bases: DeltaBases | None) -> BuildResult:
     known = loop.run(load_known_chunks(store))
-    ingest = Ingest(store, loop, known, workers=workers, level=level)
+    ingest = Ingest(store, loop, known, workers=workers, level=level, delta=bases)
     try:
         progress = tick or (lambda _f, _b: None)
         if scan is not None:
@@ -145,6 +181,8 @@ def _build(loop: LoopThread, store: Store, src: str, name: str, tag: str, t0: fl
         loop.run(store.put(image_key(digest), blob))
         uploaded += len(blob)
     stored = sum(loc.stored_len for loc in locations)
+    have = {loc.digest for loc in locations}
+    stored += sum(b.stored_len for b in {loc.base for loc in locations if loc.base is not None} if b.digest not in have)
     result = BuildResult(
         ref=f"{name}:{tag}",
         image=digest,
@@ -155,6 +193,8 @@ def _build(loop: LoopThread, store: Store, src: str, name: str, tag: str, t0: fl
         chunk_refs=ingest.stats.chunk_refs,
         unique_chunks=len(tree.chunks),
         new_chunks=ingest.stats.new_chunks,
+        delta_chunks=bases.used if bases is not None else 0,
+        delta_base=bases.label if bases is not None else "",
         new_stored_bytes=ingest.stats.new_stored_bytes,
         stored_bytes=stored,
         bytes_uploaded=0,

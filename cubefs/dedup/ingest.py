@@ -9,6 +9,10 @@ both cores.  Full packs are uploaded on the store's loop thread while the
 workers go on; a pack's index is written only after the pack itself, so an
 index never names a pack that is not there.
 
+With a ``delta`` source (the previous version of the image), a new chunk of a
+file that version also has is stored as a delta against that file's chunk
+when that is clearly smaller (cubefs/dedup/delta.py).
+
 Invariants: ``known`` only grows, and maps a digest to a location that is
 either already stored or in a pack that ``finish`` will upload before any
 metadata referring to it.  ``_claimed`` makes sure each new chunk is
@@ -28,9 +32,11 @@ from dataclasses import dataclass
 import zstandard
 from pyfastcdc import FastCDC
 
+from cubefs.dedup.delta import DeltaBases
 from cubefs.dedup.tree import ChunkBatch
 from cubefs.errors import BadInputError, CubefsError
 from cubefs.format.packs import (
+    CODEC_DELTA,
     CODEC_RAW,
     CODEC_ZSTD,
     PACK_HEADER,
@@ -74,14 +80,12 @@ class _PackWriter:
     def __init__(self) -> None:
         self.parts: list[bytes] = [PACK_HEADER]
         self.size = len(PACK_HEADER)
-        self.entries: list[tuple[bytes, int, int, int, int]] = []
+        self.entries: list[ChunkLocation] = []
 
-    def add(self, digest: bytes, plain_len: int, codec: int, payload: bytes) -> tuple[int, int]:
-        off = self.size
+    def add(self, digest: bytes, plain_len: int, codec: int, payload: bytes, base: ChunkLocation | None) -> None:
+        self.entries.append(ChunkLocation(digest, "", self.size, len(payload), plain_len, codec, base))
         self.parts.append(payload)
         self.size += len(payload)
-        self.entries.append((digest, off, len(payload), plain_len, codec))
-        return off, len(payload)
 
 
 class Ingest:
@@ -92,11 +96,13 @@ class Ingest:
         known: dict[bytes, ChunkLocation],
         workers: int = 0,
         level: int = ZSTD_LEVEL,
+        delta: DeltaBases | None = None,
     ) -> None:
         self.store = store
         self.loop = loop
         self.known = known
         self.level = level
+        self.delta = delta
         self.stats = IngestStats()
         self._claimed: set[bytes] = set()
         self._lock = threading.Lock()
@@ -107,21 +113,20 @@ class Ingest:
         self._upload_slots = threading.BoundedSemaphore(MAX_UPLOADS)
         self._tls = threading.local()
         self._error: BaseException | None = None
-        self._batch: list[tuple[bytes | Data, int]] = []
+        self._batch: list[tuple[bytes | Data, int, bytes]] = []
         self._batch_bytes = 0
         self._batch_future: Future[list[list[tuple[int, bytes, int]]]] = Future()
 
     # -- the source thread -------------------------------------------------
-    def add_file(self, path: bytes, st_size: int, st_blocks: int, extents: list[ChunkBatch]) -> None:
-        """Queue a regular file.  Small dense files are read, cut and hashed in a worker
-        (syscalls are slow here, and the walk must not wait on them); large or sparse
-        ones are streamed from this thread, data regions only."""
+    def add_file(self, path: bytes, st_size: int, st_blocks: int, extents: list[ChunkBatch], name: bytes = b"") -> None:
+        """Queue a regular file (``name``: its path in the image, for delta bases).  Small
+        dense files are read, cut and hashed in a worker (syscalls are slow here, and
+        the walk must not wait on them); large or sparse ones are streamed from this
+        thread, data regions only."""
         if st_size == 0:
             return
         if st_size <= WHOLE_READ and st_blocks * 512 >= st_size:
-            # Small files travel in batches: one job per ~4 MiB, not one per file,
-            # so the hand-off cost (futures, locks, GIL switches) is paid rarely.
-            self._queue_small(path, st_size, extents)
+            self._queue_small(path, st_size, extents, name)
             return
         try:
             fd = open_nofollow(path)
@@ -130,7 +135,7 @@ class Ingest:
         try:
             for start, end in data_regions(fd, st_size):
                 if end - start <= WHOLE_READ:
-                    self.add_buffer(_pread_all(fd, end - start, start), start, extents)
+                    self.add_buffer(_pread_all(fd, end - start, start), start, extents, name)
                     continue
                 pos = [start]
 
@@ -142,21 +147,21 @@ class Ingest:
                     pos[0] += len(data)
                     return data
 
-                self.add_stream(read, start, extents)
+                self.add_stream(read, start, extents, name)
         finally:
             os.close(fd)
 
-    def add_data(self, data: bytes, extents: list[ChunkBatch]) -> None:
+    def add_data(self, data: bytes, extents: list[ChunkBatch], name: bytes = b"") -> None:
         """Queue a small file already in memory (a tar member): cut and hashed in a worker,
         like a small file on disk, so the thread parsing the archive never cuts."""
         if data:
-            self._queue_small(Data(data), len(data), extents)
+            self._queue_small(Data(data), len(data), extents, name)
 
-    def _queue_small(self, source: bytes | Data, size: int, extents: list[ChunkBatch]) -> None:
+    def _queue_small(self, source: bytes | Data, size: int, extents: list[ChunkBatch], name: bytes) -> None:
         # Small files travel in batches: one job per ~4 MiB, not one per file,
         # so the hand-off cost (futures, locks, GIL switches) is paid rarely.
         extents.append(_FileResult(self._batch_future, len(self._batch)))
-        self._batch.append((source, size))
+        self._batch.append((source, size, name))
         self._batch_bytes += size
         if self._batch_bytes >= BATCH_BYTES or len(self._batch) >= 256:
             self.flush_files()
@@ -185,11 +190,11 @@ class Ingest:
 
         job.add_done_callback(done)
 
-    def add_buffer(self, buf: bytes, base: int, extents: list[ChunkBatch]) -> None:
+    def add_buffer(self, buf: bytes, base: int, extents: list[ChunkBatch], name: bytes = b"") -> None:
         """Cut an in-memory region (file offset ``base``) and queue its chunks."""
-        self._submit_batched(self._cut(buf, base), extents)
+        self._submit_batched(self._cut(buf, base), extents, name)
 
-    def add_stream(self, read: Callable[[int], bytes], base: int, extents: list[ChunkBatch]) -> int:
+    def add_stream(self, read: Callable[[int], bytes], base: int, extents: list[ChunkBatch], name: bytes = b"") -> int:
         """Cut a stream of unknown length (file offset ``base``); returns bytes read."""
         total = 0
 
@@ -200,10 +205,11 @@ class Ingest:
                 total += len(data)
                 yield base + c.offset, data
 
-        self._submit_batched(chunks(), extents)
+        self._submit_batched(chunks(), extents, name)
         return total
 
-    def _submit_batched(self, chunks: Iterable[tuple[int, bytes | memoryview]], extents: list[ChunkBatch]) -> None:
+    def _submit_batched(self, chunks: Iterable[tuple[int, bytes | memoryview]], extents: list[ChunkBatch],
+                        name: bytes) -> None:
         """Queue chunks to the workers ~BATCH_BYTES at a time."""
         batch: list[tuple[int, bytes | memoryview]] = []
         size = 0
@@ -211,10 +217,10 @@ class Ingest:
             batch.append((off, part))
             size += len(part)
             if size >= BATCH_BYTES:
-                self._submit(batch, size, extents)
+                self._submit(batch, size, extents, name)
                 batch, size = [], 0
         if batch:
-            self._submit(batch, size, extents)
+            self._submit(batch, size, extents, name)
 
     def _cut(self, buf: bytes, base: int) -> list[tuple[int, bytes | memoryview]]:
         if len(buf) <= CHUNK_MIN:  # FastCDC never cuts below the minimum: one chunk
@@ -222,10 +228,11 @@ class Ingest:
         view = memoryview(buf)
         return [(base + c.offset, view[c.offset : c.offset + c.length]) for c in self._chunker().cut_buf(view)]
 
-    def _submit(self, batch: list[tuple[int, bytes | memoryview]], nbytes: int, extents: list[ChunkBatch]) -> None:
+    def _submit(self, batch: list[tuple[int, bytes | memoryview]], nbytes: int, extents: list[ChunkBatch],
+                name: bytes) -> None:
         self._check_failed()
         self._budget.take(nbytes)
-        fut = self._pool.submit(self._process, batch)
+        fut = self._pool.submit(self._process, batch, [name] * len(batch))
 
         def done(f: Future[list[tuple[int, bytes, int]]]) -> None:
             self._budget.give(nbytes)
@@ -258,12 +265,13 @@ class Ingest:
             z = self._tls.z = zstandard.ZstdCompressor(level=self.level)
         return z
 
-    def _files_job(self, files: list[tuple[bytes | Data, int]]) -> list[list[tuple[int, bytes, int]]]:
+    def _files_job(self, files: list[tuple[bytes | Data, int, bytes]]) -> list[list[tuple[int, bytes, int]]]:
         """Read and cut a batch of small files, then hash, claim and pack all their
         chunks in one ``_process`` (two lock round trips per batch, not per file)."""
         parts: list[tuple[int, bytes | memoryview]] = []
+        names: list[bytes] = []
         bounds = [0]
-        for source, size in files:
+        for source, size, name in files:
             if isinstance(source, Data):
                 data = source.data
             else:
@@ -276,13 +284,15 @@ class Ingest:
                 except OSError as err:
                     raise BadInputError(f"cannot read {os.fsdecode(source)}: {err.strerror}") from None
             parts += self._cut(data, 0)
+            names += [name] * (len(parts) - len(names))
             bounds.append(len(parts))
-        done = self._process(parts)
+        done = self._process(parts, names)
         return [done[bounds[i] : bounds[i + 1]] for i in range(len(files))]
 
-    def _process(self, batch: list[tuple[int, bytes | memoryview]]) -> list[tuple[int, bytes, int]]:
+    def _process(self, batch: list[tuple[int, bytes | memoryview]], names: list[bytes]) -> list[tuple[int, bytes, int]]:
         """Hash a batch; under one lock claim the chunks nobody has; compress those
-        outside the lock; under one more lock append them to the open pack."""
+        outside the lock (as deltas where that pays); under one more lock append
+        them to the open pack."""
         digests = [hashlib.sha256(part).digest() for _off, part in batch]
         with self._lock:
             self.stats.chunk_refs += len(batch)
@@ -292,17 +302,19 @@ class Ingest:
                     self._claimed.add(d)
                     mine.append(i)
         z = self._compressor()
-        payloads = []
+        payloads: list[tuple[bytes, int, ChunkLocation | None]] = []
         for i in mine:
-            data = batch[i][1]
+            off, data = batch[i]
             payload = z.compress(data)
-            payloads.append((payload, CODEC_ZSTD) if len(payload) < len(data) else (bytes(data), CODEC_RAW))
+            alone = (payload, CODEC_ZSTD, None) if len(payload) < len(data) else (bytes(data), CODEC_RAW, None)
+            delta = self.delta.encode(data, len(alone[0]), names[i], off) if self.delta and names[i] else None
+            payloads.append(alone if delta is None else (delta[0], CODEC_DELTA, delta[1]))
         sealed = []
         if mine:
             with self._lock:
-                for i, (payload, codec) in zip(mine, payloads, strict=True):
+                for i, (payload, codec, base) in zip(mine, payloads, strict=True):
                     plain = len(batch[i][1])
-                    self._pack.add(digests[i], plain, codec, payload)
+                    self._pack.add(digests[i], plain, codec, payload, base)
                     self.stats.new_chunks += 1
                     self.stats.new_stored_bytes += len(payload)
                     if self._pack.size >= PACK_TARGET:
@@ -315,7 +327,8 @@ class Ingest:
     def _seal(self, pack: _PackWriter) -> None:
         data = b"".join(pack.parts)
         name = pack_digest(data)
-        locs = [ChunkLocation(d, name, o, s, p, c) for d, o, s, p, c in pack.entries]
+        locs = [ChunkLocation(e.digest, name, e.offset, e.stored_len, e.plain_len, e.codec, e.base)
+                for e in pack.entries]
         self._upload_slots.acquire()
         fut = self.loop.submit(self._upload(name, data, locs))
 

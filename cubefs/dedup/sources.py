@@ -141,7 +141,7 @@ def scan_directory(src: str, ingest: Ingest, tick: Tick, reuse: Reuse | None = N
     # and 15% of the build's throughput); alone it takes ~0.1 s for a rootfs.
     nbytes = 0
     for files, (path, size, blocks, extents) in enumerate(pending, 1):
-        ingest.add_file(path, size, blocks, extents)
+        ingest.add_file(path, size, blocks, extents, path[len(root_path):])
         nbytes += size
         tick(files, nbytes)
     return root
@@ -313,7 +313,7 @@ def apply_tar(tf: tarfile.TarFile, root: Node, ingest: Ingest, progress: _Progre
             node.children = old.children  # a repeated directory updates metadata only
         if m.isreg():
             node.size = m.size
-            _ingest_member(tf, m, node, ingest, where)
+            _ingest_member(tf, m, node, ingest, where, b"/" + b"/".join(parts))
             progress.add(m.size)
         parent.children[leaf] = node
     for children in opaque:
@@ -323,7 +323,8 @@ def apply_tar(tf: tarfile.TarFile, root: Node, ingest: Ingest, progress: _Progre
     return root
 
 
-def _ingest_member(tf: tarfile.TarFile, m: tarfile.TarInfo, node: Node, ingest: Ingest, where: str) -> None:
+def _ingest_member(tf: tarfile.TarFile, m: tarfile.TarInfo, node: Node, ingest: Ingest, where: str,
+                   name: bytes) -> None:
     f = tf.extractfile(m)
     assert f is not None
     try:
@@ -331,9 +332,9 @@ def _ingest_member(tf: tarfile.TarFile, m: tarfile.TarInfo, node: Node, ingest: 
             data = f.read()
             got = len(data)
             if got == m.size:
-                ingest.add_data(data, node.extents)
+                ingest.add_data(data, node.extents, name)
         else:
-            got = ingest.add_stream(f.read, 0, node.extents)
+            got = ingest.add_stream(f.read, 0, node.extents, name)
     except (tarfile.TarError, EOFError, zstandard.ZstdError, OSError) as err:
         raise BadInputError(f"{where}: member {m.name!r} is truncated ({err})") from None
     if got != m.size:

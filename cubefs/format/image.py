@@ -105,16 +105,20 @@ def decompress_blob(blob: bytes, what: str, limit: int = 1 << 31) -> bytes:
         raise CorruptDataError(f"{what}: not a valid zstd frame ({err})") from None
 
 
-def check_header(doc: Any, magic: str, supported: int, what: str) -> None:
-    """Readers refuse what they do not understand, naming what and which version."""
+def check_header(doc: Any, magic: str, supported: int | tuple[int, ...], what: str) -> int:
+    """Readers refuse what they do not understand, naming what and which version;
+    returns the version."""
     if not isinstance(doc, dict) or doc.get("magic") != magic:
         raise CorruptDataError(f"{what}: not a {magic} object")
+    versions = supported if isinstance(supported, tuple) else (supported,)
     version = doc.get("version")
-    if type(version) is not int or version != supported:
+    if type(version) is not int or version not in versions:
+        readable = " and ".join(str(v) for v in versions)
         raise FormatVersionError(
-            f"{what}: format version {version!r} is not supported (this cubefs reads version {supported}); "
+            f"{what}: format version {version!r} is not supported (this cubefs reads version {readable}); "
             "upgrade cubefs"
         )
+    return version
 
 
 class Image:

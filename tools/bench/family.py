@@ -21,7 +21,9 @@ Each is converted (``cubefs convert oci:...``) into one local store. Figures:
   gzip layers a registry keeps: floor <= 0.8;
 * **update N -> N+1** (np:1.26.3->np:1.26.4, app:1->app:2, app:2->app:3,
   py:1->py:2, pandas:1->pandas:2): stored bytes of the chunks N+1 has and N
-  lacks, vs the gzip layers N+1 has and N lacks: floor <= 0.25;
+  lacks (new chunks are stored as deltas against N where that is much smaller;
+  a delta's base counts as a chunk N+1 has), vs the gzip layers N+1 has and N
+  lacks: floor <= 0.25;
 * **conversion throughput**: uncompressed layer bytes / seconds, per image.
 
     sudo .venv/bin/python tools/bench/family.py [--json-out family.json]
@@ -220,7 +222,8 @@ def run(args: argparse.Namespace, work: Path, cache: Path) -> int:
 
 
 def image_chunks(store_dir: Path, refs: list[str], store: str) -> dict[str, dict[str, int]]:
-    """Per image: its chunks (by digest) and their stored sizes, from its chunk map."""
+    """Per image: the chunks a reader may fetch (by digest: its own, and the bases of
+    its deltas) and their stored sizes, from its chunk map."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from cubefs.catalog import load_image, load_manifest
     from cubefs.remote import store_session
@@ -230,6 +233,7 @@ def image_chunks(store_dir: Path, refs: list[str], store: str) -> dict[str, dict
         for ref in refs:
             image, cmap = loop.run(load_image(st, loop.run(load_manifest(st, ref))))
             out[ref] = {image.chunk(i)[0].hex(): cmap.get(i)[2] for i in range(image.nchunks)}
+            out[ref].update((b.digest.hex(), b.stored_len) for b in cmap.bases)
     return out
 
 
