@@ -65,7 +65,21 @@ def _size_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def make_parser() -> argparse.ArgumentParser:
+def _plugins() -> list[Any]:
+    """Command modules that other packages register under the ``cubefs.commands``
+    entry point (``vm`` from vmm/): cubefs never imports what stands above it."""
+    from importlib.metadata import entry_points
+
+    out = []
+    for ep in entry_points(group="cubefs.commands"):
+        try:
+            out.append(ep.load())
+        except ImportError as err:  # a broken plugin must not take the core commands with it
+            logging.getLogger(__name__).warning("cubefs %s is unavailable: %s", ep.name, err)
+    return out
+
+
+def make_parser(plugins: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cubefs",
         description="Block-deduplicated images in an object store, mounted lazily.",
@@ -202,6 +216,9 @@ def make_parser() -> argparse.ArgumentParser:
                    "start-up); also $CUBEFS_NO_SERVER=1")
 
     cli_volume.add_parsers(sub, _store_args)
+    for module in _plugins() if plugins else []:
+        module.add_parsers(sub, _store_args)
+        COMMANDS.update(module.COMMANDS)
 
     p = sub.add_parser("serve", help="the node daemon: a warm mount server, and (--listen) a peer chunk server",
                        description="Run (in the foreground) a mount server on a unix socket. It has already "
@@ -653,8 +670,16 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = make_parser()
-    args = parser.parse_args(argv)
+    words = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
+    # Plugins are looked up only for a command cubefs does not have itself: a mount
+    # must not pay for scanning entry points.
+    parser = make_parser(plugins=not words or words[0] not in COMMANDS)
+    # Everything after "--" is a command line for a VM (cubefs vm run/exec), never ours.
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest = argv[argv.index("--") + 1:] if "--" in argv else None
+    args = parser.parse_args(argv if rest is None else argv[: argv.index("--")])
+    if rest is not None and hasattr(args, "cmd"):
+        args.cmd = rest
     if not args.command:
         parser.print_help()
         return 2

@@ -262,10 +262,15 @@ class Transport(Protocol):
 
 
 def _transport(name: str, fs: Any, mountpoint: str, fsname: str, allow_other: bool) -> Transport:
-    if name == "virtiofs":  # mountpoint: the vhost-user socket QEMU connects to
-        from vmm.vhost_user_fs import VirtioFsTransport
+    if name not in ("kernel", "pyfuse3"):
+        # Transports of other packages ("virtiofs" from vmm/: mountpoint is then the
+        # vhost-user socket QEMU connects to), by entry point: cubefs never imports them.
+        from importlib.metadata import entry_points
 
-        return VirtioFsTransport(fs, mountpoint)
+        found = list(entry_points(group="cubefs.transports", name=name))
+        if not found:
+            raise UsageError(f"transport {name} is not installed")
+        return found[0].load()(fs, mountpoint)  # type: ignore[no-any-return]
     if name == "pyfuse3":
         from cubefs.fuse.pyfuse3_ops import Pyfuse3Transport
 

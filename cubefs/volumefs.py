@@ -99,6 +99,14 @@ class VolumeFS:
         if self.writable:
             self._purge_orphans()
 
+    def session_ended(self) -> None:
+        """FUSE DESTROY: the kernel holds no references any more (a VM's guest unmounted
+        its root and may mount it again), so what only it kept alive goes now."""
+        self._lookups.clear()
+        self.dentries.clear()
+        if self.writable:
+            self._purge_orphans()
+
     def _purge_orphans(self) -> None:
         """Inodes unlinked while open when the last daemon died: nobody can reach them
         now (no name, no kernel reference), so their blocks go."""

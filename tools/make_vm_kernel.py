@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import hashlib
 import os
 import shutil
 import stat
@@ -55,10 +56,12 @@ def cpio_newc(entries: list[tuple[str, int, bytes]]) -> bytes:
 
 
 def make_kernel(path: Path) -> Path:
+    """Build (or keep, if made from the same inputs) the guest kernel and initramfs."""
     stamp = path.parent / (path.name + ".done")
-    if stamp.exists() and (path / "initrd.gz").exists():
-        return path
     guest = Path(__file__).resolve().parents[1] / "vmm" / "guest_init.sh"
+    inputs = hashlib.sha256(guest.read_bytes() + " ".join(MODULES).encode()).hexdigest()
+    if stamp.exists() and stamp.read_text().strip() == inputs and (path / "initrd.gz").exists():
+        return path
     with tempfile.TemporaryDirectory(prefix="cubefs-vm-") as tmp:
         work = Path(tmp)
         work.chmod(0o755)  # apt-get download fetches as the _apt user where it can
@@ -88,7 +91,7 @@ def make_kernel(path: Path) -> Path:
         (tmp_out / "version").write_text(modules.name + "\n")
         shutil.rmtree(path, ignore_errors=True)
         os.rename(tmp_out, path)
-    stamp.touch()
+    stamp.write_text(inputs + "\n")
     return path
 
 

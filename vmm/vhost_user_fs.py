@@ -20,22 +20,23 @@ from __future__ import annotations
 import array
 import errno
 import logging
-import mmap
 import os
 import socket
 import struct
-from dataclasses import dataclass
 from typing import Any
 
 import trio
 
 from cubefs.fuse import protocol as p
 from cubefs.fuse.server import FuseServer
+from vmm.guest_memory import GuestMemory, RingError, Span
 
 log = logging.getLogger(__name__)
 
 HEADER = struct.Struct("<III")
 U64 = struct.Struct("<Q")
+U16 = struct.Struct("<H")
+USED = struct.Struct("<II")
 STATE = struct.Struct("<II")
 ADDR = struct.Struct("<IIQQQQ")
 REGION = struct.Struct("<QQQQ")
@@ -54,58 +55,12 @@ PROTOCOL_FEATURES = (1 << 0) | (1 << 3)  # MQ, REPLY_ACK
 NUM_QUEUES = 2  # hiprio + one request queue (Linux 6.1 uses one)
 
 
-class RingError(Exception):
-    """The guest gave us something we cannot use: that request (or queue) fails."""
-
-
 class BadChain(RingError):
-    """A descriptor chain we cannot use, whose head is valid: only that request fails."""
+    """One request's descriptor chain is unusable; the queue itself is fine."""
 
     def __init__(self, head: int, why: str) -> None:
         super().__init__(why)
         self.head = head
-
-
-@dataclass
-class Region:
-    gpa: int
-    size: int
-    uva: int
-    mm: mmap.mmap
-    view: memoryview
-    base: int  # mmap_offset: where the region starts in the mapping
-
-
-class GuestMemory:
-    def __init__(self) -> None:
-        self.regions: list[Region] = []
-
-    def replace(self, regions: list[tuple[int, int, int, int]], fds: list[int]) -> None:
-        self.close()
-        for (gpa, size, uva, offset), fd in zip(regions, fds):
-            mm = mmap.mmap(fd, size + offset, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            os.close(fd)
-            self.regions.append(Region(gpa, size, uva, mm, memoryview(mm), offset))
-
-    def _find(self, addr: int, length: int, by_uva: bool) -> tuple[memoryview, int]:
-        for r in self.regions:
-            start = r.uva if by_uva else r.gpa
-            if start <= addr and addr + length <= start + r.size:
-                return r.view, r.base + addr - start
-        raise RingError(f"address {addr:#x}+{length} is outside guest memory")
-
-    def gpa(self, addr: int, length: int) -> memoryview:
-        view, off = self._find(addr, length, by_uva=False)
-        return view[off : off + length]
-
-    def uva(self, addr: int, length: int) -> tuple[memoryview, int]:
-        return self._find(addr, length, by_uva=True)
-
-    def close(self) -> None:
-        for r in self.regions:
-            r.view.release()
-            r.mm.close()
-        self.regions = []
 
 
 class Virtqueue:
@@ -114,22 +69,20 @@ class Virtqueue:
         self.num = 0
         self.last_avail = 0
         self.used_idx = 0
-        self.desc: tuple[memoryview, int] | None = None
-        self.avail: tuple[memoryview, int] | None = None
-        self.used: tuple[memoryview, int] | None = None
+        self.desc: Span | None = None
+        self.avail: Span | None = None
+        self.used: Span | None = None
         self.kick = -1
         self.call = -1
         self.enabled = False
 
     def pending(self) -> bool:
         assert self.avail is not None
-        view, off = self.avail
-        return bool(struct.unpack_from("<H", view, off + 2)[0] != self.last_avail)
+        return self.avail.unpack(U16, 2)[0] != self.last_avail
 
-    def pop(self, mem: GuestMemory) -> tuple[int, list[memoryview], list[memoryview]]:
+    def pop(self, mem: GuestMemory) -> tuple[int, list[Span], list[Span]]:
         assert self.avail is not None and self.desc is not None
-        view, off = self.avail
-        head = struct.unpack_from("<H", view, off + 4 + 2 * (self.last_avail % self.num))[0]
+        head = self.avail.unpack(U16, 4 + 2 * (self.last_avail % self.num))[0]
         self.last_avail = (self.last_avail + 1) & 0xFFFF
         if head >= self.num:
             raise RingError(f"queue {self.index}: head {head} out of range")
@@ -138,22 +91,21 @@ class Virtqueue:
         except RingError as err:
             raise BadChain(head, str(err)) from None
 
-    def _chain(self, mem: GuestMemory, head: int) -> tuple[list[memoryview], list[memoryview]]:
+    def _chain(self, mem: GuestMemory, head: int) -> tuple[list[Span], list[Span]]:
         assert self.desc is not None
-        readable: list[memoryview] = []
-        writable: list[memoryview] = []
-        table, tbase, size = self.desc[0], self.desc[1], self.num
+        readable: list[Span] = []
+        writable: list[Span] = []
+        table, size = self.desc, self.num
         i, seen = head, 0
         while True:
             seen += 1
             if seen > size:
                 raise RingError(f"queue {self.index}: descriptor loop")
-            addr, length, flags, nxt = DESC.unpack_from(table, tbase + 16 * i)
+            addr, length, flags, nxt = table.unpack(DESC, 16 * i)
             if flags & F_INDIRECT:
                 if length % 16 or not length:
                     raise RingError(f"queue {self.index}: bad indirect table")
-                itable = mem.gpa(addr, length)
-                table, tbase, size, i, seen = itable, 0, length // 16, 0, 0
+                table, size, i, seen = mem.gpa(addr, length), length // 16, 0, 0
                 continue
             buf = mem.gpa(addr, length)
             if flags & F_WRITE:
@@ -171,10 +123,9 @@ class Virtqueue:
 
     def push(self, head: int, written: int) -> None:
         assert self.used is not None
-        view, off = self.used
-        struct.pack_into("<II", view, off + 4 + 8 * (self.used_idx % self.num), head, written)
+        self.used.pack(USED, 4 + 8 * (self.used_idx % self.num), head, written)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
-        struct.pack_into("<H", view, off + 2, self.used_idx)  # after the entry: x86 keeps stores in order
+        self.used.pack(U16, 2, self.used_idx)  # after the entry: x86 keeps stores in order
 
     def notify(self) -> None:
         if self.call >= 0:
@@ -184,7 +135,7 @@ class Virtqueue:
                 log.warning("queue %d: cannot signal the guest: %s", self.index, err)
 
 
-def _scatter(parts: list[bytes | memoryview], buffers: list[memoryview]) -> int:
+def _scatter(parts: list[bytes | memoryview], buffers: list[Span]) -> int:
     """Copy the reply ``parts`` into the chain's writable ``buffers``; bytes written."""
     written = 0
     bi, boff = 0, 0
@@ -195,7 +146,7 @@ def _scatter(parts: list[bytes | memoryview], buffers: list[memoryview]) -> int:
                 raise RingError("the reply does not fit the request's writable buffers")
             dst = buffers[bi]
             n = min(len(src), len(dst) - boff)
-            dst[boff : boff + n] = src[:n]
+            dst.write(boff, src[:n])
             src, boff, written = src[n:], boff + n, written + n
             if boff == len(dst):
                 bi, boff = bi + 1, 0
@@ -216,6 +167,8 @@ class VhostUserFs:
         self.bad_requests = 0
 
     async def serve(self, conn: socket.socket) -> None:
+        # QEMU's pid, to reach RAM it maps privately (a template's clone): vmm/guest_memory.py
+        self.mem.pid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
         conn.setblocking(False)
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
@@ -300,7 +253,7 @@ class VhostUserFs:
             q.desc = self.mem.uva(desc, 16 * q.num)
             q.used = self.mem.uva(used, 4 + 8 * q.num)
             q.avail = self.mem.uva(avail, 4 + 2 * q.num)
-            q.used_idx = struct.unpack_from("<H", q.used[0], q.used[1] + 2)[0]
+            q.used_idx = q.used.unpack(U16, 2)[0]
             return None
         if request in (SET_VRING_KICK, SET_VRING_CALL, SET_VRING_ERR):
             (value,) = U64.unpack_from(payload)
@@ -372,9 +325,15 @@ class VhostUserFs:
         if done:
             q.notify()
 
-    def _request(self, q: Virtqueue, head: int, readable: list[memoryview], writable: list[memoryview]) -> None:
+    def _request(self, q: Virtqueue, head: int, readable: list[Span], writable: list[Span]) -> None:
         self.requests += 1
-        request = b"".join(readable)
+        try:
+            request = b"".join(span.read() for span in readable)
+        except RingError as err:
+            log.error("virtio-fs: %s; that request fails", err)
+            self.bad_requests += 1
+            q.push(head, 0)
+            return
         if len(request) < p.IN_HEADER.size:
             self.bad_requests += 1
             q.push(head, 0)
@@ -389,12 +348,12 @@ class VhostUserFs:
         assert self.nursery is not None
         self.nursery.start_soon(self._later, q, head, out, writable, request)
 
-    async def _later(self, q: Virtqueue, head: int, work: Any, writable: list[memoryview], request: bytes) -> None:
+    async def _later(self, q: Virtqueue, head: int, work: Any, writable: list[Span], request: bytes) -> None:
         out = await work
         q.push(head, self._reply(out, writable, request) if out is not None else 0)
         q.notify()
 
-    def _reply(self, out: bytes | list[bytes | memoryview], writable: list[memoryview], request: bytes) -> int:
+    def _reply(self, out: bytes | list[bytes | memoryview], writable: list[Span], request: bytes) -> int:
         parts = out if isinstance(out, list) else [out]
         try:
             return _scatter(parts, writable)
@@ -444,6 +403,12 @@ class VirtioFsTransport:
         await VhostUserFs(self.server).serve(conn)
         conn.close()
         log.info("virtio-fs: QEMU went away")
+
+    async def invalidate(self, inodes: set[int], names: set[tuple[int, bytes]]) -> int:
+        """virtio-fs has no notifications for the host to send (Linux 6.1 has no
+        notification queue): after a rollback the guest must mount its root again,
+        which vmm/vm.py does around it.  Nothing is sent."""
+        return 0
 
     def stop(self) -> None:
         """Stop serving: the listener closes, and a connected VM loses its root."""

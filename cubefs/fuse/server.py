@@ -185,7 +185,13 @@ class FuseServer:
         ))
 
     def _destroy(self, unique: int, _nodeid: int, _body: memoryview) -> bytes:
+        """The kernel unmounted.  /dev/fuse ends here; a VM's root over virtio-fs may be
+        mounted again (after a rollback, a restore), which begins with a new INIT."""
         self.destroyed = True
+        self.minor = 0
+        ended = getattr(self.fs, "session_ended", None)
+        if ended is not None:
+            ended()
         return p.reply(unique)
 
     def _ok(self, unique: int, _nodeid: int, _body: memoryview) -> bytes:

@@ -1,0 +1,251 @@
+"""``cubefs vm ...``: micro-VMs whose root is a cubefs image or volume.
+
+Registered with the cubefs CLI through the ``cubefs.commands`` entry point
+(pyproject.toml), so cubefs itself never imports this package.  Heavy imports
+wait until a command runs: building the parser must stay cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from cubefs.cli_volume import volume_dir_arg
+from cubefs.errors import EXIT_OK, UsageError
+from cubefs.humanize import size
+
+EPILOG = """\
+examples:
+  cubefs vm run debian:12 -- python3 -c 'print(42)'     # boot, run, print, exit with its code
+  cubefs vm template create base                         # boot once, save at "agent ready"
+  cubefs vm run --template base debian:12 -- uname -a    # restore instead of booting
+  cubefs volume create box --from debian:12
+  cubefs vm start box1 --volume box --template base      # a VM that stays up
+  cubefs vm exec box1 -- sh -c 'echo hi > /root/x'
+  cubefs vm snapshot box1 --name s1; cubefs vm rollback box1 s1
+  cubefs vm fork box1 --count 3                          # three running copies, memory and disk
+  cubefs vm ls; cubefs vm rm box1
+
+VMs live in $CUBEFS_VM_DIR (default /run/cubefs/vm), templates in $CUBEFS_TEMPLATE_DIR
+(default /var/lib/cubefs/templates); the guest kernel is made by tools/make_vm_kernel.py
+into $CUBEFS_VM_KERNEL (default /var/tmp/cubefs-vm/kernel). --accel auto uses KVM only
+where hardware virtualization backs it (kvm_intel/kvm_amd), else TCG. Needs root: QEMU's
+memory is reached through its address space when a clone maps a template privately.
+"""
+
+
+def _machine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--memory", type=int, default=512, metavar="MB", help="guest RAM in MiB (default 512)")
+    p.add_argument("--accel", default="auto", choices=("auto", "kvm", "tcg"),
+                   help="auto (default): KVM where hardware-backed, else TCG")
+    p.add_argument("--kernel", default=None, metavar="DIR",
+                   help="guest kernel and initramfs (default $CUBEFS_VM_KERNEL or /var/tmp/cubefs-vm/kernel)")
+
+
+def _root_args(p: argparse.ArgumentParser, store_args: Any) -> None:
+    p.add_argument("--volume", default=None, help="a volume as the root, read-write (else the image, read-only)")
+    p.add_argument("--template", default=None, help="restore this template instead of booting")
+    p.add_argument("--cache-dir", default=None, help="the root daemon's disk cache (default: cubefs mount's)")
+    store_args(p)
+    volume_dir_arg(p)
+
+
+def _exec_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--env", "-e", action="append", default=[], metavar="KEY=VALUE", help="environment (repeat)")
+    p.add_argument("--workdir", "-w", default=None, help="directory the command starts in")
+    p.add_argument("--timeout", type=float, default=None, help="seconds to wait for the command")
+    p.add_argument("--json", action="store_true", help="print exit code, output and timings as JSON")
+
+
+def add_parsers(sub: Any, store_args: Any) -> None:
+    p = sub.add_parser("vm", help="micro-VMs with a cubefs root: run, start, exec, fork, templates",
+                       description="Micro-VMs under QEMU whose root filesystem a cubefs daemon serves over "
+                       "virtio-fs (no host mount in between): an image read-only or a volume read-write. "
+                       "A small agent in the guest's initramfs runs commands and returns their exit code, "
+                       "stdout and stderr.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    vsub = p.add_subparsers(dest="vm_command", metavar="ACTION", required=True)
+
+    q = vsub.add_parser("run", help="run one command in a new VM, then remove it",
+                        description="Boot (or restore --template) a VM on NAME:TAG or --volume, run CMD through "
+                        "the agent, print its stdout and stderr, exit with its exit code.")
+    q.add_argument("image", nargs="?", metavar="NAME:TAG")
+    _root_args(q, store_args)
+    _machine_args(q)
+    _exec_args(q)
+    q.add_argument("cmd", nargs="*", metavar="-- CMD ARGS", help="the command, after \"--\"")
+
+    q = vsub.add_parser("start", help="start a VM that stays up ('vm exec', 'vm rm')")
+    q.add_argument("name")
+    q.add_argument("image", nargs="?", metavar="NAME:TAG")
+    _root_args(q, store_args)
+    _machine_args(q)
+    q.add_argument("--json", action="store_true")
+
+    q = vsub.add_parser("exec", help="run a command in a running VM")
+    q.add_argument("name")
+    _exec_args(q)
+    q.add_argument("cmd", nargs="*", metavar="-- CMD ARGS", help="the command, after \"--\"")
+
+    q = vsub.add_parser("ls", help="list VMs")
+    q.add_argument("--json", action="store_true")
+
+    q = vsub.add_parser("rm", help="stop and remove VMs")
+    q.add_argument("names", nargs="*")
+    q.add_argument("--all", action="store_true")
+
+    q = vsub.add_parser("snapshot", help="snapshot a VM's volume (guest caches synced first)")
+    q.add_argument("name")
+    q.add_argument("--name", dest="snapshot", default=None, help="the snapshot's name (default: the UTC time)")
+    q.add_argument("--json", action="store_true")
+
+    q = vsub.add_parser("rollback", help="roll a VM's volume back to a snapshot (its root is remounted)")
+    q.add_argument("name")
+    q.add_argument("snapshot")
+
+    q = vsub.add_parser("fork", help="copy a running VM on a volume N times, memory and disk")
+    q.add_argument("name")
+    q.add_argument("--count", type=int, default=1)
+    q.add_argument("--prefix", default=None, help="names of the copies: PREFIX-1.. (default NAME-fork)")
+    q.add_argument("--json", action="store_true")
+
+    q = vsub.add_parser("template", help="VM templates: create, ls, rm",
+                        description="A template is a VM booted once and saved at 'agent ready', with no root "
+                        "attached: any image or volume can be the root of its clones, which map its memory "
+                        "copy-on-write.")
+    q.add_argument("action", choices=("create", "ls", "rm"))
+    q.add_argument("template", nargs="?")
+    _machine_args(q)
+    q.add_argument("--json", action="store_true")
+
+
+def _command(args: argparse.Namespace) -> list[str]:
+    cmd = list(args.cmd)
+    if not cmd:
+        raise UsageError(f"usage: cubefs vm {args.vm_command} ... -- CMD [ARGS...]")
+    return cmd
+
+
+def _env(args: argparse.Namespace) -> dict[str, str]:
+    out = {}
+    for item in args.env:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise UsageError(f"--env {item!r}: use KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def _root(args: argparse.Namespace) -> Any:
+    from vmm.vm import Root
+
+    if bool(args.image) == bool(args.volume):
+        raise UsageError("give the root: NAME:TAG (an image, read-only) or --volume NAME (read-write)")
+    return Root(args.image, args.volume, args.store, args.s3_endpoint, args.cache_dir, args.volume_dir)
+
+
+def _spec(args: argparse.Namespace) -> Any:
+    from vmm.machine import MachineSpec
+    from vmm.vm import default_kernel
+
+    return MachineSpec(Path(args.kernel) if args.kernel else default_kernel(), args.memory, 1, args.accel)
+
+
+def _print_result(res: Any, args: argparse.Namespace, extra: dict[str, Any]) -> int:
+    if args.json:
+        print(json.dumps({"exit_code": res.exit_code, "stdout": res.stdout.decode(errors="replace"),
+                          "stderr": res.stderr.decode(errors="replace"), "seconds": round(res.seconds, 3),
+                          **extra}, indent=1))
+    else:
+        sys.stdout.buffer.write(res.stdout)
+        sys.stdout.flush()
+        sys.stderr.buffer.write(res.stderr)
+        sys.stderr.flush()
+    return int(res.exit_code)
+
+
+def cmd_vm(args: argparse.Namespace) -> int:
+    from vmm import vm
+
+    action = args.vm_command
+    if action == "run":
+        res, machine = vm.run(_root(args), _command(args), _spec(args), args.template, timeout=args.timeout,
+                              env=_env(args), workdir=args.workdir)
+        return _print_result(res, args, {"start_seconds": machine.info.get("start_seconds")})
+    if action == "start":
+        v = vm.Vm.start(args.name, _root(args), _spec(args), args.template)
+        if args.json:
+            print(json.dumps(v.info, indent=1))
+        else:
+            print(f"started VM {v.name} ({v.root.label}) in {v.info['start_seconds']:.2f} s"
+                  + (f" from template {args.template}" if args.template else ""))
+        return EXIT_OK
+    if action == "exec":
+        res = vm.Vm(args.name).exec(_command(args), env=_env(args), workdir=args.workdir, timeout=args.timeout)
+        return _print_result(res, args, {})
+    if action == "ls":
+        vms = vm.Vm.list()
+        if args.json:
+            print(json.dumps([v.info | {"running": v.alive} for v in vms], indent=1))
+        elif not vms:
+            print("no VMs")
+        for v in vms if not args.json else []:
+            state = "running" if v.alive else "stopped"
+            print(f"{v.name:24} {state:8} {v.root.label:32} {v.info['memory_mb']} MiB  "
+                  f"{'template ' + v.info['template'] if v.info.get('template') else 'booted'}")
+        return EXIT_OK
+    if action == "rm":
+        names = [v.name for v in vm.Vm.list()] if args.all else args.names
+        if not names:
+            raise UsageError("usage: cubefs vm rm NAME... | --all")
+        for name in names:
+            v = vm.Vm(name)
+            if not v.dir.exists():
+                raise UsageError(f"no VM {name}")
+            v.destroy()
+        return EXIT_OK
+    if action == "snapshot":
+        snap = vm.Vm(args.name).snapshot(args.snapshot)
+        print(json.dumps({"vm": args.name, "snapshot": snap}) if args.json else f"{args.name}: snapshot {snap}")
+        return EXIT_OK
+    if action == "rollback":
+        vm.Vm(args.name).rollback(args.snapshot)
+        print(f"{args.name}: rolled back to {args.snapshot}")
+        return EXIT_OK
+    if action == "fork":
+        forks = vm.Vm(args.name).fork(args.count, args.prefix)
+        if args.json:
+            print(json.dumps([f.info for f in forks], indent=1))
+        for f in forks if not args.json else []:
+            print(f"started VM {f.name} ({f.root.label}) in {f.info['start_seconds']:.2f} s")
+        return EXIT_OK
+    return _template(args)
+
+
+def _template(args: argparse.Namespace) -> int:
+    from vmm.vm import Template
+
+    if args.action == "ls":
+        ts = Template.list()
+        if args.json:
+            print(json.dumps([t.__dict__ for t in ts], indent=1))
+        elif not ts:
+            print("no VM templates")
+        for t in ts if not args.json else []:
+            ram = (t.dir / "ram").stat().st_blocks * 512
+            print(f"{t.name:24} {t.memory_mb} MiB ({size(ram)} on disk)  {t.source}  {t.created}")
+        return EXIT_OK
+    if not args.template:
+        raise UsageError(f"usage: cubefs vm template {args.action} NAME")
+    if args.action == "create":
+        t = Template.create(args.template, _spec(args))
+        print(json.dumps(t.__dict__) if args.json else f"template {t.name} made in {t.seconds:.1f} s")
+        return EXIT_OK
+    Template.load(args.template).remove()
+    return EXIT_OK
+
+
+COMMANDS = {"vm": cmd_vm}

@@ -1,0 +1,184 @@
+"""Guest RAM as a vhost-user backend reaches it.
+
+QEMU's memory table gives, per region, a file descriptor, the guest-physical
+address and QEMU's own virtual address.  Where QEMU maps the region *shared*
+(a memfd, a ``share=on`` file) we map the descriptor too and read and write
+guest memory directly.  Where QEMU maps it *privately* — a clone of a VM
+template maps the template's RAM file copy-on-write, so that clones share its
+pages until they write them — the file holds the template, not the guest:
+then we read and write in QEMU's address space with process_vm_readv/writev
+(which needs the right to ptrace QEMU: root, or the same user without Yama
+restrictions).  Which is which is read from ``/proc/<QEMU>/maps``.
+
+Every access goes through a :class:`Span`, a range checked against the
+table when it is made, so an address from the guest never reaches memory
+outside the region it names.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+
+
+class RingError(Exception):
+    """A guest address or ring that cannot be used."""
+
+
+class _Iovec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+for _name in ("process_vm_readv", "process_vm_writev"):
+    _fn = getattr(_libc, _name)
+    _fn.argtypes = [ctypes.c_int, ctypes.POINTER(_Iovec), ctypes.c_ulong, ctypes.POINTER(_Iovec), ctypes.c_ulong,
+                    ctypes.c_ulong]
+    _fn.restype = ctypes.c_ssize_t
+
+
+class Span:
+    """A checked range of guest memory."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def read(self, offset: int = 0, n: int | None = None) -> bytes:
+        raise NotImplementedError
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        raise NotImplementedError
+
+    def unpack(self, fmt: struct.Struct, offset: int) -> tuple[int, ...]:
+        return fmt.unpack(self.read(offset, fmt.size))
+
+    def pack(self, fmt: struct.Struct, offset: int, *values: int) -> None:
+        self.write(offset, fmt.pack(*values))
+
+
+class MappedSpan(Span):
+    __slots__ = ("view",)
+
+    def __init__(self, view: memoryview) -> None:
+        self.view = view
+
+    def __len__(self) -> int:
+        return len(self.view)
+
+    def read(self, offset: int = 0, n: int | None = None) -> bytes:
+        return bytes(self.view[offset : len(self.view) if n is None else offset + n])
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        self.view[offset : offset + len(data)] = data
+
+    def unpack(self, fmt: struct.Struct, offset: int) -> tuple[int, ...]:
+        return fmt.unpack_from(self.view, offset)
+
+    def pack(self, fmt: struct.Struct, offset: int, *values: int) -> None:
+        fmt.pack_into(self.view, offset, *values)
+
+
+class RemoteSpan(Span):
+    __slots__ = ("addr", "pid", "size")
+
+    def __init__(self, pid: int, addr: int, size: int) -> None:
+        self.pid = pid
+        self.addr = addr
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def read(self, offset: int = 0, n: int | None = None) -> bytes:
+        n = self.size - offset if n is None else n
+        buf = ctypes.create_string_buffer(n)
+        local = _Iovec(ctypes.addressof(buf), n)
+        remote = _Iovec(self.addr + offset, n)
+        got = _libc.process_vm_readv(self.pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+        if got != n:
+            raise RingError(f"cannot read {n} bytes of guest memory in QEMU (pid {self.pid}): "
+                            f"{os.strerror(ctypes.get_errno()) if got < 0 else 'short read'}")
+        return buf.raw
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        n = len(data)
+        buf = (ctypes.c_char * n).from_buffer_copy(data)
+        local = _Iovec(ctypes.addressof(buf), n)
+        remote = _Iovec(self.addr + offset, n)
+        got = _libc.process_vm_writev(self.pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+        if got != n:
+            raise RingError(f"cannot write {n} bytes of guest memory in QEMU (pid {self.pid}): "
+                            f"{os.strerror(ctypes.get_errno()) if got < 0 else 'short write'}")
+
+
+@dataclass
+class Region:
+    gpa: int
+    size: int
+    uva: int
+    mm: mmap.mmap | None  # None: private in QEMU, reached through its address space
+    view: memoryview | None
+    base: int  # offset of the region's start in the mapping
+
+
+def private_in(pid: int, uva: int, size: int) -> bool:
+    """Whether QEMU (``pid``) maps [uva, uva+size) privately (copy-on-write)."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            for line in f:
+                span, perms = line.split(maxsplit=2)[:2]
+                lo, hi = (int(x, 16) for x in span.split("-"))
+                if lo <= uva < hi:
+                    return perms[3] == "p" and uva + size <= hi
+    except (OSError, ValueError):
+        pass
+    return False
+
+
+class GuestMemory:
+    def __init__(self) -> None:
+        self.regions: list[Region] = []
+        self.pid = 0  # QEMU's, when known (SO_PEERCRED)
+
+    def replace(self, regions: list[tuple[int, int, int, int]], fds: list[int]) -> None:
+        self.close()
+        for (gpa, size, uva, offset), fd in zip(regions, fds):
+            if self.pid and private_in(self.pid, uva, size):
+                os.close(fd)
+                self.regions.append(Region(gpa, size, uva, None, None, 0))
+                continue
+            mm = mmap.mmap(fd, size + offset, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            os.close(fd)
+            self.regions.append(Region(gpa, size, uva, mm, memoryview(mm), offset))
+
+    def _span(self, addr: int, length: int, by_uva: bool) -> Span:
+        for r in self.regions:
+            start = r.uva if by_uva else r.gpa
+            if start <= addr and addr + length <= start + r.size:
+                off = addr - start
+                if r.view is None:
+                    return RemoteSpan(self.pid, r.uva + off, length)
+                return MappedSpan(r.view[r.base + off : r.base + off + length])
+        raise RingError(f"address {addr:#x}+{length} is outside guest memory")
+
+    def gpa(self, addr: int, length: int) -> Span:
+        """Guest-physical [addr, addr+length): descriptors point there."""
+        return self._span(addr, length, by_uva=False)
+
+    def uva(self, addr: int, length: int) -> Span:
+        """QEMU-virtual [addr, addr+length): ring addresses are given so."""
+        return self._span(addr, length, by_uva=True)
+
+    @property
+    def private(self) -> bool:
+        return any(r.view is None for r in self.regions)
+
+    def close(self) -> None:
+        for r in self.regions:
+            if r.view is not None and r.mm is not None:
+                r.view.release()
+                r.mm.close()
+        self.regions = []

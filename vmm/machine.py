@@ -1,0 +1,253 @@
+"""One QEMU process: the machine a cubefs VM runs in, and the choices behind it.
+
+* **q35** with one empty PCIe root port (``fsport``) that the root filesystem's
+  vhost-user-fs device is plugged into: at start for a cold boot, or hot-plugged
+  (ACPI PCI hotplug, no 5 s PCIe button delay) after a restore, since QEMU 7.2
+  refuses to migrate a VM with a vhost-user-fs device.
+* **Guest RAM is a file or a memfd the vhost-user backend can reach.**  A cold
+  VM has a shared memfd.  A template writes its RAM into a file
+  (``share=on``) and saves only device state (``x-ignore-shared``); a clone maps
+  that file *privately* (``share=off``): pages stay shared in the page cache
+  until the clone writes them.  The backend then reaches the clone's RAM
+  through QEMU's address space (vmm/guest_memory.py), not through the file.
+* **The agent channel** is a virtio-serial port named ``cubefs.agent`` on a unix
+  socket QEMU serves; QMP on another.  Both sockets are in the VM's directory.
+* ``vmgenid`` gets a new generation ID in every QEMU process, which tells a
+  restored guest kernel (6.1) to reseed its RNG by itself.
+* **Acceleration.** ``auto`` picks KVM only where it is hardware-backed
+  (``kvm_intel`` or ``kvm_amd`` loaded and /dev/kvm usable): KVM on nested PVM
+  (``kvm_pvm``) runs guest kernel code ~3000x slower than TCG here.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cubefs.errors import CubefsError, UsageError
+from vmm.qmp import Qmp
+
+FS_PORT = "fsport"
+FS_DEVICE = "rootfs-dev"
+FS_CHARDEV = "rootfs"
+
+
+class VmError(CubefsError):
+    pass
+
+
+def pick_accel(requested: str) -> str:
+    """``kvm``, ``tcg``, or ``auto``: KVM where hardware virtualization backs it."""
+    if requested in ("kvm", "tcg"):
+        return requested
+    if requested != "auto":
+        raise UsageError(f"--accel must be auto, kvm or tcg, not {requested!r}")
+    hardware = any(os.path.isdir(f"/sys/module/{m}") for m in ("kvm_intel", "kvm_amd"))
+    return "kvm" if hardware and os.access("/dev/kvm", os.R_OK | os.W_OK) else "tcg"
+
+
+@dataclass
+class MachineSpec:
+    kernel_dir: Path
+    memory_mb: int = 512
+    cpus: int = 1
+    accel: str = "auto"
+
+
+@dataclass
+class Ram:
+    """Where guest RAM lives: a shared memfd (None), or a file shared or private."""
+
+    path: Path | None = None
+    shared: bool = True
+
+
+class Machine:
+    """A QEMU process with its sockets in ``vm_dir``."""
+
+    def __init__(self, vm_dir: Path, spec: MachineSpec, ram: Ram, *, fs_socket: str | None = None,
+                 incoming: bool = False, cmdline: str = "") -> None:
+        self.dir = vm_dir
+        self.spec = spec
+        self.ram = ram
+        self.fs_socket = fs_socket
+        self.incoming = incoming
+        self.cmdline = cmdline
+        self.accel = pick_accel(spec.accel)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.pid = 0
+        self._qmp: Qmp | None = None
+
+    @property
+    def qmp_path(self) -> str:
+        return str(self.dir / "qmp.sock")
+
+    @property
+    def agent_path(self) -> str:
+        return str(self.dir / "agent.sock")
+
+    @property
+    def console_path(self) -> Path:
+        return self.dir / "console.log"
+
+    def argv(self) -> list[str]:
+        qemu = shutil.which("qemu-system-x86_64")
+        if qemu is None:
+            raise VmError("qemu-system-x86_64 is not installed (Debian: apt-get install qemu-system-x86)")
+        kernel = self.spec.kernel_dir
+        if not (kernel / "vmlinuz").exists() or not (kernel / "initrd.gz").exists():
+            raise VmError(f"no guest kernel in {kernel}: make one with 'python3 tools/make_vm_kernel.py {kernel}'")
+        mb = self.spec.memory_mb
+        if self.ram.path is None:
+            mem = f"memory-backend-memfd,id=mem,size={mb}M,share=on"
+        else:
+            mem = (f"memory-backend-file,id=mem,size={mb}M,mem-path={self.ram.path},"
+                   f"share={'on' if self.ram.shared else 'off'}")
+        argv = [
+            qemu, "-name", self.dir.name, "-machine", "q35",
+            # TCG's translation cache: 64 MiB, not the default 1 GiB, per VM
+            "-accel", "tcg,tb-size=64" if self.accel == "tcg" else "kvm",
+            "-cpu", "host" if self.accel == "kvm" else "max", "-smp", str(self.spec.cpus), "-m", f"{mb}M",
+            "-object", mem, "-numa", "node,memdev=mem",
+            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-net", "none",
+            "-serial", f"file:{self.console_path}",
+            "-kernel", str(kernel / "vmlinuz"), "-initrd", str(kernel / "initrd.gz"),
+            "-append", f"console=ttyS0 quiet loglevel=1 panic=-1 {self.cmdline}".strip(),
+            "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+            "-device", "vmgenid,guid=auto",
+            "-device", f"pcie-root-port,id={FS_PORT},chassis=1",
+            "-device", "virtio-serial-pci,id=serial0",
+            "-chardev", f"socket,id=agent,path={self.agent_path},server=on,wait=off",
+            "-device", "virtserialport,chardev=agent,name=cubefs.agent",
+        ]
+        if self.fs_socket is not None:
+            argv += ["-chardev", f"socket,id={FS_CHARDEV},path={self.fs_socket}",
+                     "-device", f"vhost-user-fs-pci,chardev={FS_CHARDEV},tag=rootfs,id={FS_DEVICE},bus={FS_PORT}"]
+        if self.incoming:
+            argv += ["-incoming", "defer"]
+        return argv
+
+    def start(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.dir / "qemu.log", "ab")
+        self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                     start_new_session=True)
+        log.close()
+        self.pid = self.proc.pid
+        (self.dir / "qemu.pid").write_text(f"{self.pid}\n")
+
+    @property
+    def qmp(self) -> Qmp:
+        if self._qmp is None:
+            try:
+                self._qmp = Qmp(self.qmp_path, self.dir.name)
+            except CubefsError:
+                raise VmError(f"VM {self.dir.name}: QEMU did not start: {self.log_tail()}") from None
+        return self._qmp
+
+    def log_tail(self) -> str:
+        try:
+            text = (self.dir / "qemu.log").read_text(errors="replace").strip()
+        except OSError:
+            text = ""
+        return " | ".join(text.splitlines()[-3:]) or "no output"
+
+    # -- the root filesystem device -------------------------------------------
+    def attach_fs(self, socket_path: str) -> None:
+        """Hot-plug the vhost-user-fs device (after a restore)."""
+        self.qmp.execute("chardev-add", id=FS_CHARDEV,
+                         backend={"type": "socket", "data": {"addr": {"type": "unix", "data": {"path": socket_path}},
+                                                             "server": False}})
+        self.qmp.execute("device_add", driver="vhost-user-fs-pci", chardev=FS_CHARDEV, tag="rootfs", id=FS_DEVICE,
+                         bus=FS_PORT)
+        self.fs_socket = socket_path
+
+    def detach_fs(self, timeout: float = 30.0) -> None:
+        """Unplug it (the guest must have unmounted it); QEMU cannot migrate it."""
+        self.qmp.execute("device_del", id=FS_DEVICE)
+        self.qmp.wait_event("DEVICE_DELETED", timeout, device=FS_DEVICE)
+        self.qmp.execute("chardev-remove", id=FS_CHARDEV)
+        self.fs_socket = None
+
+    # -- state ----------------------------------------------------------------
+    def save(self, state: Path, with_ram: bool = False, timeout: float = 120.0) -> None:
+        """Stop the guest and write its state to ``state``: devices only (RAM that is
+        in a shared file stays there: x-ignore-shared), or ``with_ram``."""
+        q = self.qmp
+        q.execute("stop")
+        q.execute("migrate-set-capabilities",
+                  capabilities=[{"capability": "x-ignore-shared", "state": not with_ram}])
+        q.execute("migrate", uri=f"exec:cat > {_quote(state)}")
+        self._wait_migration(timeout, "saving")
+
+    def load(self, state: Path, with_ram: bool = False, timeout: float = 120.0) -> None:
+        """Load a saved state (made with the same ``with_ram``) into this ``incoming``
+        machine; the guest stays paused."""
+        q = self.qmp
+        q.execute("migrate-set-capabilities",
+                  capabilities=[{"capability": "x-ignore-shared", "state": not with_ram}])
+        q.execute("migrate-incoming", uri=f"exec:cat {_quote(state)}")
+        deadline = time.monotonic() + timeout
+        while q.execute("query-status").get("status") == "inmigrate":
+            if time.monotonic() > deadline:
+                raise VmError(f"VM {self.dir.name}: loading the VM state took over {timeout:.0f} s")
+            time.sleep(0.01)
+        info = q.execute("query-migrate")
+        if info.get("status") == "failed":
+            raise VmError(f"VM {self.dir.name}: loading the VM state failed: "
+                          f"{info.get('error-desc', 'no reason given')}; {self.log_tail()}")
+
+    def restore(self, state: Path, timeout: float = 120.0) -> None:
+        """Load a saved state and let the guest run."""
+        self.load(state, timeout=timeout)
+        self.qmp.execute("cont")
+
+    def _wait_migration(self, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = self.qmp.execute("query-migrate")
+            if info.get("status") == "completed":
+                return
+            if info.get("status") == "failed":
+                raise VmError(f"VM {self.dir.name}: {what} the VM state failed: "
+                              f"{info.get('error-desc', 'no reason given')}")
+            time.sleep(0.01)
+        raise VmError(f"VM {self.dir.name}: {what} the VM state took over {timeout:.0f} s")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Quit QEMU (SIGKILL if it does not go in ``timeout`` seconds)."""
+        if self._qmp is not None:
+            try:
+                self._qmp.execute("quit", timeout=5)
+            except (CubefsError, OSError, TimeoutError):
+                pass
+            self._qmp.close()
+            self._qmp = None
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        elif self.pid:
+            kill_pid(self.pid)
+
+    def wait(self, timeout: float | None = None) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout)
+
+
+def kill_pid(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _quote(path: Path) -> str:
+    return "'" + str(path).replace("'", "'\\''") + "'"

@@ -1,0 +1,88 @@
+"""A small synchronous QMP client (QEMU Machine Protocol: JSON lines on a unix socket).
+
+Events QEMU sends between replies are kept in ``events`` for whoever waits on
+one (``wait_event``): migration completion, device removal.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from typing import Any
+
+from cubefs.errors import CubefsError
+
+
+class QmpError(CubefsError):
+    """QEMU refused a command, or its monitor went away."""
+
+
+class Qmp:
+    def __init__(self, path: str, label: str = "") -> None:
+        self.path = path
+        self.label = label or path
+        self.events: list[dict[str, Any]] = []
+        self._buf = b""
+        self.sock = self._connect(30.0)
+        self._read(time.monotonic() + 30)  # the greeting
+        self.execute("qmp_capabilities")
+
+    def _connect(self, timeout: float) -> socket.socket:
+        deadline = time.monotonic() + timeout
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(self.path)
+                return sock
+            except OSError as err:
+                sock.close()
+                if time.monotonic() > deadline:
+                    raise QmpError(f"VM {self.label}: no QEMU monitor at {self.path}: {err.strerror}") from None
+                time.sleep(0.02)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def execute(self, command: str, timeout: float = 60.0, **arguments: Any) -> Any:
+        msg: dict[str, Any] = {"execute": command}
+        if arguments:
+            msg["arguments"] = arguments
+        self.sock.sendall(json.dumps(msg).encode() + b"\n")
+        deadline = time.monotonic() + timeout
+        while True:
+            doc = self._read(deadline)
+            if "event" in doc:
+                self.events.append(doc)
+            elif "error" in doc:
+                raise QmpError(f"VM {self.label}: QEMU refused {command}: {doc['error'].get('desc', doc['error'])}")
+            elif "return" in doc:
+                return doc["return"]
+
+    def wait_event(self, name: str, timeout: float, **match: Any) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            for i, ev in enumerate(self.events):
+                data = ev.get("data", {})
+                if ev["event"] == name and all(data.get(k) == v for k, v in match.items()):
+                    return self.events.pop(i)
+            try:
+                doc = self._read(deadline)
+            except TimeoutError:
+                raise QmpError(f"VM {self.label}: no {name} event from QEMU in {timeout:.0f} s") from None
+            if "event" in doc:
+                self.events.append(doc)
+
+    def _read(self, deadline: float) -> dict[str, Any]:
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            self.sock.settimeout(left)
+            data = self.sock.recv(65536)
+            if not data:
+                raise QmpError(f"VM {self.label}: QEMU's monitor closed (QEMU exited)")
+            self._buf += data
+        line, _, self._buf = self._buf.partition(b"\n")
+        doc: dict[str, Any] = json.loads(line)
+        return doc

@@ -1,0 +1,462 @@
+"""VMs and VM templates: boot or restore, serve the root from cubefs, run through the agent.
+
+A VM is a directory under ``vm_root()`` (``$CUBEFS_VM_DIR``, default
+``/run/cubefs/vm``) holding QEMU's sockets, its console log and ``vm.json``;
+its root filesystem is a cubefs daemon serving an image (read-only) or a
+volume (read-write) on ``fs.sock`` over vhost-user-fs.  The daemon ends when
+QEMU disconnects, so a VM is stopped by stopping QEMU.
+
+A template (``template_root()``, ``$CUBEFS_TEMPLATE_DIR``, default
+``/var/lib/cubefs/templates``) is a VM saved at "agent ready" *with no root
+attached*: ``ram`` (guest memory, written by QEMU through a shared file
+mapping) and ``state`` (device state only).  It fits every root: a clone maps
+``ram`` privately, loads ``state``, gets fresh randomness, hostname and
+machine-id, and only then has its root hot-plugged and mounted.  QEMU 7.2
+cannot migrate a vhost-user-fs device, and attaching after restore also means
+the backend's session starts with the guest's (a fresh FUSE INIT), so no
+backend state has to travel.
+
+Forking a running VM saves it (root detached, volume snapshotted) into a new
+template whose RAM is the VM's memory at that moment, and starts clones of
+it, each on a clone of the volume; the original goes on where it was.
+
+Concurrency: one process drives a VM at a time (``vm.lock``, flock): the agent
+channel carries one request at a time and QEMU's monitor one client.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cubefs import control
+from cubefs.errors import CubefsError, NotFoundError, UsageError
+from vmm.agent import Agent, CommandResult
+from vmm.machine import Machine, MachineSpec, Ram, VmError, kill_pid
+
+BOOT_TIMEOUT = 120.0  # TCG boots Debian's kernel in ~5-10 s; a loaded CI machine may take far longer
+NAME_OK = set("abcdefghijklmnopqrstuvwxyz0123456789-_.")
+
+
+def vm_root() -> Path:
+    return Path(os.environ.get("CUBEFS_VM_DIR") or "/run/cubefs/vm")
+
+
+def template_root() -> Path:
+    return Path(os.environ.get("CUBEFS_TEMPLATE_DIR") or "/var/lib/cubefs/templates")
+
+
+def default_kernel() -> Path:
+    return Path(os.environ.get("CUBEFS_VM_KERNEL") or "/var/tmp/cubefs-vm/kernel")
+
+
+def check_name(name: str, what: str) -> str:
+    if not name or not set(name) <= NAME_OK or name[0] in ".-" or len(name) > 64:
+        raise UsageError(f"{what} name {name!r}: use 1-64 of a-z 0-9 - _ . (not starting with . or -)")
+    return name
+
+
+@dataclass
+class Root:
+    """What a VM's root filesystem is: an image (read-only) or a volume (read-write)."""
+
+    image: str | None = None
+    volume: str | None = None
+    store: str | None = None
+    s3_endpoint: str | None = None
+    cache_dir: str | None = None
+    volume_dir: str | None = None
+
+    @property
+    def read_only(self) -> bool:
+        return self.volume is None
+
+    @property
+    def label(self) -> str:
+        return f"volume {self.volume}" if self.volume else f"image {self.image}"
+
+    def _args(self) -> list[str]:
+        out = []
+        for flag, value in (("--store", self.store), ("--s3-endpoint", self.s3_endpoint),
+                            ("--cache-dir", self.cache_dir), ("--volume-dir", self.volume_dir)):
+            if value and not (flag == "--volume-dir" and not self.volume):
+                out += [flag, value]
+        return out
+
+    def serve(self, socket_path: Path) -> None:
+        """Start the cubefs daemon that serves this root on ``socket_path``."""
+        target = ["--volume", self.volume] if self.volume else [str(self.image)]
+        cubefs("mount", *target, str(socket_path), "--transport", "virtiofs", *self._args())
+
+    def cubefs_volume(self, *args: str) -> str:
+        extra = ["--volume-dir", self.volume_dir] if self.volume_dir else []
+        return cubefs(*args, *extra)
+
+
+def cubefs(*args: str) -> str:
+    res = subprocess.run([sys.executable, "-m", "cubefs", *args], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise VmError(f"cubefs {args[0]} failed: {res.stderr.strip() or res.stdout.strip()}")
+    return res.stdout
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:  # our own child (QEMU we started): reap it
+                return True
+        except ChildProcessError:
+            pass
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+# -- templates ---------------------------------------------------------------------
+
+@dataclass
+class Template:
+    name: str
+    memory_mb: int
+    cpus: int
+    accel: str
+    kernel_dir: str
+    created: str = ""
+    source: str = "boot"  # or "fork of VM"
+    seconds: float = 0.0  # to make it
+
+    @property
+    def dir(self) -> Path:
+        return template_root() / self.name
+
+    @property
+    def spec(self) -> MachineSpec:
+        return MachineSpec(Path(self.kernel_dir), self.memory_mb, self.cpus, self.accel)
+
+    def save_meta(self) -> None:
+        (self.dir / "template.json").write_text(json.dumps(asdict(self), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, name: str) -> Template:
+        path = template_root() / check_name(name, "template") / "template.json"
+        try:
+            doc = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise NotFoundError(f"no VM template {name} (in {template_root()}; 'cubefs vm template ls')") from None
+        t = cls(**{k: v for k, v in doc.items() if k in cls.__dataclass_fields__})
+        if not (t.dir / "ram").exists() or not (t.dir / "state").exists():
+            raise VmError(f"VM template {name} is incomplete (no ram or state in {t.dir}): remove it")
+        return t
+
+    @classmethod
+    def list(cls) -> list[Template]:
+        out = []
+        root = template_root()
+        for d in sorted(root.iterdir()) if root.is_dir() else []:
+            try:
+                out.append(cls.load(d.name))
+            except CubefsError:
+                continue
+        return out
+
+    @classmethod
+    def create(cls, name: str, spec: MachineSpec) -> Template:
+        """Boot a VM with its RAM in the template's file, wait for its agent, save it."""
+        t = cls(check_name(name, "template"), spec.memory_mb, spec.cpus, spec.accel, str(spec.kernel_dir),
+                datetime.now(UTC).isoformat(timespec="seconds"))
+        if t.dir.exists():
+            raise UsageError(f"VM template {name} exists ('cubefs vm template rm {name}' first)")
+        t0 = time.monotonic()
+        t.dir.mkdir(parents=True)
+        try:
+            machine = Machine(t.dir / "boot", spec, Ram(t.dir / "ram", shared=True))
+            machine.start()
+            try:
+                with Agent(machine.agent_path, f"template {name}") as agent:
+                    agent.connect(BOOT_TIMEOUT)
+                machine.save(t.dir / "state")
+            finally:
+                machine.stop()
+            shutil.rmtree(t.dir / "boot", ignore_errors=True)
+            t.seconds = round(time.monotonic() - t0, 3)
+            t.save_meta()
+        except BaseException:
+            shutil.rmtree(t.dir, ignore_errors=True)
+            raise
+        return t
+
+    def remove(self) -> None:
+        users = [v.name for v in Vm.list() if v.info.get("template") == self.name]
+        if users:
+            raise UsageError(f"VM template {self.name} is in use by {', '.join(users)}")
+        shutil.rmtree(self.dir)
+
+
+# -- VMs -----------------------------------------------------------------------------
+
+@dataclass
+class VmInfo:
+    name: str
+    root: dict[str, Any]
+    memory_mb: int
+    accel: str
+    template: str | None
+    created: str
+    qemu_pid: int = 0
+    start_seconds: float = 0.0
+    hostname: str = ""
+    machine_id: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Vm:
+    def __init__(self, name: str) -> None:
+        self.name = check_name(name, "VM")
+        self.dir = vm_root() / name
+        self.info: dict[str, Any] = {}
+        meta = self.dir / "vm.json"
+        if meta.exists():
+            self.info = json.loads(meta.read_text())
+
+    @property
+    def root(self) -> Root:
+        return Root(**self.info["root"])
+
+    @property
+    def alive(self) -> bool:
+        return bool(self.info.get("qemu_pid")) and _alive(int(self.info["qemu_pid"]))
+
+    @property
+    def fs_socket(self) -> Path:
+        return self.dir / "fs.sock"
+
+    def machine(self) -> Machine:
+        m = Machine(self.dir, MachineSpec(Path(self.info.get("kernel_dir", default_kernel())),
+                                          self.info["memory_mb"], 1, self.info["accel"]), Ram())
+        m.pid = int(self.info.get("qemu_pid", 0))
+        return m
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        with open(self.dir / "vm.lock", "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield
+
+    def agent(self) -> Agent:
+        a = Agent(str(self.dir / "agent.sock"), self.name)
+        a.connect(30)
+        return a
+
+    # -- life --------------------------------------------------------------------
+    @classmethod
+    def start(cls, name: str, root: Root, spec: MachineSpec, template: str | None = None) -> Vm:
+        """Boot (or restore from ``template``) a VM with ``root``, up to a mounted root."""
+        vm = cls(name)
+        if vm.dir.exists():
+            if vm.alive:
+                raise UsageError(f"VM {name} is running ('cubefs vm rm {name}' first)")
+            shutil.rmtree(vm.dir)
+        vm.dir.mkdir(parents=True)
+        t0 = time.monotonic()
+        tpl = Template.load(template) if template else None
+        if tpl is not None:
+            spec = tpl.spec
+        machine_id = uuid.uuid4().hex
+        info = VmInfo(name, asdict(root), spec.memory_mb, spec.accel, template,
+                      datetime.now(UTC).isoformat(timespec="seconds"), hostname=name, machine_id=machine_id)
+        vm.info = asdict(info) | {"kernel_dir": str(spec.kernel_dir)}
+        try:
+            root.serve(vm.fs_socket)
+            if tpl is None:
+                machine = Machine(vm.dir, spec, Ram(), fs_socket=str(vm.fs_socket))
+            else:
+                machine = Machine(vm.dir, spec, Ram(tpl.dir / "ram", shared=False), incoming=True)
+            machine.start()
+            vm.info["qemu_pid"] = machine.pid
+            vm._save()
+            if tpl is not None:
+                machine.restore(tpl.dir / "state")
+            with Agent(machine.agent_path, name) as agent:
+                agent.connect(BOOT_TIMEOUT if tpl is None else 30)
+                agent.freshen(name, machine_id)
+                if tpl is not None:
+                    machine.attach_fs(str(vm.fs_socket))
+                agent.mount(root.read_only)
+            vm.info["start_seconds"] = round(time.monotonic() - t0, 3)
+            vm._save()
+        except BaseException:
+            vm.destroy()
+            raise
+        return vm
+
+    def _save(self) -> None:
+        tmp = self.dir / "vm.json.tmp"
+        tmp.write_text(json.dumps(self.info, indent=1) + "\n")
+        os.replace(tmp, self.dir / "vm.json")
+
+    def exec(self, argv: list[str] | str, stdin: bytes = b"", env: dict[str, str] | None = None,
+             workdir: str | None = None, timeout: float | None = None) -> CommandResult:
+        """Run a command (an argv, or a shell script) in the VM's root; its result."""
+        if not self.alive:
+            raise VmError(f"VM {self.name} is not running")
+        script = argv if isinstance(argv, str) else " ".join(shlex.quote(a) for a in argv)
+        prelude = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in (env or {}).items())
+        if workdir:
+            prelude += f"cd {shlex.quote(workdir)} || exit 126\n"
+        with self.locked(), self.agent() as agent:
+            return agent.run(prelude + script, stdin, timeout=timeout)
+
+    def destroy(self) -> None:
+        """Stop QEMU (the root's daemon goes with it) and forget the VM."""
+        pid = int(self.info.get("qemu_pid", 0))
+        if pid and _alive(pid):
+            try:
+                m = self.machine()
+                m.qmp.execute("quit", timeout=5)
+            except (CubefsError, OSError, TimeoutError):
+                pass
+            if not _wait_gone(pid, 10):
+                kill_pid(pid)
+                _wait_gone(pid, 5)
+        self._stop_root()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _stop_root(self) -> None:
+        """End the root's daemon (it ends by itself when QEMU goes) and wait until it
+        has: a volume is synced and unlocked only then."""
+        try:
+            pid = int(control.read_registry(str(self.fs_socket)).get("pid", 0))
+        except (CubefsError, OSError, ValueError):
+            return
+        if pid and not _wait_gone(pid, 2):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            if not _wait_gone(pid, 30):
+                kill_pid(pid)
+        control.remove_registry(str(self.fs_socket))
+
+    # -- volumes -----------------------------------------------------------------
+    def _require_volume(self, what: str) -> str:
+        vol = self.info["root"].get("volume")
+        if not vol:
+            raise UsageError(f"VM {self.name} runs on an image, read-only: {what} needs a VM on a volume "
+                             "('cubefs vm start NAME --volume V')")
+        return str(vol)
+
+    def snapshot(self, snap: str | None = None) -> str:
+        """Snapshot the VM's volume with what the guest wrote (its caches synced first)."""
+        vol = self._require_volume("a snapshot")
+        with self.locked(), self.agent() as agent:
+            agent.run("sync")  # what the guest has in dirty pages, to the daemon
+            out = self.root.cubefs_volume("snapshot", vol, "--sync", "--json",
+                                          *(["--name", snap] if snap else []))
+        return str(json.loads(out)["snapshot"])
+
+    def rollback(self, snap: str) -> None:
+        """Show snapshot ``snap`` in the guest: the root is unmounted around the
+        rollback, since virtio-fs cannot tell the guest to drop its caches."""
+        vol = self._require_volume("a rollback")
+        with self.locked(), self.agent() as agent:
+            agent.umount()
+            try:
+                self.root.cubefs_volume("rollback", vol, snap)
+            finally:
+                agent.mount(read_only=False)
+
+    def fork(self, count: int, prefix: str | None = None) -> list[Vm]:
+        """Clone this running VM ``count`` times, memory and disk; it goes on running."""
+        vol = self._require_volume("a fork")
+        prefix = check_name(prefix or f"{self.name}-fork", "VM")
+        tname = check_name(f"{prefix}.t{int(time.time())}", "template")
+        t = Template(tname, self.info["memory_mb"], 1, self.info["accel"], self.info["kernel_dir"],
+                     datetime.now(UTC).isoformat(timespec="seconds"), source=f"fork of VM {self.name}")
+        t0 = time.monotonic()
+        with self.locked():
+            m = self.machine()
+            with self.agent() as agent:
+                agent.umount()
+                m.detach_fs()
+            self._stop_root()
+            snap = json.loads(self.root.cubefs_volume("snapshot", vol, "--sync", "--json"))["snapshot"]
+            t.dir.mkdir(parents=True)
+            try:
+                try:
+                    m.save(t.dir / "full-state", with_ram=True)
+                finally:
+                    m.qmp.execute("cont")
+                _rebase(t)
+                t.seconds = round(time.monotonic() - t0, 3)
+                t.save_meta()
+            except BaseException:
+                shutil.rmtree(t.dir, ignore_errors=True)
+                raise
+            finally:
+                self.root.serve(self.fs_socket)
+                m.attach_fs(str(self.fs_socket))
+                with self.agent() as agent:
+                    agent.mount(read_only=False)
+        made = json.loads(self.root.cubefs_volume("clone", f"{vol}@{snap}", "--count", str(count), "--prefix",
+                                                  prefix, "--json"))
+        return [Vm.start(name, Root(**{**self.info["root"], "volume": name}), t.spec, template=tname)
+                for name in made["volumes"]]
+
+    @classmethod
+    def list(cls) -> list[Vm]:
+        root = vm_root()
+        return [cls(d.name) for d in sorted(root.iterdir()) if (d / "vm.json").exists()] if root.is_dir() else []
+
+
+def _rebase(t: Template) -> None:
+    """Turn a full saved state (RAM in the stream) into a template: load it into a
+    machine whose RAM is the template's shared file, and save that without RAM."""
+    m = Machine(t.dir / "rebase", t.spec, Ram(t.dir / "ram", shared=True), incoming=True)
+    m.start()
+    try:
+        m.load(t.dir / "full-state", with_ram=True)
+        m.save(t.dir / "state")
+    finally:
+        m.stop()
+        shutil.rmtree(t.dir / "rebase", ignore_errors=True)
+        (t.dir / "full-state").unlink(missing_ok=True)
+
+
+def run(root: Root, argv: list[str], spec: MachineSpec, template: str | None = None,
+        timeout: float | None = None, env: dict[str, str] | None = None,
+        workdir: str | None = None) -> tuple[CommandResult, Vm]:
+    """``cubefs vm run``: a VM for one command, gone afterwards."""
+    name = check_name(f"run-{os.getpid()}-{uuid.uuid4().hex[:6]}", "VM")
+    vm = Vm.start(name, root, spec, template)
+    try:
+        return vm.exec(argv, env=env, workdir=workdir, timeout=timeout), vm
+    finally:
+        vm.destroy()
