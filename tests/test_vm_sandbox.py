@@ -1,0 +1,109 @@
+"""``cubefs vm`` as a user drives it (TCG here): a VM on a cubefs image runs a command
+through the guest agent; a template restores instead of booting; a VM on a volume
+writes, snapshots and rolls back; a running VM forks into three that diverge."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import run_cubefs
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from make_vm_kernel import DEFAULT, make_kernel
+
+
+@pytest.fixture(scope="module")
+def vm_env(rootfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """Where VMs, templates, volumes and the store of these tests live; debian:12 built
+    into it and one template, made once for the module."""
+    base = tmp_path_factory.mktemp("vms")
+    env = {"CUBEFS_VM_DIR": str(base / "vm"), "CUBEFS_TEMPLATE_DIR": str(base / "templates"),
+           "CUBEFS_VOLUME_DIR": str(base / "volumes"), "CUBEFS_STORE": f"file://{base / 'store'}",
+           "CUBEFS_CACHE_DIR": str(base / "cache"), "CUBEFS_VM_KERNEL": str(make_kernel(Path(DEFAULT)))}
+    run_cubefs("build", str(rootfs), "--tag", "debian:12", env=env)
+    made = json.loads(run_cubefs("vm", "template", "create", "base", "--accel", "tcg", "--json", env=env).stdout)
+    assert made["name"] == "base"
+    yield env
+    run_cubefs("vm", "rm", "--all", env=env, check=False)
+
+
+def vm(env: dict[str, str], *args: str, check: bool = True) -> dict:  # type: ignore[type-arg]
+    res = run_cubefs("vm", *args, env=env, check=check)
+    return json.loads(res.stdout) if "--json" in args else {"out": res.stdout, "err": res.stderr,
+                                                              "code": res.returncode}
+
+
+def test_vm_run_boots_an_image_and_returns_what_the_command_did(vm_env: dict[str, str]) -> None:
+    res = vm(vm_env, "run", "debian:12", "--accel", "tcg", "--json", "--",
+             "python3", "-c", "import json, sys; print(42); print('to stderr', file=sys.stderr); sys.exit(3)",
+             check=False)
+    assert (res["exit_code"], res["stdout"], res["stderr"]) == (3, "42\n", "to stderr\n")
+    plain = vm(vm_env, "run", "debian:12", "--accel", "tcg", "--", "python3", "-c", "import json; print(42)")
+    assert (plain["code"], plain["out"]) == (0, "42\n")
+    # The image is read-only in the guest, and nothing outlives a run.
+    ro = vm(vm_env, "run", "debian:12", "--accel", "tcg", "--", "sh", "-c", "touch /x", check=False)
+    assert ro["code"] != 0 and "Read-only file system" in ro["err"]
+    assert vm(vm_env, "ls", "--json") == []
+
+
+def test_a_template_restores_in_a_fraction_of_a_boot(vm_env: dict[str, str]) -> None:
+    cold = vm(vm_env, "run", "debian:12", "--accel", "tcg", "--json", "--", "python3", "-c", "print(42)")
+    warm = vm(vm_env, "run", "--template", "base", "debian:12", "--json", "--", "python3", "-c", "print(42)")
+    assert cold["stdout"] == warm["stdout"] == "42\n"
+    assert warm["start_seconds"] < 0.5 * cold["start_seconds"], (warm, cold)
+    templates = vm(vm_env, "template", "ls", "--json")
+    assert [t["name"] for t in templates] == ["base"]
+    assert vm(vm_env, "template", "rm", "nope", check=False)["code"] == 3
+
+
+def test_a_volume_in_a_vm_snapshots_and_rolls_back(vm_env: dict[str, str]) -> None:
+    run_cubefs("volume", "create", "agent", "--from", "debian:12", env=vm_env)
+    vm(vm_env, "start", "box", "--volume", "agent", "--template", "base")
+    try:
+        assert vm(vm_env, "exec", "box", "--", "sh", "-c", "echo one > /root/step1")["code"] == 0
+        vm(vm_env, "snapshot", "box", "--name", "s1")
+        vm(vm_env, "exec", "box", "--", "sh", "-c", "echo two > /root/step2; rm /root/step1")
+        assert vm(vm_env, "exec", "box", "--", "ls", "/root")["out"].split() == ["step2"]
+        vm(vm_env, "rollback", "box", "s1")
+        listing = vm(vm_env, "exec", "box", "--", "sh", "-c", "ls /root; cat /root/step1")
+        assert listing["out"].split() == ["step1", "one"], listing
+        # What the guest wrote is in the volume, on the host, too.
+        snaps = json.loads(run_cubefs("snapshots", "agent", "--json", env=vm_env).stdout)
+        assert [s["snapshot"] for s in snaps] == ["s1"]
+    finally:
+        vm(vm_env, "rm", "box")
+    assert not (Path(vm_env["CUBEFS_VM_DIR"]) / "box").exists()
+
+
+def test_a_running_vm_forks_into_three_that_diverge(vm_env: dict[str, str]) -> None:
+    run_cubefs("volume", "create", "forkme", "--from", "debian:12", env=vm_env)
+    vm(vm_env, "start", "parent", "--volume", "forkme", "--template", "base")
+    names = ["parent"]
+    try:
+        vm(vm_env, "exec", "parent", "--", "sh", "-c", "echo parent > /root/log; touch /etc/machine-id")
+        forks = vm(vm_env, "fork", "parent", "--count", "3", "--json")
+        names += [f["name"] for f in forks]
+        assert len(forks) == 3
+        for name in names:
+            vm(vm_env, "exec", name, "--", "sh", "-c", f"echo {name} >> /root/log")
+        seen = {}
+        for name in names:
+            out = vm(vm_env, "exec", name, "--", "sh", "-c",
+                     "cat /root/log | tr '\\n' ' '; echo; hostname; cat /etc/machine-id; "
+                     "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'")["out"].split("\n")
+            assert out[0].split() == ["parent", name], out  # its own writes and the parent's before the fork
+            assert out[1] == name
+            seen[name] = (out[2], out[3])
+        assert len({m for m, _r in seen.values()}) == 4 and len({r for _m, r in seen.values()}) == 4
+        listed = {v["name"]: v for v in vm(vm_env, "ls", "--json")}
+        assert set(names) <= set(listed) and all(listed[n]["running"] for n in names)
+    finally:
+        vm(vm_env, "rm", *names, check=False)
+    for f in os.listdir(vm_env["CUBEFS_TEMPLATE_DIR"]):
+        if f.startswith("parent-fork"):
+            vm(vm_env, "template", "rm", f)
