@@ -5,6 +5,7 @@ by hand) beside the real-QEMU boot in test_vm.py; the backend is the real daemon
 
 from __future__ import annotations
 
+import ctypes
 import json
 import mmap
 import os
@@ -14,6 +15,7 @@ import struct
 import time
 from pathlib import Path
 
+import pytest
 from conftest import run_cubefs
 
 from cubefs.fuse import protocol as p
@@ -26,10 +28,14 @@ DATA = 0x10000  # request and reply buffers from here
 
 
 class FakeGuest:
-    def __init__(self, sock: str) -> None:
+    def __init__(self, sock: str, private: bool = False) -> None:
+        """``private``: "QEMU" (this process) maps guest RAM copy-on-write, as a template's
+        clone does; the backend must then reach it through our address space, since
+        the file it is handed holds none of what we write."""
         self.memfd = os.memfd_create("guest-ram")
         os.ftruncate(self.memfd, RAM)
-        self.ram = mmap.mmap(self.memfd, RAM)
+        self.ram = mmap.mmap(self.memfd, RAM, flags=mmap.MAP_PRIVATE if private else mmap.MAP_SHARED)
+        self.uva = ctypes.addressof(ctypes.c_char.from_buffer(self.ram)) if private else UVA
         self.conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.conn.connect(sock)
         self.kick = {q: os.eventfd(0) for q in RINGS}
@@ -57,11 +63,12 @@ class FakeGuest:
         self.ask(15)
         self.send(16, struct.pack("<Q", 0))
         self.send(3)
-        self.send(5, struct.pack("<II", 1, 0) + struct.pack("<QQQQ", 0, RAM, UVA, 0), (self.memfd,))
+        uva = self.uva
+        self.send(5, struct.pack("<II", 1, 0) + struct.pack("<QQQQ", 0, RAM, uva, 0), (self.memfd,))
         for q, base in RINGS.items():
             self.send(8, struct.pack("<II", q, QSIZE))
             self.send(10, struct.pack("<II", q, 0))
-            self.send(9, struct.pack("<IIQQQQ", q, 0, UVA + base, UVA + base + 0x200, UVA + base + 0x100, 0))
+            self.send(9, struct.pack("<IIQQQQ", q, 0, uva + base, uva + base + 0x200, uva + base + 0x100, 0))
             self.send(12, struct.pack("<Q", q), (self.kick[q],))
             self.send(13, struct.pack("<Q", q), (self.call[q],))
             self.send(18, struct.pack("<II", q, 1))
@@ -104,7 +111,8 @@ class FakeGuest:
         return written, bytes(self.ram[w_addr : w_addr + written])
 
 
-def test_a_hostile_guest_fails_its_own_requests_only(tmp_path: Path, local_store: str) -> None:
+@pytest.mark.parametrize("private", [False, True], ids=["shared-ram", "private-ram"])
+def test_a_hostile_guest_fails_its_own_requests_only(tmp_path: Path, local_store: str, private: bool) -> None:
     src = tmp_path / "src"
     src.mkdir()
     (src / "hello").write_text("hi")
@@ -113,7 +121,7 @@ def test_a_hostile_guest_fails_its_own_requests_only(tmp_path: Path, local_store
     run_cubefs("mount", "tiny:1", str(sock), "--transport", "virtiofs", "--store", local_store, "--cache-dir",
                str(tmp_path / "cache"))
     pid = json.loads(run_cubefs("stats", str(sock), "--json").stdout)["pid"]
-    g = FakeGuest(str(sock))
+    g = FakeGuest(str(sock), private)
     try:
         g.setup()
         written, out = g.fuse(p.INIT, 0, p.INIT_IN.pack(7, 31, 1 << 20, 0))

@@ -2,8 +2,10 @@
 
 QEMU connects to our unix socket and speaks vhost-user (a 12-byte header,
 a payload, file descriptors as SCM_RIGHTS): it hands us the guest's RAM as
-memfd regions, the addresses of each virtqueue's rings, and an eventfd per
-queue to kick us and one to call (interrupt) the guest.  Each request in a
+file regions (vmm/guest_memory.py maps them, or reaches them in QEMU's own
+address space when QEMU maps them privately, as a template's clone does), the
+addresses of each virtqueue's rings, and an eventfd per queue to kick us and
+one to call (interrupt) the guest.  Each request in a
 request queue is a descriptor chain: the device-readable part is a FUSE
 request exactly as /dev/fuse would give it, the writable part takes the
 reply; :class:`cubefs.fuse.server.FuseServer` answers it, the one dispatcher

@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """File reads in a micro-VM over virtio-fs: cubefs's backend vs QEMU's C virtiofsd (issue 6).
 
-Same tree for both: a directory with one ``--size`` file (half random, half
+Same tree for all: a directory with one ``--size`` file (half random, half
 text) next to the Debian test root filesystem's python3, built into a local
-cubefs store.  Each sample boots a VM (q35, TCG here) whose root is served
-either by ``cubefs mount IMAGE SOCKET --transport virtiofs`` (lazily, from an
-empty cache: the cold case a VM meets) or by virtiofsd on the directory, and
-times ``dd`` of the file inside the guest, plus the whole boot-to-exit.
-Prints medians and the ratio.
+cubefs store.  Each sample starts a VM (q35, TCG here) whose root is served
+by ``cubefs mount IMAGE SOCKET --transport virtiofs`` (lazily, from an empty
+cache: the cold case a VM meets) in a booted VM and in a clone of a template
+(whose RAM the backend reaches through QEMU's address space, not a shared
+mapping), or by virtiofsd on the directory, and times ``dd`` of the file in
+the guest.  Prints medians and ratios.
 
     sudo .venv/bin/python tools/bench/vm_read.py --size 256M --repeat 3
 """
@@ -32,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 from make_vm_kernel import DEFAULT, make_kernel
 
 from cubefs.humanize import parse_size
+from vmm.machine import MachineSpec
 from vmm.qemu import run_once
 
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
@@ -71,6 +73,9 @@ def main() -> int:
     kernel = make_kernel(Path(DEFAULT))
     args.workdir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="vmread-", dir=args.workdir))
+    os.environ.update({"CUBEFS_VM_DIR": str(work / "vm"), "CUBEFS_TEMPLATE_DIR": str(work / "templates")})
+    from vmm import vm
+
     try:
         tree = work / "tree"
         # cp -a, not copytree: the tree has device nodes (copytree would read /dev/zero forever)
@@ -83,11 +88,26 @@ def main() -> int:
                 f.write(block)
         store = f"file://{work / 'store'}"
         cubefs("build", str(tree), "--tag", "vmread:1", "--store", store)
-        results: dict[str, list[float]] = {"cubefs": [], "virtiofsd": []}
-        totals: dict[str, list[float]] = {"cubefs": [], "virtiofsd": []}
+        spec = MachineSpec(kernel, 512, 1, "tcg")
+        vm.Template.create("bench", spec)
+        kinds = ("cubefs", "cubefs-clone", "virtiofsd")
+        results: dict[str, list[float]] = {k: [] for k in kinds}
+        totals: dict[str, list[float]] = {k: [] for k in kinds}
         for i in range(args.repeat):
-            for backend in ("cubefs", "virtiofsd"):
+            for backend in kinds:
                 sock = work / f"{backend}-{i}.sock"
+                if backend == "cubefs-clone":
+                    subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], check=True)
+                    v = vm.Vm.start(f"clone-{i}", vm.Root(image="vmread:1", store=store,
+                                                          cache_dir=str(work / f"cache-clone-{i}")),
+                                    spec, template="bench")
+                    try:
+                        out = v.exec(DD, timeout=600)
+                    finally:
+                        v.destroy()
+                    results[backend].append(rate(out.stdout.decode()))
+                    totals[backend].append(out.seconds)
+                    continue
                 if backend == "cubefs":
                     cubefs("mount", "vmread:1", str(sock), "--transport", "virtiofs", "--store", store,
                            "--cache-dir", str(work / f"cache-{i}"))
@@ -104,18 +124,18 @@ def main() -> int:
                     proc.wait(timeout=30)
                 results[backend].append(rate(res.stdout.decode()))
                 totals[backend].append(res.seconds)
-                print(f"[vm_read] {backend} sample {i + 1}: {results[backend][-1]:.1f} MB/s, VM run "
+                print(f"[vm_read] {backend} sample {i + 1}: {results[backend][-1]:.1f} MB/s, dd "
                       f"{res.seconds:.1f} s", file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     med = {k: statistics.median(v) for k, v in results.items()}
     print(f"file read in a TCG guest over virtio-fs, {args.size}, {args.repeat} samples (medians)")
-    print(f"  cubefs backend, cold cache  {med['cubefs']:8.1f} MB/s   VM run "
-          f"{statistics.median(totals['cubefs']):.1f} s")
-    print(f"  QEMU virtiofsd (C)          {med['virtiofsd']:8.1f} MB/s   VM run "
-          f"{statistics.median(totals['virtiofsd']):.1f} s")
-    print(f"  ratio cubefs / virtiofsd    {med['cubefs'] / med['virtiofsd']:8.2f}")
-    print(json.dumps({"cubefs_mb_s": results["cubefs"], "virtiofsd_mb_s": results["virtiofsd"]}))
+    names = {"cubefs": "cubefs backend, booted VM", "cubefs-clone": "cubefs backend, template clone",
+             "virtiofsd": "QEMU virtiofsd (C)"}
+    for k in kinds:
+        print(f"  {names[k]:32} {med[k]:8.1f} MB/s   dd {statistics.median(totals[k]):.1f} s   "
+              f"ratio to virtiofsd {med[k] / med['virtiofsd']:.2f}")
+    print(json.dumps({f"{k}_mb_s": v for k, v in results.items()}))
     return 0
 
 

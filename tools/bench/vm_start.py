@@ -1,0 +1,156 @@
+#!/usr/bin/env python3
+"""Micro-VM start and memory: cold boot vs restore from a template (issue 6).
+
+Same run, same guest kernel and initramfs, TCG:
+
+* **to agent ready**: QEMU started → the guest agent answers, for a cold boot
+  and for a clone restored from a template (RAM file mapped privately);
+  floor: restore <= 0.25 x cold boot;
+* **to a command's output**: ``Vm.start`` with a cubefs image as the root (for a
+  clone: restore, fresh randomness and names, hot-plug of the virtio-fs device,
+  mount) plus ``python3 -c 'print(42)'``;
+* **memory**: N VMs at once, each having run that command, as clones of one
+  template vs cold-booted: summed PSS of the QEMU processes (the root daemons,
+  the same in both, reported apart); floor: clones <= 0.4 x cold.
+
+    sudo .venv/bin/python tools/bench/vm_start.py [--repeat 5] [--vms 10] [--json-out F]
+
+Needs the guest kernel (tools/make_vm_kernel.py) and the test root filesystem
+(tools/make_rootfs.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from cubefs import control
+from vmm.agent import Agent
+from vmm.machine import Machine, MachineSpec, Ram
+
+
+def log(msg: str) -> None:
+    print(f"[vm_start] {msg}", file=sys.stderr, flush=True)
+
+
+def pss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    return 0
+
+
+def to_agent_ready(work: Path, spec: MachineSpec, template: Path | None) -> float:
+    """Seconds from starting QEMU to the agent's answer."""
+    shutil.rmtree(work, ignore_errors=True)
+    ram = Ram() if template is None else Ram(template / "ram", shared=False)
+    m = Machine(work, spec, ram, incoming=template is not None)
+    t0 = time.perf_counter()
+    m.start()
+    try:
+        if template is not None:
+            m.restore(template / "state")
+        with Agent(m.agent_path) as agent:
+            agent.connect(300)
+        return time.perf_counter() - t0
+    finally:
+        m.stop()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--vms", type=int, default=10)
+    ap.add_argument("--memory", type=int, default=512, metavar="MB")
+    ap.add_argument("--rootfs", type=Path, default=Path("/var/tmp/cubefs-test/rootfs"))
+    ap.add_argument("--workdir", type=Path, default=Path("/var/tmp/cubefs-bench"))
+    ap.add_argument("--json-out", type=Path)
+    args = ap.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="vm-start-", dir=args.workdir))
+    env = {"CUBEFS_VM_DIR": str(work / "vm"), "CUBEFS_TEMPLATE_DIR": str(work / "templates"),
+           "CUBEFS_STORE": f"file://{work / 'store'}", "CUBEFS_CACHE_DIR": str(work / "cache")}
+    os.environ.update(env)
+    from vmm import vm  # the directories above are read when used
+
+    spec = MachineSpec(vm.default_kernel(), args.memory, 1, "tcg")
+    try:
+        subprocess.run([sys.executable, "-m", "cubefs", "build", str(args.rootfs), "--tag", "debian:12",
+                        "--no-progress"], check=True, stdout=subprocess.DEVNULL)
+        tpl = vm.Template.create("bench", spec)
+        log(f"template made in {tpl.seconds:.1f} s")
+        cold, warm = [], []
+        for i in range(args.repeat):
+            cold.append(to_agent_ready(work / "m", spec, None))
+            warm.append(to_agent_ready(work / "m", spec, tpl.dir))
+            log(f"round {i + 1}: cold boot {cold[-1]:.2f} s, restore {warm[-1]:.3f} s to agent ready")
+        root = vm.Root(image="debian:12")
+        full: dict[str, list[float]] = {"cold": [], "template": []}
+        for i in range(args.repeat):
+            for kind, template in (("cold", None), ("template", "bench")):
+                t0 = time.perf_counter()
+                v = vm.Vm.start(f"b{i}-{kind}", root, spec, template)
+                res = v.exec(["python3", "-c", "print(42)"])
+                full[kind].append(time.perf_counter() - t0)
+                assert res.stdout == b"42\n", res
+                v.destroy()
+            log(f"round {i + 1}: to python3's output: cold {full['cold'][-1]:.2f} s, "
+                f"template {full['template'][-1]:.2f} s")
+        memory = {}
+        for kind, template in (("cold", None), ("template", "bench")):
+            vms = []
+            try:
+                for i in range(args.vms):
+                    v = vm.Vm.start(f"mem-{kind}-{i}", root, spec, template)
+                    v.exec(["python3", "-c", "import json; print(42)"])
+                    vms.append(v)
+                time.sleep(2)
+                qemu = sum(pss_kib(int(v.info["qemu_pid"])) for v in vms)
+                daemons = sum(pss_kib(int(control.read_registry(str(v.fs_socket))["pid"])) for v in vms)
+                memory[kind] = {"qemu_pss_kib": qemu, "daemon_pss_kib": daemons}
+                log(f"{args.vms} {kind} VMs: QEMU PSS {qemu / 1024:.0f} MiB, root daemons {daemons / 1024:.0f} MiB")
+            finally:
+                for v in vms:
+                    v.destroy()
+        result = {
+            "agent_ready_cold_s": statistics.median(cold), "agent_ready_restore_s": statistics.median(warm),
+            "agent_ready_ratio": statistics.median(warm) / statistics.median(cold),
+            "to_output_cold_s": statistics.median(full["cold"]),
+            "to_output_template_s": statistics.median(full["template"]),
+            "to_output_ratio": statistics.median(full["template"]) / statistics.median(full["cold"]),
+            "memory": memory, "vms": args.vms,
+            "pss_ratio": memory["template"]["qemu_pss_kib"] / memory["cold"]["qemu_pss_kib"],
+            "samples": {"cold": cold, "restore": warm, "full": full},
+        }
+        print(f"micro-VM start, TCG, {args.memory} MiB guests, medians of {args.repeat}")
+        print(f"  to agent ready      cold boot {result['agent_ready_cold_s']:6.2f} s   restore "
+              f"{result['agent_ready_restore_s']:6.3f} s   ratio {result['agent_ready_ratio']:.3f} (floor <= 0.25)")
+        print(f"  to python3's output cold boot {result['to_output_cold_s']:6.2f} s   template "
+              f"{result['to_output_template_s']:6.2f} s   ratio {result['to_output_ratio']:.3f}")
+        print(f"  {args.vms} VMs, QEMU PSS   cold {memory['cold']['qemu_pss_kib'] / 1024:7.0f} MiB   clones "
+              f"{memory['template']['qemu_pss_kib'] / 1024:7.0f} MiB   ratio {result['pss_ratio']:.3f} "
+              "(floor <= 0.4)")
+        print(f"  root daemons' PSS   cold {memory['cold']['daemon_pss_kib'] / 1024:7.0f} MiB   clones "
+              f"{memory['template']['daemon_pss_kib'] / 1024:7.0f} MiB")
+        if args.json_out:
+            args.json_out.write_text(json.dumps(result, indent=1))
+        return 0
+    finally:
+        for v in vm.Vm.list():
+            v.destroy()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
