@@ -107,6 +107,8 @@ def main() -> int:
                         v.destroy()
                     results[backend].append(rate(out.stdout.decode()))
                     totals[backend].append(out.seconds)
+                    print(f"[vm_read] {backend} sample {i + 1}: {results[backend][-1]:.1f} MB/s, dd "
+                          f"{out.seconds:.1f} s", file=sys.stderr, flush=True)
                     continue
                 if backend == "cubefs":
                     cubefs("mount", "vmread:1", str(sock), "--transport", "virtiofs", "--store", store,

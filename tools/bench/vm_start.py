@@ -51,6 +51,30 @@ def pss_kib(pid: int) -> int:
     return 0
 
 
+def pss_parts(pid: int, ram_kib: int) -> dict[str, int]:
+    """A QEMU's PSS (KiB) by what it holds: guest RAM (the mapping of the memfd or the
+    template's file), TCG's translated-code buffer (anonymous, executable: none under
+    KVM), and the rest (QEMU's own heap, libraries)."""
+    out = {"guest_ram": 0, "tcg_code": 0, "rest": 0}
+    head: list[str] = []
+    size = 0
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            if line[0] in "0123456789abcdef" and "-" in line.split(" ", 1)[0]:
+                head = line.split()
+            elif line.startswith("Size:"):
+                size = int(line.split()[1])
+            elif line.startswith("Pss:"):
+                pss = int(line.split()[1])
+                if size == ram_kib:
+                    out["guest_ram"] += pss
+                elif "x" in head[1] and len(head) == 5:
+                    out["tcg_code"] += pss
+                else:
+                    out["rest"] += pss
+    return out
+
+
 def to_agent_ready(work: Path, spec: MachineSpec, template: Path | None) -> float:
     """Seconds from starting QEMU to the agent's answer."""
     shutil.rmtree(work, ignore_errors=True)
@@ -75,6 +99,7 @@ def main() -> int:
     ap.add_argument("--memory", type=int, default=512, metavar="MB")
     ap.add_argument("--rootfs", type=Path, default=Path("/var/tmp/cubefs-test/rootfs"))
     ap.add_argument("--workdir", type=Path, default=Path("/var/tmp/cubefs-bench"))
+    ap.add_argument("--memory-only", action="store_true", help="skip the start-time rounds")
     ap.add_argument("--json-out", type=Path)
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -90,14 +115,15 @@ def main() -> int:
                         "--no-progress"], check=True, stdout=subprocess.DEVNULL)
         tpl = vm.Template.create("bench", spec)
         log(f"template made in {tpl.seconds:.1f} s")
-        cold, warm = [], []
-        for i in range(args.repeat):
+        cold: list[float] = []
+        warm: list[float] = []
+        for i in range(0 if args.memory_only else args.repeat):
             cold.append(to_agent_ready(work / "m", spec, None))
             warm.append(to_agent_ready(work / "m", spec, tpl.dir))
             log(f"round {i + 1}: cold boot {cold[-1]:.2f} s, restore {warm[-1]:.3f} s to agent ready")
         root = vm.Root(image="debian:12")
         full: dict[str, list[float]] = {"cold": [], "template": []}
-        for i in range(args.repeat):
+        for i in range(0 if args.memory_only else args.repeat):
             for kind, template in (("cold", None), ("template", "bench")):
                 t0 = time.perf_counter()
                 v = vm.Vm.start(f"b{i}-{kind}", root, spec, template)
@@ -117,18 +143,25 @@ def main() -> int:
                     vms.append(v)
                 time.sleep(2)
                 qemu = sum(pss_kib(int(v.info["qemu_pid"])) for v in vms)
+                parts = [pss_parts(int(v.info["qemu_pid"]), args.memory * 1024) for v in vms]
                 daemons = sum(pss_kib(int(control.read_registry(str(v.fs_socket))["pid"])) for v in vms)
-                memory[kind] = {"qemu_pss_kib": qemu, "daemon_pss_kib": daemons}
-                log(f"{args.vms} {kind} VMs: QEMU PSS {qemu / 1024:.0f} MiB, root daemons {daemons / 1024:.0f} MiB")
+                memory[kind] = {"qemu_pss_kib": qemu, "daemon_pss_kib": daemons,
+                                **{f"{k}_pss_kib": sum(p[k] for p in parts) for k in parts[0]}}
+                mib = {k: v // 1024 for k, v in memory[kind].items()}
+                log(f"{args.vms} {kind} VMs: QEMU PSS {mib['qemu_pss_kib']} MiB (guest RAM "
+                    f"{mib['guest_ram_pss_kib']}, TCG code {mib['tcg_code_pss_kib']}, rest {mib['rest_pss_kib']}), "
+                    f"root daemons {mib['daemon_pss_kib']} MiB")
             finally:
                 for v in vms:
                     v.destroy()
+        def med(xs: list[float]) -> float:
+            return statistics.median(xs) if xs else float("nan")
+
         result = {
-            "agent_ready_cold_s": statistics.median(cold), "agent_ready_restore_s": statistics.median(warm),
-            "agent_ready_ratio": statistics.median(warm) / statistics.median(cold),
-            "to_output_cold_s": statistics.median(full["cold"]),
-            "to_output_template_s": statistics.median(full["template"]),
-            "to_output_ratio": statistics.median(full["template"]) / statistics.median(full["cold"]),
+            "agent_ready_cold_s": med(cold), "agent_ready_restore_s": med(warm),
+            "agent_ready_ratio": med(warm) / med(cold),
+            "to_output_cold_s": med(full["cold"]), "to_output_template_s": med(full["template"]),
+            "to_output_ratio": med(full["template"]) / med(full["cold"]),
             "memory": memory, "vms": args.vms,
             "pss_ratio": memory["template"]["qemu_pss_kib"] / memory["cold"]["qemu_pss_kib"],
             "samples": {"cold": cold, "restore": warm, "full": full},
@@ -138,9 +171,11 @@ def main() -> int:
               f"{result['agent_ready_restore_s']:6.3f} s   ratio {result['agent_ready_ratio']:.3f} (floor <= 0.25)")
         print(f"  to python3's output cold boot {result['to_output_cold_s']:6.2f} s   template "
               f"{result['to_output_template_s']:6.2f} s   ratio {result['to_output_ratio']:.3f}")
-        print(f"  {args.vms} VMs, QEMU PSS   cold {memory['cold']['qemu_pss_kib'] / 1024:7.0f} MiB   clones "
-              f"{memory['template']['qemu_pss_kib'] / 1024:7.0f} MiB   ratio {result['pss_ratio']:.3f} "
-              "(floor <= 0.4)")
+        for key, label in (("qemu", "QEMU PSS, all"), ("guest_ram", "  guest RAM"), ("tcg_code", "  TCG code"),
+                           ("rest", "  the rest")):
+            c, t = memory["cold"][f"{key}_pss_kib"], memory["template"][f"{key}_pss_kib"]
+            print(f"  {args.vms} VMs, {label:14} cold {c / 1024:7.0f} MiB   clones {t / 1024:7.0f} MiB   "
+                  f"ratio {t / c:.3f}" + ("   (floor <= 0.4)" if key == "qemu" else ""))
         print(f"  root daemons' PSS   cold {memory['cold']['daemon_pss_kib'] / 1024:7.0f} MiB   clones "
               f"{memory['template']['daemon_pss_kib'] / 1024:7.0f} MiB")
         if args.json_out:
