@@ -4,9 +4,11 @@ writes, snapshots and rolls back; a running VM forks into three that diverge."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -72,6 +74,19 @@ def test_a_volume_in_a_vm_snapshots_and_rolls_back(vm_env: dict[str, str]) -> No
         vm(vm_env, "rollback", "box", "s1")
         listing = vm(vm_env, "exec", "box", "--", "sh", "-c", "ls /root; cat /root/step1")
         assert listing["out"].split() == ["step1", "one"], listing
+        # Files in and out through the agent; a command past its time limit is killed
+        # and the VM takes the next one.
+        local = Path(vm_env["CUBEFS_VM_DIR"]).parent / "input.bin"
+        local.write_bytes(bytes(range(256)) * 100)
+        vm(vm_env, "cp", str(local), "box:/root/input.bin")
+        assert vm(vm_env, "exec", "box", "--", "sha256sum", "/root/input.bin")["out"].split()[0] == \
+            hashlib.sha256(local.read_bytes()).hexdigest()
+        vm(vm_env, "cp", "box:/etc/debian_version", str(local))
+        assert local.read_text().strip().startswith("12")
+        t0 = time.monotonic()
+        slow = vm(vm_env, "exec", "box", "--timeout", "3", "--", "sleep", "60", check=False)
+        assert slow["code"] == 137 and time.monotonic() - t0 < 30
+        assert vm(vm_env, "exec", "box", "--", "echo", "still here")["out"] == "still here\n"
         # What the guest wrote is in the volume, on the host, too.
         snaps = json.loads(run_cubefs("snapshots", "agent", "--json", env=vm_env).stdout)
         assert [s["snapshot"] for s in snaps] == ["s1"]

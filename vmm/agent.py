@@ -128,9 +128,12 @@ class Agent:
         self.request("UMOUNT", timeout=60)
 
     def run(self, script: str, stdin: bytes = b"", timeout: float | None = None) -> CommandResult:
-        """Run a shell script (``/bin/sh -c``) in the guest's root."""
+        """Run a shell script (``/bin/sh -c``) in the guest's root; after ``timeout``
+        seconds the guest kills it (exit code 137) and the agent is free again."""
         t0 = time.monotonic()
-        fields = self.request("RUN", _b64(script.encode()), _b64(stdin), timeout=timeout)
+        limit = [str(max(1, round(timeout)))] if timeout is not None else []
+        fields = self.request("RUN", _b64(script.encode()), _b64(stdin), *limit,
+                              timeout=None if timeout is None else timeout + 30)
         if len(fields) != 3:
             raise AgentError(f"VM {self.label}: malformed RUN reply ({len(fields)} fields)")
         return CommandResult(int(fields[0]), _unb64(fields[1]), _unb64(fields[2]), time.monotonic() - t0)

@@ -90,6 +90,14 @@ def add_parsers(sub: Any, store_args: Any) -> None:
     _exec_args(q)
     q.add_argument("cmd", nargs="*", metavar="-- CMD ARGS", help="the command, after \"--\"")
 
+    q = vsub.add_parser("cp", help="copy a file into or out of a running VM",
+                        description="'cubefs vm cp LOCAL NAME:/PATH' writes a file into the VM's root; 'cubefs vm "
+                        "cp NAME:/PATH LOCAL' reads one out ('-' as LOCAL: stdin or stdout). Regular files, through "
+                        "the guest agent; meant for inputs and results of a few MiB.")
+    q.add_argument("src")
+    q.add_argument("dst")
+    q.add_argument("--mode", default=None, help="the file's mode in the VM, octal (default: the local file's)")
+
     q = vsub.add_parser("ls", help="list VMs")
     q.add_argument("--json", action="store_true")
 
@@ -106,10 +114,13 @@ def add_parsers(sub: Any, store_args: Any) -> None:
     q.add_argument("name")
     q.add_argument("snapshot")
 
-    q = vsub.add_parser("fork", help="copy a running VM on a volume N times, memory and disk")
+    q = vsub.add_parser("fork", help="copy a running VM on a volume N times, memory and disk",
+                        description="Save the VM (its root unmounted and unplugged, its volume snapshotted) as a "
+                        "template PREFIX.tTIME and start COUNT clones of it, PREFIX-0.., each on its own clone of "
+                        "the volume; the VM goes on where it was. The template stays until 'vm template rm'.")
     q.add_argument("name")
     q.add_argument("--count", type=int, default=1)
-    q.add_argument("--prefix", default=None, help="names of the copies: PREFIX-1.. (default NAME-fork)")
+    q.add_argument("--prefix", default=None, help="names of the copies: PREFIX-0.. (default NAME-fork)")
     q.add_argument("--json", action="store_true")
 
     q = vsub.add_parser("template", help="VM templates: create, ls, rm",
@@ -186,6 +197,8 @@ def cmd_vm(args: argparse.Namespace) -> int:
     if action == "exec":
         res = vm.Vm(args.name).exec(_command(args), env=_env(args), workdir=args.workdir, timeout=args.timeout)
         return _print_result(res, args, {})
+    if action == "cp":
+        return _copy(vm, args)
     if action == "ls":
         vms = vm.Vm.list()
         if args.json:
@@ -223,6 +236,32 @@ def cmd_vm(args: argparse.Namespace) -> int:
             print(f"started VM {f.name} ({f.root.label}) in {f.info['start_seconds']:.2f} s")
         return EXIT_OK
     return _template(args)
+
+
+def _copy(vm: Any, args: argparse.Namespace) -> int:
+    import os
+    import stat
+
+    def remote(spec: str) -> tuple[str, str] | None:
+        name, colon, path = spec.partition(":")
+        return (name, path) if colon and path.startswith("/") and "/" not in name else None
+
+    src, dst = remote(args.src), remote(args.dst)
+    if (src is None) == (dst is None):
+        raise UsageError("usage: cubefs vm cp LOCAL NAME:/PATH | cubefs vm cp NAME:/PATH LOCAL")
+    if dst is not None:
+        data = sys.stdin.buffer.read() if args.src == "-" else Path(args.src).read_bytes()
+        mode = int(args.mode, 8) if args.mode else (
+            0o644 if args.src == "-" else stat.S_IMODE(os.stat(args.src).st_mode))
+        vm.Vm(dst[0]).put(dst[1], data, mode)
+        return EXIT_OK
+    assert src is not None
+    data = vm.Vm(src[0]).get(src[1])
+    if args.dst == "-":
+        sys.stdout.buffer.write(data)
+    else:
+        Path(args.dst).write_bytes(data)
+    return EXIT_OK
 
 
 def _template(args: argparse.Namespace) -> int:

@@ -7,8 +7,8 @@
 #   ID PING                      -> ID OK
 #   ID MOUNT ro|rw               -> mounts the virtio-fs tag "rootfs" at /newroot
 #   ID UMOUNT                    -> sync, unmount it (ERR busy if a process uses it)
-#   ID RUN B64(script) B64(stdin) -> ID OK CODE B64(stdout) B64(stderr), run by
-#                                   /bin/sh of the root, chrooted
+#   ID RUN B64(script) B64(stdin) [SECONDS] -> ID OK CODE B64(stdout) B64(stderr),
+#                                   run by /bin/sh of the root, chrooted; killed after SECONDS
 #   ID PUT B64(path) B64(data) MODE / ID GET B64(path)  -> files in the root
 #   ID FRESH B64(seed) HOSTNAME MACHINE-ID -> after a restore: new randomness, names
 #   ID POWEROFF
@@ -83,7 +83,11 @@ while read -r id op a b c <&3; do
     RUN)
       unb64 "$a" >/tmp/script
       unb64 "$b" >/tmp/stdin
-      chroot /newroot /bin/sh -c "$(cat /tmp/script)" </tmp/stdin >/tmp/out 2>/tmp/err
+      if [ -n "$c" ]; then
+        timeout -s KILL "$c" chroot /newroot /bin/sh -c "$(cat /tmp/script)" </tmp/stdin >/tmp/out 2>/tmp/err
+      else
+        chroot /newroot /bin/sh -c "$(cat /tmp/script)" </tmp/stdin >/tmp/out 2>/tmp/err
+      fi
       code=$?
       echo "$id OK $code $(b64 /tmp/out) $(b64 /tmp/err)" >&3
       rm -f /tmp/out /tmp/err /tmp/stdin /tmp/script ;;

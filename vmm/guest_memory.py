@@ -22,6 +22,7 @@ import mmap
 import os
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 
 class RingError(Exception):
@@ -95,23 +96,21 @@ class RemoteSpan(Span):
     def read(self, offset: int = 0, n: int | None = None) -> bytes:
         n = self.size - offset if n is None else n
         buf = ctypes.create_string_buffer(n)
-        local = _Iovec(ctypes.addressof(buf), n)
-        remote = _Iovec(self.addr + offset, n)
-        got = _libc.process_vm_readv(self.pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
-        if got != n:
-            raise RingError(f"cannot read {n} bytes of guest memory in QEMU (pid {self.pid}): "
-                            f"{os.strerror(ctypes.get_errno()) if got < 0 else 'short read'}")
+        self._copy(_libc.process_vm_readv, ctypes.addressof(buf), offset, n, "read")
         return buf.raw
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
-        n = len(data)
-        buf = (ctypes.c_char * n).from_buffer_copy(data)
-        local = _Iovec(ctypes.addressof(buf), n)
+        buf = (ctypes.c_char * len(data)).from_buffer_copy(data)
+        self._copy(_libc.process_vm_writev, ctypes.addressof(buf), offset, len(data), "write")
+
+    def _copy(self, fn: Any, local_addr: int, offset: int, n: int, what: str) -> None:
+        """One process_vm_readv/writev between our buffer and QEMU's address space."""
+        local = _Iovec(local_addr, n)
         remote = _Iovec(self.addr + offset, n)
-        got = _libc.process_vm_writev(self.pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+        got = fn(self.pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
         if got != n:
-            raise RingError(f"cannot write {n} bytes of guest memory in QEMU (pid {self.pid}): "
-                            f"{os.strerror(ctypes.get_errno()) if got < 0 else 'short write'}")
+            raise RingError(f"cannot {what} {n} bytes of guest memory in QEMU (pid {self.pid}): "
+                            f"{os.strerror(ctypes.get_errno()) if got < 0 else 'short ' + what}")
 
 
 @dataclass

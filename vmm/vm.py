@@ -38,7 +38,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -234,7 +234,6 @@ class VmInfo:
     start_seconds: float = 0.0
     hostname: str = ""
     machine_id: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Vm:
@@ -283,7 +282,7 @@ class Vm:
         if vm.dir.exists():
             if vm.alive:
                 raise UsageError(f"VM {name} is running ('cubefs vm rm {name}' first)")
-            shutil.rmtree(vm.dir)
+            vm.destroy()  # what a crashed VM left: its root's daemon too
         vm.dir.mkdir(parents=True)
         t0 = time.monotonic()
         tpl = Template.load(template) if template else None
@@ -333,6 +332,20 @@ class Vm:
             prelude += f"cd {shlex.quote(workdir)} || exit 126\n"
         with self.locked(), self.agent() as agent:
             return agent.run(prelude + script, stdin, timeout=timeout)
+
+    def put(self, path: str, data: bytes, mode: int = 0o644) -> None:
+        """Write a file into the VM's root."""
+        if not self.alive:
+            raise VmError(f"VM {self.name} is not running")
+        with self.locked(), self.agent() as agent:
+            agent.put(path, data, mode)
+
+    def get(self, path: str) -> bytes:
+        """Read a file of the VM's root."""
+        if not self.alive:
+            raise VmError(f"VM {self.name} is not running")
+        with self.locked(), self.agent() as agent:
+            return agent.get(path)
 
     def destroy(self) -> None:
         """Stop QEMU (the root's daemon goes with it) and forget the VM."""
