@@ -133,27 +133,31 @@ def main() -> int:
                 v.destroy()
             log(f"round {i + 1}: to python3's output: cold {full['cold'][-1]:.2f} s, "
                 f"template {full['template'][-1]:.2f} s")
-        memory = {}
+        memory: dict[str, dict[str, dict[str, int]]] = {"started": {}, "after_python": {}}
         for kind, template in (("cold", None), ("template", "bench")):
             vms = []
             try:
                 for i in range(args.vms):
-                    v = vm.Vm.start(f"mem-{kind}-{i}", root, spec, template)
-                    v.exec(["python3", "-c", "import json; print(42)"])
-                    vms.append(v)
-                time.sleep(2)
-                qemu = sum(pss_kib(int(v.info["qemu_pid"])) for v in vms)
-                parts = [pss_parts(int(v.info["qemu_pid"]), args.memory * 1024) for v in vms]
-                daemons = sum(pss_kib(int(control.read_registry(str(v.fs_socket))["pid"])) for v in vms)
-                memory[kind] = {"qemu_pss_kib": qemu, "daemon_pss_kib": daemons,
-                                **{f"{k}_pss_kib": sum(p[k] for p in parts) for k in parts[0]}}
-                mib = {k: v // 1024 for k, v in memory[kind].items()}
-                log(f"{args.vms} {kind} VMs: QEMU PSS {mib['qemu_pss_kib']} MiB (guest RAM "
-                    f"{mib['guest_ram_pss_kib']}, TCG code {mib['tcg_code_pss_kib']}, rest {mib['rest_pss_kib']}), "
-                    f"root daemons {mib['daemon_pss_kib']} MiB")
+                    vms.append(vm.Vm.start(f"mem-{kind}-{i}", root, spec, template))
+                for state in ("started", "after_python"):
+                    if state == "after_python":
+                        for v in vms:
+                            v.exec(["python3", "-c", "import json; print(42)"])
+                    time.sleep(2)
+                    parts = [pss_parts(int(v.info["qemu_pid"]), args.memory * 1024) for v in vms]
+                    m = {f"{k}_pss_kib": sum(p[k] for p in parts) for k in parts[0]}
+                    m["qemu_pss_kib"] = sum(pss_kib(int(v.info["qemu_pid"])) for v in vms)
+                    m["daemon_pss_kib"] = sum(pss_kib(int(control.read_registry(str(v.fs_socket))["pid"]))
+                                              for v in vms)
+                    memory[state][kind] = m
+                    mib = {k: v // 1024 for k, v in m.items()}
+                    log(f"{args.vms} {kind} VMs, {state}: QEMU PSS {mib['qemu_pss_kib']} MiB (guest RAM "
+                        f"{mib['guest_ram_pss_kib']}, TCG code {mib['tcg_code_pss_kib']}, rest "
+                        f"{mib['rest_pss_kib']}), root daemons {mib['daemon_pss_kib']} MiB")
             finally:
                 for v in vms:
                     v.destroy()
+
         def med(xs: list[float]) -> float:
             return statistics.median(xs) if xs else float("nan")
 
@@ -163,7 +167,10 @@ def main() -> int:
             "to_output_cold_s": med(full["cold"]), "to_output_template_s": med(full["template"]),
             "to_output_ratio": med(full["template"]) / med(full["cold"]),
             "memory": memory, "vms": args.vms,
-            "pss_ratio": memory["template"]["qemu_pss_kib"] / memory["cold"]["qemu_pss_kib"],
+            "pss_ratio_started": memory["started"]["template"]["qemu_pss_kib"]
+            / memory["started"]["cold"]["qemu_pss_kib"],
+            "pss_ratio_after_python": memory["after_python"]["template"]["qemu_pss_kib"]
+            / memory["after_python"]["cold"]["qemu_pss_kib"],
             "samples": {"cold": cold, "restore": warm, "full": full},
         }
         print(f"micro-VM start, TCG, {args.memory} MiB guests, medians of {args.repeat}")
@@ -171,13 +178,13 @@ def main() -> int:
               f"{result['agent_ready_restore_s']:6.3f} s   ratio {result['agent_ready_ratio']:.3f} (floor <= 0.25)")
         print(f"  to python3's output cold boot {result['to_output_cold_s']:6.2f} s   template "
               f"{result['to_output_template_s']:6.2f} s   ratio {result['to_output_ratio']:.3f}")
-        for key, label in (("qemu", "QEMU PSS, all"), ("guest_ram", "  guest RAM"), ("tcg_code", "  TCG code"),
-                           ("rest", "  the rest")):
-            c, t = memory["cold"][f"{key}_pss_kib"], memory["template"][f"{key}_pss_kib"]
-            print(f"  {args.vms} VMs, {label:14} cold {c / 1024:7.0f} MiB   clones {t / 1024:7.0f} MiB   "
-                  f"ratio {t / c:.3f}" + ("   (floor <= 0.4)" if key == "qemu" else ""))
-        print(f"  root daemons' PSS   cold {memory['cold']['daemon_pss_kib'] / 1024:7.0f} MiB   clones "
-              f"{memory['template']['daemon_pss_kib'] / 1024:7.0f} MiB")
+        for state, title in (("started", "just started (root mounted)"), ("after_python", "after python3 ran")):
+            print(f"  {args.vms} VMs, {title}:")
+            for key, label in (("qemu", "QEMU PSS, all"), ("guest_ram", "  guest RAM"), ("tcg_code", "  TCG code"),
+                               ("rest", "  the rest"), ("daemon", "root daemons")):
+                c, t = (memory[state][k][f"{key}_pss_kib"] for k in ("cold", "template"))
+                print(f"    {label:16} cold {c / 1024:7.0f} MiB   clones {t / 1024:7.0f} MiB   ratio {t / c:.3f}"
+                      + ("   (floor <= 0.4)" if key == "qemu" else ""))
         if args.json_out:
             args.json_out.write_text(json.dumps(result, indent=1))
         return 0
