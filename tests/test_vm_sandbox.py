@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import run_cubefs
 
+from cubefs.errors import UsageError
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from make_vm_kernel import DEFAULT, make_kernel
 
@@ -51,6 +53,23 @@ def test_vm_run_boots_an_image_and_returns_what_the_command_did(vm_env: dict[str
     ro = vm(vm_env, "run", "debian:12", "--accel", "tcg", "--", "sh", "-c", "touch /x", check=False)
     assert ro["code"] != 0 and "Read-only file system" in ro["err"]
     assert vm(vm_env, "ls", "--json") == []
+    # --writable: a volume of its own over the image, gone with the VM.
+    rw = vm(vm_env, "run", "--template", "base", "--writable", "debian:12", "--", "sh", "-c",
+            "echo data > /x && cat /x")
+    assert (rw["code"], rw["out"]) == (0, "data\n")
+    volumes = json.loads(run_cubefs("volume", "list", "--json", env=vm_env).stdout)
+    assert not [v for v in volumes if v["name"].startswith("vm-")], volumes
+
+
+def test_accel_auto_uses_kvm_only_where_hardware_backs_it() -> None:
+    from vmm.machine import pick_accel
+
+    hardware = any(os.path.isdir(f"/sys/module/{m}") for m in ("kvm_intel", "kvm_amd"))
+    if not hardware:  # these machines: /dev/kvm is nested PVM, ~3000x too slow for a guest kernel
+        assert pick_accel("auto") == "tcg"
+    assert pick_accel("kvm") == "kvm" and pick_accel("tcg") == "tcg"
+    with pytest.raises(UsageError):
+        pick_accel("xen")
 
 
 def test_a_template_restores_in_a_fraction_of_a_boot(vm_env: dict[str, str]) -> None:

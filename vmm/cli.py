@@ -47,6 +47,9 @@ def _machine_args(p: argparse.ArgumentParser) -> None:
 
 def _root_args(p: argparse.ArgumentParser, store_args: Any) -> None:
     p.add_argument("--volume", default=None, help="a volume as the root, read-write (else the image, read-only)")
+    p.add_argument("--writable", action="store_true",
+                   help="with an image: give the VM a volume of its own over it (vm-NAME, a copy-on-write clone "
+                   "made in O(1)), read-write, removed with the VM")
     p.add_argument("--template", default=None, help="restore this template instead of booting")
     p.add_argument("--cache-dir", default=None, help="the root daemon's disk cache (default: cubefs mount's)")
     store_args(p)
@@ -184,10 +187,10 @@ def cmd_vm(args: argparse.Namespace) -> int:
     action = args.vm_command
     if action == "run":
         res, machine = vm.run(_root(args), _command(args), _spec(args), args.template, timeout=args.timeout,
-                              env=_env(args), workdir=args.workdir)
+                              env=_env(args), workdir=args.workdir, writable=args.writable)
         return _print_result(res, args, {"start_seconds": machine.info.get("start_seconds")})
     if action == "start":
-        v = vm.Vm.start(args.name, _root(args), _spec(args), args.template)
+        v = vm.Vm.start(args.name, _root(args), _spec(args), args.template, args.writable)
         if args.json:
             print(json.dumps(v.info, indent=1))
         else:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import shlex
 import shutil
@@ -47,6 +48,8 @@ from cubefs import control
 from cubefs.errors import CubefsError, NotFoundError, UsageError
 from vmm.agent import Agent, CommandResult
 from vmm.machine import Machine, MachineSpec, Ram, VmError, kill_pid
+
+log = logging.getLogger(__name__)
 
 BOOT_TIMEOUT = 120.0  # TCG boots Debian's kernel in ~5-10 s; a loaded CI machine may take far longer
 NAME_OK = set("abcdefghijklmnopqrstuvwxyz0123456789-_.")
@@ -105,6 +108,13 @@ class Root:
     def cubefs_volume(self, *args: str) -> str:
         extra = ["--volume-dir", self.volume_dir] if self.volume_dir else []
         return cubefs(*args, *extra)
+
+    def own_volume(self, name: str) -> Root:
+        """A new volume over this image (a copy-on-write clone of it, O(1)) as the root."""
+        store = [a for pair in (("--store", self.store), ("--s3-endpoint", self.s3_endpoint)) if pair[1]
+                 for a in pair]
+        self.cubefs_volume("volume", "create", name, "--from", str(self.image), *store)
+        return Root(None, name, self.store, self.s3_endpoint, self.cache_dir, self.volume_dir)
 
 
 def cubefs(*args: str) -> str:
@@ -276,8 +286,11 @@ class Vm:
 
     # -- life --------------------------------------------------------------------
     @classmethod
-    def start(cls, name: str, root: Root, spec: MachineSpec, template: str | None = None) -> Vm:
-        """Boot (or restore from ``template``) a VM with ``root``, up to a mounted root."""
+    def start(cls, name: str, root: Root, spec: MachineSpec, template: str | None = None,
+              writable: bool = False) -> Vm:
+        """Boot (or restore from ``template``) a VM with ``root``, up to a mounted root;
+        ``writable``: an image root gets a volume of its own (``vm-NAME``), removed with
+        the VM."""
         vm = cls(name)
         if vm.dir.exists():
             if vm.alive:
@@ -293,6 +306,11 @@ class Vm:
                       datetime.now(UTC).isoformat(timespec="seconds"), hostname=name, machine_id=machine_id)
         vm.info = asdict(info) | {"kernel_dir": str(spec.kernel_dir)}
         try:
+            if writable and root.image:
+                root = root.own_volume(f"vm-{name}")
+                vm.info["root"] = asdict(root)
+                vm.info["owns_volume"] = True
+                vm._save()
             root.serve(vm.fs_socket)
             if tpl is None:
                 machine = Machine(vm.dir, spec, Ram(), fs_socket=str(vm.fs_socket))
@@ -360,6 +378,11 @@ class Vm:
                 kill_pid(pid)
                 _wait_gone(pid, 5)
         self._stop_root()
+        if self.info.get("owns_volume"):
+            try:
+                self.root.cubefs_volume("volume", "rm", str(self.info["root"]["volume"]))
+            except VmError as err:
+                log.warning("VM %s: its volume stays: %s", self.name, err)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def _stop_root(self) -> None:
@@ -465,10 +488,10 @@ def _rebase(t: Template) -> None:
 
 def run(root: Root, argv: list[str], spec: MachineSpec, template: str | None = None,
         timeout: float | None = None, env: dict[str, str] | None = None,
-        workdir: str | None = None) -> tuple[CommandResult, Vm]:
-    """``cubefs vm run``: a VM for one command, gone afterwards."""
+        workdir: str | None = None, writable: bool = False) -> tuple[CommandResult, Vm]:
+    """``cubefs vm run``: a VM for one command, gone afterwards (its own volume too)."""
     name = check_name(f"run-{os.getpid()}-{uuid.uuid4().hex[:6]}", "VM")
-    vm = Vm.start(name, root, spec, template)
+    vm = Vm.start(name, root, spec, template, writable)
     try:
         return vm.exec(argv, env=env, workdir=workdir, timeout=timeout), vm
     finally:
