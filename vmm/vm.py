@@ -92,28 +92,24 @@ class Root:
     def label(self) -> str:
         return f"volume {self.volume}" if self.volume else f"image {self.image}"
 
-    def _args(self) -> list[str]:
-        out = []
-        for flag, value in (("--store", self.store), ("--s3-endpoint", self.s3_endpoint),
-                            ("--cache-dir", self.cache_dir), ("--volume-dir", self.volume_dir)):
-            if value and not (flag == "--volume-dir" and not self.volume):
-                out += [flag, value]
-        return out
+    def _args(self, *flags: str) -> list[str]:
+        """The cubefs options for this root among ``flags``."""
+        values = {"--store": self.store, "--s3-endpoint": self.s3_endpoint, "--cache-dir": self.cache_dir,
+                  "--volume-dir": self.volume_dir}
+        return [a for f in flags if values[f] for a in (f, str(values[f]))]
 
     def serve(self, socket_path: Path) -> None:
         """Start the cubefs daemon that serves this root on ``socket_path``."""
         target = ["--volume", self.volume] if self.volume else [str(self.image)]
-        cubefs("mount", *target, str(socket_path), "--transport", "virtiofs", *self._args())
+        cubefs("mount", *target, str(socket_path), "--transport", "virtiofs",
+               *self._args("--store", "--s3-endpoint", "--cache-dir", *(["--volume-dir"] if self.volume else [])))
 
     def cubefs_volume(self, *args: str) -> str:
-        extra = ["--volume-dir", self.volume_dir] if self.volume_dir else []
-        return cubefs(*args, *extra)
+        return cubefs(*args, *self._args("--volume-dir"))
 
     def own_volume(self, name: str) -> Root:
         """A new volume over this image (a copy-on-write clone of it, O(1)) as the root."""
-        store = [a for pair in (("--store", self.store), ("--s3-endpoint", self.s3_endpoint)) if pair[1]
-                 for a in pair]
-        self.cubefs_volume("volume", "create", name, "--from", str(self.image), *store)
+        self.cubefs_volume("volume", "create", name, "--from", str(self.image), *self._args("--store", "--s3-endpoint"))
         return Root(None, name, self.store, self.s3_endpoint, self.cache_dir, self.volume_dir)
 
 
