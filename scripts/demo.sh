@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job, end to end, on the embedded default store (a local directory):
 # build a Debian root filesystem into a cubefs image, mount it lazily, run
-# python3 inside it, show what was fetched, unmount.  Run as root.
+# python3 inside it, show what was fetched, unmount; then run python3 in a
+# micro-VM whose root cubefs serves over virtio-fs.  Run as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -22,3 +23,7 @@ echo "== cubefs stats $MNT"
 cubefs stats "$MNT"
 echo "== cubefs umount $MNT"
 cubefs umount "$MNT"
+echo "== python3 tools/make_vm_kernel.py   (a guest kernel + initramfs from Debian's packages, made once)"
+.venv/bin/python tools/make_vm_kernel.py
+echo "== cubefs vm run debian:bookworm -- python3 -c ...   (a micro-VM; its root served by cubefs over virtio-fs)"
+cubefs vm run debian:bookworm -- python3 -c 'import platform; print("hello from a micro-VM, kernel", platform.release())'
