@@ -80,6 +80,9 @@ def test_a_template_restores_in_a_fraction_of_a_boot(vm_env: dict[str, str]) -> 
     templates = vm(vm_env, "template", "ls", "--json")
     assert [t["name"] for t in templates] == ["base"]
     assert vm(vm_env, "template", "rm", "nope", check=False)["code"] == 3
+    for args in (("exec", "nope", "--", "true"), ("rm", "nope"), ("cp", "nope:/etc/hostname", "-")):
+        missing = vm(vm_env, *args, check=False)
+        assert missing["code"] == 3 and "no VM nope" in missing["err"], missing
 
 
 def test_a_volume_in_a_vm_snapshots_and_rolls_back(vm_env: dict[str, str]) -> None:

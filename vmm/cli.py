@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cubefs.cli_volume import volume_dir_arg
-from cubefs.errors import EXIT_OK, UsageError
+from cubefs.errors import EXIT_OK, NotFoundError, UsageError
 from cubefs.humanize import size
 
 EPILOG = """\
@@ -220,7 +220,7 @@ def cmd_vm(args: argparse.Namespace) -> int:
         for name in names:
             v = vm.Vm(name)
             if not v.dir.exists():
-                raise UsageError(f"no VM {name}")
+                raise NotFoundError(f"no VM {name} (in {vm.vm_root()}; 'cubefs vm ls')")
             v.destroy()
         return EXIT_OK
     if action == "snapshot":

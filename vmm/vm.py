@@ -338,8 +338,7 @@ class Vm:
     def exec(self, argv: list[str] | str, stdin: bytes = b"", env: dict[str, str] | None = None,
              workdir: str | None = None, timeout: float | None = None) -> CommandResult:
         """Run a command (an argv, or a shell script) in the VM's root; its result."""
-        if not self.alive:
-            raise VmError(f"VM {self.name} is not running")
+        self._running()
         script = argv if isinstance(argv, str) else " ".join(shlex.quote(a) for a in argv)
         prelude = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in (env or {}).items())
         if workdir:
@@ -349,17 +348,21 @@ class Vm:
 
     def put(self, path: str, data: bytes, mode: int = 0o644) -> None:
         """Write a file into the VM's root."""
-        if not self.alive:
-            raise VmError(f"VM {self.name} is not running")
+        self._running()
         with self.locked(), self.agent() as agent:
             agent.put(path, data, mode)
 
     def get(self, path: str) -> bytes:
         """Read a file of the VM's root."""
-        if not self.alive:
-            raise VmError(f"VM {self.name} is not running")
+        self._running()
         with self.locked(), self.agent() as agent:
             return agent.get(path)
+
+    def _running(self) -> None:
+        if not self.info:
+            raise NotFoundError(f"no VM {self.name} (in {vm_root()}; 'cubefs vm ls')")
+        if not self.alive:
+            raise VmError(f"VM {self.name} is not running (its QEMU is gone: 'cubefs vm rm {self.name}')")
 
     def destroy(self) -> None:
         """Stop QEMU (the root's daemon goes with it) and forget the VM."""
@@ -399,6 +402,7 @@ class Vm:
 
     # -- volumes -----------------------------------------------------------------
     def _require_volume(self, what: str) -> str:
+        self._running()
         vol = self.info["root"].get("volume")
         if not vol:
             raise UsageError(f"VM {self.name} runs on an image, read-only: {what} needs a VM on a volume "
