@@ -96,21 +96,70 @@ class RemoteSpan(Span):
     def read(self, offset: int = 0, n: int | None = None) -> bytes:
         n = self.size - offset if n is None else n
         buf = ctypes.create_string_buffer(n)
-        self._copy(_libc.process_vm_readv, ctypes.addressof(buf), offset, n, "read")
+        _vm_copy(_libc.process_vm_readv, self.pid, ctypes.addressof(buf), n, [(self.addr + offset, n)], "read")
         return buf.raw
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
         buf = (ctypes.c_char * len(data)).from_buffer_copy(data)
-        self._copy(_libc.process_vm_writev, ctypes.addressof(buf), offset, len(data), "write")
+        _vm_copy(_libc.process_vm_writev, self.pid, ctypes.addressof(buf), len(data),
+                 [(self.addr + offset, len(data))], "write")
 
-    def _copy(self, fn: Any, local_addr: int, offset: int, n: int, what: str) -> None:
-        """One process_vm_readv/writev between our buffer and QEMU's address space."""
-        local = _Iovec(local_addr, n)
-        remote = _Iovec(self.addr + offset, n)
-        got = fn(self.pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
-        if got != n:
-            raise RingError(f"cannot {what} {n} bytes of guest memory in QEMU (pid {self.pid}): "
-                            f"{os.strerror(ctypes.get_errno()) if got < 0 else 'short ' + what}")
+
+IOV_MAX = 1024
+
+
+def gather(spans: list[Span]) -> bytes:
+    """The bytes of ``spans`` in order: one process_vm_readv for spans in QEMU's
+    address space (a descriptor chain is one request)."""
+    if spans and all(isinstance(sp, RemoteSpan) for sp in spans) and len(spans) <= IOV_MAX:
+        remote = [sp for sp in spans if isinstance(sp, RemoteSpan)]
+        n = sum(sp.size for sp in remote)
+        buf = ctypes.create_string_buffer(n)
+        _vm_copy(_libc.process_vm_readv, remote[0].pid, ctypes.addressof(buf), n,
+                 [(sp.addr, sp.size) for sp in remote], "read")
+        return buf.raw
+    return b"".join(sp.read() for sp in spans)
+
+
+def scatter(parts: list[bytes | memoryview], spans: list[Span]) -> int:
+    """Copy ``parts`` into ``spans`` in order (one process_vm_writev for spans in
+    QEMU's address space); bytes written.  RingError if they do not fit."""
+    total = sum(len(memoryview(x).cast("B")) for x in parts)
+    if total > sum(len(sp) for sp in spans):
+        raise RingError("the reply does not fit the request's writable buffers")
+    if spans and all(isinstance(sp, RemoteSpan) for sp in spans) and len(spans) <= IOV_MAX:
+        remote = [sp for sp in spans if isinstance(sp, RemoteSpan)]
+        data = b"".join(parts)
+        targets, left = [], total
+        for sp in remote:
+            if left == 0:
+                break
+            targets.append((sp.addr, min(sp.size, left)))
+            left -= targets[-1][1]
+        buf = (ctypes.c_char * total).from_buffer_copy(data)
+        _vm_copy(_libc.process_vm_writev, remote[0].pid, ctypes.addressof(buf), total, targets, "write")
+        return total
+    written, bi, boff = 0, 0, 0
+    for part in parts:
+        src = memoryview(part).cast("B")
+        while len(src):
+            dst = spans[bi]
+            n = min(len(src), len(dst) - boff)
+            dst.write(boff, src[:n])
+            src, boff, written = src[n:], boff + n, written + n
+            if boff == len(dst):
+                bi, boff = bi + 1, 0
+    return written
+
+
+def _vm_copy(fn: Any, pid: int, local_addr: int, n: int, remote: list[tuple[int, int]], what: str) -> None:
+    """One process_vm_readv/writev between our buffer and QEMU's address space."""
+    local = _Iovec(local_addr, n)
+    iov = (_Iovec * len(remote))(*[_Iovec(addr, size) for addr, size in remote])
+    got = fn(pid, ctypes.byref(local), 1, iov, len(remote), 0)
+    if got != n:
+        raise RingError(f"cannot {what} {n} bytes of guest memory in QEMU (pid {pid}): "
+                        f"{os.strerror(ctypes.get_errno()) if got < 0 else 'short ' + what}")
 
 
 @dataclass

@@ -31,7 +31,7 @@ import trio
 
 from cubefs.fuse import protocol as p
 from cubefs.fuse.server import FuseServer
-from vmm.guest_memory import GuestMemory, RingError, Span
+from vmm.guest_memory import GuestMemory, RingError, Span, gather, scatter
 
 log = logging.getLogger(__name__)
 
@@ -135,24 +135,6 @@ class Virtqueue:
                 os.write(self.call, U64.pack(1))
             except OSError as err:
                 log.warning("queue %d: cannot signal the guest: %s", self.index, err)
-
-
-def _scatter(parts: list[bytes | memoryview], buffers: list[Span]) -> int:
-    """Copy the reply ``parts`` into the chain's writable ``buffers``; bytes written."""
-    written = 0
-    bi, boff = 0, 0
-    for part in parts:
-        src = memoryview(part).cast("B")
-        while len(src):
-            if bi >= len(buffers):
-                raise RingError("the reply does not fit the request's writable buffers")
-            dst = buffers[bi]
-            n = min(len(src), len(dst) - boff)
-            dst.write(boff, src[:n])
-            src, boff, written = src[n:], boff + n, written + n
-            if boff == len(dst):
-                bi, boff = bi + 1, 0
-    return written
 
 
 class VhostUserFs:
@@ -330,7 +312,7 @@ class VhostUserFs:
     def _request(self, q: Virtqueue, head: int, readable: list[Span], writable: list[Span]) -> None:
         self.requests += 1
         try:
-            request = b"".join(span.read() for span in readable)
+            request = gather(readable)
         except RingError as err:
             log.error("virtio-fs: %s; that request fails", err)
             self.bad_requests += 1
@@ -358,12 +340,12 @@ class VhostUserFs:
     def _reply(self, out: bytes | list[bytes | memoryview], writable: list[Span], request: bytes) -> int:
         parts = out if isinstance(out, list) else [out]
         try:
-            return _scatter(parts, writable)
+            return scatter(parts, writable)
         except RingError:
             self.bad_requests += 1
             unique = p.IN_HEADER.unpack_from(request)[2]
             try:
-                return _scatter([p.error_reply(unique, errno.EIO)], writable)
+                return scatter([p.error_reply(unique, errno.EIO)], writable)
             except RingError:
                 return 0  # not even room for an error: the used length says so
 
