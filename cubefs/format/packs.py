@@ -211,9 +211,12 @@ class ChunkMap:
                     or (base < n and self._codec(base) == CODEC_DELTA):
                 raise CorruptDataError(f"{key}: bad delta record for chunk {idx}")
             self._deltas[idx] = base
-        for idx, (_n, _o, _s, codec) in enumerate(MAP_RECORD.iter_unpack(self._locs)):
-            if codec == CODEC_DELTA and idx not in self._deltas:
-                raise CorruptDataError(f"{key}: delta chunk {idx} names no base")
+        # Every codec-2 record has a delta record (those were checked to be codec 2, one
+        # per chunk): counted on the codec bytes alone, so a mount pays ~1 ms, not a loop.
+        if self._locs[MAP_RECORD.size - 1 :: MAP_RECORD.size].count(CODEC_DELTA) != len(self._deltas):
+            missing = next(i for i, (_n, _o, _s, c) in enumerate(MAP_RECORD.iter_unpack(self._locs))
+                           if c == CODEC_DELTA and i not in self._deltas)
+            raise CorruptDataError(f"{key}: delta chunk {missing} names no base")
 
     def _codec(self, idx: int) -> int:
         return MAP_RECORD.unpack_from(self._locs, idx * MAP_RECORD.size)[3]
