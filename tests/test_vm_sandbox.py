@@ -123,6 +123,13 @@ def test_a_running_vm_forks_into_three_that_diverge(vm_env: dict[str, str]) -> N
     names = ["parent"]
     try:
         vm(vm_env, "exec", "parent", "--", "sh", "-c", "echo parent > /root/log; touch /etc/machine-id")
+        # A process still running in the root: the fork is refused, and the VM keeps
+        # everything it had (its root, /proc in it).
+        vm(vm_env, "exec", "parent", "--", "sh", "-c", "cd /root; sleep 600 >/dev/null 2>&1 & echo $! > /root/pid")
+        busy = vm(vm_env, "fork", "parent", "--count", "3", check=False)
+        assert busy["code"] != 0 and "UMOUNT failed" in busy["err"] and "busy" in busy["err"], busy
+        assert vm(vm_env, "exec", "parent", "--", "sh", "-c", "kill $(cat /root/pid); ls /proc/self/status; "
+                  "cat /root/log")["out"].split() == ["/proc/self/status", "parent"]
         forks = vm(vm_env, "fork", "parent", "--count", "3", "--json")
         names += [f["name"] for f in forks]
         assert len(forks) == 3

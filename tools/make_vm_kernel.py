@@ -28,7 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-DEFAULT = "/var/tmp/cubefs-vm/kernel"
+DEFAULT = os.environ.get("CUBEFS_VM_KERNEL") or "/var/tmp/cubefs-vm/kernel"
 MODULES = ("virtio_ring", "virtio", "virtio_mmio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci",
            "fuse", "virtiofs", "virtio_console")
 
@@ -97,7 +97,7 @@ def make_kernel(path: Path) -> Path:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("path", nargs="?", default=os.environ.get("CUBEFS_VM_KERNEL", DEFAULT))
+    ap.add_argument("path", nargs="?", default=DEFAULT)
     args = ap.parse_args()
     print(make_kernel(Path(args.path)))
     return 0

@@ -49,21 +49,29 @@ do_mount() {
     sleep 0.1
   done
   grep -q ' /newroot virtiofs ' /proc/mounts || return 1
-  mount -t proc proc /newroot/proc 2>/dev/null
-  mount -t sysfs sys /newroot/sys 2>/dev/null
-  mount -t devtmpfs dev /newroot/dev 2>/dev/null
+  mount_extras
+  return 0
+}
+
+mount_extras() {  # what the root gets on top: proc, sys, dev, its machine-id
+  grep -q ' /newroot/proc ' /proc/mounts || mount -t proc proc /newroot/proc 2>/dev/null
+  grep -q ' /newroot/sys ' /proc/mounts || mount -t sysfs sys /newroot/sys 2>/dev/null
+  grep -q ' /newroot/dev ' /proc/mounts || mount -t devtmpfs dev /newroot/dev 2>/dev/null
   mkdir -p /run/cubefs
   [ -f /run/cubefs/machine-id ] && [ -f /newroot/etc/machine-id ] && \
+    ! grep -q ' /newroot/etc/machine-id ' /proc/mounts && \
     mount --bind /run/cubefs/machine-id /newroot/etc/machine-id 2>/dev/null
   return 0
 }
 
-do_umount() {
+do_umount() {  # all or nothing: a root still in use keeps everything it had
   sync
   for m in /newroot/etc/machine-id /newroot/dev /newroot/sys /newroot/proc; do
     grep -q " $m " /proc/mounts && umount "$m" 2>/dev/null
   done
-  umount /newroot 2>/tmp/uerr
+  umount /newroot 2>/tmp/uerr && return 0
+  mount_extras
+  return 1
 }
 
 exec 3<>"$port"
@@ -104,9 +112,7 @@ while read -r id op a b c <&3; do
       hostname "$b"
       mkdir -p /run/cubefs
       echo "$c" >/run/cubefs/machine-id
-      if grep -q ' /newroot virtiofs ' /proc/mounts && [ -f /newroot/etc/machine-id ]; then
-        grep -q ' /newroot/etc/machine-id ' /proc/mounts || mount --bind /run/cubefs/machine-id /newroot/etc/machine-id
-      fi
+      grep -q ' /newroot virtiofs ' /proc/mounts && mount_extras
       echo "$id OK" >&3 ;;
     POWEROFF)
       echo "$id OK" >&3
