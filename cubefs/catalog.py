@@ -24,8 +24,9 @@ async def load_manifest(store: Store, ref: str) -> Manifest:
     return Manifest.decode(data, f"{name}:{tag}")
 
 
-async def list_manifests(store: Store) -> list[Manifest]:
-    keys = await store.list("manifests/")
+async def list_manifests(store: Store, name: str | None = None) -> list[Manifest]:
+    """Every manifest in the store, or only the tags of ``name``."""
+    keys = await store.list("manifests/" if name is None else manifest_key(name, ""))
     blobs = await asyncio.gather(*(store.get(k) for k in keys))
     return [Manifest.decode(b, ref_from_key(k)) for k, b in zip(keys, blobs)]
 

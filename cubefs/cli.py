@@ -97,13 +97,7 @@ def make_parser(plugins: bool = True) -> argparse.ArgumentParser:
     p.add_argument("src", help="a directory, or a tarball (.tar, .tar.gz, .tar.bz2, .tar.xz, .tar.zst)")
     p.add_argument("--tag", required=True, metavar="NAME:TAG", help="name of the image, e.g. debian:12")
     _store_args(p)
-    p.add_argument("--workers", type=int, default=0, help="hash/compress threads (default: one per core)")
-    p.add_argument("--level", type=int, default=1, choices=range(-7, 20), metavar="N",
-                   help="zstd level for new chunks, -7..19 (default 1; 3 stores ~2.5%% fewer bytes but compresses "
-                   "~40%% slower, which on 2 cores is most of a build's time)")
-    _delta_arg(p)
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.add_argument("--no-progress", action="store_true", help="no progress line even on a terminal")
+    _build_args(p)
 
     p = sub.add_parser("convert", help="turn an OCI or Docker image into a cubefs image",
                        description="Read an image's layers in order, with OCI semantics (whiteouts, opaque "
@@ -120,11 +114,7 @@ def make_parser(plugins: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--allow-devices", action="store_true",
                    help="keep the character and block device nodes layers contain (left out, with a warning, "
                    "by default: a runtime makes /dev)")
-    p.add_argument("--workers", type=int, default=0, help="hash/compress threads (default: one per core)")
-    p.add_argument("--level", type=int, default=1, choices=range(-7, 20), metavar="N", help="zstd level (default 1)")
-    _delta_arg(p)
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.add_argument("--no-progress", action="store_true", help="no progress line even on a terminal")
+    _build_args(p)
 
     p = sub.add_parser("export", help="write an image out as an OCI image layout",
                        description="Write NAME:TAG to the OCI image layout DIR (created, or added to) as one gzip "
@@ -276,11 +266,18 @@ def setup_logging(verbose: int, daemon: bool = False) -> None:
     logging.basicConfig(level=max(level, logging.DEBUG), format=fmt, stream=sys.stderr, force=True)
 
 
-def _delta_arg(p: argparse.ArgumentParser) -> None:
+def _build_args(p: argparse.ArgumentParser) -> None:
+    """What build and convert share: how new chunks are stored, how the result is shown."""
+    p.add_argument("--workers", type=int, default=0, help="hash/compress threads (default: one per core)")
+    p.add_argument("--level", type=int, default=1, choices=range(-7, 20), metavar="N",
+                   help="zstd level for new chunks, -7..19 (default 1; 3 stores ~2.5%% fewer bytes but compresses "
+                   "~40%% slower, which on 2 cores is most of a build's time)")
     p.add_argument("--delta-from", default="auto", metavar="NAME:TAG|auto|none",
                    help="store new chunks as zstd deltas against the same files in this image where that is "
                    "much smaller, so nodes that have it fetch only the difference (default auto: the image the "
                    "tag names now, else the newest tag of the same name; none: never)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress line even on a terminal")
 
 
 def _with_store(args: argparse.Namespace, fn: Any) -> Any:
@@ -670,14 +667,14 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    words = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything after "--" is a command line for a VM (cubefs vm run/exec), never ours.
+    ours, rest = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, None)
+    words = [a for a in ours if not a.startswith("-")]
     # Plugins are looked up only for a command cubefs does not have itself: a mount
     # must not pay for scanning entry points.
     parser = make_parser(plugins=not words or words[0] not in COMMANDS)
-    # Everything after "--" is a command line for a VM (cubefs vm run/exec), never ours.
-    argv = list(sys.argv[1:] if argv is None else argv)
-    rest = argv[argv.index("--") + 1:] if "--" in argv else None
-    args = parser.parse_args(argv if rest is None else argv[: argv.index("--")])
+    args = parser.parse_args(ours)
     if rest is not None and hasattr(args, "cmd"):
         args.cmd = rest
     if not args.command:

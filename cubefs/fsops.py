@@ -40,7 +40,7 @@ from cubefs.format.image import (
     F_XATTRS,
     Image,
 )
-from cubefs.format.packs import ChunkLocation, ChunkMap
+from cubefs.format.packs import ChunkLocation, ChunkMap, locate
 
 log = logging.getLogger(__name__)
 
@@ -176,12 +176,7 @@ class ImageFS:
         return [self._ref(i) for i in indices]
 
     def _ref(self, idx: int) -> ChunkLocation:
-        digest, plain = self.image.chunk(idx)
-        pack, off, slen, codec = self.chunkmap.get(idx)
-        base = self.chunkmap.base_of(idx)
-        if isinstance(base, int):
-            base = self._ref(base)  # stored whole (ChunkMap checks): no deeper
-        return ChunkLocation(digest, pack, off, slen, plain, codec, base)
+        return locate(self.image, self.chunkmap, idx)
 
     def _read_plan(self, ino: int, offset: int, size: int) -> tuple[int, list[tuple[int, int]], list[ChunkLocation]]:
         """(size clipped to EOF, overlapping extents, their chunk refs) of a read."""

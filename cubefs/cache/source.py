@@ -40,6 +40,7 @@ import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 import trio
@@ -196,7 +197,7 @@ class ChunkSource:
         opportunistically, merged into the same ranges; ``background`` refs in
         ranges of their own, so a reader never waits for their bytes."""
         pinned: list[bytes] = []
-        if any(r.base is not None for r in [*refs, *(ahead or ()), *(background or ())]):
+        if any(r.base is not None for r in chain(refs, ahead or (), background or ())):
             ahead, background = self._deltas_apart(ahead or [], background or [])
             pinned = await self._pin_bases(refs)
         try:

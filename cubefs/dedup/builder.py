@@ -100,7 +100,7 @@ async def delta_source(store: Store, loop: LoopThread, name: str, tag: str, delt
     if delta == "none":
         return None
     if delta == "auto":
-        same = [m for m in await list_manifests(store) if m.name == name]
+        same = await list_manifests(store, name)
         if not same:
             return None
         prev = next((m for m in same if m.tag == tag), None) or max(same, key=lambda m: m.created)

@@ -30,7 +30,7 @@ from cachetools import LRUCache
 from cubefs.cache.source import decode_chunk
 from cubefs.errors import CubefsError
 from cubefs.format.image import F_MODE, Image
-from cubefs.format.packs import ChunkLocation, ChunkMap, delta_dictionary, pack_key
+from cubefs.format.packs import ChunkLocation, ChunkMap, delta_dictionary, locate, pack_key
 from cubefs.remote.base import Store
 from cubefs.remote.loop import LoopThread
 
@@ -74,16 +74,8 @@ class DeltaBases:
         if ino is None:
             return None
         offs, idxs = self.image.extents(ino)
-        idx = idxs[max(bisect_right(offs, offset) - 1, 0)]
-        base = self.chunkmap.base_of(idx)  # a delta's own base is the next best thing
-        if isinstance(base, ChunkLocation):
-            return base
-        return self._location(idx if base is None else base)
-
-    def _location(self, idx: int) -> ChunkLocation:
-        digest, plain = self.image.chunk(idx)
-        pack, off, slen, codec = self.chunkmap.get(idx)
-        return ChunkLocation(digest, pack, off, slen, plain, codec)
+        loc = locate(self.image, self.chunkmap, idxs[max(bisect_right(offs, offset) - 1, 0)])
+        return loc.base or loc  # a delta's own base is the next best thing
 
     def plaintext(self, base: ChunkLocation) -> bytes | None:
         """The base's verified plaintext; None (logged) if the store cannot give it."""

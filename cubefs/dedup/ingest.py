@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import zstandard
 from pyfastcdc import FastCDC
@@ -327,8 +327,7 @@ class Ingest:
     def _seal(self, pack: _PackWriter) -> None:
         data = b"".join(pack.parts)
         name = pack_digest(data)
-        locs = [ChunkLocation(e.digest, name, e.offset, e.stored_len, e.plain_len, e.codec, e.base)
-                for e in pack.entries]
+        locs = [replace(e, pack=name) for e in pack.entries]
         self._upload_slots.acquire()
         fut = self.loop.submit(self._upload(name, data, locs))
 

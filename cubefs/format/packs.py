@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import msgpack
 import zstandard
 
 from cubefs.errors import CorruptDataError
-from cubefs.format.image import check_header, compress_blob, decompress_blob
+from cubefs.format.image import Image, check_header, compress_blob, decompress_blob
 
 PACK_HEADER = b"CUBEPK\x00\x01"
 CODEC_RAW = 0
@@ -106,7 +106,7 @@ def decode_index(blob: bytes, key: str) -> list[ChunkLocation]:
     for i, base in INDEX_BASE.iter_unpack(bases):
         if i >= len(out) or out[i].codec != CODEC_DELTA:
             raise CorruptDataError(f"{key}: base record for entry {i}, which is not a delta")
-        out[i] = ChunkLocation(*_fields(out[i]), base=ChunkLocation(base, "", 0, 0, 0, CODEC_RAW))
+        out[i] = replace(out[i], base=ChunkLocation(base, "", 0, 0, 0, CODEC_RAW))
         named.add(i)
     for i, e in enumerate(out):
         if e.codec == CODEC_DELTA and i not in named:
@@ -119,10 +119,6 @@ def delta_dictionary(base: bytes) -> zstandard.ZstdCompressionDict:
     return zstandard.ZstdCompressionDict(base, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
 
 
-def _fields(loc: ChunkLocation) -> tuple[bytes, str, int, int, int, int]:
-    return loc.digest, loc.pack, loc.offset, loc.stored_len, loc.plain_len, loc.codec
-
-
 def resolve_bases(known: dict[bytes, ChunkLocation]) -> None:
     """Give the deltas of decoded pack indexes their bases' locations; a delta whose
     base the store does not hold (or holds only as a delta) is dropped from ``known``:
@@ -133,7 +129,7 @@ def resolve_bases(known: dict[bytes, ChunkLocation]) -> None:
             if base is None or base.codec == CODEC_DELTA:
                 del known[digest]
             else:
-                known[digest] = ChunkLocation(*_fields(loc), base=base)
+                known[digest] = replace(loc, base=base)
 
 
 def encode_chunkmap(image: str, locations: list[ChunkLocation]) -> bytes:
@@ -264,6 +260,16 @@ class ChunkMap:
 
     def stored_bytes(self) -> int:
         return sum(slen for _p, _o, slen in self.places())
+
+
+def locate(image: Image, chunkmap: ChunkMap, idx: int) -> ChunkLocation:
+    """Where chunk-table entry ``idx`` of ``image`` is, with its base if it is a delta."""
+    digest, plain = image.chunk(idx)
+    pack, off, slen, codec = chunkmap.get(idx)
+    base = chunkmap.base_of(idx)
+    if isinstance(base, int):
+        base = locate(image, chunkmap, base)  # stored whole (ChunkMap checks): no deeper
+    return ChunkLocation(digest, pack, off, slen, plain, codec, base)
 
 
 def pack_digest(data: bytes) -> str:
