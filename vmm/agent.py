@@ -13,11 +13,11 @@ from __future__ import annotations
 import base64
 import itertools
 import os
-import socket
 import time
 from dataclasses import dataclass
 
 from cubefs.errors import CubefsError
+from vmm.lines import LineSocket
 
 
 class AgentError(CubefsError):
@@ -48,24 +48,12 @@ class Agent:
     def __init__(self, path: str, label: str = "") -> None:
         self.path = path
         self.label = label or path
-        self.sock: socket.socket | None = None
-        self._buf = b""
+        self.chan: LineSocket | None = None
 
     def connect(self, timeout: float = 30.0) -> None:
         """Connect, and wait until the agent answers (the guest may still be booting)."""
         deadline = time.monotonic() + timeout
-        while True:
-            try:
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                sock.connect(self.path)
-                break
-            except OSError as err:
-                sock.close()
-                if time.monotonic() > deadline:
-                    raise AgentError(f"VM {self.label}: cannot connect to its agent socket {self.path}: "
-                                     f"{err.strerror}") from None
-                time.sleep(0.05)
-        self.sock = sock
+        self.chan = LineSocket(self.path, f"VM {self.label}: agent", timeout, AgentError)
         while True:  # a PING sent before the agent reads its port may wait there: ask again
             try:
                 self.request("PING", timeout=min(1.0, max(0.05, deadline - time.monotonic())))
@@ -75,9 +63,9 @@ class Agent:
                     raise AgentError(f"VM {self.label}: the guest agent did not answer in {timeout:.0f} s") from None
 
     def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
+        if self.chan is not None:
+            self.chan.close()
+            self.chan = None
 
     def __enter__(self) -> Agent:
         return self
@@ -88,13 +76,13 @@ class Agent:
     def request(self, op: str, *args: str, timeout: float | None = 60.0) -> list[str]:
         """Send one request; its reply's fields after ``OK``.  Raises AgentError on ERR,
         TimeoutError if no reply came in ``timeout`` seconds (None: wait forever)."""
-        if self.sock is None:
+        if self.chan is None:
             raise AgentError(f"VM {self.label}: not connected to the agent")
         rid = str(next(self._ids))
-        self.sock.sendall(" ".join([rid, op, *args]).encode() + b"\n")
+        self.chan.send(" ".join([rid, op, *args]).encode())
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            line = self._line(deadline)
+            line = self.chan.line(deadline).decode(errors="replace").strip("\r")
             fields = line.split(" ")
             if fields[0] != rid:
                 continue  # an answer nobody waits for any more
@@ -102,23 +90,6 @@ class Agent:
                 return fields[2:]
             why = _unb64(fields[2]).decode(errors="replace").strip() if len(fields) > 2 else line
             raise AgentError(f"VM {self.label}: {op} failed in the guest: {why or 'no reason given'}")
-
-    def _line(self, deadline: float | None) -> str:
-        assert self.sock is not None
-        while b"\n" not in self._buf:
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                raise TimeoutError
-            self.sock.settimeout(left)
-            try:
-                data = self.sock.recv(1 << 20)
-            except TimeoutError:
-                raise TimeoutError from None
-            if not data:
-                raise AgentError(f"VM {self.label}: the agent channel closed (the VM stopped?)")
-            self._buf += data
-        line, _, self._buf = self._buf.partition(b"\n")
-        return line.decode(errors="replace").strip("\r")
 
     # -- requests --------------------------------------------------------------
     def mount(self, read_only: bool) -> None:

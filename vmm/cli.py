@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -242,9 +244,6 @@ def cmd_vm(args: argparse.Namespace) -> int:
 
 
 def _copy(vm: Any, args: argparse.Namespace) -> int:
-    import os
-    import stat
-
     def remote(spec: str) -> tuple[str, str] | None:
         name, colon, path = spec.partition(":")
         return (name, path) if colon and path.startswith("/") and "/" not in name else None

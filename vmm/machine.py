@@ -180,8 +180,7 @@ class Machine:
         in a shared file stays there: x-ignore-shared), or ``with_ram``."""
         q = self.qmp
         q.execute("stop")
-        q.execute("migrate-set-capabilities",
-                  capabilities=[{"capability": "x-ignore-shared", "state": not with_ram}])
+        self._ignore_shared(not with_ram)
         q.execute("migrate", uri=f"exec:cat > {_quote(state)}")
         self._wait_migration(timeout, "saving")
 
@@ -189,8 +188,7 @@ class Machine:
         """Load a saved state (made with the same ``with_ram``) into this ``incoming``
         machine; the guest stays paused."""
         q = self.qmp
-        q.execute("migrate-set-capabilities",
-                  capabilities=[{"capability": "x-ignore-shared", "state": not with_ram}])
+        self._ignore_shared(not with_ram)
         q.execute("migrate-incoming", uri=f"exec:cat {_quote(state)}")
         deadline = time.monotonic() + timeout
         while q.execute("query-status").get("status") == "inmigrate":
@@ -207,6 +205,11 @@ class Machine:
         self.load(state, timeout=timeout)
         self.qmp.execute("cont")
 
+    def _ignore_shared(self, on: bool) -> None:
+        """x-ignore-shared: RAM in a shared file is not put in (or expected from) the stream.
+        Both ends of a save and its load must agree."""
+        self.qmp.execute("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": on}])
+
     def _wait_migration(self, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -220,26 +223,44 @@ class Machine:
         raise VmError(f"VM {self.dir.name}: {what} the VM state took over {timeout:.0f} s")
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Quit QEMU (SIGKILL if it does not go in ``timeout`` seconds)."""
-        if self._qmp is not None:
+        """Quit QEMU through its monitor, SIGKILL if it is not gone in ``timeout``
+        seconds; also for a QEMU another process started (``pid`` alone)."""
+        if self.pid and alive(self.pid):
             try:
-                self._qmp.execute("quit", timeout=5)
+                self.qmp.execute("quit", timeout=5)
             except (CubefsError, OSError, TimeoutError):
                 pass
+        if self._qmp is not None:
             self._qmp.close()
             self._qmp = None
-        if self.proc is not None:
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        elif self.pid:
+        if self.pid and not wait_gone(self.pid, timeout):
             kill_pid(self.pid)
+            wait_gone(self.pid, 5)
 
-    def wait(self, timeout: float | None = None) -> int:
-        assert self.proc is not None
-        return self.proc.wait(timeout=timeout)
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def wait_gone(pid: int, timeout: float) -> bool:
+    """Wait until ``pid`` has exited (reaping it if it is our child); False on timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return True
+        except ChildProcessError:
+            pass
+        if not alive(pid):
+            return True
+        time.sleep(0.02)
+    return False
 
 
 def kill_pid(pid: int) -> None:

@@ -12,17 +12,13 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmm.agent import Agent
+from vmm.agent import Agent, CommandResult
 from vmm.machine import Machine, MachineSpec, Ram
 
 
 @dataclass
-class RunResult:
-    exit_code: int
-    stdout: bytes
-    stderr: bytes
-    seconds: float  # the command alone
-    console: str
+class RunResult(CommandResult):
+    console: str = ""
 
 
 def run_once(kernel_dir: Path, fs_socket: str, command: str, *, memory_mb: int = 512, accel: str = "tcg",

@@ -7,11 +7,11 @@ one (``wait_event``): migration completion, device removal.
 from __future__ import annotations
 
 import json
-import socket
 import time
 from typing import Any
 
 from cubefs.errors import CubefsError
+from vmm.lines import LineSocket
 
 
 class QmpError(CubefsError):
@@ -23,32 +23,18 @@ class Qmp:
         self.path = path
         self.label = label or path
         self.events: list[dict[str, Any]] = []
-        self._buf = b""
-        self.sock = self._connect(30.0)
+        self.chan = LineSocket(path, f"VM {self.label}: QEMU monitor", 30.0, QmpError)
         self._read(time.monotonic() + 30)  # the greeting
         self.execute("qmp_capabilities")
 
-    def _connect(self, timeout: float) -> socket.socket:
-        deadline = time.monotonic() + timeout
-        while True:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.connect(self.path)
-                return sock
-            except OSError as err:
-                sock.close()
-                if time.monotonic() > deadline:
-                    raise QmpError(f"VM {self.label}: no QEMU monitor at {self.path}: {err.strerror}") from None
-                time.sleep(0.02)
-
     def close(self) -> None:
-        self.sock.close()
+        self.chan.close()
 
     def execute(self, command: str, timeout: float = 60.0, **arguments: Any) -> Any:
         msg: dict[str, Any] = {"execute": command}
         if arguments:
             msg["arguments"] = arguments
-        self.sock.sendall(json.dumps(msg).encode() + b"\n")
+        self.chan.send(json.dumps(msg).encode())
         deadline = time.monotonic() + timeout
         while True:
             doc = self._read(deadline)
@@ -74,15 +60,5 @@ class Qmp:
                 self.events.append(doc)
 
     def _read(self, deadline: float) -> dict[str, Any]:
-        while b"\n" not in self._buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError
-            self.sock.settimeout(left)
-            data = self.sock.recv(65536)
-            if not data:
-                raise QmpError(f"VM {self.label}: QEMU's monitor closed (QEMU exited)")
-            self._buf += data
-        line, _, self._buf = self._buf.partition(b"\n")
-        doc: dict[str, Any] = json.loads(line)
+        doc: dict[str, Any] = json.loads(self.chan.line(deadline))
         return doc

@@ -47,7 +47,7 @@ from typing import Any
 from cubefs import control
 from cubefs.errors import CubefsError, NotFoundError, UsageError
 from vmm.agent import Agent, CommandResult
-from vmm.machine import Machine, MachineSpec, Ram, VmError, kill_pid
+from vmm.machine import Machine, MachineSpec, Ram, VmError, alive, kill_pid, wait_gone
 
 log = logging.getLogger(__name__)
 
@@ -118,32 +118,6 @@ def cubefs(*args: str) -> str:
     if res.returncode != 0:
         raise VmError(f"cubefs {args[0]} failed: {res.stderr.strip() or res.stdout.strip()}")
     return res.stdout
-
-
-def _wait_gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:  # our own child (QEMU we started): reap it
-                return True
-        except ChildProcessError:
-            pass
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.02)
-    return False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
 
 
 # -- templates ---------------------------------------------------------------------
@@ -257,7 +231,7 @@ class Vm:
 
     @property
     def alive(self) -> bool:
-        return bool(self.info.get("qemu_pid")) and _alive(int(self.info["qemu_pid"]))
+        return bool(self.info.get("qemu_pid")) and alive(int(self.info["qemu_pid"]))
 
     @property
     def fs_socket(self) -> Path:
@@ -366,16 +340,8 @@ class Vm:
 
     def destroy(self) -> None:
         """Stop QEMU (the root's daemon goes with it) and forget the VM."""
-        pid = int(self.info.get("qemu_pid", 0))
-        if pid and _alive(pid):
-            try:
-                m = self.machine()
-                m.qmp.execute("quit", timeout=5)
-            except (CubefsError, OSError, TimeoutError):
-                pass
-            if not _wait_gone(pid, 10):
-                kill_pid(pid)
-                _wait_gone(pid, 5)
+        if self.info.get("qemu_pid"):
+            self.machine().stop()
         self._stop_root()
         if self.info.get("owns_volume"):
             try:
@@ -391,12 +357,12 @@ class Vm:
             pid = int(control.read_registry(str(self.fs_socket)).get("pid", 0))
         except (CubefsError, OSError, ValueError):
             return
-        if pid and not _wait_gone(pid, 2):
+        if pid and not wait_gone(pid, 2):
             try:
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-            if not _wait_gone(pid, 30):
+            if not wait_gone(pid, 30):
                 kill_pid(pid)
         control.remove_registry(str(self.fs_socket))
 
