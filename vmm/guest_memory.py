@@ -108,11 +108,17 @@ class RemoteSpan(Span):
 IOV_MAX = 1024
 
 
+def _remote(spans: list[Span]) -> list[RemoteSpan]:
+    """``spans`` if all are in QEMU's address space (one call moves them all), else []."""
+    remote = [sp for sp in spans if isinstance(sp, RemoteSpan)]
+    return remote if remote and len(remote) == len(spans) <= IOV_MAX else []
+
+
 def gather(spans: list[Span]) -> bytes:
     """The bytes of ``spans`` in order: one process_vm_readv for spans in QEMU's
     address space (a descriptor chain is one request)."""
-    if spans and all(isinstance(sp, RemoteSpan) for sp in spans) and len(spans) <= IOV_MAX:
-        remote = [sp for sp in spans if isinstance(sp, RemoteSpan)]
+    remote = _remote(spans)
+    if remote:
         n = sum(sp.size for sp in remote)
         buf = ctypes.create_string_buffer(n)
         _vm_copy(_libc.process_vm_readv, remote[0].pid, ctypes.addressof(buf), n,
@@ -127,8 +133,8 @@ def scatter(parts: list[bytes | memoryview], spans: list[Span]) -> int:
     total = sum(len(memoryview(x).cast("B")) for x in parts)
     if total > sum(len(sp) for sp in spans):
         raise RingError("the reply does not fit the request's writable buffers")
-    if spans and all(isinstance(sp, RemoteSpan) for sp in spans) and len(spans) <= IOV_MAX:
-        remote = [sp for sp in spans if isinstance(sp, RemoteSpan)]
+    remote = _remote(spans)
+    if remote:
         data = b"".join(parts)
         targets, left = [], total
         for sp in remote:
