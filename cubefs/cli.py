@@ -159,6 +159,16 @@ def make_parser(plugins: bool = True) -> argparse.ArgumentParser:
     _store_args(p)
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("verify", help="check that every chunk of an image can be read back from its store",
+                       description="Check the image's records (manifest, metadata, chunk map, every chunk in its "
+                       "pack's index, every delta's base stored whole) and, unless --quick, read every chunk from "
+                       "the store and check its SHA-256. One line per problem; exit 4 if there is any.")
+    p.add_argument("refs", nargs="*", metavar="NAME:TAG")
+    p.add_argument("--all", action="store_true", help="every image in the store")
+    p.add_argument("--quick", action="store_true", help="records only: read no chunk")
+    _store_args(p)
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("mount", help="mount an image read-only, or a volume read-write, fetching data lazily",
                        description="Mount NAME:TAG at MOUNTPOINT, read-only, or (--volume NAME MOUNTPOINT) a volume "
                        "read-write. Only the image metadata is fetched up front; file data is fetched on first "
@@ -478,6 +488,25 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from cubefs.errors import EXIT_BAD_INPUT
+    from cubefs.verify import verify
+
+    if bool(args.refs) == args.all:
+        raise UsageError("usage: cubefs verify NAME:TAG..., or cubefs verify --all")
+    results = verify(args.refs, args.all, args.store, args.s3_endpoint, args.quick)
+    if args.json:
+        print(json.dumps([r.as_dict() | {"lines": r.lines(paths)} for r, paths in results], indent=1))
+    for report, paths in results:
+        if not args.json:
+            for line in report.lines(paths):
+                print(line)
+            what = "records" if args.quick else f"{report.chunks_read} chunks read ({size(report.bytes_read)})"
+            print(f"{report.ref}: {'ok' if not report.problems else f'{len(report.problems)} problems'}: "
+                  f"{report.chunks} chunks in {report.packs} packs, {what}, {report.seconds:.1f} s")
+    return EXIT_BAD_INPUT if any(r.problems for r, _p in results) else EXIT_OK
+
+
 def cmd_mount(args: argparse.Namespace) -> int:
     from cubefs import daemon
 
@@ -659,6 +688,7 @@ COMMANDS = {
     "gc": cmd_gc,
     "images": cmd_images,
     "inspect": cmd_inspect,
+    "verify": cmd_verify,
     "mount": cmd_mount,
     "umount": cmd_umount,
     "stats": cmd_stats,

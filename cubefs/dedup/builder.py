@@ -32,6 +32,7 @@ from cubefs.format.image import compress_blob, encode_image
 from cubefs.format.manifest import Manifest, manifest_key, parse_ref
 from cubefs.format.packs import (
     ChunkLocation,
+    ChunkMap,
     chunkmap_key,
     decode_index,
     encode_chunkmap,
@@ -42,6 +43,7 @@ from cubefs.remote import store_session
 from cubefs.remote.base import Store
 from cubefs.remote.loop import LoopThread
 from cubefs.store_gc import Lease
+from cubefs.verify import check_records
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +119,25 @@ async def delta_source(store: Store, loop: LoopThread, name: str, tag: str, delt
     return DeltaBases(store, loop, image, cmap, prev.ref)
 
 
+async def _check_readable(store: Store, ref: str, digest: str, chunkmap: bytes,
+                          locations: list[ChunkLocation]) -> None:
+    """Refuse to write an image a reader could not read back: the chunk map must
+    decode as a mount decodes it, and every chunk (and delta base) must be where the
+    store's pack indexes say, whole where it must be (cubefs/verify.py, the records
+    check).  Raised before the chunk map, the metadata and the tag are written, so
+    a refused build leaves only packs behind, which the next build reuses or gc
+    removes."""
+    try:
+        ChunkMap(chunkmap, digest, len(locations))
+        problems = await check_records(store, locations)
+    except CorruptDataError as err:
+        raise CorruptDataError(f"build of {ref} not tagged: its chunk map does not decode: {err}") from None
+    if problems:
+        first = problems[0]
+        raise CorruptDataError(f"build of {ref} not tagged: {len(problems)} chunks cannot be read back; first: "
+                               f"chunk {first.chunk}: {first.what}")
+
+
 async def _put_if_changed(store: Store, key: str, data: bytes) -> int:
     try:
         if await store.get(key) == data:
@@ -160,6 +181,8 @@ def _build(loop: LoopThread, store: Store, src: str, name: str, tag: str, t0: fl
            workers: int, level: int, scan: Any, config: dict[str, Any] | None,
            source: dict[str, Any] | None, bases: DeltaBases | None) -> BuildResult:
     known = loop.run(load_known_chunks(store))
+    if bases is not None:
+        bases.known = known  # a delta's base must be indexed, whole (delta.py)
     ingest = Ingest(store, loop, known, workers=workers, level=level, delta=bases)
     try:
         progress = tick or (lambda _f, _b: None)
@@ -174,8 +197,10 @@ def _build(loop: LoopThread, store: Store, src: str, name: str, tag: str, t0: fl
     tree = number_tree(root)
     raw, digest = encode_image(tree.inodes, tree.chunks, chunker_params())
     locations = [known[d] for d, _ in tree.chunks]
+    chunkmap = encode_chunkmap(digest, locations)
+    loop.run(_check_readable(store, f"{name}:{tag}", digest, chunkmap, locations))
     uploaded = ingest.stats.bytes_uploaded
-    uploaded += loop.run(_put_if_changed(store, chunkmap_key(digest), encode_chunkmap(digest, locations)))
+    uploaded += loop.run(_put_if_changed(store, chunkmap_key(digest), chunkmap))
     if not loop.run(store.exists(image_key(digest))):
         blob = compress_blob(raw)
         loop.run(store.put(image_key(digest), blob))

@@ -14,6 +14,14 @@ the same path with every run of digits treated alike (``numpy-1.26.3.dist-info``
 file, the chunk at the same offset.  A delta is kept only if it is clearly
 smaller than the chunk compressed alone, since reading it on a node without
 the base costs one more chunk.
+
+A base must be a chunk the store's pack indexes hold *whole* (``known``, the
+build's view of the indexes), never the new chunk itself: the previous
+version's chunk map may name a chunk whose index entry was lost (a damaged or
+hand-edited index), and that chunk, cut again by this build, is then *new*;
+taking it as its own base made an image whose chunk map says "delta of
+itself", which no reader can decode (issue 12).  Without a usable base the
+chunk is stored whole.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ from cachetools import LRUCache
 from cubefs.cache.source import decode_chunk
 from cubefs.errors import CubefsError
 from cubefs.format.image import F_MODE, Image
-from cubefs.format.packs import ChunkLocation, ChunkMap, delta_dictionary, locate, pack_key
+from cubefs.format.packs import CODEC_DELTA, ChunkLocation, ChunkMap, delta_dictionary, locate, pack_key
 from cubefs.remote.base import Store
 from cubefs.remote.loop import LoopThread
 
@@ -52,8 +60,12 @@ class DeltaBases:
     Used from the ingest's worker threads: lookups are read-only, the plaintext
     cache is locked, fetches run on the store's loop."""
 
-    def __init__(self, store: Store, loop: LoopThread, image: Image, chunkmap: ChunkMap, label: str) -> None:
+    def __init__(self, store: Store, loop: LoopThread, image: Image, chunkmap: ChunkMap, label: str,
+                 known: dict[bytes, ChunkLocation] | None = None) -> None:
         self.store = store
+        # The chunks the store's pack indexes hold (the build's ``known``, which only
+        # grows); a base must be one of them, stored whole.  None: not checked.
+        self.known = known
         self.loop = loop
         self.image = image
         self.chunkmap = chunkmap
@@ -69,13 +81,20 @@ class DeltaBases:
         self.used = 0
 
     def base_for(self, path: bytes, offset: int) -> ChunkLocation | None:
-        """The previous version's chunk for ``path`` at ``offset``, stored whole."""
+        """The previous version's chunk for ``path`` at ``offset``, stored whole, where
+        the store's pack indexes say it is; None if they do not hold it whole."""
         ino = self._files.get(path) or self._loose.get(_loose(path))
         if ino is None:
             return None
         offs, idxs = self.image.extents(ino)
         loc = locate(self.image, self.chunkmap, idxs[max(bisect_right(offs, offset) - 1, 0)])
-        return loc.base or loc  # a delta's own base is the next best thing
+        loc = loc.base or loc  # a delta's own base is the next best thing
+        if self.known is None:
+            return loc
+        indexed = self.known.get(loc.digest)
+        if indexed is None or indexed.codec == CODEC_DELTA:
+            return None
+        return indexed
 
     def plaintext(self, base: ChunkLocation) -> bytes | None:
         """The base's verified plaintext; None (logged) if the store cannot give it."""
@@ -97,14 +116,15 @@ class DeltaBases:
     def encode(self, data: bytes | memoryview, alone: int, path: bytes,
                offset: int) -> tuple[bytes, ChunkLocation] | None:
         """(delta, base) for a new chunk of ``path`` at ``offset`` that compresses to
-        ``alone`` bytes by itself, or None when no base makes it clearly smaller."""
+        ``alone`` bytes by itself, or None when no base makes it clearly smaller
+        (or the only base is the chunk itself)."""
         if alone < MIN_STORED:
             return None
         base = self.base_for(path, offset)
         if base is None:
             return None
         plain = self.plaintext(base)
-        if plain is None:
+        if plain is None or (len(plain) == len(data) and plain == data):
             return None
         delta = zstandard.ZstdCompressor(level=DELTA_LEVEL, dict_data=delta_dictionary(plain)).compress(data)
         if len(delta) > alone * KEEP_RATIO:
