@@ -1,0 +1,236 @@
+"""``cubefs sandbox ...``: the E2B-compatible sandbox service, its templates, and a client for people.
+
+Registered through the ``cubefs.commands`` entry point (pyproject.toml): cubefs
+never imports this package.  Imports of aiohttp and the service wait until a
+command runs, so building the parser stays cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from cubefs.cli_volume import volume_dir_arg
+from cubefs.errors import EXIT_OK, UsageError
+
+EPILOG = """\
+examples:
+  cubefs sandbox template create base --from debian:12       # an image as a sandbox template
+  cubefs sandbox template create code-interpreter-v1 --from debian:12 --code-interpreter
+  cubefs sandbox serve                                       # API :3000, proxy :3002, both loopback
+  export E2B_API_URL=http://127.0.0.1:3000 E2B_SANDBOX_URL=http://127.0.0.1:3002
+  export E2B_API_KEY=$(head -1 /var/lib/cubefs/sandbox/api-keys)
+  python3 -c 'from e2b import Sandbox; s = Sandbox.create(); print(s.commands.run("uname -a").stdout)'
+  cubefs sandbox create base --env FOO=bar                   # or from the shell
+  cubefs sandbox exec ID -- 'echo $FOO; id'
+  cubefs sandbox ls; cubefs sandbox logs ID; cubefs sandbox kill ID
+
+The stock E2B SDK drives the service unchanged: E2B_API_URL names the API, E2B_SANDBOX_URL the
+proxy, E2B_API_KEY one of the keys ($CUBEFS_SANDBOX_API_KEY, comma-separated, or the lines of
+--api-key-file; with neither, the service makes one in $CUBEFS_SANDBOX_DIR/api-keys, 0600).
+State (templates, one record per sandbox) lives in $CUBEFS_SANDBOX_DIR (default
+/var/lib/cubefs/sandbox); sandboxes outlive the service and a restarted one adopts them.
+"""
+
+
+def _kv(items: list[str], what: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise UsageError(f"{what} {item!r}: use KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def _client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--api", default=None, metavar="URL", help="the API (default $E2B_API_URL or "
+                   "http://127.0.0.1:3000)")
+    p.add_argument("--proxy", default=None, metavar="URL", help="the proxy (default $E2B_SANDBOX_URL or "
+                   "http://127.0.0.1:3002)")
+    p.add_argument("--api-key", default=None, help="default $E2B_API_KEY, else this node's key file")
+    p.add_argument("--json", action="store_true")
+
+
+def add_parsers(sub: Any, store_args: Any) -> None:
+    p = sub.add_parser("sandbox", help="E2B-compatible sandboxes: serve, templates, create, exec, kill",
+                       description="Sandboxes for agents: micro-VMs restored from a template, each with its own "
+                       "copy-on-write root, served to the stock E2B SDK (control-plane API + proxy + envd).",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s = p.add_subparsers(dest="sandbox_command", metavar="ACTION", required=True)
+
+    q = s.add_parser("serve", help="run the service (foreground): the API and the sandbox proxy")
+    q.add_argument("--api-listen", default="127.0.0.1:3000", metavar="HOST:PORT", help="the API (E2B_API_URL)")
+    q.add_argument("--proxy-listen", default="127.0.0.1:3002", metavar="HOST:PORT",
+                   help="the sandbox proxy (E2B_SANDBOX_URL)")
+    q.add_argument("--domain", default=None, help="sandbox domain: Host PORT-ID.DOMAIN routes too")
+    q.add_argument("--api-key-file", default=None, metavar="FILE", help="API keys, one a line (0600)")
+    q.add_argument("--kernel", default=None, metavar="DIR", help="guest kernel (default $CUBEFS_VM_KERNEL)")
+    q.add_argument("--cache-dir", default=None, help="the roots' disk cache (default: cubefs mount's)")
+    store_args(q)
+    volume_dir_arg(q)
+
+    q = s.add_parser("template", help="sandbox templates: create, ls, rm",
+                     description="A sandbox template is an image prepared for sandboxes (user 'user' with "
+                     "home /home/user and sudo, as E2B templates have), snapshotted as a volume every sandbox "
+                     "clones in O(1), plus a saved VM of its size every sandbox is restored from.")
+    q.add_argument("action", choices=("create", "ls", "rm"))
+    q.add_argument("name", nargs="?")
+    q.add_argument("--from", dest="image", metavar="NAME:TAG", help="the image (create)")
+    q.add_argument("--cpus", type=int, default=1)
+    q.add_argument("--memory", type=int, default=512, metavar="MB")
+    q.add_argument("--start-cmd", default=None, help="started (as root) in every new sandbox")
+    q.add_argument("--ready-port", type=int, default=None, help="a create waits until this port listens")
+    q.add_argument("--code-interpreter", action="store_true",
+                   help="install the code interpreter (/execute on port 49999) as the start command")
+    q.add_argument("--kernel", default=None, metavar="DIR")
+    q.add_argument("--cache-dir", default=None)
+    q.add_argument("--json", action="store_true")
+    store_args(q)
+    volume_dir_arg(q)
+
+    q = s.add_parser("ls", help="list sandboxes")
+    _client_args(q)
+    q = s.add_parser("create", help="create a sandbox; prints its id")
+    q.add_argument("template", nargs="?", default="base")
+    q.add_argument("--timeout", type=int, default=None, help="seconds to live (default 300)")
+    q.add_argument("--metadata", "-m", action="append", default=[], metavar="KEY=VALUE")
+    q.add_argument("--env", "-e", action="append", default=[], metavar="KEY=VALUE")
+    _client_args(q)
+    q = s.add_parser("exec", help="run a command (bash -l -c) in a sandbox, output as it comes")
+    q.add_argument("sandbox")
+    q.add_argument("--env", "-e", action="append", default=[], metavar="KEY=VALUE")
+    q.add_argument("--workdir", "-w", default=None)
+    q.add_argument("--user", default=None, help="default: user")
+    q.add_argument("cmd", nargs="*", metavar="-- CMD")
+    _client_args(q)
+    q = s.add_parser("logs", help="a sandbox's console log")
+    q.add_argument("sandbox")
+    _client_args(q)
+    q = s.add_parser("kill", help="kill sandboxes")
+    q.add_argument("sandboxes", nargs="*")
+    q.add_argument("--all", action="store_true")
+    _client_args(q)
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    action = args.sandbox_command
+    if action == "serve":
+        return _serve(args)
+    if action == "template":
+        return _template(args)
+    from sandbox.client import Client
+
+    client = Client(args.api, args.proxy, args.api_key)
+    if action == "ls":
+        items = client.call("GET", "/sandboxes")
+        if args.json:
+            print(json.dumps(items, indent=1))
+        elif not items:
+            print("no sandboxes")
+        for s in items if not args.json else []:
+            meta = ",".join(f"{k}={v}" for k, v in (s.get("metadata") or {}).items())
+            print(f"{s['sandboxID']:22} {s['templateID']:20} {s['state']:8} started {s['startedAt']}  "
+                  f"ends {s['endAt']}  {meta}")
+        return EXIT_OK
+    if action == "create":
+        body: dict[str, Any] = {"templateID": args.template, "metadata": _kv(args.metadata, "--metadata"),
+                                "envVars": _kv(args.env, "--env")}
+        if args.timeout is not None:
+            body["timeout"] = args.timeout
+        t0 = time.monotonic()
+        made = client.call("POST", "/v2/sandboxes", body)
+        if args.json:
+            print(json.dumps(made | {"seconds": round(time.monotonic() - t0, 3)}, indent=1))
+        else:
+            print(made["sandboxID"])
+        return EXIT_OK
+    if action == "exec":
+        if not args.cmd:
+            raise UsageError("usage: cubefs sandbox exec ID -- CMD")
+        return client.exec(args.sandbox, " ".join(args.cmd), _kv(args.env, "--env"), args.workdir, args.user)
+    if action == "logs":
+        for entry in client.call("GET", f"/sandboxes/{args.sandbox}/logs").get("logs", []):
+            print(entry["line"])
+        return EXIT_OK
+    ids = [s["sandboxID"] for s in client.call("GET", "/sandboxes")] if args.all else args.sandboxes
+    if not ids:
+        raise UsageError("usage: cubefs sandbox kill ID... | --all")
+    for sid in ids:
+        client.call("DELETE", f"/sandboxes/{sid}")
+        print(f"killed {sid}")
+    return EXIT_OK
+
+
+def _opts(args: argparse.Namespace) -> Any:
+    from sandbox.templates import StoreOptions
+
+    return StoreOptions(args.store, args.s3_endpoint, args.cache_dir, args.volume_dir)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from sandbox.config import ApiKeys
+    from sandbox.server import parse_listen, serve
+
+    keys = ApiKeys.load(args.api_key_file)
+    logging.getLogger("cubefs").setLevel(min(logging.getLogger("cubefs").getEffectiveLevel(), logging.INFO))
+    asyncio.run(serve(parse_listen(args.api_listen, 3000), parse_listen(args.proxy_listen, 3002), keys,
+                      _opts(args), args.domain, Path(args.kernel) if args.kernel else None))
+    return EXIT_OK
+
+
+def _template(args: argparse.Namespace) -> int:
+    from sandbox import templates
+
+    if args.action == "ls":
+        items = templates.SandboxTemplate.list()
+        if args.json:
+            from dataclasses import asdict
+
+            print(json.dumps([asdict(t) for t in items], indent=1))
+        elif not items:
+            print("no sandbox templates")
+        for t in items if not args.json else []:
+            print(f"{t.name:24} {t.image:24} {t.cpus} vCPU {t.memory_mb} MiB  "
+                  f"{'start: ' + t.start_cmd if t.start_cmd else ''}")
+        return EXIT_OK
+    if not args.name:
+        raise UsageError(f"usage: cubefs sandbox template {args.action} NAME")
+    if args.action == "rm":
+        from sandbox.config import state_dir
+
+        users = []
+        for p in (state_dir() / "sandboxes").glob("*.json"):
+            try:
+                if json.loads(p.read_text()).get("template") == args.name:
+                    users.append(p.stem)
+            except (OSError, ValueError):
+                continue
+        templates.remove(args.name, users)
+        print(f"removed sandbox template {args.name}")
+        return EXIT_OK
+    if not args.image:
+        raise UsageError("usage: cubefs sandbox template create NAME --from IMAGE")
+    print(f"making sandbox template {args.name} from {args.image} (the first of its size boots a VM: "
+          "seconds under TCG)...", file=sys.stderr, flush=True)
+    t = templates.create(args.name, args.image, _opts(args), cpus=args.cpus, memory_mb=args.memory,
+                         start_cmd=args.start_cmd, ready_port=args.ready_port,
+                         code_interpreter=args.code_interpreter, kernel=Path(args.kernel) if args.kernel else None)
+    if args.json:
+        from dataclasses import asdict
+
+        print(json.dumps(asdict(t), indent=1))
+    else:
+        print(f"sandbox template {t.name}: image {t.image}, VM template {t.vm_template}, volume {t.volume} "
+              f"({t.seconds:.1f} s)")
+    return EXIT_OK
+
+
+COMMANDS = {"sandbox": cmd_sandbox}

@@ -1,0 +1,382 @@
+"""The node's sandboxes: create, find, time out, kill, and adopt again after a restart.
+
+A sandbox is a micro-VM (``vmm.vm.Vm``, named ``sbx-ID``) restored from its
+template's VM template, whose root is its own O(1) clone of the template
+volume (``sbx-ID-0``), plus one agent channel (``vmm.channel``) that the envd
+data plane (``sandbox.envd``) multiplexes every request over.
+
+**State that survives the service.**  QEMU and the root's daemon run in
+sessions of their own, so a service that dies (even ``kill -9``) leaves its
+sandboxes running.  Each has ``STATE/sandboxes/ID.json`` (0600: it holds the
+access token), written before the VM is started (``state: creating``) and
+again once it runs.  A starting service reads them all: a running sandbox is
+adopted (a new agent session, its TTL as it was); one that was still being
+created, or whose VM is gone, is cleaned away (VM, daemon, volume, record).
+
+**Concurrency.**  All bookkeeping happens on the service's one asyncio loop;
+the blocking parts (QEMU start and restore, cubefs subprocesses) run in worker
+threads and touch nothing shared until they return.  A sandbox being killed is
+removed from the table first, so no request reaches it afterwards; a kill and
+the TTL reaper racing for one sandbox kill it once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import secrets
+import string
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cubefs.errors import CubefsError, NotFoundError, UsageError
+from sandbox import templates
+from sandbox.config import private_dir, state_dir, write_private
+from sandbox.templates import SandboxTemplate, StoreOptions
+from vmm import vm as vmm
+
+log = logging.getLogger("cubefs.sandbox")
+
+ID_ALPHABET = string.ascii_lowercase + string.digits
+DEFAULT_TIMEOUT = 300  # seconds; E2B's documented default
+MAX_TIMEOUT = 24 * 3600
+READY_PORT_WAIT = 60.0  # a template's server must listen this soon after the sandbox starts
+
+
+def new_id() -> str:
+    """20 of [a-z0-9]: never a '-' (a Host of PORT-ID.DOMAIN splits on it)."""
+    return "i" + "".join(secrets.choice(ID_ALPHABET) for _ in range(19))
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass
+class SandboxRecord:
+    """What the service knows of one sandbox, and what a restarted service reads back."""
+
+    sandbox_id: str
+    template: str
+    vm: str
+    volume: str
+    access_token: str
+    started: float
+    end: float
+    cpus: int
+    memory_mb: int
+    metadata: dict[str, str] = field(default_factory=dict)
+    env_vars: dict[str, str] = field(default_factory=dict)
+    state: str = "creating"  # then "running"
+    start_pid: int = 0  # the template's start command in the guest, if any
+
+    @staticmethod
+    def path(sandbox_id: str) -> Path:
+        return state_dir() / "sandboxes" / f"{sandbox_id}.json"
+
+    def save(self) -> None:
+        write_private(private_dir(state_dir() / "sandboxes") / f"{self.sandbox_id}.json",
+                      json.dumps(asdict(self), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> SandboxRecord:
+        doc = json.loads(path.read_text())
+        return cls(**{k: v for k, v in doc.items() if k in cls.__dataclass_fields__})
+
+
+class Sandbox:
+    """A live sandbox: its record, its agent channel and its envd."""
+
+    def __init__(self, record: SandboxRecord) -> None:
+        self.record = record
+        self.channel: Any = None  # vmm.channel.AgentChannel
+        self.envd: Any = None  # sandbox.envd.Envd
+
+    @property
+    def id(self) -> str:
+        return self.record.sandbox_id
+
+    def detail(self, envd_version: str, domain: str | None) -> dict[str, Any]:
+        """The ``SandboxDetail``/``ListedSandbox`` of the E2B API (every required key)."""
+        r = self.record
+        return {"templateID": r.template, "sandboxID": r.sandbox_id, "clientID": "cubefs", "alias": r.template,
+                "startedAt": iso(r.started), "endAt": iso(r.end), "cpuCount": r.cpus, "memoryMB": r.memory_mb,
+                "diskSizeMB": 0, "state": "running", "envdVersion": envd_version, "metadata": r.metadata,
+                "envdAccessToken": r.access_token, "domain": domain}
+
+    def created(self, envd_version: str, domain: str | None) -> dict[str, Any]:
+        """The ``Sandbox`` of the E2B API (the create and connect responses)."""
+        r = self.record
+        return {"templateID": r.template, "sandboxID": r.sandbox_id, "clientID": "cubefs", "alias": r.template,
+                "envdVersion": envd_version, "envdAccessToken": r.access_token, "trafficAccessToken": None,
+                "domain": domain}
+
+
+class Counters:
+    def __init__(self) -> None:
+        self.created = 0
+        self.create_failed = 0
+        self.killed = 0
+        self.expired = 0
+        self.adopted = 0
+        self.create_seconds: list[float] = []  # the last 1000, for the quantiles in /metrics
+
+    def create_took(self, seconds: float) -> None:
+        self.create_seconds.append(seconds)
+        del self.create_seconds[:-1000]
+
+
+class SandboxService:
+    def __init__(self, opts: StoreOptions | None = None, domain: str | None = None,
+                 kernel: Path | None = None) -> None:
+        self.opts = opts or StoreOptions()
+        self.domain = domain
+        self.kernel = kernel
+        self.sandboxes: dict[str, Sandbox] = {}
+        self.creating: set[str] = set()
+        self.counters = Counters()
+        self._reaper: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    @property
+    def envd_version(self) -> str:
+        from sandbox.envd import Envd
+
+        return str(Envd.ENVD_VERSION)
+
+    # -- life of the service ---------------------------------------------------
+    async def start(self) -> None:
+        private_dir(state_dir() / "sandboxes")
+        await self.adopt()
+        self._reaper = asyncio.create_task(self._reap())
+
+    async def close(self) -> None:
+        """Stop serving; the sandboxes keep running for the next service to adopt."""
+        if self._reaper is not None:
+            self._reaper.cancel()
+        for sbx in list(self.sandboxes.values()):
+            await self._disconnect(sbx)
+
+    async def adopt(self) -> None:
+        for path in sorted((state_dir() / "sandboxes").glob("*.json")):
+            try:
+                record = SandboxRecord.load(path)
+            except (OSError, ValueError, TypeError) as err:
+                log.warning("sandbox record %s is unreadable (%s): removed", path, err)
+                path.unlink(missing_ok=True)
+                continue
+            sbx = Sandbox(record)
+            vm = vmm.Vm(record.vm)
+            if record.state != "running" or not vm.alive:
+                why = "was still being created" if record.state != "running" else "its VM is gone"
+                log.warning("sandbox %s %s when the service stopped: cleaned away", record.sandbox_id, why)
+                await asyncio.to_thread(self._destroy, record)
+                continue
+            try:
+                await self._connect(sbx, vm)
+            except (CubefsError, OSError) as err:
+                log.warning("sandbox %s: its agent does not answer (%s): killed", record.sandbox_id, err)
+                await asyncio.to_thread(self._destroy, record)
+                continue
+            self.sandboxes[record.sandbox_id] = sbx
+            self.counters.adopted += 1
+            log.info("sandbox %s adopted (template %s, VM %s, %.0f s left)", record.sandbox_id, record.template,
+                     record.vm, record.end - time.time())
+
+    # -- create ------------------------------------------------------------------
+    async def create(self, template_id: str, timeout: int | None = None, metadata: dict[str, str] | None = None,
+                     env_vars: dict[str, str] | None = None) -> Sandbox:
+        t0 = time.monotonic()
+        timeout = DEFAULT_TIMEOUT if timeout is None else timeout
+        check_timeout(timeout)
+        template = SandboxTemplate.load(template_id)
+        now = time.time()
+        sid = new_id()
+        record = SandboxRecord(sid, template.name, f"sbx-{sid}", f"sbx-{sid}-0", secrets.token_urlsafe(24), now,
+                               now + timeout, template.cpus, template.memory_mb, dict(metadata or {}),
+                               dict(env_vars or {}))
+        record.save()
+        self.creating.add(sid)
+        sbx = Sandbox(record)
+        try:
+            vm = await asyncio.to_thread(self._start_vm, template, record)
+            await self._connect(sbx, vm)
+            await self._start_command(sbx, template)
+            record.state = "running"
+            record.end = time.time() + timeout  # the TTL counts from when the sandbox is usable
+            record.save()
+        except BaseException as err:
+            self.counters.create_failed += 1
+            log.warning("sandbox %s (template %s): create failed: %s", sid, template.name, err)
+            await self._disconnect(sbx)
+            await asyncio.shield(asyncio.to_thread(self._destroy, record))
+            raise
+        finally:
+            self.creating.discard(sid)
+        self.sandboxes[sid] = sbx
+        took = time.monotonic() - t0
+        self.counters.created += 1
+        self.counters.create_took(took)
+        log.info("sandbox %s created from template %s in %.3f s (VM %s, volume %s, timeout %d s)", sid,
+                 template.name, took, record.vm, record.volume, timeout)
+        return sbx
+
+    def _start_vm(self, template: SandboxTemplate, record: SandboxRecord) -> vmm.Vm:
+        opts = template.store_options
+        templates.cubefs("clone", f"{template.volume}@{templates.READY}", "--count", "1", "--prefix",
+                         f"sbx-{record.sandbox_id}", *opts.args("--volume-dir"))
+        spec = vmm.Template.load(template.vm_template).spec
+        return vmm.Vm.start(record.vm, opts.root(record.volume), spec, template=template.vm_template)
+
+    async def _connect(self, sbx: Sandbox, vm: vmm.Vm) -> None:
+        from vmm.channel import AgentChannel
+
+        from sandbox.envd import Envd
+
+        r = sbx.record
+        sbx.channel = await AgentChannel.connect(str(vm.dir / "agent.sock"), f"sandbox {r.sandbox_id}", timeout=30)
+        await sbx.channel.set_defaults(user="user", env=r.env_vars)
+        sbx.envd = Envd(sbx.channel, access_token=r.access_token)
+
+    async def _start_command(self, sbx: Sandbox, template: SandboxTemplate) -> None:
+        argv = templates.start_script(template)
+        if argv is None:
+            return
+        ch = sbx.channel
+        token = sbx.record.access_token.encode()
+
+        async def one() -> Any:
+            yield token
+
+        await ch.make_dir(str(Path(templates.TOKEN_PATH).parent), user="root")
+        await ch.write_file(templates.TOKEN_PATH, one(), user="root", mode=0o600)
+        proc = await ch.spawn(argv, user="root", cwd="/", tag="start-cmd")
+        sbx.record.start_pid = proc.pid
+        await proc.detach()
+        if template.ready_port:
+            await self._wait_port(sbx, template.ready_port)
+
+    async def _wait_port(self, sbx: Sandbox, port: int) -> None:
+        deadline = time.monotonic() + READY_PORT_WAIT
+        while True:
+            try:
+                _reader, writer = await sbx.channel.open_tcp(port)
+            except CubefsError:
+                if time.monotonic() > deadline:
+                    raise CubefsError(f"sandbox {sbx.id}: nothing listens on port {port} "
+                                      f"{READY_PORT_WAIT:.0f} s after start") from None
+                await asyncio.sleep(0.1)
+                continue
+            await writer.close()
+            return
+
+    # -- find, list, time out -----------------------------------------------------
+    def get(self, sandbox_id: str) -> Sandbox:
+        sbx = self.sandboxes.get(sandbox_id)
+        if sbx is None:
+            raise NotFoundError(f"sandbox {sandbox_id!r} not found")
+        return sbx
+
+    def list(self) -> list[Sandbox]:
+        return sorted(self.sandboxes.values(), key=lambda s: (s.record.started, s.id))
+
+    def set_timeout(self, sandbox_id: str, timeout: int) -> Sandbox:
+        """The TTL becomes now + timeout (it may shorten it), as E2B's API says."""
+        check_timeout(timeout)
+        sbx = self.get(sandbox_id)
+        sbx.record.end = time.time() + timeout
+        sbx.record.save()
+        return sbx
+
+    def extend(self, sandbox_id: str, timeout: int | None) -> Sandbox:
+        """``connect`` on a running sandbox: only ever lengthens its TTL."""
+        sbx = self.get(sandbox_id)
+        if timeout is not None:
+            check_timeout(timeout)
+            end = time.time() + timeout
+            if end > sbx.record.end:
+                sbx.record.end = end
+                sbx.record.save()
+        return sbx
+
+    async def _reap(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            now = time.time()
+            for sbx in [s for s in self.sandboxes.values() if s.record.end <= now]:
+                log.info("sandbox %s: its timeout passed: killed", sbx.id)
+                self.counters.expired += 1
+                self._spawn(self.kill(sbx.id))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- kill -------------------------------------------------------------------------
+    async def kill(self, sandbox_id: str) -> bool:
+        sbx = self.sandboxes.pop(sandbox_id, None)
+        if sbx is None:
+            return False
+        await self._disconnect(sbx)
+        await asyncio.shield(asyncio.to_thread(self._destroy, sbx.record))
+        self.counters.killed += 1
+        log.info("sandbox %s killed", sandbox_id)
+        return True
+
+    async def _disconnect(self, sbx: Sandbox) -> None:
+        for part in (sbx.envd, sbx.channel):
+            if part is not None:
+                try:
+                    await part.close()
+                except Exception as err:  # closing must never stop a kill
+                    log.debug("sandbox %s: closing %s: %s", sbx.id, type(part).__name__, err)
+        sbx.envd = sbx.channel = None
+
+    def _destroy(self, record: SandboxRecord) -> None:
+        """Everything a sandbox had, gone: QEMU, the root's daemon, the volume, the record."""
+        try:
+            vmm.Vm(record.vm).destroy()
+        except (CubefsError, OSError) as err:
+            log.warning("sandbox %s: removing VM %s: %s", record.sandbox_id, record.vm, err)
+        template_opts = _template_opts(record.template)
+        res = subprocess.run([sys.executable, "-m", "cubefs", "volume", "rm", record.volume,
+                              *template_opts.args("--volume-dir")], capture_output=True, text=True)
+        if res.returncode not in (0, 3):  # 3: never made
+            log.warning("sandbox %s: removing volume %s: %s", record.sandbox_id, record.volume, res.stderr.strip())
+        SandboxRecord.path(record.sandbox_id).unlink(missing_ok=True)
+
+    # -- metrics -------------------------------------------------------------------------
+    def metrics(self) -> str:
+        c = self.counters
+        lines = ["# TYPE cubefs_sandboxes gauge", f"cubefs_sandboxes {len(self.sandboxes)}",
+                 "# TYPE cubefs_sandboxes_creating gauge", f"cubefs_sandboxes_creating {len(self.creating)}"]
+        for name, value in (("created", c.created), ("create_failed", c.create_failed), ("killed", c.killed),
+                            ("expired", c.expired), ("adopted", c.adopted)):
+            lines += [f"# TYPE cubefs_sandbox_{name}_total counter", f"cubefs_sandbox_{name}_total {value}"]
+        if c.create_seconds:
+            xs = sorted(c.create_seconds)
+            lines.append("# TYPE cubefs_sandbox_create_seconds summary")
+            for q in (0.5, 0.95, 0.99):
+                value = xs[min(len(xs) - 1, int(q * len(xs)))]
+                lines.append(f'cubefs_sandbox_create_seconds{{quantile="{q}"}} {value:.4f}')
+        return "\n".join(lines) + "\n"
+
+
+def _template_opts(name: str) -> StoreOptions:
+    try:
+        return SandboxTemplate.load(name).store_options
+    except CubefsError:
+        return StoreOptions(volume_dir=os.environ.get("CUBEFS_VOLUME_DIR"))
+
+
+def check_timeout(timeout: int) -> None:
+    if not isinstance(timeout, int) or isinstance(timeout, bool) or not 0 <= timeout <= MAX_TIMEOUT:
+        raise UsageError(f"timeout must be a whole number of seconds from 0 to {MAX_TIMEOUT}, not {timeout!r}")
