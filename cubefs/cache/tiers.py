@@ -28,6 +28,14 @@ class TierStats:
         return dict(self.__dict__)
 
 
+@dataclass
+class DiskStats(TierStats):
+    """The disk tier's counters, and what keeps it healthy (see cubefs.cache.disk)."""
+
+    quarantined: int = 0  # damaged caches set aside (and a fresh one started) by this process
+    not_cached: int = 0  # verified chunks not stored: the free-space reserve was reached or the disk was full
+
+
 class MemoryTier:
     def __init__(self, max_bytes: int) -> None:
         self._lru: LRUCache[bytes, bytes] = LRUCache(maxsize=max_bytes, getsizeof=len)
