@@ -1,0 +1,269 @@
+"""The sandbox service as its users drive it: the stock E2B SDK (PyPI ``e2b``) pointed at
+``cubefs sandbox serve`` with ``E2B_API_URL`` / ``E2B_SANDBOX_URL``, sandboxes that are
+real micro-VMs (TCG here) restored from a template, each on its own volume.
+
+One service and one template for the module (a VM template boots once: ~10 s
+under TCG); each test makes its own sandboxes and kills them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import S3_ENV, free_ports, run_cubefs
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from make_vm_kernel import DEFAULT, make_kernel
+
+API_KEY = "e2b_cubefs_test_key_0123456789"
+
+
+class Node:
+    def __init__(self, env: dict[str, str], api: int, proxy: int) -> None:
+        self.env = env
+        self.api_port = api
+        self.proxy_port = proxy
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = Path(env["CUBEFS_SANDBOX_DIR"]) / "serve.log"
+
+    @property
+    def sdk_env(self) -> dict[str, str]:
+        return {"E2B_API_KEY": API_KEY, "E2B_API_URL": f"http://127.0.0.1:{self.api_port}",
+                "E2B_SANDBOX_URL": f"http://127.0.0.1:{self.proxy_port}"}
+
+    def start(self) -> None:
+        log = open(self.log, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "cubefs", "sandbox", "serve", "--api-listen",
+                                      f"127.0.0.1:{self.api_port}", "--proxy-listen",
+                                      f"127.0.0.1:{self.proxy_port}"],
+                                     env={**os.environ, **S3_ENV, **self.env}, stdout=log, stderr=log,
+                                     start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.api_port}/health", timeout=2).read()
+                return
+            except OSError:
+                assert self.proc.poll() is None, self.log.read_text()[-3000:]
+                time.sleep(0.2)
+        raise AssertionError("the sandbox service did not come up: " + self.log.read_text()[-3000:])
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(30)
+        self.proc = None
+
+    def api(self, method: str, path: str, body: object = None, key: str = API_KEY) -> tuple[int, object, dict]:  # type: ignore[type-arg]
+        req = urllib.request.Request(f"http://127.0.0.1:{self.api_port}{path}", method=method,
+                                     data=None if body is None else json.dumps(body).encode(),
+                                     headers={"X-API-KEY": key, "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as resp:
+                data = resp.read()
+                return resp.status, json.loads(data) if data else None, dict(resp.headers)
+        except urllib.error.HTTPError as err:
+            data = err.read()
+            return err.code, json.loads(data) if data else None, dict(err.headers)
+
+
+@pytest.fixture(scope="module")
+def node(rootfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+    base = tmp_path_factory.mktemp("sandboxes")
+    env = {"CUBEFS_VM_DIR": str(base / "vm"), "CUBEFS_TEMPLATE_DIR": str(base / "templates"),
+           "CUBEFS_VOLUME_DIR": str(base / "volumes"), "CUBEFS_STORE": f"file://{base / 'store'}",
+           "CUBEFS_CACHE_DIR": str(base / "cache"), "CUBEFS_VM_KERNEL": str(make_kernel(Path(DEFAULT))),
+           "CUBEFS_SANDBOX_DIR": str(base / "sandbox"), "CUBEFS_SANDBOX_API_KEY": API_KEY}
+    run_cubefs("build", str(rootfs), "--tag", "debian:12", env=env)
+    run_cubefs("sandbox", "template", "create", "base", "--from", "debian:12", env=env, timeout=600)
+    n = Node(env, *free_ports(2))
+    n.start()
+    old = {k: os.environ.get(k) for k in n.sdk_env}
+    os.environ.update(n.sdk_env)
+    yield n
+    n.stop()
+    run_cubefs("vm", "rm", "--all", env=env, check=False)
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def qemu_pids() -> set[int]:
+    out = subprocess.run(["pgrep", "-f", "qemu-system-x86_64 -name sbx-"], capture_output=True, text=True).stdout
+    return {int(p) for p in out.split()}
+
+
+def test_the_stock_sdk_creates_runs_writes_reads_and_kills(node: Node) -> None:
+    from e2b import Sandbox
+
+    t0 = time.monotonic()
+    sbx = Sandbox.create(envs={"GREETING": "hello"}, metadata={"owner": "test"}, timeout=120)
+    created = time.monotonic() - t0
+    try:
+        out: list[str] = []
+        res = sbx.commands.run("echo $GREETING from $(whoami) in $PWD; echo oops >&2; exit 0",
+                               on_stdout=out.append)
+        assert res.exit_code == 0
+        assert res.stdout == "hello from user in /home/user\n"
+        assert res.stderr == "oops\n"
+        assert "".join(out) == res.stdout
+        from e2b import CommandExitException
+
+        with pytest.raises(CommandExitException) as exc:
+            sbx.commands.run("exit 7")
+        assert exc.value.exit_code == 7
+
+        sbx.files.write("notes/hello.txt", "written through the SDK\n")
+        assert sbx.files.read("/home/user/notes/hello.txt") == "written through the SDK\n"
+        assert sbx.commands.run("cat ~/notes/hello.txt; stat -c %U ~/notes/hello.txt").stdout == \
+            "written through the SDK\nuser\n"
+        blob = os.urandom(3 << 20)
+        sbx.files.write("/tmp/blob.bin", blob)
+        assert sbx.files.read("/tmp/blob.bin", format="bytes") == blob
+
+        info = sbx.get_info()
+        assert info.metadata == {"owner": "test"} and info.template_id == "base"
+        assert sbx.is_running()
+    finally:
+        assert sbx.kill()
+    assert not sbx.is_running()  # the proxy answers 502 "The sandbox was not found"
+    assert sbx.sandbox_id not in [s.sandbox_id for s in Sandbox.list().next_items()]
+    print(f"create took {created:.2f} s")
+
+
+def test_background_commands_stdin_and_kill(node: Node) -> None:
+    from e2b import Sandbox
+
+    sbx = Sandbox.create(timeout=120)
+    try:
+        handle = sbx.commands.run("read line; echo got $line", background=True, stdin=True)
+        sbx.commands.send_stdin(handle.pid, "ping\n")
+        assert handle.wait().stdout == "got ping\n"
+        sleeper = sbx.commands.run("sleep 600", background=True)
+        assert sleeper.pid in [p.pid for p in sbx.commands.list()]
+        assert sbx.commands.kill(sleeper.pid)
+        assert sleeper.pid not in [p.pid for p in sbx.commands.list()]
+    finally:
+        sbx.kill()
+
+
+def test_two_sandboxes_see_neither_files_nor_processes_of_the_other(node: Node) -> None:
+    from e2b import Sandbox
+
+    a, b = Sandbox.create(timeout=120), Sandbox.create(timeout=120)
+    try:
+        a.files.write("/home/user/secret.txt", "a's")
+        assert not b.files.exists("/home/user/secret.txt")
+        a.commands.run("sleep 300", background=True)
+        assert "sleep 300" not in b.commands.run("ps ax -o args").stdout
+        assert a.commands.run("hostname").stdout != b.commands.run("hostname").stdout
+    finally:
+        a.kill()
+        b.kill()
+
+
+def test_list_with_metadata_pages_get_and_timeouts(node: Node) -> None:
+    from e2b import Sandbox, SandboxQuery
+
+    made = [Sandbox.create(metadata={"batch": "list-test", "n": str(i)}, timeout=120) for i in range(3)]
+    try:
+        found = Sandbox.list(query=SandboxQuery(metadata={"batch": "list-test"}), limit=2)
+        first = found.next_items()
+        assert len(first) == 2 and found.has_next
+        rest = found.next_items()
+        assert {s.sandbox_id for s in first + rest} == {s.sandbox_id for s in made}
+        one = Sandbox.list(query=SandboxQuery(metadata={"batch": "list-test", "n": "1"})).next_items()
+        assert [s.sandbox_id for s in one] == [made[1].sandbox_id]
+        # set_timeout shortens the TTL: the sandbox is gone once it passes
+        made[0].set_timeout(2)
+        deadline = time.monotonic() + 30
+        while made[0].is_running() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not made[0].is_running()
+        status, body, _ = node.api("GET", f"/sandboxes/{made[0].sandbox_id}")
+        assert status == 404 and body["code"] == 404
+    finally:
+        for s in made:
+            s.kill()
+
+
+def test_bad_requests_get_json_errors(node: Node) -> None:
+    status, body, _ = node.api("POST", "/v2/sandboxes", {"templateID": "base"}, key="wrong")
+    assert status == 401 and body["code"] == 401 and "API key" in body["message"]
+    status, body, _ = node.api("POST", "/v2/sandboxes", {"templateID": "no-such-template"})
+    assert status == 404 and "no-such-template" in body["message"]
+    status, body, _ = node.api("POST", "/v2/sandboxes", {"templateID": "base", "timeout": "soon"})
+    assert status == 400 and body["code"] == 400
+    req = urllib.request.Request(f"http://127.0.0.1:{node.api_port}/v2/sandboxes", method="POST", data=b"{nope",
+                                 headers={"X-API-KEY": API_KEY})
+    with pytest.raises(urllib.error.HTTPError) as exc:
+        urllib.request.urlopen(req, timeout=10)
+    assert exc.value.code == 400 and json.loads(exc.value.read())["code"] == 400
+    status, body, _ = node.api("DELETE", "/sandboxes/inosuchsandbox")
+    assert status == 404
+    # the proxy: an unknown sandbox is 502 "was not found" (the SDK's is_running reads that)
+    req = urllib.request.Request(f"http://127.0.0.1:{node.proxy_port}/health",
+                                 headers={"E2b-Sandbox-Id": "inosuchsandbox", "E2b-Sandbox-Port": "49983"})
+    with pytest.raises(urllib.error.HTTPError) as exc:
+        urllib.request.urlopen(req, timeout=10)
+    assert exc.value.code == 502 and "was not found" in json.loads(exc.value.read())["message"]
+
+
+def test_wrong_access_token_is_refused(node: Node) -> None:
+    from e2b import Sandbox
+
+    sbx = Sandbox.create(timeout=120)
+    try:
+        for token in ("", "not-the-token"):
+            req = urllib.request.Request(f"http://127.0.0.1:{node.proxy_port}/filesystem.Filesystem/Stat",
+                                         method="POST", data=b'{"path":"/etc"}',
+                                         headers={"E2b-Sandbox-Id": sbx.sandbox_id, "E2b-Sandbox-Port": "49983",
+                                                  "Content-Type": "application/json", "X-Access-Token": token})
+            with pytest.raises(urllib.error.HTTPError) as exc:
+                urllib.request.urlopen(req, timeout=10)
+            assert exc.value.code == 401
+    finally:
+        sbx.kill()
+
+
+def test_a_restarted_service_adopts_its_sandboxes(node: Node) -> None:
+    from e2b import Sandbox
+
+    sbx = Sandbox.create(timeout=300)
+    sbx.files.write("/home/user/kept.txt", "still here")
+    end_before = sbx.get_info().end_at
+    node.stop(signal.SIGKILL)
+    node.start()
+    try:
+        again = Sandbox.connect(sbx.sandbox_id)
+        assert again.files.read("/home/user/kept.txt") == "still here"
+        assert again.commands.run("echo alive").stdout == "alive\n"
+        assert abs((again.get_info().end_at - end_before).total_seconds()) < 1
+    finally:
+        sbx.kill()
+
+
+def test_kill_leaves_nothing_behind(node: Node) -> None:
+    from e2b import Sandbox
+
+    volumes_before = json.loads(run_cubefs("volume", "list", "--json", env=node.env).stdout)
+    qemu_before = qemu_pids()
+    for _ in range(5):
+        s = Sandbox.create(timeout=60)
+        s.commands.run("true")
+        s.kill()
+    assert qemu_pids() == qemu_before
+    assert json.loads(run_cubefs("volume", "list", "--json", env=node.env).stdout) == volumes_before
+    assert sorted(os.listdir(Path(node.env["CUBEFS_SANDBOX_DIR"]) / "sandboxes")) == []
+    assert not list(Path(node.env["CUBEFS_VM_DIR"]).glob("sbx-*"))
