@@ -210,3 +210,192 @@ def test_auth_token_signature_and_user():
     q = {"path": "/x", "signature": expired["signature"], "signature_expiration": str(expired["expiration"])}
     with pytest.raises(ConnectError, match="expired"):
         auth.check_files_access(Req({}, q), "tok", "write", "root")
+
+
+# -- a stand-in agent, for injecting faults the real one cannot be made to show on demand ------------
+
+
+class FakeAgentError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class FakeProcess:
+    def __init__(self, pid: int, events: list) -> None:
+        self.pid, self.tag, self._events, self.detached = pid, None, events, False
+
+    async def events(self):
+        for event in self._events:
+            if event == "hang":
+                await asyncio.sleep(3600)
+            yield event
+
+    async def detach(self) -> None:
+        self.detached = True
+
+
+class FakeAgent:
+    """Only what the fault tests touch: each method fails or answers as the test sets it up."""
+
+    def __init__(self) -> None:
+        self.fail: dict[str, FakeAgentError] = {}
+        self.procs: dict[int, FakeProcess] = {}
+        self.written = 0
+
+    def _check(self, op: str) -> None:
+        if op in self.fail:
+            raise self.fail[op]
+
+    async def spawn(self, argv, **kw):
+        self._check("spawn")
+        return self.procs[1]
+
+    async def attach(self, pid=None, tag=None):
+        self._check("attach")
+        if pid not in self.procs:
+            raise FakeAgentError("not_found", f"no process {pid}")
+        return self.procs[pid]
+
+    async def stat(self, path, user=None):
+        self._check("stat")
+        return {"name": "d", "path": "/home/user/d", "type": "dir", "size": 0, "mode": 0o1755,
+                "owner": "user", "group": "user", "mtime": 1.5, "symlink_target": None}
+
+    async def write_file(self, path, chunks, user=None, mode=0o644):
+        async for data in chunks:
+            self.written += len(data)
+        self._check("write_file")
+        return {"name": "f", "path": "/home/user/f", "type": "file"}
+
+    async def read_file_impl(self, path):
+        self._check("read_file")
+        yield b"x"
+
+    def read_file(self, path, user=None):
+        return self.read_file_impl(path)
+
+
+def _serve_fake(test, token: str | None = "tok"):
+    """Run ``test(client, agent)`` against Envd over a FakeAgent on an aiohttp test server."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from sandbox.envd import Envd
+
+    async def main():
+        agent = FakeAgent()
+        envd = Envd(agent, access_token=token)  # type: ignore[arg-type]
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", envd.handle)
+        async with TestClient(TestServer(app)) as client:
+            try:
+                await test(client, agent)
+            finally:
+                await envd.close()
+
+    asyncio.run(main())
+
+
+STREAM_HEADERS = {"Content-Type": "application/connect+json", "X-Access-Token": "tok"}
+
+
+async def _read_envelope(resp) -> tuple[int, dict]:
+    flags, length = struct.unpack(">BI", await resp.content.readexactly(5))
+    return flags, json.loads(await resp.content.readexactly(length))
+
+
+def test_start_stream_flushes_each_event_and_keeps_alive():
+    async def test(client, agent):
+        agent.procs[1] = FakeProcess(7, [("stdout", b"hi\n"), "hang"])
+        body = connect.envelope({"process": {"cmd": "/bin/bash", "args": ["-l", "-c", "x"]}})
+        headers = {**STREAM_HEADERS, "Keepalive-Ping-Interval": "0.1"}
+        async with client.post("/process.Process/Start", data=body, headers=headers) as resp:
+            assert resp.status == 200 and resp.headers["Content-Type"] == "application/connect+json"
+            # the process never ends, yet start and its output arrive at once, then keepalives
+            assert await asyncio.wait_for(_read_envelope(resp), 5) == (0, {"event": {"start": {"pid": 7}}})
+            assert await asyncio.wait_for(_read_envelope(resp), 5) == (0, {"event": {"data": {"stdout": "aGkK"}}})
+            assert await asyncio.wait_for(_read_envelope(resp), 5) == (0, {"event": {"keepalive": {}}})
+        # the client went away: the relay detaches, the process is left running
+        for _ in range(100):
+            if agent.procs[1].detached:
+                break
+            await asyncio.sleep(0.05)
+        assert agent.procs[1].detached
+
+    _serve_fake(test)
+
+
+def test_start_stream_end_deadline_and_spawn_error():
+    async def test(client, agent):
+        agent.procs[1] = FakeProcess(8, [("stderr", b"\xff"), ("end", 0, None)])
+        body = connect.envelope({"process": {"cmd": "/bin/true"}})
+        async with client.post("/process.Process/Start", data=body, headers=STREAM_HEADERS) as resp:
+            envelopes = connect.split_envelopes(await resp.read())
+        assert envelopes == [
+            (0, {"event": {"start": {"pid": 8}}}),
+            (0, {"event": {"data": {"stderr": "/w=="}}}),
+            (0, {"event": {"end": {"exited": True, "status": "exit status 0"}}}),
+            (2, {}),
+        ]
+        assert not agent.procs[1].detached
+        agent.procs[1] = FakeProcess(9, ["hang"])
+        headers = {**STREAM_HEADERS, "Connect-Timeout-Ms": "200"}
+        async with client.post("/process.Process/Start", data=body, headers=headers) as resp:
+            envelopes = connect.split_envelopes(await resp.read())
+        assert envelopes[-1][0] == 2 and envelopes[-1][1]["error"]["code"] == "deadline_exceeded"
+        assert agent.procs[1].detached
+        agent.fail["spawn"] = FakeAgentError("permission_denied", "user nobody2 does not exist")
+        async with client.post("/process.Process/Start", data=body, headers=STREAM_HEADERS) as resp:
+            assert resp.status == 200
+            assert connect.split_envelopes(await resp.read()) == [
+                (2, {"error": {"code": "permission_denied", "message": "user nobody2 does not exist"}})
+            ]
+        # Connect to a process that is not there: the trailer says not_found
+        body = connect.envelope({"process": {"pid": 12345}})
+        async with client.post("/process.Process/Connect", data=body, headers=STREAM_HEADERS) as resp:
+            assert connect.split_envelopes(await resp.read())[-1][1]["error"]["code"] == "not_found"
+
+    _serve_fake(test)
+
+
+def test_routes_auth_and_files_errors():
+    async def test(client, agent):
+        assert (await client.get("/health")).status == 204
+        assert (await client.post("/init", json={})).status == 403
+        assert (await client.get("/nope")).status == 404
+        r = await client.post("/filesystem.Filesystem/Stat", json={"path": "d"}, headers={"X-Access-Token": "bad"})
+        assert r.status == 401 and (await r.json())["code"] == "unauthenticated"
+        r = await client.post("/filesystem.Filesystem/Stat", json={"path": "d"}, headers={"X-Access-Token": "tok"})
+        assert r.status == 200
+        assert await r.json() == {"entry": {
+            "name": "d", "type": "FILE_TYPE_DIRECTORY", "path": "/home/user/d", "mode": 0o755,
+            "permissions": "dtrwxr-xr-x", "owner": "user", "group": "user",
+            "modifiedTime": "1970-01-01T00:00:01.5Z"}}
+        r = await client.get("/files", params={"path": "f"}, headers={"X-Access-Token": "bad"})
+        assert r.status == 401 and (await r.json())["code"] == 401
+        agent.fail["read_file"] = FakeAgentError("not_found", "/home/user/f: no such file")
+        r = await client.get("/files", params={"path": "f"}, headers={"X-Access-Token": "tok"})
+        assert r.status == 404 and await r.json() == {"code": 404, "message": "/home/user/f: no such file"}
+        agent.fail["read_file"] = FakeAgentError("failed_precondition", "/home/user: is a directory")
+        r = await client.get("/files", params={"path": "/home/user"}, headers={"X-Access-Token": "tok"})
+        assert r.status == 400
+        r = await client.get("/files", params={"path": "f"},
+                             headers={"X-Access-Token": "tok", "Accept-Encoding": "br, identity;q=0"})
+        assert r.status == 406
+        # an upload that fills the disk: 507, what the SDK turns into NotEnoughSpaceException
+        agent.fail["write_file"] = FakeAgentError("resource_exhausted", "/home/user/f: no space left on device")
+        r = await client.post("/files", params={"path": "f"}, data=b"x" * 1000,
+                              headers={"X-Access-Token": "tok", "Content-Type": "application/octet-stream"})
+        assert r.status == 507 and "no space" in (await r.json())["message"]
+        del agent.fail["write_file"]
+        import gzip
+
+        agent.written = 0
+        r = await client.post("/files", params={"path": "f"}, data=gzip.compress(b"y" * 3_000_000),
+                              headers={"X-Access-Token": "tok", "Content-Type": "application/octet-stream",
+                                       "Content-Encoding": "gzip"})
+        assert r.status == 200 and await r.json() == [{"path": "/home/user/f", "name": "f", "type": "file"}]
+        assert agent.written == 3_000_000
+
+    _serve_fake(test)

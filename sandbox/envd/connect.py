@@ -289,7 +289,7 @@ def timestamp(seconds: float) -> str:
     nanos = round((seconds - whole) * 1e9)
     if nanos >= 1_000_000_000:
         whole, nanos = whole + 1, nanos - 1_000_000_000
-    text = datetime.datetime.fromtimestamp(whole, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    text = datetime.datetime.fromtimestamp(whole, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S")
     if nanos:
         text += f".{nanos:09d}".rstrip("0")
     return text + "Z"
