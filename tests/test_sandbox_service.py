@@ -267,3 +267,34 @@ def test_kill_leaves_nothing_behind(node: Node) -> None:
     assert json.loads(run_cubefs("volume", "list", "--json", env=node.env).stdout) == volumes_before
     assert sorted(os.listdir(Path(node.env["CUBEFS_SANDBOX_DIR"]) / "sandboxes")) == []
     assert not list(Path(node.env["CUBEFS_VM_DIR"]).glob("sbx-*"))
+
+
+OLD_SDK = "2.45.1"  # the last line that creates on POST /sandboxes (2.51 moved to /v2/sandboxes)
+
+
+@pytest.fixture(scope="module")
+def old_sdk() -> Path:
+    """e2b 2.45.1 in a directory of its own (the venv holds the current release)."""
+    target = Path(f"/var/tmp/cubefs-test/e2b-{OLD_SDK}")
+    if not (target / ".done").exists():
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--target", str(target), f"e2b=={OLD_SDK}"],
+                       check=True, capture_output=True)
+        (target / ".done").write_text(OLD_SDK + "\n")
+    return target
+
+
+def test_the_2_45_sdk_line_works_too(node: Node, old_sdk: Path) -> None:
+    script = """
+import json, e2b
+from e2b import Sandbox
+s = Sandbox.create(timeout=120, envs={"X": "old"})
+r = s.commands.run("echo $X sdk")
+s.files.write("a.txt", "via 2.45")
+print(json.dumps({"version": e2b.__version__ if hasattr(e2b, "__version__") else "",
+                  "out": r.stdout, "file": s.files.read("a.txt"), "killed": s.kill()}))
+"""
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(old_sdk), **node.sdk_env})
+    assert res.returncode == 0, res.stderr[-3000:]
+    doc = json.loads(res.stdout.strip().splitlines()[-1])
+    assert (doc["out"], doc["file"], doc["killed"]) == ("old sdk\n", "via 2.45", True)
