@@ -14,6 +14,7 @@ record pointing at nothing.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 
@@ -50,9 +51,14 @@ class DataFiles:
             fcntl.flock(self._fd(self._current), fcntl.LOCK_SH)
         start = self._end
         size = sum(len(b) for b in blocks)
-        n = os.pwritev(self._fd(self._current), blocks, start)
-        if n != size:
-            raise OSError(f"short write to {self.index.data_path(self._current)}")
+        try:
+            n = os.pwritev(self._fd(self._current), blocks, start)
+            if n != size:
+                _write_rest(self._fd(self._current), b"".join(blocks)[n:], start + n)
+        except OSError:
+            if not start:  # the transaction that named this file is aborted by the error: name one again
+                self._current = 0
+            raise
         self._end += size
         self._dirty.add(self._current)
         self.written_bytes += size
@@ -61,7 +67,7 @@ class DataFiles:
     def overwrite(self, loc: tuple[int, int], within: int, data: bytes | memoryview) -> None:
         n = os.pwrite(self._fd(loc[0]), data, loc[1] + within)
         if n != len(data):
-            raise OSError(f"short write to {self.index.data_path(loc[0])}")
+            _write_rest(self._fd(loc[0]), memoryview(data)[n:], loc[1] + within + n)
         self._dirty.add(loc[0])
         self.written_bytes += len(data)
 
@@ -89,3 +95,15 @@ class DataFiles:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+
+
+def _write_rest(fd: int, rest: bytes | memoryview, offset: int) -> None:
+    """Finish a short write.  A write comes up short when the disk fills in the middle
+    of it; writing the rest then fails with the reason (ENOSPC, EDQUOT, EFBIG), which
+    reaches the application as itself, not as an EIO for a "short write"."""
+    view = memoryview(rest)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        if n == 0:
+            raise OSError(errno.EIO, "a write made no progress")
+        view, offset = view[n:], offset + n
