@@ -31,10 +31,12 @@ import errno
 import logging
 import os
 import stat
+import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import lmdb
 from cachetools import LRUCache
 
 from cubefs.fsops import FsError
@@ -54,6 +56,33 @@ MAX_PAGES = 256  # reads and writes of up to 1 MiB per request
 MAX_WRITE = MAX_PAGES * 4096
 REQUEST_BUFFER = MAX_PAGES * 4096 + 4096  # what a transport must be able to receive
 MAX_READAHEAD = 4 * 1024 * 1024
+NAME_MAX = 255
+
+
+# Errors the application can act on, passed through as they are (a full disk is
+# not corruption: "cp" says "No space left on device", a database frees space or
+# fails over, a build cleans up): everything else that is not an FsError stays
+# EIO with a traceback in the log, since only a bug or a failing disk gets there.
+PASSED_ERRNOS = frozenset({
+    errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENAMETOOLONG, errno.EFBIG, errno.EMFILE, errno.ENFILE,
+    errno.ENOMEM, errno.EIO,
+})
+QUIET_SECONDS = 60.0  # one log line per errno and this long: a full disk fails every write
+
+
+def errno_of(err: BaseException) -> int | None:
+    """The errno that says what ``err`` means to the application, or None (unexpected)."""
+    if isinstance(err, FsError):
+        return err.errno
+    if isinstance(err, OSError) and err.errno in PASSED_ERRNOS:
+        return err.errno
+    if isinstance(err, lmdb.MapFullError):  # a volume index that reached its map: the volume is full
+        return errno.ENOSPC
+    if isinstance(err, lmdb.Error) and getattr(err, "code", 0) in PASSED_ERRNOS:  # LMDB's ENOSPC, EDQUOT...
+        return int(err.code)
+    if isinstance(err, MemoryError):
+        return errno.ENOMEM
+    return None
 
 
 def _encode_rdev(rdev: int) -> int:
@@ -77,6 +106,7 @@ class FuseServer:
         # An image never changes, so an inode's packed attributes are built once;
         # a READDIRPLUS would otherwise rebuild hundreds per request.
         self._attrs: LRUCache[int, bytes] = LRUCache(maxsize=65536)
+        self._said: dict[int, float] = {}  # errno -> when it was last logged (see QUIET_SECONDS)
         self._handlers: dict[int, Handler] = {
             p.INIT: self._init,
             p.DESTROY: self._destroy,
@@ -136,10 +166,22 @@ class FuseServer:
             out = handler(unique, nodeid, memoryview(request)[p.IN_HEADER.size :])
         except FsError as err:
             return p.error_reply(unique, err.errno)
-        except Exception:
-            log.exception("FUSE %s of inode %d failed; answering EIO", p.OPCODE_NAMES.get(opcode), nodeid)
-            return p.error_reply(unique, errno.EIO)
+        except Exception as err:
+            return p.error_reply(unique, self._failed(err, f"FUSE {p.OPCODE_NAMES.get(opcode)} of inode {nodeid}"))
         return out
+
+    def _failed(self, err: Exception, what: str) -> int:
+        """The errno to answer for ``err`` (not an FsError), logged: a traceback if it
+        was unexpected (then EIO), one line a minute per errno if it was not."""
+        code = errno_of(err)
+        if code is None:
+            log.exception("%s failed; answering EIO", what)
+            return errno.EIO
+        now = time.monotonic()
+        if now - self._said.get(code, -QUIET_SECONDS) >= QUIET_SECONDS:
+            self._said[code] = now
+            log.warning("%s failed: %s; answering %s (said once a minute)", what, err, errno.errorcode[code])
+        return code
 
     # -- replies ------------------------------------------------------------
 
@@ -198,8 +240,11 @@ class FuseServer:
         return p.reply(unique)
 
     def _lookup(self, unique: int, parent: int, body: memoryview) -> bytes:
+        name = p.cstring(body)
+        if len(name) > NAME_MAX:  # as a local filesystem answers (the kernel lets FUSE names reach 1024)
+            raise FsError(errno.ENAMETOOLONG)
         try:
-            return p.reply(unique, self._entry(self.fs.lookup_ino(parent, p.cstring(body))))
+            return p.reply(unique, self._entry(self.fs.lookup_ino(parent, name)))
         except FsError as err:
             if err.errno != errno.ENOENT:
                 raise
@@ -243,9 +288,8 @@ class FuseServer:
             parts = await self.fs.read(ino, offset, size)
         except FsError as err:
             return p.error_reply(unique, err.errno)
-        except Exception:
-            log.exception("FUSE read of inode %d [%d+%d] failed; answering EIO", ino, offset, size)
-            return p.error_reply(unique, errno.EIO)
+        except Exception as err:
+            return p.error_reply(unique, self._failed(err, f"FUSE read of inode {ino} [{offset}+{size}]"))
         return self._read_reply(unique, parts)
 
     def _listing(self, unique: int, ino: int, body: memoryview, plus: bool) -> bytes:
@@ -337,9 +381,8 @@ class FuseServer:
             return p.reply(unique, await work)
         except FsError as err:
             return p.error_reply(unique, err.errno)
-        except Exception:
-            log.exception("FUSE request %d failed; answering EIO", unique)
-            return p.error_reply(unique, errno.EIO)
+        except Exception as err:
+            return p.error_reply(unique, self._failed(err, f"FUSE request {unique}"))
 
     def _setattr(self, unique: int, ino: int, body: memoryview) -> Reply | Coroutine[Any, Any, Reply]:
         (valid, _pad, _fh, size, _lo, atime, mtime, _ctime, atimensec, mtimensec, _ctimensec, mode, _u4, uid, gid,
