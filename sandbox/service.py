@@ -98,6 +98,7 @@ class Sandbox:
         self.record = record
         self.channel: Any = None  # vmm.channel.AgentChannel
         self.envd: Any = None  # sandbox.envd.Envd
+        self.vm: vmm.Vm | None = None
 
     @property
     def id(self) -> str:
@@ -126,6 +127,7 @@ class Counters:
         self.killed = 0
         self.expired = 0
         self.adopted = 0
+        self.crashed = 0
         self.create_seconds: list[float] = []  # the last 1000, for the quantiles in /metrics
 
     def create_took(self, seconds: float) -> None:
@@ -241,6 +243,7 @@ class SandboxService:
         from sandbox.envd import Envd
 
         r = sbx.record
+        sbx.vm = vm
         sbx.channel = await AgentChannel.connect(str(vm.dir / "agent.sock"), f"sandbox {r.sandbox_id}", timeout=30)
         await sbx.channel.set_defaults(user="user", env=r.env_vars)
         sbx.envd = Envd(sbx.channel, access_token=r.access_token)
@@ -307,13 +310,22 @@ class SandboxService:
         return sbx
 
     async def _reap(self) -> None:
+        """Kill what outlived its TTL, and clean away sandboxes whose QEMU died (a crashed
+        guest or a kill from outside): they answer "not found" from then on."""
         while True:
             await asyncio.sleep(0.5)
             now = time.time()
-            for sbx in [s for s in self.sandboxes.values() if s.record.end <= now]:
-                log.info("sandbox %s: its timeout passed: killed", sbx.id)
-                self.counters.expired += 1
-                self._spawn(self.kill(sbx.id))
+            for sbx in list(self.sandboxes.values()):
+                if sbx.record.end <= now:
+                    log.info("sandbox %s: its timeout passed: killed", sbx.id)
+                    self.counters.expired += 1
+                elif sbx.vm is not None and not sbx.vm.alive:
+                    log.warning("sandbox %s: its VM %s is gone (QEMU exited): cleaned away", sbx.id, sbx.record.vm)
+                    self.counters.crashed += 1
+                else:
+                    continue
+                self.sandboxes.pop(sbx.id, None)
+                self._spawn(self._finish(sbx))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -325,11 +337,15 @@ class SandboxService:
         sbx = self.sandboxes.pop(sandbox_id, None)
         if sbx is None:
             return False
-        await self._disconnect(sbx)
-        await asyncio.shield(asyncio.to_thread(self._destroy, sbx.record))
+        await self._finish(sbx)
         self.counters.killed += 1
         log.info("sandbox %s killed", sandbox_id)
         return True
+
+    async def _finish(self, sbx: Sandbox) -> None:
+        """Tear down a sandbox already taken out of the table (no request reaches it)."""
+        await self._disconnect(sbx)
+        await asyncio.shield(asyncio.to_thread(self._destroy, sbx.record))
 
     async def _disconnect(self, sbx: Sandbox) -> None:
         for part in (sbx.envd, sbx.channel):
@@ -359,7 +375,7 @@ class SandboxService:
         lines = ["# TYPE cubefs_sandboxes gauge", f"cubefs_sandboxes {len(self.sandboxes)}",
                  "# TYPE cubefs_sandboxes_creating gauge", f"cubefs_sandboxes_creating {len(self.creating)}"]
         for name, value in (("created", c.created), ("create_failed", c.create_failed), ("killed", c.killed),
-                            ("expired", c.expired), ("adopted", c.adopted)):
+                            ("expired", c.expired), ("adopted", c.adopted), ("crashed", c.crashed)):
             lines += [f"# TYPE cubefs_sandbox_{name}_total counter", f"cubefs_sandbox_{name}_total {value}"]
         if c.create_seconds:
             xs = sorted(c.create_seconds)

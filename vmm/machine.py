@@ -239,6 +239,13 @@ class Machine:
 
 
 def alive(pid: int) -> bool:
+    """Whether ``pid`` runs; a child of ours that exited is reaped here (a zombie is not alive:
+    the sandbox service starts QEMU itself and must see it die)."""
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass
     try:
         os.kill(pid, 0)
         return True
