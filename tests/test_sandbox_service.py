@@ -298,3 +298,35 @@ print(json.dumps({"version": e2b.__version__ if hasattr(e2b, "__version__") else
     assert res.returncode == 0, res.stderr[-3000:]
     doc = json.loads(res.stdout.strip().splitlines()[-1])
     assert (doc["out"], doc["file"], doc["killed"]) == ("old sdk\n", "via 2.45", True)
+
+
+def test_a_service_killed_in_the_middle_of_creates_leaves_nothing_half_made(node: Node) -> None:
+    import threading
+
+    from e2b import Sandbox
+
+    volumes_before = json.loads(run_cubefs("volume", "list", "--json", env=node.env).stdout)
+    qemu_before = qemu_pids()
+
+    def try_create() -> None:
+        try:
+            Sandbox.create(timeout=120)
+        except Exception:
+            pass  # the service died under it
+
+    threads = [threading.Thread(target=try_create) for _ in range(6)]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)
+    node.stop(signal.SIGKILL)
+    for t in threads:
+        t.join(120)
+    node.start()
+    # What had finished is adopted and works; what was half made is gone.
+    alive = [s.sandbox_id for s in Sandbox.list().next_items()]
+    for sid in alive:
+        assert Sandbox.connect(sid).commands.run("echo ok").stdout == "ok\n"
+        Sandbox.kill(sid)
+    assert qemu_pids() == qemu_before
+    assert json.loads(run_cubefs("volume", "list", "--json", env=node.env).stdout) == volumes_before
+    assert sorted(os.listdir(Path(node.env["CUBEFS_SANDBOX_DIR"]) / "sandboxes")) == []
