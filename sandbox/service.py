@@ -41,6 +41,7 @@ from sandbox import templates
 from sandbox.config import private_dir, state_dir, write_private
 from sandbox.templates import SandboxTemplate, StoreOptions
 from vmm import vm as vmm
+from vmm.machine import kill_pid
 
 log = logging.getLogger("cubefs.sandbox")
 
@@ -362,6 +363,9 @@ class SandboxService:
             vmm.Vm(record.vm).destroy()
         except (CubefsError, OSError) as err:
             log.warning("sandbox %s: removing VM %s: %s", record.sandbox_id, record.vm, err)
+        for pid in _qemu_named(record.vm):  # started, but killed before vm.json named its pid
+            log.warning("sandbox %s: QEMU %d of VM %s had no record: killed", record.sandbox_id, pid, record.vm)
+            kill_pid(pid)
         template_opts = _template_opts(record.template)
         res = subprocess.run([sys.executable, "-m", "cubefs", "volume", "rm", record.volume,
                               *template_opts.args("--volume-dir")], capture_output=True, text=True)
@@ -384,6 +388,22 @@ class SandboxService:
                 value = xs[min(len(xs) - 1, int(q * len(xs)))]
                 lines.append(f'cubefs_sandbox_create_seconds{{quantile="{q}"}} {value:.4f}')
         return "\n".join(lines) + "\n"
+
+
+def _qemu_named(vm_name: str) -> list[int]:
+    """QEMU processes started for VM ``vm_name`` (``-name NAME`` on their command line)."""
+    needle = b"\0-name\0" + vm_name.encode() + b"\0"
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                    cmdline = f.read()
+            except OSError:
+                continue
+            if needle in cmdline and b"qemu-system" in cmdline.split(b"\0", 1)[0]:
+                found.append(int(entry.name))
+    return found
 
 
 def _template_opts(name: str) -> StoreOptions:
