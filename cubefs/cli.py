@@ -65,6 +65,16 @@ def _size_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _reserve_arg(text: str) -> str:
+    from cubefs.cache.disk import parse_reserve
+
+    try:
+        parse_reserve(text)
+    except CubefsError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
 def _plugins() -> list[Any]:
     """Command modules that other packages register under the ``cubefs.commands``
     entry point (``vm`` from vmm/): cubefs never imports what stands above it."""
@@ -183,6 +193,9 @@ def make_parser(plugins: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="disk cache directory (default: $CUBEFS_CACHE_DIR or "
                    "~/.cache/cubefs)")
     p.add_argument("--cache-size", type=_size_arg, default="10G", help="disk cache limit (default 10G; 0 disables)")
+    p.add_argument("--cache-reserve", type=_reserve_arg, default=None, metavar="SHARE|SIZE",
+                   help="free space the disk cache leaves its filesystem: it stops caching (never "
+                   "serving) there (default 5%%, or $CUBEFS_CACHE_RESERVE; e.g. 10%% or 2G)")
     p.add_argument("--memory-cache", type=_size_arg, default="256M", help="memory cache limit (default 256M)")
     p.add_argument("--readahead", type=_size_arg, default="4M",
                    help="bytes of a file fetched ahead of a read (default 4M)")
@@ -239,6 +252,9 @@ def make_parser(plugins: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="the node's disk cache (default: $CUBEFS_CACHE_DIR or "
                    "~/.cache/cubefs); give mounts the same one")
     p.add_argument("--cache-size", type=_size_arg, default="10G", help="disk cache limit (default 10G)")
+    p.add_argument("--cache-reserve", type=_reserve_arg, default=None, metavar="SHARE|SIZE",
+                   help="free space the disk cache leaves its filesystem: it stops caching (never "
+                   "serving) there (default 5%%, or $CUBEFS_CACHE_RESERVE; e.g. 10%% or 2G)")
     p.add_argument("--memory-cache", type=_size_arg, default="256M", help="memory cache limit (default 256M)")
 
     p = sub.add_parser("umount", help="unmount a cubefs mount and stop its daemon")
@@ -622,6 +638,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
             continue
         print(f"  {tier:8} {int(t['hits']):>8} {int(t['misses']):>8} {size(int(t['bytes'])):>11} "
               f"{int(t['requests']):>9} {int(t['errors']):>7}")
+    disk = stats["tiers"].get("disk", {})
+    if disk.get("quarantined") or disk.get("not_cached"):
+        print(f"  disk cache: {int(disk.get('quarantined', 0))} damaged caches set aside, "
+              f"{int(disk.get('not_cached', 0))} chunks not cached for lack of space")
     for address, p in sorted(stats.get("peers", {}).items()):
         state = "down" if p["down"] else "up"
         print(f"  peer {address}: {state}, {int(p['hits'])} chunks, {int(p['errors'])} errors "
@@ -645,21 +665,22 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
+    """Works on any cache, damaged or full: a damaged one is set aside as it is opened
+    (see cubefs/cache/disk.py) and the action applies to the fresh one."""
     from cubefs.cache.disk import DiskCache
 
     directory = os.path.abspath(args.cache_dir or default_cache_dir())
     if not os.path.isdir(os.path.join(directory, "chunks.lmdb")):
         raise NotFoundError(f"no disk cache in {directory}")
+    if args.action == "trim" and args.to is None:
+        raise UsageError("cache trim needs --to SIZE, e.g. --to 5G")
     cache = DiskCache(directory, max_bytes=1 << 62)  # the limit is each mount's; trimming uses --to
     try:
         freed = 0
         if args.action == "trim":
-            if args.to is None:
-                raise UsageError("cache trim needs --to SIZE, e.g. --to 5G")
             freed = cache.trim(args.to)
         elif args.action == "clear":
-            freed = cache.used_bytes
-            cache.clear()
+            freed = cache.clear()
         info = cache.info()
     finally:
         cache.close()
@@ -669,10 +690,18 @@ def cmd_cache(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=1))
         return EXIT_OK
+    if info["quarantined"]:
+        print(f"the disk cache was damaged: set aside and started afresh (see {directory}/quarantine.log)")
     if args.action != "stats":
         print(f"freed {size(freed)}")
     print(f"{info['path']}: {info['entries']} chunks, {size(int(info['used_bytes']))} "
           f"(file {size(int(info['file_bytes']))})")
+    if info["quarantined_bytes"]:
+        print(f"  {size(int(info['quarantined_bytes']))} in damaged caches set aside ('cubefs cache clear' "
+              "removes them)")
+    if int(info["free_bytes"]) < int(info["reserve_bytes"]):
+        print(f"  its filesystem has {size(int(info['free_bytes']))} free, under the reserve of "
+              f"{size(int(info['reserve_bytes']))}: mounts are not caching more")
     return EXIT_OK
 
 
@@ -705,6 +734,8 @@ def main(argv: list[str] | None = None) -> int:
     # must not pay for scanning entry points.
     parser = make_parser(plugins=not words or words[0] not in COMMANDS)
     args = parser.parse_args(ours)
+    if getattr(args, "cache_reserve", None):  # in the environment: a daemon the mount server forks gets it too
+        os.environ["CUBEFS_CACHE_RESERVE"] = args.cache_reserve
     if rest is not None and hasattr(args, "cmd"):
         args.cmd = rest
     if not args.command:
