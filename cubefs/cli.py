@@ -217,6 +217,7 @@ def make_parser(plugins: bool = True) -> argparse.ArgumentParser:
                    "included; each chunk is asked of the one peer that owns it")
     p.add_argument("--peer-timeout", type=float, default=3.0,
                    help="seconds a peer may take before its chunks are read from the store (default 3)")
+    _peer_secret_arg(p)
     p.add_argument("--record-trace", action="store_true",
                    help="note the order in which chunks are first read; 'cubefs trace push' stores it with the "
                    "image, and later mounts prefetch it")
@@ -245,7 +246,13 @@ def make_parser(plugins: bool = True) -> argparse.ArgumentParser:
                        "GET /metrics there gives Prometheus text.")
     p.add_argument("--socket", default=None, help="unix socket path (default: $CUBEFS_SERVER or "
                    "/run/cubefs/serve.sock)")
-    p.add_argument("--listen", metavar="HOST:PORT", default=None, help="serve chunks to peers on this address")
+    p.add_argument("--listen", metavar="HOST:PORT", default=None,
+                   help="serve chunks to peers on this address (a bare PORT: loopback only); requests must be "
+                   "signed with the cluster secret (--peer-secret)")
+    _peer_secret_arg(p)
+    p.add_argument("--print-metrics-token", action="store_true",
+                   help="print the bearer token that reads GET /metrics on --listen (for a Prometheus scraper, "
+                   "which must not hold the secret) and exit")
     p.add_argument("--idle-exit", type=float, default=None, metavar="SECONDS",
                    help="exit after this long without a mount request (default: never)")
     _store_args(p)
@@ -290,6 +297,13 @@ def setup_logging(verbose: int, daemon: bool = False) -> None:
     level = logging.WARNING - 10 * verbose if not daemon else (logging.DEBUG if verbose > 1 else logging.INFO)
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s" if daemon else "cubefs: %(message)s"
     logging.basicConfig(level=max(level, logging.DEBUG), format=fmt, stream=sys.stderr, force=True)
+
+
+def _peer_secret_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--peer-secret", default=None, metavar="FILE",
+                   help="the cluster secret peers sign requests and answers with, the same file (mode 0600) on "
+                   "every node (default: $CUBEFS_PEER_SECRET_FILE or ~/.config/cubefs/peer-secret, which "
+                   "'cubefs serve --listen' creates if missing)")
 
 
 def _build_args(p: argparse.ArgumentParser) -> None:
@@ -542,6 +556,12 @@ def cmd_mount(args: argparse.Namespace) -> int:
     elif os.path.ismount(mp):
         raise UsageError(f"{args.mountpoint} is already a mount point")
     cache_dir = os.path.abspath(args.cache_dir or default_cache_dir())
+    if args.peers:
+        from cubefs.cache.peers import SECRET_ENV, load_secret
+
+        if args.peer_secret:  # the daemon (forked here or by the mount server) reads it from there
+            os.environ[SECRET_ENV] = os.path.abspath(args.peer_secret)
+        load_secret()  # a missing or open secret is this command's one-line error
     if args.foreground:
         return daemon.serve_mount(args, mp, cache_dir, None)
     return daemon.start_mount(args, mp, cache_dir)
@@ -551,11 +571,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from cubefs import daemon
 
     socket_path = args.socket or daemon.default_server_socket()
+    if args.print_metrics_token:
+        from cubefs.cache.peers import load_secret, metrics_token
+
+        print(metrics_token(load_secret(args.peer_secret)))
+        return EXIT_OK
     if not args.listen:
         return daemon.run_mount_server(socket_path, args.idle_exit)
     import socket
 
+    from cubefs.cache.peers import load_secret
     from cubefs.node import parse_listen, run_node
+
+    secret = load_secret(args.peer_secret, create=True)
 
     try:
         host, port = parse_listen(args.listen)
@@ -572,7 +600,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if pid == 0:
         code = EXIT_ERROR
         try:
-            code = run_node(listener, cache_dir, args.cache_size, args.memory_cache, args.store, args.s3_endpoint)
+            code = run_node(listener, cache_dir, args.cache_size, args.memory_cache, args.store, args.s3_endpoint,
+                            secret)
         except CubefsError as err:
             print(f"cubefs: {err}", file=sys.stderr)
             code = err.exit_code
@@ -726,6 +755,9 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Everything cubefs writes (caches, volumes, a file:// store, traces, logs, sockets)
+    # holds image data or names it: private to this user, whatever the caller's umask.
+    os.umask(0o077)
     argv = list(sys.argv[1:] if argv is None else argv)
     # Everything after "--" is a command line for a VM (cubefs vm run/exec), never ours.
     ours, rest = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, None)

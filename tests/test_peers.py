@@ -19,7 +19,34 @@ from pathlib import Path
 from conftest import S3_ENV, S3Server, free_ports, mounted, run_cubefs
 
 from cubefs.cache.disk import StoredChunk
-from cubefs.cache.peers import decode_request, encode_response
+from cubefs.cache.peers import H_MAC, H_NONCE, decode_request, encode_response, response_mac, sign_request
+
+SECRET = b"0123456789abcdef0123456789abcdef-test"
+
+
+def secret_file(tmp_path: Path, secret: bytes = SECRET) -> str:
+    """The cluster secret every node and mount of a test shares (0600, as required)."""
+    path = tmp_path / "peer-secret"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, secret)
+        os.close(fd)
+    return str(path)
+
+
+def signed(port: int, method: str, path: str, body: bytes = b"", store: str = "", secret: bytes = SECRET,
+           auth: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    """One request to a node daemon, signed as a member of the cluster would."""
+    import http.client
+
+    auth = sign_request(secret, method, path, store, body) if auth is None else auth
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request(method, path, body, {"x-cubefs-store": store, **auth})
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -41,7 +68,7 @@ def node_daemon(tmp_path: Path, name: str, store: str, endpoint: str, port: int)
     proc = subprocess.Popen(
         [sys.executable, "-m", "cubefs", "serve", "--listen", f"127.0.0.1:{port}", "--socket",
          str(tmp_path / f"{name}.sock"), "--cache-dir", str(tmp_path / f"cache-{name}"), "--store", store,
-         "--s3-endpoint", endpoint],
+         *(["--s3-endpoint", endpoint] if endpoint else []), "--peer-secret", secret_file(tmp_path)],
         stdout=log, stderr=log, env={**os.environ, **S3_ENV}, start_new_session=True)
     try:
         deadline = time.monotonic() + 30
@@ -61,8 +88,9 @@ def node_daemon(tmp_path: Path, name: str, store: str, endpoint: str, port: int)
 
 
 def _node_stats(port: int) -> dict:  # type: ignore[type-arg]
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=5) as resp:
-        return json.loads(resp.read())
+    status, _h, body = signed(port, "GET", "/stats")
+    assert status == 200, status
+    return json.loads(body)
 
 
 def _run_workload(mnt: Path, files: dict[str, bytes]) -> None:
@@ -91,7 +119,7 @@ def test_three_nodes_read_each_chunk_from_the_store_about_once(s3: S3Server, tmp
         for i, name in enumerate(("n1", "n2", "n3")):
             mnt = tmp_path / f"mnt-{name}"
             with mounted("app:1", mnt, store, tmp_path / f"cache-{name}", "--peers", peers,
-                         s3_endpoint=s3.endpoint) as m:
+                         "--peer-secret", secret_file(tmp_path), s3_endpoint=s3.endpoint) as m:
                 _run_workload(mnt, files)
                 tiers = m.stats()["tiers"]
             mount_store_bytes += tiers["store"]["bytes"]
@@ -100,9 +128,13 @@ def test_three_nodes_read_each_chunk_from_the_store_about_once(s3: S3Server, tmp
             if i > 0:
                 assert tiers["store"]["requests"] == 0, (name, tiers)
         daemons = [_node_stats(p) for p in ports]
-        with urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/metrics", timeout=5) as resp:
+        token = run_cubefs("serve", "--print-metrics-token", "--peer-secret", secret_file(tmp_path)).stdout.strip()
+        request = urllib.request.Request(f"http://127.0.0.1:{ports[0]}/metrics",
+                                         headers={"authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request, timeout=5) as resp:
             metrics = resp.read().decode()
         assert 'cubefs_node_requests_total{role="node"' in metrics
+        assert 'cubefs_node_refused_bad_mac_total{role="node"' in metrics
         assert 'cubefs_cache_bytes{role="node",store="s3://peers",tier="disk"}' in metrics
     node_store_bytes = sum(d["tiers"]["store"]["bytes"] for d in daemons)
     total = mount_store_bytes + node_store_bytes
@@ -115,8 +147,9 @@ def test_three_nodes_read_each_chunk_from_the_store_about_once(s3: S3Server, tmp
 class _FakePeer:
     """Fault injection beside the real-daemon test: a peer that lies or stalls."""
 
-    def __init__(self, mode: str) -> None:
+    def __init__(self, mode: str, secret: bytes = SECRET) -> None:
         self.mode = mode
+        self.secret = secret
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(16)
@@ -142,18 +175,22 @@ class _FakePeer:
                         return
                     data += part
                 head, _, body = data.partition(b"\r\n\r\n")
-                lengths = [ln.split(b":")[1] for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length")]
-                length = int(lengths[0])
+                fields = dict(ln.decode().lower().split(": ", 1) for ln in head.split(b"\r\n")[1:])
+                length = int(fields["content-length"])
                 while len(body) < length:
                     body += conn.recv(65536)
                 self.requests += 1
                 if self.mode == "stall":
                     time.sleep(30)
                     return
-                refs = decode_request(body)  # well-formed answers, wrong bytes
+                # Well-formed answers, signed ("lie": a member of the cluster that sends wrong
+                # bytes; "forge": one without the secret, sending the right ones).
+                refs = decode_request(body)
                 payload = encode_response([(r.digest, StoredChunk(0, r.plain_len, os.urandom(r.plain_len)))
                                            for r in refs])
-                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(payload) + payload)
+                mac = response_mac(self.secret, fields[H_NONCE.lower()], 200, payload)
+                conn.sendall(f"HTTP/1.1 200 OK\r\ncontent-length: {len(payload)}\r\n{H_MAC}: {mac}\r\n\r\n"
+                             .encode() + payload)
 
     def close(self) -> None:
         self.sock.close()
@@ -164,11 +201,13 @@ def test_dead_stalled_and_lying_peers_cost_time_not_bytes(tmp_path: Path) -> Non
     store = f"file://{tmp_path / 'store'}"
     run_cubefs("build", str(tmp_path / "src"), "--tag", "app:1", "--store", store)
     dead = f"127.0.0.1:{free_ports(1)[0]}"
-    for label, peer in (("dead", None), ("stall", _FakePeer("stall")), ("lie", _FakePeer("lie"))):
+    fakes = (("dead", None), ("stall", _FakePeer("stall")), ("lie", _FakePeer("lie")),
+             ("forge", _FakePeer("forge", secret=b"not-the-cluster-secret-0123456789abcdef")))
+    for label, peer in fakes:
         address = peer.address if peer else dead
         t0 = time.monotonic()
         with mounted("app:1", tmp_path / f"mnt-{label}", store, tmp_path / f"cache-{label}", "--peers", address,
-                     "--peer-timeout", "1") as m:
+                     "--peer-timeout", "1", "--peer-secret", secret_file(tmp_path)) as m:
             _run_workload(tmp_path / f"mnt-{label}", files)
             stats = m.stats()
         elapsed = time.monotonic() - t0
@@ -178,6 +217,7 @@ def test_dead_stalled_and_lying_peers_cost_time_not_bytes(tmp_path: Path) -> Non
         if label == "lie":
             assert peers["lies"] > 0
         else:
+            assert peers["lies"] == 0  # a forged answer is refused whole, before its bytes are looked at
             assert peers["errors"] >= 1
             # Marked down after its first failure: one timeout, not one per read.
             assert elapsed < 20, elapsed
@@ -196,7 +236,7 @@ def test_a_peer_killed_mid_run(s3: S3Server, tmp_path: Path) -> None:
     port = free_ports(1)[0]
     with node_daemon(tmp_path, "victim", store, s3.endpoint, port) as proc, \
             mounted("app:1", tmp_path / "mnt", store, tmp_path / "cache", "--peers", f"127.0.0.1:{port}",
-                    "--peer-timeout", "2", s3_endpoint=s3.endpoint) as m:
+                    "--peer-timeout", "2", "--peer-secret", secret_file(tmp_path), s3_endpoint=s3.endpoint) as m:
         half = len(WORKLOAD) // 2
         for rel in WORKLOAD[:half]:
             assert (tmp_path / "mnt" / rel).read_bytes() == files[rel]
@@ -216,7 +256,7 @@ def test_a_taken_port_is_a_one_line_error(tmp_path: Path) -> None:
         port = taken.getsockname()[1]
         res = run_cubefs("serve", "--listen", f"127.0.0.1:{port}", "--socket", str(tmp_path / "s.sock"),
                          "--cache-dir", str(tmp_path / "cache"), "--store", f"file://{tmp_path / 'store'}",
-                         check=False, timeout=30)
+                         "--peer-secret", secret_file(tmp_path), check=False, timeout=30)
     assert res.returncode == 1, res.stderr
     assert res.stderr.strip() == f"cubefs: cannot listen on 127.0.0.1:{port}: Address already in use"
     res = run_cubefs("serve", "--listen", "nonsense", "--socket", str(tmp_path / "s.sock"), check=False, timeout=30)

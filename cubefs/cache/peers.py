@@ -11,6 +11,19 @@ owner answers from its disk cache or, on a miss, fetches the chunk from the
 store itself and keeps it, so a cluster reads each chunk from the store
 about once.
 
+Every request and every answer is authenticated with the cluster's shared
+secret (a file, mode 0600, the same on every node: ``--peer-secret``,
+``$CUBEFS_PEER_SECRET_FILE``, default ``~/.config/cubefs/peer-secret``, which
+``cubefs serve --listen`` creates): HMAC-SHA256 over the method, path, store
+URL, a timestamp, a random nonce and the body; the answer's MAC covers its
+status and body and the request's nonce, so an answer cannot be replayed for
+another request.  A server refuses a request whose MAC is wrong, whose
+timestamp is more than ``MAX_SKEW`` seconds off its clock, or whose nonce it
+has seen within that window (issue 12: an unauthenticated local user read
+``/etc/shadow``'s plaintext out of a node's cache by naming its SHA-256).  The
+MAC says "a member of the cluster", not "an honest one": a chunk's bytes are
+still checked against its SHA-256, as below.
+
 A peer is never trusted: every chunk it returns is decoded and its SHA-256
 checked like the store's; a chunk that fails is counted as a lie and read
 from the store.  A peer that refuses a connection, errs or does not answer
@@ -19,21 +32,30 @@ chunks read from the store, so a dead or slow peer costs a read at most
 ``timeout``.
 
 Wire protocol (docs/format.md, "Peer protocol"): ``POST /v1/chunks`` with the
-store's URL in ``x-cubefs-store`` and a body of request records; the answer
-is one response record per request, in order, each followed by its bytes.
+store's URL in ``x-cubefs-store``, ``x-cubefs-time``/``-nonce``/``-mac`` and a
+body of request records (at most ``MAX_CHUNKS``: a client splits); the answer
+is one response record per request, in order, each followed by its bytes, with
+its own ``x-cubefs-mac``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
+import os
+import secrets
+import stat
 import struct
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import xxhash
 
 from cubefs.cache.disk import StoredChunk
 from cubefs.cache.tiers import TierStats
+from cubefs.errors import BadInputError, NotFoundError, UsageError
 from cubefs.format.packs import ChunkLocation
 from cubefs.remote.http import HttpPool
 
@@ -43,8 +65,128 @@ PATH = "/v1/chunks"
 REQUEST = struct.Struct("<32s32sQIIB")  # digest, pack (binary), offset, stored_len, plain_len, codec
 RESPONSE = struct.Struct("<32sBBII")  # digest, status, codec, plain_len, data length; then the data
 OK, MISSING = 0, 1
-MAX_CHUNKS = 4096  # per request
+MAX_CHUNKS = 1024  # per request (a mount's read with its read-ahead asks for ~100)
 REGION = 512 * 1024  # bytes of a pack that share an owner
+
+SECRET_ENV = "CUBEFS_PEER_SECRET_FILE"
+MIN_SECRET = 32  # bytes
+MAX_SKEW = 60.0  # seconds a request's timestamp may be off the server's clock
+MAX_NONCES = 1 << 20  # nonces remembered (authenticated requests only); ~100 MB at worst
+_DOMAIN = b"cubefs-peer-1"
+H_TIME, H_NONCE, H_MAC = "x-cubefs-time", "x-cubefs-nonce", "x-cubefs-mac"
+
+
+def default_secret_path() -> str:
+    env = os.environ.get(SECRET_ENV)
+    if env:
+        return env
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(base, "cubefs", "peer-secret")
+
+
+def load_secret(path: str | None = None, create: bool = False) -> bytes:
+    """The cluster secret from ``path`` (default: :func:`default_secret_path`); with
+    ``create``, a new random one is written (0600, in a 0700 directory) if the file
+    does not exist.  A secret others can read is refused, as ssh refuses such keys."""
+    path = os.path.abspath(path or default_secret_path())
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        if not create:
+            raise NotFoundError(f"no peer secret at {path}: 'cubefs serve --listen' creates one; give every node "
+                                "the same file (mode 0600) with --peer-secret or $" + SECRET_ENV) from None
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except FileExistsError:  # another node daemon made it first
+            return load_secret(path)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32) + "\n")
+        return load_secret(path)
+    except OSError as err:
+        raise UsageError(f"cannot read the peer secret {path}: {err.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise UsageError(f"peer secret {path} is not a regular file")
+        if st.st_mode & 0o077:
+            raise UsageError(f"peer secret {path} is open to others (mode {stat.S_IMODE(st.st_mode):04o}): "
+                             f"chmod 600 {path}")
+        secret = f.read(4096).strip()
+    if len(secret) < MIN_SECRET:
+        raise BadInputError(f"peer secret {path} is too short: {len(secret)} bytes, want at least {MIN_SECRET}")
+    return secret
+
+
+def _mac(secret: bytes, *parts: bytes) -> str:
+    """HMAC-SHA256 of length-prefixed parts (no two messages share an encoding)."""
+    h = hmac.new(secret, _DOMAIN, hashlib.sha256)
+    for part in parts:
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+    return h.hexdigest()
+
+
+def request_mac(secret: bytes, method: str, path: str, store: str, when: str, nonce: str, body: bytes) -> str:
+    return _mac(secret, b"request", method.encode(), path.encode(), store.encode(), when.encode(), nonce.encode(),
+                body)
+
+
+def response_mac(secret: bytes, nonce: str, status: int, body: bytes) -> str:
+    return _mac(secret, b"response", nonce.encode(), str(status).encode(), body)
+
+
+def metrics_token(secret: bytes) -> str:
+    """A bearer token that reads ``/metrics`` only (for a Prometheus scraper, which
+    cannot sign requests and must not hold the secret)."""
+    return _mac(secret, b"metrics")
+
+
+def sign_request(secret: bytes, method: str, path: str, store: str, body: bytes) -> dict[str, str]:
+    """The authentication headers of one request."""
+    when, nonce = str(int(time.time())), secrets.token_hex(16)
+    return {H_TIME: when, H_NONCE: nonce, H_MAC: request_mac(secret, method, path, store, when, nonce, body)}
+
+
+def check_response(secret: bytes, nonce: str, status: int, headers: dict[str, str], body: bytes) -> None:
+    """Raise PeerProtocolError unless the answer carries the MAC for this request."""
+    mac = headers.get(H_MAC, "")
+    if not hmac.compare_digest(mac, response_mac(secret, nonce, status, body)):
+        if status in (401, 403) and not mac:
+            raise PeerProtocolError(f"refused our request (HTTP {status}): do all nodes have the same peer secret "
+                                    "and a clock within a minute?")
+        raise PeerProtocolError(f"answer with a wrong MAC (HTTP {status})")
+
+
+class RequestAuth:
+    """The server side: is a request from a member of the cluster, fresh, and new?"""
+
+    def __init__(self, secret: bytes, max_skew: float = MAX_SKEW, max_nonces: int = MAX_NONCES) -> None:
+        self.secret = secret
+        self.max_skew = max_skew
+        self.max_nonces = max_nonces
+        self._nonces: OrderedDict[str, float] = OrderedDict()  # nonce -> when it may be forgotten
+
+    def check(self, method: str, path: str, headers: dict[str, str], body: bytes) -> str | None:
+        """None if the request may be served, else why not: ``unauthenticated``
+        (no or malformed credentials), ``bad_mac``, ``stale`` or ``replayed``."""
+        when, nonce, mac = headers.get(H_TIME, ""), headers.get(H_NONCE, ""), headers.get(H_MAC, "")
+        if not (when.isdigit() and len(when) <= 12 and len(nonce) == 32 and len(mac) == 64):
+            return "unauthenticated"
+        want = request_mac(self.secret, method, path, headers.get("x-cubefs-store", ""), when, nonce, body)
+        if not hmac.compare_digest(mac, want):
+            return "bad_mac"
+        now = time.time()
+        if abs(now - int(when)) > self.max_skew:
+            return "stale"
+        while self._nonces and next(iter(self._nonces.values())) < now:
+            self._nonces.popitem(last=False)
+        if nonce in self._nonces or len(self._nonces) >= self.max_nonces:
+            return "replayed"
+        # Forgotten once its timestamp is stale anyway; insertion order is expiry order
+        # up to the skew, which only keeps a few entries a little longer.
+        self._nonces[nonce] = max(int(when) + self.max_skew, now) + 1
+        return None
 
 
 class PeerProtocolError(Exception):
@@ -116,7 +258,10 @@ class Peer:
 class PeerSet:
     """The peers of a mount; requests run on the store's asyncio loop thread."""
 
-    def __init__(self, addresses: list[str], store_url: str, timeout: float = 3.0, down_for: float = 10.0) -> None:
+    def __init__(self, addresses: list[str], store_url: str, timeout: float = 3.0, down_for: float = 10.0,
+                 secret: bytes | None = None) -> None:
+        """``secret``: the cluster secret (default: read from :func:`default_secret_path`)."""
+        self.secret = secret if secret is not None else load_secret()
         self.store_url = store_url
         self.timeout = timeout
         self.down_for = down_for
@@ -140,11 +285,21 @@ class PeerSet:
         """Ask ``peer`` for ``refs`` (asyncio side).  Raises on any failure."""
         import asyncio
 
+        batches = [refs[i : i + MAX_CHUNKS] for i in range(0, len(refs), MAX_CHUNKS)]
+        out: dict[bytes, StoredChunk] = {}
+        for got in await asyncio.wait_for(asyncio.gather(*(self._ask(peer, b) for b in batches)), self.timeout):
+            out.update(got)
+        return out
+
+    async def _ask(self, peer: Peer, refs: list[ChunkLocation]) -> dict[bytes, StoredChunk]:
+        body = encode_request(refs)
+        auth = sign_request(self.secret, "POST", PATH, self.store_url, body)
         headers = {"host": peer.pool.host_header, "x-cubefs-store": self.store_url,
-                   "content-type": "application/octet-stream"}
-        resp = await asyncio.wait_for(peer.pool.request("POST", PATH, headers, encode_request(refs)), self.timeout)
+                   "content-type": "application/octet-stream", **auth}
+        resp = await peer.pool.request("POST", PATH, headers, body)
+        check_response(self.secret, auth[H_NONCE], resp.status, resp.headers, resp.body)
         if resp.status != 200:
-            raise PeerProtocolError(f"HTTP {resp.status}: {resp.body[:200].decode(errors='replace').strip()}")
+            raise PeerProtocolError(f"HTTP {resp.status}")
         return decode_response(resp.body, refs)
 
     def stats(self) -> dict[str, dict[str, float]]:
