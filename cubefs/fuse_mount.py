@@ -29,7 +29,7 @@ from cubefs.cache.disk import DiskCache
 from cubefs.cache.peers import PeerSet
 from cubefs.cache.source import ChunkSource
 from cubefs.cache.tiers import MemoryTier
-from cubefs.catalog import load_for_mount, load_manifest
+from cubefs.catalog import load_cached
 from cubefs.errors import UsageError
 from cubefs.format.manifest import Manifest
 from cubefs.format.trace import encode_trace, trace_key
@@ -112,18 +112,21 @@ def _serve(
     ref = ""
     if store is not None and loop is not None:
         t0 = time.monotonic()
-        if index is None:
-            manifest = loop.run(load_manifest(store, opts.ref))
-        else:
+        wanted: str | Manifest = opts.ref
+        if index is not None:
             with index.read() as txn:
                 base = index.volume(txn, str(opts.volume).partition("@")[0]).base
             name, _, tag = base.ref.rpartition(":")
-            manifest = Manifest(name, tag, base.digest, "")
+            wanted = Manifest(name, tag, base.digest, "")
+        manifest, image, chunkmap, trace, offline = loop.run(load_cached(store, opts.cache_dir, wanted))
         ref = manifest.ref
-        image, chunkmap, trace = loop.run(load_for_mount(store, manifest))
+        if offline:
+            log.warning("store %s is unreachable: image %s mounted from the metadata kept in %s; chunks not in "
+                        "the disk cache fail with EIO until it is back", store.url, ref, opts.cache_dir)
         log.info(
             "image %s (sha256:%s): %d inodes, trace of %d chunks, metadata loaded in %.3fs from %s",
-            ref, image.digest[:12], len(image), len(trace), time.monotonic() - t0, store.url,
+            ref, image.digest[:12], len(image), len(trace), time.monotonic() - t0,
+            "the metadata cache" if offline else store.url,
         )
         memory = MemoryTier(opts.memory_cache)
         disk = _open_disk_cache(opts.cache_dir, opts.disk_cache)
@@ -165,7 +168,8 @@ def _serve(
             "trace_recorded": len(fs.trace) if fs.trace is not None else None,
         }
         if index is not None:
-            stats["volume"] = {"name": opts.volume, "written_bytes": fs.files.written_bytes}
+            stats["volume"] = {"name": opts.volume, "written_bytes": fs.files.written_bytes,
+                               "compaction": fs.compaction}
         return stats
 
     async def push_trace(_arg: str) -> dict[str, Any]:
@@ -191,9 +195,14 @@ def _serve(
         return {"volume": opts.volume, "snapshot": snap, "layer": layer, "invalidations": sent,
                 "seconds": took}
 
+    async def roll(_arg: str) -> dict[str, Any]:
+        """Stop appending to the current data file, so that 'cubefs volume gc' may compact it."""
+        return dict(fs.roll())
+
     actions["/trace/push"] = push_trace
     if index is not None and fs.writable:
         actions["/volume/rollback/"] = rollback
+        actions["/volume/roll"] = roll
     control.write_registry(
         mountpoint,
         {"mountpoint": mountpoint, "pid": os.getpid(), "image": ref or None, "volume": opts.volume,

@@ -59,6 +59,11 @@ log = logging.getLogger(__name__)
 
 INLINE_DECODE = 512 * 1024  # stored bytes of a fetched range decoded on the event loop itself
 DISK_BATCH_SECONDS = 0.05  # chunks to write to disk gather this long into one transaction
+# A reader that gave up on a chunk (its --read-timeout) marks it for this long: the
+# kernel retries a failed readahead at once with a 4 KiB read of the same chunk, and
+# without the mark that retry waited a second full timeout (measured: 2x --read-timeout
+# against a blackholed store).  Short, so a store that comes back is used again soon.
+GAVE_UP_SECONDS = 5.0
 
 
 class ChunkUnavailable(CubefsError):
@@ -157,6 +162,8 @@ class ChunkSource:
         self._background_requests = trio.Semaphore(background_requests)
         self._nursery: trio.Nursery | None = None
         self.prefetch_stats: dict[str, float] = {"chunks": 0, "done": 0, "seconds": 0.0}
+        # digest -> when a reader last gave up waiting for it (see GAVE_UP_SECONDS)
+        self._gave_up: LRUCache[bytes, float] = LRUCache(maxsize=4096)
 
     def start(self, nursery: trio.Nursery) -> None:
         """Background (read-ahead) fetches run in ``nursery``."""
@@ -244,6 +251,10 @@ class ChunkSource:
         waits: dict[bytes, _Flight] = {}
         mine: dict[bytes, tuple[ChunkLocation, _Flight]] = {}
         wanted = {r.digest for r in refs}
+        if self._gave_up:  # before any flight is made: a failure here must orphan none
+            for d in wanted:
+                if d in self._gave_up and d not in self._staged and self.memory.get(d) is None:
+                    self._fail_if_gave_up(d)
         for ref in [*refs, *(ahead or []), *(background or [])]:
             d = ref.digest
             if d in found or d in waits or d in mine:
@@ -270,13 +281,32 @@ class ChunkSource:
                 waits[d] = flight
         if mine:
             await self._load(mine, wanted, {r.digest for r in background or ()})
-        for flight in waits.values():
-            await flight.event.wait()
+        try:
+            for flight in waits.values():
+                await flight.event.wait()
+        except trio.Cancelled:  # the reader's deadline: remember which chunks it gave up on
+            now = time.monotonic()
+            for d, flight in waits.items():
+                if not flight.event.is_set():
+                    self._gave_up[d] = now
+            raise
         for d, flight in waits.items():
             if flight.data is None:
                 raise ChunkUnavailable(flight.error or f"chunk {d.hex()[:16]} unavailable")
             found[d] = flight.data
         return [found[r.digest] for r in refs]
+
+    def _fail_if_gave_up(self, digest: bytes) -> None:
+        """Fail at once a read of a chunk a reader gave up on moments ago and which is
+        still not here: one read's bound is its timeout, once, not once per retry."""
+        when = self._gave_up.get(digest)
+        if when is None:
+            return
+        ago = time.monotonic() - when
+        if ago >= GAVE_UP_SECONDS:
+            del self._gave_up[digest]
+            return
+        raise ChunkUnavailable(f"chunk {digest.hex()[:16]}: a read of it timed out {ago:.1f} s ago")
 
     def has(self, digest: bytes) -> bool:
         """In memory, staged or on its way there."""
@@ -380,6 +410,7 @@ class ChunkSource:
             return
         if data is not None:
             self.memory.put(digest, data)
+            self._gave_up.pop(digest, None)
         flight.data = data
         flight.error = error
         flight.event.set()
