@@ -643,7 +643,9 @@ class _NoSpace(Exception):
 
 
 def _is_no_space(err: lmdb.Error) -> bool:
-    return isinstance(err, lmdb.DiskError) or getattr(err, "code", 0) in (errno.ENOSPC, errno.EDQUOT)
+    """A full disk or quota (the C binding keeps only the message of an errno it has no class for)."""
+    return (isinstance(err, lmdb.DiskError) or getattr(err, "code", 0) in (errno.ENOSPC, errno.EDQUOT)
+            or str(err).endswith(os.strerror(errno.EDQUOT)))
 
 
 class _DirLock:

@@ -67,6 +67,7 @@ PASSED_ERRNOS = frozenset({
     errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENAMETOOLONG, errno.EFBIG, errno.EMFILE, errno.ENFILE,
     errno.ENOMEM, errno.EIO,
 })
+_BY_REASON = {os.strerror(code): code for code in PASSED_ERRNOS}
 QUIET_SECONDS = 60.0  # one log line per errno and this long: a full disk fails every write
 
 
@@ -76,12 +77,13 @@ def errno_of(err: BaseException) -> int | None:
         return err.errno
     if isinstance(err, OSError) and err.errno in PASSED_ERRNOS:
         return err.errno
-    if isinstance(err, lmdb.MapFullError):  # a volume index that reached its map: the volume is full
+    if isinstance(err, (lmdb.MapFullError, lmdb.DiskError)):  # a full disk, or a volume index that reached its map
         return errno.ENOSPC
-    if isinstance(err, lmdb.Error) and getattr(err, "code", 0) in PASSED_ERRNOS:  # LMDB's ENOSPC, EDQUOT...
-        return int(err.code)
-    if isinstance(err, MemoryError):
+    if isinstance(err, (MemoryError, lmdb.MemoryError)):
         return errno.ENOMEM
+    if isinstance(err, lmdb.Error):  # LMDB's own EDQUOT, EROFS...: the C binding keeps only the message
+        code = getattr(err, "code", 0)
+        return code if code in PASSED_ERRNOS else _BY_REASON.get(str(err).rsplit(": ", 1)[-1])
     return None
 
 
