@@ -12,12 +12,13 @@ import argparse
 import json
 import os
 import stat
+import sys
 import time
 from typing import Any
 from urllib.parse import quote
 
 from cubefs import control
-from cubefs.errors import EXIT_OK, UsageError
+from cubefs.errors import EXIT_OK, CubefsError, UsageError
 
 
 def default_volume_dir() -> str:
@@ -39,8 +40,10 @@ def add_parsers(sub: Any, store_args: Any) -> None:
                        description="A volume is a writable filesystem over an image: 'cubefs mount --volume NAME "
                        "MOUNTPOINT' mounts it read-write, fetching the image lazily; what is written stays local "
                        "(--volume-dir). 'create NAME --from NAME:TAG' (or with no --from: an empty volume), "
-                       "'list', 'rm NAME', 'gc': flatten long snapshot chains and delete layers and data files "
-                       "nothing refers to any more (safe while volumes are mounted).")
+                       "'list', 'rm NAME', 'gc': flatten long snapshot chains, delete layers and data files "
+                       "nothing refers to any more, drop what removed snapshots only held, and give back the "
+                       "space of dead blocks (holes punched, mostly-dead data files compacted); safe while "
+                       "volumes are mounted, whose daemons also do it in the background.")
     p.add_argument("action", choices=("create", "list", "rm", "gc"))
     p.add_argument("name", nargs="?", help="the volume (create, rm)")
     p.add_argument("--from", dest="image", metavar="NAME:TAG", help="create: the image it starts as")
@@ -129,17 +132,7 @@ def cmd_volume(args: argparse.Namespace) -> int:
                     print(f"{v.name:24} {v.base.ref if v.base else '(empty)':28} {_when(v.created_ns)}")
             return EXIT_OK
         if args.action == "gc":
-            from cubefs.cow.gc import collect
-            from cubefs.humanize import size
-
-            st = collect(index)
-            if args.json:
-                print(json.dumps(st.as_dict()))
-            else:
-                print(f"deleted {st.layers_deleted} layers ({st.records_deleted} records) and {st.files_deleted} "
-                      f"data files ({size(st.bytes_freed)}); flattened {st.chains_flattened} chains; "
-                      f"{size(st.live_bytes)} live, {size(st.dead_bytes_left)} dead in partly live files")
-            return EXIT_OK
+            return _gc(index, args)
         if not args.name:
             raise UsageError(f"cubefs volume {args.action} needs a volume name")
         if args.action == "rm":
@@ -159,6 +152,33 @@ def cmd_volume(args: argparse.Namespace) -> int:
         return EXIT_OK
     finally:
         index.close()
+
+
+def _gc(index: Any, args: argparse.Namespace) -> int:
+    """Collect; a mounted volume's daemon is first asked, over its control socket, to let go
+    of the data file it appends to, so that its dead blocks can be compacted too."""
+    from cubefs.cow.gc import collect
+    from cubefs.cow.lock import holder_of
+    from cubefs.humanize import size
+
+    for vol in index.volumes():
+        holder = holder_of(index, vol.name)
+        if holder and holder.get("mountpoint"):
+            try:
+                control.call(holder["mountpoint"], "/volume/roll", timeout=10)
+            except CubefsError as err:  # an older daemon, or one going away: its file stays as it is
+                print(f"note: {vol.name}'s daemon at {holder['mountpoint']} keeps its data file: {err}",
+                      file=sys.stderr)
+    st = collect(index)
+    if args.json:
+        print(json.dumps(st.as_dict()))
+    else:
+        print(f"reclaimed {size(st.bytes_reclaimed)}: deleted {st.layers_deleted} layers ({st.records_deleted} "
+              f"records), {st.blocks_pruned} blocks hidden above removed snapshots and {st.files_deleted} data "
+              f"files; punched {size(st.bytes_punched)} of dead blocks; compacted {st.files_compacted} files "
+              f"({size(st.bytes_copied)} copied); flattened {st.chains_flattened} chains; {size(st.live_bytes)} "
+              f"live, {size(st.dead_bytes_left)} not reclaimable yet")
+    return EXIT_OK
 
 
 def _create(index: Any, args: argparse.Namespace) -> Any:
@@ -190,8 +210,13 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     index = _index(args)
     try:
         if args.args[0] == "rm" and len(args.args) == 2:
+            from cubefs.cow.gc import prune
+
             volume, snap = _split(args.args[1])
             index.remove_snapshot(volume, snap)
+            with index.write() as txn:  # what the next layer up hides of it can go now
+                if prune(index, txn):
+                    index.bump_generation(txn)
             print(json.dumps({"removed": f"{volume}@{snap}"}) if args.json else f"removed snapshot {volume}@{snap}")
             return EXIT_OK
         if len(args.args) != 1:

@@ -36,8 +36,8 @@ from typing import Any
 import lmdb
 import trio
 
-from cubefs.cow.datafiles import DataFiles
-from cubefs.cow.gc import flatten
+from cubefs.cow.datafiles import BlockMoved, DataFiles
+from cubefs.cow.gc import COMPACT_AT, collect, flatten
 from cubefs.cow.index import Inode, VolumeIndex
 from cubefs.format.image import (
     F_ATIME,
@@ -66,6 +66,14 @@ FALLOC_FL_PUNCH_HOLE = 2
 # setattr "valid" bits (linux/fuse.h FATTR_*)
 SET_MODE, SET_UID, SET_GID, SET_SIZE, SET_ATIME, SET_MTIME = 1, 2, 4, 8, 16, 32
 SET_ATIME_NOW, SET_MTIME_NOW, SET_CTIME = 128, 256, 1024
+MOVED_RETRIES = 3
+COMPACT_RATE = 32 << 20  # bytes/s a mount's background compaction copies at most
+ROLL_DEAD_MIN = 16 << 20  # a data file being appended to is let go for compaction from this size
+
+
+def compact_interval() -> float:
+    """Seconds between background collections (CUBEFS_COMPACT_INTERVAL, for tests)."""
+    return float(os.environ.get("CUBEFS_COMPACT_INTERVAL", "60"))
 
 
 class VolumeFS:
@@ -89,6 +97,8 @@ class VolumeFS:
         self.block_size = vol.block_size
         self.files = DataFiles(index, self.block_size)
         self.read_errors = 0
+        self.compaction = dict.fromkeys(("passes", "files_compacted", "bytes_copied", "bytes_punched",
+                                         "bytes_reclaimed", "files_deleted", "blocks_pruned", "rolls", "errors"), 0)
         self.trace = None  # traces are an image mount's business
         self._inodes: dict[int, Inode] = {}
         self._listings: dict[int, list[tuple[bytes, int]]] = {}
@@ -333,6 +343,14 @@ class VolumeFS:
         return self.files.read(src, pos % self.block_size, length)
 
     def read_now(self, ino: int, offset: int, size: int) -> list[Buffer] | None:
+        for _ in range(MOVED_RETRIES):
+            try:
+                return self._read_now(ino, offset, size)
+            except BlockMoved:
+                continue  # the compactor moved a block after we looked it up: look again
+        return self._read_now(ino, offset, size)
+
+    def _read_now(self, ino: int, offset: int, size: int) -> list[Buffer] | None:
         _size, plan = self._plan(ino, offset, size)
         fetched: dict[int, list[Buffer]] = {}
         for i, (src, pos, length) in enumerate(plan):
@@ -345,6 +363,14 @@ class VolumeFS:
         return self._assemble(plan, fetched)
 
     async def read(self, ino: int, offset: int, size: int) -> list[Buffer]:
+        for _ in range(MOVED_RETRIES):
+            try:
+                return await self._read(ino, offset, size)
+            except BlockMoved:
+                continue
+        return await self._read(ino, offset, size)
+
+    async def _read(self, ino: int, offset: int, size: int) -> list[Buffer]:
         _size, plan = self._plan(ino, offset, size)
         fetched: dict[int, list[Buffer]] = {}
         for i, (src, pos, length) in enumerate(plan):
@@ -793,12 +819,50 @@ class VolumeFS:
         while a crash of the daemon loses nothing committed at any moment.  And keep
         the layer chain short (cow/gc.py: flatten), so reads stay as fast after
         thousands of snapshots."""
+        last = time.monotonic()
         while True:
             await trio.sleep(seconds)
             dirty = self.files.take_dirty()
             if dirty:
                 await trio.to_thread.run_sync(self._sync, dirty)
             await trio.to_thread.run_sync(flatten, self.index, self.name)
+            if time.monotonic() - last >= compact_interval():
+                await self._compact()
+                last = time.monotonic()
+            self.files.prune()  # here: no worker thread uses a descriptor now
+
+    async def _compact(self) -> None:
+        """A background collection (cow/gc.py), its copying bounded to ``COMPACT_RATE``
+        bytes/s; then, if the file this daemon appends to is big and mostly dead, it is
+        let go so that the next pass compacts it."""
+        try:
+            st = await trio.to_thread.run_sync(lambda: collect(self.index, rate=COMPACT_RATE))
+        except Exception as err:  # never take the mount down: the next pass tries again
+            self.compaction["errors"] += 1
+            log.warning("%s: background collection failed: %s", self.label, err)
+            return
+        c = self.compaction
+        c["passes"] += 1
+        for key in ("files_compacted", "bytes_copied", "bytes_punched", "bytes_reclaimed", "files_deleted",
+                    "blocks_pruned"):
+            c[key] += getattr(st, key)
+        c["errors"] += st.compaction_errors
+        current = self.files.current
+        if current:
+            try:
+                size = os.stat(self.index.data_path(current)).st_size
+            except FileNotFoundError:
+                size = 0
+            if size >= ROLL_DEAD_MIN and st.files.get(current, 0) <= size * (1 - COMPACT_AT):
+                self.files.roll()
+                c["rolls"] += 1
+        if st.bytes_reclaimed:
+            log.info("%s: background collection reclaimed %d bytes (%d files compacted)", self.label,
+                     st.bytes_reclaimed, st.files_compacted)
+
+    def roll(self) -> dict[str, int]:
+        """Let go of the data file being appended to (``cubefs volume gc`` asks it first)."""
+        return {"released": self.files.roll()}
 
     def _sync(self, dirty: list[int]) -> None:
         self.files.sync(dirty)

@@ -35,10 +35,16 @@ class DataFiles:
         self._dirty: set[int] = set()
         self.written_bytes = 0
 
-    def _fd(self, file_id: int) -> int:
+    def _fd(self, file_id: int, create: bool = False) -> int:
+        """The file's descriptor; only a new file is created: a file the compactor moved
+        blocks out of and deleted must not come back empty (a read retries, see :meth:`read`)."""
         fd = self._fds.get(file_id)
         if fd is None:
-            fd = os.open(self.index.data_path(file_id), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+            try:
+                fd = os.open(self.index.data_path(file_id), flags, 0o600)
+            except FileNotFoundError:
+                raise BlockMoved(file_id) from None
             self._fds[file_id] = fd
         return fd
 
@@ -47,8 +53,9 @@ class DataFiles:
         if not self._current or self._end >= ROLL_AT:
             self._current = self.index.next_data_file(txn)
             self._end = 0
-            # Held while this process lives: the collector never deletes a file being appended to.
-            fcntl.flock(self._fd(self._current), fcntl.LOCK_SH)
+            # Created and locked inside the transaction that allocated its id, and held until
+            # :meth:`roll`: the collector never touches a file being appended to.
+            fcntl.flock(self._fd(self._current, create=True), fcntl.LOCK_SH)
         start = self._end
         size = sum(len(b) for b in blocks)
         try:
@@ -72,6 +79,8 @@ class DataFiles:
         self.written_bytes += len(data)
 
     def read(self, loc: tuple[int, int], within: int, size: int) -> bytes:
+        """Raises :class:`BlockMoved` if the file is gone: the compactor moved its blocks
+        after the caller looked up ``loc`` (look it up again)."""
         data = os.pread(self._fd(loc[0]), size, loc[1] + within)
         return data if len(data) == size else data + bytes(size - len(data))
 
@@ -89,12 +98,50 @@ class DataFiles:
     def sync(self, files: list[int]) -> None:
         """Make the blocks written to ``files`` durable (before the index is synced)."""
         for file_id in files:
-            os.fdatasync(self._fds[file_id])
+            fd = self._fds.get(file_id)
+            if fd is not None:
+                os.fdatasync(fd)
+
+    @property
+    def current(self) -> int:
+        """The file appended to (0: none yet)."""
+        return self._current
+
+    def roll(self) -> int:
+        """Stop appending to the current file (the next block starts a new one) and unlock it,
+        so the collector may compact it; the file that was current, or 0."""
+        old, self._current, self._end = self._current, 0, 0
+        fd = self._fds.get(old)
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        return old
+
+    def prune(self) -> int:
+        """Close the descriptors of files the compactor deleted (their space is freed only
+        when the last descriptor closes); the number closed.  Call it where no other thread
+        uses this object's descriptors."""
+        closed = 0
+        for file_id, fd in list(self._fds.items()):
+            if file_id == self._current or file_id in self._dirty:
+                continue
+            if os.fstat(fd).st_nlink == 0:
+                os.close(fd)
+                del self._fds[file_id]
+                closed += 1
+        return closed
 
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+
+
+class BlockMoved(Exception):
+    """A data file was deleted after its blocks were moved to another: look the block up again."""
+
+    def __init__(self, file_id: int) -> None:
+        super().__init__(file_id)
+        self.file_id = file_id
 
 
 def _write_rest(fd: int, rest: bytes | memoryview, offset: int) -> None:

