@@ -399,3 +399,332 @@ def test_routes_auth_and_files_errors():
         assert agent.written == 3_000_000
 
     _serve_fake(test)
+
+
+# -- the stock SDK against Envd over the real agent in host mode --------------------------------------
+
+TOKEN = "envd-test-token"
+
+
+class EnvdServer:
+    """Envd over a host-mode agent, served by aiohttp on a loopback port from a thread of its own,
+    so the synchronous SDK can drive it from the test thread."""
+
+    def __init__(self, agent_socket: str) -> None:
+        import threading
+
+        self.port = 0
+        self._sock = agent_socket
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name="envd-test-server", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(60):
+            raise TimeoutError("envd test server did not start")
+        if self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self._start())
+        self.loop.run_forever()
+
+    async def _start(self) -> None:
+        from aiohttp import web
+
+        from sandbox.envd import Envd
+        from vmm.channel import AgentChannel
+
+        try:
+            self.agent = await AgentChannel.connect(self._sock, "envd-test", timeout=30)
+            await self.agent.set_defaults(user="user", env={"SANDBOX_WIDE": "from-create"})
+            self.envd = Envd(self.agent, access_token=TOKEN)
+            app = web.Application(client_max_size=1 << 20)
+            app.router.add_route("*", "/{tail:.*}", self.envd.handle)
+            self.runner = web.AppRunner(app)
+            await self.runner.setup()
+            site = web.TCPSite(self.runner, "127.0.0.1", 0)
+            await site.start()
+            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        except BaseException as e:
+            self._error = e
+        finally:
+            self._ready.set()
+
+    def call(self, coro, timeout: float = 60):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    async def _stop(self) -> None:
+        await self.envd.close()
+        await self.runner.cleanup()
+        await self.agent.close()
+
+    def stop(self) -> None:
+        if self._error is None:
+            self.call(self._stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+
+def _sandbox(server: EnvdServer, token: str | None = TOKEN):
+    """The stock SDK's Sandbox pointed at our envd, exactly as Sandbox.create() builds it from a
+    create response carrying envdVersion 0.5.7 and an access token."""
+    from e2b import Sandbox
+    from e2b.connection_config import ConnectionConfig
+    from packaging.version import Version
+
+    from sandbox.envd import Envd
+
+    headers = {"E2b-Sandbox-Id": "sbx-test", "E2b-Sandbox-Port": "49983"}
+    if token is not None:
+        headers["X-Access-Token"] = token
+    config = ConnectionConfig(api_key="unused", sandbox_url=f"http://127.0.0.1:{server.port}",
+                              extra_sandbox_headers=headers, debug=False)
+    return Sandbox(sandbox_id="sbx-test", sandbox_domain=None, envd_version=Version(Envd.ENVD_VERSION),
+                   envd_access_token=token, traffic_access_token=None, connection_config=config)
+
+
+def _agent_command(sock: str, root: str) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "vmm.guest.agent", "--socket", sock, "--root", root]
+
+
+@pytest.fixture(scope="module")
+def envd_server(tmp_path_factory):
+    """A throwaway copy-on-write copy of the test rootfs (overlayfs; user ``user``, home /home/user,
+    as E2B templates have), the real agent serving it in host mode, Envd over its channel."""
+    import os
+    import subprocess
+    import time
+
+    from conftest import ROOTFS_CACHE
+
+    pytest.importorskip("vmm.channel")
+    if not os.path.isdir(ROOTFS_CACHE):
+        pytest.skip(f"no test rootfs at {ROOTFS_CACHE}")
+    base = tmp_path_factory.mktemp("envd")
+    upper, work, root = base / "upper", base / "work", base / "root"
+    for d in (upper, work, root):
+        d.mkdir()
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                    f"lowerdir={ROOTFS_CACHE},upperdir={upper},workdir={work}", str(root)], check=True)
+    agent = None
+    server = None
+    try:
+        with open(root / "etc/passwd", "a") as f:
+            f.write("user:x:1000:1000::/home/user:/bin/bash\n")
+        with open(root / "etc/group", "a") as f:
+            f.write("user:x:1000:\n")
+        (root / "home/user").mkdir(parents=True, exist_ok=True)
+        os.chown(root / "home/user", 1000, 1000)
+        sock = str(base / "agent.sock")
+        agent = subprocess.Popen(_agent_command(sock, str(root)), cwd=os.path.dirname(os.path.dirname(__file__)),
+                                 stdout=open(base / "agent.log", "wb"), stderr=subprocess.STDOUT)
+        for _ in range(200):
+            if os.path.exists(sock) or agent.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert agent.poll() is None, (base / "agent.log").read_text()
+        server = EnvdServer(sock)
+        server.root = root  # type: ignore[attr-defined]
+        yield server
+    finally:
+        if server is not None:
+            server.stop()
+        if agent is not None:
+            agent.terminate()
+            try:
+                agent.wait(10)
+            except subprocess.TimeoutExpired:
+                agent.kill()
+                agent.wait()
+        subprocess.run(["umount", "-l", str(root)], check=False)
+
+
+def test_sdk_commands_run(envd_server):
+    from e2b import CommandExitException
+
+    sbx = _sandbox(envd_server)
+    out, err = [], []
+    r = sbx.commands.run("echo hi; echo oops >&2; echo $SANDBOX_WIDE $MINE; pwd; whoami",
+                         envs={"MINE": "per-call"}, on_stdout=out.append, on_stderr=err.append)
+    assert r.exit_code == 0 and r.error is None
+    assert r.stdout == "hi\nfrom-create per-call\n/home/user\nuser\n" and r.stderr == "oops\n"
+    assert "".join(out) == r.stdout and "".join(err) == r.stderr
+    with pytest.raises(CommandExitException) as e:
+        sbx.commands.run("echo partial; exit 3")
+    assert e.value.exit_code == 3 and e.value.stdout == "partial\n"
+    r = sbx.commands.run("whoami; pwd", user="root", cwd="/tmp")
+    assert r.stdout == "root\n/tmp\n"
+    # bytes that are not UTF-8 reach the callbacks decoded with replacement, never a dropped stream
+    assert sbx.commands.run(r"printf '\xff\xfeok'").stdout == "\ufffd\ufffdok"
+
+
+def test_sdk_background_stdin_list_connect_kill(envd_server):
+    from e2b import CommandExitException
+
+    sbx = _sandbox(envd_server)
+    h = sbx.commands.run("cat; echo done", background=True, stdin=True)
+    sbx.commands.send_stdin(h.pid, "hello\n")
+    sbx.commands.send_stdin(h.pid, b"\x00bytes\n")
+    sbx.commands.close_stdin(h.pid)
+    r = h.wait()
+    assert r.stdout == "hello\n\x00bytes\ndone\n"
+
+    sleeper = sbx.commands.run("echo started; sleep 600", background=True)
+    listed = {p.pid: p for p in sbx.commands.list()}
+    assert sleeper.pid in listed and listed[sleeper.pid].cmd == "/bin/bash"
+    assert listed[sleeper.pid].args == ["-l", "-c", "echo started; sleep 600"]
+    # a second consumer attaches, then the first goes away: the process keeps running
+    other = sbx.commands.connect(sleeper.pid)
+    sleeper.disconnect()
+    assert sleeper.pid in {p.pid for p in sbx.commands.list()}
+    assert sbx.commands.kill(sleeper.pid) is True
+    with pytest.raises(CommandExitException) as e:
+        other.wait()
+    assert e.value.exit_code == -1
+    assert sbx.commands.kill(sleeper.pid) is False  # gone: NOT_FOUND, as the SDK expects
+    assert sleeper.pid not in {p.pid for p in sbx.commands.list()}
+
+
+def test_sdk_pty(envd_server):
+    from e2b.sandbox.commands.command_handle import PtySize
+
+    sbx = _sandbox(envd_server)
+    data = bytearray()
+    h = sbx.pty.create(PtySize(rows=24, cols=80))
+    sbx.pty.resize(h.pid, PtySize(rows=30, cols=100))
+    sbx.pty.send_stdin(h.pid, b"stty size; echo $((6*7)); exit 7\n")
+    from e2b import CommandExitException
+
+    with pytest.raises(CommandExitException) as e:
+        h.wait(on_pty=lambda chunk: data.extend(chunk))
+    assert e.value.exit_code == 7
+    assert b"30 100" in data and b"42" in data
+    h = sbx.pty.create(PtySize(rows=24, cols=80))
+    assert sbx.pty.kill(h.pid) is True
+
+
+def test_sdk_files_roundtrip(envd_server):
+    from e2b import FileType
+    from e2b.exceptions import FileNotFoundException
+
+    sbx = _sandbox(envd_server)
+    info = sbx.files.write("notes/hello.txt", "héllo\n")
+    assert info.path == "/home/user/notes/hello.txt" and info.name == "hello.txt"
+    assert sbx.files.read("notes/hello.txt") == "héllo\n"
+    blob = bytes(range(256)) * 1000
+    sbx.files.write("/home/user/notes/blob.bin", blob)
+    assert bytes(sbx.files.read("notes/blob.bin", format="bytes")) == blob
+    assert b"".join(sbx.files.read("notes/blob.bin", format="stream")) == blob
+    assert bytes(sbx.files.read("notes/blob.bin", format="bytes", gzip=True)) == blob
+    # written as the user: the file is theirs, the command sees the same bytes
+    assert sbx.commands.run("stat -c %U:%s notes/blob.bin").stdout == f"user:{len(blob)}\n"
+    import io
+
+    sbx.files.write("notes/gz.bin", io.BytesIO(blob), gzip=True)  # octet-stream, gzip-encoded
+    assert bytes(sbx.files.read("notes/gz.bin", format="bytes")) == blob
+    with pytest.raises(FileNotFoundException):
+        sbx.files.read("notes/missing.txt")
+    # a root-owned place is root's to write
+    sbx.files.write("/etc/envd-test.conf", "x=1\n", user="root")
+    assert envd_server.root.joinpath("etc/envd-test.conf").read_text() == "x=1\n"
+
+    assert sbx.files.exists("notes/hello.txt") and not sbx.files.exists("notes/nope")
+    entry = sbx.files.get_info("notes/hello.txt")
+    assert (entry.type, entry.size, entry.mode, entry.permissions, entry.owner) == (
+        FileType.FILE, len("héllo\n".encode()), 0o644, "-rw-r--r--", "user")
+    with pytest.raises(FileNotFoundException):
+        sbx.files.get_info("notes/nope")
+
+    assert sbx.files.make_dir("tree/a/b") is True
+    assert sbx.files.make_dir("tree/a/b") is False
+    sbx.files.write("tree/a/f.txt", "f")
+    sbx.files.write("tree/z.txt", "z")
+    names = [(e.path, e.type) for e in sbx.files.list("tree", depth=3)]
+    assert names == [("/home/user/tree/a", FileType.DIR), ("/home/user/tree/a/b", FileType.DIR),
+                     ("/home/user/tree/a/f.txt", FileType.FILE), ("/home/user/tree/z.txt", FileType.FILE)]
+    assert [e.name for e in sbx.files.list("tree")] == ["a", "z.txt"]
+    moved = sbx.files.rename("tree/z.txt", "tree/a/moved.txt")
+    assert moved.path == "/home/user/tree/a/moved.txt" and not sbx.files.exists("tree/z.txt")
+    with pytest.raises(FileNotFoundException):
+        sbx.files.rename("tree/nope", "tree/x")
+    sbx.files.remove("tree")
+    sbx.files.remove("tree")  # missing: no error
+    assert not sbx.files.exists("tree")
+
+
+def test_sdk_large_file_streams_both_ways(envd_server, tmp_path):
+    """200 MB up and down through the SDK: bytes intact, and the test process (SDK + Envd) grows by far
+    less than the file, so neither side held it whole."""
+    import hashlib
+    import resource
+
+    size = 200 << 20
+    src = tmp_path / "big.bin"
+    digest = hashlib.sha256()
+    with open(src, "wb") as f:
+        block = hashlib.sha256(b"seed").digest() * (1 << 15)  # 1 MiB
+        for i in range(size // len(block)):
+            chunk = i.to_bytes(8, "big") + block[8:]
+            f.write(chunk)
+            digest.update(chunk)
+    sbx = _sandbox(envd_server)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with open(src, "rb") as f:
+        sbx.files.write("big.bin", f)
+    back = hashlib.sha256()
+    n = 0
+    for chunk in sbx.files.read("big.bin", format="stream"):
+        back.update(chunk)
+        n += len(chunk)
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert n == size and back.hexdigest() == digest.hexdigest()
+    assert grown_mb < 100, f"peak RSS grew {grown_mb:.0f} MB for a {size >> 20} MB file"
+    sbx.files.remove("big.bin")
+
+
+def test_sdk_watch_dir(envd_server):
+    from e2b import FilesystemEventType
+
+    sbx = _sandbox(envd_server)
+    sbx.files.make_dir("watched")
+    handle = sbx.files.watch_dir("watched")
+    try:
+        sbx.files.write("watched/new.txt", "1")
+        sbx.commands.run("rm watched/new.txt")
+        import time
+
+        seen: list = []
+        for _ in range(50):
+            seen += [(e.name, e.type) for e in handle.get_new_events()]
+            if ("new.txt", FilesystemEventType.REMOVE) in seen:
+                break
+            time.sleep(0.1)
+        assert ("new.txt", FilesystemEventType.CREATE) in seen
+        assert ("new.txt", FilesystemEventType.REMOVE) in seen
+    finally:
+        handle.stop()
+
+
+def test_sdk_wrong_token(envd_server):
+    from e2b.exceptions import AuthenticationException
+
+    for token in ("wrong", None):
+        sbx = _sandbox(envd_server, token=token)
+        with pytest.raises(AuthenticationException):
+            sbx.commands.run("true")
+        with pytest.raises(AuthenticationException):
+            sbx.files.read("anything")
+        with pytest.raises(AuthenticationException):
+            sbx.files.list("/")
+    # the signed URL works without the header, and only for what it was signed for
+    import httpx
+
+    sbx = _sandbox(envd_server)
+    sbx.files.write("signed.txt", "s")
+    url = sbx.download_url("signed.txt", use_signature_expiration=60)
+    assert httpx.get(url).text == "s"
+    assert httpx.get(url.replace("signed.txt", "other.txt")).status_code == 401

@@ -112,27 +112,28 @@ class FilesService:
             first = await anext(chunks)
         except StopAsyncIteration:
             first = b""
-        response = web.StreamResponse(status=200, headers={"Content-Type": "application/octet-stream"})
+        compressor = None
         if gzip:
+            compressor, first = await _gzip_if_worth_it(first, must=not identity)
+        response = web.StreamResponse(status=200, headers={"Content-Type": "application/octet-stream"})
+        if compressor is not None:
             response.headers["Content-Encoding"] = "gzip"
         response.enable_chunked_encoding()
         await response.prepare(request)
         if request.method == "HEAD":
             await chunks.aclose()  # type: ignore[attr-defined]
             return response
-        compressor = zlib.compressobj(1, zlib.DEFLATED, 31) if gzip else None
         try:
-            data = first
+            data = first  # already compressed, when it is
             while True:
                 if data:
-                    if compressor is not None:
-                        data = await _in_thread(compressor.compress, data)
-                    if data:
-                        await response.write(data)
+                    await response.write(data)
                 try:
                     data = await anext(chunks)
                 except StopAsyncIteration:
                     break
+                if compressor is not None:
+                    data = await _in_thread(compressor.compress, data)
             if compressor is not None:
                 await response.write(compressor.flush())
         finally:
@@ -184,6 +185,20 @@ async def _in_thread(fn: Any, data: bytes) -> bytes:
     if len(data) < 64 << 10:
         return fn(data)
     return await asyncio.to_thread(fn, data)
+
+
+async def _gzip_if_worth_it(first: bytes, must: bool) -> tuple[Any, bytes]:
+    """(compressor, first chunk as it goes on the wire), or (None, first) when gzip would not pay.
+
+    Every SDK download sends ``Accept-Encoding: gzip, ...`` (httpx's default), so compressing
+    everything would spend host CPU on every already-compressed archive, image or wheel.  The first
+    chunk decides: kept as identity unless gzip at level 1 saves a tenth of it (level 1: a 200 MB
+    compressible file comes down in about the time of an uncompressed one on this machine)."""
+    compressor = zlib.compressobj(1, zlib.DEFLATED, 31)
+    out = await _in_thread(lambda data: compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH), first)
+    if must or len(out) < len(first) * 0.9:
+        return compressor, out
+    return None, first
 
 
 def _server_decompresses(request: web.Request) -> bool:
