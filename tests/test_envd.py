@@ -467,7 +467,7 @@ class EnvdServer:
         self._thread.join(10)
 
 
-def _sandbox(server: EnvdServer, token: str | None = TOKEN):
+def _sandbox(server: EnvdServer, token: str | None = TOKEN, cls=None):
     """The stock SDK's Sandbox pointed at our envd, exactly as Sandbox.create() builds it from a
     create response carrying envdVersion 0.5.7 and an access token."""
     from e2b import Sandbox
@@ -481,7 +481,7 @@ def _sandbox(server: EnvdServer, token: str | None = TOKEN):
         headers["X-Access-Token"] = token
     config = ConnectionConfig(api_key="unused", sandbox_url=f"http://127.0.0.1:{server.port}",
                               extra_sandbox_headers=headers, debug=False)
-    return Sandbox(sandbox_id="sbx-test", sandbox_domain=None, envd_version=Version(Envd.ENVD_VERSION),
+    return (cls or Sandbox)(sandbox_id="sbx-test", sandbox_domain=None, envd_version=Version(Envd.ENVD_VERSION),
                    envd_access_token=token, traffic_access_token=None, connection_config=config)
 
 
@@ -569,9 +569,10 @@ def test_sdk_background_stdin_list_connect_kill(envd_server):
     h = sbx.commands.run("cat; echo done", background=True, stdin=True)
     sbx.commands.send_stdin(h.pid, "hello\n")
     sbx.commands.send_stdin(h.pid, b"\x00bytes\n")
+    sbx.commands.stream_input(h.pid, ["streamed ", b"in\n"])
     sbx.commands.close_stdin(h.pid)
     r = h.wait()
-    assert r.stdout == "hello\n\x00bytes\ndone\n"
+    assert r.stdout == "hello\n\x00bytes\nstreamed in\ndone\n"
 
     sleeper = sbx.commands.run("echo started; sleep 600", background=True)
     listed = {p.pid: p for p in sbx.commands.list()}
@@ -728,3 +729,48 @@ def test_sdk_wrong_token(envd_server):
     url = sbx.download_url("signed.txt", use_signature_expiration=60)
     assert httpx.get(url).text == "s"
     assert httpx.get(url.replace("signed.txt", "other.txt")).status_code == 401
+
+
+def test_sdk_no_space_is_507(envd_server):
+    """A full disk in the sandbox: the SDK's NotEnoughSpaceException, and the upload stops there."""
+    import subprocess
+
+    from e2b.exceptions import NotEnoughSpaceException
+
+    small = envd_server.root / "mnt/small"
+    small.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=1777", "tmpfs", str(small)], check=True)
+    try:
+        sbx = _sandbox(envd_server)
+        with pytest.raises(NotEnoughSpaceException):
+            sbx.files.write("/mnt/small/f.bin", b"\0" * (3 << 20))
+        sbx.files.remove("/mnt/small/f.bin")  # what the full disk kept of it
+        sbx.files.write("/mnt/small/ok.txt", "fits")  # the sandbox and envd carry on
+        assert sbx.files.read("/mnt/small/ok.txt") == "fits"
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
+
+
+def test_async_sdk_streams(envd_server):
+    """The async SDK: output callbacks as the command runs, and WatchDir as a server stream."""
+    from e2b import AsyncSandbox, FilesystemEventType
+
+    async def main():
+        sbx = _sandbox(envd_server, cls=AsyncSandbox)
+        lines: list[str] = []
+        r = await sbx.commands.run("for i in 1 2 3; do echo $i; done", on_stdout=lines.append)
+        assert r.stdout == "1\n2\n3\n" and "".join(lines) == r.stdout
+        await sbx.files.make_dir("awatched")
+        events: list = []
+        handle = await sbx.files.watch_dir("awatched", on_event=events.append)
+        try:
+            await sbx.files.write("awatched/a.txt", "a")
+            for _ in range(50):
+                if ("a.txt", FilesystemEventType.CREATE) in [(e.name, e.type) for e in events]:
+                    break
+                await asyncio.sleep(0.1)
+            assert ("a.txt", FilesystemEventType.CREATE) in [(e.name, e.type) for e in events]
+        finally:
+            await handle.stop()
+
+    asyncio.run(main())
