@@ -126,6 +126,7 @@ def worker_main(cmd_fd: int, event_fd: int, lifeline_fd: int) -> None:
             if event is not None:
                 send(event)
             send({"type": "done"})
+    os.killpg(os.getpgrp(), signal.SIGKILL)  # EOF: the server is gone (see _watch_lifeline)
 
 
 def _run_cell(code: str, env: dict[str, str], namespace: dict[str, Any], count: int) -> dict | None:
