@@ -50,9 +50,10 @@ def socket_path(mountpoint: str) -> str:
 
 def write_registry(mountpoint: str, info: dict[str, Any]) -> None:
     path = registry_path(mountpoint)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    os.chmod(os.path.dirname(path), 0o700)  # registries and control sockets: the owner's only
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
         json.dump(info, f)
     os.rename(tmp, path)
 

@@ -3,6 +3,11 @@
 Writes go to a temporary file in the same directory, are fsynced and renamed
 into place, so a crash never leaves a half-written object under its real key.
 File I/O runs in the loop's default thread pool so the event loop never blocks.
+
+The store holds every byte of every image: its directories are made 0700 and
+its objects 0600 whatever the umask, and a root an older version left open to
+others is closed (0700) when its owner opens it (issue 12).  Share a store
+between users through S3, not through a directory's mode bits.
 """
 
 from __future__ import annotations
@@ -43,8 +48,17 @@ class LocalStore(Store):
             raise StoreError(f"store {self.url}: {key}: {err.strerror}") from None
 
     async def open(self, create: bool = True) -> None:
-        if create:
-            await self._run(lambda: os.makedirs(self.root, exist_ok=True), "")
+        def prepare() -> None:
+            if create:
+                os.makedirs(self.root, mode=0o700, exist_ok=True)
+            try:
+                st = os.stat(self.root)
+            except FileNotFoundError:
+                return
+            if st.st_uid == os.geteuid() and st.st_mode & 0o077:
+                os.chmod(self.root, 0o700)
+
+        await self._run(prepare, "")
 
     async def get(self, key: str) -> bytes:
         path = self._path(key)
@@ -72,8 +86,8 @@ class LocalStore(Store):
 
         def write() -> None:
             d = os.path.dirname(path)
-            os.makedirs(d, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
+            os.makedirs(d, mode=0o700, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")  # 0600
             try:
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
