@@ -774,3 +774,57 @@ def test_async_sdk_streams(envd_server):
             await handle.stop()
 
     asyncio.run(main())
+
+
+OLD_SDK = "2.45.1"  # the last line before /v2/sandboxes; its envd client differs from the current one
+
+
+@pytest.fixture(scope="module")
+def old_sdk():
+    """e2b 2.45.1 in a directory of its own (the same cache tests/test_sandbox_service.py fills)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    target = Path(f"/var/tmp/cubefs-test/e2b-{OLD_SDK}")
+    if not (target / ".done").exists():
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--target", str(target), f"e2b=={OLD_SDK}"],
+                       check=True, capture_output=True)
+        (target / ".done").write_text(OLD_SDK + "\n")
+    return target
+
+
+def test_the_2_45_sdk_line(envd_server, old_sdk):
+    import os
+    import subprocess
+    import sys
+
+    script = f"""
+import json
+from e2b import Sandbox, CommandExitException
+from e2b.connection_config import ConnectionConfig
+from packaging.version import Version
+config = ConnectionConfig(api_key="unused", sandbox_url="http://127.0.0.1:{envd_server.port}",
+                          extra_sandbox_headers={{"X-Access-Token": "{TOKEN}"}})
+s = Sandbox(sandbox_id="sbx-old", sandbox_domain=None, envd_version=Version("0.5.7"),
+            envd_access_token="{TOKEN}", connection_config=config)
+out = []
+r = s.commands.run("echo old; echo err >&2", on_stdout=out.append)
+try:
+    s.commands.run("exit 4")
+    code = 0
+except CommandExitException as e:
+    code = e.exit_code
+h = s.commands.run("sleep 600", background=True)
+killed = s.commands.kill(h.pid)
+s.files.write("old/a.txt", "via 2.45")
+print(json.dumps({{"out": r.stdout, "err": r.stderr, "cb": "".join(out), "code": code, "killed": killed,
+                  "file": s.files.read("old/a.txt"), "list": [e.name for e in s.files.list("old")],
+                  "mkdir": s.files.make_dir("old")}}))
+"""
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(old_sdk)})
+    assert res.returncode == 0, res.stderr[-3000:]
+    doc = json.loads(res.stdout.strip().splitlines()[-1])
+    assert doc == {"out": "old\n", "err": "err\n", "cb": "old\n", "code": 4, "killed": True,
+                   "file": "via 2.45", "list": ["a.txt"], "mkdir": False}
