@@ -574,10 +574,10 @@ def test_sdk_background_stdin_list_connect_kill(envd_server):
     r = h.wait()
     assert r.stdout == "hello\n\x00bytes\nstreamed in\ndone\n"
 
-    sleeper = sbx.commands.run("echo started; sleep 600", background=True)
+    sleeper = sbx.commands.run("echo started; sleep 987.654", background=True)
     listed = {p.pid: p for p in sbx.commands.list()}
     assert sleeper.pid in listed and listed[sleeper.pid].cmd == "/bin/bash"
-    assert listed[sleeper.pid].args == ["-l", "-c", "echo started; sleep 600"]
+    assert listed[sleeper.pid].args == ["-l", "-c", "echo started; sleep 987.654"]
     # a second consumer attaches, then the first goes away: the process keeps running
     other = sbx.commands.connect(sleeper.pid)
     sleeper.disconnect()
@@ -588,6 +588,15 @@ def test_sdk_background_stdin_list_connect_kill(envd_server):
     assert e.value.exit_code == -1
     assert sbx.commands.kill(sleeper.pid) is False  # gone: NOT_FOUND, as the SDK expects
     assert sleeper.pid not in {p.pid for p in sbx.commands.list()}
+    # bash's child went with it: kill takes the command's process group, nothing is left running
+    import subprocess
+    import time
+
+    for _ in range(50):
+        if subprocess.run(["pgrep", "-f", "sleep 987.654"], capture_output=True).returncode != 0:
+            break
+        time.sleep(0.1)
+    assert subprocess.run(["pgrep", "-f", "sleep 987.654"], capture_output=True).returncode != 0
 
 
 def test_sdk_pty(envd_server):

@@ -388,6 +388,11 @@ class ServerStream:
             except (ConnectionError, RuntimeError) as e:
                 self.broken.set()
                 raise ConnectionResetError(f"client went away: {e}") from None
+            except asyncio.CancelledError:
+                # Cancelled mid-envelope (a deadline while the client was slow to read): the wire may
+                # hold half an envelope, so no trailer may follow; the client sees a cut stream.
+                self.broken.set()
+                raise
 
     async def _keepalives(self, interval: float) -> None:
         assert self._keepalive is not None

@@ -84,19 +84,23 @@ class FilesService:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         try:
             if request.method in ("GET", "HEAD"):
-                return await self.download(request)
-            if request.method == "POST":
+                opened = await self.open_download(request)
+                if isinstance(opened, web.Response):
+                    return opened
+            elif request.method == "POST":
                 return await self.upload(request)
-            raise web.HTTPMethodNotAllowed(request.method, ["GET", "POST"])
-        except web.HTTPException:
-            raise
+            else:
+                return web.Response(status=405, headers={"Allow": "GET, POST"})
         except Exception as e:
             error = connect.as_connect_error(e)
             if error.code == "internal":
                 log.exception("envd /files %s failed", request.method)
             return files_error(error)
+        # Past the headers an error can no longer become a status: it cuts the connection.
+        return await self.send_download(request, *opened)
 
-    async def download(self, request: web.Request) -> web.StreamResponse:
+    async def open_download(self, request: web.Request) -> web.Response | tuple[AsyncIterator[bytes], bytes, Any]:
+        """Everything that can still fail with a status: auth, path, encoding, the first chunk."""
         check_files_access(request, self._token, "read", request.query.get("username"))
         user = files_user(request)
         path = request.query.get("path", "")
@@ -115,6 +119,10 @@ class FilesService:
         compressor = None
         if gzip:
             compressor, first = await _gzip_if_worth_it(first, must=not identity)
+        return chunks, first, compressor
+
+    async def send_download(self, request: web.Request, chunks: AsyncIterator[bytes], first: bytes,
+                            compressor: Any) -> web.StreamResponse:
         response = web.StreamResponse(status=200, headers={"Content-Type": "application/octet-stream"})
         if compressor is not None:
             response.headers["Content-Encoding"] = "gzip"
@@ -136,11 +144,13 @@ class FilesService:
                     data = await _in_thread(compressor.compress, data)
             if compressor is not None:
                 await response.write(compressor.flush())
+            await response.write_eof()
+        except ConnectionError:
+            log.debug("envd /files: the client went away mid-download")
         finally:
             await chunks.aclose()  # type: ignore[attr-defined]
-        # A failure past this point (the guest went away mid-file) propagates: aiohttp then drops the
+        # Any other failure here (the guest went away mid-file) propagates: aiohttp then drops the
         # connection without the last chunk, so the client sees a truncated transfer, never a short file.
-        await response.write_eof()
         return response
 
     async def upload(self, request: web.Request) -> web.Response:

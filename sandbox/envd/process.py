@@ -222,7 +222,9 @@ class ProcessService:
         signo = connect.get_enum(message, "signal", SIGNALS)
         if signo not in (9, 15):
             raise ConnectError("invalid_argument", f"unsupported signal {connect.get(message, 'signal')!r}")
-        await self._agent.signal(pid, signo)
+        # The whole process group (each command is a session of its own): `kill` of a
+        # `bash -l -c "a; b"` must not leave `b` running in the sandbox.
+        await self._agent.signal(pid, signo, group=True)
         return {}
 
     async def close_stdin(self, message: dict[str, Any], request: web.Request) -> dict[str, Any]:
