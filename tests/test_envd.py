@@ -837,3 +837,17 @@ print(json.dumps({{"out": r.stdout, "err": r.stderr, "cb": "".join(out), "code":
     doc = json.loads(res.stdout.strip().splitlines()[-1])
     assert doc == {"out": "old\n", "err": "err\n", "cb": "old\n", "code": 4, "killed": True,
                    "file": "via 2.45", "list": ["a.txt"], "mkdir": False}
+
+
+def test_sdk_concurrent_commands(envd_server):
+    """Ten commands at once over the one agent channel, each with its own output, none mixed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    sbx = _sandbox(envd_server)
+
+    def one(i: int) -> str:
+        return sbx.commands.run(f"for k in 1 2 3; do echo {i}-$k; sleep 0.05; done").stdout
+
+    with ThreadPoolExecutor(10) as pool:
+        outs = list(pool.map(one, range(10)))
+    assert outs == [f"{i}-1\n{i}-2\n{i}-3\n" for i in range(10)]
