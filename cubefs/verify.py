@@ -14,9 +14,12 @@ without the mount.
 
 Each problem is one line naming the image, the chunk (its index, digest and
 a file that uses it) and what is wrong.  Issue 12 found a build that tagged an
-image whose chunk map said "delta of itself": the records check catches it in
-~1 ms per 1,000 chunks plus one GET per pack index, which is why every build
-runs it before the tag is written.
+image whose chunk map said "delta of itself": the records check catches it,
+and it is cheap enough for every build to run before the tag is written.
+Measured on the Debian test rootfs (261 MB, 8,813 chunks in 15 packs,
+``file://`` store): decoding the new chunk map 10 ms plus the records check
+29 ms, against a 2.3 s build; ``cubefs verify`` reads all 237 MiB back in
+1.2 s, ``--quick`` takes 0.18 s with the interpreter's start.
 """
 
 from __future__ import annotations
