@@ -44,6 +44,7 @@ from typing import Any
 
 from cubefs import control
 from cubefs.errors import EXIT_ERROR, EXIT_OK, CubefsError
+from cubefs.supervise import Supervised
 
 log = logging.getLogger("cubefs")
 
@@ -91,8 +92,10 @@ def _notifier(fd: int) -> Callable[[str], None]:
     return notify
 
 
-def serve_mount(args: argparse.Namespace, mp: str, cache_dir: str, notify: Callable[[str], None] | None) -> int:
-    """Run the daemon in this process; errors before 'ready' also go to ``notify``."""
+def serve_mount(args: argparse.Namespace, mp: str, cache_dir: str, notify: Callable[[str], None] | None,
+                supervision: dict[str, Any] | None = None) -> int:
+    """Run the daemon in this process; errors before 'ready' also go to ``notify``.
+    ``supervision``: the mount server's link (``fd``) and, for a replacement, ``resume``."""
     from cubefs.fuse_mount import MountOptions, run_daemon
 
     opts = MountOptions(
@@ -104,6 +107,7 @@ def serve_mount(args: argparse.Namespace, mp: str, cache_dir: str, notify: Calla
         peers=tuple(p.strip() for p in (getattr(args, "peers", "") or "").split(",") if p.strip()),
         peer_timeout=getattr(args, "peer_timeout", 3.0),
         volume=getattr(args, "volume", None), volume_dir=getattr(args, "volume_dir", "") or "",
+        supervisor_fd=int((supervision or {}).get("fd", -1)), resume=(supervision or {}).get("resume"),
     )
     try:
         return run_daemon(opts, notify)
@@ -124,14 +128,25 @@ def _log_path(cache_dir: str, mp: str) -> str:
     return os.path.join(logs, f"mount-{control.mount_key(mp)}.log")
 
 
-def _become_daemon(args: argparse.Namespace, mp: str, cache_dir: str, notify_fd: int) -> int:
-    """In a freshly forked child: own session, stdio to the log, serve until unmounted."""
+def _close_all_but(keep: set[int]) -> None:
+    low = 3
+    for fd in sorted(f for f in keep if f >= 3):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 65536)
+
+
+def _become_daemon(args: argparse.Namespace, mp: str, cache_dir: str, notify_fd: int,
+                   supervision: dict[str, Any] | None = None) -> int:
+    """In a freshly forked child: own session, stdio to the log, serve until unmounted.
+    ``notify_fd`` -1: nobody waits for the report (a replacement the server started)."""
     from cubefs.cli import setup_logging
 
     os.setsid()
-    # Keep nothing the caller had open (pipes a CI step may wait on for EOF) but the report fd.
-    os.closerange(3, notify_fd)
-    os.closerange(notify_fd + 1, 65536)
+    # Keep nothing the caller had open (pipes a CI step may wait on for EOF) but the report
+    # fd, the mount server's link and (a replacement) the mount's /dev/fuse.
+    sup = supervision or {}
+    _close_all_but({notify_fd, int(sup.get("fd", -1)), int((sup.get("resume") or {}).get("fd", -1))})
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     logfd = os.open(_log_path(cache_dir, mp), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -141,7 +156,7 @@ def _become_daemon(args: argparse.Namespace, mp: str, cache_dir: str, notify_fd:
     os.close(logfd)
     setup_logging(args.verbose, daemon=True)
     try:
-        return serve_mount(args, mp, cache_dir, _notifier(notify_fd))
+        return serve_mount(args, mp, cache_dir, _notifier(notify_fd) if notify_fd >= 0 else None, supervision)
     except CubefsError as err:
         log.error("%s", err)
         return err.exit_code
@@ -311,19 +326,31 @@ def run_mount_server(path: str, idle_exit: float | None = None) -> int:
     def stop(*_a: object) -> None:
         nonlocal stopping
         stopping = True
-        srv.close()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     log.info("mount server listening on %s (pid %d, code %s)", path, os.getpid(), fingerprint)
+    mounts: dict[int, Supervised] = {}  # by the fileno of the link to the daemon
+    idle_since = time.monotonic()
     while not stopping:
         try:
+            ready, _, _ = select.select([srv, *(m.sock for m in mounts.values())], [], [], 1.0)
+        except InterruptedError:
+            continue
+        for m in [m for m in mounts.values() if m.sock in ready]:
+            if not m.receive():
+                del mounts[m.sock.fileno()]
+                _daemon_gone(m, mounts, srv, lock_fd)
+        if srv not in ready:
+            if idle_exit is not None and not mounts and time.monotonic() - idle_since > idle_exit:
+                log.info("no mount request for %.0f s; exiting", idle_exit)
+                break
+            continue
+        idle_since = time.monotonic()
+        try:
             conn, _ = srv.accept()
-        except TimeoutError:
-            log.info("no mount request for %.0f s; exiting", idle_exit)
-            break
         except OSError:
-            break
+            continue
         try:
             request = _read_request(conn)
         except (OSError, ValueError) as err:
@@ -339,20 +366,13 @@ def run_mount_server(path: str, idle_exit: float | None = None) -> int:
             conn.sendall(b"stale\n")
             conn.close()
             break
-        pid = os.fork()
-        if pid == 0:
-            srv.close()
-            os.close(lock_fd)  # the lock is the server's alone; a daemon must not keep it past the server
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            code = EXIT_ERROR
-            try:
-                code = _server_child(request, conn.detach())
-            finally:
-                os._exit(code)
-        log.info("forked mount daemon %d for %s at %s", pid, request["args"].get("ref"), request["mountpoint"])
+        m = _spawn(request, conn, mounts, srv, lock_fd)
+        log.info("forked mount daemon %d for %s at %s", m.pid, request["args"].get("ref"), request["mountpoint"])
         conn.close()
+    for m in mounts.values():  # the daemons go on serving, unsupervised
+        m.sock.close()
+        if m.fuse_fd >= 0:
+            os.close(m.fuse_fd)
     srv.close()
     try:  # ours to remove: nobody else binds it while we hold the lock
         os.unlink(path)
@@ -360,6 +380,52 @@ def run_mount_server(path: str, idle_exit: float | None = None) -> int:
         pass
     os.close(lock_fd)
     return EXIT_OK
+
+
+def _spawn(request: dict[str, Any], conn: socket.socket | None, mounts: dict[int, Supervised],
+           srv: socket.socket, lock_fd: int, resume: dict[str, Any] | None = None) -> Supervised:
+    """Fork a daemon for ``request`` (answering on ``conn``, if a client waits) with a
+    link back to this server; a replacement gets ``resume`` (see cubefs.supervise)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pid = os.fork()
+    if pid == 0:
+        srv.close()
+        os.close(lock_fd)  # the lock is the server's alone; a daemon must not keep it past the server
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        code = EXIT_ERROR
+        try:
+            ours.close()
+            notify_fd = conn.detach() if conn is not None else -1
+            code = _server_child(request, notify_fd, {"fd": theirs.detach(), "resume": resume})
+        finally:
+            os._exit(code)
+    theirs.close()
+    m = Supervised(request, ours, pid)
+    mounts[ours.fileno()] = m
+    return m
+
+
+def _daemon_gone(m: Supervised, mounts: dict[int, Supervised], srv: socket.socket, lock_fd: int) -> None:
+    """The daemon of ``m`` exited: done if it unmounted, else a replacement on the same
+    /dev/fuse descriptor (see cubefs.supervise)."""
+    m.sock.close()
+    why_not = m.replacement_allowed()
+    if why_not:
+        if m.outcome != "unmounted" and m.fuse_fd >= 0:
+            log.error("mount daemon %d of %s exited; not replacing it: %s", m.pid, m.mountpoint, why_not)
+        m.close()
+        return
+    how = "handed over" if m.outcome == "handover" else "died without unmounting"
+    t0 = time.monotonic()
+    resume = m.resume_info()
+    new = _spawn(dict(m.request), None, mounts, srv, lock_fd, resume)
+    new.fuse_fd, new.session, new.image = m.fuse_fd, m.session, m.image
+    new.restarts = resume["restarts"]
+    new.replaced_at = [*m.replaced_at, t0]
+    log.warning("mount daemon %d of %s %s; replacement %d started on the same /dev/fuse (restart %d)",
+                m.pid, m.mountpoint, how, new.pid, new.restarts)
 
 
 def _take_server_lock(lock_fd: int, path: str, wait: bool) -> bool:
@@ -409,7 +475,7 @@ def _read_request(conn: socket.socket) -> dict[str, Any] | None:
     return request
 
 
-def _server_child(request: dict[str, Any], notify_fd: int) -> int:
+def _server_child(request: dict[str, Any], notify_fd: int, supervision: dict[str, Any]) -> int:
     # The client's store settings replace the server's; they must not mix (a
     # server's session token with a client's key, the server's default store...).
     for key in [k for k in os.environ if k.startswith(_ENV_PREFIXES) or k in _ENV_NAMES]:
@@ -420,4 +486,4 @@ def _server_child(request: dict[str, Any], notify_fd: int) -> int:
     except OSError:
         os.chdir("/")
     args = argparse.Namespace(**request["args"])
-    return _become_daemon(args, request["mountpoint"], request["cache_dir"], notify_fd)
+    return _become_daemon(args, request["mountpoint"], request["cache_dir"], notify_fd, supervision)

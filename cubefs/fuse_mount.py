@@ -31,11 +31,12 @@ from cubefs.cache.source import ChunkSource
 from cubefs.cache.tiers import MemoryTier
 from cubefs.catalog import load_cached
 from cubefs.errors import UsageError
-from cubefs.format.manifest import Manifest
+from cubefs.format.manifest import Manifest, parse_ref
 from cubefs.format.trace import encode_trace, trace_key
 from cubefs.fsops import ImageFS
 from cubefs.remote import RetryingStore, RetryPolicy, store_session
 from cubefs.remote.loop import LoopThread
+from cubefs.supervise import SupervisorLink
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +66,27 @@ class MountOptions:
     prefetch: bool = True  # prefetch the image's pushed trace, if it has one
     volume: str | None = None  # mount this volume (read-write) instead of the image ``ref``
     volume_dir: str = ""
+    supervisor_fd: int = -1  # the link to the mount server that keeps this mount's /dev/fuse
+    resume: dict[str, Any] | None = None  # a replacement's: fd, session, image, restarts (cubefs.supervise)
 
 
 def run_daemon(opts: MountOptions, notify: Any = None) -> int:
-    """Mount and serve until unmounted; ``notify(msg)`` reports ready or an error."""
+    """Mount and serve until unmounted; ``notify(msg)`` reports ready or an error.  The
+    mount server hears last whether this daemon unmounted or handed over (after the
+    volume lock is released: a successor takes it); a daemon that says neither died."""
+    link = SupervisorLink(opts.supervisor_fd) if opts.supervisor_fd >= 0 and opts.transport == "kernel" else None
+    try:
+        return _run(opts, notify, link)
+    finally:
+        if link is not None:
+            link.finish()
+
+
+def _run(opts: MountOptions, notify: Any, link: SupervisorLink | None) -> int:
     policy = RetryPolicy(attempts=opts.store_attempts, timeout=opts.store_timeout, max_backoff=1.0)
     if opts.volume is None:
         with store_session(opts.store_url, opts.s3_endpoint, policy=policy) as (loop, store):
-            return _serve(opts, notify, loop, store, None)
+            return _serve(opts, notify, loop, store, None, link)
     if opts.transport == "pyfuse3":
         raise UsageError("volumes are served by the kernel and virtiofs transports (not --transport pyfuse3)")
     from cubefs.cow.index import VolumeIndex
@@ -89,10 +103,10 @@ def run_daemon(opts: MountOptions, notify: Any = None) -> int:
                 if snapshot:
                     index.get_snapshot(txn, volume, snapshot)
             if base is None:
-                return _serve(opts, notify, None, None, index)
+                return _serve(opts, notify, None, None, index, link)
             url, endpoint = opts.store_url or base.store, opts.s3_endpoint or base.s3_endpoint
             with store_session(url, endpoint, policy=policy) as (loop, store):
-                return _serve(opts, notify, loop, store, index)
+                return _serve(opts, notify, loop, store, index, link)
         finally:
             if lock is not None:
                 lock.release()
@@ -101,7 +115,8 @@ def run_daemon(opts: MountOptions, notify: Any = None) -> int:
 
 
 def _serve(
-    opts: MountOptions, notify: Any, loop: LoopThread | None, store: RetryingStore | None, index: Any
+    opts: MountOptions, notify: Any, loop: LoopThread | None, store: RetryingStore | None, index: Any,
+    link: SupervisorLink | None = None,
 ) -> int:
     """Serve an image (``index`` None) or the volume ``opts.volume`` of ``index`` (whose base
     image, if it has one, is in ``store``)."""
@@ -118,8 +133,13 @@ def _serve(
                 base = index.volume(txn, str(opts.volume).partition("@")[0]).base
             name, _, tag = base.ref.rpartition(":")
             wanted = Manifest(name, tag, base.digest, "")
+        elif opts.resume and opts.resume.get("image"):  # the image the mount showed, not what the tag says now
+            name, tag = parse_ref(opts.ref)
+            wanted = Manifest(name, tag, str(opts.resume["image"]), "")
         manifest, image, chunkmap, trace, offline = loop.run(load_cached(store, opts.cache_dir, wanted))
         ref = manifest.ref
+        if link is not None and index is None:
+            link.tell("image", digest=manifest.image)
         if offline:
             log.warning("store %s is unreachable: image %s mounted from the metadata kept in %s; chunks not in "
                         "the disk cache fail with EIO until it is back", store.url, ref, opts.cache_dir)
@@ -148,7 +168,15 @@ def _serve(
         if opts.record_trace:
             image_fs.record_trace()
     transport = _transport(opts.transport, fs, mountpoint, f"cubefs:{label}", opts.allow_other)
-    transport.mount()
+    resume = opts.resume if link is not None else None
+    if resume is not None:
+        transport.adopt(int(resume["fd"]), resume.get("session"))  # type: ignore[attr-defined]
+        log.info("replacing a daemon that exited (restart %d): %s stays mounted", resume["restarts"], mountpoint)
+    else:
+        transport.mount()
+    if link is not None:
+        link.fuse_fd(transport.fd)  # type: ignore[attr-defined]
+        transport.on_session = lambda state: link.tell("session", **state)  # type: ignore[attr-defined]
 
     def get_stats() -> dict[str, Any]:
         stats = {
@@ -157,6 +185,7 @@ def _serve(
             "mountpoint": mountpoint,
             "store": store.url if store is not None else None,
             "pid": os.getpid(),
+            "restarts": int(resume["restarts"]) if resume else 0,
             "transport": opts.transport,
             "reads": transport.ops["read"] - fs.read_errors,
             "read_bytes": transport.read_bytes,
@@ -220,9 +249,11 @@ def _serve(
             token = trio.lowlevel.current_trio_token()
             signal.signal(signal.SIGTERM, lambda *_a: token.run_sync_soon(transport.stop))
             signal.signal(signal.SIGINT, lambda *_a: token.run_sync_soon(transport.stop))
+            if link is not None:  # an upgrade: a successor from the server's code takes over
+                signal.signal(signal.SIGUSR2, lambda *_a: token.run_sync_soon(transport.handover))  # type: ignore
             if notify is not None:
                 notify("ready")
-            if trace and opts.prefetch and source is not None and image_fs is not None:
+            if trace and opts.prefetch and resume is None and source is not None and image_fs is not None:
                 nursery.start_soon(source.prefetch, image_fs.chunk_refs(trace))
             await transport.serve()
             nursery.cancel_scope.cancel()
@@ -242,8 +273,14 @@ def _serve(
             if disk is not None:
                 disk.close()
         finally:
-            control.remove_registry(mountpoint)
-            log.info("unmounted %s", mountpoint)
+            handed_over = bool(getattr(getattr(transport, "session", None), "handed_over", False))
+            if link is not None:
+                link.outcome = "handover" if handed_over else "unmounted"
+            if handed_over:
+                log.info("handed %s over to a successor", mountpoint)
+            else:
+                control.remove_registry(mountpoint)
+                log.info("unmounted %s", mountpoint)
     return 0
 
 

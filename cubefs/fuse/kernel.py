@@ -31,12 +31,13 @@ import os
 import shutil
 import socket
 import subprocess
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import trio
 
 from cubefs.errors import CubefsError
+from cubefs.fuse import protocol as p
 from cubefs.fuse.server import MAX_READAHEAD, REQUEST_BUFFER, FuseServer, Reply
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ MS_NOSUID = 2
 MS_NODEV = 4
 MNT_DETACH = 2
 YIELD_EVERY = 16  # requests handled inline between two checkpoints
+HANDOVER_WAIT = 5.0  # seconds a daemon handing over waits for its requests in flight
 
 
 class MountError(CubefsError):
@@ -71,6 +73,26 @@ class KernelSession:
         self.read_only = read_only
         self.fd = -1
         self._mounted = False
+        self.resumed = False  # serving a session another daemon started (adopt)
+        self.handed_over = False  # stopped serving for a successor: leave the mount be
+        self._reading = trio.CancelScope()
+
+    def adopt(self, fd: int) -> None:
+        """Serve the session on ``fd`` that a daemon now gone started (the mount server
+        kept the descriptor): no mount, no INIT; ``serve`` first asks the kernel to
+        send again what the old daemon read and never answered."""
+        self.fd = fd
+        fcntl.fcntl(self.fd, fcntl.F_SETFD, fcntl.FD_CLOEXEC)
+        os.set_blocking(self.fd, False)
+        self._mounted = True
+        self.resumed = True
+        log.info("resumed the FUSE session of %s on fd %d", self.mountpoint, self.fd)
+
+    def handover(self) -> None:
+        """Stop reading requests (a successor will): what is in flight is answered, the
+        mount stays."""
+        self.handed_over = True
+        self._reading.cancel()
 
     def mount(self) -> None:
         if os.geteuid() == 0:
@@ -173,36 +195,65 @@ class KernelSession:
         if msg is not None:
             self._send(msg)
 
-    async def serve(self, server: FuseServer) -> None:
-        """Answer requests until the filesystem is unmounted."""
+    def _resend(self, server: FuseServer) -> None:
+        if not server.minor:
+            return  # INIT was never answered: the kernel sends it again, as to any daemon
+        if not server.kernel_flags & p.HAS_RESEND:
+            log.warning("this kernel has no FUSE_NOTIFY_RESEND (Linux 6.9+): requests the previous daemon "
+                        "read and never answered stay unanswered")
+            return
+        try:
+            os.write(self.fd, p.resend())
+            log.info("asked the kernel to resend the requests the previous daemon left unanswered")
+        except OSError as err:
+            log.warning("FUSE_NOTIFY_RESEND failed: %s", err)
+
+    async def serve(self, server: FuseServer, on_session: Callable[[dict[str, Any]], None] | None = None) -> None:
+        """Answer requests until the filesystem is unmounted (or :meth:`handover`).
+        ``on_session`` gets what INIT settled, once it is settled."""
         buf = bytearray(REQUEST_BUFFER)
         view = memoryview(buf)
-        handled = 0
+        told = server.minor != 0
+        if self.resumed:
+            self._resend(server)
         async with trio.open_nursery() as nursery:
-            while not server.destroyed:
-                try:
-                    n = os.readv(self.fd, [buf])
-                except BlockingIOError:
-                    await trio.lowlevel.wait_readable(self.fd)
-                    continue
-                except InterruptedError:
-                    continue
-                except OSError as err:
-                    if err.errno == errno.ENOENT:  # interrupted before we read it
-                        continue
-                    if err.errno == errno.ENODEV:  # unmounted
-                        break
-                    raise
-                out = server.handle(view[:n])  # valid until the next read: see FuseServer.handle
-                if isinstance(out, bytes | list):
-                    self._send(out)
-                elif out is not None:
-                    nursery.start_soon(self._reply_later, out)
-                handled += 1
-                if handled % YIELD_EVERY == 0:
-                    await trio.lowlevel.checkpoint()
+            with self._reading:
+                await self._serve_requests(server, nursery, buf, view, on_session, told)
+            if self.handed_over:  # answer what is in flight, within a bound
+                nursery.cancel_scope.deadline = trio.current_time() + HANDOVER_WAIT
+                return
             nursery.cancel_scope.cancel()
         self._mounted = False
+
+    async def _serve_requests(self, server: FuseServer, nursery: trio.Nursery, buf: bytearray, view: memoryview,
+                              on_session: Callable[[dict[str, Any]], None] | None, told: bool) -> None:
+        handled = 0
+        while not server.destroyed:
+            try:
+                n = os.readv(self.fd, [buf])
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self.fd)
+                continue
+            except InterruptedError:
+                continue
+            except OSError as err:
+                if err.errno == errno.ENOENT:  # interrupted before we read it
+                    continue
+                if err.errno == errno.ENODEV:  # unmounted
+                    break
+                raise
+            out = server.handle(view[:n])  # valid until the next read: see FuseServer.handle
+            if isinstance(out, bytes | list):
+                self._send(out)
+            elif out is not None:
+                nursery.start_soon(self._reply_later, out)
+            handled += 1
+            if not told and server.minor:
+                told = True
+                if on_session is not None:
+                    on_session(server.session())
+            if handled % YIELD_EVERY == 0:
+                await trio.lowlevel.checkpoint()
 
 
 class KernelTransport:
@@ -212,6 +263,21 @@ class KernelTransport:
         self.server = FuseServer(fs)
         self.ops = self.server.ops
         self.session = KernelSession(mountpoint, fsname, allow_other, read_only=not self.server.writable)
+        self.on_session: Callable[[dict[str, Any]], None] | None = None  # told what INIT settled
+
+    def adopt(self, fd: int, session: dict[str, Any] | None) -> None:
+        """Serve the session another daemon started on ``fd`` (instead of :meth:`mount`);
+        ``session`` is what its INIT settled (None: INIT is still to come)."""
+        if session is not None:
+            self.server.resume(session)
+        self.session.adopt(fd)
+
+    def handover(self) -> None:
+        self.session.handover()
+
+    @property
+    def fd(self) -> int:
+        return self.session.fd
 
     async def invalidate(self, inodes: set[int], names: set[tuple[int, bytes]]) -> int:
         """Make the kernel drop what it cached of ``inodes`` and ``names`` (after a rollback).
@@ -238,11 +304,12 @@ class KernelTransport:
         self.session.mount()
 
     async def serve(self) -> None:
-        await self.session.serve(self.server)
+        await self.session.serve(self.server, self.on_session)
 
     def stop(self) -> None:
         self.session.unmount()
 
     def close(self) -> None:
-        self.session.unmount()
+        if not self.session.handed_over:  # a successor serves the mount on the server's descriptor
+            self.session.unmount()
         self.session.close()

@@ -82,6 +82,8 @@ PARALLEL_DIROPS = 1 << 18
 MAX_PAGES = 1 << 22
 CACHE_SYMLINKS = 1 << 23
 NO_OPENDIR_SUPPORT = 1 << 24
+# In fuse_init_in.flags2 (bit 32 and up of the 64 flags; 7.36+ kernels send it, whatever we answer).
+HAS_RESEND = 1 << 39  # Linux 6.9: the kernel takes NOTIFY_RESEND (see kernel.KernelSession.adopt)
 
 # fuse_open_out.open_flags
 FOPEN_KEEP_CACHE = 1 << 1
@@ -126,6 +128,7 @@ SETXATTR_IN = struct.Struct("<II")  # size flags; then name\0 value
 FALLOCATE_IN = struct.Struct("<QQQII")  # fh offset length mode padding
 NOTIFY_INVAL_INODE = 2
 NOTIFY_INVAL_ENTRY = 3
+NOTIFY_RESEND = 7  # no payload: requeue every request read from the device and not yet answered
 INVAL_INODE_OUT = struct.Struct("<Qqq")  # ino offset length
 INVAL_ENTRY_OUT = struct.Struct("<QII")  # parent namelen padding; then name\0
 
@@ -155,6 +158,12 @@ def dirent(ino: int, next_off: int, name: bytes, dtype: int) -> bytes:
 def notify(code: int, payload: bytes) -> bytes:
     """An unsolicited message to the kernel: unique 0, the notification code as the error."""
     return OUT_HEADER.pack(OUT_HEADER.size + len(payload), code, 0) + payload
+
+
+def resend() -> bytes:
+    """Ask the kernel to send again what a daemon read and never answered (a daemon that
+    died: its replacement on the same ``/dev/fuse`` descriptor sends this first)."""
+    return notify(NOTIFY_RESEND, b"")
 
 
 def inval_inode(ino: int) -> bytes:

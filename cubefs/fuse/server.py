@@ -104,6 +104,7 @@ class FuseServer:
         self.minor = 0  # negotiated protocol minor; 0 until INIT
         self.no_open = False
         self.no_opendir = False
+        self.kernel_flags = 0  # what the kernel offered at INIT (64 bits)
         self.destroyed = False
         # An image never changes, so an inode's packed attributes are built once;
         # a READDIRPLUS would otherwise rebuild hundreds per request.
@@ -218,6 +219,8 @@ class FuseServer:
             log.error("FUSE protocol %d.%d is too old (need %d.%d)", major, minor, p.KERNEL_MAJOR, p.MIN_MINOR)
             raise FsError(errno.EPROTO)
         self.minor = min(minor, p.MAX_MINOR)
+        # flags2 follows flags in a 7.36+ kernel's INIT, whatever minor we answer
+        self.kernel_flags = flags | (int.from_bytes(body[16:20], "little") << 32 if len(body) >= 20 else 0)
         self.no_open = bool(flags & p.NO_OPEN_SUPPORT)
         self.no_opendir = bool(flags & p.NO_OPENDIR_SUPPORT)
         log.info("FUSE protocol 7.%d (kernel 7.%d), flags %#x", self.minor, minor, flags & WANTED_FLAGS)
@@ -227,6 +230,18 @@ class FuseServer:
             p.KERNEL_MAJOR, self.minor, max(max_readahead, MAX_READAHEAD), flags & WANTED_FLAGS,
             64, 48, MAX_WRITE, 1, MAX_PAGES, 0, 0,
         ))
+
+    def session(self) -> dict[str, Any]:
+        """What INIT settled, for a daemon that replaces this one on the same session
+        (it gets no INIT): see :meth:`resume` and kernel.KernelSession.adopt."""
+        return {"minor": self.minor, "no_open": self.no_open, "no_opendir": self.no_opendir,
+                "kernel_flags": self.kernel_flags}
+
+    def resume(self, state: dict[str, Any]) -> None:
+        self.minor = int(state["minor"])
+        self.no_open = bool(state["no_open"])
+        self.no_opendir = bool(state["no_opendir"])
+        self.kernel_flags = int(state.get("kernel_flags", 0))
 
     def _destroy(self, unique: int, _nodeid: int, _body: memoryview) -> bytes:
         """The kernel unmounted.  /dev/fuse ends here; a VM's root over virtio-fs may be

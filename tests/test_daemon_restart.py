@@ -1,0 +1,192 @@
+"""Mounts outlive their daemon: kill -9 of a mount daemon is a stall, never an error.
+
+Real FUSE mounts through this run's mount server (conftest), real kill -9.
+Readers drop each file's pages after reading it (POSIX_FADV_DONTNEED), so
+every read goes to the daemon, the one being killed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from conftest import mounted, run_cubefs
+
+FILES = 12
+FILE_SIZE = 256 * 1024
+
+
+def _stats(mnt: Path) -> dict:  # type: ignore[type-arg]
+    return json.loads(run_cubefs("stats", str(mnt), "--json").stdout)
+
+
+def _wait_for_new_daemon(mnt: Path, old_pid: int, timeout: float = 30) -> dict:  # type: ignore[type-arg]
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            stats = _stats(mnt)
+            if stats["pid"] != old_pid:
+                return stats
+        except AssertionError:
+            pass
+        assert time.monotonic() < deadline, "no replacement daemon answers"
+        time.sleep(0.1)
+
+
+class Readers:
+    """``n`` threads reading and checksumming files in a loop; every error is kept."""
+
+    def __init__(self, mnt: Path, digests: dict[str, str], n: int = 4) -> None:
+        self.mnt, self.digests = mnt, digests
+        self.errors: list[str] = []
+        self.reads = 0
+        self.longest = 0.0
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(n)]
+
+    def _run(self, i: int) -> None:
+        names = sorted(self.digests)
+        k = i
+        while not self.stop.is_set():
+            name = names[k % len(names)]
+            k += 1
+            t0 = time.monotonic()
+            try:
+                fd = os.open(self.mnt / name, os.O_RDONLY)
+                try:
+                    data = b""
+                    while chunk := os.read(fd, 1 << 20):
+                        data += chunk
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
+            except OSError as err:
+                self.errors.append(f"{name}: {err}")
+                continue
+            self.longest = max(self.longest, time.monotonic() - t0)
+            if hashlib.sha256(data).hexdigest() != self.digests[name]:
+                self.errors.append(f"{name}: wrong bytes")
+            self.reads += 1
+
+    def __enter__(self) -> Readers:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=60)
+
+
+def _image(tmp_path: Path, store: str, tag: str) -> dict[str, str]:
+    src = tmp_path / "src"
+    src.mkdir()
+    digests = {}
+    for i in range(FILES):
+        data = os.urandom(FILE_SIZE)
+        (src / f"f{i:02d}").write_bytes(data)
+        digests[f"f{i:02d}"] = hashlib.sha256(data).hexdigest()
+    run_cubefs("build", str(src), "--tag", tag, "--store", store)
+    return digests
+
+
+def test_killed_image_daemon_is_replaced_under_readers(tmp_path: Path, local_store: str) -> None:
+    digests = _image(tmp_path, local_store, "restart:1")
+    mnt = tmp_path / "mnt"
+    with mounted("restart:1", mnt, local_store, tmp_path / "cache"):
+        first = _stats(mnt)
+        assert first["restarts"] == 0
+        with Readers(mnt, digests) as readers:
+            time.sleep(1.0)
+            before = readers.reads
+            assert before > 0, readers.errors
+            os.kill(first["pid"], signal.SIGKILL)
+            killed_at = time.monotonic()
+            second = _wait_for_new_daemon(mnt, first["pid"])
+            replaced_in = time.monotonic() - killed_at
+            at_replacement = readers.reads
+            time.sleep(1.5)
+        assert readers.errors == []
+        assert readers.reads > at_replacement, "readers did not carry on after the replacement"
+        assert second["restarts"] == 1
+        assert _stats(mnt)["restarts"] == 1
+        assert os.path.ismount(mnt)
+        print(f"replacement answered {replaced_in:.2f} s after kill -9; longest read {readers.longest:.2f} s; "
+              f"{readers.reads} reads")
+        assert readers.longest < 5
+        logs = "".join(p.read_text() for p in (tmp_path / "cache" / "logs").iterdir())
+        assert "resumed the FUSE session" in logs
+    assert not os.path.ismount(mnt)
+    time.sleep(0.5)  # the daemon that unmounted is not replaced
+    assert not os.path.ismount(mnt)
+
+
+def test_killed_volume_daemon_loses_no_fsynced_write(tmp_path: Path, local_store: str) -> None:
+    digests = _image(tmp_path, local_store, "vbase:1")
+    vols = tmp_path / "volumes"
+    run_cubefs("volume", "create", "vol", "--from", "vbase:1", "--store", local_store, "--volume-dir", str(vols))
+    mnt = tmp_path / "vmnt"
+    mnt.mkdir()
+    run_cubefs("mount", "--volume", "vol", str(mnt), "--volume-dir", str(vols), "--cache-dir",
+               str(tmp_path / "cache"), timeout=120)
+    synced: dict[str, bytes] = {}  # name -> content whose fsync returned
+    werrors: list[str] = []
+    stop = threading.Event()
+
+    def writer(w: int) -> None:
+        n = 0
+        while not stop.is_set():
+            name = f"w{w}-{n % 8}"
+            data = os.urandom(64 * 1024) + f"{w} {n}".encode()
+            try:
+                fd = os.open(mnt / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                try:
+                    os.write(fd, data)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as err:
+                werrors.append(f"{name}: {err}")
+                continue
+            synced[name] = data
+            n += 1
+
+    try:
+        first = _stats(mnt)
+        writers = [threading.Thread(target=writer, args=(w,)) for w in range(2)]
+        with Readers(mnt, digests, n=2) as readers:
+            for t in writers:
+                t.start()
+            time.sleep(1.0)
+            os.kill(first["pid"], signal.SIGKILL)
+            second = _wait_for_new_daemon(mnt, first["pid"])
+            written_at_replacement = len(synced)
+            time.sleep(1.5)
+            stop.set()
+            for t in writers:
+                t.join(timeout=60)
+        assert readers.errors == [] and werrors == []
+        assert second["restarts"] == 1
+        assert len(synced) >= written_at_replacement > 0
+        for name, data in synced.items():
+            assert (mnt / name).read_bytes() == data, f"{name}: an fsynced write was lost"
+    finally:
+        stop.set()
+        res = run_cubefs("umount", str(mnt), check=False, timeout=60)
+        if res.returncode != 0 and os.path.ismount(mnt):
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
+    # What was fsynced is in the volume for the next mount too.
+    run_cubefs("mount", "--volume", "vol", str(mnt), "--volume-dir", str(vols), "--cache-dir",
+               str(tmp_path / "cache"), timeout=120)
+    try:
+        for name, data in synced.items():
+            assert (mnt / name).read_bytes() == data
+    finally:
+        run_cubefs("umount", str(mnt))
