@@ -81,16 +81,22 @@ class Report:
 
 
 async def load_indexes(store: Store, packs: Iterable[str]) -> dict[str, dict[bytes, ChunkLocation] | str]:
-    """Per pack: its index's entries by digest, or why it cannot be had."""
+    """Per pack: its index's entries by digest, or why it cannot be had.  An index
+    ``gc`` hid (``gc/indexes/``: the pack was unused at its last run) counts: the
+    pack stays while a build holds a lease, and the next run gives the index back
+    to a pack a manifest uses again (cubefs/store_gc.py)."""
     listed = set(await store.list("indexes/"))
+    hidden = set(await store.list("gc/indexes/"))
     sem = asyncio.Semaphore(INDEX_FETCHES)
     out: dict[str, dict[bytes, ChunkLocation] | str] = {}
 
     async def one(pack: str) -> None:
         key = index_key(pack)
         if key not in listed:
-            out[pack] = f"pack {pack[:16]} has no pack index"
-            return
+            key = f"gc/{key}"
+            if key not in hidden:
+                out[pack] = f"pack {pack[:16]} has no pack index"
+                return
         async with sem:
             try:
                 entries = decode_index(await store.get(key), key)
