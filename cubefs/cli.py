@@ -255,6 +255,9 @@ def make_parser(plugins: bool = True) -> argparse.ArgumentParser:
                    "which must not hold the secret) and exit")
     p.add_argument("--idle-exit", type=float, default=None, metavar="SECONDS",
                    help="exit after this long without a mount request (default: never)")
+    p.add_argument("--upgrade", action="store_true",
+                   help="make the running mount server run the installed code and replace every mount daemon "
+                   "with one of it, one by one, without unmounting anything")
     _store_args(p)
     p.add_argument("--cache-dir", default=None, help="the node's disk cache (default: $CUBEFS_CACHE_DIR or "
                    "~/.cache/cubefs); give mounts the same one")
@@ -571,6 +574,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from cubefs import daemon
 
     socket_path = args.socket or daemon.default_server_socket()
+    if args.upgrade:
+        return daemon.upgrade_server(socket_path)
     if args.print_metrics_token:
         from cubefs.cache.peers import load_secret, metrics_token
 

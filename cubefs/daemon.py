@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from cubefs import control
+from cubefs import control, supervise
 from cubefs.errors import EXIT_ERROR, EXIT_OK, CubefsError
 from cubefs.supervise import Supervised
 
@@ -295,7 +295,8 @@ def _via_server(path: str, args: argparse.Namespace, mp: str, cache_dir: str, fi
 
 
 def run_mount_server(path: str, idle_exit: float | None = None) -> int:
-    """Serve mount requests on ``path`` until SIGTERM/SIGINT, a stale client, or ``idle_exit`` seconds idle."""
+    """Serve mount requests on ``path`` until SIGTERM/SIGINT, a stale client, or ``idle_exit`` seconds idle
+    (never while it keeps mounts alive: see cubefs.supervise)."""
     fingerprint = code_fingerprint()  # before the imports: what the rest of this process will run
     import cubefs.catalog
     import cubefs.fuse.kernel
@@ -303,23 +304,28 @@ def run_mount_server(path: str, idle_exit: float | None = None) -> int:
     import cubefs.remote.local
     import cubefs.remote.s3  # noqa: F401
 
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    lock_fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    if not _take_server_lock(lock_fd, path, wait=idle_exit is None):
-        log.info("another mount server holds %s.lock; leaving it be", path)
-        return EXIT_OK
-    os.ftruncate(lock_fd, 0)
-    os.pwrite(lock_fd, f"{os.getpid()}\n".encode(), 0)  # who serves: for 'kill', tests and humans
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    srv.bind(path)
-    os.chmod(path, 0o600)  # whoever can connect can mount as this user
-    srv.listen(64)
-    if idle_exit is not None:
-        srv.settimeout(idle_exit)
+    inherited = supervise.inherited_state()  # set when this process is an upgrade exec'd in place
+    if inherited is None:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        lock_fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        if not _take_server_lock(lock_fd, path, wait=idle_exit is None):
+            log.info("another mount server holds %s.lock; leaving it be", path)
+            return EXIT_OK
+        os.ftruncate(lock_fd, 0)
+        os.pwrite(lock_fd, f"{os.getpid()}\n".encode(), 0)  # who serves: for 'kill', tests and humans
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        srv.bind(path)
+        os.chmod(path, 0o600)  # whoever can connect can mount as this user
+        srv.listen(64)
+        mounts: dict[int, Supervised] = {}  # by the fileno of the link to the daemon
+        upgrade = supervise.Upgrade([], None)
+    else:
+        srv, lock_fd, mounts, upgrade = inherited
+        log.info("mount server upgraded in place: replacing %d mount daemons one by one", len(upgrade.todo))
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # daemons are reaped by the kernel
     stopping = False
 
@@ -330,17 +336,18 @@ def run_mount_server(path: str, idle_exit: float | None = None) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     log.info("mount server listening on %s (pid %d, code %s)", path, os.getpid(), fingerprint)
-    mounts: dict[int, Supervised] = {}  # by the fileno of the link to the daemon
     idle_since = time.monotonic()
     while not stopping:
+        upgrade.step(mounts)
         try:
-            ready, _, _ = select.select([srv, *(m.sock for m in mounts.values())], [], [], 1.0)
+            ready, _, _ = select.select([srv, *(m.sock for m in mounts.values())], [], [], 0.5)
         except InterruptedError:
             continue
         for m in [m for m in mounts.values() if m.sock in ready]:
             if not m.receive():
                 del mounts[m.sock.fileno()]
-                _daemon_gone(m, mounts, srv, lock_fd)
+                successor = _daemon_gone(m, mounts, srv, lock_fd)
+                upgrade.replaced(m, successor)
         if srv not in ready:
             if idle_exit is not None and not mounts and time.monotonic() - idle_since > idle_exit:
                 log.info("no mount request for %.0f s; exiting", idle_exit)
@@ -360,11 +367,22 @@ def run_mount_server(path: str, idle_exit: float | None = None) -> int:
         if request is None:  # a client checking that we are up
             conn.close()
             continue
+        if request.get("upgrade"):
+            log.info("asked to upgrade: running the installed code in place of %s", fingerprint)
+            supervise.exec_upgrade(path, idle_exit, srv, lock_fd, mounts, conn)  # returns only if exec failed
+            conn.sendall(b"error cannot exec the new code; see the server's log\n")
+            conn.close()
+            continue
         if request.get("stop") or request.get("fingerprint") != fingerprint:
             why = "asked to stop" if request.get("stop") else f"a client runs other code ({request.get('fingerprint')})"
-            log.info("%s; exiting so that a current server takes over", why)
             conn.sendall(b"stale\n")
             conn.close()
+            if mounts and not request.get("stop"):
+                if code_fingerprint() != fingerprint:  # the installed code changed: become it, keep the mounts
+                    log.info("%s; upgrading in place, keeping %d mounts", why, len(mounts))
+                    supervise.exec_upgrade(path, idle_exit, srv, lock_fd, mounts, None)
+                continue  # an older client: it mounts without us
+            log.info("%s; exiting so that a current server takes over", why)
             break
         m = _spawn(request, conn, mounts, srv, lock_fd)
         log.info("forked mount daemon %d for %s at %s", m.pid, request["args"].get("ref"), request["mountpoint"])
@@ -379,6 +397,26 @@ def run_mount_server(path: str, idle_exit: float | None = None) -> int:
     except FileNotFoundError:
         pass
     os.close(lock_fd)
+    return EXIT_OK
+
+
+def upgrade_server(path: str) -> int:
+    """``cubefs serve --upgrade``: the running server execs the installed code and replaces
+    every mount daemon with one of it, one at a time; returns once all are replaced."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+        sock.sendall(b'{"upgrade": true, "args": {}, "mountpoint": ""}\n')
+    except OSError as err:
+        sock.close()
+        raise CubefsError(f"no mount server answers on {path}: {err.strerror}") from None
+    try:
+        text = _await_ready(sock.fileno(), lambda: True)
+    finally:
+        sock.close()
+    if not text.startswith("upgraded "):
+        raise CubefsError(f"the mount server on {path} did not upgrade: {text or 'no answer'}")
+    print(f"mount server on {path} runs this code; {text.split()[1]} mount daemons replaced")
     return EXIT_OK
 
 
@@ -407,7 +445,8 @@ def _spawn(request: dict[str, Any], conn: socket.socket | None, mounts: dict[int
     return m
 
 
-def _daemon_gone(m: Supervised, mounts: dict[int, Supervised], srv: socket.socket, lock_fd: int) -> None:
+def _daemon_gone(m: Supervised, mounts: dict[int, Supervised], srv: socket.socket,
+                 lock_fd: int) -> Supervised | None:
     """The daemon of ``m`` exited: done if it unmounted, else a replacement on the same
     /dev/fuse descriptor (see cubefs.supervise)."""
     m.sock.close()
@@ -416,7 +455,7 @@ def _daemon_gone(m: Supervised, mounts: dict[int, Supervised], srv: socket.socke
         if m.outcome != "unmounted" and m.fuse_fd >= 0:
             log.error("mount daemon %d of %s exited; not replacing it: %s", m.pid, m.mountpoint, why_not)
         m.close()
-        return
+        return None
     how = "handed over" if m.outcome == "handover" else "died without unmounting"
     t0 = time.monotonic()
     resume = m.resume_info()
@@ -426,6 +465,7 @@ def _daemon_gone(m: Supervised, mounts: dict[int, Supervised], srv: socket.socke
     new.replaced_at = [*m.replaced_at, t0]
     log.warning("mount daemon %d of %s %s; replacement %d started on the same /dev/fuse (restart %d)",
                 m.pid, m.mountpoint, how, new.pid, new.restarts)
+    return new
 
 
 def _take_server_lock(lock_fd: int, path: str, wait: bool) -> bool:

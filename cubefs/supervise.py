@@ -37,7 +37,9 @@ import fcntl
 import json
 import logging
 import os
+import signal
 import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -86,6 +88,7 @@ class Supervised:
     restarts: int = 0
     outcome: str = ""
     replaced_at: list[float] = field(default_factory=list)
+    live: bool = False  # the daemon serves the mount (it sent its descriptor)
 
     @property
     def mountpoint(self) -> str:
@@ -103,6 +106,8 @@ class Supervised:
                 self.fuse_fd = fd
             else:
                 os.close(fd)
+        if fds:
+            self.live = True
         if not msg:
             return bool(fds)
         try:
@@ -146,3 +151,113 @@ class Supervised:
         if self.fuse_fd >= 0:
             os.close(self.fuse_fd)
             self.fuse_fd = -1
+
+    def state(self) -> dict[str, Any]:
+        return {"request": self.request, "sock": self.sock.fileno(), "pid": self.pid, "fuse_fd": self.fuse_fd,
+                "session": self.session, "image": self.image, "restarts": self.restarts}
+
+
+HANDOVER_TIMEOUT = 30.0  # seconds an upgrade waits for one daemon before it moves on
+STATE_ENV = "CUBEFS_SERVER_STATE_FD"
+
+
+@dataclass
+class Upgrade:
+    """Old daemons to hand over to successors of the new code, one at a time: the next
+    is asked once the previous one's successor serves (or after HANDOVER_TIMEOUT)."""
+
+    todo: list[int]  # pids of daemons still to replace
+    conn: socket.socket | None  # 'cubefs serve --upgrade' waiting for the outcome
+    asked: int = 0  # pid asked to hand over, 0 if none
+    asked_at: float = 0.0
+    successor: Supervised | None = None
+    done: int = 0
+
+    def step(self, mounts: dict[int, Supervised]) -> None:
+        if self.asked:
+            waiting = self.successor is None or not self.successor.live
+            if waiting and time.monotonic() - self.asked_at < HANDOVER_TIMEOUT:
+                return
+            if waiting:
+                log.warning("mount daemon %d was not replaced within %.0f s; moving on", self.asked,
+                            HANDOVER_TIMEOUT)
+        self.asked, self.successor = 0, None
+        live = {m.pid: m for m in mounts.values()}
+        while self.todo:
+            pid = self.todo.pop(0)
+            m = live.get(pid)
+            if m is None or m.fuse_fd < 0:
+                continue
+            try:
+                os.kill(pid, signal.SIGUSR2)
+            except ProcessLookupError:
+                continue  # died meanwhile: replaced as any daemon that dies
+            self.asked, self.asked_at = pid, time.monotonic()
+            log.info("asked mount daemon %d of %s to hand over", pid, m.mountpoint)
+            return
+        if self.conn is not None:
+            with contextlib.suppress(OSError):
+                self.conn.sendall(f"upgraded {self.done}\n".encode())
+            self.conn.close()
+            self.conn = None
+
+    def replaced(self, old: Supervised, successor: Supervised | None) -> None:
+        if old.pid != self.asked:
+            return
+        if successor is None:  # it unmounted meanwhile, or could not be replaced: next one
+            self.asked = 0
+            return
+        self.successor = successor
+        self.done += 1
+
+
+def exec_upgrade(path: str, idle_exit: float | None, srv: socket.socket, lock_fd: int,
+                 mounts: dict[int, Supervised], conn: socket.socket | None) -> None:
+    """Exec the installed code as this same process (same pid, so the daemons stay its
+    children), handing it the listening socket, the lock, every mount's descriptor and
+    link, and ``conn``; returns only if the exec failed."""
+    state = {"srv": srv.fileno(), "lock": lock_fd, "conn": conn.fileno() if conn is not None else -1,
+             "mounts": [m.state() for m in mounts.values()]}
+    fds = [srv.fileno(), lock_fd, *(m.sock.fileno() for m in mounts.values()),
+           *(m.fuse_fd for m in mounts.values() if m.fuse_fd >= 0), *([conn.fileno()] if conn is not None else [])]
+    memfd = os.memfd_create("cubefs-server-state", 0)
+    os.write(memfd, json.dumps(state).encode())
+    os.lseek(memfd, 0, os.SEEK_SET)
+    for fd in [*fds, memfd]:
+        os.set_inheritable(fd, True)
+    argv = [sys.executable, "-m", "cubefs", "serve", "--socket", path]
+    if idle_exit is not None:
+        argv += ["--idle-exit", str(idle_exit)]
+    try:
+        os.execve(sys.executable, argv, {**os.environ, STATE_ENV: str(memfd)})
+    except OSError as err:
+        log.error("cannot exec %s for the upgrade: %s", sys.executable, err)
+        for fd in fds:
+            os.set_inheritable(fd, False)
+        os.close(memfd)
+
+
+def inherited_state() -> tuple[socket.socket, int, dict[int, Supervised], Upgrade] | None:
+    """What :func:`exec_upgrade` handed this process, or None when it was started afresh."""
+    fd = os.environ.pop(STATE_ENV, None)
+    if fd is None:
+        return None
+    with os.fdopen(int(fd), "rb") as f:
+        state = json.load(f)
+
+    def adopt(n: int) -> int:
+        os.set_inheritable(n, False)
+        return n
+
+    srv = socket.socket(fileno=adopt(state["srv"]))
+    conn = socket.socket(fileno=adopt(state["conn"])) if state["conn"] >= 0 else None
+    mounts: dict[int, Supervised] = {}
+    for d in state["mounts"]:
+        sock = socket.socket(fileno=adopt(d["sock"]))
+        if d["fuse_fd"] >= 0:
+            adopt(d["fuse_fd"])
+        m = Supervised(d["request"], sock, d["pid"], d["fuse_fd"], d["session"], d["image"], d["restarts"],
+                       live=d["fuse_fd"] >= 0)
+        mounts[sock.fileno()] = m
+    todo = [m.pid for m in mounts.values() if m.fuse_fd >= 0]
+    return srv, adopt(state["lock"]), mounts, Upgrade(todo, conn)

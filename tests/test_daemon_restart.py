@@ -12,11 +12,12 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
-from conftest import mounted, run_cubefs
+from conftest import S3_ENV, mounted, run_cubefs
 
 FILES = 12
 FILE_SIZE = 256 * 1024
@@ -190,3 +191,46 @@ def test_killed_volume_daemon_loses_no_fsynced_write(tmp_path: Path, local_store
             assert (mnt / name).read_bytes() == data
     finally:
         run_cubefs("umount", str(mnt))
+
+
+def test_upgrade_replaces_every_daemon_under_live_readers(tmp_path: Path, local_store: str) -> None:
+    digests = _image(tmp_path, local_store, "upgrade:1")
+    sock = tmp_path / "serve.sock"
+    log = tmp_path / "serve.log"
+    env = {"CUBEFS_SERVER": str(sock)}
+    server = subprocess.Popen([sys.executable, "-m", "cubefs", "serve", "--socket", str(sock)],
+                              stdout=open(log, "wb"), stderr=subprocess.STDOUT, env={**os.environ, **S3_ENV})
+    mnts = [tmp_path / "m1", tmp_path / "m2"]
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert server.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        for mnt in mnts:
+            mnt.mkdir()
+            run_cubefs("mount", "upgrade:1", str(mnt), "--store", local_store, "--cache-dir",
+                       str(tmp_path / "cache"), env=env)
+        before = {mnt: _stats(mnt)["pid"] for mnt in mnts}
+        with Readers(mnts[0], digests, n=2) as r1, Readers(mnts[1], digests, n=2) as r2:
+            time.sleep(0.5)
+            res = run_cubefs("serve", "--upgrade", "--socket", str(sock), timeout=120)
+            assert "2 mount daemons replaced" in res.stdout
+            counts = (r1.reads, r2.reads)
+            time.sleep(1.0)
+        assert r1.errors == [] and r2.errors == []
+        assert r1.reads > counts[0] and r2.reads > counts[1]
+        for mnt in mnts:
+            stats = _stats(mnt)
+            assert stats["pid"] != before[mnt] and stats["restarts"] == 1
+            assert os.path.ismount(mnt)
+        assert server.poll() is None  # the same process, now running the installed code
+        text = log.read_text()
+        assert "mount server upgraded in place: replacing 2 mount daemons" in text
+        assert text.count("mount server listening") == 2
+    finally:
+        for mnt in mnts:
+            if os.path.ismount(mnt):
+                run_cubefs("umount", str(mnt), check=False)
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+    assert not sock.exists()
