@@ -220,29 +220,45 @@ def test_sigkill_during_compaction_loses_nothing(vol: Vol) -> None:
 
 
 def test_sigkill_of_a_daemon_compacting_in_the_background(vol: Vol) -> None:
-    env = {"CUBEFS_COMPACT_INTERVAL": "1", "CUBEFS_TEST_COMPACT_PAUSE": "0.2"}
+    env = {"CUBEFS_COMPACT_INTERVAL": "1", "CUBEFS_TEST_COMPACT_PAUSE": "0.3"}
     mnt = vol.mount("v", env=env)
     daemon = json.loads(run_cubefs("stats", str(mnt), "--json").stdout)["pid"]
+    data = {"keep": os.urandom(20 * MiB), "more": os.urandom(MiB)}
     try:
-        write(mnt / "keep", os.urandom(20 * MiB))
+        write(mnt / "keep", data["keep"])
         vol.cli("snapshot", "v", "--name", "s1")
-        write(mnt / "junk", os.urandom(20 * MiB))
+        write(mnt / "junk", os.urandom(40 * MiB))
         os.unlink(mnt / "junk")
-        write(mnt / "more", os.urandom(MiB))
-        os.sync()
-        time.sleep(2.5)  # a background pass is copying 'keep' out of the first data file now
+        write(mnt / "more", data["more"])
+        # The daemon lets its mostly dead file go, then copies 'keep' and 'more' out of it
+        # into a second file, 4 MiB per step with a pause after each: kill it in there.
+        deadline = time.monotonic() + 30
+        while len(os.listdir(vol.dir / "data")) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert len(os.listdir(vol.dir / "data")) == 2  # the copy and the old file: mid-compaction
         os.kill(daemon, signal.SIGKILL)
     finally:
         vol.umount(mnt)
+    want = {name: hashlib.sha256(d).hexdigest() for name, d in data.items()}
+    assert _snapshot_states(vol, ["v", "v@s1"]) == {"v": want, "v@s1": {"keep": want["keep"]}}
+    st = vol.gc()
+    assert _snapshot_states(vol, ["v", "v@s1"]) == {"v": want, "v@s1": {"keep": want["keep"]}}
+    assert vol.data_du() <= st["live_bytes"] + MiB and st["live_bytes"] == 21 * MiB
+
+
+def test_volume_dir_is_private_even_if_an_older_version_made_it(vol: Vol) -> None:
     mnt = vol.mount("v")
     try:
-        got = digests(mnt)
+        write(mnt / "f", b"secret")
     finally:
         vol.umount(mnt)
-    # Reference: the same volume after a full collection must show the same bytes.
-    vol.gc()
-    assert _snapshot_states(vol, ["v"])["v"] == got
-    assert set(got) == {"keep", "more"}
+    for p in [vol.dir, *vol.dir.rglob("*")]:  # as an older cubefs under umask 022 left them
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    vol.cli("volume", "list")
+    modes = {str(p.relative_to(vol.dir)): p.stat().st_mode & 0o777 for p in [vol.dir, *vol.dir.rglob("*")]}
+    assert any(name.startswith("data/") for name in modes) and "index.lmdb/data.mdb" in modes
+    assert all(m == (0o700 if (vol.dir / n).is_dir() else 0o600) for n, m in modes.items()), modes
 
 
 def test_compaction_racing_snapshots_clones_and_rollbacks_keeps_every_snapshot_exact(vol: Vol) -> None:
