@@ -7,6 +7,7 @@ every read goes to the daemon, the one being killed.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -16,8 +17,13 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from conftest import S3_ENV, mounted, run_cubefs
+
+from cubefs.fsops import FsError
+from cubefs.fuse import protocol as p
+from cubefs.fuse.server import FuseServer
 
 FILES = 12
 FILE_SIZE = 256 * 1024
@@ -234,3 +240,55 @@ def test_upgrade_replaces_every_daemon_under_live_readers(tmp_path: Path, local_
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)
     assert not sock.exists()
+
+
+class _DoneBefore:
+    """A volume on which every change asked for was already made (by a daemon that died
+    before answering): the fault a replayed request meets."""
+
+    writable = True
+
+    def __init__(self) -> None:
+        self.remembered: list[int] = []
+
+    def create(self, *_a: object) -> int:
+        raise FsError(errno.EEXIST)
+
+    def unlink(self, *_a: object) -> None:
+        raise FsError(errno.ENOENT)
+
+    def lookup_ino(self, parent: int, name: bytes) -> int:
+        assert (parent, name) == (1, b"new-file")
+        return 7
+
+    def getattr(self, ino: int) -> SimpleNamespace:
+        return SimpleNamespace(atime_ns=0, mtime_ns=0, ctime_ns=0, size=3, blocks=1, mode=0o100644, nlink=1,
+                               uid=0, gid=0, rdev=0)
+
+    def remember(self, ino: int) -> None:
+        self.remembered.append(ino)
+
+
+def test_replayed_changes_are_answered_as_the_successes_they_were() -> None:
+    fs = _DoneBefore()
+    server = FuseServer(fs)
+    server.resume({"minor": 31, "no_open": True, "no_opendir": True})
+
+    def request(opcode: int, unique: int, body: bytes) -> bytes:
+        return p.IN_HEADER.pack(p.IN_HEADER.size + len(body), opcode, unique, 1, 0, 0, 1, 0, 0) + body
+
+    create = p.CREATE_IN.pack(os.O_WRONLY | os.O_CREAT, 0o644, 0o022, 0) + b"new-file\0"
+    # First sent: the name exists, as for any create of an existing name.
+    out = server.handle(request(p.CREATE, 2, create))
+    assert isinstance(out, bytes) and p.OUT_HEADER.unpack_from(out)[1] == -errno.EEXIST
+    # Sent again after a restart: the dead daemon made it; the caller gets its file.
+    out = server.handle(request(p.CREATE, 4 | p.UNIQUE_RESEND, create))
+    assert isinstance(out, bytes)
+    length, error, unique = p.OUT_HEADER.unpack_from(out)
+    assert (error, unique) == (0, 4 | p.UNIQUE_RESEND)
+    assert length == p.OUT_HEADER.size + p.ENTRY_OUT.size + p.ATTR.size + p.OPEN_OUT.size
+    assert p.ENTRY_OUT.unpack_from(out, p.OUT_HEADER.size)[0] == 7 and fs.remembered == [7]
+    out = server.handle(request(p.UNLINK, 6 | p.UNIQUE_RESEND, b"gone\0"))
+    assert isinstance(out, bytes) and p.OUT_HEADER.unpack_from(out)[1] == 0
+    out = server.handle(request(p.UNLINK, 8, b"gone\0"))
+    assert isinstance(out, bytes) and p.OUT_HEADER.unpack_from(out)[1] == -errno.ENOENT

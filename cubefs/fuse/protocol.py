@@ -129,6 +129,7 @@ FALLOCATE_IN = struct.Struct("<QQQII")  # fh offset length mode padding
 NOTIFY_INVAL_INODE = 2
 NOTIFY_INVAL_ENTRY = 3
 NOTIFY_RESEND = 7  # no payload: requeue every request read from the device and not yet answered
+UNIQUE_RESEND = 1 << 63  # set in the unique of a request the kernel sends again
 INVAL_INODE_OUT = struct.Struct("<Qqq")  # ino offset length
 INVAL_ENTRY_OUT = struct.Struct("<QII")  # parent namelen padding; then name\0
 

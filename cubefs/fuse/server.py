@@ -168,6 +168,8 @@ class FuseServer:
         try:
             out = handler(unique, nodeid, memoryview(request)[p.IN_HEADER.size :])
         except FsError as err:
+            if unique & p.UNIQUE_RESEND and self.writable:
+                return self._replayed(opcode, unique, nodeid, memoryview(request)[p.IN_HEADER.size :], err)
             return p.error_reply(unique, err.errno)
         except Exception as err:
             return p.error_reply(unique, self._failed(err, f"FUSE {p.OPCODE_NAMES.get(opcode)} of inode {nodeid}"))
@@ -375,6 +377,27 @@ class FuseServer:
         return p.reply(unique, p.LSEEK_OUT.pack(self.fs.lseek(ino, offset, whence)))
 
     # -- writing (volumes) ------------------------------------------------------
+
+    def _replayed(self, opcode: int, unique: int, parent: int, body: memoryview, err: FsError) -> Reply:
+        """A request the kernel sent again (FUSE_NOTIFY_RESEND: its daemon died) may have
+        been done before the daemon died: a create that finds its name, a removal that
+        does not, is what that looks like, and is answered as the success it was."""
+        if err.errno == errno.ENOENT and opcode in (p.UNLINK, p.RMDIR, p.RENAME, p.RENAME2):
+            log.info("FUSE %s replayed after a restart: done before; answering success", p.OPCODE_NAMES[opcode])
+            return p.reply(unique)
+        offsets = {p.CREATE: p.CREATE_IN.size, p.MKDIR: p.MKDIR_IN.size, p.MKNOD: p.MKNOD_IN.size, p.SYMLINK: 0,
+                   p.LINK: p.LINK_IN.size}
+        if err.errno != errno.EEXIST or opcode not in offsets:
+            return p.error_reply(unique, err.errno)
+        name = p.cstring(body, offsets[opcode])
+        try:
+            entry = self._entry(self.fs.lookup_ino(parent, name))
+        except FsError:
+            return p.error_reply(unique, err.errno)
+        log.info("FUSE %s replayed after a restart: done before; answering with the entry", p.OPCODE_NAMES[opcode])
+        if opcode == p.CREATE:
+            return p.reply(unique, entry + p.OPEN_OUT.pack(0, p.FOPEN_KEEP_CACHE, 0))
+        return p.reply(unique, entry)
 
     def invalidations(self, inodes: set[int], names: set[tuple[int, bytes]]) -> list[bytes]:
         """Notifications that make the kernel forget ``inodes`` and ``names``; only those
