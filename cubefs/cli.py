@@ -664,6 +664,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
         print(json.dumps(stats, indent=1))
         return EXIT_OK
     print(f"{stats['image']} at {stats['mountpoint']} (pid {stats['pid']}, store {stats['store']})")
+    if stats.get("restarts"):
+        print(f"  restarts     {stats['restarts']} (daemons replaced under the live mount)")
     print(f"  reads        {stats['reads']} ({size(stats['read_bytes'])}), {stats['read_errors']} failed")
     print(f"  {'TIER':8} {'HITS':>8} {'MISSES':>8} {'BYTES':>11} {'REQUESTS':>9} {'ERRORS':>7}")
     for tier in ("memory", "disk", "peers", "store"):

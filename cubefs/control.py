@@ -83,7 +83,7 @@ def metric_lines(stats: dict[str, Any], labels: str) -> list[str]:
             lines.append(f'{metric}{{{labels},tier="{tier}"}} {value}')
     for op, count in sorted(stats.get("requests", {}).items()):
         lines.append(f'cubefs_fuse_requests_total{{{labels},op="{op}"}} {count}')
-    for name in ("read_errors", "reads", "read_bytes"):
+    for name in ("read_errors", "reads", "read_bytes", "restarts"):
         if name in stats:
             lines.append(f"cubefs_{name}_total{{{labels}}} {stats[name]}")
     return lines

@@ -16,9 +16,13 @@ never answered back in the queue.  Readers see a stall, never an error.
 Node ids keep their meaning: an image's are its inode numbers, a volume's are
 the inode numbers of its index.  What is lost are the kernel's lookup counts
 the dead daemon kept: a volume file unlinked while open is dropped by the
-replacement (as at any mount of the volume; a reader still holding it gets
-``ESTALE``), and writes the dead daemon acknowledged but had not yet flushed
-(``fsync`` or the 5 s background flush) are lost as in a power cut.
+replacement (as at any mount of the volume; a process still holding it open
+gets errors from it).  Nothing a volume's dead daemon answered is lost: every completed
+operation is in the index and the data files (the kernel has them; only a power
+cut loses what was not fsynced).  A change it made but had not answered comes
+back as a resent request that finds it done: a create finds its name, a removal
+finds nothing; :meth:`cubefs.fuse.server.FuseServer._replayed` answers those as
+the successes they were, so writers see no error either.
 
 Without ``FUSE_HAS_RESEND`` a replacement could not answer the requests the
 dead daemon took, and their callers would hang; the server then closes its

@@ -124,6 +124,8 @@ def test_killed_image_daemon_is_replaced_under_readers(tmp_path: Path, local_sto
         assert readers.reads > at_replacement, "readers did not carry on after the replacement"
         assert second["restarts"] == 1
         assert _stats(mnt)["restarts"] == 1
+        assert "restarts     1" in run_cubefs("stats", str(mnt)).stdout
+        assert "cubefs_restarts_total{" in run_cubefs("stats", str(mnt), "--prometheus").stdout
         assert os.path.ismount(mnt)
         print(f"replacement answered {replaced_in:.2f} s after kill -9; longest read {readers.longest:.2f} s; "
               f"{readers.reads} reads")
