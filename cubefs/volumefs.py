@@ -20,6 +20,11 @@ Concurrency invariants (one trio thread runs every operation):
 * The caches here (resolved inodes, directory listings, which files have no
   blocks in any layer) hold only what this process changed itself; a
   snapshot never changes what a volume shows; a rollback clears them.
+  No block location is cached: a collector (cow/compact.py, in this
+  daemon's background or ``cubefs volume gc``) may move blocks between two
+  operations, and only ever inside a write transaction for blocks of the
+  active layer, which this daemon overwrites in place only inside one.  A
+  read that finds the data file gone (moved after its lookup) looks again.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Blocks are appended to the current data file of the writing process (a new
 file per mount session, and after ``ROLL_AT`` bytes), so that two daemons
 writing two clones never share a file, and each block is a (file, offset)
-pair that never moves.  A block the active layer already owns is private to
+pair that only a collector moves (cow/compact.py: a read that finds its file
+gone looks the block up again).  A block the active layer already owns is private to
 it (snapshots freeze layers, clones start new ones), so it is overwritten in
 place; every other write is copy-on-write into a new block.
 
