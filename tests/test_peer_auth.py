@@ -198,7 +198,7 @@ def test_one_request_fetches_at_most_the_cap_from_the_store(node: Node) -> None:
     sent = [d for d, s, _b in records if s == OK]
     assert 0 < len(sent) < len(real)
     fetched = after["tiers"]["store"]["bytes"] - before["tiers"]["store"]["bytes"]
-    assert fetched <= MAX_FETCH_BYTES + 512 * 1024, fetched
+    assert fetched <= MAX_FETCH_BYTES + 1024 * 1024, fetched  # + a merged range's gap (cached chunks)
     assert after["peer_requests"]["chunks_over_budget"] > before["peer_requests"]["chunks_over_budget"]
     # Too many records in one request: refused from its length, before its body is read.
     try:
