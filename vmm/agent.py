@@ -1,27 +1,21 @@
-"""The host side of the guest agent (vmm/guest_init.sh): one line per request, one per
-reply, over the unix socket QEMU exposes for the virtio-serial port ``cubefs.agent``.
-
-The channel outlives the connection: QEMU drops what the guest writes while no
-host is connected, so a client never trusts a line it did not ask for — every
-request carries a fresh id, and replies with other ids (answers to a previous
-client that went away) are skipped.  Free-form fields travel base64-encoded,
-``-`` standing for an empty one, since the guest splits lines on spaces.
-"""
+"""A synchronous facade on the guest agent for ``cubefs vm`` (vmm/vm.py, vmm/qemu.py):
+connect, mount, run a script, put/get a file, freshen, power off — each call runs the
+asyncio host API (vmm/channel.py) on a private event loop, so callers stay plain
+functions while the agent underneath streams and multiplexes."""
 
 from __future__ import annotations
 
-import base64
-import itertools
-import os
+import asyncio
+import signal
 import time
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
-from cubefs.errors import CubefsError
-from vmm.lines import LineSocket
+from vmm.channel import AgentChannel, AgentError
 
-
-class AgentError(CubefsError):
-    """The agent could not be reached, or refused a request."""
+__all__ = ["Agent", "AgentError", "CommandResult"]
+T = TypeVar("T")
 
 
 @dataclass
@@ -32,40 +26,40 @@ class CommandResult:
     seconds: float
 
 
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode() or "-"
-
-
-def _unb64(field: str) -> bytes:
-    return base64.b64decode(field) if field not in ("", "-") else b""
-
-
 class Agent:
-    """A connection to one guest's agent; one request at a time."""
-
-    _ids = itertools.count(int.from_bytes(os.urandom(3), "little"))
+    """A connection to one guest's agent, used by one thread."""
 
     def __init__(self, path: str, label: str = "") -> None:
         self.path = path
         self.label = label or path
-        self.chan: LineSocket | None = None
+        self.chan: AgentChannel | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _run(self, op: str, coro: Coroutine[Any, Any, T]) -> T:
+        if self._loop is None or self.chan is None:
+            coro.close()
+            raise AgentError(f"VM {self.label}: not connected to the agent")
+        try:
+            return self._loop.run_until_complete(coro)
+        except AgentError as err:
+            why = str(err).removeprefix(f"VM {self.label}: ")
+            raise type(err)(f"VM {self.label}: {op} failed in the guest: {why}") from None
 
     def connect(self, timeout: float = 30.0) -> None:
         """Connect, and wait until the agent answers (the guest may still be booting)."""
-        deadline = time.monotonic() + timeout
-        self.chan = LineSocket(self.path, f"VM {self.label}: agent", timeout, AgentError)
-        while True:  # a PING sent before the agent reads its port may wait there: ask again
-            try:
-                self.request("PING", timeout=min(1.0, max(0.05, deadline - time.monotonic())))
-                return
-            except TimeoutError:
-                if time.monotonic() > deadline:
-                    raise AgentError(f"VM {self.label}: the guest agent did not answer in {timeout:.0f} s") from None
+        self._loop = asyncio.new_event_loop()
+        try:
+            self.chan = self._loop.run_until_complete(AgentChannel.connect(self.path, f"VM {self.label}", timeout))
+        except AgentError as err:
+            self.close()
+            raise AgentError(f"VM {self.label}: the guest agent did not answer in {timeout:.0f} s ({err})") from None
 
     def close(self) -> None:
-        if self.chan is not None:
-            self.chan.close()
-            self.chan = None
+        if self._loop is not None:
+            if self.chan is not None:
+                self._loop.run_until_complete(self.chan.close())
+            self._loop.close()
+        self.chan, self._loop = None, None
 
     def __enter__(self) -> Agent:
         return self
@@ -73,55 +67,69 @@ class Agent:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def request(self, op: str, *args: str, timeout: float | None = 60.0) -> list[str]:
-        """Send one request; its reply's fields after ``OK``.  Raises AgentError on ERR,
-        TimeoutError if no reply came in ``timeout`` seconds (None: wait forever)."""
-        if self.chan is None:
-            raise AgentError(f"VM {self.label}: not connected to the agent")
-        rid = str(next(self._ids))
-        self.chan.send(" ".join([rid, op, *args]).encode())
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            line = self.chan.line(deadline).decode(errors="replace").strip("\r")
-            fields = line.split(" ")
-            if fields[0] != rid:
-                continue  # an answer nobody waits for any more
-            if len(fields) > 1 and fields[1] == "OK":
-                return fields[2:]
-            why = _unb64(fields[2]).decode(errors="replace").strip() if len(fields) > 2 else line
-            raise AgentError(f"VM {self.label}: {op} failed in the guest: {why or 'no reason given'}")
-
-    # -- requests --------------------------------------------------------------
+    # -- requests --------------------------------------------------------------------
     def mount(self, read_only: bool) -> None:
-        self.request("MOUNT", "ro" if read_only else "rw", timeout=60)
+        self._run("MOUNT", self._c().mount(read_only))
 
     def umount(self) -> None:
-        self.request("UMOUNT", timeout=60)
+        self._run("UMOUNT", self._c().umount())
 
     def run(self, script: str, stdin: bytes = b"", timeout: float | None = None) -> CommandResult:
-        """Run a shell script (``/bin/sh -c``) in the guest's root; after ``timeout``
-        seconds the guest kills it (exit code 137) and the agent is free again."""
+        """Run a shell script (``/bin/sh -c``) as root in the guest's root; after ``timeout``
+        seconds its process group is killed (exit code 137) and the agent is free again."""
+        return self._run("RUN", self._script(script, stdin, timeout))
+
+    async def _script(self, script: str, stdin: bytes, timeout: float | None) -> CommandResult:
         t0 = time.monotonic()
-        limit = [str(max(1, round(timeout)))] if timeout is not None else []
-        fields = self.request("RUN", _b64(script.encode()), _b64(stdin), *limit,
-                              timeout=None if timeout is None else timeout + 30)
-        if len(fields) != 3:
-            raise AgentError(f"VM {self.label}: malformed RUN reply ({len(fields)} fields)")
-        return CommandResult(int(fields[0]), _unb64(fields[1]), _unb64(fields[2]), time.monotonic() - t0)
+        chan = self._c()
+        p = await chan.spawn(["/bin/sh", "-c", script], user="root", cwd="/", stdin=bool(stdin))
+        if stdin:
+            await chan.send_input(p.pid, stdin)
+            await chan.close_stdin(p.pid)
+        out, err = bytearray(), bytearray()
+
+        async def collect() -> tuple[int, int | None]:
+            async for ev in p.events():
+                if ev[0] == "stderr":
+                    err.extend(ev[1])
+                elif ev[0] == "end":
+                    return int(ev[1]), ev[2]
+                else:
+                    out.extend(ev[1])
+            raise AgentError(f"VM {self.label}: the command's stream ended without its exit status")
+
+        task = asyncio.ensure_future(collect())
+        try:
+            code, sig = await asyncio.wait_for(asyncio.shield(task), timeout)
+        except TimeoutError:
+            await chan.signal(p.pid, signal.SIGKILL, group=True)
+            code, sig = await task
+        return CommandResult(128 + sig if sig else code, bytes(out), bytes(err), time.monotonic() - t0)
 
     def put(self, path: str, data: bytes, mode: int = 0o644) -> None:
-        self.request("PUT", _b64(path.encode()), _b64(data), f"{mode:o}")
+        async def one() -> AsyncIterator[bytes]:
+            yield data
+
+        self._run("PUT", self._c().write_file(path, one(), user="root", mode=mode))
 
     def get(self, path: str) -> bytes:
-        return _unb64(self.request("GET", _b64(path.encode()))[0])
+        async def read() -> bytes:
+            return b"".join([chunk async for chunk in self._c().read_file(path, user="root")])
+
+        return self._run("GET", read())
 
     def freshen(self, hostname: str, machine_id: str) -> None:
         """After a restore: fresh randomness mixed into the guest's pool, a hostname and
         a machine-id of its own (clones of one template must not share them)."""
-        self.request("FRESH", _b64(os.urandom(64)), hostname, machine_id)
+        self._run("FRESH", self._c().freshen(hostname, machine_id))
 
     def poweroff(self) -> None:
         try:
-            self.request("POWEROFF", timeout=10)
-        except (AgentError, TimeoutError, OSError):
+            self._run("POWEROFF", self._c().poweroff())
+        except (AgentError, OSError):
             pass  # it went down before or while answering
+
+    def _c(self) -> AgentChannel:
+        if self.chan is None:
+            raise AgentError(f"VM {self.label}: not connected to the agent")
+        return self.chan

@@ -259,6 +259,8 @@ class AgentChannel:
                     data = await asyncio.wait_for(self._reader.read(1 << 20), left)
                 except TimeoutError:
                     continue
+                except OSError as err:
+                    raise Unavailable(f"{self.label}: the agent's channel failed: {err}") from None
                 if not data:
                     raise Unavailable(f"{self.label}: the agent's channel closed (QEMU exited?)")
                 buf += data

@@ -63,6 +63,9 @@ def extras() -> None:
     for kind, src, at in EXTRAS:
         if f"{NEWROOT}/{at}" not in have and os.path.isdir(f"{NEWROOT}/{at}"):
             _run("mount", "-t", kind, src, f"{NEWROOT}/{at}")
+    pts = f"{NEWROOT}/dev/pts"
+    if f"{NEWROOT}/dev" in mounts() and pts not in have and os.path.isdir("/dev/pts"):
+        _run("mount", "--bind", "/dev/pts", pts)  # the PTYs the agent opens, by name in the root too
     mid = f"{NEWROOT}/etc/machine-id"
     if os.path.exists("/run/cubefs/machine-id") and os.path.exists(mid) and mid not in have:
         _run("mount", "--bind", "/run/cubefs/machine-id", mid)
@@ -73,7 +76,7 @@ def umount() -> None:
     if NEWROOT not in mounts():
         return
     os.sync()
-    for m in (f"{NEWROOT}/etc/machine-id", f"{NEWROOT}/dev", f"{NEWROOT}/sys", f"{NEWROOT}/proc"):
+    for m in (f"{NEWROOT}/etc/machine-id", f"{NEWROOT}/dev/pts", f"{NEWROOT}/dev", f"{NEWROOT}/sys", f"{NEWROOT}/proc"):
         if m in mounts():
             _run("umount", m)
     res = _run("umount", NEWROOT)

@@ -1,0 +1,152 @@
+#!/usr/bin/env python3
+"""Throughput through the guest agent under TCG (issue 13: floor >= 50 MB/s).
+
+One VM (TCG, the test root filesystem over QEMU's virtiofsd, read-only, a tmpfs on
+its /tmp), driven through vmm/channel.py as the sandbox service drives it:
+
+* **stdout**: ``head -c 512M /dev/zero`` spawned through the agent, its stdout
+  consumed on the host (every byte through the pipe, the agent, virtio-serial);
+* **file write / read**: a 256 MiB file written into the guest's /tmp with
+  ``write_file`` and read back with ``read_file``;
+* **the same inside the guest**, the ceiling: ``head -c 512M /dev/zero | dd
+  of=/dev/null``, ``dd`` of the file to and from /tmp, timed in the guest.
+
+    sudo .venv/bin/python tools/bench/agent_stream.py [--mib 512] [--file-mib 256] [--json-out F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from make_vm_kernel import DEFAULT, make_kernel
+
+from vmm.channel import AgentChannel
+from vmm.machine import Machine, MachineSpec, Ram
+
+VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
+ROOTFS = "/var/tmp/cubefs-test/rootfs"
+
+
+def log(msg: str) -> None:
+    print(f"[agent_stream] {msg}", file=sys.stderr, flush=True)
+
+
+async def sh(c: AgentChannel, script: str) -> str:
+    p = await c.spawn(["/bin/sh", "-c", script], user="root", cwd="/")
+    out = b""
+    async for ev in p.events():
+        if ev[0] == "end":
+            if ev[1] != 0:
+                raise SystemExit(f"{script!r} failed in the guest ({ev[1:]}): {out.decode(errors='replace')}")
+        else:
+            out += ev[1]
+    return out.decode()
+
+
+def guest_seconds(dd_report: str) -> float:
+    """dd's own 'N bytes ... copied, S s, ...' line."""
+    line = next(x for x in dd_report.splitlines() if "copied" in x)
+    return float(line.split("copied,")[1].split("s")[0].strip())
+
+
+async def bench(agent_sock: str, mib: int, file_mib: int) -> dict[str, float]:
+    c = await AgentChannel.connect(agent_sock, "bench", timeout=180)
+    out: dict[str, float] = {}
+    try:
+        await c.mount(read_only=True)
+        await sh(c, "mount -t tmpfs -o size=90% tmpfs /tmp")
+        # stdout through the agent
+        t0 = time.monotonic()
+        p = await c.spawn(["head", "-c", f"{mib}M", "/dev/zero"], user="root")
+        n = 0
+        async for ev in p.events():
+            if ev[0] == "stdout":
+                n += len(ev[1])
+        secs = time.monotonic() - t0
+        assert n == mib << 20, n
+        out["stdout_mb_s"] = round(n / secs / 1e6, 1)
+        log(f"stdout through the agent: {n >> 20} MiB in {secs:.2f} s = {out['stdout_mb_s']} MB/s")
+        # file write and read through the agent
+        block = bytes(1 << 20)
+
+        async def zeros() -> AsyncIterator[bytes]:
+            for _ in range(file_mib):
+                yield block
+
+        t0 = time.monotonic()
+        entry = await c.write_file("/tmp/bench.bin", zeros(), user="root")
+        secs = time.monotonic() - t0
+        assert entry["size"] == file_mib << 20, entry
+        out["file_write_mb_s"] = round((file_mib << 20) / secs / 1e6, 1)
+        t0 = time.monotonic()
+        n = 0
+        async for chunk in c.read_file("/tmp/bench.bin", user="root"):
+            n += len(chunk)
+        secs = time.monotonic() - t0
+        assert n == file_mib << 20, n
+        out["file_read_mb_s"] = round(n / secs / 1e6, 1)
+        log(f"file through the agent: write {out['file_write_mb_s']} MB/s, read {out['file_read_mb_s']} MB/s")
+        await sh(c, "rm -f /tmp/bench.bin")
+        # the same inside the guest
+        pipe = guest_seconds(await sh(c, f"head -c {mib}M /dev/zero | dd of=/dev/null bs=1M 2>&1"))
+        out["guest_pipe_mb_s"] = round((mib << 20) / pipe / 1e6, 1)
+        wr = guest_seconds(await sh(c, f"dd if=/dev/zero of=/tmp/dd.bin bs=1M count={file_mib} 2>&1"))
+        rd = guest_seconds(await sh(c, "dd if=/tmp/dd.bin of=/dev/null bs=1M 2>&1"))
+        out["guest_dd_write_mb_s"] = round((file_mib << 20) / wr / 1e6, 1)
+        out["guest_dd_read_mb_s"] = round((file_mib << 20) / rd / 1e6, 1)
+        log(f"inside the guest: pipe {out['guest_pipe_mb_s']} MB/s, dd write {out['guest_dd_write_mb_s']} MB/s, "
+            f"dd read {out['guest_dd_read_mb_s']} MB/s")
+        await sh(c, "rm -f /tmp/dd.bin; umount /tmp")
+        await c.umount()
+    finally:
+        await c.close()
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mib", type=int, default=512)
+    ap.add_argument("--file-mib", type=int, default=256)
+    ap.add_argument("--memory-mb", type=int, default=1024)
+    ap.add_argument("--json-out")
+    args = ap.parse_args()
+    kernel = make_kernel(Path(DEFAULT))
+    work = Path(tempfile.mkdtemp(prefix="agent-stream-"))
+    fsd = subprocess.Popen([VIRTIOFSD, f"--socket-path={work / 'vfs.sock'}", "-o", f"source={ROOTFS}",
+                            "-o", "cache=auto"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    machine = None
+    try:
+        while not (work / "vfs.sock").exists():
+            time.sleep(0.05)
+        (work / "vm").mkdir()
+        machine = Machine(work / "vm", MachineSpec(kernel, args.memory_mb, 1, "tcg"), Ram(),
+                          fs_socket=str(work / "vfs.sock"))
+        machine.start()
+        result = asyncio.run(bench(machine.agent_path, args.mib, args.file_mib))
+    finally:
+        if machine is not None:
+            machine.stop()
+        fsd.terminate()
+        fsd.wait(timeout=30)
+        shutil.rmtree(work, ignore_errors=True)
+    result |= {"mib": args.mib, "file_mib": args.file_mib, "accel": "tcg"}
+    print(json.dumps(result, indent=1))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
