@@ -9,7 +9,9 @@ import json
 import os
 from pathlib import Path
 
-from conftest import mounted, run_cubefs
+import pytest
+import zstandard
+from conftest import S3_ENV, S3Server, mounted, run_cubefs
 
 from cubefs.format.packs import decode_index, encode_index, index_key, pack_key
 
@@ -172,3 +174,56 @@ def test_the_records_check_refuses_a_delta_of_itself_or_of_a_delta() -> None:
     assert [(p.chunk, p.what.split(" is ", 1)[1]) for p in problems] == [
         (1, "a delta of itself"), (2, "a delta of 6262626262626262, itself a delta")]
     assert check_locations([whole], {})[0].what.endswith("which was not checked")
+
+
+def test_the_build_refuses_to_tag_what_its_own_check_finds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fault injection beside the real case above: a delta source that ignores the
+    store's indexes (the old bug) makes a chunk map "delta of itself"; the check
+    before the tag refuses it, exit 4, and no manifest is written."""
+    from cubefs.dedup import builder
+    from cubefs.dedup.delta import DeltaBases
+    from cubefs.errors import CorruptDataError
+    from cubefs.format.packs import delta_dictionary
+
+    store_dir = tmp_path / "store"
+    store = f"file://{store_dir}"
+    _tree(tmp_path / "src")
+    run_cubefs("build", str(tmp_path / "src"), "--tag", "app:1", "--store", store)
+    _drop_from_index(store_dir, _digests_of(store, "app:1", "lib/m2.so")[1])
+    def old_encode(self: DeltaBases, data: bytes, alone: int, path: bytes, offset: int) -> object:
+        """DeltaBases.encode as it was: any base the previous chunk map names, itself too."""
+        self.known = None
+        base = self.base_for(path, offset)
+        plain = self.plaintext(base) if base is not None else None
+        if base is None or plain is None:
+            return None
+        delta = zstandard.ZstdCompressor(level=9, dict_data=delta_dictionary(plain)).compress(data)
+        return (delta, base) if len(delta) <= alone * 0.75 else None
+
+    monkeypatch.setattr(DeltaBases, "encode", old_encode)
+    with pytest.raises(CorruptDataError) as err:
+        builder.build(str(tmp_path / "src"), "app:2", store)
+    assert err.value.exit_code == 4
+    assert str(err.value).startswith("build of app:2 not tagged: ")
+    assert not (store_dir / "manifests" / "app" / "2").exists()
+    assert {p.name for p in (store_dir / "manifests").rglob("*") if p.is_file()} == {"1"}
+
+
+def test_verify_against_a_real_s3_store(s3: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cubefs.remote import store_session
+
+    for k, v in S3_ENV.items():
+        monkeypatch.setenv(k, v)
+
+    _tree(tmp_path / "src")
+    store = s3.store("verify")
+    run_cubefs("build", str(tmp_path / "src"), "--tag", "app:1", "--store", store, "--s3-endpoint", s3.endpoint)
+    res = run_cubefs("verify", "app:1", "--store", store, "--s3-endpoint", s3.endpoint)
+    assert res.stdout.startswith("app:1: ok: ")
+    with store_session(store, s3.endpoint) as (loop, st):
+        pack = loop.run(st.list("packs/"))[0]
+        loop.run(st.delete(pack))
+    res = run_cubefs("verify", "app:1", "--quick", "--store", store, "--s3-endpoint", s3.endpoint, check=False)
+    assert res.returncode == 4 and "is missing from the store" in res.stdout, res.stdout
+    res = run_cubefs("verify", "app:1", "--store", store, "--s3-endpoint", s3.endpoint, check=False)
+    assert res.returncode == 4 and res.stdout.count("app:1: chunk ") >= 1
