@@ -19,7 +19,10 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from conftest import S3_ENV, mounted, run_cubefs
+from conftest import S3_ENV, S3Server, mounted, run_cubefs
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools" / "bench"))
+from delayproxy import DelayProxy
 
 from cubefs.fsops import FsError
 from cubefs.fuse import protocol as p
@@ -90,6 +93,8 @@ class Readers:
         self.stop.set()
         for t in self.threads:
             t.join(timeout=60)
+        # A request the dead daemon took and nobody answered would leave its reader hanging.
+        assert not any(t.is_alive() for t in self.threads), "a reader hangs"
 
 
 def _image(tmp_path: Path, store: str, tag: str) -> dict[str, str]:
@@ -294,3 +299,39 @@ def test_replayed_changes_are_answered_as_the_successes_they_were() -> None:
     assert isinstance(out, bytes) and p.OUT_HEADER.unpack_from(out)[1] == 0
     out = server.handle(request(p.UNLINK, 8, b"gone\0"))
     assert isinstance(out, bytes) and p.OUT_HEADER.unpack_from(out)[1] == -errno.ENOENT
+
+
+def test_a_read_in_flight_when_the_daemon_dies_is_answered_by_its_replacement(tmp_path: Path, s3: S3Server) -> None:
+    """The dead daemon had read the request and was waiting on the store for it: only
+    FUSE_NOTIFY_RESEND brings that request to the replacement (without it the reader
+    would hang for good)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    data = os.urandom(FILE_SIZE)
+    (src / "slow").write_bytes(data)
+    store = s3.store("restart-inflight")
+    run_cubefs("build", str(src), "--tag", "inflight:1", "--store", store, "--s3-endpoint", s3.endpoint)
+    host, port = s3.hostport
+    mnt = tmp_path / "mnt"
+    with DelayProxy(host, port, delay_ms=0) as proxy, mounted(
+            "inflight:1", mnt, store, tmp_path / "cache", "--cache-size", "0", "--read-timeout", "30",
+            s3_endpoint=proxy.endpoint):
+        pid = _stats(mnt)["pid"]
+        proxy.delay = 1.5  # every store request now takes 1.5 s
+        got: list[bytes | BaseException] = []
+
+        def read() -> None:
+            try:
+                got.append((mnt / "slow").read_bytes())
+            except OSError as err:
+                got.append(err)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        time.sleep(0.7)  # the daemon has the READ and waits for the store
+        assert reader.is_alive()
+        os.kill(pid, signal.SIGKILL)
+        reader.join(timeout=20)
+        assert not reader.is_alive(), "the read the dead daemon had taken was never answered"
+        assert got == [data]
+        assert _stats(mnt)["restarts"] == 1

@@ -197,7 +197,14 @@ class KernelSession:
 
     def _resend(self, server: FuseServer) -> None:
         if not server.minor:
-            return  # INIT was never answered: the kernel sends it again, as to any daemon
+            # The old daemon died before answering INIT, which it may have read: ask for it
+            # again (a kernel without RESEND refuses the notification, and then sends INIT
+            # to us only if the old daemon had not read it).
+            try:
+                os.write(self.fd, p.resend())
+            except OSError as err:
+                log.debug("FUSE_NOTIFY_RESEND before INIT refused: %s", err)
+            return
         if not server.kernel_flags & p.HAS_RESEND:
             log.warning("this kernel has no FUSE_NOTIFY_RESEND (Linux 6.9+): requests the previous daemon "
                         "read and never answered stay unanswered")
