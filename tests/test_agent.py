@@ -56,11 +56,17 @@ class HostAgent:
                 continue
         return out
 
-    def stop(self) -> None:
+    def stop(self) -> list[int]:
+        """Stop the agent; its file helpers end with it.  What else still runs in the
+        root is a leftover: killed, and returned."""
         self.proc.terminate()
         self.proc.wait(timeout=10)
-        for pid in self.in_root():
+        deadline = time.monotonic() + 5
+        while (left := self.in_root()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for pid in left:
             os.kill(pid, signal.SIGKILL)
+        return left
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +75,7 @@ def agent(rootfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ho
     subprocess.run(["cp", "-a", "--reflink=auto", str(rootfs), str(base / "root")], check=True)
     a = HostAgent(base / "root", base / "agent.sock", base / "agent.log")
     yield a
-    a.stop()
-    leftovers = a.in_root()
+    leftovers = a.stop()
     shutil.rmtree(base / "root", ignore_errors=True)
     assert not leftovers, leftovers
 

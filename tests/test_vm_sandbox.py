@@ -151,3 +151,75 @@ def test_a_running_vm_forks_into_three_that_diverge(vm_env: dict[str, str]) -> N
     for f in os.listdir(vm_env["CUBEFS_TEMPLATE_DIR"]):
         if f.startswith("parent-fork"):
             vm(vm_env, "template", "rm", f)
+
+
+def test_the_agent_channel_in_a_vm(vm_env: dict[str, str]) -> None:
+    """What the sandbox service does through vmm/channel.py, in a guest restored from a
+    template: a PTY as the default user in its home, a file in and out, a watch, a TCP
+    stream to a server in the guest, a process that outlives the host's session."""
+    import asyncio
+
+    from vmm.channel import AgentChannel, Unavailable
+
+    run_cubefs("volume", "create", "chan", "--from", "debian:12", env=vm_env)
+    vm(vm_env, "start", "chan", "--volume", "chan", "--template", "base")
+    sock = str(Path(vm_env["CUBEFS_VM_DIR"]) / "chan" / "agent.sock")
+
+    async def data(*parts: bytes):  # type: ignore[no-untyped-def]
+        for p in parts:
+            yield p
+
+    async def output(p) -> bytes:  # type: ignore[no-untyped-def]
+        out = b""
+        async for ev in p.events():
+            if ev[0] == "end":
+                assert ev[1] == 0, (ev, out)
+                return out
+            out += ev[1]
+        raise AssertionError("no end")
+
+    async def first() -> int:
+        c = await AgentChannel.connect(sock, "chan")
+        try:
+            await c.set_defaults()
+            tty = await c.spawn(["sh", "-c", "id -un; pwd; test -t 0 && stty size"], pty=(90, 20))
+            assert (await output(tty)).split() == [b"user", b"/home/user", b"20", b"90"]
+            w = await c.watch(".")
+            entry = await c.write_file("data/in.bin", data(b"x" * 300_000, b"end"))
+            assert (entry["path"], entry["size"], entry["owner"]) == ("/home/user/data/in.bin", 300_003, "user")
+            assert b"".join([b async for b in c.read_file("data/in.bin")]) == b"x" * 300_000 + b"end"
+            events = w.events()
+            assert await asyncio.wait_for(events.__anext__(), 10) == {"name": "data", "type": "create"}
+            await w.close()
+            server = await c.spawn(["python3", "-m", "http.server", "8123", "--bind", "127.0.0.1"], tag="web")
+            for _ in range(100):
+                try:
+                    r, wr = await c.open_tcp(8123)
+                    break
+                except Unavailable:
+                    await asyncio.sleep(0.2)
+            await wr.write(b"GET /data/ HTTP/1.0\r\n\r\n")
+            reply = b""
+            while chunk := await r.read(65536):
+                reply += chunk
+            assert reply.startswith(b"HTTP/1.0 200") and b"in.bin" in reply
+            return server.pid
+        finally:
+            await c.close()
+
+    async def second(pid: int) -> None:
+        c = await AgentChannel.connect(sock, "chan")
+        try:
+            assert [(p["pid"], p["tag"]) for p in await c.processes()] == [(pid, "web")]
+            web = await c.attach(pid=pid)
+            await c.signal(pid, 9)
+            assert [ev async for ev in web.events() if ev[0] == "end"] == [("end", -1, 9)]
+            await c.umount()  # nothing of ours is left in the root
+            await c.mount(read_only=False)
+        finally:
+            await c.close()
+
+    try:
+        asyncio.run(second(asyncio.run(first())))
+    finally:
+        vm(vm_env, "rm", "chan")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import array
+import itertools
 import json
 import os
 import signal
@@ -130,7 +131,8 @@ class Agent:
         self.defaults: dict[str, Any] = {"user": "root", "env": {}, "workdir": None}
         self.nonce: bytes | None = None
         self.parser = proto.Parser()
-        self.tx = bytearray()
+        self.tx: deque[memoryview] = deque()  # frames' pieces, unwritten: no copies, no shifting
+        self.tx_bytes = 0
         self.fd: int | None = None  # the host connection (port or accepted socket)
         self.conn: socket.socket | None = None
         self.listener: socket.socket | None = None
@@ -183,16 +185,25 @@ class Agent:
         self.loop.call_later(0.05, self._poll_port)
 
     def _readable(self) -> None:
+        """Read all there is: a virtio-serial port gives one 4 KiB buffer per read, so a
+        read per loop turn would cost a select per 4 KiB of what the host sends."""
         assert self.fd is not None
-        try:
-            data = os.read(self.fd, 1 << 20)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if data:
-            self._received(data)
-        else:
+        got: list[bytes] = []
+        gone = False
+        for _ in range(512):
+            try:
+                data = os.read(self.fd, 1 << 20)
+            except BlockingIOError:
+                break
+            except OSError:
+                data = b""
+            if not data:
+                gone = True
+                break
+            got.append(data)
+        if got:
+            self._received(b"".join(got))
+        if gone:
             self._disconnected()
 
     def _disconnected(self) -> None:
@@ -201,6 +212,7 @@ class Agent:
         self.nonce = None
         self.parser.reset()
         self.tx.clear()
+        self.tx_bytes = 0
         if self.fd is None:
             return
         self.loop.forget(self.fd)
@@ -210,27 +222,41 @@ class Agent:
         else:
             self.loop.call_later(0.05, self._poll_port)
 
-    def send_raw(self, data: bytes) -> None:
+    def send_raw(self, *pieces: bytes) -> None:
         if self.fd is None or self.nonce is None:
             return
-        self.tx += data
-        if len(self.tx) == len(data):
+        idle = not self.tx
+        for p in pieces:
+            if p:
+                self.tx.append(memoryview(p))
+                self.tx_bytes += len(p)
+        if idle:
             self._flush()
 
     def send(self, chan: int, kind: int, payload: bytes = b"") -> None:
-        self.send_raw(proto.frame(chan, kind, payload))
+        self.send_raw(proto.HEADER.pack(chan, kind, len(payload)), payload)
 
     def _flush(self) -> None:
+        """Write what is queued: writev of many pieces (a virtio-serial port takes at
+        most 32 KiB per write, so this is many calls for a big frame either way)."""
         fd = self.fd
         while self.tx and fd is not None:
             try:
-                n = os.write(fd, self.tx)
+                n = os.writev(fd, list(itertools.islice(self.tx, 64)))
             except BlockingIOError:
                 break
             except OSError:
                 self._disconnected()
                 return
-            del self.tx[:n]
+            self.tx_bytes -= n
+            while n:
+                head = self.tx[0]
+                if n >= len(head):
+                    n -= len(head)
+                    self.tx.popleft()
+                else:
+                    self.tx[0] = head[n:]
+                    n = 0
         if fd is not None:
             self.loop.writer(fd, self._flush if self.tx else None)
 

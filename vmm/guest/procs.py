@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 
 TIOCSWINSZ = 0x5414
 TIOCSCTTY = 0x540E
+F_SETPIPE_SZ = 1031
+PIPE_SIZE = 1 << 20
 
 
 def set_winsize(fd: int, cols: int, rows: int) -> None:
@@ -94,6 +96,10 @@ class Proc:
         else:
             out_r, out_w = os.pipe2(os.O_CLOEXEC)
             err_r, err_w = os.pipe2(os.O_CLOEXEC)
+            try:  # a bigger pipe: fewer, larger reads of a chatty process (what the agent pays per read under TCG)
+                fcntl.fcntl(out_r, F_SETPIPE_SZ, PIPE_SIZE)
+            except OSError:
+                pass
             in_r, in_w = os.pipe2(os.O_CLOEXEC) if stdin else (subprocess.DEVNULL, -1)
             try:
                 self.popen = subprocess.Popen(argv, stdin=in_r, stdout=out_w, stderr=err_w, env=env,

@@ -60,16 +60,22 @@ class Parser:
     def feed(self, data: bytes) -> list[tuple[int, int, bytes]]:
         self.buf += data
         out = []
-        while len(self.buf) >= HEADER.size:
-            chan, kind, n = HEADER.unpack_from(self.buf)
-            if kind not in TYPES or n > MAX_PAYLOAD or (kind == HELLO and len(self.buf) >= HEADER.size + 8
-                                                        and self.buf[9:17] != MAGIC):
+        at = 0  # consumed: the buffer shifts once per feed, not once per frame
+        size = len(self.buf)
+        while size - at >= HEADER.size:
+            chan, kind, n = HEADER.unpack_from(self.buf, at)
+            if kind not in TYPES or n > MAX_PAYLOAD or (kind == HELLO and size - at >= HEADER.size + 8
+                                                        and self.buf[at + 9:at + 17] != MAGIC):
+                del self.buf[:at]
+                at = 0
                 self.resync()
+                size = len(self.buf)
                 continue
-            if len(self.buf) < HEADER.size + n:
+            if size - at < HEADER.size + n:
                 break
-            out.append((chan, kind, bytes(self.buf[HEADER.size:HEADER.size + n])))
-            del self.buf[:HEADER.size + n]
+            out.append((chan, kind, bytes(self.buf[at + HEADER.size:at + HEADER.size + n])))
+            at += HEADER.size + n
+        del self.buf[:at]
         return out
 
     def resync(self) -> None:
