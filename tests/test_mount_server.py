@@ -82,7 +82,8 @@ def _stop_auto_server(sock: Path) -> None:
 
 def test_mount_starts_a_server_that_later_mounts_share(tmp_path: Path, local_store: str) -> None:
     """No server: the first mount starts one; the next is forked by that same one and starts
-    without a start-up of its own; a client of other code replaces it; --no-server starts locally."""
+    without a start-up of its own; --no-server starts locally; a client of other code replaces
+    the server only when it keeps no mounts alive."""
     src = tmp_path / "src"
     src.mkdir()
     (src / "f").write_bytes(b"auto\n")
@@ -106,26 +107,42 @@ def test_mount_starts_a_server_that_later_mounts_share(tmp_path: Path, local_sto
         assert int(Path(f"{sock}.lock").read_text()) == server
         log = Path(f"{sock}.log").read_text()
         assert f"forked mount daemon {d0} " in log and f"forked mount daemon {d1} " in log
-        # A client of other code (an upgrade) makes the server step down; the mount still works.
-        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        client.connect(str(sock))
-        client.sendall(json.dumps({"args": {}, "mountpoint": "x", "fingerprint": "other"}).encode() + b"\n")
-        assert client.recv(64) == b"stale\n"
-        client.close()
+        # A client of other code, while the installed code is the server's own (an older
+        # client): the server keeps the mounts it supervises and goes on serving.
+        assert _stale_client(sock) == b"stale\n"
+        time.sleep(0.5)
+        assert sock.exists() and int(Path(f"{sock}.lock").read_text()) == server
+        d2 = mount(2)
+        assert f"forked mount daemon {d2} " in Path(f"{sock}.log").read_text()
+        d3 = mount(3, "--no-server")
+        assert f"forked mount daemon {d3} " not in Path(f"{sock}.log").read_text()
+        for m in mnts:
+            run_cubefs("umount", str(m))
+        # With no mount to keep, a client of other code makes it step down.
+        assert _stale_client(sock) == b"stale\n"
         deadline = time.monotonic() + 30
         while sock.exists():
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        mount(2)
+        mount(0)
         assert int(Path(f"{sock}.lock").read_text()) != server
-        assert (mnts[0] / "f").read_bytes() == b"auto\n"  # mounts outlive the server that forked them
-        d3 = mount(3, "--no-server")
-        assert f"forked mount daemon {d3} " not in Path(f"{sock}.log").read_text()
     finally:
         for m in mnts:
             if os.path.ismount(m):
                 run_cubefs("umount", str(m))
         _stop_auto_server(sock)
+
+
+def _stale_client(sock: Path) -> bytes:
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        client.connect(str(sock))
+        client.sendall(json.dumps({"args": {}, "mountpoint": "x", "fingerprint": "other"}).encode() + b"\n")
+        return client.recv(64)
+    finally:
+        client.close()
+
+
 def test_server_environment_does_not_leak_into_mounts(tmp_path: Path) -> None:
     """The server was started with CUBEFS_STORE pointing at a store that has the image;
     a client without CUBEFS_STORE must get its own default store (where it is not)."""
