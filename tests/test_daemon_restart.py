@@ -223,11 +223,20 @@ def test_upgrade_replaces_every_daemon_under_live_readers(tmp_path: Path, local_
             mnt.mkdir()
             run_cubefs("mount", "upgrade:1", str(mnt), "--store", local_store, "--cache-dir",
                        str(tmp_path / "cache"), env=env)
+        # A volume too: its successor must find the volume lock released.
+        vols = tmp_path / "volumes"
+        run_cubefs("volume", "create", "uv", "--from", "upgrade:1", "--store", local_store, "--volume-dir", str(vols))
+        vmnt = tmp_path / "vm"
+        vmnt.mkdir()
+        mnts.append(vmnt)
+        run_cubefs("mount", "--volume", "uv", str(vmnt), "--volume-dir", str(vols), "--cache-dir",
+                   str(tmp_path / "cache"), env=env)
+        (vmnt / "before").write_bytes(b"written before the upgrade")
         before = {mnt: _stats(mnt)["pid"] for mnt in mnts}
         with Readers(mnts[0], digests, n=2) as r1, Readers(mnts[1], digests, n=2) as r2:
             time.sleep(0.5)
             res = run_cubefs("serve", "--upgrade", "--socket", str(sock), timeout=120)
-            assert "2 mount daemons replaced" in res.stdout
+            assert "3 mount daemons replaced" in res.stdout
             counts = (r1.reads, r2.reads)
             time.sleep(1.0)
         assert r1.errors == [] and r2.errors == []
@@ -236,9 +245,12 @@ def test_upgrade_replaces_every_daemon_under_live_readers(tmp_path: Path, local_
             stats = _stats(mnt)
             assert stats["pid"] != before[mnt] and stats["restarts"] == 1
             assert os.path.ismount(mnt)
+        assert (vmnt / "before").read_bytes() == b"written before the upgrade"
+        (vmnt / "after").write_bytes(b"written after")
+        assert (vmnt / "after").read_bytes() == b"written after"
         assert server.poll() is None  # the same process, now running the installed code
         text = log.read_text()
-        assert "mount server upgraded in place: replacing 2 mount daemons" in text
+        assert "mount server upgraded in place: replacing 3 mount daemons" in text
         assert text.count("mount server listening") == 2
     finally:
         for mnt in mnts:
