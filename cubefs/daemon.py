@@ -133,7 +133,18 @@ def _close_all_but(keep: set[int]) -> None:
     for fd in sorted(f for f in keep if f >= 3):
         os.closerange(low, fd)
         low = fd + 1
-    os.closerange(low, 65536)
+    os.closerange(low, max(65536, os.sysconf("SC_OPEN_MAX")))
+
+
+def _raise_fd_limit() -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as err:
+            log.debug("descriptor limit left at %d: %s", soft, err)
 
 
 def _become_daemon(args: argparse.Namespace, mp: str, cache_dir: str, notify_fd: int,
@@ -327,6 +338,7 @@ def run_mount_server(path: str, idle_exit: float | None = None) -> int:
         srv, lock_fd, mounts, upgrade = inherited
         log.info("mount server upgraded in place: replacing %d mount daemons one by one", len(upgrade.todo))
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # daemons are reaped by the kernel
+    _raise_fd_limit()  # it keeps two descriptors per mount
     stopping = False
 
     def stop(*_a: object) -> None:
@@ -339,16 +351,22 @@ def run_mount_server(path: str, idle_exit: float | None = None) -> int:
     idle_since = time.monotonic()
     while not stopping:
         upgrade.step(mounts)
+        # poll, not select: a node's hundreds of mounts hold descriptors past select's 1024
+        poller = select.poll()
+        for fd in (srv.fileno(), *mounts):
+            poller.register(fd, select.POLLIN)
         try:
-            ready, _, _ = select.select([srv, *(m.sock for m in mounts.values())], [], [], 0.5)
+            ready = {fd for fd, _ev in poller.poll(500)}
         except InterruptedError:
             continue
-        for m in [m for m in mounts.values() if m.sock in ready]:
-            if not m.receive():
-                del mounts[m.sock.fileno()]
-                successor = _daemon_gone(m, mounts, srv, lock_fd)
-                upgrade.replaced(m, successor)
-        if srv not in ready:
+        for key in [k for k in mounts if k in ready]:
+            m = mounts.pop(key)
+            if m.receive():
+                mounts[key] = m
+                continue
+            successor = _daemon_gone(m, mounts, srv, lock_fd)
+            upgrade.replaced(m, successor)
+        if srv.fileno() not in ready:
             if idle_exit is not None and not mounts and time.monotonic() - idle_since > idle_exit:
                 log.info("no mount request for %.0f s; exiting", idle_exit)
                 break

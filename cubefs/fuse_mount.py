@@ -34,6 +34,7 @@ from cubefs.errors import UsageError
 from cubefs.format.manifest import Manifest, parse_ref
 from cubefs.format.trace import encode_trace, trace_key
 from cubefs.fsops import ImageFS
+from cubefs.fuse.protocol import HAS_RESEND
 from cubefs.remote import RetryingStore, RetryPolicy, store_session
 from cubefs.remote.loop import LoopThread
 from cubefs.supervise import SupervisorLink
@@ -176,7 +177,7 @@ def _serve(
         transport.mount()
     if link is not None:
         link.fuse_fd(transport.fd)  # type: ignore[attr-defined]
-        transport.on_session = lambda state: link.tell("session", **state)  # type: ignore[attr-defined]
+        transport.on_session = lambda state: _session_settled(link, state)  # type: ignore[attr-defined]
 
     def get_stats() -> dict[str, Any]:
         stats = {
@@ -282,6 +283,17 @@ def _serve(
                 control.remove_registry(mountpoint)
                 log.info("unmounted %s", mountpoint)
     return 0
+
+
+def _session_settled(link: SupervisorLink, state: dict[str, Any]) -> None:
+    """Tell the mount server what INIT settled (a replacement resumes with it), and the log
+    whether this mount can outlive its daemon."""
+    link.tell("session", **state)
+    if int(state.get("kernel_flags", 0)) & HAS_RESEND:
+        log.info("the kernel offers FUSE_NOTIFY_RESEND: the mount server replaces this daemon if it dies")
+    else:
+        log.warning("the kernel has no FUSE_NOTIFY_RESEND (Linux 6.9+): if this daemon dies, the mount fails "
+                    "with ENOTCONN until remounted")
 
 
 def _open_disk_cache(directory: str, limit: int) -> DiskCache | None:
