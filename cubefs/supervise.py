@@ -48,6 +48,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from cubefs.fuse.protocol import HAS_RESEND
+
 log = logging.getLogger(__name__)
 
 MESSAGE_MAX = 65536
@@ -117,6 +119,8 @@ class Supervised:
         try:
             info = json.loads(msg)
         except ValueError:
+            info = None
+        if not isinstance(info, dict):
             log.warning("mount daemon %d sent a bad message", self.pid)
             return True
         kind = info.pop("kind", "")
@@ -136,7 +140,7 @@ class Supervised:
             return "it died before its mount was live"
         if self.outcome == "handover":
             return ""
-        if self.session is not None and not int(self.session.get("kernel_flags", 0)) & (1 << 39):
+        if self.session is not None and not int(self.session.get("kernel_flags", 0)) & HAS_RESEND:
             return ("this kernel has no FUSE_NOTIFY_RESEND (Linux 6.9+) to replay what it had read; the mount "
                     "fails with ENOTCONN until 'cubefs umount' and a new mount, as before")
         now = time.monotonic()
