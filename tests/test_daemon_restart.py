@@ -347,3 +347,25 @@ def test_a_read_in_flight_when_the_daemon_dies_is_answered_by_its_replacement(tm
         assert not reader.is_alive(), "the read the dead daemon had taken was never answered"
         assert got == [data]
         assert _stats(mnt)["restarts"] == 1
+
+
+def test_which_dead_daemons_are_replaced() -> None:
+    """Older kernels (no FUSE_HAS_RESEND) keep today's behaviour, said why; so does a
+    daemon that keeps dying; one that unmounted or never mounted is simply gone."""
+    import socket as sk
+
+    from cubefs.supervise import CRASH_LOOP, Supervised
+
+    a, b = sk.socketpair()
+    with a, b:
+        m = Supervised({"mountpoint": "/mnt/x"}, a, 1, fuse_fd=-1)
+        assert "before its mount was live" in m.replacement_allowed()
+        m.fuse_fd = 99  # never closed here: the record is only asked
+        m.session = {"minor": 31, "no_open": True, "no_opendir": True, "kernel_flags": 0}
+        assert "no FUSE_NOTIFY_RESEND" in m.replacement_allowed()
+        m.session["kernel_flags"] = p.HAS_RESEND
+        assert m.replacement_allowed() == ""
+        m.replaced_at = [time.monotonic()] * CRASH_LOOP[0]
+        assert "died 5 times" in m.replacement_allowed()
+        m.outcome = "unmounted"
+        assert m.replacement_allowed() == "it unmounted"
