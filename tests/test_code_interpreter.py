@@ -19,6 +19,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -27,8 +28,12 @@ from e2b import ConnectionConfig, NotFoundException, SandboxException, TimeoutEx
 from e2b_code_interpreter import Sandbox
 from packaging.version import Version
 
+# The SDK's HTTP client blocks in native code, where pytest-timeout's signal cannot reach it.
+pytestmark = pytest.mark.timeout(120, method="thread")
+
 SERVER = Path(__file__).resolve().parent.parent / "sandbox" / "code_interpreter" / "server.py"
 PYTHON = "/usr/bin/python3"
+INTERRUPT_GRACE = 5.0  # server.py's, in seconds
 
 
 class Interp:
@@ -228,6 +233,40 @@ def test_client_disconnect_interrupts_the_code(interp: Interp) -> None:
     started = time.monotonic()
     assert sbx.run_code("kept").text == "'yes'"
     assert time.monotonic() - started < 2
+
+
+def test_code_that_ignores_the_interrupt_loses_its_context(interp: Interp) -> None:
+    """A cell that survives SIGINT is killed after the grace period, so a context never stays
+    stuck; the next call gets a fresh process."""
+    sbx = interp.sdk()
+    sbx.run_code("state = 1")
+    stubborn = "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True:\n    time.sleep(0.05)"
+    with pytest.raises(TimeoutException):
+        sbx.run_code(stubborn, timeout=0.5)
+    started = time.monotonic()
+    assert sbx.run_code("state").error.name == "NameError"  # waited for the kill, then fresh
+    assert time.monotonic() - started < INTERRUPT_GRACE + 3
+
+
+def test_one_cell_at_a_time_per_context_and_restart_ends_a_running_cell(interp: Interp) -> None:
+    sbx = interp.sdk()
+    other = sbx.create_code_context()
+    with ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(sbx.run_code, "import time\ntime.sleep(0.8)\nfirst = time.monotonic()")
+        time.sleep(0.3)
+        # another context is not held up by it
+        started = time.monotonic()
+        assert sbx.run_code("1", context=other).text == "1"
+        assert time.monotonic() - started < 0.5
+        # the same context queues the second cell behind the first, like a Jupyter kernel
+        assert sbx.run_code("time.monotonic() >= first").text == "True"
+        assert slow.result().error is None
+        running = pool.submit(sbx.run_code, "import time\ntime.sleep(60)", context=other)
+        time.sleep(0.5)
+        sbx.restart_code_context(other)
+        ended = running.result(timeout=10)
+    assert ended.error is not None and ended.error.name == "ContextDied"
+    assert sbx.run_code("1 + 1", context=other).text == "2"
 
 
 def test_a_dead_context_says_so_and_comes_back_fresh(interp: Interp) -> None:

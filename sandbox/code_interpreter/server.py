@@ -6,10 +6,11 @@ Why it is built this way:
 
 - **No Jupyter.** E2B's own template runs a Jupyter server plus ipykernel per context behind a
   FastAPI app (about 100 MB of packages and a second server process). A sandbox image here is
-  Debian plus ``python3``; this file needs nothing but the image's own Python 3.11 standard
-  library, so it can be started from any image that has ``python3`` without installing anything.
+  Debian plus ``python3``; this file and ``worker.py`` beside it need nothing but the image's
+  own Python 3.11 standard library, so they run in any image that has ``python3``, copied in as
+  they are (both files, in one directory).
 - **One Python process per context, not threads.** A context's globals live in its own worker
-  process, so a cell that crashes the interpreter (``os._exit``, a segfault in a C module) or
+  process (``worker.py``), so a cell that crashes the interpreter (``os._exit``, a segfault in a C module) or
   refuses to stop loses only that context, SIGINT interrupts exactly that cell (the SDK's
   timeout and a client disconnect both end up there), and ``restart`` is a kill and a fresh
   process. The worker's stdout and stderr are its file descriptors 1 and 2, pipes this server
@@ -46,14 +47,12 @@ Usage: ``python3 server.py [--host 0.0.0.0] [--port 49999] [--token-file F] [--c
 from __future__ import annotations
 
 import argparse
-import ast
-import base64
 import codecs
 import hmac
 import json
-import linecache
 import os
 import pwd
+import select
 import selectors
 import signal
 import socket
@@ -62,7 +61,6 @@ import sys
 import threading
 import time
 import traceback
-import types
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, BinaryIO
@@ -73,138 +71,7 @@ DEFAULT_CWD = "/home/user"
 MAX_BODY = 16 << 20
 INTERRUPT_GRACE = 5.0  # seconds an interrupted cell gets to stop before its worker is killed
 PARTIAL_QUIET = 0.05  # a line without its newline is sent after this much quiet
-CO_COROUTINE = 0x80  # inspect.CO_COROUTINE, without importing inspect into every worker
-RICH_FORMATS = ("html", "markdown", "svg", "png", "jpeg", "latex", "json", "javascript")
-
-
-# ---------------------------------------------------------------------------------------------
-# The worker: one per context, started as ``server.py --worker CMD_FD EVENT_FD LIFELINE_FD``.
-
-_cell_running = False
-_loop: Any = None
-
-
-def _on_sigint(signum: int, frame: Any) -> None:
-    # Only a running cell is interrupted; a SIGINT between cells must not kill the worker.
-    if _cell_running:
-        raise KeyboardInterrupt
-
-
-def _watch_lifeline(fd: int) -> None:
-    # The server holds the only write end: EOF means it is gone (even after kill -9), and the
-    # worker takes its session (itself and whatever it started) with it.
-    while os.read(fd, 1):
-        pass
-    os.killpg(os.getpgrp(), signal.SIGKILL)
-
-
-def worker_main(cmd_fd: int, event_fd: int, lifeline_fd: int) -> None:
-    """Runs cells read as JSON lines from `cmd_fd` in one namespace, reporting on `event_fd`."""
-    threading.Thread(target=_watch_lifeline, args=(lifeline_fd,), daemon=True).start()
-    signal.signal(signal.SIGINT, _on_sigint)
-    sys.path[0] = ""  # modules in the context's cwd are importable, as in Jupyter; not ours
-    sys.argv = [""]
-    events = os.fdopen(event_fd, "w", encoding="utf-8")
-
-    def send(event: dict[str, Any]) -> None:
-        events.write(json.dumps(event) + "\n")
-        events.flush()
-
-    main = types.ModuleType("__main__")  # the user's namespace is __main__, so pickle finds
-    sys.modules["__main__"] = main  # classes and functions defined in cells (multiprocessing)
-    namespace = main.__dict__
-    count = 0
-    with os.fdopen(cmd_fd, encoding="utf-8") as commands:
-        for line in commands:
-            request = json.loads(line)
-            count += 1
-            send({"type": "number_of_executions", "execution_count": count})
-            try:
-                event = _run_cell(request["code"], request.get("env_vars") or {}, namespace, count)
-            except KeyboardInterrupt as exc:  # landed between the cell and its report
-                event = _error_event(exc)
-            if event is not None:
-                send(event)
-            send({"type": "done"})
-    os.killpg(os.getpgrp(), signal.SIGKILL)  # EOF: the server is gone (see _watch_lifeline)
-
-
-def _run_cell(code: str, env: dict[str, str], namespace: dict[str, Any], count: int) -> dict | None:
-    """Runs one cell; returns its result or error event (None: no value to show)."""
-    global _cell_running
-    filename = f"<cell {count}>"
-    linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
-    saved = {name: os.environ.get(name) for name in env}
-    try:
-        os.environ.update(env)
-        _cell_running = True
-        value = _execute(code, filename, namespace)
-        event = None if value is None else _result_event(value, namespace)
-        _cell_running = False
-        return event
-    except BaseException as exc:  # the cell's error, SystemExit and KeyboardInterrupt included
-        _cell_running = False
-        return _error_event(exc)
-    finally:
-        _cell_running = False
-        for name, old in saved.items():
-            if old is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = old
-
-
-def _execute(code: str, filename: str, namespace: dict[str, Any]) -> Any:
-    """Runs `code` and returns the value of its last statement if that is an expression."""
-    tree = ast.parse(code, filename)
-    last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
-    flags = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
-    _evaluate(compile(tree, filename, "exec", flags=flags), namespace)
-    if last is None:
-        return None
-    return _evaluate(compile(ast.Expression(last.value), filename, "eval", flags=flags), namespace)
-
-
-def _evaluate(code: Any, namespace: dict[str, Any]) -> Any:
-    global _loop
-    value = eval(code, namespace)  # running the user's code is the point
-    if code.co_flags & CO_COROUTINE:  # top-level await: one event loop per context
-        if _loop is None:
-            import asyncio
-
-            _loop = asyncio.new_event_loop()
-        value = _loop.run_until_complete(value)
-    return value
-
-
-def _result_event(value: Any, namespace: dict[str, Any]) -> dict[str, Any]:
-    namespace["_"] = value
-    event: dict[str, Any] = {"type": "result", "text": repr(value), "is_main_result": True}
-    for fmt in RICH_FORMATS:
-        try:
-            data = getattr(value, f"_repr_{fmt}_")()
-            if isinstance(data, tuple):  # IPython's (data, metadata)
-                data = data[0]
-            if isinstance(data, bytes):
-                data = base64.b64encode(data).decode("ascii")
-            if data is not None:
-                json.dumps(data)
-                event[fmt] = data
-        except Exception:  # no such method, or it failed: that format is simply absent
-            continue
-    return event
-
-
-def _error_event(exc: BaseException) -> dict[str, Any]:
-    tb = exc.__traceback__
-    while tb is not None and not tb.tb_frame.f_code.co_filename.startswith("<cell "):
-        tb = tb.tb_next  # the worker's own frames are not the user's business
-    try:
-        value = str(exc)
-    except Exception:
-        value = "<unprintable>"
-    text = "".join(traceback.format_exception(type(exc), exc, tb))
-    return {"type": "error", "name": type(exc).__name__, "value": value, "traceback": text}
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker.py")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,10 +103,11 @@ class Client:
 
     def check_closed(self) -> bool:
         """True when the socket reads EOF (the client went away), False if it sent more."""
+        # Poll first: a socket with a timeout waits for readability inside recv(), flags or not.
+        if self.gone or not select.select([self.sock], [], [], 0)[0]:
+            return self.gone
         try:
-            self.gone = self.gone or self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-        except BlockingIOError:
-            pass
+            self.gone = self.sock.recv(1, socket.MSG_PEEK) == b""
         except OSError:
             self.gone = True
         return self.gone
@@ -294,8 +162,7 @@ class Worker:
             env.update(HOME=entry.pw_dir, USER=user, LOGNAME=user)
             ids = dict(user=entry.pw_uid, group=entry.pw_gid,
                        extra_groups=os.getgrouplist(user, entry.pw_gid))
-        argv = [sys.executable, "-u", os.path.abspath(__file__), "--worker",
-                str(cmd_r), str(event_w), str(life_r)]
+        argv = [sys.executable, "-u", WORKER, str(cmd_r), str(event_w), str(life_r)]
         try:
             self.proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -676,17 +543,13 @@ def _language(language: Any) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if args[:1] == ["--worker"]:
-        worker_main(*(int(fd) for fd in args[1:4]))
-        return 0
     parser = argparse.ArgumentParser(description="The e2b code interpreter protocol on one port.")
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     parser.add_argument("--token-file", help="file holding the access token (read per request)")
     parser.add_argument("--cwd", default=DEFAULT_CWD, help="working directory of new contexts")
     parser.add_argument("--user", help="run the contexts' Python as this user")
-    opts = parser.parse_args(args)
+    opts = parser.parse_args(argv)
     if not os.path.isdir(opts.cwd):
         parser.exit(2, f"server.py: --cwd {opts.cwd}: not a directory\n")
     if opts.user is not None:
