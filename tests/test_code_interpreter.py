@@ -159,6 +159,23 @@ def test_stdout_streams_while_the_code_runs(interp: Interp) -> None:
     assert "".join(execution.logs.stdout) == "from a child\nno newline"
 
 
+def test_output_without_newlines_streams_too(interp: Interp) -> None:
+    """A progress bar (carriage returns, never a newline) and one 1 MiB line."""
+    sbx = interp.sdk()
+    seen: list[float] = []
+    code = ("import sys, time\n"
+            "for i in range(100):\n"
+            "    sys.stderr.write(f'\\r{i}%')\n"
+            "    time.sleep(0.01)\n"
+            "sys.stdout.write('y' * (1 << 20))")
+    execution = sbx.run_code(code, on_stderr=lambda m: seen.append(time.monotonic()))
+    finished = time.monotonic()
+    assert "".join(execution.logs.stderr) == "".join(f"\r{i}%" for i in range(100))
+    assert len(seen) >= 5 and finished - seen[0] > 0.5  # it came while the loop ran
+    assert "".join(execution.logs.stdout) == "y" * (1 << 20)
+    assert len(execution.logs.stdout) >= 8  # in pieces of at most 128 KiB, not held whole
+
+
 def test_an_exception_gives_execution_error(interp: Interp) -> None:
     sbx = interp.sdk()
     errors = []

@@ -16,7 +16,7 @@ Why it is built this way:
   process. The worker's stdout and stderr are its file descriptors 1 and 2, pipes this server
   reads, so output of child processes (``subprocess.run``, ``os.system``) streams too, and
   Python runs with ``-u`` so a ``print`` reaches the pipe when it is called, not when a buffer
-  fills. The server sends whole lines as they arrive and a partial line after 50 ms of quiet.
+  fills. The server sends whole lines as they arrive, a partial line at most 50 ms late.
 - **One ordered event pipe.** The worker reports results, errors and the end of a cell on a
   pipe of its own, always after its output was written; the server reads every output pipe
   dry before it forwards such an event, so output never arrives after the cell's result.
@@ -70,7 +70,8 @@ DEFAULT_PORT = 49999
 DEFAULT_CWD = "/home/user"
 MAX_BODY = 16 << 20
 INTERRUPT_GRACE = 5.0  # seconds an interrupted cell gets to stop before its worker is killed
-PARTIAL_QUIET = 0.05  # a line without its newline is sent after this much quiet
+PARTIAL_QUIET = 0.05  # a line without its newline waits at most this long to be sent
+PIPE_READ = 65536  # bytes read from a worker's output at once; also the longest partial line kept
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker.py")
 
 
@@ -114,27 +115,35 @@ class Client:
 
 
 class OutputPipe:
-    """A worker's stdout or stderr: whole lines are sent as they come, the rest when asked."""
+    """A worker's stdout or stderr: whole lines are sent as they come; the rest of a line when
+    it is PARTIAL_QUIET old or PIPE_READ long (a progress bar without newlines, one huge line),
+    or when asked."""
 
     def __init__(self, fd: int, name: str) -> None:
         self.fd = fd
         self.name = name
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self.partial = ""
+        self.partial_since = 0.0
         self.eof = False
 
     def read(self, client: Client) -> bool:
         """Reads once; False when there was nothing (or EOF)."""
         try:
-            data = os.read(self.fd, 65536)
+            data = os.read(self.fd, PIPE_READ)
         except BlockingIOError:
             return False
         self.eof = not data
         text = self.partial + self.decoder.decode(data, final=not data)
         cut = text.rfind("\n") + 1
-        self.partial = text[cut:]
         if cut:
             client.send({"type": self.name, "text": text[:cut], "timestamp": time.time_ns()})
+        if cut or not self.partial:  # the partial line (if any) starts in this read
+            self.partial_since = time.monotonic()
+        self.partial = text[cut:]
+        if len(self.partial) >= PIPE_READ or (
+                self.partial and time.monotonic() - self.partial_since >= PARTIAL_QUIET):
+            self.flush(client)
         return bool(data)
 
     def flush(self, client: Client) -> None:
