@@ -10,6 +10,7 @@ localhost:49999.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -25,7 +26,7 @@ from pathlib import Path
 import pytest
 from conftest import free_ports
 from e2b import ConnectionConfig, NotFoundException, SandboxException, TimeoutException
-from e2b_code_interpreter import Sandbox
+from e2b_code_interpreter import AsyncSandbox, Sandbox
 from packaging.version import Version
 
 # The SDK's HTTP client blocks in native code, where pytest-timeout's signal cannot reach it.
@@ -131,6 +132,23 @@ def test_state_kept_between_run_code(interp: Interp) -> None:
     # functions, imports and classes defined in one call are there in the next; pickle finds them
     sbx.run_code("import pickle\nclass P:\n    pass")
     assert sbx.run_code("type(pickle.loads(pickle.dumps(P()))).__name__").text == "'P'"
+
+
+def test_async_sdk(interp: Interp) -> None:
+    config = ConnectionConfig(sandbox_url=f"http://127.0.0.1:{interp.port}", api_key="unused")
+    sbx = AsyncSandbox(sandbox_id="test-sbx", sandbox_domain=None, envd_version=Version("0.5.7"),
+                       envd_access_token=None, traffic_access_token=None, connection_config=config)
+
+    async def drive() -> tuple[str | None, list[str], str | None]:
+        ctx = await sbx.create_code_context()
+        await sbx.run_code("a = 6", context=ctx)
+        lines: list[str] = []
+        execution = await sbx.run_code("print('p')\na * 7", context=ctx,
+                                       on_stdout=lambda m: lines.append(m.line))
+        await sbx.remove_code_context(ctx)
+        return execution.text, lines, (await sbx.run_code("a")).error.name
+
+    assert asyncio.run(drive()) == ("42", ["p\n"], "NameError")
 
 
 def test_stdout_streams_while_the_code_runs(interp: Interp) -> None:
