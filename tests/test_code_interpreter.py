@@ -307,9 +307,11 @@ def test_one_cell_at_a_time_per_context_and_restart_ends_a_running_cell(interp: 
 def test_a_dead_context_says_so_and_comes_back_fresh(interp: Interp) -> None:
     sbx = interp.sdk()
     sbx.run_code("lost = 1")
+    orphan = int(sbx.run_code("import subprocess\nsubprocess.Popen(['sleep', '600']).pid").text)
     died = sbx.run_code("import os\nos._exit(7)")
     assert died.error is not None and died.error.name == "ContextDied"
     assert "exited with status 7" in died.error.value
+    assert _gone([orphan])  # what it started went with it
     assert sbx.run_code("lost").error.name == "NameError"
     assert sbx.run_code("1 + 1").text == "2"
 

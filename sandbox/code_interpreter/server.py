@@ -97,6 +97,8 @@ class Client:
             self.gone = True
 
     def end(self) -> None:
+        if self.gone:
+            return
         try:
             self.wfile.write(b"0\r\n\r\n")
         except OSError:
@@ -105,7 +107,9 @@ class Client:
     def check_closed(self) -> bool:
         """True when the socket reads EOF (the client went away), False if it sent more."""
         # Poll first: a socket with a timeout waits for readability inside recv(), flags or not.
-        if self.gone or not select.select([self.sock], [], [], 0)[0]:
+        poll = select.poll()
+        poll.register(self.sock, select.POLLIN)
+        if self.gone or not poll.poll(0):
             return self.gone
         try:
             self.gone = self.sock.recv(1, socket.MSG_PEEK) == b""
@@ -205,15 +209,18 @@ class Worker:
     def kill(self) -> None:
         """Ends the worker and everything it started (its session), and frees its pipes (at
         once, or when the cell that is reading them has ended)."""
-        self.dead = True
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait()
+        self._kill_session()
         with self._lock:
             if not self._executing:
                 self._close()
+
+    def _kill_session(self) -> None:
+        self.dead = True
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # also after the worker itself is gone
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
 
     def _close(self) -> None:
         if self._closed:
@@ -232,18 +239,18 @@ class Worker:
 
         A client that goes away interrupts the cell (SIGINT); a cell that has not stopped
         INTERRUPT_GRACE seconds later loses its worker (killed; the next cell gets a new one)."""
-        selector = selectors.DefaultSelector()
-        for output in self._outputs:
-            selector.register(output.fd, selectors.EVENT_READ, output)
-        selector.register(self._events, selectors.EVENT_READ, None)
-        selector.register(client.sock, selectors.EVENT_READ, client)
-        deadline: float | None = None
-        pending = b""
         with self._lock:
-            if self.dead:
+            if self.dead:  # killed (a restart) after the context handed it out
                 return self._died(client)
             self._executing = True
+        selector = selectors.DefaultSelector()
+        deadline: float | None = None
+        pending = b""
         try:
+            for output in self._outputs:
+                selector.register(output.fd, selectors.EVENT_READ, output)
+            selector.register(self._events, selectors.EVENT_READ, None)
+            selector.register(client.sock, selectors.EVENT_READ, client)
             try:
                 self._commands.write(json.dumps(request).encode() + b"\n")
                 self._commands.flush()
@@ -295,12 +302,11 @@ class Worker:
                     self._close()
 
     def _died(self, client: Client) -> None:
-        self.dead = True
         try:
             code = self.proc.wait(timeout=1.0)
         except subprocess.TimeoutExpired:  # it closed its event pipe but lives on
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            code = self.proc.wait()
+            code = -signal.SIGKILL
+        self._kill_session()  # and whatever it left running
         if not self._closed:
             for output in self._outputs:
                 output.drain(client)
