@@ -386,6 +386,23 @@ def test_bad_input_gets_a_json_error(interp: Interp, tmp_path: Path) -> None:
     assert sbx.run_code("40 + 2", language="python").text == "42"
 
 
+def test_contexts_come_and_go_without_leaking(interp: Interp) -> None:
+    """Descriptors and processes of the server stay flat over context churn, crashes included."""
+    sbx = interp.sdk()
+    sbx.run_code("1")
+    fds = len(os.listdir(f"/proc/{interp.proc.pid}/fd"))
+    workers = len(interp.workers())
+    for _ in range(10):
+        ctx = sbx.create_code_context()
+        sbx.run_code("v = 1", context=ctx)
+        sbx.restart_code_context(ctx)
+        sbx.run_code("import os\nos._exit(1)", context=ctx)
+        sbx.run_code("v = 2", context=ctx)
+        sbx.remove_code_context(ctx)
+    assert len(os.listdir(f"/proc/{interp.proc.pid}/fd")) == fds
+    assert len([p for p in interp.workers() if _running(p)]) == workers
+
+
 def test_nothing_is_left_behind(tmp_path: Path) -> None:
     for sig in (signal.SIGTERM, signal.SIGKILL):
         server = Interp(tmp_path)
