@@ -312,6 +312,9 @@ def test_a_dead_context_says_so_and_comes_back_fresh(interp: Interp) -> None:
     assert died.error is not None and died.error.name == "ContextDied"
     assert "exited with status 7" in died.error.value
     assert _gone([orphan])  # what it started went with it
+    # a forked child holding the worker's pipes does not keep the call waiting
+    forked = sbx.run_code("import os, time\nif os.fork() == 0:\n    time.sleep(600)\nos._exit(3)")
+    assert forked.error is not None and "exited with status 3" in forked.error.value
     assert sbx.run_code("lost").error.name == "NameError"
     assert sbx.run_code("1 + 1").text == "2"
 

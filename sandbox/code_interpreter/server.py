@@ -194,6 +194,12 @@ class Worker:
                          OutputPipe(self.proc.stderr.fileno(), "stderr")]
         for fd in (event_r, *(o.fd for o in self._outputs)):
             os.set_blocking(fd, False)
+        # Readable when the worker exits, even if a process it forked still holds its event pipe
+        # (multiprocessing), which then never reads EOF. Linux 5.3+; without it, EOF must do.
+        try:
+            self._pidfd: int | None = os.pidfd_open(self.proc.pid)
+        except OSError:
+            self._pidfd = None
         self.dead = False
         self._lock = threading.Lock()
         self._executing = False
@@ -231,8 +237,9 @@ class Worker:
                 f.close()  # type: ignore[union-attr]
             except OSError:
                 pass
-        for fd in (self._events, self._lifeline):
-            os.close(fd)
+        for fd in (self._events, self._lifeline, self._pidfd):
+            if fd is not None:
+                os.close(fd)
 
     def execute(self, request: dict[str, Any], client: Client) -> None:
         """Runs one cell, sending its events to `client` as they happen; returns when it ended.
@@ -251,6 +258,8 @@ class Worker:
                 selector.register(output.fd, selectors.EVENT_READ, output)
             selector.register(self._events, selectors.EVENT_READ, None)
             selector.register(client.sock, selectors.EVENT_READ, client)
+            if self._pidfd is not None:
+                selector.register(self._pidfd, selectors.EVENT_READ, self)
             try:
                 self._commands.write(json.dumps(request).encode() + b"\n")
                 self._commands.flush()
@@ -278,6 +287,8 @@ class Worker:
                     elif isinstance(key.data, Client):
                         client.check_closed()  # EOF: gone; bytes: later writes will tell
                         selector.unregister(client.sock)
+                    elif key.data is self:  # the worker exited in the middle of the cell
+                        return self._died(client)
                     else:
                         try:
                             data = os.read(self._events, 65536)

@@ -52,6 +52,8 @@ def _watch_lifeline(fd: int) -> None:
 
 def main(cmd_fd: int, event_fd: int, lifeline_fd: int) -> None:
     """Runs cells read as JSON lines from `cmd_fd` in one namespace, reporting on `event_fd`."""
+    for fd in (cmd_fd, event_fd, lifeline_fd):
+        os.set_inheritable(fd, False)  # for us alone, not for what the cells start
     threading.Thread(target=_watch_lifeline, args=(lifeline_fd,), daemon=True).start()
     signal.signal(signal.SIGINT, _on_sigint)
     sys.path[0] = ""  # modules in the context's cwd are importable, as in Jupyter; not ours
