@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pwd
 import signal
 import socket
 import subprocess
@@ -362,7 +363,8 @@ def test_contexts_run_as_the_given_user(tmp_path: Path) -> None:
     server = Interp(tmp_path, "--token-file", str(token_file), "--user", "nobody")
     try:
         sbx = server.sdk(token="root-only")
-        assert sbx.run_code("import os\nos.getuid(), os.environ['HOME']").text == "(65534, '/nonexistent')"
+        nobody = pwd.getpwnam("nobody")
+        assert sbx.run_code("import os\nos.getuid(), os.environ['HOME']").text == repr((nobody.pw_uid, nobody.pw_dir))
         stolen = sbx.run_code(f"open({str(token_file)!r}).read()")
         assert stolen.error is not None and stolen.error.name == "PermissionError"
     finally:
