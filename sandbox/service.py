@@ -117,7 +117,9 @@ class Sandbox:
         """The ``Sandbox`` of the E2B API (the create and connect responses)."""
         r = self.record
         return {"templateID": r.template, "sandboxID": r.sandbox_id, "clientID": "cubefs", "alias": r.template,
-                "envdVersion": envd_version, "envdAccessToken": r.access_token, "trafficAccessToken": None,
+                "envdVersion": envd_version, "envdAccessToken": r.access_token,
+                # the code interpreter SDK sends this one (not X-Access-Token) on its context calls
+                "trafficAccessToken": r.access_token,
                 "domain": domain}
 
 
@@ -180,13 +182,13 @@ class SandboxService:
             if record.state != "running" or not vm.alive:
                 why = "was still being created" if record.state != "running" else "its VM is gone"
                 log.warning("sandbox %s %s when the service stopped: cleaned away", record.sandbox_id, why)
-                await asyncio.to_thread(self._destroy, record)
+                self._spawn(self._cleanup(record))  # in the background: serving need not wait for it
                 continue
             try:
                 await self._connect(sbx, vm)
             except (CubefsError, OSError) as err:
                 log.warning("sandbox %s: its agent does not answer (%s): killed", record.sandbox_id, err)
-                await asyncio.to_thread(self._destroy, record)
+                self._spawn(self._cleanup(record))
                 continue
             self.sandboxes[record.sandbox_id] = sbx
             self.counters.adopted += 1
@@ -239,9 +241,8 @@ class SandboxService:
         return vmm.Vm.start(record.vm, opts.root(record.volume), spec, template=template.vm_template)
 
     async def _connect(self, sbx: Sandbox, vm: vmm.Vm) -> None:
-        from vmm.channel import AgentChannel
-
         from sandbox.envd import Envd
+        from vmm.channel import AgentChannel
 
         r = sbx.record
         sbx.vm = vm
@@ -342,6 +343,11 @@ class SandboxService:
         self.counters.killed += 1
         log.info("sandbox %s killed", sandbox_id)
         return True
+
+    async def _cleanup(self, record: SandboxRecord) -> None:
+        t0 = time.monotonic()
+        await asyncio.shield(asyncio.to_thread(self._destroy, record))
+        log.info("sandbox %s: cleaned away in %.1f s", record.sandbox_id, time.monotonic() - t0)
 
     async def _finish(self, sbx: Sandbox) -> None:
         """Tear down a sandbox already taken out of the table (no request reaches it)."""

@@ -32,7 +32,7 @@ from vmm.machine import MachineSpec
 
 READY = "ready"  # the template volume's snapshot every sandbox clones
 CODE_INTERPRETER_PORT = 49999
-CODE_INTERPRETER_PATH = "/opt/cubefs/code_interpreter.py"
+CODE_INTERPRETER_DIR = "/opt/cubefs/code_interpreter"  # server.py and worker.py, side by side
 TOKEN_PATH = "/run/e2b/access-token"
 
 
@@ -136,11 +136,13 @@ def _prepare_root(mnt: Path, code_interpreter: bool) -> None:
         (mnt / "etc/sudoers.d/90-e2b-user").write_text("user ALL=(ALL:ALL) NOPASSWD: ALL\n")
         (mnt / "etc/sudoers.d/90-e2b-user").chmod(0o440)
     if code_interpreter:
-        src = Path(__file__).resolve().parent / "code_interpreter" / "server.py"
-        dst = mnt / CODE_INTERPRETER_PATH.lstrip("/")
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, dst)
-        dst.chmod(0o755)
+        dst = mnt / CODE_INTERPRETER_DIR.lstrip("/")
+        dst.mkdir(parents=True, exist_ok=True)
+        for d in (dst, dst.parent):  # readable by the user the interpreter runs as (our umask is 077)
+            d.chmod(0o755)
+        for name in ("server.py", "worker.py"):
+            shutil.copyfile(Path(__file__).resolve().parent / "code_interpreter" / name, dst / name)
+            (dst / name).chmod(0o644)
 
 
 def create(name: str, image: str, opts: StoreOptions, *, cpus: int = 1, memory_mb: int = 512,
@@ -151,8 +153,9 @@ def create(name: str, image: str, opts: StoreOptions, *, cpus: int = 1, memory_m
     if SandboxTemplate.path(name).exists():
         raise UsageError(f"sandbox template {name} exists ('cubefs sandbox template rm {name}' first)")
     if code_interpreter:
-        start_cmd = start_cmd or (f"python3 {CODE_INTERPRETER_PATH} --port {CODE_INTERPRETER_PORT} "
-                                  f"--token-file {TOKEN_PATH}")
+        # loopback is enough: the proxy reaches guest ports through the agent's TCP streams
+        start_cmd = start_cmd or (f"python3 {CODE_INTERPRETER_DIR}/server.py --host 127.0.0.1 --port "
+                                  f"{CODE_INTERPRETER_PORT} --token-file {TOKEN_PATH} --user user")
         ready_port = ready_port or CODE_INTERPRETER_PORT
     t0 = time.monotonic()
     volume = f"sbxtpl-{name}"
