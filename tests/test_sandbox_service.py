@@ -369,3 +369,42 @@ def test_the_code_interpreter_keeps_state_between_calls(node: Node, code_interpr
         assert sbx.commands.run("whoami").stdout == "user\n"
     finally:
         sbx.kill()
+
+
+def test_a_sandbox_whose_qemu_dies_is_reported_gone_and_cleaned(node: Node) -> None:
+    from e2b import Sandbox
+
+    sbx = Sandbox.create(timeout=120)
+    vm_dir = Path(node.env["CUBEFS_VM_DIR"]) / f"sbx-{sbx.sandbox_id}"
+    pid = json.loads((vm_dir / "vm.json").read_text())["qemu_pid"]
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while sbx.is_running() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not sbx.is_running()
+    status, _, _ = node.api("GET", f"/sandboxes/{sbx.sandbox_id}")
+    assert status == 404
+    while vm_dir.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not vm_dir.exists()
+    volumes = json.loads(run_cubefs("volume", "list", "--json", env=node.env).stdout)
+    assert f"sbx-{sbx.sandbox_id}-0" not in [v["name"] for v in volumes]
+
+
+def test_the_cli_creates_execs_lists_and_kills(node: Node) -> None:
+    env = {**node.env, **node.sdk_env}
+    made = json.loads(run_cubefs("sandbox", "create", "base", "-e", "FOO=bar", "-m", "who=cli", "--json",
+                                 env=env).stdout)
+    sid = made["sandboxID"]
+    try:
+        res = run_cubefs("sandbox", "exec", sid, "--", "echo $FOO; echo err >&2; exit 3", env=env, check=False)
+        assert (res.returncode, res.stdout, res.stderr) == (3, "bar\n", "err\n")
+        listed = json.loads(run_cubefs("sandbox", "ls", "--json", env=env).stdout)
+        assert [s["metadata"] for s in listed if s["sandboxID"] == sid] == [{"who": "cli"}]
+        assert run_cubefs("sandbox", "logs", sid, env=env).returncode == 0
+    finally:
+        assert run_cubefs("sandbox", "kill", sid, env=env).stdout == f"killed {sid}\n"
+    gone = run_cubefs("sandbox", "exec", sid, "--", "true", env=env, check=False)
+    assert gone.returncode == 3 and "not found" in gone.stderr
+    bad = run_cubefs("sandbox", "ls", env={**env, "E2B_API_KEY": "e2b_00"}, check=False)
+    assert bad.returncode == 2 and "API key" in bad.stderr
