@@ -17,6 +17,7 @@ from typing import Any
 
 from cubefs.cli_volume import volume_dir_arg
 from cubefs.errors import EXIT_OK, UsageError
+from vmm.cli import key_values
 
 EPILOG = """\
 examples:
@@ -36,16 +37,6 @@ proxy, E2B_API_KEY one of the keys ($CUBEFS_SANDBOX_API_KEY, comma-separated, or
 State (templates, one record per sandbox) lives in $CUBEFS_SANDBOX_DIR (default
 /var/lib/cubefs/sandbox); sandboxes outlive the service and a restarted one adopts them.
 """
-
-
-def _kv(items: list[str], what: str) -> dict[str, str]:
-    out = {}
-    for item in items:
-        key, eq, value = item.partition("=")
-        if not eq or not key:
-            raise UsageError(f"{what} {item!r}: use KEY=VALUE")
-        out[key] = value
-    return out
 
 
 def _client_args(p: argparse.ArgumentParser) -> None:
@@ -139,8 +130,8 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
                   f"ends {s['endAt']}  {meta}")
         return EXIT_OK
     if action == "create":
-        body: dict[str, Any] = {"templateID": args.template, "metadata": _kv(args.metadata, "--metadata"),
-                                "envVars": _kv(args.env, "--env")}
+        body: dict[str, Any] = {"templateID": args.template, "metadata": key_values(args.metadata, "--metadata"),
+                                "envVars": key_values(args.env, "--env")}
         if args.timeout is not None:
             body["timeout"] = args.timeout
         t0 = time.monotonic()
@@ -153,7 +144,7 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     if action == "exec":
         if not args.cmd:
             raise UsageError("usage: cubefs sandbox exec ID -- CMD")
-        return client.exec(args.sandbox, " ".join(args.cmd), _kv(args.env, "--env"), args.workdir, args.user)
+        return client.exec(args.sandbox, " ".join(args.cmd), key_values(args.env, "--env"), args.workdir, args.user)
     if action == "logs":
         for entry in client.call("GET", f"/sandboxes/{args.sandbox}/logs").get("logs", []):
             print(entry["line"])
@@ -170,7 +161,8 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
 def _opts(args: argparse.Namespace) -> Any:
     from sandbox.templates import StoreOptions
 
-    return StoreOptions(args.store, args.s3_endpoint, args.cache_dir, args.volume_dir)
+    return StoreOptions(store=args.store, s3_endpoint=args.s3_endpoint, cache_dir=args.cache_dir,
+                        volume_dir=args.volume_dir)
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -31,7 +31,7 @@ import string
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -238,7 +238,7 @@ class SandboxService:
         templates.cubefs("clone", f"{template.volume}@{templates.READY}", "--count", "1", "--prefix",
                          f"sbx-{record.sandbox_id}", *opts.args("--volume-dir"))
         spec = vmm.Template.load(template.vm_template).spec
-        return vmm.Vm.start(record.vm, opts.root(record.volume), spec, template=template.vm_template)
+        return vmm.Vm.start(record.vm, replace(opts, volume=record.volume), spec, template=template.vm_template)
 
     async def _connect(self, sbx: Sandbox, vm: vmm.Vm) -> None:
         from sandbox.envd import Envd

@@ -36,22 +36,9 @@ CODE_INTERPRETER_DIR = "/opt/cubefs/code_interpreter"  # server.py and worker.py
 TOKEN_PATH = "/run/e2b/access-token"
 
 
-@dataclass
-class StoreOptions:
-    """Where images live and where volumes and caches are kept (cubefs's own options)."""
-
-    store: str | None = None
-    s3_endpoint: str | None = None
-    cache_dir: str | None = None
-    volume_dir: str | None = None
-
-    def root(self, volume: str) -> vmm.Root:
-        return vmm.Root(None, volume, self.store, self.s3_endpoint, self.cache_dir, self.volume_dir)
-
-    def args(self, *flags: str) -> list[str]:
-        values = {"--store": self.store, "--s3-endpoint": self.s3_endpoint, "--cache-dir": self.cache_dir,
-                  "--volume-dir": self.volume_dir}
-        return [a for f in flags if values[f] for a in (f, str(values[f]))]
+# The cubefs options every root of a template shares (store, endpoint, cache and volume dirs):
+# a vmm Root that names no image or volume yet; a sandbox's root is it with its volume.
+StoreOptions = vmm.Root
 
 
 @dataclass
@@ -70,7 +57,7 @@ class SandboxTemplate:
 
     @property
     def store_options(self) -> StoreOptions:
-        return StoreOptions(**self.store)
+        return StoreOptions(**{k: v for k, v in self.store.items() if k in StoreOptions.__dataclass_fields__})
 
     @staticmethod
     def path(name: str) -> Path:

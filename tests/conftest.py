@@ -194,3 +194,18 @@ def local_store(tmp_path: Path) -> str:
 
 
 mounted = Mount  # `with mounted(ref, mnt, store, cache, *options) as m:` in the tests
+
+
+OLD_SDK = "2.45.1"  # the last e2b line that creates on POST /sandboxes (2.51 moved to /v2/sandboxes)
+
+
+@pytest.fixture(scope="session")
+def old_sdk() -> Path:
+    """The e2b 2.45 line in a directory of its own (the venv holds the current release): run a
+    client with it first on PYTHONPATH."""
+    target = Path(f"/var/tmp/cubefs-test/e2b-{OLD_SDK}")
+    if not (target / ".done").exists():
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--target", str(target), f"e2b=={OLD_SDK}"],
+                       check=True, capture_output=True)
+        (target / ".done").write_text(OLD_SDK + "\n")
+    return target

@@ -785,24 +785,6 @@ def test_async_sdk_streams(envd_server):
     asyncio.run(main())
 
 
-OLD_SDK = "2.45.1"  # the last line before /v2/sandboxes; its envd client differs from the current one
-
-
-@pytest.fixture(scope="module")
-def old_sdk():
-    """e2b 2.45.1 in a directory of its own (the same cache tests/test_sandbox_service.py fills)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    target = Path(f"/var/tmp/cubefs-test/e2b-{OLD_SDK}")
-    if not (target / ".done").exists():
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--target", str(target), f"e2b=={OLD_SDK}"],
-                       check=True, capture_output=True)
-        (target / ".done").write_text(OLD_SDK + "\n")
-    return target
-
-
 def test_the_2_45_sdk_line(envd_server, old_sdk):
     import os
     import subprocess

@@ -274,20 +274,6 @@ def test_kill_leaves_nothing_behind(node: Node) -> None:
     assert not list(Path(node.env["CUBEFS_VM_DIR"]).glob("sbx-*"))
 
 
-OLD_SDK = "2.45.1"  # the last line that creates on POST /sandboxes (2.51 moved to /v2/sandboxes)
-
-
-@pytest.fixture(scope="module")
-def old_sdk() -> Path:
-    """e2b 2.45.1 in a directory of its own (the venv holds the current release)."""
-    target = Path(f"/var/tmp/cubefs-test/e2b-{OLD_SDK}")
-    if not (target / ".done").exists():
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--target", str(target), f"e2b=={OLD_SDK}"],
-                       check=True, capture_output=True)
-        (target / ".done").write_text(OLD_SDK + "\n")
-    return target
-
-
 def test_the_2_45_sdk_line_works_too(node: Node, old_sdk: Path) -> None:
     script = """
 import json, e2b

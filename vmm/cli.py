@@ -145,14 +145,19 @@ def _command(args: argparse.Namespace) -> list[str]:
     return cmd
 
 
-def _env(args: argparse.Namespace) -> dict[str, str]:
+def key_values(items: list[str], what: str) -> dict[str, str]:
+    """KEY=VALUE arguments (``--env``, ``--metadata``) as a dict; a clear error for anything else."""
     out = {}
-    for item in args.env:
+    for item in items:
         key, eq, value = item.partition("=")
         if not eq or not key:
-            raise UsageError(f"--env {item!r}: use KEY=VALUE")
+            raise UsageError(f"{what} {item!r}: use KEY=VALUE")
         out[key] = value
     return out
+
+
+def _env(args: argparse.Namespace) -> dict[str, str]:
+    return key_values(args.env, "--env")
 
 
 def _root(args: argparse.Namespace) -> Any:

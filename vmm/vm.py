@@ -92,7 +92,7 @@ class Root:
     def label(self) -> str:
         return f"volume {self.volume}" if self.volume else f"image {self.image}"
 
-    def _args(self, *flags: str) -> list[str]:
+    def args(self, *flags: str) -> list[str]:
         """The cubefs options for this root among ``flags``."""
         values = {"--store": self.store, "--s3-endpoint": self.s3_endpoint, "--cache-dir": self.cache_dir,
                   "--volume-dir": self.volume_dir}
@@ -102,14 +102,14 @@ class Root:
         """Start the cubefs daemon that serves this root on ``socket_path``."""
         target = ["--volume", self.volume] if self.volume else [str(self.image)]
         cubefs("mount", *target, str(socket_path), "--transport", "virtiofs",
-               *self._args("--store", "--s3-endpoint", "--cache-dir", *(["--volume-dir"] if self.volume else [])))
+               *self.args("--store", "--s3-endpoint", "--cache-dir", *(["--volume-dir"] if self.volume else [])))
 
     def cubefs_volume(self, *args: str) -> str:
-        return cubefs(*args, *self._args("--volume-dir"))
+        return cubefs(*args, *self.args("--volume-dir"))
 
     def own_volume(self, name: str) -> Root:
         """A new volume over this image (a copy-on-write clone of it, O(1)) as the root."""
-        self.cubefs_volume("volume", "create", name, "--from", str(self.image), *self._args("--store", "--s3-endpoint"))
+        self.cubefs_volume("volume", "create", name, "--from", str(self.image), *self.args("--store", "--s3-endpoint"))
         return Root(None, name, self.store, self.s3_endpoint, self.cache_dir, self.volume_dir)
 
 
