@@ -19,9 +19,10 @@ import sys
 import time
 from typing import Any
 
-from cubefs import __version__, cli_volume, control
+from cubefs import __version__, cli_volume
 from cubefs.errors import EXIT_ERROR, EXIT_OK, CubefsError, NotFoundError, UsageError
 from cubefs.humanize import Progress, parse_size, size
+from cubefs.node import control
 
 log = logging.getLogger("cubefs")
 
@@ -541,7 +542,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    from cubefs import daemon
+    from cubefs.node import mount_server
 
     want = 1 if args.volume else 2
     if len(args.targets) != want:
@@ -566,27 +567,27 @@ def cmd_mount(args: argparse.Namespace) -> int:
             os.environ[SECRET_ENV] = os.path.abspath(args.peer_secret)
         load_secret()  # a missing or open secret is this command's one-line error
     if args.foreground:
-        return daemon.serve_mount(args, mp, cache_dir, None)
-    return daemon.start_mount(args, mp, cache_dir)
+        return mount_server.serve_mount(args, mp, cache_dir, None)
+    return mount_server.start_mount(args, mp, cache_dir)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from cubefs import daemon
+    from cubefs.node import mount_server
 
-    socket_path = args.socket or daemon.default_server_socket()
+    socket_path = args.socket or mount_server.default_server_socket()
     if args.upgrade:
-        return daemon.upgrade_server(socket_path)
+        return mount_server.upgrade_server(socket_path)
     if args.print_metrics_token:
         from cubefs.cache.peers import load_secret, metrics_token
 
         print(metrics_token(load_secret(args.peer_secret)))
         return EXIT_OK
     if not args.listen:
-        return daemon.run_mount_server(socket_path, args.idle_exit)
+        return mount_server.run_mount_server(socket_path, args.idle_exit)
     import socket
 
     from cubefs.cache.peers import load_secret
-    from cubefs.node import parse_listen, run_node
+    from cubefs.node.peer_server import parse_listen, run_node
 
     secret = load_secret(args.peer_secret, create=True)
 
@@ -616,7 +617,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             os._exit(code)
     listener.close()
     try:
-        return daemon.run_mount_server(socket_path, args.idle_exit)
+        return mount_server.run_mount_server(socket_path, args.idle_exit)
     finally:
         try:
             os.kill(pid, signal.SIGTERM)

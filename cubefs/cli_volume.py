@@ -17,8 +17,8 @@ import time
 from typing import Any
 from urllib.parse import quote
 
-from cubefs import control
 from cubefs.errors import EXIT_OK, CubefsError, UsageError
+from cubefs.node import control
 
 
 def default_volume_dir() -> str:

@@ -25,7 +25,7 @@ from cubefs.dedup.tree import Node
 from cubefs.format.image import F_SIZE, Image
 from cubefs.format.manifest import Manifest
 from cubefs.format.packs import ChunkLocation
-from cubefs.private_mount import private_mount
+from cubefs.node.private_mount import private_mount
 from cubefs.remote import store_session
 
 

@@ -300,7 +300,7 @@ def test_store_down_during_mount_gives_eio_then_recovers(tmp_path: Path) -> None
 def test_control_clients_that_hang_up_do_not_kill_the_mount(tmp_path: Path, local_store: str) -> None:
     import socket
 
-    from cubefs.control import socket_path
+    from cubefs.node.control import socket_path
 
     src = _small_tree(tmp_path)
     run_cubefs("build", str(src), "--tag", "ctl:1", "--store", local_store)

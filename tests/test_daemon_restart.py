@@ -354,7 +354,7 @@ def test_which_dead_daemons_are_replaced() -> None:
     daemon that keeps dying; one that unmounted or never mounted is simply gone."""
     import socket as sk
 
-    from cubefs.supervise import CRASH_LOOP, Supervised
+    from cubefs.node.supervise import CRASH_LOOP, Supervised
 
     a, b = sk.socketpair()
     with a, b:

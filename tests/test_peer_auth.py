@@ -34,7 +34,7 @@ from cubefs.cache.peers import (
 )
 from cubefs.format.image import F_MODE
 from cubefs.format.packs import ChunkLocation, locate
-from cubefs.node import MAX_FETCH_BYTES, parse_listen
+from cubefs.node.peer_server import MAX_FETCH_BYTES, parse_listen
 
 SHADOW = b"root:$y$j9T$made.up.hash:19700:0:99999:7:::\ndaemon:*:19700:0:99999:7:::\n"
 

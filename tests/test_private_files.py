@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from conftest import free_ports, mounted, run_cubefs
 
-from cubefs import control
+from cubefs.node import control
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 SHADOW = b"root:$y$j9T$not.a.real.hash:19700:0:99999:7:::\n"

@@ -44,8 +44,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from cubefs import control
 from cubefs.errors import CubefsError, NotFoundError, UsageError
+from cubefs.node import control
 from vmm.agent import Agent, CommandResult
 from vmm.machine import Machine, MachineSpec, Ram, VmError, alive, kill_pid, wait_gone
 

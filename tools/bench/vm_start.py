@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from cubefs import control
+from cubefs.node import control
 from vmm.agent import Agent
 from vmm.machine import Machine, MachineSpec, Ram
 

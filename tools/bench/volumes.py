@@ -38,8 +38,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from cubefs import control
 from cubefs.cow.index import VolumeIndex
+from cubefs.node import control
 
 MIB = 1 << 20
 

@@ -24,7 +24,6 @@ from typing import Any, Protocol
 import lmdb
 import trio
 
-from cubefs import control
 from cubefs.cache.disk import DiskCache
 from cubefs.cache.peers import PeerSet
 from cubefs.cache.source import ChunkSource
@@ -35,9 +34,10 @@ from cubefs.format.manifest import Manifest, parse_ref
 from cubefs.format.trace import encode_trace, trace_key
 from cubefs.fsops import ImageFS
 from cubefs.fuse.protocol import HAS_RESEND
+from cubefs.node import control
+from cubefs.node.supervise import SupervisorLink
 from cubefs.remote import RetryingStore, RetryPolicy, store_session
 from cubefs.remote.loop import LoopThread
-from cubefs.supervise import SupervisorLink
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class MountOptions:
     volume: str | None = None  # mount this volume (read-write) instead of the image ``ref``
     volume_dir: str = ""
     supervisor_fd: int = -1  # the link to the mount server that keeps this mount's /dev/fuse
-    resume: dict[str, Any] | None = None  # a replacement's: fd, session, image, restarts (cubefs.supervise)
+    resume: dict[str, Any] | None = None  # a replacement's: fd, session, image, restarts (cubefs.node.supervise)
 
 
 def run_daemon(opts: MountOptions, notify: Any = None) -> int:

@@ -42,9 +42,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from cubefs import control, supervise
 from cubefs.errors import EXIT_ERROR, EXIT_OK, CubefsError
-from cubefs.supervise import Supervised
+from cubefs.node import control, supervise
+from cubefs.node.supervise import Supervised
 
 log = logging.getLogger("cubefs")
 
@@ -96,7 +96,7 @@ def serve_mount(args: argparse.Namespace, mp: str, cache_dir: str, notify: Calla
                 supervision: dict[str, Any] | None = None) -> int:
     """Run the daemon in this process; errors before 'ready' also go to ``notify``.
     ``supervision``: the mount server's link (``fd``) and, for a replacement, ``resume``."""
-    from cubefs.fuse_mount import MountOptions, run_daemon
+    from cubefs.node.mount import MountOptions, run_daemon
 
     opts = MountOptions(
         ref=args.ref, mountpoint=mp, store_url=args.store, s3_endpoint=args.s3_endpoint, cache_dir=cache_dir,
@@ -307,11 +307,11 @@ def _via_server(path: str, args: argparse.Namespace, mp: str, cache_dir: str, fi
 
 def run_mount_server(path: str, idle_exit: float | None = None) -> int:
     """Serve mount requests on ``path`` until SIGTERM/SIGINT, a stale client, or ``idle_exit`` seconds idle
-    (never while it keeps mounts alive: see cubefs.supervise)."""
+    (never while it keeps mounts alive: see cubefs.node.supervise)."""
     fingerprint = code_fingerprint()  # before the imports: what the rest of this process will run
     import cubefs.catalog
     import cubefs.fuse.kernel
-    import cubefs.fuse_mount
+    import cubefs.node.mount
     import cubefs.remote.local
     import cubefs.remote.s3  # noqa: F401
 
@@ -441,7 +441,7 @@ def upgrade_server(path: str) -> int:
 def _spawn(request: dict[str, Any], conn: socket.socket | None, mounts: dict[int, Supervised],
            srv: socket.socket, lock_fd: int, resume: dict[str, Any] | None = None) -> Supervised:
     """Fork a daemon for ``request`` (answering on ``conn``, if a client waits) with a
-    link back to this server; a replacement gets ``resume`` (see cubefs.supervise)."""
+    link back to this server; a replacement gets ``resume`` (see cubefs.node.supervise)."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
     if pid == 0:
@@ -466,7 +466,7 @@ def _spawn(request: dict[str, Any], conn: socket.socket | None, mounts: dict[int
 def _daemon_gone(m: Supervised, mounts: dict[int, Supervised], srv: socket.socket,
                  lock_fd: int) -> Supervised | None:
     """The daemon of ``m`` exited: done if it unmounted, else a replacement on the same
-    /dev/fuse descriptor (see cubefs.supervise)."""
+    /dev/fuse descriptor (see cubefs.node.supervise)."""
     m.sock.close()
     why_not = m.replacement_allowed()
     if why_not:

@@ -1,5 +1,5 @@
 """The request side of the two tiny HTTP servers a daemon runs: the control socket
-(:mod:`cubefs.control`) and the peer server (:mod:`cubefs.node`).
+(:mod:`cubefs.node.control`) and the peer server (:mod:`cubefs.node.peer_server`).
 
 Only what they need: a request head read up to a size limit, its request line
 and headers parsed strictly.  Anything else is a :class:`BadRequest`, which

@@ -45,7 +45,6 @@ from typing import Any
 
 import trio
 
-from cubefs import control
 from cubefs.cache.disk import DiskCache, StoredChunk
 from cubefs.cache.peers import (
     H_MAC,
@@ -64,7 +63,8 @@ from cubefs.cache.source import ChunkSource
 from cubefs.cache.tiers import MemoryTier
 from cubefs.errors import CubefsError, ObjectNotFoundError
 from cubefs.format.packs import CODEC_DELTA, CODEC_RAW, ChunkLocation, decode_index, index_key
-from cubefs.minihttp import BadRequest, parse_head, read_head
+from cubefs.node import control
+from cubefs.node.minihttp import BadRequest, parse_head, read_head
 from cubefs.remote import RetryPolicy, store_session
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 A FUSE mount lives as long as some process holds its ``/dev/fuse`` descriptor;
 the kernel fails every request with ``ENOTCONN`` once the last copy closes.  So
-the mount server (:func:`cubefs.daemon.run_mount_server`) keeps a copy of each
+the mount server (:func:`cubefs.node.mount_server.run_mount_server`) keeps a copy of each
 mount's descriptor, which its daemon passes up (``SCM_RIGHTS``) over a
 ``SOCK_SEQPACKET`` pair made before the fork, together with what the FUSE INIT
 settled and the image digest it mounted.  When a daemon dies without saying

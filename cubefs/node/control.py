@@ -105,7 +105,7 @@ async def serve_control(
     An action named with a trailing '/' takes the rest of the path, unquoted, as its argument."""
     import trio  # here, not at the top: the CLI imports this module and must start fast
 
-    from cubefs.minihttp import parse_head, read_head
+    from cubefs.node.minihttp import parse_head, read_head
     try:
         os.unlink(path)
     except FileNotFoundError:
