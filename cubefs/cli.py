@@ -19,10 +19,11 @@ import sys
 import time
 from typing import Any
 
-from cubefs import __version__, cli_volume
+from cubefs import __version__
 from cubefs.errors import EXIT_ERROR, EXIT_OK, CubefsError, NotFoundError, UsageError
 from cubefs.humanize import Progress, parse_size, size
 from cubefs.node import control
+from cubefs.volume import cli as volume_cli
 
 log = logging.getLogger("cubefs")
 
@@ -189,7 +190,7 @@ def make_parser(plugins: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--volume", default=None, metavar="NAME[@SNAPSHOT]",
                    help="mount this volume read-write ('cubefs volume create'), or one of its snapshots "
                    "read-only; its store is the one it was created with unless --store says otherwise")
-    cli_volume.volume_dir_arg(p)
+    volume_cli.volume_dir_arg(p)
     _store_args(p)
     p.add_argument("--cache-dir", default=None, help="disk cache directory (default: $CUBEFS_CACHE_DIR or "
                    "~/.cache/cubefs)")
@@ -230,7 +231,7 @@ def make_parser(plugins: bool = True) -> argparse.ArgumentParser:
                    "'cubefs mount' otherwise starts when none runs, and which spares later mounts ~0.4 s of "
                    "start-up); also $CUBEFS_NO_SERVER=1")
 
-    cli_volume.add_parsers(sub, _store_args)
+    volume_cli.add_parsers(sub, _store_args)
     for module in _plugins() if plugins else []:
         module.add_parsers(sub, _store_args)
         COMMANDS.update(module.COMMANDS)
@@ -549,7 +550,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         raise UsageError("usage: cubefs mount NAME:TAG MOUNTPOINT, or cubefs mount --volume NAME MOUNTPOINT")
     args.ref = f"volume:{args.volume}" if args.volume else args.targets[0]
     args.mountpoint = args.targets[-1]
-    args.volume_dir = os.path.abspath(args.volume_dir or cli_volume.default_volume_dir())
+    args.volume_dir = os.path.abspath(args.volume_dir or volume_cli.default_volume_dir())
     mp = os.path.abspath(args.mountpoint)
     if args.transport == "virtiofs":
         if os.path.isdir(mp) or not os.path.isdir(os.path.dirname(mp)):
@@ -758,7 +759,7 @@ COMMANDS = {
     "mount": cmd_mount,
     "umount": cmd_umount,
     "stats": cmd_stats,
-    **cli_volume.COMMANDS,
+    **volume_cli.COMMANDS,
 }
 
 

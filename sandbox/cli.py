@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cubefs.cli_volume import volume_dir_arg
 from cubefs.errors import EXIT_OK, UsageError
+from cubefs.volume.cli import volume_dir_arg
 from vmm.cli import key_values
 
 EPILOG = """\

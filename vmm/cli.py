@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cubefs.cli_volume import volume_dir_arg
 from cubefs.errors import EXIT_OK, NotFoundError, UsageError
 from cubefs.humanize import size
+from cubefs.volume.cli import volume_dir_arg
 
 EPILOG = """\
 examples:

@@ -17,7 +17,7 @@ everything, because an image never changes:
 
 So a program re-run on a warm mount makes almost no FUSE requests at all.
 
-A writable filesystem (a volume, :class:`cubefs.volumefs.VolumeFS`)
+A writable filesystem (a volume, :class:`cubefs.volume.fs.VolumeFS`)
 gets the writing operations too, and keeps all of the above: the daemon is
 its only writer, so every change the kernel caches passes through it, and a
 rollback (the one change that does not) invalidates what the kernel was

@@ -158,7 +158,7 @@ def _serve(
     fs: Any = image_fs
     actions: dict[str, Any] = {}
     if index is not None:
-        from cubefs.volumefs import VolumeFS
+        from cubefs.volume.fs import VolumeFS
 
         volume, _, snapshot = str(opts.volume).partition("@")
         fs = VolumeFS(index, volume, image_fs, f"volume {opts.volume}", snapshot or None)
