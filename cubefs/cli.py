@@ -364,7 +364,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from cubefs.export import export_oci
+    from cubefs.image.export import export_oci
 
     out = export_oci(args.ref, os.path.abspath(args.oci), args.store, args.s3_endpoint,
                      os.path.abspath(args.cache_dir or default_cache_dir()), args.name)
@@ -376,7 +376,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_du(args: argparse.Namespace) -> int:
-    from cubefs.du import disk_usage
+    from cubefs.image.du import disk_usage
 
     out = _with_store(args, disk_usage)
     if args.json:
@@ -394,7 +394,7 @@ def cmd_du(args: argparse.Namespace) -> int:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    from cubefs.store_gc import remove_image
+    from cubefs.image.gc import remove_image
 
     async def go(store: Any) -> list[str]:
         return [await remove_image(store, ref) for ref in args.refs]
@@ -405,7 +405,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    from cubefs.store_gc import collect
+    from cubefs.image.gc import collect
 
     async def go(store: Any) -> Any:
         return await collect(store, dry_run=args.dry_run)
@@ -442,7 +442,7 @@ def _print_build(result: Any, args: argparse.Namespace) -> int:
 
 
 def cmd_images(args: argparse.Namespace) -> int:
-    from cubefs.catalog import list_manifests
+    from cubefs.image.catalog import list_manifests
 
     manifests = _with_store(args, list_manifests)
     if args.json:
@@ -463,8 +463,8 @@ def cmd_images(args: argparse.Namespace) -> int:
 def inspect_image(args: argparse.Namespace) -> dict[str, Any]:
     import stat as st
 
-    from cubefs.catalog import load_image, load_manifest
     from cubefs.format.image import F_MODE, F_SIZE
+    from cubefs.image.catalog import load_image, load_manifest
 
     async def go(store: Any) -> Any:
         m = await load_manifest(store, args.ref)
@@ -525,7 +525,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from cubefs.errors import EXIT_BAD_INPUT
-    from cubefs.verify import verify
+    from cubefs.image.verify import verify
 
     if bool(args.refs) == args.all:
         raise UsageError("usage: cubefs verify NAME:TAG..., or cubefs verify --all")

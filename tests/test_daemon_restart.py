@@ -24,9 +24,9 @@ from conftest import S3_ENV, S3Server, mounted, run_cubefs
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools" / "bench"))
 from delayproxy import DelayProxy
 
-from cubefs.fsops import FsError
 from cubefs.fuse import protocol as p
 from cubefs.fuse.server import FuseServer
+from cubefs.image.fs import FsError
 
 FILES = 12
 FILE_SIZE = 256 * 1024

@@ -52,7 +52,7 @@ class Node:
 
 
 def _locations(store: str, ref: str) -> dict[str, list[ChunkLocation]]:
-    from cubefs.catalog import load_image, load_manifest
+    from cubefs.image.catalog import load_image, load_manifest
     from cubefs.remote import store_session
 
     with store_session(store) as (loop, st):

@@ -48,7 +48,7 @@ def _drop_from_index(store_dir: Path, digest: bytes) -> None:
 
 def _digests_of(store: str, ref: str, rel: str) -> list[bytes]:
     """The chunk digests of one file of an image, in order."""
-    from cubefs.catalog import load_image, load_manifest
+    from cubefs.image.catalog import load_image, load_manifest
     from cubefs.remote import store_session
 
     with store_session(store) as (loop, st):
@@ -162,7 +162,7 @@ def test_the_records_check_refuses_a_delta_of_itself_or_of_a_delta() -> None:
     """What every build runs before it tags: the safety net under the builder's own
     care (a chunk map "delta of itself" is what issue 12's build tagged)."""
     from cubefs.format.packs import CODEC_DELTA, CODEC_ZSTD, ChunkLocation
-    from cubefs.verify import check_locations
+    from cubefs.image.verify import check_locations
 
     whole = ChunkLocation(b"a" * 32, "p" * 64, 8, 100, 200, CODEC_ZSTD)
     selfish = ChunkLocation(b"b" * 32, "p" * 64, 108, 10, 200, CODEC_DELTA)

@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from cubefs.catalog import list_manifests, load_image, load_manifest
 from cubefs.dedup.delta import DeltaBases
 from cubefs.dedup.ingest import ZSTD_LEVEL, Ingest, chunker_params
 from cubefs.dedup.sources import Tick, is_tarball, scan_directory, scan_tarball
@@ -39,11 +38,12 @@ from cubefs.format.packs import (
     image_key,
     resolve_bases,
 )
+from cubefs.image.catalog import list_manifests, load_image, load_manifest
+from cubefs.image.gc import Lease
+from cubefs.image.verify import check_records
 from cubefs.remote import store_session
 from cubefs.remote.base import Store
 from cubefs.remote.loop import LoopThread
-from cubefs.store_gc import Lease
-from cubefs.verify import check_records
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ async def _check_readable(store: Store, ref: str, digest: str, chunkmap: bytes,
                           locations: list[ChunkLocation]) -> None:
     """Refuse to write an image a reader could not read back: the chunk map must
     decode as a mount decodes it, and every chunk (and delta base) must be where the
-    store's pack indexes say, whole where it must be (cubefs/verify.py, the records
+    store's pack indexes say, whole where it must be (cubefs/image/verify.py, the records
     check).  Raised before the chunk map, the metadata and the tag are written, so
     a refused build leaves only packs behind, which the next build reuses or gc
     removes."""
@@ -167,7 +167,7 @@ def build(
     t0 = time.monotonic()
     with store_session(store_url, s3_endpoint, create=True) as (loop, store):
         # Held from before we learn which chunks exist until our manifest names the ones
-        # we reuse: garbage collection leaves them alone meanwhile (cubefs/store_gc.py).
+        # we reuse: garbage collection leaves them alone meanwhile (cubefs/image/gc.py).
         lease = Lease(store)
         loop.run(lease.take())
         try:

@@ -18,7 +18,7 @@ from typing import Any
 import pyfuse3
 from cachetools import LRUCache
 
-from cubefs.fsops import Attr, FsError, ImageFS
+from cubefs.image.fs import Attr, FsError, ImageFS
 
 log = logging.getLogger(__name__)
 

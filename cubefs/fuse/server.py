@@ -1,4 +1,4 @@
-"""FUSE requests → :class:`cubefs.fsops.ImageFS`, message in, message out.
+"""FUSE requests → :class:`cubefs.image.fs.ImageFS`, message in, message out.
 
 Transport-independent: :mod:`cubefs.fuse.kernel` feeds it requests read from
 ``/dev/fuse``; a vhost-user-fs backend feeds it the same messages from a
@@ -39,8 +39,8 @@ from typing import Any
 import lmdb
 from cachetools import LRUCache
 
-from cubefs.fsops import FsError
 from cubefs.fuse import protocol as p
+from cubefs.image.fs import FsError
 
 log = logging.getLogger(__name__)
 

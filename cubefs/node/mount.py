@@ -4,7 +4,7 @@ Fetch the image metadata (the only thing a mount fetches up front), mount,
 tell the parent process the mount is live, then serve FUSE requests, the
 control socket and background fetches on one trio loop until unmounted.
 
-Two transports serve the same :class:`cubefs.fsops.ImageFS`: our own
+Two transports serve the same :class:`cubefs.image.fs.ImageFS`: our own
 ``/dev/fuse`` session (:mod:`cubefs.fuse.kernel`, the default) and pyfuse3
 (:mod:`cubefs.fuse.pyfuse3_ops`).  Kernel caching is on in both: an image
 never changes, so entries and attributes are cached for an hour and file
@@ -28,12 +28,12 @@ from cubefs.cache.disk import DiskCache
 from cubefs.cache.peers import PeerSet
 from cubefs.cache.source import ChunkSource
 from cubefs.cache.tiers import MemoryTier
-from cubefs.catalog import load_cached
 from cubefs.errors import UsageError
 from cubefs.format.manifest import Manifest, parse_ref
 from cubefs.format.trace import encode_trace, trace_key
-from cubefs.fsops import ImageFS
 from cubefs.fuse.protocol import HAS_RESEND
+from cubefs.image.catalog import load_cached
+from cubefs.image.fs import ImageFS
 from cubefs.node import control
 from cubefs.node.supervise import SupervisorLink
 from cubefs.remote import RetryingStore, RetryPolicy, store_session

@@ -309,8 +309,8 @@ def run_mount_server(path: str, idle_exit: float | None = None) -> int:
     """Serve mount requests on ``path`` until SIGTERM/SIGINT, a stale client, or ``idle_exit`` seconds idle
     (never while it keeps mounts alive: see cubefs.node.supervise)."""
     fingerprint = code_fingerprint()  # before the imports: what the rest of this process will run
-    import cubefs.catalog
     import cubefs.fuse.kernel
+    import cubefs.image.catalog
     import cubefs.node.mount
     import cubefs.remote.local
     import cubefs.remote.s3  # noqa: F401

@@ -188,7 +188,7 @@ def _create(index: Any, args: argparse.Namespace) -> Any:
         now = time.time_ns()
         root = Inode(stat.S_IFDIR | 0o755, os.getuid(), os.getgid(), now, now, now, 0, 2)
         return index.create_volume(args.name, None, root, 2)
-    from cubefs.catalog import load_image, load_manifest
+    from cubefs.image.catalog import load_image, load_manifest
     from cubefs.remote import store_session
 
     with store_session(args.store, args.s3_endpoint) as (loop, store):

@@ -16,7 +16,6 @@ import os
 import time
 from dataclasses import dataclass
 
-from cubefs.catalog import load_image
 from cubefs.cow.index import VolumeIndex
 from cubefs.dedup.builder import BuildResult, build
 from cubefs.dedup.ingest import Ingest
@@ -25,6 +24,7 @@ from cubefs.dedup.tree import Node
 from cubefs.format.image import F_SIZE, Image
 from cubefs.format.manifest import Manifest
 from cubefs.format.packs import ChunkLocation
+from cubefs.image.catalog import load_image
 from cubefs.node.private_mount import private_mount
 from cubefs.remote import store_session
 

@@ -1,6 +1,6 @@
 """Read-write filesystem operations on a volume: layers of changes over a lazy image.
 
-The same operation set as :class:`cubefs.fsops.ImageFS` (which serves the
+The same operation set as :class:`cubefs.image.fs.ImageFS` (which serves the
 base image's bytes) plus the writing ones, so the one FUSE server in
 :mod:`cubefs.fuse.server` serves both.  Operations take inode numbers and
 raise :class:`FsError`.
@@ -57,7 +57,7 @@ from cubefs.format.image import (
     F_UID,
     F_XATTRS,
 )
-from cubefs.fsops import Attr, Buffer, FsError, ImageFS
+from cubefs.image.fs import Attr, Buffer, FsError, ImageFS
 
 log = logging.getLogger(__name__)
 

@@ -225,7 +225,7 @@ def image_chunks(store_dir: Path, refs: list[str], store: str) -> dict[str, dict
     """Per image: the chunks a reader may fetch (by digest: its own, and the bases of
     its deltas) and their stored sizes, from its chunk map."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from cubefs.catalog import load_image, load_manifest
+    from cubefs.image.catalog import load_image, load_manifest
     from cubefs.remote import store_session
 
     out: dict[str, dict[str, int]] = {}

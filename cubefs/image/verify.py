@@ -33,11 +33,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from cubefs.catalog import list_manifests, load_image, load_manifest
 from cubefs.errors import CubefsError, ObjectNotFoundError
 from cubefs.format.image import F_MODE, Image
 from cubefs.format.manifest import Manifest
 from cubefs.format.packs import CODEC_DELTA, ChunkLocation, ChunkMap, decode_index, index_key, locate, pack_key
+from cubefs.image.catalog import list_manifests, load_image, load_manifest
 from cubefs.remote.base import Store
 from cubefs.remote.loop import LoopThread
 
@@ -84,7 +84,7 @@ async def load_indexes(store: Store, packs: Iterable[str]) -> dict[str, dict[byt
     """Per pack: its index's entries by digest, or why it cannot be had.  An index
     ``gc`` hid (``gc/indexes/``: the pack was unused at its last run) counts: the
     pack stays while a build holds a lease, and the next run gives the index back
-    to a pack a manifest uses again (cubefs/store_gc.py)."""
+    to a pack a manifest uses again (cubefs/image/gc.py)."""
     listed = set(await store.list("indexes/"))
     hidden = set(await store.list("gc/indexes/"))
     sem = asyncio.Semaphore(INDEX_FETCHES)

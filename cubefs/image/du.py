@@ -14,8 +14,8 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
-from cubefs.catalog import list_manifests
 from cubefs.format.packs import ChunkMap, chunkmap_key
+from cubefs.image.catalog import list_manifests
 from cubefs.remote.base import Store
 
 

@@ -25,8 +25,8 @@ import tarfile
 import tempfile
 from typing import IO, Any
 
-from cubefs.catalog import load_image, load_manifest
 from cubefs.format.image import F_ATIME, F_CTIME, F_GID, F_MODE, F_MTIME, F_PAYLOAD, F_RDEV, F_SIZE, F_UID, F_XATTRS
+from cubefs.image.catalog import load_image, load_manifest
 from cubefs.node.private_mount import private_mount
 from cubefs.remote import store_session
 

@@ -31,11 +31,11 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from cubefs.catalog import list_manifests
 from cubefs.errors import CorruptDataError, NotFoundError, ObjectNotFoundError
 from cubefs.format.manifest import manifest_key, parse_ref
 from cubefs.format.packs import ChunkMap, chunkmap_key, decode_index, image_key, index_key, pack_key
 from cubefs.format.trace import trace_key
+from cubefs.image.catalog import list_manifests
 from cubefs.remote.base import Store
 
 STATE_KEY = "gc/state"
