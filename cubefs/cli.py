@@ -21,8 +21,9 @@ from typing import Any
 
 from cubefs import __version__
 from cubefs.errors import EXIT_ERROR, EXIT_OK, CubefsError, NotFoundError, UsageError
-from cubefs.humanize import Progress, parse_size, size
+from cubefs.humanize import Progress, parse_size, setup_logging, size
 from cubefs.node import control
+from cubefs.node.control import default_cache_dir
 from cubefs.volume import cli as volume_cli
 
 log = logging.getLogger("cubefs")
@@ -43,14 +44,6 @@ The default store is file://~/.local/share/cubefs/store (or $CUBEFS_STORE).
 Exit codes: 0 ok, 1 internal error, 2 usage, 3 not found, 4 bad or corrupt input,
 5 store unreachable, 6 unsupported format version.
 """
-
-
-def default_cache_dir() -> str:
-    env = os.environ.get("CUBEFS_CACHE_DIR")
-    if env:
-        return env
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "cubefs")
 
 
 def _store_args(p: argparse.ArgumentParser) -> None:
@@ -296,12 +289,6 @@ def make_parser(plugins: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--to", type=_size_arg, default=None, metavar="SIZE", help="trim: the size to shrink to")
     p.add_argument("--json", action="store_true")
     return parser
-
-
-def setup_logging(verbose: int, daemon: bool = False) -> None:
-    level = logging.WARNING - 10 * verbose if not daemon else (logging.DEBUG if verbose > 1 else logging.INFO)
-    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s" if daemon else "cubefs: %(message)s"
-    logging.basicConfig(level=max(level, logging.DEBUG), format=fmt, stream=sys.stderr, force=True)
 
 
 def _peer_secret_arg(p: argparse.ArgumentParser) -> None:

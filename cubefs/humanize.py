@@ -1,7 +1,8 @@
-"""Human-readable sizes and a terminal progress line (no dependency, stderr only)."""
+"""Human-readable sizes, a terminal progress line and the log format (no dependency, stderr only)."""
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 import time
@@ -56,3 +57,9 @@ class Progress:
         if self.enabled:
             sys.stderr.write("\r" + " " * 78 + "\r")
             sys.stderr.flush()
+
+
+def setup_logging(verbose: int, daemon: bool = False) -> None:
+    level = logging.WARNING - 10 * verbose if not daemon else (logging.DEBUG if verbose > 1 else logging.INFO)
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s" if daemon else "cubefs: %(message)s"
+    logging.basicConfig(level=max(level, logging.DEBUG), format=fmt, stream=sys.stderr, force=True)

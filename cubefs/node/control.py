@@ -5,7 +5,8 @@ Each mount daemon listens on a unix socket and answers two HTTP GETs,
 and POSTs to its actions (``/trace/push``), answered in JSON.
 A small JSON file per mount (``RUNDIR/mounts/<key>.json``) records the
 mountpoint, pid, image and socket, so ``cubefs stats``/``umount`` can find the
-daemon from the mountpoint alone.
+daemon from the mountpoint alone.  ``run_dir`` and ``default_cache_dir`` say where a node keeps
+its state.
 """
 
 from __future__ import annotations
@@ -25,6 +26,14 @@ if TYPE_CHECKING:
 from cubefs.errors import CubefsError, NotFoundError
 
 log = logging.getLogger(__name__)
+
+
+def default_cache_dir() -> str:
+    env = os.environ.get("CUBEFS_CACHE_DIR")
+    if env:
+        return env
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "cubefs")
 
 
 def run_dir() -> str:

@@ -151,7 +151,7 @@ def _become_daemon(args: argparse.Namespace, mp: str, cache_dir: str, notify_fd:
                    supervision: dict[str, Any] | None = None) -> int:
     """In a freshly forked child: own session, stdio to the log, serve until unmounted.
     ``notify_fd`` -1: nobody waits for the report (a replacement the server started)."""
-    from cubefs.cli import setup_logging
+    from cubefs.humanize import setup_logging
 
     os.setsid()
     # Keep nothing the caller had open (pipes a CI step may wait on for EOF) but the report

@@ -294,9 +294,9 @@ def cmd_clone(args: argparse.Namespace) -> int:
 
 
 def cmd_commit(args: argparse.Namespace) -> int:
-    from cubefs.cli import default_cache_dir
     from cubefs.format.manifest import parse_ref
     from cubefs.humanize import size
+    from cubefs.node.control import default_cache_dir
     from cubefs.volume.commit import commit
 
     parse_ref(args.tag)
