@@ -112,7 +112,10 @@ class Machine:
             qemu, "-name", self.dir.name, "-machine", "q35",
             # TCG's translation cache: 64 MiB, not the default 1 GiB, per VM
             "-accel", "tcg,tb-size=64" if self.accel == "tcg" else "kvm",
-            "-cpu", "host" if self.accel == "kvm" else "max", "-smp", str(self.spec.cpus), "-m", f"{mb}M",
+            # TCG: no ERMS/FSRM, so the guest kernel and glibc copy with rep movsq/SSE, not
+            # rep movsb, which TCG runs a byte at a time: the guest's own dd 95 -> 355 MB/s, agent
+            # streams ~2x (docs/benchmarks.md, "Sandbox streams")
+            "-cpu", "host" if self.accel == "kvm" else "max,-erms,-fsrm", "-smp", str(self.spec.cpus), "-m", f"{mb}M",
             "-object", mem, "-numa", "node,memdev=mem",
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-net", "none",
             "-serial", f"file:{self.console_path}",

@@ -55,6 +55,12 @@ async def sh(c: AgentChannel, script: str) -> str:
     return out.decode()
 
 
+async def agent_cpu(c: AgentChannel) -> float:
+    """The agent's (PID 1's) user+system CPU seconds in the guest."""
+    fields = (await sh(c, "cat /proc/1/stat")).rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / 100
+
+
 def guest_seconds(dd_report: str) -> float:
     """dd's own 'N bytes ... copied, S s, ...' line."""
     line = next(x for x in dd_report.splitlines() if "copied" in x)
@@ -67,17 +73,22 @@ async def bench(agent_sock: str, mib: int, file_mib: int) -> dict[str, float]:
     try:
         await c.mount(read_only=True)
         await sh(c, "mount -t tmpfs -o size=90% tmpfs /tmp")
-        # stdout through the agent
-        t0 = time.monotonic()
-        p = await c.spawn(["head", "-c", f"{mib}M", "/dev/zero"], user="root")
-        n = 0
-        async for ev in p.events():
-            if ev[0] == "stdout":
-                n += len(ev[1])
-        secs = time.monotonic() - t0
-        assert n == mib << 20, n
-        out["stdout_mb_s"] = round(n / secs / 1e6, 1)
-        log(f"stdout through the agent: {n >> 20} MiB in {secs:.2f} s = {out['stdout_mb_s']} MB/s")
+        # stdout through the agent, two producers: head (8 KiB writes) and dd bs=1M
+        for name, argv in (("stdout", ["head", "-c", f"{mib}M", "/dev/zero"]),
+                           ("stdout_dd", ["dd", "if=/dev/zero", "bs=1M", f"count={mib}", "status=none"])):
+            cpu0 = await agent_cpu(c)
+            t0 = time.monotonic()
+            p = await c.spawn(argv, user="root")
+            n = 0
+            async for ev in p.events():
+                if ev[0] == "stdout":
+                    n += len(ev[1])
+            secs = time.monotonic() - t0
+            assert n == mib << 20, n
+            out[f"{name}_mb_s"] = round(n / secs / 1e6, 1)
+            out[f"{name}_agent_cpu_s"] = round(await agent_cpu(c) - cpu0, 2)
+            log(f"{name} through the agent: {n >> 20} MiB in {secs:.2f} s = {out[f'{name}_mb_s']} MB/s, "
+                f"agent cpu {out[f'{name}_agent_cpu_s']} s")
         # file write and read through the agent
         block = bytes(1 << 20)
 
@@ -85,11 +96,14 @@ async def bench(agent_sock: str, mib: int, file_mib: int) -> dict[str, float]:
             for _ in range(file_mib):
                 yield block
 
+        cpu0 = await agent_cpu(c)
         t0 = time.monotonic()
         entry = await c.write_file("/tmp/bench.bin", zeros(), user="root")
         secs = time.monotonic() - t0
         assert entry["size"] == file_mib << 20, entry
         out["file_write_mb_s"] = round((file_mib << 20) / secs / 1e6, 1)
+        out["file_write_agent_cpu_s"] = round(await agent_cpu(c) - cpu0, 2)
+        cpu0 = await agent_cpu(c)
         t0 = time.monotonic()
         n = 0
         async for chunk in c.read_file("/tmp/bench.bin", user="root"):
@@ -97,17 +111,20 @@ async def bench(agent_sock: str, mib: int, file_mib: int) -> dict[str, float]:
         secs = time.monotonic() - t0
         assert n == file_mib << 20, n
         out["file_read_mb_s"] = round(n / secs / 1e6, 1)
+        out["file_read_agent_cpu_s"] = round(await agent_cpu(c) - cpu0, 2)
         log(f"file through the agent: write {out['file_write_mb_s']} MB/s, read {out['file_read_mb_s']} MB/s")
         await sh(c, "rm -f /tmp/bench.bin")
         # the same inside the guest
         pipe = guest_seconds(await sh(c, f"head -c {mib}M /dev/zero | dd of=/dev/null bs=1M 2>&1"))
         out["guest_pipe_mb_s"] = round((mib << 20) / pipe / 1e6, 1)
+        pipe = guest_seconds(await sh(c, f"dd if=/dev/zero bs=1M count={mib} status=none | dd of=/dev/null bs=1M 2>&1"))
+        out["guest_pipe_dd_mb_s"] = round((mib << 20) / pipe / 1e6, 1)
         wr = guest_seconds(await sh(c, f"dd if=/dev/zero of=/tmp/dd.bin bs=1M count={file_mib} 2>&1"))
         rd = guest_seconds(await sh(c, "dd if=/tmp/dd.bin of=/dev/null bs=1M 2>&1"))
         out["guest_dd_write_mb_s"] = round((file_mib << 20) / wr / 1e6, 1)
         out["guest_dd_read_mb_s"] = round((file_mib << 20) / rd / 1e6, 1)
-        log(f"inside the guest: pipe {out['guest_pipe_mb_s']} MB/s, dd write {out['guest_dd_write_mb_s']} MB/s, "
-            f"dd read {out['guest_dd_read_mb_s']} MB/s")
+        log(f"inside the guest: pipe {out['guest_pipe_mb_s']} MB/s (dd: {out['guest_pipe_dd_mb_s']}), "
+            f"dd write {out['guest_dd_write_mb_s']} MB/s, dd read {out['guest_dd_read_mb_s']} MB/s")
         await sh(c, "rm -f /tmp/dd.bin; umount /tmp")
         await c.umount()
     finally:
@@ -120,9 +137,11 @@ def main() -> int:
     ap.add_argument("--mib", type=int, default=512)
     ap.add_argument("--file-mib", type=int, default=256)
     ap.add_argument("--memory-mb", type=int, default=1024)
+    ap.add_argument("--cpu", default=None, help="QEMU -cpu model instead of the machine's (an experiment)")
+    ap.add_argument("--kernel-dir", default=DEFAULT, help="where to build the guest kernel and initramfs")
     ap.add_argument("--json-out")
     args = ap.parse_args()
-    kernel = make_kernel(Path(DEFAULT))
+    kernel = make_kernel(Path(args.kernel_dir))
     work = Path(tempfile.mkdtemp(prefix="agent-stream-"))
     fsd = subprocess.Popen([VIRTIOFSD, f"--socket-path={work / 'vfs.sock'}", "-o", f"source={ROOTFS}",
                             "-o", "cache=auto"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -133,6 +152,10 @@ def main() -> int:
         (work / "vm").mkdir()
         machine = Machine(work / "vm", MachineSpec(kernel, args.memory_mb, 1, "tcg"), Ram(),
                           fs_socket=str(work / "vfs.sock"))
+        if args.cpu:
+            argv = machine.argv()
+            argv[argv.index("-cpu") + 1] = args.cpu
+            machine.argv = lambda: argv  # type: ignore[method-assign]
         machine.start()
         result = asyncio.run(bench(machine.agent_path, args.mib, args.file_mib))
     finally:
@@ -141,7 +164,7 @@ def main() -> int:
         fsd.terminate()
         fsd.wait(timeout=30)
         shutil.rmtree(work, ignore_errors=True)
-    result |= {"mib": args.mib, "file_mib": args.file_mib, "accel": "tcg"}
+    result |= {"mib": args.mib, "file_mib": args.file_mib, "accel": "tcg", "cpu": args.cpu or "default"}
     print(json.dumps(result, indent=1))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=1) + "\n")
