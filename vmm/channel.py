@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import struct
+import time
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
@@ -391,7 +392,7 @@ class AgentChannel:
     async def freshen(self, hostname: str, machine_id: str) -> None:
         """After a restore: randomness of its own, a hostname and a machine-id (clones of one
         template must not share them)."""
-        await self._call("freshen", os.urandom(64), hostname=hostname, machine_id=machine_id)
+        await self._call("freshen", os.urandom(64), hostname=hostname, machine_id=machine_id, now=time.time())
 
     async def set_defaults(self, user: str = "user", env: dict[str, str] | None = None,
                            workdir: str | None = None) -> None:

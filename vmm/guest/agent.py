@@ -412,7 +412,9 @@ class Agent:
 
     def op_freshen(self, chan: int, doc: dict[str, Any], tail: bytes) -> dict[str, Any]:
         if not self.host_mode:
-            system.freshen(tail, str(doc["hostname"]), str(doc["machine_id"]))
+            now = doc.get("now")
+            system.freshen(tail, str(doc["hostname"]), str(doc["machine_id"]),
+                           float(now) if isinstance(now, int | float) else None)
         return {}
 
     def op_set_defaults(self, chan: int, doc: dict[str, Any], tail: bytes) -> dict[str, Any]:

@@ -85,7 +85,11 @@ def umount() -> None:
         raise SystemError_(f"umount {NEWROOT}: {res.stderr.strip() or 'busy'}")
 
 
-def freshen(seed: bytes, hostname: str, machine_id: str) -> None:
+def freshen(seed: bytes, hostname: str, machine_id: str, now: float | None = None) -> None:
+    """A restored guest wakes with its template's RNG state and wall clock (minutes or days
+    behind): new randomness, names, and the host's time."""
+    if now is not None:
+        time.clock_settime(time.CLOCK_REALTIME, now)
     with open("/dev/urandom", "wb") as f:
         f.write(seed)
     socket.sethostname(hostname)
