@@ -22,6 +22,7 @@ from aiohttp import web
 
 from cubefs.errors import CubefsError, NotFoundError, UsageError
 from sandbox.config import ApiKeys
+from sandbox.pool import CapacityError
 from sandbox.service import SandboxService
 
 log = logging.getLogger("cubefs.sandbox.api")
@@ -71,6 +72,8 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error(exc.status, exc.reason)
     except NotFoundError as err:
         return error(404, str(err))
+    except CapacityError as err:  # final here: a scheduler places it on another node, the SDK must not retry
+        return error(429, str(err), headers={"Should-Retry": "false"})
     except UsageError as err:
         return error(400, str(err))
     except CubefsError as err:
@@ -131,7 +134,9 @@ class Api:
         return self.service.envd_version
 
     async def health(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "sandboxes": len(self.service.sandboxes)})
+        svc = self.service
+        return web.json_response({"status": "ok", "sandboxes": len(svc.sandboxes), "creating": len(svc.creating),
+                                  "pools": {name: len(pool) for name, pool in svc.pools.items()}})
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(text=self.service.metrics(), content_type="text/plain")

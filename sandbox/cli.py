@@ -63,6 +63,13 @@ def add_parsers(sub: Any, store_args: Any) -> None:
     q.add_argument("--api-key-file", default=None, metavar="FILE", help="API keys, one a line (0600)")
     q.add_argument("--kernel", default=None, metavar="DIR", help="guest kernel (default $CUBEFS_VM_KERNEL)")
     q.add_argument("--cache-dir", default=None, help="the roots' disk cache (default: cubefs mount's)")
+    q.add_argument("--pool-size", type=int, default=2, metavar="N",
+                   help="sandboxes kept made and paused per template, so a create only resumes one (default 2; "
+                   "0: none)")
+    q.add_argument("--max-vcpus", type=int, default=None, help="vCPUs this node holds (default 4 per host CPU)")
+    q.add_argument("--max-memory", type=int, default=None, metavar="MB",
+                   help="guest memory this node holds (default: the host's); past either limit a create is "
+                   "refused with 429 and Should-Retry: false")
     store_args(q)
     volume_dir_arg(q)
 
@@ -169,12 +176,17 @@ def _serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from sandbox.config import ApiKeys
+    from sandbox.pool import Capacity
     from sandbox.server import parse_listen, serve
 
+    if args.pool_size < 0:
+        raise UsageError("--pool-size must be 0 or more")
     keys = ApiKeys.load(args.api_key_file)
+    capacity = Capacity.of_host(vcpus=args.max_vcpus, memory_mb=args.max_memory)
     logging.getLogger("cubefs").setLevel(min(logging.getLogger("cubefs").getEffectiveLevel(), logging.INFO))
     asyncio.run(serve(parse_listen(args.api_listen, 3000), parse_listen(args.proxy_listen, 3002), keys,
-                      _opts(args), args.domain, Path(args.kernel) if args.kernel else None))
+                      _opts(args), args.domain, Path(args.kernel) if args.kernel else None,
+                      pool_size=args.pool_size, capacity=capacity))
     return EXIT_OK
 
 

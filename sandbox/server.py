@@ -17,6 +17,7 @@ from aiohttp import web
 from cubefs.errors import UsageError
 from sandbox import api, proxy
 from sandbox.config import ApiKeys
+from sandbox.pool import Capacity
 from sandbox.service import SandboxService
 from sandbox.templates import StoreOptions
 
@@ -32,8 +33,9 @@ def parse_listen(text: str, default_port: int) -> tuple[str, int]:
 
 
 async def serve(api_addr: tuple[str, int], proxy_addr: tuple[str, int], keys: ApiKeys, opts: StoreOptions,
-                domain: str | None = None, kernel: Path | None = None, ready: asyncio.Event | None = None) -> None:
-    service = SandboxService(opts, domain, kernel)
+                domain: str | None = None, kernel: Path | None = None, ready: asyncio.Event | None = None,
+                pool_size: int = 0, capacity: Capacity | None = None) -> None:
+    service = SandboxService(opts, domain, kernel, pool_size, capacity)
     await service.start()
     runners = [web.AppRunner(api.make_app(service, keys), access_log=None),
                web.AppRunner(proxy.make_app(service), access_log=None)]
@@ -42,7 +44,8 @@ async def serve(api_addr: tuple[str, int], proxy_addr: tuple[str, int], keys: Ap
             await runner.setup()
             await web.TCPSite(runner, host, port, reuse_address=True).start()
         log.info("sandbox service: API on http://%s:%d, proxy on http://%s:%d, API keys from %s, %d sandboxes "
-                 "adopted", *api_addr, *proxy_addr, keys.source, len(service.sandboxes))
+                 "adopted, pools of %d, capacity %d vCPUs and %d MiB", *api_addr, *proxy_addr, keys.source,
+                 len(service.sandboxes), pool_size, service.capacity.vcpus, service.capacity.memory_mb)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -23,6 +23,7 @@ the TTL reaper racing for one sandbox kill it once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ import string
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,9 +41,11 @@ from typing import Any
 from cubefs.errors import CubefsError, NotFoundError, UsageError
 from sandbox import templates
 from sandbox.config import private_dir, state_dir, write_private
+from sandbox.pool import Capacity, CapacityError
 from sandbox.templates import SandboxTemplate, StoreOptions
 from vmm import vm as vmm
 from vmm.machine import kill_pid
+from vmm.qmp import Qmp
 
 log = logging.getLogger("cubefs.sandbox")
 
@@ -131,6 +135,9 @@ class Counters:
         self.expired = 0
         self.adopted = 0
         self.crashed = 0
+        self.from_pool = 0
+        self.pool_filled = 0
+        self.pool_evicted = 0
         self.create_seconds: list[float] = []  # the last 1000, for the quantiles in /metrics
 
     def create_took(self, seconds: float) -> None:
@@ -140,14 +147,19 @@ class Counters:
 
 class SandboxService:
     def __init__(self, opts: StoreOptions | None = None, domain: str | None = None,
-                 kernel: Path | None = None) -> None:
+                 kernel: Path | None = None, pool_size: int = 0, capacity: Capacity | None = None) -> None:
         self.opts = opts or StoreOptions()
         self.domain = domain
         self.kernel = kernel
         self.sandboxes: dict[str, Sandbox] = {}
         self.creating: set[str] = set()
         self.counters = Counters()
+        self.pool_size = pool_size
+        self.pools: dict[str, list[Sandbox]] = {}  # template -> ready sandboxes, paused
+        self.capacity = capacity or Capacity.of_host()
         self._reaper: asyncio.Task[None] | None = None
+        self._filler: asyncio.Task[None] | None = None
+        self._pool_wake: asyncio.Event | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
     @property
@@ -159,15 +171,25 @@ class SandboxService:
     # -- life of the service ---------------------------------------------------
     async def start(self) -> None:
         private_dir(state_dir() / "sandboxes")
+        self._pool_wake = asyncio.Event()
         await self.adopt()
         self._reaper = asyncio.create_task(self._reap())
+        if self.pool_size > 0:
+            for t in SandboxTemplate.list():
+                self.pools.setdefault(t.name, [])
+            self._filler = asyncio.create_task(self._fill())
 
     async def close(self) -> None:
-        """Stop serving; the sandboxes keep running for the next service to adopt."""
-        if self._reaper is not None:
-            self._reaper.cancel()
+        """Stop serving; the sandboxes keep running for the next service to adopt.  Pooled
+        ones, which nobody has yet, are removed."""
+        for task in (self._reaper, self._filler):
+            if task is not None:
+                task.cancel()
         for sbx in list(self.sandboxes.values()):
             await self._disconnect(sbx)
+        pooled = [sbx for pool in self.pools.values() for sbx in pool]
+        self.pools.clear()
+        await asyncio.gather(*(self._finish(sbx) for sbx in pooled), return_exceptions=True)
 
     async def adopt(self) -> None:
         for path in sorted((state_dir() / "sandboxes").glob("*.json")):
@@ -180,7 +202,8 @@ class SandboxService:
             sbx = Sandbox(record)
             vm = vmm.Vm(record.vm)
             if record.state != "running" or not vm.alive:
-                why = "was still being created" if record.state != "running" else "its VM is gone"
+                why = {"creating": "was still being created", "pooled": "was in a pool"}.get(
+                    record.state, "had lost its VM")
                 log.warning("sandbox %s %s when the service stopped: cleaned away", record.sandbox_id, why)
                 self._spawn(self._cleanup(record))  # in the background: serving need not wait for it
                 continue
@@ -191,6 +214,7 @@ class SandboxService:
                 self._spawn(self._cleanup(record))
                 continue
             self.sandboxes[record.sandbox_id] = sbx
+            self.capacity.held[record.sandbox_id] = (record.cpus, record.memory_mb)
             self.counters.adopted += 1
             log.info("sandbox %s adopted (template %s, VM %s, %.0f s left)", record.sandbox_id, record.template,
                      record.vm, record.end - time.time())
@@ -198,15 +222,44 @@ class SandboxService:
     # -- create ------------------------------------------------------------------
     async def create(self, template_id: str, timeout: int | None = None, metadata: dict[str, str] | None = None,
                      env_vars: dict[str, str] | None = None) -> Sandbox:
+        """A running sandbox of ``template_id``: from its pool when one is ready, else made now."""
         t0 = time.monotonic()
         timeout = DEFAULT_TIMEOUT if timeout is None else timeout
         check_timeout(timeout)
         template = SandboxTemplate.load(template_id)
+        if self.pool_size > 0 and self._pool_wake is not None:
+            self.pools.setdefault(template.name, [])
+            self._pool_wake.set()
+        sbx = self._take(template.name)
+        pooled = sbx is not None
+        if sbx is None:
+            self._make_room(template.cpus, template.memory_mb)
+            sbx = await self._build(template, "creating")
+        try:
+            await self._assign(sbx, timeout, metadata or {}, env_vars or {}, resume=pooled)
+        except BaseException as err:
+            self.counters.create_failed += 1
+            log.warning("sandbox %s (template %s): create failed: %s", sbx.id, template.name, err)
+            await self._finish(sbx)
+            raise
+        self.sandboxes[sbx.id] = sbx
+        took = time.monotonic() - t0
+        self.counters.created += 1
+        self.counters.from_pool += pooled
+        self.counters.create_took(took)
+        log.info("sandbox %s created from template %s in %.3f s (%s; VM %s, volume %s, timeout %d s)", sbx.id,
+                 template.name, took, "from the pool" if pooled else "made now", sbx.record.vm, sbx.record.volume,
+                 timeout)
+        return sbx
+
+    async def _build(self, template: SandboxTemplate, state: str) -> Sandbox:
+        """Make a sandbox of ``template`` up to its start command running (``state``: creating
+        or pooled).  Capacity is booked before anything is made; a failure leaves nothing."""
         now = time.time()
         sid = new_id()
         record = SandboxRecord(sid, template.name, f"sbx-{sid}", f"sbx-{sid}-0", secrets.token_urlsafe(24), now,
-                               now + timeout, template.cpus, template.memory_mb, dict(metadata or {}),
-                               dict(env_vars or {}))
+                               now, template.cpus, template.memory_mb, state=state)
+        self.capacity.reserve(sid, template.cpus, template.memory_mb)
         record.save()
         self.creating.add(sid)
         sbx = Sandbox(record)
@@ -214,24 +267,92 @@ class SandboxService:
             vm = await asyncio.to_thread(self._start_vm, template, record)
             await self._connect(sbx, vm)
             await self._start_command(sbx, template)
-            record.state = "running"
-            record.end = time.time() + timeout  # the TTL counts from when the sandbox is usable
-            record.save()
         except BaseException as err:
             self.counters.create_failed += 1
-            log.warning("sandbox %s (template %s): create failed: %s", sid, template.name, err)
-            await self._disconnect(sbx)
-            await asyncio.shield(asyncio.to_thread(self._destroy, record))
+            log.warning("sandbox %s (template %s): making it failed: %s", sid, template.name, err)
+            await self._finish(sbx)
             raise
         finally:
             self.creating.discard(sid)
-        self.sandboxes[sid] = sbx
-        took = time.monotonic() - t0
-        self.counters.created += 1
-        self.counters.create_took(took)
-        log.info("sandbox %s created from template %s in %.3f s (VM %s, volume %s, timeout %d s)", sid,
-                 template.name, took, record.vm, record.volume, timeout)
         return sbx
+
+    async def _assign(self, sbx: Sandbox, timeout: int, metadata: dict[str, str], env_vars: dict[str, str],
+                      resume: bool) -> None:
+        """Make a made sandbox the caller's: resumed (from a pool: with fresh randomness and the
+        host's clock, since it slept), its envVars, metadata and TTL."""
+        r = sbx.record
+        if resume:
+            await asyncio.to_thread(qmp, sbx, "cont")
+            assert sbx.vm is not None
+            await sbx.channel.freshen(r.vm, str(sbx.vm.info.get("machine_id") or uuid.uuid4().hex))
+        await sbx.channel.set_defaults(user="user", env=env_vars)
+        r.metadata, r.env_vars = dict(metadata), dict(env_vars)
+        r.started = time.time()
+        r.end = r.started + timeout
+        r.state = "running"
+        r.save()
+
+    # -- pools ------------------------------------------------------------------------
+    def _take(self, template: str) -> Sandbox | None:
+        """A pooled sandbox whose VM still runs (no await: two creates never take one)."""
+        pool = self.pools.get(template) or []
+        while pool:
+            sbx = pool.pop(0)
+            if self._pool_wake is not None:
+                self._pool_wake.set()
+            if sbx.vm is not None and sbx.vm.alive:
+                return sbx
+            log.warning("pooled sandbox %s of template %s lost its VM: removed", sbx.id, template)
+            self._spawn(self._finish(sbx))
+        return None
+
+    def _make_room(self, cpus: int, memory_mb: int) -> None:
+        """Evict pooled sandboxes (fullest pool first) until a sandbox of this size fits."""
+        while not self.capacity.fits(cpus, memory_mb):
+            pools = [p for p in self.pools.values() if p]
+            if not pools:
+                return  # _build's reservation refuses it, with the figures
+            sbx = max(pools, key=len).pop()
+            self.capacity.release(sbx.id)
+            self.counters.pool_evicted += 1
+            log.info("pooled sandbox %s (template %s) evicted to make room", sbx.id, sbx.record.template)
+            self._spawn(self._finish(sbx))
+
+    def _next_to_fill(self) -> SandboxTemplate | None:
+        for name in sorted(self.pools, key=lambda n: len(self.pools[n])):
+            if len(self.pools[name]) >= self.pool_size:
+                return None
+            try:
+                t = SandboxTemplate.load(name)
+            except CubefsError:
+                self.pools.pop(name, None)  # the template was removed
+                continue
+            return t if self.capacity.fits(t.cpus, t.memory_mb) else None
+        return None
+
+    async def _fill(self) -> None:
+        """Keep every pool at ``pool_size``, one sandbox at a time."""
+        assert self._pool_wake is not None
+        while True:
+            self._pool_wake.clear()
+            template = self._next_to_fill()
+            if template is None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._pool_wake.wait(), 2.0)
+                continue
+            try:
+                sbx = await self._build(template, "pooled")
+                await asyncio.to_thread(qmp, sbx, "stop")
+            except CapacityError:
+                continue
+            except Exception as err:  # a broken template must not spin: try again later
+                log.warning("pool of template %s: %s", template.name, err)
+                await asyncio.sleep(5)
+                continue
+            self.pools.setdefault(template.name, []).append(sbx)
+            self.counters.pool_filled += 1
+            log.info("pool of template %s: %d ready (sandbox %s)", template.name,
+                     len(self.pools[template.name]), sbx.id)
 
     def _start_vm(self, template: SandboxTemplate, record: SandboxRecord) -> vmm.Vm:
         opts = template.store_options
@@ -353,6 +474,7 @@ class SandboxService:
         """Tear down a sandbox already taken out of the table (no request reaches it)."""
         await self._disconnect(sbx)
         await asyncio.shield(asyncio.to_thread(self._destroy, sbx.record))
+        self.capacity.release(sbx.id)
 
     async def _disconnect(self, sbx: Sandbox) -> None:
         for part in (sbx.envd, sbx.channel):
@@ -385,8 +507,18 @@ class SandboxService:
         lines = ["# TYPE cubefs_sandboxes gauge", f"cubefs_sandboxes {len(self.sandboxes)}",
                  "# TYPE cubefs_sandboxes_creating gauge", f"cubefs_sandboxes_creating {len(self.creating)}"]
         for name, value in (("created", c.created), ("create_failed", c.create_failed), ("killed", c.killed),
-                            ("expired", c.expired), ("adopted", c.adopted), ("crashed", c.crashed)):
+                            ("expired", c.expired), ("adopted", c.adopted), ("crashed", c.crashed),
+                            ("from_pool", c.from_pool), ("pool_filled", c.pool_filled),
+                            ("pool_evicted", c.pool_evicted)):
             lines += [f"# TYPE cubefs_sandbox_{name}_total counter", f"cubefs_sandbox_{name}_total {value}"]
+        lines.append("# TYPE cubefs_sandbox_pool_ready gauge")
+        lines += [f'cubefs_sandbox_pool_ready{{template="{name}"}} {len(pool)}' for name, pool in self.pools.items()]
+        used_cpus, used_mb = self.capacity.used
+        lines += ["# TYPE cubefs_sandbox_vcpus_held gauge", f"cubefs_sandbox_vcpus_held {used_cpus}",
+                  "# TYPE cubefs_sandbox_vcpus_limit gauge", f"cubefs_sandbox_vcpus_limit {self.capacity.vcpus}",
+                  "# TYPE cubefs_sandbox_memory_mb_held gauge", f"cubefs_sandbox_memory_mb_held {used_mb}",
+                  "# TYPE cubefs_sandbox_memory_mb_limit gauge",
+                  f"cubefs_sandbox_memory_mb_limit {self.capacity.memory_mb}"]
         if c.create_seconds:
             xs = sorted(c.create_seconds)
             lines.append("# TYPE cubefs_sandbox_create_seconds summary")
@@ -394,6 +526,16 @@ class SandboxService:
                 value = xs[min(len(xs) - 1, int(q * len(xs)))]
                 lines.append(f'cubefs_sandbox_create_seconds{{quantile="{q}"}} {value:.4f}')
         return "\n".join(lines) + "\n"
+
+
+def qmp(sbx: Sandbox, command: str) -> Any:
+    """One QMP command in a session of its own (QEMU's monitor serves one client at a time:
+    a connection held here would block ``Vm.destroy``'s)."""
+    q = Qmp(str(vmm.vm_root() / sbx.record.vm / "qmp.sock"), sbx.record.vm)
+    try:
+        return q.execute(command)
+    finally:
+        q.close()
 
 
 def _qemu_named(vm_name: str) -> list[int]:

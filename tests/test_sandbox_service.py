@@ -34,6 +34,7 @@ class Node:
         self.proxy_port = proxy
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = Path(env["CUBEFS_SANDBOX_DIR"]) / "serve.log"
+        self.args = ["--pool-size", "0"]  # the pool tests restart it with pools
 
     @property
     def sdk_env(self) -> dict[str, str]:
@@ -44,7 +45,7 @@ class Node:
         log = open(self.log, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "cubefs", "sandbox", "serve", "--api-listen",
                                       f"127.0.0.1:{self.api_port}", "--proxy-listen",
-                                      f"127.0.0.1:{self.proxy_port}"],
+                                      f"127.0.0.1:{self.proxy_port}", *self.args],
                                      env={**os.environ, **S3_ENV, **self.env}, stdout=log, stderr=log,
                                      start_new_session=True)
         deadline = time.monotonic() + 60
@@ -60,7 +61,12 @@ class Node:
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
-            self.proc.wait(30)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+                raise AssertionError("the sandbox service took over 60 s to stop") from None
         self.proc = None
 
     def api(self, method: str, path: str, body: object = None, key: str = API_KEY) -> tuple[int, object, dict]:  # type: ignore[type-arg]
@@ -99,8 +105,11 @@ def node(rootfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nod
             os.environ[k] = v
 
 
-def qemu_pids() -> set[int]:
-    out = subprocess.run(["pgrep", "-f", "qemu-system-x86_64 -name sbx-"], capture_output=True, text=True).stdout
+def qemu_pids(node: Node) -> set[int]:
+    """QEMUs of this node's sandboxes (their sockets are in its VM dir)."""
+    vm_dir = node.env["CUBEFS_VM_DIR"]
+    out = subprocess.run(["pgrep", "-f", f"qemu-system-x86_64 -name sbx-.*{vm_dir}/"], capture_output=True,
+                         text=True).stdout
     return {int(p) for p in out.split()}
 
 
@@ -265,12 +274,12 @@ def test_kill_leaves_nothing_behind(node: Node) -> None:
     from e2b import Sandbox
 
     volumes_before = json.loads(run_cubefs("volume", "list", "--json", env=node.env).stdout)
-    qemu_before = qemu_pids()
+    qemu_before = qemu_pids(node)
     for _ in range(5):
         s = Sandbox.create(timeout=60)
         s.commands.run("true")
         s.kill()
-    assert qemu_pids() == qemu_before
+    assert qemu_pids(node) == qemu_before
     assert json.loads(run_cubefs("volume", "list", "--json", env=node.env).stdout) == volumes_before
     assert sorted(os.listdir(Path(node.env["CUBEFS_SANDBOX_DIR"]) / "sandboxes")) == []
     assert not list(Path(node.env["CUBEFS_VM_DIR"]).glob("sbx-*"))
@@ -299,7 +308,7 @@ def test_a_service_killed_in_the_middle_of_creates_leaves_nothing_half_made(node
     from e2b import Sandbox
 
     volumes_before = json.loads(run_cubefs("volume", "list", "--json", env=node.env).stdout)
-    qemu_before = qemu_pids()
+    qemu_before = qemu_pids(node)
 
     def try_create() -> None:
         try:
@@ -325,10 +334,10 @@ def test_a_service_killed_in_the_middle_of_creates_leaves_nothing_half_made(node
     while time.monotonic() < deadline:
         volumes = json.loads(run_cubefs("volume", "list", "--json", env=node.env).stdout)
         records = os.listdir(Path(node.env["CUBEFS_SANDBOX_DIR"]) / "sandboxes")
-        if qemu_pids() == qemu_before and volumes == volumes_before and not records:
+        if qemu_pids(node) == qemu_before and volumes == volumes_before and not records:
             break
         time.sleep(1)
-    assert qemu_pids() == qemu_before
+    assert qemu_pids(node) == qemu_before
     assert json.loads(run_cubefs("volume", "list", "--json", env=node.env).stdout) == volumes_before
     assert sorted(os.listdir(Path(node.env["CUBEFS_SANDBOX_DIR"]) / "sandboxes")) == []
 
@@ -396,3 +405,79 @@ def test_the_cli_creates_execs_lists_and_kills(node: Node) -> None:
     assert gone.returncode == 3 and "not found" in gone.stderr
     bad = run_cubefs("sandbox", "ls", env={**env, "E2B_API_KEY": "e2b_00"}, check=False)
     assert bad.returncode == 2 and "API key" in bad.stderr
+
+
+def metric(node: Node, name: str) -> float:
+    text = urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{node.api_port}/metrics",
+                                                         headers={"X-API-KEY": API_KEY}), timeout=10).read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
+def wait_pools(node: Node, want: dict[str, int], timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pools = node.api("GET", "/health")[1]["pools"]  # type: ignore[index]
+        if all(pools.get(k, 0) >= v for k, v in want.items()):
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"pools never reached {want}: {pools}")
+
+
+def restarted(node: Node, *args: str) -> None:
+    node.stop()
+    node.args = list(args)
+    node.start()
+
+
+def test_a_warm_pool_makes_creates_resume_a_made_sandbox(node: Node) -> None:
+    from e2b import Sandbox
+
+    restarted(node, "--pool-size", "2")
+    try:
+        wait_pools(node, {"base": 2})
+        timings: list[tuple[bool, float]] = []
+        made = []
+        for _ in range(3):
+            before = metric(node, "cubefs_sandbox_from_pool_total")
+            t0 = time.monotonic()
+            s = Sandbox.create(timeout=120, envs={"WHO": "pooled"})
+            out = s.commands.run("echo $WHO; hostname; date +%s").stdout.split()
+            timings.append((metric(node, "cubefs_sandbox_from_pool_total") > before, time.monotonic() - t0))
+            made.append((s, out))
+        assert [pooled for pooled, _ in timings[:2]] == [True, True], timings
+        # each is its own: envs of the create, a hostname of its own, the host's clock though it slept
+        assert all(out[0] == "pooled" and abs(int(out[2]) - time.time()) < 10 for _, out in made)
+        assert len({out[1] for _, out in made}) == 3
+        pooled = [t for p, t in timings if p]
+        cold = [t for p, t in timings if not p]
+        if cold:  # the third found the pool still refilling: the pool must have been the faster way
+            assert max(pooled) < min(cold), timings
+        wait_pools(node, {"base": 2})  # it refills
+        for s, _ in made:
+            s.kill()
+    finally:
+        restarted(node, "--pool-size", "0")
+    # a stopped service leaves no pooled VM behind
+    assert len(qemu_pids(node)) == 0
+
+
+def test_a_full_node_evicts_pooled_sandboxes_then_refuses_with_429(node: Node,
+                                                                  code_interpreter_template: str) -> None:
+    from e2b import Sandbox
+
+    restarted(node, "--pool-size", "1", "--max-memory", "1024")  # two 512 MiB sandboxes fit
+    made = []
+    try:
+        wait_pools(node, {"base": 1, code_interpreter_template: 1})
+        made.append(Sandbox.create(timeout=60))  # from base's pool: nothing to evict, nothing refills
+        made.append(Sandbox.create(timeout=60))  # no base left: the code interpreter's pooled one makes room
+        assert metric(node, "cubefs_sandbox_pool_evicted_total") == 1
+        status, body, headers = node.api("POST", "/v2/sandboxes", {"templateID": "base"})
+        assert status == 429 and "full" in body["message"]  # type: ignore[index]
+        assert headers.get("Should-Retry") == "false"
+        for s in made:
+            s.commands.run("true")
+    finally:
+        for s in made:
+            s.kill()
+        restarted(node, "--pool-size", "0")

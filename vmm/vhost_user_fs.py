@@ -244,8 +244,7 @@ class VhostUserFs:
             q = self.queues[value & 0xFF]
             fd = -1 if value & 0x100 or not fds else fds[0]
             if request == SET_VRING_KICK:
-                if q.kick >= 0:
-                    os.close(q.kick)
+                self._close_kick(q)
                 q.kick = fd
                 if fd >= 0 and self.nursery is not None:
                     self.nursery.start_soon(self._kicks, q, fd)
@@ -262,16 +261,24 @@ class VhostUserFs:
                 self._drain(self.queues[index])
             return None
         if request == GET_VRING_BASE:
+            # The ring *stops* (QEMU pauses the VM, or migrates it): no kick fd, so nothing drains it
+            # until SET_VRING_KICK starts it again on resume.  Stopped is not disabled: QEMU does not
+            # send SET_VRING_ENABLE again on resume, so a ring disabled here stayed dead after `cont`.
             q = self.queues[index]
-            q.enabled = False
-            if q.kick >= 0:
-                os.close(q.kick)
-                q.kick = -1
+            self._close_kick(q)
             return STATE.pack(index, q.last_avail)
         log.warning("vhost-user: ignoring request %d", request)
         for fd in fds:
             os.close(fd)
         return None
+
+    def _close_kick(self, q: Virtqueue) -> None:
+        """Close a ring's kick fd, first waking the task that waits on it: the next kick fd QEMU
+        sends (on resume) may get the same number, and trio allows one waiter per fd."""
+        if q.kick >= 0:
+            fd, q.kick = q.kick, -1
+            trio.lowlevel.notify_closing(fd)
+            os.close(fd)
 
     async def _kicks(self, q: Virtqueue, fd: int) -> None:
         while q.kick == fd:
