@@ -76,23 +76,44 @@ class FileRead(Stream):
 
 
 class FileWrite(Stream):
+    """The host's bytes into a file.  The DATA frames of one wakeup are written with one
+    ``writev`` after they are all parsed (``call_soon``), and credited back with one
+    CREDIT: fewer syscalls and, on a virtio-fs root, fewer, larger FUSE writes (the
+    agent waits out each one, receiving nothing meanwhile)."""
+
     def __init__(self, agent: Agent, chan: int, fd: int, path: str, user: str) -> None:
         super().__init__(agent, chan, 0)
         self.fd, self.path, self.user = fd, path, user
+        self.pending: list[memoryview] = []  # at most the window the host was granted
 
     def on_data(self, data: bytes) -> None:
-        if self.closed:
+        if self.closed or not data:
             return
-        view = memoryview(data)
+        if not self.pending:
+            self.loop.call_soon(self._write)
+        self.pending.append(memoryview(data))
+
+    def _write(self) -> None:
+        if self.closed or not self.pending:
+            return
+        views, self.pending = self.pending, []
+        total = sum(len(v) for v in views)
         try:
-            while view:
-                view = view[os.write(self.fd, view):]
+            while views:
+                n = os.writev(self.fd, views[:1024])  # IOV_MAX
+                while n:
+                    if n >= len(views[0]):
+                        n -= len(views.pop(0))
+                    else:
+                        views[0] = views[0][n:]
+                        n = 0
         except OSError as err:
             self.fail(ERRNO_CODES.get(err.errno or 0, "internal"), f"write {self.path}: {err.strerror}")
             return
-        self.agent.send(self.chan, proto.CREDIT, struct.pack(">I", len(data)))
+        self.agent.send(self.chan, proto.CREDIT, struct.pack(">I", total))
 
     def on_eof(self) -> None:
+        self._write()
         if self.closed:
             return
         self.on_close()
@@ -105,6 +126,7 @@ class FileWrite(Stream):
     def on_close(self) -> None:
         if not self.closed:
             self.closed = True
+            self.pending.clear()
             os.close(self.fd)
 
 
