@@ -23,8 +23,9 @@ def _path(index: VolumeIndex, volume: str) -> str:
 
 
 class VolumeLock:
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, path: str = "") -> None:
         self.fd = fd
+        self.path = path
 
     @classmethod
     def take(cls, index: VolumeIndex, volume: str, mountpoint: str) -> VolumeLock:
@@ -40,7 +41,16 @@ class VolumeLock:
                               f"(pid {holder.get('pid', '?')})") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps({"mountpoint": mountpoint, "pid": os.getpid()}).encode(), 0)
-        return cls(fd)
+        return cls(fd, path)
+
+    def unlink(self) -> None:
+        """Remove the lock file while holding it (a removed volume's lock must not stay behind:
+        one file per volume ever made).  A mount that opened it before waits on nothing: its
+        non-blocking flock fails, and the volume is gone from the index anyway."""
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
 
     def release(self) -> None:
         if self.fd >= 0:

@@ -136,12 +136,19 @@ def cmd_volume(args: argparse.Namespace) -> int:
         if not args.name:
             raise UsageError(f"cubefs volume {args.action} needs a volume name")
         if args.action == "rm":
-            from cubefs.cow.lock import holder_of
+            from cubefs.cow.lock import VolumeLock, holder_of
 
             holder = holder_of(index, args.name)
             if holder is not None:
                 raise UsageError(f"volume {args.name} is mounted at {holder.get('mountpoint', '?')}; unmount it first")
-            index.remove_volume(args.name)
+            with index.read() as txn:
+                index.volume(txn, args.name)  # NotFound before a lock file is made for it
+            lock = VolumeLock.take(index, args.name, "(being removed)")  # no mount may start meanwhile
+            try:
+                index.remove_volume(args.name)
+                lock.unlink()
+            finally:
+                lock.release()
             print(json.dumps({"removed": args.name}) if args.json else f"removed volume {args.name}")
             return EXIT_OK
         vol = _create(index, args)
