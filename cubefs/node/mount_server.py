@@ -301,6 +301,10 @@ def _via_server(path: str, args: argparse.Namespace, mp: str, cache_dir: str, fi
         return None
     try:
         return _await_ready(sock.fileno(), lambda: True)
+    except (ConnectionResetError, BrokenPipeError):
+        # the server was replaced under us (an upgrade in place execs it, and a connection it
+        # had accepted dies with the old image): as if none answered, so the caller tries again
+        return None
     finally:
         sock.close()
 
