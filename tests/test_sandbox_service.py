@@ -500,3 +500,27 @@ def test_a_full_node_evicts_pooled_sandboxes_then_refuses_with_429(node: Node,
         for s in made:
             s.kill()
         restarted(node, "--pool-size", "0")
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_a_flood_of_output_nobody_reads_keeps_the_service_bounded(node: Node) -> None:
+    from e2b import Sandbox
+
+    sbx = Sandbox.create(timeout=120)
+    try:
+        assert node.proc is not None
+        before = rss_mb(node.proc.pid)
+        flood = sbx.commands.run("head -c 1G /dev/zero", background=True)  # output nobody reads
+        time.sleep(5)
+        # backpressure: the guest stops reading the pipe; neither service nor agent buffers a GiB
+        assert rss_mb(node.proc.pid) - before < 64
+        assert sbx.commands.run("echo other streams flow").stdout == "other streams flow\n"
+        assert sbx.commands.kill(flood.pid)
+    finally:
+        sbx.kill()
