@@ -115,8 +115,12 @@ def as_connect_error(exc: BaseException) -> ConnectError:
 
 def envelope(message: dict[str, Any], *, end: bool = False) -> bytes:
     """One envelope: flags, big-endian length, compact JSON."""
-    data = json.dumps(message, separators=(",", ":")).encode()
-    return struct.pack(">BI", FLAG_END_STREAM if end else 0, len(data)) + data
+    return raw_envelope(json.dumps(message, separators=(",", ":")).encode(), end=end)
+
+
+def raw_envelope(body: bytes, *, end: bool = False) -> bytes:
+    """One envelope around JSON already encoded (see ``process.data_envelope``)."""
+    return struct.pack(">BI", FLAG_END_STREAM if end else 0, len(body)) + body
 
 
 def end_stream(error: ConnectError | None = None) -> bytes:
@@ -380,6 +384,10 @@ class ServerStream:
     async def send(self, message: dict[str, Any]) -> None:
         """Write one data envelope; raises ConnectionResetError when the client has gone."""
         await self._write(envelope(message))
+
+    async def send_raw(self, data: bytes) -> None:
+        """Write one envelope made by :func:`raw_envelope`."""
+        await self._write(data)
 
     async def _write(self, data: bytes) -> None:
         async with self._lock:

@@ -10,8 +10,9 @@ One ``cubefs sandbox serve`` on loopback, one sandbox, ``--runs`` rounds of:
 * **files.write / files.read** of SIZE bytes at ``--path``, beside the guest's own ``dd`` to and
   from the same path.
 
-For each stream it also reports the CPU seconds the service process, this client (the SDK) and
-QEMU spent: with 2 host cores, which one saturates says where the time goes.  Medians of the runs.
+For each stream it also reports the CPU seconds the service process, this client (the SDK),
+QEMU and the node daemon (the sandbox root's virtio-fs backend) spent: with 2 host cores, which
+one saturates says where the time goes.  Medians of the runs.
 
     sudo .venv/bin/python tools/bench/sandbox_streams.py --size 256M --runs 3 [--json-out F]
 """
@@ -66,6 +67,20 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text()
+    except OSError:
+        return ""
+
+
+def _cmdline_has(proc: Path, what: Path) -> bool:
+    try:
+        return str(what).encode() in (proc / "cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 def guest_rate(line: str) -> float:
     """MB/s from dd's 'N bytes ... copied, S s, ...' line."""
     head, rest = line.split("copied,")
@@ -106,7 +121,10 @@ def main() -> int:
     rounds: list[dict[str, float]] = []
     try:
         s = Sandbox.create(timeout=1800)
-        procs = {"service": [serve.pid], "qemu": children(serve.pid)}
+        node = [int(d.name) for d in Path("/proc").iterdir()
+                if d.name.isdigit() and _cmdline_has(d, tmp / "serve.sock")]
+        qemu = [q for q in children(serve.pid) if _comm(q).startswith("qemu")]
+        procs = {"service": [serve.pid], "qemu": qemu, "node": node}  # node: the root's virtio-fs backend
 
         def timed(name: str, fn: Callable[[], None], row: dict[str, float]) -> None:
             cpu0 = {k: sum(cpu_seconds(p) for p in v) for k, v in procs.items()}
