@@ -66,7 +66,7 @@ def add_parsers(sub: Any, store_args: Any) -> None:
     q.add_argument("--pool-size", type=int, default=2, metavar="N",
                    help="sandboxes kept made and paused per template, so a create only resumes one (default 2; "
                    "0: none)")
-    q.add_argument("--max-vcpus", type=int, default=None, help="vCPUs this node holds (default 4 per host CPU)")
+    q.add_argument("--max-vcpus", type=int, default=None, help="vCPUs this node holds (default 16 per host CPU)")
     q.add_argument("--max-memory", type=int, default=None, metavar="MB",
                    help="guest memory this node holds (default: the host's); past either limit a create is "
                    "refused with 429 and Should-Retry: false")

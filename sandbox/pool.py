@@ -49,10 +49,13 @@ class Capacity:
     held: dict[str, tuple[int, int]] = field(default_factory=dict)  # sandbox id -> (vcpus, MiB)
 
     @classmethod
-    def of_host(cls, cpu_overcommit: float = 4.0, memory_overcommit: float = 1.0,
+    def of_host(cls, cpu_overcommit: float = 16.0, memory_overcommit: float = 1.0,
                 vcpus: int | None = None, memory_mb: int | None = None) -> Capacity:
-        """Defaults: 4 vCPUs per host CPU (E2B places at 4x), and guest memory up to the host's
-        (guests touch little of theirs, and a template's pages are shared by every clone)."""
+        """Defaults: 16 vCPUs per host CPU, and guest memory up to the host's.  Agent sandboxes
+        idle most of their lives (E2B places at 4x the CPUs *requested*, weighing measured use
+        at half), so memory is what bounds a node: guests touch little of theirs and a
+        template's pages are shared by every clone, but what they declare is what they may use.
+        At 4x, this 2-core machine would hold 8 sandboxes."""
         return cls(vcpus if vcpus is not None else int((os.cpu_count() or 1) * cpu_overcommit),
                    memory_mb if memory_mb is not None else int(host_memory_mb() * memory_overcommit))
 
