@@ -318,6 +318,17 @@ class SandboxService:
             log.info("pooled sandbox %s (template %s) evicted to make room", sbx.id, sbx.record.template)
             self._spawn(self._finish(sbx))
 
+    async def _warm(self, sbx: Sandbox) -> None:
+        """Run what the SDK runs first (``bash -l -c``, as the user) once before pausing: the
+        guest then holds bash and its profile in its page cache, and the caller's first command
+        does not fetch them over virtio-fs (measured under TCG: 0.47-0.75 s cold, 0.16-0.24 s warm)."""
+        try:
+            proc = await sbx.channel.spawn(["/bin/bash", "-l", "-c", "true"])
+            async for _event in proc.events():
+                pass
+        except CubefsError as err:  # an image without bash: nothing to warm
+            log.debug("sandbox %s: warming: %s", sbx.id, err)
+
     def _next_to_fill(self) -> SandboxTemplate | None:
         for name in sorted(self.pools, key=lambda n: len(self.pools[n])):
             if len(self.pools[name]) >= self.pool_size:
@@ -342,6 +353,7 @@ class SandboxService:
                 continue
             try:
                 sbx = await self._build(template, "pooled")
+                await self._warm(sbx)
                 await asyncio.to_thread(qmp, sbx, "stop")
             except CapacityError:
                 continue
