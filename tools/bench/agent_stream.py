@@ -4,14 +4,19 @@
 One VM (TCG, the test root filesystem over QEMU's virtiofsd, read-only, a tmpfs on
 its /tmp), driven through vmm/channel.py as the sandbox service drives it:
 
-* **stdout**: ``head -c 512M /dev/zero`` spawned through the agent, its stdout
-  consumed on the host (every byte through the pipe, the agent, virtio-serial);
+* **stdout**: ``head -c 512M /dev/zero`` and ``dd if=/dev/zero bs=1M`` spawned through
+  the agent, stdout consumed on the host (every byte through the pipe, the agent,
+  virtio-serial), with the agent's own CPU seconds (PID 1's utime+stime in the guest);
 * **file write / read**: a 256 MiB file written into the guest's /tmp with
   ``write_file`` and read back with ``read_file``;
 * **the same inside the guest**, the ceiling: ``head -c 512M /dev/zero | dd
-  of=/dev/null``, ``dd`` of the file to and from /tmp, timed in the guest.
+  of=/dev/null`` (and ``dd | dd``), ``dd`` of the file to and from /tmp, timed in the guest.
 
     sudo .venv/bin/python tools/bench/agent_stream.py [--mib 512] [--file-mib 256] [--json-out F]
+
+``--cpu MODEL`` tries another QEMU CPU model (how ``max,-erms,-fsrm`` was found);
+``--kernel-dir`` builds the initramfs elsewhere, to try an agent without replacing the
+shared one.
 """
 
 from __future__ import annotations
