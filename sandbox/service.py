@@ -370,8 +370,9 @@ class SandboxService:
         opts = template.store_options
         templates.cubefs("clone", f"{template.volume}@{templates.READY}", "--count", "1", "--prefix",
                          f"sbx-{record.sandbox_id}", *opts.args("--volume-dir"))
-        spec = vmm.Template.load(template.vm_template).spec
-        return vmm.Vm.start(record.vm, replace(opts, volume=record.volume), spec, template=template.vm_template)
+        vm_template = templates.vm_template_for(template.cpus, template.memory_mb, self.kernel)
+        return vmm.Vm.start(record.vm, replace(opts, volume=record.volume), vm_template.spec,
+                            template=vm_template.name)
 
     async def _connect(self, sbx: Sandbox, vm: vmm.Vm) -> None:
         from sandbox.envd import Envd

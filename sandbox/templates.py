@@ -16,10 +16,12 @@ A sandbox template is three things made once, so that a create only assembles:
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -29,6 +31,8 @@ from cubefs.errors import CubefsError, NotFoundError, UsageError
 from sandbox.config import private_dir, state_dir, write_private
 from vmm import vm as vmm
 from vmm.machine import MachineSpec
+
+log = logging.getLogger("cubefs.sandbox")
 
 READY = "ready"  # the template volume's snapshot every sandbox clones
 CODE_INTERPRETER_PORT = 49999
@@ -94,14 +98,24 @@ def cubefs(*args: str, timeout: float = 600) -> str:
     return res.stdout
 
 
-def vm_template_for(cpus: int, memory_mb: int, kernel: Path | None = None) -> str:
-    """The VM template of this machine size, booted and saved the first time it is asked for."""
+_vm_templates = threading.Lock()
+
+
+def vm_template_for(cpus: int, memory_mb: int, kernel: Path | None = None) -> vmm.Template:
+    """The VM template of this machine size, booted and saved the first time it is asked for,
+    and again when the one saved cannot be restored any more (QEMU options, guest kernel or
+    agent changed: an upgrade).  Sandboxes still running on the old one keep their private
+    mappings of its RAM; only new ones need the new template."""
     name = f"sandbox-c{cpus}-m{memory_mb}"
-    try:
-        vmm.Template.load(name)
-    except NotFoundError:
-        vmm.Template.create(name, MachineSpec(kernel or vmm.default_kernel(), memory_mb, cpus, "auto"))
-    return name
+    with _vm_templates:
+        try:
+            return vmm.Template.load(name)
+        except NotFoundError:
+            pass
+        except vmm.StaleTemplateError as err:
+            log.warning("%s: making it again", err)
+            shutil.rmtree(vmm.template_root() / name, ignore_errors=True)
+        return vmm.Template.create(name, MachineSpec(kernel or vmm.default_kernel(), memory_mb, cpus, "auto"))
 
 
 def _prepare_root(mnt: Path, code_interpreter: bool) -> None:
@@ -156,7 +170,7 @@ def create(name: str, image: str, opts: StoreOptions, *, cpus: int = 1, memory_m
             finally:
                 cubefs("umount", tmp)
         cubefs("snapshot", volume, "--name", READY, "--sync", *opts.args("--volume-dir"))
-        vm_template = vm_template_for(cpus, memory_mb, kernel)
+        vm_template = vm_template_for(cpus, memory_mb, kernel).name
     except BaseException:
         subprocess.run([sys.executable, "-m", "cubefs", "volume", "rm", volume, *opts.args("--volume-dir")],
                        capture_output=True)

@@ -223,3 +223,20 @@ def test_the_agent_channel_in_a_vm(vm_env: dict[str, str]) -> None:
         asyncio.run(second(asyncio.run(first())))
     finally:
         vm(vm_env, "rm", "chan")
+
+
+def test_a_template_saved_for_another_machine_is_refused_and_removable(vm_env: dict[str, str]) -> None:
+    """A template whose saved state no longer fits (QEMU options, guest kernel or agent changed
+    since) must not be restored: a clear error, and 'template rm' still works."""
+    base = Path(vm_env["CUBEFS_TEMPLATE_DIR"])
+    stale = base / "stale"
+    stale.mkdir()
+    doc = json.loads((base / "base" / "template.json").read_text())
+    (stale / "template.json").write_text(json.dumps(doc | {"name": "stale", "machine": "0" * 16}))
+    (stale / "ram").write_bytes(b"")
+    (stale / "state").write_bytes(b"")
+    res = vm(vm_env, "run", "--template", "stale", "debian:12", "--", "true", check=False)
+    assert res["code"] != 0 and "saved for another machine" in res["err"], res
+    assert "stale" in [t["name"] for t in vm(vm_env, "template", "ls", "--json")]
+    vm(vm_env, "template", "rm", "stale")
+    assert not stale.exists()

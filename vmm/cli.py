@@ -290,7 +290,7 @@ def _template(args: argparse.Namespace) -> int:
         t = Template.create(args.template, _spec(args))
         print(json.dumps(t.__dict__) if args.json else f"template {t.name} made in {t.seconds:.1f} s")
         return EXIT_OK
-    Template.load(args.template).remove()
+    Template.load(args.template, check=False).remove()
     return EXIT_OK
 
 

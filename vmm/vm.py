@@ -27,6 +27,7 @@ channel carries one request at a time and QEMU's monitor one client.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -122,6 +123,30 @@ def cubefs(*args: str) -> str:
 
 # -- templates ---------------------------------------------------------------------
 
+class StaleTemplateError(VmError):
+    """A template saved for another machine: it cannot be restored (or would run an old agent)."""
+
+
+_kernel_digests: dict[tuple[str, int, int], str] = {}
+
+
+def machine_fingerprint(spec: MachineSpec) -> str:
+    """What a saved VM state depends on: QEMU's device and CPU options (a restore into
+    different devices fails, or silently misbehaves), and the guest kernel and initramfs
+    (the saved RAM holds the agent that was running: a template from before an agent change
+    would bring the old agent back).  Paths are left out: they differ per VM."""
+    kernel = spec.kernel_dir
+    argv = Machine(Path("/vm"), spec, Ram(Path("/vm/ram"), shared=True)).argv()[1:]
+    parts = [a.replace(str(kernel), "KERNEL") for a in argv]
+    for name in ("vmlinuz", "initrd.gz"):
+        st = (kernel / name).stat()
+        key = (str(kernel / name), st.st_mtime_ns, st.st_size)
+        if key not in _kernel_digests:
+            _kernel_digests[key] = hashlib.sha256((kernel / name).read_bytes()).hexdigest()
+        parts.append(_kernel_digests[key])
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
 @dataclass
 class Template:
     name: str
@@ -132,6 +157,7 @@ class Template:
     created: str = ""
     source: str = "boot"  # or "fork of VM"
     seconds: float = 0.0  # to make it
+    machine: str = ""  # machine_fingerprint() when it was saved
 
     @property
     def dir(self) -> Path:
@@ -145,7 +171,8 @@ class Template:
         (self.dir / "template.json").write_text(json.dumps(asdict(self), indent=1) + "\n")
 
     @classmethod
-    def load(cls, name: str) -> Template:
+    def load(cls, name: str, check: bool = True) -> Template:
+        """The template ``name``; with ``check``, StaleTemplateError if it cannot be restored here."""
         path = template_root() / check_name(name, "template") / "template.json"
         try:
             doc = json.loads(path.read_text())
@@ -154,6 +181,10 @@ class Template:
         t = cls(**{k: v for k, v in doc.items() if k in cls.__dataclass_fields__})
         if not (t.dir / "ram").exists() or not (t.dir / "state").exists():
             raise VmError(f"VM template {name} is incomplete (no ram or state in {t.dir}): remove it")
+        if check and t.machine != machine_fingerprint(t.spec):
+            raise StaleTemplateError(f"VM template {name} was saved for another machine (QEMU options or guest "
+                                     f"kernel/agent changed since): make it again ('cubefs vm template rm {name}', "
+                                     "then create)")
         return t
 
     @classmethod
@@ -162,7 +193,7 @@ class Template:
         root = template_root()
         for d in sorted(root.iterdir()) if root.is_dir() else []:
             try:
-                out.append(cls.load(d.name))
+                out.append(cls.load(d.name, check=False))
             except CubefsError:
                 continue
         return out
@@ -171,7 +202,7 @@ class Template:
     def create(cls, name: str, spec: MachineSpec) -> Template:
         """Boot a VM with its RAM in the template's file, wait for its agent, save it."""
         t = cls(check_name(name, "template"), spec.memory_mb, spec.cpus, spec.accel, str(spec.kernel_dir),
-                datetime.now(UTC).isoformat(timespec="seconds"))
+                datetime.now(UTC).isoformat(timespec="seconds"), machine=machine_fingerprint(spec))
         if t.dir.exists():
             raise UsageError(f"VM template {name} exists ('cubefs vm template rm {name}' first)")
         t0 = time.monotonic()
