@@ -433,6 +433,7 @@ class Vm:
         tname = check_name(f"{prefix}.t{int(time.time())}", "template")
         t = Template(tname, self.info["memory_mb"], 1, self.info["accel"], self.info["kernel_dir"],
                      datetime.now(UTC).isoformat(timespec="seconds"), source=f"fork of VM {self.name}")
+        t.machine = machine_fingerprint(t.spec)
         t0 = time.monotonic()
         with self.locked():
             m = self.machine()
