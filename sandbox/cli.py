@@ -62,7 +62,6 @@ def add_parsers(sub: Any, store_args: Any) -> None:
     q.add_argument("--domain", default=None, help="sandbox domain: Host PORT-ID.DOMAIN routes too")
     q.add_argument("--api-key-file", default=None, metavar="FILE", help="API keys, one a line (0600)")
     q.add_argument("--kernel", default=None, metavar="DIR", help="guest kernel (default $CUBEFS_VM_KERNEL)")
-    q.add_argument("--cache-dir", default=None, help="the roots' disk cache (default: cubefs mount's)")
     q.add_argument("--pool-size", type=int, default=2, metavar="N",
                    help="sandboxes kept made and paused per template, so a create only resumes one (default 2; "
                    "0: none)")
@@ -70,8 +69,6 @@ def add_parsers(sub: Any, store_args: Any) -> None:
     q.add_argument("--max-memory", type=int, default=None, metavar="MB",
                    help="guest memory this node holds (default: the host's); past either limit a create is "
                    "refused with 429 and Should-Retry: false")
-    store_args(q)
-    volume_dir_arg(q)
 
     q = s.add_parser("template", help="sandbox templates: create, ls, rm",
                      description="A sandbox template is an image prepared for sandboxes (user 'user' with "
@@ -87,7 +84,7 @@ def add_parsers(sub: Any, store_args: Any) -> None:
     q.add_argument("--code-interpreter", action="store_true",
                    help="install the code interpreter (/execute on port 49999) as the start command")
     q.add_argument("--kernel", default=None, metavar="DIR")
-    q.add_argument("--cache-dir", default=None)
+    q.add_argument("--cache-dir", default=None, help="the disk cache its sandboxes' roots read the image through")
     q.add_argument("--json", action="store_true")
     store_args(q)
     volume_dir_arg(q)
@@ -185,7 +182,7 @@ def _serve(args: argparse.Namespace) -> int:
     capacity = Capacity.of_host(vcpus=args.max_vcpus, memory_mb=args.max_memory)
     logging.getLogger("cubefs").setLevel(min(logging.getLogger("cubefs").getEffectiveLevel(), logging.INFO))
     asyncio.run(serve(parse_listen(args.api_listen, 3000), parse_listen(args.proxy_listen, 3002), keys,
-                      _opts(args), args.domain, Path(args.kernel) if args.kernel else None,
+                      args.domain, Path(args.kernel) if args.kernel else None,
                       pool_size=args.pool_size, capacity=capacity))
     return EXIT_OK
 

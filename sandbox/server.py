@@ -19,7 +19,6 @@ from sandbox import api, proxy
 from sandbox.config import ApiKeys
 from sandbox.pool import Capacity
 from sandbox.service import SandboxService
-from sandbox.templates import StoreOptions
 
 log = logging.getLogger("cubefs.sandbox")
 
@@ -32,10 +31,10 @@ def parse_listen(text: str, default_port: int) -> tuple[str, int]:
         raise UsageError(f"listen address {text!r}: use HOST:PORT") from None
 
 
-async def serve(api_addr: tuple[str, int], proxy_addr: tuple[str, int], keys: ApiKeys, opts: StoreOptions,
+async def serve(api_addr: tuple[str, int], proxy_addr: tuple[str, int], keys: ApiKeys,
                 domain: str | None = None, kernel: Path | None = None, ready: asyncio.Event | None = None,
                 pool_size: int = 0, capacity: Capacity | None = None) -> None:
-    service = SandboxService(opts, domain, kernel, pool_size, capacity)
+    service = SandboxService(domain, kernel, pool_size, capacity)
     await service.start()
     runners = [web.AppRunner(api.make_app(service, keys), access_log=None),
                web.AppRunner(proxy.make_app(service), access_log=None)]

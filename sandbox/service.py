@@ -146,9 +146,10 @@ class Counters:
 
 
 class SandboxService:
-    def __init__(self, opts: StoreOptions | None = None, domain: str | None = None,
-                 kernel: Path | None = None, pool_size: int = 0, capacity: Capacity | None = None) -> None:
-        self.opts = opts or StoreOptions()
+    def __init__(self, domain: str | None = None, kernel: Path | None = None, pool_size: int = 0,
+                 capacity: Capacity | None = None) -> None:
+        """Where images, volumes and caches live is each template's (``cubefs sandbox template
+        create --store ...``), not the service's."""
         self.domain = domain
         self.kernel = kernel
         self.sandboxes: dict[str, Sandbox] = {}
