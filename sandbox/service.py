@@ -31,6 +31,7 @@ import secrets
 import string
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, replace
@@ -38,7 +39,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from cubefs.cow.index import VolumeIndex
 from cubefs.errors import CubefsError, NotFoundError, UsageError
+from cubefs.volume.cli import default_volume_dir
 from sandbox import templates
 from sandbox.config import private_dir, state_dir, write_private
 from sandbox.pool import Capacity, CapacityError
@@ -162,6 +165,8 @@ class SandboxService:
         self._filler: asyncio.Task[None] | None = None
         self._pool_wake: asyncio.Event | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._indexes: dict[str, VolumeIndex] = {}
+        self._index_lock = threading.Lock()  # clones run in worker threads
 
     @property
     def envd_version(self) -> str:
@@ -191,6 +196,8 @@ class SandboxService:
         pooled = [sbx for pool in self.pools.values() for sbx in pool]
         self.pools.clear()
         await asyncio.gather(*(self._finish(sbx) for sbx in pooled), return_exceptions=True)
+        for index in self._indexes.values():
+            index.close()
 
     async def adopt(self) -> None:
         for path in sorted((state_dir() / "sandboxes").glob("*.json")):
@@ -369,11 +376,22 @@ class SandboxService:
 
     def _start_vm(self, template: SandboxTemplate, record: SandboxRecord) -> vmm.Vm:
         opts = template.store_options
-        templates.cubefs("clone", f"{template.volume}@{templates.READY}", "--count", "1", "--prefix",
-                         f"sbx-{record.sandbox_id}", *opts.args("--volume-dir"))
+        index = self._volume_index(opts.volume_dir)
+        with self._index_lock:
+            index.clone(template.volume, templates.READY, [record.volume])
         vm_template = templates.vm_template_for(template.cpus, template.memory_mb, self.kernel)
         return vmm.Vm.start(record.vm, replace(opts, volume=record.volume), vm_template.spec,
                             template=vm_template.name)
+
+    def _volume_index(self, volume_dir: str | None) -> VolumeIndex:
+        """The volume index of ``volume_dir``, opened once: a clone in it takes ~1 ms where a
+        ``cubefs clone`` process took ~0.25 s of a create, and LMDB forbids opening one
+        environment twice in a process (its locks are per process)."""
+        path = os.path.abspath(volume_dir or default_volume_dir())
+        with self._index_lock:
+            if path not in self._indexes:
+                self._indexes[path] = VolumeIndex(path)
+            return self._indexes[path]
 
     async def _connect(self, sbx: Sandbox, vm: vmm.Vm) -> None:
         from sandbox.envd import Envd
