@@ -187,10 +187,12 @@ class SandboxService:
 
     async def close(self) -> None:
         """Stop serving; the sandboxes keep running for the next service to adopt.  Pooled
-        ones, which nobody has yet, are removed."""
+        ones, which nobody has yet, are removed (one being made is finished first, then removed)."""
         for task in (self._reaper, self._filler):
             if task is not None:
                 task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
         for sbx in list(self.sandboxes.values()):
             await self._disconnect(sbx)
         pooled = [sbx for pool in self.pools.values() for sbx in pool]
@@ -272,7 +274,7 @@ class SandboxService:
         self.creating.add(sid)
         sbx = Sandbox(record)
         try:
-            vm = await asyncio.to_thread(self._start_vm, template, record)
+            vm = await _finish_thread(self._start_vm, template, record)
             await self._connect(sbx, vm)
             await self._start_command(sbx, template)
         except BaseException as err:
@@ -361,13 +363,20 @@ class SandboxService:
                 continue
             try:
                 sbx = await self._build(template, "pooled")
-                await self._warm(sbx)
-                await asyncio.to_thread(qmp, sbx, "stop")
             except CapacityError:
                 continue
             except Exception as err:  # a broken template must not spin: try again later
                 log.warning("pool of template %s: %s", template.name, err)
                 await asyncio.sleep(5)
+                continue
+            try:
+                await self._warm(sbx)
+                await asyncio.to_thread(qmp, sbx, "stop")
+            except BaseException as err:  # made but not pooled (or the service stopping): remove it
+                await asyncio.shield(self._finish(sbx))
+                if not isinstance(err, Exception):
+                    raise
+                log.warning("pool of template %s: %s", template.name, err)
                 continue
             self.pools.setdefault(template.name, []).append(sbx)
             self.counters.pool_filled += 1
@@ -558,6 +567,19 @@ class SandboxService:
                 value = xs[min(len(xs) - 1, int(q * len(xs)))]
                 lines.append(f'cubefs_sandbox_create_seconds{{quantile="{q}"}} {value:.4f}')
         return "\n".join(lines) + "\n"
+
+
+async def _finish_thread(fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` in a worker thread; if the caller is cancelled (the service stopping, a
+    client gone), the thread still runs to its end before the cancellation goes on, so that
+    what cleans up after it sees everything it made (a QEMU started after the cleanup leaked)."""
+    fut = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        with contextlib.suppress(BaseException):
+            await fut
+        raise
 
 
 def qmp(sbx: Sandbox, command: str) -> Any:

@@ -524,3 +524,16 @@ def test_a_flood_of_output_nobody_reads_keeps_the_service_bounded(node: Node) ->
         assert sbx.commands.kill(flood.pid)
     finally:
         sbx.kill()
+
+
+def test_a_service_stopped_while_its_pool_fills_leaves_no_vm(node: Node) -> None:
+    try:
+        for delay in (0.5, 1.5, 3.0):  # stopped before, during and after making a pooled sandbox
+            restarted(node, "--pool-size", "2")
+            time.sleep(delay)
+            node.stop()
+            assert qemu_pids(node) == set()
+            assert not list(Path(node.env["CUBEFS_VM_DIR"]).glob("sbx-*"))
+    finally:
+        node.args = ["--pool-size", "0"]
+        node.start()
