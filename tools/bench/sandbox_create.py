@@ -109,6 +109,7 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=10)
     ap.add_argument("--baseline", type=int, default=10, help="cubefs vm run --template runs")
     ap.add_argument("--rootfs", default="/var/tmp/cubefs-test/rootfs")
+    ap.add_argument("--no-pool", action="store_true", help="only the baseline and the creates without a pool")
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args()
 
@@ -141,15 +142,16 @@ def main() -> int:
             report(f"cold_c{c}", bursts(args.creates, c))
         finally:
             svc.stop()
-        svc = Service(env, tmp, c)
-        try:
-            report("pool_c1", bursts(args.creates, 1, lambda: svc.wait_pool(c)))
-            report(f"pool_c{c}", bursts(args.creates, c, lambda: svc.wait_pool(c)))
-        finally:
-            svc.stop()
+        if not args.no_pool:
+            svc = Service(env, tmp, c)
+            try:
+                report("pool_c1", bursts(args.creates, 1, lambda: svc.wait_pool(c)))
+                report(f"pool_c{c}", bursts(args.creates, c, lambda: svc.wait_pool(c)))
+            finally:
+                svc.stop()
+            out["ratio_pool_c1_p50_vs_vm_run"] = round(out["pool_c1"]["p50"] / out["vm_run_template"]["p50"], 3)
     finally:
         subprocess.run([sys.executable, "-m", "cubefs", "vm", "rm", "--all"], env=env, capture_output=True)
-    out["ratio_pool_c1_p50_vs_vm_run"] = round(out["pool_c1"]["p50"] / out["vm_run_template"]["p50"], 3)
     out["ratio_cold_c1_p50_vs_vm_run"] = round(out["cold_c1"]["p50"] / out["vm_run_template"]["p50"], 3)
     print(json.dumps(out, indent=1))
     if args.json_out:
