@@ -15,11 +15,11 @@ A sandbox template is three things made once, so that a create only assembles:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -31,6 +31,7 @@ from cubefs.errors import CubefsError, NotFoundError, UsageError
 from sandbox.config import private_dir, state_dir, write_private
 from vmm import vm as vmm
 from vmm.machine import MachineSpec
+from vmm.vm import cubefs
 
 log = logging.getLogger("cubefs.sandbox")
 
@@ -89,13 +90,6 @@ class SandboxTemplate:
     def save(self) -> None:
         write_private(private_dir(state_dir() / "templates") / f"{self.name}.json",
                       json.dumps(asdict(self), indent=1) + "\n")
-
-
-def cubefs(*args: str, timeout: float = 600) -> str:
-    res = subprocess.run([sys.executable, "-m", "cubefs", *args], capture_output=True, text=True, timeout=timeout)
-    if res.returncode != 0:
-        raise CubefsError(f"cubefs {' '.join(args[:2])} failed: {(res.stderr or res.stdout).strip()}")
-    return res.stdout
 
 
 _vm_templates = threading.Lock()
@@ -172,8 +166,8 @@ def create(name: str, image: str, opts: StoreOptions, *, cpus: int = 1, memory_m
         cubefs("snapshot", volume, "--name", READY, "--sync", *opts.args("--volume-dir"))
         vm_template = vm_template_for(cpus, memory_mb, kernel).name
     except BaseException:
-        subprocess.run([sys.executable, "-m", "cubefs", "volume", "rm", volume, *opts.args("--volume-dir")],
-                       capture_output=True)
+        with contextlib.suppress(CubefsError):
+            cubefs("volume", "rm", volume, *opts.args("--volume-dir"))
         raise
     t = SandboxTemplate(name, image, cpus, memory_mb, start_cmd, ready_port, vm_template, volume,
                         datetime.now(UTC).isoformat(timespec="seconds"), round(time.monotonic() - t0, 3),
@@ -186,8 +180,8 @@ def remove(name: str, in_use: list[str]) -> None:
     t = SandboxTemplate.load(name)
     if in_use:
         raise UsageError(f"sandbox template {name} is in use by {len(in_use)} sandbox(es): {', '.join(in_use[:5])}")
-    subprocess.run([sys.executable, "-m", "cubefs", "volume", "rm", t.volume,
-                    *t.store_options.args("--volume-dir")], capture_output=True)
+    with contextlib.suppress(CubefsError):
+        cubefs("volume", "rm", t.volume, *t.store_options.args("--volume-dir"))
     SandboxTemplate.path(name).unlink(missing_ok=True)
 
 

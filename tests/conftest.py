@@ -209,3 +209,15 @@ def old_sdk() -> Path:
                        check=True, capture_output=True)
         (target / ".done").write_text(OLD_SDK + "\n")
     return target
+
+
+def small_tmpfs(where: Path, size: str) -> Iterator[Path]:
+    """A size-limited tmpfs at ``where`` (a filesystem that fills), unmounted afterwards; the
+    test is skipped where mounting needs a capability it lacks."""
+    where.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(where)]).returncode:
+        pytest.skip("mounting a tmpfs needs CAP_SYS_ADMIN")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)

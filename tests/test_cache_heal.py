@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import mounted, run_cubefs
+from conftest import mounted, run_cubefs, small_tmpfs
 
 from cubefs.cache.disk import DiskCache, StoredChunk
 
@@ -198,14 +198,7 @@ def test_cache_commands_on_a_damaged_cache(tmp_path: Path) -> None:
 
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
-    where = tmp_path / "small"
-    where.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m,mode=0700", "tmpfs", str(where)]).returncode:
-        pytest.skip("mounting a tmpfs needs CAP_SYS_ADMIN")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
+    yield from small_tmpfs(tmp_path / "small", "20m")
 
 
 def test_the_cache_stops_at_its_reserve_and_reads_go_on(tmp_path: Path, local_store: str, small_fs: Path) -> None:

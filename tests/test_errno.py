@@ -12,7 +12,7 @@ from pathlib import Path
 
 import lmdb
 import pytest
-from conftest import run_cubefs
+from conftest import run_cubefs, small_tmpfs
 
 from cubefs.fuse import protocol as p
 from cubefs.fuse.server import FuseServer
@@ -21,14 +21,7 @@ from cubefs.fuse.server import FuseServer
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A 24 MiB tmpfs: a filesystem that fills."""
-    where = tmp_path / "small"
-    where.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m,mode=0700", "tmpfs", str(where)]).returncode:
-        pytest.skip("mounting a tmpfs needs CAP_SYS_ADMIN")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
+    yield from small_tmpfs(tmp_path / "small", "24m")
 
 
 @pytest.fixture
