@@ -10,11 +10,22 @@ for cmd in fusermount3 pkg-config debootstrap zstd tar chroot git dpkg-deb docke
   command -v "$cmd" >/dev/null 2>&1 || need_apt=1
 done
 dpkg -s libfuse3-dev >/dev/null 2>&1 || need_apt=1
+# Snapshots of a running VM (memory and a virtio-fs root) need QEMU >= 9.0, which
+# saves a vhost-user-fs device by asking the back-end for its state; bookworm has
+# 7.2, bookworm-backports 10.0.
+qemu_major() { qemu-system-x86_64 --version 2>/dev/null | sed -n 's/^QEMU emulator version \([0-9]*\).*/\1/p'; }
+[ "$(qemu_major)" -ge 10 ] 2>/dev/null || need_apt=1
 if [ "$need_apt" = 1 ]; then
   export DEBIAN_FRONTEND=noninteractive
+  if ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    printf '%s\n' "Types: deb" "URIs: http://deb.debian.org/debian" "Suites: bookworm-backports" \
+      "Components: main" "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg" \
+      > /etc/apt/sources.list.d/cubefs-backports.sources
+  fi
   apt-get update -qq
   apt-get install -y -qq fuse3 libfuse3-dev pkg-config debootstrap zstd tar attr gcc git \
-    docker-registry skopeo umoci qemu-system-x86 >/dev/null
+    docker-registry skopeo umoci >/dev/null
+  apt-get install -y -qq -t bookworm-backports qemu-system-x86 qemu-utils >/dev/null
 fi
 
 PY=${PYTHON:-python3}
