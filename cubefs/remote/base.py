@@ -20,7 +20,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from cubefs.errors import CorruptDataError, StoreError, StoreUnavailableError
 
@@ -84,6 +84,10 @@ class Store(abc.ABC):
 
     async def close(self) -> None:
         """Release connections; the store may not be used afterwards."""
+
+    def describe(self) -> dict[str, Any]:
+        """Where requests go and what signs them (``cubefs stats``); empty for a local store."""
+        return {}
 
 
 @dataclass
@@ -173,6 +177,9 @@ class RetryingStore(Store):
 
     async def close(self) -> None:
         await self.backend.close()
+
+    def describe(self) -> dict[str, Any]:
+        return self.backend.describe()
 
 
 def check_key(key: str) -> None:

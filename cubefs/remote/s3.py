@@ -3,15 +3,18 @@
 Why not aiobotocore (measured, docs/design.md "S3 client"): importing it and
 creating a client costs ~0.55 s, a third of a cold start, and each ranged
 GET ~4 ms of CPU; this client imports nothing outside the standard library
-and spends well under a millisecond per request.  It implements only what a
-chunk store needs: GET (whole and ranged), HEAD, PUT, DELETE, ListObjectsV2
-and CreateBucket, signed with AWS Signature Version 4, path-style addressing.
+on its request path and spends well under a millisecond per request.  It
+implements only what a chunk store needs: GET (whole and ranged), HEAD, PUT,
+DELETE, ListObjectsV2 and CreateBucket, signed with AWS Signature Version 4.
 
-Credentials: ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``
-(/``AWS_SESSION_TOKEN``), else the ``AWS_PROFILE`` (or ``default``) section
-of ``~/.aws/credentials``; with none, requests go unsigned (public buckets,
-servers without auth).  Region: ``AWS_REGION``/``AWS_DEFAULT_REGION``, else
-``us-east-1``.  Endpoint: ``--s3-endpoint``, ``AWS_ENDPOINT_URL``, else AWS.
+Credentials: the AWS chain (:mod:`cubefs.remote.credentials`; botocore is
+imported only when no plain keys are configured); with none at all, requests
+go unsigned (public buckets, servers without auth).  Addressing:
+virtual-hosted for AWS and COS, path style elsewhere
+(:mod:`cubefs.remote.addressing`).  Region: ``AWS_REGION``/``AWS_DEFAULT_REGION``,
+the profile's ``region``, the endpoint's host name, else discovered from the
+bucket (``x-amz-bucket-region``).  Endpoint: ``--s3-endpoint``,
+``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``, else AWS.
 
 Connections are kept alive in a pool bounded by ``max_connections``; a
 connection that saw any error is closed, never reused.
@@ -20,48 +23,30 @@ connection that saw any error is closed, never reused.
 from __future__ import annotations
 
 import asyncio
-import configparser
 import datetime
+import email.utils
 import functools
 import hashlib
 import hmac
+import logging
 import os
+import time
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote
 
 from cubefs.errors import ObjectNotFoundError, StoreError, StoreUnavailableError
+from cubefs.remote import addressing
 from cubefs.remote.base import Store, StoreStats, check_key
+from cubefs.remote.credentials import Credentials, CredentialSource, config_profile
 from cubefs.remote.http import HttpPool, Response
+
+__all__ = ["EMPTY_SHA256", "Credentials", "S3Store", "sign_v4"]
+log = logging.getLogger(__name__)
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 _RETRYABLE_CODES = {"SlowDown", "RequestTimeout", "ServiceUnavailable", "InternalError"}
-
-
-@dataclass(frozen=True)
-class Credentials:
-    access_key: str
-    secret_key: str
-    token: str | None = None
-
-
-def find_credentials() -> Credentials | None:
-    env_key, env_secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
-    if env_key and env_secret:
-        return Credentials(env_key, env_secret, os.environ.get("AWS_SESSION_TOKEN"))
-    path = os.environ.get("AWS_SHARED_CREDENTIALS_FILE") or os.path.expanduser("~/.aws/credentials")
-    profile = os.environ.get("AWS_PROFILE", "default")
-    parser = configparser.ConfigParser()
-    try:
-        parser.read(path)
-    except configparser.Error:
-        return None
-    if parser.has_section(profile):
-        sec = parser[profile]
-        if sec.get("aws_access_key_id") and sec.get("aws_secret_access_key"):
-            return Credentials(sec["aws_access_key_id"], sec["aws_secret_access_key"], sec.get("aws_session_token"))
-    return None
 
 
 def _uri_encode(text: str, slash: bool = True) -> str:
@@ -116,17 +101,46 @@ def _signing_key(secret: str, day: str, region: str) -> bytes:
     return key
 
 
+
+def _given_region(endpoint: str | None) -> str | None:
+    """A region the user set (environment, the profile, or the endpoint's name); None: discover it."""
+    env = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if env:
+        return env
+    if endpoint:
+        from urllib.parse import urlparse
+
+        found = addressing.region_from_host(urlparse(endpoint).hostname or "")
+        if found:
+            return found
+    return config_profile().get("region") or None
+
+
 class S3Store(Store):
-    def __init__(self, bucket: str, prefix: str, endpoint: str | None, max_connections: int = 32) -> None:
+    def __init__(self, bucket: str, prefix: str, endpoint: str | None, max_connections: int = 32,
+                 style: str | None = None) -> None:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
-        self.region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-        self.endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL") or f"https://s3.{self.region}.amazonaws.com"
         self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
         self.stats = StoreStats()
-        self.creds = find_credentials()
+        self.style = addressing.style_setting(style)
+        self._custom_endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        given = _given_region(self._custom_endpoint)
+        self.region = given or "us-east-1"
+        self._region_known = given is not None
+        self.creds = CredentialSource()
+        self.creds.resolve_cheap()  # env or plain keys: no botocore import, no thread
         self._max_connections = max_connections
         self._pool: HttpPool | None = None
+        self._where()
+
+    def _where(self) -> None:
+        self.endpoint = self._custom_endpoint or f"https://s3.{self.region}.amazonaws.com"
+        self.addressing = addressing.choose(self.endpoint, self.bucket, self.style)
+
+    def describe(self) -> dict[str, Any]:
+        return {"endpoint": self.addressing.endpoint, "addressing": "virtual" if self.addressing.virtual else "path",
+                "region": self.region, "credentials": self.creds.describe()}
 
     def _key(self, key: str) -> str:
         check_key(key)
@@ -134,8 +148,51 @@ class S3Store(Store):
 
     def _p(self) -> HttpPool:
         if self._pool is None:  # created lazily: it must bind to the running loop
-            self._pool = HttpPool(self.endpoint, self._max_connections)
+            self._pool = HttpPool(self.addressing.endpoint, self._max_connections)
         return self._pool
+
+    async def _ensure_region(self) -> None:
+        """No region given: ask the bucket once (HEAD answers ``x-amz-bucket-region`` even when it refuses)."""
+        if self._region_known:
+            return
+        resp = await self._send("HEAD", None, {}, {}, b"", "HEAD bucket")
+        self._region_known = True
+        found = resp.headers.get("x-amz-bucket-region")
+        if found and found != self.region:
+            self._move_to(found)
+        if found:
+            log.info("store %s: bucket region %s", self.url, found)
+
+    def _move_to(self, region: str) -> None:
+        log.info("store %s: the bucket is in %s (was signing for %s)", self.url, region, self.region)
+        self.region = region
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+        self._where()
+
+    async def _send(self, method: str, key: str | None, query: dict[str, str], headers: dict[str, str],
+                    body: bytes, what: str) -> Response:
+        pool = self._p()
+        path = f"{pool.base_path}{self.addressing.bucket_path}" + (f"/{key}" if key is not None else "")
+        if not path:
+            path = "/"
+        payload_hash = hashlib.sha256(body).hexdigest() if body else EMPTY_SHA256
+        hdrs = dict(headers)
+        creds = await self.creds.get()
+        if creds is not None:
+            hdrs = sign_v4(method, pool.host_header, path, query, hdrs, payload_hash, creds, self.region)
+        else:
+            hdrs["host"] = pool.host_header
+        target = _uri_encode(path)
+        if query:
+            target += "?" + _query_string(query)
+        try:
+            return await pool.request(method, target, hdrs, body)
+        except (OSError, asyncio.IncompleteReadError, ValueError, IndexError) as err:
+            raise StoreUnavailableError(
+                f"store {self.url}: {what} failed: {type(err).__name__}: {err or 'connection error'}"
+            ) from None
 
     async def _request(
         self,
@@ -146,47 +203,62 @@ class S3Store(Store):
         body: bytes = b"",
         what: str = "",
     ) -> Response:
-        pool = self._p()
-        path = f"{pool.base_path}/{self.bucket}" + (f"/{key}" if key is not None else "")
-        query = query or {}
-        payload_hash = hashlib.sha256(body).hexdigest() if body else EMPTY_SHA256
-        hdrs = dict(headers or {})
-        if self.creds is not None:
-            hdrs = sign_v4(method, pool.host_header, path, query, hdrs, payload_hash, self.creds, self.region)
-        else:
-            hdrs["host"] = pool.host_header
-        target = _uri_encode(path)
-        if query:
-            target += "?" + _query_string(query)
-        try:
-            resp = await pool.request(method, target, hdrs, body)
-        except (OSError, asyncio.IncompleteReadError, ValueError, IndexError) as err:
-            raise StoreUnavailableError(
-                f"store {self.url}: {what or method} failed: {type(err).__name__}: {err or 'connection error'}"
-            ) from None
+        what = what or f"{method} {key}"
+        await self._ensure_region()
+        query, headers = query or {}, headers or {}
+        resp = await self._send(method, key, query, headers, body, what)
         if resp.status >= 300:
-            raise self._error(resp, what or f"{method} {key}", key)
+            code = _error_code(resp)[0]
+            found = resp.headers.get("x-amz-bucket-region")
+            if found and found != self.region:  # signed for the wrong region: move and sign again
+                self._move_to(found)
+                resp = await self._send(method, key, query, headers, body, what)
+            elif code in ("ExpiredToken", "TokenRefreshRequired") and await self.creds.invalidate():
+                resp = await self._send(method, key, query, headers, body, what)  # with keys fetched just now
+        if resp.status >= 300:
+            raise self._error(resp, what, key)
         return resp
 
     def _error(self, resp: Response, what: str, key: str | None) -> Exception:
-        code = message = ""
-        if resp.body:
-            try:
-                root = ET.fromstring(resp.body)
-                code = root.findtext("Code") or ""
-                message = root.findtext("Message") or ""
-            except ET.ParseError:
-                pass
+        code, message = _error_code(resp)
         where = f"store {self.url}"
-        if code == "NoSuchBucket":
-            return StoreError(f"{where}: bucket {self.bucket!r} does not exist")
+        c = self.creds.current
+        who = f"access key {c.access_key} from {c.source}" if c is not None else "unsigned requests (no credentials)"
+        if code == "NoSuchBucket" or (resp.status == 404 and key is None and not code):
+            return StoreError(f"{where}: bucket {self.bucket!r} does not exist at {self.addressing.endpoint}: "
+                              "create it, or check the bucket name, --s3-endpoint and --s3-addressing")
         if resp.status == 404 or code == "NoSuchKey":
             return ObjectNotFoundError(self.url, key or "")
+        if code == "RequestTimeTooSkewed":
+            return StoreError(f"{where}: {what}: refused, this machine's clock is off{_skew(resp)}: "
+                              "synchronize it (chrony, systemd-timesyncd or ntpdate)")
         if resp.status >= 500 or code in _RETRYABLE_CODES:
             return StoreUnavailableError(f"{where}: {what}: HTTP {resp.status} {code}".rstrip())
-        if resp.status in (401, 403):
-            detail = f"{code or resp.status}: {message or 'check credentials'}"
-            return StoreError(f"{where}: {what}: access denied ({detail})")
+        fix = {
+            "SignatureDoesNotMatch": f"the secret key does not match {who}: check AWS_SECRET_ACCESS_KEY or the "
+                                     "profile's aws_secret_access_key",
+            "InvalidAccessKeyId": f"the store does not know {who}: check the key, and that --s3-endpoint is the "
+                                  "store those keys belong to",
+            "ExpiredToken": f"the session token of {who} has expired and no fresh one could be had: renew it "
+                            "(a new AWS_SESSION_TOKEN, 'aws sso login', or the role the profile names)",
+            "TokenRefreshRequired": f"the session token of {who} has expired: renew it",
+            "InvalidToken": f"the session token of {who} is not valid here: renew it, or unset AWS_SESSION_TOKEN",
+            "AccessDenied": f"{who} may not do this: grant it s3:GetObject, s3:PutObject, s3:ListBucket (and "
+                            "s3:DeleteObject for gc) on this bucket, or use other credentials (AWS_PROFILE)",
+            "AuthorizationHeaderMalformed": f"the request was signed for region {self.region}: set AWS_REGION to "
+                                            "the bucket's region",
+            "PermanentRedirect": f"the bucket is not at {self.addressing.endpoint}: set AWS_REGION to its region or "
+                                 "--s3-endpoint to its endpoint",
+            "AllAccessDisabled": "all access to this bucket is disabled: ask its owner",
+        }.get(code)
+        if resp.status in (301, 307) and not fix:
+            fix = fix or (f"the bucket is not at {self.addressing.endpoint}: set AWS_REGION to its region or "
+                          "--s3-endpoint to its endpoint")
+        if resp.status in (401, 403) and not fix:
+            fix = f"check the credentials ({who})" if not message else f"{message} ({who})"
+        if fix:
+            label = "access denied" if resp.status in (401, 403) else "refused"
+            return StoreError(f"{where}: {what}: {label} ({code or resp.status}): {fix}")
         return StoreError(f"{where}: {what}: HTTP {resp.status} {code} {message}".rstrip())
 
     async def open(self, create: bool = True) -> None:
@@ -259,3 +331,30 @@ class S3Store(Store):
         if self._pool is not None:
             self._pool.close()
             self._pool = None
+
+
+def _error_code(resp: Response) -> tuple[str, str]:
+    if not resp.body:
+        return "", ""
+    try:
+        root = ET.fromstring(resp.body)
+    except ET.ParseError:
+        return "", ""
+    return root.findtext("Code") or "", " ".join((root.findtext("Message") or "").split())
+
+
+def _skew(resp: Response) -> str:
+    """How far off, from the server's ``Date`` (or the error's ServerTime)."""
+    server: float | None = None
+    try:
+        server_time = ET.fromstring(resp.body).findtext("ServerTime") if resp.body else None
+        if server_time:
+            server = datetime.datetime.fromisoformat(server_time.replace("Z", "+00:00")).timestamp()
+        elif resp.headers.get("date"):
+            server = email.utils.parsedate_to_datetime(resp.headers["date"]).timestamp()
+    except (ET.ParseError, ValueError, TypeError):
+        server = None
+    if server is None:
+        return " from the store's"
+    off = time.time() - server
+    return f" by {abs(off):.0f} s ({'ahead of' if off > 0 else 'behind'} the store's)"
