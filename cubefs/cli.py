@@ -202,11 +202,13 @@ def make_parser(plugins: bool = True) -> argparse.ArgumentParser:
                    help="seconds before a read that cannot be served fails with EIO (default 60)")
     p.add_argument("--store-timeout", type=float, default=10.0, help="seconds per store request attempt (default 10)")
     p.add_argument("--store-attempts", type=int, default=4, help="attempts per store request (default 4)")
-    p.add_argument("--transport", choices=("kernel", "pyfuse3", "virtiofs"), default="kernel",
+    p.add_argument("--transport", choices=("kernel", "pyfuse3", "virtiofs", "vhost-user-blk"), default="kernel",
                    help="how FUSE is spoken: 'kernel' (default) talks to /dev/fuse directly and has the kernel "
                    "cache symlinks, directory listings and open files, so a warm re-run makes almost no requests; "
                    "'pyfuse3' goes through libfuse; 'virtiofs' serves a VM instead: MOUNTPOINT is then the "
-                   "vhost-user socket QEMU's vhost-user-fs device connects to, and the daemon ends with the VM")
+                   "vhost-user socket QEMU's vhost-user-fs device connects to, and the daemon ends with the VM; "
+                   "'vhost-user-blk' serves a block volume ('volume create NAME --block SIZE') to QEMU's "
+                   "vhost-user-blk device the same way")
     p.add_argument("--peers", default="", metavar="HOST:PORT,...",
                    help="peer chunk servers ('cubefs serve --listen') asked before the store, this node's own "
                    "included; each chunk is asked of the one peer that owns it")
@@ -539,10 +541,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
     args.mountpoint = args.targets[-1]
     args.volume_dir = os.path.abspath(args.volume_dir or volume_cli.default_volume_dir())
     mp = os.path.abspath(args.mountpoint)
-    if args.transport == "virtiofs":
+    if args.transport in ("virtiofs", "vhost-user-blk"):
         if os.path.isdir(mp) or not os.path.isdir(os.path.dirname(mp)):
-            raise UsageError(f"with --transport virtiofs, {args.mountpoint} must be a socket path in an existing "
-                             "directory")
+            raise UsageError(f"with --transport {args.transport}, {args.mountpoint} must be a socket path in an "
+                             "existing directory")
     elif not os.path.isdir(mp):
         raise UsageError(f"mountpoint {args.mountpoint} is not a directory")
     elif os.path.ismount(mp):
@@ -622,7 +624,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
         info = {}
         if not os.path.ismount(mp):
             raise
-    if info.get("transport") == "virtiofs":  # a daemon serving a VM: no mount to detach
+    if info.get("transport") in ("virtiofs", "vhost-user-blk"):  # a daemon serving a VM: no mount to detach
         try:
             os.kill(int(info["pid"]), signal.SIGTERM)
         except ProcessLookupError:

@@ -276,8 +276,11 @@ class VolumeIndex:
         with self.read() as txn:
             return [Volume.decode(k.decode(), v) for k, v in txn.cursor(db=self.db["volumes"])]
 
-    def create_volume(self, name: str, base: BaseImage | None, root: Inode | None, first_ino: int) -> Volume:
-        """A new volume over ``base``; ``root`` is recorded as inode 1 when there is no image."""
+    def create_volume(self, name: str, base: BaseImage | None, root: Inode | None, first_ino: int,
+                      files: tuple[tuple[bytes, int, Inode], ...] = ()) -> Volume:
+        """A new volume over ``base``; ``root`` is recorded as inode 1 when there is no image,
+        with ``files`` (name, ino, inode) in it: a block volume's ``disk`` (cubefs/volume/blk.py)
+        exists from the transaction that made the volume."""
         _volume_name(name)
         with self.write() as txn:
             if txn.get(name.encode(), db=self.db["volumes"]) is not None:
@@ -286,6 +289,9 @@ class VolumeIndex:
             vol = Volume(name, layer, first_ino, base, time.time_ns())
             if root is not None:
                 txn.put(LAYER_INO.pack(layer, ROOT_INO), root.encode(), db=self.db["inodes"])
+            for fname, ino, inode in files:
+                self.put_dirent(txn, layer, ROOT_INO, fname, ino)
+                self.put_inode(txn, layer, ino, inode)
             self.put_volume(txn, vol)
         return vol
 

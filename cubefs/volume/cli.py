@@ -43,10 +43,16 @@ def add_parsers(sub: Any, store_args: Any) -> None:
                        "'list', 'rm NAME', 'gc': flatten long snapshot chains, delete layers and data files "
                        "nothing refers to any more, drop what removed snapshots only held, and give back the "
                        "space of dead blocks (holes punched, mostly-dead data files compacted); safe while "
-                       "volumes are mounted, whose daemons also do it in the background.")
-    p.add_argument("action", choices=("create", "list", "rm", "gc"))
-    p.add_argument("name", nargs="?", help="the volume (create, rm)")
+                       "volumes are mounted, whose daemons also do it in the background. 'create NAME --block "
+                       "SIZE' makes a block volume, a VM's disk ('cubefs mount --volume NAME SOCKET --transport "
+                       "vhost-user-blk' serves it to QEMU); 'export NAME[@SNAPSHOT] FILE' writes its bytes to a "
+                       "raw image file.")
+    p.add_argument("action", choices=("create", "list", "rm", "gc", "export"))
+    p.add_argument("name", nargs="?", help="the volume (create, rm; export: VOLUME[@SNAPSHOT])")
+    p.add_argument("file", nargs="?", help="export: the raw image file to write (must not exist)")
     p.add_argument("--from", dest="image", metavar="NAME:TAG", help="create: the image it starts as")
+    p.add_argument("--block", type=_size, metavar="SIZE", default=None,
+                   help="create: a block volume of SIZE bytes (e.g. 4G; a multiple of 512), all zeros")
     store_args(p)
     volume_dir_arg(p)
     p.add_argument("--json", action="store_true")
@@ -104,6 +110,15 @@ def add_parsers(sub: Any, store_args: Any) -> None:
     p.add_argument("--json", action="store_true")
 
 
+def _size(text: str) -> int:
+    from cubefs.humanize import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _index(args: argparse.Namespace) -> Any:
     from cubefs.cow.index import VolumeIndex
 
@@ -135,6 +150,16 @@ def cmd_volume(args: argparse.Namespace) -> int:
             return _gc(index, args)
         if not args.name:
             raise UsageError(f"cubefs volume {args.action} needs a volume name")
+        if args.action == "export":
+            from cubefs.volume.blk import export_disk
+
+            if not args.file:
+                raise UsageError("usage: cubefs volume export VOLUME[@SNAPSHOT] FILE")
+            volume, _, snap = args.name.partition("@")
+            n = export_disk(index, volume, snap or None, args.file)
+            print(json.dumps({"exported": args.name, "file": args.file, "bytes": n}) if args.json
+                  else f"exported {args.name} to {args.file} ({n} bytes)")
+            return EXIT_OK
         if args.action == "rm":
             from cubefs.cow.lock import VolumeLock, holder_of
 
@@ -155,7 +180,9 @@ def cmd_volume(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"name": vol.name, "image": vol.base.ref if vol.base else None}))
         else:
-            print(f"created volume {vol.name}" + (f" from {vol.base.ref}" if vol.base else " (empty)"))
+            what = (f" from {vol.base.ref}" if vol.base else f" (block, {args.block} bytes)" if args.block
+                    else " (empty)")
+            print(f"created volume {vol.name}{what}")
         return EXIT_OK
     finally:
         index.close()
@@ -191,6 +218,12 @@ def _gc(index: Any, args: argparse.Namespace) -> int:
 def _create(index: Any, args: argparse.Namespace) -> Any:
     from cubefs.cow.index import BaseImage, Inode
 
+    if args.block is not None:
+        from cubefs.volume.blk import create_block_volume
+
+        if args.image:
+            raise UsageError("a block volume starts as zeros: --block and --from do not go together")
+        return create_block_volume(index, args.name, args.block)
     if not args.image:
         now = time.time_ns()
         root = Inode(stat.S_IFDIR | 0o755, os.getuid(), os.getgid(), now, now, now, 0, 2)

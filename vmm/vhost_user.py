@@ -1,0 +1,315 @@
+"""The device-independent half of a vhost-user back-end: one QEMU connection, its messages and queues.
+
+QEMU connects to our unix socket and speaks vhost-user (a 12-byte header,
+a payload, file descriptors as SCM_RIGHTS): guest RAM as file regions
+(vmm/guest_memory.py), each virtqueue's ring addresses, an eventfd per queue
+to kick us and one to call the guest.  A device subclass says what it
+offers (features, protocol features, queues, config space) and answers each
+descriptor chain (:meth:`VhostUserBackend.request`).
+
+The ring code (:class:`Virtqueue`, its checks of every guest address) is the
+virtio-fs back-end's, imported from there: that module is the older user of it
+and moves it here when it next changes (then the import reverses).
+
+Invariants: every request a device answers here completes before the next
+message is read (the block device does its storage calls synchronously, see
+vmm/vhost_user_blk.py), so ``GET_VRING_BASE`` — QEMU stopping a ring to pause
+or save the VM — always finds the ring idle, with every reply in the used ring
+before the index is reported.
+"""
+
+from __future__ import annotations
+
+import array
+import logging
+import os
+import socket
+import struct
+
+import trio
+
+from vmm.guest_memory import GuestMemory, RingError, Span
+from vmm.vhost_user_fs import (
+    ADDR,
+    GET_FEATURES,
+    GET_PROTOCOL_FEATURES,
+    GET_QUEUE_NUM,
+    GET_VRING_BASE,
+    HEADER,
+    NEED_REPLY,
+    REGION,
+    REPLY,
+    RESET_OWNER,
+    SET_FEATURES,
+    SET_LOG_BASE,
+    SET_LOG_FD,
+    SET_MEM_TABLE,
+    SET_OWNER,
+    SET_PROTOCOL_FEATURES,
+    SET_VRING_ADDR,
+    SET_VRING_BASE,
+    SET_VRING_CALL,
+    SET_VRING_ENABLE,
+    SET_VRING_ERR,
+    SET_VRING_KICK,
+    SET_VRING_NUM,
+    STATE,
+    U16,
+    U64,
+    VERSION,
+    BadChain,
+    Virtqueue,
+)
+
+log = logging.getLogger(__name__)
+
+GET_CONFIG, SET_CONFIG = 24, 25
+CONFIG_HEADER = struct.Struct("<III")  # offset, size, flags
+MAX_CONFIG = 256  # the spec's bound on a config space payload
+F_PROTOCOL_FEATURES = 1 << 30
+F_VERSION_1 = 1 << 32
+PF_MQ, PF_REPLY_ACK, PF_CONFIG = 1 << 0, 1 << 3, 1 << 9
+MAX_PAYLOAD = 4096  # no message we accept is longer; a longer one ends the connection
+
+
+class VhostUserBackend:
+    """One QEMU connection.  Subclasses set ``features``, ``protocol_features`` and
+    ``num_queues`` and implement :meth:`request`; a device with a config space overrides
+    :meth:`config` (and :meth:`set_config` if the guest may write it)."""
+
+    features = F_VERSION_1 | F_PROTOCOL_FEATURES
+    protocol_features = PF_MQ | PF_REPLY_ACK
+    num_queues = 1
+    name = "vhost-user"
+
+    def __init__(self) -> None:
+        self.mem = GuestMemory()
+        self.queues = [Virtqueue(i) for i in range(self.num_queues)]
+        self.acked_features = 0
+        self.acked_protocol = 0
+        self.nursery: trio.Nursery | None = None
+        self.requests = 0
+        self.bad_requests = 0
+
+    # -- what a device provides -------------------------------------------------------
+    def request(self, q: Virtqueue, head: int, readable: list[Span], writable: list[Span]) -> int:
+        """Answer one descriptor chain; the number of bytes written into ``writable``."""
+        raise NotImplementedError
+
+    def config(self) -> bytes:
+        return b""
+
+    def set_config(self, offset: int, data: bytes) -> None:
+        """The guest wrote its config space: ignored unless the device says otherwise."""
+
+    # -- the connection ---------------------------------------------------------------
+    async def serve(self, conn: socket.socket) -> None:
+        # QEMU's pid, to reach RAM it maps privately (a template's clone): vmm/guest_memory.py
+        self.mem.pid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+        conn.setblocking(False)
+        try:
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                while True:
+                    msg = await self._recv(conn)
+                    if msg is None:
+                        break
+                    request, flags, payload, fds = msg
+                    try:
+                        reply = self._message(request, payload, fds)
+                    except (struct.error, IndexError, RingError, OSError, ValueError) as err:
+                        # A malformed message from QEMU (never the guest): say so and stop serving.
+                        log.error("%s: message %d cannot be used (%s); closing the connection", self.name,
+                                  request, err)
+                        break
+                    if reply is None and flags & NEED_REPLY and self.acked_protocol & PF_REPLY_ACK:
+                        reply = U64.pack(0)
+                    if reply is not None:
+                        conn.send(HEADER.pack(request, VERSION | REPLY, len(reply)) + reply)
+                nursery.cancel_scope.cancel()
+        finally:
+            for q in self.queues:
+                self._close_kick(q)
+                if q.call >= 0:
+                    os.close(q.call)
+                    q.call = -1
+                q.desc = q.avail = q.used = None  # views into guest RAM: released before it is unmapped
+            try:
+                self.mem.close()
+            except BufferError:  # a view still held somewhere: the mapping goes with its last user
+                log.warning("%s: guest memory still in use at disconnect", self.name)
+
+    async def _recv(self, conn: socket.socket) -> tuple[int, int, bytes, list[int]] | None:
+        while True:
+            try:
+                data, anc, _flags, _addr = conn.recvmsg(HEADER.size, socket.CMSG_SPACE(8 * 4))
+                break
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(conn)
+        if len(data) < HEADER.size:
+            return None
+        fds: list[int] = []
+        for level, kind, cdata in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                arr = array.array("i")
+                arr.frombytes(cdata[: len(cdata) - len(cdata) % arr.itemsize])
+                fds.extend(arr)
+        request, flags, size = HEADER.unpack(data)
+        if size > MAX_PAYLOAD:
+            log.error("%s: message %d claims %d bytes; closing the connection", self.name, request, size)
+            for fd in fds:
+                os.close(fd)
+            return None
+        payload = b""
+        while len(payload) < size:
+            try:
+                chunk = conn.recv(size - len(payload))
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(conn)
+                continue
+            if not chunk:
+                return None
+            payload += chunk
+        return request, flags, payload, fds
+
+    def _queue(self, index: int) -> Virtqueue:
+        if not 0 <= index < len(self.queues):
+            raise IndexError(f"queue {index} does not exist (this device has {len(self.queues)})")
+        return self.queues[index]
+
+    def _message(self, request: int, payload: bytes, fds: list[int]) -> bytes | None:
+        if request == GET_FEATURES:
+            return U64.pack(self.features)
+        if request == SET_FEATURES:
+            self.acked_features = U64.unpack_from(payload)[0]
+            if not self.acked_features & F_PROTOCOL_FEATURES:  # no ring states: every ring is enabled
+                for q in self.queues:
+                    q.enabled = True
+            return None
+        if request == GET_PROTOCOL_FEATURES:
+            return U64.pack(self.protocol_features)
+        if request == SET_PROTOCOL_FEATURES:
+            self.acked_protocol = U64.unpack_from(payload)[0]
+            return None
+        if request == GET_QUEUE_NUM:
+            return U64.pack(len(self.queues))
+        if request == GET_CONFIG:
+            offset, size, flags = CONFIG_HEADER.unpack_from(payload)
+            space = self.config()
+            body = space[offset : offset + size] if offset <= len(space) else b""
+            return CONFIG_HEADER.pack(offset, size, flags) + body + bytes(size - len(body))
+        if request == SET_CONFIG:
+            offset, size, _flags = CONFIG_HEADER.unpack_from(payload)
+            self.set_config(offset, payload[CONFIG_HEADER.size : CONFIG_HEADER.size + min(size, MAX_CONFIG)])
+            return None
+        if request in (SET_OWNER, RESET_OWNER, SET_LOG_BASE, SET_LOG_FD):
+            for fd in fds:
+                os.close(fd)
+            return None
+        if request == SET_MEM_TABLE:
+            n = struct.unpack_from("<I", payload)[0]
+            regions = [REGION.unpack_from(payload, 8 + 32 * i) for i in range(n)]
+            self.mem.replace(regions, fds)
+            for q in self.queues:  # ring pointers must be translated again
+                q.desc = q.avail = q.used = None
+            return None
+        if request in (SET_VRING_NUM, SET_VRING_BASE, SET_VRING_ENABLE, GET_VRING_BASE):
+            index, num = STATE.unpack_from(payload)
+            q = self._queue(index)
+            if request == SET_VRING_NUM:
+                if not 0 < num <= 32768 or num & (num - 1):
+                    raise ValueError(f"queue size {num} is not a power of 2 up to 32768")
+                q.num = num
+            elif request == SET_VRING_BASE:
+                q.last_avail = num
+            elif request == SET_VRING_ENABLE:
+                q.enabled = bool(num)
+                if num:
+                    self._drain(q)
+            else:
+                # The ring stops (QEMU pauses or saves the VM): nothing is in flight (see the module's
+                # docstring); no kick fd until SET_VRING_KICK on resume.  Stopped is not disabled:
+                # QEMU does not enable it again on resume.
+                self._close_kick(q)
+                return STATE.pack(index, q.last_avail)
+            return None
+        if request == SET_VRING_ADDR:
+            index, _flags, desc, used, avail, _log = ADDR.unpack_from(payload)
+            q = self._queue(index)
+            q.desc = self.mem.uva(desc, 16 * q.num)
+            q.used = self.mem.uva(used, 4 + 8 * q.num)
+            q.avail = self.mem.uva(avail, 4 + 2 * q.num)
+            q.used_idx = q.used.unpack(U16, 2)[0]
+            return None
+        if request in (SET_VRING_KICK, SET_VRING_CALL, SET_VRING_ERR):
+            (value,) = U64.unpack_from(payload)
+            fd = -1 if value & 0x100 or not fds else fds[0]
+            for extra in fds[1:]:
+                os.close(extra)
+            try:
+                q = self._queue(value & 0xFF)
+            except IndexError:
+                if fd >= 0:
+                    os.close(fd)
+                raise
+            if request == SET_VRING_KICK:
+                self._close_kick(q)
+                q.kick = fd
+                if fd >= 0 and self.nursery is not None:
+                    self.nursery.start_soon(self._kicks, q, fd)
+            elif request == SET_VRING_CALL:
+                if q.call >= 0:
+                    os.close(q.call)
+                q.call = fd
+            elif fd >= 0:
+                os.close(fd)
+            return None
+        log.warning("%s: ignoring request %d", self.name, request)
+        for fd in fds:
+            os.close(fd)
+        return None
+
+    def _close_kick(self, q: Virtqueue) -> None:
+        """Close a ring's kick fd, first waking the task that waits on it (the next kick fd
+        may get the same number, and trio allows one waiter per fd)."""
+        if q.kick >= 0:
+            fd, q.kick = q.kick, -1
+            trio.lowlevel.notify_closing(fd)
+            os.close(fd)
+
+    async def _kicks(self, q: Virtqueue, fd: int) -> None:
+        while q.kick == fd:
+            try:
+                await trio.lowlevel.wait_readable(fd)
+                os.read(fd, 8)
+            except (OSError, trio.ClosedResourceError):
+                return
+            self._drain(q)
+
+    def _drain(self, q: Virtqueue) -> None:
+        """Answer every request the guest has made available, then signal it once.  A chain
+        that points outside guest memory or loops fails alone (used with length 0); only a
+        ring that names no valid chain at all stops its queue."""
+        if not q.enabled or q.avail is None or q.desc is None or q.used is None:
+            return
+        done = False
+        try:
+            while q.pending():
+                try:
+                    popped = q.pop(self.mem)  # (head, readable, writable, ...): the fs back-end adds more
+                except BadChain as err:
+                    log.error("%s: %s; that request fails", self.name, err)
+                    self.bad_requests += 1
+                    q.push(err.head, 0)
+                    done = True
+                    continue
+                head, readable, writable = popped[0], popped[1], popped[2]
+                self.requests += 1
+                q.push(head, self.request(q, head, readable, writable))
+                done = True
+        except RingError as err:
+            log.error("%s: %s; the queue stops", self.name, err)
+            self.bad_requests += 1
+            q.enabled = False
+        if done:
+            q.notify()
