@@ -4,8 +4,9 @@ Both create paths are served — ``POST /sandboxes`` (SDK <= 2.50) and ``POST
 /v2/sandboxes`` (>= 2.51, with an ``Idempotency-Key``) — and both answer 201
 with a ``Sandbox``; every error is JSON ``{code, message}``, since the SDK's
 generated parsers read that body for every 4xx/5xx and crash on anything else.
-Fields and statuses follow ../shared/e2b-protocol.md section 2.  Pause, resume,
-snapshots and fork belong to the next layer (issue 14) and answer 501.
+Fields and statuses follow ../shared/e2b-protocol.md section 2.  Pause and
+connect (resume), snapshots (a snapshot is a template ID to the SDK), fork, and
+our extension ``POST /sandboxes/{id}/rollback`` are the service's (service.py).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from aiohttp import web
 from cubefs.errors import CubefsError, NotFoundError, UsageError
 from sandbox.config import ApiKeys
 from sandbox.pool import CapacityError
-from sandbox.service import SandboxService
+from sandbox.service import ConflictError, SandboxService
 
 log = logging.getLogger("cubefs.sandbox.api")
 
@@ -56,9 +57,13 @@ def make_app(service: SandboxService, keys: ApiKeys) -> web.Application:
     r.add_post("/v2/sandboxes/{id}/connect", api.connect)
     r.add_get("/sandboxes/{id}/logs", api.logs)
     r.add_get("/templates", api.templates)
-    for path in ("/sandboxes/{id}/pause", "/sandboxes/{id}/resume", "/sandboxes/{id}/snapshots",
-                 "/sandboxes/{id}/fork"):
-        r.add_post(path, api.later)
+    r.add_post("/sandboxes/{id}/pause", api.pause)
+    r.add_post("/sandboxes/{id}/resume", api.resume)
+    r.add_post("/sandboxes/{id}/snapshots", api.snapshot)
+    r.add_post("/sandboxes/{id}/fork", api.fork)
+    r.add_post("/sandboxes/{id}/rollback", api.rollback)  # an extension of ours
+    r.add_get("/snapshots", api.snapshots)
+    r.add_delete("/templates/{id}", api.delete_template)
     return app
 
 
@@ -72,6 +77,8 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error(exc.status, exc.reason)
     except NotFoundError as err:
         return error(404, str(err))
+    except ConflictError as err:
+        return error(409, str(err))
     except CapacityError as err:  # final here: a scheduler places it on another node, the SDK must not retry
         return error(429, str(err), headers={"Should-Retry": "false"})
     except UsageError as err:
@@ -124,6 +131,23 @@ def _timeout(doc: dict[str, Any], key: str = "timeout") -> int | None:
     return value
 
 
+def _page(items: list[dict[str, Any]], query: Any, key: str) -> web.Response:
+    """Pages of ``limit``; ``X-Next-Token`` (the last ``key`` given) when more remain."""
+    try:
+        limit = max(1, min(int(query.get("limit", PAGE_LIMIT)), PAGE_LIMIT))
+    except ValueError:
+        raise UsageError("limit must be a number") from None
+    token = query.get("nextToken")
+    if token:
+        ids = [s[key] for s in items]
+        if token not in ids:
+            raise UsageError("nextToken is not valid (what it names is gone: list again)")
+        items = items[ids.index(token) + 1:]
+    page, rest = items[:limit], items[limit:]
+    headers = {"X-Next-Token": page[-1][key]} if rest else {}
+    return web.json_response(page, headers=headers)
+
+
 class Api:
     def __init__(self, service: SandboxService) -> None:
         self.service = service
@@ -170,7 +194,7 @@ class Api:
         states = {s for s in q.get("state", "running").split(",") if s}
         out = []
         for sbx in self.service.list():
-            if "running" not in states:
+            if ("paused" if sbx.record.state == "paused" else "running") not in states:
                 continue
             if any(sbx.record.metadata.get(k) != v for k, v in want.items()):
                 continue
@@ -186,20 +210,7 @@ class Api:
 
     async def list_v2(self, request: web.Request) -> web.Response:
         """Pages of ``limit``; ``X-Next-Token`` (the last id given) when more remain."""
-        items = self._listed(request)
-        try:
-            limit = max(1, min(int(request.query.get("limit", PAGE_LIMIT)), PAGE_LIMIT))
-        except ValueError:
-            raise UsageError("limit must be a number") from None
-        token = request.query.get("nextToken")
-        if token:
-            ids = [s["sandboxID"] for s in items]
-            if token not in ids:
-                raise UsageError("nextToken is not valid (the sandbox it names is gone: list again)")
-            items = items[ids.index(token) + 1:]
-        page, rest = items[:limit], items[limit:]
-        headers = {"X-Next-Token": page[-1]["sandboxID"]} if rest else {}
-        return web.json_response(page, headers=headers)
+        return _page(self._listed(request), request.query, "sandboxID")
 
     async def get(self, request: web.Request) -> web.Response:
         sbx = self.service.get(request.match_info["id"])
@@ -222,7 +233,69 @@ class Api:
         return web.Response(status=204)
 
     async def connect(self, request: web.Request) -> web.Response:
-        sbx = self.service.extend(request.match_info["id"], _timeout(await _body(request)))
+        """200 for a running sandbox (its TTL only lengthened), 201 for a paused one resumed."""
+        sid = request.match_info["id"]
+        resumed = await self.service.resume(sid, _timeout(await _body(request)))
+        return web.json_response(self.service.get(sid).created(self.version, self.service.domain),
+                                 status=201 if resumed else 200)
+
+    async def resume(self, request: web.Request) -> web.Response:
+        """The deprecated ``POST /sandboxes/{id}/resume``: 201, or 409 if it was not paused."""
+        sid = request.match_info["id"]
+        if self.service.get(sid).record.state != "paused":
+            raise ConflictError(f"sandbox {sid} is not paused")
+        await self.service.resume(sid, _timeout(await _body(request)))
+        return web.json_response(self.service.get(sid).created(self.version, self.service.domain), status=201)
+
+    async def pause(self, request: web.Request) -> web.Response:
+        await self.service.pause(request.match_info["id"])
+        return web.Response(status=204)
+
+    async def snapshot(self, request: web.Request) -> web.Response:
+        doc = await _body(request)
+        name = doc.get("name")
+        if name is not None and not isinstance(name, str):
+            raise UsageError("name must be a string")
+        memory = doc.get("memory", True)
+        if not isinstance(memory, bool):
+            raise UsageError("memory must be true or false")
+        rec = await self.service.snapshot(request.match_info["id"], name or None, memory=memory)
+        return web.json_response(rec.info(), status=201)
+
+    async def snapshots(self, request: web.Request) -> web.Response:
+        """``GET /snapshots?sandboxID=&name=&limit=&nextToken=``, pages as the sandbox list."""
+        q = request.query
+        items = [s.info() for s in self.service.list_snapshots(q.get("sandboxID") or None, q.get("name") or None)]
+        return _page(items, q, "snapshotID")
+
+    async def delete_template(self, request: web.Request) -> web.Response:
+        """``DELETE /templates/{id}``: how the SDK deletes a snapshot (templates are the CLI's)."""
+        if not await self.service.delete_snapshot(request.match_info["id"]):
+            raise NotFoundError(f"snapshot {request.match_info['id']!r} not found")
+        return web.Response(status=204)
+
+    async def fork(self, request: web.Request) -> web.Response:
+        doc = await _body(request)
+        count = doc.get("count", 1)
+        if not isinstance(count, int) or isinstance(count, bool):
+            raise UsageError("count must be a whole number")
+        results = await self.service.fork(request.match_info["id"], count, _timeout(doc))
+        out: list[dict[str, Any]] = []
+        for res in results:
+            if isinstance(res, BaseException):
+                code = 429 if isinstance(res, CapacityError) else 404 if isinstance(res, NotFoundError) else 500
+                out.append({"error": {"code": code, "message": str(res) or type(res).__name__}})
+            else:
+                out.append({"sandbox": res.created(self.version, self.service.domain)})
+        return web.json_response(out, status=201)
+
+    async def rollback(self, request: web.Request) -> web.Response:
+        """``POST /sandboxes/{id}/rollback {"snapshotID": ...}``: back to a snapshot, in place."""
+        doc = await _body(request)
+        snap = doc.get("snapshotID")
+        if not isinstance(snap, str) or not snap:
+            raise UsageError("snapshotID is required")
+        sbx = await self.service.rollback(request.match_info["id"], snap)
         return web.json_response(sbx.created(self.version, self.service.domain), status=200)
 
     async def logs(self, request: web.Request) -> web.Response:
@@ -247,6 +320,4 @@ class Api:
                                    "memoryMB": t.memory_mb, "public": False, "createdAt": t.created}
                                   for t in SandboxTemplate.list()])
 
-    async def later(self, request: web.Request) -> web.Response:
-        self.service.get(request.match_info["id"])
-        return error(501, f"{request.path.rsplit('/', 1)[-1]} is not available on this node yet")
+

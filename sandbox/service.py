@@ -45,7 +45,9 @@ from cubefs.volume.cli import default_volume_dir
 from sandbox import templates
 from sandbox.config import private_dir, state_dir, write_private
 from sandbox.pool import Capacity, CapacityError
+from sandbox.snapshots import READY, SnapshotRecord, is_snapshot_id, new_snapshot_id
 from sandbox.templates import SandboxTemplate, StoreOptions
+from vmm import checkpoint
 from vmm import vm as vmm
 from vmm.machine import kill_pid
 from vmm.qmp import Qmp
@@ -56,6 +58,12 @@ ID_ALPHABET = string.ascii_lowercase + string.digits
 DEFAULT_TIMEOUT = 300  # seconds; E2B's documented default
 MAX_TIMEOUT = 24 * 3600
 READY_PORT_WAIT = 60.0  # a template's server must listen this soon after the sandbox starts
+MAX_FORKS = 100  # E2B's spec (its SDK asks for at most 20)
+FORK_CONCURRENCY = 4  # restores at once: each is a QEMU start and a load, CPU-bound under TCG
+
+
+class ConflictError(CubefsError):
+    """The sandbox is not in a state for this (pausing a paused one): 409."""
 
 
 def new_id() -> str:
@@ -107,6 +115,7 @@ class Sandbox:
         self.channel: Any = None  # vmm.channel.AgentChannel
         self.envd: Any = None  # sandbox.envd.Envd
         self.vm: vmm.Vm | None = None
+        self.busy = asyncio.Lock()  # pause, resume, snapshot, rollback: one at a time
 
     @property
     def id(self) -> str:
@@ -117,7 +126,8 @@ class Sandbox:
         r = self.record
         return {"templateID": r.template, "sandboxID": r.sandbox_id, "clientID": "cubefs", "alias": r.template,
                 "startedAt": iso(r.started), "endAt": iso(r.end), "cpuCount": r.cpus, "memoryMB": r.memory_mb,
-                "diskSizeMB": 0, "state": "running", "envdVersion": envd_version, "metadata": r.metadata,
+                "diskSizeMB": 0, "state": "paused" if r.state == "paused" else "running",
+                "envdVersion": envd_version, "metadata": r.metadata,
                 "envdAccessToken": r.access_token, "domain": domain}
 
     def created(self, envd_version: str, domain: str | None) -> dict[str, Any]:
@@ -141,6 +151,9 @@ class Counters:
         self.from_pool = 0
         self.pool_filled = 0
         self.pool_evicted = 0
+        self.snapshots = 0
+        self.from_snapshot = 0
+        self.rollbacks = 0
         self.create_seconds: list[float] = []  # the last 1000, for the quantiles in /metrics
 
     def create_took(self, seconds: float) -> None:
@@ -211,6 +224,14 @@ class SandboxService:
                 continue
             sbx = Sandbox(record)
             vm = vmm.Vm(record.vm)
+            if record.state == "paused" and vm.alive:  # its agent sleeps: connected on resume
+                sbx.vm = vm
+                self.sandboxes[record.sandbox_id] = sbx
+                self.capacity.held[record.sandbox_id] = (record.cpus, record.memory_mb)
+                self.counters.adopted += 1
+                log.info("sandbox %s adopted, paused (template %s, VM %s)", record.sandbox_id, record.template,
+                         record.vm)
+                continue
             if record.state != "running" or not vm.alive:
                 why = {"creating": "was still being created", "pooled": "was in a pool"}.get(
                     record.state, "had lost its VM")
@@ -236,15 +257,27 @@ class SandboxService:
         t0 = time.monotonic()
         timeout = DEFAULT_TIMEOUT if timeout is None else timeout
         check_timeout(timeout)
-        template = SandboxTemplate.load(template_id)
+        if is_snapshot_id(template_id) or not SandboxTemplate.path(template_id).exists():
+            snap: SnapshotRecord | None = None
+            with contextlib.suppress(NotFoundError):
+                snap = SnapshotRecord.find(template_id)
+            if snap is not None and snap.memory:
+                return await self._from_snapshot(snap, timeout, metadata or {}, env_vars or {}, t0)
+            if snap is not None:
+                return await self._create(SandboxTemplate.load(snap.template), timeout, metadata, env_vars, t0,
+                                          disk=(snap.volume, READY))
+        return await self._create(SandboxTemplate.load(template_id), timeout, metadata, env_vars, t0)
+
+    async def _create(self, template: SandboxTemplate, timeout: int, metadata: dict[str, str] | None,
+                      env_vars: dict[str, str] | None, t0: float, disk: tuple[str, str] | None = None) -> Sandbox:
         if self.pool_size > 0 and self._pool_wake is not None:
             self.pools.setdefault(template.name, [])
             self._pool_wake.set()
-        sbx = self._take(template.name)
+        sbx = self._take(template.name) if disk is None else None
         pooled = sbx is not None
         if sbx is None:
             self._make_room(template.cpus, template.memory_mb)
-            sbx = await self._build(template, "creating")
+            sbx = await self._build(template, "creating", disk)
         try:
             await self._assign(sbx, timeout, metadata or {}, env_vars or {}, resume=pooled)
         except BaseException as err:
@@ -262,7 +295,7 @@ class SandboxService:
                  timeout)
         return sbx
 
-    async def _build(self, template: SandboxTemplate, state: str) -> Sandbox:
+    async def _build(self, template: SandboxTemplate, state: str, disk: tuple[str, str] | None = None) -> Sandbox:
         """Make a sandbox of ``template`` up to its start command running (``state``: creating
         or pooled).  Capacity is booked before anything is made; a failure leaves nothing."""
         now = time.time()
@@ -274,7 +307,7 @@ class SandboxService:
         self.creating.add(sid)
         sbx = Sandbox(record)
         try:
-            vm = await _finish_thread(self._start_vm, template, record)
+            vm = await _finish_thread(self._start_vm, template, record, disk)
             await self._connect(sbx, vm)
             await self._start_command(sbx, template)
         except BaseException as err:
@@ -383,11 +416,14 @@ class SandboxService:
             log.info("pool of template %s: %d ready (sandbox %s)", template.name,
                      len(self.pools[template.name]), sbx.id)
 
-    def _start_vm(self, template: SandboxTemplate, record: SandboxRecord) -> vmm.Vm:
+    def _start_vm(self, template: SandboxTemplate, record: SandboxRecord,
+                  disk: tuple[str, str] | None = None) -> vmm.Vm:
+        """A VM restored from the template's VM template on a clone of ``disk`` (a volume and
+        snapshot; the template's own by default)."""
         opts = template.store_options
         index = self._volume_index(opts.volume_dir)
         with self._index_lock:
-            index.clone(template.volume, templates.READY, [record.volume])
+            index.clone(*(disk or (template.volume, templates.READY)), [record.volume])
         vm_template = templates.vm_template_for(template.cpus, template.memory_mb, self.kernel)
         return vmm.Vm.start(record.vm, replace(opts, volume=record.volume), vm_template.spec,
                             template=vm_template.name)
@@ -444,6 +480,237 @@ class SandboxService:
             await writer.close()
             return
 
+    # -- pause, resume -------------------------------------------------------------------
+    async def pause(self, sandbox_id: str) -> None:
+        """Stop the guest where it is (memory and disk kept, in place); its envd answers 502
+        until it is resumed; it does not time out while paused.  ConflictError if paused."""
+        sbx = self.get(sandbox_id)
+        async with sbx.busy:
+            if sbx.record.state == "paused":
+                raise ConflictError(f"sandbox {sandbox_id} is already paused")
+            await self._disconnect(sbx)
+            await asyncio.to_thread(qmp, sbx, "stop")
+            sbx.record.state = "paused"
+            sbx.record.save()
+        log.info("sandbox %s paused", sandbox_id)
+
+    async def resume(self, sandbox_id: str, timeout: int | None) -> bool:
+        """``connect``: resume a paused sandbox (True), or only lengthen a running one's TTL."""
+        sbx = self.get(sandbox_id)
+        async with sbx.busy:
+            if sbx.record.state != "paused":
+                self.extend(sandbox_id, timeout)
+                return False
+            timeout = DEFAULT_TIMEOUT if timeout is None else timeout
+            check_timeout(timeout)
+            await asyncio.to_thread(qmp, sbx, "cont")
+            await self._connect(sbx, sbx.vm or vmm.Vm(sbx.record.vm))
+            vm = sbx.vm or vmm.Vm(sbx.record.vm)  # the clock stood still while it slept
+            await sbx.channel.freshen(sbx.record.vm, str(vm.info.get("machine_id") or uuid.uuid4().hex))
+            sbx.record.state = "running"
+            sbx.record.end = time.time() + timeout
+            sbx.record.save()
+        log.info("sandbox %s resumed", sandbox_id)
+        return True
+
+    # -- snapshots, fork, rollback -----------------------------------------------------
+    async def snapshot(self, sandbox_id: str, name: str | None = None, hidden: bool = False,
+                       memory: bool = True) -> SnapshotRecord:
+        """Memory and disk of a running sandbox at one instant (it is paused for that instant
+        only), kept under ``STATE/snapshots`` until deleted, whatever becomes of the sandbox."""
+        sbx = self.get(sandbox_id)
+        if name is not None:
+            vmm.check_name(name, "snapshot")
+        async with sbx.busy:
+            if sbx.record.state != "running" or sbx.vm is None:
+                raise ConflictError(f"sandbox {sandbox_id} is {sbx.record.state}: only a running one is snapshotted")
+            if not memory:  # what the guest's page cache holds of the root, to the volume first
+                proc = await sbx.channel.spawn(["/bin/sync"], user="root")
+                async for _event in proc.events():
+                    pass
+            rec = await _finish_thread(self._take_snapshot, sbx, name, hidden, memory)
+        self.counters.snapshots += 1
+        log.info("sandbox %s: snapshot %s taken (guest paused %.0f ms, %.2f s in all, %.1f MiB of RAM kept)",
+                 sandbox_id, rec.snapshot_id, rec.paused_seconds * 1000, rec.seconds, rec.ram_bytes / 2**20)
+        return rec
+
+    def _take_snapshot(self, sbx: Sandbox, name: str | None, hidden: bool, memory: bool) -> SnapshotRecord:
+        from sandbox import snapshots
+
+        r = sbx.record
+        assert sbx.vm is not None
+        sid = new_snapshot_id()
+        opts = _template_opts(r.template)
+        index = self._volume_index(opts.volume_dir)
+        rec = SnapshotRecord(sid, r.sandbox_id, r.template, f"sbxsnap-{sid.removeprefix('snap-')}", r.cpus,
+                             r.memory_mb, time.time(), [name] if name else [], hidden, memory, dict(r.env_vars))
+        made: list[str] = []
+
+        def at_instant() -> tuple[str | None, str | None]:
+            with self._index_lock:
+                snap = index.snapshot(r.volume)
+            made.append(snap.name)
+            return r.volume, snap.name
+
+        try:
+            if memory:
+                ck = checkpoint.take(sbx.vm, snapshots.new_dir(sid) / "ckpt", at_instant)
+                rec.paused_seconds, rec.seconds, rec.ram_bytes = ck.paused_seconds, ck.seconds, ck.ram_bytes
+            else:  # the disk alone (the guest's page cache was synced by the caller)
+                t0 = time.monotonic()
+                snapshots.new_dir(sid)
+                at_instant()
+                rec.seconds = round(time.monotonic() - t0, 4)
+            with self._index_lock:  # the snapshot's own disk, so it outlives the sandbox
+                index.clone(r.volume, made[0], [rec.volume])
+                index.snapshot(rec.volume, READY)
+                index.remove_snapshot(r.volume, made[0])
+            index.sync_all()
+            rec.save()
+        except BaseException:
+            snapshots.remove_dir(sid)
+            self._remove_volume(rec.volume, opts)
+            raise
+        return rec
+
+    def list_snapshots(self, sandbox_id: str | None = None, name: str | None = None) -> list[SnapshotRecord]:
+        return [s for s in SnapshotRecord.list() if (sandbox_id is None or s.sandbox_id == sandbox_id)
+                and (name is None or name in s.names or name == s.snapshot_id)]
+
+    async def delete_snapshot(self, snapshot_id: str) -> bool:
+        try:
+            rec = SnapshotRecord.find(snapshot_id)
+        except NotFoundError:
+            return False
+        await asyncio.to_thread(self._delete_snapshot, rec)
+        log.info("snapshot %s deleted", rec.snapshot_id)
+        return True
+
+    def _delete_snapshot(self, rec: SnapshotRecord) -> None:
+        from sandbox import snapshots
+
+        (rec.dir / "snapshot.json").unlink(missing_ok=True)  # gone for readers first
+        self._remove_volume(rec.volume, _template_opts(rec.template))
+        snapshots.remove_dir(rec.snapshot_id)
+
+    async def _from_snapshot(self, snap: SnapshotRecord, timeout: int, metadata: dict[str, str],
+                             env_vars: dict[str, str], t0: float) -> Sandbox:
+        """A new sandbox that continues from ``snap``: its processes, memory and files."""
+        now = time.time()
+        sid = new_id()
+        record = SandboxRecord(sid, snap.template, f"sbx-{sid}", f"sbx-{sid}-0", secrets.token_urlsafe(24), now,
+                               now, snap.cpus, snap.memory_mb, env_vars=dict(snap.env_vars))
+        self.capacity.reserve(sid, snap.cpus, snap.memory_mb)
+        record.save()
+        self.creating.add(sid)
+        sbx = Sandbox(record)
+        try:
+            vm = await _finish_thread(self._restore_vm, snap, record)
+            await self._connect(sbx, vm)
+            await self._assign(sbx, timeout, metadata, {**snap.env_vars, **env_vars}, resume=False)
+        except BaseException as err:
+            self.counters.create_failed += 1
+            log.warning("sandbox %s (snapshot %s): create failed: %s", sid, snap.snapshot_id, err)
+            await self._finish(sbx)
+            raise
+        finally:
+            self.creating.discard(sid)
+        self.sandboxes[sid] = sbx
+        took = time.monotonic() - t0
+        self.counters.created += 1
+        self.counters.from_snapshot += 1
+        self.counters.create_took(took)
+        log.info("sandbox %s created from snapshot %s in %.3f s (VM %s, volume %s)", sid, snap.snapshot_id, took,
+                 record.vm, record.volume)
+        return sbx
+
+    def _restore_vm(self, snap: SnapshotRecord, record: SandboxRecord) -> vmm.Vm:
+        opts = _template_opts(snap.template)
+        index = self._volume_index(opts.volume_dir)
+        with self._index_lock:
+            index.clone(snap.volume, READY, [record.volume])
+        ck = checkpoint.Checkpoint.load(snap.dir / "ckpt")
+        return checkpoint.restore(record.vm, replace(opts, volume=record.volume), ck)
+
+    async def fork(self, sandbox_id: str, count: int, timeout: int | None) -> list[Sandbox | BaseException]:
+        """``count`` sandboxes that continue from this one's present instant (it runs on); one
+        result per fork, a sandbox or why that one failed."""
+        if not 1 <= count <= MAX_FORKS:
+            raise UsageError(f"count must be from 1 to {MAX_FORKS}, not {count}")
+        timeout = DEFAULT_TIMEOUT if timeout is None else timeout
+        check_timeout(timeout)
+        src = self.get(sandbox_id)
+        snap = await self.snapshot(sandbox_id, hidden=True)
+        try:
+            sem = asyncio.Semaphore(FORK_CONCURRENCY)
+
+            async def one() -> Sandbox:
+                async with sem:
+                    return await self._from_snapshot(snap, timeout, dict(src.record.metadata), {}, time.monotonic())
+
+            results = await asyncio.gather(*(one() for _ in range(count)), return_exceptions=True)
+        finally:
+            await asyncio.shield(asyncio.to_thread(self._delete_snapshot, snap))
+        log.info("sandbox %s forked: %d of %d running", sandbox_id,
+                 sum(isinstance(r, Sandbox) for r in results), count)
+        return list(results)
+
+    async def rollback(self, sandbox_id: str, snapshot_id: str) -> Sandbox:
+        """Put a sandbox back to a snapshot in place: same ID, token, TTL and metadata; its
+        memory, processes and files as they were in the snapshot (processes holding files
+        open included: nothing is unmounted, the whole VM is restored)."""
+        sbx = self.get(sandbox_id)
+        snap = SnapshotRecord.find(snapshot_id)
+        if (snap.cpus, snap.memory_mb) != (sbx.record.cpus, sbx.record.memory_mb):
+            raise UsageError(f"snapshot {snap.snapshot_id} is of a {snap.cpus}-vCPU {snap.memory_mb} MiB sandbox; "
+                             f"sandbox {sandbox_id} has {sbx.record.cpus} vCPU {sbx.record.memory_mb} MiB")
+        t0 = time.monotonic()
+        async with sbx.busy:
+            r = sbx.record
+            old_volume = r.volume
+            await self._disconnect(sbx)
+            try:
+                await asyncio.shield(asyncio.to_thread(self._rollback_vm, sbx, snap))
+                await self._connect(sbx, vmm.Vm(r.vm))
+            except BaseException as err:  # the sandbox is gone: say so, leave nothing
+                log.warning("sandbox %s: rollback to %s failed, sandbox removed: %s", sandbox_id, snap.snapshot_id,
+                            err)
+                self.sandboxes.pop(sandbox_id, None)
+                await self._finish(sbx)
+                if old_volume != r.volume:
+                    await asyncio.to_thread(self._remove_volume, old_volume, _template_opts(r.template))
+                raise
+            r.state = "running"
+            r.save()
+            if old_volume != r.volume:
+                self._spawn(asyncio.to_thread(self._remove_volume, old_volume, _template_opts(r.template)))
+        self.counters.rollbacks += 1
+        log.info("sandbox %s rolled back to snapshot %s in %.3f s", sandbox_id, snap.snapshot_id,
+                 time.monotonic() - t0)
+        return sbx
+
+    def _rollback_vm(self, sbx: Sandbox, snap: SnapshotRecord) -> None:
+        """Stop the VM, give the sandbox a new volume cloned from the snapshot's, restore the
+        snapshot's checkpoint under the same VM name.  A failure leaves the sandbox gone (its
+        record says so: the reaper cleans it), never half-rolled-back."""
+        r = sbx.record
+        vmm.Vm(r.vm).destroy()
+        opts = _template_opts(snap.template)
+        index = self._volume_index(opts.volume_dir)
+        gen = int(r.volume.rsplit("-", 1)[-1]) + 1 if r.volume.rsplit("-", 1)[-1].isdigit() else 1
+        r.volume = f"sbx-{r.sandbox_id}-{gen}"
+        with self._index_lock:
+            index.clone(snap.volume, READY, [r.volume])
+        r.save()
+        ck = checkpoint.Checkpoint.load(snap.dir / "ckpt")
+        sbx.vm = checkpoint.restore(r.vm, replace(opts, volume=r.volume), ck)
+
+    def _remove_volume(self, volume: str, opts: StoreOptions) -> None:
+        res = subprocess.run([sys.executable, "-m", "cubefs", "volume", "rm", volume, *opts.args("--volume-dir")],
+                             capture_output=True, text=True)
+        if res.returncode not in (0, 3):  # 3: never made
+            log.warning("removing volume %s: %s", volume, res.stderr.strip())
+
     # -- find, list, time out -----------------------------------------------------
     def get(self, sandbox_id: str) -> Sandbox:
         sbx = self.sandboxes.get(sandbox_id)
@@ -480,6 +747,8 @@ class SandboxService:
             await asyncio.sleep(0.5)
             now = time.time()
             for sbx in list(self.sandboxes.values()):
+                if sbx.record.state == "paused" and sbx.vm is not None and sbx.vm.alive:
+                    continue  # kept until resumed or killed, as E2B keeps paused sandboxes
                 if sbx.record.end <= now:
                     log.info("sandbox %s: its timeout passed: killed", sbx.id)
                     self.counters.expired += 1
@@ -535,11 +804,7 @@ class SandboxService:
         for pid in _qemu_named(record.vm):  # started, but killed before vm.json named its pid
             log.warning("sandbox %s: QEMU %d of VM %s had no record: killed", record.sandbox_id, pid, record.vm)
             kill_pid(pid)
-        template_opts = _template_opts(record.template)
-        res = subprocess.run([sys.executable, "-m", "cubefs", "volume", "rm", record.volume,
-                              *template_opts.args("--volume-dir")], capture_output=True, text=True)
-        if res.returncode not in (0, 3):  # 3: never made
-            log.warning("sandbox %s: removing volume %s: %s", record.sandbox_id, record.volume, res.stderr.strip())
+        self._remove_volume(record.volume, _template_opts(record.template))
         SandboxRecord.path(record.sandbox_id).unlink(missing_ok=True)
 
     # -- metrics -------------------------------------------------------------------------
@@ -550,7 +815,8 @@ class SandboxService:
         for name, value in (("created", c.created), ("create_failed", c.create_failed), ("killed", c.killed),
                             ("expired", c.expired), ("adopted", c.adopted), ("crashed", c.crashed),
                             ("from_pool", c.from_pool), ("pool_filled", c.pool_filled),
-                            ("pool_evicted", c.pool_evicted)):
+                            ("pool_evicted", c.pool_evicted), ("snapshots", c.snapshots),
+                            ("from_snapshot", c.from_snapshot), ("rollbacks", c.rollbacks)):
             lines += [f"# TYPE cubefs_sandbox_{name}_total counter", f"cubefs_sandbox_{name}_total {value}"]
         lines.append("# TYPE cubefs_sandbox_pool_ready gauge")
         lines += [f'cubefs_sandbox_pool_ready{{template="{name}"}} {len(pool)}' for name, pool in self.pools.items()]

@@ -145,6 +145,8 @@ def create(name: str, image: str, opts: StoreOptions, *, cpus: int = 1, memory_m
            kernel: Path | None = None) -> SandboxTemplate:
     """Make sandbox template ``name`` from ``image`` (see the module's docstring)."""
     vmm.check_name(name, "template")
+    if name.startswith("snap-"):
+        raise UsageError(f"a sandbox template's name cannot start with 'snap-' ({name}): snapshots are named so")
     if SandboxTemplate.path(name).exists():
         raise UsageError(f"sandbox template {name} exists ('cubefs sandbox template rm {name}' first)")
     if code_interpreter:

@@ -21,11 +21,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,8 +136,8 @@ class Machine:
         if self.fs_socket is not None:
             argv += ["-chardev", f"socket,id={FS_CHARDEV},path={self.fs_socket}",
                      "-device", f"vhost-user-fs-pci,chardev={FS_CHARDEV},tag=rootfs,id={FS_DEVICE},bus={FS_PORT}"]
-        if self.incoming:
-            argv += ["-incoming", "defer"]
+        if self.incoming:  # -S: a loaded guest waits for "cont" (its identity is set first)
+            argv += ["-S", "-incoming", "defer"]
         return argv
 
     def start(self) -> None:
@@ -155,6 +157,11 @@ class Machine:
             except CubefsError:
                 raise VmError(f"VM {self.dir.name}: QEMU did not start: {self.log_tail()}") from None
         return self._qmp
+
+    def close_monitor(self) -> None:
+        if self._qmp is not None:
+            self._qmp.close()
+            self._qmp = None
 
     def log_tail(self) -> str:
         try:
@@ -193,9 +200,12 @@ class Machine:
     def load(self, state: Path, with_ram: bool = False, timeout: float = 120.0) -> None:
         """Load a saved state (made with the same ``with_ram``) into this ``incoming``
         machine; the guest stays paused."""
-        q = self.qmp
         self._ignore_shared(not with_ram)
-        q.execute("migrate-incoming", uri=f"exec:cat {_quote(state)}")
+        self._load(f"exec:cat {_quote(state)}", timeout)
+
+    def _load(self, uri: str, timeout: float) -> None:
+        q = self.qmp
+        q.execute("migrate-incoming", uri=uri)
         deadline = time.monotonic() + timeout
         while q.execute("query-status").get("status") == "inmigrate":
             if time.monotonic() > deadline:
@@ -210,6 +220,60 @@ class Machine:
         """Load a saved state and let the guest run."""
         self.load(state, timeout=timeout)
         self.qmp.execute("cont")
+
+    # -- checkpoints (vmm/checkpoint.py) --------------------------------------
+    def save_live(self, ram: Path, at_instant: Callable[[], None], timeout: float = 300.0) -> float:
+        """Write the running guest's state to ``ram`` (QEMU's mapped-ram format: each page at
+        its own offset) while it runs, pause it only for the switch-over, call ``at_instant``
+        while it is paused (RAM, devices and the back-end all stopped), then let it run again.
+        Returns how long the guest was paused.  On any failure the migration is cancelled and
+        the guest runs on as it was."""
+        q = self.qmp
+        # mapped-ram cannot go with x-ignore-shared in QEMU 10 (the loader does not expect the
+        # region address the saver writes); private RAM is never "shared" anyway.
+        self._capabilities({"x-ignore-shared": False, "mapped-ram": True, "pause-before-switchover": True})
+        paused = 0.0
+        try:
+            q.execute("migrate", uri=f"file:{ram}")
+            deadline = time.monotonic() + timeout
+            while (status := q.execute("query-migrate").get("status")) != "pre-switchover":
+                if status in ("failed", "cancelled", "completed") or time.monotonic() > deadline:
+                    raise VmError(f"VM {self.dir.name}: saving the VM state failed ({status}): "
+                                  f"{q.execute('query-migrate').get('error-desc', 'took too long')}; {self.log_tail()}")
+                time.sleep(0.002)
+            t0 = time.monotonic()
+            try:
+                at_instant()
+            except BaseException:
+                q.execute("migrate_cancel")
+                raise
+            q.execute("migrate-continue", state="pre-switchover")
+            self._wait_migration(timeout, "saving")
+            q.execute("cont")
+            paused = time.monotonic() - t0
+        except BaseException:
+            with contextlib.suppress(CubefsError, OSError):
+                for _ in range(500):  # a cancelled migration ends in a moment; then the guest runs again
+                    if q.execute("query-migrate").get("status") not in ("active", "pre-switchover", "cancelling",
+                                                                        "device"):
+                        break
+                    time.sleep(0.01)
+                if q.execute("query-status").get("status") != "running":
+                    q.execute("cont")
+            raise
+        finally:
+            with contextlib.suppress(CubefsError, OSError):
+                self._capabilities({"mapped-ram": False, "pause-before-switchover": False})
+        return paused
+
+    def load_ram_file(self, ram: Path, timeout: float = 120.0) -> None:
+        """Load what :meth:`save_live` wrote into this ``incoming`` machine; it stays paused."""
+        self._capabilities({"x-ignore-shared": False, "mapped-ram": True})
+        self._load(f"file:{ram}", timeout)
+
+    def _capabilities(self, caps: dict[str, bool]) -> None:
+        self.qmp.execute("migrate-set-capabilities",
+                         capabilities=[{"capability": k, "state": v} for k, v in caps.items()])
 
     def _ignore_shared(self, on: bool) -> None:
         """x-ignore-shared: RAM in a shared file is not put in (or expected from) the stream.

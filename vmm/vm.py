@@ -136,8 +136,8 @@ def machine_fingerprint(spec: MachineSpec) -> str:
     (the saved RAM holds the agent that was running: a template from before an agent change
     would bring the old agent back).  Paths are left out: they differ per VM."""
     kernel = spec.kernel_dir
-    argv = Machine(Path("/vm"), spec, Ram(Path("/vm/ram"), shared=True)).argv()[1:]
-    parts = [a.replace(str(kernel), "KERNEL") for a in argv]
+    argv = Machine(Path("/vm"), spec, Ram(Path("/vm/ram"), shared=True)).argv()
+    parts = [qemu_version(argv[0])] + [a.replace(str(kernel), "KERNEL") for a in argv[1:]]
     for name in ("vmlinuz", "initrd.gz"):
         st = (kernel / name).stat()
         key = (str(kernel / name), st.st_mtime_ns, st.st_size)
@@ -145,6 +145,18 @@ def machine_fingerprint(spec: MachineSpec) -> str:
             _kernel_digests[key] = hashlib.sha256((kernel / name).read_bytes()).hexdigest()
         parts.append(_kernel_digests[key])
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+_qemu_versions: dict[str, str] = {}
+
+
+def qemu_version(qemu: str) -> str:
+    """``qemu-system-x86_64 --version``'s first line: a state saved by one QEMU may not load in
+    another (7.2's templates do not load in 10.0), so it is part of the fingerprint."""
+    if qemu not in _qemu_versions:
+        out = subprocess.run([qemu, "--version"], capture_output=True, text=True).stdout
+        _qemu_versions[qemu] = (out.splitlines() or ["unknown"])[0]
+    return _qemu_versions[qemu]
 
 
 @dataclass
@@ -305,7 +317,7 @@ class Vm:
         machine_id = uuid.uuid4().hex
         info = VmInfo(name, asdict(root), spec.memory_mb, spec.accel, template,
                       datetime.now(UTC).isoformat(timespec="seconds"), hostname=name, machine_id=machine_id)
-        vm.info = asdict(info) | {"kernel_dir": str(spec.kernel_dir)}
+        vm.info = asdict(info) | {"kernel_dir": str(spec.kernel_dir), "cpus": spec.cpus}
         try:
             if writable and root.image:
                 root = root.own_volume(f"vm-{name}")

@@ -1,0 +1,238 @@
+"""Snapshots of running sandboxes, memory and disk at one instant, as the stock E2B SDK takes
+them: create from a snapshot, roll back in place, fork, pause and resume.
+
+Each test starts a guest process that counts in its own memory and keeps a file open in the
+root: what a user checks is that this process is *still there* afterwards (same pid), that
+its counter goes on from the snapshot's value (not from zero, not from the parent's present),
+and that the files are the snapshot's.  One service and one template for the module."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import free_ports, run_cubefs
+from test_sandbox_service import API_KEY, Node
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from make_vm_kernel import DEFAULT, make_kernel
+
+# Counts in RAM, says where it is in /tmp/count (the guest's tmpfs: RAM too), appends to a
+# file it holds open in the root, and keeps an unlinked file open whose content it checks.
+COUNTER = r"""
+import os, sys, time
+held = open("/home/user/held.log", "a", buffering=1)
+ghost = open("/home/user/ghost", "w+"); ghost.write("still here"); ghost.flush(); os.unlink("/home/user/ghost")
+n = 0
+while True:
+    n += 1
+    ghost.seek(0)
+    ok = ghost.read() == "still here"
+    held.write(f"{n}\n")
+    with open("/tmp/count.tmp", "w") as f:
+        f.write(f"{os.getpid()} {n} {ok}\n")
+    os.replace("/tmp/count.tmp", "/tmp/count")
+    time.sleep(0.05)
+"""
+
+
+@pytest.fixture(scope="module")
+def snode(rootfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+    base = tmp_path_factory.mktemp("snapshots")
+    env = {"CUBEFS_VM_DIR": str(base / "vm"), "CUBEFS_TEMPLATE_DIR": str(base / "templates"),
+           "CUBEFS_VOLUME_DIR": str(base / "volumes"), "CUBEFS_STORE": f"file://{base / 'store'}",
+           "CUBEFS_CACHE_DIR": str(base / "cache"), "CUBEFS_VM_KERNEL": str(make_kernel(Path(DEFAULT))),
+           "CUBEFS_SANDBOX_DIR": str(base / "sandbox"), "CUBEFS_SANDBOX_API_KEY": API_KEY}
+    run_cubefs("build", str(rootfs), "--tag", "debian:12", env=env)
+    run_cubefs("sandbox", "template", "create", "base", "--from", "debian:12", "--memory", "256", env=env,
+               timeout=600)
+    n = Node(env, *free_ports(2))
+    n.start()
+    old = {k: os.environ.get(k) for k in n.sdk_env}
+    os.environ.update(n.sdk_env)
+    yield n
+    n.stop()
+    run_cubefs("vm", "rm", "--all", env=env, check=False)
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def counting(sbx: object) -> int:
+    """Start the counter in ``sbx``; its pid once it has counted."""
+    sbx.files.write("/home/user/counter.py", COUNTER)  # type: ignore[attr-defined]
+    sbx.commands.run("python3 /home/user/counter.py", background=True)  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        state = count(sbx)
+        if state is not None and state[1] > 3:
+            return state[0]
+        time.sleep(0.2)
+    raise AssertionError("the counter did not start")
+
+
+def count(sbx: object) -> tuple[int, int, bool] | None:
+    out = sbx.commands.run("cat /tmp/count 2>/dev/null || true").stdout  # type: ignore[attr-defined]
+    m = re.fullmatch(r"(\d+) (\d+) (True|False)\n", out)
+    return (int(m[1]), int(m[2]), m[3] == "True") if m else None
+
+
+def goes_on(sbx: object, pid: int, low: int, high: int) -> int:
+    """The counter of ``pid`` runs on in ``sbx``, having started again from between ``low`` and
+    ``high``: the first value seen is past low but below what the parent had reached."""
+    first = count(sbx)
+    assert first is not None and first[0] == pid, f"the counting process is gone: {first}"
+    assert low <= first[1] < high, f"the counter resumed at {first[1]}, not from the snapshot's {low}..{high}"
+    assert first[2], "the unlinked file the process holds open lost its content"
+    time.sleep(0.5)
+    later = count(sbx)
+    assert later is not None and later[0] == pid and later[1] > first[1], f"the counter stopped: {first} {later}"
+    return later[1]
+
+
+def test_a_snapshot_with_running_processes_makes_sandboxes_that_go_on_from_it(snode: Node) -> None:
+    from e2b import Sandbox
+
+    parent = Sandbox.create(timeout=300)
+    children = []
+    try:
+        pid = counting(parent)
+        parent.files.write("/home/user/notes.txt", "before the snapshot\n")
+        before = count(parent)
+        assert before is not None
+        info = parent.create_snapshot(name="counting")
+        after = count(parent)
+        assert after is not None
+        assert info.snapshot_id.startswith("snap-") and "counting" in info.names
+        listed = [s.snapshot_id for s in Sandbox.list_snapshots(sandbox_id=parent.sandbox_id).next_items()]
+        assert listed == [info.snapshot_id]
+
+        parent.files.write("/home/user/notes.txt", "after the snapshot\n")  # the child must not see this
+        time.sleep(1.0)
+        now = count(parent)
+        assert now is not None
+
+        child = Sandbox.create(info.snapshot_id, timeout=120)
+        children.append(child)
+        assert child.sandbox_id != parent.sandbox_id
+        goes_on(child, pid, before[1], after[1] + 2)
+        assert child.files.read("/home/user/notes.txt") == "before the snapshot\n"
+        held = child.commands.run("tail -n 1 /home/user/held.log").stdout.strip()
+        assert int(held) > before[1]  # the open file goes on being written by the same process
+        # the parent went on untouched
+        assert parent.files.read("/home/user/notes.txt") == "after the snapshot\n"
+        assert count(parent)[1] > now[1]  # type: ignore[index]
+        # identities differ: hostname, machine-id
+        ids = [s.commands.run("hostname; cat /etc/machine-id").stdout for s in (parent, child)]
+        assert ids[0] != ids[1]
+
+        # by name too, and after the service restarts
+        snode.stop()
+        snode.start()
+        assert [s.snapshot_id for s in Sandbox.list_snapshots().next_items()] == [info.snapshot_id]
+        again = Sandbox.create("counting", timeout=120)
+        children.append(again)
+        goes_on(again, pid, before[1], after[1] + 2)
+
+        assert Sandbox.delete_snapshot(info.snapshot_id)
+        assert not Sandbox.delete_snapshot(info.snapshot_id)
+        assert Sandbox.list_snapshots().next_items() == []
+        from e2b import SandboxException
+
+        with pytest.raises(SandboxException):
+            Sandbox.create(info.snapshot_id, timeout=60)
+        # a sandbox made from a deleted snapshot keeps running: it has its own disk and memory
+        assert count(again)[0] == pid  # type: ignore[index]
+    finally:
+        for s in [parent, *children]:
+            s.kill()
+
+
+def test_rollback_in_place_while_processes_hold_files_open(snode: Node) -> None:
+    from e2b import Sandbox
+
+    sbx = Sandbox.create(timeout=300)
+    try:
+        pid = counting(sbx)
+        sbx.files.write("/home/user/doc.txt", "v1\n")
+        before = count(sbx)
+        info = sbx.create_snapshot()
+        after = count(sbx)
+        sbx.files.write("/home/user/doc.txt", "v2\n")
+        sbx.commands.run("rm /home/user/counter.py; touch /home/user/new-file")
+        time.sleep(1.0)
+        status, body, _ = snode.api("POST", f"/sandboxes/{sbx.sandbox_id}/rollback",
+                                    {"snapshotID": info.snapshot_id})
+        assert status == 200, body
+        assert body["sandboxID"] == sbx.sandbox_id  # type: ignore[index]
+        # the same SDK object (same ID, same access token) goes on working
+        goes_on(sbx, pid, before[1], after[1] + 2)  # type: ignore[index]
+        assert sbx.files.read("/home/user/doc.txt") == "v1\n"
+        assert sbx.commands.run("ls /home/user").stdout.split() == ["counter.py", "doc.txt", "held.log"]
+        assert sbx.get_info().state == "running"
+        # a snapshot that does not exist: a clear 404, the sandbox untouched
+        status, body, _ = snode.api("POST", f"/sandboxes/{sbx.sandbox_id}/rollback", {"snapshotID": "snap-nope"})
+        assert status == 404 and "snap-nope" in body["message"]  # type: ignore[index]
+        assert count(sbx)[0] == pid  # type: ignore[index]
+    finally:
+        sbx.kill()
+        Sandbox.delete_snapshot(info.snapshot_id)
+
+
+def test_fork_of_a_computing_sandbox_makes_children_that_diverge(snode: Node) -> None:
+    from e2b import Sandbox
+
+    sbx = Sandbox.create(timeout=300)
+    forks: list = []
+    try:
+        pid = counting(sbx)
+        before = count(sbx)
+        forks = sbx.fork(count=3, timeout=120)
+        after = count(sbx)
+        assert len(forks) == 3 and all(isinstance(f, Sandbox) for f in forks), forks
+        assert len({f.sandbox_id for f in forks} | {sbx.sandbox_id}) == 4
+        for i, f in enumerate(forks):
+            goes_on(f, pid, before[1], after[1] + 2)  # type: ignore[index]
+            f.files.write("/home/user/mine.txt", f"child {i}\n")
+        for i, f in enumerate(forks):
+            assert f.files.read("/home/user/mine.txt") == f"child {i}\n"
+        assert not sbx.files.exists("/home/user/mine.txt")
+        identity = {f.commands.run("hostname; cat /etc/machine-id; head -c 16 /dev/urandom | od -x").stdout
+                    for f in [sbx, *forks]}
+        assert len(identity) == 4
+        assert Sandbox.list_snapshots().next_items() == []  # the fork's own snapshot is gone
+        assert count(sbx)[0] == pid  # type: ignore[index]
+    finally:
+        for f in [sbx, *forks]:
+            if isinstance(f, Sandbox):
+                f.kill()
+
+
+def test_pause_and_connect_resume_where_it_was(snode: Node) -> None:
+    from e2b import Sandbox
+
+    sbx = Sandbox.create(timeout=300)
+    try:
+        pid = counting(sbx)
+        sbx.pause()
+        assert not sbx.is_running()
+        assert Sandbox.get_info(sbx.sandbox_id).state == "paused"
+        listed = Sandbox.list(query=None).next_items()
+        assert sbx.sandbox_id not in [s.sandbox_id for s in listed]  # the default lists running ones
+        assert not sbx.pause()  # already paused: 409, which the SDK reads as False
+        time.sleep(1.0)
+        resumed = Sandbox.connect(sbx.sandbox_id, timeout=120)
+        state = count(resumed)
+        assert state is not None and state[0] == pid
+        time.sleep(0.5)
+        assert count(resumed)[1] > state[1]  # type: ignore[index]
+        assert abs(int(resumed.commands.run("date +%s").stdout) - time.time()) < 10  # its clock caught up
+    finally:
+        sbx.kill()

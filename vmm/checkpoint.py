@@ -1,0 +1,174 @@
+"""Checkpoints of a running VM: its memory, its devices and its root's state at one instant.
+
+A checkpoint is a directory: ``ram`` (QEMU's mapped-ram stream: device state,
+the root back-end's own state, and the guest pages that differ from the VM
+template it was restored from; vmm/memsnap.py) and ``checkpoint.json`` (what
+it needs to be restored: machine size, kernel, the template whose RAM is the
+base, and the volume snapshot taken at the same instant).
+
+**One instant.**  QEMU writes RAM while the guest runs and pauses it only to
+switch over (``pause-before-switchover``).  In that pause the guest's CPUs,
+its devices and the vhost-user-fs back-end are all stopped (the back-end has
+answered every request it took before ``GET_VRING_BASE`` returned), so the
+volume snapshot taken then (O(1): the active layer is frozen) holds exactly
+what the guest's memory believes is on disk.  Measured under TCG on this
+2-core machine (256 MiB guest, 31 MiB written since the template): the guest
+is paused 16-25 ms by QEMU plus the snapshot; the whole save takes ~0.8 s.
+
+**The root stays attached.**  QEMU >= 9 saves a vhost-user-fs device by
+asking the back-end for its state (vhost-user ``DEVICE_STATE``): the FUSE
+session and the kernel's references to inodes, so a process that holds a
+file open — even an unlinked one — keeps it across a restore.  A restore
+starts a new back-end on a volume that shows the snapshot (a clone of it, or
+the same volume rolled back) and a new QEMU that loads the checkpoint.
+
+**Identity.**  Every QEMU process gets a new ``vmgenid``, so a restored
+kernel reseeds its RNG by itself; the caller then gives the guest its
+hostname, machine-id and clock (``Agent.freshen``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from cubefs.errors import NotFoundError
+from vmm import memsnap
+from vmm.agent import Agent
+from vmm.machine import Machine, MachineSpec, Ram, VmError
+from vmm.vm import Root, Template, Vm, VmInfo, machine_fingerprint
+
+RESTORE_AGENT_TIMEOUT = 30.0
+
+
+@dataclass
+class Checkpoint:
+    dir: str
+    memory_mb: int
+    cpus: int
+    accel: str
+    kernel_dir: str
+    machine: str  # machine_fingerprint(): QEMU, its options and the guest kernel it was saved with
+    template: str | None  # the VM template whose RAM file is the base of ``ram``, if any
+    volume: str | None  # the root volume and its snapshot at the checkpoint's instant
+    snapshot: str | None
+    created: str = ""
+    paused_seconds: float = 0.0
+    seconds: float = 0.0
+    ram_pages: int = 0  # guest pages kept in ``ram`` (those that differ from the template)
+
+    @property
+    def path(self) -> Path:
+        return Path(self.dir)
+
+    @property
+    def spec(self) -> MachineSpec:
+        return MachineSpec(Path(self.kernel_dir), self.memory_mb, self.cpus, self.accel)
+
+    @property
+    def ram_bytes(self) -> int:
+        return self.ram_pages * memsnap.PAGE
+
+    def save(self) -> None:
+        tmp = self.path / "checkpoint.json.tmp"
+        tmp.write_text(json.dumps(asdict(self), indent=1) + "\n")
+        os.replace(tmp, self.path / "checkpoint.json")
+
+    @classmethod
+    def load(cls, directory: Path) -> Checkpoint:
+        try:
+            doc = json.loads((directory / "checkpoint.json").read_text())
+        except FileNotFoundError:
+            raise NotFoundError(f"no checkpoint in {directory}") from None
+        doc["dir"] = str(directory)
+        return cls(**{k: v for k, v in doc.items() if k in cls.__dataclass_fields__})
+
+    def base_ram(self) -> Path | None:
+        return Template.load(self.template).dir / "ram" if self.template else None
+
+
+def take(vm: Vm, dest: Path, at_instant: Callable[[], tuple[str | None, str | None]]) -> Checkpoint:
+    """Checkpoint the running ``vm`` into the new directory ``dest``.  ``at_instant`` runs
+    while the guest is paused and returns the (volume, snapshot) it made of the root.
+    On failure ``dest`` is removed and the VM runs on as it was."""
+    vm._running()
+    template = vm.info.get("template")
+    base = Template.load(template, check=False).dir / "ram" if template else None
+    spec = MachineSpec(Path(vm.info["kernel_dir"]), int(vm.info["memory_mb"]), int(vm.info.get("cpus", 1)),
+                       vm.info["accel"])
+    ck = Checkpoint(str(dest), spec.memory_mb, spec.cpus, spec.accel, str(spec.kernel_dir), machine_fingerprint(spec),
+                    template, None, None, datetime.now(UTC).isoformat(timespec="milliseconds"))
+    dest.mkdir(mode=0o700, parents=True)
+    t0 = time.monotonic()
+    written: list[bytes] = []
+    try:
+        m = vm.machine()
+
+        def instant() -> None:
+            if base is not None:  # which pages are the guest's own, read while it cannot write
+                lo, hi = memsnap.ram_mapping(m.pid, base)
+                written.append(memsnap.written_pages(m.pid, lo, hi))
+            ck.volume, ck.snapshot = at_instant()
+
+        with vm.locked():
+            try:
+                ck.paused_seconds = round(m.save_live(dest / "ram", instant), 4)
+            finally:
+                m.close_monitor()  # QEMU's monitor serves one client at a time
+        if base is not None:
+            ck.ram_pages = memsnap.trim(dest / "ram", written[0])
+        else:
+            ck.ram_pages = (dest / "ram").stat().st_blocks * 512 // memsnap.PAGE
+        os.chmod(dest / "ram", 0o600)
+        ck.seconds = round(time.monotonic() - t0, 4)
+        ck.save()
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
+    return ck
+
+
+def restore(name: str, root: Root, ck: Checkpoint, hostname: str | None = None) -> Vm:
+    """A new VM ``name`` that continues from checkpoint ``ck`` with ``root`` (a volume that
+    shows ``ck``'s snapshot) as its root: its processes, their memory and open files as they
+    were.  It gets a new identity: RNG (vmgenid), hostname, machine-id, the host's clock."""
+    if ck.machine != machine_fingerprint(ck.spec):
+        raise VmError(f"checkpoint {ck.path.name} was saved by another QEMU or guest kernel: it cannot be restored")
+    vm = Vm(name)
+    if vm.dir.exists():
+        if vm.alive:
+            raise VmError(f"VM {name} is running")
+        vm.destroy()
+    vm.dir.mkdir(parents=True)
+    t0 = time.monotonic()
+    machine_id = uuid.uuid4().hex
+    info = VmInfo(name, asdict(root), ck.memory_mb, ck.accel, ck.template,
+                  datetime.now(UTC).isoformat(timespec="seconds"), hostname=hostname or name, machine_id=machine_id)
+    vm.info = asdict(info) | {"kernel_dir": ck.kernel_dir, "cpus": ck.cpus, "checkpoint": ck.dir}
+    try:
+        root.serve(vm.fs_socket)
+        base = ck.base_ram()
+        machine = Machine(vm.dir, ck.spec, Ram(base, shared=False) if base else Ram(), fs_socket=str(vm.fs_socket),
+                          incoming=True)
+        machine.start()
+        vm.info["qemu_pid"] = machine.pid
+        vm._save()
+        machine.load_ram_file(ck.path / "ram")
+        machine.qmp.execute("cont")
+        machine.close_monitor()  # one client at a time: the caller's own sessions come next
+        with Agent(machine.agent_path, name) as agent:
+            agent.connect(RESTORE_AGENT_TIMEOUT)
+            agent.freshen(hostname or name, machine_id)
+        vm.info["start_seconds"] = round(time.monotonic() - t0, 3)
+        vm._save()
+    except BaseException:
+        vm.destroy()
+        raise
+    return vm
