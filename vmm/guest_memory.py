@@ -236,3 +236,63 @@ class GuestMemory:
                 r.view.release()
                 r.mm.close()
         self.regions = []
+
+
+LOG_PAGE = 0x1000  # VHOST_LOG_PAGE: one bit of the dirty log per 4 KiB of guest-physical memory
+
+
+def _atomic_or() -> Any:
+    """``__atomic_fetch_or_1`` from libatomic (a ``lock or`` on x86), or None without it."""
+    try:
+        fn = ctypes.CDLL("libatomic.so.1").__atomic_fetch_or_1
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_uint8, ctypes.c_int]
+    fn.restype = ctypes.c_uint8
+    return fn
+
+
+_fetch_or = _atomic_or()
+
+
+class DirtyLog:
+    """The dirty-page log QEMU hands over with ``SET_LOG_BASE`` (protocol feature LOG_SHMFD)
+    while it migrates a running VM: a bitmap, bit ``page % 8`` of byte ``page // 8`` for
+    guest-physical page ``page``, which QEMU reads and clears to resend the pages a
+    back-end wrote.  The spec asks for atomic updates: QEMU clears 64 bits at a time with
+    an exchange and may share one log among several vhost devices, so a plain
+    read-modify-write of a byte could drop a bit another writer set between the two;
+    libatomic's byte ``fetch_or`` is one locked instruction.  Marking is off the path of a
+    paused VM (the only way we save one): QEMU enables logging only for a running one."""
+
+    def __init__(self, fd: int, size: int, offset: int) -> None:
+        try:
+            self.mm = mmap.mmap(fd, size + offset, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        self.size = size
+        self.offset = offset
+        self._bytes: Any = (ctypes.c_uint8 * (size + offset)).from_buffer(self.mm)
+        self._base = ctypes.addressof(self._bytes) + offset
+        self.marked = 0  # bits set, for tests and logs
+
+    def mark(self, addr: int, length: int) -> bool:
+        """Mark the pages of guest-physical [addr, addr+length) dirty; False (nothing marked)
+        if the log does not cover them all."""
+        if length <= 0:
+            return True
+        first, last = addr // LOG_PAGE, (addr + length - 1) // LOG_PAGE
+        if addr < 0 or last // 8 >= self.size:
+            return False
+        for page in range(first, last + 1):
+            byte, bit = page // 8, 1 << (page % 8)
+            if _fetch_or is not None:
+                _fetch_or(self._base + byte, bit, 5)  # __ATOMIC_SEQ_CST
+            else:
+                self._bytes[self.offset + byte] |= bit
+            self.marked += 1
+        return True
+
+    def close(self) -> None:
+        self._bytes = None  # the ctypes view holds an export of the mapping, which close() refuses
+        self.mm.close()

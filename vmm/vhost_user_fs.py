@@ -15,23 +15,38 @@ Invariants: every guest address is checked against the memory table before
 use (a bad one fails that request, never the backend); used entries are
 written before the used index (x86 keeps stores in order; EVENT_IDX is not
 offered, so no full fence is ever needed and every batch signals).
+
+Saving and restoring a VM (QEMU >= 9 with protocol feature DEVICE_STATE):
+``GET_VRING_BASE`` stops a ring, and is answered only once every request
+taken from it is answered in its used ring (a read waiting for the store, a
+write waiting for its inode's lock): QEMU saves guest RAM after it, so a reply
+written later would be lost and its guest process would wait forever.  Then
+``SET_DEVICE_STATE_FD`` hands us a pipe: on the source we write what the
+guest's FUSE session holds here (see :func:`encode_state`), on the
+destination a new daemon reads it, and ``CHECK_DEVICE_STATE`` says whether
+that worked.  QEMU migrates only when ``VHOST_F_LOG_ALL`` is offered; with it
+comes the dirty log (:class:`vmm.guest_memory.DirtyLog`), in which the pages
+we write while QEMU migrates a *running* VM are marked.
 """
 
 from __future__ import annotations
 
 import array
 import errno
+import json
 import logging
 import os
 import socket
 import struct
+import time
 from typing import Any
 
 import trio
 
 from cubefs.fuse import protocol as p
 from cubefs.fuse.server import FuseServer
-from vmm.guest_memory import GuestMemory, RingError, Span, gather, scatter
+from cubefs.image.fs import StateError
+from vmm.guest_memory import DirtyLog, GuestMemory, RingError, Span, gather, scatter
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +66,32 @@ SET_MEM_TABLE, SET_LOG_BASE, SET_LOG_FD = 5, 6, 7
 SET_VRING_NUM, SET_VRING_ADDR, SET_VRING_BASE, GET_VRING_BASE = 8, 9, 10, 11
 SET_VRING_KICK, SET_VRING_CALL, SET_VRING_ERR = 12, 13, 14
 GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES, GET_QUEUE_NUM, SET_VRING_ENABLE = 15, 16, 17, 18
+SET_DEVICE_STATE_FD, CHECK_DEVICE_STATE = 42, 43
+NAMES = {
+    GET_FEATURES: "GET_FEATURES", SET_FEATURES: "SET_FEATURES", SET_OWNER: "SET_OWNER", RESET_OWNER: "RESET_OWNER",
+    SET_MEM_TABLE: "SET_MEM_TABLE", SET_LOG_BASE: "SET_LOG_BASE", SET_LOG_FD: "SET_LOG_FD",
+    SET_VRING_NUM: "SET_VRING_NUM", SET_VRING_ADDR: "SET_VRING_ADDR", SET_VRING_BASE: "SET_VRING_BASE",
+    GET_VRING_BASE: "GET_VRING_BASE", SET_VRING_KICK: "SET_VRING_KICK", SET_VRING_CALL: "SET_VRING_CALL",
+    SET_VRING_ERR: "SET_VRING_ERR", GET_PROTOCOL_FEATURES: "GET_PROTOCOL_FEATURES",
+    SET_PROTOCOL_FEATURES: "SET_PROTOCOL_FEATURES", GET_QUEUE_NUM: "GET_QUEUE_NUM",
+    SET_VRING_ENABLE: "SET_VRING_ENABLE", SET_DEVICE_STATE_FD: "SET_DEVICE_STATE_FD",
+    CHECK_DEVICE_STATE: "CHECK_DEVICE_STATE",
+}
 
-FEATURES = (1 << 32) | (1 << 30)  # VIRTIO_F_VERSION_1, VHOST_USER_F_PROTOCOL_FEATURES
-PROTOCOL_FEATURES = (1 << 0) | (1 << 3)  # MQ, REPLY_ACK
+F_LOG_ALL = 1 << 26  # VHOST_F_LOG_ALL: QEMU refuses to migrate a device without it
+FEATURES = (1 << 32) | (1 << 30) | F_LOG_ALL  # VIRTIO_F_VERSION_1, VHOST_USER_F_PROTOCOL_FEATURES, LOG_ALL
+P_MQ, P_LOG_SHMFD, P_REPLY_ACK, P_DEVICE_STATE = 1 << 0, 1 << 1, 1 << 3, 1 << 19
+PROTOCOL_FEATURES = P_MQ | P_LOG_SHMFD | P_REPLY_ACK | P_DEVICE_STATE
 NUM_QUEUES = 2  # hiprio + one request queue (Linux 6.1 uses one)
+VRING_F_LOG = 1  # SET_VRING_ADDR flags: log writes to this used ring at its log address
+LOG = struct.Struct("<QQ")  # SET_LOG_BASE: mmap size, offset of the log in the fd
+NOFD = 1 << 8  # SET_DEVICE_STATE_FD reply: no fd of ours, use yours
+SAVE, LOAD = 0, 1  # transfer directions
+STOPPED = 0  # the one transfer phase: the device is suspended
+STATE_FORMAT = "cubefs-virtiofs-state"
+STATE_VERSION = 1
+MAX_STATE = 256 << 20  # a state bigger than this is refused unread (~3 M kernel references)
+CHECK_WAIT = 60.0  # seconds CHECK_DEVICE_STATE waits for the transfer to end
 
 
 class BadChain(RingError):
@@ -77,12 +114,16 @@ class Virtqueue:
         self.kick = -1
         self.call = -1
         self.enabled = False
+        self.inflight = 0  # requests taken from the ring and not yet answered in it
+        self.settled: trio.Event | None = None  # set when inflight drops to 0
+        self.log_used = False  # VHOST_VRING_F_LOG: mark used-ring writes in the dirty log
+        self.log_addr = 0  # guest-physical address the used ring is logged at
 
     def pending(self) -> bool:
         assert self.avail is not None
         return self.avail.unpack(U16, 2)[0] != self.last_avail
 
-    def pop(self, mem: GuestMemory) -> tuple[int, list[Span], list[Span]]:
+    def pop(self, mem: GuestMemory) -> tuple[int, list[Span], list[Span], list[tuple[int, int]]]:
         assert self.avail is not None and self.desc is not None
         head = self.avail.unpack(U16, 4 + 2 * (self.last_avail % self.num))[0]
         self.last_avail = (self.last_avail + 1) & 0xFFFF
@@ -93,10 +134,13 @@ class Virtqueue:
         except RingError as err:
             raise BadChain(head, str(err)) from None
 
-    def _chain(self, mem: GuestMemory, head: int) -> tuple[list[Span], list[Span]]:
+    def _chain(self, mem: GuestMemory, head: int) -> tuple[list[Span], list[Span], list[tuple[int, int]]]:
+        """The chain's readable and writable buffers, and the writable ones' guest-physical
+        ranges (for the dirty log)."""
         assert self.desc is not None
         readable: list[Span] = []
         writable: list[Span] = []
+        places: list[tuple[int, int]] = []
         table, size = self.desc, self.num
         i, seen = head, 0
         while True:
@@ -112,6 +156,7 @@ class Virtqueue:
             buf = mem.gpa(addr, length)
             if flags & F_WRITE:
                 writable.append(buf)
+                places.append((addr, length))
             elif writable:
                 raise RingError(f"queue {self.index}: a readable descriptor after a writable one")
             else:
@@ -121,13 +166,17 @@ class Virtqueue:
             i = nxt
             if i >= size:
                 raise RingError(f"queue {self.index}: next {i} out of range")
-        return readable, writable
+        return readable, writable, places
 
-    def push(self, head: int, written: int) -> None:
+    def push(self, head: int, written: int, dirty: DirtyLog | None = None) -> None:
         assert self.used is not None
-        self.used.pack(USED, 4 + 8 * (self.used_idx % self.num), head, written)
+        slot = 4 + 8 * (self.used_idx % self.num)
+        self.used.pack(USED, slot, head, written)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         self.used.pack(U16, 2, self.used_idx)  # after the entry: x86 keeps stores in order
+        if dirty is not None and self.log_used:
+            dirty.mark(self.log_addr + slot, USED.size)
+            dirty.mark(self.log_addr + 2, U16.size)
 
     def notify(self) -> None:
         if self.call >= 0:
@@ -135,6 +184,43 @@ class Virtqueue:
                 os.write(self.call, U64.pack(1))
             except OSError as err:
                 log.warning("queue %d: cannot signal the guest: %s", self.index, err)
+
+
+class _Transfer:
+    """One device-state transfer: its direction, and how it ended (None: well)."""
+
+    def __init__(self, direction: int) -> None:
+        self.direction = direction
+        self.done = trio.Event()
+        self.error: str | None = None
+
+    @property
+    def what(self) -> str:
+        return "saving" if self.direction == SAVE else "loading"
+
+
+def encode_state(state: dict[str, Any]) -> bytes:
+    """The device state as it travels in QEMU's migration stream: JSON, because it is small
+    (a few hundred bytes plus ~20 per kernel reference: 60 KB for 3,000 inodes the guest
+    has looked up), a person can read it with ``jq`` when a restore fails, and a version
+    and a format name make it self-describing; a restore reads it with ``json.loads``,
+    which can build nothing but plain values (pickle from a file QEMU passes on would
+    run code)."""
+    return json.dumps({"format": STATE_FORMAT, "version": STATE_VERSION, **state},
+                      separators=(",", ":")).encode()
+
+
+def decode_state(blob: bytes) -> dict[str, Any]:
+    """The state in ``blob``, or StateError saying why it is not one we can load."""
+    try:
+        doc = json.loads(blob)
+    except (UnicodeDecodeError, ValueError):
+        raise StateError(f"not a cubefs virtio-fs state ({len(blob)} bytes that are not JSON)") from None
+    if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT:
+        raise StateError("not a cubefs virtio-fs state (no format name)")
+    if doc.get("version") != STATE_VERSION:
+        raise StateError(f"state version {doc.get('version')!r}; this daemon reads version {STATE_VERSION}")
+    return doc
 
 
 class VhostUserFs:
@@ -149,25 +235,41 @@ class VhostUserFs:
         self.nursery: trio.Nursery | None = None
         self.requests = 0
         self.bad_requests = 0
+        self.dirty: DirtyLog | None = None  # the log QEMU gave us (SET_LOG_BASE)
+        self.transfer: _Transfer | None = None  # the device-state transfer under way or last ended
 
     async def serve(self, conn: socket.socket) -> None:
         # QEMU's pid, to reach RAM it maps privately (a template's clone): vmm/guest_memory.py
         self.mem.pid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
         conn.setblocking(False)
-        async with trio.open_nursery() as nursery:
-            self.nursery = nursery
-            while True:
-                msg = await self._recv(conn)
-                if msg is None:
-                    break
-                request, flags, payload, fds = msg
-                reply = self._message(request, payload, fds)
-                if reply is None and flags & NEED_REPLY and self.protocol_features & (1 << 3):
-                    reply = U64.pack(0)
-                if reply is not None:
-                    conn.send(HEADER.pack(request, VERSION | REPLY, len(reply)) + reply)
-            nursery.cancel_scope.cancel()
-        self.mem.close()
+        try:
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                while True:
+                    msg = await self._recv(conn)
+                    if msg is None:
+                        break
+                    request, flags, payload, fds = msg
+                    log.debug("vhost-user: %s %s%s", NAMES.get(request, request), payload[:16].hex(),
+                              f" +{len(fds)} fd" if fds else "")
+                    # The two that wait: the loop is sequential (QEMU waits for these replies
+                    # too), while the requests in flight and a transfer go on in the nursery.
+                    if request == GET_VRING_BASE:
+                        reply: bytes | None = await self._stop_ring(STATE.unpack_from(payload)[0])
+                    elif request == CHECK_DEVICE_STATE:
+                        reply = await self._check_state()
+                    else:
+                        reply = self._message(request, payload, fds)
+                    if reply is None and flags & NEED_REPLY and self.protocol_features & P_REPLY_ACK:
+                        reply = U64.pack(0)
+                    if reply is not None:
+                        conn.send(HEADER.pack(request, VERSION | REPLY, len(reply)) + reply)
+                nursery.cancel_scope.cancel()
+        finally:
+            self.mem.close()
+            if self.dirty is not None:
+                self.dirty.close()
+                self.dirty = None
 
     async def _recv(self, conn: socket.socket) -> tuple[int, int, bytes, list[int]] | None:
         while True:
@@ -201,10 +303,13 @@ class VhostUserFs:
         if request == GET_FEATURES:
             return U64.pack(FEATURES)
         if request == SET_FEATURES:
+            was = self.features & F_LOG_ALL
             self.features = U64.unpack_from(payload)[0]
             if not self.features & (1 << 30):  # no ring states: every ring is enabled
                 for q in self.queues:
                     q.enabled = True
+            if was != self.features & F_LOG_ALL:
+                log.info("virtio-fs: dirty logging %s", "on (QEMU migrates a running VM)" if not was else "off")
             return None
         if request == GET_PROTOCOL_FEATURES:
             return U64.pack(PROTOCOL_FEATURES)
@@ -213,10 +318,14 @@ class VhostUserFs:
             return None
         if request == GET_QUEUE_NUM:
             return U64.pack(NUM_QUEUES)
-        if request in (SET_OWNER, RESET_OWNER, SET_LOG_BASE, SET_LOG_FD):
+        if request == SET_LOG_BASE:
+            return self._set_log(payload, fds)
+        if request in (SET_OWNER, RESET_OWNER, SET_LOG_FD):
             for fd in fds:
                 os.close(fd)
             return None
+        if request == SET_DEVICE_STATE_FD:
+            return self._start_transfer(payload, fds)
         if request == SET_MEM_TABLE:
             n = struct.unpack_from("<I", payload)[0]
             regions = [REGION.unpack_from(payload, 8 + 32 * i) for i in range(n)]
@@ -232,12 +341,13 @@ class VhostUserFs:
             self.queues[index].last_avail = num
             return None
         if request == SET_VRING_ADDR:
-            index, _flags, desc, used, avail, _log = ADDR.unpack_from(payload)
+            index, flags, desc, used, avail, log_addr = ADDR.unpack_from(payload)
             q = self.queues[index]
             q.desc = self.mem.uva(desc, 16 * q.num)
             q.used = self.mem.uva(used, 4 + 8 * q.num)
             q.avail = self.mem.uva(avail, 4 + 2 * q.num)
             q.used_idx = q.used.unpack(U16, 2)[0]
+            q.log_used, q.log_addr = bool(flags & VRING_F_LOG), log_addr
             return None
         if request in (SET_VRING_KICK, SET_VRING_CALL, SET_VRING_ERR):
             (value,) = U64.unpack_from(payload)
@@ -260,17 +370,137 @@ class VhostUserFs:
             if num:
                 self._drain(self.queues[index])
             return None
-        if request == GET_VRING_BASE:
-            # The ring *stops* (QEMU pauses the VM, or migrates it): no kick fd, so nothing drains it
-            # until SET_VRING_KICK starts it again on resume.  Stopped is not disabled: QEMU does not
-            # send SET_VRING_ENABLE again on resume, so a ring disabled here stayed dead after `cont`.
-            q = self.queues[index]
-            self._close_kick(q)
-            return STATE.pack(index, q.last_avail)
         log.warning("vhost-user: ignoring request %d", request)
         for fd in fds:
             os.close(fd)
         return None
+
+    async def _stop_ring(self, index: int) -> bytes:
+        """GET_VRING_BASE: the ring *stops* (QEMU pauses the VM, or saves it): no kick fd, so
+        nothing drains it until SET_VRING_KICK starts it again on resume.  Stopped is not
+        disabled: QEMU does not send SET_VRING_ENABLE again on resume, so a ring disabled
+        here stayed dead after ``cont``.  The answer waits for the requests in flight:
+        QEMU saves guest RAM and the ring's index after it, and a request answered later
+        would be a reply the saved guest never gets (a read waits for the store at most
+        its --read-timeout, a write for the writes of its inode before it)."""
+        q = self.queues[index]
+        self._close_kick(q)
+        if q.inflight:
+            t0, waiting = time.monotonic(), q.inflight
+            while q.inflight:
+                q.settled = trio.Event()
+                await q.settled.wait()
+            log.info("virtio-fs: queue %d stopped once its %d requests in flight were answered (%.3f s)",
+                     index, waiting, time.monotonic() - t0)
+        return STATE.pack(index, q.last_avail)
+
+    def _set_log(self, payload: bytes, fds: list[int]) -> bytes:
+        """SET_LOG_BASE with LOG_SHMFD: map the dirty log.  A reply is due (QEMU reads one
+        whenever LOG_SHMFD is negotiated); its u64 is 0, as libvhost-user sends."""
+        for fd in fds[1:]:
+            os.close(fd)
+        if not fds or len(payload) < LOG.size:
+            log.error("virtio-fs: SET_LOG_BASE without a log fd and its size: dirty pages go unlogged")
+            return U64.pack(1)
+        size, offset = LOG.unpack_from(payload)
+        if self.dirty is not None:
+            self.dirty.close()
+            self.dirty = None
+        try:
+            self.dirty = DirtyLog(fds[0], size, offset)
+        except (OSError, ValueError) as err:
+            log.error("virtio-fs: cannot map the dirty log (%d bytes at %d): %s", size, offset, err)
+            return U64.pack(1)
+        log.info("virtio-fs: dirty log of %d bytes (%d MiB of guest memory)", size, size * 8 * 4096 >> 20)
+        return U64.pack(0)
+
+    def _logging(self) -> DirtyLog | None:
+        """The dirty log while QEMU wants writes logged (it acked VHOST_F_LOG_ALL)."""
+        return self.dirty if self.features & F_LOG_ALL else None
+
+    # -- device state -------------------------------------------------------------
+
+    def _start_transfer(self, payload: bytes, fds: list[int]) -> bytes:
+        """SET_DEVICE_STATE_FD: start writing our state to the fd (save) or reading it
+        (load), in a task: QEMU reads or writes the other end only after this reply."""
+        for fd in fds[1:]:
+            os.close(fd)
+        fd = fds[0] if fds else -1
+        direction, phase = STATE.unpack_from(payload) if len(payload) >= STATE.size else (-1, -1)
+        if fd < 0 or direction not in (SAVE, LOAD) or phase != STOPPED or self.nursery is None:
+            log.error("virtio-fs: refusing a device-state transfer (direction %d, phase %d, %s)", direction, phase,
+                      "an fd" if fd >= 0 else "no fd")
+            if fd >= 0:
+                os.close(fd)
+            return U64.pack(1 | NOFD)
+        self.transfer = _Transfer(direction)
+        os.set_blocking(fd, False)
+        if direction == SAVE:
+            self.nursery.start_soon(self._save, fd, self.transfer, encode_state(self.server.export_state()))
+        else:
+            self.nursery.start_soon(self._load, fd, self.transfer)
+        return U64.pack(NOFD)  # we use QEMU's pipe
+
+    async def _save(self, fd: int, t: _Transfer, blob: bytes) -> None:
+        try:
+            view = memoryview(blob)
+            while view:
+                try:
+                    view = view[os.write(fd, view):]
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(fd)
+            log.info("virtio-fs: device state saved (%d bytes)", len(blob))
+        except OSError as err:
+            t.error = f"writing it: {err}"
+        finally:
+            os.close(fd)  # the end of the state
+            t.done.set()
+
+    async def _load(self, fd: int, t: _Transfer) -> None:
+        chunks: list[bytes] = []
+        got = 0
+        try:
+            while True:
+                try:
+                    chunk = os.read(fd, 1 << 20)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(fd)
+                    continue
+                if not chunk:
+                    break
+                got += len(chunk)
+                if got > MAX_STATE:
+                    raise StateError(f"the state is over {MAX_STATE >> 20} MiB")
+                chunks.append(chunk)
+            blob = b"".join(chunks)
+            refs = self.server.import_state(decode_state(blob))
+            log.info("virtio-fs: device state loaded (%d bytes, %d kernel references): the guest's FUSE session "
+                     "goes on without INIT", len(blob), refs)
+        except StateError as err:
+            t.error = str(err)
+        except OSError as err:
+            t.error = f"reading it: {err}"
+        finally:
+            os.close(fd)
+            t.done.set()
+
+    async def _check_state(self) -> bytes:
+        """CHECK_DEVICE_STATE: 0 if the transfer went well, else 1 and one log line saying
+        why (QEMU then fails the migration, and this daemon serves on)."""
+        t, self.transfer = self.transfer, None
+        if t is None:
+            log.error("virtio-fs: device state check failed: no transfer was started")
+            return U64.pack(1)
+        with trio.move_on_after(CHECK_WAIT):
+            await t.done.wait()
+        if not t.done.is_set():
+            t.error = f"the transfer did not end within {CHECK_WAIT:.0f} s"
+        if t.error is not None:
+            log.error("virtio-fs: %s the device state failed: %s", t.what, t.error)
+            return U64.pack(1)
+        return U64.pack(0)
+
+    # -- the rings -------------------------------------------------------------------
 
     def _close_kick(self, q: Virtqueue) -> None:
         """Close a ring's kick fd, first waking the task that waits on it: the next kick fd QEMU
@@ -299,11 +529,11 @@ class VhostUserFs:
         done = False
         while q.pending():
             try:
-                head, readable, writable = q.pop(self.mem)
+                head, readable, writable, places = q.pop(self.mem)
             except BadChain as err:
                 log.error("virtio-fs: %s; that request fails", err)
                 self.bad_requests += 1
-                q.push(err.head, 0)
+                q.push(err.head, 0, self._logging())
                 done = True
                 continue
             except RingError as err:
@@ -311,50 +541,68 @@ class VhostUserFs:
                 self.bad_requests += 1
                 q.enabled = False
                 break
-            self._request(q, head, readable, writable)
+            self._request(q, head, readable, writable, places)
             done = True
         if done:
             q.notify()
 
-    def _request(self, q: Virtqueue, head: int, readable: list[Span], writable: list[Span]) -> None:
+    def _request(self, q: Virtqueue, head: int, readable: list[Span], writable: list[Span],
+                 places: list[tuple[int, int]]) -> None:
         self.requests += 1
         try:
             request = gather(readable)
         except RingError as err:
             log.error("virtio-fs: %s; that request fails", err)
             self.bad_requests += 1
-            q.push(head, 0)
+            q.push(head, 0, self._logging())
             return
         if len(request) < p.IN_HEADER.size:
             self.bad_requests += 1
-            q.push(head, 0)
+            q.push(head, 0, self._logging())
             return
         out: Any = self.server.handle(request)
         if out is None:  # FORGET: no reply
-            q.push(head, 0)
+            q.push(head, 0, self._logging())
             return
         if isinstance(out, bytes | list):
-            q.push(head, self._reply(out, writable, request))
+            q.push(head, self._reply(out, writable, places, request), self._logging())
             return
         assert self.nursery is not None
-        self.nursery.start_soon(self._later, q, head, out, writable, request)
+        q.inflight += 1
+        self.nursery.start_soon(self._later, q, head, out, writable, places, request)
 
-    async def _later(self, q: Virtqueue, head: int, work: Any, writable: list[Span], request: bytes) -> None:
-        out = await work
-        q.push(head, self._reply(out, writable, request) if out is not None else 0)
-        q.notify()
+    async def _later(self, q: Virtqueue, head: int, work: Any, writable: list[Span], places: list[tuple[int, int]],
+                     request: bytes) -> None:
+        try:
+            out = await work
+            q.push(head, self._reply(out, writable, places, request) if out is not None else 0, self._logging())
+            q.notify()
+        finally:
+            q.inflight -= 1
+            if not q.inflight and q.settled is not None:
+                q.settled.set()
 
-    def _reply(self, out: bytes | list[bytes | memoryview], writable: list[Span], request: bytes) -> int:
+    def _reply(self, out: bytes | list[bytes | memoryview], writable: list[Span], places: list[tuple[int, int]],
+               request: bytes) -> int:
         parts = out if isinstance(out, list) else [out]
         try:
-            return scatter(parts, writable)
+            written = scatter(parts, writable)
         except RingError:
             self.bad_requests += 1
             unique = p.IN_HEADER.unpack_from(request)[2]
             try:
-                return scatter([p.error_reply(unique, errno.EIO)], writable)
+                written = scatter([p.error_reply(unique, errno.EIO)], writable)
             except RingError:
                 return 0  # not even room for an error: the used length says so
+        dirty = self._logging()
+        if dirty is not None:
+            left = written
+            for addr, length in places:
+                if left <= 0:
+                    break
+                dirty.mark(addr, min(length, left))
+                left -= length
+        return written
 
 
 class VirtioFsTransport:

@@ -40,7 +40,7 @@ import lmdb
 from cachetools import LRUCache
 
 from cubefs.fuse import protocol as p
-from cubefs.image.fs import FsError
+from cubefs.image.fs import FsError, StateError
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +226,9 @@ class FuseServer:
         self.no_open = bool(flags & p.NO_OPEN_SUPPORT)
         self.no_opendir = bool(flags & p.NO_OPENDIR_SUPPORT)
         log.info("FUSE protocol 7.%d (kernel 7.%d), flags %#x", self.minor, minor, flags & WANTED_FLAGS)
+        began = getattr(self.fs, "session_began", None)
+        if began is not None:  # a new session: the kernel holds nothing of the filesystem yet
+            began()
         # The kernel keeps the smaller of this and its device's read-ahead, which the
         # transport may have raised (see kernel.KernelSession): offer what we like.
         return p.reply(unique, p.INIT_OUT.pack(
@@ -244,6 +247,33 @@ class FuseServer:
         self.no_open = bool(state["no_open"])
         self.no_opendir = bool(state["no_opendir"])
         self.kernel_flags = int(state.get("kernel_flags", 0))
+
+    def export_state(self) -> dict[str, Any]:
+        """Everything a daemon that takes over this session in another process needs (a VM
+        saved with its root attached, restored elsewhere; vmm/vhost_user_fs.py): what INIT
+        settled, and what the kernel holds of the filesystem (a volume's references).
+        Nothing else here is per session: OPEN answers no file handle, and the attribute
+        cache only saves work."""
+        return {"session": self.session(), "fs": self.fs.export_refs()}
+
+    def import_state(self, state: dict[str, Any]) -> int:
+        """Take over the session ``state`` describes (instead of an INIT): StateError, with
+        nothing changed, if it is malformed or for another filesystem.  Returns the number
+        of kernel references taken over."""
+        try:
+            session, refs = state["session"], state["fs"]
+            minor = session["minor"]
+            checked = {"minor": minor, "no_open": bool(session["no_open"]),
+                       "no_opendir": bool(session["no_opendir"]), "kernel_flags": int(session["kernel_flags"])}
+            if not isinstance(refs, dict) or not isinstance(minor, int) or not (
+                    minor == 0 or p.MIN_MINOR <= minor <= p.MAX_MINOR):
+                raise ValueError(minor)
+        except (KeyError, TypeError, ValueError):
+            raise StateError("malformed FUSE session in the saved state") from None
+        taken = int(self.fs.import_refs(refs))  # checks everything before it changes anything
+        self.resume(checked)
+        self.destroyed = False
+        return taken
 
     def _destroy(self, unique: int, _nodeid: int, _body: memoryview) -> bytes:
         """The kernel unmounted.  /dev/fuse ends here; a VM's root over virtio-fs may be

@@ -53,6 +53,11 @@ class FsError(Exception):
         self.errno = err
 
 
+class StateError(ValueError):
+    """A saved FUSE session state (a VM's, restored) that this filesystem cannot take over:
+    malformed, or made for another filesystem.  The message says which."""
+
+
 @dataclass(slots=True)
 class Attr:
     ino: int
@@ -91,6 +96,20 @@ class ImageFS:
         self.read_errors = 0
         self.trace: list[int] | None = None  # chunk indices in first-read order, when recording
         self._traced: set[int] = set()
+
+    def export_refs(self) -> dict[str, object]:
+        """What the kernel holds of an image, for a session moved to another daemon: nothing
+        to count (FORGETs are ignored: an image's inodes live as long as the mount), but
+        its node IDs are this image's inode numbers, so the image is named."""
+        return {"kind": "image", "image": self.image.digest}
+
+    def import_refs(self, refs: dict[str, object]) -> int:
+        if refs.get("kind") != "image":
+            raise StateError(f"the saved state is a {refs.get('kind')}'s; this daemon serves an image")
+        if refs.get("image") != self.image.digest:
+            raise StateError(f"the saved state is for image sha256:{str(refs.get('image'))[:12]}; this daemon "
+                             f"serves sha256:{self.image.digest[:12]} (its node IDs would name other files)")
+        return 0
 
     def record_trace(self) -> None:
         """From now on, note every chunk the first time a read touches it."""

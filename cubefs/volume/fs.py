@@ -29,6 +29,8 @@ Concurrency invariants (one trio thread runs every operation):
 
 from __future__ import annotations
 
+import base64
+import binascii
 import errno
 import logging
 import os
@@ -57,7 +59,7 @@ from cubefs.format.image import (
     F_UID,
     F_XATTRS,
 )
-from cubefs.image.fs import Attr, Buffer, FsError, ImageFS
+from cubefs.image.fs import Attr, Buffer, FsError, ImageFS, StateError
 
 log = logging.getLogger(__name__)
 
@@ -111,27 +113,77 @@ class VolumeFS:
         self._locks: dict[int, trio.Lock] = {}
         self._lookups: dict[int, int] = {}  # kernel references (lookups minus forgets)
         self.dentries: set[tuple[int, bytes]] = set()  # names the kernel may cache, to invalidate on rollback
+        # Unlinked-but-open inodes a previous daemon left are purged when a session begins
+        # (session_began, import_refs), not here: a daemon started to take over a saved
+        # session (a VM restored with its root attached) must keep what that session holds,
+        # and one that resumes a /dev/fuse session after a crash cannot know what it holds.
+
+    def session_began(self) -> None:
+        """FUSE INIT: a new session, in which the kernel holds nothing yet; so an inode with
+        no name is reachable by nobody, and its blocks go."""
+        self._lookups.clear()
+        self.dentries.clear()
         if self.writable:
-            self._purge_orphans()
+            self._purge_orphans(set())
 
     def session_ended(self) -> None:
         """FUSE DESTROY: the kernel holds no references any more (a VM's guest unmounted
         its root and may mount it again), so what only it kept alive goes now."""
-        self._lookups.clear()
-        self.dentries.clear()
-        if self.writable:
-            self._purge_orphans()
+        self.session_began()
 
-    def _purge_orphans(self) -> None:
-        """Inodes unlinked while open when the last daemon died: nobody can reach them
-        now (no name, no kernel reference), so their blocks go."""
+    def export_refs(self) -> dict[str, Any]:
+        """What the kernel holds of this volume, for a daemon that takes the session over
+        (FuseServer.export_state): its references per inode (so an unlinked file a guest
+        process keeps open survives the move, and is dropped after its last FORGET there),
+        and the names it may cache (for a rollback's invalidations).  Names are base64:
+        they are bytes, not always UTF-8."""
+        return {"kind": "volume", "base": self.base.image.digest if self.base is not None else None,
+                "lookups": sorted([ino, n] for ino, n in self._lookups.items()),
+                "dentries": sorted([parent, base64.b64encode(name).decode()] for parent, name in self.dentries)}
+
+    def import_refs(self, refs: dict[str, Any]) -> int:
+        """Take over the references ``refs`` (from :meth:`export_refs` in the daemon that
+        saved the session, over this volume or a clone of its snapshot at that instant):
+        checked whole first (StateError, nothing changed), then applied; orphans the state
+        does not reference are purged as at INIT."""
+        if refs.get("kind") != "volume":
+            raise StateError(f"the saved state is an {refs.get('kind')}'s; this daemon serves a volume")
+        base = self.base.image.digest if self.base is not None else None
+        if refs.get("base") != base:
+            raise StateError(f"the saved state is for a volume over image {str(refs.get('base'))[:12]}; "
+                             f"{self.label} is over {str(base)[:12]}")
+        try:
+            lookups = {int(ino): int(n) for ino, n in refs["lookups"]}
+            dentries = {(int(parent), base64.b64decode(name, validate=True)) for parent, name in refs["dentries"]}
+        except (KeyError, TypeError, ValueError, binascii.Error):
+            raise StateError("malformed kernel references in the saved state") from None
+        if any(n <= 0 for n in lookups.values()):
+            raise StateError("malformed kernel references in the saved state (a count below 1)")
+        with self.index.read() as txn:
+            chain = self._chain(txn)
+            for ino in sorted(lookups):
+                try:
+                    self._inode(txn, ino, chain)
+                except FsError:
+                    raise StateError(f"the saved state references inode {ino}, which {self.label} does not have "
+                                     "(a state saved with another volume, or after this snapshot?)") from None
+        self._lookups = lookups
+        self.dentries = dentries
+        if self.writable:
+            self._purge_orphans(set(lookups))
+        return len(lookups)
+
+    def _purge_orphans(self, keep: set[int]) -> None:
+        """Inodes unlinked while open, that the session beginning does not hold (``keep``):
+        nobody can reach them now (no name, no kernel reference), so their blocks go."""
         with self.index.read() as txn:
             layer = self.index.volume(txn, self.name).layer
-            orphans = [ino for ino, inode in self.index.inodes_of(txn, layer) if inode.nlink == 0 and inode.mode]
+            orphans = [ino for ino, inode in self.index.inodes_of(txn, layer)
+                       if inode.nlink == 0 and inode.mode and ino not in keep]
         for ino in orphans:
             self._purge(ino)
         if orphans:
-            log.info("%s: dropped %d unlinked inodes a previous daemon left open", self.label, len(orphans))
+            log.info("%s: dropped %d unlinked inodes no session holds", self.label, len(orphans))
 
     # -- resolution ---------------------------------------------------------------
 
