@@ -344,3 +344,46 @@ def test_a_ring_stops_only_after_its_requests_in_flight_are_answered(tmp_path: P
         finally:
             g.conn.close()
         _gone(pid)
+
+
+def test_writes_to_guest_memory_are_logged_while_qemu_migrates(tmp_path: Path, local_store: str) -> None:
+    """VHOST_F_LOG_ALL: while QEMU migrates a running VM it re-sends the pages a back-end
+    wrote, so every reply and used-ring entry we write must mark its page in the dirty log
+    QEMU maps for us (bit page % 8 of byte page // 8); without LOG_ALL acked, none."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "hello").write_text("hi")
+    run_cubefs("build", str(src), "--tag", "tiny:1", "--store", local_store)
+    sock = tmp_path / "fs.sock"
+    run_cubefs("mount", "tiny:1", str(sock), "--transport", "virtiofs", "--store", local_store, "--cache-dir",
+               str(tmp_path / "cache"))
+    pid = json.loads(run_cubefs("stats", str(sock), "--json").stdout)["pid"]
+    g = FakeGuest(str(sock))
+    log_fd = os.memfd_create("dirty-log")
+    size = RAM // 4096 // 8
+    os.ftruncate(log_fd, size)
+    try:
+        g.setup(DEVICE_STATE)
+        g.send(6, struct.pack("<QQ", size, 0), (log_fd,))  # SET_LOG_BASE: a reply is due
+        assert struct.unpack("<Q", g._reply(6))[0] == 0
+        dirty = mmap.mmap(log_fd, size)
+        g.ok(p.INIT, 0, p.INIT_IN.pack(7, 31, 1 << 20, 0))
+        assert not any(dirty[:]), "logged while QEMU did not ask"
+        base, used = RINGS[1], RINGS[1] + 0x200
+        g.send(2, struct.pack("<Q", (1 << 32) | (1 << 30) | (1 << 26)))  # LOG_ALL on
+        g.send(9, struct.pack("<IIQQQQ", 1, 1, g.uva + base, g.uva + used, g.uva + base + 0x100, used))
+        g.next_buf = DATA + 5 * 4096 + 100  # a reply buffer across pages 0x15 and 0x16
+        w_addr = g.put_request(p.GETATTR, 1, bytes(16), reply_room=4096)
+        g.used()
+        reply_pages = {w_addr // 4096, (w_addr + p.OUT_HEADER.size + p.ATTR_OUT.size + p.ATTR.size - 1) // 4096}
+        wanted = reply_pages | {used // 4096}
+        deadline = time.monotonic() + 5  # a used entry's page is marked just after it is written
+        while (marked := {i * 8 + b for i, byte in enumerate(dirty[:]) for b in range(8) if byte >> b & 1}) != wanted:
+            assert time.monotonic() < deadline, f"marked {marked}, not {wanted}"
+            time.sleep(0.01)
+        dirty.close()
+    finally:
+        g.conn.close()
+        os.close(log_fd)
+    _gone(pid)
+    assert "Error" not in _daemon_log(tmp_path)  # it ended cleanly, its mappings closed

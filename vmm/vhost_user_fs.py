@@ -265,8 +265,10 @@ class VhostUserFs:
                     if reply is not None:
                         conn.send(HEADER.pack(request, VERSION | REPLY, len(reply)) + reply)
                 nursery.cancel_scope.cancel()
-        finally:
+            for q in self.queues:  # their spans are views of the mappings mem.close() unmaps
+                q.desc = q.avail = q.used = None
             self.mem.close()
+        finally:
             if self.dirty is not None:
                 self.dirty.close()
                 self.dirty = None
