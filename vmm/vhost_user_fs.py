@@ -380,8 +380,9 @@ class VhostUserFs:
     async def _stop_ring(self, index: int) -> bytes:
         """GET_VRING_BASE: the ring *stops* (QEMU pauses the VM, or saves it): no kick fd, so
         nothing drains it until SET_VRING_KICK starts it again on resume.  Stopped is not
-        disabled: QEMU does not send SET_VRING_ENABLE again on resume, so a ring disabled
-        here stayed dead after ``cont``.  The answer waits for the requests in flight:
+        disabled: QEMU 7.2 sent no SET_VRING_ENABLE on resume, so a ring disabled here stayed
+        dead after ``cont`` (QEMU 10 sends SET_VRING_ENABLE 0 before this and 1 at start).
+        The answer waits for the requests in flight:
         QEMU saves guest RAM and the ring's index after it, and a request answered later
         would be a reply the saved guest never gets (a read waits for the store at most
         its --read-timeout, a write for the writes of its inode before it)."""
