@@ -747,6 +747,8 @@ class SandboxService:
             await asyncio.sleep(0.5)
             now = time.time()
             for sbx in list(self.sandboxes.values()):
+                if sbx.busy.locked():
+                    continue  # being paused, snapshotted or rolled back (its VM may be down for a moment)
                 if sbx.record.state == "paused" and sbx.vm is not None and sbx.vm.alive:
                     continue  # kept until resumed or killed, as E2B keeps paused sandboxes
                 if sbx.record.end <= now:
