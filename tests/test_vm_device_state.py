@@ -172,5 +172,10 @@ def _log_of(cache: Path) -> str:
 
 
 def _tail_from_stop(names: list[str]) -> list[str]:
-    """The messages from the first GET_VRING_BASE on (the start of the VM before it is long)."""
-    return names[names.index("GET_VRING_BASE"):] if "GET_VRING_BASE" in names else names
+    """The messages from ``stop`` on: the ring disables just before the first GET_VRING_BASE."""
+    if "GET_VRING_BASE" not in names:
+        return names
+    first = names.index("GET_VRING_BASE")
+    while first > 0 and names[first - 1] == "SET_VRING_ENABLE":
+        first -= 1
+    return names[first:]
