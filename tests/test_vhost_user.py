@@ -387,3 +387,46 @@ def test_writes_to_guest_memory_are_logged_while_qemu_migrates(tmp_path: Path, l
         os.close(log_fd)
     _gone(pid)
     assert "Error" not in _daemon_log(tmp_path)  # it ended cleanly, its mappings closed
+
+
+def test_an_image_session_moves_to_a_daemon_of_the_same_image_only(tmp_path: Path, local_store: str) -> None:
+    """An image's node IDs are its inode numbers: the state names the image, loads into a
+    daemon serving the same one (no INIT, reads work), and fails into another."""
+    for tag, text in (("one:1", "first image\n"), ("two:1", "second image, other inodes\n")):
+        src = tmp_path / tag.replace(":", "-")
+        src.mkdir()
+        (src / "file").write_text(text)
+        run_cubefs("build", str(src), "--tag", tag, "--store", local_store)
+
+    def serve(tag: str, sock: Path) -> tuple[int, FakeGuest]:
+        run_cubefs("mount", tag, str(sock), "--transport", "virtiofs", "--store", local_store, "--cache-dir",
+                   str(tmp_path / "cache"))
+        pid = int(json.loads(run_cubefs("stats", str(sock), "--json").stdout)["pid"])
+        g = FakeGuest(str(sock))
+        g.setup(DEVICE_STATE)
+        return pid, g
+
+    pid, g = serve("one:1", tmp_path / "a.sock")
+    try:
+        g.ok(p.INIT, 0, p.INIT_IN.pack(7, 31, 1 << 20, 0))
+        ino = g.lookup(1, b"file")
+        g.stop_ring(1)
+        blob, check = g.save_state()
+        assert check == 0 and json.loads(blob)["fs"]["kind"] == "image"
+    finally:
+        g.conn.close()
+    _gone(pid)
+    pid, g = serve("two:1", tmp_path / "b.sock")
+    try:
+        assert g.load_state(blob) == 1
+        assert "the saved state is for image" in _daemon_log(tmp_path)
+    finally:
+        g.conn.close()
+    _gone(pid)
+    pid, g = serve("one:1", tmp_path / "c.sock")
+    try:
+        assert g.load_state(blob) == 0
+        assert g.read(ino) == b"first image\n"
+    finally:
+        g.conn.close()
+    _gone(pid)
