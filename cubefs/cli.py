@@ -51,6 +51,9 @@ def _store_args(p: argparse.ArgumentParser) -> None:
                    "or file://~/.local/share/cubefs/store)")
     p.add_argument("--s3-endpoint", metavar="URL", help="S3 endpoint, e.g. http://127.0.0.1:8333 "
                    "(default: $AWS_ENDPOINT_URL, else AWS)")
+    p.add_argument("--s3-addressing", choices=("auto", "virtual", "path"), default=None,
+                   help="bucket in the host name (virtual) or in the path; auto: virtual for AWS and COS "
+                   "endpoints, path for the rest (default: $AWS_S3_ADDRESSING_STYLE, else auto)")
 
 
 def _size_arg(text: str) -> int:
@@ -657,6 +660,11 @@ def cmd_stats(args: argparse.Namespace) -> int:
     print(f"{stats['image']} at {stats['mountpoint']} (pid {stats['pid']}, store {stats['store']})")
     if stats.get("restarts"):
         print(f"  restarts     {stats['restarts']} (daemons replaced under the live mount)")
+    creds = stats.get("store_info", {}).get("credentials")
+    if creds:
+        info = stats["store_info"]
+        print(f"  s3           {info['endpoint']} ({info['addressing']}-style, {info['region']}), credentials from "
+              f"{creds['source']}" + (f", refreshed {creds['refreshes']} times" if creds["refreshes"] else ""))
     print(f"  reads        {stats['reads']} ({size(stats['read_bytes'])}), {stats['read_errors']} failed")
     print(f"  {'TIER':8} {'HITS':>8} {'MISSES':>8} {'BYTES':>11} {'REQUESTS':>9} {'ERRORS':>7}")
     for tier in ("memory", "disk", "peers", "store"):
@@ -766,6 +774,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(ours)
     if getattr(args, "cache_reserve", None):  # in the environment: a daemon the mount server forks gets it too
         os.environ["CUBEFS_CACHE_RESERVE"] = args.cache_reserve
+    if getattr(args, "s3_addressing", None):  # likewise, and every store this command opens reads it there
+        os.environ["AWS_S3_ADDRESSING_STYLE"] = args.s3_addressing
     if rest is not None and hasattr(args, "cmd"):
         args.cmd = rest
     if not args.command:

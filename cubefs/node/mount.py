@@ -195,6 +195,7 @@ def _serve(
             "tiers": source.stats() if source is not None else {},
             "peers": peers.stats() if peers is not None else {},
             "store_requests": store.stats.as_dict() if store is not None else {},
+            "store_info": store.describe() if store is not None else {},  # endpoint, region, credential source
             "trace_recorded": len(fs.trace) if fs.trace is not None else None,
         }
         if index is not None:

@@ -121,6 +121,11 @@ def credential_error(err: Exception) -> StoreError:
     """botocore's exceptions in one line that says where to look."""
     name = type(err).__name__
     text = " ".join(str(err).split())
+    response = getattr(err, "response", None)
+    if isinstance(response, dict) and response.get("Error"):  # a service's answer (STS, SSO)
+        e = response["Error"]
+        name = f"{getattr(err, 'operation_name', 'call')} refused, {e.get('Code', '')}"
+        text = " ".join(str(e.get("Message", "")).split())
     hint = {
         "ProfileNotFound": "set AWS_PROFILE to a profile of ~/.aws/config",
         "PartialCredentialsError": "set both AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
@@ -139,6 +144,8 @@ class _Chain:
         import botocore.exceptions
         import botocore.session
 
+        if not log.isEnabledFor(logging.DEBUG):  # its tracebacks: we report the failure in one line
+            logging.getLogger("botocore.credentials").setLevel(logging.ERROR)
         self._errors: tuple[type[Exception], ...] = (botocore.exceptions.BotoCoreError,
                                                      botocore.exceptions.ClientError)
         try:
@@ -204,8 +211,8 @@ class CredentialSource:
         return creds is not None
 
     def _resolve_chain(self) -> Credentials | None:
-        profile = os.environ.get("AWS_PROFILE") or os.environ.get("AWS_DEFAULT_PROFILE") or None
-        self._chain = _Chain(profile)
+        # botocore reads AWS_PROFILE itself; naming the profile here would make it skip env keys
+        self._chain = _Chain(None)
         self.region = self._chain.region
         return self._chain.fetch(first=True)
 
