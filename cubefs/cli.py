@@ -537,6 +537,39 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_mount(args: argparse.Namespace) -> int:
     from cubefs.node import mount_server
 
+    mp, cache_dir = _mount_target(args)
+    if args.foreground:
+        return mount_server.serve_mount(args, mp, cache_dir, None)
+    return mount_server.start_mount(args, mp, cache_dir)
+
+
+def mount_through_server(argv: list[str]) -> bool:
+    """``cubefs mount ARGV`` from this process, through the node's mount server (which forks
+    the daemon), for a program that mounts often (the sandbox service: a VM's root per create
+    and per restore): no interpreter to start, ~0.15 s less per mount than a ``cubefs mount``
+    process.  False when no mount server of this code answers: the caller runs the command,
+    which starts one.  A mount that fails raises CubefsError with the daemon's message."""
+    from cubefs.errors import CubefsError
+    from cubefs.node import mount_server
+
+    args = make_parser(plugins=False).parse_args(["mount", *argv])
+    mp, cache_dir = _mount_target(args)
+    text = mount_server.mount_via_server(args, mp, cache_dir)
+    if text is None:
+        return False
+    if text == "ready":
+        return True
+    if text.startswith("error "):
+        _, code, message = text.split(" ", 2)
+        err = CubefsError(message)
+        err.exit_code = int(code)
+        raise err
+    raise CubefsError(f"mount daemon for {args.ref} exited before the mount was live; see "
+                      f"{mount_server.log_path_for(cache_dir, mp)}")
+
+
+def _mount_target(args: argparse.Namespace) -> tuple[str, str]:
+    """Check a mount's arguments; its mountpoint (or socket) and cache directory, absolute."""
     want = 1 if args.volume else 2
     if len(args.targets) != want:
         raise UsageError("usage: cubefs mount NAME:TAG MOUNTPOINT, or cubefs mount --volume NAME MOUNTPOINT")
@@ -559,9 +592,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         if args.peer_secret:  # the daemon (forked here or by the mount server) reads it from there
             os.environ[SECRET_ENV] = os.path.abspath(args.peer_secret)
         load_secret()  # a missing or open secret is this command's one-line error
-    if args.foreground:
-        return mount_server.serve_mount(args, mp, cache_dir, None)
-    return mount_server.start_mount(args, mp, cache_dir)
+    return mp, cache_dir
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

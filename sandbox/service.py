@@ -326,8 +326,7 @@ class SandboxService:
         r = sbx.record
         if resume:
             await asyncio.to_thread(qmp, sbx, "cont")
-            assert sbx.vm is not None
-            await sbx.channel.freshen(r.vm, str(sbx.vm.info.get("machine_id") or uuid.uuid4().hex))
+            await self._freshen(sbx)
         await sbx.channel.set_defaults(user="user", env=env_vars)
         r.metadata, r.env_vars = dict(metadata), dict(env_vars)
         r.started = time.time()
@@ -448,6 +447,13 @@ class SandboxService:
         await sbx.channel.set_defaults(user="user", env=r.env_vars)
         sbx.envd = Envd(sbx.channel, access_token=r.access_token)
 
+    async def _freshen(self, sbx: Sandbox) -> None:
+        """After a restore or a pause: new randomness, the host's clock, the VM's own hostname
+        and machine-id (its VM's record keeps them)."""
+        vm = sbx.vm or vmm.Vm(sbx.record.vm)
+        await sbx.channel.freshen(str(vm.info.get("hostname") or sbx.record.vm),
+                                  str(vm.info.get("machine_id") or uuid.uuid4().hex))
+
     async def _start_command(self, sbx: Sandbox, template: SandboxTemplate) -> None:
         argv = templates.start_script(template)
         if argv is None:
@@ -505,8 +511,7 @@ class SandboxService:
             check_timeout(timeout)
             await asyncio.to_thread(qmp, sbx, "cont")
             await self._connect(sbx, sbx.vm or vmm.Vm(sbx.record.vm))
-            vm = sbx.vm or vmm.Vm(sbx.record.vm)  # the clock stood still while it slept
-            await sbx.channel.freshen(sbx.record.vm, str(vm.info.get("machine_id") or uuid.uuid4().hex))
+            await self._freshen(sbx)  # the clock stood still while it slept
             sbx.record.state = "running"
             sbx.record.end = time.time() + timeout
             sbx.record.save()
@@ -607,6 +612,7 @@ class SandboxService:
         try:
             vm = await _finish_thread(self._restore_vm, snap, record)
             await self._connect(sbx, vm)
+            await self._freshen(sbx)
             await self._assign(sbx, timeout, metadata, {**snap.env_vars, **env_vars}, resume=False)
         except BaseException as err:
             self.counters.create_failed += 1
@@ -630,7 +636,7 @@ class SandboxService:
         with self._index_lock:
             index.clone(snap.volume, READY, [record.volume])
         ck = checkpoint.Checkpoint.load(snap.dir / "ckpt")
-        return checkpoint.restore(record.vm, replace(opts, volume=record.volume), ck)
+        return checkpoint.restore(record.vm, replace(opts, volume=record.volume), ck, freshen=False)
 
     async def fork(self, sandbox_id: str, count: int, timeout: int | None) -> list[Sandbox | BaseException]:
         """``count`` sandboxes that continue from this one's present instant (it runs on); one
@@ -672,6 +678,7 @@ class SandboxService:
             try:
                 await asyncio.shield(asyncio.to_thread(self._rollback_vm, sbx, snap))
                 await self._connect(sbx, vmm.Vm(r.vm))
+                await self._freshen(sbx)
             except BaseException as err:  # the sandbox is gone: say so, leave nothing
                 log.warning("sandbox %s: rollback to %s failed, sandbox removed: %s", sandbox_id, snap.snapshot_id,
                             err)
@@ -685,8 +692,8 @@ class SandboxService:
             if old_volume != r.volume:
                 self._spawn(asyncio.to_thread(self._remove_volume, old_volume, _template_opts(r.template)))
         self.counters.rollbacks += 1
-        log.info("sandbox %s rolled back to snapshot %s in %.3f s", sandbox_id, snap.snapshot_id,
-                 time.monotonic() - t0)
+        log.info("sandbox %s rolled back to snapshot %s in %.3f s (restore: %s)", sandbox_id, snap.snapshot_id,
+                 time.monotonic() - t0, sbx.vm.info.get("restore_phases") if sbx.vm else None)
         return sbx
 
     def _rollback_vm(self, sbx: Sandbox, snap: SnapshotRecord) -> None:
@@ -694,16 +701,27 @@ class SandboxService:
         snapshot's checkpoint under the same VM name.  A failure leaves the sandbox gone (its
         record says so: the reaper cleans it), never half-rolled-back."""
         r = sbx.record
-        vmm.Vm(r.vm).destroy()
-        opts = _template_opts(snap.template)
-        index = self._volume_index(opts.volume_dir)
-        gen = int(r.volume.rsplit("-", 1)[-1]) + 1 if r.volume.rsplit("-", 1)[-1].isdigit() else 1
-        r.volume = f"sbx-{r.sandbox_id}-{gen}"
-        with self._index_lock:
-            index.clone(snap.volume, READY, [r.volume])
-        r.save()
-        ck = checkpoint.Checkpoint.load(snap.dir / "ckpt")
-        sbx.vm = checkpoint.restore(r.vm, replace(opts, volume=r.volume), ck)
+        old = vmm.Vm(r.vm)
+        with contextlib.suppress(CubefsError, OSError):
+            qmp(sbx, "stop")  # it is discarded: it must not use the CPU the restore needs
+        gone = threading.Thread(target=old.destroy, name=f"destroy {old.name}")
+        gone.start()  # QEMU quits, its root's daemon syncs and ends: meanwhile the new VM starts
+        try:
+            opts = _template_opts(snap.template)
+            index = self._volume_index(opts.volume_dir)
+            tail = r.volume.rsplit("-", 1)[-1]
+            gen = int(tail) + 1 if tail.isdigit() else 1
+            r.volume, r.vm = f"sbx-{r.sandbox_id}-{gen}", f"sbx-{r.sandbox_id}-{gen}"
+            with self._index_lock:
+                index.clone(snap.volume, READY, [r.volume])
+            r.save()
+            ck = checkpoint.Checkpoint.load(snap.dir / "ckpt")
+            sbx.vm = checkpoint.restore(r.vm, replace(opts, volume=r.volume), ck, hostname=old.info.get("hostname"),
+                                        freshen=False)
+            sbx.vm.info["machine_id"] = old.info.get("machine_id") or sbx.vm.info["machine_id"]
+            sbx.vm._save()
+        finally:
+            gone.join()
 
     def _remove_volume(self, volume: str, opts: StoreOptions) -> None:
         res = subprocess.run([sys.executable, "-m", "cubefs", "volume", "rm", volume, *opts.args("--volume-dir")],

@@ -100,10 +100,20 @@ class Root:
         return [a for f in flags if values[f] for a in (f, str(values[f]))]
 
     def serve(self, socket_path: Path) -> None:
-        """Start the cubefs daemon that serves this root on ``socket_path``."""
+        """Start the cubefs daemon that serves this root on ``socket_path``: asked of the node's
+        mount server from this process when one runs (0.2 s -> ~0.05 s per VM start or restore),
+        else by a ``cubefs mount`` process, which starts that server."""
+        from cubefs.cli import mount_through_server
+
         target = ["--volume", self.volume] if self.volume else [str(self.image)]
-        cubefs("mount", *target, str(socket_path), "--transport", "virtiofs",
-               *self.args("--store", "--s3-endpoint", "--cache-dir", *(["--volume-dir"] if self.volume else [])))
+        argv = [*target, str(socket_path), "--transport", "virtiofs",
+                *self.args("--store", "--s3-endpoint", "--cache-dir", *(["--volume-dir"] if self.volume else []))]
+        try:
+            if mount_through_server(argv):
+                return
+        except CubefsError as err:
+            raise VmError(f"cubefs mount failed: {err}") from None
+        cubefs("mount", *argv)
 
     def cubefs_volume(self, *args: str) -> str:
         return cubefs(*args, *self.args("--volume-dir"))

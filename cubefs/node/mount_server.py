@@ -249,6 +249,17 @@ def start_mount(args: argparse.Namespace, mp: str, cache_dir: str) -> int:
     return _report(text, args, mp, log_path, f"daemon pid {pid}")
 
 
+def mount_via_server(args: argparse.Namespace, mp: str, cache_dir: str) -> str | None:
+    """The daemon's one-line report ("ready", "error CODE MESSAGE", or '' if it died) when the
+    node's mount server (running this code) forked it; None if no such server answers."""
+    text = _via_server(default_server_socket(), args, mp, cache_dir, code_fingerprint())
+    return None if text in (None, "stale") else text
+
+
+def log_path_for(cache_dir: str, mp: str) -> str:
+    return _log_path(cache_dir, mp)
+
+
 def _start_server(path: str) -> bool:
     """Start a detached ``cubefs serve`` on ``path``; True once it accepts connections.
 
