@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cubefs.errors import EXIT_OK, UsageError
+from cubefs.errors import EXIT_ERROR, EXIT_OK, UsageError
 from cubefs.volume.cli import volume_dir_arg
 from vmm.cli import key_values
 
@@ -30,11 +30,17 @@ examples:
   cubefs sandbox create base --env FOO=bar                   # or from the shell
   cubefs sandbox exec ID -- 'echo $FOO; id'
   cubefs sandbox ls; cubefs sandbox logs ID; cubefs sandbox kill ID
+  cubefs sandbox snapshot ID --name step3                   # memory and disk at one instant
+  cubefs sandbox create step3                                # a sandbox that goes on from it
+  cubefs sandbox rollback ID step3                           # back to it in place, processes too
+  cubefs sandbox fork ID --count 3                           # three copies of its present
+  cubefs sandbox pause ID; cubefs sandbox resume ID
+  cubefs sandbox snapshot ls; cubefs sandbox snapshot rm step3
 
 The stock E2B SDK drives the service unchanged: E2B_API_URL names the API, E2B_SANDBOX_URL the
 proxy, E2B_API_KEY one of the keys ($CUBEFS_SANDBOX_API_KEY, comma-separated, or the lines of
 --api-key-file; with neither, the service makes one in $CUBEFS_SANDBOX_DIR/api-keys, 0600).
-State (templates, one record per sandbox) lives in $CUBEFS_SANDBOX_DIR (default
+State (templates, one record per sandbox, snapshots) lives in $CUBEFS_SANDBOX_DIR (default
 /var/lib/cubefs/sandbox); sandboxes outlive the service and a restarted one adopts them.
 """
 
@@ -107,6 +113,32 @@ def add_parsers(sub: Any, store_args: Any) -> None:
     q = s.add_parser("logs", help="a sandbox's console log")
     q.add_argument("sandbox")
     _client_args(q)
+    q = s.add_parser("snapshot", help="snapshot a sandbox (memory and disk); snapshot ls; snapshot rm SNAP",
+                     description="'snapshot ID' takes a snapshot of a running sandbox: its memory, processes and "
+                     "files at one instant (the guest pauses only for that instant). 'snapshot ls' lists "
+                     "snapshots, 'snapshot rm SNAP...' deletes them. A snapshot is a template to 'create'.")
+    q.add_argument("words", nargs="+", metavar="ID | ls | rm SNAP...")
+    q.add_argument("--name", default=None, help="a name to create sandboxes from (besides its snap-ID)")
+    q.add_argument("--disk-only", action="store_true",
+                   help="the files alone: sandboxes made from it boot their template afresh on them")
+    q.add_argument("--sandbox", default=None, metavar="ID", help="ls: only snapshots of this sandbox")
+    _client_args(q)
+    q = s.add_parser("rollback", help="put a sandbox back to a snapshot, in place (processes and files)")
+    q.add_argument("sandbox")
+    q.add_argument("snapshot", help="snap-ID or name")
+    _client_args(q)
+    q = s.add_parser("fork", help="copies of a running sandbox's present (it runs on)")
+    q.add_argument("sandbox")
+    q.add_argument("--count", type=int, default=1)
+    q.add_argument("--timeout", type=int, default=None, help="seconds each copy lives (default 300)")
+    _client_args(q)
+    for action, what in (("pause", "pause a sandbox where it is (envd answers 502 until resumed)"),
+                         ("resume", "resume a paused sandbox")):
+        q = s.add_parser(action, help=what)
+        q.add_argument("sandbox")
+        if action == "resume":
+            q.add_argument("--timeout", type=int, default=None, help="seconds to live from now (default 300)")
+        _client_args(q)
     q = s.add_parser("kill", help="kill sandboxes")
     q.add_argument("sandboxes", nargs="*")
     q.add_argument("--all", action="store_true")
@@ -153,12 +185,61 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
         for entry in client.call("GET", f"/sandboxes/{args.sandbox}/logs").get("logs", []):
             print(entry["line"])
         return EXIT_OK
+    if action in ("snapshot", "rollback", "fork", "pause", "resume"):
+        return _snapshots(client, args)
     ids = [s["sandboxID"] for s in client.call("GET", "/sandboxes")] if args.all else args.sandboxes
     if not ids:
         raise UsageError("usage: cubefs sandbox kill ID... | --all")
     for sid in ids:
         client.call("DELETE", f"/sandboxes/{sid}")
         print(f"killed {sid}")
+    return EXIT_OK
+
+
+def _snapshots(client: Any, args: argparse.Namespace) -> int:
+    """snapshot / snapshot ls / snapshot rm / rollback / fork / pause / resume."""
+    action = args.sandbox_command
+
+    def show(doc: Any, line: str) -> None:
+        print(json.dumps(doc, indent=1) if args.json else line)
+
+    t0 = time.monotonic()
+    if action == "snapshot" and args.words[0] == "ls":
+        items = client.call("GET", "/snapshots" + (f"?sandboxID={args.sandbox}" if args.sandbox else ""))
+        show(items, "\n".join(f"{s['snapshotID']:24} {' '.join(s['names'])}" for s in items) or "no snapshots")
+        return EXIT_OK
+    if action == "snapshot" and args.words[0] == "rm":
+        if len(args.words) < 2:
+            raise UsageError("usage: cubefs sandbox snapshot rm SNAP...")
+        for snap in args.words[1:]:
+            client.call("DELETE", f"/templates/{snap}")
+            print(f"removed {snap}")
+        return EXIT_OK
+    if action == "snapshot":
+        if len(args.words) != 1:
+            raise UsageError("usage: cubefs sandbox snapshot ID [--name N] | snapshot ls | snapshot rm SNAP...")
+        body: dict[str, Any] = {"memory": not args.disk_only} | ({"name": args.name} if args.name else {})
+        info = client.call("POST", f"/sandboxes/{args.words[0]}/snapshots", body)
+        show(info | {"seconds": round(time.monotonic() - t0, 3)}, info["snapshotID"])
+        return EXIT_OK
+    if action == "rollback":
+        made = client.call("POST", f"/sandboxes/{args.sandbox}/rollback", {"snapshotID": args.snapshot})
+        show(made | {"seconds": round(time.monotonic() - t0, 3)},
+             f"{args.sandbox} rolled back to {args.snapshot} in {time.monotonic() - t0:.2f} s")
+        return EXIT_OK
+    if action == "fork":
+        results = client.call("POST", f"/sandboxes/{args.sandbox}/fork",
+                              {"count": args.count} | ({"timeout": args.timeout} if args.timeout else {}))
+        show(results, "\n".join(r["sandbox"]["sandboxID"] if "sandbox" in r else
+                                f"failed: {r['error']['message']}" for r in results))
+        return EXIT_OK if all("sandbox" in r for r in results) else EXIT_ERROR
+    if action == "pause":
+        client.call("POST", f"/sandboxes/{args.sandbox}/pause", {})
+        show({"sandboxID": args.sandbox, "state": "paused"}, f"paused {args.sandbox}")
+        return EXIT_OK
+    made = client.call("POST", f"/sandboxes/{args.sandbox}/connect",
+                       {"timeout": args.timeout} if args.timeout else {})
+    show(made, f"resumed {args.sandbox}")
     return EXIT_OK
 
 

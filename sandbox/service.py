@@ -192,6 +192,7 @@ class SandboxService:
         private_dir(state_dir() / "sandboxes")
         self._pool_wake = asyncio.Event()
         await self.adopt()
+        self._spawn(asyncio.to_thread(self._clean_snapshots))  # leftovers of a killed service
         self._reaper = asyncio.create_task(self._reap())
         if self.pool_size > 0:
             for t in SandboxTemplate.list():
@@ -547,7 +548,7 @@ class SandboxService:
         sid = new_snapshot_id()
         opts = _template_opts(r.template)
         index = self._volume_index(opts.volume_dir)
-        rec = SnapshotRecord(sid, r.sandbox_id, r.template, f"sbxsnap-{sid.removeprefix('snap-')}", r.cpus,
+        rec = SnapshotRecord(sid, r.sandbox_id, r.template, snapshots.volume_of(sid), r.cpus,
                              r.memory_mb, time.time(), [name] if name else [], hidden, memory, dict(r.env_vars))
         made: list[str] = []
 
@@ -577,6 +578,27 @@ class SandboxService:
             self._remove_volume(rec.volume, opts)
             raise
         return rec
+
+    def _clean_snapshots(self) -> None:
+        """What a service killed while snapshotting or forking left: a snapshot directory with
+        no record (half-made) or a fork's hidden snapshot, and the volume each had."""
+        from sandbox import snapshots
+
+        root = snapshots.snapshots_dir()
+        started = time.time() - 1.0  # what this service makes from now on is not a leftover
+        kept = {rec.snapshot_id for rec in SnapshotRecord.list(include_hidden=True) if not rec.hidden}
+        for d in sorted(root.iterdir()) if root.is_dir() else []:
+            if d.name in kept or not snapshots.is_snapshot_id(d.name) or d.stat().st_mtime > started:
+                continue
+            try:
+                rec = SnapshotRecord.load(d.name)
+                opts = _template_opts(rec.template)
+            except (CubefsError, OSError, ValueError, TypeError):
+                rec, opts = None, StoreOptions(volume_dir=os.environ.get("CUBEFS_VOLUME_DIR"))
+            log.warning("snapshot %s was %s when the service stopped: removed", d.name,
+                        "a fork's" if rec is not None else "half-made")
+            self._remove_volume(snapshots.volume_of(d.name), opts)
+            snapshots.remove_dir(d.name)
 
     def list_snapshots(self, sandbox_id: str | None = None, name: str | None = None) -> list[SnapshotRecord]:
         return [s for s in SnapshotRecord.list() if (sandbox_id is None or s.sandbox_id == sandbox_id)

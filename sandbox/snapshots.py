@@ -102,6 +102,11 @@ class SnapshotRecord:
         raise NotFoundError(f"snapshot {name!r} not found")
 
 
+def volume_of(snapshot_id: str) -> str:
+    """The volume that holds a snapshot's disk."""
+    return "sbxsnap-" + snapshot_id.removeprefix("snap-")
+
+
 def new_dir(snapshot_id: str) -> Path:
     """The snapshot's directory, made private; the checkpoint goes in ``ckpt`` inside it."""
     return private_dir(private_dir(snapshots_dir()) / snapshot_id)

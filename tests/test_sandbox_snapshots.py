@@ -231,3 +231,90 @@ def test_pause_and_connect_resume_where_it_was(snode: Node) -> None:
         assert abs(int(resumed.commands.run("date +%s").stdout) - time.time()) < 10  # its clock caught up
     finally:
         sbx.kill()
+
+
+def leftovers(node: Node) -> dict[str, object]:
+    """What a node holds besides its running sandboxes: snapshot dirs and their volumes, VM dirs."""
+    base = Path(node.env["CUBEFS_SANDBOX_DIR"])
+    snaps = sorted(p.name for p in (base / "snapshots").glob("*")) if (base / "snapshots").exists() else []
+    vols = run_cubefs("volume", "list", "--json", env=node.env).stdout
+    import json
+
+    volumes = sorted(v["name"] for v in json.loads(vols) if v["name"].startswith(("sbxsnap-", "sbx-")))
+    vms = sorted(p.name for p in Path(node.env["CUBEFS_VM_DIR"]).glob("sbx-*"))
+    return {"snapshots": snaps, "volumes": volumes, "vms": vms}
+
+
+def test_the_cli_snapshots_rolls_back_forks_pauses(snode: Node) -> None:
+    env = {**snode.env, **snode.sdk_env}
+    sid = run_cubefs("sandbox", "create", env=env).stdout.strip()
+    try:
+        run_cubefs("sandbox", "exec", sid, "--", "echo one > ~/f", env=env)
+        snap = run_cubefs("sandbox", "snapshot", sid, "--name", "cli-one", env=env).stdout.strip()
+        assert snap.startswith("snap-")
+        assert "cli-one" in run_cubefs("sandbox", "snapshot", "ls", "--sandbox", sid, env=env).stdout
+        run_cubefs("sandbox", "exec", sid, "--", "echo two > ~/f", env=env)
+        out = run_cubefs("sandbox", "rollback", sid, "cli-one", env=env).stdout
+        assert "rolled back" in out
+        assert run_cubefs("sandbox", "exec", sid, "--", "cat ~/f", env=env).stdout == "one\n"
+        forks = run_cubefs("sandbox", "fork", sid, "--count", "2", env=env).stdout.split()
+        assert len(forks) == 2 and all(f.startswith("i") for f in forks)
+        for f in forks:
+            assert run_cubefs("sandbox", "exec", f, "--", "cat ~/f", env=env).stdout == "one\n"
+        run_cubefs("sandbox", "kill", *forks, env=env)
+        run_cubefs("sandbox", "pause", sid, env=env)
+        assert snode.api("GET", f"/sandboxes/{sid}")[1]["state"] == "paused"  # type: ignore[index]
+        res = run_cubefs("sandbox", "pause", sid, env=env, check=False)
+        assert res.returncode != 0 and "already paused" in res.stderr
+        run_cubefs("sandbox", "resume", sid, env=env)
+        assert run_cubefs("sandbox", "exec", sid, "--", "cat ~/f", env=env).stdout == "one\n"
+        res = run_cubefs("sandbox", "rollback", sid, "snap-nothere", env=env, check=False)
+        assert res.returncode != 0 and "snap-nothere" in res.stderr
+        run_cubefs("sandbox", "snapshot", "rm", "cli-one", env=env)
+        assert "no snapshots" in run_cubefs("sandbox", "snapshot", "ls", env=env).stdout
+    finally:
+        run_cubefs("sandbox", "kill", sid, env=env, check=False)
+
+
+def test_a_service_killed_in_the_middle_of_a_fork_of_ten_leaves_nothing_half_made(snode: Node) -> None:
+    import signal
+    import threading
+
+    from e2b import Sandbox
+
+    before = leftovers(snode)
+    sbx = Sandbox.create(timeout=300)
+    try:
+        pid = counting(sbx)
+        errors: list[BaseException] = []
+
+        def fork() -> None:
+            try:
+                sbx.fork(count=10, timeout=120)
+            except BaseException as err:  # the service dies under it
+                errors.append(err)
+
+        t = threading.Thread(target=fork)
+        t.start()
+        time.sleep(2.5)  # the snapshot is taken, some children are being restored
+        snode.stop(signal.SIGKILL)
+        t.join(120)
+        snode.start()
+        deadline = time.monotonic() + 60  # half-made sandboxes and the fork's snapshot are cleaned in the background
+        while True:
+            now = leftovers(snode)
+            vols = [v for v in now["volumes"] if v not in before["volumes"]]  # type: ignore[operator]
+            vms = [v for v in now["vms"] if v not in before["vms"]]  # type: ignore[operator]
+            running = {s.sandbox_id for s in Sandbox.list().next_items()}
+            # what is left is exactly the sandboxes that run (the source and any fork that was finished)
+            if now["snapshots"] == before["snapshots"] and len(vms) == len(running) and \
+                    len(vols) == len(running):
+                break
+            assert time.monotonic() < deadline, f"left behind: {now} (running: {running})"
+            time.sleep(1)
+        assert sbx.sandbox_id in running
+        assert count(sbx)[0] == pid  # type: ignore[index]
+        for other in running - {sbx.sandbox_id}:
+            Sandbox.kill(other)
+    finally:
+        sbx.kill()
