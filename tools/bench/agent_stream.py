@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Throughput through the guest agent under TCG (issue 13: floor >= 50 MB/s).
 
-One VM (TCG, the test root filesystem over QEMU's virtiofsd, read-only, a tmpfs on
-its /tmp), driven through vmm/channel.py as the sandbox service drives it:
+One VM (TCG, the test root filesystem built into a cubefs image in a temporary store and
+served read-only by cubefs's own vhost-user-fs back-end, as tests/test_vm.py boots it; a
+tmpfs on its /tmp), driven through vmm/channel.py as the sandbox service drives it:
 
 * **stdout**: ``head -c 512M /dev/zero`` and ``dd if=/dev/zero bs=1M`` spawned through
   the agent, stdout consumed on the host (every byte through the pipe, the agent,
@@ -23,8 +24,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -40,7 +44,6 @@ from make_vm_kernel import DEFAULT, make_kernel
 from vmm.channel import AgentChannel
 from vmm.machine import Machine, MachineSpec, Ram
 
-VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 ROOTFS = "/var/tmp/cubefs-test/rootfs"
 
 
@@ -137,26 +140,64 @@ async def bench(agent_sock: str, mib: int, file_mib: int) -> dict[str, float]:
     return out
 
 
+def cubefs(env: dict[str, str], *args: str) -> str:
+    res = subprocess.run([sys.executable, "-m", "cubefs", *args], env=env, capture_output=True, text=True)
+    if res.returncode:
+        raise SystemExit(f"cubefs {' '.join(args)}: {res.stderr.strip()}")
+    return res.stdout
+
+
+def serve_root(work: Path, rootfs: str) -> tuple[Path, int]:
+    """``rootfs`` built into a store under ``work`` and served on a vhost-user-fs socket by a
+    cubefs daemon (QEMU's C virtiofsd, the old back-end here, left QEMU in 8.0); the socket
+    and the daemon's pid (it ends with the VM).  Its own mount server, cache and store: nothing
+    of the node's."""
+    env = {**os.environ, "CUBEFS_STORE": f"file://{work / 'store'}", "CUBEFS_CACHE_DIR": str(work / "cache"),
+           "CUBEFS_SERVER": str(work / "mount-server.sock")}
+    cubefs(env, "build", rootfs, "--tag", "bench:1")
+    sock = work / "vfs.sock"
+    cubefs(env, "mount", "bench:1", str(sock), "--transport", "virtiofs")
+    return sock, int(json.loads(cubefs(env, "stats", str(sock), "--json"))["pid"])
+
+
+def stop_daemon(pid: int) -> None:
+    """The root's daemon ends by itself once QEMU has gone; SIGTERM it if it has not in 10 s."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+
+
+def stop_mount_server(sock: Path) -> None:
+    """The mount server ``cubefs mount`` started for ``sock`` (its lock file names it): it
+    would otherwise wait 15 minutes idle before it exits."""
+    with contextlib.suppress(OSError, ValueError):
+        os.kill(int(Path(f"{sock}.lock").read_text()), signal.SIGTERM)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mib", type=int, default=512)
     ap.add_argument("--file-mib", type=int, default=256)
     ap.add_argument("--memory-mb", type=int, default=1024)
+    ap.add_argument("--rootfs", default=ROOTFS, help="the guest's root directory (built into an image first)")
     ap.add_argument("--cpu", default=None, help="QEMU -cpu model instead of the machine's (an experiment)")
     ap.add_argument("--kernel-dir", default=DEFAULT, help="where to build the guest kernel and initramfs")
     ap.add_argument("--json-out")
     args = ap.parse_args()
     kernel = make_kernel(Path(args.kernel_dir))
     work = Path(tempfile.mkdtemp(prefix="agent-stream-"))
-    fsd = subprocess.Popen([VIRTIOFSD, f"--socket-path={work / 'vfs.sock'}", "-o", f"source={ROOTFS}",
-                            "-o", "cache=auto"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     machine = None
+    daemon = 0
     try:
-        while not (work / "vfs.sock").exists():
-            time.sleep(0.05)
+        sock, daemon = serve_root(work, args.rootfs)
         (work / "vm").mkdir()
-        machine = Machine(work / "vm", MachineSpec(kernel, args.memory_mb, 1, "tcg"), Ram(),
-                          fs_socket=str(work / "vfs.sock"))
+        machine = Machine(work / "vm", MachineSpec(kernel, args.memory_mb, 1, "tcg"), Ram(), fs_socket=str(sock))
         if args.cpu:
             argv = machine.argv()
             argv[argv.index("-cpu") + 1] = args.cpu
@@ -166,8 +207,9 @@ def main() -> int:
     finally:
         if machine is not None:
             machine.stop()
-        fsd.terminate()
-        fsd.wait(timeout=30)
+        if daemon:
+            stop_daemon(daemon)
+        stop_mount_server(work / "mount-server.sock")
         shutil.rmtree(work, ignore_errors=True)
     result |= {"mib": args.mib, "file_mib": args.file_mib, "accel": "tcg", "cpu": args.cpu or "default"}
     print(json.dumps(result, indent=1))
