@@ -502,6 +502,39 @@ def test_a_full_node_evicts_pooled_sandboxes_then_refuses_with_429(node: Node,
         restarted(node, "--pool-size", "0")
 
 
+def test_fifty_concurrent_creates_race_a_refilling_pool(node: Node) -> None:
+    """50 creates at once against a pool of 4 that refills while they run: every create gets a
+    sandbox of its own (the pool's four and 46 made now, none given twice), each runs its own
+    command, the pool is full again afterwards, and killing them all leaves no QEMU."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from e2b import Sandbox
+
+    # room for 50 + the pool: guests map their template's RAM privately, so 512 MiB each is a bound
+    restarted(node, "--pool-size", "4", "--max-vcpus", "64", "--max-memory", str(64 * 512))
+    made: list = []
+    try:
+        wait_pools(node, {"base": 4})
+        before = metric(node, "cubefs_sandbox_from_pool_total")
+
+        def one(i: int) -> tuple[object, str]:
+            s = Sandbox.create(timeout=300, envs={"N": str(i)})
+            made.append(s)
+            return s, s.commands.run("echo $N").stdout.strip()
+
+        with ThreadPoolExecutor(50) as ex:
+            results = list(ex.map(one, range(50)))
+        assert sorted(int(out) for _, out in results) == list(range(50))
+        assert len({s.sandbox_id for s, _ in results}) == 50  # type: ignore[attr-defined]
+        assert metric(node, "cubefs_sandbox_from_pool_total") - before >= 4
+        wait_pools(node, {"base": 4}, timeout=300)  # the pool refilled once they were served
+    finally:
+        with ThreadPoolExecutor(10) as ex:
+            list(ex.map(lambda s: s.kill(), made))
+        restarted(node, "--pool-size", "0")
+    assert qemu_pids(node) == set()
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
