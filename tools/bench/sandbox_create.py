@@ -54,12 +54,12 @@ def pct(xs: list[float]) -> dict[str, float]:
 
 
 class Service:
-    def __init__(self, env: dict[str, str], tmp: Path, pool: int) -> None:
+    def __init__(self, env: dict[str, str], tmp: Path, pool: int, extra: tuple[str, ...] = ()) -> None:
         self.api, self.proxy = 43000 + os.getpid() % 1000, 44000 + os.getpid() % 1000
         self.env = env
         self.proc = subprocess.Popen([sys.executable, "-m", "cubefs", "sandbox", "serve", "--api-listen",
                                       f"127.0.0.1:{self.api}", "--proxy-listen", f"127.0.0.1:{self.proxy}",
-                                      "--pool-size", str(pool)], env=env,
+                                      "--pool-size", str(pool), *extra], env=env,
                                      stdout=open(tmp / f"serve-pool{pool}.log", "wb"), stderr=subprocess.STDOUT)
         os.environ.update({"E2B_API_KEY": KEY, "E2B_API_URL": f"http://127.0.0.1:{self.api}",
                            "E2B_SANDBOX_URL": f"http://127.0.0.1:{self.proxy}"})
