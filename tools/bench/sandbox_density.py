@@ -1,0 +1,235 @@
+#!/usr/bin/env python3
+"""How many idle sandboxes a node holds, and what each costs (issue 14, "How fast": density).
+
+``--counts`` (default 50,100) idle sandboxes of the ``base`` template (128 MiB guests, made
+by ``cubefs sandbox template create base --memory 128``) are created through the stock
+E2B SDK and left running (nothing runs in them but the guest agent).  At each count:
+
+* **host memory per sandbox, by part** (PSS, so pages shared between processes are split
+  among them, not counted once per process): the guest's RAM (QEMU's mapping of the VM
+  template's RAM file: private copy-on-write, so only pages the guest wrote are its own),
+  QEMU's own (the rest of its PSS: TCG's translation cache, device emulation, heap), the
+  root's cubefs daemon (one per sandbox, forked by the node's mount server), and the agent
+  channel in the service (its PSS growth since no sandbox ran, divided by the count); also
+  ``MemAvailable``'s fall per sandbox, a check that includes the kernel's own share;
+* **CPU they burn idle**: user+system seconds of every QEMU, root daemon, the service and
+  its mount server over ``--idle-seconds``, in % of one core per sandbox;
+* **create latency while they idle**: ``Sandbox.create()`` + ``commands.run("true")``
+  p50/p95/p99 over ``--samples``, from the warm pool (``--pool-size``, refilled before each
+  sample, as sandbox_create.py's ``pool_c1``), against the same with none idle, measured
+  first in the same run.
+
+The service's default capacity is 16 vCPUs per host CPU (32 here: the 33rd 1-vCPU sandbox
+would get 429); the bench raises ``--max-vcpus`` to fit the counts and says so in its output.
+
+    .venv/bin/python tools/bench/sandbox_density.py --counts 50,100 --json-out density.json
+
+Needs root, the guest kernel and the test rootfs.  Everything it starts is stopped at the
+end, on Ctrl-C and SIGTERM too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from argparse import ArgumentParser, RawDescriptionHelpFormatter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from sandbox_create import Service, bursts, cubefs
+from sandbox_snapshot import log, node_env, on_sigterm, summary, teardown
+
+from cubefs.node import control
+
+TICK = os.sysconf("SC_CLK_TCK")
+MIB = 2**20
+
+
+def pss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+
+
+def mapping_pss_kib(pid: int, path: str) -> int:
+    """PSS of ``pid``'s mappings of the file ``path``."""
+    total, inside = 0, False
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            head = line.split(maxsplit=5)
+            if "-" in head[0] and not head[0].endswith(":"):
+                inside = len(head) == 6 and head[5].rstrip("\n").removesuffix(" (deleted)") == path
+            elif inside and head[0] == "Pss:":
+                total += int(head[1])
+    return total
+
+
+def cpu_ticks(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def mem_available_kib() -> int:
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+
+
+class Node:
+    def __init__(self, tmp: Path, svc: Service) -> None:
+        self.tmp, self.svc = tmp, svc
+
+    def parts(self, sandbox_id: str) -> tuple[int, int, str]:
+        """The sandbox's QEMU pid, its root daemon's pid, and its guest RAM file."""
+        vm = json.loads((self.tmp / "sandbox" / "sandboxes" / f"{sandbox_id}.json").read_text())["vm"]
+        info = json.loads((self.tmp / "vm" / vm / "vm.json").read_text())
+        daemon = int(control.read_registry(str(self.tmp / "vm" / vm / "fs.sock"))["pid"])
+        return int(info["qemu_pid"]), daemon, str(self.tmp / "templates" / info["template"] / "ram")
+
+    def mount_server(self) -> int:
+        return int((self.tmp / "serve.sock.lock").read_text())
+
+    def memory(self, ids: list[str], service_pss0: int, avail0: int) -> dict[str, Any]:
+        guest, qemu, daemon = [], [], []
+        for sid in ids:
+            qpid, dpid, ram = self.parts(sid)
+            g = mapping_pss_kib(qpid, ram)
+            guest.append(g / 1024)
+            qemu.append((pss_kib(qpid) - g) / 1024)
+            daemon.append(pss_kib(dpid) / 1024)
+        agent = (pss_kib(self.svc.proc.pid) - service_pss0) / 1024 / len(ids)
+        parts = {"guest_ram_mib": summary(guest), "qemu_mib": summary(qemu), "root_daemon_mib": summary(daemon),
+                 "service_per_sandbox_mib": round(agent, 2)}
+        parts["total_mean_mib"] = round(statistics.fmean(guest) + statistics.fmean(qemu) + statistics.fmean(daemon)
+                                        + agent, 1)
+        parts["mem_available_fall_per_sandbox_mib"] = round((avail0 - mem_available_kib()) / 1024 / len(ids), 1)
+        parts["mount_server_mib"] = round(pss_kib(self.mount_server()) / 1024, 1)
+        return parts
+
+    def idle_cpu(self, ids: list[str], seconds: float) -> dict[str, Any]:
+        pids = {"qemu": [], "root_daemon": []}  # type: dict[str, list[int]]
+        for sid in ids:
+            qpid, dpid, _ = self.parts(sid)
+            pids["qemu"].append(qpid)
+            pids["root_daemon"].append(dpid)
+        pids["service"] = [self.svc.proc.pid]
+        pids["mount_server"] = [self.mount_server()]
+        before = {k: sum(cpu_ticks(p) for p in v) for k, v in pids.items()}
+        host0 = host_busy()
+        time.sleep(seconds)
+        after = {k: sum(cpu_ticks(p) for p in v) for k, v in pids.items()}
+        host1 = host_busy()
+        cores = {k: (after[k] - before[k]) / TICK / seconds for k in pids}
+        total = sum(cores.values())
+        return {"seconds": seconds, "cores_by_part": {k: round(v, 3) for k, v in cores.items()},
+                "cores_total": round(total, 3), "pct_of_a_core_per_sandbox": round(100 * total / len(ids), 2),
+                "host_busy_cores": round((host1[0] - host0[0]) / (host1[1] - host0[1]) * (os.cpu_count() or 1), 2)}
+
+
+def host_busy() -> tuple[int, int]:
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return sum(v) - v[3] - v[4], sum(v)  # busy, all (idle and iowait are not busy)
+
+
+def grow(to: int, have: list[Any], concurrency: int) -> str | None:
+    """Create idle sandboxes until ``have`` holds ``to``; why it stopped short, if it did."""
+    from e2b import Sandbox
+
+    def one(_: int) -> Any:
+        try:
+            return Sandbox.create("base", timeout=3600)
+        except Exception as err:  # the 429 when the node is full
+            return err
+
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(concurrency) as pool:
+        while len(have) < to:
+            results = list(pool.map(one, range(min(concurrency, to - len(have)))))
+            have += [r for r in results if not isinstance(r, Exception)]
+            errors = [r for r in results if isinstance(r, Exception)]
+            if errors:
+                return f"refused at {len(have)}: {errors[0]}"
+            if len(have) % 10 == 0:
+                log(f"{len(have)} idle sandboxes ({time.monotonic() - t0:.0f} s)")
+    return None
+
+
+def main() -> int:
+    ap = ArgumentParser(description=__doc__, formatter_class=RawDescriptionHelpFormatter)
+    ap.add_argument("--counts", default="50,100")
+    ap.add_argument("--memory", type=int, default=128, help="guest MiB of the base template")
+    ap.add_argument("--samples", type=int, default=30, help="creates timed at each count")
+    ap.add_argument("--pool-size", type=int, default=2)
+    ap.add_argument("--concurrency", type=int, default=2, help="creates at once while filling the node")
+    ap.add_argument("--settle", type=float, default=20.0, help="seconds idle before measuring")
+    ap.add_argument("--idle-seconds", type=float, default=30.0)
+    ap.add_argument("--rootfs", default="/var/tmp/cubefs-test/rootfs")
+    ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--json-out", default=None)
+    args = ap.parse_args()
+    counts = [int(c) for c in args.counts.split(",")]
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+    tmp = Path(tempfile.mkdtemp(prefix="cubefs-bench-density-"))
+    env = node_env(tmp)
+    max_vcpus = max(counts) + args.pool_size + 8
+    out: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(),
+                           "host_mem_mib": os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // MIB,
+                           "loadavg_start": os.getloadavg()[0], "guest_mib": args.memory,
+                           "default_vcpu_limit": (os.cpu_count() or 1) * 16, "max_vcpus_used": max_vcpus}
+    svc: Service | None = None
+    held: list[Any] = []
+    try:
+        cubefs(env, "build", args.rootfs, "--tag", "bench:1")
+        cubefs(env, "sandbox", "template", "create", "base", "--from", "bench:1", "--memory", str(args.memory))
+        svc = Service(env, tmp, args.pool_size, ("--max-vcpus", str(max_vcpus)))
+        node = Node(tmp, svc)
+
+        def refill() -> None:
+            assert svc is not None
+            svc.wait_pool(args.pool_size)
+
+        refill()
+        out["create_idle0"] = summary(bursts(args.samples, 1, refill if args.pool_size else None))
+        log(f"creates with none idle: {out['create_idle0']}")
+        refill()
+        time.sleep(args.settle)
+        service_pss0, avail0 = pss_kib(svc.proc.pid), mem_available_kib()
+        for count in counts:
+            stopped = grow(count, held, args.concurrency)
+            key = f"idle{len(held)}"
+            out[key] = {"held": len(held)}
+            if stopped:
+                out[key]["stopped"] = stopped
+                log(stopped)
+            refill()
+            time.sleep(args.settle)
+            ids = [s.sandbox_id for s in held]
+            out[key]["memory"] = node.memory(ids, service_pss0, avail0)
+            out[key]["idle_cpu"] = node.idle_cpu(ids, args.idle_seconds)
+            log(f"{len(held)} idle: {json.dumps(out[key])}")
+            out[key]["create"] = summary(bursts(args.samples, 1, refill if args.pool_size else None))
+            out[key]["create_p99_vs_idle0"] = round(out[key]["create"]["p99"] / out["create_idle0"]["p99"], 3)
+            log(f"{len(held)} idle: creates {out[key]['create']}")
+            if stopped:
+                break
+    finally:
+        teardown(env, tmp, svc, args.keep)
+    out["loadavg_end"] = os.getloadavg()[0]
+    print(json.dumps(out, indent=1))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(out, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
