@@ -73,8 +73,23 @@ def summary(xs: list[float]) -> dict[str, float]:
 
 
 class Bench:
-    def __init__(self, env: dict[str, str], tmp: Path, svc: Service) -> None:
+    def __init__(self, env: dict[str, str], tmp: Path, svc: Service, bandwidth: int = 0) -> None:
         self.env, self.tmp, self.svc = env, tmp, svc
+        self.bandwidth = bandwidth  # bytes/s for QEMU's migrations of the sandbox's VM; 0: QEMU's default
+
+    def qmp(self, sandbox_id: str) -> Qmp:
+        vm = self.record(sandbox_id)["vm"]
+        return Qmp(str(self.tmp / "vm" / vm / "qmp.sock"), vm)
+
+    def set_bandwidth(self, sandbox_id: str) -> None:
+        """``--max-bandwidth``: QEMU rate-limits a migration, to a file too, to ``max-bandwidth``
+        (128 MiB/s by default); the experiment lifts that on the sandbox's current QEMU."""
+        if self.bandwidth:
+            q = self.qmp(sandbox_id)
+            try:
+                q.execute("migrate-set-parameters", **{"max-bandwidth": self.bandwidth})
+            finally:
+                q.close()
 
     # -- the service's API and records -------------------------------------------
     def api(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
@@ -109,9 +124,8 @@ class Bench:
     def full_save(self, sandbox_id: str) -> dict[str, float]:
         """QEMU's own full save of the sandbox's guest: stop, migrate to a file (the plain
         stream: every non-zero page, no mapped-ram), cont.  The guest is paused throughout."""
-        vm = self.record(sandbox_id)["vm"]
         out = self.tmp / "full-save.bin"
-        q = Qmp(str(self.tmp / "vm" / vm / "qmp.sock"), vm)
+        q = self.qmp(sandbox_id)
         try:
             q.execute("migrate-set-capabilities", capabilities=[
                 {"capability": c, "state": False} for c in ("mapped-ram", "x-ignore-shared",
@@ -155,6 +169,7 @@ class Bench:
             self.dirty(sbx, dirty_mib)
             for i in range(runs):
                 res["cold_s"].append(self.cold(template))
+                self.set_bandwidth(sbx.sandbox_id)  # a rollback made a new QEMU
                 fs = self.full_save(sbx.sandbox_id)
                 res["full_save_paused_s"].append(fs["paused_s"])
                 res["full_save_mib"].append(fs["bytes"] / 2**20)
@@ -222,6 +237,7 @@ class Bench:
                 burst_s.append(time.monotonic() - t0)
                 for s in made:
                     s.kill()
+                self.set_bandwidth(sbx.sandbox_id)
                 t0 = time.monotonic()
                 children = sbx.fork(count=count, timeout=600)
                 took = time.monotonic() - t0
@@ -283,6 +299,9 @@ def main() -> int:
     ap.add_argument("--fork-count", type=int, default=10)
     ap.add_argument("--fork-runs", type=int, default=3)
     ap.add_argument("--rootfs", default="/var/tmp/cubefs-test/rootfs")
+    ap.add_argument("--max-bandwidth", type=int, default=0, metavar="MIB_S",
+                    help="an experiment: QEMU's migration rate limit (max-bandwidth, 128 MiB/s by default) "
+                         "for the sandboxes' snapshots and the full-save baseline")
     ap.add_argument("--keep", action="store_true", help="keep the bench's directory (logs, records)")
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args()
@@ -292,14 +311,15 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="cubefs-bench-snap-"))
     env = node_env(tmp)
     out: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(),
-                           "loadavg_start": os.getloadavg()[0], "runs": args.runs}
+                           "loadavg_start": os.getloadavg()[0], "runs": args.runs,
+                           "max_bandwidth_mib_s": args.max_bandwidth or "QEMU's default"}
     svc: Service | None = None
     try:
         cubefs(env, "build", args.rootfs, "--tag", "bench:1")
         for memory in sorted({m for m, _ in configs}):
             cubefs(env, "sandbox", "template", "create", f"m{memory}", "--from", "bench:1", "--memory", str(memory))
         svc = Service(env, tmp, 0)
-        bench = Bench(env, tmp, svc)
+        bench = Bench(env, tmp, svc, args.max_bandwidth << 20)
         for memory, dirty in configs:
             key = f"m{memory}_dirty{dirty}"
             out[key] = bench.config(f"m{memory}", memory, dirty, args.runs)
