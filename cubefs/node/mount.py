@@ -122,39 +122,21 @@ def _serve(
     """Serve an image (``index`` None) or the volume ``opts.volume`` of ``index`` (whose base
     image, if it has one, is in ``store``)."""
     mountpoint = os.path.abspath(opts.mountpoint)
-    image_fs: ImageFS | None = None
-    source = disk = peers = None
-    trace: list[int] = []
-    ref = ""
+    parts: ImageParts | None = None
     if store is not None and loop is not None:
-        t0 = time.monotonic()
         wanted: str | Manifest = opts.ref
         if index is not None:
-            with index.read() as txn:
-                base = index.volume(txn, str(opts.volume).partition("@")[0]).base
-            name, _, tag = base.ref.rpartition(":")
-            wanted = Manifest(name, tag, base.digest, "")
+            wanted = volume_base(index, str(opts.volume))
         elif opts.resume and opts.resume.get("image"):  # the image the mount showed, not what the tag says now
             name, tag = parse_ref(opts.ref)
             wanted = Manifest(name, tag, str(opts.resume["image"]), "")
-        manifest, image, chunkmap, trace, offline = loop.run(load_cached(store, opts.cache_dir, wanted))
-        ref = manifest.ref
+        parts = open_image(opts, loop, store, wanted)
         if link is not None and index is None:
-            link.tell("image", digest=manifest.image)
-        if offline:
-            log.warning("store %s is unreachable: image %s mounted from the metadata kept in %s; chunks not in "
-                        "the disk cache fail with EIO until it is back", store.url, ref, opts.cache_dir)
-        log.info(
-            "image %s (sha256:%s): %d inodes, trace of %d chunks, metadata loaded in %.3fs from %s",
-            ref, image.digest[:12], len(image), len(trace), time.monotonic() - t0,
-            "the metadata cache" if offline else store.url,
-        )
-        memory = MemoryTier(opts.memory_cache)
-        disk = _open_disk_cache(opts.cache_dir, opts.disk_cache)
-        peers = PeerSet(list(opts.peers), store.url, timeout=opts.peer_timeout) if opts.peers else None
-        source = ChunkSource(store, loop, memory, disk, label=ref, peers=peers)
-        image_fs = ImageFS(image, chunkmap, source, ref, readahead=opts.readahead, read_timeout=opts.read_timeout,
-                           pack_readahead=opts.pack_readahead)
+            link.tell("image", digest=parts.image_fs.image.digest)
+    image_fs = parts.image_fs if parts is not None else None
+    source = parts.source if parts is not None else None
+    trace = parts.trace if parts is not None else []
+    ref = parts.ref if parts is not None else ""
     fs: Any = image_fs
     actions: dict[str, Any] = {}
     if index is not None:
@@ -180,28 +162,8 @@ def _serve(
         transport.on_session = lambda state: _session_settled(link, state)  # type: ignore[attr-defined]
 
     def get_stats() -> dict[str, Any]:
-        stats = {
-            "image": ref or None,
-            "digest": f"sha256:{image_fs.image.digest}" if image_fs is not None else None,
-            "mountpoint": mountpoint,
-            "store": store.url if store is not None else None,
-            "pid": os.getpid(),
-            "restarts": int(resume["restarts"]) if resume else 0,
-            "transport": opts.transport,
-            "reads": transport.ops["read"] - fs.read_errors,
-            "read_bytes": transport.read_bytes,
-            "read_errors": fs.read_errors,
-            "requests": dict(transport.ops),
-            "tiers": source.stats() if source is not None else {},
-            "peers": peers.stats() if peers is not None else {},
-            "store_requests": store.stats.as_dict() if store is not None else {},
-            "store_info": store.describe() if store is not None else {},  # endpoint, region, credential source
-            "trace_recorded": len(fs.trace) if fs.trace is not None else None,
-        }
-        if index is not None:
-            stats["volume"] = {"name": opts.volume, "written_bytes": fs.files.written_bytes,
-                               "compaction": fs.compaction}
-        return stats
+        return mount_stats(opts, mountpoint, fs, transport, parts, store, index,
+                           int(resume["restarts"]) if resume else 0)
 
     async def push_trace(_arg: str) -> dict[str, Any]:
         """Store the chunks read so far, in first-read order, as the image's trace."""
@@ -214,26 +176,9 @@ def _serve(
         log.info("image %s: pushed a trace of %d chunks (%d bytes stored) to %s", ref, len(chunks), stored, key)
         return {"image": ref, "key": key, "chunks": len(chunks), "stored_bytes": stored}
 
-    async def rollback(snap: str) -> dict[str, Any]:
-        """Show snapshot ``snap``: new state in the index, then the kernel told to forget the old."""
-        t0 = time.perf_counter()
-        layer, inodes, names = index.rollback(str(opts.volume), snap)
-        fs.rolled_back()
-        sent = await transport.invalidate(inodes, names)  # type: ignore[attr-defined]
-        took = time.perf_counter() - t0
-        log.info("volume %s: rolled back to snapshot %s (layer %d) in %.1f ms, %d cache invalidations",
-                 opts.volume, snap, layer, took * 1000, sent)
-        return {"volume": opts.volume, "snapshot": snap, "layer": layer, "invalidations": sent,
-                "seconds": took}
-
-    async def roll(_arg: str) -> dict[str, Any]:
-        """Stop appending to the current data file, so that 'cubefs volume gc' may compact it."""
-        return dict(fs.roll())
-
     actions["/trace/push"] = push_trace
-    if index is not None and fs.writable:
-        actions["/volume/rollback/"] = rollback
-        actions["/volume/roll"] = roll
+    if index is not None:
+        actions.update(volume_actions(opts, index, fs, transport))
     control.write_registry(
         mountpoint,
         {"mountpoint": mountpoint, "pid": os.getpid(), "image": ref or None, "volume": opts.volume,
@@ -270,10 +215,8 @@ def _serve(
             transport.close()
             if index is not None:
                 fs.close()
-            if source is not None:
-                source.flush()
-            if disk is not None:
-                disk.close()
+            if parts is not None:
+                parts.close()
         finally:
             handed_over = bool(getattr(getattr(transport, "session", None), "handed_over", False))
             if link is not None:
@@ -284,6 +227,105 @@ def _serve(
                 control.remove_registry(mountpoint)
                 log.info("unmounted %s", mountpoint)
     return 0
+
+
+@dataclass
+class ImageParts:
+    """What serves an image's bytes: shared by every mount of a root host (cubefs.node.roots)."""
+
+    image_fs: ImageFS
+    source: ChunkSource
+    disk: DiskCache | None
+    peers: PeerSet | None
+    ref: str
+    trace: list[int]  # the image's pushed trace: chunks to prefetch
+
+    def close(self) -> None:
+        self.source.flush()
+        if self.disk is not None:
+            self.disk.close()
+
+
+def volume_base(index: Any, volume: str) -> Manifest:
+    """The base image of ``volume`` (``NAME[@SNAP]``) as a manifest to load."""
+    with index.read() as txn:
+        base = index.volume(txn, volume.partition("@")[0]).base
+    name, _, tag = base.ref.rpartition(":")
+    return Manifest(name, tag, base.digest, "")
+
+
+def open_image(opts: MountOptions, loop: LoopThread, store: RetryingStore, wanted: str | Manifest) -> ImageParts:
+    """Fetch the image's metadata (or take what the cache kept) and build its chunk source."""
+    t0 = time.monotonic()
+    manifest, image, chunkmap, trace, offline = loop.run(load_cached(store, opts.cache_dir, wanted))
+    ref = manifest.ref
+    if offline:
+        log.warning("store %s is unreachable: image %s mounted from the metadata kept in %s; chunks not in "
+                    "the disk cache fail with EIO until it is back", store.url, ref, opts.cache_dir)
+    log.info(
+        "image %s (sha256:%s): %d inodes, trace of %d chunks, metadata loaded in %.3fs from %s",
+        ref, image.digest[:12], len(image), len(trace), time.monotonic() - t0,
+        "the metadata cache" if offline else store.url,
+    )
+    memory = MemoryTier(opts.memory_cache)
+    disk = _open_disk_cache(opts.cache_dir, opts.disk_cache)
+    peers = PeerSet(list(opts.peers), store.url, timeout=opts.peer_timeout) if opts.peers else None
+    source = ChunkSource(store, loop, memory, disk, label=ref, peers=peers)
+    image_fs = ImageFS(image, chunkmap, source, ref, readahead=opts.readahead, read_timeout=opts.read_timeout,
+                       pack_readahead=opts.pack_readahead)
+    return ImageParts(image_fs, source, disk, peers, ref, trace)
+
+
+def mount_stats(opts: MountOptions, mountpoint: str, fs: Any, transport: Any, parts: ImageParts | None,
+                store: RetryingStore | None, index: Any, restarts: int = 0) -> dict[str, Any]:
+    """What ``cubefs stats`` shows of one mount (a root host's mounts share ``parts``)."""
+    image_fs, source, peers = (parts.image_fs, parts.source, parts.peers) if parts is not None else (None, None, None)
+    stats = {
+        "image": parts.ref if parts is not None else None,
+        "digest": f"sha256:{image_fs.image.digest}" if image_fs is not None else None,
+        "mountpoint": mountpoint,
+        "store": store.url if store is not None else None,
+        "pid": os.getpid(),
+        "restarts": restarts,
+        "transport": opts.transport,
+        "reads": transport.ops["read"] - fs.read_errors,
+        "read_bytes": transport.read_bytes,
+        "read_errors": fs.read_errors,
+        "requests": dict(transport.ops),
+        "tiers": source.stats() if source is not None else {},
+        "peers": peers.stats() if peers is not None else {},
+        "store_requests": store.stats.as_dict() if store is not None else {},
+        "store_info": store.describe() if store is not None else {},  # endpoint, region, credential source
+        "trace_recorded": len(fs.trace) if fs.trace is not None else None,
+    }
+    if index is not None:
+        stats["volume"] = {"name": opts.volume, "written_bytes": fs.files.written_bytes,
+                           "compaction": fs.compaction}
+    return stats
+
+
+def volume_actions(opts: MountOptions, index: Any, fs: Any, transport: Any) -> dict[str, Any]:
+    """A writable volume's control actions: rollback (through the mount) and roll."""
+    if not fs.writable:
+        return {}
+
+    async def rollback(snap: str) -> dict[str, Any]:
+        """Show snapshot ``snap``: new state in the index, then the kernel told to forget the old."""
+        t0 = time.perf_counter()
+        layer, inodes, names = index.rollback(str(opts.volume), snap)
+        fs.rolled_back()
+        sent = await transport.invalidate(inodes, names)
+        took = time.perf_counter() - t0
+        log.info("volume %s: rolled back to snapshot %s (layer %d) in %.1f ms, %d cache invalidations",
+                 opts.volume, snap, layer, took * 1000, sent)
+        return {"volume": opts.volume, "snapshot": snap, "layer": layer, "invalidations": sent,
+                "seconds": took}
+
+    async def roll(_arg: str) -> dict[str, Any]:
+        """Stop appending to the current data file, so that 'cubefs volume gc' may compact it."""
+        return dict(fs.roll())
+
+    return {"/volume/rollback/": rollback, "/volume/roll": roll}
 
 
 def _session_settled(link: SupervisorLink, state: dict[str, Any]) -> None:
