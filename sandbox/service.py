@@ -521,7 +521,7 @@ class SandboxService:
 
     # -- snapshots, fork, rollback -----------------------------------------------------
     async def snapshot(self, sandbox_id: str, name: str | None = None, hidden: bool = False,
-                       memory: bool = True) -> SnapshotRecord:
+                       memory: bool = True, shared: bool = False) -> SnapshotRecord:
         """Memory and disk of a running sandbox at one instant (it is paused for that instant
         only), kept under ``STATE/snapshots`` until deleted, whatever becomes of the sandbox."""
         sbx = self.get(sandbox_id)
@@ -534,13 +534,14 @@ class SandboxService:
                 proc = await sbx.channel.spawn(["/bin/sync"], user="root")
                 async for _event in proc.events():
                     pass
-            rec = await _finish_thread(self._take_snapshot, sbx, name, hidden, memory)
+            rec = await _finish_thread(self._take_snapshot, sbx, name, hidden, memory, shared)
         self.counters.snapshots += 1
         log.info("sandbox %s: snapshot %s taken (guest paused %.0f ms, %.2f s in all, %.1f MiB of RAM kept)",
                  sandbox_id, rec.snapshot_id, rec.paused_seconds * 1000, rec.seconds, rec.ram_bytes / 2**20)
         return rec
 
-    def _take_snapshot(self, sbx: Sandbox, name: str | None, hidden: bool, memory: bool) -> SnapshotRecord:
+    def _take_snapshot(self, sbx: Sandbox, name: str | None, hidden: bool, memory: bool,
+                       shared: bool) -> SnapshotRecord:
         from sandbox import snapshots
 
         r = sbx.record
@@ -560,7 +561,7 @@ class SandboxService:
 
         try:
             if memory:
-                ck = checkpoint.take(sbx.vm, snapshots.new_dir(sid) / "ckpt", at_instant)
+                ck = checkpoint.take(sbx.vm, snapshots.new_dir(sid) / "ckpt", at_instant, shared=shared)
                 rec.paused_seconds, rec.seconds, rec.ram_bytes = ck.paused_seconds, ck.seconds, ck.ram_bytes
             else:  # the disk alone (the guest's page cache was synced by the caller)
                 t0 = time.monotonic()
@@ -668,7 +669,8 @@ class SandboxService:
         timeout = DEFAULT_TIMEOUT if timeout is None else timeout
         check_timeout(timeout)
         src = self.get(sandbox_id)
-        snap = await self.snapshot(sandbox_id, hidden=True)
+        # the whole RAM, mapped by every child: they share the parent's pages of this instant
+        snap = await self.snapshot(sandbox_id, hidden=True, shared=True)
         try:
             sem = asyncio.Semaphore(FORK_CONCURRENCY)
 
@@ -677,7 +679,7 @@ class SandboxService:
                     return await self._from_snapshot(snap, timeout, dict(src.record.metadata), {}, time.monotonic())
 
             results = await asyncio.gather(*(one() for _ in range(count)), return_exceptions=True)
-        finally:
+        finally:  # the children map its RAM file: unlinked, it lives until the last of them ends
             await asyncio.shield(asyncio.to_thread(self._delete_snapshot, snap))
         log.info("sandbox %s forked: %d of %d running", sandbox_id,
                  sum(isinstance(r, Sandbox) for r in results), count)

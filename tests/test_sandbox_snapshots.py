@@ -182,6 +182,25 @@ def test_rollback_in_place_while_processes_hold_files_open(snode: Node) -> None:
         Sandbox.delete_snapshot(info.snapshot_id)
 
 
+def guest_ram_mb(sandbox_id: str) -> tuple[float, float]:
+    """(resident, of which the QEMU's own copies) MiB of the guest-RAM mapping of a sandbox's QEMU."""
+    import subprocess
+
+    pids = subprocess.run(["pgrep", "-f", f"qemu-system-x86_64 -name sbx-{sandbox_id}"], capture_output=True,
+                          text=True).stdout.split()
+    assert len(pids) == 1, pids
+    rss = anon = 0
+    in_ram = False
+    for line in Path(f"/proc/{pids[0]}/smaps").read_text().splitlines():
+        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+            in_ram = "memory-backend" in line or line.rstrip().endswith(("/ram", "/ram (deleted)"))
+        elif in_ram and line.startswith("Rss:"):
+            rss += int(line.split()[1])
+        elif in_ram and line.startswith("Anonymous:"):
+            anon += int(line.split()[1])
+    return rss / 1024, anon / 1024
+
+
 def test_fork_of_a_computing_sandbox_makes_children_that_diverge(snode: Node) -> None:
     from e2b import Sandbox
 
@@ -189,6 +208,11 @@ def test_fork_of_a_computing_sandbox_makes_children_that_diverge(snode: Node) ->
     forks: list = []
     try:
         pid = counting(sbx)
+        # 64 MiB the parent holds in memory: its children must share it, not each copy it
+        sbx.commands.run("python3 -c 'import os, time; b = os.urandom(64 << 20); open(\"/tmp/held\", \"w\").close(); "
+                         "time.sleep(3600)'", background=True)
+        while not sbx.files.exists("/tmp/held"):
+            time.sleep(0.2)
         before = count(sbx)
         forks = sbx.fork(count=3, timeout=120)
         assert len(forks) == 3 and all(isinstance(f, Sandbox) for f in forks), forks
@@ -203,6 +227,9 @@ def test_fork_of_a_computing_sandbox_makes_children_that_diverge(snode: Node) ->
                     for f in [sbx, *forks]}
         assert len(identity) == 4
         assert Sandbox.list_snapshots().next_items() == []  # the fork's own snapshot is gone
+        for f in forks:  # each child maps the parent's RAM of that instant: it copies only what it writes
+            _rss, own = guest_ram_mb(f.sandbox_id)  # (a load would have copied the 64 MiB into every child)
+            assert own < 32, own
         assert count(sbx)[0] == pid  # type: ignore[index]
     finally:
         for f in [sbx, *forks]:

@@ -63,6 +63,7 @@ class Checkpoint:
     paused_seconds: float = 0.0
     seconds: float = 0.0
     ram_pages: int = 0  # guest pages kept in ``ram`` (those that differ from the template)
+    ram_offset: int = 0  # not 0: ``ram`` is mapped from here, not loaded (memsnap.self_contained)
 
     @property
     def path(self) -> Path:
@@ -90,21 +91,34 @@ class Checkpoint:
         doc["dir"] = str(directory)
         return cls(**{k: v for k, v in doc.items() if k in cls.__dataclass_fields__})
 
-    def base_ram(self) -> Path | None:
-        return Template.load(self.template).dir / "ram" if self.template else None
+    def ram(self) -> Ram:
+        """Guest RAM of a VM restored from this checkpoint."""
+        if self.ram_offset:
+            return Ram(self.path / "ram", shared=False, offset=self.ram_offset)
+        if self.template:
+            return Ram(Template.load(self.template).dir / "ram", shared=False)
+        return Ram()
 
 
-def take(vm: Vm, dest: Path, at_instant: Callable[[], tuple[str | None, str | None]]) -> Checkpoint:
+def take(vm: Vm, dest: Path, at_instant: Callable[[], tuple[str | None, str | None]],
+         shared: bool = False) -> Checkpoint:
     """Checkpoint the running ``vm`` into the new directory ``dest``.  ``at_instant`` runs
     while the guest is paused and returns the (volume, snapshot) it made of the root.
-    On failure ``dest`` is removed and the VM runs on as it was."""
+    On failure ``dest`` is removed and the VM runs on as it was.
+
+    The RAM file keeps only what differs from the VM's template (restores load those
+    pages, each into a page of its own), unless ``shared`` or the VM has no template under
+    its RAM (a cold boot, a fork's child): then it holds the whole RAM and restores *map*
+    it, sharing every page the guests do not write: what a fork wants (its children share
+    the parent's memory of that instant, not only the template's)."""
     vm._running()
-    template = vm.info.get("template")
-    base = Template.load(template, check=False).dir / "ram" if template else None
+    template = vm.info.get("template") if not vm.info.get("ram_file") else None
+    base = Template.load(template, check=False).dir / "ram" if template and not shared else None
     spec = MachineSpec(Path(vm.info["kernel_dir"]), int(vm.info["memory_mb"]), int(vm.info.get("cpus", 1)),
                        vm.info["accel"])
     ck = Checkpoint(str(dest), spec.memory_mb, spec.cpus, spec.accel, str(spec.kernel_dir), machine_fingerprint(spec),
-                    template, None, None, datetime.now(UTC).isoformat(timespec="milliseconds"))
+                    template if base is not None else None, None, None,
+                    datetime.now(UTC).isoformat(timespec="milliseconds"))
     dest.mkdir(mode=0o700, parents=True)
     t0 = time.monotonic()
     written: list[bytes] = []
@@ -125,6 +139,7 @@ def take(vm: Vm, dest: Path, at_instant: Callable[[], tuple[str | None, str | No
         if base is not None:
             ck.ram_pages = memsnap.trim(dest / "ram", written[0])
         else:
+            ck.ram_offset = memsnap.self_contained(dest / "ram").pages_offset
             ck.ram_pages = (dest / "ram").stat().st_blocks * 512 // memsnap.PAGE
         os.chmod(dest / "ram", 0o600)
         ck.seconds = round(time.monotonic() - t0, 4)
@@ -166,9 +181,10 @@ def restore(name: str, root: Root, ck: Checkpoint, hostname: str | None = None, 
     try:
         root.serve(vm.fs_socket)
         phase("backend")
-        base = ck.base_ram()
-        machine = Machine(vm.dir, ck.spec, Ram(base, shared=False) if base else Ram(), fs_socket=str(vm.fs_socket),
-                          incoming=True)
+        ram = ck.ram()
+        if ck.ram_offset:  # mapped, not loaded: its later checkpoints cannot be trimmed against a template
+            vm.info["ram_file"] = str(ram.path)
+        machine = Machine(vm.dir, ck.spec, ram, fs_socket=str(vm.fs_socket), incoming=True)
         machine.start()
         vm.info["qemu_pid"] = machine.pid
         vm._save()

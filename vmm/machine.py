@@ -63,10 +63,12 @@ class MachineSpec:
 
 @dataclass
 class Ram:
-    """Where guest RAM lives: a shared memfd (None), or a file shared or private."""
+    """Where guest RAM lives: a shared memfd (None), or a file shared or private, from
+    ``offset`` (a checkpoint's RAM file holds the guest's pages from an offset on: memsnap)."""
 
     path: Path | None = None
     shared: bool = True
+    offset: int = 0
 
 
 class Machine:
@@ -109,7 +111,8 @@ class Machine:
             mem = f"memory-backend-memfd,id=mem,size={mb}M,share=on"
         else:
             mem = (f"memory-backend-file,id=mem,size={mb}M,mem-path={self.ram.path},"
-                   f"share={'on' if self.ram.shared else 'off'}")
+                   f"share={'on' if self.ram.shared else 'off'}" + (f",offset={self.ram.offset}" if self.ram.offset
+                                                                   else ""))
         argv = [
             qemu, "-name", self.dir.name, "-machine", "q35",
             # TCG's translation cache: 64 MiB, not the default 1 GiB, per VM

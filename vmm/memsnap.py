@@ -136,6 +136,21 @@ def trim(path: Path, written: bytes, block: str = "mem") -> int:
     return sum(written[: lay.pages])
 
 
+def self_contained(path: Path, block: str = "mem") -> Layout:
+    """Make the mapped-ram file ``path`` a RAM image that QEMU maps rather than loads: its
+    pages region *is* the guest's RAM (a page QEMU left out is zero, and a hole reads as zero),
+    so a restore maps the file privately from ``pages_offset`` and every VM restored from it
+    shares its pages in the page cache; the bitmap is cleared so that the load reads no page
+    (reading would copy each one into a private page of its own)."""
+    lay = layout(path, block)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, bytes((lay.pages + 7) // 8), lay.bitmap_offset)
+    finally:
+        os.close(fd)
+    return lay
+
+
 def _pack_bits(flags: bytes) -> bytes:
     """One byte per page (0/1) -> a little-endian bitmap, 8 pages a byte."""
     bits = int("".join("1" if f else "0" for f in reversed(flags)) or "0", 2)
