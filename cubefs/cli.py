@@ -212,6 +212,11 @@ def make_parser(plugins: bool = True) -> argparse.ArgumentParser:
                    "vhost-user socket QEMU's vhost-user-fs device connects to, and the daemon ends with the VM; "
                    "'vhost-user-blk' serves a block volume ('volume create NAME --block SIZE') to QEMU's "
                    "vhost-user-blk device the same way")
+    p.add_argument("--shared", action="store_true",
+                   help="with --volume and --transport virtiofs: served by the node's one root host for the "
+                   "volume's image (forked by the mount server when none runs), which holds the image's metadata "
+                   "and caches once for every VM root over it instead of a daemon per VM; the mount ends when its "
+                   "VM disconnects, the host 60 s after its last mount")
     p.add_argument("--peers", default="", metavar="HOST:PORT,...",
                    help="peer chunk servers ('cubefs serve --listen') asked before the store, this node's own "
                    "included; each chunk is asked of the one peer that owns it")
@@ -577,6 +582,10 @@ def _mount_target(args: argparse.Namespace) -> tuple[str, str]:
     args.mountpoint = args.targets[-1]
     args.volume_dir = os.path.abspath(args.volume_dir or volume_cli.default_volume_dir())
     mp = os.path.abspath(args.mountpoint)
+    if getattr(args, "shared", False) and (not args.volume or args.transport != "virtiofs" or args.foreground
+                                           or args.no_server or args.record_trace):
+        raise UsageError("--shared mounts a volume (--volume) over --transport virtiofs through the node's mount "
+                         "server (not with --foreground, --no-server or --record-trace)")
     if args.transport in ("virtiofs", "vhost-user-blk"):
         if os.path.isdir(mp) or not os.path.isdir(os.path.dirname(mp)):
             raise UsageError(f"with --transport {args.transport}, {args.mountpoint} must be a socket path in an "
@@ -658,6 +667,11 @@ def cmd_umount(args: argparse.Namespace) -> int:
         info = {}
         if not os.path.ismount(mp):
             raise
+    if info.get("shared"):  # one mount of a root host that serves other VMs too: only this one ends
+        from cubefs.node.roots import end_shared_mount
+
+        end_shared_mount(mp, info, drop_now=True)
+        return EXIT_OK
     if info.get("transport") in ("virtiofs", "vhost-user-blk"):  # a daemon serving a VM: no mount to detach
         try:
             os.kill(int(info["pid"]), signal.SIGTERM)

@@ -70,6 +70,23 @@ class MountOptions:
     supervisor_fd: int = -1  # the link to the mount server that keeps this mount's /dev/fuse
     resume: dict[str, Any] | None = None  # a replacement's: fd, session, image, restarts (cubefs.node.supervise)
 
+    @classmethod
+    def from_args(cls, args: Any, mountpoint: str, cache_dir: str,
+                  supervision: dict[str, Any] | None = None) -> MountOptions:
+        """The options of ``cubefs mount``'s parsed ``args`` (as the mount server got them)."""
+        return cls(
+            ref=args.ref, mountpoint=mountpoint, store_url=args.store, s3_endpoint=args.s3_endpoint,
+            cache_dir=cache_dir, memory_cache=args.memory_cache, disk_cache=args.cache_size,
+            readahead=args.readahead, pack_readahead=args.pack_readahead, read_timeout=args.read_timeout,
+            store_timeout=args.store_timeout, store_attempts=args.store_attempts,
+            transport=getattr(args, "transport", "kernel"), record_trace=getattr(args, "record_trace", False),
+            prefetch=getattr(args, "prefetch", True),
+            peers=tuple(p.strip() for p in (getattr(args, "peers", "") or "").split(",") if p.strip()),
+            peer_timeout=getattr(args, "peer_timeout", 3.0),
+            volume=getattr(args, "volume", None), volume_dir=getattr(args, "volume_dir", "") or "",
+            supervisor_fd=int((supervision or {}).get("fd", -1)), resume=(supervision or {}).get("resume"),
+        )
+
 
 def run_daemon(opts: MountOptions, notify: Any = None) -> int:
     """Mount and serve until unmounted; ``notify(msg)`` reports ready or an error.  The

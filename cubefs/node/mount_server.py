@@ -30,6 +30,7 @@ either), which is what makes ``fork`` safe here.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import json
 import logging
@@ -43,7 +44,7 @@ from collections.abc import Callable
 from typing import Any
 
 from cubefs.errors import EXIT_ERROR, EXIT_OK, CubefsError
-from cubefs.node import control, supervise
+from cubefs.node import control, roots, supervise
 from cubefs.node.supervise import Supervised
 
 log = logging.getLogger("cubefs")
@@ -98,17 +99,7 @@ def serve_mount(args: argparse.Namespace, mp: str, cache_dir: str, notify: Calla
     ``supervision``: the mount server's link (``fd``) and, for a replacement, ``resume``."""
     from cubefs.node.mount import MountOptions, run_daemon
 
-    opts = MountOptions(
-        ref=args.ref, mountpoint=mp, store_url=args.store, s3_endpoint=args.s3_endpoint, cache_dir=cache_dir,
-        memory_cache=args.memory_cache, disk_cache=args.cache_size, readahead=args.readahead,
-        pack_readahead=args.pack_readahead, read_timeout=args.read_timeout, store_timeout=args.store_timeout,
-        store_attempts=args.store_attempts, transport=getattr(args, "transport", "kernel"),
-        record_trace=getattr(args, "record_trace", False), prefetch=getattr(args, "prefetch", True),
-        peers=tuple(p.strip() for p in (getattr(args, "peers", "") or "").split(",") if p.strip()),
-        peer_timeout=getattr(args, "peer_timeout", 3.0),
-        volume=getattr(args, "volume", None), volume_dir=getattr(args, "volume_dir", "") or "",
-        supervisor_fd=int((supervision or {}).get("fd", -1)), resume=(supervision or {}).get("resume"),
-    )
+    opts = MountOptions.from_args(args, mp, cache_dir, supervision)
     try:
         return run_daemon(opts, notify)
     except CubefsError as err:
@@ -232,6 +223,8 @@ def start_mount(args: argparse.Namespace, mp: str, cache_dir: str) -> int:
         if text not in (None, "stale"):
             return _report(text, args, mp, log_path, f"daemon forked by the mount server {server}")
         log.info("mount server %s does not answer; starting a daemon here", server)
+    if getattr(args, "shared", False):  # --no-server and --foreground are refused with --shared
+        log.warning("no mount server answers on %s: %s is served by a daemon of its own, not shared", server, mp)
     r, w = os.pipe()
     pid = _fork_daemon(args, mp, cache_dir, w)
     os.close(w)
@@ -364,16 +357,22 @@ def run_mount_server(path: str, idle_exit: float | None = None) -> int:
     signal.signal(signal.SIGINT, stop)
     log.info("mount server listening on %s (pid %d, code %s)", path, os.getpid(), fingerprint)
     idle_since = time.monotonic()
+    hosts: dict[str, roots.HostLink] = {}  # root hosts of --shared mounts, by key (cubefs.node.roots)
+    host_idle = roots.host_idle_exit()
     while not stopping:
         upgrade.step(mounts)
+        roots.retire_idle(hosts, host_idle)
         # poll, not select: a node's hundreds of mounts hold descriptors past select's 1024
         poller = select.poll()
-        for fd in (srv.fileno(), *mounts):
+        links = {h.sock.fileno(): h for h in hosts.values()}
+        for fd in (srv.fileno(), *mounts, *links):
             poller.register(fd, select.POLLIN)
         try:
             ready = {fd for fd, _ev in poller.poll(500)}
         except InterruptedError:
             continue
+        for fd in [f for f in links if f in ready]:  # before any new mount: a dead host takes none
+            roots.host_said(hosts, links[fd])
         for key in [k for k in mounts if k in ready]:
             m = mounts.pop(key)
             if m.receive():
@@ -382,7 +381,7 @@ def run_mount_server(path: str, idle_exit: float | None = None) -> int:
             successor = _daemon_gone(m, mounts, srv, lock_fd)
             upgrade.replaced(m, successor)
         if srv.fileno() not in ready:
-            if idle_exit is not None and not mounts and time.monotonic() - idle_since > idle_exit:
+            if idle_exit is not None and not mounts and not hosts and time.monotonic() - idle_since > idle_exit:
                 log.info("no mount request for %.0f s; exiting", idle_exit)
                 break
             continue
@@ -417,9 +416,14 @@ def run_mount_server(path: str, idle_exit: float | None = None) -> int:
                 continue  # an older client: it mounts without us
             log.info("%s; exiting so that a current server takes over", why)
             break
+        if roots.wants_host(request["args"]):
+            _to_host(request, conn, hosts, srv, lock_fd)
+            continue
         m = _spawn(request, conn, mounts, srv, lock_fd)
         log.info("forked mount daemon %d for %s at %s", m.pid, request["args"].get("ref"), request["mountpoint"])
         conn.close()
+    for h in hosts.values():  # root hosts too; each exits after its last mount
+        h.sock.close()
     for m in mounts.values():  # the daemons go on serving, unsupervised
         m.sock.close()
         if m.fuse_fd >= 0:
@@ -476,6 +480,74 @@ def _spawn(request: dict[str, Any], conn: socket.socket | None, mounts: dict[int
     m = Supervised(request, ours, pid)
     mounts[ours.fileno()] = m
     return m
+
+
+def _to_host(request: dict[str, Any], conn: socket.socket, hosts: dict[str, roots.HostLink],
+             srv: socket.socket, lock_fd: int) -> None:
+    """A --shared mount: to the root host of its image, which answers the client on ``conn``."""
+    def spawn(key: str, image: dict[str, Any]) -> roots.HostLink:
+        return _spawn_host(request, key, image, srv, lock_fd)
+
+    try:
+        host = roots.send_mount(hosts, request, conn, spawn)
+        log.info("mount of volume %s at %s sent to root host %d (%d mounts)", request["args"].get("volume"),
+                 request["mountpoint"], host.pid, len(host.mounts))
+    except CubefsError as err:
+        with contextlib.suppress(OSError):
+            conn.sendall(f"error {err.exit_code} {err}\n".encode())
+    except Exception as err:  # a broken volume index, say: this request fails, the server goes on
+        log.exception("cannot send the mount at %s to a root host", request["mountpoint"])
+        with contextlib.suppress(OSError):
+            conn.sendall(f"error {EXIT_ERROR} {type(err).__name__}: {err}\n".encode())
+    finally:
+        conn.close()
+
+
+def _spawn_host(request: dict[str, Any], key: str, image: dict[str, Any], srv: socket.socket,
+                lock_fd: int) -> roots.HostLink:
+    """Fork the root host for ``key`` (see cubefs.node.roots); the request is sent to it after."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pid = os.fork()
+    if pid == 0:
+        code = EXIT_ERROR
+        try:
+            srv.close()
+            os.close(lock_fd)
+            for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, signal.SIG_DFL)
+            ours.close()
+            code = _become_host(request, theirs.detach(), key, image)
+        finally:
+            os._exit(code)
+    theirs.close()
+    ours.setblocking(False)  # the server never waits on a host (see roots._send)
+    label = f"{image.get('ref', 'empty volumes')} in {request['args'].get('volume_dir')}"
+    log.info("forked root host %d for %s (key %s)", pid, label, key)
+    return roots.HostLink(key, pid, ours, label)
+
+
+def _become_host(request: dict[str, Any], link_fd: int, key: str, image: dict[str, Any]) -> int:
+    from cubefs.humanize import setup_logging
+
+    os.setsid()
+    _close_all_but({link_fd})
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    logfd = os.open(roots.log_path(request["cache_dir"], key), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.dup2(logfd, 1)
+    os.dup2(logfd, 2)
+    os.close(devnull)
+    os.close(logfd)
+    _adopt_client(request)
+    setup_logging(int(request["args"].get("verbose") or 0), daemon=True)
+    try:
+        return roots.host_main(request, link_fd, key, image)
+    except CubefsError as err:
+        log.error("%s", err)
+        return err.exit_code
+    except BaseException:
+        log.exception("root host failed")
+        return EXIT_ERROR
 
 
 def _daemon_gone(m: Supervised, mounts: dict[int, Supervised], srv: socket.socket,
@@ -548,7 +620,7 @@ def _read_request(conn: socket.socket) -> dict[str, Any] | None:
     return request
 
 
-def _server_child(request: dict[str, Any], notify_fd: int, supervision: dict[str, Any]) -> int:
+def _adopt_client(request: dict[str, Any]) -> None:
     # The client's store settings replace the server's; they must not mix (a
     # server's session token with a client's key, the server's default store...).
     for key in [k for k in os.environ if k.startswith(_ENV_PREFIXES) or k in _ENV_NAMES]:
@@ -558,5 +630,9 @@ def _server_child(request: dict[str, Any], notify_fd: int, supervision: dict[str
         os.chdir(request.get("cwd") or "/")
     except OSError:
         os.chdir("/")
+
+
+def _server_child(request: dict[str, Any], notify_fd: int, supervision: dict[str, Any]) -> int:
+    _adopt_client(request)
     args = argparse.Namespace(**request["args"])
     return _become_daemon(args, request["mountpoint"], request["cache_dir"], notify_fd, supervision)
