@@ -84,6 +84,9 @@ class Root:
     s3_endpoint: str | None = None
     cache_dir: str | None = None
     volume_dir: str | None = None
+    # A volume root served by the node's root host for its image (cubefs.node.roots), with every
+    # other shared root over that image: ~22 MB less host memory per VM than a daemon of its own.
+    shared: bool = False
 
     @property
     def read_only(self) -> bool:
@@ -107,7 +110,8 @@ class Root:
 
         target = ["--volume", self.volume] if self.volume else [str(self.image)]
         argv = [*target, str(socket_path), "--transport", "virtiofs",
-                *self.args("--store", "--s3-endpoint", "--cache-dir", *(["--volume-dir"] if self.volume else []))]
+                *self.args("--store", "--s3-endpoint", "--cache-dir", *(["--volume-dir"] if self.volume else [])),
+                *(["--shared"] if self.shared and self.volume else [])]
         try:
             if mount_through_server(argv):
                 return
@@ -121,7 +125,7 @@ class Root:
     def own_volume(self, name: str) -> Root:
         """A new volume over this image (a copy-on-write clone of it, O(1)) as the root."""
         self.cubefs_volume("volume", "create", name, "--from", str(self.image), *self.args("--store", "--s3-endpoint"))
-        return Root(None, name, self.store, self.s3_endpoint, self.cache_dir, self.volume_dir)
+        return Root(None, name, self.store, self.s3_endpoint, self.cache_dir, self.volume_dir, self.shared)
 
 
 def cubefs(*args: str) -> str:
@@ -405,10 +409,17 @@ class Vm:
 
     def _stop_root(self) -> None:
         """End the root's daemon (it ends by itself when QEMU goes) and wait until it
-        has: a volume is synced and unlocked only then."""
+        has: a volume is synced and unlocked only then.  A shared root's host serves other
+        VMs: only this VM's mount ends (its host is never signalled)."""
         try:
-            pid = int(control.read_registry(str(self.fs_socket)).get("pid", 0))
+            info = control.read_registry(str(self.fs_socket))
+            pid = int(info.get("pid", 0))
         except (CubefsError, OSError, ValueError):
+            return
+        if info.get("shared"):
+            from cubefs.node.roots import end_shared_mount
+
+            end_shared_mount(str(self.fs_socket), info)
             return
         if pid and not wait_gone(pid, 2):
             try:
