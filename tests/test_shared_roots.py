@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import struct
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -191,3 +192,50 @@ def test_shared_needs_a_volume_over_virtiofs(tmp_path: Path, volumes: dict[str, 
         res = run_cubefs("mount", "--volume", "a", str(tmp_path / "x.sock"), "--shared", *extra,
                          *[a for kv in volumes.items() for a in kv], check=False)
         assert res.returncode == 2 and "--shared mounts a volume" in res.stderr, res.stderr
+
+
+def test_two_vms_from_one_template_run_on_one_root_host(tmp_path: Path, rootfs: Path, server: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real QEMU: two VMs restored from one template, each on its own volume, both roots
+    served by one host; destroying one VM ends its mount only, the other runs on."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from make_vm_kernel import DEFAULT, make_kernel
+
+    from vmm.machine import MachineSpec
+    from vmm.vm import Root, Vm
+
+    env = {"CUBEFS_VM_DIR": str(tmp_path / "vm"), "CUBEFS_TEMPLATE_DIR": str(tmp_path / "templates"),
+           "CUBEFS_VOLUME_DIR": str(tmp_path / "vols"), "CUBEFS_STORE": f"file://{tmp_path / 'store'}",
+           "CUBEFS_CACHE_DIR": str(tmp_path / "cache"), "CUBEFS_VM_KERNEL": str(make_kernel(Path(DEFAULT)))}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    run_cubefs("build", str(rootfs), "--tag", "debian:12")
+    run_cubefs("vm", "template", "create", "base", "--accel", "tcg")
+    spec = MachineSpec(Path(env["CUBEFS_VM_KERNEL"]), 512, 1, "tcg")
+    vms: list[Vm] = []
+    try:
+        for name in ("one", "two"):
+            run_cubefs("volume", "create", name, "--from", "debian:12")
+            root = Root(volume=name, store=env["CUBEFS_STORE"], cache_dir=env["CUBEFS_CACHE_DIR"],
+                        volume_dir=env["CUBEFS_VOLUME_DIR"], shared=True)
+            vms.append(Vm.start(name, root, spec, template="base"))
+        one, two = vms
+        entries = [control.read_registry(str(v.fs_socket)) for v in vms]
+        host = entries[0]["pid"]
+        assert entries[1]["pid"] == host and entries[0]["shared"]["mount"] != entries[1]["shared"]["mount"]
+        for v in vms:
+            done = v.exec(["python3", "-c", f"open('/root/who', 'w').write('{v.name}'); print(6 * 7)"])
+            assert (done.exit_code, done.stdout) == (0, b"42\n"), done
+        assert one.exec(["cat", "/root/who"]).stdout == b"one" and two.exec(["cat", "/root/who"]).stdout == b"two"
+        t0 = time.monotonic()
+        one.destroy()
+        took = time.monotonic() - t0
+        assert not os.path.exists(control.registry_path(str(one.fs_socket)))
+        os.kill(host, 0)  # the host serves on
+        done = two.exec(["python3", "-c", "import json; print(open('/root/who').read())"])
+        assert (done.exit_code, done.stdout) == (0, b"two\n"), done
+        assert took < 10, f"destroying a VM on a shared root took {took:.1f} s"
+    finally:
+        for v in vms:
+            v.destroy()
+    _gone(host, 15)  # no mount left: the host exits
