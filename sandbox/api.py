@@ -24,7 +24,7 @@ from aiohttp import web
 from cubefs.errors import CubefsError, NotFoundError, UsageError
 from sandbox.config import ApiKeys
 from sandbox.pool import CapacityError
-from sandbox.service import ConflictError, SandboxService
+from sandbox.service import ConflictError, NoSpaceError, SandboxService
 
 log = logging.getLogger("cubefs.sandbox.api")
 
@@ -79,6 +79,8 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error(404, str(err))
     except ConflictError as err:
         return error(409, str(err))
+    except NoSpaceError as err:
+        return error(507, str(err))
     except CapacityError as err:  # final here: a scheduler places it on another node, the SDK must not retry
         return error(429, str(err), headers={"Should-Retry": "false"})
     except UsageError as err:

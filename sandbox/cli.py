@@ -71,6 +71,9 @@ def add_parsers(sub: Any, store_args: Any) -> None:
     q.add_argument("--pool-size", type=int, default=2, metavar="N",
                    help="sandboxes kept made and paused per template, so a create only resumes one (default 2; "
                    "0: none)")
+    q.add_argument("--snapshot-dir", default=None, metavar="DIR",
+                   help="where sandbox snapshots (their RAM) are kept (default $CUBEFS_SNAPSHOT_DIR, "
+                   "else STATE/snapshots)")
     q.add_argument("--max-vcpus", type=int, default=None, help="vCPUs this node holds (default 16 per host CPU)")
     q.add_argument("--max-memory", type=int, default=None, metavar="MB",
                    help="guest memory this node holds (default: the host's); past either limit a create is "
@@ -260,6 +263,10 @@ def _serve(args: argparse.Namespace) -> int:
     if args.pool_size < 0:
         raise UsageError("--pool-size must be 0 or more")
     keys = ApiKeys.load(args.api_key_file)
+    if args.snapshot_dir:
+        import os
+
+        os.environ["CUBEFS_SNAPSHOT_DIR"] = os.path.abspath(args.snapshot_dir)
     capacity = Capacity.of_host(vcpus=args.max_vcpus, memory_mb=args.max_memory)
     logging.getLogger("cubefs").setLevel(min(logging.getLogger("cubefs").getEffectiveLevel(), logging.INFO))
     asyncio.run(serve(parse_listen(args.api_listen, 3000), parse_listen(args.proxy_listen, 3002), keys,

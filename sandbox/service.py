@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -64,6 +65,10 @@ FORK_CONCURRENCY = 4  # restores at once: each is a QEMU start and a load, CPU-b
 
 class ConflictError(CubefsError):
     """The sandbox is not in a state for this (pausing a paused one): 409."""
+
+
+class NoSpaceError(CubefsError):
+    """The node's disk is full (a snapshot's RAM did not fit): 507."""
 
 
 def new_id() -> str:
@@ -574,9 +579,15 @@ class SandboxService:
                 index.remove_snapshot(r.volume, made[0])
             index.sync_all()
             rec.save()
-        except BaseException:
+        except BaseException as err:
             snapshots.remove_dir(sid)
             self._remove_volume(rec.volume, opts)
+            if made:  # the sandbox's own snapshot of that instant, if the failure came after it
+                with self._index_lock, contextlib.suppress(CubefsError):
+                    index.remove_snapshot(r.volume, made[0])
+            if (isinstance(err, OSError) and err.errno == errno.ENOSPC) or "No space left" in str(err):
+                raise NoSpaceError(f"sandbox {r.sandbox_id}: no room for its snapshot in "
+                                   f"{snapshots.snapshots_dir()} (disk full); the sandbox runs on") from None
             raise
         return rec
 

@@ -16,6 +16,7 @@ a sandbox from it and ``DELETE /templates/{snapshotID}`` removes it.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import shutil
 import string
@@ -30,7 +31,10 @@ READY = "ready"
 
 
 def snapshots_dir() -> Path:
-    return state_dir() / "snapshots"
+    """``$CUBEFS_SNAPSHOT_DIR`` (``serve --snapshot-dir``: snapshots hold guest RAM, and may
+    want a disk of their own), else ``STATE/snapshots``."""
+    override = os.environ.get("CUBEFS_SNAPSHOT_DIR")
+    return Path(override) if override else state_dir() / "snapshots"
 
 
 def new_snapshot_id() -> str:

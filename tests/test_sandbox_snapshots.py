@@ -345,3 +345,65 @@ def test_a_service_killed_in_the_middle_of_a_fork_of_ten_leaves_nothing_half_mad
             Sandbox.kill(other)
     finally:
         sbx.kill()
+
+
+def test_a_full_disk_fails_the_snapshot_alone(snode: Node, tmp_path: Path) -> None:
+    """Snapshots on a 48 MiB filesystem (a 256 MiB guest's RAM does not fit): 507, the sandbox
+    runs on untouched, and nothing of the snapshot is left: no file, no volume, no snapshot."""
+    from contextlib import contextmanager
+
+    from conftest import small_tmpfs
+    from e2b import Sandbox
+
+    with contextmanager(small_tmpfs)(tmp_path / "full", "48m") as full:
+        snode.stop()
+        snode.env["CUBEFS_SNAPSHOT_DIR"] = str(full)
+        snode.start()
+        sbx = Sandbox.create(timeout=120)
+        try:
+            pid = counting(sbx)
+            before = leftovers(snode)
+            status, body, _ = snode.api("POST", f"/sandboxes/{sbx.sandbox_id}/snapshots", {})
+            assert status == 507 and "disk full" in body["message"], body  # type: ignore[index]
+            assert list(full.iterdir()) == []
+            assert leftovers(snode) == before
+            goes_on(sbx, pid, 1)
+            import json
+
+            assert json.loads(run_cubefs("snapshots", f"sbx-{sbx.sandbox_id}-0", "--json", env=snode.env).stdout) == []
+        finally:
+            sbx.kill()
+            snode.stop()
+            del snode.env["CUBEFS_SNAPSHOT_DIR"]
+            snode.start()
+
+
+def test_a_snapshot_of_fifty_writers_is_of_one_instant(snode: Node) -> None:
+    """50 processes append numbers to files as fast as they can: a sandbox made from a snapshot
+    taken under that load has all 50 still running, and every file counts 1, 2, 3... with no
+    hole and no repeat (what its writers had appended at the instant, then their own)."""
+    from e2b import Sandbox
+
+    sbx = Sandbox.create(timeout=300)
+    child = None
+    try:
+        sbx.commands.run("mkdir -p ~/w; for i in $(seq 50); do (n=0; while :; do n=$((n+1)); echo $n >> ~/w/$i; "
+                         "done) & done; sleep 1", background=True)
+        time.sleep(3)
+        info = sbx.create_snapshot()
+        child = Sandbox.create(info.snapshot_id, timeout=120)
+        time.sleep(1)
+        script = ("import glob\nbad = []\nfor f in glob.glob('/home/user/w/*'):\n"
+                  "    xs = [int(x) for x in open(f).read().split()]\n"
+                  "    if xs != list(range(1, len(xs) + 1)): bad.append((f, len(xs)))\n"
+                  "print(len(glob.glob('/home/user/w/*')), bad)")
+        out = child.commands.run(f"python3 -c \"{script}\"").stdout
+        assert out == "50 []\n", out
+        writers = child.commands.run("ps -eo args | grep -c '^bash' || true").stdout
+        assert int(writers) >= 50, writers
+    finally:
+        for s in (sbx, child):
+            if s is not None:
+                s.kill()
+        with __import__("contextlib").suppress(Exception):
+            Sandbox.delete_snapshot(info.snapshot_id)

@@ -377,13 +377,16 @@ class ServerStream:
         """Send the headers now (chunked), so the client sees the stream start before any event."""
         self._response.enable_chunked_encoding()
         await self._response.prepare(self._request)
-        if self._keepalive is not None:
-            interval = keepalive_interval(self._request)
-            self._keepalive_task = asyncio.create_task(self._keepalives(interval))
 
     async def send(self, message: dict[str, Any]) -> None:
-        """Write one data envelope; raises ConnectionResetError when the client has gone."""
+        """Write one data envelope; raises ConnectionResetError when the client has gone.  Keepalives
+        start after the first: the SDK reads the first event as the stream's own (a process's
+        ``start``) and fails on a keepalive there — which a guest slow to spawn (50 busy loops
+        under TCG) made happen."""
         await self._write(envelope(message))
+        if self._keepalive is not None and self._keepalive_task is None:
+            interval = keepalive_interval(self._request)
+            self._keepalive_task = asyncio.create_task(self._keepalives(interval))
 
     async def send_raw(self, data: bytes) -> None:
         """Write one envelope made by :func:`raw_envelope`."""
