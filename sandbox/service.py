@@ -35,6 +35,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -304,26 +305,36 @@ class SandboxService:
     async def _build(self, template: SandboxTemplate, state: str, disk: tuple[str, str] | None = None) -> Sandbox:
         """Make a sandbox of ``template`` up to its start command running (``state``: creating
         or pooled).  Capacity is booked before anything is made; a failure leaves nothing."""
+        async with self._making(template.name, template.cpus, template.memory_mb, f"template {template.name}",
+                                state=state) as sbx:
+            vm = await _finish_thread(self._start_vm, template, sbx.record, disk)
+            await self._connect(sbx, vm)
+            await self._start_command(sbx, template)
+        return sbx
+
+    @contextlib.asynccontextmanager
+    async def _making(self, template: str, cpus: int, memory_mb: int, what: str,
+                      **fields: Any) -> AsyncIterator[Sandbox]:
+        """A new sandbox's record, booked (capacity), written (``creating``: a restarted service
+        cleans it away) and counted as being made while the body makes it; a body that fails
+        (or is cancelled) leaves nothing of it."""
         now = time.time()
         sid = new_id()
-        record = SandboxRecord(sid, template.name, f"sbx-{sid}", f"sbx-{sid}-0", secrets.token_urlsafe(24), now,
-                               now, template.cpus, template.memory_mb, state=state)
-        self.capacity.reserve(sid, template.cpus, template.memory_mb)
+        record = SandboxRecord(sid, template, f"sbx-{sid}", f"sbx-{sid}-0", secrets.token_urlsafe(24), now, now,
+                               cpus, memory_mb, **fields)
+        self.capacity.reserve(sid, cpus, memory_mb)
         record.save()
         self.creating.add(sid)
         sbx = Sandbox(record)
         try:
-            vm = await _finish_thread(self._start_vm, template, record, disk)
-            await self._connect(sbx, vm)
-            await self._start_command(sbx, template)
+            yield sbx
         except BaseException as err:
             self.counters.create_failed += 1
-            log.warning("sandbox %s (template %s): making it failed: %s", sid, template.name, err)
+            log.warning("sandbox %s (%s): making it failed: %s", sid, what, err)
             await self._finish(sbx)
             raise
         finally:
             self.creating.discard(sid)
-        return sbx
 
     async def _assign(self, sbx: Sandbox, timeout: int, metadata: dict[str, str], env_vars: dict[str, str],
                       resume: bool) -> None:
@@ -635,26 +646,13 @@ class SandboxService:
     async def _from_snapshot(self, snap: SnapshotRecord, timeout: int, metadata: dict[str, str],
                              env_vars: dict[str, str], t0: float) -> Sandbox:
         """A new sandbox that continues from ``snap``: its processes, memory and files."""
-        now = time.time()
-        sid = new_id()
-        record = SandboxRecord(sid, snap.template, f"sbx-{sid}", f"sbx-{sid}-0", secrets.token_urlsafe(24), now,
-                               now, snap.cpus, snap.memory_mb, env_vars=dict(snap.env_vars))
-        self.capacity.reserve(sid, snap.cpus, snap.memory_mb)
-        record.save()
-        self.creating.add(sid)
-        sbx = Sandbox(record)
-        try:
-            vm = await _finish_thread(self._restore_vm, snap, record)
+        async with self._making(snap.template, snap.cpus, snap.memory_mb, f"snapshot {snap.snapshot_id}",
+                                env_vars=dict(snap.env_vars)) as sbx:
+            vm = await _finish_thread(self._restore_vm, snap, sbx.record)
             await self._connect(sbx, vm)
             await self._freshen(sbx)
             await self._assign(sbx, timeout, metadata, {**snap.env_vars, **env_vars}, resume=False)
-        except BaseException as err:
-            self.counters.create_failed += 1
-            log.warning("sandbox %s (snapshot %s): create failed: %s", sid, snap.snapshot_id, err)
-            await self._finish(sbx)
-            raise
-        finally:
-            self.creating.discard(sid)
+        sid, record = sbx.id, sbx.record
         self.sandboxes[sid] = sbx
         took = time.monotonic() - t0
         self.counters.created += 1

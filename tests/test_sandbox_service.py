@@ -84,13 +84,18 @@ class Node:
 
 @pytest.fixture(scope="module")
 def node(rootfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
-    base = tmp_path_factory.mktemp("sandboxes")
+    yield from node_in(tmp_path_factory.mktemp("sandboxes"), rootfs)
+
+
+def node_in(base: Path, rootfs: Path, *template_args: str) -> Iterator[Node]:
+    """A service in ``base`` with a ``base`` template of ``rootfs`` (``template_args`` for its
+    size), the SDK's environment pointed at it while it runs; everything removed afterwards."""
     env = {"CUBEFS_VM_DIR": str(base / "vm"), "CUBEFS_TEMPLATE_DIR": str(base / "templates"),
            "CUBEFS_VOLUME_DIR": str(base / "volumes"), "CUBEFS_STORE": f"file://{base / 'store'}",
            "CUBEFS_CACHE_DIR": str(base / "cache"), "CUBEFS_VM_KERNEL": str(make_kernel(Path(DEFAULT))),
            "CUBEFS_SANDBOX_DIR": str(base / "sandbox"), "CUBEFS_SANDBOX_API_KEY": API_KEY}
     run_cubefs("build", str(rootfs), "--tag", "debian:12", env=env)
-    run_cubefs("sandbox", "template", "create", "base", "--from", "debian:12", env=env, timeout=600)
+    run_cubefs("sandbox", "template", "create", "base", "--from", "debian:12", *template_args, env=env, timeout=600)
     n = Node(env, *free_ports(2))
     n.start()
     old = {k: os.environ.get(k) for k in n.sdk_env}

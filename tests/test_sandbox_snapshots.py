@@ -8,7 +8,6 @@ and that the files are the snapshot's.  One service and one template for the mod
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 import time
@@ -16,11 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import free_ports, run_cubefs
-from test_sandbox_service import API_KEY, Node
+from conftest import run_cubefs
+from test_sandbox_service import Node, node_in
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-from make_vm_kernel import DEFAULT, make_kernel
 
 # Counts in RAM, says where it is in /tmp/count (the guest's tmpfs: RAM too), appends to a
 # file it holds open in the root, and keeps an unlinked file open whose content it checks.
@@ -43,26 +41,7 @@ while True:
 
 @pytest.fixture(scope="module")
 def snode(rootfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
-    base = tmp_path_factory.mktemp("snapshots")
-    env = {"CUBEFS_VM_DIR": str(base / "vm"), "CUBEFS_TEMPLATE_DIR": str(base / "templates"),
-           "CUBEFS_VOLUME_DIR": str(base / "volumes"), "CUBEFS_STORE": f"file://{base / 'store'}",
-           "CUBEFS_CACHE_DIR": str(base / "cache"), "CUBEFS_VM_KERNEL": str(make_kernel(Path(DEFAULT))),
-           "CUBEFS_SANDBOX_DIR": str(base / "sandbox"), "CUBEFS_SANDBOX_API_KEY": API_KEY}
-    run_cubefs("build", str(rootfs), "--tag", "debian:12", env=env)
-    run_cubefs("sandbox", "template", "create", "base", "--from", "debian:12", "--memory", "256", env=env,
-               timeout=600)
-    n = Node(env, *free_ports(2))
-    n.start()
-    old = {k: os.environ.get(k) for k in n.sdk_env}
-    os.environ.update(n.sdk_env)
-    yield n
-    n.stop()
-    run_cubefs("vm", "rm", "--all", env=env, check=False)
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    yield from node_in(tmp_path_factory.mktemp("snapshots"), rootfs, "--memory", "256")
 
 
 def counting(sbx: object) -> int:
