@@ -11,6 +11,7 @@ taken on the host with the VM paused, checked with e2fsck on the host.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import mmap
 import os
@@ -18,6 +19,8 @@ import select
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,6 +89,13 @@ class FakeFrontEnd:
         self.send(13, struct.pack("<Q", 0), (self.call,))
         self.send(18, struct.pack("<II", 0, 1))
         return {"features": features, "capacity": capacity, "size_max": size_max, "seg_max": seg_max}
+
+    def remap(self) -> None:
+        """The memory table again, as QEMU sends it when the guest's driver starts the device:
+        the rings are set up again on the new mapping."""
+        uva = 0x7F00_0000_0000
+        self.send(5, struct.pack("<II", 1, 0) + struct.pack("<QQQQ", 0, RAM, uva, 0), (self.memfd,))
+        self.send(9, struct.pack("<IIQQQQ", 0, 0, uva + RING, uva + RING + 0x200, uva + RING + 0x100, 0))
 
     def submit(self, descs: list[tuple[int, int, int]]) -> None:
         """A chain of (addr, len, flags) from slot 0, made available."""
@@ -194,6 +204,7 @@ def test_a_hostile_guest_fails_its_own_requests_only(disk: tuple[Path, str, int]
         pattern = os.urandom(192 * 1024)
         assert g.write(8, pattern) == S_OK  # across 64 KiB blocks, not aligned to them
         assert g.read(8, len(pattern)) == pattern
+        g.remap()
         assert g.read(0, 4096) == bytes(4096)
         status, ident = g.blk(T_GET_ID, room=20)
         assert status == S_OK and ident.rstrip(b"\0") == b"d"
@@ -292,3 +303,85 @@ def test_a_full_host_disk_is_an_io_error_and_loses_nothing(full_dir: Path, tmp_p
     finally:
         g.close()
     _gone(pid)
+
+
+# -- a real VM --------------------------------------------------------------------------------
+
+@pytest.mark.timeout(1800)  # one TCG boot; on a node shared with other VMs it can take minutes
+def test_ext4_in_a_vm_on_the_block_volume_and_a_snapshot_taken_paused_is_consistent(
+        rootfs: Path, tmp_path: Path, local_store: str) -> None:
+    """mkfs.ext4 on /dev/vda in the guest, files written and synced; the VM paused (QMP stop),
+    the volume snapshotted on the host, the VM resumed and more written.  On the host, the
+    snapshot's clone, exported, is an ext4 that needs nothing but its journal replayed (what
+    a mount does) to pass e2fsck, and holds the files as they were at the snapshot."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools" / "bench"))
+    from blk_disk import DiskMachine, guest_modules, load_modules
+    from make_vm_kernel import DEFAULT, make_kernel
+
+    from vmm.agent import Agent
+    from vmm.machine import MachineSpec, Ram
+
+    kernel = make_kernel(Path(DEFAULT))
+    modules = guest_modules(kernel)
+    cache, vdir = str(tmp_path / "cache"), tmp_path / "volumes"
+    run_cubefs("build", str(rootfs), "--tag", "debian:12", "--store", local_store)
+    run_cubefs("mount", "debian:12", str(tmp_path / "root.sock"), "--transport", "virtiofs", "--store", local_store,
+               "--cache-dir", cache)
+    run_cubefs("volume", "create", "vd", "--block", "256M", "--volume-dir", str(vdir))
+    blk_sock, blk_pid = _serve(tmp_path, "vd", vdir)
+    # Guest RAM in a file QEMU maps privately (as a template's clone does), so both back-ends reach it
+    # through QEMU's address space: with a shared memfd, QEMU's `cont` sends the memory table again and
+    # the virtio-fs back-end (as of this commit) fails on that (vmm/vhost_user_fs.py unmaps guest RAM
+    # while its rings still hold views of it); the block back-end handles both (see remap() above).
+    m = DiskMachine(tmp_path / "vm", MachineSpec(kernel, 512, 1, "tcg"), Ram(tmp_path / "ram", shared=False),
+                    fs_socket=str(tmp_path / "root.sock"), blk_socket=blk_sock)
+    m.start()
+    try:
+        with Agent(m.agent_path, "blk-test") as agent:
+            agent.connect(180)
+            agent.mount(True)
+            load_modules(agent, modules)
+
+            def sh(script: str) -> str:
+                res = agent.run(script, timeout=600)
+                assert res.exit_code == 0, (script, res.stderr.decode(errors="replace"), m.log_tail())
+                return res.stdout.decode()
+
+            sh("mkfs.ext4 -q -L cubefs /dev/vda && mkdir -p /dev/mnt && mount -t ext4 /dev/vda /dev/mnt")
+            before = sh("mkdir /dev/mnt/a && cp -a /usr/lib/python3.11/json /dev/mnt/a/ && "
+                        "dd if=/dev/urandom of=/dev/mnt/a/blob bs=1M count=8 2>/dev/null && sync && "
+                        "sha256sum /dev/mnt/a/blob | cut -d' ' -f1")
+            m.qmp.execute("stop")
+            t0 = time.monotonic()
+            run_cubefs("snapshot", "vd", "--name", "paused", "--volume-dir", str(vdir))
+            paused_for = time.monotonic() - t0
+            m.qmp.execute("cont")
+            sh("rm -rf /dev/mnt/a/json && dd if=/dev/urandom of=/dev/mnt/b bs=1M count=16 2>/dev/null && sync")
+            after = sh("sha256sum /dev/mnt/b | cut -d' ' -f1")
+            sh("umount /dev/mnt")
+            agent.poweroff()
+    finally:
+        m.stop()
+    _gone(blk_pid)  # the back-end ends with its VM (and flushed what it had)
+    # The snapshot, through a clone (O(1)), exported to a raw file.
+    run_cubefs("clone", "vd@paused", "--prefix", "check", "--volume-dir", str(vdir))
+    img = tmp_path / "snap.img"
+    run_cubefs("volume", "export", "check-0", str(img), "--volume-dir", str(vdir))
+    subprocess.run(["e2fsck", "-E", "journal_only", "-y", str(img)], capture_output=True)
+    res = subprocess.run(["e2fsck", "-fn", str(img)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    cat = subprocess.run(["debugfs", "-R", "cat /a/blob", str(img)], capture_output=True)
+    assert hashlib.sha256(cat.stdout).hexdigest() == before.strip()
+    listing = subprocess.run(["debugfs", "-R", "ls -l /a/json", str(img)], capture_output=True, text=True).stdout
+    assert "decoder.py" in listing
+    assert "File not found" in subprocess.run(["debugfs", "-R", "stat /b", str(img)], capture_output=True,
+                                              text=True).stderr
+    # The volume itself, unmounted cleanly in the guest: clean, with what came after.
+    img2 = tmp_path / "live.img"
+    run_cubefs("volume", "export", "vd", str(img2), "--volume-dir", str(vdir))
+    res = subprocess.run(["e2fsck", "-fn", str(img2)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    cat = subprocess.run(["debugfs", "-R", "cat /b", str(img2)], capture_output=True)
+    assert hashlib.sha256(cat.stdout).hexdigest() == after.strip()
+    assert paused_for < 5

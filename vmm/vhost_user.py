@@ -209,9 +209,9 @@ class VhostUserBackend:
         if request == SET_MEM_TABLE:
             n = struct.unpack_from("<I", payload)[0]
             regions = [REGION.unpack_from(payload, 8 + 32 * i) for i in range(n)]
+            for q in self.queues:  # ring pointers must be translated again, and their views of the
+                q.desc = q.avail = q.used = None  # old mappings released before those are unmapped
             self.mem.replace(regions, fds)
-            for q in self.queues:  # ring pointers must be translated again
-                q.desc = q.avail = q.used = None
             return None
         if request in (SET_VRING_NUM, SET_VRING_BASE, SET_VRING_ENABLE, GET_VRING_BASE):
             index, num = STATE.unpack_from(payload)
