@@ -1,6 +1,7 @@
 """``cubefs vm`` as a user drives it (TCG here): a VM on a cubefs image runs a command
 through the guest agent; a template restores instead of booting; a VM on a volume
-writes, snapshots and rolls back; a running VM forks into three that diverge."""
+writes, snapshots and rolls back; a VM whose root is in use (a process holds files open
+in it) is snapshotted, rolled back and forked with that process running on."""
 
 from __future__ import annotations
 
@@ -117,40 +118,184 @@ def test_a_volume_in_a_vm_snapshots_and_rolls_back(vm_env: dict[str, str]) -> No
     assert not (Path(vm_env["CUBEFS_VM_DIR"]) / "box").exists()
 
 
-def test_a_running_vm_forks_into_three_that_diverge(vm_env: dict[str, str]) -> None:
-    run_cubefs("volume", "create", "forkme", "--from", "debian:12", env=vm_env)
-    vm(vm_env, "start", "parent", "--volume", "forkme", "--template", "base")
-    names = ["parent"]
+# A process that holds a file open in the root (and an unlinked one) and counts in RAM: each
+# round it checks that the unlinked file holds the count it last wrote, appends "N MARK" to
+# held.txt (MARK: what /root/mark says now) and says "PID N ok|BAD" in /root/count.
+COUNTER = """\
+import os, time
+held = open("/root/held.txt", "a")
+gone = open("/root/gone.txt", "w+")
+os.unlink("/root/gone.txt")
+n = 0
+while True:
+    gone.seek(0)
+    last = gone.read()
+    status = "ok" if last == (str(n) if n else "") else "BAD:" + last
+    n += 1
+    with open("/root/mark") as f:
+        mark = f.read().strip()
+    held.write(f"{n} {mark}\\n")
+    held.flush()
+    gone.seek(0)
+    gone.truncate()
+    gone.write(str(n))
+    gone.flush()
+    with open("/root/count.tmp", "w") as f:
+        f.write(f"{os.getpid()} {n} {status}\\n")
+    os.rename("/root/count.tmp", "/root/count")
+    time.sleep(0.1)
+"""
+
+
+def count(env: dict[str, str], name: str) -> tuple[int, int, str]:
+    pid, n, status = vm(env, "exec", name, "--", "cat", "/root/count")["out"].split()
+    return int(pid), int(n), status
+
+
+def counting_on(env: dict[str, str], name: str, above: int, timeout: float = 60) -> tuple[int, int, str]:
+    """The counter's (pid, count, status) once its count is past ``above``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        res = vm(env, "exec", name, "--", "cat", "/root/count", check=False)  # none yet: Python starts
+        if res["code"] == 0:
+            pid, n, status = res["out"].split()
+            if int(n) > above:
+                return int(pid), int(n), status
+        assert time.monotonic() < deadline, f"VM {name}: the counter stands at {res}"
+        time.sleep(0.3)
+
+
+@pytest.fixture(scope="module")
+def counting_vm(vm_env: dict[str, str]) -> Iterator[str]:
+    """A VM on a volume whose root is in use: the counter runs in it, its working directory
+    and files in /root.  Before it starts, a disk-only snapshot and rollback of the free root
+    (unmount, roll back, mount) puts /etc/machine-id on it (bound at mount)."""
+    run_cubefs("volume", "create", "counted", "--from", "debian:12", env=vm_env)
+    vm(vm_env, "start", "counter", "--volume", "counted", "--template", "base")
     try:
-        vm(vm_env, "exec", "parent", "--", "sh", "-c", "echo parent > /root/log; touch /etc/machine-id")
-        # A process still running in the root: the fork is refused, and the VM keeps
-        # everything it had (its root, /proc in it).
-        vm(vm_env, "exec", "parent", "--", "sh", "-c", "cd /root; sleep 600 >/dev/null 2>&1 & echo $! > /root/pid")
-        busy = vm(vm_env, "fork", "parent", "--count", "3", check=False)
-        assert busy["code"] != 0 and "UMOUNT failed" in busy["err"] and "busy" in busy["err"], busy
-        assert vm(vm_env, "exec", "parent", "--", "sh", "-c", "kill $(cat /root/pid); ls /proc/self/status; "
-                  "cat /root/log")["out"].split() == ["/proc/self/status", "parent"]
-        forks = vm(vm_env, "fork", "parent", "--count", "3", "--json")
-        names += [f["name"] for f in forks]
-        assert len(forks) == 3
-        for name in names:
-            vm(vm_env, "exec", name, "--", "sh", "-c", f"echo {name} >> /root/log")
-        seen = {}
-        for name in names:
-            out = vm(vm_env, "exec", name, "--", "sh", "-c",
-                     "cat /root/log | tr '\\n' ' '; echo; hostname; cat /etc/machine-id; "
-                     "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'")["out"].split("\n")
-            assert out[0].split() == ["parent", name], out  # its own writes and the parent's before the fork
-            assert out[1] == name
-            seen[name] = (out[2], out[3])
-        assert len({m for m, _r in seen.values()}) == 4 and len({r for _m, r in seen.values()}) == 4
-        listed = {v["name"]: v for v in vm(vm_env, "ls", "--json")}
-        assert set(names) <= set(listed) and all(listed[n]["running"] for n in names)
+        vm(vm_env, "exec", "counter", "--", "sh", "-c", "touch /etc/machine-id; echo before > /root/mark")
+        vm(vm_env, "snapshot", "counter", "--name", "d0", "--disk-only")
+        vm(vm_env, "rollback", "counter", "d0")
+        assert vm(vm_env, "exec", "counter", "--", "cat", "/etc/machine-id")["out"].strip() == \
+            json.loads((Path(vm_env["CUBEFS_VM_DIR"]) / "counter" / "vm.json").read_text())["machine_id"]
+        script = Path(vm_env["CUBEFS_VM_DIR"]).parent / "counter.py"
+        script.write_text(COUNTER)
+        vm(vm_env, "cp", str(script), "counter:/root/counter.py")
+        vm(vm_env, "exec", "counter", "--", "sh", "-c",
+           "cd /root && setsid python3 counter.py </dev/null >/dev/null 2>&1 &")
+        counting_on(vm_env, "counter", 2)
+        yield "counter"
+    finally:
+        vm(vm_env, "rm", "counter", check=False)
+
+
+def test_a_rollback_brings_back_the_processes_and_their_open_files(vm_env: dict[str, str],
+                                                                    counting_vm: str) -> None:
+    name, vms = counting_vm, Path(vm_env["CUBEFS_VM_DIR"])
+    who = vm(vm_env, "exec", name, "--", "sh", "-c", "hostname; cat /etc/machine-id")["out"]
+    pid = count(vm_env, name)[0]
+    snap = vm(vm_env, "snapshot", name, "--name", "s1", "--json")
+    assert (snap["snapshot"], snap["volume"], snap["memory"]) == ("s1", "counted", True), snap
+    assert 0 < snap["paused_seconds"] < snap["seconds"] and 0 < snap["ram_bytes"] < 512 << 20, snap
+    assert (vms / name / "checkpoints" / "s1").stat().st_mode & 0o777 == 0o700
+    # A disk-only snapshot cannot be rolled back while the root is in use: a clear error,
+    # and the VM runs on untouched (the same process, still counting).
+    vm(vm_env, "snapshot", name, "--name", "d1", "--disk-only")
+    n1 = count(vm_env, name)[1]
+    busy = vm(vm_env, "rollback", name, "d1", check=False)
+    assert busy["code"] != 0 and busy["err"].count("\n") == 1, busy
+    assert "use a memory snapshot (cubefs vm snapshot without --disk-only) to roll back a VM whose root is in use" \
+        in busy["err"], busy
+    assert counting_on(vm_env, name, n1)[::2] == (pid, "ok")
+    assert vm(vm_env, "rollback", name, "nope", check=False)["code"] == 3
+    # After the snapshot: the mark changes (the counter writes it into held.txt), a file
+    # comes, one goes, and the process is killed.
+    vm(vm_env, "exec", name, "--", "sh", "-c", "echo after > /root/mark; echo x > /root/new; rm /root/counter.py; "
+       "until grep -q after /root/held.txt; do sleep 0.1; done; kill -9 $(cut -d' ' -f1 /root/count)")
+    assert vm(vm_env, "exec", name, "--", "sh", "-c", f"test -d /proc/{pid}", check=False)["code"] == 1
+    back = vm(vm_env, "rollback", name, "s1", "--json")
+    assert (back["vm"], back["snapshot"], back["memory"]) == (name, "s1", True), back
+    # The process is back, counting on from the snapshot: every line of the file it holds
+    # open follows the one before, all written with the snapshot's mark; the unlinked file
+    # holds what its memory says; the files are as they were.
+    pid2, n2, status = counting_on(vm_env, name, 0)
+    assert (pid2, status) == (pid, "ok")
+    counting_on(vm_env, name, n2)
+    # (not 'ls': a volume's directory read while the counter renames in it can list an entry
+    # twice, its offsets being positions in a listing that changed between two READDIRs)
+    out = vm(vm_env, "exec", name, "--", "sh", "-c", "cat /root/mark; test -e /root/new || echo no-new; "
+             "test -e /root/counter.py && echo script; echo --; cat /root/held.txt")["out"]
+    files, held = out.split("--\n")
+    assert files.split() == ["before", "no-new", "script"], files
+    lines = held.splitlines()
+    assert lines == [f"{i} before" for i in range(1, len(lines) + 1)], lines
+    # Same VM: its name, hostname and machine-id; its checkpoints stay until 'vm rm'.
+    assert vm(vm_env, "exec", name, "--", "sh", "-c", "hostname; cat /etc/machine-id")["out"] == who
+    assert sorted(os.listdir(vms / name / "checkpoints")) == ["s1"]
+    assert [v["name"] for v in vm(vm_env, "ls", "--json") if v["running"]] == [name]
+
+
+def test_a_vm_whose_root_is_in_use_forks_with_its_processes(vm_env: dict[str, str], counting_vm: str) -> None:
+    name = counting_vm
+    pid, n, _ = count(vm_env, name)
+    forks = vm(vm_env, "fork", name, "--count", "2", "--json")
+    names = [f["name"] for f in forks]
+    try:
+        assert names == [f"{name}-fork-0", f"{name}-fork-1"], forks
+        ids, seeds = set(), set()
+        for each in [name, *names]:  # the counter runs on in every one of them, from the fork on
+            assert counting_on(vm_env, each, n)[::2] == (pid, "ok")
+            vm(vm_env, "exec", each, "--", "sh", "-c", f"echo {each} > /root/own")
+            out = vm(vm_env, "exec", each, "--", "sh", "-c", "hostname; cat /etc/machine-id; "
+                     "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'")["out"].split()
+            assert out[0] == each, out
+            ids.add(out[1])
+            seeds.add(out[2])
+        assert len(ids) == len(seeds) == 3
+        for each in [name, *names]:  # each wrote its own root
+            assert vm(vm_env, "exec", each, "--", "cat", "/root/own")["out"] == f"{each}\n"
+        # The fork's checkpoint and its snapshot of the parent's volume are gone; the
+        # children's volumes are theirs, removed with them.
+        assert not [f for f in os.listdir(Path(vm_env["CUBEFS_VM_DIR"]) / name / "checkpoints")
+                    if f.startswith(".")]
+        snaps = json.loads(run_cubefs("snapshots", "counted", "--json", env=vm_env).stdout)
+        assert not [s for s in snaps if s["snapshot"].startswith("fork-")], snaps
     finally:
         vm(vm_env, "rm", *names, check=False)
-    for f in os.listdir(vm_env["CUBEFS_TEMPLATE_DIR"]):
-        if f.startswith("parent-fork"):
-            vm(vm_env, "template", "rm", f)
+    volumes = {v["name"] for v in json.loads(run_cubefs("volume", "list", "--json", env=vm_env).stdout)}
+    assert "counted" in volumes and not volumes & set(names), volumes
+    assert vm(vm_env, "fork", name, "--count", "0", check=False)["code"] == 2
+
+
+def test_a_fork_whose_child_fails_leaves_nothing(vm_env: dict[str, str], counting_vm: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second child's restore fails (injected): the first, already running, is removed
+    with its volume, and so are the second's volume, the checkpoint and the snapshot."""
+    from vmm import checkpoint, vmsnap
+    from vmm.vm import Vm
+
+    for k, v in vm_env.items():
+        monkeypatch.setenv(k, v)
+    real, made = checkpoint.restore, []
+
+    def restore(name: str, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if made:
+            raise RuntimeError("injected: the second child does not start")
+        made.append(real(name, *args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(checkpoint, "restore", restore)
+    with pytest.raises(RuntimeError, match="injected"):
+        vmsnap.fork(Vm(counting_vm), 2, "doomed")
+    assert made and not made[0].alive and not made[0].dir.exists()
+    assert not [d for d in os.listdir(vm_env["CUBEFS_VM_DIR"]) if d.startswith("doomed")]
+    volumes = {v["name"] for v in json.loads(run_cubefs("volume", "list", "--json", env=vm_env).stdout)}
+    assert not [v for v in volumes if v.startswith("doomed")], volumes
+    snaps = json.loads(run_cubefs("snapshots", "counted", "--json", env=vm_env).stdout)
+    assert not [s for s in snaps if s["snapshot"].startswith("fork-")], snaps
+    assert not [f for f in os.listdir(Path(vm_env["CUBEFS_VM_DIR"]) / counting_vm / "checkpoints")
+                if f.startswith(".")]
+    assert count(vm_env, counting_vm)[2] == "ok"
 
 
 def test_the_agent_channel_in_a_vm(vm_env: dict[str, str]) -> None:

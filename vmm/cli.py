@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import stat
 import sys
 from pathlib import Path
@@ -27,7 +28,8 @@ examples:
   cubefs volume create box --from debian:12
   cubefs vm start box1 --volume box --template base      # a VM that stays up
   cubefs vm exec box1 -- sh -c 'echo hi > /root/x'
-  cubefs vm snapshot box1 --name s1; cubefs vm rollback box1 s1
+  cubefs vm snapshot box1 --name s1                      # memory and disk: its processes are kept
+  cubefs vm rollback box1 s1                             # they go on from s1, open files and all
   cubefs vm fork box1 --count 3                          # three running copies, memory and disk
   cubefs vm ls; cubefs vm rm box1
 
@@ -110,21 +112,39 @@ def add_parsers(sub: Any, store_args: Any) -> None:
     q.add_argument("names", nargs="*")
     q.add_argument("--all", action="store_true")
 
-    q = vsub.add_parser("snapshot", help="snapshot a VM's volume (guest caches synced first)")
+    q = vsub.add_parser("snapshot", help="snapshot a running VM: memory and disk at one instant (or --disk-only)",
+                        description="Save the running VM's memory and devices (its root still mounted, open files "
+                        "and all) and snapshot its volume at the same instant: the guest runs on, paused only for "
+                        "the switch-over. The checkpoint is kept in the VM's directory (checkpoints/SNAPSHOT/, only "
+                        "the RAM pages that differ from its template) until 'vm rm'; the volume snapshot of the same "
+                        "name stays with the volume ('cubefs snapshots VOLUME'). --disk-only: the volume alone, the "
+                        "guest's caches synced first.")
     q.add_argument("name")
-    q.add_argument("--name", dest="snapshot", default=None, help="the snapshot's name (default: the UTC time)")
+    q.add_argument("--name", dest="snapshot", default=None,
+                   help="the snapshot's name: 1-64 of a-z 0-9 - _ . (default: the UTC time)")
+    q.add_argument("--disk-only", action="store_true",
+                   help="snapshot the volume alone (a rollback to it unmounts the root: it fails while the root "
+                   "is in use)")
     q.add_argument("--json", action="store_true")
 
-    q = vsub.add_parser("rollback", help="roll a VM's volume back to a snapshot (its root is remounted)")
+    q = vsub.add_parser("rollback", help="put a VM back to a snapshot: its processes too, if it kept memory",
+                        description="To a memory snapshot: the VM's QEMU is stopped, its volume rolled back and the "
+                        "snapshot restored under the same name, hostname and machine-id, so the processes that ran "
+                        "then go on, files open in the root included (nothing is unmounted; the VM need not be "
+                        "running). To a --disk-only snapshot: the root is unmounted, rolled back and mounted again, "
+                        "which fails while a process uses the root.")
     q.add_argument("name")
     q.add_argument("snapshot")
+    q.add_argument("--json", action="store_true")
 
     q = vsub.add_parser("fork", help="copy a running VM on a volume N times, memory and disk",
-                        description="Save the VM (its root unmounted and unplugged, its volume snapshotted) as a "
-                        "template PREFIX.tTIME and start COUNT clones of it, PREFIX-0.., each on its own clone of "
-                        "the volume; the VM goes on where it was. The template stays until 'vm template rm'.")
+                        description="Checkpoint the VM (it runs on, paused only for the switch-over; its root "
+                        "stays mounted, so processes holding files open are no obstacle), clone its volume COUNT "
+                        "times and restore the checkpoint into PREFIX-0.., each on its own clone with its own "
+                        "hostname (its name) and machine-id. The copies own their volumes: 'vm rm' removes them. "
+                        "All or nothing: if one copy fails to start, none is left.")
     q.add_argument("name")
-    q.add_argument("--count", type=int, default=1)
+    q.add_argument("--count", type=int, default=1, help="how many copies (1-64, default 1)")
     q.add_argument("--prefix", default=None, help="names of the copies: PREFIX-0.. (default NAME-fork)")
     q.add_argument("--json", action="store_true")
 
@@ -229,23 +249,42 @@ def cmd_vm(args: argparse.Namespace) -> int:
             if not v.dir.exists():
                 raise NotFoundError(f"no VM {name} (in {vm.vm_root()}; 'cubefs vm ls')")
             v.destroy()
+            shutil.rmtree(vm.vm_root() / f".{name}.checkpoints", ignore_errors=True)  # a killed rollback's
         return EXIT_OK
-    if action == "snapshot":
-        snap = vm.Vm(args.name).snapshot(args.snapshot)
-        print(json.dumps({"vm": args.name, "snapshot": snap}) if args.json else f"{args.name}: snapshot {snap}")
-        return EXIT_OK
-    if action == "rollback":
-        vm.Vm(args.name).rollback(args.snapshot)
-        print(f"{args.name}: rolled back to {args.snapshot}")
-        return EXIT_OK
-    if action == "fork":
-        forks = vm.Vm(args.name).fork(args.count, args.prefix)
-        if args.json:
-            print(json.dumps([f.info for f in forks], indent=1))
-        for f in forks if not args.json else []:
-            print(f"started VM {f.name} ({f.root.label}) in {f.info['start_seconds']:.2f} s")
-        return EXIT_OK
+    if action in ("snapshot", "rollback", "fork"):
+        return _snapshots(vm.Vm(args.name), args)
     return _template(args)
+
+
+def _snapshots(v: Any, args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from vmm import vmsnap
+
+    if args.vm_command == "snapshot":
+        r = vmsnap.snapshot(v, args.snapshot, args.disk_only)
+        if args.json:
+            print(json.dumps(asdict(r)))
+        elif r.memory:
+            print(f"{r.vm}: snapshot {r.snapshot}, memory and disk (guest paused {r.paused_seconds * 1000:.0f} ms, "
+                  f"{r.seconds:.2f} s in all, {size(r.ram_bytes)} of RAM kept)")
+        else:
+            print(f"{r.vm}: snapshot {r.snapshot}, disk only ({r.seconds:.2f} s)")
+        return EXIT_OK
+    if args.vm_command == "rollback":
+        res = vmsnap.rollback(v, args.snapshot)
+        if args.json:
+            print(json.dumps(res))
+        else:
+            print(f"{res['vm']}: rolled back to {res['snapshot']} in {res['seconds']:.2f} s"
+                  + (" (memory and disk: its processes go on from then)" if res["memory"] else " (disk only)"))
+        return EXIT_OK
+    forks = vmsnap.fork(v, args.count, args.prefix)
+    if args.json:
+        print(json.dumps([f.info for f in forks], indent=1))
+    for f in forks if not args.json else []:
+        print(f"started VM {f.name} ({f.root.label}) in {f.info['start_seconds']:.2f} s")
+    return EXIT_OK
 
 
 def _copy(vm: Any, args: argparse.Namespace) -> int:

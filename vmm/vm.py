@@ -16,9 +16,11 @@ cannot migrate a vhost-user-fs device, and attaching after restore also means
 the backend's session starts with the guest's (a fresh FUSE INIT), so no
 backend state has to travel.
 
-Forking a running VM saves it (root detached, volume snapshotted) into a new
-template whose RAM is the VM's memory at that moment, and starts clones of
-it, each on a clone of the volume; the original goes on where it was.
+Snapshots, rollbacks and forks of a running VM keep its processes: they are
+checkpoints (memory and disk at one instant, the root left mounted) made and
+restored by vmm/vmsnap.py through vmm/checkpoint.py.  What stays here is the
+disk-only kind (``snapshot_disk``, ``rollback_disk``: the root is unmounted
+around a rollback) and what both need (``halt``, ``volume_index``).
 
 Concurrency: one process drives a VM at a time (``vm.lock``, flock): the agent
 channel carries one request at a time and QEMU's monitor one client.
@@ -43,12 +45,15 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cubefs.errors import CubefsError, NotFoundError, UsageError
 from cubefs.node import control
-from vmm.agent import Agent, CommandResult
+from vmm.agent import Agent, AgentError, CommandResult
 from vmm.machine import Machine, MachineSpec, Ram, VmError, alive, kill_pid, wait_gone
+
+if TYPE_CHECKING:
+    from cubefs.cow.index import VolumeIndex
 
 log = logging.getLogger(__name__)
 
@@ -396,16 +401,22 @@ class Vm:
             raise VmError(f"VM {self.name} is not running (its QEMU is gone: 'cubefs vm rm {self.name}')")
 
     def destroy(self) -> None:
-        """Stop QEMU (the root's daemon goes with it) and forget the VM."""
-        if self.info.get("qemu_pid"):
-            self.machine().stop()
-        self._stop_root()
+        """Stop QEMU (the root's daemon goes with it) and forget the VM: its directory (its
+        checkpoints too) and, if it made its volume (``--writable``, a fork), the volume."""
+        self.halt()
         if self.info.get("owns_volume"):
             try:
                 self.root.cubefs_volume("volume", "rm", str(self.info["root"]["volume"]))
             except VmError as err:
                 log.warning("VM %s: its volume stays: %s", self.name, err)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    def halt(self) -> None:
+        """Stop QEMU and wait until the root's daemon has ended (its volume synced and
+        unlocked); the VM's directory stays, for a rollback to restore into."""
+        if self.info.get("qemu_pid"):
+            self.machine().stop()
+        self._stop_root()
 
     def _stop_root(self) -> None:
         """End the root's daemon (it ends by itself when QEMU goes) and wait until it
@@ -433,88 +444,63 @@ class Vm:
     # -- volumes -----------------------------------------------------------------
     def _require_volume(self, what: str) -> str:
         self._running()
+        return self.volume_name(what)
+
+    def volume_name(self, what: str) -> str:
+        """The volume the VM's root is; a usage error for a VM on an image."""
+        if not self.info:
+            raise NotFoundError(f"no VM {self.name} (in {vm_root()}; 'cubefs vm ls')")
         vol = self.info["root"].get("volume")
         if not vol:
             raise UsageError(f"VM {self.name} runs on an image, read-only: {what} needs a VM on a volume "
                              "('cubefs vm start NAME --volume V')")
         return str(vol)
 
-    def snapshot(self, snap: str | None = None) -> str:
-        """Snapshot the VM's volume with what the guest wrote (its caches synced first)."""
-        vol = self._require_volume("a snapshot")
-        with self.locked(), self.agent() as agent:
-            agent.run("sync")  # what the guest has in dirty pages, to the daemon
-            out = self.root.cubefs_volume("snapshot", vol, "--sync", "--json",
-                                          *(["--name", snap] if snap else []))
-        return str(json.loads(out)["snapshot"])
+    def volume_index(self) -> VolumeIndex:
+        """The index of the VM's volume directory, opened in this process (one O(1)
+        transaction per snapshot, clone or rollback: no ``cubefs`` process, ~0.25 s each)."""
+        from cubefs.cow.index import VolumeIndex
+        from cubefs.volume.cli import default_volume_dir
 
-    def rollback(self, snap: str) -> None:
-        """Show snapshot ``snap`` in the guest: the root is unmounted around the
-        rollback, since virtio-fs cannot tell the guest to drop its caches."""
+        return VolumeIndex(os.path.abspath(self.root.volume_dir or default_volume_dir()))
+
+    def snapshot_disk(self, snap: str | None = None) -> str:
+        """Snapshot the VM's volume with what the guest wrote (its caches synced first): the
+        disk alone, the guest's processes and memory not kept."""
+        vol = self._require_volume("a snapshot")
+        index = self.volume_index()
+        try:
+            with self.locked(), self.agent() as agent:
+                agent.run("sync")  # what the guest has in dirty pages, to the daemon
+                made = index.snapshot(vol, snap)
+            index.sync_all()
+        finally:
+            index.close()
+        return made.name
+
+    def rollback_disk(self, snap: str) -> None:
+        """Show the disk-only snapshot ``snap`` in the guest: the root is unmounted around
+        the rollback, since virtio-fs cannot tell the guest to drop its caches; so a root in
+        use (a process's working directory or open file in it) cannot be rolled back so."""
         vol = self._require_volume("a rollback")
         with self.locked(), self.agent() as agent:
-            agent.umount()
+            try:
+                agent.umount()
+            except AgentError as err:
+                if "busy" not in str(err).lower():
+                    raise
+                raise VmError(f"VM {self.name}: its root is in use, so it cannot be unmounted for a disk-only "
+                              f"rollback ({str(err).rsplit(': ', 1)[-1]}): use a memory snapshot (cubefs vm "
+                              "snapshot without --disk-only) to roll back a VM whose root is in use") from None
             try:
                 self.root.cubefs_volume("rollback", vol, snap)
             finally:
                 agent.mount(read_only=False)
 
-    def fork(self, count: int, prefix: str | None = None) -> list[Vm]:
-        """Clone this running VM ``count`` times, memory and disk; it goes on running."""
-        vol = self._require_volume("a fork")
-        prefix = check_name(prefix or f"{self.name}-fork", "VM")
-        tname = check_name(f"{prefix}.t{int(time.time())}", "template")
-        t = Template(tname, self.info["memory_mb"], 1, self.info["accel"], self.info["kernel_dir"],
-                     datetime.now(UTC).isoformat(timespec="seconds"), source=f"fork of VM {self.name}")
-        t.machine = machine_fingerprint(t.spec)
-        t0 = time.monotonic()
-        with self.locked():
-            m = self.machine()
-            with self.agent() as agent:
-                agent.umount()
-                m.detach_fs()
-            self._stop_root()
-            snap = json.loads(self.root.cubefs_volume("snapshot", vol, "--sync", "--json"))["snapshot"]
-            t.dir.mkdir(parents=True)
-            try:
-                try:
-                    m.save(t.dir / "full-state", with_ram=True)
-                finally:
-                    m.qmp.execute("cont")
-                _rebase(t)
-                t.seconds = round(time.monotonic() - t0, 3)
-                t.save_meta()
-            except BaseException:
-                shutil.rmtree(t.dir, ignore_errors=True)
-                raise
-            finally:
-                self.root.serve(self.fs_socket)
-                m.attach_fs(str(self.fs_socket))
-                with self.agent() as agent:
-                    agent.mount(read_only=False)
-        made = json.loads(self.root.cubefs_volume("clone", f"{vol}@{snap}", "--count", str(count), "--prefix",
-                                                  prefix, "--json"))
-        return [Vm.start(name, Root(**{**self.info["root"], "volume": name}), t.spec, template=tname)
-                for name in made["volumes"]]
-
     @classmethod
     def list(cls) -> list[Vm]:
         root = vm_root()
         return [cls(d.name) for d in sorted(root.iterdir()) if (d / "vm.json").exists()] if root.is_dir() else []
-
-
-def _rebase(t: Template) -> None:
-    """Turn a full saved state (RAM in the stream) into a template: load it into a
-    machine whose RAM is the template's shared file, and save that without RAM."""
-    m = Machine(t.dir / "rebase", t.spec, Ram(t.dir / "ram", shared=True), incoming=True)
-    m.start()
-    try:
-        m.load(t.dir / "full-state", with_ram=True)
-        m.save(t.dir / "state")
-    finally:
-        m.stop()
-        shutil.rmtree(t.dir / "rebase", ignore_errors=True)
-        (t.dir / "full-state").unlink(missing_ok=True)
 
 
 def run(root: Root, argv: list[str], spec: MachineSpec, template: str | None = None,
