@@ -64,7 +64,7 @@ DIRTY = ("import os, sys, time\n"
 
 
 def log(msg: str) -> None:
-    print(f"[sandbox_snapshot] {msg}", file=sys.stderr, flush=True)
+    print(f"[{Path(sys.argv[0]).stem}] {msg}", file=sys.stderr, flush=True)
 
 
 def summary(xs: list[float]) -> dict[str, float]:
