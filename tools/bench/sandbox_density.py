@@ -15,9 +15,9 @@ E2B SDK and left running (nothing runs in them but the guest agent).  At each co
 * **CPU they burn idle**: user+system seconds of every QEMU, root daemon, the service and
   its mount server over ``--idle-seconds``, in % of one core per sandbox;
 * **create latency while they idle**: ``Sandbox.create()`` + ``commands.run("true")``
-  p50/p95/p99 over ``--samples`` (or as many as ``--sample-budget`` seconds allow), from the warm pool (``--pool-size``, refilled before each
-  sample, as sandbox_create.py's ``pool_c1``), against the same with none idle, measured
-  first in the same run.
+  p50/p95/p99 over ``--samples`` (or as many as ``--sample-budget`` seconds allow), from
+  the warm pool (``--pool-size``, refilled before each sample, as sandbox_create.py's
+  ``pool_c1``), against the same with none idle, measured first in the same run.
 
 The service's default capacity is 16 vCPUs per host CPU (32 here: the 33rd 1-vCPU sandbox
 would get 429); the bench raises ``--max-vcpus`` to fit the counts and says so in its output.
