@@ -13,10 +13,14 @@ processes that keep files open in it (unlinked ones too) are no obstacle.
   (``--disk-only``) is rolled back as before: unmount, roll back, mount.
 * **Fork** takes one checkpoint (the parent runs on), clones the volume
   snapshot N times in one index transaction, and restores the checkpoint N
-  times under new names with new identities.  QEMU reads the pages it needs
-  from the checkpoint while it loads, so the checkpoint and the parent's
-  volume snapshot are removed once the children run.  The fork is all or
-  nothing: a child that fails takes the others (and their volumes) with it.
+  times under new names with new identities.  The checkpoint's RAM is kept
+  whole (``take(shared=True)``) and every child maps it privately, so the
+  children share the parent's pages of that instant until they write them.
+  Its directory and the parent's volume snapshot are removed once the
+  children run: a mapped file lives on, unlinked, until its last child ends
+  (its space is then the children's shared memory, nothing more).  The fork
+  is all or nothing: a child that fails takes the others (and their volumes)
+  with it.
 
 ``checkpoint.restore`` removes a stopped VM's directory before it restores
 into that name (it would take the checkpoints with it, and a VM's own
@@ -245,7 +249,7 @@ def fork(vm: Vm, count: int, prefix: str | None = None) -> list[Vm]:
 
         children: list[Vm] = []
         try:
-            ck = checkpoint.take(vm, dest, at_instant)
+            ck = checkpoint.take(vm, dest, at_instant, shared=True)
             index.clone(vol, tag, names)
             for n in names:
                 child = checkpoint.restore(n, Root(**{**vm.info["root"], "volume": n}), ck)
