@@ -339,7 +339,7 @@ def test_ext4_in_a_vm_on_the_block_volume_and_a_snapshot_taken_paused_is_consist
     m.start()
     try:
         with Agent(m.agent_path, "blk-test") as agent:
-            agent.connect(180)
+            agent.connect(900)  # ~20 s on a quiet node; minutes beside a hundred other TCG guests
             agent.mount(True)
             load_modules(agent, modules)
 

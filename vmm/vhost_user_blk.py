@@ -143,6 +143,10 @@ class VhostUserBlk(VhostUserBackend):
         except RingError as err:
             self._bad(str(err))
             return self._status(writable, S_IOERR)
+        except Exception as err:  # the unexpected: that request fails, with a traceback; the disk goes on
+            log.error("%s: request type %d at sector %d failed", self.name, kind, sector, exc_info=err)
+            self.ops["errors"] += 1
+            return self._status(writable, S_IOERR)
         self.ops["unsupported"] += 1
         return self._status(writable, S_UNSUPP)
 
@@ -295,7 +299,10 @@ class VhostUserBlkTransport:
         finally:
             conn.close()
             if self.fs.writable:
-                self.fs.fsync(self.ino)  # what the guest wrote is durable once its VM is gone
+                try:
+                    self.fs.fsync(self.ino)  # what the guest wrote is durable once its VM is gone
+                except (OSError, lmdb.Error) as err:
+                    log.error("vhost-user-blk: the last flush failed: %s", err)
         log.info("vhost-user-blk: QEMU went away (%d requests, %d bad)", self.device.requests,
                  self.device.bad_requests)
 

@@ -180,7 +180,7 @@ def main() -> int:
                                                       "c": {"seqwrite": [], "untar": []}}
         try:
             with Agent(m.agent_path, "blk-bench") as agent:
-                agent.connect(180)
+                agent.connect(900)
                 agent.mount(True)
                 load_modules(agent, modules)
                 agent.put("/dev/py.tar", tar)
