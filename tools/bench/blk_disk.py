@@ -176,6 +176,7 @@ def main() -> int:
         m = DiskMachine(work / "vm", MachineSpec(kernel, args.memory, 1, "tcg"), Ram(),
                         fs_socket=str(work / "root.sock"), blk_socket=str(work / "blk.sock"), raw=str(raw))
         m.start()
+        stats: dict[str, object] = {}
         results: dict[str, dict[str, list[float]]] = {"a": {"seqwrite": [], "untar": []},
                                                       "c": {"seqwrite": [], "untar": []}}
         try:
@@ -200,14 +201,10 @@ def main() -> int:
                         print(f"run {run + 1} {name}: seqwrite {results[name]['seqwrite'][-1]:.2f} s, "
                               f"untar {results[name]['untar'][-1]:.2f} s", file=sys.stderr, flush=True)
                 agent.run("umount /dev/mnt-a /dev/mnt-c", timeout=120)
+                stats = json.loads(cubefs("stats", str(work / "blk.sock"), "--json"))
                 agent.poweroff()
         finally:
             m.stop()
-            stats = {}
-            try:
-                stats = json.loads(cubefs("stats", str(work / "blk.sock"), "--json"))
-            except RuntimeError:
-                pass
             subprocess.run([sys.executable, "-m", "cubefs", "umount", str(work / "blk.sock")], capture_output=True)
             subprocess.run([sys.executable, "-m", "cubefs", "umount", str(work / "root.sock")], capture_output=True)
             stop_mount_server(work / "serve.sock")
