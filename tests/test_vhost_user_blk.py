@@ -385,3 +385,43 @@ def test_ext4_in_a_vm_on_the_block_volume_and_a_snapshot_taken_paused_is_consist
     cat = subprocess.run(["debugfs", "-R", "cat /b", str(img2)], capture_output=True)
     assert hashlib.sha256(cat.stdout).hexdigest() == after.strip()
     assert paused_for < 5
+
+
+def test_flush_floods_snapshots_served_read_only_and_discarded_space_back(tmp_path: Path) -> None:
+    vdir = tmp_path / "volumes"
+    run_cubefs("volume", "create", "d", "--block", "64M", "--volume-dir", str(vdir))
+    sock, pid = _serve(tmp_path, "d", vdir)
+    g = FakeFrontEnd(sock)
+    data = os.urandom(16 * MiB)
+    try:
+        g.setup()
+        for i in range(0, len(data), 4 * MiB):
+            assert g.write(i // 512, data[i : i + 4 * MiB]) == S_OK
+        assert all(g.blk(T_FLUSH)[0] == S_OK for _ in range(200))  # a flood of flushes: each answered
+        run_cubefs("snapshot", "d", "--name", "full", "--volume-dir", str(vdir))
+        # Discarded after the snapshot: the live disk reads zeros, the snapshot keeps its blocks.
+        assert g.blk(T_DISCARD, 0, struct.pack("<QII", 0, 16 * MiB // 512, 0))[0] == S_OK
+        assert g.read(0, 4096) == bytes(4096)
+    finally:
+        g.close()
+    _gone(pid)
+    # The snapshot, served read-only: reads its bytes, refuses writes.
+    sock, pid = _serve(tmp_path, "d@full", vdir)
+    g = FakeFrontEnd(sock)
+    try:
+        cfg = g.setup()
+        assert cfg["features"] & (1 << 5)  # VIRTIO_BLK_F_RO
+        assert g.read(2048, MiB) == data[MiB : 2 * MiB]
+        assert g.write(0, b"x" * 4096) == S_IOERR
+    finally:
+        g.close()
+    _gone(pid)
+
+    def data_bytes() -> int:
+        return sum(f.stat().st_blocks * 512 for f in (vdir / "data").iterdir())
+
+    held = data_bytes()
+    assert held >= 16 * MiB
+    run_cubefs("snapshot", "rm", "d@full", "--volume-dir", str(vdir))
+    run_cubefs("volume", "gc", "--volume-dir", str(vdir))
+    assert data_bytes() < 2 * MiB, f"{data_bytes()} bytes of data files left of {held}"
