@@ -190,6 +190,11 @@ def test_block_volumes_are_made_served_and_exported_by_the_cli(tmp_path: Path) -
     assert res.returncode != 0 and "not a block volume" in res.stderr
     res = run_cubefs("volume", "export", "fsvol", str(tmp_path / "x.img"), "--volume-dir", vdir, check=False)
     assert res.returncode != 0 and "not a block volume" in res.stderr and not (tmp_path / "x.img").exists()
+    # Served, then unmounted before any QEMU came: the daemon ends and its socket goes.
+    sock, pid = _serve(tmp_path, "d", Path(vdir))
+    run_cubefs("umount", sock)
+    _gone(pid)
+    assert not os.path.exists(sock)
     run_cubefs("volume", "export", "d", str(tmp_path / "d.img"), "--volume-dir", vdir)
     st = os.stat(tmp_path / "d.img")
     assert st.st_size == 1 << 30 and st.st_blocks == 0 and st.st_mode & 0o777 == 0o600  # all zeros: sparse

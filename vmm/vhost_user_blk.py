@@ -288,8 +288,11 @@ class VhostUserBlkTransport:
                 conn, _ = self.listener.accept()
                 break
             except BlockingIOError:
-                await trio.lowlevel.wait_readable(self.listener)
-            except OSError:  # stopped before QEMU came
+                try:
+                    await trio.lowlevel.wait_readable(self.listener)
+                except trio.ClosedResourceError:  # stopped (unmounted) before QEMU came
+                    return
+            except OSError:
                 return
         log.info("vhost-user-blk: QEMU connected on %s (%d bytes)", self.path, self.size)
         self.conn = conn
@@ -316,7 +319,14 @@ class VhostUserBlkTransport:
         return 0
 
     def stop(self) -> None:
+        """Called on the daemon's trio loop (SIGTERM, ``cubefs umount``): a serve() still waiting
+        for QEMU is woken before its socket closes."""
         if self.listener is not None:
+            if self.listener.fileno() >= 0:
+                try:
+                    trio.lowlevel.notify_closing(self.listener)
+                except RuntimeError:  # close() after the loop ended: nobody waits
+                    pass
             self.listener.close()
         if self.conn is not None:
             try:
