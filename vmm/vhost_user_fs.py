@@ -32,6 +32,7 @@ we write while QEMU migrates a *running* VM are marked.
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
 import json
 import logging
@@ -331,9 +332,12 @@ class VhostUserFs:
         if request == SET_MEM_TABLE:
             n = struct.unpack_from("<I", payload)[0]
             regions = [REGION.unpack_from(payload, 8 + 32 * i) for i in range(n)]
-            self.mem.replace(regions, fds)
+            # ring views go first: they point into the old mappings, which cannot be unmapped
+            # while a view of them lives (BufferError: the daemon died and the guest lost its root
+            # when QEMU sent a second table to a cold-booted VM's shared memfd RAM)
             for q in self.queues:  # ring pointers must be translated again
                 q.desc = q.avail = q.used = None
+            self.mem.replace(regions, fds)
             return None
         index, num = STATE.unpack_from(payload) if len(payload) >= 8 else (0, 0)
         if request == SET_VRING_NUM:
@@ -639,7 +643,11 @@ class VirtioFsTransport:
                 conn, _ = self.listener.accept()
                 break
             except BlockingIOError:
-                await trio.lowlevel.wait_readable(self.listener)
+                try:
+                    await trio.lowlevel.wait_readable(self.listener)
+                except trio.ClosedResourceError:  # stop(): unmounted before QEMU came
+                    log.info("virtio-fs: stopped before QEMU connected on %s", self.path)
+                    return
         log.info("virtio-fs: QEMU connected on %s", self.path)
         self.conn = conn
         await VhostUserFs(self.server).serve(conn)
@@ -655,6 +663,10 @@ class VirtioFsTransport:
     def stop(self) -> None:
         """Stop serving: the listener closes, and a connected VM loses its root."""
         if self.listener is not None:
+            # wake serve() if it still waits for QEMU on it (it hung: a daemon unmounted before
+            # its VM connected never ended)
+            with contextlib.suppress(RuntimeError):  # outside trio (close() after the loop): nobody waits
+                trio.lowlevel.notify_closing(self.listener)
             self.listener.close()
         if self.conn is not None:
             try:
