@@ -441,7 +441,7 @@ class SandboxService:
         with self._index_lock:
             index.clone(*(disk or (template.volume, templates.READY)), [record.volume])
         vm_template = templates.vm_template_for(template.cpus, template.memory_mb, self.kernel)
-        return vmm.Vm.start(record.vm, replace(opts, volume=record.volume), vm_template.spec,
+        return vmm.Vm.start(record.vm, replace(opts, volume=record.volume, shared=True), vm_template.spec,
                             template=vm_template.name)
 
     def _volume_index(self, volume_dir: str | None) -> VolumeIndex:
@@ -584,12 +584,16 @@ class SandboxService:
                 snapshots.new_dir(sid)
                 at_instant()
                 rec.seconds = round(time.monotonic() - t0, 4)
+            t1 = time.monotonic()
             with self._index_lock:  # the snapshot's own disk, so it outlives the sandbox
                 index.clone(r.volume, made[0], [rec.volume])
                 index.snapshot(rec.volume, READY)
                 index.remove_snapshot(r.volume, made[0])
+            t2 = time.monotonic()
             index.sync_all()
             rec.save()
+            log.info("snapshot %s: checkpoint %.3f s (QEMU's save %.3f), volume clone %.3f s, sync %.3f s", sid,
+                     rec.seconds, ck.saved_seconds if memory else 0.0, t2 - t1, time.monotonic() - t2)
         except BaseException as err:
             snapshots.remove_dir(sid)
             self._remove_volume(rec.volume, opts)
@@ -668,7 +672,7 @@ class SandboxService:
         with self._index_lock:
             index.clone(snap.volume, READY, [record.volume])
         ck = checkpoint.Checkpoint.load(snap.dir / "ckpt")
-        return checkpoint.restore(record.vm, replace(opts, volume=record.volume), ck, freshen=False)
+        return checkpoint.restore(record.vm, replace(opts, volume=record.volume, shared=True), ck, freshen=False)
 
     async def fork(self, sandbox_id: str, count: int, timeout: int | None) -> list[Sandbox | BaseException]:
         """``count`` sandboxes that continue from this one's present instant (it runs on); one
@@ -749,8 +753,8 @@ class SandboxService:
                 index.clone(snap.volume, READY, [r.volume])
             r.save()
             ck = checkpoint.Checkpoint.load(snap.dir / "ckpt")
-            sbx.vm = checkpoint.restore(r.vm, replace(opts, volume=r.volume), ck, hostname=old.info.get("hostname"),
-                                        freshen=False)
+            sbx.vm = checkpoint.restore(r.vm, replace(opts, volume=r.volume, shared=True), ck,
+                                        hostname=old.info.get("hostname"), freshen=False)
             sbx.vm.info["machine_id"] = old.info.get("machine_id") or sbx.vm.info["machine_id"]
             sbx.vm._save()
         finally:

@@ -61,6 +61,7 @@ class Checkpoint:
     snapshot: str | None
     created: str = ""
     paused_seconds: float = 0.0
+    saved_seconds: float = 0.0  # QEMU's part of ``seconds``; the rest trims or prepares the file
     seconds: float = 0.0
     ram_pages: int = 0  # guest pages kept in ``ram`` (those that differ from the template)
     ram_offset: int = 0  # not 0: ``ram`` is mapped from here, not loaded (memsnap.self_contained)
@@ -136,6 +137,7 @@ def take(vm: Vm, dest: Path, at_instant: Callable[[], tuple[str | None, str | No
                 ck.paused_seconds = round(m.save_live(dest / "ram", instant), 4)
             finally:
                 m.close_monitor()  # QEMU's monitor serves one client at a time
+        ck.saved_seconds = round(time.monotonic() - t0, 4)
         if base is not None:
             ck.ram_pages = memsnap.trim(dest / "ram", written[0])
         else:

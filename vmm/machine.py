@@ -235,6 +235,9 @@ class Machine:
         # mapped-ram cannot go with x-ignore-shared in QEMU 10 (the loader does not expect the
         # region address the saver writes); private RAM is never "shared" anyway.
         self._capabilities({"x-ignore-shared": False, "mapped-ram": True, "pause-before-switchover": True})
+        # QEMU rate-limits every migration to 128 MiB/s by default, to a local file too: it was
+        # most of a big snapshot (500 MiB dirty: 5.5 -> 2.6 s; docs/benchmarks.md)
+        q.execute("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
         paused = 0.0
         try:
             q.execute("migrate", uri=f"file:{ram}")
