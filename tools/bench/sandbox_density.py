@@ -99,12 +99,16 @@ class Node:
 
     def memory(self, ids: list[str], service_pss0: int, avail0: int) -> dict[str, Any]:
         guest, qemu, daemon = [], [], []
+        hosts: dict[int, int] = {}  # a root host serves many sandboxes: its PSS is shared among them
+        for sid in ids:
+            _q, dpid, _r = self.parts(sid)
+            hosts[dpid] = hosts.get(dpid, 0) + 1
         for sid in ids:
             qpid, dpid, ram = self.parts(sid)
             g = mapping_pss_kib(qpid, ram)
             guest.append(g / 1024)
             qemu.append((pss_kib(qpid) - g) / 1024)
-            daemon.append(pss_kib(dpid) / 1024)
+            daemon.append(pss_kib(dpid) / 1024 / hosts[dpid])
         agent = (pss_kib(self.svc.proc.pid) - service_pss0) / 1024 / len(ids)
         parts = {"guest_ram_mib": summary(guest), "qemu_mib": summary(qemu), "root_daemon_mib": summary(daemon),
                  "service_per_sandbox_mib": round(agent, 2)}
@@ -119,7 +123,8 @@ class Node:
         for sid in ids:
             qpid, dpid, _ = self.parts(sid)
             pids["qemu"].append(qpid)
-            pids["root_daemon"].append(dpid)
+            if dpid not in pids["root_daemon"]:  # once per root host
+                pids["root_daemon"].append(dpid)
         pids["service"] = [self.svc.proc.pid]
         pids["mount_server"] = [self.mount_server()]
         before = {k: sum(cpu_ticks(p) for p in v) for k, v in pids.items()}
