@@ -56,6 +56,13 @@ print(f"sandbox {sbx.sandbox_id} created in {time.monotonic() - t0:.2f} s")
 sbx.files.write("hello.py", "import platform\nprint('python', platform.python_version(), 'in', platform.node())\n")
 run = sbx.commands.run("echo $GREETING from $(whoami); python3 hello.py", on_stdout=lambda s: print("  |", s, end=""))
 print("exit code", run.exit_code)
+t0 = time.monotonic()
+snap = sbx.create_snapshot()                              # memory and disk at one instant
+child = Sandbox.create(snap.snapshot_id)                   # a sandbox that goes on from it
+print(f"snapshot {snap.snapshot_id} and a sandbox from it in {time.monotonic() - t0:.2f} s:",
+      child.commands.run("python3 hello.py").stdout.strip())
+child.kill()
+Sandbox.delete_snapshot(snap.snapshot_id)
 sbx.kill()
 print("killed; running:", sbx.is_running())
 PY
