@@ -7,15 +7,14 @@ to kick us and one to call the guest.  A device subclass says what it
 offers (features, protocol features, queues, config space) and answers each
 descriptor chain (:meth:`VhostUserBackend.request`).
 
-The ring code (:class:`Virtqueue`, its checks of every guest address) is the
-virtio-fs back-end's, imported from there: that module is the older user of it
-and moves it here when it next changes (then the import reverses).
-
-Invariants: every request a device answers here completes before the next
-message is read (the block device does its storage calls synchronously, see
-vmm/vhost_user_blk.py), so ``GET_VRING_BASE`` — QEMU stopping a ring to pause
-or save the VM — always finds the ring idle, with every reply in the used ring
-before the index is reported.
+Devices: vmm/vhost_user_fs.py (virtio-fs, which answers requests later and
+hands its state over) and vmm/vhost_user_blk.py (a block device).  Invariants:
+every guest address is checked against the memory table before use (a bad one
+fails that request, never the back-end); used entries are written before the
+used index (x86 keeps stores in order; EVENT_IDX is not offered, so every
+batch signals).  A device whose requests all complete before the next message
+is read (the block device) finds every ring idle at ``GET_VRING_BASE``; one
+with requests in flight (virtio-fs) waits for them there (:meth:`_handle`).
 """
 
 from __future__ import annotations
@@ -28,40 +27,37 @@ import struct
 
 import trio
 
-from vmm.guest_memory import GuestMemory, RingError, Span
-from vmm.vhost_user_fs import (
-    ADDR,
-    GET_FEATURES,
-    GET_PROTOCOL_FEATURES,
-    GET_QUEUE_NUM,
-    GET_VRING_BASE,
-    HEADER,
-    NEED_REPLY,
-    REGION,
-    REPLY,
-    RESET_OWNER,
-    SET_FEATURES,
-    SET_LOG_BASE,
-    SET_LOG_FD,
-    SET_MEM_TABLE,
-    SET_OWNER,
-    SET_PROTOCOL_FEATURES,
-    SET_VRING_ADDR,
-    SET_VRING_BASE,
-    SET_VRING_CALL,
-    SET_VRING_ENABLE,
-    SET_VRING_ERR,
-    SET_VRING_KICK,
-    SET_VRING_NUM,
-    STATE,
-    U16,
-    U64,
-    VERSION,
-    BadChain,
-    Virtqueue,
-)
+from vmm.guest_memory import DirtyLog, GuestMemory, RingError, Span
 
 log = logging.getLogger(__name__)
+
+HEADER = struct.Struct("<III")
+U64 = struct.Struct("<Q")
+U16 = struct.Struct("<H")
+USED = struct.Struct("<II")
+STATE = struct.Struct("<II")
+ADDR = struct.Struct("<IIQQQQ")
+REGION = struct.Struct("<QQQQ")
+DESC = struct.Struct("<QIHH")
+VERSION, REPLY, NEED_REPLY = 0x1, 0x4, 0x8
+F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4
+
+GET_FEATURES, SET_FEATURES, SET_OWNER, RESET_OWNER = 1, 2, 3, 4
+SET_MEM_TABLE, SET_LOG_BASE, SET_LOG_FD = 5, 6, 7
+SET_VRING_NUM, SET_VRING_ADDR, SET_VRING_BASE, GET_VRING_BASE = 8, 9, 10, 11
+SET_VRING_KICK, SET_VRING_CALL, SET_VRING_ERR = 12, 13, 14
+GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES, GET_QUEUE_NUM, SET_VRING_ENABLE = 15, 16, 17, 18
+SET_DEVICE_STATE_FD, CHECK_DEVICE_STATE = 42, 43
+NAMES = {
+    GET_FEATURES: "GET_FEATURES", SET_FEATURES: "SET_FEATURES", SET_OWNER: "SET_OWNER", RESET_OWNER: "RESET_OWNER",
+    SET_MEM_TABLE: "SET_MEM_TABLE", SET_LOG_BASE: "SET_LOG_BASE", SET_LOG_FD: "SET_LOG_FD",
+    SET_VRING_NUM: "SET_VRING_NUM", SET_VRING_ADDR: "SET_VRING_ADDR", SET_VRING_BASE: "SET_VRING_BASE",
+    GET_VRING_BASE: "GET_VRING_BASE", SET_VRING_KICK: "SET_VRING_KICK", SET_VRING_CALL: "SET_VRING_CALL",
+    SET_VRING_ERR: "SET_VRING_ERR", GET_PROTOCOL_FEATURES: "GET_PROTOCOL_FEATURES",
+    SET_PROTOCOL_FEATURES: "SET_PROTOCOL_FEATURES", GET_QUEUE_NUM: "GET_QUEUE_NUM",
+    SET_VRING_ENABLE: "SET_VRING_ENABLE", SET_DEVICE_STATE_FD: "SET_DEVICE_STATE_FD",
+    CHECK_DEVICE_STATE: "CHECK_DEVICE_STATE",
+}
 
 GET_CONFIG, SET_CONFIG = 24, 25
 CONFIG_HEADER = struct.Struct("<III")  # offset, size, flags
@@ -70,6 +66,98 @@ F_PROTOCOL_FEATURES = 1 << 30
 F_VERSION_1 = 1 << 32
 PF_MQ, PF_REPLY_ACK, PF_CONFIG = 1 << 0, 1 << 3, 1 << 9
 MAX_PAYLOAD = 4096  # no message we accept is longer; a longer one ends the connection
+
+
+class BadChain(RingError):
+    """One request's descriptor chain is unusable; the queue itself is fine."""
+
+    def __init__(self, head: int, why: str) -> None:
+        super().__init__(why)
+        self.head = head
+
+
+class Virtqueue:
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.num = 0
+        self.last_avail = 0
+        self.used_idx = 0
+        self.desc: Span | None = None
+        self.avail: Span | None = None
+        self.used: Span | None = None
+        self.kick = -1
+        self.call = -1
+        self.enabled = False
+        self.inflight = 0  # requests taken from the ring and not yet answered in it
+        self.settled: trio.Event | None = None  # set when inflight drops to 0
+        self.log_used = False  # VHOST_VRING_F_LOG: mark used-ring writes in the dirty log
+        self.log_addr = 0  # guest-physical address the used ring is logged at
+
+    def pending(self) -> bool:
+        assert self.avail is not None
+        return self.avail.unpack(U16, 2)[0] != self.last_avail
+
+    def pop(self, mem: GuestMemory) -> tuple[int, list[Span], list[Span], list[tuple[int, int]]]:
+        assert self.avail is not None and self.desc is not None
+        head = self.avail.unpack(U16, 4 + 2 * (self.last_avail % self.num))[0]
+        self.last_avail = (self.last_avail + 1) & 0xFFFF
+        if head >= self.num:
+            raise RingError(f"queue {self.index}: head {head} out of range")
+        try:
+            return head, *self._chain(mem, head)
+        except RingError as err:
+            raise BadChain(head, str(err)) from None
+
+    def _chain(self, mem: GuestMemory, head: int) -> tuple[list[Span], list[Span], list[tuple[int, int]]]:
+        """The chain's readable and writable buffers, and the writable ones' guest-physical
+        ranges (for the dirty log)."""
+        assert self.desc is not None
+        readable: list[Span] = []
+        writable: list[Span] = []
+        places: list[tuple[int, int]] = []
+        table, size = self.desc, self.num
+        i, seen = head, 0
+        while True:
+            seen += 1
+            if seen > size:
+                raise RingError(f"queue {self.index}: descriptor loop")
+            addr, length, flags, nxt = table.unpack(DESC, 16 * i)
+            if flags & F_INDIRECT:
+                if length % 16 or not length:
+                    raise RingError(f"queue {self.index}: bad indirect table")
+                table, size, i, seen = mem.gpa(addr, length), length // 16, 0, 0
+                continue
+            buf = mem.gpa(addr, length)
+            if flags & F_WRITE:
+                writable.append(buf)
+                places.append((addr, length))
+            elif writable:
+                raise RingError(f"queue {self.index}: a readable descriptor after a writable one")
+            else:
+                readable.append(buf)
+            if not flags & F_NEXT:
+                break
+            i = nxt
+            if i >= size:
+                raise RingError(f"queue {self.index}: next {i} out of range")
+        return readable, writable, places
+
+    def push(self, head: int, written: int, dirty: DirtyLog | None = None) -> None:
+        assert self.used is not None
+        slot = 4 + 8 * (self.used_idx % self.num)
+        self.used.pack(USED, slot, head, written)
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        self.used.pack(U16, 2, self.used_idx)  # after the entry: x86 keeps stores in order
+        if dirty is not None and self.log_used:
+            dirty.mark(self.log_addr + slot, USED.size)
+            dirty.mark(self.log_addr + 2, U16.size)
+
+    def notify(self) -> None:
+        if self.call >= 0:
+            try:
+                os.write(self.call, U64.pack(1))
+            except OSError as err:
+                log.warning("queue %d: cannot signal the guest: %s", self.index, err)
 
 
 class VhostUserBackend:
@@ -115,8 +203,10 @@ class VhostUserBackend:
                     if msg is None:
                         break
                     request, flags, payload, fds = msg
+                    log.debug("vhost-user: %s %s%s", NAMES.get(request, request), payload[:16].hex(),
+                              f" +{len(fds)} fd" if fds else "")
                     try:
-                        reply = self._message(request, payload, fds)
+                        reply = await self._handle(request, payload, fds)
                     except (struct.error, IndexError, RingError, OSError, ValueError) as err:
                         # A malformed message from QEMU (never the guest): say so and stop serving.
                         log.error("%s: message %d cannot be used (%s); closing the connection", self.name,
@@ -171,6 +261,22 @@ class VhostUserBackend:
                 return None
             payload += chunk
         return request, flags, payload, fds
+
+    async def _handle(self, request: int, payload: bytes, fds: list[int]) -> bytes | None:
+        """One message's reply (None: none, or REPLY_ACK's 0).  The loop is sequential, as QEMU
+        is: a device whose answer must wait (for requests in flight) awaits here while those
+        go on in the nursery."""
+        return self._message(request, payload, fds)
+
+    def _dirty(self) -> DirtyLog | None:
+        """The dirty log to mark the used ring's writes in, while QEMU wants them logged."""
+        return None
+
+    def _answer(self, q: Virtqueue, head: int, readable: list[Span], writable: list[Span],
+                places: list[tuple[int, int]]) -> None:
+        """Answer one descriptor chain: in the used ring now (a device that answers later
+        overrides this)."""
+        q.push(head, self.request(q, head, readable, writable), self._dirty())
 
     def _queue(self, index: int) -> Virtqueue:
         if not 0 <= index < len(self.queues):
@@ -296,16 +402,15 @@ class VhostUserBackend:
         try:
             while q.pending():
                 try:
-                    popped = q.pop(self.mem)  # (head, readable, writable, ...): the fs back-end adds more
+                    head, readable, writable, places = q.pop(self.mem)
                 except BadChain as err:
                     log.error("%s: %s; that request fails", self.name, err)
                     self.bad_requests += 1
-                    q.push(err.head, 0)
+                    q.push(err.head, 0, self._dirty())
                     done = True
                     continue
-                head, readable, writable = popped[0], popped[1], popped[2]
                 self.requests += 1
-                q.push(head, self.request(q, head, readable, writable))
+                self._answer(q, head, readable, writable, places)
                 done = True
         except RingError as err:
             log.error("%s: %s; the queue stops", self.name, err)

@@ -48,8 +48,7 @@ from cubefs.errors import UsageError
 from cubefs.image.fs import FsError
 from cubefs.volume.blk import disk_of
 from vmm.guest_memory import RingError, Span, gather, scatter
-from vmm.vhost_user import F_PROTOCOL_FEATURES, F_VERSION_1, PF_CONFIG, PF_MQ, PF_REPLY_ACK, VhostUserBackend
-from vmm.vhost_user_fs import Virtqueue
+from vmm.vhost_user import F_PROTOCOL_FEATURES, F_VERSION_1, PF_CONFIG, PF_MQ, PF_REPLY_ACK, VhostUserBackend, Virtqueue
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,6 @@ we write while QEMU migrates a *running* VM are marked.
 
 from __future__ import annotations
 
-import array
 import contextlib
 import errno
 import json
@@ -47,42 +46,31 @@ import trio
 from cubefs.fuse import protocol as p
 from cubefs.fuse.server import FuseServer
 from cubefs.image.fs import StateError
-from vmm.guest_memory import DirtyLog, GuestMemory, RingError, Span, gather, scatter
+from vmm.guest_memory import DirtyLog, RingError, Span, gather, scatter
+from vmm.vhost_user import (
+    ADDR,
+    CHECK_DEVICE_STATE,
+    F_PROTOCOL_FEATURES,
+    F_VERSION_1,
+    GET_VRING_BASE,
+    PF_MQ,
+    PF_REPLY_ACK,
+    SET_DEVICE_STATE_FD,
+    SET_FEATURES,
+    SET_LOG_BASE,
+    SET_VRING_ADDR,
+    STATE,
+    U64,
+    VhostUserBackend,
+    Virtqueue,
+)
 
 log = logging.getLogger(__name__)
 
-HEADER = struct.Struct("<III")
-U64 = struct.Struct("<Q")
-U16 = struct.Struct("<H")
-USED = struct.Struct("<II")
-STATE = struct.Struct("<II")
-ADDR = struct.Struct("<IIQQQQ")
-REGION = struct.Struct("<QQQQ")
-DESC = struct.Struct("<QIHH")
-VERSION, REPLY, NEED_REPLY = 0x1, 0x4, 0x8
-F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4
-
-GET_FEATURES, SET_FEATURES, SET_OWNER, RESET_OWNER = 1, 2, 3, 4
-SET_MEM_TABLE, SET_LOG_BASE, SET_LOG_FD = 5, 6, 7
-SET_VRING_NUM, SET_VRING_ADDR, SET_VRING_BASE, GET_VRING_BASE = 8, 9, 10, 11
-SET_VRING_KICK, SET_VRING_CALL, SET_VRING_ERR = 12, 13, 14
-GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES, GET_QUEUE_NUM, SET_VRING_ENABLE = 15, 16, 17, 18
-SET_DEVICE_STATE_FD, CHECK_DEVICE_STATE = 42, 43
-NAMES = {
-    GET_FEATURES: "GET_FEATURES", SET_FEATURES: "SET_FEATURES", SET_OWNER: "SET_OWNER", RESET_OWNER: "RESET_OWNER",
-    SET_MEM_TABLE: "SET_MEM_TABLE", SET_LOG_BASE: "SET_LOG_BASE", SET_LOG_FD: "SET_LOG_FD",
-    SET_VRING_NUM: "SET_VRING_NUM", SET_VRING_ADDR: "SET_VRING_ADDR", SET_VRING_BASE: "SET_VRING_BASE",
-    GET_VRING_BASE: "GET_VRING_BASE", SET_VRING_KICK: "SET_VRING_KICK", SET_VRING_CALL: "SET_VRING_CALL",
-    SET_VRING_ERR: "SET_VRING_ERR", GET_PROTOCOL_FEATURES: "GET_PROTOCOL_FEATURES",
-    SET_PROTOCOL_FEATURES: "SET_PROTOCOL_FEATURES", GET_QUEUE_NUM: "GET_QUEUE_NUM",
-    SET_VRING_ENABLE: "SET_VRING_ENABLE", SET_DEVICE_STATE_FD: "SET_DEVICE_STATE_FD",
-    CHECK_DEVICE_STATE: "CHECK_DEVICE_STATE",
-}
-
 F_LOG_ALL = 1 << 26  # VHOST_F_LOG_ALL: QEMU refuses to migrate a device without it
-FEATURES = (1 << 32) | (1 << 30) | F_LOG_ALL  # VIRTIO_F_VERSION_1, VHOST_USER_F_PROTOCOL_FEATURES, LOG_ALL
-P_MQ, P_LOG_SHMFD, P_REPLY_ACK, P_DEVICE_STATE = 1 << 0, 1 << 1, 1 << 3, 1 << 19
-PROTOCOL_FEATURES = P_MQ | P_LOG_SHMFD | P_REPLY_ACK | P_DEVICE_STATE
+FEATURES = F_VERSION_1 | F_PROTOCOL_FEATURES | F_LOG_ALL
+P_LOG_SHMFD, P_DEVICE_STATE = 1 << 1, 1 << 19
+PROTOCOL_FEATURES = PF_MQ | P_LOG_SHMFD | PF_REPLY_ACK | P_DEVICE_STATE
 NUM_QUEUES = 2  # hiprio + one request queue (Linux 6.1 uses one)
 VRING_F_LOG = 1  # SET_VRING_ADDR flags: log writes to this used ring at its log address
 LOG = struct.Struct("<QQ")  # SET_LOG_BASE: mmap size, offset of the log in the fd
@@ -93,98 +81,6 @@ STATE_FORMAT = "cubefs-virtiofs-state"
 STATE_VERSION = 1
 MAX_STATE = 256 << 20  # a state bigger than this is refused unread (~3 M kernel references)
 CHECK_WAIT = 60.0  # seconds CHECK_DEVICE_STATE waits for the transfer to end
-
-
-class BadChain(RingError):
-    """One request's descriptor chain is unusable; the queue itself is fine."""
-
-    def __init__(self, head: int, why: str) -> None:
-        super().__init__(why)
-        self.head = head
-
-
-class Virtqueue:
-    def __init__(self, index: int) -> None:
-        self.index = index
-        self.num = 0
-        self.last_avail = 0
-        self.used_idx = 0
-        self.desc: Span | None = None
-        self.avail: Span | None = None
-        self.used: Span | None = None
-        self.kick = -1
-        self.call = -1
-        self.enabled = False
-        self.inflight = 0  # requests taken from the ring and not yet answered in it
-        self.settled: trio.Event | None = None  # set when inflight drops to 0
-        self.log_used = False  # VHOST_VRING_F_LOG: mark used-ring writes in the dirty log
-        self.log_addr = 0  # guest-physical address the used ring is logged at
-
-    def pending(self) -> bool:
-        assert self.avail is not None
-        return self.avail.unpack(U16, 2)[0] != self.last_avail
-
-    def pop(self, mem: GuestMemory) -> tuple[int, list[Span], list[Span], list[tuple[int, int]]]:
-        assert self.avail is not None and self.desc is not None
-        head = self.avail.unpack(U16, 4 + 2 * (self.last_avail % self.num))[0]
-        self.last_avail = (self.last_avail + 1) & 0xFFFF
-        if head >= self.num:
-            raise RingError(f"queue {self.index}: head {head} out of range")
-        try:
-            return head, *self._chain(mem, head)
-        except RingError as err:
-            raise BadChain(head, str(err)) from None
-
-    def _chain(self, mem: GuestMemory, head: int) -> tuple[list[Span], list[Span], list[tuple[int, int]]]:
-        """The chain's readable and writable buffers, and the writable ones' guest-physical
-        ranges (for the dirty log)."""
-        assert self.desc is not None
-        readable: list[Span] = []
-        writable: list[Span] = []
-        places: list[tuple[int, int]] = []
-        table, size = self.desc, self.num
-        i, seen = head, 0
-        while True:
-            seen += 1
-            if seen > size:
-                raise RingError(f"queue {self.index}: descriptor loop")
-            addr, length, flags, nxt = table.unpack(DESC, 16 * i)
-            if flags & F_INDIRECT:
-                if length % 16 or not length:
-                    raise RingError(f"queue {self.index}: bad indirect table")
-                table, size, i, seen = mem.gpa(addr, length), length // 16, 0, 0
-                continue
-            buf = mem.gpa(addr, length)
-            if flags & F_WRITE:
-                writable.append(buf)
-                places.append((addr, length))
-            elif writable:
-                raise RingError(f"queue {self.index}: a readable descriptor after a writable one")
-            else:
-                readable.append(buf)
-            if not flags & F_NEXT:
-                break
-            i = nxt
-            if i >= size:
-                raise RingError(f"queue {self.index}: next {i} out of range")
-        return readable, writable, places
-
-    def push(self, head: int, written: int, dirty: DirtyLog | None = None) -> None:
-        assert self.used is not None
-        slot = 4 + 8 * (self.used_idx % self.num)
-        self.used.pack(USED, slot, head, written)
-        self.used_idx = (self.used_idx + 1) & 0xFFFF
-        self.used.pack(U16, 2, self.used_idx)  # after the entry: x86 keeps stores in order
-        if dirty is not None and self.log_used:
-            dirty.mark(self.log_addr + slot, USED.size)
-            dirty.mark(self.log_addr + 2, U16.size)
-
-    def notify(self) -> None:
-        if self.call >= 0:
-            try:
-                os.write(self.call, U64.pack(1))
-            except OSError as err:
-                log.warning("queue %d: cannot signal the guest: %s", self.index, err)
 
 
 class _Transfer:
@@ -224,162 +120,59 @@ def decode_state(blob: bytes) -> dict[str, Any]:
     return doc
 
 
-class VhostUserFs:
-    """One QEMU connection: the vhost-user messages, and the queues they describe."""
+class VhostUserFs(VhostUserBackend):
+    """One QEMU connection of a virtio-fs device: FUSE requests answered by the
+    :class:`FuseServer` (later, in the nursery, when they wait for the store or a lock),
+    the dirty log while QEMU migrates a running VM, and the device-state transfer."""
+
+    features = FEATURES
+    protocol_features = PROTOCOL_FEATURES
+    num_queues = NUM_QUEUES
+    name = "virtio-fs"
 
     def __init__(self, server: FuseServer) -> None:
+        super().__init__()
         self.server = server
-        self.mem = GuestMemory()
-        self.queues = [Virtqueue(i) for i in range(NUM_QUEUES)]
-        self.features = 0
-        self.protocol_features = 0
-        self.nursery: trio.Nursery | None = None
-        self.requests = 0
-        self.bad_requests = 0
         self.dirty: DirtyLog | None = None  # the log QEMU gave us (SET_LOG_BASE)
         self.transfer: _Transfer | None = None  # the device-state transfer under way or last ended
 
     async def serve(self, conn: socket.socket) -> None:
-        # QEMU's pid, to reach RAM it maps privately (a template's clone): vmm/guest_memory.py
-        self.mem.pid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
-        conn.setblocking(False)
         try:
-            async with trio.open_nursery() as nursery:
-                self.nursery = nursery
-                while True:
-                    msg = await self._recv(conn)
-                    if msg is None:
-                        break
-                    request, flags, payload, fds = msg
-                    log.debug("vhost-user: %s %s%s", NAMES.get(request, request), payload[:16].hex(),
-                              f" +{len(fds)} fd" if fds else "")
-                    # The two that wait: the loop is sequential (QEMU waits for these replies
-                    # too), while the requests in flight and a transfer go on in the nursery.
-                    if request == GET_VRING_BASE:
-                        reply: bytes | None = await self._stop_ring(STATE.unpack_from(payload)[0])
-                    elif request == CHECK_DEVICE_STATE:
-                        reply = await self._check_state()
-                    else:
-                        reply = self._message(request, payload, fds)
-                    if reply is None and flags & NEED_REPLY and self.protocol_features & P_REPLY_ACK:
-                        reply = U64.pack(0)
-                    if reply is not None:
-                        conn.send(HEADER.pack(request, VERSION | REPLY, len(reply)) + reply)
-                nursery.cancel_scope.cancel()
-            for q in self.queues:  # their spans are views of the mappings mem.close() unmaps
-                q.desc = q.avail = q.used = None
-            self.mem.close()
+            await super().serve(conn)
         finally:
             if self.dirty is not None:
                 self.dirty.close()
                 self.dirty = None
 
-    async def _recv(self, conn: socket.socket) -> tuple[int, int, bytes, list[int]] | None:
-        while True:
-            try:
-                data, anc, _flags, _addr = conn.recvmsg(HEADER.size, socket.CMSG_SPACE(8 * 4))
-                break
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(conn)
-        if not data:
-            return None
-        fds: list[int] = []
-        for level, kind, cdata in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                arr = array.array("i")
-                arr.frombytes(cdata[: len(cdata) - len(cdata) % arr.itemsize])
-                fds.extend(arr)
-        request, flags, size = HEADER.unpack(data)
-        payload = b""
-        while len(payload) < size:
-            try:
-                chunk = conn.recv(size - len(payload))
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(conn)
-                continue
-            if not chunk:
-                return None
-            payload += chunk
-        return request, flags, payload, fds
+    async def _handle(self, request: int, payload: bytes, fds: list[int]) -> bytes | None:
+        # The two that wait: requests in flight and a transfer go on in the nursery meanwhile.
+        if request == GET_VRING_BASE:
+            return await self._stop_ring(self._queue(STATE.unpack_from(payload)[0]).index)
+        if request == CHECK_DEVICE_STATE:
+            return await self._check_state()
+        return self._message(request, payload, fds)
 
     def _message(self, request: int, payload: bytes, fds: list[int]) -> bytes | None:
-        if request == GET_FEATURES:
-            return U64.pack(FEATURES)
-        if request == SET_FEATURES:
-            was = self.features & F_LOG_ALL
-            self.features = U64.unpack_from(payload)[0]
-            if not self.features & (1 << 30):  # no ring states: every ring is enabled
-                for q in self.queues:
-                    q.enabled = True
-            if was != self.features & F_LOG_ALL:
-                log.info("virtio-fs: dirty logging %s", "on (QEMU migrates a running VM)" if not was else "off")
-            return None
-        if request == GET_PROTOCOL_FEATURES:
-            return U64.pack(PROTOCOL_FEATURES)
-        if request == SET_PROTOCOL_FEATURES:
-            self.protocol_features = U64.unpack_from(payload)[0]
-            return None
-        if request == GET_QUEUE_NUM:
-            return U64.pack(NUM_QUEUES)
         if request == SET_LOG_BASE:
             return self._set_log(payload, fds)
-        if request in (SET_OWNER, RESET_OWNER, SET_LOG_FD):
-            for fd in fds:
-                os.close(fd)
-            return None
         if request == SET_DEVICE_STATE_FD:
             return self._start_transfer(payload, fds)
-        if request == SET_MEM_TABLE:
-            n = struct.unpack_from("<I", payload)[0]
-            regions = [REGION.unpack_from(payload, 8 + 32 * i) for i in range(n)]
-            # ring views go first: they point into the old mappings, which cannot be unmapped
-            # while a view of them lives (BufferError: the daemon died and the guest lost its root
-            # when QEMU sent a second table to a cold-booted VM's shared memfd RAM)
-            for q in self.queues:  # ring pointers must be translated again
-                q.desc = q.avail = q.used = None
-            self.mem.replace(regions, fds)
-            return None
-        index, num = STATE.unpack_from(payload) if len(payload) >= 8 else (0, 0)
-        if request == SET_VRING_NUM:
-            self.queues[index].num = num
-            return None
-        if request == SET_VRING_BASE:
-            self.queues[index].last_avail = num
-            return None
-        if request == SET_VRING_ADDR:
-            index, flags, desc, used, avail, log_addr = ADDR.unpack_from(payload)
+        was = self.acked_features & F_LOG_ALL
+        reply = super()._message(request, payload, fds)
+        if request == SET_FEATURES and was != self.acked_features & F_LOG_ALL:
+            log.info("virtio-fs: dirty logging %s", "on (QEMU migrates a running VM)" if not was else "off")
+        elif request == SET_VRING_ADDR:
+            index, flags, _desc, _used, _avail, log_addr = ADDR.unpack_from(payload)
             q = self.queues[index]
-            q.desc = self.mem.uva(desc, 16 * q.num)
-            q.used = self.mem.uva(used, 4 + 8 * q.num)
-            q.avail = self.mem.uva(avail, 4 + 2 * q.num)
-            q.used_idx = q.used.unpack(U16, 2)[0]
             q.log_used, q.log_addr = bool(flags & VRING_F_LOG), log_addr
-            return None
-        if request in (SET_VRING_KICK, SET_VRING_CALL, SET_VRING_ERR):
-            (value,) = U64.unpack_from(payload)
-            q = self.queues[value & 0xFF]
-            fd = -1 if value & 0x100 or not fds else fds[0]
-            if request == SET_VRING_KICK:
-                self._close_kick(q)
-                q.kick = fd
-                if fd >= 0 and self.nursery is not None:
-                    self.nursery.start_soon(self._kicks, q, fd)
-            elif request == SET_VRING_CALL:
-                if q.call >= 0:
-                    os.close(q.call)
-                q.call = fd
-            elif fd >= 0:
-                os.close(fd)
-            return None
-        if request == SET_VRING_ENABLE:
-            self.queues[index].enabled = bool(num)
-            if num:
-                self._drain(self.queues[index])
-            return None
-        log.warning("vhost-user: ignoring request %d", request)
-        for fd in fds:
-            os.close(fd)
-        return None
+        return reply
+
+    def _dirty(self) -> DirtyLog | None:
+        return self._logging()
+
+    def _answer(self, q: Virtqueue, head: int, readable: list[Span], writable: list[Span],
+                places: list[tuple[int, int]]) -> None:
+        self._request(q, head, readable, writable, places)
 
     async def _stop_ring(self, index: int) -> bytes:
         """GET_VRING_BASE: the ring *stops* (QEMU pauses the VM, or saves it): no kick fd, so
@@ -423,7 +216,7 @@ class VhostUserFs:
 
     def _logging(self) -> DirtyLog | None:
         """The dirty log while QEMU wants writes logged (it acked VHOST_F_LOG_ALL)."""
-        return self.dirty if self.features & F_LOG_ALL else None
+        return self.dirty if self.acked_features & F_LOG_ALL else None
 
     # -- device state -------------------------------------------------------------
 
@@ -507,55 +300,8 @@ class VhostUserFs:
             return U64.pack(1)
         return U64.pack(0)
 
-    # -- the rings -------------------------------------------------------------------
-
-    def _close_kick(self, q: Virtqueue) -> None:
-        """Close a ring's kick fd, first waking the task that waits on it: the next kick fd QEMU
-        sends (on resume) may get the same number, and trio allows one waiter per fd."""
-        if q.kick >= 0:
-            fd, q.kick = q.kick, -1
-            trio.lowlevel.notify_closing(fd)
-            os.close(fd)
-
-    async def _kicks(self, q: Virtqueue, fd: int) -> None:
-        while q.kick == fd:
-            try:
-                await trio.lowlevel.wait_readable(fd)
-                os.read(fd, 8)
-            except (OSError, trio.ClosedResourceError):
-                return
-            self._drain(q)
-
-    def _drain(self, q: Virtqueue) -> None:
-        """Answer every request the guest has made available.  A chain that points
-        outside guest memory or loops fails alone (used with length 0, which the
-        guest's driver sees as an error); only a ring that names no valid chain at
-        all stops its queue."""
-        if not q.enabled or q.avail is None or q.desc is None or q.used is None:
-            return
-        done = False
-        while q.pending():
-            try:
-                head, readable, writable, places = q.pop(self.mem)
-            except BadChain as err:
-                log.error("virtio-fs: %s; that request fails", err)
-                self.bad_requests += 1
-                q.push(err.head, 0, self._logging())
-                done = True
-                continue
-            except RingError as err:
-                log.error("virtio-fs: %s; the queue stops", err)
-                self.bad_requests += 1
-                q.enabled = False
-                break
-            self._request(q, head, readable, writable, places)
-            done = True
-        if done:
-            q.notify()
-
     def _request(self, q: Virtqueue, head: int, readable: list[Span], writable: list[Span],
                  places: list[tuple[int, int]]) -> None:
-        self.requests += 1
         try:
             request = gather(readable)
         except RingError as err:
