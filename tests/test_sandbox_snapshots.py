@@ -369,7 +369,10 @@ def test_a_snapshot_of_fifty_writers_is_of_one_instant(snode: Node) -> None:
         writer = "n=0; while :; do n=$((n+1)); echo $n >> ~/w/$0; done"
         sbx.commands.run(f"mkdir -p ~/w; for i in $(seq 50); do (exec -a writer bash -c '{writer}' $i) & done; "
                          "sleep 1", background=True)
-        time.sleep(3)
+        deadline = time.monotonic() + 120  # every writer has begun (bash forks slowly under TCG)
+        while sbx.commands.run("ls ~/w 2>/dev/null | wc -l").stdout.strip() != "50":
+            assert time.monotonic() < deadline, "the 50 writers did not all start"
+            time.sleep(0.5)
         info = sbx.create_snapshot()
         child = Sandbox.create(info.snapshot_id, timeout=300)
         time.sleep(1)

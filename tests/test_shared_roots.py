@@ -22,6 +22,7 @@ from test_vhost_user import FakeGuest
 
 from cubefs.fuse import protocol as p
 from cubefs.node import control
+from vmm.machine import wait_gone
 
 
 @pytest.fixture
@@ -49,14 +50,7 @@ def _kill(pid: int) -> None:
 
 
 def _gone(pid: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        assert time.monotonic() < deadline, f"process {pid} did not end"
-        time.sleep(0.05)
+    assert wait_gone(pid, timeout), f"process {pid} did not end"
 
 
 def _wait(what: str, check: object, timeout: float = 60) -> None:

@@ -22,6 +22,7 @@ import pytest
 from conftest import run_cubefs
 
 from cubefs.fuse import protocol as p
+from vmm.machine import wait_gone
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools" / "bench"))
 from delayproxy import DelayProxy
@@ -220,14 +221,7 @@ def _serve_volume(tmp_path: Path, store: str, sock: Path) -> int:
 
 
 def _gone(pid: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        assert time.monotonic() < deadline, f"daemon {pid} did not end"
-        time.sleep(0.05)
+    assert wait_gone(pid, timeout), f"daemon {pid} did not end"
 
 
 def _daemon_log(tmp_path: Path) -> str:
@@ -372,6 +366,7 @@ def test_writes_to_guest_memory_are_logged_while_qemu_migrates(tmp_path: Path, l
         base, used = RINGS[1], RINGS[1] + 0x200
         g.send(2, struct.pack("<Q", (1 << 32) | (1 << 30) | (1 << 26)))  # LOG_ALL on
         g.send(9, struct.pack("<IIQQQQ", 1, 1, g.uva + base, g.uva + used, g.uva + base + 0x100, used))
+        g.ask(1)  # GET_FEATURES: answered only after the two above (the loop is sequential, the kick is not)
         g.next_buf = DATA + 5 * 4096 + 100  # a reply buffer across pages 0x15 and 0x16
         w_addr = g.put_request(p.GETATTR, 1, bytes(16), reply_room=4096)
         g.used()
