@@ -224,8 +224,12 @@ def make_parser(plugins: bool = True) -> argparse.ArgumentParser:
                    help="seconds a peer may take before its chunks are read from the store (default 3)")
     _peer_secret_arg(p)
     p.add_argument("--record-trace", action="store_true",
-                   help="note the order in which chunks are first read; 'cubefs trace push' stores it with the "
-                   "image, and later mounts prefetch it")
+                   help="note every chunk first read for as long as the mount lives, not only in its first minute "
+                   "(every mount records its start-up and publishes it with the image; 'cubefs trace push' "
+                   "publishes now)")
+    p.add_argument("--no-auto-trace", dest="auto_trace", action="store_false",
+                   help="do not publish this mount's start-up trace with the image (by default the first start of "
+                   "an image records which chunks it reads, by index, and later starts on any node prefetch them)")
     p.add_argument("--no-prefetch", dest="prefetch", action="store_false",
                    help="do not prefetch the image's trace even if it has one")
     p.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground, log to stderr")
@@ -282,10 +286,10 @@ def make_parser(plugins: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--prometheus", action="store_true", help="Prometheus text format")
 
     p = sub.add_parser("trace", help="store a mount's start-up trace with its image, for prefetching",
-                       description="'cubefs trace push MOUNTPOINT' stores the order in which the mount (started "
-                       "with --record-trace) first read its chunks as the image's trace. Every later mount of the "
-                       "image fetches those chunks in the background, in that order, as soon as it is live: run "
-                       "the workload once, push, and its next cold starts find their data already arriving.")
+                       description="'cubefs trace push MOUNTPOINT' merges the chunks the mount read (in the order "
+                       "it first read them) into the image's trace now. Every later mount of the image fetches "
+                       "those chunks in the background, in that order, as soon as it is live. Mounts do this by "
+                       "themselves once their start-up goes quiet and at unmount (not with --no-auto-trace).")
     p.add_argument("action", choices=("push",))
     p.add_argument("mountpoint")
     p.add_argument("--json", action="store_true")
@@ -731,7 +735,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
         done = f"done in {prefetch['seconds']:.2f} s" if prefetch["done"] else "running"
         print(f"  trace prefetch: {int(prefetch['chunks'])} chunks, {done}")
     if stats.get("trace_recorded") is not None:
-        print(f"  recording a trace: {stats['trace_recorded']} chunks so far ('cubefs trace push' stores it)")
+        pub = stats.get("trace_published") or {}
+        print(f"  start-up trace: {stats['trace_recorded']} chunks recorded; "
+              + (f"{int(pub.get('publishes', 0))} publishes, the image's trace names {int(pub['chunks'])} chunks"
+                 if pub else "nothing new published"))
     return EXIT_OK
 
 
@@ -740,7 +747,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=1))
     else:
-        print(f"pushed a trace of {result['chunks']} chunks ({size(result['stored_bytes'])}) for {result['image']}")
+        print(f"the trace of {result['image']} names {result['chunks']} chunks ({size(result['stored_bytes'])}); "
+              f"{result['added']} added by this mount")
     return EXIT_OK
 
 

@@ -18,6 +18,7 @@ import errno
 import logging
 import os
 import stat
+import time
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from cubefs.format.image import (
     Image,
 )
 from cubefs.format.packs import ChunkLocation, ChunkMap, locate
+from cubefs.format.trace import MAX_CHUNKS
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +98,10 @@ class ImageFS:
         self.read_errors = 0
         self.trace: list[int] | None = None  # chunk indices in first-read order, when recording
         self._traced: set[int] = set()
+        self.trace_last = 0.0  # monotonic time a new chunk was last noted
+        self._trace_until: float | None = None  # recording stops then (None: at the size bound only)
+        self._trace_window: float | None = None
+        self.trace_published: dict[str, int] = {}  # the last publish of the recording (cubefs.image.autotrace)
 
     def export_refs(self) -> dict[str, object]:
         """What the kernel holds of an image, for a session moved to another daemon: nothing
@@ -111,9 +117,38 @@ class ImageFS:
                              f"serves sha256:{self.image.digest[:12]} (its node IDs would name other files)")
         return 0
 
-    def record_trace(self) -> None:
-        """From now on, note every chunk the first time a read touches it."""
+    def record_trace(self, window: float | None = None) -> None:
+        """From now on, note every chunk the first time a read touches it, for
+        ``window`` seconds from the first read (None: until the trace is full,
+        :data:`~cubefs.format.trace.MAX_CHUNKS`).  A start-up trace must not grow
+        with what a long-lived sandbox reads hours later; the set costs ~100 bytes
+        a chunk, a few hundred KiB at most."""
         self.trace = []
+        self._trace_window = window
+        self._trace_until = None
+
+    @property
+    def recording(self) -> bool:
+        """Whether new chunks are still being noted."""
+        if self.trace is None or len(self.trace) >= MAX_CHUNKS:
+            return False
+        return self._trace_until is None or time.monotonic() < self._trace_until
+
+    def _note(self, extents: list[tuple[int, int]]) -> None:
+        assert self.trace is not None
+        new = [idx for _off, idx in extents if idx not in self._traced]
+        if not new:
+            return
+        now = time.monotonic()
+        if self._trace_until is None and self._trace_window is not None:
+            self._trace_until = now + self._trace_window  # the window opens at the first read
+        elif not self.recording:
+            return
+        for idx in new:
+            if idx not in self._traced and len(self.trace) < MAX_CHUNKS:
+                self._traced.add(idx)
+                self.trace.append(idx)
+        self.trace_last = now
 
     def _record(self, ino: int) -> list:  # type: ignore[type-arg]
         if ino < 1 or ino > len(self.image):
@@ -208,10 +243,7 @@ class ImageFS:
         size = min(size, fsize - offset)
         extents = self.image.chunks_for_range(ino, offset, size)
         if self.trace is not None:
-            for _off, idx in extents:
-                if idx not in self._traced:
-                    self._traced.add(idx)
-                    self.trace.append(idx)
+            self._note(extents)
         return size, extents, [self._ref(idx) for _off, idx in extents]
 
     def read_now(self, ino: int, offset: int, size: int) -> list[Buffer] | None:

@@ -30,7 +30,7 @@ from cubefs.cache.source import ChunkSource
 from cubefs.cache.tiers import MemoryTier
 from cubefs.errors import UsageError
 from cubefs.format.manifest import Manifest, parse_ref
-from cubefs.format.trace import encode_trace, trace_key
+from cubefs.format.trace import trace_key
 from cubefs.fuse.protocol import HAS_RESEND
 from cubefs.image.catalog import load_cached
 from cubefs.image.fs import ImageFS
@@ -64,6 +64,7 @@ class MountOptions:
     peers: tuple[str, ...] = ()
     peer_timeout: float = 3.0
     record_trace: bool = False
+    auto_trace: bool = True  # record the start-up and publish it with the image (cubefs.image.autotrace)
     prefetch: bool = True  # prefetch the image's pushed trace, if it has one
     volume: str | None = None  # mount this volume (read-write) instead of the image ``ref``
     volume_dir: str = ""
@@ -80,7 +81,7 @@ class MountOptions:
             readahead=args.readahead, pack_readahead=args.pack_readahead, read_timeout=args.read_timeout,
             store_timeout=args.store_timeout, store_attempts=args.store_attempts,
             transport=getattr(args, "transport", "kernel"), record_trace=getattr(args, "record_trace", False),
-            prefetch=getattr(args, "prefetch", True),
+            prefetch=getattr(args, "prefetch", True), auto_trace=getattr(args, "auto_trace", True),
             peers=tuple(p.strip() for p in (getattr(args, "peers", "") or "").split(",") if p.strip()),
             peer_timeout=getattr(args, "peer_timeout", 3.0),
             volume=getattr(args, "volume", None), volume_dir=getattr(args, "volume_dir", "") or "",
@@ -165,8 +166,12 @@ def _serve(
     else:
         assert image_fs is not None
         label = ref
-        if opts.record_trace:
-            image_fs.record_trace()
+    publisher = None
+    if image_fs is not None and store is not None and loop is not None and (opts.record_trace or opts.auto_trace):
+        from cubefs.image.autotrace import RECORD_SECONDS, TracePublisher
+
+        image_fs.record_trace(None if opts.record_trace else RECORD_SECONDS)
+        publisher = TracePublisher(image_fs, store, loop, trace, ref) if opts.auto_trace else None
     transport = _transport(opts.transport, fs, mountpoint, f"cubefs:{label}", opts.allow_other)
     resume = opts.resume if link is not None else None
     if resume is not None:
@@ -185,13 +190,11 @@ def _serve(
     async def push_trace(_arg: str) -> dict[str, Any]:
         """Store the chunks read so far, in first-read order, as the image's trace."""
         if image_fs is None or image_fs.trace is None or store is None or loop is None:
-            raise UsageError(f"{mountpoint} was not mounted with --record-trace")
-        chunks = list(image_fs.trace)
-        key = trace_key(image_fs.image.digest)
-        await loop.trio_run(store.put(key, encode_trace(image_fs.image.digest, chunks)))
-        stored = sum(r.stored_len for r in image_fs.chunk_refs(chunks))
-        log.info("image %s: pushed a trace of %d chunks (%d bytes stored) to %s", ref, len(chunks), stored, key)
-        return {"image": ref, "key": key, "chunks": len(chunks), "stored_bytes": stored}
+            raise UsageError(f"{mountpoint} records no trace (mounted with --no-auto-trace)")
+        from cubefs.image.autotrace import TracePublisher
+
+        result = await (publisher or TracePublisher(image_fs, store, loop, [], ref)).publish()
+        return {"image": ref, "key": trace_key(image_fs.image.digest), **result}
 
     actions["/trace/push"] = push_trace
     if index is not None:
@@ -219,6 +222,8 @@ def _serve(
                 notify("ready")
             if trace and opts.prefetch and resume is None and source is not None and image_fs is not None:
                 nursery.start_soon(source.prefetch, image_fs.chunk_refs(trace))
+            if publisher is not None:
+                nursery.start_soon(publisher.run)
             await transport.serve()
             nursery.cancel_scope.cancel()
 
@@ -230,6 +235,8 @@ def _serve(
     finally:
         try:
             transport.close()
+            if publisher is not None:
+                publisher.publish_at_exit()
             if index is not None:
                 fs.close()
             if parts is not None:
@@ -313,7 +320,8 @@ def mount_stats(opts: MountOptions, mountpoint: str, fs: Any, transport: Any, pa
         "peers": peers.stats() if peers is not None else {},
         "store_requests": store.stats.as_dict() if store is not None else {},
         "store_info": store.describe() if store is not None else {},  # endpoint, region, credential source
-        "trace_recorded": len(fs.trace) if fs.trace is not None else None,
+        "trace_recorded": len(image_fs.trace) if image_fs is not None and image_fs.trace is not None else None,
+        "trace_published": image_fs.trace_published if image_fs is not None else {},
     }
     if index is not None:
         stats["volume"] = {"name": opts.volume, "written_bytes": fs.files.written_bytes,
