@@ -36,6 +36,14 @@ What one run does (all against one local SeaweedFS S3 server, as root):
      ``zstd -dc | tar -x`` into a fresh directory, run;
    * *native warm*: the command again in the extracted directory.
 
+   * *later start* (unless ``--trace``): a fresh cache again, after the first
+     start published its trace by itself (every cold sample starts with the
+     image's trace deleted: a first start, no trace anywhere);
+   * *full pull* GETs the layer in ``--pull-parts`` (3) parallel ranged GETs.
+
+   ``--image NAME`` picks one of issue 18's trees and its command
+   (tools/bench/images.py: deb-python, deb-numpy, py-pandas, deb-node).
+
 3. Print medians per mode, the ratios against their floors, bytes fetched
    from the store against the image's stored size, and build throughput;
    ``--json`` prints everything (samples included) as JSON instead.
@@ -54,6 +62,7 @@ Debian bookworm minbase + python3).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import os
@@ -123,10 +132,28 @@ class LayerClient:
         self.loop.run(store.put(key, data))
         self.loop.run(store.close())
 
-    def get(self, bucket: str, key: str) -> bytes:
+    def get(self, bucket: str, key: str, size: int = 0, parts: int = 1) -> bytes:
+        """The object; with ``parts`` > 1 (and its ``size``), as that many ranged GETs in
+        parallel, as a registry client pulls a layer (issue 18's baseline: 3)."""
         store = self._store(bucket)
         try:
-            return self.loop.run(store.get(key))
+            if parts <= 1 or size <= 0:
+                return self.loop.run(store.get(key))
+            step = -(-size // parts)
+
+            async def ranged() -> bytes:
+                got = await asyncio.gather(*(store.get_range(key, o, min(step, size - o))
+                                             for o in range(0, size, step)))
+                return b"".join(got)
+
+            return self.loop.run(ranged())
+        finally:
+            self.loop.run(store.close())
+
+    def delete(self, bucket: str, key: str) -> None:
+        store = self._store(bucket)
+        try:
+            self.loop.run(store.delete(key))
         finally:
             self.loop.run(store.close())
 
@@ -254,6 +281,8 @@ class Ctx:
     proxy: DelayProxy | None
     mount_args: list[str]
     mode: str
+    client: LayerClient | None = None  # to delete the image's trace before a first start
+    trace_key: str = ""
 
 
 def mount(ctx: Ctx, mnt: Path, cache_dir: Path, extra: tuple[str, ...] = ()) -> float:
@@ -335,12 +364,21 @@ def request_log(ctx: Ctx, since: float, until: float) -> list[dict[str, Any]] | 
     ]
 
 
+def forget_trace(ctx: Ctx) -> None:
+    """No trace anywhere: a first start of the image (mounts publish one by themselves)."""
+    if ctx.client is not None and ctx.trace_key and not ctx.args.trace:
+        with contextlib.suppress(Exception):
+            ctx.client.delete(BUCKET, ctx.trace_key)
+
+
 def lazy_sample(ctx: Ctx, i: int) -> dict[str, Any]:
-    """Cold mount + run on an empty cache, warm runs, then a remount on the warm disk cache."""
+    """Cold mount + run on an empty cache, warm runs, then a remount on the warm disk cache;
+    then a later start on another empty cache, which prefetches the trace the first published."""
     mnt = ctx.workdir / f"mnt-{ctx.mode}-{i}"
     cache_dir = ctx.workdir / f"cache-{ctx.mode}-{i}"
     cache_dir.mkdir(parents=True)
     out: dict[str, Any] = {}
+    forget_trace(ctx)
 
     if ctx.args.trace:
         out.update(variant_sample(ctx, i, "trace", ()))
@@ -386,6 +424,8 @@ def lazy_sample(ctx: Ctx, i: int) -> dict[str, Any]:
     out["warmdisk_proxy"] = proxy_window(ctx, w0, w1)
     out["warmdisk_store"] = sample_stats(ctx, mnt)
     ctx.cleanup.umount(mnt)
+    if not ctx.args.trace:
+        out.update(variant_sample(ctx, i, "later", ()))
     return out
 
 
@@ -456,7 +496,7 @@ def pull_sample(ctx: Ctx, client: LayerClient, i: int) -> dict[str, Any]:
         drop_caches()
         p0 = time.monotonic()
         t0 = time.perf_counter()
-        data = client.get(BUCKET, LAYER_KEY)
+        data = client.get(BUCKET, LAYER_KEY, ctx.args.layer_bytes, ctx.args.pull_parts)
         with open(blob, "wb") as f:
             f.write(data)
         del data
@@ -480,6 +520,8 @@ def pull_sample(ctx: Ctx, client: LayerClient, i: int) -> dict[str, Any]:
         native = [run_in(dest, ctx.cmd) for _ in range(WARM_RUNS)]
         out["native_warm_s"] = statistics.median(native)
         out["native_runs"] = native
+        drop_caches()  # the extracted tree on local disk, kernel caches dropped: the warm-disk row's peer
+        out["native_cold_s"] = run_in(dest, ctx.cmd)
     finally:
         blob.unlink(missing_ok=True)
         shutil.rmtree(dest, ignore_errors=True)
@@ -514,15 +556,17 @@ def run_mode(ctx: Ctx, client: LayerClient, stored_bytes: int) -> dict[str, Any]
     keys = ["cold_mount_s", "cold_run_s", "cold_total_s", "cold_metadata_s", "cold_first_request_s",
             "cold_metadata_done_s", "warm_run_s", "warmdisk_mount_s",
             "warmdisk_run_s", "warmdisk_total_s", "pull_download_s", "pull_extract_s", "pull_run_s",
-            "pull_total_s", "native_warm_s"]
+            "pull_total_s", "native_warm_s", "native_cold_s"]
     if ctx.args.trace:
         keys += ["trace_mount_s", "trace_run_s", "trace_total_s"]
     if ctx.args.peer_address:
         keys += ["peer_mount_s", "peer_run_s", "peer_total_s"]
+    if not ctx.args.trace:
+        keys += ["later_mount_s", "later_run_s", "later_total_s"]
     med: dict[str, Any] = {k: median_of(samples, k) for k in keys}
     for k in ("cold_store", "after_warm_store", "warmdisk_store", "cold_proxy_mount", "cold_proxy_run",
               "cold_proxy_total", "warmdisk_proxy", "pull_proxy", "trace_proxy", "trace_store", "peer_proxy",
-              "peer_store"):
+              "peer_store", "later_proxy", "later_store"):
         if all(k in s for s in samples):
             med[k] = median_nested(samples, k)
     ratios = {
@@ -535,6 +579,9 @@ def run_mode(ctx: Ctx, client: LayerClient, stored_bytes: int) -> dict[str, Any]
     }
     if ctx.args.peer_address:
         ratios["peer_cold_over_cold"] = med["peer_total_s"] / med["cold_total_s"]
+    if not ctx.args.trace:
+        ratios["later_over_full_pull"] = med["later_total_s"] / med["pull_total_s"]
+    ratios["warmdisk_over_native_cold"] = med["warmdisk_total_s"] / med["native_cold_s"]
     if ctx.args.trace:
         ratios["trace_cold_over_cold"] = med["trace_total_s"] / med["cold_total_s"]
         ratios["trace_cold_over_full_pull"] = med["trace_total_s"] / med["pull_total_s"]
@@ -570,11 +617,16 @@ def print_mode(name: str, res: dict[str, Any], image: dict[str, Any]) -> None:
         ("full pull: chroot run", "pull_run_s"),
         ("full pull: total", "pull_total_s"),
         ("native warm: run", "native_warm_s"),
+        ("native, kernel caches dropped: run", "native_cold_s"),
     ]
     if "peer_total_s" in med:
         rows[3:3] = [("lazy cold from a warm peer: cubefs mount", "peer_mount_s"),
                      ("lazy cold from a warm peer: chroot run", "peer_run_s"),
                      ("lazy cold from a warm peer: total", "peer_total_s")]
+    if "later_total_s" in med:
+        rows[3:3] = [("later start (published trace): mount", "later_mount_s"),
+                     ("later start (published trace): run", "later_run_s"),
+                     ("later start (published trace): total", "later_total_s")]
     if "trace_total_s" in med:
         rows[3:3] = [("lazy cold + trace prefetch: cubefs mount", "trace_mount_s"),
                      ("lazy cold + trace prefetch: chroot run", "trace_run_s"),
@@ -617,6 +669,12 @@ def print_mode(name: str, res: dict[str, Any], image: dict[str, Any]) -> None:
     print(f"    lazy cold / full pull        {rc:6.3f}   floor <= {FLOOR_COLD}  {'ok' if rc <= FLOOR_COLD else 'FAIL'}")
     print(f"    lazy warm / native warm      {rw:6.3f}   floor <= {FLOOR_WARM}  {'ok' if rw <= FLOOR_WARM else 'FAIL'}")
     print(f"    lazy warm-disk / full pull   {ratios['warmdisk_over_full_pull']:6.3f}")
+    rd = ratios["warmdisk_over_native_cold"]
+    print(f"    warm-disk / native dropped   {rd:6.3f}   floor <= 1.5 (issue 18)  {'ok' if rd <= 1.5 else 'FAIL'}")
+    if "later_over_full_pull" in ratios:
+        rl = ratios["later_over_full_pull"]
+        print(f"    later start / full pull      {rl:6.3f}   floor <= 0.5 (issue 18)  {'ok' if rl <= 0.5 else 'FAIL'}")
+    print(f"    first start / full pull      {rc:6.3f}   floor <= 0.8 (issue 18)  {'ok' if rc <= 0.8 else 'FAIL'}")
     if "peer_cold_over_cold" in ratios:
         rq = ratios["peer_cold_over_cold"]
         print(f"    cold from peer / cold        {rq:6.3f}   floor <= 0.6 (issue 3)  {'ok' if rq <= 0.6 else 'FAIL'}")
@@ -710,6 +768,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--peer", action="store_true",
                     help="also run a node daemon (cubefs serve --listen) with a warm cache and measure cold starts "
                     "of fresh mounts that ask it (--peers) before the store")
+    ap.add_argument("--image", default=None,
+                    help="one of issue 18's images (tools/bench/images.py: deb-python, deb-numpy, py-pandas, "
+                    "deb-node): its tree and command, made if missing")
+    ap.add_argument("--pull-parts", type=int, default=3,
+                    help="parallel ranged GETs of the full pull's layer (default 3, as a registry client)")
     ap.add_argument("--mount-args", default="", help="extra 'cubefs mount' options, e.g. '--readahead 8M'")
     ap.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: a new one in /var/tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (mount logs, caches, weed log)")
@@ -737,6 +800,11 @@ def signals_raise() -> Iterator[None]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.image:
+        from images import by_name, make
+
+        chosen = by_name(args.image)
+        args.rootfs, args.cmd = make(chosen), chosen.cmd
     cmd = shlex.split(args.cmd)
     preflight(args.rootfs, cmd)
     started = time.monotonic()
@@ -769,7 +837,7 @@ def benchmark(args: argparse.Namespace, cmd: list[str], workdir: Path, cleanup: 
 
     log("making the tar.zst layer")
     layer = workdir / "layer.tar.zst"
-    layer_bytes = make_layer(args.rootfs, layer)  # also warms the page cache with the tree for the builds
+    layer_bytes = args.layer_bytes = make_layer(args.rootfs, layer)  # also warms the page cache for the builds
     log(f"uploading the layer ({mb(layer_bytes)})")
     client.put(BUCKET, LAYER_KEY, layer.read_bytes())
     layer.unlink()
@@ -828,8 +896,9 @@ def benchmark(args: argparse.Namespace, cmd: list[str], workdir: Path, cleanup: 
         proxy = make()
         endpoint = proxy.endpoint if proxy else server.endpoint
         log(f"mode {label}: {args.repeat} samples via {endpoint}")
-        ctx = Ctx(args, cleanup, workdir, cmd, endpoint, store, proxy, shlex.split(args.mount_args), name)
         mode_client = LayerClient(endpoint)
+        ctx = Ctx(args, cleanup, workdir, cmd, endpoint, store, proxy, shlex.split(args.mount_args), name,
+                  client, f"traces/{str(image['image']).removeprefix('sha256:')}")
         res = run_mode(ctx, mode_client, int(image["stored_bytes"]))
         res["label"] = label
         res["endpoint_kind"] = "proxy" if proxy else "direct"
