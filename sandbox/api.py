@@ -22,7 +22,9 @@ from urllib.parse import parse_qsl
 from aiohttp import web
 
 from cubefs.errors import CubefsError, NotFoundError, UsageError
+from sandbox.cluster.keys import RESERVATION_HEADER
 from sandbox.config import ApiKeys
+from sandbox.network.policy import Policy
 from sandbox.pool import CapacityError
 from sandbox.service import ConflictError, NoSpaceError, SandboxService
 
@@ -38,8 +40,10 @@ def error(status: int, message: str, headers: dict[str, str] | None = None) -> w
     return web.json_response({"code": status, "message": message}, status=status, headers=headers)
 
 
-def make_app(service: SandboxService, keys: ApiKeys) -> web.Application:
-    app = web.Application(middlewares=[_errors, _auth(keys)], client_max_size=MAX_BODY)
+def make_app(service: SandboxService, keys: ApiKeys, member: Any = None) -> web.Application:
+    """``member``: the node's :class:`sandbox.cluster.member.NodeMember` when it is in a cluster."""
+    middlewares = [_errors, _auth(keys)] + ([_publish(member)] if member is not None else [])
+    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY)
     app["service"] = service
     api = Api(service)
     r = app.router
@@ -64,6 +68,7 @@ def make_app(service: SandboxService, keys: ApiKeys) -> web.Application:
     r.add_post("/sandboxes/{id}/rollback", api.rollback)  # an extension of ours
     r.add_get("/snapshots", api.snapshots)
     r.add_delete("/templates/{id}", api.delete_template)
+    r.add_put("/sandboxes/{id}/network", api.network)
     return app
 
 
@@ -103,6 +108,23 @@ def _auth(keys: ApiKeys) -> Any:
         return await handler(request)
 
     return check
+
+
+def _publish(member: Any) -> Any:
+    """In a cluster, a request that changed what this node runs (a create, a kill, a snapshot, a
+    fork) is answered once etcd has it: the SDK's next request may reach any front, which must
+    already route it.  A create's reservation (from the front that placed it) is deleted in the
+    same transaction that publishes the sandbox it became."""
+    @web.middleware
+    async def publish(request: web.Request, handler: Handler) -> web.StreamResponse:
+        response = await handler(request)
+        if request.method != "GET" and response.status < 300:
+            member.filled(request.headers.get(RESERVATION_HEADER))
+            if not await member.settle():
+                log.warning("%s %s: answered before etcd had it (etcd does not answer)", request.method,
+                            request.path)
+        return response
+    return publish
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
@@ -173,6 +195,7 @@ class Api:
         if not isinstance(template, str) or not template:
             raise UsageError("templateID is required")
         args = (template, _timeout(doc), _str_map(doc, "metadata"), _str_map(doc, "envVars"))
+        policy = Policy.from_api(doc.get("network"), doc.get("allow_internet_access"))  # a bad one: 400, nothing made
         key = request.headers.get("Idempotency-Key")
         if key:  # a retried create gets the sandbox the first attempt made, never a second one
             now = time.monotonic()
@@ -188,6 +211,7 @@ class Api:
                 raise
         else:
             sbx = await self.service.create(*args)
+        self._set_policy(sbx.id, policy)
         return web.json_response(sbx.created(self.version, self.service.domain), status=201)
 
     def _listed(self, request: web.Request) -> list[dict[str, Any]]:
@@ -276,6 +300,23 @@ class Api:
             raise NotFoundError(f"snapshot {request.match_info['id']!r} not found")
         return web.Response(status=204)
 
+    async def network(self, request: web.Request) -> web.Response:
+        """``PUT /sandboxes/{id}/network``: the sandbox's whole egress policy from now on (what
+        the body leaves out is cleared, as E2B's API says)."""
+        doc = await _body(request)
+        sbx = self.service.get(request.match_info["id"])
+        if self.service.network is None:
+            raise UsageError("this node's sandboxes have no network ('cubefs sandbox serve --network')")
+        self._set_policy(sbx.id, Policy.from_api(doc, doc.get("allow_internet_access")))
+        return web.Response(status=204)
+
+    def _set_policy(self, sandbox_id: str, policy: Policy | None) -> None:
+        if self.service.network is not None and policy is not None:
+            self.service.network.set_policy(sandbox_id, policy)
+
+    def _policy(self, sandbox_id: str) -> Policy | None:
+        return self.service.network.policy(sandbox_id) if self.service.network is not None else None
+
     async def fork(self, request: web.Request) -> web.Response:
         doc = await _body(request)
         count = doc.get("count", 1)
@@ -288,6 +329,7 @@ class Api:
                 code = 429 if isinstance(res, CapacityError) else 404 if isinstance(res, NotFoundError) else 500
                 out.append({"error": {"code": code, "message": str(res) or type(res).__name__}})
             else:
+                self._set_policy(res.id, self._policy(request.match_info["id"]))  # a fork goes out as its parent
                 out.append({"sandbox": res.created(self.version, self.service.domain)})
         return web.json_response(out, status=201)
 

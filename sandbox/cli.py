@@ -35,6 +35,7 @@ examples:
   cubefs sandbox rollback ID step3                           # back to it in place, processes too
   cubefs sandbox fork ID --count 3                           # three copies of its present
   cubefs sandbox pause ID; cubefs sandbox resume ID
+  cubefs sandbox network ID --deny 0.0.0.0/0 --allow 10.1.0.0/16   # its egress, changed while it runs
   cubefs sandbox snapshot ls; cubefs sandbox snapshot rm step3
 
 The stock E2B SDK drives the service unchanged: E2B_API_URL names the API, E2B_SANDBOX_URL the
@@ -54,6 +55,14 @@ def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true")
 
 
+def _cluster_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--etcd", default=None, required=required, metavar="URL[,URL...]",
+                   help="the cluster's etcd endpoints" + ("" if required else ": join that cluster") +
+                   " (user and password from $CUBEFS_ETCD_USER and $CUBEFS_ETCD_PASSWORD)")
+    p.add_argument("--etcd-prefix", default="/cubefs/", metavar="PATH",
+                   help="the keys of this cluster live under it (default /cubefs/)")
+
+
 def add_parsers(sub: Any, store_args: Any) -> None:
     p = sub.add_parser("sandbox", help="E2B-compatible sandboxes: serve, templates, create, exec, kill",
                        description="Sandboxes for agents: micro-VMs restored from a template, each with its own "
@@ -68,6 +77,10 @@ def add_parsers(sub: Any, store_args: Any) -> None:
     q.add_argument("--domain", default=None, help="sandbox domain: Host PORT-ID.DOMAIN routes too")
     q.add_argument("--api-key-file", default=None, metavar="FILE", help="API keys, one a line (0600)")
     q.add_argument("--kernel", default=None, metavar="DIR", help="guest kernel (default $CUBEFS_VM_KERNEL)")
+    q.add_argument("--network", action="store_true",
+                   help="a NIC per sandbox, egress through this node's gateway (network namespaces, nftables)")
+    q.add_argument("--network-pool", type=int, default=4, metavar="N",
+                   help="with --network: namespaces kept ready (default 4)")
     q.add_argument("--pool-size", type=int, default=2, metavar="N",
                    help="sandboxes kept made and paused per template, so a create only resumes one (default 2; "
                    "0: none)")
@@ -78,6 +91,42 @@ def add_parsers(sub: Any, store_args: Any) -> None:
     q.add_argument("--max-memory", type=int, default=None, metavar="MB",
                    help="guest memory this node holds (default: the host's); past either limit a create is "
                    "refused with 429 and Should-Retry: false")
+    _cluster_args(q)
+    q.add_argument("--node", default=None, metavar="NAME",
+                   help="this node's name in the cluster (with --etcd; default: the host name)")
+    q.add_argument("--advertise", default=None, metavar="HOST",
+                   help="the address other nodes and fronts reach this node's API, proxy and peer port on "
+                   "(default: the --api-listen host; required when that is 0.0.0.0)")
+    q.add_argument("--peer-listen", default=None, metavar="HOST:PORT",
+                   help="serve this node's disk cache to the cluster's other nodes here ('cubefs serve "
+                   "--listen'); their sandboxes' roots read chunks from it before the store")
+    q.add_argument("--lease-ttl", type=int, default=10, metavar="SECONDS",
+                   help="with --etcd: a node silent this long is dead to the cluster, its sandboxes reported "
+                   "gone (default 10)")
+
+    q = s.add_parser("api", help="a front for a cluster (foreground): the API and proxy of every node, on etcd",
+                     description="A stateless front: serves the same E2B API and sandbox proxy as a node, for "
+                     "every node registered in etcd ('cubefs sandbox serve --etcd URL --node NAME'). Creates "
+                     "are placed (a ready pool first, then cached image bytes, then room), reserved in one etcd "
+                     "transaction and sent to the node; everything else goes to the sandbox's node. Run as many "
+                     "as you like; all share the nodes' API keys.",
+                     epilog="example:\n  cubefs sandbox serve --etcd http://10.0.0.5:2379 --node n1 "
+                     "--api-listen 0.0.0.0:3000 --advertise 10.0.0.11\n  cubefs sandbox api --etcd "
+                     "http://10.0.0.5:2379 --api-listen 0.0.0.0:3000 --proxy-listen 0.0.0.0:3002",
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    q.add_argument("--api-listen", default="127.0.0.1:3000", metavar="HOST:PORT", help="the API (E2B_API_URL)")
+    q.add_argument("--proxy-listen", default="127.0.0.1:3002", metavar="HOST:PORT",
+                   help="the sandbox proxy (E2B_SANDBOX_URL)")
+    q.add_argument("--domain", default=None, help="sandbox domain: Host PORT-ID.DOMAIN routes too")
+    q.add_argument("--api-key-file", default=None, metavar="FILE", help="API keys, one a line (0600)")
+    q.add_argument("--policy", choices=("spread", "pack"), default="spread",
+                   help="after pools and cached images: most free memory first (spread) or least (pack)")
+    q.add_argument("--sample", type=int, default=0, metavar="K",
+                   help="score K random candidate nodes instead of all (best-of-K; for thousands of nodes)")
+    q.add_argument("--name", default=None, help="this front's name in etcd (default HOST:PORT)")
+    q.add_argument("--lease-ttl", type=int, default=10, metavar="SECONDS",
+                   help="a front killed mid-create holds its reservations this long (default 10)")
+    _cluster_args(q, required=True)
 
     q = s.add_parser("template", help="sandbox templates: create, ls, rm",
                      description="A sandbox template is an image prepared for sandboxes (user 'user' with "
@@ -112,6 +161,15 @@ def add_parsers(sub: Any, store_args: Any) -> None:
     q.add_argument("--workdir", "-w", default=None)
     q.add_argument("--user", default=None, help="default: user")
     q.add_argument("cmd", nargs="*", metavar="-- CMD")
+    _client_args(q)
+    q = s.add_parser("network", help="replace a running sandbox's egress policy",
+                     description="As the E2B API's PUT /sandboxes/ID/network: the whole policy is replaced; a "
+                     "destination in --allow goes out, else one in --deny is refused, else it goes out "
+                     "(--no-internet: refused).")
+    q.add_argument("sandbox")
+    q.add_argument("--allow", action="append", default=[], metavar="CIDR", help="may be repeated")
+    q.add_argument("--deny", action="append", default=[], metavar="CIDR", help="may be repeated")
+    q.add_argument("--no-internet", action="store_true", help="refuse what --allow does not name")
     _client_args(q)
     q = s.add_parser("logs", help="a sandbox's console log")
     q.add_argument("sandbox")
@@ -152,6 +210,8 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     action = args.sandbox_command
     if action == "serve":
         return _serve(args)
+    if action == "api":
+        return _front(args)
     if action == "template":
         return _template(args)
     from sandbox.client import Client
@@ -184,6 +244,12 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
         if not args.cmd:
             raise UsageError("usage: cubefs sandbox exec ID -- CMD")
         return client.exec(args.sandbox, " ".join(args.cmd), key_values(args.env, "--env"), args.workdir, args.user)
+    if action == "network":
+        client.call("PUT", f"/sandboxes/{args.sandbox}/network",
+                    {"allowOut": args.allow, "denyOut": args.deny, "allow_internet_access": not args.no_internet})
+        print(f"sandbox {args.sandbox}: internet {'no' if args.no_internet else 'yes'}, allow "
+              f"{' '.join(args.allow) or '-'}, deny {' '.join(args.deny) or '-'}")
+        return EXIT_OK
     if action == "logs":
         for entry in client.call("GET", f"/sandboxes/{args.sandbox}/logs").get("logs", []):
             print(entry["line"])
@@ -269,9 +335,39 @@ def _serve(args: argparse.Namespace) -> int:
         os.environ["CUBEFS_SNAPSHOT_DIR"] = os.path.abspath(args.snapshot_dir)
     capacity = Capacity.of_host(vcpus=args.max_vcpus, memory_mb=args.max_memory)
     logging.getLogger("cubefs").setLevel(min(logging.getLogger("cubefs").getEffectiveLevel(), logging.INFO))
+    cluster = None
+    if args.etcd:
+        import socket
+
+        from sandbox.server import ClusterOptions
+
+        if args.lease_ttl < 2:
+            raise UsageError("--lease-ttl must be 2 seconds or more")
+        cluster = ClusterOptions(args.etcd, args.etcd_prefix, args.node or socket.gethostname(), args.advertise,
+                                 args.peer_listen, args.lease_ttl)
+    elif args.node or args.peer_listen:
+        raise UsageError("--node and --peer-listen belong to a cluster: give --etcd URL too")
     asyncio.run(serve(parse_listen(args.api_listen, 3000), parse_listen(args.proxy_listen, 3002), keys,
                       args.domain, Path(args.kernel) if args.kernel else None,
-                      pool_size=args.pool_size, capacity=capacity))
+                      pool_size=args.pool_size,
+                      network_pool=args.network_pool if args.network else None, capacity=capacity, cluster=cluster))
+    return EXIT_OK
+
+
+def _front(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from sandbox.cluster.front import run_front
+    from sandbox.config import ApiKeys
+    from sandbox.server import parse_listen
+
+    if args.sample < 0:
+        raise UsageError("--sample must be 0 (score every node) or more")
+    keys = ApiKeys.load(args.api_key_file)
+    logging.getLogger("cubefs").setLevel(min(logging.getLogger("cubefs").getEffectiveLevel(), logging.INFO))
+    asyncio.run(run_front(args.etcd, parse_listen(args.api_listen, 3000), parse_listen(args.proxy_listen, 3002),
+                          keys, args.etcd_prefix, args.name, args.policy, args.sample, args.domain,
+                          args.lease_ttl))
     return EXIT_OK
 
 

@@ -10,10 +10,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
+from cubefs import __version__
 from cubefs.errors import UsageError
 from sandbox import api, proxy
 from sandbox.config import ApiKeys
@@ -31,12 +37,37 @@ def parse_listen(text: str, default_port: int) -> tuple[str, int]:
         raise UsageError(f"listen address {text!r}: use HOST:PORT") from None
 
 
+@dataclass
+class ClusterOptions:
+    """``--etcd``: this node joins a cluster (sandbox.cluster.member)."""
+
+    etcd: str
+    prefix: str
+    node: str
+    advertise: str | None = None
+    peer_listen: str | None = None
+    lease_ttl: int = 10
+
+
 async def serve(api_addr: tuple[str, int], proxy_addr: tuple[str, int], keys: ApiKeys,
                 domain: str | None = None, kernel: Path | None = None, ready: asyncio.Event | None = None,
-                pool_size: int = 0, capacity: Capacity | None = None) -> None:
+                pool_size: int = 0, capacity: Capacity | None = None, cluster: ClusterOptions | None = None,
+                network_pool: int | None = None) -> None:
     service = SandboxService(domain, kernel, pool_size, capacity)
+    if network_pool is not None:  # a NIC per sandbox, egress through this node's gateway
+        from sandbox.config import state_dir
+        from sandbox.network.pool import Networks
+
+        service.network = Networks(state_dir(), network_pool)
     await service.start()
-    runners = [web.AppRunner(api.make_app(service, keys), access_log=None),
+    member = peer_server = None
+    try:
+        if cluster is not None:
+            member, peer_server = await _join(service, cluster, api_addr, proxy_addr)
+    except BaseException:
+        await service.close()
+        raise
+    runners = [web.AppRunner(api.make_app(service, keys, member), access_log=None),
                web.AppRunner(proxy.make_app(service), access_log=None)]
     try:
         for runner, (host, port) in zip(runners, (api_addr, proxy_addr)):
@@ -57,4 +88,47 @@ async def serve(api_addr: tuple[str, int], proxy_addr: tuple[str, int], keys: Ap
     finally:
         for runner in runners:
             await runner.cleanup()
+        if member is not None:
+            await member.close()
+            await member.etcd.close()
+        if peer_server is not None:
+            peer_server.terminate()
+            await asyncio.to_thread(peer_server.wait)
         await service.close()
+
+
+async def _join(service: SandboxService, opts: ClusterOptions, api_addr: tuple[str, int],
+                proxy_addr: tuple[str, int]) -> tuple[Any, subprocess.Popen[bytes] | None]:
+    """Register this node in the cluster's etcd; with --peer-listen, start its peer chunk server."""
+    from sandbox.cluster.etcd import Etcd, EtcdError
+    from sandbox.cluster.keys import Layout, NodeInfo, check_node_name
+    from sandbox.cluster.member import NodeMember, template_locality
+
+    check_node_name(opts.node)
+    host = opts.advertise or api_addr[0]
+    if host in ("0.0.0.0", "::", ""):
+        raise UsageError("this node listens on every address: say which one the cluster reaches it on "
+                         "(--advertise HOST)")
+    peer = ""
+    peer_server = None
+    if opts.peer_listen:
+        peer_host, peer_port = parse_listen(opts.peer_listen, 3010)
+        peer = f"{opts.advertise or peer_host}:{peer_port}"
+        # Its own process ('cubefs serve --listen'): the peer server runs threads and a loop, and is
+        # also the node's mount server, which must fork daemons from a process that has neither.
+        peer_server = subprocess.Popen([sys.executable, "-m", "cubefs", "serve", "--listen",
+                                        f"{peer_host}:{peer_port}"], stdin=subprocess.DEVNULL)
+    etcd = Etcd.from_text(opts.etcd)
+    info = NodeInfo(opts.node, f"http://{host}:{api_addr[1]}", f"http://{host}:{proxy_addr[1]}", peer,
+                    started=time.time(), version=__version__)
+    member = NodeMember(service, etcd, Layout(opts.prefix), info, opts.lease_ttl, locality=template_locality)
+    try:
+        await member.start()
+    except EtcdError as err:
+        await etcd.close()
+        if peer_server is not None:
+            peer_server.terminate()
+            peer_server.wait()
+        raise UsageError(f"cannot join the cluster at {opts.etcd}: {err}") from None
+    service.peers_file = str(member.peers_file) if peer else None
+    return member, peer_server

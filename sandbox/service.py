@@ -35,7 +35,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,6 +46,7 @@ from cubefs.errors import CubefsError, NotFoundError, UsageError
 from cubefs.volume.cli import default_volume_dir
 from sandbox import templates
 from sandbox.config import private_dir, state_dir, write_private
+from sandbox.network.pool import Networks, nic
 from sandbox.pool import Capacity, CapacityError
 from sandbox.snapshots import READY, SnapshotRecord, is_snapshot_id, new_snapshot_id
 from sandbox.templates import SandboxTemplate, StoreOptions
@@ -146,6 +147,29 @@ class Sandbox:
                 "domain": domain}
 
 
+class SandboxTable(dict[str, "Sandbox"]):
+    """The service's live sandboxes, telling ``watchers`` of every add and remove (the cluster
+    member publishes routes from it): every path that starts or ends a sandbox — create, fork,
+    restore, adopt, kill, the reaper — goes through this table, so none can forget to tell."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.watchers: list[Callable[[str, bool], None]] = []
+
+    def __setitem__(self, key: str, value: Sandbox) -> None:
+        super().__setitem__(key, value)
+        for watcher in self.watchers:
+            watcher(key, True)
+
+    def pop(self, key: str, *default: Any) -> Any:  # type: ignore[override]
+        had = key in self
+        value = super().pop(key, *default)
+        if had:
+            for watcher in self.watchers:
+                watcher(key, False)
+        return value
+
+
 class Counters:
     def __init__(self) -> None:
         self.created = 0
@@ -174,7 +198,7 @@ class SandboxService:
         create --store ...``), not the service's."""
         self.domain = domain
         self.kernel = kernel
-        self.sandboxes: dict[str, Sandbox] = {}
+        self.sandboxes = SandboxTable()
         self.creating: set[str] = set()
         self.counters = Counters()
         self.pool_size = pool_size
@@ -186,6 +210,8 @@ class SandboxService:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._indexes: dict[str, VolumeIndex] = {}
         self._index_lock = threading.Lock()  # clones run in worker threads
+        self.network: Networks | None = None  # serve --network: a NIC per sandbox (sandbox/network/)
+        self.peers_file: str | None = None  # in a cluster: the other nodes' peer chunk servers
 
     @property
     def envd_version(self) -> str:
@@ -196,6 +222,8 @@ class SandboxService:
     # -- life of the service ---------------------------------------------------
     async def start(self) -> None:
         private_dir(state_dir() / "sandboxes")
+        if self.network is not None:  # keeps the networks of sandboxes with a record, for adopt or cleanup
+            await asyncio.to_thread(self.network.start, {p.stem for p in (state_dir() / "sandboxes").glob("*.json")})
         self._pool_wake = asyncio.Event()
         await self.adopt()
         self._spawn(asyncio.to_thread(self._clean_snapshots))  # leftovers of a killed service
@@ -218,6 +246,8 @@ class SandboxService:
         pooled = [sbx for pool in self.pools.values() for sbx in pool]
         self.pools.clear()
         await asyncio.gather(*(self._finish(sbx) for sbx in pooled), return_exceptions=True)
+        if self.network is not None:
+            await asyncio.to_thread(self.network.close)
         for index in self._indexes.values():
             index.close()
 
@@ -441,8 +471,9 @@ class SandboxService:
         with self._index_lock:
             index.clone(*(disk or (template.volume, templates.READY)), [record.volume])
         vm_template = templates.vm_template_for(template.cpus, template.memory_mb, self.kernel)
-        return vmm.Vm.start(record.vm, replace(opts, volume=record.volume, shared=True), vm_template.spec,
-                            template=vm_template.name)
+        with nic(self.network, record.sandbox_id) as netdev:
+            return vmm.Vm.start(record.vm, replace(opts, volume=record.volume, shared=True), vm_template.spec,
+                                template=vm_template.name, netdev=netdev)
 
     def _volume_index(self, volume_dir: str | None) -> VolumeIndex:
         """The volume index of ``volume_dir``, opened once: a clone in it takes ~1 ms where a
@@ -627,6 +658,15 @@ class SandboxService:
             self._remove_volume(snapshots.volume_of(d.name), opts)
             snapshots.remove_dir(d.name)
 
+    def startable(self) -> dict[str, list[int]]:
+        """Every name a create may give on this node — templates, snapshot IDs and names — with
+        the (vCPUs, MiB) a sandbox of it takes: what a cluster scheduler filters on."""
+        out = {t.name: [t.cpus, t.memory_mb] for t in SandboxTemplate.list()}
+        for snap in SnapshotRecord.list():
+            for name in (snap.snapshot_id, *snap.names):
+                out[name] = [snap.cpus, snap.memory_mb]
+        return out
+
     def list_snapshots(self, sandbox_id: str | None = None, name: str | None = None) -> list[SnapshotRecord]:
         return [s for s in SnapshotRecord.list() if (sandbox_id is None or s.sandbox_id == sandbox_id)
                 and (name is None or name in s.names or name == s.snapshot_id)]
@@ -672,7 +712,9 @@ class SandboxService:
         with self._index_lock:
             index.clone(snap.volume, READY, [record.volume])
         ck = checkpoint.Checkpoint.load(snap.dir / "ckpt")
-        return checkpoint.restore(record.vm, replace(opts, volume=record.volume, shared=True), ck, freshen=False)
+        with nic(self.network, record.sandbox_id) as netdev:
+            return checkpoint.restore(record.vm, replace(opts, volume=record.volume, shared=True), ck, freshen=False,
+                                      netdev=netdev)
 
     async def fork(self, sandbox_id: str, count: int, timeout: int | None) -> list[Sandbox | BaseException]:
         """``count`` sandboxes that continue from this one's present instant (it runs on); one
@@ -753,8 +795,9 @@ class SandboxService:
                 index.clone(snap.volume, READY, [r.volume])
             r.save()
             ck = checkpoint.Checkpoint.load(snap.dir / "ckpt")
-            sbx.vm = checkpoint.restore(r.vm, replace(opts, volume=r.volume, shared=True), ck,
-                                        hostname=old.info.get("hostname"), freshen=False)
+            with nic(self.network, r.sandbox_id) as netdev:  # the same network: a tap has a queue for each QEMU
+                sbx.vm = checkpoint.restore(r.vm, replace(opts, volume=r.volume, shared=True), ck,
+                                            hostname=old.info.get("hostname"), freshen=False, netdev=netdev)
             sbx.vm.info["machine_id"] = old.info.get("machine_id") or sbx.vm.info["machine_id"]
             sbx.vm._save()
         finally:
@@ -861,6 +904,8 @@ class SandboxService:
         for pid in _qemu_named(record.vm):  # started, but killed before vm.json named its pid
             log.warning("sandbox %s: QEMU %d of VM %s had no record: killed", record.sandbox_id, pid, record.vm)
             kill_pid(pid)
+        if self.network is not None:
+            self.network.release(record.sandbox_id)
         self._remove_volume(record.volume, _template_opts(record.template))
         SandboxRecord.path(record.sandbox_id).unlink(missing_ok=True)
 
@@ -889,6 +934,8 @@ class SandboxService:
             for q in (0.5, 0.95, 0.99):
                 value = xs[min(len(xs) - 1, int(q * len(xs)))]
                 lines.append(f'cubefs_sandbox_create_seconds{{quantile="{q}"}} {value:.4f}')
+        if self.network is not None:
+            lines += self.network.metrics()
         return "\n".join(lines) + "\n"
 
 

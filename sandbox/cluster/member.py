@@ -1,0 +1,286 @@
+"""A node in a cluster: registered in etcd under a lease, its sandboxes routed, its peers known.
+
+``cubefs sandbox serve --etcd URL --node NAME`` keeps, under one lease it
+renews every third of its TTL:
+
+* ``nodes/NAME``: what the scheduler needs (:class:`~sandbox.cluster.keys.NodeInfo`):
+  limits and what is held, templates and snapshots it can start, ready pool
+  sandboxes, the fraction of each template's image in its disk cache, and its
+  API, proxy and peer-cache addresses;
+* ``sandboxes/ID`` for every sandbox it runs, so every front can route to it.
+
+Changes are written as they happen (a create, a kill, a pool fill) in one
+transaction per batch, which also deletes the reservations the new sandboxes
+filled; a create through the API is answered only after its route is in etcd
+(so any front can proxy the SDK's next request), or after 2 s without etcd.
+
+**A lost lease** (the node was dead, or cut off from etcd, longer than the
+TTL): etcd deleted its keys, and the cluster has reported its sandboxes gone.
+When the node is back it takes a new lease and kills every sandbox that etcd no
+longer lists — a sandbox the API called gone does not come back to life —
+then publishes itself afresh.  A node restarted within the TTL keeps its lease
+(its ID is kept in ``STATE/cluster-lease``) and loses nothing.
+
+**Peers.**  The node watches ``nodes/`` and writes every node's peer address,
+its own included, to ``STATE/peers`` (``cubefs mount --peers-file``): each
+chunk then has one owner in the whole cluster (rendezvous hashing over the same
+list everywhere), which fetches it from the store once and serves it to every
+other node — an image is read from the store about once per cluster, not once
+per node — with no list to keep by hand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from sandbox.cluster.etcd import Etcd, EtcdError, Op
+from sandbox.cluster.keys import Layout, NodeInfo, Route
+from sandbox.config import private_dir, state_dir, write_private
+
+log = logging.getLogger("cubefs.sandbox.cluster")
+
+DEFAULT_TTL = 10  # seconds: how long a dead node's sandboxes are still reported (the issue's "lease time")
+SETTLE_WAIT = 2.0  # a create waits this long at most for its route to reach etcd
+REFRESH = 15.0  # seconds between republishing what changes without an event (cache locality)
+
+
+class NodeMember:
+    def __init__(self, service: Any, etcd: Etcd, layout: Layout, info: NodeInfo, ttl: int = DEFAULT_TTL,
+                 locality: Callable[[], dict[str, float]] | None = None) -> None:
+        self.service = service  # sandbox.service.SandboxService (not imported: no cycle)
+        self.etcd = etcd
+        self.layout = layout
+        self.info = info
+        self.ttl = ttl
+        self.locality = locality
+        self.lease = 0
+        self.lease_file = state_dir() / "cluster-lease"
+        self.peers_file = state_dir() / "peers"
+        self.published: dict[str, Route] = {}  # what etcd holds for us, as far as we know
+        self.consumed: list[tuple[str, str]] = []  # (node, reservation id) filled by creates, to delete
+        self.flushes = 0
+        self.lease_losses = 0
+        self._dirty = asyncio.Event()
+        self._flushed = asyncio.Condition()
+        self._generation = 0  # bumped by every change
+        self._written = 0  # the generation the last successful flush covered
+        self._tasks: list[asyncio.Task[None]] = []
+        self._peers: list[str] | None = None
+
+    # -- life ----------------------------------------------------------------------
+    async def start(self) -> None:
+        """Register (raises EtcdUnavailable when etcd does not answer: a node told to join a
+        cluster does not start alone) and keep registered."""
+        private_dir(state_dir())
+        lost = await self._take_lease()
+        await self._reconcile(lost)
+        self.service.sandboxes.watchers.append(self.changed)
+        self._tasks = [asyncio.create_task(self._flusher()), asyncio.create_task(self._keepalive()),
+                       asyncio.create_task(self._follow_peers()), asyncio.create_task(self._refresher())]
+        log.info("cluster: node %s registered in etcd %s (lease %x, %d s)", self.info.name, self.etcd.endpoints,
+                 self.lease, self.ttl)
+
+    async def close(self) -> None:
+        """Stop publishing; the lease is *not* revoked: the sandboxes keep running for the next
+        service to adopt, and a restart within the TTL keeps them routed."""
+        with contextlib.suppress(ValueError):
+            self.service.sandboxes.watchers.remove(self.changed)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        with contextlib.suppress(EtcdError):
+            await asyncio.wait_for(self._flush(), 2.0)
+
+    # -- what the service tells us -------------------------------------------------
+    def changed(self, sandbox_id: str, present: bool) -> None:
+        """Called by the service's sandbox table on every add and remove (on the loop)."""
+        self._generation += 1
+        self._dirty.set()
+
+    def filled(self, reservation: str | None) -> None:
+        """A create answered a front's reservation (``RESERVATION_HEADER``): deleted with the next
+        flush, in the transaction that publishes the sandbox."""
+        if reservation and "/" not in reservation:
+            self.consumed.append((self.info.name, reservation))
+            self._generation += 1
+            self._dirty.set()
+
+    async def settle(self) -> bool:
+        """Until everything changed so far is in etcd (False after SETTLE_WAIT: etcd is away)."""
+        want = self._generation
+        self._dirty.set()
+        async with self._flushed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._flushed.wait_for(lambda: self._written >= want), SETTLE_WAIT)
+        return self._written >= want
+
+    # -- the lease -------------------------------------------------------------------
+    async def _take_lease(self) -> bool:
+        """Keep the lease a previous run left if it is alive; else grant one.  True when there
+        was a previous lease and it ended (the cluster reported our sandboxes gone)."""
+        old = 0
+        with contextlib.suppress(OSError, ValueError):
+            old = int(self.lease_file.read_text().strip(), 16)
+        if old and await self.etcd.time_to_live(old) > 0:
+            self.lease = old
+            return False
+        self.lease = await self.etcd.grant(self.ttl)
+        write_private(self.lease_file, f"{self.lease:x}\n")
+        return bool(old)
+
+    async def _keepalive(self) -> None:
+        while True:
+            await asyncio.sleep(max(self.ttl / 3, 0.5))
+            try:
+                if await self.etcd.keepalive(self.lease) > 0:
+                    continue
+            except EtcdError as err:
+                log.warning("cluster: renewing lease %x of node %s: %s", self.lease, self.info.name, err)
+                continue
+            self.lease_losses += 1
+            log.warning("cluster: node %s lost its lease %x (cut off from etcd for over %d s): its sandboxes "
+                        "were reported gone; registering again", self.info.name, self.lease, self.ttl)
+            while True:
+                try:
+                    self.lease = await self.etcd.grant(self.ttl)
+                    write_private(self.lease_file, f"{self.lease:x}\n")
+                    await self._reconcile(lost=True)
+                    break
+                except EtcdError as err:
+                    log.warning("cluster: registering node %s again: %s", self.info.name, err)
+                    await asyncio.sleep(1.0)
+
+    async def _reconcile(self, lost: bool) -> None:
+        """Make etcd and this node agree: after a lost lease, kill what etcd no longer lists; drop
+        routes etcd still has for sandboxes this node no longer runs; publish the rest."""
+        kvs, _ = await self.etcd.range(self.layout.sandboxes)
+        listed = set()
+        stale = []
+        for kv in kvs:
+            with contextlib.suppress(ValueError, KeyError):
+                if Route.decode(kv.value).node == self.info.name:
+                    sid = kv.key[len(self.layout.sandboxes):]
+                    if sid in self.service.sandboxes:
+                        listed.add(sid)
+                    else:
+                        stale.append(sid)
+        if lost:
+            for sid in [s for s in list(self.service.sandboxes) if s not in listed]:
+                log.warning("cluster: sandbox %s was reported gone when node %s's lease ended: killed", sid,
+                            self.info.name)
+                await self.service.kill(sid)
+        self.published = {}
+        if stale:
+            await self.etcd.txn([], [Op.delete(self.layout.sandbox(s)) for s in stale])
+        await self._flush()
+
+    # -- publishing ------------------------------------------------------------------
+    def node_info(self) -> NodeInfo:
+        svc = self.service
+        info = self.info
+        info.vcpus, info.memory_mb = svc.capacity.vcpus, svc.capacity.memory_mb
+        info.used_vcpus, info.used_mb = svc.capacity.used
+        info.sandboxes = len(svc.sandboxes)
+        info.templates = svc.startable()
+        info.pools = {name: len(pool) for name, pool in svc.pools.items()}
+        return info
+
+    async def _flush(self) -> None:
+        generation = self._generation
+        lay = self.layout
+        want = {sid: Route(self.info.name, sbx.record.template) for sid, sbx in self.service.sandboxes.items()}
+        ops = [Op.put(lay.node(self.info.name), self.node_info().encode(), lease=self.lease)]
+        ops += [Op.put(lay.sandbox(sid), r.encode(), lease=self.lease) for sid, r in want.items()
+                if self.published.get(sid) != r]
+        ops += [Op.delete(lay.sandbox(sid)) for sid in self.published if sid not in want]
+        consumed = list(self.consumed)
+        ops += [Op.delete(lay.reservation(node, rid)) for node, rid in consumed]
+        await self.etcd.txn([], ops)
+        self.published = want
+        del self.consumed[:len(consumed)]
+        self.flushes += 1
+        async with self._flushed:
+            self._written = max(self._written, generation)
+            self._flushed.notify_all()
+
+    async def _flusher(self) -> None:
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            try:
+                await self._flush()
+            except EtcdError as err:
+                log.warning("cluster: publishing node %s: %s (retrying)", self.info.name, err)
+                await asyncio.sleep(0.5)
+                self._dirty.set()
+
+    async def _refresher(self) -> None:
+        """Republish what changes without an event: cache locality, pools, held capacity."""
+        while True:
+            if self.locality is not None:
+                try:
+                    self.info.cached = await asyncio.to_thread(self.locality)
+                except Exception as err:  # a locality estimate must never stop the node
+                    log.warning("cluster: cache locality of node %s: %s", self.info.name, err)
+            self._generation += 1
+            self._dirty.set()
+            await asyncio.sleep(REFRESH)
+
+    # -- peers ----------------------------------------------------------------------
+    async def _follow_peers(self) -> None:
+        """Keep ``STATE/peers`` listing every node's peer address."""
+        revision = 0
+        while True:
+            try:
+                if revision == 0:
+                    kvs, revision = await self.etcd.range(self.layout.nodes)
+                    nodes = {kv.key: NodeInfo.decode(kv.value).peer for kv in kvs}
+                    self._write_peers(nodes)
+                async for events in self.etcd.watch(self.layout.nodes, revision + 1):
+                    for ev in events:
+                        if ev.type == "PUT":
+                            nodes[ev.kv.key] = NodeInfo.decode(ev.kv.value).peer
+                        else:
+                            nodes.pop(ev.kv.key, None)
+                        revision = ev.kv.mod_revision
+                    self._write_peers(nodes)
+            except EtcdError as err:
+                log.debug("cluster: following peers: %s", err)
+                revision = 0
+                await asyncio.sleep(1.0)
+
+    def _write_peers(self, nodes: dict[str, str]) -> None:
+        peers = sorted({p for p in nodes.values() if p})
+        if peers == self._peers:
+            return
+        self._peers = peers
+        write_private(self.peers_file, "".join(f"{p}\n" for p in peers))
+        log.info("cluster: node %s peers: %s", self.info.name, ", ".join(peers) or "none")
+
+
+
+def template_locality() -> dict[str, float]:
+    """Per sandbox template, the fraction of its image's bytes in this node's disk cache."""
+    from cubefs.cache.locality import cached_digests, cached_fraction
+    from cubefs.errors import CubefsError
+    from cubefs.node.control import default_cache_dir
+    from sandbox.templates import SandboxTemplate
+
+    out: dict[str, float] = {}
+    held: dict[str, set[bytes]] = {}
+    for t in SandboxTemplate.list():
+        opts = t.store_options
+        cache_dir = opts.cache_dir or default_cache_dir()
+        if cache_dir not in held:
+            held[cache_dir] = cached_digests(cache_dir)
+        try:
+            out[t.name] = round(cached_fraction(opts.store, opts.s3_endpoint, cache_dir, t.image, held[cache_dir]), 3)
+        except (CubefsError, OSError) as err:
+            log.debug("cluster: cache locality of template %s: %s", t.name, err)
+    return out

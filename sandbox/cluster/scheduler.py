@@ -1,0 +1,127 @@
+"""Where a create goes: filter the nodes, score them, reserve on the best in one transaction.
+
+**Filter**: the node is in the view (its lease is alive), knows the template
+(or holds the snapshot: a snapshot is a template ID to the SDK, and only its
+node can restore it), and has room: limits − held − outstanding reservations.
+
+**Score**, best first: a ready pooled sandbox of the template (a create there
+is a resume: tens of ms instead of a restore), then the fraction of the
+template's image already in the node's disk cache, in quarters (a cold start
+there fetches little), then room by policy — ``spread`` (most free memory, the default:
+noisy neighbours and failures hit fewer sandboxes) or ``pack`` (least free
+that fits: whole nodes stay empty for big sandboxes or to be drained).  Ties
+are broken at random, so fronts deciding at once pick different nodes.
+With ``sample`` K > 0 only K random candidates are scored (best-of-K, as
+E2B's API does): O(K) instead of O(nodes) per decision.
+
+**Reserve**: one etcd transaction puts ``reservations/NODE/RID`` under the
+front's lease if no other reservation for that node appeared since the
+revision the decision read (a compare over the node's reservation range)
+and the node is still registered.  A failed compare means another front
+booked the node meanwhile: wait for the view to catch up, decide again.
+The node has the last word (its own bin-packing): a 429 from it sends the
+create to the next candidate, ``attempts`` times at most.
+"""
+
+from __future__ import annotations
+
+import base64
+import random
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sandbox.cluster.etcd import Compare, Etcd, Op, prefix_end
+from sandbox.cluster.keys import Layout, NodeInfo, Reservation
+from sandbox.cluster.view import ClusterView
+
+POLICIES = ("spread", "pack")
+# Cache locality counts in quarters: a start reads a few percent of an image, so finer steps would
+# send every create of a template to the node that happened to start it first, whatever its load.
+CACHED_STEPS = 4
+
+
+@dataclass
+class RangeCompare(Compare):
+    """A compare over every key under a prefix (etcd >= 3.3: ``range_end``): true when all hold."""
+
+    prefix: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        doc = super().to_json()
+        doc["range_end"] = base64.b64encode(prefix_end(self.prefix)).decode()
+        return doc
+
+
+class Scheduler:
+    def __init__(self, view: ClusterView, etcd: Etcd, layout: Layout, front: str, lease: Callable[[], int],
+                 policy: str = "spread", sample: int = 0) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"placement policy {policy!r}: one of {', '.join(POLICIES)}")
+        self.view = view
+        self.etcd = etcd
+        self.layout = layout
+        self.front = front
+        self.lease = lease
+        self.policy = policy
+        self.sample = sample
+        self.conflicts = 0  # reservations lost to another front's
+
+    def size_of(self, template: str) -> tuple[int, int] | None:
+        """(vCPUs, MiB) of a template, as any node that knows it says."""
+        for node in self.view.nodes.values():
+            size = node.templates.get(template)
+            if size:
+                return int(size[0]), int(size[1])
+        return None
+
+    def free(self, node: NodeInfo) -> tuple[int, int]:
+        res_cpus, res_mb = self.view.reserved_on(node.name)
+        return node.vcpus - node.used_vcpus - res_cpus, node.memory_mb - node.used_mb - res_mb
+
+    def rank(self, template: str, cpus: int, memory_mb: int, exclude: set[str] = frozenset()) -> list[NodeInfo]:  # type: ignore[assignment]
+        """The nodes that can take this create, best first."""
+        nodes = [n for name, n in self.view.nodes.items() if name not in exclude and template in n.templates]
+        if self.sample and len(nodes) > self.sample:
+            nodes = random.sample(nodes, self.sample)
+        sign = 1.0 if self.policy == "spread" else -1.0
+        scored = []
+        for n in nodes:
+            free_cpus, free_mb = self.free(n)
+            if free_cpus < cpus or free_mb < memory_mb:
+                continue
+            room = sign * (free_mb / n.memory_mb if n.memory_mb else 0.0)
+            cached = int(n.cached.get(template, 0.0) * CACHED_STEPS) / CACHED_STEPS
+            scored.append(((n.pools.get(template, 0) > 0, cached, room,
+                            random.random()), n))
+        scored.sort(key=lambda s: s[0], reverse=True)
+        return [n for _, n in scored]
+
+    async def reserve(self, node: NodeInfo, template: str, cpus: int, memory_mb: int) -> str | None:
+        """A reservation's ID, or None when another front booked this node since our view
+        (the caller waits for the view and decides again).  EtcdUnavailable passes through."""
+        rid = secrets.token_hex(8)
+        lay = self.layout
+        mine = lay.reservations_of(node.name)
+        res = await self.etcd.txn(
+            [Compare.version(lay.node(node.name), ">", 0),
+             RangeCompare(mine, "MOD", "<", "mod_revision", self.view.revision + 1, prefix=mine)],
+            [Op.put(lay.reservation(node.name, rid), Reservation(node.name, template, cpus, memory_mb,
+                                                                 self.front).encode(), lease=self.lease())])
+        if not res.succeeded:
+            self.conflicts += 1
+            await self.view.wait_revision(res.revision, timeout=1.0)
+            return None
+        # Our own put, seen now rather than when the watch brings it: the next decision counts it.
+        self.view.reserved.setdefault(node.name, {})[rid] = Reservation(node.name, template, cpus, memory_mb,
+                                                                        self.front)
+        return rid
+
+    async def release(self, node: str, rid: str) -> None:
+        held = self.view.reserved.get(node)
+        if held is not None:
+            held.pop(rid, None)
+        await self.etcd.delete(self.layout.reservation(node, rid))
+
+

@@ -1,0 +1,181 @@
+"""The cluster scheduler's decisions against a real etcd: nodes are records here (what a node
+publishes is the scheduler's whole input), fronts are the real Front/Scheduler/ClusterView.
+
+The whole cluster with real node services, VMs and the stock SDK is tests/test_cluster.py."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+from etcd_cluster import EtcdCluster
+
+from sandbox.cluster.etcd import Etcd, LeaseKeeper
+from sandbox.cluster.keys import Layout, NodeInfo
+from sandbox.cluster.scheduler import Scheduler
+from sandbox.cluster.view import ClusterView
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
+    cluster = EtcdCluster(tmp_path_factory.mktemp("etcd"), 1)
+    yield cluster
+    cluster.close()
+
+
+def node(name: str, free_mb: int = 4096, pool: int = 0, cached: float = 0.0, templates: tuple[str, ...] = ("base",),
+         memory_mb: int = 8192) -> NodeInfo:
+    return NodeInfo(name, f"http://127.0.0.1:1/{name}", f"http://127.0.0.1:2/{name}", vcpus=64, memory_mb=memory_mb,
+                    used_vcpus=0, used_mb=memory_mb - free_mb, templates={t: [1, 512] for t in templates},
+                    pools={"base": pool}, cached={"base": cached})
+
+
+async def front(etcd: EtcdCluster, prefix: str, policy: str = "spread") -> tuple[Etcd, ClusterView, Scheduler,
+                                                                                  LeaseKeeper]:
+    client = Etcd(etcd.endpoints)
+    layout = Layout(prefix)
+    view = ClusterView(client, layout)
+    await view.start()
+    keeper = LeaseKeeper(client, 3)
+    await keeper.start()
+    return client, view, Scheduler(view, client, layout, "front", lambda: keeper.lease, policy), keeper
+
+
+async def publish(etcd: EtcdCluster, prefix: str, *nodes: NodeInfo) -> int:
+    """Put the node records; the revision of the last put."""
+    client = Etcd(etcd.endpoints)
+    try:
+        revision = 0
+        for n in nodes:
+            revision = await client.put(Layout(prefix).node(n.name), n.encode())
+        return revision
+    finally:
+        await client.close()
+
+
+def test_a_ready_pool_wins_then_cached_image_then_room(etcd: EtcdCluster) -> None:
+    async def main() -> None:
+        p = "/t1/"
+        await publish(etcd, p, node("roomy", free_mb=8000), node("cached", free_mb=2000, cached=0.9),
+                      node("pooled", free_mb=1000, pool=1), node("other", templates=("python",)),
+                      node("full", free_mb=100))
+        client, view, sched, keeper = await front(etcd, p)
+        try:
+            names = [n.name for n in sched.rank("base", 1, 512)]
+            # "other" does not know the template, "full" has no room for 512 MiB
+            assert names == ["pooled", "cached", "roomy"]
+            assert sched.size_of("python") == (1, 512) and sched.size_of("nope") is None
+            assert [n.name for n in sched.rank("base", 1, 512, exclude={"pooled"})] == ["cached", "roomy"]
+            # a cached fraction under a quarter does not outweigh room: one start reads a few percent
+            assert await view.wait_revision(await publish(etcd, p, node("cached", free_mb=2000, cached=0.2)))
+            assert [n.name for n in sched.rank("base", 1, 512)][:2] == ["pooled", "roomy"]
+        finally:
+            await view.close()
+            await keeper.stop()
+            await client.close()
+
+    asyncio.run(main())
+
+
+def test_spread_and_pack_policies(etcd: EtcdCluster) -> None:
+    async def main() -> None:
+        p = "/t2/"
+        await publish(etcd, p, node("a", free_mb=1000), node("b", free_mb=6000), node("c", free_mb=3000))
+        for policy, want in (("spread", ["b", "c", "a"]), ("pack", ["a", "c", "b"])):
+            client, view, sched, keeper = await front(etcd, p, policy)
+            try:
+                assert [n.name for n in sched.rank("base", 1, 512)] == want
+            finally:
+                await view.close()
+                await keeper.stop()
+                await client.close()
+
+    asyncio.run(main())
+
+
+def test_two_fronts_racing_for_the_last_room_book_it_once(etcd: EtcdCluster) -> None:
+    """The node has room for one 512 MiB sandbox; two fronts decide on the same view at once:
+    one reservation succeeds, the other's transaction fails its compare, and after its view
+    catches up it sees no room left."""
+    async def main() -> None:
+        p = "/t3/"
+        await publish(etcd, p, node("only", free_mb=600))
+        fronts = [await front(etcd, p), await front(etcd, p)]
+        try:
+            picks = [f[2].rank("base", 1, 512) for f in fronts]
+            assert all([n.name for n in pick] == ["only"] for pick in picks)
+            rids = await asyncio.gather(*(f[2].reserve(pick[0], "base", 1, 512) for f, pick in zip(fronts, picks)))
+            assert sum(r is not None for r in rids) == 1, rids
+            loser = fronts[rids.index(None)]
+            assert loser[2].rank("base", 1, 512) == []  # the winner's reservation is in its view now
+            kvs, _ = await fronts[0][0].range(Layout(p).reservations)
+            assert len(kvs) == 1
+            winner = fronts[1 - rids.index(None)]
+            await winner[2].release("only", next(r for r in rids if r))
+            assert await loser[1].wait_revision(winner[1].revision + 1)
+            assert [n.name for n in loser[2].rank("base", 1, 512)] == ["only"]
+        finally:
+            for client, view, _s, keeper in fronts:
+                await view.close()
+                await keeper.stop()
+                await client.close()
+
+    asyncio.run(main())
+
+
+def test_a_dead_fronts_reservations_end_with_its_lease(etcd: EtcdCluster) -> None:
+    async def main() -> None:
+        p = "/t4/"
+        await publish(etcd, p, node("n", free_mb=4000))
+        client, view, sched, keeper = await front(etcd, p)
+        try:
+            rid = await sched.reserve(sched.rank("base", 1, 512)[0], "base", 1, 512)
+            assert rid is not None
+            await keeper.stop(revoke=False)  # the front dies: nobody renews its lease (TTL 3 s)
+            other, oview, osched, okeeper = await front(etcd, p)
+            try:
+                assert osched.free(oview.nodes["n"])[1] == 4000 - 512
+                for _ in range(100):
+                    if not oview.reserved.get("n"):
+                        break
+                    await asyncio.sleep(0.1)
+                assert osched.free(oview.nodes["n"])[1] == 4000, "the reservation outlived its front's lease"
+            finally:
+                await oview.close()
+                await okeeper.stop()
+                await other.close()
+        finally:
+            await view.close()
+            await client.close()
+
+    asyncio.run(main())
+
+
+def test_the_view_follows_nodes_coming_and_going_and_survives_an_etcd_restart(etcd: EtcdCluster) -> None:
+    async def main() -> None:
+        p = "/t5/"
+        client, view, _sched, keeper = await front(etcd, p)
+        try:
+            assert view.nodes == {}
+            assert await view.wait_revision(await publish(etcd, p, node("x"))) and "x" in view.nodes
+            etcd.stop(0)
+            etcd.start(0)
+            await publish(etcd, p, node("y"))
+            for _ in range(100):
+                if "y" in view.nodes:
+                    break
+                await asyncio.sleep(0.1)
+            assert set(view.nodes) == {"x", "y"}
+            await client.delete(Layout(p).node("x"))
+            for _ in range(50):
+                if "x" not in view.nodes:
+                    break
+                await asyncio.sleep(0.1)
+            assert set(view.nodes) == {"y"}
+        finally:
+            await view.close()
+            await keeper.stop()
+            await client.close()
+
+    asyncio.run(main())
