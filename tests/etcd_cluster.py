@@ -126,6 +126,23 @@ class EtcdCluster:
                     raise AssertionError(f"etcd {m.name} not healthy in {timeout}s; see {m.log}")
                 time.sleep(0.05)
 
+    def leader(self) -> int:
+        """The index of the member that leads now (as the running members see it)."""
+        for m in self.members:
+            if m.proc is None:
+                continue
+            req = urllib.request.Request(f"{m.endpoint}/v3/maintenance/status", data=b"{}", method="POST")
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                status = json.loads(resp.read())
+            ids = {self._member_id(j): j for j, other in enumerate(self.members) if other.proc is not None}
+            return ids[str(status["leader"])]
+        raise AssertionError("no member is running")
+
+    def _member_id(self, i: int) -> str:
+        req = urllib.request.Request(f"{self.members[i].endpoint}/v3/maintenance/status", data=b"{}", method="POST")
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return str(json.loads(resp.read())["header"]["member_id"])
+
     def etcdctl(self, *args: str, user: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run Debian's etcdctl against the running members."""
         live = ",".join(m.endpoint for m in self.members if m.proc is not None)
