@@ -1,0 +1,54 @@
+"""A first start with no trace: a directory's other files follow once two of them are read."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from conftest import mounted, run_cubefs
+
+
+def _settled_requests(m: mounted, timeout: float = 20) -> int:
+    """The store request count once background fetches stop adding to it."""
+    last, deadline = -1, time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        now = int(m.stats()["tiers"]["store"]["requests"])
+        if now == last:
+            return now
+        last = now
+        time.sleep(0.3)
+    raise AssertionError("store requests never settled")
+
+
+def test_directory_neighbours_are_prefetched_after_two_misses(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    files = {f"pkg/m{i:02d}.pyc": os.urandom(40_000) for i in range(20)}
+    files |= {f"other/x{i}": os.urandom(40_000) for i in range(5)}
+    files["pkg/big.so"] = os.urandom(2 * 1024 * 1024)  # over 1 MiB: not a neighbour worth guessing
+    for rel, data in files.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(data)
+    store = f"file://{tmp_path / 'store'}"
+    run_cubefs("build", str(src), "--tag", "pkg:1", "--store", store)
+    opts = ("--pack-readahead", "0", "--readahead", "0", "--no-auto-trace")
+    pkg = sorted(r for r in files if r.startswith("pkg/m"))
+
+    with mounted("pkg:1", tmp_path / "on", store, tmp_path / "cache-on", *opts) as m:
+        for rel in pkg[:2]:
+            assert (tmp_path / "on" / rel).read_bytes() == files[rel]
+        before = _settled_requests(m)
+        for rel in pkg[2:]:
+            assert (tmp_path / "on" / rel).read_bytes() == files[rel]
+        assert m.stats()["tiers"]["store"]["requests"] == before, "pkg/'s other modules were prefetched"
+        # Only pkg/: another directory's files, and the big file, are still fetched on demand.
+        assert (tmp_path / "on" / "other/x0").read_bytes() == files["other/x0"]
+        assert (tmp_path / "on" / "pkg/big.so").read_bytes() == files["pkg/big.so"]
+        after = m.stats()["tiers"]["store"]
+        assert after["requests"] >= before + 2
+        assert after["bytes"] < 2 * 40_000 * 20 + 3 * 1024 * 1024
+
+    with mounted("pkg:1", tmp_path / "off", store, tmp_path / "cache-off", *opts, "--dir-prefetch", "0") as m:
+        for rel in pkg:
+            assert (tmp_path / "off" / rel).read_bytes() == files[rel]
+        assert m.stats()["tiers"]["store"]["requests"] >= len(pkg) - 2, "without it, a request per module"
