@@ -201,6 +201,9 @@ def make_parser(plugins: bool = True) -> argparse.ArgumentParser:
                    help="stored bytes fetched, in the background, after a read's chunks in the same pack: the "
                    "files built next to it, which a start-up tends to read next (default 512K; 0 turns it off). "
                    "Kept as fetched and decoded only if read; skipped when the read was a disk-cache hit")
+    p.add_argument("--dir-prefetch", type=_size_arg, default="4M",
+                   help="once two files of a directory miss the cache, fetch its other files (up to 1 MiB each), "
+                   "up to this many stored bytes, in the background (default 4M; 0 turns it off)")
     p.add_argument("--read-timeout", type=float, default=60.0,
                    help="seconds before a read that cannot be served fails with EIO (default 60)")
     p.add_argument("--store-timeout", type=float, default=10.0, help="seconds per store request attempt (default 10)")
@@ -220,6 +223,10 @@ def make_parser(plugins: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--peers", default="", metavar="HOST:PORT,...",
                    help="peer chunk servers ('cubefs serve --listen') asked before the store, this node's own "
                    "included; each chunk is asked of the one peer that owns it")
+    p.add_argument("--peers-file", default="", metavar="PATH",
+                   help="the peers, one HOST:PORT a line ('#' comments), followed while mounted: the file is read "
+                   "again when it changes (looked at once a second at most; a missing file is no peers). A "
+                   "cluster's node service writes it ('cubefs sandbox serve --etcd'); write it atomically (rename)")
     p.add_argument("--peer-timeout", type=float, default=3.0,
                    help="seconds a peer may take before its chunks are read from the store (default 3)")
     _peer_secret_arg(p)
@@ -599,7 +606,11 @@ def _mount_target(args: argparse.Namespace) -> tuple[str, str]:
     elif os.path.ismount(mp):
         raise UsageError(f"{args.mountpoint} is already a mount point")
     cache_dir = os.path.abspath(args.cache_dir or default_cache_dir())
-    if args.peers:
+    if args.peers and args.peers_file:
+        raise UsageError("give --peers or --peers-file, not both")
+    if args.peers_file:
+        args.peers_file = os.path.abspath(args.peers_file)  # the daemon's working directory is not ours
+    if args.peers or args.peers_file:
         from cubefs.cache.peers import SECRET_ENV, load_secret
 
         if args.peer_secret:  # the daemon (forked here or by the mount server) reads it from there

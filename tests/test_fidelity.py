@@ -142,7 +142,8 @@ def test_pack_readahead_fetches_neighbours_in_one_request(tmp_path: Path) -> Non
     requests = {}
     for window in ("0", "1M"):
         mnt = tmp_path / f"mnt-{window}"
-        with mounted("mods:1", mnt, store, tmp_path / f"cache-{window}", "--pack-readahead", window) as m:
+        with mounted("mods:1", mnt, store, tmp_path / f"cache-{window}", "--pack-readahead", window,
+                     "--dir-prefetch", "0") as m:
             for i in range(30):
                 assert (mnt / f"mod{i:02d}.py").read_bytes() == (src / f"mod{i:02d}.py").read_bytes()
             requests[window] = m.stats()["tiers"]["store"]["requests"]

@@ -47,6 +47,8 @@ from cubefs.format.trace import MAX_CHUNKS
 log = logging.getLogger(__name__)
 
 Buffer: TypeAlias = bytes | memoryview
+DIR_FILES = 2  # files of one directory read before its other files are prefetched
+DIR_FILE_MAX = 1024 * 1024  # larger files are not prefetched as neighbours (a shared object read in part)
 
 
 class FsError(Exception):
@@ -87,6 +89,7 @@ class ImageFS:
         readahead: int = 4 * 1024 * 1024,
         read_timeout: float = 60.0,
         pack_readahead: int = 0,
+        dir_prefetch: int = 0,
     ) -> None:
         self.image = image
         self.chunkmap = chunkmap
@@ -96,6 +99,13 @@ class ImageFS:
         self.pack_readahead = pack_readahead
         self.read_timeout = read_timeout
         self.read_errors = 0
+        # Directory neighbours: the parent each file was looked up in, the files of each
+        # directory read so far, and the directories already prefetched.
+        self.dir_prefetch = dir_prefetch
+        self._parent: dict[int, int] = {}
+        self._dir_reads: dict[int, set[int]] = {}
+        self._dirs_done: set[int] = set()
+        self.dir_prefetches = 0
         self.trace: list[int] | None = None  # chunk indices in first-read order, when recording
         self._traced: set[int] = set()
         self.trace_last = 0.0  # monotonic time a new chunk was last noted
@@ -178,6 +188,8 @@ class ImageFS:
         ino = self.image.lookup(parent, name)
         if ino is None:
             raise FsError(errno.ENOENT)
+        if self.dir_prefetch > 0:
+            self._parent[ino] = parent
         return ino
 
     def opendir(self, ino: int) -> None:
@@ -277,7 +289,7 @@ class ImageFS:
         try:
             if datas is None:
                 ahead = self._readahead(ino, offset + size)
-                neighbours = self._pack_neighbours(refs + ahead)
+                neighbours = self._pack_neighbours(refs + ahead) + self._dir_neighbours(ino)
                 with trio.fail_after(self.read_timeout):
                     datas = await self.source.get_many(refs, ahead, neighbours)
         except (ChunkUnavailable, trio.TooSlowError) as err:
@@ -322,6 +334,40 @@ class ImageFS:
         last = max(refs, key=lambda r: (r.pack, r.offset))
         offs, idxs = self.chunkmap.by_pack()[self.chunkmap.pack_number(last.pack)]
         return self._take(idxs[bisect_right(offs, last.offset) :], self.pack_readahead, stored=True)
+
+    def _dir_neighbours(self, ino: int) -> list[ChunkLocation]:
+        """The other files of ``ino``'s directory, once DIR_FILES of its files have missed
+        the cache: up to ``dir_prefetch`` stored bytes, small files first, each whole.
+        Python imports a package's modules one after another, each a round trip when
+        lazy; the second miss in a directory (a ``__pycache__``) says the rest follows."""
+        parent = self._parent.get(ino)
+        if self.dir_prefetch <= 0 or parent is None or parent in self._dirs_done:
+            return []
+        seen = self._dir_reads.setdefault(parent, set())
+        seen.add(ino)
+        if len(seen) < DIR_FILES:
+            return []
+        self._dirs_done.add(parent)
+        del self._dir_reads[parent]
+        files = []
+        for _name, child, _next in self.readdir(parent, 0):
+            if child in seen:
+                continue
+            r = self.image.record(child)
+            if stat.S_ISREG(r[F_MODE]) and 0 < r[F_SIZE] <= DIR_FILE_MAX:
+                files.append((r[F_SIZE], child))
+        out: list[ChunkLocation] = []
+        budget = self.dir_prefetch
+        for _size, child in sorted(files):
+            for idx in self.image.extents(child)[1]:
+                ref = self._ref(idx)
+                out.append(ref)
+                budget -= ref.stored_len
+            if budget <= 0:
+                break
+        if out:
+            self.dir_prefetches += 1
+        return out
 
     def _readahead(self, ino: int, end: int) -> list[ChunkLocation]:
         """The file's chunks after ``end``, up to ``readahead`` plaintext bytes."""

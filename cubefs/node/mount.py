@@ -56,12 +56,14 @@ class MountOptions:
     disk_cache: int = 10 * 1024 * 1024 * 1024
     readahead: int = 4 * 1024 * 1024
     pack_readahead: int = 512 * 1024
+    dir_prefetch: int = 4 * 1024 * 1024  # a directory's other files, once two miss (ImageFS._dir_neighbours)
     read_timeout: float = 60.0
     store_attempts: int = 4
     store_timeout: float = 10.0
     allow_other: bool = os.geteuid() == 0  # non-root needs user_allow_other in /etc/fuse.conf
     transport: str = "kernel"  # or "pyfuse3", or "virtiofs" (mountpoint: the vhost-user socket)
     peers: tuple[str, ...] = ()
+    peers_file: str = ""  # the peers follow this file (cubefs.cache.peers.PeersFile) instead of ``peers``
     peer_timeout: float = 3.0
     record_trace: bool = False
     auto_trace: bool = True  # record the start-up and publish it with the image (cubefs.image.autotrace)
@@ -79,11 +81,12 @@ class MountOptions:
             ref=args.ref, mountpoint=mountpoint, store_url=args.store, s3_endpoint=args.s3_endpoint,
             cache_dir=cache_dir, memory_cache=args.memory_cache, disk_cache=args.cache_size,
             readahead=args.readahead, pack_readahead=args.pack_readahead, read_timeout=args.read_timeout,
+            dir_prefetch=getattr(args, "dir_prefetch", 4 * 1024 * 1024),
             store_timeout=args.store_timeout, store_attempts=args.store_attempts,
             transport=getattr(args, "transport", "kernel"), record_trace=getattr(args, "record_trace", False),
             prefetch=getattr(args, "prefetch", True), auto_trace=getattr(args, "auto_trace", True),
             peers=tuple(p.strip() for p in (getattr(args, "peers", "") or "").split(",") if p.strip()),
-            peer_timeout=getattr(args, "peer_timeout", 3.0),
+            peers_file=getattr(args, "peers_file", "") or "", peer_timeout=getattr(args, "peer_timeout", 3.0),
             volume=getattr(args, "volume", None), volume_dir=getattr(args, "volume_dir", "") or "",
             supervisor_fd=int((supervision or {}).get("fd", -1)), resume=(supervision or {}).get("resume"),
         )
@@ -293,10 +296,11 @@ def open_image(opts: MountOptions, loop: LoopThread, store: RetryingStore, wante
     )
     memory = MemoryTier(opts.memory_cache)
     disk = _open_disk_cache(opts.cache_dir, opts.disk_cache)
-    peers = PeerSet(list(opts.peers), store.url, timeout=opts.peer_timeout) if opts.peers else None
+    peers = PeerSet(list(opts.peers), store.url, timeout=opts.peer_timeout, peers_file=opts.peers_file or None) \
+        if opts.peers or opts.peers_file else None
     source = ChunkSource(store, loop, memory, disk, label=ref, peers=peers)
     image_fs = ImageFS(image, chunkmap, source, ref, readahead=opts.readahead, read_timeout=opts.read_timeout,
-                       pack_readahead=opts.pack_readahead)
+                       pack_readahead=opts.pack_readahead, dir_prefetch=opts.dir_prefetch)
     return ImageParts(image_fs, source, disk, peers, ref, trace)
 
 
