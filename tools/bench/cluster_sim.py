@@ -1,0 +1,582 @@
+#!/usr/bin/env python3
+"""The cluster scheduler at 1,000 and 5,000 simulated nodes (issue 15, "beyond this machine").
+
+Real parts: a real etcd 3.4 (one member, data dir in a temporary dir on this
+machine's disk, or on tmpfs with ``--tmpfs``: etcd 3.4 has no
+``--unsafe-no-fsync``, and a WAL on tmpfs is what an fsync-free etcd costs),
+the real front (``cubefs sandbox api`` as subprocesses: one per ``--fronts``),
+and the real node-side publishing code.
+
+The simulation: one process (``--role nodes``, started by this tool) holds N
+:class:`sandbox.cluster.member.NodeMember` objects, each over a small fake
+service (a real :class:`sandbox.service.SandboxTable` and
+:class:`sandbox.pool.Capacity`, ``pools`` and ``startable()``) instead of
+QEMU: a create is answered at once, but through what a real node does per
+create — its own bin-packing (429 when full), the sandbox added to the table
+(which marks the member dirty), the front's reservation handed to
+``member.filled`` and the answer held until ``member.settle()``: the member's
+own flusher writes one etcd transaction putting the sandbox's route and the
+node's updated ``NodeInfo`` and deleting the reservation.  Each member also
+runs its own refresher (a republish every 15 s, started at a random phase, as
+a real node's).  One aiohttp server answers for all nodes: each node's
+``NodeInfo.api`` is ``http://127.0.0.1:PORT/nINDEX`` (a path prefix), which
+the front's forwarding must carry (checked at the end of every run).
+
+Leases: a real node keeps its own lease, a keepalive every TTL/3 (3.3 s): at
+5,000 nodes that is 1,500 keepalives/s, which would measure keepalive
+traffic, not placement.  Here groups of ``--lease-group`` (100) nodes share one
+lease; the write path per create is unchanged.
+
+Clients: ``--clients`` tasks in this process POST ``/sandboxes`` to the fronts
+(round robin) for ``--seconds``.  Reported: placements/s; the front's decision
+latency (``cubefs_front_decision_seconds``: request in -> reservation made, its
+last 2,000) and the create latency seen by the client; reservation conflicts;
+CPU seconds of the front(s), etcd, the simulated nodes and the clients (from
+``/proc``); etcd's committed proposals/s, watch events sent, WAL fsync time;
+and the memory of a front's view per node and per route (tracemalloc over
+``ClusterView._put`` of what etcd holds after the run).
+
+    .venv/bin/python tools/bench/cluster_sim.py --nodes 1000 --seconds 20 [--json]
+    .venv/bin/python tools/bench/cluster_sim.py --nodes 5000 --fronts 2 --sample 16
+    .venv/bin/python tools/bench/cluster_sim.py --cases all --seconds 12   # the table in docs/benchmarks.md
+    .venv/bin/python tools/bench/cluster_sim.py --nodes 1000 --profile /tmp/front.prof   # cProfile the front
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+TEMPLATES = {"base": [1, 512], "code-interpreter": [2, 1024], "big": [8, 8192]}
+PREFIX = "/cubefs-sim/"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def etcd_binary() -> str | None:
+    return shutil.which("etcd") or ("/usr/bin/etcd" if os.path.exists("/usr/bin/etcd") else None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# --role nodes: N simulated nodes in one process
+# ---------------------------------------------------------------------------------------------------
+
+class SimSandbox:
+    """What NodeMember reads of a sandbox: ``record.template``."""
+
+    __slots__ = ("record", "template")
+
+    def __init__(self, template: str) -> None:
+        self.template = template
+        self.record = self
+
+
+class SimService:
+    """The parts of SandboxService that NodeMember reads, with no VM behind them."""
+
+    def __init__(self, vcpus: int, memory_mb: int) -> None:
+        from sandbox.pool import Capacity
+        from sandbox.service import SandboxTable
+
+        self.sandboxes = SandboxTable()
+        self.capacity = Capacity(vcpus, memory_mb)
+        self.pools: dict[str, list[str]] = {}
+
+    def startable(self) -> dict[str, list[int]]:
+        return dict(TEMPLATES)
+
+    async def kill(self, sandbox_id: str) -> None:
+        self.capacity.release(sandbox_id)
+        self.sandboxes.pop(sandbox_id, None)
+
+
+async def run_nodes(args: argparse.Namespace) -> None:
+    from aiohttp import web
+
+    from sandbox.cluster.etcd import Etcd
+    from sandbox.cluster.keys import RESERVATION_HEADER, Layout, NodeInfo
+    from sandbox.cluster.member import REFRESH, NodeMember
+    from sandbox.pool import CapacityError
+
+    etcd = Etcd([args.etcd])
+    layout = Layout(PREFIX)
+    rng = random.Random(7)
+    members: list[NodeMember] = []
+    stats = {"created": 0, "refused": 0, "killed": 0}
+    base = f"http://127.0.0.1:{args.port}"
+    for i in range(args.nodes):
+        svc = SimService(args.node_vcpus, args.node_memory)
+        info = NodeInfo(f"sim{i:05d}", f"{base}/n{i}", f"{base}/n{i}/proxy", peer=f"127.0.0.1:{20000 + i}",
+                        cached={"base": 1.0 if rng.random() < args.cached else 0.0}, started=time.time(),
+                        version="sim")
+        m = NodeMember(svc, etcd, layout, info, ttl=args.ttl)
+        svc.sandboxes.watchers.append(m.changed)
+        members.append(m)
+
+    leases = [await etcd.grant(args.ttl) for _ in range((args.nodes + args.lease_group - 1) // args.lease_group)]
+    for i, m in enumerate(members):
+        m.lease = leases[i // args.lease_group]
+    gate = asyncio.Semaphore(32)
+
+    async def register(m: NodeMember) -> None:
+        async with gate:
+            await m._flush()
+
+    t0 = time.monotonic()
+    await asyncio.gather(*(register(m) for m in members))
+    registered_s = time.monotonic() - t0
+
+    async def keepalive() -> None:
+        while True:
+            await asyncio.sleep(args.ttl / 3)
+            for lease in leases:
+                with contextlib.suppress(Exception):
+                    await etcd.keepalive(lease)
+
+    async def refresher(m: NodeMember) -> None:
+        await asyncio.sleep(rng.random() * REFRESH)
+        await m._refresher()
+
+    tasks = [asyncio.create_task(keepalive())]
+    tasks += [asyncio.create_task(m._flusher()) for m in members]
+    if args.refresh:
+        tasks += [asyncio.create_task(refresher(m)) for m in members]
+
+    def member_of(request: web.Request) -> NodeMember:
+        name = request.match_info["node"]
+        if request.headers.get("X-API-KEY") != args.key:
+            raise web.HTTPUnauthorized(text='{"code":401,"message":"bad key"}', content_type="application/json")
+        try:
+            return members[int(name[1:])]
+        except (ValueError, IndexError):
+            raise web.HTTPNotFound() from None
+
+    async def create(request: web.Request) -> web.Response:
+        m = member_of(request)
+        doc = await request.json()
+        template = doc.get("templateID", "")
+        size = m.service.startable().get(template)
+        if size is None:
+            return web.json_response({"code": 404, "message": f"template {template!r} not found"}, status=404)
+        sid = "i" + secrets.token_hex(10)
+        try:
+            m.service.capacity.reserve(sid, *size)
+        except CapacityError as err:
+            stats["refused"] += 1
+            return web.json_response({"code": 429, "message": str(err)}, status=429,
+                                     headers={"Should-Retry": "false"})
+        m.service.sandboxes[sid] = SimSandbox(template)
+        m.filled(request.headers.get(RESERVATION_HEADER))
+        await m.settle()
+        stats["created"] += 1
+        return web.json_response({"sandboxID": sid, "templateID": template, "clientID": m.info.name,
+                                  "envdVersion": "0.2.0", "node": m.info.name}, status=201)
+
+    async def get(request: web.Request) -> web.Response:
+        m = member_of(request)
+        sid = request.match_info["id"]
+        if sid not in m.service.sandboxes:
+            return web.json_response({"code": 404, "message": f"sandbox {sid!r} not found"}, status=404)
+        return web.json_response({"sandboxID": sid, "node": m.info.name, "path": request.path})
+
+    async def kill(request: web.Request) -> web.Response:
+        m = member_of(request)
+        sid = request.match_info["id"]
+        if sid not in m.service.sandboxes:
+            return web.json_response({"code": 404, "message": f"sandbox {sid!r} not found"}, status=404)
+        await m.service.kill(sid)
+        await m.settle()
+        stats["killed"] += 1
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/{node}/sandboxes", create)
+    app.router.add_get("/{node}/sandboxes/{id}", get)
+    app.router.add_delete("/{node}/sandboxes/{id}", kill)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", args.port).start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(json.dumps({"ready": True, "registered_s": round(registered_s, 2), "leases": len(leases)}), flush=True)
+    await stop.wait()
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await runner.cleanup()
+    stats["flushes"] = sum(m.flushes for m in members)
+    print(json.dumps(stats), flush=True)
+    for lease in leases:
+        with contextlib.suppress(Exception):
+            await etcd.revoke(lease)
+    await etcd.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# the orchestrator
+# ---------------------------------------------------------------------------------------------------
+
+def cpu_seconds(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
+
+
+def rss_mb(pid: int) -> float:
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        name, _, value = line.rpartition(" ")
+        with contextlib.suppress(ValueError):
+            out[name] = float(value)
+    return out
+
+
+ETCD_METRICS = {
+    "proposals": "etcd_server_proposals_committed_total",
+    "events": "etcd_debugging_mvcc_events_total",
+    "fsync_sum": "etcd_disk_wal_fsync_duration_seconds_sum",
+    "fsync_count": "etcd_disk_wal_fsync_duration_seconds_count",
+    "commit_sum": "etcd_disk_backend_commit_duration_seconds_sum",
+    "commit_count": "etcd_disk_backend_commit_duration_seconds_count",
+    "keys": "etcd_debugging_mvcc_keys_total",
+    "db_bytes": "etcd_mvcc_db_total_size_in_bytes",
+}
+
+
+async def scrape(http: Any, url: str, headers: dict[str, str] | None = None) -> dict[str, float]:
+    async with http.get(url, headers=headers or {}) as res:
+        return parse_metrics(await res.text())
+
+
+def quantile(xs: list[float], q: float) -> float:
+    ys = sorted(xs)
+    return ys[min(len(ys) - 1, int(q * len(ys)))] if ys else 0.0
+
+
+async def wait_fronts(http: Any, apis: list[str], key: str, nodes: int, procs: list[subprocess.Popen[bytes]],
+                      timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    for api, proc in zip(apis, procs):
+        while True:
+            with contextlib.suppress(Exception):
+                async with http.get(api + "/health", headers={"X-API-KEY": key}) as res:
+                    if res.status == 200 and (await res.json()).get("nodes") == nodes:
+                        break
+            if proc.poll() is not None:
+                raise SystemExit(f"cluster_sim: front {api} exited with {proc.returncode} (see its log)")
+            if time.monotonic() > deadline:
+                raise SystemExit(f"cluster_sim: front {api} did not list {nodes} nodes in {timeout:.0f} s")
+            await asyncio.sleep(0.2)
+
+
+async def drive(apis: list[str], key: str, clients: int, seconds: float) -> dict[str, Any]:
+    import aiohttp
+
+    latencies: list[float] = []
+    codes: dict[int, int] = {}
+    ids: list[str] = []
+    deadline = time.monotonic() + seconds
+    body = json.dumps({"templateID": "base", "timeout": 300}).encode()
+    headers = {"X-API-KEY": key, "Content-Type": "application/json"}
+
+    async def client(k: int, http: aiohttp.ClientSession) -> None:
+        api = apis[k % len(apis)]
+        while time.monotonic() < deadline:
+            t0 = time.perf_counter()
+            try:
+                async with http.post(api + "/sandboxes", data=body, headers=headers) as res:
+                    raw = await res.read()
+                    status = res.status
+            except aiohttp.ClientError:
+                status, raw = 0, b""
+            latencies.append(time.perf_counter() - t0)
+            codes[status] = codes.get(status, 0) + 1
+            if status == 201 and len(ids) < 20:
+                ids.append(json.loads(raw)["sandboxID"])
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+        t0 = time.monotonic()
+        await asyncio.gather(*(client(k, http) for k in range(clients)))
+        elapsed = time.monotonic() - t0
+    return {"elapsed": elapsed, "codes": codes, "ids": ids, "e2e_p50_ms": round(quantile(latencies, 0.5) * 1e3, 2),
+            "e2e_p99_ms": round(quantile(latencies, 0.99) * 1e3, 2)}
+
+
+async def view_memory(endpoint: str) -> dict[str, Any]:
+    """Bytes a front's view holds per node and per route: the real ClusterView, fed what etcd holds."""
+    from sandbox.cluster.etcd import Etcd
+    from sandbox.cluster.keys import Layout
+    from sandbox.cluster.view import ClusterView
+
+    etcd = Etcd([endpoint])
+    try:
+        layout = Layout(PREFIX)
+        kvs, _ = await etcd.range(PREFIX)
+        view = ClusterView(etcd, layout)
+        nodes = [kv for kv in kvs if kv.key.startswith(layout.nodes)]
+        routes = [kv for kv in kvs if kv.key.startswith(layout.sandboxes)]
+        tracemalloc.start()
+        b0 = tracemalloc.get_traced_memory()[0]
+        for kv in nodes:
+            view._put(kv)
+        b1 = tracemalloc.get_traced_memory()[0]
+        for kv in routes:
+            view._put(kv)
+        b2 = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        node_value = sum(len(kv.value) for kv in nodes) / max(1, len(nodes))
+        return {"view_bytes_per_node": round((b1 - b0) / max(1, len(nodes))),
+                "view_bytes_per_route": round((b2 - b1) / max(1, len(routes))) if routes else None,
+                "nodeinfo_json_bytes": round(node_value), "routes_in_etcd": len(routes)}
+    finally:
+        await etcd.close()
+
+
+def start_front(cubefs: list[str], endpoint: str, api: int, proxy: int, name: str, sample: int, key: str,
+                log: Path, profile: str | None) -> subprocess.Popen[bytes]:
+    cmd = [*cubefs, "sandbox", "api", "--etcd", endpoint, "--etcd-prefix", PREFIX, "--api-listen",
+           f"127.0.0.1:{api}", "--proxy-listen", f"127.0.0.1:{proxy}", "--name", name, "--sample", str(sample)]
+    if profile:  # the console script run under cProfile (its stats are written when SIGTERM ends it)
+        cmd = [sys.executable, "-m", "cProfile", "-o", profile, *cmd]
+    with open(log, "ab") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=out, start_new_session=True,
+                                env={**os.environ, "CUBEFS_SANDBOX_API_KEY": key})
+
+
+def stop_proc(proc: subprocess.Popen[Any] | None, timeout: float = 20.0) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def disk_of(path: Path) -> str:
+    """The filesystem and device a path lives on (``/proc/mounts``, longest matching mount)."""
+    best = ("", "", "")
+    with open("/proc/mounts") as f:
+        for line in f:
+            dev, mnt, fstype = line.split()[:3]
+            if str(path).startswith(mnt) and len(mnt) >= len(best[1]):
+                best = (dev, mnt, fstype)
+    return f"{best[2]} on {best[0]}"
+
+
+async def run_case(nodes: int, fronts: int, sample: int, seconds: float, clients: int, tmpfs: bool,
+                   refresh: bool, lease_group: int, profile: str | None, keep_logs: Path | None) -> dict[str, Any]:
+    import aiohttp
+    from conftest import free_ports
+    from etcd_cluster import EtcdCluster
+
+    key = "e2b_" + secrets.token_hex(20)
+    base = Path("/dev/shm") if tmpfs else None
+    with tempfile.TemporaryDirectory(prefix="cubefs-sim-", dir=base) as tmp_text:
+        tmp = Path(tmp_text)
+        cluster = EtcdCluster(tmp / "etcd", 1)
+        sim: subprocess.Popen[str] | None = None
+        front_procs: list[subprocess.Popen[bytes]] = []
+        try:
+            endpoint = cluster.endpoints[0]
+            etcd_pid = cluster.members[0].proc.pid  # type: ignore[union-attr]
+            ports = free_ports(1 + 2 * fronts)
+            t_setup = time.monotonic()
+            sim = subprocess.Popen(
+                [sys.executable, __file__, "--role", "nodes", "--etcd", endpoint, "--nodes", str(nodes),
+                 "--port", str(ports[0]), "--key", key, "--lease-group", str(lease_group),
+                 *([] if refresh else ["--no-refresh"])],
+                stdout=subprocess.PIPE, stderr=open(tmp / "nodes.log", "ab"), text=True, start_new_session=True)
+            assert sim.stdout is not None
+            ready = json.loads(await asyncio.to_thread(sim.stdout.readline) or "{}")
+            if not ready.get("ready"):
+                raise SystemExit(f"cluster_sim: the simulated nodes did not start:\n"
+                                 f"{(tmp / 'nodes.log').read_text()[-3000:]}")
+            cubefs = [str(Path(sys.executable).parent / "cubefs")]
+            if not Path(cubefs[0]).exists():
+                raise SystemExit(f"cluster_sim: no {cubefs[0]}: run with the project's venv python")
+            apis = []
+            for j in range(fronts):
+                api, proxy = ports[1 + 2 * j], ports[2 + 2 * j]
+                front_procs.append(start_front(cubefs, endpoint, api, proxy, f"sim-front-{j}", sample, key,
+                                               tmp / f"front{j}.log", profile if j == 0 else None))
+                apis.append(f"http://127.0.0.1:{api}")
+            async with aiohttp.ClientSession() as http:
+                await wait_fronts(http, apis, key, nodes, front_procs)
+                setup_s = time.monotonic() - t_setup
+                etcd_url = endpoint + "/metrics"
+                e0 = await scrape(http, etcd_url)
+                pids = {"front": [p.pid for p in front_procs], "etcd": [etcd_pid], "nodes": [sim.pid],
+                        "clients": [os.getpid()]}
+                c0 = {k: sum(cpu_seconds(p) for p in v) for k, v in pids.items()}
+                load = await drive(apis, key, clients, seconds)
+                c1 = {k: sum(cpu_seconds(p) for p in v) for k, v in pids.items()}
+                e1 = await scrape(http, etcd_url)
+                fm = [await scrape(http, a + "/metrics", {"X-API-KEY": key}) for a in apis]
+                check = "no sandbox created"
+                if load["ids"]:
+                    sid = load["ids"][0]
+                    async with http.get(f"{apis[-1]}/sandboxes/{sid}", headers={"X-API-KEY": key}) as res:
+                        doc = await res.json() if res.status == 200 else {}
+                        check = (f"ok: GET {apis[-1]}/sandboxes/{sid} -> {doc.get('path')}" if res.status == 200
+                                 else f"FAILED: HTTP {res.status}")
+                rss = [rss_mb(p.pid) for p in front_procs]
+            for p in front_procs:
+                stop_proc(p)
+            mem = await view_memory(endpoint)
+            stop_proc(sim)
+            sim_stats = json.loads((sim.stdout.read().strip().splitlines() or ["{}"])[-1])
+        finally:
+            for p in front_procs:
+                stop_proc(p)
+            stop_proc(sim)
+            if keep_logs is not None:
+                keep_logs.mkdir(parents=True, exist_ok=True)
+                for log in tmp.glob("*.log"):
+                    shutil.copy(log, keep_logs / log.name)
+                for log in (tmp / "etcd").glob("*.log"):
+                    shutil.copy(log, keep_logs / ("etcd-" + log.name))
+            cluster.close()
+
+    elapsed = load["elapsed"]
+    placed = sum(f.get("cubefs_front_placed_total", 0) for f in fm)
+    cpu = {k: round(c1[k] - c0[k], 2) for k in c0}
+
+    def d(name: str) -> float:
+        return e1.get(ETCD_METRICS[name], 0.0) - e0.get(ETCD_METRICS[name], 0.0)
+
+    def fq(name: str, q: str) -> float:
+        vals = [f.get(f'cubefs_front_{name}_seconds{{quantile="{q}"}}', 0.0) for f in fm]
+        return round(max(vals) * 1e3, 2)
+
+    out: dict[str, Any] = {
+        "nodes": nodes, "fronts": fronts, "sample": sample, "clients": clients, "seconds": round(elapsed, 1),
+        "etcd_disk": "tmpfs (/dev/shm): no fsync cost" if tmpfs else disk_of(Path(tempfile.gettempdir())),
+        "refresh": refresh, "lease_group": lease_group, "setup_s": round(setup_s, 1),
+        "registered_s": ready.get("registered_s"),
+        "placements_per_s": round(placed / elapsed, 1), "placed": int(placed), "codes": load["codes"],
+        "decision_p50_ms": fq("decision", "0.5"), "decision_p99_ms": fq("decision", "0.99"),
+        "front_create_p50_ms": fq("create", "0.5"), "front_create_p99_ms": fq("create", "0.99"),
+        "e2e_p50_ms": load["e2e_p50_ms"], "e2e_p99_ms": load["e2e_p99_ms"],
+        "conflicts": int(sum(f.get("cubefs_front_reservation_conflicts_total", 0) for f in fm)),
+        "refused_by_node": int(sum(f.get("cubefs_front_refused_total", 0) for f in fm)),
+        "cpu_s": cpu,
+        "cpu_ms_per_placement": {k: round(v / placed * 1e3, 2) if placed else None for k, v in cpu.items()},
+        "etcd_proposals_per_s": round(d("proposals") / elapsed, 1),
+        "etcd_watch_events_per_s": round(d("events") / elapsed, 1),
+        "etcd_wal_fsync_ms": round(d("fsync_sum") / d("fsync_count") * 1e3, 3) if d("fsync_count") else None,
+        "etcd_fsyncs_per_s": round(d("fsync_count") / elapsed, 1),
+        "etcd_keys": int(e1.get(ETCD_METRICS["keys"], 0)), "etcd_db_mb": round(e1.get(ETCD_METRICS["db_bytes"], 0)
+                                                                                / 2**20, 1),
+        "front_rss_mb": [round(r, 1) for r in rss], "sim_nodes": sim_stats, "path_prefix_forwarding": check,
+        **mem,
+    }
+    return out
+
+
+CASES = [  # (nodes, fronts, sample, tmpfs)
+    (1000, 1, 0, False), (1000, 1, 0, True), (1000, 1, 16, False),
+    (5000, 1, 0, False), (5000, 1, 16, False), (5000, 2, 0, False), (5000, 2, 16, False), (5000, 2, 16, True),
+]
+
+
+def row(r: dict[str, Any]) -> str:
+    cpu = r["cpu_ms_per_placement"]
+    return (f"| {r['nodes']:>5} | {r['fronts']} | {r['sample'] or 'all':>3} | "
+            f"{'tmpfs' if r['etcd_disk'].startswith('tmpfs') else 'disk':5} | {r['placements_per_s']:>6} | "
+            f"{r['decision_p50_ms']} / {r['decision_p99_ms']} | {r['e2e_p50_ms']} / {r['e2e_p99_ms']} | "
+            f"{r['conflicts']} | {cpu['front']} | {cpu['etcd']} | {cpu['nodes']} | {r['etcd_proposals_per_s']} |")
+
+
+HEADER = ("| nodes | fronts | K | etcd | placements/s | decision p50 / p99 ms | client create p50 / p99 ms | "
+          "conflicts | CPU ms per placement: front | etcd | sim nodes | etcd proposals/s |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--role", choices=("bench", "nodes"), default="bench", help=argparse.SUPPRESS)
+    ap.add_argument("--nodes", type=int, default=1000, help="simulated nodes (default 1000)")
+    ap.add_argument("--fronts", type=int, default=1, help="fronts (cubefs sandbox api processes; default 1)")
+    ap.add_argument("--sample", type=int, default=0, metavar="K", help="best-of-K scoring (default 0: all nodes)")
+    ap.add_argument("--seconds", type=float, default=20.0, help="how long the clients create (default 20)")
+    ap.add_argument("--clients", type=int, default=32, help="concurrent clients (default 32)")
+    ap.add_argument("--tmpfs", action="store_true", help="etcd's data dir on /dev/shm (no fsync cost)")
+    ap.add_argument("--no-refresh", dest="refresh", action="store_false",
+                    help="the simulated nodes do not republish every 15 s")
+    ap.add_argument("--lease-group", type=int, default=100, help="simulated nodes per shared lease (default 100)")
+    ap.add_argument("--cases", choices=("one", "all"), default="one",
+                    help="'all': the table of docs/benchmarks.md (1,000 and 5,000 nodes, 1 and 2 fronts, "
+                    "best-of-16 vs all, disk vs tmpfs)")
+    ap.add_argument("--profile", metavar="FILE", help="run the (first) front under cProfile, stats to FILE")
+    ap.add_argument("--logs", metavar="DIR", help="keep the fronts', nodes' and etcd's logs here")
+    ap.add_argument("--json", action="store_true")
+    # --role nodes
+    ap.add_argument("--etcd", help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--key", help=argparse.SUPPRESS)
+    ap.add_argument("--ttl", type=int, default=10, help=argparse.SUPPRESS)
+    ap.add_argument("--cached", type=float, default=0.1, help="fraction of nodes with the image cached (0.1)")
+    ap.add_argument("--node-vcpus", type=int, default=64, help=argparse.SUPPRESS)
+    ap.add_argument("--node-memory", type=int, default=262144, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.role == "nodes":
+        asyncio.run(run_nodes(args))
+        return 0
+    if etcd_binary() is None:
+        print("cluster_sim: etcd is not installed (no 'etcd' on PATH or /usr/bin/etcd): "
+              "scripts/setup.sh installs Debian's etcd-server", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(ROOT / "tests"))
+    cases = CASES if args.cases == "all" else [(args.nodes, args.fronts, args.sample, args.tmpfs)]
+    results = []
+    for nodes, fronts, sample, tmpfs in cases:
+        r = asyncio.run(run_case(nodes, fronts, sample, args.seconds, args.clients, tmpfs, args.refresh,
+                                 args.lease_group, args.profile, Path(args.logs) if args.logs else None))
+        results.append(r)
+        if not args.json:
+            print(json.dumps(r), file=sys.stderr, flush=True)
+    if args.json:
+        print(json.dumps(results if len(results) > 1 else results[0], indent=1))
+    else:
+        print(HEADER)
+        for r in results:
+            print(row(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
