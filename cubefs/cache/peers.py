@@ -31,6 +31,17 @@ within ``timeout`` is counted, skipped for ``down_for`` seconds, and its
 chunks read from the store, so a dead or slow peer costs a read at most
 ``timeout``.
 
+The members may change while a mount runs: :meth:`PeerSet.replace` swaps them
+in place (the members that stay keep their connections and counters, so
+rendezvous hashing keeps their chunks with them), and a mount given a *peers
+file* (``--peers-file``: one ``HOST:PORT`` a line, ``#`` comments; a cluster's
+node service writes it from etcd's membership) re-reads it when its mtime
+changes, looked at no more than once a second on the read path (a stat: ~2 µs).
+A missing file is no peers; a file with a malformed line is refused whole
+(logged) and the members stay as they were.  The counters of a removed peer are
+dropped from the per-peer stats but kept in the tier's totals, which therefore
+never go backwards.
+
 Wire protocol (docs/format.md, "Peer protocol"): ``POST /v1/chunks`` with the
 store's URL in ``x-cubefs-store``, ``x-cubefs-time``/``-nonce``/``-mac`` and a
 body of request records (at most ``MAX_CHUNKS``: a client splits); the answer
@@ -47,6 +58,7 @@ import os
 import secrets
 import stat
 import struct
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -255,23 +267,122 @@ class Peer:
         return d
 
 
+def parse_peers(text: str, where: str = "peers") -> list[str]:
+    """The ``HOST:PORT`` lines of a peers file (``#`` starts a comment); BadInputError
+    names the first malformed line."""
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        item = line.split("#", 1)[0].strip()
+        if not item:
+            continue
+        host, sep, port = item.rpartition(":")
+        if not sep or not host or any(c.isspace() for c in item) or not port.isdigit() \
+                or not 0 < int(port) < 65536:
+            raise BadInputError(f"{where} line {n}: {item[:80]!r} is not HOST:PORT")
+        out.append(item)
+    return out
+
+
+class PeersFile:
+    """A peers file, read again when it changes (its mtime, size or inode)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = os.path.abspath(path)
+        self._seen: object = object()  # what the file looked like when last read
+
+    def changed(self) -> list[str] | None:
+        """The members if the file changed since the last call (``[]``: it is gone), else None."""
+        try:
+            st = os.stat(self.path)
+            seen: object = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except FileNotFoundError:
+            seen = None
+        except OSError as err:
+            seen = err.strerror
+        if seen == self._seen:
+            return None
+        self._seen = seen
+        if seen is None:
+            return []
+        try:
+            with open(self.path, encoding="utf-8", errors="replace") as f:
+                return parse_peers(f.read(1 << 20), self.path)
+        except FileNotFoundError:
+            self._seen = None
+            return []
+        except (OSError, BadInputError) as err:
+            log.error("peers file %s: %s; the peers stay as they were", self.path,
+                      err.strerror if isinstance(err, OSError) else err)
+            return None
+
+
 class PeerSet:
-    """The peers of a mount; requests run on the store's asyncio loop thread."""
+    """The peers of a mount; requests run on the store's asyncio loop thread, ownership is
+    asked on the filesystem's thread.  The members change with :meth:`replace` or, given
+    ``peers_file``, with the file (``addresses`` is then ignored)."""
 
     def __init__(self, addresses: list[str], store_url: str, timeout: float = 3.0, down_for: float = 10.0,
-                 secret: bytes | None = None) -> None:
+                 secret: bytes | None = None, peers_file: str | None = None, check_every: float = 1.0) -> None:
         """``secret``: the cluster secret (default: read from :func:`default_secret_path`)."""
         self.secret = secret if secret is not None else load_secret()
         self.store_url = store_url
         self.timeout = timeout
         self.down_for = down_for
-        self.peers = [Peer(a, HttpPool(f"http://{a}", 8)) for a in dict.fromkeys(addresses)]
-        self._seeds = [a.encode() for a in dict.fromkeys(addresses)]
+        # Swapped as one tuple: a reader on another thread sees old or new members, never a mix.
+        self._members: tuple[list[Peer], list[bytes]] = ([], [])
+        self._retired: dict[str, float] = {}  # counters of peers no longer members
+        self._to_close: list[HttpPool] = []  # removed peers' connections, closed on the loop's thread
+        self._lock = threading.Lock()  # replace() against replace()
+        self._check_lock = threading.Lock()  # one thread looks at the file at a time; the others go on
+        self.file = PeersFile(peers_file) if peers_file else None
+        self.check_every = check_every
+        self._next_check = 0.0
+        if self.file is not None:
+            self.refresh()
+        else:
+            self.replace(addresses)
 
-    def owner(self, ref: ChunkLocation) -> Peer:
+    @property
+    def peers(self) -> list[Peer]:
+        return self._members[0]
+
+    def replace(self, addresses: list[str]) -> None:
+        """Make ``addresses`` the members; the ones that stay keep their ``Peer`` (its
+        connections, counters, and so the chunks they own)."""
+        addresses = list(dict.fromkeys(addresses))
+        with self._lock:
+            old = {p.address: p for p in self.peers}
+            peers = [old.pop(a) if a in old else Peer(a, HttpPool(f"http://{a}", 8)) for a in addresses]
+            for gone in old.values():
+                for k, v in gone.as_dict().items():
+                    if k != "down":
+                        self._retired[k] = self._retired.get(k, 0) + v
+                self._to_close.append(gone.pool)
+            self._members = (peers, [a.encode() for a in addresses])
+
+    def refresh(self) -> None:
+        """Follow the peers file, if any (at most once per ``check_every`` seconds)."""
+        now = time.monotonic()
+        if self.file is None or now < self._next_check or not self._check_lock.acquire(blocking=False):
+            return
+        try:
+            self._next_check = now + self.check_every
+            members = self.file.changed()
+        finally:
+            self._check_lock.release()
+        if members is not None and members != [p.address for p in self.peers]:
+            log.info("peers file %s: peers now %s", self.file.path, ", ".join(members) or "none")
+            self.replace(members)
+
+    def owner(self, ref: ChunkLocation) -> Peer | None:
+        """The member that owns ``ref``'s place, or None when there are no members."""
+        self.refresh()
+        peers, seeds = self._members
+        if not peers:
+            return None
         place = f"{ref.pack}/{ref.offset // REGION}".encode()
-        best = max(range(len(self.peers)), key=lambda i: xxhash.xxh64_intdigest(self._seeds[i] + place))
-        return self.peers[best]
+        best = max(range(len(peers)), key=lambda i: xxhash.xxh64_intdigest(seeds[i] + place))
+        return peers[best]
 
     def alive(self, peer: Peer) -> bool:
         return peer.down_until <= time.monotonic()
@@ -285,6 +396,8 @@ class PeerSet:
         """Ask ``peer`` for ``refs`` (asyncio side).  Raises on any failure."""
         import asyncio
 
+        while self._to_close:  # a removed peer's idle connections (this is the thread that owns them)
+            self._to_close.pop().close()
         batches = [refs[i : i + MAX_CHUNKS] for i in range(0, len(refs), MAX_CHUNKS)]
         out: dict[bytes, StoredChunk] = {}
         for got in await asyncio.wait_for(asyncio.gather(*(self._ask(peer, b) for b in batches)), self.timeout):
@@ -303,11 +416,15 @@ class PeerSet:
         return decode_response(resp.body, refs)
 
     def stats(self) -> dict[str, dict[str, float]]:
+        """The current members' counters."""
+        self.refresh()
         return {p.address: p.as_dict() for p in self.peers}
 
     def totals(self) -> dict[str, float]:
-        """The counters of all peers added up: the peer tier's line in the stats."""
-        total: dict[str, float] = {}
+        """The counters of all peers added up, removed ones included: the peer tier's line in the stats."""
+        total: dict[str, float] = {k: 0 for k in TierStats().as_dict()} | {"lies": 0, "timeouts": 0}
+        for k, v in self._retired.items():
+            total[k] = total.get(k, 0) + v
         for p in self.peers:
             for k, v in p.as_dict().items():
                 if k != "down":
@@ -315,5 +432,6 @@ class PeerSet:
         return total
 
     def close(self) -> None:
-        for p in self.peers:
-            p.pool.close()
+        for pool in [p.pool for p in self.peers] + self._to_close:
+            pool.close()
+        self._to_close = []
