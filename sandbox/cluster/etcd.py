@@ -24,7 +24,8 @@ Behaviour that callers rely on:
   proposals it was forwarded unanswered for etcd's request timeout (5.5 s),
   which a client must not wait out (measured: the put right after SIGKILL of
   the leader of a three-member cluster hung past 2 s on a follower; sent again
-  after the election it took ~10 ms).  A txn is different: it is sent again only
+  after the election it took ~10 ms).  A txn with compares is different
+  (one without is a batch of puts and deletes, sent again like them): it is sent again only
   when it certainly was not (the connection was refused) or etcd said it was
   not proposed (no leader); after a timeout or a dropped connection its
   outcome is unknown, and that is what :class:`EtcdUnavailable` says (a
@@ -421,7 +422,8 @@ class Etcd:
         failure = failure or []
         body = {"compare": [c.to_json() for c in compares], "success": [o.to_json() for o in success],
                 "failure": [o.to_json() for o in failure]}
-        answer = await self._call("/v3/kv/txn", body, once=True)
+        # Without compares a txn is a batch of puts and deletes: as safe to send again as they are.
+        answer = await self._call("/v3/kv/txn", body, once=bool(compares))
         succeeded = bool(answer.get("succeeded", False))
         ops = success if succeeded else failure
         responses: list[Any] = []
