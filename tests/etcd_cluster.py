@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import time
 import urllib.request
@@ -38,21 +39,30 @@ class Member:
     log: Path
     proc: subprocess.Popen[bytes] | None = None
 
+    scheme: str = "http"
+
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
+        return f"{self.scheme}://127.0.0.1:{self.client_port}"
 
 
 class EtcdCluster:
-    """``size`` etcd members on 127.0.0.1, started and healthy on return."""
+    """``size`` etcd members on 127.0.0.1, started and healthy on return.  With ``tls``
+    clients speak https to a certificate of a CA made here (``ca_file``)."""
 
-    def __init__(self, root: Path, size: int = 1) -> None:
+    def __init__(self, root: Path, size: int = 1, tls: bool = False) -> None:
         if not os.path.exists(ETCD):
             pytest.skip("etcd is not installed (scripts/setup.sh installs etcd-server)")
         root.mkdir(parents=True, exist_ok=True)
+        self.tls_args: list[str] = []
+        self.ca_file: str | None = None
+        if tls:
+            self.ca_file = str(make_certs(root))
+            self.tls_args = ["--cert-file", str(root / "server.pem"), "--key-file", str(root / "server.key")]
         ports = free_ports(2 * size)
         self.members = [
-            Member(f"m{i}", ports[2 * i], ports[2 * i + 1], root / f"m{i}.etcd", root / f"m{i}.log")
+            Member(f"m{i}", ports[2 * i], ports[2 * i + 1], root / f"m{i}.etcd", root / f"m{i}.log",
+                   scheme="https" if tls else "http")
             for i in range(size)
         ]
         self.initial = ",".join(f"{m.name}=http://127.0.0.1:{m.peer_port}" for m in self.members)
@@ -78,7 +88,7 @@ class EtcdCluster:
              "--initial-cluster", self.initial, "--initial-cluster-state", state,
              "--initial-cluster-token", "cubefs-test",
              "--heartbeat-interval", "50", "--election-timeout", "250",
-             "--logger", "zap", "--log-outputs", "stderr"],
+             "--logger", "zap", "--log-outputs", "stderr", *self.tls_args],
             stdout=log, stderr=log, start_new_session=True)
         log.close()
 
@@ -115,7 +125,7 @@ class EtcdCluster:
         for m in members or [m for m in self.members if m.proc is not None]:
             while True:
                 try:
-                    with urllib.request.urlopen(f"{m.endpoint}/health", timeout=2) as resp:
+                    with urllib.request.urlopen(f"{m.endpoint}/health", timeout=2, context=self._ssl()) as resp:
                         if json.loads(resp.read()).get("health") == "true":
                             break
                 except OSError:
@@ -132,7 +142,7 @@ class EtcdCluster:
             if m.proc is None:
                 continue
             req = urllib.request.Request(f"{m.endpoint}/v3/maintenance/status", data=b"{}", method="POST")
-            with urllib.request.urlopen(req, timeout=5) as resp:
+            with urllib.request.urlopen(req, timeout=5, context=self._ssl()) as resp:
                 status = json.loads(resp.read())
             ids = {self._member_id(j): j for j, other in enumerate(self.members) if other.proc is not None}
             return ids[str(status["leader"])]
@@ -140,21 +150,40 @@ class EtcdCluster:
 
     def _member_id(self, i: int) -> str:
         req = urllib.request.Request(f"{self.members[i].endpoint}/v3/maintenance/status", data=b"{}", method="POST")
-        with urllib.request.urlopen(req, timeout=5) as resp:
+        with urllib.request.urlopen(req, timeout=5, context=self._ssl()) as resp:
             return str(json.loads(resp.read())["header"]["member_id"])
 
     def etcdctl(self, *args: str, user: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run Debian's etcdctl against the running members."""
         live = ",".join(m.endpoint for m in self.members if m.proc is not None)
-        cmd = [ETCDCTL, "--endpoints", live, *(["--user", user] if user else []), *args]
+        cmd = [ETCDCTL, "--endpoints", live, *(["--user", user] if user else []),
+               *(["--cacert", self.ca_file] if self.ca_file else []), *args]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=30, env={**os.environ, "ETCDCTL_API": "3"})
         if check and res.returncode != 0:
             raise AssertionError(f"etcdctl {' '.join(args)} exited {res.returncode}: {res.stdout}{res.stderr}")
         return res
 
+    def _ssl(self) -> ssl.SSLContext | None:
+        return ssl.create_default_context(cafile=self.ca_file) if self.ca_file else None
+
     def close(self) -> None:
         for m in self.members:
             self.stop(m)
+
+
+def make_certs(root: Path) -> Path:
+    """A CA (``ca.pem``) and a server certificate for 127.0.0.1 signed by it, with openssl."""
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=root, check=True, capture_output=True, timeout=30)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=cubefs test CA")
+    run("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
+    (root / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "server.pem", "-days", "2", "-extfile", "san.ext")
+    return root / "ca.pem"
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -257,6 +258,28 @@ def test_auth_user_password(etcd1: EtcdCluster) -> None:  # noqa: F811
     run(etcd1, wrong, user="root", password="wrong")
     run(etcd1, right, user="root", password="s3cret-pw")
     assert etcd1.etcdctl("get", "a/k", user="root:s3cret-pw").stdout.split() == ["a/k", "v"]
+
+
+def test_https_with_a_ca_file(tmp_path: Path) -> None:
+    cluster = EtcdCluster(tmp_path / "etcd-tls", 1, tls=True)
+    try:
+        assert cluster.endpoints[0].startswith("https://")
+
+        async def trusted(etcd: Etcd) -> None:
+            await etcd.put("t/k", "v")
+            assert (await etcd.get("t/k")).value == b"v"  # type: ignore[union-attr]
+            events: list[Event] = []
+            await asyncio.wait_for(collect(etcd, "t/", 1, 1, events), 10)
+            assert events[0].kv.key == "t/k"
+
+        async def untrusted(etcd: Etcd) -> None:  # the system's CAs do not know this one
+            with pytest.raises(EtcdUnavailable, match=r"TLS: .*certificate verify failed.*CUBEFS_ETCD_CA"):
+                await etcd.get("t/k")
+
+        run(cluster, trusted, ca_file=cluster.ca_file)
+        run(cluster, untrusted)
+    finally:
+        cluster.close()
 
 
 def test_endpoints_from_text(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -362,7 +362,10 @@ class Etcd:
                 status, answer = await self._post_once(session, endpoint, path, body,
                                                        await self._headers(endpoint, session))
             except aiohttp.ClientConnectorError as err:  # never sent: any request may go elsewhere
-                tried.append(f"{endpoint}: {err.os_error.strerror or err}")
+                if isinstance(err, aiohttp.ClientSSLError):
+                    tried.append(f"{endpoint}: TLS: {err.os_error} (the cluster's CA file: ${CA_ENV})")
+                else:
+                    tried.append(f"{endpoint}: {err.os_error.strerror or err}")
                 refused += 1
             except (aiohttp.ClientError, TimeoutError, ConnectionError) as err:
                 why = f"no answer in {self.timeout:.1f}s" if isinstance(err, TimeoutError) \
