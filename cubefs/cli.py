@@ -204,6 +204,9 @@ def make_parser(plugins: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--dir-prefetch", type=_size_arg, default="4M",
                    help="once two files of a directory miss the cache, fetch its other files (up to 1 MiB each), "
                    "up to this many stored bytes, in the background (default 4M; 0 turns it off)")
+    p.add_argument("--stream", type=_size_arg, default="0",
+                   help="once this mount's reads have missed the store 8 times, fetch the rest of the image in the "
+                   "background, in pack order from where it reads, up to this many stored bytes (default 0: off)")
     p.add_argument("--read-timeout", type=float, default=60.0,
                    help="seconds before a read that cannot be served fails with EIO (default 60)")
     p.add_argument("--store-timeout", type=float, default=10.0, help="seconds per store request attempt (default 10)")

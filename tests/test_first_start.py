@@ -52,3 +52,30 @@ def test_directory_neighbours_are_prefetched_after_two_misses(tmp_path: Path) ->
         for rel in pkg:
             assert (tmp_path / "off" / rel).read_bytes() == files[rel]
         assert m.stats()["tiers"]["store"]["requests"] >= len(pkg) - 2, "without it, a request per module"
+
+
+def test_the_image_streams_in_once_reads_keep_missing(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    files = {f"d{i:02d}/f{j}": os.urandom(30_000) for i in range(12) for j in range(3)}
+    for rel, data in files.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(data)
+    store = f"file://{tmp_path / 'store'}"
+    run_cubefs("build", str(src), "--tag", "s:1", "--store", store)
+    opts = ("--pack-readahead", "0", "--readahead", "0", "--dir-prefetch", "0", "--no-auto-trace")
+    with mounted("s:1", tmp_path / "mnt", store, tmp_path / "cache", *opts, "--stream", "64M") as m:
+        for i in range(10):  # ten misses in ten directories: this node lacks the image
+            assert (tmp_path / "mnt" / f"d{i:02d}/f0").read_bytes() == files[f"d{i:02d}/f0"]
+        deadline = time.monotonic() + 20
+        while not m.stats()["tiers"]["stream"]["done"]:
+            assert time.monotonic() < deadline, "the stream did not finish"
+            time.sleep(0.2)
+        before = m.stats()["tiers"]["store"]["requests"]
+        for rel, data in files.items():
+            assert (tmp_path / "mnt" / rel).read_bytes() == data
+        assert m.stats()["tiers"]["store"]["requests"] == before, "everything had streamed in"
+    with mounted("s:1", tmp_path / "mnt", store, tmp_path / "cache2", *opts) as m:
+        for i in range(10):
+            assert (tmp_path / "mnt" / f"d{i:02d}/f0").read_bytes() == files[f"d{i:02d}/f0"]
+        time.sleep(0.5)
+        assert m.stats()["tiers"]["stream"]["chunks"] == 0, "off by default"

@@ -162,7 +162,7 @@ def test_concurrent_publishers_lose_no_chunks(tmp_path: Path) -> None:
 
     async def race() -> None:
         await store.open()
-        await asyncio.gather(*(publish_trace(store, digest, 100, chunks, lambda _i: 1000, settle=(0.0, 0.05))
+        await asyncio.gather(*(publish_trace(store, digest, 100, chunks, lambda _i: 1000, settle=(0.0, 0.1))
                                for chunks in ([1, 2, 3], [7, 8], [3, 9])))
 
     for _ in range(5):

@@ -64,6 +64,9 @@ DISK_BATCH_SECONDS = 0.05  # chunks to write to disk gather this long into one t
 # without the mark that retry waited a second full timeout (measured: 2x --read-timeout
 # against a blackholed store).  Short, so a store that comes back is used again soon.
 GAVE_UP_SECONDS = 5.0
+# The image stream (ChunkSource.stream_after) starts once reads have sent this many
+# GETs to the store: a node that lacks the image, not one with a stray miss.
+STREAM_AFTER = 8
 
 
 class ChunkUnavailable(CubefsError):
@@ -162,6 +165,10 @@ class ChunkSource:
         self._background_requests = trio.Semaphore(background_requests)
         self._nursery: trio.Nursery | None = None
         self.prefetch_stats: dict[str, float] = {"chunks": 0, "done": 0, "seconds": 0.0}
+        self.stream_stats: dict[str, float] = {"chunks": 0, "done": 0, "seconds": 0.0}
+        self._stream_plan: Any = None  # () -> chunks to stream, in order (see stream_after)
+        self._stream_started = False
+        self._read_requests = 0  # GETs made for readers (not read-ahead, prefetch or the stream)
         # digest -> when a reader last gave up waiting for it (see GAVE_UP_SECONDS)
         self._gave_up: LRUCache[bytes, float] = LRUCache(maxsize=4096)
 
@@ -171,7 +178,7 @@ class ChunkSource:
 
     def stats(self) -> dict[str, dict[str, float]]:
         out = {"memory": self.memory.stats.as_dict(), "store": self.store_stats.as_dict(),
-               "prefetch": dict(self.prefetch_stats)}
+               "prefetch": dict(self.prefetch_stats), "stream": dict(self.stream_stats)}
         out["memory"]["used_bytes"] = self.memory.used_bytes
         if self.disk is not None:
             out["disk"] = self.disk.stats.as_dict()
@@ -378,13 +385,26 @@ class ChunkSource:
         # memory now (unless the memory tier is too small to hold it: then None).
         return [self.memory.get(r.digest) for r in refs]
 
-    async def prefetch(self, refs: list[ChunkLocation], window: int = 16 * 1024 * 1024) -> None:
+    def stream_after(self, plan: Any) -> None:
+        """Once reads have sent STREAM_AFTER GETs to the store, fetch ``plan()`` (chunk
+        refs, in order) in the background like a trace: the image streamed at low
+        priority, kept as fetched (staged) and decoded only if read."""
+        self._stream_plan = plan
+
+    async def _stream(self) -> None:
+        refs = self._stream_plan()
+        if refs:
+            await self.prefetch(refs, stats=self.stream_stats, what="streamed")
+
+    async def prefetch(self, refs: list[ChunkLocation], window: int = 16 * 1024 * 1024,
+                       stats: dict[str, float] | None = None, what: str = "prefetched") -> None:
         """Fetch ``refs`` in their order, in the background, a window of ranges at a
         time (so the first chunks of a trace arrive first), and stop when done.
         Chunks already cached or in flight are skipped; failures are left to the
         reads that need the chunks."""
         t0 = time.monotonic()
-        self.prefetch_stats["chunks"] = len(refs)
+        stats = self.prefetch_stats if stats is None else stats
+        stats["chunks"] = len(refs)
         i = 0
         while i < len(refs):
             batch: list[ChunkLocation] = []
@@ -397,10 +417,9 @@ class ChunkSource:
             for flight in [self._flights.get(r.digest) for r in batch]:
                 if flight is not None:
                     await flight.event.wait()
-        self.prefetch_stats["done"] = 1
-        self.prefetch_stats["seconds"] = round(time.monotonic() - t0, 3)
-        log.info("image %s: prefetched %d chunks of its trace in %.2fs", self.label, len(refs),
-                 time.monotonic() - t0)
+        stats["done"] = 1
+        stats["seconds"] = round(time.monotonic() - t0, 3)
+        log.info("image %s: %s %d chunks in %.2fs", self.label, what, len(refs), time.monotonic() - t0)
 
     def _resolve(self, flight: _Flight, digest: bytes, data: bytes | None, error: str = "") -> None:
         if self._flights.get(digest) is flight:
@@ -610,6 +629,11 @@ class ChunkSource:
         t0 = time.monotonic()
         async with limit:
             self.store_stats.requests += 1
+            self._read_requests += limit is self._requests
+            if (self._stream_plan is not None and not self._stream_started and self._nursery is not None
+                    and self._read_requests >= STREAM_AFTER):
+                self._stream_started = True
+                self._nursery.start_soon(self._stream)
             try:
                 blob = await self.loop.trio_run(self.store.get_range(key, start, end - start))
             except CubefsError as err:

@@ -50,7 +50,7 @@ RECORD_SECONDS = 60.0
 # Publish once no new chunk has been read for this long: Python's imports read new
 # chunks every few ms while they run, so a second of quiet means the start is over.
 QUIET_SECONDS = 1.0
-ATTEMPTS = 3
+ATTEMPTS = 5
 EXIT_TIMEOUT = 5.0  # the most an unmount waits for the last publish
 
 

@@ -90,6 +90,7 @@ class ImageFS:
         read_timeout: float = 60.0,
         pack_readahead: int = 0,
         dir_prefetch: int = 0,
+        stream: int = 0,
     ) -> None:
         self.image = image
         self.chunkmap = chunkmap
@@ -106,6 +107,10 @@ class ImageFS:
         self._dir_reads: dict[int, set[int]] = {}
         self._dirs_done: set[int] = set()
         self.dir_prefetches = 0
+        self.stream = stream
+        self._last_pack = 0
+        if stream > 0:
+            source.stream_after(self._stream_plan)
         self.trace: list[int] | None = None  # chunk indices in first-read order, when recording
         self._traced: set[int] = set()
         self.trace_last = 0.0  # monotonic time a new chunk was last noted
@@ -290,6 +295,8 @@ class ImageFS:
             if datas is None:
                 ahead = self._readahead(ino, offset + size)
                 neighbours = self._pack_neighbours(refs + ahead) + self._dir_neighbours(ino)
+                if refs:
+                    self._last_pack = self.chunkmap.pack_number(refs[-1].pack)
                 with trio.fail_after(self.read_timeout):
                     datas = await self.source.get_many(refs, ahead, neighbours)
         except (ChunkUnavailable, trio.TooSlowError) as err:
@@ -367,6 +374,24 @@ class ImageFS:
                 break
         if out:
             self.dir_prefetches += 1
+        return out
+
+    def _stream_plan(self) -> list[ChunkLocation]:
+        """The image in pack order, from the pack of the latest read miss on (wrapping
+        around), up to ``stream`` stored bytes: where a start is reading now is what it
+        reads next; the rest is the full copy a node converges to."""
+        packs = sorted(self.chunkmap.by_pack().items())
+        first = next((i for i, (n, _p) in enumerate(packs) if n == self._last_pack), 0)
+        out: list[ChunkLocation] = []
+        budget = self.stream
+        for _n, (_offs, idxs) in packs[first:] + packs[:first]:
+            for idx in idxs:
+                ref = self._ref(idx)
+                if not self.source.has(ref.digest):
+                    out.append(ref)
+                    budget -= ref.stored_len
+                if budget <= 0:
+                    return out
         return out
 
     def _readahead(self, ino: int, end: int) -> list[ChunkLocation]:
