@@ -25,11 +25,14 @@ create to the next candidate, ``attempts`` times at most.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import heapq
 import random
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 from sandbox.cluster.etcd import Compare, Etcd, Op, prefix_end
@@ -67,6 +70,8 @@ class Scheduler:
         self.policy = policy
         self.sample = sample
         self.conflicts = 0  # reservations lost to another front's
+        self._known: dict[str, int] = {}  # node -> revision up to which its reservations are all known here
+        self._booking: dict[str, asyncio.Lock] = {}  # node -> held while our reservation txn on it is out
 
     def size_of(self, template: str) -> tuple[int, int] | None:
         """(vCPUs, MiB) of a template, as any node that knows it says."""
@@ -80,22 +85,45 @@ class Scheduler:
         res_cpus, res_mb = self.view.reserved_on(node.name)
         return node.vcpus - node.used_vcpus - res_cpus, node.memory_mb - node.used_mb - res_mb
 
-    def rank(self, template: str, cpus: int, memory_mb: int, exclude: set[str] = frozenset()) -> list[NodeInfo]:  # type: ignore[assignment]
-        """The nodes that can take this create, best first."""
-        nodes = [n for name, n in self.view.nodes.items() if name not in exclude and template in n.templates]
+    def rank(self, template: str, cpus: int, memory_mb: int, exclude: set[str] = frozenset(),  # type: ignore[assignment]
+             limit: int = 0) -> list[NodeInfo]:
+        """The nodes that can take this create, best first (only the best ``limit`` when > 0).
+
+        This is a front's hot spot at 1,000 nodes (tools/bench/cluster_sim.py, cProfile: 13.3 of
+        16 s of placing), so it is one pass with no call per node.  Best-of-K samples K nodes
+        before filtering, O(K) per decision; when none of the K can take the create (a snapshot
+        lives on one node), every node is scored."""
+        nodes = self.view.nodes
         if self.sample and len(nodes) > self.sample:
-            nodes = random.sample(nodes, self.sample)
+            best = self._score(random.sample(list(nodes.values()), self.sample), template, cpus, memory_mb,
+                               exclude, limit)
+            if best:
+                return best
+        return self._score(nodes.values(), template, cpus, memory_mb, exclude, limit)
+
+    def _score(self, nodes: Any, template: str, cpus: int, memory_mb: int, exclude: set[str],
+               limit: int) -> list[NodeInfo]:
         sign = 1.0 if self.policy == "spread" else -1.0
+        reserved = self.view.reserved
         scored = []
         for n in nodes:
-            free_cpus, free_mb = self.free(n)
+            if template not in n.templates or n.name in exclude:
+                continue
+            free_cpus, free_mb = n.vcpus - n.used_vcpus, n.memory_mb - n.used_mb
+            held = reserved.get(n.name)
+            if held:
+                for r in held.values():
+                    free_cpus -= r.vcpus
+                    free_mb -= r.memory_mb
             if free_cpus < cpus or free_mb < memory_mb:
                 continue
             room = sign * (free_mb / n.memory_mb if n.memory_mb else 0.0)
             cached = int(n.cached.get(template, 0.0) * CACHED_STEPS) / CACHED_STEPS
             scored.append(((n.pools.get(template, 0) > 0, cached, room,
                             random.random()), n))
-        scored.sort(key=lambda s: s[0], reverse=True)
+        if limit:
+            return [n for _, n in heapq.nlargest(limit, scored, key=itemgetter(0))]
+        scored.sort(key=itemgetter(0), reverse=True)
         return [n for _, n in scored]
 
     async def reserve(self, node: NodeInfo, template: str, cpus: int, memory_mb: int) -> str | None:
@@ -104,18 +132,35 @@ class Scheduler:
         rid = secrets.token_hex(8)
         lay = self.layout
         mine = lay.reservations_of(node.name)
-        res = await self.etcd.txn(
-            [Compare.version(lay.node(node.name), ">", 0),
-             RangeCompare(mine, "MOD", "<", "mod_revision", self.view.revision + 1, prefix=mine)],
-            [Op.put(lay.reservation(node.name, rid), Reservation(node.name, template, cpus, memory_mb,
-                                                                 self.front).encode(), lease=self.lease())])
+        reservation = Reservation(node.name, template, cpus, memory_mb, self.front)
+        # Counted at once, before the watch brings it (before etcd has it, even): this front's
+        # concurrent decisions see it and pick another node.
+        held = self.view.reserved.setdefault(node.name, {})
+        held[rid] = reservation
+        # The node's reservations are all known here up to the view's revision, and up to our own
+        # last reservation on it (its compare proved that nothing came in between): our own are
+        # no conflict.  Measured at 1,000 nodes, 32 clients, one front: with the view's revision
+        # alone, 352 of 1,630 decisions conflicted with the front's own reservations.
+        # Two of our decisions on one node go one after the other, or the second would fail its
+        # compare on the first (best-of-16 at 1,000 nodes: 173 conflicts in 3,806 placements).
+        booking = self._booking.setdefault(node.name, asyncio.Lock())
+        try:
+            async with booking:
+                since = max(self.view.revision, self._known.get(node.name, 0))
+                res = await self.etcd.txn(
+                    [Compare.version(lay.node(node.name), ">", 0),
+                     RangeCompare(mine, "MOD", "<", "mod_revision", since + 1, prefix=mine)],
+                    [Op.put(lay.reservation(node.name, rid), reservation.encode(), lease=self.lease())])
+                if res.succeeded:
+                    self._known[node.name] = max(self._known.get(node.name, 0), res.revision)
+        except BaseException:
+            held.pop(rid, None)  # if it was applied after all, the watch brings it back
+            raise
         if not res.succeeded:
+            held.pop(rid, None)
             self.conflicts += 1
             await self.view.wait_revision(res.revision, timeout=1.0)
             return None
-        # Our own put, seen now rather than when the watch brings it: the next decision counts it.
-        self.view.reserved.setdefault(node.name, {})[rid] = Reservation(node.name, template, cpus, memory_mb,
-                                                                        self.front)
         return rid
 
     async def release(self, node: str, rid: str) -> None:

@@ -51,7 +51,9 @@ class ClusterView:
 
     # -- what the scheduler and the router read ------------------------------------
     def reserved_on(self, node: str) -> tuple[int, int]:
-        held = self.reserved.get(node) or {}
+        held = self.reserved.get(node)
+        if not held:  # most nodes, most of the time: no generator, no sums
+            return 0, 0
         return sum(r.vcpus for r in held.values()), sum(r.memory_mb for r in held.values())
 
     def node_of(self, sandbox_id: str) -> NodeInfo | None:

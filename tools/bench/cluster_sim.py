@@ -441,6 +441,7 @@ async def run_case(nodes: int, fronts: int, sample: int, seconds: float, clients
                 pids = {"front": [p.pid for p in front_procs], "etcd": [etcd_pid], "nodes": [sim.pid],
                         "clients": [os.getpid()]}
                 c0 = {k: sum(cpu_seconds(p) for p in v) for k, v in pids.items()}
+                load0 = os.getloadavg()[0]
                 load = await drive(apis, key, clients, seconds)
                 c1 = {k: sum(cpu_seconds(p) for p in v) for k, v in pids.items()}
                 e1 = await scrape(http, etcd_url)
@@ -485,6 +486,7 @@ async def run_case(nodes: int, fronts: int, sample: int, seconds: float, clients
         "nodes": nodes, "fronts": fronts, "sample": sample, "clients": clients, "seconds": round(elapsed, 1),
         "etcd_disk": "tmpfs (/dev/shm): no fsync cost" if tmpfs else disk_of(Path(tempfile.gettempdir())),
         "refresh": refresh, "lease_group": lease_group, "setup_s": round(setup_s, 1),
+        "loadavg_before_after": [round(load0, 1), round(os.getloadavg()[0], 1)],
         "registered_s": ready.get("registered_s"),
         "placements_per_s": round(placed / elapsed, 1), "placed": int(placed), "codes": load["codes"],
         "decision_p50_ms": fq("decision", "0.5"), "decision_p99_ms": fq("decision", "0.99"),
