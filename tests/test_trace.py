@@ -202,3 +202,38 @@ def test_bad_or_huge_traces_are_refused_and_merges_are_bounded() -> None:
     assert merge_traces([4, 2], [2, 9, 4, 1], lambda _i: 10) == [4, 2, 9, 1]
     assert merge_traces([4, 2], [9, 1], lambda _i: 10, max_bytes=30) == [4, 2, 9]
     assert merge_traces([], range(10), lambda _i: 1, max_chunks=3) == [0, 1, 2]
+
+
+def test_build_trace_cmd_publishes_a_trace_before_any_start(tmp_path: Path) -> None:
+    """``cubefs build --trace-cmd``: the command runs once in the freshly built image, and the
+    image's first start on a node already has a trace to prefetch."""
+    import shutil
+
+    src = tmp_path / "src"
+    for lib in ("/lib/x86_64-linux-gnu/libc.so.6", "/lib64/ld-linux-x86-64.so.2"):
+        (src / lib.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(os.path.realpath(lib), src / lib.lstrip("/"))
+    (src / "bin").mkdir()
+    shutil.copy2("/bin/dash", src / "bin/sh")
+    (src / "data").mkdir()
+    lines = b"".join(os.urandom(30).hex().encode() + b"\n" for _ in range(4000))
+    (src / "data/read-me").write_bytes(lines)
+    (src / "data/not-me").write_bytes(os.urandom(200_000))
+    store_dir = tmp_path / "store"
+    store = f"file://{store_dir}"
+    res = run_cubefs("build", str(src), "--tag", "sh:1", "--store", store, "--json",
+                     "--trace-cmd", "while read l; do :; done < /data/read-me")
+    image = json.loads(res.stdout)["image"]
+    assert "published a start-up trace" in res.stderr
+    traced = _stored_trace(store_dir, image)
+    assert traced
+    with mounted("sh:1", tmp_path / "mnt", store, tmp_path / "cache") as m:
+        stats = _wait_prefetched(m)
+        assert stats["tiers"]["prefetch"]["chunks"] == len(traced)
+        requests = stats["tiers"]["store"]["requests"]
+        assert (tmp_path / "mnt" / "data/read-me").read_bytes() == lines
+        assert m.stats()["tiers"]["store"]["requests"] == requests, "read-me came with the trace"
+    # A failing command is a clear error, and the image stays built.
+    bad = run_cubefs("build", str(src), "--tag", "sh:2", "--store", store, "--trace-cmd", "exit 3", check=False)
+    assert bad.returncode != 0 and "exited 3" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    run_cubefs("inspect", "sh:2", "--store", store)
