@@ -82,8 +82,12 @@ PARALLEL_DIROPS = 1 << 18
 MAX_PAGES = 1 << 22
 CACHE_SYMLINKS = 1 << 23
 NO_OPENDIR_SUPPORT = 1 << 24
+HANDLE_KILLPRIV_V2 = 1 << 28  # the server clears suid/sgid/caps on write, truncate, chown (7.33; no struct changes)
 # In fuse_init_in.flags2 (bit 32 and up of the 64 flags; 7.36+ kernels send it, whatever we answer).
 HAS_RESEND = 1 << 39  # Linux 6.9: the kernel takes NOTIFY_RESEND (see kernel.KernelSession.adopt)
+
+# fuse_write_in.write_flags
+WRITE_KILL_SUIDGID = 1 << 2  # with HANDLE_KILLPRIV_V2: the writer lacks CAP_FSETID
 
 # fuse_open_out.open_flags
 FOPEN_KEEP_CACHE = 1 << 1

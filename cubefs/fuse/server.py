@@ -52,6 +52,8 @@ WANTED_FLAGS = (
     p.ASYNC_READ | p.BIG_WRITES | p.DO_READDIRPLUS | p.READDIRPLUS_AUTO | p.PARALLEL_DIROPS | p.MAX_PAGES
     | p.CACHE_SYMLINKS
 )
+# And for a volume, which clears privileges itself (cubefs/volume/fs.py: _drop_privileges).
+WANTED_WRITABLE = WANTED_FLAGS | p.HANDLE_KILLPRIV_V2
 MAX_PAGES = 256  # reads and writes of up to 1 MiB per request
 MAX_WRITE = MAX_PAGES * 4096
 REQUEST_BUFFER = MAX_PAGES * 4096 + 4096  # what a transport must be able to receive
@@ -225,14 +227,15 @@ class FuseServer:
         self.kernel_flags = flags | (int.from_bytes(body[16:20], "little") << 32 if len(body) >= 20 else 0)
         self.no_open = bool(flags & p.NO_OPEN_SUPPORT)
         self.no_opendir = bool(flags & p.NO_OPENDIR_SUPPORT)
-        log.info("FUSE protocol 7.%d (kernel 7.%d), flags %#x", self.minor, minor, flags & WANTED_FLAGS)
+        wanted = WANTED_WRITABLE if self.writable else WANTED_FLAGS
+        log.info("FUSE protocol 7.%d (kernel 7.%d), flags %#x", self.minor, minor, flags & wanted)
         began = getattr(self.fs, "session_began", None)
         if began is not None:  # a new session: the kernel holds nothing of the filesystem yet
             began()
         # The kernel keeps the smaller of this and its device's read-ahead, which the
         # transport may have raised (see kernel.KernelSession): offer what we like.
         return p.reply(unique, p.INIT_OUT.pack(
-            p.KERNEL_MAJOR, self.minor, max(max_readahead, MAX_READAHEAD), flags & WANTED_FLAGS,
+            p.KERNEL_MAJOR, self.minor, max(max_readahead, MAX_READAHEAD), flags & wanted,
             64, 48, MAX_WRITE, 1, MAX_PAGES, 0, 0,
         ))
 
@@ -458,7 +461,7 @@ class FuseServer:
         (valid, _pad, _fh, size, _lo, atime, mtime, _ctime, atimensec, mtimensec, _ctimensec, mode, _u4, uid, gid,
          _u5) = p.SETATTR_IN.unpack_from(body)
         fields = {"size": size, "mode": mode, "uid": uid, "gid": gid, "atime_ns": atime * 10**9 + atimensec,
-                  "mtime_ns": mtime * 10**9 + mtimensec}
+                  "mtime_ns": mtime * 10**9 + mtimensec, "caller_uid": self.caller[0], "caller_gid": self.caller[1]}
 
         if self.fs.setattr_now(ino, valid, fields) is not None:
             return p.reply(unique, p.ATTR_OUT.pack(self.timeout, 0, 0) + self._attr(ino))
@@ -513,16 +516,18 @@ class FuseServer:
         return p.reply(unique)
 
     def _write(self, unique: int, ino: int, body: memoryview) -> Reply | Coroutine[Any, Any, Reply]:
-        _fh, offset, size, *_ = p.WRITE_IN.unpack_from(body)
+        _fh, offset, size, write_flags, *_ = p.WRITE_IN.unpack_from(body)
         data = body[p.WRITE_IN.size : p.WRITE_IN.size + size]
-        done = self.fs.write_now(ino, offset, data)
+        # The writer's group if it lacks CAP_FSETID (HANDLE_KILLPRIV_V2: see VolumeFS.write_now)
+        killer = self.caller[1] if write_flags & p.WRITE_KILL_SUIDGID else None
+        done = self.fs.write_now(ino, offset, data) if killer is None else self.fs.write_now(ino, offset, data, killer)
         if done is not None:
             return p.reply(unique, p.WRITE_OUT.pack(done, 0))
 
         kept = bytes(data)  # the request buffer is reused once we return
 
         async def work() -> bytes:
-            return p.WRITE_OUT.pack(await self.fs.write(ino, offset, kept), 0)
+            return p.WRITE_OUT.pack(await self.fs.write(ino, offset, kept, killer), 0)
 
         return self._later(unique, work())
 

@@ -261,7 +261,10 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
             return EXIT_OK
         if len(args.args) != 1:
             raise UsageError("usage: cubefs snapshot VOLUME [--name N] | cubefs snapshot rm VOLUME@SNAPSHOT")
+        from cubefs.volume.flush import flush_mounted
+
         t0 = time.perf_counter()
+        flush_mounted(index, args.args[0])  # what a mapped file holds dirty belongs in the snapshot
         s = index.snapshot(args.args[0], args.name)
         if args.sync:
             index.sync_all()

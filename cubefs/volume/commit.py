@@ -27,6 +27,7 @@ from cubefs.format.packs import ChunkLocation
 from cubefs.image.catalog import load_image
 from cubefs.node.private_mount import private_mount
 from cubefs.remote import store_session
+from cubefs.volume.flush import flush_mounted
 
 
 @dataclass
@@ -44,6 +45,7 @@ def commit(index: VolumeIndex, volume: str, snapshot: str | None, ref: str, stor
         if snapshot is not None:
             index.get_snapshot(txn, volume, snapshot)
     if snapshot is None:
+        flush_mounted(index, volume)  # see cubefs/volume/flush.py
         snapshot = index.snapshot(volume, time.strftime("commit-%Y%m%dT%H%M%S", time.gmtime())).name
     with index.read() as txn:
         chain = index.chain(txn, index.get_snapshot(txn, volume, snapshot).layer)

@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""Untar onto a mounted volume vs the native disk (issue 16, part 3): floor <= 5x.
+
+What one run does, as root: packs ``--source`` (default /usr/lib/python3.11)
+into a tar in a fresh work directory, creates an empty volume there, mounts
+it through the real CLI, and then ``--runs`` times, interleaved, untars it
+with GNU tar into a new directory of the native disk (the work directory's
+filesystem) and into a new directory of the volume, each after a ``sync`` so
+that neither pays for the other's writeback.  Neither side fsyncs, as tar
+does not: both measure what an untar waits for.  It reports the median of
+each, the ratio of the medians (the floor), and the FUSE requests the last
+volume untar made, by operation (``cubefs stats``), which is where its time
+goes: ~100 us of daemon and context switch per request.
+
+    sudo .venv/bin/python tools/bench/volume_untar.py --runs 5 --json-out untar.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+FLOOR = 5.0
+
+
+def cubefs(*args: str) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run([sys.executable, "-m", "cubefs", *args], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    if res.returncode != 0:
+        raise RuntimeError(f"cubefs {' '.join(args)} exited {res.returncode}: {res.stderr.strip()}")
+    return res
+
+
+def log(msg: str) -> None:
+    print(f"[volume_untar] {msg}", file=sys.stderr, flush=True)
+
+
+def untar(tar: Path, into: Path) -> float:
+    into.mkdir()
+    subprocess.run(["sync"], check=True)
+    t0 = time.perf_counter()
+    subprocess.run(["tar", "-C", str(into), "-xf", str(tar)], check=True)
+    return time.perf_counter() - t0
+
+
+def requests(mnt: Path) -> dict[str, int]:
+    return dict(json.loads(cubefs("stats", str(mnt), "--json").stdout)["requests"])
+
+
+def run(work: Path, source: Path, runs: int) -> dict[str, Any]:
+    tar = work / "source.tar"
+    with tarfile.open(tar, "w") as t:
+        t.add(source, arcname=source.name)
+    entries = sum(1 for _ in tarfile.open(tar))
+    voldir, mnt, native = work / "volumes", work / "mnt", work / "native"
+    mnt.mkdir()
+    native.mkdir()
+    cubefs("volume", "create", "untar", "--volume-dir", str(voldir))
+    cubefs("mount", "--volume", "untar", str(mnt), "--volume-dir", str(voldir), "--cache-dir", str(work / "cache"),
+           "--no-server")
+    times: dict[str, list[float]] = {"native": [], "volume": []}
+    spent: dict[str, int] = {}
+    try:
+        for i in range(runs):
+            times["native"].append(untar(tar, native / f"x{i}"))
+            before = requests(mnt)
+            times["volume"].append(untar(tar, mnt / f"x{i}"))
+            after = requests(mnt)
+            spent = {op: n - before.get(op, 0) for op, n in after.items() if n != before.get(op, 0)}
+            log(f"run {i + 1}: native {times['native'][-1]:.3f} s, volume {times['volume'][-1]:.3f} s, "
+                f"{sum(spent.values())} requests")
+        check = subprocess.run(["diff", "-r", "--no-dereference", str(native / "x0"), str(mnt / "x0")],
+                               capture_output=True, text=True)
+        if check.returncode != 0:
+            raise RuntimeError(f"the volume's copy differs: {check.stdout[:500]}{check.stderr[:500]}")
+    finally:
+        res = subprocess.run([sys.executable, "-m", "cubefs", "umount", str(mnt)], capture_output=True, text=True)
+        if res.returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"source": str(source), "entries": entries, "bytes": tar.stat().st_size, "runs": runs,
+            "seconds": times, "median_native_s": med["native"], "median_volume_s": med["volume"],
+            "ratio": med["volume"] / med["native"], "floor": FLOOR, "requests_last_run": dict(sorted(spent.items())),
+            "requests_per_entry": sum(spent.values()) / max(entries, 1)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--source", type=Path, default=Path("/usr/lib/python3.11"))
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--work", type=Path, default=None, help="work directory (default: a new one in /var/tmp)")
+    ap.add_argument("--json-out", type=Path, default=None)
+    args = ap.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="cubefs-untar-", dir="/var/tmp"))
+    try:
+        result = run(work, args.source, args.runs)
+    finally:
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    ok = result["ratio"] <= FLOOR
+    print(f"untar of {result['source']} ({result['entries']} entries, {result['bytes'] / 1e6:.1f} MB), "
+          f"median of {result['runs']}:")
+    print(f"  native {result['median_native_s']:.3f} s, volume {result['median_volume_s']:.3f} s: "
+          f"{result['ratio']:.2f}x (floor <= {FLOOR:g}x) {'ok' if ok else 'FAIL'}")
+    print(f"  requests (last run): {result['requests_per_entry']:.1f} per entry: {result['requests_last_run']}")
+    if args.json_out:
+        args.json_out.write_text(json.dumps(result, indent=1))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
