@@ -51,7 +51,7 @@ RECORD_SECONDS = 60.0
 # chunks every few ms while they run, so a second of quiet means the start is over.
 QUIET_SECONDS = 1.0
 ATTEMPTS = 5
-EXIT_TIMEOUT = 5.0  # the most an unmount waits for the last publish
+EXIT_TIMEOUT = 2.0  # the most an unmount waits for the last publish (a store that is down)
 
 
 async def publish_trace(store: Store, image_digest: str, nchunks: int, mine: list[int],
