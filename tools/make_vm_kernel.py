@@ -7,7 +7,8 @@ and Debian's python3.11 (``python3.11-minimal``, ``libpython3.11-minimal``,
 ``libpython3.11-stdlib`` for ``_ctypes``, and the shared libraries they link).
 The initramfs holds busybox, the modules a virtio-fs root needs (loaded in
 order: virtio_ring, virtio, virtio_mmio, the virtio-pci pieces, fuse, virtiofs,
-virtio_console), ``/init`` (vmm/guest_init.sh: loads them, brings ``lo`` up,
+virtio_console, and virtio_net with failover and net_failover for the NIC),
+``/init`` (vmm/guest_init.sh: loads them, brings ``lo`` up, configures the NIC,
 execs the agent), python3.11 with only the standard library modules the agent
 imports (found by importing the agent with that very interpreter at build time),
 and the agent (vmm/guest/), all byte-compiled (sourceless ``.pyc``, hash-based,
@@ -37,7 +38,7 @@ PYTHON_PACKAGES = ("python3.11-minimal", "libpython3.11-minimal", "libpython3.11
                    "libexpat1", "libffi8")
 GUEST = Path(__file__).resolve().parents[1] / "vmm"
 MODULES = ("virtio_ring", "virtio", "virtio_mmio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci",
-           "fuse", "virtiofs", "virtio_console")
+           "fuse", "virtiofs", "virtio_console", "failover", "net_failover", "virtio_net")
 
 
 def _kernel_package() -> str:

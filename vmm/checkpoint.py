@@ -42,7 +42,7 @@ from pathlib import Path
 from cubefs.errors import NotFoundError
 from vmm import memsnap
 from vmm.agent import Agent
-from vmm.machine import Machine, MachineSpec, Ram, VmError
+from vmm.machine import Machine, MachineSpec, Netdev, Ram, VmError
 from vmm.vm import Root, Template, Vm, VmInfo, machine_fingerprint
 
 RESTORE_AGENT_TIMEOUT = 30.0
@@ -152,7 +152,8 @@ def take(vm: Vm, dest: Path, at_instant: Callable[[], tuple[str | None, str | No
     return ck
 
 
-def restore(name: str, root: Root, ck: Checkpoint, hostname: str | None = None, freshen: bool = True) -> Vm:
+def restore(name: str, root: Root, ck: Checkpoint, hostname: str | None = None, freshen: bool = True,
+            netdev: Netdev | None = None) -> Vm:
     """A new VM ``name`` that continues from checkpoint ``ck`` with ``root`` (a volume that
     shows ``ck``'s snapshot) as its root: its processes, their memory and open files as they
     were.  It gets a new RNG state (vmgenid) and, with ``freshen``, its hostname, machine-id
@@ -186,7 +187,7 @@ def restore(name: str, root: Root, ck: Checkpoint, hostname: str | None = None, 
         ram = ck.ram()
         if ck.ram_offset:  # mapped, not loaded: its later checkpoints cannot be trimmed against a template
             vm.info["ram_file"] = str(ram.path)
-        machine = Machine(vm.dir, ck.spec, ram, fs_socket=str(vm.fs_socket), incoming=True)
+        machine = Machine(vm.dir, ck.spec, ram, fs_socket=str(vm.fs_socket), incoming=True, netdev=netdev)
         machine.start()
         vm.info["qemu_pid"] = machine.pid
         vm._save()

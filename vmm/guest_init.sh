@@ -17,9 +17,16 @@ mount -t devtmpfs dev /dev
 mkdir -p /dev/pts
 mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
 for m in virtio_ring virtio virtio_mmio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci fuse virtiofs \
-         virtio_console; do
+         virtio_console failover net_failover virtio_net; do
   insmod /lib/modules/$m.ko 2>/dev/null || echo "CUBEFS-ERROR cannot load module $m"
 done
 ip link set lo up
+# The NIC (every VM has one: vmm/machine.py): every guest has the same address, MAC and
+# gateway, saved into its template, so a clone or a restored snapshot needs no fix-up; the
+# sandbox network (sandbox/network/) gives each guest a namespace of its own behind it
+if ip link set eth0 up 2>/dev/null; then
+  ip addr add 169.254.0.21/30 dev eth0
+  ip route add default via 169.254.0.22 dev eth0
+fi
 export PYTHONHOME=/usr PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 exec /usr/bin/python3.11 -S -c 'from vmm.guest.agent import main; main()'

@@ -37,6 +37,10 @@ from vmm.qmp import Qmp
 FS_PORT = "fsport"
 FS_DEVICE = "rootfs-dev"
 FS_CHARDEV = "rootfs"
+# Every VM has one virtio-net NIC with this MAC, with or without a back-end: a template's and
+# its clones' devices must match, and a guest restored anywhere keeps the address it was
+# given (a sandbox network gives each guest the same MAC and IP inside a namespace of its own)
+NIC_MAC = "02:cf:00:00:00:01"
 
 
 class VmError(CubefsError):
@@ -71,17 +75,28 @@ class Ram:
     offset: int = 0
 
 
+@dataclass
+class Netdev:
+    """The NIC's back-end: QEMU ``-netdev`` options without the id (``tap,fd=7``), and the file
+    descriptors they name, which QEMU inherits.  Without one the NIC has no peer (a cable
+    unplugged): what a template is booted with, so that any clone may get any back-end."""
+
+    options: str
+    fds: tuple[int, ...] = ()
+
+
 class Machine:
     """A QEMU process with its sockets in ``vm_dir``."""
 
     def __init__(self, vm_dir: Path, spec: MachineSpec, ram: Ram, *, fs_socket: str | None = None,
-                 incoming: bool = False, cmdline: str = "") -> None:
+                 incoming: bool = False, cmdline: str = "", netdev: Netdev | None = None) -> None:
         self.dir = vm_dir
         self.spec = spec
         self.ram = ram
         self.fs_socket = fs_socket
         self.incoming = incoming
         self.cmdline = cmdline
+        self.netdev = netdev
         self.accel = pick_accel(spec.accel)
         self.proc: subprocess.Popen[bytes] | None = None
         self.pid = 0
@@ -135,7 +150,12 @@ class Machine:
             "-device", "virtio-serial-pci,id=serial0,max_ports=2",
             "-chardev", f"socket,id=agent,path={self.agent_path},server=on,wait=off",
             "-device", "virtserialport,chardev=agent,name=cubefs.agent",
+            # romfile=: no option ROM (a direct kernel boot never runs it)
+            "-device", f"virtio-net-pci,id=nic0,mac={NIC_MAC},romfile="
+            + (",netdev=net0" if self.netdev is not None else ""),
         ]
+        if self.netdev is not None:
+            argv += ["-netdev", f"{self.netdev.options},id=net0"]
         if self.fs_socket is not None:
             argv += ["-chardev", f"socket,id={FS_CHARDEV},path={self.fs_socket}",
                      "-device", f"vhost-user-fs-pci,chardev={FS_CHARDEV},tag=rootfs,id={FS_DEVICE},bus={FS_PORT}"]
@@ -147,7 +167,7 @@ class Machine:
         self.dir.mkdir(parents=True, exist_ok=True)
         log = open(self.dir / "qemu.log", "ab")
         self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                     start_new_session=True)
+                                     start_new_session=True, pass_fds=self.netdev.fds if self.netdev else ())
         log.close()
         self.pid = self.proc.pid
         (self.dir / "qemu.pid").write_text(f"{self.pid}\n")

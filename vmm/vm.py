@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 from cubefs.errors import CubefsError, NotFoundError, UsageError
 from cubefs.node import control
 from vmm.agent import Agent, AgentError, CommandResult
-from vmm.machine import Machine, MachineSpec, Ram, VmError, alive, kill_pid, wait_gone
+from vmm.machine import Machine, MachineSpec, Netdev, Ram, VmError, alive, kill_pid, wait_gone
 
 if TYPE_CHECKING:
     from cubefs.cow.index import VolumeIndex
@@ -319,10 +319,10 @@ class Vm:
     # -- life --------------------------------------------------------------------
     @classmethod
     def start(cls, name: str, root: Root, spec: MachineSpec, template: str | None = None,
-              writable: bool = False) -> Vm:
+              writable: bool = False, netdev: Netdev | None = None) -> Vm:
         """Boot (or restore from ``template``) a VM with ``root``, up to a mounted root;
         ``writable``: an image root gets a volume of its own (``vm-NAME``), removed with
-        the VM."""
+        the VM; ``netdev``: its NIC's back-end (none: no peer)."""
         vm = cls(name)
         if vm.dir.exists():
             if vm.alive:
@@ -345,9 +345,9 @@ class Vm:
                 vm._save()
             root.serve(vm.fs_socket)
             if tpl is None:
-                machine = Machine(vm.dir, spec, Ram(), fs_socket=str(vm.fs_socket))
+                machine = Machine(vm.dir, spec, Ram(), fs_socket=str(vm.fs_socket), netdev=netdev)
             else:
-                machine = Machine(vm.dir, spec, Ram(tpl.dir / "ram", shared=False), incoming=True)
+                machine = Machine(vm.dir, spec, Ram(tpl.dir / "ram", shared=False), incoming=True, netdev=netdev)
             machine.start()
             vm.info["qemu_pid"] = machine.pid
             vm._save()

@@ -1,0 +1,312 @@
+"""The node's sandbox networks: namespaces made ahead in a pool, handed to sandboxes, their
+egress policy set and changed, removed when the sandbox goes, and nothing left behind.
+
+A slot N is a namespace (``PREFIX``N), its veth pair (``cfhN`` in the node's namespace), its
+tap and its chain ``sN`` at the gateway.  Making one takes two ``ip`` processes and a few
+netlink calls, ~40 ms; a create takes a ready one (~1 ms: open its tap in a thread that
+entered the namespace), and a background thread makes the next.  A slot is never reused:
+a sandbox's namespace (its conntrack entries, its ARP cache) dies with it.
+
+What a restarted service must know is in ``STATE/network/ID.json`` (the slot and the
+policy, 0600); namespaces, veths and chains that no record names are removed at start.
+The namespace names carry a tag of the state directory, so two services on one machine
+(a test's and the node's) never touch each other's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import threading
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from cubefs.errors import CubefsError, NotFoundError
+from sandbox.config import private_dir, write_private
+from sandbox.network import gateway, netns
+from sandbox.network.flowlog import Flow, FlowLog
+from sandbox.network.nft import Nft, NftError, run_once
+from sandbox.network.policy import Policy
+from vmm.machine import Netdev
+
+log = logging.getLogger("cubefs.sandbox.network")
+
+DEFAULT_POOL = 4
+
+
+class Networks:
+    """The node's sandbox networks (one per service)."""
+
+    def __init__(self, state: Path, pool_size: int = DEFAULT_POOL) -> None:
+        self.dir = state / "network"
+        self.prefix = "cf" + hashlib.sha256(str(state.resolve()).encode()).hexdigest()[:6] + "-"
+        self.pool_size = pool_size
+        self.ready: list[int] = []
+        self.slots: dict[str, int] = {}  # sandbox -> slot
+        self.making: set[int] = set()
+        self.flows: Counter[tuple[str, str]] = Counter()  # (sandbox, verdict) -> connections
+        self.made = 0
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._stop = False
+        self._nft: Nft | None = None
+        self._filler: threading.Thread | None = None
+        self._flowlog: FlowLog | None = None
+
+    # -- life --------------------------------------------------------------------------
+    def start(self, sandboxes: set[str]) -> None:
+        """Set up the gateway, keep the networks of ``sandboxes`` (those with a record), remove
+        everything else of ours, start the pool."""
+        netns.write_sysctl("net.ipv4.ip_forward", "1")
+        self._nft = Nft()
+        self._nft.run(gateway.node_table())
+        private_dir(self.dir)
+        for path in sorted(self.dir.glob("*.json")):
+            sid = path.stem
+            try:
+                doc = json.loads(path.read_text())
+                slot = int(doc["slot"])
+            except (OSError, ValueError, KeyError, TypeError):
+                path.unlink(missing_ok=True)
+                continue
+            self.slots[sid] = slot
+            if sid not in sandboxes or not netns.exists(self.ns(slot)):
+                self.release(sid)
+                continue
+            policy = Policy.from_dict(doc["policy"]) if doc.get("policy") is not None else None
+            self._nft.run(gateway.sandbox_chain(slot, policy))
+        kept = set(self.slots.values())
+        for name in netns.names(self.prefix):
+            tail = name[len(self.prefix):]
+            if not tail.isdigit() or int(tail) not in kept:
+                log.info("network namespace %s: no sandbox has it: removed", name)
+                netns.remove(name)
+        for slot in self._chains():
+            if slot not in kept:
+                self._nft_quiet(gateway.remove_chain(slot))
+        try:
+            self._flowlog = FlowLog(gateway.LOG_GROUP, self._on_flow)
+        except OSError as err:
+            log.warning("sandbox connections are not logged: %s", err)
+        self._filler = threading.Thread(target=self._fill, name="netns pool", daemon=True)
+        self._filler.start()
+        log.info("sandbox networks: gateway table inet %s, %d in use, a pool of %d", gateway.TABLE,
+                 len(self.slots), self.pool_size)
+
+    def close(self) -> None:
+        """Stop the pool and remove its namespaces; sandboxes keep theirs (a restarted service
+        adopts them)."""
+        with self._lock:
+            self._stop = True
+            self._wake.notify_all()
+        if self._filler is not None:
+            self._filler.join(30)
+        with self._lock:
+            ready, self.ready = self.ready, []
+        for slot in ready:
+            self._remove(slot)
+        if self._flowlog is not None:
+            self._flowlog.close()
+        if self._nft is not None:
+            if not self.slots:  # no sandbox keeps a chain in it: the node is left as it was
+                self._nft_quiet(f"delete table inet {gateway.TABLE}")
+            self._nft.close()
+
+    # -- sandboxes ----------------------------------------------------------------------
+    def ns(self, slot: int) -> str:
+        return f"{self.prefix}{slot}"
+
+    def attach(self, sandbox_id: str) -> Netdev:
+        """A tap of the sandbox's namespace for its QEMU (given one from the pool first if it
+        has none; nothing goes out until ``set_policy``).  The caller closes the fd once QEMU
+        has started (``close_fds``)."""
+        with self._lock:
+            slot = self.slots.get(sandbox_id)
+            if slot is None and self.ready:
+                slot = self.ready.pop(0)
+                self.slots[sandbox_id] = slot
+            self._wake.notify_all()
+        if slot is None:  # the pool is empty: made now
+            slot = self._new_slot()
+            with self._lock:
+                self.slots[sandbox_id] = slot
+            try:
+                self._make(slot)
+            except BaseException:
+                with self._lock:
+                    self.slots.pop(sandbox_id, None)
+                raise
+        self._save(sandbox_id, slot, None, keep_policy=True)
+        fd = netns.in_netns(self.ns(slot), lambda: netns.open_tap("tap0"))
+        return Netdev(f"tap,fd={fd}", (fd,))
+
+    @staticmethod
+    def close_fds(netdev: Netdev | None) -> None:
+        for fd in netdev.fds if netdev is not None else ():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def set_policy(self, sandbox_id: str, policy: Policy) -> None:
+        """The sandbox's egress policy from now on (new connections; open ones go on)."""
+        slot = self.slots.get(sandbox_id)
+        if slot is None or self._nft is None:
+            raise NotFoundError(f"sandbox {sandbox_id!r} has no network")
+        self._nft.run(gateway.sandbox_chain(slot, policy))
+        self._save(sandbox_id, slot, policy)
+        log.info("sandbox %s: egress policy: internet %s, allow %s, deny %s", sandbox_id,
+                 "yes" if policy.internet else "no", policy.allow_out or "-", policy.deny_out or "-")
+
+    def policy(self, sandbox_id: str) -> Policy | None:
+        try:
+            doc = json.loads((self.dir / f"{sandbox_id}.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return Policy.from_dict(doc["policy"]) if doc.get("policy") is not None else None
+
+    def address(self, sandbox_id: str) -> str | None:
+        """The sandbox's own address on the node (its connections come from it)."""
+        slot = self.slots.get(sandbox_id)
+        return None if slot is None else gateway.addresses(slot)[1]
+
+    def release(self, sandbox_id: str) -> None:
+        """Remove the sandbox's network (nothing if it has none)."""
+        with self._lock:
+            slot = self.slots.pop(sandbox_id, None)
+        if slot is not None:
+            self._remove(slot)
+        (self.dir / f"{sandbox_id}.json").unlink(missing_ok=True)
+        for verdict in ("allowed", "refused"):
+            self.flows.pop((sandbox_id, verdict), None)
+
+    # -- the pool ----------------------------------------------------------------------
+    def _fill(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stop and len(self.ready) + len(self.making) >= self.pool_size:
+                    self._wake.wait(5)
+                if self._stop:
+                    return
+            slot = self._new_slot()
+            try:
+                self._make(slot)
+            except CubefsError as err:
+                log.warning("network pool: %s", err)
+                with self._lock:
+                    self.making.discard(slot)
+                    self._wake.wait(5)
+                continue
+            with self._lock:
+                self.making.discard(slot)
+                if self._stop:
+                    stop = True
+                else:
+                    stop = False
+                    self.ready.append(slot)
+            if stop:
+                self._remove(slot)
+
+    def _new_slot(self) -> int:
+        with self._lock:
+            used = set(self.slots.values()) | set(self.ready) | self.making
+            slot = next((s for s in range(self._next, gateway.MAX_SLOTS) if s not in used), None)
+            if slot is None:
+                slot = next((s for s in range(gateway.MAX_SLOTS) if s not in used), None)
+            if slot is None:
+                raise CubefsError(f"all {gateway.MAX_SLOTS} sandbox networks are in use")
+            self._next = (slot + 1) % gateway.MAX_SLOTS  # not reused soon: a late packet of the last owner
+            self.making.add(slot)
+            return slot
+
+    _next = 0
+
+    def _make(self, slot: int) -> None:
+        """Namespace, veth pair, tap, the namespace's rules, the gateway's chain (nothing out)."""
+        ns, veth = self.ns(slot), f"{gateway.NODE_VETH}{slot}"
+        node_end, own = gateway.addresses(slot)
+        try:
+            netns.ip(batch=f"netns add {ns}\nlink add {veth} type veth peer name veth0 netns {ns}\n"
+                           f"addr add {node_end}/30 dev {veth}\nlink set {veth} up\n")
+            netns.ip(netns=ns, batch=f"link set lo up\naddr add {own}/30 dev veth0\nlink set veth0 up\n"
+                                     f"route add default via {node_end}\n"
+                                     "tuntap add dev tap0 mode tap multi_queue vnet_hdr\n"
+                                     f"addr add {gateway.GATEWAY_IP}/30 dev tap0\nlink set tap0 up\n")
+
+            def inside() -> None:
+                netns.write_sysctl("net.ipv4.ip_forward", "1")
+                netns.write_sysctl("net.ipv6.conf.all.disable_ipv6", "1")
+                run_once(gateway.namespace_rules(slot))
+
+            netns.in_netns(ns, inside)
+            assert self._nft is not None
+            self._nft.run(gateway.sandbox_chain(slot, None))
+        except BaseException:
+            self._remove(slot)
+            raise
+        self.made += 1
+
+    def _remove(self, slot: int) -> None:
+        self._nft_quiet(gateway.remove_chain(slot))
+        try:
+            netns.remove(self.ns(slot))
+        except CubefsError as err:
+            log.warning("removing network namespace %s: %s", self.ns(slot), err)
+        if Path(f"/sys/class/net/{gateway.NODE_VETH}{slot}").exists():  # its namespace was never made
+            with contextlib.suppress(CubefsError):
+                netns.ip("link", "del", f"{gateway.NODE_VETH}{slot}")
+
+    def _nft_quiet(self, commands: str) -> None:
+        if self._nft is not None:
+            with contextlib.suppress(NftError):
+                self._nft.run(commands)
+
+    def _chains(self) -> list[int]:
+        assert self._nft is not None
+        out = self._nft.run(f"list table inet {gateway.TABLE}")
+        return [int(m) for m in re.findall(r"^\s*chain s(\d+) \{", out, re.M)]
+
+    def _save(self, sandbox_id: str, slot: int, policy: Policy | None, keep_policy: bool = False) -> None:
+        if keep_policy:
+            policy = self.policy(sandbox_id)
+        write_private(private_dir(self.dir) / f"{sandbox_id}.json",
+                      json.dumps({"slot": slot, "policy": policy.to_dict() if policy else None}) + "\n")
+
+    # -- connections --------------------------------------------------------------------
+    def _on_flow(self, flow: Flow) -> None:
+        slot, verdict, proto, dest, port = flow
+        sid = next((s for s, n in list(self.slots.items()) if n == slot), None)
+        if sid is None:
+            return
+        self.flows[(sid, verdict)] += 1
+        log.info("sandbox %s: connection %s %s:%d %s", sid, proto, dest, port, verdict)
+
+    def metrics(self) -> list[str]:
+        lines = ["# TYPE cubefs_sandbox_networks_ready gauge", f"cubefs_sandbox_networks_ready {len(self.ready)}",
+                 "# TYPE cubefs_sandbox_networks_in_use gauge", f"cubefs_sandbox_networks_in_use {len(self.slots)}",
+                 "# TYPE cubefs_sandbox_networks_made_total counter", f"cubefs_sandbox_networks_made_total {self.made}",
+                 "# TYPE cubefs_sandbox_egress_connections_total counter"]
+        totals: Counter[str] = Counter()
+        for (sid, verdict), n in sorted(self.flows.items()):
+            lines.append(f'cubefs_sandbox_egress_connections_total{{sandbox="{sid}",verdict="{verdict}"}} {n}')
+            totals[verdict] += n
+        lines.append("# TYPE cubefs_egress_connections_total counter")
+        lines += [f'cubefs_egress_connections_total{{verdict="{v}"}} {totals[v]}' for v in ("allowed", "refused")]
+        return lines
+
+    def info(self) -> dict[str, Any]:
+        return {"ready": len(self.ready), "in_use": len(self.slots)}
+
+
+@contextlib.contextmanager
+def nic(networks: Networks | None, sandbox_id: str) -> Any:
+    """The NIC back-end for a sandbox's QEMU while it starts (None without networks); its
+    file descriptor closed here afterwards (QEMU has its own copy by then)."""
+    netdev = networks.attach(sandbox_id) if networks is not None else None
+    try:
+        yield netdev
+    finally:
+        Networks.close_fds(netdev)
