@@ -97,9 +97,10 @@ def add_parsers(sub: Any, store_args: Any) -> None:
     q.add_argument("--advertise", default=None, metavar="HOST",
                    help="the address other nodes and fronts reach this node's API, proxy and peer port on "
                    "(default: the --api-listen host; required when that is 0.0.0.0)")
-    q.add_argument("--peer-listen", default=None, metavar="HOST:PORT",
-                   help="serve this node's disk cache to the cluster's other nodes here ('cubefs serve "
-                   "--listen'); their sandboxes' roots read chunks from it before the store")
+    q.add_argument("--peer", default=None, metavar="HOST:PORT",
+                   help="where the cluster reaches this node's peer chunk server (run 'cubefs serve --listen "
+                   "HOST:PORT' beside the service): the nodes' sandbox roots then read chunks from each "
+                   "other's disk caches before the store, each chunk fetched from the store once per cluster")
     q.add_argument("--lease-ttl", type=int, default=10, metavar="SECONDS",
                    help="with --etcd: a node silent this long is dead to the cluster, its sandboxes reported "
                    "gone (default 10)")
@@ -344,9 +345,9 @@ def _serve(args: argparse.Namespace) -> int:
         if args.lease_ttl < 2:
             raise UsageError("--lease-ttl must be 2 seconds or more")
         cluster = ClusterOptions(args.etcd, args.etcd_prefix, args.node or socket.gethostname(), args.advertise,
-                                 args.peer_listen, args.lease_ttl)
-    elif args.node or args.peer_listen:
-        raise UsageError("--node and --peer-listen belong to a cluster: give --etcd URL too")
+                                 args.peer, args.lease_ttl)
+    elif args.node or args.peer:
+        raise UsageError("--node and --peer belong to a cluster: give --etcd URL too")
     asyncio.run(serve(parse_listen(args.api_listen, 3000), parse_listen(args.proxy_listen, 3002), keys,
                       args.domain, Path(args.kernel) if args.kernel else None,
                       pool_size=args.pool_size,

@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +43,7 @@ class ClusterOptions:
     prefix: str
     node: str
     advertise: str | None = None
-    peer_listen: str | None = None
+    peer: str | None = None  # HOST:PORT of this node's peer chunk server ('cubefs serve --listen')
     lease_ttl: int = 10
 
 
@@ -60,10 +58,10 @@ async def serve(api_addr: tuple[str, int], proxy_addr: tuple[str, int], keys: Ap
 
         service.network = Networks(state_dir(), network_pool)
     await service.start()
-    member = peer_server = None
+    member = None
     try:
         if cluster is not None:
-            member, peer_server = await _join(service, cluster, api_addr, proxy_addr)
+            member = await _join(service, cluster, api_addr, proxy_addr)
     except BaseException:
         await service.close()
         raise
@@ -91,15 +89,12 @@ async def serve(api_addr: tuple[str, int], proxy_addr: tuple[str, int], keys: Ap
         if member is not None:
             await member.close()
             await member.etcd.close()
-        if peer_server is not None:
-            peer_server.terminate()
-            await asyncio.to_thread(peer_server.wait)
         await service.close()
 
 
 async def _join(service: SandboxService, opts: ClusterOptions, api_addr: tuple[str, int],
-                proxy_addr: tuple[str, int]) -> tuple[Any, subprocess.Popen[bytes] | None]:
-    """Register this node in the cluster's etcd; with --peer-listen, start its peer chunk server."""
+                proxy_addr: tuple[str, int]) -> Any:
+    """Register this node in the cluster's etcd (a NodeMember)."""
     from sandbox.cluster.etcd import Etcd, EtcdError
     from sandbox.cluster.keys import Layout, NodeInfo, check_node_name
     from sandbox.cluster.member import NodeMember, template_locality
@@ -109,26 +104,14 @@ async def _join(service: SandboxService, opts: ClusterOptions, api_addr: tuple[s
     if host in ("0.0.0.0", "::", ""):
         raise UsageError("this node listens on every address: say which one the cluster reaches it on "
                          "(--advertise HOST)")
-    peer = ""
-    peer_server = None
-    if opts.peer_listen:
-        peer_host, peer_port = parse_listen(opts.peer_listen, 3010)
-        peer = f"{opts.advertise or peer_host}:{peer_port}"
-        # Its own process ('cubefs serve --listen'): the peer server runs threads and a loop, and is
-        # also the node's mount server, which must fork daemons from a process that has neither.
-        peer_server = subprocess.Popen([sys.executable, "-m", "cubefs", "serve", "--listen",
-                                        f"{peer_host}:{peer_port}"], stdin=subprocess.DEVNULL)
     etcd = Etcd.from_text(opts.etcd)
-    info = NodeInfo(opts.node, f"http://{host}:{api_addr[1]}", f"http://{host}:{proxy_addr[1]}", peer,
+    info = NodeInfo(opts.node, f"http://{host}:{api_addr[1]}", f"http://{host}:{proxy_addr[1]}", opts.peer or "",
                     started=time.time(), version=__version__)
     member = NodeMember(service, etcd, Layout(opts.prefix), info, opts.lease_ttl, locality=template_locality)
     try:
         await member.start()
     except EtcdError as err:
         await etcd.close()
-        if peer_server is not None:
-            peer_server.terminate()
-            peer_server.wait()
         raise UsageError(f"cannot join the cluster at {opts.etcd}: {err}") from None
-    service.peers_file = str(member.peers_file) if peer else None
-    return member, peer_server
+    service.peers_file = str(member.peers_file) if opts.peer else None
+    return member

@@ -42,7 +42,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -92,6 +92,8 @@ class Root:
     # A volume root served by the node's root host for its image (cubefs.node.roots), with every
     # other shared root over that image: ~22 MB less host memory per VM than a daemon of its own.
     shared: bool = False
+    # In a cluster: the node's list of peer chunk servers, followed as it changes (cubefs mount --peers-file).
+    peers_file: str | None = None
 
     @property
     def read_only(self) -> bool:
@@ -104,7 +106,7 @@ class Root:
     def args(self, *flags: str) -> list[str]:
         """The cubefs options for this root among ``flags``."""
         values = {"--store": self.store, "--s3-endpoint": self.s3_endpoint, "--cache-dir": self.cache_dir,
-                  "--volume-dir": self.volume_dir}
+                  "--volume-dir": self.volume_dir, "--peers-file": self.peers_file}
         return [a for f in flags if values[f] for a in (f, str(values[f]))]
 
     def serve(self, socket_path: Path) -> None:
@@ -115,7 +117,8 @@ class Root:
 
         target = ["--volume", self.volume] if self.volume else [str(self.image)]
         argv = [*target, str(socket_path), "--transport", "virtiofs",
-                *self.args("--store", "--s3-endpoint", "--cache-dir", *(["--volume-dir"] if self.volume else [])),
+                *self.args("--store", "--s3-endpoint", "--cache-dir", "--peers-file",
+                           *(["--volume-dir"] if self.volume else [])),
                 *(["--shared"] if self.shared and self.volume else [])]
         try:
             if mount_through_server(argv):
@@ -130,7 +133,7 @@ class Root:
     def own_volume(self, name: str) -> Root:
         """A new volume over this image (a copy-on-write clone of it, O(1)) as the root."""
         self.cubefs_volume("volume", "create", name, "--from", str(self.image), *self.args("--store", "--s3-endpoint"))
-        return Root(None, name, self.store, self.s3_endpoint, self.cache_dir, self.volume_dir, self.shared)
+        return replace(self, image=None, volume=name)
 
 
 def cubefs(*args: str) -> str:

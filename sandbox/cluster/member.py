@@ -78,6 +78,8 @@ class NodeMember:
         private_dir(state_dir())
         lost = await self._take_lease()
         await self._reconcile(lost)
+        kvs, _ = await self.etcd.range(self.layout.nodes)  # the peers before the first sandbox's root
+        self._write_peers({kv.key: NodeInfo.decode(kv.value).peer for kv in kvs})
         self.service.sandboxes.watchers.append(self.changed)
         self._tasks = [asyncio.create_task(self._flusher()), asyncio.create_task(self._keepalive()),
                        asyncio.create_task(self._follow_peers()), asyncio.create_task(self._refresher())]
