@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
 
-from sandbox.cluster.etcd import Compare, Etcd, Op, prefix_end
+from sandbox.cluster.etcd import Compare, Etcd, EtcdUnavailable, Op, prefix_end
 from sandbox.cluster.keys import Layout, NodeInfo, Reservation
 from sandbox.cluster.view import ClusterView
 
@@ -71,6 +71,7 @@ class Scheduler:
         self.sample = sample
         self.conflicts = 0  # reservations lost to another front's
         self._known: dict[str, int] = {}  # node -> revision up to which its reservations are all known here
+        self._cleanups: set[asyncio.Future[None]] = set()  # reservations of unknown fate, deleted when etcd is back
         self._booking: dict[str, asyncio.Lock] = {}  # node -> held while our reservation txn on it is out
 
     def size_of(self, template: str) -> tuple[int, int] | None:
@@ -153,6 +154,22 @@ class Scheduler:
                     [Op.put(lay.reservation(node.name, rid), reservation.encode(), lease=self.lease())])
                 if res.succeeded:
                     self._known[node.name] = max(self._known.get(node.name, 0), res.revision)
+        except EtcdUnavailable:
+            # A conditional txn cut off mid-way has an unknown outcome (etcd may have applied it):
+            # read it back; if it is there it is ours.  etcd gone altogether: the create fails
+            # (503), and the key, if it was written, is deleted once etcd answers again (our
+            # lease lives on with us: it would hold the node's room for ever).
+            key = lay.reservation(node.name, rid)
+            held.pop(rid, None)
+            try:
+                if await self.etcd.get(key) is not None:
+                    held[rid] = reservation
+                    return rid
+            except EtcdUnavailable:
+                task = asyncio.ensure_future(self._forget(key))
+                self._cleanups.add(task)
+                task.add_done_callback(self._cleanups.discard)
+            raise
         except BaseException:
             held.pop(rid, None)  # if it was applied after all, the watch brings it back
             raise
@@ -162,6 +179,14 @@ class Scheduler:
             await self.view.wait_revision(res.revision, timeout=1.0)
             return None
         return rid
+
+    async def _forget(self, key: str) -> None:
+        while True:
+            try:
+                await self.etcd.delete(key)
+                return
+            except EtcdUnavailable:
+                await asyncio.sleep(1.0)
 
     async def release(self, node: str, rid: str) -> None:
         held = self.view.reserved.get(node)
