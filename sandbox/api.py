@@ -117,12 +117,15 @@ def _publish(member: Any) -> Any:
     same transaction that publishes the sandbox it became."""
     @web.middleware
     async def publish(request: web.Request, handler: Handler) -> web.StreamResponse:
+        t0 = time.monotonic()
         response = await handler(request)
         if request.method != "GET" and response.status < 300:
             member.filled(request.headers.get(RESERVATION_HEADER))
             if not await member.settle():
                 log.warning("%s %s: answered before etcd had it (etcd does not answer)", request.method,
                             request.path)
+            # The node's own time (publishing included): what a front added is the rest.
+            response.headers["Server-Timing"] = f"node;dur={(time.monotonic() - t0) * 1000:.1f}"
         return response
     return publish
 

@@ -154,7 +154,7 @@ class SandboxTable(dict[str, "Sandbox"]):
 
     def __init__(self) -> None:
         super().__init__()
-        self.watchers: list[Callable[[str, bool], None]] = []
+        self.watchers: list[Callable[[str | None, bool], None]] = []
 
     def __setitem__(self, key: str, value: Sandbox) -> None:
         super().__setitem__(key, value)
@@ -168,6 +168,11 @@ class SandboxTable(dict[str, "Sandbox"]):
             for watcher in self.watchers:
                 watcher(key, False)
         return value
+
+    def touch(self) -> None:
+        """Something else the cluster sees changed: a pool filled, a pooled sandbox evicted."""
+        for watcher in self.watchers:
+            watcher(None, True)
 
 
 class Counters:
@@ -404,6 +409,7 @@ class SandboxService:
             sbx = max(pools, key=len).pop()
             self.capacity.release(sbx.id)
             self.counters.pool_evicted += 1
+            self.sandboxes.touch()
             log.info("pooled sandbox %s (template %s) evicted to make room", sbx.id, sbx.record.template)
             self._spawn(self._finish(sbx))
 
@@ -458,6 +464,7 @@ class SandboxService:
                 log.warning("pool of template %s: %s", template.name, err)
                 continue
             self.pools.setdefault(template.name, []).append(sbx)
+            self.sandboxes.touch()
             self.counters.pool_filled += 1
             log.info("pool of template %s: %d ready (sandbox %s)", template.name,
                      len(self.pools[template.name]), sbx.id)

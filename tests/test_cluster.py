@@ -108,14 +108,13 @@ def call(port: int, method: str, path: str, body: object = None, timeout: float 
                                  headers={"X-API-KEY": API_KEY, "Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
-            data = resp.read()
-            return resp.status, json.loads(data) if data else None
+            status, data = resp.status, resp.read()
     except urllib.error.HTTPError as err:
-        data = err.read()
-        try:
-            return err.code, json.loads(data) if data else None
-        except ValueError:
-            return err.code, data.decode(errors="replace")
+        status, data = err.code, err.read()
+    try:
+        return status, json.loads(data) if data else None
+    except ValueError:
+        return status, data.decode(errors="replace")  # /metrics
 
 
 class Cluster:
@@ -256,6 +255,35 @@ def test_the_sdk_through_a_front_creates_on_every_node_and_everything_routes(clu
             s.kill()
     for s in sandboxes:
         wait_for("routes removed", lambda s=s: cluster.route(s.sandbox_id) is None, 10)
+
+
+def node_record(cluster: Cluster, name: str) -> dict[str, Any]:
+    res = cluster.etcd.etcdctl("get", f"/cubefs/nodes/{name}", "--print-value-only")
+    return json.loads(res.stdout) if res.stdout.strip() else {}
+
+
+def test_a_ready_pool_draws_the_create(cluster: Cluster) -> None:
+    from e2b import Sandbox
+
+    n2 = cluster.node("n2")
+    plain = list(n2.args)
+    n2.stop()
+    n2.args = list(plain)
+    n2.args[plain.index("--pool-size") + 1] = "1"
+    n2.start()
+    try:
+        wait_for("n2 publishes its ready pool", lambda: node_record(cluster, "n2").get("pools", {}).get("base"), 120)
+        s = Sandbox.create(timeout=60)
+        try:
+            assert cluster.route(s.sandbox_id) == "n2"
+            metrics = call(n2.api_port, "GET", "/metrics")[1]
+            assert "cubefs_sandbox_from_pool_total 1" in metrics, metrics
+        finally:
+            s.kill()
+    finally:
+        n2.stop()
+        n2.args = plain
+        n2.start()
 
 
 def test_a_dead_node_is_reported_gone_gets_no_creates_and_reconciles_when_back(cluster: Cluster) -> None:

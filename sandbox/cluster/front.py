@@ -214,7 +214,7 @@ class Front:
             async with self.http.post(node.api + request.path_qs, data=raw, headers=headers) as res:
                 body = await res.read()
                 status = res.status
-                ctype = res.headers.get("Content-Type", "application/json").split(";")[0]
+                answer = {k: v for k, v in res.headers.items() if k.lower() not in fwd.HOP_BY_HOP}
         except (TimeoutError, aiohttp.ClientError) as err:
             self.stats.unreachable += 1
             log.warning("create on node %s: it does not answer (%s): next candidate", node.name, err)
@@ -231,7 +231,7 @@ class Front:
                 self.view.routes[doc["sandboxID"]] = Route(node.name, doc.get("templateID", ""))
         else:
             self.stats.failed += 1
-        return web.Response(status=status, body=body, content_type=ctype)
+        return web.Response(status=status, body=body, headers=answer)
 
     def _background(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)

@@ -100,8 +100,9 @@ class NodeMember:
             await asyncio.wait_for(self._flush(), 2.0)
 
     # -- what the service tells us -------------------------------------------------
-    def changed(self, sandbox_id: str, present: bool) -> None:
-        """Called by the service's sandbox table on every add and remove (on the loop)."""
+    def changed(self, sandbox_id: str | None, present: bool) -> None:
+        """Called by the service's sandbox table on every add and remove, and when a pool
+        changes (``sandbox_id`` None), on the loop."""
         self._generation += 1
         self._dirty.set()
 
