@@ -34,11 +34,16 @@ last 2,000) and the create latency seen by the client; reservation conflicts;
 CPU seconds of the front(s), etcd, the simulated nodes and the clients (from
 ``/proc``); etcd's committed proposals/s, watch events sent, WAL fsync time;
 and the memory of a front's view per node and per route (tracemalloc over
-``ClusterView._put`` of what etcd holds after the run).
+``ClusterView._put`` of what etcd holds after the run).  ``--peer-watchers W``:
+W of the simulated nodes also watch ``nodes/`` as a real node's peers file
+does (what that fan-out costs etcd per event; the default leaves it out, or
+5,000 watches from one process would measure this machine, not the design).
+Exits 2 with a message when etcd is not installed; 1 when a case failed.
 
     .venv/bin/python tools/bench/cluster_sim.py --nodes 1000 --seconds 20 [--json]
     .venv/bin/python tools/bench/cluster_sim.py --nodes 5000 --fronts 2 --sample 16
-    .venv/bin/python tools/bench/cluster_sim.py --cases all --seconds 12   # the table in docs/benchmarks.md
+    .venv/bin/python tools/bench/cluster_sim.py --cases all --seconds 12   # docs/benchmarks.md's table, ~4 min
+    .venv/bin/python tools/bench/cluster_sim.py --nodes 1000 --clients 0 --peer-watchers 100   # watch fan-out
     .venv/bin/python tools/bench/cluster_sim.py --nodes 1000 --profile /tmp/front.prof   # cProfile the front
 """
 
