@@ -206,16 +206,21 @@ class ChunkSource:
         refs: list[ChunkLocation],
         ahead: list[ChunkLocation] | None = None,
         background: list[ChunkLocation] | None = None,
+        decode: bool = False,
     ) -> list[bytes]:
         """The plaintext of every ref in ``refs``.  ``ahead`` refs are fetched
         opportunistically, merged into the same ranges; ``background`` refs in
-        ranges of their own, so a reader never waits for their bytes."""
+        ranges of their own, so a reader never waits for their bytes.  With
+        ``decode``, background refs are decoded and verified as they arrive (in a
+        worker thread), not staged: a trace's chunks will be read, and decoding
+        them on the other core before they are asked for turns its reads into
+        memory hits answered inline."""
         pinned: list[bytes] = []
         if any(r.base is not None for r in chain(refs, ahead or (), background or ())):
             ahead, background = self._deltas_apart(ahead or [], background or [])
             pinned = await self._pin_bases(refs)
         try:
-            return await self._get_many(refs, ahead, background)
+            return await self._get_many(refs, ahead, background, decode)
         finally:
             for d in pinned:
                 if d not in self._flights:
@@ -252,7 +257,8 @@ class ChunkSource:
         return [r.digest for r in todo]
 
     async def _get_many(
-        self, refs: list[ChunkLocation], ahead: list[ChunkLocation] | None, background: list[ChunkLocation] | None
+        self, refs: list[ChunkLocation], ahead: list[ChunkLocation] | None, background: list[ChunkLocation] | None,
+        decode: bool = False,
     ) -> list[bytes]:
         found: dict[bytes, bytes] = {}
         waits: dict[bytes, _Flight] = {}
@@ -286,6 +292,8 @@ class ChunkSource:
             if d in wanted:
                 flight.waited = True
                 waits[d] = flight
+            elif decode:
+                flight.waited = True  # decoded on arrival; nobody here waits for it
         if mine:
             await self._load(mine, wanted, {r.digest for r in background or ()})
         try:
@@ -394,10 +402,10 @@ class ChunkSource:
     async def _stream(self) -> None:
         refs = self._stream_plan()
         if refs:
-            await self.prefetch(refs, stats=self.stream_stats, what="streamed")
+            await self.prefetch(refs, stats=self.stream_stats, what="streamed", decode=False)
 
     async def prefetch(self, refs: list[ChunkLocation], window: int = 16 * 1024 * 1024,
-                       stats: dict[str, float] | None = None, what: str = "prefetched") -> None:
+                       stats: dict[str, float] | None = None, what: str = "prefetched", decode: bool = True) -> None:
         """Fetch ``refs`` in their order, in the background, a window of ranges at a
         time (so the first chunks of a trace arrive first), and stop when done.
         Chunks already cached or in flight are skipped; failures are left to the
@@ -413,7 +421,7 @@ class ChunkSource:
                 batch.append(refs[i])
                 size += refs[i].stored_len
                 i += 1
-            await self.get_many([], background=batch)
+            await self.get_many([], background=batch, decode=decode)
             for flight in [self._flights.get(r.digest) for r in batch]:
                 if flight is not None:
                     await flight.event.wait()
