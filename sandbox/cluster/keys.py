@@ -5,6 +5,9 @@ Everything lives under one prefix (``--etcd-prefix``, default ``/cubefs/``):
 ``nodes/NAME``                 a :class:`NodeInfo` (JSON), under the node's lease: a node whose
                                lease lapses disappears, and with it everything below that it owns
 ``sandboxes/ID``               a :class:`Route` (JSON): which node runs the sandbox; the node's lease
+``members/NAME``               the node's peer chunk server address (``""``: none), under its lease:
+                               written once per lease, so the nodes watching it (for their peers
+                               file) see nothing of the record updates every create makes
 ``reservations/NODE/RID``      a :class:`Reservation` (JSON): capacity a front has promised a create
                                that the node has not yet answered; the *front's* lease, so a front
                                killed mid-create leaks nothing beyond its lease time
@@ -97,9 +100,13 @@ class Layout:
         self.nodes = prefix + "nodes/"
         self.sandboxes = prefix + "sandboxes/"
         self.reservations = prefix + "reservations/"
+        self.members = prefix + "members/"
 
     def node(self, name: str) -> str:
         return self.nodes + name
+
+    def member(self, name: str) -> str:
+        return self.members + name
 
     def sandbox(self, sandbox_id: str) -> str:
         return self.sandboxes + sandbox_id

@@ -7,7 +7,8 @@ renews every third of its TTL:
   limits and what is held, templates and snapshots it can start, ready pool
   sandboxes, the fraction of each template's image in its disk cache, and its
   API, proxy and peer-cache addresses;
-* ``sandboxes/ID`` for every sandbox it runs, so every front can route to it.
+* ``sandboxes/ID`` for every sandbox it runs, so every front can route to it;
+* ``members/NAME``: its peer chunk server's address, written once per lease.
 
 Changes are written as they happen (a create, a kill, a pool fill) in one
 transaction per batch, which also deletes the reservations the new sandboxes
@@ -70,6 +71,8 @@ class NodeMember:
         self._written = 0  # the generation the last successful flush covered
         self._tasks: list[asyncio.Task[None]] = []
         self._peers: list[str] | None = None
+        self._record_written: tuple[bytes, int] = (b"", 0)  # the node record etcd has, under which lease
+        self._member_written = 0  # the lease members/NAME was written under
 
     # -- life ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -78,8 +81,8 @@ class NodeMember:
         private_dir(state_dir())
         lost = await self._take_lease()
         await self._reconcile(lost)
-        kvs, _ = await self.etcd.range(self.layout.nodes)  # the peers before the first sandbox's root
-        self._write_peers({kv.key: NodeInfo.decode(kv.value).peer for kv in kvs})
+        kvs, _ = await self.etcd.range(self.layout.members)  # the peers before the first sandbox's root
+        self._write_peers({kv.key: kv.value.decode() for kv in kvs})
         self.service.sandboxes.watchers.append(self.changed)
         self._tasks = [asyncio.create_task(self._flusher()), asyncio.create_task(self._keepalive()),
                        asyncio.create_task(self._follow_peers()), asyncio.create_task(self._refresher())]
@@ -179,6 +182,8 @@ class NodeMember:
                             self.info.name)
                 await self.service.kill(sid)
         self.published = {}
+        self._record_written = (b"", 0)
+        self._member_written = 0
         if stale:
             await self.etcd.txn([], [Op.delete(self.layout.sandbox(s)) for s in stale])
         await self._flush()
@@ -198,16 +203,26 @@ class NodeMember:
         generation = self._generation
         lay = self.layout
         want = {sid: Route(self.info.name, sbx.record.template) for sid, sbx in self.service.sandboxes.items()}
-        ops = [Op.put(lay.node(self.info.name), self.node_info().encode(), lease=self.lease)]
-        ops += [Op.put(lay.sandbox(sid), r.encode(), lease=self.lease) for sid, r in want.items()
+        record = self.node_info().encode()
+        lease = self.lease
+        # Only what changed: an unchanged record rewritten every 15 s by 10,000 nodes would be
+        # 667 writes/s for nothing (tools/bench/cluster_sim.py).
+        ops = [] if (record, lease) == self._record_written else [Op.put(lay.node(self.info.name), record,
+                                                                          lease=lease)]
+        if self._member_written != lease:
+            ops.append(Op.put(lay.member(self.info.name), self.info.peer, lease=lease))
+        ops += [Op.put(lay.sandbox(sid), r.encode(), lease=lease) for sid, r in want.items()
                 if self.published.get(sid) != r]
         ops += [Op.delete(lay.sandbox(sid)) for sid in self.published if sid not in want]
         consumed = list(self.consumed)
         ops += [Op.delete(lay.reservation(node, rid)) for node, rid in consumed]
-        await self.etcd.txn([], ops)
+        if ops:
+            await self.etcd.txn([], ops)
+            self.flushes += 1
         self.published = want
+        self._record_written = (record, lease)
+        self._member_written = lease
         del self.consumed[:len(consumed)]
-        self.flushes += 1
         async with self._flushed:
             self._written = max(self._written, generation)
             self._flushed.notify_all()
@@ -237,18 +252,20 @@ class NodeMember:
 
     # -- peers ----------------------------------------------------------------------
     async def _follow_peers(self) -> None:
-        """Keep ``STATE/peers`` listing every node's peer address."""
+        """Keep ``STATE/peers`` listing every node's peer address.  Nodes watch ``members/``
+        (written once per lease), not ``nodes/``: every record put would otherwise go to every
+        node — at 10,000 nodes and 100,000 creates a minute, ~23 M watch events/s."""
         revision = 0
         while True:
             try:
                 if revision == 0:
-                    kvs, revision = await self.etcd.range(self.layout.nodes)
-                    nodes = {kv.key: NodeInfo.decode(kv.value).peer for kv in kvs}
+                    kvs, revision = await self.etcd.range(self.layout.members)
+                    nodes = {kv.key: kv.value.decode() for kv in kvs}
                     self._write_peers(nodes)
-                async for events in self.etcd.watch(self.layout.nodes, revision + 1):
+                async for events in self.etcd.watch(self.layout.members, revision + 1):
                     for ev in events:
                         if ev.type == "PUT":
-                            nodes[ev.kv.key] = NodeInfo.decode(ev.kv.value).peer
+                            nodes[ev.kv.key] = ev.kv.value.decode()
                         else:
                             nodes.pop(ev.kv.key, None)
                         revision = ev.kv.mod_revision
