@@ -251,6 +251,48 @@ def test_a_sandbox_reaches_no_other_sandbox_nor_the_node_nor_metadata_nor_with_a
         b.kill()
 
 
+def test_snapshots_rollback_and_forks_keep_a_network_and_the_policy(world: World) -> None:
+    """Restored guests (a rollback in place, a fork, a create from a snapshot) keep the
+    address their template gave them: each has a network at once, no fix-up."""
+    from e2b import Sandbox
+
+    sbx = Sandbox.create(timeout=300, network={"deny_out": [f"{OTHER_HOST}/32"]})
+    made: list[Sandbox] = []
+    try:
+        snap = sbx.create_snapshot()
+        status, body, _ = world.node.api("POST", f"/sandboxes/{sbx.sandbox_id}/rollback",
+                                         {"snapshotID": snap.snapshot_id})
+        assert status == 200, body
+        assert fetch(sbx, WEB) == HELLO  # the same network and policy after a rollback
+        assert fetch(sbx, OTHER).startswith("FAILED")
+        made = sbx.fork(count=1, timeout=120)
+        child = made[0]
+        assert child.sandbox_id != sbx.sandbox_id
+        assert world.address(child.sandbox_id) != world.address(sbx.sandbox_id)
+        assert fetch(child, WEB) == HELLO  # a network of its own, its parent's policy
+        assert fetch(child, OTHER).startswith("FAILED")
+        made.append(Sandbox.create(template=snap.snapshot_id, timeout=120))  # a create's own policy: the default
+        assert fetch(made[-1], OTHER) == HELLO
+        Sandbox.delete_snapshot(snap.snapshot_id)
+    finally:
+        for s in [sbx, *made]:
+            s.kill()
+
+
+def test_a_restarted_service_keeps_its_sandboxes_networks_and_policies(world: World) -> None:
+    from e2b import Sandbox
+
+    sbx = Sandbox.create(timeout=300, allow_internet_access=False, network={"allow_out": [OTHER_HOST]})
+    try:
+        world.node.stop()
+        world.node.start()
+        sbx = Sandbox.connect(sbx.sandbox_id)
+        assert fetch(sbx, OTHER) == HELLO
+        assert fetch(sbx, WEB).startswith("FAILED")
+    finally:
+        sbx.kill()
+
+
 def test_killed_sandboxes_leave_no_namespace_veth_tap_or_chain(world: World) -> None:
     from e2b import Sandbox
 

@@ -32,6 +32,7 @@ NODE_VETH = "cfh"  # + slot: the node's end of a sandbox's veth pair
 SANDBOX_NET = ipaddress.IPv4Network("10.200.0.0/16")  # a /30 per slot: 16384 slots
 MAX_SLOTS = SANDBOX_NET.num_addresses // 4
 GUEST_IP, GATEWAY_IP = "169.254.0.21", "169.254.0.22"  # in every namespace, the same (guest_init.sh)
+GATEWAY_MAC = "02:cf:00:00:00:02"  # tap0's, in every namespace (the guest's is vmm.machine.NIC_MAC)
 REFUSED_ALWAYS = ("169.254.0.0/16", "127.0.0.0/8", "0.0.0.0/8", "224.0.0.0/3", str(SANDBOX_NET))
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from cubefs.errors import CubefsError, NotFoundError
-from sandbox.config import private_dir, write_private
+from sandbox.config import private_dir
 from sandbox.network import gateway, netns
 from sandbox.network.flowlog import Flow, FlowLog
 from sandbox.network.nft import Nft, NftError, run_once
@@ -48,6 +48,7 @@ class Networks:
         self.pool_size = pool_size
         self.ready: list[int] = []
         self.slots: dict[str, int] = {}  # sandbox -> slot
+        self.policies: dict[str, Policy | None] = {}  # sandbox -> its policy (None: not handed out)
         self.making: set[int] = set()
         self.flows: Counter[tuple[str, str]] = Counter()  # (sandbox, verdict) -> connections
         self.made = 0
@@ -66,6 +67,7 @@ class Networks:
         self._nft = Nft()
         self._nft.run(gateway.node_table())
         private_dir(self.dir)
+        chains = set(self._chains())
         for path in sorted(self.dir.glob("*.json")):
             sid = path.stem
             try:
@@ -79,14 +81,16 @@ class Networks:
                 self.release(sid)
                 continue
             policy = Policy.from_dict(doc["policy"]) if doc.get("policy") is not None else None
-            self._nft.run(gateway.sandbox_chain(slot, policy))
+            self.policies[sid] = policy
+            if slot not in chains:  # the kernel's chain is the truth while it is there (the record is not synced)
+                self._nft.run(gateway.sandbox_chain(slot, policy))
         kept = set(self.slots.values())
         for name in netns.names(self.prefix):
             tail = name[len(self.prefix):]
             if not tail.isdigit() or int(tail) not in kept:
                 log.info("network namespace %s: no sandbox has it: removed", name)
                 netns.remove(name)
-        for slot in self._chains():
+        for slot in chains:
             if slot not in kept:
                 self._nft_quiet(gateway.remove_chain(slot))
         try:
@@ -141,7 +145,7 @@ class Networks:
                 with self._lock:
                     self.slots.pop(sandbox_id, None)
                 raise
-        self._save(sandbox_id, slot, None, keep_policy=True)
+        self._save(sandbox_id, slot, self.policies.setdefault(sandbox_id, None))
         fd = netns.in_netns(self.ns(slot), lambda: netns.open_tap("tap0"))
         return Netdev(f"tap,fd={fd}", (fd,))
 
@@ -162,11 +166,7 @@ class Networks:
                  "yes" if policy.internet else "no", policy.allow_out or "-", policy.deny_out or "-")
 
     def policy(self, sandbox_id: str) -> Policy | None:
-        try:
-            doc = json.loads((self.dir / f"{sandbox_id}.json").read_text())
-        except (OSError, ValueError):
-            return None
-        return Policy.from_dict(doc["policy"]) if doc.get("policy") is not None else None
+        return self.policies.get(sandbox_id)
 
     def address(self, sandbox_id: str) -> str | None:
         """The sandbox's own address on the node (its connections come from it)."""
@@ -177,6 +177,7 @@ class Networks:
         """Remove the sandbox's network (nothing if it has none)."""
         with self._lock:
             slot = self.slots.pop(sandbox_id, None)
+            self.policies.pop(sandbox_id, None)
         if slot is not None:
             self._remove(slot)
         (self.dir / f"{sandbox_id}.json").unlink(missing_ok=True)
@@ -234,6 +235,9 @@ class Networks:
             netns.ip(netns=ns, batch=f"link set lo up\naddr add {own}/30 dev veth0\nlink set veth0 up\n"
                                      f"route add default via {node_end}\n"
                                      "tuntap add dev tap0 mode tap multi_queue vnet_hdr\n"
+                                     # the gateway's MAC is the same in every namespace too: a guest
+                                     # restored from a snapshot into another namespace keeps its ARP cache
+                                     f"link set tap0 address {gateway.GATEWAY_MAC}\n"
                                      f"addr add {gateway.GATEWAY_IP}/30 dev tap0\nlink set tap0 up\n")
 
             def inside() -> None:
@@ -269,11 +273,18 @@ class Networks:
         out = self._nft.run(f"list table inet {gateway.TABLE}")
         return [int(m) for m in re.findall(r"^\s*chain s(\d+) \{", out, re.M)]
 
-    def _save(self, sandbox_id: str, slot: int, policy: Policy | None, keep_policy: bool = False) -> None:
-        if keep_policy:
-            policy = self.policy(sandbox_id)
-        write_private(private_dir(self.dir) / f"{sandbox_id}.json",
-                      json.dumps({"slot": slot, "policy": policy.to_dict() if policy else None}) + "\n")
+    def _save(self, sandbox_id: str, slot: int, policy: Policy | None) -> None:
+        """The record, replaced atomically but not fsynced: an fsync here was most of a policy
+        change (~3-10 ms on this disk, on every create), and what it would protect is only
+        needed after a crash of the machine, which takes the sandboxes with it.  A restarted
+        service keeps the kernel's chain when there is one."""
+        self.policies[sandbox_id] = policy
+        path = self.dir / f"{sandbox_id}.json"
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps({"slot": slot, "policy": policy.to_dict() if policy else None}) + "\n")
+        os.replace(tmp, path)
 
     # -- connections --------------------------------------------------------------------
     def _on_flow(self, flow: Flow) -> None:

@@ -6,9 +6,10 @@ Everything runs in two network namespaces made here ("node" and "internet", join
 veth pair; the internet serves a file with Python's http.server); the machine's own
 interfaces and ruleset are not touched.
 
-* ``create_plain`` / ``create_net``: ``Sandbox.create()`` + ``commands.run("true")`` through
-  the stock SDK, from a warm pool of ``--pool`` sandboxes (refilled before each sample), the
-  service without ``--network`` and then with it, in the same run.
+* ``create_*`` / ``create_run_*``: ``Sandbox.create()`` (and + ``commands.run("true")``)
+  through the stock SDK, from a warm pool of ``--pool`` sandboxes, against two services
+  running side by side, one without ``--network`` (``plain``) and one with (``net``), their
+  creates interleaved, both pools full and the machine quiet before each sample.
 * ``download_tap`` / ``download_slirp``: the guest's own python3 reads ``--mb`` MiB from the
   internet's web server (timed in the guest); tap: a sandbox of the service with
   ``--network``; slirp: a VM of the same template with ``-netdev user`` (vmm, no service).
@@ -64,16 +65,18 @@ def pct(xs: list[float]) -> dict[str, float]:
 
 
 class Service:
-    def __init__(self, env: dict[str, str], log: Path, pool: int, extra: tuple[str, ...] = ()) -> None:
-        self.api, self.proxy = 43100 + os.getpid() % 900, 44100 + os.getpid() % 900
+    def __init__(self, env: dict[str, str], log: Path, pool: int, port: int, extra: tuple[str, ...] = ()) -> None:
+        self.api, self.proxy = port, port + 1
         self.proc = subprocess.Popen([sys.executable, "-m", "cubefs", "sandbox", "serve", "--api-listen",
                                       f"127.0.0.1:{self.api}", "--proxy-listen", f"127.0.0.1:{self.proxy}",
                                       "--pool-size", str(pool), *extra], env=env,
                                      stdout=open(log, "wb"), stderr=subprocess.STDOUT)
-        os.environ.update({"E2B_API_KEY": KEY, "E2B_API_URL": f"http://127.0.0.1:{self.api}",
-                           "E2B_SANDBOX_URL": f"http://127.0.0.1:{self.proxy}"})
         while self.health() is None:
             time.sleep(0.2)
+
+    def use(self) -> None:
+        os.environ.update({"E2B_API_KEY": KEY, "E2B_API_URL": f"http://127.0.0.1:{self.api}",
+                           "E2B_SANDBOX_URL": f"http://127.0.0.1:{self.proxy}"})
 
     def health(self) -> dict[str, Any] | None:
         try:
@@ -90,18 +93,28 @@ class Service:
         self.proc.wait(120)
 
 
-def creates(svc: Service, n: int, pool: int) -> list[float]:
+def creates(services: dict[str, Service], n: int, pool: int) -> dict[str, dict[str, list[float]]]:
+    """``n`` creates from each service, interleaved (which goes first alternates), every pool
+    full and the machine quiet before each: the two see the same load."""
     from e2b import Sandbox
 
-    out = []
-    for _ in range(n):
-        svc.wait_pool(pool)
-        time.sleep(0.3)  # the refill's last steps (pause) off the CPU
-        t0 = time.monotonic()
-        s = Sandbox.create(timeout=120)
-        s.commands.run("true")
-        out.append(time.monotonic() - t0)
-        s.kill()
+    out: dict[str, dict[str, list[float]]] = {k: {"create": [], "create_run": []} for k in services}
+    names = list(services)
+    for i in range(n):
+        for name in names if i % 2 == 0 else names[::-1]:
+            for svc in services.values():
+                svc.wait_pool(pool)
+            time.sleep(0.5)  # the refill's last steps (warm, pause) off the CPU
+            svc = services[name]
+            svc.use()
+            t0 = time.monotonic()
+            s = Sandbox.create(timeout=120)
+            t1 = time.monotonic()
+            s.commands.run("true")
+            t2 = time.monotonic()
+            out[name]["create"].append(t1 - t0)
+            out[name]["create_run"].append(t2 - t0)
+            s.kill()
     return out
 
 
@@ -146,27 +159,33 @@ ip -n {inet_ns} link set lo up; ip -n {inet_ns} addr add {INTERNET}/24 dev in0; 
     os.environ.update({k: v for k, v in env.items() if k.startswith("CUBEFS_")})
     out: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "mb": args.mb}
     url = f"http://{INTERNET}:{PORT}/big"
+    env_plain = env
     try:
         cubefs(env, "build", args.rootfs, "--tag", "bench:1")
         cubefs(env, "sandbox", "template", "create", "base", "--from", "bench:1")
-        svc = Service(env, tmp / "serve-plain.log", args.pool)
+        # the plain service: a state and volume directory of its own (its template's volume too)
+        env_plain = {**env, "CUBEFS_SANDBOX_DIR": str(tmp / "sandbox-plain"),
+                     "CUBEFS_VOLUME_DIR": str(tmp / "vol-plain")}
+        cubefs(env_plain, "sandbox", "template", "create", "base", "--from", "bench:1")
+        port = 43100 + os.getpid() % 900
+        plain = Service(env_plain, tmp / "serve-plain.log", args.pool, port)
+        net = Service(env, tmp / "serve-net.log", args.pool, port + 2, ("--network",))
         try:
-            out["create_plain"] = pct(creates(svc, args.creates, args.pool))
-        finally:
-            svc.stop()
-        print(json.dumps(out), file=sys.stderr, flush=True)
-        svc = Service(env, tmp / "serve-net.log", args.pool, ("--network",))
-        try:
-            out["create_net"] = pct(creates(svc, args.creates, args.pool))
+            got = creates({"plain": plain, "net": net}, args.creates, args.pool)
+            for name, series in got.items():
+                for kind, xs in series.items():
+                    out[f"{kind}_{name}"] = pct(xs)
             from e2b import Sandbox
 
+            net.use()
             s = Sandbox.create(timeout=300)
             runs = [mbps(s.commands.run(f"python3 -c {shlex.quote(READ)} {url}", timeout=300).stdout)
                     for _ in range(3)]
             out["download_tap_mbps"] = max(runs)
             s.kill()
         finally:
-            svc.stop()
+            plain.stop()
+            net.stop()
         print(json.dumps(out), file=sys.stderr, flush=True)
         from vmm.machine import Netdev
         from vmm.vm import Root, Vm
@@ -181,12 +200,15 @@ ip -n {inet_ns} link set lo up; ip -n {inet_ns} addr add {INTERNET}/24 dev in0; 
         finally:
             vm.destroy()
     finally:
-        subprocess.run([sys.executable, "-m", "cubefs", "vm", "rm", "--all"], env=env, capture_output=True)
+        for e in (env, env_plain):
+            subprocess.run([sys.executable, "-m", "cubefs", "vm", "rm", "--all"], env=e, capture_output=True)
         web.kill()
         subprocess.run(["ip", "netns", "del", node_ns], check=False)
         subprocess.run(["ip", "netns", "del", inet_ns], check=False)
         shutil.rmtree(tmp, ignore_errors=True)
-    out["create_net_minus_plain_p50_ms"] = round((out["create_net"]["p50"] - out["create_plain"]["p50"]) * 1000, 1)
+    for kind in ("create", "create_run"):
+        out[f"{kind}_net_minus_plain_p50_ms"] = round((out[f"{kind}_net"]["p50"] - out[f"{kind}_plain"]["p50"]) * 1000,
+                                                      1)
     print(json.dumps(out, indent=1))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(out, indent=1) + "\n")
