@@ -320,3 +320,54 @@ def test_untar_costs_few_requests_per_file(vol: tuple[Vol, Path], tmp_path: Path
         rel = f"src/d{i % 10}/f{i}"
         assert (mnt / "x" / rel).read_bytes() == (tmp_path / rel).read_bytes()
         assert stat.S_IMODE(os.stat(mnt / "x" / rel).st_mode) == (0o644 if i % 3 else 0o755)
+
+
+# -- a FORGET that fails ------------------------------------------------------------------
+
+
+def test_a_forget_that_cannot_drop_blocks_leaves_the_daemon_alive(tmp_path: Path, monkeypatch: Any) -> None:
+    """The last FORGET of an unlinked file drops its blocks in a transaction; on a full
+    disk that transaction fails (lmdb.DiskError), and it ended the daemon: a FORGET has
+    no reply to carry an error.  Now it is logged, and the blocks go at the next retry.
+    (Injected: a real full disk is in test_errno.py and test_volume_space.py.)"""
+    import time as _time
+
+    import lmdb
+
+    from cubefs.cow.index import Inode, VolumeIndex
+    from cubefs.fuse import protocol as p
+    from cubefs.fuse.server import FuseServer
+    from cubefs.image.fs import FsError
+    from cubefs.volume.fs import VolumeFS
+
+    index = VolumeIndex(str(tmp_path / "volumes"))
+    now = _time.time_ns()
+    index.create_volume("v", None, Inode(stat.S_IFDIR | 0o755, 0, 0, now, now, now, 0, 2), 2)
+    fs = VolumeFS(index, "v", None, "test")
+    server = FuseServer(fs)
+    unique = iter(range(1, 100))
+
+    def request(opcode: int, node: int, body: bytes) -> Any:
+        return server.handle(p.IN_HEADER.pack(p.IN_HEADER.size + len(body), opcode, next(unique), node, 0, 0, 1, 0, 0)
+                             + body)
+
+    request(p.INIT, 0, p.INIT_IN.pack(7, 31, 1 << 17, 0))
+    out = request(p.CREATE, 1, p.CREATE_IN.pack(os.O_RDWR | os.O_CREAT, 0o100644, 0, 0) + b"f\0")
+    ino = p.ENTRY_OUT.unpack_from(out, p.OUT_HEADER.size)[0]
+    request(p.WRITE, ino, p.WRITE_IN.pack(0, 0, 5, 0, 0, 0, 0) + b"hello")
+    assert p.OUT_HEADER.unpack_from(request(p.UNLINK, 1, b"f\0"))[1] == 0  # still held: blocks stay
+
+    def full(_ino: int) -> None:
+        raise lmdb.DiskError("mdb_txn_commit: No space left on device")
+
+    monkeypatch.setattr(fs, "_purge", full)
+    assert request(p.FORGET, ino, p.FORGET_IN.pack(1)) is None
+    assert fs.retry_purges() == 1
+    monkeypatch.undo()
+    assert request(p.GETATTR, 1, bytes(16))[:16] != b""  # the server still answers
+    assert fs.retry_purges() == 0
+    with pytest.raises(FsError) as gone:
+        fs.getattr(ino)
+    assert gone.value.errno == errno.ENOENT
+    fs.close()
+    index.close()

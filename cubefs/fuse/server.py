@@ -442,12 +442,21 @@ class FuseServer:
 
     def _forget(self, opcode: int, nodeid: int, body: memoryview) -> None:
         if opcode == p.FORGET:
-            self.fs.forget(nodeid, p.FORGET_IN.unpack_from(body)[0])
+            self._forget_one(nodeid, p.FORGET_IN.unpack_from(body)[0])
             return
         count, _ = p.BATCH_FORGET_IN.unpack_from(body)
         for i in range(count):
             ino, n = p.FORGET_ONE.unpack_from(body, p.BATCH_FORGET_IN.size + i * p.FORGET_ONE.size)
+            self._forget_one(ino, n)
+
+    def _forget_one(self, ino: int, n: int) -> None:
+        """A FORGET has no reply, so nothing may escape it: the last one of an unlinked
+        inode drops its blocks, a transaction that a full disk fails (lmdb.DiskError,
+        which ended the daemon and the mount with it), and the volume retries later."""
+        try:
             self.fs.forget(ino, n)
+        except Exception as err:
+            self._failed(err, f"FUSE forget of inode {ino}")
 
     async def _later(self, unique: int, work: Coroutine[Any, Any, bytes]) -> Reply:
         try:

@@ -115,6 +115,7 @@ class VolumeFS:
         self._plain: dict[int, bool] = {}  # no layer has blocks or a cut for this inode: reads go to the image
         self._locks: dict[int, trio.Lock] = {}
         self._lookups: dict[int, int] = {}  # kernel references (lookups minus forgets)
+        self._unpurged: set[int] = set()  # unlinked, forgotten, blocks not yet dropped (see retry_purges)
         self.dentries: set[tuple[int, bytes]] = set()  # names the kernel may cache, to invalidate on rollback
         # Unlinked-but-open inodes a previous daemon left are purged when a session begins
         # (session_began, import_refs), not here: a daemon started to take over a saved
@@ -126,6 +127,7 @@ class VolumeFS:
         no name is reachable by nobody, and its blocks go."""
         self._lookups.clear()
         self.dentries.clear()
+        self._unpurged.clear()  # every unlinked inode is an orphan now, purged here
         if self.writable:
             self._purge_orphans(set())
 
@@ -287,7 +289,33 @@ class VolumeFS:
         self._lookups.pop(ino, None)
         inode = self._inodes.get(ino)
         if inode is not None and inode.nlink == 0 and inode.mode:
+            try:
+                self._purge(ino)
+            except Exception:
+                self._unpurged.add(ino)  # a full disk: retried by retry_purges, else at the next session
+                raise
+
+    def _purge_or_later(self, ino: int) -> None:
+        """After a removal that is done (committed): its blocks now, or, if the disk is too
+        full for even that transaction, later -- the removal itself succeeded."""
+        try:
             self._purge(ino)
+        except (lmdb.Error, OSError) as err:
+            log.warning("%s: the blocks of removed inode %d stay until the disk has room: %s", self.label, ino, err)
+            self._unpurged.add(ino)
+
+    def retry_purges(self) -> int:
+        """Drop the blocks of unlinked inodes whose last FORGET could not (the disk was
+        full); returns how many are left."""
+        for ino in sorted(self._unpurged):
+            if not self._lookups.get(ino):  # looked up again meanwhile: its next FORGET purges it
+                try:
+                    self._purge(ino)
+                except (lmdb.Error, OSError) as err:
+                    log.debug("%s: inode %d still not purged: %s", self.label, ino, err)
+                    break
+            self._unpurged.discard(ino)
+        return len(self._unpurged)
 
     def _purge(self, ino: int) -> None:
         """An unlinked inode nobody holds any more: drop its blocks in the active layer."""
@@ -562,7 +590,7 @@ class VolumeFS:
             self._put(txn, vol.layer, parent, pdir)
         self._listings.pop(parent, None)
         if inode.nlink == 0 and not self._lookups.get(child):
-            self._purge(child)
+            self._purge_or_later(child)
 
     def rename(self, parent: int, name: bytes, newparent: int, newname: bytes, flags: int) -> None:
         if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
@@ -632,7 +660,7 @@ class VolumeFS:
         self._listings.pop(newparent, None)
         self.dentries.add((newparent, newname))
         if victim is not None and victim[1].nlink == 0 and not self._lookups.get(victim[0]):
-            self._purge(victim[0])
+            self._purge_or_later(victim[0])
 
     # -- attributes -------------------------------------------------------------------------
 
@@ -898,6 +926,8 @@ class VolumeFS:
         last = time.monotonic()
         while True:
             await trio.sleep(seconds)
+            if self._unpurged:
+                self.retry_purges()
             dirty = self.files.take_dirty()
             if dirty:
                 await trio.to_thread.run_sync(self._sync, dirty)
