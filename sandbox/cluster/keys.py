@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Self
 
 from cubefs.errors import UsageError
 
@@ -31,8 +31,23 @@ DEFAULT_PREFIX = "/cubefs/"
 RESERVATION_HEADER = "X-Cubefs-Reservation"  # front -> node: the reservation a create fills
 
 
+class Record:
+    """A value in etcd: compact JSON; fields a newer cubefs added are ignored, missing ones
+    (with defaults) filled, so nodes and fronts of two versions read each other's records."""
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()  # type: ignore[call-overload]
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Self:
+        doc: dict[str, Any] = json.loads(raw)
+        if not isinstance(doc, dict):
+            raise ValueError("not a JSON object")
+        return cls(**{k: v for k, v in doc.items() if k in cls.__dataclass_fields__})  # type: ignore[attr-defined]
+
+
 @dataclass
-class NodeInfo:
+class NodeInfo(Record):
     """What a node publishes about itself: enough to filter, score and reach it."""
 
     name: str
@@ -50,44 +65,20 @@ class NodeInfo:
     started: float = 0.0
     version: str = ""
 
-    def encode(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
-
-    @classmethod
-    def decode(cls, raw: bytes) -> NodeInfo:
-        doc = json.loads(raw)
-        return cls(**{k: v for k, v in doc.items() if k in cls.__dataclass_fields__})
-
 
 @dataclass
-class Route:
+class Route(Record):
     node: str
     template: str = ""
 
-    def encode(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
-
-    @classmethod
-    def decode(cls, raw: bytes) -> Route:
-        doc = json.loads(raw)
-        return cls(str(doc["node"]), str(doc.get("template", "")))
-
 
 @dataclass
-class Reservation:
+class Reservation(Record):
     node: str
     template: str
     vcpus: int
     memory_mb: int
     front: str = ""
-
-    def encode(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
-
-    @classmethod
-    def decode(cls, raw: bytes) -> Reservation:
-        doc: dict[str, Any] = json.loads(raw)
-        return cls(**{k: v for k, v in doc.items() if k in cls.__dataclass_fields__})
 
 
 class Layout:

@@ -169,7 +169,7 @@ class NodeMember:
         listed = set()
         stale = []
         for kv in kvs:
-            with contextlib.suppress(ValueError, KeyError):
+            with contextlib.suppress(ValueError, TypeError):
                 if Route.decode(kv.value).node == self.info.name:
                     sid = kv.key[len(self.layout.sandboxes):]
                     if sid in self.service.sandboxes:
