@@ -243,7 +243,10 @@ class Api:
 
     async def get(self, request: web.Request) -> web.Response:
         sbx = self.service.get(request.match_info["id"])
-        return web.json_response(sbx.detail(self.version, self.service.domain))
+        detail = sbx.detail(self.version, self.service.domain)
+        if (policy := self._policy(sbx.id)) is not None:  # SandboxDetail's optional network fields
+            detail |= {"allowInternetAccess": policy.internet, "network": policy.api()}
+        return web.json_response(detail)
 
     async def kill(self, request: web.Request) -> web.Response:
         if not await self.service.kill(request.match_info["id"]):

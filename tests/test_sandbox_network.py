@@ -183,7 +183,9 @@ def test_default_goes_out_no_internet_does_not_and_a_put_changes_it(world: World
         assert fetch(b, WEB).startswith("FAILED")
         assert ping(a, INTERNET) == "REPLY"
         assert ping(b, INTERNET) == "NOTHING"
+        assert b.get_info().allow_internet_access is False
         b.update_network({"allow_internet_access": True})  # PUT /sandboxes/{id}/network, while it runs
+        assert b.get_info().allow_internet_access is True
         assert fetch(b, WEB) == HELLO
         m = world.metrics()
         assert f'cubefs_sandbox_egress_connections_total{{sandbox="{a.sandbox_id}",verdict="allowed"}}' in m
@@ -205,6 +207,8 @@ def test_allow_and_deny_lists_and_the_cli(world: World) -> None:
         assert fetch(sbx, OTHER) == HELLO
         assert fetch(sbx, WEB).startswith("FAILED")
         sbx.update_network({"deny_out": [f"{OTHER_HOST}/32"]})  # replaces the whole policy
+        info = sbx.get_info().network
+        assert info is not None and info.get("deny_out") == [f"{OTHER_HOST}/32"] and not info.get("allow_out"), info
         assert fetch(sbx, WEB) == HELLO
         assert fetch(sbx, OTHER).startswith("FAILED")
         env = {**os.environ, "E2B_API_KEY": API_KEY}
