@@ -761,7 +761,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         pub = stats.get("trace_published") or {}
         print(f"  start-up trace: {stats['trace_recorded']} chunks recorded; "
               + (f"{int(pub.get('publishes', 0))} publishes, the image's trace names {int(pub['chunks'])} chunks"
-                 if pub else "nothing new published"))
+                 if pub else "nothing published by this mount"))
     return EXIT_OK
 
 
