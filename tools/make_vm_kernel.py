@@ -7,7 +7,8 @@ and Debian's python3.11 (``python3.11-minimal``, ``libpython3.11-minimal``,
 ``libpython3.11-stdlib`` for ``_ctypes``, and the shared libraries they link).
 The initramfs holds busybox, the modules a virtio-fs root needs (loaded in
 order: virtio_ring, virtio, virtio_mmio, the virtio-pci pieces, fuse, virtiofs,
-virtio_console, and virtio_net with failover and net_failover for the NIC),
+virtio_console, virtio_net with failover and net_failover for the NIC, and for a VM's
+disk virtio_blk, ext4 with crc16, mbcache, jbd2 and crc32c_generic, and overlay),
 ``/init`` (vmm/guest_init.sh: loads them, brings ``lo`` up, configures the NIC,
 execs the agent), python3.11 with only the standard library modules the agent
 imports (found by importing the agent with that very interpreter at build time),
@@ -38,7 +39,10 @@ PYTHON_PACKAGES = ("python3.11-minimal", "libpython3.11-minimal", "libpython3.11
                    "libexpat1", "libffi8")
 GUEST = Path(__file__).resolve().parents[1] / "vmm"
 MODULES = ("virtio_ring", "virtio", "virtio_mmio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci",
-           "fuse", "virtiofs", "virtio_console", "failover", "net_failover", "virtio_net")
+           "fuse", "virtiofs", "virtio_console", "failover", "net_failover", "virtio_net",
+           # a VM's disk (vmm/disk.py): the guest's root an overlay whose upper is an ext4 on /dev/vda;
+           # crc32c_generic before ext4 mounts (ext4 and jbd2 ask the crypto API for it; no modprobe)
+           "crc16", "mbcache", "jbd2", "crc32c_generic", "ext4", "virtio_blk", "overlay")
 
 
 def _kernel_package() -> str:

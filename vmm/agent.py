@@ -68,8 +68,8 @@ class Agent:
         self.close()
 
     # -- requests --------------------------------------------------------------------
-    def mount(self, read_only: bool) -> None:
-        self._run("MOUNT", self._c().mount(read_only))
+    def mount(self, read_only: bool, disk: bool = False) -> None:
+        self._run("MOUNT", self._c().mount(read_only, disk))
 
     def umount(self) -> None:
         self._run("UMOUNT", self._c().umount())

@@ -383,8 +383,9 @@ class AgentChannel:
     async def ping(self) -> None:
         await self._call("ping")
 
-    async def mount(self, read_only: bool) -> None:
-        await self._call("mount", read_only=read_only)
+    async def mount(self, read_only: bool, disk: bool = False) -> None:
+        """The root: virtio-fs, or with ``disk`` an overlay of it under an ext4 upper on /dev/vda."""
+        await self._call("mount", read_only=read_only, **({"disk": True} if disk else {}))
 
     async def umount(self) -> None:
         await self._call("umount")

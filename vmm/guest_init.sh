@@ -1,8 +1,8 @@
 #!/bin/busybox sh
 # /init of the cubefs guest initramfs (tools/make_vm_kernel.py builds it).
 #
-# Loads the virtio modules, brings up lo (open_tcp reaches guest-local ports over it),
-# mounts devpts (PTYs), and execs the guest agent: Debian's python3.11 from the
+# Loads the virtio modules (and virtio_blk, ext4, overlay: a VM's disk), brings up lo (open_tcp
+# reaches guest-local ports over it), mounts devpts (PTYs), and execs the guest agent: Debian's python3.11 from the
 # initramfs running vmm/guest/agent.py, which serves the host on the virtio-serial
 # port named "cubefs.agent" (docs/vm-agent.md is the protocol; vmm/channel.py and
 # vmm/agent.py the host side).  The agent lives in the initramfs, not in the root
@@ -17,7 +17,8 @@ mount -t devtmpfs dev /dev
 mkdir -p /dev/pts
 mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
 for m in virtio_ring virtio virtio_mmio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci fuse virtiofs \
-         virtio_console failover net_failover virtio_net; do
+         virtio_console failover net_failover virtio_net \
+         crc16 mbcache jbd2 crc32c_generic ext4 virtio_blk overlay; do
   insmod /lib/modules/$m.ko 2>/dev/null || echo "CUBEFS-ERROR cannot load module $m"
 done
 ip link set lo up

@@ -420,7 +420,7 @@ class Agent:
         self.stop_helpers()
         if not self.host_mode:
             try:
-                system.mount(bool(doc.get("read_only", True)))
+                system.mount(bool(doc.get("read_only", True)), bool(doc.get("disk", False)))
             except system.SystemError_ as err:
                 raise OpError("unavailable", str(err)) from None
         return {}

@@ -10,6 +10,10 @@ import subprocess
 import time
 
 NEWROOT = "/newroot"
+# a root on a disk (mount(disk=True)): the image, and the ext4 holding the upper and work directories
+LOWER = "/run/cubefs/lower"
+DISK = "/run/cubefs/disk"
+DISK_DEV = "/dev/vda"
 EXTRAS = (("proc", "proc", "proc"), ("sysfs", "sys", "sys"), ("devtmpfs", "dev", "dev"))
 
 
@@ -43,18 +47,59 @@ def _run(*argv: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True)
 
 
-def mount(read_only: bool) -> None:
+def mount(read_only: bool, disk: bool = False) -> None:
+    """The root at /newroot: the virtio-fs tag ``rootfs``; with ``disk``, an overlay whose lower
+    is that tag (read-only) and whose upper and work directories are on the ext4 on /dev/vda, so
+    what the guest writes goes to its block disk and the image stays as it was."""
     if NEWROOT not in mounts():
-        err = ""
-        for _ in range(100):  # a hot-added device takes a moment to probe
-            res = _run("mount", "-t", "virtiofs", "-o", "ro" if read_only else "rw", "rootfs", NEWROOT)
-            if res.returncode == 0:
-                break
-            err = res.stderr.strip()
-            time.sleep(0.1)
-        if NEWROOT not in mounts():
-            raise SystemError_(f"cannot mount the root (virtio-fs tag rootfs): {err}")
+        if disk:
+            _mount_overlay()
+        else:
+            _mount_virtiofs(NEWROOT, "ro" if read_only else "rw")
     extras()
+
+
+def _mount_virtiofs(at: str, mode: str) -> None:
+    err = ""
+    for _ in range(100):  # a hot-added device takes a moment to probe
+        res = _run("mount", "-t", "virtiofs", "-o", mode, "rootfs", at)
+        if res.returncode == 0:
+            break
+        err = res.stderr.strip()
+        time.sleep(0.1)
+    if at not in mounts():
+        raise SystemError_(f"cannot mount the root (virtio-fs tag rootfs): {err}")
+
+
+def _mount_overlay() -> None:
+    os.makedirs(LOWER, exist_ok=True)
+    os.makedirs(DISK, exist_ok=True)
+    done: list[str] = []
+    try:
+        if LOWER not in mounts():
+            _mount_virtiofs(LOWER, "ro")
+            done.append(LOWER)
+        if DISK not in mounts():
+            for _ in range(100):  # a hot-added disk takes a moment to probe too
+                if os.path.exists(DISK_DEV):
+                    break
+                time.sleep(0.1)
+            # noinit_itable: the disk was made with lazy_itable_init and reads as zeros where not
+            # written (a block volume), so the kernel has no inode tables to zero in the background
+            res = _run("mount", "-t", "ext4", "-o", "noinit_itable", DISK_DEV, DISK)
+            if res.returncode != 0:
+                raise SystemError_(f"cannot mount the disk ({DISK_DEV}, ext4): {res.stderr.strip()}")
+            done.append(DISK)
+        os.makedirs(f"{DISK}/upper", exist_ok=True)
+        os.makedirs(f"{DISK}/work", exist_ok=True)
+        res = _run("mount", "-t", "overlay", "-o", f"lowerdir={LOWER},upperdir={DISK}/upper,workdir={DISK}/work",
+                   "overlay", NEWROOT)
+        if res.returncode != 0:
+            raise SystemError_(f"cannot mount the overlay root: {res.stderr.strip()}")
+    except BaseException:
+        for m in reversed(done):
+            _run("umount", m)
+        raise
 
 
 def extras() -> None:
@@ -83,6 +128,9 @@ def umount() -> None:
     if res.returncode != 0:
         extras()
         raise SystemError_(f"umount {NEWROOT}: {res.stderr.strip() or 'busy'}")
+    for m in (DISK, LOWER):  # a root on a disk: what was under the overlay
+        if m in mounts():
+            _run("umount", m)
 
 
 def freshen(seed: bytes, hostname: str, machine_id: str, now: float | None = None) -> None:
