@@ -22,6 +22,12 @@ file open — even an unlinked one — keeps it across a restore.  A restore
 starts a new back-end on a volume that shows the snapshot (a clone of it, or
 the same volume rolled back) and a new QEMU that loads the checkpoint.
 
+**A VM's disk** (vmm/disk.py) is a block volume, snapshotted in the same pause:
+QEMU saves its vhost-user-blk device (the rings' indexes; the back-end answers
+each request before taking the next, so none is in flight once QEMU stopped
+the ring), and the restore serves the snapshot's volume on a new socket and
+has the device on QEMU's command line, so the loaded state finds it.
+
 **Identity.**  Every QEMU process gets a new ``vmgenid``, so a restored
 kernel reseeds its RNG by itself; the caller then gives the guest its
 hostname, machine-id and clock (``Agent.freshen``).
@@ -182,12 +188,13 @@ def restore(name: str, root: Root, ck: Checkpoint, hostname: str | None = None, 
         clock[0] = now
 
     try:
-        root.serve(vm.fs_socket)
+        root.serve(vm.fs_socket, vm.disk_socket)
         phase("backend")
         ram = ck.ram()
         if ck.ram_offset:  # mapped, not loaded: its later checkpoints cannot be trimmed against a template
             vm.info["ram_file"] = str(ram.path)
-        machine = Machine(vm.dir, ck.spec, ram, fs_socket=str(vm.fs_socket), incoming=True, netdev=netdev)
+        machine = Machine(vm.dir, ck.spec, ram, fs_socket=str(vm.fs_socket), incoming=True, netdev=netdev,
+                          blk_socket=str(vm.disk_socket) if root.disk else None)
         machine.start()
         vm.info["qemu_pid"] = machine.pid
         vm._save()

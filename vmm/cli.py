@@ -27,6 +27,7 @@ examples:
   cubefs vm run --template base debian:12 -- uname -a    # restore instead of booting
   cubefs volume create box --from debian:12
   cubefs vm start box1 --volume box --template base      # a VM that stays up
+  cubefs vm start box2 debian:12 --disk 4G --template base  # writes to a block disk (overlay root)
   cubefs vm exec box1 -- sh -c 'echo hi > /root/x'
   cubefs vm snapshot box1 --name s1                      # memory and disk: its processes are kept
   cubefs vm rollback box1 s1                             # they go on from s1, open files and all
@@ -54,6 +55,14 @@ def _root_args(p: argparse.ArgumentParser, store_args: Any) -> None:
     p.add_argument("--writable", action="store_true",
                    help="with an image: give the VM a volume of its own over it (vm-NAME, a copy-on-write clone "
                    "made in O(1)), read-write, removed with the VM")
+    p.add_argument("--disk", type=_disk_size, default=None, metavar="SIZE",
+                   help="with an image (--writable or not): give the VM a disk of SIZE (e.g. 4G) for its writes, "
+                   "a block volume vm-NAME holding an empty ext4 (an O(1) clone of one formatted once per size), "
+                   "removed with the VM; the root is the image under an overlay whose upper layer is on that disk "
+                   "(writes at disk speed; the image stays read-only)")
+    p.add_argument("--disk-volume", default=None, metavar="VOLUME",
+                   help="with an image: this block volume (another VM's disk, a clone of one of its snapshots) as "
+                   "the disk under the overlay root, kept when the VM goes")
     p.add_argument("--template", default=None, help="restore this template instead of booting")
     p.add_argument("--cache-dir", default=None, help="the root daemon's disk cache (default: cubefs mount's)")
     store_args(p)
@@ -180,12 +189,24 @@ def _env(args: argparse.Namespace) -> dict[str, str]:
     return key_values(args.env, "--env")
 
 
+def _disk_size(text: str) -> int:
+    from cubefs.humanize import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _root(args: argparse.Namespace) -> Any:
     from vmm.vm import Root
 
     if bool(args.image) == bool(args.volume):
         raise UsageError("give the root: NAME:TAG (an image, read-only) or --volume NAME (read-write)")
-    return Root(args.image, args.volume, args.store, args.s3_endpoint, args.cache_dir, args.volume_dir)
+    if args.disk_volume and (args.volume or args.disk is not None or args.writable):
+        raise UsageError("--disk-volume is the disk under an image's root: not with --volume, --disk or --writable")
+    return Root(args.image, args.volume, args.store, args.s3_endpoint, args.cache_dir, args.volume_dir,
+                disk=args.disk_volume)
 
 
 def _spec(args: argparse.Namespace) -> Any:
@@ -214,10 +235,10 @@ def cmd_vm(args: argparse.Namespace) -> int:
     action = args.vm_command
     if action == "run":
         res, machine = vm.run(_root(args), _command(args), _spec(args), args.template, timeout=args.timeout,
-                              env=_env(args), workdir=args.workdir, writable=args.writable)
+                              env=_env(args), workdir=args.workdir, writable=args.writable, disk=args.disk)
         return _print_result(res, args, {"start_seconds": machine.info.get("start_seconds")})
     if action == "start":
-        v = vm.Vm.start(args.name, _root(args), _spec(args), args.template, args.writable)
+        v = vm.Vm.start(args.name, _root(args), _spec(args), args.template, args.writable, disk=args.disk)
         if args.json:
             print(json.dumps(v.info, indent=1))
         else:

@@ -10,6 +10,11 @@
   that file *privately* (``share=off``): pages stay shared in the page cache
   until the clone writes them.  The backend then reaches the clone's RAM
   through QEMU's address space (vmm/guest_memory.py), not through the file.
+* **A VM's disk** (``blk_socket``): vhost-user-blk on a second empty root port
+  (``blkport``), at start for a cold boot, hot-plugged after a template's restore
+  as the root's device is; a checkpoint saves it (QEMU migrates vhost-user-blk;
+  our back-end answers every request before it takes the next, so a stopped
+  ring holds nothing in flight) and its restore has it on the command line.
 * **The agent channel** is a virtio-serial port named ``cubefs.agent`` on a unix
   socket QEMU serves; QMP on another.  Both sockets are in the VM's directory.
 * ``vmgenid`` gets a new generation ID in every QEMU process, which tells a
@@ -37,6 +42,11 @@ from vmm.qmp import Qmp
 FS_PORT = "fsport"
 FS_DEVICE = "rootfs-dev"
 FS_CHARDEV = "rootfs"
+# A VM's disk (vmm/disk.py): a vhost-user-blk device on a root port of its own, present in every
+# machine (empty until a disk is attached) so templates fit VMs with and without a disk
+BLK_PORT = "blkport"
+BLK_DEVICE = "disk-dev"
+BLK_CHARDEV = "disk"
 # Every VM has one virtio-net NIC with this MAC, with or without a back-end: a template's and
 # its clones' devices must match, and a guest restored anywhere keeps the address it was
 # given (a sandbox network gives each guest the same MAC and IP inside a namespace of its own)
@@ -89,8 +99,10 @@ class Machine:
     """A QEMU process with its sockets in ``vm_dir``."""
 
     def __init__(self, vm_dir: Path, spec: MachineSpec, ram: Ram, *, fs_socket: str | None = None,
-                 incoming: bool = False, cmdline: str = "", netdev: Netdev | None = None) -> None:
+                 incoming: bool = False, cmdline: str = "", netdev: Netdev | None = None,
+                 blk_socket: str | None = None) -> None:
         self.dir = vm_dir
+        self.blk_socket = blk_socket
         self.spec = spec
         self.ram = ram
         self.fs_socket = fs_socket
@@ -156,6 +168,12 @@ class Machine:
         ]
         if self.netdev is not None:
             argv += ["-netdev", f"{self.netdev.options},id=net0"]
+        # one queue: the back-end answers one request at a time (docs/design.md, block volumes)
+        argv += ["-device", f"pcie-root-port,id={BLK_PORT},chassis=2"]
+        if self.blk_socket is not None:
+            argv += ["-chardev", f"socket,id={BLK_CHARDEV},path={self.blk_socket}",
+                     "-device", f"vhost-user-blk-pci,num-queues=1,romfile=,chardev={BLK_CHARDEV},id={BLK_DEVICE},"
+                     f"bus={BLK_PORT}"]
         if self.fs_socket is not None:
             argv += ["-chardev", f"socket,id={FS_CHARDEV},path={self.fs_socket}",
                      "-device", f"vhost-user-fs-pci,chardev={FS_CHARDEV},tag=rootfs,id={FS_DEVICE},bus={FS_PORT}"]
@@ -202,6 +220,15 @@ class Machine:
         self.qmp.execute("device_add", driver="vhost-user-fs-pci", chardev=FS_CHARDEV, tag="rootfs", id=FS_DEVICE,
                          bus=FS_PORT)
         self.fs_socket = socket_path
+
+    def attach_blk(self, socket_path: str) -> None:
+        """Hot-plug the disk's vhost-user-blk device (after a template's restore)."""
+        self.qmp.execute("chardev-add", id=BLK_CHARDEV,
+                         backend={"type": "socket", "data": {"addr": {"type": "unix", "data": {"path": socket_path}},
+                                                             "server": False}})
+        self.qmp.execute("device_add", driver="vhost-user-blk-pci", chardev=BLK_CHARDEV, id=BLK_DEVICE, bus=BLK_PORT,
+                         romfile="", **{"num-queues": 1})
+        self.blk_socket = socket_path
 
     def detach_fs(self, timeout: float = 30.0) -> None:
         """Unplug it (the guest must have unmounted it); QEMU cannot migrate it."""

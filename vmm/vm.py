@@ -94,14 +94,24 @@ class Root:
     shared: bool = False
     # In a cluster: the node's list of peer chunk servers, followed as it changes (cubefs mount --peers-file).
     peers_file: str | None = None
+    # A block volume (vmm/disk.py) served over vhost-user-blk: the guest's root is then an overlay of
+    # the image (read-only, virtio-fs) under an ext4 on this disk, which takes every write.
+    disk: str | None = None
 
     @property
     def read_only(self) -> bool:
-        return self.volume is None
+        return self.volume is None and self.disk is None
+
+    @property
+    def writable_volume(self) -> str | None:
+        """The volume that takes the VM's writes (snapshots, rollbacks and forks are of it)."""
+        return self.volume or self.disk
 
     @property
     def label(self) -> str:
-        return f"volume {self.volume}" if self.volume else f"image {self.image}"
+        if self.volume:
+            return f"volume {self.volume}"
+        return f"image {self.image}" + (f" on disk {self.disk}" if self.disk else "")
 
     def args(self, *flags: str) -> list[str]:
         """The cubefs options for this root among ``flags``."""
@@ -109,23 +119,21 @@ class Root:
                   "--volume-dir": self.volume_dir, "--peers-file": self.peers_file}
         return [a for f in flags if values[f] for a in (f, str(values[f]))]
 
-    def serve(self, socket_path: Path) -> None:
-        """Start the cubefs daemon that serves this root on ``socket_path``: asked of the node's
-        mount server from this process when one runs (0.2 s -> ~0.05 s per VM start or restore),
-        else by a ``cubefs mount`` process, which starts that server."""
-        from cubefs.cli import mount_through_server
-
+    def serve(self, socket_path: Path, disk_socket: Path | None = None) -> None:
+        """Start the cubefs daemon that serves this root on ``socket_path`` (and its disk's on
+        ``disk_socket``): asked of the node's mount server from this process when one runs
+        (0.2 s -> ~0.05 s per VM start or restore), else by a ``cubefs mount`` process, which
+        starts that server."""
         target = ["--volume", self.volume] if self.volume else [str(self.image)]
-        argv = [*target, str(socket_path), "--transport", "virtiofs",
+        _mount([*target, str(socket_path), "--transport", "virtiofs",
                 *self.args("--store", "--s3-endpoint", "--cache-dir", "--peers-file",
                            *(["--volume-dir"] if self.volume else [])),
-                *(["--shared"] if self.shared and self.volume else [])]
-        try:
-            if mount_through_server(argv):
-                return
-        except CubefsError as err:
-            raise VmError(f"cubefs mount failed: {err}") from None
-        cubefs("mount", *argv)
+                *(["--shared"] if self.shared and self.volume else [])])
+        if self.disk:
+            if disk_socket is None:
+                raise VmError(f"root {self.label}: no socket for its disk")
+            _mount(["--volume", self.disk, str(disk_socket), "--transport", "vhost-user-blk",
+                    *self.args("--volume-dir", "--cache-dir")])
 
     def cubefs_volume(self, *args: str) -> str:
         return cubefs(*args, *self.args("--volume-dir"))
@@ -134,6 +142,32 @@ class Root:
         """A new volume over this image (a copy-on-write clone of it, O(1)) as the root."""
         self.cubefs_volume("volume", "create", name, "--from", str(self.image), *self.args("--store", "--s3-endpoint"))
         return replace(self, image=None, volume=name)
+
+    def own_disk(self, name: str, size: int) -> Root:
+        """A new block volume ``name`` of ``size`` bytes holding an empty ext4 (an O(1) clone of
+        the node's formatted one for that size: vmm/disk.py) as the disk under this image."""
+        from cubefs.cow.index import VolumeIndex
+        from cubefs.volume.cli import default_volume_dir
+        from vmm.disk import clone_formatted
+
+        index = VolumeIndex(os.path.abspath(self.volume_dir or default_volume_dir()))
+        try:
+            clone_formatted(index, name, size)
+            index.sync()
+        finally:
+            index.close()
+        return replace(self, disk=name)
+
+
+def _mount(argv: list[str]) -> None:
+    from cubefs.cli import mount_through_server
+
+    try:
+        if mount_through_server(argv):
+            return
+    except CubefsError as err:
+        raise VmError(f"cubefs mount failed: {err}") from None
+    cubefs("mount", *argv)
 
 
 def cubefs(*args: str) -> str:
@@ -302,6 +336,10 @@ class Vm:
     def fs_socket(self) -> Path:
         return self.dir / "fs.sock"
 
+    @property
+    def disk_socket(self) -> Path:
+        return self.dir / "disk.sock"
+
     def machine(self) -> Machine:
         m = Machine(self.dir, MachineSpec(Path(self.info.get("kernel_dir", default_kernel())),
                                           self.info["memory_mb"], 1, self.info["accel"]), Ram())
@@ -322,10 +360,18 @@ class Vm:
     # -- life --------------------------------------------------------------------
     @classmethod
     def start(cls, name: str, root: Root, spec: MachineSpec, template: str | None = None,
-              writable: bool = False, netdev: Netdev | None = None) -> Vm:
+              writable: bool = False, netdev: Netdev | None = None, disk: int | None = None) -> Vm:
         """Boot (or restore from ``template``) a VM with ``root``, up to a mounted root;
         ``writable``: an image root gets a volume of its own (``vm-NAME``), removed with
-        the VM; ``netdev``: its NIC's back-end (none: no peer)."""
+        the VM; ``disk``: instead, a block volume of that many bytes (``vm-NAME``, an empty
+        ext4, removed with the VM) under an overlay root on the image; ``netdev``: its NIC's
+        back-end (none: no peer)."""
+        if disk is not None and (not root.image or root.volume or root.disk):
+            raise UsageError("--disk gives an image's VM a disk for its writes: it goes with an image, not --volume")
+        if disk is not None:
+            from vmm.disk import check_size
+
+            check_size(disk)
         vm = cls(name)
         if vm.dir.exists():
             if vm.alive:
@@ -341,14 +387,21 @@ class Vm:
                       datetime.now(UTC).isoformat(timespec="seconds"), hostname=name, machine_id=machine_id)
         vm.info = asdict(info) | {"kernel_dir": str(spec.kernel_dir), "cpus": spec.cpus}
         try:
-            if writable and root.image:
+            if disk is not None:
+                root = root.own_disk(f"vm-{name}", disk)
+                vm.info["root"] = asdict(root)
+                vm.info["owns_volume"] = True
+                vm._save()
+            elif writable and root.image:
                 root = root.own_volume(f"vm-{name}")
                 vm.info["root"] = asdict(root)
                 vm.info["owns_volume"] = True
                 vm._save()
-            root.serve(vm.fs_socket)
+            root.serve(vm.fs_socket, vm.disk_socket)
+            disk_socket = str(vm.disk_socket) if root.disk else None
             if tpl is None:
-                machine = Machine(vm.dir, spec, Ram(), fs_socket=str(vm.fs_socket), netdev=netdev)
+                machine = Machine(vm.dir, spec, Ram(), fs_socket=str(vm.fs_socket), netdev=netdev,
+                                  blk_socket=disk_socket)
             else:
                 machine = Machine(vm.dir, spec, Ram(tpl.dir / "ram", shared=False), incoming=True, netdev=netdev)
             machine.start()
@@ -361,7 +414,9 @@ class Vm:
                 agent.freshen(name, machine_id)
                 if tpl is not None:
                     machine.attach_fs(str(vm.fs_socket))
-                agent.mount(root.read_only)
+                    if disk_socket:
+                        machine.attach_blk(disk_socket)
+                agent.mount(root.read_only, disk=bool(root.disk))
             vm.info["start_seconds"] = round(time.monotonic() - t0, 3)
             vm._save()
         except BaseException:
@@ -409,7 +464,7 @@ class Vm:
         self.halt()
         if self.info.get("owns_volume"):
             try:
-                self.root.cubefs_volume("volume", "rm", str(self.info["root"]["volume"]))
+                self.root.cubefs_volume("volume", "rm", str(self.root.writable_volume))
             except VmError as err:
                 log.warning("VM %s: its volume stays: %s", self.name, err)
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -422,18 +477,22 @@ class Vm:
         self._stop_root()
 
     def _stop_root(self) -> None:
-        """End the root's daemon (it ends by itself when QEMU goes) and wait until it
-        has: a volume is synced and unlocked only then.  A shared root's host serves other
+        """End the root's daemons (they end by themselves when QEMU goes) and wait until they
+        have: a volume is synced and unlocked only then.  A shared root's host serves other
         VMs: only this VM's mount ends (its host is never signalled)."""
+        for sock in (self.fs_socket, self.disk_socket):
+            self._stop_daemon(sock)
+
+    def _stop_daemon(self, sock: Path) -> None:
         try:
-            info = control.read_registry(str(self.fs_socket))
+            info = control.read_registry(str(sock))
             pid = int(info.get("pid", 0))
         except (CubefsError, OSError, ValueError):
             return
         if info.get("shared"):
             from cubefs.node.roots import end_shared_mount
 
-            end_shared_mount(str(self.fs_socket), info)
+            end_shared_mount(str(sock), info)
             return
         if pid and not wait_gone(pid, 2):
             try:
@@ -442,7 +501,7 @@ class Vm:
                 pass
             if not wait_gone(pid, 30):
                 kill_pid(pid)
-        control.remove_registry(str(self.fs_socket))
+        control.remove_registry(str(sock))
 
     # -- volumes -----------------------------------------------------------------
     def _require_volume(self, what: str) -> str:
@@ -453,10 +512,10 @@ class Vm:
         """The volume the VM's root is; a usage error for a VM on an image."""
         if not self.info:
             raise NotFoundError(f"no VM {self.name} (in {vm_root()}; 'cubefs vm ls')")
-        vol = self.info["root"].get("volume")
+        vol = self.info["root"].get("volume") or self.info["root"].get("disk")
         if not vol:
             raise UsageError(f"VM {self.name} runs on an image, read-only: {what} needs a VM on a volume "
-                             "('cubefs vm start NAME --volume V')")
+                             "('cubefs vm start NAME --volume V', or --disk SIZE)")
         return str(vol)
 
     def volume_index(self) -> VolumeIndex:
@@ -486,6 +545,10 @@ class Vm:
         the rollback, since virtio-fs cannot tell the guest to drop its caches; so a root in
         use (a process's working directory or open file in it) cannot be rolled back so."""
         vol = self._require_volume("a rollback")
+        if self.root.disk:
+            raise UsageError(f"VM {self.name} writes to a disk: its disk-only snapshots are rolled back with the VM "
+                             "stopped ('cubefs vm rm', then 'cubefs rollback'); a memory snapshot ('cubefs vm "
+                             "snapshot' without --disk-only) rolls back while it runs")
         with self.locked(), self.agent() as agent:
             try:
                 agent.umount()
@@ -508,10 +571,10 @@ class Vm:
 
 def run(root: Root, argv: list[str], spec: MachineSpec, template: str | None = None,
         timeout: float | None = None, env: dict[str, str] | None = None,
-        workdir: str | None = None, writable: bool = False) -> tuple[CommandResult, Vm]:
-    """``cubefs vm run``: a VM for one command, gone afterwards (its own volume too)."""
+        workdir: str | None = None, writable: bool = False, disk: int | None = None) -> tuple[CommandResult, Vm]:
+    """``cubefs vm run``: a VM for one command, gone afterwards (its own volume or disk too)."""
     name = check_name(f"run-{os.getpid()}-{uuid.uuid4().hex[:6]}", "VM")
-    vm = Vm.start(name, root, spec, template, writable)
+    vm = Vm.start(name, root, spec, template, writable, disk=disk)
     try:
         return vm.exec(argv, env=env, workdir=workdir, timeout=timeout), vm
     finally:

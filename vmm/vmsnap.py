@@ -252,7 +252,8 @@ def fork(vm: Vm, count: int, prefix: str | None = None) -> list[Vm]:
             ck = checkpoint.take(vm, dest, at_instant, shared=True)
             index.clone(vol, tag, names)
             for n in names:
-                child = checkpoint.restore(n, Root(**{**vm.info["root"], "volume": n}), ck)
+                which = "disk" if vm.root.disk else "volume"  # the clone takes the VM's writes
+                child = checkpoint.restore(n, Root(**{**vm.info["root"], which: n}), ck)
                 children.append(child)
                 child.info.update(owns_volume=True, forked_from=vm.name)
                 child.info.pop("checkpoint", None)  # removed below

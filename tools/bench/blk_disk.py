@@ -101,12 +101,13 @@ class DiskMachine(Machine):
 
     def __init__(self, *args: object, blk_socket: str, raw: str | None = None, **kw: object) -> None:
         super().__init__(*args, **kw)  # type: ignore[arg-type]
-        self.blk_socket = blk_socket
+        # not Machine's own blk_socket (a disk on its blkport): this disk sits on pcie.0, before the raw one
+        self.disk_socket = blk_socket
         self.raw = raw
 
     def argv(self) -> list[str]:
         argv = super().argv()
-        argv += ["-chardev", f"socket,id={BLK_CHARDEV},path={self.blk_socket}",
+        argv += ["-chardev", f"socket,id={BLK_CHARDEV},path={self.disk_socket}",
                  "-device", f"vhost-user-blk-pci,chardev={BLK_CHARDEV},num-queues=1,id=blk0dev"]
         if self.raw:
             argv += ["-drive", f"file={self.raw},if=none,id=rawdisk,format=raw,cache=writeback",
