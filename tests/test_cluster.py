@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from conftest import S3_ENV, S3Server, free_ports, run_cubefs
 from etcd_cluster import EtcdCluster
-from test_sandbox_service import API_KEY, Node
+from test_sandbox_service import API_KEY, Node, wait_up
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools" / "bench"))
@@ -77,15 +77,7 @@ class Front:
         log = open(self.log, "ab")
         self.proc = subprocess.Popen(self.argv, env={**os.environ, **self.env}, stdout=log, stderr=log,
                                      start_new_session=True)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{self.api_port}/health", timeout=2).read()
-                return
-            except OSError:
-                assert self.proc.poll() is None, self.log.read_text()[-3000:]
-                time.sleep(0.1)
-        raise AssertionError("the front did not come up: " + self.log.read_text()[-3000:])
+        wait_up(self.api_port, self.proc, self.log, "the front", 30)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -27,6 +27,19 @@ from make_vm_kernel import DEFAULT, make_kernel
 API_KEY = "e2b_" + "c0ffee" * 6 + "beef"  # e2b_ + hex: the 2.45 SDK checks the form
 
 
+def wait_up(port: int, proc: subprocess.Popen[bytes], log: Path, what: str, timeout: float = 60) -> None:
+    """Until ``GET /health`` on ``port`` answers; the log's tail if ``proc`` exits or it never does."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
+            return
+        except OSError:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.2)
+    raise AssertionError(f"{what} did not come up: " + log.read_text()[-3000:])
+
+
 class Node:
     def __init__(self, env: dict[str, str], api: int, proxy: int) -> None:
         self.env = env
@@ -48,15 +61,7 @@ class Node:
                                       f"127.0.0.1:{self.proxy_port}", *self.args],
                                      env={**os.environ, **S3_ENV, **self.env}, stdout=log, stderr=log,
                                      start_new_session=True)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{self.api_port}/health", timeout=2).read()
-                return
-            except OSError:
-                assert self.proc.poll() is None, self.log.read_text()[-3000:]
-                time.sleep(0.2)
-        raise AssertionError("the sandbox service did not come up: " + self.log.read_text()[-3000:])
+        wait_up(self.api_port, self.proc, self.log, "the sandbox service")
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is not None and self.proc.poll() is None:
