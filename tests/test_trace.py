@@ -237,3 +237,21 @@ def test_build_trace_cmd_publishes_a_trace_before_any_start(tmp_path: Path) -> N
     bad = run_cubefs("build", str(src), "--tag", "sh:2", "--store", store, "--trace-cmd", "exit 3", check=False)
     assert bad.returncode != 0 and "exited 3" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     run_cubefs("inspect", "sh:2", "--store", store)
+
+
+def test_a_store_that_refuses_the_trace_costs_a_log_line_not_reads(tmp_path: Path) -> None:
+    """A store the mount cannot write (here ``traces`` is a file, so every trace key
+    fails): reads go on, the failure is logged, the unmount is not held up."""
+    files = _tree(tmp_path / "src")
+    store_dir = tmp_path / "store"
+    run_cubefs("build", str(tmp_path / "src"), "--tag", "app:1", "--store", f"file://{store_dir}")
+    (store_dir / "traces").write_bytes(b"not a directory")
+    with mounted("app:1", tmp_path / "mnt", f"file://{store_dir}", tmp_path / "cache", "--readahead", "0") as m:
+        for rel in ("d0/f00", "d1/f01"):
+            assert (tmp_path / "mnt" / rel).read_bytes() == files[rel]
+        time.sleep(2)
+        assert m.stats()["read_errors"] == 0
+        t0 = time.monotonic()
+    assert time.monotonic() - t0 < 10
+    logs = "".join(p.read_text() for p in (tmp_path / "cache" / "logs").iterdir())
+    assert "publishing its trace failed" in logs

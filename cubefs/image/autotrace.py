@@ -51,6 +51,7 @@ RECORD_SECONDS = 60.0
 # chunks every few ms while they run, so a second of quiet means the start is over.
 QUIET_SECONDS = 1.0
 ATTEMPTS = 5
+MAX_FAILURES = 3
 EXIT_TIMEOUT = 2.0  # the most an unmount waits for the last publish (a store that is down)
 
 
@@ -107,6 +108,7 @@ class TracePublisher:
         self.quiet = quiet
         self.covered = set(known)  # chunks the stored trace names, as far as this mount knows
         self.published = 0  # PUTs made
+        self.failures = 0  # publishes that failed in a row (a read-only credential, a store that is down)
         self.last: dict[str, Any] = {}
 
     def _sizes(self) -> Callable[[int], int]:
@@ -145,21 +147,26 @@ class TracePublisher:
         return self._done(await self.loop.trio_run(self._publishing(mine)), mine, t0)
 
     async def run(self) -> None:
-        """Publish each time the recording goes quiet with something new; never fails the mount."""
-        while True:
+        """Publish each time the recording goes quiet with something new; never fails the mount.
+        After MAX_FAILURES failures in a row (a read-only credential) it stops trying."""
+        while self.failures < MAX_FAILURES:
             await trio.sleep(self.quiet / 2)
             if not self.pending() or time.monotonic() - self.fs.trace_last < self.quiet:
                 continue
             try:
                 await self.publish()
+                self.failures = 0
             except CubefsError as err:
-                log.warning("image %s: publishing its trace failed (%s); retrying later", self.label, err)
-                await trio.sleep(10 * self.quiet)
+                self.failures += 1
+                last = self.failures >= MAX_FAILURES
+                log.warning("image %s: publishing its trace failed (%s); %s", self.label, err,
+                            "giving up for this mount" if last else "retrying later")
+                await trio.sleep(10 * self.quiet * self.failures)
 
     def publish_at_exit(self) -> None:
         """The last publish, as the mount ends (blocking, bounded by EXIT_TIMEOUT)."""
         mine = self.pending()
-        if not mine:
+        if not mine or self.failures >= MAX_FAILURES:
             return
         t0 = time.monotonic()
         try:

@@ -18,6 +18,7 @@ from cubefs.errors import (
     FormatVersionError,
     NotFoundError,
     ObjectNotFoundError,
+    StoreError,
     StoreUnavailableError,
 )
 from cubefs.format.image import Image
@@ -65,6 +66,9 @@ async def load_for_mount(store: Store, manifest: Manifest) -> tuple[Image, Chunk
         try:
             return await store.get(trace_key(manifest.image))
         except ObjectNotFoundError:
+            return None
+        except StoreError as err:  # a trace only makes a start faster: never a failed mount
+            log.warning("image %s: ignoring its trace: %s", manifest.ref, err)
             return None
 
     (image, chunkmap), blob = await asyncio.gather(load_image(store, manifest), trace_blob())
