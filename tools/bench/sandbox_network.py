@@ -10,6 +10,8 @@ interfaces and ruleset are not touched.
   through the stock SDK, from a warm pool of ``--pool`` sandboxes, against two services
   running side by side, one without ``--network`` (``plain``) and one with (``net``), their
   creates interleaved, both pools full and the machine quiet before each sample.
+* ``policy_change_ms``: what a pooled create adds with a network (its policy set): the
+  median of ``PUT /sandboxes/ID/network`` minus that of ``GET /sandboxes/ID``, interleaved.
 * ``download_tap`` / ``download_slirp``: the guest's own python3 reads ``--mb`` MiB from the
   internet's web server (timed in the guest); tap: a sandbox of the service with
   ``--network``; slirp: a VM of the same template with ``-netdev user`` (vmm, no service).
@@ -118,6 +120,27 @@ def creates(services: dict[str, Service], n: int, pool: int) -> dict[str, dict[s
     return out
 
 
+def policy_cost(svc: Service, sandbox_id: str, n: int = 60) -> dict[str, Any]:
+    """The one step a pooled create adds with a network: setting the policy.  A PUT of the
+    default policy against a GET of the same sandbox, interleaved: the same HTTP round trip,
+    so the difference is the policy change (the nft transaction and the record)."""
+    def call(method: str, body: bytes | None) -> float:
+        req = urllib.request.Request(f"http://127.0.0.1:{svc.api}/sandboxes/{sandbox_id}" +
+                                     ("/network" if method == "PUT" else ""), data=body, method=method,
+                                     headers={"X-API-KEY": KEY, "Content-Type": "application/json"})
+        t0 = time.monotonic()
+        urllib.request.urlopen(req, timeout=30).read()
+        return time.monotonic() - t0
+
+    put, get = [], []
+    for _ in range(n):
+        get.append(call("GET", None))
+        put.append(call("PUT", b"{}"))
+    return {"put_network_ms_p50": round(statistics.median(put) * 1000, 2),
+            "get_sandbox_ms_p50": round(statistics.median(get) * 1000, 2),
+            "policy_change_ms": round((statistics.median(put) - statistics.median(get)) * 1000, 2)}
+
+
 def mbps(line: str) -> float:
     n, secs = line.split()
     return round(int(n) / float(secs) / 1e6, 1)
@@ -179,6 +202,7 @@ ip -n {inet_ns} link set lo up; ip -n {inet_ns} addr add {INTERNET}/24 dev in0; 
 
             net.use()
             s = Sandbox.create(timeout=300)
+            out.update(policy_cost(net, s.sandbox_id))
             runs = [mbps(s.commands.run(f"python3 -c {shlex.quote(READ)} {url}", timeout=300).stdout)
                     for _ in range(3)]
             out["download_tap_mbps"] = max(runs)
