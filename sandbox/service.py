@@ -36,7 +36,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -479,13 +479,18 @@ class SandboxService:
             index.clone(*(disk or (template.volume, templates.READY)), [record.volume])
         vm_template = templates.vm_template_for(template.cpus, template.memory_mb, self.kernel)
         with nic(self.network, record.sandbox_id) as netdev:
-            return vmm.Vm.start(record.vm, self._root(opts, record.volume), vm_template.spec,
+            return vmm.Vm.start(record.vm, self._root(opts, record.volume, template.name), vm_template.spec,
                                 template=vm_template.name, netdev=netdev)
 
-    def _root(self, opts: StoreOptions, volume: str) -> vmm.Root:
+    def _root(self, opts: StoreOptions, volume: str, template: str) -> vmm.Root:
         """A sandbox's root: its volume, served by the node's root host for the image, reading
-        through the cluster's peers when the node is in one."""
-        return replace(opts, volume=volume, shared=True, peers_file=self.peers_file)
+        through the cluster's peers when the node is in one; of a disk template (``--disk``),
+        the template's image over virtio-fs with the volume as the disk of its writes."""
+        try:
+            root_image = SandboxTemplate.load(template).root_image
+        except CubefsError:
+            root_image = ""
+        return templates.root_for(opts, volume, root_image, self.peers_file)
 
     def _volume_index(self, volume_dir: str | None) -> VolumeIndex:
         """The volume index of ``volume_dir``, opened once: a clone in it takes ~1 ms where a
@@ -725,7 +730,7 @@ class SandboxService:
             index.clone(snap.volume, READY, [record.volume])
         ck = checkpoint.Checkpoint.load(snap.dir / "ckpt")
         with nic(self.network, record.sandbox_id) as netdev:
-            return checkpoint.restore(record.vm, self._root(opts, record.volume), ck, freshen=False,
+            return checkpoint.restore(record.vm, self._root(opts, record.volume, snap.template), ck, freshen=False,
                                       netdev=netdev)
 
     async def fork(self, sandbox_id: str, count: int, timeout: int | None) -> list[Sandbox | BaseException]:
@@ -808,7 +813,7 @@ class SandboxService:
             r.save()
             ck = checkpoint.Checkpoint.load(snap.dir / "ckpt")
             with nic(self.network, r.sandbox_id) as netdev:  # the same network: a tap has a queue for each QEMU
-                sbx.vm = checkpoint.restore(r.vm, self._root(opts, r.volume), ck,
+                sbx.vm = checkpoint.restore(r.vm, self._root(opts, r.volume, snap.template), ck,
                                             hostname=old.info.get("hostname"), freshen=False, netdev=netdev)
             sbx.vm.info["machine_id"] = old.info.get("machine_id") or sbx.vm.info["machine_id"]
             sbx.vm._save()

@@ -11,6 +11,16 @@ A sandbox template is three things made once, so that a create only assembles:
   size (a boot costs ~8 s under TCG; a restore ~0.5 s);
 * a description, ``STATE/templates/NAME.json``: image, sizes, the start
   command and the port it must be listening on before a create returns.
+
+**On a disk** (``--disk SIZE``): the prepared volume is committed as an image
+``sbxtpl-NAME:ready`` (the sandboxes' read-only lower layer, over virtio-fs),
+and ``sbxtpl-NAME`` becomes a block volume holding an empty ext4 (vmm/disk.py),
+snapshotted at ``ready``: each sandbox's root is that image under an overlay on
+its own O(1) clone of the disk, so what agents write (``pip install``, ``git
+clone``, SQLite) goes to a block device at ~1.2x QEMU's own virtio-blk instead
+of ~6x over virtio-fs (docs/benchmarks.md, "A VM's root on its disk").  The
+service's snapshots, forks and rollbacks clone ``sbxtpl-NAME``'s kind of volume
+either way; only the root handed to the VM differs (``root_for``).
 """
 
 from __future__ import annotations
@@ -18,12 +28,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import shutil
 import subprocess
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -59,6 +70,8 @@ class SandboxTemplate:
     created: str = ""
     seconds: float = 0.0
     store: dict[str, str | None] = field(default_factory=dict)
+    disk_mb: int = 0  # a disk root of this size (0: the root is a volume over virtio-fs)
+    root_image: str = ""  # a disk template's lower layer: the prepared tree, committed
 
     @property
     def store_options(self) -> StoreOptions:
@@ -87,6 +100,10 @@ class SandboxTemplate:
                 continue
         return out
 
+    def root_for(self, volume: str, peers_file: str | None) -> vmm.Root:
+        """The root of a sandbox whose volume (a clone of ``self.volume``'s ``ready``) is ``volume``."""
+        return root_for(self.store_options, volume, self.root_image, peers_file)
+
     def save(self) -> None:
         write_private(private_dir(state_dir() / "templates") / f"{self.name}.json",
                       json.dumps(asdict(self), indent=1) + "\n")
@@ -110,6 +127,34 @@ def vm_template_for(cpus: int, memory_mb: int, kernel: Path | None = None) -> vm
             log.warning("%s: making it again", err)
             shutil.rmtree(vmm.template_root() / name, ignore_errors=True)
         return vmm.Template.create(name, MachineSpec(kernel or vmm.default_kernel(), memory_mb, cpus, "auto"))
+
+
+def root_for(opts: StoreOptions, volume: str, root_image: str, peers_file: str | None) -> vmm.Root:
+    """A volume over virtio-fs (served by the node's root host for the image), or with a
+    ``root_image``, that image with ``volume`` as its disk."""
+    if root_image:
+        return replace(opts, image=root_image, volume=None, disk=volume, peers_file=peers_file)
+    return replace(opts, volume=volume, shared=True, peers_file=peers_file)
+
+
+def _disk_template(volume: str, opts: StoreOptions, disk_mb: int) -> str:
+    """Turn the prepared volume into a disk template (the module's docstring); the image's ref."""
+    from cubefs.cow.index import VolumeIndex
+    from cubefs.volume.cli import default_volume_dir
+    from vmm.disk import clone_formatted
+
+    ref = f"{volume}:{READY}"
+    cubefs("commit", f"{volume}@{READY}", "--tag", ref,
+           *opts.args("--store", "--s3-endpoint", "--cache-dir", "--volume-dir"))
+    cubefs("volume", "rm", volume, *opts.args("--volume-dir"))
+    index = VolumeIndex(os.path.abspath(opts.volume_dir or default_volume_dir()))
+    try:
+        clone_formatted(index, volume, disk_mb << 20)
+        index.snapshot(volume, READY)
+        index.sync()
+    finally:
+        index.close()
+    return ref
 
 
 def _prepare_root(mnt: Path, code_interpreter: bool) -> None:
@@ -142,9 +187,14 @@ def _prepare_root(mnt: Path, code_interpreter: bool) -> None:
 
 def create(name: str, image: str, opts: StoreOptions, *, cpus: int = 1, memory_mb: int = 512,
            start_cmd: str | None = None, ready_port: int | None = None, code_interpreter: bool = False,
-           kernel: Path | None = None) -> SandboxTemplate:
-    """Make sandbox template ``name`` from ``image`` (see the module's docstring)."""
+           kernel: Path | None = None, disk_mb: int = 0) -> SandboxTemplate:
+    """Make sandbox template ``name`` from ``image`` (see the module's docstring); with
+    ``disk_mb``, its sandboxes' roots are on disks of that many MiB."""
     vmm.check_name(name, "template")
+    if disk_mb:
+        from vmm.disk import check_size
+
+        check_size(disk_mb << 20)
     if name.startswith("snap-"):
         raise UsageError(f"a sandbox template's name cannot start with 'snap-' ({name}): snapshots are named so")
     if SandboxTemplate.path(name).exists():
@@ -166,6 +216,7 @@ def create(name: str, image: str, opts: StoreOptions, *, cpus: int = 1, memory_m
             finally:
                 cubefs("umount", tmp)
         cubefs("snapshot", volume, "--name", READY, "--sync", *opts.args("--volume-dir"))
+        root_image = _disk_template(volume, opts, disk_mb) if disk_mb else ""
         vm_template = vm_template_for(cpus, memory_mb, kernel).name
     except BaseException:
         with contextlib.suppress(CubefsError):
@@ -173,7 +224,7 @@ def create(name: str, image: str, opts: StoreOptions, *, cpus: int = 1, memory_m
         raise
     t = SandboxTemplate(name, image, cpus, memory_mb, start_cmd, ready_port, vm_template, volume,
                         datetime.now(UTC).isoformat(timespec="seconds"), round(time.monotonic() - t0, 3),
-                        asdict(opts))
+                        asdict(opts), disk_mb, root_image)
     t.save()
     return t
 
