@@ -190,6 +190,7 @@ def test_default_goes_out_no_internet_does_not_and_a_put_changes_it(world: World
         m = world.metrics()
         assert f'cubefs_sandbox_egress_connections_total{{sandbox="{a.sandbox_id}",verdict="allowed"}}' in m
         assert f'cubefs_sandbox_egress_connections_total{{sandbox="{b.sandbox_id}",verdict="refused"}}' in m
+        assert 'cubefs_egress_connections_total{verdict="refused"}' in m
         log = world.node.log.read_text()
         assert f"sandbox {a.sandbox_id}: connection tcp {INTERNET}:{WEB_PORT} allowed" in log
         assert f"sandbox {b.sandbox_id}: connection tcp {INTERNET}:{WEB_PORT} refused" in log
@@ -355,3 +356,20 @@ def test_fifty_networks_made_and_removed_leave_nothing(tmp_path: Path) -> None:
         os.close(home)
         subprocess.run(["ip", "netns", "del", ns], check=False)
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_policies_as_e2b_states_them_and_bad_ones_refused_with_the_entry_named() -> None:
+    from cubefs.errors import UsageError
+    from sandbox.network.policy import Policy
+
+    p = Policy.from_api({"allowOut": ["8.8.8.8", "10.1.2.3/8"], "denyOut": ["0.0.0.0/0", "10.0.0.0/8"]})
+    assert p.effective() == (["8.8.8.8/32", "10.0.0.0/8"], ["0.0.0.0/0"])  # overlaps collapsed for nft
+    assert Policy.from_api(None, False).effective() == ([], ["0.0.0.0/0"])
+    assert Policy.from_api({}, None).effective() == ([], [])
+    for bad, words in (({"allowOut": ["example.com"]}, "domain names"), ({"denyOut": ["::/0"]}, "IPv4 only"),
+                       ({"denyOut": ["10.0.0.0/33"]}, "'10.0.0.0/33' is not"), ({"allowOut": "1.2.3.4"}, "a list"),
+                       ([1], "must be an object")):
+        with pytest.raises(UsageError, match=words):
+            Policy.from_api(bad)
+    with pytest.raises(UsageError, match="true or false"):
+        Policy.from_api({}, "no")

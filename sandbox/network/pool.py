@@ -50,7 +50,8 @@ class Networks:
         self.slots: dict[str, int] = {}  # sandbox -> slot
         self.policies: dict[str, Policy | None] = {}  # sandbox -> its policy (None: not handed out)
         self.making: set[int] = set()
-        self.flows: Counter[tuple[str, str]] = Counter()  # (sandbox, verdict) -> connections
+        self.flows: Counter[tuple[str, str]] = Counter()  # (live sandbox, verdict) -> connections
+        self.totals: Counter[str] = Counter()  # verdict -> connections of every sandbox ever (monotonic)
         self.made = 0
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -293,6 +294,7 @@ class Networks:
         if sid is None:
             return
         self.flows[(sid, verdict)] += 1
+        self.totals[verdict] += 1
         log.info("sandbox %s: connection %s %s:%d %s", sid, proto, dest, port, verdict)
 
     def metrics(self) -> list[str]:
@@ -300,12 +302,10 @@ class Networks:
                  "# TYPE cubefs_sandbox_networks_in_use gauge", f"cubefs_sandbox_networks_in_use {len(self.slots)}",
                  "# TYPE cubefs_sandbox_networks_made_total counter", f"cubefs_sandbox_networks_made_total {self.made}",
                  "# TYPE cubefs_sandbox_egress_connections_total counter"]
-        totals: Counter[str] = Counter()
         for (sid, verdict), n in sorted(self.flows.items()):
             lines.append(f'cubefs_sandbox_egress_connections_total{{sandbox="{sid}",verdict="{verdict}"}} {n}')
-            totals[verdict] += n
         lines.append("# TYPE cubefs_egress_connections_total counter")
-        lines += [f'cubefs_egress_connections_total{{verdict="{v}"}} {totals[v]}' for v in ("allowed", "refused")]
+        lines += [f'cubefs_egress_connections_total{{verdict="{v}"}} {self.totals[v]}' for v in ("allowed", "refused")]
         return lines
 
     def info(self) -> dict[str, Any]:
