@@ -1,6 +1,6 @@
 """Sandboxes on disk roots (issue 16): a template made with ``--disk SIZE`` gives each sandbox
 the prepared image under an overlay whose upper layer is an ext4 on its own block volume (an
-O(1) clone), and the service's snapshots, creates from snapshots and rollbacks keep working.
+O(1) clone), and the service's snapshots, creates from snapshots, rollbacks and forks keep working.
 
 Driven with the stock E2B SDK, as users do.  One service and one template for the module."""
 
@@ -38,12 +38,13 @@ def test_the_template_records_its_disk_and_bad_sizes_fail_in_one_line(dnode: Nod
     assert "sbxtpl-bad" not in volumes(dnode)
 
 
-def test_a_sandbox_on_a_disk_writes_there_snapshots_rolls_back_and_leaves_nothing(dnode: Node) -> None:
+def test_a_sandbox_on_a_disk_writes_there_snapshots_rolls_back_forks_and_leaves_nothing(dnode: Node) -> None:
     from e2b import Sandbox
 
     before = volumes(dnode)
     sbx = Sandbox.create(timeout=300)
     child = None
+    forks: list = []
     try:
         # The root is the prepared image (user 'user', its home) under an overlay on the disk.
         assert sbx.commands.run("whoami; echo $PWD").stdout == "user\n/home/user\n"
@@ -73,8 +74,13 @@ def test_a_sandbox_on_a_disk_writes_there_snapshots_rolls_back_and_leaves_nothin
         out = sbx.commands.run("cd /home/user/proj && cat hello && find python3.11 -type f | wc -l && "
                                "(test -e after || echo no-after)").stdout
         assert out.split() == ["hi", str(files), "no-after"], out
+
+        # A fork goes on from now on a clone of the disk; what it writes is its own.
+        [fork] = forks = sbx.fork(count=1, timeout=120)
+        assert fork.commands.run("cat /home/user/proj/hello; echo fork > /home/user/proj/fork; sync").stdout == "hi\n"
+        assert sbx.commands.run("test -e /home/user/proj/fork || echo parent-clean").stdout == "parent-clean\n"
     finally:
-        for s in (sbx, child):
+        for s in (sbx, child, *forks):
             if s is not None:
                 s.kill()
     assert Sandbox.delete_snapshot(info.snapshot_id)
