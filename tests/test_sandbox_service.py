@@ -163,6 +163,25 @@ def test_the_stock_sdk_creates_runs_writes_reads_and_kills(node: Node) -> None:
     print(f"create took {created:.2f} s")
 
 
+def test_a_sandbox_without_a_network_fails_a_connect_at_once(node: Node) -> None:
+    """No --network: the NIC's link is down, so a connect is refused at once (ENETUNREACH),
+    not after seconds of unanswered ARP for a gateway that is not there."""
+    import errno
+
+    from e2b import Sandbox
+
+    probe = ("import socket, time\nt = time.monotonic()\ntry:\n"
+             "    socket.create_connection(('198.51.100.1', 80), timeout=20)\n"
+             "except OSError as e:\n    print(e.errno, round(time.monotonic() - t, 2))\n")
+    sbx = Sandbox.create(timeout=60)
+    try:
+        sbx.files.write("/tmp/probe.py", probe)
+        code, took = sbx.commands.run("python3 /tmp/probe.py").stdout.split()
+        assert int(code) == errno.ENETUNREACH and float(took) < 1.0, (code, took)
+    finally:
+        sbx.kill()
+
+
 def test_background_commands_stdin_and_kill(node: Node) -> None:
     from e2b import Sandbox
 
