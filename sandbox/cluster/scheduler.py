@@ -26,12 +26,10 @@ create to the next candidate, ``attempts`` times at most.
 from __future__ import annotations
 
 import asyncio
-import base64
 import heapq
 import random
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
 
@@ -43,18 +41,6 @@ POLICIES = ("spread", "pack")
 # Cache locality counts in quarters: a start reads a few percent of an image, so finer steps would
 # send every create of a template to the node that happened to start it first, whatever its load.
 CACHED_STEPS = 4
-
-
-@dataclass
-class RangeCompare(Compare):
-    """A compare over every key under a prefix (etcd >= 3.3: ``range_end``): true when all hold."""
-
-    prefix: str = ""
-
-    def to_json(self) -> dict[str, Any]:
-        doc = super().to_json()
-        doc["range_end"] = base64.b64encode(prefix_end(self.prefix)).decode()
-        return doc
 
 
 class Scheduler:
@@ -150,7 +136,7 @@ class Scheduler:
                 since = max(self.view.revision, self._known.get(node.name, 0))
                 res = await self.etcd.txn(
                     [Compare.version(lay.node(node.name), ">", 0),
-                     RangeCompare(mine, "MOD", "<", "mod_revision", since + 1, prefix=mine)],
+                     Compare.mod_revision(mine, "<", since + 1, range_end=prefix_end(mine))],
                     [Op.put(lay.reservation(node.name, rid), reservation.encode(), lease=self.lease())])
                 if res.succeeded:
                     self._known[node.name] = max(self._known.get(node.name, 0), res.revision)
