@@ -22,6 +22,7 @@ from sandbox.cluster.etcd import (
     Event,
     LeaseKeeper,
     Op,
+    prefix_end,
 )
 
 T = TypeVar("T")
@@ -109,6 +110,14 @@ def test_txn_compare_and_swap_one_winner(etcd1: EtcdCluster) -> None:  # noqa: F
         assert res.succeeded and res.responses == [None, 1]
         res = await etcd.txn([Compare.create_revision("nokey", "<", 0)], [], [Op.get("nokey")])
         assert not res.succeeded and res.responses[0][0].value == b"x"
+        # Over a range (the scheduler's "no reservation on this node since revision R"): every key
+        # under the prefix must hold; a put under it after R fails it, one beside it does not.
+        since = await etcd.put("resv/n2/a", "1")
+        await etcd.put("resv/n20", "beside the prefix")
+        unchanged = Compare.mod_revision("resv/n2/", "<", since + 1, range_end=prefix_end("resv/n2/"))
+        assert (await etcd.txn([unchanged], [Op.put("resv/n2/b", "2")])).succeeded
+        assert not (await etcd.txn([unchanged], [Op.put("resv/n2/c", "3")])).succeeded
+        assert [k.key for k in (await etcd.range("resv/n2/"))[0]] == ["resv/n2/a", "resv/n2/b"]
         with pytest.raises(ValueError):
             Compare.version("k", "==", 1)
 
