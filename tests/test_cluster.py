@@ -39,8 +39,8 @@ PEER_SECRET = b"cluster-test-secret-0123456789abcdef"
 class ClusterNode(Node):
     """A node service in cluster mode, and its peer chunk server ('cubefs serve --listen')."""
 
-    def __init__(self, name: str, env: dict[str, str], etcd: list[str]) -> None:
-        api, proxy, peer = free_ports(3)
+    def __init__(self, name: str, env: dict[str, str], etcd: list[str], ports: list[int]) -> None:
+        api, proxy, peer = ports  # all nodes' ports from one free_ports call: none can be handed out twice
         super().__init__(env, api, proxy)
         self.name = name
         self.peer_port = peer
@@ -150,13 +150,16 @@ def cluster(rootfs: Path, s3: S3Server, tmp_path_factory: pytest.TempPathFactory
     nodes = []
     front = None
     try:
+        envs = []
         for name in ("n1", "n2", "n3"):
             d = base / name
             env = {**shared, "CUBEFS_VM_DIR": str(d / "vm"), "CUBEFS_VOLUME_DIR": str(d / "volumes"),
                    "CUBEFS_CACHE_DIR": str(d / "cache"), "CUBEFS_SANDBOX_DIR": str(d / "sandbox"),
                    "CUBEFS_SERVER": str(d / "serve.sock")}
             run_cubefs("sandbox", "template", "create", "base", "--from", "debian:12", env=env, timeout=600)
-            nodes.append(ClusterNode(name, env, etcd.endpoints))
+            envs.append((name, env))
+        ports = free_ports(9)
+        nodes = [ClusterNode(name, env, etcd.endpoints, ports[3 * i:3 * i + 3]) for i, (name, env) in enumerate(envs)]
         for n in nodes:
             n.start()
         front = Front({**shared, "CUBEFS_SANDBOX_DIR": str(base / "front")}, etcd.endpoints)

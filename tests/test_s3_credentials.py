@@ -389,7 +389,7 @@ def test_credentials_expire_during_a_mount_and_are_refreshed(moto: Moto, rotator
     mnt.mkdir()
     cubefs(env, "mount", "long:1", str(mnt), "--store", store, "--s3-endpoint", moto.endpoint, "--cache-dir",
            str(tmp_path / "cache"), "--cache-size", "0", "--memory-cache", "1M", "--pack-readahead", "0",
-           "--readahead", "0")
+           "--readahead", "0", "--dir-prefetch", "0", "--no-prefetch")  # every read a GET, for 30 s
     try:
         t0 = time.monotonic()
         names = sorted(os.listdir(src))
