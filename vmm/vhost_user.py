@@ -65,6 +65,13 @@ MAX_CONFIG = 256  # the spec's bound on a config space payload
 F_PROTOCOL_FEATURES = 1 << 30
 F_VERSION_1 = 1 << 32
 PF_MQ, PF_REPLY_ACK, PF_CONFIG = 1 << 0, 1 << 3, 1 << 9
+# Migration (a VM checkpoint saves a running guest): QEMU refuses to migrate a vhost-user device
+# without VHOST_F_LOG_ALL and protocol feature LOG_SHMFD; with them, the guest pages a back-end
+# writes while QEMU copies RAM (data it answers with, the used ring) go in the dirty log.
+F_LOG_ALL = 1 << 26
+P_LOG_SHMFD = 1 << 1
+VRING_F_LOG = 1  # SET_VRING_ADDR flags: log writes to this used ring at its log address
+LOG = struct.Struct("<QQ")  # SET_LOG_BASE: mmap size, offset of the log in the fd
 MAX_PAYLOAD = 4096  # no message we accept is longer; a longer one ends the connection
 
 
@@ -178,6 +185,7 @@ class VhostUserBackend:
         self.nursery: trio.Nursery | None = None
         self.requests = 0
         self.bad_requests = 0
+        self.dirty: DirtyLog | None = None  # the log QEMU gave us (SET_LOG_BASE)
 
     # -- what a device provides -------------------------------------------------------
     def request(self, q: Virtqueue, head: int, readable: list[Span], writable: list[Span]) -> int:
@@ -228,6 +236,9 @@ class VhostUserBackend:
                 self.mem.close()
             except BufferError:  # a view still held somewhere: the mapping goes with its last user
                 log.warning("%s: guest memory still in use at disconnect", self.name)
+            if self.dirty is not None:
+                self.dirty.close()
+                self.dirty = None
 
     async def _recv(self, conn: socket.socket) -> tuple[int, int, bytes, list[int]] | None:
         while True:
@@ -269,8 +280,29 @@ class VhostUserBackend:
         return self._message(request, payload, fds)
 
     def _dirty(self) -> DirtyLog | None:
-        """The dirty log to mark the used ring's writes in, while QEMU wants them logged."""
-        return None
+        """The dirty log to mark guest writes in, while QEMU wants them logged (it acked
+        VHOST_F_LOG_ALL: it migrates a running VM)."""
+        return self.dirty if self.acked_features & F_LOG_ALL else None
+
+    def _set_log(self, payload: bytes, fds: list[int]) -> bytes:
+        """SET_LOG_BASE with LOG_SHMFD: map the dirty log.  A reply is due (QEMU reads one
+        whenever LOG_SHMFD is negotiated); its u64 is 0, as libvhost-user sends."""
+        for fd in fds[1:]:
+            os.close(fd)
+        if not fds or len(payload) < LOG.size:
+            log.error("%s: SET_LOG_BASE without a log fd and its size: dirty pages go unlogged", self.name)
+            return U64.pack(1)
+        size, offset = LOG.unpack_from(payload)
+        if self.dirty is not None:
+            self.dirty.close()
+            self.dirty = None
+        try:
+            self.dirty = DirtyLog(fds[0], size, offset)
+        except (OSError, ValueError) as err:
+            log.error("%s: cannot map the dirty log (%d bytes at %d): %s", self.name, size, offset, err)
+            return U64.pack(1)
+        log.info("%s: dirty log of %d bytes (%d MiB of guest memory)", self.name, size, size * 8 * 4096 >> 20)
+        return U64.pack(0)
 
     def _answer(self, q: Virtqueue, head: int, readable: list[Span], writable: list[Span],
                 places: list[tuple[int, int]]) -> None:
@@ -308,7 +340,9 @@ class VhostUserBackend:
             offset, size, _flags = CONFIG_HEADER.unpack_from(payload)
             self.set_config(offset, payload[CONFIG_HEADER.size : CONFIG_HEADER.size + min(size, MAX_CONFIG)])
             return None
-        if request in (SET_OWNER, RESET_OWNER, SET_LOG_BASE, SET_LOG_FD):
+        if request == SET_LOG_BASE:
+            return self._set_log(payload, fds)
+        if request in (SET_OWNER, RESET_OWNER, SET_LOG_FD):
             for fd in fds:
                 os.close(fd)
             return None
@@ -340,8 +374,9 @@ class VhostUserBackend:
                 return STATE.pack(index, q.last_avail)
             return None
         if request == SET_VRING_ADDR:
-            index, _flags, desc, used, avail, _log = ADDR.unpack_from(payload)
+            index, flags, desc, used, avail, log_addr = ADDR.unpack_from(payload)
             q = self._queue(index)
+            q.log_used, q.log_addr = bool(flags & VRING_F_LOG), log_addr
             q.desc = self.mem.uva(desc, 16 * q.num)
             q.used = self.mem.uva(used, 4 + 8 * q.num)
             q.avail = self.mem.uva(avail, 4 + 2 * q.num)

@@ -47,17 +47,15 @@ import trio
 from cubefs.errors import UsageError
 from cubefs.image.fs import FsError
 from cubefs.volume.blk import disk_of
-from vmm.guest_memory import DirtyLog, RingError, Span, gather, scatter
+from vmm.guest_memory import RingError, Span, gather, scatter
 from vmm.vhost_user import (
-    ADDR,
+    F_LOG_ALL,
     F_PROTOCOL_FEATURES,
     F_VERSION_1,
+    P_LOG_SHMFD,
     PF_CONFIG,
     PF_MQ,
     PF_REPLY_ACK,
-    SET_LOG_BASE,
-    SET_VRING_ADDR,
-    U64,
     VhostUserBackend,
     Virtqueue,
 )
@@ -71,13 +69,6 @@ F_SIZE_MAX, F_SEG_MAX, F_RO, F_BLK_SIZE = 1 << 1, 1 << 2, 1 << 5, 1 << 6
 F_FLUSH, F_TOPOLOGY, F_MQ = 1 << 9, 1 << 10, 1 << 12
 F_DISCARD, F_WRITE_ZEROES, F_INDIRECT_DESC = 1 << 13, 1 << 14, 1 << 28
 WZ_UNMAP = 1
-# Migration (a VM checkpoint, vmm/checkpoint.py, saves a running guest): QEMU refuses to migrate a
-# vhost-user device without VHOST_F_LOG_ALL and protocol feature LOG_SHMFD; with them, the guest
-# pages this back-end writes while QEMU copies RAM (read data, used ring) go in the dirty log.
-F_LOG_ALL = 1 << 26
-P_LOG_SHMFD = 1 << 1
-VRING_F_LOG = 1  # SET_VRING_ADDR flags: log writes to this used ring at its log address
-LOG = struct.Struct("<QQ")  # SET_LOG_BASE: mmap size, offset of the log in the fd
 
 REQ_HEADER = struct.Struct("<IIQ")  # type, reserved (ioprio), sector
 SEGMENT = struct.Struct("<QII")  # discard / write-zeroes: sector, sectors, flags
@@ -115,51 +106,11 @@ class VhostUserBlk(VhostUserBackend):
         self.read_bytes = 0
         self.written_bytes = 0
         self._last_error = 0.0
-        self.dirty: DirtyLog | None = None  # the log QEMU gave us (SET_LOG_BASE)
         self.features = (F_VERSION_1 | F_PROTOCOL_FEATURES | F_INDIRECT_DESC | F_SIZE_MAX | F_SEG_MAX | F_BLK_SIZE
                          | F_TOPOLOGY | F_FLUSH | F_MQ | F_LOG_ALL
                          | (F_RO if self.read_only else F_DISCARD | F_WRITE_ZEROES))
 
-    async def serve(self, conn: socket.socket) -> None:
-        try:
-            await super().serve(conn)
-        finally:
-            if self.dirty is not None:
-                self.dirty.close()
-                self.dirty = None
-
     # -- migration: the dirty log ---------------------------------------------------------
-    def _message(self, request: int, payload: bytes, fds: list[int]) -> bytes | None:
-        if request == SET_LOG_BASE:
-            return self._set_log(payload, fds)
-        reply = super()._message(request, payload, fds)
-        if request == SET_VRING_ADDR:
-            index, flags, _desc, _used, _avail, log_addr = ADDR.unpack_from(payload)
-            q = self.queues[index]
-            q.log_used, q.log_addr = bool(flags & VRING_F_LOG), log_addr
-        return reply
-
-    def _set_log(self, payload: bytes, fds: list[int]) -> bytes:
-        """SET_LOG_BASE: map the dirty log; the reply's u64 is 0 (QEMU waits for one)."""
-        for fd in fds[1:]:
-            os.close(fd)
-        if not fds or len(payload) < LOG.size:
-            log.error("%s: SET_LOG_BASE without a log fd and its size: dirty pages go unlogged", self.name)
-            return U64.pack(1)
-        size, offset = LOG.unpack_from(payload)
-        if self.dirty is not None:
-            self.dirty.close()
-            self.dirty = None
-        try:
-            self.dirty = DirtyLog(fds[0], size, offset)
-        except (OSError, ValueError) as err:
-            log.error("%s: cannot map the dirty log (%d bytes at %d): %s", self.name, size, offset, err)
-            return U64.pack(1)
-        return U64.pack(0)
-
-    def _dirty(self) -> DirtyLog | None:
-        return self.dirty if self.acked_features & F_LOG_ALL else None
-
     def _answer(self, q: Virtqueue, head: int, readable: list[Span], writable: list[Span],
                 places: list[tuple[int, int]]) -> None:
         written = self.request(q, head, readable, writable)

@@ -37,7 +37,6 @@ import json
 import logging
 import os
 import socket
-import struct
 import time
 from typing import Any
 
@@ -46,19 +45,18 @@ import trio
 from cubefs.fuse import protocol as p
 from cubefs.fuse.server import FuseServer
 from cubefs.image.fs import StateError
-from vmm.guest_memory import DirtyLog, RingError, Span, gather, scatter
+from vmm.guest_memory import RingError, Span, gather, scatter
 from vmm.vhost_user import (
-    ADDR,
     CHECK_DEVICE_STATE,
+    F_LOG_ALL,
     F_PROTOCOL_FEATURES,
     F_VERSION_1,
     GET_VRING_BASE,
+    P_LOG_SHMFD,
     PF_MQ,
     PF_REPLY_ACK,
     SET_DEVICE_STATE_FD,
     SET_FEATURES,
-    SET_LOG_BASE,
-    SET_VRING_ADDR,
     STATE,
     U64,
     VhostUserBackend,
@@ -67,13 +65,10 @@ from vmm.vhost_user import (
 
 log = logging.getLogger(__name__)
 
-F_LOG_ALL = 1 << 26  # VHOST_F_LOG_ALL: QEMU refuses to migrate a device without it
 FEATURES = F_VERSION_1 | F_PROTOCOL_FEATURES | F_LOG_ALL
-P_LOG_SHMFD, P_DEVICE_STATE = 1 << 1, 1 << 19
+P_DEVICE_STATE = 1 << 19
 PROTOCOL_FEATURES = PF_MQ | P_LOG_SHMFD | PF_REPLY_ACK | P_DEVICE_STATE
 NUM_QUEUES = 2  # hiprio + one request queue (Linux 6.1 uses one)
-VRING_F_LOG = 1  # SET_VRING_ADDR flags: log writes to this used ring at its log address
-LOG = struct.Struct("<QQ")  # SET_LOG_BASE: mmap size, offset of the log in the fd
 NOFD = 1 << 8  # SET_DEVICE_STATE_FD reply: no fd of ours, use yours
 SAVE, LOAD = 0, 1  # transfer directions
 STOPPED = 0  # the one transfer phase: the device is suspended
@@ -133,16 +128,7 @@ class VhostUserFs(VhostUserBackend):
     def __init__(self, server: FuseServer) -> None:
         super().__init__()
         self.server = server
-        self.dirty: DirtyLog | None = None  # the log QEMU gave us (SET_LOG_BASE)
         self.transfer: _Transfer | None = None  # the device-state transfer under way or last ended
-
-    async def serve(self, conn: socket.socket) -> None:
-        try:
-            await super().serve(conn)
-        finally:
-            if self.dirty is not None:
-                self.dirty.close()
-                self.dirty = None
 
     async def _handle(self, request: int, payload: bytes, fds: list[int]) -> bytes | None:
         # The two that wait: requests in flight and a transfer go on in the nursery meanwhile.
@@ -153,22 +139,13 @@ class VhostUserFs(VhostUserBackend):
         return self._message(request, payload, fds)
 
     def _message(self, request: int, payload: bytes, fds: list[int]) -> bytes | None:
-        if request == SET_LOG_BASE:
-            return self._set_log(payload, fds)
         if request == SET_DEVICE_STATE_FD:
             return self._start_transfer(payload, fds)
         was = self.acked_features & F_LOG_ALL
         reply = super()._message(request, payload, fds)
         if request == SET_FEATURES and was != self.acked_features & F_LOG_ALL:
             log.info("virtio-fs: dirty logging %s", "on (QEMU migrates a running VM)" if not was else "off")
-        elif request == SET_VRING_ADDR:
-            index, flags, _desc, _used, _avail, log_addr = ADDR.unpack_from(payload)
-            q = self.queues[index]
-            q.log_used, q.log_addr = bool(flags & VRING_F_LOG), log_addr
         return reply
-
-    def _dirty(self) -> DirtyLog | None:
-        return self._logging()
 
     def _answer(self, q: Virtqueue, head: int, readable: list[Span], writable: list[Span],
                 places: list[tuple[int, int]]) -> None:
@@ -193,30 +170,6 @@ class VhostUserFs(VhostUserBackend):
             log.info("virtio-fs: queue %d stopped once its %d requests in flight were answered (%.3f s)",
                      index, waiting, time.monotonic() - t0)
         return STATE.pack(index, q.last_avail)
-
-    def _set_log(self, payload: bytes, fds: list[int]) -> bytes:
-        """SET_LOG_BASE with LOG_SHMFD: map the dirty log.  A reply is due (QEMU reads one
-        whenever LOG_SHMFD is negotiated); its u64 is 0, as libvhost-user sends."""
-        for fd in fds[1:]:
-            os.close(fd)
-        if not fds or len(payload) < LOG.size:
-            log.error("virtio-fs: SET_LOG_BASE without a log fd and its size: dirty pages go unlogged")
-            return U64.pack(1)
-        size, offset = LOG.unpack_from(payload)
-        if self.dirty is not None:
-            self.dirty.close()
-            self.dirty = None
-        try:
-            self.dirty = DirtyLog(fds[0], size, offset)
-        except (OSError, ValueError) as err:
-            log.error("virtio-fs: cannot map the dirty log (%d bytes at %d): %s", size, offset, err)
-            return U64.pack(1)
-        log.info("virtio-fs: dirty log of %d bytes (%d MiB of guest memory)", size, size * 8 * 4096 >> 20)
-        return U64.pack(0)
-
-    def _logging(self) -> DirtyLog | None:
-        """The dirty log while QEMU wants writes logged (it acked VHOST_F_LOG_ALL)."""
-        return self.dirty if self.acked_features & F_LOG_ALL else None
 
     # -- device state -------------------------------------------------------------
 
@@ -307,18 +260,18 @@ class VhostUserFs(VhostUserBackend):
         except RingError as err:
             log.error("virtio-fs: %s; that request fails", err)
             self.bad_requests += 1
-            q.push(head, 0, self._logging())
+            q.push(head, 0, self._dirty())
             return
         if len(request) < p.IN_HEADER.size:
             self.bad_requests += 1
-            q.push(head, 0, self._logging())
+            q.push(head, 0, self._dirty())
             return
         out: Any = self.server.handle(request)
         if out is None:  # FORGET: no reply
-            q.push(head, 0, self._logging())
+            q.push(head, 0, self._dirty())
             return
         if isinstance(out, bytes | list):
-            q.push(head, self._reply(out, writable, places, request), self._logging())
+            q.push(head, self._reply(out, writable, places, request), self._dirty())
             return
         assert self.nursery is not None
         q.inflight += 1
@@ -328,7 +281,7 @@ class VhostUserFs(VhostUserBackend):
                      request: bytes) -> None:
         try:
             out = await work
-            q.push(head, self._reply(out, writable, places, request) if out is not None else 0, self._logging())
+            q.push(head, self._reply(out, writable, places, request) if out is not None else 0, self._dirty())
             q.notify()
         finally:
             q.inflight -= 1
@@ -347,7 +300,7 @@ class VhostUserFs(VhostUserBackend):
                 written = scatter([p.error_reply(unique, errno.EIO)], writable)
             except RingError:
                 return 0  # not even room for an error: the used length says so
-        dirty = self._logging()
+        dirty = self._dirty()
         if dirty is not None:
             left = written
             for addr, length in places:
