@@ -3,6 +3,7 @@ and helpers that drive the real ``cubefs`` CLI and real FUSE mounts."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -38,6 +39,22 @@ def free_ports(n: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+@contextlib.contextmanager
+def environ(values: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``values`` set (the SDK reads E2B_API_URL and friends from it), as it
+    was again afterwards."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def run_cubefs(*args: str, check: bool = True, timeout: float = 300, env: dict[str, str] | None = None,

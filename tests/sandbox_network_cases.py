@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import free_ports, run_cubefs
+from conftest import environ, free_ports, run_cubefs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from make_vm_kernel import DEFAULT, make_kernel
@@ -106,14 +106,8 @@ ip -n {inet_ns} addr add {OTHER_HOST}/32 dev lo""")
         node = Node(env, *free_ports(2))
         node.args = ["--pool-size", "0", "--network", "--network-pool", "2"]
         node.start()
-        old = {k: os.environ.get(k) for k in node.sdk_env}
-        os.environ.update(node.sdk_env)
-        yield World(node, base, node_ns)
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        with environ(node.sdk_env):
+            yield World(node, base, node_ns)
     finally:
         if node is not None:
             node.stop()

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import S3_ENV, S3Server, free_ports, run_cubefs
+from conftest import S3_ENV, S3Server, environ, free_ports, run_cubefs
 from etcd_cluster import EtcdCluster
 from test_sandbox_service import API_KEY, Node, wait_up
 
@@ -164,14 +164,8 @@ def cluster(rootfs: Path, s3: S3Server, tmp_path_factory: pytest.TempPathFactory
             n.start()
         front = Front({**shared, "CUBEFS_SANDBOX_DIR": str(base / "front")}, etcd.endpoints)
         front.start()
-        old = {k: os.environ.get(k) for k in front.sdk_env}
-        os.environ.update(front.sdk_env)
-        yield Cluster(etcd, nodes, front, store)
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        with environ(front.sdk_env):
+            yield Cluster(etcd, nodes, front, store)
     finally:
         if front is not None:
             front.stop()

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import S3_ENV, free_ports, run_cubefs
+from conftest import S3_ENV, environ, free_ports, run_cubefs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from make_vm_kernel import DEFAULT, make_kernel
@@ -103,16 +103,10 @@ def node_in(base: Path, rootfs: Path, *template_args: str) -> Iterator[Node]:
     run_cubefs("sandbox", "template", "create", "base", "--from", "debian:12", *template_args, env=env, timeout=600)
     n = Node(env, *free_ports(2))
     n.start()
-    old = {k: os.environ.get(k) for k in n.sdk_env}
-    os.environ.update(n.sdk_env)
-    yield n
-    n.stop()
-    run_cubefs("vm", "rm", "--all", env=env, check=False)
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with environ(n.sdk_env):
+        yield n
+        n.stop()
+        run_cubefs("vm", "rm", "--all", env=env, check=False)
 
 
 def qemu_pids(node: Node) -> set[int]:
