@@ -223,9 +223,27 @@ def test_the_cache_stops_at_its_reserve_and_reads_go_on(tmp_path: Path, local_st
         assert stats["read_errors"] == 0 and stats["tiers"]["disk"]["not_cached"] > 0, stats
         assert stats["tiers"]["disk"]["quarantined"] == 0
         res = run_cubefs("cache", "stats", "--cache-dir", str(cache), "--json")
-        assert json.loads(res.stdout)["used_bytes"] > 4 << 20  # it did cache, up to the reserve
+        assert json.loads(res.stdout)["used_bytes"] > 4 << 20, res.stdout  # it did cache, up to the reserve
         res = run_cubefs("cache", "trim", "--to", "1M", "--cache-dir", str(cache), "--json")
         trimmed = json.loads(res.stdout)
         assert trimmed["used_bytes"] <= 1 << 20 and trimmed["freed_bytes"] > 3 << 20
         for f in sorted(src.iterdir())[:2]:  # still serving
             assert (tmp_path / "mnt" / f.name).read_bytes() == f.read_bytes()
+
+
+def test_one_batch_bigger_than_the_room_is_cached_up_to_the_reserve(small_fs: Path) -> None:
+    """A prefetch hands the cache a whole directory at once: 16 MiB in one batch on a
+    20 MiB filesystem that keeps 8 MiB free.  What fits is cached, the rest counted
+    ``not_cached``; the batch is not refused whole (which cached nothing, in CI)."""
+    cache = DiskCache(str(small_fs / "cache"), max_bytes=1 << 30, reserve="40%")
+    try:
+        batch = _chunks(64, size=256 << 10)
+        added = cache.put_many(batch)
+        assert 0 < added < len(batch), added
+        assert cache.stats.not_cached == len(batch) - added
+        assert added * (256 << 10) > 6 << 20, added  # ~12 MiB of room, less the LMDB file's pages
+        st = os.statvfs(small_fs)
+        assert st.f_bavail * st.f_frsize >= 0.4 * st.f_blocks * st.f_frsize - (1 << 20)
+        assert len(cache.get_many([d for d, _c in batch])) == added  # what it says it cached, it has
+    finally:
+        cache.close()

@@ -331,10 +331,20 @@ class DiskCache:
         skipped; a damaged cache is set aside.  Nothing already stored is touched."""
         if not items:
             return 0
-        incoming = sum(len(c.data) + ENTRY_OVERHEAD for _d, c in items)
-        if self._below_reserve(incoming):
-            self.stats.not_cached += len(items)
-            return 0
+        room = self._room_above_reserve()
+        if room is not None:
+            # A batch can be a whole prefetched directory (tens of MiB): it is cached up to
+            # the reserve, not refused whole because its last chunks would not fit.
+            fits = 0
+            for _d, c in items:
+                room -= len(c.data) + ENTRY_OVERHEAD
+                if room < 0:
+                    break
+                fits += 1
+            self.stats.not_cached += len(items) - fits
+            items = items[:fits]
+            if not items:
+                return 0
 
         def work(e: _Env) -> int:
             added = 0
@@ -366,17 +376,19 @@ class DiskCache:
             self.stats.not_cached += len(items)
             return 0
 
-    def _below_reserve(self, incoming: int) -> bool:
-        """Would ``incoming`` more bytes eat into the free space the cache leaves its
-        filesystem?  Checked per batch (one statvfs, ~1 µs); said once in the log
-        each time the reserve is reached, and quarantined copies are dropped then."""
+    def _room_above_reserve(self) -> int | None:
+        """The bytes the cache may still add before eating into the free space it leaves
+        its filesystem (``None``: unknown, no limit).  Checked per batch (one statvfs,
+        ~1 µs); said once in the log each time the reserve is reached, and quarantined
+        copies are dropped then."""
         try:
             st = os.statvfs(self.directory)
         except OSError:
-            return False
+            return None
         total = st.f_blocks * st.f_frsize
         keep = int(total * self.reserve) if isinstance(self.reserve, float) else self.reserve
-        below = st.f_bavail * st.f_frsize - incoming < keep
+        room = st.f_bavail * st.f_frsize - keep
+        below = room <= 0
         if below and not self._reserve_reached:
             log.warning("disk cache %s: its filesystem is down to its reserve of %d bytes free; not caching "
                         "more until space comes back (reads are served as before)", self.directory, keep)
@@ -384,7 +396,7 @@ class DiskCache:
         elif not below and self._reserve_reached:
             log.info("disk cache %s: free space is above the reserve again; caching", self.directory)
         self._reserve_reached = below
-        return below
+        return max(room, 0)
 
     def delete(self, digests: list[bytes]) -> None:
         def work(e: _Env) -> None:
