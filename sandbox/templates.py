@@ -140,6 +140,7 @@ def root_for(opts: StoreOptions, volume: str, root_image: str, peers_file: str |
 def _disk_template(volume: str, opts: StoreOptions, disk_mb: int) -> str:
     """Turn the prepared volume into a disk template (the module's docstring); the image's ref."""
     from cubefs.cow.index import VolumeIndex
+    from cubefs.volume.blk import resolve_image
     from cubefs.volume.cli import default_volume_dir
     from vmm.disk import clone_formatted
 
@@ -147,9 +148,10 @@ def _disk_template(volume: str, opts: StoreOptions, disk_mb: int) -> str:
     cubefs("commit", f"{volume}@{READY}", "--tag", ref,
            *opts.args("--store", "--s3-endpoint", "--cache-dir", "--volume-dir"))
     cubefs("volume", "rm", volume, *opts.args("--volume-dir"))
+    lower = resolve_image(ref, opts.store, opts.s3_endpoint)  # recorded: 'cubefs commit' of a sandbox's disk
     index = VolumeIndex(os.path.abspath(opts.volume_dir or default_volume_dir()))
     try:
-        clone_formatted(index, volume, disk_mb << 20)
+        clone_formatted(index, volume, disk_mb << 20, lower)
         index.snapshot(volume, READY)
         index.sync()
     finally:

@@ -32,11 +32,10 @@ from typing import TYPE_CHECKING
 from cubefs.errors import CubefsError, NotFoundError, UsageError
 
 if TYPE_CHECKING:
-    from cubefs.cow.index import VolumeIndex
+    from cubefs.cow.index import BaseImage, VolumeIndex
 
 SNAPSHOT = "empty"
 MIN_SIZE = 64 << 20  # ext4 with a journal and room for an overlay's work: below this, a guest fills it at once
-CHUNK = 4 << 20
 
 
 def template_name(size: int) -> str:
@@ -49,15 +48,21 @@ def check_size(size: int) -> int:
     return size
 
 
-def clone_formatted(index: VolumeIndex, name: str, size: int) -> None:
+def clone_formatted(index: VolumeIndex, name: str, size: int, lower: BaseImage | None = None) -> None:
     """A new block volume ``name`` of ``size`` bytes holding an empty ext4: a clone of the
-    formatted volume for that size, made first if this node has none yet."""
+    formatted volume for that size, made first if this node has none yet.  ``lower``: the
+    image the guest's overlay will have under the disk, recorded on the volume (and so on
+    its snapshots and clones) for ``cubefs commit`` to merge the disk with."""
+    from cubefs.volume.blk import set_lower
+
     check_size(size)
     tpl = template_name(size)
     with _lock(index):
         if not _has_snapshot(index, tpl):
             _format(index, tpl, size)
     index.clone(tpl, SNAPSHOT, [name])
+    if lower is not None:
+        set_lower(index, name, lower)
 
 
 def _has_snapshot(index: VolumeIndex, volume: str) -> bool:
@@ -83,9 +88,7 @@ def _lock(index: VolumeIndex) -> Iterator[None]:
 
 
 def _format(index: VolumeIndex, volume: str, size: int) -> None:
-    from cubefs.cow.lock import VolumeLock
-    from cubefs.volume.blk import DISK_INO, create_block_volume
-    from cubefs.volume.fs import VolumeFS
+    from cubefs.volume.blk import import_disk
 
     if shutil.which("mkfs.ext4") is None:
         raise CubefsError("mkfs.ext4 is not installed on the host (Debian: apt-get install e2fsprogs): a VM's disk "
@@ -107,35 +110,7 @@ def _format(index: VolumeIndex, volume: str, size: int) -> None:
                 exists = False
         if exists:  # a format that died before its snapshot: start it again
             index.remove_volume(volume)
-        create_block_volume(index, volume, size)
-        lock = VolumeLock.take(index, volume, f"formatting {volume}")
-        fs = VolumeFS(index, volume, None, f"format of {volume}")
-        try:
-            fd = os.open(img, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                for off, length in _extents(fd, size):
-                    for at in range(off, off + length, CHUNK):
-                        data = os.pread(fd, min(CHUNK, off + length - at), at)
-                        if data.count(0) != len(data) and fs.write_now(DISK_INO, at, data) != len(data):
-                            raise CubefsError(f"writing the formatted disk into volume {volume} failed at {at}")
-            finally:
-                os.close(fd)
-            fs.fsync(DISK_INO)
-        finally:
-            fs.close()
-            lock.release()
+        import_disk(index, volume, img)
     index.snapshot(volume, SNAPSHOT)
     index.sync()
 
-
-def _extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
-    """(offset, length) of the file's data, holes skipped."""
-    off = 0
-    while off < size:
-        try:
-            start = os.lseek(fd, off, os.SEEK_DATA)
-        except OSError:  # ENXIO: no data past off
-            return
-        end = os.lseek(fd, start, os.SEEK_HOLE)
-        yield start, end - start
-        off = end

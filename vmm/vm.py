@@ -147,12 +147,14 @@ class Root:
         """A new block volume ``name`` of ``size`` bytes holding an empty ext4 (an O(1) clone of
         the node's formatted one for that size: vmm/disk.py) as the disk under this image."""
         from cubefs.cow.index import VolumeIndex
+        from cubefs.volume.blk import resolve_image
         from cubefs.volume.cli import default_volume_dir
         from vmm.disk import clone_formatted
 
+        lower = resolve_image(self.image, self.store, self.s3_endpoint) if self.image else None
         index = VolumeIndex(os.path.abspath(self.volume_dir or default_volume_dir()))
         try:
-            clone_formatted(index, name, size)
+            clone_formatted(index, name, size, lower)  # the image recorded: 'cubefs commit' of the disk
             index.sync()
         finally:
             index.close()

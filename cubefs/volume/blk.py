@@ -19,12 +19,14 @@ The vhost-user-blk back-end that serves it to QEMU is ``vmm/vhost_user_blk.py``
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import time
+from collections.abc import Iterator
 from typing import Any
 
-from cubefs.cow.index import ROOT_INO, Inode, Volume, VolumeIndex
+from cubefs.cow.index import ROOT_INO, BaseImage, Inode, Volume, VolumeIndex
 from cubefs.errors import UsageError
 from cubefs.image.fs import FsError
 
@@ -32,6 +34,9 @@ DISK_NAME = b"disk"
 DISK_INO = 2
 SECTOR = 512
 MAX_SIZE = 1 << 50  # 1 PiB: past any disk a VM gets here; block numbers stay far inside u64
+# The image a disk root's overlay has as its lower layer (docs/format.md, "Block volumes"): an
+# xattr of the volume's root directory, so snapshots and clones carry it and no record changes.
+LOWER_XATTR = b"trusted.cubefs.lower"
 
 
 def create_block_volume(index: VolumeIndex, name: str, size: int) -> Volume:
@@ -93,3 +98,97 @@ def export_disk(index: VolumeIndex, volume: str, snapshot: str | None, path: str
         fs.close()
     os.close(fd)
     return size
+
+
+def set_lower(index: VolumeIndex, volume: str, base: BaseImage) -> None:
+    """Record ``base`` as the image under the overlay whose upper layer is on this disk
+    (what ``cubefs commit`` and a host-side mount merge the disk with).  Written by whoever
+    makes the disk for an image (a VM's ``--disk``, a disk sandbox template), never by a guest:
+    the guest sees only the disk's bytes."""
+    value = json.dumps({"ref": base.ref, "digest": base.digest, "store": base.store,
+                        "s3_endpoint": base.s3_endpoint}, sort_keys=True).encode()
+    with index.write() as txn:
+        vol = index.volume(txn, volume)
+        root = _root_inode(index, txn, vol.layer)
+        if root is None:
+            raise UsageError(f"volume {volume} has no root directory record: not a block volume")
+        root = root.copy()
+        root.xattrs[LOWER_XATTR] = value
+        index.put_inode(txn, vol.layer, ROOT_INO, root)
+
+
+def lower_of(index: VolumeIndex, volume: str, snapshot: str | None) -> BaseImage | None:
+    """The image recorded under a disk root (set_lower), as of ``snapshot``; None if none is."""
+    with index.read() as txn:
+        layer = index.get_snapshot(txn, volume, snapshot).layer if snapshot else index.volume(txn, volume).layer
+        root = _root_inode(index, txn, layer)
+    raw = root.xattrs.get(LOWER_XATTR) if root is not None else None
+    if raw is None:
+        return None
+    try:
+        d = json.loads(raw)
+        return BaseImage(str(d["ref"]), str(d["digest"]), str(d["store"]), d.get("s3_endpoint"))
+    except (ValueError, KeyError, TypeError):
+        raise UsageError(f"volume {volume}: its record of the disk's lower image is damaged "
+                         f"({LOWER_XATTR.decode()})") from None
+
+
+def _root_inode(index: VolumeIndex, txn: Any, layer: int) -> Inode | None:
+    for at in index.chain(txn, layer):
+        if (root := index.get_inode(txn, at, ROOT_INO)) is not None:
+            return root
+    return None
+
+
+def resolve_image(ref: str, store_url: str | None, s3_endpoint: str | None) -> BaseImage:
+    """The image ``ref`` names now in the store, pinned by digest: a tag moved later does not
+    change what a disk's overlay was made over."""
+    from cubefs.image.catalog import load_manifest
+    from cubefs.remote import store_session
+
+    with store_session(store_url, s3_endpoint) as (loop, store):
+        manifest = loop.run(load_manifest(store, ref))
+        url = store.url
+    return BaseImage(manifest.ref, manifest.image, url, s3_endpoint or os.environ.get("AWS_ENDPOINT_URL"))
+
+
+def import_disk(index: VolumeIndex, volume: str, path: str, chunk: int = 4 << 20) -> Volume:
+    """A new block volume ``volume`` holding the bytes of the file ``path`` (its size a multiple
+    of 512), holes left unwritten (they read as zeros): the opposite of export_disk.  Written in
+    this process with the volume's lock held, so no daemon serves it half-written."""
+    from cubefs.cow.lock import VolumeLock
+    from cubefs.errors import CubefsError
+    from cubefs.volume.fs import VolumeFS
+
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        vol = create_block_volume(index, volume, size)
+        lock = VolumeLock.take(index, volume, f"importing {path}")
+        fs = VolumeFS(index, volume, None, f"import into {volume}")
+        try:
+            for off, length in _extents(fd, size):
+                for at in range(off, off + length, chunk):
+                    data = os.pread(fd, min(chunk, off + length - at), at)
+                    if data.count(0) != len(data) and fs.write_now(DISK_INO, at, data) != len(data):
+                        raise CubefsError(f"writing {path} into volume {volume} failed at byte {at}")
+            fs.fsync(DISK_INO)
+        finally:
+            fs.close()
+            lock.release()
+    finally:
+        os.close(fd)
+    return vol
+
+
+def _extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """(offset, length) of the file's data, holes skipped."""
+    off = 0
+    while off < size:
+        try:
+            start = os.lseek(fd, off, os.SEEK_DATA)
+        except OSError:  # ENXIO: no data past off
+            return
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        yield start, end - start
+        off = end

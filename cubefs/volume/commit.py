@@ -8,6 +8,12 @@ commit cost what changed rather than what the image holds: a file the volume
 never touched (no block or truncation in any of the snapshot's layers, the
 base image's size) is not read at all; its chunk list is the base image's,
 whose chunks the store has.  Only chunks the store lacks are uploaded.
+
+A VM's disk (a block volume with the image under its overlay recorded:
+cubefs/volume/blk.py, ``set_lower``) is committed as that image with the
+overlay's upper directory laid over it, read from the disk in user space
+(cubefs/volume/diskread.py); the image's files the guest never touched are
+not read either.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from cubefs.cow.index import VolumeIndex
+from cubefs.cow.index import BaseImage, VolumeIndex
 from cubefs.dedup.builder import BuildResult, build
 from cubefs.dedup.ingest import Ingest
 from cubefs.dedup.sources import Tick, scan_directory
@@ -49,6 +55,12 @@ def commit(index: VolumeIndex, volume: str, snapshot: str | None, ref: str, stor
         snapshot = index.snapshot(volume, time.strftime("commit-%Y%m%dT%H%M%S", time.gmtime())).name
     with index.read() as txn:
         chain = index.chain(txn, index.get_snapshot(txn, volume, snapshot).layer)
+    if vol.base is None:
+        from cubefs.volume.blk import lower_of
+
+        lower = lower_of(index, volume, snapshot)
+        if lower is not None:
+            return _commit_disk(index, volume, snapshot, lower, ref, store_url, s3_endpoint, cache_dir, tick)
     base = vol.base
     store_url = store_url or (base.store if base else None)
     s3_endpoint = s3_endpoint or (base.s3_endpoint if base else None)
@@ -80,6 +92,24 @@ def commit(index: VolumeIndex, volume: str, snapshot: str | None, ref: str, stor
                        *(["--s3-endpoint", base.s3_endpoint] if base and base.s3_endpoint else [])) as mnt:
         result = build(mnt, ref, store_url, s3_endpoint, tick=tick, scan=scan)
     return CommitResult(result, volume, snapshot, reused[0])
+
+
+def _commit_disk(index: VolumeIndex, volume: str, snapshot: str, lower: BaseImage, ref: str,
+                 store_url: str | None, s3_endpoint: str | None, cache_dir: str, tick: Tick | None) -> CommitResult:
+    """The image under the disk's overlay with the upper directory on the disk laid over it."""
+    import contextlib
+
+    from cubefs.volume.diskread import UPPER, disk_tree, merged_scan
+
+    image = _base_image(lower.store, lower.s3_endpoint, lower.ref, lower.digest)
+    counts: dict[str, int] = {}
+    with contextlib.ExitStack() as stack:
+        root, size = stack.enter_context(disk_tree(index, volume, snapshot, cache_dir))
+        upper = os.path.join(root, os.fsdecode(UPPER))
+        scan = merged_scan(upper if os.path.lexists(upper) else None, image, lower, size, cache_dir, stack, counts)
+        result = build(root, ref, store_url or lower.store, s3_endpoint or lower.s3_endpoint, tick=tick,
+                       scan=scan)  # type: ignore[arg-type]
+    return CommitResult(result, volume, snapshot, counts.get("reused", 0))
 
 
 def _base_image(store_url: str, s3_endpoint: str | None, ref: str, digest: str) -> Image:

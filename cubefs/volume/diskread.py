@@ -1,0 +1,373 @@
+"""A VM's disk read on the host: the ext4 a guest wrote, parsed in user space, merged with its image.
+
+A disk root (vmm/disk.py) is an overlay in the guest: the image as the lower
+layer, ``upper/`` and ``work/`` on an ext4 on the disk.  ``cubefs commit`` of
+such a volume builds base image + upper, with overlayfs's rules: a whiteout
+(a character device 0:0) deletes the name below it, a directory marked
+``trusted.overlay.opaque=y`` replaces the one below instead of merging with
+it, anything else in the upper replaces what the image has under that name.
+Files of the image the guest never touched keep the image's chunk lists and
+are not read (the disk holds only what the guest changed).
+
+**The ext4 was written by a hostile guest**, so the host kernel never mounts
+it (a crafted ext4 is kernel attack surface).  Everything is user space:
+
+1. an O(1) clone of the snapshot (the snapshot itself is never written),
+   served by our own daemon read-write in a private directory;
+2. ``e2fsck -E journal_only`` replays the journal into the clone (a snapshot
+   of a running guest is what a power cut leaves), then ``e2fsck -fn``
+   checks it: a damaged disk is refused with e2fsck's own words, before
+   anything walks it (no directory loops, no hard-linked directories, no
+   names with ``/``: e2fsck rejects all of them);
+3. ``fuse2fs -o ro`` serves the checked ext4 and the commit walks it like any
+   directory: ``lstat`` and ``O_NOFOLLOW``, so a symlink is data and never
+   followed, and the kernel's VFS resolves every name (a name can neither be
+   ``..`` nor hold ``/`` past FUSE's own checks).  The walk is bounded
+   (entries, apparent bytes: a sparse 16 TiB file on a 256 MiB disk would be
+   16 TiB of zeros to read) and refuses overlay features it does not read
+   (``redirect``, ``metacopy``: off in the guest's overlay).
+
+Measured (docs/benchmarks.md, "Commit of a disk"): fuse2fs was chosen over
+``debugfs rdump``, which leaves out device nodes (so every whiteout), all
+xattrs (so opaque directories) and hard links, and whose listing a name with
+a newline breaks.  Debian 12's fuse2fs (1.47.0) reports whole seconds: the
+sub-second part of a time the guest set is lost in a disk commit.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+
+from cubefs.cow.index import BaseImage, VolumeIndex
+from cubefs.dedup.ingest import Ingest
+from cubefs.dedup.sources import KnownChunks, Tick, _list_dir, _node_from_stat, _xattrs
+from cubefs.dedup.tree import Node
+from cubefs.errors import BadInputError, CubefsError, NotFoundError
+from cubefs.format.image import (
+    F_ATIME,
+    F_CTIME,
+    F_GID,
+    F_MODE,
+    F_MTIME,
+    F_PAYLOAD,
+    F_RDEV,
+    F_SIZE,
+    F_UID,
+    F_XATTRS,
+    ROOT_INO,
+    Image,
+)
+from cubefs.format.packs import ChunkLocation
+
+UPPER = b"upper"  # vmm/guest/system.py: the overlay's upper directory at the disk's root
+OVERLAY = b"trusted.overlay."
+OPAQUE = b"trusted.overlay.opaque"
+UNREAD = (b"trusted.overlay.redirect", b"trusted.overlay.metacopy")
+CLONE_PREFIX = "cubefs-diskread-"
+MAX_ENTRIES = 2_000_000  # ~1 GiB of tree in memory at most; a guest's disk past it is refused
+APPARENT_FACTOR = 16  # the upper's files may add up to 16x the disk's size (sparse files), no more
+TOOL_TIMEOUT = 900.0
+
+
+def tools_present() -> None:
+    for tool, pkg in (("e2fsck", "e2fsprogs"), ("fuse2fs", "fuse2fs")):
+        if shutil.which(tool) is None:
+            raise CubefsError(f"{tool} is not installed on the host (Debian: apt-get install {pkg}): a VM's disk "
+                              "is read in user space, never mounted by the host's kernel")
+
+
+@contextmanager
+def disk_tree(index: VolumeIndex, volume: str, snapshot: str, cache_dir: str) -> Iterator[tuple[str, int]]:
+    """The ext4 on ``volume@snapshot``'s disk, journal replayed into an O(1) clone, checked and
+    mounted read-only by fuse2fs; yields (its root directory, the disk's size)."""
+    from cubefs.node.private_mount import private_mount
+    from cubefs.volume.blk import disk_of
+    from cubefs.volume.fs import VolumeFS
+
+    tools_present()
+    what = f"the disk of {volume}@{snapshot}"
+    fs = VolumeFS(index, volume, None, f"size of {what}", snapshot)
+    try:
+        _ino, size = disk_of(fs)
+    finally:
+        fs.close()
+    sweep_stale(index)
+    clone = f"{CLONE_PREFIX}{os.getpid()}-{time.time_ns()}"
+    index.clone(volume, snapshot, [clone])
+    index.sync()
+    try:
+        with private_mount(f"reading {what}", None, "--volume", clone, "--volume-dir", index.directory,
+                           "--cache-dir", cache_dir, "--no-server") as mnt:
+            disk = os.path.join(mnt, "disk")
+            check_ext4(disk, what)
+            with fuse2fs(disk, what) as root:
+                yield root, size
+    finally:
+        try:
+            index.remove_volume(clone)
+            index.sync()
+        except NotFoundError:
+            pass
+
+
+def check_ext4(disk: str, what: str) -> None:
+    """Replay the journal (into the clone) and check the result; BadInputError naming what
+    e2fsck found if the filesystem is damaged."""
+    _run(["e2fsck", "-E", "journal_only", "-y", disk], what, ok=(0, 1))
+    res = _run(["e2fsck", "-fn", disk], what, ok=None)
+    if res.returncode != 0:
+        raise BadInputError(f"{what} is not a sound ext4 (e2fsck -fn exited {res.returncode}: "
+                            f"{_gist(res.stdout + res.stderr)}); nothing was read from it")
+
+
+def _gist(out: str) -> str:
+    """e2fsck's first line that says what is wrong (not its banner, pass names or advice)."""
+    for line in out.splitlines():
+        line = line.strip()
+        if line and not line.startswith(("e2fsck ", "Pass ", "Warning")) and ": clean," not in line:
+            return line[:200]
+    return "no detail"
+
+
+def _run(argv: list[str], what: str, ok: tuple[int, ...] | None) -> subprocess.CompletedProcess[str]:
+    try:
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=TOOL_TIMEOUT, stdin=subprocess.DEVNULL,
+                             env={**os.environ, "E2FSCK_CONFIG": "/dev/null", "LC_ALL": "C"})
+    except subprocess.TimeoutExpired:
+        raise BadInputError(f"{what}: {argv[0]} took over {TOOL_TIMEOUT:.0f} s; refused") from None
+    if ok is not None and res.returncode not in ok:
+        raise BadInputError(f"{what} is not a sound ext4 ({' '.join(argv[:-1])} exited {res.returncode}: "
+                            f"{_gist(res.stdout + res.stderr)}); nothing was read from it")
+    return res
+
+
+@contextmanager
+def fuse2fs(disk: str, what: str) -> Iterator[str]:
+    """``disk`` (an ext4 in a file) mounted read-only by fuse2fs in a private directory."""
+    mnt = tempfile.mkdtemp(prefix="cubefs-ext4-")
+    try:
+        _run(["fuse2fs", disk, mnt, "-o", "ro,fsname=cubefs-disk,subtype=cubefs-disk"], what, ok=(0,))
+        try:
+            yield mnt
+        finally:
+            res = subprocess.run(["umount", mnt], capture_output=True, text=True)
+            if res.returncode != 0:
+                subprocess.run(["umount", "-l", mnt], capture_output=True)
+    finally:
+        try:
+            os.rmdir(mnt)
+        except OSError:
+            pass
+
+
+def sweep_stale(index: VolumeIndex) -> None:
+    """Clones left by a reader that was killed (its pid gone, no daemon serving them)."""
+    from cubefs.cow.lock import holder_of
+
+    for vol in index.volumes():
+        if not vol.name.startswith(CLONE_PREFIX):
+            continue
+        pid = vol.name[len(CLONE_PREFIX):].partition("-")[0]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}") and holder_of(index, vol.name) is None:
+            try:
+                index.remove_volume(vol.name)
+            except NotFoundError:
+                pass
+
+
+# -- the merged tree -----------------------------------------------------------------
+
+
+class Merge:
+    """Base image + an overlay's upper directory, as the build's :class:`Node` tree."""
+
+    def __init__(self, image: Image | None, known: dict[bytes, ChunkLocation], disk_size: int,
+                 max_entries: int = MAX_ENTRIES) -> None:
+        self.known = known
+        self.max_entries = max_entries
+        self.max_bytes = max(disk_size * APPARENT_FACTOR, 1 << 30)
+        self.unread: dict[int, tuple[Node, bytes]] = {}  # base files whose chunks this store lacks
+        self.reused = 0
+        self.root = self._from_image(image) if image is not None else Node(stat.S_IFDIR | 0o755, children={})
+
+    def _from_image(self, image: Image) -> Node:
+        """The image's tree, each file's chunks as the image lists them (nothing read)."""
+        nodes: dict[int, Node] = {}
+
+        def node_of(ino: int, path: bytes) -> Node:
+            if ino in nodes:  # a hard link: the same node under another name
+                return nodes[ino]
+            rec = image.record(ino)
+            mode = rec[F_MODE]
+            node = Node(mode, rec[F_UID], rec[F_GID], rec[F_ATIME], rec[F_MTIME], rec[F_CTIME], rec[F_RDEV],
+                        rec[F_SIZE] if stat.S_ISREG(mode) else 0, [(bytes(k), bytes(v)) for k, v in rec[F_XATTRS]])
+            if stat.S_ISDIR(mode):
+                node.children = {}
+            elif stat.S_ISLNK(mode):
+                node.target = bytes(rec[F_PAYLOAD])
+            elif stat.S_ISREG(mode):
+                offs, idxs = image.extents(ino)
+                chunks = [(off, *image.chunk(idx)) for off, idx in zip(offs, idxs)]
+                if all(digest in self.known for _o, digest, _n in chunks):
+                    node.extents.append(KnownChunks(chunks))
+                else:
+                    self.unread[id(node)] = (node, path)
+            nodes[ino] = node
+            return node
+
+        root = node_of(ROOT_INO, b"")
+        stack = [(ROOT_INO, b"", root)]
+        while stack:
+            ino, path, dnode = stack.pop()
+            assert dnode.children is not None
+            for name, child in image.entries(ino):
+                name = bytes(name)
+                node = node_of(child, path + b"/" + name)
+                dnode.children[name] = node
+                if node.is_dir:
+                    stack.append((child, path + b"/" + name, node))
+        return root
+
+    def apply_upper(self, upper: str, ingest: Ingest, tick: Tick) -> None:
+        """Lay the overlay's upper directory over the tree; its regular files go to ``ingest``."""
+        top = os.fsencode(upper)
+        st = os.lstat(top)
+        if not stat.S_ISDIR(st.st_mode):
+            raise BadInputError(f"{upper} is not a directory")
+        self._attrs_from(self.root, st, top)
+        hardlinks: dict[tuple[int, int], Node] = {}
+        dirs_seen = {(st.st_dev, st.st_ino)}
+        entries = 0
+        nbytes = 0
+        pending: list[tuple[bytes, int, int, Node, bytes]] = []
+        stack: list[tuple[bytes, bytes, Node]] = [(top, b"", self.root)]
+        while stack:
+            dpath, rel, dnode = stack.pop()
+            assert dnode.children is not None
+            try:
+                names = sorted(_list_dir(dpath))
+            except OSError as err:
+                raise BadInputError(f"cannot list {os.fsdecode(rel) or '/'} on the disk: {err.strerror}") from None
+            for name in names:
+                entries += 1
+                if entries > self.max_entries:
+                    raise BadInputError(f"the disk's upper directory has over {self.max_entries:,} entries; refused")
+                path, child_rel = dpath + b"/" + name, rel + b"/" + name
+                try:
+                    st = os.lstat(path)
+                except OSError as err:
+                    raise BadInputError(f"cannot read {os.fsdecode(child_rel)} on the disk: {err.strerror}") from None
+                if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:  # a whiteout
+                    dnode.children.pop(name, None)
+                    continue
+                key = (st.st_dev, st.st_ino)
+                if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1 and key in hardlinks:
+                    dnode.children[name] = hardlinks[key]
+                    continue
+                xattrs = self._xattrs(path, child_rel)
+                node = _node_from_stat(st)
+                node.xattrs = [(k, v) for k, v in xattrs if not k.startswith(OVERLAY)]
+                if stat.S_ISDIR(st.st_mode):
+                    if key in dirs_seen:
+                        raise BadInputError(f"{os.fsdecode(child_rel)} on the disk is a directory seen twice; refused")
+                    dirs_seen.add(key)
+                    below = dnode.children.get(name)
+                    opaque = dict(xattrs).get(OPAQUE) == b"y"
+                    node.children = below.children if (below is not None and below.is_dir and not opaque
+                                                       and below.children is not None) else {}
+                    stack.append((path, child_rel, node))
+                elif stat.S_ISLNK(st.st_mode):
+                    node.target = os.readlink(path)
+                elif stat.S_ISREG(st.st_mode):
+                    nbytes += st.st_size
+                    if nbytes > self.max_bytes:
+                        raise BadInputError(f"the disk's files add up to over {self.max_bytes:,} bytes (sparse files "
+                                            f"past {APPARENT_FACTOR}x the disk's size); refused at "
+                                            f"{os.fsdecode(child_rel)}")
+                    pending.append((path, st.st_size, st.st_blocks, node, child_rel))
+                if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
+                    hardlinks[key] = node
+                dnode.children[name] = node
+        done = 0
+        for files, (path, size, blocks, node, rel) in enumerate(pending, 1):
+            ingest.add_file(path, size, blocks, node.extents, rel)
+            done += size
+            tick(files, done)
+
+    def _attrs_from(self, node: Node, st: os.stat_result, path: bytes) -> None:
+        new = _node_from_stat(st)
+        node.mode, node.uid, node.gid = new.mode, new.uid, new.gid
+        node.atime_ns, node.mtime_ns, node.ctime_ns = new.atime_ns, new.mtime_ns, new.ctime_ns
+        node.xattrs = [(k, v) for k, v in self._xattrs(path, b"/") if not k.startswith(OVERLAY)]
+
+    @staticmethod
+    def _xattrs(path: bytes, rel: bytes) -> list[tuple[bytes, bytes]]:
+        try:
+            xattrs = _xattrs(path)
+        except OSError as err:
+            if err.errno in (errno.ENOTSUP, errno.ENODATA):
+                return []
+            raise BadInputError(f"cannot read the xattrs of {os.fsdecode(rel)} on the disk: {err.strerror}") from None
+        if any(k in UNREAD for k, _v in xattrs):
+            raise BadInputError(f"{os.fsdecode(rel)} on the disk uses overlayfs redirect_dir or metacopy, which a "
+                                "commit does not read; refused")
+        return xattrs
+
+    def unread_reachable(self) -> list[tuple[Node, bytes]]:
+        """The base image's files still in the tree whose chunks the target store lacks."""
+        if not self.unread:
+            return []
+        out, stack, seen = [], [self.root], set()
+        while stack:
+            node = stack.pop()
+            for child in (node.children or {}).values():
+                if child.is_dir:
+                    stack.append(child)
+                elif id(child) in self.unread and id(child) not in seen:
+                    seen.add(id(child))
+                    out.append(self.unread[id(child)])
+        return out
+
+
+def merged_scan(upper: str | None, image: Image | None, base: BaseImage | None, disk_size: int,
+                cache_dir: str, stack: ExitStack, counts: dict[str, int]) -> object:
+    """A ``scan`` for cubefs.dedup.builder.build: the base image's tree with ``upper`` laid over."""
+    from cubefs.node.private_mount import private_mount
+
+    def scan(_src: str, ingest: Ingest, tick: Tick, known: dict[bytes, ChunkLocation]) -> Node:
+        merge = Merge(image, known, disk_size)
+        if upper is not None:
+            merge.apply_upper(upper, ingest, tick)
+        unread = merge.unread_reachable()
+        if unread and base is not None:  # another store than the base's: read these from the image
+            mnt = stack.enter_context(private_mount(f"reading {base.ref}", base.ref, "--store", base.store,
+                                                    *(["--s3-endpoint", base.s3_endpoint] if base.s3_endpoint
+                                                      else []), "--cache-dir", cache_dir))
+            for node, path in unread:
+                st = os.lstat(os.fsencode(mnt) + path)
+                ingest.add_file(os.fsencode(mnt) + path, st.st_size, st.st_blocks, node.extents, path)
+        counts["reused"] = _count_known(merge.root)
+        return merge.root
+
+    return scan
+
+
+def _count_known(root: Node) -> int:
+    n, stack, seen = 0, [root], set()
+    while stack:
+        node = stack.pop()
+        for child in (node.children or {}).values():
+            if child.is_dir:
+                stack.append(child)
+            elif id(child) not in seen and any(isinstance(e, KnownChunks) for e in child.extents):
+                seen.add(id(child))
+                n += 1
+    return n
