@@ -81,6 +81,9 @@ def add_parsers(sub: Any, store_args: Any) -> None:
                    help="a NIC per sandbox, egress through this node's gateway (network namespaces, nftables)")
     q.add_argument("--network-pool", type=int, default=4, metavar="N",
                    help="with --network: namespaces kept ready (default 4)")
+    q.add_argument("--dns-upstream", action="append", default=None, metavar="IP[:PORT]",
+                   help="with --network: where the sandboxes' resolver forwards (repeatable; default: "
+                   "/etc/resolv.conf's nameservers)")
     q.add_argument("--pool-size", type=int, default=2, metavar="N",
                    help="sandboxes kept made and paused per template, so a create only resumes one (default 2; "
                    "0: none)")
@@ -170,8 +173,9 @@ def add_parsers(sub: Any, store_args: Any) -> None:
                      "destination in --allow goes out, else one in --deny is refused, else it goes out "
                      "(--no-internet: refused).")
     q.add_argument("sandbox")
-    q.add_argument("--allow", action="append", default=[], metavar="CIDR", help="may be repeated")
-    q.add_argument("--deny", action="append", default=[], metavar="CIDR", help="may be repeated")
+    q.add_argument("--allow", action="append", default=[],
+                   metavar="CIDR|NAME", help="may be repeated; NAME: a domain or *.DOMAIN")
+    q.add_argument("--deny", action="append", default=[], metavar="CIDR|NAME", help="may be repeated")
     q.add_argument("--no-internet", action="store_true", help="refuse what --allow does not name")
     _client_args(q)
     q = s.add_parser("logs", help="a sandbox's console log")
@@ -370,7 +374,8 @@ def _serve(args: argparse.Namespace) -> int:
     asyncio.run(serve(parse_listen(args.api_listen, 3000), parse_listen(args.proxy_listen, 3002), keys,
                       args.domain, Path(args.kernel) if args.kernel else None,
                       pool_size=args.pool_size,
-                      network_pool=args.network_pool if args.network else None, capacity=capacity, cluster=cluster))
+                      network_pool=args.network_pool if args.network else None, capacity=capacity, cluster=cluster,
+                      dns_upstream=args.dns_upstream))
     return EXIT_OK
 
 

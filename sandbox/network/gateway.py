@@ -9,15 +9,21 @@ Node side (``table inet cubefs``):
   dropped.  Nothing new goes *into* a veth (only replies): ingress is the proxy's.
 * ``input``: nothing from a veth reaches the node itself (API, proxy, peer port, etcd...).
 * ``postrouting``: what leaves for anywhere else is masqueraded to the node's address.
+* ``ended``: a sandbox's TCP connection leaves the conntrack table 2 s after it closes (not
+  the 120 s of TIME_WAIT): ``accounting`` logs it with its bytes when its entry goes.
 * ``sN``: replies pass; a source other than the sandbox's own address is dropped (spoofing);
   link-local (169.254.0.0/16, the metadata address), loopback and the sandboxes' range are
-  refused; then the policy (``policy.Policy``): allowed networks, refused networks, the
-  default.  Every new connection is logged to NFLOG group ``LOG_GROUP`` with a prefix naming
-  the slot and the verdict (``flowlog`` reads them).
+  refused; then the policy (``policy.Policy``): allowed networks and the set ``aN`` (the
+  addresses of allowed names, put there by the resolver, each with a timeout), refused
+  networks and the set ``dN`` (those of denied names), the default.  Every new connection
+  is logged to NFLOG group ``LOG_GROUP`` with a prefix naming the slot and the verdict
+  (``flowlog`` reads them).
 
 Sandbox side (``table ip cubefs`` in its namespace): only the guest's address (169.254.0.21)
 is forwarded from the tap, SNATed to the namespace's address on its veth; only replies are
-forwarded back; nothing from the tap reaches the namespace itself.
+forwarded back; DNS from the tap to any address (UDP and TCP port 53) is DNATed to the
+resolver's socket in the namespace (``GATEWAY_IP``:53), the only thing of the namespace the
+guest reaches.
 """
 
 from __future__ import annotations
@@ -56,6 +62,8 @@ flush chain inet {TABLE} forward
 flush chain inet {TABLE} input
 flush chain inet {TABLE} postrouting
 add rule inet {TABLE} forward iifname "{v}*" oifname "{v}*" counter drop
+add ct timeout inet {TABLE} ended {{ protocol tcp ; l3proto ip ; policy = {{ time_wait : 2, close : 2 }} ; }}
+add rule inet {TABLE} forward iifname "{v}*" ct state new ct timeout set "ended"
 add rule inet {TABLE} forward iifname "{v}*" iifname vmap @egress
 add rule inet {TABLE} forward iifname "{v}*" counter drop
 add rule inet {TABLE} forward oifname "{v}*" ct state established,related accept
@@ -69,9 +77,15 @@ def chain_name(slot: int) -> str:
     return f"s{slot}"
 
 
-def sandbox_chain(slot: int, policy: Policy | None) -> str:
+def set_names(slot: int) -> tuple[str, str]:
+    """Slot ``slot``'s sets: (addresses of allowed names, addresses of denied names)."""
+    return f"a{slot}", f"d{slot}"
+
+
+def sandbox_chain(slot: int, policy: Policy | None, flush_sets: bool = False) -> str:
     """Slot ``slot``'s chain with ``policy`` (None: not handed out yet, nothing goes out),
-    made or replaced in one transaction, and its entry in the verdict map."""
+    made or replaced in one transaction, and its entry in the verdict map; its name sets
+    emptied too with ``flush_sets`` (the policy's names changed)."""
     _node_end, own = addresses(slot)
     c = chain_name(slot)
     veth = f"{NODE_VETH}{slot}"
@@ -86,17 +100,24 @@ def sandbox_chain(slot: int, policy: Policy | None) -> str:
         "meta nfproto ipv6 counter drop",
         f"ip daddr {{ {', '.join(REFUSED_ALWAYS)} }} {log('refused')} counter {refuse}",
     ]
+    allowed, denied = set_names(slot)
     if policy is None:
         rules.append(f"counter {refuse}")
     else:
         allow, deny = policy.effective()
         if allow:
             rules.append(f"ip daddr {{ {', '.join(allow)} }} {log('allowed')} counter accept")
+        rules.append(f"ip daddr @{allowed} {log('allowed')} counter accept")
         if deny:
             rules.append(f"ip daddr {{ {', '.join(deny)} }} {log('refused')} counter {refuse}")
+        rules.append(f"ip daddr @{denied} {log('refused')} counter {refuse}")
         rules.append(f"{log('allowed')} counter accept")
+    sets = "\n".join(f"add set inet {TABLE} {n} {{ type ipv4_addr ; flags timeout ; }}" for n in (allowed, denied))
+    if flush_sets:
+        sets += "\n" + "\n".join(f"flush set inet {TABLE} {n}" for n in (allowed, denied))
     body = "\n".join(f"add rule inet {TABLE} {c} {r}" for r in rules)
     return f"""
+{sets}
 add chain inet {TABLE} {c}
 flush chain inet {TABLE} {c}
 {body}
@@ -108,18 +129,43 @@ def remove_chain(slot: int) -> str:
     return f"""
 delete element inet {TABLE} egress {{ "{NODE_VETH}{slot}" }}
 delete chain inet {TABLE} {chain_name(slot)}
+delete set inet {TABLE} {set_names(slot)[0]}
+delete set inet {TABLE} {set_names(slot)[1]}
+"""
+
+
+def set_elements(slot: int, which: int, addresses: dict[str, int]) -> str:
+    """Put ``addresses`` (address -> seconds to keep it) in slot ``slot``'s allow set
+    (``which`` 0) or deny set (1), each kept that long from now.  An element already there
+    keeps its old timeout on an ``add``, so it is added (if missing), deleted and added again
+    in one transaction: never absent in between."""
+    name = set_names(slot)[which]
+    plain = ", ".join(addresses)
+    timed = ", ".join(f"{a} timeout {t}s" for a, t in addresses.items())
+    return f"""
+add element inet {TABLE} {name} {{ {plain} }}
+delete element inet {TABLE} {name} {{ {plain} }}
+add element inet {TABLE} {name} {{ {timed} }}
 """
 
 
 def namespace_rules(slot: int) -> str:
+    """The namespace's table, made anew (an adopted namespace of an older service gets
+    today's rules)."""
     _node_end, own = addresses(slot)
+    dns = "meta l4proto { udp, tcp } th dport 53"
     return f"""
 add table ip {TABLE}
+delete table ip {TABLE}
+add table ip {TABLE}
+add chain ip {TABLE} prerouting {{ type nat hook prerouting priority dstnat ; policy accept ; }}
+add rule ip {TABLE} prerouting iifname "tap0" {dns} dnat to {GATEWAY_IP}
 add chain ip {TABLE} forward {{ type filter hook forward priority filter ; policy drop ; }}
 add chain ip {TABLE} input {{ type filter hook input priority filter ; policy accept ; }}
 add chain ip {TABLE} postrouting {{ type nat hook postrouting priority srcnat ; policy accept ; }}
 add rule ip {TABLE} forward iifname "tap0" oifname "veth0" ip saddr {GUEST_IP} accept
 add rule ip {TABLE} forward iifname "veth0" oifname "tap0" ct state established,related accept
+add rule ip {TABLE} input iifname "tap0" ip daddr {GATEWAY_IP} {dns} accept
 add rule ip {TABLE} input iifname "tap0" drop
 add rule ip {TABLE} postrouting oifname "veth0" ip saddr {GUEST_IP} snat to {own}
 """

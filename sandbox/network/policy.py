@@ -5,13 +5,22 @@ lists of CIDR blocks or bare IPs; "allowed entries always take precedence over d
 entries"; ``allow_internet_access=False`` "behaves the same as" ``denyOut: ["0.0.0.0/0"]``;
 everything else goes out (the default).  So a destination in allowOut goes out, else one in
 denyOut is refused, else it goes out.  ``PUT /sandboxes/{id}/network`` replaces the whole
-policy: a field left out is cleared.  Domain names (allowOut only, in E2B) need a resolver
-the gateway controls: refused here with a clear error until there is one.
+policy: a field left out is cleared.
+
+Domain names: E2B accepts them in allowOut, with wildcards (``*.example.com``: any name
+under example.com, not example.com itself); here denyOut takes them too.  They work through
+the node's resolver (``resolver``), which every guest's DNS goes to: an answer for an allowed
+name puts its addresses in the sandbox's allow set before the guest sees it; a denied name
+is answered REFUSED.  A name in both lists is allowed (E2B: allowed entries take precedence).
+A name in neither is resolved as usual, unless the policy refuses all traffic
+(``0.0.0.0/0`` denied, or no internet): then it is refused too, since such a sandbox could
+reach nothing by it and its queries would be a way out (data in the names asked).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -19,6 +28,7 @@ from cubefs.errors import UsageError
 
 ALL_TRAFFIC = "0.0.0.0/0"
 MAX_ENTRIES = 1000
+_LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")
 
 
 @dataclass
@@ -51,9 +61,32 @@ class Policy:
 
     def effective(self) -> tuple[list[str], list[str]]:
         """(allowed, refused) networks, each collapsed (nft refuses overlapping intervals in
-        one set); allowed wins where both hold."""
-        deny = self.deny_out + ([] if self.internet else [ALL_TRAFFIC])
-        return _collapse(self.allow_out), _collapse(deny)
+        one set); allowed wins where both hold.  Names are not in them (``names``)."""
+        deny = [e for e in self.deny_out if not is_name(e)] + ([] if self.internet else [ALL_TRAFFIC])
+        return _collapse([e for e in self.allow_out if not is_name(e)]), _collapse(deny)
+
+    def names(self) -> tuple[list[str], list[str]]:
+        """(allowed, refused) domain names and wildcards."""
+        return [e for e in self.allow_out if is_name(e)], [e for e in self.deny_out if is_name(e)]
+
+    def name_match(self, name: str) -> str | None:
+        """``allowed`` or ``refused`` if an entry names ``name`` (lower case, no trailing
+        dot), allowOut first; None if none does."""
+        allow, deny = self.names()
+        if any(_matches(p, name) for p in allow):
+            return "allowed"
+        if any(_matches(p, name) for p in deny):
+            return "refused"
+        return None
+
+    def name_verdict(self, name: str) -> str:
+        """What the resolver does with a query for ``name``: ``allowed`` (its addresses go
+        in the allow set), ``refused`` (REFUSED), or ``passed`` (answered; the addresses
+        decide)."""
+        match = self.name_match(name)
+        if match is not None:
+            return match
+        return "refused" if ALL_TRAFFIC in self.effective()[1] else "passed"
 
     def api(self) -> dict[str, Any]:
         """As the E2B API shows it (``SandboxDetail.network``)."""
@@ -64,22 +97,47 @@ def _cidrs(value: Any, what: str) -> list[str]:
     if value is None:
         return []
     if not isinstance(value, list) or len(value) > MAX_ENTRIES:
-        raise UsageError(f"network.{what} must be a list of at most {MAX_ENTRIES} CIDR blocks or IP addresses")
+        raise UsageError(f"network.{what} must be a list of at most {MAX_ENTRIES} CIDR blocks, IP addresses "
+                         "or domain names")
     out = []
     for entry in value:
         if not isinstance(entry, str):
-            raise UsageError(f"network.{what}: {entry!r} is not a CIDR block or an IP address")
+            raise UsageError(f"network.{what}: {entry!r} is not a CIDR block, an IP address or a domain name")
         try:
             net = ipaddress.ip_network(entry.strip(), strict=False)
         except ValueError:
-            if any(c.isalpha() for c in entry) and "/" not in entry:
-                raise UsageError(f"network.{what}: {entry!r}: domain names are not supported yet (they need a "
-                                 "resolver the gateway controls); give CIDR blocks or IP addresses") from None
-            raise UsageError(f"network.{what}: {entry!r} is not a CIDR block or an IP address") from None
+            name = _domain(entry)
+            if name is None:
+                raise UsageError(f"network.{what}: {entry!r} is not a CIDR block, an IP address or a domain "
+                                 "name") from None
+            out.append(name)
+            continue
         if net.version != 4:
             raise UsageError(f"network.{what}: {entry!r}: sandboxes have IPv4 only")
         out.append(str(net))
     return out
+
+
+def is_name(entry: str) -> bool:
+    return any(c.isalpha() or c in "*_-" for c in entry)  # an IPv4 CIDR has none of these
+
+
+def _domain(entry: str) -> str | None:
+    """``entry`` as a domain name or a ``*.`` wildcard (lower case, no trailing dot), or None."""
+    name = entry.strip().lower().removesuffix(".")
+    body = name[2:] if name.startswith("*.") else name
+    labels = body.split(".")
+    if not body or len(body) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
+        return None
+    if labels[-1].isdigit():
+        return None  # "1.2.3" is a bad address, not a name
+    return name
+
+
+def _matches(pattern: str, name: str) -> bool:
+    if pattern.startswith("*."):
+        return name.endswith(pattern[1:])
+    return name == pattern
 
 
 def _collapse(nets: list[str]) -> list[str]:

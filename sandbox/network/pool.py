@@ -32,6 +32,7 @@ from sandbox.network import gateway, netns
 from sandbox.network.flowlog import Flow, FlowLog
 from sandbox.network.nft import Nft, NftError, run_once
 from sandbox.network.policy import Policy
+from sandbox.network.resolver import Resolver, listen_here, upstreams_from
 from vmm.machine import Netdev
 
 log = logging.getLogger("cubefs.sandbox.network")
@@ -42,7 +43,9 @@ DEFAULT_POOL = 4
 class Networks:
     """The node's sandbox networks (one per service)."""
 
-    def __init__(self, state: Path, pool_size: int = DEFAULT_POOL) -> None:
+    def __init__(self, state: Path, pool_size: int = DEFAULT_POOL, dns_upstream: list[str] | None = None) -> None:
+        self.upstreams = upstreams_from(dns_upstream)  # the resolver's (resolver.py): a bad one refused now
+        self._resolver: Resolver | None = None
         self.dir = state / "network"
         self.prefix = "cf" + hashlib.sha256(str(state.resolve()).encode()).hexdigest()[:6] + "-"
         self.pool_size = pool_size
@@ -67,6 +70,10 @@ class Networks:
         netns.write_sysctl("net.ipv4.ip_forward", "1")
         self._nft = Nft()
         self._nft.run(gateway.node_table())
+        if not self.upstreams:
+            log.warning("sandbox DNS: no upstream (no nameserver in /etc/resolv.conf, no --dns-upstream): "
+                        "every name fails")
+        self._resolver = Resolver(self.upstreams, self._dns_lookup, self._dns_admit)
         private_dir(self.dir)
         chains = set(self._chains())
         for path in sorted(self.dir.glob("*.json")):
@@ -85,6 +92,7 @@ class Networks:
             self.policies[sid] = policy
             if slot not in chains:  # the kernel's chain is the truth while it is there (the record is not synced)
                 self._nft.run(gateway.sandbox_chain(slot, policy))
+            self._resolver.add(slot, netns.in_netns(self.ns(slot), lambda s=slot: _dns_inside(s)))
         kept = set(self.slots.values())
         for name in netns.names(self.prefix):
             tail = name[len(self.prefix):]
@@ -117,6 +125,8 @@ class Networks:
             self._remove(slot)
         if self._flowlog is not None:
             self._flowlog.close()
+        if self._resolver is not None:
+            self._resolver.close()
         if self._nft is not None:
             if not self.slots:  # no sandbox keeps a chain in it: the node is left as it was
                 self._nft_quiet(f"delete table inet {gateway.TABLE}")
@@ -161,7 +171,13 @@ class Networks:
         slot = self.slots.get(sandbox_id)
         if slot is None or self._nft is None:
             raise NotFoundError(f"sandbox {sandbox_id!r} has no network")
-        self._nft.run(gateway.sandbox_chain(slot, policy))
+        old = self.policies.get(sandbox_id)
+        renamed = old is not None and old.names() != policy.names()  # the sets' addresses came from old names
+        self._nft.run(gateway.sandbox_chain(slot, policy, flush_sets=renamed))
+        if self._resolver is not None:
+            if renamed:
+                self._resolver.forget(slot)
+            self._resolver.deny_names(slot, policy.names()[1])
         self._save(sandbox_id, slot, policy)
         log.info("sandbox %s: egress policy: internet %s, allow %s, deny %s", sandbox_id,
                  "yes" if policy.internet else "no", policy.allow_out or "-", policy.deny_out or "-")
@@ -241,12 +257,17 @@ class Networks:
                                      f"link set tap0 address {gateway.GATEWAY_MAC}\n"
                                      f"addr add {gateway.GATEWAY_IP}/30 dev tap0\nlink set tap0 up\n")
 
-            def inside() -> None:
+            def inside() -> Any:
                 netns.write_sysctl("net.ipv4.ip_forward", "1")
                 netns.write_sysctl("net.ipv6.conf.all.disable_ipv6", "1")
-                run_once(gateway.namespace_rules(slot))
+                return _dns_inside(slot)
 
-            netns.in_netns(ns, inside)
+            socks = netns.in_netns(ns, inside)
+            if self._resolver is not None:
+                self._resolver.add(slot, socks)
+            else:
+                for s in socks:
+                    s.close()
             assert self._nft is not None
             self._nft.run(gateway.sandbox_chain(slot, None))
         except BaseException:
@@ -255,6 +276,8 @@ class Networks:
         self.made += 1
 
     def _remove(self, slot: int) -> None:
+        if self._resolver is not None:
+            self._resolver.remove(slot)
         self._nft_quiet(gateway.remove_chain(slot))
         try:
             netns.remove(self.ns(slot))
@@ -306,10 +329,27 @@ class Networks:
             lines.append(f'cubefs_sandbox_egress_connections_total{{sandbox="{sid}",verdict="{verdict}"}} {n}')
         lines.append("# TYPE cubefs_egress_connections_total counter")
         lines += [f'cubefs_egress_connections_total{{verdict="{v}"}} {self.totals[v]}' for v in ("allowed", "refused")]
+        if self._resolver is not None:
+            lines += self._resolver.metrics()
         return lines
+
+    def _dns_lookup(self, slot: int) -> tuple[str, Policy | None] | None:
+        """The sandbox on slot ``slot`` and its policy (for the resolver)."""
+        sid = next((s for s, n in list(self.slots.items()) if n == slot), None)
+        return None if sid is None else (sid, self.policies.get(sid))
+
+    def _dns_admit(self, slot: int, which: int, addresses: dict[str, int]) -> None:
+        assert self._nft is not None
+        self._nft.run(gateway.set_elements(slot, which, addresses))
 
     def info(self) -> dict[str, Any]:
         return {"ready": len(self.ready), "in_use": len(self.slots)}
+
+
+def _dns_inside(slot: int) -> Any:
+    """In slot ``slot``'s namespace: its rules (made anew), the resolver's sockets."""
+    run_once(gateway.namespace_rules(slot))
+    return listen_here()
 
 
 @contextlib.contextmanager
