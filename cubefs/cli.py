@@ -221,6 +221,10 @@ def make_parser(plugins: bool = True) -> argparse.ArgumentParser:
                    "vhost-user socket QEMU's vhost-user-fs device connects to, and the daemon ends with the VM; "
                    "'vhost-user-blk' serves a block volume ('volume create NAME --block SIZE') to QEMU's "
                    "vhost-user-blk device the same way")
+    p.add_argument("--raw", action="store_true",
+                   help="with --volume of a VM's disk (a block volume with an image under it): show the disk as "
+                   "the file /disk (without it such a mount is refused: the host does not mount what a guest "
+                   "wrote; 'cubefs commit' the disk and mount that image to see its files)")
     p.add_argument("--shared", action="store_true",
                    help="with --volume and --transport virtiofs: served by the node's one root host for the "
                    "volume's image (forked by the mount server when none runs), which holds the image's metadata "
@@ -617,6 +621,10 @@ def _mount_target(args: argparse.Namespace) -> tuple[str, str]:
         raise UsageError(f"mountpoint {args.mountpoint} is not a directory")
     elif os.path.ismount(mp):
         raise UsageError(f"{args.mountpoint} is already a mount point")
+    if args.volume and args.transport in ("kernel", "pyfuse3") and not getattr(args, "raw", False):
+        from cubefs.volume.blk import refuse_host_view
+
+        refuse_host_view(args.volume_dir, args.volume)
     cache_dir = os.path.abspath(args.cache_dir or default_cache_dir())
     if args.peers and args.peers_file:
         raise UsageError("give --peers or --peers-file, not both")

@@ -146,6 +146,17 @@ def test_commit_of_a_disk_is_the_image_with_the_upper_laid_over(env: dict[str, s
     assert got == want
     assert got["/etc/new.conf"][3][2] == 2 and got["/hl1"][3][2] == 2
     assert not leftovers(env)
+    # A host-side mount of the disk says why not and what instead; --raw shows the disk file.
+    (tmp_path / "view").mkdir()
+    res = run_cubefs("mount", "--volume", "d@s1", str(tmp_path / "view"), env=env, check=False)
+    assert res.returncode != 0 and "cubefs commit d@s1" in res.stderr and "--raw" in res.stderr, res
+    assert res.stderr.count("\n") == 1 and not os.path.ismount(tmp_path / "view"), res
+    run_cubefs("mount", "--volume", "d@s1", str(tmp_path / "view"), "--raw", env=env)
+    try:
+        assert os.listdir(tmp_path / "view") == ["disk"]
+        assert (tmp_path / "view/disk").stat().st_size == 64 * MiB
+    finally:
+        run_cubefs("umount", str(tmp_path / "view"), env=env)
 
 
 def test_a_damaged_disk_and_a_disk_without_an_image_are_refused_in_one_line(env: dict[str, str],

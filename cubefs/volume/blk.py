@@ -192,3 +192,25 @@ def _extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
         end = os.lseek(fd, start, os.SEEK_HOLE)
         yield start, end - start
         off = end
+
+
+def refuse_host_view(volume_dir: str, spec: str) -> None:
+    """A host-side mount of a VM's disk (a block volume with its overlay's image recorded)
+    would show only the raw ``disk`` file, which is not what its user means: say why and what
+    to do instead.  Other volumes, and names that do not exist (the mount's own error), pass."""
+    from cubefs.errors import NotFoundError
+
+    volume, _, snap = spec.partition("@")
+    if not os.path.exists(os.path.join(volume_dir, "index.lmdb")):
+        return
+    index = VolumeIndex(volume_dir)
+    try:
+        lower = lower_of(index, volume, snap or None)
+    except NotFoundError:
+        return
+    finally:
+        index.close()
+    if lower is not None:
+        raise UsageError(f"volume {volume} is a VM's disk (an ext4 under an overlay over {lower.ref}), which the "
+                         f"host does not mount: 'cubefs commit {spec} --tag NAME:TAG' and mount that image to see "
+                         "its files, or add --raw to see the disk as the file /disk")

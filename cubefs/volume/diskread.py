@@ -105,7 +105,7 @@ def disk_tree(index: VolumeIndex, volume: str, snapshot: str, cache_dir: str) ->
     index.sync()
     try:
         with private_mount(f"reading {what}", None, "--volume", clone, "--volume-dir", index.directory,
-                           "--cache-dir", cache_dir, "--no-server") as mnt:
+                           "--cache-dir", cache_dir, "--no-server", "--raw") as mnt:
             disk = os.path.join(mnt, "disk")
             check_ext4(disk, what)
             with fuse2fs(disk, what) as root:
