@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 need_apt=0
 for cmd in fusermount3 pkg-config debootstrap zstd tar chroot git dpkg-deb docker-registry skopeo umoci \
-           qemu-system-x86_64 etcd etcdctl; do
+           qemu-system-x86_64 etcd etcdctl fuse2fs; do
   command -v "$cmd" >/dev/null 2>&1 || need_apt=1
 done
 dpkg -s libfuse3-dev >/dev/null 2>&1 || need_apt=1
@@ -24,7 +24,7 @@ if [ "$need_apt" = 1 ]; then
   fi
   apt-get update -qq
   apt-get install -y -qq fuse3 libfuse3-dev pkg-config debootstrap zstd tar attr gcc git \
-    docker-registry skopeo umoci etcd-server etcd-client >/dev/null
+    docker-registry skopeo umoci etcd-server etcd-client fuse2fs >/dev/null
   apt-get install -y -qq -t bookworm-backports qemu-system-x86 qemu-utils >/dev/null
   # The cluster scheduler's store (issue 15); tests start their own etcd on free
   # loopback ports, so the packaged service (no auth, port 2379) must not run.
