@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import run_cubefs
+from conftest import Mount, run_cubefs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from make_vm_kernel import DEFAULT, make_kernel
@@ -148,6 +148,15 @@ def test_a_vm_on_a_disk_writes_there_snapshots_rolls_back_forks_and_starts_again
     assert res.returncode == 0, res.stdout + res.stderr
     cat = subprocess.run(["debugfs", "-R", "cat /upper/root/hello", str(img)], capture_output=True, text=True)
     assert cat.stdout == "hi\n", cat
+    # 'cubefs commit' of the disk: the image the VM ran, with what the guest wrote (the overlay's upper
+    # on the disk, read in user space) laid over it; the image's own files are not read again.
+    out = json.loads(run_cubefs("commit", "kept-0", "--tag", "boxed:1", "--json", env=env, timeout=900).stdout)
+    assert out["files_reused"] > 1000, out
+    with Mount("boxed:1", tmp_path / "boxed", env["CUBEFS_STORE"], Path(env["CUBEFS_CACHE_DIR"])) as m:
+        root = m.mountpoint
+        assert (root / "root/hello").read_text() == "hi\n" and not (root / "root/after").exists()
+        assert (root / "root/python3.11/json/decoder.py").read_bytes() == \
+            (root / "usr/lib/python3.11/json/decoder.py").read_bytes()
     # Started again on that disk (twice, the second seeing the first's write): the files are there.
     vm(env, "start", "again", "debian:12", "--disk-volume", "kept-0", "--template", "base")
     try:
