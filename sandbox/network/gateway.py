@@ -34,6 +34,7 @@ from sandbox.network.policy import Policy
 
 TABLE = "cubefs"
 LOG_GROUP = 7
+ENDED_SECONDS = 2  # a sandbox's closed TCP connection's conntrack entry lives this long (TIME_WAIT: 120)
 NODE_VETH = "cfh"  # + slot: the node's end of a sandbox's veth pair
 SANDBOX_NET = ipaddress.IPv4Network("10.200.0.0/16")  # a /30 per slot: 16384 slots
 MAX_SLOTS = SANDBOX_NET.num_addresses // 4
@@ -52,6 +53,7 @@ def node_table() -> str:
     """The table, made if missing; its base chains' rules replaced (sandbox chains kept: a
     restarted service keeps its sandboxes' rules)."""
     v = NODE_VETH
+    ended = f"time_wait : {ENDED_SECONDS}, close : {ENDED_SECONDS}"
     return f"""
 add table inet {TABLE}
 add map inet {TABLE} egress {{ type ifname : verdict ; }}
@@ -62,7 +64,7 @@ flush chain inet {TABLE} forward
 flush chain inet {TABLE} input
 flush chain inet {TABLE} postrouting
 add rule inet {TABLE} forward iifname "{v}*" oifname "{v}*" counter drop
-add ct timeout inet {TABLE} ended {{ protocol tcp ; l3proto ip ; policy = {{ time_wait : 2, close : 2 }} ; }}
+add ct timeout inet {TABLE} ended {{ protocol tcp ; l3proto ip ; policy = {{ {ended} }} ; }}
 add rule inet {TABLE} forward iifname "{v}*" ct state new ct timeout set "ended"
 add rule inet {TABLE} forward iifname "{v}*" iifname vmap @egress
 add rule inet {TABLE} forward iifname "{v}*" counter drop

@@ -29,6 +29,7 @@ from typing import Any
 from cubefs.errors import CubefsError, NotFoundError
 from sandbox.config import private_dir
 from sandbox.network import gateway, netns
+from sandbox.network.accounting import Accounting
 from sandbox.network.flowlog import Flow, FlowLog
 from sandbox.network.nft import Nft, NftError, run_once
 from sandbox.network.policy import Policy
@@ -62,6 +63,7 @@ class Networks:
         self._nft: Nft | None = None
         self._filler: threading.Thread | None = None
         self._flowlog: FlowLog | None = None
+        self._accounting: Accounting | None = None  # bytes per connection (accounting.py)
 
     # -- life --------------------------------------------------------------------------
     def start(self, sandboxes: set[str]) -> None:
@@ -106,6 +108,10 @@ class Networks:
             self._flowlog = FlowLog(gateway.LOG_GROUP, self._on_flow)
         except OSError as err:
             log.warning("sandbox connections are not logged: %s", err)
+        try:
+            self._accounting = Accounting(self._sandbox_of, lambda: bool(self.slots))
+        except OSError as err:
+            log.warning("sandbox connections' bytes are not counted: %s", err)
         self._filler = threading.Thread(target=self._fill, name="netns pool", daemon=True)
         self._filler.start()
         log.info("sandbox networks: gateway table inet %s, %d in use, a pool of %d", gateway.TABLE,
@@ -125,6 +131,8 @@ class Networks:
             self._remove(slot)
         if self._flowlog is not None:
             self._flowlog.close()
+        if self._accounting is not None:
+            self._accounting.close()
         if self._resolver is not None:
             self._resolver.close()
         if self._nft is not None:
@@ -192,6 +200,8 @@ class Networks:
 
     def release(self, sandbox_id: str) -> None:
         """Remove the sandbox's network (nothing if it has none)."""
+        if self._accounting is not None and (own := self.address(sandbox_id)) is not None:
+            self._accounting.flush(sandbox_id, own)  # its open connections logged, their entries gone
         with self._lock:
             slot = self.slots.pop(sandbox_id, None)
             self.policies.pop(sandbox_id, None)
@@ -318,7 +328,22 @@ class Networks:
             return
         self.flows[(sid, verdict)] += 1
         self.totals[verdict] += 1
-        log.info("sandbox %s: connection %s %s:%d %s", sid, proto, dest, port, verdict)
+        if self._accounting is None:
+            log.info("sandbox %s: connection %s %s:%d %s", sid, proto, dest, port, verdict)
+        elif verdict == "refused":
+            self._accounting.refused(sid, proto, dest, port)
+        else:  # logged with its bytes when it ends
+            log.debug("sandbox %s: connection %s %s:%d %s", sid, proto, dest, port, verdict)
+
+    def _sandbox_of(self, slot: int) -> str | None:
+        return next((s for s, n in list(self.slots.items()) if n == slot), None)
+
+    def traffic(self, sandbox_id: str) -> dict[str, Any]:
+        """The sandbox's connections and bytes so far (``GET /sandboxes/ID/network``)."""
+        if sandbox_id not in self.slots:
+            raise NotFoundError(f"sandbox {sandbox_id!r} has no network")
+        doc = self._accounting.record(sandbox_id) if self._accounting is not None else {}
+        return {"connections": {v: self.flows[(sandbox_id, v)] for v in ("allowed", "refused")}, **doc}
 
     def metrics(self) -> list[str]:
         lines = ["# TYPE cubefs_sandbox_networks_ready gauge", f"cubefs_sandbox_networks_ready {len(self.ready)}",
@@ -329,6 +354,8 @@ class Networks:
             lines.append(f'cubefs_sandbox_egress_connections_total{{sandbox="{sid}",verdict="{verdict}"}} {n}')
         lines.append("# TYPE cubefs_egress_connections_total counter")
         lines += [f'cubefs_egress_connections_total{{verdict="{v}"}} {self.totals[v]}' for v in ("allowed", "refused")]
+        if self._accounting is not None:
+            lines += self._accounting.metrics()
         if self._resolver is not None:
             lines += self._resolver.metrics()
         return lines
