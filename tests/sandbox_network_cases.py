@@ -7,7 +7,10 @@ Everything runs in network namespaces this module makes: "node" (the service, it
 table, its sandboxes' namespaces hang off it) and "internet", joined by a veth pair.  The
 test process's main thread enters "node" for the module (the SDK's connections and the
 service it starts are there) and returns to its own namespace afterwards.  The machine's
-own interfaces and ruleset are never touched.  One service, one template (one TCG boot)."""
+own interfaces and ruleset are never touched.  One service, one template (one TCG boot).
+
+"The internet" has an authoritative DNS server (dnslib's zone resolver) for ``good.test`` and
+``bad.test``, two addresses of its web server; it is the service's ``--dns-upstream``."""
 
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/ne
 
 TAG = f"cfnt{os.getpid() % 100000}"
 INTERNET, OTHER_HOST, UPLINK = "198.18.0.1", "198.18.5.5", "198.18.0.2"  # 198.18/15: for tests (RFC 2544)
+GOOD_IP, BAD_IP = "198.18.6.6", "198.18.7.7"  # good.test, bad.test
 WEB_PORT, NODE_PORT = 8080, 9099
 HELLO = "hello from the internet"
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -84,13 +88,19 @@ ip link add up0 netns {node_ns} type veth peer name in0 netns {inet_ns}
 ip -n {node_ns} link set lo up; ip -n {node_ns} addr add {UPLINK}/24 dev up0; ip -n {node_ns} link set up0 up
 ip -n {node_ns} route add default via {INTERNET}
 ip -n {inet_ns} link set lo up; ip -n {inet_ns} addr add {INTERNET}/24 dev in0; ip -n {inet_ns} link set in0 up
-ip -n {inet_ns} addr add {OTHER_HOST}/32 dev lo""")
+ip -n {inet_ns} addr add {OTHER_HOST}/32 dev lo
+ip -n {inet_ns} addr add {GOOD_IP}/32 dev lo; ip -n {inet_ns} addr add {BAD_IP}/32 dev lo""")
+    zone = base / "test.zone"
+    zone.write_text(f"good.test. 30 IN A {GOOD_IP}\nbad.test. 30 IN A {BAD_IP}\n")
     servers = [subprocess.Popen(["ip", "netns", "exec", inet_ns, sys.executable, "-m", "http.server", "-b",
                                  "0.0.0.0", str(WEB_PORT), "-d", str(www)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
                # stands for the node's own listeners (API, proxy, peer port, etcd) on all its addresses
                subprocess.Popen(["ip", "netns", "exec", node_ns, sys.executable, "-m", "http.server", "-b",
                                  "0.0.0.0", str(NODE_PORT), "-d", str(www)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+               subprocess.Popen(["ip", "netns", "exec", inet_ns, sys.executable, "-m", "dnslib.zoneresolver",
+                                 "--zone", str(zone), "--address", INTERNET, "--port", "53"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     kernel = make_kernel(Path(DEFAULT))  # before entering the node: it may fetch Debian's packages
     home = os.open("/proc/self/ns/net", os.O_RDONLY)
@@ -104,7 +114,7 @@ ip -n {inet_ns} addr add {OTHER_HOST}/32 dev lo""")
         run_cubefs("build", str(rootfs), "--tag", "debian:12", env=env)
         run_cubefs("sandbox", "template", "create", "base", "--from", "debian:12", env=env, timeout=600)
         node = Node(env, *free_ports(2))
-        node.args = ["--pool-size", "0", "--network", "--network-pool", "2"]
+        node.args = ["--pool-size", "0", "--network", "--network-pool", "2", "--dns-upstream", f"{INTERNET}:53"]
         node.start()
         with environ(node.sdk_env):
             yield World(node, base, node_ns)
@@ -160,6 +170,29 @@ def ping(sbx: object, host: str) -> str:
             "except OSError:\n"
             "    print('NOTHING')\n")
     return str(sbx.commands.run(f"python3 -c {shlex.quote(code)}", user="root", timeout=30).stdout).strip()  # type: ignore[attr-defined]
+
+
+def dig(sbx: object, name: str, server: str) -> str:
+    """One A query for ``name`` sent by the guest straight to ``server``:53 (hand-encoded, UDP):
+    ``RCODE addresses...`` or ``NOTHING``."""
+    code = ("import socket,struct,sys\n"
+            "q = struct.pack('!HHHHHH', 4660, 256, 1, 0, 0, 0) + b''.join(bytes([len(p)]) + p.encode() "
+            "for p in sys.argv[1].split('.')) + b'\\0' + struct.pack('!HH', 1, 1)\n"
+            "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)\n"
+            "s.sendto(q, (sys.argv[2], 53))\n"
+            "try:\n"
+            "    d = s.recv(4096)\n"
+            "except OSError:\n"
+            "    print('NOTHING'); sys.exit()\n"
+            "rc = {0: 'NOERROR', 2: 'SERVFAIL', 3: 'NXDOMAIN', 5: 'REFUSED'}.get(d[3] & 15, d[3] & 15)\n"
+            "an = struct.unpack('!H', d[6:8])[0]; off = len(q); out = []\n"
+            "for _ in range(an):\n"
+            "    off += 2 if d[off] >= 192 else d.index(0, off) + 1 - off\n"
+            "    t, _c, _ttl, n = struct.unpack('!HHIH', d[off:off + 10]); off += 10\n"
+            "    if t == 1: out.append(socket.inet_ntoa(d[off:off + 4]))\n"
+            "    off += n\n"
+            "print(rc, *out)\n")
+    return str(sbx.commands.run(f"python3 -c {shlex.quote(code)} {name} {server}", timeout=30).stdout).strip()  # type: ignore[attr-defined]
 
 
 WEB = f"http://{INTERNET}:{WEB_PORT}/hello.txt"
@@ -223,6 +256,53 @@ def test_allow_and_deny_lists_and_the_cli(world: World) -> None:
 
     with pytest.raises((InvalidArgumentException, SandboxException)):
         Sandbox.create(timeout=60, network={"deny_out": ["10.0.0.0/33"]})
+
+
+GOOD, BAD = f"http://good.test:{WEB_PORT}/hello.txt", f"http://bad.test:{WEB_PORT}/hello.txt"
+
+
+def test_names_go_through_the_gateways_resolver_and_a_put_swaps_them(world: World) -> None:
+    from e2b import Sandbox
+
+    a = Sandbox.create(timeout=300, network={"deny_out": ["0.0.0.0/0"], "allow_out": ["good.test"]})
+    d = Sandbox.create(timeout=300)
+    try:
+        assert fetch(a, GOOD) == HELLO  # good.test's address went into a's allow set before the answer
+        failed = fetch(a, BAD)
+        assert failed.startswith("FAILED URLError") and "name resolution" in failed, failed
+        assert fetch(a, f"http://{BAD_IP}:{WEB_PORT}/hello.txt").startswith("FAILED")  # nor by its address
+        # DNS to the upstream itself, or to any address, is answered by the node's resolver
+        assert dig(a, "bad.test", INTERNET) == "REFUSED"
+        assert dig(a, "bad.test", "8.8.8.8") == "REFUSED"
+        assert dig(a, "good.test", "8.8.8.8") == f"NOERROR {GOOD_IP}"
+        a.update_network({"deny_out": ["0.0.0.0/0"], "allow_out": ["bad.test"]})  # swapped while it runs
+        assert fetch(a, BAD) == HELLO
+        assert fetch(a, GOOD).startswith("FAILED")
+        assert fetch(a, f"http://{GOOD_IP}:{WEB_PORT}/hello.txt").startswith("FAILED")  # it left the allow set
+        assert fetch(d, GOOD) == HELLO and fetch(d, BAD) == HELLO  # the default resolves both
+        assert dig(d, "nothing.test", INTERNET) == "NXDOMAIN"  # the upstream's own answer
+        log = world.node.log.read_text()
+        assert f"sandbox {a.sandbox_id}: dns good.test A -> {GOOD_IP} allowed" in log
+        assert f"sandbox {a.sandbox_id}: dns bad.test A -> - refused" in log
+        assert f"sandbox {d.sandbox_id}: dns bad.test A -> {BAD_IP} passed" in log
+        counts = {x.split('"')[1]: int(x.split()[-1]) for x in world.metrics().splitlines()
+                  if x.startswith("cubefs_sandbox_dns_queries_total{")}
+        assert counts["allowed"] > 0 and counts["refused"] > 0 and counts["passed"] > 0, counts
+    finally:
+        a.kill()
+        d.kill()
+
+
+def test_a_denied_name_is_not_reached_by_its_address_either(world: World) -> None:
+    from e2b import Sandbox
+
+    sbx = Sandbox.create(timeout=300, network={"deny_out": ["bad.test"]})
+    try:
+        assert fetch(sbx, f"http://{BAD_IP}:{WEB_PORT}/hello.txt").startswith("FAILED")  # never asked for
+        assert dig(sbx, "bad.test", INTERNET) == "REFUSED"
+        assert fetch(sbx, GOOD) == HELLO and fetch(sbx, WEB) == HELLO  # the rest goes out
+    finally:
+        sbx.kill()
 
 
 def test_a_sandbox_reaches_no_other_sandbox_nor_the_node_nor_metadata_nor_with_a_forged_source(

@@ -118,7 +118,7 @@ def parse_response(msg: bytes) -> Response:
             if i < an:
                 resp.min_answer_ttl = ttl if resp.min_answer_ttl is None else min(resp.min_answer_ttl, ttl)
                 if rtype == A and rclass == CLASS_IN and rdlen == 4:
-                    resp.addresses.append(str(ipaddress.IPv4Address(msg[rdata:rdata + 4])))
+                    resp.addresses.append(str(ipaddress.IPv4Address(bytes(msg[rdata:rdata + 4]))))
             elif i < an + ns and rtype == SOA and rdlen >= 20:
                 minimum = struct.unpack_from("!I", msg, rdata + rdlen - 4)[0]
                 resp.negative_ttl = min(ttl, minimum)
