@@ -94,6 +94,7 @@ class Front:
         await self.keeper.start()
 
     async def close(self) -> None:
+        await self.scheduler.close()
         await self.view.close()
         with contextlib.suppress(EtcdError):
             await self.keeper.stop(revoke=True)
@@ -334,7 +335,9 @@ class Front:
                  "# TYPE cubefs_front_view_revision gauge", f"cubefs_front_view_revision {v.revision}"]
         for name, value in (("placed", s.placed), ("refused", s.refused), ("unreachable", s.unreachable),
                             ("failed", s.failed), ("no_room", s.no_room), ("etcd_unavailable", s.etcd_down),
-                            ("reservation_conflicts", self.scheduler.conflicts), ("relists", v.relists)):
+                            ("reservation_conflicts", self.scheduler.conflicts), ("relists", v.relists),
+                            ("reservation_txns", self.scheduler.transactions),
+                            ("reservations", self.scheduler.reservations)):
             lines += [f"# TYPE cubefs_front_{name}_total counter", f"cubefs_front_{name}_total {value}"]
         for name, xs in (("decision", s.decisions), ("create", s.creates)):
             if xs:

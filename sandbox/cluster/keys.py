@@ -22,7 +22,7 @@ once: in the reservation until then, in ``used_*`` from then on.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Self
 
 from cubefs.errors import UsageError
@@ -36,7 +36,11 @@ class Record:
     (with defaults) filled, so nodes and fronts of two versions read each other's records."""
 
     def encode(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()  # type: ignore[call-overload]
+        # The fields as they are, not ``dataclasses.asdict``: that deep-copies every dict and list
+        # first, and was the largest part of a node's publishing (cProfile of the simulated nodes,
+        # tools/bench/cluster_sim.py: 2.5 of 8.0 s in ``_flush``, ~40 us per NodeInfo).
+        doc = {name: getattr(self, name) for name in self.__dataclass_fields__}  # type: ignore[attr-defined]
+        return json.dumps(doc, separators=(",", ":")).encode()
 
     @classmethod
     def decode(cls, raw: bytes) -> Self:

@@ -45,6 +45,7 @@ Exits 2 with a message when etcd is not installed; 1 when a case failed.
     .venv/bin/python tools/bench/cluster_sim.py --cases all --seconds 12   # docs/benchmarks.md's table, ~4 min
     .venv/bin/python tools/bench/cluster_sim.py --nodes 1000 --clients 0 --peer-watchers 100   # watch fan-out
     .venv/bin/python tools/bench/cluster_sim.py --nodes 1000 --profile /tmp/front.prof   # cProfile the front
+    .venv/bin/python tools/bench/cluster_sim.py --nodes 1000 --profile-nodes /tmp/nodes.prof   # ... the sim nodes
 """
 
 from __future__ import annotations
@@ -147,8 +148,7 @@ async def run_nodes(args: argparse.Namespace) -> None:
         leases[g] = await etcd.grant(args.ttl)
         for m in members[g * args.lease_group:(g + 1) * args.lease_group]:
             m.lease = leases[g]
-            m.published = {}
-            m.changed("", True)
+            m.republish()
 
     async def keepalive() -> None:
         while True:
@@ -428,7 +428,7 @@ def disk_of(path: Path) -> str:
 
 async def run_case(nodes: int, fronts: int, sample: int, seconds: float, clients: int, tmpfs: bool,
                    refresh: bool, lease_group: int, profile: str | None, keep_logs: Path | None,
-                   peer_watchers: int = 0) -> dict[str, Any]:
+                   peer_watchers: int = 0, profile_nodes: str | None = None) -> dict[str, Any]:
     import aiohttp
     from conftest import free_ports
     from etcd_cluster import EtcdCluster
@@ -446,7 +446,8 @@ async def run_case(nodes: int, fronts: int, sample: int, seconds: float, clients
             ports = free_ports(1 + 2 * fronts)
             t_setup = time.monotonic()
             sim = subprocess.Popen(
-                [sys.executable, __file__, "--role", "nodes", "--etcd", endpoint, "--nodes", str(nodes),
+                [sys.executable, *(["-m", "cProfile", "-o", profile_nodes] if profile_nodes else []), __file__,
+                 "--role", "nodes", "--etcd", endpoint, "--nodes", str(nodes),
                  "--port", str(ports[0]), "--key", key, "--lease-group", str(lease_group),
                  "--peer-watchers", str(peer_watchers), *([] if refresh else ["--no-refresh"])],
                 stdout=subprocess.PIPE, stderr=open(tmp / "nodes.log", "ab"), text=True, start_new_session=True)
@@ -525,6 +526,11 @@ async def run_case(nodes: int, fronts: int, sample: int, seconds: float, clients
         "e2e_p50_ms": load["e2e_p50_ms"], "e2e_p99_ms": load["e2e_p99_ms"],
         "conflicts": int(sum(f.get("cubefs_front_reservation_conflicts_total", 0) for f in fm)),
         "refused_by_node": int(sum(f.get("cubefs_front_refused_total", 0) for f in fm)),
+        # Group commit (sandbox/cluster/scheduler.py): reservations per transaction (absent: a front before it).
+        "reservations_per_txn": round(sum(f.get("cubefs_front_reservations_total", 0) for f in fm)
+                                      / txns, 2) if (txns := sum(f.get("cubefs_front_reservation_txns_total", 0)
+                                                                  for f in fm)) else None,
+        "etcd_proposals_per_placement": round(d("proposals") / placed, 2) if placed else None,
         "cpu_s": cpu,
         "cpu_ms_per_placement": {k: round(v / placed * 1e3, 2) if placed else None for k, v in cpu.items()},
         "etcd_proposals_per_s": round(d("proposals") / elapsed, 1),
@@ -585,6 +591,7 @@ def main() -> int:
                     help="'all': the table of docs/benchmarks.md (1,000 and 5,000 nodes, 1 and 2 fronts, "
                     "best-of-16 vs all, disk vs tmpfs)")
     ap.add_argument("--profile", metavar="FILE", help="run the (first) front under cProfile, stats to FILE")
+    ap.add_argument("--profile-nodes", metavar="FILE", help="run the simulated nodes under cProfile, stats to FILE")
     ap.add_argument("--logs", metavar="DIR", help="keep the fronts', nodes' and etcd's logs here")
     ap.add_argument("--json", action="store_true")
     # --role nodes
@@ -614,7 +621,7 @@ def main() -> int:
             r = asyncio.run(run_case(nodes, fronts, sample, args.seconds,
                                      args.clients if clients is None else clients, tmpfs, refresh,
                                      args.lease_group, args.profile, Path(args.logs) if args.logs else None,
-                                     watchers))
+                                     watchers, args.profile_nodes))
         except SystemExit as err:
             if len(cases) == 1:
                 raise
