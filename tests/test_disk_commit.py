@@ -177,3 +177,36 @@ def test_a_damaged_disk_and_a_disk_without_an_image_are_refused_in_one_line(env:
     back = tmp_path / "back.img"
     run_cubefs("volume", "export", "bad@s1", str(back), env=env)
     assert back.read_bytes() == img.read_bytes()
+
+
+def test_the_walk_is_bounded_whatever_the_guest_left(tmp_path: Path) -> None:
+    """What a guest can make the host do: entries and apparent bytes past the bounds are refused
+    with one line; a symlink is never followed (a loop is data)."""
+    from cubefs.errors import BadInputError
+    from cubefs.volume.diskread import Merge
+
+    class NoIngest:
+        def add_file(self, *_a: object) -> None:
+            raise AssertionError("nothing is read before the walk is done")
+
+    up = tmp_path / "upper"
+    (up / "d").mkdir(parents=True)
+    for i in range(10):
+        (up / f"d/f{i}").write_text("x")
+    os.symlink("loop", up / "loop")
+    os.symlink(str(tmp_path), up / "d/out")
+    with pytest.raises(BadInputError, match="over 5 entries"):
+        Merge(None, {}, 64 * MiB, max_entries=5).apply_upper(str(up), NoIngest(), lambda _f, _b: None)  # type: ignore[arg-type]
+    with open(up / "sparse", "wb") as f:
+        f.truncate(2 << 30)  # 2 GiB of nothing on a 64 MiB disk
+    with pytest.raises(BadInputError, match="sparse files"):
+        Merge(None, {}, 64 * MiB).apply_upper(str(up), NoIngest(), lambda _f, _b: None)  # type: ignore[arg-type]
+    (up / "sparse").unlink()
+    merge = Merge(None, {}, 64 * MiB)
+    queued: list[bytes] = []
+    merge.apply_upper(str(up), type("I", (), {"add_file": lambda _s, p, *_a: queued.append(p)})(),  # type: ignore[arg-type]
+                      lambda _f, _b: None)
+    assert merge.root.children is not None
+    assert merge.root.children[b"loop"].target == b"loop"
+    assert merge.root.children[b"d"].children[b"out"].target == os.fsencode(tmp_path)  # type: ignore[index]
+    assert len(queued) == 10
