@@ -108,7 +108,7 @@ def _commit_disk(index: VolumeIndex, volume: str, snapshot: str, lower: BaseImag
         upper = os.path.join(root, os.fsdecode(UPPER))
         scan = merged_scan(upper if os.path.lexists(upper) else None, image, lower, size, cache_dir, stack, counts)
         result = build(root, ref, store_url or lower.store, s3_endpoint or lower.s3_endpoint, tick=tick,
-                       scan=scan)  # type: ignore[arg-type]
+                       scan=scan)
     return CommitResult(result, volume, snapshot, counts.get("reused", 0))
 
 

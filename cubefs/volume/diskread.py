@@ -43,7 +43,7 @@ import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 
 from cubefs.cow.index import BaseImage, VolumeIndex
@@ -75,6 +75,8 @@ CLONE_PREFIX = "cubefs-diskread-"
 MAX_ENTRIES = 2_000_000  # ~1 GiB of tree in memory at most; a guest's disk past it is refused
 APPARENT_FACTOR = 16  # the upper's files may add up to 16x the disk's size (sparse files), no more
 TOOL_TIMEOUT = 900.0
+
+Scan = Callable[[str, Ingest, Tick, dict[bytes, ChunkLocation]], Node]
 
 
 def tools_present() -> None:
@@ -338,7 +340,7 @@ class Merge:
 
 
 def merged_scan(upper: str | None, image: Image | None, base: BaseImage | None, disk_size: int,
-                cache_dir: str, stack: ExitStack, counts: dict[str, int]) -> object:
+                cache_dir: str, stack: ExitStack, counts: dict[str, int]) -> Scan:
     """A ``scan`` for cubefs.dedup.builder.build: the base image's tree with ``upper`` laid over."""
     from cubefs.node.private_mount import private_mount
 
