@@ -69,6 +69,7 @@ def make_app(service: SandboxService, keys: ApiKeys, member: Any = None) -> web.
     r.add_get("/snapshots", api.snapshots)
     r.add_delete("/templates/{id}", api.delete_template)
     r.add_put("/sandboxes/{id}/network", api.network)
+    r.add_get("/sandboxes/{id}/network", api.traffic)
     return app
 
 
@@ -315,6 +316,17 @@ class Api:
             raise UsageError("this node's sandboxes have no network ('cubefs sandbox serve --network')")
         self._set_policy(sbx.id, Policy.from_api(doc, doc.get("allow_internet_access")))
         return web.Response(status=204)
+
+    async def traffic(self, request: web.Request) -> web.Response:
+        """``GET /sandboxes/{id}/network`` (cubefs's own): the policy, and the connections and
+        bytes so far (sandbox/network/accounting.py): totals, open ones, the last ended."""
+        sbx = self.service.get(request.match_info["id"])
+        if self.service.network is None:
+            raise UsageError("this node's sandboxes have no network ('cubefs sandbox serve --network')")
+        doc: dict[str, Any] = {"sandboxID": sbx.id}
+        if (policy := self._policy(sbx.id)) is not None:
+            doc |= {"allowInternetAccess": policy.internet, "network": policy.api()}
+        return web.json_response(doc | {"traffic": self.service.network.traffic(sbx.id)})
 
     def _set_policy(self, sandbox_id: str, policy: Policy | None) -> None:
         if self.service.network is not None and policy is not None:

@@ -36,6 +36,7 @@ examples:
   cubefs sandbox fork ID --count 3                           # three copies of its present
   cubefs sandbox pause ID; cubefs sandbox resume ID
   cubefs sandbox network ID --deny 0.0.0.0/0 --allow 10.1.0.0/16   # its egress, changed while it runs
+  cubefs sandbox network ID [--json]          # its bytes out/in, open and last connections
   cubefs sandbox snapshot ls; cubefs sandbox snapshot rm step3
 
 The stock E2B SDK drives the service unchanged: E2B_API_URL names the API, E2B_SANDBOX_URL the
@@ -168,10 +169,11 @@ def add_parsers(sub: Any, store_args: Any) -> None:
     q.add_argument("--user", default=None, help="default: user")
     q.add_argument("cmd", nargs="*", metavar="-- CMD")
     _client_args(q)
-    q = s.add_parser("network", help="replace a running sandbox's egress policy",
-                     description="As the E2B API's PUT /sandboxes/ID/network: the whole policy is replaced; a "
-                     "destination in --allow goes out, else one in --deny is refused, else it goes out "
-                     "(--no-internet: refused).")
+    q = s.add_parser("network", help="a sandbox's connections and bytes; with options, replace its egress policy",
+                     description="Without options: its egress policy, bytes out and in, open connections and the "
+                     "last ended or refused ones (GET /sandboxes/ID/network). With options, as the E2B API's PUT "
+                     "/sandboxes/ID/network: the whole policy is replaced; a destination in --allow goes out, "
+                     "else one in --deny is refused, else it goes out (--no-internet: refused).")
     q.add_argument("sandbox")
     q.add_argument("--allow", action="append", default=[],
                    metavar="CIDR|NAME", help="may be repeated; NAME: a domain or *.DOMAIN")
@@ -213,6 +215,23 @@ def add_parsers(sub: Any, store_args: Any) -> None:
     _client_args(q)
 
 
+def _traffic(doc: dict[str, Any], as_json: bool) -> int:
+    """``cubefs sandbox network ID``: the record of the sandbox's traffic."""
+    if as_json:
+        print(json.dumps(doc, indent=1))
+        return EXIT_OK
+    policy, t = doc.get("network") or {}, doc.get("traffic") or {}
+    conns = t.get("connections") or {}
+    print(f"sandbox {doc.get('sandboxID')}: internet {'yes' if doc.get('allowInternetAccess', True) else 'no'}, "
+          f"allow {' '.join(policy.get('allowOut') or []) or '-'}, deny {' '.join(policy.get('denyOut') or []) or '-'}")
+    print(f"  {t.get('bytesOut', 0)} B out, {t.get('bytesIn', 0)} B in, {t.get('packets', 0)} packets; connections: "
+          f"{conns.get('allowed', 0)} allowed, {conns.get('refused', 0)} refused, {len(t.get('open') or [])} open")
+    for c in [*(t.get("recent") or []), *(t.get("open") or [])]:
+        print(f"  {c['state']:12} {c['protocol']:4} {c['destination']}:{c['port']:<5} {c['verdict']:8} "
+              f"{c['bytesOut']:>10} B out {c['bytesIn']:>10} B in {c['seconds']:>8.3f} s")
+    return EXIT_OK
+
+
 def cmd_sandbox(args: argparse.Namespace) -> int:
     action = args.sandbox_command
     if action == "serve":
@@ -251,6 +270,8 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
         if not args.cmd:
             raise UsageError("usage: cubefs sandbox exec ID -- CMD")
         return client.exec(args.sandbox, " ".join(args.cmd), key_values(args.env, "--env"), args.workdir, args.user)
+    if action == "network" and not (args.allow or args.deny or args.no_internet):
+        return _traffic(client.call("GET", f"/sandboxes/{args.sandbox}/network"), args.json)
     if action == "network":
         client.call("PUT", f"/sandboxes/{args.sandbox}/network",
                     {"allowOut": args.allow, "denyOut": args.deny, "allow_internet_access": not args.no_internet})

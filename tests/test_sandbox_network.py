@@ -18,10 +18,18 @@ HERE = Path(__file__).resolve().parent
 
 
 def test_sandbox_networking_cases_in_a_process_of_their_own() -> None:
+    _cases("sandbox_network_cases.py")
+
+
+def test_sandbox_egress_accounting_cases_in_a_process_of_their_own() -> None:
+    _cases("sandbox_accounting_cases.py")
+
+
+def _cases(name: str) -> None:
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE",
-                          str(HERE / "sandbox_network_cases.py")], cwd=HERE.parent, capture_output=True, text=True,
+                          str(HERE / name)], cwd=HERE.parent, capture_output=True, text=True,
                          timeout=1800, env=os.environ.copy())
     summary = res.stdout.strip().splitlines()[-1:] or ["no output"]
-    print(f"sandbox_network_cases.py: {summary[0]}")
+    print(f"{name}: {summary[0]}")
     assert res.returncode == 0, res.stdout[-12000:] + res.stderr[-3000:]
     assert " passed" in summary[0] and "failed" not in summary[0] and "error" not in summary[0], summary
