@@ -14,17 +14,26 @@ port inside the guest through a TCP stream the agent opens there
 (``sandbox.relay``).  An unknown, killed or expired sandbox answers 502 "The
 sandbox was not found" (``is_running()`` reads exactly that); a port nothing
 listens on, 502 "port is not open" — the SDK maps both substrings.
+
+**Upgrades** (WebSocket) are routed and refused by the same rules, then become
+a raw byte relay for the connection's life (``sandbox.relay``): such a
+connection is routed once, at its upgrade, as the protocol it switched to
+has no further requests.  The proxy asks no more of an upgrade than of plain
+HTTP (today: nothing for user ports; envd checks its own access token).  At
+shutdown the proxy closes the upgraded connections it holds (aiohttp would
+wait its shutdown timeout for their handlers otherwise).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+from typing import Any
 
 from aiohttp import web
 
 from cubefs.errors import CubefsError
-from sandbox.relay import relay
+from sandbox.relay import is_upgrade, relay
 from sandbox.service import SandboxService
 
 log = logging.getLogger("cubefs.sandbox.proxy")
@@ -72,6 +81,8 @@ def target(request: web.Request, domain: str | None) -> tuple[str, int]:
 
 
 def make_app(service: SandboxService) -> web.Application:
+    upgraded: set[Any] = set()  # the transports of upgraded connections, open now
+
     async def handle(request: web.Request) -> web.StreamResponse:
         try:
             sid, port = target(request, service.domain)
@@ -82,6 +93,9 @@ def make_app(service: SandboxService) -> web.Application:
             return not_found(sid)
         if port == ENVD_PORT:
             return await sbx.envd.handle(request)
+        transport = request.transport if is_upgrade(request) else None
+        if transport is not None:
+            upgraded.add(transport)
         try:
             return await relay(request, sbx.channel, port)
         except ConnectionRefusedError:
@@ -91,7 +105,14 @@ def make_app(service: SandboxService) -> web.Application:
                 return not_found(sid)
             log.info("sandbox %s port %d: %s", sid, port, err)
             return port_closed(sid, port)
+        finally:
+            upgraded.discard(transport)
+
+    async def close_upgraded(_app: web.Application) -> None:
+        for transport in list(upgraded):
+            transport.close()
 
     app = web.Application(client_max_size=0)  # bodies are streamed, never buffered whole
     app.router.add_route("*", "/{tail:.*}", handle)
+    app.on_shutdown.append(close_upgraded)
     return app

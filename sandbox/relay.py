@@ -9,12 +9,26 @@ read everything, and streaming servers such as the code interpreter's
 guest (content length, chunked, close-delimited); aiohttp does it toward the
 client.  A client that goes away cancels the handler, which closes the
 guest-side stream, which the guest's server sees as a disconnect.
+
+**Upgrades** (WebSocket, and ``Upgrade: tcp``: the two protocols aiohttp's
+server hands over as raw bytes) keep ``Connection: Upgrade`` toward the guest.
+If the guest's server answers ``101 Switching Protocols`` the 101 goes to the
+client and from then on the connection is two byte pumps, client -> guest
+stream and guest stream -> client: frames are never parsed or re-framed (ping,
+pong, close codes and extensions are the two ends' business).  Backpressure
+holds both ways: the client's socket stops being read while more than
+``UP_BUFFER`` bytes wait for the guest's credit, and the guest's stream is not
+read (so its credit is not returned) while the client's socket is paused for
+writing.  Either end closing, or the sandbox going away, closes the other.
+Any other ``Upgrade`` is dropped as hop-by-hop and the request relayed as plain
+HTTP (the server answers it as if no upgrade was asked, as RFC 9110 lets it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from typing import Any
 
 import h11
@@ -23,30 +37,44 @@ from aiohttp import web
 from cubefs.errors import CubefsError
 
 CHUNK = 64 * 1024
+UP_BUFFER = 256 * 1024  # client bytes held for the guest before the client's socket is paused
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
               "transfer-encoding", "upgrade", "proxy-connection"}
+UPGRADABLE = {"websocket", "tcp"}  # what aiohttp's server switches to raw bytes for (its http_parser)
 
 
 class UpstreamError(CubefsError):
     """The server in the sandbox broke the HTTP exchange."""
 
 
-async def relay(request: web.Request, channel: Any, port: int) -> web.StreamResponse:
-    if request.headers.get("Upgrade"):
-        raise web.HTTPNotImplemented(reason="protocol upgrades (WebSocket) through the sandbox proxy are not "
-                                            "supported yet")
+def is_upgrade(request: web.Request) -> bool:
+    """An upgrade aiohttp hands over as raw bytes: ``Connection: upgrade`` and a known ``Upgrade``."""
+    tokens = {t.strip().lower() for t in request.headers.getall("Connection", []) for t in t.split(",")}
+    return "upgrade" in tokens and request.headers.get("Upgrade", "").strip().lower() in UPGRADABLE
+
+
+async def open_stream(channel: Any, port: int) -> tuple[Any, Any]:
     try:
-        reader, writer = await channel.open_tcp(port)
+        return await channel.open_tcp(port)
     except CubefsError as err:
         if getattr(err, "code", "") == "unavailable" or "refused" in str(err).lower():
             raise ConnectionRefusedError(str(err)) from None
         raise
+
+
+async def relay(request: web.Request, channel: Any, port: int) -> web.StreamResponse:
+    upgrade = is_upgrade(request)
+    reader, writer = await open_stream(channel, port)
     conn = h11.Connection(h11.CLIENT)
     headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
     if request.body_exists and request.content_length is None:
         headers.append(("Transfer-Encoding", "chunked"))
-    headers.append(("Connection", "close"))
+    if upgrade:
+        headers += [("Connection", "Upgrade"), ("Upgrade", request.headers["Upgrade"])]
+    else:
+        headers.append(("Connection", "close"))
     sender: asyncio.Task[None] | None = None
+    switched = False
     try:
         await writer.write(conn.send(h11.Request(method=request.method, target=request.rel_url.raw_path_qs,
                                                  headers=headers)))
@@ -58,29 +86,15 @@ async def relay(request: web.Request, channel: Any, port: int) -> web.StreamResp
 
         sender = asyncio.create_task(send_body())
         head = await _next(conn, reader)
-        while isinstance(head, h11.InformationalResponse):  # 100 Continue: the real answer follows
-            head = await _next(conn, reader)
+        while isinstance(head, h11.InformationalResponse) and head.status_code != 101:
+            head = await _next(conn, reader)  # 100 Continue: the real answer follows
+        if isinstance(head, h11.InformationalResponse):  # 101: from here on, bytes
+            await sender
+            switched = True
+            return await _switched(request, head, conn.trailing_data[0], reader, writer)
         if not isinstance(head, h11.Response):
             raise UpstreamError(f"port {port}: no HTTP response from the sandbox")
-        resp = web.StreamResponse(status=head.status_code, reason=head.reason.decode(errors="replace") or None)
-        length = None
-        for name, value in head.headers:
-            key = name.decode().lower()
-            if key == "content-length":
-                length = int(value)
-            elif key not in HOP_BY_HOP:
-                resp.headers.add(name.decode(), value.decode(errors="replace"))
-        if length is not None:
-            resp.content_length = length
-        await resp.prepare(request)
-        while True:
-            event = await _next(conn, reader)
-            if isinstance(event, h11.Data):
-                await resp.write(bytes(event.data))
-            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-                break
-        await resp.write_eof()
-        return resp
+        return await _respond(request, conn, head, reader)
     except h11.ProtocolError as err:
         raise UpstreamError(f"port {port}: the sandbox's server broke HTTP: {err}") from None
     finally:
@@ -88,8 +102,31 @@ async def relay(request: web.Request, channel: Any, port: int) -> web.StreamResp
             sender.cancel()
             with contextlib.suppress(BaseException):
                 await sender
-        with contextlib.suppress(Exception):
-            await writer.close()
+        if not switched:
+            with contextlib.suppress(Exception):
+                await writer.close()
+
+
+async def _respond(request: web.Request, conn: h11.Connection, head: h11.Response, reader: Any) -> web.StreamResponse:
+    resp = web.StreamResponse(status=head.status_code, reason=head.reason.decode(errors="replace") or None)
+    length = None
+    for name, value in head.headers:
+        key = name.decode().lower()
+        if key == "content-length":
+            length = int(value)
+        elif key not in HOP_BY_HOP:
+            resp.headers.add(name.decode(), value.decode(errors="replace"))
+    if length is not None:
+        resp.content_length = length
+    await resp.prepare(request)
+    while True:
+        event = await _next(conn, reader)
+        if isinstance(event, h11.Data):
+            await resp.write(bytes(event.data))
+        elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+            break
+    await resp.write_eof()
+    return resp
 
 
 async def _next(conn: h11.Connection, reader: Any) -> Any:
@@ -98,3 +135,88 @@ async def _next(conn: h11.Connection, reader: Any) -> Any:
         if event is not h11.NEED_DATA:
             return event
         conn.receive_data(await reader.read(CHUNK))
+
+
+class _Inbound:
+    """What aiohttp's server protocol feeds after the 101 (its ``set_parser`` hook): the
+    client's raw bytes, queued for the guest, the socket paused while too many wait."""
+
+    def __init__(self, protocol: Any) -> None:
+        self._protocol = protocol
+        self._queue: deque[bytes] = deque()
+        self._size = 0
+        self._eof = False
+        self._paused = False
+        self._wake = asyncio.Event()
+
+    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+        if data:
+            self._queue.append(bytes(data))
+            self._size += len(data)
+            self._wake.set()
+            if self._size >= UP_BUFFER and not self._paused:
+                self._paused = True
+                self._protocol.pause_reading()
+        return False, b""
+
+    def feed_eof(self) -> None:
+        self._eof = True
+        self._wake.set()
+
+    async def read(self) -> bytes:
+        """The next bytes from the client; b"" once it is gone."""
+        while not self._queue:
+            if self._eof:
+                return b""
+            self._wake.clear()
+            await self._wake.wait()
+        data = self._queue.popleft()
+        self._size -= len(data)
+        if self._paused and self._size < UP_BUFFER // 2:
+            self._paused = False
+            with contextlib.suppress(Exception):  # the connection may be gone already
+                self._protocol.resume_reading()
+        return data
+
+
+async def _switched(request: web.Request, head: h11.InformationalResponse, tail: bytes, reader: Any,
+                    writer: Any) -> web.StreamResponse:
+    """The guest's 101 to the client, then bytes both ways until either end closes."""
+    resp = web.StreamResponse(status=101, reason=head.reason.decode(errors="replace") or None)
+    for name, value in head.headers:
+        if name.decode().lower() not in ("content-length", "transfer-encoding"):
+            resp.headers.add(name.decode(), value.decode(errors="replace"))
+    protocol, transport = request.protocol, request.transport
+    try:
+        out = await resp.prepare(request)
+        assert out is not None and protocol is not None and transport is not None
+        inbound = _Inbound(protocol)
+        protocol.set_parser(inbound)  # type: ignore[arg-type]  # gets what followed the request head, too
+        protocol.keep_alive(False)
+
+        async def down() -> None:  # guest -> client
+            if tail:
+                transport.write(tail)
+            while data := await reader.read(CHUNK):
+                transport.write(data)
+                await out.drain()
+
+        async def up() -> None:  # client -> guest
+            while data := await inbound.read():
+                await writer.write(data)
+
+        pumps = [asyncio.create_task(down()), asyncio.create_task(up())]
+        try:
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in pumps:
+                task.cancel()
+            for task in pumps:
+                with contextlib.suppress(BaseException):  # ends of the stream: what the pumps are for
+                    await task
+    finally:
+        with contextlib.suppress(Exception):
+            await writer.close()
+        if transport is not None:
+            transport.close()  # after what was written is flushed
+    return resp
