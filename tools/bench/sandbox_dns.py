@@ -90,7 +90,7 @@ def main() -> int:
         subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
         server = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "dnslib.zoneresolver", "--glob",
                                    "--zone", str(zone), "--address", UPSTREAM[0], "--port", str(UPSTREAM[1]),
-                                   "--log", "-request,-reply,-truncated,-error"],
+                                   "--log=-request,-reply,-truncated,-error"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1.5)
         nets = Networks(tmp / "state", pool_size=1, dns_upstream=[f"{UPSTREAM[0]}:{UPSTREAM[1]}"])
