@@ -54,6 +54,7 @@ NEGATIVE_MAX = 300
 CACHE_MAX = 10_000
 UPSTREAM_TIMEOUT = 2.0
 TCP_IDLE = 10.0
+MAX_PENDING = 1000  # queries queued for the workers past which UDP ones are dropped (a flood costs no memory)
 VERDICTS = ("allowed", "passed", "refused", "failed")
 
 Lookup = Callable[[int], "tuple[str, Policy | None] | None"]  # slot -> (sandbox id, policy)
@@ -129,6 +130,8 @@ class Resolver:
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="dns")
         self._stop = False
+        self.pending = 0
+        self.dropped = 0
         self._thread = threading.Thread(target=self._run, name="dns", daemon=True)
         self._thread.start()
 
@@ -177,6 +180,11 @@ class Resolver:
                 try:
                     if kind == "udp":
                         data, peer = sock.recvfrom(4096)
+                        if self.pending >= MAX_PENDING:
+                            self.dropped += 1
+                            continue
+                        with self._lock:
+                            self.pending += 1
                         self._pool.submit(self._udp, slot, sock, data, peer)
                     else:
                         conn, _peer = sock.accept()
@@ -190,7 +198,14 @@ class Resolver:
                     return
 
     def _udp(self, slot: int, sock: socket.socket, data: bytes, peer: tuple[str, int]) -> None:
-        out = self.answer(slot, data, udp=True)
+        try:
+            out = self.answer(slot, data, udp=True)
+        except Exception as err:  # a bug must not go unseen in a worker
+            log.warning("dns: slot %d: %s", slot, err)
+            out = None
+        finally:
+            with self._lock:
+                self.pending -= 1
         if out is not None:
             with contextlib.suppress(OSError):
                 sock.sendto(out, peer)
@@ -350,6 +365,7 @@ class Resolver:
         lines += [f'cubefs_sandbox_dns_queries_total{{verdict="{v}"}} {self.counts[v]}' for v in VERDICTS]
         lines += ["# TYPE cubefs_sandbox_dns_cache_hits_total counter",
                   f"cubefs_sandbox_dns_cache_hits_total {self.cache_hits}",
+                  "# TYPE cubefs_sandbox_dns_dropped_total counter", f"cubefs_sandbox_dns_dropped_total {self.dropped}",
                   "# TYPE cubefs_sandbox_dns_cache_entries gauge",
                   f"cubefs_sandbox_dns_cache_entries {len(self.cache)}"]
         return lines
