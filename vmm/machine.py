@@ -67,6 +67,21 @@ def pick_accel(requested: str) -> str:
     return "kvm" if hardware and os.access("/dev/kvm", os.R_OK | os.W_OK) else "tcg"
 
 
+TB_SIZE_ENV = "CUBEFS_TCG_TB_SIZE"  # MiB of TCG translation cache per VM (default 64)
+
+
+def tcg_tb_size() -> int:
+    """TCG's translation-cache size in MiB, from ``$CUBEFS_TCG_TB_SIZE`` (KVM has none)."""
+    text = os.environ.get(TB_SIZE_ENV, "64")
+    try:
+        mib = int(text)
+    except ValueError:
+        mib = 0
+    if not 1 <= mib <= 1024:
+        raise UsageError(f"{TB_SIZE_ENV}={text!r}: give the translation cache's size in MiB, 1 to 1024")
+    return mib
+
+
 @dataclass
 class MachineSpec:
     kernel_dir: Path
@@ -143,7 +158,7 @@ class Machine:
         argv = [
             qemu, "-name", self.dir.name, "-machine", "q35",
             # TCG's translation cache: 64 MiB, not the default 1 GiB, per VM
-            "-accel", "tcg,tb-size=64" if self.accel == "tcg" else "kvm",
+            "-accel", f"tcg,tb-size={tcg_tb_size()}" if self.accel == "tcg" else "kvm",
             # TCG: no ERMS/FSRM, so the guest kernel and glibc copy with rep movsq/SSE, not
             # rep movsb, which TCG runs a byte at a time: the guest's own dd 95 -> 355 MB/s, agent
             # streams ~2x (docs/benchmarks.md, "Sandbox streams")
