@@ -1,0 +1,288 @@
+"""Ingress through the sandbox proxy as its users see it: a WebSocket server started in a
+sandbox with the stock E2B SDK, reached at ``sandbox.get_host(port)`` (Host
+``PORT-ID.DOMAIN``) or with the E2B headers, with aiohttp's client.  Frames go both ways
+untouched (text, 1 MiB binary, pings from either side, close codes), ten sockets at once;
+a port nothing listens on is 502 "port is not open"; a sandbox killed under open sockets
+closes them at once and leaves the service as it was; plain HTTP still goes through.
+
+The guest's server is a few lines of python3's stdlib (the image has no WebSocket
+library): it is a peer, not the thing under test, so it only does what the tests ask.
+One service, one template (one TCG boot), one shared sandbox; the kill test makes its own."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from test_sandbox_service import Node, node_in
+
+PORT = 8765
+SERVER = r'''
+import base64, hashlib, socket, struct, sys, threading
+GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+def exact(c, n):
+    b = bytearray()
+    while len(b) < n:
+        d = c.recv(n - len(b))
+        if not d:
+            raise EOFError
+        b += d
+    return bytes(b)
+
+def send(c, op, data):
+    n = len(data)
+    if n < 126:
+        head = bytes([0x80 | op, n])
+    elif n < 65536:
+        head = bytes([0x80 | op, 126]) + struct.pack(">H", n)
+    else:
+        head = bytes([0x80 | op, 127]) + struct.pack(">Q", n)
+    c.sendall(head + data)
+
+def frame(c):
+    b0, b1 = exact(c, 2)
+    n = b1 & 127
+    if n == 126:
+        n = struct.unpack(">H", exact(c, 2))[0]
+    elif n == 127:
+        n = struct.unpack(">Q", exact(c, 8))[0]
+    mask = exact(c, 4) if b1 & 128 else bytes(4)
+    data = exact(c, n)
+    if n:
+        key = (mask * (n // 4 + 1))[:n]
+        data = (int.from_bytes(data, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
+    return b0 & 15, data
+
+def serve(c):
+    with c:
+        req = b""
+        while b"\r\n\r\n" not in req:
+            d = c.recv(4096)
+            if not d:
+                return
+            req += d
+        key = [l.split(b":", 1)[1].strip() for l in req.split(b"\r\n") if l.lower().startswith(b"sec-websocket-key:")]
+        if not key:
+            c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\nConnection: close\r\n\r\nnot a socket")
+            return
+        accept = base64.b64encode(hashlib.sha1(key[0] + GUID).digest())
+        c.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+        try:
+            while True:
+                op, data = frame(c)
+                if op == 1 and data.startswith(b"close "):
+                    code = int(data.split()[1])
+                    send(c, 8, struct.pack(">H", code) + b"asked to")
+                    frame(c)  # the client's answer
+                    return
+                if op == 1 and data == b"ping me":
+                    send(c, 9, b"are you there")
+                    op, data = frame(c)
+                    send(c, 1, b"got %d %s" % (op, data))
+                elif op == 1:
+                    send(c, 1, data.upper())
+                elif op == 2:
+                    send(c, 2, hashlib.sha256(data).digest() + data[::-1])
+                elif op == 9:
+                    send(c, 10, data)
+                elif op == 8:
+                    send(c, 8, data[:2])
+                    return
+        except (EOFError, OSError):
+            return
+
+srv = socket.create_server(("0.0.0.0", int(sys.argv[1])))
+while True:
+    conn, _ = srv.accept()
+    threading.Thread(target=serve, args=(conn,), daemon=True).start()
+'''
+
+
+@pytest.fixture(scope="module")
+def node(rootfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+    yield from node_in(tmp_path_factory.mktemp("ingress"), rootfs)
+
+
+def start_server(sbx: Any) -> None:
+    """The WebSocket server in the sandbox, in the background; returns once it listens."""
+    sbx.files.write("/tmp/ws_echo.py", SERVER)
+    sbx.commands.run(f"python3 /tmp/ws_echo.py {PORT}", background=True)
+    sbx.commands.run(f"for i in $(seq 300); do (echo > /dev/tcp/127.0.0.1/{PORT}) 2>/dev/null && exit 0; "
+                     "sleep 0.1; done; exit 1", timeout=60)
+
+
+@pytest.fixture(scope="module")
+def sandbox(node: Node) -> Iterator[Any]:
+    from e2b import Sandbox
+
+    sbx = Sandbox.create(timeout=600)
+    try:
+        start_server(sbx)
+        yield sbx
+    finally:
+        sbx.kill()
+
+
+def by_host(node: Node, sbx: Any, port: int = PORT) -> tuple[str, dict[str, str]]:
+    """The proxy's URL and the Host the SDK's ``get_host`` names (no DNS for it here)."""
+    host = sbx.get_host(port)
+    assert host.startswith(f"{port}-{sbx.sandbox_id}."), host
+    return f"http://127.0.0.1:{node.proxy_port}/", {"Host": host}
+
+
+def by_headers(node: Node, sbx: Any, port: int = PORT) -> tuple[str, dict[str, str]]:
+    return f"http://127.0.0.1:{node.proxy_port}/", {"E2b-Sandbox-Id": sbx.sandbox_id, "E2b-Sandbox-Port": str(port)}
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, 300))
+
+
+def test_text_binary_pings_and_close_codes_through_get_host(node: Node, sandbox: Any) -> None:
+    url, headers = by_host(node, sandbox)
+
+    async def go() -> None:
+        async with aiohttp.ClientSession() as s, \
+                s.ws_connect(url, headers=headers, autoping=False, max_msg_size=0) as ws:
+            await ws.send_str("hello sandbox")
+            assert (await ws.receive()).data == "HELLO SANDBOX"
+            big = os.urandom(1 << 20)
+            await ws.send_bytes(big)
+            got = await ws.receive()
+            assert got.type == aiohttp.WSMsgType.BINARY
+            assert got.data == hashlib.sha256(big).digest() + big[::-1]
+            await ws.ping(b"client ping")  # the guest's pong comes back as sent
+            got = await ws.receive()
+            assert (got.type, got.data) == (aiohttp.WSMsgType.PONG, b"client ping")
+            await ws.send_str("ping me")  # the guest pings; our pong reaches it
+            got = await ws.receive()
+            assert (got.type, got.data) == (aiohttp.WSMsgType.PING, b"are you there")
+            await ws.pong(got.data)
+            assert (await ws.receive()).data == "got 10 are you there"
+            await ws.send_str("close 4001")  # the guest closes with its code
+            got = await ws.receive()
+            assert (got.type, got.data, got.extra) == (aiohttp.WSMsgType.CLOSE, 4001, "asked to")
+            await ws.close()
+            assert ws.close_code == 4001
+
+    run(go())
+
+
+def test_ten_sockets_at_once_with_the_e2b_headers_and_a_client_close(node: Node, sandbox: Any) -> None:
+    url, headers = by_headers(node, sandbox)
+
+    async def one(s: aiohttp.ClientSession, i: int) -> tuple[str, bytes]:
+        async with s.ws_connect(url, headers=headers, max_msg_size=0) as ws:
+            await ws.send_str(f"socket {i}")
+            text = (await ws.receive()).data
+            data = os.urandom(256 << 10)
+            await ws.send_bytes(data)
+            digest = (await ws.receive()).data[:32]
+            assert digest == hashlib.sha256(data).digest()
+            await ws.close(code=4002)  # the guest echoes our code
+            assert ws.close_code == 4002
+            return text, digest
+
+    async def go() -> list[tuple[str, bytes]]:
+        async with aiohttp.ClientSession() as s:
+            return list(await asyncio.gather(*(one(s, i) for i in range(10))))
+
+    got = run(go())
+    assert [text for text, _ in got] == [f"SOCKET {i}" for i in range(10)]
+
+
+def test_a_port_nothing_listens_on_is_502_port_is_not_open(node: Node, sandbox: Any) -> None:
+    url, headers = by_host(node, sandbox, 8766)
+
+    async def go() -> None:
+        async with aiohttp.ClientSession() as s:
+            with pytest.raises(aiohttp.WSServerHandshakeError) as err:
+                await s.ws_connect(url, headers=headers)
+            assert err.value.status == 502
+            async with s.get(url, headers=headers) as resp:
+                assert resp.status == 502
+                assert "port is not open" in (await resp.json())["message"]
+
+    run(go())
+
+
+def test_plain_http_still_goes_through_and_a_declined_upgrade_is_an_answer(node: Node, sandbox: Any) -> None:
+    sandbox.files.write("/tmp/www/hello.txt", "hello through the proxy\n")
+    sandbox.commands.run("cd /tmp/www && python3 -m http.server 8080", background=True)
+    url, headers = by_host(node, sandbox, 8080)
+
+    async def go() -> None:
+        async with aiohttp.ClientSession() as s:
+            for _ in range(100):
+                async with s.get(url + "hello.txt", headers=headers) as resp:
+                    if resp.status == 200:
+                        assert await resp.text() == "hello through the proxy\n"
+                        break
+                await asyncio.sleep(0.2)
+            else:
+                raise AssertionError("the sandbox's http.server never answered through the proxy")
+            # an Upgrade the guest's server ignores: its ordinary answer comes back
+            async with s.get(url + "hello.txt", headers={**headers, "Connection": "Upgrade",
+                                                         "Upgrade": "websocket"}) as resp:
+                assert resp.status == 200 and await resp.text() == "hello through the proxy\n"
+            # and the connection still serves plain requests after it
+            async with s.get(url + "hello.txt", headers=headers) as resp:
+                assert resp.status == 200
+
+    run(go())
+
+
+def service_fds(node: Node) -> int:
+    assert node.proc is not None
+    return len(os.listdir(f"/proc/{node.proc.pid}/fd"))
+
+
+def test_a_sandbox_killed_under_open_sockets_closes_them_at_once_and_leaks_nothing(node: Node) -> None:
+    from e2b import Sandbox
+
+    async def open_sockets(sbx: Any, n: int) -> tuple[aiohttp.ClientSession, list[Any]]:
+        url, headers = by_host(node, sbx)
+        s = aiohttp.ClientSession()
+        sockets = [await s.ws_connect(url, headers=headers) for _ in range(n)]
+        for ws in sockets:
+            await ws.send_str("up")
+            assert (await ws.receive()).data == "UP"
+        return s, sockets
+
+    def cycle(n: int) -> float:
+        """A sandbox with ``n`` sockets open, killed; how long until every client saw it close."""
+        sbx = Sandbox.create(timeout=300)
+        start_server(sbx)
+
+        async def go() -> float:
+            s, sockets = await open_sockets(sbx, n)
+            try:
+                t0 = time.monotonic()
+                await asyncio.get_running_loop().run_in_executor(None, sbx.kill)
+                for ws in sockets:
+                    got = await asyncio.wait_for(ws.receive(), 10)
+                    assert got.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSE,
+                                        aiohttp.WSMsgType.ERROR), got
+                return time.monotonic() - t0
+            finally:
+                await s.close()
+
+        return float(run(go()))
+
+    cycle(1)  # warms what stays (the SDK's keep-alive connections)
+    before = service_fds(node)
+    took = cycle(5)
+    assert took < 10, took
+    deadline = time.monotonic() + 10
+    while service_fds(node) != before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert service_fds(node) == before
