@@ -69,9 +69,10 @@ class Books:
 
 
 def _entry(conn: Conn, verdict: str, state: str) -> dict[str, Any]:
+    seconds = conn.seconds if state != "open" or not conn.start_ns else (time.time_ns() - conn.start_ns) / 1e9
     return {"protocol": conn.proto, "destination": conn.dest, "port": conn.port, "verdict": verdict,
             "bytesOut": conn.bytes_out, "bytesIn": conn.bytes_in, "packets": conn.packets,
-            "seconds": round(conn.seconds, 3), "state": state,
+            "seconds": round(max(0.0, seconds), 3), "state": state,
             "started": round(conn.start_ns / 1e9, 3) if conn.start_ns else None}
 
 

@@ -210,6 +210,8 @@ class Networks:
         (self.dir / f"{sandbox_id}.json").unlink(missing_ok=True)
         for verdict in ("allowed", "refused"):
             self.flows.pop((sandbox_id, verdict), None)
+        if self._accounting is not None:  # what came in between (a late refused packet's line): dropped too
+            self._accounting.forget(sandbox_id)
 
     # -- the pool ----------------------------------------------------------------------
     def _fill(self) -> None:
