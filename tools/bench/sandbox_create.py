@@ -28,20 +28,16 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from argparse import ArgumentParser, RawDescriptionHelpFormatter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-KEY = "e2b_" + "ab" * 20
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import sandbox_service  # the shared launcher
+from sandbox_service import KEY, cubefs
 
-
-def cubefs(env: dict[str, str], *args: str) -> str:
-    res = subprocess.run([sys.executable, "-m", "cubefs", *args], env=env, capture_output=True, text=True)
-    if res.returncode:
-        raise SystemExit(f"cubefs {' '.join(args)}: {res.stderr.strip()}")
-    return res.stdout
+__all__ = ["KEY", "Service", "cubefs", "pct", "sample"]
 
 
 def pct(xs: list[float]) -> dict[str, float]:
@@ -53,33 +49,13 @@ def pct(xs: list[float]) -> dict[str, float]:
     return {"n": len(s), "p50": round(statistics.median(s), 3), "p95": at(0.95), "p99": at(0.99)}
 
 
-class Service:
+class Service(sandbox_service.Service):
+    """The shared launcher, on this bench's ports, its log in ``tmp``, the SDK pointed at it."""
+
     def __init__(self, env: dict[str, str], tmp: Path, pool: int, extra: tuple[str, ...] = ()) -> None:
-        self.api, self.proxy = 43000 + os.getpid() % 1000, 44000 + os.getpid() % 1000
         self.env = env
-        self.proc = subprocess.Popen([sys.executable, "-m", "cubefs", "sandbox", "serve", "--api-listen",
-                                      f"127.0.0.1:{self.api}", "--proxy-listen", f"127.0.0.1:{self.proxy}",
-                                      "--pool-size", str(pool), *extra], env=env,
-                                     stdout=open(tmp / f"serve-pool{pool}.log", "wb"), stderr=subprocess.STDOUT)
-        os.environ.update({"E2B_API_KEY": KEY, "E2B_API_URL": f"http://127.0.0.1:{self.api}",
-                           "E2B_SANDBOX_URL": f"http://127.0.0.1:{self.proxy}"})
-        while self.health() is None:
-            time.sleep(0.2)
-
-    def health(self) -> dict[str, Any] | None:
-        try:
-            req = urllib.request.Request(f"http://127.0.0.1:{self.api}/health")
-            return dict(json.loads(urllib.request.urlopen(req, timeout=2).read()))
-        except OSError:
-            return None
-
-    def wait_pool(self, n: int) -> None:
-        while (self.health() or {}).get("pools", {}).get("base", 0) < n:
-            time.sleep(0.2)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(120)
+        super().__init__(env, tmp / f"serve-pool{pool}.log", pool, 43000 + os.getpid() % 1000, extra)
+        self.use()
 
 
 def sample() -> float:

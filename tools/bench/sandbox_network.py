@@ -15,8 +15,16 @@ interfaces and ruleset are not touched.
 * ``download_tap`` / ``download_slirp``: the guest's own python3 reads ``--mb`` MiB from the
   internet's web server (timed in the guest); tap: a sandbox of the service with
   ``--network``; slirp: a VM of the same template with ``-netdev user`` (vmm, no service).
+* ``ingress_*``: python3's http.server in the guest (files in its tmpfs), read from the node:
+  through the sandbox proxy (E2B headers; each request a stream the guest agent opens over
+  virtio-serial) or through QEMU user networking's ``hostfwd`` to the slirp VM; a
+  ``--serve-mb`` MiB body (MB/s) and ``--small`` 1 KiB GETs, 4 at a time (requests/s).
 
-    sudo .venv/bin/python tools/bench/sandbox_network.py --creates 30 --mb 64
+Every figure is the median of ``--runs`` runs (each run's value listed beside it); guests run
+under TCG here unless the machine has KVM.
+
+    sudo .venv/bin/python tools/bench/sandbox_network.py --creates 30 --mb 200
+    sudo .venv/bin/python tools/bench/sandbox_network.py --parts download,ingress
 """
 
 from __future__ import annotations
@@ -37,8 +45,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sandbox_service import KEY, Service, bench_env, cubefs
 
-KEY = "e2b_" + "ab" * 20
 INTERNET, UPLINK = "198.18.0.1", "198.18.0.2"
 PORT = 8080
 READ = ("import sys,time,urllib.request\n"
@@ -54,45 +63,9 @@ def sh(script: str) -> None:
     subprocess.run(["sh", "-euc", script], check=True)
 
 
-def cubefs(env: dict[str, str], *args: str) -> str:
-    res = subprocess.run([sys.executable, "-m", "cubefs", *args], env=env, capture_output=True, text=True)
-    if res.returncode:
-        raise SystemExit(f"cubefs {' '.join(args)}: {res.stderr.strip()}")
-    return res.stdout
-
-
 def pct(xs: list[float]) -> dict[str, float]:
     s = sorted(xs)
     return {"n": len(s), "p50": round(statistics.median(s), 4), "p95": round(s[min(len(s) - 1, int(0.95 * len(s)))], 4)}
-
-
-class Service:
-    def __init__(self, env: dict[str, str], log: Path, pool: int, port: int, extra: tuple[str, ...] = ()) -> None:
-        self.api, self.proxy = port, port + 1
-        self.proc = subprocess.Popen([sys.executable, "-m", "cubefs", "sandbox", "serve", "--api-listen",
-                                      f"127.0.0.1:{self.api}", "--proxy-listen", f"127.0.0.1:{self.proxy}",
-                                      "--pool-size", str(pool), *extra], env=env,
-                                     stdout=open(log, "wb"), stderr=subprocess.STDOUT)
-        while self.health() is None:
-            time.sleep(0.2)
-
-    def use(self) -> None:
-        os.environ.update({"E2B_API_KEY": KEY, "E2B_API_URL": f"http://127.0.0.1:{self.api}",
-                           "E2B_SANDBOX_URL": f"http://127.0.0.1:{self.proxy}"})
-
-    def health(self) -> dict[str, Any] | None:
-        try:
-            return dict(json.loads(urllib.request.urlopen(f"http://127.0.0.1:{self.api}/health", timeout=2).read()))
-        except OSError:
-            return None
-
-    def wait_pool(self, n: int) -> None:
-        while (self.health() or {}).get("pools", {}).get("base", 0) < n:
-            time.sleep(0.2)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(120)
 
 
 def creates(services: dict[str, Service], n: int, pool: int) -> dict[str, dict[str, list[float]]]:
@@ -146,16 +119,76 @@ def mbps(line: str) -> float:
     return round(int(n) / float(secs) / 1e6, 1)
 
 
+def median(runs: list[float]) -> dict[str, Any]:
+    return {"median": round(statistics.median(runs), 1), "runs": runs}
+
+
+SERVE = ("d=/dev/shm/www; mkdir -p $d 2>/dev/null && touch $d/.t 2>/dev/null || d=/tmp/www; mkdir -p $d; "
+         "dd if=/dev/urandom of=$d/big bs=1M count={mb} 2>/dev/null; head -c 1024 /dev/urandom > $d/small; "
+         "cd $d && exec python3 -m http.server {port}")
+
+
+def download(url: str, headers: dict[str, str]) -> float:
+    """MB/s of one GET of the whole body, read on the node."""
+    t0 = time.monotonic()
+    n = 0
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=300) as resp:
+        while chunk := resp.read(1 << 20):
+            n += len(chunk)
+    return round(n / (time.monotonic() - t0) / 1e6, 1)
+
+
+def rps(url: str, headers: dict[str, str], n: int, threads: int = 4) -> float:
+    """Small GETs per second, ``threads`` at a time, each its own connection (http.server
+    answers HTTP/1.0 and closes)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(_: int) -> None:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60) as resp:
+            assert len(resp.read()) == 1024
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(one, range(n)))
+    return round(n / (time.monotonic() - t0), 1)
+
+
+def wait_http(url: str, headers: dict[str, str], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10).read()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def ingress(base: str, headers: dict[str, str], runs: int, small: int) -> dict[str, Any]:
+    wait_http(base + "small", headers)
+    rate = [download(base + "big", headers) for _ in range(runs)]
+    reqs = [rps(base + "small", headers, small) for _ in range(runs)]
+    return {"download_mbps": median(rate), "small_rps": median(reqs)}
+
+
 def main() -> int:
     ap = ArgumentParser(description=__doc__, formatter_class=RawDescriptionHelpFormatter)
+    ap.add_argument("--parts", default="creates,download,ingress",
+                    help="which to run, comma-separated: creates, download, ingress")
     ap.add_argument("--creates", type=int, default=30)
     ap.add_argument("--pool", type=int, default=2)
-    ap.add_argument("--mb", type=int, default=64)
+    ap.add_argument("--mb", type=int, default=200, help="MiB the guest downloads from the internet")
+    ap.add_argument("--serve-mb", type=int, default=64, help="MiB the node reads from the guest's server")
+    ap.add_argument("--small", type=int, default=300, help="small GETs per requests/s run")
+    ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--rootfs", default="/var/tmp/cubefs-test/rootfs")
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from make_vm_kernel import DEFAULT, make_kernel
+
+    from vmm.machine import pick_accel
 
     kernel = make_kernel(Path(DEFAULT))
     tmp = Path(tempfile.mkdtemp(prefix="cubefs-bench-net-"))
@@ -163,7 +196,8 @@ def main() -> int:
     node_ns, inet_ns = f"{tag}-node", f"{tag}-inet"
     (tmp / "www").mkdir()
     with open(tmp / "www" / "big", "wb") as f:
-        f.write(os.urandom(args.mb << 20))
+        for _ in range(args.mb):
+            f.write(os.urandom(1 << 20))
     sh(f"""ip netns add {node_ns}; ip netns add {inet_ns}
 ip link add up0 netns {node_ns} type veth peer name in0 netns {inet_ns}
 ip -n {node_ns} link set lo up; ip -n {node_ns} addr add {UPLINK}/24 dev up0; ip -n {node_ns} link set up0 up
@@ -175,54 +209,75 @@ ip -n {inet_ns} link set lo up; ip -n {inet_ns} addr add {INTERNET}/24 dev in0; 
     fd = os.open(f"/run/netns/{node_ns}", os.O_RDONLY)
     assert libc.setns(fd, 0x40000000) == 0
     os.close(fd)
-    env = {**os.environ, "CUBEFS_VM_DIR": str(tmp / "vm"), "CUBEFS_TEMPLATE_DIR": str(tmp / "templates"),
-           "CUBEFS_VOLUME_DIR": str(tmp / "volumes"), "CUBEFS_STORE": f"file://{tmp / 'store'}",
-           "CUBEFS_CACHE_DIR": str(tmp / "cache"), "CUBEFS_SANDBOX_DIR": str(tmp / "sandbox"),
-           "CUBEFS_SANDBOX_API_KEY": KEY, "CUBEFS_VM_KERNEL": str(kernel)}
+    env = bench_env(tmp, kernel)
     os.environ.update({k: v for k, v in env.items() if k.startswith("CUBEFS_")})
-    out: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "mb": args.mb}
+    out: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(), "mb": args.mb,
+                           "serve_mb": args.serve_mb, "accel": pick_accel("auto"),
+                           "loadavg": os.getloadavg()[0]}
     url = f"http://{INTERNET}:{PORT}/big"
     env_plain = env
+    port = 43100 + os.getpid() % 900
     try:
         cubefs(env, "build", args.rootfs, "--tag", "bench:1")
         cubefs(env, "sandbox", "template", "create", "base", "--from", "bench:1")
-        # the plain service: a state and volume directory of its own (its template's volume too)
-        env_plain = {**env, "CUBEFS_SANDBOX_DIR": str(tmp / "sandbox-plain"),
-                     "CUBEFS_VOLUME_DIR": str(tmp / "vol-plain")}
-        cubefs(env_plain, "sandbox", "template", "create", "base", "--from", "bench:1")
-        port = 43100 + os.getpid() % 900
-        plain = Service(env_plain, tmp / "serve-plain.log", args.pool, port)
-        net = Service(env, tmp / "serve-net.log", args.pool, port + 2, ("--network",))
-        try:
-            got = creates({"plain": plain, "net": net}, args.creates, args.pool)
-            for name, series in got.items():
-                for kind, xs in series.items():
-                    out[f"{kind}_{name}"] = pct(xs)
+        if "creates" in parts:
+            # the plain service: a state and volume directory of its own (its template's volume too)
+            env_plain = {**env, "CUBEFS_SANDBOX_DIR": str(tmp / "sandbox-plain"),
+                         "CUBEFS_VOLUME_DIR": str(tmp / "vol-plain")}
+            cubefs(env_plain, "sandbox", "template", "create", "base", "--from", "bench:1")
+            plain = Service(env_plain, tmp / "serve-plain.log", args.pool, port)
+            net = Service(env, tmp / "serve-net.log", args.pool, port + 2, ("--network",))
+            try:
+                got = creates({"plain": plain, "net": net}, args.creates, args.pool)
+                for name, series in got.items():
+                    for kind, xs in series.items():
+                        out[f"{kind}_{name}"] = pct(xs)
+            finally:
+                plain.stop()
+                net.stop()
+            for kind in ("create", "create_run"):
+                out[f"{kind}_net_minus_plain_p50_ms"] = round(
+                    (out[f"{kind}_net"]["p50"] - out[f"{kind}_plain"]["p50"]) * 1000, 1)
+        if parts & {"download", "ingress"}:
             from e2b import Sandbox
 
-            net.use()
-            s = Sandbox.create(timeout=300)
-            out.update(policy_cost(net, s.sandbox_id))
-            runs = [mbps(s.commands.run(f"python3 -c {shlex.quote(READ)} {url}", timeout=300).stdout)
-                    for _ in range(3)]
-            out["download_tap_mbps"] = max(runs)
-            s.kill()
-        finally:
-            plain.stop()
-            net.stop()
-        print(json.dumps(out), file=sys.stderr, flush=True)
-        from vmm.machine import Netdev
-        from vmm.vm import Root, Vm
+            net = Service(env, tmp / "serve-net2.log", 0, port + 4, ("--network",))
+            try:
+                net.use()
+                s = Sandbox.create(timeout=1200)
+                if "creates" in parts:
+                    out.update(policy_cost(net, s.sandbox_id))
+                if "download" in parts:
+                    out["download_tap_mbps"] = median([
+                        mbps(s.commands.run(f"python3 -c {shlex.quote(READ)} {url}", timeout=300).stdout)
+                        for _ in range(args.runs)])
+                if "ingress" in parts:
+                    s.commands.run(SERVE.format(mb=args.serve_mb, port=PORT), background=True)
+                    heads = {"E2b-Sandbox-Id": s.sandbox_id, "E2b-Sandbox-Port": str(PORT)}
+                    out["ingress_proxy"] = ingress(f"http://127.0.0.1:{net.proxy}/", heads, args.runs, args.small)
+                s.kill()
+            finally:
+                net.stop()
+            print(json.dumps(out), file=sys.stderr, flush=True)
+            from vmm.machine import Netdev
+            from vmm.vm import Root, Vm
 
-        vm_template = json.loads(cubefs(env, "sandbox", "template", "ls", "--json"))[0]["vm_template"]
-        vm = Vm.start("bench-slirp", Root(image="bench:1"), None, template=vm_template,  # type: ignore[arg-type]
-                      netdev=Netdev("user,net=169.254.0.0/24,host=169.254.0.22,dhcpstart=169.254.0.100"))
-        try:
-            runs = [mbps(vm.exec(f"python3 -c {shlex.quote(READ)} {url}", timeout=300).stdout.decode())
-                    for _ in range(3)]
-            out["download_slirp_mbps"] = max(runs)
-        finally:
-            vm.destroy()
+            vm_template = json.loads(cubefs(env, "sandbox", "template", "ls", "--json"))[0]["vm_template"]
+            fwd = port + 6
+            vm = Vm.start("bench-slirp", Root(image="bench:1"), None, template=vm_template,  # type: ignore[arg-type]
+                          netdev=Netdev("user,net=169.254.0.0/24,host=169.254.0.22,dhcpstart=169.254.0.100,"
+                                        f"hostfwd=tcp:127.0.0.1:{fwd}-169.254.0.21:{PORT}"))
+            try:
+                if "download" in parts:
+                    out["download_slirp_mbps"] = median([
+                        mbps(vm.exec(f"python3 -c {shlex.quote(READ)} {url}", timeout=300).stdout.decode())
+                        for _ in range(args.runs)])
+                if "ingress" in parts:
+                    vm.exec("setsid sh -c " + shlex.quote(SERVE.format(mb=args.serve_mb, port=PORT)) +
+                            " </dev/null >/dev/null 2>&1 &", timeout=60)
+                    out["ingress_hostfwd"] = ingress(f"http://127.0.0.1:{fwd}/", {}, args.runs, args.small)
+            finally:
+                vm.destroy()
     finally:
         for e in (env, env_plain):
             subprocess.run([sys.executable, "-m", "cubefs", "vm", "rm", "--all"], env=e, capture_output=True)
@@ -230,9 +285,13 @@ ip -n {inet_ns} link set lo up; ip -n {inet_ns} addr add {INTERNET}/24 dev in0; 
         subprocess.run(["ip", "netns", "del", node_ns], check=False)
         subprocess.run(["ip", "netns", "del", inet_ns], check=False)
         shutil.rmtree(tmp, ignore_errors=True)
-    for kind in ("create", "create_run"):
-        out[f"{kind}_net_minus_plain_p50_ms"] = round((out[f"{kind}_net"]["p50"] - out[f"{kind}_plain"]["p50"]) * 1000,
-                                                      1)
+    if "download_tap_mbps" in out and "download_slirp_mbps" in out:
+        out["download_tap_over_slirp"] = round(out["download_tap_mbps"]["median"] /
+                                               out["download_slirp_mbps"]["median"], 2)
+    if "ingress_proxy" in out and "ingress_hostfwd" in out:
+        for key in ("download_mbps", "small_rps"):
+            out[f"ingress_{key}_proxy_over_hostfwd"] = round(out["ingress_proxy"][key]["median"] /
+                                                             out["ingress_hostfwd"][key]["median"], 2)
     print(json.dumps(out, indent=1))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(out, indent=1) + "\n")
