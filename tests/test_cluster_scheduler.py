@@ -238,3 +238,41 @@ def test_a_conflict_in_a_batch_fails_only_that_nodes_decisions(etcd: EtcdCluster
             await client.close()
 
     asyncio.run(main())
+
+
+def test_two_fronts_batching_at_once_never_overbook_a_node(etcd: EtcdCluster) -> None:
+    """Four nodes with room for two sandboxes each; two fronts place eight creates each, all at
+    once (so both batch, and their batches collide): every slot is booked once, no node gets
+    a third reservation, and what did not fit is refused, not overbooked."""
+    async def main() -> None:
+        p = "/t8/"
+        await publish(etcd, p, *(node(f"n{i}", free_mb=1024) for i in range(4)))
+        fronts = [await front(etcd, p), await front(etcd, p)]
+
+        async def place(sched: Scheduler) -> str | None:
+            for _ in range(50):
+                ranked = sched.rank("base", 1, 512, limit=1)
+                if not ranked:
+                    return None
+                if await sched.reserve(ranked[0], "base", 1, 512) is not None:
+                    return ranked[0].name
+            raise AssertionError("kept conflicting")
+
+        try:
+            placed = await asyncio.gather(*(place(f[2]) for f in fronts for _ in range(8)))
+            kvs, _ = await fronts[0][0].range(Layout(p).reservations)
+            per_node: dict[str, int] = {}
+            for kv in kvs:
+                n = kv.key[len(Layout(p).reservations):].split("/")[0]
+                per_node[n] = per_node.get(n, 0) + 1
+            assert per_node == {f"n{i}": 2 for i in range(4)}, per_node
+            assert sum(x is not None for x in placed) == 8, placed
+            assert sum(f[2].transactions for f in fronts) < 16  # they did batch
+        finally:
+            for client, view, sched, keeper in fronts:
+                await sched.close()
+                await view.close()
+                await keeper.stop()
+                await client.close()
+
+    asyncio.run(main())

@@ -58,6 +58,11 @@ CACHED_STEPS = 4
 # Bookings in one transaction at most: etcd refuses a txn of more than --max-txn-ops (default 128)
 # compares or requests per branch, and a batch has two compares and two failure reads per node.
 MAX_BATCH = 32
+# Transactions out at once.  One batches the most (5-8 reservations a transaction at 250-770
+# placements/s).  Two did not make decisions faster (best-of-16, 1,000 nodes, load 5-6, in turns:
+# decision p50 13.3-18.4 / p99 77-113 ms against 13.1-15.8 / 51-60 ms): a decision waits for this
+# 2-core machine's CPU, not for the transaction out before its own.
+MAX_INFLIGHT = 1
 
 
 @dataclass
@@ -87,7 +92,9 @@ class Scheduler:
         self._known: dict[str, int] = {}  # node -> revision up to which its reservations are all known here
         self._cleanups: set[asyncio.Future[None]] = set()  # reservations of unknown fate, deleted when etcd is back
         self._queue: list[_Booking] = []  # decided, for the next transaction
-        self._committer: asyncio.Task[None] | None = None
+        self._sending: set[asyncio.Task[None]] = set()  # transactions out (MAX_INFLIGHT at most)
+        self._busy: set[str] = set()  # nodes with a reservation of ours in a transaction that is out
+        self._kick_due = False
         self.transactions = 0  # reservation transactions sent (group commit: fewer than reservations)
         self.reservations = 0
 
@@ -189,8 +196,9 @@ class Scheduler:
         booking = _Booking(node.name, rid, reservation, self.view.revision,
                            asyncio.get_running_loop().create_future())
         self._queue.append(booking)
-        if self._committer is None or self._committer.done():
-            self._committer = asyncio.create_task(self._commit_loop())
+        if not self._kick_due:  # after every decision ready in this turn of the loop: they go together
+            self._kick_due = True
+            asyncio.get_running_loop().call_soon(self._kick)
         try:
             written, revision = await asyncio.shield(booking.done)
         except asyncio.CancelledError:
@@ -217,29 +225,50 @@ class Scheduler:
             held.pop(booking.rid, None)
 
     async def close(self) -> None:
-        if self._committer is not None:
-            self._committer.cancel()
+        for task in list(self._sending):
+            task.cancel()
+        for task in list(self._sending):
             with contextlib.suppress(BaseException):
-                await self._committer
+                await task
         for b in self._queue:
-            if not b.done.done():
-                b.done.cancel()
+            b.done.cancel()
         self._queue.clear()
 
-    async def _commit_loop(self) -> None:
-        """Send what was decided, one transaction at a time, until nothing waits."""
-        while self._queue:
-            batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
-            try:
-                await self._commit(batch)
-            except asyncio.CancelledError:
-                for b in batch:
-                    b.done.cancel()
-                raise
-            except Exception as err:  # an error etcd answered (auth, say): every create of the batch has it
-                for b in batch:
-                    if not b.done.done():
-                        b.done.set_exception(err)
+    def _kick(self) -> None:
+        """Send what waits, up to MAX_INFLIGHT transactions out.  A booking on a node that has one
+        of ours out waits for it: its compare must start after that reservation, or ours would
+        conflict with each other (best-of-16 at 1,000 nodes: 173 conflicts in 3,806 placements)."""
+        self._kick_due = False
+        while len(self._sending) < MAX_INFLIGHT and self._queue:
+            batch: list[_Booking] = []
+            rest: list[_Booking] = []
+            for b in self._queue:
+                (rest if b.node in self._busy or len(batch) >= MAX_BATCH else batch).append(b)
+            if not batch:
+                return
+            self._queue = rest
+            nodes = {b.node for b in batch}
+            self._busy |= nodes
+            task = asyncio.ensure_future(self._send(batch, nodes))
+            self._sending.add(task)
+
+    async def _send(self, batch: list[_Booking], nodes: set[str]) -> None:
+        try:
+            await self._commit(batch)
+        except asyncio.CancelledError:
+            for b in batch:
+                b.done.cancel()
+            raise
+        except Exception as err:  # an error etcd answered (auth, say): every create of the batch has it
+            for b in batch:
+                if not b.done.done():
+                    b.done.set_exception(err)
+        finally:
+            self._sending.discard(asyncio.current_task())  # type: ignore[arg-type]
+            self._busy -= nodes
+            if self._queue and not self._kick_due:
+                self._kick_due = True
+                asyncio.get_running_loop().call_soon(self._kick)
 
     async def _commit(self, batch: list[_Booking]) -> None:
         lay = self.layout
