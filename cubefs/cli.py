@@ -746,6 +746,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
         print(f"  s3           {info['endpoint']} ({info['addressing']}-style, {info['region']}), credentials from "
               f"{creds['source']}" + (f", refreshed {creds['refreshes']} times" if creds["refreshes"] else ""))
     print(f"  reads        {stats['reads']} ({size(stats['read_bytes'])}), {stats['read_errors']} failed")
+    pt = stats.get("passthrough")
+    if pt:
+        print(f"  passthrough  {pt['state']}: {pt['passthrough_opens']} of {pt['opens']} opens, "
+              f"{pt['materialized_files']} files copied ({size(pt['materialized_bytes'])})")
     print(f"  {'TIER':8} {'HITS':>8} {'MISSES':>8} {'BYTES':>11} {'REQUESTS':>9} {'ERRORS':>7}")
     for tier in ("memory", "disk", "peers", "store"):
         t = stats["tiers"].get(tier)

@@ -49,6 +49,7 @@ import lmdb
 import xxhash
 
 from cubefs.cache import lmdbcheck
+from cubefs.cache.files import clear_files, trim_files
 from cubefs.cache.tiers import DiskStats
 from cubefs.errors import CubefsError, FormatVersionError, UsageError
 
@@ -441,11 +442,12 @@ class DiskCache:
             return before - book.used
 
         before = self.used_bytes
+        copies = trim_files(self.directory, target_bytes // 2)  # passthrough copies: cubefs.cache.files
         for attempt in (1, 2):
             try:
                 e = self.env
                 freed = self._guard("trim", -1, work)
-                return before if freed < 0 or self.env is not e else freed
+                return copies + (before if freed < 0 or self.env is not e else freed)
             except _NoSpace as err:
                 if attempt == 2 or not _remove_quarantined(self.directory, older_than=0):
                     raise CacheFullError(f"cannot trim the disk cache {self.path}: its filesystem is full "
@@ -462,6 +464,7 @@ class DiskCache:
 
         freed = self.used_bytes
         freed += _remove_quarantined(self.directory, older_than=0)
+        freed += clear_files(self.directory)  # passthrough copies: cubefs.cache.files
         try:
             self._guard("clear", None, work)
         except _NoSpace:

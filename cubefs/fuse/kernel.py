@@ -37,6 +37,7 @@ from typing import Any
 import trio
 
 from cubefs.errors import CubefsError
+from cubefs.fuse import passthrough
 from cubefs.fuse import protocol as p
 from cubefs.fuse.server import MAX_READAHEAD, REQUEST_BUFFER, FuseServer, Reply
 
@@ -269,6 +270,8 @@ class KernelTransport:
     def __init__(self, fs: Any, mountpoint: str, fsname: str, allow_other: bool) -> None:
         self.server = FuseServer(fs)
         self.ops = self.server.ops
+        # Only here, on /dev/fuse: a virtio-fs root's guest kernel cannot read our files.
+        self.server.passthrough = passthrough.for_mount(fs, lambda: self.session.fd)
         self.session = KernelSession(mountpoint, fsname, allow_other, read_only=not self.server.writable)
         self.on_session: Callable[[dict[str, Any]], None] | None = None  # told what INIT settled
 
@@ -306,6 +309,10 @@ class KernelTransport:
     @property
     def read_bytes(self) -> int:
         return self.server.read_bytes
+
+    def passthrough_stats(self) -> dict[str, Any] | None:
+        pt = self.server.passthrough
+        return pt.stats() if pt is not None else None
 
     def mount(self) -> None:
         self.session.mount()

@@ -59,6 +59,7 @@ FALLOCATE = 43
 READDIRPLUS = 44
 RENAME2 = 45
 LSEEK = 46
+IOCTL = 39
 
 OPCODE_NAMES = {
     1: "lookup", 2: "forget", 3: "getattr", 4: "setattr", 5: "readlink", 6: "symlink", 8: "mknod",
@@ -83,8 +84,10 @@ MAX_PAGES = 1 << 22
 CACHE_SYMLINKS = 1 << 23
 NO_OPENDIR_SUPPORT = 1 << 24
 HANDLE_KILLPRIV_V2 = 1 << 28  # the server clears suid/sgid/caps on write, truncate, chown (7.33; no struct changes)
+INIT_EXT = 1 << 30  # our INIT reply carries flags2 (the kernel reads it whatever minor we answer)
 # In fuse_init_in.flags2 (bit 32 and up of the 64 flags; 7.36+ kernels send it, whatever we answer).
 HAS_RESEND = 1 << 39  # Linux 6.9: the kernel takes NOTIFY_RESEND (see kernel.KernelSession.adopt)
+PASSTHROUGH = 1 << 37  # Linux 6.9 (7.40): OPEN may name a backing file the kernel reads itself
 
 # fuse_write_in.write_flags
 WRITE_KILL_SUIDGID = 1 << 2  # with HANDLE_KILLPRIV_V2: the writer lacks CAP_FSETID
@@ -92,19 +95,27 @@ WRITE_KILL_SUIDGID = 1 << 2  # with HANDLE_KILLPRIV_V2: the writer lacks CAP_FSE
 # fuse_open_out.open_flags
 FOPEN_KEEP_CACHE = 1 << 1
 FOPEN_CACHE_DIR = 1 << 3
+FOPEN_PASSTHROUGH = 1 << 7  # with a backing_id; the kernel refuses (EIO) KEEP_CACHE beside it
+
+# ioctls on /dev/fuse (Linux 6.9): register a backing file (needs CAP_SYS_ADMIN in the
+# daemon's user namespace) -> a backing id, and drop one.  _IOW(229, 1|2, ...)
+DEV_IOC_BACKING_OPEN = 0x4010E501  # struct fuse_backing_map (16 bytes)
+DEV_IOC_BACKING_CLOSE = 0x4004E502  # uint32 backing id
+BACKING_MAP = struct.Struct("<iIQ")  # fd flags padding
 
 IN_HEADER = struct.Struct("<IIQQIIIHH")  # len opcode unique nodeid uid gid pid total_extlen padding
 OUT_HEADER = struct.Struct("<IiQ")  # len error unique
 INIT_IN = struct.Struct("<IIII")  # major minor max_readahead flags
 # major minor max_readahead flags max_background congestion_threshold max_write
-# time_gran max_pages map_alignment flags2 unused[7]
-INIT_OUT = struct.Struct("<IIIIHHIIHHI28x")
+# time_gran max_pages map_alignment flags2 max_stack_depth unused[6]
+INIT_OUT = struct.Struct("<IIIIHHIIHHII24x")
 # ino size blocks atime mtime ctime atimensec mtimensec ctimensec mode nlink uid gid rdev blksize flags
 ATTR = struct.Struct("<QQQqqqIIIIIIIIII")  # times are signed: before 1970 is negative
 ENTRY_OUT = struct.Struct("<QQQQII")  # nodeid generation entry_valid attr_valid (+nsec); then ATTR
 ATTR_OUT = struct.Struct("<QII")  # attr_valid attr_valid_nsec dummy; then ATTR
 OPEN_IN = struct.Struct("<II")  # flags open_flags
-OPEN_OUT = struct.Struct("<QII")  # fh open_flags padding
+OPEN_OUT = struct.Struct("<QIi")  # fh open_flags backing_id (padding before 7.40)
+RELEASE_IN = struct.Struct("<QIIQ")  # fh flags release_flags lock_owner
 READ_IN = struct.Struct("<QQIIQII")  # fh offset size read_flags lock_owner flags padding
 GETXATTR_IN = struct.Struct("<II")  # size padding; then name\0
 GETXATTR_OUT = struct.Struct("<II")  # size padding

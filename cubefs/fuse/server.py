@@ -40,6 +40,7 @@ import lmdb
 from cachetools import LRUCache
 
 from cubefs.fuse import protocol as p
+from cubefs.fuse.passthrough import FH_CACHED, FH_PASSTHROUGH
 from cubefs.image.fs import FsError, StateError
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,8 @@ class FuseServer:
         self.no_opendir = False
         self.kernel_flags = 0  # what the kernel offered at INIT (64 bits)
         self.destroyed = False
+        self.passthrough: Any = None  # a cubefs.fuse.passthrough.Passthrough (kernel image mounts)
+        self._passthrough_on = False  # negotiated at this session's INIT
         # An image never changes, so an inode's packed attributes are built once;
         # a READDIRPLUS would otherwise rebuild hundreds per request.
         self._attrs: LRUCache[int, bytes] = LRUCache(maxsize=65536)
@@ -123,7 +126,8 @@ class FuseServer:
             p.READ: self._read,
             p.READDIR: self._readdir,
             p.READDIRPLUS: self._readdirplus,
-            p.RELEASE: self._ok,
+            p.RELEASE: self._release,
+            p.IOCTL: self._ioctl,
             p.RELEASEDIR: self._ok,
             p.STATFS: self._statfs,
             p.GETXATTR: self._getxattr,
@@ -218,7 +222,7 @@ class FuseServer:
     def _init(self, unique: int, _nodeid: int, body: memoryview) -> bytes:
         major, minor, max_readahead, flags = p.INIT_IN.unpack_from(body)
         if major > p.KERNEL_MAJOR:  # the kernel retries INIT with our major
-            return p.reply(unique, p.INIT_OUT.pack(p.KERNEL_MAJOR, p.MAX_MINOR, 0, 0, 0, 0, 0, 0, 0, 0, 0))
+            return p.reply(unique, p.INIT_OUT.pack(p.KERNEL_MAJOR, p.MAX_MINOR, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0))
         if major < p.KERNEL_MAJOR or minor < p.MIN_MINOR:
             log.error("FUSE protocol %d.%d is too old (need %d.%d)", major, minor, p.KERNEL_MAJOR, p.MIN_MINOR)
             raise FsError(errno.EPROTO)
@@ -228,7 +232,14 @@ class FuseServer:
         self.no_open = bool(flags & p.NO_OPEN_SUPPORT)
         self.no_opendir = bool(flags & p.NO_OPENDIR_SUPPORT)
         wanted = WANTED_WRITABLE if self.writable else WANTED_FLAGS
-        log.info("FUSE protocol 7.%d (kernel 7.%d), flags %#x", self.minor, minor, flags & wanted)
+        flags2 = depth = 0
+        self._passthrough_on = self.passthrough is not None and self.passthrough.negotiate(self.kernel_flags)
+        if self._passthrough_on:  # OPEN is then answered: see cubefs.fuse.passthrough
+            self.no_open = False
+            wanted |= p.INIT_EXT
+            flags2, depth = p.PASSTHROUGH >> 32, 1  # backing files on a plain local filesystem
+        log.info("FUSE protocol 7.%d (kernel 7.%d), flags %#x%s", self.minor, minor, flags & wanted,
+                 ", passthrough" if self._passthrough_on else "")
         began = getattr(self.fs, "session_began", None)
         if began is not None:  # a new session: the kernel holds nothing of the filesystem yet
             began()
@@ -236,14 +247,14 @@ class FuseServer:
         # transport may have raised (see kernel.KernelSession): offer what we like.
         return p.reply(unique, p.INIT_OUT.pack(
             p.KERNEL_MAJOR, self.minor, max(max_readahead, MAX_READAHEAD), flags & wanted,
-            64, 48, MAX_WRITE, 1, MAX_PAGES, 0, 0,
+            64, 48, MAX_WRITE, 1, MAX_PAGES, 0, flags2, depth,
         ))
 
     def session(self) -> dict[str, Any]:
         """What INIT settled, for a daemon that replaces this one on the same session
         (it gets no INIT): see :meth:`resume` and kernel.KernelSession.adopt."""
         return {"minor": self.minor, "no_open": self.no_open, "no_opendir": self.no_opendir,
-                "kernel_flags": self.kernel_flags}
+                "kernel_flags": self.kernel_flags}  # passthrough not resumed: see cubefs.fuse.passthrough
 
     def resume(self, state: dict[str, Any]) -> None:
         self.minor = int(state["minor"])
@@ -315,7 +326,36 @@ class FuseServer:
             return p.error_reply(unique, errno.ENOSYS)  # never again: see the module docstring
         flags, _ = p.OPEN_IN.unpack_from(body)
         self.fs.open(ino, flags)
+        if self._passthrough_on:
+            bid = self.passthrough.open(ino)
+            if not isinstance(bid, int):
+                return self._open_later(unique, bid)
+            return self._open_reply(unique, bid)
         return p.reply(unique, p.OPEN_OUT.pack(0, p.FOPEN_KEEP_CACHE, 0))
+
+    def _open_reply(self, unique: int, backing_id: int) -> bytes:
+        """A passthrough open (the kernel refuses KEEP_CACHE beside it), or a cached one;
+        the file handle says which, for RELEASE."""
+        if backing_id > 0:
+            return p.reply(unique, p.OPEN_OUT.pack(FH_PASSTHROUGH, p.FOPEN_PASSTHROUGH, backing_id))
+        return p.reply(unique, p.OPEN_OUT.pack(FH_CACHED, p.FOPEN_KEEP_CACHE, 0))
+
+    async def _open_later(self, unique: int, work: Coroutine[Any, Any, int]) -> Reply:
+        try:
+            return self._open_reply(unique, await work)
+        except Exception as err:
+            return p.error_reply(unique, self._failed(err, f"FUSE open {unique}"))
+
+    def _release(self, unique: int, ino: int, body: memoryview) -> bytes:
+        if self._passthrough_on:
+            self.passthrough.release(ino, p.RELEASE_IN.unpack_from(body)[0])
+        return p.reply(unique)
+
+    def _ioctl(self, unique: int, _ino: int, _body: memoryview) -> bytes:
+        """Python's open() asks every file isatty() (TCGETS).  The kernel forwards every
+        ioctl on a FUSE file, passthrough or not, and remembers no answer (measured on
+        6.18: ENOSYS each time), so this is answered here first thing, inline."""
+        return p.error_reply(unique, errno.ENOTTY)
 
     def _opendir(self, unique: int, ino: int, _body: memoryview) -> bytes:
         if self.no_opendir:
@@ -326,6 +366,8 @@ class FuseServer:
     def _read(self, unique: int, ino: int, body: memoryview) -> Reply | Coroutine[Any, Any, Reply]:
         # The inode comes from the header: with "no open" there is no file handle.
         _fh, offset, size, *_ = p.READ_IN.unpack_from(body)
+        if self._passthrough_on and offset + size >= p.ATTR.unpack_from(self._attr(ino))[1]:
+            self.passthrough.wanted(ino)  # read to its end through us: worth a local copy
         parts = self.fs.read_now(ino, offset, size)
         if parts is None:
             return self._read_later(unique, ino, offset, size)

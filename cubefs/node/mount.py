@@ -327,6 +327,8 @@ def mount_stats(opts: MountOptions, mountpoint: str, fs: Any, transport: Any, pa
         "store_info": store.describe() if store is not None else {},  # endpoint, region, credential source
         "trace_recorded": len(image_fs.trace) if image_fs is not None and image_fs.trace is not None else None,
         "trace_published": image_fs.trace_published if image_fs is not None else {},
+        # kernel image mounts: passthrough opens and local copies (cubefs.fuse.passthrough)
+        "passthrough": transport.passthrough_stats() if hasattr(transport, "passthrough_stats") else None,
     }
     if index is not None:
         stats["volume"] = {"name": opts.volume, "written_bytes": fs.files.written_bytes,

@@ -1,0 +1,297 @@
+"""FUSE passthrough for an image's files that are whole on the node.
+
+Why: with ``FOPEN_PASSTHROUGH`` (Linux 6.9+, ``CONFIG_FUSE_PASSTHROUGH``) an
+OPEN answer names a *backing file* and the kernel then serves that open's
+reads, mmap and splice from it itself, with no request to the daemon: a
+file of the image read at the speed of the local disk.  The backing file is
+the file's copy in the node's :class:`~cubefs.cache.files.FileStore`,
+written once from chunks already on the node and verified against the
+image's digests before a daemon first uses it.
+
+The price: the kernel must send us OPEN (and RELEASE) for every open, which
+"no open" (server.py) had spared; a warm open then costs one more round trip.
+So passthrough is negotiated only where it can be used at all: a kernel FUSE
+mount of an image with a disk cache, a kernel offering it, not disabled by
+``CUBEFS_PASSTHROUGH=0`` in the daemon's environment.  Where it is
+refused (no kernel support; ``FUSE_DEV_IOC_BACKING_OPEN`` needs
+CAP_SYS_ADMIN) the mount goes on as before, said once in the log and in
+``cubefs stats``.
+
+When a file is written out: after a read through the daemon reaches its end
+(a program read it whole: Python's imports, a sequential reader) or at its
+second open, in the background, one file at a time.  A first start is not
+slowed: it never waits for a copy.
+
+The kernel's rule that decides the rest: an inode open in cached mode cannot
+be opened in passthrough (and back) until every such open is released, or
+the open fails with EIO.  So a file goes to passthrough only at an open when
+no cached open of it is live (an mmap keeps its open), and once it has a
+backing id it keeps it for the mount's life.
+
+Safety: the copy is ours (root's, 0600 in a 0700 directory), read-only to
+the kernel (registered from an ``O_RDONLY`` descriptor); a user of the mount
+never names a path, only an inode, so it cannot swap the backing file.  A
+daemon that replaces a dead one (kernel.KernelSession.adopt) does not know
+the backing ids its predecessor registered, so it serves every open in
+cached mode (an inode still open in passthrough fails a cached open with
+EIO until those opens end).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import stat
+from collections import Counter
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import trio
+
+from cubefs.cache.files import FileStore, content_key
+from cubefs.format.image import F_MODE, F_SIZE
+from cubefs.fuse import protocol as p
+
+log = logging.getLogger(__name__)
+
+ENV = "CUBEFS_PASSTHROUGH"  # "0": never (the fault-injection beside the real test)
+VERIFY_INLINE = 4 << 20  # a copy up to this size is verified within the open that first wants it
+BATCH = 16 << 20  # bytes of chunks asked for at a time while writing a copy
+FH_CACHED = 1
+FH_PASSTHROUGH = 2
+
+
+SHARE = 2  # the copies may take up to 1/SHARE of the disk cache's size, on top of it
+
+
+def disabled_by_env() -> bool:
+    return os.environ.get(ENV, "1").strip().lower() in ("0", "no", "off", "false")
+
+
+def for_mount(fs: Any, device_fd: Callable[[], int]) -> Passthrough | None:
+    """The passthrough of a kernel mount of ``fs``: an image with a disk cache (its copies
+    live beside the chunks), else None."""
+    disk = getattr(getattr(fs, "source", None), "disk", None)
+    if getattr(fs, "writable", False) or disk is None or not hasattr(fs, "image"):
+        return None
+    try:
+        store = FileStore(disk.directory, disk.max_bytes // SHARE)
+    except OSError as err:
+        log.warning("image %s: no FUSE passthrough: cannot use %s: %s", fs.label, disk.directory, err)
+        return None
+    return Passthrough(fs, store, device_fd)
+
+
+class Passthrough:
+    """One image mount's passthrough: which inodes have a backing id, what to write out."""
+
+    def __init__(self, fs: Any, store: FileStore, device_fd: Callable[[], int]) -> None:
+        self.fs = fs  # an ImageFS
+        self.store = store
+        self.device_fd = device_fd
+        self.active = False
+        self.state = "not negotiated"
+        self._backing: dict[int, int] = {}  # ino -> backing id
+        self._cached: Counter[int] = Counter()  # ino -> live opens in cached mode
+        self._opens: Counter[int] = Counter()
+        self._keys: dict[int, tuple[str, int, list[tuple[int, bytes, int]]]] = {}
+        self._verified: set[str] = set()
+        self._busy: set[str] = set()  # being written or verified
+        self._limit = trio.CapacityLimiter(1)
+        self.counts: Counter[str] = Counter()
+
+    # -- INIT --------------------------------------------------------------
+
+    def negotiate(self, kernel_flags: int) -> bool:
+        """Whether to ask for passthrough at INIT (the server then answers OPEN)."""
+        if disabled_by_env():
+            self._refuse(f"disabled ({ENV}=0)")
+        elif not kernel_flags & p.PASSTHROUGH:
+            self._refuse("the kernel offers no FUSE passthrough (Linux 6.9+, CONFIG_FUSE_PASSTHROUGH)")
+        else:
+            self.active = True
+            self.state = "passthrough"
+        return self.active
+
+    def _refuse(self, why: str) -> None:
+        if self.active or self.state == "not negotiated":
+            log.info("image %s: no FUSE passthrough: %s; every read goes through the daemon", self.fs.label, why)
+        self.active = False
+        self.state = f"off: {why}"
+
+    # -- OPEN / RELEASE ------------------------------------------------------
+
+    def open(self, ino: int) -> int | Coroutine[Any, Any, int]:
+        """The backing id to answer this open with (0: cached mode), or a coroutine that
+        finds out (a small copy verified first)."""
+        self._opens[ino] += 1
+        self.counts["opens"] += 1
+        if not self.active:
+            return self._cached_open(ino)
+        bid = self._backing.get(ino)
+        if bid is not None:
+            self.counts["passthrough_opens"] += 1
+            return bid
+        info = self._info(ino)
+        if info is None:
+            return self._cached_open(ino)
+        key, size, _extents = info
+        if self._cached[ino] or key in self._busy:
+            return self._cached_open(ino)
+        if key in self._verified:
+            return self._register(ino, key)
+        if os.path.exists(self.store.path(key)):
+            if size <= VERIFY_INLINE:
+                return self._verify_then_register(ino)
+            self._busy.add(key)
+            self._spawn(self._verify, ino)
+        elif self._opens[ino] >= 2:
+            self.wanted(ino)
+        return self._cached_open(ino)
+
+    def release(self, ino: int, fh: int) -> None:
+        if fh == FH_CACHED and self._cached[ino] > 0:
+            self._cached[ino] -= 1
+            if not self._cached[ino]:
+                del self._cached[ino]
+
+    def wanted(self, ino: int) -> None:
+        """A copy of ``ino`` is worth having (read to its end, opened again): write it out
+        in the background if it is not there."""
+        if not self.active or ino in self._backing:
+            return
+        info = self._info(ino)
+        if info is None or info[0] in self._busy or info[0] in self._verified:
+            return
+        self._busy.add(info[0])
+        self._spawn(self._materialize, ino)
+
+    def _cached_open(self, ino: int) -> int:
+        self._cached[ino] += 1
+        return 0
+
+    def _info(self, ino: int) -> tuple[str, int, list[tuple[int, bytes, int]]] | None:
+        """(content key, size, extents) of a regular non-empty file, else None."""
+        info = self._keys.get(ino)
+        if info is None:
+            r = self.fs.image.record(ino)
+            if not stat.S_ISREG(r[F_MODE]) or r[F_SIZE] == 0:
+                return None
+            offs, idxs = self.fs.image.extents(ino)
+            extents = []
+            for off, idx in zip(offs, idxs, strict=True):
+                digest, length = self.fs.image.chunk(idx)
+                extents.append((off, digest, length))
+            info = (content_key(r[F_SIZE], extents), r[F_SIZE], extents)
+            self._keys[ino] = info
+        return info
+
+    def _register(self, ino: int, key: str) -> int:
+        """FUSE_DEV_IOC_BACKING_OPEN of ``key``'s copy: its backing id (0 if refused)."""
+        try:
+            fd = os.open(self.store.path(key), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            self._verified.discard(key)
+            return self._cached_open(ino)
+        try:
+            arg = bytearray(p.BACKING_MAP.pack(fd, 0, 0))
+            bid = fcntl.ioctl(self.device_fd(), p.DEV_IOC_BACKING_OPEN, arg, True)
+        except OSError as err:
+            if err.errno in (errno.EPERM, errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):
+                self._refuse(f"the kernel refused a backing file ({os.strerror(err.errno)}; it needs "
+                             f"CAP_SYS_ADMIN)")
+            else:
+                log.warning("image %s: backing file for inode %d refused: %s", self.fs.label, ino, err)
+            return self._cached_open(ino)
+        finally:
+            os.close(fd)
+        self._backing[ino] = bid
+        self.store.touch(key)
+        self.counts["passthrough_opens"] += 1
+        return bid
+
+    async def _verify_then_register(self, ino: int) -> int:
+        if await self._checked(ino) and not self._cached[ino] and ino not in self._backing:
+            return self._register(ino, self._keys[ino][0])
+        if ino in self._backing:
+            self.counts["passthrough_opens"] += 1
+            return self._backing[ino]
+        return self._cached_open(ino)
+
+    async def _checked(self, ino: int) -> bool:
+        key, size, extents = self._keys[ino]
+        self._busy.add(key)
+        try:
+            ok = await trio.to_thread.run_sync(self.store.verify, key, size, extents)
+        finally:
+            self._busy.discard(key)
+        if ok:
+            self._verified.add(key)
+        else:
+            self.counts["verify_failures"] += 1
+            self.wanted(ino)  # written again, from the chunks
+        return ok
+
+    async def _verify(self, ino: int) -> None:
+        async with self._limit:
+            await self._checked(ino)
+
+    async def _materialize(self, ino: int) -> None:
+        key, size, _extents = self._keys[ino]
+        try:
+            async with self._limit:
+                fd, tmp = await trio.to_thread.run_sync(self.store.begin, key)
+                try:
+                    await self._write(ino, fd)
+                except BaseException:
+                    self.store.abort(fd, tmp)
+                    raise
+                await trio.to_thread.run_sync(self.store.commit, key, fd, tmp, size)
+            self._verified.add(key)  # written from chunks verified as they were read
+            self.counts["materialized_files"] += 1
+            self.counts["materialized_bytes"] += size
+        finally:
+            self._busy.discard(key)
+
+    async def _write(self, ino: int, fd: int) -> None:
+        offs, idxs = self.fs.image.extents(ino)
+        i = 0
+        while i < len(idxs):
+            j, batch = i, 0
+            while j < len(idxs) and (j == i or batch < BATCH):
+                batch += self.fs.image.chunk(idxs[j])[1]
+                j += 1
+            datas = await self.fs.source.get_many(self.fs.chunk_refs(idxs[i:j]))
+            pieces = list(zip(offs[i:j], datas, strict=True))
+            await trio.to_thread.run_sync(_pwrite_all, fd, pieces)
+            i = j
+
+    def _spawn(self, work: Callable[[int], Coroutine[Any, Any, None]], ino: int) -> None:
+        async def run() -> None:
+            try:
+                await work(ino)
+            except Exception as err:  # a copy is an optimisation: never the mount's failure
+                log.warning("image %s: no local copy of inode %d: %s", self.fs.label, ino, err)
+
+        try:
+            trio.lowlevel.spawn_system_task(run)
+        except RuntimeError:  # outside trio (a test driving the server by hand)
+            key = self._keys[ino][0]
+            self._busy.discard(key)
+
+    def stats(self) -> dict[str, Any]:
+        return {"state": self.state, "opens": self.counts["opens"],
+                "passthrough_opens": self.counts["passthrough_opens"],
+                "backing_files": len(self._backing), "materialized_files": self.counts["materialized_files"],
+                "materialized_bytes": self.counts["materialized_bytes"],
+                "verify_failures": self.counts["verify_failures"]}
+
+
+def _pwrite_all(fd: int, pieces: list[tuple[int, bytes]]) -> None:
+    for off, data in pieces:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(fd, view, off)
+            view, off = view[n:], off + n

@@ -1,0 +1,157 @@
+"""FUSE passthrough of an image's files that are whole on the node (issue 18).
+
+All real: a built image in a ``file://`` store, ``cubefs mount`` on /dev/fuse of
+this 6.18 kernel (CONFIG_FUSE_PASSTHROUGH), reads by a child process.  The one
+fault injected beside it: ``CUBEFS_PASSTHROUGH=0``, a mount that must then
+serve every read itself, as on a kernel without passthrough."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import mounted, run_cubefs
+
+from cubefs.cache.files import files_dir
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="passthrough needs root (CAP_SYS_ADMIN)")
+
+BIG = 3 * 1024 * 1024 + 12345  # several chunks, verified inline (<= 4 MiB)
+
+
+def _content(n: int, seed: int) -> bytes:
+    out = bytearray()
+    i = 0
+    while len(out) < n:
+        out += hashlib.sha256(f"{seed}:{i}".encode()).digest() * 64
+        i += 1
+    return bytes(out[:n])
+
+
+@pytest.fixture
+def image(tmp_path: Path, local_store: str) -> tuple[str, dict[str, bytes]]:
+    src = tmp_path / "src"
+    (src / "lib").mkdir(parents=True)
+    files = {"lib/big.bin": _content(BIG, 1), "lib/mod.py": b"x = 1\n" * 500, "lib/other.bin": _content(70000, 2)}
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    run_cubefs("build", str(src), "--tag", "pt:1", "--store", local_store)
+    return "pt:1", files
+
+
+def _read(path: Path) -> bytes:
+    """Read in a child process (an open and reads as any program makes them)."""
+    code = f"import sys; sys.stdout.buffer.write(open({str(path)!r}, 'rb').read())"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True, timeout=60)
+    return res.stdout
+
+
+def _wait_copies(cache: Path, n: int) -> list[Path]:
+    deadline = time.monotonic() + 30
+    while True:
+        copies = [p for p in Path(files_dir(str(cache))).rglob("*") if p.is_file() and not p.name.startswith(".tmp-")]
+        if len(copies) >= n or time.monotonic() > deadline:
+            return copies
+        time.sleep(0.1)
+
+
+Image = tuple[str, dict[str, bytes]]
+
+
+def test_passthrough_reads_the_local_copy(tmp_path: Path, local_store: str, image: Image) -> None:
+    ref, files = image
+    cache = tmp_path / "cache"
+    mnt = tmp_path / "mnt"
+    with mounted(ref, mnt, local_store, cache) as m:
+        first = _read(mnt / "lib/big.bin")  # through the daemon; read to its end: a copy is written
+        assert first == files["lib/big.bin"]
+        copies = _wait_copies(cache, 1)
+        assert len(copies) == 1
+        reads_before = m.stats()["requests"].get("read", 0)
+        second = _read(mnt / "lib/big.bin")
+        assert second == first  # identical bytes by both paths
+        st = m.stats()
+        pt = st["passthrough"]
+        assert pt["state"] == "passthrough", pt
+        assert pt["passthrough_opens"] >= 1 and pt["materialized_files"] == 1 and pt["materialized_bytes"] == BIG
+        assert st["requests"].get("read", 0) == reads_before  # the kernel read the copy itself
+        shown = run_cubefs("stats", str(mnt)).stdout
+        assert "passthrough  passthrough: " in shown
+    # private, to its owner only, in private directories
+    copy = copies[0]
+    assert stat.S_IMODE(copy.stat().st_mode) == 0o600
+    for d in (copy.parent, Path(files_dir(str(cache)))):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    assert copy.read_bytes() == files["lib/big.bin"]
+
+
+def test_tampered_copy_is_not_served(tmp_path: Path, local_store: str, image: Image) -> None:
+    ref, files = image
+    cache = tmp_path / "cache"
+    mnt = tmp_path / "mnt"
+    with mounted(ref, mnt, local_store, cache):
+        _read(mnt / "lib/big.bin")
+        (copy,) = _wait_copies(cache, 1)
+    data = bytearray(copy.read_bytes())
+    data[1000] ^= 0xFF
+    copy.write_bytes(bytes(data))
+    with mounted(ref, mnt, local_store, cache) as m:  # a new daemon: it has never verified the copy
+        assert _read(mnt / "lib/big.bin") == files["lib/big.bin"]
+        pt = m.stats()["passthrough"]
+        assert pt["verify_failures"] == 1 and pt["passthrough_opens"] == 0, pt
+        assert m.stats()["requests"].get("read", 0) > 0  # served by the daemon
+        (again,) = _wait_copies(cache, 1)  # ...and written again from the chunks
+        deadline = time.monotonic() + 30
+        while m.stats()["passthrough"]["materialized_files"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert again.read_bytes() == files["lib/big.bin"]
+        assert _read(mnt / "lib/big.bin") == files["lib/big.bin"]
+        assert m.stats()["passthrough"]["passthrough_opens"] == 1
+
+
+def test_clear_removes_copies(tmp_path: Path, local_store: str, image: Image) -> None:
+    ref, _files = image
+    cache = tmp_path / "cache"
+    mnt = tmp_path / "mnt"
+    with mounted(ref, mnt, local_store, cache):
+        _read(mnt / "lib/big.bin")
+        _read(mnt / "lib/other.bin")
+        assert len(_wait_copies(cache, 2)) == 2
+    run_cubefs("cache", "clear", "--cache-dir", str(cache))
+    assert not Path(files_dir(str(cache))).exists() or not list(Path(files_dir(str(cache))).rglob("*"))
+
+
+def test_fallback_when_refused(tmp_path: Path, local_store: str, image: Image) -> None:
+    """Mounts of a mount server started with CUBEFS_PASSTHROUGH=0 (its daemons inherit it)."""
+    ref, files = image
+    cache = tmp_path / "cache"
+    mnt = tmp_path / "mnt"
+    sock = tmp_path / "serve.sock"
+    env = {"CUBEFS_SERVER": str(sock), "CUBEFS_PASSTHROUGH": "0"}
+    try:
+        mnt.mkdir()
+        run_cubefs("mount", ref, str(mnt), "--store", local_store, "--cache-dir", str(cache), env=env, timeout=120)
+        for _ in range(3):
+            assert _read(mnt / "lib/big.bin") == files["lib/big.bin"]
+        st = json.loads(run_cubefs("stats", str(mnt), "--json", env=env).stdout)
+        assert st["passthrough"]["state"].startswith("off: disabled"), st["passthrough"]
+        assert st["passthrough"]["passthrough_opens"] == 0
+        assert st["requests"].get("open", 0) <= 1  # ENOSYS once: "no open" kept, the path of before
+        assert st["requests"].get("read", 0) > 0
+        assert _wait_copies(cache, 1) == []
+    finally:
+        run_cubefs("umount", str(mnt), check=False, env=env, timeout=60)
+        lock = Path(f"{sock}.lock")
+        if lock.exists() and lock.read_text().strip():
+            try:
+                os.kill(int(lock.read_text()), signal.SIGTERM)
+            except ProcessLookupError:
+                pass
