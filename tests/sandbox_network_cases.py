@@ -17,10 +17,13 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,6 +42,15 @@ TAG = f"cfnt{os.getpid() % 100000}"
 INTERNET, OTHER_HOST, UPLINK = "198.18.0.1", "198.18.5.5", "198.18.0.2"  # 198.18/15: for tests (RFC 2544)
 GOOD_IP, BAD_IP = "198.18.6.6", "198.18.7.7"  # good.test, bad.test
 WEB_PORT, NODE_PORT = 8080, 9099
+SINK_PORT = 8081  # "the internet"'s upload sink: reads to EOF, answers how many bytes came
+DOWN, UP = 2_000_000, 1_000_000  # bytes a sandbox downloads and uploads in the accounting case
+SINK = ("import socket,sys\n"
+        "srv = socket.create_server(('0.0.0.0', int(sys.argv[1])))\n"
+        "while True:\n"
+        "    c, _ = srv.accept(); n = 0\n"
+        "    while (d := c.recv(65536)):\n"
+        "        n += len(d)\n"
+        "    c.sendall(str(n).encode()); c.close()\n")
 HELLO = "hello from the internet"
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -74,6 +86,16 @@ class World:
         slot = json.loads((self.base / "sandbox" / "network" / f"{sandbox_id}.json").read_text())["slot"]
         return addresses(slot)[1]
 
+    def wait_log(self, pattern: str, timeout: float = 20) -> re.Match[str]:
+        """The first line of the service's log matching ``pattern``, waited for (a connection
+        is logged when it ends: its conntrack entry goes 2 s after the close)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            m = re.search(pattern, self.node.log.read_text())
+            if m or time.monotonic() > deadline:
+                assert m, f"no line of the service's log matches {pattern!r}"
+                return m
+            time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +105,7 @@ def world(rootfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Wo
     www = base / "www"
     www.mkdir()
     (www / "hello.txt").write_text(HELLO)
+    (www / "big.bin").write_bytes(os.urandom(DOWN))
     sh(f"""ip netns add {node_ns}; ip netns add {inet_ns}
 ip link add up0 netns {node_ns} type veth peer name in0 netns {inet_ns}
 ip -n {node_ns} link set lo up; ip -n {node_ns} addr add {UPLINK}/24 dev up0; ip -n {node_ns} link set up0 up
@@ -102,6 +125,8 @@ ip -n {inet_ns} addr add {GOOD_IP}/32 dev lo; ip -n {inet_ns} addr add {BAD_IP}/
                subprocess.Popen(["ip", "netns", "exec", inet_ns, sys.executable, "-m", "dnslib.zoneresolver",
                                  "--zone", str(zone), "--address", INTERNET, "--port", "53"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    servers.append(subprocess.Popen(["ip", "netns", "exec", inet_ns, sys.executable, "-c", SINK, str(SINK_PORT)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     kernel = make_kernel(Path(DEFAULT))  # before entering the node: it may fetch Debian's packages
     home = os.open("/proc/self/ns/net", os.O_RDONLY)
     node = None
@@ -218,9 +243,91 @@ def test_default_goes_out_no_internet_does_not_and_a_put_changes_it(world: World
         assert f'cubefs_sandbox_egress_connections_total{{sandbox="{a.sandbox_id}",verdict="allowed"}}' in m
         assert f'cubefs_sandbox_egress_connections_total{{sandbox="{b.sandbox_id}",verdict="refused"}}' in m
         assert 'cubefs_egress_connections_total{verdict="refused"}' in m
-        log = world.node.log.read_text()
-        assert f"sandbox {a.sandbox_id}: connection tcp {INTERNET}:{WEB_PORT} allowed" in log
-        assert f"sandbox {b.sandbox_id}: connection tcp {INTERNET}:{WEB_PORT} refused" in log
+        world.wait_log(f"sandbox {a.sandbox_id}: connection tcp {re.escape(INTERNET)}:{WEB_PORT} allowed: ")
+        world.wait_log(f"sandbox {b.sandbox_id}: connection tcp {re.escape(INTERNET)}:{WEB_PORT} refused: ")
+    finally:
+        a.kill()
+        b.kill()
+
+
+def transfer(sbx: object, down_url: str | None = None, up: tuple[str, int, int] | None = None) -> str:
+    """From the guest: the length of ``down_url``'s body, or what the sink said after ``up``
+    (host, port, bytes) was sent to it."""
+    if down_url is not None:
+        code = "import sys,urllib.request\nprint(len(urllib.request.urlopen(sys.argv[1], timeout=30).read()))\n"
+        argv = down_url
+    else:
+        assert up is not None
+        code = ("import socket,sys\n"
+                "s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)\n"
+                "s.sendall(b'u' * int(sys.argv[3])); s.shutdown(socket.SHUT_WR); print(s.recv(64).decode())\n")
+        argv = " ".join(map(str, up))
+    return str(sbx.commands.run(f"python3 -c {shlex.quote(code)} {argv}", timeout=120).stdout).strip()  # type: ignore[attr-defined]
+
+
+def _metric(text: str, name: str, labels: str) -> int | None:
+    m = re.search(rf"^{re.escape(name)}\{{{re.escape(labels)}\}} (\d+)$", text, re.M)
+    return int(m.group(1)) if m else None
+
+
+def test_each_connection_logged_with_its_bytes_and_counted_per_sandbox(world: World) -> None:
+    """Issue 17: every connection logged (sandbox, destination, port, bytes, verdict) and in
+    the metrics; another sandbox's counters untouched; nothing of it left after the kill."""
+    from e2b import Sandbox
+
+    from sandbox.network import ctnetlink
+
+    a = Sandbox.create(timeout=300, network={"deny_out": [f"{OTHER_HOST}/32"]})
+    b = Sandbox.create(timeout=300)
+    try:
+        aid, bid = a.sandbox_id, b.sandbox_id
+        assert transfer(a, f"http://{INTERNET}:{WEB_PORT}/big.bin") == str(DOWN)
+        assert transfer(a, up=(INTERNET, SINK_PORT, UP)) == str(UP)
+        assert fetch(a, OTHER).startswith("FAILED")
+        assert fetch(b, WEB) == HELLO
+        inet = re.escape(INTERNET)
+        down = world.wait_log(rf"sandbox {aid}: connection tcp {inet}:{WEB_PORT} allowed: (\d+) B out, "
+                              rf"(\d+) B in, (\d+) packets, ([\d.]+) s")
+        assert int(down.group(2)) >= DOWN and int(down.group(1)) < DOWN // 10, down.group(0)
+        up = world.wait_log(rf"sandbox {aid}: connection tcp {inet}:{SINK_PORT} allowed: (\d+) B out, (\d+) B in")
+        assert int(up.group(1)) >= UP and int(up.group(2)) < UP // 10, up.group(0)
+        world.wait_log(rf"sandbox {aid}: connection tcp {re.escape(OTHER_HOST)}:{WEB_PORT} refused: 0 B out, 0 B in")
+        world.wait_log(rf"sandbox {bid}: connection tcp {inet}:{WEB_PORT} allowed: ")
+
+        m = world.metrics()
+        bytes_ = "cubefs_sandbox_egress_bytes_total"
+        assert _metric(m, bytes_, f'sandbox="{aid}",direction="in"') >= DOWN  # type: ignore[operator]
+        assert _metric(m, bytes_, f'sandbox="{aid}",direction="out"') >= UP  # type: ignore[operator]
+        assert _metric(m, "cubefs_sandbox_egress_connections_total", f'sandbox="{aid}",verdict="refused"') == 1
+        assert _metric(m, bytes_, f'sandbox="{bid}",direction="in"') < DOWN // 10  # type: ignore[operator]
+        assert _metric(m, bytes_, f'sandbox="{bid}",direction="out"') < UP // 10  # type: ignore[operator]
+        node_in = _metric(m, "cubefs_egress_bytes_total", 'direction="in"')
+        assert node_in is not None and node_in >= DOWN
+
+        env = {**os.environ, "E2B_API_KEY": API_KEY}
+        res = subprocess.run([sys.executable, "-m", "cubefs", "sandbox", "network", aid, "--json"],
+                             capture_output=True, text=True, env=env)
+        assert res.returncode == 0, res.stderr
+        t = json.loads(res.stdout)["traffic"]
+        assert t["bytesIn"] >= DOWN and t["bytesOut"] >= UP and t["connections"]["refused"] == 1
+        seen = {(c["destination"], c["port"], c["verdict"]) for c in t["recent"]}
+        assert {(INTERNET, WEB_PORT, "allowed"), (INTERNET, SINK_PORT, "allowed"),
+                (OTHER_HOST, WEB_PORT, "refused")} <= seen
+        assert all(c["bytesOut"] == c["bytesIn"] == 0 for c in t["recent"] if c["verdict"] == "refused")
+        res = subprocess.run([sys.executable, "-m", "cubefs", "sandbox", "network", aid],
+                             capture_output=True, text=True, env=env)
+        assert res.returncode == 0 and f"{INTERNET}:{SINK_PORT}" in res.stdout, res.stdout + res.stderr
+
+        address = world.address(aid)
+        a.kill()
+        m = world.metrics()
+        assert f'sandbox="{aid}"' not in m  # its counters went with it
+        assert _metric(m, "cubefs_egress_bytes_total", 'direction="in"') >= node_in  # type: ignore[operator]
+        ctl = ctnetlink.socket_for()  # this thread is in the node's namespace: the service's table
+        try:
+            assert ctnetlink.dump(ctl, socket.inet_aton(address)) == []
+        finally:
+            ctl.close()
     finally:
         a.kill()
         b.kill()

@@ -102,8 +102,11 @@ class Accounting:
             netns.write_sysctl("net.netfilter.nf_conntrack_timestamp", "1")
         self._events = ctnetlink.socket_for((ctnetlink.NFNLGRP_CONNTRACK_DESTROY,), rcvbuf=4 << 20)
         self._events.setblocking(False)
-        self._ctl = ctnetlink.socket_for()
-        self._ctl.settimeout(5)
+        try:
+            self._ctl = self._new_ctl()
+        except BaseException:
+            self._events.close()
+            raise
         self._seq = 0
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="egress accounting", daemon=True)
@@ -188,10 +191,21 @@ class Accounting:
                  conn.dest, conn.port, conn.bytes_out, conn.bytes_in, conn.packets, conn.seconds,
                  "" if state == "closed" else f" ({state})")
 
+    @staticmethod
+    def _new_ctl() -> socket.socket:
+        sock = ctnetlink.socket_for()
+        sock.settimeout(5)
+        return sock
+
     def _dump(self, prefix: bytes) -> list[Conn]:
         with self._ctl_lock:
             self._seq += 1
-            return ctnetlink.dump(self._ctl, prefix, self._seq)
+            try:
+                return ctnetlink.dump(self._ctl, prefix, self._seq)
+            except OSError:  # a dump cut short leaves its rest queued: the next one starts clean
+                self._ctl.close()
+                self._ctl = self._new_ctl()
+                raise
 
     def _refresh(self) -> None:
         """The open connections' counts so far; one that vanished without its event (an
