@@ -182,8 +182,11 @@ def test_mounts_share_the_node_cache_and_the_cli_manages_it(tmp_path: Path) -> N
         assert (tmp_path / "a" / "big.bin").read_bytes() == (src / "big.bin").read_bytes()
         time.sleep(0.5)  # disk writes happen off the read path
         assert (tmp_path / "b" / "big.bin").read_bytes() == (src / "big.bin").read_bytes()
-        tiers_b = b.stats()["tiers"]
-        assert tiers_b["store"]["requests"] == 0 and tiers_b["disk"]["hits"] >= 1, tiers_b
+        stats_b = b.stats()
+        tiers_b = stats_b["tiers"]
+        # from the disk cache, or (FUSE passthrough) from the local copy the first mount wrote
+        local = tiers_b["disk"]["hits"] + (stats_b.get("passthrough") or {}).get("passthrough_opens", 0)
+        assert tiers_b["store"]["requests"] == 0 and local >= 1, stats_b
         assert a.stats()["tiers"]["store"]["requests"] >= 1
         info = json.loads(run_cubefs("cache", "stats", "--cache-dir", str(cache), "--json").stdout)
         assert info["entries"] >= 10 and 3_000_000 <= info["used_bytes"] < 4_000_000, info

@@ -146,7 +146,8 @@ def test_fallback_when_refused(tmp_path: Path, local_store: str, image: Image) -
         assert st["passthrough"]["passthrough_opens"] == 0
         assert st["requests"].get("open", 0) <= 1  # ENOSYS once: "no open" kept, the path of before
         assert st["requests"].get("read", 0) > 0
-        assert _wait_copies(cache, 1) == []
+        time.sleep(0.5)  # a copy would be written in the background by now
+        assert not [c for c in Path(files_dir(str(cache))).rglob("*") if c.is_file()]
     finally:
         run_cubefs("umount", str(mnt), check=False, env=env, timeout=60)
         lock = Path(f"{sock}.lock")
