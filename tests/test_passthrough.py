@@ -117,7 +117,22 @@ def test_tampered_copy_is_not_served(tmp_path: Path, local_store: str, image: Im
         assert m.stats()["passthrough"]["passthrough_opens"] == 1
 
 
-def test_clear_removes_copies(tmp_path: Path, local_store: str, image: Image) -> None:
+def test_an_open_in_cached_mode_keeps_its_inode_cached(tmp_path: Path, local_store: str, image: Image) -> None:
+    """The kernel fails (EIO) a passthrough open of an inode open in cached mode: a file
+    copied while a program holds it open is passed through only once it is closed."""
+    ref, files = image
+    mnt = tmp_path / "mnt"
+    with mounted(ref, mnt, local_store, tmp_path / "cache") as m:
+        with open(mnt / "lib/other.bin", "rb") as held:
+            assert held.read() == files["lib/other.bin"]
+            _wait_copies(tmp_path / "cache", 1)
+            assert _read(mnt / "lib/other.bin") == files["lib/other.bin"]  # cached mode again, no EIO
+            assert m.stats()["passthrough"]["passthrough_opens"] == 0
+        assert _read(mnt / "lib/other.bin") == files["lib/other.bin"]
+        assert m.stats()["passthrough"]["passthrough_opens"] == 1
+
+
+def test_trim_and_clear_remove_copies(tmp_path: Path, local_store: str, image: Image) -> None:
     ref, _files = image
     cache = tmp_path / "cache"
     mnt = tmp_path / "mnt"
@@ -125,6 +140,10 @@ def test_clear_removes_copies(tmp_path: Path, local_store: str, image: Image) ->
         _read(mnt / "lib/big.bin")
         _read(mnt / "lib/other.bin")
         assert len(_wait_copies(cache, 2)) == 2
+    # a trim to 1 MiB keeps copies within half of it: the 3 MiB one goes, the 70 KB one stays
+    run_cubefs("cache", "trim", "--to", "1M", "--cache-dir", str(cache))
+    left = _wait_copies(cache, 0)
+    assert [c.stat().st_size for c in left] == [70000]
     run_cubefs("cache", "clear", "--cache-dir", str(cache))
     assert not Path(files_dir(str(cache))).exists() or not list(Path(files_dir(str(cache))).rglob("*"))
 

@@ -55,6 +55,7 @@ class FileStore:
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
         os.chmod(self.directory, 0o700)
         self._remove_temporaries()
+        self._used: int | None = None  # walked once, then counted (other daemons' copies show at the next walk)
 
     def path(self, key: str) -> str:
         return os.path.join(self.directory, key[:2], key)
@@ -85,7 +86,13 @@ class FileStore:
         finally:
             os.close(fd)
         os.rename(tmp, self.path(key))
-        self.evict(self.max_bytes, keep=key)
+        if self._used is None:
+            self._used = self.used_bytes()
+        else:
+            self._used += size
+        if self._used > self.max_bytes:
+            self.evict(self.max_bytes, keep=key)
+            self._used = self.used_bytes()
 
     def abort(self, fd: int, tmp: str) -> None:
         os.close(fd)

@@ -17,10 +17,18 @@ refused (no kernel support; ``FUSE_DEV_IOC_BACKING_OPEN`` needs
 CAP_SYS_ADMIN) the mount goes on as before, said once in the log and in
 ``cubefs stats``.
 
-When a file is written out: after a read through the daemon reaches its end
-(a program read it whole: Python's imports, a sequential reader) or at its
-second open, in the background, one file at a time.  A first start is not
-slowed: it never waits for a copy.
+When a file is written out: as the daemon serves it.  The bytes a read
+through the daemon answers with (from chunks verified as they were fetched)
+are also written, by a writer thread, at their offset in a temporary copy;
+when the reads have covered the whole file (a program read it whole:
+Python's imports, a sequential reader), the copy is renamed into place and
+the next open is a passthrough one.  No byte is read twice for it, and a
+first start never waits for it.  Reads that hop about (more than
+MAX_FRAGMENTS separate ranges) or a writer that falls behind give the copy
+up; such a file is written out from the chunks in the background at its
+second open.  Measured on issue 18's
+``seqread`` (1 GiB): a copy written only after the reader finished was cut
+short by the unmount of every sample and never used.
 
 The kernel's rule that decides the rest: an inode open in cached mode cannot
 be opened in passthrough (and back) until every such open is released, or
@@ -43,8 +51,10 @@ import errno
 import fcntl
 import logging
 import os
+import queue
 import stat
-from collections import Counter
+import threading
+from collections import Counter, deque
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -61,6 +71,9 @@ VERIFY_INLINE = 4 << 20  # a copy up to this size is verified within the open th
 BATCH = 16 << 20  # bytes of chunks asked for at a time while writing a copy
 FH_CACHED = 1
 FH_PASSTHROUGH = 2
+MAX_TEES = 64  # files being copied as they are served, at once
+MAX_FRAGMENTS = 64  # separate ranges served of one file before its copy is given up
+QUEUE = 256  # writes waiting for the writer thread before a copy is given up
 
 
 SHARE = 2  # the copies may take up to 1/SHARE of the disk cache's size, on top of it
@@ -101,6 +114,8 @@ class Passthrough:
         self._busy: set[str] = set()  # being written or verified
         self._limit = trio.CapacityLimiter(1)
         self.counts: Counter[str] = Counter()
+        self._tees: dict[int, _Tee] = {}
+        self._writer: _Writer | None = None
 
     # -- INIT --------------------------------------------------------------
 
@@ -128,6 +143,7 @@ class Passthrough:
         finds out (a small copy verified first)."""
         self._opens[ino] += 1
         self.counts["opens"] += 1
+        self._collect()
         if not self.active:
             return self._cached_open(ino)
         bid = self._backing.get(ino)
@@ -150,6 +166,55 @@ class Passthrough:
         elif self._opens[ino] >= 2:
             self.wanted(ino)
         return self._cached_open(ino)
+
+    def served(self, ino: int, offset: int, parts: list[Any]) -> None:
+        """A read of ``ino`` answered by the daemon with ``parts`` at ``offset``: copy it."""
+        if not self.active or ino in self._backing:
+            return
+        n = sum(len(x) for x in parts)
+        tee = self._tees.get(ino)
+        if tee is None:
+            info = self._info(ino)
+            if n == 0 or info is None or len(self._tees) >= MAX_TEES:
+                return
+            key, size, _extents = info
+            if key in self._busy or key in self._verified or os.path.exists(self.store.path(key)):
+                return
+            try:
+                fd, tmp = self.store.begin(key)
+            except OSError as err:
+                log.debug("no copy of inode %d: %s", ino, err)
+                return
+            tee = _Tee(key, size, fd, tmp)
+            self._tees[ino] = tee
+            self._busy.add(key)
+        if n == 0:
+            return
+        if self._writer is None:
+            self._writer = _Writer(self.store)
+        if not tee.add(offset, offset + n) or not self._writer.put(("write", tee, offset, list(parts))):
+            self._give_up(ino, tee)
+        elif tee.complete():
+            del self._tees[ino]
+            if not self._writer.put(("commit", tee)):
+                self._give_up(ino, tee)
+
+    def _give_up(self, ino: int, tee: _Tee) -> None:
+        self._tees.pop(ino, None)
+        assert self._writer is not None
+        self._writer.put(("abort", tee), force=True)
+
+    def _collect(self) -> None:
+        """Copies the writer thread finished (or gave up) since last time."""
+        if self._writer is None:
+            return
+        while self._writer.done:
+            key, size, ok = self._writer.done.popleft()
+            self._busy.discard(key)
+            if ok:
+                self._verified.add(key)
+                self.counts["materialized_files"] += 1
+                self.counts["materialized_bytes"] += size
 
     def release(self, ino: int, fh: int) -> None:
         if fh == FH_CACHED and self._cached[ino] > 0:
@@ -282,6 +347,7 @@ class Passthrough:
             self._busy.discard(key)
 
     def stats(self) -> dict[str, Any]:
+        self._collect()
         return {"state": self.state, "opens": self.counts["opens"],
                 "passthrough_opens": self.counts["passthrough_opens"],
                 "backing_files": len(self._backing), "materialized_files": self.counts["materialized_files"],
@@ -295,3 +361,65 @@ def _pwrite_all(fd: int, pieces: list[tuple[int, bytes]]) -> None:
         while view:
             n = os.pwrite(fd, view, off)
             view, off = view[n:], off + n
+
+
+class _Tee:
+    """A copy being written as the file is served: which byte ranges it holds."""
+
+    def __init__(self, key: str, size: int, fd: int, tmp: str) -> None:
+        self.key, self.size, self.fd, self.tmp = key, size, fd, tmp
+        self.failed = False  # a write failed (a full disk): the copy is never renamed into place
+        self.ranges: list[list[int]] = []  # sorted, disjoint [start, end)
+
+    def add(self, start: int, end: int) -> bool:
+        """Note [start, end); False once the ranges are too many to be worth it."""
+        merged: list[list[int]] = []
+        for r in self.ranges:
+            if r[1] < start or r[0] > end:
+                merged.append(r)
+            else:
+                start, end = min(start, r[0]), max(end, r[1])
+        merged.append([start, end])
+        merged.sort()
+        self.ranges = merged
+        return len(merged) <= MAX_FRAGMENTS
+
+    def complete(self) -> bool:
+        return len(self.ranges) == 1 and self.ranges[0][0] <= 0 and self.ranges[0][1] >= self.size
+
+
+class _Writer:
+    """One thread that writes copies, so that the serve loop only hands it buffers."""
+
+    def __init__(self, store: FileStore) -> None:
+        self.store = store
+        self.queue: queue.Queue[tuple[Any, ...]] = queue.Queue()
+        self.done: deque[tuple[str, int, bool]] = deque()  # (key, size, renamed into place)
+        threading.Thread(target=self._run, name="cubefs-copies", daemon=True).start()
+
+    def put(self, item: tuple[Any, ...], force: bool = False) -> bool:
+        if not force and self.queue.qsize() >= QUEUE:
+            return False
+        self.queue.put(item)
+        return True
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            try:
+                tee = item[1]
+                if item[0] == "write":
+                    if not tee.failed:
+                        _pwrite_all(tee.fd, [(item[2] + sum(len(x) for x in item[3][:i]), x)
+                                             for i, x in enumerate(item[3])])
+                elif item[0] == "commit" and not tee.failed:
+                    self.store.commit(tee.key, tee.fd, tee.tmp, tee.size)
+                    self.done.append((tee.key, tee.size, True))
+                else:
+                    self.store.abort(tee.fd, tee.tmp)
+                    self.done.append((tee.key, tee.size, False))
+            except Exception as err:  # a copy is an optimisation: never the mount's failure
+                log.warning("local copy not written: %s", err)
+                item[1].failed = True
+                if item[0] != "write":
+                    self.done.append((item[1].key, item[1].size, False))

@@ -366,11 +366,11 @@ class FuseServer:
     def _read(self, unique: int, ino: int, body: memoryview) -> Reply | Coroutine[Any, Any, Reply]:
         # The inode comes from the header: with "no open" there is no file handle.
         _fh, offset, size, *_ = p.READ_IN.unpack_from(body)
-        if self._passthrough_on and offset + size >= p.ATTR.unpack_from(self._attr(ino))[1]:
-            self.passthrough.wanted(ino)  # read to its end through us: worth a local copy
         parts = self.fs.read_now(ino, offset, size)
         if parts is None:
             return self._read_later(unique, ino, offset, size)
+        if self._passthrough_on:
+            self.passthrough.served(ino, offset, parts)
         return self._read_reply(unique, parts)
 
     def _read_reply(self, unique: int, parts: list[bytes | memoryview]) -> Reply:
@@ -384,6 +384,8 @@ class FuseServer:
             return p.error_reply(unique, err.errno)
         except Exception as err:
             return p.error_reply(unique, self._failed(err, f"FUSE read of inode {ino} [{offset}+{size}]"))
+        if self._passthrough_on:
+            self.passthrough.served(ino, offset, parts)
         return self._read_reply(unique, parts)
 
     def _listing(self, unique: int, ino: int, body: memoryview, plus: bool) -> bytes:
