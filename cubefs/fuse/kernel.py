@@ -327,3 +327,5 @@ class KernelTransport:
         if not self.session.handed_over:  # a successor serves the mount on the server's descriptor
             self.session.unmount()
         self.session.close()
+        if self.server.passthrough is not None:
+            self.server.passthrough.close()

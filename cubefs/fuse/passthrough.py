@@ -74,6 +74,7 @@ FH_PASSTHROUGH = 2
 MAX_TEES = 64  # files being copied as they are served, at once
 MAX_FRAGMENTS = 64  # separate ranges served of one file before its copy is given up
 QUEUE = 256  # writes waiting for the writer thread before a copy is given up
+CLOSE_WAIT = 10.0  # seconds an unmounting daemon waits for its writer
 
 
 SHARE = 2  # the copies may take up to 1/SHARE of the disk cache's size, on top of it
@@ -346,6 +347,14 @@ class Passthrough:
             key = self._keys[ino][0]
             self._busy.discard(key)
 
+    def close(self, wait: float = CLOSE_WAIT) -> None:
+        """At unmount: let the writer finish the copies it was given (a file read whole
+        just before the unmount, as a benchmark does), within ``wait`` seconds."""
+        if self._writer is not None:
+            for ino, tee in list(self._tees.items()):
+                self._give_up(ino, tee)
+            self._writer.stop(wait)
+
     def stats(self) -> dict[str, Any]:
         self._collect()
         return {"state": self.state, "opens": self.counts["opens"],
@@ -395,7 +404,12 @@ class _Writer:
         self.store = store
         self.queue: queue.Queue[tuple[Any, ...]] = queue.Queue()
         self.done: deque[tuple[str, int, bool]] = deque()  # (key, size, renamed into place)
-        threading.Thread(target=self._run, name="cubefs-copies", daemon=True).start()
+        self._thread = threading.Thread(target=self._run, name="cubefs-copies", daemon=True)
+        self._thread.start()
+
+    def stop(self, wait: float) -> None:
+        self.queue.put(("stop", None))
+        self._thread.join(wait)
 
     def put(self, item: tuple[Any, ...], force: bool = False) -> bool:
         if not force and self.queue.qsize() >= QUEUE:
@@ -406,6 +420,8 @@ class _Writer:
     def _run(self) -> None:
         while True:
             item = self.queue.get()
+            if item[0] == "stop":
+                return
             try:
                 tee = item[1]
                 if item[0] == "write":
