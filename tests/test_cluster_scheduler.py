@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 from etcd_cluster import EtcdCluster
 
-from sandbox.cluster.etcd import Etcd, LeaseKeeper
+from sandbox.cluster.etcd import Etcd, EtcdUnavailable, LeaseKeeper
 from sandbox.cluster.keys import Layout, NodeInfo
 from sandbox.cluster.scheduler import Scheduler
 from sandbox.cluster.view import ClusterView
@@ -274,5 +274,57 @@ def test_two_fronts_batching_at_once_never_overbook_a_node(etcd: EtcdCluster) ->
                 await view.close()
                 await keeper.stop()
                 await client.close()
+
+    asyncio.run(main())
+
+
+class _LostAnswers(Etcd):
+    """A real etcd client whose conditional transactions lose their answer: ``applied`` says
+    whether etcd got them first (a connection cut after the request, or before it)."""
+
+    applied = True
+
+    async def txn(self, compares, success, failure=None):  # type: ignore[no-untyped-def]
+        if not compares:
+            return await super().txn(compares, success, failure)
+        if self.applied:
+            await super().txn(compares, success, failure)
+        raise EtcdUnavailable("etcd did not answer a txn (test); its outcome is unknown")
+
+
+def test_a_batch_whose_answer_was_lost_is_read_back(etcd: EtcdCluster) -> None:
+    """Outcome unknown, batched: three reservations in one transaction whose answer never came.
+    Applied: each is read back and the creates go on with them.  Not applied: the creates fail
+    with EtcdUnavailable (503 at the front) and nothing stays counted on the nodes."""
+    async def main() -> None:
+        p = "/t9/"
+        lay = Layout(p)
+        await publish(etcd, p, node("a"), node("b"), node("c"))
+        client = _LostAnswers(etcd.endpoints)
+        view = ClusterView(client, lay)
+        await view.start()
+        keeper = LeaseKeeper(client, 3)
+        await keeper.start()
+        sched = Scheduler(view, client, lay, "front", lambda: keeper.lease)
+        try:
+            await view.wait_revision(await publish(etcd, p))
+            nodes = [view.nodes[n] for n in ("a", "b", "c")]
+            rids = await asyncio.gather(*(sched.reserve(n, "base", 1, 512) for n in nodes))
+            assert all(rids) and sched.transactions == 1, rids
+            kvs, _ = await client.range(lay.reservations)
+            assert sorted(kv.key[len(lay.reservations):] for kv in kvs) == sorted(
+                f"{n}/{r}" for n, r in zip("abc", rids))
+            client.applied = False
+            results = await asyncio.gather(*(sched.reserve(n, "base", 1, 512) for n in nodes),
+                                           return_exceptions=True)
+            assert all(isinstance(r, EtcdUnavailable) for r in results), results
+            assert all(set(view.reserved.get(n, {})) <= set(rids) for n in "abc")
+            kvs, _ = await client.range(lay.reservations)
+            assert len(kvs) == 3
+        finally:
+            await sched.close()
+            await view.close()
+            await keeper.stop()
+            await client.close()
 
     asyncio.run(main())
