@@ -57,7 +57,8 @@ def _read(path: Path) -> bytes:
 def _wait_copies(cache: Path, n: int) -> list[Path]:
     deadline = time.monotonic() + 30
     while True:
-        copies = [p for p in Path(files_dir(str(cache))).rglob("*") if p.is_file() and not p.name.startswith(".tmp-")]
+        copies = [p for p in Path(files_dir(str(cache))).rglob("*")
+                  if p.is_file() and not p.name.startswith(".tmp-") and not p.name.endswith(".ok")]
         if len(copies) >= n or time.monotonic() > deadline:
             return copies
         time.sleep(0.1)
@@ -85,6 +86,10 @@ def test_passthrough_reads_the_local_copy(tmp_path: Path, local_store: str, imag
         assert st["requests"].get("read", 0) == reads_before  # the kernel read the copy itself
         shown = run_cubefs("stats", str(mnt)).stdout
         assert "passthrough  passthrough: " in shown
+    with mounted(ref, mnt, local_store, cache) as m:  # a new daemon, the copy on the node: no read reaches it
+        assert _read(mnt / "lib/big.bin") == files["lib/big.bin"]
+        st = m.stats()
+        assert st["passthrough"]["passthrough_opens"] == 1 and st["requests"].get("read", 0) == 0, st
     # private, to its owner only, in private directories
     copy = copies[0]
     assert stat.S_IMODE(copy.stat().st_mode) == 0o600
