@@ -328,3 +328,49 @@ def test_a_batch_whose_answer_was_lost_is_read_back(etcd: EtcdCluster) -> None:
             await client.close()
 
     asyncio.run(main())
+
+
+class _SlowTxn(Etcd):
+    """A real etcd client whose conditional transactions take 0.3 s to leave."""
+
+    async def txn(self, compares, success, failure=None):  # type: ignore[no-untyped-def]
+        if compares:
+            await asyncio.sleep(0.3)
+        return await super().txn(compares, success, failure)
+
+
+def test_a_create_cancelled_while_its_reservation_is_out_leaves_none(etcd: EtcdCluster) -> None:
+    """The caller of a create goes away while its reservation's transaction is out: the
+    transaction is not taken back, so what it wrote is deleted (nobody would fill it) instead
+    of holding the node's room for the front's whole life."""
+    async def main() -> None:
+        p = "/t10/"
+        lay = Layout(p)
+        await publish(etcd, p, node("a"))
+        client = _SlowTxn(etcd.endpoints)
+        view = ClusterView(client, lay)
+        await view.start()
+        keeper = LeaseKeeper(client, 3)
+        await keeper.start()
+        sched = Scheduler(view, client, lay, "front", lambda: keeper.lease)
+        try:
+            await view.wait_revision(await publish(etcd, p))
+            task = asyncio.ensure_future(sched.reserve(view.nodes["a"], "base", 1, 512))
+            await asyncio.sleep(0.1)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert sched.transactions == 1
+            for _ in range(50):
+                await asyncio.sleep(0.1)
+                kvs, _ = await client.range(lay.reservations)
+                if not kvs and not view.reserved.get("a"):
+                    break
+            assert kvs == [] and not view.reserved.get("a"), (kvs, view.reserved)
+        finally:
+            await sched.close()
+            await view.close()
+            await keeper.stop()
+            await client.close()
+
+    asyncio.run(main())

@@ -201,11 +201,10 @@ class Scheduler:
             self._kick_due = True
             asyncio.get_running_loop().call_soon(self._kick)
         try:
-            written, revision = await asyncio.shield(booking.done)
-        except asyncio.CancelledError:
-            # Our caller is gone; the booking still goes out: if it is written, nobody fills it.
-            booking.done.add_done_callback(lambda f: self._abandoned(booking, f))
-            raise
+            # Awaited bare, not shielded: a shield is one more turn of the loop between the answer
+            # and the decision.  A cancelled caller cancels the future, and _commit deletes what
+            # it writes for a cancelled booking (nobody would fill it).
+            written, revision = await booking.done
         except BaseException:
             held.pop(rid, None)
             raise
@@ -216,14 +215,10 @@ class Scheduler:
             return None
         return rid
 
-    def _abandoned(self, booking: _Booking, done: asyncio.Future[tuple[bool, int]]) -> None:
-        if not done.cancelled() and done.exception() is None and done.result()[0]:
-            task = asyncio.ensure_future(self._forget(self.layout.reservation(booking.node, booking.rid)))
-            self._cleanups.add(task)
-            task.add_done_callback(self._cleanups.discard)
-        held = self.view.reserved.get(booking.node)
-        if held is not None:
-            held.pop(booking.rid, None)
+    def _later_forget(self, key: str) -> None:
+        task = asyncio.ensure_future(self._forget(key))
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
 
     async def close(self) -> None:
         self._closed = True  # nothing more is sent, not even what a cancelled batch's end would kick
@@ -245,6 +240,8 @@ class Scheduler:
             batch: list[_Booking] = []
             rest: list[_Booking] = []
             for b in self._queue:
+                if b.done.cancelled():  # its caller is gone before it was sent: nothing to write
+                    continue
                 (rest if b.node in self._busy or len(batch) >= MAX_BATCH else batch).append(b)
             if not batch:
                 return
@@ -301,7 +298,9 @@ class Scheduler:
             for name in since:
                 self._known[name] = max(self._known.get(name, 0), res.revision)
             for b in batch:
-                if not b.done.done():
+                if b.done.cancelled():
+                    self._later_forget(lay.reservation(b.node, b.rid))
+                elif not b.done.done():
                     b.done.set_result((True, res.revision))
             return
         # Which nodes' compares failed: gone from etcd, or a reservation newer than we knew.
@@ -331,14 +330,14 @@ class Scheduler:
             back = await self.etcd.txn([], [Op.get(k) for k in keys])
         except EtcdUnavailable:
             for key, b in zip(keys, batch):
-                task = asyncio.ensure_future(self._forget(key))
-                self._cleanups.add(task)
-                task.add_done_callback(self._cleanups.discard)
+                self._later_forget(key)
                 if not b.done.done():
                     b.done.set_exception(err)
             return
-        for found, b in zip(back.responses, batch):
-            if not b.done.done():
+        for key, found, b in zip(keys, back.responses, batch):
+            if found and b.done.cancelled():
+                self._later_forget(key)
+            elif not b.done.done():
                 if found:
                     b.done.set_result((True, back.revision))
                 else:
