@@ -25,7 +25,7 @@ from test_sandbox_service import Node, node_in
 
 PORT = 8765
 SERVER = r'''
-import base64, hashlib, socket, struct, sys, threading
+import base64, hashlib, os, socket, struct, sys, threading, time
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 def exact(c, n):
@@ -84,6 +84,16 @@ def serve(c):
                     send(c, 8, struct.pack(">H", code) + b"asked to")
                     frame(c)  # the client's answer
                     return
+                if op == 1 and data.startswith(b"hold "):
+                    time.sleep(float(data.split()[1]))  # reads nothing meanwhile
+                    continue
+                if op == 1 and data.startswith(b"flood "):
+                    block = os.urandom(1 << 20)
+                    for i in range(int(data.split()[1])):
+                        send(c, 2, block)
+                        with open("/tmp/flood.sent", "w") as f:
+                            f.write(str(i + 1))
+                    continue
                 if op == 1 and data == b"ping me":
                     send(c, 9, b"are you there")
                     op, data = frame(c)
@@ -237,6 +247,53 @@ def test_plain_http_still_goes_through_and_a_declined_upgrade_is_an_answer(node:
             # and the connection still serves plain requests after it
             async with s.get(url + "hello.txt", headers=headers) as resp:
                 assert resp.status == 200
+
+    run(go())
+
+
+def service_rss_mib(node: Node) -> float:
+    assert node.proc is not None
+    for line in Path(f"/proc/{node.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_backpressure_holds_both_ways(node: Node, sandbox: Any) -> None:
+    """A client that does not read stops the guest's server from sending (it has not sent
+    everything a while later) and the service does not hold what it could not pass on; a
+    guest that does not read stops the client's sends the same way."""
+    url, headers = by_host(node, sandbox)
+    total = 64
+
+    async def go() -> None:
+        async with aiohttp.ClientSession() as s, s.ws_connect(url, headers=headers, max_msg_size=0) as ws:
+            rss0 = service_rss_mib(node)
+            # guest -> client: we read nothing for a while
+            await ws.send_str(f"flood {total}")
+            await asyncio.sleep(8)
+            sent = int(sandbox.commands.run("cat /tmp/flood.sent").stdout or 0)
+            assert sent <= 40, sent  # the guest is held: at most the buffers and windows on the way are in flight
+            assert service_rss_mib(node) - rss0 < 24
+            for _ in range(total):
+                got = await ws.receive()
+                assert got.type == aiohttp.WSMsgType.BINARY and len(got.data) == 1 << 20
+            # client -> guest: the guest reads nothing for a while
+            await ws.send_str("hold 8")
+            blocks = [os.urandom(4 << 20) for _ in range(12)]
+
+            async def send_all() -> None:
+                for b in blocks:
+                    await ws.send_bytes(b)
+            async def receive_all() -> list[bytes]:  # the echoes come while we still send
+                return [(await ws.receive()).data[:32] for _ in blocks]
+            sending = asyncio.create_task(send_all())
+            receiving = asyncio.create_task(receive_all())
+            await asyncio.sleep(5)
+            assert not sending.done()  # held: 48 MiB did not all go out while nobody read
+            assert service_rss_mib(node) - rss0 < 24
+            await sending
+            assert await receiving == [hashlib.sha256(b).digest() for b in blocks]
 
     run(go())
 
