@@ -34,6 +34,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -46,7 +47,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sandbox_service import KEY, Service, bench_env, cubefs
+from sandbox_service import KEY, Service, bench_env, cubefs, log, stop_mount_server
 
 INTERNET, UPLINK = "198.18.0.1", "198.18.0.2"
 PORT = 8080
@@ -167,7 +168,9 @@ def wait_http(url: str, headers: dict[str, str], timeout: float = 120) -> None:
 def ingress(base: str, headers: dict[str, str], runs: int, small: int) -> dict[str, Any]:
     wait_http(base + "small", headers)
     rate = [download(base + "big", headers) for _ in range(runs)]
+    log(f"  {base}: body {rate} MB/s")
     reqs = [rps(base + "small", headers, small) for _ in range(runs)]
+    log(f"  {base}: small {reqs} requests/s")
     return {"download_mbps": median(rate), "small_rps": median(reqs)}
 
 
@@ -185,6 +188,7 @@ def main() -> int:
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args()
     parts = set(args.parts.split(","))
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))  # finally cleans up
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from make_vm_kernel import DEFAULT, make_kernel
 
@@ -247,6 +251,7 @@ ip -n {inet_ns} link set lo up; ip -n {inet_ns} addr add {INTERNET}/24 dev in0; 
                 s = Sandbox.create(timeout=1200)
                 if "creates" in parts:
                     out.update(policy_cost(net, s.sandbox_id))
+                log(f"sandbox {s.sandbox_id}")
                 if "download" in parts:
                     out["download_tap_mbps"] = median([
                         mbps(s.commands.run(f"python3 -c {shlex.quote(READ)} {url}", timeout=300).stdout)
@@ -267,6 +272,7 @@ ip -n {inet_ns} link set lo up; ip -n {inet_ns} addr add {INTERNET}/24 dev in0; 
             vm = Vm.start("bench-slirp", Root(image="bench:1"), None, template=vm_template,  # type: ignore[arg-type]
                           netdev=Netdev("user,net=169.254.0.0/24,host=169.254.0.22,dhcpstart=169.254.0.100,"
                                         f"hostfwd=tcp:127.0.0.1:{fwd}-169.254.0.21:{PORT}"))
+            log("slirp VM up")
             try:
                 if "download" in parts:
                     out["download_slirp_mbps"] = median([
@@ -281,6 +287,7 @@ ip -n {inet_ns} link set lo up; ip -n {inet_ns} addr add {INTERNET}/24 dev in0; 
     finally:
         for e in (env, env_plain):
             subprocess.run([sys.executable, "-m", "cubefs", "vm", "rm", "--all"], env=e, capture_output=True)
+        stop_mount_server(env)
         web.kill()
         subprocess.run(["ip", "netns", "del", node_ns], check=False)
         subprocess.run(["ip", "netns", "del", inet_ns], check=False)

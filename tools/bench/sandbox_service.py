@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -27,11 +28,27 @@ def cubefs(env: dict[str, str], *args: str) -> str:
 
 
 def bench_env(tmp: Path, kernel: Path, **more: str) -> dict[str, str]:
-    """The environment of a node whose every directory is under ``tmp``."""
+    """The environment of a node whose every directory is under ``tmp``, its mount server
+    too (the machine's, /run/cubefs, is shared: it restarts when anyone's checkout changes,
+    and a VM whose root daemon went with it stalls the bench)."""
     return {**os.environ, "CUBEFS_VM_DIR": str(tmp / "vm"), "CUBEFS_TEMPLATE_DIR": str(tmp / "templates"),
             "CUBEFS_VOLUME_DIR": str(tmp / "volumes"), "CUBEFS_STORE": f"file://{tmp / 'store'}",
             "CUBEFS_CACHE_DIR": str(tmp / "cache"), "CUBEFS_SANDBOX_DIR": str(tmp / "sandbox"),
-            "CUBEFS_SANDBOX_API_KEY": KEY, "CUBEFS_VM_KERNEL": str(kernel), **more}
+            "CUBEFS_SERVER": str(tmp / "serve.sock"), "CUBEFS_SANDBOX_API_KEY": KEY,
+            "CUBEFS_VM_KERNEL": str(kernel), **more}
+
+
+def stop_mount_server(env: dict[str, str]) -> None:
+    """The mount server the node's first mount started (its lock file names it): it would
+    otherwise wait 15 minutes idle before it exits."""
+    try:
+        os.kill(int(Path(env["CUBEFS_SERVER"] + ".lock").read_text().split()[0]), signal.SIGTERM)
+    except (OSError, ValueError, KeyError):
+        pass
+
+
+def log(msg: str) -> None:
+    print(time.strftime("%H:%M:%S"), msg, file=sys.stderr, flush=True)
 
 
 class Service:
