@@ -42,7 +42,7 @@ import contextlib
 import heapq
 import random
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any
@@ -127,13 +127,12 @@ class Scheduler:
                 return best
         return self._score(nodes.values(), template, cpus, memory_mb, exclude, limit)
 
-    def _score(self, nodes: Any, template: str, cpus: int, memory_mb: int, exclude: set[str],
-               limit: int) -> list[NodeInfo]:
-        if limit == 1:
-            return self._best(nodes, template, cpus, memory_mb, exclude)
+    def _candidates(self, nodes: Any, template: str, cpus: int, memory_mb: int,
+                    exclude: set[str]) -> Iterator[tuple[tuple[bool, float, float], NodeInfo]]:
+        """The nodes that know ``template`` and have room for it, net of the reservations held
+        on them, each with its key: (a pooled sandbox, cached quarters, room), higher is better."""
         sign = 1.0 if self.policy == "spread" else -1.0
         reserved = self.view.reserved
-        scored = []
         for n in nodes:
             if template not in n.templates or n.name in exclude:
                 continue
@@ -145,10 +144,15 @@ class Scheduler:
                     free_mb -= r.memory_mb
             if free_cpus < cpus or free_mb < memory_mb:
                 continue
-            room = sign * (free_mb / n.memory_mb if n.memory_mb else 0.0)
-            cached = int(n.cached.get(template, 0.0) * CACHED_STEPS) / CACHED_STEPS
-            scored.append(((n.pools.get(template, 0) > 0, cached, room,
-                            random.random()), n))
+            yield ((n.pools.get(template, 0) > 0, int(n.cached.get(template, 0.0) * CACHED_STEPS) / CACHED_STEPS,
+                    sign * (free_mb / n.memory_mb if n.memory_mb else 0.0)), n)
+
+    def _score(self, nodes: Any, template: str, cpus: int, memory_mb: int, exclude: set[str],
+               limit: int) -> list[NodeInfo]:
+        if limit == 1:
+            return self._best(nodes, template, cpus, memory_mb, exclude)
+        scored = [((*key, random.random()), n) for key, n in self._candidates(nodes, template, cpus, memory_mb,
+                                                                                exclude)]
         if limit:
             return [n for _, n in heapq.nlargest(limit, scored, key=itemgetter(0))]
         scored.sort(key=itemgetter(0), reverse=True)
@@ -159,24 +163,10 @@ class Scheduler:
         ties broken by reservoir sampling (each of k tied nodes kept with probability 1/k), so
         no random number, list or heap per node.  Every node scored at 1,000 nodes: 0.59 ms
         against 1.10 ms (tools/bench/cluster_sim.py's record shape, this machine at load ~7)."""
-        sign = 1.0 if self.policy == "spread" else -1.0
-        reserved = self.view.reserved
         best: NodeInfo | None = None
         best_key: tuple[bool, float, float] | None = None
         ties = 0
-        for n in nodes:
-            if template not in n.templates or n.name in exclude:
-                continue
-            free_cpus, free_mb = n.vcpus - n.used_vcpus, n.memory_mb - n.used_mb
-            held = reserved.get(n.name)
-            if held:
-                for r in held.values():
-                    free_cpus -= r.vcpus
-                    free_mb -= r.memory_mb
-            if free_cpus < cpus or free_mb < memory_mb:
-                continue
-            key = (n.pools.get(template, 0) > 0, int(n.cached.get(template, 0.0) * CACHED_STEPS) / CACHED_STEPS,
-                   sign * (free_mb / n.memory_mb if n.memory_mb else 0.0))
+        for key, n in self._candidates(nodes, template, cpus, memory_mb, exclude):
             if best_key is None or key > best_key:
                 best, best_key, ties = n, key, 1
             elif key == best_key:
