@@ -25,6 +25,7 @@ from cubefs.cache.files import files_dir
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="passthrough needs root (CAP_SYS_ADMIN)")
 
 BIG = 3 * 1024 * 1024 + 12345  # several chunks, verified inline (<= 4 MiB)
+OTHER = 1_500_000
 
 
 def _content(n: int, seed: int) -> bytes:
@@ -40,7 +41,8 @@ def _content(n: int, seed: int) -> bytes:
 def image(tmp_path: Path, local_store: str) -> tuple[str, dict[str, bytes]]:
     src = tmp_path / "src"
     (src / "lib").mkdir(parents=True)
-    files = {"lib/big.bin": _content(BIG, 1), "lib/mod.py": b"x = 1\n" * 500, "lib/other.bin": _content(70000, 2)}
+    files = {"lib/big.bin": _content(BIG, 1), "lib/mod.py": b"x = 1\n" * 500, "lib/other.bin": _content(OTHER, 2),
+             "lib/small.bin": _content(70000, 3)}
     for name, data in files.items():
         (src / name).write_bytes(data)
     run_cubefs("build", str(src), "--tag", "pt:1", "--store", local_store)
@@ -86,6 +88,10 @@ def test_passthrough_reads_the_local_copy(tmp_path: Path, local_store: str, imag
         assert st["requests"].get("read", 0) == reads_before  # the kernel read the copy itself
         shown = run_cubefs("stats", str(mnt)).stdout
         assert "passthrough  passthrough: " in shown
+        for _ in range(2):  # a small file stays on the daemon path: no copy, no passthrough open
+            assert _read(mnt / "lib/small.bin") == files["lib/small.bin"]
+        time.sleep(0.5)
+        assert len(_wait_copies(cache, 0)) == 1 and m.stats()["passthrough"]["passthrough_opens"] == 1
     with mounted(ref, mnt, local_store, cache) as m:  # a new daemon, the copy on the node: no read reaches it
         assert _read(mnt / "lib/big.bin") == files["lib/big.bin"]
         st = m.stats()
@@ -145,10 +151,10 @@ def test_trim_and_clear_remove_copies(tmp_path: Path, local_store: str, image: I
         _read(mnt / "lib/big.bin")
         _read(mnt / "lib/other.bin")
         assert len(_wait_copies(cache, 2)) == 2
-    # a trim to 1 MiB keeps copies within half of it: the 3 MiB one goes, the 70 KB one stays
-    run_cubefs("cache", "trim", "--to", "1M", "--cache-dir", str(cache))
+    # a trim to 4 MiB keeps copies within half of it: the older 3 MiB one goes, the 1.5 MB one stays
+    run_cubefs("cache", "trim", "--to", "4M", "--cache-dir", str(cache))
     left = _wait_copies(cache, 0)
-    assert [c.stat().st_size for c in left] == [70000]
+    assert [c.stat().st_size for c in left] == [OTHER]
     run_cubefs("cache", "clear", "--cache-dir", str(cache))
     assert not Path(files_dir(str(cache))).exists() or not list(Path(files_dir(str(cache))).rglob("*"))
 
