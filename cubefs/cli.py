@@ -244,6 +244,10 @@ def make_parser(plugins: bool = True) -> argparse.ArgumentParser:
                    help="note every chunk first read for as long as the mount lives, not only in its first minute "
                    "(every mount records its start-up and publishes it with the image; 'cubefs trace push' "
                    "publishes now)")
+    p.add_argument("--passthrough", action="store_true",
+                   help="keep files of 1 MiB and more that the mount served whole as private local copies the kernel "
+                   "reads itself (FUSE passthrough, Linux 6.9+, as root): big files at the local disk's speed, but "
+                   "every open then costs a round trip (a warm 'import numpy' 1.4x slower)")
     p.add_argument("--no-auto-trace", dest="auto_trace", action="store_false",
                    help="do not publish this mount's start-up trace with the image (by default the first start of "
                    "an image records which chunks it reads, by index, and later starts on any node prefetch them)")

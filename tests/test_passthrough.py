@@ -73,7 +73,7 @@ def test_passthrough_reads_the_local_copy(tmp_path: Path, local_store: str, imag
     ref, files = image
     cache = tmp_path / "cache"
     mnt = tmp_path / "mnt"
-    with mounted(ref, mnt, local_store, cache) as m:
+    with mounted(ref, mnt, local_store, cache, "--passthrough") as m:
         first = _read(mnt / "lib/big.bin")  # through the daemon; read to its end: a copy is written
         assert first == files["lib/big.bin"]
         copies = _wait_copies(cache, 1)
@@ -92,7 +92,8 @@ def test_passthrough_reads_the_local_copy(tmp_path: Path, local_store: str, imag
             assert _read(mnt / "lib/small.bin") == files["lib/small.bin"]
         time.sleep(0.5)
         assert len(_wait_copies(cache, 0)) == 1 and m.stats()["passthrough"]["passthrough_opens"] == 1
-    with mounted(ref, mnt, local_store, cache) as m:  # a new daemon, the copy on the node: no read reaches it
+    # a new daemon, the copy on the node: no read reaches it
+    with mounted(ref, mnt, local_store, cache, "--passthrough") as m:
         assert _read(mnt / "lib/big.bin") == files["lib/big.bin"]
         st = m.stats()
         assert st["passthrough"]["passthrough_opens"] == 1 and st["requests"].get("read", 0) == 0, st
@@ -108,13 +109,13 @@ def test_tampered_copy_is_not_served(tmp_path: Path, local_store: str, image: Im
     ref, files = image
     cache = tmp_path / "cache"
     mnt = tmp_path / "mnt"
-    with mounted(ref, mnt, local_store, cache):
+    with mounted(ref, mnt, local_store, cache, "--passthrough"):
         _read(mnt / "lib/big.bin")
         (copy,) = _wait_copies(cache, 1)
     data = bytearray(copy.read_bytes())
     data[1000] ^= 0xFF
     copy.write_bytes(bytes(data))
-    with mounted(ref, mnt, local_store, cache) as m:  # a new daemon: it has never verified the copy
+    with mounted(ref, mnt, local_store, cache, "--passthrough") as m:  # a new daemon: it has never verified the copy
         assert _read(mnt / "lib/big.bin") == files["lib/big.bin"]
         pt = m.stats()["passthrough"]
         assert pt["verify_failures"] == 1 and pt["passthrough_opens"] == 0, pt
@@ -133,7 +134,7 @@ def test_an_open_in_cached_mode_keeps_its_inode_cached(tmp_path: Path, local_sto
     copied while a program holds it open is passed through only once it is closed."""
     ref, files = image
     mnt = tmp_path / "mnt"
-    with mounted(ref, mnt, local_store, tmp_path / "cache") as m:
+    with mounted(ref, mnt, local_store, tmp_path / "cache", "--passthrough") as m:
         with open(mnt / "lib/other.bin", "rb") as held:
             assert held.read() == files["lib/other.bin"]
             _wait_copies(tmp_path / "cache", 1)
@@ -147,7 +148,7 @@ def test_trim_and_clear_remove_copies(tmp_path: Path, local_store: str, image: I
     ref, _files = image
     cache = tmp_path / "cache"
     mnt = tmp_path / "mnt"
-    with mounted(ref, mnt, local_store, cache):
+    with mounted(ref, mnt, local_store, cache, "--passthrough"):
         _read(mnt / "lib/big.bin")
         _read(mnt / "lib/other.bin")
         assert len(_wait_copies(cache, 2)) == 2
@@ -159,6 +160,19 @@ def test_trim_and_clear_remove_copies(tmp_path: Path, local_store: str, image: I
     assert not Path(files_dir(str(cache))).exists() or not list(Path(files_dir(str(cache))).rglob("*"))
 
 
+def test_off_by_default(tmp_path: Path, local_store: str, image: Image) -> None:
+    """Without --passthrough: "no open", every read through the daemon, no copies."""
+    ref, files = image
+    cache = tmp_path / "cache"
+    with mounted(ref, tmp_path / "mnt", local_store, cache) as m:
+        for _ in range(2):
+            assert _read(tmp_path / "mnt/lib/big.bin") == files["lib/big.bin"]
+        st = m.stats()
+        assert st["passthrough"] is None and st["requests"].get("open", 0) <= 1 and st["requests"]["read"] > 0
+        assert "passthrough" not in run_cubefs("stats", str(tmp_path / "mnt")).stdout
+    assert not Path(files_dir(str(cache))).exists()
+
+
 def test_fallback_when_refused(tmp_path: Path, local_store: str, image: Image) -> None:
     """Mounts of a mount server started with CUBEFS_PASSTHROUGH=0 (its daemons inherit it)."""
     ref, files = image
@@ -168,7 +182,8 @@ def test_fallback_when_refused(tmp_path: Path, local_store: str, image: Image) -
     env = {"CUBEFS_SERVER": str(sock), "CUBEFS_PASSTHROUGH": "0"}
     try:
         mnt.mkdir()
-        run_cubefs("mount", ref, str(mnt), "--store", local_store, "--cache-dir", str(cache), env=env, timeout=120)
+        run_cubefs("mount", ref, str(mnt), "--store", local_store, "--cache-dir", str(cache), "--passthrough", env=env,
+                   timeout=120)
         for _ in range(3):
             assert _read(mnt / "lib/big.bin") == files["lib/big.bin"]
         st = json.loads(run_cubefs("stats", str(mnt), "--json", env=env).stdout)

@@ -270,8 +270,6 @@ class KernelTransport:
     def __init__(self, fs: Any, mountpoint: str, fsname: str, allow_other: bool) -> None:
         self.server = FuseServer(fs)
         self.ops = self.server.ops
-        # Only here, on /dev/fuse: a virtio-fs root's guest kernel cannot read our files.
-        self.server.passthrough = passthrough.for_mount(fs, lambda: self.session.fd)
         self.session = KernelSession(mountpoint, fsname, allow_other, read_only=not self.server.writable)
         self.on_session: Callable[[dict[str, Any]], None] | None = None  # told what INIT settled
 
@@ -309,6 +307,11 @@ class KernelTransport:
     @property
     def read_bytes(self) -> int:
         return self.server.read_bytes
+
+    def enable_passthrough(self) -> None:
+        """Offer FUSE passthrough at INIT (``cubefs mount --passthrough``).  Only here, on
+        /dev/fuse: a virtio-fs root's guest kernel cannot read our files."""
+        self.server.passthrough = passthrough.for_mount(self.server.fs, lambda: self.session.fd)
 
     def passthrough_stats(self) -> dict[str, Any] | None:
         pt = self.server.passthrough

@@ -10,9 +10,13 @@ image's digests before a daemon first uses it.
 
 The price: the kernel must send us OPEN (and RELEASE) for every open, which
 "no open" (server.py) had spared; a warm open then costs one more round trip.
-So passthrough is negotiated only where it can be used at all: a kernel FUSE
-mount of an image with a disk cache, a kernel offering it, not disabled by
-``CUBEFS_PASSTHROUGH=0`` in the daemon's environment.  Where it is
+Measured (deb-numpy, ``import numpy``, same session): a warm run made 175
+OPENs and 175 RELEASEs more and took 0.182 s against 0.130 s without
+passthrough; a 1 GiB sequential read from the node went from 0.38 to 0.85
+of the native disk.  So it is asked for (``cubefs mount --passthrough``),
+not the default, and negotiated only where it can be used at all: a kernel
+FUSE mount of an image with a disk cache, a kernel offering it, not
+disabled by ``CUBEFS_PASSTHROUGH=0`` in the daemon's environment.  Where it is
 refused (no kernel support; ``FUSE_DEV_IOC_BACKING_OPEN`` needs
 CAP_SYS_ADMIN) the mount goes on as before, said once in the log and in
 ``cubefs stats``.

@@ -69,6 +69,7 @@ class MountOptions:
     record_trace: bool = False
     auto_trace: bool = True  # record the start-up and publish it with the image (cubefs.image.autotrace)
     prefetch: bool = True  # prefetch the image's pushed trace, if it has one
+    passthrough: bool = False  # FUSE passthrough of local copies (cubefs.fuse.passthrough): off, measured
     volume: str | None = None  # mount this volume (read-write) instead of the image ``ref``
     volume_dir: str = ""
     supervisor_fd: int = -1  # the link to the mount server that keeps this mount's /dev/fuse
@@ -86,6 +87,7 @@ class MountOptions:
             store_timeout=args.store_timeout, store_attempts=args.store_attempts,
             transport=getattr(args, "transport", "kernel"), record_trace=getattr(args, "record_trace", False),
             prefetch=getattr(args, "prefetch", True), auto_trace=getattr(args, "auto_trace", True),
+            passthrough=getattr(args, "passthrough", False),
             peers=tuple(p.strip() for p in (getattr(args, "peers", "") or "").split(",") if p.strip()),
             peers_file=getattr(args, "peers_file", "") or "", peer_timeout=getattr(args, "peer_timeout", 3.0),
             volume=getattr(args, "volume", None), volume_dir=getattr(args, "volume_dir", "") or "",
@@ -177,6 +179,8 @@ def _serve(
         image_fs.record_trace(None if opts.record_trace else RECORD_SECONDS)
         publisher = TracePublisher(image_fs, store, loop, trace, ref) if opts.auto_trace else None
     transport = _transport(opts.transport, fs, mountpoint, f"cubefs:{label}", opts.allow_other)
+    if opts.passthrough and hasattr(transport, "enable_passthrough"):
+        transport.enable_passthrough()
     resume = opts.resume if link is not None else None
     if resume is not None:
         transport.adopt(int(resume["fd"]), resume.get("session"))  # type: ignore[attr-defined]
