@@ -92,11 +92,11 @@ def test_passthrough_reads_the_local_copy(tmp_path: Path, local_store: str, imag
             assert _read(mnt / "lib/small.bin") == files["lib/small.bin"]
         time.sleep(0.5)
         assert len(_wait_copies(cache, 0)) == 1 and m.stats()["passthrough"]["passthrough_opens"] == 1
-    # a new daemon, the copy on the node: no read reaches it
-    with mounted(ref, mnt, local_store, cache, "--passthrough") as m:
-        assert _read(mnt / "lib/big.bin") == files["lib/big.bin"]
-        st = m.stats()
-        assert st["passthrough"]["passthrough_opens"] == 1 and st["requests"].get("read", 0) == 0, st
+    for _ in range(2):  # a new daemon, the copy on the node: no read reaches it (a use keeps the mark valid)
+        with mounted(ref, mnt, local_store, cache, "--passthrough") as m:
+            assert _read(mnt / "lib/big.bin") == files["lib/big.bin"]
+            st = m.stats()
+            assert st["passthrough"]["passthrough_opens"] == 1 and st["requests"].get("read", 0) == 0, st
     # private, to its owner only, in private directories
     copy = copies[0]
     assert stat.S_IMODE(copy.stat().st_mode) == 0o600
