@@ -10,8 +10,8 @@ guest (content length, chunked, close-delimited); aiohttp does it toward the
 client.  A client that goes away cancels the handler, which closes the
 guest-side stream, which the guest's server sees as a disconnect.
 
-**Upgrades** (WebSocket, and ``Upgrade: tcp``: the two protocols aiohttp's
-server hands over as raw bytes) keep ``Connection: Upgrade`` toward the guest.
+**Upgrades** to WebSocket (the one protocol aiohttp's server, its C parser,
+hands over as raw bytes) keep ``Connection: Upgrade`` toward the guest.
 If the guest's server answers ``101 Switching Protocols`` the 101 goes to the
 client and from then on the connection is two byte pumps, client -> guest
 stream and guest stream -> client: frames are never parsed or re-framed (ping,
@@ -40,7 +40,9 @@ CHUNK = 64 * 1024
 UP_BUFFER = 256 * 1024  # client bytes held for the guest before the client's socket is paused
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
               "transfer-encoding", "upgrade", "proxy-connection"}
-UPGRADABLE = {"websocket", "tcp"}  # what aiohttp's server switches to raw bytes for (its http_parser)
+# what aiohttp's server switches to raw bytes for: its C parser (the one in use) only
+# "websocket" (its Python parser "tcp" too: relaying that here would mis-read pipelined bytes)
+UPGRADABLE = {"websocket"}
 
 
 class UpstreamError(CubefsError):

@@ -244,6 +244,11 @@ def test_plain_http_still_goes_through_and_a_declined_upgrade_is_an_answer(node:
             async with s.get(url + "hello.txt", headers={**headers, "Connection": "Upgrade",
                                                          "Upgrade": "websocket"}) as resp:
                 assert resp.status == 200 and await resp.text() == "hello through the proxy\n"
+            # an Upgrade the proxy does not relay as bytes (h2c, tcp): a plain request to the guest
+            for proto in ("h2c", "tcp"):
+                async with s.get(url + "hello.txt", headers={**headers, "Connection": "Upgrade",
+                                                             "Upgrade": proto}) as resp:
+                    assert resp.status == 200 and await resp.text() == "hello through the proxy\n"
             # and the connection still serves plain requests after it
             async with s.get(url + "hello.txt", headers=headers) as resp:
                 assert resp.status == 200
