@@ -10,9 +10,9 @@ image's digests before a daemon first uses it.
 
 The price: the kernel must send us OPEN (and RELEASE) for every open, which
 "no open" (server.py) had spared; a warm open then costs one more round trip.
-Measured (deb-numpy, ``import numpy``, same session): a warm run made 175
-OPENs and 175 RELEASEs more and took 0.182 s against 0.130 s without
-passthrough; a 1 GiB sequential read from the node went from 0.38 to 0.85
+Measured (deb-numpy, ``import numpy``, tools/bench/warm_opens.py, 4 runs):
+a warm run made 175 OPENs and 175 RELEASEs more and took 0.12-0.19 s
+against 0.10-0.12 s without passthrough; a 1 GiB sequential read from the node went from 0.38 to 0.85
 of the native disk.  So it is asked for (``cubefs mount --passthrough``),
 not the default, and negotiated only where it can be used at all: a kernel
 FUSE mount of an image with a disk cache, a kernel offering it, not
