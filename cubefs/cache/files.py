@@ -80,7 +80,11 @@ class FileStore:
     def begin(self, key: str) -> tuple[int, str]:
         """A private temporary file to write ``key``'s copy into: (fd, its path)."""
         sub = os.path.dirname(self.path(key))
-        os.makedirs(sub, mode=0o700, exist_ok=True)
+        # one level at a time: makedirs gives the parents it creates the umask's mode, and a
+        # 'cubefs cache clear' under a live mount removes the top directory too
+        for d in (self.directory, sub):
+            os.makedirs(d, mode=0o700, exist_ok=True)
+            os.chmod(d, 0o700)
         tmp = os.path.join(sub, f"{TMP_PREFIX}{key}.{os.getpid()}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         return fd, tmp
