@@ -49,7 +49,7 @@ import lmdb
 import xxhash
 
 from cubefs.cache import lmdbcheck
-from cubefs.cache.files import clear_files, trim_files
+from cubefs.cache.files import clear_files, tree_bytes, trim_files
 from cubefs.cache.tiers import DiskStats
 from cubefs.errors import CubefsError, FormatVersionError, UsageError
 
@@ -720,7 +720,7 @@ def _remove_quarantined(directory: str, older_than: float) -> int:
         try:
             if now - os.stat(path).st_mtime < older_than:
                 continue
-            freed += _tree_bytes(path)
+            freed += tree_bytes(path)
             shutil.rmtree(path)
         except OSError as err:
             log.warning("cannot remove the damaged cache %s: %s", path, err)
@@ -728,18 +728,7 @@ def _remove_quarantined(directory: str, older_than: float) -> int:
 
 
 def _quarantined_bytes(directory: str) -> int:
-    return sum(_tree_bytes(p) for p in _quarantined(directory))
-
-
-def _tree_bytes(path: str) -> int:
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for f in files:
-            try:
-                total += os.stat(os.path.join(root, f)).st_blocks * 512
-            except OSError:
-                pass
-    return total
+    return sum(tree_bytes(p) for p in _quarantined(directory))
 
 
 def _quarantine_count(directory: str) -> int:

@@ -216,15 +216,21 @@ def clear_files(cache_dir: str) -> int:
     directory = files_dir(cache_dir)
     if not os.path.isdir(directory):
         return 0
-    freed = 0
-    for root, _dirs, names in os.walk(directory):
-        for name in names:
-            try:
-                freed += os.stat(os.path.join(root, name)).st_blocks * 512
-            except OSError:
-                pass
+    freed = tree_bytes(directory)
     shutil.rmtree(directory, ignore_errors=True)
     return freed
+
+
+def tree_bytes(path: str) -> int:
+    """The disk space the files under ``path`` take (allocated blocks, so holes are free)."""
+    total = 0
+    for root, _dirs, names in os.walk(path):
+        for name in names:
+            try:
+                total += os.stat(os.path.join(root, name)).st_blocks * 512
+            except OSError:
+                pass
+    return total
 
 
 def trim_files(cache_dir: str, target: int) -> int:
