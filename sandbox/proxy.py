@@ -15,17 +15,24 @@ port inside the guest through a TCP stream the agent opens there
 sandbox was not found" (``is_running()`` reads exactly that); a port nothing
 listens on, 502 "port is not open" — the SDK maps both substrings.
 
+**Access.**  envd checks its own access token.  A user port is open to whoever
+has its address, as in E2B, unless the sandbox was created with
+``network.allowPublicTraffic: false``: then every request (an upgrade too) must
+carry the sandbox's ``trafficAccessToken`` in ``e2b-traffic-access-token``, or
+gets E2B's 403.  That token is not envd's: whoever is given it to reach a
+sandbox's web server cannot run commands in the sandbox.
+
 **Upgrades** (WebSocket) are routed and refused by the same rules, then become
 a raw byte relay for the connection's life (``sandbox.relay``): such a
 connection is routed once, at its upgrade, as the protocol it switched to
 has no further requests.  The proxy asks no more of an upgrade than of plain
-HTTP (today: nothing for user ports; envd checks its own access token).  At
-shutdown the proxy closes the upgraded connections it holds (aiohttp would
-wait its shutdown timeout for their handlers otherwise).
+HTTP (see Access).  At shutdown the proxy closes the upgraded connections it
+holds (aiohttp would wait its shutdown timeout for their handlers otherwise).
 """
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import logging
 from typing import Any
@@ -39,6 +46,7 @@ from sandbox.service import SandboxService
 log = logging.getLogger("cubefs.sandbox.proxy")
 
 ENVD_PORT = 49983
+TRAFFIC_TOKEN_HEADER = "e2b-traffic-access-token"
 
 
 def not_found(sandbox_id: str) -> web.Response:
@@ -50,6 +58,20 @@ def port_closed(sandbox_id: str, port: int) -> web.Response:
     return web.json_response({"sandboxId": sandbox_id, "port": port, "code": 502,
                               "message": f"The sandbox is running but port is not open (port {port})"},
                              status=502)
+
+
+def traffic_refused(request: web.Request, record: Any) -> web.Response | None:
+    """403 unless the request shows the sandbox's traffic token (``allowPublicTraffic:
+    false``), in E2B's header and with its message; None lets it through.  The header is
+    passed on: the code interpreter's server takes it as its credential too."""
+    given = request.headers.get(TRAFFIC_TOKEN_HEADER)
+    if given is not None and hmac.compare_digest(given.encode(), (record.traffic_token or
+                                                                   record.access_token).encode()):
+        return None
+    what = "missing" if given is None else "invalid"
+    return web.json_response({"sandboxId": record.sandbox_id, "code": 403,
+                              "message": f"Sandbox is secured with traffic access token. Token header "
+                                         f"'{TRAFFIC_TOKEN_HEADER}' is {what}"}, status=403)
 
 
 def _header_host(host: str, domain: str | None) -> bool:
@@ -93,6 +115,8 @@ def make_app(service: SandboxService) -> web.Application:
             return not_found(sid)
         if port == ENVD_PORT:
             return await sbx.envd.handle(request)
+        if not sbx.record.public_traffic and (refused := traffic_refused(request, sbx.record)) is not None:
+            return refused
         transport = request.transport if is_upgrade(request) else None
         if transport is not None:
             upgraded.add(transport)

@@ -99,6 +99,12 @@ class SandboxRecord:
     env_vars: dict[str, str] = field(default_factory=dict)
     state: str = "creating"  # then "running"
     start_pid: int = 0  # the template's start command in the guest, if any
+    # E2B's trafficAccessToken: what a caller of the sandbox's ports shows the proxy when
+    # public_traffic is off (network.allowPublicTraffic: false).  Not the envd token: a web
+    # client given it can reach the sandbox's servers, not run commands in it.  Empty in a
+    # record written before it existed: the envd token serves, as it did then.
+    traffic_token: str = ""
+    public_traffic: bool = True
 
     @staticmethod
     def path(sandbox_id: str) -> Path:
@@ -143,7 +149,7 @@ class Sandbox:
         return {"templateID": r.template, "sandboxID": r.sandbox_id, "clientID": "cubefs", "alias": r.template,
                 "envdVersion": envd_version, "envdAccessToken": r.access_token,
                 # the code interpreter SDK sends this one (not X-Access-Token) on its context calls
-                "trafficAccessToken": r.access_token,
+                "trafficAccessToken": r.traffic_token or r.access_token,
                 "domain": domain}
 
 
@@ -356,7 +362,7 @@ class SandboxService:
         now = time.time()
         sid = new_id()
         record = SandboxRecord(sid, template, f"sbx-{sid}", f"sbx-{sid}-0", secrets.token_urlsafe(24), now, now,
-                               cpus, memory_mb, **fields)
+                               cpus, memory_mb, traffic_token=secrets.token_urlsafe(24), **fields)
         self.capacity.reserve(sid, cpus, memory_mb)
         record.save()
         self.creating.add(sid)
@@ -524,18 +530,34 @@ class SandboxService:
         if argv is None:
             return
         ch = sbx.channel
-        token = sbx.record.access_token.encode()
-
-        async def one() -> Any:
-            yield token
-
-        await ch.make_dir(str(Path(templates.TOKEN_PATH).parent), user="root")
-        await ch.write_file(templates.TOKEN_PATH, one(), user="root", mode=0o600)
+        await self._write_tokens(sbx, template)
         proc = await ch.spawn(argv, user="root", cwd="/", tag="start-cmd")
         sbx.record.start_pid = proc.pid
         await proc.detach()
         if template.ready_port:
             await self._wait_port(sbx, template.ready_port)
+
+    async def _write_tokens(self, sbx: Sandbox, template: SandboxTemplate | None = None) -> None:
+        """The sandbox's tokens where its start command's server reads them (root's only): at
+        its start, and after every restore (a snapshot's guest holds the tokens of the sandbox
+        it was taken of; this one has its own).  Nothing for a template without a start command."""
+        r = sbx.record
+        if template is None:
+            try:
+                template = SandboxTemplate.load(r.template)
+            except NotFoundError:
+                return
+        if templates.start_script(template) is None:
+            return
+        if not template.traffic_token:
+            r.traffic_token = ""  # its server reads one token: the envd token serves as both
+        text = r.access_token + (f"\n{r.traffic_token}" if r.traffic_token else "") + "\n"
+
+        async def one() -> Any:
+            yield text.encode()
+
+        await sbx.channel.make_dir(str(Path(templates.TOKEN_PATH).parent), user="root")
+        await sbx.channel.write_file(templates.TOKEN_PATH, one(), user="root", mode=0o600)
 
     async def _wait_port(self, sbx: Sandbox, port: int) -> None:
         deadline = time.monotonic() + READY_PORT_WAIT
@@ -712,6 +734,7 @@ class SandboxService:
             vm = await _finish_thread(self._restore_vm, snap, sbx.record)
             await self._connect(sbx, vm)
             await self._freshen(sbx)
+            await self._write_tokens(sbx)
             await self._assign(sbx, timeout, metadata, {**snap.env_vars, **env_vars}, resume=False)
         sid, record = sbx.id, sbx.record
         self.sandboxes[sid] = sbx
@@ -751,6 +774,10 @@ class SandboxService:
                     return await self._from_snapshot(snap, timeout, dict(src.record.metadata), {}, time.monotonic())
 
             results = await asyncio.gather(*(one() for _ in range(count)), return_exceptions=True)
+            for child in results:  # a child of a sandbox that asks for its traffic token asks for its own
+                if isinstance(child, Sandbox) and not src.record.public_traffic:
+                    child.record.public_traffic = False
+                    child.record.save()
         finally:  # the children map its RAM file: unlinked, it lives until the last of them ends
             await asyncio.shield(asyncio.to_thread(self._delete_snapshot, snap))
         log.info("sandbox %s forked: %d of %d running", sandbox_id,
@@ -775,6 +802,7 @@ class SandboxService:
                 await asyncio.shield(asyncio.to_thread(self._rollback_vm, sbx, snap))
                 await self._connect(sbx, vmm.Vm(r.vm))
                 await self._freshen(sbx)
+                await self._write_tokens(sbx)
             except BaseException as err:  # the sandbox is gone: say so, leave nothing
                 log.warning("sandbox %s: rollback to %s failed, sandbox removed: %s", sandbox_id, snap.snapshot_id,
                             err)

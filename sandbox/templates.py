@@ -72,6 +72,10 @@ class SandboxTemplate:
     store: dict[str, str | None] = field(default_factory=dict)
     disk_mb: int = 0  # a disk root of this size (0: the root is a volume over virtio-fs)
     root_image: str = ""  # a disk template's lower layer: the prepared tree, committed
+    # The token file holds the envd token and, on a second line, the traffic token: its code
+    # interpreter accepts either.  Templates made before it have a server that reads one token;
+    # their sandboxes keep one token for both (an old server would refuse a two-line file).
+    traffic_token: bool = False
 
     @property
     def store_options(self) -> StoreOptions:
@@ -226,7 +230,7 @@ def create(name: str, image: str, opts: StoreOptions, *, cpus: int = 1, memory_m
         raise
     t = SandboxTemplate(name, image, cpus, memory_mb, start_cmd, ready_port, vm_template, volume,
                         datetime.now(UTC).isoformat(timespec="seconds"), round(time.monotonic() - t0, 3),
-                        asdict(opts), disk_mb, root_image)
+                        asdict(opts), disk_mb, root_image, traffic_token=True)
     t.save()
     return t
 

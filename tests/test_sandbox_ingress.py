@@ -256,6 +256,46 @@ def test_plain_http_still_goes_through_and_a_declined_upgrade_is_an_answer(node:
     run(go())
 
 
+def test_a_sandbox_without_public_traffic_asks_for_its_traffic_token(node: Node, sandbox: Any) -> None:
+    """``network={"allow_public_traffic": False}`` (E2B's "restrict public access"): its ports
+    answer 403 without ``e2b-traffic-access-token``, or with a wrong one (its envd token too:
+    the two differ), WebSocket upgrades included; with it, they answer.  The module's public
+    sandbox still needs nothing, and envd is untouched (the SDK drives the restricted one)."""
+    from e2b import Sandbox
+
+    sbx = Sandbox.create(timeout=300, network={"allow_public_traffic": False})
+    try:
+        token = sbx.traffic_access_token
+        assert token and token != sbx._envd_access_token, "the traffic token is its own"
+        start_server(sbx)  # envd (commands, files) works with the envd token alone
+        url, headers = by_host(node, sbx)
+        public_url, public_headers = by_host(node, sandbox)
+
+        async def go() -> None:
+            async with aiohttp.ClientSession() as s:
+                for given in ({}, {"e2b-traffic-access-token": "nope"},
+                              {"e2b-traffic-access-token": sbx._envd_access_token}):
+                    async with s.get(url, headers={**headers, **given}) as resp:
+                        doc = await resp.json()
+                        assert resp.status == 403 and doc["sandboxId"] == sbx.sandbox_id, doc
+                        assert "e2b-traffic-access-token" in doc["message"], doc
+                    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                        await s.ws_connect(url, headers={**headers, **given})
+                    assert refused.value.status == 403
+                async with s.get(url, headers={**headers, "e2b-traffic-access-token": token}) as resp:
+                    assert resp.status == 200 and await resp.text() == "not a socket"
+                async with s.ws_connect(url, headers={**headers, "e2b-traffic-access-token": token}) as ws:
+                    await ws.send_str("let me in")
+                    assert (await ws.receive()).data == "LET ME IN"
+                async with s.ws_connect(public_url, headers=public_headers) as ws:  # the public one: no token
+                    await ws.send_str("open")
+                    assert (await ws.receive()).data == "OPEN"
+
+        run(go())
+    finally:
+        sbx.kill()
+
+
 def service_rss_mib(node: Node) -> float:
     assert node.proc is not None
     for line in Path(f"/proc/{node.proc.pid}/status").read_text().splitlines():

@@ -33,11 +33,12 @@ no matplotlib capture, no charts, no ``%magics`` or ``!shell`` lines, no rich tr
 stdin (``input()`` reads EOF) and Python is the only language. Top-level ``await`` works.
 Output that a background thread prints while no cell runs is delivered with the next cell.
 
-Authentication: with ``--token-file``, every route but ``GET /health`` needs the token in
-``X-Access-Token`` (what the SDK sends on ``/execute``) or ``E2B-Traffic-Access-Token`` (the
-only token header e2b-code-interpreter 2.11.5 sends on its context calls); the file is read
-on every request, so the token can be replaced (a forked sandbox) without a restart, and a
-missing or empty file refuses everything (503). With ``--user``, the workers run as that
+Authentication: with ``--token-file``, every route but ``GET /health`` needs a token of the
+file (one per line: the sandbox's envd token, then its traffic token) in ``X-Access-Token``
+(what the SDK sends on ``/execute``) or ``E2B-Traffic-Access-Token`` (the only token header
+e2b-code-interpreter 2.11.5 sends on its context calls); the file is read on every request, so
+the tokens can be replaced (a forked sandbox) without a restart, and a missing or empty file
+refuses everything (503). With ``--user``, the workers run as that
 user, so code run in a context cannot read a token file that only root can.
 
 Usage: ``python3 server.py [--host 0.0.0.0] [--port 49999] [--token-file F] [--cwd /home/user]
@@ -492,13 +493,14 @@ class Handler(BaseHTTPRequestHandler):
             return
         try:
             with open(path, encoding="utf-8") as f:
-                token = f.read().strip()
+                tokens = [t.strip().encode() for t in f.read().splitlines() if t.strip()]
         except OSError as exc:
             raise HttpError(503, f"access token unavailable: {exc.strerror}") from None
-        if not token:
+        if not tokens:
             raise HttpError(503, "access token unavailable: the token file is empty")
-        given = [self.headers.get(h) for h in ("X-Access-Token", "E2B-Traffic-Access-Token")]
-        if not any(g is not None and hmac.compare_digest(g.encode(), token.encode()) for g in given):
+        given = [g.encode() for h in ("X-Access-Token", "E2B-Traffic-Access-Token")
+                 if (g := self.headers.get(h)) is not None]
+        if not any(hmac.compare_digest(g, t) for g in given for t in tokens):
             raise HttpError(401, "missing or wrong X-Access-Token")
 
     def _body(self) -> dict[str, Any]:
