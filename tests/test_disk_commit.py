@@ -210,3 +210,58 @@ def test_the_walk_is_bounded_whatever_the_guest_left(tmp_path: Path) -> None:
     assert merge.root.children[b"loop"].target == b"loop"
     assert merge.root.children[b"d"].children[b"out"].target == os.fsencode(tmp_path)  # type: ignore[index]
     assert len(queued) == 10
+
+
+def test_the_disk_image_record_cannot_be_forged(env: dict[str, str], tmp_path: Path) -> None:
+    """``trusted.cubefs.lower`` names a store ``cubefs commit`` reads with the host's credentials:
+    a user of a volume's mount (or a guest with a volume root) can neither set, remove nor see
+    it, and a record on anything but a block volume (written before this rule) is refused before
+    any store is asked."""
+    import errno
+
+    from cubefs.cow.index import ROOT_INO, VolumeIndex
+    from cubefs.volume.blk import LOWER_XATTR
+
+    run_cubefs("volume", "create", "plain", env=env)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    run_cubefs("mount", "--volume", "plain", str(mnt), env=env)
+    try:
+        (mnt / "disk").write_bytes(bytes(4096))  # a disk by name, inode and size...
+        (mnt / "etc").mkdir()  # ...in a guest's root
+        forged = json.dumps({"ref": "x:1", "digest": "0" * 64, "store": "s3://attacker/x", "s3_endpoint": None})
+        for name in ("trusted.cubefs.lower", "trusted.cubefs.other"):
+            with pytest.raises(OSError) as err:
+                os.setxattr(mnt, name, forged.encode())
+            assert err.value.errno == errno.EPERM
+            with pytest.raises(OSError) as err:
+                os.removexattr(mnt, name)
+            assert err.value.errno == errno.EPERM
+        os.setxattr(mnt, "trusted.other", b"1")  # the rest of trusted.* is the user's as before
+        assert os.getxattr(mnt, "trusted.other") == b"1"
+    finally:
+        run_cubefs("umount", str(mnt), env=env)
+    index = VolumeIndex(env["CUBEFS_VOLUME_DIR"])
+    try:  # a record that got there anyway (before this rule): hidden from the mount, refused by commit
+        with index.write() as txn:
+            vol = index.volume(txn, "plain")
+            root = index.get_inode(txn, vol.layer, ROOT_INO)
+            if root is None:
+                root = next(r for at in index.chain(txn, vol.layer) if (r := index.get_inode(txn, at, ROOT_INO)))
+            root = root.copy()
+            root.xattrs[LOWER_XATTR] = forged.encode()
+            index.put_inode(txn, vol.layer, ROOT_INO, root)
+        index.sync()
+    finally:
+        index.close()
+    run_cubefs("mount", "--volume", "plain", str(mnt), "--raw", env=env)
+    try:
+        assert "trusted.cubefs.lower" not in os.listxattr(mnt)
+        with pytest.raises(OSError) as err:
+            os.getxattr(mnt, "trusted.cubefs.lower")
+        assert err.value.errno == errno.ENODATA
+    finally:
+        run_cubefs("umount", str(mnt), env=env)
+    res = run_cubefs("commit", "plain", "--tag", "stolen:1", env=env, check=False, timeout=120)
+    assert res.returncode != 0 and "not a block volume" in res.stderr and res.stderr.count("\n") == 1, res
+    assert "attacker" not in res.stderr and "Traceback" not in res.stderr

@@ -54,12 +54,13 @@ def create_block_volume(index: VolumeIndex, name: str, size: int) -> Volume:
 def disk_of(fs: Any) -> tuple[int, int]:
     """(inode, size in bytes) of the disk a :class:`cubefs.volume.fs.VolumeFS` (a volume, or
     one of its snapshots) shows; UsageError if it is not a block volume."""
-    try:
-        ino = fs.lookup_ino(ROOT_INO, DISK_NAME) if fs.base is None else 0
+    try:  # the shape create_block_volume gives, which nothing but the disk's bytes changes
+        only_disk = fs.base is None and [n for n, _i, _o in fs.readdir(ROOT_INO, 0)] == [DISK_NAME]
+        ino = fs.lookup_ino(ROOT_INO, DISK_NAME) if only_disk else 0
         attr = fs.getattr(ino) if ino else None
     except FsError:
         attr = None
-    if attr is None or not stat.S_ISREG(attr.mode) or attr.size % SECTOR:
+    if attr is None or ino != DISK_INO or not stat.S_ISREG(attr.mode) or attr.size % SECTOR:
         raise UsageError(f"volume {fs.name} is not a block volume (make one with 'cubefs volume create NAME "
                          "--block SIZE')")
     return ino, attr.size
@@ -118,13 +119,31 @@ def set_lower(index: VolumeIndex, volume: str, base: BaseImage) -> None:
 
 
 def lower_of(index: VolumeIndex, volume: str, snapshot: str | None) -> BaseImage | None:
-    """The image recorded under a disk root (set_lower), as of ``snapshot``; None if none is."""
+    """The image recorded under a disk root (set_lower), as of ``snapshot``; None if none is.
+
+    The record names a store that ``cubefs commit`` then reads with the host's credentials, so
+    it is trusted only on a block volume (whose root nobody but the host writes: a guest sees
+    the disk's bytes); a mount of a volume refuses ``trusted.cubefs.*`` to its users
+    (cubefs/volume/fs.py, HOST_XATTRS), and a record on any other volume is refused here."""
+    from cubefs.volume.fs import VolumeFS
+
     with index.read() as txn:
-        layer = index.get_snapshot(txn, volume, snapshot).layer if snapshot else index.volume(txn, volume).layer
+        vol = index.volume(txn, volume)
+        layer = index.get_snapshot(txn, volume, snapshot).layer if snapshot else vol.layer
         root = _root_inode(index, txn, layer)
     raw = root.xattrs.get(LOWER_XATTR) if root is not None else None
     if raw is None:
         return None
+    fs = VolumeFS(index, volume, None, f"the disk of {volume}", snapshot)
+    try:
+        if vol.base is not None:
+            raise UsageError("has a base image")
+        disk_of(fs)
+    except UsageError:
+        raise UsageError(f"volume {volume} records a disk's lower image ({LOWER_XATTR.decode()}) but is not a "
+                         "block volume: the record is not the host's; refused") from None
+    finally:
+        fs.close()
     try:
         d = json.loads(raw)
         return BaseImage(str(d["ref"]), str(d["digest"]), str(d["store"]), d.get("s3_endpoint"))

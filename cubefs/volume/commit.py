@@ -55,12 +55,11 @@ def commit(index: VolumeIndex, volume: str, snapshot: str | None, ref: str, stor
         snapshot = index.snapshot(volume, time.strftime("commit-%Y%m%dT%H%M%S", time.gmtime())).name
     with index.read() as txn:
         chain = index.chain(txn, index.get_snapshot(txn, volume, snapshot).layer)
-    if vol.base is None:
-        from cubefs.volume.blk import lower_of
+    from cubefs.volume.blk import lower_of
 
-        lower = lower_of(index, volume, snapshot)
-        if lower is not None:
-            return _commit_disk(index, volume, snapshot, lower, ref, store_url, s3_endpoint, cache_dir, tick)
+    lower = lower_of(index, volume, snapshot)  # checked to be a block volume's, before its store is read
+    if lower is not None:
+        return _commit_disk(index, volume, snapshot, lower, ref, store_url, s3_endpoint, cache_dir, tick)
     base = vol.base
     store_url = store_url or (base.store if base else None)
     s3_endpoint = s3_endpoint or (base.s3_endpoint if base else None)

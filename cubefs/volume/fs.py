@@ -76,6 +76,9 @@ SET_ATIME_NOW, SET_MTIME_NOW, SET_CTIME = 128, 256, 1024
 SET_KILL_SUIDGID = 2048  # FATTR_KILL_SUIDGID: a truncation by a caller without CAP_FSETID
 SET_FIELDS = SET_MODE | SET_UID | SET_GID | SET_ATIME | SET_MTIME | SET_ATIME_NOW | SET_MTIME_NOW | SET_CTIME
 CAPABILITY = b"security.capability"
+# The host's own records on an inode (cubefs/volume/blk.py: the image under a VM disk's overlay), which
+# `cubefs commit` trusts: no user of a mount or guest may set, remove or see them.
+HOST_XATTRS = b"trusted.cubefs."
 MOVED_RETRIES = 3
 COMPACT_RATE = 32 << 20  # bytes/s a mount's background compaction copies at most
 ROLL_DEAD_MIN = 16 << 20  # a data file being appended to is let go for compaction from this size
@@ -355,12 +358,12 @@ class VolumeFS:
 
     def listxattr(self, ino: int) -> list[bytes]:
         with self.index.read() as txn:
-            return sorted(self._inode(txn, ino).xattrs)
+            return sorted(k for k in self._inode(txn, ino).xattrs if not k.startswith(HOST_XATTRS))
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
         with self.index.read() as txn:
             value = self._inode(txn, ino).xattrs.get(name)
-        if value is None:
+        if value is None or name.startswith(HOST_XATTRS):
             raise FsError(errno.ENODATA)
         return value
 
@@ -675,6 +678,9 @@ class VolumeFS:
         return inode
 
     def setxattr(self, ino: int, name: bytes, value: bytes, flags: int) -> None:
+        if name.startswith(HOST_XATTRS):
+            raise FsError(errno.EPERM)
+
         def change(i: Inode) -> None:
             if flags & XATTR_CREATE and name in i.xattrs:
                 raise FsError(errno.EEXIST)
@@ -685,6 +691,9 @@ class VolumeFS:
         self._change(ino, change)
 
     def removexattr(self, ino: int, name: bytes) -> None:
+        if name.startswith(HOST_XATTRS):
+            raise FsError(errno.EPERM)
+
         def change(i: Inode) -> None:
             if i.xattrs.pop(name, None) is None:
                 raise FsError(errno.ENODATA)
