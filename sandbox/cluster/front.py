@@ -43,8 +43,9 @@ from cubefs.errors import UsageError
 from sandbox import api as node_api
 from sandbox import proxy as node_proxy
 from sandbox.cluster import forward as fwd
+from sandbox.cluster import heap
 from sandbox.cluster.etcd import Etcd, EtcdError, EtcdUnavailable, LeaseKeeper
-from sandbox.cluster.keys import RESERVATION_HEADER, Layout, NodeInfo, Route
+from sandbox.cluster.keys import RESERVATION_HEADER, Layout, NodeInfo
 from sandbox.cluster.scheduler import Scheduler
 from sandbox.cluster.view import ClusterView
 from sandbox.config import ApiKeys
@@ -229,7 +230,7 @@ class Front:
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 doc = json.loads(body)
                 # Known here at once; the watch brings the node's own put soon after.
-                self.view.routes[doc["sandboxID"]] = Route(node.name, doc.get("templateID", ""))
+                self.view.routes[doc["sandboxID"]] = node.name
         else:
             self.stats.failed += 1
         return web.Response(status=status, body=body, headers=answer)
@@ -339,7 +340,9 @@ class Front:
                             ("reservation_txns", self.scheduler.transactions),
                             ("reservations", self.scheduler.reservations)):
             lines += [f"# TYPE cubefs_front_{name}_total counter", f"cubefs_front_{name}_total {value}"]
-        for name, xs in (("decision", s.decisions), ("create", s.creates)):
+        sch = self.scheduler
+        for name, xs in (("decision", s.decisions), ("create", s.creates), ("decision_wait", sch.waits),
+                         ("reservation_txn", sch.round_trips), ("decision_reserve", sch.reserve_times)):
             if xs:
                 ys = sorted(xs)
                 lines.append(f"# TYPE cubefs_front_{name}_seconds summary")
@@ -360,6 +363,7 @@ async def run_front(etcd_text: str, api_addr: tuple[str, int], proxy_addr: tuple
     except EtcdError as err:
         await etcd.close()
         raise UsageError(f"cannot join the cluster: {err}") from None
+    heap.settle()  # the view is loaded: freeze it and the front's machinery out of every collection
     runners = [web.AppRunner(front.api_app(keys), access_log=None), web.AppRunner(front.proxy_app(), access_log=None)]
     try:
         for runner, (host, port) in zip(runners, (api_addr, proxy_addr)):

@@ -42,6 +42,7 @@ import contextlib
 import heapq
 import random
 import secrets
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from operator import itemgetter
@@ -63,6 +64,7 @@ MAX_BATCH = 32
 # decision p50 13.3-18.4 / p99 77-113 ms against 13.1-15.8 / 51-60 ms): a decision waits for this
 # 2-core machine's CPU, not for the transaction out before its own.
 MAX_INFLIGHT = 1
+KEEP = 2000  # samples kept of each timing (the front's /metrics reports their quantiles)
 
 
 @dataclass
@@ -74,6 +76,7 @@ class _Booking:
     reservation: Reservation
     since: int  # the view's revision the decision read: the node's reservations up to it were counted
     done: asyncio.Future[tuple[bool, int]] = field(repr=False)  # (written, revision to wait for if not)
+    queued: float = 0.0  # monotonic: when it was decided (its wait for a transaction starts)
 
 
 class Scheduler:
@@ -98,6 +101,11 @@ class Scheduler:
         self._closed = False
         self.transactions = 0  # reservation transactions sent (group commit: fewer than reservations)
         self.reservations = 0
+        # Where a decision's time goes after the choice (seconds, the last KEEP of each): waiting
+        # for the transaction out before its own, and its own transaction's round trip.
+        self.waits: list[float] = []
+        self.round_trips: list[float] = []
+        self.reserve_times: list[float] = []  # decided -> the deciding coroutine runs again, answered
 
     def size_of(self, template: str) -> tuple[int, int] | None:
         """(vCPUs, MiB) of a template, as any node that knows it says."""
@@ -185,7 +193,7 @@ class Scheduler:
         held = self.view.reserved.setdefault(node.name, {})
         held[rid] = reservation
         booking = _Booking(node.name, rid, reservation, self.view.revision,
-                           asyncio.get_running_loop().create_future())
+                           asyncio.get_running_loop().create_future(), time.monotonic())
         self._queue.append(booking)
         if not self._kick_due:  # after every decision ready in this turn of the loop: they go together
             self._kick_due = True
@@ -198,6 +206,8 @@ class Scheduler:
         except BaseException:
             held.pop(rid, None)
             raise
+        self.reserve_times.append(time.monotonic() - booking.queued)
+        del self.reserve_times[:-KEEP]
         if not written:
             held.pop(rid, None)
             self.conflicts += 1
@@ -260,6 +270,17 @@ class Scheduler:
                 asyncio.get_running_loop().call_soon(self._kick)
 
     async def _commit(self, batch: list[_Booking]) -> None:
+        sent = time.monotonic()
+        waits = self.waits
+        waits += [sent - b.queued for b in batch]
+        del waits[:-KEEP]
+        try:
+            await self._commit_batch(batch)
+        finally:
+            self.round_trips.append(time.monotonic() - sent)
+            del self.round_trips[:-KEEP]
+
+    async def _commit_batch(self, batch: list[_Booking]) -> None:
         lay = self.layout
         # The node's reservations are all known here up to the view's revision when we decided,
         # and up to our own last reservation on it (its compare proved that nothing came in

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 
 from sandbox.cluster.etcd import KV, Compacted, Etcd, EtcdError
 from sandbox.cluster.keys import Layout, NodeInfo, Reservation, Route
@@ -31,7 +32,9 @@ class ClusterView:
         self.layout = layout
         self.nodes: dict[str, NodeInfo] = {}
         self.reserved: dict[str, dict[str, Reservation]] = {}  # node -> reservation id -> reservation
-        self.routes: dict[str, Route] = {}
+        # sandbox -> its node's name: a str, not a Route, so a route is nothing to the cyclic GC (a
+        # str is never tracked; a frozen dict of them is not traversed: see sandbox/cluster/heap.py)
+        self.routes: dict[str, str] = {}
         self.revision = 0
         self.connected = False  # the watch is streaming (else the copy may be stale)
         self.relists = 0
@@ -65,8 +68,8 @@ class ClusterView:
         return self._names
 
     def node_of(self, sandbox_id: str) -> NodeInfo | None:
-        route = self.routes.get(sandbox_id)
-        return self.nodes.get(route.node) if route is not None else None
+        node = self.routes.get(sandbox_id)
+        return self.nodes.get(node) if node is not None else None
 
     async def wait_revision(self, revision: int, timeout: float = 2.0) -> bool:
         """Until the copy has applied ``revision`` (a transaction of ours, say); False on timeout."""
@@ -134,7 +137,7 @@ class ClusterView:
                     self._names = None
                 self.nodes[name] = NodeInfo.decode(kv.value)
             elif key.startswith(lay.sandboxes):
-                self.routes[key[len(lay.sandboxes):]] = Route.decode(kv.value)
+                self.routes[key[len(lay.sandboxes):]] = sys.intern(Route.decode(kv.value).node)
             elif key.startswith(lay.reservations):
                 node, _, rid = key[len(lay.reservations):].partition("/")
                 held = self.reserved.setdefault(node, {})

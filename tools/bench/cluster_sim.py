@@ -53,6 +53,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import random
@@ -258,12 +259,151 @@ async def run_nodes(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
+# --role front: the real front in this tool's process, with probes on its event loop
+# ---------------------------------------------------------------------------------------------------
+
+class LoopProbe:
+    """Where a front's event loop loses time: a coroutine sleeps 1 ms and records how much later
+    it woke (the loop's lag), and for every lag over BIG how that interval was spent — running
+    (CPU this thread got, ``/proc/thread-self/schedstat``), waiting for a CPU (the run queue),
+    and in Python's cyclic GC (``gc.callbacks``; every collection's pause by generation)."""
+
+    BIG = 0.005
+
+    def __init__(self) -> None:
+        self.lags: list[float] = []
+        self.big = {"n": 0, "lag_s": 0.0, "ran_s": 0.0, "runqueue_s": 0.0, "gc_s": 0.0}
+        self.pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
+        self.gc_total = 0.0
+        self._gc_t0 = 0.0
+        self._fd = os.open("/proc/thread-self/schedstat", os.O_RDONLY)  # the loop's thread
+
+    def on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_t0 = time.perf_counter()
+        else:
+            pause = time.perf_counter() - self._gc_t0
+            self.gc_total += pause
+            self.pauses[info["generation"]].append(pause)
+
+    def _sched(self) -> tuple[float, float]:
+        ran, waited = os.pread(self._fd, 128, 0).split()[:2]
+        return int(ran) / 1e9, int(waited) / 1e9
+
+    async def run(self) -> None:
+        while True:
+            t0, (r0, w0), g0 = time.perf_counter(), self._sched(), self.gc_total
+            await asyncio.sleep(0.001)
+            lag = time.perf_counter() - t0 - 0.001
+            self.lags.append(lag)
+            if lag > self.BIG:
+                r1, w1 = self._sched()
+                b = self.big
+                b["n"] += 1
+                b["lag_s"] += lag
+                b["ran_s"] += r1 - r0
+                b["runqueue_s"] += w1 - w0
+                b["gc_s"] += self.gc_total - g0
+
+    def report(self) -> dict[str, Any]:
+        lags = self.lags
+        out: dict[str, Any] = {
+            "lag_samples": len(lags), "lag_p50_ms": round(quantile(lags, 0.5) * 1e3, 2),
+            "lag_p99_ms": round(quantile(lags, 0.99) * 1e3, 2), "lag_max_ms": round(max(lags, default=0) * 1e3, 1),
+            "lags_over_5ms": self.big["n"],
+            # of the time lost in lags over 5 ms: running Python, waiting for a CPU, in the GC (part of running)
+            "big_lag_s": {k: round(v, 3) for k, v in self.big.items() if k != "n"},
+        }
+        for gen, xs in self.pauses.items():
+            out[f"gc{gen}"] = {"n": len(xs), "p50_ms": round(quantile(xs, 0.5) * 1e3, 3),
+                               "max_ms": round(max(xs, default=0) * 1e3, 2), "sum_ms": round(sum(xs) * 1e3, 1)}
+        threads: dict[str, float] = {}  # CPU seconds by thread name (the loop, gRPC's pollers, executors)
+        for tid in os.listdir("/proc/self/task"):
+            with contextlib.suppress(OSError):
+                comm = Path(f"/proc/self/task/{tid}/comm").read_text().strip()
+                threads[comm] = round(threads.get(comm, 0.0) + cpu_seconds(int(tid), f"/proc/self/task/{tid}"), 2)
+        out["thread_cpu_s"] = threads
+        out["gc_objects_tracked"] = len(gc.get_objects())
+        out["gc_frozen"] = gc.get_freeze_count()
+        out["gc_threshold"] = gc.get_threshold()
+        return out
+
+
+async def run_probed_front(args: argparse.Namespace) -> None:
+    """``cubefs sandbox api``'s own ``run_front`` (from ``--tree`` when given: the code before a
+    change), with a LoopProbe; what it saw is written to ``--probe-out`` when SIGTERM ends it."""
+    from sandbox.cluster.front import run_front
+    from sandbox.config import ApiKeys
+
+    probe = LoopProbe()
+    gc.callbacks.append(probe.on_gc)
+    task = asyncio.create_task(probe.run())
+    try:
+        await run_front(args.etcd, ("127.0.0.1", args.port), ("127.0.0.1", args.proxy_port),
+                        ApiKeys([args.key], "cluster_sim"), PREFIX, args.name, "spread", args.sample)
+    finally:
+        task.cancel()
+        Path(args.probe_out).write_text(json.dumps(probe.report()))
+
+
+# ---------------------------------------------------------------------------------------------------
+# the load generator's CPU priority
+# ---------------------------------------------------------------------------------------------------
+
+class Priority:
+    """What ``--load-priority`` and ``--load-cpus`` give the simulated nodes and the clients (this
+    process): the front and etcd keep the default, as on a real cluster where the front has its
+    own core.  Per thread (Linux keeps nice, policy and affinity per thread; new threads inherit
+    their creator's), so it is applied to every thread there is and before the nodes' exec."""
+
+    def __init__(self, mode: str, nice: int, cpus: set[int] | None) -> None:
+        self.mode, self.nice, self.cpus = mode, nice, cpus
+
+    def describe(self) -> str:
+        what = {"same": "same", "nice": f"nice {self.nice}", "batch": f"SCHED_BATCH nice {self.nice}",
+                "idle": "SCHED_IDLE"}[self.mode]
+        return what + (f", CPUs {','.join(map(str, sorted(self.cpus)))}" if self.cpus else "")
+
+    def apply(self, tid: int = 0) -> None:
+        if self.mode == "idle":
+            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+        elif self.mode == "batch":
+            os.sched_setscheduler(tid, os.SCHED_BATCH, os.sched_param(0))
+        if self.mode in ("nice", "batch"):
+            os.setpriority(os.PRIO_PROCESS, tid, self.nice)
+        if self.cpus:
+            os.sched_setaffinity(tid, self.cpus)
+
+    @staticmethod
+    def tids(pid: int) -> list[int]:
+        return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+
+    def lower_self(self) -> list[tuple[int, int, int, set[int]]]:
+        """Lower every thread of this process; what they had, for ``restore``."""
+        saved = []
+        for tid in self.tids(os.getpid()):
+            with contextlib.suppress(OSError):
+                saved.append((tid, os.sched_getscheduler(tid), os.getpriority(os.PRIO_PROCESS, tid),
+                              os.sched_getaffinity(tid)))
+                self.apply(tid)
+        return saved
+
+    @staticmethod
+    def restore(saved: list[tuple[int, int, int, set[int]]]) -> None:
+        for tid, policy, nice, cpus in saved:
+            with contextlib.suppress(OSError):
+                os.sched_setscheduler(tid, policy, os.sched_param(0))
+                os.setpriority(os.PRIO_PROCESS, tid, nice)
+                os.sched_setaffinity(tid, cpus)
+
+
+# ---------------------------------------------------------------------------------------------------
 # the orchestrator
 # ---------------------------------------------------------------------------------------------------
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int, proc: str | None = None) -> float:
     try:
-        with open(f"/proc/{pid}/stat") as f:
+        with open(f"{proc or f'/proc/{pid}'}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
@@ -394,11 +534,18 @@ async def view_memory(endpoint: str) -> dict[str, Any]:
 
 
 def start_front(cubefs: list[str], endpoint: str, api: int, proxy: int, name: str, sample: int, key: str,
-                log: Path, profile: str | None) -> subprocess.Popen[bytes]:
-    cmd = [*cubefs, "sandbox", "api", "--etcd", endpoint, "--etcd-prefix", PREFIX, "--api-listen",
-           f"127.0.0.1:{api}", "--proxy-listen", f"127.0.0.1:{proxy}", "--name", name, "--sample", str(sample)]
+                log: Path, profile: str | None, probe_out: Path | None = None,
+                tree: str | None = None) -> subprocess.Popen[bytes]:
+    if probe_out is not None:  # the same run_front, in --role front with its event loop probed
+        cmd = [sys.executable, __file__, "--role", "front", "--etcd", endpoint, "--port", str(api), "--proxy-port",
+               str(proxy), "--name", name, "--sample", str(sample), "--key", key, "--probe-out", str(probe_out),
+               *(["--tree", tree] if tree else [])]
+    else:
+        cmd = [*cubefs, "sandbox", "api", "--etcd", endpoint, "--etcd-prefix", PREFIX, "--api-listen",
+               f"127.0.0.1:{api}", "--proxy-listen", f"127.0.0.1:{proxy}", "--name", name, "--sample", str(sample)]
     if profile:  # the console script run under cProfile (its stats are written when SIGTERM ends it)
-        cmd = [sys.executable, "-m", "cProfile", "-o", profile, *cmd]
+        cmd = [sys.executable, "-m", "cProfile", "-o", profile, *cmd] if probe_out is None else \
+            [sys.executable, "-m", "cProfile", "-o", profile, *cmd[1:]]
     with open(log, "ab") as out:
         return subprocess.Popen(cmd, stdout=out, stderr=out, start_new_session=True,
                                 env={**os.environ, "CUBEFS_SANDBOX_API_KEY": key})
@@ -428,7 +575,8 @@ def disk_of(path: Path) -> str:
 
 async def run_case(nodes: int, fronts: int, sample: int, seconds: float, clients: int, tmpfs: bool,
                    refresh: bool, lease_group: int, profile: str | None, keep_logs: Path | None,
-                   peer_watchers: int = 0, profile_nodes: str | None = None) -> dict[str, Any]:
+                   peer_watchers: int = 0, profile_nodes: str | None = None, priority: Priority | None = None,
+                   probe: bool = False, tree: str | None = None) -> dict[str, Any]:
     import aiohttp
     from conftest import free_ports
     from etcd_cluster import EtcdCluster
@@ -450,7 +598,8 @@ async def run_case(nodes: int, fronts: int, sample: int, seconds: float, clients
                  "--role", "nodes", "--etcd", endpoint, "--nodes", str(nodes),
                  "--port", str(ports[0]), "--key", key, "--lease-group", str(lease_group),
                  "--peer-watchers", str(peer_watchers), *([] if refresh else ["--no-refresh"])],
-                stdout=subprocess.PIPE, stderr=open(tmp / "nodes.log", "ab"), text=True, start_new_session=True)
+                stdout=subprocess.PIPE, stderr=open(tmp / "nodes.log", "ab"), text=True, start_new_session=True,
+                preexec_fn=priority.apply if priority else None)
             assert sim.stdout is not None
             ready = json.loads(await asyncio.to_thread(sim.stdout.readline) or "{}")
             if not ready.get("ready"):
@@ -463,7 +612,8 @@ async def run_case(nodes: int, fronts: int, sample: int, seconds: float, clients
             for j in range(fronts):
                 api, proxy = ports[1 + 2 * j], ports[2 + 2 * j]
                 front_procs.append(start_front(cubefs, endpoint, api, proxy, f"sim-front-{j}", sample, key,
-                                               tmp / f"front{j}.log", profile if j == 0 else None))
+                                               tmp / f"front{j}.log", profile if j == 0 else None,
+                                               tmp / f"probe{j}.json" if probe else None, tree))
                 apis.append(f"http://127.0.0.1:{api}")
             async with aiohttp.ClientSession() as http:
                 await wait_fronts(http, apis, key, nodes, front_procs)
@@ -472,10 +622,14 @@ async def run_case(nodes: int, fronts: int, sample: int, seconds: float, clients
                 e0 = await scrape(http, etcd_url)
                 pids = {"front": [p.pid for p in front_procs], "etcd": [etcd_pid], "nodes": [sim.pid],
                         "clients": [os.getpid()]}
-                c0 = {k: sum(cpu_seconds(p) for p in v) for k, v in pids.items()}
-                load0 = os.getloadavg()[0]
-                load = await drive(apis, key, clients, seconds)
-                c1 = {k: sum(cpu_seconds(p) for p in v) for k, v in pids.items()}
+                saved = priority.lower_self() if priority else []  # the clients, from here on
+                try:
+                    c0 = {k: sum(cpu_seconds(p) for p in v) for k, v in pids.items()}
+                    load0 = os.getloadavg()[0]
+                    load = await drive(apis, key, clients, seconds)
+                    c1 = {k: sum(cpu_seconds(p) for p in v) for k, v in pids.items()}
+                finally:
+                    Priority.restore(saved)
                 e1 = await scrape(http, etcd_url)
                 fm = [await scrape(http, a + "/metrics", {"X-API-KEY": key}) for a in apis]
                 check = "no sandbox created"
@@ -488,6 +642,7 @@ async def run_case(nodes: int, fronts: int, sample: int, seconds: float, clients
                 rss = [rss_mb(p.pid) for p in front_procs]
             for p in front_procs:
                 stop_proc(p)
+            probes = [json.loads(f.read_text()) for j in range(fronts) if (f := tmp / f"probe{j}.json").exists()]
             mem = await view_memory(endpoint)
             stop_proc(sim)
             sim_stats = json.loads((sim.stdout.read().strip().splitlines() or ["{}"])[-1])
@@ -510,9 +665,9 @@ async def run_case(nodes: int, fronts: int, sample: int, seconds: float, clients
     def d(name: str) -> float:
         return e1.get(ETCD_METRICS[name], 0.0) - e0.get(ETCD_METRICS[name], 0.0)
 
-    def fq(name: str, q: str) -> float:
-        vals = [f.get(f'cubefs_front_{name}_seconds{{quantile="{q}"}}', 0.0) for f in fm]
-        return round(max(vals) * 1e3, 2)
+    def fq(name: str, q: str) -> float | None:  # None: a front before the metric
+        vals = [v for f in fm if (v := f.get(f'cubefs_front_{name}_seconds{{quantile="{q}"}}')) is not None]
+        return round(max(vals) * 1e3, 2) if vals else None
 
     out: dict[str, Any] = {
         "nodes": nodes, "fronts": fronts, "sample": sample, "clients": clients, "seconds": round(elapsed, 1),
@@ -540,6 +695,12 @@ async def run_case(nodes: int, fronts: int, sample: int, seconds: float, clients
         "etcd_keys": int(e1.get(ETCD_METRICS["keys"], 0)), "etcd_db_mb": round(e1.get(ETCD_METRICS["db_bytes"], 0)
                                                                                 / 2**20, 1),
         "front_rss_mb": [round(r, 1) for r in rss], "sim_nodes": sim_stats, "path_prefix_forwarding": check,
+        "load_priority": priority.describe() if priority else "same", "front_tree": tree or str(ROOT),
+        # after the choice: the wait for the transaction out before a decision's own, and its round trip
+        "decision_wait_p50_ms": fq("decision_wait", "0.5"), "decision_wait_p99_ms": fq("decision_wait", "0.99"),
+        "txn_p50_ms": fq("reservation_txn", "0.5"), "txn_p99_ms": fq("reservation_txn", "0.99"),
+        "reserve_p50_ms": fq("decision_reserve", "0.5"), "reserve_p99_ms": fq("decision_reserve", "0.99"),
+        "front_probe": probes,
         **mem,
     }
     return out
@@ -574,7 +735,7 @@ HEADER = ("| nodes | fronts | K | etcd | placements/s | decision p50 / p99 ms | 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--role", choices=("bench", "nodes"), default="bench", help=argparse.SUPPRESS)
+    ap.add_argument("--role", choices=("bench", "nodes", "front"), default="bench", help=argparse.SUPPRESS)
     ap.add_argument("--nodes", type=int, default=1000, help="simulated nodes (default 1000)")
     ap.add_argument("--fronts", type=int, default=1, help="fronts (cubefs sandbox api processes; default 1)")
     ap.add_argument("--sample", type=int, default=0, metavar="K", help="best-of-K scoring (default 0: all nodes)")
@@ -593,10 +754,23 @@ def main() -> int:
     ap.add_argument("--profile", metavar="FILE", help="run the (first) front under cProfile, stats to FILE")
     ap.add_argument("--profile-nodes", metavar="FILE", help="run the simulated nodes under cProfile, stats to FILE")
     ap.add_argument("--logs", metavar="DIR", help="keep the fronts', nodes' and etcd's logs here")
+    ap.add_argument("--load-priority", choices=("same", "nice", "batch", "idle"), default="same",
+                    help="the simulated nodes' and the clients' CPU priority against the front's and etcd's: "
+                    "'same' (default, as before), 'nice' (--load-nice), 'batch' (SCHED_BATCH and --load-nice), "
+                    "'idle' (SCHED_IDLE)")
+    ap.add_argument("--load-nice", type=int, default=10, metavar="N", help="nice for 'nice'/'batch' (default 10)")
+    ap.add_argument("--load-cpus", metavar="LIST", help="pin the simulated nodes and clients to these CPUs (0,1)")
+    ap.add_argument("--probe", action="store_true",
+                    help="run the fronts in this tool (--role front) with an event-loop lag and GC pause probe")
+    ap.add_argument("--tree", metavar="DIR", help="with --probe: the fronts' sandbox package from this checkout "
+                    "(a git worktree of the commit before, for before/after in turns)")
     ap.add_argument("--json", action="store_true")
     # --role nodes
     ap.add_argument("--etcd", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--proxy-port", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--name", help=argparse.SUPPRESS)
+    ap.add_argument("--probe-out", help=argparse.SUPPRESS)
     ap.add_argument("--key", help=argparse.SUPPRESS)
     ap.add_argument("--ttl", type=int, default=10, help=argparse.SUPPRESS)
     ap.add_argument("--cached", type=float, default=0.1, help="fraction of nodes with the image cached (0.1)")
@@ -604,9 +778,20 @@ def main() -> int:
     ap.add_argument("--node-memory", type=int, default=262144, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
+    if args.tree:
+        sys.path.insert(0, str(Path(args.tree).resolve()))
     if args.role == "nodes":
         asyncio.run(run_nodes(args))
         return 0
+    if args.role == "front":
+        asyncio.run(run_probed_front(args))
+        return 0
+    if args.tree and not args.probe:
+        ap.error("--tree needs --probe (the console script runs this checkout's code)")
+    priority = None
+    if args.load_priority != "same" or args.load_cpus:
+        cpus = {int(c) for c in args.load_cpus.split(",")} if args.load_cpus else None
+        priority = Priority(args.load_priority, args.load_nice, cpus)
     if etcd_binary() is None:
         print("cluster_sim: etcd is not installed (no 'etcd' on PATH or /usr/bin/etcd): "
               "scripts/setup.sh installs Debian's etcd-server", file=sys.stderr)
@@ -621,7 +806,7 @@ def main() -> int:
             r = asyncio.run(run_case(nodes, fronts, sample, args.seconds,
                                      args.clients if clients is None else clients, tmpfs, refresh,
                                      args.lease_group, args.profile, Path(args.logs) if args.logs else None,
-                                     watchers, args.profile_nodes))
+                                     watchers, args.profile_nodes, priority, args.probe, args.tree))
         except SystemExit as err:
             if len(cases) == 1:
                 raise
