@@ -201,3 +201,53 @@ def test_fallback_when_refused(tmp_path: Path, local_store: str, image: Image) -
                 os.kill(int(lock.read_text()), signal.SIGTERM)
             except ProcessLookupError:
                 pass
+
+
+def test_backing_ids_are_closed_at_the_last_release(tmp_path: Path, local_store: str, image: Image) -> None:
+    """The kernel holds a registered copy open until its backing id is closed: an id kept for
+    the mount's life pinned a copy that eviction or 'cubefs cache clear' had removed.  Closed at
+    the inode's last passthrough release, and the next open registers it again (no EIO)."""
+    ref, files = image
+    cache = tmp_path / "cache"
+    mnt = tmp_path / "mnt"
+    with mounted(ref, mnt, local_store, cache, "--passthrough") as m:
+        _read(mnt / "lib/big.bin")
+        _wait_copies(cache, 1)
+        with open(mnt / "lib/big.bin", "rb") as held:  # passthrough; a second open shares its id
+            assert _read(mnt / "lib/big.bin") == files["lib/big.bin"]
+            pt = m.stats()["passthrough"]
+            assert pt["passthrough_opens"] == 2 and pt["backing_files"] == 1, pt
+            assert held.read() == files["lib/big.bin"]
+        deadline = time.monotonic() + 10  # RELEASE is sent asynchronously after the close
+        while m.stats()["passthrough"]["backing_files"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pt = m.stats()["passthrough"]
+        assert pt["backing_files"] == 0 and pt["backing_closed"] == 1, pt
+        for _i in range(3):  # registered afresh each time, right after the last release
+            assert _read(mnt / "lib/big.bin") == files["lib/big.bin"]
+        reads = m.stats()["requests"].get("read", 0)
+        run_cubefs("cache", "clear", "--cache-dir", str(cache))  # nothing holds the removed copy now
+        assert _read(mnt / "lib/big.bin") == files["lib/big.bin"]  # through the daemon again
+        pt = m.stats()["passthrough"]
+        assert pt["passthrough_opens"] == 5 and m.stats()["requests"].get("read", 0) > reads, pt
+
+
+def test_a_live_writers_temporary_copy_survives_a_trim(tmp_path: Path) -> None:
+    """Every FileStore (each daemon, each cache trim) removes the temporaries of writers that
+    died, and only theirs: another live daemon's copy in progress is left alone."""
+    from cubefs.cache.files import FileStore, trim_files
+
+    cache = tmp_path / "cache"
+    sub = Path(files_dir(str(cache))) / "ab"
+    sub.mkdir(parents=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    live = sub / f".tmp-abcd.{os.getpid()}"
+    gone = sub / f".tmp-abce.{dead.pid}"
+    odd = sub / ".tmp-abcf"
+    for f in (live, gone, odd):
+        f.write_bytes(b"x")
+    trim_files(str(cache), 1 << 30)  # what every cache trim does (cubefs.cache.disk.DiskCache.trim)
+    assert live.exists() and not gone.exists() and not odd.exists()
+    FileStore(str(cache), 1 << 30)  # what every daemon does
+    assert live.exists()

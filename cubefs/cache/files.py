@@ -68,10 +68,12 @@ class FileStore:
         return os.path.join(self.directory, key[:2], key)
 
     def _remove_temporaries(self) -> None:
-        """Copies a daemon was writing when it stopped: never renamed, never used."""
+        """Copies a daemon was writing when it stopped: never renamed, never used.  Only a
+        dead writer's (its pid is in the name): every daemon and every cache trim makes a
+        FileStore, and another live daemon's copy in progress must not vanish under it."""
         for root, _dirs, names in os.walk(self.directory):
             for name in names:
-                if name.startswith(TMP_PREFIX):
+                if name.startswith(TMP_PREFIX) and not _alive(name.rpartition(".")[2]):
                     try:
                         os.unlink(os.path.join(root, name))
                     except OSError:
@@ -238,6 +240,21 @@ def trim_files(cache_dir: str, target: int) -> int:
     if not os.path.isdir(files_dir(cache_dir)):
         return 0
     return FileStore(cache_dir, target).evict(target)
+
+
+def _alive(pid: str) -> bool:
+    """Whether the process ``pid`` (a temporary's writer) still runs; a name with no pid is
+    nobody's.  A reused pid keeps a dead writer's temporary until that process ends: a leak
+    bounded by one copy, where a wrong guess would break a live copy."""
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def _extents_match(fd: int, size: int, extents: list[tuple[int, bytes, int]]) -> bool:

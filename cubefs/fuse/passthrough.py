@@ -44,8 +44,10 @@ a few pages of one LMDB file; a 1 GiB sequential read went from 0.38 to
 The kernel's rule that decides the rest: an inode open in cached mode cannot
 be opened in passthrough (and back) until every such open is released, or
 the open fails with EIO.  So a file goes to passthrough only at an open when
-no cached open of it is live (an mmap keeps its open), and once it has a
-backing id it keeps it for the mount's life.
+no cached open of it is live (an mmap keeps its open).  Its backing id lives
+while it has passthrough opens and is closed at the last one's RELEASE: the
+kernel holds a registered file until then, so ids kept for the mount's life
+had pinned every copy an eviction or ``cubefs cache clear`` removed.
 
 Safety: the copy is ours (root's, 0600 in a 0700 directory), read-only to
 the kernel (registered from an ``O_RDONLY`` descriptor); a user of the mount
@@ -64,6 +66,7 @@ import logging
 import os
 import queue
 import stat
+import struct
 import threading
 from collections import Counter, deque
 from collections.abc import Callable, Coroutine
@@ -121,6 +124,7 @@ class Passthrough:
         self.state = "not negotiated"
         self._backing: dict[int, int] = {}  # ino -> backing id
         self._cached: Counter[int] = Counter()  # ino -> live opens in cached mode
+        self._passed: Counter[int] = Counter()  # ino -> live opens answered with its backing id
         self._opens: Counter[int] = Counter()
         self._keys: dict[int, tuple[str, int, list[tuple[int, bytes, int]]]] = {}
         self._verified: set[str] = set()
@@ -161,8 +165,7 @@ class Passthrough:
             return self._cached_open(ino)
         bid = self._backing.get(ino)
         if bid is not None:
-            self.counts["passthrough_opens"] += 1
-            return bid
+            return self._passthrough_open(ino, bid)
         info = self._info(ino)
         if info is None:
             return self._cached_open(ino)
@@ -235,6 +238,33 @@ class Passthrough:
             self._cached[ino] -= 1
             if not self._cached[ino]:
                 del self._cached[ino]
+        elif fh == FH_PASSTHROUGH and self._passed[ino] > 0:
+            self._passed[ino] -= 1
+            if not self._passed[ino]:
+                del self._passed[ino]
+                self._close_backing(ino)
+
+    def _passthrough_open(self, ino: int, bid: int) -> int:
+        self._passed[ino] += 1
+        self.counts["passthrough_opens"] += 1
+        return bid
+
+    def _close_backing(self, ino: int) -> None:
+        """FUSE_DEV_IOC_BACKING_CLOSE of ``ino``'s backing id at its last passthrough release.
+        The kernel holds a registered file open until its id is closed, whatever became of its
+        name: ids kept for the mount's life pinned every copy an eviction, trim or clear had
+        removed (their space never came back).  The kernel drops the inode's own reference to
+        the backing file before it sends that RELEASE (fs/fuse/iomode.c), so the next open
+        registers the copy afresh without conflict."""
+        bid = self._backing.pop(ino, None)
+        if bid is None:
+            return
+        try:
+            fcntl.ioctl(self.device_fd(), p.DEV_IOC_BACKING_CLOSE, struct.pack("<I", bid))
+        except OSError as err:
+            log.warning("image %s: backing id %d of inode %d not closed: %s", self.fs.label, bid, ino, err)
+        else:
+            self.counts["backing_closed"] += 1
 
     def wanted(self, ino: int) -> None:
         """A copy of ``ino`` is worth having (read to its end, opened again): write it out
@@ -288,15 +318,13 @@ class Passthrough:
             os.close(fd)
         self._backing[ino] = bid
         self.store.touch(key)
-        self.counts["passthrough_opens"] += 1
-        return bid
+        return self._passthrough_open(ino, bid)
 
     async def _verify_then_register(self, ino: int) -> int:
         if await self._checked(ino) and not self._cached[ino] and ino not in self._backing:
             return self._register(ino, self._keys[ino][0])
         if ino in self._backing:
-            self.counts["passthrough_opens"] += 1
-            return self._backing[ino]
+            return self._passthrough_open(ino, self._backing[ino])
         return self._cached_open(ino)
 
     async def _checked(self, ino: int) -> bool:
@@ -372,7 +400,8 @@ class Passthrough:
         self._collect()
         return {"state": self.state, "opens": self.counts["opens"],
                 "passthrough_opens": self.counts["passthrough_opens"],
-                "backing_files": len(self._backing), "materialized_files": self.counts["materialized_files"],
+                "backing_files": len(self._backing), "backing_closed": self.counts["backing_closed"],
+                "materialized_files": self.counts["materialized_files"],
                 "materialized_bytes": self.counts["materialized_bytes"],
                 "verify_failures": self.counts["verify_failures"]}
 
