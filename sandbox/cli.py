@@ -85,6 +85,9 @@ def add_parsers(sub: Any, store_args: Any) -> None:
     q.add_argument("--dns-upstream", action="append", default=None, metavar="IP[:PORT]",
                    help="with --network: where the sandboxes' resolver forwards (repeatable; default: "
                    "/etc/resolv.conf's nameservers)")
+    q.add_argument("--max-connections", type=int, default=4096, metavar="N",
+                   help="with --network: a sandbox's concurrent connections at the gateway; more are refused "
+                   "(default 4096)")
     q.add_argument("--pool-size", type=int, default=2, metavar="N",
                    help="sandboxes kept made and paused per template, so a create only resumes one (default 2; "
                    "0: none)")
@@ -396,7 +399,7 @@ def _serve(args: argparse.Namespace) -> int:
                       args.domain, Path(args.kernel) if args.kernel else None,
                       pool_size=args.pool_size,
                       network_pool=args.network_pool if args.network else None, capacity=capacity, cluster=cluster,
-                      dns_upstream=args.dns_upstream))
+                      dns_upstream=args.dns_upstream, max_connections=args.max_connections))
     return EXIT_OK
 
 

@@ -50,13 +50,14 @@ class ClusterOptions:
 async def serve(api_addr: tuple[str, int], proxy_addr: tuple[str, int], keys: ApiKeys,
                 domain: str | None = None, kernel: Path | None = None, ready: asyncio.Event | None = None,
                 pool_size: int = 0, capacity: Capacity | None = None, cluster: ClusterOptions | None = None,
-                network_pool: int | None = None, dns_upstream: list[str] | None = None) -> None:
+                network_pool: int | None = None, dns_upstream: list[str] | None = None,
+                max_connections: int = 4096) -> None:
     service = SandboxService(domain, kernel, pool_size, capacity)
     if network_pool is not None:  # a NIC per sandbox, egress through this node's gateway
         from sandbox.config import state_dir
         from sandbox.network.pool import Networks
 
-        service.network = Networks(state_dir(), network_pool, dns_upstream)
+        service.network = Networks(state_dir(), network_pool, dns_upstream, max_connections)
     await service.start()
     member = None
     try:

@@ -25,6 +25,10 @@ def test_sandbox_egress_accounting_cases_in_a_process_of_their_own() -> None:
     _cases("sandbox_accounting_cases.py")
 
 
+def test_sandbox_dns_and_gateway_abuse_cases_in_a_process_of_their_own() -> None:
+    _cases("sandbox_dns_cases.py")
+
+
 def _cases(name: str) -> None:
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE",
                           str(HERE / name)], cwd=HERE.parent, capture_output=True, text=True,

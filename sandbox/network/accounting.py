@@ -48,6 +48,9 @@ REFRESH = 10.0  # seconds between dumps of the open connections (their metrics m
 RECENT = 50  # ended connections kept per sandbox for its record
 BATCH_WAIT = 0.02  # at most 50 wake-ups a second, however many connections end
 ENDED_IDS = 1 << 16  # ids of entries already booked (a late duplicate event is ignored)
+DRAIN_BATCH = 64  # event datagrams booked per hold of the books' lock (the service's loop reads the books)
+DRAIN_MAX = 4096  # event datagrams read per wake-up; a flood's rest waits for the next (the loop goes on)
+OPEN_MAX = 1024  # open connections kept per sandbox between dumps; the rest only counted (``untracked``)
 
 
 @dataclass
@@ -59,6 +62,7 @@ class Books:
     packets: int = 0
     ended: int = 0
     open: dict[int, Conn] = field(default_factory=dict)
+    untracked: int = 0  # open connections past ``OPEN_MAX`` at the last dump (their bytes booked when they end)
     recent: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=RECENT))
 
     def totals(self) -> tuple[int, int, int]:
@@ -93,7 +97,8 @@ class Accounting:
         self._reported = (0, 0, 0)
         self._ended: dict[int, None] = {}
         self._killing: set[int] = set()  # ids ``flush`` is deleting
-        self._lock = threading.Lock()  # the books, and reading the event socket
+        self._lock = threading.Lock()  # the books (held briefly: ``record`` and ``metrics`` run on the service's loop)
+        self._read_lock = threading.Lock()  # reading the event socket (a flush's events are read in order)
         self._ctl_lock = threading.Lock()  # the dump/delete socket
         self._prefix = gateway.SANDBOX_NET.network_address.packed[:2]
         netns.write_sysctl("net.netfilter.nf_conntrack_acct", "1")
@@ -124,7 +129,7 @@ class Accounting:
                 return
             t0 = time.thread_time()
             try:
-                with self._lock:
+                with self._read_lock:
                     self._drain()
                 if time.monotonic() >= next_dump:
                     next_dump = time.monotonic() + self.interval
@@ -135,21 +140,33 @@ class Accounting:
                 log.warning("egress accounting: %s", err)
             self.cpu += time.thread_time() - t0
 
-    def _drain(self) -> None:
-        """Every queued event, booked (the caller holds ``_lock``)."""
-        while True:
-            try:
-                data = self._events.recv(1 << 16)
-            except BlockingIOError:
-                return
-            except OSError as err:
-                if err.errno == 105:  # ENOBUFS: the kernel dropped events; the next dump catches up
-                    self.lost += 1
-                    continue
-                raise
-            for kind, a, b in ctnetlink.messages(data):
-                if kind == ctnetlink.DESTROY and (conn := ctnetlink.parse(data, a, b, self._prefix)) is not None:
-                    self._end(conn, "closed")
+    def _drain(self, limit: int = DRAIN_MAX) -> None:
+        """The queued events, at most ``limit`` datagrams, booked ``DRAIN_BATCH`` at a time (the
+        caller holds ``_read_lock``; ``_lock`` is taken per batch, so a flood of events never
+        holds the books from the service's loop, and a flood that never ends still returns)."""
+        read = 0
+        more = True
+        while more and read < limit:
+            conns: list[Conn] = []
+            for _ in range(DRAIN_BATCH):
+                try:
+                    data = self._events.recv(1 << 16)
+                except BlockingIOError:
+                    more = False
+                    break
+                except OSError as err:
+                    if err.errno == 105:  # ENOBUFS: the kernel dropped events; the next dump catches up
+                        self.lost += 1
+                        continue
+                    raise
+                read += 1
+                for kind, a, b in ctnetlink.messages(data):
+                    if kind == ctnetlink.DESTROY and (conn := ctnetlink.parse(data, a, b, self._prefix)) is not None:
+                        conns.append(conn)
+            if conns:
+                with self._lock:
+                    for conn in conns:
+                        self._end(conn, "closed")
 
     def _owner(self, source: str) -> str | None:
         offset = int(ipaddress.IPv4Address(source)) - int(gateway.SANDBOX_NET.network_address)
@@ -212,15 +229,22 @@ class Accounting:
         if not self.active():
             return
         conns = self._dump(self._prefix)
-        with self._lock:
+        with self._read_lock:
             self._drain()  # an event queued during the dump is booked before the dump is read
+        with self._lock:
             now: dict[str, dict[int, Conn]] = {}
+            over: dict[str, int] = {}
             for conn in conns:
                 if conn.id in self._ended or (sid := self._owner(conn.source)) is None:
                     continue
-                now.setdefault(sid, {})[conn.id] = conn
-                self.books.setdefault(sid, Books())
+                mine = now.setdefault(sid, {})
+                books = self.books.setdefault(sid, Books())
+                if len(mine) >= OPEN_MAX and conn.id not in books.open:
+                    over[sid] = over.get(sid, 0) + 1  # counted, not kept: one guest's flood costs no memory
+                    continue
+                mine[conn.id] = conn
             for sid, books in self.books.items():
+                books.untracked = over.get(sid, 0)
                 fresh = now.get(sid, {})
                 for cid, old in list(books.open.items()):
                     if cid not in fresh:
@@ -245,7 +269,7 @@ class Accounting:
         """The sandbox is going: its open connections deleted from the table and booked as
         they stood, its books dropped (its metrics go with them)."""
         prefix = socket.inet_aton(address)
-        with self._lock:
+        with self._read_lock:
             self._drain()
         try:
             conns = self._dump(prefix)
@@ -261,8 +285,9 @@ class Accounting:
                     ctnetlink.delete(self._ctl, conn, self._seq)
             except OSError as err:
                 log.warning("sandbox %s: deleting a connection's entry: %s", sandbox_id, err)
-        with self._lock:
+        with self._read_lock:
             self._drain()  # the deletes' events (queued before their acks): the final counts
+        with self._lock:
             for conn in conns:  # any whose event was lost: as dumped
                 conn.stop_ns = time.time_ns()
                 self._end(conn, "open at kill", sandbox_id)
@@ -280,13 +305,14 @@ class Accounting:
             books = self.books.get(sandbox_id) or Books()
             out, inn, packets = books.totals()
             return {"bytesOut": out, "bytesIn": inn, "packets": packets, "ended": books.ended,
+                    "untracked": books.untracked,
                     "open": [_entry(c, "allowed", "open") for c in books.open.values()],
                     "recent": list(books.recent)}
 
     def metrics(self) -> list[str]:
         with self._lock:
             per = {sid: b.totals() for sid, b in sorted(self.books.items())}
-            opened = {sid: len(b.open) for sid, b in self.books.items()}
+            opened = {sid: len(b.open) + b.untracked for sid, b in self.books.items()}
             live = [sum(t[i] for t in per.values()) for i in range(3)]
             node = (self.totals["out"] + live[0], self.totals["in"] + live[1], self.totals["packets"] + live[2])
             node = tuple(max(a, b) for a, b in zip(node, self._reported, strict=True))  # never backwards

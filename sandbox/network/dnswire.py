@@ -12,14 +12,29 @@ from dataclasses import dataclass, field
 
 HEADER = struct.Struct("!HHHHHH")  # id, flags, qdcount, ancount, nscount, arcount
 QR, TC, RD, RA = 0x8000, 0x0200, 0x0100, 0x0080
-NOERROR, SERVFAIL, NXDOMAIN, REFUSED = 0, 2, 3, 5
+NOERROR, FORMERR, SERVFAIL, NXDOMAIN, REFUSED = 0, 1, 2, 3, 5
 A, NS, CNAME, SOA, AAAA, OPT = 1, 2, 5, 6, 28, 41
 CLASS_IN = 1
 MAX_UDP = 512  # a query without EDNS gets at most this much over UDP
+MAX_NAME = 255  # a name's wire length (RFC 1035 2.3.4)
+TTL_SANE = (1 << 31) - 1  # a TTL above this counts as 0 (RFC 2181 section 8)
+_LDH = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
 
 
 class DnsError(ValueError):
     """A message too malformed to answer."""
+
+
+class FormError(DnsError):
+    """A query whose question this resolver will not pass on (answered FORMERR): a label
+    with a dot or a byte outside letters, digits, ``-`` and ``_`` (``*`` only as a whole
+    first label), compression in the question, a name past 255 bytes.  Such a name has no
+    one spelling (``\\x09good.test`` would read as ``good.test``): judged, cached or sent
+    upstream it could stand for another."""
+
+    def __init__(self, why: str, qid: int, flags: int) -> None:
+        super().__init__(why)
+        self.qid, self.flags = qid, flags
 
 
 @dataclass
@@ -31,6 +46,11 @@ class Query:
     qclass: int
     question: bytes  # the question section as the client sent it (its letter case kept)
     udp_size: int  # the largest UDP answer the client takes (EDNS, else 512)
+
+    @property
+    def key(self) -> bytes:
+        """The question normalised (lower case, no compression): the cache's key and what goes upstream."""
+        return question(self.name, self.qtype, self.qclass)
 
 
 @dataclass
@@ -71,13 +91,54 @@ def _name(msg: bytes, off: int) -> tuple[str, int]:
     return ".".join(labels).lower(), (end if end is not None else off)
 
 
+def _strict_name(msg: bytes, off: int, qid: int, flags: int) -> tuple[str, int]:
+    """A question's name: plain labels only (``FormError`` otherwise), lower case."""
+    labels: list[str] = []
+    start = off
+    while True:
+        if off >= len(msg):
+            raise DnsError("name runs past the message")
+        n = msg[off]
+        if n & 0xC0:
+            raise FormError("compression or a bad label in the question", qid, flags)
+        off += 1
+        if n == 0:
+            break
+        label = msg[off:off + n]
+        if len(label) < n:
+            raise DnsError("name runs past the message")
+        if not (_LDH.issuperset(label) or (label == b"*" and not labels)):
+            raise FormError("a label with a byte no host name has", qid, flags)
+        labels.append(label.decode("ascii").lower())
+        off += n
+        if off - start > MAX_NAME:
+            raise FormError("a name longer than 255 bytes", qid, flags)
+    return ".".join(labels), off
+
+
+def question(name: str, qtype: int, qclass: int = CLASS_IN) -> bytes:
+    """A question section for ``name`` (dotted, lower case)."""
+    labels = b"".join(bytes([len(p)]) + p.encode("ascii") for p in name.split(".") if p)
+    return labels + b"\0" + struct.pack("!HH", qtype, qclass)
+
+
+def query(qid: int, question_: bytes) -> bytes:
+    """A query of our own (RD set, nothing else: no client's EDNS, DO or CD bits go upstream)."""
+    return HEADER.pack(qid, RD, 1, 0, 0, 0) + question_
+
+
+def formerr(err: FormError, msg: bytes) -> bytes:
+    """FORMERR for a query whose question is refused (header only: its question is not echoed)."""
+    return HEADER.pack(err.qid, QR | (err.flags & RD) | RA | FORMERR, 0, 0, 0, 0)
+
+
 def parse_query(msg: bytes) -> Query:
     if len(msg) < HEADER.size:
         raise DnsError("shorter than a header")
     qid, flags, qd, an, ns, ar = HEADER.unpack_from(msg)
     if flags & QR or qd != 1 or (flags >> 11) & 0xF != 0:
         raise DnsError("not a standard query with one question")
-    name, off = _name(msg, HEADER.size)
+    name, off = _strict_name(msg, HEADER.size, qid, flags)
     if off + 4 > len(msg):
         raise DnsError("question cut short")
     qtype, qclass = struct.unpack_from("!HH", msg, off)
@@ -109,6 +170,7 @@ def parse_response(msg: bytes) -> Response:
         for i in range(an + ns + ar):
             _n, off = _name(msg, off)
             rtype, rclass, ttl, rdlen = struct.unpack_from("!HHIH", msg, off)
+            ttl = 0 if ttl > TTL_SANE else ttl
             rdata = off + 10
             if rdata + rdlen > len(msg):
                 raise DnsError("record runs past the message")
@@ -121,6 +183,7 @@ def parse_response(msg: bytes) -> Response:
                     resp.addresses.append(str(ipaddress.IPv4Address(bytes(msg[rdata:rdata + 4]))))
             elif i < an + ns and rtype == SOA and rdlen >= 20:
                 minimum = struct.unpack_from("!I", msg, rdata + rdlen - 4)[0]
+                minimum = 0 if minimum > TTL_SANE else minimum
                 resp.negative_ttl = min(ttl, minimum)
             off = rdata + rdlen
     except struct.error:
@@ -158,3 +221,13 @@ def truncated(msg: bytes, query: Query) -> bytes:
 
 def with_id(msg: bytes, qid: int) -> bytes:
     return struct.pack("!H", qid) + msg[2:]
+
+
+def capped(msg: bytes, ttl_offsets: list[int], cap: int) -> bytes:
+    """``msg`` with every record's TTL at most ``cap`` (one above 2^31 - 1 made 0, RFC 2181):
+    what is cached and handed on is never kept longer than the resolver keeps it."""
+    out = bytearray(msg)
+    for off in ttl_offsets:
+        ttl = struct.unpack_from("!I", out, off)[0]
+        struct.pack_into("!I", out, off, 0 if ttl > TTL_SANE else min(ttl, cap))
+    return bytes(out)

@@ -40,6 +40,7 @@ SANDBOX_NET = ipaddress.IPv4Network("10.200.0.0/16")  # a /30 per slot: 16384 sl
 MAX_SLOTS = SANDBOX_NET.num_addresses // 4
 GUEST_IP, GATEWAY_IP = "169.254.0.21", "169.254.0.22"  # in every namespace, the same (guest_init.sh)
 GATEWAY_MAC = "02:cf:00:00:00:02"  # tap0's, in every namespace (the guest's is vmm.machine.NIC_MAC)
+MAX_CONNS = 4096  # a sandbox's concurrent connections (conntrack entries) at the gateway; more are refused
 REFUSED_ALWAYS = ("169.254.0.0/16", "127.0.0.0/8", "0.0.0.0/8", "224.0.0.0/3", str(SANDBOX_NET))
 
 
@@ -84,10 +85,13 @@ def set_names(slot: int) -> tuple[str, str]:
     return f"a{slot}", f"d{slot}"
 
 
-def sandbox_chain(slot: int, policy: Policy | None, flush_sets: bool = False) -> str:
+def sandbox_chain(slot: int, policy: Policy | None, flush_sets: bool = False, max_conns: int = MAX_CONNS) -> str:
     """Slot ``slot``'s chain with ``policy`` (None: not handed out yet, nothing goes out),
     made or replaced in one transaction, and its entry in the verdict map; its name sets
-    emptied too with ``flush_sets`` (the policy's names changed)."""
+    emptied too with ``flush_sets`` (the policy's names changed).  A new connection past
+    ``max_conns`` of the sandbox's open ones is refused (``ct count``): one guest cannot fill
+    the node's conntrack table (262,144 entries here), which would stop every sandbox's and
+    the node's own new connections."""
     _node_end, own = addresses(slot)
     c = chain_name(slot)
     veth = f"{NODE_VETH}{slot}"
@@ -100,6 +104,7 @@ def sandbox_chain(slot: int, policy: Policy | None, flush_sets: bool = False) ->
         "ct state established,related accept",
         f"ip saddr != {own} counter drop",  # spoofed (the namespace SNATs the guest to {own})
         "meta nfproto ipv6 counter drop",
+        f"ct state new ct count over {max_conns} counter {refuse}",
         f"ip daddr {{ {', '.join(REFUSED_ALWAYS)} }} {log('refused')} counter {refuse}",
     ]
     allowed, denied = set_names(slot)

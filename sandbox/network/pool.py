@@ -26,7 +26,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from cubefs.errors import CubefsError, NotFoundError
+from cubefs.errors import CubefsError, NotFoundError, UsageError
 from sandbox.config import private_dir
 from sandbox.network import gateway, netns
 from sandbox.network.accounting import Accounting
@@ -44,7 +44,11 @@ DEFAULT_POOL = 4
 class Networks:
     """The node's sandbox networks (one per service)."""
 
-    def __init__(self, state: Path, pool_size: int = DEFAULT_POOL, dns_upstream: list[str] | None = None) -> None:
+    def __init__(self, state: Path, pool_size: int = DEFAULT_POOL, dns_upstream: list[str] | None = None,
+                 max_conns: int = gateway.MAX_CONNS) -> None:
+        if max_conns < 1:
+            raise UsageError(f"--max-connections {max_conns}: give at least 1")
+        self.max_conns = max_conns  # a sandbox's concurrent connections at the gateway (``gateway.sandbox_chain``)
         self.upstreams = upstreams_from(dns_upstream)  # the resolver's (resolver.py): a bad one refused now
         self._resolver: Resolver | None = None
         self.dir = state / "network"
@@ -93,7 +97,9 @@ class Networks:
             policy = Policy.from_dict(doc["policy"]) if doc.get("policy") is not None else None
             self.policies[sid] = policy
             if slot not in chains:  # the kernel's chain is the truth while it is there (the record is not synced)
-                self._nft.run(gateway.sandbox_chain(slot, policy))
+                self._nft.run(gateway.sandbox_chain(slot, policy, max_conns=self.max_conns))
+            if policy is not None:
+                self._resolver.deny_names(slot, policy.names()[1])
             self._resolver.add(slot, netns.in_netns(self.ns(slot), lambda s=slot: _dns_inside(s)))
         kept = set(self.slots.values())
         for name in netns.names(self.prefix):
@@ -181,10 +187,17 @@ class Networks:
             raise NotFoundError(f"sandbox {sandbox_id!r} has no network")
         old = self.policies.get(sandbox_id)
         renamed = old is not None and old.names() != policy.names()  # the sets' addresses came from old names
-        self._nft.run(gateway.sandbox_chain(slot, policy, flush_sets=renamed))
+        # the policy swapped first, and the resolver's generation of the slot moved on while
+        # the sets are emptied: a query judged under the old policy adds nothing after
+        changing = self._resolver.changing(slot) if self._resolver is not None else contextlib.nullcontext()
+        with changing:
+            self.policies[sandbox_id] = policy
+            try:
+                self._nft.run(gateway.sandbox_chain(slot, policy, flush_sets=renamed, max_conns=self.max_conns))
+            except BaseException:
+                self.policies[sandbox_id] = old
+                raise
         if self._resolver is not None:
-            if renamed:
-                self._resolver.forget(slot)
             self._resolver.deny_names(slot, policy.names()[1])
         self._save(sandbox_id, slot, policy)
         log.info("sandbox %s: egress policy: internet %s, allow %s, deny %s", sandbox_id,
