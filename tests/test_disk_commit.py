@@ -265,3 +265,42 @@ def test_the_disk_image_record_cannot_be_forged(env: dict[str, str], tmp_path: P
     res = run_cubefs("commit", "plain", "--tag", "stolen:1", env=env, check=False, timeout=120)
     assert res.returncode != 0 and "not a block volume" in res.stderr and res.stderr.count("\n") == 1, res
     assert "attacker" not in res.stderr and "Traceback" not in res.stderr
+
+
+def test_xattrs_and_symlinks_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A guest's xattrs (shared blocks, 64 KiB ea_inode values) and symlink targets are held in
+    memory: capped per file (count, bytes) and counted against the walk's bytes, refused in one
+    line naming the file, before the next file's are read."""
+    from cubefs.errors import BadInputError
+    from cubefs.volume import diskread
+    from cubefs.volume.diskread import Merge
+
+    def walk(up: Path, **kw: int) -> Merge:
+        m = Merge(None, {}, 64 * MiB, **kw)
+        m.apply_upper(str(up), type("I", (), {"add_file": lambda *_a: None})(), lambda _f, _b: None)  # type: ignore[arg-type]
+        return m
+
+    up = tmp_path / "upper"
+    (up / "d").mkdir(parents=True)
+    (up / "d/many").write_text("x")
+    for i in range(diskread.MAX_XATTRS + 1):
+        os.setxattr(up / "d/many", f"user.k{i}", b"v")
+    with pytest.raises(BadInputError, match=r"^/d/many on the disk has 129 xattrs, over 128; refused$"):
+        walk(up)
+    (up / "d/many").unlink()
+    (up / "d/big").write_text("x")
+    for i in range(3):
+        os.setxattr(up / "d/big", f"user.b{i}", bytes(1000))
+    monkeypatch.setattr(diskread, "MAX_XATTR_BYTES", 2500)
+    with pytest.raises(BadInputError, match=r"^/d/big on the disk has over 2 KiB of xattrs; refused$"):
+        walk(up)
+    monkeypatch.undo()
+    m = walk(up)  # within the caps: kept, and counted
+    assert m.root.children[b"d"].children[b"big"].xattrs[0] == (b"user.b0", bytes(1000))  # type: ignore[index]
+    assert m.nbytes == 1 + 3 * (7 + 1000)
+    with pytest.raises(BadInputError, match=r"xattrs and symlinks add up to over 3,000 bytes.*refused at /d/big$"):
+        walk(up, max_bytes=3000)
+    (up / "d/big").unlink()
+    os.symlink("t" * 2000, up / "long")
+    with pytest.raises(BadInputError, match=r"refused at /long$"):
+        walk(up, max_bytes=1500)

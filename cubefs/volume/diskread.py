@@ -48,7 +48,7 @@ from contextlib import ExitStack, contextmanager
 
 from cubefs.cow.index import BaseImage, VolumeIndex
 from cubefs.dedup.ingest import Ingest
-from cubefs.dedup.sources import KnownChunks, Tick, _list_dir, _node_from_stat, _xattrs
+from cubefs.dedup.sources import KnownChunks, Tick, _list_dir, _node_from_stat
 from cubefs.dedup.tree import Node
 from cubefs.errors import BadInputError, CubefsError, NotFoundError
 from cubefs.format.image import (
@@ -74,6 +74,11 @@ UNREAD = (b"trusted.overlay.redirect", b"trusted.overlay.metacopy")
 CLONE_PREFIX = "cubefs-diskread-"
 MAX_ENTRIES = 2_000_000  # ~1 GiB of tree in memory at most; a guest's disk past it is refused
 APPARENT_FACTOR = 16  # the upper's files may add up to 16x the disk's size (sparse files), no more
+# xattrs of one file: shared xattr blocks and ea_inode values (64 KiB each) let a guest give
+# every file of a small disk thousands of big values, each read into memory; real files carry a
+# few (capabilities, ACLs, SELinux labels, overlayfs' own), far under these
+MAX_XATTRS = 128
+MAX_XATTR_BYTES = 256 << 10
 TOOL_TIMEOUT = 900.0
 
 Scan = Callable[[str, Ingest, Tick, dict[bytes, ChunkLocation]], Node]
@@ -192,10 +197,12 @@ class Merge:
     """Base image + an overlay's upper directory, as the build's :class:`Node` tree."""
 
     def __init__(self, image: Image | None, known: dict[bytes, ChunkLocation], disk_size: int,
-                 max_entries: int = MAX_ENTRIES) -> None:
+                 max_entries: int = MAX_ENTRIES, max_bytes: int | None = None) -> None:
         self.known = known
         self.max_entries = max_entries
-        self.max_bytes = max(disk_size * APPARENT_FACTOR, 1 << 30)
+        # the walk's bytes: files' apparent sizes, and the xattrs and symlink targets it holds in memory
+        self.max_bytes = max_bytes if max_bytes is not None else max(disk_size * APPARENT_FACTOR, 1 << 30)
+        self.nbytes = 0
         self.unread: dict[int, tuple[Node, bytes]] = {}  # base files whose chunks this store lacks
         self.reused = 0
         self.root = self._from_image(image) if image is not None else Node(stat.S_IFDIR | 0o755, children={})
@@ -248,7 +255,6 @@ class Merge:
         hardlinks: dict[tuple[int, int], Node] = {}
         dirs_seen = {(st.st_dev, st.st_ino)}
         entries = 0
-        nbytes = 0
         pending: list[tuple[bytes, int, int, Node, bytes]] = []
         stack: list[tuple[bytes, bytes, Node]] = [(top, b"", self.root)]
         while stack:
@@ -288,12 +294,9 @@ class Merge:
                     stack.append((path, child_rel, node))
                 elif stat.S_ISLNK(st.st_mode):
                     node.target = os.readlink(path)
+                    self._count(len(node.target), child_rel)
                 elif stat.S_ISREG(st.st_mode):
-                    nbytes += st.st_size
-                    if nbytes > self.max_bytes:
-                        raise BadInputError(f"the disk's files add up to over {self.max_bytes:,} bytes (sparse files "
-                                            f"past {APPARENT_FACTOR}x the disk's size); refused at "
-                                            f"{os.fsdecode(child_rel)}")
+                    self._count(st.st_size, child_rel)
                     pending.append((path, st.st_size, st.st_blocks, node, child_rel))
                 if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
                     hardlinks[key] = node
@@ -304,16 +307,24 @@ class Merge:
             done += size
             tick(files, done)
 
+    def _count(self, n: int, rel: bytes) -> None:
+        self.nbytes += n
+        if self.nbytes > self.max_bytes:
+            raise BadInputError(f"the disk's files, xattrs and symlinks add up to over {self.max_bytes:,} bytes "
+                                f"(sparse files or xattrs past {APPARENT_FACTOR}x the disk's size); refused at "
+                                f"{os.fsdecode(rel)}")
+
     def _attrs_from(self, node: Node, st: os.stat_result, path: bytes) -> None:
         new = _node_from_stat(st)
         node.mode, node.uid, node.gid = new.mode, new.uid, new.gid
         node.atime_ns, node.mtime_ns, node.ctime_ns = new.atime_ns, new.mtime_ns, new.ctime_ns
         node.xattrs = [(k, v) for k, v in self._xattrs(path, b"/") if not k.startswith(OVERLAY)]
 
-    @staticmethod
-    def _xattrs(path: bytes, rel: bytes) -> list[tuple[bytes, bytes]]:
+    def _xattrs(self, path: bytes, rel: bytes) -> list[tuple[bytes, bytes]]:
+        """The file's xattrs, bounded (MAX_XATTRS, MAX_XATTR_BYTES) before they are all read,
+        and counted against the walk's bytes."""
         try:
-            xattrs = _xattrs(path)
+            xattrs = self._read_xattrs(path, rel)
         except OSError as err:
             if err.errno in (errno.ENOTSUP, errno.ENODATA):
                 return []
@@ -322,6 +333,27 @@ class Merge:
             raise BadInputError(f"{os.fsdecode(rel)} on the disk uses overlayfs redirect_dir or metacopy, which a "
                                 "commit does not read; refused")
         return xattrs
+
+    def _read_xattrs(self, path: bytes, rel: bytes) -> list[tuple[bytes, bytes]]:
+        names = os.listxattr(path, follow_symlinks=False)  # at most 64 KiB of names (XATTR_LIST_MAX)
+        if len(names) > MAX_XATTRS:
+            raise BadInputError(f"{os.fsdecode(rel)} on the disk has {len(names)} xattrs, over {MAX_XATTRS}; refused")
+        out, size = [], 0
+        for name in names:
+            try:
+                value = os.getxattr(path, name, follow_symlinks=False)
+            except OSError as err:
+                if err.errno == errno.ENODATA:
+                    continue
+                raise
+            key = os.fsencode(name)
+            size += len(key) + len(value)
+            if size > MAX_XATTR_BYTES:
+                raise BadInputError(f"{os.fsdecode(rel)} on the disk has over {MAX_XATTR_BYTES >> 10} KiB of xattrs; "
+                                    "refused")
+            self._count(len(key) + len(value), rel)
+            out.append((key, value))
+        return out
 
     def unread_reachable(self) -> list[tuple[Node, bytes]]:
         """The base image's files still in the tree whose chunks the target store lacks."""
