@@ -79,6 +79,10 @@ APPARENT_FACTOR = 16  # the upper's files may add up to 16x the disk's size (spa
 # few (capabilities, ACLs, SELinux labels, overlayfs' own), far under these
 MAX_XATTRS = 128
 MAX_XATTR_BYTES = 256 << 10
+# what the walk may hold in memory of xattrs and symlink targets, each xattr counted with what
+# Python spends on it beside its bytes (two bytes objects and a tuple: ~100 bytes)
+MAX_META_BYTES = 512 << 20
+XATTR_OVERHEAD = 100
 TOOL_TIMEOUT = 900.0
 
 Scan = Callable[[str, Ingest, Tick, dict[bytes, ChunkLocation]], Node]
@@ -203,6 +207,8 @@ class Merge:
         # the walk's bytes: files' apparent sizes, and the xattrs and symlink targets it holds in memory
         self.max_bytes = max_bytes if max_bytes is not None else max(disk_size * APPARENT_FACTOR, 1 << 30)
         self.nbytes = 0
+        self.max_meta = min(MAX_META_BYTES, self.max_bytes)
+        self.meta = 0
         self.unread: dict[int, tuple[Node, bytes]] = {}  # base files whose chunks this store lacks
         self.reused = 0
         self.root = self._from_image(image) if image is not None else Node(stat.S_IFDIR | 0o755, children={})
@@ -294,7 +300,7 @@ class Merge:
                     stack.append((path, child_rel, node))
                 elif stat.S_ISLNK(st.st_mode):
                     node.target = os.readlink(path)
-                    self._count(len(node.target), child_rel)
+                    self._count(len(node.target), child_rel, meta=True)
                 elif stat.S_ISREG(st.st_mode):
                     self._count(st.st_size, child_rel)
                     pending.append((path, st.st_size, st.st_blocks, node, child_rel))
@@ -307,8 +313,12 @@ class Merge:
             done += size
             tick(files, done)
 
-    def _count(self, n: int, rel: bytes) -> None:
+    def _count(self, n: int, rel: bytes, meta: bool = False) -> None:
         self.nbytes += n
+        self.meta += n if meta else 0
+        if self.meta > self.max_meta:
+            raise BadInputError(f"the disk's xattrs and symlinks add up to over {self.max_meta:,} bytes in memory; "
+                                f"refused at {os.fsdecode(rel)}")
         if self.nbytes > self.max_bytes:
             raise BadInputError(f"the disk's files, xattrs and symlinks add up to over {self.max_bytes:,} bytes "
                                 f"(sparse files or xattrs past {APPARENT_FACTOR}x the disk's size); refused at "
@@ -351,7 +361,7 @@ class Merge:
             if size > MAX_XATTR_BYTES:
                 raise BadInputError(f"{os.fsdecode(rel)} on the disk has over {MAX_XATTR_BYTES >> 10} KiB of xattrs; "
                                     "refused")
-            self._count(len(key) + len(value), rel)
+            self._count(len(key) + len(value) + XATTR_OVERHEAD, rel, meta=True)
             out.append((key, value))
         return out
 
