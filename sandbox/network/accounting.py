@@ -21,8 +21,13 @@ logs them at once with 0 bytes.
 
 Cost: one recv per ended connection of the node, a sandbox's or not; a sandbox's is parsed
 (~23 µs, Python) and logged, any other dropped once its source address is read (~0.7 µs).
-Events are read in batches (everything queued, under one lock); the thread sleeps in
-``select`` otherwise.  Measured: docs/benchmarks.md (``tools/bench/egress_accounting.py``).
+Events are read in batches: at most ``DRAIN_MAX`` datagrams per wake-up (a flood that never
+stops still lets the thread dump and stop), booked ``DRAIN_BATCH`` at a time under the books'
+lock, which ``record`` and ``metrics`` take on the service's asyncio loop: a guest opening and
+closing connections as fast as it can never holds that loop.  A sandbox's open connections
+kept between dumps are at most ``OPEN_MAX`` (the rest counted); how many it may have at all
+is the gateway's ``ct count`` limit.  The thread sleeps in ``select`` otherwise.
+Measured: docs/benchmarks.md (``tools/bench/egress_accounting.py``).
 """
 
 from __future__ import annotations

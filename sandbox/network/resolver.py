@@ -13,16 +13,29 @@ namespace passes only port 53 from the tap to itself).
 
 What it answers (``policy.Policy.name_verdict``): an allowed name is resolved upstream and
 its A records go into the sandbox's allow set *before* the answer is sent, each for its TTL
-but at least ``FLOOR`` seconds (programs keep addresses past the TTL; an element that
-expired under an open connection does not matter, established traffic passes first); a
-refused name gets REFUSED (not NXDOMAIN: the name exists, this sandbox may not have it, and
-a refusal is not cached as a non-existence by whatever resolves in the guest, so a later
-PUT that allows it works at once); a name matched by a denyOut entry is also resolved in the
-background and its addresses put in the deny set, so it cannot be reached by its address
-either when the default lets traffic out.  AAAA questions get an empty answer (the
-sandboxes have no IPv6 egress: a client goes to its A records at once instead of trying v6
-addresses first).  Answers are cached by their TTL (negative ones by their SOA's, up to
-``NEGATIVE_MAX``), shared by all sandboxes; the sets are per sandbox.
+but at least ``FLOOR`` seconds and at most ``TTL_MAX`` (programs keep addresses past the TTL;
+an element that expired under an open connection does not matter, established traffic
+passes first); a refused name gets REFUSED (not NXDOMAIN: the name exists, this sandbox may
+not have it, and a refusal is not cached as a non-existence by whatever resolves in the
+guest, so a later PUT that allows it works at once).  The policy's *exact* denied names are
+looked up by the service itself (when the policy is set, and again before their addresses
+time out) and their addresses put in the deny set; a name a wildcard denies is refused but
+never looked up: the guest chooses it (``<data>.evil.com``), and sending it upstream would
+carry the data out.  AAAA questions get an empty answer (the sandboxes have no IPv6 egress).
+Answers are cached by their TTL (negative ones by their SOA's, up to ``NEGATIVE_MAX``),
+shared by all sandboxes, keyed on the normalised question; the sets are per sandbox.
+
+What a hostile guest cannot do (the security review of issue 17, ``tests/sandbox_dns_cases.py``):
+pin the workers (each sandbox's queries wait in its own queue, ``SLOT_PENDING`` at most, and
+take at most ``SLOT_RUNNING`` of the ``WORKERS`` at once, in turn with the others:
+``fairqueue``); hold sockets (``TCP_PER_SLOT`` TCP connections each, read by the selector
+thread without blocking, closed ``TCP_DEADLINE`` seconds after they opened, however busy);
+poison the shared cache (a question with a label holding a dot or a byte no host name has,
+compression, or past 255 bytes is FORMERR; the upstream gets a query built here, RD set and
+nothing of the guest's: no EDNS, DO or CD bits); keep an address it was allowed after a PUT
+removed its name (the policy is swapped first and the slot's generation moves on: an answer
+judged under the old one is judged again).  Every drop is counted by its reason
+(``cubefs_sandbox_dns_dropped_total{reason}``).
 """
 
 from __future__ import annotations
