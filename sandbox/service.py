@@ -62,6 +62,7 @@ DEFAULT_TIMEOUT = 300  # seconds; E2B's documented default
 MAX_TIMEOUT = 24 * 3600
 READY_PORT_WAIT = 60.0  # a template's server must listen this soon after the sandbox starts
 MAX_FORKS = 100  # E2B's spec (its SDK asks for at most 20)
+TRIM_WAIT = 60.0  # for a just-answered snapshot's RAM file to be trimmed, before a restore from it
 FORK_CONCURRENCY = 4  # restores at once: each is a QEMU start and a load, CPU-bound under TCG
 
 
@@ -221,6 +222,9 @@ class SandboxService:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._indexes: dict[str, VolumeIndex] = {}
         self._index_lock = threading.Lock()  # clones run in worker threads
+        self._snapshot_lock = threading.Lock()  # a snapshot's record: its sync's last write against a delete
+        self._syncing: set[threading.Thread] = set()  # snapshots answered, being trimmed and synced
+        self._trimming: dict[str, threading.Event] = {}  # snapshot ID -> set once its RAM file is trimmed
         self.network: Networks | None = None  # serve --network: a NIC per sandbox (sandbox/network/)
         self.peers_file: str | None = None  # in a cluster: the other nodes' peer chunk servers
 
@@ -259,6 +263,8 @@ class SandboxService:
         await asyncio.gather(*(self._finish(sbx) for sbx in pooled), return_exceptions=True)
         if self.network is not None:
             await asyncio.to_thread(self.network.close)
+        for done in list(self._syncing):  # snapshots being synced: finished before the indexes close
+            await asyncio.to_thread(done.join)
         for index in self._indexes.values():
             index.close()
 
@@ -508,14 +514,25 @@ class SandboxService:
                 self._indexes[path] = VolumeIndex(path)
             return self._indexes[path]
 
-    async def _connect(self, sbx: Sandbox, vm: vmm.Vm) -> None:
+    async def _connect(self, sbx: Sandbox, vm: vmm.Vm, restored: bool = False) -> None:
+        """Open the sandbox's agent channel.  ``restored`` (a VM just restored from a snapshot):
+        its identity (``_freshen``) and tokens (``_write_tokens``) too, sent together: the agent
+        answers requests in order, and a restored guest's round trips are slow (its code is
+        translated anew under TCG), so three one after another took ~0.05 s more
+        (docs/benchmarks.md)."""
         from sandbox.envd import Envd
         from vmm.channel import AgentChannel
 
         r = sbx.record
         sbx.vm = vm
         sbx.channel = await AgentChannel.connect(str(vm.dir / "agent.sock"), f"sandbox {r.sandbox_id}", timeout=30)
-        await sbx.channel.set_defaults(user="user", env=r.env_vars)
+        calls = [sbx.channel.set_defaults(user="user", env=r.env_vars)]
+        if restored:
+            calls += [self._freshen(sbx), self._write_tokens(sbx)]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        for res in results:  # each finished (none left running), the first failure raised
+            if isinstance(res, BaseException):
+                raise res
         sbx.envd = Envd(sbx.channel, access_token=r.access_token)
 
     async def _freshen(self, sbx: Sandbox) -> None:
@@ -638,6 +655,8 @@ class SandboxService:
         rec = SnapshotRecord(sid, r.sandbox_id, r.template, snapshots.volume_of(sid), r.cpus,
                              r.memory_mb, time.time(), [name] if name else [], hidden, memory, dict(r.env_vars))
         made: list[str] = []
+        later = memory and not shared  # trimmed and synced after the answer (sandbox/snapshots.py)
+        ck: checkpoint.Checkpoint | None = None
 
         def at_instant() -> tuple[str | None, str | None]:
             with self._index_lock:
@@ -647,8 +666,10 @@ class SandboxService:
 
         try:
             if memory:
-                ck = checkpoint.take(sbx.vm, snapshots.new_dir(sid) / "ckpt", at_instant, shared=shared)
+                ck = checkpoint.take(sbx.vm, snapshots.new_dir(sid) / "ckpt", at_instant, shared=shared,
+                                     trim_later=later)
                 rec.paused_seconds, rec.seconds, rec.ram_bytes = ck.paused_seconds, ck.seconds, ck.ram_bytes
+                rec.phases = dict(ck.phases)
             else:  # the disk alone (the guest's page cache was synced by the caller)
                 t0 = time.monotonic()
                 snapshots.new_dir(sid)
@@ -660,11 +681,25 @@ class SandboxService:
                 index.snapshot(rec.volume, READY)
                 index.remove_snapshot(r.volume, made[0])
             t2 = time.monotonic()
-            index.sync_all()
+            if later:
+                rec.durable, rec.boot_id = False, snapshots.boot_id()
+            else:
+                index.sync_all()
+            t3 = time.monotonic()
+            rec.phases |= {"clone": round(t2 - t1, 4), "sync": round(t3 - t2, 4)}
             rec.save()
-            log.info("snapshot %s: checkpoint %.3f s (QEMU's save %.3f), volume clone %.3f s, sync %.3f s", sid,
-                     rec.seconds, ck.saved_seconds if memory else 0.0, t2 - t1, time.monotonic() - t2)
+            rec.phases["record"] = round(time.monotonic() - t3, 4)
+            log.info("snapshot %s: checkpoint %.3f s (QEMU's save %.3f), volume clone %.3f s, sync %.3f s; phases %s",
+                     sid, rec.seconds, ck.saved_seconds if ck else 0.0, t2 - t1, t3 - t2, rec.phases)
+            if later:
+                assert ck is not None
+                self._trimming[sid] = threading.Event()
+                done = threading.Thread(target=self._make_durable, args=(rec, ck, index), name=f"sync {sid}")
+                self._syncing.add(done)
+                done.start()
         except BaseException as err:
+            if ck is not None:
+                checkpoint.forget(ck)
             snapshots.remove_dir(sid)
             self._remove_volume(rec.volume, opts)
             if made:  # the sandbox's own snapshot of that instant, if the failure came after it
@@ -676,6 +711,37 @@ class SandboxService:
             raise
         return rec
 
+    def _make_durable(self, rec: SnapshotRecord, ck: checkpoint.Checkpoint | None, index: VolumeIndex) -> None:
+        """After the answer: the RAM file trimmed (if ``ck``), the volume directory and the
+        snapshot's files synced, the record marked durable.  A snapshot deleted meanwhile is
+        left alone; a failure leaves the record not durable (the next start syncs it)."""
+        t0 = time.monotonic()
+        try:
+            if ck is not None:
+                try:
+                    checkpoint.trim(ck)
+                except OSError as err:  # untrimmed is a good snapshot, only a bigger one
+                    if not (rec.dir / "snapshot.json").exists():
+                        return
+                    log.warning("snapshot %s: its RAM file stays untrimmed: %s", rec.snapshot_id, err)
+                finally:
+                    self._trimming.pop(rec.snapshot_id, threading.Event()).set()
+            t1 = time.monotonic()
+            index.sync_all()  # the volume directory: the snapshot's volume and the blocks under it
+            _fsync_tree(rec.dir)  # its RAM file and checkpoint (--snapshot-dir may be another filesystem)
+            with self._snapshot_lock:
+                if not (rec.dir / "snapshot.json").exists():
+                    return  # deleted meanwhile
+                rec.durable = True
+                rec.phases |= {"later_trim": round(t1 - t0, 4), "later_sync": round(time.monotonic() - t1, 4)}
+                rec.save()
+            log.info("snapshot %s durable (trim %.3f s, sync %.3f s after the answer)", rec.snapshot_id, t1 - t0,
+                     time.monotonic() - t1)
+        except Exception as err:  # a thread's last word: logged, retried at the next start
+            log.warning("snapshot %s: syncing it failed (%s): retried when the service starts", rec.snapshot_id, err)
+        finally:
+            self._syncing.discard(threading.current_thread())
+
     def _clean_snapshots(self) -> None:
         """What a service killed while snapshotting or forking left: a snapshot directory with
         no record (half-made) or a fork's hidden snapshot, and the volume each had."""
@@ -683,7 +749,17 @@ class SandboxService:
 
         root = snapshots.snapshots_dir()
         started = time.time() - 1.0  # what this service makes from now on is not a leftover
-        kept = {rec.snapshot_id for rec in SnapshotRecord.list(include_hidden=True) if not rec.hidden}
+        boot = snapshots.boot_id()
+        kept = set()
+        for rec in SnapshotRecord.list(include_hidden=True):
+            if rec.hidden:
+                continue
+            if not rec.durable and rec.boot_id != boot:  # the host went down before its sync
+                log.warning("snapshot %s was not yet synced when the host went down: removed", rec.snapshot_id)
+                continue
+            kept.add(rec.snapshot_id)
+            if not rec.durable:  # only the service stopped: its files are all in the page cache
+                self._make_durable(rec, None, self._volume_index(_template_opts(rec.template).volume_dir))
         for d in sorted(root.iterdir()) if root.is_dir() else []:
             if d.name in kept or not snapshots.is_snapshot_id(d.name) or d.stat().st_mtime > started:
                 continue
@@ -722,7 +798,8 @@ class SandboxService:
     def _delete_snapshot(self, rec: SnapshotRecord) -> None:
         from sandbox import snapshots
 
-        (rec.dir / "snapshot.json").unlink(missing_ok=True)  # gone for readers first
+        with self._snapshot_lock:  # not re-saved by its sync after the answer
+            (rec.dir / "snapshot.json").unlink(missing_ok=True)  # gone for readers first
         self._remove_volume(rec.volume, _template_opts(rec.template))
         snapshots.remove_dir(rec.snapshot_id)
 
@@ -732,9 +809,7 @@ class SandboxService:
         async with self._making(snap.template, snap.cpus, snap.memory_mb, f"snapshot {snap.snapshot_id}",
                                 env_vars=dict(snap.env_vars)) as sbx:
             vm = await _finish_thread(self._restore_vm, snap, sbx.record)
-            await self._connect(sbx, vm)
-            await self._freshen(sbx)
-            await self._write_tokens(sbx)
+            await self._connect(sbx, vm, restored=True)  # with its identity and tokens
             await self._assign(sbx, timeout, metadata, {**snap.env_vars, **env_vars}, resume=False)
         sid, record = sbx.id, sbx.record
         self.sandboxes[sid] = sbx
@@ -746,11 +821,20 @@ class SandboxService:
                  record.vm, record.volume)
         return sbx
 
+    def _trimmed(self, snap: SnapshotRecord) -> None:
+        """Until the snapshot's RAM file is trimmed, if that is under way (a snapshot just
+        answered): a guest restored from the untrimmed file would hold a private copy of every
+        template page in it (~85 MiB more at 256 MiB), for its whole life."""
+        trimming = self._trimming.get(snap.snapshot_id)
+        if trimming is not None:
+            trimming.wait(TRIM_WAIT)
+
     def _restore_vm(self, snap: SnapshotRecord, record: SandboxRecord) -> vmm.Vm:
         opts = _template_opts(snap.template)
         index = self._volume_index(opts.volume_dir)
         with self._index_lock:
             index.clone(snap.volume, READY, [record.volume])
+        self._trimmed(snap)
         ck = checkpoint.Checkpoint.load(snap.dir / "ckpt")
         with nic(self.network, record.sandbox_id) as netdev:
             return checkpoint.restore(record.vm, self._root(opts, record.volume, snap.template), ck, freshen=False,
@@ -798,11 +882,19 @@ class SandboxService:
             r = sbx.record
             old_volume = r.volume
             await self._disconnect(sbx)
+            phases: dict[str, float] = {}
+            clock = [time.monotonic()]
+
+            def phase(name: str) -> None:
+                now = time.monotonic()
+                phases[name] = round(now - clock[0], 4)
+                clock[0] = now
+
             try:
-                await asyncio.shield(asyncio.to_thread(self._rollback_vm, sbx, snap))
-                await self._connect(sbx, vmm.Vm(r.vm))
-                await self._freshen(sbx)
-                await self._write_tokens(sbx)
+                await asyncio.shield(asyncio.to_thread(self._rollback_vm, sbx, snap, phases))
+                clock[0] = time.monotonic()
+                await self._connect(sbx, vmm.Vm(r.vm), restored=True)  # with its identity and tokens
+                phase("agent")
             except BaseException as err:  # the sandbox is gone: say so, leave nothing
                 log.warning("sandbox %s: rollback to %s failed, sandbox removed: %s", sandbox_id, snap.snapshot_id,
                             err)
@@ -816,20 +908,25 @@ class SandboxService:
             if old_volume != r.volume:
                 self._spawn(asyncio.to_thread(self._remove_volume, old_volume, _template_opts(r.template)))
         self.counters.rollbacks += 1
-        log.info("sandbox %s rolled back to snapshot %s in %.3f s (restore: %s)", sandbox_id, snap.snapshot_id,
-                 time.monotonic() - t0, sbx.vm.info.get("restore_phases") if sbx.vm else None)
+        if sbx.vm is not None:  # where the call's time went, for the benchmarks
+            sbx.vm.info["rollback_phases"] = phases
+            sbx.vm._save()
+        log.info("sandbox %s rolled back to snapshot %s in %.3f s (phases %s; restore: %s)", sandbox_id,
+                 snap.snapshot_id, time.monotonic() - t0, phases, sbx.vm.info.get("restore_phases") if sbx.vm else None)
         return sbx
 
-    def _rollback_vm(self, sbx: Sandbox, snap: SnapshotRecord) -> None:
+    def _rollback_vm(self, sbx: Sandbox, snap: SnapshotRecord, phases: dict[str, float]) -> None:
         """Stop the VM, give the sandbox a new volume cloned from the snapshot's, restore the
         snapshot's checkpoint under the same VM name.  A failure leaves the sandbox gone (its
         record says so: the reaper cleans it), never half-rolled-back."""
         r = sbx.record
+        t0 = time.monotonic()
         old = vmm.Vm(r.vm)
         with contextlib.suppress(CubefsError, OSError):
             qmp(sbx, "stop")  # it is discarded: it must not use the CPU the restore needs
         gone = threading.Thread(target=old.destroy, name=f"destroy {old.name}")
         gone.start()  # QEMU quits, its root's daemon syncs and ends: meanwhile the new VM starts
+        phases["stop"] = round(time.monotonic() - t0, 4)
         try:
             opts = _template_opts(snap.template)
             index = self._volume_index(opts.volume_dir)
@@ -839,14 +936,18 @@ class SandboxService:
             with self._index_lock:
                 index.clone(snap.volume, READY, [r.volume])
             r.save()
+            self._trimmed(snap)
             ck = checkpoint.Checkpoint.load(snap.dir / "ckpt")
             with nic(self.network, r.sandbox_id) as netdev:  # the same network: a tap has a queue for each QEMU
                 sbx.vm = checkpoint.restore(r.vm, self._root(opts, r.volume, snap.template), ck,
                                             hostname=old.info.get("hostname"), freshen=False, netdev=netdev)
             sbx.vm.info["machine_id"] = old.info.get("machine_id") or sbx.vm.info["machine_id"]
             sbx.vm._save()
+            phases["restore"] = round(time.monotonic() - t0 - phases["stop"], 4)
         finally:
+            t1 = time.monotonic()
             gone.join()
+            phases["old_vm_wait"] = round(time.monotonic() - t1, 4)
 
     def _remove_volume(self, volume: str, opts: StoreOptions) -> None:
         res = subprocess.run([sys.executable, "-m", "cubefs", "volume", "rm", volume, *opts.args("--volume-dir")],
@@ -1021,6 +1122,17 @@ def _qemu_named(vm_name: str) -> list[int]:
             if needle in cmdline and b"qemu-system" in cmdline.split(b"\0", 1)[0]:
                 found.append(int(entry.name))
     return found
+
+
+def _fsync_tree(top: Path) -> None:
+    """fsync every file and directory under ``top`` (a snapshot's few files)."""
+    for dirpath, _dirs, files in os.walk(top):
+        for name in [*files, "."]:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def _template_opts(name: str) -> StoreOptions:

@@ -9,6 +9,15 @@ snapshotted as ``@ready``: a sandbox made from the snapshot clones that, so
 the snapshot outlives the sandbox it was taken of.  Deleting it removes the
 directory and the volume; what only it held goes with the next volume gc.
 
+**Durable after the answer.**  ``create_snapshot()`` answers once the snapshot
+can be used (its record written, with ``durable: false``); the service then
+trims the RAM file (vmm/memsnap.py) and syncs the volume directory and the
+snapshot's files, and marks it durable.  A service that restarts finds a
+record not durable: of the same host boot, its files are in the page cache
+and it syncs them; of an earlier boot (a power cut came before the sync) it
+removes the snapshot, which may have lost pages.  The trim and the sync were
+0.1-0.6 s of each call under load (docs/benchmarks.md).
+
 In the E2B API a snapshot is a template: ``Sandbox.create(snapshotID)`` makes
 a sandbox from it and ``DELETE /templates/{snapshotID}`` removes it.
 """
@@ -62,6 +71,9 @@ class SnapshotRecord:
     paused_seconds: float = 0.0
     seconds: float = 0.0
     ram_bytes: int = 0
+    phases: dict[str, float] = field(default_factory=dict)  # where the service's time went: for the benchmarks
+    durable: bool = True  # False: answered before its files were synced (the service syncs them next)
+    boot_id: str = ""  # the host's boot a not-yet-durable snapshot was taken in (boot_id())
 
     @property
     def dir(self) -> Path:
@@ -104,6 +116,16 @@ class SnapshotRecord:
             if name in rec.names:
                 return rec
         raise NotFoundError(f"snapshot {name!r} not found")
+
+
+def boot_id() -> str:
+    """This boot of the host: a snapshot not yet synced when the host went down (another boot
+    now) may have lost any of its files; one whose service alone died (the same boot) has them
+    all in the page cache, and is synced then."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
 
 
 def volume_of(snapshot_id: str) -> str:

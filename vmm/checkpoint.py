@@ -41,7 +41,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -71,6 +71,8 @@ class Checkpoint:
     seconds: float = 0.0
     ram_pages: int = 0  # guest pages kept in ``ram`` (those that differ from the template)
     ram_offset: int = 0  # not 0: ``ram`` is mapped from here, not loaded (memsnap.self_contained)
+    phases: dict[str, float] = field(default_factory=dict)  # where ``seconds`` went (take's docstring)
+    trimmed: bool = True  # False: ``ram`` still holds the template's pages too (take(trim_later=True))
 
     @property
     def path(self) -> Path:
@@ -108,7 +110,7 @@ class Checkpoint:
 
 
 def take(vm: Vm, dest: Path, at_instant: Callable[[], tuple[str | None, str | None]],
-         shared: bool = False) -> Checkpoint:
+         shared: bool = False, trim_later: bool = False) -> Checkpoint:
     """Checkpoint the running ``vm`` into the new directory ``dest``.  ``at_instant`` runs
     while the guest is paused and returns the (volume, snapshot) it made of the root.
     On failure ``dest`` is removed and the VM runs on as it was.
@@ -117,7 +119,14 @@ def take(vm: Vm, dest: Path, at_instant: Callable[[], tuple[str | None, str | No
     pages, each into a page of its own), unless ``shared`` or the VM has no template under
     its RAM (a cold boot, a fork's child): then it holds the whole RAM and restores *map*
     it, sharing every page the guests do not write: what a fork wants (its children share
-    the parent's memory of that instant, not only the template's)."""
+    the parent's memory of that instant, not only the template's).
+
+    With ``trim_later`` the RAM file is returned untrimmed (``trimmed`` False) and
+    :func:`trim` trims it afterwards: an untrimmed file restores the same guest (a page
+    the guest never wrote holds the template's bytes either way; the restore only loads
+    more pages), and the trim replaces the file atomically, so a restore meanwhile sees one
+    file or the other.  The sandbox service answers first and trims after (0.1-0.45 s
+    under load, docs/benchmarks.md)."""
     vm._running()
     template = vm.info.get("template") if not vm.info.get("ram_file") else None
     base = Template.load(template, check=False).dir / "ram" if template and not shared else None
@@ -128,34 +137,69 @@ def take(vm: Vm, dest: Path, at_instant: Callable[[], tuple[str | None, str | No
                     datetime.now(UTC).isoformat(timespec="milliseconds"))
     dest.mkdir(mode=0o700, parents=True)
     t0 = time.monotonic()
+    clock = [t0]
+
+    def phase(name: str) -> None:
+        now = time.monotonic()
+        ck.phases[name] = round(now - clock[0], 4)
+        clock[0] = now
+
     written: list[bytes] = []
     try:
         m = vm.machine()
 
         def instant() -> None:
+            phase("live")  # QEMU's pre-copy while the guest runs, until it paused it
             if base is not None:  # which pages are the guest's own, read while it cannot write
                 lo, hi = memsnap.ram_mapping(m.pid, base)
                 written.append(memsnap.written_pages(m.pid, lo, hi))
+            phase("scan")
             ck.volume, ck.snapshot = at_instant()
+            phase("at_instant")
 
         with vm.locked():
             try:
                 ck.paused_seconds = round(m.save_live(dest / "ram", instant), 4)
             finally:
                 m.close_monitor()  # QEMU's monitor serves one client at a time
+        phase("switchover")  # the rest of the pause (devices, the back-end's state, cont)
         ck.saved_seconds = round(time.monotonic() - t0, 4)
-        if base is not None:
+        if base is not None and trim_later:
+            ck.ram_pages, ck.trimmed = written[0].count(1), False
+            _pending[str(dest)] = written[0]
+        elif base is not None:
             ck.ram_pages = memsnap.trim(dest / "ram", written[0])
         else:
             ck.ram_offset = memsnap.self_contained(dest / "ram").pages_offset
             ck.ram_pages = (dest / "ram").stat().st_blocks * 512 // memsnap.PAGE
         os.chmod(dest / "ram", 0o600)
+        phase("trim")
         ck.seconds = round(time.monotonic() - t0, 4)
         ck.save()
     except BaseException:
         shutil.rmtree(dest, ignore_errors=True)
         raise
     return ck
+
+
+_pending: dict[str, bytes] = {}  # checkpoint dir -> the guest's written pages, for trim()
+
+
+def trim(ck: Checkpoint) -> None:
+    """Trim the RAM file of a checkpoint taken with ``trim_later`` (in this process) to the
+    pages the guest had written; nothing if it is trimmed.  FileNotFoundError if the
+    checkpoint was removed meanwhile."""
+    written = _pending.pop(ck.dir, None)
+    if ck.trimmed or written is None:
+        return
+    memsnap.trim(ck.path / "ram", written)
+    ck.trimmed = True
+    ck.save()
+
+
+def forget(ck: Checkpoint) -> None:
+    """Drop what :func:`trim` would have used (the checkpoint stays untrimmed)."""
+    _pending.pop(ck.dir, None)
 
 
 def restore(name: str, root: Root, ck: Checkpoint, hostname: str | None = None, freshen: bool = True,

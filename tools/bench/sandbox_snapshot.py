@@ -67,6 +67,12 @@ def log(msg: str) -> None:
     print(f"[{Path(sys.argv[0]).stem}] {msg}", file=sys.stderr, flush=True)
 
 
+def medians(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Per phase, the median over the runs (a phase a run lacks counts as 0)."""
+    keys = list(dict.fromkeys(k for r in runs for k in r))
+    return {k: round(statistics.median(r.get(k, 0.0) for r in runs), 4) for k in keys}
+
+
 def summary(xs: list[float]) -> dict[str, float]:
     """pct() of sandbox_create plus the spread: these machines are shared."""
     return pct(xs) | {"min": round(min(xs), 3), "max": round(max(xs), 3)}
@@ -164,6 +170,8 @@ class Bench:
             "full_save_mib", "from_snapshot_s", "from_snapshot_create_s", "rollback_api_s", "rollback_usable_s",
             "cold_s")}
         phases: list[dict[str, float]] = []
+        snap_phases: list[dict[str, float]] = []  # the service's own split of each call (records' ``phases``)
+        rollback_phases: list[dict[str, float]] = []
         sbx = Sandbox.create(template, timeout=3600)
         try:
             self.dirty(sbx, dirty_mib)
@@ -181,6 +189,7 @@ class Bench:
                 res["snapshot_paused_s"].append(rec["paused_seconds"])
                 res["snapshot_service_s"].append(rec["seconds"])
                 res["snapshot_ram_mib"].append(rec["ram_bytes"] / 2**20)
+                snap_phases.append(dict(rec.get("phases") or {}))
 
                 t0 = time.monotonic()
                 child = Sandbox.create(info.snapshot_id, timeout=600)
@@ -199,18 +208,22 @@ class Bench:
                     raise SystemExit(f"rollback: {status} {body}")
                 sbx.commands.run("true")
                 res["rollback_usable_s"].append(time.monotonic() - t0)
-                phases.append(dict(self.vm_info(sbx.sandbox_id).get("restore_phases") or {}))
+                vm_info = self.vm_info(sbx.sandbox_id)
+                phases.append(dict(vm_info.get("restore_phases") or {}))
+                rollback_phases.append(dict(vm_info.get("rollback_phases") or {}))
                 Sandbox.delete_snapshot(info.snapshot_id)
                 log(f"{memory} MiB / {dirty_mib} MiB dirty, run {i + 1}: snapshot "
                     f"{res['snapshot_api_s'][-1]:.3f} s (paused {rec['paused_seconds'] * 1000:.0f} ms, "
                     f"{rec['ram_bytes'] / 2**20:.0f} MiB kept), full save paused {fs['paused_s']:.3f} s, "
                     f"rollback {res['rollback_api_s'][-1]:.3f} s, from snapshot {res['from_snapshot_s'][-1]:.3f} s, "
-                    f"cold {res['cold_s'][-1]:.3f} s")
+                    f"cold {res['cold_s'][-1]:.3f} s; snapshot phases {snap_phases[-1]}, rollback phases "
+                    f"{rollback_phases[-1]} (restore {phases[-1]})")
         finally:
             sbx.kill()
         out: dict[str, Any] = {k: summary(v) for k, v in res.items()}
-        out["rollback_phases_p50"] = {k: round(statistics.median(p.get(k, 0.0) for p in phases), 4)
-                                      for k in phases[0]} if phases else {}
+        out["rollback_phases_p50"] = medians(phases)  # the VM restore's: back-end, QEMU, load
+        out["rollback_service_phases_p50"] = medians(rollback_phases)  # stop, restore, old VM, agent calls
+        out["snapshot_phases_p50"] = medians(snap_phases)  # checkpoint (live, scan, ...), clone, sync, record
         out["ratios_p50"] = {
             "snapshot_paused_vs_full_save_paused": round(out["snapshot_paused_s"]["p50"]
                                                          / out["full_save_paused_s"]["p50"], 3),
