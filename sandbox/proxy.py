@@ -22,6 +22,10 @@ carry the sandbox's ``trafficAccessToken`` in ``e2b-traffic-access-token``, or
 gets E2B's 403.  That token is not envd's: whoever is given it to reach a
 sandbox's web server cannot run commands in the sandbox.
 
+``CONNECT`` is refused (405; aiohttp's router already gives it no route), so no
+tunnel is ever relayed.  A sandbox holds at most ``MAX_UPGRADED`` open
+WebSockets (429 past them).
+
 **Upgrades** (WebSocket) are routed and refused by the same rules, then become
 a raw byte relay for the connection's life (``sandbox.relay``): such a
 connection is routed once, at its upgrade, as the protocol it switched to
@@ -47,6 +51,7 @@ log = logging.getLogger("cubefs.sandbox.proxy")
 
 ENVD_PORT = 49983
 TRAFFIC_TOKEN_HEADER = "e2b-traffic-access-token"
+MAX_UPGRADED = 1024  # open WebSockets per sandbox: each holds a guest stream and up to 256 KiB queued
 
 
 def not_found(sandbox_id: str) -> web.Response:
@@ -103,7 +108,7 @@ def target(request: web.Request, domain: str | None) -> tuple[str, int]:
 
 
 def make_app(service: SandboxService) -> web.Application:
-    upgraded: set[Any] = set()  # the transports of upgraded connections, open now
+    upgraded: dict[Any, str] = {}  # the transports of upgraded connections open now -> their sandbox
 
     async def handle(request: web.Request) -> web.StreamResponse:
         try:
@@ -117,9 +122,16 @@ def make_app(service: SandboxService) -> web.Application:
             return await sbx.envd.handle(request)
         if not sbx.record.public_traffic and (refused := traffic_refused(request, sbx.record)) is not None:
             return refused
+        if request.method == "CONNECT":  # a tunnel is not a request to relay (h11 would wait for it forever)
+            return web.json_response({"sandboxId": sid, "code": 405,
+                                      "message": "CONNECT is not relayed into sandboxes"}, status=405)
         transport = request.transport if is_upgrade(request) else None
         if transport is not None:
-            upgraded.add(transport)
+            if sum(1 for owner in upgraded.values() if owner == sid) >= MAX_UPGRADED:
+                return web.json_response({"sandboxId": sid, "code": 429,
+                                          "message": f"too many open WebSockets to this sandbox ({MAX_UPGRADED})"},
+                                         status=429)
+            upgraded[transport] = sid
         try:
             return await relay(request, sbx.channel, port)
         except ConnectionRefusedError:
@@ -130,7 +142,7 @@ def make_app(service: SandboxService) -> web.Application:
             log.info("sandbox %s port %d: %s", sid, port, err)
             return port_closed(sid, port)
         finally:
-            upgraded.discard(transport)
+            upgraded.pop(transport, None)
 
     async def close_upgraded(_app: web.Application) -> None:
         for transport in list(upgraded):

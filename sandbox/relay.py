@@ -20,6 +20,10 @@ holds both ways: the client's socket stops being read while more than
 ``UP_BUFFER`` bytes wait for the guest's credit, and the guest's stream is not
 read (so its credit is not returned) while the client's socket is paused for
 writing.  Either end closing, or the sandbox going away, closes the other.
+While the client's socket is paused for reading, asyncio would not see the
+client go (nothing reads it): every ``GONE_POLL`` seconds the relay asks the
+kernel for the connection's TCP state, and a client that reset or closed ends
+it (one whose unsent bytes still wait ends when its kernel gives up on them).
 Any other ``Upgrade`` is dropped as hop-by-hop and the request relayed as plain
 HTTP (the server answers it as if no upgrade was asked, as RFC 9110 lets it).
 """
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections import deque
 from typing import Any
 
@@ -43,6 +48,8 @@ HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authoriza
 # what aiohttp's server switches to raw bytes for: its C parser (the one in use) only
 # "websocket" (its Python parser "tcp" too: relaying that here would mis-read pipelined bytes)
 UPGRADABLE = {"websocket"}
+GONE_POLL = 5.0  # seconds between checks of a paused client's socket
+TCP_GONE = {7, 8, 9}  # TCP_CLOSE, TCP_CLOSE_WAIT, TCP_LAST_ACK (include/net/tcp_states.h)
 
 
 class UpstreamError(CubefsError):
@@ -134,9 +141,20 @@ async def _respond(request: web.Request, conn: h11.Connection, head: h11.Respons
 async def _next(conn: h11.Connection, reader: Any) -> Any:
     while True:
         event = conn.next_event()
+        if event is h11.PAUSED:  # a protocol switch h11 will not read past: nothing more comes as HTTP
+            raise UpstreamError("the sandbox's server switched protocols where no switch was relayed")
         if event is not h11.NEED_DATA:
             return event
         conn.receive_data(await reader.read(CHUNK))
+
+
+def _peer_closed(sock: Any) -> bool:
+    """Whether the client's TCP connection was closed by the client (CLOSE_WAIT or past it)."""
+    try:
+        state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+    except OSError:
+        return True
+    return state in TCP_GONE
 
 
 class _Inbound:
@@ -160,6 +178,10 @@ class _Inbound:
                 self._paused = True
                 self._protocol.pause_reading()
         return False, b""
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
 
     def feed_eof(self) -> None:
         self._eof = True
@@ -207,7 +229,16 @@ async def _switched(request: web.Request, head: h11.InformationalResponse, tail:
             while data := await inbound.read():
                 await writer.write(data)
 
-        pumps = [asyncio.create_task(down()), asyncio.create_task(up())]
+        async def client_gone() -> None:
+            """While the client's socket is paused (its bytes wait for the guest's credit), asyncio
+            reads nothing from it and would not see it close: ask the kernel every few seconds."""
+            sock = transport.get_extra_info("socket")
+            while sock is not None:
+                await asyncio.sleep(GONE_POLL)
+                if inbound.paused and _peer_closed(sock):
+                    return
+
+        pumps = [asyncio.create_task(down()), asyncio.create_task(up()), asyncio.create_task(client_gone())]
         try:
             await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
         finally:

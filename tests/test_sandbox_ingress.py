@@ -343,6 +343,56 @@ def test_backpressure_holds_both_ways(node: Node, sandbox: Any) -> None:
     run(go())
 
 
+def test_a_paused_clients_socket_tells_when_the_client_has_gone() -> None:
+    """What the relay asks the kernel while it has stopped reading a client (its bytes wait for
+    the guest's credit): asyncio reads nothing then and never sees the client go, so a relay
+    whose guest does not read would outlive its client.  A reset client (state CLOSE) and one
+    that closed with nothing left to send (CLOSE_WAIT) are gone; a connected one is not."""
+    import socket
+    import struct
+
+    from sandbox.relay import _peer_closed
+
+    server = socket.create_server(("127.0.0.1", 0))
+    try:
+        for how in ("alive", "fin", "reset"):
+            client = socket.create_connection(server.getsockname())
+            peer, _ = server.accept()
+            with peer:
+                if how == "reset":
+                    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                if how != "alive":
+                    client.close()
+                deadline = time.monotonic() + 5
+                while _peer_closed(peer) != (how != "alive") and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert _peer_closed(peer) == (how != "alive"), how
+            client.close()
+    finally:
+        server.close()
+
+
+def test_connect_is_refused_and_the_service_answers_on(node: Node, sandbox: Any) -> None:
+    """CONNECT (a tunnel) to a sandbox port whose server answers 200 to anything: refused, not
+    a relay that h11 would wait on forever with the service's event loop spinning."""
+    async def go() -> None:
+        host = sandbox.get_host(PORT)
+        # authority-form (what proxies get) and origin-form: aiohttp 3.14's router gives CONNECT
+        # no route (404); the proxy's own guard answers 405 should one ever reach it
+        for target in ("example.com:443", "/"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", node.proxy_port)
+            writer.write(f"CONNECT {target} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            await writer.drain()
+            status = await asyncio.wait_for(reader.readline(), 20)
+            assert status.split()[1] in (b"404", b"405"), (target, status)
+            writer.close()
+        url, headers = by_host(node, sandbox)
+        async with aiohttp.ClientSession() as s, s.get(url, headers=headers) as resp:
+            assert resp.status == 200 and await resp.text() == "not a socket"
+
+    run(go())
+
+
 def service_fds(node: Node) -> int:
     assert node.proc is not None
     return len(os.listdir(f"/proc/{node.proc.pid}/fd"))
