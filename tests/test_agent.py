@@ -294,3 +294,33 @@ def test_a_tcp_stream_to_a_port_in_the_root(agent: HostAgent) -> None:
             await c.open_tcp(port)
 
     agent.run(body)
+
+
+def test_a_guest_that_sends_past_its_credit_fails_its_stream_not_the_host() -> None:
+    """A modified agent that ignores the window it was granted: the host keeps at most one
+    window per stream, then fails that stream with a clear error and drops what follows
+    (the stream's reader sees the error; nothing grows without end)."""
+    from vmm.guest import proto
+
+    class Owner:
+        label = "sandbox test"
+
+        def _send(self, frame: bytes) -> None:
+            pass  # credit frames back to the guest: not what this test looks at
+
+    async def go() -> None:
+        chan = ch._Chan(Owner(), 7, window=1 << 20)  # type: ignore[arg-type]
+        block = b"x" * (256 << 10)
+        for _ in range(4):  # one whole window: fine
+            chan.push(proto.DATA, block)
+        assert (await chan.get())[1] == block and chan.queued == 3 * len(block)
+        chan.push(proto.DATA, block)  # back to a full window (one was taken): still fine
+        chan.push(proto.DATA, block)  # past it
+        assert chan.queued > chan.window and not chan.items
+        for _ in range(1000):
+            chan.push(proto.DATA, block)  # dropped, not queued
+        assert not chan.items
+        with pytest.raises(ch.AgentError, match="past its window"):
+            await chan.get()
+
+    asyncio.run(go())

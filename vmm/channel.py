@@ -78,9 +78,20 @@ class _Chan:
         self.wake = asyncio.Event()
         self.credit = 0        # what we may still send the guest
         self.consumed = 0      # what our consumer took and the guest has not been told yet
+        self.queued = 0        # stream bytes received and not yet taken: never more than the window
         self.down: AgentError | None = None
 
     def push(self, kind: int, payload: bytes) -> None:
+        if self.down is not None:
+            return  # failed: what a guest sends past that is dropped
+        if kind in (proto.DATA, proto.DATA2, proto.EVENT):
+            self.queued += len(payload)
+            if self.queued > self.window:  # a guest that ignores its credit would grow this without end
+                self.items.clear()
+                self.down = AgentError(f"{self.owner.label}: the agent sent {self.queued} bytes on stream "
+                                       f"{self.id} past its window of {self.window}")
+                self.wake.set()
+                return
         self.items.append((kind, payload))
         self.wake.set()
 
@@ -92,6 +103,7 @@ class _Chan:
             await self.wake.wait()
         kind, payload = self.items.popleft()
         if kind in (proto.DATA, proto.DATA2, proto.EVENT):
+            self.queued -= len(payload)
             self.consumed += len(payload)
             if self.consumed >= self.window // 4:
                 self.owner._send(proto.credit(self.id, self.consumed))
