@@ -36,12 +36,15 @@ sub-second part of a time the guest set is lost in a disk commit.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
+import pwd
 import shutil
 import stat
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -72,6 +75,8 @@ OVERLAY = b"trusted.overlay."
 OPAQUE = b"trusted.overlay.opaque"
 UNREAD = (b"trusted.overlay.redirect", b"trusted.overlay.metacopy")
 CLONE_PREFIX = "cubefs-diskread-"
+MNT_PREFIX = "cubefs-ext4-"  # <tmp>/cubefs-ext4-<pid>-XXXX/root: fuse2fs's mount (swept once <pid> is gone)
+FSTYPE = "fuse.cubefs-disk"
 MAX_ENTRIES = 2_000_000  # ~1 GiB of tree in memory at most; a guest's disk past it is refused
 APPARENT_FACTOR = 16  # the upper's files may add up to 16x the disk's size (sparse files), no more
 # xattrs of one file: shared xattr blocks and ea_inode values (64 KiB each) let a guest give
@@ -84,6 +89,8 @@ MAX_XATTR_BYTES = 256 << 10
 MAX_META_BYTES = 512 << 20
 XATTR_OVERHEAD = 100
 TOOL_TIMEOUT = 900.0
+WALK_TIMEOUT = 900.0  # the whole read of the disk through fuse2fs; then it is killed (a wedged fuse2fs)
+TOOL_USER = "nobody"  # e2fsck and fuse2fs parse the guest's ext4 as this user, no_new_privs, no capabilities
 
 Scan = Callable[[str, Ingest, Tick, dict[bytes, ChunkLocation]], Node]
 
@@ -118,6 +125,8 @@ def disk_tree(index: VolumeIndex, volume: str, snapshot: str, cache_dir: str) ->
         with private_mount(f"reading {what}", None, "--volume", clone, "--volume-dir", index.directory,
                            "--cache-dir", cache_dir, "--no-server", "--raw") as mnt:
             disk = os.path.join(mnt, "disk")
+            uid, gid = tool_ids()
+            os.chown(disk, uid, gid)  # the clone's disk is the tools' (reached only by the fd handed in)
             check_ext4(disk, what)
             with fuse2fs(disk, what) as root:
                 yield root, size
@@ -129,11 +138,33 @@ def disk_tree(index: VolumeIndex, volume: str, snapshot: str, cache_dir: str) ->
             pass
 
 
+def tool_ids() -> tuple[int, int]:
+    """(uid, gid) the tools run as: TOOL_USER's, or 65534 where it has no passwd entry."""
+    try:
+        pw = pwd.getpwnam(TOOL_USER)
+        return pw.pw_uid, pw.pw_gid
+    except KeyError:
+        return 65534, 65534
+
+
+def confined(argv: list[str]) -> list[str]:
+    """``argv`` run as the unprivileged TOOL_USER, no supplementary groups, no capabilities
+    (bounding set emptied too) and no_new_privs (no setuid binary gives any back)."""
+    uid, gid = tool_ids()
+    return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--no-new-privs", "--inh-caps=-all",
+            "--bounding-set=-all", "--", *argv]
+
+
 def check_ext4(disk: str, what: str) -> None:
     """Replay the journal (into the clone) and check the result; BadInputError naming what
-    e2fsck found if the filesystem is damaged."""
-    _run(["e2fsck", "-E", "journal_only", "-y", disk], what, ok=(0, 1))
-    res = _run(["e2fsck", "-fn", disk], what, ok=None)
+    e2fsck found if the filesystem is damaged.  e2fsck runs confined, the disk handed in as
+    an open descriptor (``/proc/self/fd/N``: its directory is root's, 0700)."""
+    fd = os.open(disk, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        _run(confined(["e2fsck", "-E", "journal_only", "-y", f"/proc/self/fd/{fd}"]), what, ok=(0, 1), fds=(fd,))
+        res = _run(confined(["e2fsck", "-fn", f"/proc/self/fd/{fd}"]), what, ok=None, fds=(fd,))
+    finally:
+        os.close(fd)
     if res.returncode != 0:
         raise BadInputError(f"{what} is not a sound ext4 (e2fsck -fn exited {res.returncode}: "
                             f"{_gist(res.stdout + res.stderr)}); nothing was read from it")
@@ -148,46 +179,174 @@ def _gist(out: str) -> str:
     return "no detail"
 
 
-def _run(argv: list[str], what: str, ok: tuple[int, ...] | None) -> subprocess.CompletedProcess[str]:
+_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C", "E2FSCK_CONFIG": "/dev/null"}
+
+
+def _run(argv: list[str], what: str, ok: tuple[int, ...] | None,
+         fds: tuple[int, ...] = ()) -> subprocess.CompletedProcess[str]:
+    tool = argv[argv.index("--") + 1] if "--" in argv else argv[0]
     try:
         res = subprocess.run(argv, capture_output=True, text=True, timeout=TOOL_TIMEOUT, stdin=subprocess.DEVNULL,
-                             env={**os.environ, "E2FSCK_CONFIG": "/dev/null", "LC_ALL": "C"})
+                             env=_ENV, pass_fds=fds)
     except subprocess.TimeoutExpired:
-        raise BadInputError(f"{what}: {argv[0]} took over {TOOL_TIMEOUT:.0f} s; refused") from None
+        raise BadInputError(f"{what}: {tool} took over {TOOL_TIMEOUT:.0f} s; refused") from None
     if ok is not None and res.returncode not in ok:
-        raise BadInputError(f"{what} is not a sound ext4 ({' '.join(argv[:-1])} exited {res.returncode}: "
+        shown = " ".join(argv[argv.index(tool):-1])
+        raise BadInputError(f"{what} is not a sound ext4 ({shown} exited {res.returncode}: "
                             f"{_gist(res.stdout + res.stderr)}); nothing was read from it")
     return res
 
 
+# -- fuse2fs, confined ---------------------------------------------------------------
+#
+# fuse2fs (libfuse 2) cannot mount as an unprivileged user without the setuid fusermount,
+# which no_new_privs disables.  So the host mounts the FUSE connection itself (root, nosuid,
+# nodev, noexec, ro; only uid 0 may use it: no allow_other) and hands fuse2fs the open
+# /dev/fuse the way fusermount would: libfuse, told ``auto_unmount``, asks "fusermount" for the
+# descriptor over the socket in _FUSE_COMMFD, and in fuse2fs's own mount namespace
+# /usr/bin/fusermount is a bind mount of FAKE_FUSERMOUNT, which passes on the one it inherited.
+
+FAKE_FUSERMOUNT = """#!/usr/bin/python3 -I
+import os, socket, sys
+if "-u" in sys.argv[1:]:
+    sys.exit(0)  # the host unmounts
+sock = socket.socket(fileno=int(os.environ["_FUSE_COMMFD"]))
+socket.send_fds(sock, [b"\\0"], [int(os.environ["CUBEFS_FUSE_FD"])])
+"""
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_BIND, _MS_REC, _MS_PRIVATE = 1, 2, 4, 8, 4096, 16384, 1 << 18
+_CLONE_NEWNS = 0x20000
+_MNT_DETACH = 2
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
 @contextmanager
-def fuse2fs(disk: str, what: str) -> Iterator[str]:
-    """``disk`` (an ext4 in a file) mounted read-only by fuse2fs in a private directory."""
-    mnt = tempfile.mkdtemp(prefix="cubefs-ext4-")
+def fuse2fs(disk: str, what: str, timeout: float | None = None) -> Iterator[str]:
+    """``disk`` (an ext4 in a file) served read-only by a confined fuse2fs, mounted in a
+    private directory; yields the mountpoint.  Past ``timeout`` seconds (WALK_TIMEOUT) fuse2fs
+    is killed, which fails every request waiting on it (a wedged fuse2fs hangs no lstat)."""
+    timeout = WALK_TIMEOUT if timeout is None else timeout
+    top = tempfile.mkdtemp(prefix=f"{MNT_PREFIX}{os.getpid()}-")
+    os.chmod(top, 0o711)  # the tool reaches stub/ and nothing else here
+    stub, root, fake = (os.path.join(top, n) for n in ("stub", "root", "fusermount"))
+    os.mkdir(stub)
+    os.chmod(stub, 0o755)  # whatever the umask (cubefs runs with 077)
+    os.mkdir(root, 0o700)
+    with open(fake, "w") as f:
+        f.write(FAKE_FUSERMOUNT)
+    os.chmod(fake, 0o755)
+    log = tempfile.TemporaryFile()
+    proc: subprocess.Popen[bytes] | None = None
+    fired = threading.Event()
     try:
-        _run(["fuse2fs", disk, mnt, "-o", "ro,fsname=cubefs-disk,subtype=cubefs-disk"], what, ok=(0,))
+        dev = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
         try:
-            yield mnt
+            flags = _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC
+            data = f"fd={dev},rootmode=40000,user_id=0,group_id=0".encode()
+            if _libc.mount(b"cubefs-disk", os.fsencode(root), FSTYPE.encode(), flags, data) != 0:
+                err = ctypes.get_errno()
+                raise CubefsError(f"{what}: cannot mount a FUSE connection for fuse2fs: {os.strerror(err)}")
+            fd = os.open(disk, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                proc = subprocess.Popen(
+                    confined(["fuse2fs", f"/proc/self/fd/{fd}", stub, "-f", "-o",
+                              "ro,auto_unmount,fsname=cubefs-disk,subtype=cubefs-disk"]),
+                    pass_fds=(dev, fd), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                    env={**_ENV, "CUBEFS_FUSE_FD": str(dev)}, preexec_fn=_private_fusermount(fake, root))
+            finally:
+                os.close(fd)
         finally:
-            res = subprocess.run(["umount", mnt], capture_output=True, text=True)
-            if res.returncode != 0:
-                subprocess.run(["umount", "-l", mnt], capture_output=True)
-    finally:
+            os.close(dev)  # fuse2fs holds the only one now: killed, the connection ends
+
+        def kill() -> None:
+            fired.set()
+            if proc is not None:
+                proc.kill()
+
+        watchdog = threading.Timer(timeout, kill)
+        watchdog.daemon = True
+        watchdog.start()
         try:
-            os.rmdir(mnt)
-        except OSError:
-            pass
+            try:
+                os.stat(root)  # answered once fuse2fs has the filesystem open
+            except OSError:
+                raise BadInputError(f"{what}: fuse2fs could not serve it ({_gist(_tail(log))}); nothing was read "
+                                    "from it") from None
+            yield root
+        except OSError as err:
+            if fired.is_set():
+                raise BadInputError(f"{what}: fuse2fs did not finish within {timeout:.0f} s; refused") from None
+            raise err
+        except BadInputError:
+            if fired.is_set():
+                raise BadInputError(f"{what}: fuse2fs did not finish within {timeout:.0f} s; refused") from None
+            raise
+        finally:
+            watchdog.cancel()
+    finally:
+        _unmount(root)
+        if proc is not None:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log.close()
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def _unmount(root: str) -> None:
+    """Unmount fuse2fs's mount, if it is one (not by ismount: a mount whose fuse2fs has died
+    fails every stat with ENOTCONN); lazily if it is busy."""
+    if _libc.umount2(os.fsencode(root), 0) != 0 and ctypes.get_errno() == errno.EBUSY:
+        _libc.umount2(os.fsencode(root), _MNT_DETACH)
+
+
+def _private_fusermount(fake: str, root: str) -> Callable[[], None]:
+    """Run in fuse2fs's process before it starts: a mount namespace of its own, where
+    fusermount is FAKE_FUSERMOUNT and the host's mount of root is not (so an unmount by the
+    host ends the connection)."""
+    def setup() -> None:
+        if _libc.unshare(_CLONE_NEWNS) != 0 or _libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None) != 0 \
+                or _libc.mount(os.fsencode(fake), b"/usr/bin/fusermount", None, _MS_BIND, None) != 0 \
+                or _libc.umount2(os.fsencode(root), _MNT_DETACH) != 0:
+            os._exit(127)
+    return setup
+
+
+def _tail(log: object) -> str:
+    f = log  # a TemporaryFile
+    f.seek(0)  # type: ignore[attr-defined]
+    return f.read()[-4000:].decode(errors="replace")  # type: ignore[attr-defined]
 
 
 def sweep_stale(index: VolumeIndex) -> None:
-    """Clones left by a reader that was killed (its pid gone, no daemon serving them)."""
+    """What a reader that was killed left (its pid is gone): fuse2fs mounts under
+    ``<tmp>/cubefs-ext4-<pid>-*`` (unmounted: fuse2fs then ends), then clones, with the
+    private mount still serving one unmounted first."""
     from cubefs.cow.lock import holder_of
+    from cubefs.node.private_mount import _cubefs
 
+    tmp = tempfile.gettempdir()
+    for top in os.listdir(tmp):
+        pid = top[len(MNT_PREFIX):].partition("-")[0] if top.startswith(MNT_PREFIX) else ""
+        if not pid.isdigit() or os.path.exists(f"/proc/{pid}"):
+            continue
+        _unmount(os.path.join(tmp, top, "root"))
+        shutil.rmtree(os.path.join(tmp, top), ignore_errors=True)
     for vol in index.volumes():
         if not vol.name.startswith(CLONE_PREFIX):
             continue
         pid = vol.name[len(CLONE_PREFIX):].partition("-")[0]
-        if pid.isdigit() and not os.path.exists(f"/proc/{pid}") and holder_of(index, vol.name) is None:
+        if not pid.isdigit() or os.path.exists(f"/proc/{pid}"):
+            continue
+        holder = holder_of(index, vol.name)
+        if holder is not None and str(holder.get("mountpoint", "")).startswith(os.path.join(tmp, "cubefs-mnt-")):
+            try:
+                _cubefs(f"sweeping {vol.name}", "umount", str(holder["mountpoint"]))
+            except CubefsError:
+                continue
+            shutil.rmtree(str(holder["mountpoint"]), ignore_errors=True)
+        if holder_of(index, vol.name) is None:
             try:
                 index.remove_volume(vol.name)
             except NotFoundError:
