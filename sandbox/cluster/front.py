@@ -342,7 +342,7 @@ class Front:
             lines += [f"# TYPE cubefs_front_{name}_total counter", f"cubefs_front_{name}_total {value}"]
         sch = self.scheduler
         for name, xs in (("decision", s.decisions), ("create", s.creates), ("decision_wait", sch.waits),
-                         ("reservation_txn", sch.round_trips), ("decision_reserve", sch.reserve_times)):
+                         ("reservation_txn", sch.round_trips), ("decision_resume", sch.resumes)):
             if xs:
                 ys = sorted(xs)
                 lines.append(f"# TYPE cubefs_front_{name}_seconds summary")

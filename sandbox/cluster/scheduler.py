@@ -76,7 +76,9 @@ class _Booking:
     reservation: Reservation
     since: int  # the view's revision the decision read: the node's reservations up to it were counted
     done: asyncio.Future[tuple[bool, int]] = field(repr=False)  # (written, revision to wait for if not)
-    queued: float = 0.0  # monotonic: when it was decided (its wait for a transaction starts)
+    queued: float = 0.0  # monotonic: decided (its wait for a transaction starts)
+    sent: float = 0.0  # its transaction went out
+    answered: float = 0.0  # etcd's answer was read (the deciding coroutine is woken from here)
 
 
 class Scheduler:
@@ -101,11 +103,12 @@ class Scheduler:
         self._closed = False
         self.transactions = 0  # reservation transactions sent (group commit: fewer than reservations)
         self.reservations = 0
-        # Where a decision's time goes after the choice (seconds, the last KEEP of each): waiting
-        # for the transaction out before its own, and its own transaction's round trip.
+        # Where a decision's time goes after the choice (seconds, per decision, the last KEEP of
+        # each): waiting for the transaction out before its own, its own transaction's round trip,
+        # and from the answer until the deciding coroutine runs again (the event loop's turn).
         self.waits: list[float] = []
         self.round_trips: list[float] = []
-        self.reserve_times: list[float] = []  # decided -> the deciding coroutine runs again, answered
+        self.resumes: list[float] = []
 
     def size_of(self, template: str) -> tuple[int, int] | None:
         """(vCPUs, MiB) of a template, as any node that knows it says."""
@@ -206,8 +209,12 @@ class Scheduler:
         except BaseException:
             held.pop(rid, None)
             raise
-        self.reserve_times.append(time.monotonic() - booking.queued)
-        del self.reserve_times[:-KEEP]
+        if booking.answered:
+            for xs, x in ((self.waits, booking.sent - booking.queued),
+                          (self.round_trips, booking.answered - booking.sent),
+                          (self.resumes, time.monotonic() - booking.answered)):
+                xs.append(x)
+                del xs[:-KEEP]
         if not written:
             held.pop(rid, None)
             self.conflicts += 1
@@ -271,14 +278,14 @@ class Scheduler:
 
     async def _commit(self, batch: list[_Booking]) -> None:
         sent = time.monotonic()
-        waits = self.waits
-        waits += [sent - b.queued for b in batch]
-        del waits[:-KEEP]
+        for b in batch:
+            b.sent = sent
         try:
             await self._commit_batch(batch)
         finally:
-            self.round_trips.append(time.monotonic() - sent)
-            del self.round_trips[:-KEEP]
+            answered = time.monotonic()
+            for b in batch:
+                b.answered = answered
 
     async def _commit_batch(self, batch: list[_Booking]) -> None:
         lay = self.layout
