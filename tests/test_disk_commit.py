@@ -11,6 +11,8 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -304,3 +306,89 @@ def test_xattrs_and_symlinks_are_bounded(tmp_path: Path, monkeypatch: pytest.Mon
     os.symlink("t" * 2000, up / "long")
     with pytest.raises(BadInputError, match=r"refused at /long$"):
         walk(up, max_bytes=1500)
+
+
+def _fuse2fs_of(root: str) -> int:
+    """The pid of the fuse2fs serving ``root`` (it is handed the stub directory beside it)."""
+    stub = os.fsencode(os.path.join(os.path.dirname(root), "stub"))
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"fuse2fs") and stub in argv:
+            return int(pid)
+    raise AssertionError(f"no fuse2fs serves {root}")
+
+
+def test_the_tools_are_confined_and_a_wedged_fuse2fs_is_killed(env: dict[str, str], tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """fuse2fs parses the guest's ext4 as nobody, no capabilities, no_new_privs; its mount is
+    ro,nosuid,nodev,noexec and root's alone; stopped (a wedged fuse2fs), it is killed at the
+    deadline and the walk fails in one line instead of hanging; nothing is left behind."""
+    import signal
+    import time
+
+    from cubefs.cow.index import VolumeIndex
+    from cubefs.errors import BadInputError
+    from cubefs.volume import diskread
+
+    base = tmp_path / "base"
+    make_base(base)
+    run_cubefs("build", str(base), "--tag", "base:1", env=env)
+    put_disk(env, make_disk(tmp_path, 64 * MiB), "d", "base:1")
+    monkeypatch.setattr(diskread, "WALK_TIMEOUT", 8.0)
+    index = VolumeIndex(env["CUBEFS_VOLUME_DIR"])
+    try:
+        with pytest.raises(BadInputError, match=r"^the disk of d@s1: fuse2fs did not finish within 8 s; refused$"), \
+                diskread.disk_tree(index, "d", "s1", env["CUBEFS_CACHE_DIR"]) as (root, _size):
+            started = time.monotonic()
+            pid = _fuse2fs_of(root)
+            status = dict(ln.split(":\t", 1) for ln in Path(f"/proc/{pid}/status").read_text().splitlines()
+                          if ":\t" in ln)
+            assert status["Uid"].split() == ["65534"] * 4 and status["Gid"].split() == ["65534"] * 4
+            assert status["Groups"].strip() == "" and status["NoNewPrivs"].strip() == "1"
+            assert int(status["CapEff"], 16) == 0 and int(status["CapBnd"], 16) == 0
+            (line,) = [ln for ln in Path("/proc/mounts").read_text().splitlines() if f" {root} " in ln]
+            opts = line.split()[3].split(",")
+            assert {"ro", "nosuid", "nodev", "noexec", "user_id=0"} <= set(opts) and "allow_other" not in opts
+            assert sorted(os.listdir(root)) == ["lost+found", "upper", "work"]
+            other = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "ls", root],
+                                   capture_output=True, text=True)
+            assert other.returncode != 0  # nobody else reads the guest's files
+            os.kill(pid, signal.SIGSTOP)
+            os.listdir(os.path.join(root, "upper", "etc"))
+        assert time.monotonic() - started < 20
+    finally:
+        index.close()
+    assert not leftovers(env)
+    assert not [d for d in os.listdir("/tmp") if d.startswith(f"cubefs-ext4-{os.getpid()}-")]
+
+
+def test_what_a_killed_commit_left_is_swept_by_the_next(env: dict[str, str], tmp_path: Path) -> None:
+
+    base = tmp_path / "base"
+    make_base(base)
+    run_cubefs("build", str(base), "--tag", "base:1", env=env)
+    put_disk(env, make_disk(tmp_path, 64 * MiB), "d", "base:1")
+    code = ("import sys, time\nfrom cubefs.cow.index import VolumeIndex\nfrom cubefs.volume.diskread import disk_tree\n"
+            f"with disk_tree(VolumeIndex({env['CUBEFS_VOLUME_DIR']!r}), 'd', 's1', {env['CUBEFS_CACHE_DIR']!r}) as r:\n"
+            "    print(r[0], flush=True)\n    time.sleep(300)\n")
+    reader = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              cwd=str(Path(__file__).resolve().parents[1]))
+    try:
+        assert reader.stdout is not None
+        root = reader.stdout.readline().strip()
+        fuse2fs = _fuse2fs_of(root)
+    finally:
+        reader.kill()  # as a commit killed halfway
+        reader.wait()
+    mine = [x for x in leftovers(env) if f"-{reader.pid}-" in x]
+    assert len(mine) == 3, mine  # the clone, its mount, fuse2fs's mount
+    run_cubefs("commit", "d@s1", "--tag", "app:9", env=env, timeout=300)
+    assert not [x for x in leftovers(env) if f"-{reader.pid}-" in x] and not os.path.exists(os.path.dirname(root))
+    for _ in range(50):
+        if not os.path.exists(f"/proc/{fuse2fs}"):
+            break
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{fuse2fs}")  # it ended with its mount

@@ -341,9 +341,13 @@ def sweep_stale(index: VolumeIndex) -> None:
             continue
         holder = holder_of(index, vol.name)
         if holder is not None and str(holder.get("mountpoint", "")).startswith(os.path.join(tmp, "cubefs-mnt-")):
-            try:
-                _cubefs(f"sweeping {vol.name}", "umount", str(holder["mountpoint"]))
-            except CubefsError:
+            for attempt in range(50):  # busy until the fuse2fs unmounted above has closed the disk
+                try:
+                    _cubefs(f"sweeping {vol.name}", "umount", str(holder["mountpoint"]))
+                    break
+                except CubefsError:
+                    time.sleep(0.1 * (attempt < 49))
+            else:
                 continue
             shutil.rmtree(str(holder["mountpoint"]), ignore_errors=True)
         if holder_of(index, vol.name) is None:
