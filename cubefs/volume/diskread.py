@@ -25,7 +25,13 @@ it (a crafted ext4 is kernel attack surface).  Everything is user space:
    ``..`` nor hold ``/`` past FUSE's own checks).  The walk is bounded
    (entries, apparent bytes: a sparse 16 TiB file on a 256 MiB disk would be
    16 TiB of zeros to read) and refuses overlay features it does not read
-   (``redirect``, ``metacopy``: off in the guest's overlay).
+   (``redirect``, ``metacopy``: off in the guest's overlay).  What it holds in memory
+   (xattrs, symlink targets) is bounded too.
+
+Both tools parse the guest's bytes as ``nobody`` with no capabilities and
+no_new_privs, the disk handed in as a descriptor; the host mounts fuse2fs's FUSE
+connection itself (``ro,nosuid,nodev,noexec``, root's alone) and a watchdog kills a
+fuse2fs that takes longer than WALK_TIMEOUT (see :func:`fuse2fs`).
 
 Measured (docs/benchmarks.md, "Commit of a disk"): fuse2fs was chosen over
 ``debugfs rdump``, which leaves out device nodes (so every whiteout), all
