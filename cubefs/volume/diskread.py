@@ -219,8 +219,7 @@ if "-u" in sys.argv[1:]:
 sock = socket.socket(fileno=int(os.environ["_FUSE_COMMFD"]))
 socket.send_fds(sock, [b"\\0"], [int(os.environ["CUBEFS_FUSE_FD"])])
 """
-_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_BIND, _MS_REC, _MS_PRIVATE = 1, 2, 4, 8, 4096, 16384, 1 << 18
-_CLONE_NEWNS = 0x20000
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
 _MNT_DETACH = 2
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -254,10 +253,10 @@ def fuse2fs(disk: str, what: str, timeout: float | None = None) -> Iterator[str]
             fd = os.open(disk, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 proc = subprocess.Popen(
-                    confined(["fuse2fs", f"/proc/self/fd/{fd}", stub, "-f", "-o",
-                              "ro,auto_unmount,fsname=cubefs-disk,subtype=cubefs-disk"]),
+                    _private_fusermount(fake, root, confined(["fuse2fs", f"/proc/self/fd/{fd}", stub, "-f", "-o",
+                                                              "ro,auto_unmount,fsname=cubefs-disk,subtype=cubefs-disk"])),
                     pass_fds=(dev, fd), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                    env={**_ENV, "CUBEFS_FUSE_FD": str(dev)}, preexec_fn=_private_fusermount(fake, root))
+                    env={**_ENV, "CUBEFS_FUSE_FD": str(dev)})
             finally:
                 os.close(fd)
         finally:
@@ -307,16 +306,12 @@ def _unmount(root: str) -> None:
         _libc.umount2(os.fsencode(root), _MNT_DETACH)
 
 
-def _private_fusermount(fake: str, root: str) -> Callable[[], None]:
-    """Run in fuse2fs's process before it starts: a mount namespace of its own, where
-    fusermount is FAKE_FUSERMOUNT and the host's mount of root is not (so an unmount by the
-    host ends the connection)."""
-    def setup() -> None:
-        if _libc.unshare(_CLONE_NEWNS) != 0 or _libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None) != 0 \
-                or _libc.mount(os.fsencode(fake), b"/usr/bin/fusermount", None, _MS_BIND, None) != 0 \
-                or _libc.umount2(os.fsencode(root), _MNT_DETACH) != 0:
-            os._exit(127)
-    return setup
+def _private_fusermount(fake: str, root: str, argv: list[str]) -> list[str]:
+    """``argv`` in a mount namespace of its own, where fusermount is FAKE_FUSERMOUNT and the
+    host's mount of ``root`` is not (so an unmount by the host ends the connection).  By
+    unshare(1) and a shell rather than a preexec_fn: nothing runs between fork and exec."""
+    script = 'mount --bind "$1" /usr/bin/fusermount && umount -l "$2" && shift 2 && exec "$@"'
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", fake, root, *argv]
 
 
 def _tail(log: object) -> str:
