@@ -35,6 +35,7 @@ hostname, machine-id and clock (``Agent.freshen``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -45,13 +46,26 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from cubefs.errors import NotFoundError
+from cubefs.errors import CubefsError, NotFoundError
 from vmm import memsnap
 from vmm.agent import Agent
 from vmm.machine import Machine, MachineSpec, Netdev, Ram, VmError
 from vmm.vm import Root, Template, Vm, VmInfo, machine_fingerprint
 
 RESTORE_AGENT_TIMEOUT = 30.0
+# QEMU's multifd threads for a checkpoint's save and load (mapped-ram: each writes or reads its
+# pages at their own offsets; the file is the same).  Measured at 256 MiB / 10 MiB dirty: the
+# snapshot's live phase 0.11-0.17 s -> 0.08, the guest's pause 0.13-0.17 s -> 0.054 (the
+# switch-over's pages and zero-page checks in parallel, not in QEMU's one migration thread)
+MULTIFD_CHANNELS = 2
+
+
+def _multifd(machine: Machine, on: bool) -> None:
+    machine.qmp.execute("migrate-set-capabilities", capabilities=[{"capability": "multifd", "state": on}])
+    if on:
+        machine.qmp.execute("migrate-set-parameters", **{"multifd-channels": MULTIFD_CHANNELS})
+
+
 
 
 @dataclass
@@ -159,7 +173,12 @@ def take(vm: Vm, dest: Path, at_instant: Callable[[], tuple[str | None, str | No
 
         with vm.locked():
             try:
-                ck.paused_seconds = round(m.save_live(dest / "ram", instant), 4)
+                _multifd(m, True)
+                try:
+                    ck.paused_seconds = round(m.save_live(dest / "ram", instant), 4)
+                finally:
+                    with contextlib.suppress(CubefsError, OSError):
+                        _multifd(m, False)
             finally:
                 m.close_monitor()  # QEMU's monitor serves one client at a time
         phase("switchover")  # the rest of the pause (devices, the back-end's state, cont)
@@ -243,7 +262,9 @@ def restore(name: str, root: Root, ck: Checkpoint, hostname: str | None = None, 
         vm.info["qemu_pid"] = machine.pid
         vm._save()
         phase("qemu")
+        _multifd(machine, True)
         machine.load_ram_file(ck.path / "ram")
+        _multifd(machine, False)  # a later save to a plain file: QEMU refuses multifd there
         machine.qmp.execute("cont")
         machine.close_monitor()  # one client at a time: the caller's own sessions come next
         phase("load")
