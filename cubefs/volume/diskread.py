@@ -54,6 +54,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from typing import IO
 
 from cubefs.cow.index import BaseImage, VolumeIndex
 from cubefs.dedup.ingest import Ingest
@@ -314,10 +315,9 @@ def _private_fusermount(fake: str, root: str, argv: list[str]) -> list[str]:
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", fake, root, *argv]
 
 
-def _tail(log: object) -> str:
-    f = log  # a TemporaryFile
-    f.seek(0)  # type: ignore[attr-defined]
-    return f.read()[-4000:].decode(errors="replace")  # type: ignore[attr-defined]
+def _tail(log: IO[bytes]) -> str:
+    log.seek(0)
+    return log.read()[-4000:].decode(errors="replace")
 
 
 def sweep_stale(index: VolumeIndex) -> None:
