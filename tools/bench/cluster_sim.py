@@ -40,12 +40,21 @@ does (what that fan-out costs etcd per event; the default leaves it out, or
 5,000 watches from one process would measure this machine, not the design).
 Exits 2 with a message when etcd is not installed; 1 when a case failed.
 
+Decision latency (docs/benchmarks.md): ``--probe`` runs each front's own ``run_front`` in this
+tool (``--role front``) with a :class:`LoopProbe` (event-loop lag, GC pauses, the loop thread's
+run-queue time) and adds the front's split of a decision (the wait for the transaction out, its
+own round trip, the loop's turn back); ``--tree DIR`` runs the fronts from another checkout (a
+``git worktree`` of the commit before).  ``--load-priority idle`` (or ``nice``/``batch``, and
+``--load-cpus``) lowers the simulated nodes and the clients below the front and etcd, as a real
+cluster gives the front its own core; the default, ``same``, is how the older rows were measured.
+
     .venv/bin/python tools/bench/cluster_sim.py --nodes 1000 --seconds 20 [--json]
     .venv/bin/python tools/bench/cluster_sim.py --nodes 5000 --fronts 2 --sample 16
     .venv/bin/python tools/bench/cluster_sim.py --cases all --seconds 12   # docs/benchmarks.md's table, ~4 min
     .venv/bin/python tools/bench/cluster_sim.py --nodes 1000 --clients 0 --peer-watchers 100   # watch fan-out
     .venv/bin/python tools/bench/cluster_sim.py --nodes 1000 --profile /tmp/front.prof   # cProfile the front
     .venv/bin/python tools/bench/cluster_sim.py --nodes 1000 --profile-nodes /tmp/nodes.prof   # ... the sim nodes
+    .venv/bin/python tools/bench/cluster_sim.py --nodes 1000 --sample 16 --probe --load-priority idle  # latency
 """
 
 from __future__ import annotations
