@@ -62,7 +62,6 @@ DEFAULT_TIMEOUT = 300  # seconds; E2B's documented default
 MAX_TIMEOUT = 24 * 3600
 READY_PORT_WAIT = 60.0  # a template's server must listen this soon after the sandbox starts
 MAX_FORKS = 100  # E2B's spec (its SDK asks for at most 20)
-TRIM_WAIT = 60.0  # for a just-answered snapshot's RAM file to be trimmed, before a restore from it
 FORK_CONCURRENCY = 4  # restores at once: each is a QEMU start and a load, CPU-bound under TCG
 
 
@@ -224,7 +223,6 @@ class SandboxService:
         self._index_lock = threading.Lock()  # clones run in worker threads
         self._snapshot_lock = threading.Lock()  # a snapshot's record: its sync's last write against a delete
         self._syncing: set[threading.Thread] = set()  # snapshots answered, being trimmed and synced
-        self._trimming: dict[str, threading.Event] = {}  # snapshot ID -> set once its RAM file is trimmed
         self.network: Networks | None = None  # serve --network: a NIC per sandbox (sandbox/network/)
         self.peers_file: str | None = None  # in a cluster: the other nodes' peer chunk servers
 
@@ -693,7 +691,6 @@ class SandboxService:
                      sid, rec.seconds, ck.saved_seconds if ck else 0.0, t2 - t1, t3 - t2, rec.phases)
             if later:
                 assert ck is not None
-                self._trimming[sid] = threading.Event()
                 done = threading.Thread(target=self._make_durable, args=(rec, ck, index), name=f"sync {sid}")
                 self._syncing.add(done)
                 done.start()
@@ -724,8 +721,6 @@ class SandboxService:
                     if not (rec.dir / "snapshot.json").exists():
                         return
                     log.warning("snapshot %s: its RAM file stays untrimmed: %s", rec.snapshot_id, err)
-                finally:
-                    self._trimming.pop(rec.snapshot_id, threading.Event()).set()
             t1 = time.monotonic()
             index.sync_all()  # the volume directory: the snapshot's volume and the blocks under it
             _fsync_tree(rec.dir)  # its RAM file and checkpoint (--snapshot-dir may be another filesystem)
@@ -821,20 +816,11 @@ class SandboxService:
                  record.vm, record.volume)
         return sbx
 
-    def _trimmed(self, snap: SnapshotRecord) -> None:
-        """Until the snapshot's RAM file is trimmed, if that is under way (a snapshot just
-        answered): a guest restored from the untrimmed file would hold a private copy of every
-        template page in it (~85 MiB more at 256 MiB), for its whole life."""
-        trimming = self._trimming.get(snap.snapshot_id)
-        if trimming is not None:
-            trimming.wait(TRIM_WAIT)
-
     def _restore_vm(self, snap: SnapshotRecord, record: SandboxRecord) -> vmm.Vm:
         opts = _template_opts(snap.template)
         index = self._volume_index(opts.volume_dir)
         with self._index_lock:
             index.clone(snap.volume, READY, [record.volume])
-        self._trimmed(snap)
         ck = checkpoint.Checkpoint.load(snap.dir / "ckpt")
         with nic(self.network, record.sandbox_id) as netdev:
             return checkpoint.restore(record.vm, self._root(opts, record.volume, snap.template), ck, freshen=False,
@@ -936,7 +922,6 @@ class SandboxService:
             with self._index_lock:
                 index.clone(snap.volume, READY, [r.volume])
             r.save()
-            self._trimmed(snap)
             ck = checkpoint.Checkpoint.load(snap.dir / "ckpt")
             with nic(self.network, r.sandbox_id) as netdev:  # the same network: a tap has a queue for each QEMU
                 sbx.vm = checkpoint.restore(r.vm, self._root(opts, r.volume, snap.template), ck,

@@ -135,12 +135,12 @@ def take(vm: Vm, dest: Path, at_instant: Callable[[], tuple[str | None, str | No
     it, sharing every page the guests do not write: what a fork wants (its children share
     the parent's memory of that instant, not only the template's).
 
-    With ``trim_later`` the RAM file is returned untrimmed (``trimmed`` False) and
-    :func:`trim` trims it afterwards: an untrimmed file restores the same guest (a page
-    the guest never wrote holds the template's bytes either way; the restore only loads
-    more pages), and the trim replaces the file atomically, so a restore meanwhile sees one
-    file or the other.  The sandbox service answers first and trims after (0.1-0.45 s
-    under load, docs/benchmarks.md)."""
+    With ``trim_later`` only the file's bitmap is rewritten (``memsnap.mark``: a restore
+    then loads the guest's pages alone, exactly as from a trimmed file) and :func:`trim`
+    frees the template's pages afterwards (``trimmed`` False until then); it replaces the
+    file atomically with one of the same content, so a restore meanwhile reads either.  The
+    sandbox service answers first and trims after (0.1-0.45 s under load,
+    docs/benchmarks.md)."""
     vm._running()
     template = vm.info.get("template") if not vm.info.get("ram_file") else None
     base = Template.load(template, check=False).dir / "ram" if template and not shared else None
@@ -183,9 +183,9 @@ def take(vm: Vm, dest: Path, at_instant: Callable[[], tuple[str | None, str | No
                 m.close_monitor()  # QEMU's monitor serves one client at a time
         phase("switchover")  # the rest of the pause (devices, the back-end's state, cont)
         ck.saved_seconds = round(time.monotonic() - t0, 4)
-        if base is not None and trim_later:
+        if base is not None and trim_later:  # restores from it already load only the guest's pages
             ck.ram_pages, ck.trimmed = written[0].count(1), False
-            _pending[str(dest)] = written[0]
+            _pending[str(dest)] = (written[0], memsnap.mark(dest / "ram", written[0]))
         elif base is not None:
             ck.ram_pages = memsnap.trim(dest / "ram", written[0])
         else:
@@ -201,17 +201,17 @@ def take(vm: Vm, dest: Path, at_instant: Callable[[], tuple[str | None, str | No
     return ck
 
 
-_pending: dict[str, bytes] = {}  # checkpoint dir -> the guest's written pages, for trim()
+_pending: dict[str, tuple[bytes, bytes]] = {}  # checkpoint dir -> (written pages, QEMU's bitmap), for trim()
 
 
 def trim(ck: Checkpoint) -> None:
-    """Trim the RAM file of a checkpoint taken with ``trim_later`` (in this process) to the
-    pages the guest had written; nothing if it is trimmed.  FileNotFoundError if the
-    checkpoint was removed meanwhile."""
-    written = _pending.pop(ck.dir, None)
-    if ck.trimmed or written is None:
+    """Free the template's pages from the RAM file of a checkpoint taken with ``trim_later``
+    (in this process; its bitmap already says which pages are the guest's); nothing if it is
+    trimmed.  FileNotFoundError if the checkpoint was removed meanwhile."""
+    pending = _pending.pop(ck.dir, None)
+    if ck.trimmed or pending is None:
         return
-    memsnap.trim(ck.path / "ram", written)
+    memsnap.reclaim(ck.path / "ram", *pending)
     ck.trimmed = True
     ck.save()
 

@@ -14,7 +14,8 @@ at a fixed offset of the file, a bitmap of which pages are there) while the
 guest runs, pauses it only at the switch-over (``pause-before-switchover``:
 ~16-25 ms measured here under TCG for a 256 MiB guest), and then *trims* the
 file to the pages the guest had written at that instant: bits of template
-pages are cleared and their data punched out (a hole); a written page that
+pages are cleared (``mark``) and their data dropped (``reclaim``: the kept
+pages copied into a sparse file that replaces QEMU's); a written page that
 happens to be zero keeps its bit (mapped-ram leaves zero pages out, but here
 "absent" means "the template's", not "zero").  Loading a trimmed file into
 a QEMU that maps the same template privately reads only the set pages; every
@@ -114,33 +115,54 @@ def layout(path: Path, block: str = "mem", pages: int | None = None) -> Layout:
 
 def trim(path: Path, written: bytes, block: str = "mem") -> int:
     """Keep in the mapped-ram file ``path`` only the pages ``written`` marks; the rest
-    become holes with their bits cleared.  Returns the pages kept.
+    become holes with their bits cleared.  Returns the pages kept.  :func:`mark`, then
+    :func:`reclaim`."""
+    had = mark(path, written, block)
+    reclaim(path, written, had, block)
+    return written[: layout(path, block).pages].count(1)
 
-    The kept pages are *copied* into a new sparse file that replaces QEMU's, rather than
-    the others punched out of it in place: ext4 writes a range's dirty pages back before it
-    punches a hole there (``filemap_write_and_wait_range``), so punching ~3,000 runs out of
-    the 120 MiB QEMU had just written wrote most of it to disk first and took 0.10-0.45 s
-    under load (256 MiB guest, 35 MiB kept); copying the 35 MiB in the page cache
-    (``copy_file_range``) and dropping the old file, never written back, takes a few ms
-    (docs/benchmarks.md)."""
+
+def mark(path: Path, written: bytes, block: str = "mem") -> bytes:
+    """Set the file's bitmap to the pages ``written`` marks (one 8 KiB write at 256 MiB):
+    from then on a load reads only those, the rest being the template's, so the file
+    restores exactly what a trimmed one does.  Returns the bitmap QEMU wrote, for
+    :func:`reclaim`."""
     lay = layout(path, block)
     if len(written) < lay.pages:
         raise MemSnapError(f"{path}: {lay.pages} pages in the file, {len(written)} in the page map")
     nbytes = (lay.pages + 7) // 8
+    fd = os.open(path, os.O_RDWR)
+    try:
+        had = os.pread(fd, nbytes, lay.bitmap_offset)
+        os.pwrite(fd, _pack_bits(bytes(written[: lay.pages]).translate(_ONE)), lay.bitmap_offset)
+    finally:
+        os.close(fd)
+    return had
+
+
+def reclaim(path: Path, written: bytes, had: bytes, block: str = "mem") -> None:
+    """Free the space of the pages :func:`mark` left out (``had``: the bitmap QEMU wrote):
+    the kept pages are *copied* into a new sparse file that replaces the old one, rather
+    than the others punched out in place: ext4 writes a range's dirty pages back before
+    it punches a hole there (``filemap_write_and_wait_range``), so punching ~3,000 runs
+    out of the 120 MiB QEMU had just written wrote most of it to disk first (0.1-0.45 s,
+    up to 5 s under load; 256 MiB guest, 35 MiB kept); the copy moves 35 MiB within the
+    page cache and the old file is dropped unwritten.  Both files hold the same bitmap,
+    kept pages and device state, so a restore reading either (or each of its multifd
+    channels a different one, during the rename) loads the same guest."""
+    lay = layout(path, block)
     flags = bytes(written[: lay.pages]).translate(_ONE)
-    keep = _pack_bits(flags)
     tmp = path.with_name(path.name + ".trim")
     src = os.open(path, os.O_RDONLY)
     try:
-        had = _unpack_bits(os.pread(src, nbytes, lay.bitmap_offset), lay.pages)
         # a page is copied if the guest wrote it and QEMU put it in the file (a written page QEMU
         # left out is zero: a hole, its bit set)
-        both = (int.from_bytes(had, "little") & int.from_bytes(flags, "little")).to_bytes(lay.pages, "little")
+        had_flags = _unpack_bits(had, lay.pages)
+        both = (int.from_bytes(had_flags, "little") & int.from_bytes(flags, "little")).to_bytes(lay.pages, "little")
         size = os.fstat(src).st_size
         dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             _copy_data(src, dst, 0, lay.pages_offset)  # the stream's head: header, other blocks, the bitmap
-            os.pwrite(dst, keep, lay.bitmap_offset)
             for run in re.finditer(rb"\x01+", both):
                 _copy(src, dst, lay.pages_offset + run.start() * PAGE, (run.end() - run.start()) * PAGE)
             _copy_data(src, dst, lay.pages_offset + lay.pages * PAGE, size)  # the stream's tail: devices
@@ -157,7 +179,6 @@ def trim(path: Path, written: bytes, block: str = "mem") -> int:
         raise
     finally:
         os.close(src)
-    return flags.count(1)
 
 
 def _copy(src: int, dst: int, offset: int, length: int) -> None:
