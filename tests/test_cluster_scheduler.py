@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 from etcd_cluster import EtcdCluster
 
-from sandbox.cluster import heap
+from sandbox.cluster import heap, scheduler
 from sandbox.cluster.etcd import Etcd, EtcdUnavailable, LeaseKeeper
 from sandbox.cluster.keys import Layout, NodeInfo, Route
 from sandbox.cluster.scheduler import Scheduler
@@ -218,12 +218,18 @@ def test_routes_cost_the_gc_nothing_and_a_settled_heap_is_frozen(etcd: EtcdClust
     asyncio.run(main())
 
 
-def test_group_commit_books_concurrent_decisions_in_few_transactions(etcd: EtcdCluster) -> None:
+@pytest.mark.parametrize("inflight", [1, 2])
+def test_group_commit_books_concurrent_decisions_in_few_transactions(etcd: EtcdCluster, inflight: int,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """40 creates decided at once on 8 nodes: every reservation is written, in far fewer
     transactions than reservations (one out at a time, the rest batched behind it), and the
-    front's own reservations on a node never conflict with each other."""
+    front's own reservations on a node never conflict with each other.  With two out at once
+    (no hold: the second goes at once) the same holds: a node's bookings wait for its own."""
+    monkeypatch.setattr(scheduler, "MAX_INFLIGHT", inflight)
+    monkeypatch.setattr(scheduler, "HOLD", 0.0)
+
     async def main() -> None:
-        p = "/t6/"
+        p = f"/t6-{inflight}/"
         await publish(etcd, p, *(node(f"n{i}", free_mb=8192) for i in range(8)))
         client, view, sched, keeper = await front(etcd, p)
         try:
@@ -233,13 +239,24 @@ def test_group_commit_books_concurrent_decisions_in_few_transactions(etcd: EtcdC
             rids = await asyncio.gather(*(sched.reserve(n, "base", 1, 512) for n in picks))
             assert all(rids), rids
             assert sched.conflicts == 0
-            assert sched.reservations == 40 and sched.transactions <= 3, (sched.transactions, sched.reservations)
+            assert sched.reservations == 40 and sched.transactions <= 2 + inflight, (sched.transactions,
+                                                                                   sched.reservations)
             # each decision's time after the choice is accounted for (the front's /metrics reports it)
             assert len(sched.waits) == len(sched.round_trips) == len(sched.resumes) == 40
             assert min(sched.round_trips) > 0 and min(sched.waits) >= 0 and min(sched.resumes) >= 0
             kvs, _ = await client.range(Layout(p).reservations)
             assert {kv.key.rsplit("/", 1)[1] for kv in kvs} == set(rids)
             assert sum(sched.free(view.nodes[f"n{i}"])[1] for i in range(8)) == 8 * 8192 - 40 * 512
+            # decisions on other nodes while one transaction is out: a second goes out beside it
+            # only when two may be out
+            first = [asyncio.ensure_future(sched.reserve(view.nodes[f"n{i}"], "base", 1, 512)) for i in range(4)]
+            while not sched._sending:
+                await asyncio.sleep(0)
+            second = [asyncio.ensure_future(sched.reserve(view.nodes[f"n{i}"], "base", 1, 512)) for i in range(4, 8)]
+            for _ in range(3):
+                await asyncio.sleep(0)
+            assert len(sched._sending) == inflight
+            assert all(await asyncio.gather(*first, *second))
         finally:
             await view.close()
             await keeper.stop()

@@ -347,12 +347,13 @@ class LoopProbe:
 async def run_probed_front(args: argparse.Namespace) -> None:
     """``cubefs sandbox api``'s own ``run_front`` (from ``--tree`` when given: the code before a
     change), with a LoopProbe; what it saw is written to ``--probe-out`` when SIGTERM ends it."""
+    from sandbox.cluster import scheduler
     from sandbox.cluster.front import run_front
     from sandbox.config import ApiKeys
-
     if args.inflight:  # an experiment: transactions out at once (the scheduler's MAX_INFLIGHT)
-        from sandbox.cluster import scheduler
         scheduler.MAX_INFLIGHT = args.inflight
+    if args.hold_ms is not None:  # ... and how long the oldest is out before another goes
+        scheduler.HOLD = args.hold_ms / 1e3
     probe = LoopProbe()
     gc.callbacks.append(probe.on_gc)
     ready = asyncio.Event()
@@ -590,11 +591,12 @@ async def view_memory(endpoint: str) -> dict[str, Any]:
 
 def start_front(cubefs: list[str], endpoint: str, api: int, proxy: int, name: str, sample: int, key: str,
                 log: Path, profile: str | None, probe_out: Path | None = None,
-                tree: str | None = None, inflight: int = 0) -> subprocess.Popen[bytes]:
+                tree: str | None = None, inflight: int = 0, hold_ms: float | None = None) -> subprocess.Popen[bytes]:
     if probe_out is not None:  # the same run_front, in --role front with its event loop probed
         cmd = [sys.executable, __file__, "--role", "front", "--etcd", endpoint, "--port", str(api), "--proxy-port",
                str(proxy), "--name", name, "--sample", str(sample), "--key", key, "--probe-out", str(probe_out),
-               *(["--tree", tree] if tree else []), *(["--inflight", str(inflight)] if inflight else [])]
+               *(["--tree", tree] if tree else []), *(["--inflight", str(inflight)] if inflight else []),
+               *(["--hold-ms", str(hold_ms)] if hold_ms is not None else [])]
     else:
         cmd = [*cubefs, "sandbox", "api", "--etcd", endpoint, "--etcd-prefix", PREFIX, "--api-listen",
                f"127.0.0.1:{api}", "--proxy-listen", f"127.0.0.1:{proxy}", "--name", name, "--sample", str(sample)]
@@ -632,7 +634,7 @@ async def run_case(nodes: int, fronts: int, sample: int, seconds: float, clients
                    refresh: bool, lease_group: int, profile: str | None, keep_logs: Path | None,
                    peer_watchers: int = 0, profile_nodes: str | None = None, priority: Priority | None = None,
                    probe: bool = False, tree: str | None = None, front_nice: int = 0,
-                   inflight: int = 0) -> dict[str, Any]:
+                   inflight: int = 0, hold_ms: float | None = None) -> dict[str, Any]:
     import aiohttp
     from conftest import free_ports
     from etcd_cluster import EtcdCluster
@@ -671,7 +673,8 @@ async def run_case(nodes: int, fronts: int, sample: int, seconds: float, clients
                 api, proxy = ports[1 + 2 * j], ports[2 + 2 * j]
                 front_procs.append(start_front(cubefs, endpoint, api, proxy, f"sim-front-{j}", sample, key,
                                                tmp / f"front{j}.log", profile if j == 0 else None,
-                                               tmp / f"probe{j}.json" if probe else None, tree, inflight))
+                                               tmp / f"probe{j}.json" if probe else None, tree, inflight,
+                                               hold_ms))
                 apis.append(f"http://127.0.0.1:{api}")
             async with aiohttp.ClientSession() as http:
                 await wait_fronts(http, apis, key, nodes, front_procs)
@@ -760,7 +763,7 @@ async def run_case(nodes: int, fronts: int, sample: int, seconds: float, clients
                                                                                 / 2**20, 1),
         "front_rss_mb": [round(r, 1) for r in rss], "sim_nodes": sim_stats, "path_prefix_forwarding": check,
         "load_priority": priority.describe() if priority else "same", "front_tree": tree or str(ROOT),
-        "front_nice": front_nice, "inflight": inflight or None,
+        "front_nice": front_nice, "inflight": inflight or None, "hold_ms": hold_ms,
         # after the choice: the wait for the transaction out before a decision's own, and its round trip
         "decision_wait_p50_ms": fq("decision_wait", "0.5"), "decision_wait_p99_ms": fq("decision_wait", "0.99"),
         "txn_p50_ms": fq("reservation_txn", "0.5"), "txn_p99_ms": fq("reservation_txn", "0.99"),
@@ -850,6 +853,9 @@ def main() -> int:
                     help="renice the front(s) and etcd to N once up (negative: above other people's load; root)")
     ap.add_argument("--inflight", type=int, default=0, metavar="N",
                     help="with --probe: the fronts' reservation transactions out at once (default: the code's)")
+    ap.add_argument("--hold-ms", type=float, metavar="MS",
+                    help="with --probe: how long the oldest transaction is out before another goes (the "
+                    "scheduler's HOLD; with --inflight 2)")
     ap.add_argument("--json", action="store_true")
     # --role nodes
     ap.add_argument("--etcd", help=argparse.SUPPRESS)
@@ -872,7 +878,7 @@ def main() -> int:
     if args.role == "front":
         asyncio.run(run_probed_front(args))
         return 0
-    if (args.tree or args.inflight) and not args.probe:
+    if (args.tree or args.inflight or args.hold_ms is not None) and not args.probe:
         ap.error("--tree and --inflight need --probe (the console script runs this checkout's code as it is)")
     priority = None
     if args.load_priority != "same" or args.load_cpus:
@@ -893,7 +899,7 @@ def main() -> int:
                                      args.clients if clients is None else clients, tmpfs, refresh,
                                      args.lease_group, args.profile, Path(args.logs) if args.logs else None,
                                      watchers, args.profile_nodes, priority, args.probe, args.tree,
-                                     args.front_nice, args.inflight))
+                                     args.front_nice, args.inflight, args.hold_ms))
         except SystemExit as err:
             if len(cases) == 1:
                 raise
