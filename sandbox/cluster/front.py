@@ -46,6 +46,7 @@ from sandbox.cluster import forward as fwd
 from sandbox.cluster import heap
 from sandbox.cluster.etcd import Etcd, EtcdError, EtcdUnavailable, LeaseKeeper
 from sandbox.cluster.keys import RESERVATION_HEADER, Layout, NodeInfo
+from sandbox.cluster.latency import Latency
 from sandbox.cluster.scheduler import Scheduler
 from sandbox.cluster.view import ClusterView
 from sandbox.config import ApiKeys
@@ -65,13 +66,8 @@ class Stats:
         self.failed = 0
         self.no_room = 0
         self.etcd_down = 0
-        self.decisions: list[float] = []  # seconds from request to reservation
-        self.creates: list[float] = []  # seconds from request to the node's answer
-
-    @staticmethod
-    def keep(xs: list[float], x: float) -> None:
-        xs.append(x)
-        del xs[:-2000]
+        self.decisions = Latency()  # seconds from request to reservation
+        self.creates = Latency()  # seconds from request to the node's answer
 
 
 class Front:
@@ -188,7 +184,7 @@ class Front:
                 if conflicts > 20:
                     return error(503, "placement kept conflicting with other fronts: retry")
                 continue
-            Stats.keep(self.stats.decisions, time.monotonic() - t0)
+            self.stats.decisions.add(time.monotonic() - t0)
             tried.add(node.name)
             res = None
             try:
@@ -200,7 +196,7 @@ class Front:
                 if res is None or not 200 <= res.status < 300:
                     self._background(self._release(node.name, rid))
             if res is not None:
-                Stats.keep(self.stats.creates, time.monotonic() - t0)
+                self.stats.creates.add(time.monotonic() - t0)
                 return res
         self.stats.no_room += 1
         return error(503, f"no node of the cluster can take a sandbox of template {template!r} "
@@ -343,12 +339,11 @@ class Front:
         sch = self.scheduler
         for name, xs in (("decision", s.decisions), ("create", s.creates), ("decision_wait", sch.waits),
                          ("reservation_txn", sch.round_trips), ("decision_resume", sch.resumes)):
-            if xs:
-                ys = sorted(xs)
+            if xs.n:
                 lines.append(f"# TYPE cubefs_front_{name}_seconds summary")
                 for q in (0.5, 0.99):
-                    value = ys[min(len(ys) - 1, int(q * len(ys)))]
-                    lines.append(f'cubefs_front_{name}_seconds{{quantile="{q}"}} {value:.4f}')
+                    lines.append(f'cubefs_front_{name}_seconds{{quantile="{q}"}} {xs.quantile(q):.4f}')
+                lines.append(f"cubefs_front_{name}_seconds_count {xs.n}")
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
 

@@ -50,6 +50,7 @@ from typing import Any
 
 from sandbox.cluster.etcd import Compare, Etcd, EtcdUnavailable, Op, prefix_end
 from sandbox.cluster.keys import Layout, NodeInfo, Reservation
+from sandbox.cluster.latency import Latency
 from sandbox.cluster.view import ClusterView
 
 POLICIES = ("spread", "pack")
@@ -68,7 +69,6 @@ MAX_INFLIGHT = 1
 # this long (seconds), so a slow answer bounds the wait of the decisions behind it while a fast
 # etcd still batches them.
 HOLD = 0.004
-KEEP = 2000  # samples kept of each timing (the front's /metrics reports their quantiles)
 
 
 @dataclass
@@ -108,12 +108,12 @@ class Scheduler:
         self._closed = False
         self.transactions = 0  # reservation transactions sent (group commit: fewer than reservations)
         self.reservations = 0
-        # Where a decision's time goes after the choice (seconds, per decision, the last KEEP of
-        # each): waiting for the transaction out before its own, its own transaction's round trip,
-        # and from the answer until the deciding coroutine runs again (the event loop's turn).
-        self.waits: list[float] = []
-        self.round_trips: list[float] = []
-        self.resumes: list[float] = []
+        # Where a decision's time goes after the choice (per decision, since the start): waiting
+        # for the transaction out before its own, its own transaction's round trip, and from the
+        # answer until the deciding coroutine runs again (the event loop's turn).
+        self.waits = Latency()
+        self.round_trips = Latency()
+        self.resumes = Latency()
 
     def size_of(self, template: str) -> tuple[int, int] | None:
         """(vCPUs, MiB) of a template, as any node that knows it says."""
@@ -215,11 +215,9 @@ class Scheduler:
             held.pop(rid, None)
             raise
         if booking.answered:
-            for xs, x in ((self.waits, booking.sent - booking.queued),
-                          (self.round_trips, booking.answered - booking.sent),
-                          (self.resumes, time.monotonic() - booking.answered)):
-                xs.append(x)
-                del xs[:-KEEP]
+            self.waits.add(booking.sent - booking.queued)
+            self.round_trips.add(booking.answered - booking.sent)
+            self.resumes.add(time.monotonic() - booking.answered)
         if not written:
             held.pop(rid, None)
             self.conflicts += 1
