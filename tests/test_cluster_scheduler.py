@@ -337,20 +337,27 @@ class _LostAnswers(Etcd):
     """A real etcd client whose conditional transactions lose their answer: ``applied`` says
     whether etcd got them first (a connection cut after the request, or before it)."""
 
-    applied = True
+    applied: bool | str = True  # "late": applied 0.5 s after its answer was lost (after the read-back)
 
     async def txn(self, compares, success, failure=None):  # type: ignore[no-untyped-def]
         if not compares:
             return await super().txn(compares, success, failure)
-        if self.applied:
+        if self.applied == "late":
+            async def later() -> None:
+                await asyncio.sleep(0.5)
+                await Etcd.txn(self, compares, success, failure)
+            self.late = asyncio.ensure_future(later())
+        elif self.applied:
             await super().txn(compares, success, failure)
         raise EtcdUnavailable("etcd did not answer a txn (test); its outcome is unknown")
 
 
-def test_a_batch_whose_answer_was_lost_is_read_back(etcd: EtcdCluster) -> None:
+def test_a_batch_whose_answer_was_lost_is_read_back(etcd: EtcdCluster, monkeypatch: pytest.MonkeyPatch) -> None:
     """Outcome unknown, batched: three reservations in one transaction whose answer never came.
     Applied: each is read back and the creates go on with them.  Not applied: the creates fail
     with EtcdUnavailable (503 at the front) and nothing stays counted on the nodes."""
+    monkeypatch.setattr(scheduler, "LATE_APPLY", 1.0)
+
     async def main() -> None:
         p = "/t9/"
         lay = Layout(p)
@@ -376,6 +383,20 @@ def test_a_batch_whose_answer_was_lost_is_read_back(etcd: EtcdCluster) -> None:
             assert all(set(view.reserved.get(n, {})) <= set(rids) for n in "abc")
             kvs, _ = await client.range(lay.reservations)
             assert len(kvs) == 3
+            # Applied after the read-back found nothing: the creates failed, and what the
+            # transaction wrote late is deleted once a late apply is past (LATE_APPLY, 1 s here).
+            client.applied = "late"
+            results = await asyncio.gather(*(sched.reserve(n, "base", 1, 512) for n in nodes),
+                                           return_exceptions=True)
+            assert all(isinstance(r, EtcdUnavailable) for r in results), results
+            await client.late
+            assert len((await client.range(lay.reservations))[0]) == 6  # there, for now
+            await asyncio.sleep(1.5)
+            assert len((await client.range(lay.reservations))[0]) == 3
+            # a front closing: a reservation asked for then fails at once, it does not wait for ever
+            await sched.close()
+            with pytest.raises(EtcdUnavailable):
+                await asyncio.wait_for(sched.reserve(nodes[0], "base", 1, 512), 5)
         finally:
             await sched.close()
             await view.close()

@@ -65,6 +65,7 @@ MAX_BATCH = 32
 # decision p50 13.3-18.4 / p99 77-113 ms against 13.1-15.8 / 51-60 ms): a decision waits for this
 # 2-core machine's CPU, not for the transaction out before its own.
 MAX_INFLIGHT = 1
+LATE_APPLY = 10.0  # seconds after which a transaction whose answer was lost has applied or never will
 # With MAX_INFLIGHT > 1: a further transaction goes out only once the oldest one out has been out
 # this long (seconds), so a slow answer bounds the wait of the decisions behind it while a fast
 # etcd still batches them.
@@ -194,6 +195,8 @@ class Scheduler:
     async def reserve(self, node: NodeInfo, template: str, cpus: int, memory_mb: int) -> str | None:
         """A reservation's ID, or None when another front booked this node since our view
         (the caller waits for the view and decides again).  EtcdUnavailable passes through."""
+        if self._closed:  # nothing is sent any more: the future would never be answered
+            raise EtcdUnavailable("the front is closing")
         rid = secrets.token_hex(8)
         reservation = Reservation(node.name, template, cpus, memory_mb, self.front)
         # Counted at once, before the watch brings it (before etcd has it, even): this front's
@@ -213,6 +216,10 @@ class Scheduler:
             written, revision = await booking.done
         except BaseException:
             held.pop(rid, None)
+            done = booking.done
+            if done.done() and not done.cancelled() and done.exception() is None and done.result()[0]:
+                # written, then the caller was cancelled before it resumed: nobody will fill it
+                self._later_forget(self.layout.reservation(node.name, rid))
             raise
         if booking.answered:
             self.waits.add(booking.sent - booking.queued)
@@ -225,8 +232,8 @@ class Scheduler:
             return None
         return rid
 
-    def _later_forget(self, key: str) -> None:
-        task = asyncio.ensure_future(self._forget(key))
+    def _later_forget(self, key: str, after: float = 0.0) -> None:
+        task = asyncio.ensure_future(self._forget(key, after))
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
 
@@ -242,6 +249,8 @@ class Scheduler:
         for b in self._queue:
             b.done.cancel()
         self._queue.clear()
+        for task in list(self._cleanups):  # what they would delete goes with our lease
+            task.cancel()
 
     def _timed_kick(self) -> None:
         self._timer = None
@@ -364,19 +373,25 @@ class Scheduler:
         except EtcdUnavailable:
             for key, b in zip(keys, batch):
                 self._later_forget(key)
+                self._later_forget(key, LATE_APPLY)  # and once more, past a late apply
                 if not b.done.done():
                     b.done.set_exception(err)
             return
         for key, found, b in zip(keys, back.responses, batch):
             if found and b.done.cancelled():
                 self._later_forget(key)
-            elif not b.done.done():
+            elif not found:
+                # not there yet: the transaction may still be in flight and apply after this read;
+                # its create failed (nobody will fill it), so what it may yet write is deleted then
+                self._later_forget(key, LATE_APPLY)
+            if not b.done.done():
                 if found:
                     b.done.set_result((True, back.revision))
                 else:
                     b.done.set_exception(err)
 
-    async def _forget(self, key: str) -> None:
+    async def _forget(self, key: str, after: float = 0.0) -> None:
+        await asyncio.sleep(after)
         while True:
             try:
                 await self.etcd.delete(key)
