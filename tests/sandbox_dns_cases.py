@@ -154,8 +154,10 @@ def test_slow_tcp_connections_of_one_guest_stop_no_ones_dns(world: tuple[Lab, Up
         conns.append(s)
     time.sleep(0.3)
     t0 = time.monotonic()
-    got = ask(lab, "b", wire(b"good.test"), timeout=1.0)
-    assert rcode(got) == 0 and time.monotonic() - t0 < 1.0, got
+    # well within the 10 s the old code's pinned workers held every query for (the bound is
+    # loose: a loaded machine, a full test suite beside it, once took over 1 s)
+    got = ask(lab, "b", wire(b"good.test"), timeout=5.0)
+    assert rcode(got) == 0 and time.monotonic() - t0 < 5.0, got
     assert str(DNSRecord.parse(got).rr[0].rdata) == GOOD_IP  # type: ignore[arg-type]
     with netns.in_netns(nets.ns(nets.slots["b"]), socket.socket) as t:  # b's TCP too
         t.settimeout(3)
@@ -202,8 +204,10 @@ def test_one_guests_flood_costs_no_other_sandbox_its_answers(world: tuple[Lab, U
             s.sendto(wire(b"slow%d.test" % i, qid=i), RESOLVER)
         time.sleep(0.2)
         t0 = time.monotonic()
-        got = ask(lab, "b", wire(b"good.test"), timeout=1.5)
-        assert rcode(got) == 0 and time.monotonic() - t0 < 1.0, (got, time.monotonic() - t0)
+        # the old code dropped it (one queue for the node, full): no answer at all; the bound is
+        # loose for a loaded machine (a full test suite beside it once took over 1.5 s)
+        got = ask(lab, "b", wire(b"good.test"), timeout=5.0)
+        assert rcode(got) == 0 and time.monotonic() - t0 < 5.0, (got, time.monotonic() - t0)
     assert metric(lab, 'cubefs_sandbox_dns_dropped_total{reason="slot_busy"}') >= 1000  # the rest: the socket buffer
     assert metric(lab, 'cubefs_sandbox_dns_dropped_total{reason="node_busy"}') == 0
 

@@ -30,8 +30,9 @@ def test_sandbox_dns_and_gateway_abuse_cases_in_a_process_of_their_own() -> None
 
 
 def _cases(name: str) -> None:
+    # --show-capture=no: a failure shows its assertion, not the thousand log lines before it
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE",
-                          str(HERE / name)], cwd=HERE.parent, capture_output=True, text=True,
+                          "--show-capture=no", str(HERE / name)], cwd=HERE.parent, capture_output=True, text=True,
                          timeout=1800, env=os.environ.copy())
     summary = res.stdout.strip().splitlines()[-1:] or ["no output"]
     print(f"{name}: {summary[0]}")

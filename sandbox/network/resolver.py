@@ -329,13 +329,19 @@ class Resolver:
 
     def _conn_event(self, conn: _Conn, ev: int) -> None:
         if ev & selectors.EVENT_WRITE and conn.out:
+            # A worker appends the next answer to conn.out under the lock, meanwhile: send a copy
+            # (a send of the bytearray itself holds an export of it, and the append would fail
+            # with BufferError, as it once did under load), then drop what went, under the lock.
+            with self._lock:
+                pending = bytes(conn.out)
             try:
-                sent = conn.sock.send(conn.out)
+                sent = conn.sock.send(pending)
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError:
                 return self._close(conn)
-            del conn.out[:sent]
+            with self._lock:
+                del conn.out[:sent]
         if ev & selectors.EVENT_READ:
             try:
                 data = conn.sock.recv(65536)
