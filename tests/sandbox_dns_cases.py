@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -131,20 +132,27 @@ def metric(lab: Lab, line: str) -> int:
     raise AssertionError(f"no metric {line}")
 
 
+def two_open_sandboxes(lab: Lab) -> Any:
+    """Sandboxes "a" (the abuser) and "b" (the bystander), both with the default policy."""
+    from sandbox.network.policy import Policy
+
+    nets = lab.nets
+    assert nets is not None
+    for sid in ("a", "b"):
+        nets.attach(sid)
+        nets.set_policy(sid, Policy())
+    return nets
+
+
 def test_slow_tcp_connections_of_one_guest_stop_no_ones_dns(world: tuple[Lab, Upstream]) -> None:
     """A guest opening 20 TCP connections that never finish a query: 4 are kept (then closed at
     their deadline), the rest closed at once; another sandbox's DNS goes on meanwhile."""
     from dnslib import DNSRecord
 
     from sandbox.network import netns
-    from sandbox.network.policy import Policy
 
     lab, _up = world
-    nets = lab.nets
-    assert nets is not None
-    for sid in ("a", "b"):
-        nets.attach(sid)
-        nets.set_policy(sid, Policy())
+    nets = two_open_sandboxes(lab)
     conns = []
     for _ in range(20):
         s = netns.in_netns(nets.ns(nets.slots["a"]), socket.socket)
@@ -191,14 +199,9 @@ def test_one_guests_flood_costs_no_other_sandbox_its_answers(world: tuple[Lab, U
     """2,000 queries for names the upstream never answers, from one guest: its own past 32 are
     dropped (counted), and another sandbox is answered at once."""
     from sandbox.network import netns
-    from sandbox.network.policy import Policy
 
     lab, _up = world
-    nets = lab.nets
-    assert nets is not None
-    for sid in ("a", "b"):
-        nets.attach(sid)
-        nets.set_policy(sid, Policy())
+    nets = two_open_sandboxes(lab)
     with netns.in_netns(nets.ns(nets.slots["a"]), lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM)) as s:
         for i in range(2000):
             s.sendto(wire(b"slow%d.test" % i, qid=i), RESOLVER)
