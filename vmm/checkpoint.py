@@ -50,9 +50,8 @@ from cubefs.errors import CubefsError, NotFoundError
 from vmm import memsnap
 from vmm.agent import Agent
 from vmm.machine import Machine, MachineSpec, Netdev, Ram, VmError
-from vmm.vm import Root, Template, Vm, VmInfo, machine_fingerprint
+from vmm.vm import RESTORE_AGENT_TIMEOUT, Root, Template, Vm, VmInfo, machine_fingerprint
 
-RESTORE_AGENT_TIMEOUT = 30.0
 # QEMU's multifd threads for a checkpoint's save and load (mapped-ram: each writes or reads its
 # pages at their own offsets; the file is the same).  Measured at 256 MiB / 10 MiB dirty: the
 # snapshot's live phase 0.11-0.17 s -> 0.08, the guest's pause 0.13-0.17 s -> 0.054 (the

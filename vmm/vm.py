@@ -58,6 +58,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BOOT_TIMEOUT = 120.0  # TCG boots Debian's kernel in ~5-10 s; a loaded CI machine may take far longer
+# A restored guest's agent answers in ~0.1-0.3 s under TCG; 50 restores at once on 2 cores took
+# one past 30 s in a full test run (a create failed with 500): a slow create beats a failed one.
+RESTORE_AGENT_TIMEOUT = 60.0
 NAME_OK = set("abcdefghijklmnopqrstuvwxyz0123456789-_.")
 
 
@@ -412,7 +415,7 @@ class Vm:
             if tpl is not None:
                 machine.restore(tpl.dir / "state")
             with Agent(machine.agent_path, name) as agent:
-                agent.connect(BOOT_TIMEOUT if tpl is None else 30)
+                agent.connect(BOOT_TIMEOUT if tpl is None else RESTORE_AGENT_TIMEOUT)
                 agent.freshen(name, machine_id)
                 if tpl is not None:
                     machine.attach_fs(str(vm.fs_socket))
