@@ -75,6 +75,11 @@ def mount_server_of_this_run(tmp_path_factory: pytest.TempPathFactory) -> Iterat
     sock = tmp_path_factory.mktemp("run") / "serve.sock"
     os.environ["CUBEFS_SERVER"] = str(sock)
     yield sock
+    stop_mount_server(sock)
+
+
+def stop_mount_server(sock: Path) -> None:
+    """SIGTERM to the mount server listening on ``sock`` (its pid is in ``SOCK.lock``), if any."""
     lock = Path(f"{sock}.lock")
     if lock.exists() and lock.read_text().strip():
         try:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import stat
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import mounted, run_cubefs
+from conftest import mounted, run_cubefs, stop_mount_server
 
 from cubefs.cache.files import files_dir
 
@@ -195,12 +194,7 @@ def test_fallback_when_refused(tmp_path: Path, local_store: str, image: Image) -
         assert not [c for c in Path(files_dir(str(cache))).rglob("*") if c.is_file()]
     finally:
         run_cubefs("umount", str(mnt), check=False, env=env, timeout=60)
-        lock = Path(f"{sock}.lock")
-        if lock.exists() and lock.read_text().strip():
-            try:
-                os.kill(int(lock.read_text()), signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        stop_mount_server(sock)
 
 
 def test_backing_ids_are_closed_at_the_last_release(tmp_path: Path, local_store: str, image: Image) -> None:

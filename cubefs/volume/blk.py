@@ -23,7 +23,6 @@ import json
 import os
 import stat
 import time
-from collections.abc import Iterator
 from typing import Any
 
 from cubefs.cow.index import ROOT_INO, BaseImage, Inode, Volume, VolumeIndex
@@ -176,6 +175,7 @@ def import_disk(index: VolumeIndex, volume: str, path: str, chunk: int = 4 << 20
     of 512), holes left unwritten (they read as zeros): the opposite of export_disk.  Written in
     this process with the volume's lock held, so no daemon serves it half-written."""
     from cubefs.cow.lock import VolumeLock
+    from cubefs.dedup.ingest import data_regions
     from cubefs.errors import CubefsError
     from cubefs.volume.fs import VolumeFS
 
@@ -186,9 +186,9 @@ def import_disk(index: VolumeIndex, volume: str, path: str, chunk: int = 4 << 20
         lock = VolumeLock.take(index, volume, f"importing {path}")
         fs = VolumeFS(index, volume, None, f"import into {volume}")
         try:
-            for off, length in _extents(fd, size):
-                for at in range(off, off + length, chunk):
-                    data = os.pread(fd, min(chunk, off + length - at), at)
+            for off, end in data_regions(fd, size):
+                for at in range(off, end, chunk):
+                    data = os.pread(fd, min(chunk, end - at), at)
                     if data.count(0) != len(data) and fs.write_now(DISK_INO, at, data) != len(data):
                         raise CubefsError(f"writing {path} into volume {volume} failed at byte {at}")
             fs.fsync(DISK_INO)
@@ -198,19 +198,6 @@ def import_disk(index: VolumeIndex, volume: str, path: str, chunk: int = 4 << 20
     finally:
         os.close(fd)
     return vol
-
-
-def _extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
-    """(offset, length) of the file's data, holes skipped."""
-    off = 0
-    while off < size:
-        try:
-            start = os.lseek(fd, off, os.SEEK_DATA)
-        except OSError:  # ENXIO: no data past off
-            return
-        end = os.lseek(fd, start, os.SEEK_HOLE)
-        yield start, end - start
-        off = end
 
 
 def refuse_host_view(volume_dir: str, spec: str) -> None:
