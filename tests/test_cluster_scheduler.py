@@ -34,15 +34,22 @@ def node(name: str, free_mb: int = 4096, pool: int = 0, cached: float = 0.0, tem
                     pools={"base": pool}, cached={"base": cached})
 
 
-async def front(etcd: EtcdCluster, prefix: str, policy: str = "spread") -> tuple[Etcd, ClusterView, Scheduler,
-                                                                                  LeaseKeeper]:
-    client = Etcd(etcd.endpoints)
+async def front(etcd: EtcdCluster, prefix: str, policy: str = "spread",
+                client: Etcd | None = None) -> tuple[Etcd, ClusterView, Scheduler, LeaseKeeper]:
+    """A front's parts on a running etcd (``client``: a fault-injecting one); ``shut`` ends them."""
+    client = Etcd(etcd.endpoints) if client is None else client
     layout = Layout(prefix)
     view = ClusterView(client, layout)
     await view.start()
     keeper = LeaseKeeper(client, 3)
     await keeper.start()
     return client, view, Scheduler(view, client, layout, "front", lambda: keeper.lease, policy), keeper
+
+
+async def shut(client: Etcd, view: ClusterView, keeper: LeaseKeeper) -> None:
+    await view.close()
+    await keeper.stop()
+    await client.close()
 
 
 async def publish(etcd: EtcdCluster, prefix: str, *nodes: NodeInfo) -> int:
@@ -74,9 +81,7 @@ def test_a_ready_pool_wins_then_cached_image_then_room(etcd: EtcdCluster) -> Non
             assert await view.wait_revision(await publish(etcd, p, node("cached", free_mb=2000, cached=0.2)))
             assert [n.name for n in sched.rank("base", 1, 512)][:2] == ["pooled", "roomy"]
         finally:
-            await view.close()
-            await keeper.stop()
-            await client.close()
+            await shut(client, view, keeper)
 
     asyncio.run(main())
 
@@ -90,9 +95,7 @@ def test_spread_and_pack_policies(etcd: EtcdCluster) -> None:
             try:
                 assert [n.name for n in sched.rank("base", 1, 512)] == want
             finally:
-                await view.close()
-                await keeper.stop()
-                await client.close()
+                await shut(client, view, keeper)
 
     asyncio.run(main())
 
@@ -123,9 +126,7 @@ def test_two_fronts_racing_for_the_last_room_book_it_once(etcd: EtcdCluster) -> 
             assert [n.name for n in loser[2].rank("base", 1, 512)] == ["only"]
         finally:
             for client, view, _s, keeper in fronts:
-                await view.close()
-                await keeper.stop()
-                await client.close()
+                await shut(client, view, keeper)
 
     asyncio.run(main())
 
@@ -180,9 +181,7 @@ def test_the_view_follows_nodes_coming_and_going_and_survives_an_etcd_restart(et
                 await asyncio.sleep(0.1)
             assert set(view.nodes) == {"y"}
         finally:
-            await view.close()
-            await keeper.stop()
-            await client.close()
+            await shut(client, view, keeper)
 
     asyncio.run(main())
 
@@ -212,9 +211,7 @@ def test_routes_cost_the_gc_nothing_and_a_settled_heap_is_frozen(etcd: EtcdClust
                 gc.unfreeze()
                 gc.set_threshold(*was)
         finally:
-            await view.close()
-            await keeper.stop()
-            await client.close()
+            await shut(client, view, keeper)
 
     asyncio.run(main())
 
@@ -259,9 +256,7 @@ def test_group_commit_books_concurrent_decisions_in_few_transactions(etcd: EtcdC
             assert len(sched._sending) == inflight
             assert all(await asyncio.gather(*first, *second))
         finally:
-            await view.close()
-            await keeper.stop()
-            await client.close()
+            await shut(client, view, keeper)
 
     asyncio.run(main())
 
@@ -326,9 +321,7 @@ def test_two_fronts_batching_at_once_never_overbook_a_node(etcd: EtcdCluster) ->
         finally:
             for client, view, sched, keeper in fronts:
                 await sched.close()
-                await view.close()
-                await keeper.stop()
-                await client.close()
+                await shut(client, view, keeper)
 
     asyncio.run(main())
 
@@ -362,12 +355,7 @@ def test_a_batch_whose_answer_was_lost_is_read_back(etcd: EtcdCluster, monkeypat
         p = "/t9/"
         lay = Layout(p)
         await publish(etcd, p, node("a"), node("b"), node("c"))
-        client = _LostAnswers(etcd.endpoints)
-        view = ClusterView(client, lay)
-        await view.start()
-        keeper = LeaseKeeper(client, 3)
-        await keeper.start()
-        sched = Scheduler(view, client, lay, "front", lambda: keeper.lease)
+        client, view, sched, keeper = await front(etcd, p, client=_LostAnswers(etcd.endpoints))
         try:
             await view.wait_revision(await publish(etcd, p))
             nodes = [view.nodes[n] for n in ("a", "b", "c")]
@@ -399,9 +387,7 @@ def test_a_batch_whose_answer_was_lost_is_read_back(etcd: EtcdCluster, monkeypat
                 await asyncio.wait_for(sched.reserve(nodes[0], "base", 1, 512), 5)
         finally:
             await sched.close()
-            await view.close()
-            await keeper.stop()
-            await client.close()
+            await shut(client, view, keeper)
 
     asyncio.run(main())
 
@@ -423,12 +409,7 @@ def test_a_create_cancelled_while_its_reservation_is_out_leaves_none(etcd: EtcdC
         p = "/t10/"
         lay = Layout(p)
         await publish(etcd, p, node("a"))
-        client = _SlowTxn(etcd.endpoints)
-        view = ClusterView(client, lay)
-        await view.start()
-        keeper = LeaseKeeper(client, 3)
-        await keeper.start()
-        sched = Scheduler(view, client, lay, "front", lambda: keeper.lease)
+        client, view, sched, keeper = await front(etcd, p, client=_SlowTxn(etcd.endpoints))
         try:
             await view.wait_revision(await publish(etcd, p))
             task = asyncio.ensure_future(sched.reserve(view.nodes["a"], "base", 1, 512))
@@ -445,9 +426,7 @@ def test_a_create_cancelled_while_its_reservation_is_out_leaves_none(etcd: EtcdC
             assert kvs == [] and not view.reserved.get("a"), (kvs, view.reserved)
         finally:
             await sched.close()
-            await view.close()
-            await keeper.stop()
-            await client.close()
+            await shut(client, view, keeper)
 
     asyncio.run(main())
 
