@@ -211,7 +211,11 @@ def test_one_guests_flood_costs_no_other_sandbox_its_answers(world: tuple[Lab, U
         # loose for a loaded machine (a full test suite beside it once took over 1.5 s)
         got = ask(lab, "b", wire(b"good.test"), timeout=5.0)
         assert rcode(got) == 0 and time.monotonic() - t0 < 5.0, (got, time.monotonic() - t0)
-    assert metric(lab, 'cubefs_sandbox_dns_dropped_total{reason="slot_busy"}') >= 1000  # the rest: the socket buffer
+    # each of the 2,000 is answered, waiting (32), or dropped and counted: here (slot_busy) or by
+    # the kernel when the guest outran the reader (socket_buffer: 1,546 of them in one CI run);
+    # the slack is for slots freed by the upstream timing out while the flood is still read
+    busy = metric(lab, 'cubefs_sandbox_dns_dropped_total{reason="slot_busy"}')
+    assert busy >= 1 and busy + metric(lab, 'cubefs_sandbox_dns_dropped_total{reason="socket_buffer"}') >= 1900
     assert metric(lab, 'cubefs_sandbox_dns_dropped_total{reason="node_busy"}') == 0
 
 
