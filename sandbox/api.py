@@ -22,6 +22,7 @@ from urllib.parse import parse_qsl
 from aiohttp import web
 
 from cubefs.errors import CubefsError, NotFoundError, UsageError
+from sandbox import ingress
 from sandbox.cluster.keys import RESERVATION_HEADER
 from sandbox.config import ApiKeys
 from sandbox.network.policy import Policy
@@ -150,17 +151,6 @@ def _str_map(doc: dict[str, Any], key: str) -> dict[str, str]:
     return value
 
 
-def _public_traffic(network: Any) -> bool:
-    """``network.allowPublicTraffic`` (E2B: default true): false makes the proxy ask every
-    request to the sandbox's ports for its ``e2b-traffic-access-token``."""
-    value = network.get("allowPublicTraffic", True) if isinstance(network, dict) else True
-    if value is None:
-        return True
-    if not isinstance(value, bool):
-        raise UsageError("network.allowPublicTraffic must be true or false")
-    return value
-
-
 def _timeout(doc: dict[str, Any], key: str = "timeout") -> int | None:
     value = doc.get(key)
     if value is None:
@@ -211,7 +201,7 @@ class Api:
             raise UsageError("templateID is required")
         args = (template, _timeout(doc), _str_map(doc, "metadata"), _str_map(doc, "envVars"))
         policy = Policy.from_api(doc.get("network"), doc.get("allow_internet_access"))  # a bad one: 400, nothing made
-        public = _public_traffic(doc.get("network"))
+        reach = ingress.Ingress.from_api(doc.get("network"))
         key = request.headers.get("Idempotency-Key")
         if key:  # a retried create gets the sandbox the first attempt made, never a second one
             now = time.monotonic()
@@ -228,8 +218,7 @@ class Api:
         else:
             sbx = await self.service.create(*args)
         self._set_policy(sbx.id, policy)
-        if not public and sbx.record.public_traffic:  # before its ID leaves this node
-            sbx.record.public_traffic = False
+        if reach.apply(sbx.record):  # before its ID leaves this node
             sbx.record.save()
         return web.json_response(sbx.created(self.version, self.service.domain), status=201)
 
@@ -260,8 +249,10 @@ class Api:
     async def get(self, request: web.Request) -> web.Response:
         sbx = self.service.get(request.match_info["id"])
         detail = sbx.detail(self.version, self.service.domain)
-        if (policy := self._policy(sbx.id)) is not None:  # SandboxDetail's optional network fields
-            detail |= {"allowInternetAccess": policy.internet, "network": policy.api()}
+        detail["network"] = ingress.api_fields(sbx.record)  # SandboxDetail's optional network fields
+        if (policy := self._policy(sbx.id)) is not None:
+            detail |= {"allowInternetAccess": policy.internet}
+            detail["network"] |= policy.api()
         return web.json_response(detail)
 
     async def kill(self, request: web.Request) -> web.Response:

@@ -22,6 +22,9 @@ carry the sandbox's ``trafficAccessToken`` in ``e2b-traffic-access-token``, or
 gets E2B's 403.  That token is not envd's: whoever is given it to reach a
 sandbox's web server cannot run commands in the sandbox.
 
+**As asked at create** (``sandbox.ingress``): ``network.maskRequestHost`` is the Host the
+sandbox's servers see; ``network.httpsPorts`` are reached over TLS on the hop into the guest.
+
 ``CONNECT`` is refused (405; aiohttp's router already gives it no route), so no
 tunnel is ever relayed.  A sandbox holds at most ``MAX_UPGRADED`` open
 WebSockets (429 past them).
@@ -44,6 +47,7 @@ from typing import Any
 from aiohttp import web
 
 from cubefs.errors import CubefsError
+from sandbox.ingress import masked_host
 from sandbox.relay import is_upgrade, relay
 from sandbox.service import SandboxService
 
@@ -133,7 +137,9 @@ def make_app(service: SandboxService) -> web.Application:
                                          status=429)
             upgraded[transport] = sid
         try:
-            return await relay(request, sbx.channel, port)
+            r = sbx.record
+            return await relay(request, sbx.channel, port, masked_host(r.mask_request_host, port)
+                               if r.mask_request_host else None, port in r.https_ports)
         except ConnectionRefusedError:
             return port_closed(sid, port)
         except CubefsError as err:

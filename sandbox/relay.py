@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 from collections import deque
 from typing import Any
 
@@ -40,6 +41,7 @@ import h11
 from aiohttp import web
 
 from cubefs.errors import CubefsError
+from sandbox.ingress import TlsStream
 
 CHUNK = 64 * 1024
 UP_BUFFER = 256 * 1024  # client bytes held for the guest before the client's socket is paused
@@ -71,11 +73,24 @@ async def open_stream(channel: Any, port: int) -> tuple[Any, Any]:
         raise
 
 
-async def relay(request: web.Request, channel: Any, port: int) -> web.StreamResponse:
+async def relay(request: web.Request, channel: Any, port: int, host: str | None = None,
+                tls: bool = False) -> web.StreamResponse:
+    """The request to ``port`` in the guest; ``host`` replaces its Host header, ``tls`` speaks
+    HTTPS on the hop (``sandbox.ingress``)."""
     upgrade = is_upgrade(request)
     reader, writer = await open_stream(channel, port)
+    if tls:
+        reader = writer = TlsStream(reader, writer, (host or request.host).rsplit(":", 1)[0])
+        try:
+            await reader.handshake()
+        except (ssl.SSLError, CubefsError) as err:
+            with contextlib.suppress(Exception):
+                await writer.close()
+            raise UpstreamError(f"port {port}: no TLS from the sandbox's server: {err}") from None
     conn = h11.Connection(h11.CLIENT)
     headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
+    if host is not None:
+        headers = [(k, host if k.lower() == "host" else v) for k, v in headers]
     if request.body_exists and request.content_length is None:
         headers.append(("Transfer-Encoding", "chunked"))
     if upgrade:

@@ -46,6 +46,7 @@ from cubefs.errors import CubefsError, NotFoundError, UsageError
 from cubefs.volume.cli import default_volume_dir
 from sandbox import templates
 from sandbox.config import private_dir, state_dir, write_private
+from sandbox.ingress import Ingress
 from sandbox.network.pool import Networks, nic
 from sandbox.pool import Capacity, CapacityError
 from sandbox.snapshots import READY, SnapshotRecord, is_snapshot_id, new_snapshot_id
@@ -105,6 +106,8 @@ class SandboxRecord:
     # record written before it existed: the envd token serves, as it did then.
     traffic_token: str = ""
     public_traffic: bool = True
+    mask_request_host: str = ""  # network.maskRequestHost, httpsPorts: how the proxy reaches its ports (ingress.py)
+    https_ports: list[int] = field(default_factory=list)
 
     @staticmethod
     def path(sandbox_id: str) -> Path:
@@ -844,9 +847,9 @@ class SandboxService:
                     return await self._from_snapshot(snap, timeout, dict(src.record.metadata), {}, time.monotonic())
 
             results = await asyncio.gather(*(one() for _ in range(count)), return_exceptions=True)
-            for child in results:  # a child of a sandbox that asks for its traffic token asks for its own
-                if isinstance(child, Sandbox) and not src.record.public_traffic:
-                    child.record.public_traffic = False
+            parent = Ingress(src.record.public_traffic, src.record.mask_request_host, src.record.https_ports)
+            for child in results:  # as its parent is reached (one that asks for its traffic token: its own)
+                if isinstance(child, Sandbox) and parent.apply(child.record):
                     child.record.save()
         finally:  # the children map its RAM file: unlinked, it lives until the last of them ends
             await asyncio.shield(asyncio.to_thread(self._delete_snapshot, snap))

@@ -551,7 +551,13 @@ def test_policies_as_e2b_states_them_and_bad_ones_refused_with_the_entry_named()
     p = Policy.from_api({"allowOut": ["Good.Test.", "*.cdn.test", "1password.com"],
                          "denyOut": ["0.0.0.0/0", "bad.test"]})
     assert p.names() == (["good.test", "*.cdn.test", "1password.com"], ["bad.test"])
-    assert p.effective() == ([], ["0.0.0.0/0"])  # names are not networks
+    # names are not networks; with a name allowed, E2B opens its dnsServers (8.8.8.8 by default)
+    assert p.effective() == (["8.8.8.8/32"], ["0.0.0.0/0"]) and "dnsServers" not in p.api()
+    p2 = Policy.from_api({"allowOut": ["good.test"], "denyOut": ["0.0.0.0/0"], "dnsServers": ["1.1.1.1 ", "9.9.9.9"]})
+    assert p2.effective() == (["1.1.1.1/32", "9.9.9.9/32"], ["0.0.0.0/0"])
+    assert p2.api()["dnsServers"] == ["1.1.1.1", "9.9.9.9"] and Policy.from_dict(p2.to_dict()) == p2
+    assert Policy.from_api({"allowOut": ["good.test"], "dnsServers": []}).effective() == ([], [])
+    assert Policy.from_api({"allowOut": ["10.0.0.1"], "dnsServers": ["1.1.1.1"]}).effective() == (["10.0.0.1/32"], [])
     assert [p.name_verdict(n) for n in ("good.test", "a.b.cdn.test", "cdn.test", "bad.test", "other.test")] == \
         ["allowed", "allowed", "refused", "refused", "refused"]  # deny-all: an unnamed name is refused too
     p = Policy.from_api({"allowOut": ["bad.test"], "denyOut": ["*.test"]})  # allowed wins, as for addresses
@@ -559,7 +565,11 @@ def test_policies_as_e2b_states_them_and_bad_ones_refused_with_the_entry_named()
     for bad, words in (({"allowOut": ["exa_mple..com"]}, "or a domain name"), ({"denyOut": ["::/0"]}, "IPv4 only"),
                        ({"allowOut": ["1.2.3"]}, "'1.2.3' is not"), ({"allowOut": ["-a.test"]}, "'-a.test' is not"),
                        ({"denyOut": ["10.0.0.0/33"]}, "'10.0.0.0/33' is not"), ({"allowOut": "1.2.3.4"}, "a list"),
-                       ([1], "must be an object")):
+                       ([1], "must be an object"), ({"dnsServers": ["dns.google"]}, "'dns.google' is not an IPv4"),
+                       ({"dnsServers": [134744072]}, "is not an IPv4"),
+                       ({"dnsServers": ["1.1.1.1"] * 11}, "at most 10"),
+                       ({"egressProxy": {"address": "proxy.test:1080"}}, "egressProxy is not supported"),
+                       ({"rules": {"api.test": [{"transform": {}}]}}, "rules .* is not supported")):
         with pytest.raises(UsageError, match=words):
             Policy.from_api(bad)
     with pytest.raises(UsageError, match="true or false"):

@@ -463,3 +463,80 @@ def test_a_service_stopped_under_an_open_socket_closes_it_at_once(node: Node, sa
         assert run(go()) < 10
     finally:
         node.start()  # the module's teardown stops it again
+
+
+HOST_ECHO = r'''
+import http.server, ssl, sys, threading
+
+class Echo(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        tls = int(isinstance(self.connection, ssl.SSLSocket))
+        body = ("host=%s path=%s tls=%d" % (self.headers["Host"], self.path, tls)).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+plain = http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[2])), Echo)
+tls = http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), Echo)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain("/tmp/cert.pem", "/tmp/key.pem")
+tls.socket = ctx.wrap_socket(tls.socket, server_side=True)
+threading.Thread(target=plain.serve_forever, daemon=True).start()
+tls.serve_forever()
+'''
+
+
+def test_https_ports_and_a_masked_host_as_asked_at_create(node: Node, tmp_path: Path) -> None:
+    """``network={"https_ports": [8443], "mask_request_host": "${PORT}-app.example.test"}``: a
+    server in the sandbox speaking TLS itself with a self-signed certificate answers through
+    the proxy (the client speaks plain HTTP to the proxy, as to every port here), a plain one
+    on another port still does, and both see the Host their owner chose; ``get_info`` shows
+    the settings; what the node cannot do is refused, not ignored."""
+    import subprocess
+
+    from e2b import Sandbox
+
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=app",
+                    "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem")],
+                   check=True, capture_output=True)
+    sbx = Sandbox.create(timeout=300, network={"https_ports": [8443], "mask_request_host": "${PORT}-app.example.test"})
+    try:
+        for name in ("cert.pem", "key.pem"):
+            sbx.files.write(f"/tmp/{name}", (tmp_path / name).read_text())
+        sbx.files.write("/tmp/echo.py", HOST_ECHO)
+        sbx.commands.run("python3 /tmp/echo.py 8443 8080 >/tmp/echo.log 2>&1", background=True)
+        up = sbx.commands.run("for i in $(seq 1200); do (echo > /dev/tcp/127.0.0.1/8443) 2>/dev/null && exit 0; "
+                              "sleep 0.1; done; cat /tmp/echo.log; exit 1", timeout=180)
+        assert up.exit_code == 0, up.stdout
+
+        async def go() -> None:
+            async with aiohttp.ClientSession() as s:
+                for port, tls in ((8443, 1), (8080, 0)):
+                    url, headers = by_host(node, sbx, port)
+                    for _ in range(3):  # a new TLS session each time: the relay's connections are one-shot
+                        async with s.get(url + "x?y=1", headers=headers) as resp:
+                            assert resp.status == 200, await resp.text()
+                            assert await resp.text() == f"host={port}-app.example.test path=/x?y=1 tls={tls}"
+
+        run(go())
+        net = sbx.get_info().network
+        assert net is not None and net["https_ports"] == [8443], net
+        assert net["mask_request_host"] == "${PORT}-app.example.test" and net["allow_public_traffic"] is True
+    finally:
+        sbx.kill()
+    for bad, words in (({"egress_proxy": {"address": "proxy.example.test:1080"}}, "egressProxy is not supported"),
+                       ({"https_ports": [49983]}, "envd port"), ({"mask_request_host": "a\r\nX-Evil: 1"}, "printable"),
+                       ({"dns_servers": ["dns.example.test"]}, "not an IPv4 address")):
+        before = live(node)
+        with pytest.raises(Exception, match=words):  # the SDK's InvalidArgumentException, with our message
+            Sandbox.create(timeout=60, network=bad)
+        assert live(node) == before  # nothing made
+
+
+def live(node: Node) -> int:
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{node.api_port}/health", timeout=30) as resp:
+        return int(json.load(resp)["sandboxes"])

@@ -15,6 +15,17 @@ is answered REFUSED.  A name in both lists is allowed (E2B: allowed entries take
 A name in neither is resolved as usual, unless the policy refuses all traffic
 (``0.0.0.0/0`` denied, or no internet): then it is refused too, since such a sandbox could
 reach nothing by it and its queries would be a way out (data in the names asked).
+
+``dnsServers`` (E2B): when allowOut holds a name, all traffic to these IPv4 addresses is
+allowed too (8.8.8.8 when left out, none for ``[]``): E2B matches names at its firewall and
+leaves the guest's resolv.conf pointing at 8.8.8.8, which must then be reachable.  Here the
+guest's DNS, to whatever address, is answered by the node's resolver anyway; the servers are
+opened all the same, as a user of E2B expects (their DNS over TLS or HTTPS, say).
+
+Refused with a clear error, never ignored (a silently ignored one would send a sandbox's
+traffic out in a way its user did not ask for): ``egressProxy`` (E2B's SOCKS5 tunnel: its
+open-source runtime refuses it the same way) and ``rules`` (per-domain transforms of HTTPS
+requests, which need a TLS-intercepting proxy this node does not have).
 """
 
 from __future__ import annotations
@@ -28,6 +39,8 @@ from cubefs.errors import UsageError
 
 ALL_TRAFFIC = "0.0.0.0/0"
 MAX_ENTRIES = 1000
+MAX_DNS_SERVERS = 10  # E2B's bound
+DEFAULT_DNS_SERVERS = ("8.8.8.8",)
 _LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")
 
 
@@ -36,6 +49,7 @@ class Policy:
     allow_out: list[str] = field(default_factory=list)
     deny_out: list[str] = field(default_factory=list)
     internet: bool = True  # allow_internet_access
+    dns_servers: list[str] | None = None  # dnsServers; None: the default (DEFAULT_DNS_SERVERS)
 
     @classmethod
     def from_api(cls, network: Any, allow_internet_access: Any = None) -> Policy:
@@ -49,21 +63,36 @@ class Policy:
             allow_internet_access = True
         if not isinstance(allow_internet_access, bool):
             raise UsageError("allow_internet_access must be true or false")
+        if network.get("egressProxy") is not None:
+            raise UsageError("network.egressProxy is not supported by this node: its sandboxes' traffic goes "
+                             "out through the node's gateway only (leave egressProxy out)")
+        if network.get("rules"):
+            raise UsageError("network.rules (transforms of HTTPS requests) is not supported by this node "
+                             "(leave rules out)")
         return cls(_cidrs(network.get("allowOut"), "allowOut"), _cidrs(network.get("denyOut"), "denyOut"),
-                   allow_internet_access)
+                   allow_internet_access, _dns_servers(network.get("dnsServers")))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> Policy:
-        return cls(list(doc.get("allow_out", [])), list(doc.get("deny_out", [])), bool(doc.get("internet", True)))
+        servers = doc.get("dns_servers")
+        return cls(list(doc.get("allow_out", [])), list(doc.get("deny_out", [])), bool(doc.get("internet", True)),
+                   None if servers is None else list(servers))
 
     def effective(self) -> tuple[list[str], list[str]]:
         """(allowed, refused) networks, each collapsed (nft refuses overlapping intervals in
         one set); allowed wins where both hold.  Names are not in them (``names``)."""
         deny = [e for e in self.deny_out if not is_name(e)] + ([] if self.internet else [ALL_TRAFFIC])
-        return _collapse([e for e in self.allow_out if not is_name(e)]), _collapse(deny)
+        allow = [e for e in self.allow_out if not is_name(e)]
+        if len(allow) < len(self.allow_out):  # a name in allowOut: the DNS servers are open too (E2B)
+            allow += [f"{ip}/32" for ip in self.servers()]
+        return _collapse(allow), _collapse(deny)
+
+    def servers(self) -> list[str]:
+        """The DNS servers opened when allowOut holds a name."""
+        return list(DEFAULT_DNS_SERVERS if self.dns_servers is None else self.dns_servers)
 
     def names(self) -> tuple[list[str], list[str]]:
         """(allowed, refused) domain names and wildcards."""
@@ -90,7 +119,10 @@ class Policy:
 
     def api(self) -> dict[str, Any]:
         """As the E2B API shows it (``SandboxDetail.network``)."""
-        return {"allowOut": list(self.allow_out), "denyOut": list(self.deny_out)}
+        doc: dict[str, Any] = {"allowOut": list(self.allow_out), "denyOut": list(self.deny_out)}
+        if self.dns_servers is not None:
+            doc["dnsServers"] = list(self.dns_servers)
+        return doc
 
 
 def _cidrs(value: Any, what: str) -> list[str]:
@@ -115,6 +147,22 @@ def _cidrs(value: Any, what: str) -> list[str]:
         if net.version != 4:
             raise UsageError(f"network.{what}: {entry!r}: sandboxes have IPv4 only")
         out.append(str(net))
+    return out
+
+
+def _dns_servers(value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) > MAX_DNS_SERVERS:
+        raise UsageError(f"network.dnsServers must be a list of at most {MAX_DNS_SERVERS} IPv4 addresses")
+    out = []
+    for entry in value:
+        try:
+            if not isinstance(entry, str):
+                raise ValueError(entry)
+            out.append(str(ipaddress.IPv4Address(entry.strip())))
+        except ValueError:
+            raise UsageError(f"network.dnsServers: {entry!r} is not an IPv4 address") from None
     return out
 
 
