@@ -87,9 +87,11 @@ class MetadataCache:
 
     A file is the SHA-256 of its content, then the content, so a torn or damaged
     file is found when read back (and dropped, and the store asked).  Named by a
-    hash of the store URL and the key: two stores never share an entry.  Used only
-    when the store is unreachable; the store's answer always wins and refreshes
-    the copy (a tag moved while the store was down is seen once it is back).
+    hash of the store URL and the key: two stores never share an entry.  A
+    manifest's copy is used only when the store is unreachable (the store's answer
+    always wins and refreshes the copy: a tag moved while the store was down is seen
+    once it is back); an image's metadata, chunk map and trace, named by its digest,
+    are taken from here first (:class:`CachingReader`'s ``local_first``).
     """
 
     def __init__(self, cache_dir: str) -> None:
@@ -112,7 +114,11 @@ class MetadataCache:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
 
-    def get(self, store_url: str, key: str) -> bytes | None:
+    def drop(self, store_url: str, key: str) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self._path(store_url, key))
+
+    def get(self, store_url: str, key: str, quiet: bool = False) -> bytes | None:
         path = self._path(store_url, key)
         try:
             with open(path, "rb") as f:
@@ -121,7 +127,8 @@ class MetadataCache:
             return None
         digest, blob = raw[:32], raw[32:]
         if len(digest) < 32 or hashlib.sha256(blob).digest() != digest:
-            log.warning("metadata cache: %s of %s is damaged; dropped", key, store_url)
+            if not quiet:
+                log.warning("metadata cache: %s of %s is damaged; dropped", key, store_url)
             with contextlib.suppress(OSError):
                 os.unlink(path)
             return None
@@ -130,15 +137,28 @@ class MetadataCache:
 
 class CachingReader:
     """The ``get`` of a store, kept in a :class:`MetadataCache` and answered from it when
-    the store is unreachable (``offline`` says whether that happened)."""
+    the store is unreachable (``offline`` says whether that happened).
 
-    def __init__(self, store: Store, cache: MetadataCache) -> None:
+    ``local_first``: keys answered from the kept copy without asking the store at all
+    (``local`` counts them).  Only what cannot change under its key belongs there: an
+    image's metadata and chunk map are named by the image's digest (the metadata is
+    checked against it, the map names its image and matches its chunk count), and a
+    trace only orders prefetching (a mount refreshes it after it is live)."""
+
+    def __init__(self, store: Store, cache: MetadataCache, local_first: frozenset[str] = frozenset()) -> None:
         self.store = store
         self.cache = cache
         self.url = store.url
         self.offline = False
+        self.local_first = local_first
+        self.local: list[str] = []
 
     async def get(self, key: str) -> bytes:
+        if key in self.local_first:
+            kept = self.cache.get(self.url, key)
+            if kept is not None:
+                self.local.append(key)
+                return kept
         try:
             blob = await self.store.get(key)
         except StoreUnavailableError:
@@ -150,16 +170,86 @@ class CachingReader:
                 raise
             self.offline = True
             return cached
-        self.cache.put(self.url, key, blob)
+        if self.cache.get(self.url, key, quiet=True) != blob:  # unchanged: no write, no rename
+            self.cache.put(self.url, key, blob)
         return blob
 
 
-async def load_cached(store: Store, cache_dir: str, ref: str | Manifest) -> tuple[
+def kept_keys(digest: str) -> frozenset[str]:
+    """The objects of image ``digest`` a mount takes from the node's kept copies first."""
+    return frozenset({image_key(digest), chunkmap_key(digest), trace_key(digest)})
+
+
+async def load_cached(store: Store, cache_dir: str, ref: str | Manifest, local: list[str] | None = None) -> tuple[
         Manifest, Image, ChunkMap, list[int], bool]:
     """Manifest (unless given), image, chunk map and trace for a mount, through a
     :class:`CachingReader`; the last item says whether the store was unreachable and
-    the cached copies were used."""
-    reader = CachingReader(store, MetadataCache(cache_dir))
+    the cached copies were used.
+
+    The manifest is always asked of the store (a tag moved is seen at the next mount);
+    what it names by digest comes from the node's copies when it has them: a remount of
+    an image on the node makes one store request before it is live, not four
+    (:func:`refresh_trace` then brings the trace up to date in the background).  The
+    keys taken from the copies are appended to ``local``."""
+    cache = MetadataCache(cache_dir)
+    reader = CachingReader(store, cache)
     manifest = ref if isinstance(ref, Manifest) else await load_manifest(reader, ref)  # type: ignore[arg-type]
-    image, chunkmap, trace = await load_for_mount(reader, manifest)  # type: ignore[arg-type]
+    reader.local_first = kept_keys(manifest.image)
+    try:
+        image, chunkmap, trace = await load_for_mount(reader, manifest)  # type: ignore[arg-type]
+    except CorruptDataError as err:
+        if not reader.local:
+            raise
+        # A kept copy that passed its checksum but not the image's own checks (a copy of
+        # another version's format, say): dropped, and the store asked as before.
+        log.warning("image %s: the kept metadata is unusable (%s); asking the store", manifest.ref, err)
+        for key in reader.local:
+            cache.drop(store.url, key)
+        reader = CachingReader(store, cache)
+        image, chunkmap, trace = await load_for_mount(reader, manifest)  # type: ignore[arg-type]
+    if local is not None:
+        local.extend(reader.local)
     return manifest, image, chunkmap, trace, reader.offline
+
+
+class KeepingTraces:
+    """A store whose trace reads and writes also update the node's copy (a mount's trace
+    publisher goes through one), so that the next mount here starts from what was
+    published without asking the store for it.  Everything else goes to ``store``."""
+
+    def __init__(self, store: Store, cache_dir: str) -> None:
+        self.store = store
+        self.cache = MetadataCache(cache_dir)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.store, name)
+
+    def _keep(self, key: str, blob: bytes) -> None:
+        if key.startswith("traces/") and self.cache.get(self.store.url, key, quiet=True) != blob:
+            self.cache.put(self.store.url, key, blob)
+
+    async def get(self, key: str) -> bytes:
+        blob = await self.store.get(key)
+        self._keep(key, blob)
+        return blob
+
+    async def put(self, key: str, data: bytes) -> None:
+        await self.store.put(key, data)
+        self._keep(key, data)
+
+
+async def refresh_trace(store: Store, cache_dir: str, digest: str) -> None:
+    """Bring the node's copy of image ``digest``'s trace up to date (a mount took the kept
+    one): for the next mount, whose prefetch it orders.  Any failure is ignored."""
+    key = trace_key(digest)
+    try:
+        blob = await store.get(key)
+    except ObjectNotFoundError:
+        MetadataCache(cache_dir).drop(store.url, key)
+        return
+    except StoreError as err:
+        log.debug("trace %s not refreshed: %s", key, err)
+        return
+    cache = MetadataCache(cache_dir)
+    if cache.get(store.url, key, quiet=True) != blob:
+        cache.put(store.url, key, blob)

@@ -18,7 +18,7 @@ import os
 import signal
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import lmdb
@@ -32,7 +32,7 @@ from cubefs.errors import UsageError
 from cubefs.format.manifest import Manifest, parse_ref
 from cubefs.format.trace import trace_key
 from cubefs.fuse.protocol import HAS_RESEND
-from cubefs.image.catalog import load_cached
+from cubefs.image.catalog import KeepingTraces, load_cached, refresh_trace
 from cubefs.image.fs import ImageFS
 from cubefs.node import control
 from cubefs.node.supervise import SupervisorLink
@@ -70,10 +70,14 @@ class MountOptions:
     auto_trace: bool = True  # record the start-up and publish it with the image (cubefs.image.autotrace)
     prefetch: bool = True  # prefetch the image's pushed trace, if it has one
     passthrough: bool = False  # FUSE passthrough of local copies (cubefs.fuse.passthrough): off, measured
+    writeback_cache: bool = False  # a volume's writes cached by the kernel (cubefs mount --writeback-cache)
     volume: str | None = None  # mount this volume (read-write) instead of the image ``ref``
     volume_dir: str = ""
     supervisor_fd: int = -1  # the link to the mount server that keeps this mount's /dev/fuse
     resume: dict[str, Any] | None = None  # a replacement's: fd, session, image, restarts (cubefs.node.supervise)
+    # When the mount server accepted the request (CLOCK_MONOTONIC, shared by every process): the
+    # origin of the start-up phases ``cubefs stats`` shows (``mount_phases``); else the daemon's start.
+    accepted: float = field(default_factory=time.monotonic)
 
     @classmethod
     def from_args(cls, args: Any, mountpoint: str, cache_dir: str,
@@ -88,10 +92,12 @@ class MountOptions:
             transport=getattr(args, "transport", "kernel"), record_trace=getattr(args, "record_trace", False),
             prefetch=getattr(args, "prefetch", True), auto_trace=getattr(args, "auto_trace", True),
             passthrough=getattr(args, "passthrough", False),
+            writeback_cache=getattr(args, "writeback_cache", False),
             peers=tuple(p.strip() for p in (getattr(args, "peers", "") or "").split(",") if p.strip()),
             peers_file=getattr(args, "peers_file", "") or "", peer_timeout=getattr(args, "peer_timeout", 3.0),
             volume=getattr(args, "volume", None), volume_dir=getattr(args, "volume_dir", "") or "",
             supervisor_fd=int((supervision or {}).get("fd", -1)), resume=(supervision or {}).get("resume"),
+            accepted=float((supervision or {}).get("accepted") or time.monotonic()),
         )
 
 
@@ -146,6 +152,8 @@ def _serve(
     """Serve an image (``index`` None) or the volume ``opts.volume`` of ``index`` (whose base
     image, if it has one, is in ``store``)."""
     mountpoint = os.path.abspath(opts.mountpoint)
+    phases = Phases(opts.accepted)
+    phases.mark("daemon")  # forked, logging set up, the store client made
     parts: ImageParts | None = None
     if store is not None and loop is not None:
         wanted: str | Manifest = opts.ref
@@ -154,7 +162,7 @@ def _serve(
         elif opts.resume and opts.resume.get("image"):  # the image the mount showed, not what the tag says now
             name, tag = parse_ref(opts.ref)
             wanted = Manifest(name, tag, str(opts.resume["image"]), "")
-        parts = open_image(opts, loop, store, wanted)
+        parts = open_image(opts, loop, store, wanted, phases)
         if link is not None and index is None:
             link.tell("image", digest=parts.image_fs.image.digest)
     image_fs = parts.image_fs if parts is not None else None
@@ -168,6 +176,8 @@ def _serve(
 
         volume, _, snapshot = str(opts.volume).partition("@")
         fs = VolumeFS(index, volume, image_fs, f"volume {opts.volume}", snapshot or None)
+        # /dev/fuse only: a guest's dirty pages (virtio-fs) would be in no volume snapshot taken without its RAM
+        fs.writeback_cache = opts.writeback_cache and fs.writable and opts.transport == "kernel"
         label = f"volume:{opts.volume}"
     else:
         assert image_fs is not None
@@ -177,7 +187,8 @@ def _serve(
         from cubefs.image.autotrace import RECORD_SECONDS, TracePublisher
 
         image_fs.record_trace(None if opts.record_trace else RECORD_SECONDS)
-        publisher = TracePublisher(image_fs, store, loop, trace, ref) if opts.auto_trace else None
+        kept = KeepingTraces(store, opts.cache_dir)  # what it publishes, the next mount here starts from
+        publisher = TracePublisher(image_fs, kept, loop, trace, ref) if opts.auto_trace else None  # type: ignore[arg-type]
     transport = _transport(opts.transport, fs, mountpoint, f"cubefs:{label}", opts.allow_other)
     if opts.passthrough and hasattr(transport, "enable_passthrough"):
         transport.enable_passthrough()
@@ -187,13 +198,21 @@ def _serve(
         log.info("replacing a daemon that exited (restart %d): %s stays mounted", resume["restarts"], mountpoint)
     else:
         transport.mount()
+    phases.mark("mount")
     if link is not None:
         link.fuse_fd(transport.fd)  # type: ignore[attr-defined]
-        transport.on_session = lambda state: _session_settled(link, state)  # type: ignore[attr-defined]
+
+    def settled(state: dict[str, Any]) -> None:
+        phases.mark("init")
+        if link is not None:
+            _session_settled(link, state)
+
+    if hasattr(transport, "on_session"):
+        transport.on_session = settled  # type: ignore[attr-defined]
 
     def get_stats() -> dict[str, Any]:
-        return mount_stats(opts, mountpoint, fs, transport, parts, store, index,
-                           int(resume["restarts"]) if resume else 0)
+        return {**mount_stats(opts, mountpoint, fs, transport, parts, store, index,
+                              int(resume["restarts"]) if resume else 0), "mount_phases": phases.as_dict()}
 
     async def push_trace(_arg: str) -> dict[str, Any]:
         """Store the chunks read so far, in first-read order, as the image's trace."""
@@ -228,10 +247,13 @@ def _serve(
                 signal.signal(signal.SIGUSR2, lambda *_a: token.run_sync_soon(transport.handover))  # type: ignore
             if notify is not None:
                 notify("ready")
+            phases.mark("ready")
             if trace and opts.prefetch and resume is None and source is not None and image_fs is not None:
                 nursery.start_soon(source.prefetch, image_fs.chunk_refs(trace))
             if publisher is not None:
                 nursery.start_soon(publisher.run)
+            if parts is not None and parts.trace_kept and loop is not None and store is not None:
+                nursery.start_soon(_refresh_trace_later, loop, store, opts.cache_dir, parts.image_fs.image.digest)
             await transport.serve()
             nursery.cancel_scope.cancel()
 
@@ -271,6 +293,7 @@ class ImageParts:
     peers: PeerSet | None
     ref: str
     trace: list[int]  # the image's pushed trace: chunks to prefetch
+    trace_kept: bool = False  # taken from the node's copy: refreshed once the mount is live
 
     def close(self) -> None:
         self.source.flush()
@@ -286,10 +309,23 @@ def volume_base(index: Any, volume: str) -> Manifest:
     return Manifest(name, tag, base.digest, "")
 
 
-def open_image(opts: MountOptions, loop: LoopThread, store: RetryingStore, wanted: str | Manifest) -> ImageParts:
+def open_image(opts: MountOptions, loop: LoopThread, store: RetryingStore, wanted: str | Manifest,
+               phases: Phases | None = None) -> ImageParts:
     """Fetch the image's metadata (or take what the cache kept) and build its chunk source."""
     t0 = time.monotonic()
-    manifest, image, chunkmap, trace, offline = loop.run(load_cached(store, opts.cache_dir, wanted))
+    phases = phases or Phases(t0)
+    local: list[str] = []
+    # The disk cache (LMDB) opens while the metadata loads on the store's loop thread.
+    loading = loop.submit(load_cached(store, opts.cache_dir, wanted, local))
+    disk = _open_disk_cache(opts.cache_dir, opts.disk_cache)
+    phases.mark("disk_cache")
+    try:
+        manifest, image, chunkmap, trace, offline = loading.result()
+    except BaseException:
+        if disk is not None:
+            disk.close()
+        raise
+    phases.mark("metadata")
     ref = manifest.ref
     if offline:
         log.warning("store %s is unreachable: image %s mounted from the metadata kept in %s; chunks not in "
@@ -297,16 +333,43 @@ def open_image(opts: MountOptions, loop: LoopThread, store: RetryingStore, wante
     log.info(
         "image %s (sha256:%s): %d inodes, trace of %d chunks, metadata loaded in %.3fs from %s",
         ref, image.digest[:12], len(image), len(trace), time.monotonic() - t0,
-        "the metadata cache" if offline else store.url,
+        "the metadata cache" if offline else f"{store.url} ({len(local)} of its objects kept on the node)",
     )
     memory = MemoryTier(opts.memory_cache)
-    disk = _open_disk_cache(opts.cache_dir, opts.disk_cache)
     peers = PeerSet(list(opts.peers), store.url, timeout=opts.peer_timeout, peers_file=opts.peers_file or None) \
         if opts.peers or opts.peers_file else None
     source = ChunkSource(store, loop, memory, disk, label=ref, peers=peers)
     image_fs = ImageFS(image, chunkmap, source, ref, readahead=opts.readahead, read_timeout=opts.read_timeout,
                        pack_readahead=opts.pack_readahead, dir_prefetch=opts.dir_prefetch, stream=opts.stream)
-    return ImageParts(image_fs, source, disk, peers, ref, trace)
+    phases.mark("fs")
+    return ImageParts(image_fs, source, disk, peers, ref, trace, trace_key(image.digest) in local)
+
+
+class Phases:
+    """Where a mount's start-up went: milliseconds from the previous mark to each mark,
+    from the moment the mount server accepted the request (``cubefs stats --json``,
+    ``mount_phases``).  For finding what a remount on a warm node waits for."""
+
+    def __init__(self, origin: float) -> None:
+        self.origin = origin
+        self._last = origin
+        self.ms: dict[str, float] = {}
+
+    def mark(self, name: str) -> None:
+        now = time.monotonic()
+        self.ms[name] = round((now - self._last) * 1000, 2)
+        self._last = now
+
+    def as_dict(self) -> dict[str, float]:
+        return {**self.ms, "total": round(sum(self.ms.values()), 2)}
+
+
+TRACE_REFRESH_AFTER = 2.0  # seconds: a start's first reads never share the store's loop with it
+
+
+async def _refresh_trace_later(loop: LoopThread, store: RetryingStore, cache_dir: str, digest: str) -> None:
+    await trio.sleep(TRACE_REFRESH_AFTER)
+    await loop.trio_run(refresh_trace(store, cache_dir, digest))
 
 
 def mount_stats(opts: MountOptions, mountpoint: str, fs: Any, transport: Any, parts: ImageParts | None,

@@ -41,11 +41,15 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cubefs.errors import EXIT_ERROR, EXIT_OK, CubefsError
-from cubefs.node import control, roots, supervise
-from cubefs.node.supervise import Supervised
+from cubefs.node import control
+
+if TYPE_CHECKING:  # the server's parts: imported where the server runs, never by a client
+    # (``cubefs mount`` imports this module: roots and supervise were ~14 ms of its cold start)
+    from cubefs.node import roots
+    from cubefs.node.supervise import Supervised
 
 log = logging.getLogger("cubefs")
 
@@ -322,6 +326,7 @@ def run_mount_server(path: str, idle_exit: float | None = None) -> int:
     import cubefs.node.mount
     import cubefs.remote.local
     import cubefs.remote.s3  # noqa: F401
+    from cubefs.node import roots, supervise
 
     inherited = supervise.inherited_state()  # set when this process is an upgrade exec'd in place
     if inherited is None:
@@ -461,6 +466,7 @@ def _spawn(request: dict[str, Any], conn: socket.socket | None, mounts: dict[int
            srv: socket.socket, lock_fd: int, resume: dict[str, Any] | None = None) -> Supervised:
     """Fork a daemon for ``request`` (answering on ``conn``, if a client waits) with a
     link back to this server; a replacement gets ``resume`` (see cubefs.node.supervise)."""
+    accepted = time.monotonic()
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
     if pid == 0:
@@ -473,10 +479,12 @@ def _spawn(request: dict[str, Any], conn: socket.socket | None, mounts: dict[int
         try:
             ours.close()
             notify_fd = conn.detach() if conn is not None else -1
-            code = _server_child(request, notify_fd, {"fd": theirs.detach(), "resume": resume})
+            code = _server_child(request, notify_fd, {"fd": theirs.detach(), "resume": resume, "accepted": accepted})
         finally:
             os._exit(code)
     theirs.close()
+    from cubefs.node.supervise import Supervised
+
     m = Supervised(request, ours, pid)
     mounts[ours.fileno()] = m
     return m
@@ -485,6 +493,8 @@ def _spawn(request: dict[str, Any], conn: socket.socket | None, mounts: dict[int
 def _to_host(request: dict[str, Any], conn: socket.socket, hosts: dict[str, roots.HostLink],
              srv: socket.socket, lock_fd: int) -> None:
     """A --shared mount: to the root host of its image, which answers the client on ``conn``."""
+    from cubefs.node import roots
+
     def spawn(key: str, image: dict[str, Any]) -> roots.HostLink:
         return _spawn_host(request, key, image, srv, lock_fd)
 
@@ -506,6 +516,8 @@ def _to_host(request: dict[str, Any], conn: socket.socket, hosts: dict[str, root
 def _spawn_host(request: dict[str, Any], key: str, image: dict[str, Any], srv: socket.socket,
                 lock_fd: int) -> roots.HostLink:
     """Fork the root host for ``key`` (see cubefs.node.roots); the request is sent to it after."""
+    from cubefs.node import roots
+
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
     if pid == 0:
@@ -528,6 +540,7 @@ def _spawn_host(request: dict[str, Any], key: str, image: dict[str, Any], srv: s
 
 def _become_host(request: dict[str, Any], link_fd: int, key: str, image: dict[str, Any]) -> int:
     from cubefs.humanize import setup_logging
+    from cubefs.node import roots
 
     os.setsid()
     _close_all_but({link_fd})

@@ -6,8 +6,10 @@ Builds TREE once into a ``file://`` store under WORKDIR, then for each mode (``o
 a plain mount; ``on``: ``cubefs mount --passthrough``), each with its own mount
 server and an empty cache: mount, run CMD in a chroot twice (cold, then a warm run
 that lets the copies finish), 7 warm runs timed (median) with the requests they
-sent; then 3 times: unmount, drop caches, remount on the kept cache, one run timed
-(the run only).  As root::
+sent; then 3 times: unmount, drop caches, remount on the kept cache (``cubefs mount``
+timed, and the daemon's ``mount_phases`` from ``cubefs stats``), one run timed, with the
+requests the mount served.  The same command in TREE itself first: caches dropped
+(3 runs) and warm (7).  As root::
 
     .venv/bin/python tools/bench/warm_opens.py /var/tmp/cubefs-bench/deb-numpy "import numpy" /var/tmp/wo
     .venv/bin/python tools/bench/warm_opens.py TREE CMD WORKDIR on,off     # another order
@@ -62,12 +64,16 @@ def measure(base: Path, store: str, cmd: str, mode: str, env0: dict[str, str]) -
         warm = [run(mnt, cmd) for _ in range(7)]
         after = json.loads(cubefs("stats", mnt, "--json", env=env))["requests"]
         cubefs("umount", mnt, env=env)
-        node, last = [], {}
+        node, remount, phases, node_requests, last = [], [], [], [], {}
         for _ in range(3):
             drop_caches()
+            t = time.perf_counter()
             cubefs(*mount, env=env)
+            remount.append(time.perf_counter() - t)
             node.append(run(mnt, cmd))
             last = json.loads(cubefs("stats", mnt, "--json", env=env))
+            phases.append(last.get("mount_phases"))
+            node_requests.append(last["requests"])
             cubefs("umount", mnt, env=env)
     finally:
         subprocess.run([PY, "-m", "cubefs", "umount", mnt], capture_output=True, env=env, cwd=ROOT)
@@ -81,7 +87,23 @@ def measure(base: Path, store: str, cmd: str, mode: str, env0: dict[str, str]) -
     return {"warm_median_s": statistics.median(warm), "warm_s": warm,
             "requests_per_warm_run": {k: v for k, v in per_run.items() if v},
             "on_node_median_s": statistics.median(node), "on_node_s": node,
+            "remount_median_s": statistics.median(remount), "remount_s": remount,
+            "on_node_total_median_s": statistics.median(a + b for a, b in zip(remount, node)),
+            "mount_phases_ms": phases, "on_node_requests": node_requests[-1],
+            "on_node_store_gets": last.get("store_requests", {}).get("gets"),
             "on_node_reads": last["requests"].get("read", 0), "passthrough": last.get("passthrough")}
+
+
+def native(tree: str, cmd: str) -> dict[str, Any]:
+    """The same command in the extracted tree: caches dropped (3 runs), then warm (7 runs)."""
+    dropped = []
+    for _ in range(3):
+        drop_caches()
+        dropped.append(run(tree, cmd))
+    run(tree, cmd)
+    warm = [run(tree, cmd) for _ in range(7)]
+    return {"dropped_median_s": statistics.median(dropped), "dropped_s": dropped,
+            "warm_median_s": statistics.median(warm), "warm_s": warm}
 
 
 def main() -> int:
@@ -96,7 +118,8 @@ def main() -> int:
         base.mkdir(parents=True, exist_ok=True)
         cubefs("build", tree, "--tag", "img:1", "--store", store, env=env0)
         (base / "built").touch()
-    out = {mode: measure(base, store, cmd, mode, env0) for mode in modes}
+    out: dict[str, Any] = {"native": native(tree, cmd)}
+    out.update({mode: measure(base, store, cmd, mode, env0) for mode in modes})
     out["load"] = os.getloadavg()
     print(json.dumps(out, indent=1))
     return 0

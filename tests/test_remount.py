@@ -1,0 +1,120 @@
+"""An image already on the node: a remount takes the image's metadata from the node's copies,
+asks the store only for the manifest, and says where its start-up time went (issue 18)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
+from conftest import mounted, run_cubefs
+
+from cubefs.format.packs import chunkmap_key, image_key
+from cubefs.format.trace import trace_key
+from cubefs.image.catalog import MetadataCache
+
+
+def _tree(root: Path, seed: int) -> dict[str, bytes]:
+    files = {f"d{i % 3}/f{i}": os.urandom(1000 + seed * 7 + i * 3000) for i in range(12)}
+    files["big"] = os.urandom(3_000_000)
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return files
+
+
+def _digest(store_dir: Path) -> str:
+    (name,) = os.listdir(store_dir / "images")
+    return name
+
+
+def _read_all(mnt: Path, files: dict[str, bytes]) -> None:
+    for rel, data in files.items():
+        assert (mnt / rel).read_bytes() == data, rel
+
+
+def test_a_remount_asks_the_store_only_for_the_manifest(tmp_path: Path, local_store: str) -> None:
+    src = tmp_path / "src"
+    files = _tree(src, 1)
+    run_cubefs("build", str(src), "--tag", "rm:1", "--store", local_store)
+    store_dir = Path(local_store.removeprefix("file://"))
+    cache = tmp_path / "cache"
+    with mounted("rm:1", tmp_path / "mnt", local_store, cache) as m:
+        _read_all(m.mountpoint, files)
+        first = m.stats()
+    assert first["store_requests"]["gets"] >= 4  # manifest, image, chunk map, trace, then chunks
+    phases = first["mount_phases"]
+    assert {"daemon", "metadata", "disk_cache", "mount", "ready", "init"} <= set(phases)
+    assert phases["total"] > 0
+
+    # The image's metadata and chunk map leave the store: a remount that still serves every byte
+    # took them from the node, and asked the store nothing but the manifest.
+    digest = _digest(store_dir)
+    for key in (image_key(digest), chunkmap_key(digest)):
+        (store_dir / key).unlink()
+    with mounted("rm:1", tmp_path / "mnt", local_store, cache) as m:
+        assert m.stats()["store_requests"]["gets"] == 1
+        _read_all(m.mountpoint, files)
+        after = m.stats()
+    assert after["tiers"]["store"]["requests"] == 0  # every chunk from the disk cache
+    assert after["store_requests"]["gets"] <= 2  # + the trace, refreshed in the background
+
+
+def test_a_moved_tag_is_seen_at_the_next_mount(tmp_path: Path, local_store: str) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first, second = _tree(tmp_path / "a", 1), _tree(tmp_path / "b", 2)
+    cache = tmp_path / "cache"
+    run_cubefs("build", str(tmp_path / "a"), "--tag", "mv:1", "--store", local_store)
+    with mounted("mv:1", tmp_path / "mnt", local_store, cache) as m:
+        _read_all(m.mountpoint, first)
+    run_cubefs("build", str(tmp_path / "b"), "--tag", "mv:1", "--store", local_store)
+    with mounted("mv:1", tmp_path / "mnt", local_store, cache) as m:
+        _read_all(m.mountpoint, second)
+
+
+def test_a_bad_kept_copy_is_dropped_and_the_store_asked(tmp_path: Path, local_store: str) -> None:
+    """A kept image copy whose own checksum holds but whose content is not the image (another
+    image's metadata, written over it): the mount drops it and fetches the real one."""
+    src = tmp_path / "src"
+    files = _tree(src, 3)
+    run_cubefs("build", str(src), "--tag", "bad:1", "--store", local_store)
+    cache = tmp_path / "cache"
+    with mounted("bad:1", tmp_path / "mnt", local_store, cache) as m:
+        _read_all(m.mountpoint, files)
+    digest = _digest(Path(local_store.removeprefix("file://")))
+    kept = MetadataCache(str(cache))
+    wrong = kept.get(local_store, chunkmap_key(digest))
+    assert wrong is not None and kept.get(local_store, image_key(digest)) is not None
+    path = Path(kept._path(local_store, image_key(digest)))
+    path.write_bytes(hashlib.sha256(wrong).digest() + wrong)  # checksum right, content wrong
+    with mounted("bad:1", tmp_path / "mnt", local_store, cache) as m:
+        _read_all(m.mountpoint, files)
+        assert m.stats()["store_requests"]["gets"] >= 3  # manifest, then image and chunk map again
+    assert kept.get(local_store, image_key(digest)) is not None  # the good copy kept again
+    log = "".join(p.read_text() for p in (cache / "logs").iterdir())
+    assert "the kept metadata is unusable" in log
+
+
+def test_the_kept_trace_follows_the_store(tmp_path: Path, local_store: str) -> None:
+    """The trace is taken from the node's copy and refreshed once the mount is live: a trace
+    the store no longer has is dropped from the node too."""
+    src = tmp_path / "src"
+    files = _tree(src, 4)
+    run_cubefs("build", str(src), "--tag", "tr:1", "--store", local_store)
+    store_dir = Path(local_store.removeprefix("file://"))
+    cache = tmp_path / "cache"
+    with mounted("tr:1", tmp_path / "mnt", local_store, cache) as m:
+        _read_all(m.mountpoint, files)
+    digest = _digest(store_dir)
+    with mounted("tr:1", tmp_path / "mnt", local_store, cache):  # this one keeps the published trace
+        pass
+    kept = MetadataCache(str(cache))
+    assert kept.get(local_store, trace_key(digest)) is not None
+    (store_dir / trace_key(digest)).unlink()
+    with mounted("tr:1", tmp_path / "mnt", local_store, cache, "--no-auto-trace"):
+        deadline = time.monotonic() + 10
+        while kept.get(local_store, trace_key(digest)) is not None and time.monotonic() < deadline:
+            time.sleep(0.2)
+    assert kept.get(local_store, trace_key(digest)) is None
