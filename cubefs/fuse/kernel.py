@@ -31,6 +31,8 @@ import os
 import shutil
 import socket
 import subprocess
+import time
+from collections import Counter
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -86,6 +88,9 @@ class KernelSession:
         self._mounted = False
         self.resumed = False  # serving a session another daemon started (adopt)
         self.handed_over = False  # stopped serving for a successor: leave the mount be
+        # Seconds from reading each request to writing its answer, by operation (``cubefs stats``:
+        # where a start's time in the daemon goes; a read that waits counts its wait).
+        self.busy: Counter[str] = Counter()
         self._reading = trio.CancelScope()
 
     def adopt(self, fd: int) -> None:
@@ -201,10 +206,12 @@ class KernelSession:
             if err.errno not in (errno.ENOENT, errno.ENODEV):
                 log.error("cannot write a FUSE reply: %s", err)
 
-    async def _reply_later(self, work: Coroutine[Any, Any, Reply]) -> None:
+    async def _reply_later(self, work: Coroutine[Any, Any, Reply], opcode: int = 0, t0: float = 0.0) -> None:
         msg = await work
         if msg is not None:
             self._send(msg)
+        if t0:
+            self.busy[p.OPCODE_NAMES.get(opcode, str(opcode))] += time.perf_counter() - t0
 
     def _resend(self, server: FuseServer) -> None:
         if not server.minor:
@@ -260,11 +267,14 @@ class KernelSession:
                 if err.errno == errno.ENODEV:  # unmounted
                     break
                 raise
+            t0 = time.perf_counter()
+            opcode = int.from_bytes(view[4:8], "little")
             out = server.handle(view[:n])  # valid until the next read: see FuseServer.handle
             if isinstance(out, bytes | list):
                 self._send(out)
+                self.busy[p.OPCODE_NAMES.get(opcode, str(opcode))] += time.perf_counter() - t0
             elif out is not None:
-                nursery.start_soon(self._reply_later, out)
+                nursery.start_soon(self._reply_later, out, opcode, t0)
             handled += 1
             if not told and server.minor:
                 told = True
@@ -322,6 +332,9 @@ class KernelTransport:
         """Offer FUSE passthrough at INIT (``cubefs mount --passthrough``).  Only here, on
         /dev/fuse: a virtio-fs root's guest kernel cannot read our files."""
         self.server.passthrough = passthrough.for_mount(self.server.fs, lambda: self.session.fd)
+
+    def request_seconds(self) -> dict[str, float]:
+        return {op: round(sec, 6) for op, sec in self.session.busy.items()}
 
     def passthrough_stats(self) -> dict[str, Any] | None:
         pt = self.server.passthrough

@@ -388,6 +388,8 @@ def mount_stats(opts: MountOptions, mountpoint: str, fs: Any, transport: Any, pa
         "read_bytes": transport.read_bytes,
         "read_errors": fs.read_errors,
         "requests": dict(transport.ops),
+        # seconds in the daemon by operation (kernel transport): request read to answer written
+        "request_seconds": transport.request_seconds() if hasattr(transport, "request_seconds") else None,
         "tiers": source.stats() if source is not None else {},
         "peers": peers.stats() if peers is not None else {},
         "store_requests": store.stats.as_dict() if store is not None else {},

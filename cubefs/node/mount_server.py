@@ -321,8 +321,16 @@ def run_mount_server(path: str, idle_exit: float | None = None) -> int:
     """Serve mount requests on ``path`` until SIGTERM/SIGINT, a stale client, or ``idle_exit`` seconds idle
     (never while it keeps mounts alive: see cubefs.node.supervise)."""
     fingerprint = code_fingerprint()  # before the imports: what the rest of this process will run
+    # Everything a daemon imports, imported once here: a daemon forked after the node's caches
+    # were dropped otherwise reads each module it lacks from disk (strace of a remount: these).
+    import concurrent.futures.thread  # noqa: F401
+
+    import lmdb._envid  # noqa: F401
+
     import cubefs.fuse.kernel
+    import cubefs.image.autotrace
     import cubefs.image.catalog
+    import cubefs.node.minihttp
     import cubefs.node.mount
     import cubefs.remote.local
     import cubefs.remote.s3  # noqa: F401
