@@ -22,7 +22,7 @@ from urllib.parse import parse_qsl
 from aiohttp import web
 
 from cubefs.errors import CubefsError, NotFoundError, UsageError
-from sandbox import ingress
+from sandbox import ingress, lifecycle
 from sandbox.cluster.keys import RESERVATION_HEADER
 from sandbox.config import ApiKeys
 from sandbox.network.policy import Policy
@@ -202,6 +202,7 @@ class Api:
         args = (template, _timeout(doc), _str_map(doc, "metadata"), _str_map(doc, "envVars"))
         policy = Policy.from_api(doc.get("network"), doc.get("allow_internet_access"))  # a bad one: 400, nothing made
         reach = ingress.Ingress.from_api(doc.get("network"))
+        life = lifecycle.Lifecycle.from_api(doc)
         key = request.headers.get("Idempotency-Key")
         if key:  # a retried create gets the sandbox the first attempt made, never a second one
             now = time.monotonic()
@@ -218,7 +219,7 @@ class Api:
         else:
             sbx = await self.service.create(*args)
         self._set_policy(sbx.id, policy)
-        if reach.apply(sbx.record):  # before its ID leaves this node
+        if reach.apply(sbx.record) | life.apply(sbx.record):  # before its ID leaves this node
             sbx.record.save()
         return web.json_response(sbx.created(self.version, self.service.domain), status=201)
 
@@ -249,7 +250,8 @@ class Api:
     async def get(self, request: web.Request) -> web.Response:
         sbx = self.service.get(request.match_info["id"])
         detail = sbx.detail(self.version, self.service.domain)
-        detail["network"] = ingress.api_fields(sbx.record)  # SandboxDetail's optional network fields
+        detail["network"] = ingress.api_fields(sbx.record)  # SandboxDetail's optional fields
+        detail |= lifecycle.api_fields(sbx.record)
         if (policy := self._policy(sbx.id)) is not None:
             detail |= {"allowInternetAccess": policy.internet}
             detail["network"] |= policy.api()

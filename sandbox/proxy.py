@@ -25,6 +25,9 @@ sandbox's web server cannot run commands in the sandbox.
 **As asked at create** (``sandbox.ingress``): ``network.maskRequestHost`` is the Host the
 sandbox's servers see; ``network.httpsPorts`` are reached over TLS on the hop into the guest.
 
+A sandbox paused at its timeout with ``autoResume`` is resumed by the first request for it
+(``sandbox.lifecycle``).
+
 ``CONNECT`` is refused (405; aiohttp's router already gives it no route), so no
 tunnel is ever relayed.  A sandbox holds at most ``MAX_UPGRADED`` open
 WebSockets (429 past them).
@@ -120,6 +123,11 @@ def make_app(service: SandboxService) -> web.Application:
         except web.HTTPBadRequest as exc:
             return web.json_response({"code": 400, "message": exc.reason}, status=400)
         sbx = service.sandboxes.get(sid)
+        if sbx is not None and sbx.record.auto_resume and sbx.record.state == "paused":
+            try:  # paused at its timeout, resumed by traffic for it (sandbox.lifecycle)
+                await service.auto_resume(sbx)
+            except CubefsError as err:
+                log.warning("sandbox %s: resuming it for traffic: %s", sid, err)
         if sbx is None or sbx.envd is None:
             return not_found(sid)
         if port == ENVD_PORT:

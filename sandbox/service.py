@@ -47,6 +47,7 @@ from cubefs.volume.cli import default_volume_dir
 from sandbox import templates
 from sandbox.config import private_dir, state_dir, write_private
 from sandbox.ingress import Ingress
+from sandbox.lifecycle import Lifecycle
 from sandbox.network.pool import Networks, nic
 from sandbox.pool import Capacity, CapacityError
 from sandbox.snapshots import READY, SnapshotRecord, is_snapshot_id, new_snapshot_id
@@ -108,6 +109,9 @@ class SandboxRecord:
     public_traffic: bool = True
     mask_request_host: str = ""  # network.maskRequestHost, httpsPorts: how the proxy reaches its ports (ingress.py)
     https_ports: list[int] = field(default_factory=list)
+    on_timeout: str = "kill"  # or "pause" (E2B's autoPause; lifecycle.py)
+    auto_resume: bool = False  # a paused one is resumed by traffic for it, for ttl seconds
+    ttl: int = 0
 
     @staticmethod
     def path(sandbox_id: str) -> Path:
@@ -198,6 +202,8 @@ class Counters:
         self.snapshots = 0
         self.from_snapshot = 0
         self.rollbacks = 0
+        self.auto_paused = 0
+        self.auto_resumed = 0
         self.create_seconds: list[float] = []  # the last 1000, for the quantiles in /metrics
 
     def create_took(self, seconds: float) -> None:
@@ -848,8 +854,9 @@ class SandboxService:
 
             results = await asyncio.gather(*(one() for _ in range(count)), return_exceptions=True)
             parent = Ingress(src.record.public_traffic, src.record.mask_request_host, src.record.https_ports)
+            life = Lifecycle.of(src.record)
             for child in results:  # as its parent is reached (one that asks for its traffic token: its own)
-                if isinstance(child, Sandbox) and parent.apply(child.record):
+                if isinstance(child, Sandbox) and parent.apply(child.record) | life.apply(child.record):
                     child.record.save()
         finally:  # the children map its RAM file: unlinked, it lives until the last of them ends
             await asyncio.shield(asyncio.to_thread(self._delete_snapshot, snap))
@@ -983,6 +990,9 @@ class SandboxService:
                     continue  # being paused, snapshotted or rolled back (its VM may be down for a moment)
                 if sbx.record.state == "paused" and sbx.vm is not None and sbx.vm.alive:
                     continue  # kept until resumed or killed, as E2B keeps paused sandboxes
+                if sbx.record.end <= now and sbx.record.on_timeout == "pause" and sbx.record.state == "running":
+                    self._spawn(self._pause_at_timeout(sbx))
+                    continue
                 if sbx.record.end <= now:
                     log.info("sandbox %s: its timeout passed: killed", sbx.id)
                     self.counters.expired += 1
@@ -993,6 +1003,29 @@ class SandboxService:
                     continue
                 self.sandboxes.pop(sbx.id, None)
                 self._spawn(self._finish(sbx))
+
+    async def _pause_at_timeout(self, sbx: Sandbox) -> None:
+        """``autoPause``: paused at its timeout, kept until resumed or killed.  A pause that
+        fails leaves it to the reaper's next turn (which kills it if its VM is gone)."""
+        if sbx.busy.locked():
+            return
+        try:
+            await self.pause(sbx.id)
+        except (ConflictError, NotFoundError):
+            return
+        except (CubefsError, OSError) as err:
+            log.warning("sandbox %s: its timeout passed, pausing it failed (%s): killed", sbx.id, err)
+            await self.kill(sbx.id)
+            return
+        self.counters.auto_paused += 1
+        log.info("sandbox %s: its timeout passed: paused (autoPause)", sbx.id)
+
+    async def auto_resume(self, sbx: Sandbox) -> None:
+        """Traffic for a sandbox paused at its timeout with ``autoResume``: resume it, for the
+        timeout it was created with (a request that raced another's resume finds it running)."""
+        if await self.resume(sbx.id, sbx.record.ttl or None):
+            self.counters.auto_resumed += 1
+            log.info("sandbox %s: resumed by traffic for it (autoResume)", sbx.id)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -1049,7 +1082,8 @@ class SandboxService:
         lines = ["# TYPE cubefs_sandboxes gauge", f"cubefs_sandboxes {len(self.sandboxes)}",
                  "# TYPE cubefs_sandboxes_creating gauge", f"cubefs_sandboxes_creating {len(self.creating)}"]
         for name, value in (("created", c.created), ("create_failed", c.create_failed), ("killed", c.killed),
-                            ("expired", c.expired), ("adopted", c.adopted), ("crashed", c.crashed),
+                            ("expired", c.expired), ("auto_paused", c.auto_paused),
+                            ("auto_resumed", c.auto_resumed), ("adopted", c.adopted), ("crashed", c.crashed),
                             ("from_pool", c.from_pool), ("pool_filled", c.pool_filled),
                             ("pool_evicted", c.pool_evicted), ("snapshots", c.snapshots),
                             ("from_snapshot", c.from_snapshot), ("rollbacks", c.rollbacks)):

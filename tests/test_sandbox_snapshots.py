@@ -12,11 +12,12 @@ import re
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from conftest import run_cubefs
-from test_sandbox_service import Node, node_in
+from test_sandbox_service import Node, metric, node_in
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
@@ -237,6 +238,44 @@ def test_pause_and_connect_resume_where_it_was(snode: Node) -> None:
         assert abs(int(resumed.commands.run("date +%s").stdout) - time.time()) < 10  # its clock caught up
     finally:
         sbx.kill()
+
+
+def test_a_sandbox_paused_at_its_timeout_is_kept_and_resumed_by_traffic(snode: Node) -> None:
+    """``lifecycle={"on_timeout": "pause", "auto_resume": True}`` (E2B's autoPause/autoResume):
+    at its timeout the sandbox is paused, not killed (it was killed, with its files, before);
+    an SDK call to it resumes it where it was, for the timeout it was made with.  Without
+    auto_resume it stays paused until connect().  Bad combinations are refused."""
+    from e2b import Sandbox
+
+    auto = Sandbox.create(timeout=300, lifecycle={"on_timeout": "pause", "auto_resume": True})
+    kept = Sandbox.create(timeout=300, lifecycle={"on_timeout": "pause"})
+    try:
+        pids = [counting(s) for s in (auto, kept)]
+        for s in (auto, kept):
+            s.set_timeout(2)
+        info = Sandbox.get_info(auto.sandbox_id)
+        assert info.lifecycle == {"on_timeout": "pause", "auto_resume": True}, info.lifecycle
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and any(Sandbox.get_info(s.sandbox_id).state != "paused"
+                                                  for s in (auto, kept)):
+            time.sleep(0.5)
+        assert [Sandbox.get_info(s.sandbox_id).state for s in (auto, kept)] == ["paused", "paused"]
+        state = count(auto)  # through the proxy to its envd: resumed by that request
+        assert state is not None and state[0] == pids[0], state
+        info = Sandbox.get_info(auto.sandbox_id)
+        assert info.state == "running" and 200 < (info.end_at - datetime.now(UTC)).total_seconds() <= 301
+        assert not kept.is_running()  # no auto_resume: it waits for connect()
+        assert count(Sandbox.connect(kept.sandbox_id, timeout=120)) is not None
+        assert metric(snode, "cubefs_sandbox_auto_paused_total") == 2
+        assert metric(snode, "cubefs_sandbox_auto_resumed_total") == 1
+    finally:
+        auto.kill()
+        kept.kill()
+    with pytest.raises(Exception, match="filesystem"):  # the SDK refuses it before asking
+        Sandbox.create(timeout=8, lifecycle={"on_timeout": {"action": "pause", "mode": "filesystem"},
+                                             "auto_resume": True})
+    status, doc, _ = snode.api("POST", "/sandboxes", {"templateID": "base", "autoResume": {"enabled": True}})
+    assert status == 400 and "autoResume needs autoPause" in str(doc), (status, doc)
 
 
 def leftovers(node: Node) -> dict[str, object]:
