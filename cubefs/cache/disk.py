@@ -284,6 +284,17 @@ class DiskCache:
 
     # -- reads ----------------------------------------------------------------
 
+    def present(self, digests: list[bytes]) -> list[bytes]:
+        """Those of ``digests`` the cache has an entry for, in their order, without reading
+        the entries' bytes (a lookup touches the tree's pages, not a chunk's): what
+        ChunkSource needs to know before it loads them a few at a time."""
+
+        def work(e: _Env) -> list[bytes]:
+            with e.env.begin(db=e.chunks, buffers=True) as txn:
+                return [d for d in digests if txn.get(d) is not None]
+
+        return self._guard("read", [], work)
+
     def get_many(self, digests: list[bytes]) -> dict[bytes, StoredChunk]:
         """The entries present and intact; a damaged entry is deleted (a miss), a
         damaged cache set aside (all misses).  Never raises for what is on disk."""

@@ -58,6 +58,7 @@ from cubefs.remote.loop import LoopThread
 log = logging.getLogger(__name__)
 
 INLINE_DECODE = 512 * 1024  # stored bytes of a fetched range decoded on the event loop itself
+DISK_SLICE = 8  # chunks read and decoded from the disk cache per thread hop, when no reader waits for them
 DISK_BATCH_SECONDS = 0.05  # chunks to write to disk gather this long into one transaction
 # A reader that gave up on a chunk (its --read-timeout) marks it for this long: the
 # kernel retries a failed readahead at once with a 4 KiB read of the same chunk, and
@@ -559,12 +560,15 @@ class ChunkSource:
                     out.append((d, None))
             return out
 
-        def load() -> tuple[list[tuple[bytes, bytes | None]], list[tuple[bytes, StoredChunk]]]:
+        def load() -> tuple[list[tuple[bytes, bytes | None]], list[bytes]]:
             # One thread hop for the lookup: an LMDB read may fault pages in from
-            # disk, which must never happen on the event loop.
-            found = disk.get_many(list(mine))
-            now = [(d, c) for d, c in found.items() if d in wanted]
-            return decode(now), [(d, c) for d, c in found.items() if d not in wanted]
+            # disk, which must never happen on the event loop.  Only what a reader waits
+            # for is read now; the rest is only looked up (see decode_later).
+            found = disk.get_many([d for d in mine if d in wanted])
+            return decode(list(found.items())), disk.present([d for d in mine if d not in wanted])
+
+        def read_and_decode(part: list[bytes]) -> list[tuple[bytes, bytes | None]]:
+            return decode(list(disk.get_many(part).items()))
 
         decoded, later = await trio.to_thread.run_sync(load)
         disk.stats.seconds += time.monotonic() - t0
@@ -576,16 +580,23 @@ class ChunkSource:
                 self._resolve(mine[d][1], d, data)
                 settled.add(d)
         if later:
-            settled.update(d for d, _c in later)
+            settled.update(later)
 
             async def decode_later() -> None:
-                results: list[tuple[bytes, bytes | None]] = []
-                try:
-                    results = await trio.to_thread.run_sync(decode, later)
-                finally:
+                # A few chunks per thread hop, in the order asked (a trace's order): a remount's
+                # prefetch of 153 chunks read and decoded in one call held every start-up read
+                # that needed one of them until the last was done (issue 18, "on the node").
+                for i in range(0, len(later), DISK_SLICE):
+                    part = later[i : i + DISK_SLICE]
+                    try:
+                        results = await trio.to_thread.run_sync(read_and_decode, part)
+                    except BaseException:
+                        for d in later[i:]:
+                            self._resolve(mine[d][1], d, None, f"chunk {d.hex()[:16]}: not read from the disk cache")
+                        raise
                     done = dict(results)
-                    for d, _c in later:
-                        # A damaged entry resolves as failed: its reader (if any) retries.
+                    for d in part:
+                        # Gone or damaged: resolves as failed, and its reader (if any) retries.
                         self._resolve(mine[d][1], d, done.get(d), f"chunk {d.hex()[:16]}: damaged in the disk cache")
 
             if self._nursery is not None:
