@@ -561,11 +561,14 @@ class SandboxService:
         if template.ready_port:
             await self._wait_port(sbx, template.ready_port)
 
-    async def _write_tokens(self, sbx: Sandbox, template: SandboxTemplate | None = None) -> None:
+    async def _write_tokens(self, sbx: Sandbox, template: SandboxTemplate | None = None,
+                            channel: Any = None) -> None:
         """The sandbox's tokens where its start command's server reads them (root's only): at
         its start, and after every restore (a snapshot's guest holds the tokens of the sandbox
-        it was taken of; this one has its own).  Nothing for a template without a start command."""
+        it was taken of; this one has its own).  Nothing for a template without a start command.
+        ``channel``: the agent's, if not yet the sandbox's (a rollback settling)."""
         r = sbx.record
+        ch = channel or sbx.channel
         if template is None:
             try:
                 template = SandboxTemplate.load(r.template)
@@ -580,8 +583,8 @@ class SandboxService:
         async def one() -> Any:
             yield text.encode()
 
-        await sbx.channel.make_dir(str(Path(templates.TOKEN_PATH).parent), user="root")
-        await sbx.channel.write_file(templates.TOKEN_PATH, one(), user="root", mode=0o600)
+        await ch.make_dir(str(Path(templates.TOKEN_PATH).parent), user="root")
+        await ch.write_file(templates.TOKEN_PATH, one(), user="root", mode=0o600)
 
     async def _wait_port(self, sbx: Sandbox, port: int) -> None:
         deadline = time.monotonic() + READY_PORT_WAIT
@@ -867,30 +870,33 @@ class SandboxService:
     async def rollback(self, sandbox_id: str, snapshot_id: str) -> Sandbox:
         """Put a sandbox back to a snapshot in place: same ID, token, TTL and metadata; its
         memory, processes and files as they were in the snapshot (processes holding files
-        open included: nothing is unmounted, the whole VM is restored)."""
+        open included: nothing is unmounted, the whole VM is restored).
+
+        The call answers once the restored VM runs.  Its agent's new session and what the
+        guest must get before anyone uses it (the host's clock, and where they differ from the
+        snapshot's: the default user's environment, the tokens) are settled right after
+        (``_settle``, ~0.1-0.2 s of a restored guest's first, TCG-translated round trips);
+        until then the sandbox's envd and ports are a ``_Settling`` that holds every request
+        and hands it over once they are done, so no client request reaches the guest before
+        its clock is right.  A rollback that fails at any point, settling included, leaves
+        the sandbox gone (its record says ``rolling-back`` until settled: a service killed
+        meanwhile cleans it away on restart), never half-rolled-back (docs/design.md)."""
         sbx = self.get(sandbox_id)
         snap = SnapshotRecord.find(snapshot_id)
         if (snap.cpus, snap.memory_mb) != (sbx.record.cpus, sbx.record.memory_mb):
             raise UsageError(f"snapshot {snap.snapshot_id} is of a {snap.cpus}-vCPU {snap.memory_mb} MiB sandbox; "
                              f"sandbox {sandbox_id} has {sbx.record.cpus} vCPU {sbx.record.memory_mb} MiB")
         t0 = time.monotonic()
-        async with sbx.busy:
+        await sbx.busy.acquire()  # released by _settle once the guest is settled, else below
+        settling = False
+        try:
             r = sbx.record
             old_volume = r.volume
             await self._disconnect(sbx)
             phases: dict[str, float] = {}
-            clock = [time.monotonic()]
-
-            def phase(name: str) -> None:
-                now = time.monotonic()
-                phases[name] = round(now - clock[0], 4)
-                clock[0] = now
-
+            r.state = "rolling-back"  # saved with the new VM's name: adopt() cleans it away until settled
             try:
-                await asyncio.shield(asyncio.to_thread(self._rollback_vm, sbx, snap, phases))
-                clock[0] = time.monotonic()
-                await self._connect(sbx, vmm.Vm(r.vm), restored=True)  # with its identity and tokens
-                phase("agent")
+                old_vm = await _finish_thread(self._rollback_vm, sbx, snap, phases)
             except BaseException as err:  # the sandbox is gone: say so, leave nothing
                 log.warning("sandbox %s: rollback to %s failed, sandbox removed: %s", sandbox_id, snap.snapshot_id,
                             err)
@@ -899,29 +905,90 @@ class SandboxService:
                 if old_volume != r.volume:
                     await asyncio.to_thread(self._remove_volume, old_volume, _template_opts(r.template))
                 raise
-            r.state = "running"
-            r.save()
-            if old_volume != r.volume:
-                self._spawn(asyncio.to_thread(self._remove_volume, old_volume, _template_opts(r.template)))
-        self.counters.rollbacks += 1
-        if sbx.vm is not None:  # where the call's time went, for the benchmarks
-            sbx.vm.info["rollback_phases"] = phases
-            sbx.vm._save()
-        log.info("sandbox %s rolled back to snapshot %s in %.3f s (phases %s; restore: %s)", sandbox_id,
-                 snap.snapshot_id, time.monotonic() - t0, phases, sbx.vm.info.get("restore_phases") if sbx.vm else None)
+            self._spawn(asyncio.to_thread(self._end_old_vm, old_vm, old_volume if old_volume != r.volume else None,
+                                          r.template))
+            gate = _Settling(sbx)
+            sbx.envd = sbx.channel = gate
+            self.counters.rollbacks += 1
+            phases["answer"] = round(time.monotonic() - t0, 4)
+            self._spawn(self._settle(sbx, snap, gate, phases, t0))
+            settling = True
+        finally:
+            if not settling:
+                sbx.busy.release()
+        log.info("sandbox %s rolled back to snapshot %s: running in %.3f s (phases %s; restore: %s)", sandbox_id,
+                 snap.snapshot_id, phases["answer"], phases, sbx.vm.info.get("restore_phases") if sbx.vm else None)
         return sbx
 
-    def _rollback_vm(self, sbx: Sandbox, snap: SnapshotRecord, phases: dict[str, float]) -> None:
+    async def _settle(self, sbx: Sandbox, snap: SnapshotRecord, gate: _Settling, phases: dict[str, float],
+                      t0: float) -> None:
+        """A rolled-back sandbox's agent session, then what its guest needs before any client
+        request: the host's clock, new randomness, its own hostname and machine-id (``freshen``,
+        one request), always; the default user's environment and the tokens only where the
+        snapshot's differ (a snapshot of another sandbox, or taken before an env change): each
+        request is a round trip the restored guest runs for the first time under TCG, ~5x its
+        second run (docs/benchmarks.md).  Then the channel and envd become the sandbox's and the
+        held requests go on.  Holds ``sbx.busy`` until done; any failure removes the sandbox."""
+        from sandbox.envd import Envd
+        from vmm.channel import AgentChannel
+
+        r = sbx.record
+        vm = sbx.vm
+        channel: AgentChannel | None = None
+        t1 = time.monotonic()
+        try:
+            assert vm is not None
+            channel = await AgentChannel.connect(str(vm.dir / "agent.sock"), f"sandbox {r.sandbox_id}",
+                                                 timeout=vmm.RESTORE_AGENT_TIMEOUT)
+            phases["hello"] = round(time.monotonic() - t1, 4)
+            calls = [channel.freshen(str(vm.info.get("hostname") or r.vm),
+                                     str(vm.info.get("machine_id") or uuid.uuid4().hex))]
+            if snap.env_vars != r.env_vars:  # the snapshot's agent has the defaults of the sandbox it was of
+                calls.append(channel.set_defaults(user="user", env=r.env_vars))
+            if snap.sandbox_id != r.sandbox_id:  # its disk holds that sandbox's tokens
+                calls.append(self._write_tokens(sbx, channel=channel))
+            results = await asyncio.gather(*calls, return_exceptions=True)
+            for res in results:  # each finished (none left running), the first failure raised
+                if isinstance(res, BaseException):
+                    raise res
+            phases["agent"] = round(time.monotonic() - t1, 4)
+            if self.sandboxes.get(r.sandbox_id) is not sbx:  # killed meanwhile: its VM is going
+                await channel.close()
+                gate.failed("it was killed")
+                return
+            sbx.channel, sbx.envd = channel, Envd(channel, access_token=r.access_token)
+            r.state = "running"
+            r.save()
+            gate.ready()
+            phases["settled"] = round(time.monotonic() - t0, 4)
+            vm.info["rollback_phases"] = phases  # where the call's time went, for the benchmarks
+            vm._save()
+            log.info("sandbox %s: rolled-back guest settled %.3f s after the call began (phases %s)",
+                     r.sandbox_id, phases["settled"], phases)
+        except BaseException as err:
+            gate.failed(f"its rollback failed ({err})")
+            if channel is not None and sbx.channel is not channel:
+                with contextlib.suppress(Exception):
+                    await channel.close()
+            if self.sandboxes.get(r.sandbox_id) is sbx:
+                log.warning("sandbox %s: rolled-back guest did not settle, sandbox removed: %s", r.sandbox_id, err)
+                self.sandboxes.pop(r.sandbox_id, None)
+                await self._finish(sbx)
+            if not isinstance(err, Exception):
+                raise
+        finally:
+            sbx.busy.release()
+
+    def _rollback_vm(self, sbx: Sandbox, snap: SnapshotRecord, phases: dict[str, float]) -> threading.Thread:
         """Stop the VM, give the sandbox a new volume cloned from the snapshot's, restore the
         snapshot's checkpoint under the same VM name.  A failure leaves the sandbox gone (its
-        record says so: the reaper cleans it), never half-rolled-back."""
+        record says so: the reaper cleans it), never half-rolled-back.  The old VM, stopped
+        (no CPU of the restore's), is ended once the new one runs: by the thread returned."""
         r = sbx.record
         t0 = time.monotonic()
         old = vmm.Vm(r.vm)
         with contextlib.suppress(CubefsError, OSError):
             qmp(sbx, "stop")  # it is discarded: it must not use the CPU the restore needs
-        gone = threading.Thread(target=old.destroy, name=f"destroy {old.name}")
-        gone.start()  # QEMU quits, its root's daemon syncs and ends: meanwhile the new VM starts
         phases["stop"] = round(time.monotonic() - t0, 4)
         try:
             opts = _template_opts(snap.template)
@@ -939,10 +1006,19 @@ class SandboxService:
             sbx.vm.info["machine_id"] = old.info.get("machine_id") or sbx.vm.info["machine_id"]
             sbx.vm._save()
             phases["restore"] = round(time.monotonic() - t0 - phases["stop"], 4)
-        finally:
-            t1 = time.monotonic()
-            gone.join()
-            phases["old_vm_wait"] = round(time.monotonic() - t1, 4)
+        except BaseException:
+            old.destroy()
+            raise
+        # QEMU quits, its root's daemon syncs and ends while the call answers and the guest settles
+        gone = threading.Thread(target=old.destroy, name=f"destroy {old.name}")
+        gone.start()
+        return gone
+
+    def _end_old_vm(self, gone: threading.Thread, volume: str | None, template: str) -> None:
+        """After a rollback: its old VM ended (``gone``), then its old volume removed."""
+        gone.join()
+        if volume is not None:
+            self._remove_volume(volume, _template_opts(template))
 
     def _remove_volume(self, volume: str, opts: StoreOptions) -> None:
         res = subprocess.run([sys.executable, "-m", "cubefs", "volume", "rm", volume, *opts.args("--volume-dir")],
@@ -1167,3 +1243,49 @@ def _template_opts(name: str) -> StoreOptions:
 def check_timeout(timeout: int) -> None:
     if not isinstance(timeout, int) or isinstance(timeout, bool) or not 0 <= timeout <= MAX_TIMEOUT:
         raise UsageError(f"timeout must be a whole number of seconds from 0 to {MAX_TIMEOUT}, not {timeout!r}")
+
+class _Settling:
+    """A rolled-back sandbox's envd and agent channel while ``_settle`` runs: the proxy's
+    requests to it (envd's, and ``open_tcp`` for its ports) wait here until the restored
+    guest has its session and clock, then go to the real ones; if the sandbox is gone
+    instead, they get what a gone sandbox gets (502, "not found")."""
+
+    def __init__(self, sbx: Sandbox) -> None:
+        self.sbx = sbx
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def ready(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def failed(self, why: str) -> None:
+        if not self.done.done():
+            from vmm.channel import Unavailable
+
+            self.done.set_exception(Unavailable(f"sandbox {self.sbx.id}: {why}"))
+            self.done.exception()  # retrieved: nobody may be waiting
+
+    async def _settled(self) -> bool:
+        with contextlib.suppress(Exception):
+            await asyncio.shield(self.done)
+        return self.done.done() and self.done.exception() is None
+
+    async def handle(self, request: Any) -> Any:
+        """envd's ``handle``."""
+        if await self._settled() and self.sbx.envd is not None and self.sbx.envd is not self:
+            return await self.sbx.envd.handle(request)
+        from sandbox.proxy import not_found
+
+        return not_found(self.sbx.id)
+
+    async def open_tcp(self, port: int, host: str = "127.0.0.1") -> Any:
+        """The agent channel's ``open_tcp`` (the proxy's relays to the sandbox's ports)."""
+        if await self._settled() and self.sbx.channel is not None and self.sbx.channel is not self:
+            return await self.sbx.channel.open_tcp(port, host)
+        from vmm.channel import Unavailable
+
+        raise Unavailable(f"sandbox {self.sbx.id}: gone (its rollback did not settle)")
+
+    async def close(self) -> None:
+        """A kill or a stop: the held requests get their answer now."""
+        self.failed("it was closed")

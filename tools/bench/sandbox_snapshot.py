@@ -82,6 +82,7 @@ class Bench:
     def __init__(self, env: dict[str, str], tmp: Path, svc: Service, bandwidth: int = 0) -> None:
         self.env, self.tmp, self.svc = env, tmp, svc
         self.bandwidth = bandwidth  # bytes/s for QEMU's migrations of the sandbox's VM; 0: QEMU's default
+        self.rollback_only = False  # --rollback-only: snapshot and rollback, no baselines
 
     def qmp(self, sandbox_id: str) -> Qmp:
         vm = self.record(sandbox_id)["vm"]
@@ -176,11 +177,13 @@ class Bench:
         try:
             self.dirty(sbx, dirty_mib)
             for i in range(runs):
-                res["cold_s"].append(self.cold(template))
-                self.set_bandwidth(sbx.sandbox_id)  # a rollback made a new QEMU
-                fs = self.full_save(sbx.sandbox_id)
-                res["full_save_paused_s"].append(fs["paused_s"])
-                res["full_save_mib"].append(fs["bytes"] / 2**20)
+                fs = {"paused_s": 0.0, "bytes": 0}
+                if not self.rollback_only:
+                    res["cold_s"].append(self.cold(template))
+                    self.set_bandwidth(sbx.sandbox_id)  # a rollback made a new QEMU
+                    fs = self.full_save(sbx.sandbox_id)
+                    res["full_save_paused_s"].append(fs["paused_s"])
+                    res["full_save_mib"].append(fs["bytes"] / 2**20)
 
                 t0 = time.monotonic()
                 info = sbx.create_snapshot()
@@ -191,14 +194,15 @@ class Bench:
                 res["snapshot_ram_mib"].append(rec["ram_bytes"] / 2**20)
                 snap_phases.append(dict(rec.get("phases") or {}))
 
-                t0 = time.monotonic()
-                child = Sandbox.create(info.snapshot_id, timeout=600)
-                res["from_snapshot_create_s"].append(time.monotonic() - t0)
-                child.commands.run("true")
-                res["from_snapshot_s"].append(time.monotonic() - t0)
-                alive = child.commands.run("cat /tmp/dirty-ready").stdout.strip()
-                child.kill()
-                assert alive == str(dirty_mib << 20), f"the child lost the dirtying process: {alive!r}"
+                if not self.rollback_only:
+                    t0 = time.monotonic()
+                    child = Sandbox.create(info.snapshot_id, timeout=600)
+                    res["from_snapshot_create_s"].append(time.monotonic() - t0)
+                    child.commands.run("true")
+                    res["from_snapshot_s"].append(time.monotonic() - t0)
+                    alive = child.commands.run("cat /tmp/dirty-ready").stdout.strip()
+                    child.kill()
+                    assert alive == str(dirty_mib << 20), f"the child lost the dirtying process: {alive!r}"
 
                 t0 = time.monotonic()
                 status, body = self.api("POST", f"/sandboxes/{sbx.sandbox_id}/rollback",
@@ -208,6 +212,8 @@ class Bench:
                     raise SystemExit(f"rollback: {status} {body}")
                 sbx.commands.run("true")
                 res["rollback_usable_s"].append(time.monotonic() - t0)
+                alive = sbx.commands.run("cat /tmp/dirty-ready").stdout.strip()
+                assert alive == str(dirty_mib << 20), f"the rollback lost the dirtying process: {alive!r}"
                 vm_info = self.vm_info(sbx.sandbox_id)
                 phases.append(dict(vm_info.get("restore_phases") or {}))
                 rollback_phases.append(dict(vm_info.get("rollback_phases") or {}))
@@ -215,11 +221,16 @@ class Bench:
                 log(f"{memory} MiB / {dirty_mib} MiB dirty, run {i + 1}: snapshot "
                     f"{res['snapshot_api_s'][-1]:.3f} s (paused {rec['paused_seconds'] * 1000:.0f} ms, "
                     f"{rec['ram_bytes'] / 2**20:.0f} MiB kept), full save paused {fs['paused_s']:.3f} s, "
-                    f"rollback {res['rollback_api_s'][-1]:.3f} s, from snapshot {res['from_snapshot_s'][-1]:.3f} s, "
-                    f"cold {res['cold_s'][-1]:.3f} s; snapshot phases {snap_phases[-1]}, rollback phases "
+                    f"rollback {res['rollback_api_s'][-1]:.3f} s (+ command {res['rollback_usable_s'][-1]:.3f} s), "
+                    f"from snapshot {(res['from_snapshot_s'] or [0])[-1]:.3f} s, "
+                    f"cold {(res['cold_s'] or [0])[-1]:.3f} s; snapshot phases {snap_phases[-1]}, rollback phases "
                     f"{rollback_phases[-1]} (restore {phases[-1]})")
         finally:
             sbx.kill()
+        if self.rollback_only:
+            return {k: summary(v) for k, v in res.items() if v} | {
+                "rollback_phases_p50": medians(phases), "rollback_service_phases_p50": medians(rollback_phases),
+                "snapshot_phases_p50": medians(snap_phases)}
         out: dict[str, Any] = {k: summary(v) for k, v in res.items()}
         out["rollback_phases_p50"] = medians(phases)  # the VM restore's: back-end, QEMU, load
         out["rollback_service_phases_p50"] = medians(rollback_phases)  # stop, restore, old VM, agent calls
@@ -315,6 +326,9 @@ def main() -> int:
     ap.add_argument("--max-bandwidth", type=int, default=0, metavar="MIB_S",
                     help="an experiment: QEMU's migration rate limit (max-bandwidth, 128 MiB/s by default) "
                          "for the sandboxes' snapshots and the full-save baseline")
+    ap.add_argument("--rollback-only", action="store_true",
+                    help="each run a snapshot and a rollback to it, nothing else (no baselines, no create from "
+                         "the snapshot): for comparing rollback code quickly")
     ap.add_argument("--keep", action="store_true", help="keep the bench's directory (logs, records)")
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args()
@@ -333,6 +347,7 @@ def main() -> int:
             cubefs(env, "sandbox", "template", "create", f"m{memory}", "--from", "bench:1", "--memory", str(memory))
         svc = Service(env, tmp, 0)
         bench = Bench(env, tmp, svc, args.max_bandwidth << 20)
+        bench.rollback_only = args.rollback_only
         for memory, dirty in configs:
             key = f"m{memory}_dirty{dirty}"
             out[key] = bench.config(f"m{memory}", memory, dirty, args.runs)
