@@ -144,6 +144,9 @@ async def _body(request: web.Request) -> dict[str, Any]:
     return doc
 
 
+UNSUPPORTED = {"mcp": "E2B's MCP gateway", "iam": "workload identity tokens", "volumeMounts": "E2B volumes"}
+
+
 def _str_map(doc: dict[str, Any], key: str) -> dict[str, str]:
     value = doc.get(key) or {}
     if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
@@ -199,6 +202,9 @@ class Api:
         template = doc.get("templateID")
         if not isinstance(template, str) or not template:
             raise UsageError("templateID is required")
+        for field, what in UNSUPPORTED.items():  # a sandbox without what its user asked for is not made
+            if doc.get(field):
+                raise UsageError(f"{field} ({what}) is not supported by this node")
         args = (template, _timeout(doc), _str_map(doc, "metadata"), _str_map(doc, "envVars"))
         policy = Policy.from_api(doc.get("network"), doc.get("allow_internet_access"))  # a bad one: 400, nothing made
         reach = ingress.Ingress.from_api(doc.get("network"))

@@ -244,6 +244,11 @@ def test_bad_requests_get_json_errors(node: Node) -> None:
     assert status == 404 and "no-such-template" in body["message"]
     status, body, _ = node.api("POST", "/v2/sandboxes", {"templateID": "base", "timeout": "soon"})
     assert status == 400 and body["code"] == 400
+    # what E2B offers and this node does not: refused, not ignored (nothing is made)
+    for field, value in (("mcp", {"exa": {"apiKey": "k"}}), ("iam", {"tokens": {"aws": {"audience": "a"}}}),
+                         ("volumeMounts", [{"name": "data", "path": "/data"}])):
+        status, body, _ = node.api("POST", "/v2/sandboxes", {"templateID": "base", field: value})
+        assert status == 400 and body["message"].startswith(f"{field} (") and "not supported" in body["message"], body
     req = urllib.request.Request(f"http://127.0.0.1:{node.api_port}/v2/sandboxes", method="POST", data=b"{nope",
                                  headers={"X-API-KEY": API_KEY})
     with pytest.raises(urllib.error.HTTPError) as exc:
