@@ -1,0 +1,87 @@
+"""In-place rollback as a client sees it right after the call answers.
+
+``POST /sandboxes/{id}/rollback`` answers once the restored VM runs; the guest's session,
+clock and (where the snapshot's differ) default environment are settled after the answer,
+while the sandbox's requests wait (sandbox/service.py, ``_settle``).  What a user checks: a
+command sent the moment the call returns already runs with the host's clock, the snapshot's
+files, the sandbox's own environment and hostname; also when the snapshot was of another
+sandbox.  One service and one template for the module."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_sandbox_service import Node, node_in
+
+PROBE = "date +%s.%N; cat /home/user/doc.txt; echo \"env=$ROLL\"; hostname"
+
+
+@pytest.fixture(scope="module")
+def rnode(rootfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+    yield from node_in(tmp_path_factory.mktemp("rollback"), rootfs, "--memory", "256")
+
+
+def probe(sbx: object) -> tuple[float, str, str, str, float, float]:
+    """(guest clock, doc.txt, $ROLL, hostname, host clock before, after) of one command."""
+    before = time.time()
+    out = sbx.commands.run(PROBE).stdout.split("\n")  # type: ignore[attr-defined]
+    after = time.time()
+    return float(out[0]), out[1], out[2].removeprefix("env="), out[3], before, after
+
+
+def rollback(node: Node, sandbox_id: str, snapshot_id: str) -> None:
+    status, body, _ = node.api("POST", f"/sandboxes/{sandbox_id}/rollback", {"snapshotID": snapshot_id})
+    assert status == 200, body
+    assert body["sandboxID"] == sandbox_id  # type: ignore[index]
+
+
+def test_a_command_sent_as_the_rollback_answers_sees_the_hosts_clock_and_the_snapshot(rnode: Node) -> None:
+    from e2b import Sandbox
+
+    sbx = Sandbox.create(envs={"ROLL": "mine"}, timeout=300)
+    snaps = []
+    try:
+        sbx.files.write("/home/user/doc.txt", "v1\n")
+        name = probe(sbx)[3]
+        snaps.append(sbx.create_snapshot().snapshot_id)
+        sbx.files.write("/home/user/doc.txt", "v2\n")
+        time.sleep(6)  # a guest whose clock was not set would be this far behind: the snapshot's time
+        for _ in range(2):  # the second from a guest that was itself rolled back
+            rollback(rnode, sbx.sandbox_id, snaps[0])
+            guest, doc, env, host, before, after = probe(sbx)  # sent at once: the guest may still be settling
+            assert before - 1.0 <= guest <= after + 1.0, f"guest clock {guest:.3f}, host {before:.3f}-{after:.3f}"
+            assert (doc, env, host) == ("v1", "mine", name)
+        assert sbx.get_info().state == "running"
+    finally:
+        sbx.kill()
+        for s in snaps:
+            Sandbox.delete_snapshot(s)
+
+
+def test_a_rollback_to_another_sandboxs_snapshot_keeps_this_ones_identity_and_environment(rnode: Node) -> None:
+    from e2b import Sandbox
+
+    mine = Sandbox.create(envs={"ROLL": "mine"}, timeout=300)
+    other = Sandbox.create(envs={"ROLL": "other"}, timeout=300)
+    snap = None
+    try:
+        mine.files.write("/home/user/doc.txt", "mine\n")
+        other.files.write("/home/user/doc.txt", "other's\n")
+        name = probe(mine)[3]
+        assert probe(other)[3] != name
+        snap = other.create_snapshot().snapshot_id
+        time.sleep(3)
+        rollback(rnode, mine.sandbox_id, snap)
+        guest, doc, env, host, before, after = probe(mine)
+        assert before - 1.0 <= guest <= after + 1.0, f"guest clock {guest:.3f}, host {before:.3f}-{after:.3f}"
+        # the other sandbox's files, this sandbox's environment, hostname and token (the same SDK object works)
+        assert (doc, env, host) == ("other's", "mine", name)
+        assert probe(other)[1:3] == ("other's", "other")  # the snapshot's sandbox runs on as it was
+    finally:
+        mine.kill()
+        other.kill()
+        if snap is not None:
+            Sandbox.delete_snapshot(snap)
