@@ -241,6 +241,17 @@ def remove(name: str, in_use: list[str]) -> None:
         raise UsageError(f"sandbox template {name} is in use by {len(in_use)} sandbox(es): {', '.join(in_use[:5])}")
     with contextlib.suppress(CubefsError):
         cubefs("volume", "rm", t.volume, *t.store_options.args("--volume-dir"))
+    if t.root_image:  # a disk template's prepared tree, committed as an image: its name goes too,
+        # unless a snapshot's disk still lies over it (the image is that disk's lower layer)
+        from sandbox.snapshots import SnapshotRecord
+
+        over = [s.snapshot_id for s in SnapshotRecord.list(include_hidden=True) if s.template == name]
+        if over:
+            log.warning("sandbox template %s: image %s kept: snapshots %s have disks over it (remove them, then "
+                        "'cubefs rm %s')", name, t.root_image, ", ".join(over[:5]), t.root_image)
+        else:
+            with contextlib.suppress(CubefsError):
+                cubefs("rm", t.root_image, *t.store_options.args("--store", "--s3-endpoint"))
     SandboxTemplate.path(name).unlink(missing_ok=True)
 
 

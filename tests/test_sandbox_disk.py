@@ -85,3 +85,19 @@ def test_a_sandbox_on_a_disk_writes_there_snapshots_rolls_back_forks_and_leaves_
                 s.kill()
     assert Sandbox.delete_snapshot(info.snapshot_id)
     assert volumes(dnode) == before  # every sandbox's disk and the snapshot's went with them
+
+
+def test_removing_a_disk_template_removes_its_committed_image(dnode: Node) -> None:
+    """A disk template's prepared tree is committed as an image (``sbxtpl-NAME:ready``): ``template
+    rm`` removes that name too (it stayed in the store forever before; its data goes at the next
+    ``cubefs gc``)."""
+    def images() -> set[str]:
+        out = json.loads(run_cubefs("images", "--json", env=dnode.env).stdout)
+        return {i["ref"] for i in out}
+
+    run_cubefs("sandbox", "template", "create", "second", "--from", "debian:12", "--memory", "256", "--disk", "256M",
+               env=dnode.env, timeout=600)
+    assert "sbxtpl-second:ready" in images()
+    run_cubefs("sandbox", "template", "rm", "second", env=dnode.env)
+    assert "sbxtpl-second:ready" not in images() and "sbxtpl-base:ready" in images()
+    assert "sbxtpl-second" not in volumes(dnode)
