@@ -55,6 +55,9 @@ WANTED_FLAGS = (
 )
 # And for a volume, which clears privileges itself (cubefs/volume/fs.py: _drop_privileges).
 WANTED_WRITABLE = WANTED_FLAGS | p.HANDLE_KILLPRIV_V2
+# A volume mounted with --writeback-cache: write(2) fills the page cache, and the kernel sends
+# WRITEs of whole runs of pages later (design.md, "The FUSE volume path: round trips").
+WRITEBACK_CACHE = 1 << 16
 MAX_PAGES = 256  # reads and writes of up to 1 MiB per request
 MAX_WRITE = MAX_PAGES * 4096
 REQUEST_BUFFER = MAX_PAGES * 4096 + 4096  # what a transport must be able to receive
@@ -115,6 +118,7 @@ class FuseServer:
         # a READDIRPLUS would otherwise rebuild hundreds per request.
         self._attrs: LRUCache[int, bytes] = LRUCache(maxsize=65536)
         self._said: dict[int, float] = {}  # errno -> when it was last logged (see QUIET_SECONDS)
+        self._generations: dict[int, int] = {}  # inode -> generation, bumped by a rollback (writeback cache)
         self._handlers: dict[int, Handler] = {
             p.INIT: self._init,
             p.DESTROY: self._destroy,
@@ -212,7 +216,8 @@ class FuseServer:
         return packed
 
     def _entry(self, ino: int) -> bytes:
-        out = p.ENTRY_OUT.pack(ino, 0, self.timeout, self.timeout, 0, 0) + self._attr(ino)
+        gen = self._generations.get(ino, 0) if self._generations else 0
+        out = p.ENTRY_OUT.pack(ino, gen, self.timeout, self.timeout, 0, 0) + self._attr(ino)
         if self.writable:
             self.fs.remember(ino)  # the kernel now holds a reference until it FORGETs
         return out
@@ -232,6 +237,8 @@ class FuseServer:
         self.no_open = bool(flags & p.NO_OPEN_SUPPORT)
         self.no_opendir = bool(flags & p.NO_OPENDIR_SUPPORT)
         wanted = WANTED_WRITABLE if self.writable else WANTED_FLAGS
+        if self.writable and getattr(self.fs, "writeback_cache", False):  # cubefs mount --writeback-cache
+            wanted |= WRITEBACK_CACHE
         flags2 = depth = 0
         self._passthrough_on = self.passthrough is not None and self.passthrough.negotiate(self.kernel_flags)
         if self._passthrough_on:  # OPEN is then answered: see cubefs.fuse.passthrough
@@ -482,6 +489,15 @@ class FuseServer:
         known = self.fs.known_inodes()
         msgs = [p.inval_entry(parent, name) for parent, name in names if (parent, name) in self.fs.dentries]
         msgs += [p.inval_inode(ino) for ino in inodes if ino in known]
+        if self.writable and self.kernel_flags & WRITEBACK_CACHE and getattr(self.fs, "writeback_cache", False):
+            # The kernel owns a cached regular file's size and times (it keeps its own over ours,
+            # and no notification resets them): only a new kernel inode shows the snapshot's.  So
+            # every cached name goes (an inode no file holds open goes with its last name), and a
+            # changed inode gets a new generation, so that looking it up again makes a new one
+            # (the kernel's old one, if a file still holds it, then fails with EIO).
+            for ino in inodes:
+                self._generations[ino] = self._generations.get(ino, 0) + 1
+            msgs += [p.inval_entry(parent, name) for parent, name in self.fs.dentries if (parent, name) not in names]
         return msgs
 
     def _forget(self, opcode: int, nodeid: int, body: memoryview) -> None:

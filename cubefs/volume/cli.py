@@ -80,7 +80,8 @@ def add_parsers(sub: Any, store_args: Any) -> None:
                        description="The volume shows SNAPSHOT's state; what was written since is dropped (take a "
                        "snapshot first to keep it). On a mounted volume this is immediate: the kernel's caches are "
                        "invalidated, open files read the snapshot's version of their file, and one created after "
-                       "the snapshot fails with ENOENT: it no longer exists.")
+                       "the snapshot fails with ENOENT: it no longer exists (on a --writeback-cache mount a file "
+                       "held open keeps its size until its name is looked up again, then fails with EIO).")
     p.add_argument("volume")
     p.add_argument("snapshot")
     volume_dir_arg(p)
@@ -307,6 +308,11 @@ def cmd_rollback(args: argparse.Namespace) -> int:
             result = {"volume": args.volume, "snapshot": args.snapshot, "layer": layer, "invalidations": 0,
                       "seconds": time.perf_counter() - t0}
         else:
+            from cubefs.volume.flush import flush_mounted
+
+            # What the kernel holds dirty (a shared mapping; every write with --writeback-cache) goes to
+            # the daemon first: written back after the rollback, it would land in the snapshot's state.
+            flush_mounted(index, args.volume)
             result = control.call(holder["mountpoint"], "/volume/rollback/" + quote(args.snapshot, safe=""))
     finally:
         index.close()

@@ -1,14 +1,16 @@
-"""Before a snapshot of a mounted volume, what the kernel holds dirty goes to the daemon.
+"""Before a snapshot or rollback of a mounted volume, what the kernel holds dirty goes to the daemon.
 
-A write through ``write(2)`` reaches the daemon before the call returns (the
-mount has no writeback cache: see the FUSE server's docstring), but a write
-through a shared ``mmap`` stays a dirty page in the kernel until it is
-written back, up to ``dirty_expire_centisecs`` (30 s) later.  A snapshot is
+A write through ``write(2)`` reaches the daemon before the call returns
+(unless the volume is mounted ``--writeback-cache``: then every write stays a
+dirty page in the kernel), but a write through a shared ``mmap`` stays a
+dirty page in the kernel until it is written back, up to
+``dirty_expire_centisecs`` (30 s) later.  A snapshot is
 promised to contain everything written before it, as an LVM snapshot does
 (it freezes the filesystem, which flushes dirty pages first).  So the
 snapshot commands call ``syncfs`` on the mountpoint first: the kernel sends
 every dirty page as a WRITE, and returns once the daemon has answered them
-all, i.e. once they are in the volume index.
+all, i.e. once they are in the volume index.  A rollback flushes first too:
+pages written back after it would land in the snapshot's state.
 
 Only from a process other than the daemon (the CLI): the daemon answers
 those WRITEs on its one thread, and would wait on itself.

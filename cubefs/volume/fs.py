@@ -113,6 +113,9 @@ class VolumeFS:
         self.compaction = dict.fromkeys(("passes", "files_compacted", "bytes_copied", "bytes_punched",
                                          "bytes_reclaimed", "files_deleted", "blocks_pruned", "rolls", "errors"), 0)
         self.trace = None  # traces are an image mount's business
+        # The kernel caches writes and sends them later (cubefs mount --writeback-cache): asked for at
+        # INIT (cubefs/fuse/server.py); a rollback then cannot reset an open file's size (design.md).
+        self.writeback_cache = False
         self._inodes: dict[int, Inode] = {}
         self._listings: dict[int, list[tuple[bytes, int]]] = {}
         self._plain: dict[int, bool] = {}  # no layer has blocks or a cut for this inode: reads go to the image
@@ -803,7 +806,8 @@ class VolumeFS:
             if not stat.S_ISREG(inode.mode):
                 raise FsError(errno.EINVAL)
             pieces = [*self._tail_zeros(inode.size, offset), (offset, data)]
-            self._check_old(txn, vol.layer, chain, ino, pieces, old)
+            if ino <= self.image_inodes:  # only the image's own inodes have image blocks to fetch
+                self._check_old(txn, vol.layer, chain, ino, pieces, old)
             for off, piece in pieces:
                 self._put_range(txn, vol.layer, chain, ino, off, piece, old)
             inode = inode.copy()
