@@ -22,7 +22,7 @@ from urllib.parse import parse_qsl
 from aiohttp import web
 
 from cubefs.errors import CubefsError, NotFoundError, UsageError
-from sandbox import ingress, lifecycle
+from sandbox import ingress, lifecycle, usage
 from sandbox.cluster.keys import RESERVATION_HEADER
 from sandbox.config import ApiKeys
 from sandbox.network.policy import Policy
@@ -54,7 +54,9 @@ def make_app(service: SandboxService, keys: ApiKeys, member: Any = None) -> web.
     r.add_post("/v2/sandboxes", api.create)
     r.add_get("/sandboxes", api.list_v1)
     r.add_get("/v2/sandboxes", api.list_v2)
+    r.add_get("/sandboxes/metrics", api.usage_of_many)  # before /sandboxes/{id}
     r.add_get("/sandboxes/{id}", api.get)
+    r.add_get("/sandboxes/{id}/metrics", api.usage_of)
     r.add_delete("/sandboxes/{id}", api.kill)
     r.add_post("/sandboxes/{id}/timeout", api.timeout)
     r.add_post("/sandboxes/{id}/refreshes", api.refresh)
@@ -184,6 +186,7 @@ class Api:
     def __init__(self, service: SandboxService) -> None:
         self.service = service
         self.idempotent: dict[str, tuple[float, asyncio.Future[Any]]] = {}
+        self.usage: dict[str, usage.Usage] = {}  # sandbox -> its samples (sandbox/usage.py)
 
     @property
     def version(self) -> str:
@@ -262,6 +265,33 @@ class Api:
             detail |= {"allowInternetAccess": policy.internet}
             detail["network"] |= policy.api()
         return web.json_response(detail)
+
+    async def usage_of(self, request: web.Request) -> web.Response:
+        """``GET /sandboxes/{id}/metrics``: a sample now (a running sandbox), then every sample
+        kept within ``start``..``end``."""
+        start, end = usage.bounds(request.query)
+        samples = await self._sampled(self.service.get(request.match_info["id"]))
+        return web.json_response(samples.between(start, end))
+
+    async def usage_of_many(self, request: web.Request) -> web.Response:
+        """``GET /sandboxes/metrics?sandbox_ids=A,B``: each one's latest sample (unknown ones left out)."""
+        out: dict[str, Any] = {}
+        for sid in [s for s in request.query.get("sandbox_ids", "").split(",") if s][:100]:
+            sbx = self.service.sandboxes.get(sid)
+            if sbx is not None and (samples := await self._sampled(sbx)).samples:
+                out[sid] = samples.samples[-1].api()
+        return web.json_response({"sandboxes": out})
+
+    async def _sampled(self, sbx: Any) -> usage.Usage:
+        for gone in [s for s in self.usage if s not in self.service.sandboxes]:
+            del self.usage[gone]
+        samples = self.usage.setdefault(sbx.id, usage.Usage())
+        if sbx.record.state == "running" and sbx.channel is not None and not sbx.busy.locked():
+            try:
+                await samples.sample(sbx.channel)
+            except CubefsError as err:  # what was kept is still an answer
+                log.warning("sandbox %s: usage: %s", sbx.id, err)
+        return samples
 
     async def kill(self, request: web.Request) -> web.Response:
         if not await self.service.kill(request.match_info["id"]):

@@ -16,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -235,6 +236,32 @@ def test_list_with_metadata_pages_get_and_timeouts(node: Node) -> None:
     finally:
         for s in made:
             s.kill()
+
+
+def test_get_metrics_reports_what_the_guest_sees(node: Node) -> None:
+    """The SDK's ``get_metrics()`` (it said "not found" of a running sandbox before: the route was
+    missing): the guest's vCPUs, memory and root disk, and its CPU busy while something spins."""
+    from e2b import Sandbox
+
+    sbx = Sandbox.create(timeout=300)
+    try:
+        sbx.commands.run("sh -c 'while :; do :; done' >/dev/null 2>&1", background=True)
+        time.sleep(1.0)
+        first = sbx.get_metrics()
+        assert len(first) == 1, first
+        m = first[-1]
+        info = Sandbox.get_info(sbx.sandbox_id)
+        assert m.cpu_count == info.cpu_count and m.cpu_used_pct > 50, m
+        assert 0.7 * info.memory_mb * 2**20 < m.mem_total <= info.memory_mb * 2**20 and 0 < m.mem_used < m.mem_total
+        assert 0 < m.disk_used < m.disk_total, m
+        assert len(sbx.get_metrics()) == 2  # a sample each time, all of them kept
+        assert sbx.get_metrics(start=datetime.now(UTC) + timedelta(hours=1)) == []
+        status, body, _ = node.api("GET", f"/sandboxes/metrics?sandbox_ids={sbx.sandbox_id},inosuchsandbox")
+        assert status == 200 and list(body["sandboxes"]) == [sbx.sandbox_id], body
+    finally:
+        sbx.kill()
+    status, body, _ = node.api("GET", f"/sandboxes/{sbx.sandbox_id}/metrics")
+    assert status == 404, body
 
 
 def test_bad_requests_get_json_errors(node: Node) -> None:
