@@ -970,12 +970,12 @@ class SandboxService:
             if channel is not None and sbx.channel is not channel:
                 with contextlib.suppress(Exception):
                     await channel.close()
+            if not isinstance(err, Exception):  # the service stopping: its record (rolling-back) has it cleaned
+                raise
             if self.sandboxes.get(r.sandbox_id) is sbx:
                 log.warning("sandbox %s: rolled-back guest did not settle, sandbox removed: %s", r.sandbox_id, err)
                 self.sandboxes.pop(r.sandbox_id, None)
                 await self._finish(sbx)
-            if not isinstance(err, Exception):
-                raise
         finally:
             sbx.busy.release()
 
