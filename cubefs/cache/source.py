@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 
 INLINE_DECODE = 512 * 1024  # stored bytes of a fetched range decoded on the event loop itself
 DISK_SLICE = 8  # chunks read and decoded from the disk cache per thread hop, when no reader waits for them
+DISK_LANES = 3  # such hops at once (the disk serves several reads at once; 2 cores decode)
 DISK_BATCH_SECONDS = 0.05  # chunks to write to disk gather this long into one transaction
 # A reader that gave up on a chunk (its --read-timeout) marks it for this long: the
 # kernel retries a failed readahead at once with a 4 KiB read of the same chunk, and
@@ -165,6 +166,7 @@ class ChunkSource:
         # allowance, so they never hold up a reader's GET behind them.
         self._background_requests = trio.Semaphore(background_requests)
         self._nursery: trio.Nursery | None = None
+        self._disk_lanes: trio.CapacityLimiter | None = None  # background disk-cache reads (DISK_LANES)
         self.prefetch_stats: dict[str, float] = {"chunks": 0, "done": 0, "seconds": 0.0}
         self.stream_stats: dict[str, float] = {"chunks": 0, "done": 0, "seconds": 0.0}
         self._stream_plan: Any = None  # () -> chunks to stream, in order (see stream_after)
@@ -582,22 +584,29 @@ class ChunkSource:
         if later:
             settled.update(later)
 
-            async def decode_later() -> None:
-                # A few chunks per thread hop, in the order asked (a trace's order): a remount's
-                # prefetch of 153 chunks read and decoded in one call held every start-up read
-                # that needed one of them until the last was done (issue 18, "on the node").
-                for i in range(0, len(later), DISK_SLICE):
-                    part = later[i : i + DISK_SLICE]
-                    try:
-                        results = await trio.to_thread.run_sync(read_and_decode, part)
-                    except BaseException:
-                        for d in later[i:]:
-                            self._resolve(mine[d][1], d, None, f"chunk {d.hex()[:16]}: not read from the disk cache")
-                        raise
-                    done = dict(results)
+            async def decode_part(part: list[bytes], lanes: trio.CapacityLimiter) -> None:
+                try:
+                    results = await trio.to_thread.run_sync(read_and_decode, part, limiter=lanes)
+                except BaseException:
                     for d in part:
-                        # Gone or damaged: resolves as failed, and its reader (if any) retries.
-                        self._resolve(mine[d][1], d, done.get(d), f"chunk {d.hex()[:16]}: damaged in the disk cache")
+                        self._resolve(mine[d][1], d, None, f"chunk {d.hex()[:16]}: not read from the disk cache")
+                    raise
+                done = dict(results)
+                for d in part:
+                    # Gone or damaged: resolves as failed, and its reader (if any) retries.
+                    self._resolve(mine[d][1], d, done.get(d), f"chunk {d.hex()[:16]}: damaged in the disk cache")
+
+            async def decode_later() -> None:
+                # A few chunks per thread hop, DISK_LANES hops at a time, started in the order
+                # asked (a trace's order; trio's limiter is FIFO): a remount's prefetch of 153
+                # chunks read and decoded in one call held every start-up read that needed one of
+                # them until the last was done, and the reads of a cache the kernel dropped
+                # wait on the disk, which serves several at once.
+                if self._disk_lanes is None:
+                    self._disk_lanes = trio.CapacityLimiter(DISK_LANES)
+                async with trio.open_nursery() as parts:
+                    for i in range(0, len(later), DISK_SLICE):
+                        parts.start_soon(decode_part, later[i : i + DISK_SLICE], self._disk_lanes)
 
             if self._nursery is not None:
                 self._nursery.start_soon(decode_later)
