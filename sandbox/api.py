@@ -23,6 +23,7 @@ from aiohttp import web
 
 from cubefs.errors import CubefsError, NotFoundError, UsageError
 from sandbox import ingress, lifecycle, usage
+from sandbox.admission import AdmissionError
 from sandbox.cluster.keys import RESERVATION_HEADER
 from sandbox.config import ApiKeys
 from sandbox.network.policy import Policy
@@ -90,6 +91,8 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error(409, str(err))
     except NoSpaceError as err:
         return error(507, str(err))
+    except AdmissionError as err:  # a queued restore that will not run: the service stops (or nobody waits)
+        return error(503, str(err))
     except CapacityError as err:  # final here: a scheduler places it on another node, the SDK must not retry
         return error(429, str(err), headers={"Should-Retry": "false"})
     except UsageError as err:
@@ -165,6 +168,12 @@ def _timeout(doc: dict[str, Any], key: str = "timeout") -> int | None:
     return value
 
 
+def _gone(request: web.Request) -> bool:
+    """The client closed the request's connection (its timeout passed): nobody reads the answer."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
 def _page(items: list[dict[str, Any]], query: Any, key: str) -> web.Response:
     """Pages of ``limit``; ``X-Next-Token`` (the last ``key`` given) when more remain."""
     try:
@@ -187,6 +196,7 @@ class Api:
         self.service = service
         self.idempotent: dict[str, tuple[float, asyncio.Future[Any]]] = {}
         self.usage: dict[str, usage.Usage] = {}  # sandbox -> its samples (sandbox/usage.py)
+        self.askers: dict[str, list[web.Request]] = {}  # an idempotent create's requests, first and retries
 
     @property
     def version(self) -> str:
@@ -217,16 +227,25 @@ class Api:
             now = time.monotonic()
             for k in [k for k, (t, _) in self.idempotent.items() if now - t > IDEMPOTENCY_SECONDS]:
                 del self.idempotent[k]
-            if key not in self.idempotent:
-                self.idempotent[key] = (now, asyncio.ensure_future(self.service.create(*args)))
+            askers = self.askers.setdefault(key, [])
+            askers.append(request)
+            if key not in self.idempotent:  # queued, it is dropped once every request for it has gone
+                self.idempotent[key] = (now, asyncio.ensure_future(
+                    self.service.create(*args, gone=lambda: all(map(_gone, askers)))))
             future = self.idempotent[key][1]
             try:
                 sbx = await asyncio.shield(future)
             except BaseException:
                 self.idempotent.pop(key, None)
+                if len(askers) == 1 and not future.done():  # the last asker cancelled (a stop): so is the create
+                    future.cancel()
                 raise
+            finally:
+                askers.remove(request)
+                if not askers:
+                    self.askers.pop(key, None)
         else:
-            sbx = await self.service.create(*args)
+            sbx = await self.service.create(*args, gone=lambda: _gone(request))
         self._set_policy(sbx.id, policy)
         if reach.apply(sbx.record) | life.apply(sbx.record):  # before its ID leaves this node
             sbx.record.save()

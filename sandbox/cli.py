@@ -98,6 +98,9 @@ def add_parsers(sub: Any, store_args: Any) -> None:
     q.add_argument("--max-memory", type=int, default=None, metavar="MB",
                    help="guest memory this node holds (default: the host's); past either limit a create is "
                    "refused with 429 and Should-Retry: false")
+    q.add_argument("--max-restores", type=int, default=None, metavar="N",
+                   help="VM restores at once (creates not served from a pool, from a snapshot, forks, pool "
+                   "fills); more wait in order (default: one per host CPU)")
     _cluster_args(q)
     q.add_argument("--node", default=None, metavar="NAME",
                    help="this node's name in the cluster (with --etcd; default: the host name)")
@@ -376,6 +379,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     if args.pool_size < 0:
         raise UsageError("--pool-size must be 0 or more")
+    if args.max_restores is not None and args.max_restores < 1:
+        raise UsageError("--max-restores must be 1 or more")
     keys = ApiKeys.load(args.api_key_file)
     if args.snapshot_dir:
         import os
@@ -399,7 +404,8 @@ def _serve(args: argparse.Namespace) -> int:
                       args.domain, Path(args.kernel) if args.kernel else None,
                       pool_size=args.pool_size,
                       network_pool=args.network_pool if args.network else None, capacity=capacity, cluster=cluster,
-                      dns_upstream=args.dns_upstream, max_connections=args.max_connections))
+                      dns_upstream=args.dns_upstream, max_connections=args.max_connections,
+                      max_restores=args.max_restores))
     return EXIT_OK
 
 

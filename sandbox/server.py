@@ -3,6 +3,16 @@
 Both are aiohttp applications on one asyncio loop, sharing one
 ``SandboxService``.  SIGTERM/SIGINT stop the listeners and leave the sandboxes
 running: a restarted service adopts them (``SandboxService.adopt``).
+
+**A stop is quick.**  aiohttp's own shutdown waits up to 60 s for every open
+handler, and an SDK client holding an envd stream open (a background command,
+a watch) holds one as long as it likes: a stop took ~47 s.  So a stop first
+closes both listeners, then fails the creates queued for a restore (503),
+cancels the restores in flight (each cleans up what it made) and ends every
+open envd stream and agent session (the client reads the stream's end,
+"unavailable"), and only then gives what is still in flight (a snapshot, a
+pause) ``STOP_GRACE`` seconds before aiohttp cancels it.  Measured with an
+SDK client following a background command: ~47 s before, see docs/design.md.
 """
 
 from __future__ import annotations
@@ -25,6 +35,8 @@ from sandbox.pool import Capacity
 from sandbox.service import SandboxService
 
 log = logging.getLogger("cubefs.sandbox")
+
+STOP_GRACE = 3.0  # seconds a request in flight gets to finish once a stop has ended the streams
 
 
 def parse_listen(text: str, default_port: int) -> tuple[str, int]:
@@ -51,8 +63,8 @@ async def serve(api_addr: tuple[str, int], proxy_addr: tuple[str, int], keys: Ap
                 domain: str | None = None, kernel: Path | None = None, ready: asyncio.Event | None = None,
                 pool_size: int = 0, capacity: Capacity | None = None, cluster: ClusterOptions | None = None,
                 network_pool: int | None = None, dns_upstream: list[str] | None = None,
-                max_connections: int = 4096) -> None:
-    service = SandboxService(domain, kernel, pool_size, capacity)
+                max_connections: int = 4096, max_restores: int | None = None) -> None:
+    service = SandboxService(domain, kernel, pool_size, capacity, max_restores)
     if network_pool is not None:  # a NIC per sandbox, egress through this node's gateway
         from sandbox.config import state_dir
         from sandbox.network.pool import Networks
@@ -66,15 +78,16 @@ async def serve(api_addr: tuple[str, int], proxy_addr: tuple[str, int], keys: Ap
     except BaseException:
         await service.close()
         raise
-    runners = [web.AppRunner(api.make_app(service, keys, member), access_log=None),
-               web.AppRunner(proxy.make_app(service), access_log=None)]
+    runners = [web.AppRunner(api.make_app(service, keys, member), access_log=None, shutdown_timeout=STOP_GRACE),
+               web.AppRunner(proxy.make_app(service), access_log=None, shutdown_timeout=STOP_GRACE)]
     try:
         for runner, (host, port) in zip(runners, (api_addr, proxy_addr)):
             await runner.setup()
             await web.TCPSite(runner, host, port, reuse_address=True).start()
         log.info("sandbox service: API on http://%s:%d, proxy on http://%s:%d, API keys from %s, %d sandboxes "
-                 "adopted, pools of %d, capacity %d vCPUs and %d MiB", *api_addr, *proxy_addr, keys.source,
-                 len(service.sandboxes), pool_size, service.capacity.vcpus, service.capacity.memory_mb)
+                 "adopted, pools of %d, capacity %d vCPUs and %d MiB, %d restores at once", *api_addr, *proxy_addr,
+                 keys.source, len(service.sandboxes), pool_size, service.capacity.vcpus, service.capacity.memory_mb,
+                 service.restores.limit)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -84,13 +97,20 @@ async def serve(api_addr: tuple[str, int], proxy_addr: tuple[str, int], keys: Ap
         print(f"cubefs sandbox: API http://{api_addr[0]}:{api_addr[1]}  proxy http://{proxy_addr[0]}:"
               f"{proxy_addr[1]}  (API keys: {keys.source})", flush=True)
         await stop.wait()
+        log.info("sandbox service stopping")
     finally:
+        t0 = time.monotonic()
+        for runner in runners:  # no new request from here on
+            for site in list(runner.sites):
+                await site.stop()
+        await service.quiesce()  # queued creates failed, open streams ended: their handlers return
         for runner in runners:
             await runner.cleanup()
         if member is not None:
             await member.close()
             await member.etcd.close()
         await service.close()
+        log.info("sandbox service stopped in %.2f s", time.monotonic() - t0)
 
 
 async def _join(service: SandboxService, opts: ClusterOptions, api_addr: tuple[str, int],

@@ -45,6 +45,7 @@ from cubefs.cow.index import VolumeIndex
 from cubefs.errors import CubefsError, NotFoundError, UsageError
 from cubefs.volume.cli import default_volume_dir
 from sandbox import templates
+from sandbox.admission import AdmissionError, RestoreGate
 from sandbox.config import private_dir, state_dir, write_private
 from sandbox.ingress import Ingress
 from sandbox.lifecycle import Lifecycle
@@ -213,9 +214,10 @@ class Counters:
 
 class SandboxService:
     def __init__(self, domain: str | None = None, kernel: Path | None = None, pool_size: int = 0,
-                 capacity: Capacity | None = None) -> None:
+                 capacity: Capacity | None = None, max_restores: int | None = None) -> None:
         """Where images, volumes and caches live is each template's (``cubefs sandbox template
-        create --store ...``), not the service's."""
+        create --store ...``), not the service's.  ``max_restores``: restores at once on the node
+        (``sandbox/admission.py``; default one per host CPU)."""
         self.domain = domain
         self.kernel = kernel
         self.sandboxes = SandboxTable()
@@ -224,6 +226,8 @@ class SandboxService:
         self.pool_size = pool_size
         self.pools: dict[str, list[Sandbox]] = {}  # template -> ready sandboxes, paused
         self.capacity = capacity or Capacity.of_host()
+        self.restores = RestoreGate(max_restores)
+        self._making_tasks: dict[str, asyncio.Task[Any]] = {}  # sandbox id -> the task making it (for a stop)
         self._reaper: asyncio.Task[None] | None = None
         self._filler: asyncio.Task[None] | None = None
         self._pool_wake: asyncio.Event | None = None
@@ -258,6 +262,7 @@ class SandboxService:
     async def close(self) -> None:
         """Stop serving; the sandboxes keep running for the next service to adopt.  Pooled
         ones, which nobody has yet, are removed (one being made is finished first, then removed)."""
+        self.restores.close()  # queued creates answered at once (503), none restored for a gone service
         for task in (self._reaper, self._filler):
             if task is not None:
                 task.cancel()
@@ -274,6 +279,21 @@ class SandboxService:
             await asyncio.to_thread(done.join)
         for index in self._indexes.values():
             index.close()
+
+    async def quiesce(self) -> None:
+        """A stop's first step, once the listeners are closed: queued creates fail at once (503),
+        restores in flight are cancelled (each removes what it made once its QEMU start
+        returns: a VM started for nobody would otherwise be adopted and live out its TTL),
+        every open envd stream ends (its client reads the end: "unavailable") and the agent
+        sessions close, which ends the proxy's relays to the sandboxes' ports too.  What holds a
+        request open is gone, so the server's shutdown need not wait for it.  A sandbox being
+        paused, snapshotted or rolled back keeps its session: only its envd streams end."""
+        self.restores.close()
+        for task in list(self._making_tasks.values()):  # a restore in flight: nobody will get it; it cleans up
+            task.cancel()
+        sbxs = list(self.sandboxes.values())
+        await asyncio.gather(*(sbx.envd.close() for sbx in sbxs if sbx.envd is not None), return_exceptions=True)
+        await asyncio.gather(*(self._disconnect(sbx) for sbx in sbxs if not sbx.busy.locked()))
 
     async def adopt(self) -> None:
         for path in sorted((state_dir() / "sandboxes").glob("*.json")):
@@ -313,8 +333,9 @@ class SandboxService:
 
     # -- create ------------------------------------------------------------------
     async def create(self, template_id: str, timeout: int | None = None, metadata: dict[str, str] | None = None,
-                     env_vars: dict[str, str] | None = None) -> Sandbox:
-        """A running sandbox of ``template_id``: from its pool when one is ready, else made now."""
+                     env_vars: dict[str, str] | None = None, gone: Callable[[], bool] | None = None) -> Sandbox:
+        """A running sandbox of ``template_id``: from its pool when one is ready, else made now (a
+        restore: it queues at the node's restore gate, and is dropped if ``gone()`` before its turn)."""
         t0 = time.monotonic()
         timeout = DEFAULT_TIMEOUT if timeout is None else timeout
         check_timeout(timeout)
@@ -323,14 +344,15 @@ class SandboxService:
             with contextlib.suppress(NotFoundError):
                 snap = SnapshotRecord.find(template_id)
             if snap is not None and snap.memory:
-                return await self._from_snapshot(snap, timeout, metadata or {}, env_vars or {}, t0)
+                return await self._from_snapshot(snap, timeout, metadata or {}, env_vars or {}, t0, gone)
             if snap is not None:
                 return await self._create(SandboxTemplate.load(snap.template), timeout, metadata, env_vars, t0,
-                                          disk=(snap.volume, READY))
-        return await self._create(SandboxTemplate.load(template_id), timeout, metadata, env_vars, t0)
+                                          disk=(snap.volume, READY), gone=gone)
+        return await self._create(SandboxTemplate.load(template_id), timeout, metadata, env_vars, t0, gone=gone)
 
     async def _create(self, template: SandboxTemplate, timeout: int, metadata: dict[str, str] | None,
-                      env_vars: dict[str, str] | None, t0: float, disk: tuple[str, str] | None = None) -> Sandbox:
+                      env_vars: dict[str, str] | None, t0: float, disk: tuple[str, str] | None = None,
+                      gone: Callable[[], bool] | None = None) -> Sandbox:
         if self.pool_size > 0 and self._pool_wake is not None:
             self.pools.setdefault(template.name, [])
             self._pool_wake.set()
@@ -338,7 +360,7 @@ class SandboxService:
         pooled = sbx is not None
         if sbx is None:
             self._make_room(template.cpus, template.memory_mb)
-            sbx = await self._build(template, "creating", disk)
+            sbx = await self._build(template, "creating", disk, gone)
         try:
             await self._assign(sbx, timeout, metadata or {}, env_vars or {}, resume=pooled)
         except BaseException as err:
@@ -356,15 +378,26 @@ class SandboxService:
                  timeout)
         return sbx
 
-    async def _build(self, template: SandboxTemplate, state: str, disk: tuple[str, str] | None = None) -> Sandbox:
+    async def _build(self, template: SandboxTemplate, state: str, disk: tuple[str, str] | None = None,
+                     gone: Callable[[], bool] | None = None) -> Sandbox:
         """Make a sandbox of ``template`` up to its start command running (``state``: creating
-        or pooled).  Capacity is booked before anything is made; a failure leaves nothing."""
+        or pooled).  Capacity is booked before anything is made (a create that does not fit is
+        refused at once, not after queueing); a failure leaves nothing.  The restore and the
+        agent's first answers hold a slot of the restore gate (a pool fill yields to queued
+        creates); the start command does not (it may wait up to a minute for a port)."""
         async with self._making(template.name, template.cpus, template.memory_mb, f"template {template.name}",
                                 state=state) as sbx:
-            vm = await _finish_thread(self._start_vm, template, sbx.record, disk)
-            await self._connect(sbx, vm)
+            async with self.restores.slot(gone, low=state == "pooled"):
+                self._restoring(sbx)
+                vm = await _finish_thread(self._start_vm, template, sbx.record, disk)
+                await self._connect(sbx, vm)
             await self._start_command(sbx, template)
         return sbx
+
+    def _restoring(self, sbx: Sandbox) -> None:
+        """Admitted: its restore starts, and a stop cancels it (a queued one fails at the gate)."""
+        if (task := asyncio.current_task()) is not None:
+            self._making_tasks[sbx.id] = task
 
     @contextlib.asynccontextmanager
     async def _making(self, template: str, cpus: int, memory_mb: int, what: str,
@@ -382,6 +415,12 @@ class SandboxService:
         sbx = Sandbox(record)
         try:
             yield sbx
+        except AdmissionError as err:  # never admitted to restore: nothing was made but the booking
+            self.counters.create_failed += 1
+            log.info("sandbox %s (%s): not made: %s", sid, what, err)
+            self.capacity.release(sid)
+            SandboxRecord.path(sid).unlink(missing_ok=True)
+            raise
         except BaseException as err:
             self.counters.create_failed += 1
             log.warning("sandbox %s (%s): making it failed: %s", sid, what, err)
@@ -389,6 +428,7 @@ class SandboxService:
             raise
         finally:
             self.creating.discard(sid)
+            self._making_tasks.pop(sid, None)
 
     async def _assign(self, sbx: Sandbox, timeout: int, metadata: dict[str, str], env_vars: dict[str, str],
                       resume: bool) -> None:
@@ -466,7 +506,7 @@ class SandboxService:
                     await asyncio.wait_for(self._pool_wake.wait(), 2.0)
                 continue
             try:
-                sbx = await self._build(template, "pooled")
+                sbx = await self._build(template, "pooled")  # its restore yields to queued creates
             except CapacityError:
                 continue
             except Exception as err:  # a broken template must not spin: try again later
@@ -811,12 +851,15 @@ class SandboxService:
         snapshots.remove_dir(rec.snapshot_id)
 
     async def _from_snapshot(self, snap: SnapshotRecord, timeout: int, metadata: dict[str, str],
-                             env_vars: dict[str, str], t0: float) -> Sandbox:
-        """A new sandbox that continues from ``snap``: its processes, memory and files."""
+                             env_vars: dict[str, str], t0: float, gone: Callable[[], bool] | None = None) -> Sandbox:
+        """A new sandbox that continues from ``snap``: its processes, memory and files (the
+        restore through the node's restore gate, as a create's)."""
         async with self._making(snap.template, snap.cpus, snap.memory_mb, f"snapshot {snap.snapshot_id}",
                                 env_vars=dict(snap.env_vars)) as sbx:
-            vm = await _finish_thread(self._restore_vm, snap, sbx.record)
-            await self._connect(sbx, vm, restored=True)  # with its identity and tokens
+            async with self.restores.slot(gone):
+                self._restoring(sbx)
+                vm = await _finish_thread(self._restore_vm, snap, sbx.record)
+                await self._connect(sbx, vm, restored=True)  # with its identity and tokens
             await self._assign(sbx, timeout, metadata, {**snap.env_vars, **env_vars}, resume=False)
         sid, record = sbx.id, sbx.record
         self.sandboxes[sid] = sbx
@@ -1178,6 +1221,7 @@ class SandboxService:
             for q in (0.5, 0.95, 0.99):
                 value = xs[min(len(xs) - 1, int(q * len(xs)))]
                 lines.append(f'cubefs_sandbox_create_seconds{{quantile="{q}"}} {value:.4f}')
+        lines += self.restores.metrics()
         if self.network is not None:
             lines += self.network.metrics()
         return "\n".join(lines) + "\n"
@@ -1243,6 +1287,7 @@ def _template_opts(name: str) -> StoreOptions:
 def check_timeout(timeout: int) -> None:
     if not isinstance(timeout, int) or isinstance(timeout, bool) or not 0 <= timeout <= MAX_TIMEOUT:
         raise UsageError(f"timeout must be a whole number of seconds from 0 to {MAX_TIMEOUT}, not {timeout!r}")
+
 
 class _Settling:
     """A rolled-back sandbox's envd and agent channel while ``_settle`` runs: the proxy's

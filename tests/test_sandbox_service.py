@@ -560,28 +560,58 @@ def test_a_full_node_evicts_pooled_sandboxes_then_refuses_with_429(node: Node,
 def test_fifty_concurrent_creates_race_a_refilling_pool(node: Node) -> None:
     """50 creates at once against a pool of 4 that refills while they run: every create gets a
     sandbox of its own (the pool's four and 46 made now, none given twice), each runs its own
-    command, the pool is full again afterwards, and killing them all leaves no QEMU."""
+    command, the pool is full again afterwards, and killing them all leaves no QEMU.  The 46
+    restores queue at the node's restore gate (``--max-restores 2``): never more than 2 run at
+    once (the service's peak, and every look at /metrics during the burst), and a create
+    served from the pool does not wait behind them."""
+    import threading
     from concurrent.futures import ThreadPoolExecutor
 
     from e2b import Sandbox
 
     # room for 50 + the pool: guests map their template's RAM privately, so 512 MiB each is a bound
-    restarted(node, "--pool-size", "4", "--max-vcpus", "64", "--max-memory", str(64 * 512))
+    restarted(node, "--pool-size", "4", "--max-vcpus", "64", "--max-memory", str(64 * 512), "--max-restores", "2")
     made: list = []
+    seen: list[tuple[float, float]] = []  # (restores running, queued) at each look during the burst
+    burst_over = threading.Event()
+
+    def watch() -> None:
+        while not burst_over.wait(0.5):
+            seen.append((metric(node, "cubefs_sandbox_restores_running "),
+                         metric(node, "cubefs_sandbox_restore_queue ")))
+
     try:
         wait_pools(node, {"base": 4})
         before = metric(node, "cubefs_sandbox_from_pool_total")
+        log_at = node.log.stat().st_size
+        watcher = threading.Thread(target=watch)
+        watcher.start()
 
         def one(i: int) -> tuple[object, str]:
             s = Sandbox.create(timeout=300, envs={"N": str(i)})
             made.append(s)
             return s, s.commands.run("echo $N").stdout.strip()
 
-        with ThreadPoolExecutor(50) as ex:
-            results = list(ex.map(one, range(50)))
+        try:
+            with ThreadPoolExecutor(50) as ex:
+                results = list(ex.map(one, range(50)))
+        finally:
+            burst_over.set()
+            watcher.join()
         assert sorted(int(out) for _, out in results) == list(range(50))
         assert len({s.sandbox_id for s, _ in results}) == 50  # type: ignore[attr-defined]
         assert metric(node, "cubefs_sandbox_from_pool_total") - before >= 4
+        assert metric(node, "cubefs_sandbox_restores_limit") == 2
+        assert metric(node, "cubefs_sandbox_restores_running_peak") == 2  # the bound held, and was used
+        assert seen and max(r for r, _ in seen) <= 2
+        assert max(q for _, q in seen) > 0  # the burst did queue
+        assert metric(node, 'cubefs_sandbox_restore_queue_seconds{quantile="1.0"}') > 0
+        # a create served from the pool is a resume: it never queued behind the restores
+        with open(node.log, "rb") as f:
+            f.seek(log_at)
+            pooled = [float(line.split(" in ")[1].split(" s ")[0]) for line in f.read().decode().splitlines()
+                      if "(from the pool;" in line]
+        assert len(pooled) >= 4 and max(pooled) < 10, pooled
         wait_pools(node, {"base": 4}, timeout=300)  # the pool refilled once they were served
     finally:
         with ThreadPoolExecutor(10) as ex:
@@ -625,3 +655,95 @@ def test_a_service_stopped_while_its_pool_fills_leaves_no_vm(node: Node) -> None
     finally:
         node.args = ["--pool-size", "0"]
         node.start()
+
+
+def test_a_stop_ends_open_streams_at_once_and_keeps_running_sandboxes(node: Node) -> None:
+    """SIGTERM with an SDK client following a background command (an open envd stream) and
+    creates queued for a restore: the service exits within seconds (aiohttp alone waited ~47 s
+    for the stream's handler), the client sees its stream end, the queued creates are answered,
+    and what the README says stays true: the running sandbox lives on (its QEMU and its
+    process) for the next service to adopt, while nothing else does — no pooled VM, no VM of a
+    create that was in flight."""
+    import threading
+
+    from e2b import Sandbox
+
+    restarted(node, "--pool-size", "1", "--max-restores", "1")
+    sbx = None
+    try:
+        wait_pools(node, {"base": 1})
+        sbx = Sandbox.create(timeout=300)
+        sleeper = sbx.commands.run("sleep 100", background=True)
+        stream_end: list[float] = []
+
+        def follow() -> None:
+            try:
+                sleeper.wait()
+            except Exception:  # how the stream ends is not the point here: that it does
+                pass
+            stream_end.append(time.monotonic())
+
+        follower = threading.Thread(target=follow, daemon=True)
+        follower.start()
+        answers: list[object] = []
+
+        def create() -> None:  # the pool is empty: these restore, one at a time, the rest queued
+            try:
+                answers.append(Sandbox.create(timeout=60))
+            except Exception as err:
+                answers.append(err)
+
+        creators = [threading.Thread(target=create, daemon=True) for _ in range(3)]
+        for t in creators:
+            t.start()
+        deadline = time.monotonic() + 30
+        while metric(node, "cubefs_sandbox_restore_queue ") < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert metric(node, "cubefs_sandbox_restore_queue ") >= 1
+        time.sleep(1)
+        assert not stream_end  # the stream is open while the service runs
+        mine = {p for p in qemu_pids(node) if f"sbx-{sbx.sandbox_id}".encode()
+                in Path(f"/proc/{p}/cmdline").read_bytes()}
+        assert len(mine) == 1
+
+        assert node.proc is not None
+        t0 = time.monotonic()
+        node.proc.send_signal(signal.SIGTERM)
+        node.proc.wait(60)
+        took = time.monotonic() - t0
+        follower.join(10)
+        for t in creators:
+            t.join(30)
+        # a restore was in flight: the stop waits for its QEMU start to return, then removes it
+        assert took < 15, f"the service took {took:.1f} s to stop"
+        assert stream_end and stream_end[0] - t0 < 3  # the client saw its stream end at once
+        assert len(answers) == 3 and all(isinstance(a, Exception) for a in answers), answers
+        assert qemu_pids(node) == mine  # the running sandbox lives on; no pooled or half-made VM
+        vms = {d.name for d in Path(node.env["CUBEFS_VM_DIR"]).glob("sbx-*")}
+        assert vms == {f"sbx-{sbx.sandbox_id}"}
+        node.proc = None
+
+        node.args = ["--pool-size", "0"]
+        node.start()  # adopts it: the process the stream followed still runs
+        again = Sandbox.connect(sbx.sandbox_id)
+        assert sleeper.pid in [p.pid for p in again.commands.list()]
+
+        # streams alone (nothing being made): the stop takes a second or two
+        stream_end.clear()
+        sleeper = again.commands.run("sleep 100", background=True)
+        follower = threading.Thread(target=follow, daemon=True)
+        follower.start()
+        time.sleep(1)
+        assert not stream_end
+        t0 = time.monotonic()
+        node.stop()
+        took = time.monotonic() - t0
+        follower.join(10)
+        assert took < 3, f"the service took {took:.1f} s to stop"
+        assert stream_end and stream_end[0] - t0 < 3
+        assert qemu_pids(node) == mine
+    finally:
+        restarted(node, "--pool-size", "0")
+        if sbx is not None:
+            sbx.kill()
+    assert qemu_pids(node) == set()

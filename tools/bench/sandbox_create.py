@@ -13,7 +13,12 @@ not timed), as an agent framework sees a sandbox become usable.  Measured:
   before each burst (a pool serves bursts; a sustained rate above the refill
   rate — one sandbox at a time, ~1 s each under TCG — is a cold create).
 
-p50/p95/p99 over ``--creates`` samples each.  Needs root, the guest kernel
+p50/p95/p99 over ``--creates`` samples each.
+
+``--burst N``: instead, N creates at once against a pool of ``--burst-pool`` (so most
+restore), once per ``--max-restores`` value (the node's restore gate; ``none``: unbounded,
+as before the gate): each create's latency (create + ``true``), the failures, the most
+restores the service ran at once and its queue waits (its /metrics).  Needs root, the guest kernel
 (tools/make_vm_kernel.py) and the test rootfs (tools/make_rootfs.py).
 
     sudo .venv/bin/python tools/bench/sandbox_create.py --creates 100 --concurrency 10
@@ -54,7 +59,8 @@ class Service(sandbox_service.Service):
 
     def __init__(self, env: dict[str, str], tmp: Path, pool: int, extra: tuple[str, ...] = ()) -> None:
         self.env = env
-        super().__init__(env, tmp / f"serve-pool{pool}.log", pool, 43000 + os.getpid() % 1000, extra)
+        super().__init__(env, tmp / f"serve-pool{pool}{'-'.join(('', *extra))}.log", pool, 43000 + os.getpid() % 1000,
+                         extra)
         self.use()
 
 
@@ -79,6 +85,57 @@ def bursts(n: int, size: int, before: Any = None) -> list[float]:
     return out
 
 
+def metrics(port: int) -> dict[str, float]:
+    import urllib.request
+
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers={"Authorization": f"Bearer {KEY}"})
+    out = {}
+    for line in urllib.request.urlopen(req, timeout=10).read().decode().splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def burst(env: dict[str, str], tmp: Path, n: int, pool: int, limit: str) -> dict[str, Any]:
+    """``n`` creates at once (each kept until all are made, then all killed)."""
+    from e2b import Sandbox
+
+    extra = ("--max-vcpus", str(4 * (n + pool)), "--max-memory", str(512 * (n + pool)),
+             "--max-restores", str(10 * n) if limit == "none" else limit)
+    svc = Service(env, tmp, pool, extra)
+    made: list[Any] = []
+    try:
+        svc.wait_pool(pool)
+
+        def one(_: int) -> float | str:
+            t0 = time.monotonic()
+            try:
+                s = Sandbox.create(timeout=300)
+                made.append(s)
+                s.commands.run("true")
+            except Exception as err:  # a failed create is a result here
+                return f"{type(err).__name__}: {err}"[:200]
+            return time.monotonic() - t0
+
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(n) as ex:
+            results = list(ex.map(one, range(n)))
+        wall = time.monotonic() - t0
+        m = metrics(svc.api)
+        with ThreadPoolExecutor(10) as ex:
+            list(ex.map(lambda s: s.kill(), made))
+    finally:
+        svc.stop()
+    ok = [r for r in results if isinstance(r, float)]
+    return {"max_restores": limit, "pool": pool, "wall_s": round(wall, 1), **pct(ok),
+            "failed": [r for r in results if not isinstance(r, float)],
+            "restores_peak": m.get("cubefs_sandbox_restores_running_peak"),
+            "queue_wait_p50": m.get('cubefs_sandbox_restore_queue_seconds{quantile="0.5"}'),
+            "queue_wait_max": m.get('cubefs_sandbox_restore_queue_seconds{quantile="1.0"}'),
+            "create_p50_in_service": m.get('cubefs_sandbox_create_seconds{quantile="0.5"}')}
+
+
 def main() -> int:
     ap = ArgumentParser(description=__doc__, formatter_class=RawDescriptionHelpFormatter)
     ap.add_argument("--creates", type=int, default=100)
@@ -87,6 +144,9 @@ def main() -> int:
     ap.add_argument("--rootfs", default="/var/tmp/cubefs-test/rootfs")
     ap.add_argument("--no-pool", action="store_true", help="only the baseline and the creates without a pool")
     ap.add_argument("--json-out", default=None)
+    ap.add_argument("--burst", type=int, default=0, metavar="N", help="N creates at once (see above)")
+    ap.add_argument("--burst-pool", type=int, default=4)
+    ap.add_argument("--max-restores", default="none,2", help="with --burst: values to run, comma-separated")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="cubefs-bench-sbx-"))
@@ -98,6 +158,18 @@ def main() -> int:
     cubefs(env, "sandbox", "template", "create", "base", "--from", "bench:1")
     out: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count()}
     c = args.concurrency
+    if args.burst:
+        try:
+            for limit in args.max_restores.split(","):
+                out[f"burst{args.burst}_restores_{limit}"] = res = burst(env, tmp, args.burst, args.burst_pool, limit)
+                print(json.dumps(res), file=sys.stderr, flush=True)
+        finally:
+            subprocess.run([sys.executable, "-m", "cubefs", "vm", "rm", "--all"], env=env, capture_output=True)
+            sandbox_service.stop_mount_server(env)
+        print(json.dumps(out, indent=1))
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps(out, indent=1) + "\n")
+        return 0
 
     def report(key: str, xs: list[float]) -> None:
         out[key] = pct(xs)
