@@ -203,14 +203,7 @@ class FuseServer:
     def _attr(self, ino: int) -> bytes:
         packed = None if self.writable else self._attrs.get(ino)
         if packed is None:
-            a = self.fs.getattr(ino)
-            at, atn = divmod(a.atime_ns, 10**9)
-            mt, mtn = divmod(a.mtime_ns, 10**9)
-            ct, ctn = divmod(a.ctime_ns, 10**9)
-            packed = p.ATTR.pack(
-                ino, a.size, a.blocks, at, mt, ct, atn, mtn, ctn, a.mode, a.nlink, a.uid, a.gid,
-                _encode_rdev(a.rdev), 65536, 0,
-            )
+            packed = _pack_attr(ino, self.fs.getattr(ino))
             if not self.writable:
                 self._attrs[ino] = packed
         return packed
@@ -532,8 +525,9 @@ class FuseServer:
         fields = {"size": size, "mode": mode, "uid": uid, "gid": gid, "atime_ns": atime * 10**9 + atimensec,
                   "mtime_ns": mtime * 10**9 + mtimensec, "caller_uid": self.caller[0], "caller_gid": self.caller[1]}
 
-        if self.fs.setattr_now(ino, valid, fields) is not None:
-            return p.reply(unique, p.ATTR_OUT.pack(self.timeout, 0, 0) + self._attr(ino))
+        done = self.fs.setattr_now(ino, valid, fields)
+        if done is not None:  # the attributes as changed: no second look-up (tar sends 3 SETATTRs a file)
+            return p.reply(unique, p.ATTR_OUT.pack(self.timeout, 0, 0) + _pack_attr(ino, done))
 
         async def work() -> bytes:
             await self.fs.setattr(ino, valid, fields)
@@ -623,6 +617,15 @@ class FuseServer:
             return b""
 
         return self._later(unique, work())
+
+
+def _pack_attr(ino: int, a: Any) -> bytes:
+    """fuse_attr of ``a`` (an :class:`cubefs.image.fs.Attr`)."""
+    at, atn = divmod(a.atime_ns, 10**9)
+    mt, mtn = divmod(a.mtime_ns, 10**9)
+    ct, ctn = divmod(a.ctime_ns, 10**9)
+    return p.ATTR.pack(ino, a.size, a.blocks, at, mt, ct, atn, mtn, ctn, a.mode, a.nlink, a.uid, a.gid,
+                       _encode_rdev(a.rdev), 65536, 0)
 
 
 def _decode_rdev(rdev: int) -> int:
