@@ -118,3 +118,34 @@ def test_the_kept_trace_follows_the_store(tmp_path: Path, local_store: str) -> N
         while kept.get(local_store, trace_key(digest)) is not None and time.monotonic() < deadline:
             time.sleep(0.2)
     assert kept.get(local_store, trace_key(digest)) is None
+
+
+def test_damaged_chunks_read_in_the_background_are_refetched(tmp_path: Path, local_store: str) -> None:
+    """The disk cache's reads nobody waits for (the trace's prefetch at a remount) go a few
+    chunks at a time: a damaged entry among them fails alone, is dropped, and the reader that
+    needs it gets the right bytes from the store; the rest come from the disk."""
+    from cubefs.cache.disk import DiskCache, StoredChunk
+    from cubefs.format.packs import CODEC_ZSTD
+
+    src = tmp_path / "src"
+    files = _tree(src, 5)
+    run_cubefs("build", str(src), "--tag", "dmg:1", "--store", local_store)
+    cache = tmp_path / "cache"
+    with mounted("dmg:1", tmp_path / "mnt", local_store, cache) as m:
+        _read_all(m.mountpoint, files)
+    disk = DiskCache(str(cache), 1 << 30)
+    try:
+        held = disk.digests()
+        assert len(held) > 20
+        bad = held[5:8]
+        assert disk.present([*bad, b"\0" * 32]) == bad  # present: in order, the absent left out
+        lengths = {d: c.plain_len for d, c in disk.get_many(bad).items()}
+        disk.delete(bad)
+        disk.put_many([(d, StoredChunk(CODEC_ZSTD, lengths[d], os.urandom(200))) for d in bad])
+    finally:
+        disk.close()
+    with mounted("dmg:1", tmp_path / "mnt", local_store, cache) as m:
+        _read_all(m.mountpoint, files)
+        tiers = m.stats()["tiers"]
+    assert tiers["disk"]["errors"] >= 1  # found damaged, dropped
+    assert 1 <= tiers["store"]["hits"] <= len(bad)  # only those came from the store
