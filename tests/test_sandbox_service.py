@@ -588,7 +588,10 @@ def test_fifty_concurrent_creates_race_a_refilling_pool(node: Node) -> None:
         watcher.start()
 
         def one(i: int) -> tuple[object, str]:
-            s = Sandbox.create(timeout=300, envs={"N": str(i)})
+            # Served in order, 2 restores at a time, the last of 46 waits for the 45 before it:
+            # ~30 s on an idle 2-core node, over the SDK's default 60 s per request when others
+            # load it (a client that gives up is dropped from the queue, not restored).
+            s = Sandbox.create(timeout=300, envs={"N": str(i)}, request_timeout=240)
             made.append(s)
             return s, s.commands.run("echo $N").stdout.strip()
 
