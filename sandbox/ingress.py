@@ -20,11 +20,12 @@ sandbox's record; a fork's children inherit them.
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from dataclasses import dataclass, field
 from typing import Any
 
-from cubefs.errors import UsageError
+from cubefs.errors import CubefsError, UsageError
 
 PORT_VARIABLE = "${PORT}"
 MAX_HOST = 253
@@ -78,6 +79,13 @@ def api_fields(record: Any) -> dict[str, Any]:
     return doc
 
 
+CLOSE_NOTIFY_WAIT = 1.0  # seconds a close waits to send TLS's close_notify (a guest may give no credit)
+
+
+class TlsError(CubefsError):
+    """The sandbox's server broke TLS (or never spoke it): a 502 for that request, nothing more."""
+
+
 def masked_host(mask: str, port: int) -> str:
     return mask.replace(PORT_VARIABLE, str(port))
 
@@ -118,12 +126,16 @@ class TlsStream:
         self._writer.write_eof()
 
     async def close(self) -> None:
+        """close_notify if it goes out at once, then the stream closed whatever happened: a
+        guest server that stopped reading (its answer sent early) holds no relay open."""
         try:
             self._tls.unwrap()
         except ssl.SSLError:
             pass
         try:
-            await self._flush()
+            await asyncio.wait_for(self._flush(), CLOSE_NOTIFY_WAIT)
+        except (TimeoutError, CubefsError, OSError):
+            pass
         finally:
             await self._writer.close()
 
@@ -139,6 +151,10 @@ class TlsStream:
                 else:
                     self._in.write_eof()
                 continue
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                raise
+            except ssl.SSLError as err:  # a bad record, a failed handshake: the guest's doing
+                raise TlsError(f"TLS with the sandbox's server failed: {err.reason or err}") from None
             await self._flush()
             return result
 

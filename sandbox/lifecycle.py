@@ -3,8 +3,10 @@
 E2B's create takes ``autoPause`` (the SDK's ``lifecycle={"on_timeout": "pause"}``): at the
 timeout the sandbox is paused rather than killed, and kept until it is resumed or killed;
 ``autoResume: {"enabled": true}`` (``"auto_resume": True``) resumes a paused one when traffic
-for it reaches the proxy (an SDK call to its envd, a request to one of its ports), with the
-timeout it was created with.  ``autoPauseMemory: false`` (``"mode": "filesystem"``) asks E2B for
+for it reaches the proxy (an SDK call to its envd with the sandbox's access token, a request
+to one of its ports that the proxy would let through), with the timeout it was created with.
+Only a pause at the timeout is undone by traffic: one asked for through the API stays until
+``connect``.  ``autoPauseMemory: false`` (``"mode": "filesystem"``) asks E2B for
 a pause that keeps only the disk; here a pause always keeps memory and disk in place (the VM is
 stopped where it is), which loses less than was asked, so it is accepted and the sandbox
 resumes with its processes.  Before this existed the service ignored ``autoPause``: a sandbox
@@ -59,7 +61,8 @@ class Lifecycle:
     def apply(self, record: Any) -> bool:
         """Set it on a sandbox's record; True if that changed it (the record is to be saved).
         The timeout a traffic-resumed sandbox gets is the one it was given now."""
-        new = (self.on_timeout, self.auto_resume, max(1, round(record.end - record.started)))
+        ttl = max(1, round(record.end - record.started)) if self.auto_resume else 0
+        new = (self.on_timeout, self.auto_resume, ttl)
         if (record.on_timeout, record.auto_resume, record.ttl) == new:
             return False
         record.on_timeout, record.auto_resume, record.ttl = new

@@ -26,7 +26,8 @@ sandbox's web server cannot run commands in the sandbox.
 sandbox's servers see; ``network.httpsPorts`` are reached over TLS on the hop into the guest.
 
 A sandbox paused at its timeout with ``autoResume`` is resumed by the first request for it
-(``sandbox.lifecycle``).
+that would be served (``may_wake``: envd's with its access token, a port's as Access says;
+``sandbox.lifecycle``).
 
 ``CONNECT`` is refused (405; aiohttp's router already gives it no route), so no
 tunnel is ever relayed.  A sandbox holds at most ``MAX_UPGRADED`` open
@@ -45,12 +46,14 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import logging
+import ssl
 from typing import Any
 
 from aiohttp import web
 
 from cubefs.errors import CubefsError
-from sandbox.ingress import masked_host
+from sandbox.envd.auth import token_ok
+from sandbox.ingress import TlsError, masked_host
 from sandbox.relay import is_upgrade, relay
 from sandbox.service import SandboxService
 
@@ -84,6 +87,18 @@ def traffic_refused(request: web.Request, record: Any) -> web.Response | None:
     return web.json_response({"sandboxId": record.sandbox_id, "code": 403,
                               "message": f"Sandbox is secured with traffic access token. Token header "
                                          f"'{TRAFFIC_TOKEN_HEADER}' is {what}"}, status=403)
+
+
+def may_wake(request: web.Request, record: Any, port: int) -> bool:
+    """Whether this request resumes a sandbox paused at its timeout with ``autoResume``: only one
+    its envd would serve (its access token) or its ports would (public, or the traffic token).
+    A pause asked for through the API is not undone by traffic, and nobody without the sandbox's
+    tokens can keep a private one awake by polling its address."""
+    if not (record.auto_resume and record.paused_at_timeout):
+        return False
+    if port == ENVD_PORT:
+        return token_ok(record.access_token, request.headers.get("X-Access-Token"))
+    return record.public_traffic or traffic_refused(request, record) is None
 
 
 def _header_host(host: str, domain: str | None) -> bool:
@@ -123,7 +138,7 @@ def make_app(service: SandboxService) -> web.Application:
         except web.HTTPBadRequest as exc:
             return web.json_response({"code": 400, "message": exc.reason}, status=400)
         sbx = service.sandboxes.get(sid)
-        if sbx is not None and sbx.record.auto_resume and sbx.record.state == "paused":
+        if sbx is not None and sbx.record.state == "paused" and may_wake(request, sbx.record, port):
             try:  # paused at its timeout, resumed by traffic for it (sandbox.lifecycle)
                 await service.auto_resume(sbx)
             except CubefsError as err:
@@ -150,6 +165,10 @@ def make_app(service: SandboxService) -> web.Application:
                                if r.mask_request_host else None, port in r.https_ports)
         except ConnectionRefusedError:
             return port_closed(sid, port)
+        except (TlsError, ssl.SSLError) as err:  # an httpsPorts port whose server broke TLS
+            log.info("sandbox %s port %d: %s", sid, port, err)
+            return web.json_response({"sandboxId": sid, "port": port, "code": 502,
+                                      "message": f"port {port} of the sandbox did not speak TLS: {err}"}, status=502)
         except CubefsError as err:
             if service.sandboxes.get(sid) is None:
                 return not_found(sid)

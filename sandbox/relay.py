@@ -83,10 +83,10 @@ async def relay(request: web.Request, channel: Any, port: int, host: str | None 
         reader = writer = TlsStream(reader, writer, (host or request.host).rsplit(":", 1)[0])
         try:
             await reader.handshake()
-        except (ssl.SSLError, CubefsError) as err:
+        except (ssl.SSLError, CubefsError):
             with contextlib.suppress(Exception):
                 await writer.close()
-            raise UpstreamError(f"port {port}: no TLS from the sandbox's server: {err}") from None
+            raise
     conn = h11.Connection(h11.CLIENT)
     headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
     if host is not None:

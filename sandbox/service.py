@@ -65,6 +65,7 @@ DEFAULT_TIMEOUT = 300  # seconds; E2B's documented default
 MAX_TIMEOUT = 24 * 3600
 READY_PORT_WAIT = 60.0  # a template's server must listen this soon after the sandbox starts
 MAX_FORKS = 100  # E2B's spec (its SDK asks for at most 20)
+PAUSE_RETRY = 30  # seconds before a failed pause at a sandbox's timeout is tried again
 FORK_CONCURRENCY = 4  # restores at once: each is a QEMU start and a load, CPU-bound under TCG
 
 
@@ -113,6 +114,7 @@ class SandboxRecord:
     on_timeout: str = "kill"  # or "pause" (E2B's autoPause; lifecycle.py)
     auto_resume: bool = False  # a paused one is resumed by traffic for it, for ttl seconds
     ttl: int = 0
+    paused_at_timeout: bool = False  # what autoResume wakes (a pause asked for through the API stays)
 
     @staticmethod
     def path(sandbox_id: str) -> Path:
@@ -229,6 +231,7 @@ class SandboxService:
         self.restores = RestoreGate(max_restores)
         self._making_tasks: dict[str, asyncio.Task[Any]] = {}  # sandbox id -> the task making it (for a stop)
         self._reaper: asyncio.Task[None] | None = None
+        self._pause_retry: dict[str, float] = {}  # sandbox -> when its failed pause at timeout is tried again
         self._filler: asyncio.Task[None] | None = None
         self._pool_wake: asyncio.Event | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -641,7 +644,7 @@ class SandboxService:
             return
 
     # -- pause, resume -------------------------------------------------------------------
-    async def pause(self, sandbox_id: str) -> None:
+    async def pause(self, sandbox_id: str, at_timeout: bool = False) -> None:
         """Stop the guest where it is (memory and disk kept, in place); its envd answers 502
         until it is resumed; it does not time out while paused.  ConflictError if paused."""
         sbx = self.get(sandbox_id)
@@ -651,6 +654,7 @@ class SandboxService:
             await self._disconnect(sbx)
             await asyncio.to_thread(qmp, sbx, "stop")
             sbx.record.state = "paused"
+            sbx.record.paused_at_timeout = at_timeout
             sbx.record.save()
         log.info("sandbox %s paused", sandbox_id)
 
@@ -664,9 +668,16 @@ class SandboxService:
             timeout = DEFAULT_TIMEOUT if timeout is None else timeout
             check_timeout(timeout)
             await asyncio.to_thread(qmp, sbx, "cont")
-            await self._connect(sbx, sbx.vm or vmm.Vm(sbx.record.vm))
-            await self._freshen(sbx)  # the clock stood still while it slept
+            try:
+                await self._connect(sbx, sbx.vm or vmm.Vm(sbx.record.vm))
+                await self._freshen(sbx)  # the clock stood still while it slept
+            except BaseException:  # paused again, as its record says, and no channel left open
+                await self._disconnect(sbx)
+                with contextlib.suppress(CubefsError, OSError):
+                    await asyncio.shield(asyncio.to_thread(qmp, sbx, "stop"))
+                raise
             sbx.record.state = "running"
+            sbx.record.paused_at_timeout = False
             sbx.record.end = time.time() + timeout
             sbx.record.save()
         log.info("sandbox %s resumed", sandbox_id)
@@ -1125,23 +1136,27 @@ class SandboxService:
 
     async def _pause_at_timeout(self, sbx: Sandbox) -> None:
         """``autoPause``: paused at its timeout, kept until resumed or killed.  A pause that
-        fails leaves it to the reaper's next turn (which kills it if its VM is gone)."""
-        if sbx.busy.locked():
+        fails is tried again a while later (never a kill: its user asked to keep it); one
+        whose VM died is the reaper's to clean away, as any."""
+        if sbx.busy.locked() or time.monotonic() < self._pause_retry.get(sbx.id, 0.0):
             return
         try:
-            await self.pause(sbx.id)
+            await self.pause(sbx.id, at_timeout=True)
         except (ConflictError, NotFoundError):
             return
         except (CubefsError, OSError) as err:
-            log.warning("sandbox %s: its timeout passed, pausing it failed (%s): killed", sbx.id, err)
-            await self.kill(sbx.id)
+            self._pause_retry[sbx.id] = time.monotonic() + PAUSE_RETRY
+            log.warning("sandbox %s: its timeout passed, pausing it failed (%s): tried again in %d s", sbx.id,
+                        err, PAUSE_RETRY)
             return
+        self._pause_retry.pop(sbx.id, None)
         self.counters.auto_paused += 1
         log.info("sandbox %s: its timeout passed: paused (autoPause)", sbx.id)
 
     async def auto_resume(self, sbx: Sandbox) -> None:
-        """Traffic for a sandbox paused at its timeout with ``autoResume``: resume it, for the
-        timeout it was created with (a request that raced another's resume finds it running)."""
+        """Traffic for a sandbox paused at its timeout with ``autoResume`` (from a caller the
+        proxy let through: ``proxy.may_wake``): resume it, for the timeout it was created with
+        (a request that raced another's resume finds it running)."""
         if await self.resume(sbx.id, sbx.record.ttl or None):
             self.counters.auto_resumed += 1
             log.info("sandbox %s: resumed by traffic for it (autoResume)", sbx.id)
@@ -1235,8 +1250,9 @@ async def _finish_thread(fn: Any, *args: Any) -> Any:
     try:
         return await asyncio.shield(fut)
     except asyncio.CancelledError:
-        with contextlib.suppress(BaseException):
-            await fut
+        while not fut.done():  # a second cancel (a stop cancels, then aiohttp or asyncio.run again)
+            with contextlib.suppress(BaseException):  # must not end the wait: shielded, fut stays
+                await asyncio.shield(fut)
         raise
 
 

@@ -250,8 +250,11 @@ def remove(name: str, in_use: list[str]) -> None:
             log.warning("sandbox template %s: image %s kept: snapshots %s have disks over it (remove them, then "
                         "'cubefs rm %s')", name, t.root_image, ", ".join(over[:5]), t.root_image)
         else:
-            with contextlib.suppress(CubefsError):
+            try:
                 cubefs("rm", t.root_image, *t.store_options.args("--store", "--s3-endpoint"))
+            except CubefsError as err:  # the template goes anyway: say what is left behind
+                log.warning("sandbox template %s: its image %s was not removed (%s): 'cubefs rm %s' later", name,
+                            t.root_image, err, t.root_image)
     SandboxTemplate.path(name).unlink(missing_ok=True)
 
 

@@ -12,6 +12,8 @@ seconds) as E2B's is.  A paused sandbox is not sampled: its history is what it w
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -21,7 +23,9 @@ from typing import Any
 from cubefs.errors import CubefsError, UsageError
 
 WINDOW = 0.3  # seconds the CPU is measured over in one sample
+DEADLINE = 10.0  # seconds a sample may take (0.3 s of it a sleep; a loaded TCG guest, a few more)
 HISTORY = 720  # samples kept per sandbox
+MANY = 100  # sandboxes one GET /sandboxes/metrics samples
 SCRIPT = (f"head -n1 /proc/stat; sleep {WINDOW}; head -n1 /proc/stat; nproc; "
           "grep -E '^(MemTotal|MemAvailable|Buffers|Cached):' /proc/meminfo; df -P -B1 / | tail -n1")
 
@@ -69,13 +73,25 @@ class Usage:
         self.samples: deque[Sample] = deque(maxlen=HISTORY)
 
     async def sample(self, channel: Any) -> Sample:
+        """A sample now; CubefsError if the guest does not give one within ``DEADLINE`` (its
+        process is then killed: a stalled ``df`` holds nothing of the service's)."""
         proc = await channel.spawn(["/bin/sh", "-c", SCRIPT], user="root")
         out = bytearray()
-        async for event in proc.events():
-            if event[0] == "stdout":
-                out += event[1]
-            elif event[0] == "end" and event[1] != 0:
-                raise CubefsError(f"the guest's usage could not be read (exit {event[1]})")
+
+        async def read() -> None:
+            async for event in proc.events():
+                if event[0] == "stdout":
+                    out.extend(event[1])
+                elif event[0] == "end" and event[1] != 0:
+                    raise CubefsError(f"the guest's usage could not be read (exit {event[1]})")
+
+        try:
+            await asyncio.wait_for(read(), DEADLINE)
+        except TimeoutError:
+            with contextlib.suppress(CubefsError, OSError):
+                await channel.signal(proc.pid, 9)
+            await proc.detach()
+            raise CubefsError(f"the guest gave no usage sample within {DEADLINE:.0f} s") from None
         s = parse(out.decode(errors="replace"), time.time())
         self.samples.append(s)
         return s

@@ -551,8 +551,9 @@ def test_policies_as_e2b_states_them_and_bad_ones_refused_with_the_entry_named()
     p = Policy.from_api({"allowOut": ["Good.Test.", "*.cdn.test", "1password.com"],
                          "denyOut": ["0.0.0.0/0", "bad.test"]})
     assert p.names() == (["good.test", "*.cdn.test", "1password.com"], ["bad.test"])
-    # names are not networks; with a name allowed, E2B opens its dnsServers (8.8.8.8 by default)
-    assert p.effective() == (["8.8.8.8/32"], ["0.0.0.0/0"]) and "dnsServers" not in p.api()
+    # names are not networks; with a name allowed, the dnsServers listed are opened (E2B opens 8.8.8.8
+    # when none are: not here, where the node's resolver answers every guest's DNS)
+    assert p.effective() == ([], ["0.0.0.0/0"]) and "dnsServers" not in p.api()
     p2 = Policy.from_api({"allowOut": ["good.test"], "denyOut": ["0.0.0.0/0"], "dnsServers": ["1.1.1.1 ", "9.9.9.9"]})
     assert p2.effective() == (["1.1.1.1/32", "9.9.9.9/32"], ["0.0.0.0/0"])
     assert p2.api()["dnsServers"] == ["1.1.1.1", "9.9.9.9"] and Policy.from_dict(p2.to_dict()) == p2

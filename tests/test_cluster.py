@@ -236,6 +236,10 @@ def test_the_sdk_through_a_front_creates_on_every_node_and_everything_routes(clu
         assert {s.sandbox_id for s in sandboxes} <= listed
         info = Sandbox.get_info(sandboxes[0].sandbox_id)
         assert info.metadata["i"] in "012"
+        assert sandboxes[0].get_metrics()[-1].mem_total > 0  # asked of its node through the front
+        ids = ",".join([s.sandbox_id for s in sandboxes] + ["inohere0000000000000"])
+        status, doc = cluster.front.api("GET", f"/sandboxes/metrics?sandbox_ids={ids}")[:2]
+        assert status == 200 and sorted(doc["sandboxes"]) == sorted(s.sandbox_id for s in sandboxes), doc
         # a sandbox ID nobody runs: 404 from the API, "not found" from the proxy, as on a node
         assert cluster.front.api("GET", "/sandboxes/inohere0000000000000")[0] == 404
         assert cluster.keys("/cubefs/reservations/") == []

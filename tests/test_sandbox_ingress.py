@@ -477,12 +477,13 @@ class Echo(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-plain = http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[2])), Echo)
+for port in sys.argv[2:]:
+    plain = http.server.ThreadingHTTPServer(("0.0.0.0", int(port)), Echo)
+    threading.Thread(target=plain.serve_forever, daemon=True).start()
 tls = http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), Echo)
 ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
 ctx.load_cert_chain("/tmp/cert.pem", "/tmp/key.pem")
 tls.socket = ctx.wrap_socket(tls.socket, server_side=True)
-threading.Thread(target=plain.serve_forever, daemon=True).start()
 tls.serve_forever()
 '''
 
@@ -500,12 +501,13 @@ def test_https_ports_and_a_masked_host_as_asked_at_create(node: Node, tmp_path: 
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=app",
                     "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem")],
                    check=True, capture_output=True)
-    sbx = Sandbox.create(timeout=300, network={"https_ports": [8443], "mask_request_host": "${PORT}-app.example.test"})
+    sbx = Sandbox.create(timeout=300, network={"https_ports": [8443, 8081],
+                                               "mask_request_host": "${PORT}-app.example.test"})
     try:
         for name in ("cert.pem", "key.pem"):
             sbx.files.write(f"/tmp/{name}", (tmp_path / name).read_text())
         sbx.files.write("/tmp/echo.py", HOST_ECHO)
-        sbx.commands.run("python3 /tmp/echo.py 8443 8080 >/tmp/echo.log 2>&1", background=True)
+        sbx.commands.run("python3 /tmp/echo.py 8443 8080 8081 >/tmp/echo.log 2>&1", background=True)
         up = sbx.commands.run("for i in $(seq 1200); do (echo > /dev/tcp/127.0.0.1/8443) 2>/dev/null && exit 0; "
                               "sleep 0.1; done; cat /tmp/echo.log; exit 1", timeout=180)
         assert up.exit_code == 0, up.stdout
@@ -518,10 +520,15 @@ def test_https_ports_and_a_masked_host_as_asked_at_create(node: Node, tmp_path: 
                         async with s.get(url + "x?y=1", headers=headers) as resp:
                             assert resp.status == 200, await resp.text()
                             assert await resp.text() == f"host={port}-app.example.test path=/x?y=1 tls={tls}"
+                # a port listed as HTTPS whose server speaks plain HTTP: a 502 that says so, and the
+                # service answers on
+                url, headers = by_host(node, sbx, 8081)
+                async with s.get(url, headers=headers) as resp:
+                    assert resp.status == 502 and "did not speak TLS" in (await resp.json())["message"]
 
         run(go())
         net = sbx.get_info().network
-        assert net is not None and net["https_ports"] == [8443], net
+        assert net is not None and net["https_ports"] == [8081, 8443], net
         assert net["mask_request_host"] == "${PORT}-app.example.test" and net["allow_public_traffic"] is True
     finally:
         sbx.kill()

@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -266,7 +268,21 @@ def test_a_sandbox_paused_at_its_timeout_is_kept_and_resumed_by_traffic(snode: N
         assert info.state == "running" and 200 < (info.end_at - datetime.now(UTC)).total_seconds() <= 301
         assert not kept.is_running()  # no auto_resume: it waits for connect()
         assert count(Sandbox.connect(kept.sandbox_id, timeout=120)) is not None
-        assert metric(snode, "cubefs_sandbox_auto_paused_total") == 2
+        # traffic without the sandbox's token does not wake it, nor does any undo a pause asked for
+        auto.set_timeout(2)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and Sandbox.get_info(auto.sandbox_id).state != "paused":
+            time.sleep(0.5)
+        req = urllib.request.Request(f"http://127.0.0.1:{snode.proxy_port}/health",
+                                     headers={"E2b-Sandbox-Id": auto.sandbox_id, "E2b-Sandbox-Port": "49983"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(req, timeout=60)
+        assert refused.value.code == 502 and Sandbox.get_info(auto.sandbox_id).state == "paused"
+        Sandbox.connect(auto.sandbox_id, timeout=120).pause()
+        with pytest.raises(Exception):  # noqa: B017  # the SDK's "not running": envd is not reached
+            auto.commands.run("true", request_timeout=30)
+        assert Sandbox.get_info(auto.sandbox_id).state == "paused"
+        assert metric(snode, "cubefs_sandbox_auto_paused_total") == 3
         assert metric(snode, "cubefs_sandbox_auto_resumed_total") == 1
     finally:
         auto.kill()

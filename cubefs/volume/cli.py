@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import stat
 import sys
@@ -19,6 +20,8 @@ from urllib.parse import quote
 
 from cubefs.errors import EXIT_OK, CubefsError, UsageError
 from cubefs.node import control
+
+log = logging.getLogger("cubefs.volume")
 
 
 def default_volume_dir() -> str:
@@ -312,7 +315,11 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
             # What the kernel holds dirty (a shared mapping; every write with --writeback-cache) goes to
             # the daemon first: written back after the rollback, it would land in the snapshot's state.
-            flush_mounted(index, args.volume)
+            try:
+                flush_mounted(index, args.volume)
+            except OSError as err:  # a full volume: what would not flush is what the rollback drops anyway
+                log.warning("rollback of %s: the mount's dirty pages could not all be flushed (%s): rolling back",
+                            args.volume, err)
             result = control.call(holder["mountpoint"], "/volume/rollback/" + quote(args.snapshot, safe=""))
     finally:
         index.close()

@@ -112,6 +112,7 @@ class Front:
         r.add_get("/templates", self.templates)
         r.add_delete("/templates/{id}", self.delete_template)
         r.add_get("/snapshots", self.snapshots)
+        r.add_get("/sandboxes/metrics", self.usage_of_many)  # before /sandboxes/{id}
         r.add_route("*", "/sandboxes/{id}", self.to_sandbox)
         r.add_route("*", "/sandboxes/{id}/{tail:.*}", self.to_sandbox)
         r.add_route("*", "/v2/sandboxes/{id}/{tail:.*}", self.to_sandbox)
@@ -252,6 +253,25 @@ class Front:
             return await fwd.forward(request, node.api, self.http)
         except fwd.NodeUnreachable as err:
             return error(502, f"sandbox {sid!r}: its node {node.name} does not answer ({err})")
+
+    async def usage_of_many(self, request: web.Request) -> web.Response:
+        """``GET /sandboxes/metrics?sandbox_ids=``: asked of each sandbox's node, answers merged."""
+        assert self.http is not None
+        by_node: dict[str, list[str]] = {}
+        for sid in dict.fromkeys(s for s in request.query.get("sandbox_ids", "").split(",") if s):
+            if (node := self.view.node_of(sid)) is not None:
+                by_node.setdefault(node.api, []).append(sid)
+        headers = {k: v for k, v in request.headers.items() if k.lower() in ("x-api-key", "authorization")}
+        results = await asyncio.gather(*(fwd.fetch_json(self.http, "GET", api + "/sandboxes/metrics?"
+                                                        + urlencode({"sandbox_ids": ",".join(ids)}), headers)
+                                         for api, ids in by_node.items()), return_exceptions=True)
+        merged: dict[str, Any] = {}
+        for res in results:
+            if isinstance(res, BaseException):
+                log.warning("sandbox metrics from a node: %s", res)
+            elif res[0] == 200 and isinstance(res[1], dict):
+                merged |= res[1].get("sandboxes") or {}
+        return web.json_response({"sandboxes": merged})
 
     async def _fan_out(self, request: web.Request, path: str) -> list[Any]:
         """GET ``path`` on every node at once; the JSON lists they answer, concatenated."""

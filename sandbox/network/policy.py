@@ -17,10 +17,12 @@ A name in neither is resolved as usual, unless the policy refuses all traffic
 reach nothing by it and its queries would be a way out (data in the names asked).
 
 ``dnsServers`` (E2B): when allowOut holds a name, all traffic to these IPv4 addresses is
-allowed too (8.8.8.8 when left out, none for ``[]``): E2B matches names at its firewall and
-leaves the guest's resolv.conf pointing at 8.8.8.8, which must then be reachable.  Here the
-guest's DNS, to whatever address, is answered by the node's resolver anyway; the servers are
-opened all the same, as a user of E2B expects (their DNS over TLS or HTTPS, say).
+allowed too.  E2B opens 8.8.8.8 when the list is left out, as its guests' resolv.conf points
+there; here a guest's DNS, to whatever address, is answered by the node's resolver, so nothing
+needs opening, and opening 8.8.8.8 to every port would let DNS over HTTPS or TLS past the
+resolver's name policy (names are a way out: data in the names asked).  So only the servers a
+create or an update lists are opened (its user's choice, say their own DoT server); none when
+left out.
 
 Refused with a clear error, never ignored (a silently ignored one would send a sandbox's
 traffic out in a way its user did not ask for): ``egressProxy`` (E2B's SOCKS5 tunnel: its
@@ -40,7 +42,6 @@ from cubefs.errors import UsageError
 ALL_TRAFFIC = "0.0.0.0/0"
 MAX_ENTRIES = 1000
 MAX_DNS_SERVERS = 10  # E2B's bound
-DEFAULT_DNS_SERVERS = ("8.8.8.8",)
 _LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")
 
 
@@ -49,7 +50,7 @@ class Policy:
     allow_out: list[str] = field(default_factory=list)
     deny_out: list[str] = field(default_factory=list)
     internet: bool = True  # allow_internet_access
-    dns_servers: list[str] | None = None  # dnsServers; None: the default (DEFAULT_DNS_SERVERS)
+    dns_servers: list[str] | None = None  # dnsServers as given; None: left out (none opened)
 
     @classmethod
     def from_api(cls, network: Any, allow_internet_access: Any = None) -> Policy:
@@ -86,13 +87,9 @@ class Policy:
         one set); allowed wins where both hold.  Names are not in them (``names``)."""
         deny = [e for e in self.deny_out if not is_name(e)] + ([] if self.internet else [ALL_TRAFFIC])
         allow = [e for e in self.allow_out if not is_name(e)]
-        if len(allow) < len(self.allow_out):  # a name in allowOut: the DNS servers are open too (E2B)
-            allow += [f"{ip}/32" for ip in self.servers()]
+        if len(allow) < len(self.allow_out):  # a name in allowOut: the listed DNS servers are open too
+            allow += [f"{ip}/32" for ip in self.dns_servers or []]
         return _collapse(allow), _collapse(deny)
-
-    def servers(self) -> list[str]:
-        """The DNS servers opened when allowOut holds a name."""
-        return list(DEFAULT_DNS_SERVERS if self.dns_servers is None else self.dns_servers)
 
     def names(self) -> tuple[list[str], list[str]]:
         """(allowed, refused) domain names and wildcards."""

@@ -202,6 +202,8 @@ class Resolver:
     def remove(self, slot: int) -> None:
         with self._lock:
             socks = self.socks.pop(slot, None)
+            if socks:  # in the same hold: metrics() sees its drops either on it or among the gone ones
+                self._buffer_drops_gone += _kernel_drops(socks[0])
             self.gen[slot] += 1  # a query of it still with a worker adds nothing
             self.kept.pop((slot, 0), None)
             self.kept.pop((slot, 1), None)
@@ -211,10 +213,6 @@ class Resolver:
                 conn.done, conn.out = True, bytearray()
                 self._dirty.append(conn)
         self._wake()
-        if socks:
-            dropped = _kernel_drops(socks[0])
-            with self._lock:
-                self._buffer_drops_gone += dropped
         for s in socks or ():
             with contextlib.suppress(KeyError, ValueError):
                 self._sel.unregister(s)
