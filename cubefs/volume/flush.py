@@ -19,7 +19,6 @@ those WRITEs on its one thread, and would wait on itself.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
 from typing import Any
@@ -43,7 +42,7 @@ def flush_mounted(index: Any, volume: str) -> str | None:
         log.debug("no flush of %s before the snapshot: %s", mountpoint, err)
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)  # no os.syncfs in 3.11
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)  # no os.syncfs in 3.11; find_library runs ldconfig
         if libc.syncfs(fd) != 0:
             err = ctypes.get_errno()
             raise OSError(err, f"syncfs {mountpoint}: {os.strerror(err)}")
