@@ -9,9 +9,11 @@ E2B SDK and left running (nothing runs in them but the guest agent).  At each co
   among them, not counted once per process): the guest's RAM (QEMU's mapping of the VM
   template's RAM file: private copy-on-write, so only pages the guest wrote are its own),
   QEMU's own (the rest of its PSS: TCG's translation cache, device emulation, heap), the
-  root's cubefs daemon (one per sandbox, forked by the node's mount server), and the agent
+  root's cubefs daemon (one per sandbox, forked by the node's mount server; since the root
+  hosts, the host's PSS split among the sandboxes it serves), and the agent
   channel in the service (its PSS growth since no sandbox ran, divided by the count); also
-  ``MemAvailable``'s fall per sandbox, a check that includes the kernel's own share;
+  ``MemAvailable``'s fall per sandbox, a check that includes the kernel's own share; and of
+  QEMU's own, TCG's translation cache (``$CUBEFS_TCG_TB_SIZE``, recorded in the output);
 * **CPU they burn idle**: user+system seconds of every QEMU, root daemon, the service and
   its mount server over ``--idle-seconds``, in % of one core per sandbox;
 * **create latency while they idle**: ``Sandbox.create()`` + ``commands.run("true")``
@@ -49,6 +51,7 @@ from sandbox_create import Service, cubefs, sample
 from sandbox_snapshot import log, node_env, on_sigterm, summary, teardown
 
 from cubefs.node import control
+from vmm.machine import tcg_tb_size
 
 TICK = os.sysconf("SC_CLK_TCK")
 MIB = 2**20
@@ -67,6 +70,20 @@ def mapping_pss_kib(pid: int, path: str) -> int:
             head = line.split(maxsplit=5)
             if "-" in head[0] and not head[0].endswith(":"):
                 inside = len(head) == 6 and head[5].rstrip("\n").removesuffix(" (deleted)") == path
+            elif inside and head[0] == "Pss:":
+                total += int(head[1])
+    return total
+
+
+def tcg_code_pss_kib(pid: int) -> int:
+    """PSS of QEMU's TCG translation cache: its one anonymous executable mapping (``tb-size``
+    MiB; none under KVM)."""
+    total, inside = 0, False
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            head = line.split()
+            if "-" in head[0] and not head[0].endswith(":"):
+                inside = len(head) == 5 and "x" in head[1]
             elif inside and head[0] == "Pss:":
                 total += int(head[1])
     return total
@@ -98,7 +115,7 @@ class Node:
         return int((self.tmp / "serve.sock.lock").read_text())
 
     def memory(self, ids: list[str], service_pss0: int, avail0: int) -> dict[str, Any]:
-        guest, qemu, daemon = [], [], []
+        guest, qemu, daemon, tcg = [], [], [], []
         hosts: dict[int, int] = {}  # a root host serves many sandboxes: its PSS is shared among them
         for sid in ids:
             _q, dpid, _r = self.parts(sid)
@@ -108,9 +125,11 @@ class Node:
             g = mapping_pss_kib(qpid, ram)
             guest.append(g / 1024)
             qemu.append((pss_kib(qpid) - g) / 1024)
+            tcg.append(tcg_code_pss_kib(qpid) / 1024)
             daemon.append(pss_kib(dpid) / 1024 / hosts[dpid])
         agent = (pss_kib(self.svc.proc.pid) - service_pss0) / 1024 / len(ids)
-        parts = {"guest_ram_mib": summary(guest), "qemu_mib": summary(qemu), "root_daemon_mib": summary(daemon),
+        parts = {"guest_ram_mib": summary(guest), "qemu_mib": summary(qemu), "of_which_tcg_code_mib": summary(tcg),
+                 "root_daemon_mib": summary(daemon),
                  "service_per_sandbox_mib": round(agent, 2)}
         parts["total_mean_mib"] = round(statistics.fmean(guest) + statistics.fmean(qemu) + statistics.fmean(daemon)
                                         + agent, 1)
@@ -203,7 +222,8 @@ def main() -> int:
     out: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(),
                            "host_mem_mib": os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // MIB,
                            "loadavg_start": os.getloadavg()[0], "guest_mib": args.memory,
-                           "default_vcpu_limit": (os.cpu_count() or 1) * 16, "max_vcpus_used": max_vcpus}
+                           "tcg_tb_size_mib": tcg_tb_size(), "default_vcpu_limit": (os.cpu_count() or 1) * 16,
+                           "max_vcpus_used": max_vcpus}
     svc: Service | None = None
     held: list[Any] = []
     try:
