@@ -398,8 +398,9 @@ class SandboxService:
         return sbx
 
     def _restoring(self, sbx: Sandbox) -> None:
-        """Admitted: its restore starts, and a stop cancels it (a queued one fails at the gate)."""
-        if (task := asyncio.current_task()) is not None:
+        """Admitted: its restore starts, and a stop cancels it (a queued one fails at the gate).  A
+        pool fill is not: ``close`` cancels the filler, and a second cancel would cut its cleanup."""
+        if sbx.record.state != "pooled" and (task := asyncio.current_task()) is not None:
             self._making_tasks[sbx.id] = task
 
     @contextlib.asynccontextmanager
@@ -427,7 +428,7 @@ class SandboxService:
         except BaseException as err:
             self.counters.create_failed += 1
             log.warning("sandbox %s (%s): making it failed: %s", sid, what, err)
-            await self._finish(sbx)
+            await asyncio.shield(self._finish(sbx))  # a further cancel (a stop's) must not cut it short
             raise
         finally:
             self.creating.discard(sid)
