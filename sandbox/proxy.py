@@ -52,6 +52,7 @@ from typing import Any
 from aiohttp import web
 
 from cubefs.errors import CubefsError
+from sandbox.answers import not_found, port_closed
 from sandbox.envd.auth import token_ok
 from sandbox.ingress import TlsError, masked_host
 from sandbox.relay import is_upgrade, relay
@@ -62,17 +63,6 @@ log = logging.getLogger("cubefs.sandbox.proxy")
 ENVD_PORT = 49983
 TRAFFIC_TOKEN_HEADER = "e2b-traffic-access-token"
 MAX_UPGRADED = 1024  # open WebSockets per sandbox: each holds a guest stream and up to 256 KiB queued
-
-
-def not_found(sandbox_id: str) -> web.Response:
-    return web.json_response({"sandboxId": sandbox_id, "message": "The sandbox was not found", "code": 502},
-                             status=502)
-
-
-def port_closed(sandbox_id: str, port: int) -> web.Response:
-    return web.json_response({"sandboxId": sandbox_id, "port": port, "code": 502,
-                              "message": f"The sandbox is running but port is not open (port {port})"},
-                             status=502)
 
 
 def traffic_refused(request: web.Request, record: Any) -> web.Response | None:

@@ -1336,7 +1336,7 @@ class _Settling:
         """envd's ``handle``."""
         if await self._settled() and self.sbx.envd is not None and self.sbx.envd is not self:
             return await self.sbx.envd.handle(request)
-        from sandbox.proxy import not_found
+        from sandbox.answers import not_found
 
         return not_found(self.sbx.id)
 
