@@ -243,3 +243,29 @@ def small_tmpfs(where: Path, size: str) -> Iterator[Path]:
         yield where
     finally:
         subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def kept_fds(pid: int) -> list[str]:
+    """The process's descriptors, sorted, less its established TCP connections (socket
+    numbers of the others dropped: what they are, not which)."""
+    established = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                cols = line.split()
+                if cols[3] == "01":  # TCP_ESTABLISHED
+                    established.add(cols[9])
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue  # closed meanwhile
+        if target.startswith("socket:["):
+            if target[8:-1] in established:
+                continue
+            target = "socket"
+        elif target.startswith(("pipe:[", "anon_inode:")):
+            target = target.split(":")[0]
+        out.append(target)
+    return sorted(out)

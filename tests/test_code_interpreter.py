@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import free_ports
+from conftest import free_ports, kept_fds
 from e2b import ConnectionConfig, NotFoundException, SandboxException, TimeoutException
 from e2b_code_interpreter import AsyncSandbox, Sandbox
 from packaging.version import Version
@@ -395,7 +395,7 @@ def test_contexts_come_and_go_without_leaking(interp: Interp) -> None:
     """Descriptors and processes of the server stay flat over context churn, crashes included."""
     sbx = interp.sdk()
     sbx.run_code("1")
-    fds = _kept_fds(interp.proc.pid)
+    fds = kept_fds(interp.proc.pid)
     workers = len(interp.workers())
     for _ in range(10):
         ctx = sbx.create_code_context()
@@ -408,36 +408,10 @@ def test_contexts_come_and_go_without_leaking(interp: Interp) -> None:
     # connections still ESTABLISHED are allowed to differ; every other descriptor (pipes,
     # files, the worker's sockets, a connection whose client has gone) must be as before.
     deadline = time.monotonic() + 5
-    while (now := _kept_fds(interp.proc.pid)) != fds and time.monotonic() < deadline:
+    while (now := kept_fds(interp.proc.pid)) != fds and time.monotonic() < deadline:
         time.sleep(0.1)
     assert now == fds, (now, fds)
     assert len([p for p in interp.workers() if _running(p)]) == workers
-
-
-def _kept_fds(pid: int) -> list[str]:
-    """The process's descriptors, sorted, less its established TCP connections (socket
-    numbers of the others dropped: what they are, not which)."""
-    established = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(table) as f:
-            for line in f.readlines()[1:]:
-                cols = line.split()
-                if cols[3] == "01":  # TCP_ESTABLISHED
-                    established.add(cols[9])
-    out = []
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue  # closed meanwhile
-        if target.startswith("socket:["):
-            if target[8:-1] in established:
-                continue
-            target = "socket"
-        elif target.startswith(("pipe:[", "anon_inode:")):
-            target = target.split(":")[0]
-        out.append(target)
-    return sorted(out)
 
 
 def test_nothing_is_left_behind(tmp_path: Path) -> None:
