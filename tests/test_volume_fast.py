@@ -56,15 +56,19 @@ class Vol:
         return dict(json.loads(run_cubefs("stats", str(mnt), "--json").stdout)["requests"])
 
 
-@pytest.fixture
-def vol(tmp_path: Path) -> Iterator[tuple[Vol, Path]]:
-    v = Vol(tmp_path)
+def mounted(v: Vol) -> Iterator[tuple[Vol, Path]]:
+    """A new volume ``v`` made and mounted by ``v`` (a ``Vol`` or a subclass), unmounted after."""
     v.cli("volume", "create", "v")
     mnt = v.mount("v", "mnt")
     try:
         yield v, mnt
     finally:
         v.umount(mnt)
+
+
+@pytest.fixture
+def vol(tmp_path: Path) -> Iterator[tuple[Vol, Path]]:
+    yield from mounted(Vol(tmp_path))
 
 
 def outcome(fn: Callable[[], Any]) -> str:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_cubefs, small_tmpfs
-from test_volume_fast import Vol
+from test_volume_fast import Vol, mounted
 
 
 class WbVol(Vol):
@@ -41,17 +41,11 @@ class WbVol(Vol):
 
 
 @pytest.fixture
-def wb(tmp_path: Path) -> Iterator[tuple[WbVol, Path]]:
-    v = WbVol(tmp_path)
-    v.cli("volume", "create", "v")
-    mnt = v.mount("v", "mnt")
-    try:
-        yield v, mnt
-    finally:
-        v.umount(mnt)
+def wb(tmp_path: Path) -> Iterator[tuple[Vol, Path]]:
+    yield from mounted(WbVol(tmp_path))
 
 
-def test_a_snapshot_right_after_unsynced_writes_holds_them(wb: tuple[WbVol, Path]) -> None:
+def test_a_snapshot_right_after_unsynced_writes_holds_them(wb: tuple[Vol, Path]) -> None:
     """Written with write(2), not fsynced, the file still open (so not even close has
     flushed it): the kernel holds the pages; the snapshot holds them too."""
     v, mnt = wb
@@ -72,7 +66,7 @@ def test_a_snapshot_right_after_unsynced_writes_holds_them(wb: tuple[WbVol, Path
         f.close()
 
 
-def test_a_rollback_keeps_later_dirty_pages_out_and_shows_the_snapshot(wb: tuple[WbVol, Path]) -> None:
+def test_a_rollback_keeps_later_dirty_pages_out_and_shows_the_snapshot(wb: tuple[Vol, Path]) -> None:
     v, mnt = wb
     (mnt / "kept").write_bytes(b"version 1")
     (mnt / "shrinks").write_bytes(b"s" * 50_000)
@@ -157,7 +151,7 @@ def test_a_full_disk_is_enospc_at_fsync_or_close_and_the_space_comes_back(small_
     assert (mnt / "after").read_bytes() == b"y" * (4 << 20)
 
 
-def test_untar_sends_a_fraction_of_the_writes(wb: tuple[WbVol, Path], tmp_path: Path) -> None:
+def test_untar_sends_a_fraction_of_the_writes(wb: tuple[Vol, Path], tmp_path: Path) -> None:
     """300 files of 1-60 KB: tar's 10 KiB write(2)s reach the daemon as one WRITE a file
     or so (without the cache the page cache cuts them: ~3 a file here), and every byte,
     mode and mtime lands."""
@@ -184,7 +178,7 @@ def test_untar_sends_a_fraction_of_the_writes(wb: tuple[WbVol, Path], tmp_path: 
         assert os.stat(mnt / "x" / rel).st_mtime_ns == os.stat(tmp_path / rel).st_mtime_ns
 
 
-def test_a_file_held_open_across_a_rollback_keeps_the_kernels_size(wb: tuple[WbVol, Path]) -> None:
+def test_a_file_held_open_across_a_rollback_keeps_the_kernels_size(wb: tuple[Vol, Path]) -> None:
     """The cost of the cache, as design.md states it: the kernel keeps its size for a file
     held open (reads past the snapshot's end give zeros); its name, looked up again, is a
     new inode with the snapshot's size and bytes, and the old descriptor then fails with
