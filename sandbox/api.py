@@ -236,9 +236,10 @@ class Api:
             try:
                 sbx = await asyncio.shield(future)
             except BaseException:
-                self.idempotent.pop(key, None)
-                if len(askers) == 1 and not future.done():  # the last asker cancelled (a stop): so is the create
-                    future.cancel()
+                if len(askers) == 1:  # the last asker: a retry after this starts afresh (others still wait on it)
+                    self.idempotent.pop(key, None)
+                    if not future.done():  # it was cancelled (a stop): so is the create
+                        future.cancel()
                 raise
             finally:
                 askers.remove(request)
@@ -407,7 +408,8 @@ class Api:
         out: list[dict[str, Any]] = []
         for res in results:
             if isinstance(res, BaseException):
-                code = 429 if isinstance(res, CapacityError) else 404 if isinstance(res, NotFoundError) else 500
+                code = (429 if isinstance(res, CapacityError) else 404 if isinstance(res, NotFoundError)
+                        else 503 if isinstance(res, AdmissionError) else 500)
                 out.append({"error": {"code": code, "message": str(res) or type(res).__name__}})
             else:
                 self._set_policy(res.id, self._policy(request.match_info["id"]))  # a fork goes out as its parent

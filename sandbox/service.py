@@ -65,6 +65,7 @@ DEFAULT_TIMEOUT = 300  # seconds; E2B's documented default
 MAX_TIMEOUT = 24 * 3600
 READY_PORT_WAIT = 60.0  # a template's server must listen this soon after the sandbox starts
 MAX_FORKS = 100  # E2B's spec (its SDK asks for at most 20)
+ROLLBACK_STOP_WAIT = 30.0  # seconds a stop waits for rollbacks in flight and settling (each ~0.2-4 s)
 PAUSE_RETRY = 30  # seconds before a failed pause at a sandbox's timeout is tried again
 FORK_CONCURRENCY = 4  # restores at once: each is a QEMU start and a load, CPU-bound under TCG
 
@@ -115,6 +116,8 @@ class SandboxRecord:
     auto_resume: bool = False  # a paused one is resumed by traffic for it, for ttl seconds
     ttl: int = 0
     paused_at_timeout: bool = False  # what autoResume wakes (a pause asked for through the API stays)
+    old_vm: str = ""  # a rollback's VM and volume being ended: a restarted service ends them if it could not
+    old_volume: str = ""
 
     @staticmethod
     def path(sandbox_id: str) -> Path:
@@ -232,6 +235,7 @@ class SandboxService:
         self._making_tasks: dict[str, asyncio.Task[Any]] = {}  # sandbox id -> the task making it (for a stop)
         self._reaper: asyncio.Task[None] | None = None
         self._pause_retry: dict[str, float] = {}  # sandbox -> when its failed pause at timeout is tried again
+        self._rolling: set[asyncio.Task[Any]] = set()  # rollbacks and their settling: a stop waits for them
         self._filler: asyncio.Task[None] | None = None
         self._pool_wake: asyncio.Event | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -266,6 +270,8 @@ class SandboxService:
         """Stop serving; the sandboxes keep running for the next service to adopt.  Pooled
         ones, which nobody has yet, are removed (one being made is finished first, then removed)."""
         self.restores.close()  # queued creates answered at once (503), none restored for a gone service
+        if self._rolling:  # a rollback in flight or settling: finished, so the next service adopts it running
+            await asyncio.wait(list(self._rolling), timeout=ROLLBACK_STOP_WAIT)
         for task in (self._reaper, self._filler):
             if task is not None:
                 task.cancel()
@@ -308,6 +314,10 @@ class SandboxService:
                 continue
             sbx = Sandbox(record)
             vm = vmm.Vm(record.vm)
+            if record.old_vm or record.old_volume:  # a rollback's old VM and volume, not ended before it stopped
+                self._spawn(asyncio.to_thread(self._end_old, record.old_vm, record.old_volume, record.template))
+                record.old_vm = record.old_volume = ""
+                record.save()
             if record.state == "paused" and vm.alive:  # its agent sleeps: connected on resume
                 sbx.vm = vm
                 self.sandboxes[record.sandbox_id] = sbx
@@ -316,18 +326,21 @@ class SandboxService:
                 log.info("sandbox %s adopted, paused (template %s, VM %s)", record.sandbox_id, record.template,
                          record.vm)
                 continue
-            if record.state != "running" or not vm.alive:
+            if record.state not in ("running", "rolling-back") or not vm.alive:
                 why = {"creating": "was still being created", "pooled": "was in a pool"}.get(
                     record.state, "had lost its VM")
                 log.warning("sandbox %s %s when the service stopped: cleaned away", record.sandbox_id, why)
                 self._spawn(self._cleanup(record))  # in the background: serving need not wait for it
                 continue
-            try:
-                await self._connect(sbx, vm)
+            try:  # a rolled-back guest not settled when the service stopped: settled now (its clock, tokens)
+                await self._connect(sbx, vm, restored=record.state == "rolling-back")
             except (CubefsError, OSError) as err:
                 log.warning("sandbox %s: its agent does not answer (%s): killed", record.sandbox_id, err)
                 self._spawn(self._cleanup(record))
                 continue
+            if record.state == "rolling-back":
+                record.state = "running"
+                record.save()
             self.sandboxes[record.sandbox_id] = sbx
             self.capacity.held[record.sandbox_id] = (record.cpus, record.memory_mb)
             self.counters.adopted += 1
@@ -934,39 +947,61 @@ class SandboxService:
         until then the sandbox's envd and ports are a ``_Settling`` that holds every request
         and hands it over once they are done, so no client request reaches the guest before
         its clock is right.  A rollback that fails at any point, settling included, leaves
-        the sandbox gone (its record says ``rolling-back`` until settled: a service killed
-        meanwhile cleans it away on restart), never half-rolled-back (docs/design.md)."""
+        the sandbox gone, never half-rolled-back (docs/design.md).  Its record says
+        ``rolling-back`` until settled, and names the old VM and volume until they are ended: a
+        service killed meanwhile ends those on restart and settles the new VM, or cleans it away
+        if it is gone.  A stop waits for rollbacks in flight; a caller gone does not cut one
+        short; a kill during one leaves nothing of it; it takes a slot of the restore gate."""
         sbx = self.get(sandbox_id)
         snap = SnapshotRecord.find(snapshot_id)
         if (snap.cpus, snap.memory_mb) != (sbx.record.cpus, sbx.record.memory_mb):
             raise UsageError(f"snapshot {snap.snapshot_id} is of a {snap.cpus}-vCPU {snap.memory_mb} MiB sandbox; "
                              f"sandbox {sandbox_id} has {sbx.record.cpus} vCPU {sbx.record.memory_mb} MiB")
+        task = asyncio.ensure_future(self._rollback(sbx, snap))
+        self._track(task)
+        return await asyncio.shield(task)  # a caller gone (a stop's cancel) does not cut it short: close() waits
+
+    def _track(self, task: asyncio.Task[Any]) -> None:
+        self._rolling.add(task)
+        task.add_done_callback(self._rolling.discard)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # its caller may be gone: retrieved
+
+    async def _rollback(self, sbx: Sandbox, snap: SnapshotRecord) -> Sandbox:
+        sandbox_id = sbx.id
         t0 = time.monotonic()
         await sbx.busy.acquire()  # released by _settle once the guest is settled, else below
         settling = False
         try:
+            if self.sandboxes.get(sandbox_id) is not sbx:  # killed while this waited its turn
+                raise NotFoundError(f"sandbox {sandbox_id!r} not found")
             r = sbx.record
             old_volume = r.volume
-            await self._disconnect(sbx)
             phases: dict[str, float] = {}
-            r.state = "rolling-back"  # saved with the new VM's name: adopt() cleans it away until settled
-            try:
-                old_vm = await _finish_thread(self._rollback_vm, sbx, snap, phases)
-            except BaseException as err:  # the sandbox is gone: say so, leave nothing
-                log.warning("sandbox %s: rollback to %s failed, sandbox removed: %s", sandbox_id, snap.snapshot_id,
-                            err)
-                self.sandboxes.pop(sandbox_id, None)
-                await self._finish(sbx)
-                if old_volume != r.volume:
-                    await asyncio.to_thread(self._remove_volume, old_volume, _template_opts(r.template))
-                raise
-            self._spawn(asyncio.to_thread(self._end_old_vm, old_vm, old_volume if old_volume != r.volume else None,
-                                          r.template))
+            async with self.restores.slot():  # a QEMU start and a load, as a create's: the node's restore gate
+                await self._disconnect(sbx)
+                r.state = "rolling-back"  # saved with the new VM's name: adopt() settles it, or cleans it away
+                try:
+                    old_vm = await _finish_thread(self._rollback_vm, sbx, snap, phases)
+                except BaseException as err:  # the sandbox is gone: say so, leave nothing
+                    log.warning("sandbox %s: rollback to %s failed, sandbox removed: %s", sandbox_id,
+                                snap.snapshot_id, err)
+                    self.sandboxes.pop(sandbox_id, None)
+                    await asyncio.shield(self._finish(sbx))
+                    if old_volume != r.volume:
+                        await asyncio.shield(asyncio.to_thread(self._remove_volume, old_volume,
+                                                               _template_opts(r.template)))
+                    raise
+            self._spawn(asyncio.to_thread(self._end_old_vm, sbx, old_vm, old_volume if old_volume != r.volume
+                                          else None, r.template))
+            if self.sandboxes.get(sandbox_id) is not sbx:  # killed during the restore: what it made goes too
+                await asyncio.shield(asyncio.to_thread(self._destroy, r))
+                raise NotFoundError(f"sandbox {sandbox_id!r} was killed during its rollback")
             gate = _Settling(sbx)
             sbx.envd = sbx.channel = gate
             self.counters.rollbacks += 1
             phases["answer"] = round(time.monotonic() - t0, 4)
-            self._spawn(self._settle(sbx, snap, gate, phases, t0))
+            settle = asyncio.ensure_future(self._settle(sbx, snap, gate, phases, t0))
+            self._track(settle)
             settling = True
         finally:
             if not settling:
@@ -1002,14 +1037,18 @@ class SandboxService:
                 calls.append(channel.set_defaults(user="user", env=r.env_vars))
             if snap.sandbox_id != r.sandbox_id:  # its disk holds that sandbox's tokens
                 calls.append(self._write_tokens(sbx, channel=channel))
-            results = await asyncio.gather(*calls, return_exceptions=True)
+            # bounded: an agent that said hello and then went silent must not hold the sandbox (its
+            # requests, the reaper, pause and snapshot all wait on busy)
+            results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True),
+                                             vmm.RESTORE_AGENT_TIMEOUT)
             for res in results:  # each finished (none left running), the first failure raised
                 if isinstance(res, BaseException):
                     raise res
             phases["agent"] = round(time.monotonic() - t1, 4)
-            if self.sandboxes.get(r.sandbox_id) is not sbx:  # killed meanwhile: its VM is going
+            if self.sandboxes.get(r.sandbox_id) is not sbx:  # killed meanwhile: its VM is going (idempotent)
                 await channel.close()
                 gate.failed("it was killed")
+                await asyncio.shield(asyncio.to_thread(self._destroy, r))
                 return
             sbx.channel, sbx.envd = channel, Envd(channel, access_token=r.access_token)
             r.state = "running"
@@ -1017,7 +1056,8 @@ class SandboxService:
             gate.ready()
             phases["settled"] = round(time.monotonic() - t0, 4)
             vm.info["rollback_phases"] = phases  # where the call's time went, for the benchmarks
-            vm._save()
+            with contextlib.suppress(OSError):  # settled: a benchmark's note must not undo that
+                vm._save()
             log.info("sandbox %s: rolled-back guest settled %.3f s after the call began (phases %s)",
                      r.sandbox_id, phases["settled"], phases)
         except BaseException as err:
@@ -1050,6 +1090,7 @@ class SandboxService:
             index = self._volume_index(opts.volume_dir)
             tail = r.volume.rsplit("-", 1)[-1]
             gen = int(tail) + 1 if tail.isdigit() else 1
+            r.old_vm, r.old_volume = r.vm, r.volume  # until _end_old_vm has ended them (adopt() otherwise)
             r.volume, r.vm = f"sbx-{r.sandbox_id}-{gen}", f"sbx-{r.sandbox_id}-{gen}"
             with self._index_lock:
                 index.clone(snap.volume, READY, [r.volume])
@@ -1069,10 +1110,28 @@ class SandboxService:
         gone.start()
         return gone
 
-    def _end_old_vm(self, gone: threading.Thread, volume: str | None, template: str) -> None:
-        """After a rollback: its old VM ended (``gone``), then its old volume removed."""
-        gone.join()
-        if volume is not None:
+    def _end_old_vm(self, sbx: Sandbox, gone: threading.Thread, volume: str | None, template: str) -> None:
+        """After a rollback: its old VM ended (``gone``), then its old volume removed, then the
+        record no longer names them."""
+        try:
+            gone.join()
+            if volume is not None:
+                self._remove_volume(volume, _template_opts(template))
+        except Exception as err:  # a thread's failure is nobody's to see otherwise
+            log.warning("sandbox %s: ending its VM before the rollback: %s", sbx.id, err)
+            return
+        r = sbx.record
+        r.old_vm = r.old_volume = ""
+        if self.sandboxes.get(r.sandbox_id) is sbx:  # a killed one's record is gone: not written again
+            with contextlib.suppress(OSError):
+                r.save()
+
+    def _end_old(self, vm: str, volume: str, template: str) -> None:
+        """What ``_end_old_vm`` did not get to (the service stopped): a VM and a volume by name."""
+        if vm:
+            with contextlib.suppress(CubefsError, OSError):
+                vmm.Vm(vm).destroy()
+        if volume:
             self._remove_volume(volume, _template_opts(template))
 
     def _remove_volume(self, volume: str, opts: StoreOptions) -> None:
