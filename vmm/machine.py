@@ -68,11 +68,21 @@ def pick_accel(requested: str) -> str:
 
 
 TB_SIZE_ENV = "CUBEFS_TCG_TB_SIZE"  # MiB of TCG translation cache per VM (default 64)
+TB_SIZE_DEFAULT = 64
 
 
 def tcg_tb_size() -> int:
-    """TCG's translation-cache size in MiB, from ``$CUBEFS_TCG_TB_SIZE`` (KVM has none)."""
-    text = os.environ.get(TB_SIZE_ENV, "64")
+    """TCG's translation-cache size in MiB, from ``$CUBEFS_TCG_TB_SIZE`` (KVM has none).
+
+    64, not QEMU's 1 GiB: the cache is most of QEMU's own memory per VM.  Not smaller, by
+    measurement (tools/bench/tcg_tb_size.py, docs/benchmarks.md "Density"): a full cache is
+    flushed whole and everything translated again, and a busy guest's code (ten ``python3 -c
+    'import json, email, http.client, asyncio, ...'``) runs 1.58x as long at 32 MiB, 1.97x at
+    24, 3.6x at 16 (medians of 3 alternated rounds against 64; a ``compileall`` 1.29x / 1.57x /
+    3.35x; only a hot ``sha256sum`` loop is within noise), ~20x at 8 (one first run, 235 s).  A smaller cache
+    saves memory only on idle sandboxes (an idle guest fills ~21 MiB: 35 against 56 MiB of
+    QEMU's own at 8), so it is left to nodes that hold many idle ones and accept that cost."""
+    text = os.environ.get(TB_SIZE_ENV, str(TB_SIZE_DEFAULT))
     try:
         mib = int(text)
     except ValueError:
@@ -80,6 +90,18 @@ def tcg_tb_size() -> int:
     if not 1 <= mib <= 1024:
         raise UsageError(f"{TB_SIZE_ENV}={text!r}: give the translation cache's size in MiB, 1 to 1024")
     return mib
+
+
+# The accel option as machine fingerprints spell it, whatever tb-size a VM runs with
+FINGERPRINT_ACCEL = f"tcg,tb-size={TB_SIZE_DEFAULT}"
+
+
+def state_argv(argv: list[str]) -> list[str]:
+    """``argv`` as a saved VM state depends on it (vmm/vm.py ``machine_fingerprint``): the
+    translation cache's size is QEMU's own memory, not guest or device state, so a template or
+    checkpoint saved at one tb-size restores at another (tested).  It is spelled as the 64 every
+    VM had before the size could change, so states saved then keep their fingerprints and load."""
+    return [FINGERPRINT_ACCEL if a.startswith("tcg,tb-size=") else a for a in argv]
 
 
 @dataclass
@@ -157,7 +179,7 @@ class Machine:
                                                                    else ""))
         argv = [
             qemu, "-name", self.dir.name, "-machine", "q35",
-            # TCG's translation cache: 64 MiB, not the default 1 GiB, per VM
+            # TCG's translation cache: 64 MiB, not QEMU's 1 GiB, per VM (tcg_tb_size: why not less)
             "-accel", f"tcg,tb-size={tcg_tb_size()}" if self.accel == "tcg" else "kvm",
             # TCG: no ERMS/FSRM, so the guest kernel and glibc copy with rep movsq/SSE, not
             # rep movsb, which TCG runs a byte at a time: the guest's own dd 95 -> 355 MB/s, agent

@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 from cubefs.errors import CubefsError, NotFoundError, UsageError
 from cubefs.node import control
 from vmm.agent import Agent, AgentError, CommandResult
-from vmm.machine import Machine, MachineSpec, Netdev, Ram, VmError, alive, kill_pid, wait_gone
+from vmm.machine import Machine, MachineSpec, Netdev, Ram, VmError, alive, kill_pid, state_argv, wait_gone
 
 if TYPE_CHECKING:
     from cubefs.cow.index import VolumeIndex
@@ -195,9 +195,10 @@ def machine_fingerprint(spec: MachineSpec) -> str:
     """What a saved VM state depends on: QEMU's device and CPU options (a restore into
     different devices fails, or silently misbehaves), and the guest kernel and initramfs
     (the saved RAM holds the agent that was running: a template from before an agent change
-    would bring the old agent back).  Paths are left out: they differ per VM."""
+    would bring the old agent back).  Paths are left out: they differ per VM; so is TCG's
+    translation-cache size (``state_argv``): QEMU's own memory, no part of a saved state."""
     kernel = spec.kernel_dir
-    argv = Machine(Path("/vm"), spec, Ram(Path("/vm/ram"), shared=True)).argv()
+    argv = state_argv(Machine(Path("/vm"), spec, Ram(Path("/vm/ram"), shared=True)).argv())
     parts = [qemu_version(argv[0])] + [a.replace(str(kernel), "KERNEL") for a in argv[1:]]
     for name in ("vmlinuz", "initrd.gz"):
         st = (kernel / name).stat()
