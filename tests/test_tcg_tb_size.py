@@ -73,8 +73,8 @@ def test_template_saved_at_64_restores_at_8(kernel: Path, tmp_path: Path,
     m = Machine(tmp_path / "clone", loaded.spec, Ram(tpl.dir / "ram", shared=False), incoming=True)
     m.start()
     try:
+        m.restore(tpl.dir / "state")  # (cmdline read after: it may be empty until QEMU has exec'd)
         assert "tcg,tb-size=8" in open(f"/proc/{m.pid}/cmdline").read().split("\0")
-        m.restore(tpl.dir / "state")
         with Agent(m.agent_path, "clone") as agent:
             agent.connect(vm.RESTORE_AGENT_TIMEOUT)
         assert m.qmp.execute("query-status")["status"] == "running"
