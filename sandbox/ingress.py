@@ -122,9 +122,6 @@ class TlsStream:
             sent = await self._until(lambda v=view: self._tls.write(v))
             view = view[sent:]
 
-    def write_eof(self) -> None:
-        self._writer.write_eof()
-
     async def close(self) -> None:
         """close_notify if it goes out at once, then the stream closed whatever happened: a
         guest server that stopped reading (its answer sent early) holds no relay open."""
