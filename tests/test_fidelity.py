@@ -67,14 +67,22 @@ def test_warm_mount_asks_the_daemon_for_nothing_but_xattrs(tmp_path: Path) -> No
     run_cubefs("build", str(tmp_path / "src"), "--tag", "warm:1", "--store", store)
     with mounted("warm:1", tmp_path / "mnt", store, tmp_path / "cache") as m:
         first = snapshot(tmp_path / "mnt")
-        before = m.stats()["requests"]
-        assert snapshot(tmp_path / "mnt") == first
-        after = m.stats()["requests"]
-    again = {op: n - before.get(op, 0) for op, n in after.items()}
-    # The kernel may reclaim a clean page at any moment (a CI machine under load did,
-    # once in a dozen runs): a READ or two is its right, any other request a regression.
-    assert again.get("read", 0) <= 2, again
-    assert {op: n for op, n in again.items() if n and op not in ("getxattr", "listxattr", "read")} == {}, again
+        walks = []
+        for _ in range(3):
+            before = m.stats()["requests"]
+            assert snapshot(tmp_path / "mnt") == first
+            after = m.stats()["requests"]
+            walks.append({op: n - before.get(op, 0) for op, n in after.items()})
+            if walks[-1].get("read", 0) <= 2:
+                break
+    # The kernel may reclaim a clean page at any moment (a CI machine under load did, once in a
+    # dozen runs, and once a full run here reclaimed 27 of them between two walks): a READ or two
+    # is its right, and a walk that met a reclaim is walked again; a kernel that kept nothing
+    # would send READs every time.  Any other request is a regression.
+    again = walks[-1]
+    assert again.get("read", 0) <= 2, walks
+    for walk in walks:
+        assert {op: n for op, n in walk.items() if n and op not in ("getxattr", "listxattr", "read")} == {}, walk
 
 
 def test_same_tree_twice_same_digest_nothing_uploaded(awkward_tree: tuple[Path, dict], tmp_path: Path) -> None:  # type: ignore[type-arg]

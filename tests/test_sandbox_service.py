@@ -18,6 +18,7 @@ import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import S3_ENV, environ, free_ports, kept_fds, run_cubefs
@@ -677,6 +678,7 @@ def test_a_stop_ends_open_streams_at_once_and_keeps_running_sandboxes(node: Node
 
     restarted(node, "--pool-size", "1", "--max-restores", "1")
     sbx = None
+    made: list[Any] = []
     try:
         wait_pools(node, {"base": 1})
         sbx = Sandbox.create(timeout=300)
@@ -724,10 +726,13 @@ def test_a_stop_ends_open_streams_at_once_and_keeps_running_sandboxes(node: Node
         # a restore was in flight: the stop waits for its QEMU start to return, then removes it
         assert took < 15, f"the service took {took:.1f} s to stop"
         assert stream_end and stream_end[0] - t0 < 3  # the client saw its stream end at once
-        assert len(answers) == 3 and all(isinstance(a, Exception) for a in answers), answers
-        assert qemu_pids(node) == mine  # the running sandbox lives on; no pooled or half-made VM
+        # a queued create whose restore finished before the stop has a sandbox like any other
+        made += [a for a in answers if not isinstance(a, Exception)]
+        assert len(answers) == 3 and len(made) < 3, answers
+        kept = {f"sbx-{sbx.sandbox_id}", *(f"sbx-{m.sandbox_id}" for m in made)}
+        assert mine <= qemu_pids(node) and len(qemu_pids(node)) == len(kept)  # no pooled or half-made VM
         vms = {d.name for d in Path(node.env["CUBEFS_VM_DIR"]).glob("sbx-*")}
-        assert vms == {f"sbx-{sbx.sandbox_id}"}
+        assert vms == kept
         node.proc = None
 
         node.args = ["--pool-size", "0"]
@@ -748,9 +753,10 @@ def test_a_stop_ends_open_streams_at_once_and_keeps_running_sandboxes(node: Node
         follower.join(10)
         assert took < 3, f"the service took {took:.1f} s to stop"
         assert stream_end and stream_end[0] - t0 < 3
-        assert qemu_pids(node) == mine
+        assert mine <= qemu_pids(node) and len(qemu_pids(node)) == len(kept)
     finally:
         restarted(node, "--pool-size", "0")
-        if sbx is not None:
-            sbx.kill()
+        for s in [sbx, *made]:
+            if s is not None:
+                s.kill()
     assert qemu_pids(node) == set()
