@@ -89,7 +89,7 @@ class Usage:
             await asyncio.wait_for(read(), DEADLINE)
         except TimeoutError:
             with contextlib.suppress(CubefsError, OSError):
-                await channel.signal(proc.pid, 9)
+                await channel.signal(proc.pid, 9, group=True)  # sh and the df or sleep it waits on
             await proc.detach()
             raise CubefsError(f"the guest gave no usage sample within {DEADLINE:.0f} s") from None
         s = parse(out.decode(errors="replace"), time.time())
