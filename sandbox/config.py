@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 import os
 import secrets
+import threading
 from pathlib import Path
 
 from cubefs.errors import UsageError
@@ -30,8 +31,10 @@ def private_dir(path: Path) -> Path:
 
 
 def write_private(path: Path, text: str) -> None:
-    """Write a file 0600 atomically (a crash leaves the old one or the new one)."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Write a file 0600 atomically (a crash leaves the old one or the new one).  The temporary
+    name is the writer's own: two writers of one record (the event loop, a thread) each rename a
+    whole file, the last one wins (with one shared name, one renamed the other's away: ENOENT)."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(text)

@@ -983,13 +983,16 @@ class SandboxService:
                 try:
                     old_vm = await _finish_thread(self._rollback_vm, sbx, snap, phases)
                 except BaseException as err:  # the sandbox is gone: say so, leave nothing
+                    killed = self.sandboxes.get(sandbox_id) is not sbx  # its VM went under the restore
                     log.warning("sandbox %s: rollback to %s failed, sandbox removed: %s", sandbox_id,
-                                snap.snapshot_id, err)
+                                snap.snapshot_id, "it was killed" if killed else err)
                     self.sandboxes.pop(sandbox_id, None)
                     await asyncio.shield(self._finish(sbx))
                     if old_volume != r.volume:
                         await asyncio.shield(asyncio.to_thread(self._remove_volume, old_volume,
                                                                _template_opts(r.template)))
+                    if killed and isinstance(err, Exception):
+                        raise NotFoundError(f"sandbox {sandbox_id!r} was killed during its rollback") from None
                     raise
             self._spawn(asyncio.to_thread(self._end_old_vm, sbx, old_vm, old_volume if old_volume != r.volume
                                           else None, r.template))
@@ -1120,11 +1123,8 @@ class SandboxService:
         except Exception as err:  # a thread's failure is nobody's to see otherwise
             log.warning("sandbox %s: ending its VM before the rollback: %s", sbx.id, err)
             return
-        r = sbx.record
+        r = sbx.record  # the next save says so (none from this thread: the loop may be saving it)
         r.old_vm = r.old_volume = ""
-        if self.sandboxes.get(r.sandbox_id) is sbx:  # a killed one's record is gone: not written again
-            with contextlib.suppress(OSError):
-                r.save()
 
     def _end_old(self, vm: str, volume: str, template: str) -> None:
         """What ``_end_old_vm`` did not get to (the service stopped): a VM and a volume by name."""

@@ -361,7 +361,9 @@ def test_many_create_kill_cycles_leave_the_node_as_it_was(node: Node) -> None:
         deadline = time.monotonic() + 5  # a kill's last closes may trail its answer
         while (after := node_footprint(node)) != before and time.monotonic() < deadline:
             time.sleep(0.2)
-    assert after == before
+    # fewer root daemons is no leak (one an earlier test's restart left may end meanwhile)
+    assert after["daemons"] <= before["daemons"], (after, before)  # type: ignore[operator]
+    assert {**after, "daemons": 0} == {**before, "daemons": 0}
 
 
 def test_the_2_45_sdk_line_works_too(node: Node, old_sdk: Path) -> None:
