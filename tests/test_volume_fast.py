@@ -307,20 +307,27 @@ def test_o_append_from_two_processes_loses_and_tears_nothing(vol: tuple[Vol, Pat
 # -- requests --------------------------------------------------------------------------
 
 
-def test_untar_costs_few_requests_per_file(vol: tuple[Vol, Path], tmp_path: Path) -> None:
-    """Untarring 300 files of 1-60 KB asks for security.capability at most twice a file
-    (it was before every write(2)) and for attributes once (every chown asked too), and
-    what lands is what was packed."""
-    v, mnt = vol
+def packed_files(tmp_path: Path, each: Callable[[Path, int], object]) -> Path:
+    """``tmp_path/src``: 300 files of 1-60 KB in 10 directories (``each(file, i)`` after each
+    is written), packed as ``tmp_path/t.tar`` (returned)."""
     src = tmp_path / "src"
     for i in range(300):
         d = src / f"d{i % 10}"
         d.mkdir(parents=True, exist_ok=True)
         (d / f"f{i}").write_bytes(os.urandom(1000 + i * 200))
-        os.chmod(d / f"f{i}", 0o644 if i % 3 else 0o755)
+        each(d / f"f{i}", i)
     tar = tmp_path / "t.tar"
     with tarfile.open(tar, "w") as t:
         t.add(src, arcname="src")
+    return tar
+
+
+def test_untar_costs_few_requests_per_file(vol: tuple[Vol, Path], tmp_path: Path) -> None:
+    """Untarring 300 files of 1-60 KB asks for security.capability at most twice a file
+    (it was before every write(2)) and for attributes once (every chown asked too), and
+    what lands is what was packed."""
+    v, mnt = vol
+    tar = packed_files(tmp_path, lambda f, i: os.chmod(f, 0o644 if i % 3 else 0o755))
     (mnt / "x").mkdir()
     before = v.requests(mnt)
     subprocess.run(["tar", "-C", str(mnt / "x"), "-xf", str(tar)], check=True)

@@ -19,14 +19,13 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
-import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import run_cubefs, small_tmpfs
-from test_volume_fast import Vol, mounted
+from test_volume_fast import Vol, mounted, packed_files
 
 
 class WbVol(Vol):
@@ -156,15 +155,8 @@ def test_untar_sends_a_fraction_of_the_writes(wb: tuple[Vol, Path], tmp_path: Pa
     or so (without the cache the page cache cuts them: ~3 a file here), and every byte,
     mode and mtime lands."""
     v, mnt = wb
-    src = tmp_path / "src"
-    for i in range(300):
-        d = src / f"d{i % 10}"
-        d.mkdir(parents=True, exist_ok=True)
-        (d / f"f{i}").write_bytes(os.urandom(1000 + i * 200))
-        os.utime(d / f"f{i}", ns=(1_600_000_000_000_000_000 + i, 1_600_000_000_000_000_000 + i * 1000))
-    tar = tmp_path / "t.tar"
-    with tarfile.open(tar, "w") as t:
-        t.add(src, arcname="src")
+    tar = packed_files(tmp_path, lambda f, i: os.utime(f, ns=(1_600_000_000_000_000_000 + i,
+                                                               1_600_000_000_000_000_000 + i * 1000)))
     (mnt / "x").mkdir()
     before = v.requests(mnt)
     subprocess.run(["tar", "-C", str(mnt / "x"), "-xf", str(tar)], check=True)
