@@ -26,6 +26,7 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import functools
 import logging
 import os
 import shutil
@@ -57,18 +58,14 @@ class MountError(CubefsError):
     """The kernel (or fusermount3) refused the mount."""
 
 
-_LIBC: list[ctypes.CDLL] = []
-
-
+@functools.cache
 def _libc() -> ctypes.CDLL:
     """glibc's soname first: ``find_library`` runs ``ldconfig -p`` (~4 ms of every mount,
     measured); it is asked only where that name does not load (another libc)."""
-    if not _LIBC:
-        try:
-            _LIBC.append(ctypes.CDLL("libc.so.6", use_errno=True))
-        except OSError:
-            _LIBC.append(ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True))
-    return _LIBC[0]
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 
 def _option_value(text: str) -> str:
@@ -88,9 +85,10 @@ class KernelSession:
         self._mounted = False
         self.resumed = False  # serving a session another daemon started (adopt)
         self.handed_over = False  # stopped serving for a successor: leave the mount be
-        # Seconds from reading each request to writing its answer, by operation (``cubefs stats``:
-        # where a start's time in the daemon goes; a read that waits counts its wait).
-        self.busy: Counter[str] = Counter()
+        # Seconds from reading each request to writing its answer, by opcode (``cubefs stats``:
+        # where a start's time in the daemon goes; a read that waits counts its wait).  Keyed by
+        # the number: the name is looked up when stats are asked, not on every request.
+        self.busy: Counter[int] = Counter()
         self._reading = trio.CancelScope()
 
     def adopt(self, fd: int) -> None:
@@ -211,7 +209,7 @@ class KernelSession:
         if msg is not None:
             self._send(msg)
         if t0:
-            self.busy[p.OPCODE_NAMES.get(opcode, str(opcode))] += time.perf_counter() - t0
+            self.busy[opcode] += time.perf_counter() - t0
 
     def _resend(self, server: FuseServer) -> None:
         if not server.minor:
@@ -272,7 +270,7 @@ class KernelSession:
             out = server.handle(view[:n])  # valid until the next read: see FuseServer.handle
             if isinstance(out, bytes | list):
                 self._send(out)
-                self.busy[p.OPCODE_NAMES.get(opcode, str(opcode))] += time.perf_counter() - t0
+                self.busy[opcode] += time.perf_counter() - t0
             elif out is not None:
                 nursery.start_soon(self._reply_later, out, opcode, t0)
             handled += 1
@@ -334,7 +332,7 @@ class KernelTransport:
         self.server.passthrough = passthrough.for_mount(self.server.fs, lambda: self.session.fd)
 
     def request_seconds(self) -> dict[str, float]:
-        return {op: round(sec, 6) for op, sec in self.session.busy.items()}
+        return {p.OPCODE_NAMES.get(op, str(op)): round(sec, 6) for op, sec in self.session.busy.items()}
 
     def passthrough_stats(self) -> dict[str, Any] | None:
         pt = self.server.passthrough
