@@ -593,10 +593,7 @@ class SandboxService:
         calls = [sbx.channel.set_defaults(user="user", env=r.env_vars)]
         if restored:
             calls += [self._freshen(sbx), self._write_tokens(sbx)]
-        results = await asyncio.gather(*calls, return_exceptions=True)
-        for res in results:  # each finished (none left running), the first failure raised
-            if isinstance(res, BaseException):
-                raise res
+        await _all_or_first_failure(calls)
         sbx.envd = Envd(sbx.channel, access_token=r.access_token)
 
     async def _freshen(self, sbx: Sandbox) -> None:
@@ -1042,11 +1039,7 @@ class SandboxService:
                 calls.append(self._write_tokens(sbx, channel=channel))
             # bounded: an agent that said hello and then went silent must not hold the sandbox (its
             # requests, the reaper, pause and snapshot all wait on busy)
-            results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True),
-                                             vmm.RESTORE_AGENT_TIMEOUT)
-            for res in results:  # each finished (none left running), the first failure raised
-                if isinstance(res, BaseException):
-                    raise res
+            await asyncio.wait_for(_all_or_first_failure(calls), vmm.RESTORE_AGENT_TIMEOUT)
             phases["agent"] = round(time.monotonic() - t1, 4)
             if self.sandboxes.get(r.sandbox_id) is not sbx:  # killed meanwhile: its VM is going (idempotent)
                 await channel.close()
@@ -1300,6 +1293,14 @@ class SandboxService:
         if self.network is not None:
             lines += self.network.metrics()
         return "\n".join(lines) + "\n"
+
+
+async def _all_or_first_failure(calls: list[Any]) -> None:
+    """Agent requests sent together (the agent answers in order): each finished, none left
+    running, then the first failure raised."""
+    for res in await asyncio.gather(*calls, return_exceptions=True):
+        if isinstance(res, BaseException):
+            raise res
 
 
 async def _finish_thread(fn: Any, *args: Any) -> Any:
