@@ -332,9 +332,9 @@ class _LostAnswers(Etcd):
 
     applied: bool | str = True  # "late": applied 0.5 s after its answer was lost (after the read-back)
 
-    async def txn(self, compares, success, failure=None):  # type: ignore[no-untyped-def]
+    async def txn(self, compares, success, failure=None, deadline=None):  # type: ignore[no-untyped-def]
         if not compares:
-            return await super().txn(compares, success, failure)
+            return await super().txn(compares, success, failure, deadline)
         if self.applied == "late":
             async def later() -> None:
                 await asyncio.sleep(0.5)
@@ -395,10 +395,10 @@ def test_a_batch_whose_answer_was_lost_is_read_back(etcd: EtcdCluster, monkeypat
 class _SlowTxn(Etcd):
     """A real etcd client whose conditional transactions take 0.3 s to leave."""
 
-    async def txn(self, compares, success, failure=None):  # type: ignore[no-untyped-def]
+    async def txn(self, compares, success, failure=None, deadline=None):  # type: ignore[no-untyped-def]
         if compares:
             await asyncio.sleep(0.3)
-        return await super().txn(compares, success, failure)
+        return await super().txn(compares, success, failure, deadline)
 
 
 def test_a_create_cancelled_while_its_reservation_is_out_leaves_none(etcd: EtcdCluster) -> None:

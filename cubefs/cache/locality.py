@@ -8,7 +8,8 @@ so a node publishes, per sandbox template, the fraction of its image's bytes
 Read with LMDB's own read-only open beside the running mounts (readers never
 block the writer, and nothing here writes): the key set of the cache (32 bytes a
 chunk: ~3 MB for 100,000 chunks) against the image's chunk table, which the
-metadata cache usually holds, so no store request is made.
+metadata cache usually holds: one store request (the manifest, always asked of
+the store so a moved tag is seen), none when the cache is empty.
 """
 
 from __future__ import annotations

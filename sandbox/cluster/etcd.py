@@ -449,9 +449,14 @@ class Etcd:
                 self._token = str(answer.token)
         return (("token", self._token),)
 
-    async def _call(self, what: str, invoke: Callable[[_Channel, Any], Awaitable[T]], once: bool = False) -> T:
-        """``invoke(channel, metadata)`` on the endpoint that last worked, failing over as the module says."""
-        deadline = time.monotonic() + self.timeout * len(self.endpoints) + self.timeout / 2
+    async def _call(self, what: str, invoke: Callable[[_Channel, Any], Awaitable[T]], once: bool = False,
+                    deadline: float | None = None) -> T:
+        """``invoke(channel, metadata)`` on the endpoint that last worked, failing over as the module says;
+        given up at ``deadline`` (``time.monotonic()``) when that comes before the client's own."""
+        own = time.monotonic() + self.timeout * len(self.endpoints) + self.timeout / 2
+        deadline = own if deadline is None else min(own, deadline)
+        if time.monotonic() >= deadline:
+            raise EtcdUnavailable(f"etcd: no time left for a {what} (the caller's deadline has passed)")
         tried: list[str] = []
         renewed = False
         n = len(self.endpoints)
@@ -497,13 +502,16 @@ class Etcd:
                 await asyncio.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
         raise EtcdUnavailable("etcd unavailable: " + "; ".join(tried[-n:]))
 
-    async def _unary(self, what: str, stub: str, method: str, request: Any, once: bool = False) -> Any:
-        """One unary RPC (``stub``'s ``method``: ``"kv", "Put"``) through :meth:`_call`."""
+    async def _unary(self, what: str, stub: str, method: str, request: Any, once: bool = False,
+                     deadline: float | None = None) -> Any:
+        """One unary RPC (``stub``'s ``method``: ``"kv", "Put"``) through :meth:`_call`; each try
+        waits ``timeout``, or what is left before ``deadline`` when that is less."""
 
         def invoke(conn: _Channel, md: Any) -> Awaitable[Any]:
-            return getattr(getattr(conn, stub), method)(request, timeout=self.timeout, metadata=md)
+            timeout = self.timeout if deadline is None else min(self.timeout, max(0.01, deadline - time.monotonic()))
+            return getattr(getattr(conn, stub), method)(request, timeout=timeout, metadata=md)
 
-        return await self._call(what, invoke, once)
+        return await self._call(what, invoke, once, deadline)
 
     # --- KV --------------------------------------------------------------------------------------
 
@@ -524,13 +532,16 @@ class Etcd:
         answer = await self._unary("deleterange", "kv", "DeleteRange", Op.delete(key, prefix).request())
         return int(answer.deleted)
 
-    async def txn(self, compares: list[Compare], success: list[Op], failure: list[Op] | None = None) -> TxnResult:
-        """All of ``compares`` hold → ``success`` is applied, else ``failure``; atomically."""
+    async def txn(self, compares: list[Compare], success: list[Op], failure: list[Op] | None = None,
+                  deadline: float | None = None) -> TxnResult:
+        """All of ``compares`` hold → ``success`` is applied, else ``failure``; atomically.
+        ``deadline`` (``time.monotonic()``): EtcdUnavailable then at the latest, whatever the
+        endpoints (a placement's read-back waits no longer than its create may)."""
         failure = failure or []
         request = pb.TxnRequest(compare=[c.to_pb() for c in compares], success=[o.to_pb() for o in success],
                                 failure=[o.to_pb() for o in failure])
         # Without compares a txn is a batch of puts and deletes: as safe to send again as they are.
-        answer = await self._unary("txn", "kv", "Txn", request, once=bool(compares))
+        answer = await self._unary("txn", "kv", "Txn", request, once=bool(compares), deadline=deadline)
         ops = success if answer.succeeded else failure
         responses: list[Any] = []
         for op, resp in zip(ops, answer.responses):

@@ -55,6 +55,17 @@ log = logging.getLogger("cubefs.sandbox.front")
 
 ATTEMPTS = 3  # nodes a create is offered to before it fails
 LEASE_TTL = 10  # seconds a killed front's reservations outlive it
+# Seconds a create may wait on etcd in all (its reservation's transaction, a read-back of an
+# unknown outcome, re-decisions after conflicts) before it is 503: the transaction's own 2 s
+# (the etcd client's timeout, one member that does not answer) and half a second to read back
+# from another.  Without it, an etcd that stopped answering (SIGSTOP: not refusing) held a
+# create ~9 s (2 s transaction, then a read-back failing over three members at 2 s each).
+PLACE_DEADLINE = 2.5
+# Seconds a node may take to answer a create before the next candidate is asked.  A create
+# queued behind others' VM restores takes seconds (a burst of 20 on three nodes: p99 11.3 s,
+# docs/benchmarks.md), so this bounds a node that accepted and hangs, not a slow one; the
+# node drops a queued create whose caller went away (sandbox/admission.py).
+NODE_TIMEOUT = 60.0
 error = node_api.error
 
 
@@ -72,8 +83,11 @@ class Stats:
 
 class Front:
     def __init__(self, etcd: Etcd, layout: Layout, name: str, policy: str = "spread", sample: int = 0,
-                 domain: str | None = None, lease_ttl: int = LEASE_TTL) -> None:
+                 domain: str | None = None, lease_ttl: int = LEASE_TTL, place_deadline: float = PLACE_DEADLINE,
+                 node_timeout: float = NODE_TIMEOUT) -> None:
         self.etcd = etcd
+        self.place_deadline = place_deadline
+        self.node_timeout = node_timeout
         self.layout = layout
         self.name = name
         self.domain = domain
@@ -163,6 +177,7 @@ class Front:
 
     async def _place(self, request: web.Request, raw: bytes, template: str) -> web.StreamResponse:
         t0 = time.monotonic()
+        deadline = t0 + self.place_deadline  # for what etcd does for this create, until a node is asked
         size = self.scheduler.size_of(template)
         if size is None:
             return error(404, f"template {template!r} not found on any node of the cluster "
@@ -175,7 +190,7 @@ class Front:
                 break
             node = ranked[0]
             try:
-                rid = await self.scheduler.reserve(node, template, *size)
+                rid = await self.scheduler.reserve(node, template, *size, deadline=deadline)
             except EtcdUnavailable as err:
                 self.stats.etcd_down += 1
                 return error(503, f"the cluster's store does not answer ({err}): creates are refused until it "
@@ -199,6 +214,7 @@ class Front:
             if res is not None:
                 self.stats.creates.add(time.monotonic() - t0)
                 return res
+            deadline = time.monotonic() + self.place_deadline  # the next candidate's reservation: afresh
         self.stats.no_room += 1
         return error(503, f"no node of the cluster can take a sandbox of template {template!r} "
                           f"({size[0]} vCPU, {size[1]} MiB): {len(self.view.nodes)} nodes, "
@@ -210,7 +226,8 @@ class Front:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in fwd.HOP_BY_HOP}
         headers[RESERVATION_HEADER] = rid
         try:
-            async with self.http.post(node.api + request.path_qs, data=raw, headers=headers) as res:
+            async with self.http.post(node.api + request.path_qs, data=raw, headers=headers,
+                                      timeout=aiohttp.ClientTimeout(total=self.node_timeout, connect=3.0)) as res:
                 body = await res.read()
                 status = res.status
                 answer = {k: v for k, v in res.headers.items() if k.lower() not in fwd.HOP_BY_HOP}
@@ -353,6 +370,7 @@ class Front:
         for name, value in (("placed", s.placed), ("refused", s.refused), ("unreachable", s.unreachable),
                             ("failed", s.failed), ("no_room", s.no_room), ("etcd_unavailable", s.etcd_down),
                             ("reservation_conflicts", self.scheduler.conflicts), ("relists", v.relists),
+                            ("reservation_deadline_misses", self.scheduler.deadline_misses),
                             ("reservation_txns", self.scheduler.transactions),
                             ("reservations", self.scheduler.reservations)):
             lines += [f"# TYPE cubefs_front_{name}_total counter", f"cubefs_front_{name}_total {value}"]

@@ -81,6 +81,7 @@ class _Booking:
     reservation: Reservation
     since: int  # the view's revision the decision read: the node's reservations up to it were counted
     done: asyncio.Future[tuple[bool, int]] = field(repr=False)  # (written, revision to wait for if not)
+    deadline: float = 0.0  # monotonic: its create gives up then (0: never); a read-back waits no longer
     queued: float = 0.0  # monotonic: decided (its wait for a transaction starts)
     sent: float = 0.0  # its transaction went out
     answered: float = 0.0  # etcd's answer was read (the deciding coroutine is woken from here)
@@ -99,6 +100,7 @@ class Scheduler:
         self.policy = policy
         self.sample = sample
         self.conflicts = 0  # reservations lost to another front's
+        self.deadline_misses = 0  # reservations etcd did not answer before their create's deadline
         self._known: dict[str, int] = {}  # node -> revision up to which its reservations are all known here
         self._cleanups: set[asyncio.Future[None]] = set()  # reservations of unknown fate, deleted when etcd is back
         self._queue: list[_Booking] = []  # decided, for the next transaction
@@ -192,11 +194,27 @@ class Scheduler:
                     best = n
         return [best] if best is not None else []
 
-    async def reserve(self, node: NodeInfo, template: str, cpus: int, memory_mb: int) -> str | None:
+    async def reserve(self, node: NodeInfo, template: str, cpus: int, memory_mb: int,
+                      deadline: float | None = None) -> str | None:
         """A reservation's ID, or None when another front booked this node since our view
-        (the caller waits for the view and decides again).  EtcdUnavailable passes through."""
+        (the caller waits for the view and decides again).  EtcdUnavailable passes through,
+        and is raised at ``deadline`` (``time.monotonic()``) at the latest: a create waits no
+        longer than that on etcd, whatever its transaction and read-back would take."""
         if self._closed:  # nothing is sent any more: the future would never be answered
             raise EtcdUnavailable("the front is closing")
+        if deadline is None:
+            return await self._reserve(node, template, cpus, memory_mb, 0.0)
+        loop = asyncio.get_running_loop()
+        try:
+            # asyncio.timeout, not wait_for: no task of its own per placement.  Its expiry
+            # cancels the booking's future, which the batch's end deletes if it was written.
+            async with asyncio.timeout_at(loop.time() + max(0.0, deadline - time.monotonic())):
+                return await self._reserve(node, template, cpus, memory_mb, deadline)
+        except TimeoutError:
+            self.deadline_misses += 1
+            raise EtcdUnavailable("no answer to the reservation within the placement's deadline") from None
+
+    async def _reserve(self, node: NodeInfo, template: str, cpus: int, memory_mb: int, deadline: float) -> str | None:
         rid = secrets.token_hex(8)
         reservation = Reservation(node.name, template, cpus, memory_mb, self.front)
         # Counted at once, before the watch brings it (before etcd has it, even): this front's
@@ -204,7 +222,7 @@ class Scheduler:
         held = self.view.reserved.setdefault(node.name, {})
         held[rid] = reservation
         booking = _Booking(node.name, rid, reservation, self.view.revision,
-                           asyncio.get_running_loop().create_future(), time.monotonic())
+                           asyncio.get_running_loop().create_future(), deadline, time.monotonic())
         self._queue.append(booking)
         if not self._kick_due:  # after every decision ready in this turn of the loop: they go together
             self._kick_due = True
@@ -331,8 +349,9 @@ class Scheduler:
         puts = [Op.put(lay.reservation(b.node, b.rid), b.reservation.encode(), lease=lease) for b in batch]
         self.transactions += 1
         self.reservations += len(batch)
+        deadlines = [b.deadline for b in batch]
         try:
-            res = await self.etcd.txn(compares, puts, failure)
+            res = await self.etcd.txn(compares, puts, failure, deadline=max(deadlines) if all(deadlines) else None)
         except EtcdUnavailable as err:
             await self._unknown(batch, err)
             return
@@ -368,8 +387,15 @@ class Scheduler:
         the keys, if they were written, are deleted once etcd answers again (our lease lives on
         with us: it would hold the nodes' room for ever)."""
         keys = [self.layout.reservation(b.node, b.rid) for b in batch]
+        # Read back no longer than the last of the batch's creates waits for it (their deadline):
+        # an etcd that stopped answering (not refusing) would otherwise hold them here for the
+        # client's whole failover, ~7 s at three endpoints, on top of the transaction's 2 s.
+        deadlines = [b.deadline for b in batch if not b.done.done()]
+        deadline = max(deadlines) if deadlines and all(deadlines) else None
         try:
-            back = await self.etcd.txn([], [Op.get(k) for k in keys])
+            if not deadlines:  # every create of the batch is gone: nobody waits for the answer
+                raise EtcdUnavailable("nobody waits for the read-back")
+            back = await self.etcd.txn([], [Op.get(k) for k in keys], deadline=deadline)
         except EtcdUnavailable:
             for key, b in zip(keys, batch):
                 self._later_forget(key)
