@@ -132,8 +132,9 @@ def add_parsers(sub: Any, store_args: Any) -> None:
     q.add_argument("--api-key-file", default=None, metavar="FILE", help="API keys, one a line (0600)")
     q.add_argument("--policy", choices=("spread", "pack"), default="spread",
                    help="after pools and cached images: most free memory first (spread) or least (pack)")
-    q.add_argument("--sample", type=int, default=0, metavar="K",
-                   help="score K random candidate nodes instead of all (best-of-K; for thousands of nodes)")
+    q.add_argument("--sample", type=int, default=None, metavar="K",
+                   help="score K random candidate nodes instead of all (best-of-K); 0: every node (default: "
+                   "every node up to 256, best-of-16 above)")
     q.add_argument("--name", default=None, help="this front's name in etcd (default HOST:PORT)")
     q.add_argument("--lease-ttl", type=int, default=10, metavar="SECONDS",
                    help="a front killed mid-create holds its reservations this long (default 10)")
@@ -416,7 +417,7 @@ def _front(args: argparse.Namespace) -> int:
     from sandbox.config import ApiKeys
     from sandbox.server import parse_listen
 
-    if args.sample < 0:
+    if args.sample is not None and args.sample < 0:
         raise UsageError("--sample must be 0 (score every node) or more")
     keys = ApiKeys.load(args.api_key_file)
     logging.getLogger("cubefs").setLevel(min(logging.getLogger("cubefs").getEffectiveLevel(), logging.INFO))

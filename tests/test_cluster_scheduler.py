@@ -445,3 +445,29 @@ def test_latency_quantiles_keep_every_sample_within_five_percent() -> None:
         assert true <= lat.quantile(q) <= true * 1.05 + 1e-9, (q, lat.quantile(q), true)
     lat.add(0.0)  # a zero counts as the floor, not an error
     assert lat.quantile(0.0) <= 2e-6
+
+
+def test_best_of_k_is_automatic_above_a_few_hundred_nodes(etcd: EtcdCluster) -> None:
+    """No --sample: every node is scored up to AUTO_NODES (256), best-of-16 above (scoring all
+    1,000 held one front to 248-346 placements/s); --sample 0 scores all whatever the size, and
+    a K given is used as it is."""
+    async def main() -> None:
+        p = "/t11/"
+        await publish(etcd, p, *(node(f"n{i}") for i in range(scheduler.AUTO_NODES)))
+        client, view, sched, keeper = await front(etcd, p)  # sample None: automatic
+        try:
+            assert sched.sample is None
+            assert len(sched.rank("base", 1, 512)) == scheduler.AUTO_NODES  # all scored at 256
+            await view.wait_revision(await publish(etcd, p, *(node(f"m{i}") for i in range(44))))
+            assert len(view.nodes) == 300
+            ranked = sched.rank("base", 1, 512)
+            assert len(ranked) == scheduler.AUTO_K, len(ranked)  # 16 sampled, all of them fit
+            assert len({n.name for n in ranked}) == scheduler.AUTO_K
+            sched.sample = 0
+            assert len(sched.rank("base", 1, 512)) == 300
+            sched.sample = 8
+            assert len(sched.rank("base", 1, 512)) == 8
+        finally:
+            await shut(client, view, keeper)
+
+    asyncio.run(main())

@@ -82,7 +82,7 @@ class Stats:
 
 
 class Front:
-    def __init__(self, etcd: Etcd, layout: Layout, name: str, policy: str = "spread", sample: int = 0,
+    def __init__(self, etcd: Etcd, layout: Layout, name: str, policy: str = "spread", sample: int | None = None,
                  domain: str | None = None, lease_ttl: int = LEASE_TTL, place_deadline: float = PLACE_DEADLINE,
                  node_timeout: float = NODE_TIMEOUT) -> None:
         self.etcd = etcd
@@ -386,7 +386,7 @@ class Front:
 
 
 async def run_front(etcd_text: str, api_addr: tuple[str, int], proxy_addr: tuple[str, int], keys: ApiKeys,
-                    prefix: str, name: str | None = None, policy: str = "spread", sample: int = 0,
+                    prefix: str, name: str | None = None, policy: str = "spread", sample: int | None = None,
                     domain: str | None = None, lease_ttl: int = LEASE_TTL, ready: asyncio.Event | None = None) -> None:
     etcd = Etcd.from_text(etcd_text)
     front = Front(etcd, Layout(prefix), name or f"{socket.gethostname()}:{api_addr[1]}", policy, sample, domain,

@@ -12,7 +12,9 @@ noisy neighbours and failures hit fewer sandboxes) or ``pack`` (least free
 that fits: whole nodes stay empty for big sandboxes or to be drained).  Ties
 are broken at random, so fronts deciding at once pick different nodes.
 With ``sample`` K > 0 only K random candidates are scored (best-of-K, as
-E2B's API does): O(K) instead of O(nodes) per decision.
+E2B's API does): O(K) instead of O(nodes) per decision; 0 scores every node;
+None (the default) is automatic: every node up to ``AUTO_NODES``, best-of-
+``AUTO_K`` above.
 
 **Reserve**: an etcd transaction puts ``reservations/NODE/RID`` under the
 front's lease if no other reservation for that node appeared since the
@@ -54,6 +56,15 @@ from sandbox.cluster.latency import Latency
 from sandbox.cluster.view import ClusterView
 
 POLICIES = ("spread", "pack")
+# Best-of-K by default above this many nodes (docs/benchmarks.md, tools/bench/cluster_sim.py):
+# scoring every node costs ~0.6 us a node per decision (0.59 ms at 1,000), against ~20-30 us
+# for 16, and a placement's whole front CPU with best-of-16 is 0.8-1.3 ms; scoring all 1,000
+# made it 3.6-4.5 ms (248-346 placements/s, under the floor's 500).  Up to 256 nodes, scoring
+# all adds at most ~0.15 ms (~10-15 % of a placement) and keeps the exact best (a ready pool
+# or a cached image the sample would miss); above, 16, the K every measurement used: two
+# fronts conflicted on < 1-3 % of reservations with it.
+AUTO_NODES = 256
+AUTO_K = 16
 # Cache locality counts in quarters: a start reads a few percent of an image, so finer steps would
 # send every create of a template to the node that happened to start it first, whatever its load.
 CACHED_STEPS = 4
@@ -89,7 +100,7 @@ class _Booking:
 
 class Scheduler:
     def __init__(self, view: ClusterView, etcd: Etcd, layout: Layout, front: str, lease: Callable[[], int],
-                 policy: str = "spread", sample: int = 0) -> None:
+                 policy: str = "spread", sample: int | None = None) -> None:
         if policy not in POLICIES:
             raise ValueError(f"placement policy {policy!r}: one of {', '.join(POLICIES)}")
         self.view = view
@@ -98,7 +109,7 @@ class Scheduler:
         self.front = front
         self.lease = lease
         self.policy = policy
-        self.sample = sample
+        self.sample = sample  # K; 0: every node; None: automatic (see AUTO_NODES)
         self.conflicts = 0  # reservations lost to another front's
         self.deadline_misses = 0  # reservations etcd did not answer before their create's deadline
         self._known: dict[str, int] = {}  # node -> revision up to which its reservations are all known here
@@ -139,12 +150,19 @@ class Scheduler:
         before filtering, O(K) per decision; when none of the K can take the create (a snapshot
         lives on one node), every node is scored."""
         nodes = self.view.nodes
-        if self.sample and len(nodes) > self.sample:
-            best = self._score([nodes[n] for n in random.sample(self.view.names(), self.sample)], template, cpus,
+        k = self.sample_size(len(nodes))
+        if k and len(nodes) > k:
+            best = self._score([nodes[n] for n in random.sample(self.view.names(), k)], template, cpus,
                                memory_mb, exclude, limit)
             if best:
                 return best
         return self._score(nodes.values(), template, cpus, memory_mb, exclude, limit)
+
+    def sample_size(self, nodes: int) -> int:
+        """K for a cluster of ``nodes`` nodes (0: score every node)."""
+        if self.sample is not None:
+            return self.sample
+        return AUTO_K if nodes > AUTO_NODES else 0
 
     def _candidates(self, nodes: Any, template: str, cpus: int, memory_mb: int,
                     exclude: set[str]) -> Iterator[tuple[tuple[bool, float, float], NodeInfo]]:
