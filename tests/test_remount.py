@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import mounted, run_cubefs
 
 from cubefs.format.packs import chunkmap_key, image_key
@@ -74,9 +78,12 @@ def test_a_moved_tag_is_seen_at_the_next_mount(tmp_path: Path, local_store: str)
         _read_all(m.mountpoint, second)
 
 
-def test_a_bad_kept_copy_is_dropped_and_the_store_asked(tmp_path: Path, local_store: str) -> None:
+def test_a_bad_kept_copy_is_dropped_and_the_store_asked(tmp_path: Path, local_store: str,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """A kept image copy whose own checksum holds but whose content is not the image (another
-    image's metadata, written over it): the mount drops it and fetches the real one."""
+    image's metadata, written over it): the mount drops it and fetches the real one.  (No
+    daemon kept ready: one would hold the image decoded from before the copy was damaged.)"""
+    monkeypatch.setenv("CUBEFS_KEEP_READY", "0")
     src = tmp_path / "src"
     files = _tree(src, 3)
     run_cubefs("build", str(src), "--tag", "bad:1", "--store", local_store)
@@ -149,3 +156,128 @@ def test_damaged_chunks_read_in_the_background_are_refetched(tmp_path: Path, loc
         tiers = m.stats()["tiers"]
     assert tiers["disk"]["errors"] >= 1  # found damaged, dropped
     assert 1 <= tiers["store"]["hits"] <= len(bad)  # only those came from the store
+
+
+def _server_log() -> Path:
+    return Path(os.environ["CUBEFS_SERVER"] + ".log")
+
+
+def _wait_for(what: str, log: Path, after: int = 0, timeout: float = 20) -> str:
+    """The server's log from byte ``after`` on, once it holds ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = log.read_text(errors="replace")[after:] if log.exists() else ""
+        if what in text:
+            return text
+        assert time.monotonic() < deadline, f"{what!r} not in the log:\n{text[-3000:]}"
+        time.sleep(0.05)
+
+
+def test_a_remount_is_served_by_a_daemon_kept_ready(tmp_path: Path, local_store: str) -> None:
+    """After a mount, the mount server keeps a daemon ready for the next mount of the image
+    (store session, disk cache and the image's metadata opened ahead): the remount's daemon
+    reaches ready in a few ms and asks the store only for the manifest; the bytes are right."""
+    src = tmp_path / "src"
+    files = _tree(src, 6)
+    run_cubefs("build", str(src), "--tag", "kr:1", "--store", local_store)
+    cache, log = tmp_path / "cache", _server_log()
+    with mounted("kr:1", tmp_path / "mnt", local_store, cache) as m:
+        start = log.stat().st_size
+        _read_all(m.mountpoint, files)
+        _wait_for("ready (", log, start)  # the spare is prepared
+    with mounted("kr:1", tmp_path / "mnt2", local_store, cache) as m:
+        _read_all(m.mountpoint, files)
+        st = m.stats()
+        assert f"forked mount daemon {st['pid']} for kr:1 at {tmp_path / 'mnt2'} (a daemon kept ready)" \
+            in log.read_text()
+    assert st["store_requests"]["gets"] <= 2  # the manifest (+ the trace, refreshed after)
+    assert st["tiers"]["store"]["requests"] == 0
+    assert st["mount_phases"]["metadata"] < 1000  # taken from memory, not loaded (ms; loose: a loaded node)
+
+
+def test_a_kept_daemon_whose_tag_moved_serves_the_new_image(tmp_path: Path, local_store: str) -> None:
+    """The kept daemon holds the image the tag named when it was made; the tag then moves: the
+    next mount through it shows the new image, never the kept one."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first, second = _tree(tmp_path / "a", 7), _tree(tmp_path / "b", 8)
+    cache, log = tmp_path / "cache", _server_log()
+    run_cubefs("build", str(tmp_path / "a"), "--tag", "kmv:1", "--store", local_store)
+    with mounted("kmv:1", tmp_path / "mnt", local_store, cache) as m:
+        start = log.stat().st_size
+        _read_all(m.mountpoint, first)
+        _wait_for("ready (", log, start)
+    run_cubefs("build", str(tmp_path / "b"), "--tag", "kmv:1", "--store", local_store)
+    with mounted("kmv:1", tmp_path / "mnt", local_store, cache) as m:
+        _read_all(m.mountpoint, second)
+        assert "(a daemon kept ready)" in log.read_text()[start:]
+        daemon_log = "".join(p.read_text() for p in (cache / "logs").iterdir())
+        assert "not the kept sha256:" in daemon_log
+
+
+def _own_server(tmp_path: Path, **env: str) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
+    sock = tmp_path / "own.sock"
+    with open(tmp_path / "own.log", "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "cubefs", "serve", "--socket", str(sock)], stdout=out,
+                                stderr=subprocess.STDOUT, env={**os.environ, **env})
+    deadline = time.monotonic() + 30
+    while not sock.exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    return proc, {"CUBEFS_SERVER": str(sock)}
+
+
+def _children(pid: int) -> set[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return {int(p) for p in out}
+
+
+def test_the_daemons_kept_ready_are_bounded(tmp_path: Path, local_store: str) -> None:
+    """At most CUBEFS_KEEP_READY of them (the least recently wanted goes), and none whose memory
+    exceeds CUBEFS_KEEP_READY_BYTES; those the server drops exit, and all exit with the server."""
+    refs = ["b1:1", "b2:1"]
+    for i, ref in enumerate(refs):
+        (tmp_path / ref).mkdir()
+        _tree(tmp_path / ref, 10 + i)
+        run_cubefs("build", str(tmp_path / ref), "--tag", ref, "--store", local_store)
+    log = tmp_path / "own.log"
+    proc, env = _own_server(tmp_path, CUBEFS_KEEP_READY="1")
+    try:
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        for ref in refs:
+            start = log.stat().st_size
+            run_cubefs("mount", ref, str(mnt), "--store", local_store, "--cache-dir", str(tmp_path / "c"), env=env)
+            _wait_for(f"for {ref} ready (", log, start)
+            run_cubefs("umount", str(mnt), env=env)
+        text = log.read_text()
+        first, second = (int(text.split("forked spare ")[i + 1].split()[0]) for i in range(2))
+        assert f"forked spare {second} for b2:1" in text
+        deadline = time.monotonic() + 10
+        while first in _children(proc.pid):  # the oldest was dropped for the second
+            assert time.monotonic() < deadline, "the dropped spare did not exit"
+            time.sleep(0.05)
+        assert _children(proc.pid) == {second}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{second}"):
+        assert time.monotonic() < deadline, "a spare outlived its server"
+        time.sleep(0.05)
+
+    proc, env = _own_server(tmp_path, CUBEFS_KEEP_READY_BYTES="1M")  # less than any spare's own memory
+    try:
+        start = log.stat().st_size
+        run_cubefs("mount", refs[0], str(mnt), "--store", local_store, "--cache-dir", str(tmp_path / "c"), env=env)
+        run_cubefs("umount", str(mnt), env=env)
+        text = _wait_for("the spares hold more than 1048576 bytes", log, start)
+        dropped = int(text.split("dropping spare ")[1].split()[0])
+        deadline = time.monotonic() + 10
+        while dropped in _children(proc.pid):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert _children(proc.pid) == set()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)

@@ -19,7 +19,7 @@ import signal
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import lmdb
 import trio
@@ -38,6 +38,9 @@ from cubefs.node import control
 from cubefs.node.supervise import SupervisorLink
 from cubefs.remote import RetryingStore, RetryPolicy, store_session
 from cubefs.remote.loop import LoopThread
+
+if TYPE_CHECKING:
+    from cubefs.node.spare import Prepared
 
 log = logging.getLogger(__name__)
 
@@ -101,21 +104,29 @@ class MountOptions:
         )
 
 
-def run_daemon(opts: MountOptions, notify: Any = None) -> int:
+def run_daemon(opts: MountOptions, notify: Any = None, prepared: Prepared | None = None) -> int:
     """Mount and serve until unmounted; ``notify(msg)`` reports ready or an error.  The
     mount server hears last whether this daemon unmounted or handed over (after the
-    volume lock is released: a successor takes it); a daemon that says neither died."""
+    volume lock is released: a successor takes it); a daemon that says neither died.
+    ``prepared``: what a spare the mount server kept ready opened before the request
+    (cubefs.node.spare)."""
     link = SupervisorLink(opts.supervisor_fd) if opts.supervisor_fd >= 0 and opts.transport == "kernel" else None
     try:
-        return _run(opts, notify, link)
+        return _run(opts, notify, link, prepared)
     finally:
         if link is not None:
             link.finish()
 
 
-def _run(opts: MountOptions, notify: Any, link: SupervisorLink | None) -> int:
-    policy = RetryPolicy(attempts=opts.store_attempts, timeout=opts.store_timeout, max_backoff=1.0)
+def store_policy(opts: MountOptions) -> RetryPolicy:
+    return RetryPolicy(attempts=opts.store_attempts, timeout=opts.store_timeout, max_backoff=1.0)
+
+
+def _run(opts: MountOptions, notify: Any, link: SupervisorLink | None, prepared: Prepared | None = None) -> int:
+    policy = store_policy(opts)
     if opts.volume is None:
+        if prepared is not None:  # its store session is the spare's, closed when it returns
+            return _serve(opts, notify, prepared.loop, prepared.store, None, link, prepared)
         with store_session(opts.store_url, opts.s3_endpoint, policy=policy) as (loop, store):
             return _serve(opts, notify, loop, store, None, link)
     if opts.transport == "pyfuse3":
@@ -147,7 +158,7 @@ def _run(opts: MountOptions, notify: Any, link: SupervisorLink | None) -> int:
 
 def _serve(
     opts: MountOptions, notify: Any, loop: LoopThread | None, store: RetryingStore | None, index: Any,
-    link: SupervisorLink | None = None,
+    link: SupervisorLink | None = None, prepared: Prepared | None = None,
 ) -> int:
     """Serve an image (``index`` None) or the volume ``opts.volume`` of ``index`` (whose base
     image, if it has one, is in ``store``)."""
@@ -162,7 +173,7 @@ def _serve(
         elif opts.resume and opts.resume.get("image"):  # the image the mount showed, not what the tag says now
             name, tag = parse_ref(opts.ref)
             wanted = Manifest(name, tag, str(opts.resume["image"]), "")
-        parts = open_image(opts, loop, store, wanted, phases)
+        parts = open_image(opts, loop, store, wanted, phases, prepared)
         if link is not None and index is None:
             link.tell("image", digest=parts.image_fs.image.digest)
     image_fs = parts.image_fs if parts is not None else None
@@ -298,6 +309,10 @@ class ImageParts:
     def close(self) -> None:
         self.source.flush()
         if self.disk is not None:
+            try:
+                self.source.keep_hot_plain()
+            except Exception:  # an optimisation for the next start: never a failed unmount
+                log.exception("start-up chunks not kept plain")
             self.disk.close()
 
 
@@ -310,14 +325,19 @@ def volume_base(index: Any, volume: str) -> Manifest:
 
 
 def open_image(opts: MountOptions, loop: LoopThread, store: RetryingStore, wanted: str | Manifest,
-               phases: Phases | None = None) -> ImageParts:
-    """Fetch the image's metadata (or take what the cache kept) and build its chunk source."""
+               phases: Phases | None = None, prepared: Prepared | None = None) -> ImageParts:
+    """Fetch the image's metadata (or take what the cache kept, or what a spare loaded
+    ahead: ``prepared``) and build its chunk source."""
     t0 = time.monotonic()
     phases = phases or Phases(t0)
     local: list[str] = []
-    # The disk cache (LMDB) opens while the metadata loads on the store's loop thread.
-    loading = loop.submit(load_cached(store, opts.cache_dir, wanted, local))
-    disk = _open_disk_cache(opts.cache_dir, opts.disk_cache)
+    if prepared is not None:  # the disk cache is open, the image decoded if the tag still names it
+        loading = loop.submit(prepared.load(opts.cache_dir, wanted, local))
+        disk = prepared.take_disk()
+    else:
+        # The disk cache (LMDB) opens while the metadata loads on the store's loop thread.
+        loading = loop.submit(load_cached(store, opts.cache_dir, wanted, local))
+        disk = open_disk_cache(opts.cache_dir, opts.disk_cache)
     phases.mark("disk_cache")
     try:
         manifest, image, chunkmap, trace, offline = loading.result()
@@ -440,7 +460,7 @@ def _session_settled(link: SupervisorLink, state: dict[str, Any]) -> None:
                     "with ENOTCONN until remounted")
 
 
-def _open_disk_cache(directory: str, limit: int) -> DiskCache | None:
+def open_disk_cache(directory: str, limit: int) -> DiskCache | None:
     """The node's disk cache, or None (reads go on without it) if it cannot be opened."""
     if limit <= 0:
         return None

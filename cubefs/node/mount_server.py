@@ -49,6 +49,7 @@ from cubefs.node import control
 if TYPE_CHECKING:  # the server's parts: imported where the server runs, never by a client
     # (``cubefs mount`` imports this module: roots and supervise were ~14 ms of its cold start)
     from cubefs.node import roots
+    from cubefs.node.spare import Prepared, Spares
     from cubefs.node.supervise import Supervised
 
 log = logging.getLogger("cubefs")
@@ -98,14 +99,15 @@ def _notifier(fd: int) -> Callable[[str], None]:
 
 
 def serve_mount(args: argparse.Namespace, mp: str, cache_dir: str, notify: Callable[[str], None] | None,
-                supervision: dict[str, Any] | None = None) -> int:
+                supervision: dict[str, Any] | None = None, prepared: Prepared | None = None) -> int:
     """Run the daemon in this process; errors before 'ready' also go to ``notify``.
-    ``supervision``: the mount server's link (``fd``) and, for a replacement, ``resume``."""
+    ``supervision``: the mount server's link (``fd``) and, for a replacement, ``resume``;
+    ``prepared``: what a spare opened ahead (cubefs.node.spare)."""
     from cubefs.node.mount import MountOptions, run_daemon
 
     opts = MountOptions.from_args(args, mp, cache_dir, supervision)
     try:
-        return run_daemon(opts, notify)
+        return run_daemon(opts, notify, prepared)
     except CubefsError as err:
         if notify:
             notify(f"error {err.exit_code} {err}")
@@ -153,16 +155,26 @@ def _become_daemon(args: argparse.Namespace, mp: str, cache_dir: str, notify_fd:
     # fd, the mount server's link and (a replacement) the mount's /dev/fuse.
     sup = supervision or {}
     _close_all_but({notify_fd, int(sup.get("fd", -1)), int((sup.get("resume") or {}).get("fd", -1))})
+    _stdio_to(_log_path(cache_dir, mp))
+    setup_logging(args.verbose, daemon=True)
+    return _serve_logged(args, mp, cache_dir, notify_fd, supervision)
+
+
+def _stdio_to(log_path: str) -> None:
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
-    logfd = os.open(_log_path(cache_dir, mp), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    logfd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     os.dup2(logfd, 1)
     os.dup2(logfd, 2)
     os.close(devnull)
     os.close(logfd)
-    setup_logging(args.verbose, daemon=True)
+
+
+def _serve_logged(args: argparse.Namespace, mp: str, cache_dir: str, notify_fd: int,
+                  supervision: dict[str, Any] | None, prepared: Prepared | None = None) -> int:
     try:
-        return serve_mount(args, mp, cache_dir, _notifier(notify_fd) if notify_fd >= 0 else None, supervision)
+        return serve_mount(args, mp, cache_dir, _notifier(notify_fd) if notify_fd >= 0 else None, supervision,
+                           prepared)
     except CubefsError as err:
         log.error("%s", err)
         return err.exit_code
@@ -360,6 +372,9 @@ def run_mount_server(path: str, idle_exit: float | None = None) -> int:
         log.info("mount server upgraded in place: replacing %d mount daemons one by one", len(upgrade.todo))
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # daemons are reaped by the kernel
     _raise_fd_limit()  # it keeps two descriptors per mount
+    from cubefs.node import spare
+
+    spares = spare.Spares()  # daemons kept ready for the next mount of an image mounted here
     stopping = False
 
     def stop(*_a: object) -> None:
@@ -375,17 +390,21 @@ def run_mount_server(path: str, idle_exit: float | None = None) -> int:
     while not stopping:
         upgrade.step(mounts)
         roots.retire_idle(hosts, host_idle)
+        next_spare = spares.step(lambda req: _spawn_spare(req, srv, lock_fd))
         # poll, not select: a node's hundreds of mounts hold descriptors past select's 1024
         poller = select.poll()
         links = {h.sock.fileno(): h for h in hosts.values()}
-        for fd in (srv.fileno(), *mounts, *links):
+        kept = spares.fds()
+        for fd in (srv.fileno(), *mounts, *links, *kept):
             poller.register(fd, select.POLLIN)
         try:
-            ready = {fd for fd, _ev in poller.poll(500)}
+            ready = {fd for fd, _ev in poller.poll(max(1, min(500, int(next_spare * 1000) + 1)))}
         except InterruptedError:
             continue
         for fd in [f for f in links if f in ready]:  # before any new mount: a dead host takes none
             roots.host_said(hosts, links[fd])
+        for fd in [f for f in kept if f in ready]:
+            spares.heard(kept[fd])
         for key in [k for k in mounts if k in ready]:
             m = mounts.pop(key)
             if m.receive():
@@ -432,9 +451,9 @@ def run_mount_server(path: str, idle_exit: float | None = None) -> int:
         if roots.wants_host(request["args"]):
             _to_host(request, conn, hosts, srv, lock_fd)
             continue
-        m = _spawn(request, conn, mounts, srv, lock_fd)
-        log.info("forked mount daemon %d for %s at %s", m.pid, request["args"].get("ref"), request["mountpoint"])
+        m = _mount(request, conn, mounts, spares, srv, lock_fd)
         conn.close()
+    spares.close()  # each exits when its link closes
     for h in hosts.values():  # root hosts too; each exits after its last mount
         h.sock.close()
     for m in mounts.values():  # the daemons go on serving, unsupervised
@@ -468,6 +487,72 @@ def upgrade_server(path: str) -> int:
         raise CubefsError(f"the mount server on {path} did not upgrade: {text or 'no answer'}")
     print(f"mount server on {path} runs this code; {text.split()[1]} mount daemons replaced")
     return EXIT_OK
+
+
+def _mount(request: dict[str, Any], conn: socket.socket, mounts: dict[int, Supervised], spares: Spares,
+           srv: socket.socket, lock_fd: int) -> Supervised:
+    """A daemon for ``request``: the spare kept ready for it if there is one, else forked now;
+    either way a spare for the next such mount is due (cubefs.node.spare)."""
+    from cubefs.node.spare import request_key
+    from cubefs.node.supervise import Supervised
+
+    key = request_key(request)
+    kept = spares.take(key)
+    how = ""
+    if kept is not None and spares.hand(kept, {**request, "accepted": time.monotonic()}, conn):
+        m = Supervised(request, kept.sock, kept.pid)
+        mounts[kept.sock.fileno()] = m
+        how = " (a daemon kept ready)"
+    else:
+        m = _spawn(request, conn, mounts, srv, lock_fd)
+    spares.want(key, request)
+    log.info("forked mount daemon %d for %s at %s%s", m.pid, request["args"].get("ref"), request["mountpoint"], how)
+    return m
+
+
+def _spawn_spare(request: dict[str, Any], srv: socket.socket, lock_fd: int) -> tuple[socket.socket, int]:
+    """Fork a spare for mounts like ``request``; its end of the link and its pid."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pid = os.fork()
+    if pid == 0:
+        code = EXIT_ERROR
+        try:
+            srv.close()
+            os.close(lock_fd)
+            for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, signal.SIG_DFL)
+            ours.close()
+            code = _become_spare(request, theirs.detach())
+        finally:
+            os._exit(code)
+    theirs.close()
+    return ours, pid
+
+
+def _become_spare(request: dict[str, Any], link_fd: int) -> int:
+    """In the spare: prepare, wait for a request, then be its daemon (cubefs.node.spare).
+    Its log is the server's until a request names the mount's."""
+    from cubefs.humanize import setup_logging
+    from cubefs.node import spare
+
+    os.setsid()
+    _close_all_but({link_fd})
+    _adopt_client(request)
+    setup_logging(int(request["args"].get("verbose") or 0), daemon=True)
+    try:
+        with spare.prepare(request, link_fd) as prepared:
+            got = spare.wait_for_request(link_fd)
+            if got is None:
+                return EXIT_OK
+            req, notify_fd = got
+            _adopt_client(req)
+            _stdio_to(_log_path(req["cache_dir"], req["mountpoint"]))
+            supervision = {"fd": link_fd, "resume": None, "accepted": req.get("accepted")}
+            return _serve_logged(argparse.Namespace(**req["args"]), req["mountpoint"], req["cache_dir"], notify_fd,
+                                 supervision, prepared)
+    except BaseException:
+        log.exception("spare for %s failed", request["args"].get("ref"))
+        return EXIT_ERROR
 
 
 def _spawn(request: dict[str, Any], conn: socket.socket | None, mounts: dict[int, Supervised],

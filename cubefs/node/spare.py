@@ -1,0 +1,310 @@
+"""Mount daemons kept ready: how a remount of an image already on the node skips its start-up.
+
+A remount through the mount server (issue 18, "image already on the node":
+disk cache kept, daemon gone, kernel caches dropped) spent ~35 ms in the
+daemon before the mount was live, measured on deb-python (``mount_phases``):
+fork and store client 6-7, LMDB open 1-10, the image's metadata (kept copies
+read, zstd, SHA-256, msgpack decode) 13-16, then mount, trio and INIT ~8.
+Only the last part depends on the mountpoint.  So after a mount of an image
+the server forks a *spare* for the same request: a child that adopts the
+request's environment, opens the store session and the disk cache, loads
+the image's metadata and then waits on its link to the server.  The next
+request that differs only in its mountpoint is handed to it (the request and
+the client's connection, ``SCM_RIGHTS``); the spare asks the store for the
+manifest (a moved tag is seen: another digest and the spare loads that
+image as any daemon would, never serving the kept one), re-reads the trace
+the node keeps (the first start publishes it at its end, after the spare was
+made), mounts and reports ``ready``.  From then on it is a mount daemon like
+any other, supervised on the same link.
+
+What is kept is bounded: at most ``CUBEFS_KEEP_READY`` spares (default 4; 0 in
+a client's environment: none made or used for its mounts), their private
+memory in all at most ``CUBEFS_KEEP_READY_BYTES`` (each spare reports its own,
+read from ``/proc/self/smaps_rollup``, once prepared; the least recently
+wanted spare goes first), each for ``KEEP_SECONDS`` after the mount that made
+it wanted.  A spare whose server goes away sees its link close and exits.
+
+Only the bytes a daemon needs to start are kept ready, never the image's
+file data: the run after a remount reads the disk cache as before.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from cubefs.humanize import parse_size
+
+if TYPE_CHECKING:
+    from cubefs.cache.disk import DiskCache
+    from cubefs.format.image import Image
+    from cubefs.format.manifest import Manifest
+    from cubefs.format.packs import ChunkMap
+    from cubefs.remote import RetryingStore
+    from cubefs.remote.loop import LoopThread
+
+log = logging.getLogger(__name__)
+
+COUNT_ENV = "CUBEFS_KEEP_READY"
+BYTES_ENV = "CUBEFS_KEEP_READY_BYTES"
+DEFAULT_COUNT = 4
+DEFAULT_BYTES = 512 << 20
+KEEP_SECONDS = 600.0  # a spare nobody asked for in this long is dropped
+SPARE_DELAY = 0.2  # seconds after a mount before its spare is forked: not during its start-up
+REQUEST_MAX = 1 << 20  # as the server's own request limit
+
+
+def request_key(request: dict[str, Any]) -> str | None:
+    """What a spare shares with the requests it may serve: everything but the mountpoint.
+    None for a mount no spare serves (volumes, other transports, replacements)."""
+    args = request.get("args") or {}
+    env = request.get("env") or {}
+    if (args.get("volume") or request.get("resume") or args.get("foreground")
+            or (args.get("transport") or "kernel") != "kernel" or env.get(COUNT_ENV, "") == "0"):
+        return None
+    rest = {k: v for k, v in args.items() if k not in ("targets", "mountpoint")}
+    return json.dumps([rest, request.get("cache_dir"), request.get("cwd"), env], sort_keys=True)
+
+
+@dataclass
+class Spare:
+    """The server's record of one spare."""
+
+    key: str
+    ref: str
+    sock: socket.socket
+    pid: int
+    wanted: float  # when a mount last made it wanted
+    private_bytes: int = 0  # reported once prepared
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+class Spares:
+    """The mount server's spares, by request key, least recently wanted first."""
+
+    def __init__(self, count: int | None = None, max_bytes: int | None = None,
+                 keep_seconds: float = KEEP_SECONDS) -> None:
+        self.count = int(os.environ.get(COUNT_ENV) or DEFAULT_COUNT) if count is None else count
+        self.max_bytes = parse_size(os.environ.get(BYTES_ENV) or str(DEFAULT_BYTES)) if max_bytes is None \
+            else max_bytes
+        self.keep_seconds = keep_seconds
+        self.kept: dict[str, Spare] = {}
+        self.due: dict[str, tuple[float, dict[str, Any]]] = {}  # key -> (fork at, request)
+
+    def take(self, key: str | None) -> Spare | None:
+        return self.kept.pop(key, None) if key is not None else None
+
+    def want(self, key: str | None, request: dict[str, Any]) -> None:
+        """A mount of ``key`` was asked for: keep a spare of it ready for the next."""
+        if key is None or self.count <= 0:
+            return
+        if key in self.kept:
+            s = self.kept.pop(key)
+            s.wanted = time.monotonic()
+            self.kept[key] = s  # most recently wanted last
+            return
+        self.due[key] = (time.monotonic() + SPARE_DELAY, request)
+
+    def fds(self) -> dict[int, Spare]:
+        return {s.sock.fileno(): s for s in self.kept.values()}
+
+    def heard(self, s: Spare) -> None:
+        """``s`` said it is prepared (and its size), or went away."""
+        try:
+            msg = s.sock.recv(4096)
+        except OSError:
+            msg = b""
+        if not msg:
+            log.info("spare %d for %s exited", s.pid, s.ref)
+            self._drop(s)
+            return
+        try:
+            s.private_bytes = int(json.loads(msg).get("bytes", 0))
+        except (ValueError, AttributeError, TypeError):
+            log.warning("spare %d sent a bad message", s.pid)
+            return
+        log.info("spare %d for %s ready (%d KiB private)", s.pid, s.ref, s.private_bytes >> 10)
+        while self.kept and sum(k.private_bytes for k in self.kept.values()) > self.max_bytes:
+            oldest = next(iter(self.kept.values()))
+            log.info("dropping spare %d for %s: the spares hold more than %d bytes", oldest.pid, oldest.ref,
+                     self.max_bytes)
+            self._drop(oldest)
+
+    def step(self, fork: Callable[[dict[str, Any]], tuple[socket.socket, int]]) -> float:
+        """Fork the spares that are due, drop those kept too long; the seconds until the next is due."""
+        now = time.monotonic()
+        for s in [s for s in self.kept.values() if now - s.wanted > self.keep_seconds]:
+            log.info("dropping spare %d for %s: not wanted for %.0f s", s.pid, s.ref, self.keep_seconds)
+            self._drop(s)
+        for key, (when, request) in list(self.due.items()):
+            if when > now:
+                continue
+            del self.due[key]
+            if key in self.kept:
+                continue
+            while len(self.kept) >= self.count:
+                self._drop(next(iter(self.kept.values())))
+            sock, pid = fork(request)
+            ref = str(request["args"].get("ref"))
+            self.kept[key] = Spare(key, ref, sock, pid, now)
+            log.info("forked spare %d for %s", pid, ref)
+        return min((when - now for when, _r in self.due.values()), default=60.0)
+
+    def hand(self, s: Spare, request: dict[str, Any], conn: socket.socket) -> bool:
+        """Give ``s`` the request and the client's connection; False if it is gone."""
+        try:
+            socket.send_fds(s.sock, [json.dumps(request).encode()], [conn.fileno()])
+            return True
+        except OSError as err:
+            log.info("spare %d for %s is gone (%s); forking a daemon", s.pid, s.ref, err)
+            s.close()
+            return False
+
+    def _drop(self, s: Spare) -> None:
+        if self.kept.get(s.key) is s:
+            del self.kept[s.key]
+        s.close()  # its link closes: it exits
+
+    def close(self) -> None:
+        for s in list(self.kept.values()):
+            self._drop(s)
+        self.due.clear()
+
+
+# -- the spare's side (a child of the server) ---------------------------------------------
+
+
+@dataclass
+class Prepared:
+    """What a spare made before its request: store session, disk cache, the image's metadata."""
+
+    loop: LoopThread
+    store: RetryingStore
+    disk: DiskCache | None
+    kept: tuple[Manifest, Image, ChunkMap] | None
+
+    def take_disk(self) -> DiskCache | None:
+        disk, self.disk = self.disk, None
+        return disk
+
+    async def load(self, cache_dir: str, wanted: str | Manifest, local: list[str]) -> tuple[
+            Manifest, Image, ChunkMap, list[int], bool]:
+        """As :func:`cubefs.image.catalog.load_cached`, with the kept image used when the
+        manifest still names it (the store is asked for the manifest first, every time)."""
+        from cubefs.format.packs import chunkmap_key, image_key
+        from cubefs.image.catalog import CachingReader, MetadataCache, kept_keys, load_cached, load_manifest
+        from cubefs.remote.base import StoreStats
+
+        kept, self.kept = self.kept, None  # a spare serves one mount
+        self.store.stats = StoreStats()  # what the mount asks of the store, not what preparing it did
+        reader = CachingReader(self.store, MetadataCache(cache_dir))
+        manifest = wanted if not isinstance(wanted, str) else await load_manifest(reader, wanted)  # type: ignore[arg-type]
+        if kept is None or kept[0].image != manifest.image:
+            if kept is not None:
+                log.info("image %s: the tag now names sha256:%s, not the kept sha256:%s; loading it",
+                         manifest.ref, manifest.image[:12], kept[0].image[:12])
+            got = await load_cached(self.store, cache_dir, manifest, local)
+            return (*got[:4], got[4] or reader.offline)
+        _m, image, chunkmap = kept
+        reader.local_first = kept_keys(manifest.image)
+        trace = await _trace(reader, manifest, image.nchunks)
+        local.extend([image_key(image.digest), chunkmap_key(image.digest), *reader.local])
+        return manifest, image, chunkmap, trace, reader.offline
+
+
+async def _trace(reader: Any, manifest: Manifest, nchunks: int) -> list[int]:
+    """The image's trace as :func:`cubefs.image.catalog.load_for_mount` takes it: a trace
+    that cannot be had or used is none (it only ever orders prefetching)."""
+    from cubefs.errors import CorruptDataError, FormatVersionError, ObjectNotFoundError, StoreError
+    from cubefs.format.trace import decode_trace, trace_key
+
+    try:
+        blob = await reader.get(trace_key(manifest.image))
+        return decode_trace(blob, manifest.image, nchunks)
+    except ObjectNotFoundError:
+        return []
+    except (StoreError, CorruptDataError, FormatVersionError) as err:
+        log.warning("image %s: ignoring its trace: %s", manifest.ref, err)
+        return []
+
+
+@contextlib.contextmanager
+def prepare(request: dict[str, Any], link_fd: int) -> Iterator[Prepared]:
+    """In the spare: open what ``request``'s mount will use, tell the server its size."""
+    from cubefs.image.catalog import load_cached
+    from cubefs.node.mount import MountOptions, open_disk_cache, store_policy
+    from cubefs.remote import store_session
+
+    t0 = time.monotonic()
+    opts = MountOptions.from_args(argparse.Namespace(**request["args"]), request["mountpoint"],
+                                  request["cache_dir"])
+    with store_session(opts.store_url, opts.s3_endpoint, policy=store_policy(opts)) as (loop, store):
+        disk = open_disk_cache(opts.cache_dir, opts.disk_cache)
+        kept = None
+        try:
+            manifest, image, chunkmap, _trace, _offline = loop.submit(
+                load_cached(store, opts.cache_dir, opts.ref)).result()
+            kept = (manifest, image, chunkmap)
+        except Exception as err:  # the mount itself will say what is wrong, if it still is
+            log.info("spare for %s: image not loaded ahead (%s)", opts.ref, err)
+        prepared = Prepared(loop, store, disk, kept)
+        log.info("spare for %s prepared in %.1f ms", opts.ref, (time.monotonic() - t0) * 1000)
+        _tell(link_fd, {"kind": "spare", "bytes": private_bytes()})
+        try:
+            yield prepared
+        finally:
+            left = prepared.take_disk()
+            if left is not None:
+                left.close()
+
+
+def wait_for_request(link_fd: int) -> tuple[dict[str, Any], int] | None:
+    """Block until the server hands over a request and its client's connection; None when
+    the server closed the link (it dropped this spare, or it exited)."""
+    sock = socket.socket(fileno=link_fd)
+    try:
+        msg, fds, _flags, _addr = socket.recv_fds(sock, REQUEST_MAX, 1)
+    except OSError:
+        return None
+    finally:
+        sock.detach()
+    if not msg or not fds:
+        for fd in fds:
+            os.close(fd)
+        return None
+    return json.loads(msg), fds[0]
+
+
+def _tell(link_fd: int, info: dict[str, Any]) -> None:
+    sock = socket.socket(fileno=link_fd)
+    try:
+        sock.send(json.dumps(info).encode())
+    except OSError:
+        pass
+    finally:
+        sock.detach()
+
+
+def private_bytes() -> int:
+    """This process's own memory (anonymous pages not shared with the server): what keeping it costs."""
+    total = 0
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            for line in f:
+                name, _, rest = line.partition(":")
+                if name in ("Private_Dirty", "Swap"):
+                    total += int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        return 0
+    return total
