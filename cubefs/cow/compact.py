@@ -185,7 +185,7 @@ def compact_file(index: VolumeIndex, src_id: int, src_fd: int, live: Refs, block
                         if layer not in frozen:
                             frozen[layer] = bool(index.layer_info(txn, layer).get("frozen"))
                         if not frozen[layer]:  # its daemon may have overwritten it in place since
-                            _copy(src_fd, off, dst_fd, where[off], block_size)
+                            _copy(src_fd, off, dst_fd, where[off], block_size, fresh=False)
                             again = True
                         txn.put(key, BLOCK_LOC.pack(dst_id, where[off]), db=index.db["blocks"])
                 if again:
@@ -204,8 +204,14 @@ def compact_file(index: VolumeIndex, src_id: int, src_fd: int, live: Refs, block
         os.close(dst_fd)
 
 
-def _copy(src_fd: int, off: int, dst_fd: int, to: int, block_size: int) -> None:
+def _copy(src_fd: int, off: int, dst_fd: int, to: int, block_size: int, fresh: bool = True) -> None:
+    """Copy one block.  Into a ``fresh`` place (never written: the new file is ours alone) its
+    trailing zeros are left out, a hole that reads as zeros, as a block written only in part
+    was (cubefs/volume/fs.py: _put_range); over a place copied before, all of it is written."""
     data = os.pread(src_fd, block_size, off)
-    data += bytes(block_size - len(data))  # a block cut short by a crash before its record existed
-    if os.pwrite(dst_fd, data, to) != block_size:
+    if fresh:
+        data = data.rstrip(b"\0")
+    else:
+        data += bytes(block_size - len(data))  # a block cut short (written in part, or by a crash)
+    if data and os.pwrite(dst_fd, data, to) != len(data):
         raise OSError(errno.ENOSPC, "short write while compacting")

@@ -50,7 +50,9 @@ class DataFiles:
         return fd
 
     def append(self, txn: lmdb.Transaction, blocks: list[bytes | bytearray | memoryview]) -> list[tuple[int, int]]:
-        """Write new blocks (``block_size`` bytes each) with one system call; their (file, offset)s."""
+        """Write new blocks with one system call; their (file, offset)s.  Each block takes
+        ``block_size`` bytes of the file; the last may be given shorter (a fresh block written
+        only in part), and the rest of its place is left a hole, which reads as zeros."""
         if not self._current or self._end >= ROLL_AT:
             self._current = self.index.next_data_file(txn)
             self._end = 0
@@ -67,7 +69,7 @@ class DataFiles:
             if not start:  # the transaction that named this file is aborted by the error: name one again
                 self._current = 0
             raise
-        self._end += size
+        self._end += len(blocks) * self.block_size
         self._dirty.add(self._current)
         self.written_bytes += size
         return [(self._current, start + i * self.block_size) for i in range(len(blocks))]

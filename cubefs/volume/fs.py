@@ -37,7 +37,6 @@ import os
 import stat
 import time
 from collections.abc import Iterator
-from dataclasses import replace
 from typing import Any
 
 import lmdb
@@ -45,7 +44,7 @@ import trio
 
 from cubefs.cow.datafiles import BlockMoved, DataFiles
 from cubefs.cow.gc import COMPACT_AT, collect, flatten
-from cubefs.cow.index import Inode, VolumeIndex
+from cubefs.cow.index import Inode, Volume, VolumeIndex
 from cubefs.format.image import (
     F_ATIME,
     F_CTIME,
@@ -512,7 +511,7 @@ class VolumeFS:
                 if stat.S_ISDIR(mode):
                     mode |= stat.S_ISGID
             ino = vol.next_ino
-            vol = replace(vol, next_ino=ino + 1)
+            vol = Volume(vol.name, vol.layer, ino + 1, vol.base, vol.created_ns, vol.block_size)  # not replace(): 3 us
             self.index.put_volume(txn, vol)
             is_dir = stat.S_ISDIR(mode)
             inode = Inode(mode, uid, gid, now, now, now, len(target) if target else 0, 2 if is_dir else 1, rdev,
@@ -810,11 +809,20 @@ class VolumeFS:
             inode = self._inode(txn, ino, chain)
             if not stat.S_ISREG(inode.mode):
                 raise FsError(errno.EINVAL)
-            pieces = [*self._tail_zeros(inode.size, offset), (offset, data)]
-            if ino <= self.image_inodes:  # only the image's own inodes have image blocks to fetch
-                self._check_old(txn, vol.layer, chain, ino, pieces, old)
-            for off, piece in pieces:
-                self._put_range(txn, vol.layer, chain, ino, off, piece, old)
+            bs = self.block_size
+            if (offset > inode.size and inode.size % bs) or ino <= self.image_inodes:
+                pieces = [*self._tail_zeros(inode.size, offset), (offset, data)]
+                if ino <= self.image_inodes:  # only the image's own inodes have image blocks to fetch
+                    self._check_old(txn, vol.layer, chain, ino, pieces, old)
+                for off, piece in pieces:
+                    self._put_range(txn, vol.layer, chain, ino, off, piece, old)
+            else:  # the common case (no gap to zero, no image block): one range
+                loc = self.index.get_block(txn, vol.layer, ino, offset // bs) \
+                    if offset // bs == (offset + len(data) - 1) // bs else None
+                if loc is not None and loc[0]:  # within one block the active layer owns: in place
+                    self.files.overwrite(loc, offset % bs, data)
+                else:
+                    self._put_range(txn, vol.layer, chain, ino, offset, data, old)
             inode = inode.copy()
             inode.size = max(inode.size, offset + len(data))
             inode.mtime_ns = inode.ctime_ns = time.time_ns()
@@ -865,11 +873,18 @@ class VolumeFS:
             block: Any = piece
             if b in partial:
                 base = old.get(b)
-                if base is None:
-                    src = self._block_source(txn, chain, ino, b)
-                    base = bytes(self._local(src, 0, bs)) if src != "image" else bytes(bs)
-                block = bytearray(base)
-                block[lo - b * bs : hi - b * bs] = piece
+                src = self._block_source(txn, chain, ino, b) if base is None else None
+                if src == "zero":
+                    # A fresh block: zeros before the piece, and nothing after it -- the data file
+                    # keeps the rest of the block as a hole, which reads as zeros (a new small
+                    # file wrote 64 KiB: 17 us a block, measured; this, 5).  Only the last block
+                    # of a range ends early, so only the last one appended is ever short.
+                    block = bytes(lo - b * bs) + piece if lo > b * bs else piece
+                else:
+                    if base is None:
+                        base = bytes(self._local(src, 0, bs)) if src != "image" else bytes(bs)
+                    block = bytearray(base)
+                    block[lo - b * bs : hi - b * bs] = piece
             new.append((b, block))
         if new:
             for (b, _), loc in zip(new, self.files.append(txn, [blk for _, blk in new])):

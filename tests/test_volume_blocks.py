@@ -1,0 +1,108 @@
+"""A fresh block written in part takes the bytes written, not the whole block.
+
+The volume's data files give every block 64 KiB of room; a block a write
+starts (a new small file, the end of a growing one) now writes only up to the
+end of its data and leaves the rest of its room a hole (cubefs/volume/fs.py:
+_put_range; docs/format.md, "Volume index").  What a user checks: every byte
+reads back as written, the gaps and the room past a file's end read as zeros
+when the file grows, across a snapshot, a rollback and a collection (which
+copies blocks), and small files take about their size on the disk.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import run_cubefs
+
+BLOCK = 64 * 1024
+
+
+class Vol:
+    def __init__(self, tmp: Path) -> None:
+        self.dir = tmp / "volumes"
+        self.tmp = tmp
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return run_cubefs(*args, "--volume-dir", str(self.dir))
+
+    def mount(self) -> Path:
+        mnt = self.tmp / "mnt"
+        mnt.mkdir(exist_ok=True)
+        run_cubefs("mount", "--volume", "v", str(mnt), "--volume-dir", str(self.dir), "--cache-dir",
+                   str(self.tmp / "cache"), timeout=120)
+        assert os.path.ismount(mnt)
+        return mnt
+
+    def umount(self, mnt: Path) -> None:
+        res = run_cubefs("umount", str(mnt), check=False, timeout=60)
+        if res.returncode != 0 and os.path.ismount(mnt):
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+    def data_bytes(self) -> int:
+        """Bytes the data files take on the disk (holes take none)."""
+        data = self.dir / "data"
+        return sum(os.stat(p).st_blocks * 512 for p in data.iterdir())
+
+
+@pytest.fixture
+def vol(tmp_path: Path) -> Iterator[tuple[Vol, Path]]:
+    v = Vol(tmp_path)
+    v.cli("volume", "create", "v")
+    mnt = v.mount()
+    try:
+        yield v, mnt
+    finally:
+        v.umount(mnt)
+
+
+def _content(i: int, n: int) -> bytes:
+    return bytes((i * 7 + j) % 251 for j in range(n))
+
+
+def test_partly_written_blocks_read_back_and_grow_with_zeros(vol: tuple[Vol, Path]) -> None:
+    v, mnt = vol
+    files = {f"small{i}": _content(i, 1000 + i) for i in range(200)}
+    for name, data in files.items():
+        (mnt / name).write_bytes(data)
+    # A write that starts inside a fresh block, past a hole, and one that spans two blocks.
+    fd = os.open(mnt / "gaps", os.O_WRONLY | os.O_CREAT, 0o644)
+    os.pwrite(fd, b"middle", 3000)
+    os.pwrite(fd, b"second block", BLOCK + 100)
+    os.pwrite(fd, b"x" * 2000, 2 * BLOCK - 1000)
+    os.close(fd)
+    gaps = bytearray(2 * BLOCK + 1000)
+    gaps[3000:3006] = b"middle"
+    gaps[BLOCK + 100 : BLOCK + 112] = b"second block"
+    gaps[2 * BLOCK - 1000 : 2 * BLOCK + 1000] = b"x" * 2000
+    assert (mnt / "gaps").read_bytes() == bytes(gaps)
+    # Growing a small file: its block's room past the old end reads as zeros.
+    os.truncate(mnt / "small5", 50_000)
+    with open(mnt / "small6", "r+b") as f:
+        f.seek(40_000)
+        f.write(b"end")
+    expected5 = files["small5"] + bytes(50_000 - len(files["small5"]))
+    expected6 = files["small6"] + bytes(40_000 - len(files["small6"])) + b"end"
+    assert (mnt / "small5").read_bytes() == expected5
+    assert (mnt / "small6").read_bytes() == expected6
+    os.sync()
+    # 200 files of ~1 KB: about their size on the disk, not 200 x 64 KiB.
+    assert v.data_bytes() < 2 << 20, v.data_bytes()
+
+    v.cli("snapshot", "v", "--name", "s")
+    for i in range(0, 200, 2):  # half the small files go, then a collection copies the rest
+        (mnt / f"small{i}").unlink()
+    (mnt / "gaps").write_bytes(b"overwritten")
+    v.cli("volume", "gc")
+    for i in range(1, 200, 2):
+        want = expected5 if i == 5 else files[f"small{i}"]
+        assert (mnt / f"small{i}").read_bytes() == want
+    v.cli("rollback", "v", "s")
+    for name, data in files.items():
+        want = {"small5": expected5, "small6": expected6}.get(name, data)
+        assert (mnt / name).read_bytes() == want, name
+    assert (mnt / "gaps").read_bytes() == bytes(gaps)
