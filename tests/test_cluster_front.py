@@ -258,8 +258,8 @@ def test_etcd_that_stops_answering_fails_creates_within_the_deadline(etcd3: Etcd
                 assert status == 201, doc
                 # what the failed creates' transactions may have written is deleted once etcd answers
                 await eventually("no reservation left", lambda: _none_left(client, lay), 15)
-                m = await metrics(front)
-                assert m["cubefs_front_etcd_unavailable_total"] == 2, m
+                m = await metrics(front)  # the two, and any the retries above met while etcd came back
+                assert m["cubefs_front_etcd_unavailable_total"] >= 2, m
         finally:
             _signal_all(etcd3, signal.SIGCONT)
             await client.close()

@@ -289,6 +289,21 @@ def _not_proposed(err: EtcdError) -> bool:
     return isinstance(err, EtcdUnavailable) and "no leader" in str(err)
 
 
+_CLOSED = "its channel was closed under it (another call found the endpoint unreachable)"
+
+
+def _cancelled_here() -> bool:
+    """The running task was asked to stop: a CancelledError is the caller's, not the channel's.
+
+    grpc.aio raises CancelledError from a call whose channel was closed, and :meth:`Etcd._drop`
+    closes an endpoint's channel when one call finds it unreachable, with other calls still out
+    on it: those must fail like a lost answer, not cancel their caller.  Seen with every member
+    SIGSTOPped: a reservation's transaction ended as CancelledError, and the front's create
+    handler with it (the client saw its connection dropped instead of a 503)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 class _Lost(Exception):
     """The request may have reached etcd but no answer came (timeout, dropped connection)."""
 
@@ -469,6 +484,10 @@ class Etcd:
                     answer = await invoke(conn, await self._metadata(conn))
                 except aio.AioRpcError as rpc_err:
                     raise _sort(rpc_err.code(), rpc_err.details()) from None
+                except asyncio.CancelledError:
+                    if _cancelled_here():
+                        raise
+                    raise _Lost(_CLOSED) from None
             except _Refused as err:  # never sent: any request may go elsewhere
                 tried.append(f"{endpoint}: {err}")
                 refused += 1
@@ -635,6 +654,10 @@ class Etcd:
                         yield events
             except aio.AioRpcError as rpc_err:
                 failure = _sort(rpc_err.code(), rpc_err.details())
+            except asyncio.CancelledError:
+                if _cancelled_here():
+                    raise
+                failure = _Lost(_CLOSED)
             except asyncio.InvalidStateError:  # written to a stream that had ended: its status says why
                 failure = _sort(await call.code(), await call.details())
             except (_Lost, _Refused) as err:  # logging in did not get through
