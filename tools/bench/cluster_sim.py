@@ -823,7 +823,9 @@ def main() -> int:
     ap.add_argument("--role", choices=("bench", "nodes", "front"), default="bench", help=argparse.SUPPRESS)
     ap.add_argument("--nodes", type=int, default=1000, help="simulated nodes (default 1000)")
     ap.add_argument("--fronts", type=int, default=1, help="fronts (cubefs sandbox api processes; default 1)")
-    ap.add_argument("--sample", type=int, default=0, metavar="K", help="best-of-K scoring (default 0: all nodes)")
+    ap.add_argument("--sample", type=int, default=0, metavar="K",
+                    help="best-of-K scoring (default 0: all nodes, as the table's 'all' rows; a front "
+                    "started without --sample scores all up to 256 nodes and 16 above)")
     ap.add_argument("--seconds", type=float, default=20.0, help="how long the clients create (default 20)")
     ap.add_argument("--clients", type=int, default=32, help="concurrent clients (default 32)")
     ap.add_argument("--tmpfs", action="store_true", help="etcd's data dir on /dev/shm (no fsync cost)")
