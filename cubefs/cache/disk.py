@@ -31,7 +31,6 @@ share an instance across ``fork``.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import logging
@@ -335,36 +334,6 @@ class DiskCache:
         if flush:
             self.flush_touched()
         return found
-
-    def willneed(self, digests: list[bytes]) -> int:
-        """Ask the kernel to read the entries of ``digests`` from disk now, all at once
-        (``POSIX_FADV_WILLNEED`` on their ranges of the file, merged): a remount's trace
-        prefetch after the kernel's caches were dropped otherwise reads the file a page
-        fault at a time in a few threads.  Only the tree's pages are touched here, never
-        an entry's bytes.  Measured on deb-numpy's cache (601 chunks, 17.7 MB stored):
-        reading every entry cold took 28-34 ms, 11 ms after this.  Returns the bytes asked for."""
-
-        def work(e: _Env) -> int:
-            base = _map_base(e)
-            if base is None:
-                return 0
-            spans: list[tuple[int, int]] = []
-            with e.env.begin(db=e.chunks, buffers=True) as txn:
-                for d in digests:
-                    value = txn.get(d)
-                    if value is not None and len(value) <= ENTRY.size + MAX_STORED:
-                        spans.append((_address(value) - base, len(value)))
-            asked = 0
-            for start, end in _merged(spans, gap=64 * 1024):
-                os.posix_fadvise(e.fd, start, end - start, os.POSIX_FADV_WILLNEED)
-                asked += end - start
-            return asked
-
-        try:
-            return self._guard("read", 0, work)
-        except OSError as err:  # advice only: a read that follows does the work anyway
-            log.debug("disk cache %s: no read-ahead advice: %s", self.path, err)
-            return 0
 
     # -- writes ---------------------------------------------------------------
 
@@ -716,49 +685,6 @@ class _Book:
 
 class _OldCache(Exception):
     """A cache written by an older cubefs: set aside, not read."""
-
-
-def _map_base(e: _Env) -> int | None:
-    """Where ``e``'s file is mapped in this process (LMDB says only with MDB_FIXEDMAP)."""
-    _dev, ino = e.ident
-    try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                cols = line.split(maxsplit=5)
-                if len(cols) == 6 and cols[4] == str(ino) and cols[5].rstrip().endswith("data.mdb"):
-                    return int(cols[0].split("-")[0], 16) - int(cols[2], 16)
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-class _PyBuffer(ctypes.Structure):
-    _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.c_void_p), ("len", ctypes.c_ssize_t),
-                ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int), ("ndim", ctypes.c_int),
-                ("format", ctypes.c_char_p), ("shape", ctypes.c_void_p), ("strides", ctypes.c_void_p),
-                ("suboffsets", ctypes.c_void_p), ("internal", ctypes.c_void_p)]
-
-
-def _address(view: memoryview) -> int:
-    """The address of a buffer's first byte (a read-only memoryview: ctypes' from_buffer refuses it)."""
-    buf = _PyBuffer()
-    if ctypes.pythonapi.PyObject_GetBuffer(ctypes.py_object(view), ctypes.byref(buf), 0) != 0:
-        raise OSError("no buffer address")
-    try:
-        return int(buf.buf or 0)
-    finally:
-        ctypes.pythonapi.PyBuffer_Release(ctypes.byref(buf))
-
-
-def _merged(spans: list[tuple[int, int]], gap: int) -> list[tuple[int, int]]:
-    """(offset, length) spans as sorted (start, end) ranges, those within ``gap`` of each other joined."""
-    out: list[tuple[int, int]] = []
-    for start, length in sorted(spans):
-        if out and start - out[-1][1] <= gap:
-            out[-1] = (out[-1][0], max(out[-1][1], start + length))
-        else:
-            out.append((start, start + length))
-    return out
 
 
 @dataclass(slots=True)

@@ -40,7 +40,6 @@ import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from functools import partial
 from itertools import chain
 from typing import Any
 
@@ -444,10 +443,6 @@ class ChunkSource:
         t0 = time.monotonic()
         stats = self.prefetch_stats if stats is None else stats
         stats["chunks"] = len(refs)
-        if decode and self.disk is not None and self._nursery is not None and refs:
-            # The disk reads the trace's entries all at once (DiskCache.willneed) while the
-            # slices below start on them: a remount after the kernel's caches were dropped.
-            self._nursery.start_soon(partial(trio.to_thread.run_sync, self.disk.willneed, [r.digest for r in refs]))
         i = 0
         while i < len(refs):
             batch: list[ChunkLocation] = []
