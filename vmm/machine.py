@@ -19,6 +19,12 @@
   socket QEMU serves; QMP on another.  Both sockets are in the VM's directory.
 * ``vmgenid`` gets a new generation ID in every QEMU process, which tells a
   restored guest kernel (6.1) to reseed its RNG by itself.
+* **Memory per VM** (an idle sandbox's QEMU, by mapping: docs/benchmarks.md, "Density"): a
+  restore does not load the kernel image (``_boot_argv``), q35 goes without the devices a sandbox
+  never uses (``MACHINE``), QEMU runs without transparent huge pages (``no_huge_pages``) and with
+  one malloc arena (``QEMU_MALLOC_ENV``).  What is left is TCG's translated code, the heap
+  (QOM, devices, TCG's TLBs), TCG's 2 MiB TB hash table, and the pages relocation dirties in the
+  binary and its libraries.
 * **Acceleration.** ``auto`` picks KVM only where it is hardware-backed
   (``kvm_intel`` or ``kvm_amd`` loaded and /dev/kvm usable): KVM on nested PVM
   (``kvm_pvm``) runs guest kernel code ~3000x slower than TCG here.
@@ -27,6 +33,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import os
 import shutil
 import signal
@@ -105,6 +113,43 @@ def state_argv(argv: list[str]) -> list[str]:
     return [FINGERPRINT_ACCEL if a.startswith("tcg,tb-size=") else a for a in argv]
 
 
+# q35 without what a sandbox never uses (each a device a template is saved with, so these are
+# in the machine fingerprint: templates made before are remade).  sata: the AHCI controller's six
+# ports each keep IDE buffers (with smbus, vmport and i8042, -1.5 MiB of QEMU's own per VM);
+# smm: System Management Mode, its SMRAM address space and the firmware's SMM set-up (-0.2 MiB).
+# The guest powers off through ACPI, and its reboot (which ends QEMU: -no-reboot) goes through
+# ACPI's reset register without the i8042.
+MACHINE = "q35,sata=off,smbus=off,vmport=off,i8042=off,smm=off"
+
+# glibc malloc in QEMU: one arena for all its threads (the vCPU thread's own arena held 3.4 MiB
+# of which ~0.3 was slack; MALLOC_TRIM_THRESHOLD_ / MALLOC_TOP_PAD_ saved nothing measurable:
+# what the heap holds is in use, not freed-and-kept).  QEMU's environment, not its command line:
+# no part of a saved state, so not of the fingerprint.
+QEMU_MALLOC_ENV = {"MALLOC_ARENA_MAX": "1"}
+
+
+def qemu_env() -> dict[str, str]:
+    return {**os.environ, **QEMU_MALLOC_ENV}
+
+
+PR_SET_THP_DISABLE = 41
+
+
+@functools.cache
+def no_huge_pages() -> None:
+    """No transparent huge pages for the QEMUs this process starts: QEMU asks for them
+    (``MADV_HUGEPAGE``) on TCG's translation cache and on every RAM block, so an idle guest's
+    26 MiB of translated code sat in 13 whole 2 MiB pages (24.1 MiB in 4 KiB pages) and the
+    2 MiB ACPI-tables block, 128 KiB of it used, took a whole huge page: -3.8 MiB a VM.  A busy
+    guest's Python imports ran as fast without (medians of alternated rounds within noise,
+    docs/benchmarks.md "Density").  The only switch is per process and inherited across fork
+    and exec (``prctl(PR_SET_THP_DISABLE)``), so it is set on this process, once: its own
+    memory is unaffected under the usual ``madvise`` policy (Python never asks for huge pages).
+    Best effort: a kernel without it only costs memory."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)
+
+
 @dataclass
 class MachineSpec:
     kernel_dir: Path
@@ -179,7 +224,7 @@ class Machine:
                    f"share={'on' if self.ram.shared else 'off'}" + (f",offset={self.ram.offset}" if self.ram.offset
                                                                    else ""))
         argv = [
-            qemu, "-name", self.dir.name, "-machine", "q35",
+            qemu, "-name", self.dir.name, "-machine", MACHINE,
             # TCG's translation cache: 64 MiB, not QEMU's 1 GiB, per VM (tcg_tb_size: why not less)
             "-accel", f"tcg,tb-size={tcg_tb_size()}" if self.accel == "tcg" else "kvm",
             # TCG: no ERMS/FSRM, so the guest kernel and glibc copy with rep movsq/SSE, not
@@ -189,8 +234,7 @@ class Machine:
             "-object", mem, "-numa", "node,memdev=mem",
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-net", "none",
             "-serial", f"file:{self.console_path}",
-            "-kernel", str(kernel / "vmlinuz"), "-initrd", str(kernel / "initrd.gz"),
-            "-append", f"console=ttyS0 quiet loglevel=1 panic=-1 {self.cmdline}".strip(),
+            *self._boot_argv(),
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
             "-device", "vmgenid,guid=auto",
             "-device", f"pcie-root-port,id={FS_PORT},chassis=1",
@@ -219,10 +263,25 @@ class Machine:
             argv += ["-S", "-incoming", "defer"]
         return argv
 
+    def _boot_argv(self) -> list[str]:
+        """How the guest kernel gets in: ``-kernel``/``-initrd`` for a boot; for a machine that
+        loads a saved state, the running kernel is in the state, and QEMU would otherwise read
+        the whole bzImage into a buffer of its own (8 MiB, private, never freed, never read
+        again: -8.0 MiB a restored sandbox, docs/benchmarks.md "Density").  The option ROM that
+        ``-kernel`` adds (``linuxboot_dma.bin``, bootindex 0) is added by hand instead: it is a
+        RAM block of the saved machine, and a load needs the same blocks.  (The initrd QEMU
+        maps from its file: page cache, not its own memory.)"""
+        kernel = self.spec.kernel_dir
+        if self.incoming:
+            return ["-option-rom", "linuxboot_dma.bin,bootindex=0"]
+        return ["-kernel", str(kernel / "vmlinuz"), "-initrd", str(kernel / "initrd.gz"),
+                "-append", f"console=ttyS0 quiet loglevel=1 panic=-1 {self.cmdline}".strip()]
+
     def start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         log = open(self.dir / "qemu.log", "ab")
-        self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+        no_huge_pages()
+        self.proc = subprocess.Popen(self.argv(), env=qemu_env(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                      start_new_session=True, pass_fds=self.netdev.fds if self.netdev else ())
         log.close()
         self.pid = self.proc.pid

@@ -89,6 +89,62 @@ def tcg_code_pss_kib(pid: int) -> int:
     return total
 
 
+ARENA_ALIGN = 64 * MIB  # glibc's thread arenas are 64 MiB-aligned reservations (HEAP_MAX_SIZE)
+
+
+def qemu_by_mapping_kib(pid: int, ram: str) -> dict[str, int]:
+    """PSS of ``pid`` (a QEMU) by kind of mapping, from /proc/PID/smaps: what is left of
+    QEMU's own memory once guest RAM and TCG's code are named, and so where to cut.
+
+    ``guest_ram`` the template's RAM file; ``tcg_code`` the one anonymous executable mapping;
+    ``heap`` glibc's main arena ([heap]); ``thread_arenas`` glibc's per-thread arenas (anonymous
+    ``rw-p`` at a 64 MiB-aligned address); ``stacks`` [stack] and the 8 MiB thread stacks;
+    ``other_anon`` every other anonymous mapping (malloc's mmap'd blocks — TCG's TB hash table,
+    its TLBs, a ``-kernel`` image's copy — and QEMU's RAM blocks: firmware, option ROMs, ACPI
+    tables); ``qemu_binary_private`` / ``libs_private`` the pages relocation made private (PIE
+    data, RELRO), ``qemu_binary_shared`` / ``libs_shared`` the rest of them (code, read-only
+    data: shared by every QEMU, so small per sandbox at 100); ``other_files`` any other file."""
+    parts: dict[str, int] = dict.fromkeys(
+        ("guest_ram", "tcg_code", "heap", "thread_arenas", "stacks", "other_anon", "qemu_binary_private",
+         "qemu_binary_shared", "libs_private", "libs_shared", "other_files"), 0)
+    kind, private_kind = "other_anon", ""
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            head = line.split(maxsplit=5)
+            if "-" in head[0] and not head[0].endswith(":"):
+                start, end = (int(x, 16) for x in head[0].split("-"))
+                perms, name = head[1], head[5].rstrip("\n").removesuffix(" (deleted)") if len(head) == 6 else ""
+                private_kind = ""
+                if name == ram:
+                    kind = "guest_ram"
+                elif name == "[heap]":
+                    kind = "heap"
+                elif name == "[stack]":
+                    kind = "stacks"
+                elif name.startswith("["):  # [vdso], [vvar], [vsyscall]
+                    kind = "other_files"
+                elif name.endswith("/qemu-system-x86_64"):
+                    kind, private_kind = "qemu_binary_shared", "qemu_binary_private"
+                elif ".so" in name:
+                    kind, private_kind = "libs_shared", "libs_private"
+                elif name:
+                    kind = "other_files"
+                elif "x" in perms:
+                    kind = "tcg_code"
+                elif perms.startswith("rw") and start % ARENA_ALIGN == 0:
+                    kind = "thread_arenas"
+                elif perms.startswith("rw") and end - start == 8 * MIB:
+                    kind = "stacks"
+                else:
+                    kind = "other_anon"
+            elif head[0] == "Pss:":
+                parts[kind] += int(head[1])
+            elif head[0] == "Private_Dirty:" and private_kind:  # PSS of a private page is the page
+                parts[private_kind] += int(head[1])
+                parts[kind] -= int(head[1])
+    return parts
+
+
 def cpu_ticks(pid: int) -> int:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
@@ -116,6 +172,7 @@ class Node:
 
     def memory(self, ids: list[str], service_pss0: int, avail0: int) -> dict[str, Any]:
         guest, qemu, daemon, tcg = [], [], [], []
+        by_mapping: dict[str, list[float]] = {}
         hosts: dict[int, int] = {}  # a root host serves many sandboxes: its PSS is shared among them
         for sid in ids:
             _q, dpid, _r = self.parts(sid)
@@ -126,11 +183,16 @@ class Node:
             guest.append(g / 1024)
             qemu.append((pss_kib(qpid) - g) / 1024)
             tcg.append(tcg_code_pss_kib(qpid) / 1024)
+            for k, v in qemu_by_mapping_kib(qpid, ram).items():
+                by_mapping.setdefault(k, []).append(v / 1024)
             daemon.append(pss_kib(dpid) / 1024 / hosts[dpid])
         agent = (pss_kib(self.svc.proc.pid) - service_pss0) / 1024 / len(ids)
         parts = {"guest_ram_mib": summary(guest), "qemu_mib": summary(qemu), "of_which_tcg_code_mib": summary(tcg),
                  "root_daemon_mib": summary(daemon),
                  "service_per_sandbox_mib": round(agent, 2)}
+        # p50 and mean of each kind of QEMU mapping (qemu_by_mapping_kib), guest RAM among them
+        parts["qemu_by_mapping_mib"] = {k: {"p50": round(statistics.median(v), 2),
+                                            "mean": round(statistics.fmean(v), 2)} for k, v in by_mapping.items()}
         parts["total_mean_mib"] = round(statistics.fmean(guest) + statistics.fmean(qemu) + statistics.fmean(daemon)
                                         + agent, 1)
         parts["mem_available_fall_per_sandbox_mib"] = round((avail0 - mem_available_kib()) / 1024 / len(ids), 1)
