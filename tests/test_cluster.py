@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -198,6 +199,7 @@ def test_a_second_node_reads_an_image_from_its_peers_not_the_store(cluster: Clus
              lambda: all(len((Path(n.env["CUBEFS_SANDBOX_DIR"]) / "peers").read_text().split()) == 3
                          if (Path(n.env["CUBEFS_SANDBOX_DIR"]) / "peers").exists() else False for n in cluster.nodes))
     read = "cat $(find /usr/lib/python3.11 -name '*.py') | wc -c"
+    published = node_record(cluster, "n1")["cached"].get("base", 0.0)  # what its template's making left cached
     got = []
     for name in ("n1", "n2"):
         n = cluster.node(name)
@@ -214,6 +216,10 @@ def test_a_second_node_reads_an_image_from_its_peers_not_the_store(cluster: Clus
     assert size1 == size2 > 5_000_000
     assert first > size1 / 10, f"the first node read {first} bytes of chunks from the store for {size1} bytes"
     assert second < first / 20, f"the second node read {second} bytes from the store, the first {first}"
+    # what the scheduler places by: n1's published fraction of the image in its disk cache grew
+    # with what it read (republished every 15 s: cubefs/cache/locality.py through member.py)
+    wait_for("n1 publishes more of the image cached",
+             lambda: node_record(cluster, "n1")["cached"].get("base", 0.0) > published, 20)
 
 
 def test_the_sdk_through_a_front_creates_on_every_node_and_everything_routes(cluster: Cluster) -> None:
@@ -294,7 +300,9 @@ def test_a_dead_node_is_reported_gone_gets_no_creates_and_reconciles_when_back(c
     wait_for("the dead node's sandbox reported gone", lambda: cluster.front.api("GET", f"/sandboxes/{sid}")[0] == 404,
              LEASE + 5)
     gone_after = time.monotonic() - t0
-    assert gone_after < LEASE + 3, gone_after
+    # The lease had 2-3 s left (renewed every third of it), etcd checks expiry every 0.5 s,
+    # then the delete reaches the front's view through its watch: measured 2.72 and 3.01 s.
+    assert gone_after <= LEASE + 1, gone_after
     proxied = urllib.request.Request(f"http://127.0.0.1:{cluster.front.proxy_port}/health",
                                      headers={"E2b-Sandbox-Id": sid, "E2b-Sandbox-Port": "49983"})
     with pytest.raises(urllib.error.HTTPError) as err:
@@ -315,26 +323,51 @@ def test_a_dead_node_is_reported_gone_gets_no_creates_and_reconciles_when_back(c
 
 
 def test_a_front_killed_in_the_middle_of_creates_leaks_no_reservation(cluster: Cluster) -> None:
+    """The creates go to a registered node that accepts connections and never answers (a
+    listener nobody accepts on: the kernel completes the handshakes), so no node fills or
+    deletes their reservations: only the killed front's lease can end them, within its TTL
+    (2 s here) and etcd's expiry check (every 0.5 s).  aiohttp does not cancel a handler whose
+    client went away, so with real nodes the nodes filled them and this passed unleased."""
+    sink = socket.socket()
+    sink.bind(("127.0.0.1", 0))
+    sink.listen(64)
+    record = node_record(cluster, "n1")
+    addr = f"http://127.0.0.1:{sink.getsockname()[1]}"
+    record.update(name="sink", api=addr, proxy=addr, peer="", used_vcpus=0, used_mb=0, sandboxes=0,
+                  vcpus=1000, memory_mb=1_000_000, pools={"base": 1})  # a ready pool: every create's first pick
+    cluster.etcd.etcdctl("put", "/cubefs/nodes/sink", json.dumps(record))
     second = Front(cluster.front.env, cluster.etcd.endpoints, "--lease-ttl", "2")
-    second.start()
-    results: list[Any] = []
+    try:
+        second.start()
+        results: list[Any] = []
 
-    def create() -> None:
-        try:
-            results.append(call(second.api_port, "POST", "/v2/sandboxes", {"templateID": "base", "timeout": 60}, 60))
-        except OSError as err:  # the front died under it
-            results.append(err)
+        def create() -> None:
+            try:
+                results.append(call(second.api_port, "POST", "/v2/sandboxes", {"templateID": "base", "timeout": 60},
+                                    60))
+            except OSError as err:  # the front died under it
+                results.append(err)
 
-    threads = [threading.Thread(target=create) for _ in range(4)]
-    for t in threads:
-        t.start()
-    wait_for("reservations made", lambda: cluster.keys("/cubefs/reservations/"), 10)
-    second.stop(signal.SIGKILL)
-    for t in threads:
-        t.join(60)
-    assert wait_for("no reservation outlives its front's lease",
-                    lambda: cluster.keys("/cubefs/reservations/") == [], 2 + 5)
-    # whatever the nodes made meanwhile is theirs and routed; the front's death lost nothing else
+        threads = [threading.Thread(target=create) for _ in range(4)]
+        for t in threads:
+            t.start()
+        wait_for("the creates' reservations on the silent node",
+                 lambda: len(cluster.keys("/cubefs/reservations/sink/")) == 4, 10)
+        second.stop(signal.SIGKILL)
+        t0 = time.monotonic()
+        wait_for("no reservation outlives its front's lease", lambda: cluster.keys("/cubefs/reservations/") == [], 10)
+        gone_after = time.monotonic() - t0
+        assert gone_after <= 2 + 1, gone_after  # measured 2.06 and 2.38 s
+        for t in threads:
+            t.join(60)
+        assert len(results) == 4 and all(isinstance(r, OSError) for r in results), results
+    finally:
+        second.stop(signal.SIGKILL)
+        cluster.etcd.etcdctl("del", "/cubefs/nodes/sink")
+        sink.close()
+    # the nodes made nothing of it, and the cluster's own front sends creates to real nodes again
+    wait_for("the silent node gone from the front's view", lambda: cluster.front.api("GET", "/health")[1]["nodes"] == 3,
+             10)
     status, listed = cluster.front.api("GET", "/sandboxes")
     assert status == 200
     for s in listed:
