@@ -315,11 +315,15 @@ class DiskCache:
                         bad.append(d)
                         continue
                     version, codec, _r, plain_len, check = ENTRY.unpack_from(value)
-                    data = bytes(value[ENTRY.size :])
-                    if version != ENTRY_VERSION or xxhash.xxh64_intdigest(data) != check:
+                    # Hashed in place first: the hash faults the entry's pages in from disk
+                    # without the GIL (xxhash lets go of it), the copy then finds them resident.
+                    # Copied first, every page fault of a cache the kernel dropped stalled the
+                    # daemon's event loop, its LOOKUPs and READs from memory, under the GIL.
+                    payload = value[ENTRY.size :]
+                    if version != ENTRY_VERSION or xxhash.xxh64_intdigest(payload) != check:
                         bad.append(d)
                         continue
-                    found[d] = StoredChunk(codec, plain_len, data)
+                    found[d] = StoredChunk(codec, plain_len, bytes(payload))
             return found
 
         found = self._guard("read", {}, work)

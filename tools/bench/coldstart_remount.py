@@ -153,8 +153,13 @@ def main() -> int:
     if a.json_out:
         a.json_out.write_text(json.dumps(out, indent=1))
     print(f"native: caches dropped {summary(native['dropped'])}, warm {summary(native['warm'])}")
+    nat = statistics.median(native["dropped"])
     for v in versions:
         r = v.res
+        cli_total = statistics.median(x + y for x, y in zip(r["cli"], r["run"]))
+        inproc_total = statistics.median(x + y for x, y in zip(r["inproc"], r["run_inproc"]))
+        print(f"{v.name}: on the node / native (medians): cubefs mount + run {cli_total / nat:.2f}x, "
+              f"in process + run {inproc_total / nat:.2f}x (the floor: 1.5x)")
         print(f"{v.name}: cubefs mount {summary(r['cli'])} | run {summary(r['run'])} | mount+run "
               f"{summary([x + y for x, y in zip(r['cli'], r['run'])])} | in process {summary(r['inproc'])} | "
               f"in process+run {summary([x + y for x, y in zip(r['inproc'], r['run_inproc'])])} | "
