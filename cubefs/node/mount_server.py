@@ -515,7 +515,7 @@ def _mount(request: dict[str, Any], conn: socket.socket, mounts: dict[int, Super
         how = " (a daemon kept ready)"
     else:
         m = _spawn(request, conn, mounts, srv, lock_fd)
-    spares.want(key, request)
+    spares.want(key, request, lambda: m.image)
     log.info("forked mount daemon %d for %s at %s%s", m.pid, request["args"].get("ref"), request["mountpoint"], how)
     return m
 

@@ -100,13 +100,15 @@ class Spares:
             else max_bytes
         self.keep_seconds = keep_seconds
         self.kept: dict[str, Spare] = {}
-        self.due: dict[str, tuple[float, dict[str, Any]]] = {}  # key -> (fork at, request)
+        # key -> (fork at, request, the digest its daemon mounted if it said: no manifest GET ahead)
+        self.due: dict[str, tuple[float, dict[str, Any], Callable[[], str | None]]] = {}
 
     def take(self, key: str | None) -> Spare | None:
         return self.kept.pop(key, None) if key is not None else None
 
-    def want(self, key: str | None, request: dict[str, Any]) -> None:
-        """A mount of ``key`` was asked for: keep a spare of it ready for the next."""
+    def want(self, key: str | None, request: dict[str, Any], digest: Callable[[], str | None] = lambda: None) -> None:
+        """A mount of ``key`` was asked for: keep a spare of it ready for the next.  ``digest``:
+        the image its daemon mounted, once it has said (the spare then loads that image)."""
         if key is None or self.count <= 0:
             return
         if key in self.kept:
@@ -114,7 +116,7 @@ class Spares:
             s.wanted = time.monotonic()
             self.kept[key] = s  # most recently wanted last
             return
-        self.due[key] = (time.monotonic() + SPARE_DELAY, request)
+        self.due[key] = (time.monotonic() + SPARE_DELAY, request, digest)
 
     def fds(self) -> dict[int, Spare]:
         return {s.sock.fileno(): s for s in self.kept.values()}
@@ -147,7 +149,7 @@ class Spares:
         for s in [s for s in self.kept.values() if now - s.wanted > self.keep_seconds]:
             log.info("dropping spare %d for %s: not wanted for %.0f s", s.pid, s.ref, self.keep_seconds)
             self._drop(s)
-        for key, (when, request) in list(self.due.items()):
+        for key, (when, request, digest) in list(self.due.items()):
             if when > now:
                 continue
             del self.due[key]
@@ -155,11 +157,11 @@ class Spares:
                 continue
             while len(self.kept) >= self.count:
                 self._drop(next(iter(self.kept.values())))
-            sock, pid = fork(request)
+            sock, pid = fork({**request, "kept_digest": digest()})
             ref = str(request["args"].get("ref"))
             self.kept[key] = Spare(key, ref, sock, pid, now)
             log.info("forked spare %d for %s", pid, ref)
-        return min((when - now for when, _r in self.due.values()), default=60.0)
+        return min((when - now for when, _r, _d in self.due.values()), default=60.0)
 
     def hand(self, s: Spare, request: dict[str, Any], conn: socket.socket) -> bool:
         """Give ``s`` the request and the client's connection; False if it is gone."""
@@ -242,6 +244,7 @@ async def _trace(reader: Any, manifest: Manifest, nchunks: int) -> list[int]:
 @contextlib.contextmanager
 def prepare(request: dict[str, Any], link_fd: int) -> Iterator[Prepared]:
     """In the spare: open what ``request``'s mount will use, tell the server its size."""
+    from cubefs.format.manifest import Manifest, parse_ref
     from cubefs.image.catalog import load_cached
     from cubefs.node.mount import MountOptions, open_disk_cache, store_policy
     from cubefs.remote import store_session
@@ -252,9 +255,13 @@ def prepare(request: dict[str, Any], link_fd: int) -> Iterator[Prepared]:
     with store_session(opts.store_url, opts.s3_endpoint, policy=store_policy(opts)) as (loop, store):
         disk = open_disk_cache(opts.cache_dir, opts.disk_cache)
         kept = None
+        wanted: str | Manifest = opts.ref
+        if request.get("kept_digest"):  # what the last daemon mounted: no manifest GET now (one at the mount)
+            name, tag = parse_ref(opts.ref)
+            wanted = Manifest(name, tag, str(request["kept_digest"]), "")
         try:
             manifest, image, chunkmap, _trace, _offline = loop.submit(
-                load_cached(store, opts.cache_dir, opts.ref)).result()
+                load_cached(store, opts.cache_dir, wanted)).result()
             kept = (manifest, image, chunkmap)
         except Exception as err:  # the mount itself will say what is wrong, if it still is
             log.info("spare for %s: image not loaded ahead (%s)", opts.ref, err)
