@@ -469,6 +469,7 @@ class Etcd:
         """``invoke(channel, metadata)`` on the endpoint that last worked, failing over as the module says;
         given up at ``deadline`` (``time.monotonic()``) when that comes before the client's own."""
         own = time.monotonic() + self.timeout * len(self.endpoints) + self.timeout / 2
+        capped = deadline is not None and deadline < own  # a try may have waited less than timeout
         deadline = own if deadline is None else min(own, deadline)
         if time.monotonic() >= deadline:
             raise EtcdUnavailable(f"etcd: no time left for a {what} (the caller's deadline has passed)")
@@ -493,7 +494,8 @@ class Etcd:
                 refused += 1
                 await self._drop(conn)
             except _Lost as err:
-                why = f"no answer in {self.timeout:.1f}s" if str(err) == _TIMEOUT else str(err)
+                why = str(err) if str(err) != _TIMEOUT else "no answer before the caller's deadline" if capped \
+                    else f"no answer in {self.timeout:.1f}s"
                 tried.append(f"{endpoint}: {why}")
                 refused = 0
                 if once:
