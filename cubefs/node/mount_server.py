@@ -385,6 +385,7 @@ def run_mount_server(path: str, idle_exit: float | None = None) -> int:
     from cubefs.node import spare
 
     spares = spare.Spares()  # daemons kept ready for the next mount of an image mounted here
+    spare.rehearse(os.path.dirname(path))  # no thread outlives it: forking stays safe
     stopping = False
 
     def stop(*_a: object) -> None:

@@ -4,7 +4,8 @@
 On a shared, loaded machine (2 cores, other sessions' VMs) one run of a remount varies
 2-3x from the next, so a before/after comparison is made *alternating*: each round
 remounts with A then B (then B then A), each after ``drop_caches``, so both see the
-same load.  A and B are frozen source trees (``git archive REV | tar -x -C DIR``, with
+same load; the command in the tree itself (caches dropped) runs in every round too, and
+the ratios are taken round by round.  A and B are frozen source trees (``git archive REV | tar -x -C DIR``, with
 a ``.venv`` symlink to this checkout's), each with its own mount server, store
 (WORKDIR/A/store, built once) and kept disk cache.
 
@@ -12,8 +13,8 @@ Per round and version: ``cubefs mount`` timed (the CLI process and the daemon th
 mount server forks), the command run in the mount timed, ``cubefs stats`` read
 (``mount_phases``, ``request_seconds``, store GETs), unmount; then the same remount
 through the mount server from a running process (``cubefs.cli.mount_through_server``,
-the sandbox service's path: no interpreter start), the command again.  Then the
-command in TREE itself, caches dropped and warm.  As root::
+the sandbox service's path: no interpreter start), the command again; then the
+command in TREE itself, caches dropped.  At the end the same, warm.  As root::
 
     git archive 30c0719 | tar -x -C /var/tmp/before; ln -s $PWD/.venv /var/tmp/before/.venv
     git archive HEAD    | tar -x -C /var/tmp/after;  ln -s $PWD/.venv /var/tmp/after/.venv
@@ -136,12 +137,11 @@ def main() -> int:
             run(v.mnt, a.cmd)
             time.sleep(1)
             v.cli("umount", v.mnt)
+        native: dict[str, list[float]] = {"dropped": [], "warm": []}
         for i in range(a.rounds):
             for v in (versions if i % 2 == 0 else versions[::-1]):
                 v.round(a.cmd)
-        native: dict[str, list[float]] = {"dropped": [], "warm": []}
-        for _ in range(a.rounds):
-            drop_caches()
+            drop_caches()  # the tree in every round too: under the same load as the remounts beside it
             native["dropped"].append(run(a.tree, a.cmd))
         run(a.tree, a.cmd)
         native["warm"] = [run(a.tree, a.cmd) for _ in range(a.rounds)]
@@ -153,13 +153,13 @@ def main() -> int:
     if a.json_out:
         a.json_out.write_text(json.dumps(out, indent=1))
     print(f"native: caches dropped {summary(native['dropped'])}, warm {summary(native['warm'])}")
-    nat = statistics.median(native["dropped"])
+    nat = native["dropped"]
     for v in versions:
         r = v.res
-        cli_total = statistics.median(x + y for x, y in zip(r["cli"], r["run"]))
-        inproc_total = statistics.median(x + y for x, y in zip(r["inproc"], r["run_inproc"]))
-        print(f"{v.name}: on the node / native (medians): cubefs mount + run {cli_total / nat:.2f}x, "
-              f"in process + run {inproc_total / nat:.2f}x (the floor: 1.5x)")
+        cli_ratio = statistics.median((x + y) / n for x, y, n in zip(r["cli"], r["run"], nat))
+        inproc_ratio = statistics.median((x + y) / n for x, y, n in zip(r["inproc"], r["run_inproc"], nat))
+        print(f"{v.name}: on the node / native, median of the rounds' ratios: cubefs mount + run {cli_ratio:.2f}x, "
+              f"in process + run {inproc_ratio:.2f}x (the floor: 1.5x)")
         print(f"{v.name}: cubefs mount {summary(r['cli'])} | run {summary(r['run'])} | mount+run "
               f"{summary([x + y for x, y in zip(r['cli'], r['run'])])} | in process {summary(r['inproc'])} | "
               f"in process+run {summary([x + y for x, y in zip(r['inproc'], r['run_inproc'])])} | "
