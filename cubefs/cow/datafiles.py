@@ -53,6 +53,8 @@ class DataFiles:
         """Write new blocks with one system call; their (file, offset)s.  Each block takes
         ``block_size`` bytes of the file; the last may be given shorter (a fresh block written
         only in part), and the rest of its place is left a hole, which reads as zeros."""
+        if any(len(b) != self.block_size for b in blocks[:-1]):  # they are written back to back
+            raise ValueError("only the last block appended may be short")
         if not self._current or self._end >= ROLL_AT:
             self._current = self.index.next_data_file(txn)
             self._end = 0

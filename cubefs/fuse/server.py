@@ -95,6 +95,8 @@ def errno_of(err: BaseException) -> int | None:
 
 def _encode_rdev(rdev: int) -> int:
     """The kernel's 32-bit ``new_encode_dev`` of a device number."""
+    if not rdev:  # every file but a device node: every attribute reply
+        return 0
     major, minor = os.major(rdev), os.minor(rdev)
     return ((minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12)) & 0xFFFFFFFF
 
@@ -165,7 +167,7 @@ class FuseServer:
         must copy whatever of it it keeps (a write's data; a 1 MiB copy per request
         was the biggest cost of a sequential write)."""
         _len, opcode, unique, nodeid, uid, gid, _pid, _ext, _pad = p.IN_HEADER.unpack_from(request)
-        self.ops[p.OPCODE_NAMES.get(opcode, str(opcode))] += 1
+        self.ops[p.OPCODE_NAMES.get(opcode) or str(opcode)] += 1
         if opcode in (p.FORGET, p.BATCH_FORGET):
             if self.writable:  # an image's inodes live as long as the mount; a volume's may be unlinked
                 self._forget(opcode, nodeid, memoryview(request)[p.IN_HEADER.size :])
