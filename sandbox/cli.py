@@ -88,6 +88,9 @@ def add_parsers(sub: Any, store_args: Any) -> None:
     q.add_argument("--max-connections", type=int, default=4096, metavar="N",
                    help="with --network: a sandbox's concurrent connections at the gateway; more are refused "
                    "(default 4096)")
+    q.add_argument("--deny-always", action="append", default=None, metavar="CIDR",
+                   help="with --network: a network no sandbox reaches whatever its policy (repeatable); the "
+                   "--etcd endpoints, the cluster's nodes and the S3 store endpoint are refused already")
     q.add_argument("--pool-size", type=int, default=2, metavar="N",
                    help="sandboxes kept made and paused per template, so a create only resumes one (default 2; "
                    "0: none)")
@@ -401,12 +404,18 @@ def _serve(args: argparse.Namespace) -> int:
                                  args.peer, args.lease_ttl)
     elif args.node or args.peer:
         raise UsageError("--node and --peer belong to a cluster: give --etcd URL too")
+    if args.deny_always and not args.network:
+        raise UsageError("--deny-always belongs to --network (sandboxes without a network reach nothing)")
+    if args.deny_always:
+        from sandbox.network.protect import parse_networks
+
+        parse_networks(args.deny_always)  # a bad entry refused before anything starts
     asyncio.run(serve(parse_listen(args.api_listen, 3000), parse_listen(args.proxy_listen, 3002), keys,
                       args.domain, Path(args.kernel) if args.kernel else None,
                       pool_size=args.pool_size,
                       network_pool=args.network_pool if args.network else None, capacity=capacity, cluster=cluster,
                       dns_upstream=args.dns_upstream, max_connections=args.max_connections,
-                      max_restores=args.max_restores))
+                      max_restores=args.max_restores, deny_always=args.deny_always))
     return EXIT_OK
 
 

@@ -18,6 +18,7 @@ SDK client following a background command: ~47 s before, see docs/design.md.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
@@ -63,19 +64,28 @@ async def serve(api_addr: tuple[str, int], proxy_addr: tuple[str, int], keys: Ap
                 domain: str | None = None, kernel: Path | None = None, ready: asyncio.Event | None = None,
                 pool_size: int = 0, capacity: Capacity | None = None, cluster: ClusterOptions | None = None,
                 network_pool: int | None = None, dns_upstream: list[str] | None = None,
-                max_connections: int = 4096, max_restores: int | None = None) -> None:
+                max_connections: int = 4096, max_restores: int | None = None,
+                deny_always: list[str] | None = None) -> None:
     service = SandboxService(domain, kernel, pool_size, capacity, max_restores)
     if network_pool is not None:  # a NIC per sandbox, egress through this node's gateway
         from sandbox.config import state_dir
         from sandbox.network.pool import Networks
+        from sandbox.network.protect import Protected
 
-        service.network = Networks(state_dir(), network_pool, dns_upstream, max_connections)
+        protected = Protected(deny_always or [], cluster.etcd if cluster else None, state_dir(),
+                              cluster.peer if cluster else None)  # refused to every sandbox (protect.py)
+        service.network = Networks(state_dir(), network_pool, dns_upstream, max_connections, protected)
     await service.start()
     member = None
+    following = None
     try:
         if cluster is not None:
             member = await _join(service, cluster, api_addr, proxy_addr)
+            if service.network is not None:  # the other nodes' addresses, refused to sandboxes as they join
+                following = await _follow_nodes(member, service.network.protected)
     except BaseException:
+        if following is not None:
+            following.cancel()
         await service.close()
         raise
     runners = [web.AppRunner(api.make_app(service, keys, member), access_log=None, shutdown_timeout=STOP_GRACE),
@@ -106,11 +116,28 @@ async def serve(api_addr: tuple[str, int], proxy_addr: tuple[str, int], keys: Ap
         await service.quiesce()  # queued creates failed, open streams ended: their handlers return
         for runner in runners:
             await runner.cleanup()
+        if following is not None:
+            following.cancel()
+            with contextlib.suppress(BaseException):
+                await following
         if member is not None:
             await member.close()
             await member.etcd.close()
         await service.close()
         log.info("sandbox service stopped in %.2f s", time.monotonic() - t0)
+
+
+async def _follow_nodes(member: Any, protected: Any) -> asyncio.Task[None]:
+    """A task keeping the cluster's nodes in ``protected``, once the nodes known now are in
+    (5 s at most: etcd answered the join a moment ago)."""
+    from sandbox.network.protect import follow_cluster
+
+    first = asyncio.Event()
+    task = asyncio.create_task(follow_cluster(member.etcd, member.layout.members, member.layout.node, protected,
+                                              first))
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(first.wait(), 5.0)
+    return task
 
 
 async def _join(service: SandboxService, opts: ClusterOptions, api_addr: tuple[str, int],

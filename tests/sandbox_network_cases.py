@@ -10,7 +10,10 @@ service it starts are there) and returns to its own namespace afterwards.  The m
 own interfaces and ruleset are never touched.  One service, one template (one TCG boot).
 
 "The internet" has an authoritative DNS server (dnslib's zone resolver) for ``good.test`` and
-``bad.test``, two addresses of its web server; it is the service's ``--dns-upstream``."""
+``bad.test``, two addresses of its web server; it is the service's ``--dns-upstream``.  It also
+plays the rest of a cluster, whose machines a sandbox must not reach whatever its policy: a real
+etcd (the node's ``--etcd``), an S3 endpoint (``$AWS_ENDPOINT_URL``), a ``--deny-always``
+network and other nodes' records put in etcd, each an address of "the internet"'s web server."""
 
 from __future__ import annotations
 
@@ -52,6 +55,10 @@ SINK = ("import socket,sys\n"
         "        n += len(d)\n"
         "    c.sendall(str(n).encode()); c.close()\n")
 HELLO = "hello from the internet"
+# the rest of the cluster, all on "the internet"'s lo: its web server answers on each
+ETCD_IP, DENY_IP, STORE_IP, PEER_IP, NODE2_IP, NODE3_IP = (f"198.18.9.{n}" for n in (5, 10, 11, 12, 13, 14))
+ETCD_PORT = 2379
+ALIBABA_METADATA = "100.100.100.200"  # a metadata address outside 169.254/16 (on "the internet"'s lo here)
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -63,6 +70,19 @@ def setns(path: str) -> None:
         os.close(fd)
 
 
+def etcdctl(inet_ns: str, *args: str) -> str:
+    """etcdctl against "the internet"'s etcd, retried while it starts (~1 s)."""
+    deadline = time.monotonic() + 30
+    while True:
+        res = subprocess.run(["ip", "netns", "exec", inet_ns, "etcdctl", "--endpoints",
+                              f"http://{ETCD_IP}:{ETCD_PORT}", "--dial-timeout", "2s", *args],
+                             capture_output=True, text=True)
+        if res.returncode == 0 or time.monotonic() > deadline:
+            assert res.returncode == 0, res.stderr
+            return res.stdout
+        time.sleep(0.3)
+
+
 def sh(script: str) -> str:
     res = subprocess.run(["sh", "-euc", script], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
@@ -70,10 +90,11 @@ def sh(script: str) -> str:
 
 
 class World:
-    def __init__(self, node: Node, base: Path, node_ns: str) -> None:
+    def __init__(self, node: Node, base: Path, node_ns: str, inet_ns: str) -> None:
         self.node = node
         self.base = base
         self.node_ns = node_ns
+        self.inet_ns = inet_ns
 
     def metrics(self) -> str:
         req = urllib.request.Request(f"http://127.0.0.1:{self.node.api_port}/metrics", headers={"X-API-KEY": API_KEY})
@@ -112,7 +133,10 @@ ip -n {node_ns} link set lo up; ip -n {node_ns} addr add {UPLINK}/24 dev up0; ip
 ip -n {node_ns} route add default via {INTERNET}
 ip -n {inet_ns} link set lo up; ip -n {inet_ns} addr add {INTERNET}/24 dev in0; ip -n {inet_ns} link set in0 up
 ip -n {inet_ns} addr add {OTHER_HOST}/32 dev lo
-ip -n {inet_ns} addr add {GOOD_IP}/32 dev lo; ip -n {inet_ns} addr add {BAD_IP}/32 dev lo""")
+ip -n {inet_ns} addr add {GOOD_IP}/32 dev lo; ip -n {inet_ns} addr add {BAD_IP}/32 dev lo
+for a in {ALIBABA_METADATA} {ETCD_IP} {DENY_IP} {STORE_IP} {PEER_IP} {NODE2_IP} {NODE3_IP}; do
+  ip -n {inet_ns} addr add $a/32 dev lo
+done""")
     zone = base / "test.zone"
     zone.write_text(f"good.test. 30 IN A {GOOD_IP}\nbad.test. 30 IN A {BAD_IP}\n")
     servers = [subprocess.Popen(["ip", "netns", "exec", inet_ns, sys.executable, "-m", "http.server", "-b",
@@ -127,6 +151,13 @@ ip -n {inet_ns} addr add {GOOD_IP}/32 dev lo; ip -n {inet_ns} addr add {BAD_IP}/
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     servers.append(subprocess.Popen(["ip", "netns", "exec", inet_ns, sys.executable, "-c", SINK, str(SINK_PORT)],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    servers.append(subprocess.Popen(["ip", "netns", "exec", inet_ns, "etcd", "--name", "e", "--data-dir",
+                                     str(base / "etcd"), "--listen-client-urls", f"http://{ETCD_IP}:{ETCD_PORT}",
+                                     "--advertise-client-urls", f"http://{ETCD_IP}:{ETCD_PORT}",
+                                     "--listen-peer-urls", "http://127.0.0.1:2380",
+                                     "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
+                                     "--initial-cluster", "e=http://127.0.0.1:2380"],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     kernel = make_kernel(Path(DEFAULT))  # before entering the node: it may fetch Debian's packages
     home = os.open("/proc/self/ns/net", os.O_RDONLY)
     node = None
@@ -138,11 +169,16 @@ ip -n {inet_ns} addr add {GOOD_IP}/32 dev lo; ip -n {inet_ns} addr add {BAD_IP}/
                "CUBEFS_SANDBOX_DIR": str(base / "sandbox"), "CUBEFS_SANDBOX_API_KEY": API_KEY}
         run_cubefs("build", str(rootfs), "--tag", "debian:12", env=env)
         run_cubefs("sandbox", "template", "create", "base", "--from", "debian:12", env=env, timeout=600)
-        node = Node(env, *free_ports(2))
-        node.args = ["--pool-size", "0", "--network", "--network-pool", "2", "--dns-upstream", f"{INTERNET}:53"]
+        # another node of the cluster, there before this one (its API at NODE2_IP, its peer port at PEER_IP)
+        etcdctl(inet_ns, "put", "/cubefs/nodes/n2", json.dumps({"name": "n2", "api": f"http://{NODE2_IP}:3000",
+                                                                 "proxy": f"http://{NODE2_IP}:3002"}))
+        etcdctl(inet_ns, "put", "/cubefs/members/n2", f"{PEER_IP}:7000")
+        node = Node({**env, "AWS_ENDPOINT_URL": f"http://{STORE_IP}:8333"}, *free_ports(2))
+        node.args = ["--pool-size", "0", "--network", "--network-pool", "2", "--dns-upstream", f"{INTERNET}:53",
+                     "--etcd", f"http://{ETCD_IP}:{ETCD_PORT}", "--node", "n1", "--deny-always", f"{DENY_IP}/32"]
         node.start()
         with environ(node.sdk_env):
-            yield World(node, base, node_ns)
+            yield World(node, base, node_ns, inet_ns)
     finally:
         if node is not None:
             node.stop()
@@ -412,7 +448,53 @@ def test_a_denied_name_is_not_reached_by_its_address_either(world: World) -> Non
         sbx.kill()
 
 
-def test_a_sandbox_reaches_no_other_sandbox_nor_the_node_nor_metadata_nor_with_a_forged_source(
+# What a root guest does to get past its namespace (the targets stay the same): a second address
+# on its NIC (the one its namespace SNATs it to), host routes straight on the link to every target (no gateway:
+# it ARPs for them), ARP replies claiming the gateway's and the targets' addresses, then IPv6
+# link-local to the tap (the namespace has IPv6 off).  Prints one line per IPv6 try.
+EVADE = """import ctypes, fcntl, socket, struct, sys
+other, targets = sys.argv[1], sys.argv[2].split(',')
+def sa(ip):
+    return struct.pack('HH4s8x', socket.AF_INET, 0, socket.inet_aton(ip))
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+fcntl.ioctl(s, 0x8916, struct.pack('16s', b'eth0:1') + sa(other))  # SIOCSIFADDR
+B16 = ctypes.c_ubyte * 16  # a sockaddr (c_char would stop at its first NUL)
+class Rt(ctypes.Structure):
+    _fields_ = [('pad1', ctypes.c_ulong), ('dst', B16), ('gw', B16), ('mask', B16), ('flags', ctypes.c_ushort),
+                ('pad2', ctypes.c_short), ('pad3', ctypes.c_ulong), ('pad4', ctypes.c_void_p),
+                ('metric', ctypes.c_short), ('dev', ctypes.c_char_p), ('mtu', ctypes.c_ulong),
+                ('window', ctypes.c_ulong), ('irtt', ctypes.c_ushort)]
+for t in targets:
+    rt = Rt(dst=B16.from_buffer_copy(sa(t)), mask=B16.from_buffer_copy(sa('255.255.255.255')), flags=1 | 4,
+            dev=b'eth0')  # RTF_UP | RTF_HOST
+    fcntl.ioctl(s, 0x890B, bytes(rt))  # SIOCADDRT
+mine = bytes.fromhex(open('/sys/class/net/eth0/address').read().strip().replace(':', ''))
+p = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+p.bind(('eth0', 0))
+gw = bytes.fromhex('02cf00000002')
+for ip in ['169.254.0.22', other] + targets:
+    for dst in (gw, b'\\xff' * 6):
+        p.send(dst + mine + b'\\x08\\x06' + struct.pack('!HHBBH', 1, 0x0800, 6, 4, 2) + mine
+               + socket.inet_aton(ip) + gw + socket.inet_aton('169.254.0.22'))
+print('EVADED')
+for port in (53, int(sys.argv[3])):
+    try:
+        c = socket.create_connection(('fe80::cf:ff:fe00:2%eth0', port), timeout=3)
+        print('v6', port, 'OPEN')
+    except OSError as e:
+        print('v6', port, 'FAILED', e)
+try:
+    u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    u.settimeout(3)
+    u.sendto(b'\\x12\\x34\\x01\\x00\\x00\\x01' + bytes(6) + b'\\x04good\\x04test\\x00\\x00\\x01\\x00\\x01',
+             ('ff02::1%eth0', 53))
+    print('v6 dns ANSWERED', u.recv(512))
+except OSError as e:
+    print('v6 dns FAILED', e)
+"""
+
+
+def test_a_sandbox_reaches_no_other_sandbox_nor_the_node_nor_metadata_whatever_its_root_tries(
         world: World) -> None:
     from e2b import Sandbox
 
@@ -423,19 +505,135 @@ def test_a_sandbox_reaches_no_other_sandbox_nor_the_node_nor_metadata_nor_with_a
         addr_b = world.address(b.sandbox_id)
         node_end = addr_b.rsplit(".", 1)[0] + "." + str(int(addr_b.rsplit(".", 1)[1]) - 1)
         assert fetch(a, WEB) == HELLO  # it has a network
-        for target in (f"http://{addr_b}:{WEB_PORT}/", f"http://169.254.0.21:{WEB_PORT}/",
-                       f"http://{UPLINK}:{NODE_PORT}/hello.txt", f"http://{node_end}:{NODE_PORT}/hello.txt",
-                       "http://169.254.169.254/latest/meta-data/", "http://169.254.0.22:80/"):
-            assert fetch(a, target).startswith("FAILED"), target
-        for host in (addr_b, UPLINK, node_end, "169.254.169.254"):
-            assert ping(a, host) == "NOTHING", host
+        # the metadata address outside 169.254/16 answers from the node (a web server here): not from a guest
+        assert urllib.request.urlopen(f"http://{ALIBABA_METADATA}:{WEB_PORT}/hello.txt", timeout=5).read() \
+            == HELLO.encode()
+        urls = [f"http://{addr_b}:{WEB_PORT}/", f"http://169.254.0.21:{WEB_PORT}/",
+                f"http://{UPLINK}:{NODE_PORT}/hello.txt", f"http://{node_end}:{NODE_PORT}/hello.txt",
+                "http://169.254.169.254/latest/meta-data/", "http://169.254.0.22:80/",
+                f"http://{ALIBABA_METADATA}:{WEB_PORT}/hello.txt"]
+        hosts = [addr_b, UPLINK, node_end, "169.254.169.254"]
+
+        def unreachable() -> None:
+            for target in urls:
+                assert fetch(a, target).startswith("FAILED"), target
+            for host in hosts:
+                assert ping(a, host) == "NOTHING", host
+
+        unreachable()
         # a forged source: another sandbox's address, or another in the guest's own link
         for forged in (addr_b, "169.254.0.25", "10.0.0.1"):
             assert fetch(a, WEB, bind=forged, user="root").startswith("FAILED"), forged
         assert fetch(a, WEB, bind="169.254.0.21", user="root").startswith("HTTP/1.0 200")  # its own: fine
+
+        # root changes its own address and routes, answers ARP for others, tries IPv6 to the tap
+        # its second address: its own on the node (what the namespace SNATs it to)
+        targets = [addr_b, UPLINK, node_end, "169.254.169.254", ALIBABA_METADATA]
+        res = a.commands.run(f"python3 -c {shlex.quote(EVADE)} {world.address(a.sandbox_id)} {','.join(targets)} "
+                             f"{NODE_PORT}",
+                             user="root", timeout=60)
+        out = str(res.stdout)
+        assert "EVADED" in out, out + str(res.stderr)
+        v6 = [line for line in out.splitlines() if line.startswith("v6 ")]
+        assert len(v6) == 3 and all(" FAILED" in line for line in v6), out
+        unreachable()
+        assert fetch(a, WEB) == HELLO  # the gateway still serves it: nothing it claimed was believed
     finally:
         a.kill()
         b.kill()
+
+
+PROTECTED = {"etcd": f"http://{ETCD_IP}:{ETCD_PORT}/version", "--deny-always": f"http://{DENY_IP}:{WEB_PORT}/hello.txt",
+             "the store": f"http://{STORE_IP}:{WEB_PORT}/hello.txt",
+             "another node's peer port": f"http://{PEER_IP}:{WEB_PORT}/hello.txt",
+             "another node's API": f"http://{NODE2_IP}:{WEB_PORT}/hello.txt"}
+
+
+def test_the_clusters_etcd_nodes_and_store_are_refused_whatever_the_policy(world: World) -> None:
+    """The node's --etcd, the other nodes (their records in etcd), its S3 endpoint and a
+    --deny-always network: refused to a sandbox with the default policy and to one whose allowOut
+    names them; a node joining later is refused from then on; the internet still answers."""
+    from e2b import Sandbox
+
+    for what, url in PROTECTED.items():  # each answers the node itself
+        assert urllib.request.urlopen(url, timeout=5).status == 200, what
+    a = Sandbox.create(timeout=300)
+    named = [ETCD_IP, DENY_IP, f"{STORE_IP}/32", PEER_IP, NODE2_IP, "198.18.9.0/24", INTERNET]
+    b = Sandbox.create(timeout=300, network={"deny_out": ["0.0.0.0/0"], "allow_out": named})
+    try:
+        for sbx in (a, b):
+            assert fetch(sbx, WEB) == HELLO
+            for what, url in PROTECTED.items():
+                assert fetch(sbx, url).startswith("FAILED"), (sbx.sandbox_id, what)
+        world.wait_log(rf"sandbox {b.sandbox_id}: connection tcp {re.escape(ETCD_IP)}:{ETCD_PORT} refused")
+        late = f"http://{NODE3_IP}:{WEB_PORT}/hello.txt"
+        assert fetch(a, late) == HELLO  # not a node yet
+        etcdctl(world.inet_ns, "put", "/cubefs/nodes/n3", json.dumps({"name": "n3", "api": f"http://{NODE3_IP}:3000",
+                                                                      "proxy": f"http://{NODE3_IP}:3002"}))
+        etcdctl(world.inet_ns, "put", "/cubefs/members/n3", "")  # it joins (no peer port)
+        deadline = time.monotonic() + 10
+        while not fetch(a, late).startswith("FAILED"):
+            assert time.monotonic() < deadline, "a node that joined is still reached 10 s later"
+            time.sleep(0.5)
+        assert fetch(a, WEB) == HELLO
+    finally:
+        a.kill()
+        b.kill()
+
+
+GUEST_PORT = 8000
+
+
+def test_ingress_only_through_the_proxy_even_for_a_sandbox_without_internet(world: World) -> None:
+    """A server in a sandbox without internet access answers at get_host(port) through the
+    proxy; from "the internet" and from the node, with routes to the sandboxes' range and the
+    guest's address, nothing gets in."""
+    from e2b import Sandbox
+
+    from sandbox.network import netns
+
+    sbx = Sandbox.create(timeout=300, allow_internet_access=False)
+    routes = []
+    try:
+        sbx.commands.run("mkdir -p /tmp/www && printf 'hello from the guest' > /tmp/www/hi.txt")
+        sbx.commands.run(f"python3 -m http.server {GUEST_PORT} -d /tmp/www", background=True)
+        req = urllib.request.Request(f"http://127.0.0.1:{world.node.proxy_port}/hi.txt",
+                                     headers={"Host": sbx.get_host(GUEST_PORT)})
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                body = urllib.request.urlopen(req, timeout=10).read()
+                break
+            except OSError:  # 502 until the server listens
+                assert time.monotonic() < deadline, "the guest's server never answered through the proxy"
+                time.sleep(0.5)
+        assert body == b"hello from the guest"
+        own = world.address(sbx.sandbox_id)
+        slot = json.loads((world.base / "sandbox" / "network" / f"{sbx.sandbox_id}.json").read_text())["slot"]
+        sh(f"ip -n {world.inet_ns} route add 10.200.0.0/16 via {UPLINK}")
+        routes.append(f"ip -n {world.inet_ns} route del 10.200.0.0/16")
+        sh(f"ip -n {world.inet_ns} route add 169.254.0.21/32 via {UPLINK}")
+        routes.append(f"ip -n {world.inet_ns} route del 169.254.0.21/32")
+        sh(f"ip route add 169.254.0.21/32 via {own} dev cfh{slot}")  # this thread's namespace: the node's
+        routes.append("ip route del 169.254.0.21/32")
+
+        def get(address: str) -> str:
+            try:
+                with socket.create_connection((address, GUEST_PORT), timeout=3) as c:
+                    c.sendall(b"GET /hi.txt HTTP/1.0\r\n\r\n")
+                    return c.recv(4096).decode(errors="replace") or "FAILED closed"
+            except OSError as err:
+                return f"FAILED {err}"
+
+        for address in (own, "169.254.0.21"):
+            assert get(address).startswith("FAILED"), ("from the node", address)
+            got = netns.in_netns(world.inet_ns, lambda a=address: get(a))
+            assert got.startswith("FAILED"), ("from the internet", address, got)
+        assert urllib.request.urlopen(req, timeout=10).read() == b"hello from the guest"  # still there
+    finally:
+        for cmd in reversed(routes):
+            subprocess.run(cmd.split(), check=False)
+        sbx.kill()
 
 
 def test_snapshots_rollback_and_forks_keep_a_network_and_the_policy(world: World) -> None:
@@ -575,3 +773,34 @@ def test_policies_as_e2b_states_them_and_bad_ones_refused_with_the_entry_named()
             Policy.from_api(bad)
     with pytest.raises(UsageError, match="true or false"):
         Policy.from_api({}, "no")
+
+
+def test_deny_always_takes_addresses_only_and_belongs_to_network(tmp_path: Path) -> None:
+    """A bad --deny-always is refused with the entry named before anything starts; names are
+    not taken (the gateway matches addresses); IPv6 is taken and left out."""
+    from cubefs.errors import UsageError
+    from sandbox.network.protect import Protected, host_of, parse_networks
+
+    env = {**os.environ, "CUBEFS_SANDBOX_DIR": str(tmp_path / "sandbox")}
+    for args, words in ((["--network", "--deny-always", "etcd.internal"], "'etcd.internal': not a CIDR block"),
+                        (["--network", "--deny-always", "10.0.0.0/33"], "'10.0.0.0/33'"),
+                        (["--deny-always", "10.0.0.5"], "--deny-always belongs to --network")):
+        res = subprocess.run([sys.executable, "-m", "cubefs", "sandbox", "serve", "--api-listen", "127.0.0.1:1",
+                              *args], capture_output=True, text=True, env=env, timeout=60)
+        assert res.returncode == 2 and words in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert not (tmp_path / "sandbox" / "network").exists()  # nothing was started
+    assert parse_networks(["10.0.0.5", "10.1.0.0/16 ", "fd00::/8"]) == ["10.0.0.5/32", "10.1.0.0/16"]
+    with pytest.raises(UsageError, match="'x': not a CIDR"):
+        parse_networks(["x"])
+    assert [host_of(a) for a in ("http://10.0.0.5:2379", "10.0.0.11:7000", "https://s3.internal/", "")] == \
+        ["10.0.0.5", "10.0.0.11", "s3.internal", None]
+    applied: list[list[str]] = []
+    p = Protected(["10.0.0.5/32"], "http://10.0.0.6:2379,10.0.0.7:2379", tmp_path, "10.0.0.8:7000")
+    p.start(applied.append)
+    assert applied[-1] == ["10.0.0.5/32", "10.0.0.6/31", "10.0.0.8/32"]  # collapsed for the interval set
+    p.set("node n2", ["10.0.0.4/32"], keep=True)
+    p.set("node n2", ["10.0.0.9/32"], keep=True)  # a node's old address stays refused
+    assert applied[-1] == ["10.0.0.4/30", "10.0.0.8/31"]
+    n = len(applied)
+    p.set("node n2", ["10.0.0.9/32"], keep=True)
+    assert len(applied) == n  # nothing changed: nothing applied

@@ -5,7 +5,8 @@ in which its guest has the same address, MAC and gateway as every other guest (s
 restored from a template or a snapshot needs no fix-up) and is NATed to an address of its
 own on a veth pair into the node's namespace.  There, one nftables table (``gateway``)
 decides what each sandbox may reach (``policy``: E2B's allowOut/denyOut), keeps sandboxes
-from each other, from the node and from link-local metadata, and logs every connection
+from each other, from the node, from the metadata addresses and from the rest of the cluster
+(``protect``: etcd, the other nodes, the store, ``--deny-always``), and logs every connection
 (``flowlog``).  Ingress is only through the sandbox proxy (over the agent channel): no rule
 lets a connection into a sandbox.
 """

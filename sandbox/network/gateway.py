@@ -11,9 +11,13 @@ Node side (``table inet cubefs``):
 * ``postrouting``: what leaves for anywhere else is masqueraded to the node's address.
 * ``ended``: a sandbox's TCP connection leaves the conntrack table 2 s after it closes (not
   the 120 s of TIME_WAIT): ``accounting`` logs it with its bytes when its entry goes.
+* ``protected``: a set of networks no sandbox reaches whatever its policy: the cluster's etcd,
+  its nodes (API, proxy, peer port), the store, ``--deny-always`` (``protect.Protected`` fills
+  it, one transaction per change: ``protected_elements``).
 * ``sN``: replies pass; a source other than the sandbox's own address is dropped (spoofing);
-  link-local (169.254.0.0/16, the metadata address), loopback and the sandboxes' range are
-  refused; then the policy (``policy.Policy``): allowed networks and the set ``aN`` (the
+  link-local (169.254.0.0/16, the metadata address), the other clouds' metadata addresses,
+  loopback and the sandboxes' range are refused, then the set ``protected``, before any allow
+  rule (an ``allowOut`` cannot open them); then the policy (``policy.Policy``): allowed networks and the set ``aN`` (the
   addresses of allowed names, put there by the resolver, each with a timeout), refused
   networks and the set ``dN`` (those of denied names), the default.  Every new connection
   is logged to NFLOG group ``LOG_GROUP`` with a prefix naming the slot and the verdict
@@ -41,7 +45,12 @@ MAX_SLOTS = SANDBOX_NET.num_addresses // 4
 GUEST_IP, GATEWAY_IP = "169.254.0.21", "169.254.0.22"  # in every namespace, the same (guest_init.sh)
 GATEWAY_MAC = "02:cf:00:00:00:02"  # tap0's, in every namespace (the guest's is vmm.machine.NIC_MAC)
 MAX_CONNS = 4096  # a sandbox's concurrent connections (conntrack entries) at the gateway; more are refused
-REFUSED_ALWAYS = ("169.254.0.0/16", "127.0.0.0/8", "0.0.0.0/8", "224.0.0.0/3", str(SANDBOX_NET))
+# Cloud metadata services outside 169.254/16: Alibaba's (100.100.100.200), Azure's wire server
+# (168.63.129.16: the host's agent channel, DHCP and DNS), Oracle Cloud Classic's (192.0.0.192).
+# AWS's IPv6 one (fd00:ec2::254) needs nothing: a sandbox's IPv6 is dropped whole.
+METADATA = ("100.100.100.200/32", "168.63.129.16/32", "192.0.0.192/32")
+REFUSED_ALWAYS = ("169.254.0.0/16", "127.0.0.0/8", "0.0.0.0/8", "224.0.0.0/3", str(SANDBOX_NET), *METADATA)
+PROTECTED = "protected"  # the set of what the node protects (etcd, nodes, store, --deny-always)
 
 
 def addresses(slot: int) -> tuple[str, str]:
@@ -58,6 +67,7 @@ def node_table() -> str:
     return f"""
 add table inet {TABLE}
 add map inet {TABLE} egress {{ type ifname : verdict ; }}
+add set inet {TABLE} {PROTECTED} {{ type ipv4_addr ; flags interval ; }}
 add chain inet {TABLE} forward {{ type filter hook forward priority filter - 5 ; policy accept ; }}
 add chain inet {TABLE} input {{ type filter hook input priority filter - 5 ; policy accept ; }}
 add chain inet {TABLE} postrouting {{ type nat hook postrouting priority srcnat ; policy accept ; }}
@@ -106,6 +116,7 @@ def sandbox_chain(slot: int, policy: Policy | None, flush_sets: bool = False, ma
         "meta nfproto ipv6 counter drop",
         f"ct state new ct count over {max_conns} counter {refuse}",
         f"ip daddr {{ {', '.join(REFUSED_ALWAYS)} }} {log('refused')} counter {refuse}",
+        f"ip daddr @{PROTECTED} {log('refused')} counter {refuse}",  # before allowOut: it cannot open them
     ]
     allowed, denied = set_names(slot)
     if policy is None:
@@ -130,6 +141,13 @@ flush chain inet {TABLE} {c}
 {body}
 add element inet {TABLE} egress {{ "{veth}" : jump {c} }}
 """
+
+
+def protected_elements(networks: list[str]) -> str:
+    """The set ``protected`` replaced by ``networks`` (collapsed: an interval set refuses
+    overlapping elements) in one transaction: never empty in between."""
+    body = f"\nadd element inet {TABLE} {PROTECTED} {{ {', '.join(networks)} }}" if networks else ""
+    return f"flush set inet {TABLE} {PROTECTED}{body}\n"
 
 
 def remove_chain(slot: int) -> str:

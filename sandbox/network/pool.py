@@ -33,6 +33,7 @@ from sandbox.network.accounting import Accounting
 from sandbox.network.flowlog import Flow, FlowLog
 from sandbox.network.nft import Nft, NftError, run_once
 from sandbox.network.policy import Policy
+from sandbox.network.protect import RESCAN, Protected
 from sandbox.network.resolver import Resolver, listen_here, upstreams_from
 from vmm.machine import Netdev
 
@@ -45,12 +46,13 @@ class Networks:
     """The node's sandbox networks (one per service)."""
 
     def __init__(self, state: Path, pool_size: int = DEFAULT_POOL, dns_upstream: list[str] | None = None,
-                 max_conns: int = gateway.MAX_CONNS) -> None:
+                 max_conns: int = gateway.MAX_CONNS, protected: Protected | None = None) -> None:
         if max_conns < 1:
             raise UsageError(f"--max-connections {max_conns}: give at least 1")
         self.max_conns = max_conns  # a sandbox's concurrent connections at the gateway (``gateway.sandbox_chain``)
         self.upstreams = upstreams_from(dns_upstream)  # the resolver's (resolver.py): a bad one refused now
         self._resolver: Resolver | None = None
+        self.protected = protected if protected is not None else Protected()  # refused to all (protect.py)
         self.dir = state / "network"
         self.prefix = "cf" + hashlib.sha256(str(state.resolve()).encode()).hexdigest()[:6] + "-"
         self.pool_size = pool_size
@@ -66,6 +68,7 @@ class Networks:
         self._stop = False
         self._nft: Nft | None = None
         self._filler: threading.Thread | None = None
+        self._rescanner: threading.Thread | None = None
         self._flowlog: FlowLog | None = None
         self._accounting: Accounting | None = None  # bytes per connection (accounting.py)
 
@@ -76,6 +79,8 @@ class Networks:
         netns.write_sysctl("net.ipv4.ip_forward", "1")
         self._nft = Nft()
         self._nft.run(gateway.node_table())
+        nft = self._nft
+        self.protected.start(lambda networks: nft.run(gateway.protected_elements(networks)))
         if not self.upstreams:
             log.warning("sandbox DNS: no upstream (no nameserver in /etc/resolv.conf, no --dns-upstream): "
                         "every name fails")
@@ -96,8 +101,9 @@ class Networks:
                 continue
             policy = Policy.from_dict(doc["policy"]) if doc.get("policy") is not None else None
             self.policies[sid] = policy
-            if slot not in chains:  # the kernel's chain is the truth while it is there (the record is not synced)
-                self._nft.run(gateway.sandbox_chain(slot, policy, max_conns=self.max_conns))
+            # made anew from the record (written after every change): an adopted sandbox of an
+            # older service gets today's rules (the protected set, the metadata addresses)
+            self._nft.run(gateway.sandbox_chain(slot, policy, max_conns=self.max_conns))
             if policy is not None:
                 self._resolver.deny_names(slot, policy.names()[1])
             self._resolver.add(slot, netns.in_netns(self.ns(slot), lambda s=slot: _dns_inside(s)))
@@ -120,6 +126,8 @@ class Networks:
             log.warning("sandbox connections' bytes are not counted: %s", err)
         self._filler = threading.Thread(target=self._fill, name="netns pool", daemon=True)
         self._filler.start()
+        self._rescanner = threading.Thread(target=self._rescan, name="netns protect", daemon=True)
+        self._rescanner.start()
         log.info("sandbox networks: gateway table inet %s, %d in use, a pool of %d", gateway.TABLE,
                  len(self.slots), self.pool_size)
 
@@ -131,6 +139,8 @@ class Networks:
             self._wake.notify_all()
         if self._filler is not None:
             self._filler.join(30)
+        if self._rescanner is not None:
+            self._rescanner.join(30)
         with self._lock:
             ready, self.ready = self.ready, []
         for slot in ready:
@@ -252,6 +262,18 @@ class Networks:
                     self.ready.append(slot)
             if stop:
                 self._remove(slot)
+
+    def _rescan(self) -> None:
+        """The templates' store endpoints looked at again every ``RESCAN`` seconds."""
+        while True:
+            with self._lock:
+                self._wake.wait_for(lambda: self._stop, RESCAN)
+                if self._stop:
+                    return
+            try:
+                self.protected.rescan()
+            except CubefsError as err:
+                log.warning("sandbox networks: the protected set: %s", err)
 
     def _new_slot(self) -> int:
         with self._lock:

@@ -1,0 +1,199 @@
+"""What no sandbox reaches, whatever its policy: the cluster's own services.
+
+``gateway.REFUSED_ALWAYS`` covers what is the same on every node (link-local, loopback, the
+metadata addresses, the sandboxes' range) and the node's ``input`` drop covers this node's own
+addresses; neither covers the *other* machines of the cluster, which a sandbox with the
+default policy (everything out, masqueraded to the node's address) reached: with etcd at
+10.0.0.5:2379 and no etcd auth, a guest could rewrite the routes and node records; the other
+nodes' API, proxy and peer-cache ports, and the S3 store, answered it too.
+
+So the gateway keeps a set of networks (``gateway.PROTECTED``) refused in every sandbox's
+chain before its allow rules (an ``allowOut`` naming them opens nothing), filled from:
+
+* ``--deny-always CIDR`` (repeatable): whatever else the operator protects (the fronts, a
+  monitoring host, a management network);
+* the ``--etcd`` endpoints;
+* the store's S3 endpoint: ``$AWS_ENDPOINT_URL_S3`` / ``$AWS_ENDPOINT_URL`` and each sandbox
+  template's ``s3_endpoint`` (a template made later is seen within ``RESCAN`` seconds); no
+  endpoint means AWS's public S3, which is not refused (it is the internet, and keys guard it);
+* every node of the cluster: the hosts of its API, proxy and peer addresses in ``nodes/NAME``
+  and ``members/NAME``, followed as members come (``follow_cluster``).  A node that leaves
+  etcd keeps its addresses refused for the service's life: a node cut off from etcd loses its
+  keys but still serves its ports.
+
+Addresses, not names: nftables matches addresses, and a name looked up per packet could be
+answered by whoever controls that DNS.  A host name is resolved once, when it first appears
+(the service's start, a new template, a node joining); IPv6 addresses are skipped (a
+sandbox's IPv6 is dropped whole).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from cubefs.errors import CubefsError, UsageError
+
+log = logging.getLogger("cubefs.sandbox.network")
+
+RESCAN = 30.0  # seconds between looks at the templates' store endpoints
+STORE_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+
+
+def parse_networks(entries: Iterable[str], what: str = "--deny-always") -> list[str]:
+    """``entries`` (CIDR blocks or addresses) as IPv4 networks; UsageError naming a bad one.
+    IPv6 ones are accepted and left out: a sandbox has no IPv6 to reach them with."""
+    out = []
+    for entry in entries:
+        try:
+            net = ipaddress.ip_network(entry.strip(), strict=False)
+        except ValueError:
+            raise UsageError(f"{what} {entry!r}: not a CIDR block or an IP address (names are not taken: "
+                             "give addresses)") from None
+        if net.version == 4:
+            out.append(str(net))
+    return out
+
+
+def host_of(address: str) -> str | None:
+    """The host of ``http(s)://HOST:PORT[/...]`` or ``HOST:PORT`` (None for ``""``)."""
+    address = address.strip()
+    if not address:
+        return None
+    try:
+        return urlsplit(address if "://" in address else f"//{address}").hostname
+    except ValueError:
+        return None
+
+
+def resolve(host: str) -> list[str]:
+    """``host``'s IPv4 addresses as /32s (an address is itself; an unknown name: none, logged)."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        return [f"{ip}/32"] if ip.version == 4 else []
+    try:
+        infos = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)
+    except OSError as err:
+        log.warning("sandbox networks: cannot resolve %s to refuse it to sandboxes: %s", host, err)
+        return []
+    return sorted({f"{info[4][0]}/32" for info in infos})
+
+
+def store_endpoints(state: Path) -> list[str]:
+    """The S3 endpoints the node's sandboxes' roots read: the environment's and each template's."""
+    out = [os.environ[k] for k in STORE_ENV if os.environ.get(k)]
+    for path in sorted((state / "templates").glob("*.json")):
+        with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
+            endpoint = json.loads(path.read_text()).get("store", {}).get("s3_endpoint")
+            if endpoint:
+                out.append(str(endpoint))
+    return out
+
+
+class Protected:
+    """The networks refused to every sandbox, by source; ``apply`` is called with the
+    collapsed whole whenever it changes (``Networks`` puts it in the gateway's set)."""
+
+    def __init__(self, deny_always: Iterable[str] = (), etcd: str | None = None, state: Path | None = None,
+                 peer: str | None = None) -> None:
+        self.static = parse_networks(deny_always)
+        self.etcd_hosts = [h for h in (host_of(e) for e in (etcd or "").split(",")) if h]
+        self.state = state
+        self.peer = peer
+        self.sources: dict[str, set[str]] = {}  # source ("deny-always", "etcd", "store", "node NAME") -> networks
+        self._resolved: dict[str, list[str]] = {}  # host -> its addresses, looked up once
+        self._lock = threading.Lock()
+        self._applied: list[str] | None = None
+        self.apply: Callable[[list[str]], None] = lambda networks: None
+
+    def start(self, apply: Callable[[list[str]], None]) -> None:
+        """The static sources (looked up now) applied before any sandbox has a policy."""
+        self.apply = apply
+        self.set("deny-always", self.static)
+        self.set("etcd", self.hosts(self.etcd_hosts))
+        self.set("peer", self.hosts([h for h in (host_of(self.peer or ""),) if h]))
+        self.rescan()
+
+    def rescan(self) -> None:
+        """The store endpoints again (a template made since may name another)."""
+        if self.state is not None:
+            self.set("store", self.hosts(h for h in map(host_of, store_endpoints(self.state)) if h))
+
+    def hosts(self, hosts: Iterable[str]) -> list[str]:
+        out: set[str] = set()
+        for host in hosts:
+            if host not in self._resolved:
+                self._resolved[host] = resolve(host)
+            out.update(self._resolved[host])
+        return sorted(out)
+
+    def set(self, source: str, networks: Iterable[str], keep: bool = False) -> None:
+        """``source``'s networks from now on (``keep``: added to what it had, none dropped)."""
+        with self._lock:
+            new = set(networks)
+            if keep:
+                new |= self.sources.get(source, set())
+            self.sources[source] = new
+            whole = [str(n) for n in ipaddress.collapse_addresses(
+                ipaddress.IPv4Network(x) for nets in self.sources.values() for x in nets)]
+            if whole == self._applied:
+                return
+            self.apply(whole)
+            self._applied = whole
+        log.info("sandbox networks: refused to every sandbox: %s", ", ".join(whole) or "nothing")
+
+    def networks(self) -> list[str]:
+        return list(self._applied or [])
+
+
+async def follow_cluster(etcd: Any, members_prefix: str, node_key: Callable[[str], str], protected: Protected,
+                         first: asyncio.Event | None = None) -> None:
+    """Keep every node's addresses in ``protected``: a range of ``members/`` and a watch from
+    there (``members/NAME`` is written once per lease, with ``nodes/NAME`` in the same
+    transaction: each PUT is a node (re)joining, whose record is then read for its API and proxy
+    hosts).  ``first`` is set once the nodes known at the start are in."""
+    from sandbox.cluster.keys import NodeInfo
+
+    async def hosts_of(name: str, peer: str) -> list[str]:
+        hosts = [host_of(peer)]
+        kv = await etcd.get(node_key(name))
+        if kv is not None:
+            with contextlib.suppress(ValueError, TypeError):
+                info = NodeInfo.decode(kv.value)
+                hosts += [host_of(info.api), host_of(info.proxy), host_of(info.peer)]
+        return await asyncio.to_thread(protected.hosts, [h for h in hosts if h])
+
+    async def add(name: str, peer: str) -> None:
+        protected.set(f"node {name}", await hosts_of(name, peer), keep=True)
+
+    revision = 0
+    while True:
+        try:
+            if revision == 0:
+                kvs, revision = await etcd.range(members_prefix)
+                for kv in kvs:
+                    await add(kv.key[len(members_prefix):], kv.value.decode(errors="replace"))
+                if first is not None:
+                    first.set()
+            async for events in etcd.watch(members_prefix, revision + 1):
+                for ev in events:
+                    if ev.type == "PUT":
+                        await add(ev.kv.key[len(members_prefix):], ev.kv.value.decode(errors="replace"))
+                    revision = ev.kv.mod_revision
+        except CubefsError as err:  # etcd's (EtcdError), or nft's: tried again from a fresh range
+            log.debug("sandbox networks: following the cluster's nodes: %s", err)
+            revision = 0
+            await asyncio.sleep(1.0)
