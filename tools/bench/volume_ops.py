@@ -4,14 +4,17 @@
 Why: on this shared 2-core machine a real untar's wall time swings 5x with the
 neighbours' load, and even the daemon's CPU from /proc includes the transport
 (read/write on /dev/fuse, the trio loop).  This feeds :class:`FuseServer` the
-request mix the kernel sends for an untar (volume_untar.py counts it with
-``cubefs stats``: per file LOOKUP, the directory's GETATTR, CREATE, the WRITEs
-of tar's 10 KiB ``write(2)``s as the page cache cuts them, one GETXATTR of
-``security.capability``, SETATTR of owner, mode and times, RELEASE) over a
-real volume index in a temporary directory, and reports CPU per request and
-per file; ``--profile`` prints the top of a cProfile of the handlers.
+request mix the kernel sends for an untar, as traced on Linux 6.18 (design.md,
+"The host floor": per file LOOKUP, the directory's GETATTR, CREATE, a GETXATTR
+of ``security.capability`` before the first write, the WRITEs of tar's 10 KiB
+``write(2)``s as the page cache cuts them, SETATTR of the times, a GETXATTR
+before the chown, SETATTR of owner, of mode, RELEASE; with
+``--writeback-cache`` one WRITE of the whole file and the kernel's SETATTR of
+its times before tar's) over a real volume index in a temporary directory,
+and reports CPU per request and per file; ``--profile`` prints the top of a
+cProfile of the handlers.
 
-    .venv/bin/python tools/bench/volume_ops.py --source /usr/lib/python3.11 [--profile]
+    .venv/bin/python tools/bench/volume_ops.py --source /usr/lib/python3.11 [--writeback-cache] [--profile]
 """
 
 from __future__ import annotations
@@ -40,13 +43,16 @@ from cubefs.volume.fs import VolumeFS
 TAR_WRITE = 10240  # GNU tar's record size: its write(2)s of a file's data
 PAGE = 4096
 CAP = b"security.capability\0"
+MAX_WRITE = 1 << 20  # what INIT lets the kernel send in one WRITE
+WRITE_CACHE = 1  # fuse_write_in.write_flags: a page-cache writeback
 
 
 class Feeder:
     """Builds requests as the kernel does and hands them to the server."""
 
-    def __init__(self, server: FuseServer) -> None:
+    def __init__(self, server: FuseServer, writeback: bool = False) -> None:
         self.server = server
+        self.writeback = writeback  # the mix of a --writeback-cache mount
         self.unique = 0
         self.ops: Counter[str] = Counter()
         self.cpu: Counter[str] = Counter()  # CPU seconds by operation
@@ -80,19 +86,22 @@ class Feeder:
         error = p.OUT_HEADER.unpack_from(out)[1]
         assert error == -errno.ENOENT or (not error and not p.ENTRY_OUT.unpack_from(out, p.OUT_HEADER.size)[0])
 
-    def setattrs(self, ino: int, st: os.stat_result) -> None:
-        """tar's fchown, fchmod and utimensat: three requests."""
+    def setattrs(self, ino: int, st: os.stat_result, regular: bool = False) -> None:
+        """tar's utimensat (atime omitted), fchown and fchmod, as traced: the kernel asks for
+        ``security.capability`` before a file's chown; a writeback mount adds CTIME to each."""
         z = (0,) * 16
-        valid_uid = 2 | 4
+        ctime = 1024 if self.writeback and regular else 0
         b = list(z)
-        b[0], b[13], b[14] = valid_uid, st.st_uid, st.st_gid
+        b[0] = 32 | ctime
+        b[6], b[9] = int(st.st_mtime), st.st_mtime_ns % 10**9
+        self.send(p.SETATTR, ino, p.SETATTR_IN.pack(*b))
+        if regular:
+            self.send(p.GETXATTR, ino, p.GETXATTR_IN.pack(0, 0) + CAP)
+        b = list(z)
+        b[0], b[13], b[14] = 2 | 4 | (2048 if regular else 0) | ctime, st.st_uid, st.st_gid
         self.send(p.SETATTR, ino, p.SETATTR_IN.pack(*b))
         b = list(z)
-        b[0], b[11] = 1, stat.S_IMODE(st.st_mode)
-        self.send(p.SETATTR, ino, p.SETATTR_IN.pack(*b))
-        b = list(z)
-        b[0] = 16 | 32
-        b[5], b[6], b[8], b[9] = int(st.st_atime), int(st.st_mtime), 0, 0
+        b[0], b[11] = 1 | ctime, stat.S_IMODE(st.st_mode)
         self.send(p.SETATTR, ino, p.SETATTR_IN.pack(*b))
 
     def file(self, parent: int, name: bytes, data: bytes, st: os.stat_result) -> None:
@@ -101,17 +110,27 @@ class Feeder:
         ino = self.entry(p.CREATE, parent, p.CREATE_IN.pack(os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o100600, 0o22, 0)
                          + name + b"\0")
         self.archive += 512  # the member's header
+        if data:  # the first write(2) asks whether there are capabilities to drop
+            self.send(p.GETXATTR, ino, p.GETXATTR_IN.pack(0, 0) + CAP)
+        if self.writeback:  # the dirty pages at once, before the first SETATTR, then the kernel's times
+            for lo in range(0, len(data), MAX_WRITE):
+                piece = data[lo : lo + MAX_WRITE]
+                self.send(p.WRITE, ino, p.WRITE_IN.pack(0, lo, len(piece), WRITE_CACHE, 0, 0, 0) + piece)
+            if data:
+                b = [0] * 16
+                b[0] = 32 | 64 | 1024
+                b[6] = int(time.time())
+                self.send(p.SETATTR, ino, p.SETATTR_IN.pack(*b))
         off = 0
         while off < len(data):  # tar writes what is left of the archive's current 10 KiB record
             n = min(len(data) - off, TAR_WRITE - self.archive % TAR_WRITE)
             piece = data[off : off + n]
             self.archive += n
-            for lo, hi in _page_cut(off, len(piece)):
+            for lo, hi in _page_cut(off, len(piece)) if not self.writeback else ():
                 self.send(p.WRITE, ino, p.WRITE_IN.pack(0, lo, hi - lo, 0, 0, 0, 0) + piece[lo - off : hi - off])
             off += n
         self.archive = -(-self.archive // 512) * 512
-        self.send(p.GETXATTR, ino, p.GETXATTR_IN.pack(0, 0) + CAP)
-        self.setattrs(ino, st)
+        self.setattrs(ino, st, regular=True)
         self.send(p.RELEASE, ino, p.RELEASE_IN.pack(0, 0, 0, 0))
 
     def mkdir(self, parent: int, name: bytes, st: os.stat_result) -> int:
@@ -165,13 +184,13 @@ def untar_mix(feeder: Feeder, source: Path) -> int:
     return entries
 
 
-def run(source: Path, profile: bool) -> dict[str, Any]:
+def run(source: Path, profile: bool, writeback: bool = False) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="cubefs-ops-", dir="/var/tmp") as tmp:
         index = VolumeIndex(tmp)
         now = time.time_ns()
         index.create_volume("v", None, Inode(stat.S_IFDIR | 0o755, 0, 0, now, now, now, 0, 2), 2)
         fs = VolumeFS(index, "v", None, "v")
-        feeder = Feeder(FuseServer(fs))
+        feeder = Feeder(FuseServer(fs), writeback)
         feeder.init()
         prof = cProfile.Profile() if profile else None
         c0 = time.process_time()
@@ -186,7 +205,8 @@ def run(source: Path, profile: bool) -> dict[str, Any]:
     total = sum(feeder.ops.values()) - 1
     if prof:
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
-    return {"source": str(source), "entries": entries, "requests": total, "requests_by_op": dict(feeder.ops),
+    return {"source": str(source), "writeback_cache": writeback,
+            "entries": entries, "requests": total, "requests_by_op": dict(feeder.ops),
             "us_by_op": {op: round(feeder.cpu[op] / n * 1e6, 1) for op, n in feeder.ops.items()},
             "cpu_s": cpu, "us_per_request": cpu / total * 1e6, "us_per_entry": cpu / entries * 1e6}
 
@@ -196,8 +216,9 @@ def main() -> int:
     ap.add_argument("--source", type=Path, default=Path("/usr/lib/python3.11"))
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--writeback-cache", action="store_true", help="the request mix of a --writeback-cache mount")
     args = ap.parse_args()
-    results = [run(args.source, args.profile and i == 0) for i in range(args.runs)]
+    results = [run(args.source, args.profile and i == 0, args.writeback_cache) for i in range(args.runs)]
     best = min(results, key=lambda r: r["cpu_s"])
     print(json.dumps({**best, "cpu_s_runs": [round(r["cpu_s"], 3) for r in results]}, indent=1))
     return 0
