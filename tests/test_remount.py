@@ -158,11 +158,15 @@ def test_damaged_chunks_read_in_the_background_are_refetched(tmp_path: Path, loc
     assert 1 <= tiers["store"]["hits"] <= len(bad)  # only those came from the store
 
 
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
 def _server_log() -> Path:
     return Path(os.environ["CUBEFS_SERVER"] + ".log")
 
 
-def _wait_for(what: str, log: Path, after: int = 0, timeout: float = 20) -> str:
+def _wait_for(what: str, log: Path, after: int = 0, timeout: float = 60) -> str:
     """The server's log from byte ``after`` on, once it holds ``what``."""
     deadline = time.monotonic() + timeout
     while True:
@@ -181,10 +185,10 @@ def test_a_remount_is_served_by_a_daemon_kept_ready(tmp_path: Path, local_store:
     files = _tree(src, 6)
     run_cubefs("build", str(src), "--tag", "kr:1", "--store", local_store)
     cache, log = tmp_path / "cache", _server_log()
+    start = _size(log)  # before the mount: its spare may be ready before the mount command returns
     with mounted("kr:1", tmp_path / "mnt", local_store, cache) as m:
-        start = log.stat().st_size
         _read_all(m.mountpoint, files)
-        _wait_for("ready (", log, start)  # the spare is prepared
+        _wait_for("for kr:1 ready (", log, start)  # the spare is prepared
     with mounted("kr:1", tmp_path / "mnt2", local_store, cache) as m:
         _read_all(m.mountpoint, files)
         st = m.stats()
@@ -203,10 +207,10 @@ def test_a_kept_daemon_whose_tag_moved_serves_the_new_image(tmp_path: Path, loca
     first, second = _tree(tmp_path / "a", 7), _tree(tmp_path / "b", 8)
     cache, log = tmp_path / "cache", _server_log()
     run_cubefs("build", str(tmp_path / "a"), "--tag", "kmv:1", "--store", local_store)
+    start = _size(log)
     with mounted("kmv:1", tmp_path / "mnt", local_store, cache) as m:
-        start = log.stat().st_size
         _read_all(m.mountpoint, first)
-        _wait_for("ready (", log, start)
+        _wait_for("for kmv:1 ready (", log, start)
     run_cubefs("build", str(tmp_path / "b"), "--tag", "kmv:1", "--store", local_store)
     with mounted("kmv:1", tmp_path / "mnt", local_store, cache) as m:
         _read_all(m.mountpoint, second)
@@ -246,7 +250,7 @@ def test_the_daemons_kept_ready_are_bounded(tmp_path: Path, local_store: str) ->
         mnt = tmp_path / "mnt"
         mnt.mkdir()
         for ref in refs:
-            start = log.stat().st_size
+            start = _size(log)
             run_cubefs("mount", ref, str(mnt), "--store", local_store, "--cache-dir", str(tmp_path / "c"), env=env)
             _wait_for(f"for {ref} ready (", log, start)
             run_cubefs("umount", str(mnt), env=env)
@@ -268,7 +272,7 @@ def test_the_daemons_kept_ready_are_bounded(tmp_path: Path, local_store: str) ->
 
     proc, env = _own_server(tmp_path, CUBEFS_KEEP_READY_BYTES="1M")  # less than any spare's own memory
     try:
-        start = log.stat().st_size
+        start = _size(log)
         run_cubefs("mount", refs[0], str(mnt), "--store", local_store, "--cache-dir", str(tmp_path / "c"), env=env)
         run_cubefs("umount", str(mnt), env=env)
         text = _wait_for("the spares hold more than 1048576 bytes", log, start)
@@ -281,3 +285,22 @@ def test_the_daemons_kept_ready_are_bounded(tmp_path: Path, local_store: str) ->
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+
+
+def test_a_kept_daemon_serves_only_the_same_options(tmp_path: Path, local_store: str) -> None:
+    """A daemon kept ready was made for one request's options and environment: a mount that
+    asks for other ones (here another read-ahead) gets a daemon of its own, with them."""
+    src = tmp_path / "src"
+    files = _tree(src, 9)
+    run_cubefs("build", str(src), "--tag", "ko:1", "--store", local_store)
+    cache, log = tmp_path / "cache", _server_log()
+    start = _size(log)
+    with mounted("ko:1", tmp_path / "mnt", local_store, cache) as m:
+        _read_all(m.mountpoint, files)
+        _wait_for("for ko:1 ready (", log, start)
+    with mounted("ko:1", tmp_path / "mnt", local_store, cache, "--readahead", "1M") as m:
+        _read_all(m.mountpoint, files)
+        pid = m.stats()["pid"]
+    text = log.read_text()[start:]
+    assert f"forked mount daemon {pid} for ko:1" in text
+    assert f"forked mount daemon {pid} for ko:1 at {tmp_path / 'mnt'} (a daemon kept ready)" not in text

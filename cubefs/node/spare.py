@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from cubefs.errors import CubefsError
 from cubefs.humanize import parse_size
 
 if TYPE_CHECKING:
@@ -74,6 +75,19 @@ def request_key(request: dict[str, Any]) -> str | None:
     return json.dumps([rest, request.get("cache_dir"), request.get("cwd"), env], sort_keys=True)
 
 
+def _setting(name: str, parse: Callable[[str], int], default: int) -> int:
+    """``$name`` parsed; a value that does not parse is logged and the default used (the
+    server must not fail to start over an optimisation's knob)."""
+    text = os.environ.get(name, "")
+    if not text:
+        return default
+    try:
+        return max(0, int(parse(text)))
+    except (ValueError, CubefsError):
+        log.warning("%s=%r is not a number or size; using %d", name, text, default)
+        return default
+
+
 @dataclass
 class Spare:
     """The server's record of one spare."""
@@ -95,9 +109,8 @@ class Spares:
 
     def __init__(self, count: int | None = None, max_bytes: int | None = None,
                  keep_seconds: float = KEEP_SECONDS) -> None:
-        self.count = int(os.environ.get(COUNT_ENV) or DEFAULT_COUNT) if count is None else count
-        self.max_bytes = parse_size(os.environ.get(BYTES_ENV) or str(DEFAULT_BYTES)) if max_bytes is None \
-            else max_bytes
+        self.count = _setting(COUNT_ENV, int, DEFAULT_COUNT) if count is None else count
+        self.max_bytes = _setting(BYTES_ENV, parse_size, DEFAULT_BYTES) if max_bytes is None else max_bytes
         self.keep_seconds = keep_seconds
         self.kept: dict[str, Spare] = {}
         # key -> (fork at, request, the digest its daemon mounted if it said: no manifest GET ahead)
