@@ -157,6 +157,7 @@ def compact_file(index: VolumeIndex, src_id: int, src_fd: int, live: Refs, block
     try:
         offsets = sorted(live)
         where = {off: i * block_size for i, off in enumerate(offsets)}
+        written: dict[int, int] = {}  # bytes copied to where[off]
         dir_fd = os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             os.fsync(dir_fd)  # the new file's name is durable before any record names it
@@ -165,7 +166,7 @@ def compact_file(index: VolumeIndex, src_id: int, src_fd: int, live: Refs, block
         for i in range(0, len(offsets), BATCH):
             batch = offsets[i : i + BATCH]
             for off in batch:
-                _copy(src_fd, off, dst_fd, where[off], block_size)
+                written[off] = _copy(src_fd, off, dst_fd, where[off], block_size)
             os.fdatasync(dst_fd)
             copied += len(batch) * block_size
             pace(len(batch) * block_size)
@@ -185,7 +186,7 @@ def compact_file(index: VolumeIndex, src_id: int, src_fd: int, live: Refs, block
                         if layer not in frozen:
                             frozen[layer] = bool(index.layer_info(txn, layer).get("frozen"))
                         if not frozen[layer]:  # its daemon may have overwritten it in place since
-                            _copy(src_fd, off, dst_fd, where[off], block_size, fresh=False)
+                            written[off] = _copy(src_fd, off, dst_fd, where[off], block_size, written[off])
                             again = True
                         txn.put(key, BLOCK_LOC.pack(dst_id, where[off]), db=index.db["blocks"])
                 if again:
@@ -204,14 +205,15 @@ def compact_file(index: VolumeIndex, src_id: int, src_fd: int, live: Refs, block
         os.close(dst_fd)
 
 
-def _copy(src_fd: int, off: int, dst_fd: int, to: int, block_size: int, fresh: bool = True) -> None:
-    """Copy one block.  Into a ``fresh`` place (never written: the new file is ours alone) its
-    trailing zeros are left out, a hole that reads as zeros, as a block written only in part
-    was (cubefs/volume/fs.py: _put_range); over a place copied before, all of it is written."""
-    data = os.pread(src_fd, block_size, off)
-    if fresh:
-        data = data.rstrip(b"\0")
-    else:
-        data += bytes(block_size - len(data))  # a block cut short (written in part, or by a crash)
+def _copy(src_fd: int, off: int, dst_fd: int, to: int, block_size: int, over: int = 0) -> int:
+    """Copy one block without its trailing zeros: the rest of its place stays a hole (the new
+    file is ours alone, never written there), which reads as zeros, as a block written only
+    in part was (cubefs/volume/fs.py: _put_range; a block cut short by a crash reads so too).
+    ``over``: what an earlier copy wrote there, zeroed where this one is shorter.  Returns
+    the bytes written."""
+    data = os.pread(src_fd, block_size, off).rstrip(b"\0")
+    if len(data) < over:
+        data += bytes(over - len(data))
     if data and os.pwrite(dst_fd, data, to) != len(data):
         raise OSError(errno.ENOSPC, "short write while compacting")
+    return len(data)
