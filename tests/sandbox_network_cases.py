@@ -738,6 +738,44 @@ def test_fifty_networks_made_and_removed_leave_nothing(tmp_path: Path) -> None:
     shutil.rmtree(tmp_path, ignore_errors=True)
 
 
+def test_an_adopted_sandbox_gets_todays_rules_and_the_protected_set(tmp_path: Path) -> None:
+    """A sandbox whose chain an older service left (here: nothing but accept) gets its chain
+    made anew from its record when a service adopts it, with the protected set before its
+    policy (no VM: a network made, its service closed and started again)."""
+    from sandbox.network.nft import run_once
+    from sandbox.network.policy import Policy
+    from sandbox.network.pool import Networks
+    from sandbox.network.protect import Protected
+
+    ns = f"{TAG}-adopt"
+    sh(f"ip netns add {ns}")
+    home = os.open("/proc/self/ns/net", os.O_RDONLY)
+    try:
+        setns(f"/run/netns/{ns}")
+        nets = Networks(tmp_path, pool_size=0)
+        nets.start(set())
+        Networks.close_fds(nets.attach("a"))
+        nets.set_policy("a", Policy(deny_out=["10.9.0.0/16"]))
+        slot = nets.slots["a"]
+        nets.close()  # the sandbox keeps its network
+        run_once(f"flush chain inet cubefs s{slot}\nadd rule inet cubefs s{slot} accept")
+        nets = Networks(tmp_path, pool_size=0, protected=Protected(["10.8.0.0/16"]))
+        nets.start({"a"})
+        chain = run_once(f"list chain inet cubefs s{slot}")
+        assert chain.index("@protected") < chain.index("10.9.0.0/16"), chain
+        assert "10.8.0.0/16" in run_once("list set inet cubefs protected")
+        nets.release("a")
+        nets.close()
+        assert "cubefs" not in sh("nft list ruleset") and "cfh" not in sh("ip -br link")
+    finally:
+        _libc.setns(home, 0x40000000)
+        os.close(home)
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+        for name in sh("ip netns list").split():
+            if name.startswith(Networks(tmp_path).prefix):
+                subprocess.run(["ip", "netns", "del", name], check=False)
+
+
 def test_policies_as_e2b_states_them_and_bad_ones_refused_with_the_entry_named() -> None:
     from cubefs.errors import UsageError
     from sandbox.network.policy import Policy
