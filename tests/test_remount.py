@@ -304,3 +304,49 @@ def test_a_kept_daemon_serves_only_the_same_options(tmp_path: Path, local_store:
     text = log.read_text()[start:]
     assert f"forked mount daemon {pid} for ko:1" in text
     assert f"forked mount daemon {pid} for ko:1 at {tmp_path / 'mnt'} (a daemon kept ready)" not in text
+
+
+def _compressible_tree(root: Path) -> dict[str, bytes]:
+    files = {f"lib/m{i}.py": (f"def f{i}(x):\n    return x * {i}\n" * (3000 + 500 * i)).encode() for i in range(10)}
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return files
+
+
+def test_start_up_chunks_are_kept_plain_within_the_cache_limit(tmp_path: Path, local_store: str) -> None:
+    """A mount's start-up chunks are rewritten uncompressed in the disk cache when it ends (the
+    next start reads them without decoding); the cache's books count their new size, and a
+    cache too small for them evicts down to its limit; every byte stays right."""
+    from cubefs.cache.disk import DiskCache
+    from cubefs.format.packs import CODEC_RAW
+
+    src = tmp_path / "src"
+    files = _compressible_tree(src)
+    plain = sum(len(d) for d in files.values())
+    run_cubefs("build", str(src), "--tag", "pl:1", "--store", local_store)
+    cache = tmp_path / "cache"
+    with mounted("pl:1", tmp_path / "mnt", local_store, cache):
+        _read_all(tmp_path / "mnt", files)
+    disk = DiskCache(str(cache), 1 << 30)
+    try:
+        held = disk.get_many(disk.digests())
+        assert held and all(c.codec == CODEC_RAW for c in held.values())
+        assert sum(len(c.data) for c in held.values()) == plain  # each chunk whole, once
+        assert plain <= disk.used_bytes < plain + 64 * 1024  # + the per-entry overhead
+    finally:
+        disk.close()
+    with mounted("pl:1", tmp_path / "mnt", local_store, cache) as m:
+        _read_all(m.mountpoint, files)
+        assert m.stats()["tiers"]["store"]["requests"] == 0
+
+    small, limit = tmp_path / "small", plain // 2  # holds the compressed chunks, not the plain ones
+    with mounted("pl:1", tmp_path / "mnt", local_store, small, "--cache-size", str(limit)):
+        _read_all(tmp_path / "mnt", files)
+    disk = DiskCache(str(small), limit)
+    try:
+        assert 0 < disk.used_bytes <= limit
+    finally:
+        disk.close()
+    with mounted("pl:1", tmp_path / "mnt", local_store, small, "--cache-size", str(limit)) as m:
+        _read_all(m.mountpoint, files)

@@ -411,14 +411,15 @@ class DiskCache:
 
         def work(e: _Env) -> int:
             done = 0
-            with e.env.begin(write=True, buffers=True) as txn:
+            # No buffers=True here: eviction below reads values after deleting around them (a
+            # buffer into a page the transaction changed reads garbage).
+            with e.env.begin(write=True) as txn:
                 book = self._book(e, txn)
                 for digest, plain in items:
                     where = txn.get(digest, db=e.where)
                     old = txn.get(digest, db=e.chunks)
                     if where is None or old is None or len(old) < ENTRY.size or old[1] == CODEC_RAW:
                         continue
-                    where = bytes(where)
                     header = ENTRY.pack(ENTRY_VERSION, CODEC_RAW, 0, len(plain), xxhash.xxh64_intdigest(plain))
                     txn.put(digest, header + plain, db=e.chunks)
                     grown = len(plain) - int.from_bytes(where[9:13], "little")
