@@ -88,9 +88,9 @@ def tcg_tb_size() -> int:
     'import json, email, http.client, asyncio, ...'``) runs 1.58x as long at 32 MiB, 1.97x at
     24, 3.6x at 16 (medians of 3 alternated rounds against 64; a ``compileall`` 1.29x / 1.57x /
     3.35x; only a hot ``sha256sum`` loop is within noise), ~20x at 8 (one first run, 235 s).  A smaller cache
-    saves memory only on idle sandboxes (an idle guest fills ~26 MiB of it: at 100 idle, 65.6 MiB
-    a sandbox in all, 54 of it QEMU's own; 35 MiB of QEMU's own at 8), so it is left to nodes that
-    hold many idle ones and accept that cost."""
+    saves memory only on idle sandboxes (an idle guest fills ~25 MiB of it: at 100 idle, 52.7 MiB
+    a sandbox in all, 41.5 of it QEMU's own, since the cuts the module's docstring lists; 65.6 and
+    54 before them), so it is left to nodes that hold many idle ones and accept that cost."""
     text = os.environ.get(TB_SIZE_ENV, str(TB_SIZE_DEFAULT))
     try:
         mib = int(text)
