@@ -13,7 +13,10 @@ E2B SDK and left running (nothing runs in them but the guest agent).  At each co
   hosts, the host's PSS split among the sandboxes it serves), and the agent
   channel in the service (its PSS growth since no sandbox ran, divided by the count); also
   ``MemAvailable``'s fall per sandbox, a check that includes the kernel's own share; and of
-  QEMU's own, TCG's translation cache (``$CUBEFS_TCG_TB_SIZE``, recorded in the output);
+  QEMU's own, TCG's translation cache (``$CUBEFS_TCG_TB_SIZE``, recorded in the output), and
+  all of QEMU's PSS by kind of mapping (``qemu_by_mapping_mib``: heap, malloc arenas, stacks,
+  other anonymous memory, the binary's and libraries' private and shared pages), which is
+  where QEMU's own was read and cut (vmm/machine.py, docs/benchmarks.md "Density");
 * **CPU they burn idle**: user+system seconds of every QEMU, root daemon, the service and
   its mount server over ``--idle-seconds``, in % of one core per sandbox;
 * **create latency while they idle**: ``Sandbox.create()`` + ``commands.run("true")``
