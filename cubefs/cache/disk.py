@@ -52,7 +52,6 @@ from cubefs.cache import lmdbcheck
 from cubefs.cache.files import clear_files, tree_bytes, trim_files
 from cubefs.cache.tiers import DiskStats
 from cubefs.errors import CubefsError, FormatVersionError, UsageError
-from cubefs.format.packs import CODEC_RAW
 
 log = logging.getLogger(__name__)
 
@@ -391,53 +390,6 @@ class DiskCache:
         except _NoSpace as err:
             log.warning("disk cache %s: the disk is full; %d chunks not cached (%s)", self.path, len(items), err)
             self.stats.not_cached += len(items)
-            return 0
-
-    def keep_plain(self, items: list[tuple[bytes, bytes]]) -> int:
-        """Rewrite the entries of ``items`` (digest, verified plaintext) uncompressed
-        (codec raw), those still stored compressed: a mount's start-up chunks, so that
-        the next start on this node reads them without decoding.  After the kernel's
-        caches were dropped, a remount of deb-numpy read 17.7 MB of zstd from here and
-        decoded 38.9 MB (~70 ms of one core here) while ``import numpy`` itself needed
-        the other; plain, the same chunks are 38.9 MB of disk reads the kernel does
-        ahead, and no CPU.  The entry keeps its place in its queue; the books count its
-        new size (eviction frees space if that passes the limit).  Skipped below the
-        free-space reserve.  Returns how many were rewritten."""
-        if not items:
-            return 0
-        room = self._room_above_reserve()
-        if room is not None and room < sum(len(p) for _d, p in items):
-            return 0
-
-        def work(e: _Env) -> int:
-            done = 0
-            # No buffers=True here: eviction below reads values after deleting around them (a
-            # buffer into a page the transaction changed reads garbage).
-            with e.env.begin(write=True) as txn:
-                book = self._book(e, txn)
-                for digest, plain in items:
-                    where = txn.get(digest, db=e.where)
-                    old = txn.get(digest, db=e.chunks)
-                    if where is None or old is None or len(old) < ENTRY.size or old[1] == CODEC_RAW:
-                        continue
-                    header = ENTRY.pack(ENTRY_VERSION, CODEC_RAW, 0, len(plain), xxhash.xxh64_intdigest(plain))
-                    txn.put(digest, header + plain, db=e.chunks)
-                    grown = len(plain) - int.from_bytes(where[9:13], "little")
-                    txn.put(digest, where[:9] + len(plain).to_bytes(4, "little"), db=e.where)
-                    book.used += grown
-                    if where[:1] == SMALL:
-                        book.small += grown
-                    done += 1
-                if done:
-                    if book.used > self.max_bytes:
-                        self._evict(e, txn, book, int(self.max_bytes * LOW_WATER))
-                    self._save(e, txn, book)
-            return done
-
-        try:
-            return self._guard("write", 0, work)
-        except _NoSpace as err:
-            log.warning("disk cache %s: the disk is full; start-up chunks kept compressed (%s)", self.path, err)
             return 0
 
     def _room_above_reserve(self) -> int | None:

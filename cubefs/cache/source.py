@@ -66,11 +66,6 @@ DISK_BATCH_SECONDS = 0.05  # chunks to write to disk gather this long into one t
 # without the mark that retry waited a second full timeout (measured: 2x --read-timeout
 # against a blackholed store).  Short, so a store that comes back is used again soon.
 GAVE_UP_SECONDS = 5.0
-# The chunks a mount decodes in its first HOT_SECONDS (its start-up: a trace's prefetch, the
-# program's first reads) are kept plain in the disk cache when it ends, up to HOT_BYTES
-# (DiskCache.keep_plain): the next start on the node reads them without decoding.
-HOT_SECONDS = 10.0
-HOT_BYTES = 256 * 1024 * 1024
 # The image stream (ChunkSource.stream_after) starts once reads have sent this many
 # GETs to the store: a node that lacks the image, not one with a stray miss.
 STREAM_AFTER = 8
@@ -179,31 +174,10 @@ class ChunkSource:
         self._read_requests = 0  # GETs made for readers (not read-ahead, prefetch or the stream)
         # digest -> when a reader last gave up waiting for it (see GAVE_UP_SECONDS)
         self._gave_up: LRUCache[bytes, float] = LRUCache(maxsize=4096)
-        self._hot: dict[bytes, None] = {}  # chunks decoded during the start-up, in order (HOT_SECONDS)
-        self._hot_bytes = 0
-        self._hot_until = time.monotonic() + HOT_SECONDS
 
     def start(self, nursery: trio.Nursery) -> None:
         """Background (read-ahead) fetches run in ``nursery``."""
         self._nursery = nursery
-        self._hot_until = time.monotonic() + HOT_SECONDS
-
-    def _note_hot(self, digest: bytes, size: int) -> None:
-        if self._hot_bytes + size <= HOT_BYTES and time.monotonic() < self._hot_until and digest not in self._hot:
-            self._hot[digest] = None
-            self._hot_bytes += size
-
-    def keep_hot_plain(self) -> int:
-        """At the mount's end: its start-up's chunks still in memory, kept plain on disk
-        (those stored compressed there); blocking.  Returns how many were rewritten."""
-        if self.disk is None or not self._hot:
-            return 0
-        items = [(d, data) for d in self._hot if (data := self.memory.get(d)) is not None]
-        self._hot.clear()
-        done = self.disk.keep_plain(items)
-        if done:
-            log.info("image %s: %d start-up chunks kept plain in the disk cache", self.label, done)
-        return done
 
     def stats(self) -> dict[str, dict[str, float]]:
         out = {"memory": self.memory.stats.as_dict(), "store": self.store_stats.as_dict(),
@@ -369,7 +343,6 @@ class ChunkSource:
             log.error("image %s: tier store: %s", self.label, err)
             return None
         self.memory.put(digest, data)
-        self._note_hot(digest, len(data))
         self._to_disk([(digest, StoredChunk(ref.codec, ref.plain_len, stored))])
         return data
 
@@ -468,7 +441,6 @@ class ChunkSource:
         if data is not None:
             self.memory.put(digest, data)
             self._gave_up.pop(digest, None)
-            self._note_hot(digest, len(data))
         flight.data = data
         flight.error = error
         flight.event.set()

@@ -309,10 +309,6 @@ class ImageParts:
     def close(self) -> None:
         self.source.flush()
         if self.disk is not None:
-            try:
-                self.source.keep_hot_plain()
-            except Exception:  # an optimisation for the next start: never a failed unmount
-                log.exception("start-up chunks not kept plain")
             self.disk.close()
 
 
