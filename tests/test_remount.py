@@ -158,6 +158,11 @@ def test_damaged_chunks_read_in_the_background_are_refetched(tmp_path: Path, loc
     assert 1 <= tiers["store"]["hits"] <= len(bad)  # only those came from the store
 
 
+def _nice(pid: int, tid: str) -> int:
+    stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[16])
+
+
 def _size(path: Path) -> int:
     return path.stat().st_size if path.exists() else 0
 
@@ -192,6 +197,8 @@ def test_a_remount_is_served_by_a_daemon_kept_ready(tmp_path: Path, local_store:
     with mounted("kr:1", tmp_path / "mnt2", local_store, cache) as m:
         _read_all(m.mountpoint, files)
         st = m.stats()
+        if os.geteuid() == 0:  # it prepared at nice 19; every thread serves at the usual priority
+            assert {_nice(st["pid"], t) for t in os.listdir(f"/proc/{st['pid']}/task")} == {os.nice(0)}
         assert f"forked mount daemon {st['pid']} for kr:1 at {tmp_path / 'mnt2'} (a daemon kept ready)" \
             in log.read_text()
     assert st["store_requests"]["gets"] <= 2  # the manifest (+ the trace, refreshed after)
