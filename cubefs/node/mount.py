@@ -40,7 +40,7 @@ from cubefs.remote import RetryingStore, RetryPolicy, store_session
 from cubefs.remote.loop import LoopThread
 
 if TYPE_CHECKING:
-    from cubefs.node.spare import Prepared
+    from cubefs.node.prepared import Prepared
 
 log = logging.getLogger(__name__)
 

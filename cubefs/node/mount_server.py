@@ -50,7 +50,8 @@ from cubefs.node import control
 if TYPE_CHECKING:  # the server's parts: imported where the server runs, never by a client
     # (``cubefs mount`` imports this module: roots and supervise were ~14 ms of its cold start)
     from cubefs.node import roots
-    from cubefs.node.spare import Prepared, Spares
+    from cubefs.node.prepared import Prepared
+    from cubefs.node.spare import Spares
     from cubefs.node.supervise import Supervised
 
 log = logging.getLogger("cubefs")
