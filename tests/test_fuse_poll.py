@@ -71,3 +71,8 @@ def test_polling_is_off_on_one_cpu_and_can_be_set() -> None:
     assert _spin_with({"CUBEFS_FUSE_SPIN_US": "120"}) == pytest.approx(120e-6)
     assert _spin_with({"CUBEFS_FUSE_SPIN_US": "0"}) == 0
     assert _spin_with({"CUBEFS_FUSE_SPIN_US": "120"}, cpus="0") == 0
+    # A setting that makes no sense never stops a mount nor makes a daemon spin for ever.
+    assert _spin_with({"CUBEFS_FUSE_SPIN_US": "fast"}) == _spin_with({"CUBEFS_FUSE_SPIN_US": ""})
+    assert _spin_with({"CUBEFS_FUSE_SPIN_US": "inf"}) == pytest.approx(0.01)
+    assert _spin_with({"CUBEFS_FUSE_SPIN_US": "-5"}) == 0
+    assert _spin_with({"CUBEFS_FUSE_SPIN_US": "nan"}) == 0

@@ -114,3 +114,33 @@ def test_partly_written_blocks_read_back_and_grow_with_zeros(vol: tuple[Vol, Pat
     for name, data in kept.items():
         assert (mnt / name).read_bytes() == data, name
     assert (mnt / "gaps").read_bytes() == bytes(gaps)
+
+
+def test_a_failed_append_leaves_no_bytes_for_a_short_block_to_show(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write the disk refused half way (``ENOSPC`` after 40,000 bytes) is appended again at
+    the same place; a short block written there next must show zeros past its bytes, not the
+    refused write's.  The fault is injected: a real full disk writes what fits first, as here."""
+    import errno
+
+    from cubefs.cow.datafiles import DataFiles
+    from cubefs.cow.index import VolumeIndex
+
+    index = VolumeIndex(str(tmp_path / "volumes"))
+    files = DataFiles(index, BLOCK)
+    real = os.pwritev
+
+    def half(fd: int, bufs: list[bytes], offset: int) -> int:
+        real(fd, [b"".join(bytes(b) for b in bufs)[:40_000]], offset)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with index.write() as txn:
+        files.append(txn, [b"x" * BLOCK])  # a first block: the failed one is not at the file's start
+    with index.write() as txn:
+        monkeypatch.setattr(os, "pwritev", half)
+        with pytest.raises(OSError) as err:
+            files.append(txn, [b"S" * BLOCK, b"S" * BLOCK])
+        assert err.value.errno == errno.ENOSPC
+        monkeypatch.setattr(os, "pwritev", real)
+        [loc] = files.append(txn, [b"new"])
+    assert files.read(loc, 0, BLOCK) == b"new" + bytes(BLOCK - 3)

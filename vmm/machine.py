@@ -280,7 +280,8 @@ class Machine:
     def start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         log = open(self.dir / "qemu.log", "ab")
-        no_huge_pages()
+        if self.accel == "tcg":  # under KVM huge pages back the guest's RAM and speed it up: kept
+            no_huge_pages()
         self.proc = subprocess.Popen(self.argv(), env=qemu_env(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                      start_new_session=True, pass_fds=self.netdev.fds if self.netdev else ())
         log.close()

@@ -15,6 +15,7 @@ record pointing at nothing.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -68,6 +69,11 @@ class DataFiles:
             if n != size:
                 _write_rest(self._fd(self._current), b"".join(blocks)[n:], start + n)
         except OSError:
+            # What a failed write left past ``start`` must go: the next append writes there
+            # again, and a short block leaves the rest of its place unwritten, which must read
+            # as zeros, not as this write's bytes.
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd(self._current), start)
             if not start:  # the transaction that named this file is aborted by the error: name one again
                 self._current = 0
             raise

@@ -53,6 +53,7 @@ MS_NODEV = 4
 MNT_DETACH = 2
 YIELD_EVERY = 16  # requests handled inline between two checkpoints
 SPIN_US = 50.0  # microseconds the serve loop polls for the next request: see spin_seconds
+MAX_SPIN_US = 10_000.0  # what CUBEFS_FUSE_SPIN_US may ask for: a poll that never ends is a spinning daemon
 HANDOVER_WAIT = 5.0  # seconds a daemon handing over waits for its requests in flight
 
 
@@ -75,13 +76,20 @@ def spin_seconds() -> float:
     need).  ``CUBEFS_FUSE_SPIN_US`` overrides it (0 turns polling off); with one CPU to
     run on it is off: the caller could not run while the daemon polls."""
     env = os.environ.get("CUBEFS_FUSE_SPIN_US")
-    us = float(env) if env else SPIN_US
+    us = SPIN_US
+    if env:
+        try:
+            us = min(float(env), MAX_SPIN_US)  # nan fails the comparisons below: off
+        except ValueError:
+            log.warning("CUBEFS_FUSE_SPIN_US=%r is not a number of microseconds: polling %g us", env, SPIN_US)
+        if not us >= 0:
+            us = 0.0
     try:
         if len(os.sched_getaffinity(0)) < 2:
             return 0.0
     except OSError:
         pass
-    return max(0.0, us) / 1e6
+    return us / 1e6
 
 
 class MountError(CubefsError):
