@@ -876,6 +876,7 @@ class SandboxService:
                              env_vars: dict[str, str], t0: float, gone: Callable[[], bool] | None = None) -> Sandbox:
         """A new sandbox that continues from ``snap``: its processes, memory and files (the
         restore through the node's restore gate, as a create's)."""
+        await asyncio.to_thread(self._check_restorable, snap)  # before anything is made
         async with self._making(snap.template, snap.cpus, snap.memory_mb, f"snapshot {snap.snapshot_id}",
                                 env_vars=dict(snap.env_vars)) as sbx:
             async with self.restores.slot(gone):
@@ -892,6 +893,19 @@ class SandboxService:
         log.info("sandbox %s created from snapshot %s in %.3f s (VM %s, volume %s)", sid, snap.snapshot_id, took,
                  record.vm, record.volume)
         return sbx
+
+    def _check_restorable(self, snap: SnapshotRecord) -> None:
+        """ConflictError unless ``snap``'s checkpoint loads on this node's QEMU, machine type and
+        guest kernel: asked before a rollback pauses the sandbox or a create makes anything, as a
+        load that fails halfway costs the sandbox (a rollback's old VM is already stopped then)."""
+        if not snap.memory:
+            raise ConflictError(f"snapshot {snap.snapshot_id} holds the sandbox's files only (no memory): "
+                                "a sandbox cannot be rolled back to it")
+        try:
+            checkpoint.check_machine(checkpoint.Checkpoint.load(snap.dir / "ckpt"))
+        except checkpoint.StaleCheckpointError:
+            raise ConflictError(f"snapshot {snap.snapshot_id} was saved by another QEMU, machine type or guest "
+                                "kernel than this node runs: it cannot be restored (take it again)") from None
 
     def _restore_vm(self, snap: SnapshotRecord, record: SandboxRecord) -> vmm.Vm:
         opts = _template_opts(snap.template)
@@ -911,6 +925,13 @@ class SandboxService:
         timeout = DEFAULT_TIMEOUT if timeout is None else timeout
         check_timeout(timeout)
         src = self.get(sandbox_id)
+        if src.vm is not None:  # a VM from before an upgrade: its children could not load its state
+            try:
+                await asyncio.to_thread(checkpoint.check_vm, src.vm)
+            except checkpoint.StaleCheckpointError:
+                raise ConflictError(f"sandbox {sandbox_id} runs on another QEMU, machine type or guest kernel than "
+                                    "this node starts now (it started before they changed): it cannot be forked"
+                                    ) from None
         # the whole RAM, mapped by every child: they share the parent's pages of this instant
         snap = await self.snapshot(sandbox_id, hidden=True, shared=True)
         try:
@@ -943,7 +964,9 @@ class SandboxService:
         (``_settle``, ~0.1-0.2 s of a restored guest's first, TCG-translated round trips);
         until then the sandbox's envd and ports are a ``_Settling`` that holds every request
         and hands it over once they are done, so no client request reaches the guest before
-        its clock is right.  A rollback that fails at any point, settling included, leaves
+        its clock is right.  A snapshot whose checkpoint this node cannot load (saved by
+        another QEMU, machine type or guest kernel; or files only) is refused first, 409, the
+        sandbox untouched; a rollback that fails after that, settling included, leaves
         the sandbox gone, never half-rolled-back (docs/design.md).  Its record says
         ``rolling-back`` until settled, and names the old VM and volume until they are ended: a
         service killed meanwhile ends those on restart and settles the new VM, or cleans it away
@@ -954,6 +977,7 @@ class SandboxService:
         if (snap.cpus, snap.memory_mb) != (sbx.record.cpus, sbx.record.memory_mb):
             raise UsageError(f"snapshot {snap.snapshot_id} is of a {snap.cpus}-vCPU {snap.memory_mb} MiB sandbox; "
                              f"sandbox {sandbox_id} has {sbx.record.cpus} vCPU {sbx.record.memory_mb} MiB")
+        await asyncio.to_thread(self._check_restorable, snap)  # refused with the sandbox untouched
         task = asyncio.ensure_future(self._rollback(sbx, snap))
         self._track(task)
         return await asyncio.shield(task)  # a caller gone (a stop's cancel) does not cut it short: close() waits

@@ -148,6 +148,45 @@ class Checkpoint:
         return Ram()
 
 
+class StaleCheckpointError(VmError):
+    """A checkpoint saved by another QEMU, machine type or guest kernel than this host runs now."""
+
+
+UNKNOWN_MACHINE = "unknown"  # the fingerprint of a VM started before VMs recorded theirs: no restore accepts it
+
+
+def vm_machine(vm: Vm) -> str:
+    """The machine fingerprint ``vm``'s QEMU was started (or restored) with, as its info recorded
+    it: not today's ``machine_fingerprint`` of its spec.  A VM running since before an upgrade
+    (QEMU, its machine options, the guest kernel) runs the old machine, and its checkpoints would
+    pass the check and then fail to load (or, worse, load into different devices)."""
+    return str(vm.info.get("machine") or UNKNOWN_MACHINE)
+
+
+def check_machine(ck: Checkpoint) -> None:
+    """StaleCheckpointError unless ``ck`` was saved by the QEMU, machine type and guest kernel this
+    host runs now: cheap (QEMU's version and the kernel's digests are cached per process), so
+    callers check *before* they change anything (the sandbox service: before a rollback pauses
+    the sandbox)."""
+    if ck.machine != machine_fingerprint(ck.spec):
+        raise StaleCheckpointError(f"checkpoint {ck.path.name} was saved by another QEMU, machine type or guest "
+                                   "kernel: it cannot be restored (take it again)")
+
+
+def check_vm(vm: Vm) -> None:
+    """StaleCheckpointError if ``vm`` runs another machine than a VM started now would (it started
+    before QEMU, its machine options or the guest kernel changed, or before VMs recorded theirs):
+    a checkpoint of it could be taken but never restored, so a fork of it is refused up front."""
+    if vm_machine(vm) != machine_fingerprint(_spec(vm)):
+        raise StaleCheckpointError(f"VM {vm.name} runs another QEMU, machine type or guest kernel than this host "
+                                   "starts now (it started before they changed): its state cannot be restored")
+
+
+def _spec(vm: Vm) -> MachineSpec:
+    return MachineSpec(Path(vm.info["kernel_dir"]), int(vm.info["memory_mb"]), int(vm.info.get("cpus", 1)),
+                       vm.info["accel"])
+
+
 def take(vm: Vm, dest: Path, at_instant: Callable[[], tuple[str | None, str | None]],
          shared: bool = False, trim_later: bool = False) -> Checkpoint:
     """Checkpoint the running ``vm`` into the new directory ``dest``.  ``at_instant`` runs
@@ -169,9 +208,8 @@ def take(vm: Vm, dest: Path, at_instant: Callable[[], tuple[str | None, str | No
     vm._running()
     template = vm.info.get("template") if not vm.info.get("ram_file") else None
     base = Template.load(template, check=False).dir / "ram" if template and not shared else None
-    spec = MachineSpec(Path(vm.info["kernel_dir"]), int(vm.info["memory_mb"]), int(vm.info.get("cpus", 1)),
-                       vm.info["accel"])
-    ck = Checkpoint(str(dest), spec.memory_mb, spec.cpus, spec.accel, str(spec.kernel_dir), machine_fingerprint(spec),
+    spec = _spec(vm)
+    ck = Checkpoint(str(dest), spec.memory_mb, spec.cpus, spec.accel, str(spec.kernel_dir), vm_machine(vm),
                     template if base is not None else None, None, None,
                     datetime.now(UTC).isoformat(timespec="milliseconds"))
     dest.mkdir(mode=0o700, parents=True)
@@ -254,8 +292,7 @@ def restore(name: str, root: Root, ck: Checkpoint, hostname: str | None = None, 
     and the host's clock through the agent; without, the caller must give them (the sandbox
     service does, over the channel it opens anyway: one agent connection less, ~0.12 s under
     TCG right after a restore, when every guest code path is translated anew)."""
-    if ck.machine != machine_fingerprint(ck.spec):
-        raise VmError(f"checkpoint {ck.path.name} was saved by another QEMU or guest kernel: it cannot be restored")
+    check_machine(ck)
     vm = Vm(name)
     if vm.dir.exists():
         if vm.alive:
@@ -265,7 +302,8 @@ def restore(name: str, root: Root, ck: Checkpoint, hostname: str | None = None, 
     t0 = time.monotonic()
     machine_id = uuid.uuid4().hex
     info = VmInfo(name, asdict(root), ck.memory_mb, ck.accel, ck.template,
-                  datetime.now(UTC).isoformat(timespec="seconds"), hostname=hostname or name, machine_id=machine_id)
+                  datetime.now(UTC).isoformat(timespec="seconds"), hostname=hostname or name, machine_id=machine_id,
+                  machine=ck.machine)
     vm.info = asdict(info) | {"kernel_dir": ck.kernel_dir, "cpus": ck.cpus, "checkpoint": ck.dir}
     phases: dict[str, float] = {}  # where a restore's time goes, for the log and the benchmarks
     clock = [t0]

@@ -319,6 +319,7 @@ class VmInfo:
     start_seconds: float = 0.0
     hostname: str = ""
     machine_id: str = ""
+    machine: str = ""  # machine_fingerprint() of the QEMU it runs, when it started: what its checkpoints load into
 
 
 class Vm:
@@ -390,7 +391,8 @@ class Vm:
             spec = tpl.spec
         machine_id = uuid.uuid4().hex
         info = VmInfo(name, asdict(root), spec.memory_mb, spec.accel, template,
-                      datetime.now(UTC).isoformat(timespec="seconds"), hostname=name, machine_id=machine_id)
+                      datetime.now(UTC).isoformat(timespec="seconds"), hostname=name, machine_id=machine_id,
+                      machine=tpl.machine if tpl is not None else machine_fingerprint(spec))
         vm.info = asdict(info) | {"kernel_dir": str(spec.kernel_dir), "cpus": spec.cpus}
         try:
             if disk is not None:
