@@ -33,7 +33,8 @@ NODE_TIMEOUT = 1.0  # seconds the front waits for a node that accepted and hangs
 
 class FakeNode:
     """One node's API: ``refuse`` (429 with Should-Retry: false, as a full node answers),
-    ``hang`` (accepts the connection, reads the request, never answers) or ``accept`` (201,
+    ``hang`` (accepts the connection, reads the request, never answers), ``dead`` (nothing
+    listens on its port: the connection is refused) or ``accept`` (201,
     and deletes the reservation it filled, as a node does in the transaction that publishes
     the sandbox)."""
 
@@ -51,6 +52,8 @@ class FakeNode:
         return f"http://127.0.0.1:{self.port}"
 
     async def start(self) -> None:
+        if self.mode == "dead":
+            return
         if self.mode == "hang":
             self._server = await asyncio.start_server(self._hang, "127.0.0.1", self.port)
             return
@@ -160,32 +163,56 @@ async def eventually(what: str, check: Callable[[], object], timeout: float) -> 
         await asyncio.sleep(0.05)
 
 
-def test_a_refusing_node_and_a_silent_one_send_the_create_on(etcd1: EtcdCluster) -> None:  # noqa: F811
-    """The best-scored node (a ready pool) refuses, the second (most cached) accepts and never
-    answers: the create lands on the third, after the front's node timeout and not much more;
-    /metrics counts one refusal and one unreachable node; the two unfilled reservations are
-    deleted (from etcd and from the front's own count)."""
+def test_a_refusing_node_and_a_dead_one_send_the_create_on(etcd1: EtcdCluster) -> None:  # noqa: F811
+    """The best-scored node (a ready pool) refuses, the second (most cached) is down (its port
+    refuses the connection): the create lands on the third at once; /metrics counts one
+    refusal and one unreachable node; the two unfilled reservations are deleted (from etcd and
+    from the front's own count)."""
     async def main() -> None:
         lay = Layout("/refuse/")
         client = Etcd(etcd1.endpoints)
         full, silent, good = (FakeNode(n, m, client, lay) for n, m in
-                              (("full", "refuse"), ("silent", "hang"), ("good", "accept")))
+                              (("full", "refuse"), ("silent", "dead"), ("good", "accept")))
         nodes = [(full, record(full, pool=1, free_mb=2048)), (silent, record(silent, cached=0.9, free_mb=4096)),
                  (good, record(good))]
         try:
             async with running_front(etcd1, lay, nodes, node_timeout=NODE_TIMEOUT) as (front, post):
                 status, doc, took = await post()  # type: ignore[misc]
                 assert status == 201 and doc["clientID"] == "good", (status, doc)
-                assert NODE_TIMEOUT <= took < NODE_TIMEOUT + 1.5, took
-                assert [full.connections, silent.connections, good.connections] == [1, 1, 1]
-                rids = [full.reservations[0], silent.reservations[0], good.reservations[0]]
-                assert len(set(rids)) == 3 and all(rids), rids
+                assert took < NODE_TIMEOUT + 1.5, took
+                assert [full.connections, silent.connections, good.connections] == [1, 0, 1]
+                rids = [full.reservations[0], good.reservations[0]]
+                assert len(set(rids)) == 2 and all(rids), rids
                 m = await metrics(front)
                 assert (m["cubefs_front_refused_total"], m["cubefs_front_unreachable_total"],
                         m["cubefs_front_placed_total"]) == (1, 1, 1), m
                 await eventually("the unfilled reservations deleted", lambda: _none_left(client, lay), 5)
                 assert not any(front.view.reserved.get(n) for n in ("full", "silent", "good")), front.view.reserved
                 assert front.view.routes.get(str(doc["sandboxID"])) == "good"
+        finally:
+            await client.close()
+
+    asyncio.run(main())
+
+
+def test_a_node_that_took_the_create_and_hangs_is_504_not_a_second_sandbox(etcd1: EtcdCluster) -> None:  # noqa: F811
+    """The best node accepts the create and never answers: after the node timeout the front
+    answers 504 saying the node may still make it, and asks no other node (a second sandbox
+    would be an orphan nobody holds); the reservation is deleted."""
+    async def main() -> None:
+        lay = Layout("/hang/")
+        client = Etcd(etcd1.endpoints)
+        silent, good = (FakeNode(n, m, client, lay) for n, m in (("silent", "hang"), ("good", "accept")))
+        nodes = [(silent, record(silent, pool=1)), (good, record(good))]
+        try:
+            async with running_front(etcd1, lay, nodes, node_timeout=NODE_TIMEOUT) as (front, post):
+                status, doc, took = await post()  # type: ignore[misc]
+                assert status == 504 and "may still make" in str(doc["message"]), (status, doc)
+                assert NODE_TIMEOUT <= took < NODE_TIMEOUT + 1.5, took
+                assert [silent.connections, good.connections] == [1, 0]
+                m = await metrics(front)
+                assert (m["cubefs_front_unreachable_total"], m["cubefs_front_placed_total"]) == (1, 0), m
+                await eventually("the reservation deleted", lambda: _none_left(client, lay), 5)
         finally:
             await client.close()
 

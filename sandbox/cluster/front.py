@@ -7,8 +7,9 @@ else to the node that runs the sandbox (:mod:`sandbox.cluster.forward`):
 
 * ``POST /sandboxes`` (and ``/v2``): rank the nodes, reserve on the best in one
   etcd transaction, forward the create with the reservation's ID; a node that
-  refuses (429: its own bin-packing disagrees) or does not answer sends it to
-  the next candidate, ``ATTEMPTS`` times at most;
+  refuses (429: its own bin-packing disagrees) or cannot be reached sends it to
+  the next candidate, ``ATTEMPTS`` times at most (one that took it and hangs is a
+  504: it may still make the sandbox);
 * ``/sandboxes/{id}/…``: to the node the route names; an unknown sandbox is
   404, as on a node;
 * lists (sandboxes, templates, snapshots) are asked of every node at once and
@@ -61,7 +62,8 @@ LEASE_TTL = 10  # seconds a killed front's reservations outlive it
 # from another.  Without it, an etcd that stopped answering (SIGSTOP: not refusing) held a
 # create ~9 s (2 s transaction, then a read-back failing over three members at 2 s each).
 PLACE_DEADLINE = 2.5
-# Seconds a node may take to answer a create before the next candidate is asked.  A create
+# Seconds a node may take to answer a create it took before the front answers 504 (not the next
+# candidate: the node may still make the sandbox, and a second would be an orphan).  A create
 # queued behind others' VM restores takes seconds (a burst of 20 on three nodes: p99 11.3 s,
 # docs/benchmarks.md), so this bounds a node that accepted and hangs, not a slow one; the
 # node drops a queued create whose caller went away (sandbox/admission.py).
@@ -231,7 +233,19 @@ class Front:
                 body = await res.read()
                 status = res.status
                 answer = {k: v for k, v in res.headers.items() if k.lower() not in fwd.HOP_BY_HOP}
-        except (TimeoutError, aiohttp.ClientError) as err:
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError, aiohttp.ServerDisconnectedError) as err:
+            # Not reached, or gone before answering (a node that dies takes its creates with it).
+            self.stats.unreachable += 1
+            log.warning("create on node %s: cannot reach it (%s): next candidate", node.name, err)
+            return None
+        except TimeoutError:
+            # The node has the request and may still make the sandbox: asking another would
+            # make two, one an orphan nobody holds.  The caller decides (E2B's SDK retries).
+            self.stats.unreachable += 1
+            log.warning("create on node %s: no answer in %.0f s: answered 504", node.name, self.node_timeout)
+            return error(504, f"node {node.name} took the create and did not answer in {self.node_timeout:.0f} s; "
+                              "it may still make the sandbox")
+        except aiohttp.ClientError as err:
             self.stats.unreachable += 1
             log.warning("create on node %s: it does not answer (%s): next candidate", node.name, err)
             return None
