@@ -549,6 +549,22 @@ PROTECTED = {"etcd": f"http://{ETCD_IP}:{ETCD_PORT}/version", "--deny-always": f
              "another node's API": f"http://{NODE2_IP}:{WEB_PORT}/hello.txt"}
 
 
+# A connection held open (a request whose header lines keep coming); prints OPEN, then CUT and
+# the error when a send fails (a dropped packet alone would not fail a send for minutes).
+HELD = """import socket, sys, time
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+c.sendall(b'GET /hello.txt HTTP/1.0\\r\\n')
+print('OPEN', flush=True)
+try:
+    for _ in range(400):
+        time.sleep(0.3)
+        c.sendall(b'X-Held: yes\\r\\n')
+    print('NOT CUT', flush=True)
+except OSError as e:
+    print('CUT', type(e).__name__, e, flush=True)
+"""
+
+
 def test_the_clusters_etcd_nodes_and_store_are_refused_whatever_the_policy(world: World) -> None:
     """The node's --etcd, the other nodes (their records in etcd), its S3 endpoint and a
     --deny-always network: refused to a sandbox with the default policy and to one whose allowOut
@@ -568,6 +584,13 @@ def test_the_clusters_etcd_nodes_and_store_are_refused_whatever_the_policy(world
         world.wait_log(rf"sandbox {b.sandbox_id}: connection tcp {re.escape(ETCD_IP)}:{ETCD_PORT} refused")
         late = f"http://{NODE3_IP}:{WEB_PORT}/hello.txt"
         assert fetch(a, late) == HELLO  # not a node yet
+        # a connection to it opened now (a request sent a header line every 0.3 s) is cut when it joins
+        a.commands.run(f"python3 -c {shlex.quote(HELD)} {NODE3_IP} {WEB_PORT} > /tmp/held.log 2>&1",
+                       background=True)
+        deadline = time.monotonic() + 10
+        while "OPEN" not in (held := str(a.commands.run("cat /tmp/held.log || true").stdout)):
+            assert time.monotonic() < deadline, held
+            time.sleep(0.3)
         etcdctl(world.inet_ns, "put", "/cubefs/nodes/n3", json.dumps({"name": "n3", "api": f"http://{NODE3_IP}:3000",
                                                                       "proxy": f"http://{NODE3_IP}:3002"}))
         etcdctl(world.inet_ns, "put", "/cubefs/members/n3", "")  # it joins (no peer port)
@@ -575,6 +598,11 @@ def test_the_clusters_etcd_nodes_and_store_are_refused_whatever_the_policy(world
         while not fetch(a, late).startswith("FAILED"):
             assert time.monotonic() < deadline, "a node that joined is still reached 10 s later"
             time.sleep(0.5)
+        deadline = time.monotonic() + 5
+        while "CUT" not in (held := str(a.commands.run("cat /tmp/held.log").stdout)):
+            assert time.monotonic() < deadline, f"a connection open to a node that joined goes on: {held}"
+            time.sleep(0.3)
+        assert "ConnectionResetError" in held, held  # a reset: the guest's program knows at once
         assert fetch(a, WEB) == HELLO
     finally:
         a.kill()
@@ -763,6 +791,9 @@ def test_an_adopted_sandbox_gets_todays_rules_and_the_protected_set(tmp_path: Pa
         nets.start({"a"})
         chain = run_once(f"list chain inet cubefs s{slot}")
         assert chain.index("@protected") < chain.index("10.9.0.0/16"), chain
+        # an open connection to a protected address is cut, not let through as a reply
+        assert chain.index("@protected ct state established,related") < chain.index(
+            "ct state established,related accept"), chain
         assert "10.8.0.0/16" in run_once("list set inet cubefs protected")
         nets.release("a")
         nets.close()
@@ -842,3 +873,52 @@ def test_deny_always_takes_addresses_only_and_belongs_to_network(tmp_path: Path)
     n = len(applied)
     p.set("node n2", ["10.0.0.9/32"], keep=True)
     assert len(applied) == n  # nothing changed: nothing applied
+
+
+def test_a_name_that_does_not_resolve_is_looked_up_again_with_a_warning_until_it_does(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A DNS hiccup at the start (here: the lookups fail) leaves nothing refused for good: each
+    rescan looks the failing names up again (--etcd, a template's store, a node joining) with a
+    warning naming each, and once they resolve their addresses are in the set; a name that
+    resolved is not looked up again (no VM: the lookup is the fault injected, nft is not run)."""
+    import logging
+    import types
+
+    from sandbox.network import protect
+
+    answers: dict[str, str | None] = {"etcd.internal": None, "s3.internal": None, "n4.internal": None}
+    asked: list[str] = []
+
+    def getaddrinfo(host: str, *_args: object) -> list[tuple[object, ...]]:
+        asked.append(host)
+        if answers.get(host) is None:
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (answers[host], 0))]
+
+    monkeypatch.setattr(protect, "socket", types.SimpleNamespace(getaddrinfo=getaddrinfo, AF_INET=socket.AF_INET,
+                                                                 SOCK_STREAM=socket.SOCK_STREAM))
+    for key in protect.STORE_ENV:
+        monkeypatch.delenv(key, raising=False)
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "templates" / "t.json").write_text(json.dumps({"store": {"s3_endpoint": "http://s3.internal:8333"}}))
+    caplog.set_level(logging.WARNING, logger="cubefs.sandbox.network")
+    applied: list[list[str]] = []
+    p = protect.Protected(["10.0.0.1/32"], "http://etcd.internal:2379", tmp_path, "[fd00::8]:7000")
+    p.start(applied.append)
+    p.set_hosts("node n4", ["n4.internal"], keep=True)
+    assert applied[-1] == ["10.0.0.1/32"] and p.unresolved() == ["etcd.internal", "n4.internal", "s3.internal"]
+
+    def warned(host: str) -> int:
+        return sum(f"cannot resolve {host} to refuse it" in r.getMessage() for r in caplog.records)
+
+    assert [warned(h) for h in ("etcd.internal", "s3.internal", "n4.internal")] == [1, 1, 1]
+    p.rescan()  # still failing: asked again, warned again
+    assert [warned(h) for h in ("etcd.internal", "s3.internal", "n4.internal")] == [2, 2, 2]
+    assert applied[-1] == ["10.0.0.1/32"]
+    answers.update({"etcd.internal": "10.0.0.6", "s3.internal": "10.0.0.7", "n4.internal": "10.0.0.9"})
+    p.rescan()
+    assert applied[-1] == ["10.0.0.1/32", "10.0.0.6/31", "10.0.0.9/32"] and p.unresolved() == []
+    n = len(asked)
+    p.rescan()
+    assert len(asked) == n and "fd00::8" not in asked  # resolved names kept; an address is never looked up
+    assert [warned(h) for h in ("etcd.internal", "s3.internal", "n4.internal")] == [2, 2, 2]

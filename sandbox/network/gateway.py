@@ -14,14 +14,15 @@ Node side (``table inet cubefs``):
 * ``protected``: a set of networks no sandbox reaches whatever its policy: the cluster's etcd,
   its nodes (API, proxy, peer port), the store, ``--deny-always`` (``protect.Protected`` fills
   it, one transaction per change: ``protected_elements``).
-* ``sN``: replies pass; a source other than the sandbox's own address is dropped (spoofing);
-  link-local (169.254.0.0/16, the metadata address), the other clouds' metadata addresses,
-  loopback and the sandboxes' range are refused, then the set ``protected``, before any allow
-  rule (an ``allowOut`` cannot open them); then the policy (``policy.Policy``): allowed networks and the set ``aN`` (the
-  addresses of allowed names, put there by the resolver, each with a timeout), refused
-  networks and the set ``dN`` (those of denied names), the default.  Every new connection
-  is logged to NFLOG group ``LOG_GROUP`` with a prefix naming the slot and the verdict
-  (``flowlog`` reads them).
+* ``sN``: packets of open connections to the set ``protected`` are refused (TCP with a reset: a
+  connection opened before its address was protected is cut), then replies pass; a source other
+  than the sandbox's own address is dropped (spoofing); link-local (169.254.0.0/16, the metadata
+  address), the other clouds' metadata addresses, loopback and the sandboxes' range are refused,
+  then the set ``protected``, before any allow rule (an ``allowOut`` cannot open them); then the
+  policy (``policy.Policy``): allowed networks and the set ``aN`` (the addresses of allowed
+  names, put there by the resolver, each with a timeout), refused networks and the set ``dN``
+  (those of denied names), the default.  Every new connection is logged to NFLOG group
+  ``LOG_GROUP`` with a prefix naming the slot and the verdict (``flowlog`` reads them).
 
 Sandbox side (``table ip cubefs`` in its namespace): only the guest's address (169.254.0.21)
 is forwarded from the tap, SNATed to the namespace's address on its veth; only replies are
@@ -111,6 +112,13 @@ def sandbox_chain(slot: int, policy: Policy | None, flush_sets: bool = False, ma
         return f'log group {LOG_GROUP} prefix "cubefs {slot} {verdict}"'
 
     rules = [
+        # an open connection to a protected address is cut before replies pass: one made before the
+        # address was protected (a sandbox kept across an upgrade, a node joining later, the seconds
+        # before the node list or a new template's endpoint is in) does not carry on.  Nothing the
+        # sandbox needs crosses here to them: its DNS and the proxy's connections are sockets in its
+        # namespace, never forwarded by the node.  Not logged: NFLOG counts connections, not packets.
+        f"ip daddr @{PROTECTED} ct state established,related meta l4proto tcp counter reject with tcp reset",
+        f"ip daddr @{PROTECTED} ct state established,related counter {refuse}",
         "ct state established,related accept",
         f"ip saddr != {own} counter drop",  # spoofed (the namespace SNATs the guest to {own})
         "meta nfproto ipv6 counter drop",

@@ -22,9 +22,12 @@ chain before its allow rules (an ``allowOut`` naming them opens nothing), filled
   keys but still serves its ports.
 
 Addresses, not names: nftables matches addresses, and a name looked up per packet could be
-answered by whoever controls that DNS.  A host name is resolved once, when it first appears
-(the service's start, a new template, a node joining); IPv6 addresses are skipped (a
-sandbox's IPv6 is dropped whole).
+answered by whoever controls that DNS.  A host name is resolved when it first appears (the
+service's start, a new template, a node joining) and its addresses kept; one that does not
+resolve (a DNS hiccup at the start) is not taken as "no addresses" for good: it is looked up
+again every ``RESCAN`` seconds, with a warning naming it each time, until it resolves (else
+``--etcd http://etcd.internal:2379`` stayed reachable for the service's life).  IPv6 addresses
+are skipped (a sandbox's IPv6 is dropped whole).
 """
 
 from __future__ import annotations
@@ -76,6 +79,14 @@ def host_of(address: str) -> str | None:
         return None
 
 
+def is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def resolve(host: str) -> list[str]:
     """``host``'s IPv4 addresses as /32s (an address is itself; an unknown name: none, logged)."""
     try:
@@ -87,7 +98,8 @@ def resolve(host: str) -> list[str]:
     try:
         infos = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)
     except OSError as err:
-        log.warning("sandbox networks: cannot resolve %s to refuse it to sandboxes: %s", host, err)
+        log.warning("sandbox networks: cannot resolve %s to refuse it to sandboxes (tried again in %.0f s): %s",
+                    host, RESCAN, err)
         return []
     return sorted({f"{info[4][0]}/32" for info in infos})
 
@@ -114,7 +126,8 @@ class Protected:
         self.state = state
         self.peer = peer
         self.sources: dict[str, set[str]] = {}  # source ("deny-always", "etcd", "store", "node NAME") -> networks
-        self._resolved: dict[str, list[str]] = {}  # host -> its addresses, looked up once
+        self._resolved: dict[str, list[str]] = {}  # host -> its addresses, once it has some
+        self._named: dict[str, list[str]] = {}  # source -> the hosts it names (looked up again while one fails)
         self._lock = threading.Lock()
         self._applied: list[str] | None = None
         self.apply: Callable[[list[str]], None] = lambda networks: None
@@ -123,22 +136,47 @@ class Protected:
         """The static sources (looked up now) applied before any sandbox has a policy."""
         self.apply = apply
         self.set("deny-always", self.static)
-        self.set("etcd", self.hosts(self.etcd_hosts))
-        self.set("peer", self.hosts([h for h in (host_of(self.peer or ""),) if h]))
-        self.rescan()
+        self.set_hosts("etcd", self.etcd_hosts)
+        self.set_hosts("peer", [h for h in (host_of(self.peer or ""),) if h])
+        self._store()
+
+    def _store(self) -> None:
+        if self.state is not None:
+            self.set_hosts("store", [h for h in map(host_of, store_endpoints(self.state)) if h])
 
     def rescan(self) -> None:
-        """The store endpoints again (a template made since may name another)."""
-        if self.state is not None:
-            self.set("store", self.hosts(h for h in map(host_of, store_endpoints(self.state)) if h))
+        """The store endpoints again (a template made since may name another), and every source
+        naming a host that did not resolve yet."""
+        self._store()
+        with self._lock:
+            failing = [(src, hosts) for src, hosts in self._named.items()
+                       if src != "store" and any(h not in self._resolved for h in hosts)]
+        for source, hosts in failing:
+            self.set_hosts(source, hosts, keep=source.startswith("node "))
+
+    def set_hosts(self, source: str, hosts: list[str], keep: bool = False) -> None:
+        """``source``'s networks from ``hosts``' addresses (``set``'s ``keep``); the hosts are
+        remembered so that one not resolving now is tried again at the next ``rescan``."""
+        with self._lock:
+            self._named[source] = sorted(set(hosts) | set(self._named.get(source, ()) if keep else ()))
+        self.set(source, self.hosts(hosts), keep)
 
     def hosts(self, hosts: Iterable[str]) -> list[str]:
+        """The addresses of ``hosts``; one that resolves to none is not kept (tried again next time)."""
         out: set[str] = set()
         for host in hosts:
-            if host not in self._resolved:
-                self._resolved[host] = resolve(host)
-            out.update(self._resolved[host])
+            found = self._resolved.get(host)
+            if found is None:
+                found = resolve(host)
+                if found or is_address(host):  # an IPv6 address has none and needs no second look
+                    self._resolved[host] = found
+            out.update(found)
         return sorted(out)
+
+    def unresolved(self) -> list[str]:
+        """The hosts named by some source that have no address yet (each rescan tries them again)."""
+        with self._lock:
+            return sorted({h for hosts in self._named.values() for h in hosts if h not in self._resolved})
 
     def set(self, source: str, networks: Iterable[str], keep: bool = False) -> None:
         """``source``'s networks from now on (``keep``: added to what it had, none dropped)."""
@@ -174,10 +212,10 @@ async def follow_cluster(etcd: Any, members_prefix: str, node_key: Callable[[str
             with contextlib.suppress(ValueError, TypeError):
                 info = NodeInfo.decode(kv.value)
                 hosts += [host_of(info.api), host_of(info.proxy), host_of(info.peer)]
-        return await asyncio.to_thread(protected.hosts, [h for h in hosts if h])
+        return [h for h in hosts if h]
 
-    async def add(name: str, peer: str) -> None:  # nft off the loop (a large set takes ~0.1 s)
-        await asyncio.to_thread(protected.set, f"node {name}", await hosts_of(name, peer), True)
+    async def add(name: str, peer: str) -> None:  # lookups and nft off the loop (a large set takes ~0.1 s)
+        await asyncio.to_thread(protected.set_hosts, f"node {name}", await hosts_of(name, peer), True)
 
     revision = 0
     while True:
