@@ -312,3 +312,26 @@ def test_a_kept_daemon_serves_only_the_same_options(tmp_path: Path, local_store:
     assert f"forked mount daemon {pid} for ko:1" in text
     assert f"forked mount daemon {pid} for ko:1 at {tmp_path / 'mnt'} (a daemon kept ready)" not in text
 
+
+
+def test_a_failed_mount_leaves_no_daemon_kept_ready(tmp_path: Path, local_store: str) -> None:
+    """A mount of a tag that does not exist fails; no spare is made for it (one would ask the
+    store again and wait ten minutes for a mount that cannot succeed)."""
+    (tmp_path / "src").mkdir()
+    _tree(tmp_path / "src", 3)
+    run_cubefs("build", str(tmp_path / "src"), "--tag", "real:1", "--store", local_store)
+    log = tmp_path / "own.log"
+    proc, env = _own_server(tmp_path)
+    try:
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        start = _size(log)
+        res = run_cubefs("mount", "nosuch:1", str(mnt), "--store", local_store, "--cache-dir", str(tmp_path / "c"),
+                         env=env, check=False)
+        assert res.returncode != 0 and not os.path.ismount(mnt)
+        _wait_for("no spare for nosuch:1", log, start, timeout=40)
+        assert "forked spare" not in log.read_text()[start:]
+        assert _children(proc.pid) == set()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)

@@ -108,6 +108,7 @@ class Spares:
         self.kept: dict[str, Spare] = {}
         # key -> (fork at, request, the digest its daemon mounted if it said: no manifest GET ahead)
         self.due: dict[str, tuple[float, dict[str, Any], Callable[[], str | None]]] = {}
+        self.waited: dict[str, int] = {}  # key -> times its mount had not yet said its image
 
     def take(self, key: str | None) -> Spare | None:
         return self.kept.pop(key, None) if key is not None else None
@@ -161,9 +162,20 @@ class Spares:
             del self.due[key]
             if key in self.kept:
                 continue
+            mounted = digest()
+            if mounted is None:  # its daemon has not said it mounted: still starting, or failed
+                tries = self.waited.get(key, 0) + 1
+                if tries < 20:  # a slow start on a loaded node: ask again in half a second
+                    self.waited[key] = tries
+                    self.due[key] = (now + 0.5, request, digest)
+                else:  # 10 s and no image: a failed mount (a typo, no such image) gets no spare
+                    self.waited.pop(key, None)
+                    log.info("no spare for %s: its mount did not report an image", request["args"].get("ref"))
+                continue
+            self.waited.pop(key, None)
             while len(self.kept) >= self.count:
                 self._drop(next(iter(self.kept.values())))
-            sock, pid = fork({**request, "kept_digest": digest()})
+            sock, pid = fork({**request, "kept_digest": mounted})
             ref = str(request["args"].get("ref"))
             self.kept[key] = Spare(key, ref, sock, pid, now)
             log.info("forked spare %d for %s", pid, ref)
@@ -188,6 +200,7 @@ class Spares:
         for s in list(self.kept.values()):
             self._drop(s)
         self.due.clear()
+        self.waited.clear()
 
 
 # -- the spare's side (a child of the server) ---------------------------------------------
