@@ -221,18 +221,26 @@ class Scheduler:
         if self._closed:  # nothing is sent any more: the future would never be answered
             raise EtcdUnavailable("the front is closing")
         if deadline is None:
-            return await self._reserve(node, template, cpus, memory_mb, 0.0)
-        loop = asyncio.get_running_loop()
-        try:
-            # asyncio.timeout, not wait_for: no task of its own per placement.  Its expiry
-            # cancels the booking's future, which the batch's end deletes if it was written.
-            async with asyncio.timeout_at(loop.time() + max(0.0, deadline - time.monotonic())):
-                return await self._reserve(node, template, cpus, memory_mb, deadline)
-        except TimeoutError:
-            self.deadline_misses += 1
-            raise EtcdUnavailable("no answer to the reservation within the placement's deadline") from None
+            rid, conflict = await self._reserve(node, template, cpus, memory_mb, 0.0)
+        else:
+            loop = asyncio.get_running_loop()
+            try:
+                # asyncio.timeout, not wait_for: no task of its own per placement.  Its expiry
+                # cancels the booking's future, which the batch's end deletes if it was written.
+                async with asyncio.timeout_at(loop.time() + max(0.0, deadline - time.monotonic())):
+                    rid, conflict = await self._reserve(node, template, cpus, memory_mb, deadline)
+            except TimeoutError:
+                self.deadline_misses += 1
+                raise EtcdUnavailable("no answer to the reservation within the placement's deadline") from None
+        if conflict is not None:
+            # etcd answered: another front booked the node.  Waiting for the view to catch up is
+            # outside the deadline (a late conflict is a conflict, not "etcd does not answer").
+            await self.view.wait_revision(conflict, timeout=1.0)
+        return rid
 
-    async def _reserve(self, node: NodeInfo, template: str, cpus: int, memory_mb: int, deadline: float) -> str | None:
+    async def _reserve(self, node: NodeInfo, template: str, cpus: int, memory_mb: int,
+                       deadline: float) -> tuple[str | None, int | None]:
+        """(the reservation's ID, None) or, on a conflict, (None, the revision to wait for)."""
         rid = secrets.token_hex(8)
         reservation = Reservation(node.name, template, cpus, memory_mb, self.front)
         # Counted at once, before the watch brings it (before etcd has it, even): this front's
@@ -264,9 +272,8 @@ class Scheduler:
         if not written:
             held.pop(rid, None)
             self.conflicts += 1
-            await self.view.wait_revision(revision, timeout=1.0)
-            return None
-        return rid
+            return None, revision
+        return rid, None
 
     def _later_forget(self, key: str, after: float = 0.0) -> None:
         task = asyncio.ensure_future(self._forget(key, after))
