@@ -792,8 +792,8 @@ def test_an_adopted_sandbox_gets_todays_rules_and_the_protected_set(tmp_path: Pa
         chain = run_once(f"list chain inet cubefs s{slot}")
         assert chain.index("@protected") < chain.index("10.9.0.0/16"), chain
         # an open connection to a protected address is cut, not let through as a reply
-        assert chain.index("@protected ct state established,related") < chain.index(
-            "ct state established,related accept"), chain
+        assert "ct state established,related ip daddr != @protected accept" in chain, chain
+        assert chain.index("ip daddr != @protected accept") < chain.index("reject with tcp reset"), chain
         assert "10.8.0.0/16" in run_once("list set inet cubefs protected")
         nets.release("a")
         nets.close()
