@@ -97,7 +97,7 @@ def resolve(host: str) -> list[str]:
         return [f"{ip}/32"] if ip.version == 4 else []
     try:
         infos = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)
-    except OSError as err:
+    except (OSError, UnicodeError) as err:  # UnicodeError: a label IDNA refuses (over 63 characters)
         log.warning("sandbox networks: cannot resolve %s to refuse it to sandboxes (tried again in %.0f s): %s",
                     host, RESCAN, err)
         return []
