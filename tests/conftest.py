@@ -210,6 +210,21 @@ class Mount:
             subprocess.run(["fusermount3", "-uz", str(self.mountpoint)], check=False)
 
 
+def mount_volume(name: str, mnt: Path, volume_dir: Path, cache_dir: Path, *extra: str) -> Path:
+    """``cubefs mount --volume NAME MNT`` (MNT made if missing), live when it returns."""
+    mnt.mkdir(parents=True, exist_ok=True)
+    run_cubefs("mount", "--volume", name, str(mnt), "--volume-dir", str(volume_dir), "--cache-dir", str(cache_dir),
+               *extra, timeout=120)
+    assert os.path.ismount(mnt)
+    return mnt
+
+
+def unmount(mnt: Path) -> None:
+    """``cubefs umount MNT``; lazily by the kernel if that fails."""
+    if run_cubefs("umount", str(mnt), check=False, timeout=60).returncode and os.path.ismount(mnt):
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
 @pytest.fixture
 def local_store(tmp_path: Path) -> str:
     return f"file://{tmp_path / 'store'}"

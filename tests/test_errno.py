@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import lmdb
 import pytest
-from conftest import run_cubefs, small_tmpfs
+from conftest import mount_volume, run_cubefs, small_tmpfs, unmount
 
 from cubefs.fuse import protocol as p
 from cubefs.fuse.server import FuseServer
@@ -29,15 +28,11 @@ def volume(tmp_path: Path, small_fs: Path) -> Iterator[Path]:
     """An empty volume whose directory is on the small filesystem, mounted."""
     vdir = small_fs / "volumes"
     run_cubefs("volume", "create", "v", "--volume-dir", str(vdir))
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    run_cubefs("mount", "--volume", "v", str(mnt), "--volume-dir", str(vdir), "--cache-dir", str(tmp_path / "cache"),
-               timeout=120)
+    mnt = mount_volume("v", tmp_path / "mnt", vdir, tmp_path / "cache")
     try:
         yield mnt
     finally:
-        if run_cubefs("umount", str(mnt), check=False, timeout=60).returncode and os.path.ismount(mnt):
-            subprocess.run(["umount", "-l", str(mnt)], check=False)
+        unmount(mnt)
 
 
 def _fill(path: Path) -> OSError:

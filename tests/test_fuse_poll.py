@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import run_cubefs
+from conftest import mount_volume, run_cubefs, unmount
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,15 +22,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def volume_mount(tmp_path: Path) -> Iterator[Path]:
     vdir = tmp_path / "volumes"
     run_cubefs("volume", "create", "v", "--volume-dir", str(vdir))
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    run_cubefs("mount", "--volume", "v", str(mnt), "--volume-dir", str(vdir), "--cache-dir", str(tmp_path / "cache"),
-               timeout=120)
+    mnt = mount_volume("v", tmp_path / "mnt", vdir, tmp_path / "cache")
     try:
         yield mnt
     finally:
-        if run_cubefs("umount", str(mnt), check=False, timeout=60).returncode and os.path.ismount(mnt):
-            subprocess.run(["umount", "-l", str(mnt)], check=False)
+        unmount(mnt)
 
 
 def _cpu_seconds(pid: int) -> float:

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import run_cubefs
+from conftest import mount_volume, run_cubefs, unmount
 
 BLOCK = 64 * 1024
 
@@ -32,17 +32,10 @@ class Vol:
         return run_cubefs(*args, "--volume-dir", str(self.dir))
 
     def mount(self) -> Path:
-        mnt = self.tmp / "mnt"
-        mnt.mkdir(exist_ok=True)
-        run_cubefs("mount", "--volume", "v", str(mnt), "--volume-dir", str(self.dir), "--cache-dir",
-                   str(self.tmp / "cache"), timeout=120)
-        assert os.path.ismount(mnt)
-        return mnt
+        return mount_volume("v", self.tmp / "mnt", self.dir, self.tmp / "cache")
 
     def umount(self, mnt: Path) -> None:
-        res = run_cubefs("umount", str(mnt), check=False, timeout=60)
-        if res.returncode != 0 and os.path.ismount(mnt):
-            subprocess.run(["umount", "-l", str(mnt)], check=False)
+        unmount(mnt)
 
     def data_bytes(self) -> int:
         """Bytes the data files take on the disk (holes take none)."""

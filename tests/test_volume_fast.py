@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import run_cubefs
+from conftest import mount_volume, run_cubefs, unmount
 
 CAP = "security.capability"
 # A valid vfs_cap_data, revision 2 (magic 0x02000000), CAP_NET_RAW (13) permitted; the
@@ -40,17 +40,10 @@ class Vol:
         return run_cubefs(*args, "--volume-dir", str(self.dir))
 
     def mount(self, name: str, where: str) -> Path:
-        mnt = self.tmp / where
-        mnt.mkdir(exist_ok=True)
-        run_cubefs("mount", "--volume", name, str(mnt), "--volume-dir", str(self.dir), "--cache-dir",
-                   str(self.tmp / "cache"), timeout=120)
-        assert os.path.ismount(mnt)
-        return mnt
+        return mount_volume(name, self.tmp / where, self.dir, self.tmp / "cache")
 
     def umount(self, mnt: Path) -> None:
-        res = run_cubefs("umount", str(mnt), check=False, timeout=60)
-        if res.returncode != 0 and os.path.ismount(mnt):
-            subprocess.run(["umount", "-l", str(mnt)], check=False)
+        unmount(mnt)
 
     def requests(self, mnt: Path) -> dict[str, int]:
         return dict(json.loads(run_cubefs("stats", str(mnt), "--json").stdout)["requests"])

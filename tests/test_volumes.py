@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_cubefs
+from conftest import mount_volume, run_cubefs, unmount
 
 
 class Volumes:
@@ -30,17 +30,10 @@ class Volumes:
         return run_cubefs(*args, "--volume-dir", str(self.dir), check=check)
 
     def mount(self, name: str, mnt: Path | None = None) -> Path:
-        mnt = mnt or self.tmp / f"mnt-{name}"
-        mnt.mkdir(exist_ok=True)
-        run_cubefs("mount", "--volume", name, str(mnt), "--volume-dir", str(self.dir), "--cache-dir",
-                   str(self.cache), timeout=120)
-        assert os.path.ismount(mnt)
-        return mnt
+        return mount_volume(name, mnt or self.tmp / f"mnt-{name}", self.dir, self.cache)
 
     def umount(self, mnt: Path) -> None:
-        res = run_cubefs("umount", str(mnt), check=False, timeout=60)
-        if res.returncode != 0 and os.path.ismount(mnt):
-            subprocess.run(["umount", "-l", str(mnt)], check=False)
+        unmount(mnt)
 
 
 @pytest.fixture

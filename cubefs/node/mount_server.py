@@ -524,17 +524,23 @@ def _mount(request: dict[str, Any], conn: socket.socket, mounts: dict[int, Super
 
 def _spawn_spare(request: dict[str, Any], srv: socket.socket, lock_fd: int) -> tuple[socket.socket, int]:
     """Fork a spare for mounts like ``request``; its end of the link and its pid."""
+    return _fork_linked(srv, lock_fd, lambda link_fd: _become_spare(request, link_fd))
+
+
+def _fork_linked(srv: socket.socket, lock_fd: int, child: Callable[[int], int]) -> tuple[socket.socket, int]:
+    """Fork a child of this server with a link back (a SEQPACKET socket pair): in the child,
+    ``child(its end's fd)`` is its exit code; here, our end and the child's pid."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
     if pid == 0:
         code = EXIT_ERROR
         try:
             srv.close()
-            os.close(lock_fd)
+            os.close(lock_fd)  # the lock is the server's alone; a child must not keep it past the server
             for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, signal.SIG_DFL)
             ours.close()
-            code = _become_spare(request, theirs.detach())
+            code = child(theirs.detach())
         finally:
             os._exit(code)
     theirs.close()
@@ -572,22 +578,12 @@ def _spawn(request: dict[str, Any], conn: socket.socket | None, mounts: dict[int
     """Fork a daemon for ``request`` (answering on ``conn``, if a client waits) with a
     link back to this server; a replacement gets ``resume`` (see cubefs.node.supervise)."""
     accepted = time.monotonic()
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    pid = os.fork()
-    if pid == 0:
-        srv.close()
-        os.close(lock_fd)  # the lock is the server's alone; a daemon must not keep it past the server
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        code = EXIT_ERROR
-        try:
-            ours.close()
-            notify_fd = conn.detach() if conn is not None else -1
-            code = _server_child(request, notify_fd, {"fd": theirs.detach(), "resume": resume, "accepted": accepted})
-        finally:
-            os._exit(code)
-    theirs.close()
+
+    def child(link_fd: int) -> int:
+        notify_fd = conn.detach() if conn is not None else -1
+        return _server_child(request, notify_fd, {"fd": link_fd, "resume": resume, "accepted": accepted})
+
+    ours, pid = _fork_linked(srv, lock_fd, child)
     from cubefs.node.supervise import Supervised
 
     m = Supervised(request, ours, pid)
@@ -623,20 +619,7 @@ def _spawn_host(request: dict[str, Any], key: str, image: dict[str, Any], srv: s
     """Fork the root host for ``key`` (see cubefs.node.roots); the request is sent to it after."""
     from cubefs.node import roots
 
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    pid = os.fork()
-    if pid == 0:
-        code = EXIT_ERROR
-        try:
-            srv.close()
-            os.close(lock_fd)
-            for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, signal.SIG_DFL)
-            ours.close()
-            code = _become_host(request, theirs.detach(), key, image)
-        finally:
-            os._exit(code)
-    theirs.close()
+    ours, pid = _fork_linked(srv, lock_fd, lambda link_fd: _become_host(request, link_fd, key, image))
     ours.setblocking(False)  # the server never waits on a host (see roots._send)
     label = f"{image.get('ref', 'empty volumes')} in {request['args'].get('volume_dir')}"
     log.info("forked root host %d for %s (key %s)", pid, label, key)
