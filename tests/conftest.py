@@ -219,6 +219,17 @@ def mount_volume(name: str, mnt: Path, volume_dir: Path, cache_dir: Path, *extra
     return mnt
 
 
+@contextlib.contextmanager
+def new_volume_mounted(volume_dir: Path, mnt: Path, cache_dir: Path) -> Iterator[Path]:
+    """A new empty volume ``v`` in ``volume_dir``, mounted at ``mnt`` for the block."""
+    run_cubefs("volume", "create", "v", "--volume-dir", str(volume_dir))
+    mount_volume("v", mnt, volume_dir, cache_dir)
+    try:
+        yield mnt
+    finally:
+        unmount(mnt)
+
+
 def unmount(mnt: Path) -> None:
     """``cubefs umount MNT``; lazily by the kernel if that fails."""
     if run_cubefs("umount", str(mnt), check=False, timeout=60).returncode and os.path.ismount(mnt):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import lmdb
 import pytest
-from conftest import mount_volume, run_cubefs, small_tmpfs, unmount
+from conftest import new_volume_mounted, small_tmpfs
 
 from cubefs.fuse import protocol as p
 from cubefs.fuse.server import FuseServer
@@ -26,13 +26,8 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
 @pytest.fixture
 def volume(tmp_path: Path, small_fs: Path) -> Iterator[Path]:
     """An empty volume whose directory is on the small filesystem, mounted."""
-    vdir = small_fs / "volumes"
-    run_cubefs("volume", "create", "v", "--volume-dir", str(vdir))
-    mnt = mount_volume("v", tmp_path / "mnt", vdir, tmp_path / "cache")
-    try:
+    with new_volume_mounted(small_fs / "volumes", tmp_path / "mnt", tmp_path / "cache") as mnt:
         yield mnt
-    finally:
-        unmount(mnt)
 
 
 def _fill(path: Path) -> OSError:

@@ -13,20 +13,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import mount_volume, run_cubefs, unmount
+from conftest import new_volume_mounted, run_cubefs
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def volume_mount(tmp_path: Path) -> Iterator[Path]:
-    vdir = tmp_path / "volumes"
-    run_cubefs("volume", "create", "v", "--volume-dir", str(vdir))
-    mnt = mount_volume("v", tmp_path / "mnt", vdir, tmp_path / "cache")
-    try:
+    with new_volume_mounted(tmp_path / "volumes", tmp_path / "mnt", tmp_path / "cache") as mnt:
         yield mnt
-    finally:
-        unmount(mnt)
 
 
 def _cpu_seconds(pid: int) -> float:
