@@ -452,15 +452,23 @@ class SandboxService:
         """Make a made sandbox the caller's: resumed (from a pool: with fresh randomness and the
         host's clock, since it slept), its envVars, metadata and TTL."""
         r = sbx.record
+        t0 = time.monotonic()
+        phases = []
         if resume:
             await asyncio.to_thread(qmp, sbx, "cont")
+            phases.append(("cont", time.monotonic()))
             await self._freshen(sbx)
+            phases.append(("freshen", time.monotonic()))
         await sbx.channel.set_defaults(user="user", env=env_vars)
+        phases.append(("defaults", time.monotonic()))
         r.metadata, r.env_vars = dict(metadata), dict(env_vars)
         r.started = time.time()
         r.end = r.started + timeout
         r.state = "running"
         r.save()
+        phases.append(("saved", time.monotonic()))
+        log.info("sandbox %s: made the caller's in %.1f ms (%s)", r.sandbox_id, (phases[-1][1] - t0) * 1e3,
+                 ", ".join(f"{name} {(t - t0) * 1e3:.1f}" for name, t in phases))
 
     # -- pools ------------------------------------------------------------------------
     def _take(self, template: str) -> Sandbox | None:

@@ -186,6 +186,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--rootfs", default="/var/tmp/cubefs-test/rootfs")
     ap.add_argument("--json-out", default=None)
+    ap.add_argument("--keep-logs", default=None, metavar="DIR", help="copy the services' logs there at the end")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))  # finally cleans up
@@ -291,6 +292,10 @@ ip -n {inet_ns} link set lo up; ip -n {inet_ns} addr add {INTERNET}/24 dev in0; 
         web.kill()
         subprocess.run(["ip", "netns", "del", node_ns], check=False)
         subprocess.run(["ip", "netns", "del", inet_ns], check=False)
+        if args.keep_logs:
+            os.makedirs(args.keep_logs, exist_ok=True)
+            for log_file in tmp.glob("*.log"):
+                shutil.copy(log_file, args.keep_logs)
         shutil.rmtree(tmp, ignore_errors=True)
     if "download_tap_mbps" in out and "download_slirp_mbps" in out:
         out["download_tap_over_slirp"] = round(out["download_tap_mbps"]["median"] /
