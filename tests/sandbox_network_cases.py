@@ -17,6 +17,7 @@ network and other nodes' records put in etcd, each an address of "the internet"'
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -68,6 +69,19 @@ def setns(path: str) -> None:
         assert _libc.setns(fd, 0x40000000) == 0, os.strerror(ctypes.get_errno())
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def entered(ns: str) -> Iterator[None]:
+    """This thread in network namespace ``ns`` for the block (threads it starts meanwhile are
+    too), back in its own after."""
+    home = os.open("/proc/self/ns/net", os.O_RDONLY)
+    try:
+        setns(f"/run/netns/{ns}")
+        yield
+    finally:
+        _libc.setns(home, 0x40000000)
+        os.close(home)
 
 
 def etcdctl(inet_ns: str, *args: str) -> str:
@@ -744,24 +758,21 @@ def test_fifty_networks_made_and_removed_leave_nothing(tmp_path: Path) -> None:
 
     ns = f"{TAG}-cycles"
     sh(f"ip netns add {ns}")
-    home = os.open("/proc/self/ns/net", os.O_RDONLY)
     try:
-        setns(f"/run/netns/{ns}")
-        nets = Networks(tmp_path, pool_size=2)
-        nets.start(set())
-        for i in range(50):
-            netdev = nets.attach(f"s{i}")
-            nets.set_policy(f"s{i}", Policy(deny_out=["10.0.0.0/8"]))
-            Networks.close_fds(netdev)
-            nets.release(f"s{i}")
-        nets.close()
-        assert [n for n in sh("ip netns list").splitlines() if n.startswith(nets.prefix)] == []
-        assert "cfh" not in sh("ip -br link") and "tap" not in sh("ip -br link")
-        assert "cubefs" not in sh("nft list ruleset")
-        assert list((tmp_path / "network").glob("*.json")) == []
+        with entered(ns):
+            nets = Networks(tmp_path, pool_size=2)
+            nets.start(set())
+            for i in range(50):
+                netdev = nets.attach(f"s{i}")
+                nets.set_policy(f"s{i}", Policy(deny_out=["10.0.0.0/8"]))
+                Networks.close_fds(netdev)
+                nets.release(f"s{i}")
+            nets.close()
+            assert [n for n in sh("ip netns list").splitlines() if n.startswith(nets.prefix)] == []
+            assert "cfh" not in sh("ip -br link") and "tap" not in sh("ip -br link")
+            assert "cubefs" not in sh("nft list ruleset")
+            assert list((tmp_path / "network").glob("*.json")) == []
     finally:
-        _libc.setns(home, 0x40000000)
-        os.close(home)
         subprocess.run(["ip", "netns", "del", ns], check=False)
     shutil.rmtree(tmp_path, ignore_errors=True)
 
@@ -777,30 +788,27 @@ def test_an_adopted_sandbox_gets_todays_rules_and_the_protected_set(tmp_path: Pa
 
     ns = f"{TAG}-adopt"
     sh(f"ip netns add {ns}")
-    home = os.open("/proc/self/ns/net", os.O_RDONLY)
     try:
-        setns(f"/run/netns/{ns}")
-        nets = Networks(tmp_path, pool_size=0)
-        nets.start(set())
-        Networks.close_fds(nets.attach("a"))
-        nets.set_policy("a", Policy(deny_out=["10.9.0.0/16"]))
-        slot = nets.slots["a"]
-        nets.close()  # the sandbox keeps its network
-        run_once(f"flush chain inet cubefs s{slot}\nadd rule inet cubefs s{slot} accept")
-        nets = Networks(tmp_path, pool_size=0, protected=Protected(["10.8.0.0/16"]))
-        nets.start({"a"})
-        chain = run_once(f"list chain inet cubefs s{slot}")
-        assert chain.index("@protected") < chain.index("10.9.0.0/16"), chain
-        # an open connection to a protected address is cut, not let through as a reply
-        assert "ct state established,related ip daddr != @protected accept" in chain, chain
-        assert chain.index("ip daddr != @protected accept") < chain.index("reject with tcp reset"), chain
-        assert "10.8.0.0/16" in run_once("list set inet cubefs protected")
-        nets.release("a")
-        nets.close()
-        assert "cubefs" not in sh("nft list ruleset") and "cfh" not in sh("ip -br link")
+        with entered(ns):
+            nets = Networks(tmp_path, pool_size=0)
+            nets.start(set())
+            Networks.close_fds(nets.attach("a"))
+            nets.set_policy("a", Policy(deny_out=["10.9.0.0/16"]))
+            slot = nets.slots["a"]
+            nets.close()  # the sandbox keeps its network
+            run_once(f"flush chain inet cubefs s{slot}\nadd rule inet cubefs s{slot} accept")
+            nets = Networks(tmp_path, pool_size=0, protected=Protected(["10.8.0.0/16"]))
+            nets.start({"a"})
+            chain = run_once(f"list chain inet cubefs s{slot}")
+            assert chain.index("@protected") < chain.index("10.9.0.0/16"), chain
+            # an open connection to a protected address is cut, not let through as a reply
+            assert "ct state established,related ip daddr != @protected accept" in chain, chain
+            assert chain.index("ip daddr != @protected accept") < chain.index("reject with tcp reset"), chain
+            assert "10.8.0.0/16" in run_once("list set inet cubefs protected")
+            nets.release("a")
+            nets.close()
+            assert "cubefs" not in sh("nft list ruleset") and "cfh" not in sh("ip -br link")
     finally:
-        _libc.setns(home, 0x40000000)
-        os.close(home)
         subprocess.run(["ip", "netns", "del", ns], check=False)
         for name in sh("ip netns list").split():
             if name.startswith(Networks(tmp_path).prefix):

@@ -46,7 +46,7 @@ from cubefs.errors import CubefsError, NotFoundError, UsageError
 from vmm import checkpoint
 from vmm.agent import Agent
 from vmm.machine import VmError
-from vmm.vm import NAME_OK, Root, Template, Vm, check_name, machine_fingerprint, vm_root
+from vmm.vm import NAME_OK, Root, Template, Vm, check_name, vm_root
 
 CHECKPOINTS = "checkpoints"
 MAX_FORKS = 64
@@ -151,9 +151,11 @@ def rollback(vm: Vm, snap: str) -> dict[str, Any]:
     # everything that could refuse the restore is checked while the VM still runs
     if ck.volume != vol:
         raise VmError(f"snapshot {snap} of VM {vm.name} is of volume {ck.volume}, not of its root {vol}")
-    if ck.machine != machine_fingerprint(ck.spec):
-        raise VmError(f"snapshot {snap} of VM {vm.name} was saved by another QEMU or guest kernel: it cannot be "
-                      "restored (its disk can: 'cubefs rollback' with the VM removed)")
+    try:
+        checkpoint.check_machine(ck)
+    except checkpoint.StaleCheckpointError as err:
+        raise VmError(f"snapshot {snap} of VM {vm.name}: {err}; its disk can be: 'cubefs rollback' with the VM "
+                      "removed") from None
     if ck.template:  # the VM template its RAM is based on: there, and for this machine
         Template.load(ck.template)
     index = vm.volume_index()
