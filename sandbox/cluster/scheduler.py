@@ -220,18 +220,15 @@ class Scheduler:
         longer than that on etcd, whatever its transaction and read-back would take."""
         if self._closed:  # nothing is sent any more: the future would never be answered
             raise EtcdUnavailable("the front is closing")
-        if deadline is None:
-            rid, conflict = await self._reserve(node, template, cpus, memory_mb, 0.0)
-        else:
-            loop = asyncio.get_running_loop()
-            try:
-                # asyncio.timeout, not wait_for: no task of its own per placement.  Its expiry
-                # cancels the booking's future, which the batch's end deletes if it was written.
-                async with asyncio.timeout_at(loop.time() + max(0.0, deadline - time.monotonic())):
-                    rid, conflict = await self._reserve(node, template, cpus, memory_mb, deadline)
-            except TimeoutError:
-                self.deadline_misses += 1
-                raise EtcdUnavailable("no answer to the reservation within the placement's deadline") from None
+        when = None if deadline is None else asyncio.get_running_loop().time() + max(0.0, deadline - time.monotonic())
+        try:
+            # asyncio.timeout, not wait_for: no task of its own per placement.  Its expiry
+            # cancels the booking's future, which the batch's end deletes if it was written.
+            async with asyncio.timeout_at(when):
+                rid, conflict = await self._reserve(node, template, cpus, memory_mb, deadline or 0.0)
+        except TimeoutError:
+            self.deadline_misses += 1
+            raise EtcdUnavailable("no answer to the reservation within the placement's deadline") from None
         if conflict is not None:
             # etcd answered: another front booked the node.  Waiting for the view to catch up is
             # outside the deadline (a late conflict is a conflict, not "etcd does not answer").
