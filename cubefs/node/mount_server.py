@@ -562,8 +562,7 @@ def _become_spare(request: dict[str, Any], link_fd: int) -> int:
             got = spare.wait_for_request(link_fd)
             if got is None:
                 return EXIT_OK
-            req, notify_fd = got
-            _adopt_client(req)
+            req, notify_fd = got  # its env and cwd are the spare's own (request_key holds them)
             _stdio_to(_log_path(req["cache_dir"], req["mountpoint"]))
             supervision = {"fd": link_fd, "resume": None, "accepted": req.get("accepted")}
             return _serve_logged(argparse.Namespace(**req["args"]), req["mountpoint"], req["cache_dir"], notify_fd,
@@ -632,13 +631,7 @@ def _become_host(request: dict[str, Any], link_fd: int, key: str, image: dict[st
 
     os.setsid()
     _close_all_but({link_fd})
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    logfd = os.open(roots.log_path(request["cache_dir"], key), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    os.dup2(logfd, 1)
-    os.dup2(logfd, 2)
-    os.close(devnull)
-    os.close(logfd)
+    _stdio_to(roots.log_path(request["cache_dir"], key))
     _adopt_client(request)
     setup_logging(int(request["args"].get("verbose") or 0), daemon=True)
     try:

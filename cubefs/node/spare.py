@@ -53,6 +53,7 @@ DEFAULT_COUNT = 4
 DEFAULT_BYTES = 512 << 20
 KEEP_SECONDS = 600.0  # a spare nobody asked for in this long is dropped
 SPARE_DELAY = 0.2  # seconds after a mount before its spare is forked: not during its start-up
+MOUNT_REPORT_WAIT = 10.0  # seconds a mount has to say which image it mounted before it gets no spare
 REQUEST_MAX = 1 << 20  # as the server's own request limit
 
 
@@ -106,9 +107,9 @@ class Spares:
         self.max_bytes = _setting(BYTES_ENV, parse_size, DEFAULT_BYTES) if max_bytes is None else max_bytes
         self.keep_seconds = keep_seconds
         self.kept: dict[str, Spare] = {}
-        # key -> (fork at, request, the digest its daemon mounted if it said: no manifest GET ahead)
-        self.due: dict[str, tuple[float, dict[str, Any], Callable[[], str | None]]] = {}
-        self.waited: dict[str, int] = {}  # key -> times its mount had not yet said its image
+        # key -> (fork at, no spare after, request, the digest its daemon mounted once it said:
+        # no manifest GET ahead, and a mount that never says, a failed one, gets no spare)
+        self.due: dict[str, tuple[float, float, dict[str, Any], Callable[[], str | None]]] = {}
 
     def take(self, key: str | None) -> Spare | None:
         return self.kept.pop(key, None) if key is not None else None
@@ -123,7 +124,8 @@ class Spares:
             s.wanted = time.monotonic()
             self.kept[key] = s  # most recently wanted last
             return
-        self.due[key] = (time.monotonic() + SPARE_DELAY, request, digest)
+        now = time.monotonic()
+        self.due[key] = (now + SPARE_DELAY, now + MOUNT_REPORT_WAIT, request, digest)
 
     def fds(self) -> dict[int, Spare]:
         return {s.sock.fileno(): s for s in self.kept.values()}
@@ -156,7 +158,7 @@ class Spares:
         for s in [s for s in self.kept.values() if now - s.wanted > self.keep_seconds]:
             log.info("dropping spare %d for %s: not wanted for %.0f s", s.pid, s.ref, self.keep_seconds)
             self._drop(s)
-        for key, (when, request, digest) in list(self.due.items()):
+        for key, (when, give_up, request, digest) in list(self.due.items()):
             if when > now:
                 continue
             del self.due[key]
@@ -164,22 +166,18 @@ class Spares:
                 continue
             mounted = digest()
             if mounted is None:  # its daemon has not said it mounted: still starting, or failed
-                tries = self.waited.get(key, 0) + 1
-                if tries < 20:  # a slow start on a loaded node: ask again in half a second
-                    self.waited[key] = tries
-                    self.due[key] = (now + 0.5, request, digest)
-                else:  # 10 s and no image: a failed mount (a typo, no such image) gets no spare
-                    self.waited.pop(key, None)
+                if now < give_up:  # a slow start on a loaded node: ask again in half a second
+                    self.due[key] = (now + 0.5, give_up, request, digest)
+                else:  # a failed mount (a typo, no such image) gets no spare
                     log.info("no spare for %s: its mount did not report an image", request["args"].get("ref"))
                 continue
-            self.waited.pop(key, None)
             while len(self.kept) >= self.count:
                 self._drop(next(iter(self.kept.values())))
             sock, pid = fork({**request, "kept_digest": mounted})
             ref = str(request["args"].get("ref"))
             self.kept[key] = Spare(key, ref, sock, pid, now)
             log.info("forked spare %d for %s", pid, ref)
-        return min((when - now for when, _r, _d in self.due.values()), default=60.0)
+        return min((when - now for when, *_ in self.due.values()), default=60.0)
 
     def hand(self, s: Spare, request: dict[str, Any], conn: socket.socket) -> bool:
         """Give ``s`` the request and the client's connection; False if it is gone."""
@@ -200,7 +198,6 @@ class Spares:
         for s in list(self.kept.values()):
             self._drop(s)
         self.due.clear()
-        self.waited.clear()
 
 
 # -- the spare's side (a child of the server) ---------------------------------------------
