@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -89,7 +90,7 @@ class Policy:
         allow = [e for e in self.allow_out if not is_name(e)]
         if len(allow) < len(self.allow_out):  # a name in allowOut: the listed DNS servers are open too
             allow += [f"{ip}/32" for ip in self.dns_servers or []]
-        return _collapse(allow), _collapse(deny)
+        return collapse(allow), collapse(deny)
 
     def names(self) -> tuple[list[str], list[str]]:
         """(allowed, refused) domain names and wildcards."""
@@ -185,5 +186,6 @@ def _matches(pattern: str, name: str) -> bool:
     return name == pattern
 
 
-def _collapse(nets: list[str]) -> list[str]:
+def collapse(nets: Iterable[str]) -> list[str]:
+    """IPv4 networks merged where they overlap or adjoin (one nft element each)."""
     return [str(n) for n in ipaddress.collapse_addresses(ipaddress.IPv4Network(n) for n in nets)]

@@ -46,6 +46,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from cubefs.errors import CubefsError, UsageError
+from sandbox.network.policy import collapse
 
 log = logging.getLogger("cubefs.sandbox.network")
 
@@ -185,16 +186,12 @@ class Protected:
             if keep:
                 new |= self.sources.get(source, set())
             self.sources[source] = new
-            whole = [str(n) for n in ipaddress.collapse_addresses(
-                ipaddress.IPv4Network(x) for nets in self.sources.values() for x in nets)]
+            whole = collapse(x for nets in self.sources.values() for x in nets)
             if whole == self._applied:
                 return
             self.apply(whole)
             self._applied = whole
         log.info("sandbox networks: refused to every sandbox: %s", ", ".join(whole) or "nothing")
-
-    def networks(self) -> list[str]:
-        return list(self._applied or [])
 
 
 async def follow_cluster(etcd: Any, members_prefix: str, node_key: Callable[[str], str], protected: Protected,
