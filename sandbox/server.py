@@ -77,15 +77,12 @@ async def serve(api_addr: tuple[str, int], proxy_addr: tuple[str, int], keys: Ap
         service.network = Networks(state_dir(), network_pool, dns_upstream, max_connections, protected)
     await service.start()
     member = None
-    following = None
     try:
         if cluster is not None:
             member = await _join(service, cluster, api_addr, proxy_addr)
             if service.network is not None:  # the other nodes' addresses, refused to sandboxes as they join
-                following = await _follow_nodes(member, service.network.protected)
+                await _protect_nodes(member, service.network.protected)
     except BaseException:
-        if following is not None:
-            following.cancel()
         await service.close()
         raise
     runners = [web.AppRunner(api.make_app(service, keys, member), access_log=None, shutdown_timeout=STOP_GRACE),
@@ -116,10 +113,6 @@ async def serve(api_addr: tuple[str, int], proxy_addr: tuple[str, int], keys: Ap
         await service.quiesce()  # queued creates failed, open streams ended: their handlers return
         for runner in runners:
             await runner.cleanup()
-        if following is not None:
-            following.cancel()
-            with contextlib.suppress(BaseException):
-                await following
         if member is not None:
             await member.close()
             await member.etcd.close()
@@ -127,17 +120,15 @@ async def serve(api_addr: tuple[str, int], proxy_addr: tuple[str, int], keys: Ap
         log.info("sandbox service stopped in %.2f s", time.monotonic() - t0)
 
 
-async def _follow_nodes(member: Any, protected: Any) -> asyncio.Task[None]:
-    """A task keeping the cluster's nodes in ``protected``, once the nodes known now are in
-    (5 s at most: etcd answered the join a moment ago)."""
-    from sandbox.network.protect import follow_cluster
+async def _protect_nodes(member: Any, protected: Any) -> None:
+    """Keep the cluster's nodes in ``protected`` as they join (the member's own watch of
+    ``members/``), and wait until the nodes known now are in (5 s at most: etcd answered the
+    join a moment ago; the rest go on in the background)."""
+    from sandbox.network.protect import node_listener
 
-    first = asyncio.Event()
-    task = asyncio.create_task(follow_cluster(member.etcd, member.layout.members, member.layout.node, protected,
-                                              first))
+    known = member.follow_members(node_listener(member.etcd, member.layout.node, protected))
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(first.wait(), 5.0)
-    return task
+        await asyncio.wait_for(asyncio.shield(known), 5.0)
 
 
 async def _join(service: SandboxService, opts: ClusterOptions, api_addr: tuple[str, int],

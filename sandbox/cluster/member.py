@@ -22,12 +22,15 @@ longer lists — a sandbox the API called gone does not come back to life —
 then publishes itself afresh.  A node restarted within the TTL keeps its lease
 (its ID is kept in ``STATE/cluster-lease``) and loses nothing.
 
-**Peers.**  The node watches ``nodes/`` and writes every node's peer address,
+**Peers.**  The node watches ``members/`` and writes every node's peer address,
 its own included, to ``STATE/peers`` (``cubefs mount --peers-file``): each
 chunk then has one owner in the whole cluster (rendezvous hashing over the same
 list everywhere), which fetches it from the store once and serves it to every
 other node — an image is read from the store about once per cluster, not once
-per node — with no list to keep by hand.
+per node — with no list to keep by hand.  The same watch tells whoever else
+follows the members (``follow_members``: the sandbox networks' protected set,
+sandbox/network/protect.py) of each node that joins: one watch per node, not one
+per follower.
 """
 
 from __future__ import annotations
@@ -35,9 +38,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+from cubefs.errors import CubefsError
 from sandbox.cluster.etcd import Etcd, EtcdError, Op
 from sandbox.cluster.keys import Layout, NodeInfo, Route
 from sandbox.config import private_dir, state_dir, write_private
@@ -47,6 +51,8 @@ log = logging.getLogger("cubefs.sandbox.cluster")
 DEFAULT_TTL = 10  # seconds: how long a dead node's sandboxes are still reported (the issue's "lease time")
 SETTLE_WAIT = 2.0  # a create waits this long at most for its route to reach etcd
 REFRESH = 15.0  # seconds between republishing what changes without an event (cache locality)
+
+MemberListener = Callable[[str, str], Awaitable[None]]  # (node name, its peer address): a node (re)joined
 
 
 class NodeMember:
@@ -71,6 +77,8 @@ class NodeMember:
         self._written = 0  # the generation the last successful flush covered
         self._tasks: list[asyncio.Task[None]] = []
         self._peers: list[str] | None = None
+        self._members: dict[str, str] = {}  # members/NAME -> its peer address, as last read
+        self._member_listeners: list[MemberListener] = []
         self._record_written: tuple[bytes, int] = (b"", 0)  # the node record etcd has, under which lease
         self._member_written = 0  # the lease members/NAME was written under
         # Sandboxes added or removed since the last flush: a flush compares only those with what etcd
@@ -87,11 +95,12 @@ class NodeMember:
         private_dir(state_dir())
         lost = await self._take_lease()
         await self._reconcile(lost)
-        kvs, _ = await self.etcd.range(self.layout.members)  # the peers before the first sandbox's root
-        self._write_peers({kv.key: kv.value.decode() for kv in kvs})
+        kvs, revision = await self.etcd.range(self.layout.members)  # the peers before the first sandbox's root
+        self._members = {kv.key: kv.value.decode() for kv in kvs}
+        self._write_peers(self._members)
         self.service.sandboxes.watchers.append(self.changed)
         self._tasks = [asyncio.create_task(self._flusher()), asyncio.create_task(self._keepalive()),
-                       asyncio.create_task(self._follow_peers()), asyncio.create_task(self._refresher())]
+                       asyncio.create_task(self._follow_members(revision)), asyncio.create_task(self._refresher())]
         log.info("cluster: node %s registered in etcd %s (lease %x, %d s)", self.info.name, self.etcd.endpoints,
                  self.lease, self.ttl)
 
@@ -294,29 +303,62 @@ class NodeMember:
             await asyncio.sleep(REFRESH)
 
     # -- peers ----------------------------------------------------------------------
-    async def _follow_peers(self) -> None:
-        """Keep ``STATE/peers`` listing every node's peer address.  Nodes watch ``members/``
-        (written once per lease), not ``nodes/``: every record put would otherwise go to every
-        node — at 10,000 nodes and 100,000 creates a minute, ~23 M watch events/s."""
-        revision = 0
+    def follow_members(self, listener: MemberListener) -> asyncio.Task[None]:
+        """Call ``listener(name, peer)`` for every node that joins (each ``members/NAME`` put: once
+        per lease) and, in the task returned, for every node known now; a node leaving is not
+        told.  A listener may be called again for a node (after etcd was lost the members are
+        read afresh and told again), and a failing one (a ``CubefsError``) is called again a
+        second later.  The task ends with the member."""
+        self._member_listeners.append(listener)
+        known = dict(self._members)
+
+        async def tell_known() -> None:
+            for key, peer in known.items():
+                while True:
+                    try:
+                        await listener(key[len(self.layout.members):], peer)
+                        break
+                    except CubefsError as err:
+                        log.debug("cluster: telling of member %s: %s", key, err)
+                        await asyncio.sleep(1.0)
+
+        task = asyncio.create_task(tell_known())
+        self._tasks.append(task)
+        return task
+
+    async def _follow_members(self, revision: int) -> None:
+        """Keep ``STATE/peers`` listing every node's peer address, and tell ``follow_members``'
+        listeners of nodes joining.  Nodes watch ``members/`` (written once per lease), not
+        ``nodes/``: every record put would otherwise go to every node — at 10,000 nodes and
+        100,000 creates a minute, ~23 M watch events/s."""
+        members = self.layout.members
         while True:
             try:
-                if revision == 0:
-                    kvs, revision = await self.etcd.range(self.layout.members)
-                    nodes = {kv.key: kv.value.decode() for kv in kvs}
-                    self._write_peers(nodes)
-                async for events in self.etcd.watch(self.layout.members, revision + 1):
+                if revision == 0:  # etcd was lost: read afresh, every member told again
+                    kvs, revision = await self.etcd.range(members)
+                    self._members = {kv.key: kv.value.decode() for kv in kvs}
+                    self._write_peers(self._members)
+                    for key, peer in self._members.items():
+                        await self._tell(key, peer)
+                async for events in self.etcd.watch(members, revision + 1):
                     for ev in events:
                         if ev.type == "PUT":
-                            nodes[ev.kv.key] = ev.kv.value.decode()
+                            self._members[ev.kv.key] = ev.kv.value.decode()
                         else:
-                            nodes.pop(ev.kv.key, None)
+                            self._members.pop(ev.kv.key, None)
                         revision = ev.kv.mod_revision
-                    self._write_peers(nodes)
-            except EtcdError as err:
-                log.debug("cluster: following peers: %s", err)
+                    self._write_peers(self._members)
+                    for ev in events:
+                        if ev.type == "PUT":
+                            await self._tell(ev.kv.key, self._members.get(ev.kv.key, ""))
+            except CubefsError as err:  # etcd's (EtcdError), or a listener's: tried again from a fresh range
+                log.debug("cluster: following members: %s", err)
                 revision = 0
                 await asyncio.sleep(1.0)
+
+    async def _tell(self, key: str, peer: str) -> None:
+        for listener in self._member_listeners:
+            await listener(key[len(self.layout.members):], peer)
 
     def _write_peers(self, nodes: dict[str, str]) -> None:
         peers = sorted({p for p in nodes.values() if p})

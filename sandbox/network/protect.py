@@ -17,7 +17,7 @@ chain before its allow rules (an ``allowOut`` naming them opens nothing), filled
   template's ``s3_endpoint`` (a template made later is seen within ``RESCAN`` seconds); no
   endpoint means AWS's public S3, which is not refused (it is the internet, and keys guard it);
 * every node of the cluster: the hosts of its API, proxy and peer addresses in ``nodes/NAME``
-  and ``members/NAME``, followed as members come (``follow_cluster``).  A node that leaves
+  and ``members/NAME``, followed as members come (``node_listener``).  A node that leaves
   etcd keeps its addresses refused for the service's life: a node cut off from etcd loses its
   keys but still serves its ports.
 
@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from cubefs.errors import CubefsError, UsageError
+from cubefs.errors import UsageError
 from sandbox.network.policy import collapse
 
 log = logging.getLogger("cubefs.sandbox.network")
@@ -194,41 +194,20 @@ class Protected:
         log.info("sandbox networks: refused to every sandbox: %s", ", ".join(whole) or "nothing")
 
 
-async def follow_cluster(etcd: Any, members_prefix: str, node_key: Callable[[str], str], protected: Protected,
-                         first: asyncio.Event | None = None) -> None:
-    """Keep every node's addresses in ``protected``: a range of ``members/`` and a watch from
-    there (``members/NAME`` is written once per lease, with ``nodes/NAME`` in the same
-    transaction: each PUT is a node (re)joining, whose record is then read for its API and proxy
-    hosts).  ``first`` is set once the nodes known at the start are in."""
+def node_listener(etcd: Any, node_key: Callable[[str], str], protected: Protected) -> Callable[[str, str], Any]:
+    """What the node's member follower (``NodeMember.follow_members``) calls for each node that
+    joins: its peer host and the API, proxy and peer hosts of its record (``nodes/NAME``, read
+    then) added to ``protected``.  A failure (etcd's, nft's) raises: the follower tries again."""
     from sandbox.cluster.keys import NodeInfo
 
-    async def hosts_of(name: str, peer: str) -> list[str]:
+    async def add(name: str, peer: str) -> None:
         hosts = [host_of(peer)]
         kv = await etcd.get(node_key(name))
         if kv is not None:
             with contextlib.suppress(ValueError, TypeError):
                 info = NodeInfo.decode(kv.value)
                 hosts += [host_of(info.api), host_of(info.proxy), host_of(info.peer)]
-        return [h for h in hosts if h]
+        # lookups and nft off the loop (a large set takes ~0.1 s)
+        await asyncio.to_thread(protected.set_hosts, f"node {name}", [h for h in hosts if h], True)
 
-    async def add(name: str, peer: str) -> None:  # lookups and nft off the loop (a large set takes ~0.1 s)
-        await asyncio.to_thread(protected.set_hosts, f"node {name}", await hosts_of(name, peer), True)
-
-    revision = 0
-    while True:
-        try:
-            if revision == 0:
-                kvs, revision = await etcd.range(members_prefix)
-                for kv in kvs:
-                    await add(kv.key[len(members_prefix):], kv.value.decode(errors="replace"))
-                if first is not None:
-                    first.set()
-            async for events in etcd.watch(members_prefix, revision + 1):
-                for ev in events:
-                    if ev.type == "PUT":
-                        await add(ev.kv.key[len(members_prefix):], ev.kv.value.decode(errors="replace"))
-                    revision = ev.kv.mod_revision
-        except CubefsError as err:  # etcd's (EtcdError), or nft's: tried again from a fresh range
-            log.debug("sandbox networks: following the cluster's nodes: %s", err)
-            revision = 0
-            await asyncio.sleep(1.0)
+    return add

@@ -35,8 +35,9 @@ CPU seconds of the front(s), etcd, the simulated nodes and the clients (from
 ``/proc``); etcd's committed proposals/s, watch events sent, WAL fsync time;
 and the memory of a front's view per node and per route (tracemalloc over
 ``ClusterView._put`` of what etcd holds after the run).  ``--peer-watchers W``:
-W of the simulated nodes also watch ``nodes/`` as a real node's peers file
-does (what that fan-out costs etcd per event; the default leaves it out, or
+W of the simulated nodes also watch ``nodes/``, as a real node's peers file
+once did (real nodes now watch ``members/``, written once per lease: this is
+the upper bound; what that fan-out costs etcd per event; the default leaves it out, or
 5,000 watches from one process would measure this machine, not the design).
 Exits 2 with a message when etcd is not installed; 1 when a case failed.
 
@@ -184,7 +185,8 @@ async def run_nodes(args: argparse.Namespace) -> None:
     stats["peer_events"] = 0
 
     async def follow_peers() -> None:
-        """What each real node's NodeMember._follow_peers asks of etcd: a watch on nodes/."""
+        """A watch on nodes/ with its decodes: the upper bound of a node's own follower
+        (NodeMember._follow_members watches members/, put once per lease)."""
         async for events in etcd.watch(layout.nodes, 0):
             for ev in events:
                 if ev.type == "PUT":
@@ -833,7 +835,7 @@ def main() -> int:
                     help="the simulated nodes do not republish every 15 s")
     ap.add_argument("--lease-group", type=int, default=100, help="simulated nodes per shared lease (default 100)")
     ap.add_argument("--peer-watchers", type=int, default=0, metavar="W",
-                    help="W simulated nodes also watch nodes/ as a real node does for its peers file "
+                    help="W simulated nodes also watch nodes/ (the upper bound of a real node's watch of members/) "
                     "(default 0: that fan-out is measured on its own, see docs/benchmarks.md)")
     ap.add_argument("--cases", choices=("one", "all"), default="one",
                     help="'all': the table of docs/benchmarks.md (1,000 and 5,000 nodes, 1 and 2 fronts, "
