@@ -805,7 +805,7 @@ class SandboxService:
                     log.warning("snapshot %s: its RAM file stays untrimmed: %s", rec.snapshot_id, err)
             t1 = time.monotonic()
             index.sync_all()  # the volume directory: the snapshot's volume and the blocks under it
-            _fsync_tree(rec.dir)  # its RAM file and checkpoint (--snapshot-dir may be another filesystem)
+            checkpoint.fsync_tree(rec.dir)  # its RAM file and checkpoint (--snapshot-dir may be another filesystem)
             with self._snapshot_lock:
                 if not (rec.dir / "snapshot.json").exists():
                     return  # deleted meanwhile
@@ -1373,17 +1373,6 @@ def _qemu_named(vm_name: str) -> list[int]:
             if needle in cmdline and b"qemu-system" in cmdline.split(b"\0", 1)[0]:
                 found.append(int(entry.name))
     return found
-
-
-def _fsync_tree(top: Path) -> None:
-    """fsync every file and directory under ``top`` (a snapshot's few files)."""
-    for dirpath, _dirs, files in os.walk(top):
-        for name in [*files, "."]:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
 
 
 def _template_opts(name: str) -> StoreOptions:

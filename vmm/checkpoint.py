@@ -264,6 +264,25 @@ def take(vm: Vm, dest: Path, at_instant: Callable[[], tuple[str | None, str | No
     return ck
 
 
+def fsync_tree(top: Path) -> None:
+    """fsync every file and directory under ``top`` (a checkpoint's few files), and ``top``'s
+    entry in its parent: what QEMU wrote to a RAM file is in the page cache only, and a
+    checkpoint whose record outlived a power cut but whose pages did not would restore a
+    torn memory."""
+    for dirpath, _dirs, files in os.walk(top):
+        for name in [*files, "."]:
+            _fsync(os.path.join(dirpath, name))
+    _fsync(str(top.parent))
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 _pending: dict[str, tuple[bytes, bytes]] = {}  # checkpoint dir -> (written pages, QEMU's bitmap), for trim()
 
 

@@ -118,6 +118,7 @@ def snapshot(vm: Vm, name: str | None = None, disk_only: bool = False) -> Snapsh
         try:
             ck = checkpoint.take(vm, dest, at_instant)
             index.sync_all()  # the snapshot and the blocks under it survive a power cut
+            checkpoint.fsync_tree(dest)  # and the RAM file with them (QEMU leaves it in the page cache)
         except BaseException:
             shutil.rmtree(dest, ignore_errors=True)
             if made:  # not a disk-only snapshot by accident: the name stays free for a retry
