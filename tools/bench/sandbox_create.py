@@ -18,7 +18,14 @@ p50/p95/p99 over ``--creates`` samples each.
 ``--burst N``: instead, N creates at once against a pool of ``--burst-pool`` (so most
 restore), once per ``--max-restores`` value (the node's restore gate; ``none``: unbounded,
 as before the gate): each create's latency (create + ``true``), the failures, the most
-restores the service ran at once and its queue waits (its /metrics).  Needs root, the guest kernel
+restores the service ran at once and its queue waits (its /metrics).
+
+``--cpu N``: instead, where a pooled sample's CPU goes: N samples at concurrency 1 and N at
+``--concurrency`` (bursts against a full pool of that size, the pool refilled and the node idle
+before each burst), each process class's utime+stime (+ its reaped children's) over the bursts
+divided by the samples: the sandboxes' QEMUs (guest and emulation), QEMUs the pool started during
+the burst (its refill), the service, the mount server, the root host(s), the bench's own SDK
+client; the kills after a burst are not counted.  Needs root, the guest kernel
 (tools/make_vm_kernel.py) and the test rootfs (tools/make_rootfs.py).
 
     sudo .venv/bin/python tools/bench/sandbox_create.py --creates 100 --concurrency 10
@@ -85,6 +92,99 @@ def bursts(n: int, size: int, before: Any = None) -> list[float]:
     return out
 
 
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _proc_cpu(pid: int) -> float | None:
+    """Seconds of CPU ``pid`` and its reaped children used (utime+stime+cutime+cstime)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return sum(int(x) for x in fields[11:15]) / TICK
+
+
+def node_processes(env: dict[str, str], service: int) -> dict[int, str]:
+    """This bench's node's processes by class: every process whose environment names its mount
+    server's socket (the service, the QEMUs it starts, the mount server and its root hosts)."""
+    mark = f"CUBEFS_SERVER={env['CUBEFS_SERVER']}".encode()
+    out: dict[int, str] = {}
+    parents: dict[int, int] = {}
+    cmds: dict[int, bytes] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) == os.getpid():
+            continue
+        try:
+            if mark not in Path(f"/proc/{d}/environ").read_bytes().split(b"\0"):
+                continue
+            cmds[int(d)] = Path(f"/proc/{d}/cmdline").read_bytes()
+            parents[int(d)] = int(Path(f"/proc/{d}/stat").read_text().rpartition(")")[2].split()[1])
+        except (OSError, ValueError):
+            continue
+    for pid, cmd in cmds.items():
+        if b"qemu-system" in cmd:
+            out[pid] = "qemu"
+        elif pid == service:
+            out[pid] = "service"
+        elif parents[pid] == service:
+            out[pid] = "service's helpers"
+        elif parents[pid] in cmds and b"qemu-system" not in cmds[parents[pid]]:
+            out[pid] = "root host"  # forked by the mount server
+        else:
+            out[pid] = "mount server"
+    return out
+
+
+def cpu_profile(env: dict[str, str], tmp: Path, n: int, c: int) -> dict[str, Any]:
+    """Where a pooled sample's CPU goes, by process class, at concurrency 1 and ``c``."""
+    from e2b import Sandbox
+
+    svc = Service(env, tmp, c)
+    out: dict[str, Any] = {}
+    try:
+        for k in (1, c):
+            used: dict[str, float] = {}
+            lat: list[float] = []
+            done = 0
+            while done < n:
+                svc.wait_pool(c)
+                time.sleep(1.0)  # the last fill's stop and bookkeeping: the node idle
+                procs = node_processes(env, svc.proc.pid)
+                before = {pid: _proc_cpu(pid) for pid in procs}
+                me0 = os.times()
+                made: list[Any] = []
+
+                def one(_: int, made: list[Any] = made) -> float:
+                    t0 = time.monotonic()
+                    s = Sandbox.create(timeout=120)
+                    made.append(s)
+                    s.commands.run("true")
+                    return time.monotonic() - t0
+
+                with ThreadPoolExecutor(k) as ex:
+                    lat += list(ex.map(one, range(min(k, n - done))))
+                me1 = os.times()
+                for pid, cls in node_processes(env, svc.proc.pid).items():
+                    now = _proc_cpu(pid)
+                    if now is None:
+                        continue
+                    if pid not in before:
+                        cls = "qemu (pool refill)" if cls == "qemu" else cls
+                    used[cls] = used.get(cls, 0.0) + now - (before.get(pid) or 0.0)
+                used["bench (SDK client)"] = used.get("bench (SDK client)", 0.0) + (me1.user + me1.system) - (
+                    me0.user + me0.system)
+                done += len(made)
+                with ThreadPoolExecutor(10) as ex:
+                    list(ex.map(lambda s: s.kill(), made))
+            per = {cls: round(v / done * 1e3, 1) for cls, v in sorted(used.items())}
+            per["total"] = round(sum(used.values()) / done * 1e3, 1)
+            out[f"c{k}"] = {"ms_cpu_per_sample": per, "latency": pct(lat)}
+            print(json.dumps({f"c{k}": out[f"c{k}"]}), file=sys.stderr, flush=True)
+    finally:
+        svc.stop()
+    return out
+
+
 def metrics(port: int) -> dict[str, float]:
     import urllib.request
 
@@ -147,6 +247,7 @@ def main() -> int:
     ap.add_argument("--burst", type=int, default=0, metavar="N", help="N creates at once (see above)")
     ap.add_argument("--burst-pool", type=int, default=4)
     ap.add_argument("--max-restores", default="none,2", help="with --burst: values to run, comma-separated")
+    ap.add_argument("--cpu", type=int, default=0, metavar="N", help="CPU per pooled sample by process (see above)")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="cubefs-bench-sbx-"))
@@ -158,6 +259,18 @@ def main() -> int:
     cubefs(env, "sandbox", "template", "create", "base", "--from", "bench:1")
     out: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count()}
     c = args.concurrency
+    if args.cpu:
+        out["loadavg_start"] = os.getloadavg()
+        try:
+            out["cpu"] = cpu_profile(env, tmp, args.cpu, c)
+        finally:
+            subprocess.run([sys.executable, "-m", "cubefs", "vm", "rm", "--all"], env=env, capture_output=True)
+            sandbox_service.stop_mount_server(env)
+        out["loadavg_end"] = os.getloadavg()
+        print(json.dumps(out, indent=1))
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps(out, indent=1) + "\n")
+        return 0
     if args.burst:
         try:
             for limit in args.max_restores.split(","):
