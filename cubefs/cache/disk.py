@@ -50,6 +50,7 @@ import xxhash
 
 from cubefs.cache import lmdbcheck
 from cubefs.cache.files import clear_files, tree_bytes, trim_files
+from cubefs.cache.hot import SHARE, clear_hot, trim_hot
 from cubefs.cache.tiers import DiskStats
 from cubefs.errors import CubefsError, FormatVersionError, UsageError
 
@@ -458,6 +459,7 @@ class DiskCache:
 
         before = self.used_bytes
         copies = trim_files(self.directory, target_bytes // 2)  # passthrough copies: cubefs.cache.files
+        copies += trim_hot(self.directory, target_bytes // SHARE)  # images' start-up chunks: cubefs.cache.hot
         for attempt in (1, 2):
             try:
                 e = self.env
@@ -480,6 +482,7 @@ class DiskCache:
         freed = self.used_bytes
         freed += _remove_quarantined(self.directory, older_than=0)
         freed += clear_files(self.directory)  # passthrough copies: cubefs.cache.files
+        freed += clear_hot(self.directory)  # images' start-up chunks: cubefs.cache.hot
         try:
             self._guard("clear", None, work)
         except _NoSpace:

@@ -48,6 +48,7 @@ import zstandard
 from cachetools import LRUCache
 
 from cubefs.cache.disk import DiskCache, StoredChunk
+from cubefs.cache.hot import HotFile
 from cubefs.cache.peers import Peer, PeerSet
 from cubefs.cache.tiers import MemoryTier, TierStats
 from cubefs.errors import CubefsError
@@ -167,6 +168,7 @@ class ChunkSource:
         self._background_requests = trio.Semaphore(background_requests)
         self._nursery: trio.Nursery | None = None
         self._disk_lanes: trio.CapacityLimiter | None = None  # background disk-cache reads (DISK_LANES)
+        self.hot: HotFile | None = None  # the image's start-up chunks in one file (cubefs.cache.hot), if kept
         self.prefetch_stats: dict[str, float] = {"chunks": 0, "done": 0, "seconds": 0.0}
         self.stream_stats: dict[str, float] = {"chunks": 0, "done": 0, "seconds": 0.0}
         self._stream_plan: Any = None  # () -> chunks to stream, in order (see stream_after)
@@ -188,6 +190,8 @@ class ChunkSource:
             out["disk"]["used_bytes"] = self.disk.used_bytes
         if self.peers is not None:
             out["peers"] = self.peers.totals()
+        if self.hot is not None:
+            out["hot"] = self.hot.as_dict()
         return out
 
     def from_memory(self, refs: list[ChunkLocation]) -> list[bytes] | None:
@@ -562,15 +566,34 @@ class ChunkSource:
                     out.append((d, None))
             return out
 
+        hot = self.hot
+
+        def stored(digests: list[bytes]) -> dict[bytes, StoredChunk]:
+            # The image's start-up chunks from its hot file first (cubefs.cache.hot: one
+            # pread for a run of them, no GIL held while the disk works), the rest from LMDB.
+            found: dict[bytes, StoredChunk] = {}
+            if hot is not None:
+                found = {d: StoredChunk(*v) for d, v in hot.get_many(digests).items()}
+                digests = [d for d in digests if d not in found]
+            if digests:
+                found.update(disk.get_many(digests))
+            return found
+
+        def present(digests: list[bytes]) -> list[bytes]:
+            if hot is None:
+                return disk.present(digests)
+            elsewhere = set(disk.present([d for d in digests if d not in hot]))
+            return [d for d in digests if d in hot or d in elsewhere]
+
         def load() -> tuple[list[tuple[bytes, bytes | None]], list[bytes]]:
             # One thread hop for the lookup: an LMDB read may fault pages in from
             # disk, which must never happen on the event loop.  Only what a reader waits
             # for is read now; the rest is only looked up (see decode_later).
-            found = disk.get_many([d for d in mine if d in wanted])
-            return decode(list(found.items())), disk.present([d for d in mine if d not in wanted])
+            found = stored([d for d in mine if d in wanted])
+            return decode(list(found.items())), present([d for d in mine if d not in wanted])
 
         def read_and_decode(part: list[bytes]) -> list[tuple[bytes, bytes | None]]:
-            return decode(list(disk.get_many(part).items()))
+            return decode(list(stored(part).items()))
 
         decoded, later = await trio.to_thread.run_sync(load)
         disk.stats.seconds += time.monotonic() - t0

@@ -25,6 +25,7 @@ import lmdb
 import trio
 
 from cubefs.cache.disk import DiskCache
+from cubefs.cache.hot import HotFile
 from cubefs.cache.peers import PeerSet
 from cubefs.cache.source import ChunkSource
 from cubefs.cache.tiers import MemoryTier
@@ -200,6 +201,12 @@ def _serve(
         image_fs.record_trace(None if opts.record_trace else RECORD_SECONDS)
         kept = KeepingTraces(store, opts.cache_dir)  # what it publishes, the next mount here starts from
         publisher = TracePublisher(image_fs, kept, loop, trace, ref) if opts.auto_trace else None  # type: ignore[arg-type]
+    keeper = None
+    if parts is not None and parts.disk is not None and opts.resume is None and (
+            trace or parts.image_fs.trace is not None):
+        from cubefs.node.hotkeep import HotKeeper
+
+        keeper = HotKeeper(opts.cache_dir, parts.image_fs, parts.source, parts.disk, trace, opts.disk_cache)
     transport = _transport(opts.transport, fs, mountpoint, f"cubefs:{label}", opts.allow_other)
     if opts.passthrough and hasattr(transport, "enable_passthrough"):
         transport.enable_passthrough()
@@ -265,6 +272,8 @@ def _serve(
                 nursery.start_soon(publisher.run)
             if parts is not None and parts.trace_kept and loop is not None and store is not None:
                 nursery.start_soon(_refresh_trace_later, loop, store, opts.cache_dir, parts.image_fs.image.digest)
+            if keeper is not None:
+                nursery.start_soon(keeper.run)
             await transport.serve()
             nursery.cancel_scope.cancel()
 
@@ -278,6 +287,8 @@ def _serve(
             transport.close()
             if publisher is not None:
                 publisher.publish_at_exit()
+            if keeper is not None:
+                keeper.at_exit()
             if index is not None:
                 fs.close()
             if parts is not None:
@@ -308,6 +319,8 @@ class ImageParts:
 
     def close(self) -> None:
         self.source.flush()
+        if self.source.hot is not None:
+            self.source.hot.close()
         if self.disk is not None:
             self.disk.close()
 
@@ -355,6 +368,12 @@ def open_image(opts: MountOptions, loop: LoopThread, store: RetryingStore, wante
     peers = PeerSet(list(opts.peers), store.url, timeout=opts.peer_timeout, peers_file=opts.peers_file or None) \
         if opts.peers or opts.peers_file else None
     source = ChunkSource(store, loop, memory, disk, label=ref, peers=peers)
+    if disk is not None and trace and opts.prefetch:
+        # The start-up chunks in one file, read ahead by the kernel from now on, while the
+        # mount is made (cubefs.cache.hot); the trace's prefetch takes them from it.
+        source.hot = HotFile.open(opts.cache_dir, image.digest)
+        if source.hot is not None:
+            source.hot.advise()
     image_fs = ImageFS(image, chunkmap, source, ref, readahead=opts.readahead, read_timeout=opts.read_timeout,
                        pack_readahead=opts.pack_readahead, dir_prefetch=opts.dir_prefetch, stream=opts.stream)
     phases.mark("fs")

@@ -1,0 +1,346 @@
+"""An image's start-up chunks in one plain file on the node, in the order a start reads them.
+
+A remount of an image the node holds (disk cache kept, daemon restarted, the kernel's
+caches dropped: issue 18, "on the node") prefetches the image's trace from the disk cache.
+From LMDB that is one B-tree walk and a few page faults per chunk, scattered over the
+environment, each fault taken under the GIL (py-lmdb's ``get``), so the daemon's event
+loop waited behind the disk, and the start's first reads behind the whole queue:
+``import json`` after a remount waited 13-60 ms in its 47 READs, the prefetch of its 153
+chunks took 35 ms.  Here the same chunks (their stored bytes, as the disk cache keeps them)
+lie one after another in one file per image, ``<cache dir>/hot/<image digest>``, in the
+trace's order: a remount asks the kernel to read it all ahead (``POSIX_FADV_WILLNEED``, one
+system call, no thread, from the moment the image is known: before the mount is live) and
+the trace's prefetch takes its chunks from it with ``pread`` (no GIL held while the disk
+works), a run of neighbours in one call.
+
+Trust is the disk cache's: every chunk written here came out of the disk cache (xxh64
+checked; its SHA-256 was checked before it went in) and carries the xxh64 of its stored
+bytes, checked at every read; a chunk that fails is dropped from the file's index and
+taken from the disk cache; a file whose header or index does not check out is removed.
+The file is written beside its final name and renamed (a torn file is never seen), 0600
+in a 0700 directory, and holds only chunks of the image its name says.  Bounded: one
+trace's worth per image (the trace is bounded, 256 MiB), and the directory at most
+``max_bytes`` (the least recently used first out); ``cubefs cache trim`` / ``clear``
+include it.  Format: docs/format.md, "Start-up chunks of an image (hot file)".
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any, Protocol
+
+import xxhash
+
+from cubefs.cache.tiers import TierStats
+
+log = logging.getLogger(__name__)
+
+SUBDIR = "hot"
+MAGIC = b"CUBEHOT1"
+HEADER = struct.Struct("<8sIIQ")  # magic, version, chunk count, xxh64 of the index
+VERSION = 1
+INDEX = struct.Struct("<32sB3xIIQ")  # digest, codec, plain length, stored length, xxh64 of the stored bytes
+TMP_PREFIX = ".tmp-"
+MAX_FILE = 256 << 20  # stored bytes in one file: a trace's bound
+SHARE = 4  # the hot files take at most 1/SHARE of the disk cache's size, on top of it
+
+
+def hot_dir(cache_dir: str) -> str:
+    return os.path.join(cache_dir, SUBDIR)
+
+
+def hot_path(cache_dir: str, image_digest: str) -> str:
+    return os.path.join(hot_dir(cache_dir), image_digest)
+
+
+class HotFile:
+    """One image's start-up chunks, opened for reading.  Thread-safe (``pread`` only)."""
+
+    def __init__(self, path: str, fd: int, index: dict[bytes, tuple[int, int, int, int, int]],
+                 order: list[bytes], size: int) -> None:
+        self.path = path
+        self._fd: int | None = fd
+        self._index = index  # digest -> (offset, stored length, codec, plain length, xxh64)
+        self.order = order  # the digests as the file holds them (the trace's order)
+        self.size = size
+        self.stats = TierStats()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, cache_dir: str, image_digest: str) -> HotFile | None:
+        """The image's hot file, checked (header, index, size), or None: none kept, or one
+        that does not check out (then removed, and logged)."""
+        path = hot_path(cache_dir, image_digest)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOATIME)
+        except PermissionError:  # O_NOATIME: only the owner may ask it
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            log.warning("hot file %s: cannot open it (%s); the disk cache serves", path, err)
+            return None
+        try:
+            index, order, size = _read_index(fd)
+        except (OSError, ValueError) as err:
+            os.close(fd)
+            log.warning("hot file %s is damaged (%s); removing it, the disk cache serves", path, err)
+            _unlink(path)
+            return None
+        return cls(path, fd, index, order, size)
+
+    def advise(self) -> None:
+        """Ask the kernel to read the whole file ahead, now, in the background."""
+        fd = self._fd
+        if fd is not None:
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass
+
+    def __contains__(self, digest: bytes) -> bool:
+        return digest in self._index
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def get_many(self, digests: list[bytes]) -> dict[bytes, tuple[int, int, bytes]]:
+        """(codec, plain length, stored bytes) of those of ``digests`` the file holds and
+        that check out; a chunk that does not is dropped from the index (the caller takes
+        it from the disk cache).  Neighbours in the file are read in one ``pread``."""
+        t0 = time.monotonic()
+        wanted = sorted((self._index[d][0], d) for d in digests if d in self._index)
+        out: dict[bytes, tuple[int, int, bytes]] = {}
+        bad: list[bytes] = []
+        i = 0
+        while i < len(wanted):
+            j = i + 1
+            while j < len(wanted) and wanted[j][0] == wanted[j - 1][0] + self._index[wanted[j - 1][1]][1]:
+                j += 1
+            start = wanted[i][0]
+            last = self._index[wanted[j - 1][1]]
+            try:
+                buf = self._pread(start, last[0] + last[1] - start)
+            except OSError as err:
+                log.warning("hot file %s: read failed (%s); the disk cache serves", self.path, err)
+                bad.extend(d for _o, d in wanted[i:j])
+                i = j
+                continue
+            view = memoryview(buf)
+            for off, d in wanted[i:j]:
+                _o, length, codec, plain_len, check = self._index[d]
+                part = view[off - start : off - start + length]
+                if len(part) != length or xxhash.xxh64_intdigest(part) != check:
+                    bad.append(d)
+                    continue
+                out[d] = (codec, plain_len, part.tobytes())
+            i = j
+        if bad:
+            log.warning("hot file %s: %d chunks do not check out; the disk cache serves them", self.path, len(bad))
+            with self._lock:
+                for d in bad:
+                    self._index.pop(d, None)
+            self.stats.errors += len(bad)
+        self.stats.hits += len(out)
+        self.stats.bytes += sum(len(v[2]) for v in out.values())
+        self.stats.seconds += time.monotonic() - t0
+        return out
+
+    def _pread(self, offset: int, length: int) -> bytes:
+        fd = self._fd
+        if fd is None:
+            raise OSError("closed")
+        buf = os.pread(fd, length, offset)
+        if len(buf) != length:
+            raise OSError(f"short read: {len(buf)} of {length} bytes at {offset}")
+        return buf
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def as_dict(self) -> dict[str, float]:
+        return {**self.stats.as_dict(), "chunks": len(self._index), "file_bytes": self.size}
+
+
+def _read_index(fd: int) -> tuple[dict[bytes, tuple[int, int, int, int, int]], list[bytes], int]:
+    size = os.fstat(fd).st_size
+    head = os.pread(fd, HEADER.size, 0)
+    if len(head) != HEADER.size:
+        raise ValueError("shorter than its header")
+    magic, version, count, check = HEADER.unpack(head)
+    if magic != MAGIC or version != VERSION:
+        raise ValueError(f"not a version {VERSION} hot file")
+    raw = os.pread(fd, count * INDEX.size, HEADER.size)
+    if len(raw) != count * INDEX.size or xxhash.xxh64_intdigest(raw) != check:
+        raise ValueError("its index does not check out")
+    index: dict[bytes, tuple[int, int, int, int, int]] = {}
+    order: list[bytes] = []
+    pos = HEADER.size + len(raw)
+    for digest, codec, plain_len, length, sum_ in INDEX.iter_unpack(raw):
+        if digest in index:
+            raise ValueError(f"chunk {digest.hex()[:16]} twice")
+        index[digest] = (pos, length, codec, plain_len, sum_)
+        order.append(digest)
+        pos += length
+    if pos != size:
+        raise ValueError(f"{size} bytes where its index says {pos}")
+    return index, order, size
+
+
+def write_hot(cache_dir: str, image_digest: str, count: int,
+              batches: Iterable[list[tuple[bytes, int, int, bytes]]], max_bytes: int) -> int:
+    """Write the image's hot file from ``count`` chunks (digest, codec, plain length, stored
+    bytes) that ``batches`` yield in order, in place of any older one; then evict other
+    images' hot files beyond ``max_bytes`` in all.  Written a batch at a time (a start-up's
+    chunks are tens of MiB), the index last.  Returns the bytes written (0: none written: no
+    chunks, a batch short, or over the bound)."""
+    limit = min(MAX_FILE, max_bytes)
+    if count <= 0 or limit <= 0:
+        return 0
+    directory = hot_dir(cache_dir)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    os.chmod(directory, 0o700)
+    path = hot_path(cache_dir, image_digest)
+    tmp = os.path.join(directory, f"{TMP_PREFIX}{image_digest}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        entries: list[bytes] = []
+        pos = HEADER.size + count * INDEX.size
+        stored = 0
+        for batch in batches:
+            for digest, codec, plain_len, data in batch:
+                entries.append(INDEX.pack(digest, codec, plain_len, len(data), xxhash.xxh64_intdigest(data)))
+                stored += len(data)
+            if len(entries) > count or stored > limit:
+                raise _GiveUp()
+            blob = b"".join(c[3] for c in batch)
+            if os.pwrite(fd, blob, pos) != len(blob):
+                raise OSError("short write")
+            pos += len(blob)
+        if len(entries) != count:
+            raise _GiveUp()
+        index = b"".join(entries)
+        head = HEADER.pack(MAGIC, VERSION, count, xxhash.xxh64_intdigest(index)) + index
+        if os.pwrite(fd, head, 0) != len(head):
+            raise OSError("short write")
+        os.close(fd)
+        fd = -1
+        os.rename(tmp, path)
+    except _GiveUp:
+        _unlink(tmp)
+        return 0
+    except BaseException:
+        _unlink(tmp)
+        raise
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    trim_hot(cache_dir, max_bytes, keep=path)
+    return pos
+
+
+class _GiveUp(Exception):
+    pass
+
+
+class _Disk(Protocol):
+    """What is read of the disk cache (cubefs.cache.disk.DiskCache, which imports this module)."""
+
+    def present(self, digests: list[bytes]) -> list[bytes]: ...
+    def get_many(self, digests: list[bytes]) -> dict[bytes, Any]: ...
+
+
+def keep_hot(cache_dir: str, image_digest: str, digests: list[bytes], disk: _Disk,
+             current: HotFile | None, max_bytes: int) -> int:
+    """Make the image's hot file hold ``digests`` (a start-up's chunks, in its order) that
+    the node has, unless it already does.  Blocking (disk reads and a write): run it in a
+    thread.  Returns the bytes written."""
+    inside = set(current.order) if current is not None else set()
+    there = set(disk.present([d for d in digests if d not in inside]))
+    have = [d for d in digests if d in inside or d in there]
+    if current is not None and current.order == have and not current.stats.errors:
+        return 0
+
+    def batches() -> Iterator[list[tuple[bytes, int, int, bytes]]]:
+        for i in range(0, len(have), 64):
+            part = have[i : i + 64]
+            got = current.get_many(part) if current is not None else {}
+            rest = disk.get_many([d for d in part if d not in got])
+            yield [(d, *got[d]) if d in got else (d, rest[d].codec, rest[d].plain_len, rest[d].data)
+                   for d in part if d in got or d in rest]
+
+    return write_hot(cache_dir, image_digest, len(have), batches(), max_bytes)
+
+
+def trim_hot(cache_dir: str, target: int, keep: str | None = None) -> int:
+    """Remove hot files, least recently used first (a mount's use touches its mtime), until
+    the directory holds at most ``target`` bytes; and temporaries whose writer is dead.
+    Returns the bytes freed."""
+    directory = hot_dir(cache_dir)
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return 0
+    freed = 0
+    files: list[tuple[float, int, str]] = []
+    for name in names:
+        path = os.path.join(directory, name)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            continue
+        if name.startswith(TMP_PREFIX):
+            if not _writer_alive(name):
+                freed += _unlink(path, st.st_blocks * 512)
+            continue
+        files.append((st.st_mtime, st.st_blocks * 512, path))
+    used = sum(b for _t, b, _p in files)
+    for _mtime, blocks, path in sorted(files):
+        if used <= target:
+            break
+        if path == keep:
+            continue
+        freed += _unlink(path, blocks)
+        used -= blocks
+    return freed
+
+
+def clear_hot(cache_dir: str) -> int:
+    """Remove every hot file; returns the bytes freed."""
+    return trim_hot(cache_dir, 0)
+
+
+def touch(path: str) -> None:
+    """Note a use (eviction is least recently used first)."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+
+
+def _writer_alive(name: str) -> bool:
+    pid = name.rpartition(".")[2]
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _unlink(path: str, size: int = 0) -> int:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return 0
+    return size

@@ -1,0 +1,75 @@
+"""When a mount keeps its image's start-up chunks in the node's hot file (cubefs.cache.hot).
+
+Once the start-up is over (the trace's prefetch done, no new chunk read for AFTER s) a mount
+writes the image's hot file if it does not already hold that start-up: the trace's chunks in
+its order, then those this start read first that the trace lacks.  A first start (no trace
+yet) writes one too, so the first remount after it has it.  A mount that ends before then
+(a bench's, a short sandbox's) does it as it exits: at most one trace's worth of reads from
+the disk cache and one sequential write (``import json``: 5 MB in 36 ms), after its trace is
+published.  A remount whose hot file already holds its start-up writes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import trio
+
+from cubefs.cache.hot import SHARE, keep_hot, touch
+
+if TYPE_CHECKING:
+    from cubefs.cache.disk import DiskCache
+    from cubefs.cache.source import ChunkSource
+    from cubefs.image.fs import ImageFS
+
+log = logging.getLogger(__name__)
+
+AFTER = 2.0  # seconds without a new chunk read (and the trace's prefetch done) before the file is kept
+
+
+class HotKeeper:
+    def __init__(self, cache_dir: str, fs: ImageFS, source: ChunkSource, disk: DiskCache, trace: list[int],
+                 disk_limit: int) -> None:
+        self.cache_dir, self.fs, self.source, self.disk = cache_dir, fs, source, disk
+        self.trace = trace  # the trace the mount started with
+        self.limit = disk_limit // SHARE
+        self.done = False
+
+    def _settled(self) -> bool:
+        fs = self.fs
+        read = fs.trace is None or (bool(fs.trace) and time.monotonic() - fs.trace_last >= AFTER)
+        return read and (not self.trace or bool(self.source.prefetch_stats["done"]))
+
+    async def run(self) -> None:
+        while not self._settled():
+            await trio.sleep(AFTER / 2)
+        await trio.to_thread.run_sync(self.keep)
+
+    def at_exit(self) -> None:
+        """As the mount ends (its event loop gone): what a first start fetched goes to the
+        disk cache first, then the file is kept from there."""
+        if not self.done:
+            self.source.flush()
+            self.keep()
+
+    def keep(self) -> None:
+        self.done = True
+        seen = set(self.trace)
+        order = self.trace + [i for i in (self.fs.trace or []) if i not in seen]
+        if not order:
+            return
+        digests = [self.fs.image.chunk(i)[0] for i in order]
+        hot = self.source.hot
+        t0 = time.monotonic()
+        try:
+            wrote = keep_hot(self.cache_dir, self.fs.image.digest, digests, self.disk, hot, self.limit)
+        except OSError as err:
+            log.warning("image %s: keeping its start-up chunks in a hot file failed: %s", self.fs.label, err)
+            return
+        if wrote:
+            log.info("image %s: kept %d start-up chunks in a hot file (%d bytes) in %.3fs", self.fs.label,
+                     len(digests), wrote, time.monotonic() - t0)
+        elif hot is not None:
+            touch(hot.path)

@@ -1,0 +1,137 @@
+"""An image's start-up chunks kept in one file on the node (cubefs.cache.hot, issue 18 "on the
+node"): a mount after a start serves the trace's prefetch from it, every byte right; a damaged
+one costs speed, never a wrong byte; it is private, bounded, and trimmed and cleared with the
+disk cache."""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from pathlib import Path
+
+from conftest import mounted, run_cubefs
+
+from cubefs.cache.disk import DiskCache, StoredChunk
+from cubefs.cache.hot import HotFile, hot_dir, hot_path, keep_hot, trim_hot
+from cubefs.format.packs import CODEC_RAW
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    files = {f"pkg{i % 3}/m{i}.py": os.urandom(2000 + i * 1500) for i in range(20)}
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return files
+
+
+def _read_all(mnt: Path, files: dict[str, bytes]) -> None:
+    for rel, data in files.items():
+        assert (mnt / rel).read_bytes() == data, rel
+
+
+def _hot_files(cache: Path) -> list[str]:
+    d = Path(hot_dir(str(cache)))
+    return sorted(n for n in os.listdir(d) if not n.startswith(".")) if d.is_dir() else []
+
+
+def _wait_for_hot(cache: Path, timeout: float = 15.0) -> Path:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        names = _hot_files(cache)
+        if names:
+            return Path(hot_dir(str(cache))) / names[0]
+        time.sleep(0.2)
+    raise AssertionError("no hot file was kept")
+
+
+def test_a_remount_takes_its_start_up_chunks_from_the_hot_file(tmp_path: Path, local_store: str) -> None:
+    src = tmp_path / "src"
+    files = _tree(src)
+    run_cubefs("build", str(src), "--tag", "hot:1", "--store", local_store)
+    cache = tmp_path / "cache"
+    with mounted("hot:1", tmp_path / "mnt", local_store, cache) as m:  # a first start: it records and publishes
+        _read_all(m.mountpoint, files)
+        path = _wait_for_hot(cache)  # and keeps its chunks, once it has read nothing new for 2 s
+    mode = os.stat(path).st_mode
+    assert stat.S_IMODE(mode) == 0o600 and stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
+    with mounted("hot:1", tmp_path / "mnt", local_store, cache) as m:
+        _read_all(m.mountpoint, files)
+        st = m.stats()
+    hot = st["tiers"]["hot"]
+    n = hot["chunks"]
+    assert n == st["tiers"]["prefetch"]["chunks"] > 0
+    assert hot["hits"] == hot["chunks"] and hot["errors"] == 0
+    assert st["tiers"]["store"]["requests"] == 0
+
+    # A flipped byte in the file: that chunk comes from the disk cache instead, every byte right.
+    with open(path, "r+b") as f:
+        f.seek(-100, os.SEEK_END)
+        b = f.read(1)
+        f.seek(-100, os.SEEK_END)
+        f.write(bytes([b[0] ^ 0xFF]))
+    with mounted("hot:1", tmp_path / "mnt", local_store, cache) as m:
+        _read_all(m.mountpoint, files)
+        hot = m.stats()["tiers"]["hot"]
+    assert hot["errors"] == 1 and hot["hits"] == n - 1
+
+    # A torn file (cut short): not used, removed, kept again by that mount; bytes right.
+    os.truncate(path, os.path.getsize(path) // 2)
+    with mounted("hot:1", tmp_path / "mnt", local_store, cache) as m:
+        _read_all(m.mountpoint, files)
+        assert "hot" not in m.stats()["tiers"]
+        _wait_for_hot(cache)
+    assert HotFile.open(str(cache), path.name) is not None
+
+    run_cubefs("cache", "clear", "--cache-dir", str(cache))
+    assert _hot_files(cache) == []
+
+
+def _disk_with(cache: Path, n: int, size: int = 10_000) -> tuple[DiskCache, list[bytes]]:
+    disk = DiskCache(str(cache), 1 << 30)
+    digests = [bytes([i]) * 32 for i in range(n)]
+    disk.put_many([(d, StoredChunk(CODEC_RAW, size, os.urandom(size))) for d in digests])
+    return disk, digests
+
+
+def test_kept_in_order_written_again_only_when_the_start_up_changed(tmp_path: Path) -> None:
+    disk, digests = _disk_with(tmp_path, 10)
+    try:
+        wrote = keep_hot(str(tmp_path), "img", digests[::-1], disk, None, 1 << 30)
+        assert wrote > 10 * 10_000
+        hot = HotFile.open(str(tmp_path), "img")
+        assert hot is not None and hot.order == digests[::-1]
+        assert keep_hot(str(tmp_path), "img", digests[::-1], disk, hot, 1 << 30) == 0  # unchanged
+        got = hot.get_many(digests)
+        want = disk.get_many(digests)
+        assert {d: v[2] for d, v in got.items()} == {d: c.data for d, c in want.items()}
+        # A chunk the node no longer has is left out; the rest kept.
+        disk.delete(digests[:2])
+        assert keep_hot(str(tmp_path), "img", digests + [b"\xee" * 32], disk, hot, 1 << 30) > 0
+        hot.close()
+        hot = HotFile.open(str(tmp_path), "img")
+        assert hot is not None and hot.order == digests  # the first two from the old file
+        hot.close()
+    finally:
+        disk.close()
+
+
+def test_bounded_least_recently_used_out_first(tmp_path: Path) -> None:
+    disk, digests = _disk_with(tmp_path, 10)
+    try:
+        for name, when in (("a", 100), ("b", 300), ("c", 200)):
+            keep_hot(str(tmp_path), name, digests, disk, None, 1 << 30)
+            os.utime(hot_path(str(tmp_path), name), (when, when))
+        one = os.stat(hot_path(str(tmp_path), "a")).st_blocks * 512
+        trim_hot(str(tmp_path), 2 * one)
+        assert _hot_files(tmp_path) == ["b", "c"]
+        # Over the bound as a whole: not written at all.
+        assert keep_hot(str(tmp_path), "d", digests, disk, None, 50_000) == 0
+        assert "d" not in _hot_files(tmp_path)
+        # A temporary left by a writer that died is removed by the next trim.
+        tmp = Path(hot_dir(str(tmp_path))) / ".tmp-e.999999999"
+        tmp.write_bytes(b"x")
+        trim_hot(str(tmp_path), 1 << 30)
+        assert not tmp.exists()
+    finally:
+        disk.close()
