@@ -15,6 +15,13 @@ that went away while queued (its client closed the connection: the SDK's request
 60 s) is dropped when its turn comes, never restored for nobody; a closing service fails
 every queued caller at once (503).
 
+A create whose turn would come only after ``max_wait`` seconds (60: the queue ahead of it
+times the median of the last restores, over the slots) is not queued at all: 503 with
+``Retry-After`` at once, nothing made.  Queued, it would wait past the SDK's request timeout
+(60 s) and be dropped anyway, after holding its booking the whole time; answered now, a
+cluster front places it on another node (a node's 503 made nothing) and a caller without one
+knows when to come back.  Until the gate has seen a restore it refuses nothing.
+
 Everything runs on the service's event loop: no locks.
 """
 
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import time
 from collections import deque
@@ -31,10 +39,20 @@ from dataclasses import dataclass, field
 from cubefs.errors import CubefsError
 
 POLL = 0.5  # seconds between looks at whether a queued caller is still there
+MAX_WAIT = 60.0  # seconds: a create expected to wait longer is refused at once (the SDK gives up at 60)
+RESTORES_KEPT = 16  # recent restores' durations the expected wait is the median of
 
 
 class AdmissionError(CubefsError):
     """A queued restore that will not run: its caller left, or the service is stopping (503)."""
+
+
+class QueueFullError(AdmissionError):
+    """A create not queued: its turn would come too late (503 with ``Retry-After``)."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 def default_limit() -> int:
@@ -52,10 +70,13 @@ class _Waiter:
 
 
 class RestoreGate:
-    def __init__(self, limit: int | None = None) -> None:
+    def __init__(self, limit: int | None = None, max_wait: float = MAX_WAIT) -> None:
         self.limit = default_limit() if limit is None else limit
         if self.limit < 1:
             raise ValueError("the restore limit must be 1 or more")
+        self.max_wait = max_wait  # 0: never refuse
+        self.refused = 0  # creates answered 503 at once: their turn would have come after max_wait
+        self.held: deque[float] = deque(maxlen=RESTORES_KEPT)  # seconds each recent restore held its slot
         self.running = 0
         self.peak = 0  # the most restores ever running at once: what a test checks against the limit
         self.dropped = 0  # callers gone before their turn
@@ -76,16 +97,35 @@ class RestoreGate:
 
     @contextlib.asynccontextmanager
     async def slot(self, gone: Callable[[], bool] | None = None, low: bool = False) -> AsyncIterator[None]:
-        """Hold one of the ``limit`` restore slots for the body; wait in order for it first."""
+        """Hold one of the ``limit`` restore slots for the body; wait in order for it first
+        (``QueueFullError`` at once when that wait would pass ``max_wait``; never for a ``low``
+        one, which has no caller)."""
         await self._acquire(gone, low)
+        t0 = time.monotonic()
         try:
             yield
+            self.held.append(time.monotonic() - t0)
         finally:
             self._release()
+
+    def expected_wait(self) -> float:
+        """Seconds a create arriving now would wait for its slot: the creates queued ahead of it
+        and itself, ``limit`` at a time, each the median of the recent restores (0 when a slot is
+        free or no restore was seen yet)."""
+        ahead = sum(not w.granted.done() for w in self._queue)
+        if (self.running < self.limit and not ahead) or not self.held:
+            return 0.0
+        typical = sorted(self.held)[len(self.held) // 2]
+        return math.ceil((ahead + 1) / self.limit) * typical
 
     async def _acquire(self, gone: Callable[[], bool] | None, low: bool) -> None:
         if self._closed:
             raise AdmissionError("the sandbox service is stopping")
+        if not low and self.max_wait and (wait := self.expected_wait()) > self.max_wait:
+            self.refused += 1
+            raise QueueFullError(f"the node's restore queue is full: a sandbox asked now would start in ~{wait:.0f} s "
+                                 f"(over {self.max_wait:.0f}); try again later or on another node",
+                                 max(1, math.ceil(wait - self.max_wait)))
         ahead = self._queue if not low else (*self._queue, *self._low)
         if self.running < self.limit and not any(not w.granted.done() for w in ahead):
             self._take(0.0)
@@ -158,7 +198,11 @@ class RestoreGate:
                  "# TYPE cubefs_sandbox_restore_queue_oldest_seconds gauge",
                  f"cubefs_sandbox_restore_queue_oldest_seconds {self.oldest_wait:.3f}",
                  "# TYPE cubefs_sandbox_restore_queue_dropped_total counter",
-                 f"cubefs_sandbox_restore_queue_dropped_total {self.dropped}"]
+                 f"cubefs_sandbox_restore_queue_dropped_total {self.dropped}",
+                 "# TYPE cubefs_sandbox_restore_queue_refused_total counter",
+                 f"cubefs_sandbox_restore_queue_refused_total {self.refused}",
+                 "# TYPE cubefs_sandbox_restore_expected_wait_seconds gauge",
+                 f"cubefs_sandbox_restore_expected_wait_seconds {self.expected_wait():.3f}"]
         if self.waits:
             xs = sorted(self.waits)
             lines.append("# TYPE cubefs_sandbox_restore_queue_seconds summary")

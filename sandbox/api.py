@@ -23,7 +23,7 @@ from aiohttp import web
 
 from cubefs.errors import CubefsError, NotFoundError, UsageError
 from sandbox import ingress, lifecycle, usage
-from sandbox.admission import AdmissionError
+from sandbox.admission import AdmissionError, QueueFullError
 from sandbox.cluster.keys import RESERVATION_HEADER
 from sandbox.config import ApiKeys
 from sandbox.network.policy import Policy
@@ -91,6 +91,8 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error(409, str(err))
     except NoSpaceError as err:
         return error(507, str(err))
+    except QueueFullError as err:  # not queued: its turn would come after the SDK gave up
+        return error(503, str(err), headers={"Retry-After": str(err.retry_after)})
     except AdmissionError as err:  # a queued restore that will not run: the service stops (or nobody waits)
         return error(503, str(err))
     except CapacityError as err:  # final here: a scheduler places it on another node, the SDK must not retry

@@ -104,6 +104,10 @@ def add_parsers(sub: Any, store_args: Any) -> None:
     q.add_argument("--max-restores", type=int, default=None, metavar="N",
                    help="VM restores at once (creates not served from a pool, from a snapshot, forks, pool "
                    "fills); more wait in order (default: one per host CPU)")
+    q.add_argument("--max-queue-wait", type=float, default=None, metavar="SECONDS",
+                   help="a create whose restore would start later than this is refused at once with 503 and "
+                   "Retry-After, nothing made (default 60: the E2B SDK's request timeout, past which its caller "
+                   "has given up; 0: queue without bound)")
     _cluster_args(q)
     q.add_argument("--node", default=None, metavar="NAME",
                    help="this node's name in the cluster (with --etcd; default: the host name)")
@@ -377,6 +381,7 @@ def _opts(args: argparse.Namespace) -> Any:
 def _serve(args: argparse.Namespace) -> int:
     import asyncio
 
+    from sandbox.admission import MAX_WAIT
     from sandbox.config import ApiKeys
     from sandbox.pool import Capacity
     from sandbox.server import parse_listen, serve
@@ -385,6 +390,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise UsageError("--pool-size must be 0 or more")
     if args.max_restores is not None and args.max_restores < 1:
         raise UsageError("--max-restores must be 1 or more")
+    if args.max_queue_wait is not None and not args.max_queue_wait >= 0:
+        raise UsageError("--max-queue-wait must be 0 or more seconds")
     keys = ApiKeys.load(args.api_key_file)
     if args.snapshot_dir:
         import os
@@ -415,7 +422,8 @@ def _serve(args: argparse.Namespace) -> int:
                       pool_size=args.pool_size,
                       network_pool=args.network_pool if args.network else None, capacity=capacity, cluster=cluster,
                       dns_upstream=args.dns_upstream, max_connections=args.max_connections,
-                      max_restores=args.max_restores, deny_always=args.deny_always))
+                      max_restores=args.max_restores, deny_always=args.deny_always,
+                      max_queue_wait=MAX_WAIT if args.max_queue_wait is None else args.max_queue_wait))
     return EXIT_OK
 
 

@@ -31,6 +31,7 @@ from aiohttp import web
 from cubefs import __version__
 from cubefs.errors import UsageError
 from sandbox import api, proxy
+from sandbox.admission import MAX_WAIT
 from sandbox.config import ApiKeys
 from sandbox.pool import Capacity
 from sandbox.service import SandboxService
@@ -65,8 +66,8 @@ async def serve(api_addr: tuple[str, int], proxy_addr: tuple[str, int], keys: Ap
                 pool_size: int = 0, capacity: Capacity | None = None, cluster: ClusterOptions | None = None,
                 network_pool: int | None = None, dns_upstream: list[str] | None = None,
                 max_connections: int = 4096, max_restores: int | None = None,
-                deny_always: list[str] | None = None) -> None:
-    service = SandboxService(domain, kernel, pool_size, capacity, max_restores)
+                deny_always: list[str] | None = None, max_queue_wait: float = MAX_WAIT) -> None:
+    service = SandboxService(domain, kernel, pool_size, capacity, max_restores, max_queue_wait)
     if network_pool is not None:  # a NIC per sandbox, egress through this node's gateway
         from sandbox.config import state_dir
         from sandbox.network.pool import Networks

@@ -45,7 +45,7 @@ from cubefs.cow.index import VolumeIndex
 from cubefs.errors import CubefsError, NotFoundError, UsageError
 from cubefs.volume.cli import default_volume_dir
 from sandbox import templates
-from sandbox.admission import AdmissionError, RestoreGate
+from sandbox.admission import MAX_WAIT, AdmissionError, RestoreGate
 from sandbox.config import private_dir, state_dir, write_private
 from sandbox.ingress import Ingress
 from sandbox.lifecycle import Lifecycle
@@ -219,10 +219,12 @@ class Counters:
 
 class SandboxService:
     def __init__(self, domain: str | None = None, kernel: Path | None = None, pool_size: int = 0,
-                 capacity: Capacity | None = None, max_restores: int | None = None) -> None:
+                 capacity: Capacity | None = None, max_restores: int | None = None,
+                 max_queue_wait: float = MAX_WAIT) -> None:
         """Where images, volumes and caches live is each template's (``cubefs sandbox template
         create --store ...``), not the service's.  ``max_restores``: restores at once on the node
-        (``sandbox/admission.py``; default one per host CPU)."""
+        (``sandbox/admission.py``; default one per host CPU); ``max_queue_wait``: a create whose
+        restore would start later than that is refused at once (503 with Retry-After; 0: never)."""
         self.domain = domain
         self.kernel = kernel
         self.sandboxes = SandboxTable()
@@ -231,7 +233,7 @@ class SandboxService:
         self.pool_size = pool_size
         self.pools: dict[str, list[Sandbox]] = {}  # template -> ready sandboxes, paused
         self.capacity = capacity or Capacity.of_host()
-        self.restores = RestoreGate(max_restores)
+        self.restores = RestoreGate(max_restores, max_queue_wait)
         self._making_tasks: dict[str, asyncio.Task[Any]] = {}  # sandbox id -> the task making it (for a stop)
         self._reaper: asyncio.Task[None] | None = None
         self._pause_retry: dict[str, float] = {}  # sandbox -> when its failed pause at timeout is tried again

@@ -33,6 +33,7 @@ NODE_TIMEOUT = 1.0  # seconds the front waits for a node that accepted and hangs
 
 class FakeNode:
     """One node's API: ``refuse`` (429 with Should-Retry: false, as a full node answers),
+    ``busy`` (503 with Retry-After, as a node whose restore queue is full answers),
     ``hang`` (accepts the connection, reads the request, never answers), ``dead`` (nothing
     listens on its port: the connection is refused) or ``accept`` (201,
     and deletes the reservation it filled, as a node does in the transaction that publishes
@@ -81,6 +82,9 @@ class FakeNode:
         if self.mode == "refuse":
             return web.json_response({"code": 429, "message": f"node {self.name} is full"}, status=429,
                                      headers={"Should-Retry": "false"})
+        if self.mode == "busy":  # its restore queue is full (sandbox/admission.py): 503, nothing made
+            return web.json_response({"code": 503, "message": f"node {self.name}: restore queue full"}, status=503,
+                                     headers={"Retry-After": "7"})
         await self.etcd.delete(self.layout.reservation(self.name, rid))
         sid = f"sbx{self.name}{len(self.reservations)}"
         return web.json_response({"sandboxID": sid, "templateID": "base", "clientID": self.name}, status=201)
@@ -189,6 +193,28 @@ def test_a_refusing_node_and_a_dead_one_send_the_create_on(etcd1: EtcdCluster) -
                 await eventually("the unfilled reservations deleted", lambda: _none_left(client, lay), 5)
                 assert not any(front.view.reserved.get(n) for n in ("full", "silent", "good")), front.view.reserved
                 assert front.view.routes.get(str(doc["sandboxID"])) == "good"
+        finally:
+            await client.close()
+
+    asyncio.run(main())
+
+
+def test_a_node_whose_restore_queue_is_full_sends_the_create_on(etcd1: EtcdCluster) -> None:  # noqa: F811
+    """The best-scored node answers 503 (its restore queue is full: it made nothing): the create
+    lands on the next node at once, counted as a refusal."""
+    async def main() -> None:
+        lay = Layout("/busy/")
+        client = Etcd(etcd1.endpoints)
+        busy, good = FakeNode("busy", "busy", client, lay), FakeNode("good", "accept", client, lay)
+        nodes = [(busy, record(busy, pool=1, free_mb=4096)), (good, record(good))]
+        try:
+            async with running_front(etcd1, lay, nodes, node_timeout=NODE_TIMEOUT) as (front, post):
+                status, doc, _took = await post()  # type: ignore[misc]
+                assert status == 201 and doc["clientID"] == "good", (status, doc)
+                assert [busy.connections, good.connections] == [1, 1]
+                m = await metrics(front)
+                assert (m["cubefs_front_refused_total"], m["cubefs_front_placed_total"]) == (1, 1), m
+                await eventually("the unfilled reservation deleted", lambda: _none_left(client, lay), 5)
         finally:
             await client.close()
 

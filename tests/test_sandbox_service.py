@@ -577,7 +577,9 @@ def test_fifty_concurrent_creates_race_a_refilling_pool(node: Node) -> None:
     from e2b import Sandbox
 
     # room for 50 + the pool: guests map their template's RAM privately, so 512 MiB each is a bound
-    restarted(node, "--pool-size", "4", "--max-vcpus", "64", "--max-memory", str(64 * 512), "--max-restores", "2")
+    # its clients wait 240 s (request_timeout below): the queue may hold a create that long
+    restarted(node, "--pool-size", "4", "--max-vcpus", "64", "--max-memory", str(64 * 512), "--max-restores", "2",
+              "--max-queue-wait", "240")
     made: list = []
     seen: list[tuple[float, float]] = []  # (restores running, queued) at each look during the burst
     burst_over = threading.Event()

@@ -223,7 +223,7 @@ class Front:
                           f"{len(tried)} tried", headers={"Should-Retry": "false"} if not tried else None)
 
     async def _create_on(self, request: web.Request, node: NodeInfo, raw: bytes, rid: str) -> web.Response | None:
-        """The node's answer to the create, or None when it refused (429) or did not answer."""
+        """The node's answer to the create, or None when it refused (429, 503) or did not answer."""
         assert self.http is not None
         headers = {k: v for k, v in request.headers.items() if k.lower() not in fwd.HOP_BY_HOP}
         headers[RESERVATION_HEADER] = rid
@@ -249,9 +249,10 @@ class Front:
             self.stats.unreachable += 1
             log.warning("create on node %s: it does not answer (%s): next candidate", node.name, err)
             return None
-        if status == 429:
+        if status in (429, 503):  # full, or its restore queue is (or it is stopping): it made nothing
             self.stats.refused += 1
-            log.info("create on node %s: refused (%s): next candidate", node.name, body[:200].decode(errors="replace"))
+            log.info("create on node %s: refused, %d (%s): next candidate", node.name, status,
+                     body[:200].decode(errors="replace"))
             return None
         if status == 201:
             self.stats.placed += 1
