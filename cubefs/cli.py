@@ -784,6 +784,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
     if prefetch.get("chunks"):
         done = f"done in {prefetch['seconds']:.2f} s" if prefetch["done"] else "running"
         print(f"  trace prefetch: {int(prefetch['chunks'])} chunks, {done}")
+        hot = stats["tiers"].get("hot")  # cubefs.cache.hot: the start-up chunks in one file on the node
+        print(f"  hot file: {int(hot['chunks'])} start-up chunks ({size(int(hot['file_bytes']))}), "
+              f"{int(hot['hits'])} read from it, {int(hot['errors'])} damaged" if hot else
+              "  hot file: none kept yet (the trace's chunks come from the disk cache)")
     if stats.get("trace_recorded") is not None:
         pub = stats.get("trace_published") or {}
         print(f"  start-up trace: {stats['trace_recorded']} chunks recorded; "
