@@ -12,7 +12,6 @@ from pathlib import Path
 
 from conftest import mounted, run_cubefs
 
-from cubefs.cache.disk import DiskCache, StoredChunk
 from cubefs.cache.hot import HotFile, hot_dir, hot_path, keep_hot, trim_hot
 from cubefs.format.packs import CODEC_RAW
 
@@ -65,10 +64,10 @@ def test_a_remount_takes_its_start_up_chunks_from_the_hot_file(tmp_path: Path, l
     assert st["tiers"]["store"]["requests"] == 0
 
     # A flipped byte in the file: that chunk comes from the disk cache instead, every byte right.
-    with open(path, "r+b") as f:
-        f.seek(-100, os.SEEK_END)
+    with open(path, "r+b") as f:  # in the first chunk's bytes (the index is at the end)
+        f.seek(100)
         b = f.read(1)
-        f.seek(-100, os.SEEK_END)
+        f.seek(100)
         f.write(bytes([b[0] ^ 0xFF]))
     with mounted("hot:1", tmp_path / "mnt", local_store, cache) as m:
         _read_all(m.mountpoint, files)
@@ -87,51 +86,55 @@ def test_a_remount_takes_its_start_up_chunks_from_the_hot_file(tmp_path: Path, l
     assert _hot_files(cache) == []
 
 
-def _disk_with(cache: Path, n: int, size: int = 10_000) -> tuple[DiskCache, list[bytes]]:
-    disk = DiskCache(str(cache), 1 << 30)
-    digests = [bytes([i]) * 32 for i in range(n)]
-    disk.put_many([(d, StoredChunk(CODEC_RAW, size, os.urandom(size))) for d in digests])
-    return disk, digests
+def _chunks(n: int, size: int = 10_000) -> dict[bytes, bytes]:
+    return {bytes([i]) * 32: os.urandom(size) for i in range(n)}
+
+
+def _plain_of(have: dict[bytes, bytes]):  # type: ignore[no-untyped-def]
+    return lambda wanted: {d: have[d] for d in wanted if d in have}
 
 
 def test_kept_in_order_written_again_only_when_the_start_up_changed(tmp_path: Path) -> None:
-    disk, digests = _disk_with(tmp_path, 10)
-    try:
-        wrote = keep_hot(str(tmp_path), "img", digests[::-1], disk, None, 1 << 30)
-        assert wrote > 10 * 10_000
-        hot = HotFile.open(str(tmp_path), "img")
-        assert hot is not None and hot.order == digests[::-1]
-        assert keep_hot(str(tmp_path), "img", digests[::-1], disk, hot, 1 << 30) == 0  # unchanged
-        got = hot.get_many(digests)
-        want = disk.get_many(digests)
-        assert {d: v[2] for d, v in got.items()} == {d: c.data for d, c in want.items()}
-        # A chunk the node no longer has is left out; the rest kept.
-        disk.delete(digests[:2])
-        assert keep_hot(str(tmp_path), "img", digests + [b"\xee" * 32], disk, hot, 1 << 30) > 0
-        hot.close()
-        hot = HotFile.open(str(tmp_path), "img")
-        assert hot is not None and hot.order == digests  # the first two from the old file
-        hot.close()
-    finally:
-        disk.close()
+    have = _chunks(10)
+    digests = list(have)
+    cache = str(tmp_path)
+    assert keep_hot(cache, "img", digests[::-1], _plain_of(have), None, 1 << 30) > 10 * 10_000
+    hot = HotFile.open(cache, "img")
+    assert hot is not None and hot.order == digests[::-1]
+    assert keep_hot(cache, "img", digests[::-1], _plain_of(have), hot, 1 << 30) == 0  # unchanged
+    got = hot.get_many(digests)
+    assert {d: v[2] for d, v in got.items()} == have and {v[0] for v in got.values()} == {CODEC_RAW}
+    # Another order, and a chunk the node does not have: written again, the first two from
+    # the old file (the node no longer has them elsewhere), the missing one left out.
+    del have[digests[0]], have[digests[1]]
+    assert keep_hot(cache, "img", [*digests, b"\xee" * 32], _plain_of(have), hot, 1 << 30) > 0
+    hot.close()
+    hot = HotFile.open(cache, "img")
+    assert hot is not None and hot.order == digests
+    hot.close()
+    # Cut at the bound, the start-up's first chunks kept.
+    assert keep_hot(cache, "cut", digests, _plain_of(_chunks(10)), None, 35_000) > 0
+    cut = HotFile.open(cache, "cut")
+    assert cut is not None and cut.order == digests[:3]
+    cut.close()
 
 
 def test_bounded_least_recently_used_out_first(tmp_path: Path) -> None:
-    disk, digests = _disk_with(tmp_path, 10)
-    try:
-        for name, when in (("a", 100), ("b", 300), ("c", 200)):
-            keep_hot(str(tmp_path), name, digests, disk, None, 1 << 30)
-            os.utime(hot_path(str(tmp_path), name), (when, when))
-        one = os.stat(hot_path(str(tmp_path), "a")).st_blocks * 512
-        trim_hot(str(tmp_path), 2 * one)
-        assert _hot_files(tmp_path) == ["b", "c"]
-        # Over the bound as a whole: not written at all.
-        assert keep_hot(str(tmp_path), "d", digests, disk, None, 50_000) == 0
-        assert "d" not in _hot_files(tmp_path)
-        # A temporary left by a writer that died is removed by the next trim.
-        tmp = Path(hot_dir(str(tmp_path))) / ".tmp-e.999999999"
-        tmp.write_bytes(b"x")
-        trim_hot(str(tmp_path), 1 << 30)
-        assert not tmp.exists()
-    finally:
-        disk.close()
+    have = _chunks(10)
+    cache = str(tmp_path)
+    for name, when in (("a", 100), ("b", 300), ("c", 200)):
+        keep_hot(cache, name, list(have), _plain_of(have), None, 1 << 30)
+        os.utime(hot_path(cache, name), (when, when))
+    one = os.stat(hot_path(cache, "a")).st_blocks * 512
+    trim_hot(cache, 2 * one)
+    assert _hot_files(tmp_path) == ["b", "c"]
+    # A temporary left by a writer that died is removed by the next trim.
+    tmp = Path(hot_dir(cache)) / ".tmp-e.999999999"
+    tmp.write_bytes(b"x")
+    trim_hot(cache, 1 << 30)
+    assert not tmp.exists()
+    # So is a damaged file, at its next open.
+    with open(hot_path(cache, "b"), "r+b") as f:
+        f.seek(-3, os.SEEK_END)
+        f.write(b"zzz")
+    assert HotFile.open(cache, "b") is None and _hot_files(tmp_path) == ["c"]

@@ -3,25 +3,26 @@
 A remount of an image the node holds (disk cache kept, daemon restarted, the kernel's
 caches dropped: issue 18, "on the node") prefetches the image's trace from the disk cache.
 From LMDB that is one B-tree walk and a few page faults per chunk, scattered over the
-environment, each fault taken under the GIL (py-lmdb's ``get``), so the daemon's event
-loop waited behind the disk, and the start's first reads behind the whole queue:
-``import json`` after a remount waited 13-60 ms in its 47 READs, the prefetch of its 153
-chunks took 35 ms.  Here the same chunks (their stored bytes, as the disk cache keeps them)
-lie one after another in one file per image, ``<cache dir>/hot/<image digest>``, in the
-trace's order: a remount asks the kernel to read it all ahead (``POSIX_FADV_WILLNEED``, one
-system call, no thread, from the moment the image is known: before the mount is live) and
-the trace's prefetch takes its chunks from it with ``pread`` (no GIL held while the disk
-works), a run of neighbours in one call.
+environment, each fault taken under the GIL (py-lmdb's ``get``), then a zstd decode per
+chunk: ``import numpy``'s 601 start-up chunks are 17.7 MB of zstd to read and 56 ms of one
+core to decode into 38.9 MB, against the tree's whole run of ~160 ms, on two cores shared
+with the program.  Here the same chunks lie one after another in one file per image,
+``<cache dir>/hot/<image digest>``, in the trace's order, as plaintext: as the mount goes
+live the kernel is asked to read it all ahead (``POSIX_FADV_WILLNEED``: one system call;
+this disk reads a cold file sequentially at 0.8-1.3 GB/s) and the trace's prefetch takes
+its chunks with ``pread`` (no GIL held while the disk works; neighbours in one call) and
+nothing to decode.  Measured (docs/benchmarks.md): the 228 READs of ``import numpy`` after a
+remount waited 300 ms in all in the daemon with LMDB, 110 with this file compressed.
 
-Trust is the disk cache's: every chunk written here came out of the disk cache (xxh64
-checked; its SHA-256 was checked before it went in) and carries the xxh64 of its stored
-bytes, checked at every read; a chunk that fails is dropped from the file's index and
-taken from the disk cache; a file whose header or index does not check out is removed.
-The file is written beside its final name and renamed (a torn file is never seen), 0600
-in a 0700 directory, and holds only chunks of the image its name says.  Bounded: one
-trace's worth per image (the trace is bounded, 256 MiB), and the directory at most
-``max_bytes`` (the least recently used first out); ``cubefs cache trim`` / ``clear``
-include it.  Format: docs/format.md, "Start-up chunks of an image (hot file)".
+Trust is the disk cache's: every chunk written here is plaintext the daemon had verified
+(the memory tier, or a disk-cache entry: xxh64 checked, its SHA-256 checked before it went
+in) and carries the xxh64 of its bytes, checked at every read; a chunk that fails is
+dropped from the file's index and taken from the disk cache; a file whose index does not
+check out is removed.  The file is written beside its final name and renamed (a torn file
+is never seen), 0600 in a 0700 directory, and holds only chunks of the image its name says.
+Bounded: one start-up's worth per image, cut at MAX_FILE, and the directory at most a
+quarter of the disk cache's size (the least recently used first out); ``cubefs cache
+trim`` / ``clear`` include it.  Format: docs/format.md, "Start-up chunks of an image".
 """
 
 from __future__ import annotations
@@ -31,8 +32,7 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Iterable, Iterator
-from typing import Any, Protocol
+from collections.abc import Callable, Iterable, Iterator
 
 import xxhash
 
@@ -42,8 +42,10 @@ log = logging.getLogger(__name__)
 
 SUBDIR = "hot"
 MAGIC = b"CUBEHOT1"
-HEADER = struct.Struct("<8sIIQ")  # magic, version, chunk count, xxh64 of the index
+FOOTER = struct.Struct("<8sIIQ")  # magic, version, chunk count, xxh64 of the index: the file's last bytes
 VERSION = 1
+CODEC_RAW = 0  # as in a pack (cubefs.format.packs): the chunks are kept as plaintext
+NEW_SHARE = 0.05  # a start-up with more of its chunks missing from the file writes it again
 INDEX = struct.Struct("<32sB3xIIQ")  # digest, codec, plain length, stored length, xxh64 of the stored bytes
 TMP_PREFIX = ".tmp-"
 MAX_FILE = 256 << 20  # stored bytes in one file: a trace's bound
@@ -171,112 +173,91 @@ class HotFile:
 
 def _read_index(fd: int) -> tuple[dict[bytes, tuple[int, int, int, int, int]], list[bytes], int]:
     size = os.fstat(fd).st_size
-    head = os.pread(fd, HEADER.size, 0)
-    if len(head) != HEADER.size:
-        raise ValueError("shorter than its header")
-    magic, version, count, check = HEADER.unpack(head)
+    if size < FOOTER.size:
+        raise ValueError("shorter than its footer")
+    magic, version, count, check = FOOTER.unpack(os.pread(fd, FOOTER.size, size - FOOTER.size))
     if magic != MAGIC or version != VERSION:
         raise ValueError(f"not a version {VERSION} hot file")
-    raw = os.pread(fd, count * INDEX.size, HEADER.size)
+    start = size - FOOTER.size - count * INDEX.size
+    if start < 0:
+        raise ValueError("shorter than its index")
+    raw = os.pread(fd, count * INDEX.size, start)
     if len(raw) != count * INDEX.size or xxhash.xxh64_intdigest(raw) != check:
         raise ValueError("its index does not check out")
     index: dict[bytes, tuple[int, int, int, int, int]] = {}
     order: list[bytes] = []
-    pos = HEADER.size + len(raw)
+    pos = 0
     for digest, codec, plain_len, length, sum_ in INDEX.iter_unpack(raw):
         if digest in index:
             raise ValueError(f"chunk {digest.hex()[:16]} twice")
         index[digest] = (pos, length, codec, plain_len, sum_)
         order.append(digest)
         pos += length
-    if pos != size:
-        raise ValueError(f"{size} bytes where its index says {pos}")
+    if pos != start:
+        raise ValueError(f"{start} bytes of chunks where its index says {pos}")
     return index, order, size
 
 
-def write_hot(cache_dir: str, image_digest: str, count: int,
-              batches: Iterable[list[tuple[bytes, int, int, bytes]]], max_bytes: int) -> int:
-    """Write the image's hot file from ``count`` chunks (digest, codec, plain length, stored
-    bytes) that ``batches`` yield in order, in place of any older one; then evict other
+def write_hot(cache_dir: str, image_digest: str, batches: Iterable[list[tuple[bytes, bytes]]], max_bytes: int) -> int:
+    """Write the image's hot file from the (digest, plaintext) pairs ``batches`` yield, in
+    order, in place of any older one, cut at ``max_bytes`` (and MAX_FILE); then evict other
     images' hot files beyond ``max_bytes`` in all.  Written a batch at a time (a start-up's
-    chunks are tens of MiB), the index last.  Returns the bytes written (0: none written: no
-    chunks, a batch short, or over the bound)."""
+    chunks are tens of MiB), the index last.  Returns the bytes written (0: no chunks)."""
     limit = min(MAX_FILE, max_bytes)
-    if count <= 0 or limit <= 0:
-        return 0
     directory = hot_dir(cache_dir)
     os.makedirs(directory, mode=0o700, exist_ok=True)
     os.chmod(directory, 0o700)
     path = hot_path(cache_dir, image_digest)
     tmp = os.path.join(directory, f"{TMP_PREFIX}{image_digest}.{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    entries: list[bytes] = []
+    pos = 0
     try:
-        entries: list[bytes] = []
-        pos = HEADER.size + count * INDEX.size
-        stored = 0
-        for batch in batches:
-            for digest, codec, plain_len, data in batch:
-                entries.append(INDEX.pack(digest, codec, plain_len, len(data), xxhash.xxh64_intdigest(data)))
-                stored += len(data)
-            if len(entries) > count or stored > limit:
-                raise _GiveUp()
-            blob = b"".join(c[3] for c in batch)
-            if os.pwrite(fd, blob, pos) != len(blob):
-                raise OSError("short write")
-            pos += len(blob)
-        if len(entries) != count:
-            raise _GiveUp()
-        index = b"".join(entries)
-        head = HEADER.pack(MAGIC, VERSION, count, xxhash.xxh64_intdigest(index)) + index
-        if os.pwrite(fd, head, 0) != len(head):
-            raise OSError("short write")
-        os.close(fd)
-        fd = -1
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600), "wb",
+                  buffering=1 << 20) as f:
+            for batch in batches:
+                for digest, data in batch:
+                    if pos + len(data) > limit:
+                        break
+                    entries.append(INDEX.pack(digest, CODEC_RAW, len(data), len(data), xxhash.xxh64_intdigest(data)))
+                    f.write(data)
+                    pos += len(data)
+                else:
+                    continue
+                break
+            index = b"".join(entries)
+            f.write(index)
+            f.write(FOOTER.pack(MAGIC, VERSION, len(entries), xxhash.xxh64_intdigest(index)))
+        if not entries:
+            _unlink(tmp)
+            return 0
         os.rename(tmp, path)
-    except _GiveUp:
-        _unlink(tmp)
-        return 0
     except BaseException:
         _unlink(tmp)
         raise
-    finally:
-        if fd >= 0:
-            os.close(fd)
     trim_hot(cache_dir, max_bytes, keep=path)
-    return pos
+    return pos + len(index) + FOOTER.size
 
 
-class _GiveUp(Exception):
-    pass
+def keep_hot(cache_dir: str, image_digest: str, digests: list[bytes],
+             plain_of: Callable[[list[bytes]], dict[bytes, bytes]], current: HotFile | None, max_bytes: int) -> int:
+    """Make the image's hot file hold ``digests`` (a start-up's chunks, in its order), as
+    plaintext, unless it already does (the same order, at most NEW_SHARE of them missing).
+    ``plain_of`` gives the plaintext of those the node has (verified: the memory tier, the
+    disk cache decoded).  Blocking (reads and a write): run it in a thread.  Returns the
+    bytes written."""
+    if current is not None and not current.stats.errors:
+        inside = [d for d in digests if d in current]
+        if inside == current.order and len(digests) - len(inside) <= NEW_SHARE * len(digests):
+            return 0
 
+    def batches() -> Iterator[list[tuple[bytes, bytes]]]:
+        for i in range(0, len(digests), 64):
+            part = digests[i : i + 64]
+            got = {d: v[2] for d, v in current.get_many(part).items() if v[0] == CODEC_RAW} if current else {}
+            got.update(plain_of([d for d in part if d not in got]))
+            yield [(d, got[d]) for d in part if d in got]
 
-class _Disk(Protocol):
-    """What is read of the disk cache (cubefs.cache.disk.DiskCache, which imports this module)."""
-
-    def present(self, digests: list[bytes]) -> list[bytes]: ...
-    def get_many(self, digests: list[bytes]) -> dict[bytes, Any]: ...
-
-
-def keep_hot(cache_dir: str, image_digest: str, digests: list[bytes], disk: _Disk,
-             current: HotFile | None, max_bytes: int) -> int:
-    """Make the image's hot file hold ``digests`` (a start-up's chunks, in its order) that
-    the node has, unless it already does.  Blocking (disk reads and a write): run it in a
-    thread.  Returns the bytes written."""
-    inside = set(current.order) if current is not None else set()
-    there = set(disk.present([d for d in digests if d not in inside]))
-    have = [d for d in digests if d in inside or d in there]
-    if current is not None and current.order == have and not current.stats.errors:
-        return 0
-
-    def batches() -> Iterator[list[tuple[bytes, int, int, bytes]]]:
-        for i in range(0, len(have), 64):
-            part = have[i : i + 64]
-            got = current.get_many(part) if current is not None else {}
-            rest = disk.get_many([d for d in part if d not in got])
-            yield [(d, *got[d]) if d in got else (d, rest[d].codec, rest[d].plain_len, rest[d].data)
-                   for d in part if d in got or d in rest]
-
-    return write_hot(cache_dir, image_digest, len(have), batches(), max_bytes)
+    return write_hot(cache_dir, image_digest, batches(), max_bytes)
 
 
 def trim_hot(cache_dir: str, target: int, keep: str | None = None) -> int:

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 import trio
 
 from cubefs.cache.hot import SHARE, keep_hot, touch
+from cubefs.cache.source import ChunkUnavailable, decode_cached
+from cubefs.format.packs import CODEC_DELTA
 
 if TYPE_CHECKING:
     from cubefs.cache.disk import DiskCache
@@ -45,26 +47,46 @@ class HotKeeper:
     async def run(self) -> None:
         while not self._settled():
             await trio.sleep(AFTER / 2)
-        await trio.to_thread.run_sync(self.keep)
+        digests = self._digests()
+        # Plaintext the memory tier still holds is taken here, on the event loop's thread
+        # (the tier is not thread-safe); the rest is read and decoded in the thread.
+        held = {d: data for d in digests if (data := self.source.memory.get(d)) is not None}
+        await trio.to_thread.run_sync(self.keep, digests, held)
 
     def at_exit(self) -> None:
         """As the mount ends (its event loop gone): what a first start fetched goes to the
-        disk cache first, then the file is kept from there."""
+        disk cache first, then the file is kept."""
         if not self.done:
             self.source.flush()
-            self.keep()
+            digests = self._digests()
+            self.keep(digests, {d: data for d in digests if (data := self.source.memory.get(d)) is not None})
 
-    def keep(self) -> None:
+    def _digests(self) -> list[bytes]:
         self.done = True
         seen = set(self.trace)
         order = self.trace + [i for i in (self.fs.trace or []) if i not in seen]
-        if not order:
+        return [self.fs.image.chunk(i)[0] for i in order]
+
+    def keep(self, digests: list[bytes], held: dict[bytes, bytes]) -> None:
+        if not digests:
             return
-        digests = [self.fs.image.chunk(i)[0] for i in order]
+        disk = self.disk
+
+        def plain_of(wanted: list[bytes]) -> dict[bytes, bytes]:
+            out = {d: held[d] for d in wanted if d in held}
+            for d, chunk in disk.get_many([d for d in wanted if d not in out]).items():
+                if chunk.codec == CODEC_DELTA:  # its base would have to be read too: left out
+                    continue
+                try:
+                    out[d] = decode_cached(d, chunk.plain_len, chunk)
+                except ChunkUnavailable:
+                    pass
+            return out
+
         hot = self.source.hot
         t0 = time.monotonic()
         try:
-            wrote = keep_hot(self.cache_dir, self.fs.image.digest, digests, self.disk, hot, self.limit)
+            wrote = keep_hot(self.cache_dir, self.fs.image.digest, digests, plain_of, hot, self.limit)
         except OSError as err:
             log.warning("image %s: keeping its start-up chunks in a hot file failed: %s", self.fs.label, err)
             return
