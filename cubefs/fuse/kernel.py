@@ -333,6 +333,7 @@ class KernelTransport:
 
     def __init__(self, fs: Any, mountpoint: str, fsname: str, allow_other: bool) -> None:
         self.server = FuseServer(fs)
+        self.server.mknod_creates = self.server.writable  # the kernel's fallback: see FuseServer.mknod_creates
         self.ops = self.server.ops
         self.session = KernelSession(mountpoint, fsname, allow_other, read_only=not self.server.writable)
         self.on_session: Callable[[dict[str, Any]], None] | None = None  # told what INIT settled

@@ -5,10 +5,10 @@ Why: on this shared 2-core machine a real untar's wall time swings 5x with the
 neighbours' load, and even the daemon's CPU from /proc includes the transport
 (read/write on /dev/fuse, the trio loop).  This feeds :class:`FuseServer` the
 request mix the kernel sends for an untar, as traced on Linux 6.18 (design.md,
-"The host floor": per file LOOKUP, the directory's GETATTR, CREATE, a GETXATTR
+"The host floor": per file LOOKUP, the directory's GETATTR, MKNOD (CREATE answers ENOSYS), a GETXATTR
 of ``security.capability`` before the first write, the WRITEs of tar's 10 KiB
 ``write(2)``s as the page cache cuts them, SETATTR of the times, a GETXATTR
-before the chown, SETATTR of owner, of mode, RELEASE; with
+before the chown, SETATTR of owner, of mode (no RELEASE: no OPEN); with
 ``--writeback-cache`` one WRITE of the whole file and the kernel's SETATTR of
 its times before tar's) over a real volume index in a temporary directory,
 and reports CPU per request and per file; ``--profile`` prints the top of a
@@ -107,8 +107,9 @@ class Feeder:
     def file(self, parent: int, name: bytes, data: bytes, st: os.stat_result) -> None:
         self.lookup_missing(parent, name)
         self.send(p.GETATTR, parent, bytes(16))
-        ino = self.entry(p.CREATE, parent, p.CREATE_IN.pack(os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o100600, 0o22, 0)
-                         + name + b"\0")
+        # MKNOD, not CREATE: the daemon answers CREATE with ENOSYS once (FuseServer.mknod_creates),
+        # and the kernel then opens without a request, so no RELEASE follows either
+        ino = self.entry(p.MKNOD, parent, p.MKNOD_IN.pack(0o100600, 0, 0o22, 0) + name + b"\0")
         self.archive += 512  # the member's header
         if data:  # the first write(2) asks whether there are capabilities to drop
             self.send(p.GETXATTR, ino, p.GETXATTR_IN.pack(0, 0) + CAP)
@@ -131,7 +132,6 @@ class Feeder:
             off += n
         self.archive = -(-self.archive // 512) * 512
         self.setattrs(ino, st, regular=True)
-        self.send(p.RELEASE, ino, p.RELEASE_IN.pack(0, 0, 0, 0))
 
     def mkdir(self, parent: int, name: bytes, st: os.stat_result) -> int:
         self.archive += 512

@@ -67,8 +67,10 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def requests(mnt: Path) -> dict[str, int]:
-    return dict(json.loads(cubefs("stats", str(mnt), "--json").stdout)["requests"])
+def requests(mnt: Path) -> tuple[dict[str, int], dict[str, float]]:
+    """(requests by operation, seconds the daemon spent on them: read to answer written)."""
+    stats = json.loads(cubefs("stats", str(mnt), "--json").stdout)
+    return dict(stats["requests"]), dict(stats.get("request_seconds") or {})
 
 
 def mount_profiled(mount_args: list[str], mnt: Path, out: Path) -> subprocess.Popen[bytes]:
@@ -103,13 +105,14 @@ def run(work: Path, source: Path, runs: int, writeback: bool = False, profile: P
     times: dict[str, list[float]] = {"native": [], "volume": []}
     cpu: dict[str, list[float]] = {"tar_native": [], "tar_volume": [], "daemon": []}
     spent: dict[str, int] = {}
+    busy: dict[str, float] = {}
     pid = int(json.loads(cubefs("stats", str(mnt), "--json").stdout)["pid"])
     try:
         for i in range(runs):
             wall, tar_cpu = untar(tar, native / f"x{i}")
             times["native"].append(wall)
             cpu["tar_native"].append(tar_cpu)
-            before, daemon0 = requests(mnt), cpu_seconds(pid)
+            (before, busy0), daemon0 = requests(mnt), cpu_seconds(pid)
             wall, tar_cpu = untar(tar, mnt / f"x{i}")
             times["volume"].append(wall)
             cpu["tar_volume"].append(tar_cpu)
@@ -117,8 +120,9 @@ def run(work: Path, source: Path, runs: int, writeback: bool = False, profile: P
             # outside the untar's time (the native side's writeback is not timed either).
             subprocess.run(["sync", "-f", str(mnt)], check=True)
             cpu["daemon"].append(cpu_seconds(pid) - daemon0)
-            after = requests(mnt)
+            after, busy1 = requests(mnt)
             spent = {op: n - before.get(op, 0) for op, n in after.items() if n != before.get(op, 0)}
+            busy = {op: s - busy0.get(op, 0.0) for op, s in busy1.items() if op in spent}
             log(f"run {i + 1}: native {times['native'][-1]:.3f} s, volume {times['volume'][-1]:.3f} s "
                 f"(tar CPU {tar_cpu:.2f} s, daemon CPU {cpu['daemon'][-1]:.2f} s), {sum(spent.values())} requests")
         check = subprocess.run(["diff", "-r", "--no-dereference", str(native / "x0"), str(mnt / "x0")],
@@ -141,6 +145,9 @@ def run(work: Path, source: Path, runs: int, writeback: bool = False, profile: P
             "seconds": times, "cpu_seconds": cpu, "median_cpu_s": {k: statistics.median(v) for k, v in cpu.items()},
             "load_average": os.getloadavg()[0], "median_native_s": med["native"], "median_volume_s": med["volume"],
             "ratio": med["volume"] / med["native"], "floor": FLOOR, "requests_last_run": dict(sorted(spent.items())),
+            # the daemon's time per request of the last run, by operation (handler + answer's write)
+            "us_per_request_last_run": {op: round(busy[op] / spent[op] * 1e6, 1) for op in sorted(busy)},
+            "busy_s_last_run": round(sum(busy.values()), 3),
             "requests_per_entry": sum(spent.values()) / max(entries, 1)}
 
 
@@ -169,6 +176,8 @@ def main() -> int:
     print(f"  CPU: tar {c['tar_native']:.2f} s native, {c['tar_volume']:.2f} s on the volume; "
           f"daemon {c['daemon']:.2f} s (load average {result['load_average']:.1f})")
     print(f"  requests (last run): {result['requests_per_entry']:.1f} per entry: {result['requests_last_run']}")
+    print(f"  daemon time per request (last run, read to answer written; {result['busy_s_last_run']:.3f} s "
+          f"in all), us: {result['us_per_request_last_run']}")
     if args.json_out:
         args.json_out.write_text(json.dumps(result, indent=1))
     if args.profile:
