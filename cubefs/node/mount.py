@@ -36,6 +36,7 @@ from cubefs.fuse.protocol import HAS_RESEND
 from cubefs.image.catalog import KeepingTraces, load_cached, refresh_trace
 from cubefs.image.fs import ImageFS
 from cubefs.node import control
+from cubefs.node.hotkeep import HotKeeper
 from cubefs.node.supervise import SupervisorLink
 from cubefs.remote import RetryingStore, RetryPolicy, store_session
 from cubefs.remote.loop import LoopThread
@@ -204,8 +205,6 @@ def _serve(
     keeper = None
     if parts is not None and parts.disk is not None and opts.resume is None and (
             trace or parts.image_fs.trace is not None):
-        from cubefs.node.hotkeep import HotKeeper
-
         keeper = HotKeeper(opts.cache_dir, parts.image_fs, parts.source, parts.disk, trace, opts.disk_cache)
     transport = _transport(opts.transport, fs, mountpoint, f"cubefs:{label}", opts.allow_other)
     if opts.passthrough and hasattr(transport, "enable_passthrough"):
