@@ -17,6 +17,11 @@ E2B SDK and left running (nothing runs in them but the guest agent).  At each co
   all of QEMU's PSS by kind of mapping (``qemu_by_mapping_mib``: heap, malloc arenas, stacks,
   other anonymous memory, the binary's and libraries' private and shared pages), which is
   where QEMU's own was read and cut (vmm/machine.py, docs/benchmarks.md "Density");
+  and the same totals apart for the two kinds of idle sandbox (``by_origin``): ``cold``, made
+  for its create, and ``pool``, taken from the warm pool, which ran the pool's warm-up
+  (sandbox/service.py ``_warm``: what a first command costs, paid ahead) — with
+  ``--concurrency`` creates at once against a pool of ``--pool-size`` refilled one at a time,
+  about a quarter of the held ones come from the pool;
 * **CPU they burn idle**: user+system seconds of every QEMU, root daemon, the service and
   its mount server over ``--idle-seconds``, in % of one core per sandbox;
 * **create latency while they idle**: ``Sandbox.create()`` + ``commands.run("true")``
@@ -37,6 +42,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import statistics
 import sys
@@ -170,6 +176,14 @@ class Node:
         daemon = int(control.read_registry(str(self.tmp / "vm" / vm / "fs.sock"))["pid"])
         return int(info["qemu_pid"]), daemon, str(self.tmp / "templates" / info["template"] / "ram")
 
+    def origins(self, ids: list[str]) -> dict[str, str]:
+        """Per sandbox, ``pool`` (taken from the warm pool: it ran the pool's warm-up) or ``cold``
+        (made for its create), from the service's log line for its create."""
+        text = "".join(p.read_text(errors="replace") for p in self.tmp.glob("serve-pool*.log"))
+        found = dict(re.findall(r"sandbox (\S+) created from template \S+ in [\d.]+ s \((from the pool|made now)",
+                                text))
+        return {sid: "pool" if found.get(sid) == "from the pool" else "cold" for sid in ids}
+
     def mount_server(self) -> int:
         return int((self.tmp / "serve.sock.lock").read_text())
 
@@ -196,6 +210,16 @@ class Node:
         # p50 and mean of each kind of QEMU mapping (qemu_by_mapping_kib), guest RAM among them
         parts["qemu_by_mapping_mib"] = {k: {"p50": round(statistics.median(v), 2),
                                             "mean": round(statistics.fmean(v), 2)} for k, v in by_mapping.items()}
+        # the two kinds of idle sandbox, apart: a pooled one ran the pool's warm-up (service.py _warm)
+        totals = [g + q + d for g, q, d in zip(guest, qemu, daemon)]
+        kinds: dict[str, list[int]] = {}
+        for i, origin in enumerate(self.origins(ids).values()):
+            kinds.setdefault(origin, []).append(i)
+        parts["by_origin"] = {k: {"n": len(ix), "total_p50_mib": round(statistics.median(totals[i] for i in ix), 1),
+                                  "total_mean_mib": round(statistics.fmean(totals[i] for i in ix), 1),
+                                  "guest_ram_p50_mib": round(statistics.median(guest[i] for i in ix), 2),
+                                  "tcg_code_p50_mib": round(statistics.median(tcg[i] for i in ix), 2)}
+                              for k, ix in sorted(kinds.items())}
         parts["total_mean_mib"] = round(statistics.fmean(guest) + statistics.fmean(qemu) + statistics.fmean(daemon)
                                         + agent, 1)
         parts["mem_available_fall_per_sandbox_mib"] = round((avail0 - mem_available_kib()) / 1024 / len(ids), 1)
