@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -151,6 +152,7 @@ def test_damaged_chunks_read_in_the_background_are_refetched(tmp_path: Path, loc
         disk.put_many([(d, StoredChunk(CODEC_ZSTD, lengths[d], os.urandom(200))) for d in bad])
     finally:
         disk.close()
+    shutil.rmtree(cache / "hot")  # the start-up's own file (tests/test_hotfile.py) would serve them first
     with mounted("dmg:1", tmp_path / "mnt", local_store, cache) as m:
         _read_all(m.mountpoint, files)
         tiers = m.stats()["tiers"]
