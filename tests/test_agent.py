@@ -110,6 +110,41 @@ def test_a_process_runs_as_the_default_user_in_its_home(agent: HostAgent) -> Non
     assert (agent.root / "home/user").stat().st_uid == 1000  # the agent made the user E2B templates have
 
 
+def test_a_process_holds_none_of_roots_privileges_and_the_agent_keeps_them(agent: HostAgent) -> None:
+    """The agent takes the user's ids itself for the instant of a spawn (procs.spawn_in_root):
+    the process must end with every id the user's and no capability, in the root, and the
+    agent must be root again after, at its own root (a root process, a working directory
+    that is not one and a user without a home all still behave)."""
+    def status(pid: int) -> dict[str, list[str]]:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+        return {k: v.split() for k, _, v in (line.partition(":") for line in lines)}
+
+    async def body(c: AgentChannel) -> Any:
+        p = await c.spawn(["sleep", "30"])
+        await asyncio.sleep(0.3)  # exec'd
+        seen = status(p.pid), os.readlink(f"/proc/{p.pid}/root"), os.readlink(f"/proc/{p.pid}/cwd")
+        await c.signal(p.pid, signal.SIGKILL)
+        await collect(p)
+        r = await c.spawn(["/bin/sh", "-c", "id -u; pwd"], user="root")
+        as_root = await collect(r)
+        with pytest.raises(ch.FailedPrecondition, match="/etc/passwd"):
+            await c.spawn(["true"], cwd="/etc/passwd")
+        add = await c.spawn(["/bin/sh", "-c", "echo 'nohome:x:1234:1234::/home/nohome:/bin/sh' >> /etc/passwd"],
+                            user="root")
+        await collect(add)
+        h = await c.spawn(["/bin/sh", "-c", "id -u; pwd"], user="nohome")
+        return seen, as_root, await collect(h)
+
+    (st, root, cwd), as_root, nohome = agent.run(body)
+    assert st["Uid"] == ["1000"] * 4 and st["Gid"] == ["1000"] * 4 and st["Groups"] == ["1000"], st
+    assert int(st["CapPrm"][0], 16) == 0 and int(st["CapEff"][0], 16) == 0, st
+    assert (root, cwd) == (str(agent.root), str(agent.root / "home/user"))
+    assert as_root == (b"0\n/root\n", b"", ("end", 0, None))
+    assert nohome == (b"1234\n/\n", b"", ("end", 0, None))  # no home: the root's top
+    me = status(agent.proc.pid)
+    assert me["Uid"] == ["0"] * 4 and me["Gid"] == ["0"] * 4 and os.readlink(f"/proc/{agent.proc.pid}/root") == "/"
+
+
 def test_stdin_signals_and_a_missing_program(agent: HostAgent) -> None:
     async def body(c: AgentChannel) -> Any:
         cat = await c.spawn(["cat"], stdin=True, user="root", cwd="/tmp")
