@@ -838,6 +838,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
         print(f"freed {size(freed)}")
     print(f"{info['path']}: {info['entries']} chunks, {size(int(info['used_bytes']))} "
           f"(file {size(int(info['file_bytes']))})")
+    if info.get("hot_bytes"):
+        print(f"  {size(int(info['hot_bytes']))} in images' start-up files (hot/: a remount reads them ahead)")
     if info["quarantined_bytes"]:
         print(f"  {size(int(info['quarantined_bytes']))} in damaged caches set aside ('cubefs cache clear' "
               "removes them)")

@@ -5,6 +5,7 @@ disk cache."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import time
@@ -82,8 +83,11 @@ def test_a_remount_takes_its_start_up_chunks_from_the_hot_file(tmp_path: Path, l
         _wait_for_hot(cache)
     assert HotFile.open(str(cache), path.name) is not None
 
+    stats = json.loads(run_cubefs("cache", "stats", "--cache-dir", str(cache), "--json").stdout)
+    assert stats["hot_bytes"] >= os.path.getsize(path)
     run_cubefs("cache", "clear", "--cache-dir", str(cache))
     assert _hot_files(cache) == []
+    assert json.loads(run_cubefs("cache", "stats", "--cache-dir", str(cache), "--json").stdout)["hot_bytes"] == 0
 
 
 def _chunks(n: int, size: int = 10_000) -> dict[bytes, bytes]:

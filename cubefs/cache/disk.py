@@ -50,7 +50,7 @@ import xxhash
 
 from cubefs.cache import lmdbcheck
 from cubefs.cache.files import clear_files, tree_bytes, trim_files
-from cubefs.cache.hot import SHARE, clear_hot, trim_hot
+from cubefs.cache.hot import SHARE, clear_hot, hot_dir, trim_hot
 from cubefs.cache.tiers import DiskStats
 from cubefs.errors import CubefsError, FormatVersionError, UsageError
 
@@ -534,6 +534,7 @@ class DiskCache:
                 "ghost_entries": ghosts, "limit_bytes": self.max_bytes, "file_bytes": file_bytes,
                 "quarantined": self.stats.quarantined, "quarantined_total": _quarantine_count(self.directory),
                 "quarantined_bytes": _quarantined_bytes(self.directory),
+                "hot_bytes": tree_bytes(hot_dir(self.directory)),  # images' start-up chunks: cubefs.cache.hot
                 "reserve_bytes": self.reserve_bytes(), "free_bytes": _free_bytes(self.directory),
                 "disabled": int(self.disabled)}
 

@@ -111,7 +111,7 @@ class HotFile:
     def __len__(self) -> int:
         return len(self._index)
 
-    def get_many(self, digests: list[bytes]) -> dict[bytes, tuple[int, int, bytes]]:
+    def get_many(self, digests: list[bytes], count: bool = True) -> dict[bytes, tuple[int, int, bytes]]:
         """(codec, plain length, bytes) of those of ``digests`` the file holds and that check
         out; a chunk that does not is dropped from the index (the caller takes it from the disk
         cache).  One ``pread`` per chunk, in file order: the bytes land once, in the object the
@@ -138,9 +138,10 @@ class HotFile:
                 for d in bad:
                     self._index.pop(d, None)
             self.stats.errors += len(bad)
-        self.stats.hits += len(out)
-        self.stats.bytes += sum(len(v[2]) for v in out.values())
-        self.stats.seconds += time.monotonic() - t0
+        if count:  # reads that served the mount (not the file's own rewrite)
+            self.stats.hits += len(out)
+            self.stats.bytes += sum(len(v[2]) for v in out.values())
+            self.stats.seconds += time.monotonic() - t0
         return out
 
     def _pread(self, offset: int, length: int) -> bytes:
@@ -243,7 +244,8 @@ def keep_hot(cache_dir: str, image_digest: str, digests: list[bytes],
     def batches() -> Iterator[list[tuple[bytes, bytes]]]:
         for i in range(0, len(digests), 64):
             part = digests[i : i + 64]
-            got = {d: v[2] for d, v in current.get_many(part).items() if v[0] == CODEC_RAW} if current else {}
+            old = current.get_many(part, count=False) if current is not None else {}
+            got = {d: v[2] for d, v in old.items() if v[0] == CODEC_RAW}
             got.update(plain_of([d for d in part if d not in got]))
             yield [(d, got[d]) for d in part if d in got]
 
