@@ -1,12 +1,17 @@
-"""The agent's one event loop: selectors for fds, a queue of calls for work that is
+"""The agent's one event loop: epoll for fds, a queue of calls for work that is
 always ready (regular files cannot be polled), and timers.  Single-threaded, so the
-agent can fork helpers and processes safely at any moment."""
+agent can fork helpers and processes safely at any moment.
+
+epoll is used directly, each fd's registered mask kept here: ``selectors`` built a key
+and a mapping view per registration change and per event, and a command sets and
+clears interest ~10 times (its two pipes, the host port's writes) -- Python steps
+that cost guest CPU under TCG."""
 
 from __future__ import annotations
 
 import heapq
 import itertools
-import selectors
+import select
 import sys
 import time
 import traceback
@@ -16,10 +21,16 @@ from collections.abc import Callable
 Cb = Callable[[], None]
 
 
+READ, WRITE = select.EPOLLIN, select.EPOLLOUT
+READY_R = ~select.EPOLLOUT  # what wakes a reader: input, hang-up, error (as selectors reads epoll)
+READY_W = ~select.EPOLLIN
+
+
 class Loop:
     def __init__(self) -> None:
-        self.sel = selectors.DefaultSelector()
+        self.ep = select.epoll()
         self.fds: dict[int, list[Cb | None]] = {}  # fd -> [on_readable, on_writable]
+        self.masks: dict[int, int] = {}             # fd -> the events it is registered for
         self.soon: deque[Cb] = deque()
         self.timers: list[tuple[float, int, Cb]] = []
         self._seq = itertools.count()
@@ -27,16 +38,21 @@ class Loop:
 
     def _apply(self, fd: int) -> None:
         r, w = self.fds.get(fd, (None, None))
-        mask = (selectors.EVENT_READ if r else 0) | (selectors.EVENT_WRITE if w else 0)
-        registered = fd in self.sel.get_map()
+        mask = (READ if r else 0) | (WRITE if w else 0)
+        old = self.masks.get(fd, 0)
+        if mask == old:
+            if not mask:
+                self.fds.pop(fd, None)
+            return
         if not mask:
             self.fds.pop(fd, None)
-            if registered:
-                self.sel.unregister(fd)
-        elif registered:
-            self.sel.modify(fd, mask)
+            self.forget(fd)
+        elif old:
+            self.masks[fd] = mask
+            self.ep.modify(fd, mask)
         else:
-            self.sel.register(fd, mask)
+            self.masks[fd] = mask
+            self.ep.register(fd, mask)
 
     def reader(self, fd: int, cb: Cb | None) -> None:
         self.fds.setdefault(fd, [None, None])[0] = cb
@@ -48,8 +64,11 @@ class Loop:
 
     def forget(self, fd: int) -> None:
         self.fds.pop(fd, None)
-        if fd in self.sel.get_map():
-            self.sel.unregister(fd)
+        if self.masks.pop(fd, 0):
+            try:
+                self.ep.unregister(fd)
+            except OSError:  # closed already: the kernel dropped it (as selectors ignores)
+                pass
 
     def call_soon(self, cb: Cb) -> None:
         self.soon.append(cb)
@@ -71,13 +90,13 @@ class Loop:
                 timeout = 0
             elif self.timers:
                 timeout = max(0.0, self.timers[0][0] - time.monotonic())
-            for key, mask in self.sel.select(timeout):
-                r, w = self.fds.get(key.fd, (None, None))
-                if mask & selectors.EVENT_READ and r:
-                    self._run(r)
-                r, w = self.fds.get(key.fd, (None, None))
-                if mask & selectors.EVENT_WRITE and w:
-                    self._run(w)
+            for fd, events in self.ep.poll(-1 if timeout is None else timeout):
+                cbs = self.fds.get(fd)
+                if cbs is not None and events & READY_R and cbs[0]:
+                    self._run(cbs[0])
+                cbs = self.fds.get(fd)
+                if cbs is not None and events & READY_W and cbs[1]:
+                    self._run(cbs[1])
             now = time.monotonic()
             while self.timers and self.timers[0][0] <= now:
                 self._run(heapq.heappop(self.timers)[2])
