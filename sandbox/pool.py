@@ -8,7 +8,11 @@ guest burns no CPU, and its clock and randomness are set again when it is
 taken.  A create takes one, resumes it, gives it fresh randomness, the
 host's clock, its envVars, metadata and TTL, and the pool refills in the
 background, one sandbox at a time (a fill is CPU-bound: two at once on a
-small node only slow both, and creates with them).
+small node only slow both, and creates with them).  Before it is paused a
+pooled sandbox runs the SDK's first command once (``SandboxService._warm``),
+so the caller's first command is fast: under TCG that holds ~13 MiB more
+(translated code, page cache) than a sandbox never used, which is what that
+first command would cost anyway (docs/benchmarks.md "The pool's warm-up").
 
 **Capacity.**  The node accounts vCPUs and memory of everything it holds
 (running, being created, pooled) against its limits times an overcommit
