@@ -33,16 +33,17 @@ AFTER = 2.0  # seconds without a new chunk read (and the trace's prefetch done) 
 
 class HotKeeper:
     def __init__(self, cache_dir: str, fs: ImageFS, source: ChunkSource, disk: DiskCache, trace: list[int],
-                 disk_limit: int) -> None:
+                 disk_limit: int, prefetching: bool = True) -> None:
         self.cache_dir, self.fs, self.source, self.disk = cache_dir, fs, source, disk
         self.trace = trace  # the trace the mount started with
         self.limit = disk_limit // SHARE
+        self.prefetching = prefetching and bool(trace)  # the start waits for the trace's prefetch
         self.done = False
 
     def _settled(self) -> bool:
         fs = self.fs
         read = fs.trace is None or (bool(fs.trace) and time.monotonic() - fs.trace_last >= AFTER)
-        return read and (not self.trace or bool(self.source.prefetch_stats["done"]))
+        return read and (not self.prefetching or bool(self.source.prefetch_stats["done"]))
 
     async def run(self) -> None:
         while not self._settled():
