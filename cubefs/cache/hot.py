@@ -48,7 +48,7 @@ CODEC_RAW = 0  # as in a pack (cubefs.format.packs): the chunks are kept as plai
 NEW_SHARE = 0.05  # a start-up with more of its chunks missing from the file writes it again
 INDEX = struct.Struct("<32sB3xIIQ")  # digest, codec, plain length, stored length, xxh64 of the stored bytes
 TMP_PREFIX = ".tmp-"
-MAX_FILE = 256 << 20  # stored bytes in one file: a trace's bound
+MAX_FILE = 256 << 20  # bytes of chunks in one file (a start-up's first ones kept): a trace's bound
 SHARE = 4  # the hot files take at most 1/SHARE of the disk cache's size, on top of it
 
 
@@ -75,7 +75,7 @@ class HotFile:
 
     @classmethod
     def open(cls, cache_dir: str, image_digest: str) -> HotFile | None:
-        """The image's hot file, checked (header, index, size), or None: none kept, or one
+        """The image's hot file, checked (footer, index, size), or None: none kept, or one
         that does not check out (then removed, and logged)."""
         path = hot_path(cache_dir, image_digest)
         try:
