@@ -503,14 +503,14 @@ class SandboxService:
         """Run what the SDK runs first (``bash -l -c``, as the user) once before pausing: the
         caller's first command then finds bash, its libraries and profile in the guest's page
         cache and, under TCG, the code of the spawn, of bash and of the profile's ``id -u``
-        already translated (pooled create + first ``commands.run("true")``: p50 0.53 s warmed,
-        1.0-2.4 s not; docs/benchmarks.md "The pool's warm-up").
+        already translated (pooled create + first ``commands.run("true")``: p50 0.40-0.53 s
+        warmed, 1.0-2.4 s not; docs/benchmarks.md "The pool's warm-up").
 
         What it costs is what the first command costs anyway: a sandbox made cold holds, after
         its first ``true``, the guest pages (+4.9 MiB, most of it the page cache of what bash
         reads) and translated code (+8 MiB) a pooled one holds before its first.  So nothing
-        cheaper gives the same first command: ``bash -c`` (no profile) saves 3.7-4.4 MiB and is
-        0.22 s slower at p50; reading the files only (the agent's file helper) or running
+        cheaper gives the same first command: ``bash -c`` (no profile) saves ~3.8 MiB and is
+        0.22-0.29 s slower at p50; reading the files only (the agent's file helper) or running
         ``/bin/true`` left half or more of the first command's wait."""
         try:
             proc = await sbx.channel.spawn(["/bin/bash", "-l", "-c", "true"])
