@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -772,6 +772,47 @@ def test_fifty_networks_made_and_removed_leave_nothing(tmp_path: Path) -> None:
             assert "cfh" not in sh("ip -br link") and "tap" not in sh("ip -br link")
             assert "cubefs" not in sh("nft list ruleset")
             assert list((tmp_path / "network").glob("*.json")) == []
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+    shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_the_pool_makes_the_next_network_after_the_create_not_during_it(tmp_path: Path) -> None:
+    """A network taken from a pool that still has one ready is not replaced for ``SETTLE``
+    seconds (made at once it ran beside the create's first steps and slowed them); an emptied
+    pool is refilled without waiting for that."""
+    from sandbox.network.pool import SETTLE, Networks
+
+    def wait_for(cond: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + 60
+        while not cond():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.01)
+
+    ns = f"{TAG}-settle"
+    sh(f"ip netns add {ns}")
+    try:
+        with entered(ns):
+            nets = Networks(tmp_path, pool_size=2)
+            nets.start(set())
+            try:
+                wait_for(lambda: len(nets.ready) == 2, "the pool filled")
+                made = nets.made
+                t0 = time.monotonic()
+                Networks.close_fds(nets.attach("a"))
+                time.sleep(SETTLE * 0.6)
+                assert nets.made == made and len(nets.ready) == 1  # nothing made while "a" is created
+                wait_for(lambda: len(nets.ready) == 2, "refilled after the settle")
+                assert time.monotonic() - t0 >= SETTLE
+                Networks.close_fds(nets.attach("b"))
+                Networks.close_fds(nets.attach("c"))  # the pool is empty now: refilled at once
+                t1 = time.monotonic()
+                wait_for(lambda: nets.made > made + 1 or bool(nets.making), "an empty pool refilled")
+                assert time.monotonic() - t1 < SETTLE
+            finally:
+                for sid in ("a", "b", "c"):
+                    nets.release(sid)  # nothing if it has none
+                nets.close()
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=False)
     shutil.rmtree(tmp_path, ignore_errors=True)

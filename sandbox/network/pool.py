@@ -4,7 +4,8 @@ egress policy set and changed, removed when the sandbox goes, and nothing left b
 A slot N is a namespace (``PREFIX``N), its veth pair (``cfhN`` in the node's namespace), its
 tap and its chain ``sN`` at the gateway.  Making one takes two ``ip`` processes and a few
 netlink calls, ~40 ms; a create takes a ready one (~1 ms: open its tap in a thread that
-entered the namespace), and a background thread makes the next.  A slot is never reused:
+entered the namespace), and a background thread makes the next once that create is past its
+first steps (``SETTLE``).  A slot is never reused:
 a sandbox's namespace (its conntrack entries, its ARP cache) dies with it.
 
 What a restarted service must know is in ``STATE/network/ID.json`` (the slot and the
@@ -22,6 +23,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,11 @@ from vmm.machine import Netdev
 log = logging.getLogger("cubefs.sandbox.network")
 
 DEFAULT_POOL = 4
+# Seconds the pool waits after a sandbox took a network before making the next, while one is
+# still ready: the taking is a create's (or the refill of the sandbox pool that a pooled create
+# started), and a namespace made at once ran beside that create's first agent requests
+# (``_fill``, docs/benchmarks.md issue 17)
+SETTLE = 0.5
 
 
 class Networks:
@@ -63,6 +70,7 @@ class Networks:
         self.flows: Counter[tuple[str, str]] = Counter()  # (live sandbox, verdict) -> connections
         self.totals: Counter[str] = Counter()  # verdict -> connections of every sandbox ever (monotonic)
         self.made = 0
+        self._taken = 0.0  # when a sandbox last took a ready network (monotonic): the filler settles
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._stop = False
@@ -169,6 +177,7 @@ class Networks:
             if slot is None and self.ready:
                 slot = self.ready.pop(0)
                 self.slots[sandbox_id] = slot
+                self._taken = time.monotonic()
             self._wake.notify_all()
         if slot is None:  # the pool is empty: made now
             slot = self._new_slot()
@@ -238,10 +247,32 @@ class Networks:
 
     # -- the pool ----------------------------------------------------------------------
     def _fill(self) -> None:
+        """Keep ``pool_size`` networks ready; the next one made ``SETTLE`` s after the last was
+        taken while another is still ready (an empty pool is refilled at once: a create would
+        make its network itself).
+
+        Why: what a network added to a pooled create (~+6.5 ms p50, all of it after the guest's
+        ``cont``) was this refill.  The create's VM-pool refill takes a network the moment the
+        create starts, and the next namespace was made at once (two ``ip`` processes, a kernel
+        namespace, its rules, the gateway's chain: 20-90 ms wall), in the same milliseconds as
+        the create's ``cont``, ``freshen`` and ``set_defaults``.  Timed with schedstat in those
+        steps (20 creates each): the service's CPU 12.7 ms with the make at once, 9.1 with it
+        held back (7.7 without a network), its threads' run-queue wait 30.5 / 22.8 ms (16.8),
+        the guest's QEMU 35.2 / 30.6 ms of CPU (28.8).  The guest is not slower with a tap: VMs
+        restored with and without one, paused and continued with no service (30 each), used
+        33.1 / 31.1 ms of CPU from ``cont`` to the second agent answer, and no packet crossed
+        the NIC then (tools/bench/sandbox_network.py ``--parts resume``; docs/benchmarks.md)."""
         while True:
             with self._lock:
-                while not self._stop and len(self.ready) + len(self.making) >= self.pool_size:
-                    self._wake.wait(5)
+                while not self._stop:
+                    if len(self.ready) + len(self.making) >= self.pool_size:
+                        self._wake.wait(5)
+                        continue
+                    settle = self._taken + SETTLE - time.monotonic()
+                    if self.ready and settle > 0:
+                        self._wake.wait(settle)
+                        continue
+                    break
                 if self._stop:
                     return
             slot = self._new_slot()

@@ -12,6 +12,10 @@ interfaces and ruleset are not touched.
   creates interleaved, both pools full and the machine quiet before each sample.
 * ``policy_change_ms``: what a pooled create adds with a network (its policy set): the
   median of ``PUT /sandboxes/ID/network`` minus that of ``GET /sandboxes/ID``, interleaved.
+* ``resume`` (not run by default): no service; VMs of the template restored with a tap and
+  without a NIC back-end, alternated, each warmed and paused as a pooled sandbox is, then
+  ``cont``, ``freshen``, ``set_defaults`` timed, with QEMU's CPU and run-queue time across them
+  (schedstat) and the packets the guest's NIC moved: is the guest slower with a tap?
 * ``download_tap`` / ``download_slirp``: the guest's own python3 reads ``--mb`` MiB from the
   internet's web server (timed in the guest); tap: a sandbox of the service with
   ``--network``; slirp: a VM of the same template with ``-netdev user`` (vmm, no service).
@@ -29,6 +33,7 @@ under TCG here unless the machine has KVM.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import json
 import os
@@ -115,6 +120,93 @@ def policy_cost(svc: Service, sandbox_id: str, n: int = 60) -> dict[str, Any]:
             "policy_change_ms": round((statistics.median(put) - statistics.median(get)) * 1000, 2)}
 
 
+def sched_ms(pid: int) -> tuple[float, float]:
+    """A process's time on a CPU and waiting for one so far, all its threads (ms, schedstat)."""
+    on = wait = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            a, b, _ = Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()
+        except OSError:
+            continue
+        on, wait = on + int(a), wait + int(b)
+    return on / 1e6, wait / 1e6
+
+
+async def one_resume(vm_template: str, name: str, netdev: Any) -> dict[str, float]:
+    """A VM of the template made as a pooled sandbox is (restored, its agent's first requests,
+    ``bash -l -c true``, QMP ``stop``), then what a pooled create does to it: ``cont``, the
+    ``freshen`` request, ``set_defaults``; timed, with QEMU's CPU and run-queue time in it and
+    the packets the guest's NIC sent and received across it."""
+    from vmm.channel import AgentChannel
+    from vmm.qmp import Qmp
+    from vmm.vm import Root, Vm
+
+    def qmp(command: str) -> None:
+        q = Qmp(str(vm.dir / "qmp.sock"), name)  # a session per command, as the service's
+        try:
+            q.execute(command)
+        finally:
+            q.close()
+
+    async def packets() -> int:
+        proc = await ch.spawn(["/bin/cat", "/proc/net/dev"], user="root")
+        text = b"".join([e[1] async for e in proc.events() if e[0] == "stdout"]).decode()
+        fields = next(line for line in text.splitlines() if "eth0:" in line).split(":")[1].split()
+        return int(fields[1]) + int(fields[9])
+
+    vm = await asyncio.to_thread(Vm.start, name, Root(image="bench:1"), None, template=vm_template, netdev=netdev)
+    try:
+        if netdev is not None:
+            os.close(netdev.fds[0])
+        ch = await AgentChannel.connect(str(vm.dir / "agent.sock"), name, timeout=30)
+        await ch.set_defaults(user="user", env={})
+        async for _event in (await ch.spawn(["/bin/bash", "-l", "-c", "true"])).events():
+            pass
+        before = await packets()
+        qmp("stop")
+        time.sleep(0.5)
+        pid = int(vm.info["qemu_pid"])
+        cpu0, rq0 = sched_ms(pid)
+        t0 = time.monotonic()
+        qmp("cont")
+        await ch.freshen(name, "00" * 16)
+        await ch.set_defaults(user="user", env={})
+        took = (time.monotonic() - t0) * 1000
+        cpu1, rq1 = sched_ms(pid)
+        row = {"ms": took, "qemu_cpu_ms": cpu1 - cpu0, "qemu_runqueue_ms": rq1 - rq0,
+               "nic_packets": await packets() - before}
+        await ch.close()
+        return row
+    finally:
+        await asyncio.to_thread(vm.destroy)
+
+
+def resume(vm_template: str, ns: str, rounds: int) -> dict[str, Any]:
+    """``cont`` -> the second agent answer of a paused VM restored with a tap (in namespace
+    ``ns``, made as the network pool makes one) and without a NIC back-end, alternated, no
+    service: whether the guest or QEMU is slower with a tap, apart from the service."""
+    from sandbox.network import gateway, netns
+    from vmm.machine import Netdev
+
+    sh(f"""ip netns add {ns}; ip -n {ns} link set lo up
+ip -n {ns} tuntap add dev tap0 mode tap multi_queue vnet_hdr; ip -n {ns} link set tap0 address {gateway.GATEWAY_MAC}
+ip -n {ns} addr add {gateway.GATEWAY_IP}/30 dev tap0; ip -n {ns} link set tap0 up
+ip netns exec {ns} sysctl -qw net.ipv6.conf.all.disable_ipv6=1""")
+    rows: dict[str, list[dict[str, float]]] = {"plain": [], "tap": []}
+    try:
+        for i in range(rounds):
+            for kind in ("plain", "tap") if i % 2 == 0 else ("tap", "plain"):
+                netdev = None
+                if kind == "tap":
+                    fd = netns.in_netns(ns, lambda: netns.open_tap("tap0"))
+                    netdev = Netdev(f"tap,fd={fd}", (fd,))
+                rows[kind].append(asyncio.run(one_resume(vm_template, f"bench-resume-{kind}-{i}", netdev)))
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+    return {kind: {key: round(statistics.median(r[key] for r in rs), 1) for key in rs[0]} | {"n": len(rs)}
+            for kind, rs in rows.items()}
+
+
 def mbps(line: str) -> float:
     n, secs = line.split()
     return round(int(n) / float(secs) / 1e6, 1)
@@ -177,7 +269,8 @@ def ingress(base: str, headers: dict[str, str], runs: int, small: int) -> dict[s
 def main() -> int:
     ap = ArgumentParser(description=__doc__, formatter_class=RawDescriptionHelpFormatter)
     ap.add_argument("--parts", default="creates,download,ingress",
-                    help="which to run, comma-separated: creates, download, ingress")
+                    help="which to run, comma-separated: creates, download, ingress, resume")
+    ap.add_argument("--resume-rounds", type=int, default=30, help="VMs of each kind in the resume part")
     ap.add_argument("--creates", type=int, default=30)
     ap.add_argument("--pool", type=int, default=2)
     ap.add_argument("--mb", type=int, default=200, help="MiB the guest downloads from the internet")
@@ -225,6 +318,10 @@ ip -n {inet_ns} link set lo up; ip -n {inet_ns} addr add {INTERNET}/24 dev in0; 
     try:
         cubefs(env, "build", args.rootfs, "--tag", "bench:1")
         cubefs(env, "sandbox", "template", "create", "base", "--from", "bench:1")
+        if "resume" in parts:
+            vm_template = json.loads(cubefs(env, "sandbox", "template", "ls", "--json"))[0]["vm_template"]
+            out["resume"] = resume(vm_template, f"{tag}-tap", args.resume_rounds)
+            log(f"resume: {out['resume']}")
         if "creates" in parts:
             # the plain service: a state and volume directory of its own (its template's volume too)
             env_plain = {**env, "CUBEFS_SANDBOX_DIR": str(tmp / "sandbox-plain"),
