@@ -542,7 +542,8 @@ class VolumeFS:
     def _new_ino(self, txn: lmdb.Transaction, vol: Any) -> int:
         """The next inode number, from a run of ``INO_RUN`` reserved in the volume's record:
         writing the record on every create put a third database in the create's commit
-        (a create 25.7 -> ~17 us, measured in process).  The run is the record's as this
+        (with the other cuts beside it, a create 38.0 -> 31.4 us in process, volume_ops.py;
+        benchmarks.md, "Requests by operation").  The run is the record's as this
         process wrote it: when anything else rewrites the record (a snapshot, a rollback,
         which keep ``next_ino`` at least as high) or this transaction's write of it is lost
         (aborted), :meth:`VolumeIndex.volume` returns another object and the next create
