@@ -73,6 +73,14 @@ def test_accel_auto_uses_kvm_only_where_hardware_backs_it() -> None:
         pick_accel("xen")
 
 
+def test_vm_rm_all_with_no_vm_is_no_error_and_names_with_all_are(tmp_path: Path) -> None:
+    env = {"CUBEFS_VM_DIR": str(tmp_path / "vms")}
+    assert run_cubefs("vm", "rm", "--all", env=env).returncode == 0
+    for argv in (("vm", "rm"), ("vm", "rm", "--all", "x")):
+        res = run_cubefs(*argv, env=env, check=False)
+        assert res.returncode == 2 and "cubefs vm rm" in res.stderr, res
+
+
 def test_a_template_restores_in_a_fraction_of_a_boot(vm_env: dict[str, str]) -> None:
     cold = vm(vm_env, "run", "debian:12", "--accel", "tcg", "--json", "--", "python3", "-c", "print(42)")
     warm = vm(vm_env, "run", "--template", "base", "debian:12", "--json", "--", "python3", "-c", "print(42)")

@@ -262,8 +262,10 @@ def cmd_vm(args: argparse.Namespace) -> int:
                   f"{'template ' + v.info['template'] if v.info.get('template') else 'booted'}")
         return EXIT_OK
     if action == "rm":
+        if args.all and args.names:
+            raise UsageError("cubefs vm rm: give names or --all, not both")
         names = [v.name for v in vm.Vm.list()] if args.all else args.names
-        if not names:
+        if not names and not args.all:  # --all with no VM removes nothing, and that is not an error
             raise UsageError("usage: cubefs vm rm NAME... | --all")
         for name in names:
             v = vm.Vm(name)
