@@ -145,6 +145,22 @@ def test_a_process_holds_none_of_roots_privileges_and_the_agent_keeps_them(agent
     assert me["Uid"] == ["0"] * 4 and me["Gid"] == ["0"] * 4 and os.readlink(f"/proc/{agent.proc.pid}/root") == "/"
 
 
+def test_a_sigint_to_the_agent_does_nothing_and_its_commands_still_take_one(agent: HostAgent) -> None:
+    """For the instant of a spawn the agent's real uid is the user's, so the user's processes
+    may signal it: a SIGINT (the only signal but SIGCHLD that the guest's PID 1 receives) must
+    not end it; and the commands it starts must not inherit that: SIGINT still stops them."""
+    os.kill(agent.proc.pid, signal.SIGINT)
+
+    async def body(c: AgentChannel) -> Any:
+        p = await c.spawn(["sleep", "30"])
+        await asyncio.sleep(0.3)  # exec'd
+        await c.signal(p.pid, signal.SIGINT)
+        return await collect(p)
+
+    assert agent.run(body)[2] == ("end", -1, signal.SIGINT)
+    assert agent.proc.poll() is None
+
+
 def test_stdin_signals_and_a_missing_program(agent: HostAgent) -> None:
     async def body(c: AgentChannel) -> Any:
         cat = await c.spawn(["cat"], stdin=True, user="root", cwd="/tmp")

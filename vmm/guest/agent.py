@@ -147,6 +147,12 @@ class Agent:
         self.sigpipe = r
         signal.set_wakeup_fd(w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
+        # For the instant of a spawn the agent's real uid is the sandbox user's (procs.spawn_in_root),
+        # and kill(2) then lets that user's processes signal it.  As the guest's PID 1 it receives
+        # only signals it handles: SIGCHLD (a no-op) and Python's SIGINT, whose KeyboardInterrupt
+        # would end the agent and panic the guest -- so SIGINT is a no-op too (a handler, not
+        # SIG_IGN, which the spawned commands would inherit).  Host mode (tests) is not PID 1.
+        signal.signal(signal.SIGINT, lambda *_: None)
         self.loop.reader(r, self._reap)
         if listen is not None:
             if os.path.exists(listen):
@@ -387,17 +393,25 @@ class Agent:
         /etc/group stay as they were: reading both on a virtio-fs root for every command cost the
         agent 14-20 ms of guest CPU per spawn under TCG (two stats cost a fraction of it)."""
         name = name or self.defaults["user"]
-        key = self._users_key()
+
+        def find() -> users.User:
+            found = users.lookup(self.root, name)
+            if found is None and name == self.defaults["user"]:
+                found = users.ensure(self.root, name)
+            if found is None:
+                raise OpError("invalid_argument", f"no user {name!r} in the root's /etc/passwd")
+            return found
+
+        return self._cached_user(name, find)
+
+    def _cached_user(self, name: str, find: Callable[[], users.User]) -> users.User:
+        """``name``'s entry as last found while /etc/passwd and /etc/group are unchanged, else
+        ``find()``'s (kept under the files' state after it: it may have added the user)."""
         cached = self.users.get(name)
-        if cached is not None and cached[0] == key:
+        if cached is not None and cached[0] == self._users_key():
             return cached[1]
-        found = users.lookup(self.root, name)
-        if found is None and name == self.defaults["user"]:
-            found = users.ensure(self.root, name)
-            key = self._users_key()  # ensure may have added it
-        if found is None:
-            raise OpError("invalid_argument", f"no user {name!r} in the root's /etc/passwd")
-        self.users[name] = (key, found)
+        found = find()
+        self.users[name] = (self._users_key(), found)
         return found
 
     def helper_call(self, user: str | users.User | None, req: dict[str, Any], cb: HelperCb,
@@ -466,15 +480,10 @@ class Agent:
 
     def op_set_defaults(self, chan: int, doc: dict[str, Any], tail: bytes) -> dict[str, Any]:
         name = str(doc.get("user") or "user")
-        cached = self.users.get(name)
-        if cached is not None and cached[0] == self._users_key():
-            user = cached[1]  # a pooled sandbox's create: its user is known (see user())
-        else:
-            try:
-                user = users.ensure(self.root, name)
-            except users.UserError as err:
-                raise OpError("invalid_argument", str(err)) from None
-            self.users[name] = (self._users_key(), user)
+        try:  # made if missing; a pooled sandbox's create finds it known (see user())
+            user = self._cached_user(name, lambda: users.ensure(self.root, name))
+        except users.UserError as err:
+            raise OpError("invalid_argument", str(err)) from None
         self.defaults = {"user": user.name, "env": dict(doc.get("env") or {}), "workdir": doc.get("workdir")}
         return {"user": user.name, "uid": user.uid, "home": user.home}
 
@@ -541,8 +550,9 @@ class Agent:
                 if not asked:
                     self._spawn(chan, doc, argv, user, "/", asked)  # no home: the root's top
                     return
-                self.reply_error(chan, "failed_precondition" if isinstance(err, NotADirectoryError) else "not_found",
-                                 f"spawn {argv[0]}: working directory {where}: {err.strerror}")
+                code = ("failed_precondition" if isinstance(err, NotADirectoryError) else
+                        "permission_denied" if isinstance(err, PermissionError) else "not_found")
+                self.reply_error(chan, code, f"spawn {argv[0]}: working directory {where}: {err.strerror}")
             elif isinstance(err, FileNotFoundError):
                 self.reply_error(chan, "not_found", f"spawn: no program {argv[0]!r} in the root (PATH {env['PATH']})")
             elif isinstance(err, PermissionError):

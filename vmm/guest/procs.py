@@ -50,7 +50,9 @@ def spawn_in_root(root: str, user: User, argv: list[str], env: dict[str, str], c
     its *real and effective* ids, keeping 0 as the saved ids, so it can take root back --
     and the child, made by vfork, inherits both: its exec makes all its ids the user's (the
     saved ids follow the effective ones), so it holds nothing of root's.  The agent is
-    single-threaded: nothing else runs while it is in the root.  The working directory is
+    single-threaded: nothing else runs while it is in the root.  Meanwhile the user's processes
+    may signal it (its real uid is theirs): as the guest's PID 1 it gets only the signals it
+    handles, and those it handles do nothing (``Agent.__init__``).  The working directory is
     entered in the child as the user (as envd's Go does: chdir after setuid), so a missing
     one fails the spawn with an OSError whose filename is ``cwd``."""
     top = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
