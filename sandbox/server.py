@@ -127,9 +127,9 @@ async def _protect_nodes(member: Any, protected: Any) -> None:
     join a moment ago; the rest go on in the background)."""
     from sandbox.network.protect import node_listener
 
-    known = member.follow_members(node_listener(member.etcd, member.layout.node, protected))
+    told = member.follow_members(node_listener(member.etcd, member.layout.node, protected))
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(asyncio.shield(known), 5.0)
+        await asyncio.wait_for(asyncio.shield(told), 5.0)
 
 
 async def _join(service: SandboxService, opts: ClusterOptions, api_addr: tuple[str, int],

@@ -128,6 +128,7 @@ async def running_front(etcd: EtcdCluster, layout: Layout, nodes: list[tuple[Fak
         t0 = time.monotonic()
         async with http.post(f"http://127.0.0.1:{port}/v2/sandboxes", json={"templateID": "base"},
                              timeout=aiohttp.ClientTimeout(total=60)) as res:
+            front.last_headers = res.headers  # type: ignore[attr-defined]
             return res.status, await res.json(), time.monotonic() - t0
 
     front.get = lambda path: http.get(f"http://127.0.0.1:{port}{path}")  # type: ignore[attr-defined]
@@ -201,7 +202,8 @@ def test_a_refusing_node_and_a_dead_one_send_the_create_on(etcd1: EtcdCluster) -
 
 def test_a_node_whose_restore_queue_is_full_sends_the_create_on(etcd1: EtcdCluster) -> None:  # noqa: F811
     """The best-scored node answers 503 (its restore queue is full: it made nothing): the create
-    lands on the next node at once, counted as a refusal."""
+    lands on the next node at once, counted as a refusal; with every node busy the front answers
+    503 with the soonest Retry-After (not "no room": a retry later may land)."""
     async def main() -> None:
         lay = Layout("/busy/")
         client = Etcd(etcd1.endpoints)
@@ -215,6 +217,10 @@ def test_a_node_whose_restore_queue_is_full_sends_the_create_on(etcd1: EtcdClust
                 m = await metrics(front)
                 assert (m["cubefs_front_refused_total"], m["cubefs_front_placed_total"]) == (1, 1), m
                 await eventually("the unfilled reservation deleted", lambda: _none_left(client, lay), 5)
+                good.mode = "busy"  # now every node is busy: 503 with the soonest Retry-After, not "no room"
+                status, doc, _took = await post()  # type: ignore[misc]
+                retry = front.last_headers.get("Retry-After")  # type: ignore[attr-defined]
+                assert status == 503 and retry == "7" and "busy" in str(doc["message"]), (status, retry, doc)
         finally:
             await client.close()
 

@@ -185,6 +185,7 @@ class Front:
             return error(404, f"template {template!r} not found on any node of the cluster "
                               f"({len(self.view.nodes)} nodes)")
         tried: set[str] = set()
+        busy: list[int] = []  # Retry-After of the nodes whose restore queue was full
         conflicts = 0
         while len(tried) < ATTEMPTS:
             ranked = self.scheduler.rank(template, *size, exclude=tried, limit=1)
@@ -206,7 +207,7 @@ class Front:
             tried.add(node.name)
             res = None
             try:
-                res = await self._create_on(request, node, raw, rid)
+                res = await self._create_on(request, node, raw, rid, busy)
             finally:
                 # A node that made the sandbox deleted the reservation in the transaction that
                 # published it: a delete from here too would be one more etcd write per create
@@ -218,12 +219,17 @@ class Front:
                 return res
             deadline = time.monotonic() + self.place_deadline  # the next candidate's reservation: afresh
         self.stats.no_room += 1
+        if busy:  # room, but not soon enough: a retry later may land
+            return error(503, f"the nodes that could take a sandbox of template {template!r} are busy (their restore "
+                              f"queues are full): {len(tried)} tried", headers={"Retry-After": str(min(busy))})
         return error(503, f"no node of the cluster can take a sandbox of template {template!r} "
                           f"({size[0]} vCPU, {size[1]} MiB): {len(self.view.nodes)} nodes, "
                           f"{len(tried)} tried", headers={"Should-Retry": "false"} if not tried else None)
 
-    async def _create_on(self, request: web.Request, node: NodeInfo, raw: bytes, rid: str) -> web.Response | None:
-        """The node's answer to the create, or None when it refused (429, 503) or did not answer."""
+    async def _create_on(self, request: web.Request, node: NodeInfo, raw: bytes, rid: str,
+                         busy: list[int]) -> web.Response | None:
+        """The node's answer to the create, or None when it refused (429, 503: its Retry-After
+        added to ``busy``) or did not answer."""
         assert self.http is not None
         headers = {k: v for k, v in request.headers.items() if k.lower() not in fwd.HOP_BY_HOP}
         headers[RESERVATION_HEADER] = rid
@@ -251,6 +257,9 @@ class Front:
             return None
         if status in (429, 503):  # full, or its restore queue is (or it is stopping): it made nothing
             self.stats.refused += 1
+            if status == 503:
+                with contextlib.suppress(ValueError):
+                    busy.append(max(1, int(answer.get("Retry-After", "1"))))
             log.info("create on node %s: refused, %d (%s): next candidate", node.name, status,
                      body[:200].decode(errors="replace"))
             return None

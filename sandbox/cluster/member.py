@@ -78,7 +78,7 @@ class NodeMember:
         self._tasks: list[asyncio.Task[None]] = []
         self._peers: list[str] | None = None
         self._members: dict[str, str] = {}  # members/NAME -> its peer address, as last read
-        self._member_listeners: list[MemberListener] = []
+        self._member_queues: list[asyncio.Queue[tuple[str, str]]] = []  # one per follow_members listener
         self._record_written: tuple[bytes, int] = (b"", 0)  # the node record etcd has, under which lease
         self._member_written = 0  # the lease members/NAME was written under
         # Sandboxes added or removed since the last flush: a flush compares only those with what etcd
@@ -303,32 +303,44 @@ class NodeMember:
             await asyncio.sleep(REFRESH)
 
     # -- peers ----------------------------------------------------------------------
-    def follow_members(self, listener: MemberListener) -> asyncio.Task[None]:
-        """Call ``listener(name, peer)`` for every node that joins (each ``members/NAME`` put: once
-        per lease) and, in the task returned, for every node known now; a node leaving is not
-        told.  A listener may be called again for a node (after etcd was lost the members are
-        read afresh and told again), and a failing one (a ``CubefsError``) is called again a
-        second later.  The task ends with the member."""
-        self._member_listeners.append(listener)
-        known = dict(self._members)
+    def follow_members(self, listener: MemberListener) -> asyncio.Future[None]:
+        """Call ``listener(name, peer)`` for every node known now and every node that joins later
+        (each ``members/NAME`` put: once per lease); a node leaving is not told.  The listener
+        runs in a task of its own, fed by the member's one watch (a slow or failing listener
+        holds up neither the peers file nor another listener); one that raises a
+        ``CubefsError`` (etcd's, nft's) is called again for that node a second later.  It may
+        be called twice for a node (after etcd was lost every member is told again).  The
+        future returned is done once the nodes known now were told."""
+        queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+        for item in self._members.items():
+            queue.put_nowait(item)
+        caught_up: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._member_queues.append(queue)
+        self._tasks.append(asyncio.create_task(self._tell(listener, queue, queue.qsize(), caught_up)))
+        return caught_up
 
-        async def tell_known() -> None:
-            for key, peer in known.items():
-                while True:
-                    try:
-                        await listener(key[len(self.layout.members):], peer)
-                        break
-                    except CubefsError as err:
-                        log.debug("cluster: telling of member %s: %s", key, err)
-                        await asyncio.sleep(1.0)
-
-        task = asyncio.create_task(tell_known())
-        self._tasks.append(task)
-        return task
+    async def _tell(self, listener: MemberListener, queue: asyncio.Queue[tuple[str, str]], known: int,
+                    caught_up: asyncio.Future[None]) -> None:
+        told = 0
+        while True:
+            if told >= known and not caught_up.done():
+                caught_up.set_result(None)
+            key, peer = await queue.get()
+            while True:
+                try:
+                    await listener(key[len(self.layout.members):], peer)
+                    break
+                except CubefsError as err:
+                    log.debug("cluster: telling of member %s: %s", key, err)
+                    await asyncio.sleep(1.0)
+                except Exception as err:  # a listener's bug must not end the following of others
+                    log.warning("cluster: telling of member %s failed: %s", key, err)
+                    break
+            told += 1
 
     async def _follow_members(self, revision: int) -> None:
-        """Keep ``STATE/peers`` listing every node's peer address, and tell ``follow_members``'
-        listeners of nodes joining.  Nodes watch ``members/`` (written once per lease), not
+        """Keep ``STATE/peers`` listing every node's peer address, and feed ``follow_members``'
+        listeners the nodes joining.  Nodes watch ``members/`` (written once per lease), not
         ``nodes/``: every record put would otherwise go to every node — at 10,000 nodes and
         100,000 creates a minute, ~23 M watch events/s."""
         members = self.layout.members
@@ -338,27 +350,23 @@ class NodeMember:
                     kvs, revision = await self.etcd.range(members)
                     self._members = {kv.key: kv.value.decode() for kv in kvs}
                     self._write_peers(self._members)
-                    for key, peer in self._members.items():
-                        await self._tell(key, peer)
+                    for queue in self._member_queues:
+                        for item in self._members.items():
+                            queue.put_nowait(item)
                 async for events in self.etcd.watch(members, revision + 1):
                     for ev in events:
                         if ev.type == "PUT":
-                            self._members[ev.kv.key] = ev.kv.value.decode()
+                            self._members[ev.kv.key] = peer = ev.kv.value.decode()
+                            for queue in self._member_queues:
+                                queue.put_nowait((ev.kv.key, peer))
                         else:
                             self._members.pop(ev.kv.key, None)
                         revision = ev.kv.mod_revision
                     self._write_peers(self._members)
-                    for ev in events:
-                        if ev.type == "PUT":
-                            await self._tell(ev.kv.key, self._members.get(ev.kv.key, ""))
-            except CubefsError as err:  # etcd's (EtcdError), or a listener's: tried again from a fresh range
+            except EtcdError as err:
                 log.debug("cluster: following members: %s", err)
                 revision = 0
                 await asyncio.sleep(1.0)
-
-    async def _tell(self, key: str, peer: str) -> None:
-        for listener in self._member_listeners:
-            await listener(key[len(self.layout.members):], peer)
 
     def _write_peers(self, nodes: dict[str, str]) -> None:
         peers = sorted({p for p in nodes.values() if p})
