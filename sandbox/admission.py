@@ -15,8 +15,9 @@ that went away while queued (its client closed the connection: the SDK's request
 60 s) is dropped when its turn comes, never restored for nobody; a closing service fails
 every queued caller at once (503).
 
-A create whose turn would come only after ``max_wait`` seconds (60: the queue ahead of it
-times the median of the last restores, over the slots) is not queued at all: 503 with
+A create (a caller that can go away: ``gone``) whose turn would come only after ``max_wait``
+seconds (60: the queue ahead of it times the median of the last restores, over the slots;
+a rollback or a fork's child is never refused) is not queued at all: 503 with
 ``Retry-After`` at once, nothing made.  Queued, it would wait past the SDK's request timeout
 (60 s) and be dropped anyway, after holding its booking the whole time; answered now, a
 cluster front places it on another node (a node's 503 made nothing) and a caller without one
@@ -98,8 +99,8 @@ class RestoreGate:
     @contextlib.asynccontextmanager
     async def slot(self, gone: Callable[[], bool] | None = None, low: bool = False) -> AsyncIterator[None]:
         """Hold one of the ``limit`` restore slots for the body; wait in order for it first
-        (``QueueFullError`` at once when that wait would pass ``max_wait``; never for a ``low``
-        one, which has no caller)."""
+        (``QueueFullError`` at once when that wait would pass ``max_wait``, for a caller that can
+        go away, ``gone``: an API create; a rollback, a fork's child or a pool fill waits)."""
         await self._acquire(gone, low)
         t0 = time.monotonic()
         try:
@@ -121,7 +122,7 @@ class RestoreGate:
     async def _acquire(self, gone: Callable[[], bool] | None, low: bool) -> None:
         if self._closed:
             raise AdmissionError("the sandbox service is stopping")
-        if not low and self.max_wait and (wait := self.expected_wait()) > self.max_wait:
+        if gone is not None and not low and self.max_wait and (wait := self.expected_wait()) > self.max_wait:
             self.refused += 1
             raise QueueFullError(f"the node's restore queue is full: a sandbox asked now would start in ~{wait:.0f} s "
                                  f"(over {self.max_wait:.0f}); try again later or on another node",

@@ -163,14 +163,14 @@ def test_the_limit_must_be_one_or_more() -> None:
 def test_a_create_whose_turn_would_come_too_late_is_refused_at_once_with_retry_after() -> None:
     """Restores of 0.1 s, one at a time, a 0.25 s bound: with one running, the second and third
     creates queue (expected 0.1 and 0.2 s); the fourth would wait 0.3 s and is refused at once
-    (nothing queued, Retry-After given); a pool fill queues whatever the wait (no caller
-    times out); before any restore was seen nothing is refused, however long the queue."""
+    (nothing queued, Retry-After given); a rollback and a pool fill queue whatever the wait (no
+    caller that times out); before any restore was seen nothing is refused, however long the queue."""
     async def main() -> tuple[list[object], list[object], str]:
         gate = RestoreGate(1, max_wait=0.25)
         hold = asyncio.Event()
 
-        async def one(seconds: float = 0.1, low: bool = False) -> str:
-            async with gate.slot(low=low):
+        async def one(seconds: float = 0.1, low: bool = False, caller: bool = True) -> str:
+            async with gate.slot((lambda: False) if caller else None, low=low):
                 await (hold.wait() if seconds < 0 else asyncio.sleep(seconds))
                 return "ran"
 
@@ -191,13 +191,14 @@ def test_a_create_whose_turn_would_come_too_late_is_refused_at_once_with_retry_a
         with pytest.raises(QueueFullError) as refused:
             await one()
         fill = asyncio.create_task(one(low=True))
+        rollback = asyncio.create_task(one(caller=False))  # no caller to time out: it waits its turn
         await asyncio.sleep(0)
-        assert gate.queued == 3  # the fill queued behind the two creates
+        assert gate.queued == 4  # the rollback and the fill queued behind the two creates
         hold.set()
-        later = await asyncio.gather(running, *tasks, fill, return_exceptions=True)
+        later = await asyncio.gather(running, *tasks, rollback, fill, return_exceptions=True)
         return [queued_unseen, *first], [refused.value.retry_after, *later], "\n".join(gate.metrics())
 
     first, later, metrics = run(main())  # type: ignore[misc]
     assert first == [5] + ["ran"] * 6
-    assert later[0] >= 1 and later[1:] == ["ran"] * 4
+    assert later[0] >= 1 and later[1:] == ["ran"] * 5
     assert "cubefs_sandbox_restore_queue_refused_total 1" in metrics
