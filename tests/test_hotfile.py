@@ -142,3 +142,23 @@ def test_bounded_least_recently_used_out_first(tmp_path: Path) -> None:
         f.seek(-3, os.SEEK_END)
         f.write(b"zzz")
     assert HotFile.open(cache, "b") is None and _hot_files(tmp_path) == ["c"]
+
+
+def test_the_index_read_once_per_chunk_a_concurrent_drop_is_no_error(tmp_path: Path) -> None:
+    """Fault: another thread drops a bad chunk between get_many's test of the index and its
+    lookup (a KeyError into the read path)."""
+    have = _chunks(4)
+    keep_hot(str(tmp_path), "img", list(have), _plain_of(have), None, 1 << 30)
+    hot = HotFile.open(str(tmp_path), "img")
+    assert hot is not None
+
+    class DroppedOnTest(dict):  # type: ignore[type-arg]
+        def __contains__(self, d: object) -> bool:
+            present = dict.__contains__(self, d)
+            self.pop(d, None)  # the other thread's drop, right after the test
+            return present
+
+    hot._index = DroppedOnTest(hot._index)
+    got = hot.get_many(list(have))
+    assert {d: v[2] for d, v in got.items()} == have
+    hot.close()

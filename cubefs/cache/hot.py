@@ -120,8 +120,10 @@ class HotFile:
         t0 = time.monotonic()
         out: dict[bytes, tuple[int, int, bytes]] = {}
         bad: list[bytes] = []
-        for _off, d in sorted((self._index[d][0], d) for d in digests if d in self._index):
-            off, length, codec, plain_len, check = self._index[d]
+        # Each entry looked up once: another thread (a reader's, the keeper's) may drop one
+        # that does not check out between a test and an index.
+        found = [(e, d) for d in digests if (e := self._index.get(d)) is not None]
+        for (off, length, codec, plain_len, check), d in sorted(found, key=lambda it: it[0][0]):
             try:
                 data = self._pread(off, length)
             except OSError as err:
