@@ -162,3 +162,76 @@ def test_the_index_read_once_per_chunk_a_concurrent_drop_is_no_error(tmp_path: P
     got = hot.get_many(list(have))
     assert {d: v[2] for d, v in got.items()} == have
     hot.close()
+
+
+def test_a_hot_file_that_cannot_be_opened_or_removed_never_ends_the_mount(tmp_path: Path, local_store: str) -> None:
+    """Fault: a directory where the image's hot file belongs (it opens, reads fail, it cannot be
+    unlinked; nor can a new file be renamed over it).  The mount serves every byte from the
+    disk cache and stays up (it died in its trace's prefetch)."""
+    src = tmp_path / "src"
+    files = _tree(src)
+    run_cubefs("build", str(src), "--tag", "hot:1", "--store", local_store)
+    cache = tmp_path / "cache"
+    with mounted("hot:1", tmp_path / "mnt", local_store, cache) as m:
+        _read_all(m.mountpoint, files)
+        path = _wait_for_hot(cache)
+    path.unlink()
+    path.mkdir()
+    (path / "x").write_bytes(b"x")
+    with mounted("hot:1", tmp_path / "mnt", local_store, cache) as m:
+        time.sleep(1.0)  # the trace's prefetch has run into it
+        _read_all(m.mountpoint, files)
+        st = m.stats()  # the daemon answers
+        assert "hot" not in st["tiers"] and st["tiers"]["store"]["requests"] == 0
+        _read_all(m.mountpoint, files)
+    assert path.is_dir()
+
+
+def test_opening_fails_soft_when_the_plain_open_fails_too(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Fault: O_NOATIME refused (not the file's owner) and the plain open then failing (EIO):
+    no hot file, no exception."""
+    have = _chunks(3)
+    keep_hot(str(tmp_path), "img", list(have), _plain_of(have), None, 1 << 30)
+    real_open = os.open
+
+    def failing_open(path, flags, *a):  # type: ignore[no-untyped-def]
+        if str(path) == hot_path(str(tmp_path), "img"):
+            raise PermissionError(1, "not the owner") if flags & os.O_NOATIME else OSError(5, "I/O error")
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(os, "open", failing_open)
+    assert HotFile.open(str(tmp_path), "img") is None
+
+
+def _keeper(tmp_path: Path, get_many):  # type: ignore[no-untyped-def]
+    """A HotKeeper over stand-ins: fault injection needs a disk cache that raises."""
+    from types import SimpleNamespace
+
+    from cubefs.node.hotkeep import HotKeeper
+
+    image = SimpleNamespace(digest="img", chunk=lambda i: (bytes([i]) * 32, None))
+    fs = SimpleNamespace(trace=[0, 1, 2], trace_last=0.0, image=image, label="img:1")
+    source = SimpleNamespace(prefetch_stats={"done": 1}, memory=SimpleNamespace(get=lambda d: None), hot=None,
+                             flush=lambda: None)
+    disk = SimpleNamespace(get_many=get_many)
+    return HotKeeper(str(tmp_path), fs, source, disk, [0, 1, 2], 1 << 30)  # type: ignore[arg-type]
+
+
+def test_the_keeper_fails_soft_on_any_error(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """Fault: the disk cache's LMDB failing, and a KeyError: the keeper's serve task ends with a
+    warning naming the image (it cancelled the mount's serve), and its exit step returns (the
+    mount's own cleanup runs after it)."""
+    import lmdb
+    import trio
+
+    def lmdb_fails(digests):  # type: ignore[no-untyped-def]
+        raise lmdb.Error("MDB_PANIC")
+
+    def key_error(digests):  # type: ignore[no-untyped-def]
+        raise KeyError(digests[0])
+
+    trio.run(_keeper(tmp_path, lmdb_fails).run)
+    assert "image img:1: keeping its start-up chunks in a hot file failed" in caplog.text
+    _keeper(tmp_path, key_error).at_exit()
+    assert "KeyError" in caplog.text
+    assert _hot_files(tmp_path) == []

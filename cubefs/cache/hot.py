@@ -76,12 +76,14 @@ class HotFile:
     @classmethod
     def open(cls, cache_dir: str, image_digest: str) -> HotFile | None:
         """The image's hot file, checked (footer, index, size), or None: none kept, or one
-        that does not check out (then removed, and logged)."""
+        that does not check out (then removed, and logged).
+        A hot file is only an optimisation: no failure here reaches the mount."""
         path = hot_path(cache_dir, image_digest)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOATIME)
-        except PermissionError:  # O_NOATIME: only the owner may ask it
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOATIME)
+            except PermissionError:  # O_NOATIME: only the owner may ask it
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
         except OSError as err:
@@ -317,5 +319,8 @@ def _unlink(path: str, size: int = 0) -> int:
     try:
         os.unlink(path)
     except FileNotFoundError:
+        return 0
+    except OSError as err:  # a directory in its place, a read-only disk: left, never fatal
+        log.warning("hot file %s: cannot remove it (%s)", path, err)
         return 0
     return size

@@ -7,6 +7,10 @@ yet) writes one too, so the first remount after it has it.  A mount that ends be
 (a bench's, a short sandbox's) does it as it exits: at most one trace's worth of reads from
 the disk cache and one sequential write (``import json``: 5 MB in 36 ms), after its trace is
 published.  A remount whose hot file already holds its start-up writes nothing.
+
+The file is only an optimisation ("never a dead mount", docs/design.md): every step here fails
+soft (a warning naming the image; the mount goes on without the file), whatever the error: an
+OSError, the disk cache's lmdb.Error, a bug's KeyError.
 """
 
 from __future__ import annotations
@@ -46,21 +50,36 @@ class HotKeeper:
         return read and (not self.prefetching or bool(self.source.prefetch_stats["done"]))
 
     async def run(self) -> None:
-        while not self._settled():
-            await trio.sleep(AFTER / 2)
-        digests = self._digests()
-        # Plaintext the memory tier still holds is taken here, on the event loop's thread
-        # (the tier is not thread-safe); the rest is read and decoded in the thread.
-        held = {d: data for d in digests if (data := self.source.memory.get(d)) is not None}
+        try:
+            while not self._settled():
+                await trio.sleep(AFTER / 2)
+            digests = self._digests()
+            # Plaintext the memory tier still holds is taken here, on the event loop's thread
+            # (the tier is not thread-safe); the rest is read and decoded in the thread.
+            held = {d: data for d in digests if (data := self.source.memory.get(d)) is not None}
+        except Exception as err:  # an optimisation: never the serve's end
+            self._failed(err)
+            return
         await trio.to_thread.run_sync(self.keep, digests, held)
 
     def at_exit(self) -> None:
         """As the mount ends (its event loop gone): what a first start fetched goes to the
-        disk cache first, then the file is kept."""
+        disk cache first, then the file is kept.  Never raises: the mount's own cleanup runs
+        after it."""
         if not self.done:
-            self.source.flush()
-            digests = self._digests()
-            self.keep(digests, {d: data for d in digests if (data := self.source.memory.get(d)) is not None})
+            try:
+                self.source.flush()
+                digests = self._digests()
+                held = {d: data for d in digests if (data := self.source.memory.get(d)) is not None}
+            except Exception as err:
+                self._failed(err)
+                return
+            self.keep(digests, held)
+
+    def _failed(self, err: BaseException) -> None:
+        self.done = True
+        log.warning("image %s: keeping its start-up chunks in a hot file failed: %s: %s; it goes on "
+                    "without one", self.fs.label, type(err).__name__, err)
 
     def _digests(self) -> list[bytes]:
         self.done = True
@@ -88,8 +107,8 @@ class HotKeeper:
         t0 = time.monotonic()
         try:
             wrote = keep_hot(self.cache_dir, self.fs.image.digest, digests, plain_of, hot, self.limit)
-        except OSError as err:
-            log.warning("image %s: keeping its start-up chunks in a hot file failed: %s", self.fs.label, err)
+        except Exception as err:  # an optimisation: never the mount's end
+            self._failed(err)
             return
         if wrote:
             log.info("image %s: kept %d start-up chunks in a hot file (%d bytes) in %.3fs", self.fs.label,

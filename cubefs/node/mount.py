@@ -292,7 +292,10 @@ def _serve(
             if publisher is not None:
                 publisher.publish_at_exit()
             if keeper is not None:
-                keeper.at_exit()
+                try:
+                    keeper.at_exit()
+                except Exception:  # never fails by design; the mount's own cleanup runs regardless
+                    log.exception("image %s: keeping its hot file at exit failed", label)
             if index is not None:
                 fs.close()
             if parts is not None:
@@ -407,7 +410,12 @@ async def _prefetch(parts: ImageParts, cache_dir: str) -> None:
     source = parts.source
     if parts.disk is not None:
         def open_hot() -> HotFile | None:
-            hot = HotFile.open(cache_dir, parts.image_fs.image.digest)
+            try:
+                hot = HotFile.open(cache_dir, parts.image_fs.image.digest)
+            except Exception as err:  # an optimisation: never the mount's end
+                log.warning("image %s: its hot file is not used: %s: %s", parts.image_fs.label,
+                            type(err).__name__, err)
+                return None
             if hot is not None:
                 hot.advise()
             return hot
