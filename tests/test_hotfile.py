@@ -13,7 +13,7 @@ from pathlib import Path
 
 from conftest import mounted, run_cubefs
 
-from cubefs.cache.hot import HotFile, hot_dir, hot_path, keep_hot, trim_hot
+from cubefs.cache.hot import HotFile, hot_dir, hot_path, keep_hot, trim_hot, write_hot
 from cubefs.format.packs import CODEC_RAW
 
 
@@ -235,3 +235,56 @@ def test_the_keeper_fails_soft_on_any_error(tmp_path: Path, caplog) -> None:  # 
     _keeper(tmp_path, key_error).at_exit()
     assert "KeyError" in caplog.text
     assert _hot_files(tmp_path) == []
+
+
+def _pack(root: Path, chunks: list[bytes]):  # type: ignore[no-untyped-def]
+    import hashlib
+
+    from cubefs.format.packs import PACK_HEADER, ChunkLocation, pack_key
+
+    body = bytearray(PACK_HEADER)
+    locs = []
+    for c in chunks:
+        locs.append(ChunkLocation(hashlib.sha256(c).digest(), "9" * 64, len(body), len(c), len(c), CODEC_RAW))
+        body += c
+    path = root / pack_key("9" * 64)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(bytes(body))
+    return locs
+
+
+def test_a_bad_hot_chunk_is_dropped_from_the_hot_file_not_the_disk_cache(tmp_path: Path) -> None:
+    """A chunk from the hot file whose plaintext is not its length (its xxh64 right: written
+    wrong) is dropped from the hot file and served from the disk cache, whose good copy stays
+    (it was deleted, and the chunk fetched from the store); each hit is counted once, in the
+    tier that served it."""
+    import trio
+
+    from cubefs.cache.disk import DiskCache, StoredChunk
+    from cubefs.cache.source import ChunkSource
+    from cubefs.cache.tiers import MemoryTier
+    from cubefs.remote import make_store
+    from cubefs.remote.loop import LoopThread
+
+    chunks = [os.urandom(20_000) for _ in range(4)]
+    locs = _pack(tmp_path / "store", chunks)
+    disk = DiskCache(str(tmp_path / "cache"), 64 << 20)
+    disk.put_many([(r.digest, StoredChunk(CODEC_RAW, len(c), c)) for r, c in zip(locs, chunks)])
+    wrong = [chunks[0] + b"!", *chunks[1:]]
+    write_hot(str(tmp_path / "cache"), "img", [[(r.digest, c) for r, c in zip(locs, wrong)]], 1 << 30)
+    loop = LoopThread()
+    source = ChunkSource(make_store(f"file://{tmp_path / 'store'}"), loop, MemoryTier(64 << 20), disk)
+    source.hot = HotFile.open(str(tmp_path / "cache"), "img")
+    assert source.hot is not None and len(source.hot) == 4
+    try:
+        got = trio.run(source.get_many, locs)
+    finally:
+        loop.close()
+    assert got == chunks
+    assert source.store_stats.requests == 0
+    assert disk.present([locs[0].digest]) == [locs[0].digest]
+    hot = source.hot.stats
+    assert (hot.hits, hot.errors) == (3, 1) and locs[0].digest not in source.hot
+    assert disk.stats.hits == 1 and disk.stats.bytes == len(chunks[0])
+    source.hot.close()
+    disk.close()

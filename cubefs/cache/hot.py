@@ -138,15 +138,20 @@ class HotFile:
             out[d] = (codec, plain_len, data)
         if bad:
             log.warning("hot file %s: %d chunks do not check out; the disk cache serves them", self.path, len(bad))
-            with self._lock:
-                for d in bad:
-                    self._index.pop(d, None)
-            self.stats.errors += len(bad)
+            self.drop(bad)
         if count:  # reads that served the mount (not the file's own rewrite)
             self.stats.hits += len(out)
             self.stats.bytes += sum(len(v[2]) for v in out.values())
             self.stats.seconds += time.monotonic() - t0
         return out
+
+    def drop(self, digests: list[bytes]) -> None:
+        """Forget chunks that turned out bad (their bytes, or their plaintext's length): the
+        disk cache serves them, and the next mount's keeper writes the file again."""
+        with self._lock:
+            for d in digests:
+                self._index.pop(d, None)
+        self.stats.errors += len(digests)
 
     def _pread(self, offset: int, length: int) -> bytes:
         fd = self._fd

@@ -553,30 +553,51 @@ class ChunkSource:
             return list(mine.values())
         disk = self.disk
         t0 = time.monotonic()
+        hot = self.hot
 
-        def decode(items: list[tuple[bytes, StoredChunk]]) -> list[tuple[bytes, bytes | None]]:
-            out: list[tuple[bytes, bytes | None]] = []
-            for d, chunk in items:
+        def decode(items: list[tuple[bytes, StoredChunk, bool]]) -> list[tuple[bytes, bytes | None, bool]]:
+            """(digest, plaintext or None, from the hot file) of each: a hit is counted once,
+            in the tier that served it (the hot file's here, the disk's by the caller); a bad
+            chunk is dropped where it came from (a bad hot-file copy must not cost the disk
+            cache its good one) and, from the hot file, taken from the disk cache instead."""
+            out: list[tuple[bytes, bytes | None, bool]] = []
+            retry: list[bytes] = []
+            for d, chunk, from_hot in items:
                 try:
-                    out.append((d, decode_cached(d, mine[d][0].plain_len, chunk, self._bases.get(d))))
+                    data = decode_cached(d, mine[d][0].plain_len, chunk, self._bases.get(d))
                 except ChunkUnavailable as err:
+                    if from_hot and hot is not None:
+                        log.warning("image %s: tier hot: %s; dropping it from the hot file", self.label, err)
+                        hot.drop([d])
+                        retry.append(d)
+                        continue
                     log.warning("image %s: tier disk: %s; dropping it", self.label, err)
                     disk.stats.errors += 1
                     disk.delete([d])
-                    out.append((d, None))
+                    out.append((d, None, False))
+                    continue
+                if from_hot and hot is not None:
+                    hot.stats.hits += 1
+                    hot.stats.bytes += len(data)
+                out.append((d, data, from_hot))
+            if retry:
+                again = disk.get_many(retry)
+                out += decode([(d, again[d], False) for d in retry if d in again])
+                out += [(d, None, False) for d in retry if d not in again]
             return out
 
-        hot = self.hot
-
-        def stored(digests: list[bytes]) -> dict[bytes, StoredChunk]:
+        def stored(digests: list[bytes]) -> list[tuple[bytes, StoredChunk, bool]]:
             # The image's start-up chunks from its hot file first (cubefs.cache.hot: one
             # pread for a run of them, no GIL held while the disk works), the rest from LMDB.
-            found: dict[bytes, StoredChunk] = {}
+            found: list[tuple[bytes, StoredChunk, bool]] = []
             if hot is not None:
-                found = {d: StoredChunk(*v) for d, v in hot.get_many(digests).items()}
-                digests = [d for d in digests if d not in found]
+                h0 = time.monotonic()
+                found = [(d, StoredChunk(*v), True) for d, v in hot.get_many(digests, count=False).items()]
+                hot.stats.seconds += time.monotonic() - h0
+                got = {d for d, _c, _h in found}
+                digests = [d for d in digests if d not in got]
             if digests:
-                found.update(disk.get_many(digests))
+                found += [(d, c, False) for d, c in disk.get_many(digests).items()]
             return found
 
         def present(digests: list[bytes]) -> list[bytes]:
@@ -585,23 +606,24 @@ class ChunkSource:
             elsewhere = set(disk.present([d for d in digests if d not in hot]))
             return [d for d in digests if d in hot or d in elsewhere]
 
-        def load() -> tuple[list[tuple[bytes, bytes | None]], list[bytes]]:
+        def load() -> tuple[list[tuple[bytes, bytes | None, bool]], list[bytes]]:
             # One thread hop for the lookup: an LMDB read may fault pages in from
             # disk, which must never happen on the event loop.  Only what a reader waits
             # for is read now; the rest is only looked up (see decode_later).
             found = stored([d for d in mine if d in wanted])
-            return decode(list(found.items())), present([d for d in mine if d not in wanted])
+            return decode(found), present([d for d in mine if d not in wanted])
 
-        def read_and_decode(part: list[bytes]) -> list[tuple[bytes, bytes | None]]:
-            return decode(list(stored(part).items()))
+        def read_and_decode(part: list[bytes]) -> list[tuple[bytes, bytes | None, bool]]:
+            return decode(stored(part))
 
         decoded, later = await trio.to_thread.run_sync(load)
         disk.stats.seconds += time.monotonic() - t0
         settled = set()
-        for d, data in decoded:
+        for d, data, from_hot in decoded:
             if data is not None:
-                disk.stats.hits += 1
-                disk.stats.bytes += len(data)
+                if not from_hot:  # a hot-file hit was counted in its own tier
+                    disk.stats.hits += 1
+                    disk.stats.bytes += len(data)
                 self._resolve(mine[d][1], d, data)
                 settled.add(d)
         if later:
@@ -614,7 +636,7 @@ class ChunkSource:
                     for d in part:
                         self._resolve(mine[d][1], d, None, f"chunk {d.hex()[:16]}: not read from the disk cache")
                     raise
-                done = dict(results)
+                done = {d: data for d, data, _h in results}
                 for d in part:
                     # Gone or damaged: resolves as failed, and its reader (if any) retries.
                     self._resolve(mine[d][1], d, done.get(d), f"chunk {d.hex()[:16]}: damaged in the disk cache")
