@@ -55,6 +55,7 @@ def test_a_remount_takes_its_start_up_chunks_from_the_hot_file(tmp_path: Path, l
         path = _wait_for_hot(cache)  # and keeps its chunks, once it has read nothing new for 2 s
     mode = os.stat(path).st_mode
     assert stat.S_IMODE(mode) == 0o600 and stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
+    inode = os.stat(path).st_ino
     with mounted("hot:1", tmp_path / "mnt", local_store, cache) as m:
         _read_all(m.mountpoint, files)
         st = m.stats()
@@ -63,6 +64,12 @@ def test_a_remount_takes_its_start_up_chunks_from_the_hot_file(tmp_path: Path, l
     assert n == st["tiers"]["prefetch"]["chunks"] > 0
     assert hot["hits"] == hot["chunks"] and hot["errors"] == 0
     assert st["tiers"]["store"]["requests"] == 0
+    assert os.stat(path).st_ino == inode  # a remount whose file holds its start-up writes nothing
+    # Nor does one that never reads the file (it was written at every such mount).
+    with mounted("hot:1", tmp_path / "mnt", local_store, cache, "--no-prefetch") as m:
+        _read_all(m.mountpoint, files)
+        time.sleep(2.5)  # past the keeper's settling time
+    assert os.stat(path).st_ino == inode
 
     # A flipped byte in the file: that chunk comes from the disk cache instead, every byte right.
     with open(path, "r+b") as f:  # in the first chunk's bytes (the index is at the end)
@@ -144,26 +151,6 @@ def test_bounded_least_recently_used_out_first(tmp_path: Path) -> None:
     assert HotFile.open(cache, "b") is None and _hot_files(tmp_path) == ["c"]
 
 
-def test_the_index_read_once_per_chunk_a_concurrent_drop_is_no_error(tmp_path: Path) -> None:
-    """Fault: another thread drops a bad chunk between get_many's test of the index and its
-    lookup (a KeyError into the read path)."""
-    have = _chunks(4)
-    keep_hot(str(tmp_path), "img", list(have), _plain_of(have), None, 1 << 30)
-    hot = HotFile.open(str(tmp_path), "img")
-    assert hot is not None
-
-    class DroppedOnTest(dict):  # type: ignore[type-arg]
-        def __contains__(self, d: object) -> bool:
-            present = dict.__contains__(self, d)
-            self.pop(d, None)  # the other thread's drop, right after the test
-            return present
-
-    hot._index = DroppedOnTest(hot._index)
-    got = hot.get_many(list(have))
-    assert {d: v[2] for d, v in got.items()} == have
-    hot.close()
-
-
 def test_a_hot_file_that_cannot_be_opened_or_removed_never_ends_the_mount(tmp_path: Path, local_store: str) -> None:
     """Fault: a directory where the image's hot file belongs (it opens, reads fail, it cannot be
     unlinked; nor can a new file be renamed over it).  The mount serves every byte from the
@@ -235,6 +222,50 @@ def test_the_keeper_fails_soft_on_any_error(tmp_path: Path, caplog) -> None:  # 
     _keeper(tmp_path, key_error).at_exit()
     assert "KeyError" in caplog.text
     assert _hot_files(tmp_path) == []
+
+
+def test_the_index_read_once_per_chunk_a_concurrent_drop_is_no_error(tmp_path: Path) -> None:
+    """Fault: another thread drops a bad chunk between get_many's test of the index and its
+    lookup (a KeyError into the read path)."""
+    have = _chunks(4)
+    keep_hot(str(tmp_path), "img", list(have), _plain_of(have), None, 1 << 30)
+    hot = HotFile.open(str(tmp_path), "img")
+    assert hot is not None
+
+    class DroppedOnTest(dict):  # type: ignore[type-arg]
+        def __contains__(self, d: object) -> bool:
+            present = dict.__contains__(self, d)
+            self.pop(d, None)  # the other thread's drop, right after the test
+            return present
+
+    hot._index = DroppedOnTest(hot._index)
+    got = hot.get_many(list(have))
+    assert {d: v[2] for d, v in got.items()} == have
+    hot.close()
+
+
+def test_not_written_again_for_what_it_could_not_hold(tmp_path: Path) -> None:
+    """A file cut at its bound, a start-up with chunks the node cannot give (deltas, evicted):
+    a remount writes nothing; once the missing chunks can be had, it is written again."""
+    cache = str(tmp_path)
+    have = _chunks(10)
+    digests = list(have)
+    assert keep_hot(cache, "cut", digests, _plain_of(have), None, 35_000) > 0
+    cut = HotFile.open(cache, "cut")
+    assert cut is not None and cut.order == digests[:3]
+    assert keep_hot(cache, "cut", digests, _plain_of(have), cut, 35_000) == 0
+    assert cut.cut  # the footer says so
+    assert keep_hot(cache, "cut", [*digests, b"\xee" * 32], _plain_of(have), cut, 35_000) == 0  # a longer start-up
+    assert keep_hot(cache, "cut", digests[1:], _plain_of(have), cut, 35_000) > 0  # another one
+    cut.close()
+
+    some = {d: have[d] for d in digests[::2]}  # half of them deltas or evicted
+    assert keep_hot(cache, "img", digests, _plain_of(some), None, 1 << 30) > 0
+    hot = HotFile.open(cache, "img")
+    assert hot is not None and not hot.cut and hot.order == digests[::2]
+    assert keep_hot(cache, "img", digests, _plain_of(some), hot, 1 << 30) == 0
+    assert keep_hot(cache, "img", digests, _plain_of(have), hot, 1 << 30) > 0  # now the node has them
+    hot.close()
 
 
 def _pack(root: Path, chunks: list[bytes]):  # type: ignore[no-untyped-def]

@@ -42,8 +42,11 @@ log = logging.getLogger(__name__)
 
 SUBDIR = "hot"
 MAGIC = b"CUBEHOT1"
-FOOTER = struct.Struct("<8sIIQ")  # magic, version, chunk count, xxh64 of the index: the file's last bytes
+# magic, version, flags, chunk count, xxh64 of the index: the file's last bytes.  Version and
+# flags were one u32 version (1) before CUT: an older file reads as version 1, not cut.
+FOOTER = struct.Struct("<8sHHIQ")
 VERSION = 1
+CUT = 1  # flag: the write stopped at MAX_FILE or the size limit, the start-up's first chunks kept
 CODEC_RAW = 0  # as in a pack (cubefs.format.packs): the chunks are kept as plaintext
 NEW_SHARE = 0.05  # a start-up with more of its chunks missing from the file writes it again
 INDEX = struct.Struct("<32sB3xIIQ")  # digest, codec, plain length, stored length, xxh64 of the stored bytes
@@ -64,12 +67,13 @@ class HotFile:
     """One image's start-up chunks, opened for reading.  Thread-safe (``pread`` only)."""
 
     def __init__(self, path: str, fd: int, index: dict[bytes, tuple[int, int, int, int, int]],
-                 order: list[bytes], size: int) -> None:
+                 order: list[bytes], size: int, cut: bool = False) -> None:
         self.path = path
         self._fd: int | None = fd
         self._index = index  # digest -> (offset, stored length, codec, plain length, xxh64)
         self.order = order  # the digests as the file holds them (the trace's order)
         self.size = size
+        self.cut = cut  # written short of its start-up (MAX_FILE, the size limit): its first chunks only
         self.stats = TierStats()
         self._lock = threading.Lock()
 
@@ -90,13 +94,13 @@ class HotFile:
             log.warning("hot file %s: cannot open it (%s); the disk cache serves", path, err)
             return None
         try:
-            index, order, size = _read_index(fd)
+            index, order, size, cut = _read_index(fd)
         except (OSError, ValueError) as err:
             os.close(fd)
             log.warning("hot file %s is damaged (%s); removing it, the disk cache serves", path, err)
             _unlink(path)
             return None
-        return cls(path, fd, index, order, size)
+        return cls(path, fd, index, order, size, cut)
 
     def advise(self) -> None:
         """Ask the kernel to read the whole file ahead, now, in the background."""
@@ -171,11 +175,11 @@ class HotFile:
         return {**self.stats.as_dict(), "chunks": len(self._index), "file_bytes": self.size}
 
 
-def _read_index(fd: int) -> tuple[dict[bytes, tuple[int, int, int, int, int]], list[bytes], int]:
+def _read_index(fd: int) -> tuple[dict[bytes, tuple[int, int, int, int, int]], list[bytes], int, bool]:
     size = os.fstat(fd).st_size
     if size < FOOTER.size:
         raise ValueError("shorter than its footer")
-    magic, version, count, check = FOOTER.unpack(os.pread(fd, FOOTER.size, size - FOOTER.size))
+    magic, version, flags, count, check = FOOTER.unpack(os.pread(fd, FOOTER.size, size - FOOTER.size))
     if magic != MAGIC or version != VERSION:
         raise ValueError(f"not a version {VERSION} hot file")
     start = size - FOOTER.size - count * INDEX.size
@@ -195,7 +199,7 @@ def _read_index(fd: int) -> tuple[dict[bytes, tuple[int, int, int, int, int]], l
         pos += length
     if pos != start:
         raise ValueError(f"{start} bytes of chunks where its index says {pos}")
-    return index, order, size
+    return index, order, size, bool(flags & CUT)
 
 
 def write_hot(cache_dir: str, image_digest: str, batches: Iterable[list[tuple[bytes, bytes]]], max_bytes: int) -> int:
@@ -211,12 +215,14 @@ def write_hot(cache_dir: str, image_digest: str, batches: Iterable[list[tuple[by
     tmp = os.path.join(directory, f"{TMP_PREFIX}{image_digest}.{os.getpid()}")
     entries: list[bytes] = []
     pos = 0
+    cut = False
     try:
         with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600), "wb",
                   buffering=1 << 20) as f:
             for batch in batches:
                 for digest, data in batch:
                     if pos + len(data) > limit:
+                        cut = True
                         break
                     entries.append(INDEX.pack(digest, CODEC_RAW, len(data), len(data), xxhash.xxh64_intdigest(data)))
                     f.write(data)
@@ -226,7 +232,7 @@ def write_hot(cache_dir: str, image_digest: str, batches: Iterable[list[tuple[by
                 break
             index = b"".join(entries)
             f.write(index)
-            f.write(FOOTER.pack(MAGIC, VERSION, len(entries), xxhash.xxh64_intdigest(index)))
+            f.write(FOOTER.pack(MAGIC, VERSION, CUT if cut else 0, len(entries), xxhash.xxh64_intdigest(index)))
         if not entries:
             _unlink(tmp)
             return 0
@@ -241,14 +247,15 @@ def write_hot(cache_dir: str, image_digest: str, batches: Iterable[list[tuple[by
 def keep_hot(cache_dir: str, image_digest: str, digests: list[bytes],
              plain_of: Callable[[list[bytes]], dict[bytes, bytes]], current: HotFile | None, max_bytes: int) -> int:
     """Make the image's hot file hold ``digests`` (a start-up's chunks, in its order), as
-    plaintext, unless it already does (the same order, at most NEW_SHARE of them missing).
-    ``plain_of`` gives the plaintext of those the node has (verified: the memory tier, the
-    disk cache decoded).  Blocking (reads and a write): run it in a thread.  Returns the
-    bytes written."""
-    if current is not None and not current.stats.errors:
-        inside = [d for d in digests if d in current]
-        if inside == current.order and len(digests) - len(inside) <= NEW_SHARE * len(digests):
-            return 0
+    plaintext, unless it already does: the same order, and at most NEW_SHARE of what it could
+    hold missing.  What it could hold: a file that was cut (MAX_FILE, the size limit) only the
+    start-up up to its last chunk; and only chunks ``plain_of`` gives (a delta, a chunk the
+    disk cache evicted, are left out of every write: counted as missing they made every
+    remount of such an image write its file again).  ``plain_of`` gives the plaintext of those
+    the node has (verified: the memory tier, the disk cache decoded).  Blocking (reads and a
+    write): run it in a thread.  Returns the bytes written."""
+    if current is not None and not current.stats.errors and _holds(current, digests, plain_of):
+        return 0
 
     def batches() -> Iterator[list[tuple[bytes, bytes]]]:
         for i in range(0, len(digests), 64):
@@ -259,6 +266,31 @@ def keep_hot(cache_dir: str, image_digest: str, digests: list[bytes],
             yield [(d, got[d]) for d in part if d in got]
 
     return write_hot(cache_dir, image_digest, batches(), max_bytes)
+
+
+def _holds(current: HotFile, digests: list[bytes], plain_of: Callable[[list[bytes]], dict[bytes, bytes]]) -> bool:
+    """Whether ``current`` holds the start-up ``digests`` as well as a new write could."""
+    scope = digests
+    if current.cut and current.order:
+        try:
+            scope = digests[: digests.index(current.order[-1]) + 1]
+        except ValueError:
+            return False
+    inside = [d for d in scope if d in current]
+    if inside != current.order:
+        return False
+    missing = [d for d in scope if d not in current]
+    allowed = NEW_SHARE * len(scope)
+    if len(missing) <= allowed:
+        return True
+    # Of those missing, only the ones the node could give would be written: counted a batch
+    # at a time (their plaintext not kept), stopping once too many are.
+    could = 0
+    for i in range(0, len(missing), 64):
+        could += len(plain_of(missing[i : i + 64]))
+        if could > allowed:
+            return False
+    return True
 
 
 def trim_hot(cache_dir: str, target: int, keep: str | None = None) -> int:

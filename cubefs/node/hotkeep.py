@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from cubefs.cache.hot import SHARE, keep_hot, touch
+from cubefs.cache.hot import SHARE, HotFile, keep_hot, touch
 from cubefs.cache.source import ChunkUnavailable, decode_cached
 from cubefs.format.packs import CODEC_DELTA
 
@@ -104,12 +104,18 @@ class HotKeeper:
             return out
 
         hot = self.source.hot
+        own = None
         t0 = time.monotonic()
         try:
+            if hot is None:  # the mount never opened it (no prefetch ran): compared all the same
+                hot = own = HotFile.open(self.cache_dir, self.fs.image.digest)
             wrote = keep_hot(self.cache_dir, self.fs.image.digest, digests, plain_of, hot, self.limit)
         except Exception as err:  # an optimisation: never the mount's end
             self._failed(err)
             return
+        finally:
+            if own is not None:
+                own.close()
         if wrote:
             log.info("image %s: kept %d start-up chunks in a hot file (%d bytes) in %.3fs", self.fs.label,
                      len(digests), wrote, time.monotonic() - t0)

@@ -203,7 +203,9 @@ def _serve(
         kept = KeepingTraces(store, opts.cache_dir)  # what it publishes, the next mount here starts from
         publisher = TracePublisher(image_fs, kept, loop, trace, ref) if opts.auto_trace else None  # type: ignore[arg-type]
     keeper = None
-    if parts is not None and parts.disk is not None and opts.resume is None and (
+    # No prefetch, no keeper: such a mount never reads the file, and one kept by it alone
+    # would be written again by every such mount.
+    if parts is not None and parts.disk is not None and opts.resume is None and opts.prefetch and (
             trace or parts.image_fs.trace is not None):
         keeper = HotKeeper(opts.cache_dir, parts.image_fs, parts.source, parts.disk, trace, opts.disk_cache,
                            prefetching=opts.prefetch)
