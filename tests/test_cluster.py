@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import S3_ENV, S3Server, environ, free_ports, run_cubefs
+from conftest import S3_ENV, S3Server, environ, free_ports, run_cubefs, stop_mount_server
 from etcd_cluster import EtcdCluster
 from test_sandbox_service import API_KEY, Node, wait_up
 
@@ -173,6 +173,7 @@ def cluster(rootfs: Path, s3: S3Server, tmp_path_factory: pytest.TempPathFactory
         for n in nodes:
             n.close()
             run_cubefs("vm", "rm", "--all", env=n.env, check=False)
+            stop_mount_server(Path(n.env["CUBEFS_SERVER"]))  # each node's own: nothing outlives the test
         store.stop()
         etcd.close()
 
