@@ -84,6 +84,18 @@ def entered(ns: str) -> Iterator[None]:
         os.close(home)
 
 
+@contextlib.contextmanager
+def own_namespace(name: str) -> Iterator[None]:
+    """A new network namespace (``TAG-name``), this thread in it for the block, deleted after."""
+    ns = f"{TAG}-{name}"
+    sh(f"ip netns add {ns}")
+    try:
+        with entered(ns):
+            yield
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
 def etcdctl(inet_ns: str, *args: str) -> str:
     """etcdctl against "the internet"'s etcd, retried while it starts (~1 s)."""
     deadline = time.monotonic() + 30
@@ -756,24 +768,19 @@ def test_fifty_networks_made_and_removed_leave_nothing(tmp_path: Path) -> None:
     from sandbox.network.policy import Policy
     from sandbox.network.pool import Networks
 
-    ns = f"{TAG}-cycles"
-    sh(f"ip netns add {ns}")
-    try:
-        with entered(ns):
-            nets = Networks(tmp_path, pool_size=2)
-            nets.start(set())
-            for i in range(50):
-                netdev = nets.attach(f"s{i}")
-                nets.set_policy(f"s{i}", Policy(deny_out=["10.0.0.0/8"]))
-                Networks.close_fds(netdev)
-                nets.release(f"s{i}")
-            nets.close()
-            assert [n for n in sh("ip netns list").splitlines() if n.startswith(nets.prefix)] == []
-            assert "cfh" not in sh("ip -br link") and "tap" not in sh("ip -br link")
-            assert "cubefs" not in sh("nft list ruleset")
-            assert list((tmp_path / "network").glob("*.json")) == []
-    finally:
-        subprocess.run(["ip", "netns", "del", ns], check=False)
+    with own_namespace("cycles"):
+        nets = Networks(tmp_path, pool_size=2)
+        nets.start(set())
+        for i in range(50):
+            netdev = nets.attach(f"s{i}")
+            nets.set_policy(f"s{i}", Policy(deny_out=["10.0.0.0/8"]))
+            Networks.close_fds(netdev)
+            nets.release(f"s{i}")
+        nets.close()
+        assert [n for n in sh("ip netns list").splitlines() if n.startswith(nets.prefix)] == []
+        assert "cfh" not in sh("ip -br link") and "tap" not in sh("ip -br link")
+        assert "cubefs" not in sh("nft list ruleset")
+        assert list((tmp_path / "network").glob("*.json")) == []
     shutil.rmtree(tmp_path, ignore_errors=True)
 
 
@@ -789,32 +796,27 @@ def test_the_pool_makes_the_next_network_after_the_create_not_during_it(tmp_path
             assert time.monotonic() < deadline, what
             time.sleep(0.01)
 
-    ns = f"{TAG}-settle"
-    sh(f"ip netns add {ns}")
-    try:
-        with entered(ns):
-            nets = Networks(tmp_path, pool_size=2)
-            nets.start(set())
-            try:
-                wait_for(lambda: len(nets.ready) == 2, "the pool filled")
-                made = nets.made
-                t0 = time.monotonic()
-                Networks.close_fds(nets.attach("a"))
-                time.sleep(SETTLE * 0.6)
-                assert nets.made == made and len(nets.ready) == 1  # nothing made while "a" is created
-                wait_for(lambda: len(nets.ready) == 2, "refilled after the settle")
-                assert time.monotonic() - t0 >= SETTLE
-                Networks.close_fds(nets.attach("b"))
-                Networks.close_fds(nets.attach("c"))  # the pool is empty now: refilled at once
-                t1 = time.monotonic()
-                wait_for(lambda: nets.made > made + 1 or bool(nets.making), "an empty pool refilled")
-                assert time.monotonic() - t1 < SETTLE
-            finally:
-                for sid in ("a", "b", "c"):
-                    nets.release(sid)  # nothing if it has none
-                nets.close()
-    finally:
-        subprocess.run(["ip", "netns", "del", ns], check=False)
+    with own_namespace("settle"):
+        nets = Networks(tmp_path, pool_size=2)
+        nets.start(set())
+        try:
+            wait_for(lambda: len(nets.ready) == 2, "the pool filled")
+            made = nets.made
+            t0 = time.monotonic()
+            Networks.close_fds(nets.attach("a"))
+            time.sleep(SETTLE * 0.6)
+            assert nets.made == made and len(nets.ready) == 1  # nothing made while "a" is created
+            wait_for(lambda: len(nets.ready) == 2, "refilled after the settle")
+            assert time.monotonic() - t0 >= SETTLE
+            Networks.close_fds(nets.attach("b"))
+            Networks.close_fds(nets.attach("c"))  # the pool is empty now: refilled at once
+            t1 = time.monotonic()
+            wait_for(lambda: nets.made > made + 1 or bool(nets.making), "an empty pool refilled")
+            assert time.monotonic() - t1 < SETTLE
+        finally:
+            for sid in ("a", "b", "c"):
+                nets.release(sid)  # nothing if it has none
+            nets.close()
     shutil.rmtree(tmp_path, ignore_errors=True)
 
 
@@ -827,10 +829,8 @@ def test_an_adopted_sandbox_gets_todays_rules_and_the_protected_set(tmp_path: Pa
     from sandbox.network.pool import Networks
     from sandbox.network.protect import Protected
 
-    ns = f"{TAG}-adopt"
-    sh(f"ip netns add {ns}")
     try:
-        with entered(ns):
+        with own_namespace("adopt"):
             nets = Networks(tmp_path, pool_size=0)
             nets.start(set())
             Networks.close_fds(nets.attach("a"))
@@ -849,8 +849,7 @@ def test_an_adopted_sandbox_gets_todays_rules_and_the_protected_set(tmp_path: Pa
             nets.release("a")
             nets.close()
             assert "cubefs" not in sh("nft list ruleset") and "cfh" not in sh("ip -br link")
-    finally:
-        subprocess.run(["ip", "netns", "del", ns], check=False)
+    finally:  # the namespaces of its networks, if a failure left them
         for name in sh("ip netns list").split():
             if name.startswith(Networks(tmp_path).prefix):
                 subprocess.run(["ip", "netns", "del", name], check=False)

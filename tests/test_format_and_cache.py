@@ -12,6 +12,7 @@ import msgpack
 import pytest
 import trio
 import zstandard
+from conftest import write_pack
 
 from cubefs.cache.disk import DiskCache
 from cubefs.cache.source import ChunkSource, ChunkUnavailable, decode_chunk
@@ -23,13 +24,11 @@ from cubefs.format.packs import (
     CODEC_DELTA,
     CODEC_RAW,
     CODEC_ZSTD,
-    PACK_HEADER,
     ChunkLocation,
     ChunkMap,
     decode_index,
     encode_chunkmap,
     encode_index,
-    pack_key,
     resolve_bases,
 )
 from cubefs.remote import make_store
@@ -154,23 +153,11 @@ def test_decode_chunk_verifies_everything() -> None:
         decode_chunk(ChunkLocation(digest, "p" * 64, 8, len(data), len(data), 9), data)
 
 
-def _write_pack(root: Path, chunks: list[bytes]) -> list[ChunkLocation]:
-    body = bytearray(PACK_HEADER)
-    locs = []
-    for c in chunks:
-        locs.append(ChunkLocation(hashlib.sha256(c).digest(), "9" * 64, len(body), len(c), len(c), CODEC_RAW))
-        body += c
-    path = root / pack_key("9" * 64)
-    path.parent.mkdir(parents=True)
-    path.write_bytes(bytes(body))
-    return locs
-
-
 def test_single_flight_and_range_merging(tmp_path: Path) -> None:
     """50 readers of the same chunks cause one ranged GET; read-ahead merges into it,
     is kept as fetched until first used, and reaches the disk cache once used."""
     chunks = [os.urandom(50_000) for _ in range(8)]
-    locs = _write_pack(tmp_path / "store", chunks)
+    locs = write_pack(tmp_path / "store", chunks)
     loop = LoopThread()
     store = make_store(f"file://{tmp_path / 'store'}")
     source = ChunkSource(store, loop, MemoryTier(64 << 20), DiskCache(str(tmp_path / "cache"), 64 << 20))
@@ -226,7 +213,7 @@ def test_a_reader_giving_up_does_not_fail_others_waiting_on_the_same_chunk(tmp_p
     from cubefs.remote.base import RetryingStore
 
     chunk = os.urandom(10_000)
-    locs = _write_pack(tmp_path / "store", [chunk])
+    locs = write_pack(tmp_path / "store", [chunk])
     slow = make_store(f"file://{tmp_path / 'store'}")
 
     class SlowStore(RetryingStore):

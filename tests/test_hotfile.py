@@ -11,7 +11,7 @@ import stat
 import time
 from pathlib import Path
 
-from conftest import mounted, run_cubefs
+from conftest import mounted, run_cubefs, write_pack
 
 from cubefs.cache.hot import HotFile, hot_dir, hot_path, keep_hot, trim_hot, write_hot
 from cubefs.format.packs import CODEC_RAW
@@ -268,22 +268,6 @@ def test_not_written_again_for_what_it_could_not_hold(tmp_path: Path) -> None:
     hot.close()
 
 
-def _pack(root: Path, chunks: list[bytes]):  # type: ignore[no-untyped-def]
-    import hashlib
-
-    from cubefs.format.packs import PACK_HEADER, ChunkLocation, pack_key
-
-    body = bytearray(PACK_HEADER)
-    locs = []
-    for c in chunks:
-        locs.append(ChunkLocation(hashlib.sha256(c).digest(), "9" * 64, len(body), len(c), len(c), CODEC_RAW))
-        body += c
-    path = root / pack_key("9" * 64)
-    path.parent.mkdir(parents=True)
-    path.write_bytes(bytes(body))
-    return locs
-
-
 def test_a_bad_hot_chunk_is_dropped_from_the_hot_file_not_the_disk_cache(tmp_path: Path) -> None:
     """A chunk from the hot file whose plaintext is not its length (its xxh64 right: written
     wrong) is dropped from the hot file and served from the disk cache, whose good copy stays
@@ -298,7 +282,7 @@ def test_a_bad_hot_chunk_is_dropped_from_the_hot_file_not_the_disk_cache(tmp_pat
     from cubefs.remote.loop import LoopThread
 
     chunks = [os.urandom(20_000) for _ in range(4)]
-    locs = _pack(tmp_path / "store", chunks)
+    locs = write_pack(tmp_path / "store", chunks)
     disk = DiskCache(str(tmp_path / "cache"), 64 << 20)
     disk.put_many([(r.digest, StoredChunk(CODEC_RAW, len(c), c)) for r, c in zip(locs, chunks)])
     wrong = [chunks[0] + b"!", *chunks[1:]]

@@ -73,7 +73,7 @@ class FileStore:
         FileStore, and another live daemon's copy in progress must not vanish under it."""
         for root, _dirs, names in os.walk(self.directory):
             for name in names:
-                if name.startswith(TMP_PREFIX) and not _alive(name.rpartition(".")[2]):
+                if name.startswith(TMP_PREFIX) and not writer_alive(name.rpartition(".")[2]):
                     try:
                         os.unlink(os.path.join(root, name))
                     except OSError:
@@ -242,7 +242,7 @@ def trim_files(cache_dir: str, target: int) -> int:
     return FileStore(cache_dir, target).evict(target)
 
 
-def _alive(pid: str) -> bool:
+def writer_alive(pid: str) -> bool:
     """Whether the process ``pid`` (a temporary's writer) still runs; a name with no pid is
     nobody's.  A reused pid keeps a dead writer's temporary until that process ends: a leak
     bounded by one copy, where a wrong guess would break a live copy."""

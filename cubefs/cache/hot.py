@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import xxhash
 
+from cubefs.cache.files import writer_alive
 from cubefs.cache.tiers import TierStats
 
 log = logging.getLogger(__name__)
@@ -311,7 +312,7 @@ def trim_hot(cache_dir: str, target: int, keep: str | None = None) -> int:
         except FileNotFoundError:
             continue
         if name.startswith(TMP_PREFIX):
-            if not _writer_alive(name):
+            if not writer_alive(name.rpartition(".")[2]):
                 freed += _unlink(path, st.st_blocks * 512)
             continue
         files.append((st.st_mtime, st.st_blocks * 512, path))
@@ -338,18 +339,6 @@ def touch(path: str) -> None:
     except OSError:
         pass
 
-
-def _writer_alive(name: str) -> bool:
-    pid = name.rpartition(".")[2]
-    if not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _unlink(path: str, size: int = 0) -> int:
