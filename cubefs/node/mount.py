@@ -463,7 +463,7 @@ def mount_stats(opts: MountOptions, mountpoint: str, fs: Any, transport: Any, pa
     }
     if index is not None:
         stats["volume"] = {"name": opts.volume, "written_bytes": fs.files.written_bytes,
-                           "compaction": fs.compaction}
+                           "compaction": fs.compaction, "held": fs.held()}
     return stats
 
 

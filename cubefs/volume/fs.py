@@ -36,7 +36,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import lmdb
@@ -123,7 +123,7 @@ class VolumeFS:
         self._lookups: dict[int, int] = {}  # kernel references (lookups minus forgets)
         self._unpurged: set[int] = set()  # unlinked, forgotten, blocks not yet dropped (see retry_purges)
         self._ino_run: tuple[Any, int] | None = None  # (volume record as written, next number of its run)
-        self.dentries: set[tuple[int, bytes]] = set()  # names the kernel may cache, to invalidate on rollback
+        self.dentries = Dentries()  # names the kernel may cache, to invalidate on rollback
         # Unlinked-but-open inodes a previous daemon left are purged when a session begins
         # (session_began, import_refs), not here: a daemon started to take over a saved
         # session (a VM restored with its root attached) must keep what that session holds,
@@ -180,7 +180,7 @@ class VolumeFS:
                     raise StateError(f"the saved state references inode {ino}, which {self.label} does not have "
                                      "(a state saved with another volume, or after this snapshot?)") from None
         self._lookups = lookups
-        self.dentries = dentries
+        self.dentries = Dentries(dentries)
         if self.writable:
             self._purge_orphans(set(lookups))
         return len(lookups)
@@ -301,13 +301,27 @@ class VolumeFS:
     def known_inodes(self) -> dict[int, int]:
         return self._lookups
 
+    def held(self) -> dict[str, int]:
+        """What this process keeps for the kernel's sake (``cubefs stats``: it must follow what
+        the kernel holds, not grow with everything the mount ever saw)."""
+        return {"kernel_inodes": len(self._lookups), "cached_inodes": len(self._inodes),
+                "cached_names": len(self.dentries), "cached_listings": len(self._listings)}
+
     def forget(self, ino: int, n: int) -> None:
+        """The kernel dropped ``n`` references to ``ino``.  At its last, what this process keeps
+        of the inode for the kernel's sake goes too: its cached record and listing, and the
+        names under it the kernel may have cached (it caches none under a directory it no
+        longer holds) -- else they grew for the life of the mount (an untar of 2,000 files
+        left 2,000 records and every name it looked up)."""
         left = self._lookups.get(ino, 0) - n
         if left > 0:
             self._lookups[ino] = left
             return
         self._lookups.pop(ino, None)
-        inode = self._inodes.get(ino)
+        self.dentries.forget_parent(ino)
+        self._listings.pop(ino, None)
+        inode = self._inodes.pop(ino, None)
+        self._plain.pop(ino, None)
         if inode is not None and inode.nlink == 0 and inode.mode:
             try:
                 self._purge(ino)
@@ -1060,6 +1074,41 @@ class VolumeFS:
 
     def close(self) -> None:
         self.files.close()
+
+
+class Dentries:
+    """The (parent, name) pairs the kernel may have cached (looked up, created, renamed to),
+    kept by parent so that those under a directory go when the kernel forgets it."""
+
+    def __init__(self, pairs: Iterable[tuple[int, bytes]] = ()) -> None:
+        self._by_parent: dict[int, set[bytes]] = {}
+        for pair in pairs:
+            self.add(pair)
+
+    def add(self, pair: tuple[int, bytes]) -> None:
+        parent, name = pair
+        names = self._by_parent.get(parent)
+        if names is None:
+            names = self._by_parent[parent] = set()
+        names.add(name)
+
+    def __contains__(self, pair: object) -> bool:
+        parent, name = pair  # type: ignore[misc]
+        return name in self._by_parent.get(parent, ())
+
+    def __iter__(self) -> Iterator[tuple[int, bytes]]:
+        for parent, names in list(self._by_parent.items()):
+            for name in list(names):
+                yield parent, name
+
+    def __len__(self) -> int:
+        return sum(map(len, self._by_parent.values()))
+
+    def forget_parent(self, parent: int) -> None:
+        self._by_parent.pop(parent, None)
+
+    def clear(self) -> None:
+        self._by_parent.clear()
 
 
 def _attr_of(ino: int, i: Inode) -> Attr:
