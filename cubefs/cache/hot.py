@@ -38,6 +38,7 @@ import xxhash
 
 from cubefs.cache.files import writer_alive
 from cubefs.cache.tiers import TierStats
+from cubefs.format.packs import CODEC_RAW  # the chunks are kept as plaintext
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,6 @@ MAGIC = b"CUBEHOT1"
 FOOTER = struct.Struct("<8sHHIQ")
 VERSION = 1
 CUT = 1  # flag: the write stopped at MAX_FILE or the size limit, the start-up's first chunks kept
-CODEC_RAW = 0  # as in a pack (cubefs.format.packs): the chunks are kept as plaintext
 NEW_SHARE = 0.05  # a start-up with more of its chunks missing from the file writes it again
 INDEX = struct.Struct("<32sB3xIIQ")  # digest, codec, plain length, stored length, xxh64 of the stored bytes
 TMP_PREFIX = ".tmp-"
@@ -338,7 +338,6 @@ def touch(path: str) -> None:
         os.utime(path)
     except OSError:
         pass
-
 
 
 def _unlink(path: str, size: int = 0) -> int:

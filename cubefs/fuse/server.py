@@ -322,17 +322,18 @@ class FuseServer:
             raise FsError(errno.ENAMETOOLONG)
         if self._find is not None:
             child = self._find(parent, name)
-            if child:
-                return p.reply(unique, self._entry(child))
-            return p.reply(unique, p.ENTRY_OUT.pack(0, 0, self.timeout, 0, 0, 0) + NO_ATTR)
+            return p.reply(unique, self._entry(child) if child else self._negative_entry())
         try:
             return p.reply(unique, self._entry(self.fs.lookup_ino(parent, name)))
         except FsError as err:
             if err.errno != errno.ENOENT:
                 raise
-            # A negative entry (nodeid 0) the kernel caches: Python probes many
-            # paths that do not exist, and the image never changes.
-            return p.reply(unique, p.ENTRY_OUT.pack(0, 0, self.timeout, 0, 0, 0) + NO_ATTR)
+            return p.reply(unique, self._negative_entry())
+
+    def _negative_entry(self) -> bytes:
+        """A negative entry (nodeid 0) the kernel caches for the entry timeout: Python probes
+        many paths that do not exist, and an untar looks up each name before creating it."""
+        return p.ENTRY_OUT.pack(0, 0, self.timeout, 0, 0, 0) + NO_ATTR
 
     def _getattr(self, unique: int, ino: int, _body: memoryview) -> bytes:
         return p.reply(unique, p.ATTR_OUT.pack(self.timeout, 0, 0) + self._attr(ino))

@@ -37,30 +37,28 @@ AFTER = 2.0  # seconds without a new chunk read (and the trace's prefetch done) 
 
 class HotKeeper:
     def __init__(self, cache_dir: str, fs: ImageFS, source: ChunkSource, disk: DiskCache, trace: list[int],
-                 disk_limit: int, prefetching: bool = True) -> None:
+                 disk_limit: int) -> None:
+        """For a mount that prefetches its ``trace`` (if it has one): a mount that does not
+        never reads the file, and gets no keeper."""
         self.cache_dir, self.fs, self.source, self.disk = cache_dir, fs, source, disk
-        self.trace = trace  # the trace the mount started with
+        self.trace = trace  # the trace the mount started with (its prefetch is waited for)
         self.limit = disk_limit // SHARE
-        self.prefetching = prefetching and bool(trace)  # the start waits for the trace's prefetch
         self.done = False
 
     def _settled(self) -> bool:
         fs = self.fs
         read = fs.trace is None or (bool(fs.trace) and time.monotonic() - fs.trace_last >= AFTER)
-        return read and (not self.prefetching or bool(self.source.prefetch_stats["done"]))
+        return read and (not self.trace or bool(self.source.prefetch_stats["done"]))
 
     async def run(self) -> None:
         try:
             while not self._settled():
                 await trio.sleep(AFTER / 2)
-            digests = self._digests()
-            # Plaintext the memory tier still holds is taken here, on the event loop's thread
-            # (the tier is not thread-safe); the rest is read and decoded in the thread.
-            held = {d: data for d in digests if (data := self.source.memory.get(d)) is not None}
+            chunks = self._collect()
         except Exception as err:  # an optimisation: never the serve's end
             self._failed(err)
             return
-        await trio.to_thread.run_sync(self.keep, digests, held)
+        await trio.to_thread.run_sync(self.keep, *chunks)
 
     def at_exit(self) -> None:
         """As the mount ends (its event loop gone): what a first start fetched goes to the
@@ -69,12 +67,18 @@ class HotKeeper:
         if not self.done:
             try:
                 self.source.flush()
-                digests = self._digests()
-                held = {d: data for d in digests if (data := self.source.memory.get(d)) is not None}
+                chunks = self._collect()
             except Exception as err:
                 self._failed(err)
                 return
-            self.keep(digests, held)
+            self.keep(*chunks)
+
+    def _collect(self) -> tuple[list[bytes], dict[bytes, bytes]]:
+        """The start-up's digests, and the plaintext of those the memory tier still holds:
+        taken on the thread that owns the tier (it is not thread-safe); the rest is read and
+        decoded by :meth:`keep`, in a thread."""
+        digests = self._digests()
+        return digests, {d: data for d in digests if (data := self.source.memory.get(d)) is not None}
 
     def _failed(self, err: BaseException) -> None:
         self.done = True

@@ -207,8 +207,7 @@ def _serve(
     # would be written again by every such mount.
     if parts is not None and parts.disk is not None and opts.resume is None and opts.prefetch and (
             trace or parts.image_fs.trace is not None):
-        keeper = HotKeeper(opts.cache_dir, parts.image_fs, parts.source, parts.disk, trace, opts.disk_cache,
-                           prefetching=opts.prefetch)
+        keeper = HotKeeper(opts.cache_dir, parts.image_fs, parts.source, parts.disk, trace, opts.disk_cache)
     transport = _transport(opts.transport, fs, mountpoint, f"cubefs:{label}", opts.allow_other)
     if opts.passthrough and hasattr(transport, "enable_passthrough"):
         transport.enable_passthrough()
