@@ -39,20 +39,13 @@ class Loop:
     def _apply(self, fd: int) -> None:
         r, w = self.fds.get(fd, (None, None))
         mask = (READ if r else 0) | (WRITE if w else 0)
-        old = self.masks.get(fd, 0)
-        if mask == old:
-            if not mask:
-                self.fds.pop(fd, None)
-            return
         if not mask:
-            self.fds.pop(fd, None)
             self.forget(fd)
-        elif old:
+            return
+        old = self.masks.get(fd, 0)
+        if mask != old:  # an unchanged interest is no call at all
             self.masks[fd] = mask
-            self.ep.modify(fd, mask)
-        else:
-            self.masks[fd] = mask
-            self.ep.register(fd, mask)
+            (self.ep.modify if old else self.ep.register)(fd, mask)
 
     def reader(self, fd: int, cb: Cb | None) -> None:
         self.fds.setdefault(fd, [None, None])[0] = cb
