@@ -31,7 +31,6 @@ import logging
 import os
 import struct
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator
 
 import xxhash
@@ -118,13 +117,13 @@ class HotFile:
     def __len__(self) -> int:
         return len(self._index)
 
-    def get_many(self, digests: list[bytes], count: bool = True) -> dict[bytes, tuple[int, int, bytes]]:
+    def get_many(self, digests: list[bytes]) -> dict[bytes, tuple[int, int, bytes]]:
         """(codec, plain length, bytes) of those of ``digests`` the file holds and that check
         out; a chunk that does not is dropped from the index (the caller takes it from the disk
-        cache).  One ``pread`` per chunk, in file order: the bytes land once, in the object the
-        memory tier keeps (one read of a run, sliced, copied every byte twice: 39 MB for numpy),
-        and the kernel's read-ahead sees a sequential reader."""
-        t0 = time.monotonic()
+        cache).  Hits are the caller's to count (the chunk source, once a chunk decoded: the
+        keeper's own reads serve no mount).  One ``pread`` per chunk, in file order: the bytes
+        land once, in the object the memory tier keeps (one read of a run, sliced, copied every
+        byte twice: 39 MB for numpy), and the kernel's read-ahead sees a sequential reader."""
         out: dict[bytes, tuple[int, int, bytes]] = {}
         bad: list[bytes] = []
         # Each entry looked up once: another thread (a reader's, the keeper's) may drop one
@@ -144,10 +143,6 @@ class HotFile:
         if bad:
             log.warning("hot file %s: %d chunks do not check out; the disk cache serves them", self.path, len(bad))
             self.drop(bad)
-        if count:  # reads that served the mount (not the file's own rewrite)
-            self.stats.hits += len(out)
-            self.stats.bytes += sum(len(v[2]) for v in out.values())
-            self.stats.seconds += time.monotonic() - t0
         return out
 
     def drop(self, digests: list[bytes]) -> None:
@@ -261,7 +256,7 @@ def keep_hot(cache_dir: str, image_digest: str, digests: list[bytes],
     def batches() -> Iterator[list[tuple[bytes, bytes]]]:
         for i in range(0, len(digests), 64):
             part = digests[i : i + 64]
-            old = current.get_many(part, count=False) if current is not None else {}
+            old = current.get_many(part) if current is not None else {}
             got = {d: v[2] for d, v in old.items() if v[0] == CODEC_RAW}
             got.update(plain_of([d for d in part if d not in got]))
             yield [(d, got[d]) for d in part if d in got]

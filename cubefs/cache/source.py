@@ -592,7 +592,7 @@ class ChunkSource:
             found: list[tuple[bytes, StoredChunk, bool]] = []
             if hot is not None:
                 h0 = time.monotonic()
-                found = [(d, StoredChunk(*v), True) for d, v in hot.get_many(digests, count=False).items()]
+                found = [(d, StoredChunk(*v), True) for d, v in hot.get_many(digests).items()]
                 hot.stats.seconds += time.monotonic() - h0
                 got = {d for d, _c, _h in found}
                 digests = [d for d in digests if d not in got]
