@@ -253,6 +253,10 @@ def make_parser(plugins: bool = True) -> argparse.ArgumentParser:
                    help="keep files of 1 MiB and more that the mount served whole as private local copies the kernel "
                    "reads itself (FUSE passthrough, Linux 6.9+, as root): big files at the local disk's speed, but "
                    "every open then costs a round trip (a warm 'import numpy' 1.4x slower)")
+    p.add_argument("--fuse-uring", action="store_true",
+                   help="take FUSE requests through io_uring where the kernel offers it (Linux 6.14+, "
+                   "/sys/module/fuse/parameters/enable_uring=Y; or CUBEFS_FUSE_URING=1); off by default: a daemon "
+                   "killed -9 leaves the requests it held unanswered ('cubefs stats' shows the path)")
     p.add_argument("--no-auto-trace", dest="auto_trace", action="store_false",
                    help="do not publish this mount's start-up trace with the image (by default the first start of "
                    "an image records which chunks it reads, by index, and later starts on any node prefetch them)")
@@ -761,6 +765,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
         print(f"  s3           {info['endpoint']} ({info['addressing']}-style, {info['region']}), credentials from "
               f"{creds['source']}" + (f", refreshed {creds['refreshes']} times" if creds["refreshes"] else ""))
     print(f"  reads        {stats['reads']} ({size(stats['read_bytes'])}), {stats['read_errors']} failed")
+    fp = stats.get("fuse_path")
+    if fp:
+        print(f"  requests via {fp['path']}" + (f" ({fp['queues']} queues x {fp['entries_per_queue']} entries)"
+                                              if "queues" in fp else f" ({fp['why']})" if fp.get("why") else ""))
     pt = stats.get("passthrough")
     if pt:
         print(f"  passthrough  {pt['state']}: {pt['passthrough_opens']} of {pt['opens']} opens, "

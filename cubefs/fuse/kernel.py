@@ -24,15 +24,14 @@ never starves fetches or the control socket.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
-import functools
 import logging
 import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
@@ -41,9 +40,9 @@ from typing import Any
 import trio
 
 from cubefs.errors import CubefsError
-from cubefs.fuse import passthrough
+from cubefs.fuse import passthrough, uring
 from cubefs.fuse import protocol as p
-from cubefs.fuse.server import MAX_READAHEAD, REQUEST_BUFFER, FuseServer, Reply
+from cubefs.fuse.server import MAX_PAGES, MAX_READAHEAD, MAX_WRITE, REQUEST_BUFFER, FuseServer, Reply
 
 log = logging.getLogger(__name__)
 
@@ -92,18 +91,41 @@ def spin_seconds() -> float:
     return us / 1e6
 
 
+RING_ENTRIES = 8  # ring entries per CPU queue: see uring_wanted
+URING_PARAMETER = "/sys/module/fuse/parameters/enable_uring"
+
+
+def uring_wanted() -> bool:
+    """Whether a new session asks for FUSE over io_uring (``CUBEFS_FUSE_URING=1``; off by default).
+
+    Why not the default where the kernel offers it (measured on 6.18, docs/benchmarks.md):
+    a ring entry the kernel filled belongs to the daemon that registered it.  A daemon
+    killed -9 (or handing over while a request lands on one of its entries) leaves the
+    requests it held in the ring's own queues, which ``FUSE_NOTIFY_RESEND`` does not
+    requeue (it walks only the /dev/fuse queues), so their callers hang until they are
+    killed; over /dev/fuse the replacement answers them.  And a connection that took the
+    ring never goes back: its successor must register entries too.  The kernel sends
+    ring requests only when ``/sys/module/fuse/parameters/enable_uring`` is Y (a global
+    switch for every FUSE mount of the node, which root sets, not cubefs), and only
+    once every CPU's queue holds an entry; interrupts, forgets and our notifications
+    stay on /dev/fuse, which this session keeps serving beside the ring."""
+    return os.environ.get("CUBEFS_FUSE_URING", "") not in ("", "0")
+
+
+def uring_enabled() -> bool:
+    """The kernel's switch (absent: a kernel without CONFIG_FUSE_IO_URING)."""
+    try:
+        with open(URING_PARAMETER) as f:
+            return f.read().strip() == "Y"
+    except OSError:
+        return False
+
+
 class MountError(CubefsError):
     """The kernel (or fusermount3) refused the mount."""
 
 
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    """glibc's soname first: ``find_library`` runs ``ldconfig -p`` (~4 ms of every mount,
-    measured); it is asked only where that name does not load (another libc)."""
-    try:
-        return ctypes.CDLL("libc.so.6", use_errno=True)
-    except OSError:
-        return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc = uring.libc
 
 
 def _option_value(text: str) -> str:
@@ -129,11 +151,20 @@ class KernelSession:
         self.busy: Counter[int] = Counter()
         self._reading = trio.CancelScope()
         self.spin = spin_seconds()
+        self.ring: uring.FuseRing | None = None  # FUSE over io_uring, if asked for and set up
+        self.ring_on = False  # the kernel sends requests through self.ring (INIT took it)
+        self.want_ring = uring_wanted()
+        self.ring_note = "" if self.want_ring else "not asked for (--fuse-uring, CUBEFS_FUSE_URING=1)"
+        self._later = 0  # replies pending in tasks of their own (no polling meanwhile)
+        self._ring_scope = trio.CancelScope()
 
-    def adopt(self, fd: int) -> None:
+    def adopt(self, fd: int, ring: bool = False) -> None:
         """Serve the session on ``fd`` that a daemon now gone started (the mount server
         kept the descriptor): no mount, no INIT; ``serve`` first asks the kernel to
-        send again what the old daemon read and never answered."""
+        send again what the old daemon read and never answered.  ``ring``: the session
+        took FUSE over io_uring, which it cannot leave: this daemon registers entries of
+        its own (the old daemon's died with it)."""
+        self.ring_on = ring
         self.fd = fd
         fcntl.fcntl(self.fd, fcntl.F_SETFD, fcntl.FD_CLOEXEC)
         os.set_blocking(self.fd, False)
@@ -146,6 +177,7 @@ class KernelSession:
         mount stays."""
         self.handed_over = True
         self._reading.cancel()
+        self._ring_scope.cancel()
 
     def mount(self) -> None:
         if os.geteuid() == 0:
@@ -228,9 +260,135 @@ class KernelSession:
             subprocess.run([tool, "-u", "-z", "--", self.mountpoint], capture_output=True)
 
     def close(self) -> None:
+        self._close_ring()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+    # -- FUSE over io_uring --------------------------------------------------------
+
+    def _open_ring(self) -> None:
+        """Set the ring up before INIT is answered: a session that took the ring waits
+        for entries on every queue, so only a daemon that has one may ask for it."""
+        if not self.ring_on and not (self.want_ring and uring_enabled()):
+            if self.want_ring:
+                self.ring_note = f"the kernel does not offer it ({URING_PARAMETER} is not Y)"
+            return
+        try:
+            self.ring = uring.FuseRing(self.fd, uring.possible_cpus(), RING_ENTRIES, max(MAX_WRITE, MAX_PAGES * 4096))
+        except OSError as err:
+            self.ring_note = f"no io_uring: {err}"
+            log.warning("FUSE over io_uring not set up, serving /dev/fuse: %s", err)
+            if self.ring_on:
+                log.error("%s took io_uring and this daemon has none: its requests wait", self.mountpoint)
+
+    def _close_ring(self) -> None:
+        if self.ring is not None:
+            self.ring.close()
+            self.ring = None
+
+    def path(self) -> dict[str, Any]:
+        """Which way requests come (``cubefs stats``): ``io_uring`` or ``/dev/fuse``, and why."""
+        out: dict[str, Any] = {"path": "io_uring" if self.ring_on else "/dev/fuse"}
+        if self.ring_on and self.ring is not None:
+            out.update(queues=self.ring.queues, entries_per_queue=self.ring.per_queue)
+        elif self.ring_note:
+            out["why"] = self.ring_note
+        return out
+
+    def _kick_queues(self) -> None:
+        """After a replacement registers: a request that came while no entry was there waits
+        in its queue until the next request on that queue (registering fetches none), so
+        one statfs from each CPU gets each queue going."""
+        def kick(cpu: int) -> None:
+            try:
+                os.sched_setaffinity(0, {cpu})
+                os.statvfs(self.mountpoint)
+            except OSError as err:
+                log.debug("queue %d not kicked: %s", cpu, err)
+
+        for cpu in sorted(os.sched_getaffinity(0)):
+            threading.Thread(target=kick, args=(cpu,), daemon=True, name=f"cubefs-kick-{cpu}").start()
+
+    def _start_ring(self, server: FuseServer, nursery: trio.Nursery) -> None:
+        assert self.ring is not None
+        try:
+            self.ring.register()
+        except OSError as err:
+            log.warning("FUSE ring entries not registered (%s): serving /dev/fuse", err)
+            self.ring_note = f"registration failed: {err}"
+            self.ring_on = False
+            return
+        self.ring_on = True
+        log.info("FUSE over io_uring: %d queues of %d entries", self.ring.queues, self.ring.per_queue)
+        nursery.start_soon(self._serve_ring, server, nursery)
+
+    async def _commit_later(self, i: int, work: Coroutine[Any, Any, Reply], unique: int, opcode: int,
+                            t0: float) -> None:
+        self._later += 1
+        try:
+            msg = await work
+        finally:
+            self._later -= 1
+        ring = self.ring
+        if ring is None:
+            return
+        ring.commit(i, msg if msg is not None else p.error_reply(unique, errno.EIO))
+        ring.ring.submit()
+        self.busy[opcode] += time.perf_counter() - t0
+
+    async def _serve_ring(self, server: FuseServer, nursery: trio.Nursery) -> None:
+        """Answer the requests the kernel puts in ring entries: each answer is queued as a
+        COMMIT_AND_FETCH (the answer, and the entry offered again), all of a batch's in
+        one ``io_uring_enter``; then poll the completion ring (memory, no syscall) for
+        :func:`spin_seconds` before sleeping on the ring's descriptor."""
+        ring = self.ring
+        assert ring is not None
+        r = ring.ring
+        spin = self.spin
+        spin_until = 0.0
+        handled = 0
+        gone: set[int] = set()
+        with self._ring_scope:
+            while len(gone) < ring.count:
+                r.submit()
+                done = r.reap()
+                if not done:
+                    if spin_until and not self._later and time.perf_counter() < spin_until:
+                        continue
+                    spin_until = 0.0
+                    await trio.lowlevel.wait_readable(r.fd)
+                    continue
+                for i, res in done:
+                    if res < 0:
+                        if res != -errno.ENOTCONN:
+                            log.warning("FUSE ring entry %d: %s", i, os.strerror(-res))
+                        gone.add(i)  # torn down (unmount), or refused: no more requests on it
+                        continue
+                    t0 = time.perf_counter()
+                    try:
+                        request = ring.request(i)
+                    except ValueError as err:
+                        log.error("%s", err)
+                        ring.commit(i, p.error_reply(ring.uniques[i], errno.EIO))
+                        continue
+                    opcode = int.from_bytes(request[4:8], "little")
+                    out = server.handle(request)
+                    if isinstance(out, bytes | list):
+                        ring.commit(i, out)
+                        self.busy[opcode] += time.perf_counter() - t0
+                    elif out is not None:
+                        nursery.start_soon(self._commit_later, i, out, ring.uniques[i], opcode, t0)
+                    else:  # every request on the ring wants an answer (FORGETs come on /dev/fuse)
+                        ring.commit(i, p.error_reply(ring.uniques[i], errno.ENOSYS))
+                    handled += 1
+                    if handled % YIELD_EVERY == 0:
+                        r.submit()
+                        await trio.lowlevel.checkpoint()
+                if spin:
+                    spin_until = time.perf_counter() + spin
+        if len(gone) == ring.count:
+            log.info("FUSE ring of %s closed by the kernel", self.mountpoint)
 
     def _send(self, msg: bytes | list[bytes | memoryview]) -> None:
         try:
@@ -244,7 +402,11 @@ class KernelSession:
                 log.error("cannot write a FUSE reply: %s", err)
 
     async def _reply_later(self, work: Coroutine[Any, Any, Reply], opcode: int = 0, t0: float = 0.0) -> None:
-        msg = await work
+        self._later += 1
+        try:
+            msg = await work
+        finally:
+            self._later -= 1
         if msg is not None:
             self._send(msg)
         if t0:
@@ -276,11 +438,18 @@ class KernelSession:
         buf = bytearray(REQUEST_BUFFER)
         view = memoryview(buf)
         told = server.minor != 0
-        if self.resumed:
-            self._resend(server)
+        if not told or self.ring_on:
+            self._open_ring()
+        server.uring = self.ring is not None  # type: ignore[attr-defined]  # offered at INIT (FuseServer._init)
         async with trio.open_nursery() as nursery:
+            if told and self.ring_on and self.ring is not None:  # a replacement: the session took the ring
+                self._start_ring(server, nursery)
+                self._kick_queues()
+            if self.resumed:
+                self._resend(server)
             with self._reading:
                 await self._serve_requests(server, nursery, buf, view, on_session, told)
+            self._ring_scope.cancel()
             if self.handed_over:  # answer what is in flight, within a bound
                 nursery.cancel_scope.deadline = trio.current_time() + HANDOVER_WAIT
                 return
@@ -296,7 +465,7 @@ class KernelSession:
             try:
                 n = os.readv(self.fd, [buf])
             except BlockingIOError:
-                if spin_until and not nursery.child_tasks and time.perf_counter() < spin_until:
+                if spin_until and not self._later and time.perf_counter() < spin_until:
                     continue  # poll: the next request of a burst is likely microseconds away
                 spin_until = 0.0
                 await trio.lowlevel.wait_readable(self.fd)
@@ -318,12 +487,17 @@ class KernelSession:
             elif out is not None:
                 nursery.start_soon(self._reply_later, out, opcode, t0)
             handled += 1
-            if spin:
+            if spin and not self.ring_on:  # with the ring, /dev/fuse carries only forgets and interrupts
                 spin_until = time.perf_counter() + spin
             if not told and server.minor:
                 told = True
+                if self.ring is not None and getattr(server, "uring_on", False):
+                    self._start_ring(server, nursery)
+                elif self.ring is not None:
+                    self.ring_note = "the kernel did not offer it at INIT"
+                    self._close_ring()
                 if on_session is not None:
-                    on_session(server.session())
+                    on_session({**server.session(), "uring": self.ring_on})
             if handled % YIELD_EVERY == 0:
                 await trio.lowlevel.checkpoint()
 
@@ -343,7 +517,7 @@ class KernelTransport:
         ``session`` is what its INIT settled (None: INIT is still to come)."""
         if session is not None:
             self.server.resume(session)
-        self.session.adopt(fd)
+        self.session.adopt(fd, ring=bool(session and session.get("uring")))
 
     def handover(self) -> None:
         self.session.handover()
@@ -380,6 +554,15 @@ class KernelTransport:
 
     def request_seconds(self) -> dict[str, float]:
         return {p.OPCODE_NAMES.get(op, str(op)): round(sec, 6) for op, sec in self.session.busy.items()}
+
+    def enable_uring(self) -> None:
+        """Ask for FUSE over io_uring at INIT (``cubefs mount --fuse-uring``): see uring_wanted."""
+        self.session.want_ring = True
+        self.session.ring_note = ""
+
+    def fuse_path(self) -> dict[str, Any]:
+        """How requests reach this daemon: FUSE over io_uring or /dev/fuse (and why not the ring)."""
+        return self.session.path()
 
     def passthrough_stats(self) -> dict[str, Any] | None:
         pt = self.server.passthrough

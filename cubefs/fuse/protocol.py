@@ -88,6 +88,7 @@ INIT_EXT = 1 << 30  # our INIT reply carries flags2 (the kernel reads it whateve
 # In fuse_init_in.flags2 (bit 32 and up of the 64 flags; 7.36+ kernels send it, whatever we answer).
 HAS_RESEND = 1 << 39  # Linux 6.9: the kernel takes NOTIFY_RESEND (see kernel.KernelSession.adopt)
 PASSTHROUGH = 1 << 37  # Linux 6.9 (7.40): OPEN may name a backing file the kernel reads itself
+OVER_IO_URING = 1 << 41  # Linux 6.14: requests through io_uring ring entries (cubefs.fuse.uring)
 
 # fuse_write_in.write_flags
 WRITE_KILL_SUIDGID = 1 << 2  # with HANDLE_KILLPRIV_V2: the writer lacks CAP_FSETID

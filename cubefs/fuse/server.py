@@ -252,6 +252,11 @@ class FuseServer:
             self.no_open = False
             wanted |= p.INIT_EXT
             flags2, depth = p.PASSTHROUGH >> 32, 1  # backing files on a plain local filesystem
+        # FUSE over io_uring, if the transport set up a ring (cubefs.fuse.kernel) and the kernel offers it
+        self.uring_on = bool(getattr(self, "uring", False) and self.kernel_flags & p.OVER_IO_URING)
+        if self.uring_on:
+            wanted |= p.INIT_EXT
+            flags2 |= p.OVER_IO_URING >> 32
         log.info("FUSE protocol 7.%d (kernel 7.%d), flags %#x%s", self.minor, minor, flags & wanted,
                  ", passthrough" if self._passthrough_on else "")
         began = getattr(self.fs, "session_began", None)

@@ -75,6 +75,7 @@ class MountOptions:
     auto_trace: bool = True  # record the start-up and publish it with the image (cubefs.image.autotrace)
     prefetch: bool = True  # prefetch the image's pushed trace, if it has one
     passthrough: bool = False  # FUSE passthrough of local copies (cubefs.fuse.passthrough): off, measured
+    fuse_uring: bool = False  # FUSE over io_uring where the kernel offers it (cubefs.fuse.kernel.uring_wanted)
     writeback_cache: bool = False  # a volume's writes cached by the kernel (cubefs mount --writeback-cache)
     volume: str | None = None  # mount this volume (read-write) instead of the image ``ref``
     volume_dir: str = ""
@@ -96,7 +97,7 @@ class MountOptions:
             store_timeout=args.store_timeout, store_attempts=args.store_attempts,
             transport=getattr(args, "transport", "kernel"), record_trace=getattr(args, "record_trace", False),
             prefetch=getattr(args, "prefetch", True), auto_trace=getattr(args, "auto_trace", True),
-            passthrough=getattr(args, "passthrough", False),
+            passthrough=getattr(args, "passthrough", False), fuse_uring=getattr(args, "fuse_uring", False),
             writeback_cache=getattr(args, "writeback_cache", False),
             peers=tuple(p.strip() for p in (getattr(args, "peers", "") or "").split(",") if p.strip()),
             peers_file=getattr(args, "peers_file", "") or "", peer_timeout=getattr(args, "peer_timeout", 3.0),
@@ -211,6 +212,8 @@ def _serve(
     transport = _transport(opts.transport, fs, mountpoint, f"cubefs:{label}", opts.allow_other)
     if opts.passthrough and hasattr(transport, "enable_passthrough"):
         transport.enable_passthrough()
+    if opts.fuse_uring and hasattr(transport, "enable_uring"):
+        transport.enable_uring()
     resume = opts.resume if link is not None else None
     if resume is not None:
         transport.adopt(int(resume["fd"]), resume.get("session"))  # type: ignore[attr-defined]
@@ -459,6 +462,8 @@ def mount_stats(opts: MountOptions, mountpoint: str, fs: Any, transport: Any, pa
         "trace_published": image_fs.trace_published if image_fs is not None else {},
         # kernel image mounts: passthrough opens and local copies (cubefs.fuse.passthrough)
         "passthrough": transport.passthrough_stats() if hasattr(transport, "passthrough_stats") else None,
+        # kernel mounts: FUSE over io_uring or /dev/fuse, and why not the ring (cubefs.fuse.kernel)
+        "fuse_path": transport.fuse_path() if hasattr(transport, "fuse_path") else None,
     }
     if index is not None:
         stats["volume"] = {"name": opts.volume, "written_bytes": fs.files.written_bytes,
