@@ -246,3 +246,46 @@ def test_a_reader_giving_up_does_not_fail_others_waiting_on_the_same_chunk(tmp_p
     finally:
         loop.close()
     assert results == {"a": "timeout", "b": [chunk]}
+
+
+def test_a_prefetch_reads_the_disk_cache_in_the_order_asked(tmp_path: Path) -> None:
+    """A trace's prefetch from the disk cache reads its slices in the trace's order (a few
+    lanes at once): the run's first reads want the trace's first chunks.  Slices queued as one
+    task each ran in trio's order, which reverses a batch of new tasks half the time: numpy's
+    start-up chunks were then read last to first (six prefetches here: all six in order)."""
+    from cubefs.cache.disk import StoredChunk
+    from cubefs.cache.source import DISK_LANES, DISK_SLICE
+
+    chunks = [os.urandom(1000) for _ in range(DISK_SLICE * 12)]
+    refs = [ChunkLocation(hashlib.sha256(c).digest(), "p" * 64, i * 1000, 1000, 1000, CODEC_RAW)
+            for i, c in enumerate(chunks)]
+    disk = DiskCache(str(tmp_path / "cache"), 64 << 20)
+    disk.put_many([(r.digest, StoredChunk(CODEC_RAW, 1000, c)) for r, c in zip(refs, chunks)])
+    position = {r.digest: i for i, r in enumerate(refs)}
+    get_many = disk.get_many
+    loop = LoopThread()
+    try:
+        for _ in range(6):
+            source = ChunkSource(make_store(f"file://{tmp_path / 'store'}"), loop, MemoryTier(64 << 20), disk)
+            read: list[int] = []
+
+            def recording(digests: list[bytes], read: list[int] = read) -> dict[bytes, StoredChunk]:
+                read.append(position[digests[0]] // DISK_SLICE)
+                return get_many(digests)
+
+            disk.get_many = recording  # type: ignore[method-assign]
+
+            async def main(source: ChunkSource = source) -> None:
+                async with trio.open_nursery() as n:
+                    source.start(n)
+                    await source.prefetch(refs)
+                    n.cancel_scope.cancel()
+
+            trio.run(main)
+            del disk.get_many
+            assert sorted(read) == list(range(12))
+            # slices start in order; DISK_LANES run at once, so neighbours may swap within that
+            assert all(abs(s - i) < DISK_LANES for i, s in enumerate(read)), read
+            assert source.from_memory(refs) == chunks
+    finally:
+        loop.close()

@@ -629,12 +629,15 @@ class ChunkSource:
         if later:
             settled.update(later)
 
-            async def decode_part(part: list[bytes], lanes: trio.CapacityLimiter) -> None:
+            def unread(part: list[bytes]) -> None:
+                for d in part:
+                    self._resolve(mine[d][1], d, None, f"chunk {d.hex()[:16]}: not read from the disk cache")
+
+            async def decode_part(part: list[bytes]) -> None:
                 try:
-                    results = await trio.to_thread.run_sync(read_and_decode, part, limiter=lanes)
+                    results = await trio.to_thread.run_sync(read_and_decode, part)
                 except BaseException:
-                    for d in part:
-                        self._resolve(mine[d][1], d, None, f"chunk {d.hex()[:16]}: not read from the disk cache")
+                    unread(part)
                     raise
                 done = {d: data for d, data, _h in results}
                 for d in part:
@@ -643,15 +646,37 @@ class ChunkSource:
 
             async def decode_later() -> None:
                 # A few chunks per thread hop, DISK_LANES hops at a time, started in the order
-                # asked (a trace's order; trio's limiter is FIFO): a remount's prefetch of 153
-                # chunks read and decoded in one call held every start-up read that needed one of
-                # them until the last was done, and the reads of a cache the kernel dropped
-                # wait on the disk, which serves several at once.
+                # asked (a trace's order): a remount's prefetch of 153 chunks read and decoded in
+                # one call held every start-up read that needed one of them until the last was
+                # done, and the reads of a cache the kernel dropped wait on the disk, which serves
+                # several at once.  Each lane takes the *next* slice once it holds a place: a task
+                # per slice queued on the limiter started them in trio's order, which reverses a
+                # batch of new tasks half the time on purpose: numpy's 601 start-up chunks were
+                # then read last to first, and the run's first READ (the interpreter's own pages)
+                # waited 45-87 ms for the sweep to come back to the trace's start.
                 if self._disk_lanes is None:
                     self._disk_lanes = trio.CapacityLimiter(DISK_LANES)
-                async with trio.open_nursery() as parts:
-                    for i in range(0, len(later), DISK_SLICE):
-                        parts.start_soon(decode_part, later[i : i + DISK_SLICE], self._disk_lanes)
+                lanes = self._disk_lanes
+                slices = [later[i : i + DISK_SLICE] for i in range(0, len(later), DISK_SLICE)]
+                taken = 0
+
+                async def lane() -> None:
+                    nonlocal taken
+                    while taken < len(slices):
+                        async with lanes:
+                            if taken >= len(slices):
+                                return
+                            taken += 1
+                            await decode_part(slices[taken - 1])
+
+                try:
+                    async with trio.open_nursery() as parts:
+                        for _ in range(min(DISK_LANES, len(slices))):
+                            parts.start_soon(lane)
+                finally:
+                    for part in slices[taken:]:  # cancelled before a lane took them: fail, never orphan
+                        unread(part)
+                    taken = len(slices)
 
             if self._nursery is not None:
                 self._nursery.start_soon(decode_later)
