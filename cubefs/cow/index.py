@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 import stat
 import struct
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -49,6 +50,19 @@ U64 = struct.Struct(">Q")
 LAYER_INO = struct.Struct(">QQ")
 LAYER_INO_BLOCK = struct.Struct(">QQQ")
 BLOCK_LOC = struct.Struct("<IQ")  # data file id, offset in it
+
+_LOCAL = threading.local()
+
+
+def _packer() -> msgpack.Packer:
+    """This thread's msgpack packer: ``msgpack.packb`` makes a new one per call, 0.8 us
+    against 0.3 for ``pack`` on a kept one, and every changing FUSE request encodes one
+    to three inode records (the daemon's one thread; a packer is not for two at once)."""
+    packer = getattr(_LOCAL, "packer", None)
+    if packer is None:
+        packer = _LOCAL.packer = msgpack.Packer(use_bin_type=True)
+    return packer
+
 
 _DBS = ("meta", "volumes", "layers", "snapshots", "inodes", "dirents", "blocks")
 
@@ -75,9 +89,9 @@ class Inode:
     cut: int = -1  # block index from which lower layers' blocks (and the image's) are gone; -1: none
 
     def encode(self) -> bytes:
-        return msgpack.packb([self.mode, self.uid, self.gid, self.atime_ns, self.mtime_ns, self.ctime_ns,
+        return _packer().pack([self.mode, self.uid, self.gid, self.atime_ns, self.mtime_ns, self.ctime_ns,
                               self.size, self.nlink, self.rdev, sorted(self.xattrs.items()), self.target,
-                              self.cut], use_bin_type=True)
+                              self.cut])
 
     @classmethod
     def decode(cls, raw: bytes) -> Inode:
