@@ -351,15 +351,15 @@ class KernelSession:
         gone: set[int] = set()
         with self._ring_scope:
             while len(gone) < ring.count:
-                r.submit()
-                done = r.reap()
-                if not done:
+                if r.pending:
+                    r.submit()
+                if not r.ready():
                     if spin_until and not self._later and time.perf_counter() < spin_until:
                         continue
                     spin_until = 0.0
                     await trio.lowlevel.wait_readable(r.fd)
                     continue
-                for i, res in done:
+                for i, res in r.reap():
                     if res < 0:
                         if res != -errno.ENOTCONN:
                             log.warning("FUSE ring entry %d: %s", i, os.strerror(-res))

@@ -20,6 +20,7 @@ import functools
 import mmap
 import os
 import struct
+from typing import Any
 
 SYS_IO_URING_SETUP = 425
 SYS_IO_URING_ENTER = 426
@@ -40,11 +41,12 @@ CQE = struct.Struct("<QiI")  # user_data res flags
 # sq_off: head tail ring_mask ring_entries flags dropped array resv1 user_addr
 # cq_off: head tail ring_mask ring_entries overflow cqes flags resv1 user_addr
 PARAMS = struct.Struct("<IIIIIII12x IIIIIIIIQ IIIIIIIIQ")
-# sqe: opcode flags ioprio fd cmd_op pad addr len uring_cmd_flags user_data (then the command at 48)
-SQE_HEAD = struct.Struct("<BBHiIIQIIQ")
-CMD_OFFSET = 48
+# A whole 128-byte URING_CMD sqe: opcode flags ioprio fd cmd_op pad addr len uring_cmd_flags
+# user_data, then at 48 the command, for FUSE a fuse_uring_cmd_req (flags commit_id qid).
+# pack_into zero-fills the rest: one call writes an SQE.
+SQE_CMD = struct.Struct("<BBHiIIQIIQ8xQQH6x56x")
 
-assert PARAMS.size == 120 and SQE_HEAD.size == 40
+assert PARAMS.size == 120 and SQE_CMD.size == SQE_SIZE
 
 
 @functools.cache
@@ -55,6 +57,15 @@ def libc() -> ctypes.CDLL:
         return ctypes.CDLL("libc.so.6", use_errno=True)
     except OSError:
         return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+@functools.cache
+def _syscall() -> Any:
+    """``syscall(2)`` with a fixed prototype (one for io_uring_enter's arguments): ctypes
+    then converts plain ints itself, ~1 us a call cheaper than wrapping each in c_long."""
+    proto = ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_long,
+                             ctypes.c_long, ctypes.c_void_p, ctypes.c_long, use_errno=True)
+    return proto(("syscall", libc()))
 
 
 class UringError(OSError):
@@ -110,20 +121,17 @@ class Ring:
         array = (ctypes.c_uint32 * sq_entries).from_buffer(self._sq_map, sq_array)
         for i in range(sq_entries):
             array[i] = i
-        self._sqe_view = memoryview(self._sqes)
         self._tail = self._sq_tail.value  # our private tail: published by submit()
         self.pending = 0  # SQEs queued and not yet submitted
 
-    def queue_cmd(self, fd: int, cmd_op: int, user_data: int, cmd: bytes, addr: int = 0, length: int = 0) -> None:
-        """Queue an ``IORING_OP_URING_CMD`` on ``fd`` (``cmd``: up to 80 bytes at the SQE's
-        tail).  Submits first if the SQ is full."""
+    def queue_cmd(self, fd: int, cmd_op: int, user_data: int, flags: int, commit_id: int, qid: int,
+                  addr: int = 0, length: int = 0) -> None:
+        """Queue an ``IORING_OP_URING_CMD`` on ``fd`` whose command is a ``fuse_uring_cmd_req``
+        (``flags``, ``commit_id``, ``qid``).  Submits first if the SQ is full."""
         if self._tail - self._sq_head.value >= self.sq_entries:
             self.submit()
-        off = (self._tail & self._sq_mask) * SQE_SIZE
-        sqe = self._sqe_view[off : off + SQE_SIZE]
-        sqe[:] = bytes(SQE_SIZE)
-        SQE_HEAD.pack_into(sqe, 0, IORING_OP_URING_CMD, 0, 0, fd, cmd_op, 0, addr, length, 0, user_data)
-        sqe[CMD_OFFSET : CMD_OFFSET + len(cmd)] = cmd
+        SQE_CMD.pack_into(self._sqes, (self._tail & self._sq_mask) * SQE_SIZE, IORING_OP_URING_CMD, 0, 0, fd,
+                          cmd_op, 0, addr, length, 0, user_data, flags, commit_id, qid)
         self._tail += 1
         self.pending += 1
 
@@ -131,14 +139,14 @@ class Ring:
         """Hand the queued SQEs to the kernel (and wait for ``wait`` completions): one
         ``io_uring_enter``.  Returns the number submitted."""
         n = self.pending
-        if not n and not wait:
+        flags = IORING_ENTER_GETEVENTS if wait else 0
+        if not n and not flags:
             return 0
         self._sq_tail.value = self._tail & 0xFFFFFFFF  # a store the kernel reads with acquire
         self.pending = 0
+        enter = _syscall()
         while True:
-            rc = libc().syscall(ctypes.c_long(SYS_IO_URING_ENTER), ctypes.c_long(self.fd), ctypes.c_long(n),
-                                ctypes.c_long(wait), ctypes.c_long(IORING_ENTER_GETEVENTS if wait else 0), None,
-                                ctypes.c_long(0))
+            rc = enter(SYS_IO_URING_ENTER, self.fd, n, wait, flags, None, 0)
             if rc >= 0:
                 return int(rc)
             err = ctypes.get_errno()
@@ -169,7 +177,6 @@ class Ring:
             return
         # ctypes views pin the maps' buffers: drop them before the maps go
         del self._sq_head, self._sq_tail, self._cq_head, self._cq_tail
-        self._sqe_view.release()
         for m in {id(self._sq_map): self._sq_map, id(self._cq_map): self._cq_map}.values():
             m.close()
         self._sqes.close()
@@ -196,11 +203,12 @@ class Buffers:
 
 FUSE_IO_URING_CMD_REGISTER = 1
 FUSE_IO_URING_CMD_COMMIT_AND_FETCH = 2
-CMD_REQ = struct.Struct("<QQH6x")  # fuse_uring_cmd_req: flags commit_id qid
 HEADER_SIZE = 288  # fuse_uring_req_header: in_out[128] op_in[128] ring_ent_in_out (32 bytes)
 OP_IN = 128
 ENT_IN_OUT = 256  # flags commit_id payload_sz padding reserved
 STAGE = 4096  # per entry: the header, then room to lay a request out contiguously before its payload
+REQ_HEAD = struct.Struct("<I4xQ")  # fuse_in_header: len, unique
+PAYLOAD_SZ = struct.Struct("<I")
 IN_HEADER_SIZE = 40
 OUT_HEADER_SIZE = 16
 
@@ -259,7 +267,7 @@ class FuseRing:
         """Offer every entry to the kernel (after INIT is answered: the kernel refuses with
         EAGAIN before).  Completions come when a request fills an entry."""
         for i in range(self.count):
-            self.ring.queue_cmd(self.fuse_fd, FUSE_IO_URING_CMD_REGISTER, i, CMD_REQ.pack(0, 0, i // self.per_queue),
+            self.ring.queue_cmd(self.fuse_fd, FUSE_IO_URING_CMD_REGISTER, i, 0, 0, i // self.per_queue,
                                 self._iov_addr + 32 * i, 2)
         self.ring.submit()
 
@@ -268,15 +276,15 @@ class FuseRing:
         the rest), laid out in place in front of its payload: only the headers are copied."""
         base = i * self.stride
         v = self.view
-        length = int.from_bytes(v[base : base + 4], "little")
-        payload_sz = int.from_bytes(v[base + ENT_IN_OUT + 16 : base + ENT_IN_OUT + 20], "little")
+        length, unique = REQ_HEAD.unpack_from(v, base)
+        (payload_sz,) = PAYLOAD_SZ.unpack_from(v, base + ENT_IN_OUT + 16)
         op = length - IN_HEADER_SIZE - payload_sz
         if not 0 <= op <= OP_IN or payload_sz > self.payload:
             raise ValueError(f"a malformed ring request: length {length}, payload {payload_sz}")
         start = base + STAGE - IN_HEADER_SIZE - op
         v[start : start + IN_HEADER_SIZE] = v[base : base + IN_HEADER_SIZE]
         v[start + IN_HEADER_SIZE : base + STAGE] = v[base + OP_IN : base + OP_IN + op]
-        self.uniques[i] = int.from_bytes(v[base + 8 : base + 16], "little")
+        self.uniques[i] = unique
         return v[start : base + STAGE + payload_sz]
 
     def commit(self, i: int, reply: bytes | list[bytes | memoryview]) -> None:
@@ -297,10 +305,9 @@ class FuseRing:
             n = len(part)
             v[pos : pos + n] = part
             pos += n
-        payload_sz = pos - base - STAGE
-        v[base + ENT_IN_OUT + 16 : base + ENT_IN_OUT + 20] = payload_sz.to_bytes(4, "little")
-        self.ring.queue_cmd(self.fuse_fd, FUSE_IO_URING_CMD_COMMIT_AND_FETCH, i,
-                            CMD_REQ.pack(0, self.uniques[i], i // self.per_queue))
+        PAYLOAD_SZ.pack_into(v, base + ENT_IN_OUT + 16, pos - base - STAGE)
+        self.ring.queue_cmd(self.fuse_fd, FUSE_IO_URING_CMD_COMMIT_AND_FETCH, i, 0, self.uniques[i],
+                            i // self.per_queue)
 
     def close(self) -> None:
         self.ring.close()
