@@ -239,6 +239,23 @@ def test_a_new_file_is_stamped_on_the_kernels_tick(wb: tuple[Vol, Path]) -> None
         assert before <= st.st_mtime_ns == st.st_ctime_ns == st.st_atime_ns <= after, (before, st, after)
 
 
+@pytest.fixture
+def plain(tmp_path: Path) -> Iterator[tuple[Vol, Path]]:
+    yield from mounted(Vol(tmp_path))
+
+
+def test_without_the_cache_a_new_file_keeps_the_fine_clock(plain: tuple[Vol, Path]) -> None:
+    """Where the kernel never stamps the files (no writeback cache), nothing is gained by
+    the tick, and a new file keeps the fine clock: one of ten lies past the tick after it."""
+    _v, mnt = plain
+    past = 0
+    for i in range(10):
+        os.close(os.open(mnt / f"t{i}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        after = time.clock_gettime_ns(COARSE)
+        past += os.stat(mnt / f"t{i}").st_mtime_ns > after
+    assert past, "every new file was stamped on the tick"
+
+
 def test_a_file_written_as_it_is_made_sends_no_times_setattr(wb: tuple[Vol, Path]) -> None:
     """Created, written and given its times at once (what tar does): the kernel's write
     finds the times it holds equal to its own clock, leaves the inode clean, and so sends

@@ -96,7 +96,10 @@ def tick_ns() -> int:
     the tick it was made in sends none: an untar of python3.11 5,902 -> ~4,540 SETATTRs
     (benchmarks.md, "Session 12").  The kernel's clock is sometimes a little ahead of the
     tick (Linux 6.13+'s multigrain floor, moved by fine-grained stamps on ext4 or tmpfs
-    inodes someone just looked at): then the SETATTR comes, as before."""
+    inodes someone just looked at): then the SETATTR comes, as before.  Only on such
+    a mount: elsewhere the kernel never stamps a volume's files (``S_NOCMTIME``), and a
+    stamp up to a tick early would only make a new empty file look older than one written
+    just before it (what ext4 without multigrain stamps did too)."""
     return time.clock_gettime_ns(CLOCK_REALTIME_COARSE)
 
 
@@ -555,7 +558,9 @@ class VolumeFS:
                     mode |= stat.S_ISGID
             ino = self._new_ino(txn, vol)
             is_dir = stat.S_ISDIR(mode)
-            born = tick_ns()  # the new inode's: the kernel's clock (see tick_ns); the directory's stay fine
+            # The new inode's times: the kernel's clock where the kernel keeps them (see tick_ns);
+            # the directory's stay on the fine clock, as does every time the daemon keeps.
+            born = tick_ns() if self.writeback_cache else now
             inode = Inode(mode, uid, gid, born, born, born, len(target) if target else 0, 2 if is_dir else 1, rdev,
                           target=target)
             self._put(txn, vol.layer, ino, inode)
