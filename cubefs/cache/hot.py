@@ -27,6 +27,7 @@ trim`` / ``clear`` include it.  Format: docs/format.md, "Start-up chunks of an i
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import struct
@@ -52,6 +53,8 @@ NEW_SHARE = 0.05  # a start-up with more of its chunks missing from the file wri
 INDEX = struct.Struct("<32sB3xIIQ")  # digest, codec, plain length, stored length, xxh64 of the stored bytes
 TMP_PREFIX = ".tmp-"
 MAX_FILE = 256 << 20  # bytes of chunks in one file (a start-up's first ones kept): a trace's bound
+RUN_CHUNKS = 256  # chunks read by one preadv (see HotFile.get_many)...
+RUN_BYTES = 16 << 20  # ...and bytes
 SHARE = 4  # the hot files take at most 1/SHARE of the disk cache's size, on top of it
 
 
@@ -75,6 +78,7 @@ class HotFile:
         self.size = size
         self.cut = cut  # written short of its start-up (MAX_FILE, the size limit): its first chunks only
         self.stats = TierStats()
+        self.nowait = hasattr(os, "RWF_NOWAIT")  # get_now: off once the kernel refuses it
         self._lock = threading.Lock()
 
     @classmethod
@@ -117,33 +121,75 @@ class HotFile:
     def __len__(self) -> int:
         return len(self._index)
 
-    def get_many(self, digests: list[bytes]) -> dict[bytes, tuple[int, int, bytes]]:
+    def get_many(self, digests: list[bytes]) -> dict[bytes, tuple[int, int, bytes | bytearray]]:
         """(codec, plain length, bytes) of those of ``digests`` the file holds and that check
         out; a chunk that does not is dropped from the index (the caller takes it from the disk
         cache).  Hits are the caller's to count (the chunk source, once a chunk decoded: the
-        keeper's own reads serve no mount).  One ``pread`` per chunk, in file order: the bytes
-        land once, in the object the memory tier keeps (one read of a run, sliced, copied every
-        byte twice: 39 MB for numpy), and the kernel's read-ahead sees a sequential reader."""
-        out: dict[bytes, tuple[int, int, bytes]] = {}
+        keeper's own reads serve no mount).  One ``preadv`` per run of neighbouring chunks, in
+        file order, each chunk into a buffer of its own: the bytes land once, in the object the
+        memory tier keeps (one read of a run, sliced, copied every byte twice: 39 MB for numpy),
+        the kernel's read-ahead sees a sequential reader, and the thread lets go of the GIL
+        once per run, not once per chunk: each time it takes it back while the event loop is
+        busy serving requests it may wait out the interpreter's switch interval."""
+        out: dict[bytes, tuple[int, int, bytes | bytearray]] = {}
         bad: list[bytes] = []
         # Each entry looked up once: another thread (a reader's, the keeper's) may drop one
         # that does not check out between a test and an index.
-        found = [(e, d) for d in digests if (e := self._index.get(d)) is not None]
-        for (off, length, codec, plain_len, check), d in sorted(found, key=lambda it: it[0][0]):
+        found = sorted(((e, d) for d in digests if (e := self._index.get(d)) is not None), key=lambda it: it[0][0])
+        for run in _runs(found):
             try:
-                data = self._pread(off, length)
+                datas = self._preadv(run[0][0][0], [e[1] for e, _d in run])
             except OSError as err:
                 log.warning("hot file %s: read failed (%s); the disk cache serves", self.path, err)
-                bad.append(d)
+                bad += [d for _e, d in run]
                 continue
-            if xxhash.xxh64_intdigest(data) != check:
-                bad.append(d)
-                continue
-            out[d] = (codec, plain_len, data)
+            for ((_off, _length, codec, plain_len, check), d), data in zip(run, datas):
+                if xxhash.xxh64_intdigest(data) != check:
+                    bad.append(d)
+                    continue
+                out[d] = (codec, plain_len, data)
         if bad:
             log.warning("hot file %s: %d chunks do not check out; the disk cache serves them", self.path, len(bad))
             self.drop(bad)
         return out
+
+    def get_now(self, digests: list[bytes]) -> list[bytearray] | None:
+        """The bytes of every one of ``digests``, in that order, if the file holds them all and
+        the kernel has them in its page cache (``preadv2`` with ``RWF_NOWAIT``: never a wait on
+        the disk, so the event loop may call it); else None, and the caller takes the slow path
+        (a thread, :meth:`get_many`).  Each chunk checked as :meth:`get_many` does.  A remount
+        reads its start-up this way: the ``WILLNEED`` at open has the kernel read the file
+        ahead, and a READ is answered from those pages, nothing else done for it (no thread
+        hop, no copy kept in the memory tier, no prefetch task beside the program)."""
+        fd = self._fd
+        if fd is None or not self.nowait:
+            return None
+        entries = []
+        for d in digests:
+            e = self._index.get(d)
+            if e is None:
+                return None
+            entries.append((e, d))
+        out: dict[bytes, bytearray] = {}
+        for run in _runs(sorted(entries, key=lambda it: it[0][0])):
+            bufs = [bytearray(e[1]) for e, _d in run]
+            try:
+                got = os.preadv(fd, bufs, run[0][0][0], os.RWF_NOWAIT)
+            except BlockingIOError:  # not all in the page cache yet
+                return None
+            except OSError as err:  # RWF_NOWAIT refused (EOPNOTSUPP), a closed file: the slow path
+                if err.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                    self.nowait = False
+                return None
+            if got != sum(len(b) for b in bufs):  # part of it cached
+                return None
+            for (e, d), data in zip(run, bufs):
+                if xxhash.xxh64_intdigest(data) != e[4] or e[2] != CODEC_RAW:
+                    return None  # the slow path checks it again, and drops it
+                out[d] = data
+        self.stats.hits += len(out)
+        self.stats.bytes += sum(len(b) for b in out.values())
+        return [out[d] for d in digests]
 
     def drop(self, digests: list[bytes]) -> None:
         """Forget chunks that turned out bad (their bytes, or their plaintext's length): the
@@ -153,14 +199,17 @@ class HotFile:
                 self._index.pop(d, None)
         self.stats.errors += len(digests)
 
-    def _pread(self, offset: int, length: int) -> bytes:
+    def _preadv(self, offset: int, lengths: list[int]) -> list[bytearray]:
+        """The chunks of ``lengths`` bytes that lie one after another from ``offset``."""
         fd = self._fd
         if fd is None:
             raise OSError("closed")
-        buf = os.pread(fd, length, offset)
-        if len(buf) != length:
-            raise OSError(f"short read: {len(buf)} of {length} bytes at {offset}")
-        return buf
+        bufs = [bytearray(n) for n in lengths]
+        total = sum(lengths)
+        got = os.preadv(fd, bufs, offset)
+        if got != total:  # a regular file's read is short only at its end: the file was cut
+            raise OSError(f"short read: {got} of {total} bytes at {offset}")
+        return bufs
 
     def close(self) -> None:
         fd, self._fd = self._fd, None
@@ -169,6 +218,25 @@ class HotFile:
 
     def as_dict(self) -> dict[str, float]:
         return {**self.stats.as_dict(), "chunks": len(self._index), "file_bytes": self.size}
+
+
+Entry = tuple[int, int, int, int, int]  # offset, stored length, codec, plain length, xxh64
+
+
+def _runs(found: list[tuple[Entry, bytes]]) -> Iterator[list[tuple[Entry, bytes]]]:
+    """``found`` (index entries and digests, in file order) in runs of chunks that lie one after
+    another in the file, each at most RUN_CHUNKS chunks (IOV_MAX is 1024) and RUN_BYTES."""
+    run: list[tuple[Entry, bytes]] = []
+    end = size = 0
+    for item in found:
+        off, length = item[0][0], item[0][1]
+        if run and (off != end or len(run) >= RUN_CHUNKS or size + length > RUN_BYTES):
+            yield run
+            run, size = [], 0
+        run.append(item)
+        end, size = off + length, size + length
+    if run:
+        yield run
 
 
 def _read_index(fd: int) -> tuple[dict[bytes, tuple[int, int, int, int, int]], list[bytes], int, bool]:

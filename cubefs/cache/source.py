@@ -195,18 +195,29 @@ class ChunkSource:
         return out
 
     def from_memory(self, refs: list[ChunkLocation]) -> list[bytes] | None:
-        """All of ``refs`` from the memory tier (or staged), or None if any is missing."""
-        out = []
+        """All of ``refs`` from the memory tier (or staged), or from the image's hot file where
+        the kernel already has its pages (:meth:`HotFile.get_now`); None if any is missing."""
+        out: list[bytes | None] = []
+        hot: list[int] = []  # positions of those left to the hot file
         for ref in refs:
             data = self.memory.get(ref.digest)
             if data is None:
                 data = self._unstage(ref.digest)
                 if data is None:
-                    return None
+                    if self.hot is None:
+                        return None
+                    hot.append(len(out))
             out.append(data)
-        self.memory.stats.hits += len(out)
-        self.memory.stats.bytes += sum(len(d) for d in out)
-        return out
+        if hot:
+            assert self.hot is not None
+            got = self.hot.get_now([refs[i].digest for i in hot])
+            if got is None or any(len(data) != refs[i].plain_len for i, data in zip(hot, got)):
+                return None
+            for i, data in zip(hot, got):
+                out[i] = data  # type: ignore[call-overload]
+        self.memory.stats.hits += len(out) - len(hot)
+        self.memory.stats.bytes += sum(len(d) for i, d in enumerate(out) if d is not None and i not in hot)
+        return out  # type: ignore[return-value]
 
     async def get_many(
         self,
@@ -331,8 +342,10 @@ class ChunkSource:
         raise ChunkUnavailable(f"chunk {digest.hex()[:16]}: a read of it timed out {ago:.1f} s ago")
 
     def has(self, digest: bytes) -> bool:
-        """In memory, staged or on its way there."""
-        return digest in self._flights or digest in self._staged or self.memory.get(digest) is not None
+        """In memory, staged or on its way there, or in the image's hot file (read from there
+        when asked: nothing to fetch ahead)."""
+        return (digest in self._flights or digest in self._staged or self.memory.get(digest) is not None
+                or (self.hot is not None and digest in self.hot))
 
     def _unstage(self, digest: bytes) -> bytes | None:
         """Decode a staged chunk on first use: into memory, and to disk."""

@@ -296,7 +296,12 @@ class ImageFS:
         try:
             if datas is None:
                 ahead = self._readahead(ino, offset + size)
-                neighbours = self._pack_neighbours(refs + ahead) + self._dir_neighbours(ino)
+                # Chunks already on their way (a trace's prefetch) are on the node, and the source
+                # would drop the speculation on their pack neighbours (ChunkSource._load); the
+                # first look at them builds the chunk map's pack order (ChunkMap.by_pack): ~30 ms
+                # of the event loop for numpy's image, at a remount's first READ, which waited it.
+                on_way = all(self.source.has(r.digest) for r in refs)
+                neighbours = ([] if on_way else self._pack_neighbours(refs + ahead)) + self._dir_neighbours(ino)
                 if refs:
                     self._last_pack = self.chunkmap.pack_number(refs[-1].pack)
                 with trio.fail_after(self.read_timeout):

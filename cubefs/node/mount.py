@@ -425,7 +425,13 @@ async def _prefetch(parts: ImageParts, cache_dir: str) -> None:
             return hot
 
         source.hot = await trio.to_thread.run_sync(open_hot)
-    await source.prefetch(parts.image_fs.chunk_refs(parts.trace))
+    refs = parts.image_fs.chunk_refs(parts.trace)
+    hot = source.hot
+    if hot is not None:
+        # What the hot file holds is read from the kernel's pages as it is asked for
+        # (ChunkSource.from_memory): only the rest is fetched into memory.
+        refs = [r for r in refs if r.digest not in hot]
+    await source.prefetch(refs)
 
 
 TRACE_REFRESH_AFTER = 2.0  # seconds: a start's first reads never share the store's loop with it
