@@ -296,3 +296,44 @@ def test_a_daemon_killed_under_readers_is_replaced_and_serves_the_ring(tmp_path:
                 proc.wait(timeout=30)  # a reader blocked on a lost request still dies of SIGKILL
         assert m.stats()["restarts"] == 1
     assert not os.path.ismount(mnt)
+
+
+def test_an_upgrade_hands_a_ring_session_to_a_successor_that_registers_anew(tmp_path: Path, switch: Path) -> None:
+    """``cubefs serve --upgrade``: the old daemon hands over, the successor (no INIT) finds
+    the session took the ring and registers entries of its own; what was written before
+    is there, and the successor reads and writes through the ring.  (Requests that land
+    in the old daemon's entries after it stopped reaping are lost: design.md.)"""
+    sock = tmp_path / "serve.sock"
+    log = tmp_path / "serve.log"
+    env = {"CUBEFS_SERVER": str(sock)}
+    server = subprocess.Popen([sys.executable, "-m", "cubefs", "serve", "--socket", str(sock)],
+                              stdout=open(log, "wb"), stderr=subprocess.STDOUT, env={**os.environ, **env})
+    vols = tmp_path / "volumes"
+    mnt = tmp_path / "mnt"
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert server.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        run_cubefs("volume", "create", "v", "--volume-dir", str(vols))
+        mnt.mkdir()
+        run_cubefs("mount", "--volume", "v", str(mnt), "--volume-dir", str(vols), "--cache-dir",
+                   str(tmp_path / "cache"), "--fuse-uring", env=env)
+        data = os.urandom(3 * 1024 * 1024)
+        (mnt / "before").write_bytes(data)
+        first = json.loads(run_cubefs("stats", str(mnt), "--json", env=env).stdout)
+        assert first["fuse_path"]["path"] == "io_uring"
+        res = run_cubefs("serve", "--upgrade", "--socket", str(sock), timeout=120, env=env)
+        assert "1 mount daemons replaced" in res.stdout or "1 mount daemon replaced" in res.stdout, res.stdout
+        second = json.loads(run_cubefs("stats", str(mnt), "--json", env=env).stdout)
+        assert second["pid"] != first["pid"] and second["restarts"] == 1
+        assert second["fuse_path"]["path"] == "io_uring", second["fuse_path"]
+        assert _uncached(mnt / "before") == data
+        (mnt / "after").write_bytes(b"written after")
+        assert _uncached(mnt / "after") == b"written after"
+        assert _gone(int(first["pid"]))
+    finally:
+        if os.path.ismount(mnt):
+            run_cubefs("umount", str(mnt), check=False, env=env)
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
