@@ -202,6 +202,14 @@ def main() -> int:
         if r.get("cpu") and None not in r["cpu"]:
             print(f"   the daemon's CPU from ready to the run's end, median ms: "
                   f"{statistics.median(r['cpu']) * 1000:.1f}")
+    if len(versions) >= 2:  # each later version against the first, round by round (same load)
+        first = versions[0].res
+        base = [x + y for x, y in zip(first["inproc"], first["run_inproc"])]
+        for v in versions[1:]:
+            mine = [x + y for x, y in zip(v.res["inproc"], v.res["run_inproc"])]
+            print(f"{v.name} against {versions[0].name}, in process + run: median of the rounds' ratios "
+                  f"{statistics.median(m / b for m, b in zip(mine, base)):.3f}, faster in "
+                  f"{sum(m < b for m, b in zip(mine, base))} of {len(base)} rounds")
     print(f"load {out['load']}")
     return 0
 
