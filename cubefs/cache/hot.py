@@ -9,10 +9,16 @@ core to decode into 38.9 MB, against the tree's whole run of ~160 ms, on two cor
 with the program.  Here the same chunks lie one after another in one file per image,
 ``<cache dir>/hot/<image digest>``, in the trace's order, as plaintext: as the mount goes
 live the kernel is asked to read it all ahead (``POSIX_FADV_WILLNEED``: one system call;
-this disk reads a cold file sequentially at 0.8-1.3 GB/s) and the trace's prefetch takes
-its chunks with ``pread`` (no GIL held while the disk works) and nothing to decode.
-Measured (docs/benchmarks.md): the 228 READs of ``import numpy`` after a
-remount waited 300 ms in all in the daemon with LMDB, 110 with this file compressed.
+this disk reads a cold file sequentially at 0.8-2 GB/s) and each READ takes its chunks from
+the kernel's pages of it (:meth:`HotFile.get_now`: ``preadv2`` with ``RWF_NOWAIT`` on the
+event loop, nothing to decode), or, while those pages are still on their way, with a
+blocking read in a thread (:meth:`HotFile.get_many`).  Measured (docs/benchmarks.md): the
+228 READs of ``import numpy`` after a remount waited 300 ms in all in the daemon with LMDB,
+110 with this file compressed.  (Session 12: the chunks are no longer prefetched into the
+memory tier from here.  That prefetch, 601 chunks read, checked and handed back to the event
+loop by worker threads, cost the daemon ~50 ms of CPU during the program's run, and its
+threads' GIL the event loop's requests; measured, numpy's daemon CPU from ready to the run's
+end 175-199 -> 125-135 ms, the remount in process + run 1.64 -> 1.19x the tree at load 3.5.)
 
 Trust is the disk cache's: every chunk written here is plaintext the daemon had verified
 (the memory tier, or a disk-cache entry: xxh64 checked, its SHA-256 checked before it went

@@ -406,8 +406,10 @@ class Phases:
 
 
 async def _prefetch(parts: ImageParts, cache_dir: str) -> None:
-    """The trace's chunks into memory, from the image's hot file if the node kept one
-    (cubefs.cache.hot: the kernel reads it all ahead from now on), else the disk cache.
+    """The trace's chunks into memory from the disk cache, except those the image's hot file
+    holds if the node kept one (cubefs.cache.hot: the kernel reads it all ahead from now on,
+    and READs take those chunks from its pages as they ask: prefetching them into memory too
+    cost the daemon ~50 ms of CPU and its event loop the GIL while the program ran).
     Opened and advised only now, as the mount is live: done before the mount, its read-ahead
     queued the mount's own small reads of a dropped cache behind 5 MB (json: the remount
     22 -> 37 ms)."""
