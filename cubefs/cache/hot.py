@@ -17,8 +17,8 @@ blocking read in a thread (:meth:`HotFile.get_many`).  Measured (docs/benchmarks
 110 with this file compressed.  (Session 12: the chunks are no longer prefetched into the
 memory tier from here.  That prefetch, 601 chunks read, checked and handed back to the event
 loop by worker threads, cost the daemon ~50 ms of CPU during the program's run, and its
-threads' GIL the event loop's requests; measured, numpy's daemon CPU from ready to the run's
-end 175-199 -> 125-135 ms, the remount in process + run 1.64 -> 1.19x the tree at load 3.5.)
+threads' GIL the event loop's requests; measured alternated, numpy's daemon CPU from ready to
+the run's end 163 -> 123 ms, the remount in process + run 1.50 -> 1.27x the tree, load ~4.)
 
 Trust is the disk cache's: every chunk written here is plaintext the daemon had verified
 (the memory tier, or a disk-cache entry: xxh64 checked, its SHA-256 checked before it went
