@@ -177,7 +177,6 @@ class KernelSession:
         mount stays."""
         self.handed_over = True
         self._reading.cancel()
-        self._ring_scope.cancel()
 
     def mount(self) -> None:
         if os.geteuid() == 0:
@@ -384,11 +383,14 @@ class KernelSession:
                     handled += 1
                     if handled % YIELD_EVERY == 0:
                         r.submit()
-                        await trio.lowlevel.checkpoint()
+                        # shielded: a cancel (handover) here would drop the rest of a reaped batch
+                        await trio.lowlevel.cancel_shielded_checkpoint()
                 if spin:
                     spin_until = time.perf_counter() + spin
         if len(gone) == ring.count:
             log.info("FUSE ring of %s closed by the kernel", self.mountpoint)
+        elif self.handed_over:
+            ring.ring.close()  # the buffers stay mapped until the session closes: a late copy lands there
 
     def _send(self, msg: bytes | list[bytes | memoryview]) -> None:
         try:
@@ -449,10 +451,18 @@ class KernelSession:
                 self._resend(server)
             with self._reading:
                 await self._serve_requests(server, nursery, buf, view, on_session, told)
-            self._ring_scope.cancel()
             if self.handed_over:  # answer what is in flight, within a bound
                 nursery.cancel_scope.deadline = trio.current_time() + HANDOVER_WAIT
+                if self.ring_on:
+                    # The ring's entries cannot be withdrawn (6.18): a request the kernel puts in
+                    # one after the ring loop stops is lost.  So the loop serves until every reply
+                    # in flight is out, and then the ring is closed at once (its idle entries are
+                    # cancelled; requests wait in the kernel for the successor's), not at exit.
+                    while self._later:
+                        await trio.sleep(0.001)
+                    self._ring_scope.cancel()
                 return
+            self._ring_scope.cancel()
             nursery.cancel_scope.cancel()
         self._mounted = False
 
