@@ -136,6 +136,8 @@ def test_a_volume_over_the_ring_reads_and_writes_right(tmp_path: Path, switch: P
         assert sorted(os.listdir(mnt)) == ["email", "renamed"]
         after = _stats(mnt)
         assert after["requests"]["write"] > 24 and after["fuse_path"]["path"] == "io_uring"
+        # What still comes through read(2) on /dev/fuse beside the ring: forgets (and interrupts)
+        assert set(after["fuse_path"]["dev_requests"]) <= {"forget", "batch_forget", "interrupt"}, after["fuse_path"]
         assert "requests via io_uring" in run_cubefs("stats", str(mnt)).stdout
     finally:
         unmount(mnt)

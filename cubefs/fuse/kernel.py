@@ -156,6 +156,7 @@ class KernelSession:
         self.want_ring = uring_wanted()
         self.ring_note = "" if self.want_ring else "not asked for (--fuse-uring, CUBEFS_FUSE_URING=1)"
         self._later = 0  # replies pending in tasks of their own (no polling meanwhile)
+        self.dev_ops: Counter[int] = Counter()  # with the ring: what still came through read(2), by opcode
         self._ring_scope = trio.CancelScope()
 
     def adopt(self, fd: int, ring: bool = False) -> None:
@@ -290,7 +291,8 @@ class KernelSession:
         """Which way requests come (``cubefs stats``): ``io_uring`` or ``/dev/fuse``, and why."""
         out: dict[str, Any] = {"path": "io_uring" if self.ring_on else "/dev/fuse"}
         if self.ring_on and self.ring is not None:
-            out.update(queues=self.ring.queues, entries_per_queue=self.ring.per_queue)
+            out.update(queues=self.ring.queues, entries_per_queue=self.ring.per_queue,
+                       dev_requests={p.OPCODE_NAMES.get(op, str(op)): n for op, n in self.dev_ops.items()})
         elif self.ring_note:
             out["why"] = self.ring_note
         return out
@@ -490,6 +492,8 @@ class KernelSession:
                 raise
             t0 = time.perf_counter()
             opcode = int.from_bytes(view[4:8], "little")
+            if self.ring_on:
+                self.dev_ops[opcode] += 1
             out = server.handle(view[:n])  # valid until the next read: see FuseServer.handle
             if isinstance(out, bytes | list):
                 self._send(out)
