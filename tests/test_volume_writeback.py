@@ -283,3 +283,29 @@ def test_a_file_written_as_it_is_made_sends_no_times_setattr(wb: tuple[Vol, Path
         if saved[-1] >= n // 2:
             break
     assert max(saved) >= n // 2, f"SETATTRs saved per batch of {n}: {saved}"
+
+
+def test_the_times_the_kernel_showed_are_the_ones_kept(wb: tuple[Vol, Path]) -> None:
+    """On a writeback mount the kernel keeps a regular file's mtime and ctime and sends them
+    when they change; the record must hold the same ones, or a stat after the kernel let the
+    inode go (here: a remount) shows other times.  Three ways a file gets them: written in
+    the tick it was made in (the kernel sends no times, and the WRITE of its pages must not
+    stamp the daemon's clock), written again a few ticks later (the kernel sends its mtime
+    and ctime), and chmod'ed (the kernel sends its ctime)."""
+    v, mnt = wb
+    names = ("same_tick", "later_tick", "chmod")
+    for name in names:
+        fd = os.open(mnt / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.write(fd, b"x" * 5000)
+        if name == "later_tick":
+            time.sleep(0.02)
+            os.write(fd, b"y" * 5000)
+        os.close(fd)
+        if name == "chmod":
+            time.sleep(0.02)
+            os.chmod(mnt / name, 0o600)
+    shown = {n: (os.stat(mnt / n).st_mtime_ns, os.stat(mnt / n).st_ctime_ns) for n in names}
+    v.umount(mnt)
+    mnt = v.mount("v", "mnt")
+    kept = {n: (os.stat(mnt / n).st_mtime_ns, os.stat(mnt / n).st_ctime_ns) for n in names}
+    assert kept == shown

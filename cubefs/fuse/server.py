@@ -58,6 +58,7 @@ WANTED_WRITABLE = WANTED_FLAGS | p.HANDLE_KILLPRIV_V2
 # A volume mounted with --writeback-cache: write(2) fills the page cache, and the kernel sends
 # WRITEs of whole runs of pages later (design.md, "The FUSE volume path: round trips").
 WRITEBACK_CACHE = 1 << 16
+WRITE_CACHE = 1  # fuse_write_in.write_flags FUSE_WRITE_CACHE: pages written back from the page cache
 MAX_PAGES = 256  # reads and writes of up to 1 MiB per request
 MAX_WRITE = MAX_PAGES * 4096
 REQUEST_BUFFER = MAX_PAGES * 4096 + 4096  # what a transport must be able to receive
@@ -505,13 +506,19 @@ class FuseServer:
             return p.reply(unique, entry + p.OPEN_OUT.pack(0, p.FOPEN_KEEP_CACHE, 0))
         return p.reply(unique, entry)
 
+    def _kernel_times(self) -> bool:
+        """Whether the kernel keeps regular files' mtime and ctime (a writeback cache agreed
+        at INIT) and sends them with FATTR_MTIME/FATTR_CTIME when they change."""
+        return bool(self.writable and self.kernel_flags & WRITEBACK_CACHE
+                    and getattr(self.fs, "writeback_cache", False))
+
     def invalidations(self, inodes: set[int], names: set[tuple[int, bytes]]) -> list[bytes]:
         """Notifications that make the kernel forget ``inodes`` and ``names``; only those
         it may have cached (it looked them up, or holds the inode) are worth sending."""
         known = self.fs.known_inodes()
         msgs = [p.inval_entry(parent, name) for parent, name in names if (parent, name) in self.fs.dentries]
         msgs += [p.inval_inode(ino) for ino in inodes if ino in known]
-        if self.writable and self.kernel_flags & WRITEBACK_CACHE and getattr(self.fs, "writeback_cache", False):
+        if self._kernel_times():
             # The kernel owns a cached regular file's size and times (it keeps its own over ours,
             # and no notification resets them): only a new kernel inode shows the snapshot's.  So
             # every cached name goes (an inode no file holds open goes with its last name), and a
@@ -549,10 +556,11 @@ class FuseServer:
             return p.error_reply(unique, self._failed(err, f"FUSE request {unique}"))
 
     def _setattr(self, unique: int, ino: int, body: memoryview) -> Reply | Coroutine[Any, Any, Reply]:
-        (valid, _pad, _fh, size, _lo, atime, mtime, _ctime, atimensec, mtimensec, _ctimensec, mode, _u4, uid, gid,
+        (valid, _pad, _fh, size, _lo, atime, mtime, ctime, atimensec, mtimensec, ctimensec, mode, _u4, uid, gid,
          _u5) = p.SETATTR_IN.unpack_from(body)
         fields = {"size": size, "mode": mode, "uid": uid, "gid": gid, "atime_ns": atime * 10**9 + atimensec,
-                  "mtime_ns": mtime * 10**9 + mtimensec, "caller_uid": self.caller[0], "caller_gid": self.caller[1]}
+                  "mtime_ns": mtime * 10**9 + mtimensec, "ctime_ns": ctime * 10**9 + ctimensec,
+                  "caller_uid": self.caller[0], "caller_gid": self.caller[1]}
 
         done = self.fs.setattr_now(ino, valid, fields)
         if done is not None:  # the attributes as changed: no second look-up (tar sends 3 SETATTRs a file)
@@ -616,14 +624,23 @@ class FuseServer:
         data = body[p.WRITE_IN.size : p.WRITE_IN.size + size]
         # The writer's group if it lacks CAP_FSETID (HANDLE_KILLPRIV_V2: see VolumeFS.write_now)
         killer = self.caller[1] if write_flags & p.WRITE_KILL_SUIDGID else None
-        done = self.fs.write_now(ino, offset, data) if killer is None else self.fs.write_now(ino, offset, data, killer)
+        # Pages of a writeback cache: the kernel took the file's times when they were written
+        # and sends them itself if they changed (a SETATTR of its times); stamped here with the
+        # daemon's clock, the record kept a later mtime than the kernel showed, which a stat
+        # after the kernel let the inode go would see (a file written in the tick it was made
+        # in sends no times at all: VolumeFS.tick_ns).
+        stamp = not (write_flags & WRITE_CACHE and self._kernel_times())
+        if killer is None and stamp:  # the common case, which any filesystem with writes takes
+            done = self.fs.write_now(ino, offset, data)
+        else:
+            done = self.fs.write_now(ino, offset, data, killer, stamp)
         if done is not None:
             return p.reply(unique, p.WRITE_OUT.pack(done, 0))
 
         kept = bytes(data)  # the request buffer is reused once we return
 
         async def work() -> bytes:
-            return p.WRITE_OUT.pack(await self.fs.write(ino, offset, kept, killer), 0)
+            return p.WRITE_OUT.pack(await self.fs.write(ino, offset, kept, killer, stamp), 0)
 
         return self._later(unique, work())
 

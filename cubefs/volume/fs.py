@@ -743,14 +743,15 @@ class VolumeFS:
 
     # -- attributes -------------------------------------------------------------------------
 
-    def _change(self, ino: int, fn: Any) -> Inode:
-        """Apply ``fn`` to a copy of the inode and record it in the active layer."""
+    def _change(self, ino: int, fn: Any, ctime_ns: int | None = None) -> Inode:
+        """Apply ``fn`` to a copy of the inode and record it in the active layer, its ctime
+        now (or ``ctime_ns``, the kernel's: see :meth:`_set_fields`)."""
         txn = self.index.write()
         with txn:
             layer = self.index.volume(txn, self.name).layer
             inode = self._inode(txn, ino).copy()  # the chain is looked up only if not cached
             fn(inode)
-            inode.ctime_ns = time.time_ns()
+            inode.ctime_ns = time.time_ns() if ctime_ns is None else ctime_ns
             self._put(txn, layer, ino, inode)
         return inode
 
@@ -796,7 +797,12 @@ class VolumeFS:
         return self._set_fields(ino, valid, a)
 
     def _set_fields(self, ino: int, valid: int, a: dict[str, int]) -> Attr:
+        """The attributes ``valid`` names, set as ``a`` gives them.  A ctime given
+        (``FATTR_CTIME``: only a ``--writeback-cache`` kernel sends one, for a regular file,
+        whose mtime and ctime it keeps itself) is kept as given: the kernel shows its own, and
+        the record must show the same once the kernel has let the inode go."""
         now = time.time_ns()
+        ctime = a.get("ctime_ns") if valid & SET_CTIME else None
 
         def change(i: Inode) -> None:
             old_gid = i.gid
@@ -824,10 +830,10 @@ class VolumeFS:
                 _drop_privileges(i, kill, outsider=kill and caller_gid != i.gid)
 
         if valid & SET_FIELDS:
-            return _attr_of(ino, self._change(ino, change))
+            return _attr_of(ino, self._change(ino, change, ctime))
         # a truncation (done): a second transaction only if it takes a privilege
         if valid & SET_SIZE and _has_privileges(self._known(ino), bool(valid & SET_KILL_SUIDGID)):
-            return _attr_of(ino, self._change(ino, change))
+            return _attr_of(ino, self._change(ino, change, ctime))
         return self.getattr(ino)
 
     # -- data ----------------------------------------------------------------------------------
@@ -860,23 +866,27 @@ class VolumeFS:
                 bs = self.block_size
                 old[need.block] = b"".join(_padded(await self.base.read(ino, need.block * bs, bs), bs))
 
-    def write_now(self, ino: int, offset: int, data: bytes | memoryview, killer: int | None = None) -> int | None:
+    def write_now(self, ino: int, offset: int, data: bytes | memoryview, killer: int | None = None,
+                  stamp: bool = True) -> int | None:
         """The write done without waiting, or None (see :meth:`setattr_now`).  ``killer``:
         the group of a writer without CAP_FSETID, whose write takes set-id bits away (see
-        :func:`_drop_privileges`); None for one with it."""
+        :func:`_drop_privileges`); None for one with it.  ``stamp`` False: the file's mtime
+        and ctime stay as they are, because the kernel keeps them and sends its own (pages
+        of a ``--writeback-cache`` mount's page cache: FuseServer._write)."""
         if self._busy(ino):
             return None
         try:
-            return self._write(ino, offset, data, {}, killer)
+            return self._write(ino, offset, data, {}, killer, stamp)
         except _NeedImage:
             return None
 
-    async def write(self, ino: int, offset: int, data: bytes | memoryview, killer: int | None = None) -> int:
+    async def write(self, ino: int, offset: int, data: bytes | memoryview, killer: int | None = None,
+                    stamp: bool = True) -> int:
         async with self._lock(ino):
-            return int(await self._retrying(ino, lambda old: self._write(ino, offset, data, old, killer)))
+            return int(await self._retrying(ino, lambda old: self._write(ino, offset, data, old, killer, stamp)))
 
     def _write(self, ino: int, offset: int, data: bytes | memoryview, old: dict[int, bytes],
-               killer: int | None = None) -> int:
+               killer: int | None = None, stamp: bool = True) -> int:
         if not data:
             return 0
         txn, vol, chain = self._begin()
@@ -900,7 +910,8 @@ class VolumeFS:
                     self._put_range(txn, vol.layer, chain, ino, offset, data, old, inode.size)
             inode = inode.copy()
             inode.size = max(inode.size, offset + len(data))
-            inode.mtime_ns = inode.ctime_ns = time.time_ns()
+            if stamp:
+                inode.mtime_ns = inode.ctime_ns = time.time_ns()
             _drop_privileges(inode, killer is not None, outsider=killer is not None and killer != inode.gid)
             self._put(txn, vol.layer, ino, inode)
         self._plain[ino] = False
