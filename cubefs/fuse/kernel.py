@@ -154,7 +154,7 @@ class KernelSession:
         self.ring: uring.FuseRing | None = None  # FUSE over io_uring, if asked for and set up
         self.ring_on = False  # the kernel sends requests through self.ring (INIT took it)
         self.want_ring = uring_wanted()
-        self.ring_note = "" if self.want_ring else "not asked for (--fuse-uring, CUBEFS_FUSE_URING=1)"
+        self.ring_note = "" if self.want_ring else "not asked for: --fuse-uring or CUBEFS_FUSE_URING=1"
         self._later = 0  # replies pending in tasks of their own (no polling meanwhile)
         self.dev_ops: Counter[int] = Counter()  # with the ring: what still came through read(2), by opcode
         self._ring_scope = trio.CancelScope()
