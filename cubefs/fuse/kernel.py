@@ -350,6 +350,7 @@ class KernelSession:
         spin_until = 0.0
         handled = 0
         gone: set[int] = set()
+        refused = ""
         with self._ring_scope:
             while len(gone) < ring.count:
                 if r.pending:
@@ -362,8 +363,9 @@ class KernelSession:
                     continue
                 for i, res in r.reap():
                     if res < 0:
-                        if res != -errno.ENOTCONN:
-                            log.warning("FUSE ring entry %d: %s", i, os.strerror(-res))
+                        if res != -errno.ENOTCONN and not refused:
+                            refused = os.strerror(-res)
+                            log.warning("FUSE ring entry %d: %s", i, refused)
                         gone.add(i)  # torn down (unmount), or refused: no more requests on it
                         continue
                     t0 = time.perf_counter()
@@ -389,7 +391,11 @@ class KernelSession:
                         await trio.lowlevel.cancel_shielded_checkpoint()
                 if spin:
                     spin_until = time.perf_counter() + spin
-        if len(gone) == ring.count:
+        if len(gone) == ring.count and not handled and refused:
+            # the kernel refused the entries (it then serves /dev/fuse, as if INIT had not taken the ring)
+            self.ring_on = False
+            self.ring_note = f"the kernel refused the ring's entries: {refused}"
+        elif len(gone) == ring.count:
             log.info("FUSE ring of %s closed by the kernel", self.mountpoint)
         elif self.handed_over:
             ring.ring.close()  # the buffers stay mapped until the session closes: a late copy lands there

@@ -277,6 +277,7 @@ class FuseRing:
         base = i * self.stride
         v = self.view
         length, unique = REQ_HEAD.unpack_from(v, base)
+        self.uniques[i] = unique  # first: a malformed request is answered (EIO) by its unique
         (payload_sz,) = PAYLOAD_SZ.unpack_from(v, base + ENT_IN_OUT + 16)
         op = length - IN_HEADER_SIZE - payload_sz
         if not 0 <= op <= OP_IN or payload_sz > self.payload:
@@ -284,7 +285,6 @@ class FuseRing:
         start = base + STAGE - IN_HEADER_SIZE - op
         v[start : start + IN_HEADER_SIZE] = v[base : base + IN_HEADER_SIZE]
         v[start + IN_HEADER_SIZE : base + STAGE] = v[base + OP_IN : base + OP_IN + op]
-        self.uniques[i] = unique
         return v[start : base + STAGE + payload_sz]
 
     def commit(self, i: int, reply: bytes | list[bytes | memoryview]) -> None:
