@@ -2,7 +2,7 @@
 
 Why not a library: what FUSE needs is one opcode (``IORING_OP_URING_CMD`` with 128-byte
 SQEs, whose tail carries ``struct fuse_uring_cmd_req``), a submit and a look at the
-completion ring.  That is three syscalls (``io_uring_setup``, ``io_uring_enter``) and three
+completion ring.  That is two syscalls (``io_uring_setup``, ``io_uring_enter``) and three
 ``mmap``s; PyPI's ``liburing`` (a Zig-built wrapper of the C library) would be a compiled
 dependency for a few dozen lines, and the project ships no compiled extension of its own.
 
