@@ -18,7 +18,9 @@ The serve loop runs on trio: it waits for the descriptor to become readable
 :func:`spin_seconds`), reads one request per ``read`` (the kernel's unit), answers what can be
 answered at once inline and starts a task for a read that must wait for
 chunks.  It yields to other tasks every few requests so that a busy mount
-never starves fetches or the control socket.
+never starves fetches or the control socket.  With ``--fuse-uring`` (opt-in: see
+:func:`uring_wanted`) most requests come through io_uring ring entries instead
+(:mod:`cubefs.fuse.uring`), served by a second loop beside the /dev/fuse one.
 """
 
 from __future__ import annotations
