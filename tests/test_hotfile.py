@@ -367,3 +367,31 @@ def test_read_now_only_from_the_kernels_pages(tmp_path: Path) -> None:
     assert hot.get_now([digests[5]]) is None and digests[5] in hot
     assert digests[5] not in hot.get_many([digests[5]]) and digests[5] not in hot
     hot.close()
+
+
+def test_a_kernel_that_refuses_nowait_reads_leaves_the_file_to_the_prefetch(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Fault: RWF_NOWAIT refused on the file (an older kernel, another filesystem): known at open,
+    get_now never serves (the mount then prefetches the file's chunks as before), get_many does."""
+    import errno
+
+    from cubefs.cache import hot as hotmod
+
+    have = {i.to_bytes(32, "big"): os.urandom(3000) for i in range(5)}
+    keep_hot(str(tmp_path), "img", list(have), _plain_of(have), None, 1 << 30)
+    preadv = os.preadv
+
+    def refusing(fd: int, bufs: list[bytearray], off: int, *flags: int) -> int:
+        if flags:
+            raise OSError(errno.EOPNOTSUPP, "not supported")
+        return preadv(fd, bufs, off)
+
+    monkeypatch.setattr(hotmod.os, "preadv", refusing)
+    hot = HotFile.open(str(tmp_path), "img")
+    assert hot is not None and not hot.nowait
+    assert hot.get_now(list(have)) is None
+    assert {d: v[2] for d, v in hot.get_many(list(have)).items()} == have
+    hot.close()
+    monkeypatch.undo()
+    hot = HotFile.open(str(tmp_path), "img")
+    assert hot is not None and hot.nowait
+    hot.close()

@@ -110,7 +110,9 @@ class HotFile:
             log.warning("hot file %s is damaged (%s); removing it, the disk cache serves", path, err)
             _unlink(path)
             return None
-        return cls(path, fd, index, order, size, cut)
+        hot = cls(path, fd, index, order, size, cut)
+        hot.nowait = hot.nowait and _nowait_works(fd, size)
+        return hot
 
     def advise(self) -> None:
         """Ask the kernel to read the whole file ahead, now, in the background."""
@@ -243,6 +245,19 @@ def _runs(found: list[tuple[Entry, bytes]]) -> Iterator[list[tuple[Entry, bytes]
         end, size = off + length, size + length
     if run:
         yield run
+
+
+def _nowait_works(fd: int, size: int) -> bool:
+    """Whether this kernel and filesystem take ``RWF_NOWAIT`` on a buffered read of the file (a
+    byte of its footer, just read: cached); without it :meth:`HotFile.get_now` never serves, and
+    the mount prefetches the file's chunks into memory as before."""
+    try:
+        os.preadv(fd, [bytearray(1)], size - 1, os.RWF_NOWAIT)
+    except BlockingIOError:  # takes the flag (the page went already)
+        return True
+    except OSError:  # EOPNOTSUPP, EINVAL: refused
+        return False
+    return True
 
 
 def _read_index(fd: int) -> tuple[dict[bytes, tuple[int, int, int, int, int]], list[bytes], int, bool]:

@@ -429,9 +429,10 @@ async def _prefetch(parts: ImageParts, cache_dir: str) -> None:
         source.hot = await trio.to_thread.run_sync(open_hot)
     refs = parts.image_fs.chunk_refs(parts.trace)
     hot = source.hot
-    if hot is not None:
+    if hot is not None and hot.nowait:
         # What the hot file holds is read from the kernel's pages as it is asked for
-        # (ChunkSource.from_memory): only the rest is fetched into memory.
+        # (ChunkSource.from_memory): only the rest is fetched into memory.  A kernel that
+        # refuses RWF_NOWAIT on the file gets all of it prefetched, as before.
         refs = [r for r in refs if r.digest not in hot]
     await source.prefetch(refs)
 
