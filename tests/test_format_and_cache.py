@@ -254,7 +254,7 @@ def test_a_prefetch_reads_the_disk_cache_in_the_order_asked(tmp_path: Path) -> N
     task each ran in trio's order, which reverses a batch of new tasks half the time: numpy's
     start-up chunks were then read last to first (six prefetches here: all six in order)."""
     from cubefs.cache.disk import StoredChunk
-    from cubefs.cache.source import DISK_LANES, DISK_SLICE
+    from cubefs.cache.source import DISK_SLICE
 
     chunks = [os.urandom(1000) for _ in range(DISK_SLICE * 12)]
     refs = [ChunkLocation(hashlib.sha256(c).digest(), "p" * 64, i * 1000, 1000, 1000, CODEC_RAW)
@@ -284,8 +284,10 @@ def test_a_prefetch_reads_the_disk_cache_in_the_order_asked(tmp_path: Path) -> N
             trio.run(main)
             del disk.get_many
             assert sorted(read) == list(range(12))
-            # slices start in order; DISK_LANES run at once, so neighbours may swap within that
-            assert all(abs(s - i) < DISK_LANES for i, s in enumerate(read)), read
+            # Slices start in order; DISK_LANES of them run at once in threads, which the OS may
+            # run in another order, so a few neighbours swap: read last to first is 66 swaps.
+            swaps = sum(1 for i in range(12) for j in range(i + 1, 12) if read[i] > read[j])
+            assert swaps <= 12, read
             assert source.from_memory(refs) == chunks
     finally:
         loop.close()
