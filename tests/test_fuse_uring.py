@@ -170,6 +170,7 @@ def test_an_image_read_that_waits_on_the_store_commits_through_the_ring(tmp_path
     mnt = tmp_path / "mnt"
     with DelayProxy(host, port, delay_ms=0) as proxy, mounted(
             "ring:1", mnt, store, tmp_path / "cache", "--cache-size", "0", "--fuse-uring",
+            "--pack-readahead", "0", "--dir-prefetch", "0",  # slow2 is fetched only when read
             s3_endpoint=proxy.endpoint) as m:
         assert m.stats()["fuse_path"]["path"] == "io_uring"
         proxy.delay = 0.5
