@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_cubefs, small_tmpfs
-from test_volume_fast import Vol, _native, mounted, packed_files, privilege_sweep
+from test_volume_fast import Vol, mounted, packed_files, sweep_against_ext4
 
 
 class WbVol(Vol):
@@ -315,12 +315,5 @@ def test_privileges_are_dropped_as_on_ext4_with_the_cache_too(wb: tuple[Vol, Pat
     """A write of page-cache pages no longer stamps the file's times (the kernel sends its
     own), but still takes away what a write takes: capabilities and set-id bits go as on
     ext4, by root and by an ordinary user, with the cache as without it."""
-    _, mnt = wb
-    (mnt / "p").mkdir()
-    native = _native(tmp_path) / "p"
-    native.mkdir()
-    on_ext4 = privilege_sweep(native)
-    on_volume = privilege_sweep(mnt / "p")
-    assert [(a, b) for a, b in zip(on_ext4, on_volume) if a != b] == []
-    assert len(on_ext4) == len(on_volume) > 40
+    on_volume = sweep_against_ext4(wb[1], tmp_path)
     assert "root write 4755: mode=0o4755 cap=False size=10" in on_volume  # the capability went
