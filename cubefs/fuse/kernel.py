@@ -328,13 +328,13 @@ class KernelSession:
 
     async def _commit_later(self, i: int, work: Coroutine[Any, Any, Reply], unique: int, opcode: int,
                             t0: float) -> None:
-        self._later += 1
-        try:
+        try:  # counted in _later by the loop that started it (see _reply_later)
             msg = await work
         finally:
             self._later -= 1
         ring = self.ring
-        if ring is None:
+        if ring is None or ring.ring.fd < 0:  # closed by a handover meanwhile: nobody to answer
+            log.warning("a FUSE ring reply (request %d) dropped: the ring closed first", unique)
             return
         ring.commit(i, msg if msg is not None else p.error_reply(unique, errno.EIO))
         ring.ring.submit()
@@ -383,6 +383,7 @@ class KernelSession:
                         ring.commit(i, out)
                         self.busy[opcode] += time.perf_counter() - t0
                     elif out is not None:
+                        self._later += 1
                         nursery.start_soon(self._commit_later, i, out, ring.uniques[i], opcode, t0)
                     else:  # every request on the ring wants an answer (FORGETs come on /dev/fuse)
                         ring.commit(i, p.error_reply(ring.uniques[i], errno.ENOSYS))
@@ -414,7 +415,9 @@ class KernelSession:
                 log.error("cannot write a FUSE reply: %s", err)
 
     async def _reply_later(self, work: Coroutine[Any, Any, Reply], opcode: int = 0, t0: float = 0.0) -> None:
-        self._later += 1
+        """Answer a request that waits (a read of chunks not yet here).  Counted in ``_later``
+        by its caller before ``start_soon``: a task starts later, and the serve loop must not
+        poll for the next request in the meantime (see spin_seconds)."""
         try:
             msg = await work
         finally:
@@ -507,6 +510,7 @@ class KernelSession:
                 self._send(out)
                 self.busy[opcode] += time.perf_counter() - t0
             elif out is not None:
+                self._later += 1
                 nursery.start_soon(self._reply_later, out, opcode, t0)
             handled += 1
             if spin and not self.ring_on:  # with the ring, /dev/fuse carries only forgets and interrupts
