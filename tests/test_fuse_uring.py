@@ -362,3 +362,47 @@ def test_an_upgrade_hands_a_ring_session_to_a_successor_that_registers_anew(tmp_
             run_cubefs("umount", str(mnt), check=False, env=env)
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def test_ring_entries_lay_out_requests_and_refuse_a_reply_too_big() -> None:
+    """The entry layout without a mount: a request the kernel would copy in (header, op
+    header, payload) comes out as one /dev/fuse-shaped message; a reply is copied in front
+    of its payload with its size; a reply larger than the entry's payload is answered EIO
+    (it would run into the next entry's header); SQEs the kernel refuses (a bad fd) are
+    all completed, none left behind for the next submit."""
+    import struct
+
+    from cubefs.fuse import protocol as p
+    from cubefs.fuse import uring as u
+
+    ring = u.FuseRing(-1, queues=1, per_queue=2, payload=8192)
+    try:
+        i, base = 1, 1 * ring.stride
+        op_header, payload = b"H" * 16, b"p" * 100
+        length = u.IN_HEADER_SIZE + len(op_header) + len(payload)
+        ring.view[base : base + u.IN_HEADER_SIZE] = struct.pack("<IIQQIIII", length, 15, 77, 5, 0, 0, 0, 0)
+        ring.view[base + u.OP_IN : base + u.OP_IN + 16] = op_header
+        struct.pack_into("<I", ring.view, base + u.ENT_IN_OUT + 16, len(payload))
+        ring.view[base + u.STAGE : base + u.STAGE + len(payload)] = payload
+        msg = bytes(ring.request(i))
+        assert msg == struct.pack("<IIQQIIII", length, 15, 77, 5, 0, 0, 0, 0) + op_header + payload
+        assert ring.uniques[i] == 77
+
+        ring.commit(i, [p.reply(77, b"abc"), b"defg"])  # the header as given: the kernel reads the size
+        assert bytes(ring.view[base : base + 16]) == struct.pack("<IiQ", 16 + 3, 0, 77)
+        assert struct.unpack_from("<I", ring.view, base + u.ENT_IN_OUT + 16)[0] == 7
+        assert bytes(ring.view[base + u.STAGE : base + u.STAGE + 7]) == b"abcdefg"
+
+        ring.commit(i, p.reply(77, b"x" * (ring.payload + 1)))
+        assert bytes(ring.view[base : base + 16]) == p.error_reply(77, 5)  # EIO
+        assert struct.unpack_from("<I", ring.view, base + u.ENT_IN_OUT + 16)[0] == 0
+        assert bytes(ring.view[(i + 1) * ring.stride - 1 : (i + 1) * ring.stride]) == b"\0"
+
+        assert ring.ring.submit() == 2  # both commits, on fd -1: each completes with -EBADF
+        deadline = time.monotonic() + 5
+        while ring.ring.ready() < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [res for _i, res in ring.ring.reap()] == [-9, -9]
+        assert ring.ring.submit() == 0 and ring.ring.pending == 0
+    finally:
+        ring.close()

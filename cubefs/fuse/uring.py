@@ -16,11 +16,17 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import functools
+import logging
 import mmap
 import os
 import struct
 from typing import Any
+
+from cubefs.fuse.protocol import error_reply
+
+log = logging.getLogger(__name__)
 
 SYS_IO_URING_SETUP = 425
 SYS_IO_URING_ENTER = 426
@@ -29,7 +35,6 @@ IORING_SETUP_CQSIZE = 1 << 3
 IORING_SETUP_SQE128 = 1 << 10
 IORING_SETUP_SINGLE_ISSUER = 1 << 12
 IORING_FEAT_SINGLE_MMAP = 1 << 0
-IORING_ENTER_GETEVENTS = 1 << 0
 IORING_OFF_SQ_RING = 0
 IORING_OFF_CQ_RING = 0x8000000
 IORING_OFF_SQES = 0x10000000
@@ -68,10 +73,6 @@ def _syscall() -> Any:
     return proto(("syscall", libc()))
 
 
-class UringError(OSError):
-    """io_uring is not to be had (no kernel support, or disabled: ``kernel.io_uring_disabled``)."""
-
-
 class Ring:
     """One io_uring instance with 128-byte SQEs: queue URING_CMDs, submit, reap completions."""
 
@@ -87,7 +88,7 @@ class Ring:
         fd = libc().syscall(ctypes.c_long(SYS_IO_URING_SETUP), ctypes.c_long(entries), buf)
         if fd < 0:
             err = ctypes.get_errno()
-            raise UringError(err, f"io_uring_setup: {os.strerror(err)}")
+            raise OSError(err, f"io_uring_setup: {os.strerror(err)}")
         self.fd = fd
         fields = PARAMS.unpack(bytes(params))
         sq_entries, cq_n, _flags, _cpu, _idle, features, _wq = fields[:7]
@@ -109,7 +110,6 @@ class Ring:
             os.close(fd)
             raise
         self.sq_entries = sq_entries
-        self.cq_entries = cq_n
         self._sq_head = ctypes.c_uint32.from_buffer(self._sq_map, sq_head)
         self._sq_tail = ctypes.c_uint32.from_buffer(self._sq_map, sq_tail)
         self._sq_mask = ctypes.c_uint32.from_buffer(self._sq_map, sq_mask).value
@@ -121,39 +121,41 @@ class Ring:
         array = (ctypes.c_uint32 * sq_entries).from_buffer(self._sq_map, sq_array)
         for i in range(sq_entries):
             array[i] = i
-        self._tail = self._sq_tail.value  # our private tail: published by submit()
+        self._tail = self._sq_tail.value  # our private tail (32 bits, wrapping): published by submit()
         self.pending = 0  # SQEs queued and not yet submitted
 
     def queue_cmd(self, fd: int, cmd_op: int, user_data: int, flags: int, commit_id: int, qid: int,
                   addr: int = 0, length: int = 0) -> None:
         """Queue an ``IORING_OP_URING_CMD`` on ``fd`` whose command is a ``fuse_uring_cmd_req``
         (``flags``, ``commit_id``, ``qid``).  Submits first if the SQ is full."""
-        if self._tail - self._sq_head.value >= self.sq_entries:
+        if (self._tail - self._sq_head.value) & 0xFFFFFFFF >= self.sq_entries:
             self.submit()
         SQE_CMD.pack_into(self._sqes, (self._tail & self._sq_mask) * SQE_SIZE, IORING_OP_URING_CMD, 0, 0, fd,
                           cmd_op, 0, addr, length, 0, user_data, flags, commit_id, qid)
-        self._tail += 1
+        self._tail = (self._tail + 1) & 0xFFFFFFFF
         self.pending += 1
 
-    def submit(self, wait: int = 0) -> int:
-        """Hand the queued SQEs to the kernel (and wait for ``wait`` completions): one
-        ``io_uring_enter``.  Returns the number submitted."""
-        n = self.pending
-        flags = IORING_ENTER_GETEVENTS if wait else 0
-        if not n and not flags:
+    def submit(self) -> int:
+        """Hand the queued SQEs to the kernel: one ``io_uring_enter``.  Every SQE between the
+        kernel's head and our tail is asked for, not only the ones queued since the last
+        call: one the kernel left (it stops at an SQE that fails) goes with the next, never
+        stays behind.  Returns the number the kernel took."""
+        if not self.pending:
             return 0
-        self._sq_tail.value = self._tail & 0xFFFFFFFF  # a store the kernel reads with acquire
+        self._sq_tail.value = self._tail  # a store the kernel reads with acquire
         self.pending = 0
+        n = (self._tail - self._sq_head.value) & 0xFFFFFFFF
         enter = _syscall()
         while True:
-            rc = enter(SYS_IO_URING_ENTER, self.fd, n, wait, flags, None, 0)
+            rc = enter(SYS_IO_URING_ENTER, self.fd, n, 0, 0, None, 0)
             if rc >= 0:
+                if rc < n:
+                    self.pending = n - rc  # left in the SQ: asked for again at the next submit
                 return int(rc)
             err = ctypes.get_errno()
             if err == 4:  # EINTR: what was submitted stays submitted
-                if not wait:
-                    return n
-                continue
+                self.pending = (self._tail - self._sq_head.value) & 0xFFFFFFFF
+                return n - self.pending
             raise OSError(err, f"io_uring_enter: {os.strerror(err)}")
 
     def ready(self) -> int:
@@ -259,10 +261,6 @@ class FuseRing:
         self._iov_addr = ctypes.addressof(self._iov)
         self.uniques = [0] * self.count  # the request each entry holds (its commit id)
 
-    @property
-    def fd(self) -> int:
-        return self.ring.fd
-
     def register(self) -> None:
         """Offer every entry to the kernel (after INIT is answered: the kernel refuses with
         EAGAIN before).  Completions come when a request fills an entry."""
@@ -301,6 +299,11 @@ class FuseRing:
         else:
             v[base : base + OUT_HEADER_SIZE] = reply[:OUT_HEADER_SIZE]
             rest = [memoryview(reply)[OUT_HEADER_SIZE:]]
+        if sum(len(part) for part in rest) > self.payload:  # it would run into the next entry
+            log.error("a FUSE reply of %d bytes does not fit its ring entry (%d): answered EIO",
+                      sum(len(part) for part in rest), self.payload)
+            v[base : base + OUT_HEADER_SIZE] = error_reply(self.uniques[i], errno.EIO)
+            rest = []
         for part in rest:
             n = len(part)
             v[pos : pos + n] = part
