@@ -27,6 +27,8 @@ import pytest
 from conftest import run_cubefs, small_tmpfs
 from test_volume_fast import Vol, mounted, packed_files, sweep_against_ext4
 
+from cubefs.volume.fs import CLOCK_REALTIME_COARSE
+
 
 class WbVol(Vol):
     def mount(self, name: str, where: str) -> Path:
@@ -222,8 +224,6 @@ def test_a_full_volume_rolls_back_to_its_snapshot(small_wb: Path) -> None:
     assert sorted(os.listdir(mnt)) == ["kept"] and (mnt / "kept").read_bytes() == b"before the snapshot"
 
 
-COARSE = 5  # CLOCK_REALTIME_COARSE: the kernel's tick clock
-
 
 def test_a_new_file_is_stamped_on_the_kernels_tick(wb: tuple[Vol, Path]) -> None:
     """A created inode's times are the tick clock's (as ext4 stamps them), not the fine
@@ -232,11 +232,42 @@ def test_a_new_file_is_stamped_on_the_kernels_tick(wb: tuple[Vol, Path]) -> None
     in between, so ten files in a row would show it)."""
     _v, mnt = wb
     for i in range(10):
-        before = time.clock_gettime_ns(COARSE)
+        before = time.clock_gettime_ns(CLOCK_REALTIME_COARSE)
         os.close(os.open(mnt / f"t{i}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
-        after = time.clock_gettime_ns(COARSE)
+        after = time.clock_gettime_ns(CLOCK_REALTIME_COARSE)
         st = os.stat(mnt / f"t{i}")
         assert before <= st.st_mtime_ns == st.st_ctime_ns == st.st_atime_ns <= after, (before, st, after)
+
+
+def test_a_new_directory_or_symlink_keeps_the_fine_clock(wb: tuple[Vol, Path]) -> None:
+    """The kernel stamps only regular files (S_NOCMTIME on the rest, writeback or not): a
+    directory or a symlink gains nothing by the tick and keeps the fine clock, so one made
+    after a file is never shown older than it (one of ten lies past the tick after it)."""
+    _v, mnt = wb
+    past = 0
+    for i in range(10):
+        os.mkdir(mnt / f"d{i}")
+        os.symlink("x", mnt / f"l{i}")
+        after = time.clock_gettime_ns(CLOCK_REALTIME_COARSE)
+        past += os.stat(mnt / f"d{i}").st_mtime_ns > after and os.lstat(mnt / f"l{i}").st_mtime_ns > after
+    assert past, "every new directory and symlink was stamped on the tick"
+
+
+def test_a_truncate_to_the_same_size_changes_no_time(wb: tuple[Vol, Path]) -> None:
+    """As on ext4 (POSIX: times are marked only if the size changed): truncate(2) to a
+    file's own size leaves its mtime and ctime, on a writeback mount and after a remount."""
+    v, mnt = wb
+    (mnt / "same").write_bytes(b"12345")
+    os.sync()
+    before = os.stat(mnt / "same")
+    time.sleep(0.05)
+    os.truncate(mnt / "same", 5)
+    v.umount(mnt)
+    mnt = v.mount("v", "mnt")
+    after = os.stat(mnt / "same")
+    assert (after.st_mtime_ns, after.st_ctime_ns) == (before.st_mtime_ns, before.st_ctime_ns)
+    os.truncate(mnt / "same", 3)
+    assert os.stat(mnt / "same").st_mtime_ns > before.st_mtime_ns
 
 
 @pytest.fixture
@@ -251,7 +282,7 @@ def test_without_the_cache_a_new_file_keeps_the_fine_clock(plain: tuple[Vol, Pat
     past = 0
     for i in range(10):
         os.close(os.open(mnt / f"t{i}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
-        after = time.clock_gettime_ns(COARSE)
+        after = time.clock_gettime_ns(CLOCK_REALTIME_COARSE)
         past += os.stat(mnt / f"t{i}").st_mtime_ns > after
     assert past, "every new file was stamped on the tick"
 

@@ -558,9 +558,10 @@ class VolumeFS:
                     mode |= stat.S_ISGID
             ino = self._new_ino(txn, vol)
             is_dir = stat.S_ISDIR(mode)
-            # The new inode's times: the kernel's clock where the kernel keeps them (see tick_ns);
-            # the directory's stay on the fine clock, as does every time the daemon keeps.
-            born = tick_ns() if self.writeback_cache else now
+            # The new inode's times: the kernel's clock where the kernel keeps them (a regular file
+            # on a writeback mount: see tick_ns); a directory, symlink or node keeps the fine clock,
+            # as does every time the daemon keeps (the kernel never stamps those: S_NOCMTIME).
+            born = tick_ns() if self.writeback_cache and stat.S_ISREG(mode) else now
             inode = Inode(mode, uid, gid, born, born, born, len(target) if target else 0, 2 if is_dir else 1, rdev,
                           target=target)
             self._put(txn, vol.layer, ino, inode)
@@ -997,8 +998,9 @@ class VolumeFS:
                 gone = -(-size // bs)  # first block wholly past the new end
                 self.index.drop_blocks(txn, vol.layer, ino, gone)
                 inode.cut = gone if inode.cut < 0 else min(inode.cut, gone)
+            if size != inode.size:  # as ext4: truncate(2) to the size a file has changes no time
+                inode.mtime_ns = inode.ctime_ns = time.time_ns()
             inode.size = size
-            inode.mtime_ns = inode.ctime_ns = time.time_ns()
             self._put(txn, vol.layer, ino, inode)
         self._plain[ino] = False
 
