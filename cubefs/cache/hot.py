@@ -73,7 +73,9 @@ def hot_path(cache_dir: str, image_digest: str) -> str:
 
 
 class HotFile:
-    """One image's start-up chunks, opened for reading.  Thread-safe (``pread`` only)."""
+    """One image's start-up chunks, opened for reading.  Thread-safe: reads are ``preadv`` at
+    offsets of one descriptor; :meth:`get_now` never waits on the disk (``RWF_NOWAIT``), so the
+    event loop calls it."""
 
     def __init__(self, path: str, fd: int, index: dict[bytes, tuple[int, int, int, int, int]],
                  order: list[bytes], size: int, cut: bool = False) -> None:
@@ -180,16 +182,13 @@ class HotFile:
             entries.append((e, d))
         out: dict[bytes, bytearray] = {}
         for run in _runs(sorted(entries, key=lambda it: it[0][0])):
-            bufs = [bytearray(e[1]) for e, _d in run]
             try:
-                got = os.preadv(fd, bufs, run[0][0][0], os.RWF_NOWAIT)
+                bufs = self._preadv(run[0][0][0], [e[1] for e, _d in run], os.RWF_NOWAIT)
             except BlockingIOError:  # not all in the page cache yet
                 return None
-            except OSError as err:  # RWF_NOWAIT refused (EOPNOTSUPP), a closed file: the slow path
+            except OSError as err:  # RWF_NOWAIT refused (EOPNOTSUPP), part of it cached, closed
                 if err.errno in (errno.EOPNOTSUPP, errno.EINVAL):
                     self.nowait = False
-                return None
-            if got != sum(len(b) for b in bufs):  # part of it cached
                 return None
             for (e, d), data in zip(run, bufs):
                 if xxhash.xxh64_intdigest(data) != e[4] or e[2] != CODEC_RAW:
@@ -207,15 +206,17 @@ class HotFile:
                 self._index.pop(d, None)
         self.stats.errors += len(digests)
 
-    def _preadv(self, offset: int, lengths: list[int]) -> list[bytearray]:
-        """The chunks of ``lengths`` bytes that lie one after another from ``offset``."""
+    def _preadv(self, offset: int, lengths: list[int], flags: int = 0) -> list[bytearray]:
+        """The chunks of ``lengths`` bytes that lie one after another from ``offset``.  A short
+        read is an error: at the file's end (it was cut), or with ``RWF_NOWAIT`` where only part
+        of the range is in the page cache."""
         fd = self._fd
         if fd is None:
             raise OSError("closed")
         bufs = [bytearray(n) for n in lengths]
         total = sum(lengths)
-        got = os.preadv(fd, bufs, offset)
-        if got != total:  # a regular file's read is short only at its end: the file was cut
+        got = os.preadv(fd, bufs, offset, flags) if flags else os.preadv(fd, bufs, offset)
+        if got != total:
             raise OSError(f"short read: {got} of {total} bytes at {offset}")
         return bufs
 
@@ -255,7 +256,9 @@ def _nowait_works(fd: int, size: int) -> bool:
         os.preadv(fd, [bytearray(1)], size - 1, os.RWF_NOWAIT)
     except BlockingIOError:  # takes the flag (the page went already)
         return True
-    except OSError:  # EOPNOTSUPP, EINVAL: refused
+    except OSError as err:  # EOPNOTSUPP, EINVAL: refused; anything else is said, and read the slow way
+        if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            log.warning("hot file: a probe read failed (%s): its chunks are read the slow way", err)
         return False
     return True
 
