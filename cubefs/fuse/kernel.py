@@ -30,6 +30,7 @@ import errno
 import fcntl
 import logging
 import os
+import queue
 import shutil
 import socket
 import subprocess
@@ -44,7 +45,7 @@ import trio
 from cubefs.errors import CubefsError
 from cubefs.fuse import passthrough, uring
 from cubefs.fuse import protocol as p
-from cubefs.fuse.server import MAX_PAGES, MAX_READAHEAD, MAX_WRITE, REQUEST_BUFFER, FuseServer, Reply
+from cubefs.fuse.server import MAX_PAGES, MAX_READAHEAD, MAX_WRITE, REQUEST_BUFFER, FuseServer, Reply, StoreJob
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,11 @@ MNT_DETACH = 2
 YIELD_EVERY = 16  # requests handled inline between two checkpoints
 SPIN_US = 50.0  # microseconds the serve loop polls for the next request: see spin_seconds
 MAX_SPIN_US = 10_000.0  # what CUBEFS_FUSE_SPIN_US may ask for: a poll that never ends is a spinning daemon
+START_SPIN_US = 500.0  # the same, in the first START_SECONDS of a session: see start_spin_seconds
+START_SECONDS = 2.0  # how long after INIT (or after a daemon takes a session over) a start-up is assumed
 HANDOVER_WAIT = 5.0  # seconds a daemon handing over waits for its requests in flight
+STORE_TRIES = 20  # a page-cache store for an inode the kernel does not hold yet, tried again...
+STORE_RETRY = 0.0001  # ...this many seconds apart: the LOOKUP's caller makes the inode when it wakes
 
 
 def spin_seconds() -> float:
@@ -76,13 +81,32 @@ def spin_seconds() -> float:
     while a reply is pending in another task (polling would hold the loop those tasks
     need).  ``CUBEFS_FUSE_SPIN_US`` overrides it (0 turns polling off); with one CPU to
     run on it is off: the caller could not run while the daemon polls."""
-    env = os.environ.get("CUBEFS_FUSE_SPIN_US")
-    us = SPIN_US
+    return _poll_setting("CUBEFS_FUSE_SPIN_US", SPIN_US)
+
+
+def start_spin_seconds() -> float:
+    """How long the serve loop polls after a request in the first START_SECONDS of a session
+    (after INIT, or after a daemon took a session over): a program starting on a fresh or
+    remounted image.  ``CUBEFS_FUSE_START_SPIN_US`` overrides it; off on one CPU.
+
+    Why: a remounted ``import numpy`` made 284 LOOKUPs that took 120-170 us each in the
+    program against 60 us for an IOCTL (perf sched): the program's work between two
+    lookups (a path probe, a stat) is longer than the 50 us poll, so each lookup paid the
+    daemon's wake-up, and json's run is ~200 such round trips.  Polling longer only while
+    a start-up is likely keeps an idle or steady mount's CPU where it was: after a request
+    only, bounded by the window, and never past the first START_SECONDS (so at most that
+    much CPU a session, and in practice the requests' count times the window)."""
+    return _poll_setting("CUBEFS_FUSE_START_SPIN_US", START_SPIN_US)
+
+
+def _poll_setting(name: str, default_us: float) -> float:
+    env = os.environ.get(name)
+    us = default_us
     if env:
         try:
             us = min(float(env), MAX_SPIN_US)  # nan fails the comparisons below: off
         except ValueError:
-            log.warning("CUBEFS_FUSE_SPIN_US=%r is not a number of microseconds: polling %g us", env, SPIN_US)
+            log.warning("%s=%r is not a number of microseconds: polling %g us", name, env, default_us)
         if not us >= 0:
             us = 0.0
     try:
@@ -91,6 +115,12 @@ def spin_seconds() -> float:
     except OSError:
         pass
     return us / 1e6
+
+
+def store_wanted() -> bool:
+    """Whether an image mount pushes a looked-up file's start into the kernel's page cache
+    (FuseServer._queue_store; ``CUBEFS_FUSE_STORE=0`` turns it off)."""
+    return os.environ.get("CUBEFS_FUSE_STORE", "1") not in ("", "0")
 
 
 RING_ENTRIES = 8  # ring entries per CPU queue: see uring_wanted
@@ -153,6 +183,9 @@ class KernelSession:
         self.busy: Counter[int] = Counter()
         self._reading = trio.CancelScope()
         self.spin = spin_seconds()
+        # never shorter than the steady window; off with it (CUBEFS_FUSE_SPIN_US=0, one CPU)
+        self.start_spin = max(start_spin_seconds(), self.spin) if self.spin else 0.0
+        self.start_until = 0.0  # perf_counter() until which the session counts as starting up
         self.ring: uring.FuseRing | None = None  # FUSE over io_uring, if asked for and set up
         self.ring_on = False  # the kernel sends requests through self.ring (INIT took it)
         self.want_ring = uring_wanted()
@@ -160,6 +193,44 @@ class KernelSession:
         self._later = 0  # replies pending in tasks of their own (no polling meanwhile)
         self.dev_ops: Counter[int] = Counter()  # with the ring: what still came through read(2), by opcode
         self._ring_scope = trio.CancelScope()
+        self._stores: queue.SimpleQueue[StoreJob | None] | None = None
+        self.stores_sent = 0  # page-cache stores the kernel took
+
+    def _send_stores(self, server: FuseServer) -> None:
+        """Hand the page-cache stores the server queued (FuseServer._queue_store) to the
+        store thread.  Not written here: a store waits on each page's lock, and a READ of
+        that page in flight (read from /dev/fuse or still queued in the kernel) holds it
+        until this loop answers, so a store written by the loop could wait for ever."""
+        if self._stores is None:
+            self._stores = queue.SimpleQueue()
+            threading.Thread(target=self._store_thread, args=(self._stores,), daemon=True,
+                             name="cubefs-fuse-store").start()
+        for msg in server.stores:
+            self._stores.put(msg)
+        server.stores.clear()
+
+    def _store_thread(self, stores: queue.SimpleQueue[StoreJob | None]) -> None:
+        while (job := stores.get()) is not None:
+            try:
+                msg = job()
+            except Exception as err:  # an optimisation: the READ's own path says what is wrong
+                log.debug("no page-cache store for inode %d: %s", job.ino, err)
+                continue
+            if msg is None:
+                continue
+            for _ in range(STORE_TRIES):
+                fd = self.fd
+                if fd < 0:
+                    return
+                try:
+                    os.writev(fd, msg)
+                    self.stores_sent += 1
+                    break
+                except OSError as err:
+                    if err.errno != errno.ENOENT:  # ENODEV: unmounted
+                        log.debug("page-cache store refused: %s", err)
+                        break
+                time.sleep(STORE_RETRY)  # the kernel holds no such inode yet
 
     def adopt(self, fd: int, ring: bool = False) -> None:
         """Serve the session on ``fd`` that a daemon now gone started (the mount server
@@ -263,6 +334,8 @@ class KernelSession:
 
     def close(self) -> None:
         self._close_ring()
+        if self._stores is not None:
+            self._stores.put(None)
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -290,8 +363,9 @@ class KernelSession:
             self.ring = None
 
     def path(self) -> dict[str, Any]:
-        """Which way requests come (``cubefs stats``): ``io_uring`` or ``/dev/fuse``, and why."""
-        out: dict[str, Any] = {"path": "io_uring" if self.ring_on else "/dev/fuse"}
+        """Which way requests come (``cubefs stats``): ``io_uring`` or ``/dev/fuse``, and why;
+        and the page-cache stores the kernel took (FuseServer._queue_store)."""
+        out: dict[str, Any] = {"path": "io_uring" if self.ring_on else "/dev/fuse", "page_stores": self.stores_sent}
         if self.ring_on and self.ring is not None:
             out.update(queues=self.ring.queues, entries_per_queue=self.ring.per_queue,
                        dev_requests={p.OPCODE_NAMES.get(op, str(op)): n for op, n in self.dev_ops.items()})
@@ -382,6 +456,8 @@ class KernelSession:
                     if isinstance(out, bytes | list):
                         ring.commit(i, out)
                         self.busy[opcode] += time.perf_counter() - t0
+                        if server.stores:  # after the LOOKUP's answer, which goes with the next submit
+                            self._send_stores(server)
                     elif out is not None:
                         self._later += 1
                         nursery.start_soon(self._commit_later, i, out, ring.uniques[i], opcode, t0)
@@ -484,6 +560,8 @@ class KernelSession:
         handled = 0
         spin_until = 0.0
         spin = self.spin
+        if self.resumed:  # a daemon taking a session over: its program may be starting right now
+            self.start_until = time.perf_counter() + START_SECONDS
         while not server.destroyed:
             try:
                 n = os.readv(self.fd, [buf])
@@ -509,14 +587,20 @@ class KernelSession:
             if isinstance(out, bytes | list):
                 self._send(out)
                 self.busy[opcode] += time.perf_counter() - t0
+                if server.stores:
+                    self._send_stores(server)
             elif out is not None:
                 self._later += 1
                 nursery.start_soon(self._reply_later, out, opcode, t0)
             handled += 1
-            if spin and not self.ring_on:  # with the ring, /dev/fuse carries only forgets and interrupts
-                spin_until = time.perf_counter() + spin
+            if not self.ring_on:  # with the ring, /dev/fuse carries only forgets and interrupts
+                now = time.perf_counter()
+                window = self.start_spin if now < self.start_until else spin
+                if window:
+                    spin_until = now + window
             if not told and server.minor:
                 told = True
+                self.start_until = time.perf_counter() + START_SECONDS
                 if self.ring is not None and getattr(server, "uring_on", False):
                     self._start_ring(server, nursery)
                 elif self.ring is not None:
@@ -536,6 +620,7 @@ class KernelTransport:
         self.server.mknod_creates = self.server.writable  # the kernel's fallback: see FuseServer.mknod_creates
         self.ops = self.server.ops
         self.session = KernelSession(mountpoint, fsname, allow_other, read_only=not self.server.writable)
+        self.server.store_pages = not self.server.writable and store_wanted()
         self.on_session: Callable[[dict[str, Any]], None] | None = None  # told what INIT settled
 
     def adopt(self, fd: int, session: dict[str, Any] | None) -> None:
