@@ -1,4 +1,5 @@
-"""Page-cache stores after a LOOKUP (cubefs/fuse/server.py, ``FuseServer._queue_store``): a
+"""Page-cache stores after a LOOKUP (cubefs/fuse/server.py, ``FuseServer._queue_store``; opt-in,
+``CUBEFS_FUSE_STORE=1``, as is a session's longer first poll, ``CUBEFS_FUSE_START_SPIN_US``): a
 remount with a hot file pushes a looked-up file's start into the kernel's page cache, so its
 first READs send no request; a stored page is what the file holds; a file the hot file does
 not hold, and a remount without a hot file, get no store; an idle mount does not spin."""
@@ -10,6 +11,7 @@ import os
 import time
 from pathlib import Path
 
+import pytest
 from conftest import mounted, run_cubefs
 from test_fuse_poll import _cpu_seconds
 from test_hotfile import _hot_files, _wait_for_hot
@@ -43,7 +45,9 @@ def _reads(m: mounted) -> int:
     return int(m.stats()["requests"].get("read", 0))
 
 
-def test_a_remount_stores_a_looked_up_files_start_and_every_byte_is_right(tmp_path: Path, local_store: str) -> None:
+def test_a_remount_stores_a_looked_up_files_start_and_every_byte_is_right(tmp_path: Path, local_store: str,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUBEFS_FUSE_STORE", "1")
     src = tmp_path / "src"
     files = _tree(src)
     (src / "cold").write_bytes(os.urandom(50_000))  # never read at the first start: not in the hot file
@@ -64,7 +68,7 @@ def test_a_remount_stores_a_looked_up_files_start_and_every_byte_is_right(tmp_pa
         assert (m.mountpoint / "cold").read_bytes() == (src / "cold").read_bytes()
         for rel in files:
             os.stat(m.mountpoint / rel)  # the LOOKUPs (and their stores)
-        assert _wait_stores(m, len(files)) == len(files)
+        assert _wait_stores(m, len(files)) == len(files), m.stats()["fuse_path"]
         reads = _reads(m)
         small = {rel: data for rel, data in files.items() if len(data) <= STORE_MAX}
         for rel, data in small.items():  # from the stored pages: no READ
@@ -78,6 +82,16 @@ def test_a_remount_stores_a_looked_up_files_start_and_every_byte_is_right(tmp_pa
         with open(m.mountpoint / "d1/f5", "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mm:
             assert mm[:] == files["d1/f5"]
 
+    # Not asked for: no store (the default).
+    monkeypatch.delenv("CUBEFS_FUSE_STORE")
+    with mounted("st:1", tmp_path / "mnt", local_store, cache) as m:
+        time.sleep(0.5)
+        for rel, data in files.items():
+            os.stat(m.mountpoint / rel)
+            assert (m.mountpoint / rel).read_bytes() == data
+        assert _stores(m) == 0
+    monkeypatch.setenv("CUBEFS_FUSE_STORE", "1")
+
     # A remount without a hot file: no store, every byte right, as before.
     for name in _hot_files(cache):
         os.unlink(Path(hot_dir(str(cache))) / name)
@@ -90,9 +104,11 @@ def test_a_remount_stores_a_looked_up_files_start_and_every_byte_is_right(tmp_pa
         assert _stores(m) == 0 and _reads(m) >= len(files)
 
 
-def test_an_idle_image_mount_does_not_spin_after_its_start(tmp_path: Path, local_store: str) -> None:
-    """The serve loop polls longer in a session's first seconds (kernel.start_spin_seconds);
+def test_an_idle_image_mount_does_not_spin_after_its_start(tmp_path: Path, local_store: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The serve loop polls longer in a session's first seconds if asked (kernel.start_spin_seconds);
     a mount that went quiet right after its first requests still sleeps."""
+    monkeypatch.setenv("CUBEFS_FUSE_START_SPIN_US", "2000")
     src = tmp_path / "src"
     files = _tree(src)
     run_cubefs("build", str(src), "--tag", "idle:1", "--store", local_store)

@@ -56,11 +56,11 @@ MNT_DETACH = 2
 YIELD_EVERY = 16  # requests handled inline between two checkpoints
 SPIN_US = 50.0  # microseconds the serve loop polls for the next request: see spin_seconds
 MAX_SPIN_US = 10_000.0  # what CUBEFS_FUSE_SPIN_US may ask for: a poll that never ends is a spinning daemon
-START_SPIN_US = 500.0  # the same, in the first START_SECONDS of a session: see start_spin_seconds
+START_SPIN_US = 0.0  # the same, in the first START_SECONDS of a session (0: SPIN_US): see start_spin_seconds
 START_SECONDS = 2.0  # how long after INIT (or after a daemon takes a session over) a start-up is assumed
 HANDOVER_WAIT = 5.0  # seconds a daemon handing over waits for its requests in flight
-STORE_TRIES = 20  # a page-cache store for an inode the kernel does not hold yet, tried again...
-STORE_RETRY = 0.0001  # ...this many seconds apart: the LOOKUP's caller makes the inode when it wakes
+STORE_RETRY = 0.0001  # a page-cache store for an inode the kernel does not hold yet, tried again after this,
+STORE_WAIT = 0.05  # doubling, for at most this long: the LOOKUP's caller makes the inode when it wakes (load)
 
 
 def spin_seconds() -> float:
@@ -87,7 +87,8 @@ def spin_seconds() -> float:
 def start_spin_seconds() -> float:
     """How long the serve loop polls after a request in the first START_SECONDS of a session
     (after INIT, or after a daemon took a session over): a program starting on a fresh or
-    remounted image.  ``CUBEFS_FUSE_START_SPIN_US`` overrides it; off on one CPU.
+    remounted image.  Opt-in: ``CUBEFS_FUSE_START_SPIN_US`` (never shorter than
+    :func:`spin_seconds`, which it is by default); off on one CPU.
 
     Why: a remounted ``import numpy`` made 284 LOOKUPs that took 120-170 us each in the
     program against 60 us for an IOCTL (perf sched): the program's work between two
@@ -95,7 +96,14 @@ def start_spin_seconds() -> float:
     daemon's wake-up, and json's run is ~200 such round trips.  Polling longer only while
     a start-up is likely keeps an idle or steady mount's CPU where it was: after a request
     only, bounded by the window, and never past the first START_SECONDS (so at most that
-    much CPU a session, and in practice the requests' count times the window)."""
+    much CPU a session, and in practice the requests' count times the window).
+
+    Why not on by default (docs/benchmarks.md, "Page-cache stores and a longer poll at a
+    start"): 500 us, alternated against 50 us at load 2-6, ``import json`` after a remount
+    was faster in 29 of 56 rounds (run medians 0.77-1.22x) and ``import numpy`` in 5 of 8,
+    while the daemon's CPU from ready to the run's end rose 35-40 -> 49-59 ms (json) and
+    100 -> 162 ms (numpy): on two shared cores a polling daemon takes the CPU the program
+    or a neighbour would run on.  Left as a knob for a quieter machine to measure."""
     return _poll_setting("CUBEFS_FUSE_START_SPIN_US", START_SPIN_US)
 
 
@@ -119,8 +127,16 @@ def _poll_setting(name: str, default_us: float) -> float:
 
 def store_wanted() -> bool:
     """Whether an image mount pushes a looked-up file's start into the kernel's page cache
-    (FuseServer._queue_store; ``CUBEFS_FUSE_STORE=0`` turns it off)."""
-    return os.environ.get("CUBEFS_FUSE_STORE", "1") not in ("", "0")
+    (FuseServer._queue_store).  Opt-in, ``CUBEFS_FUSE_STORE=1``: measured alternated against
+    no stores after a remount at load 2-6 (docs/benchmarks.md, "Page-cache stores and a
+    longer poll at a start"), the stores took 30-40% of the run's READs away (numpy 228 ->
+    137-160, json 47 -> 36-41) and their wait in the daemon (numpy 95-138 -> 53-108 ms), but
+    the run was faster in only 12 of 28 rounds for numpy and 23 of 48 for json: the bytes
+    are still read, checked and copied into the kernel, now by a thread whose GIL and CPU
+    the loop and the program share (the daemon's CPU ready -> end +7 (json) and +20 ms
+    (numpy); the IOCTLs' time in the daemon doubled), and what is saved is a round trip
+    of ~60-100 us per READ."""
+    return os.environ.get("CUBEFS_FUSE_STORE", "") not in ("", "0")
 
 
 RING_ENTRIES = 8  # ring entries per CPU queue: see uring_wanted
@@ -195,6 +211,7 @@ class KernelSession:
         self._ring_scope = trio.CancelScope()
         self._stores: queue.SimpleQueue[StoreJob | None] | None = None
         self.stores_sent = 0  # page-cache stores the kernel took
+        self.stores_skipped = 0  # ...and those not sent: the hot file's pages not in, the inode not there
 
     def _send_stores(self, server: FuseServer) -> None:
         """Hand the page-cache stores the server queued (FuseServer._queue_store) to the
@@ -210,27 +227,38 @@ class KernelSession:
         server.stores.clear()
 
     def _store_thread(self, stores: queue.SimpleQueue[StoreJob | None]) -> None:
+        """Send each store once its bytes are at hand (the hot file's pages, which the kernel
+        may still be reading ahead) and the kernel holds its inode (the LOOKUP's caller makes
+        it when it wakes, later under load): both tried again, for at most STORE_WAIT."""
         while (job := stores.get()) is not None:
-            try:
-                msg = job()
-            except Exception as err:  # an optimisation: the READ's own path says what is wrong
-                log.debug("no page-cache store for inode %d: %s", job.ino, err)
-                continue
-            if msg is None:
-                continue
-            for _ in range(STORE_TRIES):
-                fd = self.fd
-                if fd < 0:
+            msg = None
+            delay = STORE_RETRY
+            waited = 0.0
+            while True:
+                if self.fd < 0:
                     return
                 try:
-                    os.writev(fd, msg)
-                    self.stores_sent += 1
-                    break
-                except OSError as err:
-                    if err.errno != errno.ENOENT:  # ENODEV: unmounted
-                        log.debug("page-cache store refused: %s", err)
+                    if msg is None:
+                        msg = job()
+                    if msg is not None:
+                        os.writev(self.fd, msg)
+                        self.stores_sent += 1
                         break
-                time.sleep(STORE_RETRY)  # the kernel holds no such inode yet
+                except OSError as err:
+                    if err.errno != errno.ENOENT:  # ENODEV: unmounted; ENOENT: no such inode yet
+                        log.debug("page-cache store for inode %d not sent: %s", job.ino, err)
+                        self.stores_skipped += 1
+                        break
+                except Exception as err:  # an optimisation: the READ's own path says what is wrong
+                    log.debug("no page-cache store for inode %d: %s", job.ino, err)
+                    self.stores_skipped += 1
+                    break
+                if waited >= STORE_WAIT:
+                    self.stores_skipped += 1
+                    break
+                time.sleep(delay)
+                waited += delay
+                delay = min(delay * 2, 0.01)
 
     def adopt(self, fd: int, ring: bool = False) -> None:
         """Serve the session on ``fd`` that a daemon now gone started (the mount server
@@ -365,7 +393,8 @@ class KernelSession:
     def path(self) -> dict[str, Any]:
         """Which way requests come (``cubefs stats``): ``io_uring`` or ``/dev/fuse``, and why;
         and the page-cache stores the kernel took (FuseServer._queue_store)."""
-        out: dict[str, Any] = {"path": "io_uring" if self.ring_on else "/dev/fuse", "page_stores": self.stores_sent}
+        out: dict[str, Any] = {"path": "io_uring" if self.ring_on else "/dev/fuse", "page_stores": self.stores_sent,
+                               "page_stores_skipped": self.stores_skipped}
         if self.ring_on and self.ring is not None:
             out.update(queues=self.ring.queues, entries_per_queue=self.ring.per_queue,
                        dev_requests={p.OPCODE_NAMES.get(op, str(op)): n for op, n in self.dev_ops.items()})
