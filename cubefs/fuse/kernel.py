@@ -130,8 +130,8 @@ def store_wanted() -> bool:
     (FuseServer._queue_store).  Opt-in, ``CUBEFS_FUSE_STORE=1``: measured alternated against
     no stores after a remount at load 2-6 (docs/benchmarks.md, "Page-cache stores and a
     longer poll at a start"), the stores took 30-40% of the run's READs away (numpy 228 ->
-    137-160, json 47 -> 36-41) and their wait in the daemon (numpy 95-138 -> 53-108 ms), but
-    the run was faster in only 12 of 28 rounds for numpy and 23 of 48 for json: the bytes
+    137-160, json 47 -> 34-41) and their wait in the daemon (numpy 95-138 -> 53-108 ms), but
+    the run was faster in only 15 of 36 rounds for numpy and 31 of 60 for json: the bytes
     are still read, checked and copied into the kernel, now by a thread whose GIL and CPU
     the loop and the program share (the daemon's CPU ready -> end +7 (json) and +20 ms
     (numpy); the IOCTLs' time in the daemon doubled), and what is saved is a round trip
