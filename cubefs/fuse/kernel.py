@@ -210,6 +210,7 @@ class KernelSession:
         self.dev_ops: Counter[int] = Counter()  # with the ring: what still came through read(2), by opcode
         self._ring_scope = trio.CancelScope()
         self._stores: queue.SimpleQueue[StoreJob | None] | None = None
+        self._store_lock = threading.Lock()  # the store thread's use of self.fd against close()
         self.stores_sent = 0  # page-cache stores the kernel took
         self.stores_skipped = 0  # ...and those not sent: the hot file's pages not in, the inode not there
 
@@ -235,13 +236,14 @@ class KernelSession:
             delay = STORE_RETRY
             waited = 0.0
             while True:
-                if self.fd < 0:
-                    return
                 try:
                     if msg is None:
                         msg = job()
                     if msg is not None:
-                        os.writev(self.fd, msg)
+                        with self._store_lock:
+                            if self.fd < 0:
+                                return
+                            os.writev(self.fd, msg)
                         self.stores_sent += 1
                         break
                 except OSError as err:
@@ -362,11 +364,19 @@ class KernelSession:
 
     def close(self) -> None:
         self._close_ring()
+        held = False
         if self._stores is not None:
             self._stores.put(None)
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+            # Not while the store thread is between reading self.fd and its writev (the number
+            # could be reused by then); a store blocked inside writev holds its own reference.
+            held = self._store_lock.acquire(timeout=1.0)
+        try:
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
+        finally:
+            if held:
+                self._store_lock.release()
 
     # -- FUSE over io_uring --------------------------------------------------------
 
