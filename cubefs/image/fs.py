@@ -319,7 +319,7 @@ class ImageFS:
                 # of the event loop for numpy's image, at a remount's first READ, which waited it.
                 on_way = all(self.source.has(r.digest) for r in refs)
                 neighbours = ([] if on_way else self._pack_neighbours(refs + ahead)) + self._dir_neighbours(ino)
-                if not on_way and self.hot_pack > 0:
+                if not on_way and self.hot_pack > 0 and self.pack_readahead > 0:  # both speculate on packs
                     self._hot_pack(refs)
                 if refs:
                     self._last_pack = self.chunkmap.pack_number(refs[-1].pack)
