@@ -30,7 +30,6 @@ import errno
 import fcntl
 import logging
 import os
-import queue
 import shutil
 import socket
 import subprocess
@@ -45,7 +44,7 @@ import trio
 from cubefs.errors import CubefsError
 from cubefs.fuse import passthrough, uring
 from cubefs.fuse import protocol as p
-from cubefs.fuse.server import MAX_PAGES, MAX_READAHEAD, MAX_WRITE, REQUEST_BUFFER, FuseServer, Reply, StoreJob
+from cubefs.fuse.server import MAX_PAGES, MAX_READAHEAD, MAX_WRITE, REQUEST_BUFFER, FuseServer, Reply
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +55,7 @@ MNT_DETACH = 2
 YIELD_EVERY = 16  # requests handled inline between two checkpoints
 SPIN_US = 50.0  # microseconds the serve loop polls for the next request: see spin_seconds
 MAX_SPIN_US = 10_000.0  # what CUBEFS_FUSE_SPIN_US may ask for: a poll that never ends is a spinning daemon
-START_SPIN_US = 0.0  # the same, in the first START_SECONDS of a session (0: SPIN_US): see start_spin_seconds
-START_SECONDS = 2.0  # how long after INIT (or after a daemon takes a session over) a start-up is assumed
 HANDOVER_WAIT = 5.0  # seconds a daemon handing over waits for its requests in flight
-STORE_RETRY = 0.0001  # a page-cache store for an inode the kernel does not hold yet, tried again after this,
-STORE_WAIT = 0.05  # doubling, for at most this long: the LOOKUP's caller makes the inode when it wakes (load)
 
 
 def spin_seconds() -> float:
@@ -81,40 +76,13 @@ def spin_seconds() -> float:
     while a reply is pending in another task (polling would hold the loop those tasks
     need).  ``CUBEFS_FUSE_SPIN_US`` overrides it (0 turns polling off); with one CPU to
     run on it is off: the caller could not run while the daemon polls."""
-    return _poll_setting("CUBEFS_FUSE_SPIN_US", SPIN_US)
-
-
-def start_spin_seconds() -> float:
-    """How long the serve loop polls after a request in the first START_SECONDS of a session
-    (after INIT, or after a daemon took a session over): a program starting on a fresh or
-    remounted image.  Opt-in: ``CUBEFS_FUSE_START_SPIN_US`` (never shorter than
-    :func:`spin_seconds`, which it is by default); off on one CPU.
-
-    Why: a remounted ``import numpy`` made 284 LOOKUPs that took 120-170 us each in the
-    program against 60 us for an IOCTL (perf sched): the program's work between two
-    lookups (a path probe, a stat) is longer than the 50 us poll, so each lookup paid the
-    daemon's wake-up, and json's run is ~200 such round trips.  Polling longer only while
-    a start-up is likely keeps an idle or steady mount's CPU where it was: after a request
-    only, bounded by the window, and never past the first START_SECONDS (so at most that
-    much CPU a session, and in practice the requests' count times the window).
-
-    Why not on by default (docs/benchmarks.md, "Page-cache stores and a longer poll at a
-    start"): 500 us, alternated against 50 us at load 2-6, ``import json`` after a remount
-    was faster in 29 of 56 rounds (run medians 0.77-1.22x) and ``import numpy`` in 5 of 8,
-    while the daemon's CPU from ready to the run's end rose 35-40 -> 49-59 ms (json) and
-    100 -> 162 ms (numpy): on two shared cores a polling daemon takes the CPU the program
-    or a neighbour would run on.  Left as a knob for a quieter machine to measure."""
-    return _poll_setting("CUBEFS_FUSE_START_SPIN_US", START_SPIN_US)
-
-
-def _poll_setting(name: str, default_us: float) -> float:
-    env = os.environ.get(name)
-    us = default_us
+    env = os.environ.get("CUBEFS_FUSE_SPIN_US")
+    us = SPIN_US
     if env:
         try:
             us = min(float(env), MAX_SPIN_US)  # nan fails the comparisons below: off
         except ValueError:
-            log.warning("%s=%r is not a number of microseconds: polling %g us", name, env, default_us)
+            log.warning("CUBEFS_FUSE_SPIN_US=%r is not a number of microseconds: polling %g us", env, SPIN_US)
         if not us >= 0:
             us = 0.0
     try:
@@ -123,20 +91,6 @@ def _poll_setting(name: str, default_us: float) -> float:
     except OSError:
         pass
     return us / 1e6
-
-
-def store_wanted() -> bool:
-    """Whether an image mount pushes a looked-up file's start into the kernel's page cache
-    (FuseServer._queue_store).  Opt-in, ``CUBEFS_FUSE_STORE=1``: measured alternated against
-    no stores after a remount at load 2-6 (docs/benchmarks.md, "Page-cache stores and a
-    longer poll at a start"), the stores took 30-40% of the run's READs away (numpy 228 ->
-    137-160, json 47 -> 34-41) and their wait in the daemon (numpy 95-138 -> 53-108 ms), but
-    the run was faster in only 15 of 36 rounds for numpy and 31 of 60 for json: the bytes
-    are still read, checked and copied into the kernel, now by a thread whose GIL and CPU
-    the loop and the program share (the daemon's CPU ready -> end +7 (json) and +20 ms
-    (numpy); the IOCTLs' time in the daemon doubled), and what is saved is a round trip
-    of ~60-100 us per READ."""
-    return os.environ.get("CUBEFS_FUSE_STORE", "") not in ("", "0")
 
 
 RING_ENTRIES = 8  # ring entries per CPU queue: see uring_wanted
@@ -199,9 +153,6 @@ class KernelSession:
         self.busy: Counter[int] = Counter()
         self._reading = trio.CancelScope()
         self.spin = spin_seconds()
-        # never shorter than the steady window; off with it (CUBEFS_FUSE_SPIN_US=0, one CPU)
-        self.start_spin = max(start_spin_seconds(), self.spin) if self.spin else 0.0
-        self.start_until = 0.0  # perf_counter() until which the session counts as starting up
         self.ring: uring.FuseRing | None = None  # FUSE over io_uring, if asked for and set up
         self.ring_on = False  # the kernel sends requests through self.ring (INIT took it)
         self.want_ring = uring_wanted()
@@ -209,58 +160,6 @@ class KernelSession:
         self._later = 0  # replies pending in tasks of their own (no polling meanwhile)
         self.dev_ops: Counter[int] = Counter()  # with the ring: what still came through read(2), by opcode
         self._ring_scope = trio.CancelScope()
-        self._stores: queue.SimpleQueue[StoreJob | None] | None = None
-        self._store_lock = threading.Lock()  # the store thread's use of self.fd against close()
-        self.stores_sent = 0  # page-cache stores the kernel took
-        self.stores_skipped = 0  # ...and those not sent: the hot file's pages not in, the inode not there
-
-    def _send_stores(self, server: FuseServer) -> None:
-        """Hand the page-cache stores the server queued (FuseServer._queue_store) to the
-        store thread.  Not written here: a store waits on each page's lock, and a READ of
-        that page in flight (read from /dev/fuse or still queued in the kernel) holds it
-        until this loop answers, so a store written by the loop could wait for ever."""
-        if self._stores is None:
-            self._stores = queue.SimpleQueue()
-            threading.Thread(target=self._store_thread, args=(self._stores,), daemon=True,
-                             name="cubefs-fuse-store").start()
-        for msg in server.stores:
-            self._stores.put(msg)
-        server.stores.clear()
-
-    def _store_thread(self, stores: queue.SimpleQueue[StoreJob | None]) -> None:
-        """Send each store once its bytes are at hand (the hot file's pages, which the kernel
-        may still be reading ahead) and the kernel holds its inode (the LOOKUP's caller makes
-        it when it wakes, later under load): both tried again, for at most STORE_WAIT."""
-        while (job := stores.get()) is not None:
-            msg = None
-            delay = STORE_RETRY
-            waited = 0.0
-            while True:
-                try:
-                    if msg is None:
-                        msg = job()
-                    if msg is not None:
-                        with self._store_lock:
-                            if self.fd < 0:
-                                return
-                            os.writev(self.fd, msg)
-                        self.stores_sent += 1
-                        break
-                except OSError as err:
-                    if err.errno != errno.ENOENT:  # ENODEV: unmounted; ENOENT: no such inode yet
-                        log.debug("page-cache store for inode %d not sent: %s", job.ino, err)
-                        self.stores_skipped += 1
-                        break
-                except Exception as err:  # an optimisation: the READ's own path says what is wrong
-                    log.debug("no page-cache store for inode %d: %s", job.ino, err)
-                    self.stores_skipped += 1
-                    break
-                if waited >= STORE_WAIT:
-                    self.stores_skipped += 1
-                    break
-                time.sleep(delay)
-                waited += delay
-                delay = min(delay * 2, 0.01)
 
     def adopt(self, fd: int, ring: bool = False) -> None:
         """Serve the session on ``fd`` that a daemon now gone started (the mount server
@@ -364,19 +263,9 @@ class KernelSession:
 
     def close(self) -> None:
         self._close_ring()
-        held = False
-        if self._stores is not None:
-            self._stores.put(None)
-            # Not while the store thread is between reading self.fd and its writev (the number
-            # could be reused by then); a store blocked inside writev holds its own reference.
-            held = self._store_lock.acquire(timeout=1.0)
-        try:
-            if self.fd >= 0:
-                os.close(self.fd)
-                self.fd = -1
-        finally:
-            if held:
-                self._store_lock.release()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     # -- FUSE over io_uring --------------------------------------------------------
 
@@ -401,10 +290,8 @@ class KernelSession:
             self.ring = None
 
     def path(self) -> dict[str, Any]:
-        """Which way requests come (``cubefs stats``): ``io_uring`` or ``/dev/fuse``, and why;
-        and the page-cache stores the kernel took (FuseServer._queue_store)."""
-        out: dict[str, Any] = {"path": "io_uring" if self.ring_on else "/dev/fuse", "page_stores": self.stores_sent,
-                               "page_stores_skipped": self.stores_skipped}
+        """Which way requests come (``cubefs stats``): ``io_uring`` or ``/dev/fuse``, and why."""
+        out: dict[str, Any] = {"path": "io_uring" if self.ring_on else "/dev/fuse"}
         if self.ring_on and self.ring is not None:
             out.update(queues=self.ring.queues, entries_per_queue=self.ring.per_queue,
                        dev_requests={p.OPCODE_NAMES.get(op, str(op)): n for op, n in self.dev_ops.items()})
@@ -495,8 +382,6 @@ class KernelSession:
                     if isinstance(out, bytes | list):
                         ring.commit(i, out)
                         self.busy[opcode] += time.perf_counter() - t0
-                        if server.stores:  # after the LOOKUP's answer, which goes with the next submit
-                            self._send_stores(server)
                     elif out is not None:
                         self._later += 1
                         nursery.start_soon(self._commit_later, i, out, ring.uniques[i], opcode, t0)
@@ -599,8 +484,6 @@ class KernelSession:
         handled = 0
         spin_until = 0.0
         spin = self.spin
-        if self.resumed:  # a daemon taking a session over: its program may be starting right now
-            self.start_until = time.perf_counter() + START_SECONDS
         while not server.destroyed:
             try:
                 n = os.readv(self.fd, [buf])
@@ -626,20 +509,14 @@ class KernelSession:
             if isinstance(out, bytes | list):
                 self._send(out)
                 self.busy[opcode] += time.perf_counter() - t0
-                if server.stores:
-                    self._send_stores(server)
             elif out is not None:
                 self._later += 1
                 nursery.start_soon(self._reply_later, out, opcode, t0)
             handled += 1
-            if not self.ring_on:  # with the ring, /dev/fuse carries only forgets and interrupts
-                now = time.perf_counter()
-                window = self.start_spin if now < self.start_until else spin
-                if window:
-                    spin_until = now + window
+            if spin and not self.ring_on:  # with the ring, /dev/fuse carries only forgets and interrupts
+                spin_until = time.perf_counter() + spin
             if not told and server.minor:
                 told = True
-                self.start_until = time.perf_counter() + START_SECONDS
                 if self.ring is not None and getattr(server, "uring_on", False):
                     self._start_ring(server, nursery)
                 elif self.ring is not None:
@@ -659,7 +536,6 @@ class KernelTransport:
         self.server.mknod_creates = self.server.writable  # the kernel's fallback: see FuseServer.mknod_creates
         self.ops = self.server.ops
         self.session = KernelSession(mountpoint, fsname, allow_other, read_only=not self.server.writable)
-        self.server.store_pages = not self.server.writable and store_wanted()
         self.on_session: Callable[[dict[str, Any]], None] | None = None  # told what INIT settled
 
     def adopt(self, fd: int, session: dict[str, Any] | None) -> None:

@@ -144,12 +144,10 @@ SETXATTR_IN = struct.Struct("<II")  # size flags; then name\0 value
 FALLOCATE_IN = struct.Struct("<QQQII")  # fh offset length mode padding
 NOTIFY_INVAL_INODE = 2
 NOTIFY_INVAL_ENTRY = 3
-NOTIFY_STORE = 4  # data for the kernel's page cache of an inode it holds (ignored, ENOENT, if it holds none)
 NOTIFY_RESEND = 7  # no payload: requeue every request read from the device and not yet answered
 UNIQUE_RESEND = 1 << 63  # set in the unique of a request the kernel sends again
 INVAL_INODE_OUT = struct.Struct("<Qqq")  # ino offset length
 INVAL_ENTRY_OUT = struct.Struct("<QII")  # parent namelen padding; then name\0
-STORE_OUT = struct.Struct("<QQII")  # nodeid offset size padding; then the data
 
 assert IN_HEADER.size == 40 and OUT_HEADER.size == 16 and INIT_OUT.size == 64
 assert ATTR.size == 88 and ENTRY_OUT.size + ATTR.size == 128 and KSTATFS.size == 80
@@ -188,14 +186,6 @@ def resend() -> bytes:
 def inval_inode(ino: int) -> bytes:
     """Drop the kernel's cached attributes and pages of ``ino``."""
     return notify(NOTIFY_INVAL_INODE, INVAL_INODE_OUT.pack(ino, 0, 0))
-
-
-def store(ino: int, offset: int, parts: list[bytes | memoryview]) -> list[bytes | memoryview]:
-    """Put ``parts`` (one run of bytes from ``offset``) in the kernel's page cache of ``ino``,
-    as buffers for one writev."""
-    size = sum(len(x) for x in parts)
-    head = STORE_OUT.pack(ino, offset, size, 0)
-    return [OUT_HEADER.pack(OUT_HEADER.size + len(head) + size, NOTIFY_STORE, 0), head, *parts]
 
 
 def inval_entry(parent: int, name: bytes) -> bytes:

@@ -65,7 +65,6 @@ REQUEST_BUFFER = MAX_PAGES * 4096 + 4096  # what a transport must be able to rec
 MAX_READAHEAD = 4 * 1024 * 1024
 NAME_MAX = 255
 NO_ATTR = bytes(p.ATTR.size)  # a negative entry's attributes
-STORE_MAX = 1 << 20  # bytes of a file's start pushed into the kernel's page cache after its LOOKUP
 
 
 # Errors the application can act on, passed through as they are (a full disk is
@@ -135,12 +134,6 @@ class FuseServer:
         self._attrs: LRUCache[int, bytes] = LRUCache(maxsize=65536)
         self._said: dict[int, float] = {}  # errno -> when it was last logged (see QUIET_SECONDS)
         self._generations: dict[int, int] = {}  # inode -> generation, bumped by a rollback (writeback cache)
-        # Page-cache stores after a LOOKUP (see _queue_store): on when the transport can send them
-        # (the /dev/fuse one), never for a writable filesystem.  ``stores`` is the transport's to send.
-        self.store_pages = False
-        self.stores: list[StoreJob] = []
-        self._stored: set[int] = set()
-        self.stored_bytes = 0
         self._handlers: dict[int, Handler] = {
             p.INIT: self._init,
             p.DESTROY: self._destroy,
@@ -337,43 +330,11 @@ class FuseServer:
             child = self._find(parent, name)
             return p.reply(unique, self._entry(child) if child else self._negative_entry())
         try:
-            ino = self.fs.lookup_ino(parent, name)
+            return p.reply(unique, self._entry(self.fs.lookup_ino(parent, name)))
         except FsError as err:
             if err.errno != errno.ENOENT:
                 raise
             return p.reply(unique, self._negative_entry())
-        out = p.reply(unique, self._entry(ino))
-        if self.store_pages and ino not in self._stored:
-            self._queue_store(ino)
-        return out
-
-    def _queue_store(self, ino: int) -> None:
-        """Queue a ``FUSE_NOTIFY_STORE`` of the first STORE_MAX bytes of a regular file just looked
-        up whose chunks the image's hot file holds, so that the program's first READs and page
-        faults of it find the kernel's pages filled and send no request.  What is queued is a
-        job for the transport's store thread (:meth:`StoreJob.__call__`): the bytes are read
-        there, from the kernel's pages of the hot file only (``HotFile.get_now``: no wait, else
-        nothing is sent), and checked, off the loop that answers the program.  Once per inode a
-        session; at most the hot file's size in all (no hot file: nothing, as before); not
-        beside passthrough (the kernel reads the backing file).  The store goes after the
-        LOOKUP's reply (the kernel ignores a store for an inode it does not hold) and from a
-        thread: the kernel takes each page's lock to fill it, which a READ of that page in
-        flight holds until this loop answers it."""
-        self._stored.add(ino)
-        hot = getattr(getattr(self.fs, "source", None), "hot", None)
-        if hot is None or not hot.nowait or self.stored_bytes >= hot.size or self._passthrough_on:
-            return
-        fields = p.ATTR.unpack_from(self._attr(ino))
-        size, mode = fields[1], fields[9]
-        if not stat.S_ISREG(mode) or size == 0:
-            return
-        n = min(size, STORE_MAX)
-        extents = self.fs.image.chunks_for_range(ino, 0, n)
-        refs = self.fs.chunk_refs([idx for _off, idx in extents])
-        if not refs or any(r.digest not in hot for r in refs):
-            return
-        self.stored_bytes += n
-        self.stores.append(StoreJob(hot, ino, n, [off for off, _idx in extents], refs))
 
     def _negative_entry(self) -> bytes:
         """A negative entry (nodeid 0) the kernel caches for the entry timeout: Python probes
@@ -706,33 +667,6 @@ class FuseServer:
             return b""
 
         return self._later(unique, work())
-
-
-class StoreJob:
-    """One page-cache store: the first ``size`` bytes of ``ino``, from the hot file."""
-
-    def __init__(self, hot: Any, ino: int, size: int, offsets: list[int], refs: list[Any]) -> None:
-        self.hot, self.ino, self.size, self.offsets, self.refs = hot, ino, size, offsets, refs
-
-    def __call__(self) -> list[bytes | memoryview] | None:
-        """The store's message, or None if the hot file's pages are not all in yet (or a chunk
-        does not check out: the READ's own path deals with it).  Thread-safe (``pread``)."""
-        datas = self.hot.get_now([r.digest for r in self.refs])
-        if datas is None or any(len(d) != r.plain_len for d, r in zip(datas, self.refs)):
-            return None
-        parts: list[bytes | memoryview] = []
-        pos = 0
-        for off, data in zip(self.offsets, datas):
-            lo, hi = max(off, pos), min(off + len(data), self.size)
-            if hi <= lo:
-                continue
-            if lo > pos:
-                parts.append(bytes(lo - pos))  # a hole
-            parts.append(memoryview(data)[lo - off : hi - off])
-            pos = hi
-        if pos < self.size:
-            parts.append(bytes(self.size - pos))
-        return p.store(self.ino, 0, parts)
 
 
 def _pack_attr(ino: int, a: Any) -> bytes:
