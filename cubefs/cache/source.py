@@ -14,7 +14,9 @@ Invariants:
   cached.
 * **Priorities.**  Reads' ranges run under ``max_requests``; background ones
   (pack neighbours, trace prefetch) under their own ``background_requests``,
-  so a read never queues behind them.
+  so a read never queues behind them; a chunk a reader waits for that sits
+  in a background range still queued is fetched at once as a read
+  (``_promote``), and the queued range drops it.
 * **Few round trips.**  Missing chunks are grouped by pack and neighbouring
   ones merged into one ranged GET (gap ≤ ``merge_gap``, range ≤
   ``max_range``); all ranges go out at once, in the source's long-lived
