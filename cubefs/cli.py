@@ -213,7 +213,7 @@ def make_parser(plugins: bool = True) -> argparse.ArgumentParser:
                    help="once two files of a directory miss the cache, fetch its other files (up to 1 MiB each), "
                    "up to this many stored bytes, in the background (default 4M; 0 turns it off)")
     p.add_argument("--hot-pack", type=int, default=3, metavar="N",
-                   help="once reads miss N distinct chunks of one pack, fetch the rest of that pack in the "
+                   help="once reads of N files miss in one pack, fetch the rest of that pack in the "
                    "background, 1 MiB ranges at once, while the store's bytes stay within 1.2x the bytes read "
                    "(default 3; 0 turns it off, and so does --pack-readahead 0)")
     p.add_argument("--stream", type=_size_arg, default="0",

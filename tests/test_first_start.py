@@ -124,7 +124,7 @@ def test_files_the_kernel_met_in_a_listing_count_as_their_directory_s(tmp_path: 
 
 
 def test_a_hot_pack_is_fetched_whole_within_the_share_read(tmp_path: Path) -> None:
-    """--hot-pack 3 (the default): the third distinct miss in one pack fetches the rest of it
+    """--hot-pack 3 (the default): the third file missed in one pack fetches the rest of it
     (files the directory rule would not guess: far apart, in directories of their own), but
     only while the store's bytes stay within 1.2x what was read: a start that read little of
     the image (``import json``) does not fetch its packs whole.  Pack neighbours are one
@@ -132,6 +132,7 @@ def test_a_hot_pack_is_fetched_whole_within_the_share_read(tmp_path: Path) -> No
     src = tmp_path / "src"
     files = {f"d{i:02d}/m.pyc": os.urandom(40_000) for i in range(24)}
     files["big/text"] = b"".join(b"line %d of a text that compresses well\n" % i for i in range(150_000))
+    files["lib/x.so"] = os.urandom(3_000_000)
     for rel, data in files.items():
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
         (src / rel).write_bytes(data)
@@ -155,6 +156,18 @@ def test_a_hot_pack_is_fetched_whole_within_the_share_read(tmp_path: Path) -> No
             assert (tmp_path / "little" / rel).read_bytes() == files[rel]
         _settled_requests(m)
         assert m.stats()["tiers"]["store"]["bytes"] < 2.5 * 4 * 40_000  # each file and its neighbour
+
+    with mounted("hot:1", tmp_path / "lib", store, tmp_path / "cache-lib", *opts) as m:
+        # Page faults of one shared object miss at many places of one file: that is one file
+        # read, not an import of three modules; the pack's rest (the modules) stays where it is.
+        assert (tmp_path / "lib" / "big/text").read_bytes() == files["big/text"]
+        stored_text = m.stats()["tiers"]["store"]["bytes"]
+        assert stored_text < 1_000_000, "one file's chunks made its pack hot"  # ~0.1 MB: it compresses
+        with open(tmp_path / "lib" / "lib/x.so", "rb") as f:
+            for off in (2_900_000, 100_000, 1_500_000, 700_000):
+                assert os.pread(f.fileno(), 4096, off) == files["lib/x.so"][off : off + 4096]
+        _settled_requests(m)
+        assert m.stats()["tiers"]["store"]["bytes"] < stored_text + 4 * 300_000
 
     with mounted("hot:1", tmp_path / "off", store, tmp_path / "cache-off", *opts, "--hot-pack", "0") as m:
         assert (tmp_path / "off" / "big/text").read_bytes() == files["big/text"]

@@ -320,7 +320,7 @@ class ImageFS:
                 on_way = all(self.source.has(r.digest) for r in refs)
                 neighbours = ([] if on_way else self._pack_neighbours(refs + ahead)) + self._dir_neighbours(ino)
                 if not on_way and self.hot_pack > 0 and self.pack_readahead > 0:  # both speculate on packs
-                    self._hot_pack(refs)
+                    self._hot_pack(ino, refs)
                 if refs:
                     self._last_pack = self.chunkmap.pack_number(refs[-1].pack)
                 with trio.fail_after(self.read_timeout):
@@ -368,8 +368,8 @@ class ImageFS:
         offs, idxs = self.chunkmap.by_pack()[self.chunkmap.pack_number(last.pack)]
         return self._take(idxs[bisect_right(offs, last.offset) :], self.pack_readahead, stored=True)
 
-    def _hot_pack(self, refs: list[ChunkLocation]) -> None:
-        """The rest of a pack, once ``hot_pack`` distinct chunks of it have missed: fetched
+    def _hot_pack(self, ino: int, refs: list[ChunkLocation]) -> None:
+        """The rest of a pack, once ``hot_pack`` distinct files of it have missed: fetched
         in the background in ranges of HOT_PIECE stored bytes, from the latest miss on
         (wrapping round), several at once.  Import order is not pack order: a first start
         of pandas (+10 ms) came back to one pack at six offsets in 250 ms (4.37M, 3.1M,
@@ -387,7 +387,7 @@ class ImageFS:
             if n in self._packs_done:
                 continue
             seen = self._pack_misses.setdefault(n, set())
-            seen.add(ref.offset)
+            seen.add(ino)  # files, not chunks: a shared object's page faults are one file read
             if len(seen) < self.hot_pack:
                 continue
             offs, idxs = self.chunkmap.by_pack()[n]
