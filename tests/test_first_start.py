@@ -9,6 +9,17 @@ from pathlib import Path
 from conftest import mounted, run_cubefs
 
 
+def _built(tmp_path: Path, files: dict[str, bytes], tag: str) -> str:
+    """``files`` (relative path: bytes) built as image ``tag`` into a local store: its URL."""
+    src = tmp_path / "src"
+    for rel, data in files.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(data)
+    store = f"file://{tmp_path / 'store'}"
+    run_cubefs("build", str(src), "--tag", tag, "--store", store)
+    return store
+
+
 def _settled_requests(m: mounted, timeout: float = 20) -> int:
     """The store request count once background fetches stop adding to it."""
     last, deadline = -1, time.monotonic() + timeout
@@ -22,15 +33,10 @@ def _settled_requests(m: mounted, timeout: float = 20) -> int:
 
 
 def test_directory_neighbours_are_prefetched_after_two_misses(tmp_path: Path) -> None:
-    src = tmp_path / "src"
     files = {f"pkg/m{i:02d}.pyc": os.urandom(40_000) for i in range(20)}
     files |= {f"other/x{i}": os.urandom(40_000) for i in range(5)}
     files["pkg/big.so"] = os.urandom(2 * 1024 * 1024)  # over 1 MiB: not a neighbour worth guessing
-    for rel, data in files.items():
-        (src / rel).parent.mkdir(parents=True, exist_ok=True)
-        (src / rel).write_bytes(data)
-    store = f"file://{tmp_path / 'store'}"
-    run_cubefs("build", str(src), "--tag", "pkg:1", "--store", store)
+    store = _built(tmp_path, files, "pkg:1")
     opts = ("--pack-readahead", "0", "--readahead", "0", "--no-auto-trace")
     pkg = sorted(r for r in files if r.startswith("pkg/m"))
 
@@ -58,13 +64,8 @@ def test_directory_neighbours_are_prefetched_after_two_misses(tmp_path: Path) ->
 def test_a_big_directory_read_a_little_is_not_guessed(tmp_path: Path) -> None:
     """Two misses in a directory of 60 files (the standard library's ``__pycache__``
     read by ``import json``) fetch nothing more: the rest is not what follows."""
-    src = tmp_path / "src"
     files = {f"lib/m{i:02d}.pyc": os.urandom(40_000) for i in range(60)}
-    for rel, data in files.items():
-        (src / rel).parent.mkdir(parents=True, exist_ok=True)
-        (src / rel).write_bytes(data)
-    store = f"file://{tmp_path / 'store'}"
-    run_cubefs("build", str(src), "--tag", "lib:1", "--store", store)
+    store = _built(tmp_path, files, "lib:1")
     opts = ("--pack-readahead", "0", "--readahead", "0", "--no-auto-trace")
     with mounted("lib:1", tmp_path / "mnt", store, tmp_path / "cache", *opts) as m:
         for rel in ("lib/m05.pyc", "lib/m40.pyc", "lib/m22.pyc"):
@@ -74,13 +75,8 @@ def test_a_big_directory_read_a_little_is_not_guessed(tmp_path: Path) -> None:
 
 
 def test_the_image_streams_in_once_reads_keep_missing(tmp_path: Path) -> None:
-    src = tmp_path / "src"
     files = {f"d{i:02d}/f{j}": os.urandom(30_000) for i in range(12) for j in range(3)}
-    for rel, data in files.items():
-        (src / rel).parent.mkdir(parents=True, exist_ok=True)
-        (src / rel).write_bytes(data)
-    store = f"file://{tmp_path / 'store'}"
-    run_cubefs("build", str(src), "--tag", "s:1", "--store", store)
+    store = _built(tmp_path, files, "s:1")
     opts = ("--pack-readahead", "0", "--readahead", "0", "--dir-prefetch", "0", "--no-auto-trace")
     with mounted("s:1", tmp_path / "mnt", store, tmp_path / "cache", *opts, "--stream", "64M") as m:
         for i in range(10):  # ten misses in ten directories: this node lacks the image
@@ -104,13 +100,8 @@ def test_files_the_kernel_met_in_a_listing_count_as_their_directory_s(tmp_path: 
     """A listing (READDIRPLUS) gives the kernel each entry without a LOOKUP: the parent of
     a file opened after ``os.listdir`` is known only from the listing.  Python lists every
     package directory it imports from; its modules must still bring their neighbours."""
-    src = tmp_path / "src"
     files = {f"pkg/m{i:02d}.pyc": os.urandom(40_000) for i in range(20)}
-    for rel, data in files.items():
-        (src / rel).parent.mkdir(parents=True, exist_ok=True)
-        (src / rel).write_bytes(data)
-    store = f"file://{tmp_path / 'store'}"
-    run_cubefs("build", str(src), "--tag", "pkg:1", "--store", store)
+    store = _built(tmp_path, files, "pkg:1")
     opts = ("--pack-readahead", "0", "--readahead", "0", "--no-auto-trace")
     pkg = sorted(files)
     with mounted("pkg:1", tmp_path / "mnt", store, tmp_path / "cache", *opts) as m:
@@ -129,15 +120,10 @@ def test_a_hot_pack_is_fetched_whole_within_the_share_read(tmp_path: Path) -> No
     only while the store's bytes stay within 1.2x what was read: a start that read little of
     the image (``import json``) does not fetch its packs whole.  Pack neighbours are one
     chunk (32K: the module after each miss); --pack-readahead 0 turns hot packs off too."""
-    src = tmp_path / "src"
     files = {f"d{i:02d}/m.pyc": os.urandom(40_000) for i in range(24)}
     files["big/text"] = b"".join(b"line %d of a text that compresses well\n" % i for i in range(150_000))
     files["lib/x.so"] = os.urandom(3_000_000)
-    for rel, data in files.items():
-        (src / rel).parent.mkdir(parents=True, exist_ok=True)
-        (src / rel).write_bytes(data)
-    store = f"file://{tmp_path / 'store'}"
-    run_cubefs("build", str(src), "--tag", "hot:1", "--store", store)
+    store = _built(tmp_path, files, "hot:1")
     opts = ("--pack-readahead", "32K", "--readahead", "0", "--dir-prefetch", "0", "--no-auto-trace")
     mods = sorted(r for r in files if r.endswith(".pyc"))
     scattered = [mods[20], mods[3], mods[11]]
