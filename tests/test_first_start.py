@@ -115,7 +115,7 @@ def test_files_the_kernel_met_in_a_listing_count_as_their_directory_s(tmp_path: 
 
 
 def test_a_hot_pack_is_fetched_whole_within_the_share_read(tmp_path: Path) -> None:
-    """--hot-pack 3 (the default): the third file missed in one pack fetches the rest of it
+    """--hot-pack 3 (off by default: design.md says why): the third file missed in one pack fetches the rest of it
     (files the directory rule would not guess: far apart, in directories of their own), but
     only while the store's bytes stay within 1.2x what was read: a start that read little of
     the image (``import json``) does not fetch its packs whole.  Pack neighbours are one
@@ -127,8 +127,9 @@ def test_a_hot_pack_is_fetched_whole_within_the_share_read(tmp_path: Path) -> No
     opts = ("--pack-readahead", "32K", "--readahead", "0", "--dir-prefetch", "0", "--no-auto-trace")
     mods = sorted(r for r in files if r.endswith(".pyc"))
     scattered = [mods[20], mods[3], mods[11]]
+    hot = (*opts, "--hot-pack", "3")
 
-    with mounted("hot:1", tmp_path / "on", store, tmp_path / "cache-on", *opts) as m:
+    with mounted("hot:1", tmp_path / "on", store, tmp_path / "cache-on", *hot) as m:
         assert (tmp_path / "on" / "big/text").read_bytes() == files["big/text"]  # 5.9 MB read, ~1 MB stored
         for rel in scattered:
             assert (tmp_path / "on" / rel).read_bytes() == files[rel]
@@ -137,13 +138,13 @@ def test_a_hot_pack_is_fetched_whole_within_the_share_read(tmp_path: Path) -> No
             assert (tmp_path / "on" / rel).read_bytes() == files[rel]
         assert m.stats()["tiers"]["store"]["requests"] == before, "the pack's other files were fetched"
 
-    with mounted("hot:1", tmp_path / "little", store, tmp_path / "cache-little", *opts) as m:
+    with mounted("hot:1", tmp_path / "little", store, tmp_path / "cache-little", *hot) as m:
         for rel in [*scattered, mods[7]]:  # 160 KB read: the pack's ~1 MB rest is over 1.2x of it
             assert (tmp_path / "little" / rel).read_bytes() == files[rel]
         _settled_requests(m)
         assert m.stats()["tiers"]["store"]["bytes"] < 2.5 * 4 * 40_000  # each file and its neighbour
 
-    with mounted("hot:1", tmp_path / "lib", store, tmp_path / "cache-lib", *opts) as m:
+    with mounted("hot:1", tmp_path / "lib", store, tmp_path / "cache-lib", *hot) as m:
         # Page faults of one shared object miss at many places of one file: that is one file
         # read, not an import of three modules; the pack's rest (the modules) stays where it is.
         assert (tmp_path / "lib" / "big/text").read_bytes() == files["big/text"]
@@ -155,7 +156,7 @@ def test_a_hot_pack_is_fetched_whole_within_the_share_read(tmp_path: Path) -> No
         _settled_requests(m)
         assert m.stats()["tiers"]["store"]["bytes"] < stored_text + 4 * 300_000
 
-    with mounted("hot:1", tmp_path / "off", store, tmp_path / "cache-off", *opts, "--hot-pack", "0") as m:
+    with mounted("hot:1", tmp_path / "off", store, tmp_path / "cache-off", *opts) as m:  # the default
         assert (tmp_path / "off" / "big/text").read_bytes() == files["big/text"]
         for rel in scattered:
             assert (tmp_path / "off" / rel).read_bytes() == files[rel]

@@ -111,8 +111,9 @@ class ImageFS:
         self._dir_reads: dict[int, set[int]] = {}
         self._dirs_done: set[int] = set()
         self._dir_sizes: dict[int, int] = {}  # regular files per directory, counted once
+        self._listed: set[int] = set()  # directories whose entries' parent is recorded
         self.dir_prefetches = 0
-        # Hot packs: the distinct chunks of each pack that reads missed, and the packs fetched whole.
+        # Hot packs: the files of each pack that reads missed (up to hot_pack), the packs fetched whole.
         self.hot_pack = hot_pack
         self._pack_misses: dict[int, set[int]] = {}
         self._packs_done: set[int] = set()
@@ -220,10 +221,12 @@ class ImageFS:
         if not stat.S_ISDIR(r[F_MODE]):
             raise FsError(errno.ENOTDIR)
         entries = r[F_PAYLOAD]
-        if self.dir_prefetch > 0 and start == 0:
+        if self.dir_prefetch > 0 and start == 0 and ino not in self._listed and ino not in self._dirs_done:
             # The kernel learns most entries from READDIRPLUS, without a LOOKUP each (Python
             # lists every package directory it imports from): their parent is known here or
             # never, and _dir_neighbours never fired for those files (pandas: 551 files opened).
+            # Once a directory: a listing repeated (or _dir_neighbours' own) adds nothing.
+            self._listed.add(ino)
             for e in entries:
                 self._parent.setdefault(e[1], ino)
         return ((entries[i][0], entries[i][1], i + 1) for i in range(start, len(entries)))
@@ -381,15 +384,18 @@ class ImageFS:
         2.0 made it 42 but took ``import json`` to 1.61x its bytes read (issue 18: <= 1.5).
         Files are counted, not chunks: counting chunks heated deb-numpy's packs on one
         shared object's page faults (41.8 MB fetched for 42.2 MB read, a slower start)."""
-        missed = [r for r in refs if not self.source.has(r.digest)]
-        if not missed:
-            return
-        for ref in missed:
-            n = self.chunkmap.pack_number(ref.pack)
+        if self.source.store_stats.bytes + self._hot_bytes >= HOT_SHARE * self.bytes_read:
+            return  # no pack could go hot now: none of the walks below
+        last: dict[int, ChunkLocation] = {}  # each pack once a call, at its latest miss
+        for ref in refs:
+            if not self.source.has(ref.digest):
+                last[self.chunkmap.pack_number(ref.pack)] = ref
+        for n, ref in last.items():
             if n in self._packs_done:
                 continue
             seen = self._pack_misses.setdefault(n, set())
-            seen.add(ino)  # files, not chunks: a shared object's page faults are one file read
+            if len(seen) < self.hot_pack:
+                seen.add(ino)  # files, not chunks: a shared object's page faults are one file read
             if len(seen) < self.hot_pack:
                 continue
             offs, idxs = self.chunkmap.by_pack()[n]
