@@ -455,7 +455,7 @@ class KernelSession:
         told = server.minor != 0
         if not told or self.ring_on:
             self._open_ring()
-        server.uring = self.ring is not None  # type: ignore[attr-defined]  # offered at INIT (FuseServer._init)
+        server.uring = self.ring is not None  # offered at INIT (FuseServer._init)
         async with trio.open_nursery() as nursery:
             if told and self.ring_on and self.ring is not None:  # a replacement: the session took the ring
                 self._start_ring(server, nursery)
@@ -517,7 +517,7 @@ class KernelSession:
                 spin_until = time.perf_counter() + spin
             if not told and server.minor:
                 told = True
-                if self.ring is not None and getattr(server, "uring_on", False):
+                if self.ring is not None and server.uring_on:
                     self._start_ring(server, nursery)
                 elif self.ring is not None:
                     self.ring_note = "the kernel did not offer it at INIT"

@@ -117,6 +117,8 @@ class FuseServer:
         self.kernel_flags = 0  # what the kernel offered at INIT (64 bits)
         self.destroyed = False
         self.passthrough: Any = None  # a cubefs.fuse.passthrough.Passthrough (kernel image mounts)
+        self.uring = False  # a ring is ready: FUSE_OVER_IO_URING is asked for at INIT (kernel.KernelSession)
+        self.uring_on = False  # INIT took the ring
         self._passthrough_on = False  # negotiated at this session's INIT
         # Answer CREATE with ENOSYS (a Linux kernel then sends MKNOD, and with "no open" keeps
         # no file handle, so a close sends no RELEASE): set by the /dev/fuse transport.  An
@@ -254,7 +256,7 @@ class FuseServer:
             wanted |= p.INIT_EXT
             flags2, depth = p.PASSTHROUGH >> 32, 1  # backing files on a plain local filesystem
         # FUSE over io_uring, if the transport set up a ring (cubefs.fuse.kernel) and the kernel offers it
-        self.uring_on = bool(getattr(self, "uring", False) and self.kernel_flags & p.OVER_IO_URING)
+        self.uring_on = bool(self.uring and self.kernel_flags & p.OVER_IO_URING)
         if self.uring_on:
             wanted |= p.INIT_EXT
             flags2 |= p.OVER_IO_URING >> 32
