@@ -200,30 +200,37 @@ class ChunkSource:
             out["hot"] = self.hot.as_dict()
         return out
 
-    def from_memory(self, refs: list[ChunkLocation]) -> list[bytes] | None:
-        """All of ``refs`` from the memory tier (or staged), or from the image's hot file where
-        the kernel already has its pages (:meth:`HotFile.get_now`); None if any is missing."""
-        out: list[bytes | None] = []
-        hot: list[int] = []  # positions of those left to the hot file
+    def from_memory(self, refs: list[ChunkLocation], hot: bool = True) -> list[bytes] | None:
+        """All of ``refs`` from the memory tier (or staged), or, with ``hot``, from the image's
+        hot file where the kernel already has its pages (:meth:`HotFile.get_now`); None if any
+        is missing.  A read that waits passes ``hot`` False: its inline try (``read_now``)
+        asked the hot file a moment before, and its chunks come from there in a thread."""
+        out: list[bytes] = []
+        left: list[int] = []  # positions of those left to the hot file
+        hits = size = 0
         for ref in refs:
             data = self.memory.get(ref.digest)
             if data is None:
                 data = self._unstage(ref.digest)
-                if data is None:
-                    if self.hot is None:
-                        return None
-                    hot.append(len(out))
+            if data is None:
+                if not hot or self.hot is None:
+                    return None
+                left.append(len(out))
+                data = b""
+            else:
+                hits += 1
+                size += len(data)
             out.append(data)
-        if hot:
+        if left:
             assert self.hot is not None
-            got = self.hot.get_now([refs[i].digest for i in hot])
-            if got is None or any(len(data) != refs[i].plain_len for i, data in zip(hot, got)):
+            got = self.hot.get_now([refs[i].digest for i in left])
+            if got is None or any(len(data) != refs[i].plain_len for i, data in zip(left, got)):
                 return None
-            for i, data in zip(hot, got):
-                out[i] = data  # type: ignore[call-overload]
-        self.memory.stats.hits += len(out) - len(hot)
-        self.memory.stats.bytes += sum(len(d) for i, d in enumerate(out) if d is not None and i not in hot)
-        return out  # type: ignore[return-value]
+            for i, data in zip(left, got):
+                out[i] = data
+        self.memory.stats.hits += hits
+        self.memory.stats.bytes += size
+        return out
 
     async def get_many(
         self,

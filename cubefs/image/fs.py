@@ -312,14 +312,15 @@ class ImageFS:
     async def read(self, ino: int, offset: int, size: int) -> list[Buffer]:
         """The read, as a list of buffers (see read_now)."""
         size, extents, refs = self._read_plan(ino, offset, size)
-        datas = self.source.from_memory(refs)  # the common case: no read-ahead work at all
+        datas = self.source.from_memory(refs, hot=False)  # the common case: no read-ahead work at all
         try:
             if datas is None:
                 ahead = self._readahead(ino, offset + size)
                 # Chunks already on their way (a trace's prefetch) are on the node, and the source
                 # would drop the speculation on their pack neighbours (ChunkSource._load); the
-                # first look at them builds the chunk map's pack order (ChunkMap.by_pack): ~30 ms
-                # of the event loop for numpy's image, at a remount's first READ, which waited it.
+                # first look at them builds the chunk map's pack order (ChunkMap.by_pack): 5 ms of
+                # the event loop for numpy's image alone, ~30 with the prefetch's threads beside it,
+                # at a remount's first READ, which waited it.
                 on_way = all(self.source.has(r.digest) for r in refs)
                 neighbours = ([] if on_way else self._pack_neighbours(refs + ahead)) + self._dir_neighbours(ino)
                 if not on_way and self.hot_pack > 0 and self.pack_readahead > 0:  # both speculate on packs
