@@ -44,7 +44,7 @@ import trio
 from cubefs.errors import CubefsError
 from cubefs.fuse import passthrough, uring
 from cubefs.fuse import protocol as p
-from cubefs.fuse.server import MAX_PAGES, MAX_READAHEAD, MAX_WRITE, REQUEST_BUFFER, FuseServer, Reply
+from cubefs.fuse.server import MAX_READAHEAD, MAX_WRITE, REQUEST_BUFFER, FuseServer, Reply
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +277,7 @@ class KernelSession:
                 self.ring_note = f"the kernel does not offer it ({URING_PARAMETER} is not Y)"
             return
         try:
-            self.ring = uring.FuseRing(self.fd, uring.possible_cpus(), RING_ENTRIES, max(MAX_WRITE, MAX_PAGES * 4096))
+            self.ring = uring.FuseRing(self.fd, uring.possible_cpus(), RING_ENTRIES, MAX_WRITE)
         except OSError as err:
             self.ring_note = f"no io_uring: {err}"
             log.warning("FUSE over io_uring not set up, serving /dev/fuse: %s", err)
@@ -326,19 +326,16 @@ class KernelSession:
         log.info("FUSE over io_uring: %d queues of %d entries", self.ring.queues, self.ring.per_queue)
         nursery.start_soon(self._serve_ring, server, nursery)
 
-    async def _commit_later(self, i: int, work: Coroutine[Any, Any, Reply], unique: int, opcode: int,
-                            t0: float) -> None:
-        try:  # counted in _later by the loop that started it (see _reply_later)
-            msg = await work
-        finally:
-            self._later -= 1
-        ring = self.ring
-        if ring is None or ring.ring.fd < 0:  # closed by a handover meanwhile: nobody to answer
-            log.warning("a FUSE ring reply (request %d) dropped: the ring closed first", unique)
-            return
-        ring.commit(i, msg if msg is not None else p.error_reply(unique, errno.EIO))
-        ring.ring.submit()
-        self.busy[opcode] += time.perf_counter() - t0
+    def _commit_to(self, i: int, unique: int) -> Callable[[Reply], None]:
+        """How a deferred reply to ring entry ``i``'s request goes out (see _reply_later)."""
+        def commit(msg: Reply) -> None:
+            ring = self.ring
+            if ring is None or ring.ring.fd < 0:  # closed by a handover meanwhile: nobody to answer
+                log.warning("a FUSE ring reply (request %d) dropped: the ring closed first", unique)
+                return
+            ring.commit(i, msg if msg is not None else p.error_reply(unique, errno.EIO))
+            ring.ring.submit()
+        return commit
 
     async def _serve_ring(self, server: FuseServer, nursery: trio.Nursery) -> None:
         """Answer the requests the kernel puts in ring entries: each answer is queued as a
@@ -384,7 +381,7 @@ class KernelSession:
                         self.busy[opcode] += time.perf_counter() - t0
                     elif out is not None:
                         self._later += 1
-                        nursery.start_soon(self._commit_later, i, out, ring.uniques[i], opcode, t0)
+                        nursery.start_soon(self._reply_later, out, opcode, t0, self._commit_to(i, ring.uniques[i]))
                     else:  # every request on the ring wants an answer (FORGETs come on /dev/fuse)
                         ring.commit(i, p.error_reply(ring.uniques[i], errno.ENOSYS))
                     handled += 1
@@ -414,15 +411,19 @@ class KernelSession:
             if err.errno not in (errno.ENOENT, errno.ENODEV):
                 log.error("cannot write a FUSE reply: %s", err)
 
-    async def _reply_later(self, work: Coroutine[Any, Any, Reply], opcode: int = 0, t0: float = 0.0) -> None:
-        """Answer a request that waits (a read of chunks not yet here).  Counted in ``_later``
-        by its caller before ``start_soon``: a task starts later, and the serve loop must not
-        poll for the next request in the meantime (see spin_seconds)."""
+    async def _reply_later(self, work: Coroutine[Any, Any, Reply], opcode: int = 0, t0: float = 0.0,
+                           deliver: Callable[[Reply], None] | None = None) -> None:
+        """Answer a request that waits (a read of chunks not yet here): written to /dev/fuse,
+        or ``deliver``ed (a ring entry's commit).  Counted in ``_later`` by its caller before
+        ``start_soon``: a task starts later, and the serve loop must not poll for the next
+        request in the meantime (see spin_seconds)."""
         try:
             msg = await work
         finally:
             self._later -= 1
-        if msg is not None:
+        if deliver is not None:
+            deliver(msg)
+        elif msg is not None:
             self._send(msg)
         if t0:
             self.busy[opcode] += time.perf_counter() - t0
