@@ -68,6 +68,11 @@ def run_cubefs(*args: str, check: bool = True, timeout: float = 300, env: dict[s
     return res
 
 
+def cubefs_stats(target: str | os.PathLike[str], env: dict[str, str] | None = None) -> dict:  # type: ignore[type-arg]
+    """``cubefs stats TARGET --json`` (a mountpoint or a daemon's socket), parsed."""
+    return json.loads(run_cubefs("stats", str(target), "--json", env=env).stdout)  # type: ignore[no-any-return]
+
+
 @pytest.fixture(scope="session", autouse=True)
 def mount_server_of_this_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Mounts go through the mount server the first one starts, as on a node; this run's
@@ -202,7 +207,7 @@ class Mount:
         return self
 
     def stats(self) -> dict:  # type: ignore[type-arg]
-        return json.loads(run_cubefs("stats", str(self.mountpoint), "--json").stdout)
+        return cubefs_stats(self.mountpoint)
 
     def __exit__(self, *exc: object) -> None:
         res = run_cubefs("umount", str(self.mountpoint), check=False, timeout=60)

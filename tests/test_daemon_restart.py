@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import os
 import signal
 import subprocess
@@ -19,7 +18,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from conftest import S3_ENV, S3Server, mounted, run_cubefs
+from conftest import S3_ENV, S3Server, cubefs_stats, mounted, run_cubefs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools" / "bench"))
 from delayproxy import DelayProxy
@@ -32,15 +31,12 @@ FILES = 12
 FILE_SIZE = 256 * 1024
 
 
-def _stats(mnt: Path) -> dict:  # type: ignore[type-arg]
-    return json.loads(run_cubefs("stats", str(mnt), "--json").stdout)
-
 
 def _wait_for_new_daemon(mnt: Path, old_pid: int, timeout: float = 30) -> dict:  # type: ignore[type-arg]
     deadline = time.monotonic() + timeout
     while True:
         try:
-            stats = _stats(mnt)
+            stats = cubefs_stats(mnt)
             if stats["pid"] != old_pid:
                 return stats
         except AssertionError:
@@ -113,7 +109,7 @@ def test_killed_image_daemon_is_replaced_under_readers(tmp_path: Path, local_sto
     digests = _image(tmp_path, local_store, "restart:1")
     mnt = tmp_path / "mnt"
     with mounted("restart:1", mnt, local_store, tmp_path / "cache"):
-        first = _stats(mnt)
+        first = cubefs_stats(mnt)
         assert first["restarts"] == 0
         with Readers(mnt, digests) as readers:
             time.sleep(1.0)
@@ -128,7 +124,7 @@ def test_killed_image_daemon_is_replaced_under_readers(tmp_path: Path, local_sto
         assert readers.errors == []
         assert readers.reads > at_replacement, "readers did not carry on after the replacement"
         assert second["restarts"] == 1
-        assert _stats(mnt)["restarts"] == 1
+        assert cubefs_stats(mnt)["restarts"] == 1
         assert "restarts     1" in run_cubefs("stats", str(mnt)).stdout
         assert "cubefs_restarts_total{" in run_cubefs("stats", str(mnt), "--prometheus").stdout
         assert os.path.ismount(mnt)
@@ -173,7 +169,7 @@ def test_killed_volume_daemon_loses_no_fsynced_write(tmp_path: Path, local_store
             n += 1
 
     try:
-        first = _stats(mnt)
+        first = cubefs_stats(mnt)
         writers = [threading.Thread(target=writer, args=(w,)) for w in range(2)]
         with Readers(mnt, digests, n=2) as readers:
             for t in writers:
@@ -232,7 +228,7 @@ def test_upgrade_replaces_every_daemon_under_live_readers(tmp_path: Path, local_
         run_cubefs("mount", "--volume", "uv", str(vmnt), "--volume-dir", str(vols), "--cache-dir",
                    str(tmp_path / "cache"), env=env)
         (vmnt / "before").write_bytes(b"written before the upgrade")
-        before = {mnt: _stats(mnt)["pid"] for mnt in mnts}
+        before = {mnt: cubefs_stats(mnt)["pid"] for mnt in mnts}
         with Readers(mnts[0], digests, n=2) as r1, Readers(mnts[1], digests, n=2) as r2:
             time.sleep(0.5)
             res = run_cubefs("serve", "--upgrade", "--socket", str(sock), timeout=120)
@@ -242,7 +238,7 @@ def test_upgrade_replaces_every_daemon_under_live_readers(tmp_path: Path, local_
         assert r1.errors == [] and r2.errors == []
         assert r1.reads > counts[0] and r2.reads > counts[1]
         for mnt in mnts:
-            stats = _stats(mnt)
+            stats = cubefs_stats(mnt)
             assert stats["pid"] != before[mnt] and stats["restarts"] == 1
             assert os.path.ismount(mnt)
         assert (vmnt / "before").read_bytes() == b"written before the upgrade"
@@ -328,7 +324,7 @@ def test_a_read_in_flight_when_the_daemon_dies_is_answered_by_its_replacement(tm
     with DelayProxy(host, port, delay_ms=0) as proxy, mounted(
             "inflight:1", mnt, store, tmp_path / "cache", "--cache-size", "0", "--read-timeout", "30",
             s3_endpoint=proxy.endpoint):
-        pid = _stats(mnt)["pid"]
+        pid = cubefs_stats(mnt)["pid"]
         proxy.delay = 1.5  # every store request now takes 1.5 s
         got: list[bytes | BaseException] = []
 
@@ -346,7 +342,7 @@ def test_a_read_in_flight_when_the_daemon_dies_is_answered_by_its_replacement(tm
         reader.join(timeout=20)
         assert not reader.is_alive(), "the read the dead daemon had taken was never answered"
         assert got == [data]
-        assert _stats(mnt)["restarts"] == 1
+        assert cubefs_stats(mnt)["restarts"] == 1
 
 
 def test_which_dead_daemons_are_replaced() -> None:

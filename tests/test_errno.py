@@ -85,7 +85,7 @@ class _FailingFs:
     def __init__(self, error: BaseException) -> None:
         self.error = error
 
-    def write_now(self, ino: int, offset: int, data: bytes) -> int:
+    def write_now(self, ino: int, offset: int, data: bytes, killer: int | None = None, stamp: bool = True) -> int:
         raise self.error
 
     def fsync(self, ino: int) -> None:

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import S3Server, mount_volume, mounted, run_cubefs, unmount
+from conftest import S3Server, cubefs_stats, mount_volume, mounted, run_cubefs, unmount
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools" / "bench"))
 from delayproxy import DelayProxy
@@ -46,9 +46,6 @@ def switch() -> Iterator[Path]:
     finally:
         PARAM.write_text(before)
 
-
-def _stats(mnt: Path) -> dict:  # type: ignore[type-arg]
-    return json.loads(run_cubefs("stats", str(mnt), "--json").stdout)
 
 
 def _ring_fds(pid: int) -> int:
@@ -111,7 +108,7 @@ def test_a_volume_over_the_ring_reads_and_writes_right(tmp_path: Path, switch: P
         (mnt / "small").write_bytes(b"hello ring")
         big = os.urandom(24 * 1024 * 1024 + 12345)  # many 1 MiB requests, the last one short
         (mnt / "big").write_bytes(big)
-        stats = _stats(mnt)
+        stats = cubefs_stats(mnt)
         assert stats["fuse_path"]["path"] == "io_uring", stats["fuse_path"]
         assert stats["fuse_path"]["queues"] == len(os.sched_getaffinity(0)) or stats["fuse_path"]["queues"] >= 1
         pid = int(stats["pid"])
@@ -134,7 +131,7 @@ def test_a_volume_over_the_ring_reads_and_writes_right(tmp_path: Path, switch: P
         os.rename(mnt / "small", mnt / "renamed")
         os.unlink(mnt / "big")
         assert sorted(os.listdir(mnt)) == ["email", "renamed"]
-        after = _stats(mnt)
+        after = cubefs_stats(mnt)
         assert after["requests"]["write"] > 24 and after["fuse_path"]["path"] == "io_uring"
         # What still comes through read(2) on /dev/fuse beside the ring: forgets (and interrupts)
         assert set(after["fuse_path"]["dev_requests"]) <= {"forget", "batch_forget", "interrupt"}, after["fuse_path"]
@@ -148,7 +145,7 @@ def test_a_volume_over_the_ring_reads_and_writes_right(tmp_path: Path, switch: P
     try:
         assert (mnt / "renamed").read_bytes() == b"hello ring"
         assert _tree(mnt / "email") == _tree(native / "email")
-        assert _stats(mnt)["fuse_path"]["path"] == "/dev/fuse"
+        assert cubefs_stats(mnt)["fuse_path"]["path"] == "/dev/fuse"
     finally:
         unmount(mnt)
 
@@ -216,9 +213,9 @@ def test_the_fallback_when_the_kernel_does_not_offer_the_ring(tmp_path: Path, sw
     try:
         (mnt / "f").write_bytes(b"over /dev/fuse")
         assert _uncached(mnt / "f") == b"over /dev/fuse"
-        path = _stats(mnt)["fuse_path"]
+        path = cubefs_stats(mnt)["fuse_path"]
         assert path["path"] == "/dev/fuse" and "enable_uring" in path["why"], path
-        assert _ring_fds(int(_stats(mnt)["pid"])) == 0  # nothing of the ring kept
+        assert _ring_fds(int(cubefs_stats(mnt)["pid"])) == 0  # nothing of the ring kept
         assert "requests via /dev/fuse (the kernel does not offer it" in run_cubefs("stats", str(mnt)).stdout
     finally:
         unmount(mnt)
@@ -346,11 +343,11 @@ def test_an_upgrade_hands_a_ring_session_to_a_successor_that_registers_anew(tmp_
                    str(tmp_path / "cache"), "--fuse-uring", env=env)
         data = os.urandom(3 * 1024 * 1024)
         (mnt / "before").write_bytes(data)
-        first = json.loads(run_cubefs("stats", str(mnt), "--json", env=env).stdout)
+        first = cubefs_stats(mnt, env=env)
         assert first["fuse_path"]["path"] == "io_uring"
         res = run_cubefs("serve", "--upgrade", "--socket", str(sock), timeout=120, env=env)
         assert "1 mount daemons replaced" in res.stdout or "1 mount daemon replaced" in res.stdout, res.stdout
-        second = json.loads(run_cubefs("stats", str(mnt), "--json", env=env).stdout)
+        second = cubefs_stats(mnt, env=env)
         assert second["pid"] != first["pid"] and second["restarts"] == 1
         assert second["fuse_path"]["path"] == "io_uring", second["fuse_path"]
         assert _uncached(mnt / "before") == data

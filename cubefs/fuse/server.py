@@ -632,10 +632,7 @@ class FuseServer:
         # after the kernel let the inode go would see (a file written in the tick it was made
         # in sends no times at all: VolumeFS.tick_ns).
         stamp = not (write_flags & WRITE_CACHE and self._kernel_times())
-        if killer is None and stamp:  # the common case, which any filesystem with writes takes
-            done = self.fs.write_now(ino, offset, data)
-        else:
-            done = self.fs.write_now(ino, offset, data, killer, stamp)
+        done = self.fs.write_now(ino, offset, data, killer, stamp)
         if done is not None:
             return p.reply(unique, p.WRITE_OUT.pack(done, 0))
 
