@@ -453,3 +453,72 @@ class VhostUserBackend:
             q.enabled = False
         if done:
             q.notify()
+
+
+class SocketListener:
+    """The unix socket a vhost-user device's QEMU connects to, for the daemon's transports
+    (vmm/vhost_user_fs.py, vmm/vhost_user_blk.py): made private (only our user, whom QEMU runs
+    as, may connect: a socket that anyone can connect to hands out the guest's disk or root),
+    one connection accepted, and stopped from the daemon's loop (SIGTERM, ``cubefs umount``)
+    whether or not QEMU came."""
+
+    def __init__(self, socket_path: str, label: str) -> None:
+        self.path = socket_path
+        self.label = label
+        self.listener: socket.socket | None = None
+        self.conn: socket.socket | None = None
+
+    def mount(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o077)
+        try:
+            self.listener.bind(self.path)
+        finally:
+            os.umask(old)
+        self.listener.listen(1)
+        self.listener.setblocking(False)
+
+    async def accept(self) -> socket.socket | None:
+        """QEMU's connection, or None once stopped (unmounted before QEMU came)."""
+        assert self.listener is not None
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+                break
+            except BlockingIOError:
+                try:
+                    await trio.lowlevel.wait_readable(self.listener)
+                except trio.ClosedResourceError:
+                    log.info("%s: stopped before QEMU connected on %s", self.label, self.path)
+                    return None
+            except OSError:  # closed under us
+                return None
+        self.conn = conn
+        return conn
+
+    def stop(self) -> None:
+        """Stop serving: the listener closes (waking an :meth:`accept` still waiting: a daemon
+        unmounted before its VM connected never ended), and a connected VM loses its device."""
+        if self.listener is not None:
+            if self.listener.fileno() >= 0:
+                try:
+                    trio.lowlevel.notify_closing(self.listener)
+                except RuntimeError:  # outside trio (close() after the loop ended): nobody waits
+                    pass
+            self.listener.close()
+        if self.conn is not None:
+            try:
+                self.conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.stop()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass

@@ -35,14 +35,12 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import socket
 import struct
 import time
 from collections import Counter
 from typing import Any
 
 import lmdb
-import trio
 
 from cubefs.errors import UsageError
 from cubefs.image.fs import FsError
@@ -56,6 +54,7 @@ from vmm.vhost_user import (
     PF_CONFIG,
     PF_MQ,
     PF_REPLY_ACK,
+    SocketListener,
     VhostUserBackend,
     Virtqueue,
 )
@@ -271,7 +270,7 @@ class VhostUserBlk(VhostUserBackend):
             log.log(level, fmt, *args)
 
 
-class VhostUserBlkTransport:
+class VhostUserBlkTransport(SocketListener):
     """The mount daemon's transport for a block volume: a unix socket QEMU's vhost-user-blk device
     connects to (``cubefs mount --volume NAME SOCKET --transport vhost-user-blk``); the daemon ends
     with the VM, as the virtio-fs one does."""
@@ -279,47 +278,21 @@ class VhostUserBlkTransport:
     def __init__(self, fs: Any, socket_path: str) -> None:
         if not hasattr(fs, "index"):
             raise UsageError("the vhost-user-blk transport serves block volumes ('--volume NAME'), not images")
+        super().__init__(socket_path, "vhost-user-blk")
         self.fs = fs
         self.ino, self.size = disk_of(fs)
         self.ops: Counter[str] = Counter()
-        self.path = socket_path
-        self.listener: socket.socket | None = None
-        self.conn: socket.socket | None = None
         self.device: VhostUserBlk | None = None
 
     @property
     def read_bytes(self) -> int:
         return self.device.read_bytes if self.device is not None else 0
 
-    def mount(self) -> None:
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o077)  # only our user (QEMU runs as it) may connect
-        try:
-            self.listener.bind(self.path)
-        finally:
-            os.umask(old)
-        self.listener.listen(1)
-        self.listener.setblocking(False)
-
     async def serve(self) -> None:
-        assert self.listener is not None
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-                break
-            except BlockingIOError:
-                try:
-                    await trio.lowlevel.wait_readable(self.listener)
-                except trio.ClosedResourceError:  # stopped (unmounted) before QEMU came
-                    return
-            except OSError:
-                return
+        conn = await self.accept()
+        if conn is None:
+            return
         log.info("vhost-user-blk: QEMU connected on %s (%d bytes)", self.path, self.size)
-        self.conn = conn
         self.device = VhostUserBlk(self.fs, self.ino, self.size, self.fs.name, self.ops)
         try:
             await self.device.serve(conn)
@@ -341,27 +314,4 @@ class VhostUserBlkTransport:
             log.warning("vhost-user-blk: %s rolled back under a running guest, whose caches now disagree with "
                         "its disk", self.path)
         return 0
-
-    def stop(self) -> None:
-        """Called on the daemon's trio loop (SIGTERM, ``cubefs umount``): a serve() still waiting
-        for QEMU is woken before its socket closes."""
-        if self.listener is not None:
-            if self.listener.fileno() >= 0:
-                try:
-                    trio.lowlevel.notify_closing(self.listener)
-                except RuntimeError:  # close() after the loop ended: nobody waits
-                    pass
-            self.listener.close()
-        if self.conn is not None:
-            try:
-                self.conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        self.stop()
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
 

@@ -31,12 +31,10 @@ we write while QEMU migrates a *running* VM are marked.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import logging
 import os
-import socket
 import time
 from typing import Any
 
@@ -59,6 +57,7 @@ from vmm.vhost_user import (
     SET_FEATURES,
     STATE,
     U64,
+    SocketListener,
     VhostUserBackend,
     Virtqueue,
 )
@@ -311,44 +310,23 @@ class VhostUserFs(VhostUserBackend):
         return written
 
 
-class VirtioFsTransport:
+class VirtioFsTransport(SocketListener):
     """The daemon's Transport for a VM: a unix socket QEMU connects to, instead of /dev/fuse."""
 
     def __init__(self, fs: Any, socket_path: str) -> None:
+        super().__init__(socket_path, "virtio-fs")
         self.server = FuseServer(fs)
         self.ops = self.server.ops
-        self.path = socket_path
-        self.listener: socket.socket | None = None
-        self.conn: socket.socket | None = None
 
     @property
     def read_bytes(self) -> int:
         return self.server.read_bytes
 
-    def mount(self) -> None:
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(self.path)
-        self.listener.listen(1)
-        self.listener.setblocking(False)
-
     async def serve(self) -> None:
-        assert self.listener is not None
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-                break
-            except BlockingIOError:
-                try:
-                    await trio.lowlevel.wait_readable(self.listener)
-                except trio.ClosedResourceError:  # stop(): unmounted before QEMU came
-                    log.info("virtio-fs: stopped before QEMU connected on %s", self.path)
-                    return
+        conn = await self.accept()
+        if conn is None:
+            return
         log.info("virtio-fs: QEMU connected on %s", self.path)
-        self.conn = conn
         await VhostUserFs(self.server).serve(conn)
         conn.close()
         log.info("virtio-fs: QEMU went away")
@@ -359,23 +337,3 @@ class VirtioFsTransport:
         which vmm/vm.py does around it.  Nothing is sent."""
         return 0
 
-    def stop(self) -> None:
-        """Stop serving: the listener closes, and a connected VM loses its root."""
-        if self.listener is not None:
-            # wake serve() if it still waits for QEMU on it (it hung: a daemon unmounted before
-            # its VM connected never ended)
-            with contextlib.suppress(RuntimeError):  # outside trio (close() after the loop): nobody waits
-                trio.lowlevel.notify_closing(self.listener)
-            self.listener.close()
-        if self.conn is not None:
-            try:
-                self.conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        self.stop()
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
