@@ -31,11 +31,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import errno
 import logging
 import os
 import stat
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -63,6 +65,11 @@ from cubefs.image.fs import Attr, Buffer, FsError, ImageFS, StateError
 log = logging.getLogger(__name__)
 
 NAME_MAX = 255
+# A directory entry's offset (readdir): its listing's generation above bit 32, its place below;
+# the generation wraps at 31 bits (the kernel's offsets are signed 64-bit).
+PLACE_MASK = (1 << 32) - 1
+GENERATION_MASK = (1 << 31) - 1
+GONE_LISTINGS = 64  # listings changed since they were made, kept for listings in progress
 XATTR_CREATE = 1
 XATTR_REPLACE = 2
 RENAME_NOREPLACE = 1
@@ -136,7 +143,9 @@ class VolumeFS:
         # INIT (cubefs/fuse/server.py); a rollback then cannot reset an open file's size (design.md).
         self.writeback_cache = False
         self._inodes: dict[int, Inode] = {}
-        self._listings: dict[int, list[tuple[bytes, int]]] = {}
+        self._listings: dict[int, tuple[int, list[tuple[bytes, int]]]] = {}  # (generation, listing)
+        self._gone_listings: OrderedDict[tuple[int, int], list[tuple[bytes, int]]] = OrderedDict()
+        self._generation = 0  # of listings: see readdir
         self._plain: dict[int, bool] = {}  # no layer has blocks or a cut for this inode: reads go to the image
         self._locks: dict[int, trio.Lock] = {}
         self._lookups: dict[int, int] = {}  # kernel references (lookups minus forgets)
@@ -264,7 +273,8 @@ class VolumeFS:
             return self.base.image.lookup(parent, name)
         return None
 
-    def _listing(self, txn: lmdb.Transaction, ino: int) -> list[tuple[bytes, int]]:
+    def _listing(self, txn: lmdb.Transaction, ino: int) -> tuple[int, list[tuple[bytes, int]]]:
+        """``ino``'s entries sorted by name, and the generation of that listing (see readdir)."""
         cached = self._listings.get(ino)
         if cached is not None:
             return cached
@@ -277,9 +287,18 @@ class VolumeFS:
                     entries[name] = child
                 else:
                     entries.pop(name, None)
-        listing = sorted(entries.items())
-        self._listings[ino] = listing
+        self._generation = (self._generation + 1) & GENERATION_MASK
+        listing = self._listings[ino] = (self._generation, sorted(entries.items()))
         return listing
+
+    def _changed(self, ino: int) -> None:
+        """``ino``'s entries changed: its listing is made again at the next READDIR, the old one
+        kept a while so that a listing in progress resumes after the last name it returned."""
+        gone = self._listings.pop(ino, None)
+        if gone is not None:
+            self._gone_listings[(ino, gone[0])] = gone[1]
+            while len(self._gone_listings) > GONE_LISTINGS:
+                self._gone_listings.popitem(last=False)
 
     # -- reading ----------------------------------------------------------------------
 
@@ -338,7 +357,7 @@ class VolumeFS:
             return
         self._lookups.pop(ino, None)
         self.dentries.forget_parent(ino)
-        self._listings.pop(ino, None)
+        self._changed(ino)
         inode = self._inodes.pop(ino, None)
         self._plain.pop(ino, None)
         if inode is not None and inode.nlink == 0 and inode.mode:
@@ -388,10 +407,21 @@ class VolumeFS:
             self._dir(txn, ino)
 
     def readdir(self, ino: int, start: int) -> Iterator[tuple[bytes, int, int]]:
+        """Entries from offset ``start``.  An entry's offset is its listing's generation and its
+        place in it (``generation << 32 | place + 1``): the kernel asks a page at a time and
+        passes back the offset of the last entry it took, and a listing made again since
+        (entries added, removed, renamed) resumes after that entry's *name*, so every entry
+        there throughout is returned exactly once, as POSIX asks (places alone skipped
+        entries under busybox's ``rm -r``, which unlinks as it reads: tests/test_volume_readdir.py)."""
         with self.index.read() as txn:
             self._dir(txn, ino)
-            listing = self._listing(txn, ino)
-        return ((listing[i][0], listing[i][1], i + 1) for i in range(start, len(listing)))
+            generation, listing = self._listing(txn, ino)
+        place = start & PLACE_MASK
+        if start and start >> 32 != generation:
+            then = self._gone_listings.get((ino, start >> 32))
+            if then is not None and 0 < place <= len(then):
+                place = bisect.bisect_right(listing, then[place - 1][0], key=lambda e: e[0])
+        return ((listing[i][0], listing[i][1], generation << 32 | i + 1) for i in range(place, len(listing)))
 
     def readlink(self, ino: int) -> bytes:
         with self.index.read() as txn:
@@ -571,7 +601,7 @@ class VolumeFS:
             if is_dir:
                 pdir.nlink += 1
             self._put(txn, vol.layer, parent, pdir)
-        self._listings.pop(parent, None)
+        self._changed(parent)
         self._plain[ino] = False
         self.dentries.add((parent, name))
         return ino
@@ -632,7 +662,7 @@ class VolumeFS:
             pdir = pdir.copy()
             pdir.mtime_ns = pdir.ctime_ns = now
             self._put(txn, vol.layer, parent, pdir)
-        self._listings.pop(parent, None)
+        self._changed(parent)
         self.dentries.add((parent, name))
         return ino
 
@@ -655,7 +685,7 @@ class VolumeFS:
                 raise FsError(errno.ENOTDIR)
             if not want_dir and is_dir:
                 raise FsError(errno.EISDIR)
-            if is_dir and self._listing(txn, child):
+            if is_dir and self._listing(txn, child)[1]:
                 raise FsError(errno.ENOTEMPTY)
             now = time.time_ns()
             self.index.put_dirent(txn, vol.layer, parent, name, 0)
@@ -668,7 +698,7 @@ class VolumeFS:
             if is_dir:
                 pdir.nlink -= 1
             self._put(txn, vol.layer, parent, pdir)
-        self._listings.pop(parent, None)
+        self._changed(parent)
         if inode.nlink == 0 and not self._lookups.get(child):
             self._purge_or_later(child)
 
@@ -717,7 +747,7 @@ class VolumeFS:
                     if not stat.S_ISDIR(s.mode) and stat.S_ISDIR(d.mode):
                         raise FsError(errno.EISDIR)
                     if stat.S_ISDIR(d.mode):
-                        if self._listing(txn, dst):
+                        if self._listing(txn, dst)[1]:
                             raise FsError(errno.ENOTEMPTY)
                         dirs[newparent].nlink -= 1
                     d = d.copy()
@@ -736,8 +766,8 @@ class VolumeFS:
             for ino, i in dirs.items():
                 i.mtime_ns = i.ctime_ns = now
                 self._put(txn, layer, ino, i)
-        self._listings.pop(parent, None)
-        self._listings.pop(newparent, None)
+        self._changed(parent)
+        self._changed(newparent)
         self.dentries.add((newparent, newname))
         if victim is not None and victim[1].nlink == 0 and not self._lookups.get(victim[0]):
             self._purge_or_later(victim[0])
@@ -1104,7 +1134,8 @@ class VolumeFS:
     def rolled_back(self) -> None:
         """The index now shows another state: forget every cached view of the old one."""
         self._inodes.clear()
-        self._listings.clear()
+        for ino in list(self._listings):
+            self._changed(ino)
         self._plain.clear()
 
     def close(self) -> None:
