@@ -164,3 +164,20 @@ def test_a_hot_pack_is_fetched_whole_within_the_share_read(tmp_path: Path) -> No
         for rel in mods:
             assert (tmp_path / "off" / rel).read_bytes() == files[rel]
         assert m.stats()["tiers"]["store"]["requests"] >= before + (len(mods) - 3) // 2 - 1, "a GET per two"
+
+
+def test_a_hot_pack_keeps_within_the_share_of_bytes_read(tmp_path: Path) -> None:
+    """Issue 18's bound, fetched <= 1.5x read, holds with hot packs on: a read that misses
+    memory is one read (it was counted twice, its inline try and its wait, and let a pack of
+    ~1 MB go hot after ~440 KB read, fetching 2x what was read)."""
+    files = {f"d/f{i:02d}": os.urandom(40_000) for i in range(24)}
+    files |= {f"d/f{i:02d}s": os.urandom(1_000) for i in range(24)}  # each big file's pack neighbour
+    store = _built(tmp_path, files, "share:1")
+    opts = ("--pack-readahead", "1", "--readahead", "0", "--dir-prefetch", "0", "--no-auto-trace", "--hot-pack", "3")
+    read = [f"d/f{i:02d}" for i in (20, 3, 11, 7, 15, 1, 22, 9, 17, 5, 13, 19)]
+    with mounted("share:1", tmp_path / "mnt", store, tmp_path / "cache", *opts) as m:
+        for rel in read:
+            assert (tmp_path / "mnt" / rel).read_bytes() == files[rel]
+        _settled_requests(m)
+        fetched = m.stats()["tiers"]["store"]["bytes"]
+        assert fetched <= 1.5 * 40_000 * len(read), f"{fetched / 1e3:.0f} KB fetched for {40 * len(read)} KB read"

@@ -84,6 +84,13 @@ class _Flight:
     data: bytes | None = None
     error: str = ""
     waited: bool = False  # a reader waits for it: decode on arrival (else it is staged)
+    # A reader waits for it (``waited`` is also set for a trace's chunks, decoded on arrival
+    # with nobody waiting): a background range that reaches ``_fetch`` with such a flight
+    # fetches it at once as a read (a reader that joined while the flight was in the disk
+    # cache's thread hop, or with a peer, before its range queued).
+    reader: bool = False
+    queued: bool = False  # in a background range waiting for one of its places
+    promoted: bool = False  # a reader had it fetched as a read: its queued range drops it
 
 
 def decode_chunk(ref: ChunkLocation, stored: bytes, base: bytes | None = None) -> bytes:
@@ -176,10 +183,13 @@ class ChunkSource:
         self._stream_plan: Any = None  # () -> chunks to stream, in order (see stream_after)
         self._stream_started = False
         self._read_requests = 0  # GETs made for readers (not read-ahead, prefetch or the stream)
-        # Chunks in background ranges waiting for a place (count of such ranges), and those a
-        # reader promoted out of them (see _promote).
-        self._queued: dict[bytes, int] = {}
-        self._promoted: set[bytes] = set()
+        # Stored bytes asked of the store and of peers (a chunk counted once, when its flight is
+        # made, or when fetch_in_background is asked for it: a hot pack's budget must see ranges
+        # still queued; chunks the disk cache held are taken off again).  What ImageFS._hot_pack
+        # bounds against the bytes read: store_stats.bytes counts arrivals only (a background
+        # range queued for a place is not there yet), and not what peers sent.
+        self.asked_bytes = 0
+        self._reserved: set[bytes] = set()  # counted by fetch_in_background, no flight made yet
         # digest -> when a reader last gave up waiting for it (see GAVE_UP_SECONDS)
         self._gave_up: LRUCache[bytes, float] = LRUCache(maxsize=4096)
 
@@ -268,8 +278,30 @@ class ChunkSource:
         return [r for r in ahead if r.base is None], [r for r in background if r.base is None]
 
     async def _get_quietly(self, refs: list[ChunkLocation]) -> None:
+        """Speculative deltas at background priority, like the ranges they were asked with (a
+        hot pack's rest, pack neighbours): their bases first, decoded on arrival, then the
+        deltas pinned to them and decoded on arrival too (a staged delta would need its pin
+        again when read).  As reads, they took the 32 places of on-demand reads."""
         try:
-            await self.get_many(refs)
+            bases = list({r.base.digest: r.base for r in refs if r.base is not None}.values())
+            await self._get_many([], None, bases, decode=True)
+            for b in bases:
+                flight = self._flights.get(b.digest)
+                if flight is not None:
+                    await flight.event.wait()
+            pinned = []
+            for r in refs:
+                assert r.base is not None
+                base = self.memory.get(r.base.digest)
+                if base is not None and r.digest not in self._bases and not self.has(r.digest):
+                    self._bases[r.digest] = base
+                    pinned.append(r)
+            try:
+                await self._get_many([], None, pinned, decode=True)
+            finally:
+                for r in pinned:
+                    if r.digest not in self._flights:  # no flight made (or already resolved): unpin
+                        self._bases.pop(r.digest, None)
         except ChunkUnavailable as err:  # nobody waits: the reads that need them will say
             log.debug("image %s: read-ahead of deltas failed: %s", self.label, err)
 
@@ -304,6 +336,10 @@ class ChunkSource:
             d = ref.digest
             if d in found or d in waits or d in mine:
                 continue
+            reserved = d in self._reserved
+            if reserved:  # counted when asked for: counted again below only if someone else fetched it
+                self._reserved.discard(d)
+                self.asked_bytes -= ref.stored_len
             data = self.memory.get(d)
             if data is None and d in wanted:
                 data = self._unstage(d)
@@ -321,10 +357,11 @@ class ChunkSource:
             if flight is None:
                 flight = self._flights[d] = _Flight()
                 mine[d] = (ref, flight)
-            elif d in wanted and d in self._queued and d not in self._promoted:
+                self.asked_bytes += ref.stored_len
+            elif d in wanted and flight.queued and not flight.promoted:
                 promote.append((ref, flight))
             if d in wanted:
-                flight.waited = True
+                flight.waited = flight.reader = True
                 waits[d] = flight
             elif decode:
                 flight.waited = True  # decoded on arrival; nobody here waits for it
@@ -354,17 +391,10 @@ class ChunkSource:
         first start: reads waited on a subtree prefetch's queued flights."""
         if self._nursery is None:
             return  # no background fetches without a nursery: nothing queues
-        for r, _f in items:
-            self._promoted.add(r.digest)
+        for _r, f in items:
+            f.promoted = True  # the flight, not the digest: a later flight of it is another fetch
         for rng in self._plan(items):
-            self._nursery.start_soon(self._fetch_promoted, rng)
-
-    async def _fetch_promoted(self, rng: list[tuple[ChunkLocation, _Flight]]) -> None:
-        digests = [r.digest for r, _f in rng]
-        try:
-            await self._fetch_quietly(rng, self._requests)
-        finally:
-            self._promoted.difference_update(digests)
+            self._nursery.start_soon(self._fetch_quietly, rng, self._requests)
 
     def _fail_if_gave_up(self, digest: bytes) -> None:
         """Fail at once a read of a chunk a reader gave up on moments ago and which is
@@ -430,8 +460,14 @@ class ChunkSource:
             self._disk_flushing = False
 
     def fetch_in_background(self, refs: list[ChunkLocation]) -> None:
-        """Load ``refs`` (disk, peers, store) into memory without anyone waiting."""
+        """Load ``refs`` (disk, peers, store) into memory without anyone waiting.  Their stored
+        bytes count in ``asked_bytes`` now, not when the task gets to them: a read between
+        the two must see them asked for."""
         if self._nursery is not None and refs:
+            for r in refs:
+                if r.digest not in self._reserved and not self.has(r.digest):
+                    self._reserved.add(r.digest)
+                    self.asked_bytes += r.stored_len
             self._nursery.start_soon(self._fetch_background, refs)
 
     async def _fetch_background(self, refs: list[ChunkLocation]) -> None:
@@ -732,6 +768,7 @@ class ChunkSource:
                 self._nursery.start_soon(decode_later)
             else:
                 await decode_later()
+        self.asked_bytes -= sum(mine[d][0].stored_len for d in settled)  # on the node: not fetched
         missing = [mine[d] for d in mine if d not in settled]
         disk.stats.misses += sum(1 for r, _f in missing if r.digest in wanted)
         return missing
@@ -772,21 +809,27 @@ class ChunkSource:
     async def _fetch(self, rng: list[tuple[ChunkLocation, _Flight]], limit: trio.Semaphore) -> None:
         queued = limit is self._background_requests
         if queued:
-            for r, _f in rng:
-                self._queued[r.digest] = self._queued.get(r.digest, 0) + 1
+            # A reader that joined one of these flights before the range got here (the disk cache's
+            # thread hop, a peer's try) is promoted now; the list is cut in place, so a failure
+            # below fails only the flights still this range's.
+            now = [(r, f) for r, f in rng if f.reader and not f.promoted and not f.event.is_set()]
+            if now and self._nursery is not None:
+                rng[:] = [(r, f) for r, f in rng if not (f.reader and not f.promoted)]
+                self._promote(now)
+                if not rng:
+                    return
+            for _r, f in rng:
+                f.queued = True
         try:
             await limit.acquire()
         finally:
             if queued:
-                for r, _f in rng:
-                    left = self._queued.pop(r.digest, 1) - 1
-                    if left > 0:
-                        self._queued[r.digest] = left
+                for _r, f in rng:
+                    f.queued = False
         try:
             if queued:
-                # What a reader promoted while this waited is fetched (or done) already; the list
-                # is cut in place, so a failure below fails only the flights still this range's.
-                rng[:] = [(r, f) for r, f in rng if not f.event.is_set() and r.digest not in self._promoted]
+                # What a reader promoted while this waited is fetched (or done) already.
+                rng[:] = [(r, f) for r, f in rng if not f.event.is_set() and not f.promoted]
                 if not rng:
                     return
             start = rng[0][0].offset

@@ -51,7 +51,7 @@ DIR_FILES = 2  # files of one directory read before its other files are prefetch
 DIR_FRACTION = 0.1  # ...and at least this share of its files: see ImageFS._dir_neighbours
 DIR_FILE_MAX = 1024 * 1024  # larger files are not prefetched as neighbours (a shared object read in part)
 HOT_PIECE = 1024 * 1024  # stored bytes per background range of a hot pack's rest: ranges in parallel
-HOT_SHARE = 1.2  # a hot pack's rest is fetched only while the store's bytes stay <= this x the bytes read
+HOT_SHARE = 1.5  # a hot pack's rest is fetched only while the bytes asked stay <= this x the bytes read
 
 
 class FsError(Exception):
@@ -118,7 +118,6 @@ class ImageFS:
         self._pack_misses: dict[int, set[int]] = {}
         self._packs_done: set[int] = set()
         self.hot_packs = 0
-        self._hot_bytes = 0  # stored bytes asked for as hot packs' rests
         self.bytes_read = 0  # plaintext bytes reads asked for (the share HOT_SHARE bounds)
         self.stream = stream
         self._last_pack = 0
@@ -271,7 +270,9 @@ class ImageFS:
         return locate(self.image, self.chunkmap, idx)
 
     def _read_plan(self, ino: int, offset: int, size: int) -> tuple[int, list[tuple[int, int]], list[ChunkLocation]]:
-        """(size clipped to EOF, overlapping extents, their chunk refs) of a read."""
+        """(size clipped to EOF, overlapping extents, their chunk refs) of a read.  Not counted
+        in ``bytes_read`` here: a read that misses memory is planned twice (``read_now``'s
+        inline try, then ``read``), and counted twice it let hot packs past their share."""
         r = self._record(ino)
         if not stat.S_ISREG(r[F_MODE]):
             raise FsError(errno.EISDIR if stat.S_ISDIR(r[F_MODE]) else errno.EINVAL)
@@ -279,7 +280,6 @@ class ImageFS:
         if offset >= fsize or size <= 0:
             return 0, [], []
         size = min(size, fsize - offset)
-        self.bytes_read += size
         extents = self.image.chunks_for_range(ino, offset, size)
         if self.trace is not None:
             self._note(extents)
@@ -295,7 +295,8 @@ class ImageFS:
         size, extents, refs = self._read_plan(ino, offset, size)
         datas = self.source.from_memory(refs)
         if datas is None:
-            return None
+            return None  # counted by the read() that follows
+        self.bytes_read += size
         if refs and self.readahead > 0:
             self._keep_ahead(ino, offset + size)
         return _assemble(offset, size, extents, datas)
@@ -312,6 +313,7 @@ class ImageFS:
     async def read(self, ino: int, offset: int, size: int) -> list[Buffer]:
         """The read, as a list of buffers (see read_now)."""
         size, extents, refs = self._read_plan(ino, offset, size)
+        self.bytes_read += size
         datas = self.source.from_memory(refs, hot=False)  # the common case: no read-ahead work at all
         try:
             if datas is None:
@@ -324,7 +326,7 @@ class ImageFS:
                 on_way = all(self.source.has(r.digest) for r in refs)
                 neighbours = ([] if on_way else self._pack_neighbours(refs + ahead)) + self._dir_neighbours(ino)
                 if not on_way and self.hot_pack > 0 and self.pack_readahead > 0:  # both speculate on packs
-                    self._hot_pack(ino, refs)
+                    self._hot_pack(ino, refs, refs + ahead + neighbours)
                 if refs:
                     self._last_pack = self.chunkmap.pack_number(refs[-1].pack)
                 with trio.fail_after(self.read_timeout):
@@ -372,25 +374,32 @@ class ImageFS:
         offs, idxs = self.chunkmap.by_pack()[self.chunkmap.pack_number(last.pack)]
         return self._take(idxs[bisect_right(offs, last.offset) :], self.pack_readahead, stored=True)
 
-    def _hot_pack(self, ino: int, refs: list[ChunkLocation]) -> None:
+    def _hot_pack(self, ino: int, refs: list[ChunkLocation], own: list[ChunkLocation]) -> None:
         """The rest of a pack, once ``hot_pack`` distinct files of it have missed: fetched
         in the background in ranges of HOT_PIECE stored bytes, from the latest miss on
         (wrapping round), several at once.  Import order is not pack order: a first start
         of pandas (+10 ms) came back to one pack at six offsets in 250 ms (4.37M, 3.1M,
         0.87M, 4.24M, 1.69M, 4.13M), a round trip each, and its pack neighbours (the
         512 KiB after a miss) caught none of them.  Bounded by HOT_SHARE: a pack is fetched
-        only while the store's bytes, with it, stay within that share of the plaintext
-        read so far, so an image read a little (``import json``) is not fetched whole.
-        Measured (+10 ms): pandas' chain of sequential GETs 96-106 -> 70-72; a share of
-        2.0 made it 42 but took ``import json`` to 1.61x its bytes read (issue 18: <= 1.5).
-        Files are counted, not chunks: counting chunks heated deb-numpy's packs on one
-        shared object's page faults (41.8 MB fetched for 42.2 MB read, a slower start)."""
-        if self.source.store_stats.bytes + self._hot_bytes >= HOT_SHARE * self.bytes_read:
+        only while the bytes asked of the store and peers (``ChunkSource.asked_bytes``, each
+        chunk once, queued ranges included), with this read's own (``own``: its chunks,
+        read-ahead and neighbours, about to be asked for) and the pack's rest, stay within
+        that share of the plaintext read so far, so an image read a little (``import json``)
+        is not fetched whole.  Files are counted, not chunks: counting chunks heated
+        deb-numpy's packs on one shared object's page faults (41.8 MB fetched for 42.2 MB
+        read, a slower start)."""
+        allowed = HOT_SHARE * self.bytes_read
+        asked = self.source.asked_bytes
+        if asked >= allowed:
             return  # no pack could go hot now: none of the walks below
         last: dict[int, ChunkLocation] = {}  # each pack once a call, at its latest miss
         for ref in refs:
             if not self.source.has(ref.digest):
                 last[self.chunkmap.pack_number(ref.pack)] = ref
+        if not last:
+            return
+        mine: dict[bytes, int] = {r.digest: r.stored_len for r in own if not self.source.has(r.digest)}
+        asked += sum(mine.values())
         for n, ref in last.items():
             if n in self._packs_done:
                 continue
@@ -401,17 +410,17 @@ class ImageFS:
                 continue
             offs, idxs = self.chunkmap.by_pack()[n]
             at = bisect_right(offs, ref.offset)
-            rest = [r for r in (self._ref(i) for i in idxs[at:] + idxs[:at]) if not self.source.has(r.digest)]
+            rest = [r for r in (self._ref(i) for i in idxs[at:] + idxs[:at])
+                    if r.digest not in mine and not self.source.has(r.digest)]
             size = sum(r.stored_len for r in rest)
-            # (counted twice once they arrive: the bound errs on the side of fetching less)
-            if self.source.store_stats.bytes + self._hot_bytes + size > HOT_SHARE * self.bytes_read:
+            if asked + size > allowed:
                 continue  # not yet: a later miss may find the share grown
             self._packs_done.add(n)
             del self._pack_misses[n]
             if not rest:
                 continue
             self.hot_packs += 1
-            self._hot_bytes += size
+            asked += size
             log.debug("image %s: pack %d is hot: fetching its other %d chunks (%.1f MB)", self.label, n,
                       len(rest), size / 1e6)
             piece: list[ChunkLocation] = []
