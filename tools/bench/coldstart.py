@@ -429,6 +429,78 @@ def lazy_sample(ctx: Ctx, i: int) -> dict[str, Any]:
     return out
 
 
+def first_start(ctx: Ctx, name: str, i: int, extra: tuple[str, ...]) -> dict[str, Any]:
+    """One first start (no trace anywhere, empty cache, caches dropped) with ``extra`` mount options:
+    seconds, store counters, and the proxy's sequential chain (what +N ms multiplies)."""
+    mnt = ctx.workdir / f"mnt-{name}-{ctx.mode}-{i}"
+    cache_dir = ctx.workdir / f"cache-{name}-{ctx.mode}-{i}"
+    cache_dir.mkdir(parents=True)
+    forget_trace(ctx)
+    drop_caches()
+    m0 = time.monotonic()
+    mount_s = mount(ctx, mnt, cache_dir, extra)
+    run_s = run_in(mnt, ctx.cmd)
+    m1 = time.monotonic()
+    proxy = proxy_window(ctx, m0, m1)
+    time.sleep(0.5)  # background fetches started by the run land: they count in its bytes
+    store = sample_stats(ctx, mnt)
+    ctx.cleanup.umount(mnt)
+    return {"total_s": mount_s + run_s, "mount_s": mount_s, "run_s": run_s, "store": store,
+            "chain": proxy["max_sequential_chain"] if proxy else None,
+            "fetched_over_read": store["chunk_bytes"] / max(1, store["fuse_read_bytes"])}
+
+
+def run_variants(ctx: Ctx, client: LayerClient) -> dict[str, Any]:
+    """``--variants``: first starts only, each variant's mount options in turn within every round
+    (the order reversed every other round), one full pull per round; each first start over its
+    round's pull.  Before/after pairs measured alternated, in one run, on one build."""
+    variants = [(n.strip(), tuple(shlex.split(a))) for n, _, a in
+                (v.partition("=") for v in ctx.args.variants.split(";")) if n.strip()]
+    rounds: list[dict[str, Any]] = []
+    for i in range(ctx.args.repeat):
+        t0 = time.monotonic()
+        order = variants if i % 2 == 0 else variants[::-1]
+        got = {name: first_start(ctx, name, i, extra) for name, extra in order}
+        pull = pull_sample(ctx, client, i)
+        for g in got.values():
+            g["over_pull"] = g["total_s"] / pull["pull_total_s"]
+        rounds.append({"pull": pull, "variants": got})
+        log(f"  {ctx.mode} round {i + 1}/{ctx.args.repeat} [{time.monotonic() - t0:.0f} s, load "
+            f"{os.getloadavg()[0]:.1f}]: pull {pull['pull_total_s']:.2f} s; " + "; ".join(
+                f"{n} {g['total_s']:.2f} s ({g['over_pull']:.2f}x), chain {g['chain']}, "
+                f"{g['store']['chunk_requests']} GETs, {g['fetched_over_read']:.2f}x read" for n, g in got.items()))
+    out: dict[str, Any] = {"rounds": rounds, "variants": {}}
+    for name, extra in variants:
+        gs = [r["variants"][name] for r in rounds]
+
+        def med(f: Callable[[dict[str, Any]], Any], gs: list[dict[str, Any]] = gs) -> Any:
+            vals = [f(g) for g in gs if f(g) is not None]
+            return statistics.median(vals) if vals else None
+
+        out["variants"][name] = {
+            "mount_args": " ".join(extra), "first_over_pull": med(lambda g: g["over_pull"]),
+            "first_over_pull_all": [round(g["over_pull"], 3) for g in gs], "first_s": med(lambda g: g["total_s"]),
+            "chain": med(lambda g: g["chain"]), "chains": [g["chain"] for g in gs],
+            "gets": med(lambda g: g["store"]["chunk_requests"]),
+            "fetched_over_read": med(lambda g: g["fetched_over_read"]),
+            "fetched_mb": med(lambda g: g["store"]["chunk_bytes"] / 1e6),
+            "read_mb": med(lambda g: g["store"]["fuse_read_bytes"] / 1e6),
+        }
+    out["pull_s"] = statistics.median(r["pull"]["pull_total_s"] for r in rounds)
+    return out
+
+
+def print_variants(name: str, res: dict[str, Any]) -> None:
+    print(f"\n== {name}: first starts, variants alternated, {len(res['rounds'])} rounds; "
+          f"full pull median {res['pull_s']:.2f} s ==")
+    print(f"  {'variant':10} {'first/pull':>10} {'(each round)':28} {'first s':>8} {'chain':>6} {'(each)':16} "
+          f"{'GETs':>5} {'fetched/read':>12} {'MB fetched / read':>18}")
+    for v, r in res["variants"].items():
+        print(f"  {v:10} {r['first_over_pull']:>10.2f} {r['first_over_pull_all']!s:28} {r['first_s']:>8.2f} "
+              f"{r['chain'] if r['chain'] is not None else '-':>6} {r['chains']!s:16} {r['gets']:>5.0f} "
+              f"{r['fetched_over_read']:>12.2f} {r['fetched_mb']:>8.1f} / {r['read_mb']:.1f}")
+
+
 def variant_sample(ctx: Ctx, i: int, prefix: str, extra: tuple[str, ...]) -> dict[str, Any]:
     """Cold mount (with ``extra`` options) + run on an empty cache: the trace and peer variants."""
     mnt = ctx.workdir / f"mnt-{prefix}-{ctx.mode}-{i}"
@@ -701,7 +773,10 @@ def print_report(result: dict[str, Any]) -> None:
           f"of input; samples {', '.join(f'{x:.1f}' for x in b['mb_per_s'])} MB/s "
           f"({mb(b['logical_bytes'])} in {', '.join(f'{x:.1f}' for x in b['seconds'])} s)")
     for res in result["modes"].values():
-        print_mode(res["label"], res, image)
+        if "variants" in res:
+            print_variants(res["label"], res)
+        else:
+            print_mode(res["label"], res, image)
     print(f"\ntotal benchmark time {result['elapsed_s']:.0f} s")
 
 
@@ -774,6 +849,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--pull-parts", type=int, default=3,
                     help="parallel ranged GETs of the full pull's layer (default 3, as a registry client)")
     ap.add_argument("--mount-args", default="", help="extra 'cubefs mount' options, e.g. '--readahead 8M'")
+    ap.add_argument("--variants", default="",
+                    help="first starts only, alternated: 'NAME=MOUNT OPTIONS;NAME=...' (e.g. 'off=--hot-pack 0;"
+                         "hot=--hot-pack 2'), each variant once per round, one full pull per round")
     ap.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: a new one in /var/tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (mount logs, caches, weed log)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON instead of tables")
@@ -861,7 +939,8 @@ def benchmark(args: argparse.Namespace, cmd: list[str], workdir: Path, cleanup: 
     result: dict[str, Any] = {
         "config": {"rootfs": str(args.rootfs), "cmd": args.cmd, "repeat": args.repeat, "delay_ms": args.delay_ms,
                    "mount_server": not args.no_server,
-                   "connect_delay_ms": args.connect_delay_ms, "mount_args": args.mount_args, "trace": args.trace,
+                   "connect_delay_ms": args.connect_delay_ms, "mount_args": args.mount_args,
+                   "variants": args.variants, "trace": args.trace,
                    "peer": args.peer,
                    "warm_runs_per_sample": WARM_RUNS, "cpus": os.cpu_count()},
         "image": image,
@@ -899,7 +978,8 @@ def benchmark(args: argparse.Namespace, cmd: list[str], workdir: Path, cleanup: 
         mode_client = LayerClient(endpoint)
         ctx = Ctx(args, cleanup, workdir, cmd, endpoint, store, proxy, shlex.split(args.mount_args), name,
                   client, f"traces/{str(image['image']).removeprefix('sha256:')}")
-        res = run_mode(ctx, mode_client, int(image["stored_bytes"]))
+        res = (run_variants(ctx, mode_client) if args.variants
+               else run_mode(ctx, mode_client, int(image["stored_bytes"])))
         res["label"] = label
         res["endpoint_kind"] = "proxy" if proxy else "direct"
         result["modes"][name] = res
