@@ -15,7 +15,17 @@ native disk in the same run.  What one run does, as root:
 
 Prints medians, the spread and the ratio; ``--json`` for the raw figures.
 
+``--compare 'NAME=MOUNT ARGS;NAME=...'`` measures several mount modes in the same run,
+each with its own disk cache (filled by its own first read), every sample reading the
+native file and each mode in turn (the order rotates each sample): the machine's load
+and the native disk's spread (a virtio disk with the host's cache: 0.7-2.6 GB/s from
+one sample to the next) are shared by the modes compared, and the ratio is also
+taken sample by sample.  A mode whose cache holds a passthrough copy of the file
+(``cubefs/cache/files.py``) also reads that copy directly, page cache dropped
+(``copy``: the local disk's speed for the copy's own layout, without FUSE).
+
     sudo .venv/bin/python tools/bench/seqread.py --size 1G --repeat 5
+    sudo .venv/bin/python tools/bench/seqread.py --repeat 5 --compare 'default=;passthrough=--passthrough'
 """
 
 from __future__ import annotations
@@ -77,58 +87,91 @@ def parse_size(text: str) -> int:
     return int(float(text[:-1]) * units[text[-1].upper()]) if text[-1].upper() in units else int(text)
 
 
+def copies(cache: Path) -> list[Path]:
+    """The passthrough copies in a disk cache (cubefs.cache.files: <cache>/files/<k[:2]>/<k>)."""
+    top = cache / "files"
+    return [p for p in top.rglob("*") if p.is_file() and not p.name.startswith(".") and "." not in p.name] \
+        if top.is_dir() else []
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="1G", help="file size (default 1G)")
     ap.add_argument("--repeat", type=int, default=5, help="samples (default 5)")
     ap.add_argument("--mount-args", default="", help="extra 'cubefs mount' options")
+    ap.add_argument("--compare", default="", help="'NAME=MOUNT ARGS;NAME=...': several modes, alternated")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     size = parse_size(args.size)
+    modes = {k: v.split() for k, v in (x.split("=", 1) for x in args.compare.split(";") if x)} \
+        or {"mount": args.mount_args.split()}
     work = Path(tempfile.mkdtemp(prefix="cubefs-seqread-", dir="/var/tmp"))
     mnt = work / "mnt"
     mnt.mkdir()
     store = f"file://{work / 'store'}"
-    mount_argv = ["mount", "seq:1", str(mnt), "--store", store, "--cache-dir", str(work / "cache"),
-                  "--cache-size", str(4 * size), *args.mount_args.split()]
+
+    def argv(mode: str) -> list[str]:
+        return ["mount", "seq:1", str(mnt), "--store", store, "--cache-dir", str(work / f"cache-{mode}"),
+                "--cache-size", str(4 * size), *modes[mode]]
+
+    def through(mode: str) -> float:
+        cubefs(*argv(mode))
+        try:
+            dt, n = read_all(mnt / "big.bin")
+        finally:
+            cubefs("umount", str(mnt))
+        assert n == size
+        return n / 1e6 / dt
+
+    rates: dict[str, list[float]] = {"native": [], **{m: [] for m in modes}}
     try:
         (work / "src").mkdir()
         make_file(work / "src" / "big.bin", size)
         build = json.loads(cubefs("build", str(work / "src"), "--tag", "seq:1", "--store", store, "--json").stdout)
         print(f"built {size / 1e6:.0f} MB into {build['stored_bytes'] / 1e6:.0f} MB stored", file=sys.stderr)
-        cubefs(*mount_argv)
-        cold_s, _ = read_all(mnt / "big.bin")
-        cubefs("umount", str(mnt))
-        print(f"cold read (store -> disk cache): {size / 1e6 / cold_s:.0f} MB/s", file=sys.stderr)
-        lazy, native = [], []
+        for mode in modes:
+            cold = through(mode)
+            print(f"{mode}: cold read (store -> disk cache): {cold:.0f} MB/s", file=sys.stderr)
+        order = ["native", *modes]
         for i in range(args.repeat):
-            drop_caches()
-            dt, n = read_all(work / "src" / "big.bin")
-            native.append(n / 1e6 / dt)
-            drop_caches()
-            cubefs(*mount_argv)
-            try:
-                dt, n = read_all(mnt / "big.bin")
-            finally:
-                cubefs("umount", str(mnt))
-            assert n == size
-            lazy.append(n / 1e6 / dt)
-            print(f"sample {i + 1}: mount {lazy[-1]:.0f} MB/s, native disk {native[-1]:.0f} MB/s", file=sys.stderr)
+            k = i % len(order)
+            for mode in order[k:] + order[:k]:
+                drop_caches()
+                if mode == "native":
+                    dt, n = read_all(work / "src" / "big.bin")
+                    rates["native"].append(n / 1e6 / dt)
+                else:
+                    rates[mode].append(through(mode))
+                    for c in copies(work / f"cache-{mode}")[:1]:  # the copy itself, without FUSE
+                        drop_caches()
+                        dt, n = read_all(c)
+                        rates.setdefault(f"{mode} copy", []).append(n / 1e6 / dt)
+            print(f"sample {i + 1}: " + ", ".join(f"{m} {r[-1]:.0f}" for m, r in rates.items()) + " MB/s",
+                  file=sys.stderr)
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
-    result = {"size": size, "mount_mb_s": lazy, "native_mb_s": native,
-              "median_mount_mb_s": statistics.median(lazy), "median_native_mb_s": statistics.median(native)}
-    result["ratio"] = result["median_mount_mb_s"] / result["median_native_mb_s"]
+    nat = rates["native"]
+    result: dict[str, object] = {"size": size, "load": os.getloadavg(), "mb_s": rates,
+                                 "median_mb_s": {m: statistics.median(r) for m, r in rates.items()}}
+    ratios = {m: {"of_medians": statistics.median(r) / statistics.median(nat),
+                  "median_of_samples": statistics.median(a / b for a, b in zip(r, nat, strict=False))}
+              for m, r in rates.items() if m != "native"}
+    result["ratio"] = ratios
+    if list(modes) == ["mount"]:  # the single-mode figures, as before --compare
+        result.update(mount_mb_s=rates["mount"], native_mb_s=nat, median_mount_mb_s=statistics.median(rates["mount"]),
+                      median_native_mb_s=statistics.median(nat))
+        result["ratio"] = ratios["mount"]["of_medians"]
     if args.json:
         print(json.dumps(result, indent=1))
         return 0
-    m, nat = result["median_mount_mb_s"], result["median_native_mb_s"]
-    print(f"{'measurement':44} {'MB/s':>8}  range")
-    print(f"{'sequential read, mount, warm disk cache':44} {m:8.0f}  {min(lazy):.0f}-{max(lazy):.0f}")
-    print(f"{'sequential read, native disk':44} {nat:8.0f}  {min(native):.0f}-{max(native):.0f}")
-    print(f"{'ratio mount / native':44} {result['ratio']:8.2f}")
-    print(f"floor >= {FLOOR_MB_S:.0f} MB/s: {'ok' if m >= FLOOR_MB_S else 'FAIL'}")
+    print(f"{'measurement':44} {'MB/s':>8}  range         x native (medians; median of samples)")
+    for m, r in rates.items():
+        what = "sequential read, native disk" if m == "native" else f"{m}, warm disk cache"
+        extra = "" if m == "native" else f"  {ratios[m]['of_medians']:.2f}; {ratios[m]['median_of_samples']:.2f}"
+        print(f"{what:44} {statistics.median(r):8.0f}  {min(r):.0f}-{max(r):.0f}{extra}")
+    worst = min(statistics.median(rates[m]) for m in modes)
+    print(f"floor >= {FLOOR_MB_S:.0f} MB/s: {'ok' if worst >= FLOOR_MB_S else 'FAIL'}; load {os.getloadavg()}")
     return 0
 
 

@@ -1,0 +1,114 @@
+"""Passthrough negotiated where an image is worth it, and the trace prefetch it spares (issue 18).
+
+Measured (docs/benchmarks.md, cubefs/fuse/passthrough.py): passthrough made warm and on-the-node
+starts of the four start-up images slower (every open an OPEN round trip) and a big file's
+sequential read 2-4x faster; and a remount's trace prefetch read a copied file's chunks from the
+disk cache for nobody, halving that read.  These drive :class:`Passthrough` as the FUSE server
+does, on an image's metadata and a real :class:`FileStore` (no kernel: the negotiation and the
+prefetch's filter are decisions made before any file is opened)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from cubefs.cache.files import FileStore, content_key
+from cubefs.format.image import F_SIZE
+from cubefs.fuse import passthrough as pt
+from cubefs.fuse import protocol as p
+
+CHUNK = 1 << 20
+
+
+class _Image:
+    """The parts of cubefs.format.image.Image that Passthrough reads: records, extents, chunks."""
+
+    def __init__(self, sizes: list[int]) -> None:
+        self.inodes: list[list[Any]] = [[stat.S_IFDIR | 0o755, 0, 0, 0, 0, 0, 0, 2, 0, [], b""]]  # the root
+        self._extents: dict[int, tuple[list[int], list[int]]] = {}
+        self._chunks: list[tuple[bytes, int]] = []
+        for size in sizes:
+            rec = [stat.S_IFREG | 0o644, 0, 0, 0, 0, 0, size, 1, 0, [], b""]
+            self.inodes.append(rec)
+            offs = list(range(0, size, CHUNK))
+            idxs = []
+            for off in offs:
+                idxs.append(len(self._chunks))
+                length = min(CHUNK, size - off)
+                self._chunks.append((hashlib.sha256(f"{len(self.inodes)}:{off}".encode()).digest(), length))
+            self._extents[len(self.inodes)] = (offs, idxs)
+
+    def __len__(self) -> int:
+        return len(self.inodes)
+
+    def record(self, ino: int) -> list[Any]:
+        return self.inodes[ino - 1]
+
+    def extents(self, ino: int) -> tuple[list[int], list[int]]:
+        return self._extents.get(ino, ([], []))
+
+    def chunk(self, idx: int) -> tuple[bytes, int]:
+        return self._chunks[idx]
+
+
+def _passthrough(tmp_path: Path, sizes: list[int], auto: bool = False) -> pt.Passthrough:
+    fs = SimpleNamespace(image=_Image(sizes), label="test:1")
+    return pt.Passthrough(fs, FileStore(str(tmp_path / "cache"), 1 << 40), lambda: -1, auto=auto)
+
+
+def _copy(t: pt.Passthrough, ino: int) -> None:
+    """A copy of ``ino`` written and marked, as the daemon's writer does."""
+    image = t.fs.image
+    size = image.record(ino)[F_SIZE]
+    offs, idxs = image.extents(ino)
+    key = content_key(size, [(off, *image.chunk(i)) for off, i in zip(offs, idxs, strict=True)])
+    fd, tmp = t.store.begin(key)
+    os.pwrite(fd, b"x", 0)
+    t.store.commit(key, fd, tmp, size)
+
+
+def test_auto_negotiates_only_for_an_image_with_a_big_file(tmp_path: Path) -> None:
+    small = _passthrough(tmp_path / "a", [5 << 20, 48 << 20, 100], auto=True)  # python3, apt's lists
+    assert not small.negotiate(p.PASSTHROUGH)  # "no open" kept: warm opens cost no round trip
+    assert small.state.startswith("off: auto: no file of 64 MiB")
+    big = _passthrough(tmp_path / "b", [100, pt.AUTO_MIN_FILE], auto=True)  # model weights, a data set
+    assert big.negotiate(p.PASSTHROUGH) and big.state == "passthrough"
+    asked = _passthrough(tmp_path / "c", [100], auto=False)  # --passthrough: always, as before
+    assert asked.negotiate(p.PASSTHROUGH)
+    assert not big.negotiate(0)  # a kernel without it refuses it whatever the image
+    assert big.state.startswith("off: the kernel offers no FUSE passthrough")
+
+
+def test_auto_says_why_in_stats(tmp_path: Path) -> None:
+    t = _passthrough(tmp_path, [1 << 20], auto=True)
+    t.negotiate(p.PASSTHROUGH)
+    assert t.stats()["state"] == "off: auto: no file of 64 MiB or more in the image"
+    assert t.open(2) == 0  # answered in cached mode
+
+
+def test_the_trace_prefetch_skips_files_with_a_copy(tmp_path: Path) -> None:
+    # inodes 2..5: a copied 3 MiB file, an uncopied 2 MiB one, a small one, a copied 1.5 MiB one
+    t = _passthrough(tmp_path, [3 << 20, 2 << 20, 4096, 3 << 19])
+    image = t.fs.image
+    _copy(t, 2)
+    _copy(t, 5)
+    want = set(image.extents(2)[1]) | set(image.extents(5)[1])
+    assert t.copied_chunks() == want  # before INIT too: the prefetch starts as the mount goes live
+    t.negotiate(p.PASSTHROUGH)
+    assert t.copied_chunks() == want
+    t.negotiate(0)  # refused: the kernel reads no copy, so every chunk is prefetched
+    assert t.copied_chunks() == set()
+
+
+def test_a_copy_changed_since_its_mark_is_prefetched(tmp_path: Path) -> None:
+    t = _passthrough(tmp_path, [2 << 20])
+    _copy(t, 2)
+    assert t.copied_chunks() == set(t.fs.image.extents(2)[1])
+    (copy,) = [c for c in (tmp_path / "cache" / "files").rglob("*") if c.is_file() and "." not in c.name]
+    with open(copy, "r+b") as f:  # any write changes its ctime: the mark no longer holds
+        f.write(b"y")
+    assert t.copied_chunks() == set()
