@@ -325,12 +325,16 @@ class ImageFS:
                 # at a remount's first READ, which waited it.
                 on_way = all(self.source.has(r.digest) for r in refs)
                 neighbours = ([] if on_way else self._pack_neighbours(refs + ahead)) + self._dir_neighbours(ino)
+                hot = None
                 if not on_way and self.hot_pack > 0 and self.pack_readahead > 0:  # both speculate on packs
-                    self._hot_pack(ino, refs, refs + ahead + neighbours)
+
+                    def hot(missed: list[ChunkLocation], ino: int = ino) -> None:
+                        self._hot_pack(ino, missed)
+
                 if refs:
                     self._last_pack = self.chunkmap.pack_number(refs[-1].pack)
                 with trio.fail_after(self.read_timeout):
-                    datas = await self.source.get_many(refs, ahead, neighbours)
+                    datas = await self.source.get_many(refs, ahead, neighbours, on_miss=hot)
         except (ChunkUnavailable, trio.TooSlowError) as err:
             self.read_errors += 1
             what = str(err) or f"timed out after {self.read_timeout:.0f}s"
@@ -374,32 +378,27 @@ class ImageFS:
         offs, idxs = self.chunkmap.by_pack()[self.chunkmap.pack_number(last.pack)]
         return self._take(idxs[bisect_right(offs, last.offset) :], self.pack_readahead, stored=True)
 
-    def _hot_pack(self, ino: int, refs: list[ChunkLocation], own: list[ChunkLocation]) -> None:
-        """The rest of a pack, once ``hot_pack`` distinct files of it have missed: fetched
-        in the background in ranges of HOT_PIECE stored bytes, from the latest miss on
-        (wrapping round), several at once.  Import order is not pack order: a first start
-        of pandas (+10 ms) came back to one pack at six offsets in 250 ms (4.37M, 3.1M,
-        0.87M, 4.24M, 1.69M, 4.13M), a round trip each, and its pack neighbours (the
-        512 KiB after a miss) caught none of them.  Bounded by HOT_SHARE: a pack is fetched
-        only while the bytes asked of the store and peers (``ChunkSource.asked_bytes``, each
-        chunk once, queued ranges included), with this read's own (``own``: its chunks,
-        read-ahead and neighbours, about to be asked for) and the pack's rest, stay within
-        that share of the plaintext read so far, so an image read a little (``import json``)
-        is not fetched whole.  Files are counted, not chunks: counting chunks heated
-        deb-numpy's packs on one shared object's page faults (41.8 MB fetched for 42.2 MB
-        read, a slower start)."""
+    def _hot_pack(self, ino: int, missed: list[ChunkLocation]) -> None:
+        """The rest of a pack, once ``hot_pack`` distinct files of it have missed (``missed``:
+        a read's chunks sent to the store or a peer, ChunkSource.get_many's ``on_miss``; a
+        disk-cache hit is no miss): fetched in the background in ranges of HOT_PIECE stored
+        bytes, from the latest miss on (wrapping round), several at once.  Import order is not
+        pack order: a first start of pandas (+10 ms) came back to one pack at six offsets in
+        250 ms (4.37M, 3.1M, 0.87M, 4.24M, 1.69M, 4.13M), a round trip each, and its pack
+        neighbours (the 512 KiB after a miss) caught none of them.  Bounded by HOT_SHARE: a
+        pack is fetched only while the bytes asked of the store and peers
+        (``ChunkSource.asked_bytes``: each chunk once, this read's own and queued ranges
+        included), with the pack's rest, stay within that share of the plaintext read so far,
+        so an image read a little (``import json``) is not fetched whole.  Files are counted,
+        not chunks: counting chunks heated deb-numpy's packs on one shared object's page
+        faults (41.8 MB fetched for 42.2 MB read, a slower start)."""
         allowed = HOT_SHARE * self.bytes_read
         asked = self.source.asked_bytes
         if asked >= allowed:
             return  # no pack could go hot now: none of the walks below
         last: dict[int, ChunkLocation] = {}  # each pack once a call, at its latest miss
-        for ref in refs:
-            if not self.source.has(ref.digest):
-                last[self.chunkmap.pack_number(ref.pack)] = ref
-        if not last:
-            return
-        mine: dict[bytes, int] = {r.digest: r.stored_len for r in own if not self.source.has(r.digest)}
-        asked += sum(mine.values())
+        for ref in missed:
+            last[self.chunkmap.pack_number(ref.pack)] = ref
         for n, ref in last.items():
             if n in self._packs_done:
                 continue
@@ -410,8 +409,7 @@ class ImageFS:
                 continue
             offs, idxs = self.chunkmap.by_pack()[n]
             at = bisect_right(offs, ref.offset)
-            rest = [r for r in (self._ref(i) for i in idxs[at:] + idxs[:at])
-                    if r.digest not in mine and not self.source.has(r.digest)]
+            rest = [r for r in (self._ref(i) for i in idxs[at:] + idxs[:at]) if not self.source.has(r.digest)]
             size = sum(r.stored_len for r in rest)
             if asked + size > allowed:
                 continue  # not yet: a later miss may find the share grown
