@@ -33,7 +33,7 @@ import os
 import stat
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import lmdb
@@ -103,6 +103,39 @@ def _encode_rdev(rdev: int) -> int:
     return ((minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12)) & 0xFFFFFFFF
 
 
+ATTRS_MAX = 65536  # inodes whose packed attributes a server keeps
+_AHEAD: dict[str, LRUCache[int, bytes]] = {}  # image digest -> its packed attributes, built ahead
+
+
+def _image_digest(fs: Any) -> str:
+    image = getattr(fs, "image", None)
+    return str(getattr(image, "digest", ""))
+
+
+def attrs_ahead(fs: Any, batch: int = 256) -> Iterator[int]:
+    """Build the packed attributes of ``fs``'s inodes (an ImageFS) for the FuseServer this
+    process makes next for the same image, ``batch`` inodes a step (yields the count so far):
+    a daemon kept ready (cubefs.node.spare) steps through it while it waits for its request,
+    so that its first LOOKUPs and READDIRPLUSes find them built.  Measured on deb-python
+    (8,348 inodes): a first READDIRPLUS of a large directory took 108-250 us alone against
+    42-50 us with them built, and 0.4-1.7 ms in a remounted run's daemon (the program on the
+    other core).  What a server takes is what was built so far (at most ATTRS_MAX)."""
+    digest = _image_digest(fs)
+    if not digest or getattr(fs, "writable", False):
+        return
+    attrs: LRUCache[int, bytes] = LRUCache(maxsize=ATTRS_MAX)
+    _AHEAD.clear()  # one image's, the next mount's
+    _AHEAD[digest] = attrs
+    last = min(len(fs.image), ATTRS_MAX)
+    for start in range(1, last + 1, batch):
+        for ino in range(start, min(start + batch, last + 1)):
+            try:
+                attrs[ino] = _pack_attr(ino, fs.getattr(ino))
+            except FsError:
+                continue
+        yield len(attrs)
+
+
 class FuseServer:
     def __init__(self, fs: Any, cache_timeout: float = 3600.0) -> None:
         self.fs = fs  # an ImageFS, or a VolumeFS (writable)
@@ -132,8 +165,10 @@ class FuseServer:
         self._find: Callable[[int, bytes], int] | None = getattr(fs, "find", None)
         self._find_xattr: Callable[[int, bytes], bytes | None] | None = getattr(fs, "find_xattr", None)
         # An image never changes, so an inode's packed attributes are built once;
-        # a READDIRPLUS would otherwise rebuild hundreds per request.
-        self._attrs: LRUCache[int, bytes] = LRUCache(maxsize=65536)
+        # a READDIRPLUS would otherwise rebuild hundreds per request.  A daemon kept ready
+        # built its image's ahead (attrs_ahead).
+        self._attrs: LRUCache[int, bytes] = (None if self.writable else _AHEAD.pop(_image_digest(fs), None)) \
+            or LRUCache(maxsize=ATTRS_MAX)
         self._said: dict[int, float] = {}  # errno -> when it was last logged (see QUIET_SECONDS)
         self._generations: dict[int, int] = {}  # inode -> generation, bumped by a rollback (writeback cache)
         self._handlers: dict[int, Handler] = {

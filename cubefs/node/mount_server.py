@@ -559,7 +559,7 @@ def _become_spare(request: dict[str, Any], link_fd: int) -> int:
     setup_logging(int(request["args"].get("verbose") or 0), daemon=True)
     try:
         with spare.prepare(request, link_fd) as prepared:
-            got = spare.wait_for_request(link_fd)
+            got = spare.wait_for_request(link_fd, prepared)
             if got is None:
                 return EXIT_OK
             req, notify_fd = got  # its env and cwd are the spare's own (request_key holds them)

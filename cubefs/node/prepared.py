@@ -5,6 +5,7 @@ without importing the spare's side, which imports the mount."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,8 @@ class Prepared:
     store: RetryingStore
     disk: DiskCache | None
     kept: tuple[Manifest, Image, ChunkMap] | None
+    lowered: Any = None  # the priority to restore once a request comes (spare._lower_priority)
+    warm: Iterator[None] | None = None  # the warm-up's steps, taken while no request came (spare.warm_up)
 
     def take_disk(self) -> DiskCache | None:
         disk, self.disk = self.disk, None

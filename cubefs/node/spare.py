@@ -25,7 +25,10 @@ wanted spare goes first), each for ``KEEP_SECONDS`` after the mount that made
 it wanted.  A spare whose server goes away sees its link close and exits.
 
 Only the bytes a daemon needs to start are kept ready, never the image's
-file data: the run after a remount reads the disk cache as before.
+file data: the run after a remount reads the disk cache as before.  Once prepared
+(and reported), a spare warms up while it waits (:func:`warm_up`: its heap mapped,
+the image's attributes built), a step at a time, still at nice 19 (its autogroup
+too), and reports again; a request that comes first stops it.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import contextlib
 import json
 import logging
 import os
+import select
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -91,7 +95,8 @@ class Spare:
     sock: socket.socket
     pid: int
     wanted: float  # when a mount last made it wanted
-    private_bytes: int = 0  # reported once prepared
+    private_bytes: int = 0  # reported once prepared, and again once warmed up
+    warmed: bool = False  # its warm-up done: it waits at the usual priority (warm_up)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -141,7 +146,9 @@ class Spares:
             self._drop(s)
             return
         try:
-            s.private_bytes = int(json.loads(msg).get("bytes", 0))
+            info = json.loads(msg)
+            s.private_bytes = int(info.get("bytes", 0))
+            s.warmed = bool(info.get("warmed"))
         except (ValueError, AttributeError, TypeError):
             log.warning("spare %d sent a bad message", s.pid)
             return
@@ -181,6 +188,8 @@ class Spares:
 
     def hand(self, s: Spare, request: dict[str, Any], conn: socket.socket) -> bool:
         """Give ``s`` the request and the client's connection; False if it is gone."""
+        if not s.warmed:  # still preparing or warming up at nice 19: it finishes at the mount's priority
+            raise_priority(s.pid)
         try:
             socket.send_fds(s.sock, [json.dumps(request).encode()], [conn.fileno()])
             return True
@@ -234,8 +243,8 @@ def prepare(request: dict[str, Any], link_fd: int) -> Iterator[Prepared]:
             log.info("spare for %s: image not loaded ahead (%s)", opts.ref, err)
         prepared = Prepared(loop, store, disk, kept)
         rehearse(opts.cache_dir)
-        if lowered is not None:
-            _restore_priority(lowered)
+        prepared.lowered = lowered
+        prepared.warm = warm_up(kept)
         log.info("spare for %s prepared in %.1f ms", opts.ref, (time.monotonic() - t0) * 1000)
         _tell(link_fd, {"kind": "spare", "bytes": private_bytes()})
         try:
@@ -246,27 +255,91 @@ def prepare(request: dict[str, Any], link_fd: int) -> Iterator[Prepared]:
                 left.close()
 
 
-def _lower_priority() -> int | None:
+AUTOGROUP = "/proc/self/autogroup"  # the session's CPU share (sched(7), "The autogroup feature")
+
+
+def _lower_priority() -> tuple[int, int | None] | None:
     """A spare prepares 0.2 s after the mount that made it wanted, while that mount's program
     starts: at nice 19, so that the program and its daemon come first (on two cores its ~20-90
-    ms of CPU otherwise ran beside them).  Only where the priority can be raised back (root):
-    a daemon left at nice 19 would serve its reads last.  The old value, or None."""
+    ms of CPU otherwise ran beside them).  Its autogroup too: a spare is a session of its own
+    (setsid), and with autogroups (Debian's default, ``kernel.sched_autogroup_enabled``) a
+    task's nice only orders it within its session while each session gets an equal share;
+    so nice 19 alone left it beside the program at full weight.  Only where the priority can
+    be raised back (root): a daemon left at nice 19 would serve its reads last.  The old
+    values (nice, the autogroup's nice or None where there is none), or None."""
     if os.geteuid() != 0:
         return None
     try:
         old = os.getpriority(os.PRIO_PROCESS, 0)
         os.setpriority(os.PRIO_PROCESS, 0, 19)
-        return old
     except OSError:
+        return None
+    group = _autogroup_nice()
+    if group is not None:
+        _set_autogroup_nice(AUTOGROUP, 19)
+    return old, group
+
+
+def _autogroup_nice(path: str = AUTOGROUP) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.read().split("nice")[1])
+    except (OSError, ValueError, IndexError):
         return None
 
 
-def _restore_priority(old: int) -> None:
-    """Every thread back to ``old`` (on Linux a thread's nice is its own: the store's loop
-    thread, started while lowered, took the lowered one)."""
-    for tid in os.listdir("/proc/self/task"):
+def _set_autogroup_nice(path: str, nice: int) -> None:
+    with contextlib.suppress(OSError), open(path, "w") as f:
+        f.write(str(nice))
+
+
+def _restore_priority(old: tuple[int, int | None], pid: str = "self") -> None:
+    """Every thread back to the old nice (on Linux a thread's nice is its own: the store's
+    loop thread, started while lowered, took the lowered one), and the autogroup's."""
+    nice, group = old
+    for tid in os.listdir(f"/proc/{pid}/task"):
         with contextlib.suppress(OSError, ValueError):
-            os.setpriority(os.PRIO_PROCESS, int(tid), old)
+            os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+    if group is not None:
+        _set_autogroup_nice(f"/proc/{pid}/autogroup", group)
+
+
+def raise_priority(pid: int) -> None:
+    """In the server: a spare handed a request before it said it is prepared (a mount came
+    within its preparation) prepares for that mount now, at the server's priority, not in
+    what CPU the node leaves it.  Best effort: it restores the same values itself."""
+    if os.geteuid() != 0:
+        return
+    with contextlib.suppress(OSError):
+        _restore_priority((os.getpriority(os.PRIO_PROCESS, 0), 0), str(pid))
+
+
+def warm_up(kept: tuple[Any, Any, Any] | None) -> Iterator[None]:
+    """What a fresh daemon's first requests did on the remount's path, done ahead in steps
+    of a few ms (:func:`wait_for_request` takes one at a time while no request came, so a
+    mount never waits for it): its heap mapped (the first READs' buffers took a page fault
+    per 4 KiB: cubefs.fuse.kernel.keep_freed_heap) and the image's packed attributes built
+    (the first LOOKUPs and READDIRPLUSes built them: cubefs.fuse.server.attrs_ahead).
+    Measured on deb-python, a remounted ``import json`` (9 runs each, load 3-5): the
+    daemon's minor faults in the run ~1,800 -> ~670, its requests' time before the reply
+    (median) 27.9 -> 17.7 ms, LOOKUPs' 5.0 -> 3.2, READDIRPLUSes' 4.0 -> 1.7, READs' 16.5 -> 11.6."""
+    from cubefs.fuse import kernel, server
+
+    t0 = time.monotonic()
+    if kernel.keep_freed_heap():
+        # blocks under the mmap threshold (so from the heap), less than it keeps in all
+        blocks = [bytearray(1 << 20) for _ in range((kernel.HEAP_KEEP >> 20) - 1)]
+        del blocks
+        yield
+    built = 0
+    if kept is not None:
+        from cubefs.image.fs import ImageFS
+
+        _manifest, image, chunkmap = kept
+        for n in server.attrs_ahead(ImageFS(image, chunkmap, None, "")):  # type: ignore[arg-type]
+            built = n
+            yield
+    log.debug("spare warmed up in %.1f ms (%d inodes' attributes)", (time.monotonic() - t0) * 1000, built)
 
 
 def rehearse(directory: str) -> None:
@@ -296,9 +369,22 @@ def rehearse(directory: str) -> None:
             os.unlink(path)
 
 
-def wait_for_request(link_fd: int) -> tuple[dict[str, Any], int] | None:
+def wait_for_request(link_fd: int, prepared: Prepared | None = None) -> tuple[dict[str, Any], int] | None:
     """Block until the server hands over a request and its client's connection; None when
-    the server closed the link (it dropped this spare, or it exited)."""
+    the server closed the link (it dropped this spare, or it exited).  Meanwhile, still at
+    the spare's low priority, ``prepared``'s warm-up (:func:`warm_up`) a step at a time, the
+    link looked at between steps; the old priority is back before this returns."""
+    warm = prepared.warm if prepared is not None else None
+    if warm is not None:
+        for _ in warm:
+            if select.select([link_fd], [], [], 0)[0]:
+                break
+        else:
+            _tell(link_fd, {"kind": "spare", "bytes": private_bytes(), "warmed": True})  # what it holds now
+        prepared.warm = None  # type: ignore[union-attr]
+    if prepared is not None and prepared.lowered is not None:
+        _restore_priority(prepared.lowered)
+        prepared.lowered = None
     sock = socket.socket(fileno=link_fd)
     try:
         msg, fds, _flags, _addr = socket.recv_fds(sock, REQUEST_MAX, 1)
