@@ -7,6 +7,11 @@ with each run's ratios taken within that run (the machine is shared: absolute
 seconds drift between runs, ratios within one much less).  Usage::
 
     .venv/bin/python tools/bench/coldstart_table.py RESULTS/*.json
+
+Runs made with ``--variants`` (first starts only, variants alternated within
+each round) get a table of their own: per image, S3 and variant, first start /
+full pull (median, and each round), the proxy's sequential chain, chunk GETs,
+fetched / read, and in how many rounds the variant beat the first one named.
 """
 
 from __future__ import annotations
@@ -23,8 +28,31 @@ def rows(path: Path) -> list[tuple[str, str, dict[str, Any], dict[str, Any]]]:
     name = Path(cfg["rootfs"]).name
     out = []
     for mode, res in result["modes"].items():
+        if "variants" in res:
+            continue
         where = "loopback" if mode == "direct" else f"+{cfg['delay_ms']:g} ms"
         out.append((f"{name} · `{cfg['cmd']}`", where, res["medians"], res["ratios"]))
+    return out
+
+
+def variant_rows(path: Path) -> list[str]:
+    result = json.loads(path.read_text())
+    cfg = result["config"]
+    out = []
+    for mode, res in result["modes"].items():
+        if "variants" not in res:
+            continue
+        where = "loopback" if mode == "direct" else f"+{cfg['delay_ms']:g} ms"
+        first = next(iter(res["variants"]))
+        rounds = len(res["rounds"])
+        for name, v in res["variants"].items():
+            wins = sum(1 for r in res["rounds"] if r["variants"][name]["total_s"] < r["variants"][first]["total_s"])
+            chains = "-" if v["chain"] is None else f"{v['chain']:.0f} ({', '.join(str(c) for c in v['chains'])})"
+            out.append(f"| {Path(cfg['rootfs']).name} | {where} | {name} `{v['mount_args']}` | "
+                       f"{v['first_over_pull']:.2f} ({', '.join(f'{x:.2f}' for x in v['first_over_pull_all'])}) | "
+                       f"{'-' if name == first else f'{wins} of {rounds}'} | "
+                       f"{chains} | {v['gets']:.0f} | {v['fetched_over_read']:.2f} ({v['fetched_mb']:.1f} / "
+                       f"{v['read_mb']:.1f} MB) |")
     return out
 
 
@@ -32,7 +60,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("files", nargs="+", type=Path)
     args = ap.parse_args()
+    variants = [r for f in args.files for r in variant_rows(f)]
+    if variants:
+        print("| image | S3 | variant | first start / full pull, median (each round) | rounds faster than the "
+              "first variant | chain, median (each) | chunk GETs | fetched / FUSE-read (MB) |")
+        print("|---|---|---|---|---|---|---|---|")
+        print("\n".join(variants))
     table = [r for f in args.files for r in rows(f)]
+    if not table:
+        return 0
+    print()
     table.sort(key=lambda r: (r[1] != "loopback", r[1]))
     print("| image · command | S3 | full pull (3 GETs + extract) | cubefs first start (no trace) | "
           "later start (published trace) | first / pull (≤ 0.8) | later / pull (≤ 0.5) | "
