@@ -9,12 +9,19 @@ written once from chunks already on the node and verified against the
 image's digests before a daemon first uses it.
 
 The price: the kernel must send us OPEN (and RELEASE) for every open, which
-"no open" (server.py) had spared; a warm open then costs one more round trip.
-Measured (deb-numpy, ``import numpy``, tools/bench/warm_opens.py, 4 runs):
-a warm run made 175 OPENs and 175 RELEASEs more and took 0.12-0.19 s
-against 0.10-0.12 s without passthrough; a 1 GiB sequential read from the node went from 0.38 to 0.85
-of the native disk.  So it is asked for (``cubefs mount --passthrough``),
-not the default, and negotiated only where it can be used at all: a kernel
+"no open" (server.py) had spared (6.18 names a backing file only in an OPEN
+answer, and no FOPEN flag spares the RELEASE).  OPEN is answered inline; what
+it costs is the daemon's wake-up: 23 us back to back, 90-220 us with 0.2-1 ms
+between opens, the close 75 us more (queuing the RELEASE wakes the daemon):
+the same wake-up the default path pays once per Python open for its isatty
+ioctl.  Measured (tools/bench/warm_ab.py, 30 rounds alternated, load 1.6-2.4):
+warm runs 1.33-1.42x the extracted tree with it against 1.20-1.21x without
+(``import numpy`` 175 OPENs more, +22 ms; pandas 548, +75 ms); an image on the
+node (coldstart_remount, load ~4) 1.11-1.34x slower; a 1 GiB sequential read
+from the node 0.25-0.44 -> 0.64-0.76 of the native disk (more without the
+trace prefetch: :meth:`Passthrough.copied_chunks`).  So ``auto`` negotiates it
+only for an image holding a file of AUTO_MIN_FILE or more, ``--passthrough``
+always; and only where it can be used at all: a kernel
 FUSE mount of an image with a disk cache, a kernel offering it, not
 disabled by ``CUBEFS_PASSTHROUGH=0`` in the daemon's environment.  Where it is
 refused (no kernel support; ``FUSE_DEV_IOC_BACKING_OPEN`` needs
