@@ -102,6 +102,8 @@ def test_the_trace_prefetch_skips_files_with_a_copy(tmp_path: Path) -> None:
     assert t.copied_chunks() == want
     t.negotiate(0)  # refused: the kernel reads no copy, so every chunk is prefetched
     assert t.copied_chunks() == set()
+    t.state, t.auto = "not negotiated", True  # auto, an image without a 64 MiB file: it will decline
+    assert t.copied_chunks() == set()
 
 
 def test_a_copy_changed_since_its_mark_is_prefetched(tmp_path: Path) -> None:

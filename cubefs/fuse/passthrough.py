@@ -313,8 +313,9 @@ class Passthrough:
         3-5): with passthrough 698 MB/s (458-872), 0.76x the native disk; with the prefetch
         off 1,652 (1,409-2,043); the default path 404 with the prefetch, 341 without.  Runs
         in a thread: it walks every inode (an image's metadata is in memory) and looks at
-        the mark of each big file's copy.  Empty if passthrough was refused."""
-        if disabled_by_env() or self.state.startswith("off"):
+        the mark of each big file's copy.  Empty if passthrough was refused, or will be (auto,
+        an image without a big file: the prefetch may start before INIT)."""
+        if disabled_by_env() or self.state.startswith("off") or (self.auto and not self.worth_it()):
             return set()
         image = self.fs.image
         out: set[int] = set()
