@@ -17,7 +17,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from cubefs.cache.files import FileStore, content_key
-from cubefs.format.image import F_SIZE
+from cubefs.format.image import F_MODE, F_SIZE
 from cubefs.fuse import passthrough as pt
 from cubefs.fuse import protocol as p
 
@@ -114,3 +114,18 @@ def test_a_copy_changed_since_its_mark_is_prefetched(tmp_path: Path) -> None:
     with open(copy, "r+b") as f:  # any write changes its ctime: the mark no longer holds
         f.write(b"y")
     assert t.copied_chunks() == set()
+
+
+def test_the_big_file_question_is_answered_once_per_image(tmp_path: Path) -> None:
+    """Asked at INIT, on a remount's path: a daemon prepared ahead (cubefs.node.spare) answers
+    it while it waits, and the INIT finds the answer by the image's digest."""
+    image = _Image([100, 2 << 20])
+    image.digest = "ab" * 32  # type: ignore[attr-defined]
+    pt._BIG.pop(image.digest, None)  # type: ignore[attr-defined]
+    assert not pt.has_big_file(image)
+    image.inodes[1][F_SIZE] = pt.AUTO_MIN_FILE  # an image never changes: the answer is kept
+    assert not pt.has_big_file(image)
+    other = _Image([100, pt.AUTO_MIN_FILE])  # no digest: asked each time
+    assert pt.has_big_file(other)
+    other.inodes[2][F_MODE] = stat.S_IFDIR | 0o755  # a directory that size is not a file
+    assert not pt.has_big_file(other)
