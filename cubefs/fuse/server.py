@@ -112,7 +112,7 @@ def _image_digest(fs: Any) -> str:
     return str(getattr(image, "digest", ""))
 
 
-def attrs_ahead(fs: Any, batch: int = 256) -> Iterator[int]:
+def attrs_ahead(fs: Any, batch: int = 128) -> Iterator[int]:
     """Build the packed attributes of ``fs``'s inodes (an ImageFS) for the FuseServer this
     process makes next for the same image, ``batch`` inodes a step (yields the count so far):
     a daemon kept ready (cubefs.node.spare) steps through it while it waits for its request,

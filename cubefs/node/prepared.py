@@ -4,6 +4,7 @@ without importing the spare's side, which imports the mount."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -46,16 +47,30 @@ class Prepared:
         kept, self.kept = self.kept, None  # a spare serves one mount
         self.store.stats = StoreStats()  # what the mount asks of the store, not what preparing it did
         reader = CachingReader(self.store, MetadataCache(cache_dir))
-        manifest = wanted if not isinstance(wanted, str) else await load_manifest(reader, wanted)  # type: ignore[arg-type]
+        early = None
+        if kept is not None:
+            # The kept image's trace (the node's copy: a cold file read after the node's caches
+            # were dropped) read while the store is asked for the manifest, not after it; used
+            # only if the manifest still names that image.
+            reader.local_first = kept_keys(kept[0].image)
+            early = asyncio.ensure_future(_trace(reader, kept[0], kept[1].nchunks))
+        try:
+            manifest = wanted if not isinstance(wanted, str) else await load_manifest(reader, wanted)  # type: ignore[arg-type]
+        except BaseException:
+            if early is not None:
+                early.cancel()
+            raise
         if kept is None or kept[0].image != manifest.image:
+            if early is not None:
+                early.cancel()
             if kept is not None:
                 log.info("image %s: the tag now names sha256:%s, not the kept sha256:%s; loading it",
                          manifest.ref, manifest.image[:12], kept[0].image[:12])
             got = await load_cached(self.store, cache_dir, manifest, local)
             return (*got[:4], got[4] or reader.offline)
         _m, image, chunkmap = kept
-        reader.local_first = kept_keys(manifest.image)
-        trace = await _trace(reader, manifest, image.nchunks)
+        assert early is not None
+        trace = await early
         local.extend([image_key(image.digest), chunkmap_key(image.digest), *reader.local])
         return manifest, image, chunkmap, trace, reader.offline
 

@@ -261,12 +261,16 @@ AUTOGROUP = "/proc/self/autogroup"  # the session's CPU share (sched(7), "The au
 def _lower_priority() -> tuple[int, int | None] | None:
     """A spare prepares 0.2 s after the mount that made it wanted, while that mount's program
     starts: at nice 19, so that the program and its daemon come first (on two cores its ~20-90
-    ms of CPU otherwise ran beside them).  Its autogroup too: a spare is a session of its own
-    (setsid), and with autogroups (Debian's default, ``kernel.sched_autogroup_enabled``) a
-    task's nice only orders it within its session while each session gets an equal share;
-    so nice 19 alone left it beside the program at full weight.  Only where the priority can
-    be raised back (root): a daemon left at nice 19 would serve its reads last.  The old
-    values (nice, the autogroup's nice or None where there is none), or None."""
+    ms of CPU otherwise ran beside them).  Only where the priority can be raised back (root):
+    a daemon left at nice 19 would serve its reads last.  The old values (nice, and the nice
+    of its autogroup, or None where there is none: see :func:`wait_for_request`), or None.
+
+    A spare is a session of its own (setsid), and with autogroups (Debian's default,
+    ``kernel.sched_autogroup_enabled``) a task's nice orders it only within its session,
+    each session getting an equal share: so this nice 19 leaves the preparation beside the
+    program at full weight.  Kept so on purpose: with its autogroup at 19 too, a spare under
+    load (3-5 here) was not prepared when the next mount came 0.3-0.6 s later, and that
+    mount waited for it (in process 13 -> 27 ms median, json, 20 rounds alternated)."""
     if os.geteuid() != 0:
         return None
     try:
@@ -274,10 +278,7 @@ def _lower_priority() -> tuple[int, int | None] | None:
         os.setpriority(os.PRIO_PROCESS, 0, 19)
     except OSError:
         return None
-    group = _autogroup_nice()
-    if group is not None:
-        _set_autogroup_nice(AUTOGROUP, 19)
-    return old, group
+    return old, _autogroup_nice()
 
 
 def _autogroup_nice(path: str = AUTOGROUP) -> int | None:
@@ -305,9 +306,10 @@ def _restore_priority(old: tuple[int, int | None], pid: str = "self") -> None:
 
 
 def raise_priority(pid: int) -> None:
-    """In the server: a spare handed a request before it said it is prepared (a mount came
-    within its preparation) prepares for that mount now, at the server's priority, not in
-    what CPU the node leaves it.  Best effort: it restores the same values itself."""
+    """In the server: a spare handed a request before it said it warmed up (at nice 19, its
+    autogroup too while it warms: see wait_for_request) finishes the step it is in at the
+    server's priority, not in what CPU the node leaves it.  Best effort: it restores the
+    same values itself."""
     if os.geteuid() != 0:
         return
     with contextlib.suppress(OSError):
@@ -327,10 +329,13 @@ def warm_up(kept: tuple[Any, Any, Any] | None) -> Iterator[None]:
 
     t0 = time.monotonic()
     if kernel.keep_freed_heap():
-        # blocks under the mmap threshold (so from the heap), less than it keeps in all
-        blocks = [bytearray(1 << 20) for _ in range((kernel.HEAP_KEEP >> 20) - 1)]
+        # blocks under the mmap threshold (so from the heap), less than it keeps in all, a
+        # step each (~1 ms of page faults), freed together (one free region, kept)
+        blocks = []
+        for _ in range((kernel.HEAP_KEEP >> 20) - 1):
+            blocks.append(bytearray(1 << 20))
+            yield
         del blocks
-        yield
     built = 0
     if kept is not None:
         from cubefs.image.fs import ImageFS
@@ -376,12 +381,16 @@ def wait_for_request(link_fd: int, prepared: Prepared | None = None) -> tuple[di
     link looked at between steps; the old priority is back before this returns."""
     warm = prepared.warm if prepared is not None else None
     if warm is not None:
-        for _ in warm:
-            if select.select([link_fd], [], [], 0)[0]:
+        assert prepared is not None
+        if prepared.lowered is not None and prepared.lowered[1] is not None:
+            # The warm-up is only a head start: in the CPU the node leaves (its autogroup at 19;
+            # the server raises it back if a request comes first, see Spares.hand).
+            _set_autogroup_nice(AUTOGROUP, 19)
+        while not select.select([link_fd], [], [], 0)[0]:
+            if next(warm, StopIteration) is StopIteration:
+                _tell(link_fd, {"kind": "spare", "bytes": private_bytes(), "warmed": True})  # what it holds now
                 break
-        else:
-            _tell(link_fd, {"kind": "spare", "bytes": private_bytes(), "warmed": True})  # what it holds now
-        prepared.warm = None  # type: ignore[union-attr]
+        prepared.warm = None
     if prepared is not None and prepared.lowered is not None:
         _restore_priority(prepared.lowered)
         prepared.lowered = None
