@@ -129,3 +129,26 @@ def test_the_big_file_question_is_answered_once_per_image(tmp_path: Path) -> Non
     assert pt.has_big_file(other)
     other.inodes[2][F_MODE] = stat.S_IFDIR | 0o755  # a directory that size is not a file
     assert not pt.has_big_file(other)
+
+
+def test_an_auto_mount_that_declines_makes_no_copies_directory(tmp_path: Path) -> None:
+    """for_mount makes the copies' store only once passthrough is negotiated: a mount of an
+    image without a big file (most) touches nothing of it; one whose directory cannot be used
+    is refused at INIT, and goes on in cached mode."""
+    disk = SimpleNamespace(directory=str(tmp_path / "cache"), max_bytes=1 << 30)
+    small = SimpleNamespace(image=_Image([100]), label="s:1", source=SimpleNamespace(disk=disk))
+    t = pt.for_mount(small, lambda: -1, auto=True)
+    assert t is not None and not t.negotiate(p.PASSTHROUGH)
+    assert t.copied_chunks() == set() and t.open(2) == 0
+    assert not (tmp_path / "cache").exists()
+    big = SimpleNamespace(image=_Image([pt.AUTO_MIN_FILE]), label="b:1", source=SimpleNamespace(disk=disk))
+    t = pt.for_mount(big, lambda: -1, auto=True)
+    assert t is not None and t.negotiate(p.PASSTHROUGH)
+    assert (tmp_path / "cache" / "files").is_dir()
+    (tmp_path / "blocked").write_bytes(b"")  # a file where the cache directory should be
+    bad = SimpleNamespace(directory=str(tmp_path / "blocked"), max_bytes=1 << 30)
+    t = pt.for_mount(SimpleNamespace(image=big.image, label="b:1", source=SimpleNamespace(disk=bad)), lambda: -1,
+                     auto=True)
+    assert t.copied_chunks() == set()  # before INIT (the trace prefetch): no error, nothing left out
+    assert t is not None and not t.negotiate(p.PASSTHROUGH)
+    assert t.state.startswith("off: cannot use the cache's files/ directory")

@@ -144,6 +144,8 @@ def for_mount(fs: Any, device_fd: Callable[[], int], auto: bool = False) -> Pass
     disk = getattr(getattr(fs, "source", None), "disk", None)
     if getattr(fs, "writable", False) or disk is None or not hasattr(fs, "image"):
         return None
+    if auto:  # the store only if negotiated: an auto mount that declines touches no files/ directory
+        return Passthrough(fs, lambda: FileStore(disk.directory, disk.max_bytes // SHARE), device_fd, auto)
     try:
         store = FileStore(disk.directory, disk.max_bytes // SHARE)
     except OSError as err:
@@ -155,10 +157,13 @@ def for_mount(fs: Any, device_fd: Callable[[], int], auto: bool = False) -> Pass
 class Passthrough:
     """One image mount's passthrough: which inodes have a backing id, what to write out."""
 
-    def __init__(self, fs: Any, store: FileStore, device_fd: Callable[[], int], auto: bool = False) -> None:
+    def __init__(self, fs: Any, store: FileStore | Callable[[], FileStore], device_fd: Callable[[], int],
+                 auto: bool = False) -> None:
         self.fs = fs  # an ImageFS
         self.auto = auto  # negotiate only where worth_it()
-        self.store = store
+        # the copies' store, or what makes it (auto: made once negotiated, see negotiate)
+        self._store: FileStore | None = store if isinstance(store, FileStore) else None
+        self._make_store = None if isinstance(store, FileStore) else store
         self.device_fd = device_fd
         self.active = False
         self.state = "not negotiated"
@@ -174,6 +179,13 @@ class Passthrough:
         self._tees: dict[int, _Tee] = {}
         self._writer: _Writer | None = None
 
+    @property
+    def store(self) -> FileStore:
+        if self._store is None:
+            assert self._make_store is not None
+            self._store = self._make_store()
+        return self._store
+
     # -- INIT --------------------------------------------------------------
 
     def negotiate(self, kernel_flags: int) -> bool:
@@ -186,8 +198,13 @@ class Passthrough:
         elif not kernel_flags & p.PASSTHROUGH:
             self._refuse("the kernel offers no FUSE passthrough (Linux 6.9+, CONFIG_FUSE_PASSTHROUGH)")
         else:
-            self.active = True
-            self.state = "passthrough"
+            try:
+                _ = self.store  # auto mode makes it here: a directory that cannot be used refuses it
+            except OSError as err:
+                self._refuse(f"cannot use the cache's files/ directory: {err}")
+            else:
+                self.active = True
+                self.state = "passthrough"
         return self.active
 
     def worth_it(self) -> bool:
@@ -339,6 +356,10 @@ class Passthrough:
         an image without a big file: the prefetch may start before INIT)."""
         if disabled_by_env() or self.state.startswith("off") or (self.auto and not self.worth_it()):
             return set()
+        try:
+            store = self.store
+        except OSError:  # INIT will refuse it (negotiate): nothing is read from a copy
+            return set()
         image = self.fs.image
         out: set[int] = set()
         for ino in range(1, len(image) + 1):
@@ -346,7 +367,7 @@ class Passthrough:
             if not stat.S_ISREG(r[F_MODE]) or r[F_SIZE] < MIN_SIZE:
                 continue
             info = self._info(ino)
-            if info is not None and (info[0] in self._verified or self.store.trusted(info[0])):
+            if info is not None and (info[0] in self._verified or store.trusted(info[0])):
                 out.update(image.extents(ino)[1])
         return out
 
