@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -106,6 +107,9 @@ def main() -> int:
     modes = {k: v.split() for k, v in (x.split("=", 1) for x in args.compare.split(";") if x)} \
         or {"mount": args.mount_args.split()}
     work = Path(tempfile.mkdtemp(prefix="cubefs-seqread-", dir="/var/tmp"))
+    # a mount server of its own: the node's (/run/cubefs/serve.sock) may serve others' mounts, and one
+    # started from this tree would be restarted by anyone's run from another
+    os.environ["CUBEFS_SERVER"] = str(work / "serve.sock")
     mnt = work / "mnt"
     mnt.mkdir()
     store = f"file://{work / 'store'}"
@@ -150,6 +154,11 @@ def main() -> int:
                   file=sys.stderr)
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+        lock = work / "serve.sock.lock"
+        try:
+            os.kill(int(lock.read_text()), signal.SIGTERM)
+        except (OSError, ValueError):
+            pass
         shutil.rmtree(work, ignore_errors=True)
     nat = rates["native"]
     result: dict[str, object] = {"size": size, "load": os.getloadavg(), "mb_s": rates,
