@@ -10,8 +10,9 @@ rounds' ratios to native (each round's runs saw the same load).
 
 Per image (tools/bench/images.py: its tree and command): built once into a
 ``file://`` store under WORKDIR; one mount per mode (``--modes NAME=MOUNT ARGS;...``,
-default ``off=`` and ``on=--passthrough``), each with its own empty disk cache, all
-served by one mount server; the command run ``--warmup`` times in each (so every
+default ``off=`` and ``on=--passthrough``; with passthrough auto by default, ``off=`` is the default
+mount, which declines it for these four images, and ``--no-passthrough`` the mount without it),
+each with its own empty disk cache, all served by one mount server; the command run ``--warmup`` times in each (so every
 copy a passthrough mount writes is written, and the page cache is warm), then
 ``--rounds`` rounds.  The FUSE requests the rounds sent each mount (``cubefs stats``)
 are printed per run.  As root, from a frozen tree (docs: common rules)::
