@@ -51,7 +51,7 @@ DIR_FILES = 2  # files of one directory read before its other files are prefetch
 DIR_FRACTION = 0.1  # ...and at least this share of its files: see ImageFS._dir_neighbours
 DIR_FILE_MAX = 1024 * 1024  # larger files are not prefetched as neighbours (a shared object read in part)
 HOT_PIECE = 1024 * 1024  # stored bytes per background range of a hot pack's rest: ranges in parallel
-HOT_SHARE = 1.5  # a hot pack's rest is fetched only while the bytes asked stay <= this x the bytes read
+HOT_SHARE = 1.3  # a hot pack's rest is fetched only while the bytes asked stay <= this x the bytes read
 
 
 class FsError(Exception):
@@ -391,7 +391,12 @@ class ImageFS:
         included), with the pack's rest, stay within that share of the plaintext read so far,
         so an image read a little (``import json``) is not fetched whole.  Files are counted,
         not chunks: counting chunks heated deb-numpy's packs on one shared object's page
-        faults (41.8 MB fetched for 42.2 MB read, a slower start)."""
+        faults (41.8 MB fetched for 42.2 MB read, a slower start).  Measured with 2 files
+        (coldstart.py --variants, alternated with --hot-pack 0, 5 rounds, +10 ms): pandas'
+        chain 103-106 -> 44-50 at share 1.5 (first start / pull 0.50 vs 0.70, 5 of 5 rounds
+        faster), 98-100 -> 50-58 at 1.3 (0.43 vs 0.59, 4 of 5); at 1.5 ``import json``
+        heated a pack in 1 sample of 10 (19.8 MB fetched for 13.1 MB read, 1.51x: json reads
+        1.28x without any), at 1.3 only when its reads were 17.6 MB (1.12x)."""
         allowed = HOT_SHARE * self.bytes_read
         asked = self.source.asked_bytes
         if asked >= allowed:
