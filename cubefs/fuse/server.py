@@ -136,6 +136,14 @@ def attrs_ahead(fs: Any, batch: int = 128) -> Iterator[int]:
         yield len(attrs)
 
 
+def _take_ahead(fs: Any) -> LRUCache[int, bytes] | None:
+    """The attributes built ahead for ``fs``'s image, if any; those of another image (a spare
+    whose tag moved serves the new one) are dropped, not kept for nothing."""
+    attrs = _AHEAD.pop(_image_digest(fs), None)
+    _AHEAD.clear()
+    return attrs
+
+
 class FuseServer:
     def __init__(self, fs: Any, cache_timeout: float = 3600.0) -> None:
         self.fs = fs  # an ImageFS, or a VolumeFS (writable)
@@ -167,8 +175,7 @@ class FuseServer:
         # An image never changes, so an inode's packed attributes are built once;
         # a READDIRPLUS would otherwise rebuild hundreds per request.  A daemon kept ready
         # built its image's ahead (attrs_ahead).
-        self._attrs: LRUCache[int, bytes] = (None if self.writable else _AHEAD.pop(_image_digest(fs), None)) \
-            or LRUCache(maxsize=ATTRS_MAX)
+        self._attrs: LRUCache[int, bytes] = (None if self.writable else _take_ahead(fs)) or LRUCache(maxsize=ATTRS_MAX)
         self._said: dict[int, float] = {}  # errno -> when it was last logged (see QUIET_SECONDS)
         self._generations: dict[int, int] = {}  # inode -> generation, bumped by a rollback (writeback cache)
         self._handlers: dict[int, Handler] = {
