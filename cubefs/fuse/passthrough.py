@@ -18,8 +18,10 @@ ioctl.  Measured (tools/bench/warm_ab.py, 30 rounds alternated, load 1.6-2.4):
 warm runs 1.33-1.42x the extracted tree with it against 1.20-1.21x without
 (``import numpy`` 175 OPENs more, +22 ms; pandas 548, +75 ms); an image on the
 node (coldstart_remount, load ~4) 1.11-1.34x slower; a 1 GiB sequential read
-from the node 0.25-0.44 -> 0.64-0.76 of the native disk (more without the
-trace prefetch: :meth:`Passthrough.copied_chunks`).  So ``auto`` negotiates it
+from the node 0.25-0.45 -> 0.45-0.76 of the native disk in session 13's runs
+(:meth:`Passthrough.copied_chunks` then took its chunks out of the trace
+prefetch: the read ran within 5% of the same copy read directly, the rest
+the virtio disk's own spread, 0.4-2.4 GB/s).  So ``auto`` negotiates it
 only for an image holding a file of AUTO_MIN_FILE or more, ``--passthrough``
 always; and only where it can be used at all: a kernel
 FUSE mount of an image with a disk cache, a kernel offering it, not
@@ -45,8 +47,7 @@ Only files of MIN_SIZE (1 MiB) and more: measured, ``import json`` of an
 image already on the node (new daemon, kernel caches dropped) took 0.138 s
 with its 31 files passed through against 0.069 s through the daemon: each
 small copy costs cold lookups and reads of its own, where the daemon reads
-a few pages of one LMDB file; a 1 GiB sequential read went from 0.38 to
-0.85 of the native disk.  Small files still cost the OPEN round trip.
+a few pages of one LMDB file (session 10).  Small files still cost the OPEN round trip.
 
 The kernel's rule that decides the rest: an inode open in cached mode cannot
 be opened in passthrough (and back) until every such open is released, or
@@ -76,7 +77,7 @@ import stat
 import struct
 import threading
 from collections import Counter, deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from operator import itemgetter
 from typing import Any
 
@@ -115,11 +116,12 @@ _BIG: dict[str, bool] = {}  # image digest -> has_big_file (a mount server's dae
 
 
 def has_big_file(image: Any) -> bool:
-    """Whether ``image`` holds a regular file of AUTO_MIN_FILE or more, once per image digest.
-    Asked at INIT, on a remount's path: a walk of every record in a generator took the INIT
-    phase from 0.41 to 1.85 ms (deb-python, 8,350 inodes, coldstart_remount medians); the
-    sizes are taken here with ``map`` and ``max`` (C loops), the modes only of the few files
-    that big."""
+    """Whether ``image`` holds a regular file with AUTO_MIN_FILE or more of stored bytes (a
+    sparse file's holes do not count: a big ``lastlog`` is not a data set), once per image
+    digest in a process (a spare answers it ahead for the daemon it becomes).  Asked at INIT,
+    on a remount's path: a walk of every record in a generator took the INIT phase from 0.41
+    to 1.85 ms (deb-python, 8,350 inodes, coldstart_remount medians), so the largest size is
+    taken first with ``map`` and ``max`` (C loops) and the records walked only when it passes."""
     key = getattr(image, "digest", None)
     found = _BIG.get(key) if isinstance(key, str) else None
     if found is None:
@@ -127,7 +129,8 @@ def has_big_file(image: Any) -> bool:
         if inodes is None:
             inodes = [image.record(ino) for ino in range(1, len(image) + 1)]
         found = bool(inodes) and max(map(itemgetter(F_SIZE), inodes)) >= AUTO_MIN_FILE and any(
-            stat.S_ISREG(r[F_MODE]) for r in inodes if r[F_SIZE] >= AUTO_MIN_FILE)
+            sum(image.chunk(i)[1] for i in image.extents(ino)[1]) >= AUTO_MIN_FILE
+            for ino, r in enumerate(inodes, 1) if r[F_SIZE] >= AUTO_MIN_FILE and stat.S_ISREG(r[F_MODE]))
         if isinstance(key, str):
             _BIG[key] = found
     return found
@@ -342,34 +345,34 @@ class Passthrough:
         self._busy.add(info[0])
         self._spawn(self._materialize, ino)
 
-    def copied_chunks(self) -> set[int]:
-        """Chunk indices of the image's files that have a trusted local copy (the kernel will
-        read those files from their copies): a mount's trace prefetch leaves them out.
+    def copied_chunks(self, wanted: Iterable[int]) -> set[int]:
+        """Of the chunk indices ``wanted`` (a trace), those only the kernel's reads of local
+        copies need: a mount's trace prefetch leaves them out.
 
         Why: a remount's trace prefetch read the chunks of a file served by passthrough from
-        the disk cache for nobody, on the same disk as the kernel's reads of the copy.
-        Measured (``tools/bench/seqread.py --compare``, 1 GiB, 4 samples alternated, load
-        3-5): with passthrough 698 MB/s (458-872), 0.76x the native disk; with the prefetch
-        off 1,652 (1,409-2,043); the default path 404 with the prefetch, 341 without.  Runs
-        in a thread: it walks every inode (an image's metadata is in memory) and looks at
-        the mark of each big file's copy.  Empty if passthrough was refused, or will be (auto,
-        an image without a big file: the prefetch may start before INIT)."""
-        if disabled_by_env() or self.state.startswith("off") or (self.auto and not self.worth_it()):
+        the disk cache for nobody, on the same disk as the kernel's reads of the copy
+        (``tools/bench/seqread.py --compare``, 1 GiB: the remount paged in 321 MB of the
+        cache's data.mdb; with this, 116 KiB).  Only big files with a chunk in ``wanted`` are
+        looked at (a content key and a mark each), and a chunk that a big file without a
+        trusted copy shares (images are deduplicated) stays in.  Empty unless passthrough was
+        negotiated: INIT is answered before the prefetch starts (cubefs.fuse.kernel serve)."""
+        if not self.active:
             return set()
-        try:
-            store = self.store
-        except OSError:  # INIT will refuse it (negotiate): nothing is read from a copy
-            return set()
+        want = set(wanted)
         image = self.fs.image
-        out: set[int] = set()
+        copied: set[int] = set()
+        served: set[int] = set()
         for ino in range(1, len(image) + 1):
             r = image.record(ino)
             if not stat.S_ISREG(r[F_MODE]) or r[F_SIZE] < MIN_SIZE:
                 continue
+            idxs = image.extents(ino)[1]
+            if want.isdisjoint(idxs):
+                continue
             info = self._info(ino)
-            if info is not None and (info[0] in self._verified or store.trusted(info[0])):
-                out.update(image.extents(ino)[1])
-        return out
+            trusted = info is not None and (info[0] in self._verified or self.store.trusted(info[0]))
+            (copied if trusted else served).update(idxs)
+        return (copied - served) & want
 
     def _cached_open(self, ino: int) -> int:
         self._cached[ino] += 1
