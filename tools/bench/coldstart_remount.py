@@ -13,7 +13,8 @@ Per round and version: ``cubefs mount`` timed (the CLI process and the daemon th
 mount server forks), the command run in the mount timed, ``cubefs stats`` read
 (``mount_phases``, ``request_seconds``, store GETs), unmount; then the same remount
 through the mount server from a running process (``cubefs.cli.mount_through_server``,
-the sandbox service's path: no interpreter start), the command again; then the
+the sandbox service's path: no interpreter start), the command again (and the minor page
+faults its daemon took meanwhile, from ``/proc``); then the
 command in TREE itself, caches dropped.  At the end the same, warm.  As root::
 
     git archive 30c0719 | tar -x -C /var/tmp/before; ln -s $PWD/.venv /var/tmp/before/.venv
@@ -25,6 +26,7 @@ command in TREE itself, caches dropped.  At the end the same, warm.  As root::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -69,6 +71,22 @@ def drop_caches() -> None:
                     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
                 finally:
                     os.close(fd)
+
+
+def daemon_faults(mnt: str) -> int | None:
+    """Minor page faults so far of the daemon serving ``mnt``, all its threads (its pid from the
+    mount's registry, /run/cubefs/mounts as root); None if it cannot be read.  A remounted
+    daemon's faults were most of what its first requests paid over a steady one's (session 13)."""
+    key = hashlib.sha256(os.path.abspath(mnt).encode()).hexdigest()[:16]
+    try:
+        pid = int(json.loads(Path(f"/run/cubefs/mounts/{key}.json").read_text())["pid"])
+        total = 0
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                total += int(f.read().rsplit(")", 1)[1].split()[7])
+        return total
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def run(root: str, cmd: str) -> float:
@@ -120,7 +138,10 @@ class Version:
         ok, sec = json.loads(self.helper.stdout.readline())
         assert ok, "mount through the server failed"
         r["inproc"].append(sec)
+        before = daemon_faults(self.mnt)
         r["run_inproc"].append(run(self.mnt, cmd))
+        after = daemon_faults(self.mnt)
+        r.setdefault("faults", []).append(after - before if before is not None and after is not None else None)
         self.cli("umount", self.mnt)
 
     def close(self) -> None:
@@ -199,6 +220,9 @@ def main() -> int:
             print("   run, ms in the daemon by operation (median):",
                   {k: round(statistics.median(p.get(k, 0) for p in r["request_seconds"]) * 1000, 1) for k in keys})
         print("   run, requests:", r["requests"][-1])
+        faults = [f for f in r.get("faults", []) if f is not None]
+        if faults:
+            print(f"   the daemon's minor page faults in the run (in process), median: {statistics.median(faults):.0f}")
         if r.get("cpu") and None not in r["cpu"]:
             print(f"   the daemon's CPU from ready to the run's end, median ms: "
                   f"{statistics.median(r['cpu']) * 1000:.1f}")
