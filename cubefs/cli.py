@@ -253,10 +253,14 @@ def make_parser(plugins: bool = True) -> argparse.ArgumentParser:
                    help="note every chunk first read for as long as the mount lives, not only in its first minute "
                    "(every mount records its start-up and publishes it with the image; 'cubefs trace push' "
                    "publishes now)")
-    p.add_argument("--passthrough", action="store_true",
-                   help="keep files of 1 MiB and more that the mount served whole as private local copies the kernel "
-                   "reads itself (FUSE passthrough, Linux 6.9+, as root): big files at the local disk's speed, but "
-                   "every open then costs a round trip (a warm 'import numpy' 1.4x slower)")
+    pt = p.add_mutually_exclusive_group()
+    pt.add_argument("--passthrough", dest="passthrough", action="store_const", const="on", default="auto",
+                    help="always keep files of 1 MiB and more that the mount served whole as private local copies "
+                    "the kernel reads itself (FUSE passthrough, Linux 6.9+, as root): big files at the local disk's "
+                    "speed, but every open then costs a round trip (a warm 'import numpy' 1.2x slower). By default "
+                    "(auto) only for an image holding a file of 64 MiB or more")
+    pt.add_argument("--no-passthrough", dest="passthrough", action="store_const", const="off",
+                    help="never FUSE passthrough, whatever the image holds")
     p.add_argument("--fuse-uring", action="store_true",
                    help="take FUSE requests through io_uring where the kernel offers it (Linux 6.14+, "
                    "/sys/module/fuse/parameters/enable_uring=Y; or CUBEFS_FUSE_URING=1); off by default: a daemon "
@@ -774,9 +778,11 @@ def cmd_stats(args: argparse.Namespace) -> int:
         print(f"  requests via {fp['path']}" + (f" ({fp['queues']} queues x {fp['entries_per_queue']} entries)"
                                               if "queues" in fp else f" ({fp['why']})" if fp.get("why") else ""))
     pt = stats.get("passthrough")
-    if pt:
+    if pt and pt["state"] == "passthrough":
         print(f"  passthrough  {pt['state']}: {pt['passthrough_opens']} of {pt['opens']} opens, "
               f"{pt['materialized_files']} files copied ({size(pt['materialized_bytes'])})")
+    elif pt:
+        print(f"  passthrough  {pt['state']}")
     print(f"  {'TIER':8} {'HITS':>8} {'MISSES':>8} {'BYTES':>11} {'REQUESTS':>9} {'ERRORS':>7}")
     for tier in ("memory", "disk", "peers", "store"):
         t = stats["tiers"].get(tier)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -159,17 +160,43 @@ def test_trim_and_clear_remove_copies(tmp_path: Path, local_store: str, image: I
     assert not Path(files_dir(str(cache))).exists() or not list(Path(files_dir(str(cache))).rglob("*"))
 
 
-def test_off_by_default(tmp_path: Path, local_store: str, image: Image) -> None:
-    """Without --passthrough: "no open", every read through the daemon, no copies."""
+def test_auto_declines_an_image_without_a_big_file(tmp_path: Path, local_store: str, image: Image) -> None:
+    """By default (auto) passthrough is negotiated only for an image holding a file of 64 MiB
+    or more: this one's are smaller, so "no open" is kept, every read goes through the daemon,
+    no copies; --no-passthrough: none at all."""
     ref, files = image
     cache = tmp_path / "cache"
-    with mounted(ref, tmp_path / "mnt", local_store, cache) as m:
-        for _ in range(2):
-            assert _read(tmp_path / "mnt/lib/big.bin") == files["lib/big.bin"]
+    for opts in ((), ("--no-passthrough",)):
+        with mounted(ref, tmp_path / "mnt", local_store, cache, *opts) as m:
+            for _ in range(2):
+                assert _read(tmp_path / "mnt/lib/big.bin") == files["lib/big.bin"]
+            st = m.stats()
+            assert st["requests"].get("open", 0) <= 1 and st["requests"]["read"] > 0
+            if opts:
+                assert st["passthrough"] is None
+                assert "passthrough" not in run_cubefs("stats", str(tmp_path / "mnt")).stdout
+            else:
+                assert st["passthrough"]["state"] == "off: auto: no file of 64 MiB or more in the image"
+        assert not Path(files_dir(str(cache))).exists()
+
+
+def test_auto_negotiates_for_an_image_with_a_big_file(tmp_path: Path, local_store: str) -> None:
+    """A 64 MiB file (zeros but its last chunk: cheap to build and store) makes the default mount
+    negotiate passthrough; read whole through the daemon once, it is read from its copy after."""
+    src = tmp_path / "src"
+    src.mkdir()
+    data = bytes(64 * 1024 * 1024 - 4096) + _content(4096, 7)
+    (src / "weights.bin").write_bytes(data)
+    run_cubefs("build", str(src), "--tag", "big:1", "--store", local_store)
+    cache, mnt = tmp_path / "cache", tmp_path / "mnt"
+    with mounted("big:1", mnt, local_store, cache) as m:
+        assert _read(mnt / "weights.bin") == data
+        assert len(_wait_copies(cache, 1)) == 1
+        reads = m.stats()["requests"].get("read", 0)
+        assert _read(mnt / "weights.bin") == data
         st = m.stats()
-        assert st["passthrough"] is None and st["requests"].get("open", 0) <= 1 and st["requests"]["read"] > 0
-        assert "passthrough" not in run_cubefs("stats", str(tmp_path / "mnt")).stdout
-    assert not Path(files_dir(str(cache))).exists()
+        assert st["passthrough"]["state"] == "passthrough" and st["passthrough"]["passthrough_opens"] == 1, st
+        assert st["requests"].get("read", 0) == reads
 
 
 def test_fallback_when_refused(tmp_path: Path, local_store: str, image: Image) -> None:
@@ -245,3 +272,30 @@ def test_a_live_writers_temporary_copy_survives_a_trim(tmp_path: Path) -> None:
     assert live.exists() and not gone.exists() and not odd.exists()
     FileStore(str(cache), 1 << 30)  # what every daemon does
     assert live.exists()
+
+
+def test_a_remount_does_not_prefetch_what_it_reads_from_copies(tmp_path: Path, local_store: str,
+                                                                image: Image) -> None:
+    """A remount prefetches its image's trace from the disk cache and has the kernel read its hot
+    file; a file the kernel reads from its copy is left out of both (measured: a 1 GiB file's
+    chunks paged in at every remount, on the disk the copy is read from).  The others are still
+    prefetched."""
+    ref, files = image
+    cache, mnt = tmp_path / "cache", tmp_path / "mnt"
+    with mounted(ref, mnt, local_store, cache, "--passthrough"):
+        assert _read(mnt / "lib/big.bin") == files["lib/big.bin"]
+        assert _read(mnt / "lib/small.bin") == files["lib/small.bin"]
+        _wait_copies(cache, 1)
+    # The hot file the mount kept at its end (read whole by the kernel at every remount) holds
+    # the start-up's chunks but big.bin's: those are read from its copy.
+    kept = [f.stat().st_size for f in (cache / "hot").rglob("*") if f.is_file()]
+    assert kept and 0 < sum(kept) < BIG // 2, kept
+    shutil.rmtree(cache / "hot")  # what a hot file holds is not prefetched: this shows the trace's filter
+    with mounted(ref, mnt, local_store, cache, "--passthrough") as m:
+        deadline = time.monotonic() + 30
+        while not m.stats()["tiers"].get("prefetch", {}).get("done") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        prefetched = m.stats()["tiers"]["prefetch"]["chunks"]
+        assert prefetched == 1, m.stats()["tiers"]["prefetch"]  # small.bin's; with big.bin's 14 before: 15
+        assert _read(mnt / "lib/big.bin") == files["lib/big.bin"]
+        assert m.stats()["passthrough"]["passthrough_opens"] == 1

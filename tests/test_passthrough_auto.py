@@ -17,6 +17,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+
 from cubefs.cache.files import FileStore, content_key
 from cubefs.format.image import F_MODE, F_SIZE
 from cubefs.fuse import passthrough as pt
@@ -170,3 +172,15 @@ def test_an_auto_mount_that_declines_makes_no_copies_directory(tmp_path: Path) -
     assert t is not None and t.copied_chunks([0]) == set()  # before INIT: no error, nothing left out
     assert not t.negotiate(p.PASSTHROUGH)
     assert t.state.startswith("off: cannot use the cache's files/ directory")
+
+
+def test_a_mount_request_from_older_code_keeps_its_meaning() -> None:
+    """A request made before passthrough had a mode (a daemon replaced by ``serve --upgrade``,
+    a restart) carries a bool: True was ``--passthrough`` (on), False not asking (the default,
+    now auto); anything else is refused, never taken as "on"."""
+    from cubefs.node.mount import passthrough_mode
+
+    assert passthrough_mode(True) == "on" and passthrough_mode(False) == "auto" and passthrough_mode(None) == "auto"
+    assert [passthrough_mode(m) for m in ("auto", "on", "off")] == ["auto", "on", "off"]
+    with pytest.raises(ValueError):
+        passthrough_mode("sometimes")

@@ -613,10 +613,11 @@ class KernelTransport:
     def read_bytes(self) -> int:
         return self.server.read_bytes
 
-    def enable_passthrough(self) -> None:
-        """Offer FUSE passthrough at INIT (``cubefs mount --passthrough``).  Only here, on
+    def enable_passthrough(self, auto: bool = False) -> None:
+        """Offer FUSE passthrough at INIT (``auto``: only for an image worth it, the default;
+        else ``cubefs mount --passthrough``).  Only here, on
         /dev/fuse: a virtio-fs root's guest kernel cannot read our files."""
-        self.server.passthrough = passthrough.for_mount(self.server.fs, lambda: self.session.fd)
+        self.server.passthrough = passthrough.for_mount(self.server.fs, lambda: self.session.fd, auto=auto)
 
     def request_seconds(self) -> dict[str, float]:
         return {p.OPCODE_NAMES.get(op, str(op)): round(sec, 6) for op, sec in self.session.busy.items()}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import trio
@@ -44,6 +45,9 @@ class HotKeeper:
         self.trace = trace  # the trace the mount started with (its prefetch is waited for)
         self.limit = disk_limit // SHARE
         self.done = False
+        # Of a list of chunk indices, those the kernel reads from local copies (FUSE passthrough:
+        # Passthrough.copied_chunks): left out of the file, which a remount has the kernel read whole
+        self.leave_out: Callable[[list[int]], set[int]] | None = None
 
     def _settled(self) -> bool:
         fs = self.fs
@@ -89,6 +93,9 @@ class HotKeeper:
         self.done = True
         seen = set(self.trace)
         order = self.trace + [i for i in (self.fs.trace or []) if i not in seen]
+        if self.leave_out is not None:
+            copied = self.leave_out(order)
+            order = [i for i in order if i not in copied]
         return [self.fs.image.chunk(i)[0] for i in order]
 
     def keep(self, digests: list[bytes], held: dict[bytes, bytes]) -> None:

@@ -42,12 +42,26 @@ from cubefs.remote import RetryingStore, RetryPolicy, store_session
 from cubefs.remote.loop import LoopThread
 
 if TYPE_CHECKING:
+    from cubefs.fuse.passthrough import Passthrough
     from cubefs.node.prepared import Prepared
 
 log = logging.getLogger(__name__)
 
 
 SYNC_INTERVAL = 5.0  # seconds between a volume's background flushes (power-loss window)
+
+
+def passthrough_mode(value: Any) -> str:
+    """``--passthrough``'s value as a mount request carries it: "auto", "on" or "off"; a request
+    made by the code before session 13 (a daemon replaced by ``serve --upgrade``, a restart)
+    carries a bool, which meant "asked for" (True) or "not asked" (False: now auto)."""
+    if value is None or value is False:
+        return "auto"
+    if value is True:
+        return "on"
+    if value in ("auto", "on", "off"):
+        return str(value)
+    raise ValueError(f"passthrough must be auto, on or off, not {value!r}")
 
 
 @dataclass
@@ -75,7 +89,9 @@ class MountOptions:
     record_trace: bool = False
     auto_trace: bool = True  # record the start-up and publish it with the image (cubefs.image.autotrace)
     prefetch: bool = True  # prefetch the image's pushed trace, if it has one
-    passthrough: bool = False  # FUSE passthrough of local copies (cubefs.fuse.passthrough): off, measured
+    # FUSE passthrough of local copies (cubefs.fuse.passthrough): "auto" (only for an image holding a
+    # file of 64 MiB or more: measured), "on" (--passthrough), "off" (--no-passthrough)
+    passthrough: str = "auto"
     fuse_uring: bool = False  # FUSE over io_uring where the kernel offers it (cubefs.fuse.kernel.uring_wanted)
     writeback_cache: bool = False  # a volume's writes cached by the kernel (cubefs mount --writeback-cache)
     volume: str | None = None  # mount this volume (read-write) instead of the image ``ref``
@@ -99,7 +115,8 @@ class MountOptions:
             store_timeout=args.store_timeout, store_attempts=args.store_attempts,
             transport=getattr(args, "transport", "kernel"), record_trace=getattr(args, "record_trace", False),
             prefetch=getattr(args, "prefetch", True), auto_trace=getattr(args, "auto_trace", True),
-            passthrough=getattr(args, "passthrough", False), fuse_uring=getattr(args, "fuse_uring", False),
+            passthrough=passthrough_mode(getattr(args, "passthrough", None)),
+            fuse_uring=getattr(args, "fuse_uring", False),
             writeback_cache=getattr(args, "writeback_cache", False),
             peers=tuple(p.strip() for p in (getattr(args, "peers", "") or "").split(",") if p.strip()),
             peers_file=getattr(args, "peers_file", "") or "", peer_timeout=getattr(args, "peer_timeout", 3.0),
@@ -212,8 +229,12 @@ def _serve(
             trace or parts.image_fs.trace is not None):
         keeper = HotKeeper(opts.cache_dir, parts.image_fs, parts.source, parts.disk, trace, opts.disk_cache)
     transport = _transport(opts.transport, fs, mountpoint, f"cubefs:{label}", opts.allow_other)
-    if opts.passthrough and hasattr(transport, "enable_passthrough"):
-        transport.enable_passthrough()
+    passthrough = None
+    if opts.passthrough != "off" and hasattr(transport, "enable_passthrough"):
+        transport.enable_passthrough(auto=opts.passthrough == "auto")
+        passthrough = transport.server.passthrough  # type: ignore[attr-defined]
+        if keeper is not None and passthrough is not None:
+            keeper.leave_out = passthrough.copied_chunks
     if opts.fuse_uring and hasattr(transport, "enable_uring"):
         transport.enable_uring()
     resume = opts.resume if link is not None else None
@@ -277,7 +298,7 @@ def _serve(
             phases.mark("ready")
             phases.cpu_at_ready = time.process_time()
             if trace and opts.prefetch and resume is None and parts is not None:
-                nursery.start_soon(_prefetch, parts, opts.cache_dir)
+                nursery.start_soon(_prefetch, parts, opts.cache_dir, passthrough)
             if publisher is not None:
                 nursery.start_soon(publisher.run)
             if parts is not None and parts.trace_kept and loop is not None and store is not None:
@@ -408,7 +429,7 @@ class Phases:
         return {**self.ms, "total": round(sum(self.ms.values()), 2)}
 
 
-async def _prefetch(parts: ImageParts, cache_dir: str) -> None:
+async def _prefetch(parts: ImageParts, cache_dir: str, passthrough: Passthrough | None = None) -> None:
     """The trace's chunks into memory from the disk cache, except those the image's hot file
     holds if the node kept one (cubefs.cache.hot: the kernel reads it all ahead from now on,
     and READs take those chunks from its pages as they ask: prefetching them into memory too
@@ -430,7 +451,17 @@ async def _prefetch(parts: ImageParts, cache_dir: str) -> None:
             return hot
 
         source.hot = await trio.to_thread.run_sync(open_hot)
-    refs = parts.image_fs.chunk_refs(parts.trace)
+    trace = parts.trace
+    if passthrough is not None and passthrough.active:  # negotiated at INIT, answered before this runs
+        # files the kernel reads from their local copies: their chunks are a read for nobody
+        try:
+            copied = await trio.to_thread.run_sync(passthrough.copied_chunks, trace)
+        except Exception as err:  # an optimisation: never the mount's end
+            log.warning("image %s: the prefetch keeps the copied files' chunks: %s: %s", parts.image_fs.label,
+                        type(err).__name__, err)
+            copied = set()
+        trace = [i for i in trace if i not in copied]
+    refs = parts.image_fs.chunk_refs(trace)
     hot = source.hot
     if hot is not None and hot.nowait:
         # What the hot file holds is read from the kernel's pages as it is asked for

@@ -344,6 +344,10 @@ def warm_up(kept: tuple[Any, Any, Any] | None) -> Iterator[None]:
         for n in server.attrs_ahead(ImageFS(image, chunkmap, None, "")):  # type: ignore[arg-type]
             built = n
             yield
+        from cubefs.fuse import passthrough
+
+        passthrough.has_big_file(image)  # auto passthrough's question at INIT, answered ahead
+        yield
     log.debug("spare warmed up in %.1f ms (%d inodes' attributes)", (time.monotonic() - t0) * 1000, built)
 
 
