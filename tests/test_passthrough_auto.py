@@ -10,6 +10,7 @@ before any file is opened)."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import stat
@@ -155,7 +156,7 @@ def test_an_auto_mount_that_declines_makes_no_copies_directory(tmp_path: Path) -
     """for_mount makes the copies' store only once passthrough is negotiated: a mount of an
     image without a big file (most) touches nothing of it; one whose directory cannot be used
     is refused at INIT, and goes on in cached mode."""
-    disk = SimpleNamespace(directory=str(tmp_path / "cache"), max_bytes=1 << 30)
+    disk = SimpleNamespace(directory=str(tmp_path / "cache"), max_bytes=1 << 30, reserve=0.05)
     small = SimpleNamespace(image=_Image([100]), label="s:1", source=SimpleNamespace(disk=disk))
     t = pt.for_mount(small, lambda: -1, auto=True)
     assert t is not None and not t.negotiate(p.PASSTHROUGH)
@@ -166,7 +167,7 @@ def test_an_auto_mount_that_declines_makes_no_copies_directory(tmp_path: Path) -
     assert t is not None and t.negotiate(p.PASSTHROUGH)
     assert (tmp_path / "cache" / "files").is_dir()
     (tmp_path / "blocked").write_bytes(b"")  # a file where the cache directory should be
-    bad = SimpleNamespace(directory=str(tmp_path / "blocked"), max_bytes=1 << 30)
+    bad = SimpleNamespace(directory=str(tmp_path / "blocked"), max_bytes=1 << 30, reserve=0.05)
     t = pt.for_mount(SimpleNamespace(image=big.image, label="b:1", source=SimpleNamespace(disk=bad)), lambda: -1,
                      auto=True)
     assert t is not None and t.copied_chunks([0]) == set()  # before INIT: no error, nothing left out
@@ -184,3 +185,17 @@ def test_a_mount_request_from_older_code_keeps_its_meaning() -> None:
     assert [passthrough_mode(m) for m in ("auto", "on", "off")] == ["auto", "on", "off"]
     with pytest.raises(ValueError):
         passthrough_mode("sometimes")
+
+
+def test_copies_leave_the_cache_reserve_free(tmp_path: Path) -> None:
+    """Copies are written by default where auto negotiates passthrough: like the disk cache they
+    stop short of the free space --cache-reserve leaves the filesystem (ENOSPC, the file then
+    read through the daemon), instead of filling it."""
+    free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
+    tight = FileStore(str(tmp_path / "a"), 1 << 40, reserve=free)  # nothing above the reserve
+    with pytest.raises(OSError) as err:
+        tight.begin("ab" * 32, 1 << 20)
+    assert err.value.errno == errno.ENOSPC
+    fd, tmp = FileStore(str(tmp_path / "b"), 1 << 40, reserve=0.0001).begin("ab" * 32, 1 << 20)
+    os.close(fd)
+    assert os.path.exists(tmp)

@@ -28,6 +28,7 @@ Bounded: ``max_bytes`` (least recently used first: a use touches the mark's mtim
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -56,9 +57,12 @@ def content_key(size: int, extents: list[tuple[int, bytes, int]]) -> str:
 
 
 class FileStore:
-    def __init__(self, cache_dir: str, max_bytes: int) -> None:
+    def __init__(self, cache_dir: str, max_bytes: int, reserve: float | int = 0) -> None:
         self.directory = files_dir(cache_dir)
         self.max_bytes = max_bytes
+        # the free space the disk cache leaves its filesystem (--cache-reserve: a share or bytes):
+        # copies, written by default since passthrough is auto, leave it too
+        self.reserve = reserve
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
         os.chmod(self.directory, 0o700)
         self._remove_temporaries()
@@ -79,8 +83,14 @@ class FileStore:
                     except OSError:
                         pass
 
-    def begin(self, key: str) -> tuple[int, str]:
-        """A private temporary file to write ``key``'s copy into: (fd, its path)."""
+    def begin(self, key: str, size: int = 0) -> tuple[int, str]:
+        """A private temporary file to write ``key``'s copy of ``size`` bytes into: (fd, its
+        path).  ENOSPC if writing it would eat into the filesystem's reserve."""
+        if size and self.reserve:
+            st = os.statvfs(os.path.dirname(self.directory))
+            keep = int(st.f_blocks * st.f_frsize * self.reserve) if isinstance(self.reserve, float) else self.reserve
+            if st.f_bavail * st.f_frsize - keep < size:
+                raise OSError(errno.ENOSPC, f"a {size}-byte copy would leave less than the cache's reserve free")
         sub = os.path.dirname(self.path(key))
         # one level at a time: makedirs gives the parents it creates the umask's mode, and a
         # 'cubefs cache clear' under a live mount removes the top directory too

@@ -148,9 +148,10 @@ def for_mount(fs: Any, device_fd: Callable[[], int], auto: bool = False) -> Pass
     if getattr(fs, "writable", False) or disk is None or not hasattr(fs, "image"):
         return None
     if auto:  # the store only if negotiated: an auto mount that declines touches no files/ directory
-        return Passthrough(fs, lambda: FileStore(disk.directory, disk.max_bytes // SHARE), device_fd, auto)
+        return Passthrough(fs, lambda: FileStore(disk.directory, disk.max_bytes // SHARE, disk.reserve), device_fd,
+                           auto)
     try:
-        store = FileStore(disk.directory, disk.max_bytes // SHARE)
+        store = FileStore(disk.directory, disk.max_bytes // SHARE, disk.reserve)
     except OSError as err:
         log.warning("image %s: no FUSE passthrough: cannot use %s: %s", fs.label, disk.directory, err)
         return None
@@ -266,7 +267,7 @@ class Passthrough:
             if key in self._busy or key in self._verified or os.path.exists(self.store.path(key)):
                 return
             try:
-                fd, tmp = self.store.begin(key)
+                fd, tmp = self.store.begin(key, size)
             except OSError as err:
                 log.debug("no copy of inode %d: %s", ino, err)
                 return
@@ -446,7 +447,7 @@ class Passthrough:
         key, size, _extents = self._keys[ino]
         try:
             async with self._limit:
-                fd, tmp = await trio.to_thread.run_sync(self.store.begin, key)
+                fd, tmp = await trio.to_thread.run_sync(self.store.begin, key, size)
                 try:
                     await self._write(ino, fd)
                 except BaseException:
