@@ -117,6 +117,10 @@ class ImageFS:
         self.hot_pack = hot_pack
         self._pack_misses: dict[int, set[int]] = {}
         self._packs_done: set[int] = set()
+        # Per pack, asked + its rest at its last walk that found the share too small: the rest
+        # shrinks by at most what is asked after, so no walk can succeed before the allowance
+        # reaches this (a walk builds the refs of a pack's ~2000 chunks: ms of the event loop).
+        self._pack_need: dict[int, float] = {}
         self.hot_packs = 0
         self.bytes_read = 0  # plaintext bytes reads asked for (the share HOT_SHARE bounds)
         self.stream = stream
@@ -410,16 +414,18 @@ class ImageFS:
             seen = self._pack_misses.setdefault(n, set())
             if len(seen) < self.hot_pack:
                 seen.add(ino)  # files, not chunks: a shared object's page faults are one file read
-            if len(seen) < self.hot_pack:
+            if len(seen) < self.hot_pack or allowed < self._pack_need.get(n, 0):
                 continue
             offs, idxs = self.chunkmap.by_pack()[n]
             at = bisect_right(offs, ref.offset)
             rest = [r for r in (self._ref(i) for i in idxs[at:] + idxs[:at]) if not self.source.has(r.digest)]
             size = sum(r.stored_len for r in rest)
             if asked + size > allowed:
+                self._pack_need[n] = asked + size
                 continue  # not yet: a later miss may find the share grown
             self._packs_done.add(n)
             del self._pack_misses[n]
+            self._pack_need.pop(n, None)
             if not rest:
                 continue
             self.hot_packs += 1
