@@ -108,3 +108,46 @@ def test_a_kept_daemon_warms_up_and_serves_at_the_usual_priority(tmp_path: Path,
         if os.geteuid() == 0 and os.path.exists(f"/proc/{st['pid']}/autogroup"):
             assert {_nice(st["pid"], t) for t in os.listdir(f"/proc/{st['pid']}/task")} == {os.nice(0)}
             assert _autogroup_nice(st["pid"]) == 0
+
+
+def test_a_spare_warming_up_takes_a_request_on_a_high_descriptor() -> None:
+    """A node of hundreds of mounts: the link a spare is handed its request on has the mount
+    server's descriptor number, past 1024 (select(2) refuses those: the spare died with the
+    request in its link, and that mount failed); and a warm-up step that raises stops the
+    warm-up, never the spare."""
+    import json
+    import resource
+    import socket
+    import threading
+    from types import SimpleNamespace
+
+    from cubefs.node.spare import wait_for_request
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4096), max(hard, 4096)))
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    high = os.dup2(ours.fileno(), 2000)
+    ours.close()
+    r, w = os.pipe()
+    try:
+        def endless() -> Any:
+            while True:
+                yield
+
+        def failing() -> Any:
+            yield
+            raise ValueError("a damaged record")
+
+        for warm in (endless(), failing()):
+            sender = threading.Timer(0.2, lambda: socket.send_fds(theirs, [json.dumps({"ref": "x:1"}).encode()], [r]))
+            sender.start()
+            got = wait_for_request(high, SimpleNamespace(warm=warm, lowered=None))  # type: ignore[arg-type]
+            sender.join()
+            assert got is not None and got[0] == {"ref": "x:1"}
+            os.close(got[1])
+    finally:
+        os.close(high)
+        theirs.close()
+        os.close(r)
+        os.close(w)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -32,6 +32,7 @@ from cubefs.cache.tiers import MemoryTier
 from cubefs.errors import UsageError
 from cubefs.format.manifest import Manifest, parse_ref
 from cubefs.format.trace import trace_key
+from cubefs.fuse.kernel import keep_freed_heap
 from cubefs.fuse.protocol import HAS_RESEND
 from cubefs.image.catalog import KeepingTraces, load_cached, refresh_trace
 from cubefs.image.fs import ImageFS
@@ -145,6 +146,9 @@ def store_policy(opts: MountOptions) -> RetryPolicy:
 
 
 def _run(opts: MountOptions, notify: Any, link: SupervisorLink | None, prepared: Prepared | None = None) -> int:
+    # before any thread of ours starts (the store's loop): a thread that allocated first keeps
+    # an arena of its own, which M_ARENA_MAX 1 no longer stops the next threads from sharing
+    keep_freed_heap()
     policy = store_policy(opts)
     if opts.volume is None:
         if prepared is not None:  # its store session is the spare's, closed when it returns

@@ -356,8 +356,12 @@ def run_mount_server(path: str, idle_exit: float | None = None) -> int:
     import cubefs.node.minihttp
     import cubefs.node.mount
     import cubefs.remote.local
-    import cubefs.remote.s3  # noqa: F401
+    import cubefs.remote.s3
     from cubefs.node import roots, supervise
+
+    # Before any thread runs: the daemons forked from here inherit this process's malloc arenas,
+    # and a thread's that ran here would be handed to their threads (cubefs.fuse.kernel.keep_freed_heap).
+    cubefs.fuse.kernel.keep_freed_heap()
 
     inherited = supervise.inherited_state()  # set when this process is an upgrade exec'd in place
     if inherited is None:

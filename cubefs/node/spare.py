@@ -224,6 +224,9 @@ def prepare(request: dict[str, Any], link_fd: int) -> Iterator[Prepared]:
     opts = MountOptions.from_args(argparse.Namespace(**request["args"]), request["mountpoint"],
                                   request["cache_dir"])
     lowered = _lower_priority()
+    from cubefs.fuse.kernel import keep_freed_heap
+
+    keep_freed_heap()  # before the store's loop thread starts (see cubefs.node.mount._run)
     with store_session(opts.store_url, opts.s3_endpoint, policy=store_policy(opts)) as (loop, store):
         disk = open_disk_cache(opts.cache_dir, opts.disk_cache)
         kept = None
@@ -239,6 +242,9 @@ def prepare(request: dict[str, Any], link_fd: int) -> Iterator[Prepared]:
             # (ImageFS._pack_neighbours): 5 ms of Python for numpy's 10,791 chunks, that read's
             # wait (and the event loop's) if built only then.
             chunkmap.by_pack()
+            # this frame lives as long as the daemon serves (suspended at the yield below): what
+            # it loaded is the Prepared's only, not kept here for an image the daemon may not serve
+            del manifest, image, chunkmap, _trace, _offline
         except Exception as err:  # the mount itself will say what is wrong, if it still is
             log.info("spare for %s: image not loaded ahead (%s)", opts.ref, err)
         prepared = Prepared(loop, store, disk, kept)
@@ -390,10 +396,17 @@ def wait_for_request(link_fd: int, prepared: Prepared | None = None) -> tuple[di
             # The warm-up is only a head start: in the CPU the node leaves (its autogroup at 19;
             # the server raises it back if a request comes first, see Spares.hand).
             _set_autogroup_nice(AUTOGROUP, 19)
-        while not select.select([link_fd], [], [], 0)[0]:
-            if next(warm, StopIteration) is StopIteration:
-                _tell(link_fd, {"kind": "spare", "bytes": private_bytes(), "warmed": True})  # what it holds now
-                break
+        # poll, not select: the link's descriptor number is the server's, past 1024 on a node of
+        # hundreds of mounts (select raises there)
+        ready = select.poll()
+        ready.register(link_fd, select.POLLIN)
+        try:
+            while not ready.poll(0):
+                if next(warm, StopIteration) is StopIteration:
+                    _tell(link_fd, {"kind": "spare", "bytes": private_bytes(), "warmed": True})  # what it holds now
+                    break
+        except Exception as err:  # a head start only: never a spare that dies with a request in its link
+            log.warning("spare: warm-up stopped: %s: %s", type(err).__name__, err)
         prepared.warm = None
     if prepared is not None and prepared.lowered is not None:
         _restore_priority(prepared.lowered)
