@@ -112,28 +112,32 @@ def _image_digest(fs: Any) -> str:
     return str(getattr(image, "digest", ""))
 
 
-def attrs_ahead(fs: Any, batch: int = 128) -> Iterator[int]:
+def attrs_ahead(fs: Any, step: float = 0.002) -> Iterator[int]:
     """Build the packed attributes of ``fs``'s inodes (an ImageFS) for the FuseServer this
-    process makes next for the same image, ``batch`` inodes a step (yields the count so far):
-    a daemon kept ready (cubefs.node.spare) steps through it while it waits for its request,
-    so that its first LOOKUPs and READDIRPLUSes find them built.  Measured on deb-python
-    (8,348 inodes): a first READDIRPLUS of a large directory took 108-250 us alone against
-    42-50 us with them built, and 0.4-1.7 ms in a remounted run's daemon (the program on the
-    other core).  What a server takes is what was built so far (at most ATTRS_MAX)."""
+    process makes next for the same image, ``step`` seconds of it at a time (yields the count
+    so far): a daemon kept ready (cubefs.node.spare) steps through it while it waits for its
+    request, so that its first LOOKUPs and READDIRPLUSes find them built, and a request that
+    comes waits at most a step (a step of a fixed 128 inodes was ~1 ms on deb-python, 145 ms
+    where files have thousands of chunks).  Measured on deb-python (8,348 inodes): a first
+    READDIRPLUS of a large directory took 108-250 us alone against 42-50 us with them built,
+    and 0.4-1.7 ms in a remounted run's daemon (the program on the other core).  What a
+    server takes is what was built so far (at most ATTRS_MAX)."""
     digest = _image_digest(fs)
     if not digest or getattr(fs, "writable", False):
         return
     attrs: LRUCache[int, bytes] = LRUCache(maxsize=ATTRS_MAX)
     _AHEAD.clear()  # one image's, the next mount's
     _AHEAD[digest] = attrs
-    last = min(len(fs.image), ATTRS_MAX)
-    for start in range(1, last + 1, batch):
-        for ino in range(start, min(start + batch, last + 1)):
-            try:
-                attrs[ino] = _pack_attr(ino, fs.getattr(ino))
-            except FsError:
-                continue
-        yield len(attrs)
+    until = time.monotonic() + step
+    for ino in range(1, min(len(fs.image), ATTRS_MAX) + 1):
+        try:
+            attrs[ino] = _pack_attr(ino, fs.getattr(ino))
+        except FsError:
+            pass
+        if time.monotonic() >= until:
+            yield len(attrs)
+            until = time.monotonic() + step
+    yield len(attrs)
 
 
 def _take_ahead(fs: Any) -> LRUCache[int, bytes] | None:
