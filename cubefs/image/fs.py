@@ -22,6 +22,7 @@ import time
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import TypeAlias
 
 import trio
@@ -329,12 +330,9 @@ class ImageFS:
                 # at a remount's first READ, which waited it.
                 on_way = all(self.source.has(r.digest) for r in refs)
                 neighbours = ([] if on_way else self._pack_neighbours(refs + ahead)) + self._dir_neighbours(ino)
-                hot = None
-                if not on_way and self.hot_pack > 0 and self.pack_readahead > 0:  # both speculate on packs
-
-                    def hot(missed: list[ChunkLocation], ino: int = ino) -> None:
-                        self._hot_pack(ino, missed)
-
+                # Hot packs count the read's chunks the store or a peer is asked for (both speculate on packs).
+                hot = partial(self._hot_pack, ino) if not on_way and self.hot_pack > 0 and self.pack_readahead > 0 \
+                    else None
                 if refs:
                     self._last_pack = self.chunkmap.pack_number(refs[-1].pack)
                 with trio.fail_after(self.read_timeout):
@@ -412,8 +410,11 @@ class ImageFS:
             if n in self._packs_done:
                 continue
             seen = self._pack_misses.setdefault(n, set())
-            if len(seen) < self.hot_pack:
-                seen.add(ino)  # files, not chunks: a shared object's page faults are one file read
+            if len(seen) < self.hot_pack and self.image.record(ino)[F_SIZE] <= DIR_FILE_MAX:
+                # files, not chunks: a shared object's page faults are one file read; and small files
+                # only, like a directory's neighbours: a big file read in part (libc, libm, node's
+                # binary) says nothing of the modules packed next to it
+                seen.add(ino)
             if len(seen) < self.hot_pack or allowed < self._pack_need.get(n, 0):
                 continue
             offs, idxs = self.chunkmap.by_pack()[n]
