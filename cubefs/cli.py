@@ -212,10 +212,11 @@ def make_parser(plugins: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--dir-prefetch", type=_size_arg, default="4M",
                    help="once two files of a directory miss the cache, fetch its other files (up to 1 MiB each), "
                    "up to this many stored bytes, in the background (default 4M; 0 turns it off)")
-    p.add_argument("--hot-pack", type=int, default=0, metavar="N",
-                   help="once reads of N files miss in one pack, fetch the rest of that pack in the "
-                   "background, 1 MiB ranges at once, while the store's bytes stay within 1.2x the bytes read "
-                   "(default 0: off; 3 is what was measured; --pack-readahead 0 turns it off too)")
+    p.add_argument("--hot-pack", type=int, default=2, metavar="N",
+                   help="once reads of N files (of 1 MiB or less) miss the node in one pack, fetch the rest of that "
+                   "pack in the background, 1 MiB ranges at once, while the store's bytes stay within 1.3x the bytes "
+                   "read (default 2: a first 'import pandas' at +10 ms 16-26%% faster; 0 turns it off, as does "
+                   "--pack-readahead 0)")
     p.add_argument("--stream", type=_size_arg, default="0",
                    help="once this mount's reads have missed the store 8 times, fetch the rest of the image in the "
                    "background, in pack order from where it reads, up to this many stored bytes (default 0: off)")

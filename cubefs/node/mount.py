@@ -78,7 +78,7 @@ class MountOptions:
     pack_readahead: int = 512 * 1024
     dir_prefetch: int = 4 * 1024 * 1024  # a directory's other files, once two miss (ImageFS._dir_neighbours)
     stream: int = 0  # stored bytes of the image streamed once reads miss (ImageFS._stream_plan)
-    hot_pack: int = 0  # files missed in a pack before its rest is fetched (ImageFS._hot_pack); 0: off
+    hot_pack: int = 2  # files missed in a pack before its rest is fetched (ImageFS._hot_pack); 0: off
     read_timeout: float = 60.0
     store_attempts: int = 4
     store_timeout: float = 10.0
@@ -112,7 +112,7 @@ class MountOptions:
             cache_dir=cache_dir, memory_cache=args.memory_cache, disk_cache=args.cache_size,
             readahead=args.readahead, pack_readahead=args.pack_readahead, read_timeout=args.read_timeout,
             dir_prefetch=getattr(args, "dir_prefetch", 4 * 1024 * 1024), stream=getattr(args, "stream", 0),
-            hot_pack=getattr(args, "hot_pack", 0),
+            hot_pack=getattr(args, "hot_pack", 2),
             store_timeout=args.store_timeout, store_attempts=args.store_attempts,
             transport=getattr(args, "transport", "kernel"), record_trace=getattr(args, "record_trace", False),
             prefetch=getattr(args, "prefetch", True), auto_trace=getattr(args, "auto_trace", True),
