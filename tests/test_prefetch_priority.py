@@ -27,18 +27,7 @@ DELAY = 0.4  # seconds each GET takes (fault injection: a slow store)
 
 def test_a_read_is_not_queued_behind_background_ranges(tmp_path: Path) -> None:
     chunks = [os.urandom(50_000) for _ in range(8)]
-    locs = write_pack(tmp_path / "store", chunks)
-    plain = make_store(f"file://{tmp_path / 'store'}")
-    gets: list[int] = []
-
-    class SlowStore(RetryingStore):
-        async def get_range(self, key: str, start: int, length: int) -> bytes:
-            gets.append(start)
-            await asyncio.sleep(DELAY)
-            return await plain.get_range(key, start, length)
-
-    loop = LoopThread()
-    source = ChunkSource(SlowStore(plain.backend), loop, MemoryTier(64 << 20), None, background_requests=1)
+    source, locs, gets, loop = _slow_source(tmp_path, chunks, background_requests=1)
     waited: list[float] = []
 
     async def main() -> None:
