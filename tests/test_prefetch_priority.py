@@ -4,6 +4,7 @@ still queued for a place is fetched at once, as a read (ChunkSource._promote).""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import time
@@ -131,3 +132,41 @@ def test_speculative_deltas_wait_for_background_places(tmp_path: Path) -> None:
         loop.close()
     assert waited[0] < 1.5 * DELAY, f"the read waited {waited[0]:.2f} s behind speculative deltas"
     assert len(gets) == 3, gets  # base, delta, the read: each once
+
+
+def test_what_a_read_did_not_ask_of_the_store_is_not_counted_as_asked(tmp_path: Path) -> None:
+    """Hot packs are bounded by the bytes asked of the store and peers (ChunkSource.asked_bytes).
+    A read whose chunks the disk cache holds drops its pack neighbours (this node read this
+    before): they were counted as asked and stayed so, and a failed GET stayed counted too, so
+    on a warm remount the count only grew, and hot packs went off for the mount (review R3)."""
+    from cubefs.cache.disk import StoredChunk
+    from cubefs.format.packs import CODEC_RAW
+
+    chunks = [os.urandom(50_000) for _ in range(4)]
+    source, locs, gets, loop = _slow_source(tmp_path, chunks, disk=True)
+    assert source.disk is not None
+    source.disk.put_many([(locs[0].digest, StoredChunk(CODEC_RAW, len(chunks[0]), chunks[0]))])
+
+    async def main() -> None:
+        async with trio.open_nursery() as n:
+            source.start(n)
+            # the read's chunk on disk, two neighbours behind it that are not: dropped
+            assert await source.get_many([locs[0]], background=[locs[1], locs[2]]) == [chunks[0]]
+            assert source.asked_bytes == 0 and gets == []
+            plain_get = source.store.get_range
+
+            async def failing(key: str, start: int, length: int) -> bytes:
+                raise OSError("the store is down")
+
+            source.store.get_range = failing  # type: ignore[method-assign]
+            with contextlib.suppress(Exception):
+                await source.get_many([locs[3]])
+            assert source.asked_bytes == 0  # nothing came: nothing counted
+            source.store.get_range = plain_get  # type: ignore[method-assign]
+            n.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        loop.close()
+        source.disk.close()

@@ -584,10 +584,11 @@ class ChunkSource:
                     for fn, args, _covered in work:
                         n.start_soon(fn, *args)
         finally:
-            # A flight neither resolved nor handed to a fetch was cut short: fail it,
-            # never orphan its waiters.
-            for d, (_r, flight) in mine.items():
+            # A flight neither resolved nor handed to a fetch was cut short (or, a neighbour,
+            # dropped): fail it, never orphan its waiters; nothing was asked for it.
+            for d, (r, flight) in mine.items():
                 if d not in handed:
+                    self.asked_bytes -= r.stored_len
                     self._resolve(flight, d, None, f"chunk {d.hex()[:16]}: read was cancelled")
 
     def _by_peer(
@@ -814,7 +815,9 @@ class ChunkSource:
             await self._fetch(rng, limit)
         except BaseException as err:
             msg = str(err) or type(err).__name__
-            for r, flight in rng:
+            for r, flight in rng:  # this range's flights (the list is cut in place)
+                if not flight.event.is_set():  # none delivered: not counted as asked any more
+                    self.asked_bytes -= r.stored_len
                 self._resolve(flight, r.digest, None, msg)
             if not isinstance(err, Exception):
                 raise

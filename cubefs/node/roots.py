@@ -554,6 +554,9 @@ def host_main(request: dict[str, Any], link_fd: int, key: str, image: dict[str, 
 
     args = argparse.Namespace(**request["args"])
     opts = MountOptions.from_args(args, request["mountpoint"], request["cache_dir"])
+    # No hot packs on a host: its one image is read by every VM it serves, and the bound counts
+    # every read (ten boots read ten times what one fetched), so it would not bound; not measured.
+    opts.hot_pack = 0
     link = socket.socket(fileno=link_fd)
     try:
         return RootHost(opts, link, key, image).run()
