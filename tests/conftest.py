@@ -84,13 +84,10 @@ def mount_server_of_this_run(tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 
 def stop_mount_server(sock: Path) -> None:
-    """SIGTERM to the mount server listening on ``sock`` (its pid is in ``SOCK.lock``), if any."""
-    lock = Path(f"{sock}.lock")
-    if lock.exists() and lock.read_text().strip():
-        try:
-            os.kill(int(lock.read_text()), signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+    """Stop the mount server listening on ``sock``, if any (cubefs.node.mount_server.stop_server)."""
+    from cubefs.node.mount_server import stop_server
+
+    stop_server(str(sock))
 
 
 @dataclass

@@ -671,6 +671,23 @@ def _daemon_gone(m: Supervised, mounts: dict[int, Supervised], srv: socket.socke
     return new
 
 
+def stop_server(path: str) -> bool:
+    """Stop the mount server on ``path`` if one runs (it holds ``PATH.lock``), by its own stop
+    request, and wait until it has let the lock go; True if one ran.  Never a signal to the pid
+    the lock file names: after a server died that is whatever process has the number now (the
+    benches' clean-up sent SIGTERM, as root, to it)."""
+    try:
+        fd = os.open(path + ".lock", os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        if _take_server_lock(fd, path, wait=False):
+            return False  # nobody held it
+        return _take_server_lock(fd, path, wait=True)
+    finally:
+        os.close(fd)  # the lock goes with it
+
+
 def _take_server_lock(lock_fd: int, path: str, wait: bool) -> bool:
     """Take the one-server lock; an explicit server (``wait``) first asks a running one to stop."""
     try:

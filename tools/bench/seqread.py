@@ -34,7 +34,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -154,11 +153,9 @@ def main() -> int:
                   file=sys.stderr)
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-        lock = work / "serve.sock.lock"
-        try:
-            os.kill(int(lock.read_text()), signal.SIGTERM)
-        except (OSError, ValueError):
-            pass
+        from cubefs.node.mount_server import stop_server  # its own stop request, not a pid
+
+        stop_server(str(work / "serve.sock"))
         shutil.rmtree(work, ignore_errors=True)
     nat = rates["native"]
     result: dict[str, object] = {"size": size, "load": os.getloadavg(), "mb_s": rates,

@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import shlex
-import signal
 import statistics
 import subprocess
 import sys
@@ -148,12 +147,9 @@ def main() -> int:
                     f"  requests/run {r[mode]['requests_per_run']}"
                 print(f"  {mode:8} {quart(t)}{extra}", flush=True)
     finally:
-        lock = Path(env["CUBEFS_SERVER"] + ".lock")
-        if lock.exists() and lock.read_text().strip():
-            try:
-                os.kill(int(lock.read_text()), signal.SIGTERM)
-            except (ProcessLookupError, ValueError):
-                pass
+        from cubefs.node.mount_server import stop_server  # its own stop request, not a pid
+
+        stop_server(env["CUBEFS_SERVER"])
     results["load_after"] = os.getloadavg()
     if a.json_out:
         a.json_out.write_text(json.dumps(results, indent=1))
