@@ -84,10 +84,13 @@ def mount_server_of_this_run(tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 
 def stop_mount_server(sock: Path) -> None:
-    """Stop the mount server listening on ``sock``, if any (cubefs.node.mount_server.stop_server)."""
+    """Stop the mount server listening on ``sock``, if any (cubefs.node.mount_server.stop_server);
+    one that does not stop within its 10 s is left (a test's teardown, as SIGTERM left it before)."""
+    from cubefs.errors import CubefsError
     from cubefs.node.mount_server import stop_server
 
-    stop_server(str(sock))
+    with contextlib.suppress(CubefsError):
+        stop_server(str(sock))
 
 
 @dataclass
