@@ -269,9 +269,7 @@ class ChunkSource:
         try:
             return await self._get_many(refs, ahead, background, decode, on_miss)
         finally:
-            for d in pinned:
-                if d not in self._flights:
-                    self._bases.pop(d, None)
+            self._unpin(pinned)
 
     def _deltas_apart(
         self, ahead: list[ChunkLocation], background: list[ChunkLocation]
@@ -305,11 +303,15 @@ class ChunkSource:
             try:
                 await self._get_many([], None, pinned, decode=True)
             finally:
-                for r in pinned:
-                    if r.digest not in self._flights:  # no flight made (or already resolved): unpin
-                        self._bases.pop(r.digest, None)
+                self._unpin([r.digest for r in pinned])
         except ChunkUnavailable as err:  # nobody waits: the reads that need them will say
             log.debug("image %s: read-ahead of deltas failed: %s", self.label, err)
+
+    def _unpin(self, digests: list[bytes]) -> None:
+        """Drop the pinned bases of ``digests`` whose flight is over (or was never made)."""
+        for d in digests:
+            if d not in self._flights:
+                self._bases.pop(d, None)
 
     async def _pin_bases(self, refs: list[ChunkLocation]) -> list[bytes]:
         """Load the bases of the deltas in ``refs`` that are not in memory and pin each
