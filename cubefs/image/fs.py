@@ -406,14 +406,15 @@ class ImageFS:
         last: dict[int, ChunkLocation] = {}  # each pack once a call, at its latest miss
         for ref in missed:
             last[self.chunkmap.pack_number(ref.pack)] = ref
+        # files, not chunks: a shared object's page faults are one file read; and small files
+        # only, like a directory's neighbours: a big file read in part (libc, libm, node's
+        # binary) says nothing of the modules packed next to it
+        small = self.image.record(ino)[F_SIZE] <= DIR_FILE_MAX
         for n, ref in last.items():
             if n in self._packs_done:
                 continue
             seen = self._pack_misses.setdefault(n, set())
-            if len(seen) < self.hot_pack and self.image.record(ino)[F_SIZE] <= DIR_FILE_MAX:
-                # files, not chunks: a shared object's page faults are one file read; and small files
-                # only, like a directory's neighbours: a big file read in part (libc, libm, node's
-                # binary) says nothing of the modules packed next to it
+            if len(seen) < self.hot_pack and small:
                 seen.add(ino)
             if len(seen) < self.hot_pack or allowed < self._pack_need.get(n, 0):
                 continue
